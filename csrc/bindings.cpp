@@ -1,0 +1,23 @@
+// Python bindings of emma_mamba._C: <op>_cpu always, <op>_cuda when built with the CUDA kernels.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#define EMMA_BIND(ns, suffix)                                                                          \
+  m.def("selective_scan_fwd_" suffix, &emma::ns::selective_scan_fwd, "selective scan forward");        \
+  m.def("selective_scan_bwd_" suffix, &emma::ns::selective_scan_bwd, "selective scan backward");       \
+  m.def("causal_conv1d_fwd_" suffix, &emma::ns::causal_conv1d_fwd, "causal conv1d forward");           \
+  m.def("causal_conv1d_bwd_" suffix, &emma::ns::causal_conv1d_bwd, "causal conv1d backward");          \
+  m.def("selective_state_update_" suffix, &emma::ns::selective_state_update, "selective scan step");   \
+  m.def("causal_conv1d_update_" suffix, &emma::ns::causal_conv1d_update, "causal conv1d step");
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "emma_mamba compiled kernels (see emma_mamba.ops for the public API)";
+  EMMA_BIND(cpu, "cpu")
+#ifdef EMMA_WITH_CUDA
+  EMMA_BIND(cuda, "cuda")
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

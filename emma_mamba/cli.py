@@ -1,0 +1,68 @@
+"""`emma-mamba <command>`: one entry point for every job.
+
+Each command lives in its own module, which defines ``add_arguments(parser)`` and ``run(args) -> int | None``;
+a module is imported only when its command runs, so `emma-mamba --help` stays instant and a command's heavy
+imports (open_clip, transformers) never slow the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command path -> (module, one-line help). Add a command by adding one line here.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
+}
+
+
+def _groups():
+    groups: dict[str, list[tuple[str, ...]]] = {}
+    for path in COMMANDS:
+        groups.setdefault(path[0], []).append(path)
+    return groups
+
+
+def _usage() -> str:
+    lines = ["usage: emma-mamba <command> [options]", "", "commands:"]
+    for path, (_, help_) in sorted(COMMANDS.items()):
+        lines.append(f"  {' '.join(path):<22} {help_}")
+    lines.append("")
+    lines.append("`emma-mamba <command> --help` shows a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from emma_mamba import __version__
+        print(f"emma-mamba {__version__}")
+        return 0
+    path = None
+    for n in (2, 1):
+        if tuple(argv[:n]) in COMMANDS:
+            path = tuple(argv[:n])
+            break
+    if path is None:
+        group = _groups().get(argv[0])
+        if group:
+            subs = ", ".join(p[1] for p in group)
+            print(f"emma-mamba {argv[0]}: choose one of: {subs}", file=sys.stderr)
+        else:
+            print(f"emma-mamba: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, help_ = COMMANDS[path]
+    parser = argparse.ArgumentParser(prog="emma-mamba " + " ".join(path), description=help_)
+    mod = importlib.import_module(module)
+    mod.add_arguments(parser)
+    args = parser.parse_args(argv[len(path):])
+    rc = mod.run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The op layer: the only place in emma_mamba that picks a kernel.
+
+Four ops with mamba-ssm compatible signatures (plus ``initial_state``/``seq_idx`` extensions):
+``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``.
+
+Backends, identical in signature:
+
+* ``cuda``   - C++/CUDA kernels in csrc/cuda, compiled into ``emma_mamba._C``;
+* ``triton`` - Triton kernels in kernels/ (``emma_mamba.kernels``); CPU tensors too under ``TRITON_INTERPRET=1``;
+* ``cpu``    - C++ CPU kernels in csrc/cpu, compiled into ``emma_mamba._C``;
+* ``torch``  - the fp32 reference of :mod:`emma_mamba.ops.reference` (the test oracle).
+
+The backend is chosen once per device type, on first use: CUDA tensors run on cuda, else triton, else torch;
+CPU tensors on cpu, else torch. Falling back logs one line saying which backend runs and why.
+``EMMA_MAMBA_BACKEND=cuda|triton|cpu|torch`` forces one backend for every device (an error if it is not
+available), and :func:`use_backend` does the same for a ``with`` block (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import threading
+from types import SimpleNamespace
+
+import torch
+
+from . import _checks
+from ._autograd import CausalConv1dFn, SelectiveScanFn
+from ._checks import OpInputError
+from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
+                        selective_state_update_ref)
+
+__all__ = [
+    "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "get_backend", "use_backend", "set_backend", "available_backends", "BackendUnavailableError",
+    "OpInputError", "BACKENDS",
+]
+
+log = logging.getLogger("emma_mamba.ops")
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+_PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that is not built or cannot run here."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend loading
+
+_kernel_cache: dict[str, object] = {}
+_unavailable: dict[str, str] = {}
+_lock = threading.Lock()
+
+_PROTOCOL = ("selective_scan_fwd", "selective_scan_bwd", "causal_conv1d_fwd", "causal_conv1d_bwd",
+             "selective_state_update", "causal_conv1d_update")
+
+
+def _load_compiled(suffix: str):
+    try:
+        from emma_mamba import _C  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailableError(
+            f"the compiled extension emma_mamba._C is not importable ({e}); build it with "
+            f"`pip install --no-build-isolation -e .`") from e
+    if suffix == "cuda" and not getattr(_C, "with_cuda", False):
+        raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
+                                      "(no nvcc or CUDA torch at build time, or EMMA_SKIP_CUDA_BUILD=1)")
+    return SimpleNamespace(**{f: getattr(_C, f"{f}_{suffix}") for f in _PROTOCOL})
+
+
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailableError(f"triton is not installed ({e})") from e
+    try:
+        mod = importlib.import_module("emma_mamba.kernels")
+    except ImportError as e:
+        raise BackendUnavailableError(f"emma_mamba.kernels could not be imported ({e})") from e
+    missing = [f for f in _PROTOCOL if not hasattr(mod, f)]
+    if missing:
+        raise BackendUnavailableError(f"emma_mamba.kernels lacks {', '.join(missing)}")
+    return mod
+
+
+def _load(name: str):
+    """Kernel module of a backend (None for the torch reference); raises BackendUnavailableError."""
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return None
+    with _lock:
+        if name in _kernel_cache:
+            return _kernel_cache[name]
+        if name in _unavailable:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {_unavailable[name]}")
+        try:
+            kern = _load_triton() if name == "triton" else _load_compiled(name)
+        except BackendUnavailableError as e:
+            _unavailable[name] = str(e)
+            raise BackendUnavailableError(f"backend {name!r} is not available: {e}") from None
+        _kernel_cache[name] = kern
+        return kern
+
+
+def _runs_on(name: str, device_type: str) -> bool:
+    if name == "torch":
+        return True
+    if name == "cpu":
+        return device_type == "cpu"
+    if name == "cuda":
+        return device_type == "cuda"
+    # triton: GPUs, and the CPU through the interpreter
+    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def available_backends() -> dict[str, str]:
+    """Map each backend to "available" or the reason it is not."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            _load(name)
+            out[name] = "available"
+        except BackendUnavailableError as e:
+            out[name] = str(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selection
+
+_forced: str | None = None
+_forced_local = threading.local()
+_default: dict[str, str] = {}
+
+
+def _env_backend() -> str | None:
+    v = os.environ.get("EMMA_MAMBA_BACKEND", "").strip().lower()
+    if not v:
+        return None
+    if v not in BACKENDS:
+        raise BackendUnavailableError(f"EMMA_MAMBA_BACKEND={v!r} is not a backend; choose one of "
+                                      f"{', '.join(BACKENDS)}")
+    return v
+
+
+def set_backend(name: str | None) -> None:
+    """Force one backend for every device from now on (None: back to automatic choice)."""
+    global _forced
+    if name is not None:
+        _load(name)
+    _forced = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops of this ``with`` block (in this thread) on backend ``name``; an error if unavailable."""
+    _load(name)
+    prev = getattr(_forced_local, "name", None)
+    _forced_local.name = name
+    try:
+        yield
+    finally:
+        _forced_local.name = prev
+
+
+def get_backend(device: torch.device | str = "cpu") -> str:
+    """The backend that ops on tensors of ``device`` run on."""
+    dev_type = torch.device(device).type
+    forced = getattr(_forced_local, "name", None) or _forced or _env_backend()
+    if forced is not None:
+        _load(forced)
+        if not _runs_on(forced, dev_type):
+            raise BackendUnavailableError(
+                f"backend {forced!r} was requested but cannot run on {dev_type} tensors"
+                + (" (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""))
+        return forced
+    if dev_type in _default:
+        return _default[dev_type]
+    reasons = []
+    for name in _PREFERENCE.get(dev_type, ("torch",)):
+        try:
+            _load(name)
+        except BackendUnavailableError as e:
+            reasons.append(str(e))
+            continue
+        if reasons:
+            log.warning("emma_mamba.ops: %s tensors run on the %r backend (%s)", dev_type, name, "; ".join(reasons))
+        _default[dev_type] = name
+        return name
+    raise AssertionError("the torch backend is always available")
+
+
+def _kernels_for(t: torch.Tensor):
+    name = get_backend(t.device)
+    return name, _load(name)
+
+
+def _resolve_deterministic(deterministic: bool | None) -> bool:
+    if deterministic is not None:
+        return bool(deterministic)
+    if os.environ.get("EMMA_MAMBA_DETERMINISTIC", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return torch.are_deterministic_algorithms_enabled()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the ops
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, initial_state=None, seq_idx=None, *, deterministic=None):
+    """Selective scan (Mamba's S6), differentiable in every tensor input.
+
+    u, delta, z: (b, d, l) fp32/fp16/bf16; A: (d, n) fp32; B, C: (d, n) fp32 constant, (b, n, l) variable or
+    (b, g, n, l) grouped; D, delta_bias: (d,) fp32; initial_state: (b, d, n) fp32; seq_idx: int32 (b, l),
+    nondecreasing per row, resets the state where it changes (packed sequences).
+    ``deterministic``: bitwise-reproducible gradients (default: EMMA_MAMBA_DETERMINISTIC or
+    torch.are_deterministic_algorithms_enabled()).
+    Returns out (b, d, l) in u's dtype, and the last state (b, d, n) fp32 if ``return_last_state``.
+    """
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = _checks.check_selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    name, kern = _kernels_for(u)
+    if kern is None:
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state, seq_idx)
+    out, last_state = SelectiveScanFn.apply(kern, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                            initial_state, seq_idx, _resolve_deterministic(deterministic))
+    return (out, last_state) if return_last_state else out
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, seq_idx=None):
+    """Depthwise causal conv1d, differentiable in x, weight, bias and initial_states.
+
+    x: (b, d, l); weight: (d, w) with w in 2..4; bias: (d,); activation: None | "silu" | "swish";
+    initial_states: (b, d, w-1); seq_idx: int32 (b, l). Returns (b, d, l) in x's dtype.
+    """
+    x, weight, bias, initial_states, seq_idx = _checks.check_causal_conv1d(x, weight, bias, initial_states,
+                                                                           seq_idx, activation)
+    name, kern = _kernels_for(x)
+    if kern is None:
+        return causal_conv1d_ref(x, weight, bias, activation, initial_states, seq_idx)
+    return CausalConv1dFn.apply(kern, x, weight, bias, initial_states, seq_idx, activation is not None)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decode step of the selective scan: updates ``state (b, d, n)`` in place, returns (b, d).
+
+    x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32.
+    """
+    x, dt, A, B, C, D, z, dt_bias = _checks.check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
+    name, kern = _kernels_for(state)
+    if kern is None:
+        return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decode step of the causal conv: ``conv_state (b, d, w)`` (last w inputs, oldest first) shifts
+    left and takes x at the end, in place; returns (b, d)."""
+    x, weight, bias = _checks.check_causal_conv1d_update(x, conv_state, weight, bias, activation)
+    name, kern = _kernels_for(conv_state)
+    if kern is None:
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)

@@ -1,0 +1,66 @@
+"""Autograd wrappers shared by the compiled backends (cpu, cuda, triton).
+
+A backend is a *kernel module*: any object with the functions below. The wrappers here only save what the
+forward returned and call the backend's backward; they contain no math.
+
+``selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)``
+    -> ``(out, last_state, saved)``: ``out`` (b, d, l) in u's dtype (already gated by silu(z) when z is
+    given), ``last_state`` (b, d, n) fp32, ``saved`` one backend-private fp32 tensor (the chunk-boundary
+    states; never a (b, d, l, n) tensor).
+``selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
+    dout, dlast_state, deterministic)``
+    -> ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; entries for absent optional
+    inputs are None. ``dlast_state`` may be None (no gradient flows into the last state).
+``causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu)`` -> out
+``causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu)``
+    -> ``(dx, dweight, dbias, dinitial_states)``
+``selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)`` -> out (state in place)
+``causal_conv1d_update(x, conv_state, weight, bias, silu)`` -> out (conv_state in place)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kern, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                deterministic):
+        out, last_state, saved = kern.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                         initial_state, seq_idx)
+        ctx.set_materialize_grads(False)
+        ctx.kern = kern
+        ctx.delta_softplus = delta_softplus
+        ctx.deterministic = deterministic
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, saved)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, dlast_state):
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, saved = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        grads = ctx.kern.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                            initial_state, seq_idx, saved, dout.contiguous(),
+                                            None if dlast_state is None else dlast_state.contiguous(),
+                                            ctx.deterministic)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+        return (None, du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinit, None, None)
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kern, x, weight, bias, initial_states, seq_idx, silu):
+        out = kern.causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu)
+        ctx.kern = kern
+        ctx.silu = silu
+        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+        dx, dw, db, dinit = ctx.kern.causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx,
+                                                       dout.contiguous(), ctx.silu)
+        return None, dx, dw, db, dinit, None, None

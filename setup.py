@@ -1,0 +1,158 @@
+"""Build of emma_mamba and its compiled extension emma_mamba._C.
+
+The C++ CPU kernels are always built. The CUDA kernels in csrc/cuda are built too when torch has CUDA and
+nvcc is found, for the architectures in EMMA_CUDA_ARCHS (default "80;90"); EMMA_SKIP_CUDA_BUILD=1 skips
+them. torch must be installed first, and pip must run with --no-build-isolation (as for flash-attn and
+mamba-ssm), or pip would download a second torch to build against:
+
+    pip install --no-build-isolation -e ".[test]"
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError:  # pragma: no cover - the message is the point
+    sys.exit("emma_mamba: torch must be installed before building (pip install torch), and pip needs "
+             "--no-build-isolation: pip install --no-build-isolation -e .")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """CUDA_HOME from the environment, the nvcc on PATH (following wrapper scripts) or the usual places."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script such as `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            with open(nvcc, "r", errors="ignore") as f:
+                for tok in f.read(4096).split():
+                    if tok.endswith("/bin/nvcc"):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and \
+                os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+            return os.path.realpath(c)
+    return None
+
+
+def cuda_lib_dir(cuda_home):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        p = os.path.join(cuda_home, sub)
+        if glob.glob(os.path.join(p, "libcudart.so*")):
+            return p
+    return None
+
+
+def cuda_arch_flags():
+    archs = os.environ.get("EMMA_CUDA_ARCHS", "80;90")
+    flags = []
+    for a in archs.replace(",", ";").split(";"):
+        a = a.strip().lower().replace("sm_", "").replace(".", "")
+        if not a:
+            continue
+        if not a.rstrip("a").isdigit():
+            sys.exit(f"emma_mamba: EMMA_CUDA_ARCHS entry {a!r} is not an architecture like 80 or 90")
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    return flags
+
+
+def build_plan():
+    """Decide what to compile; returns (extension, with_cuda, reason_if_no_cuda)."""
+    cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DEMMA_EXT_NAME=_C"]
+    if _truthy("EMMA_SKIP_CUDA_BUILD"):
+        reason = "EMMA_SKIP_CUDA_BUILD is set"
+    elif torch.version.cuda is None:
+        reason = f"torch {torch.__version__} was built without CUDA"
+    else:
+        cuda_home = find_cuda_home()
+        reason = None if cuda_home else "nvcc was not found (set CUDA_HOME)"
+    if reason is not None:
+        ext = CppExtension("emma_mamba._C", cpp_sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-fopenmp"])
+        return ext, False, reason
+
+    os.environ["CUDA_HOME"] = cuda_home  # torch.utils.cpp_extension reads it
+    import torch.utils.cpp_extension as cpp_ext
+    cpp_ext.CUDA_HOME = cuda_home
+    cu_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+            "-lineinfo", "-DEMMA_WITH_CUDA", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            "--threads", os.environ.get("EMMA_NVCC_THREADS", "2")] + cuda_arch_flags()
+    lib_dir = cuda_lib_dir(cuda_home)
+    ext = CUDAExtension("emma_mamba._C", cpp_sources + cu_sources,
+                        extra_compile_args={"cxx": cxx + ["-DEMMA_WITH_CUDA"], "nvcc": nvcc},
+                        library_dirs=[lib_dir] if lib_dir else [], extra_link_args=["-fopenmp"])
+    return ext, True, None
+
+
+class Build(BuildExtension):
+    """BuildExtension that says, in one message, what was built and why a failure happened."""
+
+    def build_extensions(self):
+        print(f"emma_mamba: building emma_mamba._C with {'CPU + CUDA' if WITH_CUDA else 'CPU'} kernels"
+              + ("" if WITH_CUDA else f" only ({NO_CUDA_REASON})")
+              + (f" for {os.environ.get('EMMA_CUDA_ARCHS', '80;90')}" if WITH_CUDA else ""), flush=True)
+        try:
+            super().build_extensions()
+        except Exception as e:
+            hint = ("the CUDA kernels (csrc/cuda) failed to compile; set EMMA_SKIP_CUDA_BUILD=1 to build the "
+                    "CPU kernels only, or EMMA_CUDA_ARCHS to target other GPUs" if WITH_CUDA else
+                    "the C++ CPU kernels (csrc/cpu) failed to compile: a C++17 compiler with OpenMP is needed")
+            raise RuntimeError(f"emma_mamba: building emma_mamba._C failed: {hint}. "
+                               f"The compiler output above names the first error. ({type(e).__name__}: {e})") from e
+
+
+EXT, WITH_CUDA, NO_CUDA_REASON = build_plan()
+
+with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="emma_mamba",
+    version="0.1.0",
+    description="A Mamba-based multimodal LLM on its own selective-scan kernels (CUDA, Triton, C++ CPU)",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.kernels"],
+    package_dir={"emma_mamba.kernels": "kernels"},
+    package_data={"emma_mamba": ["assets/*", "assets/**/*"]},
+    include_package_data=True,
+    ext_modules=[EXT],
+    cmdclass={"build_ext": Build.with_options(use_ninja=True)},
+    install_requires=[
+        "torch>=2.4",
+        "einops",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "mambapy"],
+        "vision": ["open_clip_torch>=3.0", "torchvision"],
+        "peers": ["mambapy", "transformers>=4.40"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["emma-mamba=emma_mamba.cli:main"]},
+)
