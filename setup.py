@@ -149,7 +149,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "mambapy"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "mambapy", "open_clip_torch>=3.0",
+                 "torchvision", "scikit-image", "matplotlib"],
         "vision": ["open_clip_torch>=3.0", "torchvision"],
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
