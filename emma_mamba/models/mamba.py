@@ -1,0 +1,867 @@
+"""The Mamba language model (Mamba-1: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", 2023), its recurrent inference cache, and loading/saving of the public checkpoints.
+
+Architecture (the paper's Figure 3 block, stacked as in mamba-ssm's ``MixerModel``)::
+
+    x_0 = embed(tokens)
+    x_i = x_{i-1} + Mixer_i(RMSNorm_i(x_{i-1}))        i = 1..n_layer  (residual stream, fp32 if residual_in_fp32)
+    logits = RMSNorm_f(x_n) @ embed.weight^T             (LM head tied to the embedding by default)
+
+    Mixer(h):  x, z = split(in_proj(h))                  (b, l, 2*d_inner)
+               x = SiLU(causal_depthwise_conv1d(x))
+               dt, B, C = split(x_proj(x))               (dt_rank, d_state, d_state)
+               dt = dt_proj.weight @ dt                  (its bias enters the scan as delta_bias, under softplus)
+               y = selective_scan(x, dt, A=-exp(A_log), B, C, D, z)   (paper eq. 2 with ZOH-style discretisation,
+                                                                       output gated by SiLU(z))
+               out = out_proj(y)
+
+Every kernel call goes through :mod:`emma_mamba.ops` (whichever backend is active), never a compiled module
+directly. Notable choices:
+
+* Parameter names equal those of both public layouts (``layers.N.mixer.in_proj.weight``, ``conv1d.weight`` of
+  shape ``(d_inner, 1, d_conv)``, ``A_log``, ``D``, ...), so checkpoint conversion is a key rename.
+* ``A_log`` and ``D`` are created in fp32 whatever the factory dtype (as mamba-ssm does); every small SSM
+  parameter is cast to fp32 at use, since the ops take A, D and delta_bias in fp32.
+* The in_proj matmul is written ``W @ h^T`` so it lands channels-first ``(b, 2*d_inner, l)``, the layout the
+  conv and the scan read, without a transpose copy (mamba-ssm's trick).
+* ``seq_idx`` (packed rows) resets both the conv window and the scan state at sequence boundaries.
+* Inference: with a :class:`MambaCache`, a forward of length > 1 (prefill) runs the full-sequence ops starting
+  from the cached state and leaves the last ``d_conv`` conv inputs and the scan's last state in the cache; a
+  forward of length 1 (decode) runs the two single-step ops, so a token costs the same at any context length.
+* Vocabulary padded up to a multiple of ``pad_vocab_size_multiple`` (the original checkpoints' 50277 -> 50280);
+  the padded logits are never sampled (see :mod:`emma_mamba.inference.generate`).
+
+Checkpoints: :meth:`MambaLM.from_pretrained` reads the original ``state-spaces/mamba-*`` layout (config.json
+with d_model/n_layer/ssm_cfg, ``backbone.embedding.weight``, pytorch_model.bin) and the transformers ``*-hf``
+layout (MambaConfig, ``backbone.embeddings.weight``, safetensors, optionally sharded with
+``model.safetensors.index.json``). ``.bin`` files are read with ``torch.load(weights_only=True)``; nothing
+in a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from emma_mamba import ops
+
+__all__ = [
+    "MambaConfig", "MambaMixer", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",
+    "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir",
+]
+
+log = logging.getLogger("emma_mamba.models.mamba")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, unrecognisable, or disagrees with its own config."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class MambaConfig:
+    """Shape and init of a Mamba-1 language model (field names follow mamba-ssm's ``MambaConfig``/``ssm_cfg``)."""
+
+    d_model: int = 768
+    """Width of the residual stream."""
+    n_layer: int = 24
+    """Number of (RMSNorm -> mixer -> residual) blocks."""
+    vocab_size: int = 50277
+    """Real vocabulary size (tokens the tokenizer can produce); the embedding holds ``padded_vocab_size`` rows."""
+    d_state: int = 16
+    """SSM state size N per channel."""
+    d_conv: int = 4
+    """Width of the causal depthwise convolution (the ops support 2..4)."""
+    expand: int = 2
+    """d_inner = expand * d_model."""
+    dt_rank: int | str = "auto"
+    """Rank of the delta projection; "auto" = ceil(d_model / 16)."""
+    dt_min: float = 0.001
+    """Initial delta is log-uniform in [dt_min, dt_max] (through the inverse-softplus dt_proj bias)."""
+    dt_max: float = 0.1
+    """See dt_min."""
+    dt_init: str = "random"
+    """dt_proj weight init: "random" (uniform +-std) or "constant" (std), std = dt_rank**-0.5 * dt_scale."""
+    dt_scale: float = 1.0
+    """Scale of the dt_proj weight init."""
+    dt_init_floor: float = 1e-4
+    """Lower clamp of the initial delta."""
+    conv_bias: bool = True
+    """Bias in the depthwise conv."""
+    bias: bool = False
+    """Bias in in_proj and out_proj."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    residual_in_fp32: bool = True
+    """Keep the residual stream in fp32 when the model runs in fp16/bf16."""
+    pad_vocab_size_multiple: int = 8
+    """The embedding/LM head rows are vocab_size rounded up to this multiple."""
+    tie_embeddings: bool = True
+    """LM head shares the embedding matrix."""
+    initializer_range: float = 0.02
+    """Std of the embedding init (and of the untied LM head)."""
+    rescale_prenorm_residual: bool = True
+    """Divide out_proj's init by sqrt(n_layer) (GPT-2 scheme, as mamba-ssm does)."""
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"MambaConfig.{name} must be {want}, got {getattr(self, name)!r}")
+
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "expand", "pad_vocab_size_multiple"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "a positive integer")
+        if isinstance(self.d_conv, bool) or not isinstance(self.d_conv, int) or not 2 <= self.d_conv <= 4:
+            bad("d_conv", "an integer in 2..4 (the conv kernels' supported widths)")
+        if self.dt_rank != "auto" and (isinstance(self.dt_rank, bool) or not isinstance(self.dt_rank, int)
+                                       or self.dt_rank < 1):
+            bad("dt_rank", '"auto" or a positive integer')
+        if self.dt_init not in ("random", "constant"):
+            bad("dt_init", '"random" or "constant"')
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"MambaConfig needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        if not self.rms_norm_eps > 0:
+            bad("rms_norm_eps", "positive")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MambaConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MambaConfig":
+        if name not in MAMBA_PRESETS:
+            raise ValueError(f"unknown Mamba preset {name!r}; choose one of {', '.join(MAMBA_PRESETS)}")
+        return cls(**{**MAMBA_PRESETS[name], **overrides})
+
+
+MAMBA_PRESETS: dict[str, dict] = {
+    # a model for tests and smoke runs: random weights, the real tokenizer's vocabulary
+    "tiny": dict(d_model=64, n_layer=2, vocab_size=50277),
+    # the public state-spaces/mamba-* shapes
+    "mamba-130m": dict(d_model=768, n_layer=24, vocab_size=50277),
+    "mamba-370m": dict(d_model=1024, n_layer=48, vocab_size=50277),
+    "mamba-790m": dict(d_model=1536, n_layer=48, vocab_size=50277),
+    "mamba-1.4b": dict(d_model=2048, n_layer=48, vocab_size=50277),
+    "mamba-2.8b": dict(d_model=2560, n_layer=64, vocab_size=50277),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference cache
+
+
+@dataclass
+class MambaCache:
+    """Per-layer recurrent state for incremental decoding.
+
+    ``conv_states[i]``: ``(b, d_inner, d_conv)``, the last d_conv inputs of layer i's conv, oldest first.
+    ``ssm_states[i]``: ``(b, d_inner, d_state)`` fp32, the scan state after the last token.
+    ``seqlen_offset``: tokens consumed so far (the same for every row); 0 means the states are all zero.
+    """
+
+    conv_states: list[torch.Tensor]
+    ssm_states: list[torch.Tensor]
+    seqlen_offset: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_states[0].shape[0]
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.ssm_states)
+
+    def select(self, index: torch.Tensor | list[int]) -> "MambaCache":
+        """A new cache holding rows ``index`` (e.g. to drop finished sequences)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.ssm_states[0].device)
+        return MambaCache([c.index_select(0, index) for c in self.conv_states],
+                          [s.index_select(0, index) for s in self.ssm_states], self.seqlen_offset)
+
+    def index_copy_(self, index: torch.Tensor | list[int], other: "MambaCache") -> "MambaCache":
+        """Write ``other``'s rows into rows ``index`` of this cache (in place)."""
+        if other.n_layer != self.n_layer:
+            raise ValueError(f"MambaCache.index_copy_: {other.n_layer} layers into {self.n_layer}")
+        index = torch.as_tensor(index, dtype=torch.long, device=self.ssm_states[0].device)
+        for mine, theirs in zip(self.conv_states + self.ssm_states, other.conv_states + other.ssm_states):
+            mine.index_copy_(0, index, theirs.to(mine.dtype))
+        return self
+
+    def reset(self) -> None:
+        for t in self.conv_states + self.ssm_states:
+            t.zero_()
+        self.seqlen_offset = 0
+
+
+@dataclass
+class MambaLMOutput:
+    logits: torch.Tensor | None
+    """(b, l, padded_vocab) (or the last num_last_tokens positions), in the model's dtype."""
+    last_hidden_state: torch.Tensor
+    """(b, l, d_model) after the final norm."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """n_layer+1 tensors (b, l, d_model): [0] the input embeddings, [i] the residual stream after block i."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# modules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019), computed in fp32, returned in the weight's dtype."""
+
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MambaMixer(nn.Module):
+    """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.d_state = config.d_state
+        self.d_conv = config.d_conv
+        self.d_inner = config.d_inner
+        self.dt_rank = config.resolved_dt_rank
+        di, n, r = self.d_inner, self.d_state, self.dt_rank
+
+        self.in_proj = nn.Linear(config.d_model, 2 * di, bias=config.bias, **fk)
+        # an nn.Conv1d only to own a (d_inner, 1, d_conv) weight with the checkpoints' name and PyTorch's init;
+        # the forward runs ops.causal_conv1d on it
+        self.conv1d = nn.Conv1d(di, di, kernel_size=config.d_conv, groups=di, padding=config.d_conv - 1,
+                                bias=config.conv_bias, **fk)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False, **fk)
+        self.dt_proj = nn.Linear(r, di, bias=True, **fk)
+        self.A_log = nn.Parameter(torch.empty(di, n, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(di, device=device, dtype=torch.float32))
+        self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
+        self._init_cfg = config
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba-ssm's init of the SSM parameters: S4D-real A, D = 1, and delta in [dt_min, dt_max]."""
+        cfg = self._init_cfg
+        # S4D-real: A[:, n] = -(n + 1) for every channel, stored as log so A stays negative under training
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device)
+        self.A_log.copy_(torch.log(A).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        std = self.dt_rank ** -0.5 * cfg.dt_scale
+        if cfg.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.dt_proj.bias.device, dtype=torch.float32)
+                       * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        # inverse softplus, so that softplus(dt_proj.bias) == dt at init
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _ssm_params(self):
+        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
+        return A, self.D.float(), self.dt_proj.bias.float()
+
+    def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                cache: MambaCache | None = None) -> torch.Tensor:
+        """hidden_states (b, l, d_model) -> (b, l, d_model).
+
+        With ``cache``: l == 1 is a decode step from the cached state; l > 1 is a prefill from the cached state
+        that leaves this layer's states in the cache.
+        """
+        if cache is not None and hidden_states.shape[1] == 1:
+            return self._step(hidden_states, cache)
+        b, l, _ = hidden_states.shape
+        di, n, r = self.d_inner, self.d_state, self.dt_rank
+        A, D, dt_bias = self._ssm_params()
+
+        # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): channels-first without a transpose copy
+        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
+        conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+
+        conv_init = ssm_init = None
+        if cache is not None:
+            conv_state = cache.conv_states[self.layer_idx]
+            ssm_state = cache.ssm_states[self.layer_idx]
+            if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
+                conv_init = conv_state[..., 1:].to(x.dtype)  # the last d_conv-1 inputs
+                ssm_init = ssm_state
+            # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
+            window = torch.cat([conv_state.to(x.dtype), x], dim=-1)[..., -self.d_conv:]  # (b, d_inner, d_conv)
+            if seq_idx is not None:
+                # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
+                sid = torch.cat([seq_idx[:, :1].expand(b, self.d_conv), seq_idx], dim=1)[:, -self.d_conv:]
+                window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
+            conv_state.copy_(window)
+
+        x = ops.causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", initial_states=conv_init,
+                              seq_idx=seq_idx)  # (b, d_inner, l)
+
+        x_dbl = F.linear(x.transpose(1, 2).reshape(b * l, di), self.x_proj.weight)  # (b*l, r + 2n)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
+        dt = (self.dt_proj.weight @ dt.t()).view(di, b, l).transpose(0, 1)  # (b, d_inner, l)
+        B = B.view(b, l, n).transpose(1, 2)  # (b, n, l)
+        C = C.view(b, l, n).transpose(1, 2)  # (b, n, l)
+
+        if cache is not None:
+            y, last_state = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                               return_last_state=True, initial_state=ssm_init, seq_idx=seq_idx)
+            ssm_state.copy_(last_state)
+        else:
+            y = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                   seq_idx=seq_idx)
+        return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)  # (b, l, d_model)
+
+    def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""
+        n, r = self.d_state, self.dt_rank
+        A, D, dt_bias = self._ssm_params()
+        xz = F.linear(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias)  # (b, 2*d_inner)
+        x, z = xz.chunk(2, dim=-1)
+        x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
+                                     self.conv1d.bias, activation="silu")  # (b, d_inner)
+        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [r, n, n], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias goes in as dt_bias, under the softplus
+        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
+                                       dt_softplus=True)
+        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: x + Mixer(RMSNorm(x)), the residual kept in fp32 if ``residual_in_fp32``."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, device=device, dtype=dtype)
+        self.mixer = MambaMixer(config, layer_idx=layer_idx, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                cache: MambaCache | None = None) -> torch.Tensor:
+        residual = x.float() if self.residual_in_fp32 else x
+        return residual + self.mixer(self.norm(x), seq_idx=seq_idx, cache=cache)
+
+
+class MambaLM(nn.Module):
+    """Mamba-1 language model: embedding, ``n_layer`` :class:`MambaBlock`, final RMSNorm, (tied) LM head."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, MambaConfig):
+            raise TypeError(f"MambaLM expects a MambaConfig, got {type(config).__name__}")
+        self.config = config
+        V = config.padded_vocab_size
+        self.embeddings = nn.Embedding(V, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(MambaBlock(config, i, device=device, dtype=dtype)
+                                    for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, device=device, dtype=dtype)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, V, bias=False,
+                                                                   device=device, dtype=dtype)
+        self.gradient_checkpointing = False
+        if self.embeddings.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # -- init -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba-ssm's init (``_init_weights`` of MixerModel plus the mixer's own SSM init)."""
+        cfg = self.config
+        nn.init.normal_(self.embeddings.weight, std=cfg.initializer_range)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range)
+        for block in self.layers:
+            m = block.mixer
+            block.norm.weight.fill_(1.0)
+            for lin in (m.in_proj, m.x_proj, m.out_proj):
+                lin.reset_parameters()
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            m.conv1d.reset_parameters()
+            m.reset_ssm_parameters()
+            if cfg.rescale_prenorm_residual:
+                # GPT-2 scheme: each block adds one residual branch, so scale by 1/sqrt(n_layer)
+                nn.init.kaiming_uniform_(m.out_proj.weight, a=math.sqrt(5))
+                m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+        self.norm_f.weight.fill_(1.0)
+
+    # -- API ----------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (training only; ignored with a cache)."""
+        self.gradient_checkpointing = bool(enabled)
+
+    def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> MambaCache:
+        """Zero states for ``batch_size`` sequences. ``dtype`` is the conv state's (default fp32); the SSM state
+        is always fp32 (the scan accumulates in fp32 and takes its initial state in fp32)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"allocate_cache: batch_size must be a positive integer, got {batch_size!r}")
+        cfg = self.config
+        device = self.device if device is None else torch.device(device)
+        conv_dtype = torch.float32 if dtype is None else dtype
+        conv = [torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, device=device, dtype=conv_dtype)
+                for _ in range(cfg.n_layer)]
+        ssm = [torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32)
+               for _ in range(cfg.n_layer)]
+        return MambaCache(conv, ssm, 0)
+
+    def _check_inputs(self, input_ids, inputs_embeds, seq_idx, cache):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MambaLM.forward: pass exactly one of input_ids and inputs_embeds")
+        V = self.config.padded_vocab_size
+        if input_ids is not None:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+                raise ValueError(f"MambaLM.forward: input_ids must be an integer tensor (batch, seqlen), got "
+                                 f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+            b, l = input_ids.shape
+            if input_ids.numel():
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= V:
+                    raise ValueError(f"MambaLM.forward: token id {hi if hi >= V else lo} is outside the embedding "
+                                     f"[0, {V}) (vocab_size={self.config.vocab_size}, padded to {V})")
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 \
+                    or inputs_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(f"MambaLM.forward: inputs_embeds must be (batch, seqlen, d_model="
+                                 f"{self.config.d_model}), got "
+                                 f"{tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__}")
+            b, l = inputs_embeds.shape[:2]
+        if l == 0:
+            raise ValueError("MambaLM.forward: the sequence is empty (seqlen 0)")
+        if seq_idx is not None:
+            if not isinstance(seq_idx, torch.Tensor) or tuple(seq_idx.shape) != (b, l) or seq_idx.is_floating_point():
+                raise ValueError(f"MambaLM.forward: seq_idx must be an integer tensor of shape ({b}, {l}), got "
+                                 f"{tuple(seq_idx.shape) if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__}")
+            seq_idx = seq_idx.to(torch.int32)
+        if cache is not None:
+            if not isinstance(cache, MambaCache):
+                raise TypeError(f"MambaLM.forward: cache must be a MambaCache (see allocate_cache), got "
+                                f"{type(cache).__name__}")
+            if cache.batch_size != b or cache.n_layer != self.config.n_layer:
+                raise ValueError(f"MambaLM.forward: the cache holds {cache.batch_size} rows x {cache.n_layer} layers, "
+                                 f"the input has {b} rows and the model {self.config.n_layer} layers")
+        return seq_idx
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                seq_idx: torch.Tensor | None = None, cache: MambaCache | None = None,
+                output_hidden_states: bool = False, num_last_tokens: int = 0) -> MambaLMOutput:
+        """input_ids (b, l) or inputs_embeds (b, l, d_model) -> :class:`MambaLMOutput`.
+
+        seq_idx: int (b, l), nondecreasing per row: packed sequences that must not see each other.
+        cache: a :class:`MambaCache` to prefill (l > 1) or advance by one token (l == 1); it is updated in place.
+        num_last_tokens: if > 0, logits only for the last that many positions (saves the (l, vocab) matmul).
+        """
+        seq_idx = self._check_inputs(input_ids, inputs_embeds, seq_idx, cache)
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.shape[1] == 1:
+            seq_idx = None  # one token cannot cross a boundary
+        hidden = [x] if output_hidden_states else None
+        use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for block in self.layers:
+            if use_ckpt:
+                x = checkpoint(block, x, seq_idx, None, use_reentrant=False)
+            else:
+                x = block(x, seq_idx=seq_idx, cache=cache)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.seqlen_offset += x.shape[1]
+        h = self.norm_f(x)
+        hl = h[:, -num_last_tokens:] if num_last_tokens > 0 else h
+        weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hl, weight)
+        return MambaLMOutput(logits=logits, last_hidden_state=h,
+                             hidden_states=tuple(hidden) if hidden is not None else None)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "MambaLM":
+        """Load a checkpoint directory in either public layout (state-spaces original, or transformers *-hf).
+
+        dtype None keeps float32 (``torch.get_default_dtype()``); A_log and D stay fp32 in any case.
+        """
+        config, state_dict, layout, renamed_from = _load_dir(path)
+        model = cls(config, device="meta", dtype=dtype)
+        expected = model.state_dict()
+        _check_state_dict(state_dict, expected, Path(path), layout, renamed_from)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        sd = {k: v.to(device=device, dtype=expected[k].dtype) for k, v in state_dict.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.checkpoint_layout = layout
+        log.info("loaded %s-layout Mamba checkpoint %s (%d layers, d_model %d)", layout, path,
+                 config.n_layer, config.d_model)
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike, layout: str = "hf",
+                        max_shard_size: int | None = None) -> Path:
+        """Write config.json and the weights in ``layout`` "hf" (transformers MambaForCausalLM: safetensors,
+        sharded with an index when ``max_shard_size`` bytes is exceeded) or "original" (state-spaces:
+        pytorch_model.bin). Returns the directory."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        own = {k: v.detach() for k, v in self.state_dict().items()}
+        if layout == "hf":
+            _save_hf(self.config, own, out, max_shard_size)
+        elif layout == "original":
+            if max_shard_size is not None:
+                raise ValueError("save_pretrained: max_shard_size applies to layout='hf' only")
+            _save_original(self.config, own, out)
+        else:
+            raise ValueError(f"save_pretrained: layout must be 'hf' or 'original', got {layout!r}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint layouts
+
+
+def _bool(v, where):
+    if not isinstance(v, bool):
+        raise CheckpointError(f"{where} must be true or false, got {v!r}")
+    return v
+
+
+def _config_from_original(d: dict, where: str) -> MambaConfig:
+    """state-spaces/mamba config.json (mamba_ssm.models.config_mamba.MambaConfig) -> MambaConfig."""
+    for key in ("d_model", "n_layer", "vocab_size"):
+        if key not in d:
+            raise CheckpointError(f"{where}: missing field {key!r} of the state-spaces layout")
+    ssm = dict(d.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer != "Mamba1":
+        raise CheckpointError(f"{where}: ssm_cfg.layer={layer!r}; only Mamba-1 checkpoints are supported")
+    if d.get("d_intermediate", 0):
+        raise CheckpointError(f"{where}: d_intermediate={d['d_intermediate']} (MLP blocks) is not supported")
+    if d.get("attn_layer_idx"):
+        raise CheckpointError(f"{where}: attn_layer_idx={d['attn_layer_idx']} (hybrid attention) is not supported")
+    if not d.get("rms_norm", True):
+        raise CheckpointError(f"{where}: rms_norm=false (LayerNorm blocks) is not supported")
+    ssm.pop("use_fast_path", None)
+    ssm_map = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "dt_rank": "dt_rank",
+               "dt_min": "dt_min", "dt_max": "dt_max", "dt_init": "dt_init", "dt_scale": "dt_scale",
+               "dt_init_floor": "dt_init_floor", "conv_bias": "conv_bias", "bias": "bias"}
+    unknown = sorted(set(ssm) - set(ssm_map))
+    if unknown:
+        raise CheckpointError(f"{where}: unsupported ssm_cfg field(s) {', '.join(unknown)}")
+    kw = {ssm_map[k]: v for k, v in ssm.items()}
+    known_top = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
+                 "pad_vocab_size_multiple", "tie_embeddings", "d_intermediate", "attn_layer_idx", "attn_cfg",
+                 "norm_epsilon"}
+    ignored = sorted(set(d) - known_top)
+    if ignored:
+        log.warning("%s: ignoring unknown config field(s) %s", where, ", ".join(ignored))
+    try:
+        return MambaConfig(
+            d_model=d["d_model"], n_layer=d["n_layer"], vocab_size=d["vocab_size"],
+            residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
+            pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+            tie_embeddings=_bool(d.get("tie_embeddings", True), f"{where}: tie_embeddings"),
+            rms_norm_eps=d.get("norm_epsilon", 1e-5), **kw)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _config_from_hf(d: dict, where: str) -> MambaConfig:
+    """transformers MambaConfig config.json -> MambaConfig (vocabulary not padded further: the *-hf
+    checkpoints store the already padded embedding and call its size vocab_size)."""
+    mt = d.get("model_type", "mamba")
+    if mt != "mamba":
+        raise CheckpointError(f"{where}: model_type={mt!r}; only transformers' 'mamba' (Mamba-1) is supported")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key not in d:
+            raise CheckpointError(f"{where}: missing field {key!r} of the transformers MambaConfig")
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act={d['hidden_act']!r}; the mixer supports 'silu' only")
+    expand = d.get("expand", 2)
+    if "intermediate_size" in d and d["intermediate_size"] != expand * d["hidden_size"]:
+        raise CheckpointError(f"{where}: intermediate_size={d['intermediate_size']} but expand * hidden_size = "
+                              f"{expand * d['hidden_size']}")
+    try:
+        return MambaConfig(
+            d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
+            d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4), expand=expand,
+            dt_rank=d.get("time_step_rank", "auto"), dt_min=d.get("time_step_min", 0.001),
+            dt_max=d.get("time_step_max", 0.1), dt_scale=d.get("time_step_scale", 1.0),
+            dt_init=d.get("time_step_init_scheme", "random"), dt_init_floor=d.get("time_step_floor", 1e-4),
+            conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
+            bias=_bool(d.get("use_bias", False), f"{where}: use_bias"),
+            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
+            tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
+            pad_vocab_size_multiple=1,
+            rescale_prenorm_residual=bool(d.get("rescale_prenorm_residual", False)))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                 "pytorch_model.bin")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable weights-only torch file ({e})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: expected a flat state dict of tensors")
+    return sd
+
+
+def _read_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a checkpoint directory and, per key, the file it came from."""
+    for name in _WEIGHT_FILES:
+        f = d / name
+        if not f.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(f.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{f}: not a valid shard index (needs a 'weight_map' object): {e}") from None
+            sd, src = {}, {}
+            for shard in sorted(set(weight_map.values())):
+                sf = d / shard
+                if Path(shard).name != shard or not sf.is_file():
+                    raise CheckpointError(f"{f} names shard {shard!r}, which is not a file in {d}")
+                part = _read_tensors(sf)
+                for k, v in part.items():
+                    sd[k] = v
+                    src[k] = str(sf)
+            missing = sorted(set(weight_map) - set(sd))
+            if missing:
+                raise CheckpointError(f"{f} lists {missing[0]!r} in {weight_map[missing[0]]} but that shard does "
+                                      f"not contain it")
+            return sd, src
+        sd = _read_tensors(f)
+        return sd, {k: str(f) for k in sd}
+    found = sorted(x.name for x in d.iterdir())[:12]
+    raise CheckpointError(f"{d}: no weights found (looked for {', '.join(_WEIGHT_FILES)}; the directory holds: "
+                          f"{', '.join(found) or 'nothing'})")
+
+
+def load_state_dict_from_dir(path: str | os.PathLike) -> tuple[MambaConfig, dict[str, torch.Tensor], str]:
+    """Read a checkpoint directory: (config, state dict renamed to MambaLM's keys, layout "original"|"hf").
+
+    The layout is recognised from config.json (``d_model`` = state-spaces, ``hidden_size`` = transformers);
+    the tensor names of either layout are accepted with either config.
+    """
+    config, sd, layout, _ = _load_dir(path)
+    return config, sd, layout
+
+
+def _load_dir(path):
+    """load_state_dict_from_dir, plus each renamed key's original name and file (for error messages)."""
+    d = Path(path)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is not a directory; pass the checkpoint folder holding config.json")
+    cfg_file = d / "config.json"
+    if not cfg_file.is_file():
+        found = sorted(x.name for x in d.iterdir())[:12]
+        raise CheckpointError(f"{d}: no config.json, so not a recognisable Mamba checkpoint (the directory "
+                              f"holds: {', '.join(found) or 'nothing'})")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    if "d_model" in raw:
+        layout, config = "original", _config_from_original(raw, str(cfg_file))
+    elif "hidden_size" in raw:
+        layout, config = "hf", _config_from_hf(raw, str(cfg_file))
+    else:
+        raise CheckpointError(f"{cfg_file}: neither a state-spaces Mamba config (d_model, n_layer, ssm_cfg) nor "
+                              f"a transformers MambaConfig (hidden_size, num_hidden_layers, state_size)")
+    raw_sd, src = _read_weights(d)
+    sd = {}
+    renamed_from = {}
+    for k, v in raw_sd.items():
+        ours = _rename_key(k)
+        if ours is None:
+            continue
+        if ours in sd:
+            raise CheckpointError(f"{d}: tensors {renamed_from[ours]!r} and {k!r} both map to {ours!r}")
+        sd[ours] = v
+        renamed_from[ours] = f"{k}' in '{src[k]}"
+    if config.tie_embeddings and "lm_head.weight" in sd:
+        # the original layout stores the tied head as a second copy; it must equal the embedding
+        head = sd.pop("lm_head.weight")
+        emb = sd.get("embeddings.weight")
+        if emb is not None and head.shape == emb.shape and not torch.equal(head, emb):
+            raise CheckpointError(f"{d}: the config ties the LM head to the embedding but lm_head.weight differs "
+                                  f"from the embedding weight")
+    return config, sd, layout, renamed_from
+
+
+def _rename_key(k: str) -> str | None:
+    """A checkpoint tensor name (either layout) -> MambaLM's name."""
+    if k.startswith("backbone."):
+        k = k[len("backbone."):]
+    if k == "embedding.weight":  # state-spaces name
+        return "embeddings.weight"
+    return k
+
+
+def _check_state_dict(sd: dict, expected: dict, d: Path, layout: str, renamed_from: dict) -> None:
+    """Name missing and unexpected tensors and the first shape mismatch, with both shapes."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    cfg_name = "config.json"
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensor(s) {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append("unexpected tensor(s) " + ", ".join(f"'{renamed_from.get(k, k)}'" for k in unexpected[:8])
+                         + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"{d} ({layout} layout): the weights do not match {cfg_name}: " + "; ".join(parts))
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{d} ({layout} layout): tensor '{renamed_from.get(k, k)}' has shape {tuple(sd[k].shape)} but "
+                f"{cfg_name} implies {tuple(t.shape)} for {k}")
+        if not sd[k].is_floating_point():
+            raise CheckpointError(f"{d}: tensor '{renamed_from.get(k, k)}' has dtype {sd[k].dtype}, expected floating point")
+
+
+def _dtype_name(sd: dict) -> str:
+    return str(next(iter(sd.values())).dtype).replace("torch.", "")
+
+
+def _save_hf(cfg: MambaConfig, own: dict, out: Path, max_shard_size: int | None) -> None:
+    from safetensors.torch import save_file
+
+    conf = {
+        "architectures": ["MambaForCausalLM"], "model_type": "mamba",
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+        # the *-hf layout has no padding field: its vocab_size is the embedding's row count
+        "vocab_size": cfg.padded_vocab_size,
+        "state_size": cfg.d_state, "conv_kernel": cfg.d_conv, "expand": cfg.expand,
+        "intermediate_size": cfg.d_inner, "time_step_rank": cfg.resolved_dt_rank,
+        "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_scale": cfg.dt_scale,
+        "time_step_init_scheme": cfg.dt_init, "time_step_floor": cfg.dt_init_floor,
+        "use_bias": cfg.bias, "use_conv_bias": cfg.conv_bias, "hidden_act": "silu",
+        "layer_norm_epsilon": cfg.rms_norm_eps, "residual_in_fp32": cfg.residual_in_fp32,
+        "rescale_prenorm_residual": cfg.rescale_prenorm_residual,
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.initializer_range,
+        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True,
+        "dtype": _dtype_name(own),
+    }
+    tensors = {}
+    for k, v in own.items():
+        name = k if k.startswith("lm_head.") else "backbone." + k
+        tensors[name] = v.contiguous().cpu()
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        (out / stale).unlink(missing_ok=True)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if max_shard_size is None or total <= max_shard_size:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[dict] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _save_original(cfg: MambaConfig, own: dict, out: Path) -> None:
+    conf = {
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand, "dt_rank": cfg.dt_rank,
+                    "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init": cfg.dt_init, "dt_scale": cfg.dt_scale,
+                    "dt_init_floor": cfg.dt_init_floor, "conv_bias": cfg.conv_bias, "bias": cfg.bias},
+        "rms_norm": True, "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True,
+        "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
+        "norm_epsilon": cfg.rms_norm_eps,
+    }
+    sd = {}
+    for k, v in own.items():
+        if k == "embeddings.weight":
+            sd["backbone.embedding.weight"] = v.cpu()
+        elif k.startswith("lm_head."):
+            sd[k] = v.cpu()
+        else:
+            sd["backbone." + k] = v.cpu()
+    if cfg.tie_embeddings:  # mamba-ssm's state_dict carries the tied head too
+        sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    torch.save(sd, str(out / "pytorch_model.bin"))

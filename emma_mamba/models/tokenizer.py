@@ -1,0 +1,146 @@
+"""The text tokenizer: GPT-NeoX-20B's byte-level BPE, as every public Mamba-1 checkpoint uses.
+
+A copy of its ``tokenizer.json`` ships gzipped inside the package (``emma_mamba/assets``, ~0.6 MB) so the tiny
+presets, the tests and the CLI work with no download; real checkpoints may bring their own tokenizer directory
+(any folder holding a ``tokenizer.json``, as the transformers ``*-hf`` repos and mamba-2.8b-zephyr do).
+
+It is loaded with the ``tokenizers`` library only (never ``transformers.AutoTokenizer``), so loading reads a
+JSON file and runs no code from it. :class:`Tokenizer` is a thin wrapper with the handful of calls the rest of
+the project needs: ``encode``, ``decode``, ``eos_token_id``, ``pad_token_id``, ``add_tokens``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from importlib import resources
+from pathlib import Path
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _HFTokenizer
+
+__all__ = ["Tokenizer", "load_tokenizer", "SHIPPED_TOKENIZER"]
+
+SHIPPED_TOKENIZER = "gpt-neox-20b-tokenizer.json.gz"
+"""File name of the shipped GPT-NeoX-20B tokenizer inside ``emma_mamba/assets``."""
+
+# Names GPT-NeoX-style tokenizers use for their special tokens, most specific first.
+_EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>")
+_PAD_NAMES = ("<|padding|>", "<pad>", "[PAD]")
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the project's small interface.
+
+    ``encode`` never adds special tokens (GPT-NeoX has no BOS; chat templates add what they need), and
+    ``decode`` keeps special tokens out of the text.
+    """
+
+    def __init__(self, tok: _HFTokenizer, source: str):
+        self._tok = tok
+        self.source = source
+        self.eos_token_id = self._first_id(_EOS_NAMES)
+        pad = self._first_id(_PAD_NAMES)
+        # no pad token: padding never reaches the model (masks decide), so EOS is a safe stand-in
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
+
+    def _first_id(self, names):
+        for name in names:
+            i = self._tok.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The wrapped ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included (ids run 0..vocab_size-1)."""
+        return len(self)
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode expects a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def add_tokens(self, tokens: list[str], special: bool = True) -> list[int]:
+        """Add tokens (e.g. ``<image>``) that are never split; returns their ids (existing ones keep theirs).
+
+        New ids are appended after the current vocabulary; the LM's (padded) embedding must cover them.
+        """
+        tokens = list(tokens)
+        added = [AddedToken(t, special=special, normalized=False) for t in tokens]
+        if special:
+            self._tok.add_special_tokens(added)
+        else:
+            self._tok.add_tokens(added)
+        return [self._tok.token_to_id(t) for t in tokens]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` into directory ``path`` (created if needed); returns the file path."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        out = d / "tokenizer.json"
+        self._tok.save(str(out))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(source={self.source!r}, vocab={len(self)}, eos={self.eos_token_id})"
+
+
+def _shipped_json() -> str:
+    ref = resources.files("emma_mamba").joinpath("assets", SHIPPED_TOKENIZER)
+    try:
+        data = ref.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the shipped tokenizer emma_mamba/assets/{SHIPPED_TOKENIZER} is missing from this installation "
+            f"(reinstall the package, or pass a tokenizer directory)") from None
+    return gzip.decompress(data).decode("utf-8")
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """Load a tokenizer.
+
+    ``path`` None: the GPT-NeoX-20B tokenizer shipped with the package. Otherwise a directory containing
+    ``tokenizer.json`` (a checkpoint or tokenizer folder) or the path of a ``tokenizer.json`` (or ``.json.gz``).
+    """
+    if path is None:
+        return Tokenizer(_HFTokenizer.from_str(_shipped_json()), source=f"shipped:{SHIPPED_TOKENIZER}")
+    p = Path(path)
+    if p.is_dir():
+        f = p / "tokenizer.json"
+        if not f.is_file():
+            found = sorted(x.name for x in p.iterdir())[:12]
+            raise FileNotFoundError(
+                f"tokenizer directory {p} has no tokenizer.json (found: {', '.join(found) or 'nothing'}); "
+                f"only the `tokenizers` JSON format is read. Omit the tokenizer path to use the shipped "
+                f"GPT-NeoX-20B tokenizer, which all public Mamba-1 checkpoints share")
+        p = f
+    if not p.is_file():
+        raise FileNotFoundError(f"tokenizer path {p} does not exist")
+    try:
+        if p.name.endswith(".gz"):
+            tok = _HFTokenizer.from_str(gzip.decompress(p.read_bytes()).decode("utf-8"))
+        else:
+            tok = _HFTokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise ValueError(f"could not read tokenizer file {p}: {e}") from e
+    return Tokenizer(tok, source=str(p))
