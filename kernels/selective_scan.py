@@ -1,0 +1,449 @@
+"""Selective scan (Mamba's S6, Gu & Dao 2023, Algorithm 2) forward and backward as Triton kernels.
+
+Per batch ``b``, channel ``d`` and state ``n`` the recurrence is ``h_t = a_t * h_{t-1} + b_t`` with
+``a_t = exp(delta_t * A)`` and ``b_t = delta_t * B_t * u_t``; ``y_t = <C_t, h_t> + D * u_t``, gated by
+``silu(z_t)``. A linear recurrence is a scan over the pairs ``(a_t, b_t)`` with the associative operator
+
+    (a1, b1) o (a2, b2) = (a1 * a2, a2 * b1 + b2)
+
+(Blelloch 1990; the formulation of the Mamba paper's parallel scan). One program owns one batch row and a
+block of channels, holds a ``(BLOCK_D, BLOCK_N)`` fp32 state and walks the sequence in chunks of ``CHUNK``
+steps; inside a chunk ``tl.associative_scan`` runs the recurrence in parallel over ``(BLOCK_D, BLOCK_N, CHUNK)``
+tiles, with the carried state folded into the chunk's first ``b``.
+
+Forward saves only the state entering every chunk, fp32 ``(b, d, nchunks, n)``; the backward walks the
+chunks in reverse, recomputes the chunk's states from that boundary, and runs the adjoint recurrence
+
+    dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}
+
+as a reverse scan over ``(a_{t+1}, C_t * dy_t)``, carrying ``a_{t0} * dh_{t0}`` (the gradient of the state
+before the chunk) to the previous chunk. No ``(b, d, l, n)`` tensor is ever stored. The weight gradients
+use ``a_t * h_{t-1} = h_t - b_t``, so the shifted state is never materialised.
+
+``seq_idx`` (packed sequences) makes ``a_t = 0`` where a new sequence starts: the recurrence restarts from
+zero there and, in the backward, no gradient crosses the boundary. The initial state therefore reaches the
+first segment only, as in the reference.
+
+Reductions over the sequence (dA, dD, ddelta_bias, and dB/dC of a constant B/C) go to per-batch fp32
+partials summed by torch: deterministic. dB/dC of variable or grouped B/C are sums over the channels of a
+group: ``deterministic=False`` adds them with fp32 atomics; ``deterministic=True`` writes one fp32 partial
+per channel block and sums them in a fixed order (more memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+# Launch shapes, (BLOCK_D * BLOCK_N * CHUNK elements per tile, CHUNK, num_warps); tuned on an H100 for
+# d_state 16. Module-level so a benchmark can try others; forward and backward must agree on CHUNK.
+FWD_TILE = 4096
+BWD_TILE = 2048
+CHUNK = 64
+FWD_WARPS = 4
+BWD_WARPS = 4
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _delta_of(raw, bias, SOFTPLUS: tl.constexpr):
+    dt = raw + bias
+    if SOFTPLUS:
+        # softplus with torch's threshold 20; the unselected branch may be inf, never NaN
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    return dt
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, seq_ptr,
+    out_ptr, last_ptr, saved_ptr,
+    dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
+    sB_b, sB_g, sC_b, sC_g,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    offs_c = tl.arange(0, CHUNK)  # (T,)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_off = offs_d[:, None] * dstate + offs_n[None, :]  # (BD, BN) into a (d, n) tensor
+    # exp(delta * A) = exp2(delta * A * log2(e)); padded states get A = 0, B = C = 0: they stay zero
+    A2 = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0) * 1.4426950408889634
+    # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
+    grp_B = (pid_d * BLOCK_D) // cpg_B
+    grp_C = (pid_d * BLOCK_D) // cpg_C
+    if B_VAR:
+        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[:, None] * seqlen  # (BN, 1)
+    else:
+        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]  # (BD, BN, 1)
+    if C_VAR:
+        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[:, None] * seqlen
+    else:
+        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
+    if HAS_DBIAS:
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+    else:
+        bias = 0.0
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into (b, d, l)
+    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]  # chunk 0
+    first = (offs_c == 0)[None, None, :]
+    last = (offs_c == CHUNK - 1)[None, None, :]
+
+    for c in range(nchunks):
+        t = c * CHUNK + offs_c  # (T,)
+        mask_t = t < seqlen
+        tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)
+        m2 = mask_d[:, None] & mask_t[None, :]  # (BD, T)
+        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt = tl.where(m2, _delta_of(dt, bias, SOFTPLUS), 0.0)  # padding: a = 1, b = 0
+        if B_VAR:
+            Bx = tl.load(B_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
+                         other=0.0).to(tl.float32)[None, :, :]  # (1, BN, T)
+        else:
+            Bx = Bc
+        if C_VAR:
+            Cx = tl.load(C_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
+                         other=0.0).to(tl.float32)[None, :, :]
+        else:
+            Cx = Cc
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BD, BN, T)
+        if HAS_SEQ:
+            s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
+            s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
+            reset = (t > 0) & (s_cur != s_prev)
+            a = tl.where(reset[None, None, :], 0.0, a)
+        bx = (dt * u)[:, None, :] * Bx  # (BD, BN, T)
+        bx = tl.where(first, bx + a * h[:, :, None], bx)  # fold the carried state into step 0
+        _, hs = tl.associative_scan((a, bx), axis=2, combine_fn=_combine)  # hs[..., i] = h_{t0+i}
+        y = tl.sum(hs * Cx, axis=1)  # (BD, T)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=2)  # padding carries h unchanged to the chunk end
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + state_off, h, mask=mask_dn)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr,
+    dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
+    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, CHUNK)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    dn_off = offs_d[:, None] * dstate + offs_n[None, :]
+    A = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0)
+    A2 = A * 1.4426950408889634
+    grp_B = (pid_d * BLOCK_D) // cpg_B
+    grp_C = (pid_d * BLOCK_D) // cpg_C
+    if B_VAR:
+        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[:, None] * seqlen
+        if ATOMIC_BC:
+            dB_row = dB_ptr + pid_b * sdB_b + grp_B * sdB_g + offs_n[:, None] * seqlen
+        else:  # one partial per channel block: (b, nblocks, n, l)
+            dB_row = dB_ptr + pid_b * sdB_b + pid_d * sdB_g + offs_n[:, None] * seqlen
+    else:
+        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+        dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if C_VAR:
+        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[:, None] * seqlen
+        if ATOMIC_BC:
+            dC_row = dC_ptr + pid_b * sdC_b + grp_C * sdC_g + offs_n[:, None] * seqlen
+        else:
+            dC_row = dC_ptr + pid_b * sdC_b + pid_d * sdC_g + offs_n[:, None] * seqlen
+    else:
+        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+        dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+    if HAS_DBIAS:
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+    else:
+        bias = 0.0
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
+    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    # carry = gradient reaching the state at the end of the current chunk from later steps
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = (offs_c == 0)[None, None, :]
+    last = (offs_c == CHUNK - 1)[None, None, :]
+
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        t = c * CHUNK + offs_c
+        mask_t = t < seqlen
+        mask_t1 = (t + 1) < seqlen
+        m2 = mask_d[:, None] & mask_t[None, :]
+        m2n = mask_d[:, None] & mask_t1[None, :]
+        h0 = tl.load(saved_ptr + saved_off + c * dstate, mask=mask_dn, other=0.0)  # state before the chunk
+        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt_raw = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt = tl.where(m2, _delta_of(dt_raw, bias, SOFTPLUS), 0.0)
+        dtn = tl.load(delta_ptr + row + t[None, :] + 1, mask=m2n, other=0.0).to(tl.float32)
+        dtn = tl.where(m2n, _delta_of(dtn, bias, SOFTPLUS), 0.0)  # delta_{t+1}; 0 past the end: a = 1
+        dout = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        if B_VAR:
+            Bx = tl.load(B_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
+                         other=0.0).to(tl.float32)[None, :, :]
+        else:
+            Bx = Bc
+        if C_VAR:
+            Cx = tl.load(C_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
+                         other=0.0).to(tl.float32)[None, :, :]
+        else:
+            Cx = Cc
+        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # a_t, (BD, BN, T)
+        an = tl.exp2(dtn[:, None, :] * A2[:, :, None])  # a_{t+1}
+        if HAS_SEQ:
+            s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
+            s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
+            s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
+            a = tl.where(((t > 0) & (s_cur != s_prev))[None, None, :], 0.0, a)
+            an = tl.where((mask_t1 & (s_next != s_cur))[None, None, :], 0.0, an)
+        dbu = (dt * u)[:, None, :] * Bx  # b_t
+        bx = tl.where(first, dbu + a * h0[:, :, None], dbu)
+        _, hs = tl.associative_scan((a, bx), axis=2, combine_fn=_combine)  # recomputed h_t
+        if HAS_Z:
+            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Cx, axis=1)
+            if HAS_D:
+                y += Dv * u
+            sz = tl.sigmoid(z)
+            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            dy = dout * z * sz
+        else:
+            dy = dout
+        g = Cx * dy[:, None, :]  # direct gradient of h_t
+        g = tl.where(last, g + carry[:, :, None], g)
+        _, dh = tl.associative_scan((an, g), axis=2, combine_fn=_combine, reverse=True)  # dh_t
+        carry = tl.sum(tl.where(first, a * dh, 0.0), axis=2)  # gradient of the state before the chunk
+        hprev_a = hs - dbu  # a_t * h_{t-1}
+        ddt = tl.sum(dh * (Bx * u[:, None, :] + hprev_a * A[:, :, None]), axis=1)  # (BD, T)
+        du = tl.sum(dh * Bx, axis=1) * dt
+        dA_acc += tl.sum(dh * hprev_a * dt[:, None, :], axis=2)
+        dbu_dB = dh * (dt * u)[:, None, :]  # d loss / d B_t, per channel
+        if B_VAR:
+            dBt = tl.sum(dbu_dB, axis=0)  # (BN, T): summed over the block's channels
+            mBt = mask_n[:, None] & mask_t[None, :]
+            if ATOMIC_BC:
+                tl.atomic_add(dB_row + t[None, :], dBt, mask=mBt)
+            else:
+                tl.store(dB_row + t[None, :], dBt, mask=mBt)
+        else:
+            dB_acc += tl.sum(dbu_dB, axis=2)
+        dcc = hs * dy[:, None, :]
+        if C_VAR:
+            dCt = tl.sum(dcc, axis=0)
+            mCt = mask_n[:, None] & mask_t[None, :]
+            if ATOMIC_BC:
+                tl.atomic_add(dC_row + t[None, :], dCt, mask=mCt)
+            else:
+                tl.store(dC_row + t[None, :], dCt, mask=mCt)
+        else:
+            dC_acc += tl.sum(dcc, axis=2)
+        if HAS_D:
+            du += Dv * dy
+            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw + bias)
+        ddt = tl.where(m2, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddelta_ptr + row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+
+    # per-batch partials (b, d, n) / (b, d), summed over the batch by the host
+    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
+    if not B_VAR:
+        tl.store(dB_ptr + state_off, dB_acc, mask=mask_dn)
+    if not C_VAR:
+        tl.store(dC_ptr + state_off, dC_acc, mask=mask_dn)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+    if HAS_DBIAS:
+        tl.store(ddbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+    if HAS_H0:
+        tl.store(dh0_ptr + state_off, carry, mask=mask_dn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# host side
+
+
+def _pow2_divisor(x: int) -> int:
+    return x & (-x)
+
+
+def _layout(X: torch.Tensor, d: int):
+    """(is_variable, groups, stride over batch, stride over group) of a B or C input (already contiguous)."""
+    if X.dim() == 2:  # constant (d, n)
+        return False, 1, 0, 0
+    if X.dim() == 3:  # (b, n, l): one group
+        return True, 1, X.stride(0), 0
+    return True, X.shape[1], X.stride(0), X.stride(1)
+
+
+def _blocks(d: int, n: int, B, C, tile: int):
+    """BLOCK_N and BLOCK_D; with groups, BLOCK_D divides the group size so a program sees one B/C row."""
+    block_n = triton.next_power_of_2(n)
+    block_d = max(1, min(triton.next_power_of_2(d), tile // (block_n * CHUNK)))
+    for X in (B, C):
+        if _ngroups(X) > 1:
+            block_d = min(block_d, _pow2_divisor(d // _ngroups(X)))
+    return block_d, block_n
+
+
+def _launch_kwargs(num_warps: int):
+    return {} if _interpreting() else {"num_warps": num_warps}
+
+
+def _interpreting() -> bool:
+    from triton import knobs  # noqa: PLC0415 - the knob that decides at decoration time
+    return bool(knobs.runtime.interpret)
+
+
+def _ngroups(X) -> int:
+    return X.shape[1] if X.dim() == 4 else 1
+
+
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    """Kernel-module protocol: returns ``(out, last_state, saved)``; see emma_mamba/ops/_autograd.py."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    nchunks = triton.cdiv(l, CHUNK)
+    out = torch.empty_like(u)
+    last_state = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
+    saved = torch.empty(b, d, nchunks, n, device=u.device, dtype=torch.float32)  # state entering each chunk
+    B_var, _, sB_b, sB_g = _layout(B, d)
+    C_var, _, sC_b, sC_g = _layout(C, d)
+    block_d, block_n = _blocks(d, n, B, C, FWD_TILE)
+    grid = (triton.cdiv(d, block_d), b)
+    dummy = u
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, initial_state if initial_state is not None else dummy,
+        seq_idx if seq_idx is not None else dummy,
+        out, last_state, saved,
+        d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C),
+        sB_b, sB_g, sC_b, sC_g,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
+        B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK,
+        **_launch_kwargs(FWD_WARPS),
+    )
+    return out, last_state, saved
+
+
+def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
+                       dout, dlast_state, deterministic):
+    """Kernel-module protocol: returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    nchunks = triton.cdiv(l, CHUNK)
+    if saved.shape != (b, d, nchunks, n):
+        raise RuntimeError(f"emma_mamba.kernels.selective_scan_bwd: saved states have shape {tuple(saved.shape)}, "
+                           f"expected {(b, d, nchunks, n)} (forward and backward used different CHUNK)")
+    dev = u.device
+    f32 = torch.float32
+    block_d, block_n = _blocks(d, n, B, C, BWD_TILE)
+    nblk = triton.cdiv(d, block_d)
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA_part = torch.empty(b, d, n, device=dev, dtype=f32)
+    dD_part = torch.empty(b, d, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(b, d, device=dev, dtype=f32) if delta_bias is not None else None
+    dh0 = torch.empty(b, d, n, device=dev, dtype=f32) if initial_state is not None else None
+    atomic = not deterministic
+
+    def grad_buffer(X):
+        """fp32 buffer for dB/dC and its (batch, group-or-block) strides."""
+        if X.dim() == 2:
+            buf = torch.empty(b, d, n, device=dev, dtype=f32)  # per-batch partial
+            return buf, 0, 0
+        g = _ngroups(X)
+        if atomic:
+            buf = torch.zeros(b, g, n, l, device=dev, dtype=f32)
+        else:  # channel blocks of a group are consecutive: (b, g * blocks_per_group, n, l)
+            buf = torch.empty(b, nblk, n, l, device=dev, dtype=f32)
+        return buf, buf.stride(0), buf.stride(1)
+
+    dB_buf, sdB_b, sdB_g = grad_buffer(B)
+    dC_buf, sdC_b, sdC_g = grad_buffer(C)
+    B_var, _, sB_b, sB_g = _layout(B, d)
+    C_var, _, sC_b, sC_g = _layout(C, d)
+    dummy = u
+    _selective_scan_bwd_kernel[(nblk, b)](
+        u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, saved,
+        dout, dlast_state if dlast_state is not None else dummy,
+        du, ddelta, dz if dz is not None else dummy, dA_part, dB_buf, dC_buf,
+        dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
+        dh0 if dh0 is not None else dummy,
+        d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C),
+        sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
+        B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK,
+        **_launch_kwargs(BWD_WARPS),
+    )
+
+    def finish(X, buf):
+        if X.dim() == 2:
+            return buf.sum(0).to(X.dtype)
+        if not atomic:
+            g = _ngroups(X)
+            buf = buf.view(b, g, nblk // g, n, l).sum(2)  # fixed order: deterministic
+        return buf.view(X.shape).to(X.dtype)
+
+    dA = dA_part.sum(0)
+    dB = finish(B, dB_buf)
+    dC = finish(C, dC_buf)
+    dD = dD_part.sum(0) if D is not None else None
+    ddelta_bias = dbias_part.sum(0) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
