@@ -1,0 +1,200 @@
+// CPU depthwise causal conv1d (Mamba's short convolution before the scan): forward, backward, decode step.
+//
+//   pre_t = bias + sum_{k<W} w[k] x_{t-(W-1)+k},   out_t = silu(pre_t) (optional),   W in 2..4
+// Inputs before t = 0 come from initial_states (b, d, W-1) (zero without it). With seq_idx a tap counts only
+// if its position belongs to the same packed sequence as t (the initial states belong to the row's first
+// sequence), so the window never reaches into a previous sample.
+//
+// Rows (batch, channel) are independent in the forward. The backward runs one channel per work item and
+// loops over the batch inside, so dweight/dbias are summed in a fixed order (deterministic) without scratch.
+// Everything is computed in fp32 from fp32 copies of one row (length l + W - 1).
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "../ops.h"
+#include "common.h"
+
+namespace emma {
+namespace cpu {
+
+namespace {
+
+struct ConvShape {
+  int64_t b, d, l, w;
+};
+
+ConvShape check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& initial_states,
+                            const std::optional<at::Tensor>& seq_idx) {
+  EMMA_CHECK(x.defined() && x.dim() == 3, op, "x must be a 3-D tensor (batch, dim, seqlen), got ",
+             x.defined() ? shape_str(x.sizes()) : std::string("an undefined tensor"));
+  EMMA_CHECK(is_float_dtype(x.scalar_type()), op, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const int64_t b = x.size(0), d = x.size(1), l = x.size(2);
+  EMMA_CHECK(l >= 1, op, "seqlen (x.shape[2]) must be at least 1");
+  check_arg(op, "x", x, {b, d, l}, {x.scalar_type()});
+  EMMA_CHECK(weight.defined() && weight.dim() == 2 && weight.size(0) == d, op, "weight must have shape (dim=", d,
+             ", width), got ", weight.defined() ? shape_str(weight.sizes()) : std::string("an undefined tensor"));
+  const int64_t w = weight.size(1);
+  EMMA_CHECK(w >= 2 && w <= 4, op, "conv width (weight.shape[1], d_conv) must be 2, 3 or 4, got ", w);
+  check_arg(op, "weight", weight, {d, w}, {x.scalar_type(), at::kFloat});
+  check_opt_arg(op, "bias", bias, {d}, {x.scalar_type(), at::kFloat});
+  check_opt_arg(op, "initial_states", initial_states, {b, d, w - 1}, {x.scalar_type(), at::kFloat});
+  check_opt_arg(op, "seq_idx", seq_idx, {b, l}, {at::kInt});
+  return {b, d, l, w};
+}
+
+// Row (bi, c) of x with its W-1 inputs of history in front: xp[j] is input position j - (W-1).
+void load_padded_row(const at::Tensor& x, const std::optional<at::Tensor>& init, const ConvShape& s, int64_t bi,
+                     int64_t c, float* xp) {
+  const int64_t row = bi * s.d + c;
+  if (present(init)) {
+    load_f32(init->data_ptr(), init->scalar_type(), row * (s.w - 1), s.w - 1, xp);
+  } else {
+    for (int64_t j = 0; j < s.w - 1; ++j) xp[j] = 0.f;
+  }
+  load_f32(x.data_ptr(), x.scalar_type(), row * s.l, s.l, xp + s.w - 1);
+}
+
+// Whether the tap at input position `src` (negative: initial state) is in the same sequence as output t.
+inline bool same_seq(const int32_t* sq, int64_t t, int64_t src) {
+  return sq == nullptr || sq[t] == sq[src < 0 ? 0 : src];
+}
+
+// pre-activation of row xp into pre[0..l)
+void conv_row(const float* xp, const float* wt, float bias, const int32_t* sq, const ConvShape& s, float* pre) {
+  for (int64_t t = 0; t < s.l; ++t) {
+    float acc = bias;
+    for (int64_t k = 0; k < s.w; ++k) {
+      const int64_t src = t - (s.w - 1) + k;
+      if (same_seq(sq, t, src)) acc += wt[k] * xp[t + k];
+    }
+    pre[t] = acc;
+  }
+}
+
+}  // namespace
+
+at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx,
+                             bool silu) {
+  const char* op = "causal_conv1d_fwd";
+  const ConvShape s = check_conv_inputs(op, x, weight, bias, initial_states, seq_idx);
+  at::Tensor out = at::empty_like(x);
+  const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
+  at::parallel_for(0, s.b * s.d, 4, [&](int64_t r0, int64_t r1) {
+    std::vector<float> xp(s.l + s.w - 1), pre(s.l), wt(s.w);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t bi = r / s.d, c = r % s.d;
+      load_f32(weight.data_ptr(), weight.scalar_type(), c * s.w, s.w, wt.data());
+      const float bv = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
+      load_padded_row(x, initial_states, s, bi, c, xp.data());
+      conv_row(xp.data(), wt.data(), bv, sqp ? sqp + bi * s.l : nullptr, s, pre.data());
+      if (silu)
+        for (int64_t t = 0; t < s.l; ++t) pre[t] = pre[t] * sigmoid_f(pre[t]);
+      store_f32(out.data_ptr(), x.scalar_type(), r * s.l, s.l, pre.data());
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& initial_states,
+                                          const std::optional<at::Tensor>& seq_idx, const at::Tensor& dout,
+                                          bool silu) {
+  const char* op = "causal_conv1d_bwd";
+  const ConvShape s = check_conv_inputs(op, x, weight, bias, initial_states, seq_idx);
+  check_arg(op, "dout", dout, {s.b, s.d, s.l}, {x.scalar_type()});
+  const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dw = at::empty({s.d, s.w}, f32);
+  at::Tensor db = present(bias) ? at::empty({s.d}, f32) : at::Tensor();
+  at::Tensor dinit = present(initial_states) ? at::empty({s.b, s.d, s.w - 1}, f32) : at::Tensor();
+  float* dwp = dw.data_ptr<float>();
+  float* dbp = present(bias) ? db.data_ptr<float>() : nullptr;
+  float* dip = present(initial_states) ? dinit.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, s.d, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> xp(s.l + s.w - 1), pre(s.l), dpre(s.l), dxp(s.l + s.w - 1), wt(s.w);
+    for (int64_t c = c0; c < c1; ++c) {
+      load_f32(weight.data_ptr(), weight.scalar_type(), c * s.w, s.w, wt.data());
+      const float bv = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
+      float dwacc[4] = {0.f, 0.f, 0.f, 0.f}, dbacc = 0.f;
+      for (int64_t bi = 0; bi < s.b; ++bi) {
+        const int64_t row = bi * s.d + c;
+        const int32_t* sq = sqp ? sqp + bi * s.l : nullptr;
+        load_padded_row(x, initial_states, s, bi, c, xp.data());
+        load_f32(dout.data_ptr(), dout.scalar_type(), row * s.l, s.l, dpre.data());
+        if (silu) {
+          conv_row(xp.data(), wt.data(), bv, sq, s, pre.data());
+          for (int64_t t = 0; t < s.l; ++t) {
+            const float sg = sigmoid_f(pre[t]);
+            dpre[t] *= sg * (1.f + pre[t] * (1.f - sg));
+          }
+        }
+        // every tap's gradient goes to its weight and to its input (padded position t + k)
+        std::fill(dxp.begin(), dxp.end(), 0.f);
+        for (int64_t t = 0; t < s.l; ++t) {
+          const float g = dpre[t];
+          dbacc += g;
+          for (int64_t k = 0; k < s.w; ++k) {
+            if (!same_seq(sq, t, t - (s.w - 1) + k)) continue;
+            dwacc[k] += g * xp[t + k];
+            dxp[t + k] += g * wt[k];
+          }
+        }
+        store_f32(dx.data_ptr(), x.scalar_type(), row * s.l, s.l, dxp.data() + s.w - 1);
+        if (dip)
+          for (int64_t j = 0; j < s.w - 1; ++j) dip[row * (s.w - 1) + j] = dxp[j];
+      }
+      for (int64_t k = 0; k < s.w; ++k) dwp[c * s.w + k] = dwacc[k];
+      if (dbp) dbp[c] = dbacc;
+    }
+  });
+  return {dx, dw.to(weight.scalar_type()), present(bias) ? db.to(bias->scalar_type()) : at::Tensor(),
+          present(initial_states) ? dinit.to(initial_states->scalar_type()) : at::Tensor()};
+}
+
+at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_state, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, bool silu) {
+  const char* op = "causal_conv1d_update";
+  EMMA_CHECK(conv_state.defined() && conv_state.dim() == 3, op,
+             "conv_state must be a 3-D tensor (batch, dim, width), got ",
+             conv_state.defined() ? shape_str(conv_state.sizes()) : std::string("an undefined tensor"));
+  const int64_t b = conv_state.size(0), d = conv_state.size(1), w = conv_state.size(2);
+  EMMA_CHECK(w >= 2 && w <= 4, op, "conv width (conv_state.shape[2], d_conv) must be 2, 3 or 4, got ", w);
+  EMMA_CHECK(is_float_dtype(conv_state.scalar_type()), op, "conv_state must be float32, float16 or bfloat16, got ",
+             conv_state.scalar_type());
+  check_arg(op, "conv_state", conv_state, {b, d, w}, {conv_state.scalar_type()});
+  EMMA_CHECK(x.defined() && is_float_dtype(x.scalar_type()), op, "x must be a float32, float16 or bfloat16 tensor");
+  check_arg(op, "x", x, {b, d}, {x.scalar_type()});
+  check_arg(op, "weight", weight, {d, w}, {x.scalar_type(), at::kFloat});
+  check_opt_arg(op, "bias", bias, {d}, {x.scalar_type(), at::kFloat});
+
+  at::Tensor out = at::empty({b, d}, x.options());
+  const auto sdt = conv_state.scalar_type();
+  at::parallel_for(0, b * d, 64, [&](int64_t r0, int64_t r1) {
+    float st[4], wt[4];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r % d;
+      load_f32(conv_state.data_ptr(), sdt, r * w, w, st);
+      for (int64_t k = 0; k + 1 < w; ++k) st[k] = st[k + 1];
+      st[w - 1] = load_one(x.data_ptr(), x.scalar_type(), r);
+      store_f32(conv_state.data_ptr(), sdt, r * w, w, st);
+      load_f32(conv_state.data_ptr(), sdt, r * w, w, st);  // the output sees the state's rounding of x
+      load_f32(weight.data_ptr(), weight.scalar_type(), c * w, w, wt);
+      float acc = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
+      for (int64_t k = 0; k < w; ++k) acc += st[k] * wt[k];
+      if (silu) acc *= sigmoid_f(acc);
+      store_f32(out.data_ptr(), x.scalar_type(), r, 1, &acc);
+    }
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace emma
