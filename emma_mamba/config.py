@@ -1,0 +1,367 @@
+"""Model configuration: dataclasses, named presets, strict YAML overrides.
+
+One dataclass per component, one docstring line per field (the torchtitan convention), all plain data so a
+resolved config can be written next to every checkpoint and read back bit-for-bit.
+
+Presets (``get_preset(name)``):
+
+- ``tiny``: a 3-block 32-px open_clip ViT and a 2-layer, 64-wide Mamba LM. Builds and runs a forward/backward
+  on a CPU in well under a second; used by the tests.
+- ``emma-mamba-2.8b``: the ``mamba-2.8b-zephyr`` LM dimensions (d_model 2560, 64 layers, vocab 50280) with the
+  OpenAI CLIP ``ViT-L-14-336`` encoder (QuickGELU, as the OpenAI weights were trained), four taps at 1/4, 1/2,
+  3/4 depth and the penultimate block, cross-attention MFF, instruction fusion and the pixel alignment head.
+  CLIP rather than SigLIP because instruction fusion needs the encoder's own text tower and tokenizer, and
+  CLIP's BPE tokenizer ships inside open_clip (SigLIP's is an HF hub download).
+- ``cobra-like``: the same encoder and LM with no MFF (penultimate layer only), no instruction fusion and no
+  alignment head: the Cobra / LLaVA baseline.
+
+YAML files are *overrides*: an optional top-level ``preset: NAME`` picks the starting point (default ``tiny``),
+every other key must name an existing field. Loading is strict: an unknown key is an error naming the key,
+its dotted path, the file and the valid keys; a value of the wrong type is an error naming the field, the
+expected type and what was given. Nothing here imports torch, so configs load instantly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+__all__ = [
+    "VisionConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig", "AlignConfig",
+    "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides", "config_to_dict",
+    "config_from_dict", "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error (bad key, bad type, bad value); the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    model_name: str = "ViT-L-14-336-quickgelu"
+    """open_clip model name (a built-in architecture: ViT-L-14-336-quickgelu, ViT-SO400M-14-SigLIP-384, ...)."""
+    pretrained: str | None = None
+    """Local open_clip checkpoint file loaded at build time; None = random init. Never a download tag."""
+    preprocess_tag: str | None = None
+    """open_clip pretrained tag whose preprocessing (mean/std/interpolation/resize) to use, e.g. 'openai' or
+    'webli'; read from open_clip's registry, nothing is downloaded. None = open_clip's defaults for the model."""
+    open_clip_overrides: dict = field(default_factory=dict)
+    """Deep-merged into open_clip's model config before building (e.g. a tiny vision_cfg/text_cfg)."""
+    taps: list[int] = field(default_factory=lambda: [-2])
+    """ViT block indices whose patch tokens feed MFF (negative counts from the end); the last is the main tap."""
+    freeze: bool = True
+    """Keep the ViT frozen (no grad, eval mode even under model.train())."""
+
+
+@dataclass
+class MFFConfig:
+    mode: Literal["none", "weighted", "concat", "cross_attn"] = "weighted"
+    """Multi-scale feature fusion over the taps: none (last tap only), softmax-weighted sum, channel concat +
+    linear, or cross-attention from the last tap to the others."""
+    num_heads: int = 8
+    """Attention heads of the cross_attn mode (must divide the ViT width)."""
+
+
+@dataclass
+class InstructionConfig:
+    enabled: bool = False
+    """Instruction-aware fusion: mix the encoder's text-tower features of the instruction into the visual tokens."""
+    text_layer: int = -1
+    """Text-tower block whose token features are used (-1 = last); the tower's final LayerNorm is applied.
+    Instructions are cut to the tower's own context length (open_clip's text_cfg.context_length, 77 for CLIP)."""
+
+
+@dataclass
+class ProjectorConfig:
+    depth: int = 2
+    """Linear layers of the GELU MLP from the ViT width to the LM width (2 or 3)."""
+    hidden_dim: int | None = None
+    """Hidden width of the MLP; None = the LM width."""
+
+
+@dataclass
+class LMConfig:
+    d_model: int = 2560
+    """Residual width of the Mamba LM."""
+    n_layer: int = 64
+    """Number of Mamba blocks."""
+    vocab_size: int = 50280
+    """Vocabulary size before padding (GPT-NeoX-20B tokenizer: 50277 tokens + room for added ones)."""
+    d_state: int = 16
+    """SSM state size N."""
+    d_conv: int = 4
+    """Causal depthwise conv width."""
+    expand: int = 2
+    """d_inner = expand * d_model."""
+    dt_rank: int | Literal["auto"] = "auto"
+    """Rank of the delta projection; 'auto' = ceil(d_model / 16)."""
+    conv_bias: bool = True
+    """Bias in the causal conv1d."""
+    bias: bool = False
+    """Bias in in_proj/out_proj."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    residual_in_fp32: bool = True
+    """Keep the residual stream in fp32 under low-precision weights."""
+    pad_vocab_size_multiple: int = 8
+    """Embedding rows are padded to a multiple of this."""
+    tie_embeddings: bool = True
+    """LM head shares the embedding matrix."""
+    pretrained: str | None = None
+    """Local Mamba checkpoint directory (state-spaces or *-hf layout) loaded at build time; None = random init."""
+    tokenizer: str | None = None
+    """Tokenizer file/directory; None = the GPT-NeoX-20B tokenizer shipped with the package."""
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = False
+    """Build the pixel-wise autoregressive alignment head (training only; dropped at inference load)."""
+    loss_weight: float = 0.1
+    """Weight of the pixel loss in total = lm + loss_weight * align."""
+    lm_layers: list[int] = field(default_factory=lambda: [-1])
+    """LM hidden-state indices fused as the head's input (0 = embeddings, -1 = after the last block)."""
+    d_model: int = 512
+    """Width of the small causal decoder."""
+    n_layer: int = 2
+    """Causal transformer blocks in the decoder."""
+    num_heads: int = 8
+    """Attention heads of the decoder."""
+    norm_pix: bool = True
+    """MAE-style per-patch mean/variance normalisation of the pixel targets."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    """Preset this config started from (informational)."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """open_clip vision encoder and its taps."""
+    mff: MFFConfig = field(default_factory=MFFConfig)
+    """Multi-scale feature fusion."""
+    instruction: InstructionConfig = field(default_factory=InstructionConfig)
+    """Instruction-aware fusion."""
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    """Vision-to-LM projector."""
+    lm: LMConfig = field(default_factory=LMConfig)
+    """Mamba language model."""
+    align: AlignConfig = field(default_factory=AlignConfig)
+    """Pixel-wise autoregressive alignment head."""
+    image_token: str = "<image>"
+    """Placeholder string in the text, replaced by one image's visual tokens."""
+
+    def validate(self) -> "ModelConfig":
+        """Checks cross-field constraints; returns self. Raises ConfigError naming the field."""
+        if not self.vision.taps:
+            raise ConfigError("vision.taps: at least one ViT block index is needed")
+        if len(set(self.vision.taps)) != len(self.vision.taps):
+            raise ConfigError(f"vision.taps: duplicate block indices in {self.vision.taps}")
+        if self.mff.mode == "none" and len(self.vision.taps) != 1:
+            raise ConfigError(f"mff.mode 'none' uses a single tap, but vision.taps has {len(self.vision.taps)}: "
+                              f"{self.vision.taps} (use e.g. [-2], or pick an MFF mode)")
+        if self.mff.num_heads < 1:
+            raise ConfigError(f"mff.num_heads must be >= 1, got {self.mff.num_heads}")
+        if self.projector.depth not in (2, 3):
+            raise ConfigError(f"projector.depth must be 2 or 3, got {self.projector.depth}")
+        if self.align.loss_weight < 0:
+            raise ConfigError(f"align.loss_weight must be >= 0, got {self.align.loss_weight}")
+        if self.align.enabled and not self.align.lm_layers:
+            raise ConfigError("align.lm_layers: at least one LM layer index is needed when align.enabled")
+        if self.align.d_model % self.align.num_heads:
+            raise ConfigError(f"align.d_model ({self.align.d_model}) must be divisible by align.num_heads "
+                              f"({self.align.num_heads})")
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
+            if getattr(self.lm, name) < 1:
+                raise ConfigError(f"lm.{name} must be >= 1, got {getattr(self.lm, name)}")
+        if not self.image_token:
+            raise ConfigError("image_token must be a non-empty string")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+def _tiny() -> ModelConfig:
+    # A custom open_clip CLIP: 32x32 images, 8x8 patches (a 4x4 grid = 16 visual tokens), 3 blocks of width 32,
+    # a 2-block text tower of width 32. Built from open_clip's ViT-B-16 config with the sizes overridden.
+    return ModelConfig(
+        name="tiny",
+        vision=VisionConfig(
+            model_name="ViT-B-16",
+            open_clip_overrides={
+                "embed_dim": 32,
+                "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16},
+                "text_cfg": {"context_length": 24, "width": 32, "heads": 2, "layers": 2},
+            },
+            taps=[0, 1],
+        ),
+        mff=MFFConfig(mode="weighted", num_heads=2),
+        instruction=InstructionConfig(enabled=True),
+        projector=ProjectorConfig(depth=2),
+        lm=LMConfig(d_model=64, n_layer=2, vocab_size=50280, d_state=8),
+        align=AlignConfig(enabled=True, loss_weight=1.0, lm_layers=[-1, -2], d_model=32, n_layer=1, num_heads=2),
+    )
+
+
+def _emma_mamba_2p8b() -> ModelConfig:
+    # ViT-L/14-336 has 24 blocks: taps at 1/4, 1/2, 3/4 depth (outputs of blocks 6, 12, 18, 1-based) and the
+    # penultimate block (-2, the LLaVA/Cobra feature layer).
+    return ModelConfig(
+        name="emma-mamba-2.8b",
+        vision=VisionConfig(model_name="ViT-L-14-336-quickgelu", preprocess_tag="openai", taps=[5, 11, 17, -2]),
+        mff=MFFConfig(mode="cross_attn", num_heads=8),
+        instruction=InstructionConfig(enabled=True),
+        projector=ProjectorConfig(depth=2),
+        lm=LMConfig(d_model=2560, n_layer=64, vocab_size=50280),
+        align=AlignConfig(enabled=True, loss_weight=0.1, lm_layers=[-1], d_model=512, n_layer=2, num_heads=8),
+    )
+
+
+def _cobra_like() -> ModelConfig:
+    cfg = _emma_mamba_2p8b()
+    cfg.name = "cobra-like"
+    cfg.vision.taps = [-2]
+    cfg.mff = MFFConfig(mode="none")
+    cfg.instruction = InstructionConfig(enabled=False)
+    cfg.align = AlignConfig(enabled=False)
+    return cfg
+
+
+PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b, "cobra-like": _cobra_like}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]().validate()
+
+
+# ------------------------------------------------------------------------------------- strict (de)serialising
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(arg)}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    """Returns ``value`` checked against (and minimally converted to) type ``tp``; raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+    elif origin is Literal:
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+            return value
+    elif origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is Any:
+        return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dict>"):
+    """Applies a nested dict of overrides to dataclass ``cfg`` in place and returns it.
+
+    Every key must be a field of the dataclass at that level; nested dataclasses take nested dicts.
+    ``source`` (a file name) and ``path`` (the dotted prefix) only shape error messages.
+    """
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: {path or '<top level>'} must be a mapping, got {type(overrides).__name__}")
+    hints = typing.get_type_hints(type(cfg))
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown config key {key!r} at {where!r}; valid keys"
+                              f"{' of ' + repr(path) if path else ''}: {', '.join(fields)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            apply_overrides(current, value, path=where, source=source)
+        else:
+            try:
+                setattr(cfg, key, _coerce(value, hints[key], where))
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict (YAML-safe) of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict, *, source: str = "<dict>") -> ModelConfig:
+    """Builds a ModelConfig from a dict: ``preset`` (optional, default 'tiny') then strict overrides."""
+    d = dict(d or {})
+    preset = d.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(f"{source}: preset must be a string, got {preset!r}")
+    cfg = get_preset(preset or "tiny")
+    apply_overrides(cfg, d, source=source)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Reads a model config YAML (``yaml.safe_load``) strictly; see the module docstring."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
+    return config_from_dict(data, source=str(path))
+
+
+def save_config(cfg: ModelConfig, path: str | Path) -> None:
+    """Writes the fully resolved config as YAML (loadable by load_config: every field is spelled out)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

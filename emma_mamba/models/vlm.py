@@ -1,0 +1,466 @@
+"""EmmaMamba: the assembled multimodal model (see DESIGN.md, "What the model is").
+
+    pixel_values ─► VisionEncoder (K taps) ─► MultiScaleFusion ─► [InstructionFusion] ─► Projector ─┐
+    input_ids ─► embeddings ─► each <image> placeholder replaced by that image's N visual tokens ◄────┘
+               ─► MambaLM ─► logits, CE loss
+                      └─► hidden states at the visual positions ─► [PixelAlignHead] ─► pixel loss (training)
+
+Conventions:
+
+* One ``<image>`` placeholder token per image, images in order of appearance (row-major over the batch). The
+  placeholder is a special token added to the LM tokenizer; its embedding row is never read. A sample whose
+  placeholder count differs from its image count is an error naming the sample.
+* ``labels`` are aligned with ``input_ids`` (the transformers convention: the model shifts them), -100 is
+  ignored; visual positions and right padding get -100. ``seq_idx`` (packed rows) is expanded the same way,
+  each visual token taking its placeholder's sequence index.
+* The loss dict holds ``lm`` (token cross-entropy), ``align`` (the *unweighted* pixel MSE; 0 when the head is
+  absent) and ``total = lm + align.loss_weight * align``.
+* ``for_training=False`` builds no alignment head (:func:`load` defaults to it), so an inference model neither
+  holds its weights nor runs it.
+* A checkpoint directory (:meth:`EmmaMamba.save`) is self-describing: ``config.yaml`` (the fully resolved
+  config), ``model.safetensors`` (every weight, frozen towers included, so loading needs no other file) and
+  ``tokenizer.json`` (the LM tokenizer with ``<image>`` added). Loading runs no code from the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emma_mamba.config import ConfigError, ModelConfig, get_preset, load_config, save_config
+from emma_mamba.models.align_head import PixelAlignHead
+from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
+from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip
+
+__all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "load", "answer", "CHAT_TEMPLATE", "build_chat_prompt"]
+
+log = logging.getLogger(__name__)
+
+STAGES: dict[str, tuple[str, ...]] = {
+    # stage 1 (alignment): the vision-to-LM bridge only
+    "pretrain": ("mff", "instruction", "projector"),
+    # stage 2 (instruction tuning): also the LM and the alignment head (the EMMA-Mamba paper's single stage)
+    "finetune": ("mff", "instruction", "projector", "lm", "align_head"),
+}
+"""Submodules trained in each stage; the frozen towers (ViT unless vision.freeze is false, CLIP text tower)
+never are."""
+
+CHAT_TEMPLATE = "<|user|>\n{prompt}<|endoftext|>\n<|assistant|>\n"
+"""mamba-2.8b-zephyr's chat format (Zephyr's, with GPT-NeoX's end-of-text token)."""
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class EmmaOutput:
+    logits: torch.Tensor
+    """(b, L, padded_vocab): L is the sequence length after the placeholders were expanded."""
+    loss: dict[str, torch.Tensor] | None = None
+    """{'lm', 'align', 'total'} when labels were given."""
+    labels: torch.Tensor | None = None
+    """(b, L) the labels aligned with ``logits`` (expanded; -100 at visual and padding positions)."""
+    image_positions: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(rows (n_img,), starts (n_img,)): where each image's N visual tokens sit in the expanded sequence."""
+
+
+class EmmaMamba(nn.Module):
+    """The EMMA-Mamba VLM. ``EmmaMamba(cfg)`` builds it (random init, or the local files named in cfg)."""
+
+    def __init__(self, config: ModelConfig, *, for_training: bool = True, device=None, dtype=None,
+                 tokenizer=None, load_pretrained: bool = True, _lm_device=None):
+        super().__init__()
+        from emma_mamba.models.mamba import MambaConfig, MambaLM
+        from emma_mamba.models.tokenizer import load_tokenizer
+
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"EmmaMamba expects a ModelConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.for_training = for_training
+        fk = dict(device=device, dtype=dtype)
+
+        clip, preprocess_cfg = build_open_clip(config.vision, device=device, load_weights=load_pretrained)
+        if dtype is not None:
+            clip.to(dtype)
+        self.vision = VisionEncoder(clip.visual, config.vision, preprocess_cfg)
+        width, n_tok = self.vision.width, self.vision.num_tokens
+        self.mff = MultiScaleFusion(width, len(self.vision.taps), config.mff.mode, config.mff.num_heads, **fk)
+        if config.instruction.enabled:
+            import open_clip
+
+            clip.visual = None  # the ViT lives in self.vision; keep only the text tower here
+            try:
+                clip_tok = open_clip.get_tokenizer(config.vision.model_name, context_length=clip.context_length)
+            except Exception as e:  # e.g. SigLIP's tokenizer is an HF-hub download
+                raise ConfigError(f"instruction.enabled: cannot load the open_clip tokenizer of "
+                                  f"{config.vision.model_name} offline ({e}); disable instruction fusion or use "
+                                  f"a model whose tokenizer ships with open_clip (the CLIP ViTs)") from None
+            self.instruction = InstructionFusion(clip, clip_tok, width, n_tok, config.instruction.text_layer, **fk)
+        else:
+            self.instruction = None
+        del clip
+
+        lm_cfg = _mamba_config(config, MambaConfig)
+        self.projector = Projector(width, lm_cfg.d_model, config.projector.depth, config.projector.hidden_dim, **fk)
+        lm_device = _lm_device if _lm_device is not None else device
+        if config.lm.pretrained and load_pretrained and torch.device(lm_device or "cpu").type != "meta":
+            self.lm = MambaLM.from_pretrained(config.lm.pretrained, device=lm_device, dtype=dtype)
+            _check_lm_matches(self.lm.config, lm_cfg, config.lm.pretrained)
+        else:
+            self.lm = MambaLM(lm_cfg, device=lm_device, dtype=dtype)
+
+        if config.align.enabled and for_training:
+            n = lm_cfg.n_layer + 1
+            for i in config.align.lm_layers:
+                if not -n <= i < n:
+                    raise ConfigError(f"align.lm_layers: index {i} out of range for {n} LM hidden states "
+                                      f"(embeddings + {lm_cfg.n_layer} blocks; valid {-n}..{n - 1})")
+            a = config.align
+            self.align_head = PixelAlignHead(lm_cfg.d_model, len(a.lm_layers), self.vision.grid,
+                                             self.vision.patch_size, a.d_model, a.n_layer, a.num_heads,
+                                             a.norm_pix, **fk)
+        else:
+            self.align_head = None
+
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.lm.tokenizer)
+        # The placeholder id may lie beyond the LM's embedding rows: it is swapped out before the embedding
+        # lookup (see _splice) and the LM head never produces it, so no row is needed for it.
+        (self.image_token_id,) = self.tokenizer.add_tokens([config.image_token])
+        self.image_processor = ImageProcessor(preprocess_cfg)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def set_stage(self, stage: str) -> "EmmaMamba":
+        """requires_grad for a training stage (see STAGES); frozen towers stay frozen."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+        names = set(STAGES[stage])
+        for name in ("mff", "instruction", "projector", "lm", "align_head"):
+            module = getattr(self, name)
+            if module is not None:
+                module.requires_grad_(name in names)
+        if self.instruction is not None:
+            self.instruction.text_model.requires_grad_(False)
+        self.vision.requires_grad_(not self.vision.frozen and stage == "finetune")
+        return self
+
+    def tokenize_instructions(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, T) text-tower ids for instruction fusion (truncation counted and logged)."""
+        if self.instruction is None:
+            raise RuntimeError("instruction fusion is disabled in this model's config (instruction.enabled)")
+        return self.instruction.tokenize(list(texts))
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(n, 3, H, W) preprocessed images -> (n, N, d_model) visual tokens in the LM's input space."""
+        taps = self.vision(pixel_values)  # K x (n, N, C)
+        mff_dtype = _param_dtype(self.mff, taps[0].dtype)
+        x = self.mff([t.to(mff_dtype) for t in taps])
+        if self.instruction is not None:
+            if instruction_ids is None:
+                raise ValueError("instruction fusion is enabled: pass instruction_ids, one row per image "
+                                 "(model.tokenize_instructions(texts))")
+            x = self.instruction(x, instruction_ids)
+        return self.projector(x.to(_param_dtype(self.projector, x.dtype)))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None,
+                image_counts: Sequence[int] | None = None, seq_idx: torch.Tensor | None = None,
+                sample_ids: Sequence | None = None) -> EmmaOutput:
+        """input_ids (b, l) with one ``<image>`` id per image; pixel_values (n_img, 3, H, W) in order of
+        appearance; labels (b, l) aligned with input_ids; image_counts: images per row (checked against the
+        placeholders; default: inferred); sample_ids: names used in error messages (default: row index)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seqlen), got {tuple(input_ids.shape)}")
+        visual = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            visual = self.encode_images(pixel_values, instruction_ids)
+        inputs_embeds, new_labels, new_seq_idx, positions = self._splice(
+            input_ids, visual, labels, seq_idx, image_counts, sample_ids)
+        need_hidden = self.align_head is not None and labels is not None and visual is not None
+        out = self.lm(inputs_embeds=inputs_embeds, seq_idx=new_seq_idx, output_hidden_states=need_hidden)
+        loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            target = new_labels[:, 1:]
+            if (target != -100).any():
+                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+            else:
+                lm_loss = out.logits.sum() * 0.0  # keeps the graph; a batch with nothing to predict adds nothing
+            align_loss = torch.zeros((), device=lm_loss.device, dtype=torch.float32)
+            if need_hidden:
+                rows, starts = positions
+                idx = starts[:, None] + torch.arange(self.vision.num_tokens, device=starts.device)  # (n_img, N)
+                hidden = [out.hidden_states[i][rows[:, None], idx] for i in self.config.align.lm_layers]
+                images = self.image_processor.unnormalize(pixel_values.float())
+                align_loss = self.align_head(hidden, images)
+            total = lm_loss + self.config.align.loss_weight * align_loss
+            loss = {"lm": lm_loss, "align": align_loss, "total": total}
+        return EmmaOutput(logits=out.logits, loss=loss, labels=new_labels if labels is not None else None,
+                          image_positions=positions)
+
+    def _splice(self, input_ids, visual, labels, seq_idx, image_counts, sample_ids):
+        """Replaces each placeholder by its image's N visual tokens; returns embeds, labels, seq_idx,
+        (rows, starts) of the images. Rows are right-padded to the longest expanded row."""
+        b, l = input_ids.shape
+        is_img = input_ids == self.image_token_id  # (b, l)
+        per_row = is_img.sum(dim=1).tolist()
+        n_img = 0 if visual is None else visual.shape[0]
+        name = (lambda i: f"sample {sample_ids[i]!r} (row {i})") if sample_ids is not None else (lambda i: f"sample {i}")
+        if image_counts is not None:
+            if len(image_counts) != b:
+                raise ValueError(f"image_counts has {len(image_counts)} entries for {b} rows")
+            for i, (k, c) in enumerate(zip(per_row, image_counts)):
+                if k != c:
+                    raise ValueError(f"{name(i)}: {k} {self.config.image_token} placeholder(s) in the text but "
+                                     f"{c} image(s); one placeholder per image is required")
+            if sum(image_counts) != n_img:
+                raise ValueError(f"image_counts sum to {sum(image_counts)} but {n_img} images were given")
+        elif sum(per_row) != n_img:
+            detail = ", ".join(f"{name(i)}: {k}" for i, k in enumerate(per_row) if k)
+            raise ValueError(f"{sum(per_row)} {self.config.image_token} placeholder(s) in the batch "
+                             f"({detail or 'none'}) but {n_img} image(s) given; one placeholder per image")
+
+        embed = self.lm.get_input_embeddings()
+        text_ids = input_ids.masked_fill(is_img, 0)  # the placeholder's own row is never read
+        text_embeds = embed(text_ids)  # (b, l, d)
+        if n_img == 0:
+            return text_embeds, labels, seq_idx, None
+
+        N = visual.shape[1]
+        width = torch.where(is_img, N, 1)  # tokens each input position expands to
+        end = torch.cumsum(width, dim=1)
+        start = end - width  # (b, l) position of each input token in the expanded row
+        L = int(end[:, -1].max())
+        d = text_embeds.shape[-1]
+        out = text_embeds.new_zeros(b, L, d)
+        rows_t, cols_t = torch.nonzero(~is_img, as_tuple=True)
+        out[rows_t, start[rows_t, cols_t]] = text_embeds[rows_t, cols_t]
+        rows_i, cols_i = torch.nonzero(is_img, as_tuple=True)  # row-major = order of appearance
+        starts_i = start[rows_i, cols_i]
+        idx = starts_i[:, None] + torch.arange(N, device=input_ids.device)  # (n_img, N)
+        out[rows_i[:, None], idx] = visual.to(out.dtype)
+
+        new_labels = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            new_labels = labels.new_full((b, L), -100)
+            new_labels[rows_t, start[rows_t, cols_t]] = labels[rows_t, cols_t]
+        new_seq_idx = None
+        if seq_idx is not None:
+            if seq_idx.shape != input_ids.shape:
+                raise ValueError(f"seq_idx {tuple(seq_idx.shape)} must match input_ids {tuple(input_ids.shape)}")
+            # every expanded position takes its source token's index; the padded tail repeats the last one
+            src = torch.searchsorted(end, torch.arange(L, device=end.device).expand(b, L).contiguous(), right=True)
+            new_seq_idx = torch.gather(seq_idx, 1, src.clamp(max=l - 1))
+        return out, new_labels, new_seq_idx, (rows_i, starts_i)
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def build_prompt(self, prompt: str, num_images: int = 1, template: str = CHAT_TEMPLATE) -> str:
+        """The chat-formatted prompt with ``num_images`` placeholders before the user's text."""
+        return build_chat_prompt(prompt, num_images, self.config.image_token, template)
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None):
+        """(1, L, d_model) prompt embeddings for one prompt holding one placeholder per image."""
+        ids = torch.tensor([self.tokenizer.encode(prompt_text)], dtype=torch.long, device=self.lm.device)
+        pixel_values = instruction_ids = None
+        if len(images):
+            pixel_values = self.image_processor(list(images)).to(self.lm.device)
+            if self.instruction is not None:
+                if instructions is None:
+                    raise ValueError("instruction fusion is enabled: pass one instruction per image")
+                instruction_ids = self.tokenize_instructions(instructions).to(self.lm.device)
+        visual = self.encode_images(pixel_values, instruction_ids) if pixel_values is not None else None
+        embeds, _, _, _ = self._splice(ids, visual, None, None, None, None)
+        return embeds
+
+    @torch.no_grad()
+    def generate(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None,
+                 config=None, streamer: Callable[[str], None] | None = None):
+        """Generates a continuation of ``prompt_text`` (already chat-formatted, one placeholder per image);
+        returns the generate() result (``.texts[0]`` is the answer). ``streamer`` receives text as produced."""
+        from emma_mamba.inference.generate import GenerationConfig, generate
+
+        if config is None:
+            config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id)
+        embeds = self.prompt_embeds(prompt_text, images, instructions)
+        return generate(self.lm, inputs_embeds=embeds, config=config, tokenizer=self.tokenizer, streamer=streamer)
+
+    # --------------------------------------------------------------------------------------- persistence
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config.yaml, model.safetensors and tokenizer.json into directory ``path``."""
+        from safetensors.torch import save_model
+
+        from emma_mamba import __version__
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, out / CONFIG_NAME)
+        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "emma_mamba": __version__})
+        self.tokenizer.save(out)
+        return out
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """{module: {'total', 'pretrain', 'finetune'}} parameter counts (trainable per stage)."""
+        rows: dict[str, dict[str, int]] = {}
+        parts = {
+            "vision": self.vision,
+            "mff": self.mff,
+            "instruction.text_tower": self.instruction.text_model if self.instruction is not None else None,
+            "instruction.fusion": (nn.ModuleList([self.instruction.text_proj, self.instruction.token_mixer])
+                                   if self.instruction is not None else None),
+            "projector": self.projector,
+            "lm": self.lm,
+            "align_head": self.align_head,
+        }
+        for name, module in parts.items():
+            if module is None:
+                continue
+            total = _numel(module)
+            top = name.split(".")[0]
+            trainable = {}
+            for stage, mods in STAGES.items():
+                frozen = name == "instruction.text_tower" or (name == "vision" and
+                                                              (self.vision.frozen or stage != "finetune"))
+                trainable[stage] = 0 if frozen or (top not in mods and name != "vision") else total
+            rows[name] = {"total": total, **trainable}
+        return rows
+
+    def extra_repr(self) -> str:
+        return f"config={self.config.name!r}, for_training={self.for_training}"
+
+
+def _numel(module: nn.Module) -> int:
+    # unique tensors: tied weights count once
+    seen, n = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return default
+
+
+def _mamba_config(config: ModelConfig, MambaConfig):
+    lm = config.lm
+    try:
+        return MambaConfig(d_model=lm.d_model, n_layer=lm.n_layer, vocab_size=lm.vocab_size, d_state=lm.d_state,
+                           d_conv=lm.d_conv, expand=lm.expand, dt_rank=lm.dt_rank, conv_bias=lm.conv_bias,
+                           bias=lm.bias, rms_norm_eps=lm.rms_norm_eps, residual_in_fp32=lm.residual_in_fp32,
+                           pad_vocab_size_multiple=lm.pad_vocab_size_multiple, tie_embeddings=lm.tie_embeddings)
+    except ValueError as e:
+        raise ConfigError(f"lm: {e}") from None
+
+
+def _check_lm_matches(got, want, path) -> None:
+    for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "padded_vocab_size", "tie_embeddings"):
+        if getattr(got, name) != getattr(want, name):
+            raise ConfigError(f"lm.pretrained {path}: the checkpoint has {name}={getattr(got, name)} but the config "
+                              f"says lm.{name}={getattr(want, name)}; make the config match the checkpoint")
+
+
+def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<image>",
+                      template: str = CHAT_TEMPLATE) -> str:
+    """``template`` filled with ``num_images`` placeholders (one per line) followed by the user's prompt."""
+    body = "".join(f"{image_token}\n" for _ in range(num_images)) + prompt
+    return template.format(prompt=body)
+
+
+# ------------------------------------------------------------------------------------------ load / answer
+
+def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dtype=None) -> EmmaMamba:
+    """Load a directory written by :meth:`EmmaMamba.save`. For inference (default) the alignment head is
+    neither built nor read."""
+    from safetensors import safe_open
+
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {d}")
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"checkpoint directory {d} has no {name} (expected {CONFIG_NAME}, "
+                                    f"{WEIGHTS_NAME}, tokenizer.json written by EmmaMamba.save)")
+    cfg = load_config(d / CONFIG_NAME)
+    cfg.lm.tokenizer = str(d)
+    # Every weight comes from the file: skip the configured pretrained files, and build the LM and the
+    # adapters on the meta device (no random init) to be materialised by assign-loading. The open_clip model
+    # is built for real because it keeps non-persistent buffers (the text causal mask) the file does not hold.
+    model = EmmaMamba(cfg, for_training=for_training, device=device, dtype=dtype, load_pretrained=False,
+                      _lm_device="meta")
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    expected = model.state_dict()
+    sd = {}
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt", device=str(target)) as f:
+        keys = list(f.keys())
+        for k in keys:
+            if k.startswith("align_head.") and model.align_head is None:
+                continue  # inference load: the head's weights are not even read
+            sd[k] = f.get_tensor(k)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    # tied LM head: safetensors stores one copy of a shared tensor
+    missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
+    if missing or unexpected:
+        if missing and all(k.startswith("align_head.") for k in missing) and not unexpected:
+            log.warning("%s holds no alignment-head weights; the head starts from its initialisation", d)
+        else:
+            raise ConfigError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: missing "
+                              f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
+                              f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ConfigError(f"{d / WEIGHTS_NAME}: {k} has shape {tuple(v.shape)}, the config builds "
+                              f"{tuple(expected[k].shape)}")
+    sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, strict=False, assign=True)  # assign: the meta-built LM takes the file's tensors
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise ConfigError(f"{d / WEIGHTS_NAME} left {len(still_meta)} tensors unset: {still_meta[:8]}")
+    model.set_stage("finetune") if for_training else model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
+    try:
+        t = model.get_parameter(key)
+    except AttributeError:
+        return False
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is t and name in sd:
+            return True
+    return False
+
+
+def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = None,
+           max_new_tokens: int = 256, temperature: float = 0.0, template: str = CHAT_TEMPLATE) -> str:
+    """One-image question answering: the function behind ``emma-mamba generate``. ``image`` is a path, a PIL
+    image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer."""
+    from emma_mamba.inference.generate import GenerationConfig
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    text = build_chat_prompt(prompt, 1, model.config.image_token, template)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                           eos_token_id=model.tokenizer.eos_token_id)
+    instructions = [prompt] if model.instruction is not None else None
+    result = model.generate(text, [image], instructions, config=cfg, streamer=streamer)
+    return result.texts[0]
