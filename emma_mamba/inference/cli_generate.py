@@ -1,0 +1,134 @@
+"""`emma-mamba generate`: continue a text prompt with a Mamba LM checkpoint, streaming the new text.
+
+    emma-mamba generate --lm path/to/mamba-130m --prompt "The capital of France is"
+    emma-mamba generate --random-init tiny --prompt "hello"     # no weights: random model, noise output
+
+The checkpoint directory may be in either public layout (state-spaces ``mamba-*`` or transformers
+``mamba-*-hf``). The tokenizer is ``--tokenizer DIR``, else the checkpoint's own ``tokenizer.json``, else the
+GPT-NeoX-20B tokenizer shipped with the package (the one all public Mamba-1 checkpoints use). The text goes to
+stdout as it is produced; timings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--lm", metavar="DIR", help="checkpoint directory (state-spaces or transformers *-hf layout)")
+    src.add_argument("--random-init", metavar="PRESET",
+                     help="no weights: a randomly initialised model of this preset (tiny, mamba-130m, ...); its "
+                          "output is noise, for trying the pipeline only")
+    p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
+    p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on new tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (and the random-init seed)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory (with tokenizer.json) or file; default: the checkpoint's, else the "
+                        "shipped GPT-NeoX-20B tokenizer")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="weights dtype (default: float32 on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--backend", default=None, choices=["cuda", "triton", "cpu", "torch"],
+                   help="force a kernel backend (default: the best available)")
+
+
+def _err(msg: str) -> int:
+    print(f"emma-mamba generate: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+    import torch
+
+    from emma_mamba import ops
+    from emma_mamba.inference.generate import GenerationConfig, generate
+    from emma_mamba.models.mamba import MAMBA_PRESETS, CheckpointError, MambaConfig, MambaLM
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        return _err(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _err(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
+        torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if args.backend:
+        try:
+            ops.set_backend(args.backend)
+        except ops.BackendUnavailableError as e:
+            return _err(str(e))
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        return _err("the prompt is empty")
+    try:
+        gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                stop_strings=tuple(args.stop), seed=args.seed)
+    except ValueError as e:
+        return _err(str(e))
+
+    if args.lm is not None:
+        lm_dir = Path(args.lm)
+        if not lm_dir.exists():
+            hint = (f" (to try the command without weights: --random-init {args.lm})"
+                    if args.lm in MAMBA_PRESETS else "")
+            return _err(f"--lm {args.lm}: no such directory{hint}")
+        try:
+            lm = MambaLM.from_pretrained(lm_dir, device=device, dtype=dtype)
+        except CheckpointError as e:
+            return _err(str(e))
+        tok_src = args.tokenizer or (lm_dir if (lm_dir / "tokenizer.json").is_file() else None)
+    else:
+        if args.random_init not in MAMBA_PRESETS:
+            return _err(f"--random-init {args.random_init!r}: choose one of {', '.join(MAMBA_PRESETS)}")
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        lm = MambaLM(MambaConfig.from_preset(args.random_init), device=device, dtype=dtype)
+        print(f"[random weights ({args.random_init}): the output is noise]", file=sys.stderr)
+        tok_src = args.tokenizer
+    lm.eval()
+    try:
+        tok = load_tokenizer(tok_src)
+    except (FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    if tok_src is None and args.lm is not None:
+        print("[tokenizer: the shipped GPT-NeoX-20B tokenizer]", file=sys.stderr)
+    gcfg.eos_token_id = tok.eos_token_id
+
+    ids = tok.encode(prompt)
+    if not ids:
+        return _err("the prompt encodes to no tokens")
+    bad = [i for i in ids if i >= lm.config.padded_vocab_size]
+    if bad:
+        return _err(f"the tokenizer produced id {bad[0]}, beyond the model's vocabulary ({lm.config.vocab_size}); "
+                    f"is --tokenizer the checkpoint's tokenizer?")
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    res = generate(lm, input_ids=ids, config=gcfg, tokenizer=tok, streamer=stream)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    n_new = len(res.sequences[0])
+    rate = res.decode_steps / res.decode_seconds if res.decode_seconds > 0 else float("nan")
+    print(f"[{len(ids)} prompt tokens, {n_new} new ({res.finish_reasons[0]}); prefill {res.prefill_seconds:.3f} s; "
+          f"decode {rate:.1f} tokens/s; backend {ops.get_backend(device)}, {str(dtype).replace('torch.', '')}]",
+          file=sys.stderr)
+    return 0

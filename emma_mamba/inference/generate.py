@@ -1,0 +1,353 @@
+"""Text generation with Mamba's recurrent state: prefill once, then O(1) work per new token.
+
+A Mamba LM carries its whole context in a fixed-size state per layer (conv window ``(b, d_inner, d_conv)`` and
+SSM state ``(b, d_inner, d_state)``, see :class:`emma_mamba.models.mamba.MambaCache`). So generation is:
+
+1. **prefill**: one full-sequence forward over the prompt (the parallel scan), which leaves each layer's last
+   conv inputs and the scan's last state in the cache, and gives the logits of the first new token;
+2. **decode**: per new token, one forward of length 1 that advances the cached states with the single-step ops
+   (``causal_conv1d_update``, ``selective_state_update``); its cost does not depend on the context length.
+
+Batches of prompts of different lengths: left padding, the transformer habit, is wrong for a recurrent model
+(the pad tokens would flow through the state). Prompts are prefilled in groups of equal length (each group one
+batched forward, so a batch of equal-length prompts is a single prefill), their states are gathered into one
+cache, and decoding then runs batched. Rows that finish are dropped from the cache.
+
+Sampling follows the usual order: repetition penalty (CTRL, Keskar et al. 2019: positive logits of seen tokens
+divided by the penalty, negative ones multiplied), temperature (0 = greedy), top-k, top-p (nucleus, Holtzman
+et al. 2019). The padded vocabulary rows beyond ``config.vocab_size`` are never sampled.
+
+Streaming decodes incrementally (the prefix/read-offset scheme, so multi-byte characters split across tokens
+are emitted whole) and holds back any tail that could be the start of a stop string, so a stop string never
+reaches the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["GenerationConfig", "GenerationResult", "generate"]
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick new tokens and when to stop."""
+
+    max_new_tokens: int = 32
+    """Upper bound on new tokens per prompt (EOS not counted, since it is not returned)."""
+    temperature: float = 0.0
+    """0 = greedy (argmax); > 0 samples from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = no limit)."""
+    top_p: float = 1.0
+    """Sample among the smallest set of tokens whose probability reaches top_p (1 = no limit)."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt (when given as ids) or generated (1 = off)."""
+    eos_token_id: int | Sequence[int] | None = 0
+    """Token id(s) that end a sequence (not included in the output); None = never stop early."""
+    stop_strings: Sequence[str] = ()
+    """Stop when the generated text contains one of these (needs a tokenizer); the text is cut before it."""
+    seed: int | None = None
+    """Seed of the sampling generator (None: torch's global RNG)."""
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 0:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"GenerationConfig.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"GenerationConfig.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"GenerationConfig.repetition_penalty must be > 0 (1 = off), got "
+                             f"{self.repetition_penalty!r}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError(f"GenerationConfig.stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        eos = self.eos_token_id
+        ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"GenerationConfig.eos_token_id must be None, a token id or a list of ids, got {eos!r}")
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        eos = self.eos_token_id
+        return frozenset() if eos is None else frozenset((eos,) if isinstance(eos, int) else eos)
+
+
+@dataclass
+class GenerationResult:
+    sequences: list[list[int]]
+    """New token ids per prompt (EOS excluded; tokens through the one completing a stop string included)."""
+    texts: list[str] | None
+    """Decoded new text per prompt (cut before a stop string), when a tokenizer was given."""
+    finish_reasons: list[str]
+    """Per prompt: "eos", "stop" (a stop string), or "length" (max_new_tokens)."""
+    prompt_lengths: list[int]
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    """Batched decode forwards run (each produces one token for every unfinished prompt)."""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
+    """-> list of (ids (l,) long or None, embeds (l, d) or None), one per prompt, padding removed."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("generate: pass exactly one of input_ids and inputs_embeds")
+    dev = lm.device
+
+    def masked(rows, what):
+        if attention_mask is None:
+            return list(rows)
+        m = torch.as_tensor(attention_mask)
+        if m.dim() != 2 or m.shape[0] != len(rows) or m.shape[1] != rows[0].shape[0]:
+            raise ValueError(f"generate: attention_mask must be (batch={len(rows)}, seqlen={rows[0].shape[0]}) "
+                             f"like {what}, got {tuple(m.shape)}")
+        return [r[m[i].to(torch.bool).to(r.device)] for i, r in enumerate(rows)]
+
+    if input_ids is not None:
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.is_floating_point() or input_ids.dim() not in (1, 2):
+                raise ValueError(f"generate: input_ids must be an integer tensor (seqlen,) or (batch, seqlen), "
+                                 f"got {input_ids.dtype} {tuple(input_ids.shape)}")
+            rows = [input_ids] if input_ids.dim() == 1 else list(input_ids)
+        elif isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(t, int) for t in input_ids):
+            rows = [torch.tensor(input_ids)]
+        elif isinstance(input_ids, (list, tuple)) and input_ids:
+            rows = [torch.as_tensor(r) for r in input_ids]
+        else:
+            raise ValueError("generate: input_ids must be a tensor, a list of ids or a list of lists of ids")
+        if attention_mask is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+            rows = masked(rows, "input_ids")
+        elif attention_mask is not None:
+            raise ValueError("generate: attention_mask goes with a (batch, seqlen) tensor; ragged lists need none")
+        prompts = [(r.to(device=dev, dtype=torch.long).reshape(-1), None) for r in rows]
+    else:
+        d = lm.config.d_model
+        if isinstance(inputs_embeds, torch.Tensor):
+            if inputs_embeds.dim() not in (2, 3) or inputs_embeds.shape[-1] != d:
+                raise ValueError(f"generate: inputs_embeds must be (seqlen, {d}) or (batch, seqlen, {d}), got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            rows = [inputs_embeds] if inputs_embeds.dim() == 2 else list(inputs_embeds)
+            rows = masked(rows, "inputs_embeds") if attention_mask is not None and inputs_embeds.dim() == 3 else rows
+        elif isinstance(inputs_embeds, (list, tuple)) and inputs_embeds:
+            rows = list(inputs_embeds)
+            for i, r in enumerate(rows):
+                if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[-1] != d:
+                    raise ValueError(f"generate: inputs_embeds[{i}] must be a (seqlen, {d}) tensor")
+        else:
+            raise ValueError("generate: inputs_embeds must be a tensor or a list of (seqlen, d_model) tensors")
+        prompts = [(None, r.to(dev)) for r in rows]
+    for i, (ids, emb) in enumerate(prompts):
+        if (ids if ids is not None else emb).shape[0] == 0:
+            raise ValueError(f"generate: prompt {i} is empty (after removing padding)")
+    return prompts
+
+
+def _prefill(lm, prompts, cache):
+    """Prefill every prompt into its row of ``cache``; returns the next-token logits (b, padded_vocab) fp32."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, (ids, emb) in enumerate(prompts):
+        groups[(ids if ids is not None else emb).shape[0]].append(i)
+    logits = torch.empty(len(prompts), lm.config.padded_vocab_size, device=lm.device, dtype=torch.float32)
+    for _, rows in sorted(groups.items()):
+        sub = lm.allocate_cache(len(rows), dtype=cache.conv_states[0].dtype)
+        if prompts[rows[0]][0] is not None:
+            out = lm(input_ids=torch.stack([prompts[i][0] for i in rows]), cache=sub, num_last_tokens=1)
+        else:
+            out = lm(inputs_embeds=torch.stack([prompts[i][1] for i in rows]), cache=sub, num_last_tokens=1)
+        idx = torch.tensor(rows, device=lm.device)
+        logits.index_copy_(0, idx, out.logits[:, -1].float())
+        cache.index_copy_(idx, sub)
+    cache.seqlen_offset = max(groups)  # rows differ; nonzero marks the states as live
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,
+          generator: torch.Generator | None) -> torch.Tensor:
+    """logits (a, V) fp32 -> next token ids (a,)."""
+    logits = logits.clone()
+    logits[:, vocab_size:] = float("-inf")  # padded rows of the embedding are not tokens
+    if seen is not None:
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the ones before it already reach top_p (the most likely one always stays)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text
+
+
+class _TextTracker:
+    """Incremental detokenisation of one sequence, with stop-string detection and a stream-safe boundary."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...]):
+        self.tok = tokenizer
+        self.stops = stop_strings
+        self.max_stop = max((len(s) for s in stop_strings), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        # a trailing U+FFFD means the last token ended inside a multi-byte character: wait for the rest
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            old_len = len(self.text)
+            self.text += full[len(prefix):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            if self.stops:
+                start = max(0, old_len - self.max_stop + 1)
+                hits = [p for p in (self.text.find(s, start) for s in self.stops) if p >= 0]
+                if hits:
+                    self.text = self.text[:min(hits)]
+                    self.stopped = True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        for n in range(min(self.max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def take(self, final: bool) -> str:
+        end = len(self.text) if (final or self.stopped) else len(self.text) - self._held_back()
+        chunk = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return chunk
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@torch.inference_mode()
+def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config: GenerationConfig | None = None,
+             tokenizer=None, streamer: Callable[[str], None] | None = None) -> GenerationResult:
+    """Generate continuations of one or several prompts with ``lm`` (a :class:`~emma_mamba.models.mamba.MambaLM`).
+
+    Prompts: ``input_ids`` as a (seqlen,) or (batch, seqlen) tensor, a list of ids, or a list of lists of ids
+    (ragged); or ``inputs_embeds`` as (seqlen, d_model), (batch, seqlen, d_model), or a list of (seqlen_i,
+    d_model) tensors (the VLM splices image features into these). ``attention_mask`` (batch, seqlen) marks the
+    real positions of a padded tensor (left or right padding): the padding is dropped, never fed to the model.
+    ``streamer`` (one prompt only, needs ``tokenizer``) receives the new text as it is produced.
+    """
+    cfg = config if config is not None else GenerationConfig()
+    if not isinstance(cfg, GenerationConfig):
+        raise TypeError(f"generate: config must be a GenerationConfig, got {type(cfg).__name__}")
+    if (cfg.stop_strings or streamer is not None) and tokenizer is None:
+        raise ValueError("generate: stop_strings and streamer need a tokenizer to turn tokens into text")
+    prompts = _split_prompts(lm, input_ids, inputs_embeds, attention_mask)
+    B = len(prompts)
+    if streamer is not None and B != 1:
+        raise ValueError(f"generate: streaming supports a single prompt, got {B}")
+    prompt_lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts]
+    eos = cfg.eos_ids
+    vocab = lm.config.vocab_size
+    generator = None
+    if cfg.seed is not None and cfg.temperature > 0:
+        generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
+
+    sequences: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    trackers = [_TextTracker(tokenizer, cfg.stop_strings) for _ in range(B)] if tokenizer is not None else None
+    result = GenerationResult(sequences, None, reasons, prompt_lengths)
+    if cfg.max_new_tokens == 0:
+        result.texts = [""] * B if tokenizer is not None else None
+        return result
+
+    t0 = time.perf_counter()
+    cache = lm.allocate_cache(B)
+    logits = _prefill(lm, prompts, cache)
+    result.prefill_seconds = time.perf_counter() - t0
+
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.shape[-1], dtype=torch.bool, device=lm.device)
+        for i, (ids, _) in enumerate(prompts):
+            if ids is not None:
+                seen[i, ids] = True
+
+    t1 = time.perf_counter()
+    active = list(range(B))  # original prompt index of each cache row
+    while True:
+        rows = torch.tensor(active, device=lm.device)
+        tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
+        keep = []
+        for j, (i, t) in enumerate(zip(active, tokens.tolist())):
+            if t in eos:
+                reasons[i] = "eos"
+            else:
+                sequences[i].append(t)
+                if seen is not None:
+                    seen[i, t] = True
+                if trackers is not None:
+                    trackers[i].push(t)
+                    if trackers[i].stopped:
+                        reasons[i] = "stop"
+                if reasons[i] != "stop" and len(sequences[i]) < cfg.max_new_tokens:
+                    keep.append(j)
+            if streamer is not None:
+                chunk = trackers[i].take(final=j not in keep)
+                if chunk:
+                    streamer(chunk)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            cache = cache.select(keep)
+            active = [active[j] for j in keep]
+            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+        logits = lm(input_ids=tokens[:, None], cache=cache).logits[:, -1].float()
+        result.decode_steps += 1
+    result.decode_seconds = time.perf_counter() - t1
+
+    if tokenizer is not None:
+        texts = []
+        for i in range(B):
+            if reasons[i] == "stop":
+                texts.append(trackers[i].text)
+            else:
+                full = tokenizer.decode(sequences[i])
+                if streamer is not None and full.startswith(trackers[i].text) and len(full) > trackers[i].emitted:
+                    streamer(full[trackers[i].emitted:])  # bytes the incremental decode was still waiting on
+                texts.append(full)
+        result.texts = texts
+    return result
