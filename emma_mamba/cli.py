@@ -14,6 +14,7 @@ import sys
 # command path -> (module, one-line help). Add a command by adding one line here.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
+    ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
 }
 
 
