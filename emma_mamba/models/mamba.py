@@ -329,8 +329,8 @@ class MambaMixer(nn.Module):
             conv_state = cache.conv_states[self.layer_idx]
             ssm_state = cache.ssm_states[self.layer_idx]
             if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
-                conv_init = conv_state[..., 1:].to(x.dtype)  # the last d_conv-1 inputs
-                ssm_init = ssm_state
+                conv_init = conv_state[..., 1:].to(x.dtype, copy=True)  # the last d_conv-1 inputs
+                ssm_init = ssm_state.clone()
             # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
             window = torch.cat([conv_state.to(x.dtype), x], dim=-1)[..., -self.d_conv:]  # (b, d_inner, d_conv)
             if seq_idx is not None:
@@ -646,8 +646,7 @@ def _config_from_hf(d: dict, where: str) -> MambaConfig:
             rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
             residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
             tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
-            pad_vocab_size_multiple=1,
-            rescale_prenorm_residual=bool(d.get("rescale_prenorm_residual", False)))
+            pad_vocab_size_multiple=1)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -809,7 +808,9 @@ def _save_hf(cfg: MambaConfig, own: dict, out: Path, max_shard_size: int | None)
         "time_step_init_scheme": cfg.dt_init, "time_step_floor": cfg.dt_init_floor,
         "use_bias": cfg.bias, "use_conv_bias": cfg.conv_bias, "hidden_act": "silu",
         "layer_norm_epsilon": cfg.rms_norm_eps, "residual_in_fp32": cfg.residual_in_fp32,
-        "rescale_prenorm_residual": cfg.rescale_prenorm_residual,
+        # an init-only flag, but transformers 5 applies it to *loaded* out_proj weights too (dividing them by
+        # sqrt(n_layer) again), so a saved checkpoint always says false, as the public *-hf ones do
+        "rescale_prenorm_residual": False,
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.initializer_range,
         "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True,
         "dtype": _dtype_name(own),

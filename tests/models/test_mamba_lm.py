@@ -1,0 +1,343 @@
+"""MambaLM against transformers' MambaForCausalLM (the oracle), checkpoint layouts, packing, checkpointing.
+
+Small random models, CPU, fp32. Our side runs on the torch reference backend and on the cpu backend when it
+is built and implemented. transformers' model runs its own pure-PyTorch path (no mamba-ssm here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emma_mamba import ops
+from emma_mamba.models.mamba import CheckpointError, MambaConfig, MambaLM
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+
+def _backend_works(name: str) -> str | None:
+    """None if backend ``name`` runs the ops on CPU tensors, else the reason it cannot."""
+    try:
+        with ops.use_backend(name):
+            u = torch.randn(1, 2, 3)
+            ops.selective_scan(u, u.clone(), -torch.ones(2, 1), torch.randn(1, 1, 3), torch.randn(1, 1, 3))
+            ops.causal_conv1d(u, torch.randn(2, 2))
+            ops.selective_state_update(torch.zeros(1, 2, 1), u[..., 0], u[..., 1], -torch.ones(2, 1),
+                                       torch.randn(1, 1), torch.randn(1, 1))
+            ops.causal_conv1d_update(u[..., 0], torch.zeros(1, 2, 2), torch.randn(2, 2))
+    except (ops.BackendUnavailableError, RuntimeError, NotImplementedError) as e:
+        return str(e).splitlines()[0][:200]
+    return None
+
+
+@pytest.fixture(params=["torch", "cpu"])
+def backend(request):
+    why = _backend_works(request.param)
+    if why is not None:
+        pytest.skip(f"backend {request.param!r} cannot run here: {why}")
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+# transformers MambaConfig kwargs: odd vocabularies, dt_rank given, biases on and off, conv widths 2..4
+HF_CONFIGS = {
+    "odd-vocab-k4-auto": dict(vocab_size=97, hidden_size=32, state_size=8, num_hidden_layers=2, conv_kernel=4),
+    "bias-k3-rank5": dict(vocab_size=64, hidden_size=24, state_size=4, num_hidden_layers=3, conv_kernel=3,
+                          time_step_rank=5, use_bias=True, use_conv_bias=False, expand=3),
+    "untied-k2-bf16res": dict(vocab_size=131, hidden_size=16, state_size=16, num_hidden_layers=1, conv_kernel=2,
+                              time_step_rank=2, use_bias=True, residual_in_fp32=False, layer_norm_epsilon=1e-6,
+                              tie_word_embeddings=False),
+}
+
+
+def _hf_model(**kw):
+    """A random transformers Mamba whose every parameter (norms, biases, A_log, D too) is perturbed."""
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _assert_close(ours, ref):
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_match_transformers(tmp_path, backend, name):
+    hf = _hf_model(**HF_CONFIGS[name])
+    hf.save_pretrained(tmp_path)
+    lm = MambaLM.from_pretrained(tmp_path).eval()
+    assert lm.checkpoint_layout == "hf"
+    ids = torch.randint(0, hf.config.vocab_size, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+        out = lm(ids, output_hidden_states=True)
+    assert out.logits.shape == ref.logits.shape
+    _assert_close(out.logits, ref.logits)
+    # transformers' hidden_states: the residual stream after each block, then the final-normed output;
+    # ours: the embeddings first, then the same residual streams
+    n = hf.config.num_hidden_layers
+    assert len(out.hidden_states) == n + 1
+    _assert_close(out.hidden_states[0], hf.backbone.embeddings(ids))
+    for i in range(n):
+        _assert_close(out.hidden_states[i + 1], ref.hidden_states[i])
+    _assert_close(out.last_hidden_state, ref.hidden_states[n])
+
+
+def _write_original_layout(hf, path, pad_multiple=1):
+    """The state-spaces layout written by hand from a transformers model (independent of our saver)."""
+    c = hf.config
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "d_model": c.hidden_size, "n_layer": c.num_hidden_layers, "vocab_size": c.vocab_size,
+        "ssm_cfg": {"d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
+                    "dt_rank": c.time_step_rank, "conv_bias": c.use_conv_bias, "bias": c.use_bias},
+        "rms_norm": True, "residual_in_fp32": c.residual_in_fp32, "fused_add_norm": True,
+        "pad_vocab_size_multiple": pad_multiple, "tie_embeddings": c.tie_word_embeddings,
+        "norm_epsilon": c.layer_norm_epsilon}))
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v.clone()
+          for k, v in hf.state_dict().items()}
+    sd["lm_head.weight"] = hf.lm_head.weight.detach().clone()  # mamba-ssm saves the tied head too
+    torch.save(sd, path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("name", ["odd-vocab-k4-auto", "untied-k2-bf16res"])
+def test_original_layout_loads_to_same_logits(tmp_path, name):
+    hf = _hf_model(**HF_CONFIGS[name])
+    _write_original_layout(hf, tmp_path / "orig")
+    lm = MambaLM.from_pretrained(tmp_path / "orig").eval()
+    assert lm.checkpoint_layout == "original"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 21))
+    with torch.no_grad(), ops.use_backend("torch"):
+        _assert_close(lm(ids).logits, hf(ids).logits)
+        # our own writer, both layouts, round-trips bit-exactly
+        for layout in ("original", "hf"):
+            lm.save_pretrained(tmp_path / layout, layout=layout)
+            again = MambaLM.from_pretrained(tmp_path / layout).eval()
+            assert again.checkpoint_layout == layout
+            assert torch.equal(again(ids).logits, lm(ids).logits)
+    keys = torch.load(tmp_path / "original" / "pytorch_model.bin", weights_only=True).keys()
+    assert "backbone.embedding.weight" in keys and "backbone.layers.0.mixer.A_log" in keys
+    assert "d_model" in json.loads((tmp_path / "original" / "config.json").read_text())
+
+
+def test_hf_layout_written_by_us_loads_in_transformers(tmp_path):
+    torch.manual_seed(1)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=100, d_state=8, d_conv=3, dt_rank=3, bias=True)
+    lm = MambaLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    lm.save_pretrained(tmp_path, layout="hf")
+    hf = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 100, (2, 15))
+    with torch.no_grad(), ops.use_backend("torch"):
+        ours = lm(ids).logits
+        assert ours.shape[-1] == cfg.padded_vocab_size == 104
+        _assert_close(ours, hf(ids).logits)
+
+
+def test_sharded_safetensors(tmp_path):
+    hf = _hf_model(**HF_CONFIGS["bias-k3-rank5"])
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+    lm = MambaLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 64, (1, 11))
+    with torch.no_grad(), ops.use_backend("torch"):
+        _assert_close(lm(ids).logits, hf(ids).logits)
+        lm.save_pretrained(tmp_path / "ours", layout="hf", max_shard_size=20_000)
+        assert len(list((tmp_path / "ours").glob("model-*.safetensors"))) > 1
+        assert torch.equal(MambaLM.from_pretrained(tmp_path / "ours")(ids).logits, lm(ids).logits)
+
+
+def _edit_config(path, **changes):
+    f = path / "config.json"
+    d = json.loads(f.read_text())
+    d.update(changes)
+    f.write_text(json.dumps(d))
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    hf = _hf_model(**HF_CONFIGS["odd-vocab-k4-auto"])
+    good = tmp_path / "good"
+    hf.save_pretrained(good)
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MambaLM.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        MambaLM.from_pretrained(tmp_path / "empty")
+
+    # config/weights shape mismatch: the first offending tensor and both shapes
+    bad = tmp_path / "shape"
+    hf.save_pretrained(bad)
+    _edit_config(bad, state_size=4)
+    with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.A_log' .*shape \(64, 8\) but "
+                                              r"config\.json implies \(64, 4\)"):
+        MambaLM.from_pretrained(bad)
+
+    # the original layout pads the vocabulary: 97 -> 104 rows expected, the file has 97
+    orig = tmp_path / "orig"
+    _write_original_layout(hf, orig, pad_multiple=8)
+    with pytest.raises(CheckpointError, match=r"backbone\.embedding\.weight' .*\(97, 32\).*\(104, 32\)"):
+        MambaLM.from_pretrained(orig)
+
+    # missing and unexpected tensors are named
+    sd = load_file(good / "model.safetensors")
+    missing = tmp_path / "missing"
+    hf.save_pretrained(missing)
+    save_file({k: v for k, v in sd.items() if k != "backbone.layers.1.mixer.D"}, missing / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) layers\.1\.mixer\.D"):
+        MambaLM.from_pretrained(missing)
+    extra = tmp_path / "extra"
+    hf.save_pretrained(extra)
+    save_file({**sd, "backbone.layers.0.mixer.bogus": torch.zeros(3)}, extra / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor\(s\) 'backbone\.layers\.0\.mixer\.bogus"):
+        MambaLM.from_pretrained(extra)
+
+    # other families and unreadable configs
+    m2 = tmp_path / "mamba2"
+    hf.save_pretrained(m2)
+    _edit_config(m2, model_type="mamba2")
+    with pytest.raises(CheckpointError, match="model_type='mamba2'"):
+        MambaLM.from_pretrained(m2)
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "config.json").write_text('{"n_embd": 8}')
+    with pytest.raises(CheckpointError, match="neither a state-spaces"):
+        MambaLM.from_pretrained(tmp_path / "weird")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((good / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no weights found"):
+        MambaLM.from_pretrained(tmp_path / "noweights")
+
+
+def test_bin_is_loaded_weights_only(tmp_path):
+    """A pickle that would run code is refused, not executed."""
+    hf = _hf_model(**HF_CONFIGS["odd-vocab-k4-auto"])
+    d = tmp_path / "evil"
+    _write_original_layout(hf, d)
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('executed')",))
+
+    torch.save({"backbone.norm_f.weight": torch.ones(2), "x": Boom()}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights-only"):
+        MambaLM.from_pretrained(d)
+
+
+def _random_lm(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MambaConfig(**{**dict(d_model=32, n_layer=2, vocab_size=90, d_state=8, d_conv=4), **kw})
+    lm = MambaLM(cfg).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return lm
+
+
+def test_seq_idx_packing_equals_separate_forwards(backend):
+    lm = _random_lm()
+    a, b, c = (torch.randint(0, 90, (1, n)) for n in (5, 2, 9))
+    packed = torch.cat([a, b, c], dim=1)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 2 + [2] * 9], dtype=torch.int32)
+    with torch.no_grad():
+        out = lm(packed, seq_idx=seq_idx).logits
+        sep = torch.cat([lm(a).logits, lm(b).logits, lm(c).logits], dim=1)
+    _assert_close(out, sep)
+
+
+def test_chunked_prefill_and_decode_match_full_forward(backend):
+    """The cache carries conv window and scan state across prefill chunks and decode steps."""
+    lm = _random_lm(d_conv=3)
+    ids = torch.randint(0, 90, (2, 16))
+    with torch.no_grad():
+        full = lm(ids).logits
+        cache = lm.allocate_cache(2)
+        parts = [lm(ids[:, :1], cache=cache).logits,    # a 1-token "prefill" is a decode step from zero state
+                 lm(ids[:, 1:3], cache=cache).logits,   # shorter than the conv window
+                 lm(ids[:, 3:10], cache=cache).logits]
+        parts += [lm(ids[:, t:t + 1], cache=cache).logits for t in range(10, 16)]
+    _assert_close(torch.cat(parts, dim=1), full)
+    assert cache.seqlen_offset == 16
+
+
+def test_packed_prefill_cache_continues_last_sequence(backend):
+    lm = _random_lm()
+    a, b = torch.randint(0, 90, (1, 6)), torch.randint(0, 90, (1, 2))
+    nxt = torch.randint(0, 90, (1, 1))
+    seq_idx = torch.tensor([[0] * 6 + [1] * 2], dtype=torch.int32)
+    with torch.no_grad():
+        cache = lm.allocate_cache(1)
+        lm(torch.cat([a, b], 1), seq_idx=seq_idx, cache=cache)
+        step = lm(nxt, cache=cache).logits
+        ref = lm(torch.cat([b, nxt], 1)).logits[:, -1:]
+    _assert_close(step, ref)
+
+
+def test_inputs_embeds_equals_input_ids():
+    lm = _random_lm()
+    ids = torch.randint(0, 90, (2, 7))
+    with torch.no_grad(), ops.use_backend("torch"):
+        assert torch.equal(lm(ids).logits, lm(inputs_embeds=lm.embeddings(ids)).logits)
+        assert torch.equal(lm(ids, num_last_tokens=2).logits, lm(ids).logits[:, -2:])
+
+
+def test_gradient_checkpointing_gives_same_gradients(backend):
+    lm = _random_lm().train()
+    ids = torch.randint(0, 90, (2, 12))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [0] * 12], dtype=torch.int32)
+
+    def grads(ckpt):
+        lm.zero_grad()
+        lm.set_gradient_checkpointing(ckpt)
+        logits = lm(ids, seq_idx=seq_idx).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+        return {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    g0, g1 = grads(False), grads(True)
+    assert set(g0) == set(g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert g0["layers.0.mixer.A_log"].abs().sum() > 0  # gradients reach the SSM parameters
+
+
+def test_init_follows_mamba():
+    cfg = MambaConfig(d_model=48, n_layer=3, vocab_size=1001, d_state=6, dt_min=0.01, dt_max=0.05)
+    lm = MambaLM(cfg, dtype=torch.bfloat16)
+    assert lm.embeddings.weight.shape == (1008, 48) and cfg.padded_vocab_size == 1008
+    assert cfg.resolved_dt_rank == 3 and cfg.d_inner == 96
+    m = lm.layers[1].mixer
+    assert m.A_log.dtype == torch.float32 and m.D.dtype == torch.float32  # fp32 whatever the factory dtype
+    assert m.in_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 7.0)).expand(96, 6))
+    assert torch.equal(m.D, torch.ones(96))
+    dt = F.softplus(m.dt_proj.bias.float())
+    assert dt.min() >= 0.01 * 0.98 and dt.max() <= 0.05 * 1.02
+    bound = cfg.resolved_dt_rank ** -0.5
+    assert m.dt_proj.weight.float().abs().max() <= bound * 1.01
+    # out_proj: kaiming-uniform bound 1/sqrt(fan_in), divided by sqrt(n_layer)
+    assert m.out_proj.weight.float().abs().max() <= 1 / math.sqrt(96) / math.sqrt(3) * 1.01
+
+
+def test_forward_input_errors():
+    lm = _random_lm()
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        lm()
+    with pytest.raises(ValueError, match="token id 96 is outside the embedding"):
+        lm(torch.tensor([[1, 96]]))
+    with pytest.raises(ValueError, match=r"seq_idx must be an integer tensor of shape \(1, 2\)"):
+        lm(torch.tensor([[1, 2]]), seq_idx=torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="the cache holds 2 rows"):
+        lm(torch.tensor([[1, 2]]), cache=lm.allocate_cache(2))
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, seqlen, d_model=32\)"):
+        lm(inputs_embeds=torch.zeros(1, 2, 31))
+    with pytest.raises(ValueError, match="MambaConfig.d_conv must be an integer in 2..4"):
+        MambaConfig(d_conv=5)
