@@ -1,0 +1,220 @@
+"""Vision encoder: taps against forward hooks on open_clip's own blocks, preprocessing against open_clip's
+own transform, odd images against hand-computed pixels, and the clear errors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import skimage
+import torch
+from PIL import Image
+
+from emma_mamba.config import ConfigError, VisionConfig, get_preset
+from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, load_image
+
+DATA = os.path.dirname(skimage.data.__file__)
+ASTRONAUT = os.path.join(DATA, "astronaut.png")  # RGB 512x512
+CHELSEA = os.path.join(DATA, "chelsea.png")  # RGB 451x300
+CAMERA = os.path.join(DATA, "camera.png")  # L 512x512
+LOGO = os.path.join(DATA, "logo.png")  # RGBA 500x500
+GIF = os.path.join(DATA, "no_time_for_that_tiny.gif")  # P 14x25
+
+TINY_TEXT = {"width": 32, "heads": 2, "layers": 1, "context_length": 16}
+
+
+def tiny_vision_cfg(**kw) -> VisionConfig:
+    cfg = get_preset("tiny").vision
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_vision_cfg(taps=[0, -2, -1])
+    clip, pp = build_open_clip(cfg)
+    return VisionEncoder(clip.visual, cfg, pp), pp
+
+
+def _hooked_blocks(blocks, x_fn):
+    """Runs x_fn() with forward hooks on every block; returns each block's output (the oracle)."""
+    outs = {}
+    handles = [b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o)) for k, b in enumerate(blocks)]
+    try:
+        x_fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def test_clip_taps_equal_block_outputs(tiny):
+    enc, pp = tiny
+    assert enc.taps == [0, 1, 2]  # 3 blocks: 0, -2 -> 1, -1 -> 2, kept ascending
+    x = ImageProcessor(pp)([ASTRONAUT, CHELSEA])
+    feats = enc(x)
+    # Independent oracle: the visual tower's ordinary forward with hooks on its residual blocks.
+    visual = enc.visual
+    outs = _hooked_blocks(visual.transformer.resblocks, lambda: visual(x))
+    for tap, f in zip(enc.taps, feats):
+        ref = outs[tap]
+        ref = ref if visual.transformer.batch_first else ref.transpose(0, 1)
+        assert f.shape == (2, 16, 32)
+        torch.testing.assert_close(f, ref[:, 1:], rtol=0, atol=0)  # class token dropped, 4x4 patch grid
+
+
+@pytest.mark.parametrize("timm_name,prefix", [("vit_tiny_patch16_224", 1), ("vit_wee_patch16_reg1_gap_256", 1)])
+def test_timm_taps_drop_prefix_tokens(timm_name, prefix):
+    # timm-based towers (the SigLIP path): class and register tokens are prefix tokens to drop.
+    size = 224 if "224" in timm_name else 256
+    cfg = VisionConfig(model_name="ViT-B-16-SigLIP", taps=[1, -2], open_clip_overrides={
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": timm_name, "image_size": size},
+        "text_cfg": {**TINY_TEXT, "vocab_size": 100}})
+    clip, pp = build_open_clip(cfg)
+    enc = VisionEncoder(clip.visual, cfg, pp)
+    trunk = clip.visual.trunk
+    assert trunk.num_prefix_tokens == prefix and enc.num_prefix_tokens == prefix
+    n = len(trunk.blocks)
+    assert enc.taps == [1, n - 2]
+    x = ImageProcessor(pp)([CHELSEA])
+    feats = enc(x)
+    outs = _hooked_blocks(trunk.blocks, lambda: trunk.forward_features(x))
+    grid = (size // 16) ** 2
+    for tap, f in zip(enc.taps, feats):
+        assert f.shape == (1, grid, trunk.embed_dim)
+        torch.testing.assert_close(f, outs[tap][:, prefix:], rtol=0, atol=0)
+
+
+def test_frozen_and_stays_eval(tiny):
+    enc, _ = tiny
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert enc.training and not enc.visual.training
+    enc.eval()
+
+
+def test_bad_taps_and_pixel_shapes(tiny):
+    enc, _ = tiny
+    clip, pp = build_open_clip(tiny_vision_cfg())
+    with pytest.raises(ConfigError, match=r"vision.taps: block index 3 is out of range .* 3 blocks"):
+        VisionEncoder(clip.visual, tiny_vision_cfg(taps=[3]), pp)
+    with pytest.raises(ConfigError, match="same block twice"):
+        VisionEncoder(clip.visual, tiny_vision_cfg(taps=[2, -1]), pp)
+    with pytest.raises(ValueError, match=r"\(31, 32\) but the encoder takes \(32, 32\)"):
+        enc(torch.zeros(1, 3, 31, 32))
+
+
+def test_local_pretrained_file_and_no_download(tmp_path):
+    cfg = tiny_vision_cfg()
+    clip, _ = build_open_clip(cfg)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(clip.state_dict(), path)
+    torch.manual_seed(123)  # a different random init, overwritten by the file
+    loaded, _ = build_open_clip(tiny_vision_cfg(pretrained=str(path)))
+    for (k, a), (_, b) in zip(clip.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    # a tag name is not a local file: refused instead of downloaded
+    for bad in ("openai", str(tmp_path / "missing.pt")):
+        with pytest.raises(ConfigError, match="vision.pretrained: .* is not an existing file"):
+            build_open_clip(tiny_vision_cfg(pretrained=bad))
+
+
+def test_unknown_model_and_tag():
+    with pytest.raises(ConfigError, match="not an open_clip architecture"):
+        build_open_clip(VisionConfig(model_name="ViT-Nope-1"), device="meta")
+    with pytest.raises(ConfigError, match="preprocess_tag: 'nope'"):
+        build_open_clip(VisionConfig(model_name="ViT-L-14-336-quickgelu", preprocess_tag="nope"), device="meta")
+
+
+def test_siglip_preprocess_from_tag_on_meta():
+    cfg = VisionConfig(model_name="ViT-SO400M-14-SigLIP-384", preprocess_tag="webli", taps=[-2])
+    clip, pp = build_open_clip(cfg, device="meta")
+    assert pp["mean"] == (0.5, 0.5, 0.5) and pp["std"] == (0.5, 0.5, 0.5) and pp["resize_mode"] == "squash"
+    enc = VisionEncoder(clip.visual, cfg, pp)
+    assert (enc.grid, enc.width, enc.num_prefix_tokens, enc.taps) == ((27, 27), 1152, 0, [25])
+    assert next(enc.parameters()).is_meta
+
+
+def test_processor_matches_open_clip_transform():
+    # open_clip's own preprocess, built by its own factory for the same (tiny) model
+    ov = get_preset("tiny").vision.open_clip_overrides
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", **ov)
+    _, pp = build_open_clip(tiny_vision_cfg())
+    proc = ImageProcessor(pp)
+    for path in (ASTRONAUT, CHELSEA):
+        assert torch.equal(proc(path)[0], preprocess(Image.open(path)))
+
+
+def test_alpha_is_composited_on_white():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., :3] = (10, 20, 30)
+    rgba[0, 0, 3] = 255  # opaque
+    rgba[0, 1, 3] = 0  # transparent: white, not (10, 20, 30)
+    rgba[0, 2, 3] = 128  # half: 10 * a + 255 * (1 - a)
+    out = np.asarray(load_image(Image.fromarray(rgba, "RGBA")))
+    assert out.shape == (4, 4, 3)
+    assert tuple(out[0, 0]) == (10, 20, 30)
+    assert tuple(out[0, 1]) == (255, 255, 255)
+    a = 128 / 255
+    expect = [round(c * a + 255 * (1 - a)) for c in (10, 20, 30)]
+    assert all(abs(int(o) - e) <= 1 for o, e in zip(out[0, 2], expect))
+
+
+def test_sixteen_bit_grayscale_is_rescaled(tmp_path):
+    a = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode.startswith("I")
+    out = np.asarray(load_image(path))
+    assert out.shape == (1, 3, 3)
+    assert list(out[0, :, 0]) == [0, 128, 255]  # not clipped to white as convert('L') would
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (2, 1))
+    img.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    path = tmp_path / "p.png"
+    img.save(path, transparency=0)
+    out = np.asarray(load_image(path))
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[0, 1]) == (200, 0, 0)
+
+
+def test_odd_images_all_preprocess(tmp_path):
+    _, pp = build_open_clip(tiny_vision_cfg())
+    proc = ImageProcessor(pp)
+    big = Image.open(ASTRONAUT).resize((4000, 3000))
+    one = Image.new("RGB", (1, 1), (255, 0, 0))
+    cmyk = Image.open(CHELSEA).convert("CMYK")
+    inputs = [CAMERA, LOGO, GIF, one, big, cmyk, np.asarray(Image.open(CAMERA)),
+              np.asarray(Image.open(ASTRONAUT), dtype=np.float32) / 255.0]
+    x = proc(inputs)
+    assert x.shape == (len(inputs), 3, 32, 32) and torch.isfinite(x).all()
+    # the 1x1 red image stays uniformly red after resizing
+    red = proc.unnormalize(x[3])
+    torch.testing.assert_close(red, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 32, 32),
+                               atol=1e-5, rtol=0)
+    # grayscale: three equal channels
+    gray = proc.unnormalize(x[0])
+    torch.testing.assert_close(gray[0], gray[1], atol=1e-5, rtol=0)
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        load_image(missing)
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ValueError, match="corrupt.png"):
+        load_image(bad)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(ASTRONAUT, "rb").read()[:5000])
+    with pytest.raises(ValueError, match="truncated.png"):
+        load_image(truncated)
+    with pytest.raises(TypeError, match="path, a PIL image or a numpy array"):
+        load_image(42)
