@@ -287,15 +287,31 @@ class EmmaMamba(nn.Module):
         return embeds
 
     @torch.no_grad()
-    def generate(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None,
+    def generate(self, prompts: str | Sequence[str], images: Sequence = (), instructions: Sequence | None = None,
                  config=None, streamer: Callable[[str], None] | None = None):
-        """Generates a continuation of ``prompt_text`` (already chat-formatted, one placeholder per image);
-        returns the generate() result (``.texts[0]`` is the answer). ``streamer`` receives text as produced."""
+        """Continue chat-formatted prompt(s) holding one placeholder per image (see :meth:`build_prompt`).
+
+        One prompt: ``images`` its images, ``instructions`` one string per image (instruction fusion).
+        Several prompts: ``images`` and ``instructions`` are lists with one list per prompt. Returns the
+        :func:`emma_mamba.inference.generate.generate` result (``.texts``); ``streamer`` (one prompt only)
+        receives the text as it is produced.
+        """
         from emma_mamba.inference.generate import GenerationConfig, generate
 
         if config is None:
             config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id)
-        embeds = self.prompt_embeds(prompt_text, images, instructions)
+        if isinstance(prompts, str):
+            prompts, images = [prompts], [list(images)]
+            instructions = None if instructions is None else [list(instructions)]
+        else:
+            prompts = list(prompts)
+            images = list(images) if len(images) else [[] for _ in prompts]
+            if len(images) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
+        if instructions is not None and len(instructions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
+        embeds = [self.prompt_embeds(p, im, None if instructions is None else instructions[i])[0]
+                  for i, (p, im) in enumerate(zip(prompts, images))]  # ragged list of (L_i, d_model)
         return generate(self.lm, inputs_embeds=embeds, config=config, tokenizer=self.tokenizer, streamer=streamer)
 
     # --------------------------------------------------------------------------------------- persistence

@@ -1,0 +1,174 @@
+"""MFF, instruction fusion and the projector: exact identity at initialisation, and after the parameters
+move, agreement with hand-written formulas (the oracle) built from torch primitives."""
+
+from __future__ import annotations
+
+import logging
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emma_mamba.config import get_preset
+from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
+from emma_mamba.models.vision import build_open_clip
+
+B, N, C, K = 2, 16, 32, 3
+
+
+def _taps():
+    # ViT residual streams have a few huge channels; include them so "exact" is not a small-number accident
+    taps = [torch.randn(B, N, C) * (k + 1) for k in range(K)]
+    taps[-1][..., 3] += 300.0
+    return taps
+
+
+@pytest.mark.parametrize("mode", ["weighted", "concat", "cross_attn"])
+def test_mff_is_exactly_penultimate_only_at_init(mode):
+    taps = _taps()
+    mff = MultiScaleFusion(C, K, mode, num_heads=4)
+    out = mff(taps)
+    assert torch.equal(out, taps[-1])
+    assert torch.equal(MultiScaleFusion(C, 1, "none")(taps[-1:]), taps[-1])
+    # ...and it is not the identity once trained: perturb every parameter
+    with torch.no_grad():
+        for p in mff.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert not torch.allclose(mff(taps), taps[-1])
+
+
+def _perturbed(mod):
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return mod
+
+
+def test_mff_weighted_matches_formula():
+    taps = _taps()
+    mff = _perturbed(MultiScaleFusion(C, K, "weighted"))
+    w = torch.softmax(mff.tap_logits, 0)
+    ref = taps[-1] + mff.gate * sum(
+        w[k] * F.layer_norm(taps[k], (C,), mff.norms[k].weight, mff.norms[k].bias) for k in range(K))
+    torch.testing.assert_close(mff(taps), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mff_concat_matches_formula():
+    taps = _taps()
+    mff = _perturbed(MultiScaleFusion(C, K, "concat"))
+    normed = [F.layer_norm(taps[k], (C,), mff.norms[k].weight, mff.norms[k].bias) for k in range(K)]
+    W = mff.proj.weight  # (C, K*C): column block k acts on tap k
+    ref = taps[-1] + mff.proj.bias + sum(normed[k] @ W[:, k * C:(k + 1) * C].T for k in range(K))
+    torch.testing.assert_close(mff(taps), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mff_cross_attn_matches_formula():
+    taps, H = _taps(), 4
+    mff = _perturbed(MultiScaleFusion(C, K, "cross_attn", num_heads=H))
+    normed = [F.layer_norm(taps[k], (C,), mff.norms[k].weight, mff.norms[k].bias) for k in range(K)]
+    Wq, Wk, Wv = mff.attn.in_proj_weight.chunk(3)
+    bq, bk, bv = mff.attn.in_proj_bias.chunk(3)
+    ctx = torch.cat(normed[:-1], dim=1)  # keys/values: all tokens of the shallower taps
+    q = (normed[-1] @ Wq.T + bq).view(B, N, H, C // H).transpose(1, 2)
+    k = (ctx @ Wk.T + bk).view(B, -1, H, C // H).transpose(1, 2)
+    v = (ctx @ Wv.T + bv).view(B, -1, H, C // H).transpose(1, 2)
+    att = torch.softmax(q @ k.transpose(-1, -2) / (C // H) ** 0.5, dim=-1)
+    o = (att @ v).transpose(1, 2).reshape(B, N, C)
+    ref = taps[-1] + o @ mff.attn.out_proj.weight.T + mff.attn.out_proj.bias
+    torch.testing.assert_close(mff(taps), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mff_bad_arguments():
+    with pytest.raises(ValueError, match="mff.mode must be one of"):
+        MultiScaleFusion(C, K, "sum")
+    with pytest.raises(ValueError, match="takes one tap"):
+        MultiScaleFusion(C, 2, "none")
+    with pytest.raises(ValueError, match="must divide the ViT width"):
+        MultiScaleFusion(C, K, "cross_attn", num_heads=5)
+    with pytest.raises(ValueError, match="built for 3 taps, got 2"):
+        MultiScaleFusion(C, K, "weighted")(_taps()[:2])
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    cfg = get_preset("tiny").vision  # text tower: 2 blocks of width 32, context 24
+    clip, _ = build_open_clip(cfg)
+    clip.visual = None
+    return clip, open_clip.get_tokenizer(cfg.model_name, context_length=clip.context_length)
+
+
+def _instruction_fusion(text_model):
+    clip, tok = text_model
+    return InstructionFusion(clip, tok, vision_width=C, num_visual_tokens=N)
+
+
+def test_instruction_fusion_is_exactly_identity_at_init(text_model):
+    fusion = _instruction_fusion(text_model)
+    visual = torch.randn(B, N, C) * 50
+    ids = fusion.tokenize(["What is in the image?", "Describe the cat in detail."])
+    assert ids.shape == (B, 24)
+    assert torch.equal(fusion(visual, ids), visual)
+
+
+def test_instruction_fusion_matches_formula(text_model):
+    clip, _ = text_model
+    fusion = _instruction_fusion(text_model)
+    with torch.no_grad():
+        fusion.token_mixer.weight.normal_(0, 0.1)
+        fusion.token_mixer.bias.normal_(0, 0.1)
+    visual = torch.randn(B, N, C)
+    ids = fusion.tokenize(["a photo of an astronaut", "a cat"])
+    # oracle: the CLIP text tower's token features by hand (embedding + positions, causal blocks, final LN)
+    x = clip.token_embedding(ids) + clip.positional_embedding
+    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    text = clip.ln_final(x)  # (B, T, text_width)
+    t = F.gelu(text @ fusion.text_proj.weight.T + fusion.text_proj.bias)  # (B, T, C)
+    z = torch.cat([visual, t], dim=1)  # (B, N + T, C)
+    ref = torch.einsum("jk,bkc->bjc", fusion.token_mixer.weight, z) + fusion.token_mixer.bias[:, None]
+    torch.testing.assert_close(fusion(visual, ids), ref, rtol=1e-4, atol=1e-4)
+    # the text tower stays frozen and out of the gradient
+    assert not any(p.requires_grad for p in fusion.text_model.parameters())
+    assert fusion.text_proj.weight.requires_grad and fusion.token_mixer.weight.requires_grad
+
+
+def test_instruction_truncation_is_counted_and_logged(text_model, caplog):
+    fusion = _instruction_fusion(text_model)
+    long = "please describe " + "every small detail of the picture " * 10
+    texts = ["short question", long]
+    before = list(texts)
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
+        ids = fusion.tokenize(texts)
+    assert texts == before  # the caller's instructions are not modified
+    assert fusion.num_truncated == 1
+    assert "truncated from" in caplog.text and "1 of 2 instructions truncated" in caplog.text
+    assert ids.shape == (2, 24)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
+        fusion.tokenize(["short question"])  # 2 + 2 tokens: fits
+    assert fusion.num_truncated == 1 and "truncated" not in caplog.text
+
+
+def test_instruction_fusion_bad_inputs(text_model):
+    fusion = _instruction_fusion(text_model)
+    ids = fusion.tokenize(["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 images but 3 instructions"):
+        fusion(torch.randn(B, N, C), ids)
+    with pytest.raises(ValueError, match=r"must be \(n_images, 24\)"):
+        fusion(torch.randn(B, N, C), ids[:2, :10])
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_projector(depth):
+    proj = Projector(C, 48, depth)
+    x = torch.randn(B, N, C)
+    lins = [m for m in proj.mlp if isinstance(m, torch.nn.Linear)]
+    assert len(lins) == depth
+    ref = x
+    for i, lin in enumerate(lins):
+        ref = ref @ lin.weight.T + lin.bias
+        if i < depth - 1:
+            ref = F.gelu(ref)
+    torch.testing.assert_close(proj(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="projector.depth must be 2 or 3"):
+        Projector(C, 48, 4)
