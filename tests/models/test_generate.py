@@ -1,0 +1,213 @@
+"""Recurrent generation against repeated full-sequence forwards, batching, sampling rules, text/stream, CLI.
+
+Oracles: the model's own full forward (no cache) re-run on the growing sequence; one-by-one generation for
+batches; hand-computed logits for the sampling rules; the tokenizer for text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emma_mamba import ops
+from emma_mamba.cli import main as cli_main
+from emma_mamba.inference.generate import GenerationConfig, _pick, generate
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+from emma_mamba.models.tokenizer import load_tokenizer
+
+from .test_mamba_lm import backend  # noqa: F401  (fixture: torch and, when it runs, cpu)
+
+VOCAB = 90
+
+
+def _lm(seed=0, vocab=VOCAB, **kw):
+    """A small random model whose greedy continuations do not collapse into one repeated token."""
+    torch.manual_seed(seed)
+    # an untied head and large perturbations: random tied models tend to repeat one token forever
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=vocab, d_state=8, tie_embeddings=False,
+                             **kw)).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return lm
+
+
+def _greedy_by_full_forward(lm, prompt: list[int], n: int) -> list[int]:
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = lm(torch.tensor([seq])).logits[0, -1, :lm.config.vocab_size]
+            out.append(int(logits.argmax()))
+            seq.append(out[-1])
+    return out
+
+
+def _greedy(n, eos=None):
+    return GenerationConfig(max_new_tokens=n, eos_token_id=eos)
+
+
+def test_greedy_with_cache_equals_full_forwards(backend):  # noqa: F811
+    lm = _lm()
+    prompt = torch.randint(0, VOCAB, (11,)).tolist()
+    ref = _greedy_by_full_forward(lm, prompt, 24)
+    assert len(set(ref)) > 4, "degenerate test model"
+    res = generate(lm, input_ids=prompt, config=_greedy(24))
+    assert res.sequences == [ref]
+    assert res.finish_reasons == ["length"] and res.decode_steps == 23
+
+
+def test_decode_steps_use_the_single_step_ops(monkeypatch):
+    lm = _lm()
+    calls = {"scan": 0, "step": 0}
+    real_scan, real_step = ops.selective_scan, ops.selective_state_update
+
+    def scan(*a, **k):
+        calls["scan"] += 1
+        return real_scan(*a, **k)
+
+    def step(*a, **k):
+        calls["step"] += 1
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(ops, "selective_scan", scan)
+    monkeypatch.setattr(ops, "selective_state_update", step)
+    generate(lm, input_ids=list(range(1, 9)), config=_greedy(6))
+    n_layer = lm.config.n_layer
+    assert calls == {"scan": n_layer, "step": 5 * n_layer}  # one prefill scan per layer, then O(1) steps
+
+
+def test_batch_of_different_lengths_equals_one_by_one(backend):  # noqa: F811
+    lm = _lm(seed=3)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 1, 9, 5, 3)]
+    one = [generate(lm, input_ids=p, config=_greedy(10)).sequences[0] for p in prompts]
+    assert generate(lm, input_ids=prompts, config=_greedy(10)).sequences == one
+
+    # the same batch as a left-padded tensor with an attention mask, and right-padded
+    L = max(map(len, prompts))
+    for side in ("left", "right"):
+        ids = torch.full((len(prompts), L), 7)
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            sl = slice(L - len(p), L) if side == "left" else slice(0, len(p))
+            ids[i, sl] = torch.tensor(p)
+            mask[i, sl] = 1
+        assert generate(lm, input_ids=ids, attention_mask=mask, config=_greedy(10)).sequences == one
+
+
+def test_batched_rows_finish_independently():
+    lm = _lm(seed=4)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (4, 6)]
+    free = [generate(lm, input_ids=p, config=_greedy(12)).sequences[0] for p in prompts]
+    eos = free[0][5]  # row 0 stops at its 6th token; row 1 goes on unless it meets the same token
+    res = generate(lm, input_ids=prompts, config=_greedy(12, eos=eos))
+    for i, seq in enumerate(free):
+        cut = seq.index(eos) if eos in seq else len(seq)
+        assert res.sequences[i] == seq[:cut]
+        assert res.finish_reasons[i] == ("eos" if eos in seq else "length")
+
+
+def test_inputs_embeds_prompt_equals_ids_prompt():
+    lm = _lm()
+    prompts = [torch.randint(0, VOCAB, (n,)) for n in (6, 3)]
+    want = generate(lm, input_ids=[p.tolist() for p in prompts], config=_greedy(8)).sequences
+    with torch.no_grad():
+        embeds = [lm.embeddings(p) for p in prompts]
+    assert generate(lm, inputs_embeds=embeds, config=_greedy(8)).sequences == want
+    assert generate(lm, inputs_embeds=embeds[0], config=_greedy(8)).sequences == want[:1]
+
+
+def test_pick_rules_by_hand():
+    V = 6
+    logits = torch.tensor([[2.0, 1.5, -1.0, 0.0, 0.5, 9.0]])
+    cfg = GenerationConfig(repetition_penalty=2.0)
+    # the last id is padding (vocab_size 5): never picked even though it is the largest
+    assert _pick(logits, None, GenerationConfig(), 5, None).item() == 0
+    seen = torch.tensor([[True, False, True, False, False, False]])
+    # 2.0 -> 1.0 (divided), so 1.5 wins; -1.0 -> -2.0 (multiplied)
+    assert _pick(logits, seen, cfg, 5, None).item() == 1
+    g = torch.Generator().manual_seed(0)
+    top1 = GenerationConfig(temperature=1.0, top_k=1)
+    assert all(_pick(logits, None, top1, 5, g).item() == 0 for _ in range(20))
+    # top_p: softmax of the 5 real logits = [0.496, 0.301, 0.025, 0.067, 0.111]; the two most likely hold 0.797,
+    # so top_p 0.75 keeps exactly tokens 0 and 1 (token 4 would need top_p > 0.797)
+    nucleus = GenerationConfig(temperature=1.0, top_p=0.75)
+    draws = {_pick(logits, None, nucleus, 5, g).item() for _ in range(200)}
+    assert draws == {0, 1}
+    assert logits.shape[-1] == V  # _pick does not modify its input in place
+    assert logits[0, 5] == 9.0
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    lm = _lm()
+    prompt = [5, 6, 7]
+    s = GenerationConfig(max_new_tokens=10, temperature=1.3, top_p=0.95, seed=123, eos_token_id=None)
+    a, b = generate(lm, input_ids=prompt, config=s), generate(lm, input_ids=prompt, config=s)
+    assert a.sequences == b.sequences
+    k1 = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=1, seed=1, eos_token_id=None)
+    assert generate(lm, input_ids=prompt, config=k1).sequences == generate(lm, input_ids=prompt,
+                                                                           config=_greedy(10)).sequences
+
+
+def test_text_stop_strings_and_streaming():
+    tok = load_tokenizer()
+    lm = _lm(seed=5, vocab=50277)
+    prompt = tok.encode("The weather today")
+    free = generate(lm, input_ids=prompt, config=_greedy(30), tokenizer=tok)
+    text = free.texts[0]
+    assert text == tok.decode(free.sequences[0]) and len(text) > 20
+
+    chunks: list[str] = []
+    streamed = generate(lm, input_ids=prompt, config=_greedy(30), tokenizer=tok, streamer=chunks.append)
+    assert "".join(chunks) == text == streamed.texts[0] and len(chunks) > 1
+
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a string the model will produce mid-way
+    first = text.find(stop)
+    chunks = []
+    res = generate(lm, input_ids=prompt, config=GenerationConfig(max_new_tokens=30, eos_token_id=None,
+                                                                stop_strings=[stop, "never-produced"]),
+                   tokenizer=tok, streamer=chunks.append)
+    assert res.finish_reasons == ["stop"]
+    assert res.texts[0] == text[:first]
+    assert "".join(chunks) == text[:first]  # the stop string never reaches the stream
+    assert len(res.sequences[0]) < 30
+
+
+def test_tokenizer_shipped_copy():
+    tok = load_tokenizer()
+    assert tok.eos_token_id == 0 and tok.pad_token_id == 1  # <|endoftext|>, <|padding|> in GPT-NeoX-20B
+    assert tok.encode("Hello") == [12092]
+    s = "Mamba: linear-time sequence modeling — ünïcode ✓"
+    assert tok.decode(tok.encode(s)) == s
+    new = tok.add_tokens(["<image>"])
+    assert tok.encode("a <image> b").count(new[0]) == 1
+
+
+def test_generate_input_errors():
+    lm = _lm()
+    tok = load_tokenizer()
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        generate(lm)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(lm, input_ids=torch.tensor([[1, 2], [3, 4]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        generate(lm, input_ids=[1, 2], config=GenerationConfig(stop_strings=["x"]))
+    with pytest.raises(ValueError, match="streaming supports a single prompt"):
+        generate(lm, input_ids=[[1], [2]], tokenizer=tok, streamer=print)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        GenerationConfig(top_p=0)
+
+
+def test_cli_generate(tmp_path, capsys):
+    torch.manual_seed(0)
+    MambaLM(MambaConfig.from_preset("tiny")).save_pretrained(tmp_path / "ckpt", layout="original")
+    assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Hello") and "5 new (length)" in err
+    assert cli_main(["generate", "--random-init", "tiny", "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert "random weights" in capsys.readouterr().err
+    assert cli_main(["generate", "--lm", "tiny", "--prompt", "x"]) == 2
+    assert "--random-init tiny" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["generate", "--lm", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
