@@ -14,6 +14,8 @@ import sys
 # command path -> (module, one-line help). Add a command by adding one line here.
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
+    ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
+    ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
 }
 

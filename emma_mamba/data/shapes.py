@@ -1,0 +1,860 @@
+"""ShapesWorld: a deterministic synthetic image/dialogue world for training and evaluating EMMA-Mamba offline.
+
+Every image is a white canvas with one to several flat-coloured shapes (kind from ``KINDS``, colour from the
+named ``PALETTE``, size small/medium/large, position free or on a grid, never overlapping) and, optionally,
+a fine detail inside a shape (a black dot at its centre, or a black horizontal stripe through its centre
+clipped to the shape). From the scenes it writes, for a train split and a held-out split with disjoint
+images:
+
+* stage 1 captions (LLaVA-558K style, one image/caption pair per image, varied templates, every shape
+  described);
+* stage 2 instruction conversations (LLaVA-665K style, one to ``max_turns`` turns) about colour, shape,
+  count, size, fine detail, existence and relative position, with short canonical answers
+  ("red", "3", "yes", "left", "dot"); short-answer questions carry ``SHORT_ANSWER_PROMPT`` as LLaVA-1.5 does;
+* held-out benchmark files in each benchmark's own format, so the standard scorers in
+  :mod:`emma_mamba.eval` run on them unchanged: POPE question files (random / popular / adversarial
+  negatives), a VQAv2 questions/annotations pair (10 answers per question), a GQA questions file, and
+  MME-style per-category ``image<TAB>question<TAB>answer`` files (two questions per image, one "Yes" and
+  one "No").
+
+POPE negatives follow POPE's definitions (Li et al., 2023, "Evaluating Object Hallucination in Large
+Vision-Language Models"), over the object vocabulary "colour kind" (e.g. "red circle"):
+random = absent objects sampled uniformly; popular = the absent objects that are most frequent (number of
+images containing them) in the evaluated split; adversarial = the absent objects with the highest total
+co-occurrence count (number of images holding both) with the objects present in the image. Objects are drawn
+from Zipf-like colour and kind marginals, and later shapes of an image reuse the colour or kind of an earlier
+one with some probability, so "popular" and "co-occurring" carry real structure (adversarial negatives are
+typically same-colour or same-kind objects).
+
+Notable choices:
+
+* Everything is a pure function of the config (seed included). Each image draws from its own
+  ``random.Random`` seeded by the string ``"shapesworld/<seed>/<split>/<index>/<attempt>"`` (SHA-512
+  seeding, independent of PYTHONHASHSEED and of the other images), question generation uses a separate
+  stream per image, and no output ever depends on set or dict-of-str iteration order.
+* Held-out scenes that duplicate any train scene are re-drawn, so the splits share no image.
+* Shapes are drawn without anti-aliasing, so every pixel has either the background, a palette colour or the
+  detail colour: the ground truth can be re-measured from the pixels (the tests do exactly that).
+* "A is left of B" is only asked when A's bounding box ends before B's starts, so relations are never
+  ambiguous to a human looking at the image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+FORMAT_VERSION = 1
+
+# Named palette (RGB). Black-ish and white are reserved for the detail and the background.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "blue": (40, 90, 230),
+    "green": (40, 160, 60),
+    "yellow": (235, 200, 20),
+    "purple": (140, 60, 200),
+    "orange": (245, 130, 20),
+    "pink": (240, 110, 180),
+    "gray": (125, 125, 125),
+}
+KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond")
+# Half-extent R of each size class as a fraction of the image side.
+SIZE_FRACTION: dict[str, float] = {"small": 0.08, "medium": 0.115, "large": 0.15}
+DETAILS: tuple[str, ...] = ("dot", "stripe")
+BACKGROUND_RGB = (255, 255, 255)
+DETAIL_RGB = (20, 20, 20)
+STAR_INNER = 0.382  # inner/outer radius of the five-pointed star (the regular pentagram ratio)
+
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+MME_SUFFIX = " Please answer yes or no."
+POPE_VARIANTS = ("random", "popular", "adversarial")
+MME_CATEGORIES = ("existence", "count", "position", "color", "numerical_calculation")
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_REGION_NAMES = (("in the top left", "at the top", "in the top right"),
+                 ("on the left", "in the center", "on the right"),
+                 ("in the bottom left", "at the bottom", "in the bottom right"))
+
+
+@dataclass
+class ShapesConfig:
+    """Everything that determines a ShapesWorld data set (the output is a pure function of it)."""
+
+    seed: int = 0
+    """Master seed; different seeds give different images and questions."""
+    n_train: int = 2000
+    """Number of training images (each gets one caption and one instruction conversation)."""
+    n_heldout: int = 200
+    """Number of held-out images (benchmark files are built from these only)."""
+    image_size: int = 224
+    """Side of the square images in pixels (at least 96)."""
+    min_shapes: int = 1
+    """Fewest shapes per image."""
+    max_shapes: int = 4
+    """Most shapes per image."""
+    layout: str = "free"
+    """"free": uniform positions with rejection of overlaps; "grid": one shape per cell of a grid x grid grid."""
+    grid: int = 3
+    """Cells per side for layout="grid"."""
+    detail_prob: float = 0.3
+    """Probability that a shape carries a fine detail (dot or stripe)."""
+    colours: tuple[str, ...] = tuple(PALETTE)
+    """Colour names used (a subset of PALETTE); earlier names are more frequent (Zipf-like)."""
+    kinds: tuple[str, ...] = KINDS
+    """Shape kinds used (a subset of KINDS); earlier kinds are more frequent (Zipf-like)."""
+    max_turns: int = 3
+    """Most question/answer turns in one stage-2 conversation."""
+    pope_k: int = 3
+    """Positive (present-object) questions per held-out image in each POPE file; as many negatives."""
+    vqa_per_image: int = 3
+    """VQAv2-style questions per held-out image."""
+    gqa_per_image: int = 2
+    """GQA-style questions per held-out image."""
+
+    def validate(self) -> "ShapesConfig":
+        def bad(name, msg):
+            raise ValueError(f"ShapesConfig.{name}: {msg} (got {getattr(self, name)!r})")
+
+        for name in ("n_train", "n_heldout"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                bad(name, "expected an integer >= 0")
+        if not isinstance(self.image_size, int) or self.image_size < 96:
+            bad("image_size", "expected an integer >= 96 (smaller images cannot show the fine details)")
+        if not 1 <= self.min_shapes <= self.max_shapes:
+            bad("min_shapes", f"expected 1 <= min_shapes <= max_shapes (max_shapes={self.max_shapes})")
+        if self.max_shapes > 9:
+            bad("max_shapes", "expected at most 9")
+        if self.layout not in ("free", "grid"):
+            bad("layout", 'expected "free" or "grid"')
+        if self.layout == "grid":
+            if self.grid < 1 or self.grid * self.grid < self.max_shapes:
+                bad("grid", f"a {self.grid}x{self.grid} grid cannot hold max_shapes={self.max_shapes}")
+            cell = self.image_size / self.grid
+            if 2 * _radius("large", self.image_size) + 4 > cell:
+                bad("grid", f"cells of {cell:.0f}px are too small for large shapes at image_size={self.image_size}")
+        if not 0.0 <= self.detail_prob <= 1.0:
+            bad("detail_prob", "expected a probability in [0, 1]")
+        for name, allowed in (("colours", PALETTE), ("kinds", KINDS)):
+            vals = tuple(getattr(self, name))
+            setattr(self, name, vals)
+            unknown = [v for v in vals if v not in allowed]
+            if unknown or len(vals) < 2 or len(set(vals)) != len(vals):
+                bad(name, f"expected at least two distinct names from {list(allowed)}")
+        if len(self.colours) * len(self.kinds) < self.max_shapes + 2 * self.pope_k:
+            bad("colours", "too few colour/kind combinations for the POPE negatives")
+        for name in ("max_turns", "pope_k", "vqa_per_image", "gqa_per_image"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                bad(name, "expected an integer >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    detail: str | None  # None, "dot" or "stripe"
+    cx: int
+    cy: int
+    r: int  # half-extent in pixels: the shape fits in [cx - r, cx + r] x [cy - r, cy + r]
+
+    @property
+    def obj(self) -> str:
+        """The POPE object name of this shape, e.g. "red circle"."""
+        return f"{self.colour} {self.kind}"
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Inclusive bounding box (x0, y0, x1, y1) that contains every pixel of the shape."""
+        return (self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r)
+
+
+@dataclass(frozen=True)
+class Scene:
+    split: str
+    index: int
+    shapes: tuple[Shape, ...]
+
+    @property
+    def image(self) -> str:
+        """Image path relative to the data set's image folder."""
+        return f"{self.split}/{self.index:06d}.png"
+
+    @property
+    def objects(self) -> list[str]:
+        """Distinct objects present, in drawing order."""
+        return list(dict.fromkeys(s.obj for s in self.shapes))
+
+    def signature(self) -> tuple:
+        return tuple(sorted((s.kind, s.colour, s.size, s.detail or "", s.cx, s.cy) for s in self.shapes))
+
+    def to_json(self) -> dict:
+        return {"image": self.image, "shapes": [asdict(s) for s in self.shapes]}
+
+
+def _radius(size: str, image_size: int) -> int:
+    return int(round(SIZE_FRACTION[size] * image_size))
+
+
+def _zipf_weights(n: int, s: float = 0.7) -> list[float]:
+    return [1.0 / (i + 1) ** s for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+
+def sample_scene(cfg: ShapesConfig, split: str, index: int, forbidden: set | frozenset = frozenset()) -> Scene:
+    """Draw scene ``index`` of ``split``; re-draws (next attempt) on a failed placement or a forbidden duplicate."""
+    cw, kw = _zipf_weights(len(cfg.colours)), _zipf_weights(len(cfg.kinds))
+    S = cfg.image_size
+    gap = max(3, S // 50)
+    for attempt in range(1000):
+        rng = random.Random(f"shapesworld/{cfg.seed}/{split}/{index}/{attempt}")
+        n = rng.randint(cfg.min_shapes, cfg.max_shapes)
+        attrs = []
+        for _ in range(n):
+            u = rng.random()
+            if attrs and u < 0.3:  # same colour as an earlier shape: co-occurrence structure for POPE
+                colour = rng.choice(attrs)[0]
+                kind = rng.choices(cfg.kinds, kw)[0]
+            elif attrs and u < 0.5:  # same kind as an earlier shape
+                colour = rng.choices(cfg.colours, cw)[0]
+                kind = rng.choice(attrs)[1]
+            else:
+                colour = rng.choices(cfg.colours, cw)[0]
+                kind = rng.choices(cfg.kinds, kw)[0]
+            size = rng.choice(tuple(SIZE_FRACTION))
+            detail = rng.choice(DETAILS) if rng.random() < cfg.detail_prob else None
+            attrs.append((colour, kind, size, detail))
+        centres = _place(rng, cfg, [_radius(a[2], S) for a in attrs], gap)
+        if centres is None:
+            continue
+        shapes = tuple(Shape(kind=k, colour=c, size=sz, detail=d, cx=x, cy=y, r=_radius(sz, S))
+                       for (c, k, sz, d), (x, y) in zip(attrs, centres))
+        scene = Scene(split=split, index=index, shapes=shapes)
+        if scene.signature() in forbidden:
+            continue
+        return scene
+    raise RuntimeError(f"ShapesWorld: could not place {split} scene {index} in 1000 attempts; "
+                       f"lower max_shapes or raise image_size (config: {cfg})")
+
+
+def _place(rng: random.Random, cfg: ShapesConfig, radii: list[int], gap: int) -> list[tuple[int, int]] | None:
+    S = cfg.image_size
+    if cfg.layout == "grid":
+        cell = S / cfg.grid
+        cells = rng.sample(range(cfg.grid * cfg.grid), len(radii))
+        out = []
+        for c, r in zip(cells, radii):
+            gx, gy = c % cfg.grid, c // cfg.grid
+            slack = int(cell / 2 - r - gap)  # jitter that keeps the shape (and a gap) inside its cell
+            jx = rng.randint(-slack, slack) if slack > 0 else 0
+            jy = rng.randint(-slack, slack) if slack > 0 else 0
+            out.append((int(cell * (gx + 0.5)) + jx, int(cell * (gy + 0.5)) + jy))
+        return out
+    boxes: list[tuple[int, int, int, int]] = []
+    out = []
+    for r in radii:
+        for _ in range(100):
+            x = rng.randint(r + gap, S - 1 - r - gap)
+            y = rng.randint(r + gap, S - 1 - r - gap)
+            b = (x - r, y - r, x + r, y + r)
+            # boxes must be separated by more than `gap` pixels along x or along y
+            if all(max(b[0] - o[2], o[0] - b[2]) > gap or max(b[1] - o[3], o[1] - b[3]) > gap for o in boxes):
+                boxes.append(b)
+                out.append((x, y))
+                break
+        else:
+            return None
+    return out
+
+
+def sample_scenes(cfg: ShapesConfig) -> tuple[list[Scene], list[Scene]]:
+    """The train and held-out scenes of ``cfg`` (held-out scenes never duplicate a train scene)."""
+    cfg.validate()
+    train = [sample_scene(cfg, "train", i) for i in range(cfg.n_train)]
+    seen = {s.signature() for s in train}
+    heldout = []
+    for i in range(cfg.n_heldout):
+        s = sample_scene(cfg, "heldout", i, seen)
+        seen.add(s.signature())
+        heldout.append(s)
+    return train, heldout
+
+
+# -------------------------------------------------------------------------------------------- rendering
+
+def _star_points(cx: int, cy: int, r: int) -> list[tuple[float, float]]:
+    pts = []
+    for k in range(10):
+        rho = r if k % 2 == 0 else STAR_INNER * r
+        th = math.radians(-90 + 36 * k)  # first point straight up (image y grows downwards)
+        pts.append((cx + rho * math.cos(th), cy + rho * math.sin(th)))
+    return pts
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    """Draw ``scene`` (no anti-aliasing: each pixel is the background, a palette colour or the detail colour)."""
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        rgb, (x0, y0, x1, y1) = PALETTE[s.colour], s.box
+        if s.kind == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=rgb)
+        elif s.kind == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=rgb)
+        elif s.kind == "triangle":
+            draw.polygon([(s.cx, y0), (x1, y1), (x0, y1)], fill=rgb)
+        elif s.kind == "diamond":
+            draw.polygon([(s.cx, y0), (x1, s.cy), (s.cx, y1), (x0, s.cy)], fill=rgb)
+        elif s.kind == "star":
+            draw.polygon(_star_points(s.cx, s.cy, s.r), fill=rgb)
+        else:
+            raise ValueError(f"unknown shape kind {s.kind!r}; expected one of {KINDS}")
+        if s.detail == "dot":
+            rd = max(2, round(0.25 * s.r))  # well inside every kind (the star's inner radius is 0.38 r)
+            draw.ellipse((s.cx - rd, s.cy - rd, s.cx + rd, s.cy + rd), fill=DETAIL_RGB)
+    arr = np.array(img)  # (H, W, 3) uint8
+    for s in scene.shapes:
+        if s.detail == "stripe":
+            h = max(1, round(0.15 * s.r))
+            # the band is clipped to the shape by recolouring only this shape's pixels inside it
+            band = arr[s.cy - h:s.cy + h + 1, s.cx - s.r:s.cx + s.r + 1]  # (2h+1, 2r+1, 3) view
+            band[(band == PALETTE[s.colour]).all(-1)] = DETAIL_RGB
+    return Image.fromarray(arr)
+
+
+# ------------------------------------------------------------------------------------------- language
+
+def _join(items: list[str]) -> str:
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _region(s: Shape, S: int) -> str:
+    col, row = min(2, 3 * s.cx // S), min(2, 3 * s.cy // S)
+    return _REGION_NAMES[row][col]
+
+
+def _describe(s: Shape, S: int, rng: random.Random, with_where: bool = True) -> str:
+    d = _article(f"{s.size} {s.colour} {s.kind}")
+    if s.detail:
+        d += rng.choice((f" with a {s.detail} inside", f" with a black {s.detail}", f" marked with a {s.detail}"))
+    if with_where:
+        d += " " + _region(s, S)
+    return d
+
+
+_CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "Give a short description of this picture.",
+    "What is shown in this image?",
+    "Write a concise caption for the image.",
+    "Summarize the visual content of the image.",
+    "List the shapes you see.",
+)
+
+
+def caption(scene: Scene, S: int, rng: random.Random) -> str:
+    """A caption that mentions every shape (kind, colour, size, detail, region)."""
+    shapes = list(scene.shapes)
+    if rng.random() < 0.5:
+        shapes.sort(key=lambda s: (s.cx, s.cy))  # left to right
+    parts = [_describe(s, S, rng) for s in shapes]
+    n = len(shapes)
+    word = _NUMBER_WORDS[n]
+    if n == 1:
+        templates = ("There is {l}.", "The image shows {l}.", "A white canvas with {l}.", "A single shape: {l}.")
+    else:
+        templates = ("There are {w} shapes: {l}.", "The image shows {l}.", "A white canvas with {l}.",
+                     "{W} shapes on a white background: {l}.", "This picture contains {l}.")
+    t = rng.choice(templates)
+    return t.format(l=_join(parts), w=word, W=word.capitalize())
+
+
+@dataclass
+class QA:
+    question: str
+    answer: str
+    category: str  # color, shape, count, size, detail, existence, position, logical, compare
+    answer_type: str  # VQAv2's: "yes/no", "number", "other"
+    question_type: str  # VQAv2's: the opening words of the question
+    structural: str = "query"  # GQA's structural type
+    semantic: str = "attr"  # GQA's semantic type
+    full_answer: str = ""
+
+
+class _Asker:
+    """Question generators over one scene; every generator returns a QA or None when it does not apply."""
+
+    def __init__(self, scene: Scene, cfg: ShapesConfig, rng: random.Random):
+        self.scene, self.cfg, self.rng = scene, cfg, rng
+        self.shapes = scene.shapes
+        self.kind_n = Counter(s.kind for s in self.shapes)
+        self.colour_n = Counter(s.colour for s in self.shapes)
+        self.obj_n = Counter(s.obj for s in self.shapes)
+        self.full_n = Counter((s.size, s.colour, s.kind) for s in self.shapes)
+        self.size_kind_n = Counter((s.size, s.kind) for s in self.shapes)
+        self.vocab = [f"{c} {k}" for c in cfg.colours for k in cfg.kinds]
+        self.absent = [o for o in self.vocab if o not in self.obj_n]
+
+    # referring expressions that pick out exactly one shape; `hide` names the attribute the question asks about
+    def refs(self, s: Shape, hide: str | None = None) -> list[str]:
+        out = []
+        if hide not in ("kind",) and self.kind_n[s.kind] == 1:
+            out.append(s.kind)
+        if hide not in ("kind", "colour") and self.obj_n[s.obj] == 1:
+            out.append(s.obj)
+        if hide not in ("colour",) and self.colour_n[s.colour] == 1:
+            out.append(f"{s.colour} shape")
+        if hide not in ("kind", "colour", "size") and self.full_n[(s.size, s.colour, s.kind)] == 1:
+            out.append(f"{s.size} {s.colour} {s.kind}")
+        if hide == "colour" and self.size_kind_n[(s.size, s.kind)] == 1 and self.kind_n[s.kind] > 1:
+            out.append(f"{s.size} {s.kind}")
+        return out
+
+    def pick_ref(self, hide: str | None = None) -> tuple[Shape, str] | None:
+        cands = [(s, r) for s in self.shapes for r in self.refs(s, hide)]
+        return self.rng.choice(cands) if cands else None
+
+    def color(self):
+        p = self.pick_ref("colour")
+        if p is None:
+            return None
+        s, ref = p
+        q = self.rng.choice(("What color is the {r}?", "What is the color of the {r}?", "Which color is the {r}?"))
+        return QA(q.format(r=ref), s.colour, "color", "other", "what color is the", "query", "attr",
+                  f"The {ref} is {s.colour}.")
+
+    def shape(self):
+        p = self.pick_ref("kind")
+        if p is None:
+            return None
+        s, ref = p
+        q = self.rng.choice(("What shape is the {r}?", "What is the shape of the {r}?", "Which shape is the {r}?"))
+        return QA(q.format(r=ref), s.kind, "shape", "other", "what shape is the", "query", "attr",
+                  f"The {ref} is a {s.kind}.")
+
+    def size(self):
+        p = self.pick_ref("size")
+        if p is None:
+            return None
+        s, ref = p
+        q = self.rng.choice(("What size is the {r}?", "How big is the {r}?"))
+        return QA(q.format(r=ref), s.size, "size", "other", q.split(" the")[0].lower(), "query", "attr",
+                  f"The {ref} is {s.size}.")
+
+    def count(self):
+        u = self.rng.random()
+        if u < 0.4:
+            q, a = self.rng.choice(("How many shapes are there?", "How many shapes are in the image?")), len(self.shapes)
+        elif u < 0.7:
+            c = self.rng.choice(self.shapes).colour if self.rng.random() < 0.8 else self.rng.choice(self.cfg.colours)
+            q, a = f"How many {c} shapes are there?", self.colour_n[c]
+        else:
+            k = self.rng.choice(self.shapes).kind if self.rng.random() < 0.8 else self.rng.choice(self.cfg.kinds)
+            q, a = f"How many {k}s are there?", self.kind_n[k]
+        return QA(q, str(a), "count", "number", "how many", "query", "obj", f"There are {a}.")
+
+    def detail(self):
+        p = self.pick_ref(None)
+        if p is None:
+            return None
+        s, ref = p
+        if self.rng.random() < 0.5:
+            a = s.detail or "nothing"
+            return QA(f"What is inside the {ref}?", a, "detail", "other", "what is inside the", "query", "attr",
+                      f"The {ref} has a {s.detail} inside." if s.detail else f"The {ref} has nothing inside.")
+        # yes/no, balanced: ask about its own detail half of the time when it has one
+        asked = s.detail if (s.detail and self.rng.random() < 0.5) else self.rng.choice(DETAILS)
+        a = "yes" if asked == s.detail else "no"
+        return QA(f"Does the {ref} have a {asked}?", a, "detail", "yes/no", "does the", "verify", "attr",
+                  f"{a.capitalize()}, the {ref} {'has' if a == 'yes' else 'does not have'} a {asked}.")
+
+    def negative_object(self) -> str:
+        """An absent object: uniform, or a hard one sharing the colour or kind of a present shape."""
+        if self.rng.random() < 0.5:
+            return self.rng.choice(self.absent)
+        s = self.rng.choice(self.shapes)
+        hard = [o for o in self.absent if o.split()[0] == s.colour or o.split()[1] == s.kind]
+        return self.rng.choice(hard or self.absent)
+
+    def existence(self):
+        if self.rng.random() < 0.5:
+            o, a = self.rng.choice(self.shapes).obj, "yes"
+        else:
+            o, a = self.negative_object(), "no"
+        q = self.rng.choice(("Is there {o} in the image?", "Is there {o} in this image?", "Do you see {o}?"))
+        return QA(q.format(o=_article(o)), a, "existence", "yes/no", q.split(" {o}")[0].lower(), "verify", "obj",
+                  f"{a.capitalize()}, there {'is' if a == 'yes' else 'is no'} {o}.")
+
+    def _pairs(self, axis: str, hide: str | None = None):
+        """(A, refA, B, refB) with A's box strictly before B's along `axis` (x: left of, y: above)."""
+        out = []
+        for a in self.shapes:
+            for b in self.shapes:
+                if a is b:
+                    continue
+                before = a.box[2] < b.box[0] if axis == "x" else a.box[3] < b.box[1]
+                if before:
+                    for ra in self.refs(a, hide):
+                        for rb in self.refs(b, hide):
+                            out.append((a, ra, b, rb))
+        return out
+
+    def relation(self):
+        axis = self.rng.choice(("x", "y"))
+        pairs = self._pairs(axis)
+        if not pairs:
+            axis = "y" if axis == "x" else "x"
+            pairs = self._pairs(axis)
+        if not pairs:
+            return None
+        a, ra, b, rb = self.rng.choice(pairs)
+        first, second = ("left", "right") if axis == "x" else ("above", "below")
+        if self.rng.random() < 0.5:  # the question is about (B, A): B is `second` of A
+            a, ra, b, rb, true = b, rb, a, ra, second
+        else:
+            true = first
+
+        def rel_phrase(w):
+            return f"to the {w} of" if w in ("left", "right") else w
+        if self.rng.random() < 0.5:  # verify: yes/no, the asked relation is the true one half of the time
+            asked = true if self.rng.random() < 0.5 else (second if true == first else first)
+            ans = "yes" if asked == true else "no"
+            return QA(f"Is the {ra} {rel_phrase(asked)} the {rb}?", ans, "position", "yes/no", "is the",
+                      "verify", "rel", f"{ans.capitalize()}, the {ra} is {rel_phrase(true)} the {rb}.")
+        if axis == "x":
+            q = f"Is the {ra} to the left or to the right of the {rb}?"
+        else:
+            q = f"Is the {ra} above or below the {rb}?"
+        return QA(q, true, "position", "other", "is the", "choose", "rel", f"The {ra} is {rel_phrase(true)} the {rb}.")
+
+    def relation_query(self):
+        """"What color/shape is the shape left of / above the B?" when exactly one shape qualifies."""
+        axis = self.rng.choice(("x", "y"))
+        cands = []
+        for b in self.shapes:
+            for rb in self.refs(b):
+                for side in (("left", "right") if axis == "x" else ("above", "below")):
+                    if side in ("left", "above"):
+                        hits = [a for a in self.shapes if a is not b and
+                                (a.box[2] < b.box[0] if axis == "x" else a.box[3] < b.box[1])]
+                    else:
+                        hits = [a for a in self.shapes if a is not b and
+                                (b.box[2] < a.box[0] if axis == "x" else b.box[3] < a.box[1])]
+                    if len(hits) == 1:
+                        cands.append((hits[0], b, rb, side))
+        if not cands:
+            return None
+        a, b, rb, side = self.rng.choice(cands)
+        where = f"to the {side} of" if side in ("left", "right") else side
+        if self.rng.random() < 0.5:
+            return QA(f"What color is the shape {where} the {rb}?", a.colour, "position", "other", "what color is the",
+                      "query", "rel", f"The shape {where} the {rb} is {a.colour}.")
+        return QA(f"What shape is {where} the {rb}?", a.kind, "position", "other", "what shape is",
+                  "query", "rel", f"The {a.kind} is {where} the {rb}.")
+
+    def logical(self):
+        o1 = self.rng.choice(self.shapes).obj
+        if self.rng.random() < 0.5 and len(self.obj_n) > 1:
+            o2, a = self.rng.choice([o for o in self.obj_n if o != o1]), "yes"
+        else:
+            o2, a = self.negative_object(), "no"
+        if self.rng.random() < 0.5:
+            o1, o2 = o2, o1
+        return QA(f"Are there both {_article(o1)} and {_article(o2)} in the image?", a, "logical", "yes/no",
+                  "are there", "logical", "obj",
+                  "Yes, there are both." if a == "yes" else f"No, there is no {o2 if o2 not in self.obj_n else o1}.")
+
+    def compare(self):
+        attr = self.rng.choice(("colour", "kind"))
+        cands = [(a, ra, b, rb) for i, a in enumerate(self.shapes) for b in self.shapes[i + 1:]
+                 for ra in self.refs(a, attr) for rb in self.refs(b, attr)]
+        if not cands:
+            return None
+        a, ra, b, rb = self.rng.choice(cands)
+        same = (a.colour == b.colour) if attr == "colour" else (a.kind == b.kind)
+        q = (f"Do the {ra} and the {rb} have the same color?" if attr == "colour"
+             else f"Are the {ra} and the {rb} the same shape?")
+        ans = "yes" if same else "no"
+        return QA(q, ans, "compare", "yes/no", q.split(" the")[0].lower(), "compare", "attr",
+                  f"{ans.capitalize()}, they {'are' if same else 'are not'} the same.")
+
+    VQA_KINDS = ("color", "shape", "size", "count", "detail", "existence")
+    GQA_KINDS = ("relation", "relation_query", "logical", "compare")
+
+    def ask(self, kinds, n: int, seen: set[str] | None = None) -> list[QA]:
+        """Up to n distinct questions, each from a generator chosen uniformly from `kinds`."""
+        seen = set() if seen is None else seen
+        out: list[QA] = []
+        for _ in range(20 * n):
+            if len(out) == n:
+                break
+            qa = getattr(self, self.rng.choice(kinds))()
+            if qa is not None and qa.question not in seen:
+                seen.add(qa.question)
+                out.append(qa)
+        return out
+
+
+# --------------------------------------------------------------------------------------------- POPE
+
+@dataclass
+class _ObjectStats:
+    """Object frequencies (images containing the object) and co-occurrences over a split, for POPE."""
+
+    freq: Counter = field(default_factory=Counter)
+    cooc: dict = field(default_factory=dict)  # obj -> Counter(other obj -> images containing both)
+
+    @classmethod
+    def of(cls, scenes: list[Scene]) -> "_ObjectStats":
+        st = cls()
+        for sc in scenes:
+            objs = sc.objects
+            st.freq.update(objs)
+            for a in objs:
+                c = st.cooc.setdefault(a, Counter())
+                c.update(b for b in objs if b != a)
+        return st
+
+
+def pope_questions(scenes: list[Scene], cfg: ShapesConfig) -> dict[str, list[dict]]:
+    """POPE question files (one list of records per variant), balanced yes/no, pope_k positives per image.
+
+    Negatives per image: random = uniform over absent objects; popular = the absent objects with the highest
+    split frequency; adversarial = the absent objects with the highest sum of co-occurrence counts with the
+    present objects. Ties are broken by the vocabulary order (colour-major, as listed in the config).
+    """
+    vocab = [f"{c} {k}" for c in cfg.colours for k in cfg.kinds]
+    order = {o: i for i, o in enumerate(vocab)}
+    st = _ObjectStats.of(scenes)
+    files: dict[str, list[dict]] = {v: [] for v in POPE_VARIANTS}
+    for sc in scenes:
+        rng = random.Random(f"shapesworld/{cfg.seed}/{sc.split}/{sc.index}/pope")
+        present = sc.objects
+        pos = rng.sample(present, min(cfg.pope_k, len(present)))
+        absent = [o for o in vocab if o not in present]
+        negs = {
+            "random": rng.sample(absent, len(pos)),
+            "popular": sorted(absent, key=lambda o: (-st.freq[o], order[o]))[:len(pos)],
+            "adversarial": sorted(absent, key=lambda o: (-sum(st.cooc.get(o, Counter())[p] for p in present),
+                                                          order[o]))[:len(pos)],
+        }
+        for v in POPE_VARIANTS:
+            for o_yes, o_no in zip(pos, negs[v]):  # interleaved yes/no, like POPE's files
+                for o, lab in ((o_yes, "yes"), (o_no, "no")):
+                    files[v].append({"question_id": len(files[v]) + 1, "image": sc.image,
+                                     "text": f"Is there {_article(o)} in the image?", "label": lab})
+    return files
+
+
+# ---------------------------------------------------------------------------------------------- MME
+
+def _how_many_shapes(n: int) -> str:
+    return "Is there exactly 1 shape in this image?" if n == 1 else f"Are there exactly {n} shapes in this image?"
+
+
+def mme_pairs(scene: Scene, cfg: ShapesConfig, rng: random.Random, asker: _Asker) -> tuple[str, list[tuple[str, str]]] | None:
+    """One MME category for the image and its (question, Yes/No) pair, the "Yes" question first as in MME."""
+    start = scene.index % len(MME_CATEGORIES)
+    for off in range(len(MME_CATEGORIES)):
+        cat = MME_CATEGORIES[(start + off) % len(MME_CATEGORIES)]
+        pair = None
+        if cat == "existence":
+            pair = (f"Is there {_article(rng.choice(scene.shapes).obj)} in this image?",
+                    f"Is there {_article(rng.choice(asker.absent))} in this image?")
+        elif cat == "count":
+            n = len(scene.shapes)
+            wrong = n + 1 if (n == 1 or rng.random() < 0.5) else n - 1
+            pair = (_how_many_shapes(n), _how_many_shapes(wrong))
+        elif cat == "position":
+            axis = rng.choice(("x", "y"))
+            pairs = asker._pairs(axis) or asker._pairs("y" if axis == "x" else "x")
+            if pairs:
+                a, ra, b, rb = rng.choice(pairs)
+                horiz = a.box[2] < b.box[0]
+                yes_rel, no_rel = ("to the left of", "to the right of") if horiz else ("above", "below")
+                pair = (f"Is the {ra} {yes_rel} the {rb}?", f"Is the {ra} {no_rel} the {rb}?")
+        elif cat == "color":
+            p = asker.pick_ref("colour")
+            if p:
+                s, ref = p
+                other = rng.choice([c for c in cfg.colours if c != s.colour])
+                pair = (f"Is the {ref} {s.colour}?", f"Is the {ref} {other}?")
+        elif cat == "numerical_calculation":
+            k1, k2 = rng.sample(cfg.kinds, 2)
+            total = asker.kind_n[k1] + asker.kind_n[k2]
+            wrong = total + 1 if (total == 0 or rng.random() < 0.5) else total - 1
+            q = "Is the number of {a}s plus the number of {b}s equal to {t}?"
+            pair = (q.format(a=k1, b=k2, t=total), q.format(a=k1, b=k2, t=wrong))
+        if pair:
+            return cat, [(pair[0] + MME_SUFFIX, "Yes"), (pair[1] + MME_SUFFIX, "No")]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def _llava_turns(qas: list[QA]) -> list[dict]:
+    conv = []
+    for i, qa in enumerate(qas):
+        if qa.category == "caption":
+            q = qa.question
+        else:
+            q = f"{qa.question}\n{SHORT_ANSWER_PROMPT}"
+        conv.append({"from": "human", "value": ("<image>\n" + q) if i == 0 else q})
+        conv.append({"from": "gpt", "value": qa.answer})
+    return conv
+
+
+def _conversation(scene: Scene, cfg: ShapesConfig) -> list[dict]:
+    rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/instruct")
+    asker = _Asker(scene, cfg, rng)
+    n_turns = 1 if rng.random() < 0.4 else rng.randint(1, cfg.max_turns)
+    qas = asker.ask(_Asker.VQA_KINDS + _Asker.GQA_KINDS, n_turns)
+    if rng.random() < 0.15:  # an occasional long answer, so the model does not learn "always answer in one word"
+        qas.insert(rng.randint(0, len(qas)), QA("Describe the image in detail.", caption(scene, cfg.image_size, rng),
+                                                "caption", "other", "describe"))
+    return _llava_turns(qas)
+
+
+def _dump_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _dump_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, progress=None) -> dict:
+    """Write a ShapesWorld data set under ``out_dir`` and return its ``meta.json`` content.
+
+    Layout (image paths in every file are relative to ``out_dir/images``)::
+
+        images/train/000000.png ...          images/heldout/000000.png ...
+        train/stage1_captions.json           LLaVA format, stage 1
+        train/stage2_instruct.json           LLaVA format, stage 2 (multi-turn)
+        train/scenes.json, heldout/scenes.json   ground truth of every image
+        heldout/instruct.json                LLaVA format conversations on held-out images
+        heldout/pope_{random,popular,adversarial}.jsonl    POPE question files
+        heldout/vqav2_questions.json, heldout/vqav2_annotations.json
+        heldout/gqa_questions.json
+        heldout/mme/<category>.txt           image<TAB>question<TAB>Yes|No
+        meta.json
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+        if not (out / "meta.json").is_file():
+            raise FileExistsError(f"{out} is not empty and holds no ShapesWorld meta.json; refusing to overwrite it")
+        for sub in ("images", "train", "heldout"):
+            if (out / sub).is_dir():
+                shutil.rmtree(out / sub)
+    S = cfg.image_size
+    train, heldout = sample_scenes(cfg)
+
+    for sc in train + heldout:
+        p = out / "images" / sc.image
+        p.parent.mkdir(parents=True, exist_ok=True)
+        render(sc, S).save(p, format="PNG", compress_level=1)
+        if progress is not None:
+            progress(1)
+
+    # ---- train: captions (stage 1) and conversations (stage 2)
+    stage1, stage2 = [], []
+    for sc in train:
+        rng = random.Random(f"shapesworld/{cfg.seed}/{sc.split}/{sc.index}/caption")
+        stage1.append({"id": f"shapes-{sc.split}-{sc.index:06d}-cap", "image": sc.image, "conversations": [
+            {"from": "human", "value": "<image>\n" + rng.choice(_CAPTION_PROMPTS)},
+            {"from": "gpt", "value": caption(sc, S, rng)}]})
+        stage2.append({"id": f"shapes-{sc.split}-{sc.index:06d}-qa", "image": sc.image,
+                       "conversations": _conversation(sc, cfg)})
+    _dump_json(stage1, out / "train" / "stage1_captions.json")
+    _dump_json(stage2, out / "train" / "stage2_instruct.json")
+    _dump_json([sc.to_json() for sc in train], out / "train" / "scenes.json")
+
+    # ---- held-out benchmark files
+    ho = out / "heldout"
+    _dump_json([sc.to_json() for sc in heldout], ho / "scenes.json")
+    _dump_json([{"id": f"shapes-{sc.split}-{sc.index:06d}-qa", "image": sc.image,
+                 "conversations": _conversation(sc, cfg)} for sc in heldout], ho / "instruct.json")
+    pope = pope_questions(heldout, cfg)
+    for v, rows in pope.items():
+        _dump_jsonl(rows, ho / f"pope_{v}.jsonl")
+
+    vqa_q, vqa_a, gqa = [], [], {}
+    mme: dict[str, list[str]] = {c: [] for c in MME_CATEGORIES}
+    for sc in heldout:
+        rng = random.Random(f"shapesworld/{cfg.seed}/{sc.split}/{sc.index}/bench")
+        asker = _Asker(sc, cfg, rng)
+        seen: set[str] = set()
+        for j, qa in enumerate(asker.ask(_Asker.VQA_KINDS, cfg.vqa_per_image, seen)):
+            qid = sc.index * 100 + j
+            vqa_q.append({"image_id": sc.index, "image": sc.image, "question": qa.question, "question_id": qid})
+            vqa_a.append({"question_id": qid, "image_id": sc.index, "question_type": qa.question_type,
+                          "answer_type": qa.answer_type, "multiple_choice_answer": qa.answer,
+                          # synthetic ground truth is unambiguous: all ten "annotators" agree
+                          "answers": [{"answer": qa.answer, "answer_confidence": "yes", "answer_id": k + 1}
+                                      for k in range(10)]})
+        for j, qa in enumerate(asker.ask(_Asker.GQA_KINDS, cfg.gqa_per_image, seen)):
+            qid = str(sc.index * 100 + 50 + j)
+            gqa[qid] = {"imageId": f"{sc.index:06d}", "image": sc.image, "question": qa.question,
+                        "answer": qa.answer, "fullAnswer": qa.full_answer, "isBalanced": True,
+                        "types": {"structural": qa.structural, "semantic": qa.semantic,
+                                  "detailed": f"{qa.category}"}}
+        got = mme_pairs(sc, cfg, rng, asker)
+        if got:
+            cat, pair = got
+            mme[cat].extend(f"{sc.image}\t{q}\t{a}" for q, a in pair)
+    info = {"description": "ShapesWorld held-out questions in VQAv2 format", "version": FORMAT_VERSION}
+    _dump_json({"info": info, "task_type": "Open-Ended", "data_type": "shapesworld", "data_subtype": "heldout",
+                "license": {}, "questions": vqa_q}, ho / "vqav2_questions.json")
+    _dump_json({"info": info, "data_type": "shapesworld", "data_subtype": "heldout", "license": {},
+                "annotations": vqa_a}, ho / "vqav2_annotations.json")
+    _dump_json(gqa, ho / "gqa_questions.json")
+    for cat, lines in mme.items():
+        p = ho / "mme" / f"{cat}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    cfg_json = asdict(cfg)
+    cfg_json["colours"], cfg_json["kinds"] = list(cfg.colours), list(cfg.kinds)
+    meta = {
+        "generator": "emma_mamba.data.shapes (ShapesWorld)",
+        "format_version": FORMAT_VERSION,
+        "config": cfg_json,
+        "image_folder": "images",
+        "short_answer_prompt": SHORT_ANSWER_PROMPT,
+        "counts": {
+            "train_images": len(train), "heldout_images": len(heldout),
+            "stage1": len(stage1), "stage2": len(stage2),
+            "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
+            "pope": {v: len(r) for v, r in pope.items()},
+            "vqav2": len(vqa_q), "gqa": len(gqa), "mme": {c: len(v) for c, v in mme.items()},
+        },
+        "files": {
+            "stage1": "train/stage1_captions.json", "stage2": "train/stage2_instruct.json",
+            "heldout_instruct": "heldout/instruct.json",
+            "pope": {v: f"heldout/pope_{v}.jsonl" for v in POPE_VARIANTS},
+            "vqav2_questions": "heldout/vqav2_questions.json", "vqav2_annotations": "heldout/vqav2_annotations.json",
+            "gqa_questions": "heldout/gqa_questions.json", "mme": "heldout/mme",
+        },
+    }
+    _dump_json(meta, out / "meta.json")
+    return meta

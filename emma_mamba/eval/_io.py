@@ -1,0 +1,90 @@
+"""Reading answer and annotation files with errors that name the file and the line or record at fault."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class ScoreInputError(ValueError):
+    """A scorer input file is missing, malformed, or does not match its annotations."""
+
+
+def load_json(path: str | Path, what: str):
+    """The parsed JSON document at ``path`` (``what`` names the file's role in error messages)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScoreInputError(f"{what} file {p} does not exist")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ScoreInputError(f"{p}: line {e.lineno}: not valid JSON ({e.msg}); expected the {what} file") from None
+
+
+def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
+    """Records of a JSON list or of a JSONL file, each with its location ("line 7" or "record 7", 1-based).
+
+    A file that parses as one JSON list is a list of records (the VQAv2/GQA results format); anything else
+    is read as JSON Lines (POPE and LLaVA answer files), blank lines skipped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ScoreInputError(f"{what} file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, list):
+        out = []
+        for i, rec in enumerate(doc, 1):
+            if not isinstance(rec, dict):
+                raise ScoreInputError(f"{p}: record {i}: expected a JSON object, got {type(rec).__name__}")
+            out.append((f"record {i}", rec))
+        return out
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ScoreInputError(f"{p}: line {n}: not valid JSON ({e.msg}); expected one JSON object per line "
+                                  f"in the {what} file") from None
+        if not isinstance(rec, dict):
+            raise ScoreInputError(f"{p}: line {n}: expected a JSON object, got {type(rec).__name__}")
+        out.append((f"line {n}", rec))
+    return out
+
+
+def require(rec: dict, keys: tuple[str, ...], path, loc: str, what: str):
+    """The value of the first of ``keys`` present in ``rec``; a clear error naming file and line otherwise."""
+    for k in keys:
+        if k in rec:
+            return rec[k]
+    names = " or ".join(repr(k) for k in keys)
+    raise ScoreInputError(f"{path}: {loc}: {what} record has no {names} field (keys: {sorted(rec)})")
+
+
+def match_answers(answers: list[tuple[str, object, str]], gold_ids: list, answers_path, gold_path,
+                  allow_missing: bool) -> dict:
+    """Map question id -> answer text; every answer must be for a known question, at most once.
+
+    ``answers`` holds (location, question id, answer text). Unless ``allow_missing``, every gold question must
+    have an answer.
+    """
+    known = set(gold_ids)
+    got: dict = {}
+    for loc, qid, text in answers:
+        if qid not in known:
+            raise ScoreInputError(f"{answers_path}: {loc}: question id {qid!r} is not in the annotations {gold_path}")
+        if qid in got:
+            raise ScoreInputError(f"{answers_path}: {loc}: second answer for question id {qid!r}")
+        if not isinstance(text, str):
+            raise ScoreInputError(f"{answers_path}: {loc}: the answer must be a string, got {type(text).__name__}")
+        got[qid] = text
+    if not allow_missing and len(got) < len(known):
+        missing = [q for q in gold_ids if q not in got]
+        raise ScoreInputError(f"{answers_path}: no answer for {len(missing)} of {len(known)} questions of {gold_path} "
+                              f"(first: {missing[:5]}); pass allow_missing=True (--allow-missing) to score the rest")
+    return got

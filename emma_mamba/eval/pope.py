@@ -1,0 +1,92 @@
+"""POPE scorer (Li et al., 2023, "Evaluating Object Hallucination in Large Vision-Language Models").
+
+Reads POPE's own files: the question file is JSON Lines ``{"question_id", "image", "text", "label"}`` with
+label "yes"/"no"; the answer file is JSON Lines with the model's reply under ``"answer"`` (POPE's format) or
+``"text"`` (LLaVA's ``model_vqa_loader`` output). Answers are matched to questions by ``question_id``; when no
+answer line carries one, by line order, as POPE's own ``evaluate.py`` does.
+
+A reply is read as yes/no like this: punctuation stripped and lower-cased, a reply whose first word is "yes"
+or "no" is that; any other reply follows POPE's rule on its first sentence: "no" if it contains the word
+"no" or "not", otherwise "yes" (POPE's rule is case-sensitive on "No"/"no"/"not"; here the match is
+case-insensitive and punctuation-proof, so "NO!" is a no). Replies decided by the fallback rule are counted
+in ``n_unparsed``. Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the ratio of
+"yes" predictions (an unbiased model is near 0.5 on POPE's balanced files); precision (recall) is 0 when there
+is no positive prediction (label).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError, load_records, match_answers, require
+
+_NON_WORD = re.compile(r"[^\w\s']")
+
+
+def yes_no(reply: str) -> tuple[bool, bool]:
+    """(is_yes, parsed): parsed is False when the reply did not start with yes/no and POPE's fallback decided."""
+    first_sentence = reply.split(".")[0]
+    words = _NON_WORD.sub(" ", reply).lower().split()
+    if words and words[0] in ("yes", "no"):
+        return words[0] == "yes", True
+    fs_words = _NON_WORD.sub(" ", first_sentence).lower().split()
+    return not any(w in ("no", "not") for w in fs_words), False
+
+
+def pope_metrics(labels: list[bool], preds: list[bool]) -> dict:
+    """Binary metrics with "yes" as the positive class."""
+    if len(labels) != len(preds) or not labels:
+        raise ValueError(f"need as many predictions as labels, at least one (got {len(preds)} and {len(labels)})")
+    tp = sum(l and p for l, p in zip(labels, preds))
+    fp = sum((not l) and p for l, p in zip(labels, preds))
+    tn = sum((not l) and (not p) for l, p in zip(labels, preds))
+    fn = sum(l and (not p) for l, p in zip(labels, preds))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"n": len(labels), "accuracy": (tp + tn) / len(labels), "precision": precision, "recall": recall,
+            "f1": f1, "yes_ratio": (tp + fp) / len(labels), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def score_pope(answers: str | Path, questions: str | Path, allow_missing: bool = False) -> dict:
+    """Score a POPE answer file against a POPE question (label) file."""
+    qrecs = load_records(questions, "POPE question")
+    if not qrecs:
+        raise ScoreInputError(f"{questions}: the POPE question file is empty")
+    gold: dict = {}
+    for loc, rec in qrecs:
+        qid = require(rec, ("question_id",), questions, loc, "POPE question")
+        label = require(rec, ("label",), questions, loc, "POPE question")
+        if not isinstance(label, str) or label.strip().lower() not in ("yes", "no"):
+            raise ScoreInputError(f"{questions}: {loc}: label must be 'yes' or 'no', got {label!r}")
+        if qid in gold:
+            raise ScoreInputError(f"{questions}: {loc}: duplicate question_id {qid!r}")
+        gold[qid] = label.strip().lower() == "yes"
+    arecs = load_records(answers, "POPE answer")
+    with_id = [("question_id" in rec) for _, rec in arecs]
+    if arecs and not any(with_id):  # POPE's evaluate.py: answers in question order
+        if len(arecs) != len(qrecs):
+            raise ScoreInputError(f"{answers}: has {len(arecs)} answers without question_id but {questions} has "
+                                  f"{len(qrecs)} questions; add question_id to each answer to score a subset")
+        rows = [(loc, qid, require(rec, ("answer", "text"), answers, loc, "POPE answer"))
+                for (loc, rec), qid in zip(arecs, gold)]
+    else:
+        rows = []
+        for (loc, rec), has in zip(arecs, with_id):
+            if not has:
+                raise ScoreInputError(f"{answers}: {loc}: answer has no 'question_id' (other lines do)")
+            rows.append((loc, rec["question_id"], require(rec, ("answer", "text"), answers, loc, "POPE answer")))
+    got = match_answers(rows, list(gold), answers, questions, allow_missing)
+    if not got:
+        raise ScoreInputError(f"{answers}: no answers to score")
+    labels, preds, unparsed = [], [], 0
+    for qid, text in got.items():
+        is_yes, parsed = yes_no(text)
+        labels.append(gold[qid])
+        preds.append(is_yes)
+        unparsed += not parsed
+    out = pope_metrics(labels, preds)
+    out["n_unparsed"] = unparsed
+    out["n_missing"] = len(gold) - len(got)
+    return out

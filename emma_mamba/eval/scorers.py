@@ -1,0 +1,65 @@
+"""One entry point over the benchmark scorers: ``score(task, answers, annotations)``.
+
+| task  | answers                                   | annotations                                  |
+| ----- | ----------------------------------------- | -------------------------------------------- |
+| pope  | JSONL, "answer" or "text" (+ question_id) | POPE question file (JSONL with "label")      |
+| vqav2 | JSON list/JSONL, question_id + answer     | VQAv2 annotations JSON (10 answers/question) |
+| gqa   | JSON list/JSONL, questionId + prediction  | GQA questions JSON (with "answer")           |
+| mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
+
+Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa`, :mod:`.gqa` and :mod:`.mme`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError
+from emma_mamba.eval.gqa import normalize_gqa, score_gqa
+from emma_mamba.eval.mme import parse_mme_answer, score_mme
+from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
+from emma_mamba.eval.vqa import normalize_answer, score_vqav2, vqa_accuracy
+
+TASKS = ("pope", "vqav2", "gqa", "mme")
+
+__all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_mme",
+           "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
+
+
+def score(task: str, answers: str | Path, annotations: str | Path | None, allow_missing: bool = False) -> dict:
+    """Metrics of ``answers`` on ``task`` (fractions in [0, 1]; MME in percent points, as MME reports)."""
+    if task == "mme":
+        if allow_missing:
+            raise ScoreInputError("allow_missing does not apply to MME (every image needs both answers)")
+        return score_mme(answers, annotations)
+    if annotations is None:
+        raise ScoreInputError(f"task {task!r} needs an annotations file")
+    if task == "pope":
+        return score_pope(answers, annotations, allow_missing)
+    if task == "vqav2":
+        return score_vqav2(answers, annotations, allow_missing)
+    if task == "gqa":
+        return score_gqa(answers, annotations, allow_missing)
+    raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+
+
+def summary(task: str, m: dict) -> str:
+    """A short human-readable table of the metrics ``score`` returned."""
+    lines = []
+    if task == "pope":
+        lines.append(f"POPE  n={m['n']}  acc {100 * m['accuracy']:.2f}  prec {100 * m['precision']:.2f}  "
+                     f"rec {100 * m['recall']:.2f}  F1 {100 * m['f1']:.2f}  yes-ratio {100 * m['yes_ratio']:.2f}")
+        lines.append(f"      TP {m['tp']}  FP {m['fp']}  TN {m['tn']}  FN {m['fn']}  unparsed replies {m['n_unparsed']}")
+    elif task in ("vqav2", "gqa"):
+        lines.append(f"{task.upper()}  n={m['n']}  accuracy {100 * m['accuracy']:.2f}")
+        for group in ("per_answer_type", "per_structural_type", "per_semantic_type"):
+            for k, v in m.get(group, {}).items():
+                lines.append(f"  {group[4:]:<16} {k:<12} {100 * v:.2f}")
+    elif task == "mme":
+        lines.append(f"{'category':<24}{'acc':>8}{'acc+':>8}{'score':>9}")
+        for c, v in m["categories"].items():
+            lines.append(f"{c:<24}{v['acc']:>8.2f}{v['acc_plus']:>8.2f}{v['score']:>9.2f}")
+        lines.append(f"perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  total {m['total']:.2f}")
+    if m.get("n_missing"):
+        lines.append(f"  ({m['n_missing']} questions had no answer and were left out)")
+    return "\n".join(lines)

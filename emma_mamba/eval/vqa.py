@@ -1,0 +1,157 @@
+"""VQAv2 scorer: the official soft accuracy with the official answer normalisation.
+
+Files (VQAv2's own formats): annotations JSON ``{"annotations": [{"question_id", "answers": [{"answer"}...]
+(ten per question), "answer_type", "question_type", ...}]}``; results JSON ``[{"question_id", "answer"}]``
+(or JSON Lines, with the reply under ``"answer"`` or LLaVA's ``"text"``).
+
+Accuracy of one answer (Antol et al. 2015; Goyal et al. 2017): ``min(#humans that gave it / 3, 1)``,
+averaged over the ten leave-one-annotator-out subsets of nine humans, as the official evaluation does; so an
+answer given by k of the ten humans scores (k·min(1,(k-1)/3) + (10-k)·min(1,k/3)) / 10: 0.3, 0.6, 0.9, 1.0
+for k = 1, 2, 3, 4+. Per-answer-type and per-question-type means are reported too.
+
+Normalisation (the official rules, re-written from their description):
+1. newlines and tabs become spaces; surrounding whitespace is stripped;
+2. each punctuation mark of ``PUNCTUATION`` is deleted when it touches a space or when the text contains a
+   comma between digits ("1,000"), otherwise replaced by a space ("red-white" -> "red white");
+3. a period not followed by a digit is deleted ("yes." -> "yes", "2.5" stays);
+4. lower-cased, split on whitespace; number words zero..ten and "none" become digits; the articles a, an,
+   the are dropped; apostrophe-less contractions are restored ("dont" -> "don't"), words re-joined by one
+   space.
+One deliberate difference: the official script applies steps 2-4 only when the ten human answers disagree
+(and then step 4 to the model's answer only), so "Yes." scores 0 against ten "yes" there; here every
+answer, human and model, is always normalised, which is what LLaVA-style pipelines get by normalising
+answers before submitting them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!")
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = frozenset(("a", "an", "the"))
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def _contractions() -> dict[str, str]:
+    """Apostrophe-less spelling -> contraction, the official table (lower-case keys: it runs after lower())."""
+    table: dict[str, str] = {}
+    # word stems whose apostrophe-less "nt" forms are restored, e.g. "dont" -> "don't"
+    for stem in ("ai", "are", "ca", "could", "did", "does", "do", "had", "has", "have", "is", "might", "must",
+                 "need", "ought", "sha", "should", "was", "were", "wo", "would"):
+        table[f"{stem}nt"] = f"{stem}n't"
+    for pre in ("could", "had", "might", "should", "would"):  # ...n't've in both half-spelled forms
+        table[f"{pre}nt've"] = table[f"{pre}n'tve"] = f"{pre}n't've"
+    for w in ("could", "might", "must", "should", "would", "who", "what", "where"):
+        table[f"{w}ve"] = f"{w}'ve"
+    table.update({
+        "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "itd": "it'd",
+        "itll": "it'll", "maam": "ma'am", "notve": "not've", "oclock": "o'clock", "shant": "shan't",
+        "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someonell": "someone'll",
+        "someones": "someone's", "somethingd": "something'd", "somethingll": "something'll", "thats": "that's",
+        "thered": "there'd", "therere": "there're", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
+        "theyre": "they're", "theyve": "they've", "twas": "'twas", "weve": "we've", "whatll": "what'll",
+        "whatre": "what're", "whats": "what's", "whens": "when's", "whered": "where'd", "wheres": "where's",
+        "whod": "who'd", "wholl": "who'll", "whos": "who's", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+        "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
+        "let's": "let's", "she's": "she's",
+        # "'d've" forms, both half-spelled variants
+        "hed've": "he'd've", "he'dve": "he'd've", "itd've": "it'd've", "it'dve": "it'd've",
+        "shed've": "she'd've", "she'dve": "she'd've", "somebodyd've": "somebody'd've",
+        "somebody'dve": "somebody'd've", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+        "somethingd've": "something'd've", "something'dve": "something'd've", "thered've": "there'd've",
+        "there'dve": "there'd've", "theyd've": "they'd've", "they'dve": "they'd've", "wed've": "we'd've",
+        "we'dve": "we'd've", "whod've": "who'd've", "who'dve": "who'd've", "youd've": "you'd've",
+        "you'dve": "you'd've", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+        "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+        "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+        # an entry of the official table that goes the "wrong" way; kept for identical scores
+        "somebody'd": "somebodyd",
+    })
+    return table
+
+
+CONTRACTIONS = _contractions()
+
+
+def normalize_answer(answer: str) -> str:
+    """The VQAv2 normal form of an answer (see the module docstring for the rules)."""
+    text = answer.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for p in PUNCTUATION:
+        if delete_all or (p + " ") in text or (" " + p) in text:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    words = []
+    for w in out.lower().split():
+        w = NUMBER_WORDS.get(w, w)
+        if w not in ARTICLES:
+            words.append(CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
+    """Soft accuracy of one (normalised) answer against the (normalised) human answers.
+
+    Mean over leave-one-out subsets of ``min(matches among the others / 3, 1)``.
+    """
+    if not human_answers:
+        raise ValueError("need at least one human answer")
+    accs = []
+    for i in range(len(human_answers)):
+        matches = sum(h == answer for j, h in enumerate(human_answers) if j != i)
+        accs.append(min(1.0, matches / 3.0))
+    return sum(accs) / len(accs)
+
+
+def score_vqav2(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Score a VQAv2 results file against a VQAv2 annotations file."""
+    doc = load_json(annotations, "VQAv2 annotations")
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise ScoreInputError(f"{annotations}: expected a JSON object with an 'annotations' list (the VQAv2 "
+                              f"annotations file, e.g. v2_mscoco_val2014_annotations.json)")
+    gold: dict = {}
+    for i, ann in enumerate(doc["annotations"], 1):
+        loc = f"annotations[{i - 1}]"
+        if not isinstance(ann, dict):
+            raise ScoreInputError(f"{annotations}: {loc}: expected a JSON object")
+        qid = require(ann, ("question_id",), annotations, loc, "VQAv2 annotation")
+        humans = require(ann, ("answers",), annotations, loc, "VQAv2 annotation")
+        if not isinstance(humans, list) or not humans:
+            raise ScoreInputError(f"{annotations}: {loc}: 'answers' must be a non-empty list of {{'answer': ...}}")
+        texts = []
+        for k, h in enumerate(humans):
+            if not isinstance(h, dict) or not isinstance(h.get("answer"), str):
+                raise ScoreInputError(f"{annotations}: {loc}: answers[{k}] has no string 'answer' field")
+            texts.append(normalize_answer(h["answer"]))
+        if qid in gold:
+            raise ScoreInputError(f"{annotations}: {loc}: duplicate question_id {qid!r}")
+        gold[qid] = (texts, ann.get("answer_type", "unknown"), ann.get("question_type", "unknown"))
+    rows = [(loc, require(rec, ("question_id",), answers, loc, "VQAv2 result"),
+             require(rec, ("answer", "text"), answers, loc, "VQAv2 result"))
+            for loc, rec in load_records(answers, "VQAv2 results")]
+    got = match_answers(rows, list(gold), answers, annotations, allow_missing)
+    if not got:
+        raise ScoreInputError(f"{answers}: no answers to score")
+    total, by_atype, by_qtype = [], defaultdict(list), defaultdict(list)
+    for qid, text in got.items():
+        humans, atype, qtype = gold[qid]
+        acc = vqa_accuracy(normalize_answer(text), humans)
+        total.append(acc)
+        by_atype[atype].append(acc)
+        by_qtype[qtype].append(acc)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"n": len(total), "accuracy": mean(total),
+            "per_answer_type": {k: mean(v) for k, v in sorted(by_atype.items())},
+            "per_question_type": {k: mean(v) for k, v in sorted(by_qtype.items())},
+            "n_missing": len(gold) - len(got)}
