@@ -1,0 +1,117 @@
+"""Model configs: presets, strict YAML overrides (unknown keys and wrong types are errors naming them),
+lossless round trip, and the shipped configs/*.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emma_mamba.config import (PRESETS, ConfigError, ModelConfig, apply_overrides, config_from_dict, get_preset,
+                               load_config, save_config)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text, name="model.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_presets():
+    big = get_preset("emma-mamba-2.8b")
+    assert (big.lm.d_model, big.lm.n_layer, big.lm.vocab_size) == (2560, 64, 50280)  # mamba-2.8b-zephyr
+    assert big.vision.model_name == "ViT-L-14-336-quickgelu" and big.vision.preprocess_tag == "openai"
+    assert big.instruction.enabled and big.align.enabled and big.mff.mode == "cross_attn"
+    cobra = get_preset("cobra-like")
+    assert cobra.mff.mode == "none" and cobra.vision.taps == [-2]
+    assert not cobra.instruction.enabled and not cobra.align.enabled
+    assert cobra.lm == big.lm and cobra.vision.model_name == big.vision.model_name
+    get_preset("tiny").validate()
+    assert get_preset("tiny") is not get_preset("tiny")  # fresh copies: mutating one never leaks
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid presets: tiny, emma-mamba-2.8b, cobra-like"):
+        get_preset("huge")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_yaml_round_trip_is_lossless(tmp_path, name):
+    cfg = get_preset(name)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_apply_on_the_named_preset(tmp_path):
+    p = write(tmp_path, "preset: emma-mamba-2.8b\nmff:\n  mode: concat\nlm:\n  n_layer: 4\n  rms_norm_eps: 1\n"
+                        "vision:\n  taps: [3, -2]\n")
+    cfg = load_config(p)
+    assert cfg.mff.mode == "concat" and cfg.lm.n_layer == 4 and cfg.vision.taps == [3, -2]
+    assert cfg.lm.rms_norm_eps == 1.0 and isinstance(cfg.lm.rms_norm_eps, float)  # int accepted for a float
+    assert cfg.lm.d_model == 2560  # untouched fields keep the preset's values
+    assert load_config(write(tmp_path, "", "empty.yaml")) == get_preset("tiny")  # default preset
+
+
+def test_unknown_key_names_key_path_file_and_valid_keys(tmp_path):
+    p = write(tmp_path, "preset: tiny\nlm:\n  d_modle: 128\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "'d_modle'" in msg and "'lm.d_modle'" in msg and str(p) in msg
+    assert "valid keys of 'lm': d_model, n_layer" in msg
+    with pytest.raises(ConfigError, match=r"unknown config key 'projection' at 'projection'; valid keys: name, "
+                                          r"vision, mff"):
+        load_config(write(tmp_path, "projection: {depth: 2}\n"))
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lm:\n  d_model: '64'\n", r"lm.d_model: expected int, got '64' \(str\)"),
+    ("lm:\n  n_layer: true\n", r"lm.n_layer: expected int, got True \(bool\)"),
+    ("align:\n  enabled: 1\n", r"align.enabled: expected bool, got 1 \(int\)"),
+    ("mff:\n  mode: sum\n", r"mff.mode: expected 'none' \| 'weighted' \| 'concat' \| 'cross_attn', got 'sum'"),
+    ("vision:\n  taps: [1, x]\n", r"vision.taps\[1\]: expected int, got 'x'"),
+    ("vision:\n  taps: 3\n", r"vision.taps: expected list\[int\], got 3"),
+    ("lm:\n  dt_rank: automatic\n", r"lm.dt_rank: expected int \| 'auto', got 'automatic'"),
+    ("lm: 5\n", r"lm must be a mapping, got int"),
+    ("vision:\n  pretrained: 3\n", r"vision.pretrained: expected str \| null, got 3"),
+])
+def test_wrong_types_are_errors_naming_the_field(tmp_path, text, match):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_cross_field_validation_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"mff.mode 'none' uses a single tap, but vision.taps has 2"):
+        load_config(write(tmp_path, "mff:\n  mode: none\nvision:\n  taps: [0, 1]\n"))
+    with pytest.raises(ConfigError, match="projector.depth must be 2 or 3, got 4"):
+        load_config(write(tmp_path, "projector:\n  depth: 4\n"))
+    with pytest.raises(ConfigError, match="vision.taps: duplicate"):
+        config_from_dict({"vision": {"taps": [1, 1]}})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "lm: [\n"))
+    with pytest.raises(ConfigError, match="preset must be a string"):
+        config_from_dict({"preset": 3})
+
+
+def test_yaml_loading_is_safe(tmp_path):
+    # python-object tags are never constructed (yaml.safe_load)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "name: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_apply_overrides_works_on_any_dataclass():
+    cfg = apply_overrides(ModelConfig(), {"align": {"loss_weight": 0.5}}, source="cli")
+    assert cfg.align.loss_weight == 0.5
+    with pytest.raises(ConfigError, match=r"cli: unknown config key 'weight' at 'align.weight'"):
+        apply_overrides(ModelConfig(), {"align": {"weight": 0.5}}, source="cli")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("model_*.yaml")), ids=lambda p: p.name)
+def test_shipped_model_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem.removeprefix("model_")
