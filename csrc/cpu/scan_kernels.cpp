@@ -8,10 +8,14 @@
 // the widest vectors the running CPU has. The SIMD paths need GCC's target pragmas (clang and others get the
 // scalar path only).
 //
-// exp dominates the scan (one per time step and state lane). vexp is the Cephes expf scheme: split
-// x = k ln2 + r with |r| <= ln2/2 (ln2 in two parts, so r is exact to fp32), a degree-5 polynomial for e^r
-// and the exponent bits set directly for 2^k; max relative error about 2 ulp. Inputs are clamped to
-// [-87.3, 88]: below, e^x (< 1.2e-38) returns ~1e-38 instead of 0, which no fp32 tolerance can see.
+// The exponential dominates the scan (one per time step and state lane). The kernels take A pre-scaled by
+// log2(e) and compute 2^y, y = dt * A log2(e): k = round(y), f = y - k in [-1/2, 1/2] (exact), 2^f by a
+// degree-6 polynomial (a near-minimax fit, max relative error 1e-7 in fp32 Horner), and 2^k by the exponent
+// bits (AVX-512: vscalefps, which also gives 0 for very negative y). Folding log2(e) into A adds one fp32
+// rounding to the exponent, the same size as the rounding of dt * A that the reference itself makes.
+//
+// Each V's operators are namespace-scope functions, not in-class friends: GCC does not apply a
+// `#pragma GCC target` region to friend definitions, and the intrinsics would then fail to inline.
 #include "scan_kernels.h"
 
 #include <cmath>
@@ -38,32 +42,29 @@ namespace cpu {
 namespace scan {
 
 namespace {
-constexpr float kExpLo = -87.3f, kExpHi = 88.0f;
+// 2^f on [-1/2, 1/2]
+constexpr float kE0 = 1.0f, kE1 = 6.931471825e-01f, kE2 = 2.402264625e-01f, kE3 = 5.550328642e-02f,
+                kE4 = 9.618489072e-03f, kE5 = 1.339993090e-03f, kE6 = 1.534581097e-04f;
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+constexpr float kLn2 = 0.693147180559945309f;
+// log(1 + x) - x + x^2/2 = x^3 P(x) on [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf)
+constexpr float kL0 = 7.0376836292e-2f, kL1 = -1.1514610310e-1f, kL2 = 1.1676998740e-1f,
+                kL3 = -1.2420140846e-1f, kL4 = 1.4249322787e-1f, kL5 = -1.6668057665e-1f,
+                kL6 = 2.0000714765e-1f, kL7 = -2.4999993993e-1f, kL8 = 3.3333331174e-1f;
+constexpr float kSqrt2 = 1.41421356237f;
 }  // namespace
-
-// Each V's operators are namespace-scope functions, not in-class friends: GCC does not apply a
-// `#pragma GCC target` region to friend definitions, and the intrinsics would then fail to inline.
 
 // ---------------------------------------------------------------------------------------------------------
 // portable scalar
 namespace scalar {
 
-inline float exp1(float x) {
-  x = std::fmin(std::fmax(x, kExpLo), kExpHi);
-  const float k = std::rint(x * kLog2e);
-  float r = std::fma(k, -kLn2Hi, x);
-  r = std::fma(k, -kLn2Lo, r);
-  float p = std::fma(kP0, r, kP1);
-  p = std::fma(p, r, kP2);
-  p = std::fma(p, r, kP3);
-  p = std::fma(p, r, kP4);
-  p = std::fma(p, r, kP5);
-  p = std::fma(p, r * r, r) + 1.f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+inline float exp2_1(float y) {
+  y = y < -127.f ? -127.f : (y > 127.f ? 127.f : y);
+  const float k = (y + 12582912.f) - 12582912.f;  // round to nearest (|y| < 2^22), no libm call
+  const float f = y - k;
+  float p = kE6;
+  p = p * f + kE5; p = p * f + kE4; p = p * f + kE3; p = p * f + kE2; p = p * f + kE1; p = p * f + kE0;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;  // k = -127: 0
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -75,20 +76,36 @@ struct V {
   void store(float* p) const { for (int i = 0; i < kLanes; ++i) p[i] = v[i]; }
   static V set1(float x) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = x; return r; }
   static V zero() { return set1(0.f); }
-  float sum() const {  // pairwise, the same tree as the vector paths
+  float sum() const {  // pairwise
     float s[kLanes];
     for (int i = 0; i < kLanes; ++i) s[i] = v[i];
     for (int w = kLanes / 2; w >= 1; w /= 2)
       for (int i = 0; i < w; ++i) s[i] += s[i + w];
     return s[0];
   }
+  // lane i = sum of row i of the row-major 16 x 16 block P
+  static V row_sums(const float* P) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = load(P + i * kLanes).sum(); return r; }
 };
-inline V operator+(const V& a, const V& b) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
-inline V operator*(const V& a, const V& b) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] * b.v[i]; return r; }
+#define EMMA_V_BINOP(OP) \
+  inline V operator OP(const V& a, const V& b) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] OP b.v[i]; return r; }
+EMMA_V_BINOP(+)
+EMMA_V_BINOP(-)
+EMMA_V_BINOP(*)
+EMMA_V_BINOP(/)
+#undef EMMA_V_BINOP
+// a * b + c; without hardware FMA a separate multiply and add (std::fma would be a slow libm call)
 inline V fmadd(const V& a, const V& b, const V& c) {
-    V r; for (int i = 0; i < kLanes; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]); return r;
-  }
-inline V vexp(const V& x) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = exp1(x.v[i]); return r; }
+  V r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] * b.v[i] + c.v[i];
+  return r;
+}
+inline V vmax(const V& a, const V& b) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return r; }
+inline V vselect_gt(const V& x, const V& t, const V& a, const V& b) {  // x > t ? a : b
+  V r;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = x.v[i] > t.v[i] ? a.v[i] : b.v[i];
+  return r;
+}
+inline V vexp2(const V& y) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = exp2_1(y.v[i]); return r; }
 
 #include "scan_kernels_impl.inc"
 
@@ -101,20 +118,26 @@ inline V vexp(const V& x) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = exp1(
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 
-static inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kExpLo)), _mm256_set1_ps(kExpHi));
-  const __m256i ki = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)));  // round to nearest
-  const __m256 k = _mm256_cvtepi32_ps(ki);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kP0), r, _mm256_set1_ps(kP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ki, _mm256_set1_epi32(127)), 23);
+static inline __m256 exp2_8(__m256 y) {
+  y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  const __m256i ki = _mm256_cvtps_epi32(y);  // round to nearest
+  const __m256 f = _mm256_sub_ps(y, _mm256_cvtepi32_ps(ki));
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE4));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE3));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE2));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE1));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kE0));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(ki, _mm256_set1_epi32(127)), 23);  // k = -127: 0
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// lane i = sum of v[i] (8 vectors)
+static inline __m256 row_sums8(const __m256* v) {
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
 struct V {
@@ -130,11 +153,26 @@ struct V {
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     return _mm_cvtss_f32(s4);
   }
+  static V row_sums(const float* P) {
+    __m256 a[8], b[8];
+    for (int i = 0; i < 8; ++i) {
+      a[i] = _mm256_add_ps(_mm256_loadu_ps(P + i * 16), _mm256_loadu_ps(P + i * 16 + 8));
+      b[i] = _mm256_add_ps(_mm256_loadu_ps(P + (i + 8) * 16), _mm256_loadu_ps(P + (i + 8) * 16 + 8));
+    }
+    return {row_sums8(a), row_sums8(b)};
+  }
 };
 inline V operator+(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V operator-(V a, V b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
 inline V operator*(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V operator/(V a, V b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
 inline V fmadd(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-inline V vexp(V x) { return {exp8(x.lo), exp8(x.hi)}; }
+inline V vmax(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline V vselect_gt(V x, V t, V a, V b) {
+  return {_mm256_blendv_ps(b.lo, a.lo, _mm256_cmp_ps(x.lo, t.lo, _CMP_GT_OQ)),
+          _mm256_blendv_ps(b.hi, a.hi, _mm256_cmp_ps(x.hi, t.hi, _CMP_GT_OQ))};
+}
+inline V vexp2(V y) { return {exp2_8(y.lo), exp2_8(y.hi)}; }
 
 #include "scan_kernels_impl.inc"
 
@@ -160,25 +198,46 @@ struct V {
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     return _mm_cvtss_f32(s4);
   }
+  // Transpose-and-add tree: halves, quarters, then pairs and single lanes inside 128-bit quarters; the
+  // result lane 4m + e holds row m + 4e, put back in order by one permute.
+  static V row_sums(const float* P) {
+    __m512 s1[8], s2[4], s3[2];
+    for (int j = 0; j < 8; ++j) {
+      const __m512 x = _mm512_loadu_ps(P + (2 * j) * 16), y = _mm512_loadu_ps(P + (2 * j + 1) * 16);
+      s1[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int j = 0; j < 4; ++j)
+      s2[j] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0x88),
+                            _mm512_shuffle_f32x4(s1[2 * j], s1[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; ++j)
+      s3[j] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm512_shuffle_ps(s2[2 * j], s2[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(s3[0], s3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return {_mm512_permutexvar_ps(idx, r)};
+  }
 };
 inline V operator+(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V operator-(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline V operator*(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm512_div_ps(a.v, b.v)}; }
 inline V fmadd(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline V vexp(V xv) {
-    __m512 x = _mm512_min_ps(_mm512_max_ps(xv.v, _mm512_set1_ps(kExpLo)), _mm512_set1_ps(kExpHi));
-    const __m512i ki = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)));
-    const __m512 k = _mm512_cvtepi32_ps(ki);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Lo), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kP0), r, _mm512_set1_ps(kP1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(ki, _mm512_set1_epi32(127)), 23);
-    return {_mm512_mul_ps(p, _mm512_castsi512_ps(bits))};
-  }
+inline V vmax(V a, V b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline V vselect_gt(V x, V t, V a, V b) {
+  return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, t.v, _CMP_GT_OQ), b.v, a.v)};
+}
+inline V vexp2(V yv) {
+  const __m512 k = _mm512_roundscale_ps(yv.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(yv.v, k);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kE6), f, _mm512_set1_ps(kE5));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE0));
+  return {_mm512_scalef_ps(p, k)};  // p * 2^k, 0 / inf out of range
+}
 
 #include "scan_kernels_impl.inc"
 
@@ -190,10 +249,11 @@ inline V vexp(V xv) {
 // runtime choice
 
 namespace {
-const ScanKernels kScalar{"scalar", &scalar::fwd_chunk, &scalar::bwd_chunk};
+#define EMMA_KERNELS(ns) ScanKernels{#ns, &ns::fwd_chunk, &ns::bwd_chunk, &ns::softplus_inplace, &ns::sigmoid}
+const ScanKernels kScalar = EMMA_KERNELS(scalar);
 #if EMMA_X86_SIMD
-const ScanKernels kAvx2{"avx2", &avx2::fwd_chunk, &avx2::bwd_chunk};
-const ScanKernels kAvx512{"avx512", &avx512::fwd_chunk, &avx512::bwd_chunk};
+const ScanKernels kAvx2 = EMMA_KERNELS(avx2);
+const ScanKernels kAvx512 = EMMA_KERNELS(avx512);
 
 bool has_avx512() {
   static const bool v = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
@@ -203,10 +263,8 @@ bool has_avx2() {
   static const bool v = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return v;
 }
-#else
-bool has_avx512() { return false; }
-bool has_avx2() { return false; }
 #endif
+#undef EMMA_KERNELS
 }  // namespace
 
 const ScanKernels& select_scan_kernels() {
@@ -230,8 +288,8 @@ const ScanKernels& select_scan_kernels() {
     return kAvx512;
   }
 #endif
-  TORCH_CHECK(false, "emma_mamba: EMMA_CPU_ISA=", want, " is not an instruction set this build has; use "
-              "auto, scalar", EMMA_X86_SIMD ? ", avx2 or avx512" : "");
+  TORCH_CHECK(false, "emma_mamba: EMMA_CPU_ISA=", want, " is not an instruction set of this build; use auto, "
+              "scalar", EMMA_X86_SIMD ? ", avx2 or avx512" : "");
 }
 
 }  // namespace scan

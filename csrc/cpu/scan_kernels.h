@@ -4,7 +4,8 @@
 // with A = B = C = 0, so a padded lane keeps h = 0 and contributes nothing) and calls these once per
 // (channel, chunk, lane block). All arrays are fp32. The recurrence per lane is
 //     h_t = exp(dt_t * A) * hp_t + dtu_t * B_t,     hp_t = reset_t ? 0 : h_{t-1},     dtu_t = dt_t * u_t
-// and y_t = <C_t, h_t> (D, z and the dtype conversions are the host's job).
+// and y_t = <C_t, h_t> (D, z and the dtype conversions are the host's job). The kernels take A already
+// multiplied by log2(e) (they compute exp(dt A) as 2^(dt A log2 e)).
 //
 // The functions exist once per instruction set (AVX-512, AVX2+FMA, portable scalar), compiled from the same
 // source (scan_kernels_impl.inc) with different target attributes; select_scan_kernels() picks the best one
@@ -24,7 +25,7 @@ struct FwdArgs {
   int len = 0;                    // time steps in this chunk
   const float* dt = nullptr;      // [len] delta after bias and softplus
   const float* dtu = nullptr;     // [len] dt * u
-  const float* A = nullptr;       // [kLanes]
+  const float* A = nullptr;       // [kLanes] A * log2(e)
   const float* B = nullptr;       // B_t = B + t * bstride, kLanes floats (bstride 0: constant B)
   int64_t bstride = 0;
   const float* C = nullptr;       // C_t = C + t * cstride
@@ -52,7 +53,7 @@ struct BwdArgs {
   const float* abuf = nullptr;    // [len * kLanes] exp(dt_t A)
   float* carry = nullptr;         // [kLanes] in: dL/dh_{len-1} from later steps; out: dL/dh_{-1}
   float* sgb = nullptr;           // [len] += sum_lanes g_t * B_t          (g_t = dL/dh_t, total)
-  float* saq = nullptr;           // [len] += sum_lanes A * g_t * a_t * hp_t
+  float* saq = nullptr;           // [len] += sum_lanes (A log2 e) * g_t * a_t * hp_t (times ln 2: dL/ddt part)
   float* dA = nullptr;            // [kLanes] += sum_t dt_t * g_t * a_t * hp_t
   bool var_b = false;             // B varies over time: dB_t = dB + t * kLanes += g_t * dtu_t
   bool var_c = false;             // likewise dC_t += dy_t * h_t; if constant, dB/dC [kLanes] += the sum over t
@@ -64,6 +65,9 @@ struct ScanKernels {
   const char* isa;
   void (*fwd)(const FwdArgs&);   // forward over one chunk (also the backward's recompute, with hbuf/abuf)
   void (*bwd)(const BwdArgs&);   // reverse sweep over one chunk
+  // elementwise over x[0, round_up(len, 16)): the buffers must be that long
+  void (*softplus_inplace)(float* x, int len);
+  void (*sigmoid)(const float* x, float* out, int len);
 };
 
 // The kernels for this CPU, or for EMMA_CPU_ISA when set (an error if the CPU lacks that instruction set).

@@ -37,6 +37,8 @@ namespace {
 constexpr int64_t kChunk = 128;         // time steps per chunk (one saved state per chunk)
 constexpr int64_t kChannelBlock = 32;   // channels per task
 constexpr int64_t kL = scan::kLanes;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
 
 // Layout of B or C: constant (d, n) fp32; variable (b, n, l), i.e. one group; grouped (b, g, n, l).
 struct BCInfo {
@@ -172,12 +174,12 @@ struct ScanInputs {
   const int32_t* seq_idx;
 };
 
-// Task setup: padded A and constant B/C rows of the task's channels.
+// Task setup: padded A log2(e) (what the kernels take) and constant B/C rows of the task's channels.
 void load_task_constants(const Plan& p, const ScanShape& s, const ScanInputs& in, const Plan::Task& k,
                          Work& w) {
   for (int64_t c = k.c0; c < k.c1; ++c) {
     const int64_t ci = c - k.c0;
-    std::memcpy(&w.Ap[ci * p.np], in.A + c * p.n, sizeof(float) * p.n);
+    for (int64_t kk = 0; kk < p.n; ++kk) w.Ap[ci * p.np + kk] = in.A[c * p.n + kk] * kLog2e;
     if (!s.Bi.variable) load_f32(s.Bi.data, s.Bi.dtype, c * p.n, p.n, &w.Bc[ci * p.np]);
     if (!s.Ci.variable) load_f32(s.Ci.data, s.Ci.dtype, c * p.n, p.n, &w.Cc[ci * p.np]);
   }
@@ -203,20 +205,29 @@ void load_resets(const Plan& p, const ScanInputs& in, int64_t bi, int64_t ts, in
   }
 }
 
-// u, delta (+bias, softplus) and dt*u of channel c over the chunk.
-void load_channel_chunk(const Plan& p, const ScanInputs& in, int64_t bi, int64_t c, int64_t ts, int64_t len,
-                        Work& w) {
+// u, delta + bias (xs), dt = softplus(xs) or xs, and dt*u of channel c over the chunk.
+void load_channel_chunk(const Plan& p, const ScanInputs& in, const scan::ScanKernels& K, int64_t bi, int64_t c,
+                        int64_t ts, int64_t len, Work& w) {
   const int64_t off = (bi * p.d + c) * p.l + ts;
-  load_f32(in.u, in.dtype, off, len, w.uf.data());
-  load_f32(in.delta, in.dtype, off, len, w.xs.data());
+  float* __restrict uf = w.uf.data();
+  float* __restrict xs = w.xs.data();
+  float* __restrict dt = w.dt.data();
+  float* __restrict dtu = w.dtu.data();
+  load_f32(in.u, in.dtype, off, len, uf);
+  load_f32(in.delta, in.dtype, off, len, xs);
   const float bias = in.delta_bias ? in.delta_bias[c] : 0.f;
-  for (int64_t t = 0; t < len; ++t) {
-    const float x = w.xs[t] + bias;
-    w.xs[t] = x;
-    const float dt = in.softplus ? softplus_f(x) : x;
-    w.dt[t] = dt;
-    w.dtu[t] = dt * w.uf[t];
-  }
+  for (int64_t t = 0; t < len; ++t) xs[t] += bias;
+  std::memcpy(dt, xs, sizeof(float) * len);
+  if (in.softplus) K.softplus_inplace(dt, static_cast<int>(len));
+  for (int64_t t = 0; t < len; ++t) dtu[t] = dt[t] * uf[t];
+}
+
+// y_t = D u_t before the kernels add <C_t, h_t>
+void init_y(const ScanInputs& in, int64_t c, int64_t len, Work& w) {
+  const float Dc = in.D ? in.D[c] : 0.f;
+  float* __restrict y = w.y.data();
+  const float* __restrict uf = w.uf.data();
+  for (int64_t t = 0; t < len; ++t) y[t] = Dc * uf[t];
 }
 
 scan::FwdArgs chunk_args(const Plan& p, const ScanShape& s, Work& w, int64_t ci, int64_t lb, int64_t len,
@@ -319,21 +330,18 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           float* h = &w.h[ci * p.np];
           std::memcpy(savedp + (row * p.nchunks + ch) * p.n, h, sizeof(float) * p.n);
-          load_channel_chunk(p, in, k.bi, c, ts, len, w);
-          std::fill(w.y.begin(), w.y.begin() + len, 0.f);
+          load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
+          init_y(in, c, len, w);
           for (int64_t lb = 0; lb < p.nlb; ++lb) {
             scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr);
             a.h = h + lb * kL;
             a.y = w.y.data();
             K.fwd(a);
           }
-          if (in.D) {
-            const float Dc = in.D[c];
-            for (int64_t t = 0; t < len; ++t) w.y[t] += Dc * w.uf[t];
-          }
           if (in.z) {
             load_f32(in.z, in.dtype, row * p.l + ts, len, w.zf.data());
-            for (int64_t t = 0; t < len; ++t) w.y[t] *= w.zf[t] * sigmoid_f(w.zf[t]);
+            K.sigmoid(w.zf.data(), w.tmp.data(), static_cast<int>(len));
+            for (int64_t t = 0; t < len; ++t) w.y[t] *= w.zf[t] * w.tmp[t];
           }
           store_f32(outp, in.dtype, row * p.l + ts, len, w.y.data());
         }
@@ -420,11 +428,11 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
         load_resets(p, in, k.bi, ts, len, w);
         for (int64_t c = k.c0; c < k.c1; ++c) {
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
-          load_channel_chunk(p, in, k.bi, c, ts, len, w);
+          load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           load_f32(doutp, in.dtype, row * p.l + ts, len, df.data());
           std::memcpy(hs.data(), savedp + (row * p.nchunks + ch) * p.n, sizeof(float) * p.n);
           // 1. recompute h_t, exp(dt_t A) (and y_t if z needs it) from the saved chunk-entry state
-          if (in.z) std::fill(w.y.begin(), w.y.begin() + len, 0.f);
+          if (in.z) init_y(in, c, len, w);
           std::copy(hs.begin(), hs.end(), hrun.begin());
           for (int64_t lb = 0; lb < p.nlb; ++lb) {
             scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr);
@@ -438,8 +446,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
           const float Dc = in.D ? in.D[c] : 0.f;
           if (in.z) {
             load_f32(in.z, in.dtype, row * p.l + ts, len, w.zf.data());
+            K.sigmoid(w.zf.data(), w.tmp.data(), static_cast<int>(len));
             for (int64_t t = 0; t < len; ++t) {
-              const float zt = w.zf[t], sg = sigmoid_f(zt), yt = w.y[t] + Dc * w.uf[t];
+              const float zt = w.zf[t], sg = w.tmp[t], yt = w.y[t];
               dy[t] = df[t] * zt * sg;
               dzb[t] = df[t] * yt * sg * (1.f + zt * (1.f - sg));
             }
@@ -477,12 +486,13 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
             K.bwd(a);
           }
           // 4. du, ddelta (through bias and softplus), dD, ddelta_bias
+          if (in.softplus) K.sigmoid(w.xs.data(), w.tmp.data(), static_cast<int>(len));  // softplus'
           float dDacc = 0.f, dbacc = 0.f;
           for (int64_t t = 0; t < len; ++t) {
             dub[t] = w.dt[t] * sgb[t] + Dc * dy[t];
             dDacc += dy[t] * w.uf[t];
-            float ddt = sgb[t] * w.uf[t] + saq[t];
-            if (in.softplus && w.xs[t] <= 20.f) ddt *= sigmoid_f(w.xs[t]);
+            float ddt = sgb[t] * w.uf[t] + saq[t] * kLn2;
+            if (in.softplus) ddt *= w.tmp[t];
             ddb[t] = ddt;
             dbacc += ddt;
           }
