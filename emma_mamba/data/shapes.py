@@ -173,7 +173,11 @@ class Shape:
 
     @property
     def box(self) -> tuple[int, int, int, int]:
-        """Inclusive bounding box (x0, y0, x1, y1) that contains every pixel of the shape."""
+        """Inclusive bounding box (x0, y0, x1, y1) of the drawn shape (the star is narrower than 2r and its
+        lowest points sit at cos(36°)·r below the centre), rounded outwards so it holds every drawn pixel."""
+        if self.kind == "star":
+            hw, down = math.ceil(math.sin(math.radians(72)) * self.r), math.ceil(math.cos(math.radians(36)) * self.r)
+            return (self.cx - hw, self.cy - self.r, self.cx + hw, self.cy + down)
         return (self.cx - self.r, self.cy - self.r, self.cx + self.r, self.cy + self.r)
 
 
@@ -549,13 +553,14 @@ class _Asker:
         for b in self.shapes:
             for rb in self.refs(b):
                 for side in (("left", "right") if axis == "x" else ("above", "below")):
-                    if side in ("left", "above"):
-                        hits = [a for a in self.shapes if a is not b and
-                                (a.box[2] < b.box[0] if axis == "x" else a.box[3] < b.box[1])]
-                    else:
-                        hits = [a for a in self.shapes if a is not b and
-                                (b.box[2] < a.box[0] if axis == "x" else b.box[3] < a.box[1])]
-                    if len(hits) == 1:
+                    # signed gap from a to b along the axis, in the direction of `side`
+                    def gap(a, side=side):
+                        i = 0 if axis == "x" else 1
+                        return b.box[i] - a.box[i + 2] if side in ("left", "above") else a.box[i] - b.box[i + 2]
+                    others = [a for a in self.shapes if a is not b]
+                    hits = [a for a in others if gap(a) > 0]
+                    # the answer must be unique beyond doubt: every other shape clearly fails the relation
+                    if len(hits) == 1 and all(gap(a) < -2 for a in others if a is not hits[0]):
                         cands.append((hits[0], b, rb, side))
         if not cands:
             return None
