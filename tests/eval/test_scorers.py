@@ -1,0 +1,281 @@
+"""Scorers against values computed by hand on small files written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emma_mamba import cli
+from emma_mamba.eval.scorers import (ScoreInputError, normalize_answer, normalize_gqa, parse_mme_answer, score,
+                                     vqa_accuracy, yes_no)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- VQAv2
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The dog", "dog"),                      # article
+    ("an apple", "apple"),
+    ("A Red Car", "red car"),                # case + article
+    ("yes.", "yes"),                         # final period
+    ("Yes. ", "yes"),                        # trailing space
+    ("  no  ", "no"),
+    ("two", "2"),                            # number words
+    ("None", "0"),
+    ("ten", "10"),
+    ("eleven", "eleven"),                    # only zero..ten are mapped
+    ("Two dogs!", "2 dogs"),
+    ("dont", "don't"),                       # contractions
+    ("isnt", "isn't"),
+    ("cant", "can't"),
+    ("wont", "won't"),
+    ("youre", "you're"),
+    ("it's", "it's"),                        # apostrophes are not punctuation
+    ("red-white", "red white"),              # punctuation not touching a space -> space
+    ("red - white", "red white"),            # touching a space -> deleted
+    ("hello, world", "hello world"),
+    ("red,blue", "red blue"),
+    ("1,000", "1000"),                       # digit,digit: every mark deleted
+    ("3.5", "3.5"),                          # decimal point kept
+    ("3.5.", "3.5"),
+    ("what?", "what"),
+    ("(left)", "left"),
+    ("the\tcat\nsat", "cat sat"),            # tabs and newlines are spaces
+])
+def test_vqa_normalisation(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_vqa_soft_accuracy_by_hand():
+    # k humans of 10 gave the answer. Leaving out one of the k: k-1 matches (k such subsets); leaving out
+    # another: k matches (10-k subsets). acc = (k*min(1,(k-1)/3) + (10-k)*min(1,k/3)) / 10
+    ten = lambda k: ["red"] * k + ["blue"] * (10 - k)  # noqa: E731
+    assert vqa_accuracy("red", ten(0)) == 0.0
+    assert vqa_accuracy("red", ten(1)) == pytest.approx((1 * 0 + 9 * (1 / 3)) / 10)  # 0.3
+    assert vqa_accuracy("red", ten(2)) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)  # 0.6
+    assert vqa_accuracy("red", ten(3)) == pytest.approx((3 * (2 / 3) + 7 * 1) / 10)  # 0.9
+    assert vqa_accuracy("red", ten(4)) == pytest.approx(1.0)
+    assert vqa_accuracy("red", ten(10)) == pytest.approx(1.0)
+
+
+def _vqa_files(tmp_path):
+    def ann(qid, humans, atype, qtype):
+        return {"question_id": qid, "image_id": qid, "question_type": qtype, "answer_type": atype,
+                "multiple_choice_answer": humans[0],
+                "answers": [{"answer": h, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, h in enumerate(humans)]}
+    anns = {"annotations": [
+        ann(1, ["red"] * 2 + ["blue"] * 8, "other", "what color is the"),
+        ann(2, ["2", "two", "Two."] + ["3"] * 7, "number", "how many"),
+        ann(3, ["yes"] * 4 + ["no"] * 6, "yes/no", "is the"),
+        ann(4, ["dog"] * 10, "other", "what is"),
+    ]}
+    (tmp_path / "ann.json").write_text(json.dumps(anns))
+    return tmp_path / "ann.json"
+
+
+def test_vqav2_file_by_hand(tmp_path):
+    ann = _vqa_files(tmp_path)
+    res = tmp_path / "res.json"  # the official results format: a JSON list
+    res.write_text(json.dumps([{"question_id": 1, "answer": "Red."},   # 2 humans -> 0.6
+                               {"question_id": 2, "answer": "two"},    # "2","two","Two." -> 3 humans -> 0.9
+                               {"question_id": 3, "answer": "Yes"},    # 4 humans -> 1.0
+                               {"question_id": 4, "answer": "a cat"}]))  # 0
+    m = score("vqav2", res, ann)
+    assert m["n"] == 4 and m["n_missing"] == 0
+    assert m["accuracy"] == pytest.approx((0.6 + 0.9 + 1.0 + 0.0) / 4)
+    assert m["per_answer_type"] == pytest.approx({"other": 0.3, "number": 0.9, "yes/no": 1.0})
+    assert m["per_question_type"]["how many"] == pytest.approx(0.9)
+    # LLaVA-style JSONL answers with "text" work the same
+    write_jsonl(tmp_path / "res.jsonl", [{"question_id": 1, "text": "red"}, {"question_id": 2, "text": "2"},
+                                         {"question_id": 3, "text": "no"}, {"question_id": 4, "text": "Dog"}])
+    m = score("vqav2", tmp_path / "res.jsonl", ann)
+    # q3 "no": 6 humans -> 1.0
+    assert m["accuracy"] == pytest.approx((0.6 + 0.9 + 1.0 + 1.0) / 4)
+
+
+def test_vqav2_errors(tmp_path):
+    ann = _vqa_files(tmp_path)
+    write_jsonl(tmp_path / "r.jsonl", [{"question_id": 1, "answer": "red"}, {"question_id": 99, "answer": "x"}])
+    with pytest.raises(ScoreInputError, match=r"r\.jsonl: line 2: question id 99 is not in the annotations"):
+        score("vqav2", tmp_path / "r.jsonl", ann)
+    write_jsonl(tmp_path / "r.jsonl", [{"question_id": 1, "answer": "red"}, {"question_id": 2}])
+    with pytest.raises(ScoreInputError, match=r"r\.jsonl: line 2: .*no 'answer' or 'text' field"):
+        score("vqav2", tmp_path / "r.jsonl", ann)
+    write_jsonl(tmp_path / "r.jsonl", [{"question_id": 1, "answer": "red"}])
+    with pytest.raises(ScoreInputError, match="no answer for 3 of 4 questions"):
+        score("vqav2", tmp_path / "r.jsonl", ann)
+    assert score("vqav2", tmp_path / "r.jsonl", ann, allow_missing=True)["n_missing"] == 3
+    bad = tmp_path / "bad_ann.json"
+    bad.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "a"}]}, {"answers": []}]}))
+    with pytest.raises(ScoreInputError, match=r"bad_ann\.json: annotations\[1\]: .*no 'question_id'"):
+        score("vqav2", tmp_path / "r.jsonl", bad)
+    (tmp_path / "broken.jsonl").write_text('{"question_id": 1, "answer": "red"}\n{"question_id": 2,\n')
+    with pytest.raises(ScoreInputError, match=r"broken\.jsonl: line 2: not valid JSON"):
+        score("vqav2", tmp_path / "broken.jsonl", ann)
+
+
+# ------------------------------------------------------------------------------------------------ POPE
+
+POPE_QUESTIONS = [{"question_id": i + 1, "image": f"img{i // 2}.jpg", "text": "Is there a dog in the image?",
+                   "label": "yes" if i < 5 else "no"} for i in range(10)]
+POPE_REPLIES = [  # reply, what it is read as, and whether it started with yes/no
+    ("Yes, there is a dog.", True),      # 1 label yes -> TP
+    ("No.", False),                      # 2 yes -> FN
+    ("yes", True),                       # 3 yes -> TP
+    ("There is a cat in the image.", True),  # 4 yes -> TP (POPE's fallback: no "no"/"not" -> yes)
+    ("I do not see one.", False),        # 5 yes -> FN (fallback: "not")
+    ("no", False),                       # 6 no -> TN
+    ("Yes", True),                       # 7 no -> FP
+    ("NO!", False),                      # 8 no -> TN
+    ("No, there is not.", False),        # 9 no -> TN
+    ("There is no dog. Yes.", False),    # 10 no -> TN (fallback on the first sentence: "no")
+]
+
+
+def test_pope_yes_no_reading():
+    assert [yes_no(r)[0] for r, _ in POPE_REPLIES] == [want for _, want in POPE_REPLIES]
+    assert [yes_no(r)[1] for r, _ in POPE_REPLIES].count(False) == 3
+
+
+def test_pope_file_by_hand(tmp_path):
+    q = write_jsonl(tmp_path / "coco_pope_random.jsonl", POPE_QUESTIONS)
+    a = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": i + 1, "text": r}
+                                                 for i, (r, _) in reversed(list(enumerate(POPE_REPLIES)))])
+    m = score("pope", a, q)
+    # TP = 3 (1, 3, 4), FN = 2 (2, 5), TN = 4 (6, 8, 9, 10), FP = 1 (7)
+    assert (m["tp"], m["fn"], m["tn"], m["fp"]) == (3, 2, 4, 1)
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["recall"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / (0.75 + 0.6))  # 2/3
+    assert m["yes_ratio"] == pytest.approx(4 / 10)
+    assert m["n_unparsed"] == 3
+    # POPE's own answer files: "answer" key, no question_id, matched by line order
+    a2 = write_jsonl(tmp_path / "pope_answers.jsonl", [{"question": "q", "answer": r} for r, _ in POPE_REPLIES])
+    assert score("pope", a2, q)["accuracy"] == pytest.approx(0.7)
+
+
+def test_pope_errors(tmp_path):
+    q = write_jsonl(tmp_path / "q.jsonl", POPE_QUESTIONS)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "yes"}, {"question_id": 11, "text": "no"}])
+    with pytest.raises(ScoreInputError, match=r"a\.jsonl: line 2: question id 11 is not in the annotations .*q\.jsonl"):
+        score("pope", a, q)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "yes"}, {"text": "no"}])
+    with pytest.raises(ScoreInputError, match=r"a\.jsonl: line 2: answer has no 'question_id'"):
+        score("pope", a, q)
+    bad = write_jsonl(tmp_path / "bad.jsonl", POPE_QUESTIONS[:3] + [{"question_id": 4, "text": "x"}])
+    with pytest.raises(ScoreInputError, match=r"bad\.jsonl: line 4: .*no 'label' field"):
+        score("pope", a, bad)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(POPE_QUESTIONS[0], label="maybe")])
+    with pytest.raises(ScoreInputError, match=r"bad\.jsonl: line 1: label must be 'yes' or 'no'"):
+        score("pope", a, bad)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"answer": "yes"}] * 3)
+    with pytest.raises(ScoreInputError, match="3 answers without question_id but .* has 10 questions"):
+        score("pope", a, q)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "yes"}, {"question_id": 1, "text": "no"}])
+    with pytest.raises(ScoreInputError, match="line 2: second answer for question id 1"):
+        score("pope", a, q)
+
+
+# ------------------------------------------------------------------------------------------------- GQA
+
+def test_gqa_by_hand(tmp_path):
+    qs = {"101": {"imageId": "n1", "question": "Is the cup to the left or right of the plate?", "answer": "left",
+                  "types": {"structural": "choose", "semantic": "rel"}},
+          "102": {"imageId": "n1", "question": "Is there a cat?", "answer": "yes",
+                  "types": {"structural": "verify", "semantic": "rel"}},
+          "103": {"imageId": "n2", "question": "What color is the car?", "answer": "red",
+                  "types": {"structural": "query", "semantic": "attr"}}}
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(qs))
+    preds = [{"questionId": "101", "prediction": "Left."}, {"questionId": 102, "prediction": "no"},
+             {"questionId": "103", "prediction": " RED "}]
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    m = score("gqa", tmp_path / "pred.json", tmp_path / "testdev_balanced_questions.json")
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["per_structural_type"] == {"choose": 1.0, "query": 1.0, "verify": 0.0}
+    assert m["per_semantic_type"] == pytest.approx({"attr": 1.0, "rel": 0.5})
+    assert normalize_gqa("The red.") == "the red"  # light normalisation only: no article removal
+    (tmp_path / "pred.json").write_text(json.dumps(preds + [{"questionId": "999", "prediction": "x"}]))
+    with pytest.raises(ScoreInputError, match=r"pred\.json: record 4: question id '999' is not in the annotations"):
+        score("gqa", tmp_path / "pred.json", tmp_path / "testdev_balanced_questions.json")
+    (tmp_path / "pred.json").write_text(json.dumps([{"questionId": "101"}]))
+    with pytest.raises(ScoreInputError, match=r"record 1: .*no 'prediction' or 'answer' or 'text' field"):
+        score("gqa", tmp_path / "pred.json", tmp_path / "testdev_balanced_questions.json")
+
+
+# ------------------------------------------------------------------------------------------------- MME
+
+def test_mme_answer_parsing():
+    assert [parse_mme_answer(r) for r in ("Yes", " no ", "Yes, it is.", "Not really", "I think so", "")] == \
+        ["yes", "no", "yes", "no", "other", "other"]
+
+
+def test_mme_by_hand(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "count.txt").write_text(
+        "a.png\tAre there two dogs?\tYes\tYes\n"           # right
+        "a.png\tAre there three dogs?\tNo\tno\n"           # right -> image a: both right
+        "b.png\tIs there one cat?\tYes\tYes, there is\n"   # right
+        "b.png\tIs there two cats?\tNo\tyes\n"             # wrong
+        "c.png\tIs it red?\tYes\tI think so\n"             # "other": wrong
+        "c.png\tIs it blue?\tNo\tNot really\n")            # right
+    (res / "color.txt").write_text("d.png\tq1\tYes\tyes\nd.png\tq2\tNo\tNo\n")
+    (res / "numerical_calculation.txt").write_text("e.png\tq1\tYes\tNo\ne.png\tq2\tNo\tNo\n")
+    m = score("mme", res, None)
+    c = m["categories"]["count"]
+    assert c["acc"] == pytest.approx(100 * 4 / 6) and c["acc_plus"] == pytest.approx(100 * 1 / 3)
+    assert c["score"] == pytest.approx(100.0)
+    assert m["categories"]["color"]["score"] == pytest.approx(200.0)
+    assert m["categories"]["numerical_calculation"]["acc"] == pytest.approx(50.0)
+    assert m["categories"]["numerical_calculation"]["acc_plus"] == pytest.approx(0.0)
+    assert m["perception"] == pytest.approx(300.0) and m["cognition"] == pytest.approx(50.0)
+    assert m["total"] == pytest.approx(350.0)
+    # a template that matches is accepted; one that does not is named
+    tpl = tmp_path / "tpl"
+    tpl.mkdir()
+    for p in res.glob("*.txt"):
+        (tpl / p.name).write_text("".join(l.rsplit("\t", 1)[0] + "\n" for l in p.read_text().splitlines()))
+    assert score("mme", res, tpl)["total"] == pytest.approx(350.0)
+    (tpl / "color.txt").write_text("d.png\tq1\tYes\nd.png\tDIFFERENT\tNo\n")
+    with pytest.raises(ScoreInputError, match=r"color\.txt: line 2 does not match"):
+        score("mme", res, tpl)
+
+
+def test_mme_errors(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "count.txt").write_text("a.png\tq1\tYes\tYes\nb.png\tq2\tNo\tNo\n")
+    with pytest.raises(ScoreInputError, match=r"count\.txt: lines 1 and 2 should be the two questions of one image"):
+        score("mme", res, None)
+    (res / "count.txt").write_text("a.png\tq1\tYes\tYes\na.png\tq2\tNo\n")
+    with pytest.raises(ScoreInputError, match=r"count\.txt: line 2: expected 4 tab-separated columns"):
+        score("mme", res, None)
+    (res / "count.txt").write_text("a.png\tq1\tYes\tYes\n")
+    with pytest.raises(ScoreInputError, match="two questions per image"):
+        score("mme", res, None)
+    (res / "count.txt").unlink()
+    (res / "colour.txt").write_text("a.png\tq1\tYes\tYes\na.png\tq2\tNo\tNo\n")
+    with pytest.raises(ScoreInputError, match=r"unknown MME category 'colour'"):
+        score("mme", res, None)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_score(tmp_path, capsys):
+    q = write_jsonl(tmp_path / "q.jsonl", POPE_QUESTIONS)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": i + 1, "text": r} for i, (r, _) in enumerate(POPE_REPLIES)])
+    out = tmp_path / "metrics.json"
+    rc = cli.main(["score", "--task", "pope", "--answers", str(a), "--annotations", str(q), "--out", str(out)])
+    assert rc == 0
+    assert "F1 66.67" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(0.7)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 42, "text": "yes"}])
+    rc = cli.main(["score", "--task", "pope", "--answers", str(a), "--annotations", str(q)])
+    assert rc == 2 and "question id 42 is not in the annotations" in capsys.readouterr().err
