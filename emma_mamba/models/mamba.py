@@ -255,6 +255,13 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """W (o, k) @ x (b, k, l) -> (b, o, l). At batch 1 one 2-D GEMM, which takes a transposed x without a copy."""
+    if x.shape[0] == 1:
+        return (W @ x[0])[None]
+    return torch.matmul(W, x)
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
 
@@ -317,8 +324,9 @@ class MambaMixer(nn.Module):
         di, n, r = self.d_inner, self.d_state, self.dt_rank
         A, D, dt_bias = self._ssm_params()
 
-        # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): channels-first without a transpose copy
-        xz = torch.matmul(self.in_proj.weight, hidden_states.transpose(1, 2))
+        # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): lands channels-first, the layout of the
+        # conv and the scan, with the transpose folded into the GEMM
+        xz = _matmul_cf(self.in_proj.weight, hidden_states.transpose(1, 2))
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
         x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
@@ -332,21 +340,20 @@ class MambaMixer(nn.Module):
                 conv_init = conv_state[..., 1:].to(x.dtype, copy=True)  # the last d_conv-1 inputs
                 ssm_init = ssm_state.clone()
             # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
-            window = torch.cat([conv_state.to(x.dtype), x], dim=-1)[..., -self.d_conv:]  # (b, d_inner, d_conv)
+            w = self.d_conv
+            window = torch.cat([conv_state.to(x.dtype), x[..., -w:]], dim=-1)[..., -w:]  # (b, d_inner, d_conv)
             if seq_idx is not None:
                 # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
-                sid = torch.cat([seq_idx[:, :1].expand(b, self.d_conv), seq_idx], dim=1)[:, -self.d_conv:]
+                sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
                 window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
             conv_state.copy_(window)
 
         x = ops.causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", initial_states=conv_init,
                               seq_idx=seq_idx)  # (b, d_inner, l)
 
-        x_dbl = F.linear(x.transpose(1, 2).reshape(b * l, di), self.x_proj.weight)  # (b*l, r + 2n)
-        dt, B, C = torch.split(x_dbl, [r, n, n], dim=-1)
-        dt = (self.dt_proj.weight @ dt.t()).view(di, b, l).transpose(0, 1)  # (b, d_inner, l)
-        B = B.view(b, l, n).transpose(1, 2)  # (b, n, l)
-        C = C.view(b, l, n).transpose(1, 2)  # (b, n, l)
+        x_dbl = _matmul_cf(self.x_proj.weight, x)  # (b, r + 2n, l)
+        dt, B, C = torch.split(x_dbl, [r, n, n], dim=1)  # (b, r, l), (b, n, l), (b, n, l)
+        dt = _matmul_cf(self.dt_proj.weight, dt)  # (b, d_inner, l); its bias goes in as delta_bias
 
         if cache is not None:
             y, last_state = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
@@ -355,6 +362,8 @@ class MambaMixer(nn.Module):
         else:
             y = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                    seq_idx=seq_idx)
+        if b == 1:  # (l, d_inner) as a transposed view: the GEMM reads it without a copy
+            return F.linear(y[0].t(), self.out_proj.weight, self.out_proj.bias)[None]  # (1, l, d_model)
         return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)  # (b, l, d_model)
 
     def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
