@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -473,16 +474,24 @@ class _Asker:
         return QA(q, str(a), "count", "number", "how many", "query", "obj", f"There are {a}.")
 
     def detail(self):
-        p = self.pick_ref(None)
-        if p is None:
+        cands = [(s, r) for s in self.shapes for r in self.refs(s)]
+        if not cands:
             return None
-        s, ref = p
+        # answers are balanced so that no answer can be guessed from the question alone: the open question
+        # is about a shape with a detail half of the time, the yes/no one is true half of the time
         if self.rng.random() < 0.5:
+            pool = [c for c in cands if bool(c[0].detail) == (self.rng.random() < 0.5)]
+            if not pool:
+                return None
+            s, ref = self.rng.choice(pool)
             a = s.detail or "nothing"
             return QA(f"What is inside the {ref}?", a, "detail", "other", "what is inside the", "query", "attr",
                       f"The {ref} has a {s.detail} inside." if s.detail else f"The {ref} has nothing inside.")
-        # yes/no, balanced: ask about its own detail half of the time when it has one
-        asked = s.detail if (s.detail and self.rng.random() < 0.5) else self.rng.choice(DETAILS)
+        yes_pool = [(s, r, s.detail) for s, r in cands if s.detail]
+        no_pool = [(s, r, d) for s, r in cands for d in DETAILS if d != s.detail]
+        if not yes_pool or not no_pool:  # asked only where either answer is possible, so yes/no stay balanced
+            return None
+        s, ref, asked = self.rng.choice(yes_pool if self.rng.random() < 0.5 else no_pool)
         a = "yes" if asked == s.detail else "no"
         return QA(f"Does the {ref} have a {asked}?", a, "detail", "yes/no", "does the", "verify", "attr",
                   f"{a.capitalize()}, the {ref} {'has' if a == 'yes' else 'does not have'} a {asked}.")
@@ -573,8 +582,10 @@ class _Asker:
                   "query", "rel", f"The {a.kind} is {where} the {rb}.")
 
     def logical(self):
+        if len(self.obj_n) < 2:  # asked only where either answer is possible, so yes/no stay balanced
+            return None
         o1 = self.rng.choice(self.shapes).obj
-        if self.rng.random() < 0.5 and len(self.obj_n) > 1:
+        if self.rng.random() < 0.5:
             o2, a = self.rng.choice([o for o in self.obj_n if o != o1]), "yes"
         else:
             o2, a = self.negative_object(), "no"
@@ -586,17 +597,20 @@ class _Asker:
 
     def compare(self):
         attr = self.rng.choice(("colour", "kind"))
-        cands = [(a, ra, b, rb) for i, a in enumerate(self.shapes) for b in self.shapes[i + 1:]
-                 for ra in self.refs(a, attr) for rb in self.refs(b, attr)]
-        if not cands:
+        pools: dict[bool, list] = {True: [], False: []}
+        for i, a in enumerate(self.shapes):
+            for b in self.shapes[i + 1:]:
+                pools[getattr(a, attr) == getattr(b, attr)] += [(a, ra, b, rb) for ra in self.refs(a, attr)
+                                                                for rb in self.refs(b, attr)]
+        if not pools[True] or not pools[False]:  # asked only where either answer is possible
             return None
-        a, ra, b, rb = self.rng.choice(cands)
-        same = (a.colour == b.colour) if attr == "colour" else (a.kind == b.kind)
+        want_same = self.rng.random() < 0.5
+        a, ra, b, rb = self.rng.choice(pools[want_same])
         q = (f"Do the {ra} and the {rb} have the same color?" if attr == "colour"
              else f"Are the {ra} and the {rb} the same shape?")
-        ans = "yes" if same else "no"
+        ans = "yes" if want_same else "no"
         return QA(q, ans, "compare", "yes/no", q.split(" the")[0].lower(), "compare", "attr",
-                  f"{ans.capitalize()}, they {'are' if same else 'are not'} the same.")
+                  f"{ans.capitalize()}, they {'are' if want_same else 'are not'} the same.")
 
     VQA_KINDS = ("color", "shape", "size", "count", "detail", "existence")
     GQA_KINDS = ("relation", "relation_query", "logical", "compare")
@@ -692,6 +706,8 @@ def mme_pairs(scene: Scene, cfg: ShapesConfig, rng: random.Random, asker: _Asker
                 a, ra, b, rb = rng.choice(pairs)
                 horiz = a.box[2] < b.box[0]
                 yes_rel, no_rel = ("to the left of", "to the right of") if horiz else ("above", "below")
+                if rng.random() < 0.5:  # ask from B's side half of the time, so the wording gives nothing away
+                    ra, rb, yes_rel, no_rel = rb, ra, no_rel, yes_rel
                 pair = (f"Is the {ra} {yes_rel} the {rb}?", f"Is the {ra} {no_rel} the {rb}?")
         elif cat == "color":
             p = asker.pick_ref("colour")
@@ -863,3 +879,67 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
     }
     _dump_json(meta, out / "meta.json")
     return meta
+
+
+# ----------------------------------------------------------------------------------- blind baseline
+
+def _template(question: str) -> str:
+    """The question with colour, kind, size and number words masked: "What color is the {K}?"."""
+    q = re.sub(r"\b(" + "|".join(PALETTE) + r")\b", "{C}", question)
+    q = re.sub(r"\b(" + "|".join(KINDS) + r")s?\b", "{K}", q)
+    q = re.sub(r"\b(" + "|".join(SIZE_FRACTION) + r")\b", "{S}", q)
+    return re.sub(r"\b\d+\b", "{N}", q)
+
+
+def blind_baseline(data_dir: str | Path, out_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+    """Answer files of a question-only ("blind") baseline, to state the chance level a model must beat.
+
+    Each held-out question gets the answer most often given in the training conversations to the same
+    question text, else to the same template (attribute words masked), else the most frequent training
+    answer; MME questions without a yes/no guess get "Yes". This is the language prior a model could learn
+    without looking at the image. Returns {task name: (answers file, annotations file)} with task names
+    "vqav2", "gqa", "mme" and "pope_<variant>", ready for :func:`emma_mamba.eval.scorers.score`.
+    """
+    data, out = Path(data_dir), Path(out_dir)
+    exact: dict[str, Counter] = {}
+    templ: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for rec in json.loads((data / "train" / "stage2_instruct.json").read_text(encoding="utf-8")):
+        conv = rec["conversations"]
+        for h, g in zip(conv[0::2], conv[1::2]):
+            q = h["value"].removeprefix("<image>\n").removesuffix("\n" + SHORT_ANSWER_PROMPT)
+            exact.setdefault(q, Counter())[g["value"]] += 1
+            templ.setdefault(_template(q), Counter())[g["value"]] += 1
+            overall[g["value"]] += 1
+
+    def top(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]  # ties broken by the answer text
+
+    def guess(q: str) -> str:
+        for table, key in ((exact, q), (templ, _template(q))):
+            if key in table:
+                return top(table[key])
+        return top(overall) if overall else "yes"
+
+    ho = data / "heldout"
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[Path, Path]] = {}
+    qs = json.loads((ho / "vqav2_questions.json").read_text(encoding="utf-8"))["questions"]
+    _dump_json([{"question_id": q["question_id"], "answer": guess(q["question"])} for q in qs], out / "vqav2.json")
+    files["vqav2"] = (out / "vqav2.json", ho / "vqav2_annotations.json")
+    gqa = json.loads((ho / "gqa_questions.json").read_text(encoding="utf-8"))
+    _dump_json([{"questionId": k, "prediction": guess(v["question"])} for k, v in gqa.items()], out / "gqa.json")
+    files["gqa"] = (out / "gqa.json", ho / "gqa_questions.json")
+    for v in POPE_VARIANTS:
+        rows = [json.loads(line) for line in (ho / f"pope_{v}.jsonl").read_text(encoding="utf-8").splitlines()]
+        _dump_jsonl([{"question_id": r["question_id"], "text": guess(r["text"])} for r in rows], out / f"pope_{v}.jsonl")
+        files[f"pope_{v}"] = (out / f"pope_{v}.jsonl", ho / f"pope_{v}.jsonl")
+    (out / "mme").mkdir(exist_ok=True)
+    for p in sorted((ho / "mme").glob("*.txt")):
+        lines = []
+        for line in p.read_text(encoding="utf-8").splitlines():
+            g = guess(line.split("\t")[1].removesuffix(MME_SUFFIX))
+            lines.append(f"{line}\t{g.capitalize() if g in ('yes', 'no') else 'Yes'}\n")
+        (out / "mme" / p.name).write_text("".join(lines), encoding="utf-8")
+    files["mme"] = (out / "mme", ho / "mme")
+    return files

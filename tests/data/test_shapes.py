@@ -402,3 +402,16 @@ def test_benchmark_files_score_perfectly_with_their_own_answers(world, tmp_path)
                                                        for l in p.read_text().splitlines()))
     m = score("mme", tmp_path / "mme", ho / "mme")
     assert all(c["score"] == 200.0 for c in m["categories"].values())
+
+
+def test_blind_baseline_is_scoreable_and_weak(world, tmp_path):
+    """The question-only baseline runs through every scorer and stays far from a perfect score."""
+    from emma_mamba.eval.scorers import score
+
+    out, _ = world
+    files = sw.blind_baseline(out, tmp_path / "blind")
+    assert set(files) == {"vqav2", "gqa", "mme", "pope_random", "pope_popular", "pope_adversarial"}
+    m = {k: score("pope" if k.startswith("pope") else k, a, b) for k, (a, b) in files.items()}
+    assert m["vqav2"]["accuracy"] < 0.6 and m["gqa"]["accuracy"] < 0.7
+    assert all(m[f"pope_{v}"]["accuracy"] < 0.7 for v in sw.POPE_VARIANTS)
+    assert m["mme"]["total"] < 0.7 * 200 * len(m["mme"]["categories"])
