@@ -58,6 +58,19 @@ def cuda_lib_dir(cuda_home):
     return None
 
 
+def cuda_extra_include_dirs(cuda_home):
+    """torch's CUDA headers include cusparse.h/cublas_v2.h; a minimal toolkit (nvcc + cudart only) lacks
+    them, but the pip nvidia-* wheels that torch depends on ship them: add their include folder."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    dirs = []
+    for base in sys.path:
+        for inc in sorted(glob.glob(os.path.join(base, "nvidia", "*", "include"))):
+            if os.path.isfile(os.path.join(inc, "cusparse.h")) or os.path.isfile(os.path.join(inc, "cublas_v2.h")):
+                dirs.append(os.path.realpath(inc))
+    return list(dict.fromkeys(dirs))
+
+
 def cuda_arch_flags():
     archs = os.environ.get("EMMA_CUDA_ARCHS", "80;90")
     flags = []
@@ -95,6 +108,9 @@ def build_plan():
             "-lineinfo", "-DEMMA_WITH_CUDA", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
             "--threads", os.environ.get("EMMA_NVCC_THREADS", "2")] + cuda_arch_flags()
+    extra_inc = cuda_extra_include_dirs(cuda_home)
+    if extra_inc:  # after the toolkit's own include folder, so its cuda_runtime.h keeps matching nvcc
+        nvcc += ["-I" + os.path.join(cuda_home, "include")] + ["-I" + d for d in extra_inc]
     lib_dir = cuda_lib_dir(cuda_home)
     ext = CUDAExtension("emma_mamba._C", cpp_sources + cu_sources,
                         extra_compile_args={"cxx": cxx + ["-DEMMA_WITH_CUDA"], "nvcc": nvcc},

@@ -1,0 +1,612 @@
+// Selective scan (Mamba's S6, Gu & Dao 2023, Alg. 2) forward and backward on CUDA.
+//
+//   h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,    y_t = <C_t, h_t> + D * u_t,    out_t = y_t * silu(z_t)
+//
+// Work decomposition. A block is one (batch, channel group); each warp of the block owns one channel and walks
+// the sequence in chunks of 32 * K time steps (lane j holds K consecutive steps). Per state index n the
+// recurrence is a first-order linear recurrence, i.e. a scan over pairs (a_t, b_t) = (exp(dt_t A_n),
+// dt_t B_t u_t) under (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): each lane composes its K pairs sequentially,
+// a 5-step warp shuffle scan combines the 32 lane aggregates, and the prefix carried from the previous chunk
+// (the state at the chunk start) is applied. The kernel saves the state only at every kSave-th time step
+// ("chunk-boundary states", (b, d, ceil(l / kSave), n) fp32), never a (b, d, l, n) tensor.
+//
+// Backward, per chunk from last to first: recompute the chunk's states from the saved boundary state (the
+// same forward scan), then run the reverse scan of the adjoint g_t = dL/dh_t = a_{t+1} g_{t+1} + C_t dy_t
+// (a suffix scan over maps g -> alpha g + q with shfl_down), carrying g and a across chunks. The gradients of
+// B and C for variable/grouped B, C are summed over the channels of a group: first across the warps of the
+// block in shared memory (fixed order), then across blocks either by float atomics (default) or, in the
+// deterministic mode, by writing one partial per block and summing the partials with a fixed-order reduction,
+// so gradients are bitwise reproducible. Every other reduction (dA, dD, d delta_bias, constant dB/dC) goes
+// through per-(batch, channel) partials and a torch sum, deterministic in both modes.
+//
+// seq_idx (packed sequences) sets a_t = 0 where a new sequence starts: the state restarts from b_t, and no
+// gradient flows back across the boundary. The initial state only reaches the first segment for the same
+// reason. Positions past the end of the sequence are padded with the identity pair (dt = 0 -> a = 1, b = 0).
+#include "common.cuh"
+
+#include <algorithm>
+
+#include "../ops.h"
+
+namespace emma {
+namespace cuda {
+namespace {
+
+constexpr int kSave = 256;        // saved-state granularity (time steps); = backward chunk (32 lanes x 8)
+constexpr int kFwdItems = 16;     // time steps per lane in the forward (chunk of 512)
+constexpr int kBwdItems = 8;      // time steps per lane in the backward (chunk of 256)
+constexpr int kFwdWarps = 4;      // channels per forward block
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+static_assert(32 * kBwdItems == kSave, "the backward chunk must be the saved-state granularity");
+static_assert(kSave % kFwdItems == 0, "saved boundaries must fall on forward lane boundaries");
+
+struct ScanParams {
+  int batch, dim, seqlen, dstate, nsave;
+  // B/C layout: groups == 0 means constant (d, n) fp32; otherwise (b, groups, n, l) (variable = 1 group)
+  int groups_B, groups_C;
+  bool softplus, vec_in, vec_bc;
+  const void *u, *delta, *z;
+  const void *B, *C;
+  const float *A, *D, *delta_bias, *init;
+  const int* seq_idx;
+  // forward outputs
+  void* out;
+  float *last_state, *saved;
+  // backward
+  const void* dout;
+  const float *dlast, *saved_in;
+  void *du, *ddelta, *dz;
+  float *dA_part, *dD_part, *ddb_part, *dinit, *dBc_part, *dCc_part;  // per (b, d[, n]) partials
+  float *dB_acc, *dC_acc;  // variable/grouped: atomic accumulators (b, g, n, l) or per-block partials
+  bool deterministic;
+};
+
+// Time steps [t0, t0 + K) of this lane: valid count, (dt, dt*u, u), and which positions start a new segment.
+template <typename T, int K>
+__device__ __forceinline__ void load_step_inputs(const ScanParams& p, int64_t row, int c, int b, int t0, int valid,
+                                                 float (&u)[K], float (&dt)[K], float (&dt_raw)[K],
+                                                 unsigned& reset) {
+  load_k<T, K>(static_cast<const T*>(p.u) + row + t0, u, valid, p.vec_in);
+  load_k<T, K>(static_cast<const T*>(p.delta) + row + t0, dt_raw, valid, p.vec_in);
+  const float bias = p.delta_bias ? p.delta_bias[c] : 0.f;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    dt_raw[i] += bias;
+    float v = p.softplus ? softplus_f(dt_raw[i]) : dt_raw[i];
+    dt[i] = i < valid ? v : 0.f;  // padding: identity step (a = 1, b = 0)
+    if (i >= valid) u[i] = 0.f;
+  }
+  reset = 0;
+  if (p.seq_idx) {
+    const int* s = p.seq_idx + static_cast<int64_t>(b) * p.seqlen;
+    int prev = t0 > 0 && t0 - 1 < p.seqlen ? s[t0 - 1] : 0;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (i < valid) {
+        int cur = s[t0 + i];
+        if (t0 + i > 0 && cur != prev) reset |= 1u << i;
+        prev = cur;
+      }
+    }
+  }
+}
+
+// B or C values for state n at steps [t0, t0+K): constant (d, n) fp32 or (b, g, n, l) in WT.
+template <typename WT, int K>
+__device__ __forceinline__ void load_bc(const void* X, int groups, const ScanParams& p, int b, int c, int n, int t0,
+                                        int valid, float (&v)[K]) {
+  if (groups == 0) {
+    const float x = static_cast<const float*>(X)[static_cast<int64_t>(c) * p.dstate + n];
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] = x;
+  } else {
+    const int g = c / (p.dim / groups);
+    const WT* ptr = static_cast<const WT*>(X) + ((static_cast<int64_t>(b) * groups + g) * p.dstate + n) * p.seqlen + t0;
+    load_k<WT, K>(ptr, v, valid, p.vec_bc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward
+
+template <typename T, typename WT>
+__global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams p) {
+  constexpr int K = kFwdItems;
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c = blockIdx.x * kFwdWarps + warp, b = blockIdx.y;
+  if (c >= p.dim) return;  // warps are independent in the forward
+  const int N = p.dstate, L = p.seqlen;
+  float* carry = smem + warp * N;  // state at the current chunk start, one value per n
+  const int64_t row = (static_cast<int64_t>(b) * p.dim + c) * L;
+  const int64_t bd = static_cast<int64_t>(b) * p.dim + c;
+  for (int n = lane; n < N; n += 32) carry[n] = p.init ? p.init[bd * N + n] : 0.f;
+  __syncwarp();
+  const float Dv = p.D ? p.D[c] : 0.f;
+
+  for (int chunk = 0; chunk < L; chunk += 32 * K) {
+    const int t0 = chunk + lane * K;
+    const int valid = max(0, min(K, L - t0));
+    float dt[K], dtu[K], y[K];
+    unsigned reset;
+    {
+      float u[K], dt_raw[K];
+      load_step_inputs<T, K>(p, row, c, b, t0, valid, u, dt, dt_raw, reset);
+#pragma unroll
+      for (int i = 0; i < K; ++i) { dtu[i] = dt[i] * u[i]; y[i] = 0.f; }
+    }
+    const bool saves = (t0 % kSave) == 0 && t0 < L;
+
+    for (int n = 0; n < N; ++n) {
+      const float A2 = p.A[static_cast<int64_t>(c) * N + n] * kLog2e;
+      float a[K], bb[K], Bv[K];
+      load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
+      float pa = 1.f, pb = 0.f;  // this lane's composed pair
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
+        bb[i] = dtu[i] * Bv[i];
+        pb = a[i] * pb + bb[i];
+        pa *= a[i];
+      }
+      // inclusive warp scan of the lane pairs (earlier lane o later lane)
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float oa = __shfl_up_sync(kFull, pa, off), ob = __shfl_up_sync(kFull, pb, off);
+        if (lane >= off) { pb = pa * ob + pb; pa *= oa; }
+      }
+      float ea = __shfl_up_sync(kFull, pa, 1), eb = __shfl_up_sync(kFull, pb, 1);
+      if (lane == 0) { ea = 1.f; eb = 0.f; }
+      const float h0 = carry[n];
+      float h = ea * h0 + eb;  // state just before this lane's first step
+      if (saves) p.saved[(bd * p.nsave + t0 / kSave) * N + n] = h;
+      float Cv[K];
+      load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        h = a[i] * h + bb[i];
+        y[i] += Cv[i] * h;
+      }
+      const float next = __shfl_sync(kFull, h, 31);
+      __syncwarp();
+      if (lane == 0) carry[n] = next;
+      __syncwarp();
+    }
+
+    float zv[K], u[K];  // reloaded (L1-resident) rather than kept live across the state loop
+    if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+    if (p.D) load_k<T, K>(static_cast<const T*>(p.u) + row + t0, u, valid, p.vec_in);
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (p.D) y[i] += Dv * u[i];
+      if (p.z) y[i] *= silu_f(zv[i]);
+    }
+    store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+  }
+  for (int n = lane; n < N; n += 32) p.last_state[bd * N + n] = carry[n];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// backward
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFull, v, off);
+  return v;
+}
+
+template <typename T, typename WT>
+__global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
+  constexpr int K = kBwdItems;
+  constexpr int kStride = 32 * K + 32;  // padded per-warp row of the dB/dC reduction buffer (K+1 per lane)
+  extern __shared__ float smem[];
+  const int nw = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c = blockIdx.x * nw + warp, b = blockIdx.y;  // host guarantees nw | dim: every warp is valid
+  const int N = p.dstate, L = p.seqlen;
+  float* carry_g = smem + warp * N;           // adjoint at the start of the later chunk
+  float* carry_a = smem + (nw + warp) * N;    // a at the start of the later chunk
+  float* dA_w = smem + (2 * nw + warp) * N;
+  float* dBc_w = smem + (3 * nw + warp) * N;
+  float* dCc_w = smem + (4 * nw + warp) * N;
+  float* red = smem + 5 * nw * N;             // [2][nw][kStride]
+  const bool varB = p.groups_B > 0, varC = p.groups_C > 0;
+
+  const int64_t bd = static_cast<int64_t>(b) * p.dim + c;
+  const int64_t row = bd * L;
+  for (int n = lane; n < N; n += 32) {
+    carry_g[n] = p.dlast ? p.dlast[bd * N + n] : 0.f;
+    carry_a[n] = 1.f;
+    dA_w[n] = dBc_w[n] = dCc_w[n] = 0.f;
+  }
+  __syncwarp();
+  const float Dv = p.D ? p.D[c] : 0.f;
+  float dD_l = 0.f, ddb_l = 0.f;
+
+  const int nchunks = (L + kSave - 1) / kSave;
+  for (int chunk = nchunks - 1; chunk >= 0; --chunk) {
+    const int t0 = chunk * kSave + lane * K;
+    const int valid = max(0, min(K, L - t0));
+    float u[K], dt[K], dy[K], y[K], fz[K], du[K], ddt[K];
+    unsigned reset;
+    {
+      float dt_raw[K];
+      load_step_inputs<T, K>(p, row, c, b, t0, valid, u, dt, dt_raw, reset);
+    }
+    load_k<T, K>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
+    if (p.z) {
+      float zv[K];
+      load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        const float s = sigmoid_f(zv[i]);
+        fz[i] = dy[i] * s * (1.f + zv[i] * (1.f - s));  // dout * dsilu(z): dz = fz * y
+        dy[i] *= zv[i] * s;                              // dy = dout * silu(z)
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (i >= valid) dy[i] = 0.f;
+      y[i] = 0.f; du[i] = 0.f; ddt[i] = 0.f;
+    }
+
+    for (int n = 0; n < N; ++n) {
+      const float An = p.A[static_cast<int64_t>(c) * N + n], A2 = An * kLog2e;
+      float a[K], h[K], Bv[K], Cv[K];
+      load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
+      load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
+      // forward recompute of the chunk's states from the saved boundary state
+      float pa = 1.f, pb = 0.f;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
+        h[i] = dt[i] * u[i] * Bv[i];  // b_i for now
+        pb = a[i] * pb + h[i];
+        pa *= a[i];
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float oa = __shfl_up_sync(kFull, pa, off), ob = __shfl_up_sync(kFull, pb, off);
+        if (lane >= off) { pb = pa * ob + pb; pa *= oa; }
+      }
+      float ea = __shfl_up_sync(kFull, pa, 1), eb = __shfl_up_sync(kFull, pb, 1);
+      if (lane == 0) { ea = 1.f; eb = 0.f; }
+      const float h_in = ea * p.saved_in[(bd * p.nsave + chunk) * N + n] + eb;
+      {
+        float hc = h_in;
+#pragma unroll
+        for (int i = 0; i < K; ++i) { hc = a[i] * hc + h[i]; h[i] = hc; }
+      }
+      if (p.z) {
+#pragma unroll
+        for (int i = 0; i < K; ++i) y[i] += Cv[i] * h[i];
+      }
+      // reverse scan of the adjoint: g_i = alpha_i g_{i+1} + q_i, alpha_i = a_{i+1}, q_i = C_i dy_i
+      float a_next = __shfl_down_sync(kFull, a[0], 1);
+      if (lane == 31) a_next = carry_a[n];
+      float P = 1.f, Q = 0.f;  // this lane's map g_after -> g_first
+#pragma unroll
+      for (int i = K - 1; i >= 0; --i) {
+        const float alpha = i == K - 1 ? a_next : a[i + 1];
+        Q = alpha * Q + Cv[i] * dy[i];
+        P *= alpha;
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float oP = __shfl_down_sync(kFull, P, off), oQ = __shfl_down_sync(kFull, Q, off);
+        if (lane + off < 32) { Q = P * oQ + Q; P *= oP; }
+      }
+      float xP = __shfl_down_sync(kFull, P, 1), xQ = __shfl_down_sync(kFull, Q, 1);
+      if (lane == 31) { xP = 1.f; xQ = 0.f; }
+      float g = xP * carry_g[n] + xQ;  // adjoint at the step after this lane's last step
+      float dA_l = 0.f, dB_l = 0.f, dC_l = 0.f;
+      // variable B/C: this warp's per-step dB/dC go to its row of the block reduction buffer
+      float* rB = red + warp * kStride + lane * (K + 1);
+      float* rC = red + (nw + warp) * kStride + lane * (K + 1);
+#pragma unroll
+      for (int i = K - 1; i >= 0; --i) {
+        const float alpha = i == K - 1 ? a_next : a[i + 1];
+        g = alpha * g + Cv[i] * dy[i];
+        const float hp = i > 0 ? h[i - 1] : h_in;
+        const float ga = g * hp * a[i];  // dL/da_i * a_i (a_i = 0 at a segment start: no contribution)
+        const float dBi = g * dt[i] * u[i], dCi = dy[i] * h[i];
+        du[i] += g * dt[i] * Bv[i];
+        ddt[i] += g * u[i] * Bv[i] + ga * An;
+        dA_l += ga * dt[i];
+        if (varB) rB[i] = dBi; else dB_l += dBi;
+        if (varC) rC[i] = dCi; else dC_l += dCi;
+      }
+      const float g_start = __shfl_sync(kFull, g, 0), a_start = __shfl_sync(kFull, a[0], 0);
+      dA_l = warp_sum(dA_l);
+      if (!varB) dB_l = warp_sum(dB_l);
+      if (!varC) dC_l = warp_sum(dC_l);
+      __syncwarp();
+      if (lane == 0) {
+        carry_g[n] = g_start;
+        carry_a[n] = a_start;
+        dA_w[n] += dA_l;
+        if (!varB) dBc_w[n] += dB_l;
+        if (!varC) dCc_w[n] += dC_l;
+      }
+      __syncwarp();
+      if (varB || varC) {
+        // sum dB/dC over the block's channels in shared memory, then over blocks (atomics or partials)
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < 2 * kSave; idx += blockDim.x) {
+          const int which = idx / kSave, tl = idx % kSave, t = chunk * kSave + tl;
+          if (t >= L || (which == 0 ? !varB : !varC)) continue;
+          const int off = (tl / K) * (K + 1) + tl % K;
+          float s = 0.f;
+          for (int w = 0; w < nw; ++w) s += red[(which * nw + w) * kStride + off];
+          const int groups = which == 0 ? p.groups_B : p.groups_C;
+          float* dst = which == 0 ? p.dB_acc : p.dC_acc;
+          if (p.deterministic) {  // partial per channel block: (b, dim / nw, n, l)
+            dst[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * N + n) * L + t] = s;
+          } else {                // accumulator (b, g, n, l)
+            const int g_idx = (blockIdx.x * nw) / (p.dim / groups);
+            atomicAdd(dst + ((static_cast<int64_t>(b) * groups + g_idx) * N + n) * L + t, s);
+          }
+        }
+        __syncthreads();
+      }
+    }
+
+    float dz[K], dt_raw[K];
+    if (p.softplus) load_k<T, K>(static_cast<const T*>(p.delta) + row + t0, dt_raw, valid, p.vec_in);
+    const float bias = p.delta_bias ? p.delta_bias[c] : 0.f;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      du[i] += Dv * dy[i];
+      if (i < valid) dD_l += dy[i] * u[i];
+      if (p.z) dz[i] = fz[i] * (y[i] + Dv * u[i]);
+      if (p.softplus) ddt[i] *= sigmoid_f(dt_raw[i] + bias);
+      if (i < valid) ddb_l += ddt[i];
+    }
+    store_k<T, K>(static_cast<T*>(p.du) + row + t0, du, valid, p.vec_in);
+    store_k<T, K>(static_cast<T*>(p.ddelta) + row + t0, ddt, valid, p.vec_in);
+    if (p.z) store_k<T, K>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+  }
+
+  dD_l = warp_sum(dD_l);
+  ddb_l = warp_sum(ddb_l);
+  if (lane == 0) {
+    p.dD_part[bd] = dD_l;
+    p.ddb_part[bd] = ddb_l;
+  }
+  __syncwarp();
+  for (int n = lane; n < N; n += 32) {
+    p.dA_part[bd * N + n] = dA_w[n];
+    if (!varB) p.dBc_part[bd * N + n] = dBc_w[n];
+    if (!varC) p.dCc_part[bd * N + n] = dCc_w[n];
+    if (p.dinit) p.dinit[bd * N + n] = carry_a[n] * carry_g[n];  // adjoint of h_{-1}
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// host side
+
+struct BC {
+  at::Tensor t;  // possibly upcast to fp32 (when the other of B/C is fp32)
+  int groups;    // 0: constant (d, n)
+};
+
+BC prep_bc(const at::Tensor& X, const char* name) {
+  check_cuda(X, "selective_scan", name);
+  if (X.dim() == 2) return {X, 0};
+  if (X.dim() == 3) return {X, 1};
+  EMMA_CHECK(X.dim() == 4, "selective_scan: ", name, " must be 2-, 3- or 4-D");
+  return {X, static_cast<int>(X.size(1))};
+}
+
+// Variable B and C must share one storage dtype (the input dtype or fp32): upcast the other if they differ.
+at::ScalarType unify_bc(BC& B, BC& C, at::ScalarType in_dtype) {
+  const bool vb = B.groups > 0, vc = C.groups > 0;
+  at::ScalarType wt = in_dtype;
+  if ((vb && B.t.scalar_type() == at::kFloat) || (vc && C.t.scalar_type() == at::kFloat)) wt = at::kFloat;
+  if (vb && B.t.scalar_type() != wt) B.t = B.t.to(wt);
+  if (vc && C.t.scalar_type() != wt) C.t = C.t.to(wt);
+  for (const BC* x : {&B, &C})
+    if (x->groups > 0)
+      EMMA_CHECK(x->t.scalar_type() == in_dtype || x->t.scalar_type() == at::kFloat,
+                 "selective_scan: variable B/C must be in u's dtype or float32");
+  return wt;
+}
+
+void fill_common(ScanParams& p, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const BC& B,
+                 const BC& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                 const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx,
+                 at::ScalarType wt) {
+  const char* op = "selective_scan";
+  check_cuda(u, op, "u");
+  check_cuda(delta, op, "delta");
+  check_cuda(A, op, "A");
+  check_cuda(D, op, "D");
+  check_cuda(z, op, "z");
+  check_cuda(delta_bias, op, "delta_bias");
+  check_cuda(initial_state, op, "initial_state");
+  check_cuda(seq_idx, op, "seq_idx");
+  EMMA_CHECK(A.scalar_type() == at::kFloat, "selective_scan: A must be float32");
+  EMMA_CHECK(delta.scalar_type() == u.scalar_type(), "selective_scan: delta must have u's dtype");
+  p.batch = u.size(0);
+  p.dim = u.size(1);
+  p.seqlen = u.size(2);
+  p.dstate = A.size(1);
+  p.nsave = (p.seqlen + kSave - 1) / kSave;
+  p.groups_B = B.groups;
+  p.groups_C = C.groups;
+  for (const BC* x : {&B, &C})
+    if (x->groups > 0) EMMA_CHECK(p.dim % x->groups == 0, "selective_scan: groups must divide dim");
+  p.softplus = delta_softplus;
+  const size_t es = u.element_size(), ws = at::elementSize(wt);
+  p.vec_in = (p.seqlen * es) % 16 == 0 && aligned16(u.data_ptr()) && aligned16(delta.data_ptr()) &&
+             (!z || aligned16(z->data_ptr()));
+  p.vec_bc = (p.seqlen * ws) % 16 == 0 && (B.groups == 0 || aligned16(B.t.data_ptr())) &&
+             (C.groups == 0 || aligned16(C.t.data_ptr()));
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.z = z ? z->data_ptr() : nullptr;
+  p.B = B.t.data_ptr();
+  p.C = C.t.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.D = opt_ptr<float>(D);
+  p.delta_bias = opt_ptr<float>(delta_bias);
+  p.init = opt_ptr<float>(initial_state);
+  p.seq_idx = opt_ptr<int>(seq_idx);
+}
+
+template <typename F>
+void dispatch_scan(at::ScalarType in, at::ScalarType wt, F&& f) {
+  EMMA_DISPATCH_FLOAT(in, "selective_scan", [&] {
+    if (wt == at::kFloat) f(scalar_t{}, float{});
+    else f(scalar_t{}, scalar_t{});
+  });
+}
+
+// Channels per backward block: the largest of 8, 4, 2, 1 that divides dim and the channels of one B/C group
+// (so the in-block reduction of dB/dC never mixes groups).
+int bwd_warps(int dim, int gB, int gC) {
+  for (int nw : {8, 4, 2, 1}) {
+    bool ok = dim % nw == 0;
+    if (gB > 0) ok = ok && (dim / gB) % nw == 0;
+    if (gC > 0) ok = ok && (dim / gC) % nw == 0;
+    if (ok) return nw;
+  }
+  return 1;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B_, const at::Tensor& C_,
+                                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                           const std::optional<at::Tensor>& initial_state,
+                                           const std::optional<at::Tensor>& seq_idx) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  BC B = prep_bc(B_, "B"), C = prep_bc(C_, "C");
+  const at::ScalarType wt = unify_bc(B, C, u.scalar_type());
+  ScanParams p{};
+  fill_common(p, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, wt);
+  auto out = at::empty_like(u);
+  auto fopts = u.options().dtype(at::kFloat);
+  auto last_state = at::empty({p.batch, p.dim, p.dstate}, fopts);
+  auto saved = at::empty({p.batch, p.dim, p.nsave, p.dstate}, fopts);
+  p.vec_in = p.vec_in && aligned16(out.data_ptr());
+  p.out = out.data_ptr();
+  p.last_state = last_state.data_ptr<float>();
+  p.saved = saved.data_ptr<float>();
+  if (p.batch == 0 || p.dim == 0) return {out, last_state, saved};
+  EMMA_CHECK(p.batch <= 65535, "selective_scan: batch must be at most 65535");
+  dim3 grid((p.dim + kFwdWarps - 1) / kFwdWarps, p.batch);
+  const size_t smem = kFwdWarps * p.dstate * sizeof(float);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
+    using T = decltype(t_tag);
+    using WT = decltype(w_tag);
+    auto kernel = scan_fwd_kernel<T, WT>;
+    if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kFwdWarps * 32, smem, stream>>>(p);
+    EMMA_CUDA_LAUNCH_CHECK();
+  });
+  return {out, last_state, saved};
+}
+
+std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B_, const at::Tensor& C_,
+                                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                           const std::optional<at::Tensor>& initial_state,
+                                           const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
+                                           const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
+                                           bool deterministic) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  BC B = prep_bc(B_, "B"), C = prep_bc(C_, "C");
+  const at::ScalarType wt = unify_bc(B, C, u.scalar_type());
+  ScanParams p{};
+  fill_common(p, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, wt);
+  check_cuda(saved, "selective_scan_bwd", "saved");
+  check_cuda(dout, "selective_scan_bwd", "dout");
+  check_cuda(dlast_state, "selective_scan_bwd", "dlast_state");
+  EMMA_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(),
+             "selective_scan_bwd: dout must match u's shape and dtype");
+  EMMA_CHECK(saved.numel() == static_cast<int64_t>(p.batch) * p.dim * p.nsave * p.dstate &&
+                 saved.scalar_type() == at::kFloat,
+             "selective_scan_bwd: `saved` does not come from selective_scan_fwd on these inputs");
+  const int Bn = p.batch, Dn = p.dim, N = p.dstate, L = p.seqlen;
+  auto fopts = u.options().dtype(at::kFloat);
+  auto du = at::empty_like(u), ddelta = at::empty_like(delta);
+  at::Tensor dz;
+  if (z) dz = at::empty_like(*z);
+  auto dA_part = at::empty({Bn, Dn, N}, fopts);
+  auto dD_part = at::empty({Bn, Dn}, fopts), ddb_part = at::empty({Bn, Dn}, fopts);
+  at::Tensor dinit;
+  if (initial_state) dinit = at::empty({Bn, Dn, N}, fopts);
+  const int nw = bwd_warps(Dn, B.groups, C.groups);
+  const int nblk = Dn / nw;
+  auto make_bc = [&](const BC& X, at::Tensor& const_part) -> at::Tensor {
+    if (X.groups == 0) { const_part = at::empty({Bn, Dn, N}, fopts); return at::Tensor(); }
+    if (deterministic) return at::empty({Bn, nblk, N, L}, fopts);
+    return at::zeros({Bn, X.groups, N, L}, fopts);
+  };
+  at::Tensor dBc_part, dCc_part;
+  at::Tensor dB_acc = make_bc(B, dBc_part), dC_acc = make_bc(C, dCc_part);
+
+  p.dout = dout.data_ptr();
+  p.dlast = opt_ptr<float>(dlast_state);
+  p.saved_in = saved.data_ptr<float>();
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dz = z ? dz.data_ptr() : nullptr;
+  p.vec_in = p.vec_in && aligned16(dout.data_ptr()) && aligned16(du.data_ptr()) && aligned16(ddelta.data_ptr()) &&
+             (!z || aligned16(dz.data_ptr()));
+  p.dA_part = dA_part.data_ptr<float>();
+  p.dD_part = dD_part.data_ptr<float>();
+  p.ddb_part = ddb_part.data_ptr<float>();
+  p.dinit = initial_state ? dinit.data_ptr<float>() : nullptr;
+  p.dBc_part = B.groups == 0 ? dBc_part.data_ptr<float>() : nullptr;
+  p.dCc_part = C.groups == 0 ? dCc_part.data_ptr<float>() : nullptr;
+  p.dB_acc = B.groups > 0 ? dB_acc.data_ptr<float>() : nullptr;
+  p.dC_acc = C.groups > 0 ? dC_acc.data_ptr<float>() : nullptr;
+  p.deterministic = deterministic;
+
+  if (Bn > 0 && Dn > 0) {
+    EMMA_CHECK(Bn <= 65535, "selective_scan: batch must be at most 65535");
+    dim3 grid(nblk, Bn);
+    const bool var = B.groups > 0 || C.groups > 0;
+    const size_t smem = (5 * nw * N + (var ? 2 * nw * (32 * kBwdItems + 32) : 0)) * sizeof(float);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
+      using T = decltype(t_tag);
+      using WT = decltype(w_tag);
+      auto kernel = scan_bwd_kernel<T, WT>;
+      if (smem > 48 * 1024)
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      kernel<<<grid, nw * 32, smem, stream>>>(p);
+      EMMA_CUDA_LAUNCH_CHECK();
+    });
+  }
+
+  // fixed-order reductions of the partials
+  auto dA = dA_part.sum(0);
+  at::Tensor dD, ddb;
+  if (D) dD = dD_part.sum(0);
+  if (delta_bias) ddb = ddb_part.sum(0);
+  auto finish_bc = [&](const BC& X, const at::Tensor& orig, const at::Tensor& acc, const at::Tensor& const_part) {
+    at::Tensor r;
+    if (X.groups == 0) {
+      r = const_part.sum(0);  // (d, n)
+    } else {
+      r = deterministic ? acc.view({Bn, X.groups, nblk / X.groups, N, L}).sum(2) : acc;  // (b, g, n, l)
+      if (orig.dim() == 3) r = r.view({Bn, N, L});
+    }
+    return r.to(orig.scalar_type());
+  };
+  auto dB = finish_bc(B, B_, dB_acc, dBc_part);
+  auto dC = finish_bc(C, C_, dC_acc, dCc_part);
+  return {du, ddelta, dA, dB, dC, dD, dz, ddb, dinit};
+}
+
+}  // namespace cuda
+}  // namespace emma
