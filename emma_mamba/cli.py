@@ -17,6 +17,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
+    ("generate",): ("emma_mamba.inference.cli_generate", "continue a text prompt with a Mamba LM checkpoint (streamed)"),
+    ("bench", "lm"): ("emma_mamba.bench.lm", "CPU prefill/decode speed of MambaLM vs transformers' MambaForCausalLM"),
 }
 
 

@@ -287,6 +287,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(di, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
+        self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -308,8 +309,20 @@ class MambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _ssm_params(self):
-        A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        return A, self.D.float(), self.dt_proj.bias.float()
+        """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32.
+
+        Without autograd (generation) they are kept between calls until a parameter changes (its version
+        counter moves), which saves a d_inner x d_state exp per layer per decoded token.
+        """
+        params = (self.A_log, self.D, self.dt_proj.bias)
+        if torch.is_grad_enabled():
+            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
+        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        if self._ssm_cache is None or self._ssm_cache[0] != key:
+            with torch.no_grad():
+                self._ssm_cache = (key, (-torch.exp(self.A_log.float()), self.D.float(),
+                                         self.dt_proj.bias.float()))
+        return self._ssm_cache[1]
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: MambaCache | None = None) -> torch.Tensor:
@@ -412,6 +425,7 @@ class MambaLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, V, bias=False,
                                                                    device=device, dtype=dtype)
         self.gradient_checkpointing = False
+        self.checkpoint_layout: str | None = None  # "original" or "hf" when loaded by from_pretrained
         if self.embeddings.weight.device.type != "meta":
             self.reset_parameters()
 

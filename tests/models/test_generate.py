@@ -6,6 +6,8 @@ batches; hand-computed logits for the sampling rules; the tokenizer for text.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -211,3 +213,15 @@ def test_cli_generate(tmp_path, capsys):
     assert cli_main(["generate", "--lm", str(tmp_path / "empty"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err
 
+
+
+def test_bench_lm_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "lm.json"
+    assert cli_main(["bench", "lm", "--d-model", "32", "--n-layer", "1", "--vocab-size", "128", "--prompt-len", "24",
+                     "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["shapes"]["d_model"] == 32 and res["shapes"]["prompt_len"] == 24
+    assert res["last_token_logits_max_abs_diff"] < 1e-4  # the two models really hold the same weights
+    assert res["greedy_tokens_agree_for"] == 4
+    assert set(res["ratios"]) == {"prefill_speedup", "decode_speedup"} and "torch" in res["machine"]
+    assert "prefill_speedup" in capsys.readouterr().out

@@ -341,3 +341,18 @@ def test_forward_input_errors():
         lm(inputs_embeds=torch.zeros(1, 2, 31))
     with pytest.raises(ValueError, match="MambaConfig.d_conv must be an integer in 2..4"):
         MambaConfig(d_conv=5)
+
+
+def test_no_grad_ssm_parameter_cache_follows_updates():
+    """A = -exp(A_log) is kept between no-grad calls; an in-place update (an optimizer step) must show."""
+    lm = _random_lm()
+    ids = torch.randint(0, 90, (1, 6))
+    with torch.no_grad(), ops.use_backend("torch"):
+        before = lm(ids).logits
+        lm.layers[0].mixer.A_log.add_(0.5)
+        lm.layers[1].mixer.dt_proj.bias.sub_(0.5)
+        after = lm(ids).logits
+    with ops.use_backend("torch"):
+        fresh = lm(ids).logits.detach()  # grad enabled: no cache involved
+    assert not torch.allclose(before, after)
+    assert torch.equal(after, fresh)

@@ -1,0 +1,224 @@
+"""`emma-mamba bench lm`: MambaLM against transformers' MambaForCausalLM on the CPU, same weights, one run.
+
+Both models hold the same random weights (ours, mamba init, copied into transformers' model through the
+*-hf tensor names), the same dtype, and run under ``torch.inference_mode`` with the same thread count. The
+run checks first that both give the same last-token logits, then measures:
+
+* **prefill**: one forward over a ``--prompt-len`` (2048) token prompt that also fills the recurrent cache
+  (ours: ``lm(ids, cache=..., num_last_tokens=1)``; transformers: ``model(ids, use_cache=True,
+  logits_to_keep=1)``), median of ``--repeats`` after ``--warmup`` runs;
+* **decode**: ``--new-tokens`` (256) greedy steps at batch 1 after a short prompt, each step one forward of
+  one token with the cache and an argmax, the identical loop for both models (median over repeats); plus
+  ours through the full :func:`emma_mamba.inference.generate.generate` path, for reference.
+
+Without mamba-ssm (never on a CPU) transformers runs its pure-PyTorch path: a Python loop over time steps
+after materialising ``exp(delta * A)`` for the whole sequence. Ours runs on whichever backend
+:mod:`emma_mamba.ops` picks (the C++ ``cpu`` kernels when built). Shapes default to mamba-130m (d_model 768,
+24 layers, vocab 50280). Ratios (transformers time / ours) are printed and everything goes to
+``benchmarks/results/lm_cpu_<d_model>x<n_layer>.json`` with machine, versions, shapes, dtype and backend.
+Targets: prefill >= 3x, decode >= 1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGETS = {"prefill_speedup": 3.0, "decode_speedup": 1.0}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--d-model", type=int, default=768, help="model width (default 768: mamba-130m)")
+    p.add_argument("--n-layer", type=int, default=24, help="layers (default 24)")
+    p.add_argument("--vocab-size", type=int, default=50280, help="vocabulary (default 50280)")
+    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--d-conv", type=int, default=4)
+    p.add_argument("--expand", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=2048, help="prefill length (default 2048)")
+    p.add_argument("--new-tokens", type=int, default=256, help="decode steps (default 256)")
+    p.add_argument("--decode-prompt-len", type=int, default=16, help="prompt before the decode loop")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes for a smoke check (d_model 256, 4 layers, prompt 256, 32 new tokens)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/lm_cpu_<d_model>x<n_layer>.json)")
+
+
+def _median_time(fn, repeats: int, warmup: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def _hf_twin(lm, dtype):
+    """transformers' MambaForCausalLM with exactly ``lm``'s weights."""
+    import transformers
+
+    c = lm.config
+    hc = transformers.MambaConfig(
+        vocab_size=c.padded_vocab_size, hidden_size=c.d_model, state_size=c.d_state, num_hidden_layers=c.n_layer,
+        conv_kernel=c.d_conv, expand=c.expand, time_step_rank=c.resolved_dt_rank, use_bias=c.bias,
+        use_conv_bias=c.conv_bias, layer_norm_epsilon=c.rms_norm_eps, residual_in_fp32=c.residual_in_fp32,
+        tie_word_embeddings=c.tie_embeddings)
+    hf = transformers.MambaForCausalLM(hc).to(dtype).eval()
+    sd = {("backbone." + k if not k.startswith("lm_head.") else k): v for k, v in lm.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weights did not map onto transformers' model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    with torch.no_grad():
+        if c.tie_embeddings and hf.lm_head.weight.data_ptr() != hf.backbone.embeddings.weight.data_ptr():
+            hf.lm_head.weight.copy_(hf.backbone.embeddings.weight)
+    return hf
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(args) -> int:
+    import transformers
+
+    from emma_mamba import ops
+    from emma_mamba.bench.kernels import machine_info
+    from emma_mamba.inference.generate import GenerationConfig, generate
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    if args.quick:
+        args.d_model, args.n_layer, args.prompt_len, args.new_tokens = 256, 4, 256, 32
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("prompt_len", "new_tokens", "repeats", "decode_prompt_len"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"emma-mamba bench lm: --{name.replace('_', '-')} must be >= 1")
+    dtype = _DTYPES[args.dtype]
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size, d_state=args.d_state,
+                      d_conv=args.d_conv, expand=args.expand)
+    lm = MambaLM(cfg, dtype=dtype).eval()
+    hf = _hf_twin(lm, dtype)
+    backend = ops.get_backend("cpu")
+    V = cfg.padded_vocab_size
+    print(f"MambaLM vs transformers {transformers.__version__} MambaForCausalLM: d_model {cfg.d_model}, "
+          f"{cfg.n_layer} layers, vocab {V}, d_state {cfg.d_state}, {args.dtype}, backend {backend!r}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), generator=g)
+    short = torch.randint(0, cfg.vocab_size, (1, args.decode_prompt_len), generator=g)
+
+    with torch.inference_mode():
+        # the same weights give the same predictions (a short prompt keeps transformers' slow path cheap)
+        ours_l = lm(short).logits[0, -1].float()
+        hf_l = hf(short).logits[0, -1].float()
+        max_diff = (ours_l - hf_l).abs().max().item()
+        print(f"last-token logits, max |ours - transformers| = {max_diff:.2e}", flush=True)
+
+        def prefill_ours():
+            return lm(prompt, cache=lm.allocate_cache(1), num_last_tokens=1).logits
+
+        def prefill_hf():
+            return hf(prompt, use_cache=True, logits_to_keep=1).logits
+
+        def decode_ours():
+            cache = lm.allocate_cache(1)
+            tok = lm(short, cache=cache, num_last_tokens=1).logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            out = []
+            for _ in range(args.new_tokens):
+                tok = lm(tok, cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+                out.append(tok.item())
+            return time.perf_counter() - t, out
+
+        def decode_hf():
+            res = hf(short, use_cache=True, logits_to_keep=1)
+            cache = res.cache_params
+            tok = res.logits[:, -1].argmax(-1, keepdim=True)
+            t = time.perf_counter()
+            out = []
+            for _ in range(args.new_tokens):
+                res = hf(tok, cache_params=cache, use_cache=True)
+                cache = res.cache_params
+                tok = res.logits[:, -1].argmax(-1, keepdim=True)
+                out.append(tok.item())
+            return time.perf_counter() - t, out
+
+        results = {}
+        for name, fn in (("ours", prefill_ours), ("transformers", prefill_hf)):
+            med, times = _median_time(fn, args.repeats, args.warmup)
+            results[f"prefill_s_{name}"] = med
+            results[f"prefill_runs_s_{name}"] = times
+            print(f"prefill {args.prompt_len} tokens  {name:<12} {med * 1e3:10.1f} ms  "
+                  f"({args.prompt_len / med:8.1f} tokens/s)", flush=True)
+        toks = {}
+        for name, fn in (("ours", decode_ours), ("transformers", decode_hf)):
+            for _ in range(args.warmup):
+                fn()
+            runs = [fn() for _ in range(args.repeats)]
+            med = statistics.median(r[0] for r in runs)
+            toks[name] = runs[0][1]
+            results[f"decode_s_{name}"] = med
+            results[f"decode_runs_s_{name}"] = [r[0] for r in runs]
+            results[f"decode_tokens_per_s_{name}"] = args.new_tokens / med
+            print(f"decode {args.new_tokens} tokens     {name:<12} {med * 1e3:10.1f} ms  "
+                  f"({args.new_tokens / med:8.1f} tokens/s)", flush=True)
+        agree = next((i for i, (a, b) in enumerate(zip(toks["ours"], toks["transformers"])) if a != b),
+                     args.new_tokens)
+
+    gcfg = GenerationConfig(max_new_tokens=args.new_tokens + 1, eos_token_id=None)
+    gen_runs = []
+    for i in range(args.warmup + args.repeats):
+        r = generate(lm, input_ids=short, config=gcfg)
+        if i >= args.warmup:
+            gen_runs.append(r.decode_steps / r.decode_seconds)
+    results["generate_decode_tokens_per_s_ours"] = statistics.median(gen_runs)
+
+    ratios = {"prefill_speedup": results["prefill_s_transformers"] / results["prefill_s_ours"],
+              "decode_speedup": results["decode_s_transformers"] / results["decode_s_ours"]}
+    met = {k: ratios[k] >= v for k, v in TARGETS.items()}
+    print(f"ours through generate(): {results['generate_decode_tokens_per_s_ours']:.1f} tokens/s")
+    print(f"greedy tokens identical for the first {agree} of {args.new_tokens} steps")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x (target >= {TARGETS[k]:.0f}x: {'met' if met[k] else 'NOT met'})")
+
+    info = machine_info()
+    info["transformers"] = transformers.__version__
+    info["git_commit"] = _git_commit()
+    res = {
+        "benchmark": "lm_cpu", "machine": info, "backend": backend, "dtype": args.dtype,
+        "inference_mode": True,
+        "shapes": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": V, "d_state": cfg.d_state,
+                   "d_conv": cfg.d_conv, "expand": cfg.expand, "d_inner": cfg.d_inner,
+                   "dt_rank": cfg.resolved_dt_rank, "batch": 1, "prompt_len": args.prompt_len,
+                   "new_tokens": args.new_tokens, "decode_prompt_len": args.decode_prompt_len},
+        "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
+        "transformers_path": "pure PyTorch (mamba-ssm/causal-conv1d not installed), use_mambapy=False",
+        "last_token_logits_max_abs_diff": max_diff, "greedy_tokens_agree_for": agree,
+        "results": results, "ratios": ratios, "targets": TARGETS, "targets_met": met,
+    }
+    out = args.out or os.path.join("benchmarks", "results", f"lm_cpu_{cfg.d_model}x{cfg.n_layer}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {out}")
+    return 0
