@@ -37,6 +37,12 @@ Notable choices:
   detail colour: the ground truth can be re-measured from the pixels (the tests do exactly that).
 * "A is left of B" is only asked when A's bounding box ends before B's starts, so relations are never
   ambiguous to a human looking at the image.
+* Yes/no questions are asked only where both answers are possible and are true half of the time, so the
+  question text alone gives little away. :func:`blind_baseline` writes the answers of a question-only
+  model (the training answer prior) for every held-out file: the chance level to quote next to a model's
+  score. With the defaults (seed 0, 2000 train / 200 held-out images) it scores VQAv2 41 %, GQA 42 %,
+  POPE random / popular / adversarial 57 / 37 / 44 % accuracy (popular and adversarial negatives trip the
+  prior, as POPE intends), MME 331 of 1000.
 """
 
 from __future__ import annotations
