@@ -424,7 +424,7 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     target = torch.device(device) if device is not None else torch.device("cpu")
     expected = model.state_dict()
     sd = {}
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt", device=str(target)) as f:
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt", device="cpu") as f:
         keys = list(f.keys())
         for k in keys:
             if k.startswith("align_head.") and model.align_head is None:
@@ -445,7 +445,9 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ConfigError(f"{d / WEIGHTS_NAME}: {k} has shape {tuple(v.shape)}, the config builds "
                               f"{tuple(expected[k].shape)}")
-    sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
+    # Read on the CPU, then one fresh allocation per tensor on the target device (no views into a shared
+    # buffer; the file is never mapped onto the GPU as a whole).
+    sd = {k: v.to(device=target, dtype=expected[k].dtype, copy=True) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)  # assign: the meta-built LM takes the file's tensors
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
