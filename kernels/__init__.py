@@ -5,7 +5,7 @@ op layer validates inputs (contiguous, right shapes and dtypes) and wraps the fo
 autograd Functions, so the functions here take checked tensors and do no validation of their own.
 
 * :mod:`.selective_scan` - chunked selective scan forward and backward (``tl.associative_scan``);
-* :mod:`.selective_state_update` - one decode step of the scan, in place;
+* :mod:`.state_update` - one decode step of the scan, in place;
 * :mod:`.causal_conv1d` - depthwise causal conv forward, backward and decode step.
 
 The kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before this package
@@ -14,7 +14,7 @@ was imported (Triton decides at ``@triton.jit`` time whether a kernel is compile
 
 from .causal_conv1d import causal_conv1d_bwd, causal_conv1d_fwd, causal_conv1d_update
 from .selective_scan import selective_scan_bwd, selective_scan_fwd
-from .selective_state_update import selective_state_update
+from .state_update import selective_state_update
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "causal_conv1d_fwd", "causal_conv1d_bwd",
            "selective_state_update", "causal_conv1d_update"]

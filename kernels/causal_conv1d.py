@@ -159,14 +159,15 @@ def _conv_bwd_dx_kernel(
             for j in tl.static_range(WIDTH - 1):
                 acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
                 for k in tl.static_range(j + 1):
-                    q = zero + (j - k)
-                    wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-                    gq = tl.load(g_ptr + pid_b * dim * seqlen + offs_d * seqlen + q, mask=mask_d & (q < seqlen),
-                                 other=0.0)
+                    # (fresh names: a runtime `if` may not change the type of the loop's variables)
+                    qj = zero + (j - k)
+                    wj = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+                    gj = tl.load(g_ptr + pid_b * dim * seqlen + offs_d * seqlen + qj,
+                                 mask=mask_d & (qj < seqlen), other=0.0)
                     if HAS_SEQ:
-                        s_q = tl.load(seq_ptr + seq_row + q, mask=q < seqlen, other=0)
-                        gq = tl.where(s_q == s0, gq, 0.0)
-                    acc += wk * gq
+                        sj = tl.load(seq_ptr + seq_row + qj, mask=qj < seqlen, other=0)
+                        gj = tl.where(sj == s0, gj, 0.0)
+                    acc += wj * gj
                 tl.store(dinit_ptr + (pid_b * dim + offs_d) * (WIDTH - 1) + j,
                          acc.to(dinit_ptr.dtype.element_ty), mask=mask_d)
 

@@ -74,6 +74,9 @@ def _selective_scan_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    # Tiles are (time, channel, state) with the scan over axis 0: Triton's default layout then spreads
+    # lanes over (channel, state) and keeps time inside a thread, so the scan is mostly sequential
+    # in-register work instead of a shuffle tree over time.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
@@ -84,69 +87,68 @@ def _selective_scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn_off = offs_d[:, None] * dstate + offs_n[None, :]  # (BD, BN) into a (d, n) tensor
     # exp(delta * A) = exp2(delta * A * log2(e)); padded states get A = 0, B = C = 0: they stay zero
-    A2 = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0) * 1.4426950408889634
+    A2 = (tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0) * 1.4426950408889634)[None, :, :]  # (1, BD, BN)
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
     grp_B = (pid_d * BLOCK_D) // cpg_B
     grp_C = (pid_d * BLOCK_D) // cpg_C
     if B_VAR:
-        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[:, None] * seqlen  # (BN, 1)
+        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[None, :] * seqlen  # (1, BN)
     else:
-        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]  # (BD, BN, 1)
+        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]  # (1, BD, BN)
     if C_VAR:
-        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[:, None] * seqlen
+        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[None, :] * seqlen
     else:
-        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[None, :]  # (1, BD)
     if HAS_DBIAS:
-        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
     else:
         bias = 0.0
-    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into (b, d, l)
+    row = pid_b * dim * seqlen + offs_d[None, :] * seqlen  # (1, BD) into (b, d, l)
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]  # chunk 0
-    first = (offs_c == 0)[None, None, :]
-    last = (offs_c == CHUNK - 1)[None, None, :]
+    first = (offs_c == 0)[:, None, None]
+    last = (offs_c == CHUNK - 1)[:, None, None]
 
     for c in range(nchunks):
         t = c * CHUNK + offs_c  # (T,)
         mask_t = t < seqlen
         tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)
-        m2 = mask_d[:, None] & mask_t[None, :]  # (BD, T)
-        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        m2 = mask_t[:, None] & mask_d[None, :]  # (T, BD)
+        mtn = mask_t[:, None] & mask_n[None, :]  # (T, BN)
+        u = tl.load(u_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
         dt = tl.where(m2, _delta_of(dt, bias, SOFTPLUS), 0.0)  # padding: a = 1, b = 0
         if B_VAR:
-            Bx = tl.load(B_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                         other=0.0).to(tl.float32)[None, :, :]  # (1, BN, T)
+            Bx = tl.load(B_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]  # (T, 1, BN)
         else:
             Bx = Bc
         if C_VAR:
-            Cx = tl.load(C_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                         other=0.0).to(tl.float32)[None, :, :]
+            Cx = tl.load(C_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]
         else:
             Cx = Cc
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BD, BN, T)
+        a = tl.exp2(dt[:, :, None] * A2)  # (T, BD, BN)
         if HAS_SEQ:
             s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
             s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
             reset = (t > 0) & (s_cur != s_prev)
-            a = tl.where(reset[None, None, :], 0.0, a)
-        bx = (dt * u)[:, None, :] * Bx  # (BD, BN, T)
-        bx = tl.where(first, bx + a * h[:, :, None], bx)  # fold the carried state into step 0
-        _, hs = tl.associative_scan((a, bx), axis=2, combine_fn=_combine)  # hs[..., i] = h_{t0+i}
-        y = tl.sum(hs * Cx, axis=1)  # (BD, T)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)  # padding carries h unchanged to the chunk end
+            a = tl.where(reset[:, None, None], 0.0, a)
+        bx = (dt * u)[:, :, None] * Bx  # (T, BD, BN)
+        bx = tl.where(first, bx + a * h[None, :, :], bx)  # fold the carried state into step 0
+        _, hs = tl.associative_scan((a, bx), axis=0, combine_fn=_combine)  # hs[i] = h_{t0+i}
+        y = tl.sum(hs * Cx, axis=2)  # (T, BD)
+        h = tl.sum(tl.where(last, hs, 0.0), axis=0)  # padding carries h unchanged to the chunk end
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+        tl.store(out_ptr + row + t[:, None], y.to(out_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
@@ -170,35 +172,35 @@ def _selective_scan_bwd_kernel(
     mask_n = offs_n < dstate
     mask_dn = mask_d[:, None] & mask_n[None, :]
     dn_off = offs_d[:, None] * dstate + offs_n[None, :]
-    A = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0)
+    A = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]  # (1, BD, BN)
     A2 = A * 1.4426950408889634
     grp_B = (pid_d * BLOCK_D) // cpg_B
     grp_C = (pid_d * BLOCK_D) // cpg_C
     if B_VAR:
-        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[:, None] * seqlen
+        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[None, :] * seqlen  # (1, BN)
         if ATOMIC_BC:
-            dB_row = dB_ptr + pid_b * sdB_b + grp_B * sdB_g + offs_n[:, None] * seqlen
+            dB_row = dB_ptr + pid_b * sdB_b + grp_B * sdB_g + offs_n[None, :] * seqlen
         else:  # one partial per channel block: (b, nblocks, n, l)
-            dB_row = dB_ptr + pid_b * sdB_b + pid_d * sdB_g + offs_n[:, None] * seqlen
+            dB_row = dB_ptr + pid_b * sdB_b + pid_d * sdB_g + offs_n[None, :] * seqlen
     else:
-        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
         dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if C_VAR:
-        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[:, None] * seqlen
+        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[None, :] * seqlen
         if ATOMIC_BC:
-            dC_row = dC_ptr + pid_b * sdC_b + grp_C * sdC_g + offs_n[:, None] * seqlen
+            dC_row = dC_ptr + pid_b * sdC_b + grp_C * sdC_g + offs_n[None, :] * seqlen
         else:
-            dC_row = dC_ptr + pid_b * sdC_b + pid_d * sdC_g + offs_n[:, None] * seqlen
+            dC_row = dC_ptr + pid_b * sdC_b + pid_d * sdC_g + offs_n[None, :] * seqlen
     else:
-        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[:, :, None]
+        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
         dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[None, :]  # (1, BD)
     if HAS_DBIAS:
-        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
     else:
         bias = 0.0
-    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
+    row = pid_b * dim * seqlen + offs_d[None, :] * seqlen  # (1, BD)
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
     # carry = gradient reaching the state at the end of the current chunk from later steps
@@ -209,92 +211,89 @@ def _selective_scan_bwd_kernel(
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first = (offs_c == 0)[None, None, :]
-    last = (offs_c == CHUNK - 1)[None, None, :]
+    first = (offs_c == 0)[:, None, None]
+    last = (offs_c == CHUNK - 1)[:, None, None]
 
     for i in range(nchunks):
         c = nchunks - 1 - i
         t = c * CHUNK + offs_c
         mask_t = t < seqlen
         mask_t1 = (t + 1) < seqlen
-        m2 = mask_d[:, None] & mask_t[None, :]
-        m2n = mask_d[:, None] & mask_t1[None, :]
+        m2 = mask_t[:, None] & mask_d[None, :]  # (T, BD)
+        m2n = mask_t1[:, None] & mask_d[None, :]
+        mtn = mask_t[:, None] & mask_n[None, :]  # (T, BN)
         h0 = tl.load(saved_ptr + saved_off + c * dstate, mask=mask_dn, other=0.0)  # state before the chunk
-        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        dt_raw = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+        dt_raw = tl.load(delta_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
         dt = tl.where(m2, _delta_of(dt_raw, bias, SOFTPLUS), 0.0)
-        dtn = tl.load(delta_ptr + row + t[None, :] + 1, mask=m2n, other=0.0).to(tl.float32)
+        dtn = tl.load(delta_ptr + row + t[:, None] + 1, mask=m2n, other=0.0).to(tl.float32)
         dtn = tl.where(m2n, _delta_of(dtn, bias, SOFTPLUS), 0.0)  # delta_{t+1}; 0 past the end: a = 1
-        dout = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
         if B_VAR:
-            Bx = tl.load(B_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                         other=0.0).to(tl.float32)[None, :, :]
+            Bx = tl.load(B_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]  # (T, 1, BN)
         else:
             Bx = Bc
         if C_VAR:
-            Cx = tl.load(C_row + t[None, :], mask=mask_n[:, None] & mask_t[None, :],
-                         other=0.0).to(tl.float32)[None, :, :]
+            Cx = tl.load(C_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]
         else:
             Cx = Cc
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # a_t, (BD, BN, T)
-        an = tl.exp2(dtn[:, None, :] * A2[:, :, None])  # a_{t+1}
+        a = tl.exp2(dt[:, :, None] * A2)  # a_t, (T, BD, BN)
+        an = tl.exp2(dtn[:, :, None] * A2)  # a_{t+1}
         if HAS_SEQ:
             s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
             s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
             s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
-            a = tl.where(((t > 0) & (s_cur != s_prev))[None, None, :], 0.0, a)
-            an = tl.where((mask_t1 & (s_next != s_cur))[None, None, :], 0.0, an)
-        dbu = (dt * u)[:, None, :] * Bx  # b_t
-        bx = tl.where(first, dbu + a * h0[:, :, None], dbu)
-        _, hs = tl.associative_scan((a, bx), axis=2, combine_fn=_combine)  # recomputed h_t
+            a = tl.where(((t > 0) & (s_cur != s_prev))[:, None, None], 0.0, a)
+            an = tl.where((mask_t1 & (s_next != s_cur))[:, None, None], 0.0, an)
+        dbu = (dt * u)[:, :, None] * Bx  # b_t
+        bx = tl.where(first, dbu + a * h0[None, :, :], dbu)
+        _, hs = tl.associative_scan((a, bx), axis=0, combine_fn=_combine)  # recomputed h_t
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Cx, axis=1)
+            z = tl.load(z_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+            y = tl.sum(hs * Cx, axis=2)
             if HAS_D:
                 y += Dv * u
             sz = tl.sigmoid(z)
             dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            tl.store(dz_ptr + row + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dout * z * sz
         else:
             dy = dout
-        g = Cx * dy[:, None, :]  # direct gradient of h_t
-        g = tl.where(last, g + carry[:, :, None], g)
-        _, dh = tl.associative_scan((an, g), axis=2, combine_fn=_combine, reverse=True)  # dh_t
-        carry = tl.sum(tl.where(first, a * dh, 0.0), axis=2)  # gradient of the state before the chunk
+        g = Cx * dy[:, :, None]  # direct gradient of h_t
+        g = tl.where(last, g + carry[None, :, :], g)
+        _, dh = tl.associative_scan((an, g), axis=0, combine_fn=_combine, reverse=True)  # dh_t
+        carry = tl.sum(tl.where(first, a * dh, 0.0), axis=0)  # gradient of the state before the chunk
         hprev_a = hs - dbu  # a_t * h_{t-1}
-        ddt = tl.sum(dh * (Bx * u[:, None, :] + hprev_a * A[:, :, None]), axis=1)  # (BD, T)
-        du = tl.sum(dh * Bx, axis=1) * dt
-        dA_acc += tl.sum(dh * hprev_a * dt[:, None, :], axis=2)
-        dbu_dB = dh * (dt * u)[:, None, :]  # d loss / d B_t, per channel
+        ddt = tl.sum(dh * (Bx * u[:, :, None] + hprev_a * A), axis=2)  # (T, BD)
+        du = tl.sum(dh * Bx, axis=2) * dt
+        dA_acc += tl.sum(dh * hprev_a * dt[:, :, None], axis=0)
+        dbu_dB = dh * (dt * u)[:, :, None]  # d loss / d B_t, per channel
         if B_VAR:
-            dBt = tl.sum(dbu_dB, axis=0)  # (BN, T): summed over the block's channels
-            mBt = mask_n[:, None] & mask_t[None, :]
+            dBt = tl.sum(dbu_dB, axis=1)  # (T, BN): summed over the block's channels
             if ATOMIC_BC:
-                tl.atomic_add(dB_row + t[None, :], dBt, mask=mBt)
+                tl.atomic_add(dB_row + t[:, None], dBt, mask=mtn)
             else:
-                tl.store(dB_row + t[None, :], dBt, mask=mBt)
+                tl.store(dB_row + t[:, None], dBt, mask=mtn)
         else:
-            dB_acc += tl.sum(dbu_dB, axis=2)
-        dcc = hs * dy[:, None, :]
+            dB_acc += tl.sum(dbu_dB, axis=0)
+        dcc = hs * dy[:, :, None]
         if C_VAR:
-            dCt = tl.sum(dcc, axis=0)
-            mCt = mask_n[:, None] & mask_t[None, :]
+            dCt = tl.sum(dcc, axis=1)
             if ATOMIC_BC:
-                tl.atomic_add(dC_row + t[None, :], dCt, mask=mCt)
+                tl.atomic_add(dC_row + t[:, None], dCt, mask=mtn)
             else:
-                tl.store(dC_row + t[None, :], dCt, mask=mCt)
+                tl.store(dC_row + t[:, None], dCt, mask=mtn)
         else:
-            dC_acc += tl.sum(dcc, axis=2)
+            dC_acc += tl.sum(dcc, axis=0)
         if HAS_D:
             du += Dv * dy
-            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=1)
+            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw + bias)
         ddt = tl.where(m2, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddelta_ptr + row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + row + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddelta_ptr + row + t[:, None], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
     # per-batch partials (b, d, n) / (b, d), summed over the batch by the host
     tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
