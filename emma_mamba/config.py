@@ -72,6 +72,9 @@ class MFFConfig:
 class InstructionConfig:
     enabled: bool = False
     """Instruction-aware fusion: mix the encoder's text-tower features of the instruction into the visual tokens."""
+    tokenizer: str | None = None
+    """Local directory of the text tower's HF tokenizer (needed by SigLIP towers offline); None = open_clip's
+    own (bundled with open_clip for the CLIP ViTs; the HF cache for SigLIP). Never downloaded."""
     text_layer: int = -1
     """Text-tower block whose token features are used (-1 = last); the tower's final LayerNorm is applied.
     Instructions are cut to the tower's own context length (open_clip's text_cfg.context_length, 77 for CLIP)."""

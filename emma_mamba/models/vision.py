@@ -21,6 +21,7 @@ error naming the file.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +33,8 @@ from torch import nn
 from emma_mamba.config import ConfigError, VisionConfig
 
 __all__ = ["build_open_clip", "VisionEncoder", "load_image", "ImageProcessor"]
+
+log = logging.getLogger(__name__)
 
 
 def _deep_merge(base: dict, overlay: dict) -> dict:
@@ -78,12 +81,33 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
 
     # The overrides go in as whole top-level sections (create_model's **model_kwargs replace, not merge).
     kwargs = {k: merged[k] for k in cfg.open_clip_overrides}
-    with torch.device(device) if on_meta else _nullcontext():
-        model = open_clip.create_model(
-            cfg.model_name, pretrained=pretrained, device=device, pretrained_image=False,
-            pretrained_text=False, force_preprocess_cfg=force_preprocess, **kwargs)
+    # open_clip warns on the root logger whenever no weights are loaded; here random init is deliberate (a
+    # test model, a meta build, or weights that emma_mamba.load copies in right after), so say it once, ours.
+    quiet = _DropRecords("No pretrained weights loaded") if pretrained is None else None
+    root = logging.getLogger()
+    if quiet is not None:
+        root.addFilter(quiet)
+    try:
+        with torch.device(device) if on_meta else _nullcontext():
+            model = open_clip.create_model(
+                cfg.model_name, pretrained=pretrained, device=device, pretrained_image=False,
+                pretrained_text=False, force_preprocess_cfg=force_preprocess, **kwargs)
+    finally:
+        if quiet is not None:
+            root.removeFilter(quiet)
+    if pretrained is None:
+        log.debug("open_clip %s built without pretrained weights", cfg.model_name)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
     return model, preprocess_cfg
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 class _nullcontext:

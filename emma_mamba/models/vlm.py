@@ -97,12 +97,7 @@ class EmmaMamba(nn.Module):
             import open_clip
 
             clip.visual = None  # the ViT lives in self.vision; keep only the text tower here
-            try:
-                clip_tok = open_clip.get_tokenizer(config.vision.model_name, context_length=clip.context_length)
-            except Exception as e:  # e.g. SigLIP's tokenizer is an HF-hub download
-                raise ConfigError(f"instruction.enabled: cannot load the open_clip tokenizer of "
-                                  f"{config.vision.model_name} offline ({e}); disable instruction fusion or use "
-                                  f"a model whose tokenizer ships with open_clip (the CLIP ViTs)") from None
+            clip_tok = _text_tokenizer(config, clip.context_length)
             self.instruction = InstructionFusion(clip, clip_tok, width, n_tok, config.instruction.text_layer, **fk)
         else:
             self.instruction = None
@@ -330,33 +325,71 @@ class EmmaMamba(nn.Module):
         return out
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
-        """{module: {'total', 'pretrain', 'finetune'}} parameter counts (trainable per stage)."""
-        rows: dict[str, dict[str, int]] = {}
-        parts = {
-            "vision": self.vision,
-            "mff": self.mff,
-            "instruction.text_tower": self.instruction.text_model if self.instruction is not None else None,
-            "instruction.fusion": (nn.ModuleList([self.instruction.text_proj, self.instruction.token_mixer])
-                                   if self.instruction is not None else None),
-            "projector": self.projector,
-            "lm": self.lm,
-            "align_head": self.align_head,
+        """{part: {'total', 'pretrain', 'finetune'}}: parameters per part, and those trained in each stage
+        (STAGES; frozen towers never). Tied weights count once."""
+        inst = self.instruction
+        parts = {  # part -> (module, the STAGES entry that trains it, or None for never)
+            "vision": (self.vision, None if self.vision.frozen else "vision"),
+            "mff": (self.mff, "mff"),
+            "instruction.text_tower": (inst.text_model if inst is not None else None, None),
+            "instruction.fusion": (nn.ModuleList([inst.text_proj, inst.token_mixer]) if inst is not None else None,
+                                   "instruction"),
+            "projector": (self.projector, "projector"),
+            "lm": (self.lm, "lm"),
+            "align_head": (self.align_head, "align_head"),
         }
-        for name, module in parts.items():
+        rows: dict[str, dict[str, int]] = {}
+        for name, (module, trained_as) in parts.items():
             if module is None:
                 continue
             total = _numel(module)
-            top = name.split(".")[0]
-            trainable = {}
-            for stage, mods in STAGES.items():
-                frozen = name == "instruction.text_tower" or (name == "vision" and
-                                                              (self.vision.frozen or stage != "finetune"))
-                trainable[stage] = 0 if frozen or (top not in mods and name != "vision") else total
-            rows[name] = {"total": total, **trainable}
+            rows[name] = {"total": total}
+            for stage, trained in STAGES.items():
+                # an unfrozen ViT trains with the LM, in the finetune stage
+                on = trained_as in trained or (trained_as == "vision" and stage == "finetune")
+                rows[name][stage] = total if on else 0
         return rows
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "EmmaMamba":
+        """Recompute the LM's (and an unfrozen ViT's) activations in the backward pass."""
+        self.lm.set_gradient_checkpointing(enabled)
+        if not self.vision.frozen:
+            self.vision.visual.set_grad_checkpointing(enabled)
+        return self
 
     def extra_repr(self) -> str:
         return f"config={self.config.name!r}, for_training={self.for_training}"
+
+
+def _text_tokenizer(config: ModelConfig, context_length: int):
+    """open_clip's tokenizer for the text tower: its bundled BPE (CLIP) or an HF tokenizer (SigLIP) read from
+    ``instruction.tokenizer`` or the local HF cache only; never downloaded."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    text_cfg = (open_clip.get_model_config(config.vision.model_name) or {}).get("text_cfg", {})
+    text_cfg = {**text_cfg, **config.vision.open_clip_overrides.get("text_cfg", {})}
+    hf_name = text_cfg.get("hf_tokenizer_name")
+    kwargs = dict(text_cfg.get("tokenizer_kwargs") or {})
+    try:
+        if config.instruction.tokenizer is not None:
+            if not os.path.isdir(config.instruction.tokenizer):
+                raise ConfigError(f"instruction.tokenizer: {config.instruction.tokenizer!r} is not a directory")
+            return HFTokenizer(config.instruction.tokenizer, context_length=context_length, local_files_only=True,
+                               **kwargs)
+        if hf_name:
+            return open_clip.get_tokenizer(config.vision.model_name, context_length=context_length,
+                                           local_files_only=True)
+        return open_clip.get_tokenizer(config.vision.model_name, context_length=context_length)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(
+            f"instruction.enabled: cannot load the text-tower tokenizer of {config.vision.model_name} "
+            f"({'HF tokenizer ' + repr(hf_name) if hf_name else 'open_clip bundled'}) from local files: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Set instruction.tokenizer to a local "
+            f"tokenizer directory, use a CLIP ViT (tokenizer bundled with open_clip), or disable instruction "
+            f"fusion") from None
 
 
 def _numel(module: nn.Module) -> int:

@@ -172,3 +172,32 @@ def test_projector(depth):
     torch.testing.assert_close(proj(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="projector.depth must be 2 or 3"):
         Projector(C, 48, 4)
+
+
+def test_siglip_style_text_tower_with_local_hf_tokenizer(tmp_path):
+    # The timm/CustomTextCLIP path (as SigLIP): HF tokenizer read from a local directory, never downloaded.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from emma_mamba.config import ConfigError, VisionConfig
+    from emma_mamba.models.vlm import EmmaMamba
+
+    words = ["<pad>", "</s>", "<unk>"] + "what is in the image please describe every small detail of a".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(tmp_path)
+    cfg = get_preset("tiny")
+    cfg.vision = VisionConfig(model_name="ViT-B-16-SigLIP", taps=[0, -1], open_clip_overrides={
+        "embed_dim": 32, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "image_size": 224},
+        "text_cfg": {"width": 32, "heads": 2, "layers": 1, "context_length": 8, "vocab_size": len(words)}})
+    cfg.instruction.tokenizer = str(tmp_path)
+    m = EmmaMamba(cfg)
+    assert type(m.instruction.text_model).__name__ == "CustomTextCLIP" and m.vision.num_tokens == 196
+    ids = m.tokenize_instructions(["what is in the image", "please describe every small detail of the image a"])
+    assert ids[0].tolist() == [3, 4, 5, 6, 7, 0, 0, 0] and m.instruction.num_truncated == 1
+    visual = torch.randn(2, 196, 192)
+    assert torch.equal(m.instruction(visual, ids), visual)
+    cfg.instruction.tokenizer = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="instruction.tokenizer: .* is not a directory"):
+        EmmaMamba(cfg)

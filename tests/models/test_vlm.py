@@ -326,3 +326,23 @@ def test_meta_build_allocates_nothing():
     m = EmmaMamba(get_preset("emma-mamba-2.8b"), device="meta")
     assert all(p.is_meta for p in m.parameters())
     assert m.vision.num_tokens == 576 and m.vision.taps == [5, 11, 17, 22]
+
+
+def test_stage_counts_match_requires_grad():
+    m = make_model()
+    rows = m.parameter_counts()
+    assert sum(r["total"] for r in rows.values()) == sum(p.numel() for p in m.parameters())
+    for stage in ("pretrain", "finetune"):
+        m.set_stage(stage)
+        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        assert trainable == sum(r[stage] for r in rows.values()), stage
+
+
+@torch.no_grad()
+def test_text_only_batch(model):
+    ids = torch.tensor([model.tokenizer.encode("Just text, no picture.")])
+    out = model(ids, labels=ids)
+    assert torch.equal(out.logits, model.lm(input_ids=ids).logits)
+    assert float(out.loss["align"]) == 0.0
+    with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) in the batch \(sample 0: 1\) but 0 image"):
+        model(torch.tensor([model.tokenizer.encode("<image> where is it?")]))
