@@ -227,6 +227,11 @@ class EmmaMamba(nn.Module):
 
         embed = self.lm.get_input_embeddings()
         text_ids = input_ids.masked_fill(is_img, 0)  # the placeholder's own row is never read
+        if text_ids.numel() and (int(text_ids.max()) >= embed.num_embeddings or int(text_ids.min()) < 0):
+            bad = (text_ids >= embed.num_embeddings) | (text_ids < 0)
+            r, c = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(f"{name(r)}: token id {int(text_ids[r, c])} at position {c} is outside the LM "
+                             f"embedding [0, {embed.num_embeddings}) (tokenizer and LM vocabulary disagree)")
         text_embeds = embed(text_ids)  # (b, l, d)
         if n_img == 0:
             return text_embeds, labels, seq_idx, None

@@ -346,3 +346,9 @@ def test_text_only_batch(model):
     assert float(out.loss["align"]) == 0.0
     with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) in the batch \(sample 0: 1\) but 0 image"):
         model(torch.tensor([model.tokenizer.encode("<image> where is it?")]))
+
+
+def test_token_outside_embedding_is_a_clear_error(model):
+    ids = torch.tensor([[1, 2, 3], [4, 60000, 5]])
+    with pytest.raises(ValueError, match=r"sample 1: token id 60000 at position 1 is outside the LM embedding"):
+        model(ids)
