@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emma_mamba.config import ConfigError, ModelConfig, get_preset, load_config, save_config
+from emma_mamba.config import ConfigError, ModelConfig, load_config, save_config
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip
@@ -72,7 +72,13 @@ class EmmaOutput:
 
 
 class EmmaMamba(nn.Module):
-    """The EMMA-Mamba VLM. ``EmmaMamba(cfg)`` builds it (random init, or the local files named in cfg)."""
+    """The EMMA-Mamba VLM. ``EmmaMamba(cfg)`` builds it (random init, or the local files named in cfg).
+
+    ``for_training=False`` leaves out the alignment head. ``device='meta'`` builds shapes only (parameter
+    reports). ``tokenizer``: the LM tokenizer to use (default: ``lm.tokenizer`` or the shipped one); the
+    ``<image>`` placeholder is added to it, so a data pipeline sharing it sees the same id. ``load_pretrained``
+    False skips the local weight files named in the config (``load`` fills every weight from its own file).
+    """
 
     def __init__(self, config: ModelConfig, *, for_training: bool = True, device=None, dtype=None,
                  tokenizer=None, load_pretrained: bool = True, _lm_device=None):
@@ -94,8 +100,6 @@ class EmmaMamba(nn.Module):
         width, n_tok = self.vision.width, self.vision.num_tokens
         self.mff = MultiScaleFusion(width, len(self.vision.taps), config.mff.mode, config.mff.num_heads, **fk)
         if config.instruction.enabled:
-            import open_clip
-
             clip.visual = None  # the ViT lives in self.vision; keep only the text tower here
             clip_tok = _text_tokenizer(config, clip.context_length)
             self.instruction = InstructionFusion(clip, clip_tok, width, n_tok, config.instruction.text_layer, **fk)

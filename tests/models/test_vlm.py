@@ -4,7 +4,6 @@ alignment head (causal, learns, absent after an inference load), save/load, gene
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
