@@ -109,6 +109,24 @@ inline float load_one(const void* src, at::ScalarType dt, int64_t offset) {
   return v;
 }
 
+// Prefetch src[offset, offset + count) (storage dtype dt) into the cache. The kernels walk many rows at a
+// stride of a whole sequence (one short segment per channel and chunk): too many streams for the hardware
+// prefetcher, so each segment would start with cache misses.
+inline void prefetch_f32(const void* src, at::ScalarType dt, int64_t offset, int64_t count, bool for_write) {
+#if defined(__GNUC__)
+  const int64_t es = dt == at::kFloat ? 4 : 2;
+  const char* p = static_cast<const char*>(src) + offset * es;
+  const int64_t bytes = count * es;
+  if (for_write) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 1, 3);
+  } else {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+  }
+#else
+  (void)src, (void)dt, (void)offset, (void)count, (void)for_write;
+#endif
+}
+
 // softplus with torch's default threshold (x > 20: x), and its derivative (sigmoid, 1 above the threshold).
 inline float softplus_f(float x) { return x > 20.f ? x : std::log1p(std::exp(x)); }
 inline float sigmoid_f(float x) { return 1.f / (1.f + std::exp(-x)); }

@@ -34,8 +34,9 @@ namespace cpu {
 
 namespace {
 
-constexpr int64_t kChunk = 128;         // time steps per chunk (one saved state per chunk)
-constexpr int64_t kChannelBlock = 32;   // channels per task
+constexpr int64_t kChunk = 256;         // time steps per chunk (one saved state per chunk)
+constexpr int64_t kChannelBlock = 32;   // channels per task, at least (see Plan)
+constexpr int64_t kMaxTasksPerRow = 16; // at most this many channel blocks per batch row (unless groups need more)
 constexpr int64_t kL = scan::kLanes;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
@@ -107,10 +108,14 @@ ScanShape check_scan_inputs(const char* op, const at::Tensor& u, const at::Tenso
 
 // How the (batch, channel) grid is cut into tasks. Channels are first split into `gtask` groups, the
 // finest grouping of B and C (lcm of their group counts, which divides d), so a task reads one group of each;
-// each group is then cut into `nsub` blocks of <= kChannelBlock channels.
+// each group is then cut into `nsub` blocks of `cb` channels (the last one shorter). Blocks have at least
+// kChannelBlock channels but are made larger so a batch row has at most ~kMaxTasksPerRow of them: each
+// block keeps its own (n, l) partial of a variable dB/dC, so fewer blocks means less scratch and a
+// cheaper final reduction. The plan depends on the shapes only, never on the thread count, so results are
+// bitwise identical on any machine with the same instruction set.
 struct Plan {
   int64_t b, d, l, n, nlb, np, nchunks;
-  int64_t gtask, cpg, nsub, ntasks;
+  int64_t gtask, cpg, cb, nsub, ntasks;
 
   Plan(const ScanShape& s) : b(s.b), d(s.d), l(s.l), n(s.n) {
     nlb = (n + kL - 1) / kL;
@@ -118,7 +123,9 @@ struct Plan {
     nchunks = (l + kChunk - 1) / kChunk;
     gtask = std::lcm(s.Bi.groups, s.Ci.groups);
     cpg = d / gtask;
-    nsub = std::max<int64_t>(1, (cpg + kChannelBlock - 1) / kChannelBlock);
+    const int64_t max_sub = std::max<int64_t>(1, (kMaxTasksPerRow + gtask - 1) / gtask);
+    cb = std::max(kChannelBlock, (cpg + max_sub - 1) / max_sub);
+    nsub = (cpg + cb - 1) / cb;
     ntasks = b * gtask * nsub;
   }
   struct Task {
@@ -130,8 +137,8 @@ struct Plan {
     const int64_t r = t % (gtask * nsub);
     k.gt = r / nsub;
     k.j = r % nsub;
-    k.c0 = k.gt * cpg + k.j * kChannelBlock;
-    k.c1 = std::min(k.c0 + kChannelBlock, (k.gt + 1) * cpg);
+    k.c0 = k.gt * cpg + k.j * cb;
+    k.c1 = std::min(k.c0 + cb, (k.gt + 1) * cpg);
     return k;
   }
   // Tasks that write partial sums of one group of a variable B/C with `groups` groups, and this task's slot.
@@ -152,10 +159,10 @@ struct Work {
   Work(const Plan& p, const ScanShape& s)
       : Bt(s.Bi.variable ? p.nlb * kChunk * kL : 0, 0.f),
         Ct(s.Ci.variable ? p.nlb * kChunk * kL : 0, 0.f),
-        Bc(s.Bi.variable ? 0 : kChannelBlock * p.np, 0.f),
-        Cc(s.Ci.variable ? 0 : kChannelBlock * p.np, 0.f),
-        Ap(kChannelBlock * p.np, 0.f),
-        h(kChannelBlock * p.np, 0.f),
+        Bc(s.Bi.variable ? 0 : p.cb * p.np, 0.f),
+        Cc(s.Ci.variable ? 0 : p.cb * p.np, 0.f),
+        Ap(p.cb * p.np, 0.f),
+        h(p.cb * p.np, 0.f),
         uf(kChunk), xs(kChunk), dt(kChunk), dtu(kChunk), y(kChunk), zf(kChunk), tmp(kChunk),
         reset(kChunk, 0) {}
 };
@@ -220,6 +227,19 @@ void load_channel_chunk(const Plan& p, const ScanInputs& in, const scan::ScanKer
   std::memcpy(dt, xs, sizeof(float) * len);
   if (in.softplus) K.softplus_inplace(dt, static_cast<int>(len));
   for (int64_t t = 0; t < len; ++t) dtu[t] = dt[t] * uf[t];
+}
+
+// Fetch the next channel's rows of this chunk while the kernels work on the current one.
+void prefetch_next(const Plan& p, const ScanInputs& in, const Plan::Task& k, int64_t c, int64_t ts, int64_t len,
+                   std::initializer_list<const void*> read_also, std::initializer_list<void*> written) {
+  if (c + 1 >= k.c1) return;
+  const int64_t off = (k.bi * p.d + c + 1) * p.l + ts;
+  prefetch_f32(in.u, in.dtype, off, len, false);
+  prefetch_f32(in.delta, in.dtype, off, len, false);
+  for (const void* r : read_also)
+    if (r) prefetch_f32(r, in.dtype, off, len, false);
+  for (void* wr : written)
+    if (wr) prefetch_f32(wr, in.dtype, off, len, true);
 }
 
 // y_t = D u_t before the kernels add <C_t, h_t>
@@ -330,6 +350,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           float* h = &w.h[ci * p.np];
           std::memcpy(savedp + (row * p.nchunks + ch) * p.n, h, sizeof(float) * p.n);
+          prefetch_next(p, in, k, c, ts, len, {in.z}, {outp});
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           init_y(in, c, len, w);
           for (int64_t lb = 0; lb < p.nlb; ++lb) {
@@ -430,6 +451,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           load_f32(doutp, in.dtype, row * p.l + ts, len, df.data());
+          prefetch_next(p, in, k, c, ts, len, {in.z, doutp}, {dup, ddp, dzp});
           std::memcpy(hs.data(), savedp + (row * p.nchunks + ch) * p.n, sizeof(float) * p.n);
           // 1. recompute h_t, exp(dt_t A) (and y_t if z needs it) from the saved chunk-entry state
           if (in.z) init_y(in, c, len, w);
