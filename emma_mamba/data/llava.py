@@ -1,0 +1,450 @@
+"""LLaVA-format training data: records, chat template, label masks, truncation, padding and packing.
+
+Format (LLaVA-558K / LLaVA-665K): a JSON list (or JSONL, one record per line) of::
+
+    {"id": "...", "image": "relative/path.jpg", "conversations": [
+        {"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
+
+``image`` is optional (text-only records) and may be a list (one ``<image>`` placeholder per entry); paths are
+relative to ``data.image_folder``.
+
+Chat template (zephyr style, as mamba-2.8b-zephyr was tuned; the same constant inference uses,
+:data:`emma_mamba.models.vlm.CHAT_TEMPLATE`). A conversation of turns (h1, g1), (h2, g2) becomes::
+
+    <|user|>\\n{h1}<|endoftext|>\\n<|assistant|>\\n{g1}<|endoftext|>\\n<|user|>\\n{h2}<|endoftext|>\\n<|assistant|>\\n{g2}<|endoftext|>
+
+``prompt_template`` / ``turn_end`` / ``turn_sep`` come from :class:`emma_mamba.training.config.DataConfig`.
+Labels are set on the assistant tokens only, each answer's ``turn_end`` (the end-of-turn token) included, so the
+model learns to stop; everything else is -100. Segments are tokenised one by one (the tests check this equals
+tokenising the whole string, which holds because every segment boundary is a newline or a special token).
+
+``<image>``: a single-image record has its placeholder moved to the start of its human turn followed by a
+newline (LLaVA's ``preprocess_multimodal``; one is added to the first human turn if the text has none), which
+is exactly the prompt :func:`emma_mamba.models.vlm.build_chat_prompt` builds at inference. Multi-image records
+keep their placeholders where they are. The instruction for instruction-aware fusion is the text of the human
+turn holding the image, placeholders removed.
+
+Truncation: ``max_length`` counts the LM's input positions, each image counting as its N visual tokens. A
+longer sample is cut at the last whole token that fits; a cut that would fall inside an image's visual tokens
+is moved before that image, which is then dropped with its placeholder. Truncations are counted and logged
+(how many samples, how many tokens and answer tokens lost); a sample with no answer token left is a bad record.
+
+Bad records are never dropped silently: with ``on_error="raise"`` the first one raises :class:`DataError`
+naming the file, the record index (JSONL: the line) and the problem; with ``"skip"`` each is logged and
+counted per reason in :class:`DataReport`. Reasons: ``not_an_object``, ``no_conversations``, ``bad_turn``,
+``bad_role``, ``bad_order``, ``no_assistant``, ``bad_image_field``, ``placeholder_mismatch``,
+``missing_image``, ``corrupt_image`` (found when the image is decoded, during training), ``too_long``,
+``malformed_json`` (a JSONL line; a malformed ``.json`` file is always an error naming line and column).
+
+Packing: :func:`plan_rows` shuffles the records with a per-epoch seed and fills rows of ``max_length``
+positions greedily in that order; :func:`collate` gives each packed sample its own ``seq_idx`` value, which the
+Mamba scan and conv reset on, so a packed row computes exactly what the samples would alone. The label of the
+first token of every sample is -100 (nothing predicts it, certainly not the previous sample).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+__all__ = ["DataError", "Sample", "DataReport", "LlavaDataset", "read_records", "plan_rows", "collate",
+           "REASONS", "IGNORE_INDEX"]
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+HUMAN, GPT = "human", "gpt"
+REASONS = ("malformed_json", "not_an_object", "no_conversations", "bad_turn", "bad_role", "bad_order",
+           "no_assistant", "bad_image_field", "placeholder_mismatch", "missing_image", "corrupt_image", "too_long")
+_MAX_LOGGED_SKIPS = 20
+
+
+class DataError(ValueError):
+    """A bad record or file; the message names the file and the record index (or line and column)."""
+
+    def __init__(self, message: str, reason: str = "error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Sample:
+    """One tokenised, validated record."""
+
+    index: int
+    """Record index in the file (JSONL: 0-based line number)."""
+    id: str
+    images: list[Path]
+    """Image files, one per ``<image>`` placeholder in input_ids, in order."""
+    instructions: list[str]
+    """Instruction-fusion text per image (its human turn without placeholders)."""
+    input_ids: list[int]
+    labels: list[int]
+    length: int
+    """LM input positions: tokens + (N - 1) per image."""
+
+
+@dataclass
+class DataReport:
+    """What loading did to the data: kept, skipped (per reason), truncated. Logged; also in metrics."""
+
+    source: str
+    records: int = 0
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    truncated_tokens: int = 0
+    truncated_answer_tokens: int = 0
+    dropped_images: int = 0
+    longest: int = 0
+
+    def summary(self) -> str:
+        s = f"{self.source}: {self.samples} of {self.records} records used"
+        if self.skipped:
+            s += f"; skipped {sum(self.skipped.values())} (" + ", ".join(
+                f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
+        if self.truncated:
+            s += (f"; truncated {self.truncated} to max_length (lost {self.truncated_tokens} positions, "
+                  f"{self.truncated_answer_tokens} answer tokens, {self.dropped_images} images)")
+        return s + f"; longest sample {self.longest} positions"
+
+
+class _Issues:
+    """Raise or count-and-log a bad record, by on_error."""
+
+    def __init__(self, on_error: str, report: DataReport):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.on_error, self.report = on_error, report
+
+    def __call__(self, reason: str, where: str, message: str) -> None:
+        assert reason in REASONS, reason
+        text = f"{where}: {message}"
+        if self.on_error == "raise":
+            raise DataError(text + " (set data.on_error: skip to skip and count such records)", reason)
+        self.report.skipped[reason] += 1
+        n = sum(self.report.skipped.values())
+        if n <= _MAX_LOGGED_SKIPS:
+            log.warning("skipping %s [%s]", text, reason)
+        elif n == _MAX_LOGGED_SKIPS + 1:
+            log.warning("more bad records are being skipped; counts per reason are in the data summary")
+
+
+def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
+    """(index, record) pairs of a .json list or a .jsonl file. A malformed .json file always raises,
+    naming line and column; a malformed JSONL line is a bad record (raise or skip)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                issues("malformed_json", f"{path}:{i + 1}:{e.colno}", f"malformed JSON: {e.msg}")
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}", "malformed_json") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
+    return list(enumerate(data))
+
+
+def _strip_placeholders(text: str, token: str) -> str:
+    return " ".join(text.replace(token, " ").split()) if token in text else text.strip()
+
+
+class LlavaDataset:
+    """Validated, tokenised LLaVA records; images are decoded on demand (:meth:`load_images`).
+
+    ``tokenizer`` is the model's (``<image>`` added as a special token: ``image_token_id``); ``num_image_tokens``
+    the visual tokens per image (N); ``image_processor`` turns a PIL image into a (3, H, W) tensor.
+    """
+
+    def __init__(self, cfg, tokenizer, image_token: str, image_token_id: int, num_image_tokens: int,
+                 image_processor=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.image_token, self.image_token_id = image_token, image_token_id
+        self.N = num_image_tokens
+        self.image_processor = image_processor
+        self.path = Path(cfg.json)
+        self.image_folder = Path(cfg.image_folder) if cfg.image_folder else self.path.parent
+        self.report = DataReport(source=str(self.path))
+        self.issues = _Issues(cfg.on_error, self.report)
+        records = read_records(self.path, self.issues)
+        self.report.records = len(records) + self.report.skipped["malformed_json"]
+        self.samples: list[Sample] = self._build(records)
+        self.report.samples = len(self.samples)
+        log.info("%s", self.report.summary())
+
+    # ------------------------------------------------------------------------------------- validation
+
+    def _where(self, index: int, rec) -> str:
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        unit = "line" if self.path.suffix == ".jsonl" else "record"
+        num = index + 1 if unit == "line" else index
+        return f"{self.path}: {unit} {num}" + (f" (id {rid!r})" if rid is not None else "")
+
+    def _check(self, index: int, rec) -> tuple[list[tuple[str, str]], list[Path]] | None:
+        """Returns (turns as (role, text), image paths) with placeholders normalised, or None (issue reported)."""
+        where = self._where(index, rec)
+        tok = self.image_token
+        if not isinstance(rec, dict):
+            self.issues("not_an_object", where, f"expected a JSON object, got {type(rec).__name__}")
+            return None
+        conv = rec.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            self.issues("no_conversations", where, "'conversations' is missing, empty or not a list")
+            return None
+        turns = []
+        for t, turn in enumerate(conv):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+                self.issues("bad_turn", where, f"turn {t} must be an object with 'from' and a string 'value'")
+                return None
+            role = turn["from"]
+            if role not in (HUMAN, GPT):
+                self.issues("bad_role", where, f"turn {t} has role {role!r}; expected 'human' or 'gpt'")
+                return None
+            turns.append((role, turn["value"]))
+        for t, (role, _) in enumerate(turns):
+            want = HUMAN if t % 2 == 0 else GPT
+            if role != want:
+                self.issues("bad_order", where, f"turn {t} is {role!r} where {want!r} was expected (turns must "
+                                                f"alternate human, gpt, starting with human)")
+                return None
+        if len(turns) < 2:
+            self.issues("no_assistant", where, "the conversation has no assistant ('gpt') turn")
+            return None
+        if len(turns) % 2:
+            self.issues("bad_order", where, f"the last turn ({len(turns) - 1}) is a human turn with no answer")
+            return None
+
+        image = rec.get("image")
+        if image is None:
+            images = []
+        elif isinstance(image, str) and image:
+            images = [image]
+        elif isinstance(image, list) and image and all(isinstance(x, str) and x for x in image):
+            images = list(image)
+        else:
+            self.issues("bad_image_field", where, f"'image' must be a path or a list of paths, got {image!r}")
+            return None
+        counts = [text.count(tok) for _, text in turns]
+        if any(c and role == GPT for c, (role, _) in zip(counts, turns)):
+            self.issues("placeholder_mismatch", where, f"{tok} in an assistant turn")
+            return None
+        n_ph = sum(counts)
+        if len(images) == 1 and n_ph <= 1:
+            k = counts.index(1) if n_ph else 0
+            turns[k] = (HUMAN, f"{tok}\n" + _strip_placeholders(turns[k][1], tok))
+        elif n_ph != len(images):
+            self.issues("placeholder_mismatch", where, f"{n_ph} {tok} placeholder(s) but {len(images)} image(s)")
+            return None
+        paths = [self.image_folder / p for p in images]
+        for p in paths:
+            if not p.is_file():
+                self.issues("missing_image", where, f"image file not found: {p}")
+                return None
+        return turns, paths
+
+    # --------------------------------------------------------------------------------------- encoding
+
+    def segments(self, turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
+        """The templated conversation as (text, trained_on) pieces."""
+        c = self.cfg
+        out = []
+        for i in range(0, len(turns), 2):
+            if i:
+                out.append((c.turn_sep, False))
+            out.append((c.prompt_template.format(prompt=turns[i][1]), False))
+            out.append((turns[i + 1][1] + c.turn_end, True))
+        return out
+
+    def _build(self, records) -> list[Sample]:
+        checked = []
+        for index, rec in records:
+            got = self._check(index, rec)
+            if got is not None:
+                checked.append((index, rec, *got))
+        # one batched tokenizer call over every segment of every record (fast, parallel in Rust)
+        all_segs = [self.segments(turns) for _, _, turns, _ in checked]
+        flat = [text for segs in all_segs for text, _ in segs]
+        ids_flat = self.tokenizer.encode_batch(flat) if flat else []
+        samples, k = [], 0
+        for (index, rec, turns, paths), segs in zip(checked, all_segs):
+            input_ids, labels = [], []
+            for (_, trained), ids in zip(segs, ids_flat[k:k + len(segs)]):
+                input_ids.extend(ids)
+                labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+            k += len(segs)
+            labels[0] = IGNORE_INDEX
+            instructions = [_strip_placeholders(text, self.image_token)
+                            for role, text in turns for _ in range(text.count(self.image_token))]
+            s = self._truncate(index, rec, Sample(index, str(rec.get("id", index)), paths, instructions, input_ids,
+                                                  labels, 0))
+            if s is not None:
+                samples.append(s)
+        if self.report.truncated:
+            log.warning("%d of %d samples truncated to data.max_length=%d (lost %d positions, %d answer tokens, "
+                        "%d images)", self.report.truncated, len(checked), self.cfg.max_length,
+                        self.report.truncated_tokens, self.report.truncated_answer_tokens, self.report.dropped_images)
+        return samples
+
+    def _truncate(self, index, rec, s: Sample) -> Sample | None:
+        width = [self.N if t == self.image_token_id else 1 for t in s.input_ids]
+        full = sum(width)
+        self.report.longest = max(self.report.longest, full)
+        needed = full
+        if full > self.cfg.max_length:
+            used, keep = 0, 0
+            for w in width:
+                if used + w > self.cfg.max_length:
+                    break  # also when w is an image's N: never cut inside its visual tokens
+                used, keep = used + w, keep + 1
+            n_img = sum(1 for t in s.input_ids[:keep] if t == self.image_token_id)
+            self.report.truncated += 1
+            self.report.truncated_tokens += full - used
+            self.report.truncated_answer_tokens += sum(1 for x in s.labels[keep:] if x != IGNORE_INDEX)
+            self.report.dropped_images += len(s.images) - n_img
+            s.input_ids, s.labels = s.input_ids[:keep], s.labels[:keep]
+            s.images, s.instructions = s.images[:n_img], s.instructions[:n_img]
+            full = used
+        s.length = full
+        if all(x == IGNORE_INDEX for x in s.labels):
+            self.issues("too_long", self._where(index, rec),
+                        f"no answer token within data.max_length={self.cfg.max_length} (the sample needs "
+                        f"{needed} positions)")
+            return None
+        return s
+
+    # ----------------------------------------------------------------------------------------- access
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.length for s in self.samples]
+
+    def fingerprint(self) -> str:
+        """Hash of the kept samples (ids, tokens): a resumed run checks it sees the same data."""
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(f"{s.index}:{s.id}:{s.length}:".encode())
+            h.update(bytes(str(s.input_ids[:64]), "utf-8"))
+        return h.hexdigest()[:16]
+
+    def load_images(self, s: Sample) -> torch.Tensor:
+        """(n_images, 3, H, W) for sample ``s``. A missing or unreadable image raises :class:`DataError` naming
+        the file, the record and the image (reason ``missing_image`` / ``corrupt_image``); the caller applies
+        ``on_error`` (:meth:`report_issue`), since this may run in a DataLoader worker."""
+        from emma_mamba.models.vision import load_image
+
+        if self.image_processor is None:
+            raise RuntimeError("LlavaDataset was built without an image_processor")
+        out = []
+        for p in s.images:
+            try:
+                out.append(self.image_processor.transform(load_image(p)))
+            except (FileNotFoundError, ValueError, OSError) as e:
+                reason = "missing_image" if isinstance(e, FileNotFoundError) else "corrupt_image"
+                raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", reason) from None
+        if not out:
+            return torch.zeros(0, 3, 1, 1)
+        return torch.stack(out)
+
+    def report_issue(self, err: DataError) -> None:
+        """Apply on_error to an error raised while loading (raise it, or log and count it)."""
+        where, _, message = str(err).partition(": image ")
+        self.issues(err.reason, where, "image " + message)
+
+
+# -------------------------------------------------------------------------------------- order and batches
+
+def plan_rows(lengths: Sequence[int], seed: int, epoch: int, packing: bool, max_length: int) -> list[list[int]]:
+    """This epoch's rows (lists of sample positions): a seeded shuffle, then one sample per row (padding) or
+    greedy sequential packing into rows of at most max_length positions. Pure function of its arguments."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if not packing:
+        return [[i] for i in perm]
+    rows, cur, used = [], [], 0
+    for i in perm:
+        if cur and used + lengths[i] > max_length:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows: Sequence[Sequence[tuple[Sample, torch.Tensor | None]]], pad_token_id: int, packing: bool,
+            num_image_tokens: int) -> dict:
+    """Rows of (sample, its images) -> a batch for ``EmmaMamba.forward`` plus bookkeeping.
+
+    Keys: input_ids, labels (b, l) right-padded (pad id / -100); seq_idx (b, l) int32 when packing (sample k of
+    a row has index k, the padding tail k+1); pixel_values (n_img, 3, H, W) or None; image_counts per row;
+    instructions per image; sample_ids per row; segments per row [(sample id, start, end)] in input positions;
+    num_samples, num_tokens (real LM positions, visual included), num_positions (b x expanded length),
+    num_label_tokens (targets the LM loss averages over), num_images.
+    """
+    rows = [r for r in rows if r]
+    if not rows:
+        raise ValueError("collate: no samples")
+    L = max(sum(len(s.input_ids) for s, _ in r) for r in rows)
+    b = len(rows)
+    input_ids = torch.full((b, L), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, L), IGNORE_INDEX, dtype=torch.long)
+    seq_idx = torch.zeros((b, L), dtype=torch.int32) if packing else None
+    pixels, counts, instructions, ids, segments = [], [], [], [], []
+    expanded = []
+    for r, row in enumerate(rows):
+        pos, segs, n_img = 0, [], 0
+        for k, (s, px) in enumerate(row):
+            n = len(s.input_ids)
+            input_ids[r, pos:pos + n] = torch.tensor(s.input_ids)
+            labels[r, pos:pos + n] = torch.tensor(s.labels)
+            labels[r, pos] = IGNORE_INDEX  # nothing in this row may predict a sample's first token
+            if seq_idx is not None:
+                seq_idx[r, pos:pos + n] = k
+            segs.append((s.id, pos, pos + n))
+            if px is not None and px.shape[0]:
+                pixels.append(px)
+            n_img += len(s.images)
+            instructions.extend(s.instructions)
+            pos += n
+        if seq_idx is not None:
+            seq_idx[r, pos:] = len(row)
+        counts.append(n_img)
+        ids.append(",".join(s.id for s, _ in row))
+        segments.append(segs)
+        expanded.append(pos + n_img * (num_image_tokens - 1))
+    num_images = sum(counts)
+    return {
+        "input_ids": input_ids, "labels": labels, "seq_idx": seq_idx,
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_counts": counts, "instructions": instructions, "sample_ids": ids, "segments": segments,
+        "num_samples": sum(len(r) for r in rows), "num_tokens": sum(expanded), "num_positions": b * max(expanded),
+        "num_label_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum()), "num_images": num_images,
+    }
+
+
+def steps_per_epoch(num_rows: int, rows_per_step: int) -> int:
+    return math.ceil(num_rows / rows_per_step)

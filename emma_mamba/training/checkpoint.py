@@ -1,0 +1,205 @@
+"""Training checkpoints: self-describing directories that a run resumes from exactly.
+
+Layout of ``output_dir``::
+
+    train_config.yaml            the resolved run config
+    metrics.jsonl                one JSON object per logged step
+    checkpoints/step_00000100/   every checkpoint.every_steps steps
+        config.yaml model.safetensors tokenizer.json    EmmaMamba.save layout: emma_mamba.load(dir) works
+        train_config.yaml                               the resolved run config
+        trainer_state.pt    optimizer, scheduler, data position (epoch, step in epoch), counters, data fingerprint
+        rng_rank{r}.pt      python / numpy / torch (CPU and CUDA) RNG states of rank r
+    config.yaml model.safetensors tokenizer.json train_config.yaml   the final model (written at the end)
+
+A checkpoint is written into ``step_N.tmp`` and renamed when complete, so an interrupted write is never picked
+up by ``--resume auto`` (which takes the highest complete step). Everything is read back with
+``torch.load(weights_only=True)`` / safetensors: loading runs no code from the files.
+
+Under FSDP2 the full (unsharded) model and optimizer states are gathered to rank 0 on the CPU and written in
+the same single-file layout, so a checkpoint does not depend on the number of processes that wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
+           "rng_state", "set_rng_state", "CHECKPOINT_DIR"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_NAME = "trainer_state.pt"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    # weights_only unpickling keeps tuples, but be robust to lists
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _full_model_state(model: nn.Module) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -> None:
+    """Write the EmmaMamba.save layout (+ train_config.yaml) into ``path``. Collective under FSDP."""
+    from emma_mamba.config import save_config
+    from emma_mamba.training.config import save_run_config
+
+    if is_fsdp(model):
+        sd = _full_model_state(model)  # every rank must take part in the gather
+        if info.is_main:
+            from safetensors.torch import save_file
+
+            from emma_mamba import __version__
+
+            path.mkdir(parents=True, exist_ok=True)
+            save_config(model.config, path / "config.yaml")
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
+                      metadata={"format": "pt", "emma_mamba": __version__})
+            model.tokenizer.save(path)
+    elif info.is_main:
+        model.save(path)
+    if info.is_main and run_cfg is not None:
+        save_run_config(run_cfg, path / "train_config.yaml")
+
+
+def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
+                    run_cfg, info: DistInfo, keep_last: int = 0) -> Path:
+    """Write checkpoint ``step`` (collective: every rank calls it). Returns the final directory."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.tmp"
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    save_model_dir(model, tmp, info, run_cfg)
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optim_sd = get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optim_sd = optimizer.state_dict()
+    if info.is_main:
+        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
+    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+    barrier()
+    if info.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep_last > 0:
+            steps = sorted(_complete_steps(root))
+            for s, p in steps[:-keep_last]:
+                shutil.rmtree(p)
+        log.info("checkpoint written: %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: DistInfo) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the saved state dict
+    (data position, counters) without the optimizer/scheduler entries."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    state_file = path / STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_NAME}); --resume takes a "
+                                f"checkpoints/step_N directory or 'auto'")
+    rng_file = path / f"rng_rank{info.rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{path} has no {rng_file.name}: it was written by fewer processes than this "
+                                f"run has ({info.world_size}); resume with the same world size")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        sd = load_file(str(path / "model.safetensors")) if info.is_main else {}
+        set_model_state_dict(model, sd, options=opts)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"] if info.is_main else {}, options=opts)
+    else:
+        sd = load_file(str(path / "model.safetensors"), device=str(info.device))
+        own = model.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        if missing or unexpected:
+            raise RuntimeError(f"{path}/model.safetensors does not match the model of this run: missing "
+                               f"{missing[:6]}, unexpected {unexpected[:6]}")
+        model.load_state_dict(sd, strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_NAME).is_file():
+            out.append((int(m.group(1)), p))
+    return out
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    steps = _complete_steps(Path(output_dir) / CHECKPOINT_DIR)
+    return max(steps)[1] if steps else None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """``--resume``: None (fresh run), 'auto' (latest complete checkpoint in output_dir, or a fresh run if
+    there is none), or a checkpoint directory (must exist)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        p = latest_checkpoint(output_dir)
+        if p is None:
+            log.info("--resume auto: no checkpoint in %s/%s, starting a fresh run", output_dir, CHECKPOINT_DIR)
+        return p
+    p = Path(resume)
+    if not (p / STATE_NAME).is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (expected {p / STATE_NAME})")
+    return p

@@ -1,0 +1,345 @@
+"""Training configuration: one ``RunConfig`` per run, read strictly from YAML plus dotted command-line overrides.
+
+A run YAML (``configs/train_*.yaml``) has the sections below; every key must name a field (an unknown key or a
+value of the wrong type is an error naming the key, its dotted path and the file or ``command line``)::
+
+    stage: pretrain | finetune        # must match the command (emma-mamba pretrain / finetune)
+    output_dir: runs/tiny_stage1
+    model: tiny                       # a preset name, a model YAML path, or a mapping {preset: ..., lm: {...}}
+    init_from: null                   # a checkpoint dir (EmmaMamba.save layout); then `model` must be omitted
+    data:  {json: ..., image_folder: ..., max_length: ..., packing: ..., on_error: raise | skip, ...}
+    train: {lr: ..., epochs: ..., global_batch_size: ..., micro_batch_size: ..., ...}
+    parallel: {strategy: auto | none | ddp | fsdp, ...}
+    checkpoint: {every_steps: ..., keep_last: ...}
+    log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
+
+Command-line overrides use the same dotted paths (``--train.lr 2e-5``, ``--data.packing true``,
+``--model.lm.d_state 16``); values are parsed as YAML scalars/flow lists (plus plain floats such as ``2e-5``,
+which YAML 1.1 would read as a string) and validated exactly like YAML keys. The model section is the model's
+own strict config (:mod:`emma_mamba.config`). The fully resolved config is written next to every checkpoint
+as ``train_config.yaml`` (and the model's as ``config.yaml``), so a checkpoint directory describes itself.
+
+Batch sizes count *rows*: a row is one sample when padding, or several samples packed into ``max_length``
+tokens when ``data.packing`` is on. ``global_batch_size = micro_batch_size * grad_accum * world_size``; the
+accumulation steps are derived, so the same YAML runs on any number of processes with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
+                               get_preset, load_config)
+from emma_mamba.models.vlm import CHAT_TEMPLATE
+
+__all__ = ["DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LogConfig", "RunConfig",
+           "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict", "parse_cli_value",
+           "dotted_fields"]
+
+
+@dataclass
+class DataConfig:
+    json: str | None = None
+    """LLaVA-format training file: a JSON list of {id, image, conversations} records, or JSONL (one per line)."""
+    image_folder: str | None = None
+    """Folder the records' ``image`` paths are relative to (null: relative to the JSON file's folder)."""
+    max_length: int = 2048
+    """Most tokens per sample (and per packed row), visual tokens included; longer samples are truncated
+    (counted and logged; never inside an image's visual tokens)."""
+    packing: bool = False
+    """Pack several samples into each row of max_length tokens (seq_idx resets the scan at each boundary)
+    instead of padding every sample to the longest of its batch."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """A bad record (missing/corrupt image, empty conversation, no assistant turn, wrong role, placeholder/image
+    mismatch, nothing left after truncation): raise an error naming file and record index, or skip and count it."""
+    prompt_template: str = CHAT_TEMPLATE
+    """Chat template of one user turn, ``{prompt}`` is the human text (default: mamba-2.8b-zephyr's, the one
+    inference uses: emma_mamba.models.vlm.CHAT_TEMPLATE)."""
+    turn_end: str = "<|endoftext|>"
+    """Appended to every assistant answer; trained on (the model learns to stop)."""
+    turn_sep: str = "\n"
+    """Between an answer's turn_end and the next user turn (not trained on)."""
+    num_workers: int = 0
+    """DataLoader worker processes decoding images (0: in the training process)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-5
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """LR schedule after the linear warmup."""
+    warmup_ratio: float = 0.03
+    """Linear warmup length as a fraction of the total steps (ignored when warmup_steps is set)."""
+    warmup_steps: int | None = None
+    """Linear warmup length in optimizer steps (overrides warmup_ratio)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay on matrices; never on A_log, D, norms, biases or other 1-D parameters."""
+    decay_embeddings: bool = True
+    """Whether the (tied) token embedding matrix is decayed (as nanoGPT and HF Trainer do)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    epochs: float = 1.0
+    """Passes over the data (fractions allowed); ignored when max_steps > 0."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 = derive from epochs."""
+    global_batch_size: int = 128
+    """Rows per optimizer step over all processes (micro_batch_size x grad_accum x world_size)."""
+    micro_batch_size: int = 4
+    """Rows per forward/backward on one process."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping; the norm is logged either way)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast (GPU) or fp32; auto = bf16 on a GPU that supports it, fp32 on the CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute each Mamba block's activations in the backward pass (saves memory, costs ~1 forward)."""
+    seed: int = 0
+    """Seeds model init, data order (per epoch) and every RNG; the run is a pure function of config and data."""
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """auto = DDP under torchrun with >1 process, else none; fsdp = FSDP2 fully_shard (per Mamba block)."""
+    find_unused_parameters: bool = True
+    """DDP: tolerate trainable parameters unused in a step (text-only batches skip the vision bridge)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after the forward (ZeRO-3) rather than keeping them (ZeRO-2)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Write a checkpoint every N optimizer steps (0 = only the final model)."""
+    keep_last: int = 0
+    """Keep only the newest N step checkpoints (0 = keep all)."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    """Write metrics every N optimizer steps."""
+    jsonl: bool = True
+    """Metrics to output_dir/metrics.jsonl (one JSON object per line)."""
+    tensorboard: bool = True
+    """Metrics to output_dir/tensorboard when the tensorboard package is installed."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    stage: Literal["pretrain", "finetune"] = "pretrain"
+    """pretrain: train MFF, projector, instruction fusion; finetune: also the LM and the alignment head."""
+    output_dir: str = "runs/default"
+    """Where checkpoints, metrics and the final model go."""
+    model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
+    """The model (a preset name, a model YAML path, or a mapping of model config keys)."""
+    init_from: str | None = None
+    """Start from this checkpoint directory (EmmaMamba.save layout, e.g. a stage-1 output_dir)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distributed strategy."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics and progress."""
+
+    def validate(self, source: str = "<config>") -> "RunConfig":
+        def bad(msg):
+            raise ConfigError(f"{source}: {msg}")
+
+        t, d = self.train, self.data
+        if not d.json:
+            bad("data.json: the training file is required (a LLaVA-format JSON or JSONL)")
+        if d.max_length < 2:
+            bad(f"data.max_length must be >= 2, got {d.max_length}")
+        if "{prompt}" not in d.prompt_template:
+            bad(f"data.prompt_template must contain '{{prompt}}', got {d.prompt_template!r}")
+        if d.num_workers < 0:
+            bad(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if t.lr <= 0:
+            bad(f"train.lr must be > 0, got {t.lr}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            bad(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        if not 0 <= t.warmup_ratio < 1:
+            bad(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        if t.warmup_steps is not None and t.warmup_steps < 0:
+            bad(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        if t.weight_decay < 0:
+            bad(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            bad(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+        if t.max_steps < 0 or (t.max_steps == 0 and t.epochs <= 0):
+            bad(f"train: set max_steps > 0 or epochs > 0 (got max_steps={t.max_steps}, epochs={t.epochs})")
+        if t.micro_batch_size < 1 or t.global_batch_size < 1:
+            bad(f"train.micro_batch_size and train.global_batch_size must be >= 1, got "
+                f"{t.micro_batch_size} and {t.global_batch_size}")
+        if t.grad_clip < 0:
+            bad(f"train.grad_clip must be >= 0, got {t.grad_clip}")
+        if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
+            bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
+        if self.log.every_steps < 1:
+            bad(f"log.every_steps must be >= 1, got {self.log.every_steps}")
+        return self
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-batches per process per optimizer step; errors unless the global batch divides evenly."""
+        per = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per:
+            raise ConfigError(f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size})")
+        return self.train.global_batch_size // per
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
+    """`model:` is a preset name, a model YAML path, or a mapping of model keys (with optional `preset`)."""
+    if isinstance(value, ModelConfig):
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        return config_from_dict(value, source=f"{source} (model)")
+    if isinstance(value, str):
+        from emma_mamba.config import PRESETS
+
+        if value in PRESETS:
+            return get_preset(value)
+        for cand in ([base_dir / value] if base_dir is not None else []) + [Path(value)]:
+            if cand.is_file():
+                return load_config(cand)
+        raise ConfigError(f"{source}: model: {value!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
+                          f"YAML file")
+    raise ConfigError(f"{source}: model: expected a preset name, a YAML path or a mapping, got "
+                      f"{type(value).__name__}")
+
+
+def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | None = None,
+                         override_source: str = "command line", base_dir: Path | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML-shaped dict and optional nested overrides (both strict)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of config keys, got {type(d).__name__}")
+    d = copy.deepcopy(d)
+    overrides = copy.deepcopy(overrides or {})
+    cfg = RunConfig()
+    model_value = d.pop("model", None)
+    model_over = overrides.pop("model", None)
+    apply_overrides(cfg, d, source=source)
+    apply_overrides(cfg, overrides, source=override_source)
+    if cfg.init_from is not None:
+        if model_value is not None:
+            raise ConfigError(f"{source}: give either `model` or `init_from` (the model config then comes from "
+                              f"{cfg.init_from}/config.yaml), not both")
+        ckpt_cfg = Path(cfg.init_from) / "config.yaml"
+        if not ckpt_cfg.is_file():
+            raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
+                              f"written by EmmaMamba.save or a previous run's output_dir)")
+        cfg.model = load_config(ckpt_cfg)
+    elif model_value is not None:
+        cfg.model = _model_from_value(model_value, source, base_dir)
+    if model_over is not None:
+        if cfg.init_from is not None:
+            raise ConfigError(f"{override_source}: --model.* overrides cannot change a model loaded by init_from")
+        apply_overrides(cfg.model, model_over, path="model", source=override_source)
+        try:
+            cfg.model.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{override_source}: {e}") from None
+    return cfg.validate(source)
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return run_config_from_dict(data or {}, source=str(path), overrides=overrides, base_dir=path.parent)
+
+
+def run_config_to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["model"] = config_to_dict(cfg.model)
+    return d
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    """The fully resolved run config as YAML; ``load_run_config`` reads it back to an equal RunConfig."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def parse_cli_value(text: str):
+    """A command-line value: YAML scalar or flow collection; '2e-5' (a string to YAML 1.1) becomes a float."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def dotted_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted path, first docstring line) of every leaf field, for --help and argument registration."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:  # field docstrings (the string literal after each annotated field)
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+    except (OSError, TypeError, SyntaxError):
+        pass
+    out = []
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        ftype = f.type if not isinstance(f.type, str) else None
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            out.extend(dotted_fields(type(default), path + "."))
+        else:
+            out.append((path, docs.get(f.name, "")))
+        del ftype
+    return out
+
+
+def overrides_from_pairs(pairs: list[tuple[str, str]]) -> dict:
+    """[('train.lr', '2e-5'), ...] -> {'train': {'lr': 2e-05}} (values parsed by parse_cli_value)."""
+    out: dict = {}
+    for key, text in pairs:
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: --{key} conflicts with another override of {p}")
+        node[parts[-1]] = parse_cli_value(text)
+    return out

@@ -1,0 +1,83 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule.
+
+Weight decay (decoupled, AdamW) applies to weight matrices only. Never decayed:
+
+* ``A_log`` and ``D`` of every Mamba mixer (mamba-ssm marks them ``_no_weight_decay``: decaying A_log pulls
+  every state towards the same decay rate, decaying D removes the skip connection);
+* every parameter with fewer than 2 dimensions: biases, RMSNorm/LayerNorm weights, ``dt_proj.bias``, the MFF
+  and alignment-head layer-mixing logits;
+* the token embedding when ``train.decay_embeddings`` is false. It is decayed by default, as nanoGPT and the
+  HF Trainer (LLaVA, Cobra) do: in Mamba it is also the tied LM head, a weight matrix like any other.
+
+Frozen parameters (``requires_grad=False``) are left out of the optimizer entirely.
+
+Schedule: linear warmup from 0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio * lr`` at the
+last step (or constant), as a ``LambdaLR`` so its state is just the step counter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "build_optimizer", "lr_lambda", "build_scheduler", "warmup_steps"]
+
+_NO_DECAY_NAMES = ("A_log", "D")
+
+
+def _no_decay(name: str, p: torch.Tensor, decay_embeddings: bool) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in _NO_DECAY_NAMES or p.ndim < 2:
+        return True
+    if not decay_embeddings and name.endswith("embeddings.weight"):
+        return True
+    return False
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}] with a ``names`` list each."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if _no_decay(name, p, decay_embeddings) else decay).append((name, p))
+    return [
+        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model`` with ``cfg`` a TrainConfig."""
+    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings) if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters: check the stage (set_stage) and the frozen modules")
+    kw = {}
+    if all(p.device.type == "cuda" for g in groups for p in g["params"]):
+        kw["fused"] = True
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return int(math.ceil(cfg.warmup_ratio * total_steps))
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str = "cosine", min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr for the update made at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    w = warmup_steps(cfg, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, total_steps, w, cfg.schedule, cfg.min_lr_ratio))

@@ -1,0 +1,162 @@
+"""Process groups and model wrapping for training: the only place that knows about DDP and FSDP2.
+
+The models stay plain ``nn.Module`` s; this module turns one into what the trainer runs (torchtitan's split):
+
+* ``none``: single process (CPU or one GPU), the module itself.
+* ``ddp``: ``DistributedDataParallel`` (gloo on the CPU, NCCL on GPUs) as launched by
+  ``torchrun --nproc_per_node=K``. ``find_unused_parameters`` defaults to on because a micro-batch of
+  text-only records does not touch the vision bridge.
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``): each Mamba block, the vision tower and the alignment
+  head are their own shard units, the rest (embeddings, final norm, MFF, instruction fusion, projector) the
+  root's. The embedding must stay in the root unit because ``EmmaMamba._splice`` reads it before the LM's
+  forward runs. On a GPU with bf16 the parameters are gathered in bf16 and gradients reduced in fp32
+  (``MixedPrecisionPolicy``); on the CPU everything stays fp32.
+
+``auto`` means DDP when more than one process was launched, otherwise none. Data sharding is done by the
+trainer (every rank computes the same global batch plan and takes its own slice), so no sampler is involved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "init_distributed", "wrap_model", "all_reduce_sum", "no_grad_sync", "is_fsdp",
+           "destroy_distributed", "barrier", "broadcast_object"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group: NCCL when
+    CUDA is available (one GPU per local rank), gloo otherwise. Without torchrun: a single CPU/GPU process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    backend = None
+    if world > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            kw = {"device_id": dev} if use_cuda else {}
+            dist.init_process_group(backend=backend, **kw)
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity without a process group); returns ``t``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def resolve_strategy(strategy: str, info: DistInfo) -> str:
+    if strategy == "auto":
+        return "ddp" if info.distributed else "none"
+    if strategy in ("ddp", "fsdp") and not info.distributed:
+        log.info("parallel.strategy=%s with a single process: running unwrapped", strategy)
+        return "none"
+    return strategy
+
+
+def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = False,
+               find_unused_parameters: bool = True, reshard_after_forward: bool = True) -> nn.Module:
+    """The module the trainer calls (DDP wrapper, the fully_shard-ed model itself, or ``model``)."""
+    strategy = resolve_strategy(strategy, info)
+    if strategy == "none":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        for block in model.lm.layers:
+            fully_shard(block, **kw)
+        for name in ("vision", "align_head"):
+            sub = getattr(model, name, None)
+            if sub is not None:
+                fully_shard(sub, **kw)
+        fully_shard(model, **kw)
+        return model
+    raise ValueError(f"parallel.strategy: unknown strategy {strategy!r}; valid: auto, none, ddp, fsdp")
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_grad_sync(wrapped: nn.Module, sync: bool):
+    """Gradient accumulation: skip the gradient all-reduce/reduce-scatter unless ``sync``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(wrapped, DDP) and not sync:
+        with wrapped.no_sync():
+            yield
+    elif is_fsdp(wrapped):
+        wrapped.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield

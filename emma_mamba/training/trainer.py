@@ -1,0 +1,405 @@
+"""The training loop behind ``emma-mamba pretrain`` and ``emma-mamba finetune``.
+
+One :class:`Trainer` runs one stage (:data:`emma_mamba.models.vlm.STAGES`): ``pretrain`` trains MFF,
+instruction fusion and the projector with the ViT and the LM frozen (the model is built without the alignment
+head, which stage 1 does not train); ``finetune`` also trains the LM and the alignment head, starting from
+``init_from`` (a stage-1 output directory) or from the configured pretrained files (single-stage recipe).
+
+Data order is a pure function of (seed, epoch, data): every rank computes the same plan of rows
+(:func:`emma_mamba.data.llava.plan_rows`), each optimizer step takes the next ``global_batch_size`` rows
+(wrapping around to the start of the epoch to fill the last step, logged), and rank r takes its contiguous
+slice of them, ``grad_accum`` micro-batches of ``micro_batch_size`` rows. A resumed run recomputes the plan and
+skips to the saved (epoch, step) position; nothing about the order lives in a sampler object.
+
+Loss normalisation: the LM loss of a step is the mean over *all* answer tokens of the global batch and the
+pixel loss the mean over all its images, whatever the split into processes and micro-batches (token and image
+counts are all-reduced before the backward pass; each micro-batch's loss is scaled by its share, times the
+world size that DDP/FSDP divide by). So 1 process x 4 micro-batches, 2 processes x 2 and padding vs packing
+all optimise the same objective: ``lm + align.loss_weight * align``.
+
+Metrics (rank 0, every ``log.every_steps`` steps): ``lm_loss``, ``align_loss``, ``loss``, ``lr``,
+``grad_norm`` (before clipping), ``tokens_per_s`` (real LM positions, visual tokens included, padding not,
+per second of wall time including data loading), ``fill`` (real / computed positions), sample/token counters
+and ``skipped_records``; to ``output_dir/metrics.jsonl`` and to TensorBoard when installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
+from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
+                                            save_model_dir)
+from emma_mamba.training.config import RunConfig, save_run_config
+from emma_mamba.training.optim import build_optimizer, build_scheduler
+from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, init_distributed, is_fsdp,
+                                          no_grad_sync, resolve_strategy, wrap_model)
+
+__all__ = ["Trainer", "train"]
+
+log = logging.getLogger(__name__)
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item j = this rank's j-th micro-batch of the epoch from the start position, collated.
+
+    Image errors are caught here (this may be a worker process) and returned in ``batch['errors']``; the
+    training process applies ``data.on_error`` to them, so raise/skip behave the same with or without workers.
+    """
+
+    def __init__(self, dataset: LlavaDataset, micro_batches: list[list[list[int]]], pad_id: int, packing: bool):
+        self.dataset, self.mbs, self.pad_id, self.packing = dataset, micro_batches, pad_id, packing
+
+    def __len__(self) -> int:
+        return len(self.mbs)
+
+    def __getitem__(self, j: int) -> dict:
+        rows, errors = [], []
+        for row in self.mbs[j]:
+            loaded = []
+            for i in row:
+                s = self.dataset.samples[i]
+                try:
+                    px = self.dataset.load_images(s) if s.images else None
+                except DataError as e:
+                    errors.append(e)
+                    continue
+                loaded.append((s, px))
+            rows.append(loaded)
+        if not any(rows):
+            return {"empty": True, "errors": errors}
+        batch = collate(rows, self.pad_id, self.packing, self.dataset.N)
+        batch["errors"] = errors
+        return batch
+
+
+class Trainer:
+    """Builds model, data, optimizer and (on resume) restores them; :meth:`fit` runs the stage."""
+
+    def __init__(self, cfg: RunConfig, resume: str | None = None, device: str | None = None):
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(device)
+        info = self.info
+        self.output_dir = Path(cfg.output_dir)
+        self.resume_from = resolve_resume(resume, self.output_dir)
+        if self.resume_from is None and latest_checkpoint(self.output_dir) is not None:
+            raise FileExistsError(f"output_dir {self.output_dir} already holds checkpoints of a run; pass "
+                                  f"--resume auto to continue it, or choose another output_dir")
+        tc = cfg.train
+        _seed_everything(tc.seed)
+
+        # ---- model
+        from emma_mamba.models.vlm import EmmaMamba, load
+
+        for_training = cfg.stage == "finetune"  # stage 1 does not train (so does not build) the alignment head
+        if cfg.init_from is not None:
+            self.model = load(cfg.init_from, for_training=for_training, device=info.device)
+        else:
+            self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
+        self.model.set_stage(cfg.stage)
+        self.model.train()
+        if tc.gradient_checkpointing:
+            self.model.lm.set_gradient_checkpointing(True)
+        cuda = info.device.type == "cuda"
+        self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        self.strategy = resolve_strategy(cfg.parallel.strategy, info)
+
+        # ---- data
+        m = self.model
+        self.dataset = LlavaDataset(cfg.data, m.tokenizer, cfg.model.image_token, m.image_token_id,
+                                    m.vision.num_tokens, m.image_processor)
+        if len(self.dataset) == 0:
+            raise DataError(f"{cfg.data.json}: no usable records ({self.dataset.report.summary()})")
+        self.accum = cfg.grad_accum(info.world_size)
+        self.rows_per_step = tc.global_batch_size
+        self._plans: dict[int, list[list[int]]] = {}
+        self.total_steps = self._total_steps()
+
+        # ---- parallel wrapping, optimizer, schedule
+        self.wrapped = wrap_model(self.model, self.strategy, info, bf16=self.bf16,
+                                  find_unused_parameters=cfg.parallel.find_unused_parameters,
+                                  reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        # ---- position and counters
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.counters = {"samples": 0, "tokens": 0, "positions": 0}
+        self.history: list[dict] = []
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        n_train = sum(p.numel() for p in self.params)
+        if info.is_main:
+            log.info("stage %s: %s, %d trainable parameters, %d steps (global batch %d rows = %d x %d accum x %d "
+                     "procs), %s, %s, %s", cfg.stage, cfg.model.name, n_train, self.total_steps, tc.global_batch_size,
+                     tc.micro_batch_size, self.accum, info.world_size, self.strategy,
+                     "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
+
+    # ------------------------------------------------------------------------------------------- plan
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            d = self.cfg.data
+            self._plans = {epoch: plan_rows(self.dataset.lengths, self.cfg.train.seed, epoch, d.packing,
+                                            d.max_length)}
+        return self._plans[epoch]
+
+    def _steps_in_epoch(self, epoch: int) -> int:
+        return steps_per_epoch(len(self.epoch_rows(epoch)), self.rows_per_step)
+
+    def _total_steps(self) -> int:
+        tc = self.cfg.train
+        if tc.max_steps > 0:
+            return tc.max_steps
+        full = int(tc.epochs)
+        total = sum(self._steps_in_epoch(e) for e in range(full))
+        frac = tc.epochs - full
+        if frac > 0:
+            total += int(frac * self._steps_in_epoch(full))
+        return max(1, total)
+
+    def _step_micro_batches(self, rows: list[list[int]], step: int) -> list[list[list[int]]]:
+        """This rank's micro-batches (lists of rows) for ``step`` of an epoch whose plan is ``rows``."""
+        G, n = self.rows_per_step, len(rows)
+        glob = [rows[(step * G + j) % n] for j in range(G)]  # the last step wraps around to fill itself
+        per = self.cfg.train.micro_batch_size * self.accum
+        mine = glob[self.info.rank * per:(self.info.rank + 1) * per]
+        mb = self.cfg.train.micro_batch_size
+        return [mine[j * mb:(j + 1) * mb] for j in range(self.accum)]
+
+    def _loader(self, epoch: int, start: int, stop: int):
+        rows = self.epoch_rows(epoch)
+        if stop * self.rows_per_step > len(rows) and self.info.is_main:
+            log.info("epoch %d: the last step repeats %d rows from the start of the epoch to fill the global batch",
+                     epoch, stop * self.rows_per_step - len(rows))
+        mbs = [m for s in range(start, stop) for m in self._step_micro_batches(rows, s)]
+        ds = _MicroBatches(self.dataset, mbs, self.model.tokenizer.pad_token_id, self.cfg.data.packing)
+        nw = self.cfg.data.num_workers
+        return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
+                                           pin_memory=self.info.device.type == "cuda",
+                                           persistent_workers=False, prefetch_factor=4 if nw else None)
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def _autocast(self):
+        if self.bf16 and not is_fsdp(self.wrapped):  # FSDP2 casts through its MixedPrecisionPolicy instead
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, b: dict) -> dict:
+        dev = self.info.device
+        out = dict(b)
+        for k in ("input_ids", "labels", "seq_idx", "pixel_values"):
+            if out.get(k) is not None:
+                out[k] = out[k].to(dev, non_blocking=True)
+        if out.get("pixel_values") is not None and self.model.instruction is not None:
+            out["instruction_ids"] = self.model.tokenize_instructions(out["instructions"]).to(dev)
+        return out
+
+    def _dummy_batch(self) -> dict:
+        # every sample of this micro-batch was skipped: a zero-weight text row keeps collectives in step
+        pad = self.model.tokenizer.pad_token_id
+        ids = torch.full((1, 2), pad, dtype=torch.long)
+        return {"input_ids": ids, "labels": torch.full_like(ids, -100), "seq_idx": None, "pixel_values": None,
+                "image_counts": [0], "instructions": [], "sample_ids": ["<skipped>"], "num_samples": 0,
+                "num_tokens": 0, "num_positions": 0, "num_label_tokens": 0, "num_images": 0}
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        info, cfg = self.info, self.cfg
+        batches = []
+        for b in micro_batches:
+            for err in b["errors"]:
+                self.dataset.report_issue(err)  # raises under on_error=raise
+            batches.append(self._dummy_batch() if b.get("empty") else b)
+        keys = ("num_label_tokens", "num_images", "num_tokens", "num_positions", "num_samples")
+        counts = torch.tensor([[b[k] for k in keys] for b in batches], dtype=torch.float64).sum(0)
+        counts = all_reduce_sum(counts.to(info.device)).cpu()
+        n_lab, n_img = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
+        w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        for j, b in enumerate(batches):
+            b = self._to_device(b)
+            with no_grad_sync(self.wrapped, sync=j == len(batches) - 1):
+                with self._autocast():
+                    out = self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                                       instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
+                                       seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+                lm = out.loss["lm"].float() * b["num_label_tokens"]
+                al = out.loss["align"].float() * b["num_images"]
+                loss = (lm / n_lab + w_align * al / n_img) * info.world_size
+                loss.backward()
+            sums += torch.stack([lm.detach(), al.detach()]).double()
+        max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = all_reduce_sum(sums).cpu()
+        lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
+        return {"lm_loss": lm_loss, "align_loss": align_loss, "loss": lm_loss + w_align * align_loss, "lr": lr,
+                "grad_norm": float(grad_norm), "label_tokens": int(counts[0]), "images": int(counts[1]),
+                "tokens": int(counts[2]), "positions": int(counts[3]), "samples": int(counts[4])}
+
+    # -------------------------------------------------------------------------------------------- run
+
+    def fit(self) -> list[dict]:
+        """Runs the remaining steps, writing metrics, checkpoints and the final model; returns the metrics."""
+        cfg, info = self.cfg, self.info
+        writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step) if info.is_main else None
+        bar = None
+        if info.is_main and cfg.log.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                       desc=cfg.stage)
+        t_start, tok_start = time.perf_counter(), self.counters["tokens"]
+        try:
+            while self.global_step < self.total_steps:
+                n_steps = self._steps_in_epoch(self.epoch)
+                if self.step_in_epoch >= n_steps:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    continue
+                stop = min(n_steps, self.step_in_epoch + self.total_steps - self.global_step)
+                it = iter(self._loader(self.epoch, self.step_in_epoch, stop))
+                while self.step_in_epoch < stop:
+                    t0 = time.perf_counter()
+                    mbs = [next(it) for _ in range(self.accum)]
+                    m = self.train_step(mbs)
+                    dt = time.perf_counter() - t0
+                    self.global_step += 1
+                    self.step_in_epoch += 1
+                    for k in self.counters:
+                        self.counters[k] += m[k]
+                    m.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / n_steps,
+                             step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
+                             skipped_records=sum(self.dataset.report.skipped.values()),
+                             total_tokens=self.counters["tokens"])
+                    self.history.append(m)
+                    if writer is not None and (self.global_step % cfg.log.every_steps == 0
+                                               or self.global_step == self.total_steps):
+                        writer.write(m)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                                        tok_s=f"{m['tokens_per_s']:.0f}")
+                    every = cfg.checkpoint.every_steps
+                    if every and self.global_step % every == 0:
+                        self.save_checkpoint()
+                    if self.global_step >= self.total_steps:
+                        break
+                del it
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        save_model_dir(self.model, self.output_dir, info, cfg)
+        barrier()
+        if info.is_main:
+            el = time.perf_counter() - t_start
+            rep = self.dataset.report
+            log.info("done: %d steps; %s; %.0f tokens/s over this session; final model in %s", self.global_step,
+                     rep.summary(), (self.counters["tokens"] - tok_start) / max(el, 1e-9), self.output_dir)
+            if self.model.instruction is not None and self.model.instruction.num_truncated:
+                log.warning("instruction fusion truncated %d instructions to the text tower's context",
+                            self.model.instruction.num_truncated)
+        return self.history
+
+    def save_checkpoint(self) -> Path:
+        state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
+                 "fingerprint": self.dataset.fingerprint(), "world_size": self.info.world_size,
+                 "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
+        return save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
+                               self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)
+        fp = self.dataset.fingerprint()
+        if state["fingerprint"] != fp:
+            raise RuntimeError(f"--resume {path}: the training data differ from the checkpoint's (fingerprint "
+                               f"{state['fingerprint']} vs {fp}); resume with the same data.json and max_length")
+        if state["global_batch_size"] != self.cfg.train.global_batch_size:
+            raise RuntimeError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
+                               f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
+        if state["total_steps"] != self.total_steps:
+            log.warning("resuming %s: the run now has %d total steps (was %d); the LR schedule changes",
+                        path, self.total_steps, state["total_steps"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        # the saved counts include the load-time skips this run just counted again: replace, not add
+        self.dataset.report.skipped.clear()
+        self.dataset.report.skipped.update({k: int(v) for k, v in state["skipped"].items()})
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.global_step,
+                     self.epoch, self.step_in_epoch)
+
+
+class _MetricsWriter:
+    """metrics.jsonl (+ TensorBoard when installed), rank 0 only. On resume, lines past the resumed step (from
+    the interrupted run) are dropped so the file reads as one uninterrupted run."""
+
+    def __init__(self, output_dir: Path, cfg: RunConfig, info: DistInfo, start_step: int):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(cfg, output_dir / "train_config.yaml")
+        self.f = None
+        if cfg.log.jsonl:
+            path = output_dir / "metrics.jsonl"
+            keep = []
+            if start_step > 0 and path.is_file():
+                for line in path.read_text().splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            keep.append(line)
+                    except json.JSONDecodeError:
+                        continue
+            path.write_text("".join(x + "\n" for x in keep))
+            self.f = path.open("a")
+        self.tb = None
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+
+    def write(self, m: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(m) + "\n")
+            self.f.flush()
+        if self.tb is not None:
+            for k in ("lm_loss", "align_loss", "loss", "lr", "grad_norm", "tokens_per_s", "fill"):
+                self.tb.add_scalar(f"train/{k}", m[k], m["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(cfg: RunConfig, resume: str | None = None, device: str | None = None) -> Trainer:
+    """Build a Trainer for ``cfg`` and run it; returns the trainer (``.history`` holds the metrics)."""
+    trainer = Trainer(cfg, resume=resume, device=device)
+    trainer.fit()
+    return trainer
