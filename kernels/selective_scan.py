@@ -42,9 +42,9 @@ LOG2E = 1.4426950408889634
 
 # Launch shapes, (BLOCK_D * BLOCK_N * CHUNK elements per tile, CHUNK, num_warps); tuned on an H100 for
 # d_state 16. Module-level so a benchmark can try others; forward and backward must agree on CHUNK.
-FWD_TILE = 4096
-BWD_TILE = 2048
-CHUNK = 64
+CHUNK = 256
+FWD_BLOCK_D = 4
+BWD_BLOCK_D = 4
 FWD_WARPS = 4
 BWD_WARPS = 4
 
@@ -65,6 +65,12 @@ def _delta_of(raw, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _column(x, sel, n):
+    """Column ``n`` of a (BD, BN) tile as (BD,)."""
+    return tl.sum(tl.where(sel == n, x, 0.0), axis=1)
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, seq_ptr,
     out_ptr, last_ptr, saved_ptr,
@@ -74,81 +80,77 @@ def _selective_scan_fwd_kernel(
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    # Tiles are (time, channel, state) with the scan over axis 0: Triton's default layout then spreads
-    # lanes over (channel, state) and keeps time inside a thread, so the scan is mostly sequential
-    # in-register work instead of a shuffle tree over time.
+    # Tiles are (channel, time), time contiguous as in memory, so loads are vectorised and Triton keeps
+    # runs of consecutive steps in each thread: the scan is sequential in registers, with warp shuffles
+    # only for the per-thread aggregates. The state index is a loop, so <C_t, h_t> accumulates in-thread.
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
     offs_n = tl.arange(0, BLOCK_N)  # (BN,)
     offs_c = tl.arange(0, CHUNK)  # (T,)
     mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn_off = offs_d[:, None] * dstate + offs_n[None, :]  # (BD, BN) into a (d, n) tensor
-    # exp(delta * A) = exp2(delta * A * log2(e)); padded states get A = 0, B = C = 0: they stay zero
-    A2 = (tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0) * 1.4426950408889634)[None, :, :]  # (1, BD, BN)
+    mask_dn = mask_d[:, None] & (offs_n < dstate)[None, :]
+    sel = offs_n[None, :]  # (1, BN): picks a state column
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
-    grp_B = (pid_d * BLOCK_D) // cpg_B
-    grp_C = (pid_d * BLOCK_D) // cpg_C
-    if B_VAR:
-        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[None, :] * seqlen  # (1, BN)
-    else:
-        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]  # (1, BD, BN)
-    if C_VAR:
-        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[None, :] * seqlen
-    else:
-        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
+    B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
+    C_base = C_ptr + pid_b * sC_b + ((pid_d * BLOCK_D) // cpg_C) * sC_g
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[None, :]  # (1, BD)
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
     if HAS_DBIAS:
-        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
     else:
         bias = 0.0
-    row = pid_b * dim * seqlen + offs_d[None, :] * seqlen  # (1, BD) into (b, d, l)
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into (b, d, l)
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]  # chunk 0
-    first = (offs_c == 0)[:, None, None]
-    last = (offs_c == CHUNK - 1)[:, None, None]
+    first = (offs_c == 0)[None, :]
+    last = (offs_c == CHUNK - 1)[None, :]
 
     for c in range(nchunks):
         t = c * CHUNK + offs_c  # (T,)
         mask_t = t < seqlen
         tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)
-        m2 = mask_t[:, None] & mask_d[None, :]  # (T, BD)
-        mtn = mask_t[:, None] & mask_n[None, :]  # (T, BN)
-        u = tl.load(u_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+        m2 = mask_d[:, None] & mask_t[None, :]  # (BD, T)
+        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
         dt = tl.where(m2, _delta_of(dt, bias, SOFTPLUS), 0.0)  # padding: a = 1, b = 0
-        if B_VAR:
-            Bx = tl.load(B_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]  # (T, 1, BN)
-        else:
-            Bx = Bc
-        if C_VAR:
-            Cx = tl.load(C_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]
-        else:
-            Cx = Cc
-        a = tl.exp2(dt[:, :, None] * A2)  # (T, BD, BN)
+        dtu = dt * u
         if HAS_SEQ:
             s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
             s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
-            reset = (t > 0) & (s_cur != s_prev)
-            a = tl.where(reset[:, None, None], 0.0, a)
-        bx = (dt * u)[:, :, None] * Bx  # (T, BD, BN)
-        bx = tl.where(first, bx + a * h[None, :, :], bx)  # fold the carried state into step 0
-        _, hs = tl.associative_scan((a, bx), axis=0, combine_fn=_combine)  # hs[i] = h_{t0+i}
-        y = tl.sum(hs * Cx, axis=2)  # (T, BD)
-        h = tl.sum(tl.where(last, hs, 0.0), axis=0)  # padding carries h unchanged to the chunk end
+            reset = ((t > 0) & (s_cur != s_prev))[None, :]
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        h_end = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
+            if B_VAR:
+                B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]  # (1, T)
+            else:
+                B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
+            if C_VAR:
+                C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+            else:
+                C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+            a = tl.exp2(dt * A_n[:, None])  # (BD, T)
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+            bx = dtu * B_n
+            bx = tl.where(first, bx + a * _column(h, sel, n)[:, None], bx)  # fold the carried state in
+            _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)  # h_t for state n
+            y += hs * C_n
+            # padding carries h unchanged to the chunk end
+            h_end = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_end)
+        h = h_end
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + row + t[:, None], y.to(out_ptr.dtype.element_ty), mask=m2)
+        tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
@@ -169,38 +171,26 @@ def _selective_scan_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
     mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    dn_off = offs_d[:, None] * dstate + offs_n[None, :]
-    A = tl.load(A_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]  # (1, BD, BN)
-    A2 = A * 1.4426950408889634
+    mask_dn = mask_d[:, None] & (offs_n < dstate)[None, :]
+    sel = offs_n[None, :]
     grp_B = (pid_d * BLOCK_D) // cpg_B
     grp_C = (pid_d * BLOCK_D) // cpg_C
-    if B_VAR:
-        B_row = B_ptr + pid_b * sB_b + grp_B * sB_g + offs_n[None, :] * seqlen  # (1, BN)
-        if ATOMIC_BC:
-            dB_row = dB_ptr + pid_b * sdB_b + grp_B * sdB_g + offs_n[None, :] * seqlen
-        else:  # one partial per channel block: (b, nblocks, n, l)
-            dB_row = dB_ptr + pid_b * sdB_b + pid_d * sdB_g + offs_n[None, :] * seqlen
+    B_base = B_ptr + pid_b * sB_b + grp_B * sB_g
+    C_base = C_ptr + pid_b * sC_b + grp_C * sC_g
+    # variable B/C: fp32 atomics into (b, g, n, l), or one partial per channel block (b, nblocks, n, l)
+    if ATOMIC_BC:
+        dB_base = dB_ptr + pid_b * sdB_b + grp_B * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + grp_C * sdC_g
     else:
-        Bc = tl.load(B_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
-        dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    if C_VAR:
-        C_row = C_ptr + pid_b * sC_b + grp_C * sC_g + offs_n[None, :] * seqlen
-        if ATOMIC_BC:
-            dC_row = dC_ptr + pid_b * sdC_b + grp_C * sdC_g + offs_n[None, :] * seqlen
-        else:
-            dC_row = dC_ptr + pid_b * sdC_b + pid_d * sdC_g + offs_n[None, :] * seqlen
-    else:
-        Cc = tl.load(C_ptr + dn_off, mask=mask_dn, other=0.0)[None, :, :]
-        dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dB_base = dB_ptr + pid_b * sdB_b + pid_d * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + pid_d * sdC_g
     if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[None, :]  # (1, BD)
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
     if HAS_DBIAS:
-        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[None, :]
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
     else:
         bias = 0.0
-    row = pid_b * dim * seqlen + offs_d[None, :] * seqlen  # (1, BD)
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
     # carry = gradient reaching the state at the end of the current chunk from later steps
@@ -209,91 +199,121 @@ def _selective_scan_bwd_kernel(
     else:
         carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # constant B/C only
+    dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first = (offs_c == 0)[:, None, None]
-    last = (offs_c == CHUNK - 1)[:, None, None]
+    first = (offs_c == 0)[None, :]
+    last = (offs_c == CHUNK - 1)[None, :]
 
     for i in range(nchunks):
         c = nchunks - 1 - i
         t = c * CHUNK + offs_c
         mask_t = t < seqlen
         mask_t1 = (t + 1) < seqlen
-        m2 = mask_t[:, None] & mask_d[None, :]  # (T, BD)
-        m2n = mask_t1[:, None] & mask_d[None, :]
-        mtn = mask_t[:, None] & mask_n[None, :]  # (T, BN)
+        m2 = mask_d[:, None] & mask_t[None, :]
+        m2n = mask_d[:, None] & mask_t1[None, :]
         h0 = tl.load(saved_ptr + saved_off + c * dstate, mask=mask_dn, other=0.0)  # state before the chunk
-        u = tl.load(u_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
-        dt_raw = tl.load(delta_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dt_raw = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
         dt = tl.where(m2, _delta_of(dt_raw, bias, SOFTPLUS), 0.0)
-        dtn = tl.load(delta_ptr + row + t[:, None] + 1, mask=m2n, other=0.0).to(tl.float32)
+        dtn = tl.load(delta_ptr + row + t[None, :] + 1, mask=m2n, other=0.0).to(tl.float32)
         dtn = tl.where(m2n, _delta_of(dtn, bias, SOFTPLUS), 0.0)  # delta_{t+1}; 0 past the end: a = 1
-        dout = tl.load(dout_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
-        if B_VAR:
-            Bx = tl.load(B_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]  # (T, 1, BN)
-        else:
-            Bx = Bc
-        if C_VAR:
-            Cx = tl.load(C_row + t[:, None], mask=mtn, other=0.0).to(tl.float32)[:, None, :]
-        else:
-            Cx = Cc
-        a = tl.exp2(dt[:, :, None] * A2)  # a_t, (T, BD, BN)
-        an = tl.exp2(dtn[:, :, None] * A2)  # a_{t+1}
+        dout = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+        dtu = dt * u
         if HAS_SEQ:
             s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
             s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
             s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
-            a = tl.where(((t > 0) & (s_cur != s_prev))[:, None, None], 0.0, a)
-            an = tl.where((mask_t1 & (s_next != s_cur))[:, None, None], 0.0, an)
-        dbu = (dt * u)[:, :, None] * Bx  # b_t
-        bx = tl.where(first, dbu + a * h0[None, :, :], dbu)
-        _, hs = tl.associative_scan((a, bx), axis=0, combine_fn=_combine)  # recomputed h_t
+            reset = ((t > 0) & (s_cur != s_prev))[None, :]
+            reset_next = (mask_t1 & (s_next != s_cur))[None, :]
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[:, None], mask=m2, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Cx, axis=2)
+            # dz needs y = sum_n <C, h>: a first pass of forward scans over the states
+            y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+            for n in range(dstate):
+                A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
+                if B_VAR:
+                    B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                else:
+                    B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+                if C_VAR:
+                    C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                else:
+                    C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+                a = tl.exp2(dt * A_n[:, None])
+                if HAS_SEQ:
+                    a = tl.where(reset, 0.0, a)
+                bx = dtu * B_n
+                bx = tl.where(first, bx + a * _column(h0, sel, n)[:, None], bx)
+                _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
+                y += hs * C_n
             if HAS_D:
                 y += Dv * u
+            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
             dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + row + t[:, None], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dout * z * sz
         else:
             dy = dout
-        g = Cx * dy[:, :, None]  # direct gradient of h_t
-        g = tl.where(last, g + carry[None, :, :], g)
-        _, dh = tl.associative_scan((an, g), axis=0, combine_fn=_combine, reverse=True)  # dh_t
-        carry = tl.sum(tl.where(first, a * dh, 0.0), axis=0)  # gradient of the state before the chunk
-        hprev_a = hs - dbu  # a_t * h_{t-1}
-        ddt = tl.sum(dh * (Bx * u[:, :, None] + hprev_a * A), axis=2)  # (T, BD)
-        du = tl.sum(dh * Bx, axis=2) * dt
-        dA_acc += tl.sum(dh * hprev_a * dt[:, :, None], axis=0)
-        dbu_dB = dh * (dt * u)[:, :, None]  # d loss / d B_t, per channel
-        if B_VAR:
-            dBt = tl.sum(dbu_dB, axis=1)  # (T, BN): summed over the block's channels
-            if ATOMIC_BC:
-                tl.atomic_add(dB_row + t[:, None], dBt, mask=mtn)
+        ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        dBsum = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
+        carry_new = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)
+            A2_n = (A_n * 1.4426950408889634)[:, None]
+            if B_VAR:
+                B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
             else:
-                tl.store(dB_row + t[:, None], dBt, mask=mtn)
-        else:
-            dB_acc += tl.sum(dbu_dB, axis=0)
-        dcc = hs * dy[:, :, None]
-        if C_VAR:
-            dCt = tl.sum(dcc, axis=1)
-            if ATOMIC_BC:
-                tl.atomic_add(dC_row + t[:, None], dCt, mask=mtn)
+                B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+            if C_VAR:
+                C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
             else:
-                tl.store(dC_row + t[:, None], dCt, mask=mtn)
-        else:
-            dC_acc += tl.sum(dcc, axis=0)
+                C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+            a = tl.exp2(dt * A2_n)  # a_t
+            an = tl.exp2(dtn * A2_n)  # a_{t+1}
+            if HAS_SEQ:
+                a = tl.where(reset, 0.0, a)
+                an = tl.where(reset_next, 0.0, an)
+            dbu = dtu * B_n  # b_t
+            bx = tl.where(first, dbu + a * _column(h0, sel, n)[:, None], dbu)
+            _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)  # recomputed h_t
+            g = C_n * dy  # direct gradient of h_t
+            g = tl.where(last, g + _column(carry, sel, n)[:, None], g)
+            _, dh = tl.associative_scan((an, g), axis=1, combine_fn=_combine, reverse=True)  # dh_t
+            # gradient of the state before the chunk
+            carry_new = tl.where(sel == n, tl.sum(tl.where(first, a * dh, 0.0), axis=1)[:, None], carry_new)
+            hprev_a = hs - dbu  # a_t * h_{t-1}
+            ddt += dh * (B_n * u + hprev_a * A_n[:, None])
+            dBsum += dh * B_n
+            dA_acc = tl.where(sel == n, dA_acc + tl.sum(dh * hprev_a * dt, axis=1)[:, None], dA_acc)
+            if B_VAR:
+                dB_t = tl.sum(dh * dtu, axis=0)  # (T,): summed over the block's channels
+                if ATOMIC_BC:
+                    tl.atomic_add(dB_base + n * seqlen + t, dB_t, mask=mask_t)
+                else:
+                    tl.store(dB_base + n * seqlen + t, dB_t, mask=mask_t)
+            else:
+                dB_acc = tl.where(sel == n, dB_acc + tl.sum(dh * dtu, axis=1)[:, None], dB_acc)
+            if C_VAR:
+                dC_t = tl.sum(hs * dy, axis=0)
+                if ATOMIC_BC:
+                    tl.atomic_add(dC_base + n * seqlen + t, dC_t, mask=mask_t)
+                else:
+                    tl.store(dC_base + n * seqlen + t, dC_t, mask=mask_t)
+            else:
+                dC_acc = tl.where(sel == n, dC_acc + tl.sum(hs * dy, axis=1)[:, None], dC_acc)
+        carry = carry_new
+        du = dBsum * dt
         if HAS_D:
             du += Dv * dy
-            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=0)
+            dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=1)
         if SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw + bias)
         ddt = tl.where(m2, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + row + t[:, None], du.to(du_ptr.dtype.element_ty), mask=m2)
-        tl.store(ddelta_ptr + row + t[:, None], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
+        tl.store(ddelta_ptr + row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
     # per-batch partials (b, d, n) / (b, d), summed over the batch by the host
     tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
@@ -313,6 +333,11 @@ def _selective_scan_bwd_kernel(
 # host side
 
 
+def _chunk(l: int) -> int:
+    """Steps per chunk: CHUNK, or less for short sequences (padding steps cost as much as real ones)."""
+    return min(CHUNK, max(16, triton.next_power_of_2(l)))
+
+
 def _pow2_divisor(x: int) -> int:
     return x & (-x)
 
@@ -326,10 +351,10 @@ def _layout(X: torch.Tensor, d: int):
     return True, X.shape[1], X.stride(0), X.stride(1)
 
 
-def _blocks(d: int, n: int, B, C, tile: int):
+def _blocks(d: int, n: int, B, C, block_d: int):
     """BLOCK_N and BLOCK_D; with groups, BLOCK_D divides the group size so a program sees one B/C row."""
     block_n = triton.next_power_of_2(n)
-    block_d = max(1, min(triton.next_power_of_2(d), tile // (block_n * CHUNK)))
+    block_d = max(1, min(triton.next_power_of_2(d), block_d))
     for X in (B, C):
         if _ngroups(X) > 1:
             block_d = min(block_d, _pow2_divisor(d // _ngroups(X)))
@@ -353,13 +378,14 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     """Kernel-module protocol: returns ``(out, last_state, saved)``; see emma_mamba/ops/_autograd.py."""
     b, d, l = u.shape
     n = A.shape[1]
-    nchunks = triton.cdiv(l, CHUNK)
+    chunk = _chunk(l)
+    nchunks = triton.cdiv(l, chunk)
     out = torch.empty_like(u)
     last_state = torch.empty(b, d, n, device=u.device, dtype=torch.float32)
     saved = torch.empty(b, d, nchunks, n, device=u.device, dtype=torch.float32)  # state entering each chunk
     B_var, _, sB_b, sB_g = _layout(B, d)
     C_var, _, sC_b, sC_g = _layout(C, d)
-    block_d, block_n = _blocks(d, n, B, C, FWD_TILE)
+    block_d, block_n = _blocks(d, n, B, C, FWD_BLOCK_D)
     grid = (triton.cdiv(d, block_d), b)
     dummy = u
     _selective_scan_fwd_kernel[grid](
@@ -371,7 +397,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         sB_b, sB_g, sC_b, sC_g,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
-        B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK,
+        B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
         **_launch_kwargs(FWD_WARPS),
     )
     return out, last_state, saved
@@ -382,13 +408,14 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     """Kernel-module protocol: returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``."""
     b, d, l = u.shape
     n = A.shape[1]
-    nchunks = triton.cdiv(l, CHUNK)
+    chunk = _chunk(l)
+    nchunks = triton.cdiv(l, chunk)
     if saved.shape != (b, d, nchunks, n):
         raise RuntimeError(f"emma_mamba.kernels.selective_scan_bwd: saved states have shape {tuple(saved.shape)}, "
                            f"expected {(b, d, nchunks, n)} (forward and backward used different CHUNK)")
     dev = u.device
     f32 = torch.float32
-    block_d, block_n = _blocks(d, n, B, C, BWD_TILE)
+    block_d, block_n = _blocks(d, n, B, C, BWD_BLOCK_D)
     nblk = triton.cdiv(d, block_d)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -428,7 +455,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
         B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=CHUNK,
+        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
         **_launch_kwargs(BWD_WARPS),
     )
 

@@ -10,8 +10,7 @@ Times, with ``triton.testing.do_bench`` (CUDA events, median of repeated runs af
   Triton ``selective_state_update`` when ``mamba_ssm.ops.triton.selective_state_update`` is importable;
 * the causal conv1d forward (w=4, silu) at the same shape.
 
-Usage: ``python benchmarks/gpu/triton_kernels.py [--out results.json] [--quick] [--scan-module FILE]``
-(``--scan-module``: also time the forward of an experimental copy of kernels/selective_scan.py).
+Usage: ``python benchmarks/gpu/triton_kernels.py [--out results.json] [--quick] [--cuda-only]``.
 Needs a CUDA GPU.
 """
 
@@ -50,7 +49,7 @@ def scan_inputs(b, d, n, l, dtype=torch.bfloat16):
     return u, delta, A, B, C, D, z, bias
 
 
-def bench_scan(results, b, d, n, l, configs, SS=SS, tag="triton", fwd_only=False):
+def bench_scan(results, b, d, n, l, configs, bwd_configs, fwd_only=False):
     u, delta, A, B, C, D, z, bias = scan_inputs(b, d, n, l)
     elt = u.element_size()
     floor_bytes = 4 * b * d * l * elt + 2 * b * n * l * elt  # u, delta, z read; out written; B, C read
@@ -58,27 +57,25 @@ def bench_scan(results, b, d, n, l, configs, SS=SS, tag="triton", fwd_only=False
     results["scan_shape"] = dict(b=b, d=d, n=n, l=l, dtype="bfloat16")
     results["scan_fwd_floor_ms"] = floor
     print(f"selective scan b={b} d={d} n={n} L={l} bf16: memory floor {floor:.3f} ms")
-    defaults = (SS.CHUNK, SS.FWD_TILE, SS.FWD_WARPS)
+    defaults = (SS.CHUNK, SS.FWD_BLOCK_D, SS.FWD_WARPS, SS.BWD_BLOCK_D, SS.BWD_WARPS)
     fwd = {}
     ref_out = None
-    for chunk, tile, warps in configs:
-        SS.CHUNK, SS.FWD_TILE, SS.FWD_WARPS = chunk, tile, warps
+    for chunk, block_d, warps in configs:
+        SS.CHUNK, SS.FWD_BLOCK_D, SS.FWD_WARPS = chunk, block_d, warps
         try:
-            out = SS.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None)[0]
+            out = K.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None)[0]
             if ref_out is None:
-                ref_out = K.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None)[0]
+                ref_out = out
             err = (out.float() - ref_out.float()).abs().max().item()
-            t = ms(lambda: SS.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None))
+            t = ms(lambda: K.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None))
         except Exception as e:  # a launch shape that does not compile (registers, shared memory)
-            print(f"  fwd CHUNK={chunk} tile={tile} warps={warps}: failed: {type(e).__name__}: {str(e)[:200]}")
+            print(f"  fwd CHUNK={chunk} BLOCK_D={block_d} warps={warps}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-        fwd[f"chunk{chunk}_tile{tile}_w{warps}"] = t
-        print(f"  {tag} fwd CHUNK={chunk:4d} tile={tile:5d} warps={warps}: {t:.3f} ms ({floor / t:.0%} of floor "
-              f"speed) max|diff| vs the default {err:.2e}")
-    SS.CHUNK, SS.FWD_TILE, SS.FWD_WARPS = defaults
-    results[f"{tag}_scan_fwd_ms"] = fwd
-    if tag != "triton":
-        return
+        fwd[f"chunk{chunk}_bd{block_d}_w{warps}"] = t
+        print(f"  triton fwd CHUNK={chunk:4d} BLOCK_D={block_d} warps={warps}: {t:.3f} ms ({floor / t:.0%} of "
+              f"floor speed) max|diff| vs the default {err:.2e}")
+    SS.CHUNK, SS.FWD_BLOCK_D, SS.FWD_WARPS, SS.BWD_BLOCK_D, SS.BWD_WARPS = defaults
+    results["triton_scan_fwd_ms"] = fwd
 
     try:
         from emma_mamba import _C
@@ -96,13 +93,23 @@ def bench_scan(results, b, d, n, l, configs, SS=SS, tag="triton", fwd_only=False
 
     if fwd_only:
         return
-    # forward + backward with the default launch shapes
-    out, last, saved = K.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None)
-    dout = torch.randn_like(out)
-    for det in (False, True):
-        t = ms(lambda: K.selective_scan_bwd(u, delta, A, B, C, D, z, bias, True, None, None, saved, dout, None, det))
-        results[f"triton_scan_bwd_ms_deterministic_{det}"] = t
-        print(f"  bwd (deterministic={det}): {t:.3f} ms")
+    # backward (its CHUNK must be the forward's: the saved states are per chunk)
+    dout = torch.randn_like(u)
+    bwd = {}
+    for chunk, block_d, warps in bwd_configs:
+        SS.CHUNK, SS.BWD_BLOCK_D, SS.BWD_WARPS = chunk, block_d, warps
+        saved = K.selective_scan_fwd(u, delta, A, B, C, D, z, bias, True, None, None)[2]
+        for det in (False, True):
+            try:
+                t = ms(lambda: K.selective_scan_bwd(u, delta, A, B, C, D, z, bias, True, None, None, saved, dout,
+                                                    None, det))
+            except Exception as e:  # noqa: BLE001
+                print(f"  bwd CHUNK={chunk} BLOCK_D={block_d} warps={warps}: failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            bwd[f"chunk{chunk}_bd{block_d}_w{warps}_det{int(det)}"] = t
+            print(f"  triton bwd CHUNK={chunk:4d} BLOCK_D={block_d} warps={warps} deterministic={det}: {t:.3f} ms")
+    SS.CHUNK, SS.FWD_BLOCK_D, SS.FWD_WARPS, SS.BWD_BLOCK_D, SS.BWD_WARPS = defaults
+    results["triton_scan_bwd_ms"] = bwd
 
 
 def bench_decode(results, d, n, batches, tiles):
@@ -153,32 +160,26 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="only the default launch shapes")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the scan forward: the default triton launch shapes and the compiled CUDA backend")
-    p.add_argument("--scan-module", help="an experimental copy of kernels/selective_scan.py to time too")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu/triton_kernels.py needs a CUDA GPU")
     results = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                    python=platform.python_version(),
-                   defaults=dict(CHUNK=SS.CHUNK, FWD_TILE=SS.FWD_TILE, FWD_WARPS=SS.FWD_WARPS,
-                                 BWD_TILE=SS.BWD_TILE, BWD_WARPS=SS.BWD_WARPS, decode_TILE=SSU.TILE))
+                   defaults=dict(CHUNK=SS.CHUNK, FWD_BLOCK_D=SS.FWD_BLOCK_D, FWD_WARPS=SS.FWD_WARPS,
+                                 BWD_BLOCK_D=SS.BWD_BLOCK_D, BWD_WARPS=SS.BWD_WARPS, decode_TILE=SSU.TILE))
     print(results)
-    configs = [(SS.CHUNK, SS.FWD_TILE, SS.FWD_WARPS)]
+    configs = [(SS.CHUNK, SS.FWD_BLOCK_D, SS.FWD_WARPS)]
+    bwd_configs = [(SS.CHUNK, SS.BWD_BLOCK_D, SS.BWD_WARPS)]
     if not (args.quick or args.cuda_only):
-        configs += [(32, 2048, 4), (32, 4096, 4), (64, 2048, 4), (128, 4096, 4), (64, 8192, 8), (128, 8192, 8),
-                    (16, 2048, 4)]
-    bench_scan(results, 8, 5120, 16, 2048, configs, fwd_only=args.cuda_only)
+        configs += [(128, 4, 4), (128, 8, 4), (256, 2, 2), (512, 4, 4), (256, 8, 8), (512, 8, 8), (128, 2, 2)]
+        bwd_configs += [(128, 4, 4), (128, 2, 2)]
+    bench_scan(results, 8, 5120, 16, 2048, configs, bwd_configs, fwd_only=args.cuda_only)
     if args.cuda_only:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         return
-    if args.scan_module:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("scan_experiment", args.scan_module)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        bench_scan(results, 8, 5120, 16, 2048, configs, SS=mod, tag="experiment")
-    bench_decode(results, 5120, 16, (1, 16, 64), (1024,) if args.quick else (512, 1024, 2048))
+    bench_decode(results, 5120, 16, (1, 16, 64), (1024,) if args.quick else (512, 1024))
     bench_conv(results, 8, 5120, 2048)
     if args.out:
         with open(args.out, "w") as f:

@@ -158,7 +158,7 @@ SCAN_CASES = {
     "all-flags-L300": (2, 4, 4, 300, torch.float32, ("var", "var"), 1, 1, 1, 1, 1, 1, 1),
     "L1": (2, 4, 4, 1, torch.float32, ("var", "var"), 1, 1, 1, 1, 1, 1, 1),
     "plain-const-L7": (1, 4, 4, 7, torch.float32, ("const", "const"), 0, 0, 0, 0, 0, 0, 0),
-    "one-chunk-exact": (2, 4, 8, 64, torch.float32, ("var", "const"), 0, 1, 0, 1, 1, 0, 1),
+    "one-chunk-exact": (2, 4, 8, 256, torch.float32, ("var", "const"), 0, 1, 0, 1, 1, 0, 1),
     "chunk-plus-one-groups": (2, 4, 4, 65, torch.float32, ("g2", "g2"), 1, 1, 0, 0, 0, 1, 0),
     "mixed-groups": (1, 8, 4, 129, torch.float32, ("g4", "g2"), 0, 1, 1, 1, 1, 0, 1),
     "odd-d-n-group-of-3": (1, 6, 5, 70, torch.float32, ("g2", "const"), 1, 0, 1, 1, 1, 1, 1),
@@ -169,6 +169,15 @@ SCAN_CASES = {
 
 @pytest.mark.parametrize("case", list(SCAN_CASES))
 def test_selective_scan_matches_reference(case):
+    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
+    inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
+    _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
+
+
+@pytest.mark.parametrize("case", ["all-flags-L300", "chunk-plus-one-groups", "mixed-groups", "bf16-groups-packed"])
+def test_selective_scan_small_chunks_match_reference(case, monkeypatch):
+    """The chunk length is a tuning knob: with 32-step chunks the same cases cross up to 10 boundaries."""
+    monkeypatch.setattr(K.selective_scan, "CHUNK", 32)
     b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
     inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
     _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
