@@ -7,9 +7,12 @@ Per batch ``b``, channel ``d`` and state ``n`` the recurrence is ``h_t = a_t * h
     (a1, b1) o (a2, b2) = (a1 * a2, a2 * b1 + b2)
 
 (Blelloch 1990; the formulation of the Mamba paper's parallel scan). One program owns one batch row and a
-block of channels, holds a ``(BLOCK_D, BLOCK_N)`` fp32 state and walks the sequence in chunks of ``CHUNK``
-steps; inside a chunk ``tl.associative_scan`` runs the recurrence in parallel over ``(BLOCK_D, BLOCK_N, CHUNK)``
-tiles, with the carried state folded into the chunk's first ``b``.
+block of ``BLOCK_D`` channels and walks the sequence in chunks of ``CHUNK`` steps, carrying the fp32 state
+``(BLOCK_D, n)`` across chunks. Inside a chunk it loops over the state index and scans ``(BLOCK_D, CHUNK)``
+tiles along time with ``tl.associative_scan``, the carried state folded into the chunk's first ``b``. The
+tiles keep time contiguous as in memory, so loads are vectorised and Triton gives each thread a run of
+consecutive steps: the scan is sequential in registers with warp shuffles only for per-thread aggregates,
+and ``<C_t, h_t>`` accumulates over the state loop in-thread (the layout of mamba-ssm's CUDA kernel).
 
 Forward saves only the state entering every chunk, fp32 ``(b, d, nchunks, n)``; the backward walks the
 chunks in reverse, recomputes the chunk's states from that boundary, and runs the adjoint recurrence
@@ -32,16 +35,15 @@ per channel block and sums them in a fixed order (more memory).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
 
-# Launch shapes, (BLOCK_D * BLOCK_N * CHUNK elements per tile, CHUNK, num_warps); tuned on an H100 for
-# d_state 16. Module-level so a benchmark can try others; forward and backward must agree on CHUNK.
+
+# Launch shapes, tuned on an H100 at mamba-2.8b shapes (benchmarks/gpu/triton_kernels.py). Module-level so a
+# benchmark can try others; the backward must run with the forward's CHUNK (the saved states are per chunk).
 CHUNK = 256
 FWD_BLOCK_D = 4
 BWD_BLOCK_D = 4
