@@ -35,12 +35,9 @@ per channel block and sums them in a fixed order (more memory).
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
-
-
 
 # Launch shapes, tuned on an H100 at mamba-2.8b shapes (benchmarks/gpu/triton_kernels.py). Module-level so a
 # benchmark can try others; the backward must run with the forward's CHUNK (the saved states are per chunk).
