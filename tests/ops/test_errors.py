@@ -1,0 +1,162 @@
+"""Every input a user can get wrong in the four public ops raises emma_mamba.ops.OpInputError naming the
+argument and what was expected (shapes, dtypes, devices, layouts, d_conv, activation, non-tensors), on the
+cpu backend and on the torch reference alike (the checks run before dispatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import emma_mamba.ops as ops
+from emma_mamba.ops import OpInputError
+
+b, d, n, l, w = 2, 4, 3, 6, 4
+
+
+@pytest.fixture(params=["cpu", "torch"])
+def backend(request):
+    with ops.use_backend(request.param):
+        yield request.param
+
+
+def scan_args(**over):
+    args = dict(u=torch.randn(b, d, l), delta=torch.rand(b, d, l), A=-torch.rand(d, n), B=torch.randn(b, n, l),
+                C=torch.randn(b, n, l), D=torch.randn(d), z=torch.randn(b, d, l), delta_bias=torch.rand(d),
+                initial_state=torch.randn(b, d, n), seq_idx=torch.zeros(b, l, dtype=torch.int32))
+    args.update(over)
+    return args
+
+
+META = torch.device("meta")
+
+SCAN_BAD = [
+    ("u as a list", dict(u=[[1.0]]), r"u must be a 3-D tensor .* got list"),
+    ("u 2-D", dict(u=torch.randn(d, l)), r"u must be a 3-D tensor .* got \(4, 6\)"),
+    ("u int", dict(u=torch.ones(b, d, l, dtype=torch.int64)), r"u must be float32, float16 or bfloat16"),
+    ("zero length", dict(u=torch.randn(b, d, 0), delta=torch.rand(b, d, 0)), r"seqlen .* at least 1"),
+    ("delta shape", dict(delta=torch.rand(b, d, l + 1)), r"delta must have shape \(2, 4, 6\), got \(2, 4, 7\)"),
+    ("delta dtype", dict(delta=torch.rand(b, d, l, dtype=torch.float64)), r"delta must have dtype in \(float32\)"),
+    ("delta on meta", dict(delta=torch.rand(b, d, l, device=META)), r"delta is on meta but the other inputs are on cpu"),
+    ("A rows", dict(A=-torch.rand(d + 1, n)), r"A must have shape \(dim=4, dstate\)"),
+    ("A fp16", dict(A=-torch.rand(d, n).half()), r"A must have dtype in \(float32\)"),
+    ("B 5-D", dict(B=torch.randn(b, 1, 1, n, l)), r"B must be \(dim, dstate\), \(batch, dstate, seqlen\)"),
+    ("B groups", dict(B=torch.randn(b, 3, n, l)), r"B has 3 groups, which must divide dim=4"),
+    ("C dstate", dict(C=torch.randn(b, n + 1, l)), r"C must have shape \(2, 3, 6\)"),
+    ("C constant bf16", dict(C=torch.randn(d, n).bfloat16()), r"C must have dtype in \(float32\)"),
+    ("C on meta", dict(C=torch.randn(b, n, l, device=META)), r"C is on meta"),
+    ("B not a tensor", dict(B=3.0), r"B must be a torch.Tensor"),
+    ("D shape", dict(D=torch.randn(d + 1)), r"D must have shape \(4,\)"),
+    ("D not a tensor", dict(D=1.0), r"D must be a torch.Tensor, got float"),
+    ("z dtype", dict(z=torch.randn(b, d, l).bfloat16()), r"z must have dtype in \(float32\)"),
+    ("delta_bias shape", dict(delta_bias=torch.rand(1)), r"delta_bias must have shape \(4,\)"),
+    ("initial_state shape", dict(initial_state=torch.randn(b, d)), r"initial_state must have shape \(2, 4, 3\)"),
+    ("initial_state bf16", dict(initial_state=torch.randn(b, d, n).bfloat16()), r"initial_state must have dtype"),
+    ("seq_idx int64", dict(seq_idx=torch.zeros(b, l, dtype=torch.int64)), r"seq_idx must have dtype in \(int32\)"),
+    ("seq_idx shape", dict(seq_idx=torch.zeros(b, l - 1, dtype=torch.int32)), r"seq_idx must have shape \(2, 6\)"),
+]
+
+
+@pytest.mark.parametrize("what,over,msg", SCAN_BAD, ids=[c[0] for c in SCAN_BAD])
+def test_selective_scan_bad_inputs(backend, what, over, msg):
+    with pytest.raises(OpInputError, match=r"emma_mamba\.ops\.selective_scan: .*" + msg):
+        ops.selective_scan(**scan_args(**over))
+
+
+def conv_args(**over):
+    args = dict(x=torch.randn(b, d, l), weight=torch.randn(d, w), bias=torch.randn(d),
+                initial_states=torch.randn(b, d, w - 1), seq_idx=torch.zeros(b, l, dtype=torch.int32),
+                activation="silu")
+    args.update(over)
+    return args
+
+
+CONV_BAD = [
+    ("x not a tensor", dict(x="x"), r"x must be a 3-D tensor .* got str"),
+    ("x int", dict(x=torch.ones(b, d, l, dtype=torch.int32)), r"x must be float32, float16 or bfloat16"),
+    ("d_conv 1", dict(weight=torch.randn(d, 1)), r"d_conv\) must be 2, 3 or 4, got 1"),
+    ("d_conv 5", dict(weight=torch.randn(d, 5)), r"d_conv\) must be 2, 3 or 4, got 5"),
+    ("weight rows", dict(weight=torch.randn(d + 1, w)), r"weight must have shape \(dim=4, width\)"),
+    ("weight on meta", dict(weight=torch.randn(d, w, device=META)), r"weight is on meta"),
+    ("bias shape", dict(bias=torch.randn(d, 1)), r"bias must have shape \(4,\)"),
+    ("initial_states width", dict(initial_states=torch.randn(b, d, w)), r"initial_states must have shape \(2, 4, 3\)"),
+    ("seq_idx float", dict(seq_idx=torch.zeros(b, l)), r"seq_idx must have dtype in \(int32\)"),
+    ("activation", dict(activation="relu"), r"activation must be None, 'silu' or 'swish', got 'relu'"),
+    ("activation bool", dict(activation=True), r"activation must be None, 'silu' or 'swish', got True"),
+]
+
+
+@pytest.mark.parametrize("what,over,msg", CONV_BAD, ids=[c[0] for c in CONV_BAD])
+def test_causal_conv1d_bad_inputs(backend, what, over, msg):
+    with pytest.raises(OpInputError, match=r"emma_mamba\.ops\.causal_conv1d: .*" + msg):
+        ops.causal_conv1d(**conv_args(**over))
+
+
+def step_args(**over):
+    args = dict(state=torch.randn(b, d, n), x=torch.randn(b, d), dt=torch.rand(b, d), A=-torch.rand(d, n),
+                B=torch.randn(b, n), C=torch.randn(b, n), D=torch.randn(d), z=torch.randn(b, d),
+                dt_bias=torch.rand(d), dt_softplus=True)
+    args.update(over)
+    return args
+
+
+STEP_BAD = [
+    ("state non-contiguous", dict(state=torch.randn(b, n, d).transpose(1, 2)),
+     r"state is updated in place and must be contiguous"),
+    ("state 2-D", dict(state=torch.randn(b, d)), r"state must be a 3-D tensor"),
+    ("state int", dict(state=torch.zeros(b, d, n, dtype=torch.int32)), r"state must be float32"),
+    ("x shape", dict(x=torch.randn(b, d + 1)), r"x must have shape \(2, 4\)"),
+    ("x not a tensor", dict(x=1.0), r"x must be a float32, float16 or bfloat16 tensor"),
+    ("dt dtype", dict(dt=torch.rand(b, d).half()), r"dt must have dtype in \(float32\)"),
+    ("A shape", dict(A=-torch.rand(d, n + 1)), r"A must have shape \(4, 3\)"),
+    ("B groups", dict(B=torch.randn(b, 3, n)), r"B has 3 groups, which must divide dim=4"),
+    ("C shape", dict(C=torch.randn(b, 2, n + 1)), r"C must have shape \(2, 2, 3\), got \(2, 2, 4\)"),
+    ("C on meta", dict(C=torch.randn(b, n, device=META)), r"C is on meta"),
+    ("D dtype", dict(D=torch.randn(d).double()), r"D must have dtype in \(float32\)"),
+    ("dt_bias shape", dict(dt_bias=torch.rand(d, 1)), r"dt_bias must have shape \(4,\)"),
+]
+
+
+@pytest.mark.parametrize("what,over,msg", STEP_BAD, ids=[c[0] for c in STEP_BAD])
+def test_selective_state_update_bad_inputs(backend, what, over, msg):
+    with pytest.raises(OpInputError, match=r"emma_mamba\.ops\.selective_state_update: .*" + msg):
+        ops.selective_state_update(**step_args(**over))
+
+
+def conv_step_args(**over):
+    args = dict(x=torch.randn(b, d), conv_state=torch.randn(b, d, w), weight=torch.randn(d, w),
+                bias=torch.randn(d), activation="silu")
+    args.update(over)
+    return args
+
+
+CONV_STEP_BAD = [
+    ("conv_state non-contiguous", dict(conv_state=torch.randn(b, w, d).transpose(1, 2)),
+     r"conv_state is updated in place and must be contiguous"),
+    ("d_conv 5", dict(conv_state=torch.randn(b, d, 5), weight=torch.randn(d, 5)), r"d_conv\) must be 2, 3 or 4, got 5"),
+    ("conv_state list", dict(conv_state=[0.0]), r"conv_state must be a 3-D tensor .* got list"),
+    ("weight width", dict(weight=torch.randn(d, w - 1)), r"weight must have shape \(4, 4\)"),
+    ("x shape", dict(x=torch.randn(b, d, 1)), r"x must have shape \(2, 4\)"),
+    ("x on meta", dict(x=torch.randn(b, d, device=META)), r"x is on meta"),
+    ("bias dtype", dict(bias=torch.randn(d).double()), r"bias must have dtype in"),
+    ("activation", dict(activation="gelu"), r"activation must be None, 'silu' or 'swish', got 'gelu'"),
+]
+
+
+@pytest.mark.parametrize("what,over,msg", CONV_STEP_BAD, ids=[c[0] for c in CONV_STEP_BAD])
+def test_causal_conv1d_update_bad_inputs(backend, what, over, msg):
+    with pytest.raises(OpInputError, match=r"emma_mamba\.ops\.causal_conv1d_update: .*" + msg):
+        ops.causal_conv1d_update(**conv_step_args(**over))
+
+
+def test_good_inputs_pass(backend):
+    """The fixtures above are valid as they stand, so each failure above is caused by its one change."""
+    ops.selective_scan(**scan_args())
+    ops.causal_conv1d(**conv_args())
+    ops.selective_state_update(**step_args())
+    ops.causal_conv1d_update(**conv_step_args())
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ops.BackendUnavailableError, match=r"unknown backend 'gpu'"):
+        with ops.use_backend("gpu"):
+            pass
