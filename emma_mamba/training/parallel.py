@@ -126,14 +126,20 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
             MixedPrecisionPolicy()
+        # Left unsharded (replicated): the frozen CLIP text tower of instruction fusion (read through
+        # forward_intermediates, never its own forward, and never trained) and any 0-d parameter (fully_shard
+        # cannot shard scalars, e.g. CLIP's unused logit_scale).
+        ignored = {p for p in model.parameters() if p.ndim == 0}
+        if getattr(model, "instruction", None) is not None:
+            ignored |= set(model.instruction.text_model.parameters())
         kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         for block in model.lm.layers:
             fully_shard(block, **kw)
         for name in ("vision", "align_head"):
             sub = getattr(model, name, None)
             if sub is not None:
-                fully_shard(sub, **kw)
-        fully_shard(model, **kw)
+                fully_shard(sub, **kw, ignored_params=ignored & set(sub.parameters()) or None)
+        fully_shard(model, **kw, ignored_params=ignored or None)
         return model
     raise ValueError(f"parallel.strategy: unknown strategy {strategy!r}; valid: auto, none, ddp, fsdp")
 

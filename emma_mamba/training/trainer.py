@@ -254,8 +254,10 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- run
 
-    def fit(self) -> list[dict]:
-        """Runs the remaining steps, writing metrics, checkpoints and the final model; returns the metrics."""
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Runs the remaining steps, writing metrics, checkpoints and the final model; returns the metrics.
+        ``stop_after``: return after that many steps of this session without writing the final model (what
+        an interrupted run leaves behind; tests use it)."""
         cfg, info = self.cfg, self.info
         writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step) if info.is_main else None
         bar = None
@@ -299,6 +301,8 @@ class Trainer:
                         self.save_checkpoint()
                     if self.global_step >= self.total_steps:
                         break
+                    if stop_after is not None and len(self.history) >= stop_after:
+                        return self.history
                 del it
         finally:
             if bar is not None:
