@@ -1,0 +1,158 @@
+"""The training loop on the tiny preset: exact resume, stage freezing and init_from, the step objective against
+an independent per-sample computation (and padding == packing), bad images at run time, metrics files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import emma_mamba
+from emma_mamba.config import get_preset
+from emma_mamba.data.llava import DataError, collate, plan_rows
+from emma_mamba.models.vlm import EmmaMamba
+from emma_mamba.training.config import load_run_config
+from emma_mamba.training.trainer import Trainer
+from tests.training.conftest import make_cfg, subset
+
+
+def test_resume_equals_uninterrupted_run_bitwise(shapes, tmp_path):
+    kw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    b1 = Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=3)  # "crashes" after step 3
+    assert [m["loss"] for m in b1] == [m["loss"] for m in a[:3]]
+    # a new process: auto picks step 2 (the interrupted run's step 3 is redone from the checkpoint)
+    b2 = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
+    assert (b2.global_step, b2.step_in_epoch) == (2, 2)
+    rest = b2.fit()
+    for key in ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "tokens"):
+        assert [m[key] for m in rest] == [m[key] for m in a[2:]], key  # bitwise: same threads, same CPU
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the metrics file reads as one uninterrupted run
+    lines = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert [m["loss"] for m in lines] == [m["loss"] for m in a]
+    # every checkpoint and the final directory are self-describing and loadable
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000004"
+    for d in (ckpt, tmp_path / "b"):
+        model = emma_mamba.load(d)
+        assert isinstance(model, EmmaMamba) and model.align_head is None
+        cfg = load_run_config(d / "train_config.yaml")
+        assert cfg.train.max_steps == 4 and cfg.model == get_preset("tiny")
+    # a fresh run refuses an output_dir holding a run
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        Trainer(make_cfg(shapes, tmp_path / "b", **kw))
+
+
+def _named(model, prefix):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
+
+
+def test_pretrain_trains_only_the_bridge_and_finetune_starts_from_it(shapes, tmp_path):
+    cap = subset(shapes, tmp_path, 8, stage=1)
+    cfg = make_cfg(shapes, tmp_path / "s1", cap, stage="pretrain", train={"weight_decay": 0.0})
+    torch.manual_seed(cfg.train.seed)
+    init = EmmaMamba(cfg.model, for_training=False)  # the trainer builds the same init from the same seed
+    t1 = Trainer(cfg)
+    assert t1.model.align_head is None  # stage 1 neither builds nor trains the alignment head
+    t1.fit()
+    s1 = emma_mamba.load(tmp_path / "s1")
+    before, after = dict(init.named_parameters()), dict(s1.named_parameters())
+    for name, p in after.items():
+        moved = not torch.equal(p, before[name])
+        top = name.split(".")[0]
+        if top in ("vision", "lm") or name.startswith("instruction.text_model"):
+            assert not moved, name
+    for prefix in ("mff.", "projector.", "instruction.token_mixer", "instruction.text_proj"):
+        assert any(not torch.equal(p, before[n]) for n, p in after.items() if n.startswith(prefix)), prefix
+
+    cfg2 = make_cfg(shapes, tmp_path / "s2", stage="finetune", init_from=str(tmp_path / "s1"), model=None,
+                    train={"max_steps": 1})
+    assert cfg2.model.vision == s1.config.vision and cfg2.model.lm.d_model == s1.config.lm.d_model
+    t2 = Trainer(cfg2)
+    assert t2.model.align_head is not None
+    lm_before = _named(t2.model, "lm.")
+    t2.fit()
+    s2 = emma_mamba.load(tmp_path / "s2", for_training=True)
+    lm_after = _named(s2, "lm.")
+    assert any(not torch.equal(lm_after[n], lm_before[n]) for n in lm_before)
+    assert all(torch.equal(p, after[n]) for n, p in s2.named_parameters() if n.startswith("vision."))
+    assert any(n.startswith("align_head.") for n in load_file(str(tmp_path / "s2" / "model.safetensors")))
+
+
+def _oracle_step_loss(cfg, dataset):
+    """lm = sum of per-sample CE sums / sum of targets; align = mean over images; each sample run alone
+    through a freshly initialised model (the trainer's init, from the same seed)."""
+    torch.manual_seed(cfg.train.seed)
+    model = EmmaMamba(cfg.model, for_training=True).train()
+    ce, n, aligns = 0.0, 0, []
+    with torch.no_grad():
+        for s in dataset.samples:
+            px = dataset.load_images(s)
+            b = collate([[(s, px)]], model.tokenizer.pad_token_id, False, dataset.N)
+            out = model(b["input_ids"], b["pixel_values"], b["labels"], model.tokenize_instructions(b["instructions"]),
+                        b["image_counts"])
+            tgt = out.labels[0, 1:]
+            ce += float(F.cross_entropy(out.logits[0, :-1].float(), tgt, ignore_index=-100, reduction="sum"))
+            n += int((tgt != -100).sum())
+            aligns.append(float(out.loss["align"]))
+    lm, align = ce / n, sum(aligns) / len(aligns)
+    return lm, align, lm + cfg.model.align.loss_weight * align
+
+
+def test_step_objective_matches_per_sample_oracle_and_packing_equals_padding(shapes, tmp_path):
+    data = subset(shapes, tmp_path, 6)
+    pad = make_cfg(shapes, tmp_path / "pad", data, data={"max_length": 256},
+                   train={"global_batch_size": 6, "micro_batch_size": 3, "max_steps": 1})
+    tp = Trainer(pad)
+    rows = plan_rows(tp.dataset.lengths, 0, 0, True, pad.data.max_length)
+    assert len(rows) < 6  # packing really packs
+    pack = make_cfg(shapes, tmp_path / "pack", data, data={"packing": True, "max_length": 256},
+                    train={"global_batch_size": len(rows), "micro_batch_size": 1, "max_steps": 1})
+    mp = tp.fit()[0]
+    mk = Trainer(pack).fit()[0]
+    lm, align, total = _oracle_step_loss(pad, tp.dataset)
+    for m in (mp, mk):
+        assert m["samples"] == 6 and m["images"] == 6
+        assert m["lm_loss"] == pytest.approx(lm, rel=1e-5)
+        assert m["align_loss"] == pytest.approx(align, rel=1e-5)
+        assert m["loss"] == pytest.approx(total, rel=1e-5)
+    assert mk["grad_norm"] == pytest.approx(mp["grad_norm"], rel=1e-4)
+    assert mk["positions"] < mp["positions"] and mk["tokens"] == mp["tokens"]
+
+
+def test_corrupt_image_during_training_is_skipped_and_counted_or_raises(shapes, tmp_path, caplog):
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    records = json.loads((shapes / "train" / "stage2_instruct.json").read_text())[:4]
+    (images / records[1]["image"]).write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    kw = dict(train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 1})
+    cfg = make_cfg(shapes, tmp_path / "skip", data, data={"image_folder": str(images), "on_error": "skip"}, **kw)
+    m = Trainer(cfg).fit()[0]
+    assert m["samples"] == 3 and m["skipped_records"] == 1
+    assert "corrupt_image" in caplog.text and records[1]["image"] in caplog.text
+    line = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["skipped_records"] == 1
+    cfg = make_cfg(shapes, tmp_path / "raise", data, data={"image_folder": str(images)}, **kw)
+    with pytest.raises(DataError, match=r"data\.json: record 1 \(id '.*'\): image .*cannot read image file"):
+        Trainer(cfg).fit()
+
+
+def test_metrics_jsonl_has_the_documented_fields(shapes, tmp_path):
+    data = subset(shapes, tmp_path, 4)
+    Trainer(make_cfg(shapes, tmp_path / "m", data, data={"packing": True})).fit()
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in ("lm_loss", "align_loss", "loss", "lr", "grad_norm", "tokens_per_s", "fill", "samples"):
+            assert isinstance(r[k], (int, float)) and r[k] == r[k], k
+        assert 0 < r["fill"] <= 1 and r["tokens_per_s"] > 0
+    assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: the first update already at peak
+    assert rows[1]["lr"] == pytest.approx(0.5e-3 * (1 + 1))  # cosine at progress 0 of a 1-step decay
