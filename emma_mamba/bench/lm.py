@@ -26,6 +26,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -90,13 +91,32 @@ def _hf_twin(lm, dtype):
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return out if len(out) == 40 and all(c in "0123456789abcdef" for c in out) else None
+
+
+def _hide_cuda_only_packages() -> None:
+    """Make transformers take its pure-PyTorch Mamba path on the CPU.
+
+    transformers binds mamba-ssm / causal-conv1d at import time whenever they are importable, whatever the
+    device, and their CUDA kernels reject CPU tensors. The benchmark runs on the CPU, so it hides them (in this
+    process only) before transformers' Mamba module is first imported.
+    """
+    if "transformers.models.mamba.modeling_mamba" in sys.modules:
+        mod = sys.modules["transformers.models.mamba.modeling_mamba"]
+        if any(getattr(sys.modules.get(p), "__file__", None) for p in ("mamba_ssm", "causal_conv1d")):
+            raise SystemExit(f"emma-mamba bench lm: transformers' Mamba ({mod.__file__}) was imported with "
+                             f"mamba-ssm/causal-conv1d bound; run the benchmark in a fresh process")
+        return
+    for name in ("mamba_ssm", "causal_conv1d"):
+        sys.modules.setdefault(name, None)  # None in sys.modules makes `import name` raise ImportError
 
 
 def run(args) -> int:
+    _hide_cuda_only_packages()
     import transformers
 
     from emma_mamba import ops
