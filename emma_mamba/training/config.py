@@ -238,14 +238,17 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
     apply_overrides(cfg, d, source=source)
     apply_overrides(cfg, overrides, source=override_source)
     if cfg.init_from is not None:
-        if model_value is not None:
-            raise ConfigError(f"{source}: give either `model` or `init_from` (the model config then comes from "
-                              f"{cfg.init_from}/config.yaml), not both")
         ckpt_cfg = Path(cfg.init_from) / "config.yaml"
         if not ckpt_cfg.is_file():
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
                               f"written by EmmaMamba.save or a previous run's output_dir)")
         cfg.model = load_config(ckpt_cfg)
+        if model_value is not None:  # allowed only when it says the same (a resolved train_config.yaml does)
+            given = _model_from_value(model_value, source, base_dir)
+            if given != cfg.model:
+                diff = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(cfg.model, f.name)]
+                raise ConfigError(f"{source}: give either `model` or `init_from` (the model config then comes from "
+                                  f"{ckpt_cfg}), not both; they differ in: {', '.join(diff)}")
     elif model_value is not None:
         cfg.model = _model_from_value(model_value, source, base_dir)
     if model_over is not None:

@@ -1,0 +1,157 @@
+"""Run configs and the pretrain/finetune commands: strict keys (YAML and command line), value parsing, stage
+checks, the shipped recipes (paper hyperparameters), the optimizer's parameter groups and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from emma_mamba.config import ConfigError, get_preset, save_config
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+from emma_mamba.training import cli_train
+from emma_mamba.training.config import load_run_config, parse_cli_value, run_config_to_dict
+from emma_mamba.training.optim import lr_lambda, param_groups
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def write(tmp_path, d, name="run.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+BASE = {"stage": "pretrain", "output_dir": "runs/x", "model": "tiny", "data": {"json": "d.json"}}
+
+
+def test_unknown_key_in_yaml_names_key_path_and_file(tmp_path):
+    p = write(tmp_path, {**BASE, "train": {"lrr": 1e-3}})
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'lrr' at 'train\.lrr'; valid keys of "
+                                          r"'train': lr, min_lr_ratio"):
+        load_run_config(p)
+    p = write(tmp_path, {**BASE, "model": {"preset": "tiny", "lm": {"d_modle": 3}}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'd_modle' at 'lm\.d_modle'"):
+        load_run_config(p)
+    p = write(tmp_path, {**BASE, "train": {"micro_batch_size": "four"}})
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size: expected int, got 'four'"):
+        load_run_config(p)
+    p = write(tmp_path, {**BASE, "data": {"json": "d.json", "on_error": "ignore"}})
+    with pytest.raises(ConfigError, match=r"data\.on_error: expected 'raise' \| 'skip'"):
+        load_run_config(p)
+
+
+def test_cli_overrides_are_parsed_and_validated(tmp_path, capsys):
+    p = write(tmp_path, BASE)
+    rc = cli_train.main(["--config", str(p), "--print-config", "--train.lr", "2e-5", "--data.packing", "true",
+                         "--model.lm.d_state", "4", "--train.betas", "[0.9, 0.95]", "--output_dir", "runs/y"])
+    assert rc == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert d["train"]["lr"] == 2e-5 and d["data"]["packing"] is True and d["model"]["lm"]["d_state"] == 4
+    assert d["train"]["betas"] == [0.9, 0.95] and d["output_dir"] == "runs/y" and d["stage"] == "pretrain"
+    rc = cli_train.main(["--config", str(p), "--print-config", "--train.micro_batch_size", "x"])
+    assert rc == 2 and "command line: train.micro_batch_size: expected int, got 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: unknown option, and no abbreviations of real ones
+        cli_train.main(["--config", str(p), "--train.lrr", "1"])
+    assert "unrecognized arguments: --train.lrr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_train.main(["--config", str(p), "--train.l", "1"])
+    assert parse_cli_value("2e-5") == 2e-5 and parse_cli_value("runs/a") == "runs/a"
+    assert parse_cli_value("null") is None and parse_cli_value("3") == 3
+
+
+def test_command_fixes_the_stage(tmp_path, capsys):
+    p = write(tmp_path, BASE)
+    assert cli_train.main(["--config", str(p)], stage="finetune") == 2
+    assert "stage is 'pretrain'; run it with `emma-mamba pretrain`" in capsys.readouterr().err
+    q = write(tmp_path, {k: v for k, v in BASE.items() if k != "stage"}, "nostage.yaml")
+    assert cli_train.main(["--config", str(q), "--print-config"], stage="finetune") == 0
+    assert yaml.safe_load(capsys.readouterr().out)["stage"] == "finetune"
+
+
+def test_init_from_takes_the_model_config_from_the_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    cfg = get_preset("tiny")
+    cfg.lm.d_state = 4
+    save_config(cfg, ck / "config.yaml")
+    d = {k: v for k, v in BASE.items() if k != "model"}
+    got = load_run_config(write(tmp_path, {**d, "init_from": str(ck)}))
+    assert got.model.lm.d_state == 4
+    with pytest.raises(ConfigError, match="either `model` or `init_from`.*differ in: lm"):
+        load_run_config(write(tmp_path, {**BASE, "init_from": str(ck)}))
+    with pytest.raises(ConfigError, match="has no config.yaml"):
+        load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path)}))
+
+
+def test_global_batch_must_divide(tmp_path):
+    cfg = load_run_config(write(tmp_path, {**BASE, "train": {"global_batch_size": 12, "micro_batch_size": 4}}))
+    assert cfg.grad_accum(1) == 3 and cfg.grad_accum(3) == 1
+    with pytest.raises(ConfigError, match=r"global_batch_size \(12\) must be a multiple of .*\(4\) x world size \(2\)"):
+        cfg.grad_accum(2)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("train_*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_round_trip(path, tmp_path):
+    raw = yaml.safe_load(path.read_text())
+    over = {}
+    if raw.get("init_from"):  # stand in for the stage-1 output the recipe points at
+        ck = tmp_path / "stage1"
+        ck.mkdir()
+        save_config(get_preset("emma-mamba-2.8b" if "2.8b" in path.name else "tiny"), ck / "config.yaml")
+        over = {"init_from": str(ck)}
+    cfg = load_run_config(path, over)
+    assert cfg.stage == ("pretrain" if "stage1" in path.name else "finetune")
+    out = tmp_path / "resolved.yaml"
+    out.write_text(yaml.safe_dump(run_config_to_dict(cfg)))
+    assert load_run_config(out) == cfg  # the resolved config written next to checkpoints reads back equal
+    t = cfg.train
+    if "stage2" in path.name and "tiny" not in path.name or "single" in path.name:
+        # the EMMA-Mamba paper: 2 epochs, lr 2e-5, wd 0.1, warmup 3 %, cosine, global batch 128, bf16, 2048
+        assert (t.epochs, t.lr, t.weight_decay, t.warmup_ratio, t.schedule, t.global_batch_size, t.precision,
+                cfg.data.max_length) == (2, 2e-5, 0.1, 0.03, "cosine", 128, "bf16", 2048)
+    if "single" in path.name:
+        assert cfg.model.name == "cobra-like" and cfg.init_from is None
+
+
+def test_no_weight_decay_on_a_log_d_norms_biases():
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4))
+    groups = param_groups(lm, 0.1)
+    decay, no_decay = set(groups[0]["names"]), set(groups[1]["names"])
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    for i in range(2):
+        p = f"layers.{i}."
+        assert {p + "mixer.A_log", p + "mixer.D", p + "norm.weight", p + "mixer.conv1d.bias",
+                p + "mixer.dt_proj.bias"} <= no_decay
+        assert {p + "mixer.in_proj.weight", p + "mixer.out_proj.weight", p + "mixer.x_proj.weight",
+                p + "mixer.dt_proj.weight", p + "mixer.conv1d.weight"} <= decay
+    assert "norm_f.weight" in no_decay and "embeddings.weight" in decay
+    assert decay | no_decay == {n for n, _ in lm.named_parameters()} and not decay & no_decay
+    assert "embeddings.weight" in set(param_groups(lm, 0.1, decay_embeddings=False)[1]["names"])
+    lm.layers[0].requires_grad_(False)
+    assert not any(n.startswith("layers.0.") for g in param_groups(lm, 0.1) for n in g["names"])
+
+
+def test_lr_schedule_by_hand():
+    # warmup 2 of 10 steps, then cosine to 10 % of the peak
+    got = [lr_lambda(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert got[0] == 0.5 and got[1] == 1.0 and got[2] == 1.0
+    assert got[6] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay: cos(pi/2) = 0
+    assert got[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert [lr_lambda(s, 10, 2, "constant") for s in range(10)] == [0.5] + [1.0] * 9
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    from emma_mamba.training.optim import build_scheduler
+
+    class C:
+        warmup_steps, warmup_ratio, schedule, min_lr_ratio = None, 0.3, "cosine", 0.0
+
+    sch = build_scheduler(opt, C, 10)  # warmup = ceil(0.3 * 10) = 3 steps
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 7))])
