@@ -356,3 +356,35 @@ def test_no_grad_ssm_parameter_cache_follows_updates():
         fresh = lm(ids).logits.detach()  # grad enabled: no cache involved
     assert not torch.allclose(before, after)
     assert torch.equal(after, fresh)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
+def test_logits_match_transformers_on_gpu(tmp_path, gpu_backend):
+    """On a GPU, each GPU backend against transformers (which uses mamba-ssm's kernels when installed)."""
+    if _gpu_backend_missing(gpu_backend):
+        pytest.skip(f"backend {gpu_backend!r} is not available: {_gpu_backend_missing(gpu_backend)}")
+    hf = _hf_model(**HF_CONFIGS["bias-k3-rank5"])
+    hf.save_pretrained(tmp_path)
+    hf = hf.cuda()
+    ids = torch.randint(0, 64, (2, 300), device="cuda")
+    with torch.no_grad():
+        ref = hf(ids).logits.float()
+    with ops.use_backend(gpu_backend), torch.no_grad():
+        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.15)):
+            lm = MambaLM.from_pretrained(tmp_path, device="cuda", dtype=dtype).eval()
+            out = lm(ids).logits.float()
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+            cache = lm.allocate_cache(2)
+            parts = [lm(ids[:, :290], cache=cache).logits.float()]
+            parts += [lm(ids[:, t:t + 1], cache=cache).logits.float() for t in range(290, 300)]
+            torch.testing.assert_close(torch.cat(parts, 1), out, rtol=tol / 2, atol=tol / 2)
+
+
+def _gpu_backend_missing(name):
+    try:
+        with ops.use_backend(name):
+            ops.get_backend("cuda")
+    except ops.BackendUnavailableError as e:
+        return str(e)
+    return None
