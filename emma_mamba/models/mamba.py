@@ -44,7 +44,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -334,7 +334,7 @@ class MambaMixer(nn.Module):
         if cache is not None and hidden_states.shape[1] == 1:
             return self._step(hidden_states, cache)
         b, l, _ = hidden_states.shape
-        di, n, r = self.d_inner, self.d_state, self.dt_rank
+        n, r = self.d_state, self.dt_rank
         A, D, dt_bias = self._ssm_params()
 
         # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): lands channels-first, the layout of the
