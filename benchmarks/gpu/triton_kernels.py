@@ -129,11 +129,12 @@ def bench_decode(results, d, n, batches, tiles):
         row = {}
         s1, s2 = state.clone(), state.clone()
         y1 = K.selective_state_update(s1, x, dt, A, B, C, D, z, dtb, True)
+        default_tile = SSU.TILE
         for tile in tiles:
             SSU.TILE = tile
             row[f"triton_tile{tile}_us"] = 1e3 * ms(lambda: K.selective_state_update(state, x, dt, A, B, C, D, z,
                                                                                      dtb, True))
-        SSU.TILE = 1024
+        SSU.TILE = default_tile
         if peer is not None:
             y2 = peer(s2, x, dt, A, B, C, D, z, dtb, True)
             row["max_abs_diff_vs_mamba_ssm"] = (y1.float() - y2.float()).abs().max().item()
