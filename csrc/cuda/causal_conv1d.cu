@@ -294,7 +294,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
       EMMA_CUDA_LAUNCH_CHECK();
     });
   }
-  auto dwb = dwb_part.sum({0, 1});  // (d, W+1), fixed order
+  auto dwb = dwb_part.sum(0).sum(0);  // (d, W+1), fixed order (no braced dim list: ambiguous in torch 2.11)
   auto dweight = dwb.narrow(1, 0, p.width).to(weight.scalar_type());
   at::Tensor dbias;
   if (bias) dbias = dwb.select(1, p.width).to(bias->scalar_type());

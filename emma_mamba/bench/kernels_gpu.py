@@ -292,8 +292,10 @@ def _conv_section(res, cc_fn, quick):
         for kind in ("fwd", "fwd_bwd"):
             if f"causal_conv1d.{kind}" in t and f"emma_cuda.{kind}" in t:
                 row[f"ratio_emma_cuda_over_causal_conv1d.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"causal_conv1d.{kind}"]
-        nbytes = 2 * b * d * l * 2
-        row["emma_cuda.fwd_fraction_of_copy_bw"] = nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9 / res["copy_bandwidth_GBps"]
+        if "emma_cuda.fwd" in t:
+            nbytes = 2 * b * d * l * 2  # x read once, out written once
+            row["emma_cuda.fwd_fraction_of_copy_bw"] = (nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
+                                                        / res["copy_bandwidth_GBps"])
         rows.append(row)
         del x, w, bias, dout
         torch.cuda.empty_cache()
