@@ -3,6 +3,10 @@
 A copy of its ``tokenizer.json`` ships gzipped inside the package (``emma_mamba/assets``, ~0.6 MB) so the tiny
 presets, the tests and the CLI work with no download; real checkpoints may bring their own tokenizer directory
 (any folder holding a ``tokenizer.json``, as the transformers ``*-hf`` repos and mamba-2.8b-zephyr do).
+The shipped copy has 50277 ids: the 50254-entry BPE vocabulary (``<|endoftext|>`` = 0, ``<|padding|>`` = 1)
+and 23 whitespace-run tokens. Four chat tokens that some redistributed copies append (``<|im_start|>``,
+``<|im_end|>``, ``assistant``, ``RWKV``) are removed: they are not in the Mamba checkpoints' vocabulary, and as
+special tokens they would hijack ordinary words such as "assistant" in a chat template.
 
 It is loaded with the ``tokenizers`` library only (never ``transformers.AutoTokenizer``), so loading reads a
 JSON file and runs no code from it. :class:`Tokenizer` is a thin wrapper with the handful of calls the rest of

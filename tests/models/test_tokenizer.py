@@ -1,0 +1,24 @@
+"""The shipped tokenizer is GPT-NeoX-20B's as the public Mamba checkpoints use it: 50277 ids, nothing more."""
+
+from emma_mamba.models.tokenizer import load_tokenizer
+
+
+def test_shipped_tokenizer_has_gpt_neox_20b_vocabulary():
+    tok = load_tokenizer()
+    # 50254 BPE merges' vocabulary + 23 whitespace-run tokens (ids 50254..50276); the Mamba checkpoints pad
+    # the embedding to 50280 rows, so every id must stay below that
+    assert len(tok) == 50277
+    assert tok.token_to_id("<|endoftext|>") == 0 and tok.eos_token_id == 0
+    assert tok.token_to_id("<|padding|>") == 1 and tok.pad_token_id == 1
+    for extra in ("<|im_start|>", "<|im_end|>", "RWKV"):
+        assert tok.token_to_id(extra) is None
+
+
+def test_chat_words_are_ordinary_bpe_and_round_trip():
+    tok = load_tokenizer()
+    text = "<|user|>\nWhat colour is the assistant's RWKV hat?</s>\n<|assistant|>\nRed.  Two  spaces\tand tab"
+    ids = tok.encode(text)
+    assert max(ids) < 50277
+    assert tok.decode(ids) == text
+    # "assistant" is split by BPE like any word, never mapped to a special id
+    assert len(tok.encode(" assistant")) >= 1 and all(i < 50254 for i in tok.encode(" assistant"))
