@@ -1,5 +1,7 @@
-"""`emma-mamba generate`: continue a text prompt with a Mamba LM checkpoint, streaming the new text.
+"""`emma-mamba generate`: answer about an image with an EMMA-Mamba checkpoint, or continue a text prompt with a
+Mamba LM checkpoint, streaming the new text.
 
+    emma-mamba generate --checkpoint runs/finetune --image cat.jpg --prompt "What is in the picture?"
     emma-mamba generate --lm path/to/mamba-130m --prompt "The capital of France is"
     emma-mamba generate --random-init tiny --prompt "hello"     # no weights: random model, noise output
 
@@ -21,10 +23,14 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR",
+                     help="EMMA-Mamba checkpoint directory (written by model.save, pretrain or finetune)")
     src.add_argument("--lm", metavar="DIR", help="checkpoint directory (state-spaces or transformers *-hf layout)")
     src.add_argument("--random-init", metavar="PRESET",
                      help="no weights: a randomly initialised model of this preset (tiny, mamba-130m, ...); its "
                           "output is noise, for trying the pipeline only")
+    p.add_argument("--image", metavar="FILE", default=None,
+                   help="image to ask about (with --checkpoint; any format PIL reads)")
     p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
     p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -81,6 +87,10 @@ def run(args) -> int:
     except ValueError as e:
         return _err(str(e))
 
+    if args.checkpoint is not None:
+        return _run_vlm(args, gcfg, device, dtype, prompt)
+    if args.image is not None:
+        return _err("--image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see images)")
     if args.lm is not None:
         lm_dir = Path(args.lm)
         if not lm_dir.exists():
@@ -131,4 +141,41 @@ def run(args) -> int:
     print(f"[{len(ids)} prompt tokens, {n_new} new ({res.finish_reasons[0]}); prefill {res.prefill_seconds:.3f} s; "
           f"decode {rate:.1f} tokens/s; backend {ops.get_backend(device)}, {str(dtype).replace('torch.', '')}]",
           file=sys.stderr)
+    return 0
+
+
+def _stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run_vlm(args, gcfg, device, dtype, prompt) -> int:
+    """`--checkpoint DIR --image FILE`: one streamed answer from the multimodal model."""
+    import time
+
+    from emma_mamba import ops
+    from emma_mamba.config import ConfigError
+    from emma_mamba.models.vlm import answer, load
+
+    if args.image is None:
+        return _err("--checkpoint needs --image FILE (the picture to ask about)")
+    if not Path(args.checkpoint).is_dir():
+        return _err(f"--checkpoint {args.checkpoint}: no such directory")
+    if not Path(args.image).is_file():
+        return _err(f"--image {args.image}: no such file")
+    if args.tokenizer is not None:
+        return _err("--tokenizer applies to --lm only: a --checkpoint directory carries its own tokenizer")
+    try:
+        model = load(args.checkpoint, device=device, dtype=dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    t0 = time.perf_counter()
+    try:
+        text = answer(model, args.image, prompt, streamer=_stream, config=gcfg)
+    except (FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    print(f"[{len(model.tokenizer.encode(text))} answer tokens in {time.perf_counter() - t0:.2f} s; "
+          f"backend {ops.get_backend(device)}, {str(dtype).replace('torch.', '')}]", file=sys.stderr)
     return 0

@@ -511,16 +511,24 @@ def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
 
 
 def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = None,
-           max_new_tokens: int = 256, temperature: float = 0.0, template: str = CHAT_TEMPLATE) -> str:
+           max_new_tokens: int = 256, temperature: float = 0.0, template: str = CHAT_TEMPLATE,
+           config=None) -> str:
     """One-image question answering: the function behind ``emma-mamba generate``. ``image`` is a path, a PIL
-    image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer."""
+    image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer.
+    ``config`` (a :class:`GenerationConfig`) overrides ``max_new_tokens``/``temperature`` with every sampling
+    option; its EOS is the model tokenizer's."""
+    import dataclasses
+
     from emma_mamba.inference.generate import GenerationConfig
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
     text = build_chat_prompt(prompt, 1, model.config.image_token, template)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                           eos_token_id=model.tokenizer.eos_token_id)
+    if config is None:
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                               eos_token_id=model.tokenizer.eos_token_id)
+    else:
+        cfg = dataclasses.replace(config, eos_token_id=model.tokenizer.eos_token_id)
     instructions = [prompt] if model.instruction is not None else None
     result = model.generate(text, [image], instructions, config=cfg, streamer=streamer)
     return result.texts[0]
