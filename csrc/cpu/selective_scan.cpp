@@ -292,6 +292,10 @@ void sum_middle(const float* src, float* dst, int64_t outer, int64_t m, int64_t 
     for (int64_t o = o0; o < o1; ++o) {
       float* out = dst + o * inner;
       const float* in = src + o * m * inner;
+      if (m == 0) {  // empty batch: the sum is zero
+        std::fill(out, out + inner, 0.f);
+        continue;
+      }
       std::memcpy(out, in, sizeof(float) * inner);
       for (int64_t j = 1; j < m; ++j)
         for (int64_t i = 0; i < inner; ++i) out[i] += in[j * inner + i];

@@ -116,7 +116,7 @@ def assert_scan_matches_reference(inp, with_last_grad=True):
 # (seqlen, dtype, B/C layout, options): every flag on and off across the seqlens, plus combinations.
 # The reference's backward costs O(l^2 * b * d * n) (each time step's indexing allocates a full-size
 # gradient), so the longest cases use few channels and states: the chunk logic sees the same thing.
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SMALL = dict(b=1, d=4, n=4)
 GRID = [
     (1, F32, "var", dict(z=False, D=True, delta_bias=False, softplus=False)),
@@ -127,6 +127,7 @@ GRID = [
     (128, BF16, "grp", dict(bc_fp32=True, D=False, init=True)),
     (1000, F32, "var", dict(z=True, D=True, delta_bias=True, softplus=True, init=True, seq=True)),
     (1000, F32, "grp", dict(z=False, D=False, delta_bias=False, softplus=False)),
+    (1000, F16, "grp", dict(init=True, seq=True)),
     (2049, F32, "grp", dict(b=2, groups=2, d=4, n=4, seq=True)),
     (2049, BF16, "var", dict(b=2, d=4, n=4, bc_fp32=True, delta_bias=False, init=True)),
     (4096, F32, "var", dict(SMALL, z=False, delta_bias=False, init=True, seq=True)),
@@ -359,6 +360,7 @@ CONV_GRID = [  # (l, w, dtype, bias, init, seq, activation)
     (1000, 4, F32, True, True, True, "swish"),
     (2049, 4, BF16, False, False, False, None),
     (300, 2, F32, True, True, True, None),
+    (300, 3, F16, True, True, True, "silu"),
 ]
 
 
