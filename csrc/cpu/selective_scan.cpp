@@ -10,12 +10,14 @@
 //  * backward: chunks in reverse; each chunk's states h_t and decays exp(delta_t A) are recomputed from the
 //    saved boundary into a per-thread (kChunk x n) buffer, then a reverse sweep carries dL/dh back through
 //    the chunk. y (needed for dz) comes from the same recompute.
-// Work is split into tasks (batch, channel block of <= kChannelBlock channels inside one B/C group) run by
+// Work is split into tasks (batch row, block of channels inside one B/C group; see Plan) run by
 // at::parallel_for; the channels of a task share the chunk of B/C, transposed once to (time, state) so the
-// inner loops (scan_kernels.h) run over 16 state lanes with SIMD. Reductions over channels (variable dB/dC)
-// and over batch/time (dA, dD, ddelta_bias, constant dB/dC) go to per-task partial buffers that are summed
-// in a fixed order afterwards, so gradients are bitwise reproducible whatever the thread count; no scratch
-// is (b, d, l, n)-sized.
+// inner loops (scan_kernels.h) run over 16 state lanes with SIMD (AVX-512, AVX2 or portable scalar, chosen
+// at run time). Per thread the working memory is a few (kChunk x n) buffers, whatever the sequence length.
+// Reductions over channels (variable dB/dC) and over batch/time (dA, dD, ddelta_bias, constant dB/dC) go to
+// per-task / per-batch partial buffers summed in a fixed order afterwards, so gradients are bitwise
+// reproducible whatever the thread count; the largest scratch is <= 16 (n, l) partials per batch row and
+// B/C group, never (b, d, l, n)-sized.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
