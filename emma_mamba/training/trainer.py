@@ -90,9 +90,10 @@ class Trainer:
         info = self.info
         self.output_dir = Path(cfg.output_dir)
         self.resume_from = resolve_resume(resume, self.output_dir)
-        if self.resume_from is None and latest_checkpoint(self.output_dir) is not None:
-            raise FileExistsError(f"output_dir {self.output_dir} already holds checkpoints of a run; pass "
-                                  f"--resume auto to continue it, or choose another output_dir")
+        if self.resume_from is None and (latest_checkpoint(self.output_dir) is not None
+                                         or (self.output_dir / "model.safetensors").is_file()):
+            raise FileExistsError(f"output_dir {self.output_dir} already holds a run (checkpoints or a final "
+                                  f"model); pass --resume auto to continue it, or choose another output_dir")
         tc = cfg.train
         _seed_everything(tc.seed)
 

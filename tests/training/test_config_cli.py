@@ -155,3 +155,17 @@ def test_lr_schedule_by_hand():
         opt.step()
         sch.step()
     assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 7))])
+
+
+def test_resume_argument(tmp_path):
+    from emma_mamba.training.checkpoint import resolve_resume
+
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume("auto", tmp_path) is None  # nothing to resume: a fresh start
+    with pytest.raises(FileNotFoundError, match=r"--resume .*: not a checkpoint directory .*trainer_state\.pt"):
+        resolve_resume(str(tmp_path), tmp_path)
+    for step in (2, 10):  # the highest complete step wins; an unfinished .tmp write is ignored
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step_00000020.tmp").mkdir()
+    assert resolve_resume("auto", tmp_path).name == "step_00000010"
