@@ -28,6 +28,7 @@ def _stage_from_prog(prog: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.allow_abbrev = False  # `--train.l` must not silently mean `--train.lr`
+    p.usage = f"{p.prog} --config YAML [--resume DIR|auto] [--device D] [--print-config] [--SECTION.KEY VALUE ...]"
     p.set_defaults(_stage=stage or _stage_from_prog(p.prog))
     p.add_argument("--config", required=True, help="run YAML (configs/train_*.yaml)")
     p.add_argument("--resume", default=None, metavar="DIR|auto",
@@ -45,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     from emma_mamba.training.config import overrides_from_pairs
 
-    pairs = [(k, v) for k, v in vars(args).items() if "." in k or k in ("output_dir", "init_from")]
-    # top-level scalar fields have no dot; keep only those that are config fields
-    return overrides_from_pairs([(k, v) for k, v in pairs])
+    # only config options carry a value here (default=SUPPRESS); top-level fields have no dot in their name
+    top = {path for path, _ in dotted_fields() if "." not in path}
+    return overrides_from_pairs([(k, v) for k, v in vars(args).items() if "." in k or k in top])
 
 
 def run(args: argparse.Namespace) -> int:

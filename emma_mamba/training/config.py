@@ -324,13 +324,11 @@ def dotted_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
     out = []
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
-        ftype = f.type if not isinstance(f.type, str) else None
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             out.extend(dotted_fields(type(default), path + "."))
         else:
             out.append((path, docs.get(f.name, "")))
-        del ftype
     return out
 
 
