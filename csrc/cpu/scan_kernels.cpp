@@ -58,13 +58,16 @@ constexpr float kSqrt2 = 1.41421356237f;
 // portable scalar
 namespace scalar {
 
+// Written so that a loop over 16 lanes vectorises with the baseline instruction set (SSE2 on x86-64,
+// NEON on arm64): no libm calls, no branches.
 inline float exp2_1(float y) {
-  y = y < -127.f ? -127.f : (y > 127.f ? 127.f : y);
-  const float k = (y + 12582912.f) - 12582912.f;  // round to nearest (|y| < 2^22), no libm call
+  y = y < -127.f ? -127.f : y;
+  y = y > 127.f ? 127.f : y;
+  const float k = (y + 12582912.f) - 12582912.f;  // round to nearest (|y| < 2^22)
   const float f = y - k;
   float p = kE6;
   p = p * f + kE5; p = p * f + kE4; p = p * f + kE3; p = p * f + kE2; p = p * f + kE1; p = p * f + kE0;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;  // k = -127: 0
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // k = -127: 0
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -105,7 +108,12 @@ inline V vselect_gt(const V& x, const V& t, const V& a, const V& b) {  // x > t 
   for (int i = 0; i < kLanes; ++i) r.v[i] = x.v[i] > t.v[i] ? a.v[i] : b.v[i];
   return r;
 }
-inline V vexp2(const V& y) { V r; for (int i = 0; i < kLanes; ++i) r.v[i] = exp2_1(y.v[i]); return r; }
+inline V vexp2(const V& y) {
+  V r;
+#pragma omp simd
+  for (int i = 0; i < kLanes; ++i) r.v[i] = exp2_1(y.v[i]);
+  return r;
+}
 
 #include "scan_kernels_impl.inc"
 
