@@ -38,7 +38,7 @@ namespace {
 
 constexpr int64_t kChunk = 256;         // time steps per chunk (one saved state per chunk)
 constexpr int64_t kChannelBlock = 32;   // channels per task, at least (see Plan)
-constexpr int64_t kMaxTasksPerRow = 16; // at most this many channel blocks per batch row (unless groups need more)
+constexpr int64_t kMaxBwdTasksPerRow = 16;  // backward: at most this many channel blocks per batch row and group
 constexpr int64_t kL = scan::kLanes;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
@@ -111,21 +111,21 @@ ScanShape check_scan_inputs(const char* op, const at::Tensor& u, const at::Tenso
 // How the (batch, channel) grid is cut into tasks. Channels are first split into `gtask` groups, the
 // finest grouping of B and C (lcm of their group counts, which divides d), so a task reads one group of each;
 // each group is then cut into `nsub` blocks of `cb` channels (the last one shorter). Blocks have at least
-// kChannelBlock channels but are made larger so a batch row has at most ~kMaxTasksPerRow of them: each
-// block keeps its own (n, l) partial of a variable dB/dC, so fewer blocks means less scratch and a
-// cheaper final reduction. The plan depends on the shapes only, never on the thread count, so results are
-// bitwise identical on any machine with the same instruction set.
+// kChannelBlock channels. In the backward they are made larger so a batch row has at most
+// ~kMaxBwdTasksPerRow of them: each block keeps its own (n, l) partial of a variable dB/dC, so fewer blocks
+// means less scratch and a cheaper final reduction. The plan depends on the shapes only, never on the
+// thread count, so results are bitwise identical on any machine with the same instruction set.
 struct Plan {
   int64_t b, d, l, n, nlb, np, nchunks;
   int64_t gtask, cpg, cb, nsub, ntasks;
 
-  Plan(const ScanShape& s) : b(s.b), d(s.d), l(s.l), n(s.n) {
+  Plan(const ScanShape& s, int64_t max_tasks_per_row) : b(s.b), d(s.d), l(s.l), n(s.n) {
     nlb = (n + kL - 1) / kL;
     np = nlb * kL;
     nchunks = (l + kChunk - 1) / kChunk;
     gtask = std::lcm(s.Bi.groups, s.Ci.groups);
     cpg = d / gtask;
-    const int64_t max_sub = std::max<int64_t>(1, (kMaxTasksPerRow + gtask - 1) / gtask);
+    const int64_t max_sub = std::max<int64_t>(1, (max_tasks_per_row + gtask - 1) / gtask);
     cb = std::max(kChannelBlock, (cpg + max_sub - 1) / max_sub);
     nsub = (cpg + cb - 1) / cb;
     ntasks = b * gtask * nsub;
@@ -325,7 +325,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
                                            const std::optional<at::Tensor>& seq_idx) {
   const char* op = "selective_scan_fwd";
   const ScanShape s = check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx);
-  const Plan p(s);
+  const Plan p(s, /*max_tasks_per_row=*/s.d);  // no reductions in the forward: blocks of kChannelBlock
   const ScanInputs in = make_inputs(u, delta, A, D, z, delta_bias, delta_softplus, initial_state, seq_idx);
   const auto f32 = u.options().dtype(at::kFloat);
   at::Tensor out = at::empty_like(u);
@@ -394,7 +394,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   (void)deterministic;
   const char* op = "selective_scan_bwd";
   const ScanShape s = check_scan_inputs(op, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx);
-  const Plan p(s);
+  const Plan p(s, kMaxBwdTasksPerRow);
   check_arg(op, "saved", saved, {p.b, p.d, p.nchunks, p.n}, {at::kFloat});
   check_arg(op, "dout", dout, {p.b, p.d, p.l}, {u.scalar_type()});
   check_opt_arg(op, "dlast_state", dlast_state, {p.b, p.d, p.n}, {at::kFloat});

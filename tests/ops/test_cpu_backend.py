@@ -168,6 +168,19 @@ def test_state_sizes_around_the_vector_width(n):
     assert_scan_matches_reference(make_scan_inputs(n=n, l=300, init=True, seq=True, bc="grp"))
 
 
+@pytest.mark.parametrize("layouts", [("grp", "var"), ("const", "grp"), ("var", "var")])
+def test_many_channels_and_mixed_bc_layouts(layouts):
+    """Enough channels that the kernel splits a batch row into several channel blocks whose partial dB/dC
+    are summed afterwards, with B and C in different layouts (groups of B finer than C's, or constant)."""
+    b, d, n, l = 2, 80, 5, 300
+    inp = make_scan_inputs(b=b, d=d, n=n, l=l, init=True, seq=True)
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"const": (d, n), "var": (b, n, l), "grp": (b, 4, n, l)}
+    for name, layout in zip("BC", layouts):
+        inp[name] = torch.randn(*shapes[layout], generator=gen).requires_grad_()
+    assert_scan_matches_reference(inp)
+
+
 def test_without_gradient_into_last_state():
     """dlast_state is None when the last state is not used: the backward must accept that."""
     assert_scan_matches_reference(make_scan_inputs(l=300, init=True), with_last_grad=False)
