@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
     ("bench", "lm"): ("emma_mamba.bench.lm", "CPU prefill/decode speed of MambaLM vs transformers' MambaForCausalLM"),
+    ("bench", "latency"): ("emma_mamba.bench.latency", "TTFT, decode latency vs context, tokens/s, memory: EMMA-Mamba vs a matched transformer MLLM"),
     ("pretrain",): ("emma_mamba.training.cli_train", "stage 1: train MFF, projector, instruction fusion (ViT and LM frozen)"),
     ("finetune",): ("emma_mamba.training.cli_train", "stage 2: also train the LM and the alignment head (or one-stage recipes)"),
 }

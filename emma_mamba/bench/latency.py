@@ -1,0 +1,674 @@
+"""`emma-mamba bench latency`: EMMA-Mamba against a transformer MLLM of matched size, one command, one JSON.
+
+The paper's headline claim (EMMA-Mamba / Cobra: a Mamba MLLM answers faster than a transformer MLLM of similar
+size) checked on the user's hardware. Both models are built from the same preset: EMMA-Mamba
+(:class:`~emma_mamba.models.vlm.EmmaMamba`) and :class:`~emma_mamba.models.baseline.TransformerMLLM`, which
+shares EMMA-Mamba's vision front and projector (same modules, same weights) and has a Llama-style LM from
+transformers (SDPA attention, KV cache, random init) solved to the Mamba LM's parameter count. With ``--peer``
+transformers' ``MambaForCausalLM`` holding our LM's exact weights runs the same LM-only shapes too.
+
+Sections of one run (all under ``torch.inference_mode``, medians, after warm-up; timers synchronised: CUDA
+events on the GPU, ``perf_counter`` on the CPU):
+
+* ``ttft``: time to first token of an image-chat prompt with 1, 2, 4, ... images (``--images``): preprocessed
+  pixels -> ViT taps -> MFF -> instruction fusion -> projector -> splice into the prompt embeddings -> LM
+  prefill (filling the cache) -> argmax. Reported against the number of image tokens.
+* ``decode``: per-token decode latency at context C (``--contexts``): prefill C random tokens into the cache
+  (untimed), ``--warmup`` untimed steps, then ``--new-tokens`` steps each timed alone (one token forward with
+  the cache + argmax); the median step. So this is the cost of one new token given C tokens of context, not a
+  prefill time. Ours should be flat in C; attention over the KV cache grows linearly. The models' timed steps
+  (and TTFT runs) are interleaved, one of each in turn, so a shared machine's drifting load hits all alike.
+* ``memory``: at each context, the bytes of the inference state computed from the real cache tensors (Mamba:
+  conv + SSM states, constant in C; transformer: the K/V entries holding the C context tokens, linear in C),
+  and on CUDA the peak ``max_memory_allocated`` over each model's prefill + warm-up steps (absolute, and above
+  what was resident before it).
+* ``throughput``: decode tokens/s (batch / median step time) at context ``--batch-context`` for each
+  ``--batch-sizes``.
+* ``crossover``: the smallest measured context from which on our per-token decode is faster than the
+  transformer's at every larger measured context (and a log-linear interpolation between the bracketing points).
+
+On CUDA, ``--cuda-graphs`` adds ``emma-mamba+graphs``: our decode step captured once per batch size into a
+``torch.cuda.CUDAGraph`` over a static cache and a static token buffer, then replayed (:class:`CudaGraphDecoder`).
+The transformer's KV cache is transformers' ``StaticCache`` (preallocated to C + steps, written in place)
+unless ``--kv-cache dynamic`` (``DynamicCache``, which concatenates each step).
+
+Results go to ``benchmarks/results/latency_<device>_<name>.json`` with machine, versions, shapes, parameter
+counts, dtype, backend and load average, plus PNG plots (decode latency, memory vs context; TTFT vs image
+tokens; tokens/s vs batch) when matplotlib is installed (``pip install emma-mamba[plot]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SIZES: dict[str, dict] = {
+    # the preset's vision front with a wider, deeper LM: big enough on a CPU for attention over the KV cache
+    # to matter against per-layer overheads, small enough to prefill 4k tokens in seconds on one core
+    "small": {"lm": {"d_model": 512, "n_layer": 8, "d_state": 16}},
+}
+"""Named LM size overrides for ``--size`` (applied on top of the preset)."""
+
+DEFAULTS = {
+    "cpu": {"contexts": [256, 512, 1024, 2048, 4096], "batch_sizes": [1, 2, 4, 8], "batch_context": 512,
+            "images": [1, 2, 4, 8, 16], "dtype": "float32"},
+    "cuda": {"contexts": [256, 512, 1024, 2048, 4096, 8192], "batch_sizes": [1, 2, 4, 8, 16, 32, 64],
+             "batch_context": 2048, "images": [1, 2, 4], "dtype": "bfloat16"},
+}
+
+OURS, TRANSFORMER, PEER, GRAPHS = "emma-mamba", "transformer", "transformers-mamba", "emma-mamba+graphs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset (see `emma-mamba info`; default tiny)")
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="LM size override on top of the preset: small = d_model 512, 8 layers")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, dotted key, YAML value (e.g. lm.n_layer=12); repeatable")
+    p.add_argument("--contexts", type=int, nargs="+", default=None,
+                   help="decode context lengths (default cpu: 256..4096, cuda: 256..8192)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="batch sizes of the throughput section (default cpu: 1 2 4 8, cuda: 1..64)")
+    p.add_argument("--batch-context", type=int, default=None,
+                   help="context length of the throughput section (default cpu 512, cuda 2048)")
+    p.add_argument("--images", type=int, nargs="+", default=None,
+                   help="images per prompt in the TTFT section (default cpu: 1 2 4 8 16, cuda: 1 2 4)")
+    p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per point (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps / TTFT runs first")
+    p.add_argument("--repeats", type=int, default=5, help="timed TTFT runs (median reported)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--kv-cache", choices=("static", "dynamic"), default="static",
+                   help="transformers cache of the baseline (default static: preallocated, in-place)")
+    p.add_argument("--cuda-graphs", action="store_true", help="also time our decode replayed from CUDA graphs")
+    p.add_argument("--peer", action="store_true", help="also run transformers' MambaForCausalLM (our weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency_<device>_<name>.json)")
+    p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: next to the JSON)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+class _Clock:
+    """Synchronised wall time of a region: CUDA events on a GPU, perf_counter on the CPU. Seconds."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return out, start.elapsed_time(end) / 1e3
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------------------------- runners
+# One interface over the LMs: prefill(ids|embeds, max_len) -> (next-token logits (b, V), state);
+# step(state, tok (b, 1)) -> (logits (b, V), state); state_bytes(state, context) -> bytes of the context state.
+
+class OursRunner:
+    """MambaLM with its recurrent :class:`~emma_mamba.models.mamba.MambaCache` (the generate() path)."""
+
+    name = OURS
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def prefill(self, ids=None, embeds=None, max_len=None):
+        b = (ids if ids is not None else embeds).shape[0]
+        cache = self.lm.allocate_cache(b)
+        out = self.lm(input_ids=ids, inputs_embeds=embeds, cache=cache, num_last_tokens=1)
+        return out.logits[:, -1], cache
+
+    def step(self, cache, tok):
+        return self.lm(tok, cache=cache).logits[:, -1], cache
+
+    @staticmethod
+    def state_bytes(cache, context=None) -> int:
+        return sum(t.nbytes for t in cache.conv_states + cache.ssm_states)
+
+
+class CudaGraphDecoder(OursRunner):
+    """Our decode step captured once per batch size into a CUDA graph, then replayed (unmeasured here).
+
+    A CUDA graph replays fixed kernels on fixed addresses, so everything a step touches is static: one
+    :class:`MambaCache` per batch size (prefill writes into it in place: the mixer ``copy_``s its final conv
+    window and scan state into the cache), one token buffer ``(b, 1)`` and the logits the captured step left.
+    The step is captured through ``inputs_embeds`` because the ``input_ids`` path checks the id range on the host
+    (a sync, illegal under capture). Warm-up runs on a side stream first (lazy inits, the mixers' cached fp32 SSM
+    parameters), as ``torch.cuda.graphs`` requires.
+    """
+
+    name = GRAPHS
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.graphs: dict[int, tuple] = {}  # batch -> (graph, tok buffer, static cache, logits buffer)
+
+    def _eager_step(self, tok, cache):
+        return self.lm(inputs_embeds=self.lm.embeddings(tok), cache=cache).logits[:, -1]
+
+    def _capture(self, b: int):
+        lm = self.lm
+        cache = lm.allocate_cache(b)
+        tok = torch.zeros(b, 1, dtype=torch.long, device=lm.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._eager_step(tok, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._eager_step(tok, cache)
+        self.graphs[b] = (graph, tok, cache, logits)
+
+    def prefill(self, ids=None, embeds=None, max_len=None):
+        b = (ids if ids is not None else embeds).shape[0]
+        if b not in self.graphs:
+            self._capture(b)
+        _, _, cache, _ = self.graphs[b]
+        cache.reset()  # zero the static tensors in place (the graph keeps reading these addresses)
+        out = self.lm(input_ids=ids, inputs_embeds=embeds, cache=cache, num_last_tokens=1)
+        return out.logits[:, -1], cache
+
+    def step(self, cache, tok):
+        graph, tok_buf, static_cache, logits = self.graphs[tok.shape[0]]
+        assert cache is static_cache, "CudaGraphDecoder.step: the state must come from this decoder's prefill"
+        tok_buf.copy_(tok)
+        graph.replay()
+        return logits, cache
+
+
+class TransformerRunner:
+    """transformers' LlamaForCausalLM (SDPA) with a StaticCache (default) or a DynamicCache."""
+
+    name = TRANSFORMER
+
+    def __init__(self, lm, kv_cache: str = "static"):
+        self.lm, self.kv_cache = lm, kv_cache
+
+    def _new_cache(self, max_len):
+        import transformers
+
+        if self.kv_cache == "static":
+            return transformers.StaticCache(config=self.lm.config, max_cache_len=max_len)
+        return transformers.DynamicCache(config=self.lm.config)
+
+    def prefill(self, ids=None, embeds=None, max_len=None):
+        L = (ids if ids is not None else embeds).shape[1]
+        cache = self._new_cache(max_len or L + 64)
+        out = self.lm(input_ids=ids, inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
+
+    def step(self, cache, tok):
+        out = self.lm(input_ids=tok, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1], out.past_key_values
+
+    @staticmethod
+    def state_bytes(cache, context: int) -> int:
+        """K/V bytes holding the first ``context`` positions, read off the real per-layer tensors."""
+        n = 0
+        for layer in cache.layers:
+            for t in (layer.keys, layer.values):  # (b, kv_heads, positions, head_dim)
+                n += t[:, :, :context].nbytes
+        return n
+
+    @staticmethod
+    def allocated_bytes(cache) -> int:
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+class PeerRunner:
+    """transformers' MambaForCausalLM holding our LM's weights (its own cache, its own code path)."""
+
+    name = PEER
+
+    def __init__(self, hf):
+        self.hf = hf
+
+    def prefill(self, ids=None, embeds=None, max_len=None):
+        out = self.hf(input_ids=ids, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.cache_params
+
+    def step(self, cache, tok):
+        out = self.hf(tok, cache_params=cache, use_cache=True)
+        return out.logits[:, -1], out.cache_params
+
+    @staticmethod
+    def state_bytes(cache, context=None) -> int:
+        """Bytes of every tensor the cache holds (transformers keeps per-layer dicts of conv/recurrent states)."""
+        seen: dict[int, int] = {}
+
+        def walk(x):
+            if isinstance(x, torch.Tensor):
+                seen[id(x)] = x.nbytes
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v)
+            elif hasattr(x, "__dict__") and not isinstance(x, (torch.device, torch.dtype)):
+                for v in vars(x).values():
+                    walk(v)
+
+        walk(getattr(cache, "layers", cache))
+        return sum(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup: int, vocab: int,
+                   generator: torch.Generator, device) -> dict[str, dict]:
+    """Per-token decode latency of each runner at ``context``: {runner name: row}.
+
+    Every runner prefills the same ``context`` random tokens (untimed) and takes ``warmup`` untimed steps; then
+    the timed steps *interleave* the runners (one step of each in turn, the order alternating), so that a
+    machine whose load drifts (a shared CPU) slows every runner alike instead of whichever ran last.
+    """
+    ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
+    cuda = device.type == "cuda"
+    states, toks, rows = {}, {}, {}
+    for r in runners:
+        if cuda:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        logits, state = r.prefill(ids=ids, max_len=context + warmup + steps + 1)
+        row = {"context": context, "batch": batch, "state_bytes": r.state_bytes(state, context)}
+        if isinstance(r, TransformerRunner):
+            row["allocated_state_bytes"] = r.allocated_bytes(state)
+        tok = logits.argmax(-1, keepdim=True)  # (b, 1)
+        for _ in range(warmup):
+            logits, state = r.step(state, tok)
+            tok = logits.argmax(-1, keepdim=True)
+        if cuda:  # this runner's prefill + first steps, above what was resident before (weights, other states)
+            torch.cuda.synchronize(device)
+            row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            row["cuda_peak_above_baseline_bytes"] = torch.cuda.max_memory_allocated(device) - base
+        states[r.name], toks[r.name], rows[r.name] = state, tok, row
+
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    for i in range(steps):
+        for r in (runners if i % 2 == 0 else runners[::-1]):
+            def one():
+                logits, states[r.name] = r.step(states[r.name], toks[r.name])
+                toks[r.name] = logits.argmax(-1, keepdim=True)
+
+            times[r.name].append(clock.time(one)[1])
+    for name, row in rows.items():
+        med = statistics.median(times[name])
+        row.update({"median_s": med, "tokens_per_s": batch / med, "steps_s": times[name]})
+    return rows
+
+
+def find_crossover(contexts, ours, theirs) -> dict:
+    """First measured context from which ours < theirs at it and every larger context; interpolated point."""
+    pts = sorted(zip(contexts, ours, theirs))
+    beats = [o < t for _, o, t in pts]
+    first = None
+    for i in range(len(pts)):
+        if all(beats[i:]):
+            first = pts[i][0]
+            break
+    interp = None
+    if first is not None:
+        i = [c for c, _, _ in pts].index(first)
+        if i == 0:
+            interp = None  # faster already at the smallest measured context
+        else:
+            (c0, o0, t0), (c1, o1, t1) = pts[i - 1], pts[i]
+            d0, d1 = t0 - o0, t1 - o1  # <= 0 then > 0
+            f = d0 / (d0 - d1) if d0 != d1 else 0.0
+            interp = math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0)))
+    return {"ours_faster_from_context": first, "interpolated_context": interp,
+            "ours_faster_at_all_measured": bool(pts) and all(beats),
+            "ours_faster_at_none": bool(pts) and not any(beats),
+            "rule": "smallest measured context C with median decode step(ours) < (transformer) at C and at every "
+                    "larger measured context; interpolated_context: the zero of (theirs - ours) between the "
+                    "bracketing points, linear in log C"}
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+def build_models(args, device, dtype):
+    """(EmmaMamba, TransformerMLLM, config name) on ``device`` in ``dtype``, seeded."""
+    import yaml
+
+    from emma_mamba.config import ConfigError, apply_overrides, get_preset
+    from emma_mamba.models.baseline import TransformerMLLM
+    from emma_mamba.models.vlm import EmmaMamba
+
+    cfg = get_preset(args.preset)
+    name = args.preset
+    if args.size:
+        apply_overrides(cfg, SIZES[args.size], source=f"--size {args.size}")
+        name += f"-{args.size}"
+    for item in args.override:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--override {item!r}: expected KEY=VALUE with a dotted key, e.g. lm.n_layer=12")
+        nested: dict = {}
+        cur = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = yaml.safe_load(value)
+        apply_overrides(cfg, nested, source=f"--override {item}")
+    if args.override:
+        name += "-custom"
+    cfg.align.enabled = False  # training-only head: never part of inference
+    cfg.validate()
+    torch.manual_seed(args.seed)
+    emma = EmmaMamba(cfg, for_training=False, device=device, dtype=dtype).eval()
+    base = TransformerMLLM.from_emma(emma).eval()
+    return emma, base, name
+
+
+def _check_args(args):
+    for name in ("new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("emma-mamba bench latency: --warmup must be >= 0")
+    for name in ("contexts", "batch_sizes", "images"):
+        vals = getattr(args, name)
+        if any(v < 1 for v in vals):
+            raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must all be >= 1, got {vals}")
+    if args.batch_context < 1:
+        raise SystemExit("emma-mamba bench latency: --batch-context must be >= 1")
+
+
+def run(args) -> int:
+    from emma_mamba.bench.lm import _git_commit, _hide_cuda_only_packages
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEFAULTS:
+        raise SystemExit(f"emma-mamba bench latency: --device {args.device!r}: expected cpu or cuda[:i]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("emma-mamba bench latency: --device cuda but torch sees no CUDA device")
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit("emma-mamba bench latency: --cuda-graphs needs --device cuda")
+    if device.type == "cpu" and args.peer:
+        _hide_cuda_only_packages()  # transformers' Mamba must take its PyTorch path on the CPU
+    d = DEFAULTS[device.type]
+    for key in ("contexts", "batch_sizes", "batch_context", "images"):
+        if getattr(args, key) is None:
+            setattr(args, key, d[key])
+    args.dtype = args.dtype or d["dtype"]
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = _DTYPES[args.dtype]
+
+    import transformers
+
+    from emma_mamba import ops
+    from emma_mamba.bench.kernels import machine_info
+    from emma_mamba.models.baseline import count_parameters, describe_match
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    load_before = os.getloadavg()
+    emma, base, name = build_models(args, device, dtype)
+    lm = emma.lm
+    print(describe_match(lm, base.lm), flush=True)
+    runners = [OursRunner(lm), TransformerRunner(base.lm, args.kv_cache)]
+    if args.cuda_graphs:
+        runners.insert(1, CudaGraphDecoder(lm))
+    if args.peer:
+        from emma_mamba.bench.lm import _hf_twin
+
+        runners.append(PeerRunner(_hf_twin(lm, dtype).to(device)))
+    backend = ops.get_backend(device)
+    clock = _Clock(device)
+    V = lm.config.vocab_size  # real tokens only (the padded rows are not tokens)
+    print(f"device {device}, {args.dtype}, backend {backend!r}, {torch.get_num_threads()} threads, "
+          f"{emma.vision.num_tokens} image tokens per image, KV cache {args.kv_cache}, "
+          f"load average {load_before[0]:.2f}", flush=True)
+    results: dict = {"ttft": {}, "decode": {}, "throughput": {}}
+
+    with torch.inference_mode():
+        # --- TTFT: image(s) + prompt -> first token, against the number of image tokens. The graphs runner
+        # is left out: its prefill is ours.
+        H, W = emma.vision.image_size
+        ttft_runners = [r for r in runners if r.name != GRAPHS]
+        results["ttft"] = {r.name: [] for r in ttft_runners}
+        for k in args.images:
+            g = torch.Generator().manual_seed(args.seed + k)
+            pixels = torch.randn(k, 3, H, W, generator=g).to(device, dtype)
+            text = build_chat_prompt("Describe the image in detail.", k, emma.config.image_token)
+            ids = torch.tensor([emma.tokenizer.encode(text)], device=device)
+            inst = (emma.tokenize_instructions(["Describe the image in detail."] * k).to(device)
+                    if emma.instruction is not None else None)
+
+            def first_token(r):
+                front = base if r.name == TRANSFORMER else emma  # the peer reads our (identical) embeddings
+                visual = front.encode_images(pixels, inst)
+                embeds = front._splice(ids, visual, None, None, None, None)[0]  # (1, L, d)
+                logits, _ = r.prefill(embeds=embeds)
+                return logits.argmax(-1), embeds.shape[1]
+
+            for r in ttft_runners:
+                for _ in range(args.warmup):
+                    first_token(r)
+            times = {r.name: [] for r in ttft_runners}
+            seq = None
+            for i in range(args.repeats):  # interleaved, like the decode steps
+                for r in (ttft_runners if i % 2 == 0 else ttft_runners[::-1]):
+                    (_, seq), dt = clock.time(lambda: first_token(r))
+                    times[r.name].append(dt)
+            for r in ttft_runners:
+                med = statistics.median(times[r.name])
+                results["ttft"][r.name].append({"images": k, "image_tokens": k * emma.vision.num_tokens,
+                                                "prompt_tokens": seq, "median_s": med, "runs_s": times[r.name]})
+                print(f"ttft   {r.name:<20} {k:3d} image(s) {k * emma.vision.num_tokens:6d} image tokens "
+                      f"({seq:6d} in all)  {med * 1e3:9.2f} ms", flush=True)
+
+        # --- per-token decode latency and state memory against the context length (batch 1)
+        results["decode"] = {r.name: [] for r in runners}
+        for C in args.contexts:
+            g = torch.Generator().manual_seed(args.seed + C)
+            rows = decode_latency(runners, clock, 1, C, args.new_tokens, args.warmup, V, g, device)
+            for r in runners:
+                row = rows[r.name]
+                results["decode"][r.name].append(row)
+                print(f"decode {r.name:<20} context {C:6d}  {row['median_s'] * 1e3:9.3f} ms/token  "
+                      f"state {row['state_bytes'] / 2**20:9.2f} MiB", flush=True)
+            del rows
+
+        # --- tokens/s against the batch size at a fixed context
+        results["throughput"] = {r.name: [] for r in runners}
+        for B in args.batch_sizes:
+            g = torch.Generator().manual_seed(args.seed + 100_000 + B)
+            rows = decode_latency(runners, clock, B, args.batch_context, args.new_tokens, args.warmup, V, g, device)
+            for r in runners:
+                row = rows[r.name]
+                results["throughput"][r.name].append(row)
+                print(f"batch  {r.name:<20} batch {B:4d} context {args.batch_context}  "
+                      f"{row['tokens_per_s']:10.1f} tokens/s", flush=True)
+            del rows
+
+    ours_key = GRAPHS if args.cuda_graphs else OURS
+    cross = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][OURS]],
+                           [x["median_s"] for x in results["decode"][TRANSFORMER]])
+    if args.cuda_graphs:
+        cross["with_cuda_graphs"] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][GRAPHS]],
+                                                   [x["median_s"] for x in results["decode"][TRANSFORMER]])
+    ratios = {f"decode_speedup_at_{row['context']}": t["median_s"] / row["median_s"]
+              for row, t in zip(results["decode"][ours_key], results["decode"][TRANSFORMER])}
+    ratios.update({f"tokens_per_s_ratio_batch_{row['batch']}": row["tokens_per_s"] / t["tokens_per_s"]
+                   for row, t in zip(results["throughput"][ours_key], results["throughput"][TRANSFORMER])})
+    load_after = os.getloadavg()
+    first = cross["ours_faster_from_context"]
+    print(f"crossover: ours faster per decoded token from context "
+          f"{first if first is not None else 'none of the measured'}"
+          + (f" (interpolated ~{cross['interpolated_context']:.0f})" if cross["interpolated_context"] else ""))
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
+
+    info = machine_info()
+    info.update({"transformers": transformers.__version__, "git_commit": _git_commit(),
+                 "loadavg_1_5_15_before": list(load_before), "loadavg_1_5_15_after": list(load_after)})
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    c, h = lm.config, base.lm.config
+    res = {
+        "benchmark": "latency", "device": str(device), "machine": info, "backend": backend, "dtype": args.dtype,
+        "model": name, "preset": args.preset, "size": args.size, "overrides": args.override,
+        "shapes": {
+            "image_size": list(emma.vision.image_size), "image_tokens_per_image": emma.vision.num_tokens,
+            "mamba_lm": {"d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state, "d_conv": c.d_conv,
+                         "expand": c.expand, "d_inner": c.d_inner, "vocab": c.padded_vocab_size},
+            "transformer_lm": {"arch": "LlamaForCausalLM", "attn_implementation": h._attn_implementation,
+                               "hidden_size": h.hidden_size, "n_layer": h.num_hidden_layers,
+                               "heads": h.num_attention_heads, "kv_heads": h.num_key_value_heads,
+                               "head_dim": h.head_dim, "intermediate_size": h.intermediate_size,
+                               "vocab": h.vocab_size, "kv_cache": args.kv_cache},
+            "contexts": args.contexts, "batch_sizes": args.batch_sizes, "batch_context": args.batch_context,
+            "images": args.images, "new_tokens": args.new_tokens,
+        },
+        "parameters": {"mamba_lm": count_parameters(lm), "transformer_lm": count_parameters(base.lm),
+                       "mamba_lm_non_embedding": count_parameters(lm, (lm.embeddings.weight,)),
+                       "transformer_lm_non_embedding": count_parameters(
+                           base.lm, (base.lm.get_input_embeddings().weight,)),
+                       "shared_front": count_parameters(torch.nn.ModuleList(
+                           [m for m in (emma.vision, emma.mff, emma.instruction, emma.projector) if m is not None]))},
+        "timing": {"statistic": "median", "warmup": args.warmup, "repeats_ttft": args.repeats,
+                   "decode_steps_timed": args.new_tokens,
+                   "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+                   "inference_mode": True, "threads": torch.get_num_threads()},
+        "cuda_graphs": bool(args.cuda_graphs),
+        "results": results, "crossover": cross, "ratios": ratios,
+    }
+    out = args.out or os.path.join("benchmarks", "results", f"latency_{device.type}_{name}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if not args.no_plots:
+        stem = os.path.splitext(os.path.basename(out))[0]
+        res["plots"] = plot(res, args.plots_dir or os.path.dirname(out) or ".", stem)
+    with open(out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"wrote {out}")
+    for p in res.get("plots", []):
+        print(f"wrote {p}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+_STYLE = {OURS: ("tab:blue", "o"), GRAPHS: ("tab:cyan", "D"), TRANSFORMER: ("tab:red", "s"),
+          PEER: ("tab:green", "^")}
+
+
+def plot(res: dict, out_dir: str, stem: str) -> list[str]:
+    """Four PNGs: decode latency and state memory vs context, TTFT vs image tokens, tokens/s vs batch."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install emma-mamba[plot]): no plots written")
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    r = res["results"]
+    title = (f"{res['model']} on {res['machine'].get('gpu') or res['machine'].get('cpu_model', 'cpu')}, "
+             f"{res['dtype']}, {res['timing']['threads']} thread(s)" if res["device"] == "cpu" else
+             f"{res['model']} on {res['machine'].get('gpu')}, {res['dtype']}")
+    s = res["shapes"]
+    label = {OURS: f"EMMA-Mamba (Mamba {s['mamba_lm']['n_layer']}L x {s['mamba_lm']['d_model']})",
+             GRAPHS: "EMMA-Mamba + CUDA graphs",
+             TRANSFORMER: f"Transformer (Llama {s['transformer_lm']['n_layer']}L x {s['transformer_lm']['hidden_size']},"
+                          f" {s['transformer_lm']['kv_cache']} KV cache)",
+             PEER: "transformers MambaForCausalLM (same weights)"}
+    paths = []
+
+    def save(fig, suffix):
+        p = os.path.join(out_dir, f"{stem}_{suffix}.png")
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, rows in r["decode"].items():
+        ax.plot([x["context"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
+                color=_STYLE[k][0], label=label[k])
+    cx = res["crossover"]["ours_faster_from_context"]
+    if cx is not None and not res["crossover"]["ours_faster_at_all_measured"]:
+        xi = res["crossover"]["interpolated_context"] or cx
+        ax.axvline(xi, color="gray", ls="--", lw=1)
+        ax.annotate(f"ours faster beyond ~{xi:.0f}", (xi, ax.get_ylim()[1]), xytext=(4, -14),
+                    textcoords="offset points", fontsize=8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens already in the cache)")
+    ax.set_ylabel("per-token decode latency, median (ms)")
+    ax.set_title(f"Decode latency vs context, batch 1\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    save(fig, "decode")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, rows in r["decode"].items():
+        if k == GRAPHS:
+            continue  # same state as ours
+        ax.plot([x["context"] for x in rows], [x["state_bytes"] / 2**20 for x in rows], marker=_STYLE[k][1],
+                color=_STYLE[k][0], label=label[k] + ": state")
+        if "cuda_peak_allocated_bytes" in rows[0]:
+            ax.plot([x["context"] for x in rows], [x["cuda_peak_allocated_bytes"] / 2**20 for x in rows],
+                    ls=":", marker=_STYLE[k][1], color=_STYLE[k][0], label=label[k] + ": CUDA peak")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("MiB (batch 1)")
+    ax.set_title(f"Inference state (KV cache / recurrent state) vs context\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "memory")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, rows in r["ttft"].items():
+        ax.plot([x["image_tokens"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
+                color=_STYLE[k][0], label=label[k])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"image tokens in the prompt ({s['image_tokens_per_image']} per image)")
+    ax.set_ylabel("time to first token, median (ms)")
+    ax.set_title(f"TTFT (vision front + projector + prefill) vs image tokens\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    save(fig, "ttft")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, rows in r["throughput"].items():
+        ax.plot([x["batch"] for x in rows], [x["tokens_per_s"] for x in rows], marker=_STYLE[k][1],
+                color=_STYLE[k][0], label=label[k])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"batch size (context {s['batch_context']} tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"Decode throughput vs batch size\n{title}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    save(fig, "throughput")
+    return paths

@@ -1,0 +1,118 @@
+"""`emma-mamba bench latency` end to end on the tiny preset (a few small contexts; no timing assertions)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from emma_mamba.bench.latency import (  # noqa: E402
+    GRAPHS, OURS, PEER, TRANSFORMER, CudaGraphDecoder, OursRunner, find_crossover)
+from emma_mamba.cli import main  # noqa: E402
+
+
+def test_crossover_rule_by_hand():
+    C = [256, 512, 1024, 2048]
+    # ours flat at 2 ms; transformer 1, 1.5, 3, 6 ms: faster from 1024 on, the zero between 512 and 1024
+    r = find_crossover(C, [2.0, 2.0, 2.0, 2.0], [1.0, 1.5, 3.0, 6.0])
+    assert r["ours_faster_from_context"] == 1024
+    # (theirs - ours) is -0.5 at log2 C = 9 and +1 at 10: zero at 9 + 1/3
+    assert r["interpolated_context"] == pytest.approx(2 ** (9 + 1 / 3))
+    # faster at 512 but slower again at 1024 (noise): the crossover is where it stays faster
+    r = find_crossover(C, [2.0, 1.0, 2.0, 2.0], [1.5, 1.5, 1.5, 6.0])
+    assert r["ours_faster_from_context"] == 2048
+    r = find_crossover(C, [2.0] * 4, [1.0] * 4)
+    assert r["ours_faster_from_context"] is None and r["ours_faster_at_none"]
+    r = find_crossover(C, [1.0] * 4, [2.0] * 4)
+    assert r["ours_faster_from_context"] == 256 and r["ours_faster_at_all_measured"]
+
+
+def test_bench_latency_cli_writes_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "res" / "latency_cpu_tiny.json"
+    plots = tmp_path / "plots"
+    argv = ["bench", "latency", "--preset", "tiny", "--device", "cpu", "--contexts", "16", "40",
+            "--batch-sizes", "1", "3", "--batch-context", "12", "--images", "1", "2", "--new-tokens", "3",
+            "--warmup", "1", "--repeats", "2", "--threads", "1", "--peer", "--out", str(out),
+            "--plots-dir", str(plots)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["device"] == "cpu" and res["dtype"] == "float32" and res["backend"]
+    for key in ("torch", "transformers", "platform", "loadavg_1_5_15_before"):
+        assert key in res["machine"]
+    sh = res["shapes"]
+    assert sh["contexts"] == [16, 40] and sh["batch_sizes"] == [1, 3] and sh["image_tokens_per_image"] == 16
+    assert sh["transformer_lm"]["attn_implementation"] == "sdpa"
+    p = res["parameters"]
+    assert abs(p["transformer_lm"] - p["mamba_lm"]) / p["mamba_lm"] < 0.05
+    r = res["results"]
+    for section in ("ttft", "decode", "throughput"):
+        assert set(r[section]) == {OURS, TRANSFORMER, PEER}, section
+    for name in (OURS, TRANSFORMER, PEER):
+        ttft = r["ttft"][name]
+        assert [x["images"] for x in ttft] == [1, 2]
+        assert [x["image_tokens"] for x in ttft] == [16, 32]
+        # the prompt is the chat text with each placeholder replaced by 16 visual tokens
+        assert ttft[1]["prompt_tokens"] - ttft[0]["prompt_tokens"] == 16 + 1  # one more image, one more "\n"
+        dec = r["decode"][name]
+        assert [x["context"] for x in dec] == [16, 40]
+        assert all(len(x["steps_s"]) == 3 and x["median_s"] > 0 for x in dec)
+        thr = r["throughput"][name]
+        assert [x["batch"] for x in thr] == [1, 3]
+        assert all(x["context"] == 12 and x["tokens_per_s"] == pytest.approx(x["batch"] / x["median_s"])
+                   for x in thr)
+    # state bytes: constant for both Mamba paths, linear in the context for the KV cache
+    ours = [x["state_bytes"] for x in r["decode"][OURS]]
+    kv = [x["state_bytes"] for x in r["decode"][TRANSFORMER]]
+    assert ours[0] == ours[1] > 0
+    assert r["decode"][PEER][0]["state_bytes"] == r["decode"][PEER][1]["state_bytes"] > 0
+    assert kv[1] * 16 == kv[0] * 40
+    assert "crossover" in res and "ours_faster_from_context" in res["crossover"]
+    assert set(res["ratios"]) >= {"decode_speedup_at_16", "decode_speedup_at_40", "tokens_per_s_ratio_batch_3"}
+    if pytest.importorskip("matplotlib"):
+        names = sorted(p.name for p in plots.iterdir())
+        assert names == [f"latency_cpu_tiny_{s}.png" for s in ("decode", "memory", "throughput", "ttft")]
+        for f in plots.iterdir():
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000
+        assert sorted(res["plots"]) == sorted(str(f) for f in plots.iterdir())
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
+    (["--contexts", "0", "8"], "--contexts must all be >= 1"),
+    (["--new-tokens", "0"], "--new-tokens must be >= 1"),
+    (["--device", "tpu"], "expected cpu or cuda"),
+])
+def test_bench_latency_bad_arguments(argv, msg, tmp_path):
+    with pytest.raises(SystemExit, match=msg):
+        main(["bench", "latency", "--device", "cpu", "--out", str(tmp_path / "x.json")] + argv)
+
+
+def test_bench_latency_bad_override(tmp_path):
+    from emma_mamba.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lm.n_layers"):
+        main(["bench", "latency", "--device", "cpu", "--override", "lm.n_layers=3", "--out", str(tmp_path / "x.json")])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager():
+    """Replaying the captured step gives eager decoding's logits, also after a second prefill into the same
+    static cache (the graph reads the cache in place)."""
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=128, n_layer=2, vocab_size=512), device="cuda").eval()
+    eager, graphs = OursRunner(lm), CudaGraphDecoder(lm)
+    assert graphs.name == GRAPHS
+    with torch.inference_mode():
+        for seed in (1, 2):
+            ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(seed)).cuda()
+            la, ca = eager.prefill(ids=ids)
+            lb, cb = graphs.prefill(ids=ids)
+            for _ in range(5):
+                tok = la.argmax(-1, keepdim=True)
+                la, ca = eager.step(ca, tok)
+                lb, cb = graphs.step(cb, tok)
+                torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    assert list(graphs.graphs) == [2]
