@@ -68,13 +68,15 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
     h = (initial_state.float() if initial_state is not None
          else u.new_zeros(b, d, A.shape[1]))  # (b, d, n)
+    # unbind once: indexing [..., t] inside the loop would make autograd allocate a full-size gradient per step
+    us, deltas, Bs, Cs = u.unbind(-1), delta.unbind(-1), Bx.unbind(-1), Cx.unbind(-1)
     ys = []
     for t in range(l):
         if t > 0:
             h = torch.where(starts[:, t, None, None], torch.zeros_like(h), h)
-        dt = delta[:, :, t, None]  # (b, d, 1)
-        h = torch.exp(dt * A) * h + dt * Bx[..., t] * u[:, :, t, None]
-        ys.append((h * Cx[..., t]).sum(-1))  # (b, d)
+        dt = deltas[t][..., None]  # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * Bs[t] * us[t][..., None]
+        ys.append((h * Cs[t]).sum(-1))  # (b, d)
     y = torch.stack(ys, dim=-1)  # (b, d, l)
     if D is not None:
         y = y + D.float()[:, None] * u
