@@ -58,8 +58,8 @@ SIZES: dict[str, dict] = {
 """Named LM size overrides for ``--size`` (applied on top of the preset)."""
 
 DEFAULTS = {
-    "cpu": {"contexts": [256, 512, 1024, 2048, 4096], "batch_sizes": [1, 2, 4, 8], "batch_context": 512,
-            "images": [1, 2, 4, 8, 16], "dtype": "float32"},
+    "cpu": {"contexts": [256, 512, 1024, 2048, 4096, 8192], "batch_sizes": [1, 2, 4, 8], "batch_context": 2048,
+            "images": [1, 2, 4, 8, 16, 32, 64], "dtype": "float32"},
     "cuda": {"contexts": [256, 512, 1024, 2048, 4096, 8192], "batch_sizes": [1, 2, 4, 8, 16, 32, 64],
              "batch_context": 2048, "images": [1, 2, 4], "dtype": "bfloat16"},
 }
@@ -74,13 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, dotted key, YAML value (e.g. lm.n_layer=12); repeatable")
     p.add_argument("--contexts", type=int, nargs="+", default=None,
-                   help="decode context lengths (default cpu: 256..4096, cuda: 256..8192)")
+                   help="decode context lengths (default 256 512 ... 8192)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="batch sizes of the throughput section (default cpu: 1 2 4 8, cuda: 1..64)")
     p.add_argument("--batch-context", type=int, default=None,
-                   help="context length of the throughput section (default cpu 512, cuda 2048)")
+                   help="context length of the throughput section (default 2048)")
     p.add_argument("--images", type=int, nargs="+", default=None,
-                   help="images per prompt in the TTFT section (default cpu: 1 2 4 8 16, cuda: 1 2 4)")
+                   help="images per prompt in the TTFT section (default cpu: 1 2 4 ... 64, cuda: 1 2 4)")
     p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per point (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed decode steps / TTFT runs first")
     p.add_argument("--repeats", type=int, default=5, help="timed TTFT runs (median reported)")
@@ -138,6 +138,10 @@ class OursRunner:
 
     def step(self, cache, tok):
         return self.lm(tok, cache=cache).logits[:, -1], cache
+
+    def full(self, ids):
+        """Logits (b, l, V) of one cache-free forward: the oracle of prefill + steps."""
+        return self.lm(ids).logits
 
     @staticmethod
     def state_bytes(cache, context=None) -> int:
@@ -221,6 +225,9 @@ class TransformerRunner:
         out = self.lm(input_ids=tok, past_key_values=cache, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
+    def full(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
     @staticmethod
     def state_bytes(cache, context: int) -> int:
         """K/V bytes holding the first ``context`` positions, read off the real per-layer tensors."""
@@ -250,6 +257,9 @@ class PeerRunner:
     def step(self, cache, tok):
         out = self.hf(tok, cache_params=cache, use_cache=True)
         return out.logits[:, -1], out.cache_params
+
+    def full(self, ids):
+        return self.hf(input_ids=ids, use_cache=False).logits
 
     @staticmethod
     def state_bytes(cache, context=None) -> int:
@@ -317,6 +327,28 @@ def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup:
         med = statistics.median(times[name])
         row.update({"median_s": med, "tokens_per_s": batch / med, "steps_s": times[name]})
     return rows
+
+
+def consistency_checks(runners, vocab: int, device, prompt: int = 24, steps: int = 4) -> dict:
+    """Each runner's prefill + decode steps against its own cache-free forward on the same tokens (max |diff|
+    of the logits over the prompt's last position and every step), and the peer's logits against ours (same
+    weights). Run before timing, so a broken cache path cannot produce a fast but meaningless number."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (1, prompt + steps), generator=g).to(device)
+    out, full_ours = {}, None
+    for r in runners:
+        full = r.full(ids).float()  # (1, prompt + steps, V)
+        logits, state = r.prefill(ids=ids[:, :prompt], max_len=prompt + steps + 1)
+        diffs = [(logits.float() - full[:, prompt - 1]).abs().max().item()]
+        for i in range(steps):
+            logits, state = r.step(state, ids[:, prompt + i:prompt + i + 1])
+            diffs.append((logits.float() - full[:, prompt + i]).abs().max().item())
+        out[f"{r.name}: cached decode vs full forward, max abs logit diff"] = max(diffs)
+        if r.name == OURS:
+            full_ours = full
+        elif r.name == PEER and full_ours is not None:
+            out[f"{PEER} vs {OURS}: full forward, max abs logit diff"] = (full - full_ours).abs().max().item()
+    return out
 
 
 def find_crossover(contexts, ours, theirs) -> dict:
@@ -448,6 +480,11 @@ def run(args) -> int:
     results: dict = {"ttft": {}, "decode": {}, "throughput": {}}
 
     with torch.inference_mode():
+        checks = consistency_checks(runners, V, device)
+        scale = 1e-3 if dtype == torch.float32 else 0.25
+        for k, v in checks.items():
+            print(f"check  {k}: {v:.2e}{'  <-- LARGE' if v > scale else ''}", flush=True)
+
         # --- TTFT: image(s) + prompt -> first token, against the number of image tokens. The graphs runner
         # is left out: its prefill is ours.
         H, W = emma.vision.image_size
@@ -558,7 +595,7 @@ def run(args) -> int:
                    "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                    "inference_mode": True, "threads": torch.get_num_threads()},
         "cuda_graphs": bool(args.cuda_graphs),
-        "results": results, "crossover": cross, "ratios": ratios,
+        "checks": checks, "results": results, "crossover": cross, "ratios": ratios,
     }
     out = args.out or os.path.join("benchmarks", "results", f"latency_{device.type}_{name}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -577,6 +614,7 @@ def run(args) -> int:
 
 _STYLE = {OURS: ("tab:blue", "o"), GRAPHS: ("tab:cyan", "D"), TRANSFORMER: ("tab:red", "s"),
           PEER: ("tab:green", "^")}
+_LINE = {PEER: dict(ls="--", mfc="none", ms=8)}  # hollow and dashed: the peer's state curve lies on ours
 
 
 def plot(res: dict, out_dir: str, stem: str) -> list[str]:
@@ -612,12 +650,13 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, rows in r["decode"].items():
         ax.plot([x["context"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
-                color=_STYLE[k][0], label=label[k])
+                color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
     cx = res["crossover"]["ours_faster_from_context"]
     if cx is not None and not res["crossover"]["ours_faster_at_all_measured"]:
         xi = res["crossover"]["interpolated_context"] or cx
         ax.axvline(xi, color="gray", ls="--", lw=1)
-        ax.annotate(f"ours faster beyond ~{xi:.0f}", (xi, ax.get_ylim()[1]), xytext=(4, -14),
+        ax.annotate(f"crossover ~{xi:.0f} (interpolated); ours faster at every measured C >= {cx}",
+                    (xi, ax.get_ylim()[1]), xytext=(4, -14),
                     textcoords="offset points", fontsize=8, color="gray")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens already in the cache)")
@@ -633,7 +672,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
         if k == GRAPHS:
             continue  # same state as ours
         ax.plot([x["context"] for x in rows], [x["state_bytes"] / 2**20 for x in rows], marker=_STYLE[k][1],
-                color=_STYLE[k][0], label=label[k] + ": state")
+                color=_STYLE[k][0], label=label[k] + ": state", **_LINE.get(k, {}))
         if "cuda_peak_allocated_bytes" in rows[0]:
             ax.plot([x["context"] for x in rows], [x["cuda_peak_allocated_bytes"] / 2**20 for x in rows],
                     ls=":", marker=_STYLE[k][1], color=_STYLE[k][0], label=label[k] + ": CUDA peak")
@@ -649,7 +688,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, rows in r["ttft"].items():
         ax.plot([x["image_tokens"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
-                color=_STYLE[k][0], label=label[k])
+                color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"image tokens in the prompt ({s['image_tokens_per_image']} per image)")
     ax.set_ylabel("time to first token, median (ms)")
@@ -662,7 +701,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, rows in r["throughput"].items():
         ax.plot([x["batch"] for x in rows], [x["tokens_per_s"] for x in rows], marker=_STYLE[k][1],
-                color=_STYLE[k][0], label=label[k])
+                color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
     ax.set_xscale("log", base=2)
     ax.set_xlabel(f"batch size (context {s['batch_context']} tokens)")
     ax.set_ylabel("decode tokens/s")

@@ -57,7 +57,7 @@ def _head_dim(d: int) -> int:
 
 
 def matched_llama_config(mamba_config, *, head_dim: int | None = None, multiple_of: int | None = None,
-                         max_position_embeddings: int = 32768, tolerance: float = 0.05):
+                         max_position_embeddings: int = 131072, tolerance: float = 0.05):
     """A ``transformers.LlamaConfig`` whose parameter count matches the Mamba LM of ``mamba_config``.
 
     Width = ``d_model`` (shared projector), vocabulary = the padded Mamba vocabulary, tied embeddings, full
