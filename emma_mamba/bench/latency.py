@@ -647,7 +647,9 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
         plt.close(fig)
         paths.append(p)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # top: latency; bottom: transformer / ours, measured step-interleaved, so it holds even when the
+    # machine's load (and with it every absolute number) shifts between contexts
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
     for k, rows in r["decode"].items():
         ax.plot([x["context"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
                 color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
@@ -655,9 +657,9 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     if cx is not None and not res["crossover"]["ours_faster_at_all_measured"]:
         xi = res["crossover"]["interpolated_context"] or cx
         ax.axvline(xi, color="gray", ls="--", lw=1)
-        ax.annotate(f"crossover ~{xi:.0f} (interpolated); ours faster at every measured C >= {cx}",
-                    (xi, ax.get_ylim()[1]), xytext=(4, -14),
-                    textcoords="offset points", fontsize=8, color="gray")
+        ax.annotate(f"crossover ~{xi:.0f} (interpolated)\nours faster at every measured C >= {cx}",
+                    (xi, ax.get_ylim()[1]), xytext=(4, -24), textcoords="offset points", fontsize=8,
+                    color="gray")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens already in the cache)")
     ax.set_ylabel("per-token decode latency, median (ms)")
@@ -665,6 +667,17 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     ax.grid(True, which="both", alpha=0.3)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
+    ax.set_xlabel("")
+    theirs = {x["context"]: x["median_s"] for x in r["decode"][TRANSFORMER]}
+    for k, rows in r["decode"].items():
+        if k == TRANSFORMER:
+            continue
+        ax2.plot([x["context"] for x in rows], [theirs[x["context"]] / x["median_s"] for x in rows],
+                 marker=_STYLE[k][1], color=_STYLE[k][0], **_LINE.get(k, {}))
+    ax2.axhline(1.0, color="gray", lw=1)
+    ax2.set_ylabel("transformer / this\n(> 1: faster)", fontsize=8)
+    ax2.set_xlabel("context length (tokens already in the cache)")
+    ax2.grid(True, which="both", alpha=0.3)
     save(fig, "decode")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
