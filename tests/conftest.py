@@ -1,7 +1,16 @@
-"""Shared pytest setup: the `gpu` marker skips without CUDA; seeds are fixed per test."""
+"""Shared pytest setup: the `gpu` marker skips without CUDA; seeds are fixed per test.
 
-import pytest
-import torch
+On a machine without an NVIDIA driver the Triton kernels can only run under Triton's interpreter, and Triton
+reads TRITON_INTERPRET when it is first imported, so it is set here, before anything imports torch or triton.
+"""
+
+import os
+
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
