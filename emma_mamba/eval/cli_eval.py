@@ -1,0 +1,72 @@
+"""`emma-mamba eval`: answer a benchmark's question file with a checkpoint, write answers and metrics.
+
+    emma-mamba eval --task pope --questions heldout/pope_random.jsonl --images data/images --checkpoint runs/x
+    emma-mamba eval --task vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json --images val2014 \
+        --annotations v2_mscoco_val2014_annotations.json --checkpoint runs/x --out eval/vqav2
+
+The work is done by :func:`emma_mamba.eval.runner.evaluate` (formats, prompts and resumption are described
+there). Rerunning with the same ``--out`` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from emma_mamba.eval.runner import TASKS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=TASKS, help="benchmark: file formats, prompt and metric")
+    p.add_argument("--questions", required=True,
+                   help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, or MME folder/file of "
+                        "<category>.txt templates")
+    p.add_argument("--images", required=True, help="folder the questions' image names are relative to")
+    p.add_argument("--checkpoint", required=True, help="model directory written by EmmaMamba.save or a training run")
+    p.add_argument("--out", default=None, help="output folder (default: eval_<task> inside --checkpoint)")
+    p.add_argument("--annotations", default=None,
+                   help="ground truth when not in the questions file (VQAv2 annotations JSON; default: the "
+                        "sibling *annotations*.json if present)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest reply in tokens (default %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
+    p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
+                   help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from emma_mamba.eval._io import ScoreInputError
+    from emma_mamba.eval.runner import evaluate
+    from emma_mamba.eval.scorers import summary
+    from emma_mamba.models.vlm import load
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("emma_mamba").setLevel(logging.INFO)
+    for name, v in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if v < 1:
+            print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
+            return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.task}"
+    try:
+        model = load(args.checkpoint, device=device)
+        report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                          image_template=args.image_template, checkpoint=str(args.checkpoint),
+                          progress=not args.no_progress)
+    except (ScoreInputError, FileNotFoundError) as e:
+        print(f"emma-mamba eval: {e}", file=sys.stderr)
+        return 2
+    if report["metrics"] is not None:
+        print(summary(args.task, report["metrics"]))
+    print(f"answers in {out}; metrics in {out / 'metrics.json'}")
+    return 0

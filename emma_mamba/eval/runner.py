@@ -1,0 +1,345 @@
+"""The evaluation runner: answer a benchmark's standard question files with an EmmaMamba model, then score.
+
+Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eval.scorers` reads):
+
+| task  | ``questions``                                          | image of a question                     |
+| ----- | ------------------------------------------------------ | --------------------------------------- |
+| pope  | POPE JSONL ``{question_id, image, text, label}``       | ``image``                               |
+| vqav2 | VQAv2 questions JSON ``{"questions": [{question_id, image_id, question}]}`` | ``image`` if present, else ``image_template`` filled with ``image_id`` |
+| gqa   | GQA questions JSON ``{qid: {imageId, question, answer}}`` | ``image`` if present, else ``<imageId>.jpg`` |
+| mme   | folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``), or one such file | ``images/<name>``, ``images/<category>/<name>`` or ``images/<category>/images/<name>`` |
+
+and writes, under ``out_dir``:
+
+* ``answers.jsonl`` (pope, vqav2, gqa): one LLaVA ``model_vqa_loader``-style record per question,
+  ``{"question_id", "image", "prompt", "text"}``, which every scorer reads (POPE reads ``text``, VQAv2
+  ``question_id``/``text``, GQA ``question_id``/``text``); for vqav2 and gqa also the official results list
+  ``results.json`` (``[{"question_id", "answer"}]``, ``[{"questionId", "prediction"}]``) once all are done;
+* ``mme/<category>.txt`` (mme): the template lines with the model's reply appended as a 4th column (MME's
+  eval_tool format);
+* ``metrics.json``: ``{"task", "checkpoint", "questions", "n_answered", "metrics", ...}`` from
+  :func:`emma_mamba.eval.scorers.score`, when the ground truth is available (POPE labels, the VQAv2
+  annotations file, GQA answers, MME templates).
+
+Notable choices:
+
+* Prompts follow the training data: the LLaVA-1.5 short-answer instruction (``SHORT_ANSWER_PROMPT``, "Answer
+  the question using a single word or phrase.") is appended on its own line for VQAv2, GQA and POPE, as
+  LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do; MME questions already end in
+  "Please answer yes or no." and are used verbatim. Instruction fusion sees the same prompt text.
+* Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
+  decodes the batch together, one recurrent step per token).
+* Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
+  ``out_dir`` skips the questions already answered (a torn last line from a crash is dropped) and scores the
+  union. ``--limit N`` answers the first N questions only and scores them with ``allow_missing``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
+
+__all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT"]
+
+log = logging.getLogger(__name__)
+
+TASKS = ("pope", "vqav2", "gqa", "mme")
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+"""LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
+MME_PERCEPTION_DIRS = ("", "{category}", "{category}/images")
+
+
+@dataclass
+class Question:
+    qid: object
+    """The benchmark's question id (int for POPE/VQAv2, str for GQA; for MME the line index in its file)."""
+    image: Path
+    """Resolved image file."""
+    text: str
+    """The question as the benchmark gives it (before the short-answer instruction)."""
+    category: str | None = None
+    """MME category (its file stem); None elsewhere."""
+    line: str | None = None
+    """MME: the template line (3 columns) the answer is appended to."""
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+def _image(images: Path, name: str, where: str) -> Path:
+    p = images / name
+    if not p.is_file():
+        raise ScoreInputError(f"{where}: image {name!r} not found under --images {images}")
+    return p
+
+
+def read_questions(task: str, questions: str | Path, images: str | Path,
+                   image_template: str = "COCO_val2014_{image_id:012d}.jpg") -> list[Question]:
+    """The questions of a benchmark file in file order, each with its image resolved and checked."""
+    if task not in TASKS:
+        raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    qpath, images = Path(questions), Path(images)
+    if not images.is_dir():
+        raise ScoreInputError(f"--images {images} is not a directory")
+    out: list[Question] = []
+    if task == "pope":
+        for loc, rec in load_records(qpath, "POPE question"):
+            where = f"{qpath}: {loc}"
+            out.append(Question(require(rec, ("question_id",), qpath, loc, "POPE question"),
+                                _image(images, require(rec, ("image",), qpath, loc, "POPE question"), where),
+                                require(rec, ("text",), qpath, loc, "POPE question")))
+    elif task == "vqav2":
+        doc = load_json(qpath, "VQAv2 questions")
+        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+            raise ScoreInputError(f"{qpath}: expected a JSON object with a 'questions' list (the VQAv2 questions "
+                                  f"file, e.g. v2_OpenEnded_mscoco_val2014_questions.json)")
+        for i, rec in enumerate(doc["questions"]):
+            loc = f"questions[{i}]"
+            if not isinstance(rec, dict):
+                raise ScoreInputError(f"{qpath}: {loc}: expected a JSON object")
+            qid = require(rec, ("question_id",), qpath, loc, "VQAv2 question")
+            if "image" in rec:
+                name = rec["image"]
+            else:
+                image_id = require(rec, ("image_id",), qpath, loc, "VQAv2 question")
+                try:
+                    name = image_template.format(image_id=image_id)
+                except (KeyError, ValueError, IndexError) as e:
+                    raise ScoreInputError(f"--image-template {image_template!r}: cannot format image_id "
+                                          f"{image_id!r} ({e})") from None
+            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("question",), qpath, loc, "VQAv2 question")))
+    elif task == "gqa":
+        doc = load_json(qpath, "GQA questions")
+        if not isinstance(doc, dict) or not doc:
+            raise ScoreInputError(f"{qpath}: expected a non-empty JSON object mapping question id -> question "
+                                  f"(GQA's *_questions.json)")
+        for qid, rec in doc.items():
+            loc = f"question {qid!r}"
+            if not isinstance(rec, dict):
+                raise ScoreInputError(f"{qpath}: {loc}: expected a JSON object")
+            name = rec["image"] if "image" in rec else \
+                f"{require(rec, ('imageId',), qpath, loc, 'GQA question')}.jpg"
+            out.append(Question(str(qid), _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("question",), qpath, loc, "GQA question")))
+    else:  # mme
+        if qpath.is_dir():
+            files = sorted(qpath.glob("*.txt"))
+            if not files:
+                raise ScoreInputError(f"MME questions directory {qpath} holds no <category>.txt files")
+        elif qpath.is_file():
+            files = [qpath]
+        else:
+            raise ScoreInputError(f"MME questions {qpath} does not exist")
+        for f in files:
+            cat = f.stem
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                cols = line.split("\t")
+                if len(cols) != 3:
+                    raise ScoreInputError(f"{f}: line {n}: expected 3 tab-separated columns (image, question, "
+                                          f"ground truth), got {len(cols)}")
+                for sub in MME_PERCEPTION_DIRS:
+                    p = images / sub.format(category=cat) / cols[0]
+                    if p.is_file():
+                        break
+                else:
+                    raise ScoreInputError(f"{f}: line {n}: image {cols[0]!r} not found under --images {images} "
+                                          f"(tried {', '.join(s.format(category=cat) or '.' for s in MME_PERCEPTION_DIRS)})")
+                out.append(Question(n, p, cols[1], category=cat, line=line))
+    if not out:
+        raise ScoreInputError(f"{qpath}: no questions")
+    return out
+
+
+def prompt_for(task: str, text: str) -> str:
+    """The user prompt sent to the model for a question (see the module docstring)."""
+    return text if task == "mme" else f"{text}\n{SHORT_ANSWER_PROMPT}"
+
+
+def default_annotations(task: str, questions: str | Path) -> Path | None:
+    """Ground truth for scoring when none is given: the question file itself (POPE, GQA), the MME template
+    folder, or for VQAv2 the sibling file with 'questions' replaced by 'annotations' in its name, if present."""
+    q = Path(questions)
+    if task in ("pope", "gqa", "mme"):
+        return q
+    cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
+    return cand if cand != q and cand.is_file() else None
+
+
+# ---------------------------------------------------------------------------------------- answering
+
+def _read_done_jsonl(path: Path) -> dict:
+    """question id -> record of an existing answers.jsonl; a torn (unparseable) last line is dropped."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    done, keep = {}, []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):  # interrupted mid-write: drop it and answer that question again
+                log.warning("%s: dropping the incomplete last line (interrupted run)", path)
+                continue
+            raise ScoreInputError(f"{path}: line {n}: not valid JSON; delete the file to start over") from None
+        done[rec["question_id"]] = rec
+        keep.append(line)
+    if len(keep) != len([x for x in lines if x.strip()]):
+        path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    return done
+
+
+def _read_done_mme(out_dir: Path, cat: str) -> int:
+    """Number of complete 4-column lines already in mme/<cat>.txt (a torn last line is dropped)."""
+    p = out_dir / "mme" / f"{cat}.txt"
+    if not p.is_file():
+        return 0
+    text = p.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and (not text.endswith("\n") or len(lines[-1].split("\t")) < 4):
+        lines = lines[:-1]
+        p.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+    return len(lines)
+
+
+def evaluate(model, task: str, questions: str | Path, images: str | Path, out_dir: str | Path, *,
+             annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
+             limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
+             checkpoint: str | None = None, progress: bool = True,
+             answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
+    """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
+
+    Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
+    ``answer_fn(questions, prompts) -> replies`` replaces the model (tests use it to feed known replies).
+    """
+    from emma_mamba.eval.scorers import score
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qs = read_questions(task, questions, images, image_template)
+    if limit is not None:
+        qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
+    if annotations is None:
+        annotations = default_annotations(task, questions)
+
+    if answer_fn is None:
+        answer_fn = _model_answer_fn(model, max_new_tokens)
+
+    # ---- what is left to answer
+    answers_path = out / "answers.jsonl"
+    if task == "mme":
+        (out / "mme").mkdir(exist_ok=True)
+        done_per_cat = {c: _read_done_mme(out, c) for c in sorted({q.category for q in qs})}
+        seen: dict[str, int] = {}
+        todo = []
+        for q in qs:
+            seen[q.category] = seen.get(q.category, 0) + 1
+            if seen[q.category] > done_per_cat[q.category]:
+                todo.append(q)
+        n_done = len(qs) - len(todo)
+    else:
+        done = _read_done_jsonl(answers_path)
+        todo = [q for q in qs if q.qid not in done]
+        n_done = len(qs) - len(todo)
+    if n_done:
+        log.info("%s: %d of %d questions already answered in %s; answering the other %d", task, n_done, len(qs),
+                 out, len(todo))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(qs), initial=n_done, unit="q", desc=f"eval {task}", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    f = None if task == "mme" else answers_path.open("a", encoding="utf-8")
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            prompts = [prompt_for(task, q.text) for q in batch]
+            replies = answer_fn(batch, prompts)
+            if len(replies) != len(batch):
+                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(batch)} questions")
+            if task == "mme":
+                for q, r in zip(batch, replies):
+                    # one line per answer: tabs/newlines in a reply would break MME's 4-column format
+                    clean = " ".join(r.split())
+                    with (out / "mme" / f"{q.category}.txt").open("a", encoding="utf-8") as g:
+                        g.write(f"{q.line}\t{clean}\n")
+            else:
+                for q, p, r in zip(batch, prompts, replies):
+                    f.write(json.dumps({"question_id": q.qid, "image": q.image.name, "prompt": p, "text": r},
+                                       ensure_ascii=False) + "\n")
+                f.flush()
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if f is not None:
+            f.close()
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+
+    # ---- official results files and metrics
+    if task in ("vqav2", "gqa"):
+        recs = list(_read_done_jsonl(answers_path).values())
+        if task == "vqav2":
+            res = [{"question_id": r["question_id"], "answer": r["text"]} for r in recs]
+        else:
+            res = [{"questionId": r["question_id"], "prediction": r["text"]} for r in recs]
+        (out / "results.json").write_text(json.dumps(res, ensure_ascii=False) + "\n", encoding="utf-8")
+    metrics = None
+    partial = limit is not None
+    if annotations is not None:
+        if task == "mme":
+            template = None if partial else Path(annotations)
+            if template is not None and template.is_dir() and any(
+                    not p.read_text(encoding="utf-8").strip() for p in template.glob("*.txt")):
+                template = None  # an empty category file has nothing to answer; score the answered ones
+            metrics = score("mme", out / "mme", template)
+        else:
+            metrics = score(task, answers_path, annotations, allow_missing=partial)
+    else:
+        log.warning("%s: no ground truth to score against (pass --annotations); wrote answers only", task)
+    report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
+              "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
+              "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
+              "max_new_tokens": max_new_tokens, "limit": limit, "metrics": metrics}
+    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def _model_answer_fn(model, max_new_tokens: int):
+    """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
+    from emma_mamba.inference.generate import GenerationConfig
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                           eos_token_id=model.tokenizer.eos_token_id)
+    fuse = model.instruction is not None
+
+    def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:
+        from PIL import Image
+
+        texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
+        images = []
+        for q in batch:
+            with Image.open(q.image) as im:
+                images.append([im.convert("RGB")])
+        instructions = [[p] for p in prompts] if fuse else None
+        result = model.generate(texts, images, instructions, config=cfg)
+        return [t.strip() for t in result.texts]
+
+    return answer

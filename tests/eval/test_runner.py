@@ -1,0 +1,161 @@
+"""The evaluation runner (emma_mamba.eval.runner, `emma-mamba eval`): answer files the scorers accept, metrics
+equal to scoring those files independently, prompts, resumption after a crash, clear input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emma_mamba.data.shapes import SHORT_ANSWER_PROMPT, ShapesConfig, generate
+from emma_mamba.eval.runner import ScoreInputError, evaluate, read_questions
+from emma_mamba.eval.scorers import score
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shapes")
+    generate(ShapesConfig(seed=3, n_train=6, n_heldout=4, image_size=96), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    import torch
+
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt")
+    EmmaMamba(get_preset("tiny"), for_training=False).save(d)
+    return d
+
+
+def _files(shapes: Path) -> dict:
+    ho = shapes / "heldout"
+    return {"pope": ho / "pope_adversarial.jsonl", "vqav2": ho / "vqav2_questions.json",
+            "gqa": ho / "gqa_questions.json", "mme": ho / "mme"}
+
+
+@pytest.mark.parametrize("task", ["pope", "vqav2", "gqa", "mme"])
+def test_cli_eval_random_checkpoint_answers_score_independently(task, shapes, checkpoint, tmp_path, capsys):
+    from emma_mamba.cli import main
+
+    out = tmp_path / "ev"
+    q = _files(shapes)[task]
+    argv = ["eval", "--task", task, "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
+            str(checkpoint), "--out", str(out), "--batch-size", "3", "--max-new-tokens", "3", "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    n_q = len(read_questions(task, q, shapes / "images"))
+    assert report["n_questions"] == n_q and report["n_answered_this_run"] == n_q
+    # the scorer run on its own, on the files the runner wrote, gives the same metrics
+    if task == "mme":
+        independent = score("mme", out / "mme", None)
+        for t in q.glob("*.txt"):  # every template line answered, in order (4th column appended)
+            got = (out / "mme" / t.name).read_text().splitlines() if t.read_text().strip() else []
+            assert [g.rsplit("\t", 1)[0] for g in got] == t.read_text().splitlines()
+    else:
+        ann = shapes / "heldout" / "vqav2_annotations.json" if task == "vqav2" else q
+        lines = (out / "answers.jsonl").read_text().splitlines()
+        assert len(lines) == n_q
+        independent = score(task, out / "answers.jsonl", ann)
+        # and `emma-mamba score` accepts the file
+        assert main(["score", "--task", task, "--answers", str(out / "answers.jsonl"), "--annotations",
+                     str(ann), "--out", str(tmp_path / "m.json")]) == 0
+        assert json.loads((tmp_path / "m.json").read_text())["metrics"] == independent
+    if task in ("vqav2", "gqa"):
+        assert score(task, out / "results.json", ann) == independent  # the official results list too
+    assert report["metrics"] == independent
+
+
+def test_known_replies_give_hand_computed_metrics(shapes, tmp_path):
+    f = _files(shapes)
+    # POPE, always "Yes.": accuracy = share of "yes" labels, recall 1, yes-ratio 1
+    labels = [json.loads(x)["label"] for x in f["pope"].read_text().splitlines()]
+    rep = evaluate(None, "pope", f["pope"], shapes / "images", tmp_path / "pope", progress=False,
+                   answer_fn=lambda qs, ps: ["Yes." for _ in qs])
+    assert rep["metrics"]["accuracy"] == pytest.approx(labels.count("yes") / len(labels))
+    assert rep["metrics"]["recall"] == 1.0 and rep["metrics"]["yes_ratio"] == 1.0
+    # VQAv2, the gold answer for the first question and a wrong one for the others: (1 + 0...) / n
+    ann = json.loads((shapes / "heldout" / "vqav2_annotations.json").read_text())["annotations"]
+    gold = {a["question_id"]: a["multiple_choice_answer"] for a in ann}
+    first = ann[0]["question_id"]
+    rep = evaluate(None, "vqav2", f["vqav2"], shapes / "images", tmp_path / "vqa", progress=False,
+                   answer_fn=lambda qs, ps: [gold[q.qid] if q.qid == first else "zebra" for q in qs])
+    assert rep["metrics"]["accuracy"] == pytest.approx(1 / len(ann))
+    # MME, the ground truth everywhere: acc = acc+ = 100 in every category
+    rep = evaluate(None, "mme", f["mme"], shapes / "images", tmp_path / "mme", progress=False,
+                   answer_fn=lambda qs, ps: [q.line.split("\t")[2] for q in qs])
+    assert all(c["acc"] == 100.0 and c["acc_plus"] == 100.0 for c in rep["metrics"]["categories"].values())
+
+
+def test_prompts_follow_the_training_format(shapes, tmp_path):
+    seen = {}
+
+    def fn(qs, ps):
+        for q, p in zip(qs, ps):
+            seen[q.qid] = (q.text, p)
+        return ["no"] * len(qs)
+
+    f = _files(shapes)
+    evaluate(None, "gqa", f["gqa"], shapes / "images", tmp_path / "gqa", progress=False, answer_fn=fn)
+    assert seen and all(p == f"{t}\n{SHORT_ANSWER_PROMPT}" for t, p in seen.values())
+    seen.clear()
+    evaluate(None, "mme", f["mme"], shapes / "images", tmp_path / "mme", progress=False, answer_fn=fn)
+    assert seen and all(p == t and t.endswith("Please answer yes or no.") for t, p in seen.values())
+
+
+def test_resume_after_a_crash_answers_only_the_rest(shapes, tmp_path):
+    f = _files(shapes)
+    out = tmp_path / "pope"
+    calls = []
+
+    def crash_after_two_batches(qs, ps):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return ["yes"] * len(qs)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(None, "pope", f["pope"], shapes / "images", out, batch_size=4, progress=False,
+                 answer_fn=crash_after_two_batches)
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    assert len(lines) == 8  # two finished batches were kept
+    with (out / "answers.jsonl").open("a") as g:
+        g.write('{"question_id": 99, "te')  # a line torn by the crash
+    asked = []
+
+    def fn(qs, ps):
+        asked.extend(q.qid for q in qs)
+        return ["yes"] * len(qs)
+
+    rep = evaluate(None, "pope", f["pope"], shapes / "images", out, batch_size=4, progress=False, answer_fn=fn)
+    all_ids = [json.loads(x)["question_id"] for x in f["pope"].read_text().splitlines()]
+    assert asked == all_ids[8:]
+    assert rep["metrics"]["n"] == len(all_ids) and rep["metrics"]["n_missing"] == 0
+
+
+def test_limit_scores_the_answered_subset(shapes, tmp_path):
+    f = _files(shapes)
+    rep = evaluate(None, "pope", f["pope"], shapes / "images", tmp_path / "p", limit=5, progress=False,
+                   answer_fn=lambda qs, ps: ["no"] * len(qs))
+    labels = [json.loads(x)["label"] for x in f["pope"].read_text().splitlines()][:5]
+    assert rep["metrics"]["n"] == 5
+    assert rep["metrics"]["accuracy"] == pytest.approx(labels.count("no") / 5)
+
+
+def test_bad_inputs_name_the_problem(shapes, tmp_path):
+    f = _files(shapes)
+    with pytest.raises(ScoreInputError, match="not a directory"):
+        read_questions("pope", f["pope"], tmp_path / "nope")
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "image": "missing.png", "text": "Is there a cat?", "label": "no"}\n')
+    with pytest.raises(ScoreInputError, match="missing.png"):
+        read_questions("pope", bad, shapes / "images")
+    with pytest.raises(ScoreInputError, match="'questions' list"):
+        read_questions("vqav2", f["gqa"], shapes / "images")
+    with pytest.raises(ScoreInputError, match="unknown task"):
+        read_questions("textvqa", f["pope"], shapes / "images")
