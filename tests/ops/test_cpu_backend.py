@@ -11,7 +11,6 @@ scan, packed rows against their samples, causal_conv1d forward/backward/update.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -20,22 +19,16 @@ import torch
 import emma_mamba.ops as ops
 from emma_mamba.ops import reference as ref
 
+from .tolerances import TOL, assert_close
+
 _C = pytest.importorskip("emma_mamba._C")
 
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
 
 
 def _tolerances(dtype):
     """(rtol, atol) for outputs, and for weight gradients (mamba-ssm: 1e-3, raised to rtol/atol below fp32)."""
     rtol, atol = TOL[dtype]
     return (rtol, atol), (max(1e-3, rtol), max(1e-3, atol))
-
-
-def _close(name, actual, expected, rtol, atol):
-    assert actual is not None and expected is not None, f"{name}: gradient missing"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def _seq_idx(b, l, nseg, gen):
@@ -105,12 +98,12 @@ def assert_scan_matches_reference(inp, with_last_grad=True):
     (rtol, atol), (rtolw, atolw) = _tolerances(dtype)
     out, last, grads = run_scan("cpu", inp, with_last_grad=with_last_grad)
     out_r, last_r, grads_r = run_scan("torch", inp, with_last_grad=with_last_grad)
-    _close("out", out, out_r, rtol, atol)
-    _close("last_state", last, last_r, *TOL[torch.float32])  # fp32 in both, from the same inputs
+    assert_close("out", out, out_r, rtol, atol)
+    assert_close("last_state", last, last_r, *TOL[torch.float32])  # fp32 in both, from the same inputs
     per_grad = {"u": (2 * rtol, 2 * atol), "delta": (5 * rtol, 10 * atol), "z": (rtol, atol)}
     assert set(grads) == set(grads_r)
     for name in grads_r:
-        _close(f"d{name}", grads[name], grads_r[name], *per_grad.get(name, (rtolw, atolw)))
+        assert_close(f"d{name}", grads[name], grads_r[name], *per_grad.get(name, (rtolw, atolw)))
 
 
 # (seqlen, dtype, B/C layout, options): every flag on and off across the seqlens, plus combinations.
@@ -205,7 +198,7 @@ def test_gradient_only_through_last_state():
         res[backend] = leaves
     for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"):
         expected = res["torch"][name].grad  # None where the last state does not depend on the input
-        _close(f"d{name}", res["cpu"][name].grad,
+        assert_close(f"d{name}", res["cpu"][name].grad,
                 expected if expected is not None else torch.zeros_like(res["torch"][name]), 2e-3, 2e-3)
 
 
@@ -390,9 +383,9 @@ def test_causal_conv1d_matches_reference(l, w, dtype, bias, init, seq, act):
         grads = torch.autograd.grad((out.float() * dout.float()).sum(), [leaves[k] for k in names])
         res[backend] = (out, dict(zip(names, grads)))
     (rtol, atol), (rtolw, atolw) = _tolerances(dtype)
-    _close("out", res["cpu"][0], res["torch"][0], rtol, atol)
+    assert_close("out", res["cpu"][0], res["torch"][0], rtol, atol)
     for name, g in res["torch"][1].items():
-        _close(f"d{name}", res["cpu"][1][name], g, *((2 * rtol, 2 * atol) if name in ("x", "initial_states")
+        assert_close(f"d{name}", res["cpu"][1][name], g, *((2 * rtol, 2 * atol) if name in ("x", "initial_states")
                                                      else (rtolw, atolw)))
 
 

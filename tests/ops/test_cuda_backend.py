@@ -21,9 +21,10 @@ from emma_mamba.ops.reference import (causal_conv1d_update_ref, selective_scan_r
 pytestmark = pytest.mark.gpu
 
 DEV = "cuda"
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
+
+from .tolerances import TOL, assert_close, grad_tolerance
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +34,6 @@ def _need_cuda_backend():
     status = ops.available_backends()["cuda"]
     if status != "available":
         pytest.skip(f"cuda backend not built: {status}")
-
-
-def _close(name, got, want, rtol, atol):
-    assert got is not None, f"{name}: no gradient"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,22 +97,14 @@ def _check_scan(inputs, softplus=True, last_grad=True, deterministic=None):
     rtol, atol = TOL[dtype]
     out, last, g = _run_scan(inputs, softplus, last_grad, "cuda", deterministic)
     ref_out, ref_last, ref_g = _run_scan(inputs, softplus, last_grad, "torch")
-    _close("out", out, ref_out, rtol, atol)
-    _close("last_state", last, ref_last, rtol, atol)
-    rtolw, atolw = (1e-3, 1e-3) if dtype == torch.float32 else (max(1e-3, rtol), max(1e-3, atol))
+    assert_close("out", out, ref_out, rtol, atol)
+    assert_close("last_state", last, ref_last, rtol, atol)
     for name in ref_g:
-        if name == "u":
-            tol = (rtol * 2, atol * 2)
-        elif name == "delta":
-            tol = (rtol * 5, atol * 10)
-        elif name == "z":
-            tol = (rtol, atol)
-        else:
-            tol = (rtolw, atolw)
+        tol = grad_tolerance(name, dtype)
         if name in ("A", "D", "delta_bias") or (name in ("B", "C") and inputs[name].dim() == 2):
             # sums over b*l fp32 products: compare relative to the gradient's scale
             tol = (tol[0], max(tol[1], tol[0] * ref_g[name].abs().max().item()))
-        _close(f"d{name}", g[name], ref_g[name], *tol)
+        assert_close(f"d{name}", g[name], ref_g[name], *tol)
 
 
 SEQLENS = [1, 7, 128, 1000, 2048, 2049, 8192]
@@ -271,12 +256,12 @@ def _conv_case(b, d, l, w, dtype, bias, silu, init, seq, wdtype=None, seed=0):
             grads = torch.autograd.grad(out, list(leaf.values()), dout)
         res[backend] = (out, dict(zip(leaf, grads)))
     rtol, atol = TOL[dtype]
-    _close("out", res["cuda"][0], res["torch"][0], rtol, atol)
+    assert_close("out", res["cuda"][0], res["torch"][0], rtol, atol)
     for k, ref in res["torch"][1].items():
         tol = (rtol, atol)
         if k in ("weight", "bias"):  # sums over b*l products
             tol = (max(rtol, 1e-3), max(atol, 1e-3, rtol * ref.abs().max().item()))
-        _close(f"d{k}", res["cuda"][1][k], ref, *tol)
+        assert_close(f"d{k}", res["cuda"][1][k], ref, *tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

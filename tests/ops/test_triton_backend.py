@@ -30,7 +30,9 @@ triton = pytest.importorskip("triton")
 import emma_mamba.kernels as K  # noqa: E402
 from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import (causal_conv1d_ref, causal_conv1d_update_ref,  # noqa: E402
-                                      selective_scan_ref, selective_state_update_ref)
+                                      selective_state_update_ref)
+
+from .tolerances import TOL, assert_close, grad_tolerance  # noqa: E402
 
 
 def _interpreted() -> bool:
@@ -62,14 +64,6 @@ def test_interpreter_suite_in_subprocess():
 
 
 DEVICE = "cpu" if INTERPRET else "cuda"
-# DESIGN.md tolerances (those of mamba-ssm's tests): (rtol, atol) of outputs and states
-TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
-
-
-def _close(name, got, want, rtol, atol):
-    assert got is not None, f"{name}: no gradient"
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.fixture
@@ -137,20 +131,10 @@ def _check_scan(inputs, dtype, softplus, last_grad, deterministic=None):
     rtol, atol = TOL[dtype]
     out, last, g = _run_scan(inputs, softplus, last_grad, "triton", deterministic)
     ref_out, ref_last, ref_g = _run_scan(inputs, softplus, last_grad, "torch")
-    _close("out", out, ref_out, rtol, atol)
-    _close("last_state", last, ref_last, rtol, atol)
-    # weight-gradient tolerances as mamba-ssm's test: 1e-3, or the dtype's if larger; du 2x, ddelta 5x/10x
-    rtolw, atolw = (1e-3, 1e-3) if dtype == torch.float32 else (max(1e-3, rtol), max(1e-3, atol))
+    assert_close("out", out, ref_out, rtol, atol)
+    assert_close("last_state", last, ref_last, rtol, atol)
     for name in ref_g:
-        if name == "u":
-            tol = (rtol * 2, atol * 2)
-        elif name == "delta":
-            tol = (rtol * 5, atol * 10)
-        elif name == "z":
-            tol = (rtol, atol)
-        else:
-            tol = (rtolw, atolw)
-        _close(f"d{name}", g[name], ref_g[name], *tol)
+        assert_close(f"d{name}", g[name], ref_g[name], *grad_tolerance(name, dtype))
 
 
 # (b, d, n, l, dtype, B/C layouts, z, D, delta_bias, softplus, initial_state, seq_idx, grad of last state)
@@ -218,7 +202,7 @@ def test_selective_scan_never_saves_a_state_per_step(triton_backend):
 
 def test_decode_steps_equal_the_scan(triton_backend):
     """selective_state_update applied step by step reproduces selective_scan's outputs and last state."""
-    b, d, n, l, g = 2, 8, 4, 12, 2
+    b, d, n, l = 2, 8, 4, 12
     x = _scan_inputs(b, d, n, l, torch.float32, ("g2", "g2"), z=1, D=1, bias=1, init=1, seq=0)
     x = {k: (v.to(DEVICE) if v is not None else None) for k, v in x.items()}
     out, last = ops.selective_scan(**x, delta_softplus=True, return_last_state=True)
@@ -299,11 +283,11 @@ def test_causal_conv1d_matches_reference(case):
         grads = torch.autograd.grad(out, list(leaf.values()), dout)
         res[backend] = (out, dict(zip(leaf, grads)))
     rtol, atol = TOL[dtype]
-    _close("out", res["triton"][0], res["torch"][0], rtol, atol)
+    assert_close("out", res["triton"][0], res["torch"][0], rtol, atol)
     for k, ref in res["torch"][1].items():
         # dweight/dbias sum over b*l products: scale the tolerance with the number of terms for 16-bit
         scale = 1 if dtype == torch.float32 or k in ("x", "initial_states") else 4
-        _close(f"d{k}", res["triton"][1][k], ref, rtol * scale, atol * scale)
+        assert_close(f"d{k}", res["triton"][1][k], ref, rtol * scale, atol * scale)
 
 
 @pytest.mark.parametrize("w", [2, 3, 4])
