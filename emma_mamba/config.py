@@ -345,8 +345,9 @@ def config_from_dict(d: dict, *, source: str = "<dict>") -> ModelConfig:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Reads a model config YAML (``yaml.safe_load``) strictly; see the module docstring."""
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The top-level mapping of a YAML file (``yaml.safe_load``; an empty file is ``{}``), or a ConfigError
+    naming the file: missing, not YAML, or not a mapping."""
     import yaml
 
     path = Path(path)
@@ -357,10 +358,15 @@ def load_config(path: str | Path) -> ModelConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(data).__name__}")
-    return config_from_dict(data, source=str(path))
+    return data
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Reads a model config YAML (``yaml.safe_load``) strictly; see the module docstring."""
+    return config_from_dict(read_yaml_mapping(path), source=str(path))
 
 
 def save_config(cfg: ModelConfig, path: str | Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               get_preset, load_config)
+                               get_preset, load_config, read_yaml_mapping)
 from emma_mamba.models.vlm import CHAT_TEMPLATE
 
 __all__ = ["DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LogConfig", "RunConfig",
@@ -264,16 +264,9 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return run_config_from_dict(data or {}, source=str(path), overrides=overrides, base_dir=path.parent)
+    return run_config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides,
+                                base_dir=path.parent)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:
