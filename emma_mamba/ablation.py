@@ -1,0 +1,281 @@
+"""`emma-mamba ablate`: what each EMMA component buys, on ShapesWorld, over several seeds.
+
+    emma-mamba ablate [--config configs/quickstart_ablation.yaml] [--seeds 0 1 2] [--out runs/ablation]
+                      [--results benchmarks/results/ablation.json] [--plot benchmarks/results/ablation.png]
+
+Five model variants, each trained with the quickstart pipeline (:mod:`emma_mamba.quickstart`: stage 1, stage 2,
+held-out evaluation) from the same recipe, differing only in the model section:
+
+| variant       | ViT taps      | MFF      | instruction fusion | pixel alignment head |
+| ------------- | ------------- | -------- | ------------------ | -------------------- |
+| cobra-like    | penultimate   | none     | off                | off                  |
+| +MFF          | recipe's taps | recipe's | off                | off                  |
+| +align        | penultimate   | none     | off                | on                   |
+| +instruction  | penultimate   | none     | on                 | off                  |
+| all (EMMA)    | recipe's taps | recipe's | on                 | on                   |
+
+The data set (ShapesWorld ``--data-seed``, default 0) is the same for every run; ``--seeds`` vary the model
+initialisation and the data order. Per metric the table reports mean ± sample standard deviation (ddof = 1)
+over seeds. Runs are sequential (a CPU run uses every core) and resumable: each finished run leaves
+``<out>/<variant>/seed<k>/result.json`` and is skipped on a rerun; the results JSON is rewritten after every
+run, so an interrupted ablation still leaves its finished part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["VARIANTS", "METRICS", "variant_model", "aggregate", "markdown_table", "plot", "run_ablation"]
+
+log = logging.getLogger("emma_mamba.ablation")
+
+VARIANTS: dict[str, dict] = {
+    "cobra-like": {"mff": False, "instruction": False, "align": False},
+    "+MFF": {"mff": True, "instruction": False, "align": False},
+    "+align": {"mff": False, "instruction": False, "align": True},
+    "+instruction": {"mff": False, "instruction": True, "align": False},
+    "all (EMMA)": {"mff": True, "instruction": True, "align": True},
+}
+"""Variant name -> which of the three EMMA components it turns on."""
+
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("vqav2", "accuracy", "VQAv2 acc"),
+    ("gqa", "accuracy", "GQA acc"),
+    ("pope_random", "accuracy", "POPE-rand acc"),
+    ("pope_popular", "accuracy", "POPE-pop acc"),
+    ("pope_adversarial", "accuracy", "POPE-adv acc"),
+    ("pope_adversarial", "f1", "POPE-adv F1"),
+)
+"""(task, metric, column label) reported in the table and the plot (all fractions, shown in percent)."""
+
+
+def variant_model(base: dict, on: dict) -> dict:
+    """The model config mapping of a variant: ``base`` (the recipe's model, e.g. the tiny preset with every
+    component on) with the components that ``on`` turns off removed. Off MFF = the penultimate ViT block only
+    (mff.mode none, taps [-2]), the LLaVA/Cobra feature layer."""
+    from emma_mamba.config import config_from_dict, config_to_dict
+
+    cfg = config_from_dict(copy.deepcopy(base), source="ablation base model")
+    if not on["mff"]:
+        cfg.vision.taps = [-2]
+        cfg.mff.mode = "none"
+    elif cfg.mff.mode == "none" or len(cfg.vision.taps) < 2:
+        raise ValueError("the ablation's base model must have MFF on (several vision.taps and an mff.mode)")
+    cfg.instruction.enabled = bool(on["instruction"])
+    cfg.align.enabled = bool(on["align"])
+    cfg.name = f"{cfg.name}-ablation"
+    d = config_to_dict(cfg.validate())
+    d.pop("name")
+    return d
+
+
+def aggregate(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation with ddof=1; 0.0 for a single value)."""
+    if not values:
+        raise ValueError("aggregate: no values")
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: mean and std of each METRICS entry over its runs (each run: {"metrics": {task: {...}}})."""
+    out = {}
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        stats = {}
+        for task, metric, label in METRICS:
+            m, s = aggregate([r["metrics"][task][metric] for r in rs])
+            stats[label] = {"mean": m, "std": s}
+        out[name] = {"n_seeds": len(rs), "seeds": [r["seed"] for r in rs], "stats": stats}
+    return out
+
+
+def markdown_table(summary: dict, chance: dict | None = None) -> str:
+    """Mean ± std (percent) per variant and metric; an optional first row with the blind baseline."""
+    labels = [label for _, _, label in METRICS]
+    lines = ["| variant | seeds | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    if chance:
+        lines.append("| blind baseline (chance) | - | " + " | ".join(
+            f"{100 * chance[task][metric]:.1f}" for task, metric, _ in METRICS) + " |")
+    for name, v in summary.items():
+        cells = [f"{100 * v['stats'][l]['mean']:.1f} ± {100 * v['stats'][l]['std']:.1f}" for l in labels]
+        lines.append(f"| {name} | {v['n_seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str | Path, chance: dict | None = None, title: str = "") -> Path:
+    """Grouped bars (one group per metric, one bar per variant) with ±std error bars; chance as a tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for _, _, label in METRICS]
+    names = list(summary)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for i, name in enumerate(names):
+        st = summary[name]["stats"]
+        xs = [j - 0.4 + width * (i + 0.5) for j in range(len(labels))]
+        ax.bar(xs, [100 * st[l]["mean"] for l in labels], width, yerr=[100 * st[l]["std"] for l in labels],
+               capsize=3, label=f"{name} (n={summary[name]['n_seeds']})")
+    if chance:
+        for j, (task, metric, _) in enumerate(METRICS):
+            ax.hlines(100 * chance[task][metric], j - 0.42, j + 0.42, colors="k", linestyles="dashed",
+                      label="blind baseline (chance)" if j == 0 else None)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("percent (mean ± std over seeds)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "ShapesWorld ablation")
+    ax.legend(fontsize=8, ncol=3, loc="lower center")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants: list[str], results: str | Path,
+                 plot_path: str | Path | None, data_seed: int = 0, progress: bool = False, echo=print) -> dict:
+    import torch
+
+    from emma_mamba.models.vlm import load
+    from emma_mamba.quickstart import evaluate_heldout, load_quickstart_config, make_data, train_stages
+
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    qc = load_quickstart_config(config)
+    out = Path(out)
+    data_dir, blind_dir = out / "data", out / "blind"
+    if not (data_dir / "meta.json").is_file():
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        make_data(qc, data_dir, data_seed, blind_dir)  # the same data for every variant and seed
+    meta = json.loads((data_dir / "meta.json").read_text())
+    from emma_mamba.data.shapes import ShapesConfig
+
+    want = ShapesConfig(seed=data_seed, **qc.data)
+    if meta["config"]["n_train"] != want.n_train or meta["config"]["seed"] != data_seed \
+            or meta["config"]["image_size"] != want.image_size:
+        raise ValueError(f"{data_dir} holds a different ShapesWorld (config {meta['config']}); use another --out")
+    _, blind_files, chance = _blind(data_dir, blind_dir)
+
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    t_start = time.perf_counter()
+    for v in variants:
+        model_cfg = variant_model(qc.model, VARIANTS[v])
+        for seed in seeds:
+            run_dir = out / _slug(v) / f"seed{seed}"
+            res_file = run_dir / "result.json"
+            if res_file.is_file():
+                runs[v].append(json.loads(res_file.read_text()))
+                echo(f"{v} seed {seed}: done earlier ({res_file})")
+                continue
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # an interrupted run: start it again
+            t0 = time.perf_counter()
+            hist, t_train = train_stages(qc, run_dir, data_dir, seed, source=str(config), model=model_cfg,
+                                         progress=progress)
+            model = load(run_dir / "stage2")
+            metrics, ch = evaluate_heldout(model, qc, data_dir, run_dir / "eval", blind_files, chance,
+                                           checkpoint=str(run_dir / "stage2"), progress=progress)
+            del model
+            rec = {"variant": v, "seed": seed, "components": VARIANTS[v], "metrics": metrics, "chance": ch,
+                   "training": hist, "seconds": {**t_train, "total": time.perf_counter() - t0}}
+            res_file.write_text(json.dumps(rec, indent=1) + "\n")
+            runs[v].append(rec)
+            echo(f"{v} seed {seed}: " + ", ".join(
+                f"{label} {100 * metrics[task][metric]:.1f}" for task, metric, label in METRICS)
+                + f" ({rec['seconds']['total']:.0f}s)")
+            _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch)
+    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch)
+
+
+def _blind(data_dir: Path, blind_dir: Path):
+    from emma_mamba.data.shapes import blind_baseline
+    from emma_mamba.eval.scorers import score
+    from emma_mamba.quickstart import EVAL_TASKS
+
+    files = blind_baseline(data_dir, blind_dir)
+    return None, files, {t: score(t.split("_")[0], *files[t]) for t in EVAL_TASKS}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
+
+
+def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch) -> dict:
+    summary = summarise(runs)
+    # chance on the questions actually evaluated (eval.limit may cut the files): from any finished run
+    first = next((r for rs in runs.values() for r in rs), None)
+    ch = first["chance"] if first else chance
+    doc = {
+        "what": "ShapesWorld ablation of the EMMA components (emma-mamba ablate)",
+        "config": str(config), "recipe": {"data": qc.data, "model": qc.model, "stage1": qc.stage1,
+                                          "stage2": qc.stage2, "eval": qc.eval},
+        "data_seed": data_seed, "seeds": seeds, "std": "sample standard deviation over seeds (ddof=1)",
+        "variants": {v: VARIANTS[v] for v in runs},
+        "summary": summary, "table_markdown": markdown_table(summary, ch),
+        "chance": {t: ch[t] for t in ch}, "runs": runs,
+        "seconds": time.perf_counter() - t_start, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "data_counts": meta["counts"],
+    }
+    results = Path(results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(doc, indent=1) + "\n")
+    if plot_path and summary:
+        plot(summary, plot_path, ch, title=f"ShapesWorld ablation, tiny preset, seeds {seeds}")
+    return doc
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="quickstart-format recipe (default configs/quickstart_ablation.yaml)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--data-seed", type=int, default=0, help="ShapesWorld seed shared by every run (default 0)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
+                   help=f"subset of: {', '.join(repr(v) for v in VARIANTS)}")
+    p.add_argument("--out", default="runs/ablation", help="run folder (resumable; default %(default)s)")
+    p.add_argument("--results", default="benchmarks/results/ablation.json", help="results JSON (default %(default)s)")
+    p.add_argument("--plot", default="benchmarks/results/ablation.png", help="PNG plot (default %(default)s; '' = none)")
+    p.add_argument("--progress", action="store_true", help="progress bars for every stage")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emma_mamba.config import ConfigError
+    from emma_mamba.quickstart import CONFIG_DIR
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
+    try:
+        doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
+                           data_seed=args.data_seed, progress=args.progress)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"emma-mamba ablate: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(doc["table_markdown"])
+    print(f"\nresults in {args.results}" + (f", plot in {args.plot}" if args.plot else "")
+          + f"; {doc['seconds']:.0f}s")
+    return 0

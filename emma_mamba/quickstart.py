@@ -1,0 +1,361 @@
+"""`emma-mamba quickstart`: the whole pipeline on a laptop CPU in minutes, with no download.
+
+    emma-mamba quickstart [--out runs/quickstart] [--seed 0] [--fast] [--config configs/quickstart.yaml]
+
+Steps (each one the library's own code path, nothing special-cased):
+
+1. ShapesWorld (:mod:`emma_mamba.data.shapes`): training images with captions (stage 1) and conversations
+   (stage 2), held-out images with POPE / VQAv2 / GQA files; the blind (question-only) baseline of
+   :func:`~emma_mamba.data.shapes.blind_baseline` is scored as the chance level.
+2. Stage 1 (alignment) and stage 2 (instruction tuning) with :class:`emma_mamba.training.trainer.Trainer` on
+   the ``tiny`` preset (random-initialised: there is nothing to download), from run configs built the same
+   way ``emma-mamba pretrain|finetune`` builds them.
+3. Held-out evaluation with :func:`emma_mamba.eval.runner.evaluate` (VQAv2-style, GQA-style, POPE random /
+   popular / adversarial), one demo answer about one held-out image, and a summary table: the model's numbers
+   next to the blind baseline's. Everything is written under ``--out`` (``summary.json`` holds the table).
+
+The recipe (data size, image size, steps, learning rates) lives in ``configs/quickstart.yaml``; ``--fast``
+uses ``configs/quickstart_fast.yaml``, a seconds-long smoke run of the same pipeline (its numbers mean
+nothing). The keys are checked strictly: an unknown key is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+__all__ = ["QuickstartConfig", "load_quickstart_config", "run_pipeline", "format_table", "CONFIG_DIR"]
+
+log = logging.getLogger("emma_mamba.quickstart")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "quickstart.yaml"
+FAST_CONFIG = "quickstart_fast.yaml"
+
+EVAL_TASKS = ("vqav2", "gqa", "pope_random", "pope_popular", "pope_adversarial")
+
+
+@dataclass
+class QuickstartConfig:
+    """The quickstart recipe. Stage sections are run-config overrides (configs/train_*.yaml keys)."""
+
+    data: dict = field(default_factory=dict)
+    """ShapesConfig fields (n_train, n_heldout, image_size, ...); the seed comes from --seed."""
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    """Model config (a mapping with an optional preset, as in configs/model_*.yaml)."""
+    stage1: dict = field(default_factory=dict)
+    """Overrides of the stage-1 run config (train.*, data.max_length, ...)."""
+    stage2: dict = field(default_factory=dict)
+    """Overrides of the stage-2 run config."""
+    eval: dict = field(default_factory=dict)
+    """batch_size, max_new_tokens, and limit (questions per task; null = all)."""
+
+
+def load_quickstart_config(path: str | Path) -> QuickstartConfig:
+    from emma_mamba.config import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"quickstart config not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    names = [f.name for f in fields(QuickstartConfig)]
+    for k, v in raw.items():
+        if k not in names:
+            raise ConfigError(f"{path}: unknown key {k!r}; valid keys: {', '.join(names)}")
+        if not isinstance(v, dict):
+            raise ConfigError(f"{path}: {k} must be a mapping, got {type(v).__name__}")
+    ev = raw.get("eval", {})
+    for k in ev:
+        if k not in ("batch_size", "max_new_tokens", "limit"):
+            raise ConfigError(f"{path}: unknown key eval.{k}; valid keys: batch_size, max_new_tokens, limit")
+    return QuickstartConfig(**raw)
+
+
+def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, seed: int, source: str,
+                  model: dict | None = None):
+    """The RunConfig of one stage: the run defaults, then the quickstart file's stage overrides. ``model``
+    (stage 1 only) replaces ``qc.model`` (the ablation passes each variant's model here)."""
+    from emma_mamba.training.config import run_config_from_dict
+
+    is1 = stage == "pretrain"
+    base = {
+        "stage": stage,
+        "output_dir": str(out / ("stage1" if is1 else "stage2")),
+        "data": {"json": str(data_dir / "train" / ("stage1_captions.json" if is1 else "stage2_instruct.json")),
+                 "image_folder": str(data_dir / "images")},
+        "train": {"seed": seed},
+        "checkpoint": {"every_steps": 0},
+        "log": {"tensorboard": False},
+    }
+    if is1:
+        base["model"] = resolve_model(qc, qc.model if model is None else model, data_dir / "tokenizer")
+    else:
+        base["init_from"] = str(out / "stage1")
+    over = qc.stage1 if is1 else qc.stage2
+    return run_config_from_dict(base, source=source, overrides=over, override_source=f"{source} ({stage})")
+
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|padding|>", "[UNK]", "<|user|>", "<|assistant|>")
+
+
+def build_word_tokenizer(data_dir: Path, out_dir: Path) -> Path:
+    """A word-level tokenizer over the words of ShapesWorld's *training* text (captions, conversations, the
+    chat template's tokens), written as ``out_dir/tokenizer.json``; unknown words map to ``[UNK]``.
+
+    Why: the quickstart trains its LM from scratch, and the tiny preset's GPT-NeoX vocabulary (50k ids) makes
+    the LM head and its 50k-way softmax most of the CPU time of a step, for a world of ~150 words. A
+    ~200-id vocabulary makes the same steps several times faster (the model and the pipeline are otherwise the
+    tiny preset's). It is an ordinary ``tokenizers`` JSON, saved into every checkpoint like any tokenizer.
+    """
+    import re
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    words: set[str] = set()
+    split = re.compile(r"\w+|[^\w\s]+")
+    for name in ("stage1_captions.json", "stage2_instruct.json"):
+        for rec in json.loads((data_dir / "train" / name).read_text()):
+            for turn in rec["conversations"]:
+                words.update(split.findall(turn["value"].replace("<image>", " ")))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in sorted(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # the same \w+|[^\w\s]+ split as above
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS if t != "[UNK]"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    return out_dir / "tokenizer.json"
+
+
+def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path) -> dict:
+    """The model mapping with ``lm.tokenizer: shapesworld`` replaced by the built word tokenizer (and
+    ``lm.vocab_size`` set to its size)."""
+    import copy
+
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    model = copy.deepcopy(model)
+    lm = model.get("lm") or {}
+    if lm.get("tokenizer") == "shapesworld":
+        path = tokenizer_dir / "tokenizer.json"
+        lm["tokenizer"] = str(path)
+        lm["vocab_size"] = len(load_tokenizer(path))
+        model["lm"] = lm
+    return model
+
+
+def make_data(qc: QuickstartConfig, data_dir: Path, seed: int, blind_dir: Path) -> tuple[dict, dict, dict]:
+    """ShapesWorld under ``data_dir`` and its blind baseline under ``blind_dir``.
+    Returns (meta, blind answer files per task, blind metrics per task)."""
+    from emma_mamba.data.shapes import ShapesConfig, blind_baseline, generate
+    from emma_mamba.eval.scorers import score
+
+    meta = generate(ShapesConfig(seed=seed, **qc.data), data_dir)
+    build_word_tokenizer(data_dir, data_dir / "tokenizer")
+    blind_files = blind_baseline(data_dir, blind_dir)
+    chance = {t: score(t.split("_")[0], *blind_files[t]) for t in EVAL_TASKS}
+    return meta, blind_files, chance
+
+
+def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, source: str, model: dict | None = None,
+                 progress: bool = True, echo=None) -> tuple[dict, dict]:
+    """Stage 1 into ``out/stage1``, stage 2 into ``out/stage2``. Returns (per-stage history summary, seconds)."""
+    import torch
+
+    from emma_mamba.training.trainer import Trainer
+
+    histories, timings = {}, {}
+    for k, stage in enumerate(("pretrain", "finetune"), 2):
+        t0 = time.perf_counter()
+        rc = _stage_config(qc, stage, out, data_dir, seed, source, model)
+        rc.log.progress_bar = progress
+        trainer = Trainer(rc, device=None if torch.cuda.is_available() else "cpu")
+        trainer.fit()
+        h = trainer.history
+        tail = h[-5:]
+        histories[stage] = {"steps": len(h), "first_loss": h[0]["lm_loss"],
+                            "last_loss": sum(m["lm_loss"] for m in tail) / len(tail),
+                            "last_align_loss": sum(m["align_loss"] for m in tail) / len(tail),
+                            "trainable_parameters": sum(p.numel() for p in trainer.params)}
+        timings[stage] = time.perf_counter() - t0
+        if echo is not None:
+            echo(f"[{k}/4] {stage}: {len(h)} steps, LM loss {histories[stage]['first_loss']:.3f} -> "
+                 f"{histories[stage]['last_loss']:.3f} ({timings[stage]:.0f}s)")
+        del trainer
+    return histories, timings
+
+
+def evaluate_heldout(model, qc: QuickstartConfig, data_dir: Path, out: Path, blind_files: dict, chance: dict, *,
+                     checkpoint: str | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Every EVAL_TASKS file of the held-out split; returns (model metrics, chance metrics on the same
+    questions) per task."""
+    from emma_mamba.eval.runner import evaluate
+
+    ev = qc.eval
+    ho = data_dir / "heldout"
+    files = {"vqav2": ho / "vqav2_questions.json", "gqa": ho / "gqa_questions.json",
+             **{f"pope_{v}": ho / f"pope_{v}.jsonl" for v in ("random", "popular", "adversarial")}}
+    results, chance = {}, dict(chance)
+    for t in EVAL_TASKS:
+        task = t.split("_")[0]
+        ann = ho / "vqav2_annotations.json" if task == "vqav2" else None
+        rep = evaluate(model, task, files[t], data_dir / "images", out / t, annotations=ann,
+                       batch_size=ev.get("batch_size", 16), max_new_tokens=ev.get("max_new_tokens", 8),
+                       limit=ev.get("limit"), checkpoint=checkpoint, progress=progress)
+        results[t] = rep["metrics"]
+        if ev.get("limit") is not None:  # the blind baseline on the same (first N) questions
+            chance[t] = _score_subset(task, blind_files[t], out / t / "answers.jsonl")
+    return results, chance
+
+
+def summary_rows(results: dict, chance: dict) -> list[dict]:
+    rows = []
+    for t in EVAL_TASKS:
+        m = results[t]
+        row = {"task": t, "n": m["n"], "accuracy": m["accuracy"], "chance_accuracy": chance[t]["accuracy"]}
+        if t.startswith("pope"):
+            row.update(f1=m["f1"], chance_f1=chance[t]["f1"], yes_ratio=m["yes_ratio"])
+        rows.append(row)
+    return rows
+
+
+def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source: str = "<quickstart>",
+                 overwrite: bool = False, progress: bool = True, echo=print) -> dict:
+    """Runs the quickstart; returns (and writes to ``out/summary.json``) the summary."""
+    import torch
+
+    from emma_mamba.data.shapes import SHORT_ANSWER_PROMPT
+    from emma_mamba.models.vlm import answer, load
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the previous quickstart there, "
+                                  f"or choose another --out")
+        if not (out / "summary.json").is_file() and not (out / "data" / "meta.json").is_file():
+            raise FileExistsError(f"{out} is not empty and does not look like a quickstart output; refusing to "
+                                  f"delete it")
+        for sub in ("data", "blind", "stage1", "stage2", "eval", "summary.json"):
+            p = out / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    data_dir = out / "data"
+    meta, blind_files, chance = make_data(qc, data_dir, seed, out / "blind")
+    timings = {"data": time.perf_counter() - t0}
+    c = meta["counts"]
+    echo(f"[1/4] ShapesWorld seed {seed}: {c['train_images']} train images ({c['stage1']} captions, "
+         f"{c['stage2_turns']} QA turns), {c['heldout_images']} held-out images, {meta['config']['image_size']}px "
+         f"({timings['data']:.1f}s)")
+
+    histories, t_train = train_stages(qc, out, data_dir, seed, source=source, progress=progress, echo=echo)
+    timings.update(t_train)
+
+    t0 = time.perf_counter()
+    model = load(out / "stage2")
+    results, chance = evaluate_heldout(model, qc, data_dir, out / "eval", blind_files, chance,
+                                       checkpoint=str(out / "stage2"), progress=progress)
+    timings["eval"] = time.perf_counter() - t0
+    echo(f"[4/4] evaluated on held-out ShapesWorld ({timings['eval']:.0f}s)")
+
+    # one question about one held-out image, through the same `answer` that `emma-mamba generate` uses
+    ho = data_dir / "heldout"
+    demo_q = json.loads((ho / "vqav2_questions.json").read_text())["questions"][0]
+    demo_a = json.loads((ho / "vqav2_annotations.json").read_text())["annotations"][0]
+    reply = answer(model, data_dir / "images" / demo_q["image"], f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
+                   max_new_tokens=8).strip()
+    demo = {"image": str(data_dir / "images" / demo_q["image"]), "question": demo_q["question"],
+            "expected": demo_a["multiple_choice_answer"], "model": reply}
+
+    timings["total"] = time.perf_counter() - t_all
+    summary = {
+        "seed": seed, "source": source, "data": meta["config"], "model": qc.model, "stage1": qc.stage1,
+        "stage2": qc.stage2, "eval": qc.eval, "training": histories, "rows": summary_rows(results, chance),
+        "demo": demo, "seconds": timings, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _score_subset(task: str, blind: tuple[Path, Path], answered: Path) -> dict:
+    """The blind baseline scored on the questions the model answered (when eval.limit cut the files)."""
+    from emma_mamba.eval.scorers import score
+
+    ids = {json.loads(line)["question_id"] for line in answered.read_text().splitlines() if line.strip()}
+    ans, gold = blind
+    doc = json.loads(ans.read_text()) if ans.suffix == ".json" else \
+        [json.loads(line) for line in ans.read_text().splitlines() if line.strip()]
+    key = "questionId" if task == "gqa" else "question_id"
+    sub = [r for r in doc if r[key] in ids]
+    tmp = answered.with_name("blind_subset.jsonl")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in sub))
+    return score(task, tmp, gold, allow_missing=True)
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a fixed-width table (percentages)."""
+    lines = [f"{'held-out task':<18}{'n':>6}{'chance acc':>12}{'model acc':>11}{'chance F1':>11}{'model F1':>10}"]
+    for r in summary["rows"]:
+        f1 = f"{100 * r['chance_f1']:>11.1f}{100 * r['f1']:>10.1f}" if "f1" in r else f"{'':>11}{'':>10}"
+        lines.append(f"{r['task']:<18}{r['n']:>6}{100 * r['chance_accuracy']:>12.1f}{100 * r['accuracy']:>11.1f}{f1}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, the model init and the data order")
+    p.add_argument("--fast", action="store_true",
+                   help=f"smoke run in seconds ({FAST_CONFIG}): checks the pipeline, its numbers mean nothing")
+    p.add_argument("--config", default=None,
+                   help=f"quickstart recipe YAML (default {DEFAULT_CONFIG}, or {FAST_CONFIG} with --fast)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from emma_mamba.config import ConfigError
+    from emma_mamba.data.llava import DataError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # stage logs at INFO would interleave with the progress bars; instruction-fusion truncation warnings
+    # (the tiny preset's 24-token text tower) are counted in the trainer's final line instead
+    logging.getLogger("emma_mamba").setLevel(logging.WARNING)
+    logging.getLogger("emma_mamba.models.fusion").setLevel(logging.ERROR)
+    logging.getLogger("emma_mamba.training.trainer").setLevel(logging.ERROR)
+    path = Path(args.config) if args.config else CONFIG_DIR / (FAST_CONFIG if args.fast else DEFAULT_CONFIG)
+    try:
+        qc = load_quickstart_config(path)
+        summary = run_pipeline(qc, args.out, args.seed, source=str(path), overwrite=args.overwrite,
+                               progress=not args.no_progress)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"emma-mamba quickstart: {e}", file=sys.stderr)
+        return 2
+    d = summary["demo"]
+    print()
+    print(f"demo  image {d['image']}")
+    print(f"      Q: {d['question']}")
+    print(f"      A: {d['model']!r}   (ground truth: {d['expected']!r})")
+    print()
+    print(format_table(summary))
+    print(f"chance = the blind (question-only) baseline: the training-answer prior, no image")
+    s = summary["seconds"]
+    print(f"time: data {s['data']:.0f}s, stage 1 {s['pretrain']:.0f}s, stage 2 {s['finetune']:.0f}s, "
+          f"eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
+    return 0

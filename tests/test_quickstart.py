@@ -1,0 +1,111 @@
+"""`emma-mamba quickstart --fast` end to end, the word tokenizer it builds, its config checking, and the
+ablation's aggregation (mean ± sample std) and variant models against hand computations."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from emma_mamba.ablation import VARIANTS, aggregate, markdown_table, summarise, variant_model
+from emma_mamba.config import ConfigError, config_from_dict
+from emma_mamba.quickstart import EVAL_TASKS, build_word_tokenizer, load_quickstart_config
+
+
+def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
+    from emma_mamba.cli import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--fast", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert [r["task"] for r in s["rows"]] == list(EVAL_TASKS)
+    for r in s["rows"]:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["chance_accuracy"] <= 1 and r["n"] > 0
+        assert r["task"] in printed
+    # the model's numbers are those of the answer files it wrote, scored on their own
+    from emma_mamba.eval.scorers import score
+
+    pope = score("pope", out / "eval" / "pope_random" / "answers.jsonl", out / "data" / "heldout" / "pope_random.jsonl",
+                 allow_missing=True)
+    assert s["rows"][2]["accuracy"] == pope["accuracy"]
+    assert s["training"]["pretrain"]["steps"] == 2 and s["training"]["finetune"]["steps"] == 2
+    assert s["demo"]["question"] in printed
+    assert (out / "stage2" / "tokenizer.json").is_file()
+    # a second run into the same folder must be asked for explicitly
+    assert main(["quickstart", "--fast", "--out", str(out), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_word_tokenizer_round_trips_training_text(tmp_path):
+    from emma_mamba.data.shapes import ShapesConfig, generate
+    from emma_mamba.models.tokenizer import load_tokenizer
+    from emma_mamba.models.vlm import CHAT_TEMPLATE
+
+    d = tmp_path / "d"
+    generate(ShapesConfig(seed=1, n_train=12, n_heldout=2, image_size=96), d)
+    tok = load_tokenizer(build_word_tokenizer(d, tmp_path / "tok"))
+    assert tok.eos_token_id == tok.token_to_id("<|endoftext|>") and tok.pad_token_id == tok.token_to_id("<|padding|>")
+    unk = tok.token_to_id("[UNK]")
+    rec = json.loads((d / "train" / "stage2_instruct.json").read_text())[0]
+    text = CHAT_TEMPLATE.format(prompt=rec["conversations"][0]["value"].replace("<image>\n", ""))
+    ids = tok.encode(text + rec["conversations"][1]["value"] + "<|endoftext|>")
+    assert unk not in ids
+    assert ids[0] == tok.token_to_id("<|user|>") and ids[-1] == tok.eos_token_id
+    # decode gives the words back (spacing aside)
+    assert tok.decode(ids).split()[-1] == rec["conversations"][1]["value"].split()[-1]
+    assert tok.encode("zebra") == [unk]
+
+
+def test_quickstart_config_is_strict(tmp_path):
+    p = tmp_path / "q.yaml"
+    p.write_text("stage3: {}\n")
+    with pytest.raises(ConfigError, match="stage3"):
+        load_quickstart_config(p)
+    p.write_text("eval: {batch: 3}\n")
+    with pytest.raises(ConfigError, match="eval.batch"):
+        load_quickstart_config(p)
+    for name in ("quickstart.yaml", "quickstart_fast.yaml", "quickstart_ablation.yaml"):
+        load_quickstart_config(Path(__file__).resolve().parent.parent / "configs" / name)
+
+
+def test_aggregate_mean_and_sample_std_by_hand():
+    m, s = aggregate([0.5, 0.7, 0.9])
+    assert m == pytest.approx(0.7)
+    assert s == pytest.approx(math.sqrt(((0.2) ** 2 + 0 + 0.2 ** 2) / 2))  # ddof = 1: 0.2
+    assert aggregate([0.25]) == (0.25, 0.0)
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+def test_summarise_and_table_by_hand():
+    def run(seed, acc):
+        met = {t: {"accuracy": acc, "f1": acc / 2} for t in EVAL_TASKS}
+        return {"seed": seed, "metrics": met}
+
+    summ = summarise({"a": [run(0, 0.6), run(1, 0.8)], "b": [run(0, 0.5)]})
+    st = summ["a"]["stats"]["VQAv2 acc"]
+    assert st["mean"] == pytest.approx(0.7) and st["std"] == pytest.approx(math.sqrt(0.02))  # 0.1414
+    assert summ["a"]["stats"]["POPE-adv F1"]["mean"] == pytest.approx(0.35)
+    assert summ["b"]["n_seeds"] == 1 and summ["b"]["stats"]["GQA acc"]["std"] == 0.0
+    table = markdown_table(summ)
+    assert "| a | 2 | 70.0 ± 14.1 |" in table and "| b | 1 | 50.0 ± 0.0 |" in table
+
+
+def test_variant_models_switch_exactly_one_component():
+    base = {"preset": "tiny"}
+    cfgs = {v: config_from_dict(variant_model(base, on)) for v, on in VARIANTS.items()}
+    cobra = cfgs["cobra-like"]
+    assert cobra.mff.mode == "none" and cobra.vision.taps == [-2]
+    assert not cobra.instruction.enabled and not cobra.align.enabled
+    full = cfgs["all (EMMA)"]
+    assert full.mff.mode == "weighted" and full.vision.taps == [0, 1] and full.instruction.enabled and full.align.enabled
+    assert cfgs["+MFF"].vision.taps == [0, 1] and not cfgs["+MFF"].instruction.enabled
+    assert cfgs["+align"].align.enabled and cfgs["+align"].mff.mode == "none"
+    assert cfgs["+instruction"].instruction.enabled and not cfgs["+instruction"].align.enabled
+    # everything else (LM, projector, ViT) is the same in every variant
+    for c in cfgs.values():
+        assert c.lm == cobra.lm and c.projector == cobra.projector and c.vision.open_clip_overrides == \
+            cobra.vision.open_clip_overrides
