@@ -24,13 +24,18 @@ events on the GPU, ``perf_counter`` on the CPU):
   what was resident before it).
 * ``throughput``: decode tokens/s (batch / median step time) at context ``--batch-context`` for each
   ``--batch-sizes``.
-* ``crossover``: the smallest measured context from which on our per-token decode is faster than the
-  transformer's at every larger measured context (and a log-linear interpolation between the bracketing points).
+* ``crossover``: the smallest measured context from which our per-token decode is faster than the
+  transformer's at it and at every larger measured context (and a log-linear interpolation between the
+  bracketing points).
+* ``checks`` (run first): each model's prefill + cached decode steps against its own cache-free forward, and
+  the peer's logits against ours, so a broken cache path cannot produce a fast but meaningless number.
 
 On CUDA, ``--cuda-graphs`` adds ``emma-mamba+graphs``: our decode step captured once per batch size into a
 ``torch.cuda.CUDAGraph`` over a static cache and a static token buffer, then replayed (:class:`CudaGraphDecoder`).
-The transformer's KV cache is transformers' ``StaticCache`` (preallocated to C + steps, written in place)
-unless ``--kv-cache dynamic`` (``DynamicCache``, which concatenates each step).
+That path is written but has not been run on a GPU yet. The transformer's KV cache is transformers'
+``StaticCache`` (preallocated to C + warm-up + timed steps, written in place; SDPA then attends over that
+length with a mask, so it is sized tightly) unless ``--kv-cache dynamic`` (``DynamicCache``, which
+concatenates each step).
 
 Results go to ``benchmarks/results/latency_<device>_<name>.json`` with machine, versions, shapes, parameter
 counts, dtype, backend and load average, plus PNG plots (decode latency, memory vs context; TTFT vs image
@@ -439,6 +444,8 @@ def run(args) -> int:
         raise SystemExit(f"emma-mamba bench latency: --device {args.device!r}: expected cpu or cuda[:i]")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("emma-mamba bench latency: --device cuda but torch sees no CUDA device")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, streams and graphs use the current device
     if args.cuda_graphs and device.type != "cuda":
         raise SystemExit("emma-mamba bench latency: --cuda-graphs needs --device cuda")
     if device.type == "cpu" and args.peer:
