@@ -16,6 +16,7 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "scan_kernels.h"
 
 namespace emma {
 namespace cpu {
@@ -64,7 +65,17 @@ inline bool same_seq(const int32_t* sq, int64_t t, int64_t src) {
 }
 
 // pre-activation of row xp into pre[0..l)
-void conv_row(const float* xp, const float* wt, float bias, const int32_t* sq, const ConvShape& s, float* pre) {
+void conv_row(const float* __restrict__ xp, const float* wt, float bias, const int32_t* sq, const ConvShape& s,
+              float* __restrict__ pre) {
+  if (sq == nullptr) {  // the common case: tap-outer loops over contiguous time, which the compiler vectorises
+    for (int64_t t = 0; t < s.l; ++t) pre[t] = bias;
+    for (int64_t k = 0; k < s.w; ++k) {
+      const float wk = wt[k];
+      const float* __restrict__ src = xp + k;
+      for (int64_t t = 0; t < s.l; ++t) pre[t] += wk * src[t];
+    }
+    return;
+  }
   for (int64_t t = 0; t < s.l; ++t) {
     float acc = bias;
     for (int64_t k = 0; k < s.w; ++k) {
@@ -84,16 +95,20 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   const ConvShape s = check_conv_inputs(op, x, weight, bias, initial_states, seq_idx);
   at::Tensor out = at::empty_like(x);
   const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
+  const scan::ScanKernels& vk = scan::select_scan_kernels();  // vectorised sigmoid for the SiLU
+  const int64_t lpad = (s.l + scan::kLanes - 1) / scan::kLanes * scan::kLanes;
   at::parallel_for(0, s.b * s.d, 4, [&](int64_t r0, int64_t r1) {
-    std::vector<float> xp(s.l + s.w - 1), pre(s.l), wt(s.w);
+    std::vector<float> xp(s.l + s.w - 1), pre(lpad, 0.f), sig(lpad), wt(s.w);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t bi = r / s.d, c = r % s.d;
       load_f32(weight.data_ptr(), weight.scalar_type(), c * s.w, s.w, wt.data());
       const float bv = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
       load_padded_row(x, initial_states, s, bi, c, xp.data());
       conv_row(xp.data(), wt.data(), bv, sqp ? sqp + bi * s.l : nullptr, s, pre.data());
-      if (silu)
-        for (int64_t t = 0; t < s.l; ++t) pre[t] = pre[t] * sigmoid_f(pre[t]);
+      if (silu) {
+        vk.sigmoid(pre.data(), sig.data(), static_cast<int>(s.l));
+        for (int64_t t = 0; t < s.l; ++t) pre[t] *= sig[t];
+      }
       store_f32(out.data_ptr(), x.scalar_type(), r * s.l, s.l, pre.data());
     }
   });
@@ -118,8 +133,10 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
   float* dbp = present(bias) ? db.data_ptr<float>() : nullptr;
   float* dip = present(initial_states) ? dinit.data_ptr<float>() : nullptr;
 
+  const scan::ScanKernels& vk = scan::select_scan_kernels();
+  const int64_t lpad = (s.l + scan::kLanes - 1) / scan::kLanes * scan::kLanes;
   at::parallel_for(0, s.d, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> xp(s.l + s.w - 1), pre(s.l), dpre(s.l), dxp(s.l + s.w - 1), wt(s.w);
+    std::vector<float> xp(s.l + s.w - 1), pre(lpad, 0.f), sig(lpad), dpre(s.l), dxp(s.l + s.w - 1), wt(s.w);
     for (int64_t c = c0; c < c1; ++c) {
       load_f32(weight.data_ptr(), weight.scalar_type(), c * s.w, s.w, wt.data());
       const float bv = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
@@ -131,10 +148,8 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
         load_f32(dout.data_ptr(), dout.scalar_type(), row * s.l, s.l, dpre.data());
         if (silu) {
           conv_row(xp.data(), wt.data(), bv, sq, s, pre.data());
-          for (int64_t t = 0; t < s.l; ++t) {
-            const float sg = sigmoid_f(pre[t]);
-            dpre[t] *= sg * (1.f + pre[t] * (1.f - sg));
-          }
+          vk.sigmoid(pre.data(), sig.data(), static_cast<int>(s.l));
+          for (int64_t t = 0; t < s.l; ++t) dpre[t] *= sig[t] * (1.f + pre[t] * (1.f - sig[t]));
         }
         // every tap's gradient goes to its weight and to its input (padded position t + k)
         std::fill(dxp.begin(), dxp.end(), 0.f);
