@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["ref", "mambapy_pscan", "mambapy_seq", "memory"],
                    help="measurements to leave out")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seq-bwd-max-len", type=int, default=512,
+    p.add_argument("--seq-bwd-max-len", type=int, default=256,
                    help="time mambapy's sequential scan backward only up to this seqlen: its autograd indexes "
                         "(b, l, d, n) tensors per step, so its backward grows as L^2 (over 8 min at L=2048)")
     p.add_argument("--out", default=None,
