@@ -258,15 +258,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="benchmarks/results/ablation.json", help="results JSON (default %(default)s)")
     p.add_argument("--plot", default="benchmarks/results/ablation.png", help="PNG plot (default %(default)s; '' = none)")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see quickstart)")
 
 
 def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
-    from emma_mamba.quickstart import CONFIG_DIR
+    from emma_mamba.quickstart import CONFIG_DIR, set_threads
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    set_threads(args.threads)
     config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
     try:
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
