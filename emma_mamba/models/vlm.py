@@ -189,10 +189,11 @@ class EmmaMamba(nn.Module):
         out = self.lm(inputs_embeds=inputs_embeds, seq_idx=new_seq_idx, output_hidden_states=need_hidden)
         loss = None
         if labels is not None:
-            logits = out.logits[:, :-1].float()
-            target = new_labels[:, 1:]
-            if (target != -100).any():
-                lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+            # shift the labels, not the logits, and take only the labelled positions: no (b, L, vocab) fp32 copy
+            target = F.pad(new_labels[:, 1:], (0, 1), value=-100)  # (b, L): the next token at each position
+            sel = target != -100
+            if sel.any():
+                lm_loss = F.cross_entropy(out.logits[sel].float(), target[sel])
             else:
                 lm_loss = out.logits.sum() * 0.0  # keeps the graph; a batch with nothing to predict adds nothing
             align_loss = torch.zeros((), device=lm_loss.device, dtype=torch.float32)
