@@ -141,7 +141,7 @@ def plot(summary: dict, path: str | Path, chance: dict | None = None, title: str
     ax.set_ylabel("percent (mean ± std over seeds)")
     ax.set_ylim(0, 100)
     ax.set_title(title or "ShapesWorld ablation")
-    ax.legend(fontsize=8, ncol=3, loc="lower center")
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
@@ -234,7 +234,8 @@ def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta,
         "variants": {v: VARIANTS[v] for v in runs},
         "summary": summary, "table_markdown": markdown_table(summary, ch),
         "chance": {t: ch[t] for t in ch}, "runs": runs,
-        "seconds": time.perf_counter() - t_start, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "seconds": time.perf_counter() - t_start,
+        "seconds_of_runs": sum(r["seconds"]["total"] for rs in runs.values() for r in rs), "device": "cuda" if torch.cuda.is_available() else "cpu",
         "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
         "data_counts": meta["counts"],
     }
