@@ -165,18 +165,31 @@ def time_exp_floor(b, d, n, l, repeats, max_seconds):
 
 
 _MEM_CHILD = r"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {root!r})
-from emma_mamba.bench.kernels import implementations, make_inputs
+from emma_mamba.bench.kernels import implementations, make_inputs, _peak_rss_bytes
 b, d, n, l = {shape}
 impl = implementations([])[{name!r}]
 t = make_inputs(b, d, n, l, requires_grad=True)
 dout = torch.randn(b, d, l)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = _peak_rss_bytes()
 impl(t).backward(dout)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+print(_peak_rss_bytes() - before)
 """
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM belongs to the current address space, so unlike getrusage's ru_maxrss
+    (which after fork+exec starts at the parent's peak) it counts only what this process touched."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory_fwd_bwd(name, b, d, n, l):
