@@ -127,13 +127,9 @@ def run(args) -> int:
         return _err(f"the tokenizer produced id {bad[0]}, beyond the model's vocabulary ({lm.config.vocab_size}); "
                     f"is --tokenizer the checkpoint's tokenizer?")
 
-    def stream(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    res = generate(lm, input_ids=ids, config=gcfg, tokenizer=tok, streamer=stream)
+    res = generate(lm, input_ids=ids, config=gcfg, tokenizer=tok, streamer=_stream)
     sys.stdout.write("\n")
     sys.stdout.flush()
     n_new = len(res.sequences[0])

@@ -197,8 +197,8 @@ def get_backend(device: torch.device | str = "cpu") -> str:
 
 
 def _kernels_for(t: torch.Tensor):
-    name = get_backend(t.device)
-    return name, _load(name)
+    """Kernel module of the backend for ``t``'s device (None: the torch reference)."""
+    return _load(get_backend(t.device))
 
 
 def _resolve_deterministic(deterministic: bool | None) -> bool:
@@ -225,7 +225,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = _checks.check_selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    name, kern = _kernels_for(u)
+    kern = _kernels_for(u)
     if kern is None:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state, seq_idx)
@@ -242,7 +242,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, se
     """
     x, weight, bias, initial_states, seq_idx = _checks.check_causal_conv1d(x, weight, bias, initial_states,
                                                                            seq_idx, activation)
-    name, kern = _kernels_for(x)
+    kern = _kernels_for(x)
     if kern is None:
         return causal_conv1d_ref(x, weight, bias, activation, initial_states, seq_idx)
     return CausalConv1dFn.apply(kern, x, weight, bias, initial_states, seq_idx, activation is not None)
@@ -254,7 +254,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32.
     """
     x, dt, A, B, C, D, z, dt_bias = _checks.check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
-    name, kern = _kernels_for(state)
+    kern = _kernels_for(state)
     if kern is None:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
@@ -264,7 +264,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One decode step of the causal conv: ``conv_state (b, d, w)`` (last w inputs, oldest first) shifts
     left and takes x at the end, in place; returns (b, d)."""
     x, weight, bias = _checks.check_causal_conv1d_update(x, conv_state, weight, bias, activation)
-    name, kern = _kernels_for(conv_state)
+    kern = _kernels_for(conv_state)
     if kern is None:
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
