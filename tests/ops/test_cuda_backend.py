@@ -24,7 +24,7 @@ DEV = "cuda"
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
 
-from .tolerances import TOL, assert_close, grad_tolerance
+from .tolerances import TOL, assert_close, conv_on_backends, grad_tolerance
 
 
 @pytest.fixture(autouse=True)
@@ -248,13 +248,7 @@ def _conv_case(b, d, l, w, dtype, bias, silu, init, seq, wdtype=None, seed=0):
                   initial_states=torch.randn(b, d, w - 1, generator=gen).to(dtype) if init else None)
     seq_idx = _segments(b, l, gen).to(DEV) if seq else None
     dout = torch.randn(b, d, l, generator=gen).to(dtype).to(DEV)
-    res = {}
-    for backend in ("cuda", "torch"):
-        leaf = {k: v.to(DEV).clone().requires_grad_() for k, v in inputs.items() if v is not None}
-        with ops.use_backend(backend):
-            out = ops.causal_conv1d(**leaf, activation="silu" if silu else None, seq_idx=seq_idx)
-            grads = torch.autograd.grad(out, list(leaf.values()), dout)
-        res[backend] = (out, dict(zip(leaf, grads)))
+    res = conv_on_backends(("cuda", "torch"), inputs, dout, DEV, "silu" if silu else None, seq_idx)
     rtol, atol = TOL[dtype]
     assert_close("out", res["cuda"][0], res["torch"][0], rtol, atol)
     for k, ref in res["torch"][1].items():

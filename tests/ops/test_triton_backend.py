@@ -32,7 +32,7 @@ from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import (causal_conv1d_ref, causal_conv1d_update_ref,  # noqa: E402
                                       selective_state_update_ref)
 
-from .tolerances import TOL, assert_close, grad_tolerance  # noqa: E402
+from .tolerances import TOL, assert_close, conv_on_backends, grad_tolerance  # noqa: E402
 
 
 def _interpreted() -> bool:
@@ -275,13 +275,7 @@ def test_causal_conv1d_matches_reference(case):
     if seq and l == 3:
         seq_idx[0] = torch.tensor([0, 1, 1], dtype=torch.int32)  # the initial states must not reach t=1
     dout = torch.randn(b, d, l, generator=gen).to(dtype).to(DEVICE)
-    res = {}
-    for backend in ("triton", "torch"):
-        leaf = {k: v.to(DEVICE).clone().requires_grad_() for k, v in inputs.items() if v is not None}
-        with ops.use_backend(backend):
-            out = ops.causal_conv1d(**leaf, activation="silu" if silu else None, seq_idx=seq_idx)
-        grads = torch.autograd.grad(out, list(leaf.values()), dout)
-        res[backend] = (out, dict(zip(leaf, grads)))
+    res = conv_on_backends(("triton", "torch"), inputs, dout, DEVICE, "silu" if silu else None, seq_idx)
     rtol, atol = TOL[dtype]
     assert_close("out", res["triton"][0], res["torch"][0], rtol, atol)
     for k, ref in res["torch"][1].items():

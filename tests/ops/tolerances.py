@@ -28,3 +28,18 @@ def assert_close(name, got, want, rtol, atol):
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def conv_on_backends(backends, inputs, dout, device, activation=None, seq_idx=None):
+    """Run ``ops.causal_conv1d`` on each backend from fresh leaf copies of ``inputs`` (None entries dropped)
+    and return ``{backend: (out, {input name: gradient for dout})}``."""
+    from emma_mamba import ops
+
+    res = {}
+    for backend in backends:
+        leaf = {k: v.to(device).clone().requires_grad_() for k, v in inputs.items() if v is not None}
+        with ops.use_backend(backend):
+            out = ops.causal_conv1d(**leaf, activation=activation, seq_idx=seq_idx)
+            grads = torch.autograd.grad(out, list(leaf.values()), dout)
+        res[backend] = (out, dict(zip(leaf, grads)))
+    return res
