@@ -39,7 +39,7 @@ from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip
 
-__all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "load", "answer", "CHAT_TEMPLATE", "build_chat_prompt"]
+__all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "TRAINABLE_MODULES", "load", "answer", "CHAT_TEMPLATE", "build_chat_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,11 @@ STAGES: dict[str, tuple[str, ...]] = {
     # stage 2 (instruction tuning): also the LM and the alignment head (the EMMA-Mamba paper's single stage)
     "finetune": ("mff", "instruction", "projector", "lm", "align_head"),
 }
-"""Submodules trained in each stage; the frozen towers (ViT unless vision.freeze is false, CLIP text tower)
-never are."""
+"""Submodules trained in each stage by default (a run's train.trainable overrides them); the ViT also trains in
+finetune when vision.freeze is false; the CLIP text tower of instruction fusion never does."""
+
+TRAINABLE_MODULES = ("vision", "mff", "instruction", "projector", "lm", "align_head")
+"""The names train.trainable may list."""
 
 CHAT_TEMPLATE = "<|user|>\n{prompt}<|endoftext|>\n<|assistant|>\n"
 """mamba-2.8b-zephyr's chat format (Zephyr's, with GPT-NeoX's end-of-text token)."""
@@ -137,18 +140,34 @@ class EmmaMamba(nn.Module):
 
     # ------------------------------------------------------------------------------------------- training
 
-    def set_stage(self, stage: str) -> "EmmaMamba":
-        """requires_grad for a training stage (see STAGES); frozen towers stay frozen."""
+    def set_stage(self, stage: str, trainable: Sequence[str] | None = None) -> "EmmaMamba":
+        """requires_grad for a training stage: the modules of ``STAGES[stage]`` (plus the ViT in finetune when
+        ``vision.freeze`` is false), or exactly ``trainable`` when given (names from TRAINABLE_MODULES)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
-        names = set(STAGES[stage])
+        if trainable is None:
+            names = set(STAGES[stage]) | ({"vision"} if stage == "finetune" and not self.vision.frozen else set())
+        else:
+            names = set(trainable)
+            unknown = names - set(TRAINABLE_MODULES)
+            if unknown:
+                raise ValueError(f"train.trainable: unknown module(s) {sorted(unknown)}; valid: "
+                                 f"{', '.join(TRAINABLE_MODULES)}")
+            if "vision" in names and self.vision.frozen:
+                raise ValueError("train.trainable lists 'vision' but the model's vision.freeze is true "
+                                 "(set model.vision.freeze: false to train the ViT)")
+            for name in ("instruction", "align_head"):
+                if name in names and getattr(self, name) is None:
+                    why = ("instruction.enabled is false" if name == "instruction" else
+                           "align.enabled is false, or the model was built without its training-only head")
+                    raise ValueError(f"train.trainable lists {name!r} but this model has none ({why})")
         for name in ("mff", "instruction", "projector", "lm", "align_head"):
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(name in names)
         if self.instruction is not None:
             self.instruction.text_model.requires_grad_(False)
-        self.vision.requires_grad_(not self.vision.frozen and stage == "finetune")
+        self.vision.requires_grad_("vision" in names)
         return self
 
     def tokenize_instructions(self, texts: Sequence[str]) -> torch.Tensor:

@@ -103,6 +103,11 @@ class TrainConfig:
     """Recompute each Mamba block's activations in the backward pass (saves memory, costs ~1 forward)."""
     seed: int = 0
     """Seeds model init, data order (per epoch) and every RNG; the run is a pure function of config and data."""
+    trainable: list[str] | None = None
+    """Modules trained in this run, from: vision, mff, instruction, projector, lm, align_head. null = the
+    stage's default (pretrain: mff, instruction, projector; finetune: also lm and align_head, and vision when
+    model.vision.freeze is false). E.g. a from-scratch LM can also be trained on stage-1 captions; vision needs
+    model.vision.freeze false. The CLIP text tower of instruction fusion is never trained."""
 
 
 @dataclass
@@ -138,7 +143,8 @@ class LogConfig:
 @dataclass
 class RunConfig:
     stage: Literal["pretrain", "finetune"] = "pretrain"
-    """pretrain: train MFF, projector, instruction fusion; finetune: also the LM and the alignment head."""
+    """pretrain: train MFF, projector, instruction fusion; finetune: also the LM and the alignment head
+    (train.trainable overrides the modules)."""
     output_dir: str = "runs/default"
     """Where checkpoints, metrics and the final model go."""
     model: ModelConfig = field(default_factory=lambda: get_preset("tiny"))
@@ -188,6 +194,13 @@ class RunConfig:
                 f"{t.micro_batch_size} and {t.global_batch_size}")
         if t.grad_clip < 0:
             bad(f"train.grad_clip must be >= 0, got {t.grad_clip}")
+        if t.trainable is not None:
+            from emma_mamba.models.vlm import TRAINABLE_MODULES
+
+            unknown = [m for m in t.trainable if m not in TRAINABLE_MODULES]
+            if unknown or not t.trainable or len(set(t.trainable)) != len(t.trainable):
+                bad(f"train.trainable must be a non-empty list of distinct module names from "
+                    f"{', '.join(TRAINABLE_MODULES)} (or null for the stage's default), got {t.trainable}")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.every_steps < 1:

@@ -100,12 +100,13 @@ class Trainer:
         # ---- model
         from emma_mamba.models.vlm import EmmaMamba, load
 
-        for_training = cfg.stage == "finetune"  # stage 1 does not train (so does not build) the alignment head
+        # stage 1 does not train (so does not build) the alignment head, unless train.trainable asks for it
+        for_training = cfg.stage == "finetune" or "align_head" in (tc.trainable or ())
         if cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
-        self.model.set_stage(cfg.stage)
+        self.model.set_stage(cfg.stage, tc.trainable)
         self.model.train()
         if tc.gradient_checkpointing:
             self.model.lm.set_gradient_checkpointing(True)

@@ -197,6 +197,30 @@ def test_pretrain_stage_trains_only_the_bridge():
         m.set_stage("stage3")
 
 
+def test_explicit_trainable_modules_override_the_stage():
+    # a from-scratch LM trained on stage-1 captions: exactly the listed modules get gradient
+    m = make_model(vision={"freeze": False}).set_stage("pretrain", ["vision", "projector", "lm"])
+    m.train()
+    m(**make_batch(m)).loss["total"].backward()
+    for mod in (m.vision, m.projector, m.lm):
+        assert all(p.requires_grad for p in mod.parameters())
+        assert any(_grad_nonzero(p) for p in mod.parameters())
+    for mod in (m.mff, m.instruction, m.align_head):
+        assert all(p.grad is None and not p.requires_grad for p in mod.parameters())
+    # the default finetune stage trains an unfrozen ViT; an explicit list without it does not
+    m.set_stage("finetune")
+    assert all(p.requires_grad for p in m.vision.parameters())
+    m.set_stage("finetune", ["lm"])
+    assert not any(p.requires_grad for p in m.vision.parameters())
+    assert not any(p.requires_grad for p in m.instruction.text_model.parameters())
+    with pytest.raises(ValueError, match="vision.freeze is true"):
+        make_model().set_stage("pretrain", ["vision"])
+    with pytest.raises(ValueError, match="unknown module"):
+        m.set_stage("pretrain", ["lm", "decoder"])
+    with pytest.raises(ValueError, match="'align_head' but this model has none"):
+        make_model(align={"enabled": False}).set_stage("finetune", ["align_head"])
+
+
 @torch.no_grad()
 def test_equals_cobra_like_baseline_at_init():
     # MFF and instruction fusion start as exact identities, so the full EMMA model equals the penultimate-

@@ -43,6 +43,14 @@ def test_unknown_key_in_yaml_names_key_path_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.on_error: expected 'raise' \| 'skip'"):
         load_run_config(p)
 
+    p = write(tmp_path, {**BASE, "train": {"trainable": ["lm", "decoder"]}})
+    with pytest.raises(ConfigError, match=r"train\.trainable must be a non-empty list of distinct module names "
+                                          r"from vision, mff, instruction, projector, lm, align_head"):
+        load_run_config(p)
+    p = write(tmp_path, {**BASE, "train": {"trainable": []}})
+    with pytest.raises(ConfigError, match=r"train\.trainable must be a non-empty list"):
+        load_run_config(p)
+
 
 def test_cli_overrides_are_parsed_and_validated(tmp_path, capsys):
     p = write(tmp_path, BASE)
