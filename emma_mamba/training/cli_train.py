@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     # our own progress lines on rank 0; libraries (open_clip logs its model building at INFO) stay quiet
     logging.getLogger("emma_mamba").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank > 0:
+        # every rank reads the whole data file, so its warnings (bad or truncated records) would repeat once per
+        # process: rank 0 reports them; errors still come from every rank
+        logging.getLogger("emma_mamba.data").setLevel(logging.ERROR)
     prog = f"emma-mamba {stage}"
     try:
         raw = yaml.safe_load(open(args.config)) if os.path.isfile(args.config) else None
