@@ -22,6 +22,7 @@ nothing). The keys are checked strictly: an unknown key is an error naming the f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import platform
@@ -41,6 +42,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "quickstart.yaml"
 FAST_CONFIG = "quickstart_fast.yaml"
 
+CLIP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps")
+
 EVAL_TASKS = ("vqav2", "gqa", "pope_random", "pope_popular", "pope_adversarial")
 
 
@@ -52,6 +55,10 @@ class QuickstartConfig:
     """ShapesConfig fields (n_train, n_heldout, image_size, ...); the seed comes from --seed."""
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     """Model config (a mapping with an optional preset, as in configs/model_*.yaml)."""
+    clip: dict = field(default_factory=dict)
+    """Stage 0, contrastive CLIP pretraining of the model's open_clip towers on the stage-1 captions
+    (emma_mamba.training.clip_pretrain): steps (0 or absent = none), batch_size, lr, weight_decay,
+    warmup_steps. Its checkpoint becomes the model's vision.pretrained, as a downloaded CLIP would."""
     stage1: dict = field(default_factory=dict)
     """Overrides of the stage-1 run config (train.*, data.max_length, ...)."""
     stage2: dict = field(default_factory=dict)
@@ -75,15 +82,15 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
             raise ConfigError(f"{path}: unknown key {k!r}; valid keys: {', '.join(names)}")
         if not isinstance(v, dict):
             raise ConfigError(f"{path}: {k} must be a mapping, got {type(v).__name__}")
-    ev = raw.get("eval", {})
-    for k in ev:
-        if k not in ("batch_size", "max_new_tokens", "limit"):
-            raise ConfigError(f"{path}: unknown key eval.{k}; valid keys: batch_size, max_new_tokens, limit")
+    for section, valid in (("eval", ("batch_size", "max_new_tokens", "limit")), ("clip", CLIP_KEYS)):
+        for k in raw.get(section, {}):
+            if k not in valid:
+                raise ConfigError(f"{path}: unknown key {section}.{k}; valid keys: {', '.join(valid)}")
     return QuickstartConfig(**raw)
 
 
 def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, seed: int, source: str,
-                  model: dict | None = None):
+                  model: dict | None = None, clip_checkpoint: Path | None = None):
     """The RunConfig of one stage: the run defaults, then the quickstart file's stage overrides. ``model``
     (stage 1 only) replaces ``qc.model`` (the ablation passes each variant's model here)."""
     from emma_mamba.training.config import run_config_from_dict
@@ -99,7 +106,8 @@ def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, s
         "log": {"tensorboard": False},
     }
     if is1:
-        base["model"] = resolve_model(qc, qc.model if model is None else model, data_dir / "tokenizer")
+        base["model"] = resolve_model(qc, qc.model if model is None else model, data_dir / "tokenizer",
+                                      clip_checkpoint)
     else:
         base["init_from"] = str(out / "stage1")
     over = qc.stage1 if is1 else qc.stage2
@@ -139,9 +147,9 @@ def build_word_tokenizer(data_dir: Path, out_dir: Path) -> Path:
     return out_dir / "tokenizer.json"
 
 
-def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path) -> dict:
+def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path, clip_checkpoint: Path | None = None) -> dict:
     """The model mapping with ``lm.tokenizer: shapesworld`` replaced by the built word tokenizer (and
-    ``lm.vocab_size`` set to its size)."""
+    ``lm.vocab_size`` set to its size), and ``vision.pretrained`` set to the stage-0 CLIP when there is one."""
     import copy
 
     from emma_mamba.models.tokenizer import load_tokenizer
@@ -153,7 +161,42 @@ def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path) -> dic
         lm["tokenizer"] = str(path)
         lm["vocab_size"] = len(load_tokenizer(path))
         model["lm"] = lm
+    if clip_checkpoint is not None:
+        model["vision"] = {**(model.get("vision") or {}), "pretrained": str(clip_checkpoint)}
     return model
+
+
+def clip_vision_config(qc: QuickstartConfig, model: dict | None = None):
+    """The VisionConfig of the recipe's model (the towers stage 0 trains)."""
+    from emma_mamba.config import config_from_dict
+
+    return config_from_dict(copy.deepcopy(qc.model if model is None else model), source="quickstart model").vision
+
+
+def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, progress: bool = True,
+                        echo=None) -> tuple[Path | None, dict | None, float]:
+    """Stage 0 into ``out/clip/open_clip.pt`` when the recipe has ``clip.steps``; returns (checkpoint or None,
+    summary, seconds)."""
+    import torch
+
+    from emma_mamba.training.clip_pretrain import pretrain_clip
+
+    steps = int(qc.clip.get("steps", 0) or 0)
+    if steps <= 0:
+        if echo is not None:
+            echo("[2/5] stage 0 (CLIP on captions): not in this recipe")
+        return None, None, 0.0
+    t0 = time.perf_counter()
+    opts = {k: qc.clip[k] for k in CLIP_KEYS if k in qc.clip and k != "steps"}
+    ckpt = out / "clip" / "open_clip.pt"
+    res = pretrain_clip(clip_vision_config(qc), data_dir / "train" / "stage1_captions.json", data_dir / "images",
+                        ckpt, steps=steps, seed=seed, progress=progress,
+                        device="cuda" if torch.cuda.is_available() else "cpu", **opts)
+    dt = time.perf_counter() - t0
+    if echo is not None:
+        echo(f"[2/5] stage 0 (CLIP on captions): {steps} steps, loss {res['first_loss']:.3f} -> "
+             f"{res['last_loss']:.3f}, in-batch retrieval {100 * res['last_i2t_acc']:.0f}% ({dt:.0f}s)")
+    return ckpt, res, dt
 
 
 def make_data(qc: QuickstartConfig, data_dir: Path, seed: int, blind_dir: Path) -> tuple[dict, dict, dict]:
@@ -170,16 +213,16 @@ def make_data(qc: QuickstartConfig, data_dir: Path, seed: int, blind_dir: Path) 
 
 
 def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, source: str, model: dict | None = None,
-                 progress: bool = True, echo=None) -> tuple[dict, dict]:
+                 progress: bool = True, echo=None, clip_checkpoint: Path | None = None) -> tuple[dict, dict]:
     """Stage 1 into ``out/stage1``, stage 2 into ``out/stage2``. Returns (per-stage history summary, seconds)."""
     import torch
 
     from emma_mamba.training.trainer import Trainer
 
     histories, timings = {}, {}
-    for k, stage in enumerate(("pretrain", "finetune"), 2):
+    for k, stage in enumerate(("pretrain", "finetune"), 3):
         t0 = time.perf_counter()
-        rc = _stage_config(qc, stage, out, data_dir, seed, source, model)
+        rc = _stage_config(qc, stage, out, data_dir, seed, source, model, clip_checkpoint)
         rc.log.progress_bar = progress
         trainer = Trainer(rc, device=None if torch.cuda.is_available() else "cpu")
         trainer.fit()
@@ -191,7 +234,7 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
                             "trainable_parameters": sum(p.numel() for p in trainer.params)}
         timings[stage] = time.perf_counter() - t0
         if echo is not None:
-            echo(f"[{k}/4] {stage}: {len(h)} steps, LM loss {histories[stage]['first_loss']:.3f} -> "
+            echo(f"[{k}/5] {stage}: {len(h)} steps, LM loss {histories[stage]['first_loss']:.3f} -> "
                  f"{histories[stage]['last_loss']:.3f} ({timings[stage]:.0f}s)")
         del trainer
     return histories, timings
@@ -247,7 +290,7 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
         if not (out / "summary.json").is_file() and not (out / "data" / "meta.json").is_file():
             raise FileExistsError(f"{out} is not empty and does not look like a quickstart output; refusing to "
                                   f"delete it")
-        for sub in ("data", "blind", "stage1", "stage2", "eval", "summary.json"):
+        for sub in ("data", "blind", "clip", "stage1", "stage2", "eval", "summary.json"):
             p = out / sub
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,19 +301,24 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
     meta, blind_files, chance = make_data(qc, data_dir, seed, out / "blind")
     timings = {"data": time.perf_counter() - t0}
     c = meta["counts"]
-    echo(f"[1/4] ShapesWorld seed {seed}: {c['train_images']} train images ({c['stage1']} captions, "
+    echo(f"[1/5] ShapesWorld seed {seed}: {c['train_images']} train images ({c['stage1']} captions, "
          f"{c['stage2_turns']} QA turns), {c['heldout_images']} held-out images, {meta['config']['image_size']}px "
          f"({timings['data']:.1f}s)")
 
-    histories, t_train = train_stages(qc, out, data_dir, seed, source=source, progress=progress, echo=echo)
+    clip_ckpt, clip_summary, timings["clip"] = pretrain_clip_stage(qc, out, data_dir, seed, progress=progress,
+                                                                   echo=echo)
+    histories, t_train = train_stages(qc, out, data_dir, seed, source=source, progress=progress, echo=echo,
+                                      clip_checkpoint=clip_ckpt)
     timings.update(t_train)
+    if clip_summary is not None:
+        histories = {"clip": clip_summary, **histories}
 
     t0 = time.perf_counter()
     model = load(out / "stage2")
     results, chance = evaluate_heldout(model, qc, data_dir, out / "eval", blind_files, chance,
                                        checkpoint=str(out / "stage2"), progress=progress)
     timings["eval"] = time.perf_counter() - t0
-    echo(f"[4/4] evaluated on held-out ShapesWorld ({timings['eval']:.0f}s)")
+    echo(f"[5/5] evaluated on held-out ShapesWorld ({timings['eval']:.0f}s)")
 
     # one question about one held-out image, through the same `answer` that `emma-mamba generate` uses
     ho = data_dir / "heldout"
