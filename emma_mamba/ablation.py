@@ -16,7 +16,9 @@ held-out evaluation) from the same recipe, differing only in the model section:
 
 The data set (ShapesWorld ``--data-seed``, default 0) is the same for every run; ``--seeds`` vary the model
 initialisation and the data order. Per metric the table reports mean ± sample standard deviation (ddof = 1)
-over seeds. Runs are sequential (a CPU run uses every core) and resumable: each finished run leaves
+over seeds. When the recipe has a stage 0 (``clip``), one CLIP is pretrained per seed and shared by every
+variant of that seed, as one downloaded CLIP would be. Runs go one at a time or, with ``--jobs N``, N at once
+in worker processes; they are resumable: each finished run leaves
 ``<out>/<variant>/seed<k>/result.json`` and is skipped on a rerun; the results JSON is rewritten after every
 run, so an interrupted ablation still leaves its finished part.
 """
@@ -34,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["VARIANTS", "METRICS", "variant_model", "aggregate", "markdown_table", "plot", "run_ablation"]
+__all__ = ["VARIANTS", "METRICS", "variant_model", "stage_overrides_for", "aggregate", "markdown_table", "plot", "run_ablation"]
 
 log = logging.getLogger("emma_mamba.ablation")
 
@@ -152,15 +154,17 @@ def plot(summary: dict, path: str | Path, chance: dict | None = None, title: str
 
 
 def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants: list[str], results: str | Path,
-                 plot_path: str | Path | None, data_seed: int = 0, progress: bool = False, echo=print) -> dict:
+                 plot_path: str | Path | None, data_seed: int = 0, progress: bool = False, echo=print,
+                 jobs: int = 1, threads: int = 1) -> dict:
     import torch
 
-    from emma_mamba.models.vlm import load
-    from emma_mamba.quickstart import evaluate_heldout, load_quickstart_config, make_data, train_stages
+    from emma_mamba.quickstart import load_quickstart_config, make_data
 
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     qc = load_quickstart_config(config)
     out = Path(out)
     data_dir, blind_dir = out / "data", out / "blind"
@@ -179,33 +183,117 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     t_start = time.perf_counter()
+    todo = []
     for v in variants:
-        model_cfg = variant_model(qc.model, VARIANTS[v])
         for seed in seeds:
-            run_dir = out / _slug(v) / f"seed{seed}"
-            res_file = run_dir / "result.json"
+            res_file = out / _slug(v) / f"seed{seed}" / "result.json"
             if res_file.is_file():
                 runs[v].append(json.loads(res_file.read_text()))
                 echo(f"{v} seed {seed}: done earlier ({res_file})")
-                continue
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # an interrupted run: start it again
-            t0 = time.perf_counter()
-            hist, t_train = train_stages(qc, run_dir, data_dir, seed, source=str(config), model=model_cfg,
-                                         progress=progress)
-            model = load(run_dir / "stage2")
-            metrics, ch = evaluate_heldout(model, qc, data_dir, run_dir / "eval", blind_files, chance,
-                                           checkpoint=str(run_dir / "stage2"), progress=progress)
-            del model
-            rec = {"variant": v, "seed": seed, "components": VARIANTS[v], "metrics": metrics, "chance": ch,
-                   "training": hist, "seconds": {**t_train, "total": time.perf_counter() - t0}}
-            res_file.write_text(json.dumps(rec, indent=1) + "\n")
-            runs[v].append(rec)
-            echo(f"{v} seed {seed}: " + ", ".join(
-                f"{label} {100 * metrics[task][metric]:.1f}" for task, metric, label in METRICS)
-                + f" ({rec['seconds']['total']:.0f}s)")
-            _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch)
-    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch)
+            else:
+                todo.append((v, seed))
+    # Stage 0 (when the recipe has one): one CLIP per seed, shared by every variant of that seed, as one
+    # downloaded CLIP would be; the variants differ only in what they build on it.
+    clip_ckpts: dict[int, Path | None] = {seed: None for seed in seeds}
+    if int(qc.clip.get("steps", 0) or 0) > 0:
+        for seed in sorted({s for _, s in todo}):
+            clip_ckpts[seed] = out / "clip" / f"seed{seed}" / "open_clip.pt"
+        need = [s for s, p in clip_ckpts.items() if p is not None and not p.is_file()]
+        _parallel(_clip_job, [(str(config), str(out), str(data_dir), s, progress) for s in need], jobs, threads,
+                  lambda r: echo(f"stage 0 (CLIP) seed {r['seed']}: loss {r['first_loss']:.3f} -> "
+                                 f"{r['last_loss']:.3f}, in-batch retrieval {100 * r['last_i2t_acc']:.0f}%"))
+
+    def done(rec):
+        runs[rec["variant"]].append(rec)
+        echo(f"{rec['variant']} seed {rec['seed']}: " + ", ".join(
+            f"{label} {100 * rec['metrics'][task][metric]:.1f}" for task, metric, label in METRICS)
+            + f" ({rec['seconds']['total']:.0f}s)")
+        _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs)
+
+    _parallel(_variant_job, [(str(config), str(out), str(data_dir), v, s, clip_ckpts[s], blind_files, chance, progress)
+                             for v, s in todo], jobs, threads, done)
+    for v in runs:  # the table lists seeds in order whatever order the runs finished in
+        runs[v].sort(key=lambda r: r["seed"])
+    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs)
+
+
+def stage_overrides_for(stage: dict, on: dict) -> dict:
+    """A recipe's stage overrides for a variant: modules the variant does not have are dropped from
+    ``train.trainable`` (a recipe that trains instruction fusion in stage 1 still runs the variant without it)."""
+    stage = copy.deepcopy(stage)
+    trainable = (stage.get("train") or {}).get("trainable")
+    if trainable is not None:
+        absent = {"instruction"} if not on["instruction"] else set()
+        absent |= {"align_head"} if not on["align"] else set()
+        stage["train"]["trainable"] = [m for m in trainable if m not in absent]
+    return stage
+
+
+def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result) -> None:
+    """Runs ``fn(*args)`` for each args tuple, in this process (jobs=1) or in ``jobs`` worker processes (spawned,
+    each with ``threads`` torch threads), calling ``on_result`` with each result as it finishes."""
+    if not args_list:
+        return
+    if jobs == 1:
+        for a in args_list:
+            on_result(fn(*a))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(args_list)), mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, *a) for a in args_list]
+        for f in as_completed(futures):
+            on_result(f.result())
+
+
+def _worker_init(threads: int) -> None:
+    from emma_mamba.quickstart import set_threads
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_logs()
+    set_threads(threads)
+
+
+def _quiet_logs() -> None:
+    for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm",
+                 "emma_mamba.training.clip_pretrain"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _clip_job(config: str, out: str, data_dir: str, seed: int, progress: bool) -> dict:
+    from emma_mamba.quickstart import load_quickstart_config, pretrain_clip_stage
+
+    qc = load_quickstart_config(config)
+    ckpt = Path(out) / "clip" / f"seed{seed}" / "open_clip.pt"
+    _, res, _ = pretrain_clip_stage(qc, Path(out), Path(data_dir), seed, progress=progress, checkpoint=ckpt)
+    return {**res, "seed": seed}
+
+
+def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_ckpt: Path | None, blind_files: dict,
+                 chance: dict, progress: bool) -> dict:
+    from emma_mamba.models.vlm import load
+    from emma_mamba.quickstart import evaluate_heldout, load_quickstart_config, train_stages
+
+    qc = load_quickstart_config(config)
+    on = VARIANTS[v]
+    qc.stage1 = stage_overrides_for(qc.stage1, on)
+    qc.stage2 = stage_overrides_for(qc.stage2, on)
+    run_dir = Path(out) / _slug(v) / f"seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run: start it again
+    t0 = time.perf_counter()
+    hist, t_train = train_stages(qc, run_dir, Path(data_dir), seed, source=config, model=variant_model(qc.model, on),
+                                 progress=progress, clip_checkpoint=clip_ckpt)
+    model = load(run_dir / "stage2")
+    metrics, ch = evaluate_heldout(model, qc, Path(data_dir), run_dir / "eval", blind_files, chance,
+                                   checkpoint=str(run_dir / "stage2"), progress=progress)
+    rec = {"variant": v, "seed": seed, "components": on, "metrics": metrics, "chance": ch,
+           "clip_checkpoint": None if clip_ckpt is None else str(clip_ckpt),
+           "training": hist, "seconds": {**t_train, "total": time.perf_counter() - t0}}
+    (run_dir / "result.json").write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
 
 
 def _blind(data_dir: Path, blind_dir: Path):
@@ -221,22 +309,22 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
 
 
-def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch) -> dict:
+def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs=1) -> dict:
     summary = summarise(runs)
     # chance on the questions actually evaluated (eval.limit may cut the files): from any finished run
     first = next((r for rs in runs.values() for r in rs), None)
     ch = first["chance"] if first else chance
     doc = {
         "what": "ShapesWorld ablation of the EMMA components (emma-mamba ablate)",
-        "config": str(config), "recipe": {"data": qc.data, "model": qc.model, "stage1": qc.stage1,
-                                          "stage2": qc.stage2, "eval": qc.eval},
+        "config": str(config), "recipe": {"data": qc.data, "model": qc.model, "clip": qc.clip,
+                                          "stage1": qc.stage1, "stage2": qc.stage2, "eval": qc.eval},
         "data_seed": data_seed, "seeds": seeds, "std": "sample standard deviation over seeds (ddof=1)",
         "variants": {v: VARIANTS[v] for v in runs},
         "summary": summary, "table_markdown": markdown_table(summary, ch),
         "chance": {t: ch[t] for t in ch}, "runs": runs,
         "seconds": time.perf_counter() - t_start,
         "seconds_of_runs": sum(r["seconds"]["total"] for rs in runs.values() for r in rs), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(), "jobs": jobs, "platform": platform.platform(), "torch": torch.__version__,
         "data_counts": meta["counts"],
     }
     results = Path(results)
@@ -259,7 +347,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="benchmarks/results/ablation.json", help="results JSON (default %(default)s)")
     p.add_argument("--plot", default="benchmarks/results/ablation.png", help="PNG plot (default %(default)s; '' = none)")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; see quickstart)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per run (default 1; see quickstart)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel, each in its own process with --threads threads (default 1; on an "
+                        "N-core CPU, --jobs N with --threads 1 keeps every core busy with the tiny model)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,13 +359,12 @@ def run(args: argparse.Namespace) -> int:
     from emma_mamba.quickstart import CONFIG_DIR, set_threads
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet_logs()
     set_threads(args.threads)
     config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
     try:
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
-                           data_seed=args.data_seed, progress=args.progress)
+                           data_seed=args.data_seed, progress=args.progress, jobs=args.jobs, threads=args.threads)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"emma-mamba ablate: {e}", file=sys.stderr)
         return 2

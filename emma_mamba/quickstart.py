@@ -174,9 +174,9 @@ def clip_vision_config(qc: QuickstartConfig, model: dict | None = None):
 
 
 def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, progress: bool = True,
-                        echo=None) -> tuple[Path | None, dict | None, float]:
-    """Stage 0 into ``out/clip/open_clip.pt`` when the recipe has ``clip.steps``; returns (checkpoint or None,
-    summary, seconds)."""
+                        echo=None, checkpoint: Path | None = None) -> tuple[Path | None, dict | None, float]:
+    """Stage 0 into ``checkpoint`` (default ``out/clip/open_clip.pt``) when the recipe has ``clip.steps``;
+    returns (checkpoint or None, summary, seconds)."""
     import torch
 
     from emma_mamba.training.clip_pretrain import pretrain_clip
@@ -188,7 +188,7 @@ def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: i
         return None, None, 0.0
     t0 = time.perf_counter()
     opts = {k: qc.clip[k] for k in CLIP_KEYS if k in qc.clip and k != "steps"}
-    ckpt = out / "clip" / "open_clip.pt"
+    ckpt = checkpoint if checkpoint is not None else out / "clip" / "open_clip.pt"
     res = pretrain_clip(clip_vision_config(qc), data_dir / "train" / "stage1_captions.json", data_dir / "images",
                         ckpt, steps=steps, seed=seed, progress=progress,
                         device="cuda" if torch.cuda.is_available() else "cpu", **opts)
@@ -417,8 +417,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"      A: {d['model']!r}   (ground truth: {d['expected']!r})")
     print()
     print(format_table(summary))
-    print(f"chance = the blind (question-only) baseline: the training-answer prior, no image")
+    print("chance = the blind (question-only) baseline: the training-answer prior, no image")
     s = summary["seconds"]
-    print(f"time: data {s['data']:.0f}s, stage 1 {s['pretrain']:.0f}s, stage 2 {s['finetune']:.0f}s, "
+    print(f"time: data {s['data']:.0f}s, stage 0 {s.get('clip', 0):.0f}s, stage 1 {s['pretrain']:.0f}s, stage 2 {s['finetune']:.0f}s, "
           f"eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
     return 0

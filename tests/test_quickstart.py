@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from emma_mamba.ablation import VARIANTS, aggregate, markdown_table, summarise, variant_model
+from emma_mamba.ablation import VARIANTS, aggregate, markdown_table, stage_overrides_for, summarise, variant_model
 from emma_mamba.config import ConfigError, config_from_dict
 from emma_mamba.quickstart import EVAL_TASKS, build_word_tokenizer, load_quickstart_config
 
@@ -32,6 +32,15 @@ def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
                  allow_missing=True)
     assert s["rows"][2]["accuracy"] == pope["accuracy"]
     assert s["training"]["pretrain"]["steps"] == 2 and s["training"]["finetune"]["steps"] == 2
+    # stage 0 ran and stage 1 started from its CLIP: the stage-1 model's ViT holds the stage-0 weights
+    assert s["training"]["clip"]["steps"] == 3 and (out / "clip" / "clip_metrics.jsonl").is_file()
+    import torch
+
+    from emma_mamba.models.vlm import load
+
+    clip_state = torch.load(out / "clip" / "open_clip.pt", weights_only=True)
+    vit = load(out / "stage1", for_training=False).vision.visual.state_dict()
+    assert all(torch.equal(v, clip_state["visual." + k]) for k, v in vit.items())
     assert s["demo"]["question"] in printed
     assert (out / "stage2" / "tokenizer.json").is_file()
     # a second run into the same folder must be asked for explicitly
@@ -109,3 +118,36 @@ def test_variant_models_switch_exactly_one_component():
     for c in cfgs.values():
         assert c.lm == cobra.lm and c.projector == cobra.projector and c.vision.open_clip_overrides == \
             cobra.vision.open_clip_overrides
+
+
+def test_variant_stage_overrides_drop_absent_modules():
+    stage = {"train": {"trainable": ["mff", "instruction", "projector", "lm", "align_head"], "lr": 1e-3}}
+    cobra = stage_overrides_for(stage, VARIANTS["cobra-like"])
+    assert cobra["train"] == {"trainable": ["mff", "projector", "lm"], "lr": 1e-3}
+    assert stage_overrides_for(stage, VARIANTS["all (EMMA)"]) == stage
+    assert stage_overrides_for(stage, VARIANTS["+instruction"])["train"]["trainable"] == \
+        ["mff", "instruction", "projector", "lm"]
+    assert stage_overrides_for({"data": {"max_length": 64}}, VARIANTS["cobra-like"]) == {"data": {"max_length": 64}}
+    assert stage["train"]["trainable"][1] == "instruction"  # the recipe itself is left alone
+
+
+def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
+    from emma_mamba.cli import main
+    from emma_mamba.quickstart import CONFIG_DIR
+
+    res = tmp_path / "ablation.json"
+    argv = ["ablate", "--config", str(CONFIG_DIR / "quickstart_fast.yaml"), "--seeds", "0", "--variants",
+            "cobra-like", "all (EMMA)", "--out", str(tmp_path / "runs"), "--results", str(res), "--plot", "",
+            "--jobs", "2"]
+    assert main(argv) == 0
+    doc = json.loads(res.read_text())
+    assert set(doc["summary"]) == {"cobra-like", "all (EMMA)"} and doc["jobs"] == 2
+    runs = {r["variant"]: r for rs in doc["runs"].values() for r in rs}
+    # one stage-0 CLIP for the seed, shared by both variants
+    assert runs["cobra-like"]["clip_checkpoint"] == runs["all (EMMA)"]["clip_checkpoint"]
+    assert Path(runs["cobra-like"]["clip_checkpoint"]).is_file()
+    for r in runs.values():  # the summary is the runs' own metrics
+        assert doc["summary"][r["variant"]]["stats"]["POPE-rand acc"]["mean"] == r["metrics"]["pope_random"]["accuracy"]
+    # a rerun finds every run done and trains nothing
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done earlier") == 2
