@@ -134,6 +134,8 @@ class MambaConfig:
             raise ValueError(f"MambaConfig needs 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
         if not self.rms_norm_eps > 0:
             bad("rms_norm_eps", "positive")
+        if not self.initializer_range > 0:
+            bad("initializer_range", "positive")
 
     @property
     def d_inner(self) -> int:

@@ -443,7 +443,8 @@ def _mamba_config(config: ModelConfig, MambaConfig):
         return MambaConfig(d_model=lm.d_model, n_layer=lm.n_layer, vocab_size=lm.vocab_size, d_state=lm.d_state,
                            d_conv=lm.d_conv, expand=lm.expand, dt_rank=lm.dt_rank, conv_bias=lm.conv_bias,
                            bias=lm.bias, rms_norm_eps=lm.rms_norm_eps, residual_in_fp32=lm.residual_in_fp32,
-                           pad_vocab_size_multiple=lm.pad_vocab_size_multiple, tie_embeddings=lm.tie_embeddings)
+                           pad_vocab_size_multiple=lm.pad_vocab_size_multiple, tie_embeddings=lm.tie_embeddings,
+                           initializer_range=lm.initializer_range)
     except ValueError as e:
         raise ConfigError(f"lm: {e}") from None
 
