@@ -625,13 +625,24 @@ class _Asker:
         """Up to n distinct questions, each from a generator chosen uniformly from `kinds`."""
         seen = set() if seen is None else seen
         out: list[QA] = []
-        for _ in range(20 * n):
-            if len(out) == n:
-                break
-            qa = getattr(self, self.rng.choice(kinds))()
+        def take(kind) -> None:
+            qa = getattr(self, kind)()
             if qa is not None and qa.question not in seen:
                 seen.add(qa.question)
                 out.append(qa)
+
+        for _ in range(20 * n):
+            if len(out) == n:
+                break
+            take(self.rng.choice(kinds))
+        if len(out) < n:
+            # rare: the random picks kept landing on generators with nothing to ask about this scene (e.g.
+            # relations in a one-shape image); try every generator once, in random order, so that a
+            # conversation never comes out empty
+            for kind in self.rng.sample(list(kinds), len(kinds)):
+                if len(out) == n:
+                    break
+                take(kind)
         return out
 
 

@@ -415,3 +415,16 @@ def test_blind_baseline_is_scoreable_and_weak(world, tmp_path):
     assert m["vqav2"]["accuracy"] < 0.6 and m["gqa"]["accuracy"] < 0.7
     assert all(m[f"pope_{v}"]["accuracy"] < 0.7 for v in sw.POPE_VARIANTS)
     assert m["mme"]["total"] < 0.7 * 200 * len(m["mme"]["categories"])
+
+
+def test_single_turn_conversations_are_never_empty(tmp_path):
+    # max_turns 1 asks one question per image; in one-shape scenes many generators (relations, "both") have
+    # nothing to ask, and 20 random picks could all miss: seed 0 wrote an empty conversation for image 266
+    from emma_mamba.data.shapes import ShapesConfig, generate
+
+    generate(ShapesConfig(seed=0, n_train=300, n_heldout=2, image_size=96, max_turns=1), tmp_path)
+    recs = json.loads((tmp_path / "train" / "stage2_instruct.json").read_text())
+    assert len(recs) == 300
+    for r in recs:
+        conv = r["conversations"]
+        assert len(conv) >= 2 and conv[0]["from"] == "human" and conv[0]["value"].startswith("<image>\n"), r["id"]
