@@ -364,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
     try:
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
-                           data_seed=args.data_seed, progress=args.progress, jobs=args.jobs, threads=args.threads)
+                           data_seed=args.data_seed, progress=args.progress, jobs=args.jobs, threads=args.threads,
+                           echo=lambda line: print(line, flush=True))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"emma-mamba ablate: {e}", file=sys.stderr)
         return 2

@@ -406,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         qc = load_quickstart_config(path)
         summary = run_pipeline(qc, args.out, args.seed, source=str(path), overwrite=args.overwrite,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, echo=lambda line: print(line, flush=True))
     except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"emma-mamba quickstart: {e}", file=sys.stderr)
         return 2
