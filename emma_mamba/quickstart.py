@@ -7,14 +7,18 @@ Steps (each one the library's own code path, nothing special-cased):
 1. ShapesWorld (:mod:`emma_mamba.data.shapes`): training images with captions (stage 1) and conversations
    (stage 2), held-out images with POPE / VQAv2 / GQA files; the blind (question-only) baseline of
    :func:`~emma_mamba.data.shapes.blind_baseline` is scored as the chance level.
-2. Stage 1 (alignment) and stage 2 (instruction tuning) with :class:`emma_mamba.training.trainer.Trainer` on
+2. Stage 0 (when the recipe has a ``clip`` section): a tiny CLIP, both open_clip towers, trained with CLIP's
+   contrastive loss on the stage-1 captions (:mod:`emma_mamba.training.clip_pretrain`), standing in for the
+   pretrained CLIP that EMMA-Mamba starts from and that cannot be downloaded here; it becomes the model's
+   ``vision.pretrained``.
+3. Stage 1 (alignment) and stage 2 (instruction tuning) with :class:`emma_mamba.training.trainer.Trainer` on
    the ``tiny`` preset (random-initialised: there is nothing to download), from run configs built the same
    way ``emma-mamba pretrain|finetune`` builds them.
-3. Held-out evaluation with :func:`emma_mamba.eval.runner.evaluate` (VQAv2-style, GQA-style, POPE random /
+4. Held-out evaluation with :func:`emma_mamba.eval.runner.evaluate` (VQAv2-style, GQA-style, POPE random /
    popular / adversarial), one demo answer about one held-out image, and a summary table: the model's numbers
    next to the blind baseline's. Everything is written under ``--out`` (``summary.json`` holds the table).
 
-The recipe (data size, image size, steps, learning rates) lives in ``configs/quickstart.yaml``; ``--fast``
+The recipe (data size, model overrides, steps, learning rates) lives in ``configs/quickstart.yaml``; ``--fast``
 uses ``configs/quickstart_fast.yaml``, a seconds-long smoke run of the same pipeline (its numbers mean
 nothing). The keys are checked strictly: an unknown key is an error naming the file and the key.
 """
