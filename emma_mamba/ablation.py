@@ -199,7 +199,8 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
         for seed in sorted({s for _, s in todo}):
             clip_ckpts[seed] = out / "clip" / f"seed{seed}" / "open_clip.pt"
         need = [s for s, p in clip_ckpts.items() if p is not None and not p.is_file()]
-        _parallel(_clip_job, [(str(config), str(out), str(data_dir), s, progress) for s in need], jobs, threads,
+        _parallel(_clip_job, [(str(config), str(out), str(data_dir), s, clip_ckpts[s], progress) for s in need],
+                  jobs, threads,
                   lambda r: echo(f"stage 0 (CLIP) seed {r['seed']}: loss {r['first_loss']:.3f} -> "
                                  f"{r['last_loss']:.3f}, in-batch retrieval {100 * r['last_i2t_acc']:.0f}%"))
 
@@ -249,24 +250,16 @@ def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result) ->
 
 
 def _worker_init(threads: int) -> None:
-    from emma_mamba.quickstart import set_threads
+    from emma_mamba.quickstart import quiet_logs, set_threads
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_logs()
+    quiet_logs()
     set_threads(threads)
 
 
-def _quiet_logs() -> None:
-    for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm",
-                 "emma_mamba.training.clip_pretrain"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _clip_job(config: str, out: str, data_dir: str, seed: int, progress: bool) -> dict:
+def _clip_job(config: str, out: str, data_dir: str, seed: int, ckpt: Path, progress: bool) -> dict:
     from emma_mamba.quickstart import load_quickstart_config, pretrain_clip_stage
 
     qc = load_quickstart_config(config)
-    ckpt = Path(out) / "clip" / f"seed{seed}" / "open_clip.pt"
     _, res, _ = pretrain_clip_stage(qc, Path(out), Path(data_dir), seed, progress=progress, checkpoint=ckpt)
     return {**res, "seed": seed}
 
@@ -356,10 +349,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
-    from emma_mamba.quickstart import CONFIG_DIR, set_threads
+    from emma_mamba.quickstart import CONFIG_DIR, quiet_logs, set_threads
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_logs()
+    quiet_logs()
     set_threads(args.threads)
     config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
     try:

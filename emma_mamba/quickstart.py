@@ -154,8 +154,6 @@ def build_word_tokenizer(data_dir: Path, out_dir: Path) -> Path:
 def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path, clip_checkpoint: Path | None = None) -> dict:
     """The model mapping with ``lm.tokenizer: shapesworld`` replaced by the built word tokenizer (and
     ``lm.vocab_size`` set to its size), and ``vision.pretrained`` set to the stage-0 CLIP when there is one."""
-    import copy
-
     from emma_mamba.models.tokenizer import load_tokenizer
 
     model = copy.deepcopy(model)
@@ -170,11 +168,11 @@ def resolve_model(qc: QuickstartConfig, model: dict, tokenizer_dir: Path, clip_c
     return model
 
 
-def clip_vision_config(qc: QuickstartConfig, model: dict | None = None):
+def clip_vision_config(qc: QuickstartConfig):
     """The VisionConfig of the recipe's model (the towers stage 0 trains)."""
     from emma_mamba.config import config_from_dict
 
-    return config_from_dict(copy.deepcopy(qc.model if model is None else model), source="quickstart model").vision
+    return config_from_dict(copy.deepcopy(qc.model), source="quickstart model").vision
 
 
 def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, progress: bool = True,
@@ -370,6 +368,16 @@ def format_table(summary: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+def quiet_logs() -> None:
+    """Logging of the pipeline commands (quickstart, ablate and its worker processes): stage logs at INFO would
+    interleave with the progress bars; instruction-fusion truncation warnings (the tiny preset's short text
+    context) are counted in the trainer's final line instead; "stage1 holds no alignment head" is expected."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("emma_mamba").setLevel(logging.WARNING)
+    for name in ("emma_mamba.models.fusion", "emma_mamba.training.trainer", "emma_mamba.models.vlm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def set_threads(n: int) -> None:
     """torch intra-op threads. Measured on the shared 2-core CPU: stage 2 of the quickstart ran at ~11 steps/s
     with 1 thread next to another busy process, and at 0.5-2 steps/s with torch's default 2-thread pool."""
@@ -398,13 +406,7 @@ def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
     from emma_mamba.data.llava import DataError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # stage logs at INFO would interleave with the progress bars; instruction-fusion truncation warnings
-    # (the tiny preset's 24-token text tower) are counted in the trainer's final line instead
-    logging.getLogger("emma_mamba").setLevel(logging.WARNING)
-    logging.getLogger("emma_mamba.models.fusion").setLevel(logging.ERROR)
-    logging.getLogger("emma_mamba.training.trainer").setLevel(logging.ERROR)
-    logging.getLogger("emma_mamba.models.vlm").setLevel(logging.ERROR)  # "stage1 holds no alignment head": expected
+    quiet_logs()
     set_threads(args.threads)
     path = Path(args.config) if args.config else CONFIG_DIR / (FAST_CONFIG if args.fast else DEFAULT_CONFIG)
     try:
@@ -423,6 +425,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print("chance = the blind (question-only) baseline: the training-answer prior, no image")
     s = summary["seconds"]
-    print(f"time: data {s['data']:.0f}s, stage 0 {s.get('clip', 0):.0f}s, stage 1 {s['pretrain']:.0f}s, stage 2 {s['finetune']:.0f}s, "
-          f"eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
+    print(f"time: data {s['data']:.0f}s, stage 0 {s.get('clip', 0):.0f}s, stage 1 {s['pretrain']:.0f}s, "
+          f"stage 2 {s['finetune']:.0f}s, eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
     return 0

@@ -161,13 +161,12 @@ class EmmaMamba(nn.Module):
                     why = ("instruction.enabled is false" if name == "instruction" else
                            "align.enabled is false, or the model was built without its training-only head")
                     raise ValueError(f"train.trainable lists {name!r} but this model has none ({why})")
-        for name in ("mff", "instruction", "projector", "lm", "align_head"):
+        for name in TRAINABLE_MODULES:
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(name in names)
         if self.instruction is not None:
             self.instruction.text_model.requires_grad_(False)
-        self.vision.requires_grad_("vision" in names)
         return self
 
     def tokenize_instructions(self, texts: Sequence[str]) -> torch.Tensor:

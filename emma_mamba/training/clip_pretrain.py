@@ -14,8 +14,8 @@ the normalised image and text embeddings of a batch, scaled by the learned tempe
     pretrain_clip(vision_cfg, captions_json, image_folder, out_file, steps=..., batch_size=..., lr=...)
 
 Data: a LLaVA-format caption file (stage 1's): each record's image and its first assistant turn as the text.
-Images are preprocessed once with the encoder's own eval transform and held in memory as uint8-free float
-tensors, so a step costs one forward/backward of the two small towers. Progress is a tqdm bar; the loss and
+Images are preprocessed once with the encoder's own eval transform and held in memory as float tensors, so a
+step costs one forward/backward of the two small towers. Progress is a tqdm bar; the loss and
 the in-batch image-to-text retrieval accuracy go to ``<out dir>/clip_metrics.jsonl``.
 """
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -85,6 +84,7 @@ def pretrain_clip(vision_cfg: VisionConfig, captions_json: str | Path, image_fol
     from tqdm.auto import tqdm
 
     from emma_mamba.models.vision import ImageProcessor, build_open_clip
+    from emma_mamba.training.optim import lr_lambda
 
     if steps < 1 or batch_size < 2:
         raise ValueError(f"pretrain_clip: steps must be >= 1 and batch_size >= 2, got {steps} and {batch_size}")
@@ -109,12 +109,7 @@ def pretrain_clip(vision_cfg: VisionConfig, captions_json: str | Path, image_fol
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, steps, warmup_steps))
     gen = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(pairs))
     order, pos = torch.randperm(len(pairs), generator=gen), 0
