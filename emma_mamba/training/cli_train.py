@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     for path, doc in dotted_fields():
         if path == "stage":
             continue
-        g.add_argument(f"--{path}", dest=path, default=argparse.SUPPRESS, metavar="V", help=doc or None)
+        g.add_argument(f"--{path}", dest=path, default=argparse.SUPPRESS, metavar="V",
+                       help=doc.replace("%", "%%") if doc else None)  # argparse %-formats help
 
 
 def _overrides(args: argparse.Namespace) -> dict:
