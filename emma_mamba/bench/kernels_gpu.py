@@ -70,7 +70,6 @@ def _copy_bandwidth_gbs():
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst = torch.empty_like(src)
     ms = _median_ms(lambda: dst.copy_(src), warmup=3, iters=20)
-    del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -179,64 +178,67 @@ def _scan_bytes(b, d, n, l, elt):
 
 
 def _scan_section(res, mssm_scan, backends, quick):
-    rows = []
     shapes = SCAN_SHAPES[:1] if quick else SCAN_SHAPES
-    for (b, d, n, l) in shapes:
-        x = _scan_inputs(b, d, n, l, DTYPE, requires_grad=True)
-        dout = torch.randn(b, d, l, device="cuda", dtype=DTYPE)
-        row = dict(b=b, d=d, n=n, L=l, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
+    res["selective_scan"] = []
+    for shape in shapes:
+        res["selective_scan"].append(_scan_row(res, mssm_scan, backends, *shape))
+        torch.cuda.empty_cache()  # the row's inputs went out of scope with _scan_row
 
-        def ours(backend, det=None):
-            def fwd():
-                with ops.use_backend(backend):
-                    return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                              x["delta_bias"], True, deterministic=det)
-            return fwd
 
-        impls = {f"emma_{bk}": ours(bk) for bk in backends}
-        if "cuda" in backends:
-            impls["emma_cuda_deterministic"] = ours("cuda", True)
-        if mssm_scan is not None:
-            impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
-                                                   x["delta_bias"], delta_softplus=True)
-        for name, f in impls.items():
-            try:
-                if name != "emma_cuda_deterministic":
-                    with torch.no_grad():
-                        row["times_ms"][f"{name}.fwd"] = _median_ms(f)
+def _scan_row(res, mssm_scan, backends, b, d, n, l):
+    """One shape of the scan table: every implementation's fwd and fwd+bwd median, ratios, bandwidth."""
+    x = _scan_inputs(b, d, n, l, DTYPE, requires_grad=True)
+    dout = torch.randn(b, d, l, device="cuda", dtype=DTYPE)
+    row = dict(b=b, d=d, n=n, L=l, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
 
-                def fb(f=f):
-                    out = f()
-                    torch.autograd.backward(out, dout)
-                    for v in x.values():
-                        v.grad = None
-                row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb, warmup=2, iters=8)
-            except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
-                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-            torch.cuda.empty_cache()
-        # sanity: same function as mamba-ssm on these inputs
-        if mssm_scan is not None and "cuda" in backends:
-            with torch.no_grad():
-                a = impls["emma_cuda"]().float()
-                m = impls["mamba_ssm"]().float()
-                row["max_abs_diff_vs_mamba_ssm"] = (a - m).abs().max().item()
-                row["max_abs_out"] = m.abs().max().item()
-        t = row["times_ms"]
-        for kind in ("fwd", "fwd_bwd"):
-            if f"emma_cuda.{kind}" in t and f"mamba_ssm.{kind}" in t:
-                row[f"ratio_emma_cuda_over_mamba_ssm.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"mamba_ssm.{kind}"]
-        if "emma_cuda.fwd" in t:
-            nbytes = _scan_bytes(b, d, n, l, 2)
-            row["fwd_bytes_min"] = nbytes
-            row["emma_cuda.fwd_GBps"] = nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
-            row["emma_cuda.fwd_fraction_of_copy_bw"] = row["emma_cuda.fwd_GBps"] / res["copy_bandwidth_GBps"]
-            if "mamba_ssm.fwd" in t:
-                row["mamba_ssm.fwd_fraction_of_copy_bw"] = (nbytes / (t["mamba_ssm.fwd"] * 1e-3) / 1e9
-                                                            / res["copy_bandwidth_GBps"])
-        rows.append(row)
-        del x, dout
+    def ours(backend, det=None):
+        def fwd():
+            with ops.use_backend(backend):
+                return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                          x["delta_bias"], True, deterministic=det)
+        return fwd
+
+    impls = {f"emma_{bk}": ours(bk) for bk in backends}
+    if "cuda" in backends:
+        impls["emma_cuda_deterministic"] = ours("cuda", True)
+    if mssm_scan is not None:
+        impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                               x["delta_bias"], delta_softplus=True)
+    for name, f in impls.items():
+        try:
+            if name != "emma_cuda_deterministic":
+                with torch.no_grad():
+                    row["times_ms"][f"{name}.fwd"] = _median_ms(f)
+
+            def fb(f=f):
+                out = f()
+                torch.autograd.backward(out, dout)
+                for v in x.values():
+                    v.grad = None
+            row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb, warmup=2, iters=8)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+            row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
         torch.cuda.empty_cache()
-    res["selective_scan"] = rows
+    # sanity: same function as mamba-ssm on these inputs
+    if mssm_scan is not None and "cuda" in backends:
+        with torch.no_grad():
+            a = impls["emma_cuda"]().float()
+            m = impls["mamba_ssm"]().float()
+            row["max_abs_diff_vs_mamba_ssm"] = (a - m).abs().max().item()
+            row["max_abs_out"] = m.abs().max().item()
+    t = row["times_ms"]
+    for kind in ("fwd", "fwd_bwd"):
+        if f"emma_cuda.{kind}" in t and f"mamba_ssm.{kind}" in t:
+            row[f"ratio_emma_cuda_over_mamba_ssm.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"mamba_ssm.{kind}"]
+    if "emma_cuda.fwd" in t:
+        nbytes = _scan_bytes(b, d, n, l, 2)
+        row["fwd_bytes_min"] = nbytes
+        row["emma_cuda.fwd_GBps"] = nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
+        row["emma_cuda.fwd_fraction_of_copy_bw"] = row["emma_cuda.fwd_GBps"] / res["copy_bandwidth_GBps"]
+        if "mamba_ssm.fwd" in t:
+            row["mamba_ssm.fwd_fraction_of_copy_bw"] = (nbytes / (t["mamba_ssm.fwd"] * 1e-3) / 1e9
+                                                        / res["copy_bandwidth_GBps"])
+    return row
 
 
 def _ref_section(res):
@@ -261,45 +263,48 @@ def _ref_section(res):
 
 
 def _conv_section(res, cc_fn, quick):
-    rows = []
     shapes = SCAN_SHAPES[:1] if quick else SCAN_SHAPES
+    res["causal_conv1d"] = []
     for (b, d, _, l) in shapes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(b, d, l, device="cuda", generator=g).to(DTYPE).requires_grad_()
-        w = torch.randn(d, 4, device="cuda", generator=g).to(DTYPE).requires_grad_()
-        bias = torch.randn(d, device="cuda", generator=g).to(DTYPE).requires_grad_()
-        dout = torch.randn_like(x)
-        row = dict(b=b, d=d, L=l, width=4, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
-
-        def ours():
-            with ops.use_backend("cuda"):
-                return ops.causal_conv1d(x, w, bias, "silu")
-        impls = {"emma_cuda": ours}
-        if cc_fn is not None:
-            impls["causal_conv1d"] = lambda: cc_fn(x, w, bias, activation="silu")
-        for name, f in impls.items():
-            try:
-                with torch.no_grad():
-                    row["times_ms"][f"{name}.fwd"] = _median_ms(f)
-
-                def fb(f=f):
-                    torch.autograd.backward(f(), dout)
-                    x.grad = w.grad = bias.grad = None
-                row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb)
-            except Exception as e:  # noqa: BLE001
-                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-        t = row["times_ms"]
-        for kind in ("fwd", "fwd_bwd"):
-            if f"causal_conv1d.{kind}" in t and f"emma_cuda.{kind}" in t:
-                row[f"ratio_emma_cuda_over_causal_conv1d.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"causal_conv1d.{kind}"]
-        if "emma_cuda.fwd" in t:
-            nbytes = 2 * b * d * l * 2  # x read once, out written once
-            row["emma_cuda.fwd_fraction_of_copy_bw"] = (nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
-                                                        / res["copy_bandwidth_GBps"])
-        rows.append(row)
-        del x, w, bias, dout
+        res["causal_conv1d"].append(_conv_row(res, cc_fn, b, d, l))
         torch.cuda.empty_cache()
-    res["causal_conv1d"] = rows
+
+
+def _conv_row(res, cc_fn, b, d, l):
+    """One shape of the conv table (width 4, SiLU): ours vs causal-conv1d, fwd and fwd+bwd."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, d, l, device="cuda", generator=g).to(DTYPE).requires_grad_()
+    w = torch.randn(d, 4, device="cuda", generator=g).to(DTYPE).requires_grad_()
+    bias = torch.randn(d, device="cuda", generator=g).to(DTYPE).requires_grad_()
+    dout = torch.randn_like(x)
+    row = dict(b=b, d=d, L=l, width=4, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
+
+    def ours():
+        with ops.use_backend("cuda"):
+            return ops.causal_conv1d(x, w, bias, "silu")
+    impls = {"emma_cuda": ours}
+    if cc_fn is not None:
+        impls["causal_conv1d"] = lambda: cc_fn(x, w, bias, activation="silu")
+    for name, f in impls.items():
+        try:
+            with torch.no_grad():
+                row["times_ms"][f"{name}.fwd"] = _median_ms(f)
+
+            def fb(f=f):
+                torch.autograd.backward(f(), dout)
+                x.grad = w.grad = bias.grad = None
+            row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb)
+        except Exception as e:  # noqa: BLE001
+            row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    t = row["times_ms"]
+    for kind in ("fwd", "fwd_bwd"):
+        if f"causal_conv1d.{kind}" in t and f"emma_cuda.{kind}" in t:
+            row[f"ratio_emma_cuda_over_causal_conv1d.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"causal_conv1d.{kind}"]
+    if "emma_cuda.fwd" in t:
+        nbytes = 2 * b * d * l * 2  # x read once, out written once
+        row["emma_cuda.fwd_fraction_of_copy_bw"] = (nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
+                                                    / res["copy_bandwidth_GBps"])
+    return row
 
 
 def _decode_section(res, mssm_ssu, cc_update):

@@ -24,13 +24,16 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from emma_mamba.config import ConfigError, VisionConfig
+
+if TYPE_CHECKING:  # PIL is imported where images are loaded
+    from PIL import Image
 
 __all__ = ["build_open_clip", "VisionEncoder", "load_image", "ImageProcessor"]
 
