@@ -436,14 +436,19 @@ def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     return default
 
 
+# LMConfig fields that are not the model's shape or init (they say where weights and tokenizer come from)
+LM_LOADING_FIELDS = ("pretrained", "tokenizer")
+
+
 def _mamba_config(config: ModelConfig, MambaConfig):
+    """The MambaConfig of ``config.lm``: every LMConfig field but the loading ones, copied by name (a field
+    added to both dataclasses reaches the model without touching this function)."""
+    from dataclasses import fields
+
     lm = config.lm
+    shape = {f.name: getattr(lm, f.name) for f in fields(lm) if f.name not in LM_LOADING_FIELDS}
     try:
-        return MambaConfig(d_model=lm.d_model, n_layer=lm.n_layer, vocab_size=lm.vocab_size, d_state=lm.d_state,
-                           d_conv=lm.d_conv, expand=lm.expand, dt_rank=lm.dt_rank, conv_bias=lm.conv_bias,
-                           bias=lm.bias, rms_norm_eps=lm.rms_norm_eps, residual_in_fp32=lm.residual_in_fp32,
-                           pad_vocab_size_multiple=lm.pad_vocab_size_multiple, tie_embeddings=lm.tie_embeddings,
-                           initializer_range=lm.initializer_range)
+        return MambaConfig(**shape)
     except ValueError as e:
         raise ConfigError(f"lm: {e}") from None
 

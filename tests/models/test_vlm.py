@@ -375,3 +375,23 @@ def test_token_outside_embedding_is_a_clear_error(model):
     ids = torch.tensor([[1, 2, 3], [4, 60000, 5]])
     with pytest.raises(ValueError, match=r"sample 1: token id 60000 at position 1 is outside the LM embedding"):
         model(ids)
+
+
+def test_every_lm_config_field_reaches_the_mamba_config():
+    # model.lm (the YAML face) and MambaConfig (the model's) are separate dataclasses: every LMConfig field but
+    # the loading ones must exist in MambaConfig and arrive there unchanged, or a YAML key would do nothing
+    from dataclasses import fields
+
+    from emma_mamba.config import LMConfig, ModelConfig
+    from emma_mamba.models.mamba import MambaConfig
+    from emma_mamba.models.vlm import LM_LOADING_FIELDS, _mamba_config
+
+    model_fields = {f.name for f in fields(MambaConfig)}
+    shape_fields = [f.name for f in fields(LMConfig) if f.name not in LM_LOADING_FIELDS]
+    assert set(shape_fields) <= model_fields, set(shape_fields) - model_fields
+    lm = LMConfig(d_model=48, n_layer=3, vocab_size=77, d_state=4, d_conv=3, expand=3, dt_rank=5, conv_bias=False,
+                  bias=True, rms_norm_eps=1e-6, residual_in_fp32=False, pad_vocab_size_multiple=16,
+                  tie_embeddings=False, initializer_range=0.05)
+    got = _mamba_config(ModelConfig(lm=lm), MambaConfig)
+    for name in shape_fields:  # every value differs from both classes' defaults, so a dropped field fails
+        assert getattr(got, name) == getattr(lm, name) != getattr(MambaConfig(), name), name
