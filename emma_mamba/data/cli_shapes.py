@@ -25,14 +25,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colours", default=",".join(d.colours), help=f"comma-separated subset of {list(PALETTE)}")
     p.add_argument("--kinds", default=",".join(d.kinds), help=f"comma-separated subset of {list(KINDS)}")
     p.add_argument("--max-turns", type=int, default=d.max_turns, help="most turns per stage-2 conversation")
+    p.add_argument("--question-mix", default="", metavar="GEN=W,...",
+                   help="relative weights of the stage-2 question generators, e.g. existence=4,compare=0 "
+                        "(unnamed ones weigh 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing ShapesWorld folder")
 
 
+def _parse_mix(text: str) -> dict:
+    mix = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, eq, w = item.partition("=")
+        try:
+            mix[name.strip()] = float(w)
+        except ValueError:
+            raise ValueError(f"--question-mix: expected GENERATOR=WEIGHT, got {item!r}") from None
+        if not eq:
+            raise ValueError(f"--question-mix: expected GENERATOR=WEIGHT, got {item!r}")
+    return mix
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        mix = _parse_mix(args.question_mix)
+    except ValueError as e:
+        print(f"emma-mamba data shapes: {e}", file=sys.stderr)
+        return 2
     cfg = ShapesConfig(seed=args.seed, n_train=args.n_train, n_heldout=args.n_heldout, image_size=args.image_size,
                        min_shapes=args.min_shapes, max_shapes=args.max_shapes, layout=args.layout, grid=args.grid,
                        detail_prob=args.detail_prob, colours=tuple(c.strip() for c in args.colours.split(",")),
-                       kinds=tuple(k.strip() for k in args.kinds.split(",")), max_turns=args.max_turns)
+                       kinds=tuple(k.strip() for k in args.kinds.split(",")), max_turns=args.max_turns,
+                       question_mix=mix)
     try:
         cfg.validate()
     except ValueError as e:

@@ -125,6 +125,10 @@ class ShapesConfig:
     """VQAv2-style questions per held-out image."""
     gqa_per_image: int = 2
     """GQA-style questions per held-out image."""
+    question_mix: dict = field(default_factory=dict)
+    """Relative weights of the stage-2 question generators (color, shape, size, count, detail, existence,
+    relation, relation_query, logical, compare); an unnamed generator weighs 1, 0 turns one off. Only the
+    training conversations follow it: the held-out benchmark files keep their fixed mix."""
 
     def validate(self) -> "ShapesConfig":
         def bad(name, msg):
@@ -160,6 +164,16 @@ class ShapesConfig:
         for name in ("max_turns", "pope_k", "vqa_per_image", "gqa_per_image"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "expected an integer >= 1")
+        kinds = _Asker.VQA_KINDS + _Asker.GQA_KINDS
+        if not isinstance(self.question_mix, dict):
+            bad("question_mix", "expected a mapping of question generator -> weight")
+        for k, w in self.question_mix.items():
+            if k not in kinds:
+                bad("question_mix", f"unknown question generator {k!r}; known: {list(kinds)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                bad("question_mix", f"the weight of {k!r} must be a number >= 0, got {w!r}")
+        if not any(self.question_mix.get(k, 1) > 0 for k in kinds):
+            bad("question_mix", "every generator has weight 0: no question could be asked")
         return self
 
 
@@ -621,9 +635,17 @@ class _Asker:
     VQA_KINDS = ("color", "shape", "size", "count", "detail", "existence")
     GQA_KINDS = ("relation", "relation_query", "logical", "compare")
 
-    def ask(self, kinds, n: int, seen: set[str] | None = None) -> list[QA]:
-        """Up to n distinct questions, each from a generator chosen uniformly from `kinds`."""
+    def ask(self, kinds, n: int, seen: set[str] | None = None, weights: dict | None = None) -> list[QA]:
+        """Up to n distinct questions, each from a generator drawn from `kinds`: uniformly, or by `weights`
+        (generator -> relative weight, 1 when absent; ShapesConfig.question_mix)."""
         seen = set() if seen is None else seen
+        w = [float((weights or {}).get(k, 1)) for k in kinds]
+        if len(set(w)) > 1:  # a real mix: weighted draws; otherwise the uniform draw (the same random stream)
+            kinds = [k for k, x in zip(kinds, w) if x > 0]
+            w = [x for x in w if x > 0]
+            pick = lambda: self.rng.choices(kinds, w)[0]  # noqa: E731
+        else:
+            pick = lambda: self.rng.choice(kinds)  # noqa: E731
         out: list[QA] = []
         def take(kind) -> None:
             qa = getattr(self, kind)()
@@ -634,7 +656,7 @@ class _Asker:
         for _ in range(20 * n):
             if len(out) == n:
                 break
-            take(self.rng.choice(kinds))
+            take(pick())
         if len(out) < n:
             # rare: the random picks kept landing on generators with nothing to ask about this scene (e.g.
             # relations in a one-shape image); try every generator once, in random order, so that a
@@ -761,7 +783,7 @@ def _conversation(scene: Scene, cfg: ShapesConfig) -> list[dict]:
     rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/instruct")
     asker = _Asker(scene, cfg, rng)
     n_turns = 1 if rng.random() < 0.4 else rng.randint(1, cfg.max_turns)
-    qas = asker.ask(_Asker.VQA_KINDS + _Asker.GQA_KINDS, n_turns)
+    qas = asker.ask(_Asker.VQA_KINDS + _Asker.GQA_KINDS, n_turns, weights=cfg.question_mix)
     if rng.random() < 0.15:  # an occasional long answer, so the model does not learn "always answer in one word"
         qas.insert(rng.randint(0, len(qas)), QA("Describe the image in detail.", caption(scene, cfg.image_size, rng),
                                                 "caption", "other", "describe"))

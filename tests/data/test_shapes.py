@@ -428,3 +428,36 @@ def test_single_turn_conversations_are_never_empty(tmp_path):
     for r in recs:
         conv = r["conversations"]
         assert len(conv) >= 2 and conv[0]["from"] == "human" and conv[0]["value"].startswith("<image>\n"), r["id"]
+
+
+def test_question_mix_weights_the_training_questions():
+    # question_mix reweights the stage-2 generators: counted over the asker's own QA categories
+    from collections import Counter
+    import random as _random
+
+    from emma_mamba.data.shapes import ShapesConfig, _Asker, sample_scenes
+
+    cfg = ShapesConfig(seed=3, n_train=300, n_heldout=2, image_size=96).validate()
+    scenes, _ = sample_scenes(cfg)
+    kinds = _Asker.VQA_KINDS + _Asker.GQA_KINDS
+
+    def categories(weights, seed=0):
+        c = Counter()
+        for i, sc in enumerate(scenes):
+            for qa in _Asker(sc, cfg, _random.Random(f"{seed}/{i}")).ask(kinds, 3, weights=weights):
+                c[qa.category] += 1
+        return c
+
+    uniform, heavy = categories({}), categories({"existence": 9})
+    share = lambda c: c["existence"] / sum(c.values())  # noqa: E731
+    assert share(uniform) < 0.15 < 0.4 < share(heavy)  # 1/10 of the draws vs 9/18
+    off = categories({"relation": 0, "relation_query": 0, "compare": 0, "logical": 0})
+    assert off["compare"] == off["logical"] == 0 and set(off) <= {"color", "shape", "size", "count", "detail",
+                                                                "existence"}
+    assert categories({k: 2.5 for k in kinds}) == uniform  # equal weights are the uniform draw, same stream
+
+    for bad, match in (({"existance": 2}, "unknown question generator 'existance'"),
+                       ({"count": -1}, "must be a number >= 0"),
+                       ({k: 0 for k in kinds}, "every generator has weight 0")):
+        with pytest.raises(ValueError, match=match):
+            ShapesConfig(question_mix=bad).validate()
