@@ -8,7 +8,9 @@
 // Rows (batch, channel) are independent in the forward. The backward runs one channel per work item and
 // loops over the batch inside, so dweight/dbias are summed in a fixed order (deterministic) without scratch.
 // Everything is computed in fp32 from fp32 copies of one row (length l + W - 1).
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -64,25 +66,44 @@ inline bool same_seq(const int32_t* sq, int64_t t, int64_t src) {
   return sq == nullptr || sq[t] == sq[src < 0 ? 0 : src];
 }
 
-// pre-activation of row xp into pre[0..l)
-void conv_row(const float* __restrict__ xp, const float* wt, float bias, const int32_t* sq, const ConvShape& s,
-              float* __restrict__ pre) {
-  if (sq == nullptr) {  // the common case: tap-outer loops over contiguous time, which the compiler vectorises
-    for (int64_t t = 0; t < s.l; ++t) pre[t] = bias;
-    for (int64_t k = 0; k < s.w; ++k) {
-      const float wk = wt[k];
-      const float* __restrict__ src = xp + k;
-      for (int64_t t = 0; t < s.l; ++t) pre[t] += wk * src[t];
+// With seq_idx: valid[(bi * (W-1) + k) * l + t] = all ones if tap k < W-1 of output t in batch row bi reads the
+// same sequence as t, else 0 (the last tap, k = W-1, is position t itself and always valid). Computed once per
+// call, before the row loops, so that those loops are branch-free over contiguous time and vectorise: a tap's
+// term is AND-ed with its mask (exactly 0 when invalid, even for a non-finite input of another sequence).
+using Mask = uint32_t;
+std::vector<Mask> tap_masks(const int32_t* sqp, const ConvShape& s) {
+  std::vector<Mask> valid(sqp ? s.b * (s.w - 1) * s.l : 0);
+  if (sqp == nullptr) return valid;
+  for (int64_t bi = 0; bi < s.b; ++bi) {
+    const int32_t* sq = sqp + bi * s.l;
+    for (int64_t k = 0; k + 1 < s.w; ++k) {
+      Mask* v = valid.data() + (bi * (s.w - 1) + k) * s.l;
+      for (int64_t t = 0; t < s.l; ++t) v[t] = same_seq(sq, t, t - (s.w - 1) + k) ? ~Mask(0) : Mask(0);
     }
-    return;
   }
-  for (int64_t t = 0; t < s.l; ++t) {
-    float acc = bias;
-    for (int64_t k = 0; k < s.w; ++k) {
-      const int64_t src = t - (s.w - 1) + k;
-      if (same_seq(sq, t, src)) acc += wt[k] * xp[t + k];
+  return valid;
+}
+
+// Row bi's mask of tap k (nullptr: every position valid, i.e. no seq_idx or the last tap).
+inline const Mask* tap_mask(const std::vector<Mask>& valid, const ConvShape& s, int64_t bi, int64_t k) {
+  return (valid.empty() || k == s.w - 1) ? nullptr : valid.data() + (bi * (s.w - 1) + k) * s.l;
+}
+
+inline float masked(float v, Mask m) { return std::bit_cast<float>(std::bit_cast<Mask>(v) & m); }
+
+// pre-activation of row xp (batch row bi) into pre[0..l): tap-outer loops over contiguous time
+void conv_row(const float* __restrict__ xp, const float* wt, float bias, const std::vector<Mask>& valid,
+              int64_t bi, const ConvShape& s, float* __restrict__ pre) {
+  for (int64_t t = 0; t < s.l; ++t) pre[t] = bias;
+  for (int64_t k = 0; k < s.w; ++k) {
+    const float wk = wt[k];
+    const float* __restrict__ src = xp + k;
+    const Mask* __restrict__ v = tap_mask(valid, s, bi, k);
+    if (v == nullptr) {
+      for (int64_t t = 0; t < s.l; ++t) pre[t] += wk * src[t];
+    } else {
+      for (int64_t t = 0; t < s.l; ++t) pre[t] += masked(wk * src[t], v[t]);
     }
-    pre[t] = acc;
   }
 }
 
@@ -97,6 +118,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
   const scan::ScanKernels& vk = scan::select_scan_kernels();  // vectorised sigmoid for the SiLU
   const int64_t lpad = (s.l + scan::kLanes - 1) / scan::kLanes * scan::kLanes;
+  const std::vector<Mask> valid = tap_masks(sqp, s);
   at::parallel_for(0, s.b * s.d, 4, [&](int64_t r0, int64_t r1) {
     std::vector<float> xp(s.l + s.w - 1), pre(lpad, 0.f), sig(lpad), wt(s.w);
     for (int64_t r = r0; r < r1; ++r) {
@@ -104,7 +126,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
       load_f32(weight.data_ptr(), weight.scalar_type(), c * s.w, s.w, wt.data());
       const float bv = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
       load_padded_row(x, initial_states, s, bi, c, xp.data());
-      conv_row(xp.data(), wt.data(), bv, sqp ? sqp + bi * s.l : nullptr, s, pre.data());
+      conv_row(xp.data(), wt.data(), bv, valid, bi, s, pre.data());
       if (silu) {
         vk.sigmoid(pre.data(), sig.data(), static_cast<int>(s.l));
         for (int64_t t = 0; t < s.l; ++t) pre[t] *= sig[t];
@@ -135,6 +157,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
 
   const scan::ScanKernels& vk = scan::select_scan_kernels();
   const int64_t lpad = (s.l + scan::kLanes - 1) / scan::kLanes * scan::kLanes;
+  const std::vector<Mask> valid = tap_masks(sqp, s);
   at::parallel_for(0, s.d, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> xp(s.l + s.w - 1), pre(lpad, 0.f), sig(lpad), dpre(s.l), dxp(s.l + s.w - 1), wt(s.w);
     for (int64_t c = c0; c < c1; ++c) {
@@ -143,24 +166,41 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
       float dwacc[4] = {0.f, 0.f, 0.f, 0.f}, dbacc = 0.f;
       for (int64_t bi = 0; bi < s.b; ++bi) {
         const int64_t row = bi * s.d + c;
-        const int32_t* sq = sqp ? sqp + bi * s.l : nullptr;
         load_padded_row(x, initial_states, s, bi, c, xp.data());
         load_f32(dout.data_ptr(), dout.scalar_type(), row * s.l, s.l, dpre.data());
         if (silu) {
-          conv_row(xp.data(), wt.data(), bv, sq, s, pre.data());
+          conv_row(xp.data(), wt.data(), bv, valid, bi, s, pre.data());
           vk.sigmoid(pre.data(), sig.data(), static_cast<int>(s.l));
           for (int64_t t = 0; t < s.l; ++t) dpre[t] *= sig[t] * (1.f + pre[t] * (1.f - sig[t]));
         }
-        // every tap's gradient goes to its weight and to its input (padded position t + k)
+        const float* __restrict__ g = dpre.data();
+        float db_row = 0.f;
+#pragma omp simd reduction(+ : db_row)
+        for (int64_t t = 0; t < s.l; ++t) db_row += g[t];
+        dbacc += db_row;
+        // tap k of output t: its gradient goes to w[k] (a dot product over time) and to the input at padded
+        // position t + k; tap-outer loops over contiguous time (fixed-width simd partial sums: deterministic)
         std::fill(dxp.begin(), dxp.end(), 0.f);
-        for (int64_t t = 0; t < s.l; ++t) {
-          const float g = dpre[t];
-          dbacc += g;
-          for (int64_t k = 0; k < s.w; ++k) {
-            if (!same_seq(sq, t, t - (s.w - 1) + k)) continue;
-            dwacc[k] += g * xp[t + k];
-            dxp[t + k] += g * wt[k];
+        for (int64_t k = 0; k < s.w; ++k) {
+          const float wk = wt[k];
+          const float* __restrict__ xk = xp.data() + k;
+          float* __restrict__ dk = dxp.data() + k;
+          const Mask* __restrict__ v = tap_mask(valid, s, bi, k);
+          float acc = 0.f;
+          if (v == nullptr) {
+#pragma omp simd reduction(+ : acc)
+            for (int64_t t = 0; t < s.l; ++t) {
+              acc += g[t] * xk[t];
+              dk[t] += g[t] * wk;
+            }
+          } else {
+#pragma omp simd reduction(+ : acc)
+            for (int64_t t = 0; t < s.l; ++t) {
+              acc += masked(g[t] * xk[t], v[t]);
+              dk[t] += masked(g[t] * wk, v[t]);
+            }
           }
+          dwacc[k] += acc;
         }
         store_f32(dx.data_ptr(), x.scalar_type(), row * s.l, s.l, dxp.data() + s.w - 1);
         if (dip)

@@ -111,6 +111,8 @@ class InstructionFusion(nn.Module):
     tower only); it stays frozen and in eval mode. ``tokenizer`` is ``open_clip.get_tokenizer(name)``.
     """
 
+    TOKEN_CACHE_SIZE = 1 << 16  # tokenized instructions kept (a row of 77 int64 ids is ~0.6 KB)
+
     def __init__(self, text_model: nn.Module, tokenizer, vision_width: int, num_visual_tokens: int,
                  text_layer: int = -1, device=None, dtype=None):
         super().__init__()
@@ -127,6 +129,7 @@ class InstructionFusion(nn.Module):
         # Linear over the token axis: (N + T) input tokens -> N output tokens.
         self.token_mixer = nn.Linear(num_visual_tokens + self.context_length, num_visual_tokens, **fk)
         self.num_truncated = 0
+        self._token_cache: dict[str, tuple[torch.Tensor, int | None]] = {}  # text -> (ids row, token count)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -143,23 +146,39 @@ class InstructionFusion(nn.Module):
         return self
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(n, context_length) token ids; counts and logs every instruction that had to be truncated."""
+        """(n, context_length) token ids; counts and logs every instruction that had to be truncated.
+
+        Rows are cached per distinct text (up to ``TOKEN_CACHE_SIZE``, least recently used dropped): training
+        sees each instruction once per epoch, and open_clip's tokenizer (text cleaning, regex, BPE) cost about
+        a tenth of a tiny-model training step. A truncated instruction is counted and logged on every use."""
         if isinstance(texts, str):
             texts = [texts]
-        n_trunc = 0
+        rows, n_trunc = [], 0
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"instructions must be strings, got {type(t).__name__}")
-            n = _token_count(self.tokenizer, t)
+            hit = self._token_cache.get(t)
+            if hit is None:
+                n = _token_count(self.tokenizer, t)
+                hit = (self.tokenizer([t], context_length=self.context_length)[0], n)
+                if len(self._token_cache) >= self.TOKEN_CACHE_SIZE:
+                    self._token_cache.pop(next(iter(self._token_cache)))
+            else:
+                self._token_cache.pop(t)  # re-inserted below: most recently used last
+            self._token_cache[t] = hit
+            row, n = hit
             if n is not None and n > self.context_length:
                 n_trunc += 1
                 log.warning("instruction truncated from %d to %d text-tower tokens (%.60r...)", n,
                             self.context_length, t)
+            rows.append(row)
         if n_trunc:
             self.num_truncated += n_trunc
             log.warning("instruction fusion: %d of %d instructions truncated in this batch (%d so far)", n_trunc,
                         len(texts), self.num_truncated)
-        return self.tokenizer(list(texts), context_length=self.context_length)
+        if not rows:
+            return torch.empty(0, self.context_length, dtype=torch.long)
+        return torch.stack(rows)
 
     def text_features(self, text_ids: torch.Tensor) -> torch.Tensor:
         """(b, T) ids -> (b, T, text_width) token features of the frozen text tower (final LayerNorm applied)."""

@@ -149,6 +149,23 @@ def test_instruction_truncation_is_counted_and_logged(text_model, caplog):
     assert fusion.num_truncated == 1 and "truncated" not in caplog.text
 
 
+def test_instruction_token_cache_is_exact_bounded_and_still_counts_truncation(text_model, caplog):
+    _, tok = text_model
+    fusion = _instruction_fusion(text_model)
+    fusion.TOKEN_CACHE_SIZE = 3
+    long = "please describe " + "every small detail of the picture " * 10
+    batches = [["a cat", "a dog", long], ["a dog", "a cat"], ["a bird", long, "a fish", "a cat", "a cat"], []]
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
+        for texts in batches:
+            got = fusion.tokenize(texts)
+            want = tok(texts, context_length=24) if texts else torch.empty(0, 24, dtype=torch.long)
+            assert torch.equal(got, want), texts  # oracle: open_clip's tokenizer on every call
+            assert len(fusion._token_cache) <= 3
+    assert fusion.num_truncated == 2  # the long instruction, once per use, cached or not
+    assert caplog.text.count("truncated from") == 2
+    assert list(fusion._token_cache) == [long, "a fish", "a cat"]  # least recently used dropped first
+
+
 def test_instruction_fusion_bad_inputs(text_model):
     fusion = _instruction_fusion(text_model)
     ids = fusion.tokenize(["a", "b", "c"])
