@@ -182,6 +182,8 @@ class LlavaDataset:
         self.image_token, self.image_token_id = image_token, image_token_id
         self.N = num_image_tokens
         self.image_processor = image_processor
+        self._image_cache: dict[str, torch.Tensor] = {}  # path -> (3, H, W), data.image_cache_mb
+        self._image_cache_left = int(getattr(cfg, "image_cache_mb", 0) or 0) << 20  # bytes still free
         self.path = Path(cfg.json)
         self.image_folder = Path(cfg.image_folder) if cfg.image_folder else self.path.parent
         self.report = DataReport(source=str(self.path))
@@ -359,11 +361,19 @@ class LlavaDataset:
             raise RuntimeError("LlavaDataset was built without an image_processor")
         out = []
         for p in s.images:
-            try:
-                out.append(self.image_processor.transform(load_image(p)))
-            except (FileNotFoundError, ValueError, OSError) as e:
-                reason = "missing_image" if isinstance(e, FileNotFoundError) else "corrupt_image"
-                raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", reason) from None
+            key = str(p)
+            px = self._image_cache.get(key)
+            if px is None:
+                try:
+                    px = self.image_processor.transform(load_image(p))
+                except (FileNotFoundError, ValueError, OSError) as e:
+                    reason = "missing_image" if isinstance(e, FileNotFoundError) else "corrupt_image"
+                    raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", reason) from None
+                nbytes = px.numel() * px.element_size()
+                if nbytes <= self._image_cache_left:  # data.image_cache_mb: keep the first ones seen
+                    self._image_cache[key] = px
+                    self._image_cache_left -= nbytes
+            out.append(px)
         if not out:
             return torch.zeros(0, 3, 1, 1)
         return torch.stack(out)

@@ -65,6 +65,11 @@ class DataConfig:
     """Between an answer's turn_end and the next user turn (not trained on)."""
     num_workers: int = 0
     """DataLoader worker processes decoding images (0: in the training process)."""
+    image_cache_mb: int = 0
+    """Keep up to this many MB of decoded, preprocessed images in memory (per process: each DataLoader worker
+    holds its own), so that a small data set is decoded once instead of every epoch. The first images seen are
+    kept until the budget is spent (no eviction: an epoch-order scan over a larger set would otherwise miss on
+    every access). 0 = off."""
 
 
 @dataclass
@@ -175,6 +180,8 @@ class RunConfig:
             bad(f"data.prompt_template must contain '{{prompt}}', got {d.prompt_template!r}")
         if d.num_workers < 0:
             bad(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.image_cache_mb < 0:
+            bad(f"data.image_cache_mb must be >= 0, got {d.image_cache_mb}")
         if t.lr <= 0:
             bad(f"train.lr must be > 0, got {t.lr}")
         if not 0 <= t.min_lr_ratio <= 1:

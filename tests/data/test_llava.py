@@ -213,6 +213,26 @@ def test_corrupt_image_is_reported_when_decoded(folder, tok, processor):
     assert e.value.reason == "corrupt_image" and "record 1 (id 'r1')" in str(e.value) and "bad.png" in str(e.value)
 
 
+@pytest.mark.parametrize("cache_mb", [0, 1])
+def test_image_cache_decodes_once_within_its_budget(folder, tok, processor, cache_mb):
+    # the oracle is the file system: once an image is cached, deleting its file must not matter; without the
+    # cache (or past the budget) the deletion is reported like any missing image
+    ds = make(folder, tok, [rec(0, image="a.png"), rec(1, image="b.png")], processor, image_cache_mb=cache_mb)
+    if cache_mb:
+        ds._image_cache_left = 32 * 32 * 3 * 4  # room for exactly one (3, 32, 32) fp32 image
+    first = [ds.load_images(s) for s in ds.samples]
+    (folder / "img" / "a.png").unlink()
+    (folder / "img" / "b.png").unlink()
+    if cache_mb:
+        assert torch.equal(ds.load_images(ds.samples[0]), first[0])  # a.png came first and fit: cached
+    else:
+        with pytest.raises(DataError, match="a.png"):
+            ds.load_images(ds.samples[0])
+    with pytest.raises(DataError) as e:  # b.png did not fit (or no cache): read again, and it is gone
+        ds.load_images(ds.samples[1])
+    assert e.value.reason == "missing_image"
+
+
 # --------------------------------------------------------------------------------------- plan, collate
 
 def test_plan_rows_is_a_seeded_permutation_and_packs_within_max_length():
