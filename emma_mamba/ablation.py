@@ -34,6 +34,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 __all__ = ["VARIANTS", "METRICS", "variant_model", "stage_overrides_for", "aggregate", "markdown_table", "plot", "run_ablation"]
@@ -175,10 +176,14 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
     meta = json.loads((data_dir / "meta.json").read_text())
     from emma_mamba.data.shapes import ShapesConfig
 
-    want = ShapesConfig(seed=data_seed, **qc.data)
-    if meta["config"]["n_train"] != want.n_train or meta["config"]["seed"] != data_seed \
-            or meta["config"]["image_size"] != want.image_size:
-        raise ValueError(f"{data_dir} holds a different ShapesWorld (config {meta['config']}); use another --out")
+    # the whole ShapesWorld config must match (a key missing from an older meta.json counts as its default)
+    want = json.loads(json.dumps(asdict(ShapesConfig(seed=data_seed, **qc.data))))  # tuples -> lists
+    default = json.loads(json.dumps(asdict(ShapesConfig())))
+    have = meta["config"]
+    differ = [k for k, v in want.items() if have.get(k, default[k]) != v]
+    if differ:
+        detail = ", ".join(f"{k}: {have.get(k, default[k])!r} there, {want[k]!r} in the recipe" for k in differ)
+        raise ValueError(f"{data_dir} holds a different ShapesWorld ({detail}); use another --out")
     _, blind_files, chance = _blind(data_dir, blind_dir)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}

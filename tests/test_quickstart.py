@@ -151,3 +151,15 @@ def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
     # a rerun finds every run done and trains nothing
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done earlier") == 2
+    # resuming with a recipe whose data differ is refused, naming the key (not silently reusing the old data)
+    import yaml
+
+    from emma_mamba.ablation import run_ablation
+
+    recipe = yaml.safe_load((CONFIG_DIR / "quickstart_fast.yaml").read_text())
+    recipe["data"]["question_mix"] = {"existence": 1}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"different ShapesWorld \(question_mix: \{'existence': 4\} there"):
+        run_ablation(changed, tmp_path / "runs", seeds=[0], variants=["cobra-like"], results=tmp_path / "x.json",
+                     plot_path=None)
