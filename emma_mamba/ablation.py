@@ -178,11 +178,10 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
 
     # the whole ShapesWorld config must match (a key missing from an older meta.json counts as its default)
     want = json.loads(json.dumps(asdict(ShapesConfig(seed=data_seed, **qc.data))))  # tuples -> lists
-    default = json.loads(json.dumps(asdict(ShapesConfig())))
-    have = meta["config"]
-    differ = [k for k, v in want.items() if have.get(k, default[k]) != v]
+    have = {**json.loads(json.dumps(asdict(ShapesConfig()))), **meta["config"]}
+    differ = [k for k in want if have[k] != want[k]]
     if differ:
-        detail = ", ".join(f"{k}: {have.get(k, default[k])!r} there, {want[k]!r} in the recipe" for k in differ)
+        detail = ", ".join(f"{k}: {have[k]!r} there, {want[k]!r} in the recipe" for k in differ)
         raise ValueError(f"{data_dir} holds a different ShapesWorld ({detail}); use another --out")
     _, blind_files, chance = _blind(data_dir, blind_dir)
 

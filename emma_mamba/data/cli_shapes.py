@@ -34,13 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _parse_mix(text: str) -> dict:
     mix = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
-        name, eq, w = item.partition("=")
+        name, _, w = item.partition("=")  # no "=" leaves w empty, which float() rejects below
         try:
             mix[name.strip()] = float(w)
         except ValueError:
             raise ValueError(f"--question-mix: expected GENERATOR=WEIGHT, got {item!r}") from None
-        if not eq:
-            raise ValueError(f"--question-mix: expected GENERATOR=WEIGHT, got {item!r}")
     return mix
 
 

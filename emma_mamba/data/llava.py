@@ -183,7 +183,7 @@ class LlavaDataset:
         self.N = num_image_tokens
         self.image_processor = image_processor
         self._image_cache: dict[str, torch.Tensor] = {}  # path -> (3, H, W), data.image_cache_mb
-        self._image_cache_left = int(getattr(cfg, "image_cache_mb", 0) or 0) << 20  # bytes still free
+        self._image_cache_left = cfg.image_cache_mb << 20  # bytes still free
         self.path = Path(cfg.json)
         self.image_folder = Path(cfg.image_folder) if cfg.image_folder else self.path.parent
         self.report = DataReport(source=str(self.path))
