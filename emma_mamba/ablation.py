@@ -1,6 +1,6 @@
 """`emma-mamba ablate`: what each EMMA component buys, on ShapesWorld, over several seeds.
 
-    emma-mamba ablate [--config configs/quickstart_ablation.yaml] [--seeds 0 1 2] [--out runs/ablation]
+    emma-mamba ablate [--config configs/quickstart.yaml] [--seeds 0 1 2] [--out runs/ablation]
                       [--results benchmarks/results/ablation.json] [--plot benchmarks/results/ablation.png]
 
 Five model variants, each trained with the quickstart pipeline (:mod:`emma_mamba.quickstart`: stage 1, stage 2,
@@ -335,7 +335,7 @@ def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta,
 # ------------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="quickstart-format recipe (default configs/quickstart_ablation.yaml)")
+    p.add_argument("--config", default=None, help="quickstart-format recipe (default configs/quickstart.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--data-seed", type=int, default=0, help="ShapesWorld seed shared by every run (default 0)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="NAME",
@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_logs()
     set_threads(args.threads)
-    config = Path(args.config) if args.config else CONFIG_DIR / "quickstart_ablation.yaml"
+    config = Path(args.config) if args.config else CONFIG_DIR / "quickstart.yaml"
     try:
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
                            data_seed=args.data_seed, progress=args.progress, jobs=args.jobs, threads=args.threads,

@@ -76,7 +76,7 @@ def test_quickstart_config_is_strict(tmp_path):
     p.write_text("eval: {batch: 3}\n")
     with pytest.raises(ConfigError, match="eval.batch"):
         load_quickstart_config(p)
-    for name in ("quickstart.yaml", "quickstart_fast.yaml", "quickstart_ablation.yaml"):
+    for name in ("quickstart.yaml", "quickstart_fast.yaml"):
         load_quickstart_config(Path(__file__).resolve().parent.parent / "configs" / name)
 
 
