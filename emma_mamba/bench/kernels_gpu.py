@@ -46,58 +46,87 @@ DTYPE = torch.bfloat16
 # timing
 
 
-def _median_ms(fn, warmup=3, iters=10, max_seconds=20.0):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    t_start = time.perf_counter()
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-        if time.perf_counter() - t_start > max_seconds:
-            break
-    return statistics.median(times)
+class _Env:
+    """Where a run measures: the device, the backend playing "ours" (``cuda`` on a GPU; ``cpu`` in the CPU smoke
+    run of the tests, which drives every code path of this module on tiny shapes), the clock and the shapes."""
 
+    def __init__(self, device="cuda", primary="cuda", scan_shapes=None, ref_shape=None, decode_batches=None,
+                 decode_dim=5120, copy_bytes=1 << 30, dtype=None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.primary = primary
+        self.scan_shapes = scan_shapes or SCAN_SHAPES
+        self.ref_shape = ref_shape or REF_SHAPE
+        self.decode_batches = decode_batches or DECODE_BATCHES
+        self.decode_dim = decode_dim
+        self.copy_bytes = copy_bytes
+        self.dtype = dtype or DTYPE
 
-def _copy_bandwidth_gbs():
-    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, GB/s."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), warmup=3, iters=20)
-    return 2 * n / (ms * 1e-3) / 1e9
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
+    def generator(self, seed=0):
+        return torch.Generator(device=self.device).manual_seed(seed)
 
-def _graph_step_us(step, steps=64):
-    """Per-step device time of ``steps`` calls captured in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
+    def median_ms(self, fn, warmup=3, iters=10, max_seconds=20.0):
+        """Median of ``iters`` calls after ``warmup``: CUDA events on a GPU, a synchronised wall clock otherwise."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        t_start = time.perf_counter()
+        for _ in range(iters):
+            if self.cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            if time.perf_counter() - t_start > max_seconds:
+                break
+        return statistics.median(times)
+
+    def copy_bandwidth_gbs(self):
+        """Device-to-device copy of ``copy_bytes`` (1 GiB): (bytes read + bytes written) / time, GB/s."""
+        n = self.copy_bytes
+        src = torch.empty(n, dtype=torch.uint8, device=self.device).random_(0, 255)
+        dst = torch.empty_like(src)
+        ms = self.median_ms(lambda: dst.copy_(src), warmup=3, iters=20)
+        return 2 * n / (ms * 1e-3) / 1e9
+
+    def graph_step_us(self, step, steps=64):
+        """Per-step device time of ``steps`` calls captured in one CUDA graph (None off a GPU)."""
+        if not self.cuda:
+            return None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(steps):
+                step()
+        ms = self.median_ms(graph.replay, warmup=3, iters=20)
+        return ms * 1e3 / steps
+
+    def eager_step_us(self, step, calls=200):
+        """Per-call wall time of ``calls`` back-to-back calls (launch overhead included), synchronised."""
+        for _ in range(10):
             step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(steps):
+        self.sync()
+        t = time.perf_counter()
+        for _ in range(calls):
             step()
-    ms = _median_ms(graph.replay, warmup=3, iters=20)
-    return ms * 1e3 / steps
-
-
-def _eager_step_us(step, calls=200):
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(calls):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) * 1e6 / calls
+        self.sync()
+        return (time.perf_counter() - t) * 1e6 / calls
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,13 +181,14 @@ def _version(mod):
 # inputs
 
 
-def _scan_inputs(b, d, n, l, dtype, requires_grad):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+def _scan_inputs(env, b, d, n, l, requires_grad):
+    g = env.generator()
+    r = lambda *s: torch.randn(*s, device=env.device, generator=g)  # noqa: E731
+    dtype = env.dtype
     x = dict(
         u=r(b, d, l).to(dtype),
         delta=(r(b, d, l) * 0.5 - 4.0).to(dtype),  # softplus(delta + bias) ~ [1e-3, 1e-1], as a trained Mamba
-        A=-torch.arange(1, n + 1, dtype=torch.float32, device="cuda").repeat(d, 1) * (1 + 0.1 * r(d, n)).abs(),
+        A=-torch.arange(1, n + 1, dtype=torch.float32, device=env.device).repeat(d, 1) * (1 + 0.1 * r(d, n)).abs(),
         B=r(b, n, l).to(dtype), C=r(b, n, l).to(dtype), D=r(d), z=r(b, d, l).to(dtype),
         delta_bias=0.1 * r(d),
     )
@@ -173,23 +203,41 @@ def _scan_bytes(b, d, n, l, elt):
     return (4 * b * d * l + 2 * b * n * l) * elt + 2 * d * n * 4 + 2 * d * 4
 
 
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _ratios(row, t, num, den, kinds=("fwd", "fwd_bwd")):
+    """row["ratio_<num>_over_<den>.<kind>"] = t[num.kind] / t[den.kind] for every kind both were timed."""
+    for kind in kinds:
+        if f"{num}.{kind}" in t and f"{den}.{kind}" in t:
+            row[f"ratio_{num}_over_{den}.{kind}"] = t[f"{num}.{kind}"] / t[f"{den}.{kind}"]
+
+
+def _fraction_of_copy(row, res, name, t_ms, nbytes):
+    row[f"{name}.fwd_GBps"] = nbytes / (t_ms * 1e-3) / 1e9
+    row[f"{name}.fwd_fraction_of_copy_bw"] = row[f"{name}.fwd_GBps"] / res["copy_bandwidth_GBps"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # measurements
 
 
-def _scan_section(res, mssm_scan, backends, quick):
-    shapes = SCAN_SHAPES[:1] if quick else SCAN_SHAPES
+def _scan_section(env, res, mssm_scan, backends, quick):
+    shapes = env.scan_shapes[:1] if quick else env.scan_shapes
     res["selective_scan"] = []
     for shape in shapes:
-        res["selective_scan"].append(_scan_row(res, mssm_scan, backends, *shape))
-        torch.cuda.empty_cache()  # the row's inputs went out of scope with _scan_row
+        res["selective_scan"].append(_scan_row(env, res, mssm_scan, backends, *shape))
+        if env.cuda:
+            torch.cuda.empty_cache()  # the row's inputs went out of scope with _scan_row
 
 
-def _scan_row(res, mssm_scan, backends, b, d, n, l):
+def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     """One shape of the scan table: every implementation's fwd and fwd+bwd median, ratios, bandwidth."""
-    x = _scan_inputs(b, d, n, l, DTYPE, requires_grad=True)
-    dout = torch.randn(b, d, l, device="cuda", dtype=DTYPE)
-    row = dict(b=b, d=d, n=n, L=l, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
+    x = _scan_inputs(env, b, d, n, l, requires_grad=True)
+    dout = torch.randn(b, d, l, device=env.device, generator=env.generator(1)).to(env.dtype)
+    row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
+    primary = f"emma_{env.primary}"
 
     def ours(backend, det=None):
         def fwd():
@@ -199,143 +247,145 @@ def _scan_row(res, mssm_scan, backends, b, d, n, l):
         return fwd
 
     impls = {f"emma_{bk}": ours(bk) for bk in backends}
-    if "cuda" in backends:
-        impls["emma_cuda_deterministic"] = ours("cuda", True)
+    impls[f"{primary}_deterministic"] = ours(env.primary, True)
     if mssm_scan is not None:
         impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                x["delta_bias"], delta_softplus=True)
     for name, f in impls.items():
         try:
-            if name != "emma_cuda_deterministic":
+            if not name.endswith("_deterministic"):  # the forward does not depend on the backward's mode
                 with torch.no_grad():
-                    row["times_ms"][f"{name}.fwd"] = _median_ms(f)
+                    row["times_ms"][f"{name}.fwd"] = env.median_ms(f)
 
             def fb(f=f):
                 out = f()
                 torch.autograd.backward(out, dout)
                 for v in x.values():
                     v.grad = None
-            row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb, warmup=2, iters=8)
+            row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb, warmup=2, iters=8)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-        torch.cuda.empty_cache()
-    # sanity: same function as mamba-ssm on these inputs
-    if mssm_scan is not None and "cuda" in backends:
-        with torch.no_grad():
-            a = impls["emma_cuda"]().float()
-            m = impls["mamba_ssm"]().float()
-            row["max_abs_diff_vs_mamba_ssm"] = (a - m).abs().max().item()
-            row["max_abs_out"] = m.abs().max().item()
+        if env.cuda:
+            torch.cuda.empty_cache()
+    # sanity: every implementation computes the same function on these inputs (max |diff| vs ours)
+    with torch.no_grad():
+        want = impls[primary]().float()
+        row["max_abs_out"] = want.abs().max().item()
+        for name, f in impls.items():
+            if name != primary and not name.endswith("_deterministic") and name not in row.get("errors", {}):
+                row[f"max_abs_diff_{name}_vs_{primary}"] = (f().float() - want).abs().max().item()
     t = row["times_ms"]
-    for kind in ("fwd", "fwd_bwd"):
-        if f"emma_cuda.{kind}" in t and f"mamba_ssm.{kind}" in t:
-            row[f"ratio_emma_cuda_over_mamba_ssm.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"mamba_ssm.{kind}"]
-    if "emma_cuda.fwd" in t:
-        nbytes = _scan_bytes(b, d, n, l, 2)
-        row["fwd_bytes_min"] = nbytes
-        row["emma_cuda.fwd_GBps"] = nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
-        row["emma_cuda.fwd_fraction_of_copy_bw"] = row["emma_cuda.fwd_GBps"] / res["copy_bandwidth_GBps"]
-        if "mamba_ssm.fwd" in t:
-            row["mamba_ssm.fwd_fraction_of_copy_bw"] = (nbytes / (t["mamba_ssm.fwd"] * 1e-3) / 1e9
-                                                        / res["copy_bandwidth_GBps"])
+    _ratios(row, t, primary, "mamba_ssm")
+    _ratios(row, t, "emma_triton", primary)  # issue 4: Triton forward within 1.5x of CUDA
+    _ratios(row, t, f"{primary}_deterministic", primary, kinds=("fwd_bwd",))
+    nbytes = _scan_bytes(b, d, n, l, env.dtype.itemsize)
+    row["fwd_bytes_min"] = nbytes
+    for name in (primary, "emma_triton", "mamba_ssm"):
+        if f"{name}.fwd" in t:
+            _fraction_of_copy(row, res, name, t[f"{name}.fwd"], nbytes)
     return row
 
 
-def _ref_section(res):
-    b, d, n, l = REF_SHAPE
-    x = _scan_inputs(b, d, n, l, DTYPE, requires_grad=True)
-    dout = torch.randn(b, d, l, device="cuda", dtype=DTYPE)
-    row = dict(b=b, d=d, n=n, L=l, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
-    for backend in ("cuda", "torch"):
+def _ref_section(env, res):
+    b, d, n, l = env.ref_shape
+    x = _scan_inputs(env, b, d, n, l, requires_grad=True)
+    dout = torch.randn(b, d, l, device=env.device, generator=env.generator(1)).to(env.dtype)
+    row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
+    for backend in (env.primary, "torch"):
         def f(backend=backend):
             with ops.use_backend(backend):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True)
         with torch.no_grad():
-            row["times_ms"][f"{backend}.fwd"] = _median_ms(f, warmup=1, iters=3)
+            row["times_ms"][f"{backend}.fwd"] = env.median_ms(f, warmup=1, iters=3)
 
         def fb(f=f):
             torch.autograd.backward(f(), dout)
-        row["times_ms"][f"{backend}.fwd_bwd"] = _median_ms(fb, warmup=1, iters=3)
-    row["speedup_cuda_over_reference.fwd"] = row["times_ms"]["torch.fwd"] / row["times_ms"]["cuda.fwd"]
-    row["speedup_cuda_over_reference.fwd_bwd"] = row["times_ms"]["torch.fwd_bwd"] / row["times_ms"]["cuda.fwd_bwd"]
+        row["times_ms"][f"{backend}.fwd_bwd"] = env.median_ms(fb, warmup=1, iters=3)
+    for kind in ("fwd", "fwd_bwd"):
+        row[f"speedup_{env.primary}_over_reference.{kind}"] = (row["times_ms"][f"torch.{kind}"]
+                                                               / row["times_ms"][f"{env.primary}.{kind}"])
     res["reference_small"] = row
 
 
-def _conv_section(res, cc_fn, quick):
-    shapes = SCAN_SHAPES[:1] if quick else SCAN_SHAPES
+def _conv_section(env, res, cc_fn, backends, quick):
+    shapes = env.scan_shapes[:1] if quick else env.scan_shapes
     res["causal_conv1d"] = []
     for (b, d, _, l) in shapes:
-        res["causal_conv1d"].append(_conv_row(res, cc_fn, b, d, l))
-        torch.cuda.empty_cache()
+        res["causal_conv1d"].append(_conv_row(env, res, cc_fn, backends, b, d, l))
+        if env.cuda:
+            torch.cuda.empty_cache()
 
 
-def _conv_row(res, cc_fn, b, d, l):
-    """One shape of the conv table (width 4, SiLU): ours vs causal-conv1d, fwd and fwd+bwd."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(b, d, l, device="cuda", generator=g).to(DTYPE).requires_grad_()
-    w = torch.randn(d, 4, device="cuda", generator=g).to(DTYPE).requires_grad_()
-    bias = torch.randn(d, device="cuda", generator=g).to(DTYPE).requires_grad_()
-    dout = torch.randn_like(x)
-    row = dict(b=b, d=d, L=l, width=4, dtype=str(DTYPE).replace("torch.", ""), times_ms={})
+def _conv_row(env, res, cc_fn, backends, b, d, l):
+    """One shape of the conv table (width 4, SiLU): ours (each backend) vs causal-conv1d, fwd and fwd+bwd."""
+    g = env.generator()
+    x = torch.randn(b, d, l, device=env.device, generator=g).to(env.dtype).requires_grad_()
+    w = torch.randn(d, 4, device=env.device, generator=g).to(env.dtype).requires_grad_()
+    bias = torch.randn(d, device=env.device, generator=g).to(env.dtype).requires_grad_()
+    dout = torch.randn(b, d, l, device=env.device, generator=g).to(env.dtype)
+    row = dict(b=b, d=d, L=l, width=4, dtype=_dtype_name(env.dtype), times_ms={})
+    primary = f"emma_{env.primary}"
 
-    def ours():
-        with ops.use_backend("cuda"):
-            return ops.causal_conv1d(x, w, bias, "silu")
-    impls = {"emma_cuda": ours}
+    def ours(backend):
+        def fwd():
+            with ops.use_backend(backend):
+                return ops.causal_conv1d(x, w, bias, "silu")
+        return fwd
+    impls = {f"emma_{bk}": ours(bk) for bk in backends}
     if cc_fn is not None:
         impls["causal_conv1d"] = lambda: cc_fn(x, w, bias, activation="silu")
     for name, f in impls.items():
         try:
             with torch.no_grad():
-                row["times_ms"][f"{name}.fwd"] = _median_ms(f)
+                row["times_ms"][f"{name}.fwd"] = env.median_ms(f)
 
             def fb(f=f):
                 torch.autograd.backward(f(), dout)
                 x.grad = w.grad = bias.grad = None
-            row["times_ms"][f"{name}.fwd_bwd"] = _median_ms(fb)
+            row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb)
         except Exception as e:  # noqa: BLE001
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
     t = row["times_ms"]
-    for kind in ("fwd", "fwd_bwd"):
-        if f"causal_conv1d.{kind}" in t and f"emma_cuda.{kind}" in t:
-            row[f"ratio_emma_cuda_over_causal_conv1d.{kind}"] = t[f"emma_cuda.{kind}"] / t[f"causal_conv1d.{kind}"]
-    if "emma_cuda.fwd" in t:
-        nbytes = 2 * b * d * l * 2  # x read once, out written once
-        row["emma_cuda.fwd_fraction_of_copy_bw"] = (nbytes / (t["emma_cuda.fwd"] * 1e-3) / 1e9
-                                                    / res["copy_bandwidth_GBps"])
+    _ratios(row, t, primary, "causal_conv1d")
+    _ratios(row, t, "emma_triton", primary)
+    nbytes = 2 * b * d * l * env.dtype.itemsize  # x read once, out written once
+    for name in (primary, "emma_triton", "causal_conv1d"):
+        if f"{name}.fwd" in t:
+            _fraction_of_copy(row, res, name, t[f"{name}.fwd"], nbytes)
     return row
 
 
-def _decode_section(res, mssm_ssu, cc_update):
+def _decode_section(env, res, mssm_ssu, cc_update, backends):
+    """One decode step (selective_state_update, causal_conv1d_update) per batch size: eager and CUDA-graphed."""
     rows = []
-    d, n, wdt = 5120, 16, 4
-    for b in DECODE_BATCHES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    d, n, wdt = env.decode_dim, 16, 4
+    primary = f"emma_{env.primary}"
+    for b in env.decode_batches:
+        g = env.generator()
+        r = lambda *s: torch.randn(*s, device=env.device, generator=g)  # noqa: E731
         state = r(b, d, n)
-        x, dt, z = r(b, d).to(DTYPE), r(b, d).to(DTYPE), r(b, d).to(DTYPE)
-        A = -torch.rand(d, n, device="cuda") - 0.5
-        B, C = r(b, n).to(DTYPE), r(b, n).to(DTYPE)
+        x, dt, z = r(b, d).to(env.dtype), r(b, d).to(env.dtype), r(b, d).to(env.dtype)
+        A = -torch.rand(d, n, device=env.device, generator=g) - 0.5
+        B, C = r(b, n).to(env.dtype), r(b, n).to(env.dtype)
         D, dt_bias = r(d), r(d)
-        conv_state, cw, cb = r(b, d, wdt).to(DTYPE), r(d, wdt).to(DTYPE), r(d).to(DTYPE)
-        row = dict(b=b, d=d, n=n, dtype=str(DTYPE).replace("torch.", ""), state_dtype="float32", times_us={})
+        conv_state, cw, cb = r(b, d, wdt).to(env.dtype), r(d, wdt).to(env.dtype), r(d).to(env.dtype)
+        row = dict(b=b, d=d, n=n, dtype=_dtype_name(env.dtype), state_dtype="float32", times_us={})
+        impls = {}
+        for bk in backends:
+            def ours_ssu(bk=bk):
+                with ops.use_backend(bk):
+                    return ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True)
 
-        def ours_ssu():
-            with ops.use_backend("cuda"):
-                return ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True)
-
-        def ours_conv():
-            with ops.use_backend("cuda"):
-                return ops.causal_conv1d_update(x, conv_state, cw, cb, "silu")
-        kern = ops._load("cuda")  # the raw kernel entry, without the Python input checks: launch cost only
-
-        def ours_ssu_raw():
-            return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True)
-
-        impls = {"emma_cuda.selective_state_update": ours_ssu,
-                 "emma_cuda_raw.selective_state_update": ours_ssu_raw,
-                 "emma_cuda.causal_conv1d_update": ours_conv}
+            def ours_conv(bk=bk):
+                with ops.use_backend(bk):
+                    return ops.causal_conv1d_update(x, conv_state, cw, cb, "silu")
+            impls[f"emma_{bk}.selective_state_update"] = ours_ssu
+            impls[f"emma_{bk}.causal_conv1d_update"] = ours_conv
+        # the raw kernel entry, without the Python input checks: launch cost only
+        kern = ops._load(env.primary)
+        impls[f"{primary}_raw.selective_state_update"] = lambda: kern.selective_state_update(
+            state, x, dt, A, B, C, D, z, dt_bias, True)
         if mssm_ssu is not None:
             impls["mamba_ssm_triton.selective_state_update"] = lambda: mssm_ssu(
                 state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
@@ -343,10 +393,18 @@ def _decode_section(res, mssm_ssu, cc_update):
             impls["causal_conv1d.causal_conv1d_update"] = lambda: cc_update(x, conv_state, cw, cb, "silu")
         for name, f in impls.items():
             try:
-                row["times_us"][f"{name}.eager"] = _eager_step_us(f)
-                row["times_us"][f"{name}.graph"] = _graph_step_us(f)
+                row["times_us"][f"{name}.eager"] = env.eager_step_us(f)
+                graph = env.graph_step_us(f)
+                if graph is not None:
+                    row["times_us"][f"{name}.graph"] = graph
             except Exception as e:  # noqa: BLE001
                 row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        t = row["times_us"]
+        for mode in ("eager", "graph"):  # issue 4: our Triton step no slower than mamba-ssm's Triton step
+            for ours in (primary, "emma_triton"):
+                num, den = f"{ours}.selective_state_update.{mode}", f"mamba_ssm_triton.selective_state_update.{mode}"
+                if num in t and den in t:
+                    row[f"ratio_{ours}_over_mamba_ssm_triton.selective_state_update.{mode}"] = t[num] / t[den]
         rows.append(row)
     res["decode_step"] = rows
 
@@ -357,62 +415,65 @@ def run_gpu(args=None) -> dict:
     ``args`` may carry ``quick`` (only L=2048) and ``skip`` (names among "ref", "peers", "triton");
     the attributes are optional so the CPU command's namespace can be passed as it is.
     """
+    return run_on(_Env("cuda", "cuda"), args)
+
+
+def run_on(env: _Env, args=None) -> dict:
+    """:func:`run_gpu` on ``env``: the tests drive it on the CPU with ``_Env("cpu", "cpu", tiny shapes)``."""
     quick = bool(getattr(args, "quick", False))
     skip = set(getattr(args, "skip", None) or [])
-    torch.backends.cuda.matmul.allow_tf32 = False
-    prop = torch.cuda.get_device_properties(0)
-    res = dict(
-        device=torch.cuda.get_device_name(0), sm_count=prop.multi_processor_count,
-        capability=f"{prop.major}.{prop.minor}", torch=torch.__version__, cuda=torch.version.cuda,
-        triton=_version("triton"), mamba_ssm=_version("mamba_ssm") or _version("mamba-ssm"),
-        causal_conv1d=_version("causal_conv1d") or _version("causal-conv1d"),
-        backends=ops.available_backends(), timing="CUDA events, median after warm-up",
-    )
-    res["copy_bandwidth_GBps"] = _copy_bandwidth_gbs()
+    res = dict(torch=torch.__version__, triton=_version("triton"),
+               mamba_ssm_version=_version("mamba_ssm") or _version("mamba-ssm"),
+               causal_conv1d_version=_version("causal_conv1d") or _version("causal-conv1d"),
+               backends=ops.available_backends(), ours=env.primary)
+    if env.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        prop = torch.cuda.get_device_properties(0)
+        res.update(device=torch.cuda.get_device_name(0), sm_count=prop.multi_processor_count,
+                   capability=f"{prop.major}.{prop.minor}", cuda=torch.version.cuda,
+                   timing="CUDA events, median after warm-up")
+    else:
+        res.update(device="cpu", cuda=None, timing="wall clock, median after warm-up")
+    res["copy_bandwidth_GBps"] = env.copy_bandwidth_gbs()
     mssm_scan = mssm_ssu = cc_fn = cc_update = None
     if "peers" not in skip:
         mssm_scan, mssm_ssu, res["mamba_ssm_import"] = _import_mamba_ssm()
         cc_fn, cc_update, res["causal_conv1d_import"] = _import_causal_conv1d()
-    backends = ["cuda"]
+    backends = [env.primary]
     if "triton" not in skip and res["backends"].get("triton") == "available":
         backends.append("triton")
-    _scan_section(res, mssm_scan, backends, quick)
-    _conv_section(res, cc_fn, quick)
-    _decode_section(res, mssm_ssu, cc_update)
+    _scan_section(env, res, mssm_scan, backends, quick)
+    _conv_section(env, res, cc_fn, backends, quick)
+    _decode_section(env, res, mssm_ssu, cc_update, backends)
     if "ref" not in skip:
-        _ref_section(res)
+        _ref_section(env, res)
     print_table(res)
     return res
 
 
+def _print_row(title, row, times_key, unit, width=52):
+    print(f"\n{title}")
+    for k, v in row[times_key].items():
+        print(f"  {k:{width}s} {v:9.3f} {unit}")
+    for k, v in row.items():  # ratios, bandwidth, sanity differences
+        if k.startswith(("ratio", "max_abs")) or k.endswith(("_GBps", "_fraction_of_copy_bw")):
+            print(f"  {k:{width}s} {v:9.4g}")
+    if row.get("errors"):
+        print(f"  errors: {row['errors']}")
+
+
 def print_table(res: dict) -> None:
     print(f"\n{res['device']}  torch {res['torch']}  cuda {res['cuda']}  triton {res['triton']}  "
-          f"mamba_ssm {res.get('mamba_ssm')}  causal_conv1d {res.get('causal_conv1d')}")
+          f"mamba_ssm {res['mamba_ssm_version']}  causal_conv1d {res['causal_conv1d_version']}")
     print(f"device-to-device copy: {res['copy_bandwidth_GBps']:.0f} GB/s")
     for row in res.get("selective_scan", []):
-        print(f"\nselective_scan b={row['b']} d={row['d']} n={row['n']} L={row['L']} {row['dtype']}")
-        for k, v in row["times_ms"].items():
-            print(f"  {k:40s} {v:9.3f} ms")
-        for k, v in row.items():
-            if k.startswith(("ratio", "emma_cuda.fwd_", "mamba_ssm.fwd_", "max_abs")):
-                print(f"  {k:40s} {v:9.4g}")
-        if row.get("errors"):
-            print(f"  errors: {row['errors']}")
+        _print_row(f"selective_scan b={row['b']} d={row['d']} n={row['n']} L={row['L']} {row['dtype']}",
+                   row, "times_ms", "ms")
     for row in res.get("causal_conv1d", []):
-        print(f"\ncausal_conv1d b={row['b']} d={row['d']} L={row['L']} w=4 {row['dtype']}")
-        for k, v in row["times_ms"].items():
-            print(f"  {k:40s} {v:9.3f} ms")
-        for k, v in row.items():
-            if k.startswith(("ratio", "emma_cuda.fwd_")):
-                print(f"  {k:40s} {v:9.4g}")
-        if row.get("errors"):
-            print(f"  errors: {row['errors']}")
+        _print_row(f"causal_conv1d b={row['b']} d={row['d']} L={row['L']} w=4 {row['dtype']}", row, "times_ms", "ms")
     for row in res.get("decode_step", []):
-        print(f"\ndecode step b={row['b']} d={row['d']} n={row['n']}")
-        for k, v in row["times_us"].items():
-            print(f"  {k:52s} {v:8.2f} us")
-        if row.get("errors"):
-            print(f"  errors: {row['errors']}")
+        _print_row(f"decode step b={row['b']} d={row['d']} n={row['n']} {row['dtype']}", row, "times_us", "us",
+                   width=72)
     if "reference_small" in res:
         row = res["reference_small"]
         print(f"\nreference (torch loop) b={row['b']} d={row['d']} L={row['L']}: " +
