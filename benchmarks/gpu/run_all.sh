@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (repo root; the `run` device tool): build the peers mamba-ssm and causal-conv1d
-# for sm_90 only (in the background, from the sdists in PEERS_DIR, or install their wheels from
+# One call on a GPU machine (repo root; the `run` device tool): install the pure-Python wheels of PEERS_DIR
+# (open_clip, mambapy: `gpu-bundle.sh PEERS_DIR` downloads them) into /tmp/site, build the peers mamba-ssm and
+# causal-conv1d for sm_90 only (in the background, from the sdists in PEERS_DIR, or install their wheels from
 # PEERS_DIR/wheels when a previous call brought them back), build emma_mamba with its CUDA kernels for sm_90,
-# run the cuda backend's GPU tests, then the GPU kernel benchmark. Results and logs go to $OUT.
-#   usage: bash benchmarks/gpu/run_all.sh [PEERS_DIR] [STAGES]    STAGES: any of "peers tests bench wheels"
+# then the stages asked for. Results and logs go to $OUT.
+#   usage: bash benchmarks/gpu/run_all.sh [PEERS_DIR] [STAGES]
+#   STAGES, any of:
+#     peers    build mamba-ssm and causal-conv1d (background; needed for the peer columns)
+#     tests    the cuda backend's gpu tests (issue 3)
+#     alltests every `gpu`-marked test: cuda and triton backends, LM parity on GPU, latency on GPU (issues 3, 4, 9)
+#     bench    `python -m emma_mamba.bench.kernels_gpu`: scan, conv, decode vs the peers (issues 3, 4)
+#     latency  `emma-mamba bench latency --preset emma-mamba-2.8b --cuda-graphs --peer` (issue 9; needs open_clip)
+#     wheels   bring the peers' wheels back in $OUT (split)
+#   A 10-minute call fits "peers tests bench"; then "alltests latency" in a second call.
 # Device time on an H100 (16 cores), measured 2026-11-22: peers ~6 min (causal-conv1d is the slow one),
 # emma_mamba ~1-2 min. Without "peers" the benchmark still runs, without the peer columns.
 # The peer wheels (~65 MB, "wheels") are too large to carry back with the working tree (64 MiB limit).
@@ -17,10 +26,19 @@ mkdir -p "$OUT" /tmp/emma_logs
 LOG=/tmp/emma_logs
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }  # stage named in STAGES (whole words)
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 nvcc --version | tail -1
+
+# ---- pure-Python wheels (open_clip for the vision tower, mambapy) ---------------------------------------
+if ls "$PEERS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$PEERS"/*.whl > $LOG/wheels.log 2>&1 \
+    || tail -5 $LOG/wheels.log
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import open_clip; print('open_clip', open_clip.__version__)" 2>&1 | tail -1
 
 # ---- peers (background) -------------------------------------------------------------------------------
 build_peers() {
@@ -49,7 +67,7 @@ EOF
   python3 -m pip install -q --no-deps --no-index /tmp/peer_wheels/*.whl
 }
 PEERS_PID=
-if [[ $STAGES == *peers* ]]; then
+if has peers; then
   (build_peers > $LOG/peers.log 2>&1; echo "peers rc=$?" >> $LOG/peers.log) &
   PEERS_PID=$!
 fi
@@ -72,12 +90,20 @@ grep -E "registers|spill" $LOG/emma_build.log | sort | uniq -c | head -20
 python3 -c "import torch; from emma_mamba import _C, ops; print('with_cuda', _C.with_cuda, ops.available_backends())"
 stamp "built"
 
-if [[ $STAGES == *tests* ]]; then
+if has tests; then
   timeout 240 python3 -m pytest tests/ops/test_cuda_backend.py -q --timeout 120 -p no:cacheprovider \
     --tb=short -o addopts="" -m gpu > $LOG/tests.log 2>&1
   cp $LOG/tests.log $OUT/tests.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests.log | head -60
   stamp "tests done"
+fi
+
+if has alltests; then
+  timeout 420 python3 -m pytest tests -q --timeout 300 -p no:cacheprovider --tb=short -o addopts="" -m gpu \
+    > $LOG/alltests.log 2>&1
+  cp $LOG/alltests.log $OUT/alltests.log
+  grep -E "passed|failed|FAILED|Error" $LOG/alltests.log | head -60
+  stamp "all gpu tests done"
 fi
 
 if [ -n "$PEERS_PID" ]; then
@@ -87,12 +113,19 @@ if [ -n "$PEERS_PID" ]; then
   python3 -c "import torch, selective_scan_cuda, causal_conv1d_cuda; print('peer extensions import')" 2>&1 | tail -1
 fi
 
-if [[ $STAGES == *bench* ]]; then
+if has bench; then
   timeout 400 python3 -m emma_mamba.bench.kernels_gpu --out $OUT/kernels_h100.json 2>&1 | tee $LOG/bench.log
   stamp "bench done"
 fi
 
-if [[ $STAGES == *wheels* ]] && ls /tmp/peer_wheels/*.whl >/dev/null 2>&1; then
+if has latency; then
+  # 2.8B-scale EMMA-Mamba vs a matched transformer MLLM (and transformers' MambaForCausalLM), bf16, CUDA graphs
+  timeout 500 python3 -m emma_mamba.cli bench latency --preset emma-mamba-2.8b --device cuda --cuda-graphs --peer \
+    --out $OUT/latency_cuda_emma-mamba-2.8b.json 2>&1 | tee $LOG/latency.log | tail -40
+  stamp "latency done"
+fi
+
+if has wheels && ls /tmp/peer_wheels/*.whl >/dev/null 2>&1; then
   mkdir -p $OUT/wheels
   tar cf - -C /tmp/peer_wheels . | xz -T16 -3 > /tmp/peer_wheels.tar.xz
   split -b 15M /tmp/peer_wheels.tar.xz $OUT/wheels/peer_wheels.tar.xz.
