@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
+    ("chat",): ("emma_mamba.inference.cli_chat", "multi-turn chat about an image (or text), the Mamba state carried between turns"),
     ("bench", "lm"): ("emma_mamba.bench.lm", "CPU prefill/decode speed of MambaLM vs transformers' MambaForCausalLM"),
     ("bench", "latency"): ("emma_mamba.bench.latency", "TTFT, decode latency vs context, tokens/s, memory: EMMA-Mamba vs a matched transformer MLLM"),
     ("pretrain",): ("emma_mamba.training.cli_train", "stage 1: train MFF, projector, instruction fusion (ViT and LM frozen)"),

@@ -21,7 +21,8 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model to run and where (shared by ``generate`` and ``chat``)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR",
                      help="EMMA-Mamba checkpoint directory (written by model.save, pretrain or finetune)")
@@ -31,15 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "output is noise, for trying the pipeline only")
     p.add_argument("--image", metavar="FILE", default=None,
                    help="image to ask about (with --checkpoint; any format PIL reads)")
-    p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
-    p.add_argument("--max-new-tokens", type=int, default=64, help="upper bound on new tokens (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); it is not printed")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (and the random-init seed)")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory (with tokenizer.json) or file; default: the checkpoint's, else the "
                         "shipped GPT-NeoX-20B tokenizer")
@@ -50,61 +42,102 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="force a kernel backend (default: the best available)")
 
 
-def _err(msg: str) -> int:
-    print(f"emma-mamba generate: error: {msg}", file=sys.stderr)
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"upper bound on new tokens (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); it is not printed")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (and the random-init seed)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
+    add_sampling_arguments(p)
+
+
+class UsageError(Exception):
+    """A user input the command refuses, with the message to print."""
+
+
+def _err(msg: str, prog: str = "generate") -> int:
+    print(f"emma-mamba {prog}: error: {msg}", file=sys.stderr)
     return 2
 
 
-def run(args) -> int:
+def setup(args):
+    """-> (device, dtype, GenerationConfig) from the shared options; the backend is set. Raises UsageError."""
     import torch
 
     from emma_mamba import ops
-    from emma_mamba.inference.generate import GenerationConfig, generate
-    from emma_mamba.models.mamba import MAMBA_PRESETS, CheckpointError, MambaConfig, MambaLM
-    from emma_mamba.models.tokenizer import load_tokenizer
+    from emma_mamba.inference.generate import GenerationConfig
 
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
-        return _err(f"--device {args.device!r}: {e}")
+        raise UsageError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        return _err(f"--device {args.device}: CUDA is not available on this machine")
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     if args.backend:
         try:
             ops.set_backend(args.backend)
         except ops.BackendUnavailableError as e:
-            return _err(str(e))
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
-        return _err("the prompt is empty")
+            raise UsageError(str(e)) from None
     try:
         gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                 stop_strings=tuple(args.stop), seed=args.seed)
     except ValueError as e:
-        return _err(str(e))
+        raise UsageError(str(e)) from None
+    return device, dtype, gcfg
 
-    if args.checkpoint is not None:
-        return _run_vlm(args, gcfg, device, dtype, prompt)
+
+def load_vlm(args, device, dtype):
+    """``--checkpoint DIR``: the EMMA-Mamba model (checks the image path when one is given). Raises UsageError."""
+    from emma_mamba.config import ConfigError
+    from emma_mamba.models.vlm import load
+
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
+    if args.image is not None and not Path(args.image).is_file():
+        raise UsageError(f"--image {args.image}: no such file")
+    if args.tokenizer is not None:
+        raise UsageError("--tokenizer applies to --lm only: a --checkpoint directory carries its own tokenizer")
+    try:
+        return load(args.checkpoint, device=device, dtype=dtype)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def load_lm(args, device, dtype):
+    """``--lm DIR`` or ``--random-init PRESET``: (MambaLM in eval mode, tokenizer). Raises UsageError."""
+    import torch
+
+    from emma_mamba.models.mamba import MAMBA_PRESETS, CheckpointError, MambaConfig, MambaLM
+    from emma_mamba.models.tokenizer import load_tokenizer
+
     if args.image is not None:
-        return _err("--image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see images)")
+        raise UsageError("--image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see images)")
     if args.lm is not None:
         lm_dir = Path(args.lm)
         if not lm_dir.exists():
             hint = (f" (to try the command without weights: --random-init {args.lm})"
                     if args.lm in MAMBA_PRESETS else "")
-            return _err(f"--lm {args.lm}: no such directory{hint}")
+            raise UsageError(f"--lm {args.lm}: no such directory{hint}")
         try:
             lm = MambaLM.from_pretrained(lm_dir, device=device, dtype=dtype)
         except CheckpointError as e:
-            return _err(str(e))
+            raise UsageError(str(e)) from None
         tok_src = args.tokenizer or (lm_dir if (lm_dir / "tokenizer.json").is_file() else None)
     else:
         if args.random_init not in MAMBA_PRESETS:
-            return _err(f"--random-init {args.random_init!r}: choose one of {', '.join(MAMBA_PRESETS)}")
+            raise UsageError(f"--random-init {args.random_init!r}: choose one of {', '.join(MAMBA_PRESETS)}")
         if args.seed is not None:
             torch.manual_seed(args.seed)
         lm = MambaLM(MambaConfig.from_preset(args.random_init), device=device, dtype=dtype)
@@ -114,18 +147,42 @@ def run(args) -> int:
     try:
         tok = load_tokenizer(tok_src)
     except (FileNotFoundError, ValueError) as e:
-        return _err(str(e))
+        raise UsageError(str(e)) from None
     if tok_src is None and args.lm is not None:
         print("[tokenizer: the shipped GPT-NeoX-20B tokenizer]", file=sys.stderr)
-    gcfg.eos_token_id = tok.eos_token_id
+    return lm, tok
 
-    ids = tok.encode(prompt)
+
+def check_ids(ids, lm, what="the prompt"):
     if not ids:
-        return _err("the prompt encodes to no tokens")
+        raise UsageError(f"{what} encodes to no tokens")
     bad = [i for i in ids if i >= lm.config.padded_vocab_size]
     if bad:
-        return _err(f"the tokenizer produced id {bad[0]}, beyond the model's vocabulary ({lm.config.vocab_size}); "
-                    f"is --tokenizer the checkpoint's tokenizer?")
+        raise UsageError(f"the tokenizer produced id {bad[0]}, beyond the model's vocabulary "
+                         f"({lm.config.vocab_size}); is --tokenizer the checkpoint's tokenizer?")
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except UsageError as e:
+        return _err(str(e))
+
+
+def _run(args) -> int:
+    from emma_mamba import ops
+    from emma_mamba.inference.generate import generate
+
+    device, dtype, gcfg = setup(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    if args.checkpoint is not None:
+        return _run_vlm(args, gcfg, device, dtype, prompt)
+    lm, tok = load_lm(args, device, dtype)
+    gcfg.eos_token_id = tok.eos_token_id
+    ids = tok.encode(prompt)
+    check_ids(ids, lm)
 
     sys.stdout.write(prompt)
     sys.stdout.flush()
@@ -150,26 +207,16 @@ def _run_vlm(args, gcfg, device, dtype, prompt) -> int:
     import time
 
     from emma_mamba import ops
-    from emma_mamba.config import ConfigError
-    from emma_mamba.models.vlm import answer, load
+    from emma_mamba.models.vlm import answer
 
     if args.image is None:
-        return _err("--checkpoint needs --image FILE (the picture to ask about)")
-    if not Path(args.checkpoint).is_dir():
-        return _err(f"--checkpoint {args.checkpoint}: no such directory")
-    if not Path(args.image).is_file():
-        return _err(f"--image {args.image}: no such file")
-    if args.tokenizer is not None:
-        return _err("--tokenizer applies to --lm only: a --checkpoint directory carries its own tokenizer")
-    try:
-        model = load(args.checkpoint, device=device, dtype=dtype)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        return _err(str(e))
+        raise UsageError("--checkpoint needs --image FILE (the picture to ask about)")
+    model = load_vlm(args, device, dtype)
     t0 = time.perf_counter()
     try:
         text = answer(model, args.image, prompt, streamer=_stream, config=gcfg)
     except (FileNotFoundError, ValueError) as e:
-        return _err(str(e))
+        raise UsageError(str(e)) from None
     sys.stdout.write("\n")
     sys.stdout.flush()
     print(f"[{len(model.tokenizer.encode(text))} answer tokens in {time.perf_counter() - t0:.2f} s; "

@@ -97,6 +97,12 @@ class GenerationResult:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     """Batched decode forwards run (each produces one token for every unfinished prompt)."""
+    final_tokens: list[int | None] = field(default_factory=list)
+    """Per prompt: the last token picked (the EOS when the reason is "eos"), which the model has not consumed;
+    None when no token was picked (max_new_tokens = 0)."""
+    cache: object | None = None
+    """The :class:`~emma_mamba.models.mamba.MambaCache` passed to :func:`generate` (continuation mode), now holding
+    the prompt and every new token except ``final_tokens``."""
     extra: dict = field(default_factory=dict)
 
 
@@ -261,7 +267,7 @@ class _TextTracker:
 
 @torch.inference_mode()
 def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config: GenerationConfig | None = None,
-             tokenizer=None, streamer: Callable[[str], None] | None = None) -> GenerationResult:
+             tokenizer=None, streamer: Callable[[str], None] | None = None, cache=None) -> GenerationResult:
     """Generate continuations of one or several prompts with ``lm`` (a :class:`~emma_mamba.models.mamba.MambaLM`).
 
     Prompts: ``input_ids`` as a (seqlen,) or (batch, seqlen) tensor, a list of ids, or a list of lists of ids
@@ -269,6 +275,12 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     d_model) tensors (the VLM splices image features into these). ``attention_mask`` (batch, seqlen) marks the
     real positions of a padded tensor (left or right padding): the padding is dropped, never fed to the model.
     ``streamer`` (one prompt only, needs ``tokenizer``) receives the new text as it is produced.
+
+    ``cache`` (continuation, one prompt): a one-row :class:`~emma_mamba.models.mamba.MambaCache` holding an earlier
+    context (e.g. the previous turns of a chat, see :class:`emma_mamba.inference.chat.ChatSession`). The prompt is
+    prefilled on top of it (chunked prefill: its cost depends on the prompt only, not on the context), the cache
+    is advanced in place and returned as ``result.cache``; the last picked token (``result.final_tokens``) is not
+    in it. Without ``cache`` every prompt starts from an empty state.
     """
     cfg = config if config is not None else GenerationConfig()
     if not isinstance(cfg, GenerationConfig):
@@ -280,6 +292,13 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     if streamer is not None and B != 1:
         raise ValueError(f"generate: streaming supports a single prompt, got {B}")
     prompt_lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts]
+    if cache is not None:
+        from emma_mamba.models.mamba import MambaCache
+        if not isinstance(cache, MambaCache):
+            raise TypeError(f"generate: cache must be a MambaCache (lm.allocate_cache(1)), got {type(cache).__name__}")
+        if B != 1 or cache.batch_size != 1:
+            raise ValueError(f"generate: continuing a cache takes one prompt and a one-row cache, got {B} prompts "
+                             f"and {cache.batch_size} cache rows")
     eos = cfg.eos_ids
     vocab = lm.config.vocab_size
     generator = None
@@ -289,14 +308,20 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     sequences: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     trackers = [_TextTracker(tokenizer, cfg.stop_strings) for _ in range(B)] if tokenizer is not None else None
-    result = GenerationResult(sequences, None, reasons, prompt_lengths)
+    result = GenerationResult(sequences, None, reasons, prompt_lengths, final_tokens=[None] * B, cache=cache)
     if cfg.max_new_tokens == 0:
         result.texts = [""] * B if tokenizer is not None else None
         return result
 
     t0 = time.perf_counter()
-    cache = lm.allocate_cache(B)
-    logits = _prefill(lm, prompts, cache)
+    if cache is None:
+        cache = lm.allocate_cache(B)
+        logits = _prefill(lm, prompts, cache)
+    else:  # chunked prefill on top of the cached context
+        ids, emb = prompts[0]
+        out = lm(input_ids=ids[None], cache=cache, num_last_tokens=1) if ids is not None else \
+            lm(inputs_embeds=emb[None], cache=cache, num_last_tokens=1)
+        logits = out.logits[:, -1].float()
     result.prefill_seconds = time.perf_counter() - t0
 
     seen = None
@@ -313,6 +338,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
         keep = []
         for j, (i, t) in enumerate(zip(active, tokens.tolist())):
+            result.final_tokens[i] = t
             if t in eos:
                 reasons[i] = "eos"
             else:

@@ -39,7 +39,8 @@ from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip
 
-__all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "TRAINABLE_MODULES", "load", "answer", "CHAT_TEMPLATE", "build_chat_prompt"]
+__all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "TRAINABLE_MODULES", "load", "answer", "CHAT_TEMPLATE", "TURN_END",
+           "TURN_SEP", "build_chat_prompt"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,12 @@ TRAINABLE_MODULES = ("vision", "mff", "instruction", "projector", "lm", "align_h
 
 CHAT_TEMPLATE = "<|user|>\n{prompt}<|endoftext|>\n<|assistant|>\n"
 """mamba-2.8b-zephyr's chat format (Zephyr's, with GPT-NeoX's end-of-text token)."""
+
+TURN_END = "<|endoftext|>"
+"""Ends every assistant answer (the model learns to emit it: generation's EOS)."""
+
+TURN_SEP = "\n"
+"""Between an answer's TURN_END and the next user turn."""
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"

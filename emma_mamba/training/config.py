@@ -34,7 +34,7 @@ from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
                                get_preset, load_config, read_yaml_mapping)
-from emma_mamba.models.vlm import CHAT_TEMPLATE
+from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LogConfig", "RunConfig",
            "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict", "parse_cli_value",
@@ -59,9 +59,9 @@ class DataConfig:
     prompt_template: str = CHAT_TEMPLATE
     """Chat template of one user turn, ``{prompt}`` is the human text (default: mamba-2.8b-zephyr's, the one
     inference uses: emma_mamba.models.vlm.CHAT_TEMPLATE)."""
-    turn_end: str = "<|endoftext|>"
+    turn_end: str = TURN_END
     """Appended to every assistant answer; trained on (the model learns to stop)."""
-    turn_sep: str = "\n"
+    turn_sep: str = TURN_SEP
     """Between an answer's turn_end and the next user turn (not trained on)."""
     num_workers: int = 0
     """DataLoader worker processes decoding images (0: in the training process)."""

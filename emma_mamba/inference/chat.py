@@ -1,0 +1,155 @@
+"""Multi-turn chat that carries the Mamba state between turns: each turn prefills only its own tokens.
+
+A transformer chat either re-reads the whole history every turn or keeps a KV cache that grows with it. A Mamba
+model holds the conversation in a fixed-size recurrent state (per layer a conv window and an SSM state, see
+:class:`emma_mamba.models.mamba.MambaCache`), so :class:`ChatSession` keeps that state between turns and feeds
+turn k only what is new: the end of the previous answer and the new user turn, prefilled on top of the state
+(chunked prefill). The work per turn and the memory do not depend on how long the conversation already is.
+
+The token stream is exactly the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava`
+with its default template), the answer tokens fed back as they were picked (never re-tokenised)::
+
+    <|user|>\\n<image>\\n{q1}<|endoftext|>\\n<|assistant|>\\n{a1}<|endoftext|>\\n<|user|>\\n{q2}<|endoftext|>\\n...
+
+``<image>`` stands for the image's visual tokens. With instruction-aware fusion the visual tokens are conditioned
+on the first question, as in training (the instruction is the text of the human turn that holds the image).
+An answer cut by ``max_new_tokens`` or a stop string still gets its end-of-turn token before the next turn.
+
+    session = ChatSession(model, "cat.jpg")
+    session.ask("What animal is this?")
+    session.ask("What colour is it?")      # prefills ~10 tokens, not the whole history
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from emma_mamba.inference.generate import GenerationConfig, generate
+
+__all__ = ["ChatSession", "TurnStats"]
+
+
+@dataclass
+class TurnStats:
+    """What one :meth:`ChatSession.ask` did."""
+
+    prompt_tokens: int
+    """Positions prefilled this turn (visual tokens count one each), on top of the carried state."""
+    new_tokens: int
+    finish_reason: str
+    """"eos", "stop" or "length" (see :class:`~emma_mamba.inference.generate.GenerationResult`)."""
+    context_tokens: int
+    """Positions of the whole conversation so far, this turn's answer included."""
+    prefill_seconds: float
+    decode_seconds: float
+
+
+class ChatSession:
+    """A conversation with an EMMA-Mamba model about one image, or with a text-only Mamba LM.
+
+    ``model``: an :class:`~emma_mamba.models.vlm.EmmaMamba` (``image``: path, PIL image or array; None for a
+    text-only conversation) or a :class:`~emma_mamba.models.mamba.MambaLM` with its ``tokenizer``.
+    ``config``: sampling and length (:class:`GenerationConfig`; its EOS is replaced by the tokenizer's).
+    """
+
+    def __init__(self, model, image=None, *, tokenizer=None, config: GenerationConfig | None = None):
+        from emma_mamba.models.mamba import MambaLM
+        from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba
+
+        if isinstance(model, EmmaMamba):
+            if tokenizer is not None:
+                raise ValueError("ChatSession: an EmmaMamba model brings its own tokenizer; do not pass one")
+            self.vlm, self.lm, self.tokenizer = model, model.lm, model.tokenizer
+        elif isinstance(model, MambaLM):
+            if tokenizer is None:
+                raise ValueError("ChatSession: a MambaLM needs its tokenizer (tokenizer=...)")
+            if image is not None:
+                raise ValueError("ChatSession: a text-only MambaLM cannot see an image; use an EmmaMamba model")
+            self.vlm, self.lm, self.tokenizer = None, model, tokenizer
+        else:
+            raise TypeError(f"ChatSession: model must be an EmmaMamba or a MambaLM, got {type(model).__name__}")
+        cfg = config if config is not None else GenerationConfig(max_new_tokens=256)
+        if not isinstance(cfg, GenerationConfig):
+            raise TypeError(f"ChatSession: config must be a GenerationConfig, got {type(cfg).__name__}")
+        if cfg.max_new_tokens < 1:
+            raise ValueError("ChatSession: config.max_new_tokens must be >= 1 (a turn must answer)")
+        self.config = dataclasses.replace(cfg, eos_token_id=self.tokenizer.eos_token_id)
+        self.template, self.turn_end, self.turn_sep = CHAT_TEMPLATE, TURN_END, TURN_SEP
+        self.image = image
+        self.turns: list[tuple[str, str]] = []
+        """(question, answer) per finished turn."""
+        self.stats: list[TurnStats] = []
+        self._cache = None
+        self._pending: list[int] = []  # picked but not yet consumed: the last answer's final token(s)
+
+    # -------------------------------------------------------------------------------------------------
+
+    @property
+    def context_tokens(self) -> int:
+        """Positions of the conversation so far (visual tokens included)."""
+        return (self._cache.seqlen_offset if self._cache is not None else 0) + len(self._pending)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the carried state: constant over the conversation (0 before the first turn)."""
+        if self._cache is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._cache.conv_states + self._cache.ssm_states)
+
+    def reset(self, image=None) -> None:
+        """Forget the conversation; start the next one about ``image`` (None: keep the current image)."""
+        if image is not None:
+            if self.vlm is None:
+                raise ValueError("ChatSession.reset: a text-only MambaLM cannot see an image")
+            self.image = image
+        self.turns, self.stats, self._cache, self._pending = [], [], None, []
+
+    def ask(self, question: str, streamer: Callable[[str], None] | None = None) -> str:
+        """Answer ``question`` in the context of every earlier turn; ``streamer`` receives the text as it comes."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("ChatSession.ask: the question must be a non-empty string")
+        if self.vlm is not None and self.vlm.config.image_token in question:
+            raise ValueError(f"ChatSession.ask: the question holds {self.vlm.config.image_token!r}; the session's "
+                             f"image enters with the first turn (reset(image=...) starts a conversation about "
+                             f"another one)")
+        tok = self.tokenizer
+        first = self._cache is None
+        if first:
+            cache = self.lm.allocate_cache(1)
+            kwargs = self._first_turn(question)
+        else:
+            cache = self._cache
+            ids = self._pending + tok.encode(self.turn_sep) + tok.encode(self.template.format(prompt=question))
+            kwargs = dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
+        n_prompt = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[0]
+        backup = None if first else cache.select([0])  # generate advances the state in place
+        try:
+            res = generate(self.lm, config=self.config, tokenizer=tok, streamer=streamer, cache=cache, **kwargs)
+        except BaseException:  # an error or Ctrl-C mid-answer leaves the conversation as it was before the turn
+            if backup is not None:
+                self._cache = backup
+            raise
+        self._cache = res.cache
+        final, reason = res.final_tokens[0], res.finish_reasons[0]
+        # the last picked token is not in the state yet; an answer cut short still gets its end-of-turn token
+        self._pending = [final] if reason == "eos" else [final] + tok.encode(self.turn_end)
+        answer = res.texts[0]
+        self.turns.append((question, answer))
+        self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,
+                                    res.prefill_seconds, res.decode_seconds))
+        return answer
+
+    def _first_turn(self, question: str) -> dict:
+        if self.vlm is None:
+            ids = self.tokenizer.encode(self.template.format(prompt=question))
+            return dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
+        from emma_mamba.models.vlm import build_chat_prompt
+
+        images = [] if self.image is None else [self.image]
+        text = build_chat_prompt(question, len(images), self.vlm.config.image_token, self.template)
+        instructions = [question] if images and self.vlm.instruction is not None else None
+        return dict(inputs_embeds=self.vlm.prompt_embeds(text, images, instructions)[0])

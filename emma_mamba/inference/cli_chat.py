@@ -1,0 +1,108 @@
+"""`emma-mamba chat`: a multi-turn conversation about an image (or text only), the Mamba state carried between turns.
+
+    emma-mamba chat --checkpoint runs/finetune --image cat.jpg
+    emma-mamba chat --lm path/to/mamba-2.8b-zephyr
+    printf 'What colour is the circle?\nAnd the square?\n' | emma-mamba chat --checkpoint DIR --image shapes.png
+
+One question per line on stdin; each answer streams to stdout on its own line. Each turn prefills only the new
+tokens on top of the carried state (see :mod:`emma_mamba.inference.chat`): its cost does not grow with the
+conversation. Per-turn statistics go to stderr. Commands: ``/reset`` (new conversation, same image),
+``/image FILE`` (new conversation about another image), ``/quit``. Ctrl-C during an answer abandons that turn
+(the conversation stays as it was before it); Ctrl-C or EOF at the prompt ends the chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from emma_mamba.inference.cli_generate import (
+    UsageError, _err, _stream, add_model_arguments, add_sampling_arguments, load_lm, load_vlm, setup)
+
+HELP = "commands: /reset (new conversation), /image FILE (new conversation about FILE), /quit"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p, max_new_tokens=256)
+
+
+def _check_image(model, path) -> None:
+    """Decode ``path`` once now, so a missing or corrupt image is reported before the first question."""
+    if not Path(path).is_file():
+        raise UsageError(f"image {path}: no such file")
+    try:
+        model.image_processor([path])
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def run(args) -> int:
+    from emma_mamba.inference.chat import ChatSession
+
+    try:
+        device, dtype, gcfg = setup(args)
+        if args.checkpoint is not None:
+            model = load_vlm(args, device, dtype)
+            if args.image is not None:
+                _check_image(model, args.image)
+            session = ChatSession(model, args.image, config=gcfg)
+        else:
+            lm, tok = load_lm(args, device, dtype)
+            session = ChatSession(lm, tokenizer=tok, config=gcfg)
+    except (UsageError, ValueError) as e:
+        return _err(str(e), "chat")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        what = f"about {args.image}" if args.image else "(text only)"
+        print(f"[chat {what}; {HELP}]", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            break
+        if not line:  # EOF
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, rest = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                session.reset()
+                print("[new conversation]", file=sys.stderr)
+            elif cmd == "/image" and rest.strip():
+                try:
+                    if session.vlm is None:
+                        raise UsageError("/image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see "
+                                         "images)")
+                    _check_image(session.vlm, rest.strip())
+                    session.reset(image=rest.strip())
+                    print(f"[new conversation about {rest.strip()}]", file=sys.stderr)
+                except UsageError as e:
+                    _err(str(e), "chat")
+            else:
+                _err(f"unknown command {line!r}; {HELP}", "chat")
+            continue
+        try:
+            session.ask(line, streamer=_stream)
+        except KeyboardInterrupt:
+            print("\n[answer interrupted; the conversation is as it was before this question]", file=sys.stderr)
+            continue
+        except ValueError as e:
+            _err(str(e), "chat")
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        st = session.stats[-1]
+        rate = st.new_tokens / st.decode_seconds if st.decode_seconds > 0 else float("nan")
+        print(f"[turn {len(session.turns)}: {st.prompt_tokens} tokens prefilled in {st.prefill_seconds:.3f} s, "
+              f"{st.new_tokens} new ({st.finish_reason}, {rate:.1f} tokens/s); context {st.context_tokens} tokens, "
+              f"state {session.state_bytes / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0

@@ -1,0 +1,203 @@
+"""Multi-turn chat with the state carried between turns (ChatSession, `emma-mamba chat`).
+
+Oracle: the same conversation re-prefilled from scratch. Turn k's answer of a session must equal what
+``generate`` answers when given the whole token stream up to turn k's question in one prompt (parallel scan over
+the history, empty initial state), and the carried state must equal that prefill's state.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import skimage
+import torch
+
+from emma_mamba import cli
+from emma_mamba.config import get_preset
+from emma_mamba.inference.chat import ChatSession
+from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+from emma_mamba.models.tokenizer import load_tokenizer
+from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba, build_chat_prompt
+
+IMAGE = os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png")
+QUESTIONS = ["What is shown?", "What colour is the suit?", "Is it daytime?"]
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    return EmmaMamba(get_preset("tiny"), for_training=False).eval()
+
+
+@pytest.fixture(scope="module")
+def text_lm():
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig.from_preset("tiny")).eval(), load_tokenizer()
+
+
+def _oracle_answers(lm, tok, first_embeds, questions, cfg):
+    """Answer every turn by re-prefilling the whole conversation from scratch.
+
+    -> [(text, ids, final token, finish reason)] per turn, and the state of one prefill of everything the
+    session must have consumed after the last turn (all but the last answer's final token)."""
+    cfg = GenerationConfig(**{**cfg.__dict__, "eos_token_id": tok.eos_token_id})
+    emb = lm.embeddings
+    history = first_embeds  # (L, d)
+    out = []
+    for k, q in enumerate(questions):
+        if k:  # the training token stream: answer, its end-of-turn token, separator, next user turn
+            ids, final, reason = out[-1][1:]
+            end = [final] if reason == "eos" else tok.encode(TURN_END)  # the EOS picked, or the one appended
+            new = ids + end + tok.encode(TURN_SEP) + tok.encode(CHAT_TEMPLATE.format(prompt=q))
+            history = torch.cat([history, emb(torch.tensor(new))])
+        res = generate(lm, inputs_embeds=history, config=cfg, tokenizer=tok)
+        out.append((res.texts[0], res.sequences[0], res.final_tokens[0], res.finish_reasons[0]))
+    ids, final, reason = out[-1][1:]
+    consumed = ids if reason == "eos" else ids[:-1]  # the final pick is never fed
+    full = torch.cat([history, emb(torch.tensor(consumed))]) if consumed else history
+    cache = lm.allocate_cache(1)
+    with torch.no_grad():
+        lm(inputs_embeds=full[None], cache=cache)
+    return out, cache
+
+
+def _assert_same_state(a, b):
+    for x, y in zip(a.ssm_states + a.conv_states, b.ssm_states + b.conv_states):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert a.seqlen_offset == b.seqlen_offset
+
+
+@torch.no_grad()
+def test_vlm_chat_equals_reprefilling_the_conversation(vlm):
+    cfg = GenerationConfig(max_new_tokens=5)
+    session = ChatSession(vlm, IMAGE, config=cfg)
+    got = [session.ask(q) for q in QUESTIONS]
+    first = vlm.prompt_embeds(build_chat_prompt(QUESTIONS[0], 1, vlm.config.image_token), [IMAGE],
+                              [QUESTIONS[0]] if vlm.instruction is not None else None)[0]
+    want, state = _oracle_answers(vlm.lm, vlm.tokenizer, first, QUESTIONS, cfg)
+    assert got == [w[0] for w in want]
+    assert [t for t, _ in session.turns] == QUESTIONS
+    _assert_same_state(session._cache, state)
+    # later turns prefill only their own tokens; the state does not grow
+    assert session.stats[0].prompt_tokens == first.shape[0]
+    tok = vlm.tokenizer
+    for k in (1, 2):
+        n_new = len(tok.encode(TURN_SEP) + tok.encode(CHAT_TEMPLATE.format(prompt=QUESTIONS[k])))
+        tail = 1 if session.stats[k - 1].finish_reason == "eos" else 1 + len(tok.encode(TURN_END))
+        assert session.stats[k].prompt_tokens == n_new + tail
+    assert session.context_tokens == state.seqlen_offset + 1 + (0 if session.stats[-1].finish_reason == "eos"
+                                                                else len(tok.encode(TURN_END)))
+
+
+@torch.no_grad()
+def test_text_chat_with_an_answer_ending_on_eos(text_lm, monkeypatch):
+    lm, tok = text_lm
+    cfg = GenerationConfig(max_new_tokens=6)
+    probe = ChatSession(lm, tokenizer=tok, config=cfg)
+    probe.ask(QUESTIONS[0])
+    first_ids = tok.encode(CHAT_TEMPLATE.format(prompt=QUESTIONS[0]))
+    picked = generate(lm, input_ids=first_ids, config=GenerationConfig(max_new_tokens=6, eos_token_id=None)).sequences[0]
+    # make a greedy token of turn 1 the tokenizer's EOS (the first that did not appear before it, else the first
+    # one): the answer then ends on "eos" after k tokens
+    k = next((i for i in range(1, len(picked)) if picked[i] not in picked[:i]), 0)
+    monkeypatch.setattr(tok, "eos_token_id", picked[k])
+    session = ChatSession(lm, tokenizer=tok, config=cfg)
+    got = [session.ask(q) for q in QUESTIONS[:2]]
+    assert session.stats[0].finish_reason == "eos" and session.stats[0].new_tokens == k
+    want, state = _oracle_answers(lm, tok, lm.embeddings(torch.tensor(first_ids)), QUESTIONS[:2], cfg)
+    assert got == [w[0] for w in want]
+    _assert_same_state(session._cache, state)
+
+
+@torch.no_grad()
+def test_state_size_is_constant_and_reset_forgets(text_lm):
+    lm, tok = text_lm
+    session = ChatSession(lm, tokenizer=tok, config=GenerationConfig(max_new_tokens=3))
+    assert session.state_bytes == 0 and session.context_tokens == 0
+    a1 = session.ask(QUESTIONS[0])
+    size = session.state_bytes
+    cfg = lm.config
+    d_inner = cfg.expand * cfg.d_model
+    assert size == cfg.n_layer * d_inner * (cfg.d_state * 4 + cfg.d_conv * 4)  # fp32 ssm + conv states
+    for q in QUESTIONS[1:]:
+        session.ask(q)
+        assert session.state_bytes == size
+    # every position is consumed once: prefilled, or fed back during decoding (all picks but a turn's final one,
+    # which the next turn prefills), plus what the last turn left pending (its final pick and end-of-turn token)
+    fed = sum(s.prompt_tokens + (s.new_tokens if s.finish_reason == "eos" else s.new_tokens - 1)
+              for s in session.stats)
+    pending = 1 if session.stats[-1].finish_reason == "eos" else 1 + len(tok.encode(TURN_END))
+    assert session.context_tokens == fed + pending
+    session.reset()
+    assert session.turns == [] and session.context_tokens == 0
+    assert session.ask(QUESTIONS[0]) == a1
+
+
+@torch.no_grad()
+def test_an_interrupted_turn_leaves_the_conversation_as_it_was(text_lm):
+    lm, tok = text_lm
+    cfg = GenerationConfig(max_new_tokens=4)
+    clean = ChatSession(lm, tokenizer=tok, config=cfg)
+    want = [clean.ask(q) for q in QUESTIONS[:2]]
+
+    session = ChatSession(lm, tokenizer=tok, config=cfg)
+    session.ask(QUESTIONS[0])
+    before = session.context_tokens
+
+    def boom(text):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("something else entirely", streamer=boom)
+    assert session.context_tokens == before and len(session.turns) == 1
+    assert session.ask(QUESTIONS[1]) == want[1]
+
+
+def test_bad_inputs_are_named(vlm, text_lm):
+    lm, tok = text_lm
+    session = ChatSession(vlm, IMAGE, config=GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="non-empty"):
+        session.ask("   ")
+    with pytest.raises(ValueError, match="enters with the first turn"):
+        session.ask(f"{vlm.config.image_token}\nWhat is this?")
+    with pytest.raises(ValueError, match="cannot see an image"):
+        ChatSession(lm, IMAGE, tokenizer=tok)
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        ChatSession(lm)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        ChatSession(lm, tokenizer=tok, config=GenerationConfig(max_new_tokens=0))
+    with pytest.raises(TypeError, match="EmmaMamba or a MambaLM"):
+        ChatSession("model.pt")
+    bad = ChatSession(vlm, "/no/such/image.png", config=GenerationConfig(max_new_tokens=2))
+    with pytest.raises((FileNotFoundError, ValueError), match="image.png"):
+        bad.ask("What is this?")
+    assert bad.context_tokens == 0  # nothing consumed
+
+
+def test_cli_chat_answers_each_line_like_the_session(vlm, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    vlm.save(ckpt)
+    lines = [QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[0], "/bogus"]
+    proc = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "chat", "--checkpoint", str(ckpt), "--image",
+                           IMAGE, "--max-new-tokens", "4"], input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from emma_mamba.models.vlm import load
+    session = ChatSession(load(ckpt), IMAGE, config=GenerationConfig(max_new_tokens=4))
+    a1, a2 = session.ask(QUESTIONS[0]), session.ask(QUESTIONS[1])
+    assert proc.stdout == f"{a1}\n{a2}\n{a1}\n"
+    assert "[new conversation]" in proc.stderr and "unknown command '/bogus'" in proc.stderr
+    assert "turn 2:" in proc.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
+    (["--image", __file__], "cannot read image file"),
+])
+def test_cli_chat_reports_a_bad_image_before_the_first_question(vlm, tmp_path, capsys, monkeypatch, argv, needle):
+    ckpt = tmp_path / "ckpt"
+    vlm.save(ckpt)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    assert cli.main(["chat", "--checkpoint", str(ckpt)] + argv) == 2
+    assert needle in capsys.readouterr().err
