@@ -24,7 +24,7 @@ DEV = "cuda"
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
 
-from .tolerances import TOL, assert_close, conv_on_backends, grad_tolerance
+from .tolerances import TOL, assert_close, check_scan, conv_on_backends, scan_on_backend, segments
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +41,8 @@ def _need_cuda_backend():
 
 
 def _segments(b, l, gen):
-    """int32 (b, l) seq_idx: row 0 has boundaries at 1 and 2 (a length-1 segment), on and around the
-    kernels' chunk edges and at random places; row 1 has one boundary mid-way; other rows are one sequence."""
-    seq = torch.zeros(b, l, dtype=torch.int32)
-    if l > 1:
-        cuts = {1, 2, SAVE - 1, SAVE, SAVE + 1, FWD_CHUNK, FWD_CHUNK + 1, 3 * SAVE}
-        cuts |= set(torch.randint(1, l, (3,), generator=gen).tolist())
-        for c in sorted(x for x in cuts if x < l):
-            seq[0, c:] += 1
-        if b > 1:
-            seq[1, l // 2:] = 5
-    return seq
+    """seq_idx with boundaries at 1 and 2 (a length-1 segment), on and around the kernels' chunk edges."""
+    return segments(b, l, gen, {1, 2, SAVE - 1, SAVE, SAVE + 1, FWD_CHUNK, FWD_CHUNK + 1, 3 * SAVE})
 
 
 def _scan_inputs(b, d, n, l, dtype, bc=("var", "var"), z=True, D=True, bias=True, init=True, seq=True,
@@ -76,35 +67,12 @@ def _scan_inputs(b, d, n, l, dtype, bc=("var", "var"), z=True, D=True, bias=True
     return {k: (v.to(DEV) if v is not None else None) for k, v in x.items()}
 
 
-def _run_scan(inputs, softplus, last_grad, backend, deterministic=None, seed=1):
-    """Forward + backward through ops.selective_scan on ``backend``: (out, last_state, grads by name)."""
-    names = [k for k, v in inputs.items() if v is not None and v.is_floating_point()]
-    leaf = {k: (v.clone().requires_grad_() if k in names else v) for k, v in inputs.items()}
-    with ops.use_backend(backend):
-        out, last = ops.selective_scan(**leaf, delta_softplus=softplus, return_last_state=True,
-                                       deterministic=deterministic)
-        gen = torch.Generator().manual_seed(seed)
-        dout = torch.randn(out.shape, generator=gen).to(out.dtype).to(DEV)
-        loss = (out.float() * dout.float()).sum()
-        if last_grad:
-            loss = loss + (last * torch.randn(last.shape, generator=gen).to(DEV)).sum()
-        grads = torch.autograd.grad(loss, [leaf[k] for k in names])
-    return out.detach(), last.detach(), dict(zip(names, grads))
+def _run_scan(inputs, softplus, last_grad, backend, deterministic=None):
+    return scan_on_backend(inputs, softplus, last_grad, backend, DEV, deterministic)
 
 
 def _check_scan(inputs, softplus=True, last_grad=True, deterministic=None):
-    dtype = inputs["u"].dtype
-    rtol, atol = TOL[dtype]
-    out, last, g = _run_scan(inputs, softplus, last_grad, "cuda", deterministic)
-    ref_out, ref_last, ref_g = _run_scan(inputs, softplus, last_grad, "torch")
-    assert_close("out", out, ref_out, rtol, atol)
-    assert_close("last_state", last, ref_last, rtol, atol)
-    for name in ref_g:
-        tol = grad_tolerance(name, dtype)
-        if name in ("A", "D", "delta_bias") or (name in ("B", "C") and inputs[name].dim() == 2):
-            # sums over b*l fp32 products: compare relative to the gradient's scale
-            tol = (tol[0], max(tol[1], tol[0] * ref_g[name].abs().max().item()))
-        assert_close(f"d{name}", g[name], ref_g[name], *tol)
+    check_scan(inputs, "cuda", DEV, softplus, last_grad, deterministic)
 
 
 SEQLENS = [1, 7, 128, 1000, 2048, 2049, 8192]

@@ -32,7 +32,8 @@ from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import (causal_conv1d_ref, causal_conv1d_update_ref,  # noqa: E402
                                       selective_state_update_ref)
 
-from .tolerances import TOL, assert_close, conv_on_backends, grad_tolerance  # noqa: E402
+from .tolerances import (TOL, assert_close, check_scan, conv_on_backends,  # noqa: E402
+                         scan_on_backend, segments)
 
 
 def _interpreted() -> bool:
@@ -77,17 +78,8 @@ def triton_backend():
 
 
 def _segments(b, l, gen):
-    """int32 (b, l) seq_idx: row 0 has boundaries at 1 (a length-1 segment), at the first chunk boundary
-    and at random places; the last row is one sequence."""
-    seq = torch.zeros(b, l, dtype=torch.int32)
-    if l > 1:
-        cuts = {1, 2, K.selective_scan.CHUNK, K.selective_scan.CHUNK + 1}
-        cuts |= set(torch.randint(1, l, (3,), generator=gen).tolist())
-        for c in sorted(x for x in cuts if x < l):
-            seq[0, c:] += 1
-        if b > 2:
-            seq[1, l // 2:] = 5
-    return seq
+    """seq_idx with boundaries at 1 and 2 (a length-1 segment) and around the first chunk boundary."""
+    return segments(b, l, gen, {1, 2, K.selective_scan.CHUNK, K.selective_scan.CHUNK + 1})
 
 
 def _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq, seed=0):
@@ -110,31 +102,13 @@ def _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq, seed=0):
     )
 
 
-def _run_scan(inputs, softplus, last_grad, backend, deterministic=None, seed=1):
-    """Forward + backward through ops.selective_scan on ``backend``; returns (out, last, grads by name)."""
-    names = [k for k, v in inputs.items() if v is not None and v.is_floating_point()]
-    leaf = {k: (v.to(DEVICE).clone().requires_grad_() if k in names else
-                (v.to(DEVICE) if v is not None else None)) for k, v in inputs.items()}
-    with ops.use_backend(backend):
-        out, last = ops.selective_scan(**leaf, delta_softplus=softplus, return_last_state=True,
-                                       deterministic=deterministic)
-    gen = torch.Generator().manual_seed(seed)
-    dout = torch.randn(out.shape, generator=gen).to(out.dtype).to(DEVICE)
-    loss = (out.float() * dout.float()).sum()
-    if last_grad:
-        loss = loss + (last * torch.randn(last.shape, generator=gen).to(DEVICE)).sum()
-    grads = torch.autograd.grad(loss, [leaf[k] for k in names])
-    return out.detach(), last.detach(), dict(zip(names, grads))
+def _run_scan(inputs, softplus, last_grad, backend, deterministic=None):
+    return scan_on_backend(inputs, softplus, last_grad, backend, DEVICE, deterministic)
 
 
 def _check_scan(inputs, dtype, softplus, last_grad, deterministic=None):
-    rtol, atol = TOL[dtype]
-    out, last, g = _run_scan(inputs, softplus, last_grad, "triton", deterministic)
-    ref_out, ref_last, ref_g = _run_scan(inputs, softplus, last_grad, "torch")
-    assert_close("out", out, ref_out, rtol, atol)
-    assert_close("last_state", last, ref_last, rtol, atol)
-    for name in ref_g:
-        assert_close(f"d{name}", g[name], ref_g[name], *grad_tolerance(name, dtype))
+    assert inputs["u"].dtype == dtype
+    check_scan(inputs, "triton", DEVICE, softplus, last_grad, deterministic)
 
 
 # (b, d, n, l, dtype, B/C layouts, z, D, delta_bias, softplus, initial_state, seq_idx, grad of last state)

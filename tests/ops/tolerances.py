@@ -43,3 +43,54 @@ def conv_on_backends(backends, inputs, dout, device, activation=None, seq_idx=No
             grads = torch.autograd.grad(out, list(leaf.values()), dout)
         res[backend] = (out, dict(zip(leaf, grads)))
     return res
+
+
+def segments(b, l, gen, cuts):
+    """int32 (b, l) seq_idx: row 0 has a boundary at every position of ``cuts`` below l and at 3 random places;
+    row 1 (when b > 1) one boundary mid-way, its ids not starting at 0; other rows are one sequence."""
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    if l > 1:
+        cuts = set(cuts) | set(torch.randint(1, l, (3,), generator=gen).tolist())
+        for c in sorted(x for x in cuts if x < l):
+            seq[0, c:] += 1
+        if b > 1:
+            seq[1, l // 2:] = 5
+    return seq
+
+
+def scan_on_backend(inputs, softplus, last_grad, backend, device, deterministic=None, seed=1):
+    """Forward + backward of ``ops.selective_scan`` on ``backend`` from fresh leaf copies of ``inputs`` moved to
+    ``device``, against a seeded random cotangent of the output (and of the last state if ``last_grad``):
+    -> (out, last_state, {input name: gradient})."""
+    from emma_mamba import ops
+
+    names = [k for k, v in inputs.items() if v is not None and v.is_floating_point()]
+    leaf = {k: (None if v is None else v.to(device).clone().requires_grad_() if k in names else v.to(device))
+            for k, v in inputs.items()}
+    with ops.use_backend(backend):
+        out, last = ops.selective_scan(**leaf, delta_softplus=softplus, return_last_state=True,
+                                       deterministic=deterministic)
+        gen = torch.Generator().manual_seed(seed)
+        dout = torch.randn(out.shape, generator=gen).to(out.dtype).to(device)
+        loss = (out.float() * dout.float()).sum()
+        if last_grad:
+            loss = loss + (last * torch.randn(last.shape, generator=gen).to(device)).sum()
+        grads = torch.autograd.grad(loss, [leaf[k] for k in names])
+    return out.detach(), last.detach(), dict(zip(names, grads))
+
+
+def check_scan(inputs, backend, device, softplus=True, last_grad=True, deterministic=None):
+    """``backend``'s selective scan against the reference (``torch`` backend) on the same inputs: output, last
+    state and every gradient within DESIGN's tolerances. Gradients that sum over b*l fp32 products (A, D,
+    delta_bias, a constant B or C) are compared relative to their own scale."""
+    dtype = inputs["u"].dtype
+    rtol, atol = TOL[dtype]
+    out, last, g = scan_on_backend(inputs, softplus, last_grad, backend, device, deterministic)
+    ref_out, ref_last, ref_g = scan_on_backend(inputs, softplus, last_grad, "torch", device)
+    assert_close("out", out, ref_out, rtol, atol)
+    assert_close("last_state", last, ref_last, rtol, atol)
+    for name in ref_g:
+        tol = grad_tolerance(name, dtype)
+        if name in ("A", "D", "delta_bias") or (name in ("B", "C") and inputs[name].dim() == 2):
+            tol = (tol[0], max(tol[1], tol[0] * ref_g[name].abs().max().item()))
+        assert_close(f"d{name}", g[name], ref_g[name], *tol)
