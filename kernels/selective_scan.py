@@ -35,6 +35,8 @@ per channel block and sums them in a fixed order (more memory).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,18 @@ FWD_BLOCK_D = 8
 FWD_WARPS = 8
 BWD_BLOCK_D = 4
 BWD_WARPS = 4
+
+# The forward has two implementations that write the same outputs and the same saved states, so either feeds
+# the one backward: "chunked" (the kernel above: tl.associative_scan over (channel, time) tiles, one state
+# index at a time) and "sequential" (one thread group per channel holds all its states in registers and walks
+# the time steps one by one: ~5 instructions per (t, n) element instead of ~17, no shuffles or barriers inside
+# the state loop, but only b * d * 4 threads). "chunked" is the default because it is the one measured on a
+# GPU; "sequential" is tested on the interpreter and timed side by side by the GPU benchmark
+# (emma_mamba/bench/kernels_gpu.py), which is where the default should be decided. EMMA_TRITON_SCAN_FWD
+# overrides this at import.
+FWD_IMPL = os.environ.get("EMMA_TRITON_SCAN_FWD", "chunked")
+SEQ_BLOCK_D = 32
+SEQ_WARPS = 4
 
 
 @triton.jit
@@ -152,6 +166,74 @@ def _selective_scan_fwd_kernel(
             z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + state_off, h, mask=mask_dn)
+
+
+@triton.jit
+def _selective_scan_fwd_seq_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, seq_ptr,
+    out_ptr, last_ptr, saved_ptr,
+    dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
+    sB_b, sB_g, sC_b, sC_g,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # The recurrence as written, one time step per iteration: the (channel, state) tile h lives in registers
+    # (a few threads per channel, each holding some of its states), y_t = <C_t, h_t> is a reduction over the
+    # state axis within those threads. Per step the program reads one column of u, delta, z (strided in
+    # memory: the other steps of each 32-byte sector are L1 hits over the next iterations) and one row of B, C.
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
+    C_base = C_ptr + pid_b * sC_b + ((pid_d * BLOCK_D) // cpg_C) * sC_g
+    # log2(e) folded into A: exp(dt * A) = exp2(dt * A * log2 e); padded states get A = 0, B = C = 0
+    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0) * 1.4426950408889634
+    if not B_VAR:
+        B_t = tl.load(B_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    if not C_VAR:
+        C_t = tl.load(C_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    if HAS_DBIAS:
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = 0.0
+    row = pid_b * dim * seqlen + offs_d * seqlen  # (BD,) into (b, d, l)
+    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    for c in range(nchunks):
+        tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)  # the state entering chunk c
+        t_end = tl.minimum(c * CHUNK + CHUNK, seqlen)
+        for t in range(c * CHUNK, t_end):
+            u = tl.load(u_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+            dt = _delta_of(tl.load(delta_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32), bias, SOFTPLUS)
+            if B_VAR:
+                B_t = tl.load(B_base + offs_n * seqlen + t, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if C_VAR:
+                C_t = tl.load(C_base + offs_n * seqlen + t, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            a = tl.exp2(dt[:, None] * A2)
+            if HAS_SEQ:
+                s_cur = tl.load(seq_ptr + pid_b * seqlen + t)
+                s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=t > 0, other=0)
+                a = tl.where((t > 0) & (s_cur != s_prev), 0.0, a)  # a new sequence starts from zero
+            h = a * h + (dt * u)[:, None] * B_t
+            y = tl.sum(h * C_t, axis=1)
+            if HAS_D:
+                y += Dv * u
+            if HAS_Z:
+                zt = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+                y *= zt * tl.sigmoid(zt)
+            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
@@ -386,10 +468,17 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     saved = torch.empty(b, d, nchunks, n, device=u.device, dtype=torch.float32)  # state entering each chunk
     B_var, _, sB_b, sB_g = _layout(B, d)
     C_var, _, sC_b, sC_g = _layout(C, d)
-    block_d, block_n = _blocks(d, n, B, C, FWD_BLOCK_D)
+    if FWD_IMPL == "sequential":
+        kernel, block_d, warps = _selective_scan_fwd_seq_kernel, SEQ_BLOCK_D, SEQ_WARPS
+    elif FWD_IMPL == "chunked":
+        kernel, block_d, warps = _selective_scan_fwd_kernel, FWD_BLOCK_D, FWD_WARPS
+    else:
+        raise ValueError(f"emma_mamba.kernels.selective_scan.FWD_IMPL must be 'chunked' or 'sequential' "
+                         f"(EMMA_TRITON_SCAN_FWD), got {FWD_IMPL!r}")
+    block_d, block_n = _blocks(d, n, B, C, block_d)
     grid = (triton.cdiv(d, block_d), b)
     dummy = u
-    _selective_scan_fwd_kernel[grid](
+    kernel[grid](
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, initial_state if initial_state is not None else dummy,
         seq_idx if seq_idx is not None else dummy,
@@ -399,7 +488,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
         B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-        **_launch_kwargs(FWD_WARPS),
+        **_launch_kwargs(warps),
     )
     return out, last_state, saved
 

@@ -24,6 +24,7 @@ Run standalone with ``python -m emma_mamba.bench.kernels_gpu --out results.json`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -203,6 +204,25 @@ def _scan_bytes(b, d, n, l, elt):
     return (4 * b * d * l + 2 * b * n * l) * elt + 2 * d * n * 4 + 2 * d * 4
 
 
+def _triton_forward_impl():
+    from emma_mamba.kernels import selective_scan as triton_scan
+    return triton_scan.FWD_IMPL
+
+
+@contextlib.contextmanager
+def _triton_forward(impl):
+    """Run the Triton scan with forward implementation ``impl`` ("chunked", "sequential"; None: as set)."""
+    if impl is None:
+        yield
+        return
+    from emma_mamba.kernels import selective_scan as triton_scan
+    before, triton_scan.FWD_IMPL = triton_scan.FWD_IMPL, impl
+    try:
+        yield
+    finally:
+        triton_scan.FWD_IMPL = before
+
+
 def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -239,15 +259,18 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
     primary = f"emma_{env.primary}"
 
-    def ours(backend, det=None):
+    def ours(backend, det=None, triton_fwd=None):
         def fwd():
-            with ops.use_backend(backend):
+            with ops.use_backend(backend), _triton_forward(triton_fwd):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True, deterministic=det)
         return fwd
 
     impls = {f"emma_{bk}": ours(bk) for bk in backends}
     impls[f"{primary}_deterministic"] = ours(env.primary, True)
+    if "triton" in backends:  # the other Triton forward (same backward), to decide the default on a GPU
+        other = "sequential" if _triton_forward_impl() == "chunked" else "chunked"
+        impls[f"emma_triton_{other}"] = ours("triton", triton_fwd=other)
     if mssm_scan is not None:
         impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                x["delta_bias"], delta_softplus=True)
@@ -277,12 +300,16 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     t = row["times_ms"]
     _ratios(row, t, primary, "mamba_ssm")
     _ratios(row, t, "emma_triton", primary)  # issue 4: Triton forward within 1.5x of CUDA
+    for other in ("chunked", "sequential"):
+        _ratios(row, t, f"emma_triton_{other}", primary)
     _ratios(row, t, f"{primary}_deterministic", primary, kinds=("fwd_bwd",))
     nbytes = _scan_bytes(b, d, n, l, env.dtype.itemsize)
     row["fwd_bytes_min"] = nbytes
-    for name in (primary, "emma_triton", "mamba_ssm"):
+    for name in (primary, "emma_triton", "emma_triton_chunked", "emma_triton_sequential", "mamba_ssm"):
         if f"{name}.fwd" in t:
             _fraction_of_copy(row, res, name, t[f"{name}.fwd"], nbytes)
+    if "triton" in backends:
+        row["emma_triton_forward_impl"] = _triton_forward_impl()
     return row
 
 

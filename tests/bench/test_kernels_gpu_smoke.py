@@ -104,3 +104,41 @@ def test_ratio_helper_by_hand():
     row = {}
     kg._ratios(row, {"a.fwd": 3.0, "b.fwd": 2.0, "a.fwd_bwd": 1.0}, "a", "b")
     assert row == {"ratio_a_over_b.fwd": 1.5}  # fwd_bwd of b missing: no ratio
+
+
+TRITON_SCRIPT = """
+import json, torch
+from emma_mamba.bench import kernels_gpu as kg
+env = kg._Env("cpu", "cpu", scan_shapes=[(1, 8, 4, 20)], ref_shape=(1, 8, 4, 16), decode_batches=[1],
+              decode_dim=8, copy_bytes=1 << 20, dtype=torch.float32)
+class Args:
+    quick = False
+    skip = ["peers", "ref"]
+print("RESULT" + json.dumps(kg.run_on(env, Args())))
+"""
+
+
+def test_triton_columns_under_the_interpreter():
+    """The Triton rows (both scan forwards, conv, decode steps) and their ratios, on Triton's CPU interpreter
+    (a fresh process: the interpreter must be on before triton is first imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1", EMMA_TRITON_SCAN_FWD="chunked")
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    scan, conv, dec = res["selective_scan"][0], res["causal_conv1d"][0], res["decode_step"][0]
+    for row in (scan, conv, dec):
+        assert "errors" not in row, row["errors"]
+    assert scan["emma_triton_forward_impl"] == "chunked"
+    for kind in ("fwd", "fwd_bwd"):
+        assert scan[f"ratio_emma_triton_over_emma_cpu.{kind}"] == pytest.approx(
+            scan["times_ms"][f"emma_triton.{kind}"] / scan["times_ms"][f"emma_cpu.{kind}"])
+        assert f"ratio_emma_triton_sequential_over_emma_cpu.{kind}" in scan
+        assert f"ratio_emma_triton_over_emma_cpu.{kind}" in conv
+    # both Triton forwards compute the same function as ours
+    assert scan["max_abs_diff_emma_triton_vs_emma_cpu"] < 1e-4 * max(1.0, scan["max_abs_out"])
+    assert scan["max_abs_diff_emma_triton_sequential_vs_emma_cpu"] < 1e-4 * max(1.0, scan["max_abs_out"])
+    assert {"emma_triton.selective_state_update.eager", "emma_triton.causal_conv1d_update.eager"} <= set(dec["times_us"])

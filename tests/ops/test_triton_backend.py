@@ -141,6 +141,38 @@ def test_selective_scan_small_chunks_match_reference(case, monkeypatch):
     _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
 
 
+SEQUENTIAL_CASES = ["all-flags-L300", "L1", "plain-const-L7", "chunk-plus-one-groups", "odd-d-n-group-of-3",
+                    "bf16-groups-packed"]
+
+
+@pytest.mark.parametrize("case", SEQUENTIAL_CASES)
+def test_sequential_forward_matches_reference(case, monkeypatch):
+    """The "sequential" forward (one time step per iteration): outputs, last state, and the gradients the
+    chunked backward computes from the states it saved."""
+    monkeypatch.setattr(K.selective_scan, "FWD_IMPL", "sequential")
+    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
+    inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
+    _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
+
+
+def test_both_forwards_save_the_same_states(monkeypatch):
+    """The backward's contract: whichever forward ran, the states entering every chunk are the same."""
+    x = _scan_inputs(2, 4, 5, 270, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
+    args = [x[k].to(DEVICE) if x[k] is not None else None
+            for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    res = {}
+    for impl in ("chunked", "sequential"):
+        monkeypatch.setattr(K.selective_scan, "FWD_IMPL", impl)
+        res[impl] = K.selective_scan.selective_scan_fwd(*args, True, x["initial_state"].to(DEVICE),
+                                                        x["seq_idx"].to(DEVICE))
+    for name, a, b in zip(("out", "last_state", "saved"), res["chunked"], res["sequential"]):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    monkeypatch.setattr(K.selective_scan, "FWD_IMPL", "recursive")
+    with pytest.raises(ValueError, match="FWD_IMPL must be 'chunked' or 'sequential'"):
+        K.selective_scan.selective_scan_fwd(*args, True, None, None)
+
+
 def test_selective_scan_atomic_dbc_matches_reference():
     """deterministic=False: dB/dC of variable and grouped B/C are added with fp32 atomics."""
     inputs = _scan_inputs(2, 4, 4, 150, torch.float32, ("var", "g2"), z=1, D=1, bias=1, init=1, seq=1)
@@ -347,8 +379,10 @@ def test_cuda_tensors_prefer_cuda_then_triton():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["chunked", "sequential"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_selective_scan_gpu_scale(dtype):
+def test_selective_scan_gpu_scale(dtype, impl, monkeypatch):
+    monkeypatch.setattr(K.selective_scan, "FWD_IMPL", impl)
     inputs = _scan_inputs(2, 256, 16, 2048, dtype, ("var", "var"), z=1, D=1, bias=1, init=1, seq=1)
     _check_scan(inputs, dtype, True, True)
 
