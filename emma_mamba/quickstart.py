@@ -427,4 +427,5 @@ def run(args: argparse.Namespace) -> int:
     s = summary["seconds"]
     print(f"time: data {s['data']:.0f}s, stage 0 {s.get('clip', 0):.0f}s, stage 1 {s['pretrain']:.0f}s, "
           f"stage 2 {s['finetune']:.0f}s, eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
+    print(f"ask it more: emma-mamba chat --checkpoint {Path(args.out) / 'stage2'} --image {d['image']}")
     return 0
