@@ -46,6 +46,8 @@ class TurnStats:
     """Positions of the whole conversation so far, this turn's answer included."""
     prefill_seconds: float
     decode_seconds: float
+    decode_steps: int
+    """One-token forwards after the prefill (the prefill's logits give the first token)."""
 
 
 class ChatSession:
@@ -140,7 +142,7 @@ class ChatSession:
         answer = res.texts[0]
         self.turns.append((question, answer))
         self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,
-                                    res.prefill_seconds, res.decode_seconds))
+                                    res.prefill_seconds, res.decode_seconds, res.decode_steps))
         return answer
 
     def _first_turn(self, question: str) -> dict:

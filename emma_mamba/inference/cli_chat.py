@@ -101,8 +101,9 @@ def run(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         st = session.stats[-1]
-        rate = st.new_tokens / st.decode_seconds if st.decode_seconds > 0 else float("nan")
+        rate = (f", decode {st.decode_steps / st.decode_seconds:.1f} tokens/s"
+                if st.decode_steps and st.decode_seconds > 0 else "")
         print(f"[turn {len(session.turns)}: {st.prompt_tokens} tokens prefilled in {st.prefill_seconds:.3f} s, "
-              f"{st.new_tokens} new ({st.finish_reason}, {rate:.1f} tokens/s); context {st.context_tokens} tokens, "
+              f"{st.new_tokens} new ({st.finish_reason}{rate}); context {st.context_tokens} tokens, "
               f"state {session.state_bytes / 2**20:.2f} MiB]", file=sys.stderr)
     return 0
