@@ -45,6 +45,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --train.lr?)' for a mistyped option close to a real one, else ''."""
+    import difflib
+
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for arg in unknown:
+        if arg.startswith("--"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1, cutoff=0.75)
+            if close:
+                hints.append(close[0])
+    return f" (did you mean {' / '.join(hints)}?)" if hints else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -71,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emma-mamba " + " ".join(path), description=help_)
     mod = importlib.import_module(module)
     mod.add_arguments(parser)
-    args = parser.parse_args(argv[len(path):])
+    args, unknown = parser.parse_known_args(argv[len(path):])
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
     rc = mod.run(args)
     return int(rc or 0)
 

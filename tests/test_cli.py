@@ -1,4 +1,5 @@
-"""Every `emma-mamba` command's --help renders (argparse %-formats help strings: one stray % breaks it)."""
+"""`emma-mamba` argument handling: every command's --help renders (argparse %-formats help strings: one stray % breaks
+it); a mistyped option is named with the closest real one."""
 import pytest
 
 from emma_mamba.cli import COMMANDS, main
@@ -11,3 +12,15 @@ def test_every_command_help_renders(path, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: emma-mamba " + " ".join(path))
+
+
+def test_mistyped_option_gets_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", "configs/train_tiny_stage1.yaml", "--train.lrr", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --train.lrr 1 (did you mean --train.lr?)" in err
+    with pytest.raises(SystemExit):
+        main(["generate", "--random-init", "tiny", "--prompt", "hi", "--zzz"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzz" in err and "did you mean" not in err
