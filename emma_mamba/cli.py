@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv[len(path):])
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
-    rc = mod.run(args)
+    from emma_mamba.config import ConfigError
+
+    try:
+        rc = mod.run(args)
+    except ConfigError as e:  # a bad config file or key: the message names it, a traceback would bury it
+        print(f"emma-mamba {' '.join(path)}: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

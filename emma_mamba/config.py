@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -319,7 +320,9 @@ def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dic
     for key, value in overrides.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
-            raise ConfigError(f"{source}: unknown config key {key!r} at {where!r}; valid keys"
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {key!r} at {where!r}{hint}; valid keys"
                               f"{' of ' + repr(path) if path else ''}: {', '.join(fields)}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):

@@ -24,3 +24,12 @@ def test_mistyped_option_gets_a_suggestion(capsys):
         main(["generate", "--random-init", "tiny", "--prompt", "hi", "--zzz"])
     err = capsys.readouterr().err
     assert "unrecognized arguments: --zzz" in err and "did you mean" not in err
+
+
+def test_a_bad_config_file_is_one_message_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "model.yaml"
+    bad.write_text("preset: tiny\nlm: {d_modell: 64}\n")
+    assert main(["info", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emma-mamba info: {bad}: unknown config key 'd_modell' at 'lm.d_modell' (did you mean "
+                          f"'d_model'?)") and "Traceback" not in err

@@ -57,9 +57,9 @@ def test_unknown_key_names_key_path_file_and_valid_keys(tmp_path):
         load_config(p)
     msg = str(e.value)
     assert "'d_modle'" in msg and "'lm.d_modle'" in msg and str(p) in msg
-    assert "valid keys of 'lm': d_model, n_layer" in msg
-    with pytest.raises(ConfigError, match=r"unknown config key 'projection' at 'projection'; valid keys: name, "
-                                          r"vision, mff"):
+    assert "(did you mean 'd_model'?)" in msg and "valid keys of 'lm': d_model, n_layer" in msg
+    with pytest.raises(ConfigError, match=r"unknown config key 'projection' at 'projection' \(did you mean "
+                                          r"'projector'\?\); valid keys: name, vision, mff"):
         load_config(write(tmp_path, "projection: {depth: 2}\n"))
 
 

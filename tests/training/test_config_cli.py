@@ -30,11 +30,11 @@ BASE = {"stage": "pretrain", "output_dir": "runs/x", "model": "tiny", "data": {"
 
 def test_unknown_key_in_yaml_names_key_path_and_file(tmp_path):
     p = write(tmp_path, {**BASE, "train": {"lrr": 1e-3}})
-    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'lrr' at 'train\.lrr'; valid keys of "
-                                          r"'train': lr, min_lr_ratio"):
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'lrr' at 'train\.lrr' \(did you mean 'lr'\?\); "
+                                          r"valid keys of 'train': lr, min_lr_ratio"):
         load_run_config(p)
     p = write(tmp_path, {**BASE, "model": {"preset": "tiny", "lm": {"d_modle": 3}}})
-    with pytest.raises(ConfigError, match=r"unknown config key 'd_modle' at 'lm\.d_modle'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'd_modle' at 'lm\.d_modle' \(did you mean 'd_model'\?\)"):
         load_run_config(p)
     p = write(tmp_path, {**BASE, "train": {"micro_batch_size": "four"}})
     with pytest.raises(ConfigError, match=r"train\.micro_batch_size: expected int, got 'four'"):
