@@ -21,13 +21,14 @@ from emma_mamba.eval.runner import TASKS
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS, help="benchmark: file formats, prompt and metric")
     p.add_argument("--questions", required=True,
-                   help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, or MME folder/file of "
-                        "<category>.txt templates")
+                   help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
+                        "(or LLaVA's TextVQA JSONL), VizWiz val.json, or MME folder/file of <category>.txt templates")
     p.add_argument("--images", required=True, help="folder the questions' image names are relative to")
     p.add_argument("--checkpoint", required=True, help="model directory written by EmmaMamba.save or a training run")
     p.add_argument("--out", default=None, help="output folder (default: eval_<task> inside --checkpoint)")
     p.add_argument("--annotations", default=None,
-                   help="ground truth when not in the questions file (VQAv2 annotations JSON; default: the "
+                   help="ground truth when not in the questions file (VQAv2 annotations JSON, TextVQA JSON for "
+                        "LLaVA-JSONL questions; default: the questions file where it holds answers, for VQAv2 the "
                         "sibling *annotations*.json if present)")
     p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest reply in tokens (default %(default)s)")

@@ -7,14 +7,17 @@ Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eva
 | pope  | POPE JSONL ``{question_id, image, text, label}``       | ``image``                               |
 | vqav2 | VQAv2 questions JSON ``{"questions": [{question_id, image_id, question}]}`` | ``image`` if present, else ``image_template`` filled with ``image_id`` |
 | gqa   | GQA questions JSON ``{qid: {imageId, question, answer}}`` | ``image`` if present, else ``<imageId>.jpg`` |
+| textvqa | TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}``, or LLaVA JSONL ``{question_id, image, text}`` | ``image`` if present, else ``<image_id>.jpg`` |
+| vizwiz | VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id) | ``image`` |
 | mme   | folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``), or one such file | ``images/<name>``, ``images/<category>/<name>`` or ``images/<category>/images/<name>`` |
 
 and writes, under ``out_dir``:
 
-* ``answers.jsonl`` (pope, vqav2, gqa): one LLaVA ``model_vqa_loader``-style record per question,
+* ``answers.jsonl`` (every task but mme): one LLaVA ``model_vqa_loader``-style record per question,
   ``{"question_id", "image", "prompt", "text"}``, which every scorer reads (POPE reads ``text``, VQAv2
-  ``question_id``/``text``, GQA ``question_id``/``text``); for vqav2 and gqa also the official results list
-  ``results.json`` (``[{"question_id", "answer"}]``, ``[{"questionId", "prediction"}]``) once all are done;
+  ``question_id``/``text``, GQA ``question_id``/``text``); for vqav2, gqa, textvqa and vizwiz also the official
+  results list ``results.json`` (``[{"question_id", "answer"}]``, ``[{"questionId", "prediction"}]``,
+  ``[{"question_id", "answer"}]``, and VizWiz's submission format ``[{"image", "answer"}]``) once all are done;
 * ``mme/<category>.txt`` (mme): the template lines with the model's reply appended as a 4th column (MME's
   eval_tool format);
 * ``metrics.json``: ``{"task", "checkpoint", "questions", "n_answered", "metrics", ...}`` from
@@ -25,8 +28,11 @@ Notable choices:
 
 * Prompts follow the training data: the LLaVA-1.5 short-answer instruction (``SHORT_ANSWER_PROMPT``, "Answer
   the question using a single word or phrase.") is appended on its own line for VQAv2, GQA and POPE, as
-  LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do; MME questions already end in
-  "Please answer yes or no." and are used verbatim. Instruction fusion sees the same prompt text.
+  LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do (for TextVQA and VizWiz too;
+  VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
+  respond with 'Unanswerable'."); MME questions already end in "Please answer yes or no." and are used
+  verbatim. A LLaVA-JSONL TextVQA question whose ``text`` already ends in the short-answer instruction (with its
+  OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
@@ -44,14 +50,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
+from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
 
-__all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT"]
+__all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT",
+           "UNANSWERABLE_PROMPT"]
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mme")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
+UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
+"""LLaVA-1.5's VizWiz instruction, before the short-answer one."""
 MME_PERCEPTION_DIRS = ("", "{category}", "{category}/images")
 
 
@@ -127,6 +137,18 @@ def read_questions(task: str, questions: str | Path, images: str | Path,
                 f"{require(rec, ('imageId',), qpath, loc, 'GQA question')}.jpg"
             out.append(Question(str(qid), _image(images, name, f"{qpath}: {loc}"),
                                 require(rec, ("question",), qpath, loc, "GQA question")))
+    elif task == "textvqa":
+        for loc, rec in textvqa_records(qpath):
+            qid = require(rec, ("question_id",), qpath, loc, "TextVQA question")
+            name = rec["image"] if "image" in rec else \
+                f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
+            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("question", "text"), qpath, loc, "TextVQA question")))
+    elif task == "vizwiz":
+        for loc, rec in vizwiz_records(qpath):
+            name = require(rec, ("image",), qpath, loc, "VizWiz question")
+            out.append(Question(name, _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("question",), qpath, loc, "VizWiz question")))
     else:  # mme
         if qpath.is_dir():
             files = sorted(qpath.glob("*.txt"))
@@ -160,15 +182,23 @@ def read_questions(task: str, questions: str | Path, images: str | Path,
 
 def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
-    return text if task == "mme" else f"{text}\n{SHORT_ANSWER_PROMPT}"
+    if task == "mme" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
+        return text
+    if task == "vizwiz":
+        return f"{text}\n{UNANSWERABLE_PROMPT}\n{SHORT_ANSWER_PROMPT}"
+    return f"{text}\n{SHORT_ANSWER_PROMPT}"
 
 
 def default_annotations(task: str, questions: str | Path) -> Path | None:
-    """Ground truth for scoring when none is given: the question file itself (POPE, GQA), the MME template
-    folder, or for VQAv2 the sibling file with 'questions' replaced by 'annotations' in its name, if present."""
+    """Ground truth for scoring when none is given: the question file itself (POPE, GQA, the MME template
+    folder; TextVQA's official JSON and VizWiz's val.json when they hold answers), or for VQAv2 the sibling file
+    with 'questions' replaced by 'annotations' in its name, if present."""
     q = Path(questions)
     if task in ("pope", "gqa", "mme"):
         return q
+    if task in ("textvqa", "vizwiz"):
+        recs = textvqa_records(q) if task == "textvqa" else vizwiz_records(q)
+        return q if all("answers" in rec for _, rec in recs) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
 
@@ -293,10 +323,12 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path, out_di
     seconds = time.perf_counter() - t0
 
     # ---- official results files and metrics
-    if task in ("vqav2", "gqa"):
+    if task in ("vqav2", "gqa", "textvqa", "vizwiz"):
         recs = list(_read_done_jsonl(answers_path).values())
-        if task == "vqav2":
+        if task in ("vqav2", "textvqa"):
             res = [{"question_id": r["question_id"], "answer": r["text"]} for r in recs]
+        elif task == "vizwiz":
+            res = [{"image": r["question_id"], "answer": r["text"]} for r in recs]
         else:
             res = [{"questionId": r["question_id"], "prediction": r["text"]} for r in recs]
         (out / "results.json").write_text(json.dumps(res, ensure_ascii=False) + "\n", encoding="utf-8")

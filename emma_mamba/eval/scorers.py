@@ -5,9 +5,12 @@
 | pope  | JSONL, "answer" or "text" (+ question_id) | POPE question file (JSONL with "label")      |
 | vqav2 | JSON list/JSONL, question_id + answer     | VQAv2 annotations JSON (10 answers/question) |
 | gqa   | JSON list/JSONL, questionId + prediction  | GQA questions JSON (with "answer")           |
+| textvqa | JSON list/JSONL, question_id + answer   | TextVQA_0.5.1_val.json (10 answer strings)   |
+| vizwiz | JSON list/JSONL, image + answer          | VizWiz val.json (10 answers, "unanswerable") |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
-Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa`, :mod:`.gqa` and :mod:`.mme`.
+Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
+:mod:`.gqa` and :mod:`.mme`.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from emma_mamba.eval._io import ScoreInputError
 from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
 from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
-from emma_mamba.eval.vqa import normalize_answer, score_vqav2, vqa_accuracy
+from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
-TASKS = ("pope", "vqav2", "gqa", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mme")
 
-__all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_mme",
+__all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_textvqa",
+           "score_vizwiz", "score_mme",
            "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
@@ -40,6 +44,10 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
         return score_vqav2(answers, annotations, allow_missing)
     if task == "gqa":
         return score_gqa(answers, annotations, allow_missing)
+    if task == "textvqa":
+        return score_textvqa(answers, annotations, allow_missing)
+    if task == "vizwiz":
+        return score_vizwiz(answers, annotations, allow_missing)
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
@@ -50,9 +58,9 @@ def summary(task: str, m: dict) -> str:
         lines.append(f"POPE  n={m['n']}  acc {100 * m['accuracy']:.2f}  prec {100 * m['precision']:.2f}  "
                      f"rec {100 * m['recall']:.2f}  F1 {100 * m['f1']:.2f}  yes-ratio {100 * m['yes_ratio']:.2f}")
         lines.append(f"      TP {m['tp']}  FP {m['fp']}  TN {m['tn']}  FN {m['fn']}  unparsed replies {m['n_unparsed']}")
-    elif task in ("vqav2", "gqa"):
+    elif task in ("vqav2", "gqa", "textvqa", "vizwiz"):
         lines.append(f"{task.upper()}  n={m['n']}  accuracy {100 * m['accuracy']:.2f}")
-        for group in ("per_answer_type", "per_structural_type", "per_semantic_type"):
+        for group in ("per_answer_type", "per_answerability", "per_structural_type", "per_semantic_type"):
             for k, v in m.get(group, {}).items():
                 lines.append(f"  {group[4:]:<16} {k:<12} {100 * v:.2f}")
     elif task == "mme":

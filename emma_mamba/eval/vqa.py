@@ -114,32 +114,24 @@ def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def score_vqav2(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
-    """Score a VQAv2 results file against a VQAv2 annotations file."""
-    doc = load_json(annotations, "VQAv2 annotations")
-    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
-        raise ScoreInputError(f"{annotations}: expected a JSON object with an 'annotations' list (the VQAv2 "
-                              f"annotations file, e.g. v2_mscoco_val2014_annotations.json)")
-    gold: dict = {}
-    for i, ann in enumerate(doc["annotations"], 1):
-        loc = f"annotations[{i - 1}]"
-        if not isinstance(ann, dict):
-            raise ScoreInputError(f"{annotations}: {loc}: expected a JSON object")
-        qid = require(ann, ("question_id",), annotations, loc, "VQAv2 annotation")
-        humans = require(ann, ("answers",), annotations, loc, "VQAv2 annotation")
-        if not isinstance(humans, list) or not humans:
-            raise ScoreInputError(f"{annotations}: {loc}: 'answers' must be a non-empty list of {{'answer': ...}}")
-        texts = []
-        for k, h in enumerate(humans):
-            if not isinstance(h, dict) or not isinstance(h.get("answer"), str):
-                raise ScoreInputError(f"{annotations}: {loc}: answers[{k}] has no string 'answer' field")
-            texts.append(normalize_answer(h["answer"]))
-        if qid in gold:
-            raise ScoreInputError(f"{annotations}: {loc}: duplicate question_id {qid!r}")
-        gold[qid] = (texts, ann.get("answer_type", "unknown"), ann.get("question_type", "unknown"))
-    rows = [(loc, require(rec, ("question_id",), answers, loc, "VQAv2 result"),
-             require(rec, ("answer", "text"), answers, loc, "VQAv2 result"))
-            for loc, rec in load_records(answers, "VQAv2 results")]
+def _human_answers(humans, path, loc: str) -> list[str]:
+    """Normalised human answers of one question: a list of strings (TextVQA) or of {"answer": ...} (VQAv2,
+    VizWiz)."""
+    if not isinstance(humans, list) or not humans:
+        raise ScoreInputError(f"{path}: {loc}: 'answers' must be a non-empty list of answers")
+    texts = []
+    for k, h in enumerate(humans):
+        text = h.get("answer") if isinstance(h, dict) else h
+        if not isinstance(text, str):
+            raise ScoreInputError(f"{path}: {loc}: answers[{k}] is neither a string nor an object with a string "
+                                  f"'answer' field")
+        texts.append(normalize_answer(text))
+    return texts
+
+
+def _score_soft(gold: dict, rows: list, answers, annotations, allow_missing: bool) -> dict:
+    """Mean soft accuracy of ``rows`` (location, question id, reply) against ``gold`` (question id ->
+    (normalised human answers, answer type, question type)), overall and per answer/question type."""
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")
@@ -155,3 +147,98 @@ def score_vqav2(answers: str | Path, annotations: str | Path, allow_missing: boo
             "per_answer_type": {k: mean(v) for k, v in sorted(by_atype.items())},
             "per_question_type": {k: mean(v) for k, v in sorted(by_qtype.items())},
             "n_missing": len(gold) - len(got)}
+
+
+def _gold_entry(gold: dict, qid, entry, path, loc: str) -> None:
+    if qid in gold:
+        raise ScoreInputError(f"{path}: {loc}: duplicate question id {qid!r}")
+    gold[qid] = entry
+
+
+def score_vqav2(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Score a VQAv2 results file against a VQAv2 annotations file."""
+    doc = load_json(annotations, "VQAv2 annotations")
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise ScoreInputError(f"{annotations}: expected a JSON object with an 'annotations' list (the VQAv2 "
+                              f"annotations file, e.g. v2_mscoco_val2014_annotations.json)")
+    gold: dict = {}
+    for i, ann in enumerate(doc["annotations"]):
+        loc = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise ScoreInputError(f"{annotations}: {loc}: expected a JSON object")
+        qid = require(ann, ("question_id",), annotations, loc, "VQAv2 annotation")
+        humans = _human_answers(require(ann, ("answers",), annotations, loc, "VQAv2 annotation"), annotations, loc)
+        _gold_entry(gold, qid, (humans, ann.get("answer_type", "unknown"), ann.get("question_type", "unknown")),
+                    annotations, loc)
+    rows = [(loc, require(rec, ("question_id",), answers, loc, "VQAv2 result"),
+             require(rec, ("answer", "text"), answers, loc, "VQAv2 result"))
+            for loc, rec in load_records(answers, "VQAv2 results")]
+    return _score_soft(gold, rows, answers, annotations, allow_missing)
+
+
+def textvqa_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(location, record) of a TextVQA file: the official ``{"data": [...]}`` JSON (TextVQA_0.5.1_val.json) or
+    LLaVA's question JSONL."""
+    doc = load_json(path, "TextVQA") if str(path).endswith(".json") else None
+    if isinstance(doc, dict):
+        if not isinstance(doc.get("data"), list):
+            raise ScoreInputError(f"{path}: expected a JSON object with a 'data' list (TextVQA_0.5.1_val.json)")
+        out = []
+        for i, rec in enumerate(doc["data"]):
+            if not isinstance(rec, dict):
+                raise ScoreInputError(f"{path}: data[{i}]: expected a JSON object")
+            out.append((f"data[{i}]", rec))
+        return out
+    return load_records(path, "TextVQA")
+
+
+def score_textvqa(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Score TextVQA answers (``question_id`` + ``answer``/``text``) against TextVQA_0.5.1_val.json.
+
+    The TextVQA metric is VQAv2's soft accuracy with the same answer normalisation (the EvalAI answer processor
+    of the TextVQA/M4C evaluator) over its ten human answers, given as plain strings."""
+    gold: dict = {}
+    for loc, rec in textvqa_records(annotations):
+        qid = require(rec, ("question_id",), annotations, loc, "TextVQA annotation")
+        humans = _human_answers(require(rec, ("answers",), annotations, loc, "TextVQA annotation"), annotations,
+                                loc)
+        _gold_entry(gold, qid, (humans, "textvqa", "textvqa"), annotations, loc)
+    rows = [(loc, require(rec, ("question_id",), answers, loc, "TextVQA result"),
+             require(rec, ("answer", "text"), answers, loc, "TextVQA result"))
+            for loc, rec in load_records(answers, "TextVQA results")]
+    return _score_soft(gold, rows, answers, annotations, allow_missing)
+
+
+def vizwiz_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(location, record) of a VizWiz annotations file (val.json: a list of {image, question, answers, ...})."""
+    doc = load_json(path, "VizWiz")
+    if not isinstance(doc, list):
+        raise ScoreInputError(f"{path}: expected a JSON list of {{image, question, answers}} (VizWiz val.json)")
+    out = []
+    for i, rec in enumerate(doc):
+        if not isinstance(rec, dict):
+            raise ScoreInputError(f"{path}: [{i}]: expected a JSON object")
+        out.append((f"[{i}]", rec))
+    return out
+
+
+def score_vizwiz(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Score VizWiz answers against VizWiz's val.json: VQA soft accuracy over its ten answers per question,
+    "unanswerable" included (the model should say so when the picture cannot answer the question).
+
+    A question is identified by its image file name: answers carry ``image`` (the official submission format)
+    or ``question_id`` (what ``emma-mamba eval`` writes: the name as the annotations give it; it wins when both are
+    present). Per answer type (yes/no, number,
+    other, unanswerable) and per answerability (the ``answerable`` flag) means are reported too."""
+    gold: dict = {}
+    for loc, rec in vizwiz_records(annotations):
+        image = require(rec, ("image",), annotations, loc, "VizWiz annotation")
+        humans = _human_answers(require(rec, ("answers",), annotations, loc, "VizWiz annotation"), annotations, loc)
+        answerable = {1: "answerable", 0: "unanswerable"}.get(rec.get("answerable"), "unknown")
+        _gold_entry(gold, image, (humans, rec.get("answer_type", "unknown"), answerable), annotations, loc)
+    rows = [(loc, require(rec, ("question_id", "image"), answers, loc, "VizWiz result"),
+             require(rec, ("answer", "text"), answers, loc, "VizWiz result"))
+            for loc, rec in load_records(answers, "VizWiz results")]
+    m = _score_soft(gold, rows, answers, annotations, allow_missing)
+    m["per_answerability"] = m.pop("per_question_type")
+    return m

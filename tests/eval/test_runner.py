@@ -158,4 +158,63 @@ def test_bad_inputs_name_the_problem(shapes, tmp_path):
     with pytest.raises(ScoreInputError, match="'questions' list"):
         read_questions("vqav2", f["gqa"], shapes / "images")
     with pytest.raises(ScoreInputError, match="unknown task"):
-        read_questions("textvqa", f["pope"], shapes / "images")
+        read_questions("okvqa", f["pope"], shapes / "images")
+
+
+def _heldout_images(shapes: Path, n: int) -> list[str]:
+    return sorted(p.name for p in (shapes / "images" / "heldout").glob("*.png"))[:n]
+
+
+def test_textvqa_and_vizwiz_official_files_end_to_end(shapes, tmp_path):
+    """Official TextVQA/VizWiz files in, answers + official results + metrics out (hand-computed)."""
+    imgs = _heldout_images(shapes, 3)
+    tv = tmp_path / "TextVQA_0.5.1_val.json"
+    tv.write_text(json.dumps({"data": [
+        {"question_id": 10 + i, "image_id": f"heldout/{name[:-4]}", "question": f"what is written {i}?",
+         "answers": ["stop"] * 4 + ["go"] * 6} for i, name in enumerate(imgs)]}))
+    # image_id -> <image_id>.jpg by default; ShapesWorld's are .png, so give the LLaVA-style 'image' field instead
+    recs = json.loads(tv.read_text())
+    for r in recs["data"]:
+        r["image"] = r["image_id"] + ".png"
+    tv.write_text(json.dumps(recs))
+    seen = {}
+
+    def fn(qs, ps):
+        for q, p in zip(qs, ps):
+            seen[q.qid] = p
+        return ["Stop." if q.qid == 10 else "go" for q in qs]
+
+    rep = evaluate(None, "textvqa", tv, shapes / "images", tmp_path / "tv", progress=False, answer_fn=fn)
+    # "stop": 4 of 10 humans -> 1.0; "go": 6 -> 1.0 as well; so every answer scores 1
+    assert rep["metrics"]["n"] == 3 and rep["metrics"]["accuracy"] == pytest.approx(1.0)
+    assert seen[11] == f"what is written 1?\n{SHORT_ANSWER_PROMPT}"
+    res = json.loads((tmp_path / "tv" / "results.json").read_text())
+    assert sorted(r["question_id"] for r in res) == [10, 11, 12] and all(set(r) == {"question_id", "answer"}
+                                                                      for r in res)
+
+    vz = tmp_path / "val.json"
+    ans = lambda text, n: [{"answer": text, "answer_confidence": "yes"}] * n  # noqa: E731
+    vz.write_text(json.dumps([
+        {"image": f"heldout/{imgs[0]}", "question": "What is this?", "answers": ans("circle", 2) + ans("ball", 8),
+         "answer_type": "other", "answerable": 1},
+        {"image": f"heldout/{imgs[1]}", "question": "What does the label say?", "answers": ans("unanswerable", 10),
+         "answer_type": "unanswerable", "answerable": 0}]))
+    seen.clear()
+    rep = evaluate(None, "vizwiz", vz, shapes / "images", tmp_path / "vz", progress=False,
+                   answer_fn=lambda qs, ps: [seen.setdefault(q.qid, p) and ("circle" if q.text.startswith("What is")
+                                                                            else "Unanswerable") for q, p in zip(qs, ps)])
+    # "circle": 2 of 10 -> 0.6; "Unanswerable" -> 1.0
+    assert rep["metrics"]["accuracy"] == pytest.approx((0.6 + 1.0) / 2)
+    assert rep["metrics"]["per_answerability"] == pytest.approx({"answerable": 0.6, "unanswerable": 1.0})
+    assert seen[f"heldout/{imgs[1]}"] == ("What does the label say?\nWhen the provided information is insufficient, "
+                                         f"respond with 'Unanswerable'.\n{SHORT_ANSWER_PROMPT}")
+    res = json.loads((tmp_path / "vz" / "results.json").read_text())
+    assert {r["image"] for r in res} == {f"heldout/{imgs[0]}", f"heldout/{imgs[1]}"}  # the submission format
+    # the test split has no answers: answers are written, nothing is scored
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"image": f"heldout/{imgs[2]}", "question": "What colour?"}]))
+    rep = evaluate(None, "vizwiz", test, shapes / "images", tmp_path / "vzt", progress=False,
+                   answer_fn=lambda qs, ps: ["red"] * len(qs))
+    assert rep["metrics"] is None and rep["annotations"] is None
+    assert json.loads((tmp_path / "vzt" / "results.json").read_text()) == [
+        {"image": f"heldout/{imgs[2]}", "answer": "red"}]

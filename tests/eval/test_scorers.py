@@ -120,6 +120,79 @@ def test_vqav2_errors(tmp_path):
         score("vqav2", tmp_path / "broken.jsonl", ann)
 
 
+# -------------------------------------------------------------------------------------------- TextVQA, VizWiz
+
+def _textvqa_file(tmp_path):
+    # ten human answers per question, as strings (TextVQA_0.5.1_val.json)
+    doc = {"dataset_name": "textvqa", "data": [
+        {"question_id": 7, "image_id": "a1", "question": "what brand?",
+         "answers": ["Nokia"] * 4 + ["nokia."] + ["sony"] * 5},
+        {"question_id": 8, "image_id": "b2", "question": "what number?", "answers": ["two"] * 2 + ["3"] * 8},
+        {"question_id": 9, "image_id": "c3", "question": "what word?", "answers": ["stop"] * 10},
+    ]}
+    p = tmp_path / "TextVQA_0.5.1_val.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_textvqa_by_hand(tmp_path):
+    ann = _textvqa_file(tmp_path)
+    # q7 "NOKIA": 5 humans after normalisation -> 1.0; q8 "2": 2 humans -> 0.6; q9 "go": 0
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 7, "text": "NOKIA"}, {"question_id": 8, "text": "2"},
+                                             {"question_id": 9, "text": "go"}])
+    m = score("textvqa", ans, ann)
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx((1.0 + 0.6 + 0.0) / 3)
+    # the official results list works too, and a partial one with allow_missing
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps([{"question_id": 8, "answer": "Two."}]))
+    assert score("textvqa", res, ann, allow_missing=True)["accuracy"] == pytest.approx(0.6)
+    with pytest.raises(ScoreInputError, match="no answer for 2 of 3 questions"):
+        score("textvqa", res, ann)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"questions": []}))
+    with pytest.raises(ScoreInputError, match=r"expected a JSON object with a 'data' list \(TextVQA_0.5.1_val.json\)"):
+        score("textvqa", ans, bad)
+
+
+def _vizwiz_file(tmp_path):
+    a = lambda text, n: [{"answer": text, "answer_confidence": "yes"}] * n  # noqa: E731
+    doc = [
+        {"image": "VizWiz_val_00000000.jpg", "question": "What is this?", "answers": a("soup", 3) + a("can", 7),
+         "answer_type": "other", "answerable": 1},
+        {"image": "VizWiz_val_00000001.jpg", "question": "What colour?", "answers": a("unanswerable", 10),
+         "answer_type": "unanswerable", "answerable": 0},
+        {"image": "VizWiz_val_00000002.jpg", "question": "Is it on?", "answers": a("yes", 9) + a("no", 1),
+         "answer_type": "yes/no", "answerable": 1},
+    ]
+    p = tmp_path / "val.json"
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def test_vizwiz_by_hand(tmp_path):
+    ann = _vizwiz_file(tmp_path)
+    # official submission format, keyed by image: "soup" 3 humans -> 0.9; "Unanswerable" -> 1.0; "no" 1 -> 0.3
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps([{"image": "VizWiz_val_00000000.jpg", "answer": "Soup"},
+                               {"image": "VizWiz_val_00000001.jpg", "answer": "Unanswerable"},
+                               {"image": "VizWiz_val_00000002.jpg", "answer": "no"}]))
+    m = score("vizwiz", res, ann)
+    assert m["accuracy"] == pytest.approx((0.9 + 1.0 + 0.3) / 3)
+    assert m["per_answer_type"] == pytest.approx({"other": 0.9, "unanswerable": 1.0, "yes/no": 0.3})
+    assert m["per_answerability"] == pytest.approx({"answerable": 0.6, "unanswerable": 1.0})
+    # the runner's answers.jsonl (question_id = image name) scores the same
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": r["image"], "text": r["answer"]}
+                                             for r in json.loads(res.read_text())])
+    assert score("vizwiz", ans, ann)["accuracy"] == pytest.approx(m["accuracy"])
+    wrong = write_jsonl(tmp_path / "w.jsonl", [{"question_id": "VizWiz_val_00000009.jpg", "text": "x"}])
+    with pytest.raises(ScoreInputError, match="question id 'VizWiz_val_00000009.jpg' is not in the annotations"):
+        score("vizwiz", wrong, ann)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"annotations": []}))
+    with pytest.raises(ScoreInputError, match="expected a JSON list"):
+        score("vizwiz", ans, bad)
+
+
 # ------------------------------------------------------------------------------------------------ POPE
 
 POPE_QUESTIONS = [{"question_id": i + 1, "image": f"img{i // 2}.jpg", "text": "Is there a dog in the image?",
