@@ -22,8 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS, help="benchmark: file formats, prompt and metric")
     p.add_argument("--questions", required=True,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
-                        "(or LLaVA's TextVQA JSONL), VizWiz val.json, or MME folder/file of <category>.txt templates")
-    p.add_argument("--images", required=True, help="folder the questions' image names are relative to")
+                        "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, or MME folder/file of "
+                        "<category>.txt templates")
+    p.add_argument("--images", default=None,
+                   help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
+                        "holds its images)")
     p.add_argument("--checkpoint", required=True, help="model directory written by EmmaMamba.save or a training run")
     p.add_argument("--out", default=None, help="output folder (default: eval_<task> inside --checkpoint)")
     p.add_argument("--annotations", default=None,
@@ -53,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.images is None and args.task != "mmbench":
+        print(f"emma-mamba eval: --task {args.task} needs --images DIR", file=sys.stderr)
+        return 2
     if args.limit is not None and args.limit < 1:
         print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eva
 | gqa   | GQA questions JSON ``{qid: {imageId, question, answer}}`` | ``image`` if present, else ``<imageId>.jpg`` |
 | textvqa | TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}``, or LLaVA JSONL ``{question_id, image, text}`` | ``image`` if present, else ``<image_id>.jpg`` |
 | vizwiz | VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id) | ``image`` |
+| mmbench | MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``); one question per circular round, id ``"<index>/<round>"`` | base64 in the file (``images`` unused) |
 | mme   | folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``), or one such file | ``images/<name>``, ``images/<category>/<name>`` or ``images/<category>/images/<name>`` |
 
 and writes, under ``out_dir``:
@@ -31,7 +32,8 @@ Notable choices:
   LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do (for TextVQA and VizWiz too;
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
   respond with 'Unanswerable'."); MME questions already end in "Please answer yes or no." and are used
-  verbatim. A LLaVA-JSONL TextVQA question whose ``text`` already ends in the short-answer instruction (with its
+  verbatim. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
+  choices directly." (LLaVA-1.5's). A LLaVA-JSONL TextVQA question whose ``text`` already ends in the short-answer instruction (with its
   OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
+from emma_mamba.eval.mmbench import MC_PROMPT, mmbench_prompt, read_mmbench, round_id
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT",
@@ -57,7 +60,7 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "mme")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -68,15 +71,18 @@ MME_PERCEPTION_DIRS = ("", "{category}", "{category}/images")
 @dataclass
 class Question:
     qid: object
-    """The benchmark's question id (int for POPE/VQAv2, str for GQA; for MME the line index in its file)."""
-    image: Path
-    """Resolved image file."""
+    """The benchmark's question id (int for POPE/VQAv2, str for GQA; for MME the line index in its file; for
+    MMBench "<index>/<round>")."""
+    image: Path | None
+    """Resolved image file (None when the file carries the image: MMBench)."""
     text: str
     """The question as the benchmark gives it (before the short-answer instruction)."""
     category: str | None = None
     """MME category (its file stem); None elsewhere."""
     line: str | None = None
     """MME: the template line (3 columns) the answer is appended to."""
+    image_bytes: bytes | None = None
+    """MMBench: the encoded picture from the file."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -88,15 +94,22 @@ def _image(images: Path, name: str, where: str) -> Path:
     return p
 
 
-def read_questions(task: str, questions: str | Path, images: str | Path,
+def read_questions(task: str, questions: str | Path, images: str | Path | None,
                    image_template: str = "COCO_val2014_{image_id:012d}.jpg") -> list[Question]:
     """The questions of a benchmark file in file order, each with its image resolved and checked."""
     if task not in TASKS:
         raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
-    qpath, images = Path(questions), Path(images)
-    if not images.is_dir():
-        raise ScoreInputError(f"--images {images} is not a directory")
+    qpath = Path(questions)
     out: list[Question] = []
+    if task == "mmbench":  # images inside the file
+        for it in read_mmbench(qpath):
+            for r in range(len(it.options)):
+                out.append(Question(round_id(it.index, r), None, mmbench_prompt(it, r), category=it.category,
+                                    image_bytes=it.image))
+        return out
+    if images is None or not Path(images).is_dir():
+        raise ScoreInputError(f"--images {images} is not a directory")
+    images = Path(images)
     if task == "pope":
         for loc, rec in load_records(qpath, "POPE question"):
             where = f"{qpath}: {loc}"
@@ -182,6 +195,8 @@ def read_questions(task: str, questions: str | Path, images: str | Path,
 
 def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
+    if task == "mmbench":
+        return f"{text}\n{MC_PROMPT}"
     if task == "mme" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
     if task == "vizwiz":
@@ -199,6 +214,8 @@ def default_annotations(task: str, questions: str | Path) -> Path | None:
     if task in ("textvqa", "vizwiz"):
         recs = textvqa_records(q) if task == "textvqa" else vizwiz_records(q)
         return q if all("answers" in rec for _, rec in recs) else None
+    if task == "mmbench":
+        return q if all(it.answer is not None for it in read_mmbench(q)) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
 
@@ -241,7 +258,7 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
     return len(lines)
 
 
-def evaluate(model, task: str, questions: str | Path, images: str | Path, out_dir: str | Path, *,
+def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
              limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
              checkpoint: str | None = None, progress: bool = True,
@@ -261,7 +278,11 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path, out_di
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template)
     if limit is not None:
-        qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
+        if task == "mmbench":  # limit counts questions; keep every circular round of each
+            keep = list(dict.fromkeys(q.qid.split("/")[0] for q in qs))[:limit]
+            qs = [q for q in qs if q.qid.split("/")[0] in set(keep)]
+        else:
+            qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
     if annotations is None:
         annotations = default_annotations(task, questions)
 
@@ -310,8 +331,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path, out_di
                         g.write(f"{q.line}\t{clean}\n")
             else:
                 for q, p, r in zip(batch, prompts, replies):
-                    f.write(json.dumps({"question_id": q.qid, "image": q.image.name, "prompt": p, "text": r},
-                                       ensure_ascii=False) + "\n")
+                    f.write(json.dumps({"question_id": q.qid, "image": q.image.name if q.image else None,
+                                        "prompt": p, "text": r}, ensure_ascii=False) + "\n")
                 f.flush()
             if bar is not None:
                 bar.update(len(batch))
@@ -363,12 +384,14 @@ def _model_answer_fn(model, max_new_tokens: int):
     fuse = model.instruction is not None
 
     def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:
+        import io
+
         from PIL import Image
 
         texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
         images = []
         for q in batch:
-            with Image.open(q.image) as im:
+            with Image.open(io.BytesIO(q.image_bytes) if q.image_bytes is not None else q.image) as im:
                 images.append([im.convert("RGB")])
         instructions = [[p] for p in prompts] if fuse else None
         result = model.generate(texts, images, instructions, config=cfg)

@@ -1,0 +1,161 @@
+"""MMBench: TSV reading, reply parsing, circular evaluation by hand, and the runner end to end."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from emma_mamba.eval.mmbench import (MC_PROMPT, mmbench_prompt, parse_choice, read_mmbench, rotated_options,
+                                     score_mmbench)
+from emma_mamba.eval.runner import ScoreInputError, evaluate, read_questions
+
+COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
+
+
+def _png(colour) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_tsv(path, rows):
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, delimiter="\t")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+    return path
+
+
+ROWS = [
+    {"index": 5, "question": "What colour is the picture?", "hint": "nan", "A": "red", "B": "green",
+     "answer": "A", "category": "colour", "l2-category": "attribute", "image": _png("red")},
+    {"index": 9, "question": "Which shape?", "hint": "Look closely.", "A": "circle", "B": "square",
+     "C": "star", "answer": "C", "category": "shape", "l2-category": "attribute", "image": _png("blue")},
+    {"index": 12, "question": "How many?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B",
+     "category": "count", "l2-category": "reasoning", "image": _png("white")},
+]
+
+
+@pytest.fixture
+def tsv(tmp_path):
+    return write_tsv(tmp_path / "MMBench_DEV_EN.tsv", ROWS)
+
+
+def test_read_and_rotate(tsv):
+    items = read_mmbench(tsv)
+    assert [(it.index, it.options, it.answer, it.hint) for it in items] == [
+        (5, ["red", "green"], "A", None), (9, ["circle", "square", "star"], "C", "Look closely."),
+        (12, ["1", "2", "3", "4"], "B", None)]
+    assert Image.open(io.BytesIO(items[0].image)).getpixel((0, 0)) == (255, 0, 0)
+    assert rotated_options(items[1], 1) == ["square", "star", "circle"]
+    assert mmbench_prompt(items[1], 2) == "Look closely.\nWhich shape?\nA. star\nB. circle\nC. square"
+
+
+@pytest.mark.parametrize("reply, want", [
+    ("B", "B"), ("B.", "B"), ("(C) star", "C"), ("A) red", "A"), ("The answer is B.", "B"), ("Answer: c", "C"),
+    ("star", "C"), ("Star.", "C"), ("D", None), ("I am not sure", None), ("", None), ("Bright", None),
+])
+def test_parse_choice(reply, want):
+    assert parse_choice(reply, ["circle", "square", "star"]) == want
+
+
+def _answers(tmp_path, replies: dict):
+    p = tmp_path / "answers.jsonl"
+    p.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in replies.items()))
+    return p
+
+
+def test_circular_scoring_by_hand(tsv, tmp_path):
+    # q5 (2 options, answer "red"): round 0 shows red, green -> "A"; round 1 green, red -> "B": both right
+    # q9 (answer "star"): round 0 -> C right; round 1 (square, star, circle) -> "B" right; round 2 (star, circle,
+    # square) says "B": wrong
+    # q12 (answer "2"): "B" in round 0 right; rounds 1-3 (2,3,4,1 / 3,4,1,2 / 4,1,2,3): A right, D right, C right
+    replies = {"5/0": "A", "5/1": "B", "9/0": "C", "9/1": "B", "9/2": "B",
+               "12/0": "B", "12/1": "A", "12/2": "D", "12/3": "the answer is C"}
+    m = score_mmbench(_answers(tmp_path, replies), tsv)
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3) and m["accuracy_first_round"] == 1.0
+    assert m["per_category"] == {"colour": 1.0, "count": 1.0, "shape": 0.0}
+    assert m["per_l2_category"] == {"attribute": 0.5, "reasoning": 1.0}
+    assert m["n_unparsed_replies"] == 0
+    # always "A": right once per question, so never circularly right; first round right for q5 only
+    always_a = {f"{i}/{r}": "A" for i, k in ((5, 2), (9, 3), (12, 4)) for r in range(k)}
+    m = score_mmbench(_answers(tmp_path, always_a), tsv)
+    assert m["accuracy"] == 0.0 and m["accuracy_first_round"] == pytest.approx(1 / 3)
+
+
+def test_scoring_errors(tsv, tmp_path):
+    with pytest.raises(ScoreInputError, match=r"question\(s\) \[9\] have answers for some circular rounds only"):
+        score_mmbench(_answers(tmp_path, {"5/0": "A", "5/1": "B", "9/0": "C"}), tsv)
+    with pytest.raises(ScoreInputError, match="no answer for 2 of 3 questions"):
+        score_mmbench(_answers(tmp_path, {"5/0": "A", "5/1": "B"}), tsv)
+    assert score_mmbench(_answers(tmp_path, {"5/0": "A", "5/1": "B"}), tsv, allow_missing=True)["n"] == 1
+    with pytest.raises(ScoreInputError, match=r"question '5/2' is not in"):
+        score_mmbench(_answers(tmp_path, {"5/2": "A"}), tsv)
+    with pytest.raises(ScoreInputError, match=r"question_id '5' is not '<index>/<round>'"):
+        score_mmbench(_answers(tmp_path, {"5": "A"}), tsv)
+    bad = write_tsv(tmp_path / "bad.tsv", [{**ROWS[0], "image": "not base64!"}])
+    with pytest.raises(ScoreInputError, match=r"bad.tsv: row 2: the image column is not valid base64"):
+        read_mmbench(bad)
+    bad = write_tsv(tmp_path / "bad2.tsv", [{**ROWS[0], "answer": "C"}])
+    with pytest.raises(ScoreInputError, match=r"row 2: answer 'C' is not one of the options \['A', 'B'\]"):
+        read_mmbench(bad)
+    bad = write_tsv(tmp_path / "bad3.tsv", [{**ROWS[2], "C": ""}])
+    with pytest.raises(ScoreInputError, match="options must be A, B and optionally C, D in order"):
+        read_mmbench(bad)
+    test_split = write_tsv(tmp_path / "test.tsv", [{**r, "answer": ""} for r in ROWS])
+    with pytest.raises(ScoreInputError, match="a test split"):
+        score_mmbench(_answers(tmp_path, {"5/0": "A", "5/1": "B"}), test_split)
+
+
+def test_runner_asks_every_round_and_scores(tsv, tmp_path):
+    items = {it.index: it for it in read_mmbench(tsv)}
+    seen = {}
+
+    def oracle(qs, ps):
+        """Reads the shown options from the prompt and picks the correct text's letter."""
+        out = []
+        for q, p in zip(qs, ps):
+            seen[q.qid] = p
+            index, r = (int(x) for x in q.qid.split("/"))
+            it = items[index]
+            shown = rotated_options(it, r)
+            out.append("ABCD"[shown.index(it.options["ABCD".index(it.answer)])])
+            assert Image.open(io.BytesIO(q.image_bytes)).size == (24, 24)
+        return out
+
+    rep = evaluate(None, "mmbench", tsv, None, tmp_path / "ev", batch_size=4, progress=False, answer_fn=oracle)
+    assert len(seen) == 2 + 3 + 4
+    assert seen["9/1"] == f"Look closely.\nWhich shape?\nA. square\nB. star\nC. circle\n{MC_PROMPT}"
+    assert rep["metrics"]["accuracy"] == 1.0 and rep["metrics"]["n"] == 3
+    # --limit counts questions and keeps all their rounds
+    rep = evaluate(None, "mmbench", tsv, None, tmp_path / "ev2", limit=2, progress=False, answer_fn=oracle)
+    assert rep["n_questions"] == 2 + 3 and rep["metrics"]["n"] == 2
+    assert [q.qid for q in read_questions("mmbench", tsv, None)][:3] == ["5/0", "5/1", "9/0"]
+
+
+def test_cli_eval_mmbench_with_a_random_checkpoint(tsv, tmp_path, capsys):
+    import torch
+
+    from emma_mamba.cli import main
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    EmmaMamba(get_preset("tiny"), for_training=False).save(ckpt)
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", "mmbench", "--questions", str(tsv), "--checkpoint", str(ckpt), "--out", str(out),
+                 "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert "MMBench  n=3" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 9 and {x["question_id"] for x in lines} >= {"5/0", "12/3"}
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["metrics"] == score_mmbench(out / "answers.jsonl", tsv)  # the same as scoring the file
+    assert main(["eval", "--task", "pope", "--questions", str(tsv), "--checkpoint", str(ckpt)]) == 2
+    assert "--task pope needs --images DIR" in capsys.readouterr().err
