@@ -23,6 +23,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "latency"): ("emma_mamba.bench.latency", "TTFT, decode latency vs context, tokens/s, memory: EMMA-Mamba vs a matched transformer MLLM"),
     ("pretrain",): ("emma_mamba.training.cli_train", "stage 1: train MFF, projector, instruction fusion (ViT and LM frozen)"),
     ("finetune",): ("emma_mamba.training.cli_train", "stage 2: also train the LM and the alignment head (or one-stage recipes)"),
+    ("plot",): ("emma_mamba.training.cli_plot", "training curves (loss, lr, grad norm, tokens/s) of one or several runs as a PNG"),
     ("eval",): ("emma_mamba.eval.cli_eval", "answer a benchmark's questions (POPE, VQAv2, GQA, MME) with a checkpoint and score them"),
     ("quickstart",): ("emma_mamba.quickstart", "ShapesWorld end to end on a CPU in minutes: data, stage 1, stage 2, eval, a demo answer"),
     ("ablate",): ("emma_mamba.ablation", "ShapesWorld ablation: cobra-like vs +MFF, +alignment head, +instruction fusion, all; seeds"),

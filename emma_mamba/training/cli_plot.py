@@ -1,0 +1,155 @@
+"""`emma-mamba plot`: training curves of one or several runs from their ``metrics.jsonl``, as one PNG.
+
+    emma-mamba plot runs/stage1 runs/stage2                       # loss, lr, grad norm, tokens/s per run
+    emma-mamba plot runs/a runs/b --keys lm_loss align_loss --smooth 100 --out ab.png
+
+A run is a training ``output_dir`` (or its ``metrics.jsonl``, or a CLIP stage-0 ``clip_metrics.jsonl``). One
+panel per metric, one line per run against the step (``--x total_tokens`` or ``epoch`` instead); raw values
+are drawn faintly under their running mean over ``--smooth`` logged steps. A metric that is constant zero in
+every run (``align_loss`` without the alignment head) is left out of the default panels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="run directories (holding metrics.jsonl) or metrics files")
+    p.add_argument("--keys", nargs="+", default=None, metavar="KEY",
+                   help=f"metrics to plot (default: those of {', '.join(DEFAULT_KEYS)} the runs logged)")
+    p.add_argument("--x", default="step", choices=["step", "total_tokens", "epoch"], help="x axis (default step)")
+    p.add_argument("--smooth", type=int, default=None,
+                   help="running-mean window in logged steps (default: about 1/50 of the longest run; 1 = off)")
+    p.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run's directory)")
+
+
+class PlotError(ValueError):
+    pass
+
+
+def metrics_file(run: str | Path) -> Path:
+    p = Path(run)
+    if p.is_dir():
+        for name in ("metrics.jsonl", "clip_metrics.jsonl"):
+            if (p / name).is_file():
+                return p / name
+        raise PlotError(f"{p}: no metrics.jsonl (is it a training output_dir?)")
+    if p.is_file():
+        return p
+    raise PlotError(f"{p}: no such run directory or metrics file")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The logged records of a metrics file; a torn last line (a run killed mid-write) is skipped."""
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                continue
+            raise PlotError(f"{path}: line {n}: not valid JSON") from None
+        if isinstance(rec, dict):
+            rows.append(rec)
+    if not rows:
+        raise PlotError(f"{path}: no metrics logged yet")
+    return rows
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def _label(path: Path, all_paths: list[Path]) -> str:
+    """The shortest trailing part of the run's directory that tells the runs apart."""
+    parts = [p.parent.parts for p in all_paths]
+    for k in range(1, max(len(x) for x in parts) + 1):
+        tails = ["/".join(x[-k:]) for x in parts]
+        if len(set(tails)) == len(tails):
+            return "/".join(path.parent.parts[-k:])
+    return str(path)
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except PlotError as e:
+        print(f"emma-mamba plot: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    paths = [metrics_file(r) for r in args.runs]
+    runs = [(p, read_metrics(p)) for p in paths]
+    present = sorted({k for _, rows in runs for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    if args.keys:
+        unknown = [k for k in args.keys if k not in present]
+        if unknown:
+            raise PlotError(f"--keys {unknown} were not logged; the runs have: {', '.join(present)}")
+        keys = list(args.keys)
+    else:
+        keys = [k for k in DEFAULT_KEYS if k in present
+                and any(r.get(k) not in (None, 0, 0.0) for _, rows in runs for r in rows)]
+        if not keys:
+            raise PlotError(f"none of {', '.join(DEFAULT_KEYS)} was logged; pass --keys (the runs have: "
+                            f"{', '.join(present)})")
+    if args.smooth is not None and args.smooth < 1:
+        raise PlotError(f"--smooth must be >= 1, got {args.smooth}")
+    window = args.smooth or max(1, max(len(rows) for _, rows in runs) // 50)
+    try:
+        import matplotlib
+    except ImportError:
+        raise PlotError("matplotlib is not installed (pip install emma-mamba[plot])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for i, (path, rows) in enumerate(runs):
+            pts = [(r[args.x], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                   and isinstance(r.get(args.x), (int, float))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            colour = f"C{i % 10}"
+            if window > 1 and key not in ("lr",):
+                ax.plot(xs, ys, color=colour, alpha=0.2, linewidth=0.8)
+                ax.plot(xs, running_mean(list(ys), window), color=colour, linewidth=1.5, label=_label(path, paths))
+            else:
+                ax.plot(xs, ys, color=colour, linewidth=1.5, label=_label(path, paths))
+        ax.set_title(key)
+        ax.set_xlabel(args.x)
+        if key.endswith("loss") and all(v > 0 for _, rows in runs for r in rows
+                                        if isinstance(v := r.get(key), (int, float))):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{len(runs)} run(s); running mean over {window} logged steps" if window > 1 else f"{len(runs)} run(s)")
+    fig.tight_layout()
+    out = Path(args.out) if args.out else paths[0].parent / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out} ({', '.join(keys)}; {sum(len(r) for _, r in runs)} logged steps from {len(runs)} run(s))")
+    return 0

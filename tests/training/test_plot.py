@@ -1,0 +1,52 @@
+"""`emma-mamba plot`: curves of runs' metrics.jsonl as one PNG; panels chosen from what was logged."""
+
+import json
+
+import pytest
+
+from emma_mamba.cli import main
+from emma_mamba.training.cli_plot import read_metrics, running_mean
+
+pytest.importorskip("matplotlib")
+
+
+def _run(d, n, align=False, torn=False):
+    d.mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 3.0 / s, "align_loss": 0.1 if align else 0.0,
+                         "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0, "total_tokens": 100 * s})
+             for s in range(1, n + 1)]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + ("\n{\"step\": 9" if torn else "\n"))
+    return d
+
+
+def test_running_mean_by_hand():
+    assert running_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert running_mean([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_plot_two_runs(tmp_path, capsys):
+    from PIL import Image
+
+    a, b = _run(tmp_path / "x" / "stage1", 40, torn=True), _run(tmp_path / "y" / "stage1", 25)
+    assert len(read_metrics(a / "metrics.jsonl")) == 40  # the torn last line of a killed run is skipped
+    out = tmp_path / "c.png"
+    assert main(["plot", str(a), str(b / "metrics.jsonl"), "--out", str(out), "--smooth", "5"]) == 0
+    msg = capsys.readouterr().out
+    # align_loss is zero throughout: left out of the default panels
+    assert "(loss, lm_loss, lr, grad_norm, tokens_per_s; 65 logged steps from 2 run(s))" in msg
+    with Image.open(out) as im:
+        assert im.size[0] > 500 and im.size[1] > 300
+    assert main(["plot", str(a), "--keys", "align_loss", "--x", "total_tokens"]) == 0
+    assert (a / "curves.png").is_file()
+
+
+def test_plot_errors(tmp_path, capsys):
+    a = _run(tmp_path / "r", 3)
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert "no such run directory or metrics file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert main(["plot", str(a), "--keys", "accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "--keys ['accuracy'] were not logged; the runs have: align_loss, grad_norm, lm_loss, loss, lr" in err
