@@ -1,16 +1,22 @@
 """The evaluation runner: answer a benchmark's standard question files with an EmmaMamba model, then score.
 
-Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eval.scorers` reads):
+Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eval.scorers` reads); the image of
+a question is resolved under ``images`` as given after the arrow:
 
-| task  | ``questions``                                          | image of a question                     |
-| ----- | ------------------------------------------------------ | --------------------------------------- |
-| pope  | POPE JSONL ``{question_id, image, text, label}``       | ``image``                               |
-| vqav2 | VQAv2 questions JSON ``{"questions": [{question_id, image_id, question}]}`` | ``image`` if present, else ``image_template`` filled with ``image_id`` |
-| gqa   | GQA questions JSON ``{qid: {imageId, question, answer}}`` | ``image`` if present, else ``<imageId>.jpg`` |
-| textvqa | TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}``, or LLaVA JSONL ``{question_id, image, text}`` | ``image`` if present, else ``<image_id>.jpg`` |
-| vizwiz | VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id) | ``image`` |
-| mmbench | MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``); one question per circular round, id ``"<index>/<round>"`` | base64 in the file (``images`` unused) |
-| mme   | folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``), or one such file | ``images/<name>``, ``images/<category>/<name>`` or ``images/<category>/images/<name>`` |
+* pope: POPE JSONL ``{question_id, image, text, label}`` -> ``image``;
+* vqav2: VQAv2 questions JSON ``{"questions": [{question_id, image_id, question}]}`` -> ``image`` if present,
+  else ``image_template`` filled with ``image_id``;
+* gqa: GQA questions JSON ``{qid: {imageId, question, answer}}`` -> ``image`` if present, else ``<imageId>.jpg``;
+* textvqa: TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}`` or LLaVA's JSONL
+  ``{question_id, image, text}`` -> ``image`` if present, else ``<image_id>.jpg``;
+* vizwiz: VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id)
+  -> ``image``;
+* seed: SEED-Bench.json ``{"questions": [{question_id, question, choice_a..d, answer, data_id, data_type}]}``,
+  image questions only -> ``data_id``;
+* mmbench: MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``), one question
+  per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
+* mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
+  ``<category>/<name>`` or ``<category>/images/<name>``.
 
 and writes, under ``out_dir``:
 
@@ -23,7 +29,7 @@ and writes, under ``out_dir``:
   eval_tool format);
 * ``metrics.json``: ``{"task", "checkpoint", "questions", "n_answered", "metrics", ...}`` from
   :func:`emma_mamba.eval.scorers.score`, when the ground truth is available (POPE labels, the VQAv2
-  annotations file, GQA answers, MME templates).
+  annotations file, GQA answers, TextVQA/VizWiz/SEED/MMBench answers in their files, MME templates).
 
 Notable choices:
 
@@ -33,8 +39,8 @@ Notable choices:
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
   respond with 'Unanswerable'."); MME questions already end in "Please answer yes or no." and are used
   verbatim. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
-  choices directly." (LLaVA-1.5's). A LLaVA-JSONL TextVQA question whose ``text`` already ends in the short-answer instruction (with its
-  OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
+  choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint. A LLaVA-JSONL TextVQA question whose
+  ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
@@ -53,6 +59,7 @@ from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
 from emma_mamba.eval.mmbench import MC_PROMPT, mmbench_prompt, read_mmbench, round_id
+from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT",
@@ -60,7 +67,7 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "mme")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -157,6 +164,10 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
                 f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
             out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
                                 require(rec, ("question", "text"), qpath, loc, "TextVQA question")))
+    elif task == "seed":
+        for loc, rec in seed_questions(qpath)[0]:
+            out.append(Question(str(rec["question_id"]), _image(images, str(rec["data_id"]), f"{qpath}: {loc}"),
+                                seed_prompt(rec)))
     elif task == "vizwiz":
         for loc, rec in vizwiz_records(qpath):
             name = require(rec, ("image",), qpath, loc, "VizWiz question")
@@ -195,7 +206,7 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
 
 def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
-    if task == "mmbench":
+    if task in ("mmbench", "seed"):
         return f"{text}\n{MC_PROMPT}"
     if task == "mme" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
@@ -216,6 +227,8 @@ def default_annotations(task: str, questions: str | Path) -> Path | None:
         return q if all("answers" in rec for _, rec in recs) else None
     if task == "mmbench":
         return q if all(it.answer is not None for it in read_mmbench(q)) else None
+    if task == "seed":
+        return q if all("answer" in rec for _, rec in seed_questions(q)[0]) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
 

@@ -8,10 +8,11 @@
 | textvqa | JSON list/JSONL, question_id + answer   | TextVQA_0.5.1_val.json (10 answer strings)   |
 | vizwiz | JSON list/JSONL, image + answer          | VizWiz val.json (10 answers, "unanswerable") |
 | mmbench | JSONL, question_id "<index>/<round>" + text | MMBench TSV with answers (dev split)       |
+| seed  | JSONL, question_id + text                  | SEED-Bench.json (image questions)            |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
 Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
-:mod:`.gqa`, :mod:`.mmbench` (circular evaluation) and :mod:`.mme`.
+:mod:`.gqa`, :mod:`.mmbench` (circular evaluation), :mod:`.seed` and :mod:`.mme`.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mmbench import parse_choice, score_mmbench
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
 from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
+from emma_mamba.eval.seed import score_seed
 from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "mme")
 
 __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_textvqa",
-           "score_vizwiz", "score_mmbench", "score_mme", "parse_choice",
+           "score_vizwiz", "score_mmbench", "score_seed", "score_mme", "parse_choice",
            "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
@@ -52,6 +54,8 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
         return score_vizwiz(answers, annotations, allow_missing)
     if task == "mmbench":
         return score_mmbench(answers, annotations, allow_missing)
+    if task == "seed":
+        return score_seed(answers, annotations, allow_missing)
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
@@ -71,6 +75,11 @@ def summary(task: str, m: dict) -> str:
         lines.append(f"MMBench  n={m['n']}  circular accuracy {100 * m['accuracy']:.2f}  first round "
                      f"{100 * m['accuracy_first_round']:.2f}  unparsed replies {m['n_unparsed_replies']}")
         for k, v in m["per_l2_category"].items():
+            lines.append(f"  {k:<32} {100 * v:.2f}")
+    elif task == "seed":
+        lines.append(f"SEED-Bench (image)  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed replies "
+                     f"{m['n_unparsed_replies']}")
+        for k, v in m["per_question_type"].items():
             lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "mme":
         lines.append(f"{'category':<24}{'acc':>8}{'acc+':>8}{'score':>9}")

@@ -1,4 +1,5 @@
-"""MMBench: TSV reading, reply parsing, circular evaluation by hand, and the runner end to end."""
+"""Multiple-choice benchmarks: MMBench (TSV reading, circular evaluation by hand) and SEED-Bench (image questions,
+per-type accuracy by hand); reply parsing; the runner end to end."""
 
 from __future__ import annotations
 
@@ -159,3 +160,64 @@ def test_cli_eval_mmbench_with_a_random_checkpoint(tsv, tmp_path, capsys):
     assert rep["metrics"] == score_mmbench(out / "answers.jsonl", tsv)  # the same as scoring the file
     assert main(["eval", "--task", "pope", "--questions", str(tsv), "--checkpoint", str(ckpt)]) == 2
     assert "--task pope needs --images DIR" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- SEED-Bench
+
+def _seed_file(tmp_path, with_answers=True):
+    imgs = tmp_path / "seed_images"
+    imgs.mkdir(exist_ok=True)
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (24, 24), colour).save(imgs / name)
+    q = [
+        {"question_id": "101", "question": "What colour?", "choice_a": "red", "choice_b": "blue", "choice_c": "green",
+         "choice_d": "black", "answer": "A", "data_id": "a.png", "data_type": "image", "question_type_id": 1},
+        {"question_id": "102", "question": "How many objects?", "choice_a": "0", "choice_b": "1", "choice_c": "2",
+         "choice_d": "3", "answer": "B", "data_id": "b.png", "data_type": "image", "question_type_id": 2},
+        {"question_id": "103", "question": "Which action?", "choice_a": "run", "choice_b": "sit", "choice_c": "jump",
+         "choice_d": "walk", "answer": "D", "data_id": "b.png", "data_type": "image", "question_type_id": 2},
+        {"question_id": "900", "question": "What happens next?", "choice_a": "x", "choice_b": "y", "choice_c": "z",
+         "choice_d": "w", "answer": "A", "data_id": "clip.mp4", "data_type": "video", "question_type_id": 10},
+    ]
+    if not with_answers:
+        for r in q:
+            r.pop("answer")
+    p = tmp_path / "SEED-Bench.json"
+    p.write_text(json.dumps({"questions": q, "question_type": {"Scene Understanding": 1, "Instances Counting": 2,
+                                                                "Action Prediction": 10}}))
+    return p, imgs
+
+
+def test_seed_by_hand(tmp_path):
+    from emma_mamba.eval.scorers import score
+
+    ann, _ = _seed_file(tmp_path)
+    # 101 "A" right; 102 "blue"? not an option text -> unparsed, wrong; 103 "walk" (option D's text) right
+    ans = tmp_path / "a.jsonl"
+    ans.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n"
+                           for k, v in (("101", "A"), ("102", "blue"), ("103", "walk"))))
+    m = score("seed", ans, ann)
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3) and m["n_unparsed_replies"] == 1
+    assert m["per_question_type"] == pytest.approx({"Scene Understanding": 1.0, "Instances Counting": 0.5})
+    video = tmp_path / "v.jsonl"
+    video.write_text(json.dumps({"question_id": "900", "text": "A"}) + "\n")
+    with pytest.raises(ScoreInputError, match="question id '900' is not in the annotations"):
+        score("seed", video, ann)  # video questions are not part of the image benchmark
+
+
+def test_seed_runner(tmp_path):
+    ann, imgs = _seed_file(tmp_path)
+    seen = {}
+
+    def fn(qs, ps):
+        seen.update({q.qid: p for q, p in zip(qs, ps)})
+        return ["A"] * len(qs)
+
+    rep = evaluate(None, "seed", ann, imgs, tmp_path / "ev", progress=False, answer_fn=fn)
+    assert sorted(seen) == ["101", "102", "103"]
+    assert seen["102"] == f"How many objects?\nA. 0\nB. 1\nC. 2\nD. 3\n{MC_PROMPT}"
+    assert rep["metrics"]["accuracy"] == pytest.approx(1 / 3)
+    (tmp_path / "test").mkdir()
+    no_answers, imgs2 = _seed_file(tmp_path / "test", with_answers=False)  # answers withheld: answer, do not score
+    rep = evaluate(None, "seed", no_answers, imgs2, tmp_path / "ev2", progress=False, answer_fn=fn)
+    assert rep["metrics"] is None
