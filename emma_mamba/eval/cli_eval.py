@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS, help="benchmark: file formats, prompt and metric")
     p.add_argument("--questions", required=True,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
-                        "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, or MME "
-                        "folder/file of <category>.txt templates")
+                        "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, ScienceQA "
+                        "problems.json, or MME folder/file of <category>.txt templates")
     p.add_argument("--images", default=None,
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
     p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
+    p.add_argument("--split", default="test", help="ScienceQA split to answer (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint),
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, split=args.split)
     except (ScoreInputError, FileNotFoundError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2

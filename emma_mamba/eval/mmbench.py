@@ -36,7 +36,8 @@ __all__ = ["MMBenchItem", "read_mmbench", "rotated_options", "mmbench_prompt", "
 
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 """LLaVA-1.5's multiple-choice instruction."""
-LETTERS = "ABCD"
+LETTERS = "ABCDEFGH"
+"""Option letters, in order (MMBench and SEED use A-D, ScienceQA up to E)."""
 _EMPTY = ("", "nan", "none")
 
 
@@ -84,7 +85,7 @@ def read_mmbench(path: str | Path) -> list[MMBenchItem]:
             if index in seen:
                 raise ScoreInputError(f"{where}: duplicate index {index}")
             seen.add(index)
-            options = [_cell(row, c) for c in LETTERS]
+            options = [_cell(row, c) for c in LETTERS[:4]]  # MMBench's option columns
             k = next((i for i, o in enumerate(options) if o is None), len(options))
             if k < 2 or any(o is not None for o in options[k:]):
                 raise ScoreInputError(f"{where}: options must be A, B and optionally C, D in order, got "
@@ -127,8 +128,8 @@ def round_id(index: int, round_: int) -> str:
     return f"{index}/{round_}"
 
 
-_LEAD = re.compile(r"^\s*[\(\[]?([A-D])(?:[\)\]\.:,]|\s|$)")
-_ANSWER_IS = re.compile(r"(?:answer|option)(?:\s+is)?\s*[:：]?\s*[\(\[]?([A-D])\b", re.IGNORECASE)
+_LEAD = re.compile(r"^\s*[\(\[]?([A-H])(?:[\)\]\.:,]|\s|$)")
+_ANSWER_IS = re.compile(r"(?:answer|option)(?:\s+is)?\s*[:：]?\s*[\(\[]?([A-H])\b", re.IGNORECASE)
 
 
 def parse_choice(reply: str, options: list[str]) -> str | None:

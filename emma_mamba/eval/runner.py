@@ -13,6 +13,8 @@ a question is resolved under ``images`` as given after the arrow:
   -> ``image``;
 * seed: SEED-Bench.json ``{"questions": [{question_id, question, choice_a..d, answer, data_id, data_type}]}``,
   image questions only -> ``data_id``;
+* scienceqa: ScienceQA problems.json, the image problems of ``split`` (default test) -> ``<split>/<pid>/<image>``
+  or ``<pid>/<image>``;
 * mmbench: MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``), one question
   per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
@@ -39,7 +41,8 @@ Notable choices:
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
   respond with 'Unanswerable'."); MME questions already end in "Please answer yes or no." and are used
   verbatim. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
-  choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint. A LLaVA-JSONL TextVQA question whose
+  choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint; ScienceQA with its context as
+  "Context: ..." first. A LLaVA-JSONL TextVQA question whose
   ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
@@ -59,6 +62,7 @@ from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
 from emma_mamba.eval.mmbench import MC_PROMPT, mmbench_prompt, read_mmbench, round_id
+from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
 
@@ -67,7 +71,7 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "mme")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -102,7 +106,7 @@ def _image(images: Path, name: str, where: str) -> Path:
 
 
 def read_questions(task: str, questions: str | Path, images: str | Path | None,
-                   image_template: str = "COCO_val2014_{image_id:012d}.jpg") -> list[Question]:
+                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str = "test") -> list[Question]:
     """The questions of a benchmark file in file order, each with its image resolved and checked."""
     if task not in TASKS:
         raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -164,6 +168,13 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
                 f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
             out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
                                 require(rec, ("question", "text"), qpath, loc, "TextVQA question")))
+    elif task == "scienceqa":
+        for pid, rec in scienceqa_problems(qpath, split).items():
+            p = scienceqa_image(images, pid, rec)
+            if p is None:
+                raise ScoreInputError(f"{qpath}: problem {pid!r}: image {rec['image']!r} not found under --images "
+                                      f"{images} (tried {rec.get('split')}/{pid}/ and {pid}/)")
+            out.append(Question(pid, p, scienceqa_prompt(rec)))
     elif task == "seed":
         for loc, rec in seed_questions(qpath)[0]:
             out.append(Question(str(rec["question_id"]), _image(images, str(rec["data_id"]), f"{qpath}: {loc}"),
@@ -206,7 +217,7 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
 
 def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
-    if task in ("mmbench", "seed"):
+    if task in ("mmbench", "seed", "scienceqa"):
         return f"{text}\n{MC_PROMPT}"
     if task == "mme" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
@@ -229,6 +240,8 @@ def default_annotations(task: str, questions: str | Path) -> Path | None:
         return q if all(it.answer is not None for it in read_mmbench(q)) else None
     if task == "seed":
         return q if all("answer" in rec for _, rec in seed_questions(q)[0]) else None
+    if task == "scienceqa":
+        return q  # problems.json holds every split's answers
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
 
@@ -274,11 +287,12 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
              limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
-             checkpoint: str | None = None, progress: bool = True,
+             checkpoint: str | None = None, progress: bool = True, split: str = "test",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
+    ``split``: the ScienceQA split to answer (other benchmarks' files hold one split).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests use it to feed known replies).
     """
     from emma_mamba.eval.scorers import score
@@ -289,7 +303,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ValueError(f"limit must be >= 1, got {limit}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qs = read_questions(task, questions, images, image_template)
+    qs = read_questions(task, questions, images, image_template, split)
     if limit is not None:
         if task == "mmbench":  # limit counts questions; keep every circular round of each
             keep = list(dict.fromkeys(q.qid.split("/")[0] for q in qs))[:limit]

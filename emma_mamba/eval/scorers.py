@@ -9,10 +9,11 @@
 | vizwiz | JSON list/JSONL, image + answer          | VizWiz val.json (10 answers, "unanswerable") |
 | mmbench | JSONL, question_id "<index>/<round>" + text | MMBench TSV with answers (dev split)       |
 | seed  | JSONL, question_id + text                  | SEED-Bench.json (image questions)            |
+| scienceqa | JSONL, question_id (problem id) + text | ScienceQA problems.json (image problems)     |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
 Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
-:mod:`.gqa`, :mod:`.mmbench` (circular evaluation), :mod:`.seed` and :mod:`.mme`.
+:mod:`.gqa`, :mod:`.mmbench` (circular evaluation), :mod:`.seed`, :mod:`.scienceqa` and :mod:`.mme`.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mmbench import parse_choice, score_mmbench
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
 from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
+from emma_mamba.eval.scienceqa import score_scienceqa
 from emma_mamba.eval.seed import score_seed
 from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "mme")
 
 __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_textvqa",
-           "score_vizwiz", "score_mmbench", "score_seed", "score_mme", "parse_choice",
+           "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_mme", "parse_choice",
            "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
@@ -56,6 +58,8 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
         return score_mmbench(answers, annotations, allow_missing)
     if task == "seed":
         return score_seed(answers, annotations, allow_missing)
+    if task == "scienceqa":
+        return score_scienceqa(answers, annotations, allow_missing)
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
@@ -81,6 +85,12 @@ def summary(task: str, m: dict) -> str:
                      f"{m['n_unparsed_replies']}")
         for k, v in m["per_question_type"].items():
             lines.append(f"  {k:<32} {100 * v:.2f}")
+    elif task == "scienceqa":
+        lines.append(f"ScienceQA-IMG ({m['split']})  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed "
+                     f"replies {m['n_unparsed_replies']}")
+        for group in ("per_subject", "per_grade"):
+            for k, v in m[group].items():
+                lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "mme":
         lines.append(f"{'category':<24}{'acc':>8}{'acc+':>8}{'score':>9}")
         for c, v in m["categories"].items():

@@ -221,3 +221,64 @@ def test_seed_runner(tmp_path):
     no_answers, imgs2 = _seed_file(tmp_path / "test", with_answers=False)  # answers withheld: answer, do not score
     rep = evaluate(None, "seed", no_answers, imgs2, tmp_path / "ev2", progress=False, answer_fn=fn)
     assert rep["metrics"] is None
+
+
+# ---------------------------------------------------------------------------------------------- ScienceQA
+
+def _scienceqa(tmp_path):
+    problems = {
+        "1": {"question": "Which is a mammal?", "choices": ["shark", "whale", "trout"], "answer": 1, "hint": "",
+              "image": "image.png", "split": "test", "subject": "natural science", "grade": "grade4"},
+        "2": {"question": "Which word is a noun?", "choices": ["run", "table"], "answer": 1,
+              "hint": "Look at the words.", "image": "image.png", "split": "test", "subject": "language science",
+              "grade": "grade8"},
+        "3": {"question": "Which map shows Asia?", "choices": ["A map", "B map", "C map", "D map", "E map"],
+              "answer": 4, "hint": "", "image": "image.png", "split": "test", "subject": "social science",
+              "grade": "grade5"},
+        "4": {"question": "No picture here?", "choices": ["yes", "no"], "answer": 0, "hint": "", "image": None,
+              "split": "test", "subject": "natural science", "grade": "grade2"},
+        "5": {"question": "A val problem", "choices": ["a", "b"], "answer": 0, "hint": "", "image": "image.png",
+              "split": "val", "subject": "natural science", "grade": "grade3"},
+    }
+    p = tmp_path / "problems.json"
+    p.write_text(json.dumps(problems))
+    imgs = tmp_path / "sqa"
+    for pid, split in (("1", "test"), ("2", "test"), ("5", "val")):
+        (imgs / split / pid).mkdir(parents=True)
+        Image.new("RGB", (24, 24), "green").save(imgs / split / pid / "image.png")
+    (imgs / "3").mkdir(parents=True)  # the flat layout works too
+    Image.new("RGB", (24, 24), "white").save(imgs / "3" / "image.png")
+    return p, imgs
+
+
+def test_scienceqa_by_hand(tmp_path):
+    from emma_mamba.eval.scorers import score
+
+    problems, imgs = _scienceqa(tmp_path)
+    seen = {}
+
+    def fn(qs, ps):
+        seen.update({q.qid: p for q, p in zip(qs, ps)})
+        # 1: "whale" (B) right; 2: "A" (run) wrong; 3: "E" right
+        return [{"1": "whale", "2": "A", "3": "E"}[q.qid] for q in qs]
+
+    rep = evaluate(None, "scienceqa", problems, imgs, tmp_path / "ev", progress=False, answer_fn=fn)
+    assert sorted(seen) == ["1", "2", "3"]  # the test split's image problems only
+    assert seen["2"] == f"Context: Look at the words.\nWhich word is a noun?\nA. run\nB. table\n{MC_PROMPT}"
+    m = rep["metrics"]
+    assert m["split"] == "test" and m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["per_subject"] == {"language science": 0.0, "natural science": 1.0, "social science": 1.0}
+    assert m["per_grade"] == pytest.approx({"grades 1-6": 1.0, "grades 7-12": 0.0})
+    assert score("scienceqa", tmp_path / "ev" / "answers.jsonl", problems) == m
+    # the val split on request; answers spanning two splits are refused
+    rep = evaluate(None, "scienceqa", problems, imgs, tmp_path / "val", progress=False, split="val",
+                   answer_fn=lambda qs, ps: ["a"] * len(qs))
+    assert rep["metrics"]["split"] == "val" and rep["metrics"]["accuracy"] == 1.0
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"question_id": "1", "text": "B"}) + "\n" + json.dumps({"question_id": "5",
+                                                                                        "text": "A"}) + "\n")
+    with pytest.raises(ScoreInputError, match="answers span the splits"):
+        score("scienceqa", both, problems)
+    (imgs / "test" / "2" / "image.png").unlink()
+    with pytest.raises(ScoreInputError, match=r"problem '2': image 'image.png' not found"):
+        read_questions("scienceqa", problems, imgs)
