@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import channel_state_tile
+
 # Launch shapes, the fastest measured on an H100 (triton 3.6) at mamba-2.8b shapes, b=8, d=5120, n=16,
 # L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms. Module-level so a benchmark can try
 # others; the backward must run with the forward's CHUNK (the saved states are per chunk). With CHUNK=128
@@ -98,13 +100,8 @@ def _selective_scan_fwd_kernel(
     # Tiles are (channel, time), time contiguous as in memory, so loads are vectorised and Triton keeps
     # runs of consecutive steps in each thread: the scan is sequential in registers, with warp shuffles
     # only for the per-thread aggregates. The state index is a loop, so <C_t, h_t> accumulates in-thread.
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BD,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BN,)
+    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)  # (T,)
-    mask_d = offs_d < dim
-    mask_dn = mask_d[:, None] & (offs_n < dstate)[None, :]
     sel = offs_n[None, :]  # (1, BN): picks a state column
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
     B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
@@ -183,13 +180,7 @@ def _selective_scan_fwd_seq_kernel(
     # (a few threads per channel, each holding some of its states), y_t = <C_t, h_t> is a reduction over the
     # state axis within those threads. Per step the program reads one column of u, delta, z (strided in
     # memory: the other steps of each 32-byte sector are L1 hits over the next iterations) and one row of B, C.
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
     C_base = C_ptr + pid_b * sC_b + ((pid_d * BLOCK_D) // cpg_C) * sC_g
     # log2(e) folded into A: exp(dt * A) = exp2(dt * A * log2 e); padded states get A = 0, B = C = 0
@@ -248,13 +239,8 @@ def _selective_scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
+    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
-    mask_d = offs_d < dim
-    mask_dn = mask_d[:, None] & (offs_n < dstate)[None, :]
     sel = offs_n[None, :]
     grp_B = (pid_d * BLOCK_D) // cpg_B
     grp_C = (pid_d * BLOCK_D) // cpg_C

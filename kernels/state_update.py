@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import channel_state_tile
+
 # elements of state per program and warps; on an H100 at d=5120, n=16, 512 was fastest at batch 1 and equal
 # to 1024 at batches 16 and 64 (benchmarks/gpu/triton_kernels.py)
 TILE = 512
@@ -29,13 +31,7 @@ def _selective_state_update_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
     bd = pid_b * dim + offs_d  # (BD,) into (b, d)
     h = tl.load(state_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)

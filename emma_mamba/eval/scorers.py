@@ -36,6 +36,11 @@ __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_
            "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
+_SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa,
+            "vizwiz": score_vizwiz, "mmbench": score_mmbench, "seed": score_seed, "scienceqa": score_scienceqa}
+"""The scorers taking (answers, annotations, allow_missing); MME is special (no allow_missing, optional file)."""
+
+
 def score(task: str, answers: str | Path, annotations: str | Path | None, allow_missing: bool = False) -> dict:
     """Metrics of ``answers`` on ``task`` (fractions in [0, 1]; MME in percent points, as MME reports)."""
     if task == "mme":
@@ -44,22 +49,9 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
         return score_mme(answers, annotations)
     if annotations is None:
         raise ScoreInputError(f"task {task!r} needs an annotations file")
-    if task == "pope":
-        return score_pope(answers, annotations, allow_missing)
-    if task == "vqav2":
-        return score_vqav2(answers, annotations, allow_missing)
-    if task == "gqa":
-        return score_gqa(answers, annotations, allow_missing)
-    if task == "textvqa":
-        return score_textvqa(answers, annotations, allow_missing)
-    if task == "vizwiz":
-        return score_vizwiz(answers, annotations, allow_missing)
-    if task == "mmbench":
-        return score_mmbench(answers, annotations, allow_missing)
-    if task == "seed":
-        return score_seed(answers, annotations, allow_missing)
-    if task == "scienceqa":
-        return score_scienceqa(answers, annotations, allow_missing)
+    scorer = _SCORERS.get(task)
+    if scorer is not None:
+        return scorer(answers, annotations, allow_missing)
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
