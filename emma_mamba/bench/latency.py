@@ -301,37 +301,60 @@ def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup:
     ids = torch.randint(0, vocab, (batch, context), generator=generator).to(device)
     cuda = device.type == "cuda"
     states, toks, rows = {}, {}, {}
+
+    def out_of_memory(r, e):
+        """Record that ``r`` does not fit at this (batch, context) and free what it held; the others go on."""
+        states.pop(r.name, None)
+        toks.pop(r.name, None)
+        rows[r.name] = {"context": context, "batch": batch, "oom": True, "error": str(e).splitlines()[0][:200],
+                        "state_bytes": None, "median_s": None, "tokens_per_s": None}
+        if cuda:
+            torch.cuda.empty_cache()
+        print(f"out of memory: {r.name} at batch {batch}, context {context}", flush=True)
+
     for r in runners:
         if cuda:
             torch.cuda.synchronize(device)
             base = torch.cuda.memory_allocated(device)
             torch.cuda.reset_peak_memory_stats(device)
-        logits, state = r.prefill(ids=ids, max_len=context + warmup + steps + 1)
-        row = {"context": context, "batch": batch, "state_bytes": r.state_bytes(state, context)}
-        if isinstance(r, TransformerRunner):
-            row["allocated_state_bytes"] = r.allocated_bytes(state)
-        tok = logits.argmax(-1, keepdim=True)  # (b, 1)
-        for _ in range(warmup):
-            logits, state = r.step(state, tok)
-            tok = logits.argmax(-1, keepdim=True)
+        try:
+            logits, state = r.prefill(ids=ids, max_len=context + warmup + steps + 1)
+            row = {"context": context, "batch": batch, "state_bytes": r.state_bytes(state, context)}
+            if isinstance(r, TransformerRunner):
+                row["allocated_state_bytes"] = r.allocated_bytes(state)
+            tok = logits.argmax(-1, keepdim=True)  # (b, 1)
+            for _ in range(warmup):
+                logits, state = r.step(state, tok)
+                tok = logits.argmax(-1, keepdim=True)
+        except torch.cuda.OutOfMemoryError as e:  # e.g. a transformer's KV cache at batch 64 x 2048 tokens
+            logits = state = tok = None
+            out_of_memory(r, e)
+            continue
         if cuda:  # this runner's prefill + first steps, above what was resident before (weights, other states)
             torch.cuda.synchronize(device)
             row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             row["cuda_peak_above_baseline_bytes"] = torch.cuda.max_memory_allocated(device) - base
         states[r.name], toks[r.name], rows[r.name] = state, tok, row
 
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    live = [r for r in runners if r.name in states]
+    times: dict[str, list[float]] = {r.name: [] for r in live}
     for i in range(steps):
-        for r in (runners if i % 2 == 0 else runners[::-1]):
+        for r in (live if i % 2 == 0 else live[::-1]):
+            if r.name not in states:
+                continue
+
             def one():
                 logits, states[r.name] = r.step(states[r.name], toks[r.name])
                 toks[r.name] = logits.argmax(-1, keepdim=True)
 
-            times[r.name].append(clock.time(one)[1])
-    for name, row in rows.items():
+            try:
+                times[r.name].append(clock.time(one)[1])
+            except torch.cuda.OutOfMemoryError as e:
+                out_of_memory(r, e)
+    for name in states:
         med = statistics.median(times[name])
-        row.update({"median_s": med, "tokens_per_s": batch / med, "steps_s": times[name]})
-    return rows
+        rows[name].update({"median_s": med, "tokens_per_s": batch / med, "steps_s": times[name]})
+    return {r.name: rows[r.name] for r in runners}
 
 
 def consistency_checks(runners, vocab: int, device, prompt: int = 24, steps: int = 4) -> dict:
@@ -357,8 +380,11 @@ def consistency_checks(runners, vocab: int, device, prompt: int = 24, steps: int
 
 
 def find_crossover(contexts, ours, theirs) -> dict:
-    """First measured context from which ours < theirs at it and every larger context; interpolated point."""
-    pts = sorted(zip(contexts, ours, theirs))
+    """First measured context from which ours < theirs at it and every larger context; interpolated point.
+
+    A None time is a runner that ran out of memory there: it loses to any measured time."""
+    inf = float("inf")
+    pts = sorted((c, inf if o is None else o, inf if t is None else t) for c, o, t in zip(contexts, ours, theirs))
     beats = [o < t for _, o, t in pts]
     first = None
     for i in range(len(pts)):
@@ -372,9 +398,10 @@ def find_crossover(contexts, ours, theirs) -> dict:
             interp = None  # faster already at the smallest measured context
         else:
             (c0, o0, t0), (c1, o1, t1) = pts[i - 1], pts[i]
-            d0, d1 = t0 - o0, t1 - o1  # <= 0 then > 0
-            f = d0 / (d0 - d1) if d0 != d1 else 0.0
-            interp = math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0)))
+            if inf not in (o0, t0, o1, t1):  # no interpolation across an out-of-memory point
+                d0, d1 = t0 - o0, t1 - o1  # <= 0 then > 0
+                f = d0 / (d0 - d1) if d0 != d1 else 0.0
+                interp = math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0)))
     return {"ours_faster_from_context": first, "interpolated_context": interp,
             "ours_faster_at_all_measured": bool(pts) and all(beats),
             "ours_faster_at_none": bool(pts) and not any(beats),
@@ -536,8 +563,9 @@ def run(args) -> int:
             for r in runners:
                 row = rows[r.name]
                 results["decode"][r.name].append(row)
-                print(f"decode {r.name:<20} context {C:6d}  {row['median_s'] * 1e3:9.3f} ms/token  "
-                      f"state {row['state_bytes'] / 2**20:9.2f} MiB", flush=True)
+                if not row.get("oom"):
+                    print(f"decode {r.name:<20} context {C:6d}  {row['median_s'] * 1e3:9.3f} ms/token  "
+                          f"state {row['state_bytes'] / 2**20:9.2f} MiB", flush=True)
             del rows
 
         # --- tokens/s against the batch size at a fixed context
@@ -548,8 +576,9 @@ def run(args) -> int:
             for r in runners:
                 row = rows[r.name]
                 results["throughput"][r.name].append(row)
-                print(f"batch  {r.name:<20} batch {B:4d} context {args.batch_context}  "
-                      f"{row['tokens_per_s']:10.1f} tokens/s", flush=True)
+                if not row.get("oom"):
+                    print(f"batch  {r.name:<20} batch {B:4d} context {args.batch_context}  "
+                          f"{row['tokens_per_s']:10.1f} tokens/s", flush=True)
             del rows
 
     ours_key = GRAPHS if args.cuda_graphs else OURS
@@ -559,9 +588,13 @@ def run(args) -> int:
         cross["with_cuda_graphs"] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][GRAPHS]],
                                                    [x["median_s"] for x in results["decode"][TRANSFORMER]])
     ratios = {f"decode_speedup_at_{row['context']}": t["median_s"] / row["median_s"]
-              for row, t in zip(results["decode"][ours_key], results["decode"][TRANSFORMER])}
+              for row, t in zip(results["decode"][ours_key], results["decode"][TRANSFORMER])
+              if row["median_s"] and t["median_s"]}
     ratios.update({f"tokens_per_s_ratio_batch_{row['batch']}": row["tokens_per_s"] / t["tokens_per_s"]
-                   for row, t in zip(results["throughput"][ours_key], results["throughput"][TRANSFORMER])})
+                   for row, t in zip(results["throughput"][ours_key], results["throughput"][TRANSFORMER])
+                   if row["tokens_per_s"] and t["tokens_per_s"]})
+    oom = [f"{k} at batch {x['batch']}, context {x['context']}" for section in ("decode", "throughput")
+           for k, rows in results[section].items() for x in rows if x.get("oom")]
     load_after = os.getloadavg()
     first = cross["ours_faster_from_context"]
     print(f"crossover: ours faster per decoded token from context "
@@ -602,7 +635,7 @@ def run(args) -> int:
                    "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                    "inference_mode": True, "threads": torch.get_num_threads()},
         "cuda_graphs": bool(args.cuda_graphs),
-        "checks": checks, "results": results, "crossover": cross, "ratios": ratios,
+        "checks": checks, "results": results, "crossover": cross, "ratios": ratios, "out_of_memory": oom,
     }
     out = args.out or os.path.join("benchmarks", "results", f"latency_{device.type}_{name}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -657,7 +690,9 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     # top: latency; bottom: transformer / ours, measured step-interleaved, so it holds even when the
     # machine's load (and with it every absolute number) shifts between contexts
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+    fits = lambda rows: [x for x in rows if not x.get("oom")]  # noqa: E731 - out-of-memory points are not drawn
     for k, rows in r["decode"].items():
+        rows = fits(rows)
         ax.plot([x["context"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],
                 color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
     cx = res["crossover"]["ours_faster_from_context"]
@@ -675,10 +710,11 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     ax.set_xlabel("")
-    theirs = {x["context"]: x["median_s"] for x in r["decode"][TRANSFORMER]}
+    theirs = {x["context"]: x["median_s"] for x in fits(r["decode"][TRANSFORMER])}
     for k, rows in r["decode"].items():
         if k == TRANSFORMER:
             continue
+        rows = [x for x in fits(rows) if x["context"] in theirs]
         ax2.plot([x["context"] for x in rows], [theirs[x["context"]] / x["median_s"] for x in rows],
                  marker=_STYLE[k][1], color=_STYLE[k][0], **_LINE.get(k, {}))
     ax2.axhline(1.0, color="gray", lw=1)
@@ -691,6 +727,9 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     for k, rows in r["decode"].items():
         if k == GRAPHS:
             continue  # same state as ours
+        rows = fits(rows)
+        if not rows:
+            continue
         ax.plot([x["context"] for x in rows], [x["state_bytes"] / 2**20 for x in rows], marker=_STYLE[k][1],
                 color=_STYLE[k][0], label=label[k] + ": state", **_LINE.get(k, {}))
         if "cuda_peak_allocated_bytes" in rows[0]:
@@ -720,6 +759,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, rows in r["throughput"].items():
+        rows = fits(rows)
         ax.plot([x["batch"] for x in rows], [x["tokens_per_s"] for x in rows], marker=_STYLE[k][1],
                 color=_STYLE[k][0], label=label[k], **_LINE.get(k, {}))
     ax.set_xscale("log", base=2)

@@ -79,6 +79,48 @@ def test_bench_latency_cli_writes_json_and_plots(tmp_path, capsys):
         assert sorted(res["plots"]) == sorted(str(f) for f in plots.iterdir())
 
 
+def test_a_runner_out_of_memory_is_recorded_and_the_rest_measured(tmp_path, monkeypatch):
+    """On a GPU the transformer's KV cache may not fit at the large batches: that point is recorded as out of
+    memory, every other runner and point is still measured, and the crossover counts it as a loss."""
+    from emma_mamba.bench import latency
+
+    real_prefill = latency.TransformerRunner.prefill
+
+    def prefill(self, ids=None, embeds=None, max_len=None):
+        if ids is not None and (ids.shape[0] >= 3 or ids.shape[1] >= 40):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 42.00 GiB")
+        return real_prefill(self, ids, embeds, max_len)
+
+    monkeypatch.setattr(latency.TransformerRunner, "prefill", prefill)
+    out = tmp_path / "lat.json"
+    argv = ["bench", "latency", "--preset", "tiny", "--device", "cpu", "--contexts", "16", "40", "--batch-sizes",
+            "1", "3", "--batch-context", "12", "--images", "1", "--new-tokens", "2", "--warmup", "1",
+            "--repeats", "1", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    r = res["results"]
+    t_dec, t_thr = r["decode"][TRANSFORMER], r["throughput"][TRANSFORMER]
+    assert not t_dec[0].get("oom") and t_dec[0]["median_s"] > 0
+    assert t_dec[1]["oom"] and t_dec[1]["median_s"] is None and "42.00 GiB" in t_dec[1]["error"]
+    assert not t_thr[0].get("oom") and t_thr[1]["oom"]
+    assert all(x["median_s"] > 0 for x in r["decode"][OURS] + r["throughput"][OURS])
+    assert res["out_of_memory"] == [f"{TRANSFORMER} at batch 1, context 40", f"{TRANSFORMER} at batch 3, context 12"]
+    assert "decode_speedup_at_16" in res["ratios"] and "decode_speedup_at_40" not in res["ratios"]
+    # the out-of-memory context counts as ours faster there
+    assert res["crossover"]["ours_faster_from_context"] in (16, 40)
+    if pytest.importorskip("matplotlib"):
+        assert len(res["plots"]) == 4
+
+
+def test_crossover_with_out_of_memory_points():
+    r = find_crossover([256, 512, 1024], [2.0, 2.0, 2.0], [1.0, 3.0, None])
+    assert r["ours_faster_from_context"] == 512 and r["interpolated_context"] is not None
+    r = find_crossover([256, 512, 1024], [2.0, 2.0, 2.0], [1.0, 1.5, None])
+    assert r["ours_faster_from_context"] == 1024 and r["interpolated_context"] is None  # no line through an OOM
+    r = find_crossover([256, 512], [None, 2.0], [1.0, 3.0])
+    assert r["ours_faster_from_context"] == 512
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     (["--contexts", "0", "8"], "--contexts must all be >= 1"),
