@@ -3,9 +3,11 @@
     emma-mamba eval --task pope --questions heldout/pope_random.jsonl --images data/images --checkpoint runs/x
     emma-mamba eval --task vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json --images val2014 \
         --annotations v2_mscoco_val2014_annotations.json --checkpoint runs/x --out eval/vqav2
+    emma-mamba eval --suite configs/eval_suite_example.yaml --checkpoint runs/x    # several, one table
 
 The work is done by :func:`emma_mamba.eval.runner.evaluate` (formats, prompts and resumption are described
-there). Rerunning with the same ``--out`` continues an interrupted run.
+there) and, for a suite, :func:`emma_mamba.eval.suite.run_suite`. Rerunning with the same ``--out`` continues
+an interrupted run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ from emma_mamba.eval.runner import TASKS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=TASKS, help="benchmark: file formats, prompt and metric")
-    p.add_argument("--questions", required=True,
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", choices=TASKS, help="benchmark: file formats, prompt and metric")
+    what.add_argument("--suite", metavar="YAML",
+                      help="several benchmarks from one file (format: emma_mamba/eval/suite.py; example: "
+                           "configs/eval_suite_example.yaml)")
+    p.add_argument("--only", nargs="+", metavar="NAME", default=None, help="with --suite: run these benchmarks only")
+    p.add_argument("--questions", default=None,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
                         "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, ScienceQA "
                         "problems.json, or MME folder/file of <category>.txt templates")
@@ -28,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
     p.add_argument("--checkpoint", required=True, help="model directory written by EmmaMamba.save or a training run")
-    p.add_argument("--out", default=None, help="output folder (default: eval_<task> inside --checkpoint)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: eval_<task>, or eval_<suite name> for a suite, inside --checkpoint)")
     p.add_argument("--annotations", default=None,
                    help="ground truth when not in the questions file (VQAv2 annotations JSON, TextVQA JSON for "
                         "LLaVA-JSONL questions; default: the questions file where it holds answers, for VQAv2 the "
@@ -57,6 +65,14 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.suite is not None:
+        return _run_suite(args)
+    if args.only is not None:
+        print("emma-mamba eval: --only goes with --suite", file=sys.stderr)
+        return 2
+    if args.questions is None:
+        print(f"emma-mamba eval: --task {args.task} needs --questions FILE", file=sys.stderr)
+        return 2
     if args.images is None and args.task != "mmbench":
         print(f"emma-mamba eval: --task {args.task} needs --images DIR", file=sys.stderr)
         return 2
@@ -77,4 +93,31 @@ def run(args: argparse.Namespace) -> int:
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
     print(f"answers in {out}; metrics in {out / 'metrics.json'}")
+    return 0
+
+
+def _run_suite(args) -> int:
+    import torch
+
+    from emma_mamba.eval._io import ScoreInputError
+    from emma_mamba.eval.suite import format_summary, read_suite, run_suite
+    from emma_mamba.models.vlm import load
+
+    for flag in ("questions", "images", "annotations"):
+        if getattr(args, flag) is not None:
+            print(f"emma-mamba eval: --{flag} goes with --task; a suite names each benchmark's files", file=sys.stderr)
+            return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.suite).stem}"
+    try:
+        entries = read_suite(args.suite)
+        model = load(args.checkpoint, device=device)
+        summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint), progress=not args.no_progress,
+                            only=args.only, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                            limit=args.limit)
+    except (ScoreInputError, FileNotFoundError) as e:
+        print(f"emma-mamba eval: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary["benchmarks"]))
+    print(f"per-benchmark answers and metrics in {out}/<name>/; summary in {out / 'summary.json'}")
     return 0

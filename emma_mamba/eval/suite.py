@@ -1,0 +1,155 @@
+"""An evaluation suite: several benchmarks from one YAML, answered with one loaded model, one summary table.
+
+    emma-mamba eval --suite configs/eval_suite_example.yaml --checkpoint runs/finetune [--only pope_random gqa]
+
+Suite file (paths relative to ``root``, itself relative to the suite file; strict: unknown keys are errors)::
+
+    root: /data/llava_eval
+    batch_size: 8            # optional defaults for every benchmark
+    max_new_tokens: 16
+    benchmarks:
+      pope_random: {task: pope, questions: pope/coco_pope_random.jsonl, images: pope/val2014}
+      gqa:         {task: gqa, questions: gqa/testdev_balanced_questions.json, images: gqa/images}
+      mmbench:     {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv}
+      scienceqa:   {task: scienceqa, questions: scienceqa/problems.json, images: scienceqa/images, split: test}
+
+Every benchmark's files are read and checked (images included) before the first question is answered, so a
+typo in the last entry does not cost the hours of the first ones. Each benchmark writes into ``<out>/<name>/``
+exactly what ``emma-mamba eval --task`` writes (answers, official results file, metrics) and resumes the same
+way; ``<out>/summary.json`` and ``<out>/summary.md`` hold the headline numbers of all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError
+from emma_mamba.eval.runner import TASKS, evaluate, read_questions
+
+__all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
+
+log = logging.getLogger(__name__)
+
+_ENTRY_KEYS = {"task", "questions", "images", "annotations", "split", "image_template", "batch_size",
+               "max_new_tokens", "limit"}
+_TOP_KEYS = {"root", "benchmarks", "batch_size", "max_new_tokens", "limit"}
+
+
+@dataclass
+class SuiteEntry:
+    name: str
+    task: str
+    questions: Path
+    images: Path | None = None
+    annotations: Path | None = None
+    options: dict = field(default_factory=dict)
+    """batch_size, max_new_tokens, limit, split, image_template (only those given)."""
+
+
+def read_suite(path: str | Path) -> list[SuiteEntry]:
+    """The benchmarks of a suite YAML, paths resolved; errors name the file, the entry and the key."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ScoreInputError(f"suite file {p} does not exist")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ScoreInputError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), dict) or not doc["benchmarks"]:
+        raise ScoreInputError(f"{p}: expected a mapping with a non-empty 'benchmarks' mapping (name -> {{task, "
+                              f"questions, images, ...}})")
+    unknown = set(doc) - _TOP_KEYS
+    if unknown:
+        raise ScoreInputError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
+    root = (p.parent / str(doc.get("root", "."))).resolve()
+    defaults = {k: doc[k] for k in ("batch_size", "max_new_tokens", "limit") if k in doc}
+    entries = []
+    for name, spec in doc["benchmarks"].items():
+        where = f"{p}: benchmarks.{name}"
+        if not isinstance(spec, dict):
+            raise ScoreInputError(f"{where}: expected a mapping {{task, questions, images, ...}}")
+        unknown = set(spec) - _ENTRY_KEYS
+        if unknown:
+            raise ScoreInputError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(_ENTRY_KEYS)}")
+        task = spec.get("task", name)
+        if task not in TASKS:
+            raise ScoreInputError(f"{where}: task {task!r} is not one of {list(TASKS)} (give 'task:' when the "
+                                  f"name is not a task)")
+        if "questions" not in spec:
+            raise ScoreInputError(f"{where}: no 'questions'")
+        opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
+                                                     "image_template") if k in spec}}
+        for k in ("batch_size", "max_new_tokens", "limit"):
+            if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] < 1):
+                raise ScoreInputError(f"{where}: {k} must be an integer >= 1, got {opts[k]!r}")
+        entries.append(SuiteEntry(str(name), task, root / str(spec["questions"]),
+                                  root / str(spec["images"]) if spec.get("images") is not None else None,
+                                  root / str(spec["annotations"]) if spec.get("annotations") is not None else None,
+                                  opts))
+    return entries
+
+
+def headline(task: str, metrics: dict | None) -> dict:
+    """The numbers a paper's table reports for a benchmark (percent), from its metrics."""
+    if metrics is None:
+        return {}
+    if task == "mme":
+        return {"perception": metrics["perception"], "cognition": metrics["cognition"]}
+    out = {"accuracy": 100 * metrics["accuracy"]}
+    if task == "pope":
+        out["f1"] = 100 * metrics["f1"]
+    return out
+
+
+def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
+              progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
+              max_new_tokens: int = 16, limit: int | None = None, answer_fn=None) -> dict:
+    """Check every benchmark's files, then answer and score each; write and return the summary.
+
+    ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
+    ``answer_fn`` as in :func:`emma_mamba.eval.runner.evaluate` (tests)."""
+    if only:
+        names = {e.name for e in entries}
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ScoreInputError(f"--only {missing}: not in the suite (it has {sorted(names)})")
+        entries = [e for e in entries if e.name in only]
+    for e in entries:  # fail fast: every file and image is checked before any answering
+        try:
+            read_questions(e.task, e.questions, e.images, e.options.get("image_template",
+                                                                        "COCO_val2014_{image_id:012d}.jpg"),
+                           e.options.get("split", "test"))
+        except ScoreInputError as err:
+            raise ScoreInputError(f"benchmark {e.name!r}: {err}") from None
+    out = Path(out_dir)
+    rows, reports = [], {}
+    for i, e in enumerate(entries, 1):
+        log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
+        opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options}
+        rep = evaluate(model, e.task, e.questions, e.images, out / e.name, annotations=e.annotations,
+                       checkpoint=checkpoint, progress=progress, answer_fn=answer_fn, **opts)
+        reports[e.name] = rep
+        m = rep["metrics"]
+        n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
+        rows.append({"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)})
+    summary = {"checkpoint": checkpoint, "benchmarks": rows,
+               "metrics_files": {e.name: str(out / e.name / "metrics.json") for e in entries}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(format_summary(rows) + "\n", encoding="utf-8")
+    return summary
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A markdown table: one row per benchmark, its headline numbers (no ground truth: answers only)."""
+    lines = ["| benchmark | task | questions | result |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n")}
+        text = ", ".join(f"{k} {v:.2f}" for k, v in nums.items()) or "answers only (no ground truth)"
+        lines.append(f"| {r['benchmark']} | {r['task']} | {r['n']} | {text} |")
+    return "\n".join(lines)
