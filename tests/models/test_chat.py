@@ -201,3 +201,13 @@ def test_cli_chat_reports_a_bad_image_before_the_first_question(vlm, tmp_path, c
     monkeypatch.setattr(sys, "stdin", open(os.devnull))
     assert cli.main(["chat", "--checkpoint", str(ckpt)] + argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_generate_continuation_argument_errors(text_lm):
+    lm, tok = text_lm
+    with pytest.raises(TypeError, match="cache must be a MambaCache"):
+        generate(lm, input_ids=[1, 2], cache="state")
+    with pytest.raises(ValueError, match="one prompt and a one-row cache, got 2 prompts"):
+        generate(lm, input_ids=[[1, 2], [3, 4]], cache=lm.allocate_cache(1))
+    with pytest.raises(ValueError, match="got 1 prompts and 2 cache rows"):
+        generate(lm, input_ids=[1, 2], cache=lm.allocate_cache(2))
