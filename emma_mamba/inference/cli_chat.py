@@ -55,14 +55,16 @@ def run(args) -> int:
         return _err(str(e), "chat")
     interactive = sys.stdin.isatty()
     if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
         what = f"about {args.image}" if args.image else "(text only)"
         print(f"[chat {what}; {HELP}]", file=sys.stderr)
     while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
         try:
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
+            line = input("you> ") + "\n" if interactive else sys.stdin.readline()
+        except (KeyboardInterrupt, EOFError):
             print(file=sys.stderr)
             break
         if not line:  # EOF
