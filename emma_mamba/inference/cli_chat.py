@@ -14,6 +14,7 @@ conversation. Per-turn statistics go to stderr. Commands: ``/reset`` (new conver
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         try:
-            import readline  # noqa: F401 - line editing and history for input()
+            importlib.import_module("readline")  # importing it gives input() line editing and history
         except ImportError:
             pass
         what = f"about {args.image}" if args.image else "(text only)"
