@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from emma_mamba import ops
-from emma_mamba.ops.reference import (causal_conv1d_update_ref, selective_scan_ref,
-                                      selective_state_update_ref)
+from emma_mamba.ops.reference import causal_conv1d_update_ref, selective_scan_ref
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +23,8 @@ DEV = "cuda"
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
 
-from .tolerances import TOL, assert_close, check_scan, conv_on_backends, scan_on_backend, segments
+from .tolerances import (TOL, assert_close, check_scan, check_state_update, conv_on_backends,
+                         scan_on_backend, segments)
 
 
 @pytest.fixture(autouse=True)
@@ -293,23 +293,7 @@ def test_conv_update_steps_equal_reference_and_conv(w, state_dtype):
     (torch.float16, torch.float32, 3, 7, (0, 1, 1, 0)),
 ])
 def test_selective_state_update_matches_reference(dtype, state_dtype, groups, n, flags):
-    b, d = 3, 24
-    has_D, has_z, has_bias, softplus = flags
-    state = torch.randn(b, d, n, device=DEV).to(state_dtype)
-    ref_state = state.clone()
-    x, dt = torch.randn(b, d, device=DEV).to(dtype), torch.rand(b, d, device=DEV).to(dtype)
-    A = -0.5 - torch.rand(d, n, device=DEV)
-    shape = (b, groups, n) if groups else (b, n)
-    B, C = torch.randn(shape, device=DEV).to(dtype), torch.randn(shape, device=DEV).to(dtype)
-    D = torch.randn(d, device=DEV) if has_D else None
-    z = torch.randn(b, d, device=DEV).to(dtype) if has_z else None
-    dt_bias = torch.rand(d, device=DEV) if has_bias else None
-    with ops.use_backend("cuda"):
-        y = ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
-    y_ref = selective_state_update_ref(ref_state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
-    rtol, atol = TOL[dtype if state_dtype == torch.float32 else state_dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(state, ref_state, rtol=TOL[state_dtype][0], atol=TOL[state_dtype][1])
+    check_state_update("cuda", DEV, 3, 24, n, dtype, state_dtype, groups, flags)
 
 
 def test_decode_steps_are_cuda_graph_capturable():

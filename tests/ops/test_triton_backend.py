@@ -32,7 +32,7 @@ from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import (causal_conv1d_ref, causal_conv1d_update_ref,  # noqa: E402
                                       selective_state_update_ref)
 
-from .tolerances import (TOL, assert_close, check_scan, conv_on_backends,  # noqa: E402
+from .tolerances import (TOL, assert_close, check_scan, check_state_update, conv_on_backends,  # noqa: E402
                          scan_on_backend, segments)
 
 
@@ -331,24 +331,8 @@ def test_conv_update_keeps_state_dtype(triton_backend, dtype):
     (torch.bfloat16, torch.float32, 3, (1, 1, 1, 1)),
     (torch.float16, torch.float16, 0, (1, 0, 1, 1)),
 ])
-def test_selective_state_update_matches_reference(triton_backend, dtype, state_dtype, groups, flags):
-    b, d, n = 3, 6, 5
-    has_D, has_z, has_bias, softplus = flags
-    dev = DEVICE
-    state = torch.randn(b, d, n, device=dev).to(state_dtype)
-    ref_state = state.clone()
-    x, dt = torch.randn(b, d, device=dev).to(dtype), torch.rand(b, d, device=dev).to(dtype)
-    A = -0.5 - torch.rand(d, n, device=dev)
-    shape = (b, groups, n) if groups else (b, n)
-    B, C = torch.randn(shape, device=dev).to(dtype), torch.randn(shape, device=dev).to(dtype)
-    D = torch.randn(d, device=dev) if has_D else None
-    z = torch.randn(b, d, device=dev).to(dtype) if has_z else None
-    dt_bias = torch.rand(d, device=dev) if has_bias else None
-    y = ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
-    y_ref = selective_state_update_ref(ref_state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
-    rtol, atol = TOL[dtype if state_dtype == torch.float32 else state_dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
-    torch.testing.assert_close(state, ref_state, rtol=TOL[state_dtype][0], atol=TOL[state_dtype][1])
+def test_selective_state_update_matches_reference(dtype, state_dtype, groups, flags):
+    check_state_update("triton", DEVICE, 3, 6, 5, dtype, state_dtype, groups, flags)
 
 
 # ---------------------------------------------------------------------------------------------------------

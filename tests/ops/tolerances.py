@@ -94,3 +94,28 @@ def check_scan(inputs, backend, device, softplus=True, last_grad=True, determini
         if name in ("A", "D", "delta_bias") or (name in ("B", "C") and inputs[name].dim() == 2):
             tol = (tol[0], max(tol[1], tol[0] * ref_g[name].abs().max().item()))
         assert_close(f"d{name}", g[name], ref_g[name], *tol)
+
+
+def check_state_update(backend, device, b, d, n, dtype, state_dtype, groups, flags):
+    """One ``ops.selective_state_update`` step on ``backend`` against the reference step from the same state:
+    output (the input dtype's tolerance, or the state's when that is lower) and updated state.
+    ``flags`` = (D, z, dt_bias, softplus); ``groups`` 0 means B/C of shape (b, n)."""
+    from emma_mamba import ops
+    from emma_mamba.ops.reference import selective_state_update_ref
+
+    has_D, has_z, has_bias, softplus = flags
+    state = torch.randn(b, d, n, device=device).to(state_dtype)
+    ref_state = state.clone()
+    x, dt = torch.randn(b, d, device=device).to(dtype), torch.rand(b, d, device=device).to(dtype)
+    A = -0.5 - torch.rand(d, n, device=device)
+    shape = (b, groups, n) if groups else (b, n)
+    B, C = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    D = torch.randn(d, device=device) if has_D else None
+    z = torch.randn(b, d, device=device).to(dtype) if has_z else None
+    dt_bias = torch.rand(d, device=device) if has_bias else None
+    with ops.use_backend(backend):
+        y = ops.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
+    y_ref = selective_state_update_ref(ref_state, x, dt, A, B, C, D, z, dt_bias, bool(softplus))
+    rtol, atol = TOL[dtype if state_dtype == torch.float32 else state_dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(state, ref_state, rtol=TOL[state_dtype][0], atol=TOL[state_dtype][1])
