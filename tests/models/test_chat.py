@@ -211,3 +211,14 @@ def test_generate_continuation_argument_errors(text_lm):
         generate(lm, input_ids=[[1, 2], [3, 4]], cache=lm.allocate_cache(1))
     with pytest.raises(ValueError, match="got 1 prompts and 2 cache rows"):
         generate(lm, input_ids=[1, 2], cache=lm.allocate_cache(2))
+
+
+@torch.no_grad()
+def test_vlm_chat_without_an_image_is_text_only(vlm):
+    cfg = GenerationConfig(max_new_tokens=4)
+    session = ChatSession(vlm, None, config=cfg)
+    got = session.ask(QUESTIONS[0])
+    want = vlm.generate(build_chat_prompt(QUESTIONS[0], 0, vlm.config.image_token),
+                        config=GenerationConfig(max_new_tokens=4, eos_token_id=vlm.tokenizer.eos_token_id))
+    assert got == want.texts[0]
+    assert session.stats[0].prompt_tokens == len(vlm.tokenizer.encode(CHAT_TEMPLATE.format(prompt=QUESTIONS[0])))
