@@ -94,6 +94,9 @@ class Question:
     """MME: the template line (3 columns) the answer is appended to."""
     image_bytes: bytes | None = None
     """MMBench: the encoded picture from the file."""
+    has_answer: bool = False
+    """Whether a question file that may carry its own ground truth (TextVQA, VizWiz, SEED, MMBench) holds this
+    question's answer (a test split does not)."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -116,7 +119,7 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
         for it in read_mmbench(qpath):
             for r in range(len(it.options)):
                 out.append(Question(round_id(it.index, r), None, mmbench_prompt(it, r), category=it.category,
-                                    image_bytes=it.image))
+                                    image_bytes=it.image, has_answer=it.answer is not None))
         return out
     if images is None or not Path(images).is_dir():
         raise ScoreInputError(f"--images {images} is not a directory")
@@ -167,7 +170,8 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
             name = rec["image"] if "image" in rec else \
                 f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
             out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
-                                require(rec, ("question", "text"), qpath, loc, "TextVQA question")))
+                                require(rec, ("question", "text"), qpath, loc, "TextVQA question"),
+                                has_answer="answers" in rec))
     elif task == "scienceqa":
         for pid, rec in scienceqa_problems(qpath, split).items():
             p = scienceqa_image(images, pid, rec)
@@ -178,12 +182,13 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
     elif task == "seed":
         for loc, rec in seed_questions(qpath)[0]:
             out.append(Question(str(rec["question_id"]), _image(images, str(rec["data_id"]), f"{qpath}: {loc}"),
-                                seed_prompt(rec)))
+                                seed_prompt(rec), has_answer="answer" in rec))
     elif task == "vizwiz":
         for loc, rec in vizwiz_records(qpath):
             name = require(rec, ("image",), qpath, loc, "VizWiz question")
             out.append(Question(name, _image(images, name, f"{qpath}: {loc}"),
-                                require(rec, ("question",), qpath, loc, "VizWiz question")))
+                                require(rec, ("question",), qpath, loc, "VizWiz question"),
+                                has_answer="answers" in rec))
     else:  # mme
         if qpath.is_dir():
             files = sorted(qpath.glob("*.txt"))
@@ -226,22 +231,16 @@ def prompt_for(task: str, text: str) -> str:
     return f"{text}\n{SHORT_ANSWER_PROMPT}"
 
 
-def default_annotations(task: str, questions: str | Path) -> Path | None:
+def default_annotations(task: str, questions: str | Path, read: Sequence[Question]) -> Path | None:
     """Ground truth for scoring when none is given: the question file itself (POPE, GQA, the MME template
-    folder; TextVQA's official JSON and VizWiz's val.json when they hold answers), or for VQAv2 the sibling file
-    with 'questions' replaced by 'annotations' in its name, if present."""
+    folder, ScienceQA's problems.json; TextVQA, VizWiz, SEED-Bench and MMBench files when every question of
+    ``read``, the file's questions as :func:`read_questions` gave them, has its answer there), or for VQAv2 the
+    sibling file with 'questions' replaced by 'annotations' in its name, if present."""
     q = Path(questions)
-    if task in ("pope", "gqa", "mme"):
+    if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
         return q
-    if task in ("textvqa", "vizwiz"):
-        recs = textvqa_records(q) if task == "textvqa" else vizwiz_records(q)
-        return q if all("answers" in rec for _, rec in recs) else None
-    if task == "mmbench":
-        return q if all(it.answer is not None for it in read_mmbench(q)) else None
-    if task == "seed":
-        return q if all("answer" in rec for _, rec in seed_questions(q)[0]) else None
-    if task == "scienceqa":
-        return q  # problems.json holds every split's answers
+    if task in ("textvqa", "vizwiz", "seed", "mmbench"):
+        return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
 
@@ -304,14 +303,14 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template, split)
+    if annotations is None:
+        annotations = default_annotations(task, questions, qs)
     if limit is not None:
         if task == "mmbench":  # limit counts questions; keep every circular round of each
-            keep = list(dict.fromkeys(q.qid.split("/")[0] for q in qs))[:limit]
-            qs = [q for q in qs if q.qid.split("/")[0] in set(keep)]
+            keep = set(list(dict.fromkeys(q.qid.split("/")[0] for q in qs))[:limit])
+            qs = [q for q in qs if q.qid.split("/")[0] in keep]
         else:
             qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
-    if annotations is None:
-        annotations = default_annotations(task, questions)
 
     if answer_fn is None:
         answer_fn = _model_answer_fn(model, max_new_tokens)
