@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.models.mamba import MambaLM
+from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba, build_chat_prompt
 
 __all__ = ["ChatSession", "TurnStats"]
 
@@ -59,9 +61,6 @@ class ChatSession:
     """
 
     def __init__(self, model, image=None, *, tokenizer=None, config: GenerationConfig | None = None):
-        from emma_mamba.models.mamba import MambaLM
-        from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba
-
         if isinstance(model, EmmaMamba):
             if tokenizer is not None:
                 raise ValueError("ChatSession: an EmmaMamba model brings its own tokenizer; do not pass one")
@@ -80,7 +79,6 @@ class ChatSession:
         if cfg.max_new_tokens < 1:
             raise ValueError("ChatSession: config.max_new_tokens must be >= 1 (a turn must answer)")
         self.config = dataclasses.replace(cfg, eos_token_id=self.tokenizer.eos_token_id)
-        self.template, self.turn_end, self.turn_sep = CHAT_TEMPLATE, TURN_END, TURN_SEP
         self.image = image
         self.turns: list[tuple[str, str]] = []
         """(question, answer) per finished turn."""
@@ -125,7 +123,7 @@ class ChatSession:
             kwargs = self._first_turn(question)
         else:
             cache = self._cache
-            ids = self._pending + tok.encode(self.turn_sep) + tok.encode(self.template.format(prompt=question))
+            ids = self._pending + tok.encode(TURN_SEP) + tok.encode(CHAT_TEMPLATE.format(prompt=question))
             kwargs = dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
         n_prompt = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[0]
         backup = None if first else cache.select([0])  # generate advances the state in place
@@ -138,7 +136,7 @@ class ChatSession:
         self._cache = res.cache
         final, reason = res.final_tokens[0], res.finish_reasons[0]
         # the last picked token is not in the state yet; an answer cut short still gets its end-of-turn token
-        self._pending = [final] if reason == "eos" else [final] + tok.encode(self.turn_end)
+        self._pending = [final] if reason == "eos" else [final] + tok.encode(TURN_END)
         answer = res.texts[0]
         self.turns.append((question, answer))
         self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,
@@ -147,11 +145,9 @@ class ChatSession:
 
     def _first_turn(self, question: str) -> dict:
         if self.vlm is None:
-            ids = self.tokenizer.encode(self.template.format(prompt=question))
+            ids = self.tokenizer.encode(CHAT_TEMPLATE.format(prompt=question))
             return dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
-        from emma_mamba.models.vlm import build_chat_prompt
-
         images = [] if self.image is None else [self.image]
-        text = build_chat_prompt(question, len(images), self.vlm.config.image_token, self.template)
+        text = build_chat_prompt(question, len(images), self.vlm.config.image_token)
         instructions = [question] if images and self.vlm.instruction is not None else None
         return dict(inputs_embeds=self.vlm.prompt_embeds(text, images, instructions)[0])
