@@ -257,7 +257,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   dim3 grid(static_cast<unsigned>(p.batch) * p.dim, ntiles);
   auto stream = at::cuda::getCurrentCUDAStream();
   EMMA_DISPATCH_FLOAT(x.scalar_type(), "causal_conv1d", [&] {
-    conv_fwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+    EMMA_LAUNCH(conv_fwd_kernel<scalar_t>, grid, kThreads, 0, stream, p);
     EMMA_CUDA_LAUNCH_CHECK();
   });
   return out;
@@ -290,7 +290,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
     dim3 grid(static_cast<unsigned>(p.batch) * p.dim, ntiles);
     auto stream = at::cuda::getCurrentCUDAStream();
     EMMA_DISPATCH_FLOAT(x.scalar_type(), "causal_conv1d", [&] {
-      conv_bwd_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
+      EMMA_LAUNCH(conv_bwd_kernel<scalar_t>, grid, kThreads, 0, stream, p);
       EMMA_CUDA_LAUNCH_CHECK();
     });
   }
@@ -320,7 +320,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
   const int64_t rows = static_cast<int64_t>(batch) * dim;
   if (rows == 0) return out;
   const int threads = 128;
-  conv_update_kernel<<<(rows + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  EMMA_LAUNCH(conv_update_kernel, (rows + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream(),
       batch, dim, W, silu, x.data_ptr(), dtype_code(x.scalar_type()), conv_state.data_ptr(),
       dtype_code(conv_state.scalar_type()), weight.data_ptr(), dtype_code(weight.scalar_type()),
       bias ? bias->data_ptr() : nullptr, bias ? dtype_code(bias->scalar_type()) : 0, out.data_ptr());

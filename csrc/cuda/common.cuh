@@ -11,11 +11,21 @@
 #include <type_traits>
 
 #include <ATen/ATen.h>
+#ifdef EMMA_CUDA_EMULATION
+// compiled by the host compiler and run on the CPU by csrc/emu (tests; see cuda_emu.h)
+#include "../emu/cuda_emu.h"
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+// the three constructs the emulator replaces: where a tensor must live, dynamic shared memory, a launch
+#define EMMA_DEVICE_TENSOR(t) ((t).is_cuda())
+#define EMMA_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define EMMA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 
 namespace emma {
 namespace cuda {
@@ -78,7 +88,7 @@ __device__ __forceinline__ float silu_f(float x) { return x * sigmoid_f(x); }
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  EMMA_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor");
+  EMMA_CHECK(EMMA_DEVICE_TENSOR(t), op, ": ", name, " must be a CUDA tensor");
   EMMA_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 inline void check_cuda(const std::optional<at::Tensor>& t, const char* op, const char* name) {

@@ -113,7 +113,7 @@ __device__ __forceinline__ void load_bc(const void* X, int groups, const ScanPar
 template <typename T, typename WT>
 __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams p) {
   constexpr int K = kFwdItems;
-  extern __shared__ float smem[];
+  EMMA_DYNAMIC_SMEM(float, smem);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c = blockIdx.x * kFwdWarps + warp, b = blockIdx.y;
   if (c >= p.dim) return;  // warps are independent in the forward
@@ -200,7 +200,7 @@ template <typename T, typename WT>
 __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
   constexpr int K = kBwdItems;
   constexpr int kStride = 32 * K + 32;  // padded per-warp row of the dB/dC reduction buffer (K+1 per lane)
-  extern __shared__ float smem[];
+  EMMA_DYNAMIC_SMEM(float, smem);
   const int nw = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int c = blockIdx.x * nw + warp, b = blockIdx.y;  // host guarantees nw | dim: every warp is valid
@@ -507,7 +507,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
     using WT = decltype(w_tag);
     auto kernel = scan_fwd_kernel<T, WT>;
     if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kFwdWarps * 32, smem, stream>>>(p);
+    EMMA_LAUNCH(kernel, grid, kFwdWarps * 32, smem, stream, p);
     EMMA_CUDA_LAUNCH_CHECK();
   });
   return {out, last_state, saved};
@@ -583,7 +583,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
       auto kernel = scan_bwd_kernel<T, WT>;
       if (smem > 48 * 1024)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-      kernel<<<grid, nw * 32, smem, stream>>>(p);
+      EMMA_LAUNCH(kernel, grid, nw * 32, smem, stream, p);
       EMMA_CUDA_LAUNCH_CHECK();
     });
   }

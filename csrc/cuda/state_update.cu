@@ -133,7 +133,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.vec_state = p.s_dt == kF32 && p.dstate % 4 == 0 && aligned16(p.state);
   const int threads = 128;
   const unsigned blocks = static_cast<unsigned>((threads_total + threads - 1) / threads);
-  state_update_kernel<<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  EMMA_LAUNCH(state_update_kernel, blocks, threads, 0, at::cuda::getCurrentCUDAStream(), p);
   EMMA_CUDA_LAUNCH_CHECK();
   return out;
 }

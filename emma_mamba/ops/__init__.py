@@ -14,6 +14,10 @@ The backend is chosen once per device type, on first use: CUDA tensors run on cu
 CPU tensors on cpu, else torch. Falling back logs one line saying which backend runs and why.
 ``EMMA_MAMBA_BACKEND=cuda|triton|cpu|torch`` forces one backend for every device (an error if it is not
 available), and :func:`use_backend` does the same for a ``with`` block (tests).
+
+One more backend exists for kernel development and CI and is never chosen automatically: ``cuda-emu``, the
+CUDA kernels of csrc/cuda compiled for the CPU against an emulator (:mod:`emma_mamba.ops.cuda_emulator`;
+needs a source checkout and a C++ compiler), run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ __all__ = [
 log = logging.getLogger("emma_mamba.ops")
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
+DEV_BACKENDS = ("cuda-emu",)  # selectable by name only (use_backend / set_backend / EMMA_MAMBA_BACKEND)
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
@@ -88,10 +93,17 @@ def _load_triton():
     return mod
 
 
+def _load_emulator():
+    from . import cuda_emulator
+
+    return SimpleNamespace(**{f: getattr(cuda_emulator.load(), f) for f in _PROTOCOL})
+
+
 def _load(name: str):
     """Kernel module of a backend (None for the torch reference); raises BackendUnavailableError."""
-    if name not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in BACKENDS + DEV_BACKENDS:
+        raise BackendUnavailableError(f"unknown backend {name!r}; choose one of "
+                                      f"{', '.join(BACKENDS + DEV_BACKENDS)}")
     if name == "torch":
         return None
     with _lock:
@@ -100,7 +112,8 @@ def _load(name: str):
         if name in _unavailable:
             raise BackendUnavailableError(f"backend {name!r} is not available: {_unavailable[name]}")
         try:
-            kern = _load_triton() if name == "triton" else _load_compiled(name)
+            kern = (_load_triton() if name == "triton" else _load_emulator() if name == "cuda-emu"
+                    else _load_compiled(name))
         except BackendUnavailableError as e:
             _unavailable[name] = str(e)
             raise BackendUnavailableError(f"backend {name!r} is not available: {e}") from None
@@ -111,7 +124,7 @@ def _load(name: str):
 def _runs_on(name: str, device_type: str) -> bool:
     if name == "torch":
         return True
-    if name == "cpu":
+    if name in ("cpu", "cuda-emu"):
         return device_type == "cpu"
     if name == "cuda":
         return device_type == "cuda"
@@ -143,9 +156,9 @@ def _env_backend() -> str | None:
     v = os.environ.get("EMMA_MAMBA_BACKEND", "").strip().lower()
     if not v:
         return None
-    if v not in BACKENDS:
+    if v not in BACKENDS + DEV_BACKENDS:
         raise BackendUnavailableError(f"EMMA_MAMBA_BACKEND={v!r} is not a backend; choose one of "
-                                      f"{', '.join(BACKENDS)}")
+                                      f"{', '.join(BACKENDS + DEV_BACKENDS)}")
     return v
 
 

@@ -1,0 +1,74 @@
+"""The CUDA kernels of csrc/cuda run on the CPU, for tests and kernel development without a GPU.
+
+``load()`` compiles csrc/cuda/*.cu with the host C++ compiler against csrc/emu/cuda_emu.h (every CUDA thread a
+fiber, warps and blocks released at their synchronisation points; see that header for what is and is not
+emulated) into a separate extension, ``emma_cuda_emu``, with the same six entry points as ``emma_mamba._C``'s
+``<op>_cuda``. The ops layer knows it as the backend ``cuda-emu`` (CPU tensors; never chosen automatically):
+
+    with ops.use_backend("cuda-emu"):
+        out = ops.selective_scan(u, delta, A, B, C, ...)   # the CUDA kernel's arithmetic, on the CPU
+
+It needs the source tree (a checkout; csrc/ is not part of the installed package), a C++ compiler and ninja.
+The first build takes a minute or two; later loads reuse it (torch's extension cache, or ``build_dir``).
+It is slow (a context switch per thread at every shuffle): keep shapes small.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_SOURCES = ("emu/bindings.cpp", "emu/selective_scan.cpp", "emu/causal_conv1d.cpp", "emu/state_update.cpp",
+            "emu/selftest.cpp")
+_DEPENDS = ("emu/cuda_emu.h", "cuda/common.cuh", "cuda/selective_scan.cu", "cuda/causal_conv1d.cu",
+            "cuda/state_update.cu", "ops.h")
+_module = None
+_lock = threading.Lock()
+
+
+def csrc_dir() -> Path:
+    """csrc/ of the checkout this package runs from (EMMA_MAMBA_CSRC overrides)."""
+    env = os.environ.get("EMMA_MAMBA_CSRC")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "csrc"
+
+
+def load(build_dir: str | os.PathLike | None = None, verbose: bool = False):
+    """Build (once) and import the emulated CUDA kernels; raises BackendUnavailableError when it cannot."""
+    global _module
+    from . import BackendUnavailableError
+
+    with _lock:
+        if _module is not None:
+            return _module
+        src = csrc_dir()
+        missing = [s for s in _SOURCES + _DEPENDS if not (src / s).is_file()]
+        if missing:
+            raise BackendUnavailableError(
+                f"the CUDA emulator needs the source tree: {src} lacks {', '.join(missing)} "
+                "(run from a checkout of the repository, or set EMMA_MAMBA_CSRC to its csrc folder)")
+        try:
+            from torch.utils import cpp_extension
+        except ImportError as e:  # pragma: no cover - torch always has it
+            raise BackendUnavailableError(f"torch.utils.cpp_extension is unavailable ({e})") from e
+        if build_dir is not None:
+            os.makedirs(build_dir, exist_ok=True)
+        try:
+            _module = cpp_extension.load(
+                name="emma_cuda_emu",
+                sources=[str(src / s) for s in _SOURCES],
+                extra_include_paths=[str(src)],
+                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DEMMA_WITH_CUDA",
+                              "-DEMMA_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+                build_directory=None if build_dir is None else str(build_dir),
+                verbose=verbose,
+            )
+        except (RuntimeError, OSError, ImportError) as e:
+            raise BackendUnavailableError(f"building the CUDA emulator failed: {e}") from e
+        return _module
+
+
+def set_schedule(order: str = "forward", seed: int = 0) -> None:
+    """Order in which runnable threads (and blocks) run between synchronisation points: "forward",
+    "reverse" or "random" (seeded). A kernel whose results change with it has a race."""
+    load().set_schedule(order, int(seed))
