@@ -166,7 +166,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "mambapy", "open_clip_torch>=3.0",
-                 "torchvision", "scikit-image", "matplotlib"],
+                 "torchvision", "scikit-image", "matplotlib", "ninja"],
         "vision": ["open_clip_torch>=3.0", "torchvision"],
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],

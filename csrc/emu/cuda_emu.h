@@ -10,9 +10,10 @@
 // block is released. Blocks run one after another, so `__shared__` memory is one buffer: dynamic shared
 // memory is filled with NaN bytes at every block start (an uninitialised read shows up in the outputs).
 //
-// What it checks. The order in which runnable fibers run between two synchronisation points is a setting
-// (forward, reverse or seeded random; the block order too): a kernel whose result depends on it has a race
-// that a GPU may or may not show. Undefined behaviour that would hang or corrupt on a GPU is an error with
+// What it checks. Between two __syncthreads each warp in turn runs as far as it can (the most skewed
+// interleaving of warps); the order of the warps, of the lanes within a warp and of the blocks is a setting
+// (forward, reverse or seeded random): a kernel whose result depends on it has a race that a GPU may or may
+// not show. Undefined behaviour that would hang or corrupt on a GPU is an error with
 // the warp, the lanes and the source lines involved: a full-mask shuffle or __syncwarp while a lane of the
 // warp has exited, lanes of one warp at different kinds of synchronisation point, lanes at different
 // shuffles, a block that can no longer make progress, a mask other than the full warp.
@@ -153,65 +154,60 @@ inline std::string lanes_text(const std::vector<int>& lanes) {
   return s;
 }
 
-// Releases what can be released after every runnable fiber has run to its next synchronisation point.
-// Returns false when nothing could be released (deadlock), with the reason in `why`.
-inline bool release(Block& b, std::string& why) {
+// Releases warp `w` if every lane waits at a warp-level point (checking that they wait at the same kind of
+// point, that none has exited and that none waits at __syncthreads instead). Returns whether it released.
+inline bool release_warp(Block& b, int w) {
+  const int lo = 32 * w, hi = std::min(b.nthreads, lo + 32);
+  std::vector<int> at_warp, at_block, done;
+  for (int i = lo; i < hi; ++i) {
+    const Fiber& f = b.fibers[i];
+    if (f.state == State::AtWarp) at_warp.push_back(i - lo);
+    else if (f.state == State::AtBlock) at_block.push_back(i - lo);
+    else if (f.state == State::Done) done.push_back(i - lo);
+    else return false;  // a lane still running
+  }
+  if (at_warp.empty()) return false;
+  const Fiber& first = b.fibers[lo + at_warp[0]];
+  const std::string where = std::string(first.op == WarpOp::Shuffle ? "a shuffle" : "__syncwarp") + " (line " +
+                            std::to_string(first.line) + ")";
+  const std::string warp = "warp " + std::to_string(w) + ": ";
+  if (hi - lo != 32)
+    fail(warp + "has " + std::to_string(hi - lo) + " threads (block size not a multiple of 32) and reaches " +
+         where + " with the full mask");
+  if (!done.empty())
+    fail(warp + "lanes " + lanes_text(at_warp) + " wait at " + where + " with the full mask, but lanes " +
+         lanes_text(done) + " have exited (undefined behaviour on a GPU)");
+  if (!at_block.empty())
+    fail(warp + "lanes " + lanes_text(at_warp) + " wait at " + where + " while lanes " + lanes_text(at_block) +
+         " wait at __syncthreads (line " + std::to_string(b.fibers[lo + at_block[0]].line) + ")");
+  for (int i = lo; i < hi; ++i) {
+    const Fiber& f = b.fibers[i];
+    if (f.op != first.op || (f.op == WarpOp::Shuffle && f.shuffles != first.shuffles))
+      fail(warp + "lane " + std::to_string(i - lo) + " is at " +
+           (f.op == WarpOp::Shuffle ? "a shuffle" : "__syncwarp") + " (line " + std::to_string(f.line) +
+           ") while lane " + std::to_string(at_warp[0]) + " is at " + where);
+  }
+  for (int i = lo; i < hi; ++i) b.fibers[i].state = State::Run;
+  return true;
+}
+
+// Releases __syncthreads once every live thread waits there.
+inline bool release_block(Block& b) {
   bool any = false;
-  const int n = b.nthreads;
-  const int nwarps = (n + 31) / 32;
-  bool all_live_at_block = true, any_live = false;
-  for (int w = 0; w < nwarps; ++w) {
-    const int lo = 32 * w, hi = std::min(n, lo + 32);
-    std::vector<int> at_warp, at_block, done;
-    for (int i = lo; i < hi; ++i) {
-      const Fiber& f = b.fibers[i];
-      if (f.state == State::AtWarp) at_warp.push_back(i - lo);
-      else if (f.state == State::AtBlock) at_block.push_back(i - lo);
-      else if (f.state == State::Done) done.push_back(i - lo);
-    }
-    if (static_cast<int>(done.size()) != hi - lo) any_live = true;
-    if (!at_warp.empty()) {
-      all_live_at_block = false;
-      const Fiber& first = b.fibers[lo + at_warp[0]];
-      const char* what = first.op == WarpOp::Shuffle ? "a shuffle" : "__syncwarp";
-      if (hi - lo != 32)
-        fail("warp " + std::to_string(w) + " has " + std::to_string(hi - lo) +
-             " threads (block size not a multiple of 32) and reaches " + what + " with the full mask");
-      if (!done.empty())
-        fail("warp " + std::to_string(w) + ": lanes " + lanes_text(at_warp) + " wait at " + what + " (line " +
-             std::to_string(first.line) + ") with the full mask, but lanes " + lanes_text(done) +
-             " have exited (undefined behaviour on a GPU)");
-      if (!at_block.empty())
-        fail("warp " + std::to_string(w) + ": lanes " + lanes_text(at_warp) + " wait at " + what + " (line " +
-             std::to_string(first.line) + ") while lanes " + lanes_text(at_block) +
-             " wait at __syncthreads (line " + std::to_string(b.fibers[lo + at_block[0]].line) + ")");
-      if (static_cast<int>(at_warp.size()) == 32) {
-        for (int i = lo; i < hi; ++i) {
-          const Fiber& f = b.fibers[i];
-          if (f.op != first.op || (f.op == WarpOp::Shuffle && f.shuffles != first.shuffles))
-            fail("warp " + std::to_string(w) + ": lane " + std::to_string(i - lo) + " is at " +
-                 (f.op == WarpOp::Shuffle ? "a shuffle" : "__syncwarp") + " (line " + std::to_string(f.line) +
-                 ") while lane 0 is at " + what + " (line " + std::to_string(first.line) + ")");
-        }
-        for (int i = lo; i < hi; ++i) b.fibers[i].state = State::Run;
-        any = true;
-      }
-    } else {
-      for (int i = lo; i < hi; ++i)
-        if (b.fibers[i].state == State::Run) all_live_at_block = false;
-    }
+  for (const auto& f : b.fibers) {
+    if (f.state == State::Run || f.state == State::AtWarp) return false;
+    any = any || f.state == State::AtBlock;
   }
-  if (!any && any_live && all_live_at_block) {
-    for (auto& f : b.fibers)
-      if (f.state == State::AtBlock) f.state = State::Run;
-    any = true;
-  }
-  if (!any) why = "no warp or block barrier can be released";
+  for (auto& f : b.fibers)
+    if (f.state == State::AtBlock) f.state = State::Run;
   return any;
 }
 
+// Runs one block. Between two __syncthreads the warps are independent, so each warp in turn runs as far as
+// it can (through its own shuffles) before the next: the order of warps (and of lanes within a warp) is the
+// schedule, and warp-at-a-time is the most skewed interleaving, the one that exposes a missing barrier.
 inline void run_block(Block& b, std::mt19937_64& rng) {
-  const int n = b.nthreads;
+  const int n = b.nthreads, nwarps = (n + 31) / 32;
   const size_t ss = settings().stack_bytes;
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
@@ -224,23 +220,34 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
     makecontext(&f.ctx, fiber_main, 0);
   }
   std::fill(b.smem.begin(), b.smem.end(), static_cast<unsigned char>(0xff));  // NaN floats
-  std::vector<int> order(n);
+  const Order order = settings().order;
+  auto arrange = [&](std::vector<int>& v) {
+    if (order == Order::Reverse) std::reverse(v.begin(), v.end());
+    else if (order == Order::Random) std::shuffle(v.begin(), v.end(), rng);
+  };
+  std::vector<int> warps(nwarps), lanes;
   for (;;) {
-    for (int i = 0; i < n; ++i) order[i] = i;
-    if (settings().order == Order::Reverse) std::reverse(order.begin(), order.end());
-    else if (settings().order == Order::Random) std::shuffle(order.begin(), order.end(), rng);
-    for (int i : order) {
-      if (b.fibers[i].state != State::Run) continue;
-      b.current = i;
-      g_threadIdx = b.fibers[i].tid;
-      swapcontext(&b.main, &b.fibers[i].ctx);
-      if (!b.error.empty()) throw std::runtime_error(b.error);
+    for (int w = 0; w < nwarps; ++w) warps[w] = w;
+    arrange(warps);
+    for (int w : warps) {
+      const int lo = 32 * w, hi = std::min(n, lo + 32);
+      do {
+        lanes.clear();
+        for (int i = lo; i < hi; ++i) lanes.push_back(i);
+        arrange(lanes);
+        for (int i : lanes) {
+          if (b.fibers[i].state != State::Run) continue;
+          b.current = i;
+          g_threadIdx = b.fibers[i].tid;
+          swapcontext(&b.main, &b.fibers[i].ctx);
+          if (!b.error.empty()) throw std::runtime_error(b.error);
+        }
+      } while (release_warp(b, w));
     }
     bool all_done = true;
     for (const auto& f : b.fibers) all_done = all_done && f.state == State::Done;
     if (all_done) return;
-    std::string why;
-    if (!release(b, why)) fail("block deadlocked: " + why);
+    if (!release_block(b)) fail("block deadlocked: no warp or block barrier can be released");
   }
 }
 
@@ -334,7 +341,7 @@ T shuffle(unsigned mask, T v, int arg, int width, Shfl kind, int line) {
     case Shfl::Idx: src = base + ((arg % width) + width) % width; break;
     case Shfl::Up: src = sub - arg >= 0 ? lane - arg : lane; break;
     case Shfl::Down: src = sub + arg < width ? lane + arg : lane; break;
-    case Shfl::Xor: src = (sub ^ arg) < width ? base + (sub ^ arg) : lane; break;
+    case Shfl::Xor: src = (lane ^ arg) < base + width ? lane ^ arg : lane; break;  // earlier groups allowed
   }
   b->fibers[me].shuffles += 1;
   T out;

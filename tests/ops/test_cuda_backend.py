@@ -1,15 +1,21 @@
-"""The cuda backend (csrc/cuda, compiled into emma_mamba._C) against the fp32 reference ops, on a GPU.
+"""The cuda backend (csrc/cuda) against the fp32 reference ops: on a GPU, and on the CPU under the emulator.
 
-Every test is marked ``gpu`` (skipped without CUDA) and additionally skips when emma_mamba._C was built
-without the CUDA kernels. The oracle is ``emma_mamba.ops.reference`` run on the same (CUDA) tensors through
-the ``torch`` backend, with DESIGN.md's tolerances (mamba-ssm's): outputs/states fp32 6e-4/2e-3, fp16
-3e-3/5e-3, bf16 3e-2/5e-2; weight gradients 1e-3 (or the dtype's if larger); du 2x; ddelta 5x rtol, 10x atol.
+Every test that is not about scale or a GPU-only feature runs on two targets: ``gpu`` (the compiled kernels
+on CUDA tensors; marked ``gpu``, skipped without CUDA or without the CUDA build) and ``emu`` (backend
+``cuda-emu``: the same csrc/cuda source compiled for the CPU against csrc/emu/cuda_emu.h, every CUDA thread a
+fiber synchronised at its shuffles and barriers), which CI runs. The oracle is ``emma_mamba.ops.reference`` run
+on the same tensors through the ``torch`` backend, with DESIGN.md's tolerances (mamba-ssm's): outputs/states
+fp32 6e-4/2e-3, fp16 3e-3/5e-3, bf16 3e-2/5e-2; weight gradients 1e-3 (or the dtype's if larger); du 2x;
+ddelta 5x rtol, 10x atol.
 
 The sequence lengths cross every boundary of the kernels: 1, 7 (one partial lane), 128, 1000, 2048, 2049
 (saved-state boundaries every 256 steps, forward chunks of 512, backward chunks of 256) and 8192 (16 forward
 chunks; few channels, since the reference is a Python loop over time). seq_idx boundaries are put on and
-around those chunk edges.
+around those chunk edges. Under the emulator the schedule (the order threads run between synchronisation
+points) is also varied: the results must not depend on it.
 """
+
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,9 +23,6 @@ import torch
 from emma_mamba import ops
 from emma_mamba.ops.reference import causal_conv1d_update_ref, selective_scan_ref
 
-pytestmark = pytest.mark.gpu
-
-DEV = "cuda"
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
 
@@ -27,13 +30,38 @@ from .tolerances import (TOL, assert_close, check_scan, check_state_update, conv
                          scan_on_backend, segments)
 
 
-@pytest.fixture(autouse=True)
-def _need_cuda_backend():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    status = ops.available_backends()["cuda"]
-    if status != "available":
-        pytest.skip(f"cuda backend not built: {status}")
+class Target(NamedTuple):
+    backend: str
+    dev: str
+
+
+GPU = Target("cuda", "cuda")
+EMU = Target("cuda-emu", "cpu")
+
+
+def _ready(target: Target) -> Target:
+    if target is GPU:
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+        status = ops.available_backends()["cuda"]
+        if status != "available":
+            pytest.skip(f"cuda backend not built: {status}")
+    else:
+        with ops.use_backend(target.backend):  # builds the emulator once; a build error fails the test here
+            pass
+    return target
+
+
+@pytest.fixture(params=[pytest.param(GPU, id="gpu", marks=pytest.mark.gpu), pytest.param(EMU, id="emu")])
+def tgt(request):
+    """Both targets: the GPU and the emulator."""
+    return _ready(request.param)
+
+
+@pytest.fixture(params=[pytest.param(GPU, id="gpu", marks=pytest.mark.gpu)])
+def gpu(request):
+    """The GPU only (scale, CUDA graphs, device placement)."""
+    return _ready(request.param)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +73,7 @@ def _segments(b, l, gen):
     return segments(b, l, gen, {1, 2, SAVE - 1, SAVE, SAVE + 1, FWD_CHUNK, FWD_CHUNK + 1, 3 * SAVE})
 
 
-def _scan_inputs(b, d, n, l, dtype, bc=("var", "var"), z=True, D=True, bias=True, init=True, seq=True,
+def _scan_inputs(t, b, d, n, l, dtype, bc=("var", "var"), z=True, D=True, bias=True, init=True, seq=True,
                  bc_dtype=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -64,15 +92,15 @@ def _scan_inputs(b, d, n, l, dtype, bc=("var", "var"), z=True, D=True, bias=True
         initial_state=r(b, d, n) if init else None,
         seq_idx=_segments(b, l, gen) if seq else None,
     )
-    return {k: (v.to(DEV) if v is not None else None) for k, v in x.items()}
+    return {k: (v.to(t.dev) if v is not None else None) for k, v in x.items()}
 
 
-def _run_scan(inputs, softplus, last_grad, backend, deterministic=None):
-    return scan_on_backend(inputs, softplus, last_grad, backend, DEV, deterministic)
+def _run_scan(t, inputs, softplus, last_grad, deterministic=None):
+    return scan_on_backend(inputs, softplus, last_grad, t.backend, t.dev, deterministic)
 
 
-def _check_scan(inputs, softplus=True, last_grad=True, deterministic=None):
-    check_scan(inputs, "cuda", DEV, softplus, last_grad, deterministic)
+def _check_scan(t, inputs, softplus=True, last_grad=True, deterministic=None):
+    check_scan(inputs, t.backend, t.dev, softplus, last_grad, deterministic)
 
 
 SEQLENS = [1, 7, 128, 1000, 2048, 2049, 8192]
@@ -80,10 +108,10 @@ SEQLENS = [1, 7, 128, 1000, 2048, 2049, 8192]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("l", SEQLENS)
-def test_selective_scan_all_flags_over_seqlens(l, dtype):
+def test_selective_scan_all_flags_over_seqlens(tgt, l, dtype):
     """z, D, delta_bias, softplus, variable B/C, initial state, seq_idx and a gradient into the last state."""
     d = 2 if l > 2049 else 4
-    _check_scan(_scan_inputs(2, d, 8, l, dtype))
+    _check_scan(tgt, _scan_inputs(tgt, 2, d, 8, l, dtype))
 
 
 # (b, d, n, l, dtype, B/C layouts, B/C dtype, z, D, bias, softplus, init, seq, dlast)
@@ -101,60 +129,64 @@ SCAN_CASES = {
     "no-softplus-no-z": (2, 16, 16, 1030, torch.float16, ("var", "var"), None, 0, 1, 1, 0, 1, 1, 0),
     "wide-d": (2, 64, 16, 2048, torch.bfloat16, ("var", "var"), None, 1, 1, 1, 1, 0, 1, 1),
 }
+GPU_ONLY_CASES = {"wide-d"}
 
 
 @pytest.mark.parametrize("case", list(SCAN_CASES))
-def test_selective_scan_flag_combinations(case):
+def test_selective_scan_flag_combinations(tgt, case):
+    if case in GPU_ONLY_CASES and tgt is EMU:
+        pytest.skip("a scale case: too slow for the emulator (runs on a GPU)")
     b, d, n, l, dtype, bc, bcd, z, D, bias, softplus, init, seq, dlast = SCAN_CASES[case]
-    inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
-    _check_scan(inputs, bool(softplus), bool(dlast))
+    inputs = _scan_inputs(tgt, b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
+    _check_scan(tgt, inputs, bool(softplus), bool(dlast))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_selective_scan_both_reduction_modes_match_reference(deterministic):
+def test_selective_scan_both_reduction_modes_match_reference(tgt, deterministic):
     """Atomics (default) and per-block partials (deterministic) for the channel-summed dB/dC."""
-    inputs = _scan_inputs(2, 32, 16, 1000, torch.float32, ("var", "g2"))
-    _check_scan(inputs, deterministic=deterministic)
+    inputs = _scan_inputs(tgt, 2, 32, 16, 1000, torch.float32, ("var", "g2"))
+    _check_scan(tgt, inputs, deterministic=deterministic)
 
 
-def test_selective_scan_deterministic_is_bitwise_reproducible():
-    inputs = _scan_inputs(2, 64, 16, 2049, torch.bfloat16, ("var", "g4"))
-    runs = [_run_scan(inputs, True, True, "cuda", deterministic=True) for _ in range(3)]
+def test_selective_scan_deterministic_is_bitwise_reproducible(tgt):
+    d = 64 if tgt is GPU else 16  # 16: still several blocks per B/C group (the emulator is slow)
+    inputs = _scan_inputs(tgt, 2, d, 16, 2049, torch.bfloat16, ("var", "g4"))
+    runs = [_run_scan(tgt, inputs, True, True, deterministic=True) for _ in range(3)]
     for name in runs[0][2]:
         for r in runs[1:]:
             assert torch.equal(runs[0][2][name], r[2][name]), f"d{name} differs between runs"
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
-def test_selective_scan_deterministic_env_and_torch_flag(monkeypatch):
+def test_selective_scan_deterministic_env_and_torch_flag(tgt, monkeypatch):
     """deterministic=None follows EMMA_MAMBA_DETERMINISTIC (bitwise-equal grads across runs)."""
     monkeypatch.setenv("EMMA_MAMBA_DETERMINISTIC", "1")
-    inputs = _scan_inputs(1, 16, 8, 600, torch.float32, ("var", "var"))
-    a = _run_scan(inputs, True, True, "cuda")[2]
-    b = _run_scan(inputs, True, True, "cuda")[2]
+    inputs = _scan_inputs(tgt, 1, 16, 8, 600, torch.float32, ("var", "var"))
+    a = _run_scan(tgt, inputs, True, True)[2]
+    b = _run_scan(tgt, inputs, True, True)[2]
     for k in a:
         assert torch.equal(a[k], b[k]), f"d{k} differs between runs"
 
 
-def test_selective_scan_saves_only_chunk_boundary_states():
+def test_selective_scan_saves_only_chunk_boundary_states(tgt):
     b, d, n, l = 1, 8, 16, 2049
-    inputs = _scan_inputs(b, d, n, l, torch.float32)
+    inputs = _scan_inputs(tgt, b, d, n, l, torch.float32)
     leaf = {k: (v.requires_grad_() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
     sizes = []
-    with ops.use_backend("cuda"), torch.autograd.graph.saved_tensors_hooks(
+    with ops.use_backend(tgt.backend), torch.autograd.graph.saved_tensors_hooks(
             lambda t: sizes.append(t.numel()) or t, lambda t: t):
         out = ops.selective_scan(**leaf, delta_softplus=True)
     assert max(sizes) < b * d * l * n, f"a saved tensor has {max(sizes)} >= b*d*l*n = {b * d * l * n} elements"
-    with ops.use_backend("cuda"):
+    with ops.use_backend(tgt.backend):
         out.sum().backward()
     assert leaf["u"].grad is not None
 
 
-def test_decode_steps_equal_the_scan():
+def test_decode_steps_equal_the_scan(tgt):
     """selective_state_update step by step reproduces selective_scan (outputs and last state)."""
     b, d, n, l = 2, 8, 16, 40
-    x = _scan_inputs(b, d, n, l, torch.float32, ("g2", "g2"), seq=False)
-    with ops.use_backend("cuda"):
+    x = _scan_inputs(tgt, b, d, n, l, torch.float32, ("g2", "g2"), seq=False)
+    with ops.use_backend(tgt.backend):
         out, last = ops.selective_scan(**x, delta_softplus=True, return_last_state=True)
         state = x["initial_state"].clone()
         steps = [ops.selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
@@ -164,15 +196,15 @@ def test_decode_steps_equal_the_scan():
     torch.testing.assert_close(state, last, rtol=1e-4, atol=1e-4)
 
 
-def test_packed_sequences_equal_separate_runs():
+def test_packed_sequences_equal_separate_runs(tgt):
     """Two sequences packed in one row (boundary off the chunk grid) give the outputs and gradients of two
     separate runs; the initial state feeds the first only."""
     d, n, l1, l2 = 8, 16, 700, 333
-    full = _scan_inputs(1, d, n, l1 + l2, torch.float32, seq=False)
+    full = _scan_inputs(tgt, 1, d, n, l1 + l2, torch.float32, seq=False)
     full = {k: v for k, v in full.items() if v is not None}
-    seq = torch.tensor([[0] * l1 + [3] * l2], dtype=torch.int32, device=DEV)
-    w = torch.linspace(-1, 1, l1 + l2, device=DEV)
-    with ops.use_backend("cuda"):
+    seq = torch.tensor([[0] * l1 + [3] * l2], dtype=torch.int32, device=tgt.dev)
+    w = torch.linspace(-1, 1, l1 + l2, device=tgt.dev)
+    with ops.use_backend(tgt.backend):
         leaf = {k: v.clone().requires_grad_() for k, v in full.items()}
         out, last = ops.selective_scan(**leaf, delta_softplus=True, return_last_state=True, seq_idx=seq)
         (out * w).sum().backward()
@@ -196,7 +228,7 @@ def test_packed_sequences_equal_separate_runs():
     torch.testing.assert_close(leaf["initial_state"].grad, p1["initial_state"].grad, **tol)
 
 
-def test_selective_scan_rejects_cpu_tensors_on_cuda_backend():
+def test_selective_scan_rejects_cpu_tensors_on_cuda_backend(gpu):
     u = torch.randn(1, 2, 5)
     with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="cannot run on cpu"):
         ops.selective_scan(u, u.clone(), -torch.rand(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5))
@@ -208,48 +240,48 @@ def test_selective_scan_rejects_cpu_tensors_on_cuda_backend():
 CONV_LENS = [1, 7, 128, 1000, 1025, 2049, 8192]
 
 
-def _conv_case(b, d, l, w, dtype, bias, silu, init, seq, wdtype=None, seed=0):
+def _conv_case(t, b, d, l, w, dtype, bias, silu, init, seq, wdtype=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     wdt = wdtype or dtype
     inputs = dict(x=torch.randn(b, d, l, generator=gen).to(dtype), weight=torch.randn(d, w, generator=gen).to(wdt),
                   bias=torch.randn(d, generator=gen).to(wdt) if bias else None,
                   initial_states=torch.randn(b, d, w - 1, generator=gen).to(dtype) if init else None)
-    seq_idx = _segments(b, l, gen).to(DEV) if seq else None
-    dout = torch.randn(b, d, l, generator=gen).to(dtype).to(DEV)
-    res = conv_on_backends(("cuda", "torch"), inputs, dout, DEV, "silu" if silu else None, seq_idx)
+    seq_idx = _segments(b, l, gen).to(t.dev) if seq else None
+    dout = torch.randn(b, d, l, generator=gen).to(dtype).to(t.dev)
+    res = conv_on_backends((t.backend, "torch"), inputs, dout, t.dev, "silu" if silu else None, seq_idx)
     rtol, atol = TOL[dtype]
-    assert_close("out", res["cuda"][0], res["torch"][0], rtol, atol)
+    assert_close("out", res[t.backend][0], res["torch"][0], rtol, atol)
     for k, ref in res["torch"][1].items():
         tol = (rtol, atol)
         if k in ("weight", "bias"):  # sums over b*l products
             tol = (max(rtol, 1e-3), max(atol, 1e-3, rtol * ref.abs().max().item()))
-        assert_close(f"d{k}", res["cuda"][1][k], ref, *tol)
+        assert_close(f"d{k}", res[t.backend][1][k], ref, *tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("l", CONV_LENS)
 @pytest.mark.parametrize("w", [2, 3, 4])
-def test_causal_conv1d_all_flags_over_seqlens(w, l, dtype):
-    _conv_case(2, 8, l, w, dtype, bias=True, silu=True, init=True, seq=True)
+def test_causal_conv1d_all_flags_over_seqlens(tgt, w, l, dtype):
+    _conv_case(tgt, 2, 8, l, w, dtype, bias=True, silu=True, init=True, seq=True)
 
 
 @pytest.mark.parametrize("flags", [(0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1),
                                    (1, 1, 1, 1)])
-def test_causal_conv1d_flag_combinations(flags):
+def test_causal_conv1d_flag_combinations(tgt, flags):
     bias, silu, init, seq = flags
-    _conv_case(3, 20, 700, 4, torch.float32, bias, silu, init, seq)
-    _conv_case(2, 8, 301, 3, torch.bfloat16, bias, silu, init, seq, wdtype=torch.float32)
+    _conv_case(tgt, 3, 20, 700, 4, torch.float32, bias, silu, init, seq)
+    _conv_case(tgt, 2, 8, 301, 3, torch.bfloat16, bias, silu, init, seq, wdtype=torch.float32)
 
 
-def test_causal_conv1d_short_packed_rows_with_initial_states():
+def test_causal_conv1d_short_packed_rows_with_initial_states(tgt):
     """A boundary at t=1 on a length-3 row: the initial states must not reach past position 0."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, 3, generator=gen, device="cpu").to(DEV).requires_grad_()
-    w = torch.randn(4, 4, device=DEV).requires_grad_()
-    init = torch.randn(1, 4, 3, device=DEV).requires_grad_()
-    seq = torch.tensor([[0, 1, 1]], dtype=torch.int32, device=DEV)
+    x = torch.randn(1, 4, 3, generator=gen, device="cpu").to(tgt.dev).requires_grad_()
+    w = torch.randn(4, 4, device=tgt.dev).requires_grad_()
+    init = torch.randn(1, 4, 3, device=tgt.dev).requires_grad_()
+    seq = torch.tensor([[0, 1, 1]], dtype=torch.int32, device=tgt.dev)
     outs = []
-    for backend in ("cuda", "torch"):
+    for backend in (tgt.backend, "torch"):
         with ops.use_backend(backend):
             o = ops.causal_conv1d(x, w, None, "silu", initial_states=init, seq_idx=seq)
             outs.append((o, torch.autograd.grad(o.sum(), [x, w, init])))
@@ -260,14 +292,14 @@ def test_causal_conv1d_short_packed_rows_with_initial_states():
 
 @pytest.mark.parametrize("w", [2, 3, 4])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_conv_update_steps_equal_reference_and_conv(w, state_dtype):
+def test_conv_update_steps_equal_reference_and_conv(tgt, w, state_dtype):
     b, d, l = 2, 64, 9
-    x = torch.randn(b, d, l, device=DEV)
-    weight, bias = torch.randn(d, w, device=DEV), torch.randn(d, device=DEV)
-    init = torch.randn(b, d, w - 1, device=DEV)
-    with ops.use_backend("cuda"):
+    x = torch.randn(b, d, l, device=tgt.dev)
+    weight, bias = torch.randn(d, w, device=tgt.dev), torch.randn(d, device=tgt.dev)
+    init = torch.randn(b, d, w - 1, device=tgt.dev)
+    with ops.use_backend(tgt.backend):
         full = ops.causal_conv1d(x, weight, bias, "silu", initial_states=init)
-        state = torch.cat([torch.zeros(b, d, 1, device=DEV), init], -1).to(state_dtype).contiguous()
+        state = torch.cat([torch.zeros(b, d, 1, device=tgt.dev), init], -1).to(state_dtype).contiguous()
         ref_state = state.clone()
         for t in range(l):
             y = ops.causal_conv1d_update(x[..., t], state, weight, bias, "silu")
@@ -292,25 +324,25 @@ def test_conv_update_steps_equal_reference_and_conv(w, state_dtype):
     (torch.float32, torch.float32, 0, 200, (1, 1, 0, 1)),
     (torch.float16, torch.float32, 3, 7, (0, 1, 1, 0)),
 ])
-def test_selective_state_update_matches_reference(dtype, state_dtype, groups, n, flags):
-    check_state_update("cuda", DEV, 3, 24, n, dtype, state_dtype, groups, flags)
+def test_selective_state_update_matches_reference(tgt, dtype, state_dtype, groups, n, flags):
+    check_state_update(tgt.backend, tgt.dev, 3, 24, n, dtype, state_dtype, groups, flags)
 
 
-def test_decode_steps_are_cuda_graph_capturable():
+def test_decode_steps_are_cuda_graph_capturable(gpu):
     """One decode step (conv update + state update) captured in a CUDA graph and replayed matches eager
     steps: no host synchronisation or allocation outside the graph pool inside the ops."""
     b, d, n, w = 1, 512, 16, 4
-    g = torch.Generator(device=DEV).manual_seed(0)
-    r = lambda *s: torch.randn(*s, device=DEV, generator=g)  # noqa: E731
-    A, D, dt_bias, cw, cb = -0.5 - torch.rand(d, n, device=DEV), r(d), torch.rand(d, device=DEV), r(d, w), r(d)
-    x, dt, z, B, C = r(b, d), torch.rand(b, d, device=DEV), r(b, d), r(b, n), r(b, n)
+    g = torch.Generator(device=gpu.dev).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=gpu.dev, generator=g)  # noqa: E731
+    A, D, dt_bias, cw, cb = -0.5 - torch.rand(d, n, device=gpu.dev), r(d), torch.rand(d, device=gpu.dev), r(d, w), r(d)
+    x, dt, z, B, C = r(b, d), torch.rand(b, d, device=gpu.dev), r(b, d), r(b, n), r(b, n)
     state0, conv0 = r(b, d, n), r(b, d, w)
 
     def step(state, conv):
         xc = ops.causal_conv1d_update(x, conv, cw, cb, "silu")
         return ops.selective_state_update(state, xc, dt, A, B, C, D, z, dt_bias, True)
 
-    with ops.use_backend("cuda"):
+    with ops.use_backend(gpu.backend):
         state, conv = state0.clone(), conv0.clone()
         eager = [step(state, conv) for _ in range(3)]
         gstate, gconv = state0.clone(), conv0.clone()
@@ -336,17 +368,17 @@ def test_decode_steps_are_cuda_graph_capturable():
 # model-scale shape
 
 
-def test_selective_scan_model_scale_bf16():
+def test_selective_scan_model_scale_bf16(gpu):
     """mamba-2.8b-like channels (d=256 of 5120), L=2048, bf16, every flag."""
-    inputs = _scan_inputs(2, 256, 16, 2048, torch.bfloat16)
-    _check_scan(inputs)
+    inputs = _scan_inputs(gpu, 2, 256, 16, 2048, torch.bfloat16)
+    _check_scan(gpu, inputs)
 
 
-def test_reference_oracle_is_independent_of_the_backend():
+def test_reference_oracle_is_independent_of_the_backend(tgt):
     """Sanity: the oracle really is the Python loop (not the cuda kernel) in these tests."""
-    x = _scan_inputs(1, 2, 4, 9, torch.float32)
+    x = _scan_inputs(tgt, 1, 2, 4, 9, torch.float32)
     with ops.use_backend("torch"):
-        assert ops.get_backend(DEV) == "torch"
+        assert ops.get_backend(tgt.dev) == "torch"
         a = ops.selective_scan(**x, delta_softplus=True)
     b = selective_scan_ref(**x, delta_softplus=True)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
