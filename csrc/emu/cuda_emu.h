@@ -264,10 +264,13 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   if (n <= 0 || n > 1024) fail("block of " + std::to_string(n) + " threads (1..1024 allowed)");
   if (smem_bytes > 227 * 1024) fail("dynamic shared memory of " + std::to_string(smem_bytes) + " bytes");
   std::tuple<std::decay_t<KArgs>...> kargs(std::forward<Args>(args)...);  // by value, as a launch copies them
-  auto b = std::make_unique<Block>();
+  static Block block_state;  // reused by every launch (under the mutex): fiber stacks are allocated once
+  Block* b = &block_state;
   b->nthreads = n;
+  b->error.clear();
   b->fibers.resize(n);
-  b->stacks.resize(static_cast<size_t>(n) * settings().stack_bytes);
+  const size_t stack_total = static_cast<size_t>(n) * settings().stack_bytes;
+  if (b->stacks.size() < stack_total) b->stacks.resize(stack_total);
   b->smem.resize(smem_bytes);
   b->slots.assign(static_cast<size_t>((n + 31) / 32) * 64, 0);
   b->body = [&] { std::apply(kernel, kargs); };
@@ -278,7 +281,7 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   std::mt19937_64 rng(settings().seed);
   if (settings().order == Order::Random) std::shuffle(blocks.begin(), blocks.end(), rng);
   else if (settings().order == Order::Reverse) std::reverse(blocks.begin(), blocks.end());
-  g_block = b.get();
+  g_block = b;
   g_blockDim = block;
   g_gridDim = grid;
   try {

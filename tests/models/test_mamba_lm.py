@@ -35,8 +35,11 @@ def _backend_works(name: str) -> str | None:
     return None
 
 
-@pytest.fixture(params=["torch", "cpu"])
+@pytest.fixture(params=["torch", "cpu", "cuda-emu"])
 def backend(request):
+    """The LM on each backend that runs on CPU tensors: the reference, the CPU kernels, and the CUDA kernels
+    under the emulator (csrc/emu), so the model-level paths (prefill with states, decode steps, packed rows,
+    gradients) also run through the CUDA kernels in CI."""
     why = _backend_works(request.param)
     if why is not None:
         pytest.skip(f"backend {request.param!r} cannot run here: {why}")
