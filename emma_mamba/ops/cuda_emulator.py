@@ -33,13 +33,17 @@ def csrc_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "csrc"
 
 
-def load(build_dir: str | os.PathLike | None = None, verbose: bool = False):
-    """Build (once) and import the emulated CUDA kernels; raises BackendUnavailableError when it cannot."""
+def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sanitize: bool = False):
+    """Build (once) and import the emulated CUDA kernels; raises BackendUnavailableError when it cannot.
+
+    ``sanitize=True`` builds a second module, ``emma_cuda_emu_asan``, under AddressSanitizer: every global
+    memory access of the kernels is then bounds-checked against torch's allocations. It can only be imported
+    by a process started with the ASan runtime preloaded (see :func:`asan_environment`)."""
     global _module
     from . import BackendUnavailableError
 
     with _lock:
-        if _module is not None:
+        if _module is not None and not sanitize:
             return _module
         src = csrc_dir()
         missing = [s for s in _SOURCES + _DEPENDS if not (src / s).is_file()]
@@ -53,19 +57,38 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False):
             raise BackendUnavailableError(f"torch.utils.cpp_extension is unavailable ({e})") from e
         if build_dir is not None:
             os.makedirs(build_dir, exist_ok=True)
+        asan = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        # the compiler runs without the ASan runtime this process was started with
+        preload = os.environ.pop("LD_PRELOAD", None) if sanitize else None
         try:
-            _module = cpp_extension.load(
-                name="emma_cuda_emu",
+            mod = cpp_extension.load(
+                name="emma_cuda_emu_asan" if sanitize else "emma_cuda_emu",
                 sources=[str(src / s) for s in _SOURCES],
                 extra_include_paths=[str(src)],
                 extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DEMMA_WITH_CUDA",
-                              "-DEMMA_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+                              "-DEMMA_CUDA_EMULATION", "-Wno-unknown-pragmas"] + asan,
+                extra_ldflags=asan,
                 build_directory=None if build_dir is None else str(build_dir),
                 verbose=verbose,
             )
         except (RuntimeError, OSError, ImportError) as e:
             raise BackendUnavailableError(f"building the CUDA emulator failed: {e}") from e
-        return _module
+        finally:
+            if preload is not None:
+                os.environ["LD_PRELOAD"] = preload
+        if not sanitize:
+            _module = mod
+        return mod
+
+
+def asan_environment() -> dict[str, str]:
+    """Environment variables for a child process that imports the sanitised emulator: the compiler's ASan
+    runtime preloaded (it must come first), leak checks off (the interpreter's own allocations), abort on the
+    first error with its report on stderr."""
+    import subprocess
+
+    lib = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return {"LD_PRELOAD": lib, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1"}
 
 
 def set_schedule(order: str = "forward", seed: int = 0) -> None:

@@ -123,3 +123,96 @@ def test_cuda_kernels_do_not_depend_on_the_schedule(emu, forward_after):
         emu.set_schedule(order, seed)
         for i, (a, b) in enumerate(zip(base, _all_kernels())):
             assert torch.equal(a, b), f"result {i} differs under the {order} schedule (seed {seed})"
+
+
+# every kernel over odd and aligned shapes (vectorised and scalar paths, partial lanes, chunk and tile edges)
+_SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout
+    (1, 4, 5, 1, torch.float32, "var", "var"),
+    (2, 4, 8, 7, torch.bfloat16, "g2", "const"),
+    (2, 8, 16, 37, torch.float16, "var", "g2"),
+    (1, 4, 40, 300, torch.float32, "const", "var"),
+    (1, 4, 8, 256, torch.float32, "var", "var"),
+    (2, 8, 4, 513, torch.bfloat16, "var32", "var"),
+    (1, 4, 8, 1032, torch.float16, "g4", "g4"),
+]
+
+
+def exercise_every_kernel(seed=0) -> int:
+    """Runs each CUDA kernel (through the ops, on the ``cuda-emu`` backend) over _SCAN_GRID and the conv and
+    decode-step grids, every flag on and off, both backward modes; checks that results are finite and returns
+    how many op calls ran. The ASan test runs it in a sanitised process."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    calls = 0
+    with ops.use_backend("cuda-emu"):
+        for b, d, n, l, dtype, lb, lc in _SCAN_GRID:
+            lay = {"var": lambda: r(b, n, l).to(dtype), "var32": lambda: r(b, n, l), "const": lambda: r(d, n),
+                   "g2": lambda: r(b, 2, n, l).to(dtype), "g4": lambda: r(b, 4, n, l).to(dtype)}
+            for flags, det in ((True, False), (False, True)):
+                x = dict(u=r(b, d, l).to(dtype), delta=torch.rand(b, d, l, generator=gen).to(dtype),
+                         A=-0.5 - torch.rand(d, n, generator=gen), B=lay[lb](), C=lay[lc](),
+                         D=r(d) if flags else None, z=r(b, d, l).to(dtype) if flags else None,
+                         delta_bias=torch.rand(d, generator=gen) if flags else None,
+                         initial_state=r(b, d, n) if flags else None)
+                x = {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}
+                seq = segments(b, l, gen, {255, 256, 512}) if flags else None
+                out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, seq_idx=seq,
+                                               deterministic=det)
+                grads = torch.autograd.grad(out.float().sum() + last.sum(), [v for v in x.values() if v is not None])
+                assert all(torch.isfinite(g).all() for g in (out, last, *grads))
+                calls += 2
+        for w in (2, 3, 4):
+            for l, dtype, flags in ((1, torch.float32, True), (7, torch.bfloat16, False), (1030, torch.float32, True),
+                                    (1024, torch.float16, False)):
+                xx, wt = r(2, 4, l).to(dtype).requires_grad_(), r(4, w).requires_grad_()
+                bias = r(4).requires_grad_() if flags else None
+                init = r(2, 4, w - 1).to(dtype).requires_grad_() if flags else None
+                seq = segments(2, l, gen, {1, 1024}) if flags else None
+                y = ops.causal_conv1d(xx, wt, bias, "silu" if flags else None, initial_states=init, seq_idx=seq)
+                leaves = [t for t in (xx, wt, bias, init) if t is not None]
+                grads = torch.autograd.grad(y.float().sum(), leaves)
+                assert all(torch.isfinite(g).all() for g in (y, *grads))
+                state = r(2, 4, w).to(dtype)
+                cb = None if bias is None else bias.detach()
+                assert torch.isfinite(ops.causal_conv1d_update(r(2, 4).to(dtype), state, wt.detach(), cb,
+                                                               "silu")).all()
+                calls += 3
+        for n in (5, 16, 64):
+            for groups, sdt in ((0, torch.float32), (2, torch.bfloat16), (0, torch.float16)):
+                shape = (3, groups, n) if groups else (3, n)
+                state = r(3, 8, n).to(sdt)
+                y = ops.selective_state_update(state, r(3, 8), torch.rand(3, 8, generator=gen), -torch.rand(8, n),
+                                               r(*shape), r(*shape), r(8), r(3, 8), torch.rand(8), True)
+                assert torch.isfinite(y).all() and torch.isfinite(state).all()
+                calls += 1
+    return calls
+
+
+def test_exercise_grid_runs(emu):
+    """The grid the ASan test runs, here without the sanitiser (so a failure is not an ASan artefact)."""
+    assert exercise_every_kernel() == 2 * 2 * len(_SCAN_GRID) + 3 * 4 * 3 + 9
+
+
+ASAN_SCRIPT = """
+from emma_mamba.ops import cuda_emulator
+cuda_emulator._module = cuda_emulator.load(sanitize=True)  # the cuda-emu backend now runs the sanitised build
+from tests.ops.test_cuda_emulator import exercise_every_kernel
+print("ASAN-CLEAN", exercise_every_kernel())
+"""
+
+
+def test_cuda_kernels_stay_in_bounds_under_address_sanitizer():
+    """Every kernel over the grid in a process with AddressSanitizer: any read or write outside torch's
+    allocations (a tensor's end, a missing `valid` guard, a wrong stride) aborts with ASan's report."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, **cuda_emulator.asan_environment(), PYTHONPATH=str(root))
+    if not os.path.isfile(env["LD_PRELOAD"]):
+        pytest.skip(f"the compiler has no ASan runtime ({env['LD_PRELOAD']!r})")
+    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0 and "ASAN-CLEAN" in r.stdout, (r.stdout[-2000:] + r.stderr[-6000:])
