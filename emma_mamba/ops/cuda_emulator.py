@@ -57,7 +57,9 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sani
             raise BackendUnavailableError(f"torch.utils.cpp_extension is unavailable ({e})") from e
         if build_dir is not None:
             os.makedirs(build_dir, exist_ok=True)
-        asan = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        # AddressSanitizer (bounds) and UndefinedBehaviorSanitizer (misaligned vector accesses, integer overflow)
+        asan = (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+                if sanitize else [])
         # the compiler runs without the ASan runtime this process was started with
         preload = os.environ.pop("LD_PRELOAD", None) if sanitize else None
         try:

@@ -126,15 +126,30 @@ def test_cuda_kernels_do_not_depend_on_the_schedule(emu, forward_after):
 
 
 # every kernel over odd and aligned shapes (vectorised and scalar paths, partial lanes, chunk and tile edges)
-_SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout
-    (1, 4, 5, 1, torch.float32, "var", "var"),
-    (2, 4, 8, 7, torch.bfloat16, "g2", "const"),
-    (2, 8, 16, 37, torch.float16, "var", "g2"),
-    (1, 4, 40, 300, torch.float32, "const", "var"),
-    (1, 4, 8, 256, torch.float32, "var", "var"),
-    (2, 8, 4, 513, torch.bfloat16, "var32", "var"),
-    (1, 4, 8, 1032, torch.float16, "g4", "g4"),
+_SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout, inputs put off 16-byte alignment
+    (1, 4, 5, 1, torch.float32, "var", "var", ()),
+    (2, 4, 8, 7, torch.bfloat16, "g2", "const", ()),
+    (2, 8, 16, 37, torch.float16, "var", "g2", ()),
+    (1, 4, 40, 300, torch.float32, "const", "var", ()),
+    (1, 4, 8, 256, torch.float32, "var", "var", ()),
+    (1, 4, 8, 256, torch.float32, "var", "var", ("u",)),
+    (1, 4, 8, 256, torch.float32, "var", "var", ("delta",)),
+    (1, 4, 8, 256, torch.float32, "var", "var", ("z",)),
+    (2, 8, 16, 64, torch.bfloat16, "g2", "var", ("B",)),
+    (2, 8, 16, 64, torch.bfloat16, "var", "g2", ("C",)),
+    (2, 8, 4, 513, torch.bfloat16, "var32", "var", ()),
+    (1, 4, 8, 1032, torch.float16, "g4", "g4", ()),
 ]
+
+
+def _misaligned(t):
+    """t's values in a contiguous tensor whose data pointer is one element past a 16-byte boundary (the
+    kernels must then fall back from 16-byte vector accesses)."""
+    buf = torch.empty(t.numel() + 16 // t.element_size(), dtype=t.dtype)
+    v = buf[1:1 + t.numel()].view(t.shape)
+    v.copy_(t)
+    assert v.is_contiguous() and v.data_ptr() % 16 != 0
+    return v
 
 
 def exercise_every_kernel(seed=0) -> int:
@@ -145,7 +160,7 @@ def exercise_every_kernel(seed=0) -> int:
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     calls = 0
     with ops.use_backend("cuda-emu"):
-        for b, d, n, l, dtype, lb, lc in _SCAN_GRID:
+        for b, d, n, l, dtype, lb, lc, off in _SCAN_GRID:
             lay = {"var": lambda: r(b, n, l).to(dtype), "var32": lambda: r(b, n, l), "const": lambda: r(d, n),
                    "g2": lambda: r(b, 2, n, l).to(dtype), "g4": lambda: r(b, 4, n, l).to(dtype)}
             for flags, det in ((True, False), (False, True)):
@@ -154,6 +169,7 @@ def exercise_every_kernel(seed=0) -> int:
                          D=r(d) if flags else None, z=r(b, d, l).to(dtype) if flags else None,
                          delta_bias=torch.rand(d, generator=gen) if flags else None,
                          initial_state=r(b, d, n) if flags else None)
+                x = {k: (_misaligned(v) if k in off and v is not None else v) for k, v in x.items()}
                 x = {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}
                 seq = segments(b, l, gen, {255, 256, 512}) if flags else None
                 out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, seq_idx=seq,
@@ -164,7 +180,9 @@ def exercise_every_kernel(seed=0) -> int:
         for w in (2, 3, 4):
             for l, dtype, flags in ((1, torch.float32, True), (7, torch.bfloat16, False), (1030, torch.float32, True),
                                     (1024, torch.float16, False)):
-                xx, wt = r(2, 4, l).to(dtype).requires_grad_(), r(4, w).requires_grad_()
+                xx = r(2, 4, l).to(dtype)
+                xx = (_misaligned(xx) if l == 1024 else xx).requires_grad_()
+                wt = r(4, w).requires_grad_()
                 bias = r(4).requires_grad_() if flags else None
                 init = r(2, 4, w - 1).to(dtype).requires_grad_() if flags else None
                 seq = segments(2, l, gen, {1, 1024}) if flags else None
