@@ -1,4 +1,5 @@
-"""The CUDA kernels of csrc/cuda run on the CPU, for tests and kernel development without a GPU.
+"""The CUDA kernels of csrc/cuda run on the CPU, for tests and kernel development without a GPU; and
+sanitised (AddressSanitizer + UBSan) builds of them and of the CPU kernels.
 
 ``load()`` compiles csrc/cuda/*.cu with the host C++ compiler against csrc/emu/cuda_emu.h (every CUDA thread a
 fiber, warps and blocks released at their synchronisation points; see that header for what is and is not
@@ -81,6 +82,42 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sani
         if not sanitize:
             _module = mod
         return mod
+
+
+def load_cpu_sanitized(build_dir: str | os.PathLike | None = None, verbose: bool = False):
+    """csrc/cpu's kernels (the ``cpu`` backend) built under AddressSanitizer and UBSan as a separate module,
+    ``emma_cpu_asan``, with ``emma_mamba._C``'s entry points (``<op>_cpu``); for a process started with
+    :func:`asan_environment`. :func:`use_sanitized_cpu_kernels` makes the ``cpu`` backend run it."""
+    from . import BackendUnavailableError
+
+    src = csrc_dir()
+    sources = [src / "bindings.cpp"] + sorted((src / "cpu").glob("*.cpp"))
+    if not all(p.is_file() for p in sources[:1]) or len(sources) < 2:
+        raise BackendUnavailableError(f"the CPU kernel sources are not under {src} (run from a checkout)")
+    from torch.utils import cpp_extension
+
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        return cpp_extension.load(
+            name="emma_cpu_asan", sources=[str(p) for p in sources], extra_include_paths=[str(src)],
+            extra_cflags=["-O1", "-std=c++20", "-fopenmp"] + flags, extra_ldflags=["-fopenmp"] + flags,
+            build_directory=None if build_dir is None else str(build_dir), verbose=verbose)
+    except (RuntimeError, OSError, ImportError) as e:
+        raise BackendUnavailableError(f"building the sanitised CPU kernels failed: {e}") from e
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+
+
+def use_sanitized_cpu_kernels(module) -> None:
+    """From now on the ``cpu`` backend runs ``module`` (from :func:`load_cpu_sanitized`)."""
+    from types import SimpleNamespace
+
+    from . import _PROTOCOL, _kernel_cache, _lock
+
+    with _lock:
+        _kernel_cache["cpu"] = SimpleNamespace(**{f: getattr(module, f"{f}_cpu") for f in _PROTOCOL})
 
 
 def asan_environment() -> dict[str, str]:

@@ -454,3 +454,30 @@ def test_direct_kernel_calls_check_layout():
     with pytest.raises(RuntimeError, match=r"selective_scan_bwd_cpu: saved must have shape"):
         _C.selective_scan_bwd_cpu(u.contiguous(), delta, A, B, C, None, None, None, False, None, None,
                                   saved[:, :, :0], torch.randn_like(o), None, False)
+
+
+CPU_ASAN_SCRIPT = """
+import os
+from emma_mamba.ops import cuda_emulator
+cuda_emulator.use_sanitized_cpu_kernels(cuda_emulator.load_cpu_sanitized())
+from tests.ops.test_cuda_emulator import exercise_every_kernel
+calls = 0
+for isa in ("scalar", "avx2", "avx512"):
+    os.environ["EMMA_CPU_ISA"] = isa
+    try:
+        calls += exercise_every_kernel("cpu")
+    except RuntimeError as e:
+        if "EMMA_CPU_ISA" not in str(e) and isa not in str(e):
+            raise
+        print("no", isa, "path:", e)
+print("ASAN-CLEAN", calls)
+"""
+
+
+def test_cpu_kernels_stay_in_bounds_under_address_sanitizer():
+    """csrc/cpu built under AddressSanitizer and UBSan runs the same grid as the CUDA kernels (odd and
+    aligned shapes, partial vectors, chunk edges, misaligned inputs) on every instruction-set path this CPU
+    has: no access outside torch's allocations, no undefined behaviour."""
+    from .test_cuda_emulator import run_sanitized
+
+    run_sanitized(CPU_ASAN_SCRIPT)

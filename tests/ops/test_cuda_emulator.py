@@ -152,14 +152,15 @@ def _misaligned(t):
     return v
 
 
-def exercise_every_kernel(seed=0) -> int:
-    """Runs each CUDA kernel (through the ops, on the ``cuda-emu`` backend) over _SCAN_GRID and the conv and
-    decode-step grids, every flag on and off, both backward modes; checks that results are finite and returns
-    how many op calls ran. The ASan test runs it in a sanitised process."""
+def exercise_every_kernel(backend="cuda-emu", seed=0) -> int:
+    """Runs each kernel of ``backend`` (through the ops) over _SCAN_GRID and the conv and decode-step grids,
+    every flag on and off, both backward modes; checks that results are finite and returns how many op calls
+    ran. The sanitiser tests run it in a sanitised process (the CUDA kernels here, the CPU kernels in
+    test_cpu_backend)."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     calls = 0
-    with ops.use_backend("cuda-emu"):
+    with ops.use_backend(backend):
         for b, d, n, l, dtype, lb, lc, off in _SCAN_GRID:
             lay = {"var": lambda: r(b, n, l).to(dtype), "var32": lambda: r(b, n, l), "const": lambda: r(d, n),
                    "g2": lambda: r(b, 2, n, l).to(dtype), "g4": lambda: r(b, 4, n, l).to(dtype)}
@@ -219,9 +220,9 @@ print("ASAN-CLEAN", exercise_every_kernel())
 """
 
 
-def test_cuda_kernels_stay_in_bounds_under_address_sanitizer():
-    """Every kernel over the grid in a process with AddressSanitizer: any read or write outside torch's
-    allocations (a tensor's end, a missing `valid` guard, a wrong stride) aborts with ASan's report."""
+def run_sanitized(script: str):
+    """Runs ``script`` in a child process with the ASan runtime preloaded, from the repository root; asserts it
+    printed ASAN-CLEAN (a sanitiser error aborts it with its report, which the assertion shows)."""
     import os
     import subprocess
     import sys
@@ -231,6 +232,13 @@ def test_cuda_kernels_stay_in_bounds_under_address_sanitizer():
     env = dict(os.environ, **cuda_emulator.asan_environment(), PYTHONPATH=str(root))
     if not os.path.isfile(env["LD_PRELOAD"]):
         pytest.skip(f"the compiler has no ASan runtime ({env['LD_PRELOAD']!r})")
-    r = subprocess.run([sys.executable, "-c", ASAN_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0 and "ASAN-CLEAN" in r.stdout, (r.stdout[-2000:] + r.stderr[-6000:])
+
+
+def test_cuda_kernels_stay_in_bounds_under_address_sanitizer():
+    """Every kernel over the grid in a process with AddressSanitizer and UBSan: any read or write outside
+    torch's allocations (a tensor's end, a missing `valid` guard, a wrong stride) or a misaligned vector access
+    aborts with the sanitiser's report."""
+    run_sanitized(ASAN_SCRIPT)
