@@ -25,6 +25,8 @@
 #include "common.cuh"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "../ops.h"
 
@@ -185,6 +187,107 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
     store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
   }
   for (int n = lane; n < N; n += 32) p.last_state[bd * N + n] = carry[n];
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// forward, state-sequential variant (EMMA_CUDA_SCAN_FWD=seq)
+//
+// One thread per (batch, channel) walks time one step at a time with the channel's 16 states in registers:
+// per (t, n) element one exp2, one multiply and two FMAs, and no shuffles, against ~17 instructions in the warp
+// scan above (which spends them composing lane pairs and scanning them across the warp). The variable B and C of
+// a tile of kSeqT steps are staged once per block in shared memory as fp32 ([t][n], read back as float4 by
+// every thread: a broadcast), so neither the bf16 conversions nor the L2 reads of B and C are repeated per
+// channel. Parallelism is one thread per (b, d) row, so it needs many rows (training shapes) to fill a GPU;
+// the warp kernel splits time across lanes and suits small batches. Same outputs and the same saved states
+// (every kSave steps), hence the same backward. Variable B and C (one group, or groups of a multiple of
+// kSeqThreads channels) and d_state <= kSeqN only; other inputs run the warp kernel.
+
+constexpr int kSeqThreads = 128;  // channels per block
+constexpr int kSeqT = 16;         // time steps per tile
+constexpr int kSeqN = 16;         // states held in registers (more: the warp kernel)
+constexpr int kSeqStride = 20;    // padded [t][n] row of the staged B/C tile (float4-aligned)
+static_assert(kSave % kSeqT == 0, "saved boundaries must fall on tile boundaries");
+
+template <typename T, typename WT>
+__global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p) {
+  alignas(16) __shared__ float Bs[kSeqT][kSeqStride];
+  alignas(16) __shared__ float Cs[kSeqT][kSeqStride];
+  const int N = p.dstate, L = p.seqlen;
+  const int c0 = blockIdx.x * kSeqThreads, c = c0 + threadIdx.x, b = blockIdx.y;
+  const bool active = c < p.dim;  // inactive threads still stage B/C and meet the barriers
+  const int64_t bd = static_cast<int64_t>(b) * p.dim + (active ? c : c0);
+  const int64_t row = bd * L;
+  // the block's B and C rows: every channel of the block is in one group (the host checks)
+  const WT* Bp = static_cast<const WT*>(p.B) +
+                 (static_cast<int64_t>(b) * p.groups_B + c0 / (p.dim / p.groups_B)) * N * static_cast<int64_t>(L);
+  const WT* Cp = static_cast<const WT*>(p.C) +
+                 (static_cast<int64_t>(b) * p.groups_C + c0 / (p.dim / p.groups_C)) * N * static_cast<int64_t>(L);
+  float A2[kSeqN], h[kSeqN];
+#pragma unroll
+  for (int n = 0; n < kSeqN; ++n) {
+    A2[n] = active && n < N ? p.A[static_cast<int64_t>(c) * N + n] * kLog2e : 0.f;
+    h[n] = active && n < N && p.init ? p.init[bd * N + n] : 0.f;
+  }
+  const float Dv = p.D && active ? p.D[c] : 0.f;
+
+  for (int t0 = 0; t0 < L; t0 += kSeqT) {
+    const int valid = min(kSeqT, L - t0);
+    __syncthreads();  // every thread is done with the previous tile
+    for (int i = threadIdx.x; i < kSeqT * kSeqN; i += kSeqThreads) {
+      const int n = i / kSeqT, t = i % kSeqT;  // consecutive threads: consecutive steps of one state row
+      const bool in = n < N && t < valid;
+      Bs[t][n] = in ? to_f<WT>(Bp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
+      Cs[t][n] = in ? to_f<WT>(Cp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
+    }
+    __syncthreads();
+    if (!active) continue;
+    float u[kSeqT], dt[kSeqT], y[kSeqT];
+    unsigned reset;
+    {
+      float dt_raw[kSeqT];
+      load_step_inputs<T, kSeqT>(p, row, c, b, t0, valid, u, dt, dt_raw, reset);
+    }
+    if (t0 % kSave == 0) {  // the state before step t0, as the warp kernel saves it
+#pragma unroll
+      for (int n = 0; n < kSeqN; ++n)  // constant bounds: h stays in registers
+        if (n < N) p.saved[(bd * p.nsave + t0 / kSave) * N + n] = h[n];
+    }
+#pragma unroll
+    for (int i = 0; i < kSeqT; ++i) {
+      if ((reset >> i) & 1) {  // a new sequence starts at this step (uniform across the block: one batch row)
+#pragma unroll
+        for (int n = 0; n < kSeqN; ++n) h[n] = 0.f;
+      }
+      const float dtu = dt[i] * u[i];
+      float acc = 0.f;
+#pragma unroll
+      for (int q = 0; q < kSeqN / 4; ++q) {
+        const float4 bv = reinterpret_cast<const float4*>(Bs[i])[q];
+        const float4 cv = reinterpret_cast<const float4*>(Cs[i])[q];
+        const float bq[4] = {bv.x, bv.y, bv.z, bv.w}, cq[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = 4 * q + j;
+          h[n] = exp2f(dt[i] * A2[n]) * h[n] + dtu * bq[j];
+          acc += cq[j] * h[n];
+        }
+      }
+      y[i] = acc;
+    }
+    float zv[kSeqT];
+    if (p.z) load_k<T, kSeqT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+#pragma unroll
+    for (int i = 0; i < kSeqT; ++i) {
+      if (p.D) y[i] += Dv * u[i];
+      if (p.z) y[i] *= silu_f(zv[i]);
+    }
+    store_k<T, kSeqT>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+  }
+  if (active) {
+#pragma unroll
+    for (int n = 0; n < kSeqN; ++n)
+      if (n < N) p.last_state[bd * N + n] = h[n];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -464,6 +567,20 @@ void dispatch_scan(at::ScalarType in, at::ScalarType wt, F&& f) {
   });
 }
 
+// Which forward runs: EMMA_CUDA_SCAN_FWD=warp (default) or seq, read per call (tests and the benchmark switch it in
+// process); seq falls back to the warp kernel where it does not apply.
+bool use_seq_forward(const ScanParams& p) {
+  const char* env = std::getenv("EMMA_CUDA_SCAN_FWD");
+  const std::string mode = env ? env : "warp";
+  EMMA_CHECK(mode == "warp" || mode == "seq" || mode.empty(), "EMMA_CUDA_SCAN_FWD must be warp or seq, got '",
+             mode, "'");
+  if (mode != "seq") return false;
+  auto fits = [&](int groups) {
+    return groups == 1 || (groups > 1 && (p.dim / groups) % kSeqThreads == 0);
+  };
+  return p.dstate <= kSeqN && fits(p.groups_B) && fits(p.groups_C);
+}
+
 // Channels per backward block: the largest of 8, 4, 2, 1 that divides dim and the channels of one B/C group
 // (so the in-block reduction of dB/dC never mixes groups).
 int bwd_warps(int dim, int gB, int gC) {
@@ -499,9 +616,20 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
   p.saved = saved.data_ptr<float>();
   if (p.batch == 0 || p.dim == 0) return {out, last_state, saved};
   EMMA_CHECK(p.batch <= 65535, "selective_scan: batch must be at most 65535");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (use_seq_forward(p)) {
+    dim3 grid((p.dim + kSeqThreads - 1) / kSeqThreads, p.batch);
+    dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
+      using T = decltype(t_tag);
+      using WT = decltype(w_tag);
+      auto kernel = scan_fwd_seq_kernel<T, WT>;  // (a template-id's comma would split the macro argument)
+      EMMA_LAUNCH(kernel, grid, kSeqThreads, 0, stream, p);
+      EMMA_CUDA_LAUNCH_CHECK();
+    });
+    return {out, last_state, saved};
+  }
   dim3 grid((p.dim + kFwdWarps - 1) / kFwdWarps, p.batch);
   const size_t smem = kFwdWarps * p.dstate * sizeof(float);
-  auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using WT = decltype(w_tag);

@@ -74,7 +74,10 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 template <typename F> inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, size_t) { return 0; }
 #define C10_CUDA_CHECK(expr) ((void)(expr))
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
-namespace at { namespace cuda { inline int getCurrentCUDAStream() { return 0; } } }
+namespace emma_emu {
+struct Stream {};  // a type of its own: a launch whose arguments shifted does not compile
+}  // namespace emma_emu
+namespace at { namespace cuda { inline emma_emu::Stream getCurrentCUDAStream() { return {}; } } }
 namespace c10 { namespace cuda {
 struct CUDAGuard { explicit CUDAGuard(c10::Device) {} };
 } }
@@ -258,7 +261,7 @@ inline std::mutex& launch_mutex() { static std::mutex m; return m; }
 // kernel<<<grid, block, smem>>>(args...): every block of the grid, one after another (in random order under
 // Order::Random), each thread a fiber.
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, Stream, Args&&... args) {
   std::lock_guard<std::mutex> lock(launch_mutex());
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (n <= 0 || n > 1024) fail("block of " + std::to_string(n) + " threads (1..1024 allowed)");
@@ -389,4 +392,7 @@ template <typename A, typename B> inline std::common_type_t<A, B> min(A a, B b) 
 
 #define EMMA_DEVICE_TENSOR(t) ((t).is_cpu())
 #define EMMA_DYNAMIC_SMEM(T, name) T* name = ::emma_emu::dynamic_smem<T>()
-#define EMMA_LAUNCH(kernel, grid, block, smem, stream, ...) ::emma_emu::launch(kernel, grid, block, smem, __VA_ARGS__)
+// each argument parenthesised, so that one split by a template-id's comma (which nvcc's <<<>>> would reject)
+// is a compile error here too
+#define EMMA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::emma_emu::launch((kernel), (grid), (block), (smem), (stream), __VA_ARGS__)

@@ -44,11 +44,13 @@ __global__ void partial_mask(float* out) { out[threadIdx.x] = __shfl_xor_sync(0x
 at::Tensor run(const std::string& name, int threads, int arg0, int arg1) {
   auto out = at::zeros({threads * 4}, at::kFloat);
   float* o = out.data_ptr<float>();
-  if (name == "shuffles") EMMA_LAUNCH(shuffles, 1, threads, 0, 0, o, arg0, arg1);
-  else if (name == "neighbour") EMMA_LAUNCH(neighbour, 1, threads, threads * sizeof(float), 0, o, arg0 != 0);
-  else if (name == "shuffle_after_exit") EMMA_LAUNCH(shuffle_after_exit, 1, threads, 0, 0, o);
-  else if (name == "split_warp") EMMA_LAUNCH(split_warp, 1, threads, 0, 0, o);
-  else if (name == "partial_mask") EMMA_LAUNCH(partial_mask, 1, threads, 0, 0, o);
+  const auto s = at::cuda::getCurrentCUDAStream();
+  const size_t smem = threads * sizeof(float);
+  if (name == "shuffles") EMMA_LAUNCH(shuffles, 1, threads, 0, s, o, arg0, arg1);
+  else if (name == "neighbour") EMMA_LAUNCH(neighbour, 1, threads, smem, s, o, arg0 != 0);
+  else if (name == "shuffle_after_exit") EMMA_LAUNCH(shuffle_after_exit, 1, threads, 0, s, o);
+  else if (name == "split_warp") EMMA_LAUNCH(split_warp, 1, threads, 0, s, o);
+  else if (name == "partial_mask") EMMA_LAUNCH(partial_mask, 1, threads, 0, s, o);
   else throw std::invalid_argument("no self-test kernel named '" + name + "'");
   return out;
 }

@@ -6,7 +6,9 @@ process and on the same tensors:
 * selective scan, forward and forward+backward, at mamba-2.8b shapes (b=8, d=5120, n=16, L=2048 and 8192,
   bf16, with z, D, delta_bias and softplus as the Mamba mixer calls it): ours (``cuda`` backend through the
   public op, default and deterministic backward), our ``triton`` backend when it is available, and
-  mamba-ssm's ``selective_scan_fn`` when importable. The torch reference loop only on a small shape.
+  mamba-ssm's ``selective_scan_fn`` when importable; also our CUDA forward's state-sequential variant
+  (``EMMA_CUDA_SCAN_FWD=seq``, column ``emma_cuda_seq``) and both Triton forwards, to choose the defaults.
+  The torch reference loop only on a small shape.
 * causal conv1d forward and forward+backward at the same (b, d, L), width 4, bias, SiLU: ours vs
   causal-conv1d's ``causal_conv1d_fn``.
 * one decode step at d=5120, n=16 and b in (1, 8, 64): ours vs mamba-ssm's Triton ``selective_state_update``
@@ -28,6 +30,7 @@ import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import statistics
 import sys
 import time
@@ -223,6 +226,23 @@ def _triton_forward(impl):
         triton_scan.FWD_IMPL = before
 
 
+@contextlib.contextmanager
+def _cuda_forward(impl):
+    """Run the CUDA scan with forward ``impl`` ("warp", "seq"; None: as set), via EMMA_CUDA_SCAN_FWD."""
+    if impl is None:
+        yield
+        return
+    before = os.environ.get("EMMA_CUDA_SCAN_FWD")
+    os.environ["EMMA_CUDA_SCAN_FWD"] = impl
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("EMMA_CUDA_SCAN_FWD", None)
+        else:
+            os.environ["EMMA_CUDA_SCAN_FWD"] = before
+
+
 def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -259,9 +279,9 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
     primary = f"emma_{env.primary}"
 
-    def ours(backend, det=None, triton_fwd=None):
+    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None):
         def fwd():
-            with ops.use_backend(backend), _triton_forward(triton_fwd):
+            with ops.use_backend(backend), _triton_forward(triton_fwd), _cuda_forward(cuda_fwd):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True, deterministic=det)
         return fwd
@@ -271,6 +291,9 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     if "triton" in backends:  # the other Triton forward (same backward), to decide the default on a GPU
         other = "sequential" if _triton_forward_impl() == "chunked" else "chunked"
         impls[f"emma_triton_{other}"] = ours("triton", triton_fwd=other)
+    seq = f"{primary}_seq"  # the CUDA state-sequential forward (same backward), to decide the default
+    if env.primary in ("cuda", "cuda-emu"):
+        impls[seq] = ours(env.primary, cuda_fwd="seq")
     if mssm_scan is not None:
         impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                x["delta_bias"], delta_softplus=True)
@@ -299,13 +322,16 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
                 row[f"max_abs_diff_{name}_vs_{primary}"] = (f().float() - want).abs().max().item()
     t = row["times_ms"]
     _ratios(row, t, primary, "mamba_ssm")
+    _ratios(row, t, seq, "mamba_ssm")
+    _ratios(row, t, seq, primary)
     _ratios(row, t, "emma_triton", primary)  # issue 4: Triton forward within 1.5x of CUDA
     for other in ("chunked", "sequential"):
         _ratios(row, t, f"emma_triton_{other}", primary)
     _ratios(row, t, f"{primary}_deterministic", primary, kinds=("fwd_bwd",))
     nbytes = _scan_bytes(b, d, n, l, env.dtype.itemsize)
     row["fwd_bytes_min"] = nbytes
-    for name in (primary, "emma_triton", "emma_triton_chunked", "emma_triton_sequential", "mamba_ssm"):
+    for name in (primary, seq, "emma_triton", "emma_triton_chunked", "emma_triton_sequential",
+                 "mamba_ssm"):
         if f"{name}.fwd" in t:
             _fraction_of_copy(row, res, name, t[f"{name}.fwd"], nbytes)
     if "triton" in backends:

@@ -142,3 +142,25 @@ def test_triton_columns_under_the_interpreter():
     assert scan["max_abs_diff_emma_triton_vs_emma_cpu"] < 1e-4 * max(1.0, scan["max_abs_out"])
     assert scan["max_abs_diff_emma_triton_sequential_vs_emma_cpu"] < 1e-4 * max(1.0, scan["max_abs_out"])
     assert {"emma_triton.selective_state_update.eager", "emma_triton.causal_conv1d_update.eager"} <= set(dec["times_us"])
+
+
+def test_cuda_forward_variants_under_the_emulator(monkeypatch):
+    """With the CUDA kernels as "ours" (under the CPU emulator): the scan row times both CUDA forwards, the
+    default and the state-sequential one, and they compute the same function."""
+    monkeypatch.setattr(kg, "_import_mamba_ssm", _fake_mamba_ssm)
+    monkeypatch.setattr(kg, "_import_causal_conv1d", _fake_causal_conv1d)
+    env = kg._Env("cpu", "cuda-emu", scan_shapes=[(1, 8, 16, 40)], ref_shape=(1, 8, 4, 16), decode_batches=[1],
+                  decode_dim=8, copy_bytes=1 << 20, dtype=torch.float32)
+
+    class Args:
+        quick = True
+        skip = ["triton", "ref"]
+    res = kg.run_on(env, Args())
+    row = res["selective_scan"][0]
+    assert "errors" not in row, row.get("errors")
+    t = row["times_ms"]
+    assert {"emma_cuda-emu.fwd", "emma_cuda-emu_seq.fwd", "emma_cuda-emu_seq.fwd_bwd"} <= set(t)
+    assert row["ratio_emma_cuda-emu_seq_over_emma_cuda-emu.fwd"] == pytest.approx(
+        t["emma_cuda-emu_seq.fwd"] / t["emma_cuda-emu.fwd"])
+    assert row["max_abs_diff_emma_cuda-emu_seq_vs_emma_cuda-emu"] < 1e-4 * max(1.0, row["max_abs_out"])
+    assert row["max_abs_diff_mamba_ssm_vs_emma_cuda-emu"] < 1e-4 * max(1.0, row["max_abs_out"])

@@ -228,6 +228,55 @@ def test_packed_sequences_equal_separate_runs(tgt):
     torch.testing.assert_close(leaf["initial_state"].grad, p1["initial_state"].grad, **tol)
 
 
+# the state-sequential forward (EMMA_CUDA_SCAN_FWD=seq): variable B/C, n <= 16; blocks of 128 channels
+SEQ_FWD_CASES = {  # b, d, n, l, dtype, B/C layouts, B/C dtype
+    "L1": (2, 4, 16, 1, torch.float32, ("var", "var"), None),
+    "L7-bf16": (2, 4, 16, 7, torch.bfloat16, ("var", "var"), None),
+    "L300-partial-block": (2, 130, 16, 300, torch.bfloat16, ("var", "var"), None),
+    "groups-of-128-n5": (1, 256, 5, 600, torch.float16, ("g2", "g2"), None),
+    "L2049-fp32": (1, 8, 16, 2049, torch.float32, ("var", "var"), None),
+    "fp32-BC-bf16-u": (2, 4, 16, 520, torch.bfloat16, ("var", "var"), torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ_FWD_CASES))
+def test_state_sequential_forward_matches_reference(tgt, case, monkeypatch):
+    monkeypatch.setenv("EMMA_CUDA_SCAN_FWD", "seq")
+    b, d, n, l, dtype, bc, bcd = SEQ_FWD_CASES[case]
+    _check_scan(tgt, _scan_inputs(tgt, b, d, n, l, dtype, bc, bc_dtype=bcd))
+
+
+def _raw_forward(t, inputs):
+    """The backend's selective_scan_fwd entry point itself: (out, last_state, saved states)."""
+    x = inputs
+    kern = ops._load(t.backend)
+    return kern.selective_scan_fwd(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                                   True, x["initial_state"], x["seq_idx"])
+
+
+@pytest.mark.parametrize("bc", [("var", "var"), ("const", "var"), ("g3", "g3")], ids=str)
+def test_both_forwards_save_the_same_states(tgt, bc, monkeypatch):
+    """The backward is shared, so both forwards must save the same chunk-boundary states (and give the same
+    outputs); where seq does not apply (constant B, groups of 3 channels) it runs the warp kernel: bitwise equal."""
+    x = _scan_inputs(tgt, 2, 24 if bc[0] == "g3" else 8, 16, 700, torch.float32, bc)
+    monkeypatch.setenv("EMMA_CUDA_SCAN_FWD", "warp")
+    warp = _raw_forward(tgt, x)
+    monkeypatch.setenv("EMMA_CUDA_SCAN_FWD", "seq")
+    seq = _raw_forward(tgt, x)
+    for name, a, b in zip(("out", "last_state", "saved"), warp, seq):
+        if bc == ("var", "var"):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(a, b), f"{name}: the fallback is not the warp kernel"
+
+
+def test_unknown_forward_name_is_an_error(tgt, monkeypatch):
+    monkeypatch.setenv("EMMA_CUDA_SCAN_FWD", "fast")
+    x = _scan_inputs(tgt, 1, 4, 4, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="EMMA_CUDA_SCAN_FWD must be warp or seq, got 'fast'"):
+        _raw_forward(tgt, x)
+
+
 def test_selective_scan_rejects_cpu_tensors_on_cuda_backend(gpu):
     u = torch.randn(1, 2, 5)
     with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="cannot run on cpu"):

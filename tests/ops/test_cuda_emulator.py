@@ -3,6 +3,9 @@ CUDA programming guide's definitions (hand-computed here), its schedule orders e
 the undefined behaviour it must report rather than run, and the CUDA kernels' results not depending on the
 schedule (bitwise, in the deterministic mode)."""
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -89,8 +92,8 @@ def test_unknown_schedule_is_rejected(emu):
 
 def _all_kernels(seed=0):
     """Every CUDA kernel once on small inputs that cross their chunk edges: the scan forward and
-    (deterministic) backward with grouped B/C, seq_idx and an initial state, the conv forward/backward, and
-    both decode steps -> a flat list of result tensors."""
+    (deterministic) backward with grouped B/C, seq_idx and an initial state, the state-sequential forward,
+    the conv forward/backward, and both decode steps -> a flat list of result tensors."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     b, d, n, l = 2, 16, 4, 600
@@ -104,6 +107,8 @@ def _all_kernels(seed=0):
         out, last = ops.selective_scan(**leaf, delta_softplus=True, return_last_state=True, seq_idx=seq,
                                        deterministic=True)
         grads = torch.autograd.grad((out * dout).sum() + last.sum(), list(leaf.values()))
+        with _forward("seq"):  # 16 channels in a block of 128 threads: 4 warps around the B/C staging
+            seq_out = ops.selective_scan(**{**leaf, "B": leaf["C"]}, delta_softplus=True, seq_idx=seq)
         x, w = r(b, d, 1100).requires_grad_(), r(d, 4).requires_grad_()
         y = ops.causal_conv1d(x, w, None, "silu", seq_idx=segments(b, 1100, gen, {1024}))
         cgrads = torch.autograd.grad((y * r(b, d, 1100)).sum(), [x, w])
@@ -111,7 +116,21 @@ def _all_kernels(seed=0):
         step = ops.selective_state_update(state, r(b, d), torch.rand(b, d, generator=gen), leaf["A"].detach(),
                                           r(b, n), r(b, n), None, r(b, d), None, True)
         cstep = ops.causal_conv1d_update(r(b, d), conv, w.detach(), None, "silu")
-    return [out, last, *grads, y, *cgrads, state, conv, step, cstep]
+    return [out, last, *grads, seq_out, y, *cgrads, state, conv, step, cstep]
+
+
+@contextlib.contextmanager
+def _forward(impl):
+    """EMMA_CUDA_SCAN_FWD=impl inside the block."""
+    before = os.environ.get("EMMA_CUDA_SCAN_FWD")
+    os.environ["EMMA_CUDA_SCAN_FWD"] = impl
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["EMMA_CUDA_SCAN_FWD"]
+        else:
+            os.environ["EMMA_CUDA_SCAN_FWD"] = before
 
 
 def test_cuda_kernels_do_not_depend_on_the_schedule(emu, forward_after):
@@ -215,8 +234,11 @@ def test_exercise_grid_runs(emu):
 ASAN_SCRIPT = """
 from emma_mamba.ops import cuda_emulator
 cuda_emulator._module = cuda_emulator.load(sanitize=True)  # the cuda-emu backend now runs the sanitised build
-from tests.ops.test_cuda_emulator import exercise_every_kernel
-print("ASAN-CLEAN", exercise_every_kernel())
+from tests.ops.test_cuda_emulator import _forward, exercise_every_kernel
+calls = exercise_every_kernel()
+with _forward("seq"):  # the state-sequential forward where it applies
+    calls += exercise_every_kernel()
+print("ASAN-CLEAN", calls)
 """
 
 
