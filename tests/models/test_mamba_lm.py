@@ -433,3 +433,33 @@ def test_tiny_preset_lm_learns_associative_recall():
         x, y = batch(1000)
         acc = (lm(input_ids=x).logits[:, -1].argmax(-1) == y).float().mean().item()
     assert acc > 0.8, acc  # chance is 0.5
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "cuda-emu"])
+def test_bf16_autocast_training_step_matches_reference(kernels):
+    """A training step as the trainer runs it on a GPU (bf16 autocast: the mixer hands the kernels bf16 u, delta,
+    z and B/C): loss and every parameter gradient of the kernel backend against the torch reference under the
+    same autocast, with bf16 tolerances. ``cuda-emu`` is the CUDA kernels' own code path (under the emulator)."""
+    why = _backend_works(kernels)
+    if why is not None:
+        pytest.skip(f"backend {kernels!r} cannot run here: {why}")
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=64, d_state=16, tie_embeddings=True))
+    ids = torch.randint(0, 64, (2, 70))
+    seq_idx = torch.tensor([[0] * 30 + [1] * 40, [0] * 70], dtype=torch.int32)
+
+    def step(backend):
+        lm.zero_grad()
+        with ops.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = lm(ids, seq_idx=seq_idx).logits
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    ref_loss, ref = step("torch")
+    loss, got = step(kernels)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for n, g in ref.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(got[n], g, rtol=5e-2, atol=5e-2 * max(scale, 1e-3), msg=lambda m: f"{n}: {m}")
+    assert ref["layers.0.mixer.A_log"].abs().sum() > 0
