@@ -11,7 +11,8 @@ emulated) into a separate extension, ``emma_cuda_emu``, with the same six entry 
 
 It needs the source tree (a checkout; csrc/ is not part of the installed package), a C++ compiler and ninja.
 The first build takes a minute or two; later loads reuse it (torch's extension cache, or ``build_dir``).
-It is slow (a context switch per thread at every shuffle): keep shapes small.
+It is slow (a context switch per thread at every shuffle): keep shapes small. ``EMMA_CUDA_EMU_SCHEDULE=reverse``
+or ``random:SEED`` sets the schedule (see :func:`set_schedule`) for a whole run, e.g. of the test suite.
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sani
         finally:
             if preload is not None:
                 os.environ["LD_PRELOAD"] = preload
+        sched = os.environ.get("EMMA_CUDA_EMU_SCHEDULE", "").strip()  # e.g. "reverse" or "random:3"
+        if sched:
+            order, _, seed = sched.partition(":")
+            try:
+                mod.set_schedule(order, int(seed or 0))
+            except (ValueError, RuntimeError) as e:
+                raise BackendUnavailableError(f"EMMA_CUDA_EMU_SCHEDULE={sched!r}: {e} (forward, reverse or "
+                                              f"random[:SEED])") from None
         if not sanitize:
             _module = mod
         return mod
