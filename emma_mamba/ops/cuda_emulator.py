@@ -17,6 +17,7 @@ or ``random:SEED`` sets the schedule (see :func:`set_schedule`) for a whole run,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -27,6 +28,8 @@ _DEPENDS = ("emu/cuda_emu.h", "cuda/common.cuh", "cuda/selective_scan.cu", "cuda
             "cuda/state_update.cu", "ops.h")
 _module = None
 _lock = threading.Lock()
+# AddressSanitizer (bounds) and UndefinedBehaviorSanitizer (misaligned vector accesses, integer overflow)
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
 
 
 def csrc_dir() -> Path:
@@ -38,9 +41,10 @@ def csrc_dir() -> Path:
 def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sanitize: bool = False):
     """Build (once) and import the emulated CUDA kernels; raises BackendUnavailableError when it cannot.
 
-    ``sanitize=True`` builds a second module, ``emma_cuda_emu_asan``, under AddressSanitizer: every global
-    memory access of the kernels is then bounds-checked against torch's allocations. It can only be imported
-    by a process started with the ASan runtime preloaded (see :func:`asan_environment`)."""
+    ``sanitize=True`` builds a second module, ``emma_cuda_emu_asan``, under AddressSanitizer and UBSan: every
+    global memory access of the kernels is then bounds-checked against torch's allocations, and misaligned
+    vector accesses are errors. It can only be imported by a process started with the ASan runtime preloaded
+    (see :func:`asan_environment`)."""
     global _module
     from . import BackendUnavailableError
 
@@ -59,27 +63,21 @@ def load(build_dir: str | os.PathLike | None = None, verbose: bool = False, sani
             raise BackendUnavailableError(f"torch.utils.cpp_extension is unavailable ({e})") from e
         if build_dir is not None:
             os.makedirs(build_dir, exist_ok=True)
-        # AddressSanitizer (bounds) and UndefinedBehaviorSanitizer (misaligned vector accesses, integer overflow)
-        asan = (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
-                if sanitize else [])
-        # the compiler runs without the ASan runtime this process was started with
-        preload = os.environ.pop("LD_PRELOAD", None) if sanitize else None
+        asan = _SANITIZE if sanitize else []
         try:
-            mod = cpp_extension.load(
-                name="emma_cuda_emu_asan" if sanitize else "emma_cuda_emu",
-                sources=[str(src / s) for s in _SOURCES],
-                extra_include_paths=[str(src)],
-                extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DEMMA_WITH_CUDA",
-                              "-DEMMA_CUDA_EMULATION", "-Wno-unknown-pragmas"] + asan,
-                extra_ldflags=asan,
-                build_directory=None if build_dir is None else str(build_dir),
-                verbose=verbose,
-            )
+            with _compiler_without_preload():
+                mod = cpp_extension.load(
+                    name="emma_cuda_emu_asan" if sanitize else "emma_cuda_emu",
+                    sources=[str(src / s) for s in _SOURCES],
+                    extra_include_paths=[str(src)],
+                    extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DEMMA_WITH_CUDA",
+                                  "-DEMMA_CUDA_EMULATION", "-Wno-unknown-pragmas"] + asan,
+                    extra_ldflags=asan,
+                    build_directory=None if build_dir is None else str(build_dir),
+                    verbose=verbose,
+                )
         except (RuntimeError, OSError, ImportError) as e:
             raise BackendUnavailableError(f"building the CUDA emulator failed: {e}") from e
-        finally:
-            if preload is not None:
-                os.environ["LD_PRELOAD"] = preload
         sched = os.environ.get("EMMA_CUDA_EMU_SCHEDULE", "").strip()  # e.g. "reverse" or "random:3"
         if sched:
             order, _, seed = sched.partition(":")
@@ -100,20 +98,28 @@ def load_cpu_sanitized(build_dir: str | os.PathLike | None = None, verbose: bool
     from . import BackendUnavailableError
 
     src = csrc_dir()
-    sources = [src / "bindings.cpp"] + sorted((src / "cpu").glob("*.cpp"))
-    if not all(p.is_file() for p in sources[:1]) or len(sources) < 2:
+    kernels = sorted((src / "cpu").glob("*.cpp"))
+    if not (src / "bindings.cpp").is_file() or not kernels:
         raise BackendUnavailableError(f"the CPU kernel sources are not under {src} (run from a checkout)")
     from torch.utils import cpp_extension
 
-    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
-    preload = os.environ.pop("LD_PRELOAD", None)
     try:
-        return cpp_extension.load(
-            name="emma_cpu_asan", sources=[str(p) for p in sources], extra_include_paths=[str(src)],
-            extra_cflags=["-O1", "-std=c++20", "-fopenmp"] + flags, extra_ldflags=["-fopenmp"] + flags,
-            build_directory=None if build_dir is None else str(build_dir), verbose=verbose)
+        with _compiler_without_preload():
+            return cpp_extension.load(
+                name="emma_cpu_asan", sources=[str(p) for p in [src / "bindings.cpp"] + kernels],
+                extra_include_paths=[str(src)], extra_cflags=["-O1", "-std=c++20", "-fopenmp"] + _SANITIZE,
+                extra_ldflags=["-fopenmp"] + _SANITIZE, build_directory=None if build_dir is None else str(build_dir),
+                verbose=verbose)
     except (RuntimeError, OSError, ImportError) as e:
         raise BackendUnavailableError(f"building the sanitised CPU kernels failed: {e}") from e
+
+
+@contextlib.contextmanager
+def _compiler_without_preload():
+    """The compiler and linker run without the ASan runtime this process may have been started with."""
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        yield
     finally:
         if preload is not None:
             os.environ["LD_PRELOAD"] = preload
@@ -123,9 +129,10 @@ def use_sanitized_cpu_kernels(module) -> None:
     """From now on the ``cpu`` backend runs ``module`` (from :func:`load_cpu_sanitized`)."""
     from types import SimpleNamespace
 
-    from . import _PROTOCOL, _kernel_cache, _lock
+    from . import _PROTOCOL, _kernel_cache
+    from . import _lock as ops_lock
 
-    with _lock:
+    with ops_lock:
         _kernel_cache["cpu"] = SimpleNamespace(**{f: getattr(module, f"{f}_cpu") for f in _PROTOCOL})
 
 
