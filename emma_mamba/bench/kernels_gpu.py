@@ -227,7 +227,7 @@ def _triton_forward(impl):
 
 
 @contextlib.contextmanager
-def _cuda_forward(impl):
+def cuda_forward(impl):
     """Run the CUDA scan with forward ``impl`` ("warp", "seq"; None: as set), via EMMA_CUDA_SCAN_FWD."""
     if impl is None:
         yield
@@ -281,7 +281,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
 
     def ours(backend, det=None, triton_fwd=None, cuda_fwd=None):
         def fwd():
-            with ops.use_backend(backend), _triton_forward(triton_fwd), _cuda_forward(cuda_fwd):
+            with ops.use_backend(backend), _triton_forward(triton_fwd), cuda_forward(cuda_fwd):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True, deterministic=det)
         return fwd

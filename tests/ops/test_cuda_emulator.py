@@ -3,13 +3,11 @@ CUDA programming guide's definitions (hand-computed here), its schedule orders e
 the undefined behaviour it must report rather than run, and the CUDA kernels' results not depending on the
 schedule (bitwise, in the deterministic mode)."""
 
-import contextlib
-import os
-
 import pytest
 import torch
 
 from emma_mamba import ops
+from emma_mamba.bench.kernels_gpu import cuda_forward
 from emma_mamba.ops import cuda_emulator
 
 from .tolerances import segments
@@ -107,7 +105,7 @@ def _all_kernels(seed=0):
         out, last = ops.selective_scan(**leaf, delta_softplus=True, return_last_state=True, seq_idx=seq,
                                        deterministic=True)
         grads = torch.autograd.grad((out * dout).sum() + last.sum(), list(leaf.values()))
-        with _forward("seq"):  # 16 channels in a block of 128 threads: 4 warps around the B/C staging
+        with cuda_forward("seq"):  # 16 channels in a block of 128 threads: 4 warps around the B/C staging
             seq_out = ops.selective_scan(**{**leaf, "B": leaf["C"]}, delta_softplus=True, seq_idx=seq)
         x, w = r(b, d, 1100).requires_grad_(), r(d, 4).requires_grad_()
         y = ops.causal_conv1d(x, w, None, "silu", seq_idx=segments(b, 1100, gen, {1024}))
@@ -118,19 +116,6 @@ def _all_kernels(seed=0):
         cstep = ops.causal_conv1d_update(r(b, d), conv, w.detach(), None, "silu")
     return [out, last, *grads, seq_out, y, *cgrads, state, conv, step, cstep]
 
-
-@contextlib.contextmanager
-def _forward(impl):
-    """EMMA_CUDA_SCAN_FWD=impl inside the block."""
-    before = os.environ.get("EMMA_CUDA_SCAN_FWD")
-    os.environ["EMMA_CUDA_SCAN_FWD"] = impl
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["EMMA_CUDA_SCAN_FWD"]
-        else:
-            os.environ["EMMA_CUDA_SCAN_FWD"] = before
 
 
 def test_cuda_kernels_do_not_depend_on_the_schedule(emu, forward_after):
@@ -234,9 +219,10 @@ def test_exercise_grid_runs(emu):
 ASAN_SCRIPT = """
 from emma_mamba.ops import cuda_emulator
 cuda_emulator._module = cuda_emulator.load(sanitize=True)  # the cuda-emu backend now runs the sanitised build
-from tests.ops.test_cuda_emulator import _forward, exercise_every_kernel
+from emma_mamba.bench.kernels_gpu import cuda_forward
+from tests.ops.test_cuda_emulator import exercise_every_kernel
 calls = exercise_every_kernel()
-with _forward("seq"):  # the state-sequential forward where it applies
+with cuda_forward("seq"):  # the state-sequential forward where it applies
     calls += exercise_every_kernel()
 print("ASAN-CLEAN", calls)
 """
