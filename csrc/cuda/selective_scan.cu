@@ -196,8 +196,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
 // per (t, n) element one exp2, one multiply and two FMAs, and no shuffles, against ~17 instructions in the warp
 // scan above (which spends them composing lane pairs and scanning them across the warp). The variable B and C of
 // a tile of kSeqT steps are staged once per block in shared memory as fp32 ([t][n], read back as float4 by
-// every thread: a broadcast), so neither the bf16 conversions nor the L2 reads of B and C are repeated per
-// channel. Parallelism is one thread per (b, d) row, so it needs many rows (training shapes) to fill a GPU;
+// every thread: a broadcast; fetched a tile ahead), so neither the bf16 conversions nor the L2 reads of B and C
+// are repeated per channel. Parallelism is one thread per (b, d) row, so it needs many rows (training shapes) to fill a GPU;
 // the warp kernel splits time across lanes and suits small batches. Same outputs and the same saved states
 // (every kSave steps), hence the same backward. Variable B and C (one group, or groups of a multiple of
 // kSeqThreads channels) and d_state <= kSeqN only; other inputs run the warp kernel.
@@ -230,16 +230,33 @@ __global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p)
   }
   const float Dv = p.D && active ? p.D[c] : 0.f;
 
+  // Each thread stages kStage (n, t) entries of a tile, fetched into registers one tile ahead so that the global
+  // loads overlap the previous tile's compute instead of stalling the block at the barrier.
+  constexpr int kStage = kSeqT * kSeqN / kSeqThreads;
+  static_assert(kStage * kSeqThreads == kSeqT * kSeqN, "the threads must cover a tile exactly");
+  float nb[kStage], nc[kStage];
+  auto fetch = [&](int t0) {
+#pragma unroll
+    for (int k = 0; k < kStage; ++k) {
+      const int i = threadIdx.x + k * kSeqThreads, n = i / kSeqT, t = i % kSeqT;  // threads run along t
+      const bool in = n < N && t0 + t < L;
+      nb[k] = in ? to_f<WT>(Bp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
+      nc[k] = in ? to_f<WT>(Cp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
+    }
+  };
+  fetch(0);
+
   for (int t0 = 0; t0 < L; t0 += kSeqT) {
     const int valid = min(kSeqT, L - t0);
     __syncthreads();  // every thread is done with the previous tile
-    for (int i = threadIdx.x; i < kSeqT * kSeqN; i += kSeqThreads) {
-      const int n = i / kSeqT, t = i % kSeqT;  // consecutive threads: consecutive steps of one state row
-      const bool in = n < N && t < valid;
-      Bs[t][n] = in ? to_f<WT>(Bp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
-      Cs[t][n] = in ? to_f<WT>(Cp[static_cast<int64_t>(n) * L + t0 + t]) : 0.f;
+#pragma unroll
+    for (int k = 0; k < kStage; ++k) {
+      const int i = threadIdx.x + k * kSeqThreads;
+      Bs[i % kSeqT][i / kSeqT] = nb[k];
+      Cs[i % kSeqT][i / kSeqT] = nc[k];
     }
     __syncthreads();
+    if (t0 + kSeqT < L) fetch(t0 + kSeqT);
     if (!active) continue;
     float u[kSeqT], dt[kSeqT], y[kSeqT];
     unsigned reset;
