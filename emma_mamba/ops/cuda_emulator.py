@@ -142,7 +142,10 @@ def asan_environment() -> dict[str, str]:
     first error with its report on stderr."""
     import subprocess
 
-    lib = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    try:  # the runtime of the compiler that builds the extensions ("libasan.so" alone: it has none)
+        lib = subprocess.run(["c++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        lib = ""
     return {"LD_PRELOAD": lib, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1"}
 
 
