@@ -112,6 +112,20 @@ __device__ __forceinline__ void load_bc(const void* X, int groups, const ScanPar
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
+// The end of both forwards: out[t0, t0 + K) = (y + D u) * silu(z), stored in T (D and z when given).
+template <typename T, int K>
+__device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, int t0, int valid, float Dv,
+                                            const float (&u)[K], float (&y)[K]) {
+  float zv[K];
+  if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if (p.D) y[i] += Dv * u[i];
+    if (p.z) y[i] *= silu_f(zv[i]);
+  }
+  store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+}
+
 template <typename T, typename WT>
 __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams p) {
   constexpr int K = kFwdItems;
@@ -176,15 +190,9 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
       __syncwarp();
     }
 
-    float zv[K], u[K];  // reloaded (L1-resident) rather than kept live across the state loop
-    if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+    float u[K];  // reloaded (L1-resident) rather than kept live across the state loop
     if (p.D) load_k<T, K>(static_cast<const T*>(p.u) + row + t0, u, valid, p.vec_in);
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-      if (p.D) y[i] += Dv * u[i];
-      if (p.z) y[i] *= silu_f(zv[i]);
-    }
-    store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+    store_gated<T, K>(p, row, t0, valid, Dv, u, y);
   }
   for (int n = lane; n < N; n += 32) p.last_state[bd * N + n] = carry[n];
 }
@@ -291,14 +299,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p)
       }
       y[i] = acc;
     }
-    float zv[kSeqT];
-    if (p.z) load_k<T, kSeqT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
-#pragma unroll
-    for (int i = 0; i < kSeqT; ++i) {
-      if (p.D) y[i] += Dv * u[i];
-      if (p.z) y[i] *= silu_f(zv[i]);
-    }
-    store_k<T, kSeqT>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+    store_gated<T, kSeqT>(p, row, t0, valid, Dv, u, y);
   }
   if (active) {
 #pragma unroll

@@ -65,6 +65,11 @@ _PROTOCOL = ("selective_scan_fwd", "selective_scan_bwd", "causal_conv1d_fwd", "c
              "selective_state_update", "causal_conv1d_update")
 
 
+def kernels_of(module, suffix: str = ""):
+    """The six kernel entry points of ``module`` (named ``<op><suffix>``) as a backend's kernel namespace."""
+    return SimpleNamespace(**{f: getattr(module, f"{f}{suffix}") for f in _PROTOCOL})
+
+
 def _load_compiled(suffix: str):
     try:
         from emma_mamba import _C  # noqa: F401
@@ -75,7 +80,7 @@ def _load_compiled(suffix: str):
     if suffix == "cuda" and not getattr(_C, "with_cuda", False):
         raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
                                       "(no nvcc or CUDA torch at build time, or EMMA_SKIP_CUDA_BUILD=1)")
-    return SimpleNamespace(**{f: getattr(_C, f"{f}_{suffix}") for f in _PROTOCOL})
+    return kernels_of(_C, f"_{suffix}")
 
 
 def _load_triton():
@@ -96,7 +101,7 @@ def _load_triton():
 def _load_emulator():
     from . import cuda_emulator
 
-    return SimpleNamespace(**{f: getattr(cuda_emulator.load(), f) for f in _PROTOCOL})
+    return kernels_of(cuda_emulator.load())
 
 
 def _load(name: str):

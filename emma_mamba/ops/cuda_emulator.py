@@ -127,13 +127,11 @@ def _compiler_without_preload():
 
 def use_sanitized_cpu_kernels(module) -> None:
     """From now on the ``cpu`` backend runs ``module`` (from :func:`load_cpu_sanitized`)."""
-    from types import SimpleNamespace
-
-    from . import _PROTOCOL, _kernel_cache
+    from . import _kernel_cache, kernels_of
     from . import _lock as ops_lock
 
     with ops_lock:
-        _kernel_cache["cpu"] = SimpleNamespace(**{f: getattr(module, f"{f}_cpu") for f in _PROTOCOL})
+        _kernel_cache["cpu"] = kernels_of(module, "_cpu")
 
 
 def asan_environment() -> dict[str, str]:

@@ -10,6 +10,7 @@ from emma_mamba import ops
 from emma_mamba.bench.kernels_gpu import cuda_forward
 from emma_mamba.ops import cuda_emulator
 
+from .test_cuda_backend import EMU, _scan_inputs
 from .tolerances import segments
 
 
@@ -95,18 +96,14 @@ def _all_kernels(seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     b, d, n, l = 2, 16, 4, 600
-    leaf = dict(u=r(b, d, l), delta=0.5 * torch.rand(b, d, l, generator=gen), A=-0.5 - torch.rand(d, n, generator=gen),
-                B=r(b, 2, n, l), C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=torch.rand(d, generator=gen),
-                initial_state=r(b, d, n))
-    leaf = {k: v.requires_grad_() for k, v in leaf.items()}
-    seq = segments(b, l, gen, {255, 256, 512})
+    x = _scan_inputs(EMU, b, d, n, l, torch.float32, ("g2", "var"), seed=seed)
+    leaf = {k: v.requires_grad_() for k, v in x.items() if k != "seq_idx"}
     dout = r(b, d, l)
     with ops.use_backend("cuda-emu"):
-        out, last = ops.selective_scan(**leaf, delta_softplus=True, return_last_state=True, seq_idx=seq,
-                                       deterministic=True)
+        out, last = ops.selective_scan(**x, delta_softplus=True, return_last_state=True, deterministic=True)
         grads = torch.autograd.grad((out * dout).sum() + last.sum(), list(leaf.values()))
         with cuda_forward("seq"):  # 16 channels in a block of 128 threads: 4 warps around the B/C staging
-            seq_out = ops.selective_scan(**{**leaf, "B": leaf["C"]}, delta_softplus=True, seq_idx=seq)
+            seq_out = ops.selective_scan(**{**x, "B": x["C"]}, delta_softplus=True)
         x, w = r(b, d, 1100).requires_grad_(), r(d, 4).requires_grad_()
         y = ops.causal_conv1d(x, w, None, "silu", seq_idx=segments(b, 1100, gen, {1024}))
         cgrads = torch.autograd.grad((y * r(b, d, 1100)).sum(), [x, w])
@@ -166,20 +163,13 @@ def exercise_every_kernel(backend="cuda-emu", seed=0) -> int:
     calls = 0
     with ops.use_backend(backend):
         for b, d, n, l, dtype, lb, lc, off in _SCAN_GRID:
-            lay = {"var": lambda: r(b, n, l).to(dtype), "var32": lambda: r(b, n, l), "const": lambda: r(d, n),
-                   "g2": lambda: r(b, 2, n, l).to(dtype), "g4": lambda: r(b, 4, n, l).to(dtype)}
             for flags, det in ((True, False), (False, True)):
-                x = dict(u=r(b, d, l).to(dtype), delta=torch.rand(b, d, l, generator=gen).to(dtype),
-                         A=-0.5 - torch.rand(d, n, generator=gen), B=lay[lb](), C=lay[lc](),
-                         D=r(d) if flags else None, z=r(b, d, l).to(dtype) if flags else None,
-                         delta_bias=torch.rand(d, generator=gen) if flags else None,
-                         initial_state=r(b, d, n) if flags else None)
+                x = _scan_inputs(EMU, b, d, n, l, dtype, (lb, lc), z=flags, D=flags, bias=flags, init=flags,
+                                 seq=flags, seed=seed)
                 x = {k: (_misaligned(v) if k in off and v is not None else v) for k, v in x.items()}
-                x = {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}
-                seq = segments(b, l, gen, {255, 256, 512}) if flags else None
-                out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, seq_idx=seq,
-                                               deterministic=det)
-                grads = torch.autograd.grad(out.float().sum() + last.sum(), [v for v in x.values() if v is not None])
+                leaves = [v.requires_grad_() for k, v in x.items() if v is not None and k != "seq_idx"]
+                out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, deterministic=det)
+                grads = torch.autograd.grad(out.float().sum() + last.sum(), leaves)
                 assert all(torch.isfinite(g).all() for g in (out, last, *grads))
                 calls += 2
         for w in (2, 3, 4):
