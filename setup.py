@@ -148,9 +148,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.kernels"],
-    package_dir={"emma_mamba.kernels": "kernels"},
-    package_data={"emma_mamba": ["assets/*", "assets/**/*"]},
+    # kernels/ and configs/ sit at the top of the repository (DESIGN.md's layout) and install inside the package
+    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.kernels", "emma_mamba.configs"],
+    package_dir={"emma_mamba.kernels": "kernels", "emma_mamba.configs": "configs"},
+    package_data={"emma_mamba": ["assets/*", "assets/**/*"], "emma_mamba.configs": ["*.yaml"]},
     include_package_data=True,
     ext_modules=[EXT],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},

@@ -353,12 +353,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
-    from emma_mamba.quickstart import CONFIG_DIR, quiet_logs, set_threads
+    from emma_mamba.quickstart import quiet_logs, recipe_path, set_threads
 
     quiet_logs()
     set_threads(args.threads)
-    config = Path(args.config) if args.config else CONFIG_DIR / "quickstart.yaml"
     try:
+        config = recipe_path(args.config)
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
                            data_seed=args.data_seed, progress=args.progress, jobs=args.jobs, threads=args.threads,
                            echo=lambda line: print(line, flush=True))

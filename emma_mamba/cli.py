@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
     ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
+    ("configs",): ("emma_mamba.recipes", "list the shipped recipes (configs/*.yaml) or copy them into a folder to edit"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
     ("chat",): ("emma_mamba.inference.cli_chat", "multi-turn chat about an image (or text), the Mamba state carried between turns"),

@@ -35,7 +35,7 @@ from typing import Any, Literal, Union
 __all__ = [
     "VisionConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig", "AlignConfig",
     "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides", "config_to_dict",
-    "config_from_dict", "save_config",
+    "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs", "resolve_config_path",
 ]
 
 
@@ -352,6 +352,41 @@ def config_from_dict(d: dict, *, source: str = "<dict>") -> ModelConfig:
         return cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def shipped_config_dir() -> Path | None:
+    """The recipes that ship with the package: ``emma_mamba/configs`` of an installed wheel (setup.py installs
+    the top-level ``configs/`` there), else ``configs/`` of the source checkout the package runs from."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "configs", here.parent / "configs"):
+        if (d / "quickstart.yaml").is_file():
+            return d
+    return None
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Shipped recipe name (file stem, e.g. ``train_tiny_stage1``) -> its file."""
+    d = shipped_config_dir()
+    return {} if d is None else {p.stem: p for p in sorted(d.glob("*.yaml"))}
+
+
+def resolve_config_path(path: str | Path, what: str = "config file") -> Path:
+    """``path`` when it is a file; otherwise the shipped recipe it names (``configs/NAME.yaml``, ``NAME.yaml`` or
+    ``NAME``), so the README's commands also work from any directory with a non-editable install. Anything else
+    is a ConfigError naming the path and listing the shipped recipes."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if not p.is_absolute() and p.parent in (Path("."), Path("configs")) and name in shipped:
+        import logging
+
+        logging.getLogger("emma_mamba").info("%s: no such file here; using the shipped recipe %s", path, shipped[name])
+        return shipped[name]
+    listed = ", ".join(shipped) if shipped else "none found"
+    raise ConfigError(f"{what} not found: {path} (shipped recipes, usable by name: {listed}; "
+                      f"`emma-mamba configs --copy DIR` copies them for editing)")
 
 
 def read_yaml_mapping(path: str | Path) -> dict:

@@ -38,11 +38,10 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["QuickstartConfig", "load_quickstart_config", "run_pipeline", "format_table", "CONFIG_DIR"]
+__all__ = ["QuickstartConfig", "load_quickstart_config", "run_pipeline", "format_table", "recipe_path"]
 
 log = logging.getLogger("emma_mamba.quickstart")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "quickstart.yaml"
 FAST_CONFIG = "quickstart_fast.yaml"
 
@@ -71,12 +70,18 @@ class QuickstartConfig:
     """batch_size, max_new_tokens, and limit (questions per task; null = all)."""
 
 
-def load_quickstart_config(path: str | Path) -> QuickstartConfig:
-    from emma_mamba.config import ConfigError
+def recipe_path(config: str | None, fast: bool = False) -> Path:
+    """The quickstart recipe to run: ``config`` (a file, or a shipped recipe's name), else the shipped
+    quickstart.yaml (quickstart_fast.yaml with ``fast``)."""
+    from emma_mamba.config import resolve_config_path
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"quickstart config not found: {path}")
+    return resolve_config_path(config or (FAST_CONFIG if fast else DEFAULT_CONFIG), "quickstart config")
+
+
+def load_quickstart_config(path: str | Path) -> QuickstartConfig:
+    from emma_mamba.config import ConfigError, resolve_config_path
+
+    path = resolve_config_path(path, "quickstart config")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
@@ -408,8 +413,8 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_logs()
     set_threads(args.threads)
-    path = Path(args.config) if args.config else CONFIG_DIR / (FAST_CONFIG if args.fast else DEFAULT_CONFIG)
     try:
+        path = recipe_path(args.config, args.fast)
         qc = load_quickstart_config(path)
         summary = run_pipeline(qc, args.out, args.seed, source=str(path), overwrite=args.overwrite,
                                progress=not args.no_progress, echo=lambda line: print(line, flush=True))

@@ -133,10 +133,8 @@ def test_variant_stage_overrides_drop_absent_modules():
 
 def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
     from emma_mamba.cli import main
-    from emma_mamba.quickstart import CONFIG_DIR
-
     res = tmp_path / "ablation.json"
-    argv = ["ablate", "--config", str(CONFIG_DIR / "quickstart_fast.yaml"), "--seeds", "0", "--variants",
+    argv = ["ablate", "--config", "quickstart_fast", "--seeds", "0", "--variants",
             "cobra-like", "all (EMMA)", "--out", str(tmp_path / "runs"), "--results", str(res), "--plot", "",
             "--jobs", "2"]
     assert main(argv) == 0
@@ -156,7 +154,9 @@ def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
 
     from emma_mamba.ablation import run_ablation
 
-    recipe = yaml.safe_load((CONFIG_DIR / "quickstart_fast.yaml").read_text())
+    from emma_mamba.config import shipped_configs
+
+    recipe = yaml.safe_load(shipped_configs()["quickstart_fast"].read_text())
     recipe["data"]["question_mix"] = {"existence": 1}
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(recipe))

@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.allow_abbrev = False  # `--train.l` must not silently mean `--train.lr`
     p.usage = f"{p.prog} --config YAML [--resume DIR|auto] [--device D] [--print-config] [--SECTION.KEY VALUE ...]"
     p.set_defaults(_stage=stage or _stage_from_prog(p.prog))
-    p.add_argument("--config", required=True, help="run YAML (configs/train_*.yaml)")
+    p.add_argument("--config", required=True,
+                   help="run YAML (configs/train_*.yaml; a shipped recipe may also be named without the file: "
+                        "train_tiny_stage1)")
     p.add_argument("--resume", default=None, metavar="DIR|auto",
                    help="continue a run exactly: a checkpoints/step_N directory, or 'auto' for the latest one in "
                         "output_dir (a fresh start if there is none)")
@@ -55,7 +57,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from emma_mamba.config import ConfigError
+    from emma_mamba.config import ConfigError, resolve_config_path
     from emma_mamba.data.llava import DataError
     from emma_mamba.training.config import load_run_config, run_config_to_dict
 
@@ -71,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("emma_mamba.data").setLevel(logging.ERROR)
     prog = f"emma-mamba {stage}"
     try:
-        raw = yaml.safe_load(open(args.config)) if os.path.isfile(args.config) else None
+        path = resolve_config_path(args.config, "run config")
+        raw = yaml.safe_load(path.read_text())
         if isinstance(raw, dict) and raw.get("stage", stage) != stage:
             other = raw["stage"]
-            raise ConfigError(f"{args.config}: stage is {other!r}; run it with `emma-mamba {other}`, not {prog}")
+            raise ConfigError(f"{path}: stage is {other!r}; run it with `emma-mamba {other}`, not {prog}")
         overrides = _overrides(args)
         overrides["stage"] = stage
-        cfg = load_run_config(args.config, overrides)
+        cfg = load_run_config(path, overrides)
     except (ConfigError, OSError, yaml.YAMLError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

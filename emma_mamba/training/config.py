@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               get_preset, load_config, read_yaml_mapping)
+                               get_preset, load_config, read_yaml_mapping, resolve_config_path)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LogConfig", "RunConfig",
@@ -239,6 +239,10 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
         for cand in ([base_dir / value] if base_dir is not None else []) + [Path(value)]:
             if cand.is_file():
                 return load_config(cand)
+        try:  # a shipped model YAML by name (configs/model_tiny.yaml, model_tiny)
+            return load_config(resolve_config_path(value))
+        except ConfigError:
+            pass
         raise ConfigError(f"{source}: model: {value!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
                           f"YAML file")
     raise ConfigError(f"{source}: model: expected a preset name, a YAML path or a mapping, got "
@@ -283,8 +287,9 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``."""
-    path = Path(path)
+    """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``. ``path`` may name a
+    shipped recipe (:func:`emma_mamba.config.resolve_config_path`)."""
+    path = resolve_config_path(path, "run config")
     return run_config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides,
                                 base_dir=path.parent)
 
