@@ -154,55 +154,31 @@ class OursRunner:
 
 
 class CudaGraphDecoder(OursRunner):
-    """Our decode step captured once per batch size into a CUDA graph, then replayed (unmeasured here).
-
-    A CUDA graph replays fixed kernels on fixed addresses, so everything a step touches is static: one
-    :class:`MambaCache` per batch size (prefill writes into it in place: the mixer ``copy_``s its final conv
-    window and scan state into the cache), one token buffer ``(b, 1)`` and the logits the captured step left.
-    The step is captured through ``inputs_embeds`` because the ``input_ids`` path checks the id range on the host
-    (a sync, illegal under capture). Warm-up runs on a side stream first (lazy inits, the mixers' cached fp32 SSM
-    parameters), as ``torch.cuda.graphs`` requires.
-    """
+    """Our decode step replayed from CUDA graphs, captured once per batch size
+    (:class:`emma_mamba.inference.cuda_graphs.GraphDecoder`, what ``generate(..., cuda_graphs=True)`` uses).
+    Prefill writes straight into the static cache of its batch size (zeroed in place first: the graph keeps
+    reading those addresses)."""
 
     name = GRAPHS
 
     def __init__(self, lm):
+        from emma_mamba.inference.cuda_graphs import GraphDecoder
+
         super().__init__(lm)
-        self.graphs: dict[int, tuple] = {}  # batch -> (graph, tok buffer, static cache, logits buffer)
-
-    def _eager_step(self, tok, cache):
-        return self.lm(inputs_embeds=self.lm.embeddings(tok), cache=cache).logits[:, -1]
-
-    def _capture(self, b: int):
-        lm = self.lm
-        cache = lm.allocate_cache(b)
-        tok = torch.zeros(b, 1, dtype=torch.long, device=lm.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._eager_step(tok, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._eager_step(tok, cache)
-        self.graphs[b] = (graph, tok, cache, logits)
+        self.decoder = GraphDecoder(lm)
+        self._static: dict[int, object] = {}  # batch -> StaticStep of the last prefill
 
     def prefill(self, ids=None, embeds=None, max_len=None):
         b = (ids if ids is not None else embeds).shape[0]
-        if b not in self.graphs:
-            self._capture(b)
-        _, _, cache, _ = self.graphs[b]
-        cache.reset()  # zero the static tensors in place (the graph keeps reading these addresses)
-        out = self.lm(input_ids=ids, inputs_embeds=embeds, cache=cache, num_last_tokens=1)
-        return out.logits[:, -1], cache
+        s = self._static[b] = self.decoder.static(b)
+        s.cache.reset()
+        out = self.lm(input_ids=ids, inputs_embeds=embeds, cache=s.cache, num_last_tokens=1)
+        return out.logits[:, -1], s.cache
 
     def step(self, cache, tok):
-        graph, tok_buf, static_cache, logits = self.graphs[tok.shape[0]]
-        assert cache is static_cache, "CudaGraphDecoder.step: the state must come from this decoder's prefill"
-        tok_buf.copy_(tok)
-        graph.replay()
-        return logits, cache
+        s = self._static[tok.shape[0]]
+        assert cache is s.cache, "CudaGraphDecoder.step: the state must come from this decoder's prefill"
+        return self.decoder.step(s, tok), cache
 
 
 class TransformerRunner:

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
     p.add_argument("--split", default="test", help="ScienceQA split to answer (default %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step from a CUDA graph captured once per batch size (CUDA only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.cuda_graphs and not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        print(f"emma-mamba eval: --cuda-graphs needs a CUDA device (--device {args.device or 'cpu'})", file=sys.stderr)
+        return 2
     if args.suite is not None:
         return _run_suite(args)
     if args.only is not None:
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint),
-                          progress=not args.no_progress, split=args.split)
+                          progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs)
     except (ScoreInputError, FileNotFoundError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
@@ -114,7 +119,7 @@ def _run_suite(args) -> int:
         model = load(args.checkpoint, device=device)
         summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint), progress=not args.no_progress,
                             only=args.only, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                            limit=args.limit)
+                            limit=args.limit, cuda_graphs=args.cuda_graphs)
     except (ScoreInputError, FileNotFoundError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2

@@ -52,6 +52,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop when this text appears (repeatable); it is not printed")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (and the random-init seed)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each decode step from a CUDA graph captured once (CUDA devices only)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +84,8 @@ def setup(args):
         raise UsageError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.cuda_graphs and device.type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA --device, got {args.device}")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     if args.backend:
@@ -92,7 +96,7 @@ def setup(args):
     try:
         gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                stop_strings=tuple(args.stop), seed=args.seed)
+                                stop_strings=tuple(args.stop), seed=args.seed, cuda_graphs=args.cuda_graphs)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return device, dtype, gcfg

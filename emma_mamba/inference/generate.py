@@ -8,10 +8,14 @@ SSM state ``(b, d_inner, d_state)``, see :class:`emma_mamba.models.mamba.MambaCa
 2. **decode**: per new token, one forward of length 1 that advances the cached states with the single-step ops
    (``causal_conv1d_update``, ``selective_state_update``); its cost does not depend on the context length.
 
-Batches of prompts of different lengths: left padding, the transformer habit, is wrong for a recurrent model
-(the pad tokens would flow through the state). Prompts are prefilled in groups of equal length (each group one
-batched forward, so a batch of equal-length prompts is a single prefill), their states are gathered into one
-cache, and decoding then runs batched. Rows that finish are dropped from the cache.
+Batches of prompts of different lengths: plain left padding, the transformer habit, is wrong for a recurrent
+model (the pad tokens would flow through the state). Here a padded row also carries ``seq_idx`` (0 on the
+padding, 1 on the prompt), the packed-sequence boundary of the kernels: the scan state and the conv window
+restart where the prompt begins, so the padding never reaches them and the row's last state is the prompt's
+own. Prompts are sorted by length and prefilled in as few padded batches as keep the padding within
+``PREFILL_PAD_WASTE`` of the real tokens (prompts of one length: one batch without padding; on the CPU a batch
+also stays within ``PREFILL_CPU_MAX_POSITIONS``), their states are gathered into one cache, and decoding then
+runs batched. Rows that finish are dropped from the cache.
 
 Sampling follows the usual order: repetition penalty (CTRL, Keskar et al. 2019: positive logits of seen tokens
 divided by the penalty, negative ones multiplied), temperature (0 = greedy), top-k, top-p (nucleus, Holtzman
@@ -25,13 +29,12 @@ reaches the stream.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["GenerationConfig", "GenerationResult", "generate"]
+__all__ = ["GenerationConfig", "GenerationResult", "generate", "prefill_groups", "PREFILL_PAD_WASTE"]
 
 
 @dataclass
@@ -54,6 +57,9 @@ class GenerationConfig:
     """Stop when the generated text contains one of these (needs a tokenizer); the text is cut before it."""
     seed: int | None = None
     """Seed of the sampling generator (None: torch's global RNG)."""
+    cuda_graphs: bool = False
+    """Replay each decode step from a CUDA graph captured once per batch size (CUDA models only; see
+    :mod:`emma_mamba.inference.cuda_graphs`): one launch per token instead of hundreds."""
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -77,6 +83,8 @@ class GenerationConfig:
         ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
             raise ValueError(f"GenerationConfig.eos_token_id must be None, a token id or a list of ids, got {eos!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"GenerationConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -164,22 +172,69 @@ def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
     return prompts
 
 
-def _prefill(lm, prompts, cache):
-    """Prefill every prompt into its row of ``cache``; returns the next-token logits (b, padded_vocab) fp32."""
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i, (ids, emb) in enumerate(prompts):
-        groups[(ids if ids is not None else emb).shape[0]].append(i)
-    logits = torch.empty(len(prompts), lm.config.padded_vocab_size, device=lm.device, dtype=torch.float32)
-    for _, rows in sorted(groups.items()):
-        sub = lm.allocate_cache(len(rows), dtype=cache.conv_states[0].dtype)
-        if prompts[rows[0]][0] is not None:
-            out = lm(input_ids=torch.stack([prompts[i][0] for i in rows]), cache=sub, num_last_tokens=1)
+PREFILL_PAD_WASTE = 0.25
+"""A prefill batch may hold up to this fraction more (padded) positions than real prompt tokens."""
+PREFILL_CPU_MAX_POSITIONS = 1024
+"""On the CPU a padded prefill batch holds at most this many positions (rows x longest prompt): short prompts
+batch (8 prompts of 73-108 tokens in one padded forward: 0.99-1.15x the speed of one forward per prompt over
+four runs, mamba-130m shapes, 2 threads), long ones do not (8 prompts of 585-620 tokens in one batch: 0.84-0.93x;
+the batch's activations no longer stay in the caches). benchmarks/prefill_batching.py measures both. On a GPU,
+where one batched forward replaces several launch-bound ones, there is no cap."""
+
+
+def prefill_groups(lengths: Sequence[int], pad_waste: float = PREFILL_PAD_WASTE,
+                   max_positions: int | None = None) -> list[list[int]]:
+    """Prompt indices in prefill batches: by increasing length, a batch grows while its padded size (rows x its
+    longest prompt) stays within ``1 + pad_waste`` of its real tokens and, if given, ``max_positions``.
+    ``pad_waste=0``: one batch per length."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        n = lengths[i]
+        size = (len(groups[-1]) + 1) * n if groups else 0
+        if groups and size <= (1 + pad_waste) * (real + n) and (max_positions is None or size <= max_positions):
+            groups[-1].append(i)
+            real += n
         else:
-            out = lm(inputs_embeds=torch.stack([prompts[i][1] for i in rows]), cache=sub, num_last_tokens=1)
+            groups.append([i])
+            real = n
+    return groups
+
+
+def default_max_positions(device: torch.device) -> int | None:
+    return PREFILL_CPU_MAX_POSITIONS if device.type == "cpu" else None
+
+
+def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_positions: int | None | str = "auto"):
+    """Prefill every prompt into its row of ``cache``; returns the next-token logits (b, padded_vocab) fp32.
+    Prompts of different lengths in one batch are left-padded, with ``seq_idx`` restarting the state at each
+    prompt (module docstring). ``max_positions="auto"``: :func:`default_max_positions` of the model's device."""
+    if max_positions == "auto":
+        max_positions = default_max_positions(lm.device)
+    lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts]
+    logits = torch.empty(len(prompts), lm.config.padded_vocab_size, device=lm.device, dtype=torch.float32)
+    for rows in prefill_groups(lengths, pad_waste, max_positions):
+        sub = lm.allocate_cache(len(rows), dtype=cache.conv_states[0].dtype)
+        longest = max(lengths[i] for i in rows)
+        seq_idx = None
+        if any(lengths[i] != longest for i in rows):
+            pos = torch.arange(longest, device=lm.device)
+            start = torch.tensor([longest - lengths[i] for i in rows], device=lm.device)
+            seq_idx = (pos[None, :] >= start[:, None]).to(torch.int32)  # 0: padding, 1: the prompt
+
+        def padded(x):  # (l, ...) -> (longest, ...), zeros in front
+            return x if x.shape[0] == longest else torch.cat([x.new_zeros(longest - x.shape[0], *x.shape[1:]), x])
+
+        if prompts[rows[0]][0] is not None:
+            out = lm(input_ids=torch.stack([padded(prompts[i][0]) for i in rows]), seq_idx=seq_idx, cache=sub,
+                     num_last_tokens=1)
+        else:
+            out = lm(inputs_embeds=torch.stack([padded(prompts[i][1]) for i in rows]), seq_idx=seq_idx, cache=sub,
+                     num_last_tokens=1)
         idx = torch.tensor(rows, device=lm.device)
         logits.index_copy_(0, idx, out.logits[:, -1].float())
         cache.index_copy_(idx, sub)
-    cache.seqlen_offset = max(groups)  # rows differ; nonzero marks the states as live
+    cache.seqlen_offset = max(lengths)  # rows differ; nonzero marks the states as live
     return logits
 
 
@@ -313,6 +368,11 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         result.texts = [""] * B if tokenizer is not None else None
         return result
 
+    graphs = None
+    if cfg.cuda_graphs:
+        from emma_mamba.inference.cuda_graphs import decoder_for
+        graphs = decoder_for(lm)  # errors here, before any work, when the model is not on a GPU
+    caller_cache = cache
     t0 = time.perf_counter()
     if cache is None:
         cache = lm.allocate_cache(B)
@@ -332,7 +392,8 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
                 seen[i, ids] = True
 
     t1 = time.perf_counter()
-    active = list(range(B))  # original prompt index of each cache row
+    active = list(range(B))  # original prompt index of each cache row (with graphs: of each active row)
+    static = graphs.load(cache) if graphs is not None else None  # rows stay put: a finished row keeps stepping
     while True:
         rows = torch.tensor(active, device=lm.device)
         tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
@@ -358,12 +419,23 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         if not keep:
             break
         if len(keep) < len(active):
-            cache = cache.select(keep)
+            if static is None:
+                cache = cache.select(keep)
             active = [active[j] for j in keep]
             tokens = tokens[torch.tensor(keep, device=tokens.device)]
-        logits = lm(input_ids=tokens[:, None], cache=cache).logits[:, -1].float()
+        if static is None:
+            logits = lm(input_ids=tokens[:, None], cache=cache).logits[:, -1].float()
+        else:
+            rows = torch.tensor(active, device=lm.device)
+            fed = static.tokens.new_zeros(B).index_copy_(0, rows, tokens)  # finished rows: any valid id
+            logits = graphs.step(static, fed)[rows].float()
         result.decode_steps += 1
     result.decode_seconds = time.perf_counter() - t1
+    if static is not None and caller_cache is not None:  # the caller's cache continues from the decoded state
+        for mine, theirs in zip(caller_cache.conv_states + caller_cache.ssm_states,
+                                static.cache.conv_states + static.cache.ssm_states):
+            mine.copy_(theirs)
+        caller_cache.seqlen_offset = static.cache.seqlen_offset
 
     if tokenizer is not None:
         texts = []

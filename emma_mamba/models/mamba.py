@@ -257,10 +257,23 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def _no_weight_grad(W: torch.Tensor) -> bool:
+    return not (W.requires_grad and torch.is_grad_enabled())
+
+
 def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W (o, k) @ x (b, k, l) -> (b, o, l). At batch 1 one 2-D GEMM, which takes a transposed x without a copy."""
+    """W (o, k) @ x (b, k, l) -> (b, o, l), contiguous, without copying x or the result.
+
+    At batch 1 one 2-D GEMM (it takes a transposed x as it is). At batch > 1 without a weight gradient
+    (inference, a frozen LM) a batched GEMM with W broadcast over the batch (stride 0): torch.matmul would fold
+    the batch into the rows, GEMM, and copy the (b, l, o) result into (b, o, l), a copy as large as the output
+    (at mamba-130m shapes, batch 8 x 600 tokens, these copies took a quarter of a prefill on the CPU). With a
+    weight gradient, torch.matmul: its weight gradient is one GEMM, where the broadcast weight's would be a
+    (b, o, k) stack summed over the batch."""
     if x.shape[0] == 1:
         return (W @ x[0])[None]
+    if _no_weight_grad(W):
+        return torch.bmm(W.expand(x.shape[0], -1, -1), x)
     return torch.matmul(W, x)
 
 
@@ -341,10 +354,14 @@ class MambaMixer(nn.Module):
 
         # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): lands channels-first, the layout of the
         # conv and the scan, with the transpose folded into the GEMM
-        xz = _matmul_cf(self.in_proj.weight, hidden_states.transpose(1, 2))
+        # at batch > 1 without a weight gradient x and z come from two GEMMs over the halves of in_proj: each is
+        # then contiguous, where the halves of one (b, 2*d_inner, l) result would be copied by the kernels' input
+        # checks (with a weight gradient the slices' gradients would each be a full-size zero-padded tensor)
+        W, h_cf, di = self.in_proj.weight, hidden_states.transpose(1, 2), self.d_inner
+        x, z = (_matmul_cf(W[:di], h_cf), _matmul_cf(W[di:], h_cf)) if b > 1 and _no_weight_grad(W) else \
+            _matmul_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
         if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-        x, z = xz.chunk(2, dim=1)  # (b, d_inner, l) each
+            x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
         conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
 
         conv_init = ssm_init = None
@@ -377,9 +394,13 @@ class MambaMixer(nn.Module):
         else:
             y = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
                                    seq_idx=seq_idx)
+        W, bias = self.out_proj.weight, self.out_proj.bias
         if b == 1:  # (l, d_inner) as a transposed view: the GEMM reads it without a copy
-            return F.linear(y[0].t(), self.out_proj.weight, self.out_proj.bias)[None]  # (1, l, d_model)
-        return F.linear(y.transpose(1, 2), self.out_proj.weight, self.out_proj.bias)  # (b, l, d_model)
+            return F.linear(y[0].t(), W, bias)[None]  # (1, l, d_model)
+        if _no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see _matmul_cf)
+            out = torch.bmm(y.transpose(1, 2), W.t().expand(b, -1, -1))
+            return out if bias is None else out + bias
+        return F.linear(y.transpose(1, 2), W, bias)  # (b, l, d_model)
 
     def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""

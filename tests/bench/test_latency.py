@@ -158,4 +158,4 @@ def test_cuda_graph_decode_equals_eager():
                 la, ca = eager.step(ca, tok)
                 lb, cb = graphs.step(cb, tok)
                 torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
-    assert list(graphs.graphs) == [2]
+    assert list(graphs.decoder.steps) == [2]

@@ -13,7 +13,7 @@ import torch
 
 from emma_mamba import ops
 from emma_mamba.cli import main as cli_main
-from emma_mamba.inference.generate import GenerationConfig, _pick, generate
+from emma_mamba.inference.generate import GenerationConfig, _pick, _prefill, generate, prefill_groups
 from emma_mamba.models.mamba import MambaConfig, MambaLM
 from emma_mamba.models.tokenizer import load_tokenizer
 
@@ -94,6 +94,41 @@ def test_batch_of_different_lengths_equals_one_by_one(backend):  # noqa: F811
             ids[i, sl] = torch.tensor(p)
             mask[i, sl] = 1
         assert generate(lm, input_ids=ids, attention_mask=mask, config=_greedy(10)).sequences == one
+
+
+def test_prefill_groups_by_hand():
+    # by increasing length; a group grows while rows x longest <= 1.25 x real tokens
+    # sorted: 1 (idx 1) | 3 (4), 5 (0), 5 (3): 3 x 5 = 15 <= 1.25 x 13 | 9 (2): 4 x 9 = 36 > 1.25 x 22
+    assert prefill_groups([5, 1, 9, 5, 3]) == [[1], [4, 0, 3], [2]]
+    assert prefill_groups([5, 1, 9, 5, 3], pad_waste=0) == [[1], [4], [0, 3], [2]]  # one batch per length
+    assert prefill_groups([7, 7, 7]) == [[0, 1, 2]]
+    assert prefill_groups([600, 590, 610, 575], pad_waste=0.25) == [[3, 1, 0, 2]]  # eval prompts: one batch
+    assert prefill_groups([]) == []
+
+
+def test_padded_prefill_leaves_each_prompts_own_state(backend):  # noqa: F811
+    """One left-padded batch (seq_idx restarts the state at each prompt) against each prompt prefilled alone:
+    same next-token logits, same conv window and SSM state per row, also for prompts shorter than the conv
+    window. Without seq_idx the padding would flow into the states (checked: the comparison can fail)."""
+    lm = _lm(seed=5)
+    lengths = (9, 1, 2, 6, 9, 3)
+    prompts = [(torch.randint(0, VOCAB, (n,)), None) for n in lengths]
+    cache = lm.allocate_cache(len(prompts))
+    with torch.no_grad():
+        logits = _prefill(lm, prompts, cache, pad_waste=10.0)  # everything in one padded batch
+        for i, (ids, _) in enumerate(prompts):
+            one = lm.allocate_cache(1)
+            want = lm(input_ids=ids[None], cache=one, num_last_tokens=1).logits[0, -1].float()
+            torch.testing.assert_close(logits[i], want, rtol=1e-5, atol=1e-5)
+            for layer in range(lm.config.n_layer):
+                torch.testing.assert_close(cache.conv_states[layer][i], one.conv_states[layer][0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(cache.ssm_states[layer][i], one.ssm_states[layer][0], rtol=1e-5, atol=1e-6)
+        # the same padded batch without the boundary: the short rows' states change
+        L = max(lengths)
+        ids = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), p]) for (p, _), n in zip(prompts, lengths)])
+        plain = lm.allocate_cache(len(prompts))
+        lm(input_ids=ids, cache=plain, num_last_tokens=1)
+    assert not torch.allclose(plain.ssm_states[0][1], cache.ssm_states[0][1], atol=1e-4)
 
 
 def test_batched_rows_finish_independently():

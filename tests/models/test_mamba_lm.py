@@ -285,6 +285,24 @@ def test_packed_prefill_cache_continues_last_sequence(backend):
     _assert_close(step, ref)
 
 
+def test_frozen_weights_batched_path_matches_trainable_path(backend):  # noqa: F811
+    """At batch > 1 a mixer without weight gradients (inference, stage 1's frozen LM) runs batched GEMMs over
+    the broadcast weights, with trainable weights the folded GEMM: same logits, same input gradients."""
+    lm = _random_lm(bias=True)
+    emb = torch.randn(3, 11, 32)
+    runs = {}
+    for frozen in (False, True):
+        lm.requires_grad_(not frozen)
+        x = emb.clone().requires_grad_(True)
+        out = lm(inputs_embeds=x).logits
+        out.pow(2).mean().backward()
+        runs[frozen] = (out.detach(), x.grad)
+    _assert_close(runs[True][0], runs[False][0])
+    _assert_close(runs[True][1], runs[False][1])
+    with torch.no_grad():
+        _assert_close(lm(inputs_embeds=emb).logits, runs[False][0])
+
+
 def test_inputs_embeds_equals_input_ids():
     lm = _random_lm()
     ids = torch.randint(0, 90, (2, 7))
