@@ -505,6 +505,243 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// backward, state-sequential variant (EMMA_CUDA_SCAN_BWD=seq)
+//
+// A quad of threads owns one (batch, channel) row, each thread 4 of its 16 states (quarter q: states 4q..4q+3),
+// and walks time one step at a time: no scans across lanes. The adjoint runs backwards, so each chunk of kSave
+// steps is walked twice forwards from its saved state first: pass 1 writes the state at every tile of kBsT
+// steps (checkpoints, thread-local), pass 2, tile by tile from the last, recomputes the tile's states and
+// decay factors into registers and walks them backwards:
+//   g_t = a_{t+1} g_{t+1} + C_t dy_t,   ga = g_t h_{t-1} a_t,   dA += ga dt,   du_t = dt sum_n g B + D dy,
+//   ddelta_t = u sum_n g B + sum_n ga A,   dB_t = g dt u,   dC_t = dy h_t.
+// Per (t, n) element that is two exp2 and ~20 other instructions, against ~44 in the warp backward (two
+// shuffle scans, per-element shared-memory reduction). dB and dC are summed over the block's 32 channels:
+// within a warp's 8 rows by a reduce-scatter over lanes (xor 16, 8, 4: one shuffle per element), across the
+// 4 warps in shared memory once per tile (double-buffered: one barrier per tile), then across blocks as the
+// warp kernel does (float atomics, or per-block partials in the deterministic mode). Variable B and C staged in
+// shared memory per chunk as fp32 ([t][n]). Variable B/C (one group, or groups of a multiple of 32 channels)
+// and d_state <= 16 only; other inputs run the warp kernel.
+
+constexpr int kBsRows = 32;                     // channels per block
+constexpr int kBsThreads = 4 * kBsRows;         // a quad per channel
+constexpr int kBsT = 8;                         // time steps per tile
+constexpr int kBsTiles = kSave / kBsT;          // tiles per chunk
+static_assert(kSave % kBsT == 0, "tiles must divide the chunk");
+
+template <typename T, typename WT>
+__global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) {
+  __shared__ float4 Bs[kSave][4];  // the chunk's B and C as fp32, [t][n / 4]
+  __shared__ float4 Cs[kSave][4];
+  __shared__ float red[2][kBsThreads / 32][kBsT][2][16];  // per-warp dB/dC sums of a tile, double-buffered
+  const int N = p.dstate, L = p.seqlen;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int q = threadIdx.x & 3, r = threadIdx.x >> 2;
+  const int c0 = blockIdx.x * kBsRows, c = c0 + r, b = blockIdx.y;
+  const bool active = c < p.dim;  // inactive rows contribute zeros but meet every shuffle and barrier
+  const int64_t bd = static_cast<int64_t>(b) * p.dim + (active ? c : c0);
+  const int64_t row = bd * L;
+  const WT* Bp = static_cast<const WT*>(p.B) +
+                 (static_cast<int64_t>(b) * p.groups_B + c0 / (p.dim / p.groups_B)) * N * static_cast<int64_t>(L);
+  const WT* Cp = static_cast<const WT*>(p.C) +
+                 (static_cast<int64_t>(b) * p.groups_C + c0 / (p.dim / p.groups_C)) * N * static_cast<int64_t>(L);
+  float An[4], A2[4], g[4], a_next[4], dA[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = 4 * q + j;
+    const bool ok = active && n < N;
+    An[j] = ok ? p.A[static_cast<int64_t>(c) * N + n] : 0.f;
+    A2[j] = An[j] * kLog2e;
+    g[j] = ok && p.dlast ? p.dlast[bd * N + n] : 0.f;  // the adjoint after the last step
+    a_next[j] = 1.f;
+    dA[j] = 0.f;
+  }
+  const float Dv = p.D && active ? p.D[c] : 0.f;
+  float dD_l = 0.f, ddb_l = 0.f;
+  float ck[kBsTiles][4];  // pass 1: the state before each tile of the chunk
+
+  const int nchunks = (L + kSave - 1) / kSave;
+  for (int chunk = nchunks - 1; chunk >= 0; --chunk) {
+    const int cs = chunk * kSave, cl = min(kSave, L - cs), ntiles = (cl + kBsT - 1) / kBsT;
+    __syncthreads();  // the previous chunk's readers are done with Bs/Cs
+    for (int i = threadIdx.x; i < kSave * 16; i += kBsThreads) {
+      const int n = i / kSave, t = i % kSave;  // threads run along t: coalesced reads
+      const bool in = n < N && t < cl;
+      reinterpret_cast<float*>(Bs[t])[n] = in ? to_f<WT>(Bp[static_cast<int64_t>(n) * L + cs + t]) : 0.f;
+      reinterpret_cast<float*>(Cs[t])[n] = in ? to_f<WT>(Cp[static_cast<int64_t>(n) * L + cs + t]) : 0.f;
+    }
+    __syncthreads();
+
+    // pass 1: checkpoints
+    float h[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = 4 * q + j;
+      h[j] = active && n < N ? p.saved_in[(bd * p.nsave + chunk) * N + n] : 0.f;
+    }
+    for (int tile = 0; tile < ntiles; ++tile) {
+      const int t0 = cs + tile * kBsT, valid = min(kBsT, L - t0);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ck[tile][j] = h[j];
+      float u[kBsT], dt[kBsT], dt_raw[kBsT];
+      unsigned reset;
+      load_step_inputs<T, kBsT>(p, row, active ? c : c0, b, t0, valid, u, dt, dt_raw, reset);
+#pragma unroll
+      for (int i = 0; i < kBsT; ++i) {
+        const float4 bv = Bs[t0 - cs + i][q];
+        const float bq[4] = {bv.x, bv.y, bv.z, bv.w};
+        const float dtu = dt[i] * u[i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float a = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2[j]);
+          h[j] = a * h[j] + dtu * bq[j];
+        }
+      }
+    }
+
+    // pass 2: tiles from the last, each recomputed then walked backwards
+    for (int tile = ntiles - 1; tile >= 0; --tile) {
+      const int t0 = cs + tile * kBsT, tl0 = tile * kBsT, valid = min(kBsT, L - t0);
+      float u[kBsT], dt[kBsT], dt_raw[kBsT], dy[kBsT], fz[kBsT], y[kBsT];
+      unsigned reset;
+      load_step_inputs<T, kBsT>(p, row, active ? c : c0, b, t0, valid, u, dt, dt_raw, reset);
+      load_k<T, kBsT>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
+      if (p.z) {
+        float zv[kBsT];
+        load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+#pragma unroll
+        for (int i = 0; i < kBsT; ++i) {
+          const float sg = sigmoid_f(zv[i]);
+          fz[i] = dy[i] * sg * (1.f + zv[i] * (1.f - sg));  // dout * dsilu(z): dz = fz * (y + D u)
+          dy[i] *= zv[i] * sg;                              // dy = dout * silu(z)
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBsT; ++i)
+        if (i >= valid || !active) dy[i] = 0.f;
+      // recompute the tile: a and h per (step, state), and y (this thread's 4 states) when z needs it
+      float a[kBsT][4], hs[kBsT][4], h0[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) h0[j] = ck[tile][j];
+#pragma unroll
+      for (int i = 0; i < kBsT; ++i) {
+        const float4 bv = Bs[tl0 + i][q], cv = Cs[tl0 + i][q];
+        const float bq[4] = {bv.x, bv.y, bv.z, bv.w}, cq[4] = {cv.x, cv.y, cv.z, cv.w};
+        const float dtu = dt[i] * u[i];
+        y[i] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          a[i][j] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2[j]);
+          hs[i][j] = a[i][j] * (i > 0 ? hs[i - 1][j] : h0[j]) + dtu * bq[j];
+          y[i] += cq[j] * hs[i][j];
+        }
+      }
+      // backwards through the tile
+      float du[kBsT], ddt[kBsT];
+      float* rbuf = &red[tile & 1][warp][0][0][0];
+#pragma unroll
+      for (int i = kBsT - 1; i >= 0; --i) {
+        const float4 bv = Bs[tl0 + i][q], cv = Cs[tl0 + i][q];
+        const float bq[4] = {bv.x, bv.y, bv.z, bv.w}, cq[4] = {cv.x, cv.y, cv.z, cv.w};
+        const float dtu = dt[i] * u[i];
+        float sgB = 0.f, sgaA = 0.f, v[8];  // v: dB of the 4 states, then dC
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float alpha = i == kBsT - 1 ? a_next[j] : a[i + 1][j];
+          g[j] = alpha * g[j] + cq[j] * dy[i];
+          const float hp = i > 0 ? hs[i - 1][j] : h0[j];
+          const float ga = g[j] * hp * a[i][j];  // 0 at a segment start (a = 0): no gradient crosses it
+          dA[j] += ga * dt[i];
+          sgaA += ga * An[j];
+          sgB += g[j] * bq[j];
+          v[j] = g[j] * dtu;
+          v[4 + j] = dy[i] * hs[i][j];
+        }
+        // the quad's sums over the 16 states
+        sgB += __shfl_xor_sync(kFull, sgB, 1);
+        sgB += __shfl_xor_sync(kFull, sgB, 2);
+        sgaA += __shfl_xor_sync(kFull, sgaA, 1);
+        sgaA += __shfl_xor_sync(kFull, sgaA, 2);
+        du[i] = dt[i] * sgB + Dv * dy[i];
+        ddt[i] = u[i] * sgB + sgaA;
+        // dB/dC over the warp's 8 rows (lanes of equal q, xor 4, 8, 16): reduce-scatter, 8 values -> 1
+        const bool up16 = lane & 16, up8 = lane & 8;
+        float w4[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // keep half: dB,dC states {0,1} (lower lanes) or {2,3} (upper)
+          const float keep = up16 ? v[(k >> 1) * 4 + 2 + (k & 1)] : v[(k >> 1) * 4 + (k & 1)];
+          const float send = up16 ? v[(k >> 1) * 4 + (k & 1)] : v[(k >> 1) * 4 + 2 + (k & 1)];
+          w4[k] = keep + __shfl_xor_sync(kFull, send, 16);
+        }
+        float w2[2];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {  // keep one state of the pair: dB (k = 0) and dC (k = 1)
+          const float keep = up8 ? w4[2 * k + 1] : w4[2 * k];
+          const float send = up8 ? w4[2 * k] : w4[2 * k + 1];
+          w2[k] = keep + __shfl_xor_sync(kFull, send, 8);
+        }
+        w2[0] += __shfl_xor_sync(kFull, w2[0], 4);
+        w2[1] += __shfl_xor_sync(kFull, w2[1], 4);
+        if ((lane & 4) == 0) {  // lanes 0-3, 8-11, 16-19, 24-27 own state 4q + 2*up16 + up8
+          const int n = 4 * q + (up16 ? 2 : 0) + (up8 ? 1 : 0);
+          rbuf[(i * 2 + 0) * 16 + n] = w2[0];
+          rbuf[(i * 2 + 1) * 16 + n] = w2[1];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a_next[j] = a[0][j];
+      // per-step outputs of this row (lane q == 0 of the quad writes)
+      float dz[kBsT];
+#pragma unroll
+      for (int i = 0; i < kBsT; ++i) {
+        if (p.z) {
+          float yt = y[i];
+          yt += __shfl_xor_sync(kFull, yt, 1);
+          yt += __shfl_xor_sync(kFull, yt, 2);
+          dz[i] = fz[i] * (yt + Dv * u[i]);
+        }
+        if (i < valid) dD_l += dy[i] * u[i];
+        if (p.softplus) ddt[i] *= sigmoid_f(dt_raw[i]);  // dt_raw already holds delta + bias
+        if (i < valid) ddb_l += ddt[i];
+      }
+      if (active && q == 0) {
+        store_k<T, kBsT>(static_cast<T*>(p.du) + row + t0, du, valid, p.vec_in);
+        store_k<T, kBsT>(static_cast<T*>(p.ddelta) + row + t0, ddt, valid, p.vec_in);
+        if (p.z) store_k<T, kBsT>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+      }
+      // the block's dB/dC of this tile: sum the 4 warps' rows, then to global memory
+      __syncthreads();
+      for (int e = threadIdx.x; e < kBsT * 2 * 16; e += kBsThreads) {
+        const int i = e / 32, which = (e / 16) & 1, n = e % 16, t = t0 + i;
+        if (i >= valid || n >= N) continue;
+        float s = 0.f;
+        for (int w = 0; w < kBsThreads / 32; ++w) s += red[tile & 1][w][i][which][n];
+        const int groups = which == 0 ? p.groups_B : p.groups_C;
+        float* dst = which == 0 ? p.dB_acc : p.dC_acc;
+        if (p.deterministic) {
+          dst[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * N + n) * L + t] = s;
+        } else {
+          const int g_idx = c0 / (p.dim / groups);
+          atomicAdd(dst + ((static_cast<int64_t>(b) * groups + g_idx) * N + n) * L + t, s);
+        }
+      }
+    }
+  }
+
+  // per-row sums: dD, d delta_bias over the quad's copies (every quad thread summed the same steps)
+  if (active && q == 0) {
+    p.dD_part[bd] = dD_l;
+    p.ddb_part[bd] = ddb_l;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int n = 4 * q + j;
+    if (!active || n >= N) continue;
+    p.dA_part[bd * N + n] = dA[j];
+    if (p.dinit) p.dinit[bd * N + n] = a_next[j] * g[j];  // adjoint of h_{-1}
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // host side
 
 struct BC {
@@ -599,6 +836,20 @@ bool use_seq_forward(const ScanParams& p) {
   return p.dstate <= kSeqN && fits(p.groups_B) && fits(p.groups_C);
 }
 
+// Which backward runs: EMMA_CUDA_SCAN_BWD=warp (default) or seq, read per call like EMMA_CUDA_SCAN_FWD; seq falls
+// back to the warp kernel where it does not apply (constant B or C, d_state > 16, groups of other sizes).
+bool use_seq_backward(const ScanParams& p) {
+  const char* env = std::getenv("EMMA_CUDA_SCAN_BWD");
+  const std::string mode = env ? env : "warp";
+  EMMA_CHECK(mode == "warp" || mode == "seq" || mode.empty(), "EMMA_CUDA_SCAN_BWD must be warp or seq, got '",
+             mode, "'");
+  if (mode != "seq") return false;
+  auto fits = [&](int groups) {
+    return groups == 1 || (groups > 1 && (p.dim / groups) % kBsRows == 0);
+  };
+  return p.dstate <= 16 && fits(p.groups_B) && fits(p.groups_C);
+}
+
 // Channels per backward block: the largest of 8, 4, 2, 1 that divides dim and the channels of one B/C group
 // (so the in-block reduction of dB/dC never mixes groups).
 int bwd_warps(int dim, int gB, int gC) {
@@ -689,8 +940,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   auto dD_part = at::empty({Bn, Dn}, fopts), ddb_part = at::empty({Bn, Dn}, fopts);
   at::Tensor dinit;
   if (initial_state) dinit = at::empty({Bn, Dn, N}, fopts);
+  const bool seq_bwd = use_seq_backward(p);
   const int nw = bwd_warps(Dn, B.groups, C.groups);
-  const int nblk = Dn / nw;
+  const int nblk = seq_bwd ? (Dn + kBsRows - 1) / kBsRows : Dn / nw;  // blocks along dim (per-block partials)
   auto make_bc = [&](const BC& X, at::Tensor& const_part) -> at::Tensor {
     if (X.groups == 0) { const_part = at::empty({Bn, Dn, N}, fopts); return at::Tensor(); }
     if (deterministic) return at::empty({Bn, nblk, N, L}, fopts);
@@ -717,7 +969,17 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   p.dC_acc = C.groups > 0 ? dC_acc.data_ptr<float>() : nullptr;
   p.deterministic = deterministic;
 
-  if (Bn > 0 && Dn > 0) {
+  if (Bn > 0 && Dn > 0 && seq_bwd) {
+    EMMA_CHECK(Bn <= 65535, "selective_scan: batch must be at most 65535");
+    auto stream = at::cuda::getCurrentCUDAStream();
+    dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
+      using T = decltype(t_tag);
+      using WT = decltype(w_tag);
+      auto kernel = scan_bwd_seq_kernel<T, WT>;
+      EMMA_LAUNCH(kernel, dim3(nblk, Bn), kBsThreads, 0, stream, p);
+      EMMA_CUDA_LAUNCH_CHECK();
+    });
+  } else if (Bn > 0 && Dn > 0) {
     EMMA_CHECK(Bn <= 65535, "selective_scan: batch must be at most 65535");
     dim3 grid(nblk, Bn);
     const bool var = B.groups > 0 || C.groups > 0;

@@ -7,7 +7,9 @@ process and on the same tensors:
   bf16, with z, D, delta_bias and softplus as the Mamba mixer calls it): ours (``cuda`` backend through the
   public op, default and deterministic backward), our ``triton`` backend when it is available, and
   mamba-ssm's ``selective_scan_fn`` when importable; also our CUDA forward's state-sequential variant
-  (``EMMA_CUDA_SCAN_FWD=seq``, column ``emma_cuda_seq``) and both Triton forwards, to choose the defaults.
+  (``EMMA_CUDA_SCAN_FWD=seq``, column ``emma_cuda_seq``), its state-sequential backward
+  (``EMMA_CUDA_SCAN_BWD=seq``: ``emma_cuda_seqbwd``, and both: ``emma_cuda_seq_seqbwd``) and both Triton
+  forwards, to choose the defaults.
   The torch reference loop only on a small shape.
 * causal conv1d forward and forward+backward at the same (b, d, L), width 4, bias, SiLU: ours vs
   causal-conv1d's ``causal_conv1d_fn``.
@@ -227,20 +229,30 @@ def _triton_forward(impl):
 
 
 @contextlib.contextmanager
-def cuda_forward(impl):
-    """Run the CUDA scan with forward ``impl`` ("warp", "seq"; None: as set), via EMMA_CUDA_SCAN_FWD."""
-    if impl is None:
+def _env_setting(name, value):
+    """Environment variable ``name`` = ``value`` inside the block (None: left as it is)."""
+    if value is None:
         yield
         return
-    before = os.environ.get("EMMA_CUDA_SCAN_FWD")
-    os.environ["EMMA_CUDA_SCAN_FWD"] = impl
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("EMMA_CUDA_SCAN_FWD", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["EMMA_CUDA_SCAN_FWD"] = before
+            os.environ[name] = before
+
+
+def cuda_forward(impl):
+    """Run the CUDA scan with forward ``impl`` ("warp", "seq"; None: as set), via EMMA_CUDA_SCAN_FWD."""
+    return _env_setting("EMMA_CUDA_SCAN_FWD", impl)
+
+
+def cuda_backward(impl):
+    """Run the CUDA scan with backward ``impl`` ("warp", "seq"; None: as set), via EMMA_CUDA_SCAN_BWD."""
+    return _env_setting("EMMA_CUDA_SCAN_BWD", impl)
 
 
 def _dtype_name(dtype):
@@ -279,11 +291,12 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
     primary = f"emma_{env.primary}"
 
-    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None):
+    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None, cuda_bwd=None):
         def fwd():
             with ops.use_backend(backend), _triton_forward(triton_fwd), cuda_forward(cuda_fwd):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True, deterministic=det)
+        fwd.cuda_bwd = cuda_bwd  # read by the backward when it runs: set around forward + backward below
         return fwd
 
     impls = {f"emma_{bk}": ours(bk) for bk in backends}
@@ -292,8 +305,11 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
         other = "sequential" if _triton_forward_impl() == "chunked" else "chunked"
         impls[f"emma_triton_{other}"] = ours("triton", triton_fwd=other)
     seq = f"{primary}_seq"  # the CUDA state-sequential forward (same backward), to decide the default
+    seqbwd, both = f"{primary}_seqbwd", f"{primary}_seq_seqbwd"  # the state-sequential backward, alone and with it
     if env.primary in ("cuda", "cuda-emu"):
         impls[seq] = ours(env.primary, cuda_fwd="seq")
+        impls[seqbwd] = ours(env.primary, cuda_bwd="seq")
+        impls[both] = ours(env.primary, cuda_fwd="seq", cuda_bwd="seq")
     if mssm_scan is not None:
         impls["mamba_ssm"] = lambda: mssm_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                                x["delta_bias"], delta_softplus=True)
@@ -308,7 +324,8 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
                 torch.autograd.backward(out, dout)
                 for v in x.values():
                     v.grad = None
-            row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb, warmup=2, iters=8)
+            with cuda_backward(getattr(f, "cuda_bwd", None)):
+                row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb, warmup=2, iters=8)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
         if env.cuda:
@@ -324,6 +341,9 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     _ratios(row, t, primary, "mamba_ssm")
     _ratios(row, t, seq, "mamba_ssm")
     _ratios(row, t, seq, primary)
+    for name in (seqbwd, both):
+        _ratios(row, t, name, "mamba_ssm", kinds=("fwd_bwd",))
+        _ratios(row, t, name, primary, kinds=("fwd_bwd",))
     _ratios(row, t, "emma_triton", primary)  # issue 4: Triton forward within 1.5x of CUDA
     for other in ("chunked", "sequential"):
         _ratios(row, t, f"emma_triton_{other}", primary)

@@ -277,6 +277,62 @@ def test_unknown_forward_name_is_an_error(tgt, monkeypatch):
         _raw_forward(tgt, x)
 
 
+# the state-sequential backward (EMMA_CUDA_SCAN_BWD=seq): variable B/C, n <= 16; blocks of 32 channels
+SEQ_BWD_CASES = {  # b, d, n, l, dtype, B/C layouts, B/C dtype, z, D, bias, softplus, init, seq, dlast
+    "L1": (2, 4, 16, 1, torch.float32, ("var", "var"), None, 1, 1, 1, 1, 1, 1, 1),
+    "L7-bf16": (2, 4, 16, 7, torch.bfloat16, ("var", "var"), None, 1, 1, 1, 1, 1, 1, 1),
+    "L300-partial-block-n5": (1, 40, 5, 300, torch.bfloat16, ("var", "var"), None, 1, 1, 1, 1, 1, 1, 1),
+    "groups-of-32-fp16": (2, 64, 16, 520, torch.float16, ("g2", "g2"), None, 1, 1, 1, 1, 1, 1, 0),
+    "L2049-fp32-chunks": (1, 8, 16, 2049, torch.float32, ("var", "var"), None, 1, 1, 1, 1, 1, 1, 1),
+    "no-z-no-softplus": (2, 8, 8, 513, torch.float32, ("var", "var"), None, 0, 0, 0, 0, 0, 1, 1),
+    "fp32-BC-bf16-u": (2, 4, 16, 260, torch.bfloat16, ("var", "var"), torch.float32, 1, 1, 1, 1, 0, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(SEQ_BWD_CASES))
+def test_state_sequential_backward_matches_reference(tgt, case, monkeypatch):
+    monkeypatch.setenv("EMMA_CUDA_SCAN_BWD", "seq")
+    b, d, n, l, dtype, bc, bcd, z, D, bias, softplus, init, seq, dlast = SEQ_BWD_CASES[case]
+    inputs = _scan_inputs(tgt, b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
+    _check_scan(tgt, inputs, bool(softplus), bool(dlast))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_state_sequential_backward_both_reduction_modes(tgt, deterministic, monkeypatch):
+    """Atomics and per-block partials, several blocks per B/C group (64 channels, blocks of 32)."""
+    monkeypatch.setenv("EMMA_CUDA_SCAN_BWD", "seq")
+    inputs = _scan_inputs(tgt, 2, 128 if tgt is GPU else 64, 16, 600, torch.float32, ("var", "g2"))
+    _check_scan(tgt, inputs, deterministic=deterministic)
+    if deterministic:
+        runs = [_run_scan(tgt, inputs, True, True, deterministic=True)[2] for _ in range(2)]
+        for k in runs[0]:
+            assert torch.equal(runs[0][k], runs[1][k]), f"d{k} differs between runs"
+
+
+@pytest.mark.parametrize("bc", [("const", "var"), ("g3", "g3"), ("var", "var")], ids=str)
+def test_state_sequential_backward_falls_back_or_agrees(tgt, bc, monkeypatch):
+    """Where seq does not apply (constant B, groups of 3 channels, here also n = 40 > 16) the warp kernel runs:
+    bitwise the same gradients; where it applies, the same within rounding."""
+    n = 16 if bc == ("var", "var") else 40
+    x = _scan_inputs(tgt, 2, 24 if bc[0] == "g3" else 8, n, 300, torch.float32, bc)
+    grads = {}
+    for impl in ("warp", "seq"):
+        monkeypatch.setenv("EMMA_CUDA_SCAN_BWD", impl)
+        grads[impl] = _run_scan(tgt, x, True, True, deterministic=True)[2]
+    for k, a in grads["warp"].items():
+        if bc == ("var", "var"):
+            torch.testing.assert_close(grads["seq"][k], a, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{k}: {m}")
+        else:
+            assert torch.equal(grads["seq"][k], a), f"d{k}: the fallback is not the warp kernel"
+
+
+def test_unknown_backward_name_is_an_error(tgt, monkeypatch):
+    monkeypatch.setenv("EMMA_CUDA_SCAN_BWD", "fast")
+    x = _scan_inputs(tgt, 1, 4, 4, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="EMMA_CUDA_SCAN_BWD must be warp or seq, got 'fast'"):
+        _run_scan(tgt, x, True, True)
+
+
 def test_selective_scan_rejects_cpu_tensors_on_cuda_backend(gpu):
     u = torch.randn(1, 2, 5)
     with ops.use_backend("cuda"), pytest.raises(ops.BackendUnavailableError, match="cannot run on cpu"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emma_mamba import ops
-from emma_mamba.bench.kernels_gpu import cuda_forward
+from emma_mamba.bench.kernels_gpu import cuda_backward, cuda_forward
 from emma_mamba.ops import cuda_emulator
 
 from .test_cuda_backend import EMU, _scan_inputs
@@ -91,7 +91,8 @@ def test_unknown_schedule_is_rejected(emu):
 
 def _all_kernels(seed=0):
     """Every CUDA kernel once on small inputs that cross their chunk edges: the scan forward and
-    (deterministic) backward with grouped B/C, seq_idx and an initial state, the state-sequential forward,
+    (deterministic) backward with grouped B/C, seq_idx and an initial state, the state-sequential forward and
+    backward,
     the conv forward/backward, and both decode steps -> a flat list of result tensors."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
@@ -104,6 +105,10 @@ def _all_kernels(seed=0):
         grads = torch.autograd.grad((out * dout).sum() + last.sum(), list(leaf.values()))
         with cuda_forward("seq"):  # 16 channels in a block of 128 threads: 4 warps around the B/C staging
             seq_out = ops.selective_scan(**{**x, "B": x["C"]}, delta_softplus=True)
+        with cuda_backward("seq"):  # 16 channels in a block of 32 rows: 2 warps idle at every barrier
+            sx = {**x, "B": leaf["C"]}
+            o2 = ops.selective_scan(**sx, delta_softplus=True, deterministic=True)
+            seq_grads = torch.autograd.grad((o2 * dout).sum(), [leaf[k] for k in ("u", "delta", "C", "A")])
         x, w = r(b, d, 1100).requires_grad_(), r(d, 4).requires_grad_()
         y = ops.causal_conv1d(x, w, None, "silu", seq_idx=segments(b, 1100, gen, {1024}))
         cgrads = torch.autograd.grad((y * r(b, d, 1100)).sum(), [x, w])
@@ -111,7 +116,7 @@ def _all_kernels(seed=0):
         step = ops.selective_state_update(state, r(b, d), torch.rand(b, d, generator=gen), leaf["A"].detach(),
                                           r(b, n), r(b, n), None, r(b, d), None, True)
         cstep = ops.causal_conv1d_update(r(b, d), conv, w.detach(), None, "silu")
-    return [out, last, *grads, seq_out, y, *cgrads, state, conv, step, cstep]
+    return [out, last, *grads, seq_out, *seq_grads, y, *cgrads, state, conv, step, cstep]
 
 
 
@@ -209,10 +214,10 @@ def test_exercise_grid_runs(emu):
 ASAN_SCRIPT = """
 from emma_mamba.ops import cuda_emulator
 cuda_emulator._module = cuda_emulator.load(sanitize=True)  # the cuda-emu backend now runs the sanitised build
-from emma_mamba.bench.kernels_gpu import cuda_forward
+from emma_mamba.bench.kernels_gpu import cuda_backward, cuda_forward
 from tests.ops.test_cuda_emulator import exercise_every_kernel
 calls = exercise_every_kernel()
-with cuda_forward("seq"):  # the state-sequential forward where it applies
+with cuda_forward("seq"), cuda_backward("seq"):  # the state-sequential forward and backward where they apply
     calls += exercise_every_kernel()
 print("ASAN-CLEAN", calls)
 """
