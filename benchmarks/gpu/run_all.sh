@@ -7,7 +7,8 @@
 #   usage: bash benchmarks/gpu/run_all.sh [PEERS_DIR] [STAGES]
 #   STAGES, any of:
 #     peers    build mamba-ssm and causal-conv1d (background; needed for the peer columns)
-#     tests    the cuda backend's gpu tests, then its scan tests again with EMMA_CUDA_SCAN_FWD=seq (issue 3)
+#     tests    the cuda backend's gpu tests, then its scan tests again with EMMA_CUDA_SCAN_FWD=seq and
+#              EMMA_CUDA_SCAN_BWD=seq (issue 3)
 #     alltests every `gpu`-marked test: cuda and triton backends, LM parity on GPU, latency on GPU (issues 3, 4, 9)
 #     bench    `python -m emma_mamba.bench.kernels_gpu`: scan, conv, decode vs the peers (issues 3, 4)
 #     latency  `emma-mamba bench latency --preset emma-mamba-2.8b --cuda-graphs --peer` (issue 9; needs open_clip)
@@ -96,8 +97,8 @@ if has tests; then
     --tb=short -o addopts="" -m gpu > $LOG/tests.log 2>&1
   cp $LOG/tests.log $OUT/tests.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests.log | head -60
-  # the scan tests again with the state-sequential forward wherever it applies (EMMA_CUDA_SCAN_FWD=seq)
-  EMMA_CUDA_SCAN_FWD=seq timeout 90 python3 -m pytest tests/ops/test_cuda_backend.py -q --timeout 120 \
+  # the scan tests again with the state-sequential forward and backward wherever they apply
+  EMMA_CUDA_SCAN_FWD=seq EMMA_CUDA_SCAN_BWD=seq timeout 90 python3 -m pytest tests/ops/test_cuda_backend.py -q --timeout 120 \
     -p no:cacheprovider --tb=short -o addopts="" -m gpu -k "scan or packed or decode_steps" > $LOG/tests_seq.log 2>&1
   cp $LOG/tests_seq.log $OUT/tests_seq.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests_seq.log | head -30

@@ -601,40 +601,46 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
     // pass 2: tiles from the last, each recomputed then walked backwards
     for (int tile = ntiles - 1; tile >= 0; --tile) {
       const int t0 = cs + tile * kBsT, tl0 = tile * kBsT, valid = min(kBsT, L - t0);
-      float u[kBsT], dt[kBsT], dt_raw[kBsT], dy[kBsT], fz[kBsT], y[kBsT];
+      float u[kBsT], dt[kBsT], dy[kBsT];
       unsigned reset;
-      load_step_inputs<T, kBsT>(p, row, active ? c : c0, b, t0, valid, u, dt, dt_raw, reset);
-      load_k<T, kBsT>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
-      if (p.z) {
-        float zv[kBsT];
-        load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
-#pragma unroll
-        for (int i = 0; i < kBsT; ++i) {
-          const float sg = sigmoid_f(zv[i]);
-          fz[i] = dy[i] * sg * (1.f + zv[i] * (1.f - sg));  // dout * dsilu(z): dz = fz * (y + D u)
-          dy[i] *= zv[i] * sg;                              // dy = dout * silu(z)
-        }
+      {
+        float dt_raw[kBsT];  // not kept: softplus' derivative is recomputed from dt below
+        load_step_inputs<T, kBsT>(p, row, active ? c : c0, b, t0, valid, u, dt, dt_raw, reset);
       }
-#pragma unroll
-      for (int i = 0; i < kBsT; ++i)
-        if (i >= valid || !active) dy[i] = 0.f;
-      // recompute the tile: a and h per (step, state), and y (this thread's 4 states) when z needs it
+      load_k<T, kBsT>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
+      // recompute the tile: a and h per (step, state)
       float a[kBsT][4], hs[kBsT][4], h0[4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) h0[j] = ck[tile][j];
 #pragma unroll
       for (int i = 0; i < kBsT; ++i) {
-        const float4 bv = Bs[tl0 + i][q], cv = Cs[tl0 + i][q];
-        const float bq[4] = {bv.x, bv.y, bv.z, bv.w}, cq[4] = {cv.x, cv.y, cv.z, cv.w};
+        const float4 bv = Bs[tl0 + i][q];
+        const float bq[4] = {bv.x, bv.y, bv.z, bv.w};
         const float dtu = dt[i] * u[i];
-        y[i] = 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           a[i][j] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2[j]);
           hs[i][j] = a[i][j] * (i > 0 ? hs[i - 1][j] : h0[j]) + dtu * bq[j];
-          y[i] += cq[j] * hs[i][j];
         }
       }
+      if (p.z) {  // the gate: dz = dout dsilu(z) (y + D u) stored now (y from the recomputed states), dy gated
+        float zv[kBsT], dz[kBsT];
+        load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+#pragma unroll
+        for (int i = 0; i < kBsT; ++i) {
+          const float4 cv = Cs[tl0 + i][q];
+          float yt = cv.x * hs[i][0] + cv.y * hs[i][1] + cv.z * hs[i][2] + cv.w * hs[i][3];
+          yt += __shfl_xor_sync(kFull, yt, 1);
+          yt += __shfl_xor_sync(kFull, yt, 2);
+          const float sg = sigmoid_f(zv[i]);
+          dz[i] = dy[i] * sg * (1.f + zv[i] * (1.f - sg)) * (yt + Dv * u[i]);
+          dy[i] *= zv[i] * sg;
+        }
+        if (active && q == 0) store_k<T, kBsT>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+      }
+#pragma unroll
+      for (int i = 0; i < kBsT; ++i)
+        if (i >= valid || !active) dy[i] = 0.f;
       // backwards through the tile
       float du[kBsT], ddt[kBsT];
       float* rbuf = &red[tile & 1][warp][0][0][0];
@@ -690,23 +696,16 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
 #pragma unroll
       for (int j = 0; j < 4; ++j) a_next[j] = a[0][j];
       // per-step outputs of this row (lane q == 0 of the quad writes)
-      float dz[kBsT];
 #pragma unroll
       for (int i = 0; i < kBsT; ++i) {
-        if (p.z) {
-          float yt = y[i];
-          yt += __shfl_xor_sync(kFull, yt, 1);
-          yt += __shfl_xor_sync(kFull, yt, 2);
-          dz[i] = fz[i] * (yt + Dv * u[i]);
-        }
         if (i < valid) dD_l += dy[i] * u[i];
-        if (p.softplus) ddt[i] *= sigmoid_f(dt_raw[i]);  // dt_raw already holds delta + bias
+        // softplus' derivative sigmoid(x) = 1 - exp(-softplus(x)), from dt = softplus(delta + bias)
+        if (p.softplus) ddt[i] *= -expm1f(-dt[i]);
         if (i < valid) ddb_l += ddt[i];
       }
       if (active && q == 0) {
         store_k<T, kBsT>(static_cast<T*>(p.du) + row + t0, du, valid, p.vec_in);
         store_k<T, kBsT>(static_cast<T*>(p.ddelta) + row + t0, ddt, valid, p.vec_in);
-        if (p.z) store_k<T, kBsT>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
       }
       // the block's dB/dC of this tile: sum the 4 warps' rows, then to global memory
       __syncthreads();
