@@ -821,33 +821,21 @@ void dispatch_scan(at::ScalarType in, at::ScalarType wt, F&& f) {
   });
 }
 
-// Which forward runs: EMMA_CUDA_SCAN_FWD=warp (default) or seq, read per call (tests and the benchmark switch it in
-// process); seq falls back to the warp kernel where it does not apply.
-bool use_seq_forward(const ScanParams& p) {
-  const char* env = std::getenv("EMMA_CUDA_SCAN_FWD");
+// Which forward and backward run: EMMA_CUDA_SCAN_FWD / EMMA_CUDA_SCAN_BWD = warp (default) or seq, read per call
+// (tests and the benchmark switch them in process). A seq variant applies to variable B/C in one group or in
+// groups of a multiple of its block's channels, and d_state <= 16; elsewhere the warp kernel runs.
+bool use_seq_variant(const ScanParams& p, const char* var, int block_channels) {
+  const char* env = std::getenv(var);
   const std::string mode = env ? env : "warp";
-  EMMA_CHECK(mode == "warp" || mode == "seq" || mode.empty(), "EMMA_CUDA_SCAN_FWD must be warp or seq, got '",
-             mode, "'");
+  EMMA_CHECK(mode == "warp" || mode == "seq" || mode.empty(), var, " must be warp or seq, got '", mode, "'");
   if (mode != "seq") return false;
   auto fits = [&](int groups) {
-    return groups == 1 || (groups > 1 && (p.dim / groups) % kSeqThreads == 0);
+    return groups == 1 || (groups > 1 && (p.dim / groups) % block_channels == 0);
   };
-  return p.dstate <= kSeqN && fits(p.groups_B) && fits(p.groups_C);
+  return p.dstate <= kSeqN && fits(p.groups_B) && fits(p.groups_C);  // both variants hold 16 states
 }
-
-// Which backward runs: EMMA_CUDA_SCAN_BWD=warp (default) or seq, read per call like EMMA_CUDA_SCAN_FWD; seq falls
-// back to the warp kernel where it does not apply (constant B or C, d_state > 16, groups of other sizes).
-bool use_seq_backward(const ScanParams& p) {
-  const char* env = std::getenv("EMMA_CUDA_SCAN_BWD");
-  const std::string mode = env ? env : "warp";
-  EMMA_CHECK(mode == "warp" || mode == "seq" || mode.empty(), "EMMA_CUDA_SCAN_BWD must be warp or seq, got '",
-             mode, "'");
-  if (mode != "seq") return false;
-  auto fits = [&](int groups) {
-    return groups == 1 || (groups > 1 && (p.dim / groups) % kBsRows == 0);
-  };
-  return p.dstate <= 16 && fits(p.groups_B) && fits(p.groups_C);
-}
+bool use_seq_forward(const ScanParams& p) { return use_seq_variant(p, "EMMA_CUDA_SCAN_FWD", kSeqThreads); }
+bool use_seq_backward(const ScanParams& p) { return use_seq_variant(p, "EMMA_CUDA_SCAN_BWD", kBsRows); }
 
 // Channels per backward block: the largest of 8, 4, 2, 1 that divides dim and the channels of one B/C group
 // (so the in-block reduction of dB/dC never mixes groups).

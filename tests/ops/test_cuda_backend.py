@@ -132,13 +132,18 @@ SCAN_CASES = {
 GPU_ONLY_CASES = {"wide-d"}
 
 
+def _check_case(t, spec):
+    """A SCAN_CASES-style row against the reference."""
+    b, d, n, l, dtype, bc, bcd, z, D, bias, softplus, init, seq, dlast = spec
+    inputs = _scan_inputs(t, b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
+    _check_scan(t, inputs, bool(softplus), bool(dlast))
+
+
 @pytest.mark.parametrize("case", list(SCAN_CASES))
 def test_selective_scan_flag_combinations(tgt, case):
     if case in GPU_ONLY_CASES and tgt is EMU:
         pytest.skip("a scale case: too slow for the emulator (runs on a GPU)")
-    b, d, n, l, dtype, bc, bcd, z, D, bias, softplus, init, seq, dlast = SCAN_CASES[case]
-    inputs = _scan_inputs(tgt, b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
-    _check_scan(tgt, inputs, bool(softplus), bool(dlast))
+    _check_case(tgt, SCAN_CASES[case])
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -292,9 +297,7 @@ SEQ_BWD_CASES = {  # b, d, n, l, dtype, B/C layouts, B/C dtype, z, D, bias, soft
 @pytest.mark.parametrize("case", list(SEQ_BWD_CASES))
 def test_state_sequential_backward_matches_reference(tgt, case, monkeypatch):
     monkeypatch.setenv("EMMA_CUDA_SCAN_BWD", "seq")
-    b, d, n, l, dtype, bc, bcd, z, D, bias, softplus, init, seq, dlast = SEQ_BWD_CASES[case]
-    inputs = _scan_inputs(tgt, b, d, n, l, dtype, bc, z, D, bias, init, seq, bc_dtype=bcd)
-    _check_scan(tgt, inputs, bool(softplus), bool(dlast))
+    _check_case(tgt, SEQ_BWD_CASES[case])
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
