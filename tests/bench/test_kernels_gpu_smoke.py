@@ -146,7 +146,21 @@ def test_triton_columns_under_the_interpreter():
 
 def test_cuda_forward_variants_under_the_emulator(monkeypatch):
     """With the CUDA kernels as "ours" (under the CPU emulator): the scan row times both CUDA forwards, the
-    default and the state-sequential one, and they compute the same function."""
+    default and the state-sequential one, and they compute the same function; and both backwards: the
+    seq-backward columns' backward passes really run with EMMA_CUDA_SCAN_BWD=seq (it is read when the
+    backward runs, after the forward returned)."""
+    import os
+
+    from emma_mamba.ops import _autograd
+
+    seen = []
+    real_backward = _autograd.SelectiveScanFn.backward
+
+    def backward(ctx, *grads):
+        seen.append(os.environ.get("EMMA_CUDA_SCAN_BWD"))
+        return real_backward(ctx, *grads)
+
+    monkeypatch.setattr(_autograd.SelectiveScanFn, "backward", staticmethod(backward))
     monkeypatch.setattr(kg, "_import_mamba_ssm", _fake_mamba_ssm)
     monkeypatch.setattr(kg, "_import_causal_conv1d", _fake_causal_conv1d)
     env = kg._Env("cpu", "cuda-emu", scan_shapes=[(1, 8, 16, 40)], ref_shape=(1, 8, 4, 16), decode_batches=[1],
@@ -164,3 +178,7 @@ def test_cuda_forward_variants_under_the_emulator(monkeypatch):
         t["emma_cuda-emu_seq.fwd"] / t["emma_cuda-emu.fwd"])
     assert row["max_abs_diff_emma_cuda-emu_seq_vs_emma_cuda-emu"] < 1e-4 * max(1.0, row["max_abs_out"])
     assert row["max_abs_diff_mamba_ssm_vs_emma_cuda-emu"] < 1e-4 * max(1.0, row["max_abs_out"])
+    for name in ("emma_cuda-emu_seqbwd", "emma_cuda-emu_seq_seqbwd"):
+        assert row[f"ratio_{name}_over_emma_cuda-emu.fwd_bwd"] == pytest.approx(
+            t[f"{name}.fwd_bwd"] / t["emma_cuda-emu.fwd_bwd"])
+    assert "seq" in seen and None in seen  # the seq-backward columns ran it, the others the default
