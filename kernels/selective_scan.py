@@ -64,6 +64,13 @@ BWD_WARPS = 4
 FWD_IMPL = os.environ.get("EMMA_TRITON_SCAN_FWD", "chunked")
 SEQ_BLOCK_D = 32
 SEQ_WARPS = 4
+# Likewise two backwards: "chunked" (reverse associative scans per state index) and "sequential" (the adjoint
+# one step at a time, states in registers; each chunk walked forwards from its saved state with checkpoints
+# every SEQ_BWD_TILE steps in a small per-program scratch). EMMA_TRITON_SCAN_BWD overrides at import.
+BWD_IMPL = os.environ.get("EMMA_TRITON_SCAN_BWD", "chunked")
+SEQ_BWD_BLOCK_D = 32
+SEQ_BWD_TILE = 16
+SEQ_BWD_WARPS = 4
 
 
 @triton.jit
@@ -398,6 +405,196 @@ def _selective_scan_bwd_kernel(
         tl.store(dh0_ptr + state_off, carry, mask=mask_dn)
 
 
+@triton.jit
+def _starts_at(seq_ptr, base, t, seqlen):
+    """Whether a new sequence starts at step t (seq_idx changes there; never at 0 or past the end)."""
+    tc = tl.minimum(t, seqlen - 1)
+    cur = tl.load(seq_ptr + base + tc)
+    prev = tl.load(seq_ptr + base + tl.maximum(tc - 1, 0))
+    return (t > 0) & (t < seqlen) & (cur != prev)
+
+
+@triton.jit
+def _selective_scan_bwd_seq_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, ck_ptr,
+    dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
+    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
+):
+    # The adjoint walked one time step at a time with the (channel, state) tile in registers, as the
+    # sequential forward walks the recurrence. It runs backwards, so per chunk pass 1 walks forwards from the
+    # saved state and writes a checkpoint every TILE steps (scratch ck, per program), and pass 2, tile by
+    # tile from the last, recomputes the tile's states into scratch, then walks them backwards:
+    #   g_t = a_{t+1} g_{t+1} + C_t dy_t,  a_t h_{t-1} = h_t - b_t,  dA += g (h_t - b_t) dt, ...
+    # a_t is recomputed in the backward walk and carried one step as a_{t+1}.
+    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
+    grp_B = (pid_d * BLOCK_D) // cpg_B
+    grp_C = (pid_d * BLOCK_D) // cpg_C
+    B_base = B_ptr + pid_b * sB_b + grp_B * sB_g
+    C_base = C_ptr + pid_b * sC_b + grp_C * sC_g
+    if ATOMIC_BC:
+        dB_base = dB_ptr + pid_b * sdB_b + grp_B * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + grp_C * sdC_g
+    else:
+        dB_base = dB_ptr + pid_b * sdB_b + pid_d * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + pid_d * sdC_g
+    A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    A2 = A * 1.4426950408889634
+    if not B_VAR:
+        B_t = tl.load(B_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    if not C_VAR:
+        C_t = tl.load(C_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        Dv = 0.0
+    if HAS_DBIAS:
+        bias = tl.load(dbias_ptr + offs_d, mask=mask_d, other=0.0)
+    else:
+        bias = 0.0
+    row = pid_b * dim * seqlen + offs_d * seqlen  # (BD,) into (b, d, l)
+    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
+    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    NT: tl.constexpr = CHUNK // TILE
+    zero_d = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    zero_n = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    ck_off = ((pid_b * dim + offs_d[:, None]) * (NT + TILE)) * dstate + offs_n[None, :]  # slot 0
+    if HAS_DLAST:
+        g = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0)
+    else:
+        g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    alpha = tl.full((BLOCK_D, BLOCK_N), 1.0, dtype=tl.float32)  # a_{t+1}: 1 after the last step
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # constant B/C only
+    dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        cs = c * CHUNK
+        ntiles = tl.cdiv(tl.minimum(CHUNK, seqlen - cs), TILE)
+        # pass 1: checkpoints
+        h = tl.load(saved_ptr + saved_off + c * dstate, mask=mask_dn, other=0.0)
+        for tile in range(ntiles):
+            tl.store(ck_ptr + ck_off + tile * dstate, h, mask=mask_dn)
+            for s in range(TILE):
+                t = cs + tile * TILE + s
+                on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
+                on_n = mask_n & ((zero_n + t) < seqlen)
+                u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                dt = _delta_of(tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32), bias,
+                               SOFTPLUS)
+                dt = tl.where(on_d, dt, 0.0)
+                if B_VAR:
+                    B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+                a = tl.exp2(dt[:, None] * A2)
+                if HAS_SEQ:
+                    a = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, a)
+                h = a * h + (dt * u)[:, None] * B_t
+        tl.debug_barrier()
+        # pass 2: tiles from the last
+        for j in range(ntiles):
+            tile = ntiles - 1 - j
+            t0 = cs + tile * TILE
+            h = tl.load(ck_ptr + ck_off + tile * dstate, mask=mask_dn, other=0.0)
+            for s in range(TILE):  # recompute the tile's states into the scratch slots NT ... NT + TILE - 1
+                t = t0 + s
+                on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
+                on_n = mask_n & ((zero_n + t) < seqlen)
+                u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                dt = _delta_of(tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32), bias,
+                               SOFTPLUS)
+                dt = tl.where(on_d, dt, 0.0)
+                if B_VAR:
+                    B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+                a = tl.exp2(dt[:, None] * A2)
+                if HAS_SEQ:
+                    a = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, a)
+                h = a * h + (dt * u)[:, None] * B_t
+                tl.store(ck_ptr + ck_off + (NT + s) * dstate, h, mask=mask_dn)
+                if HAS_Z:  # the gate's gradient needs y_t = <C_t, h_t> + D u_t
+                    if C_VAR:
+                        C_t = tl.load(C_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+                    y = tl.sum(h * C_t, axis=1) + Dv * u
+                    zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                    do = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                    sz = tl.sigmoid(zt)
+                    dz = do * y * sz * (1.0 + zt * (1.0 - sz))
+                    tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=on_d)
+            tl.debug_barrier()
+            for s in range(TILE):  # backwards through the tile
+                k = TILE - 1 - s
+                t = t0 + k
+                on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
+                on_n = mask_n & ((zero_n + t) < seqlen)
+                u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                xs = tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32) + bias
+                dt = tl.where(on_d, _delta_of(xs, 0.0, SOFTPLUS), 0.0)
+                if B_VAR:
+                    B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+                if C_VAR:
+                    C_t = tl.load(C_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+                dy = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                    dy = dy * zt * tl.sigmoid(zt)
+                h = tl.load(ck_ptr + ck_off + (NT + k) * dstate, mask=mask_dn, other=0.0)
+                dtu = dt * u
+                hprev_a = h - dtu[:, None] * B_t  # a_t h_{t-1}
+                g = alpha * g + C_t * dy[:, None]
+                ga = g * hprev_a
+                dA_acc += ga * dt[:, None]
+                gB = tl.sum(g * B_t, axis=1)
+                ddt = u * gB + tl.sum(ga * A, axis=1)
+                du = dt * gB
+                if HAS_D:
+                    du += Dv * dy
+                    dD_acc += tl.where(on_d, dy * u, 0.0)
+                if SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(xs)
+                ddt = tl.where(on_d, ddt, 0.0)
+                dbias_acc += ddt
+                tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=on_d)
+                tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=on_d)
+                if B_VAR:
+                    dB_t = tl.sum(g * dtu[:, None], axis=0)  # (BN,): summed over the block's channels
+                    if ATOMIC_BC:
+                        tl.atomic_add(dB_base + offs_n * seqlen + t, dB_t, mask=on_n)
+                    else:
+                        tl.store(dB_base + offs_n * seqlen + t, dB_t, mask=on_n)
+                else:
+                    dB_acc += g * dtu[:, None]
+                if C_VAR:
+                    dC_t = tl.sum(h * dy[:, None], axis=0)
+                    if ATOMIC_BC:
+                        tl.atomic_add(dC_base + offs_n * seqlen + t, dC_t, mask=on_n)
+                    else:
+                        tl.store(dC_base + offs_n * seqlen + t, dC_t, mask=on_n)
+                else:
+                    dC_acc += h * dy[:, None]
+                alpha = tl.exp2(dt[:, None] * A2)  # a_t, the next (earlier) step's a_{t+1}
+                if HAS_SEQ:
+                    alpha = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, alpha)
+            tl.debug_barrier()
+
+    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
+    if not B_VAR:
+        tl.store(dB_ptr + state_off, dB_acc, mask=mask_dn)
+    if not C_VAR:
+        tl.store(dC_ptr + state_off, dC_acc, mask=mask_dn)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+    if HAS_DBIAS:
+        tl.store(ddbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
+    if HAS_H0:
+        tl.store(dh0_ptr + state_off, alpha * g, mask=mask_dn)  # the adjoint of the state before step 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # host side
 
@@ -491,7 +688,11 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
                            f"expected {(b, d, nchunks, n)} (forward and backward used different CHUNK)")
     dev = u.device
     f32 = torch.float32
-    block_d, block_n = _blocks(d, n, B, C, BWD_BLOCK_D)
+    if BWD_IMPL not in ("chunked", "sequential"):
+        raise ValueError(f"emma_mamba.kernels.selective_scan.BWD_IMPL must be 'chunked' or 'sequential' "
+                         f"(EMMA_TRITON_SCAN_BWD), got {BWD_IMPL!r}")
+    sequential = BWD_IMPL == "sequential"
+    block_d, block_n = _blocks(d, n, B, C, SEQ_BWD_BLOCK_D if sequential else BWD_BLOCK_D)
     nblk = triton.cdiv(d, block_d)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
@@ -519,21 +720,27 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     B_var, _, sB_b, sB_g = _layout(B, d)
     C_var, _, sC_b, sC_g = _layout(C, d)
     dummy = u
-    _selective_scan_bwd_kernel[(nblk, b)](
+    args = [
         u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, saved,
         dout, dlast_state if dlast_state is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dA_part, dB_buf, dC_buf,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
         dh0 if dh0 is not None else dummy,
-        d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C),
-        sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
-        B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,
-        BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-        **_launch_kwargs(BWD_WARPS),
-    )
+    ]
+    sizes = [d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C), sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g]
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
+                 B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,
+                 BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
+    if sequential:
+        tile = min(SEQ_BWD_TILE, chunk)  # both powers of two: the tile divides the chunk
+        # per (b, d): chunk // tile checkpoints, then tile slots for the states of the tile being walked
+        ck = torch.empty(b, d, chunk // tile + tile, n, device=dev, dtype=f32)
+        _selective_scan_bwd_seq_kernel[(nblk, b)](*args, ck, *sizes, **flags, TILE=tile,
+                                                  **_launch_kwargs(SEQ_BWD_WARPS))
+    else:
+        _selective_scan_bwd_kernel[(nblk, b)](*args, *sizes, **flags, **_launch_kwargs(BWD_WARPS))
 
     def finish(X, buf):
         if X.dim() == 2:

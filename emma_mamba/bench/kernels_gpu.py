@@ -8,8 +8,8 @@ process and on the same tensors:
   public op, default and deterministic backward), our ``triton`` backend when it is available, and
   mamba-ssm's ``selective_scan_fn`` when importable; also our CUDA forward's state-sequential variant
   (``EMMA_CUDA_SCAN_FWD=seq``, column ``emma_cuda_seq``), its state-sequential backward
-  (``EMMA_CUDA_SCAN_BWD=seq``: ``emma_cuda_seqbwd``, and both: ``emma_cuda_seq_seqbwd``) and both Triton
-  forwards, to choose the defaults.
+  (``EMMA_CUDA_SCAN_BWD=seq``: ``emma_cuda_seqbwd``, and both: ``emma_cuda_seq_seqbwd``), both Triton
+  forwards and the Triton sequential backward (``emma_triton_seqbwd``), to choose the defaults.
   The torch reference loop only on a small shape.
 * causal conv1d forward and forward+backward at the same (b, d, L), width 4, bias, SiLU: ours vs
   causal-conv1d's ``causal_conv1d_fn``.
@@ -215,17 +215,26 @@ def _triton_forward_impl():
 
 
 @contextlib.contextmanager
-def _triton_forward(impl):
-    """Run the Triton scan with forward implementation ``impl`` ("chunked", "sequential"; None: as set)."""
+def _triton_setting(name, impl):
+    """Run the Triton scan with ``selective_scan.<name>`` (FWD_IMPL, BWD_IMPL) = ``impl`` (None: as set)."""
     if impl is None:
         yield
         return
     from emma_mamba.kernels import selective_scan as triton_scan
-    before, triton_scan.FWD_IMPL = triton_scan.FWD_IMPL, impl
+    before = getattr(triton_scan, name)
+    setattr(triton_scan, name, impl)
     try:
         yield
     finally:
-        triton_scan.FWD_IMPL = before
+        setattr(triton_scan, name, before)
+
+
+def _triton_forward(impl):
+    return _triton_setting("FWD_IMPL", impl)
+
+
+def _triton_backward(impl):
+    return _triton_setting("BWD_IMPL", impl)
 
 
 @contextlib.contextmanager
@@ -291,12 +300,13 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
     primary = f"emma_{env.primary}"
 
-    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None, cuda_bwd=None):
+    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None, cuda_bwd=None, triton_bwd=None):
         def fwd():
             with ops.use_backend(backend), _triton_forward(triton_fwd), cuda_forward(cuda_fwd):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True, deterministic=det)
-        fwd.cuda_bwd = cuda_bwd  # read by the backward when it runs: set around forward + backward below
+        # the backward variants are read when the backward runs: set around forward + backward below
+        fwd.cuda_bwd, fwd.triton_bwd = cuda_bwd, triton_bwd
         return fwd
 
     impls = {f"emma_{bk}": ours(bk) for bk in backends}
@@ -304,6 +314,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     if "triton" in backends:  # the other Triton forward (same backward), to decide the default on a GPU
         other = "sequential" if _triton_forward_impl() == "chunked" else "chunked"
         impls[f"emma_triton_{other}"] = ours("triton", triton_fwd=other)
+        impls["emma_triton_seqbwd"] = ours("triton", triton_bwd="sequential")  # the sequential backward
     seq = f"{primary}_seq"  # the CUDA state-sequential forward (same backward), to decide the default
     seqbwd, both = f"{primary}_seqbwd", f"{primary}_seq_seqbwd"  # the state-sequential backward, alone and with it
     if env.primary in ("cuda", "cuda-emu"):
@@ -324,7 +335,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
                 torch.autograd.backward(out, dout)
                 for v in x.values():
                     v.grad = None
-            with cuda_backward(getattr(f, "cuda_bwd", None)):
+            with cuda_backward(getattr(f, "cuda_bwd", None)), _triton_backward(getattr(f, "triton_bwd", None)):
                 row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb, warmup=2, iters=8)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
@@ -347,6 +358,8 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     _ratios(row, t, "emma_triton", primary)  # issue 4: Triton forward within 1.5x of CUDA
     for other in ("chunked", "sequential"):
         _ratios(row, t, f"emma_triton_{other}", primary)
+    _ratios(row, t, "emma_triton_seqbwd", "emma_triton", kinds=("fwd_bwd",))
+    _ratios(row, t, "emma_triton_seqbwd", "mamba_ssm", kinds=("fwd_bwd",))
     _ratios(row, t, f"{primary}_deterministic", primary, kinds=("fwd_bwd",))
     nbytes = _scan_bytes(b, d, n, l, env.dtype.itemsize)
     row["fwd_bytes_min"] = nbytes

@@ -173,6 +173,32 @@ def test_both_forwards_save_the_same_states(monkeypatch):
         K.selective_scan.selective_scan_fwd(*args, True, None, None)
 
 
+@pytest.mark.parametrize("case", SEQUENTIAL_CASES + ["mixed-groups"])
+def test_sequential_backward_matches_reference(case, monkeypatch):
+    """The "sequential" backward (the adjoint one step at a time, checkpoints per tile): every gradient, both
+    reduction modes for variable B/C, with 32-step chunks and 8-step tiles so the cases cross chunk and tile
+    edges (a partial last tile included)."""
+    monkeypatch.setattr(K.selective_scan, "BWD_IMPL", "sequential")
+    monkeypatch.setattr(K.selective_scan, "CHUNK", 32)
+    monkeypatch.setattr(K.selective_scan, "SEQ_BWD_TILE", 8)
+    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
+    inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
+    _check_scan(inputs, dtype, bool(softplus), bool(last_grad), deterministic=case != "mixed-groups")
+
+
+def test_both_backwards_agree_and_unknown_name_is_an_error(monkeypatch):
+    x = _scan_inputs(2, 4, 5, 70, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
+    grads = {}
+    for impl in ("chunked", "sequential"):
+        monkeypatch.setattr(K.selective_scan, "BWD_IMPL", impl)
+        grads[impl] = _run_scan(x, True, True, "triton", deterministic=True)[2]
+    for k, a in grads["chunked"].items():
+        torch.testing.assert_close(grads["sequential"][k], a, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{k}: {m}")
+    monkeypatch.setattr(K.selective_scan, "BWD_IMPL", "recursive")
+    with pytest.raises(ValueError, match="BWD_IMPL must be 'chunked' or 'sequential'"):
+        _run_scan(x, True, True, "triton")
+
+
 def test_selective_scan_atomic_dbc_matches_reference():
     """deterministic=False: dB/dC of variable and grouped B/C are added with fp32 atomics."""
     inputs = _scan_inputs(2, 4, 4, 150, torch.float32, ("var", "g2"), z=1, D=1, bias=1, init=1, seq=1)
@@ -369,6 +395,14 @@ def test_selective_scan_gpu_scale(dtype, impl, monkeypatch):
     monkeypatch.setattr(K.selective_scan, "FWD_IMPL", impl)
     inputs = _scan_inputs(2, 256, 16, 2048, dtype, ("var", "var"), z=1, D=1, bias=1, init=1, seq=1)
     _check_scan(inputs, dtype, True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sequential_backward_gpu_scale(deterministic, monkeypatch):
+    monkeypatch.setattr(K.selective_scan, "BWD_IMPL", "sequential")
+    inputs = _scan_inputs(2, 256, 16, 2048, torch.bfloat16, ("var", "var"), z=1, D=1, bias=1, init=1, seq=1)
+    _check_scan(inputs, torch.bfloat16, True, True, deterministic=deterministic)
 
 
 @pytest.mark.gpu
