@@ -258,18 +258,20 @@ class RMSNorm(nn.Module):
 
 
 def _no_weight_grad(W: torch.Tensor) -> bool:
-    return not (W.requires_grad and torch.is_grad_enabled())
+    """Whether the broadcast-weight GEMMs below apply: no gradient for W, and no autocast (which would cast the
+    broadcast (b, o, k) view of W, materialising it, where it casts a plain weight once)."""
+    return not (W.requires_grad and torch.is_grad_enabled()) and not torch.is_autocast_enabled(W.device.type)
 
 
 def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """W (o, k) @ x (b, k, l) -> (b, o, l), contiguous, without copying x or the result.
 
     At batch 1 one 2-D GEMM (it takes a transposed x as it is). At batch > 1 without a weight gradient
-    (inference, a frozen LM) a batched GEMM with W broadcast over the batch (stride 0): torch.matmul would fold
-    the batch into the rows, GEMM, and copy the (b, l, o) result into (b, o, l), a copy as large as the output
-    (at mamba-130m shapes, batch 8 x 600 tokens, these copies took a quarter of a prefill on the CPU). With a
-    weight gradient, torch.matmul: its weight gradient is one GEMM, where the broadcast weight's would be a
-    (b, o, k) stack summed over the batch."""
+    (inference, a frozen LM; not under autocast) a batched GEMM with W broadcast over the batch (stride 0):
+    torch.matmul would fold the batch into the rows, GEMM, and copy the (b, l, o) result into (b, o, l), a copy
+    as large as the output (at mamba-130m shapes, batch 8 x 600 tokens, these copies took a quarter of a prefill
+    on the CPU). With a weight gradient, torch.matmul: its weight gradient is one GEMM, where the broadcast
+    weight's would be a (b, o, k) stack summed over the batch."""
     if x.shape[0] == 1:
         return (W @ x[0])[None]
     if _no_weight_grad(W):
@@ -399,7 +401,7 @@ class MambaMixer(nn.Module):
             return F.linear(y[0].t(), W, bias)[None]  # (1, l, d_model)
         if _no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see _matmul_cf)
             out = torch.bmm(y.transpose(1, 2), W.t().expand(b, -1, -1))
-            return out if bias is None else out + bias
+            return out if bias is None else out + bias.to(out.dtype)
         return F.linear(y.transpose(1, 2), W, bias)  # (b, l, d_model)
 
     def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:

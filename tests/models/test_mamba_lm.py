@@ -301,6 +301,14 @@ def test_frozen_weights_batched_path_matches_trainable_path(backend):  # noqa: F
     _assert_close(runs[True][1], runs[False][1])
     with torch.no_grad():
         _assert_close(lm(inputs_embeds=emb).logits, runs[False][0])
+        # under autocast the folded GEMM stays (autocast would cast, and so materialise, a broadcast weight)
+        from emma_mamba.models.mamba import _no_weight_grad
+        W = lm.layers[0].mixer.in_proj.weight
+        assert _no_weight_grad(W)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _no_weight_grad(W)
+            out = lm(inputs_embeds=emb).logits
+        assert torch.isfinite(out).all()
 
 
 def test_inputs_embeds_equals_input_ids():
