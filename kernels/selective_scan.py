@@ -415,6 +415,25 @@ def _starts_at(seq_ptr, base, t, seqlen):
 
 
 @triton.jit
+def _seq_step(h, t, seqlen, row, mask_d, mask_n, zero_d, zero_n, offs_n, u_ptr, delta_ptr, B_base, B_const,
+              seq_ptr, seq_base, A2, bias, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr):
+    """The recurrence's step t (a no-op past the end): returns (h_t, u_t)."""
+    on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
+    u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+    dt = _delta_of(tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32), bias, SOFTPLUS)
+    dt = tl.where(on_d, dt, 0.0)
+    if B_VAR:
+        on_n = mask_n & ((zero_n + t) < seqlen)
+        B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
+    else:
+        B_t = B_const
+    a = tl.exp2(dt[:, None] * A2)
+    if HAS_SEQ:
+        a = tl.where(_starts_at(seq_ptr, seq_base, t, seqlen), 0.0, a)
+    return a * h + (dt * u)[:, None] * B_t, u
+
+
+@triton.jit
 def _selective_scan_bwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, ck_ptr,
@@ -446,6 +465,9 @@ def _selective_scan_bwd_seq_kernel(
     A2 = A * 1.4426950408889634
     if not B_VAR:
         B_t = tl.load(B_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
+        B_const = B_t
+    else:
+        B_const = A2  # unused: each step loads its row of B
     if not C_VAR:
         C_t = tl.load(C_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
     if HAS_D:
@@ -483,19 +505,9 @@ def _selective_scan_bwd_seq_kernel(
         for tile in range(ntiles):
             tl.store(ck_ptr + ck_off + tile * dstate, h, mask=mask_dn)
             for s in range(TILE):
-                t = cs + tile * TILE + s
-                on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
-                on_n = mask_n & ((zero_n + t) < seqlen)
-                u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
-                dt = _delta_of(tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32), bias,
-                               SOFTPLUS)
-                dt = tl.where(on_d, dt, 0.0)
-                if B_VAR:
-                    B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
-                a = tl.exp2(dt[:, None] * A2)
-                if HAS_SEQ:
-                    a = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, a)
-                h = a * h + (dt * u)[:, None] * B_t
+                h, u = _seq_step(h, cs + tile * TILE + s, seqlen, row, mask_d, mask_n, zero_d, zero_n, offs_n,
+                                 u_ptr, delta_ptr, B_base, B_const, seq_ptr, pid_b * seqlen, A2, bias,
+                                 SOFTPLUS, HAS_SEQ, B_VAR)
         tl.debug_barrier()
         # pass 2: tiles from the last
         for j in range(ntiles):
@@ -504,20 +516,13 @@ def _selective_scan_bwd_seq_kernel(
             h = tl.load(ck_ptr + ck_off + tile * dstate, mask=mask_dn, other=0.0)
             for s in range(TILE):  # recompute the tile's states into the scratch slots NT ... NT + TILE - 1
                 t = t0 + s
-                on_d = mask_d & ((zero_d + t) < seqlen)  # channels in range, step in range
-                on_n = mask_n & ((zero_n + t) < seqlen)
-                u = tl.load(u_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
-                dt = _delta_of(tl.load(delta_ptr + row + t, mask=on_d, other=0.0).to(tl.float32), bias,
-                               SOFTPLUS)
-                dt = tl.where(on_d, dt, 0.0)
-                if B_VAR:
-                    B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
-                a = tl.exp2(dt[:, None] * A2)
-                if HAS_SEQ:
-                    a = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, a)
-                h = a * h + (dt * u)[:, None] * B_t
+                h, u = _seq_step(h, t, seqlen, row, mask_d, mask_n, zero_d, zero_n, offs_n,
+                                 u_ptr, delta_ptr, B_base, B_const, seq_ptr, pid_b * seqlen, A2, bias,
+                                 SOFTPLUS, HAS_SEQ, B_VAR)
                 tl.store(ck_ptr + ck_off + (NT + s) * dstate, h, mask=mask_dn)
                 if HAS_Z:  # the gate's gradient needs y_t = <C_t, h_t> + D u_t
+                    on_d = mask_d & ((zero_d + t) < seqlen)
+                    on_n = mask_n & ((zero_n + t) < seqlen)
                     if C_VAR:
                         C_t = tl.load(C_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
                     y = tl.sum(h * C_t, axis=1) + Dv * u

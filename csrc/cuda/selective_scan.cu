@@ -109,6 +109,14 @@ __device__ __forceinline__ void load_bc(const void* X, int groups, const ScanPar
   }
 }
 
+// The (n, l) rows of variable B or C for batch b and the group holding channel c0 (the seq kernels' blocks lie
+// in one group: the host checks).
+template <typename WT>
+__device__ __forceinline__ const WT* block_bc(const void* X, int groups, const ScanParams& p, int b, int c0) {
+  return static_cast<const WT*>(X) +
+         (static_cast<int64_t>(b) * groups + c0 / (p.dim / groups)) * p.dstate * static_cast<int64_t>(p.seqlen);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
@@ -225,11 +233,8 @@ __global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p)
   const bool active = c < p.dim;  // inactive threads still stage B/C and meet the barriers
   const int64_t bd = static_cast<int64_t>(b) * p.dim + (active ? c : c0);
   const int64_t row = bd * L;
-  // the block's B and C rows: every channel of the block is in one group (the host checks)
-  const WT* Bp = static_cast<const WT*>(p.B) +
-                 (static_cast<int64_t>(b) * p.groups_B + c0 / (p.dim / p.groups_B)) * N * static_cast<int64_t>(L);
-  const WT* Cp = static_cast<const WT*>(p.C) +
-                 (static_cast<int64_t>(b) * p.groups_C + c0 / (p.dim / p.groups_C)) * N * static_cast<int64_t>(L);
+  const WT* Bp = block_bc<WT>(p.B, p.groups_B, p, b, c0);
+  const WT* Cp = block_bc<WT>(p.C, p.groups_C, p, b, c0);
   float A2[kSeqN], h[kSeqN];
 #pragma unroll
   for (int n = 0; n < kSeqN; ++n) {
@@ -540,10 +545,8 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
   const bool active = c < p.dim;  // inactive rows contribute zeros but meet every shuffle and barrier
   const int64_t bd = static_cast<int64_t>(b) * p.dim + (active ? c : c0);
   const int64_t row = bd * L;
-  const WT* Bp = static_cast<const WT*>(p.B) +
-                 (static_cast<int64_t>(b) * p.groups_B + c0 / (p.dim / p.groups_B)) * N * static_cast<int64_t>(L);
-  const WT* Cp = static_cast<const WT*>(p.C) +
-                 (static_cast<int64_t>(b) * p.groups_C + c0 / (p.dim / p.groups_C)) * N * static_cast<int64_t>(L);
+  const WT* Bp = block_bc<WT>(p.B, p.groups_B, p, b, c0);
+  const WT* Cp = block_bc<WT>(p.C, p.groups_C, p, b, c0);
   float An[4], A2[4], g[4], a_next[4], dA[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
