@@ -101,7 +101,9 @@ class GraphDecoder:
         self._fingerprint = None
 
     def _current_fingerprint(self):
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.lm.parameters())
+        from emma_mamba.models.mamba import param_version
+
+        return tuple((p.data_ptr(), param_version(p), p.dtype) for p in self.lm.parameters())
 
     def static(self, batch: int) -> StaticStep:
         """The static buffers of ``batch`` rows, capturing the step first if needed (or again, when the model's

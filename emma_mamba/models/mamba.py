@@ -257,6 +257,15 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def param_version(p: torch.Tensor) -> int:
+    """p's version counter (moves on every in-place update), or 0 for a tensor created under
+    torch.inference_mode (a model built or loaded there), which keeps none."""
+    try:
+        return p._version
+    except RuntimeError:
+        return 0
+
+
 def _no_weight_grad(W: torch.Tensor) -> bool:
     """Whether the broadcast-weight GEMMs below apply: no gradient for W, and no autocast (which would cast the
     broadcast (b, o, k) view of W, materialising it, where it casts a plain weight once)."""
@@ -334,7 +343,7 @@ class MambaMixer(nn.Module):
         params = (self.A_log, self.D, self.dt_proj.bias)
         if torch.is_grad_enabled():
             return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
-        key = tuple((p.data_ptr(), p._version, p.device, p.dtype) for p in params)
+        key = tuple((p.data_ptr(), param_version(p), p.device, p.dtype) for p in params)
         if self._ssm_cache is None or self._ssm_cache[0] != key:
             with torch.no_grad():
                 self._ssm_cache = (key, (-torch.exp(self.A_log.float()), self.D.float(),

@@ -81,6 +81,21 @@ def test_chat_with_graphs_carries_the_same_state():
         cuda_graphs.release(big)
 
 
+def test_a_model_built_under_inference_mode_generates():
+    """Its parameters are inference tensors, which keep no version counter (the mixers' parameter cache and
+    the graph fingerprint fall back to addresses)."""
+    with torch.inference_mode():
+        model = _lm(seed=11)
+    prompt = torch.randint(0, VOCAB, (5,)).tolist()
+    want = generate(_lm(seed=11), input_ids=prompt, config=_cfg(6, False)).sequences
+    assert generate(model, input_ids=prompt, config=_cfg(6, False)).sequences == want
+    cuda_graphs.attach(model, cuda_graphs.EagerReplay())
+    try:
+        assert generate(model, input_ids=prompt, config=_cfg(6, True)).sequences == want
+    finally:
+        cuda_graphs.release(model)
+
+
 def test_graphs_on_a_cpu_model_are_an_error(lm, capsys):
     with pytest.raises(ValueError, match="CUDA graphs need a model on a CUDA device, this one is on cpu"):
         generate(lm, input_ids=[1, 2, 3], config=_cfg(4, True))
