@@ -236,6 +236,24 @@ def _selective_scan_fwd_seq_kernel(
 
 
 @triton.jit
+def _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b, sB_g, sC_b, sC_g,
+               sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D: tl.constexpr, ATOMIC_BC: tl.constexpr):
+    """The program's rows of B and C (its channels lie in one group of each), and where its dB/dC go: fp32
+    atomics into (b, g, n, l), or one partial per channel block (b, nblocks, n, l)."""
+    grp_B = (pid_d * BLOCK_D) // cpg_B
+    grp_C = (pid_d * BLOCK_D) // cpg_C
+    B_base = B_ptr + pid_b * sB_b + grp_B * sB_g
+    C_base = C_ptr + pid_b * sC_b + grp_C * sC_g
+    if ATOMIC_BC:
+        dB_base = dB_ptr + pid_b * sdB_b + grp_B * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + grp_C * sdC_g
+    else:
+        dB_base = dB_ptr + pid_b * sdB_b + pid_d * sdB_g
+        dC_base = dC_ptr + pid_b * sdC_b + pid_d * sdC_g
+    return B_base, C_base, dB_base, dC_base
+
+
+@triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr,
@@ -249,17 +267,8 @@ def _selective_scan_bwd_kernel(
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
     sel = offs_n[None, :]
-    grp_B = (pid_d * BLOCK_D) // cpg_B
-    grp_C = (pid_d * BLOCK_D) // cpg_C
-    B_base = B_ptr + pid_b * sB_b + grp_B * sB_g
-    C_base = C_ptr + pid_b * sC_b + grp_C * sC_g
-    # variable B/C: fp32 atomics into (b, g, n, l), or one partial per channel block (b, nblocks, n, l)
-    if ATOMIC_BC:
-        dB_base = dB_ptr + pid_b * sdB_b + grp_B * sdB_g
-        dC_base = dC_ptr + pid_b * sdC_b + grp_C * sdC_g
-    else:
-        dB_base = dB_ptr + pid_b * sdB_b + pid_d * sdB_g
-        dC_base = dC_ptr + pid_b * sdC_b + pid_d * sdC_g
+    B_base, C_base, dB_base, dC_base = _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b,
+                                                  sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D, ATOMIC_BC)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0)[:, None]
     if HAS_DBIAS:
@@ -451,16 +460,8 @@ def _selective_scan_bwd_seq_kernel(
     #   g_t = a_{t+1} g_{t+1} + C_t dy_t,  a_t h_{t-1} = h_t - b_t,  dA += g (h_t - b_t) dt, ...
     # a_t is recomputed in the backward walk and carried one step as a_{t+1}.
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
-    grp_B = (pid_d * BLOCK_D) // cpg_B
-    grp_C = (pid_d * BLOCK_D) // cpg_C
-    B_base = B_ptr + pid_b * sB_b + grp_B * sB_g
-    C_base = C_ptr + pid_b * sC_b + grp_C * sC_g
-    if ATOMIC_BC:
-        dB_base = dB_ptr + pid_b * sdB_b + grp_B * sdB_g
-        dC_base = dC_ptr + pid_b * sdC_b + grp_C * sdC_g
-    else:
-        dB_base = dB_ptr + pid_b * sdB_b + pid_d * sdB_g
-        dC_base = dC_ptr + pid_b * sdC_b + pid_d * sdC_g
+    B_base, C_base, dB_base, dC_base = _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b,
+                                                  sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D, ATOMIC_BC)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
     A2 = A * 1.4426950408889634
     if not B_VAR:
