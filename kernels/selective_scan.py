@@ -236,6 +236,25 @@ def _selective_scan_fwd_seq_kernel(
 
 
 @triton.jit
+def _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc, dB_acc, dC_acc, dD_acc, dbias_acc,
+                    dh0, state_off, bd_off, mask_d, mask_dn, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
+                    HAS_D: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_H0: tl.constexpr):
+    """A backward's per-(batch, channel) sums: partials (b, d, n) / (b, d) that the host sums over the batch,
+    and the gradient of the initial state."""
+    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
+    if not B_VAR:
+        tl.store(dB_ptr + state_off, dB_acc, mask=mask_dn)
+    if not C_VAR:
+        tl.store(dC_ptr + state_off, dC_acc, mask=mask_dn)
+    if HAS_D:
+        tl.store(dD_ptr + bd_off, dD_acc, mask=mask_d)
+    if HAS_DBIAS:
+        tl.store(ddbias_ptr + bd_off, dbias_acc, mask=mask_d)
+    if HAS_H0:
+        tl.store(dh0_ptr + state_off, dh0, mask=mask_dn)
+
+
+@triton.jit
 def _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b, sB_g, sC_b, sC_g,
                sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D: tl.constexpr, ATOMIC_BC: tl.constexpr):
     """The program's rows of B and C (its channels lie in one group of each), and where its dB/dC go: fp32
@@ -400,18 +419,8 @@ def _selective_scan_bwd_kernel(
         tl.store(du_ptr + row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddelta_ptr + row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
-    # per-batch partials (b, d, n) / (b, d), summed over the batch by the host
-    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
-    if not B_VAR:
-        tl.store(dB_ptr + state_off, dB_acc, mask=mask_dn)
-    if not C_VAR:
-        tl.store(dC_ptr + state_off, dC_acc, mask=mask_dn)
-    if HAS_D:
-        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
-    if HAS_DBIAS:
-        tl.store(ddbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
-    if HAS_H0:
-        tl.store(dh0_ptr + state_off, carry, mask=mask_dn)
+    _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc, dB_acc, dC_acc, dD_acc, dbias_acc,
+                    carry, state_off, pid_b * dim + offs_d, mask_d, mask_dn, B_VAR, C_VAR, HAS_D, HAS_DBIAS, HAS_H0)
 
 
 @triton.jit
@@ -588,17 +597,9 @@ def _selective_scan_bwd_seq_kernel(
                     alpha = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, alpha)
             tl.debug_barrier()
 
-    tl.store(dA_ptr + state_off, dA_acc, mask=mask_dn)
-    if not B_VAR:
-        tl.store(dB_ptr + state_off, dB_acc, mask=mask_dn)
-    if not C_VAR:
-        tl.store(dC_ptr + state_off, dC_acc, mask=mask_dn)
-    if HAS_D:
-        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
-    if HAS_DBIAS:
-        tl.store(ddbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
-    if HAS_H0:
-        tl.store(dh0_ptr + state_off, alpha * g, mask=mask_dn)  # the adjoint of the state before step 0
+    # alpha * g: the adjoint of the state before step 0
+    _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc, dB_acc, dC_acc, dD_acc, dbias_acc,
+                    alpha * g, state_off, pid_b * dim + offs_d, mask_d, mask_dn, B_VAR, C_VAR, HAS_D, HAS_DBIAS, HAS_H0)
 
 
 # ---------------------------------------------------------------------------------------------------------
