@@ -311,6 +311,27 @@ def test_frozen_weights_batched_path_matches_trainable_path(backend):  # noqa: F
         assert torch.isfinite(out).all()
 
 
+def test_batched_weight_gradients_equal_per_row_sums(backend):  # noqa: F811
+    """At batch > 1 on the CPU the mixer's GEMMs (broadcast weights, per-row weight-gradient GEMMs) give the
+    gradients that the batch-1 path (plain 2-D GEMMs) gives row by row, summed; the GEMM itself passes
+    torch's gradcheck in float64."""
+    from emma_mamba.models.mamba import _BroadcastGemm
+
+    W = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_BroadcastGemm.apply, (W, x))
+    lm = _random_lm(bias=True).train()
+    ids = torch.randint(0, 90, (3, 13))
+    lm.zero_grad()
+    lm(ids).logits.pow(2).mean().mul(3).backward()
+    batched = {k: p.grad.clone() for k, p in lm.named_parameters()}
+    lm.zero_grad()
+    for i in range(3):
+        lm(ids[i:i + 1]).logits.pow(2).mean().backward()
+    for k, p in lm.named_parameters():
+        torch.testing.assert_close(batched[k], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"d{k}: {m}")
+
+
 def test_inputs_embeds_equals_input_ids():
     lm = _random_lm()
     ids = torch.randint(0, 90, (2, 7))
