@@ -266,39 +266,10 @@ def param_version(p: torch.Tensor) -> int:
         return 0
 
 
-def _cpu_weight_grad(W: torch.Tensor) -> bool:
-    """Training on the CPU without autocast: the broadcast GEMMs with per-row weight-gradient GEMMs
-    (_BroadcastGemm) replace the folded GEMM and its copies (the quickstart's stage 2: ~9 % less time). Not on
-    a GPU, where they are unmeasured and the folded GEMM's one large weight-gradient GEMM is the safe choice."""
-    return W.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-
-
 def _no_weight_grad(W: torch.Tensor) -> bool:
     """Whether the broadcast-weight GEMMs below apply: no gradient for W, and no autocast (which would cast the
     broadcast (b, o, k) view of W, materialising it, where it casts a plain weight once)."""
     return not (W.requires_grad and torch.is_grad_enabled()) and not torch.is_autocast_enabled(W.device.type)
-
-
-class _BroadcastGemm(torch.autograd.Function):
-    """W (o, k) @ x (b, k, l) -> (b, o, l) as batched GEMMs over the broadcast W, with W's gradient: dx the
-    same way with W^T, dW as one GEMM per batch row accumulated (no (b, o, k) stack, no copies)."""
-
-    @staticmethod
-    def forward(ctx, W, x):
-        ctx.save_for_backward(W, x)
-        return torch.bmm(W.expand(x.shape[0], -1, -1), x)
-
-    @staticmethod
-    def backward(ctx, g):
-        W, x = ctx.saved_tensors
-        dW = dx = None
-        if ctx.needs_input_grad[1]:
-            dx = torch.bmm(W.t().expand(g.shape[0], -1, -1), g)
-        if ctx.needs_input_grad[0]:
-            dW = g[0] @ x[0].t()
-            for i in range(1, g.shape[0]):
-                dW.addmm_(g[i], x[i].t())
-        return dW, dx
 
 
 def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +285,6 @@ def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (W @ x[0])[None]
     if _no_weight_grad(W):
         return torch.bmm(W.expand(x.shape[0], -1, -1), x)
-    if _cpu_weight_grad(W):
-        return _BroadcastGemm.apply(W, x)
     return torch.matmul(W, x)
 
 
@@ -400,7 +369,7 @@ class MambaMixer(nn.Module):
         # then contiguous, where the halves of one (b, 2*d_inner, l) result would be copied by the kernels' input
         # checks (with a weight gradient the slices' gradients would each be a full-size zero-padded tensor)
         W, h_cf, di = self.in_proj.weight, hidden_states.transpose(1, 2), self.d_inner
-        x, z = (_matmul_cf(W[:di], h_cf), _matmul_cf(W[di:], h_cf)) if b > 1 and (_no_weight_grad(W) or _cpu_weight_grad(W)) else \
+        x, z = (_matmul_cf(W[:di], h_cf), _matmul_cf(W[di:], h_cf)) if b > 1 and _no_weight_grad(W) else \
             _matmul_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
         if self.in_proj.bias is not None:
             x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
@@ -441,9 +410,6 @@ class MambaMixer(nn.Module):
             return F.linear(y[0].t(), W, bias)[None]  # (1, l, d_model)
         if _no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see _matmul_cf)
             out = torch.bmm(y.transpose(1, 2), W.t().expand(b, -1, -1))
-            return out if bias is None else out + bias.to(out.dtype)
-        if _cpu_weight_grad(W):
-            out = _BroadcastGemm.apply(W, y).transpose(1, 2)
             return out if bias is None else out + bias.to(out.dtype)
         return F.linear(y.transpose(1, 2), W, bias)  # (b, l, d_model)
 
