@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
-    if args.cuda_graphs and not (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        print(f"emma-mamba eval: --cuda-graphs needs a CUDA device (--device {args.device or 'cpu'})", file=sys.stderr)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        print(f"emma-mamba eval: --cuda-graphs needs a CUDA device (--device {args.device})", file=sys.stderr)
         return 2
     if args.suite is not None:
         return _run_suite(args)
@@ -84,10 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.task}"
     try:
-        model = load(args.checkpoint, device=device)
+        model = load(args.checkpoint, device=args.device)
         report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint),
@@ -102,8 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_suite(args) -> int:
-    import torch
-
     from emma_mamba.eval._io import ScoreInputError
     from emma_mamba.eval.suite import format_summary, read_suite, run_suite
     from emma_mamba.models.vlm import load
@@ -112,11 +110,10 @@ def _run_suite(args) -> int:
         if getattr(args, flag) is not None:
             print(f"emma-mamba eval: --{flag} goes with --task; a suite names each benchmark's files", file=sys.stderr)
             return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.suite).stem}"
     try:
         entries = read_suite(args.suite)
-        model = load(args.checkpoint, device=device)
+        model = load(args.checkpoint, device=args.device)
         summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint), progress=not args.no_progress,
                             only=args.only, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                             limit=args.limit, cuda_graphs=args.cuda_graphs)

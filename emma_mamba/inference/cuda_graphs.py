@@ -132,9 +132,7 @@ class GraphDecoder:
         """The static step of ``cache``'s batch size, its states set to ``cache``'s."""
         s = self.static(cache.batch_size)
         if s.cache is not cache:
-            for mine, theirs in zip(s.cache.conv_states + s.cache.ssm_states, cache.conv_states + cache.ssm_states):
-                mine.copy_(theirs)
-        s.cache.seqlen_offset = cache.seqlen_offset
+            s.cache.copy_(cache)
         return s
 
     def step(self, s: StaticStep, tokens: torch.Tensor) -> torch.Tensor:

@@ -393,9 +393,9 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
 
     t1 = time.perf_counter()
     active = list(range(B))  # original prompt index of each cache row (with graphs: of each active row)
+    rows = torch.arange(B, device=lm.device)  # the same on the device, updated only when rows finish
     static = graphs.load(cache) if graphs is not None else None  # rows stay put: a finished row keeps stepping
     while True:
-        rows = torch.tensor(active, device=lm.device)
         tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
         keep = []
         for j, (i, t) in enumerate(zip(active, tokens.tolist())):
@@ -422,20 +422,17 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
             if static is None:
                 cache = cache.select(keep)
             active = [active[j] for j in keep]
-            tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            kept = torch.tensor(keep, device=tokens.device)
+            tokens, rows = tokens[kept], rows[kept]
         if static is None:
             logits = lm(input_ids=tokens[:, None], cache=cache).logits[:, -1].float()
         else:
-            rows = torch.tensor(active, device=lm.device)
             fed = static.tokens.new_zeros(B).index_copy_(0, rows, tokens)  # finished rows: any valid id
             logits = graphs.step(static, fed)[rows].float()
         result.decode_steps += 1
     result.decode_seconds = time.perf_counter() - t1
     if static is not None and caller_cache is not None:  # the caller's cache continues from the decoded state
-        for mine, theirs in zip(caller_cache.conv_states + caller_cache.ssm_states,
-                                static.cache.conv_states + static.cache.ssm_states):
-            mine.copy_(theirs)
-        caller_cache.seqlen_offset = static.cache.seqlen_offset
+        caller_cache.copy_(static.cache)
 
     if tokenizer is not None:
         texts = []

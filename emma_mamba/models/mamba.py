@@ -220,6 +220,13 @@ class MambaCache:
             mine.index_copy_(0, index, theirs.to(mine.dtype))
         return self
 
+    def copy_(self, other: "MambaCache") -> "MambaCache":
+        """Take ``other``'s states (same shapes) and offset, in place: this cache's tensors keep their addresses."""
+        for mine, theirs in zip(self.conv_states + self.ssm_states, other.conv_states + other.ssm_states):
+            mine.copy_(theirs)
+        self.seqlen_offset = other.seqlen_offset
+        return self
+
     def reset(self) -> None:
         for t in self.conv_states + self.ssm_states:
             t.zero_()
