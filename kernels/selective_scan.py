@@ -255,6 +255,15 @@ def _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc,
 
 
 @triton.jit
+def _put_channel_sum(ptr, vals, mask, ATOMIC_BC: tl.constexpr):
+    """A program's dB or dC (summed over its channels) into the atomic accumulator, or its own partial."""
+    if ATOMIC_BC:
+        tl.atomic_add(ptr, vals, mask=mask)
+    else:
+        tl.store(ptr, vals, mask=mask)
+
+
+@triton.jit
 def _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b, sB_g, sC_b, sC_g,
                sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D: tl.constexpr, ATOMIC_BC: tl.constexpr):
     """The program's rows of B and C (its channels lie in one group of each), and where its dB/dC go: fp32
@@ -393,18 +402,12 @@ def _selective_scan_bwd_kernel(
             dA_acc = tl.where(sel == n, dA_acc + tl.sum(dh * hprev_a * dt, axis=1)[:, None], dA_acc)
             if B_VAR:
                 dB_t = tl.sum(dh * dtu, axis=0)  # (T,): summed over the block's channels
-                if ATOMIC_BC:
-                    tl.atomic_add(dB_base + n * seqlen + t, dB_t, mask=mask_t)
-                else:
-                    tl.store(dB_base + n * seqlen + t, dB_t, mask=mask_t)
+                _put_channel_sum(dB_base + n * seqlen + t, dB_t, mask_t, ATOMIC_BC)
             else:
                 dB_acc = tl.where(sel == n, dB_acc + tl.sum(dh * dtu, axis=1)[:, None], dB_acc)
             if C_VAR:
                 dC_t = tl.sum(hs * dy, axis=0)
-                if ATOMIC_BC:
-                    tl.atomic_add(dC_base + n * seqlen + t, dC_t, mask=mask_t)
-                else:
-                    tl.store(dC_base + n * seqlen + t, dC_t, mask=mask_t)
+                _put_channel_sum(dC_base + n * seqlen + t, dC_t, mask_t, ATOMIC_BC)
             else:
                 dC_acc = tl.where(sel == n, dC_acc + tl.sum(hs * dy, axis=1)[:, None], dC_acc)
         carry = carry_new
@@ -578,18 +581,12 @@ def _selective_scan_bwd_seq_kernel(
                 tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=on_d)
                 if B_VAR:
                     dB_t = tl.sum(g * dtu[:, None], axis=0)  # (BN,): summed over the block's channels
-                    if ATOMIC_BC:
-                        tl.atomic_add(dB_base + offs_n * seqlen + t, dB_t, mask=on_n)
-                    else:
-                        tl.store(dB_base + offs_n * seqlen + t, dB_t, mask=on_n)
+                    _put_channel_sum(dB_base + offs_n * seqlen + t, dB_t, on_n, ATOMIC_BC)
                 else:
                     dB_acc += g * dtu[:, None]
                 if C_VAR:
                     dC_t = tl.sum(h * dy[:, None], axis=0)
-                    if ATOMIC_BC:
-                        tl.atomic_add(dC_base + offs_n * seqlen + t, dC_t, mask=on_n)
-                    else:
-                        tl.store(dC_base + offs_n * seqlen + t, dC_t, mask=on_n)
+                    _put_channel_sum(dC_base + offs_n * seqlen + t, dC_t, on_n, ATOMIC_BC)
                 else:
                     dC_acc += h * dy[:, None]
                 alpha = tl.exp2(dt[:, None] * A2)  # a_t, the next (earlier) step's a_{t+1}
