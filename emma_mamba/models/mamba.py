@@ -345,10 +345,11 @@ class MambaMixer(nn.Module):
         """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32.
 
         Without autograd (generation) they are kept between calls until a parameter changes (its version
-        counter moves), which saves a d_inner x d_state exp per layer per decoded token.
+        counter moves), which saves a d_inner x d_state exp per layer per decoded token; not inside a
+        torch.compile graph (which cannot compare data pointers, and recomputes the exp as part of the graph).
         """
         params = (self.A_log, self.D, self.dt_proj.bias)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
         key = tuple((p.data_ptr(), param_version(p), p.device, p.dtype) for p in params)
         if self._ssm_cache is None or self._ssm_cache[0] != key:
@@ -535,7 +536,10 @@ class MambaLM(nn.Module):
                 raise ValueError(f"MambaLM.forward: input_ids must be an integer tensor (batch, seqlen), got "
                                  f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
             b, l = input_ids.shape
-            if input_ids.numel():
+            if torch.compiler.is_compiling():  # no host sync inside a graph: an assert op checks the ids
+                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                                    f"MambaLM.forward: a token id is outside the embedding [0, {V})")
+            elif input_ids.numel():
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= V:
                     raise ValueError(f"MambaLM.forward: token id {hi if hi >= V else lo} is outside the embedding "

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _checks
+from . import _checks, _library
 from ._autograd import CausalConv1dFn, SelectiveScanFn
 from ._checks import OpInputError
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
@@ -219,6 +219,24 @@ def _kernels_for(t: torch.Tensor):
     return _load(get_backend(t.device))
 
 
+@torch.compiler.assume_constant_result
+def _traced_backend(device_type: str) -> str:
+    """get_backend, called once while torch.compile traces a graph; the graph keeps the answer."""
+    return get_backend(device_type)
+
+
+def _pick(t: torch.Tensor):
+    """-> (kernel module, custom-op backend name) for an op on ``t``'s device; both None: the torch reference.
+
+    Eager: the kernel module, called directly. While torch.compile traces: the backend's name for the
+    ``torch.ops.emma_mamba`` custom ops (:mod:`._library`), which Dynamo and AOTAutograd see as single nodes.
+    """
+    if torch.compiler.is_compiling():
+        name = _traced_backend(t.device.type)
+        return None, (None if name == "torch" else name)
+    return _kernels_for(t), None
+
+
 def _resolve_deterministic(deterministic: bool | None) -> bool:
     if deterministic is not None:
         return bool(deterministic)
@@ -243,7 +261,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx = _checks.check_selective_scan(
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
-    kern = _kernels_for(u)
+    kern, traced = _pick(u)
+    if traced is not None:
+        out, last_state, _ = _library.selective_scan_fwd(
+            traced, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), initial_state, seq_idx,
+            _resolve_deterministic(deterministic))
+        return (out, last_state) if return_last_state else out
     if kern is None:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state, seq_idx)
@@ -260,7 +283,9 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, se
     """
     x, weight, bias, initial_states, seq_idx = _checks.check_causal_conv1d(x, weight, bias, initial_states,
                                                                            seq_idx, activation)
-    kern = _kernels_for(x)
+    kern, traced = _pick(x)
+    if traced is not None:
+        return _library.causal_conv1d_fwd(traced, x, weight, bias, initial_states, seq_idx, activation is not None)
     if kern is None:
         return causal_conv1d_ref(x, weight, bias, activation, initial_states, seq_idx)
     return CausalConv1dFn.apply(kern, x, weight, bias, initial_states, seq_idx, activation is not None)
@@ -272,7 +297,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32.
     """
     x, dt, A, B, C, D, z, dt_bias = _checks.check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
-    kern = _kernels_for(state)
+    kern, traced = _pick(state)
+    if traced is not None:
+        return _library.selective_state_update(traced, state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
     if kern is None:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
@@ -282,7 +309,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """One decode step of the causal conv: ``conv_state (b, d, w)`` (last w inputs, oldest first) shifts
     left and takes x at the end, in place; returns (b, d)."""
     x, weight, bias = _checks.check_causal_conv1d_update(x, conv_state, weight, bias, activation)
-    kern = _kernels_for(conv_state)
+    kern, traced = _pick(conv_state)
+    if traced is not None:
+        return _library.causal_conv1d_update(traced, x, conv_state, weight, bias, activation is not None)
     if kern is None:
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)

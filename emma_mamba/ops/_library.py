@@ -1,0 +1,193 @@
+"""The compiled backends' kernels as PyTorch custom ops (``torch.ops.emma_mamba.*``), for torch.compile.
+
+A kernel called straight from Python is opaque to TorchDynamo: it breaks the graph around every scan and conv
+(two breaks per layer), and ``fullgraph=True`` or ``torch.export`` fail. Registered through
+``torch.library.custom_op`` with a fake (shape-only) implementation and an autograd formula, the kernels are
+single nodes that Dynamo, AOTAutograd and Inductor pass through, so a whole Mamba model compiles into one
+graph, forward and backward, on every backend.
+
+Each op takes the backend's name as its first argument, so one graph calls one backend's kernels; the name is
+resolved when the graph is traced (``emma_mamba.ops.get_backend``, baked in as a constant: set the backend
+before compiling). The ops' contract is the kernel-module protocol of :mod:`emma_mamba.ops._autograd`; a
+gradient that a kernel leaves out (an absent optional input) crosses the op boundary as an empty tensor.
+
+Eager calls do not go through these ops: the custom-op dispatcher costs tens of microseconds per call, as
+much as a whole decode-step kernel. :mod:`emma_mamba.ops` uses them only while ``torch.compiler.is_compiling()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Steps per saved scan state in every compiled backend's forward (csrc/cpu kSave/kChunk, csrc/cuda kSave,
+# kernels.selective_scan.CHUNK): the fake forward must know how many states the real one saves.
+SAVE_EVERY_COMPILED = 256
+
+
+def _kern(backend: str):
+    from . import _load  # the package imports this module
+
+    kern = _load(backend)
+    if kern is None:
+        raise RuntimeError("emma_mamba custom ops run compiled backends only; the torch backend is plain torch ops")
+    return kern
+
+
+def _save_every(backend: str) -> int:
+    if backend == "triton":
+        from emma_mamba.kernels import selective_scan as tk
+
+        return tk.CHUNK
+    return SAVE_EVERY_COMPILED
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """A kernel's gradient as a custom op's output: an empty tensor for None, and a view copied (outputs may not
+    alias each other: the CUDA conv backward returns dweight and dbias as views of one reduction buffer)."""
+    if t is None:
+        return like.new_empty(0)
+    return t.clone() if t._base is not None else t
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selective scan
+
+
+@torch.library.custom_op("emma_mamba::selective_scan_fwd", mutates_args=(), device_types=None)
+def selective_scan_fwd(backend: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       delta_softplus: bool, initial_state: Optional[Tensor], seq_idx: Optional[Tensor],
+                       deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (out, last_state, saved). ``deterministic`` is only carried to the backward."""
+    return _kern(backend).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                             initial_state, seq_idx)
+
+
+@selective_scan_fwd.register_fake
+def _(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, deterministic):
+    b, d, l = u.shape
+    n = A.shape[1]
+    every = _save_every(backend)
+    f32 = dict(dtype=torch.float32, device=u.device)
+    return (torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty((b, d, n), **f32),
+            u.new_empty((b, d, (l + every - 1) // every, n), **f32))
+
+
+@torch.library.custom_op("emma_mamba::selective_scan_bwd", mutates_args=(), device_types=None)
+def selective_scan_bwd(backend: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                       D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                       delta_softplus: bool, initial_state: Optional[Tensor], seq_idx: Optional[Tensor],
+                       saved: Tensor, dout: Tensor, dlast_state: Optional[Tensor],
+                       deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                      Tensor, Tensor]:
+    """-> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); empty for an absent input."""
+    grads = _kern(backend).selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                              seq_idx, saved, dout, dlast_state, deterministic)
+    return tuple(_or_empty(g, u) for g in grads)
+
+
+def _like_or_empty(t: Tensor | None, u: Tensor) -> Tensor:
+    return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+@selective_scan_bwd.register_fake
+def _(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved, dout,
+      dlast_state, deterministic):
+    return tuple(_like_or_empty(t, u) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+
+
+def _scan_setup(ctx, inputs, output):
+    (backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, deterministic) = inputs
+    ctx.backend, ctx.delta_softplus, ctx.deterministic = backend, delta_softplus, deterministic
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, output[2])
+
+
+def _scan_backward(ctx, dout, dlast_state, _dsaved):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, saved = ctx.saved_tensors
+    dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+    if dlast_state is not None:
+        dlast_state = dlast_state.contiguous()
+    grads = selective_scan_bwd(ctx.backend, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                               initial_state, seq_idx, saved, dout, dlast_state, ctx.deterministic)
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dinit = grads
+    return (None, du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None, ddb if delta_bias is not None else None, None,
+            dinit if initial_state is not None else None, None, None)
+
+
+selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# causal conv1d
+
+
+@torch.library.custom_op("emma_mamba::causal_conv1d_fwd", mutates_args=(), device_types=None)
+def causal_conv1d_fwd(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      initial_states: Optional[Tensor], seq_idx: Optional[Tensor], silu: bool) -> Tensor:
+    return _kern(backend).causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu)
+
+
+@causal_conv1d_fwd.register_fake
+def _(backend, x, weight, bias, initial_states, seq_idx, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("emma_mamba::causal_conv1d_bwd", mutates_args=(), device_types=None)
+def causal_conv1d_bwd(backend: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      initial_states: Optional[Tensor], seq_idx: Optional[Tensor], dout: Tensor,
+                      silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dx, dweight, dbias, dinitial_states); empty for an absent input."""
+    grads = _kern(backend).causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu)
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@causal_conv1d_bwd.register_fake
+def _(backend, x, weight, bias, initial_states, seq_idx, dout, silu):
+    return tuple(_like_or_empty(t, x) for t in (x, weight, bias, initial_states))
+
+
+def _conv_setup(ctx, inputs, output):
+    backend, x, weight, bias, initial_states, seq_idx, silu = inputs
+    ctx.backend, ctx.silu = backend, silu
+    ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+
+
+def _conv_backward(ctx, dout):
+    x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+    dx, dw, db, dinit = causal_conv1d_bwd(ctx.backend, x, weight, bias, initial_states, seq_idx,
+                                          dout.contiguous(), ctx.silu)
+    return (None, dx, dw, db if bias is not None else None, dinit if initial_states is not None else None,
+            None, None)
+
+
+causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode steps (state updated in place)
+
+
+@torch.library.custom_op("emma_mamba::selective_state_update", mutates_args=("state",), device_types=None)
+def selective_state_update(backend: str, state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                           dt_softplus: bool) -> Tensor:
+    return _kern(backend).selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@selective_state_update.register_fake
+def _(backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("emma_mamba::causal_conv1d_update", mutates_args=("conv_state",), device_types=None)
+def causal_conv1d_update(backend: str, x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         silu: bool) -> Tensor:
+    return _kern(backend).causal_conv1d_update(x, conv_state, weight, bias, silu)
+
+
+@causal_conv1d_update.register_fake
+def _(backend, x, conv_state, weight, bias, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
