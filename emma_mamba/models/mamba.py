@@ -512,6 +512,15 @@ class MambaLM(nn.Module):
         """Recompute each block's activations in the backward pass (training only; ignored with a cache)."""
         self.gradient_checkpointing = bool(enabled)
 
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None, mixer_only: bool = False) -> None:
+        """torch.compile each block in place (``nn.Module.compile``: parameter names, state dicts and checkpoints
+        stay as they are), each as one graph (fullgraph) with the kernels inside as custom ops
+        (:mod:`emma_mamba.ops._library`). All blocks share the compiled code: their graphs differ only in the
+        parameters, which are graph inputs. ``mixer_only``: compile each block's mixer and leave the block's
+        own call (norm, residual, and the hooks FSDP puts on it) eager."""
+        for block in self.layers:
+            (block.mixer if mixer_only else block).compile(fullgraph=True, backend=backend, mode=mode)
+
     def allocate_cache(self, batch_size: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> MambaCache:
         """Zero states for ``batch_size`` sequences. ``dtype`` is the conv state's (default fp32); the SSM state

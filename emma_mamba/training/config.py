@@ -106,6 +106,13 @@ class TrainConfig:
     """bf16 autocast (GPU) or fp32; auto = bf16 on a GPU that supports it, fp32 on the CPU."""
     gradient_checkpointing: bool = False
     """Recompute each Mamba block's activations in the backward pass (saves memory, costs ~1 forward)."""
+    compile: bool = False
+    """torch.compile each Mamba block of the LM (one graph per block shape, shared by all blocks; the scan and
+    conv kernels sit in it as custom ops): fuses the norms, gates, casts and residual adds around the kernels.
+    The first steps (and the first of each new sequence length, until shapes go dynamic) take longer. Under
+    FSDP only each block's mixer is compiled, so FSDP's hooks stay outside the graphs."""
+    compile_backend: str = "inductor"
+    """torch.compile backend for train.compile: inductor (generated kernels), aot_eager (traces, no codegen)."""
     seed: int = 0
     """Seeds model init, data order (per epoch) and every RNG; the run is a pure function of config and data."""
     trainable: list[str] | None = None

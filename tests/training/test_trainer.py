@@ -156,3 +156,28 @@ def test_metrics_jsonl_has_the_documented_fields(shapes, tmp_path):
         assert 0 < r["fill"] <= 1 and r["tokens_per_s"] > 0
     assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: the first update already at peak
     assert rows[1]["lr"] == pytest.approx(0.5e-3 * (1 + 1))  # cosine at progress 0 of a 1-step decay
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_blocks_train_like_eager(shapes, tmp_path, backend):
+    """train.compile: each LM block one compiled graph with the kernels inside; aot_eager runs the traced graphs
+    as they are (the same losses as eager to rounding), Inductor generates fused code around the kernels."""
+    kw = dict(train={"max_steps": 3})
+    eager = Trainer(make_cfg(shapes, tmp_path / "eager", **kw)).fit()
+    torch._dynamo.reset()
+    t = Trainer(make_cfg(shapes, tmp_path / backend, train={"max_steps": 3, "compile": True,
+                                                             "compile_backend": backend}))
+    assert all(b._compiled_call_impl is not None for b in t.model.lm.layers)
+    compiled = t.fit()
+    rtol = 1e-5 if backend == "aot_eager" else 1e-4
+    for key in ("loss", "lm_loss", "align_loss", "grad_norm"):
+        torch.testing.assert_close([m[key] for m in compiled], [m[key] for m in eager], rtol=rtol, atol=1e-6,
+                                   msg=lambda m: f"{key}: {m}")
+    # the checkpoint of a compiled run has the eager run's names and loads as usual
+    wa, wb = load_file(str(tmp_path / "eager" / "model.safetensors")), load_file(str(tmp_path / backend / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+
+
+def test_unknown_compile_backend_is_an_error_naming_the_key(shapes, tmp_path):
+    with pytest.raises(ValueError, match="train.compile_backend: 'inductr'"):
+        Trainer(make_cfg(shapes, tmp_path / "x", train={"compile": True, "compile_backend": "inductr"}))
