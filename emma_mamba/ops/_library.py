@@ -11,6 +11,10 @@ resolved when the graph is traced (``emma_mamba.ops.get_backend``, baked in as a
 before compiling). The ops' contract is the kernel-module protocol of :mod:`emma_mamba.ops._autograd`; a
 gradient that a kernel leaves out (an absent optional input) crosses the op boundary as an empty tensor.
 
+Inductor's on-disk caches key a graph on the ops' names and fake outputs, not on their code: a change to what an
+op returns (as the flattened ``saved`` below) must come with a new op name, or a cached graph from the previous
+version fails its output-shape assertions (clearing ``/tmp/torchinductor_$USER`` also cures it).
+
 Eager calls do not go through these ops: the custom-op dispatcher costs tens of microseconds per call, as
 much as a whole decode-step kernel. :mod:`emma_mamba.ops` uses them only while ``torch.compiler.is_compiling()``.
 """
@@ -61,9 +65,13 @@ def selective_scan_fwd(backend: str, u: Tensor, delta: Tensor, A: Tensor, B: Ten
                        D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                        delta_softplus: bool, initial_state: Optional[Tensor], seq_idx: Optional[Tensor],
                        deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (out, last_state, saved). ``deterministic`` is only carried to the backward."""
-    return _kern(backend).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                             initial_state, seq_idx)
+    """-> (out, last_state, saved). ``deterministic`` is only carried to the backward.
+
+    ``saved`` leaves the op flattened to (b, d, nchunks * n): with (b, d, nchunks, n) a symbolic length would be
+    specialised to one side of the first chunk edge (PyTorch's contiguity check asks whether nchunks == 1)."""
+    out, last_state, saved = _kern(backend).selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias,
+                                                               delta_softplus, initial_state, seq_idx)
+    return out, last_state, saved.reshape(saved.shape[0], saved.shape[1], -1)
 
 
 @selective_scan_fwd.register_fake
@@ -73,7 +81,7 @@ def _(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_stat
     every = _save_every(backend)
     f32 = dict(dtype=torch.float32, device=u.device)
     return (torch.empty_like(u, memory_format=torch.contiguous_format), u.new_empty((b, d, n), **f32),
-            u.new_empty((b, d, (l + every - 1) // every, n), **f32))
+            u.new_empty((b, d, (l + every - 1) // every * n), **f32))
 
 
 @torch.library.custom_op("emma_mamba::selective_scan_bwd", mutates_args=(), device_types=None)
@@ -84,6 +92,7 @@ def selective_scan_bwd(backend: str, u: Tensor, delta: Tensor, A: Tensor, B: Ten
                        deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                       Tensor, Tensor]:
     """-> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); empty for an absent input."""
+    saved = saved.view(saved.shape[0], saved.shape[1], -1, A.shape[1])
     grads = _kern(backend).selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                               seq_idx, saved, dout, dlast_state, deterministic)
     return tuple(_or_empty(g, u) for g in grads)

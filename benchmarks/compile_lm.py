@@ -1,0 +1,129 @@
+"""torch.compile of the Mamba LM (`train.compile`, `MambaLM.compile_blocks`) against eager, on the same weights
+and batches: a training step (forward + backward of the LM loss) and an inference prefill.
+
+    python benchmarks/compile_lm.py [--d-model 768 --n-layer 4 --batch 2 --seqlen 512 --threads 2]
+    python benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \\
+        --seqlen 2048 --out benchmarks/results/compile_lm_cuda.json                     # a GPU
+
+Compiled: each block one Inductor graph (the blocks share it; the kernels of the backend inside as custom ops),
+the embedding, final norm and head eager, as the trainer does. Eager and compiled steps run interleaved,
+``--repeats`` times after a warm-up (the compiled warm-up includes compiling: reported apart); medians. The two
+must agree (loss, gradients, logits; checked). Printed and written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    from emma_mamba import ops
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=50277)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: fp32 weights under bf16 autocast, as the trainer runs on a GPU")
+    p.add_argument("--backend", default="inductor")
+    p.add_argument("--out", default="benchmarks/results/compile_lm_cpu.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab)
+    eager = MambaLM(cfg, device=dev).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks(backend=args.backend)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device=dev)
+    amp = args.dtype == "bfloat16"
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def train_step(m):
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = m(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        sync()
+        return time.perf_counter() - t, loss.detach(), grads
+
+    def prefill(m):
+        sync()
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            logits = m(ids, num_last_tokens=1).logits
+        sync()
+        return time.perf_counter() - t, logits
+
+    first = {"eager_train": train_step(eager)[0], "compiled_train": train_step(compiled)[0]}
+    eager.eval(), compiled.eval()
+    first.update(eager_prefill=prefill(eager)[0], compiled_prefill=prefill(compiled)[0])
+    times = {k: [] for k in first}
+    for _ in range(args.repeats):
+        eager.train(), compiled.train()
+        (te, le, ge), (tc, lc, gc) = train_step(eager), train_step(compiled)
+        times["eager_train"].append(te), times["compiled_train"].append(tc)
+        eager.eval(), compiled.eval()
+        (pe, oe), (pc, oc) = prefill(eager), prefill(compiled)
+        times["eager_prefill"].append(pe), times["compiled_prefill"].append(pc)
+    tol = 1e-3 if not amp else 5e-2
+    diffs = {"loss": float((le - lc).abs()),
+             "grad_rel": max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(gc, ge)),
+             "logits": float((oe - oc).abs().max())}
+    assert diffs["loss"] < tol and diffs["grad_rel"] < tol * 10 and diffs["logits"] < tol * 10, diffs
+    med = {k: statistics.median(v) for k, v in times.items()}
+    doc = {
+        "what": "Mamba LM, each block compiled (torch.compile, custom-op kernels inside) vs eager",
+        "command": "python benchmarks/compile_lm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": args.threads, "device": str(dev), "backend": ops.get_backend(dev),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "shape": {"d_model": args.d_model, "n_layer": args.n_layer, "vocab": args.vocab, "batch": args.batch,
+                  "seqlen": args.seqlen, "dtype": "bf16 autocast" if amp else "fp32"},
+        "compile_backend": args.backend,
+        "first_call_seconds": first,
+        "seconds_median": med,
+        "seconds_all": times,
+        "speedup": {"train_step": med["eager_train"] / med["compiled_train"],
+                    "prefill": med["eager_prefill"] / med["compiled_prefill"]},
+        "max_diff": diffs,
+    }
+    print(f"d_model {args.d_model} x {args.n_layer} layers, batch {args.batch} x {args.seqlen}, {dev}, "
+          f"{doc['shape']['dtype']}, {args.threads} threads, backend {ops.get_backend(dev)}")
+    for what in ("train", "prefill"):
+        print(f"  {what:<8} eager {med['eager_' + what] * 1e3:8.1f} ms   compiled {med['compiled_' + what] * 1e3:8.1f} ms"
+              f"   {doc['speedup']['train_step' if what == 'train' else 'prefill']:.2f}x"
+              f"   (first compiled call {first['compiled_' + what]:.1f} s)")
+    print(f"  max diff: loss {diffs['loss']:.1e}, gradients (relative) {diffs['grad_rel']:.1e}, logits {diffs['logits']:.1e}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
