@@ -32,7 +32,10 @@ events on the GPU, ``perf_counter`` on the CPU):
 
 On CUDA, ``--cuda-graphs`` adds ``emma-mamba+graphs``: our decode step captured once per batch size into a
 ``torch.cuda.CUDAGraph`` over a static cache and a static token buffer, then replayed (:class:`CudaGraphDecoder`).
-That path is written but has not been run on a GPU yet. The transformer's KV cache is transformers'
+That path is written but has not been run on a GPU yet. ``--compile`` adds ``emma-mamba+compile``, our decode
+step through torch.compile (Inductor fuses the norms, casts and gates around the kernels), and with
+``--cuda-graphs`` also ``emma-mamba+graphs+compile``, that compiled step captured in the graphs; the headline
+ratios are those of the fastest variant asked for (``ratios_of`` in the JSON). The transformer's KV cache is transformers'
 ``StaticCache`` (preallocated to C + warm-up + timed steps, written in place; SDPA then attends over that
 length with a mask, so it is sized tightly) unless ``--kv-cache dynamic`` (``DynamicCache``, which
 concatenates each step).
@@ -70,6 +73,8 @@ DEFAULTS = {
 }
 
 OURS, TRANSFORMER, PEER, GRAPHS = "emma-mamba", "transformer", "transformers-mamba", "emma-mamba+graphs"
+COMPILED, GRAPHS_COMPILED = "emma-mamba+compile", "emma-mamba+graphs+compile"
+VARIANTS = (GRAPHS, COMPILED, GRAPHS_COMPILED)  # our decode step run another way: same prefill, same state
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", choices=("static", "dynamic"), default="static",
                    help="transformers cache of the baseline (default static: preallocated, in-place)")
     p.add_argument("--cuda-graphs", action="store_true", help="also time our decode replayed from CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our decode step through torch.compile (Inductor), and with --cuda-graphs "
+                        "that step captured in CUDA graphs")
     p.add_argument("--peer", action="store_true", help="also run transformers' MambaForCausalLM (our weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency_<device>_<name>.json)")
@@ -153,19 +161,31 @@ class OursRunner:
         return sum(t.nbytes for t in cache.conv_states + cache.ssm_states)
 
 
+class CompiledRunner(OursRunner):
+    """Our decode step through torch.compile (what ``generate(..., compile=True)`` runs); prefill is ours."""
+
+    name = COMPILED
+
+    def step(self, cache, tok):
+        from emma_mamba.inference.generate import decode_step
+
+        return decode_step(self.lm, tok, cache, compile=True), cache
+
+
 class CudaGraphDecoder(OursRunner):
     """Our decode step replayed from CUDA graphs, captured once per batch size
-    (:class:`emma_mamba.inference.cuda_graphs.GraphDecoder`, what ``generate(..., cuda_graphs=True)`` uses).
-    Prefill writes straight into the static cache of its batch size (zeroed in place first: the graph keeps
-    reading those addresses)."""
+    (:class:`emma_mamba.inference.cuda_graphs.GraphDecoder`, what ``generate(..., cuda_graphs=True)`` uses;
+    ``compile``: the captured step is the torch.compile'd one). Prefill writes straight into the static cache of
+    its batch size (zeroed in place first: the graph keeps reading those addresses)."""
 
     name = GRAPHS
 
-    def __init__(self, lm):
+    def __init__(self, lm, compile: bool = False):
         from emma_mamba.inference.cuda_graphs import GraphDecoder
 
         super().__init__(lm)
-        self.decoder = GraphDecoder(lm)
+        self.name = GRAPHS_COMPILED if compile else GRAPHS
+        self.decoder = GraphDecoder(lm, compile=compile)
         self._static: dict[int, object] = {}  # batch -> StaticStep of the last prefill
 
     def prefill(self, ids=None, embeds=None, max_len=None):
@@ -475,8 +495,12 @@ def run(args) -> int:
     lm = emma.lm
     print(describe_match(lm, base.lm), flush=True)
     runners = [OursRunner(lm), TransformerRunner(base.lm, args.kv_cache)]
+    if args.compile:
+        runners.insert(1, CompiledRunner(lm))
     if args.cuda_graphs:
         runners.insert(1, CudaGraphDecoder(lm))
+        if args.compile:
+            runners.insert(2, CudaGraphDecoder(lm, compile=True))
     if args.peer:
         from emma_mamba.bench.lm import _hf_twin
 
@@ -495,10 +519,10 @@ def run(args) -> int:
         for k, v in checks.items():
             print(f"check  {k}: {v:.2e}{'  <-- LARGE' if v > scale else ''}", flush=True)
 
-        # --- TTFT: image(s) + prompt -> first token, against the number of image tokens. The graphs runner
-        # is left out: its prefill is ours.
+        # --- TTFT: image(s) + prompt -> first token, against the number of image tokens. Our decode variants
+        # are left out: their prefill is ours.
         H, W = emma.vision.image_size
-        ttft_runners = [r for r in runners if r.name != GRAPHS]
+        ttft_runners = [r for r in runners if r.name not in VARIANTS]
         results["ttft"] = {r.name: [] for r in ttft_runners}
         for k in args.images:
             g = torch.Generator().manual_seed(args.seed + k)
@@ -557,12 +581,16 @@ def run(args) -> int:
                           f"{row['tokens_per_s']:10.1f} tokens/s", flush=True)
             del rows
 
-    ours_key = GRAPHS if args.cuda_graphs else OURS
+    # the headline ratios: our fastest way of decoding that was asked for
+    ours_key = (GRAPHS_COMPILED if args.compile else GRAPHS) if args.cuda_graphs else (COMPILED if args.compile
+                                                                                       else OURS)
     cross = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][OURS]],
                            [x["median_s"] for x in results["decode"][TRANSFORMER]])
-    if args.cuda_graphs:
-        cross["with_cuda_graphs"] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][GRAPHS]],
-                                                   [x["median_s"] for x in results["decode"][TRANSFORMER]])
+    for key, variant in (("with_cuda_graphs", GRAPHS), ("with_compile", COMPILED),
+                         ("with_cuda_graphs_and_compile", GRAPHS_COMPILED)):
+        if variant in results["decode"]:
+            cross[key] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][variant]],
+                                        [x["median_s"] for x in results["decode"][TRANSFORMER]])
     ratios = {f"decode_speedup_at_{row['context']}": t["median_s"] / row["median_s"]
               for row, t in zip(results["decode"][ours_key], results["decode"][TRANSFORMER])
               if row["median_s"] and t["median_s"]}
@@ -610,7 +638,7 @@ def run(args) -> int:
                    "decode_steps_timed": args.new_tokens,
                    "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
                    "inference_mode": True, "threads": torch.get_num_threads()},
-        "cuda_graphs": bool(args.cuda_graphs),
+        "cuda_graphs": bool(args.cuda_graphs), "compile": bool(args.compile), "ratios_of": ours_key,
         "checks": checks, "results": results, "crossover": cross, "ratios": ratios, "out_of_memory": oom,
     }
     out = args.out or os.path.join("benchmarks", "results", f"latency_{device.type}_{name}.json")
@@ -628,8 +656,8 @@ def run(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ plots
 
-_STYLE = {OURS: ("tab:blue", "o"), GRAPHS: ("tab:cyan", "D"), TRANSFORMER: ("tab:red", "s"),
-          PEER: ("tab:green", "^")}
+_STYLE = {OURS: ("tab:blue", "o"), GRAPHS: ("tab:cyan", "D"), COMPILED: ("tab:purple", "v"),
+          GRAPHS_COMPILED: ("tab:olive", "P"), TRANSFORMER: ("tab:red", "s"), PEER: ("tab:green", "^")}
 _LINE = {PEER: dict(ls="--", mfc="none", ms=8)}  # hollow and dashed: the peer's state curve lies on ours
 
 
@@ -650,7 +678,8 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
              f"{res['model']} on {res['machine'].get('gpu')}, {res['dtype']}")
     s = res["shapes"]
     label = {OURS: f"EMMA-Mamba (Mamba {s['mamba_lm']['n_layer']}L x {s['mamba_lm']['d_model']})",
-             GRAPHS: "EMMA-Mamba + CUDA graphs",
+             GRAPHS: "EMMA-Mamba + CUDA graphs", COMPILED: "EMMA-Mamba + torch.compile",
+             GRAPHS_COMPILED: "EMMA-Mamba + torch.compile + CUDA graphs",
              TRANSFORMER: f"Transformer (Llama {s['transformer_lm']['n_layer']}L x {s['transformer_lm']['hidden_size']},"
                           f" {s['transformer_lm']['kv_cache']} KV cache)",
              PEER: "transformers MambaForCausalLM (same weights)"}
@@ -701,7 +730,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for k, rows in r["decode"].items():
-        if k == GRAPHS:
+        if k in VARIANTS:
             continue  # same state as ours
         rows = fits(rows)
         if not rows:

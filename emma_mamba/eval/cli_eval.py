@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each decode step from a CUDA graph captured once per batch size (CUDA only)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step through torch.compile (Inductor; with --cuda-graphs, captured)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -91,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint),
-                          progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs)
+                          progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
+                          compile=args.compile)
     except (ScoreInputError, FileNotFoundError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
@@ -116,7 +119,7 @@ def _run_suite(args) -> int:
         model = load(args.checkpoint, device=args.device)
         summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint), progress=not args.no_progress,
                             only=args.only, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                            limit=args.limit, cuda_graphs=args.cuda_graphs)
+                            limit=args.limit, cuda_graphs=args.cuda_graphs, compile=args.compile)
     except (ScoreInputError, FileNotFoundError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2

@@ -285,14 +285,15 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
 
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
-             cuda_graphs: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
+             cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
              checkpoint: str | None = None, progress: bool = True, split: str = "test",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
     ``split``: the ScienceQA split to answer (other benchmarks' files hold one split). ``cuda_graphs``: decode
-    steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU).
+    steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
+    decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests use it to feed known replies).
     """
     from emma_mamba.eval.scorers import score
@@ -314,7 +315,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
 
     if answer_fn is None:
-        answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs)
+        answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
 
     # ---- what is left to answer
     answers_path = out / "answers.jsonl"
@@ -401,13 +402,14 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     return report
 
 
-def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False):
+def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):
     """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
     from emma_mamba.inference.generate import GenerationConfig
     from emma_mamba.models.vlm import build_chat_prompt
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                           eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs)
+                           eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs,
+                           compile=compile)
     fuse = model.instruction is not None
 
     def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:

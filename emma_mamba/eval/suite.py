@@ -108,7 +108,8 @@ def headline(task: str, metrics: dict | None) -> dict:
 
 def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
               progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
-              max_new_tokens: int = 16, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False) -> dict:
+              max_new_tokens: int = 16, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
+              compile: bool = False) -> dict:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
     ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
@@ -132,7 +133,8 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
         opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options}
         rep = evaluate(model, e.task, e.questions, e.images, out / e.name, annotations=e.annotations,
-                       checkpoint=checkpoint, progress=progress, answer_fn=answer_fn, cuda_graphs=cuda_graphs, **opts)
+                       checkpoint=checkpoint, progress=progress, answer_fn=answer_fn, cuda_graphs=cuda_graphs,
+                       compile=compile, **opts)
         reports[e.name] = rep
         m = rep["metrics"]
         n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds

@@ -54,6 +54,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (and the random-init seed)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each decode step from a CUDA graph captured once (CUDA devices only)")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step through torch.compile (Inductor; with --cuda-graphs, captured)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,7 +98,8 @@ def setup(args):
     try:
         gcfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                stop_strings=tuple(args.stop), seed=args.seed, cuda_graphs=args.cuda_graphs)
+                                stop_strings=tuple(args.stop), seed=args.seed, cuda_graphs=args.cuda_graphs,
+                                compile=args.compile)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return device, dtype, gcfg

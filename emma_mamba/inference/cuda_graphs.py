@@ -89,8 +89,12 @@ class StaticStep:
 
 
 class GraphDecoder:
-    def __init__(self, lm, api=None):
+    """The captured decode steps of one model (``compile``: each step through torch.compile before capture, see
+    :func:`emma_mamba.inference.generate.decode_step`)."""
+
+    def __init__(self, lm, api=None, compile: bool | str = False):
         self.lm = lm
+        self.compile = compile
         if api is None:
             if lm.device.type != "cuda":
                 raise ValueError(f"cuda_graphs: CUDA graphs need a model on a CUDA device, this one is on "
@@ -121,8 +125,12 @@ class GraphDecoder:
         cache = lm.allocate_cache(batch)
         tokens = torch.zeros(batch, 1, dtype=torch.long, device=lm.device)
 
+        from emma_mamba.inference.generate import _step_logits, decode_step
+
         def step():
-            return lm(inputs_embeds=lm.embeddings(tokens), cache=cache).logits[:, -1]
+            if self.compile:
+                return decode_step(lm, tokens, cache, self.compile)
+            return _step_logits(lm, tokens, cache)
 
         with torch.inference_mode():
             handle, logits = self.api.capture(step)
@@ -148,17 +156,18 @@ class GraphDecoder:
 _DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def decoder_for(lm) -> GraphDecoder:
-    """The model's :class:`GraphDecoder`, created (with :class:`CudaGraphs`) on first use."""
+def decoder_for(lm, compile: bool | str = False) -> GraphDecoder:
+    """The model's :class:`GraphDecoder`, created (with :class:`CudaGraphs`) on first use, and again when
+    ``compile`` differs from the existing one's (its captures hold the other kind of step)."""
     dec = _DECODERS.get(lm)
-    if dec is None:
-        dec = _DECODERS[lm] = GraphDecoder(lm)
+    if dec is None or dec.compile != compile:
+        dec = _DECODERS[lm] = GraphDecoder(lm, dec.api if dec is not None else None, compile)
     return dec
 
 
-def attach(lm, api) -> GraphDecoder:
+def attach(lm, api, compile: bool | str = False) -> GraphDecoder:
     """Give ``lm`` a decoder with capture strategy ``api`` (e.g. :class:`EagerReplay` in tests)."""
-    dec = _DECODERS[lm] = GraphDecoder(lm, api)
+    dec = _DECODERS[lm] = GraphDecoder(lm, api, compile)
     return dec
 
 

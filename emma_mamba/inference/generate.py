@@ -60,6 +60,11 @@ class GenerationConfig:
     cuda_graphs: bool = False
     """Replay each decode step from a CUDA graph captured once per batch size (CUDA models only; see
     :mod:`emma_mamba.inference.cuda_graphs`): one launch per token instead of hundreds."""
+    compile: bool | str = False
+    """Run each decode step through torch.compile (True: Inductor, or a backend's name such as "aot_eager"): one
+    graph per step that fuses the norms, casts and gates around the kernels (custom ops inside the graph). The
+    first steps compile (again once for a second batch size, which makes the batch dynamic). With
+    ``cuda_graphs`` the compiled step is what each CUDA graph captures."""
 
     def __post_init__(self):
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -85,6 +90,13 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.eos_token_id must be None, a token id or a list of ids, got {eos!r}")
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"GenerationConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if isinstance(self.compile, str):
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(f"GenerationConfig.compile: {self.compile!r} is not a torch.compile backend; "
+                                 f"choose True (inductor) or one of {', '.join(sorted(known))}")
+        elif not isinstance(self.compile, bool):
+            raise ValueError(f"GenerationConfig.compile must be True, False or a backend name, got {self.compile!r}")
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -242,6 +254,37 @@ def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_posit
 # sampling
 
 
+def _step_logits(lm, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """The traced decode step: tokens (b, 1) -> next-token logits (b, padded_vocab), the cache advanced (through
+    ``inputs_embeds``: the ids path's range check is for user input, these ids come from the sampler)."""
+    return lm(inputs_embeds=lm.embeddings(tokens), cache=cache).logits[:, -1]
+
+
+_COMPILED_STEPS: dict[str, Callable] = {}
+
+
+def decode_step(lm, tokens: torch.Tensor, cache, compile: bool | str = False) -> torch.Tensor:
+    """One decode step from ``tokens`` (b, 1): the next-token logits (b, padded_vocab); the cache advances.
+
+    ``compile``: through ``torch.compile`` (True: Inductor; or a backend name), one compiled function for every
+    model and batch size (Dynamo guards on them). The cache's position counter is held at 0 while the graph
+    runs (a decode step does not read it; as a traced constant that changed every token it would recompile
+    every token) and advanced here instead.
+    """
+    if not compile:
+        return lm(input_ids=tokens, cache=cache).logits[:, -1]
+    backend = "inductor" if compile is True else compile
+    fn = _COMPILED_STEPS.get(backend)
+    if fn is None:
+        fn = _COMPILED_STEPS[backend] = torch.compile(_step_logits, fullgraph=True, backend=backend)
+    offset = cache.seqlen_offset
+    cache.seqlen_offset = 0
+    try:
+        return fn(lm, tokens, cache)
+    finally:
+        cache.seqlen_offset = offset + tokens.shape[1]
+
+
 def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,
           generator: torch.Generator | None) -> torch.Tensor:
     """logits (a, V) fp32 -> next token ids (a,)."""
@@ -371,7 +414,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     graphs = None
     if cfg.cuda_graphs:
         from emma_mamba.inference.cuda_graphs import decoder_for
-        graphs = decoder_for(lm)  # errors here, before any work, when the model is not on a GPU
+        graphs = decoder_for(lm, compile=cfg.compile)  # errors here, before any work, when not on a GPU
     caller_cache = cache
     t0 = time.perf_counter()
     if cache is None:
@@ -425,7 +468,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
             kept = torch.tensor(keep, device=tokens.device)
             tokens, rows = tokens[kept], rows[kept]
         if static is None:
-            logits = lm(input_ids=tokens[:, None], cache=cache).logits[:, -1].float()
+            logits = decode_step(lm, tokens[:, None], cache, cfg.compile).float()
         else:
             fed = static.tokens.new_zeros(B).index_copy_(0, rows, tokens)  # finished rows: any valid id
             logits = graphs.step(static, fed)[rows].float()

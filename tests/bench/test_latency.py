@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 from emma_mamba.bench.latency import (  # noqa: E402
-    GRAPHS, OURS, PEER, TRANSFORMER, CudaGraphDecoder, OursRunner, find_crossover)
+    COMPILED, GRAPHS, GRAPHS_COMPILED, OURS, PEER, TRANSFORMER, CudaGraphDecoder, OursRunner, find_crossover)
 from emma_mamba.cli import main  # noqa: E402
 
 
@@ -139,15 +139,16 @@ def test_bench_latency_bad_override(tmp_path, capsys):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_decode_equals_eager():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+def test_cuda_graph_decode_equals_eager(compile):
     """Replaying the captured step gives eager decoding's logits, also after a second prefill into the same
     static cache (the graph reads the cache in place)."""
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
     torch.manual_seed(0)
     lm = MambaLM(MambaConfig(d_model=128, n_layer=2, vocab_size=512), device="cuda").eval()
-    eager, graphs = OursRunner(lm), CudaGraphDecoder(lm)
-    assert graphs.name == GRAPHS
+    eager, graphs = OursRunner(lm), CudaGraphDecoder(lm, compile=compile)
+    assert graphs.name == (GRAPHS_COMPILED if compile else GRAPHS)
     with torch.inference_mode():
         for seed in (1, 2):
             ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(seed)).cuda()
@@ -159,3 +160,20 @@ def test_cuda_graph_decode_equals_eager():
                 lb, cb = graphs.step(cb, tok)
                 torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
     assert list(graphs.decoder.steps) == [2]
+
+
+def test_bench_latency_compiled_decode_on_the_cpu(tmp_path):
+    """--compile: our decode step through torch.compile is timed beside the eager one (decode and throughput,
+    not TTFT: its prefill is ours), passes the same cache-vs-full-forward check, and is what the ratios use."""
+    out = tmp_path / "latency.json"
+    argv = ["bench", "latency", "--preset", "tiny", "--device", "cpu", "--contexts", "16", "--batch-sizes", "2",
+            "--batch-context", "12", "--images", "1", "--new-tokens", "3", "--warmup", "1", "--repeats", "1",
+            "--threads", "1", "--compile", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    r = res["results"]
+    assert set(r["ttft"]) == {OURS, TRANSFORMER}
+    assert set(r["decode"]) == set(r["throughput"]) == {OURS, COMPILED, TRANSFORMER}
+    assert res["compile"] is True and res["ratios_of"] == COMPILED and "with_compile" in res["crossover"]
+    assert res["checks"][f"{COMPILED}: cached decode vs full forward, max abs logit diff"] < 1e-3
+    assert r["decode"][COMPILED][0]["state_bytes"] == r["decode"][OURS][0]["state_bytes"]
