@@ -13,8 +13,9 @@
 #     bench    `python -m emma_mamba.bench.kernels_gpu`: scan, conv, decode vs the peers (issues 3, 4)
 #     latency  `emma-mamba bench latency --preset emma-mamba-2.8b --cuda-graphs --peer` (issue 9; needs open_clip)
 #     prefill  benchmarks/prefill_batching.py at mamba-2.8b, bf16: one padded batch vs one batch per length
+#     compile  benchmarks/compile_lm.py (LM blocks compiled vs eager, train step and prefill, bf16 autocast)
 #     wheels   bring the peers' wheels back in $OUT (split)
-#   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call.
+#   A 10-minute call fits "peers tests bench"; then "alltests latency prefill compile" in a second call.
 # Device time on an H100 (16 cores), measured 2026-11-22: peers ~6 min (causal-conv1d is the slow one),
 # emma_mamba ~1-2 min. Without "peers" the benchmark still runs, without the peer columns.
 # The peer wheels (~65 MB, "wheels") are too large to carry back with the working tree (64 MiB limit).
@@ -127,7 +128,8 @@ fi
 
 if has latency; then
   # 2.8B-scale EMMA-Mamba vs a matched transformer MLLM (and transformers' MambaForCausalLM), bf16, CUDA graphs
-  timeout 500 python3 -m emma_mamba.cli bench latency --preset emma-mamba-2.8b --device cuda --cuda-graphs --peer \
+  # --compile: also our step through torch.compile, alone and captured in the graphs
+  timeout 500 python3 -m emma_mamba.cli bench latency --preset emma-mamba-2.8b --device cuda --cuda-graphs --compile --peer \
     --out $OUT/latency_cuda_emma-mamba-2.8b.json 2>&1 | tee $LOG/latency.log | tail -40
   stamp "latency done"
 fi
@@ -136,6 +138,12 @@ if has prefill; then
   timeout 300 python3 benchmarks/prefill_batching.py --device cuda --dtype bfloat16 --preset mamba-2.8b \
     --out $OUT/prefill_batching_cuda.json 2>&1 | tee $LOG/prefill.log | tail -6
   stamp "prefill done"
+fi
+
+if has compile; then
+  timeout 300 python3 benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \
+    --seqlen 2048 --repeats 10 --out $OUT/compile_lm_cuda.json 2>&1 | tee $LOG/compile.log | tail -6
+  stamp "compile done"
 fi
 
 if has wheels && ls /tmp/peer_wheels/*.whl >/dev/null 2>&1; then
