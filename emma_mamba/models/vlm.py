@@ -196,6 +196,17 @@ class EmmaMamba(nn.Module):
             x = self.instruction(x, instruction_ids)
         return self.projector(x.to(_param_dtype(self.projector, x.dtype)))
 
+    #: Set by the trainer under FSDP: a training micro-batch without images still runs the image branch (vision
+    #: tower, MFF, instruction fusion, projector; the alignment head) on one blank image, its result multiplied
+    #: by 0 where real images' results go (the LM input; the alignment loss). Under FSDP those modules' forwards all-gather their parameters and their backwards
+    #: reduce-scatter gradients; a process whose micro-batch is text-only would otherwise skip collectives that
+    #: the others run, and the job would fail ("collective mismatch") or hang.
+    modality_lockstep: bool = False
+
+    def _blank_image(self, device) -> torch.Tensor:
+        H, W = self.vision.image_size
+        return torch.zeros(1, 3, H, W, device=device)
+
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None,
                 image_counts: Sequence[int] | None = None, seq_idx: torch.Tensor | None = None,
@@ -208,9 +219,18 @@ class EmmaMamba(nn.Module):
         visual = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.encode_images(pixel_values, instruction_ids)
+        # modality_lockstep, a text-only training micro-batch: the image branch runs on one blank image and its
+        # output enters the LM input x 0, so forward and backward run the same modules in the same order as with
+        # images (the alignment head likewise below)
+        ghost = visual is None and labels is not None and self.modality_lockstep
+        if ghost:
+            inst = self.tokenize_instructions([""]).to(input_ids.device) if self.instruction is not None else None
+            blank = self.encode_images(self._blank_image(input_ids.device), inst)
         inputs_embeds, new_labels, new_seq_idx, positions = self._splice(
             input_ids, visual, labels, seq_idx, image_counts, sample_ids)
-        need_hidden = self.align_head is not None and labels is not None and visual is not None
+        if ghost:
+            inputs_embeds = inputs_embeds + blank.sum().to(inputs_embeds.dtype) * 0.0
+        need_hidden = self.align_head is not None and labels is not None and (visual is not None or ghost)
         out = self.lm(inputs_embeds=inputs_embeds, seq_idx=new_seq_idx, output_hidden_states=need_hidden)
         loss = None
         if labels is not None:
@@ -222,7 +242,12 @@ class EmmaMamba(nn.Module):
             else:
                 lm_loss = out.logits.sum() * 0.0  # keeps the graph; a batch with nothing to predict adds nothing
             align_loss = torch.zeros((), device=lm_loss.device, dtype=torch.float32)
-            if need_hidden:
+            if need_hidden and ghost:
+                n = self.vision.num_tokens
+                hidden = [(out.hidden_states[i][:1, :1] * 0.0).expand(1, n, -1) for i in self.config.align.lm_layers]
+                align_loss = self.align_head(hidden, self.image_processor.unnormalize(
+                    self._blank_image(input_ids.device))) * 0.0
+            elif need_hidden:
                 rows, starts = positions
                 idx = starts[:, None] + torch.arange(self.vision.num_tokens, device=starts.device)  # (n_img, N)
                 hidden = [out.hidden_states[i][rows[:, None], idx] for i in self.config.align.lm_layers]

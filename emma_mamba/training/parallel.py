@@ -6,11 +6,16 @@ The models stay plain ``nn.Module`` s; this module turns one into what the train
 * ``ddp``: ``DistributedDataParallel`` (gloo on the CPU, NCCL on GPUs) as launched by
   ``torchrun --nproc_per_node=K``. ``find_unused_parameters`` defaults to on because a micro-batch of
   text-only records does not touch the vision bridge.
-* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``): each Mamba block, the vision tower and the alignment
-  head are their own shard units, the rest (embeddings, final norm, MFF, instruction fusion, projector) the
-  root's. The embedding must stay in the root unit because ``EmmaMamba._splice`` reads it before the LM's
-  forward runs. On a GPU with bf16 the parameters are gathered in bf16 and gradients reduced in fp32
-  (``MixedPrecisionPolicy``); on the CPU everything stays fp32.
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``): each Mamba block is its own shard unit, the rest
+  (embeddings, final norm, vision tower, MFF, instruction fusion, projector, alignment head) the root's. The
+  embedding must stay in the root unit because ``EmmaMamba._splice`` reads it before the LM's forward runs.
+  The image branch is in the root unit because it does not run for every micro-batch: a process whose
+  micro-batch is text-only would skip a vision or alignment-head unit's gathers and reductions that the others
+  run (a collective mismatch: the job fails or hangs). The root gathers once per forward whatever runs; a
+  text-only micro-batch also runs the image branch on a blank image x 0 (``EmmaMamba.modality_lockstep``,
+  set by the trainer), so every process reduces gradients for the same parameters. On a GPU with bf16 the
+  parameters are gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``); on the CPU
+  everything stays fp32.
 
 ``auto`` means DDP when more than one process was launched, otherwise none. Data sharding is done by the
 trainer (every rank computes the same global batch plan and takes its own slice), so no sampler is involved.
@@ -135,11 +140,7 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = 
         kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         for block in model.lm.layers:
             fully_shard(block, **kw)
-        for name in ("vision", "align_head"):
-            sub = getattr(model, name, None)
-            if sub is not None:
-                fully_shard(sub, **kw, ignored_params=ignored & set(sub.parameters()) or None)
-        fully_shard(model, **kw, ignored_params=ignored or None)
+        fully_shard(model, **kw, ignored_params=ignored or None)  # everything else: see the module docstring
         return model
     raise ValueError(f"parallel.strategy: unknown strategy {strategy!r}; valid: auto, none, ddp, fsdp")
 

@@ -135,6 +135,7 @@ class Trainer:
         self.wrapped = wrap_model(self.model, self.strategy, info, bf16=self.bf16,
                                   find_unused_parameters=cfg.parallel.find_unused_parameters,
                                   reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
+        self.model.modality_lockstep = self.strategy == "fsdp"  # text-only micro-batches: see EmmaMamba
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

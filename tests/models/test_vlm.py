@@ -371,6 +371,36 @@ def test_text_only_batch(model):
         model(torch.tensor([model.tokenizer.encode("<image> where is it?")]))
 
 
+def test_text_only_batch_in_modality_lockstep_touches_the_image_branch_with_zeros():
+    """Under FSDP (modality_lockstep) a text-only micro-batch runs the image branch on a blank image x 0: the
+    same losses and LM gradients as without, and a gradient (of zeros) for every trainable parameter of the
+    image branch, so every process reduces the same parameters (FSDP2 skips parameters without one)."""
+    m = make_model().set_stage("finetune")
+    m.train()
+    ids = torch.tensor([m.tokenizer.encode("Just text, no picture.")])
+    plain = m(ids, labels=ids)
+    plain.loss["total"].backward()
+    want = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    m.modality_lockstep = True
+    ghost = m(ids, labels=ids)
+    (ghost.loss["lm"] + ghost.loss["align"]).backward()
+    assert torch.equal(ghost.loss["lm"], plain.loss["lm"]) and float(ghost.loss["align"]) == 0.0
+    assert torch.equal(ghost.logits, plain.logits)
+    for n, p in m.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, n
+        elif want[n] is not None:
+            torch.testing.assert_close(p.grad, want[n], rtol=0, atol=0, msg=lambda s: f"{n}: {s}")
+        else:  # the image branch: untouched without lockstep, a zero gradient with it
+            assert n.split(".")[0] in ("mff", "instruction", "projector", "align_head"), n
+            assert p.grad is not None and not p.grad.any(), n
+    assert any(want[n] is None for n, p in m.named_parameters() if p.requires_grad)  # the branch was skipped
+    # inference and micro-batches with images never take the blank image
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, plain.logits)
+
+
 def test_token_outside_embedding_is_a_clear_error(model):
     ids = torch.tensor([[1, 2, 3], [4, 60000, 5]])
     with pytest.raises(ValueError, match=r"sample 1: token id 60000 at position 1 is outside the LM embedding"):

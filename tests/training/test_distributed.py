@@ -81,3 +81,16 @@ def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--output_dir",
               str(tmp_path / "res"), "--resume", str(ckpt)])
     compare(metrics(tmp_path / "res"), ref[2:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,compiled", [("fsdp", False), ("fsdp", True), ("ddp", True)])
+def test_torchrun_with_text_only_micro_batches_and_compiled_blocks(shapes, tmp_path, strategy, compiled):
+    """Padding, one row per micro-batch: at step 2 one process has a text-only micro-batch while the other has
+    an image (under FSDP this used to fail with a collective mismatch: the vision and alignment-head shard
+    units ran on one process only). train.compile: compiled blocks inside DDP, compiled mixers under FSDP2.
+    The losses of the eager 1-process run."""
+    y, ref = setup_run(shapes, tmp_path)
+    extra = ["--train.compile", "true", "--train.compile_backend", "aot_eager"] if compiled else []
+    torchrun(["finetune", "--config", str(y), "--parallel.strategy", strategy, *extra], timeout=480)
+    compare(metrics(tmp_path / "ddp"), ref)
