@@ -7,6 +7,8 @@ a copy would silently drop the update.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,7 +146,18 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
         _check_tensor(op, "z", z, (b, d), (x.dtype,), dev)
     if dt_bias is not None:
         _check_tensor(op, "dt_bias", dt_bias, (d,), (torch.float32,), dev)
+    if B.shape != C.shape:  # e.g. (b, n) and (b, g, n): one layout for both, as every backend's kernel takes
+        B, C = _common_groups(B, C)
     return tuple(_contig(t) for t in (x, dt, A, B, C, D, z, dt_bias))
+
+
+def _common_groups(B, C):
+    """B and C of a decode step with different group counts (a (b, n) tensor is one group) as (b, G, n) each,
+    G the least common multiple (it divides dim, since both counts do): channel c reads group c * G // dim,
+    which lies inside its group of either count. Copies only these small (b, G, n) tensors."""
+    b3, c3 = (X[:, None] if X.dim() == 2 else X for X in (B, C))
+    G = math.lcm(b3.shape[1], c3.shape[1])
+    return b3.repeat_interleave(G // b3.shape[1], dim=1), c3.repeat_interleave(G // c3.shape[1], dim=1)
 
 
 def check_causal_conv1d_update(x, conv_state, weight, bias, activation):
