@@ -12,7 +12,6 @@ checked). Printed and written as JSON: per-turn seconds of each, the context len
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import write_result  # noqa: E402
 
 QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if it rains later?",
              "Which shoes are best for that?", "Where can I buy them?", "How much do they cost?"]
@@ -81,9 +81,8 @@ def main(argv=None) -> int:
            "threads": args.threads, "dtype": "float32", "device": "cpu", "torch": torch.__version__,
            "platform": platform.platform(), "processor": platform.processor(),
            "state_bytes": session.state_bytes, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
-    print(f"state {session.state_bytes / 2**20:.2f} MiB at every turn; wrote {args.out}")
+    print(f"state {session.state_bytes / 2**20:.2f} MiB at every turn")
+    write_result(res, args.out, indent=1)
     return 0
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
     doc = {
         "what": "Mamba LM, each block compiled (torch.compile, custom-op kernels inside) vs eager",
         "command": "python benchmarks/compile_lm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": args.threads, "device": str(dev), "backend": ops.get_backend(dev),
-                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "machine": machine(dev, args.threads),
         "shape": {"d_model": args.d_model, "n_layer": args.n_layer, "vocab": args.vocab, "batch": args.batch,
                   "seqlen": args.seqlen, "dtype": "bf16 autocast" if amp else "fp32"},
         "compile_backend": args.backend,
@@ -119,10 +116,7 @@ def main(argv=None) -> int:
               f"   {doc['speedup']['train_step' if what == 'train' else 'prefill']:.2f}x"
               f"   (first compiled call {first['compiled_' + what]:.1f} s)")
     print(f"  max diff: loss {diffs['loss']:.1e}, gradients (relative) {diffs['grad_rel']:.1e}, logits {diffs['logits']:.1e}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(doc, args.out)
     return 0
 
 

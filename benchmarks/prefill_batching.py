@@ -14,8 +14,6 @@ Printed and written as JSON: seconds of each, positions computed (padding includ
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -24,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from emma_mamba import ops
     from emma_mamba.inference.generate import PREFILL_PAD_WASTE, _prefill, default_max_positions, prefill_groups
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
@@ -79,9 +77,7 @@ def main(argv=None) -> int:
     doc = {
         "what": "prefill of prompts of different lengths: one left-padded batch with seq_idx vs one batch per length",
         "command": "python benchmarks/prefill_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": args.threads, "device": str(dev), "backend": ops.get_backend(dev),
-                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "machine": machine(dev, args.threads),
         "model": {"preset": args.preset, "d_model": lm.config.d_model, "n_layer": lm.config.n_layer,
                   "dtype": str(lm.dtype)},
         "prompt_lengths": lengths,
@@ -99,10 +95,7 @@ def main(argv=None) -> int:
     sp = doc["speedup_over_per_length"]
     print(f"  speed over per_length: padded {sp['padded']:.2f}x, default {sp['default']:.2f}x; "
           f"max |diff| logits {logit_diff:.1e}, states {state_diff:.1e}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_result(doc, args.out)
     return 0
 
 
