@@ -231,21 +231,45 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
   check_opt_arg(op, "bias", bias, {d}, {x.scalar_type(), at::kFloat});
 
   at::Tensor out = at::empty({b, d}, x.options());
-  const auto sdt = conv_state.scalar_type();
+  const auto sdt = conv_state.scalar_type(), xdt = x.scalar_type(), wdt = weight.scalar_type();
+  void* statep = conv_state.data_ptr();
+  const void *xp = x.data_ptr(), *wp = weight.data_ptr();
+  const void* bp = present(bias) ? bias->data_ptr() : nullptr;
+  const auto bdt = present(bias) ? bias->scalar_type() : at::kFloat;
+  void* outp = out.data_ptr();
+  if (sdt == at::kFloat && xdt == at::kFloat && wdt == at::kFloat && (!bp || bdt == at::kFloat)) {
+    // all fp32 (the CPU default): plain loads, no per-element dtype dispatch
+    float* S = static_cast<float*>(statep);
+    const float *X = static_cast<const float*>(xp), *Wt = static_cast<const float*>(wp);
+    const float* Bi = static_cast<const float*>(bp);
+    float* O = static_cast<float*>(outp);
+    at::parallel_for(0, b * d, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % d;
+        float* st = S + r * w;
+        for (int64_t k = 0; k + 1 < w; ++k) st[k] = st[k + 1];
+        st[w - 1] = X[r];
+        float acc = Bi ? Bi[c] : 0.f;
+        for (int64_t k = 0; k < w; ++k) acc += st[k] * Wt[c * w + k];
+        O[r] = silu ? acc * sigmoid_f(acc) : acc;
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, b * d, 64, [&](int64_t r0, int64_t r1) {
     float st[4], wt[4];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t c = r % d;
-      load_f32(conv_state.data_ptr(), sdt, r * w, w, st);
+      load_f32(statep, sdt, r * w, w, st);
       for (int64_t k = 0; k + 1 < w; ++k) st[k] = st[k + 1];
-      st[w - 1] = load_one(x.data_ptr(), x.scalar_type(), r);
-      store_f32(conv_state.data_ptr(), sdt, r * w, w, st);
-      load_f32(conv_state.data_ptr(), sdt, r * w, w, st);  // the output sees the state's rounding of x
-      load_f32(weight.data_ptr(), weight.scalar_type(), c * w, w, wt);
-      float acc = present(bias) ? load_one(bias->data_ptr(), bias->scalar_type(), c) : 0.f;
+      st[w - 1] = load_one(xp, xdt, r);
+      store_f32(statep, sdt, r * w, w, st);
+      load_f32(statep, sdt, r * w, w, st);  // the output sees the state's rounding of x
+      load_f32(wp, wdt, c * w, w, wt);
+      float acc = bp ? load_one(bp, bdt, c) : 0.f;
       for (int64_t k = 0; k < w; ++k) acc += st[k] * wt[k];
       if (silu) acc *= sigmoid_f(acc);
-      store_f32(out.data_ptr(), x.scalar_type(), r, 1, &acc);
+      store_f32(outp, xdt, r, 1, &acc);
     }
   });
   return out;

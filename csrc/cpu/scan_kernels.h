@@ -68,6 +68,9 @@ struct ScanKernels {
   // elementwise over x[0, round_up(len, 16)): the buffers must be that long
   void (*softplus_inplace)(float* x, int len);
   void (*sigmoid)(const float* x, float* out, int len);
+  // one decode step of one channel over np (a multiple of kLanes) state lanes: h <- 2^(A dt) h + B dtu (A
+  // times log2 e, as fwd), returns <C, h>
+  float (*step)(const float* A, const float* B, const float* C, float* h, int np, float dt, float dtu);
 };
 
 // The kernels for this CPU, or for EMMA_CPU_ISA when set (an error if the CPU lacks that instruction set).

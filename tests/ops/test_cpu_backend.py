@@ -232,6 +232,23 @@ def test_every_instruction_set_path(isa, monkeypatch):
                                delta_softplus=True)
     dt = torch.diff(y.double(), prepend=torch.zeros(1, 1, 1, dtype=torch.float64))
     torch.testing.assert_close(dt.float(), torch.nn.functional.softplus(x), rtol=1e-4, atol=2e-3)
+    # the decode step (the same per-ISA step kernel): n = 16 fp32 updates state and B/C in place, n = 20 pads
+    # to two lane blocks, a bf16 state and bf16 B/C go through fp32 copies
+    for n, dtype, groups in ((16, F32, 1), (20, F32, 2), (16, BF16, 2), (5, F32, 1)):
+        g = torch.Generator().manual_seed(n)
+        b, d = 3, 10
+        r = lambda *sh: torch.randn(*sh, generator=g)  # noqa: E731
+        x, dt, z = r(b, d).to(dtype), (r(b, d) * 0.5).to(dtype), r(b, d).to(dtype)
+        A, D, db = -torch.rand(d, n, generator=g) - 0.1, r(d), r(d) * 0.1
+        B, C = (r(b, groups, n) if groups > 1 else r(b, n)).to(dtype), (r(b, groups, n) if groups > 1 else r(b, n)).to(dtype)
+        st = r(b, d, n).to(dtype)
+        st_ref = st.clone()
+        with ops.use_backend("cpu"):
+            y = ops.selective_state_update(st, x, dt, A, B, C, D, z, db, True)
+        y_ref = ref.selective_state_update_ref(st_ref, x, dt, A, B, C, D, z, db, True)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(y.float(), y_ref.float(), rtol=rtol, atol=atol)
+        torch.testing.assert_close(st.float(), st_ref.float(), rtol=rtol, atol=atol)
 
 
 def test_backward_is_deterministic_and_independent_of_thread_count():
