@@ -91,10 +91,9 @@ class GenerationConfig:
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"GenerationConfig.cuda_graphs must be True or False, got {self.cuda_graphs!r}")
         if isinstance(self.compile, str):
-            known = torch._dynamo.list_backends(exclude_tags=())
-            if self.compile not in known:
-                raise ValueError(f"GenerationConfig.compile: {self.compile!r} is not a torch.compile backend; "
-                                 f"choose True (inductor) or one of {', '.join(sorted(known))}")
+            from emma_mamba.ops._library import require_compile_backend
+
+            require_compile_backend(self.compile, "GenerationConfig.compile (True: inductor)")
         elif not isinstance(self.compile, bool):
             raise ValueError(f"GenerationConfig.compile must be True, False or a backend name, got {self.compile!r}")
 

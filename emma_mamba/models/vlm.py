@@ -198,9 +198,9 @@ class EmmaMamba(nn.Module):
 
     #: Set by the trainer under FSDP: a training micro-batch without images still runs the image branch (vision
     #: tower, MFF, instruction fusion, projector; the alignment head) on one blank image, its result multiplied
-    #: by 0 where real images' results go (the LM input; the alignment loss). Under FSDP those modules' forwards all-gather their parameters and their backwards
-    #: reduce-scatter gradients; a process whose micro-batch is text-only would otherwise skip collectives that
-    #: the others run, and the job would fail ("collective mismatch") or hang.
+    #: by 0 where real images' results go (the LM input; the alignment loss). FSDP2 reduce-scatters only the
+    #: parameters that have a gradient, so every process must give the same ones one; a process whose step was
+    #: text-only would otherwise reduce fewer than the others, and the job fail ("collective mismatch") or hang.
     modality_lockstep: bool = False
 
     def _blank_image(self, device) -> torch.Tensor:

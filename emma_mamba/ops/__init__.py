@@ -15,6 +15,10 @@ CPU tensors on cpu, else torch. Falling back logs one line saying which backend 
 ``EMMA_MAMBA_BACKEND=cuda|triton|cpu|torch`` forces one backend for every device (an error if it is not
 available), and :func:`use_backend` does the same for a ``with`` block (tests).
 
+Under ``torch.compile`` (while Dynamo traces) the compiled backends' kernels are called as the custom ops of
+:mod:`emma_mamba.ops._library` (``torch.ops.emma_mamba.*``, with fake implementations and autograd formulas),
+so a model compiles into one graph and exports; eager calls go to the kernels directly.
+
 One more backend exists for kernel development and CI and is never chosen automatically: ``cuda-emu``, the
 CUDA kernels of csrc/cuda compiled for the CPU against an emulator (:mod:`emma_mamba.ops.cuda_emulator`;
 needs a source checkout and a C++ compiler), run on CPU tensors.

@@ -31,6 +31,13 @@ from torch import Tensor
 SAVE_EVERY_COMPILED = 256
 
 
+def require_compile_backend(name: str, key: str) -> None:
+    """A ValueError naming ``key`` unless ``name`` is a torch.compile backend (inductor, aot_eager, ...)."""
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise ValueError(f"{key}: {name!r} is not a torch.compile backend; choose one of {', '.join(sorted(known))}")
+
+
 def _kern(backend: str):
     from . import _load  # the package imports this module
 

@@ -114,10 +114,9 @@ class Trainer:
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
         self.strategy = resolve_strategy(cfg.parallel.strategy, info)
         if tc.compile:  # before the parallel wrapping (DDP and FSDP wrap the compiled blocks)
-            known = torch._dynamo.list_backends(exclude_tags=())
-            if tc.compile_backend not in known:
-                raise ValueError(f"train.compile_backend: {tc.compile_backend!r} is not a torch.compile backend; "
-                                 f"choose one of {', '.join(sorted(known))}")
+            from emma_mamba.ops._library import require_compile_backend
+
+            require_compile_backend(tc.compile_backend, "train.compile_backend")
             self.model.lm.compile_blocks(backend=tc.compile_backend, mixer_only=self.strategy == "fsdp")
 
         # ---- data
