@@ -105,6 +105,12 @@ def selective_scan_bwd(backend: str, u: Tensor, delta: Tensor, A: Tensor, B: Ten
     return tuple(_or_empty(g, u) for g in grads)
 
 
+def _for_present(grads, inputs) -> list:
+    """The backward op's gradients as autograd wants them: None for each absent (None) input, whose gradient
+    crossed the op boundary as an empty tensor."""
+    return [None if t is None else g for g, t in zip(grads, inputs)]
+
+
 def _like_or_empty(t: Tensor | None, u: Tensor) -> Tensor:
     return u.new_empty(0) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -128,9 +134,9 @@ def _scan_backward(ctx, dout, dlast_state, _dsaved):
         dlast_state = dlast_state.contiguous()
     grads = selective_scan_bwd(ctx.backend, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
                                initial_state, seq_idx, saved, dout, dlast_state, ctx.deterministic)
-    du, ddelta, dA, dB, dC, dD, dz, ddb, dinit = grads
-    return (None, du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None, ddb if delta_bias is not None else None, None,
-            dinit if initial_state is not None else None, None, None)
+    du, ddelta, dA, dB, dC, dD, dz, ddb, dinit = _for_present(
+        grads, (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    return None, du, ddelta, dA, dB, dC, dD, dz, ddb, None, dinit, None, None
 
 
 selective_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
@@ -173,10 +179,9 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, dout):
     x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
-    dx, dw, db, dinit = causal_conv1d_bwd(ctx.backend, x, weight, bias, initial_states, seq_idx,
-                                          dout.contiguous(), ctx.silu)
-    return (None, dx, dw, db if bias is not None else None, dinit if initial_states is not None else None,
-            None, None)
+    grads = causal_conv1d_bwd(ctx.backend, x, weight, bias, initial_states, seq_idx, dout.contiguous(), ctx.silu)
+    dx, dw, db, dinit = _for_present(grads, (x, weight, bias, initial_states))
+    return None, dx, dw, db, dinit, None, None
 
 
 causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
