@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emma_mamba import ops
+from emma_mamba.ops.mamba_inner import gemm_cf, no_weight_grad
 
 __all__ = [
     "MambaConfig", "MambaMixer", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",
@@ -273,28 +274,6 @@ def param_version(p: torch.Tensor) -> int:
         return 0
 
 
-def _no_weight_grad(W: torch.Tensor) -> bool:
-    """Whether the broadcast-weight GEMMs below apply: no gradient for W, and no autocast (which would cast the
-    broadcast (b, o, k) view of W, materialising it, where it casts a plain weight once)."""
-    return not (W.requires_grad and torch.is_grad_enabled()) and not torch.is_autocast_enabled(W.device.type)
-
-
-def _matmul_cf(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W (o, k) @ x (b, k, l) -> (b, o, l), contiguous, without copying x or the result.
-
-    At batch 1 one 2-D GEMM (it takes a transposed x as it is). At batch > 1 without a weight gradient
-    (inference, a frozen LM; not under autocast) a batched GEMM with W broadcast over the batch (stride 0):
-    torch.matmul would fold the batch into the rows, GEMM, and copy the (b, l, o) result into (b, o, l), a copy
-    as large as the output (at mamba-130m shapes, batch 8 x 600 tokens, these copies took a quarter of a prefill
-    on the CPU). With a weight gradient, torch.matmul: its weight gradient is one GEMM, where the broadcast
-    weight's would be a (b, o, k) stack summed over the batch."""
-    if x.shape[0] == 1:
-        return (W @ x[0])[None]
-    if _no_weight_grad(W):
-        return torch.bmm(W.expand(x.shape[0], -1, -1), x)
-    return torch.matmul(W, x)
-
-
 class MambaMixer(nn.Module):
     """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
 
@@ -321,6 +300,8 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
         self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
+        # training: recompute the conv output and delta in the backward instead of keeping them (ops.mamba_inner)
+        self.recompute_activations = True
 
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
@@ -377,46 +358,54 @@ class MambaMixer(nn.Module):
         # then contiguous, where the halves of one (b, 2*d_inner, l) result would be copied by the kernels' input
         # checks (with a weight gradient the slices' gradients would each be a full-size zero-padded tensor)
         W, h_cf, di = self.in_proj.weight, hidden_states.transpose(1, 2), self.d_inner
-        x, z = (_matmul_cf(W[:di], h_cf), _matmul_cf(W[di:], h_cf)) if b > 1 and _no_weight_grad(W) else \
-            _matmul_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
+        x, z = (gemm_cf(W[:di], h_cf), gemm_cf(W[di:], h_cf)) if b > 1 and no_weight_grad(W) else \
+            gemm_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
         if self.in_proj.bias is not None:
             x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
         conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
 
+        if cache is None:
+            # conv -> x_proj -> dt_proj -> scan as one op; in training its backward recomputes the conv output and
+            # delta rather than keeping them (two (b, d_inner, l) activations less per layer; ops.mamba_inner)
+            y = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D,
+                                dt_bias, seq_idx, recompute=self.recompute_activations)
+            return self._out_proj(y)
+
+        # prefill into the cache: the separate ops, which take the cached states and return the last ones
         conv_init = ssm_init = None
-        if cache is not None:
-            conv_state = cache.conv_states[self.layer_idx]
-            ssm_state = cache.ssm_states[self.layer_idx]
-            if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
-                conv_init = conv_state[..., 1:].to(x.dtype, copy=True)  # the last d_conv-1 inputs
-                ssm_init = ssm_state.clone()
-            # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
-            w = self.d_conv
-            window = torch.cat([conv_state.to(x.dtype), x[..., -w:]], dim=-1)[..., -w:]  # (b, d_inner, d_conv)
-            if seq_idx is not None:
-                # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
-                sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
-                window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
-            conv_state.copy_(window)
+        conv_state = cache.conv_states[self.layer_idx]
+        ssm_state = cache.ssm_states[self.layer_idx]
+        if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
+            conv_init = conv_state[..., 1:].to(x.dtype, copy=True)  # the last d_conv-1 inputs
+            ssm_init = ssm_state.clone()
+        # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
+        w = self.d_conv
+        window = torch.cat([conv_state.to(x.dtype), x[..., -w:]], dim=-1)[..., -w:]  # (b, d_inner, d_conv)
+        if seq_idx is not None:
+            # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
+            sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
+            window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
+        conv_state.copy_(window)
 
         x = ops.causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", initial_states=conv_init,
                               seq_idx=seq_idx)  # (b, d_inner, l)
 
-        x_dbl = _matmul_cf(self.x_proj.weight, x)  # (b, r + 2n, l)
+        x_dbl = gemm_cf(self.x_proj.weight, x)  # (b, r + 2n, l)
         dt, B, C = torch.split(x_dbl, [r, n, n], dim=1)  # (b, r, l), (b, n, l), (b, n, l)
-        dt = _matmul_cf(self.dt_proj.weight, dt)  # (b, d_inner, l); its bias goes in as delta_bias
+        dt = gemm_cf(self.dt_proj.weight, dt)  # (b, d_inner, l); its bias goes in as delta_bias
 
-        if cache is not None:
-            y, last_state = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                               return_last_state=True, initial_state=ssm_init, seq_idx=seq_idx)
-            ssm_state.copy_(last_state)
-        else:
-            y = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                   seq_idx=seq_idx)
+        y, last_state = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
+                                           return_last_state=True, initial_state=ssm_init, seq_idx=seq_idx)
+        ssm_state.copy_(last_state)
+        return self._out_proj(y)
+
+    def _out_proj(self, y: torch.Tensor) -> torch.Tensor:
+        """out_proj of the scan output y (b, d_inner, l) -> (b, l, d_model)."""
+        b = y.shape[0]
         W, bias = self.out_proj.weight, self.out_proj.bias
         if b == 1:  # (l, d_inner) as a transposed view: the GEMM reads it without a copy
             return F.linear(y[0].t(), W, bias)[None]  # (1, l, d_model)
-        if _no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see _matmul_cf)
+        if no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see gemm_cf)
             out = torch.bmm(y.transpose(1, 2), W.t().expand(b, -1, -1))
             return out if bias is None else out + bias.to(out.dtype)
         return F.linear(y.transpose(1, 2), W, bias)  # (b, l, d_model)
@@ -512,6 +501,13 @@ class MambaLM(nn.Module):
         """Recompute each block's activations in the backward pass (training only; ignored with a cache)."""
         self.gradient_checkpointing = bool(enabled)
 
+    def set_mixer_recompute(self, enabled: bool = True) -> None:
+        """Whether each mixer's backward recomputes its conv output and delta (default) rather than keeping them
+        from the forward (:func:`emma_mamba.ops.mamba_inner`): two (b, d_inner, l) activations less per layer
+        for one more depthwise conv and a rank-dt_rank GEMM. Gradients are the same up to rounding."""
+        for block in self.layers:
+            block.mixer.recompute_activations = bool(enabled)
+
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None, mixer_only: bool = False) -> None:
         """torch.compile each block in place (``nn.Module.compile``: parameter names, state dicts and checkpoints
         stay as they are), each as one graph (fullgraph) with the kernels inside as custom ops
@@ -546,8 +542,12 @@ class MambaLM(nn.Module):
                                  f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
             b, l = input_ids.shape
             if torch.compiler.is_compiling():  # no host sync inside a graph: an assert op checks the ids
-                torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
-                                    f"MambaLM.forward: a token id is outside the embedding [0, {V})")
+                # ... except with gradient checkpointing: AOTAutograd's partitioner of torch 2.11 refuses any
+                # impure op in a graph it recomputes parts of ("Trying to apply AC on a graph with impure op";
+                # 2.15 accepts it); there the embedding lookup's own bounds check is what fails
+                if not self.gradient_checkpointing:
+                    torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                                        f"MambaLM.forward: a token id is outside the embedding [0, {V})")
             elif input_ids.numel():
                 lo, hi = int(input_ids.min()), int(input_ids.max())
                 if lo < 0 or hi >= V:

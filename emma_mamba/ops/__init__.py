@@ -1,7 +1,9 @@
 """The op layer: the only place in emma_mamba that picks a kernel.
 
 Four ops with mamba-ssm compatible signatures (plus ``initial_state``/``seq_idx`` extensions):
-``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``.
+``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``; and
+``mamba_inner``, the mixer's conv -> x_proj -> dt_proj -> scan path as one op that recomputes the conv output and
+delta in its backward instead of keeping them (:mod:`.mamba_inner`: 2 of a training layer's 5 kept activations).
 
 Backends, identical in signature:
 
@@ -36,13 +38,14 @@ from types import SimpleNamespace
 import torch
 
 from . import _checks, _library
+from . import mamba_inner as _mamba_inner
 from ._autograd import CausalConv1dFn, SelectiveScanFn
 from ._checks import OpInputError
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
                         selective_state_update_ref)
 
 __all__ = [
-    "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update",
+    "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update", "mamba_inner",
     "get_backend", "use_backend", "set_backend", "available_backends", "BackendUnavailableError",
     "OpInputError", "BACKENDS",
 ]
@@ -319,3 +322,31 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if kern is None:
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
+
+
+def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, delta_bias=None,
+                seq_idx=None, *, recompute=True, deterministic=None):
+    """The Mamba mixer between its in_proj and out_proj: silu(causal_conv1d(x)) -> x_proj -> [dt_low, B, C] ->
+    delta = dt_proj(dt_low) -> selective_scan(..., z, delta_bias, delta_softplus=True) -> y (b, d, l).
+
+    x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w), conv_bias (d,); x_proj_weight
+    (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l). The
+    GEMMs run in x's dtype. Differentiable in every tensor input. ``recompute`` (compiled backends): the
+    backward recomputes the conv output and delta rather than keeping them (two (b, d, l) activations less per
+    layer, for one more conv and a rank-r GEMM); False composes the separate ops, which keep them.
+    """
+    _mamba_inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
+    x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
+                                                                        "silu")
+    kern, _ = _pick(x)
+    if kern is None or not recompute:  # the torch reference; torch.compile tracing (custom ops); no recompute
+        xc = causal_conv1d(x, conv_weight, conv_bias, "silu", seq_idx=seq_idx)  # (b, d, l)
+        x_dbl = _mamba_inner.gemm_cf(x_proj_weight, xc)  # (b, r + 2n, l)
+        r, n = dt_proj_weight.shape[1], A.shape[1]
+        dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)
+        delta = _mamba_inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
+        return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, seq_idx=seq_idx,
+                              deterministic=deterministic)
+    broadcast = (_mamba_inner.no_weight_grad(x_proj_weight), _mamba_inner.no_weight_grad(dt_proj_weight))
+    return _mamba_inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                                           delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))

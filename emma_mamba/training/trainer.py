@@ -110,6 +110,7 @@ class Trainer:
         self.model.train()
         if tc.gradient_checkpointing:
             self.model.lm.set_gradient_checkpointing(True)
+        self.model.lm.set_mixer_recompute(tc.mixer_recompute)
         cuda = info.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
         self.strategy = resolve_strategy(cfg.parallel.strategy, info)

@@ -1,0 +1,139 @@
+"""The Mamba mixer's path from the in_proj output to the gated scan output as one op that recomputes its cheap
+activations in the backward, instead of keeping them (mamba-ssm's ``mamba_inner_fn`` with ``checkpoint_lvl=1``,
+without the projections at either end).
+
+    x, z (b, d, l) -> xc = silu(causal_conv1d(x)) -> x_dbl = x_proj(xc) = [dt_low; B; C] (b, r + 2n, l)
+                   -> delta = dt_proj(dt_low) (b, d, l) -> y = selective_scan(xc, delta, ..., z) (b, d, l)
+
+What a training step keeps per layer, in units of one (b, d_inner, l) activation: the same mixer built from the
+separate ops keeps x and z (the in_proj output), the conv output xc (for x_proj and the scan), delta (for the
+scan) and y (for out_proj): 5. Here the backward recomputes xc (a depthwise conv) and delta (a rank-r GEMM,
+r = d_model / 16: 1/32 of in_proj's FLOPs) from x and x_dbl: 3 units (x, z, and y, which out_proj keeps either
+way), i.e. 2 of 5 fewer; mamba-ssm also recomputes y inside its scan backward kernel, which ours does not return.
+
+The saved chunk-boundary states of the scan are kept (the backward kernels need them; (b, d, n * l / chunk) fp32).
+Dispatch: the compiled backends (cpu, cuda, triton, cuda-emu) run :class:`MambaInnerFn` on their kernels; the torch
+reference, and torch.compile while it traces (whose partitioner decides itself what to recompute), compose the
+public ops, which keep everything (``recompute=False`` does the same on any backend).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+
+def _fail(msg: str):
+    raise _checks.OpInputError(f"emma_mamba.ops.mamba_inner: {msg}")
+
+
+def no_weight_grad(W: torch.Tensor) -> bool:
+    """Whether :func:`gemm_cf` may broadcast W: no gradient for W, and no autocast (which would cast the
+    broadcast (b, o, k) view of W, materialising it, where it casts a plain weight once)."""
+    return not (W.requires_grad and torch.is_grad_enabled()) and not torch.is_autocast_enabled(W.device.type)
+
+
+def gemm_cf(W: torch.Tensor, x: torch.Tensor, broadcast: bool | None = None) -> torch.Tensor:
+    """W (o, k) @ x (b, k, l) -> (b, o, l), contiguous, without copying x or the result; W cast to x's dtype.
+
+    At batch 1 one 2-D GEMM (it takes a transposed x as it is). At batch > 1 with ``broadcast`` (default:
+    :func:`no_weight_grad`) a batched GEMM with W broadcast over the batch (stride 0): torch.matmul would fold
+    the batch into the rows, GEMM, and copy the (b, l, o) result into (b, o, l), a copy as large as the output
+    (at mamba-130m shapes, batch 8 x 600 tokens, these copies took a quarter of a prefill on the CPU). With a
+    weight gradient, torch.matmul: its weight gradient is one GEMM, where the broadcast weight's would be a
+    (b, o, k) stack summed over the batch."""
+    W = W.to(x.dtype)
+    if x.shape[0] == 1:
+        return (W @ x[0])[None]
+    if no_weight_grad(W) if broadcast is None else broadcast:
+        return torch.bmm(W.expand(x.shape[0], -1, -1), x)
+    return torch.matmul(W, x)
+
+
+def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """Gradient of W in out = W @ inp (both (b, ., l)): sum over the batch of dout[b] @ inp[b]^T -> (o, k)."""
+    if dout.shape[0] == 1:
+        return dout[0] @ inp[0].t()
+    return torch.einsum("bol,bkl->ok", dout, inp)
+
+
+def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx, broadcast):
+    """delta and the scan's checked inputs from the conv output and x_dbl (forward and, recomputed bit for bit
+    with the same GEMM, backward)."""
+    r, n = dt_proj_weight.shape[1], A.shape[1]
+    dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)  # (b, r, l), (b, n, l), (b, n, l)
+    delta = gemm_cf(dt_proj_weight, dt_low, broadcast)  # (b, d, l); its bias goes in as delta_bias, under softplus
+    return _checks.check_selective_scan(xc, delta, A, B, C, D, z, delta_bias, None, seq_idx)
+
+
+class MambaInnerFn(torch.autograd.Function):
+    """Keeps x, z, x_dbl, the weights and the scan's chunk states; recomputes xc and delta in the backward."""
+
+    @staticmethod
+    def forward(ctx, kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
+                seq_idx, broadcast, deterministic):
+        # broadcast: gemm_cf's choice for x_proj and dt_proj, made by the caller (grad mode is off in here)
+        xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)  # (b, d, l)
+        x_dbl = gemm_cf(x_proj_weight, xc, broadcast[0])  # (b, r + 2n, l)
+        u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias,
+                                                              seq_idx, broadcast[1])
+        y, _, saved = kern.selective_scan_fwd(u, delta, A_, B, C, D_, z_, db, True, None, sid)
+        ctx.set_materialize_grads(False)
+        ctx.kern, ctx.broadcast, ctx.deterministic = kern, broadcast, deterministic
+        ctx.save_for_backward(x, z_, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, A, D,
+                              delta_bias, seq_idx, saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 13
+        (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, A, D, delta_bias, seq_idx,
+         saved) = ctx.saved_tensors
+        kern, need = ctx.kern, ctx.needs_input_grad
+        b, d, l = x.shape
+        r, n = dt_proj_weight.shape[1], A.shape[1]
+        # recompute the two (b, d, l) activations the forward dropped
+        xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)
+        u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias,
+                                                              seq_idx, ctx.broadcast[1])
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = kern.selective_scan_bwd(
+            u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy.contiguous(), None, ctx.deterministic)
+        dt_low = x_dbl[:, :r]
+        dt_proj_grad = _wgrad(ddelta, dt_low) if need[6] else None  # (d, r)
+        # d x_dbl = [dt_proj^T ddelta; dB; dC]  (b, r + 2n, l)
+        dx_dbl = torch.cat([gemm_cf(dt_proj_weight.t(), ddelta), dB.to(x.dtype).reshape(b, n, l),
+                            dC.to(x.dtype).reshape(b, n, l)], dim=1)
+        x_proj_grad = _wgrad(dx_dbl, xc) if need[5] else None  # (r + 2n, d)
+        dxc = du + gemm_cf(x_proj_weight.t(), dx_dbl)  # (b, d, l)
+        dx, dconv_weight, dconv_bias, _ = kern.causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx,
+                                                                 dxc.contiguous(), True)
+        return (None, dx, dz, dconv_weight if need[3] else None, dconv_bias if need[4] else None, x_proj_grad,
+                dt_proj_grad, dA, dD, ddelta_bias, None, None, None)
+
+
+def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A):
+    """Shapes the separate ops cannot check, because they only see what this op computes from them."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        _fail(f"x must be a 3-D tensor (batch, dim, seqlen), got "
+              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    d = x.shape[1]
+    if not isinstance(z, torch.Tensor) or z.shape != x.shape:
+        _fail(f"z must have x's shape {tuple(x.shape)}, got "
+              f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != d:
+        _fail(f"A must have shape (dim={d}, dstate), got "
+              f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
+    n = A.shape[1]
+    if not isinstance(dt_proj_weight, torch.Tensor) or dt_proj_weight.dim() != 2 or dt_proj_weight.shape[0] != d:
+        _fail(f"dt_proj_weight must have shape (dim={d}, dt_rank), got "
+              f"{tuple(dt_proj_weight.shape) if isinstance(dt_proj_weight, torch.Tensor) else dt_proj_weight!r}")
+    r = dt_proj_weight.shape[1]
+    if not isinstance(x_proj_weight, torch.Tensor) or tuple(x_proj_weight.shape) != (r + 2 * n, d):
+        _fail(f"x_proj_weight must have shape (dt_rank + 2 * dstate = {r + 2 * n}, dim={d}), got "
+              f"{tuple(x_proj_weight.shape) if isinstance(x_proj_weight, torch.Tensor) else x_proj_weight!r}")
+    for name, t in (("conv_weight", conv_weight), ("x_proj_weight", x_proj_weight),
+                    ("dt_proj_weight", dt_proj_weight)):
+        if t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}")

@@ -1,0 +1,179 @@
+"""ops.mamba_inner: the mixer's conv -> x_proj -> dt_proj -> scan path as one op that recomputes the conv output
+and delta in its backward. Oracles: the same path composed of the fp32 reference ops (torch backend), the
+separate ops on the same backend (recompute=False), and counts of what autograd keeps, made by saved-tensor
+hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from emma_mamba import ops
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+from .tolerances import TOL, assert_close, segments
+
+BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("cuda-emu", "cpu", id="cuda-emu"),
+            pytest.param("triton", "cpu", id="triton-interp"),
+            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+            pytest.param("triton", "cuda", id="triton-gpu", marks=pytest.mark.gpu)]
+NAMES = ("x", "z", "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")
+
+
+def _skip_unavailable(backend, device):
+    if backend == "triton" and device == "cpu" and not ops._runs_on("triton", "cpu"):
+        pytest.skip("the Triton interpreter is off")
+    try:
+        ops._load(backend)
+    except ops.BackendUnavailableError as e:
+        pytest.skip(str(e))
+
+
+def _inputs(b, d, l, n=8, r=3, w=4, dtype=torch.float32, seed=0):
+    """A mixer's inner inputs at realistic scales: x, z as the two halves of one in_proj output."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    xz = rnd(b, 2 * d, l).to(dtype)
+    return {"xz": xz, "conv_weight": rnd(d, w, scale=0.5), "conv_bias": rnd(d, scale=0.1),
+            "x_proj_weight": rnd(r + 2 * n, d, scale=d ** -0.5), "dt_proj_weight": rnd(d, r, scale=r ** -0.5),
+            "A": -torch.exp(rnd(d, n, scale=0.5)), "D": rnd(d), "delta_bias": rnd(d, scale=0.5) - 2.0}
+
+
+def _run(inp, device, seq_idx=None, dy=None, frozen=(), **kw):
+    """y and the gradients of every input (x and z as the halves of xz) for the cotangent dy."""
+    leaf = {k: v.to(device).clone().requires_grad_(k not in frozen) for k, v in inp.items()}
+    x, z = leaf["xz"].chunk(2, dim=1)
+    args = [leaf[k] for k in NAMES[2:]]
+    y = ops.mamba_inner(x, z, *args, seq_idx=None if seq_idx is None else seq_idx.to(device), **kw)
+    if dy is None:
+        return y, None
+    wrt = {k: t for k, t in leaf.items() if t.requires_grad}
+    grads = torch.autograd.grad(y, list(wrt.values()), dy.to(device))
+    return y, {k: gr.cpu() for k, gr in zip(wrt, grads)}
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("b,l,packed", [(1, 37, False), (2, 300, True)], ids=["b1-l37", "b2-l300-packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_outputs_and_gradients_match_the_reference(backend, device, b, l, packed, dtype):
+    _skip_unavailable(backend, device)
+    if backend == "triton" and device == "cpu" and (l > 64 or dtype != torch.float32):
+        pytest.skip("the Triton interpreter is slow: one small fp32 shape")
+    d = 16
+    inp = _inputs(b, d, l, dtype=dtype)
+    seq_idx = segments(b, l, torch.Generator().manual_seed(1), cuts=[1, 17, 256]) if packed else None
+    dy = torch.randn(b, d, l, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with ops.use_backend("torch"):
+        want, want_g = _run(inp, "cpu", seq_idx, dy)
+    with ops.use_backend(backend):
+        got, got_g = _run(inp, device, seq_idx, dy)
+    rtol, atol = TOL[dtype]
+    assert_close("y", got.cpu(), want, rtol, atol)
+    for k in want_g:
+        # gradients: 5x the output tolerance (they sum over l, through the scan's reverse pass), at least 1e-3
+        assert_close(f"d{k}", got_g[k], want_g[k], max(5 * rtol, 1e-3), max(5 * atol, 1e-3))
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_recompute_gives_the_separate_ops_bits(b):
+    """The recomputed conv output and delta are the forward's bit for bit (same kernels, same GEMMs), so the
+    gradients equal those of the separate ops (which keep them) exactly, trainable and frozen weights alike."""
+    inp = _inputs(b, 24, 50)
+    seq_idx = segments(b, 50, torch.Generator().manual_seed(3), cuts=[10])
+    dy = torch.randn(b, 24, 50, generator=torch.Generator().manual_seed(4))
+    for frozen in ((), ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")):
+        with ops.use_backend("cpu"):
+            y1, g1 = _run(inp, "cpu", seq_idx, dy, frozen=frozen)
+            y0, g0 = _run(inp, "cpu", seq_idx, dy, frozen=frozen, recompute=False)
+        assert torch.equal(y1, y0)
+        assert g1.keys() == g0.keys() and len(g1) == (1 if frozen else len(inp))
+        for k in g0:
+            assert torch.equal(g1[k], g0[k]), f"d{k} differs (frozen={bool(frozen)})"
+
+
+def test_deterministic_backward_is_bitwise_reproducible():
+    inp = _inputs(2, 16, 80)
+    dy = torch.randn(2, 16, 80, generator=torch.Generator().manual_seed(5))
+    with ops.use_backend("cpu"):
+        runs = [_run(inp, "cpu", None, dy, deterministic=True)[1] for _ in range(2)]
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+class _SavedActivations:
+    """Saved-tensor hooks that record each distinct storage autograd keeps, with its size in elements."""
+
+    def __init__(self):
+        self.sizes = {}
+
+    def __enter__(self):
+        def pack(t):
+            st = t.untyped_storage()
+            self.sizes[st.data_ptr()] = st.nbytes() // t.element_size()
+            return t
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def count(self, numel):
+        return sum(1 for v in self.sizes.values() if v == numel)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu"])
+def test_keeps_two_fewer_activations_than_the_separate_ops(backend):
+    """Per call, autograd keeps x and z (b, d, l) and not the conv output or delta: the separate ops keep at
+    least 4 tensors of that size (x and z copied out of the in_proj output by the kernels' contiguity checks,
+    the conv output, delta; at batch > 1 torch.matmul's backward of x_proj also keeps the conv output folded to
+    (b * l, d), a fifth)."""
+    _skip_unavailable(backend, "cpu")
+    b, d, l = 2, 16, 40
+    inp = _inputs(b, d, l)
+    kept = {}
+    for recompute in (True, False):
+        with ops.use_backend(backend), _SavedActivations() as saved:
+            y, _ = _run(inp, "cpu", recompute=recompute)
+        kept[recompute] = saved.count(b * d * l)
+        del y
+    assert kept[True] == 2 and kept[False] >= 4, kept
+
+
+def test_lm_training_keeps_three_activations_per_layer_not_five():
+    """A MambaLM training forward keeps per layer x, z and the scan output (out_proj's input) of size
+    (b, d_inner, l); with the mixers' recompute off, also the conv output and delta (and torch.matmul's folded
+    copy of the conv output). The loss is the same either way bit for bit, the gradients to rounding."""
+    cfg = MambaConfig(d_model=16, n_layer=3, vocab_size=64, d_state=8)
+    lm = MambaLM(cfg)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
+    unit = 2 * cfg.d_inner * 30
+    out = {}
+    for recompute in (True, False):
+        for m in lm.layers:
+            m.mixer.recompute_activations = recompute
+        lm.zero_grad()
+        with ops.use_backend("cpu"), _SavedActivations() as saved:
+            loss = lm(ids).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        out[recompute] = (saved.count(unit), loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()})
+    assert out[True][0] == 3 * cfg.n_layer and out[False][0] >= 5 * cfg.n_layer, (out[True][0], out[False][0])
+    assert torch.equal(out[True][1], out[False][1])
+    for k, gr in out[False][2].items():  # the autograd graphs differ, so gradients that sum several paths
+        torch.testing.assert_close(out[True][2][k], gr, rtol=1e-5, atol=1e-7, msg=lambda m: f"d{k}: {m}")
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"x_proj_weight": torch.zeros(20, 16)},
+     r"x_proj_weight must have shape \(dt_rank \+ 2 \* dstate = 19, dim=16\), got \(20, 16\)"),
+    ({"dt_proj_weight": torch.zeros(15, 3)}, r"dt_proj_weight must have shape \(dim=16, dt_rank\)"),
+    ({"z": torch.zeros(2, 16, 9)}, r"z must have x's shape \(2, 16, 10\)"),
+    ({"A": torch.zeros(8, 8)}, r"A must have shape \(dim=16, dstate\)"),
+    ({"conv_weight": torch.zeros(16, 5)}, r"conv width .* must be 2, 3 or 4, got 5"),
+])
+def test_bad_inputs_name_what_is_wrong(bad, message):
+    inp = _inputs(2, 16, 10)
+    x, z = inp.pop("xz").chunk(2, dim=1)
+    args = {"x": x, "z": z, **inp, **bad}
+    with pytest.raises(ops.OpInputError, match=message):
+        ops.mamba_inner(**args)
