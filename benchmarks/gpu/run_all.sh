@@ -14,8 +14,11 @@
 #     latency  `emma-mamba bench latency --preset emma-mamba-2.8b --cuda-graphs --peer` (issue 9; needs open_clip)
 #     prefill  benchmarks/prefill_batching.py at mamba-2.8b, bf16: one padded batch vs one batch per length
 #     compile  benchmarks/compile_lm.py (LM blocks compiled vs eager, train step and prefill, bf16 autocast)
+#     memory   benchmarks/activation_memory.py (training step: activations kept, peak memory and time with
+#              every activation kept, with the mixers' recompute (ops.mamba_inner), with block checkpointing)
 #     wheels   bring the peers' wheels back in $OUT (split)
-#   A 10-minute call fits "peers tests bench"; then "alltests latency prefill compile" in a second call.
+#   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call and
+#   "compile memory" in a third.
 # Device time on an H100 (16 cores), measured 2026-11-22: peers ~6 min (causal-conv1d is the slow one),
 # emma_mamba ~1-2 min. Without "peers" the benchmark still runs, without the peer columns.
 # The peer wheels (~65 MB, "wheels") are too large to carry back with the working tree (64 MiB limit).
@@ -144,6 +147,12 @@ if has compile; then
   timeout 300 python3 benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \
     --seqlen 2048 --repeats 10 --out $OUT/compile_lm_cuda.json 2>&1 | tee $LOG/compile.log | tail -6
   stamp "compile done"
+fi
+
+if has memory; then
+  timeout 300 python3 benchmarks/activation_memory.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
+    --batch 4 --seqlen 2048 --repeats 10 --out $OUT/activation_memory_cuda.json 2>&1 | tee $LOG/memory.log | tail -6
+  stamp "memory done"
 fi
 
 if has wheels && ls /tmp/peer_wheels/*.whl >/dev/null 2>&1; then
