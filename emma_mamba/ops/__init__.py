@@ -3,7 +3,8 @@
 Four ops with mamba-ssm compatible signatures (plus ``initial_state``/``seq_idx`` extensions):
 ``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``; and
 ``mamba_inner``, the mixer's conv -> x_proj -> dt_proj -> scan path as one op that recomputes the conv output and
-delta in its backward instead of keeping them (:mod:`.mamba_inner`: 2 of a training layer's 5 kept activations).
+delta in its backward instead of keeping them (:mod:`.mamba_inner`: a training layer keeps 3 activations of
+size (b, d_inner, l) instead of 5-6).
 
 Backends, identical in signature:
 

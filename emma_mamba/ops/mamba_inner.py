@@ -7,9 +7,10 @@ without the projections at either end).
 
 What a training step keeps per layer, in units of one (b, d_inner, l) activation: the same mixer built from the
 separate ops keeps x and z (the in_proj output), the conv output xc (for x_proj and the scan), delta (for the
-scan) and y (for out_proj): 5. Here the backward recomputes xc (a depthwise conv) and delta (a rank-r GEMM,
+scan) and y (for out_proj): 5, and 6 at batch > 1, where torch.matmul's backward of x_proj keeps its own copy
+of xc folded to (b * l, d). Here the backward recomputes xc (a depthwise conv) and delta (a rank-r GEMM,
 r = d_model / 16: 1/32 of in_proj's FLOPs) from x and x_dbl: 3 units (x, z, and y, which out_proj keeps either
-way), i.e. 2 of 5 fewer; mamba-ssm also recomputes y inside its scan backward kernel, which ours does not return.
+way); mamba-ssm also recomputes y inside its scan backward kernel, which ours does not return.
 
 The saved chunk-boundary states of the scan are kept (the backward kernels need them; (b, d, n * l / chunk) fp32).
 Dispatch: the compiled backends (cpu, cuda, triton, cuda-emu) run :class:`MambaInnerFn` on their kernels; the torch
