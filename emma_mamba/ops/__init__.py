@@ -339,8 +339,12 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     _mamba_inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
     x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
                                                                         "silu")
-    kern, _ = _pick(x)
-    if kern is None or not recompute:  # the torch reference; torch.compile tracing (custom ops); no recompute
+    kern, traced = _pick(x)
+    broadcast = (_mamba_inner.no_weight_grad(x_proj_weight), _mamba_inner.no_weight_grad(dt_proj_weight))
+    if traced is not None and recompute:
+        return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                                        delta_bias, seq_idx, *broadcast, _resolve_deterministic(deterministic))[0]
+    if kern is None or not recompute:  # the torch reference (also while torch.compile traces); no recompute
         xc = causal_conv1d(x, conv_weight, conv_bias, "silu", seq_idx=seq_idx)  # (b, d, l)
         x_dbl = _mamba_inner.gemm_cf(x_proj_weight, xc)  # (b, r + 2n, l)
         r, n = dt_proj_weight.shape[1], A.shape[1]
@@ -348,6 +352,5 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
         delta = _mamba_inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
         return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, seq_idx=seq_idx,
                               deterministic=deterministic)
-    broadcast = (_mamba_inner.no_weight_grad(x_proj_weight), _mamba_inner.no_weight_grad(dt_proj_weight))
     return _mamba_inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                            delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))

@@ -13,9 +13,10 @@ r = d_model / 16: 1/32 of in_proj's FLOPs) from x and x_dbl: 3 units (x, z, and 
 way); mamba-ssm also recomputes y inside its scan backward kernel, which ours does not return.
 
 The saved chunk-boundary states of the scan are kept (the backward kernels need them; (b, d, n * l / chunk) fp32).
-Dispatch: the compiled backends (cpu, cuda, triton, cuda-emu) run :class:`MambaInnerFn` on their kernels; the torch
-reference, and torch.compile while it traces (whose partitioner decides itself what to recompute), compose the
-public ops, which keep everything (``recompute=False`` does the same on any backend).
+Dispatch: the compiled backends (cpu, cuda, triton, cuda-emu) run :class:`MambaInnerFn` on their kernels, and while
+torch.compile traces, the custom op ``torch.ops.emma_mamba.mamba_inner_fwd`` (:mod:`._library`), which keeps the
+same tensors (AOTAutograd's partitioner would not recompute a kernel op by itself); the torch reference composes
+the public ops, which keep everything (``recompute=False`` does the same on any backend).
 """
 
 from __future__ import annotations
@@ -68,50 +69,67 @@ def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx, broadc
     return _checks.check_selective_scan(xc, delta, A, B, C, D, z, delta_bias, None, seq_idx)
 
 
+def inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
+              broadcast):
+    """The forward on a backend's kernels -> (y, x_dbl, saved, z as the scan took it (contiguous)).
+    ``broadcast``: gemm_cf's choice for x_proj and dt_proj, made by the caller (grad mode may be off here)."""
+    xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)  # (b, d, l)
+    x_dbl = gemm_cf(x_proj_weight, xc, broadcast[0])  # (b, r + 2n, l)
+    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
+                                                          broadcast[1])
+    y, _, saved = kern.selective_scan_fwd(u, delta, A_, B, C, D_, z_, db, True, None, sid)
+    return y, x_dbl, saved, z_
+
+
+def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, x_dbl,
+              saved, dy, broadcast, deterministic, weight_grads=(True, True, True, True)):
+    """The backward from what :func:`inner_fwd` kept -> (dx, dz, dconv_weight, dconv_bias, dx_proj_weight,
+    ddt_proj_weight, dA, dD, ddelta_bias); ``weight_grads`` (conv weight, conv bias, x_proj, dt_proj): False
+    skips that gradient (None)."""
+    b, d, l = x.shape
+    r, n = dt_proj_weight.shape[1], A.shape[1]
+    # recompute the two (b, d, l) activations the forward dropped, bit for bit
+    xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)
+    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
+                                                          broadcast[1])
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = kern.selective_scan_bwd(
+        u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy.contiguous(), None, deterministic)
+    dt_low = x_dbl[:, :r]
+    dt_proj_grad = _wgrad(ddelta, dt_low) if weight_grads[3] else None  # (d, r)
+    # d x_dbl = [dt_proj^T ddelta; dB; dC]  (b, r + 2n, l)
+    dx_dbl = torch.cat([gemm_cf(dt_proj_weight.t(), ddelta), dB.to(x.dtype).reshape(b, n, l),
+                        dC.to(x.dtype).reshape(b, n, l)], dim=1)
+    x_proj_grad = _wgrad(dx_dbl, xc) if weight_grads[2] else None  # (r + 2n, d)
+    dxc = du + gemm_cf(x_proj_weight.t(), dx_dbl)  # (b, d, l)
+    dx, dconv_weight, dconv_bias, _ = kern.causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx,
+                                                             dxc.contiguous(), True)
+    return (dx, dz, dconv_weight if weight_grads[0] else None, dconv_bias if weight_grads[1] else None,
+            x_proj_grad, dt_proj_grad, dA, dD, ddelta_bias)
+
+
 class MambaInnerFn(torch.autograd.Function):
-    """Keeps x, z, x_dbl, the weights and the scan's chunk states; recomputes xc and delta in the backward."""
+    """Keeps x, z, x_dbl, the weights and the scan's chunk states; recomputes xc and delta in the backward.
+    (Under torch.compile the custom op ``emma_mamba::mamba_inner_fwd`` of :mod:`._library` does the same.)"""
 
     @staticmethod
     def forward(ctx, kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                 seq_idx, broadcast, deterministic):
-        # broadcast: gemm_cf's choice for x_proj and dt_proj, made by the caller (grad mode is off in here)
-        xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)  # (b, d, l)
-        x_dbl = gemm_cf(x_proj_weight, xc, broadcast[0])  # (b, r + 2n, l)
-        u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias,
-                                                              seq_idx, broadcast[1])
-        y, _, saved = kern.selective_scan_fwd(u, delta, A_, B, C, D_, z_, db, True, None, sid)
+        y, x_dbl, saved, z_ = inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                                        delta_bias, seq_idx, broadcast)
         ctx.set_materialize_grads(False)
         ctx.kern, ctx.broadcast, ctx.deterministic = kern, broadcast, deterministic
-        ctx.save_for_backward(x, z_, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, A, D,
-                              delta_bias, seq_idx, saved)
+        ctx.save_for_backward(x, z_, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
+                              seq_idx, x_dbl, saved)  # inner_bwd's order
         return y
 
     @staticmethod
     def backward(ctx, dy):
         if dy is None:
             return (None,) * 13
-        (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, x_dbl, A, D, delta_bias, seq_idx,
-         saved) = ctx.saved_tensors
-        kern, need = ctx.kern, ctx.needs_input_grad
-        b, d, l = x.shape
-        r, n = dt_proj_weight.shape[1], A.shape[1]
-        # recompute the two (b, d, l) activations the forward dropped
-        xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)
-        u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias,
-                                                              seq_idx, ctx.broadcast[1])
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = kern.selective_scan_bwd(
-            u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy.contiguous(), None, ctx.deterministic)
-        dt_low = x_dbl[:, :r]
-        dt_proj_grad = _wgrad(ddelta, dt_low) if need[6] else None  # (d, r)
-        # d x_dbl = [dt_proj^T ddelta; dB; dC]  (b, r + 2n, l)
-        dx_dbl = torch.cat([gemm_cf(dt_proj_weight.t(), ddelta), dB.to(x.dtype).reshape(b, n, l),
-                            dC.to(x.dtype).reshape(b, n, l)], dim=1)
-        x_proj_grad = _wgrad(dx_dbl, xc) if need[5] else None  # (r + 2n, d)
-        dxc = du + gemm_cf(x_proj_weight.t(), dx_dbl)  # (b, d, l)
-        dx, dconv_weight, dconv_bias, _ = kern.causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx,
-                                                                 dxc.contiguous(), True)
-        return (None, dx, dz, dconv_weight if need[3] else None, dconv_bias if need[4] else None, x_proj_grad,
-                dt_proj_grad, dA, dD, ddelta_bias, None, None, None)
+        need = ctx.needs_input_grad
+        grads = inner_bwd(ctx.kern, *ctx.saved_tensors, dy, ctx.broadcast, ctx.deterministic,
+                          weight_grads=need[3:7])
+        return (None, *grads, None, None, None)
 
 
 def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A):

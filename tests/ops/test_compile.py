@@ -80,6 +80,7 @@ class GraphRecorder:
 
     def __init__(self):
         self.graphs = {"fw": [], "bw": []}
+        self.input_numels = {"fw": [], "bw": []}  # per graph; the backward's inputs: saved tensors + tangents
 
     def _recorder(self, kind):
         def compiler(gm, example_inputs):
@@ -88,6 +89,7 @@ class GraphRecorder:
                 if n.op == "call_function":
                     ops_.append(str(n.args[0] if "auto_functionalized" in str(n.target) else n.target))
             self.graphs[kind].append(ops_)
+            self.input_numels[kind].append([t.numel() for t in example_inputs if isinstance(t, torch.Tensor)])
             return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
         return compiler
 
@@ -152,6 +154,22 @@ def test_opcheck_decode_steps(tgt):
     torch.library.opcheck(lib.selective_state_update.default,
                           (tgt.backend, state, x, dt, A, B, C, D, z, dt_bias, True))
     torch.library.opcheck(lib.causal_conv1d_update.default, (tgt.backend, r(b, d), r(b, d, w), r(d, w), r(d), True))
+
+
+@pytest.mark.parametrize("b,seq,broadcast", [(1, False, False), (2, True, False), (2, False, True)],
+                         ids=["b1", "b2-packed", "b2-broadcast"])
+def test_opcheck_mamba_inner(tgt, b, seq, broadcast):
+    from .test_mamba_inner import _inputs
+
+    l = 21 if tgt.backend == "triton" and tgt.device == "cpu" else 37
+    inp = _inputs(b, 8, l)
+    xz = inp.pop("xz")
+    leaf = lambda t: t.to(tgt.device).requires_grad_()  # noqa: E731
+    seq_idx = _packed(b, l, tgt.device) if seq else None
+    args = (tgt.backend, leaf(xz[:, :8].clone()), leaf(xz[:, 8:].clone()), *(leaf(inp[k]) for k in (
+        "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")),
+        seq_idx, broadcast, broadcast, False)
+    torch.library.opcheck(lib.mamba_inner_fwd.default, args)
 
 
 def test_unknown_backend_in_a_custom_op_is_an_error():
@@ -234,13 +252,39 @@ def test_lm_compiles_as_one_graph_and_trains_like_eager(model_tgt, checkpointing
         rec = GraphRecorder()
         compiled = torch.compile(model, fullgraph=True, backend=rec.backend)
         got, ggot = _train_step(compiled, ids, seq)
-    assert rec.count("selective_scan_fwd") == 2 and rec.count("causal_conv1d_fwd") == 2
-    assert rec.count("selective_scan_bwd", "bw") == 2 and rec.count("causal_conv1d_bwd", "bw") == 2
+    # each mixer one op (ops.mamba_inner), forward and backward
+    assert rec.count("mamba_inner_fwd") == 2 and rec.count("mamba_inner_bwd", "bw") == 2
     # with checkpointing the backward graph recomputes each block's forward
-    assert rec.count("selective_scan_fwd", "bw") == (2 if checkpointing else 0)
+    assert rec.count("mamba_inner_fwd", "bw") == (2 if checkpointing else 0)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     for (name, _), a, b in zip(model.named_parameters(), ggot, gwant):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_compiled_lm_keeps_two_activations_per_layer_less_with_mixer_recompute():
+    """Compiled, the mixers' recompute (the custom op mamba_inner_fwd) keeps what it keeps in eager: the
+    backward graph's saved inputs hold at least 2 (b, d_inner, l) activations per layer less than with the
+    separate ops (conv + scan custom ops, whose saved inputs the partitioner would not recompute by itself);
+    both give eager's loss and gradients."""
+    ids = torch.randint(0, 96, (2, 40))
+    seq = _packed(2, 40, "cpu")
+    saved, names = {}, {}
+    for recompute in (True, False):
+        model = _lm("cpu").train()
+        model.set_mixer_recompute(recompute)
+        want, gwant = _train_step(model, ids, seq)
+        torch._dynamo.reset()
+        rec = GraphRecorder()
+        got, ggot = _train_step(torch.compile(model, fullgraph=True, backend=rec.backend), ids, seq)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for a, b in zip(ggot, gwant):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        saved[recompute] = sum(sum(g) for g in rec.input_numels["bw"])
+        names[recompute] = (rec.count("mamba_inner_fwd"), rec.count("selective_scan_fwd"))
+    cfg = model.config
+    unit = 2 * cfg.d_inner * 40
+    assert names == {True: (2, 0), False: (0, 2)}
+    assert saved[False] - saved[True] >= 2 * cfg.n_layer * unit, (saved, unit)
 
 
 def test_lm_compiled_with_dynamic_lengths_across_a_chunk_edge():
@@ -274,7 +318,7 @@ def test_lm_exports_with_a_dynamic_length_and_reloads(tmp_path):
     model = _lm("cpu").eval()
     ep = torch.export.export(Logits(model), (torch.randint(0, 96, (2, 40)),),
                              dynamic_shapes=({1: torch.export.Dim("seqlen", min=2, max=4096)},))
-    assert sum("emma_mamba.selective_scan_fwd" in str(n.target) for n in ep.graph.nodes) == 2
+    assert sum("emma_mamba.mamba_inner_fwd" in str(n.target) for n in ep.graph.nodes) == 2
     torch.export.save(ep, tmp_path / "lm.pt2")
     loaded = torch.export.load(tmp_path / "lm.pt2").module()
     for l in (17, 300):
