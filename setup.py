@@ -50,6 +50,33 @@ def find_cuda_home():
     return None
 
 
+def nvcc_version(cuda_home):
+    """(major, minor) of the toolkit's nvcc ("Cuda compilation tools, release 13.0, V13.0.88"), or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def check_cuda_versions(cuda_home):
+    """torch's extension builder refuses an nvcc whose major version differs from torch's CUDA (a minor
+    difference only warns): say so before any compiling, with the ways out."""
+    have = nvcc_version(cuda_home)
+    want = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    if have is not None and have[0] != want[0]:
+        sys.exit(f"emma_mamba: the CUDA toolkit at {cuda_home} is {have[0]}.{have[1]}, but torch "
+                 f"{torch.__version__} was built with CUDA {want[0]}.{want[1]}; the CUDA kernels need the same "
+                 f"major version. Point CUDA_HOME at a CUDA {want[0]}.x toolkit, install a torch built for CUDA "
+                 f"{have[0]}.x, or set EMMA_SKIP_CUDA_BUILD=1 to build the CPU kernels only (CUDA tensors then run "
+                 f"on the Triton kernels if triton is installed, else on the torch reference).")
+
+
 def cuda_lib_dir(cuda_home):
     for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
         p = os.path.join(cuda_home, sub)
@@ -100,6 +127,7 @@ def build_plan():
                            extra_link_args=["-fopenmp"])
         return ext, False, reason
 
+    check_cuda_versions(cuda_home)
     os.environ["CUDA_HOME"] = cuda_home  # torch.utils.cpp_extension reads it
     import torch.utils.cpp_extension as cpp_ext
     cpp_ext.CUDA_HOME = cuda_home
@@ -130,7 +158,7 @@ class Build(BuildExtension):
         except Exception as e:
             hint = ("the CUDA kernels (csrc/cuda) failed to compile; set EMMA_SKIP_CUDA_BUILD=1 to build the "
                     "CPU kernels only, or EMMA_CUDA_ARCHS to target other GPUs" if WITH_CUDA else
-                    "the C++ CPU kernels (csrc/cpu) failed to compile: a C++17 compiler with OpenMP is needed")
+                    "the C++ CPU kernels (csrc/cpu) failed to compile: a C++20 compiler with OpenMP is needed")
             raise RuntimeError(f"emma_mamba: building emma_mamba._C failed: {hint}. "
                                f"The compiler output above names the first error. ({type(e).__name__}: {e})") from e
 

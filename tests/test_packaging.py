@@ -128,3 +128,29 @@ def test_installed_package_finds_its_recipes_from_any_directory(tmp_path):
     assert lines[2].startswith(f"QS {installed / 'quickstart.yaml'} {{")
     assert "stage: pretrain" in r.stdout and "name: tiny" in r.stdout
     assert f"using the shipped recipe {installed / 'train_tiny_stage1.yaml'}" in r.stderr
+
+
+def test_a_cuda_toolkit_of_another_major_version_is_named_before_compiling(tmp_path):
+    """nvcc 12.x against a torch built with CUDA 13 (or the reverse): torch's extension builder would refuse it
+    deep inside the build; setup.py says which versions disagree and the ways out, before compiling anything."""
+    import torch
+
+    if torch.version.cuda is None:
+        pytest.skip("torch without CUDA: setup.py never looks for nvcc")
+    major = int(torch.version.cuda.split(".")[0])
+    other = major - 1
+    fake = tmp_path / "cuda"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "include").mkdir()
+    (fake / "include" / "cuda_runtime.h").write_text("")
+    nvcc = fake / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {other}.4, V{other}.4.131'\n")
+    nvcc.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("EMMA_SKIP_CUDA_BUILD", "CUDA_PATH")}
+    env["CUDA_HOME"] = str(fake)
+    r = subprocess.run([sys.executable, "setup.py", "-q", "--version"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    msg = r.stderr + r.stdout
+    assert f"is {other}.4, but torch" in msg and f"built with CUDA {torch.version.cuda}" in msg, msg[-2000:]
+    assert "EMMA_SKIP_CUDA_BUILD=1" in msg
