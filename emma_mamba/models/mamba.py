@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emma_mamba import ops
-from emma_mamba.ops.mamba_inner import gemm_cf, no_weight_grad
+from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
     "MambaConfig", "MambaMixer", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",

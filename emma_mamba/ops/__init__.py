@@ -3,7 +3,7 @@
 Four ops with mamba-ssm compatible signatures (plus ``initial_state``/``seq_idx`` extensions):
 ``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``; and
 ``mamba_inner``, the mixer's conv -> x_proj -> dt_proj -> scan path as one op that recomputes the conv output and
-delta in its backward instead of keeping them (:mod:`.mamba_inner`: a training layer keeps 3 activations of
+delta in its backward instead of keeping them (:mod:`._inner`: a training layer keeps 3 activations of
 size (b, d_inner, l) instead of 5-6).
 
 Backends, identical in signature:
@@ -38,8 +38,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _checks, _library
-from . import mamba_inner as _mamba_inner
+from . import _checks, _inner, _library
 from ._autograd import CausalConv1dFn, SelectiveScanFn
 from ._checks import OpInputError
 from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_scan_ref,
@@ -336,21 +335,21 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     backward recomputes the conv output and delta rather than keeping them (two (b, d, l) activations less per
     layer, for one more conv and a rank-r GEMM); False composes the separate ops, which keep them.
     """
-    _mamba_inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
+    _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
     x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
                                                                         "silu")
     kern, traced = _pick(x)
-    broadcast = (_mamba_inner.no_weight_grad(x_proj_weight), _mamba_inner.no_weight_grad(dt_proj_weight))
+    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight))
     if traced is not None and recompute:
         return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                         delta_bias, seq_idx, *broadcast, _resolve_deterministic(deterministic))[0]
     if kern is None or not recompute:  # the torch reference (also while torch.compile traces); no recompute
         xc = causal_conv1d(x, conv_weight, conv_bias, "silu", seq_idx=seq_idx)  # (b, d, l)
-        x_dbl = _mamba_inner.gemm_cf(x_proj_weight, xc)  # (b, r + 2n, l)
+        x_dbl = _inner.gemm_cf(x_proj_weight, xc)  # (b, r + 2n, l)
         r, n = dt_proj_weight.shape[1], A.shape[1]
         dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)
-        delta = _mamba_inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
+        delta = _inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
         return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, seq_idx=seq_idx,
                               deterministic=deterministic)
-    return _mamba_inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+    return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                            delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))

@@ -198,7 +198,7 @@ def mamba_inner_fwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, con
                     deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (y, x_dbl, saved): y (b, d, l); x_dbl (b, r + 2n, l) and the scan's saved states, flattened as
     selective_scan_fwd's, for the backward. ``deterministic`` is only carried to the backward."""
-    from .mamba_inner import inner_fwd
+    from ._inner import inner_fwd
 
     y, x_dbl, saved, _ = inner_fwd(_kern(backend), x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,
                                    D, delta_bias, seq_idx, (broadcast_x, broadcast_dt))
@@ -225,7 +225,7 @@ def mamba_inner_bwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, con
                                                   Tensor]:
     """-> the gradients of (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias), each
     in its input's dtype; empty for an absent input."""
-    from .mamba_inner import inner_bwd
+    from ._inner import inner_bwd
 
     saved = saved.view(saved.shape[0], saved.shape[1], -1, A.shape[1])
     inputs = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias)
