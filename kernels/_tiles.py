@@ -1,7 +1,28 @@
-"""Index helpers shared by the scan kernels (inlined by Triton into each kernel that calls them)."""
+"""Helpers shared by the kernels: index tiles (inlined by Triton into each kernel that calls them) and the host's
+launch options."""
+
+import functools
+import os
 
 import triton
 import triton.language as tl
+
+
+@functools.cache
+def interpreting() -> bool:
+    """Whether @triton.jit runs kernels in Triton's interpreter (TRITON_INTERPRET=1, read at decoration time, so
+    fixed for the process: cached, as decode steps launch often): ``triton.knobs`` from triton 3.4 on, the
+    environment variable itself before that (triton.knobs is absent)."""
+    try:
+        from triton import knobs  # noqa: PLC0415
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+def launch_kwargs(num_warps: int) -> dict:
+    """Launch options: num_warps on a GPU; none in the interpreter, which rejects them."""
+    return {} if interpreting() else {"num_warps": num_warps}
 
 
 @triton.jit

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import launch_kwargs
+
 BLOCK_L = 256
 BLOCK_D = 16
 WARPS = 4
@@ -204,11 +206,6 @@ def _conv_update_kernel(
 # host side
 
 
-def _launch_kwargs():
-    from triton import knobs  # noqa: PLC0415
-    return {} if knobs.runtime.interpret else {"num_warps": WARPS}
-
-
 def _grid(b, d, l):
     return (triton.cdiv(l, BLOCK_L), triton.cdiv(d, BLOCK_D), b)
 
@@ -222,7 +219,7 @@ def causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu):
         x, weight, bias if bias is not None else x, initial_states if initial_states is not None else x,
         seq_idx if seq_idx is not None else x, out, d, l,
         WIDTH=W, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-        SILU=bool(silu), BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **_launch_kwargs())
+        SILU=bool(silu), BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **launch_kwargs(WARPS))
     return out
 
 
@@ -237,7 +234,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu):
     dx = torch.empty_like(x)
     dinit = torch.empty_like(initial_states) if initial_states is not None else None
     common = dict(WIDTH=W, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-                  BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **_launch_kwargs())
+                  BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **launch_kwargs(WARPS))
     _conv_bwd_g_kernel[_grid(b, d, l)](
         x, weight, bias if bias is not None else x, initial_states if initial_states is not None else x,
         seq_idx if seq_idx is not None else x, dout, g, dw_part, db_part if db_part is not None else g,
@@ -257,5 +254,5 @@ def causal_conv1d_update(x, conv_state, weight, bias, silu):
     _conv_update_kernel[(triton.cdiv(d, block_d), b)](
         x, conv_state, weight, bias if bias is not None else x, out, d,
         WIDTH=W, BLOCK_W=triton.next_power_of_2(W), HAS_BIAS=bias is not None, SILU=bool(silu),
-        BLOCK_D=block_d, **_launch_kwargs())
+        BLOCK_D=block_d, **launch_kwargs(WARPS))
     return out

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import channel_state_tile
+from ._tiles import channel_state_tile, launch_kwargs
 
 # Launch shapes, the fastest measured on an H100 (triton 3.6) at mamba-2.8b shapes, b=8, d=5120, n=16,
 # L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms. Module-level so a benchmark can try
@@ -631,15 +631,6 @@ def _blocks(d: int, n: int, B, C, block_d: int):
     return block_d, block_n
 
 
-def _launch_kwargs(num_warps: int):
-    return {} if _interpreting() else {"num_warps": num_warps}
-
-
-def _interpreting() -> bool:
-    from triton import knobs  # noqa: PLC0415 - the knob that decides at decoration time
-    return bool(knobs.runtime.interpret)
-
-
 def _ngroups(X) -> int:
     return X.shape[1] if X.dim() == 4 else 1
 
@@ -675,7 +666,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
         B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-        **_launch_kwargs(warps),
+        **launch_kwargs(warps),
     )
     return out, last_state, saved
 
@@ -742,9 +733,9 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         # per (b, d): chunk // tile checkpoints, then tile slots for the states of the tile being walked
         ck = torch.empty(b, d, chunk // tile + tile, n, device=dev, dtype=f32)
         _selective_scan_bwd_seq_kernel[(nblk, b)](*args, ck, *sizes, **flags, TILE=tile,
-                                                  **_launch_kwargs(SEQ_BWD_WARPS))
+                                                  **launch_kwargs(SEQ_BWD_WARPS))
     else:
-        _selective_scan_bwd_kernel[(nblk, b)](*args, *sizes, **flags, **_launch_kwargs(BWD_WARPS))
+        _selective_scan_bwd_kernel[(nblk, b)](*args, *sizes, **flags, **launch_kwargs(BWD_WARPS))
 
     def finish(X, buf):
         if X.dim() == 2:

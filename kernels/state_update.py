@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import channel_state_tile
+from ._tiles import channel_state_tile, launch_kwargs
 
 # elements of state per program and warps; on an H100 at d=5120, n=16, 512 was fastest at batch 1 and equal
 # to 1024 at batches 16 and 64 (benchmarks/gpu/triton_kernels.py)
@@ -57,15 +57,6 @@ def _selective_state_update_kernel(
     tl.store(out_ptr + bd, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-_launch_kwargs = None
-
-
-def _kwargs():
-    global _launch_kwargs
-    if _launch_kwargs is None:
-        from triton import knobs  # noqa: PLC0415
-        _launch_kwargs = {} if knobs.runtime.interpret else {"num_warps": WARPS}
-    return _launch_kwargs
 
 
 def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
@@ -86,5 +77,5 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         d, n, d // gB, d // gC, B.stride(0), B.stride(1) if gB > 1 else 0, C.stride(0),
         C.stride(1) if gC > 1 else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-        BLOCK_D=block_d, BLOCK_N=block_n, **_kwargs())
+        BLOCK_D=block_d, BLOCK_N=block_n, **launch_kwargs(WARPS))
     return out
