@@ -174,12 +174,26 @@ def _env_backend() -> str | None:
     return v
 
 
+# The selection of set_backend / use_backend as one string, kept current by both: torch.compile bakes the backend
+# into a graph (_traced_backend) and guards on this value, so a graph traced under one selection is not reused
+# under another (it was: a graph traced inside use_backend("cpu") ran the cpu kernels inside use_backend("torch")),
+# and one traced before is reused when the same selection comes back. A plain global, where use_backend's choice is
+# per thread: a thread compiling while another switches backends may retrace needlessly, never run a stale graph.
+_selection_key = "None|None"
+
+
+def _selection_changed() -> None:
+    global _selection_key
+    _selection_key = f"{getattr(_forced_local, 'name', None)}|{_forced}"
+
+
 def set_backend(name: str | None) -> None:
     """Force one backend for every device from now on (None: back to automatic choice)."""
     global _forced
     if name is not None:
         _load(name)
     _forced = name
+    _selection_changed()
 
 
 @contextlib.contextmanager
@@ -188,10 +202,12 @@ def use_backend(name: str):
     _load(name)
     prev = getattr(_forced_local, "name", None)
     _forced_local.name = name
+    _selection_changed()
     try:
         yield
     finally:
         _forced_local.name = prev
+        _selection_changed()
 
 
 def get_backend(device: torch.device | str = "cpu") -> str:
@@ -227,8 +243,9 @@ def _kernels_for(t: torch.Tensor):
 
 
 @torch.compiler.assume_constant_result
-def _traced_backend(device_type: str) -> str:
-    """get_backend, called once while torch.compile traces a graph; the graph keeps the answer."""
+def _traced_backend(device_type: str, selection: str) -> str:
+    """get_backend, called once while torch.compile traces a graph; the graph keeps the answer, and guards on
+    ``selection`` (passed in so that Dynamo specialises on it: another selection retraces)."""
     return get_backend(device_type)
 
 
@@ -239,7 +256,7 @@ def _pick(t: torch.Tensor):
     ``torch.ops.emma_mamba`` custom ops (:mod:`._library`), which Dynamo and AOTAutograd see as single nodes.
     """
     if torch.compiler.is_compiling():
-        name = _traced_backend(t.device.type)
+        name = _traced_backend(t.device.type, _selection_key)
         return None, (None if name == "torch" else name)
     return _kernels_for(t), None
 

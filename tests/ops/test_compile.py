@@ -215,6 +215,22 @@ def test_torch_backend_traces_as_plain_torch_ops():
     torch.testing.assert_close(out, want)
 
 
+def test_a_graph_traced_under_one_backend_is_not_reused_under_another():
+    """The backend is baked into a traced graph; the graph guards on the selection, so use_backend("torch")
+    retraces (plain torch ops) instead of running the graph traced under use_backend("cpu") (which it did), and
+    each graph is reused when its selection comes back."""
+    torch._dynamo.reset()
+    x, w = torch.randn(1, 4, 9), torch.randn(4, 3)
+    rec = GraphRecorder()
+    f = torch.compile(lambda x: ops.causal_conv1d(x, w, activation="silu") * 2, fullgraph=True, backend=rec.backend)
+    outs = {}
+    for bk in ("cpu", "torch", "cpu", "torch"):
+        with ops.use_backend(bk):
+            outs[bk] = f(x)
+    assert [any(t.startswith("emma_mamba.") for t in g) for g in rec.graphs["fw"]] == [True, False]
+    torch.testing.assert_close(outs["cpu"], outs["torch"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the Mamba LM compiled whole
 
