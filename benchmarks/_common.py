@@ -24,3 +24,24 @@ def write_result(doc: dict, out: str | None, indent: int = 2) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(doc, indent=indent) + "\n")
         print(f"wrote {out}")
+
+
+def lm_step_parser(doc: str, out: str):
+    """The options of the scripts that time a Mamba LM's training step (shape, repeats, threads, device, dtype,
+    output file), with their defaults: a 768-wide, 4-layer LM on 2 x 512 tokens, fp32 on the CPU."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024,
+                   help="vocabulary (default small: a 50k head and its loss would dominate a CPU step)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16: fp32 weights under bf16 autocast, as the trainer runs on a GPU")
+    p.add_argument("--out", default=out)
+    return p

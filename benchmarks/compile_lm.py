@@ -13,7 +13,6 @@ must agree (loss, gradients, logits; checked). Printed and written as JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -24,27 +23,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
     from emma_mamba import ops
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1024,
-                   help="vocabulary (default small: a 50k head and its loss would dominate a CPU step)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="bfloat16: fp32 weights under bf16 autocast, as the trainer runs on a GPU")
+    p = lm_step_parser(__doc__, "benchmarks/results/compile_lm_cpu.json")
     p.add_argument("--backend", default="inductor")
-    p.add_argument("--out", default="benchmarks/results/compile_lm_cpu.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
