@@ -369,4 +369,4 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
         return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, seq_idx=seq_idx,
                               deterministic=deterministic)
     return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                           delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))
+                                     delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))
