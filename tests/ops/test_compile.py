@@ -156,15 +156,18 @@ def test_opcheck_decode_steps(tgt):
     torch.library.opcheck(lib.causal_conv1d_update.default, (tgt.backend, r(b, d), r(b, d, w), r(d, w), r(d), True))
 
 
-@pytest.mark.parametrize("b,seq,broadcast", [(1, False, False), (2, True, False), (2, False, True)],
-                         ids=["b1", "b2-packed", "b2-broadcast"])
-def test_opcheck_mamba_inner(tgt, b, seq, broadcast):
+@pytest.mark.parametrize("b,seq,broadcast,optional", [(1, False, False, True), (2, True, False, True),
+                                                       (2, False, True, True), (2, False, False, False)],
+                         ids=["b1", "b2-packed", "b2-broadcast", "b2-no-bias-no-D"])
+def test_opcheck_mamba_inner(tgt, b, seq, broadcast, optional):
     from .test_mamba_inner import _inputs
 
     l = 21 if tgt.backend == "triton" and tgt.device == "cpu" else 37
     inp = _inputs(b, 8, l)
     xz = inp.pop("xz")
-    leaf = lambda t: t.to(tgt.device).requires_grad_()  # noqa: E731
+    if not optional:
+        inp.update(conv_bias=None, D=None, delta_bias=None)
+    leaf = lambda t: None if t is None else t.to(tgt.device).requires_grad_()  # noqa: E731
     seq_idx = _packed(b, l, tgt.device) if seq else None
     args = (tgt.backend, leaf(xz[:, :8].clone()), leaf(xz[:, 8:].clone()), *(leaf(inp[k]) for k in (
         "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")),

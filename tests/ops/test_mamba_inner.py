@@ -74,6 +74,28 @@ def test_outputs_and_gradients_match_the_reference(backend, device, b, l, packed
         assert_close(f"d{k}", got_g[k], want_g[k], max(5 * rtol, 1e-3), max(5 * atol, 1e-3))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu"])
+def test_without_the_optional_inputs(backend):
+    """conv_bias, D and delta_bias absent (None): against the reference, every present input's gradient."""
+    _skip_unavailable(backend, "cpu")
+    inp = {k: v for k, v in _inputs(2, 16, 40).items() if k not in ("conv_bias", "D", "delta_bias")}
+    dy = torch.randn(2, 16, 40, generator=torch.Generator().manual_seed(7))
+
+    def run(bk):
+        leaf = {k: v.clone().requires_grad_() for k, v in inp.items()}
+        x, z = leaf["xz"].chunk(2, dim=1)
+        with ops.use_backend(bk):
+            y = ops.mamba_inner(x, z, leaf["conv_weight"], None, leaf["x_proj_weight"], leaf["dt_proj_weight"],
+                                leaf["A"])
+            return y, dict(zip(leaf, torch.autograd.grad(y, list(leaf.values()), dy)))
+
+    (want, want_g), (got, got_g) = run("torch"), run(backend)
+    rtol, atol = TOL[torch.float32]
+    assert_close("y", got, want, rtol, atol)
+    for k in want_g:
+        assert_close(f"d{k}", got_g[k], want_g[k], 5 * rtol, 5 * atol)
+
+
 @pytest.mark.parametrize("b", [1, 3])
 def test_recompute_gives_the_separate_ops_bits(b):
     """The recomputed conv output and delta are the forward's bit for bit (same kernels, same GEMMs), so the
