@@ -21,6 +21,7 @@ much as a whole decode-step kernel. :mod:`emma_mamba.ops` uses them only while `
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -31,11 +32,23 @@ from torch import Tensor
 SAVE_EVERY_COMPILED = 256
 
 
+# the oldest torch on which the compiled model was checked to train like eager (tests/ops/test_compile.py)
+COMPILE_TESTED_FROM = (2, 11)
+
+
 def require_compile_backend(name: str, key: str) -> None:
-    """A ValueError naming ``key`` unless ``name`` is a torch.compile backend (inductor, aot_eager, ...)."""
+    """A ValueError naming ``key`` unless ``name`` is a torch.compile backend (inductor, aot_eager, ...); a warning
+    on a torch older than COMPILE_TESTED_FROM (torch 2.6's Inductor gave the LM a wrong tied-embedding gradient
+    on one CPU thread, 0.1 off; 2.11 and 2.15 match eager)."""
     known = torch._dynamo.list_backends(exclude_tags=())
     if name not in known:
         raise ValueError(f"{key}: {name!r} is not a torch.compile backend; choose one of {', '.join(sorted(known))}")
+    have = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if have < COMPILE_TESTED_FROM:
+        logging.getLogger("emma_mamba.ops").warning(
+            "%s: torch %s is older than %d.%d, the oldest on which the compiled model was checked against eager "
+            "(torch 2.6's Inductor miscompiled its tied-embedding gradient on one CPU thread); upgrade torch or "
+            "compare a few steps with eager", key, torch.__version__, *COMPILE_TESTED_FROM)
 
 
 def _kern(backend: str):

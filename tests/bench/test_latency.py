@@ -35,7 +35,14 @@ def test_bench_latency_cli_writes_json_and_plots(tmp_path, capsys):
             "--batch-sizes", "1", "3", "--batch-context", "12", "--images", "1", "2", "--new-tokens", "3",
             "--warmup", "1", "--repeats", "2", "--threads", "1", "--peer", "--out", str(out),
             "--plots-dir", str(plots)]
-    assert main(argv) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        # --threads 1 held for the command only (it used to stay: every later test ran on one thread)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     res = json.loads(out.read_text())
     assert res["device"] == "cpu" and res["dtype"] == "float32" and res["backend"]
     for key in ("torch", "transformers", "platform", "loadavg_1_5_15_before"):

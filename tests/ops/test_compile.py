@@ -175,6 +175,19 @@ def test_opcheck_mamba_inner(tgt, b, seq, broadcast, optional):
     torch.library.opcheck(lib.mamba_inner_fwd.default, args)
 
 
+def test_compiling_on_a_torch_older_than_the_tested_one_warns(monkeypatch, caplog):
+    from emma_mamba.ops import _library
+
+    with caplog.at_level("WARNING", logger="emma_mamba.ops"):
+        _library.require_compile_backend("inductor", "train.compile_backend")
+        have = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+        assert bool(caplog.records) == (have < _library.COMPILE_TESTED_FROM)
+        caplog.clear()
+        monkeypatch.setattr(_library, "COMPILE_TESTED_FROM", (99, 0))
+        _library.require_compile_backend("inductor", "train.compile_backend")
+    assert "train.compile_backend: torch" in caplog.text and "older than 99.0" in caplog.text
+
+
 def test_unknown_backend_in_a_custom_op_is_an_error():
     x = torch.randn(1, 4, 5)
     with pytest.raises(ops.BackendUnavailableError, match="unknown backend"):
