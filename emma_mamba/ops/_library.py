@@ -8,8 +8,10 @@ graph, forward and backward, on every backend.
 
 Each op takes the backend's name as its first argument, so one graph calls one backend's kernels; the name is
 resolved when the graph is traced (``emma_mamba.ops.get_backend``, baked in as a constant; the graph guards on
-the selection of ``set_backend`` / ``use_backend``, so another selection retraces). The ops' contract is the kernel-module protocol of :mod:`emma_mamba.ops._autograd`; a
-gradient that a kernel leaves out (an absent optional input) crosses the op boundary as an empty tensor.
+the selection of ``set_backend`` / ``use_backend``, so another selection retraces). The ops' contract is the
+kernel-module protocol of :mod:`emma_mamba.ops._autograd` (and, for ``mamba_inner_fwd`` / ``_bwd``, of
+:mod:`emma_mamba.ops._inner`); a gradient that a kernel leaves out (an absent optional input) crosses the op
+boundary as an empty tensor.
 
 Inductor's on-disk caches key a graph on the ops' names and fake outputs, not on their code: a change to what an
 op returns (as the flattened ``saved`` below) must come with a new op name, or a cached graph from the previous
