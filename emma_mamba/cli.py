@@ -90,20 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv[len(path):])
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{_did_you_mean(parser, unknown)}")
-    import torch
-
     from emma_mamba.config import ConfigError
 
     # --threads (quickstart, bench) sets torch's process-wide thread count: put it back when a command called in
-    # a process (main(argv), as the tests do) returns, rather than leaving every later torch op on that count
-    threads = torch.get_num_threads()
+    # a process that already uses torch (main(argv), as the tests do) returns, rather than leaving every later
+    # torch op on that count (a fresh CLI process need not import torch for it)
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
     try:
         rc = mod.run(args)
     except ConfigError as e:  # a bad config file or key: the message names it, a traceback would bury it
         print(f"emma-mamba {' '.join(path)}: {e}", file=sys.stderr)
         return 2
     finally:
-        torch.set_num_threads(threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
     return int(rc or 0)
 
 
