@@ -349,7 +349,6 @@ class MambaMixer(nn.Module):
         if cache is not None and hidden_states.shape[1] == 1:
             return self._step(hidden_states, cache)
         b, l, _ = hidden_states.shape
-        n, r = self.d_state, self.dt_rank
         A, D, dt_bias = self._ssm_params()
 
         # (2*d_inner, d_model) @ (b, d_model, l) -> (b, 2*d_inner, l): lands channels-first, the layout of the
@@ -364,14 +363,14 @@ class MambaMixer(nn.Module):
             x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
         conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
 
+        # conv -> x_proj -> dt_proj -> scan as one op; in training its backward recomputes the conv output and
+        # delta rather than keeping them (two (b, d_inner, l) activations less per layer; ops.mamba_inner)
         if cache is None:
-            # conv -> x_proj -> dt_proj -> scan as one op; in training its backward recomputes the conv output and
-            # delta rather than keeping them (two (b, d_inner, l) activations less per layer; ops.mamba_inner)
             y = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D,
                                 dt_bias, seq_idx, recompute=self.recompute_activations)
             return self._out_proj(y)
 
-        # prefill into the cache: the separate ops, which take the cached states and return the last ones
+        # prefill into the cache: from the cached states (if any), leaving this chunk's last ones
         conv_init = ssm_init = None
         conv_state = cache.conv_states[self.layer_idx]
         ssm_state = cache.ssm_states[self.layer_idx]
@@ -386,16 +385,9 @@ class MambaMixer(nn.Module):
             sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
             window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
         conv_state.copy_(window)
-
-        x = ops.causal_conv1d(x, conv_w, self.conv1d.bias, activation="silu", initial_states=conv_init,
-                              seq_idx=seq_idx)  # (b, d_inner, l)
-
-        x_dbl = gemm_cf(self.x_proj.weight, x)  # (b, r + 2n, l)
-        dt, B, C = torch.split(x_dbl, [r, n, n], dim=1)  # (b, r, l), (b, n, l), (b, n, l)
-        dt = gemm_cf(self.dt_proj.weight, dt)  # (b, d_inner, l); its bias goes in as delta_bias
-
-        y, last_state = ops.selective_scan(x, dt, A, B, C, D, z=z, delta_bias=dt_bias, delta_softplus=True,
-                                           return_last_state=True, initial_state=ssm_init, seq_idx=seq_idx)
+        y, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
+                                        D, dt_bias, seq_idx, conv_initial_states=conv_init, initial_state=ssm_init,
+                                        return_last_state=True)
         ssm_state.copy_(last_state)
         return self._out_proj(y)
 

@@ -342,7 +342,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 
 
 def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, delta_bias=None,
-                seq_idx=None, *, recompute=True, deterministic=None):
+                seq_idx=None, *, conv_initial_states=None, initial_state=None, return_last_state=False,
+                recompute=True, deterministic=None):
     """The Mamba mixer between its in_proj and out_proj: silu(causal_conv1d(x)) -> x_proj -> [dt_low, B, C] ->
     delta = dt_proj(dt_low) -> selective_scan(..., z, delta_bias, delta_softplus=True) -> y (b, d, l).
 
@@ -351,22 +352,27 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     GEMMs run in x's dtype. Differentiable in every tensor input. ``recompute`` (compiled backends): the
     backward recomputes the conv output and delta rather than keeping them (two (b, d, l) activations less per
     layer, for one more conv and a rank-r GEMM); False composes the separate ops, which keep them.
+    ``conv_initial_states`` (b, d, w - 1), ``initial_state`` (b, d, n) fp32 and ``return_last_state`` (then
+    returns (y, last state)) continue from and leave a recurrent state, as the separate ops do (a prefill into a
+    decode cache): these calls compose the separate ops.
     """
     _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
     x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
                                                                         "silu")
     kern, traced = _pick(x)
-    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight))
-    if traced is not None and recompute:
-        return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                        delta_bias, seq_idx, *broadcast, _resolve_deterministic(deterministic))[0]
-    if kern is None or not recompute:  # the torch reference (also while torch.compile traces); no recompute
-        xc = causal_conv1d(x, conv_weight, conv_bias, "silu", seq_idx=seq_idx)  # (b, d, l)
+    stateful = conv_initial_states is not None or initial_state is not None or return_last_state
+    if kern is None and traced is None or not recompute or stateful:
+        # the separate ops: the torch reference, recompute off, or states in or out
+        xc = causal_conv1d(x, conv_weight, conv_bias, "silu", conv_initial_states, seq_idx)  # (b, d, l)
         x_dbl = _inner.gemm_cf(x_proj_weight, xc)  # (b, r + 2n, l)
         r, n = dt_proj_weight.shape[1], A.shape[1]
         dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)
         delta = _inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
-        return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, seq_idx=seq_idx,
-                              deterministic=deterministic)
+        return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, return_last_state, initial_state,
+                              seq_idx, deterministic=deterministic)
+    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight))
+    if traced is not None:
+        return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                                        delta_bias, seq_idx, *broadcast, _resolve_deterministic(deterministic))[0]
     return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                      delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))

@@ -35,7 +35,7 @@ SAVE_EVERY_COMPILED = 256
 
 
 # the oldest torch on which the compiled model was checked to train like eager (tests/ops/test_compile.py)
-COMPILE_TESTED_FROM = (2, 11)
+COMPILE_TESTED_FROM = "2.11"
 
 
 def require_compile_backend(name: str, key: str) -> None:
@@ -45,12 +45,11 @@ def require_compile_backend(name: str, key: str) -> None:
     known = torch._dynamo.list_backends(exclude_tags=())
     if name not in known:
         raise ValueError(f"{key}: {name!r} is not a torch.compile backend; choose one of {', '.join(sorted(known))}")
-    have = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if have < COMPILE_TESTED_FROM:
+    if torch.__version__ < COMPILE_TESTED_FROM:  # a TorchVersion: compares as a version
         logging.getLogger("emma_mamba.ops").warning(
-            "%s: torch %s is older than %d.%d, the oldest on which the compiled model was checked against eager "
+            "%s: torch %s is older than %s, the oldest on which the compiled model was checked against eager "
             "(torch 2.6's Inductor miscompiled its tied-embedding gradient on one CPU thread); upgrade torch or "
-            "compare a few steps with eager", key, torch.__version__, *COMPILE_TESTED_FROM)
+            "compare a few steps with eager", key, torch.__version__, COMPILE_TESTED_FROM)
 
 
 def _kern(backend: str):

@@ -96,6 +96,22 @@ def test_without_the_optional_inputs(backend):
         assert_close(f"d{k}", got_g[k], want_g[k], 5 * rtol, 5 * atol)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_carried_states_continue_the_sequence(backend):
+    """conv_initial_states / initial_state / return_last_state (a prefill into a decode cache): the second half
+    of a sequence, from the first half's last state and last w - 1 conv inputs, gives the whole run's output."""
+    inp = _inputs(2, 16, 50)
+    x, z = inp.pop("xz").chunk(2, dim=1)
+    args = [inp[k] for k in NAMES[2:]]
+    with ops.use_backend(backend):
+        whole, last = ops.mamba_inner(x, z, *args, return_last_state=True)
+        first, state = ops.mamba_inner(x[..., :20], z[..., :20], *args, return_last_state=True)
+        second, last2 = ops.mamba_inner(x[..., 20:], z[..., 20:], *args, conv_initial_states=x[..., 17:20],
+                                        initial_state=state, return_last_state=True)
+    torch.testing.assert_close(torch.cat([first, second], dim=-1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last2, last, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("b", [1, 3])
 def test_recompute_gives_the_separate_ops_bits(b):
     """The recomputed conv output and delta are the forward's bit for bit (same kernels, same GEMMs), so the
