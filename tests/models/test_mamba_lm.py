@@ -157,7 +157,12 @@ def test_sharded_safetensors(tmp_path):
         _assert_close(lm(ids).logits, hf(ids).logits)
         lm.save_pretrained(tmp_path / "ours", layout="hf", max_shard_size=20_000)
         assert len(list((tmp_path / "ours").glob("model-*.safetensors"))) > 1
-        assert torch.equal(MambaLM.from_pretrained(tmp_path / "ours")(ids).logits, lm(ids).logits)
+        back = MambaLM.from_pretrained(tmp_path / "ours")
+        # the round trip is exact; the logits of the two copies only to rounding (BLAS kernels may take other
+        # paths for other memory alignments of the same weights: seen with torch 2.14)
+        for (k, p), (k2, q) in zip(back.state_dict().items(), lm.state_dict().items()):
+            assert k == k2 and torch.equal(p, q), k
+        _assert_close(back(ids).logits, lm(ids).logits)
 
 
 def _edit_config(path, **changes):
