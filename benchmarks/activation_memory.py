@@ -1,6 +1,6 @@
 """What a Mamba LM training step keeps for its backward, and what it costs in time, three ways on the same weights
-and batch: every activation kept (``train.mixer_recompute: false``), the mixers recomputing their conv output
-and delta in the backward (``ops.mamba_inner``, the default), and whole-block gradient checkpointing
+and batch: every activation kept (``train.mixer_recompute: false``), the mixers recomputing their conv output,
+delta and scan output in the backward (``ops.mamba_inner``, the default), and whole-block gradient checkpointing
 (``train.gradient_checkpointing``).
 
     python benchmarks/activation_memory.py [--d-model 768 --n-layer 4 --batch 2 --seqlen 512 --threads 2]

@@ -16,14 +16,15 @@
       const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,             \
       const std::optional<at::Tensor>& delta_bias, bool delta_softplus,                                        \
       const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx);               \
-  /* -> {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state}; undefined (None) where absent */        \
+  /* -> {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state, out}; undefined (None) where absent; */ \
+  /* out: with recompute_out, the forward's output recomputed (mamba-ssm's out_z: out_proj's weight grad) */  \
   std::vector<at::Tensor> selective_scan_bwd(                                                                  \
       const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,                  \
       const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,             \
       const std::optional<at::Tensor>& delta_bias, bool delta_softplus,                                        \
       const std::optional<at::Tensor>& initial_state, const std::optional<at::Tensor>& seq_idx,                \
       const at::Tensor& saved, const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,           \
-      bool deterministic);                                                                                     \
+      bool deterministic, bool recompute_out);                                                                 \
   at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight,                                  \
                                const std::optional<at::Tensor>& bias,                                          \
                                const std::optional<at::Tensor>& initial_states,                                \

@@ -284,12 +284,12 @@ def _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b, s
 @triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, out_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
     sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
-    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
@@ -340,8 +340,8 @@ def _selective_scan_bwd_kernel(
             s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
             reset = ((t > 0) & (s_cur != s_prev))[None, :]
             reset_next = (mask_t1 & (s_next != s_cur))[None, :]
-        if HAS_Z:
-            # dz needs y = sum_n <C, h>: a first pass of forward scans over the states
+        if HAS_Z or HAS_OUT:
+            # dz and the recomputed output need y = sum_n <C, h>: a first pass of forward scans over the states
             y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
             for n in range(dstate):
                 A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
@@ -362,13 +362,18 @@ def _selective_scan_bwd_kernel(
                 y += hs * C_n
             if HAS_D:
                 y += Dv * u
+        if HAS_Z:
             z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
             dz = dout * y * sz * (1.0 + z * (1.0 - sz))
             tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
             dy = dout * z * sz
+            if HAS_OUT:
+                y *= z * sz  # the gate, as the forward applies it
         else:
             dy = dout
+        if HAS_OUT:
+            tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
         ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         dBsum = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
         carry_new = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
@@ -457,12 +462,12 @@ def _seq_step(h, t, seqlen, row, mask_d, mask_n, zero_d, zero_n, offs_n, u_ptr, 
 @triton.jit
 def _selective_scan_bwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, ck_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, out_ptr, ck_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
     sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
-    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr,
+    HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_OUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
 ):
     # The adjoint walked one time step at a time with the (channel, state) tile in registers, as the
@@ -533,17 +538,24 @@ def _selective_scan_bwd_seq_kernel(
                                  u_ptr, delta_ptr, B_base, B_const, seq_ptr, pid_b * seqlen, A2, bias,
                                  SOFTPLUS, HAS_SEQ, B_VAR)
                 tl.store(ck_ptr + ck_off + (NT + s) * dstate, h, mask=mask_dn)
-                if HAS_Z:  # the gate's gradient needs y_t = <C_t, h_t> + D u_t
+                if HAS_Z or HAS_OUT:  # the gate's gradient and the recomputed output need y_t = <C_t, h_t> + D u_t
                     on_d = mask_d & ((zero_d + t) < seqlen)
                     on_n = mask_n & ((zero_n + t) < seqlen)
                     if C_VAR:
                         C_t = tl.load(C_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
-                    y = tl.sum(h * C_t, axis=1) + Dv * u
-                    zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
-                    do = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
-                    sz = tl.sigmoid(zt)
-                    dz = do * y * sz * (1.0 + zt * (1.0 - sz))
-                    tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=on_d)
+                    y = tl.sum(h * C_t, axis=1)
+                    if HAS_D:
+                        y += Dv * u
+                    if HAS_Z:
+                        zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                        do = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                        sz = tl.sigmoid(zt)
+                        dz = do * y * sz * (1.0 + zt * (1.0 - sz))
+                        tl.store(dz_ptr + row + t, dz.to(dz_ptr.dtype.element_ty), mask=on_d)
+                        if HAS_OUT:
+                            y *= zt * sz  # the gate, as the forward applies it
+                    if HAS_OUT:
+                        tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=on_d)
             tl.debug_barrier()
             for s in range(TILE):  # backwards through the tile
                 k = TILE - 1 - s
@@ -672,8 +684,9 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
 
 
 def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
-                       dout, dlast_state, deterministic):
-    """Kernel-module protocol: returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``."""
+                       dout, dlast_state, deterministic, recompute_out):
+    """Kernel-module protocol: returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state, out)``;
+    ``out`` (with ``recompute_out``, else None) is the forward's output, recomputed."""
     b, d, l = u.shape
     n = A.shape[1]
     chunk = _chunk(l)
@@ -692,6 +705,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty_like(z) if z is not None else None
+    out = torch.empty_like(u) if recompute_out else None
     dA_part = torch.empty(b, d, n, device=dev, dtype=f32)
     dD_part = torch.empty(b, d, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(b, d, device=dev, dtype=f32) if delta_bias is not None else None
@@ -721,13 +735,13 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         dout, dlast_state if dlast_state is not None else dummy,
         du, ddelta, dz if dz is not None else dummy, dA_part, dB_buf, dC_buf,
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
-        dh0 if dh0 is not None else dummy,
+        dh0 if dh0 is not None else dummy, out if out is not None else dummy,
     ]
     sizes = [d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C), sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
                  B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,
-                 BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
+                 HAS_OUT=out is not None, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk)
     if sequential:
         tile = min(SEQ_BWD_TILE, chunk)  # both powers of two: the tile divides the chunk
         # per (b, d): chunk // tile checkpoints, then tile slots for the states of the tile being walked
@@ -750,4 +764,4 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     dC = finish(C, dC_buf)
     dD = dD_part.sum(0) if D is not None else None
     ddelta_bias = dbias_part.sum(0) if delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, out

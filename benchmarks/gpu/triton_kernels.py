@@ -102,7 +102,7 @@ def bench_scan(results, b, d, n, l, configs, bwd_configs, fwd_only=False):
         for det in (False, True):
             try:
                 t = ms(lambda: K.selective_scan_bwd(u, delta, A, B, C, D, z, bias, True, None, None, saved, dout,
-                                                    None, det))
+                                                    None, det, False))
             except Exception as e:  # noqa: BLE001
                 print(f"  bwd CHUNK={chunk} BLOCK_D={block_d} warps={warps}: failed: {type(e).__name__}: {str(e)[:200]}")
                 continue

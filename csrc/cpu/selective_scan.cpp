@@ -9,7 +9,8 @@
 //    fp32 (b, d, n_chunks, n)), never the (b, d, l, n) states;
 //  * backward: chunks in reverse; each chunk's states h_t and decays exp(delta_t A) are recomputed from the
 //    saved boundary into a per-thread (kChunk x n) buffer, then a reverse sweep carries dL/dh back through
-//    the chunk. y (needed for dz) comes from the same recompute.
+//    the chunk. y (needed for dz, and returned gated as `out` with recompute_out) comes from the same
+//    recompute.
 // Work is split into tasks (batch row, block of channels inside one B/C group; see Plan) run by
 // at::parallel_for; the channels of a task share the chunk of B/C, transposed once to (time, state) so the
 // inner loops (scan_kernels.h) run over 16 state lanes with SIMD (AVX-512, AVX2 or portable scalar, chosen
@@ -389,7 +390,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
                                            const std::optional<at::Tensor>& initial_state,
                                            const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
                                            const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
-                                           bool deterministic) {
+                                           bool deterministic, bool recompute_out) {
   // Always deterministic: every reduction has a fixed order, so `deterministic` changes nothing here.
   (void)deterministic;
   const char* op = "selective_scan_bwd";
@@ -406,6 +407,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
 
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
   at::Tensor dz = in.z ? at::empty_like(*z) : at::Tensor();
+  at::Tensor out = recompute_out ? at::empty_like(u) : at::Tensor();  // the forward's output, recomputed
   at::Tensor dinit = in.initial_state ? at::empty({p.b, p.d, p.n}, f32) : at::Tensor();
   // per-batch partial sums, reduced over the batch in order at the end
   at::Tensor dA_part = at::zeros({p.b, p.d, p.np}, f32);
@@ -425,6 +427,8 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   void* dup = du.data_ptr();
   void* ddp = ddelta.data_ptr();
   void* dzp = in.z ? dz.data_ptr() : nullptr;
+  void* outp = recompute_out ? out.data_ptr() : nullptr;
+  const bool need_y = in.z || outp;  // y_t: for dz, and for out
   float* dinitp = in.initial_state ? dinit.data_ptr<float>() : nullptr;
   const scan::ScanKernels& K = scan::select_scan_kernels();
 
@@ -457,15 +461,15 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           load_f32(doutp, in.dtype, row * p.l + ts, len, df.data());
-          prefetch_next(p, in, k, c, ts, len, {in.z, doutp}, {dup, ddp, dzp});
+          prefetch_next(p, in, k, c, ts, len, {in.z, doutp}, {dup, ddp, dzp, outp});
           std::memcpy(hs.data(), savedp + (row * p.nchunks + ch) * p.n, sizeof(float) * p.n);
-          // 1. recompute h_t, exp(dt_t A) (and y_t if z needs it) from the saved chunk-entry state
-          if (in.z) init_y(in, c, len, w);
+          // 1. recompute h_t, exp(dt_t A) (and y_t if dz or out needs it) from the saved chunk-entry state
+          if (need_y) init_y(in, c, len, w);
           std::copy(hs.begin(), hs.end(), hrun.begin());
           for (int64_t lb = 0; lb < p.nlb; ++lb) {
             scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr);
             a.h = &hrun[lb * kL];
-            a.y = in.z ? w.y.data() : nullptr;
+            a.y = need_y ? w.y.data() : nullptr;
             a.hbuf = &hbuf[lb * kChunk * kL];
             a.abuf = &abuf[lb * kChunk * kL];
             K.fwd(a);
@@ -479,11 +483,13 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
               const float zt = w.zf[t], sg = w.tmp[t], yt = w.y[t];
               dy[t] = df[t] * zt * sg;
               dzb[t] = df[t] * yt * sg * (1.f + zt * (1.f - sg));
+              w.y[t] = yt * (zt * sg);  // the gated output (out), rounded as the forward rounds it
             }
             store_f32(dzp, in.dtype, row * p.l + ts, len, dzb.data());
           } else {
             std::copy(df.begin(), df.begin() + len, dy.begin());
           }
+          if (outp) store_f32(outp, in.dtype, row * p.l + ts, len, w.y.data());
           // 3. reverse sweep through the chunk
           std::fill(sgb.begin(), sgb.begin() + len, 0.f);
           std::fill(saq.begin(), saq.begin() + len, 0.f);
@@ -569,7 +575,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   at::Tensor dD, ddelta_bias;
   if (in.D) dD = reduce_batch(dD_part, p.b, p.d, 1, 1).view({p.d});
   if (in.delta_bias) ddelta_bias = reduce_batch(dbias_part, p.b, p.d, 1, 1).view({p.d});
-  return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit};
+  return {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit, out};
 }
 
 // ---------------------------------------------------------------------------------------------------------

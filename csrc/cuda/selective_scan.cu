@@ -52,7 +52,7 @@ struct ScanParams {
   const void *B, *C;
   const float *A, *D, *delta_bias, *init;
   const int* seq_idx;
-  // forward outputs
+  // forward output (in the backward: the recomputed forward output, when asked for; else null)
   void* out;
   float *last_state, *saved;
   // backward
@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
   for (int chunk = nchunks - 1; chunk >= 0; --chunk) {
     const int t0 = chunk * kSave + lane * K;
     const int valid = max(0, min(K, L - t0));
-    float u[K], dt[K], dy[K], y[K], fz[K], du[K], ddt[K];
+    float u[K], dt[K], dy[K], y[K], fz[K], gz[K], du[K], ddt[K];
     unsigned reset;
     {
       float dt_raw[K];
@@ -369,6 +369,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
         const float s = sigmoid_f(zv[i]);
         fz[i] = dy[i] * s * (1.f + zv[i] * (1.f - s));  // dout * dsilu(z): dz = fz * y
         dy[i] *= zv[i] * s;                              // dy = dout * silu(z)
+        gz[i] = silu_f(zv[i]);                           // the gate, for the recomputed output
       }
     }
 #pragma unroll
@@ -404,7 +405,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
 #pragma unroll
         for (int i = 0; i < K; ++i) { hc = a[i] * hc + h[i]; h[i] = hc; }
       }
-      if (p.z) {
+      if (p.z || p.out) {  // y: for dz and the recomputed output
 #pragma unroll
         for (int i = 0; i < K; ++i) y[i] += Cv[i] * h[i];
       }
@@ -492,6 +493,14 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
     store_k<T, K>(static_cast<T*>(p.du) + row + t0, du, valid, p.vec_in);
     store_k<T, K>(static_cast<T*>(p.ddelta) + row + t0, ddt, valid, p.vec_in);
     if (p.z) store_k<T, K>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+    if (p.out) {  // the forward's output, (y + D u) silu(z), as store_gated computes it
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        if (p.D) y[i] += Dv * u[i];
+        if (p.z) y[i] *= gz[i];
+      }
+      store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
+    }
   }
 
   dD_l = warp_sum(dD_l);
@@ -626,20 +635,28 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
           hs[i][j] = a[i][j] * (i > 0 ? hs[i - 1][j] : h0[j]) + dtu * bq[j];
         }
       }
-      if (p.z) {  // the gate: dz = dout dsilu(z) (y + D u) stored now (y from the recomputed states), dy gated
-        float zv[kBsT], dz[kBsT];
-        load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+      if (p.z || p.out) {  // y from the recomputed states: the gate's dz = dout dsilu(z) (y + D u) stored now and
+                           // dy gated; the recomputed output (y + D u) silu(z)
+        float zv[kBsT], dz[kBsT], o[kBsT];
+        if (p.z) load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
 #pragma unroll
         for (int i = 0; i < kBsT; ++i) {
           const float4 cv = Cs[tl0 + i][q];
           float yt = cv.x * hs[i][0] + cv.y * hs[i][1] + cv.z * hs[i][2] + cv.w * hs[i][3];
           yt += __shfl_xor_sync(kFull, yt, 1);
           yt += __shfl_xor_sync(kFull, yt, 2);
-          const float sg = sigmoid_f(zv[i]);
-          dz[i] = dy[i] * sg * (1.f + zv[i] * (1.f - sg)) * (yt + Dv * u[i]);
-          dy[i] *= zv[i] * sg;
+          o[i] = p.D ? yt + Dv * u[i] : yt;
+          if (p.z) {
+            const float sg = sigmoid_f(zv[i]);
+            dz[i] = dy[i] * sg * (1.f + zv[i] * (1.f - sg)) * (yt + Dv * u[i]);
+            dy[i] *= zv[i] * sg;
+            o[i] *= silu_f(zv[i]);
+          }
         }
-        if (active && q == 0) store_k<T, kBsT>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+        if (active && q == 0) {
+          if (p.z) store_k<T, kBsT>(static_cast<T*>(p.dz) + row + t0, dz, valid, p.vec_in);
+          if (p.out) store_k<T, kBsT>(static_cast<T*>(p.out) + row + t0, o, valid, p.vec_in);
+        }
       }
 #pragma unroll
       for (int i = 0; i < kBsT; ++i)
@@ -907,7 +924,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
                                            const std::optional<at::Tensor>& initial_state,
                                            const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
                                            const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
-                                           bool deterministic) {
+                                           bool deterministic, bool recompute_out) {
   const c10::cuda::CUDAGuard guard(u.device());
   BC B = prep_bc(B_, "B"), C = prep_bc(C_, "C");
   const at::ScalarType wt = unify_bc(B, C, u.scalar_type());
@@ -924,8 +941,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   const int Bn = p.batch, Dn = p.dim, N = p.dstate, L = p.seqlen;
   auto fopts = u.options().dtype(at::kFloat);
   auto du = at::empty_like(u), ddelta = at::empty_like(delta);
-  at::Tensor dz;
+  at::Tensor dz, out;
   if (z) dz = at::empty_like(*z);
+  if (recompute_out) out = at::empty_like(u);
   auto dA_part = at::empty({Bn, Dn, N}, fopts);
   auto dD_part = at::empty({Bn, Dn}, fopts), ddb_part = at::empty({Bn, Dn}, fopts);
   at::Tensor dinit;
@@ -947,8 +965,9 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
   p.dz = z ? dz.data_ptr() : nullptr;
+  p.out = recompute_out ? out.data_ptr() : nullptr;
   p.vec_in = p.vec_in && aligned16(dout.data_ptr()) && aligned16(du.data_ptr()) && aligned16(ddelta.data_ptr()) &&
-             (!z || aligned16(dz.data_ptr()));
+             (!z || aligned16(dz.data_ptr())) && (!recompute_out || aligned16(out.data_ptr()));
   p.dA_part = dA_part.data_ptr<float>();
   p.dD_part = dD_part.data_ptr<float>();
   p.ddb_part = ddb_part.data_ptr<float>();
@@ -1003,7 +1022,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   };
   auto dB = finish_bc(B, B_, dB_acc, dBc_part);
   auto dC = finish_bc(C, C_, dC_acc, dCc_part);
-  return {du, ddelta, dA, dB, dC, dD, dz, ddb, dinit};
+  return {du, ddelta, dA, dB, dC, dD, dz, ddb, dinit, out};
 }
 
 }  // namespace cuda

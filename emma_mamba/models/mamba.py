@@ -363,12 +363,13 @@ class MambaMixer(nn.Module):
             x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
         conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
 
-        # conv -> x_proj -> dt_proj -> scan as one op; in training its backward recomputes the conv output and
-        # delta rather than keeping them (two (b, d_inner, l) activations less per layer; ops.mamba_inner)
+        # conv -> x_proj -> dt_proj -> scan -> out_proj as one op; in training its backward recomputes the conv
+        # output, delta and the scan output rather than keeping them (three (b, d_inner, l) activations less per
+        # layer; ops.mamba_inner)
         if cache is None:
-            y = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D,
-                                dt_bias, seq_idx, recompute=self.recompute_activations)
-            return self._out_proj(y)
+            return ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D,
+                                   dt_bias, seq_idx, out_proj_weight=self.out_proj.weight,
+                                   out_proj_bias=self.out_proj.bias, recompute=self.recompute_activations)
 
         # prefill into the cache: from the cached states (if any), leaving this chunk's last ones
         conv_init = ssm_init = None
@@ -385,22 +386,12 @@ class MambaMixer(nn.Module):
             sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
             window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
         conv_state.copy_(window)
-        y, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A,
-                                        D, dt_bias, seq_idx, conv_initial_states=conv_init, initial_state=ssm_init,
-                                        return_last_state=True)
+        out, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                                          A, D, dt_bias, seq_idx, out_proj_weight=self.out_proj.weight,
+                                          out_proj_bias=self.out_proj.bias, conv_initial_states=conv_init,
+                                          initial_state=ssm_init, return_last_state=True)
         ssm_state.copy_(last_state)
-        return self._out_proj(y)
-
-    def _out_proj(self, y: torch.Tensor) -> torch.Tensor:
-        """out_proj of the scan output y (b, d_inner, l) -> (b, l, d_model)."""
-        b = y.shape[0]
-        W, bias = self.out_proj.weight, self.out_proj.bias
-        if b == 1:  # (l, d_inner) as a transposed view: the GEMM reads it without a copy
-            return F.linear(y[0].t(), W, bias)[None]  # (1, l, d_model)
-        if no_weight_grad(W):  # batched GEMM over transposed views, W^T broadcast (see gemm_cf)
-            out = torch.bmm(y.transpose(1, 2), W.t().expand(b, -1, -1))
-            return out if bias is None else out + bias.to(out.dtype)
-        return F.linear(y.transpose(1, 2), W, bias)  # (b, l, d_model)
+        return out
 
     def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
         """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""
@@ -494,9 +485,9 @@ class MambaLM(nn.Module):
         self.gradient_checkpointing = bool(enabled)
 
     def set_mixer_recompute(self, enabled: bool = True) -> None:
-        """Whether each mixer's backward recomputes its conv output and delta (default) rather than keeping them
-        from the forward (:func:`emma_mamba.ops.mamba_inner`): two (b, d_inner, l) activations less per layer
-        for one more depthwise conv and a rank-dt_rank GEMM. Gradients are the same up to rounding."""
+        """Whether each mixer's backward recomputes its conv output, delta and scan output (default) rather than
+        keeping them from the forward (:func:`emma_mamba.ops.mamba_inner`): three (b, d_inner, l) activations less
+        per layer for one more depthwise conv and a rank-dt_rank GEMM. Gradients are the same up to rounding."""
         for block in self.layers:
             block.mixer.recompute_activations = bool(enabled)
 

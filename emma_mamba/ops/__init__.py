@@ -2,9 +2,9 @@
 
 Four ops with mamba-ssm compatible signatures (plus ``initial_state``/``seq_idx`` extensions):
 ``selective_scan``, ``causal_conv1d``, ``selective_state_update``, ``causal_conv1d_update``; and
-``mamba_inner``, the mixer's conv -> x_proj -> dt_proj -> scan path as one op that recomputes the conv output and
-delta in its backward instead of keeping them (:mod:`._inner`: a training layer keeps 3 activations of
-size (b, d_inner, l) instead of 5-6).
+``mamba_inner``, the mixer's conv -> x_proj -> dt_proj -> scan (-> out_proj) path as one op that recomputes the
+conv output, delta and the scan output in its backward instead of keeping them (:mod:`._inner`: a training
+layer keeps 2 activations of size (b, d_inner, l) instead of 5-6).
 
 Backends, identical in signature:
 
@@ -342,21 +342,23 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 
 
 def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, delta_bias=None,
-                seq_idx=None, *, conv_initial_states=None, initial_state=None, return_last_state=False,
-                recompute=True, deterministic=None):
+                seq_idx=None, *, out_proj_weight=None, out_proj_bias=None, conv_initial_states=None,
+                initial_state=None, return_last_state=False, recompute=True, deterministic=None):
     """The Mamba mixer between its in_proj and out_proj: silu(causal_conv1d(x)) -> x_proj -> [dt_low, B, C] ->
-    delta = dt_proj(dt_low) -> selective_scan(..., z, delta_bias, delta_softplus=True) -> y (b, d, l).
+    delta = dt_proj(dt_low) -> selective_scan(..., z, delta_bias, delta_softplus=True) -> y (b, d, l), and with
+    ``out_proj_weight`` (d_model, d) (and ``out_proj_bias`` (d_model,)) out_proj too -> (b, l, d_model).
 
     x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w), conv_bias (d,); x_proj_weight
     (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l). The
     GEMMs run in x's dtype. Differentiable in every tensor input. ``recompute`` (compiled backends): the
     backward recomputes the conv output and delta rather than keeping them (two (b, d, l) activations less per
-    layer, for one more conv and a rank-r GEMM); False composes the separate ops, which keep them.
+    layer, for one more conv and a rank-r GEMM), and with out_proj inside, the scan output y as well (one more:
+    the scan's backward kernels recompute it anyway); False composes the separate ops, which keep them.
     ``conv_initial_states`` (b, d, w - 1), ``initial_state`` (b, d, n) fp32 and ``return_last_state`` (then
-    returns (y, last state)) continue from and leave a recurrent state, as the separate ops do (a prefill into a
-    decode cache): these calls compose the separate ops.
+    returns (out, last state)) continue from and leave a recurrent state, as the separate ops do (a prefill into
+    a decode cache): these calls compose the separate ops.
     """
-    _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A)
+    _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight, out_proj_bias)
     x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
                                                                         "silu")
     kern, traced = _pick(x)
@@ -368,11 +370,19 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
         r, n = dt_proj_weight.shape[1], A.shape[1]
         dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)
         delta = _inner.gemm_cf(dt_proj_weight, dt_low)  # (b, d, l)
-        return selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, return_last_state, initial_state,
-                              seq_idx, deterministic=deterministic)
-    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight))
+        out = selective_scan(xc, delta, A, B, C, D, z, delta_bias, True, return_last_state, initial_state,
+                             seq_idx, deterministic=deterministic)
+        if out_proj_weight is None:
+            return out
+        y, last = out if return_last_state else (out, None)
+        out = _inner.project_out(y, out_proj_weight, out_proj_bias)  # (b, l, d_model)
+        return (out, last) if return_last_state else out
+    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight),
+                 out_proj_weight is not None and _inner.no_weight_grad(out_proj_weight))
     if traced is not None:
         return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                        delta_bias, seq_idx, *broadcast, _resolve_deterministic(deterministic))[0]
+                                        delta_bias, seq_idx, out_proj_weight, out_proj_bias, *broadcast,
+                                        _resolve_deterministic(deterministic))[0]
     return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                     delta_bias, seq_idx, broadcast, _resolve_deterministic(deterministic))
+                                     delta_bias, seq_idx, out_proj_weight, out_proj_bias, broadcast,
+                                     _resolve_deterministic(deterministic))

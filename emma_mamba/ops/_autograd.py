@@ -8,9 +8,12 @@ forward returned and call the backend's backward; they contain no math.
     given), ``last_state`` (b, d, n) fp32, ``saved`` one backend-private fp32 tensor (the chunk-boundary
     states; never a (b, d, l, n) tensor).
 ``selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
-    dout, dlast_state, deterministic)``
-    -> ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state)``; entries for absent optional
-    inputs are None. ``dlast_state`` may be None (no gradient flows into the last state).
+    dout, dlast_state, deterministic, recompute_out)``
+    -> ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state, out)``; entries for absent optional
+    inputs are None. ``dlast_state`` may be None (no gradient flows into the last state). With
+    ``recompute_out`` the backward also returns the forward's ``out``, recomputed from the saved states as a
+    by-product of the gradients (mamba-ssm's ``out_z``: ``ops.mamba_inner`` uses it for out_proj's weight
+    gradient instead of keeping ``out``); else ``out`` is None.
 ``causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu)`` -> out
 ``causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu)``
     -> ``(dx, dweight, dbias, dinitial_states)``
@@ -44,8 +47,8 @@ class SelectiveScanFn(torch.autograd.Function):
         grads = ctx.kern.selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
                                             initial_state, seq_idx, saved, dout.contiguous(),
                                             None if dlast_state is None else dlast_state.contiguous(),
-                                            ctx.deterministic)
-        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit = grads
+                                            ctx.deterministic, False)
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit, _ = grads
         return (None, du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinit, None, None)
 
 

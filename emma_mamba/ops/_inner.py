@@ -1,16 +1,19 @@
-"""The Mamba mixer's path from the in_proj output to the gated scan output as one op that recomputes its cheap
+"""The Mamba mixer's path from the in_proj output to the out_proj output as one op that recomputes its cheap
 activations in the backward, instead of keeping them (mamba-ssm's ``mamba_inner_fn`` with ``checkpoint_lvl=1``,
-without the projections at either end).
+without in_proj).
 
     x, z (b, d, l) -> xc = silu(causal_conv1d(x)) -> x_dbl = x_proj(xc) = [dt_low; B; C] (b, r + 2n, l)
                    -> delta = dt_proj(dt_low) (b, d, l) -> y = selective_scan(xc, delta, ..., z) (b, d, l)
+                   -> out = out_proj(y) (b, l, d_model)  (when out_proj_weight is given)
 
 What a training step keeps per layer, in units of one (b, d_inner, l) activation: the same mixer built from the
 separate ops keeps x and z (the in_proj output), the conv output xc (for x_proj and the scan), delta (for the
-scan) and y (for out_proj): 5, and 6 at batch > 1, where torch.matmul's backward of x_proj keeps its own copy
-of xc folded to (b * l, d). Here the backward recomputes xc (a depthwise conv) and delta (a rank-r GEMM,
-r = d_model / 16: 1/32 of in_proj's FLOPs) from x and x_dbl: 3 units (x, z, and y, which out_proj keeps either
-way); mamba-ssm also recomputes y inside its scan backward kernel, which ours does not return.
+scan) and y (for out_proj's weight gradient): 5, and 6 at batch > 1, where torch.matmul's backward of x_proj
+keeps its own copy of xc folded to (b * l, d). Here the backward recomputes xc (a depthwise conv) and delta (a
+rank-r GEMM, r = d_model / 16: 1/32 of in_proj's FLOPs) from x and x_dbl, and, with out_proj inside the op, y:
+the scan's backward kernels recompute y anyway (the gate's gradient needs it) and return it when asked
+(``recompute_out``), as mamba-ssm's backward kernel returns ``out_z``. 2 units (x and z); 3 without out_proj
+inside (y kept by out_proj).
 
 The saved chunk-boundary states of the scan are kept (the backward kernels need them; (b, d, n * l / chunk) fp32).
 Dispatch: the compiled backends (cpu, cuda, triton, cuda-emu) run :class:`MambaInnerFn` on their kernels, and while
@@ -22,6 +25,7 @@ the public ops, which keep everything (``recompute=False`` does the same on any 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks
 
@@ -60,6 +64,21 @@ def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bol,bkl->ok", dout, inp)
 
 
+def project_out(y: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
+                broadcast: bool | None = None) -> torch.Tensor:
+    """out_proj of the scan output y (b, d, l) -> (b, l, d_model), reading y through transposed views (no copy).
+
+    At batch 1 one 2-D GEMM; at batch > 1 with ``broadcast`` (default: :func:`no_weight_grad`) a batched GEMM
+    with W^T broadcast (see :func:`gemm_cf`), else F.linear (whose weight gradient is one GEMM)."""
+    b = y.shape[0]
+    if b == 1:  # (l, d_inner) as a transposed view: the GEMM reads it without a copy
+        return F.linear(y[0].t(), W.to(y.dtype), None if bias is None else bias.to(y.dtype))[None]
+    if no_weight_grad(W) if broadcast is None else broadcast:
+        out = torch.bmm(y.transpose(1, 2), W.to(y.dtype).t().expand(b, -1, -1))
+        return out if bias is None else out + bias.to(out.dtype)
+    return F.linear(y.transpose(1, 2), W.to(y.dtype), None if bias is None else bias.to(y.dtype))
+
+
 def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx, broadcast):
     """delta and the scan's checked inputs from the conv output and x_dbl (forward and, recomputed bit for bit
     with the same GEMM, backward)."""
@@ -70,30 +89,44 @@ def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx, broadc
 
 
 def inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-              broadcast):
-    """The forward on a backend's kernels -> (y, x_dbl, saved, z as the scan took it (contiguous)).
-    ``broadcast``: gemm_cf's choice for x_proj and dt_proj, made by the caller (grad mode may be off here)."""
+              broadcast, out_proj_weight=None, out_proj_bias=None):
+    """The forward on a backend's kernels -> (out, x_dbl, saved, z as the scan took it (contiguous)); out is
+    out_proj(y) (b, l, d_model) when ``out_proj_weight`` is given, else y (b, d, l). ``broadcast``: the GEMM
+    layout choices of x_proj, dt_proj and out_proj, made by the caller (grad mode may be off here)."""
     xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)  # (b, d, l)
     x_dbl = gemm_cf(x_proj_weight, xc, broadcast[0])  # (b, r + 2n, l)
     u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
                                                           broadcast[1])
     y, _, saved = kern.selective_scan_fwd(u, delta, A_, B, C, D_, z_, db, True, None, sid)
+    if out_proj_weight is not None:
+        y = project_out(y, out_proj_weight, out_proj_bias, broadcast[2])  # (b, l, d_model); y itself is dropped
     return y, x_dbl, saved, z_
 
 
 def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, x_dbl,
-              saved, dy, broadcast, deterministic, weight_grads=(True, True, True, True)):
+              saved, dout, broadcast, deterministic, out_proj_weight=None, out_proj_bias=None,
+              weight_grads=(True,) * 6):
     """The backward from what :func:`inner_fwd` kept -> (dx, dz, dconv_weight, dconv_bias, dx_proj_weight,
-    ddt_proj_weight, dA, dD, ddelta_bias); ``weight_grads`` (conv weight, conv bias, x_proj, dt_proj): False
-    skips that gradient (None)."""
+    ddt_proj_weight, dA, dD, ddelta_bias, dout_proj_weight, dout_proj_bias); ``dout`` is the gradient of
+    inner_fwd's out. ``weight_grads`` (conv weight, conv bias, x_proj, dt_proj, out_proj weight, out_proj bias):
+    False skips that gradient (None). out_proj's weight gradient needs y: the scan's backward recomputes it."""
     b, d, l = x.shape
     r, n = dt_proj_weight.shape[1], A.shape[1]
+    fused = out_proj_weight is not None
+    want_y = fused and weight_grads[4]
+    if fused:
+        dout_cf = dout.transpose(1, 2)  # (b, d_model, l), a view
+        dy = gemm_cf(out_proj_weight.t(), dout_cf, True)  # (b, d, l) = W^T dout, contiguous
+    else:
+        dy = dout.contiguous()
     # recompute the two (b, d, l) activations the forward dropped, bit for bit
     xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)
     u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
                                                           broadcast[1])
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _ = kern.selective_scan_bwd(
-        u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy.contiguous(), None, deterministic)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _, y = kern.selective_scan_bwd(
+        u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy, None, deterministic, want_y)
+    out_grad = _wgrad(dout_cf, y) if want_y else None  # (d_model, d)
+    out_bias_grad = dout.sum((0, 1)) if fused and out_proj_bias is not None and weight_grads[5] else None
     dt_low = x_dbl[:, :r]
     dt_proj_grad = _wgrad(ddelta, dt_low) if weight_grads[3] else None  # (d, r)
     # d x_dbl = [dt_proj^T ddelta; dB; dC]  (b, r + 2n, l)
@@ -104,35 +137,39 @@ def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     dx, dconv_weight, dconv_bias, _ = kern.causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx,
                                                              dxc.contiguous(), True)
     return (dx, dz, dconv_weight if weight_grads[0] else None, dconv_bias if weight_grads[1] else None,
-            x_proj_grad, dt_proj_grad, dA, dD, ddelta_bias)
+            x_proj_grad, dt_proj_grad, dA, dD, ddelta_bias, out_grad, out_bias_grad)
 
 
 class MambaInnerFn(torch.autograd.Function):
-    """Keeps x, z, x_dbl, the weights and the scan's chunk states; recomputes xc and delta in the backward.
-    (Under torch.compile the custom op ``emma_mamba::mamba_inner_fwd`` of :mod:`._library` does the same.)"""
+    """Keeps x, z, x_dbl, the weights and the scan's chunk states; recomputes xc and delta (and y, with out_proj
+    inside) in the backward. (Under torch.compile the custom op ``emma_mamba::mamba_inner_fwd`` of
+    :mod:`._library` does the same.)"""
 
     @staticmethod
     def forward(ctx, kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-                seq_idx, broadcast, deterministic):
-        y, x_dbl, saved, z_ = inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                        delta_bias, seq_idx, broadcast)
+                seq_idx, out_proj_weight, out_proj_bias, broadcast, deterministic):
+        out, x_dbl, saved, z_ = inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                                          delta_bias, seq_idx, broadcast, out_proj_weight, out_proj_bias)
         ctx.set_materialize_grads(False)
         ctx.kern, ctx.broadcast, ctx.deterministic = kern, broadcast, deterministic
         ctx.save_for_backward(x, z_, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-                              seq_idx, x_dbl, saved)  # inner_bwd's order
-        return y
+                              seq_idx, x_dbl, saved, out_proj_weight, out_proj_bias)
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
-        if dy is None:
-            return (None,) * 13
+    def backward(ctx, dout):
+        if dout is None:
+            return (None,) * 15
+        (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, x_dbl, saved,
+         out_proj_weight, out_proj_bias) = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grads = inner_bwd(ctx.kern, *ctx.saved_tensors, dy, ctx.broadcast, ctx.deterministic,
-                          weight_grads=need[3:7])
-        return (None, *grads, None, None, None)
+        grads = inner_bwd(ctx.kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
+                          seq_idx, x_dbl, saved, dout, ctx.broadcast, ctx.deterministic, out_proj_weight,
+                          out_proj_bias, weight_grads=need[3:7] + need[11:13])
+        return (None, *grads[:9], None, *grads[9:], None, None)
 
 
-def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A):
+def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight=None, out_proj_bias=None):
     """Shapes the separate ops cannot check, because they only see what this op computes from them."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         _fail(f"x must be a 3-D tensor (batch, dim, seqlen), got "
@@ -152,7 +189,18 @@ def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A):
     if not isinstance(x_proj_weight, torch.Tensor) or tuple(x_proj_weight.shape) != (r + 2 * n, d):
         _fail(f"x_proj_weight must have shape (dt_rank + 2 * dstate = {r + 2 * n}, dim={d}), got "
               f"{tuple(x_proj_weight.shape) if isinstance(x_proj_weight, torch.Tensor) else x_proj_weight!r}")
+    if out_proj_weight is not None and (not isinstance(out_proj_weight, torch.Tensor) or out_proj_weight.dim() != 2
+                                        or out_proj_weight.shape[1] != d):
+        _fail(f"out_proj_weight must have shape (d_model, dim={d}), got "
+              f"{tuple(out_proj_weight.shape) if isinstance(out_proj_weight, torch.Tensor) else out_proj_weight!r}")
+    if out_proj_bias is not None:
+        if out_proj_weight is None:
+            _fail("out_proj_bias was given without out_proj_weight")
+        if not isinstance(out_proj_bias, torch.Tensor) or tuple(out_proj_bias.shape) != (out_proj_weight.shape[0],):
+            _fail(f"out_proj_bias must have shape (d_model={out_proj_weight.shape[0]},), got "
+                  f"{tuple(out_proj_bias.shape) if isinstance(out_proj_bias, torch.Tensor) else out_proj_bias!r}")
     for name, t in (("conv_weight", conv_weight), ("x_proj_weight", x_proj_weight),
-                    ("dt_proj_weight", dt_proj_weight)):
-        if t.device != x.device:
+                    ("dt_proj_weight", dt_proj_weight), ("out_proj_weight", out_proj_weight),
+                    ("out_proj_bias", out_proj_bias)):
+        if t is not None and t.device != x.device:
             _fail(f"{name} is on {t.device} but x is on {x.device}")

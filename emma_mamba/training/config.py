@@ -107,9 +107,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each Mamba block's activations in the backward pass (saves memory, costs ~1 forward)."""
     mixer_recompute: bool = True
-    """Each Mamba mixer's backward recomputes its conv output and delta instead of keeping them
-    (ops.mamba_inner, as mamba-ssm's fast path does): per layer 3 kept (batch, d_inner, seqlen) activations
-    instead of 5-6, for one more depthwise conv and a small GEMM (a few % of the layer). false keeps them."""
+    """Each Mamba mixer's backward recomputes its conv output, delta and scan output instead of keeping them
+    (ops.mamba_inner, as mamba-ssm's fast path does): per layer 2 kept (batch, d_inner, seqlen) activations
+    instead of 5-6, for one more depthwise conv and a small GEMM (a few % of the layer; the scan's backward
+    recomputes its output anyway). false keeps them."""
     compile: bool = False
     """torch.compile each Mamba block of the LM (one graph per block shape, shared by all blocks; the scan and
     conv kernels sit in it as custom ops): fuses the norms, gates, casts and residual adds around the kernels.

@@ -1,6 +1,7 @@
 """benchmarks/activation_memory.py on a tiny LM: the three variants agree (the script checks losses and
 gradients and exits otherwise), and the kept bytes differ as counted by hand: the mixers' recompute drops at
-least the conv output and delta (2 fp32 (b, d_inner, l) tensors per layer), block checkpointing keeps less still."""
+least the conv output, delta and the scan output (3 fp32 (b, d_inner, l) tensors per layer), block checkpointing
+keeps less still."""
 
 import json
 import subprocess
@@ -21,6 +22,6 @@ def test_activation_memory_script(tmp_path):
     res = json.loads(out.read_text())
     kept = res["kept_bytes"]
     unit = b * 2 * d_model * l * 4  # one fp32 (b, d_inner, l) activation, d_inner = 2 * d_model
-    assert kept["keep_all"] - kept["mixer_recompute"] >= 2 * n_layer * unit, kept
+    assert kept["keep_all"] - kept["mixer_recompute"] >= 3 * n_layer * unit, kept
     assert kept["block_checkpointing"] < kept["mixer_recompute"], kept
     assert set(res["seconds_median"]) == {"keep_all", "mixer_recompute", "block_checkpointing"}

@@ -470,7 +470,7 @@ def test_direct_kernel_calls_check_layout():
     o, last, saved = _C.selective_scan_fwd_cpu(u.contiguous(), delta, A, B, C, None, None, None, False, None, None)
     with pytest.raises(RuntimeError, match=r"selective_scan_bwd_cpu: saved must have shape"):
         _C.selective_scan_bwd_cpu(u.contiguous(), delta, A, B, C, None, None, None, False, None, None,
-                                  saved[:, :, :0], torch.randn_like(o), None, False)
+                                  saved[:, :, :0], torch.randn_like(o), None, False, False)
 
 
 CPU_ASAN_SCRIPT = """
