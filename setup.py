@@ -176,9 +176,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # kernels/ and configs/ sit at the top of the repository (DESIGN.md's layout) and install inside the package
-    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.kernels", "emma_mamba.configs"],
-    package_dir={"emma_mamba.kernels": "kernels", "emma_mamba.configs": "configs"},
+    # configs/ sits at the top of the repository (DESIGN.md's layout) and installs inside the package. The Triton
+    # kernels live in emma_mamba/kernels/: a top-level kernels/ folder was importable as `kernels` wherever the
+    # repository root is on sys.path (setup.py's own folder, `python -m` from the root, pytest's rootdir) and
+    # shadowed the PyPI package `kernels` that transformers 5.2x depends on, whose egg_info writer setuptools
+    # loads on every build: `pip install -e .` with transformers installed failed (No module named
+    # 'kernels._internals').
+    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.configs"],
+    package_dir={"emma_mamba.configs": "configs"},
     package_data={"emma_mamba": ["assets/*", "assets/**/*"], "emma_mamba.configs": ["*.yaml"]},
     include_package_data=True,
     ext_modules=[EXT],

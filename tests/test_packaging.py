@@ -88,7 +88,7 @@ def test_configs_command_lists_and_copies(tmp_path, capsys):
 
 
 def test_sdist_carries_every_tracked_source_header_and_recipe(tmp_path):
-    want = _tracked("csrc", "kernels", "configs", "emma_mamba", "tests", "setup.py", "setup.cfg", "README.md")
+    want = _tracked("csrc", "configs", "emma_mamba", "tests", "setup.py", "setup.cfg", "README.md")
     _setup_py(["egg_info", "--egg-base", str(tmp_path), "sdist", "--dist-dir", str(tmp_path)])
     (sdist,) = tmp_path.glob("emma_mamba-*.tar.gz")
     with tarfile.open(sdist) as tf:
@@ -101,7 +101,7 @@ def test_sdist_carries_every_tracked_source_header_and_recipe(tmp_path):
 
 
 def test_installed_package_finds_its_recipes_from_any_directory(tmp_path):
-    """build_py lays the package out as a wheel installs it (kernels/ and configs/ inside emma_mamba/); a process
+    """build_py lays the package out as a wheel installs it (configs/ inside emma_mamba/, next to the kernels); a process
     that sees only that layout, started in an empty directory, lists the recipes and resolves the README's
     `--config configs/train_tiny_stage1.yaml` and the quickstart's default recipe."""
     lib = tmp_path / "lib"

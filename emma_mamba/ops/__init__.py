@@ -9,7 +9,7 @@ layer keeps 2 activations of size (b, d_inner, l) instead of 5-6).
 Backends, identical in signature:
 
 * ``cuda``   - C++/CUDA kernels in csrc/cuda, compiled into ``emma_mamba._C``;
-* ``triton`` - Triton kernels in kernels/ (``emma_mamba.kernels``); CPU tensors too under ``TRITON_INTERPRET=1``;
+* ``triton`` - Triton kernels in emma_mamba/kernels/ (``emma_mamba.kernels``); CPU tensors too under ``TRITON_INTERPRET=1``;
 * ``cpu``    - C++ CPU kernels in csrc/cpu, compiled into ``emma_mamba._C``;
 * ``torch``  - the fp32 reference of :mod:`emma_mamba.ops.reference` (the test oracle).
 
