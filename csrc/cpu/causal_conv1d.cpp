@@ -7,7 +7,8 @@
 //
 // Rows (batch, channel) are independent in the forward. The backward runs one channel per work item and
 // loops over the batch inside, so dweight/dbias are summed in a fixed order (deterministic) without scratch.
-// Everything is computed in fp32 from fp32 copies of one row (length l + W - 1).
+// Everything is computed in fp32 from fp32 copies of one row (length l + W - 1). x is read with its own batch and
+// channel strides (unit stride in time): the mixer passes a view of its in_proj output.
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -37,7 +38,7 @@ ConvShape check_conv_inputs(const char* op, const at::Tensor& x, const at::Tenso
   EMMA_CHECK(is_float_dtype(x.scalar_type()), op, "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   const int64_t b = x.size(0), d = x.size(1), l = x.size(2);
   EMMA_CHECK(l >= 1, op, "seqlen (x.shape[2]) must be at least 1");
-  check_arg(op, "x", x, {b, d, l}, {x.scalar_type()});
+  check_rows_arg(op, "x", x, {b, d, l}, {x.scalar_type()});
   EMMA_CHECK(weight.defined() && weight.dim() == 2 && weight.size(0) == d, op, "weight must have shape (dim=", d,
              ", width), got ", weight.defined() ? shape_str(weight.sizes()) : std::string("an undefined tensor"));
   const int64_t w = weight.size(1);
@@ -58,7 +59,7 @@ void load_padded_row(const at::Tensor& x, const std::optional<at::Tensor>& init,
   } else {
     for (int64_t j = 0; j < s.w - 1; ++j) xp[j] = 0.f;
   }
-  load_f32(x.data_ptr(), x.scalar_type(), row * s.l, s.l, xp + s.w - 1);
+  load_f32(x.data_ptr(), x.scalar_type(), bi * x.stride(0) + c * x.stride(1), s.l, xp + s.w - 1);
 }
 
 // Whether the tap at input position `src` (negative: initial state) is in the same sequence as output t.
@@ -114,7 +115,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
                              bool silu) {
   const char* op = "causal_conv1d_fwd";
   const ConvShape s = check_conv_inputs(op, x, weight, bias, initial_states, seq_idx);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty(x.sizes(), x.options());  // contiguous, whatever x's strides
   const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
   const scan::ScanKernels& vk = scan::select_scan_kernels();  // vectorised sigmoid for the SiLU
   const int64_t lpad = (s.l + scan::kLanes - 1) / scan::kLanes * scan::kLanes;
@@ -147,7 +148,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
   check_arg(op, "dout", dout, {s.b, s.d, s.l}, {x.scalar_type()});
   const int32_t* sqp = present(seq_idx) ? seq_idx->data_ptr<int32_t>() : nullptr;
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
   at::Tensor dw = at::empty({s.d, s.w}, f32);
   at::Tensor db = present(bias) ? at::empty({s.d}, f32) : at::Tensor();
   at::Tensor dinit = present(initial_states) ? at::empty({s.b, s.d, s.w - 1}, f32) : at::Tensor();
@@ -226,11 +227,12 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
              conv_state.scalar_type());
   check_arg(op, "conv_state", conv_state, {b, d, w}, {conv_state.scalar_type()});
   EMMA_CHECK(x.defined() && is_float_dtype(x.scalar_type()), op, "x must be a float32, float16 or bfloat16 tensor");
-  check_arg(op, "x", x, {b, d}, {x.scalar_type()});
+  check_rows_arg(op, "x", x, {b, d}, {x.scalar_type()});  // any batch stride (a view of in_proj's output)
   check_arg(op, "weight", weight, {d, w}, {x.scalar_type(), at::kFloat});
   check_opt_arg(op, "bias", bias, {d}, {x.scalar_type(), at::kFloat});
 
   at::Tensor out = at::empty({b, d}, x.options());
+  const int64_t xs = x.stride(0);
   const auto sdt = conv_state.scalar_type(), xdt = x.scalar_type(), wdt = weight.scalar_type();
   void* statep = conv_state.data_ptr();
   const void *xp = x.data_ptr(), *wp = weight.data_ptr();
@@ -248,7 +250,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
         const int64_t c = r % d;
         float* st = S + r * w;
         for (int64_t k = 0; k + 1 < w; ++k) st[k] = st[k + 1];
-        st[w - 1] = X[r];
+        st[w - 1] = X[r / d * xs + c];
         float acc = Bi ? Bi[c] : 0.f;
         for (int64_t k = 0; k < w; ++k) acc += st[k] * Wt[c * w + k];
         O[r] = silu ? acc * sigmoid_f(acc) : acc;
@@ -262,7 +264,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
       const int64_t c = r % d;
       load_f32(statep, sdt, r * w, w, st);
       for (int64_t k = 0; k + 1 < w; ++k) st[k] = st[k + 1];
-      st[w - 1] = load_one(xp, xdt, r);
+      st[w - 1] = load_one(xp, xdt, r / d * xs + c);
       store_f32(statep, sdt, r * w, w, st);
       load_f32(statep, sdt, r * w, w, st);  // the output sees the state's rounding of x
       load_f32(wp, wdt, c * w, w, wt);

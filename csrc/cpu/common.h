@@ -35,10 +35,9 @@ inline std::string dtype_list(std::initializer_list<at::ScalarType> dts) {
   return r;
 }
 
-// A tensor argument a kernel reads through raw pointers: defined, on the CPU, contiguous, of one of
-// `dtypes`, of exactly `shape`.
-inline void check_arg(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                      std::initializer_list<at::ScalarType> dtypes) {
+// What every tensor argument of a kernel must be: defined, on the CPU, of one of `dtypes`, of exactly `shape`.
+inline void check_arg_meta(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                           std::initializer_list<at::ScalarType> dtypes) {
   EMMA_CHECK(t.defined(), op, name, " is an undefined tensor");
   EMMA_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got one on ", t.device());
   EMMA_CHECK(t.sizes().equals(shape), op, name, " must have shape ", shape_str(shape), ", got ",
@@ -46,8 +45,28 @@ inline void check_arg(const char* op, const char* name, const at::Tensor& t, at:
   bool ok = false;
   for (auto dt : dtypes) ok = ok || t.scalar_type() == dt;
   EMMA_CHECK(ok, op, name, " must have dtype in (", dtype_list(dtypes), "), got ", t.scalar_type());
+}
+
+// A tensor argument a kernel reads through raw pointers as a contiguous array.
+inline void check_arg(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                      std::initializer_list<at::ScalarType> dtypes) {
+  check_arg_meta(op, name, t, shape, dtypes);
   EMMA_CHECK(t.is_contiguous(), op, name, " must be contiguous (its strides are ", shape_str(t.strides()),
              "); call .contiguous() first");
+}
+
+// An argument read row by row with its own strides: only its last dimension must have unit stride (the mixer's x
+// and z are views of one in_proj output; see emma_mamba/ops/_checks.py).
+inline void check_rows_arg(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                           std::initializer_list<at::ScalarType> dtypes) {
+  check_arg_meta(op, name, t, shape, dtypes);
+  EMMA_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, op, name, " must have unit stride along its last dimension "
+             "(its strides are ", shape_str(t.strides()), "); call .contiguous() first");
+}
+
+inline void check_opt_rows_arg(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                               at::IntArrayRef shape, std::initializer_list<at::ScalarType> dtypes) {
+  if (t.has_value() && t->defined()) check_rows_arg(op, name, *t, shape, dtypes);
 }
 
 inline void check_opt_arg(const char* op, const char* name, const std::optional<at::Tensor>& t,

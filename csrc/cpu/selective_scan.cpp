@@ -102,7 +102,7 @@ ScanShape check_scan_inputs(const char* op, const at::Tensor& u, const at::Tenso
   ScanShape s{b, d, l, n, check_bc(op, "B", B, b, d, l, n, u.scalar_type()),
               check_bc(op, "C", C, b, d, l, n, u.scalar_type())};
   check_opt_arg(op, "D", D, {d}, {at::kFloat});
-  check_opt_arg(op, "z", z, {b, d, l}, {u.scalar_type()});
+  check_opt_rows_arg(op, "z", z, {b, d, l}, {u.scalar_type()});  // its own batch/channel strides: see ScanInputs
   check_opt_arg(op, "delta_bias", delta_bias, {d}, {at::kFloat});
   check_opt_arg(op, "initial_state", initial_state, {b, d, n}, {at::kFloat});
   check_opt_arg(op, "seq_idx", seq_idx, {b, l}, {at::kInt});
@@ -178,6 +178,7 @@ struct ScanInputs {
   const float* A;
   const float* D;
   const void* z;
+  int64_t z_sb, z_sd;  // z's batch and channel strides (a view of the mixer's in_proj output: not copied)
   const float* delta_bias;
   bool softplus;
   const float* initial_state;
@@ -232,6 +233,9 @@ void load_channel_chunk(const Plan& p, const ScanInputs& in, const scan::ScanKer
   for (int64_t t = 0; t < len; ++t) dtu[t] = dt[t] * uf[t];
 }
 
+// z's offset of (batch row bi, channel c, step t)
+inline int64_t z_off(const ScanInputs& in, int64_t bi, int64_t c, int64_t t) { return bi * in.z_sb + c * in.z_sd + t; }
+
 // Fetch the next channel's rows of this chunk while the kernels work on the current one.
 void prefetch_next(const Plan& p, const ScanInputs& in, const Plan::Task& k, int64_t c, int64_t ts, int64_t len,
                    std::initializer_list<const void*> read_also, std::initializer_list<void*> written) {
@@ -239,6 +243,7 @@ void prefetch_next(const Plan& p, const ScanInputs& in, const Plan::Task& k, int
   const int64_t off = (k.bi * p.d + c + 1) * p.l + ts;
   prefetch_f32(in.u, in.dtype, off, len, false);
   prefetch_f32(in.delta, in.dtype, off, len, false);
+  if (in.z) prefetch_f32(in.z, in.dtype, z_off(in, k.bi, c + 1, ts), len, false);
   for (const void* r : read_also)
     if (r) prefetch_f32(r, in.dtype, off, len, false);
   for (void* wr : written)
@@ -283,6 +288,7 @@ ScanInputs make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::T
   return ScanInputs{u.data_ptr(), delta.data_ptr(), u.scalar_type(), A.data_ptr<float>(),
                     present(D) ? D->data_ptr<float>() : nullptr,
                     present(z) ? z->data_ptr() : nullptr,
+                    present(z) ? z->stride(0) : 0, present(z) ? z->stride(1) : 0,
                     present(delta_bias) ? delta_bias->data_ptr<float>() : nullptr,
                     delta_softplus,
                     present(initial_state) ? initial_state->data_ptr<float>() : nullptr,
@@ -357,7 +363,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           float* h = &w.h[ci * p.np];
           std::memcpy(savedp + (row * p.nchunks + ch) * p.n, h, sizeof(float) * p.n);
-          prefetch_next(p, in, k, c, ts, len, {in.z}, {outp});
+          prefetch_next(p, in, k, c, ts, len, {}, {outp});
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           init_y(in, c, len, w);
           for (int64_t lb = 0; lb < p.nlb; ++lb) {
@@ -367,7 +373,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
             K.fwd(a);
           }
           if (in.z) {
-            load_f32(in.z, in.dtype, row * p.l + ts, len, w.zf.data());
+            load_f32(in.z, in.dtype, z_off(in, k.bi, c, ts), len, w.zf.data());
             K.sigmoid(w.zf.data(), w.tmp.data(), static_cast<int>(len));
             for (int64_t t = 0; t < len; ++t) w.y[t] *= w.zf[t] * w.tmp[t];
           }
@@ -406,7 +412,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   const float* dlastp = present(dlast_state) ? dlast_state->data_ptr<float>() : nullptr;
 
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
-  at::Tensor dz = in.z ? at::empty_like(*z) : at::Tensor();
+  at::Tensor dz = in.z ? at::empty(z->sizes(), z->options()) : at::Tensor();  // contiguous, whatever z's strides
   at::Tensor out = recompute_out ? at::empty_like(u) : at::Tensor();  // the forward's output, recomputed
   at::Tensor dinit = in.initial_state ? at::empty({p.b, p.d, p.n}, f32) : at::Tensor();
   // per-batch partial sums, reduced over the batch in order at the end
@@ -461,7 +467,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
           load_f32(doutp, in.dtype, row * p.l + ts, len, df.data());
-          prefetch_next(p, in, k, c, ts, len, {in.z, doutp}, {dup, ddp, dzp, outp});
+          prefetch_next(p, in, k, c, ts, len, {doutp}, {dup, ddp, dzp, outp});
           std::memcpy(hs.data(), savedp + (row * p.nchunks + ch) * p.n, sizeof(float) * p.n);
           // 1. recompute h_t, exp(dt_t A) (and y_t if dz or out needs it) from the saved chunk-entry state
           if (need_y) init_y(in, c, len, w);
@@ -477,7 +483,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
           // 2. dL/dy, dz
           const float Dc = in.D ? in.D[c] : 0.f;
           if (in.z) {
-            load_f32(in.z, in.dtype, row * p.l + ts, len, w.zf.data());
+            load_f32(in.z, in.dtype, z_off(in, k.bi, c, ts), len, w.zf.data());
             K.sigmoid(w.zf.data(), w.tmp.data(), static_cast<int>(len));
             for (int64_t t = 0; t < len; ++t) {
               const float zt = w.zf[t], sg = w.tmp[t], yt = w.y[t];
@@ -593,7 +599,9 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   check_arg(op, "state", state, {b, d, n}, {state.scalar_type()});
   EMMA_CHECK(x.defined() && is_float_dtype(x.scalar_type()), op, "x must be a float32, float16 or bfloat16 tensor");
   const auto xdt = x.scalar_type();
-  check_arg(op, "x", x, {b, d}, {xdt});
+  // x, z, B and C are read with their own batch (and group) strides: in the mixer they are views of the
+  // in_proj and x_proj outputs
+  check_rows_arg(op, "x", x, {b, d}, {xdt});
   check_arg(op, "dt", dt, {b, d}, {xdt});
   check_arg(op, "A", A, {d, n}, {at::kFloat});
   int64_t gB = 1, gC = 1;
@@ -603,13 +611,13 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
     if (X->dim() == 3) {
       *g = X->size(1);
       EMMA_CHECK(*g >= 1 && d % *g == 0, op, name, " has ", *g, " groups, which must divide dim=", d);
-      check_arg(op, name, *X, {b, *g, n}, {xdt, at::kFloat});
+      check_rows_arg(op, name, *X, {b, *g, n}, {xdt, at::kFloat});
     } else {
-      check_arg(op, name, *X, {b, n}, {xdt, at::kFloat});
+      check_rows_arg(op, name, *X, {b, n}, {xdt, at::kFloat});
     }
   }
   check_opt_arg(op, "D", D, {d}, {at::kFloat});
-  check_opt_arg(op, "z", z, {b, d}, {xdt});
+  check_opt_rows_arg(op, "z", z, {b, d}, {xdt});
   check_opt_arg(op, "dt_bias", dt_bias, {d}, {at::kFloat});
 
   at::Tensor out = at::empty({b, d}, x.options());
@@ -628,6 +636,9 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   const auto sdt = state.scalar_type(), bdt = B.scalar_type(), cdt = C.scalar_type();
   const bool direct_h = sdt == at::kFloat && np == n;
   const bool direct_b = bdt == at::kFloat && np == n, direct_c = cdt == at::kFloat && np == n;
+  const int64_t xs = x.stride(0), zs = present(z) ? z->stride(0) : 0;
+  const int64_t Bs0 = B.stride(0), Bs1 = B.dim() == 3 ? B.stride(1) : 0;
+  const int64_t Cs0 = C.stride(0), Cs1 = C.dim() == 3 ? C.stride(1) : 0;
   at::parallel_for(0, b * d, 16, [&](int64_t r0, int64_t r1) {
     DenormalGuard denormals;
     std::vector<float> hb(np, 0.f), Al(np, 0.f), Bv(np, 0.f), Cv(np, 0.f);
@@ -635,11 +646,11 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
       const int64_t bi = r / d, c = r % d;
       float delta = load_one(dtp, xdt, r) + (biasp ? biasp[c] : 0.f);
       if (dt_softplus) delta = softplus_f(delta);
-      const float xv = load_one(xp, xdt, r);
+      const float xv = load_one(xp, xdt, bi * xs + c);
       float* h = direct_h ? static_cast<float*>(statep) + r * n : hb.data();
       if (!direct_h) load_f32(statep, sdt, r * n, n, h);
       for (int64_t k = 0; k < n; ++k) Al[k] = Ap[c * n + k] * kLog2e;
-      const int64_t boff = (bi * gB + c / (d / gB)) * n, coff = (bi * gC + c / (d / gC)) * n;
+      const int64_t boff = bi * Bs0 + c / (d / gB) * Bs1, coff = bi * Cs0 + c / (d / gC) * Cs1;
       const float* Bk = direct_b ? static_cast<const float*>(Bp) + boff : Bv.data();
       const float* Ck = direct_c ? static_cast<const float*>(Cp) + coff : Cv.data();
       if (!direct_b) load_f32(Bp, bdt, boff, n, Bv.data());
@@ -648,7 +659,7 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
       if (!direct_h) store_f32(statep, sdt, r * n, n, h);
       if (Dp) y += Dp[c] * xv;
       if (zp) {
-        const float zv = load_one(zp, xdt, r);
+        const float zv = load_one(zp, xdt, bi * zs + c);
         y *= zv * sigmoid_f(zv);
       }
       store_f32(outp, xdt, r, 1, &y);

@@ -23,8 +23,9 @@ constexpr int kHalo = 3;  // max width - 1
 
 struct ConvParams {
   int batch, dim, seqlen, width;
-  bool silu, vec;
+  bool silu, vec, vec_x;  // vec: out/dout/dx rows 16-byte aligned; vec_x: x's rows
   const void *x, *weight, *bias, *init;
+  int64_t x_bs, x_ds;  // x's batch and channel strides: a view of the mixer's in_proj output is read in place
   int w_dt, b_dt, i_dt;  // run-time dtypes of weight, bias, initial_states
   const int* seq_idx;
   void* out;
@@ -40,13 +41,12 @@ template <typename T, int M>
 __device__ __forceinline__ void load_window(const ConvParams& p, int b, int c, int t0, float (&xs)[kHalo + M],
                                             int (&sg)[kHalo + M]) {
   const int L = p.seqlen, W = p.width;
-  const int64_t row = (static_cast<int64_t>(b) * p.dim + c) * L;
-  const T* x = static_cast<const T*>(p.x) + row;
+  const T* x = static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.x_bs + static_cast<int64_t>(c) * p.x_ds;
   const int* s = p.seq_idx ? p.seq_idx + static_cast<int64_t>(b) * L : nullptr;
   // own K items, vectorised
   float own[kItems];
   const int valid = max(0, min(kItems, L - t0));
-  load_k<T, kItems>(x + t0, own, valid, p.vec);
+  load_k<T, kItems>(x + t0, own, valid, p.vec_x);
 #pragma unroll
   for (int j = 0; j < kHalo + M; ++j) {
     const int pos = t0 - kHalo + j;
@@ -190,8 +190,9 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(ConvParams p) {
   }
 }
 
-__global__ void conv_update_kernel(int batch, int dim, int W, bool silu, const void* x, int x_dt, void* state,
-                                   int s_dt, const void* weight, int w_dt, const void* bias, int b_dt, void* out) {
+__global__ void conv_update_kernel(int batch, int dim, int W, bool silu, const void* x, int64_t x_bs, int x_dt,
+                                   void* state, int s_dt, const void* weight, int w_dt, const void* bias, int b_dt,
+                                   void* out) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= static_cast<int64_t>(batch) * dim) return;
   const int c = r % dim;
@@ -203,7 +204,7 @@ __global__ void conv_update_kernel(int batch, int dim, int W, bool silu, const v
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     if (k + 1 < W) store_dyn(state, s_dt, s0 + k, v[k]);
-  store_dyn(state, s_dt, s0 + W - 1, load_dyn(x, x_dt, r));
+  store_dyn(state, s_dt, s0 + W - 1, load_dyn(x, x_dt, r / dim * x_bs + c));
   const float xin = load_dyn(state, s_dt, s0 + W - 1);  // x rounded to the state's dtype, as stored
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
@@ -216,7 +217,7 @@ __global__ void conv_update_kernel(int batch, int dim, int W, bool silu, const v
 void fill(ConvParams& p, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
           const std::optional<at::Tensor>& initial_states, const std::optional<at::Tensor>& seq_idx, bool silu) {
   const char* op = "causal_conv1d";
-  check_cuda(x, op, "x");
+  check_cuda_rows(x, op, "x");
   check_cuda(weight, op, "weight");
   check_cuda(bias, op, "bias");
   check_cuda(initial_states, op, "initial_states");
@@ -230,6 +231,8 @@ void fill(ConvParams& p, const at::Tensor& x, const at::Tensor& weight, const st
   EMMA_CHECK(p.width >= 2 && p.width <= 4, "causal_conv1d: width must be 2, 3 or 4, got ", p.width);
   p.silu = silu;
   p.x = x.data_ptr();
+  p.x_bs = x.stride(0);
+  p.x_ds = x.stride(1);
   p.weight = weight.data_ptr();
   p.w_dt = dtype_code(weight.scalar_type());
   p.bias = bias ? bias->data_ptr() : nullptr;
@@ -237,7 +240,8 @@ void fill(ConvParams& p, const at::Tensor& x, const at::Tensor& weight, const st
   p.init = initial_states ? initial_states->data_ptr() : nullptr;
   p.i_dt = initial_states ? dtype_code(initial_states->scalar_type()) : 0;
   p.seq_idx = seq_idx ? seq_idx->data_ptr<int>() : nullptr;
-  p.vec = (p.seqlen * x.element_size()) % 16 == 0 && aligned16(x.data_ptr());
+  p.vec = (p.seqlen * x.element_size()) % 16 == 0;  // the contiguous outputs' rows; their pointers: by the caller
+  p.vec_x = rows_aligned16(x);
 }
 
 }  // namespace
@@ -248,7 +252,7 @@ at::Tensor causal_conv1d_fwd(const at::Tensor& x, const at::Tensor& weight, cons
   const c10::cuda::CUDAGuard guard(x.device());
   ConvParams p{};
   fill(p, x, weight, bias, initial_states, seq_idx, silu);
-  auto out = at::empty_like(x);
+  auto out = at::empty(x.sizes(), x.options());  // contiguous, whatever x's strides
   p.out = out.data_ptr();
   p.vec = p.vec && aligned16(p.out);
   if (x.numel() == 0) return out;
@@ -277,7 +281,7 @@ std::vector<at::Tensor> causal_conv1d_bwd(const at::Tensor& x, const at::Tensor&
   const int ntiles = std::max(1, (p.seqlen + kTile - 1) / kTile);
   EMMA_CHECK(ntiles <= 65535, "causal_conv1d: sequence too long");
   auto fopts = x.options().dtype(at::kFloat);
-  auto dx = at::empty_like(x);
+  auto dx = at::empty(x.sizes(), x.options());
   auto dwb_part = at::empty({p.batch, ntiles, p.dim, p.width + 1}, fopts);
   at::Tensor dinit;
   if (initial_states) dinit = at::empty({p.batch, p.dim, p.width - 1}, fopts);
@@ -306,7 +310,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
                                 const std::optional<at::Tensor>& bias, bool silu) {
   const c10::cuda::CUDAGuard guard(x.device());
   const char* op = "causal_conv1d_update";
-  check_cuda(x, op, "x");
+  check_cuda_rows(x, op, "x");  // any batch stride: a view of in_proj's output
   check_cuda(conv_state, op, "conv_state");
   check_cuda(weight, op, "weight");
   check_cuda(bias, op, "bias");
@@ -316,12 +320,12 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
              "causal_conv1d_update: expected x (b, d), conv_state (b, d, w), weight (d, w)");
   const int batch = x.size(0), dim = x.size(1), W = conv_state.size(2);
   EMMA_CHECK(W >= 2 && W <= 4, "causal_conv1d_update: width must be 2, 3 or 4, got ", W);
-  auto out = at::empty_like(x);
+  auto out = at::empty(x.sizes(), x.options());
   const int64_t rows = static_cast<int64_t>(batch) * dim;
   if (rows == 0) return out;
   const int threads = 128;
   EMMA_LAUNCH(conv_update_kernel, (rows + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream(),
-      batch, dim, W, silu, x.data_ptr(), dtype_code(x.scalar_type()), conv_state.data_ptr(),
+      batch, dim, W, silu, x.data_ptr(), x.stride(0), dtype_code(x.scalar_type()), conv_state.data_ptr(),
       dtype_code(conv_state.scalar_type()), weight.data_ptr(), dtype_code(weight.scalar_type()),
       bias ? bias->data_ptr() : nullptr, bias ? dtype_code(bias->scalar_type()) : 0, out.data_ptr());
   EMMA_CUDA_LAUNCH_CHECK();

@@ -94,6 +94,23 @@ inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 inline void check_cuda(const std::optional<at::Tensor>& t, const char* op, const char* name) {
   if (t.has_value()) check_cuda(*t, op, name);
 }
+// An input read row by row with its own strides (the mixer's x and z, views of in_proj's output): only its last
+// dimension must have unit stride.
+inline void check_cuda_rows(const at::Tensor& t, const char* op, const char* name) {
+  EMMA_CHECK(EMMA_DEVICE_TENSOR(t), op, ": ", name, " must be a CUDA tensor");
+  EMMA_CHECK(t.size(-1) == 1 || t.stride(-1) == 1, op, ": ", name, " must have unit stride along its last dimension");
+}
+inline void check_cuda_rows(const std::optional<at::Tensor>& t, const char* op, const char* name) {
+  if (t.has_value()) check_cuda_rows(*t, op, name);
+}
+// Whether 16-byte vector accesses may start at every row of t: its data and its strides (in bytes) over the
+// leading dimensions are multiples of 16.
+inline bool rows_aligned16(const at::Tensor& t) {
+  if (!aligned16(t.data_ptr())) return false;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i)
+    if ((t.stride(i) * static_cast<int64_t>(t.element_size())) % 16 != 0) return false;
+  return true;
+}
 
 template <typename T> const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;

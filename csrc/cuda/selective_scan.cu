@@ -47,8 +47,9 @@ struct ScanParams {
   int batch, dim, seqlen, dstate, nsave;
   // B/C layout: groups == 0 means constant (d, n) fp32; otherwise (b, groups, n, l) (variable = 1 group)
   int groups_B, groups_C;
-  bool softplus, vec_in, vec_bc;
+  bool softplus, vec_in, vec_bc, vec_z;
   const void *u, *delta, *z;
+  int64_t z_bs, z_ds;  // z's batch and channel strides: a view of the mixer's in_proj output is read in place
   const void *B, *C;
   const float *A, *D, *delta_bias, *init;
   const int* seq_idx;
@@ -63,6 +64,11 @@ struct ScanParams {
   float *dB_acc, *dC_acc;  // variable/grouped: atomic accumulators (b, g, n, l) or per-block partials
   bool deterministic;
 };
+
+// z's offset of (batch b, channel c)
+__device__ __forceinline__ int64_t z_row(const ScanParams& p, int b, int c) {
+  return static_cast<int64_t>(b) * p.z_bs + static_cast<int64_t>(c) * p.z_ds;
+}
 
 // Time steps [t0, t0 + K) of this lane: valid count, (dt, dt*u, u), and which positions start a new segment.
 template <typename T, int K>
@@ -122,10 +128,10 @@ __device__ __forceinline__ const WT* block_bc(const void* X, int groups, const S
 
 // The end of both forwards: out[t0, t0 + K) = (y + D u) * silu(z), stored in T (D and z when given).
 template <typename T, int K>
-__device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, int t0, int valid, float Dv,
+__device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, int64_t zrow, int t0, int valid, float Dv,
                                             const float (&u)[K], float (&y)[K]) {
   float zv[K];
-  if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+  if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + zrow + t0, zv, valid, p.vec_z);
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     if (p.D) y[i] += Dv * u[i];
@@ -200,7 +206,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
 
     float u[K];  // reloaded (L1-resident) rather than kept live across the state loop
     if (p.D) load_k<T, K>(static_cast<const T*>(p.u) + row + t0, u, valid, p.vec_in);
-    store_gated<T, K>(p, row, t0, valid, Dv, u, y);
+    store_gated<T, K>(p, row, z_row(p, b, c), t0, valid, Dv, u, y);
   }
   for (int n = lane; n < N; n += 32) p.last_state[bd * N + n] = carry[n];
 }
@@ -304,7 +310,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p)
       }
       y[i] = acc;
     }
-    store_gated<T, kSeqT>(p, row, t0, valid, Dv, u, y);
+    store_gated<T, kSeqT>(p, row, z_row(p, b, active ? c : c0), t0, valid, Dv, u, y);
   }
   if (active) {
 #pragma unroll
@@ -363,7 +369,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
     load_k<T, K>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
     if (p.z) {
       float zv[K];
-      load_k<T, K>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+      load_k<T, K>(static_cast<const T*>(p.z) + z_row(p, b, c) + t0, zv, valid, p.vec_z);
 #pragma unroll
       for (int i = 0; i < K; ++i) {
         const float s = sigmoid_f(zv[i]);
@@ -638,7 +644,7 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
       if (p.z || p.out) {  // y from the recomputed states: the gate's dz = dout dsilu(z) (y + D u) stored now and
                            // dy gated; the recomputed output (y + D u) silu(z)
         float zv[kBsT], dz[kBsT], o[kBsT];
-        if (p.z) load_k<T, kBsT>(static_cast<const T*>(p.z) + row + t0, zv, valid, p.vec_in);
+        if (p.z) load_k<T, kBsT>(static_cast<const T*>(p.z) + z_row(p, b, active ? c : c0) + t0, zv, valid, p.vec_z);
 #pragma unroll
         for (int i = 0; i < kBsT; ++i) {
           const float4 cv = Cs[tl0 + i][q];
@@ -800,7 +806,7 @@ void fill_common(ScanParams& p, const at::Tensor& u, const at::Tensor& delta, co
   check_cuda(delta, op, "delta");
   check_cuda(A, op, "A");
   check_cuda(D, op, "D");
-  check_cuda(z, op, "z");
+  check_cuda_rows(z, op, "z");
   check_cuda(delta_bias, op, "delta_bias");
   check_cuda(initial_state, op, "initial_state");
   check_cuda(seq_idx, op, "seq_idx");
@@ -817,13 +823,15 @@ void fill_common(ScanParams& p, const at::Tensor& u, const at::Tensor& delta, co
     if (x->groups > 0) EMMA_CHECK(p.dim % x->groups == 0, "selective_scan: groups must divide dim");
   p.softplus = delta_softplus;
   const size_t es = u.element_size(), ws = at::elementSize(wt);
-  p.vec_in = (p.seqlen * es) % 16 == 0 && aligned16(u.data_ptr()) && aligned16(delta.data_ptr()) &&
-             (!z || aligned16(z->data_ptr()));
+  p.vec_in = (p.seqlen * es) % 16 == 0 && aligned16(u.data_ptr()) && aligned16(delta.data_ptr());
+  p.vec_z = z && rows_aligned16(*z);
   p.vec_bc = (p.seqlen * ws) % 16 == 0 && (B.groups == 0 || aligned16(B.t.data_ptr())) &&
              (C.groups == 0 || aligned16(C.t.data_ptr()));
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
+  p.z_bs = z ? z->stride(0) : 0;
+  p.z_ds = z ? z->stride(1) : 0;
   p.B = B.t.data_ptr();
   p.C = C.t.data_ptr();
   p.A = A.data_ptr<float>();
@@ -942,7 +950,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   auto fopts = u.options().dtype(at::kFloat);
   auto du = at::empty_like(u), ddelta = at::empty_like(delta);
   at::Tensor dz, out;
-  if (z) dz = at::empty_like(*z);
+  if (z) dz = at::empty(z->sizes(), z->options());  // contiguous, whatever z's strides
   if (recompute_out) out = at::empty_like(u);
   auto dA_part = at::empty({Bn, Dn, N}, fopts);
   auto dD_part = at::empty({Bn, Dn}, fopts), ddb_part = at::empty({Bn, Dn}, fopts);

@@ -21,6 +21,7 @@ struct StepParams {
   void* state;
   int s_dt;
   const void *x, *dt, *z, *B, *C;
+  int64_t x_bs, z_bs, B_bs, B_gs, C_bs, C_gs;  // batch (and group) strides: views of in_proj's / x_proj's outputs
   int x_dt, bc_dt;
   const float *A, *D, *dt_bias;
   void* out;
@@ -36,10 +37,10 @@ __global__ void __launch_bounds__(128) state_update_kernel(StepParams p) {
     const int b = r / p.dim, c = r % p.dim, N = p.dstate;
     float dt = load_dyn(p.dt, p.x_dt, r) + (p.dt_bias ? p.dt_bias[c] : 0.f);
     if (p.softplus) dt = softplus_f(dt);
-    xv = load_dyn(p.x, p.x_dt, r);
+    xv = load_dyn(p.x, p.x_dt, b * p.x_bs + c);
     const float dtx = dt * xv;
     const int g = c / (p.dim / p.groups);
-    const int64_t bc0 = (static_cast<int64_t>(b) * p.groups + g) * N;
+    const int64_t b0 = b * p.B_bs + g * p.B_gs, c0 = b * p.C_bs + g * p.C_gs;
     const int64_t s0 = r * N;
     const float* A = p.A + static_cast<int64_t>(c) * N;
     for (int n0 = 4 * j; n0 < N; n0 += 4 * p.lanes) {
@@ -55,8 +56,8 @@ __global__ void __launch_bounds__(128) state_update_kernel(StepParams p) {
         if (k < cnt) {
           if (!vec) h[k] = load_dyn(p.state, p.s_dt, s0 + n0 + k);
           a[k] = A[n0 + k];
-          bv[k] = load_dyn(p.B, p.bc_dt, bc0 + n0 + k);
-          cv[k] = load_dyn(p.C, p.bc_dt, bc0 + n0 + k);
+          bv[k] = load_dyn(p.B, p.bc_dt, b0 + n0 + k);
+          cv[k] = load_dyn(p.C, p.bc_dt, c0 + n0 + k);
         }
       }
 #pragma unroll
@@ -73,9 +74,9 @@ __global__ void __launch_bounds__(128) state_update_kernel(StepParams p) {
   }
   for (int off = p.lanes / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
   if (active && j == 0) {
-    const int c = r % p.dim;
+    const int64_t b = r / p.dim, c = r % p.dim;
     if (p.D) y += p.D[c] * xv;
-    if (p.z) y *= silu_f(load_dyn(p.z, p.x_dt, r));
+    if (p.z) y *= silu_f(load_dyn(p.z, p.x_dt, b * p.z_bs + c));
     store_dyn(p.out, p.x_dt, r, y);
   }
 }
@@ -89,13 +90,13 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   const c10::cuda::CUDAGuard guard(state.device());
   const char* op = "selective_state_update";
   check_cuda(state, op, "state");
-  check_cuda(x, op, "x");
+  check_cuda_rows(x, op, "x");  // x, z, B, C: any batch (and group) strides
   check_cuda(dt, op, "dt");
   check_cuda(A, op, "A");
-  check_cuda(B, op, "B");
-  check_cuda(C, op, "C");
+  check_cuda_rows(B, op, "B");
+  check_cuda_rows(C, op, "C");
   check_cuda(D, op, "D");
-  check_cuda(z, op, "z");
+  check_cuda_rows(z, op, "z");
   check_cuda(dt_bias, op, "dt_bias");
   EMMA_CHECK(state.dim() == 3 && x.dim() == 2 && A.dim() == 2, op, ": expected state (b, d, n), x (b, d), A (d, n)");
   StepParams p{};
@@ -115,18 +116,24 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.state = state.data_ptr();
   p.s_dt = dtype_code(state.scalar_type());
   p.x = x.data_ptr();
+  p.x_bs = x.stride(0);
   p.dt = dt.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
+  p.z_bs = z ? z->stride(0) : 0;
   p.x_dt = dtype_code(x.scalar_type());
   EMMA_CHECK(dt.scalar_type() == x.scalar_type() && (!z || z->scalar_type() == x.scalar_type()),
              op, ": dt and z must have x's dtype");
   p.B = Bt.data_ptr();
   p.C = Ct.data_ptr();
+  p.B_bs = Bt.stride(0);
+  p.B_gs = Bt.dim() == 3 ? Bt.stride(1) : 0;
+  p.C_bs = Ct.stride(0);
+  p.C_gs = Ct.dim() == 3 ? Ct.stride(1) : 0;
   p.bc_dt = dtype_code(Bt.scalar_type());
   p.A = A.data_ptr<float>();
   p.D = opt_ptr<float>(D);
   p.dt_bias = opt_ptr<float>(dt_bias);
-  auto out = at::empty_like(x);
+  auto out = at::empty(x.sizes(), x.options());  // contiguous, whatever x's strides
   p.out = out.data_ptr();
   const int64_t threads_total = static_cast<int64_t>(p.batch) * p.dim * lanes;
   if (threads_total == 0) return out;

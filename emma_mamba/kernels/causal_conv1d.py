@@ -5,11 +5,12 @@
 into another packed sequence reads zero (the initial states belong to the row's first sequence), as in
 emma_mamba/ops/reference.py.
 
-The forward is one program per (sequence block, channel block, batch) reading the ``W`` shifted input tiles
-(they hit L1/L2; the conv is memory bound). The backward runs two such kernels: the first recomputes the
-pre-activation, writes ``g = dout * act'(pre)`` in fp32 and per-(batch, sequence block) partials of dweight
-and dbias (summed by torch in a fixed order: deterministic, no atomics); the second gathers
-``dx_t = sum_k w[k] * g_{t+(W-1)-k}`` (and the initial states' gradient) from ``g``.
+x is read with its own batch and channel strides (unit stride in time: the mixer passes a view of its in_proj
+output); the outputs are contiguous. The forward is one program per (sequence block, channel block, batch)
+reading the ``W`` shifted input tiles (they hit L1/L2; the conv is memory bound). The backward runs two such
+kernels: the first recomputes the pre-activation, writes ``g = dout * act'(pre)`` in fp32 and per-(batch,
+sequence block) partials of dweight and dbias (summed by torch in a fixed order: deterministic, no atomics); the
+second gathers ``dx_t = sum_k w[k] * g_{t+(W-1)-k}`` (and the initial states' gradient) from ``g``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ WARPS = 4
 
 
 @triton.jit
-def _tap(x_ptr, init_ptr, seq_ptr, row, init_row, seq_row, s_t, p, m2, mt,
+def _tap(x_ptr, init_ptr, seq_ptr, xrow, init_row, seq_row, s_t, p, m2, mt,
          WIDTH: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Input at positions ``p`` (1, BL) as fp32 (BD, BL): x, the initial states before 0, zero across
-    sequence boundaries."""
-    xv = tl.load(x_ptr + row + p, mask=m2 & (p >= 0), other=0.0).to(tl.float32)
+    """Input at positions ``p`` (1, BL) as fp32 (BD, BL): x (rows at ``xrow``), the initial states before 0, zero
+    across sequence boundaries."""
+    xv = tl.load(x_ptr + xrow + p, mask=m2 & (p >= 0), other=0.0).to(tl.float32)
     if HAS_INIT:
         iv = tl.load(init_ptr + init_row + (p + (WIDTH - 1)), mask=m2 & (p < 0), other=0.0).to(tl.float32)
         xv = tl.where(p < 0, iv, xv)
@@ -44,7 +45,7 @@ def _tap(x_ptr, init_ptr, seq_ptr, row, init_row, seq_row, s_t, p, m2, mt,
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, out_ptr,
-    dim, seqlen,
+    dim, seqlen, sx_b, sx_d,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -56,7 +57,8 @@ def _conv_fwd_kernel(
     mask_d = offs_d < dim
     mt = t < seqlen
     m2 = mask_d[:, None] & mt
-    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1)
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into the contiguous output
+    xrow = pid_b * sx_b + offs_d[:, None] * sx_d  # (BD, 1) into x
     init_row = (pid_b * dim + offs_d[:, None]) * (WIDTH - 1)
     seq_row = pid_b * seqlen
     if HAS_SEQ:
@@ -66,7 +68,7 @@ def _conv_fwd_kernel(
     acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
         wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        xv = _tap(x_ptr, init_ptr, seq_ptr, row, init_row, seq_row, s_t, t - (WIDTH - 1) + k, m2, mt,
+        xv = _tap(x_ptr, init_ptr, seq_ptr, xrow, init_row, seq_row, s_t, t - (WIDTH - 1) + k, m2, mt,
                   WIDTH, HAS_INIT, HAS_SEQ)
         acc += wk[:, None] * xv
     if HAS_BIAS:
@@ -79,7 +81,7 @@ def _conv_fwd_kernel(
 @triton.jit
 def _conv_bwd_g_kernel(
     x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, dout_ptr, g_ptr, dw_part_ptr, db_part_ptr,
-    dim, seqlen, nblocks_l,
+    dim, seqlen, nblocks_l, sx_b, sx_d,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
     SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -91,7 +93,8 @@ def _conv_bwd_g_kernel(
     mask_d = offs_d < dim
     mt = t < seqlen
     m2 = mask_d[:, None] & mt
-    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
+    row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # into dout and g (contiguous)
+    xrow = pid_b * sx_b + offs_d[:, None] * sx_d
     init_row = (pid_b * dim + offs_d[:, None]) * (WIDTH - 1)
     seq_row = pid_b * seqlen
     if HAS_SEQ:
@@ -103,7 +106,7 @@ def _conv_bwd_g_kernel(
         pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         for k in tl.static_range(WIDTH):
             wk = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-            pre += wk[:, None] * _tap(x_ptr, init_ptr, seq_ptr, row, init_row, seq_row, s_t,
+            pre += wk[:, None] * _tap(x_ptr, init_ptr, seq_ptr, xrow, init_row, seq_row, s_t,
                                       t - (WIDTH - 1) + k, m2, mt, WIDTH, HAS_INIT, HAS_SEQ)
         if HAS_BIAS:
             pre += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
@@ -115,7 +118,7 @@ def _conv_bwd_g_kernel(
     tl.store(g_ptr + row + t, g, mask=m2)
     part = (pid_b * nblocks_l + pid_l) * dim + offs_d  # (BD,) into (b * nblocks_l, d)
     for k in tl.static_range(WIDTH):
-        xv = _tap(x_ptr, init_ptr, seq_ptr, row, init_row, seq_row, s_t, t - (WIDTH - 1) + k, m2, mt,
+        xv = _tap(x_ptr, init_ptr, seq_ptr, xrow, init_row, seq_row, s_t, t - (WIDTH - 1) + k, m2, mt,
                   WIDTH, HAS_INIT, HAS_SEQ)
         tl.store(dw_part_ptr + part * WIDTH + k, tl.sum(g * xv, axis=1), mask=mask_d)
     if HAS_BIAS:
@@ -177,7 +180,7 @@ def _conv_bwd_dx_kernel(
 @triton.jit
 def _conv_update_kernel(
     x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr,
-    dim,
+    dim, sx_b,
     WIDTH: tl.constexpr, BLOCK_W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -187,7 +190,7 @@ def _conv_update_kernel(
     offs_w = tl.arange(0, BLOCK_W)[None, :]  # (1, BW)
     mask_d = offs_d < dim
     st_row = (pid_b * dim + offs_d[:, None]) * WIDTH  # (BD, 1) into (b, d, W)
-    x = tl.load(x_ptr + pid_b * dim + offs_d, mask=mask_d, other=0.0)
+    x = tl.load(x_ptr + pid_b * sx_b + offs_d, mask=mask_d, other=0.0)
     # shift left by one: slot k takes slot k+1, the last slot takes x (rounded to the state's dtype)
     shifted = tl.load(state_ptr + st_row + offs_w + 1, mask=mask_d[:, None] & (offs_w < WIDTH - 1), other=0.0)
     new = tl.where(offs_w == WIDTH - 1, x.to(state_ptr.dtype.element_ty)[:, None], shifted)
@@ -214,10 +217,10 @@ def causal_conv1d_fwd(x, weight, bias, initial_states, seq_idx, silu):
     """Kernel-module protocol: returns out (b, d, l) in x's dtype."""
     b, d, l = x.shape
     W = weight.shape[1]
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
     _conv_fwd_kernel[_grid(b, d, l)](
         x, weight, bias if bias is not None else x, initial_states if initial_states is not None else x,
-        seq_idx if seq_idx is not None else x, out, d, l,
+        seq_idx if seq_idx is not None else x, out, d, l, x.stride(0), x.stride(1),
         WIDTH=W, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
         SILU=bool(silu), BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **launch_kwargs(WARPS))
     return out
@@ -231,14 +234,14 @@ def causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu):
     g = torch.empty(b, d, l, device=x.device, dtype=torch.float32)
     dw_part = torch.empty(b * nbl, d, W, device=x.device, dtype=torch.float32)
     db_part = torch.empty(b * nbl, d, device=x.device, dtype=torch.float32) if bias is not None else None
-    dx = torch.empty_like(x)
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dinit = torch.empty_like(initial_states) if initial_states is not None else None
     common = dict(WIDTH=W, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
                   BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, **launch_kwargs(WARPS))
     _conv_bwd_g_kernel[_grid(b, d, l)](
         x, weight, bias if bias is not None else x, initial_states if initial_states is not None else x,
         seq_idx if seq_idx is not None else x, dout, g, dw_part, db_part if db_part is not None else g,
-        d, l, nbl, HAS_BIAS=bias is not None, SILU=bool(silu), **common)
+        d, l, nbl, x.stride(0), x.stride(1), HAS_BIAS=bias is not None, SILU=bool(silu), **common)
     _conv_bwd_dx_kernel[_grid(b, d, l)](
         weight, seq_idx if seq_idx is not None else x, g, dx, dinit if dinit is not None else g, d, l, **common)
     dweight = dw_part.sum(0).to(weight.dtype)
@@ -249,10 +252,10 @@ def causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx, dout, silu):
 def causal_conv1d_update(x, conv_state, weight, bias, silu):
     """Kernel-module protocol: one decode step, ``conv_state (b, d, W)`` updated in place; returns (b, d)."""
     b, d, W = conv_state.shape
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     block_d = min(triton.next_power_of_2(d), 128)
     _conv_update_kernel[(triton.cdiv(d, block_d), b)](
-        x, conv_state, weight, bias if bias is not None else x, out, d,
+        x, conv_state, weight, bias if bias is not None else x, out, d, x.stride(0),
         WIDTH=W, BLOCK_W=triton.next_power_of_2(W), HAS_BIAS=bias is not None, SILU=bool(silu),
         BLOCK_D=block_d, **launch_kwargs(WARPS))
     return out

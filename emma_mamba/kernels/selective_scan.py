@@ -99,7 +99,7 @@ def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, seq_ptr,
     out_ptr, last_ptr, saved_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
-    sB_b, sB_g, sC_b, sC_g,
+    sB_b, sB_g, sC_b, sC_g, sz_b, sz_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
@@ -120,6 +120,7 @@ def _selective_scan_fwd_kernel(
     else:
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into (b, d, l)
+    zrow = pid_b * sz_b + offs_d[:, None] * sz_d  # (BD, 1) into z (its own strides: a view of in_proj's output)
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
@@ -167,7 +168,7 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + zrow + t[None, :], mask=m2, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
@@ -178,7 +179,7 @@ def _selective_scan_fwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, h0_ptr, seq_ptr,
     out_ptr, last_ptr, saved_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
-    sB_b, sB_g, sC_b, sC_g,
+    sB_b, sB_g, sC_b, sC_g, sz_b, sz_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
@@ -203,6 +204,7 @@ def _selective_scan_fwd_seq_kernel(
     else:
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d * seqlen  # (BD,) into (b, d, l)
+    zrow = pid_b * sz_b + offs_d * sz_d  # (BD,) into z
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     if HAS_H0:
         h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
@@ -229,7 +231,7 @@ def _selective_scan_fwd_seq_kernel(
             if HAS_D:
                 y += Dv * u
             if HAS_Z:
-                zt = tl.load(z_ptr + row + t, mask=mask_d, other=0.0).to(tl.float32)
+                zt = tl.load(z_ptr + zrow + t, mask=mask_d, other=0.0).to(tl.float32)
                 y *= zt * tl.sigmoid(zt)
             tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
@@ -286,7 +288,7 @@ def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, out_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
-    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, sz_b, sz_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_OUT: tl.constexpr,
@@ -304,6 +306,7 @@ def _selective_scan_bwd_kernel(
     else:
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
+    zrow = pid_b * sz_b + offs_d[:, None] * sz_d
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
     # carry = gradient reaching the state at the end of the current chunk from later steps
@@ -363,7 +366,7 @@ def _selective_scan_bwd_kernel(
             if HAS_D:
                 y += Dv * u
         if HAS_Z:
-            z = tl.load(z_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + zrow + t[None, :], mask=m2, other=0.0).to(tl.float32)
             sz = tl.sigmoid(z)
             dz = dout * y * sz * (1.0 + z * (1.0 - sz))
             tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
@@ -464,7 +467,7 @@ def _selective_scan_bwd_seq_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dbias_ptr, seq_ptr, saved_ptr, dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, out_ptr, ck_ptr,
     dim, seqlen, dstate, nchunks, cpg_B, cpg_C,
-    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+    sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, sz_b, sz_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_OUT: tl.constexpr,
@@ -497,6 +500,7 @@ def _selective_scan_bwd_seq_kernel(
     else:
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d * seqlen  # (BD,) into (b, d, l)
+    zrow = pid_b * sz_b + offs_d * sz_d  # (BD,) into z
     state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
     NT: tl.constexpr = CHUNK // TILE
@@ -547,7 +551,7 @@ def _selective_scan_bwd_seq_kernel(
                     if HAS_D:
                         y += Dv * u
                     if HAS_Z:
-                        zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                        zt = tl.load(z_ptr + zrow + t, mask=on_d, other=0.0).to(tl.float32)
                         do = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
                         sz = tl.sigmoid(zt)
                         dz = do * y * sz * (1.0 + zt * (1.0 - sz))
@@ -571,7 +575,7 @@ def _selective_scan_bwd_seq_kernel(
                     C_t = tl.load(C_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
                 dy = tl.load(dout_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
                 if HAS_Z:
-                    zt = tl.load(z_ptr + row + t, mask=on_d, other=0.0).to(tl.float32)
+                    zt = tl.load(z_ptr + zrow + t, mask=on_d, other=0.0).to(tl.float32)
                     dy = dy * zt * tl.sigmoid(zt)
                 h = tl.load(ck_ptr + ck_off + (NT + k) * dstate, mask=mask_dn, other=0.0)
                 dtu = dt * u
@@ -647,6 +651,11 @@ def _ngroups(X) -> int:
     return X.shape[1] if X.dim() == 4 else 1
 
 
+def _z_strides(z):
+    """z's batch and channel strides (z is read in place with its own: the mixer's is a view of in_proj's output)."""
+    return (0, 0) if z is None else (z.stride(0), z.stride(1))
+
+
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
     """Kernel-module protocol: returns ``(out, last_state, saved)``; see emma_mamba/ops/_autograd.py."""
     b, d, l = u.shape
@@ -674,7 +683,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         seq_idx if seq_idx is not None else dummy,
         out, last_state, saved,
         d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C),
-        sB_b, sB_g, sC_b, sC_g,
+        sB_b, sB_g, sC_b, sC_g, *_z_strides(z),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
         B_VAR=B_var, C_VAR=C_var, BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
@@ -704,7 +713,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     nblk = triton.cdiv(d, block_d)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
+    dz = torch.empty(z.shape, device=dev, dtype=z.dtype) if z is not None else None  # contiguous
     out = torch.empty_like(u) if recompute_out else None
     dA_part = torch.empty(b, d, n, device=dev, dtype=f32)
     dD_part = torch.empty(b, d, device=dev, dtype=f32) if D is not None else None
@@ -737,7 +746,8 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         dD_part if dD_part is not None else dummy, dbias_part if dbias_part is not None else dummy,
         dh0 if dh0 is not None else dummy, out if out is not None else dummy,
     ]
-    sizes = [d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C), sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g]
+    sizes = [d, l, n, nchunks, d // _ngroups(B), d // _ngroups(C), sB_b, sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g,
+             *_z_strides(z)]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DBIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None,
                  B_VAR=B_var, C_VAR=C_var, HAS_DLAST=dlast_state is not None, ATOMIC_BC=atomic,

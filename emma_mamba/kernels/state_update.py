@@ -7,7 +7,8 @@ rounded once on store); the output is computed from the fp32 state, as the refer
 One program per (channel block, batch) owns a ``(BLOCK_D, n)`` slice of the state: one read and one write of
 the state, the only traffic that grows with the model, so the step is memory bound and the block is sized to
 keep enough bytes in flight per SM. B/C may be grouped ``(b, g, n)``: BLOCK_D divides the group size so each
-program reads one row.
+program reads one row. x, z, B and C are read with their own batch (and group) strides: in the mixer they are
+views of the in_proj and x_proj outputs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ WARPS = 4
 @triton.jit
 def _selective_state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dtb_ptr, out_ptr,
-    dim, dstate, cpg_B, cpg_C, sB_b, sB_g, sC_b, sC_g,
+    dim, dstate, cpg_B, cpg_C, sB_b, sB_g, sC_b, sC_g, sx_b, sz_b,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -35,7 +36,7 @@ def _selective_state_update_kernel(
     st_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
     bd = pid_b * dim + offs_d  # (BD,) into (b, d)
     h = tl.load(state_ptr + st_off, mask=mask_dn, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + pid_b * sx_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     dt = tl.load(dt_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_DTB:
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0)
@@ -52,7 +53,7 @@ def _selective_state_update_kernel(
     if HAS_D:
         y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0) * x
     if HAS_Z:
-        z = tl.load(z_ptr + bd, mask=mask_d, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + pid_b * sz_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
     tl.store(out_ptr + bd, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
@@ -70,12 +71,12 @@ def selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         block_d = min(block_d, (d // gB) & -(d // gB))  # a power of two dividing the group size
     if gC > 1:
         block_d = min(block_d, (d // gC) & -(d // gC))
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, whatever x's strides
     _selective_state_update_kernel[(triton.cdiv(d, block_d), b)](
         state, x, dt, A, B, C, D if D is not None else x, z if z is not None else x,
         dt_bias if dt_bias is not None else x, out,
         d, n, d // gB, d // gC, B.stride(0), B.stride(1) if gB > 1 else 0, C.stride(0),
-        C.stride(1) if gC > 1 else 0,
+        C.stride(1) if gC > 1 else 0, x.stride(0), z.stride(0) if z is not None else 0,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DTB=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
         BLOCK_D=block_d, BLOCK_N=block_n, **launch_kwargs(WARPS))
     return out

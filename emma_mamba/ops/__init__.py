@@ -9,7 +9,7 @@ layer keeps 2 activations of size (b, d_inner, l) instead of 5-6).
 Backends, identical in signature:
 
 * ``cuda``   - C++/CUDA kernels in csrc/cuda, compiled into ``emma_mamba._C``;
-* ``triton`` - Triton kernels in emma_mamba/kernels/ (``emma_mamba.kernels``); CPU tensors too under ``TRITON_INTERPRET=1``;
+* ``triton`` - Triton kernels in emma_mamba/kernels/; CPU tensors too under ``TRITON_INTERPRET=1``;
 * ``cpu``    - C++ CPU kernels in csrc/cpu, compiled into ``emma_mamba._C``;
 * ``torch``  - the fp32 reference of :mod:`emma_mamba.ops.reference` (the test oracle).
 
@@ -377,12 +377,10 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
         y, last = out if return_last_state else (out, None)
         out = _inner.project_out(y, out_proj_weight, out_proj_bias)  # (b, l, d_model)
         return (out, last) if return_last_state else out
-    broadcast = (_inner.no_weight_grad(x_proj_weight), _inner.no_weight_grad(dt_proj_weight),
-                 out_proj_weight is not None and _inner.no_weight_grad(out_proj_weight))
     if traced is not None:
         return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                        delta_bias, seq_idx, out_proj_weight, out_proj_bias, *broadcast,
+                                        delta_bias, seq_idx, out_proj_weight, out_proj_bias,
                                         _resolve_deterministic(deterministic))[0]
     return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                     delta_bias, seq_idx, out_proj_weight, out_proj_bias, broadcast,
+                                     delta_bias, seq_idx, out_proj_weight, out_proj_bias,
                                      _resolve_deterministic(deterministic))

@@ -1,8 +1,11 @@
 """Input validation shared by every backend, so each one fails the same way with the same message.
 
-Sequence inputs that are merely non-contiguous are copied (as mamba-ssm does: the mixer's transposed
-projections are naturally strided); tensors a decode op updates in place must already be contiguous, since
-a copy would silently drop the update.
+Inputs the kernels read row by row pass as they are when their last dimension has unit stride, whatever their
+other strides: the conv's x and the scan's z (b, d, l), and a decode step's x, z (b, d) and B, C (b, [g,] n) -- in
+the Mamba mixer these are views of one in_proj or x_proj output, which the kernels read in place instead of
+copying them out (mamba-ssm's kernels take the same batch and channel strides). Other non-contiguous inputs are
+copied; tensors a decode op updates in place must already be contiguous, since a copy would silently drop the
+update.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def _check_tensor(op, name, t, shape, dtypes, device):
 
 def _contig(t):
     return None if t is None else t.contiguous()
+
+
+def _rows(t):
+    """An input the kernels read with its own batch (and channel / group) strides: as it is if its last dimension
+    has unit stride (a size-1 last dimension counts: only its one element is read), else a contiguous copy."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] == 1:
+        return t
+    return t.contiguous()
 
 
 def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
@@ -81,7 +92,8 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq
         _check_tensor(op, "initial_state", initial_state, (b, d, n), (torch.float32,), dev)
     if seq_idx is not None:
         _check_tensor(op, "seq_idx", seq_idx, (b, l), (torch.int32,), dev)
-    return tuple(_contig(t) for t in (u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx))
+    return (*(_contig(t) for t in (u, delta, A, B, C, D)), _rows(z),
+            *(_contig(t) for t in (delta_bias, initial_state, seq_idx)))
 
 
 def check_causal_conv1d(x, weight, bias, initial_states, seq_idx, activation):
@@ -108,7 +120,7 @@ def check_causal_conv1d(x, weight, bias, initial_states, seq_idx, activation):
     if seq_idx is not None:
         _check_tensor(op, "seq_idx", seq_idx, (b, l), (torch.int32,), x.device)
     check_activation(op, activation)
-    return tuple(_contig(t) for t in (x, weight, bias, initial_states, seq_idx))
+    return (_rows(x), *(_contig(t) for t in (weight, bias, initial_states, seq_idx)))
 
 
 def check_activation(op, activation):
@@ -148,7 +160,7 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
         _check_tensor(op, "dt_bias", dt_bias, (d,), (torch.float32,), dev)
     if B.shape != C.shape:  # e.g. (b, n) and (b, g, n): one layout for both, as every backend's kernel takes
         B, C = _common_groups(B, C)
-    return tuple(_contig(t) for t in (x, dt, A, B, C, D, z, dt_bias))
+    return (_rows(x), *(_contig(t) for t in (dt, A)), _rows(B), _rows(C), _contig(D), _rows(z), _contig(dt_bias))
 
 
 def _common_groups(B, C):
@@ -180,4 +192,4 @@ def check_causal_conv1d_update(x, conv_state, weight, bias, activation):
     if bias is not None:
         _check_tensor(op, "bias", bias, (d,), (x.dtype, torch.float32), dev)
     check_activation(op, activation)
-    return tuple(_contig(t) for t in (x, weight, bias))
+    return (_rows(x), *(_contig(t) for t in (weight, bias)))

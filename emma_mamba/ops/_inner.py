@@ -58,10 +58,13 @@ def gemm_cf(W: torch.Tensor, x: torch.Tensor, broadcast: bool | None = None) -> 
 
 
 def _wgrad(dout: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
-    """Gradient of W in out = W @ inp (both (b, ., l)): sum over the batch of dout[b] @ inp[b]^T -> (o, k)."""
-    if dout.shape[0] == 1:
-        return dout[0] @ inp[0].t()
-    return torch.einsum("bol,bkl->ok", dout, inp)
+    """Gradient of W in out = W @ inp (both (b, ., l), any strides): sum over the batch of dout[b] @ inp[b]^T ->
+    (o, k), one GEMM per batch row accumulated in place. Each reads its operands as they are; one GEMM over the
+    folded batch (einsum) first copied both into (o, b * l) / (b * l, k) layouts, activation-sized copies."""
+    g = dout[0] @ inp[0].t()
+    for i in range(1, dout.shape[0]):
+        g.addmm_(dout[i], inp[i].t())
+    return g
 
 
 def project_out(y: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
@@ -79,33 +82,31 @@ def project_out(y: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(y.transpose(1, 2), W.to(y.dtype), None if bias is None else bias.to(y.dtype))
 
 
-def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx, broadcast):
+def _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx):
     """delta and the scan's checked inputs from the conv output and x_dbl (forward and, recomputed bit for bit
-    with the same GEMM, backward)."""
+    with the same GEMM, backward). The op computes its weight gradients itself, so its GEMMs broadcast the weight
+    over the batch (gemm_cf): no activation-sized copies, whatever autograd would do with a weight gradient."""
     r, n = dt_proj_weight.shape[1], A.shape[1]
     dt_low, B, C = torch.split(x_dbl, [r, n, n], dim=1)  # (b, r, l), (b, n, l), (b, n, l)
-    delta = gemm_cf(dt_proj_weight, dt_low, broadcast)  # (b, d, l); its bias goes in as delta_bias, under softplus
+    delta = gemm_cf(dt_proj_weight, dt_low, True)  # (b, d, l); its bias goes in as delta_bias, under softplus
     return _checks.check_selective_scan(xc, delta, A, B, C, D, z, delta_bias, None, seq_idx)
 
 
 def inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-              broadcast, out_proj_weight=None, out_proj_bias=None):
-    """The forward on a backend's kernels -> (out, x_dbl, saved, z as the scan took it (contiguous)); out is
-    out_proj(y) (b, l, d_model) when ``out_proj_weight`` is given, else y (b, d, l). ``broadcast``: the GEMM
-    layout choices of x_proj, dt_proj and out_proj, made by the caller (grad mode may be off here)."""
+              out_proj_weight=None, out_proj_bias=None):
+    """The forward on a backend's kernels -> (out, x_dbl, saved, z as the scan took it); out is out_proj(y)
+    (b, l, d_model) when ``out_proj_weight`` is given, else y (b, d, l)."""
     xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)  # (b, d, l)
-    x_dbl = gemm_cf(x_proj_weight, xc, broadcast[0])  # (b, r + 2n, l)
-    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
-                                                          broadcast[1])
+    x_dbl = gemm_cf(x_proj_weight, xc, True)  # (b, r + 2n, l)
+    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx)
     y, _, saved = kern.selective_scan_fwd(u, delta, A_, B, C, D_, z_, db, True, None, sid)
     if out_proj_weight is not None:
-        y = project_out(y, out_proj_weight, out_proj_bias, broadcast[2])  # (b, l, d_model); y itself is dropped
+        y = project_out(y, out_proj_weight, out_proj_bias, True)  # (b, l, d_model); y itself is dropped
     return y, x_dbl, saved, z_
 
 
 def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, x_dbl,
-              saved, dout, broadcast, deterministic, out_proj_weight=None, out_proj_bias=None,
-              weight_grads=(True,) * 6):
+              saved, dout, deterministic, out_proj_weight=None, out_proj_bias=None, weight_grads=(True,) * 6):
     """The backward from what :func:`inner_fwd` kept -> (dx, dz, dconv_weight, dconv_bias, dx_proj_weight,
     ddt_proj_weight, dA, dD, ddelta_bias, dout_proj_weight, dout_proj_bias); ``dout`` is the gradient of
     inner_fwd's out. ``weight_grads`` (conv weight, conv bias, x_proj, dt_proj, out_proj weight, out_proj bias):
@@ -121,8 +122,7 @@ def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
         dy = dout.contiguous()
     # recompute the two (b, d, l) activations the forward dropped, bit for bit
     xc = kern.causal_conv1d_fwd(x, conv_weight, conv_bias, None, seq_idx, True)
-    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx,
-                                                          broadcast[1])
+    u, delta, A_, B, C, D_, z_, db, _, sid = _scan_inputs(xc, x_dbl, dt_proj_weight, A, D, z, delta_bias, seq_idx)
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, _, y = kern.selective_scan_bwd(
         u, delta, A_, B, C, D_, z_, db, True, None, sid, saved, dy, None, deterministic, want_y)
     out_grad = _wgrad(dout_cf, y) if want_y else None  # (d_model, d)
@@ -130,10 +130,10 @@ def inner_bwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
     dt_low = x_dbl[:, :r]
     dt_proj_grad = _wgrad(ddelta, dt_low) if weight_grads[3] else None  # (d, r)
     # d x_dbl = [dt_proj^T ddelta; dB; dC]  (b, r + 2n, l)
-    dx_dbl = torch.cat([gemm_cf(dt_proj_weight.t(), ddelta), dB.to(x.dtype).reshape(b, n, l),
+    dx_dbl = torch.cat([gemm_cf(dt_proj_weight.t(), ddelta, True), dB.to(x.dtype).reshape(b, n, l),
                         dC.to(x.dtype).reshape(b, n, l)], dim=1)
     x_proj_grad = _wgrad(dx_dbl, xc) if weight_grads[2] else None  # (r + 2n, d)
-    dxc = du + gemm_cf(x_proj_weight.t(), dx_dbl)  # (b, d, l)
+    dxc = du + gemm_cf(x_proj_weight.t(), dx_dbl, True)  # (b, d, l)
     dx, dconv_weight, dconv_bias, _ = kern.causal_conv1d_bwd(x, conv_weight, conv_bias, None, seq_idx,
                                                              dxc.contiguous(), True)
     return (dx, dz, dconv_weight if weight_grads[0] else None, dconv_bias if weight_grads[1] else None,
@@ -147,11 +147,11 @@ class MambaInnerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-                seq_idx, out_proj_weight, out_proj_bias, broadcast, deterministic):
+                seq_idx, out_proj_weight, out_proj_bias, deterministic):
         out, x_dbl, saved, z_ = inner_fwd(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                          delta_bias, seq_idx, broadcast, out_proj_weight, out_proj_bias)
+                                          delta_bias, seq_idx, out_proj_weight, out_proj_bias)
         ctx.set_materialize_grads(False)
-        ctx.kern, ctx.broadcast, ctx.deterministic = kern, broadcast, deterministic
+        ctx.kern, ctx.deterministic = kern, deterministic
         ctx.save_for_backward(x, z_, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                               seq_idx, x_dbl, saved, out_proj_weight, out_proj_bias)
         return out
@@ -159,14 +159,14 @@ class MambaInnerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         if dout is None:
-            return (None,) * 15
+            return (None,) * 14
         (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, x_dbl, saved,
          out_proj_weight, out_proj_bias) = ctx.saved_tensors
         need = ctx.needs_input_grad
         grads = inner_bwd(ctx.kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-                          seq_idx, x_dbl, saved, dout, ctx.broadcast, ctx.deterministic, out_proj_weight,
-                          out_proj_bias, weight_grads=need[3:7] + need[11:13])
-        return (None, *grads[:9], None, *grads[9:], None, None)
+                          seq_idx, x_dbl, saved, dout, ctx.deterministic, out_proj_weight, out_proj_bias,
+                          weight_grads=need[3:7] + need[11:13])
+        return (None, *grads[:9], None, *grads[9:], None)
 
 
 def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight=None, out_proj_bias=None):

@@ -202,23 +202,21 @@ causal_conv1d_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the mixer's inner path with recompute (ops.mamba_inner): the conv output and delta are not kept
+# the mixer's inner path with recompute (ops.mamba_inner): the conv output, delta and scan output are not kept
 
 
 @torch.library.custom_op("emma_mamba::mamba_inner_fwd", mutates_args=(), device_types=None)
 def mamba_inner_fwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                     x_proj_weight: Tensor, dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor],
                     delta_bias: Optional[Tensor], seq_idx: Optional[Tensor], out_proj_weight: Optional[Tensor],
-                    out_proj_bias: Optional[Tensor], broadcast_x: bool, broadcast_dt: bool, broadcast_out: bool,
-                    deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    out_proj_bias: Optional[Tensor], deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (out, x_dbl, saved): out = out_proj(y) (b, l, d_model) with ``out_proj_weight``, else y (b, d, l);
     x_dbl (b, r + 2n, l) and the scan's saved states, flattened as selective_scan_fwd's, for the backward.
     ``deterministic`` is only carried to the backward."""
     from ._inner import inner_fwd
 
     out, x_dbl, saved, _ = inner_fwd(_kern(backend), x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
-                                     A, D, delta_bias, seq_idx, (broadcast_x, broadcast_dt, broadcast_out),
-                                     out_proj_weight, out_proj_bias)
+                                     A, D, delta_bias, seq_idx, out_proj_weight, out_proj_bias)
     # x_dbl is a view of a GEMM's result at batch 1 (outputs are returned as their own tensors)
     return (out, x_dbl.clone() if x_dbl._base is not None else x_dbl,
             saved.reshape(saved.shape[0], saved.shape[1], -1))
@@ -226,7 +224,7 @@ def mamba_inner_fwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, con
 
 @mamba_inner_fwd.register_fake
 def _(backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-      out_proj_weight, out_proj_bias, broadcast_x, broadcast_dt, broadcast_out, deterministic):
+      out_proj_weight, out_proj_bias, deterministic):
     b, d, l = x.shape
     n, every = A.shape[1], _save_every(backend)
     out = (torch.empty_like(x, memory_format=torch.contiguous_format) if out_proj_weight is None
@@ -239,8 +237,7 @@ def _(backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D
 def mamba_inner_bwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                     x_proj_weight: Tensor, dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor],
                     delta_bias: Optional[Tensor], seq_idx: Optional[Tensor], out_proj_weight: Optional[Tensor],
-                    out_proj_bias: Optional[Tensor], x_dbl: Tensor, saved: Tensor, dout: Tensor, broadcast_x: bool,
-                    broadcast_dt: bool, broadcast_out: bool,
+                    out_proj_bias: Optional[Tensor], x_dbl: Tensor, saved: Tensor, dout: Tensor,
                     deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                   Tensor, Tensor, Tensor]:
     """-> the gradients of (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
@@ -250,39 +247,37 @@ def mamba_inner_bwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, con
     saved = saved.view(saved.shape[0], saved.shape[1], -1, A.shape[1])
     inputs = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, out_proj_weight,
               out_proj_bias)
-    grads = inner_bwd(_kern(backend), x, z.contiguous(), conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A,
-                      D, delta_bias, seq_idx, x_dbl, saved, dout, (broadcast_x, broadcast_dt, broadcast_out),
-                      deterministic, out_proj_weight, out_proj_bias)
+    grads = inner_bwd(_kern(backend), x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
+                      delta_bias, seq_idx, x_dbl, saved, dout, deterministic, out_proj_weight, out_proj_bias)
     return tuple(_or_empty(None if g is None else g.to(t.dtype), x) for g, t in zip(grads, inputs))
 
 
 @mamba_inner_bwd.register_fake
 def _(backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-      out_proj_weight, out_proj_bias, x_dbl, saved, dout, broadcast_x, broadcast_dt, broadcast_out, deterministic):
+      out_proj_weight, out_proj_bias, x_dbl, saved, dout, deterministic):
     return tuple(_like_or_empty(t, x) for t in (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                                  delta_bias, out_proj_weight, out_proj_bias))
 
 
 def _inner_setup(ctx, inputs, output):
     (backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-     out_proj_weight, out_proj_bias, broadcast_x, broadcast_dt, broadcast_out, deterministic) = inputs
+     out_proj_weight, out_proj_bias, deterministic) = inputs
     ctx.backend, ctx.deterministic = backend, deterministic
-    ctx.broadcast = (broadcast_x, broadcast_dt, broadcast_out)
     ctx.save_for_backward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
                           out_proj_weight, out_proj_bias, output[1], output[2])
 
 
 def _inner_backward(ctx, dout, _dx_dbl, _dsaved):
     if dout is None:
-        return (None,) * 17
+        return (None,) * 14
     (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, out_proj_weight,
      out_proj_bias, x_dbl, saved) = ctx.saved_tensors
     grads = mamba_inner_bwd(ctx.backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                             delta_bias, seq_idx, out_proj_weight, out_proj_bias, x_dbl, saved, dout.contiguous(),
-                            *ctx.broadcast, ctx.deterministic)
+                            ctx.deterministic)
     grads = _for_present(grads, (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                                  out_proj_weight, out_proj_bias))
-    return (None, *grads[:9], None, *grads[9:], None, None, None, None)
+    return (None, *grads[:9], None, *grads[9:], None)
 
 
 mamba_inner_fwd.register_autograd(_inner_backward, setup_context=_inner_setup)

@@ -156,10 +156,10 @@ def test_opcheck_decode_steps(tgt):
     torch.library.opcheck(lib.causal_conv1d_update.default, (tgt.backend, r(b, d), r(b, d, w), r(d, w), r(d), True))
 
 
-@pytest.mark.parametrize("b,seq,broadcast,optional,out_proj", [
-    (1, False, False, True, True), (2, True, False, True, False), (2, False, True, True, True),
-    (2, False, False, False, True)], ids=["b1-out_proj", "b2-packed", "b2-broadcast-out_proj", "b2-no-biases-no-D"])
-def test_opcheck_mamba_inner(tgt, b, seq, broadcast, optional, out_proj):
+@pytest.mark.parametrize("b,seq,optional,out_proj", [
+    (1, False, True, True), (2, True, True, False), (2, False, True, True), (2, False, False, True)],
+    ids=["b1-out_proj", "b2-packed", "b2-out_proj", "b2-no-biases-no-D"])
+def test_opcheck_mamba_inner(tgt, b, seq, optional, out_proj):
     from .test_mamba_inner import _inputs
 
     l = 21 if tgt.backend == "triton" and tgt.device == "cpu" else 37
@@ -171,8 +171,7 @@ def test_opcheck_mamba_inner(tgt, b, seq, broadcast, optional, out_proj):
     seq_idx = _packed(b, l, tgt.device) if seq else None
     args = (tgt.backend, leaf(xz[:, :8].clone()), leaf(xz[:, 8:].clone()), *(leaf(inp.get(k)) for k in (
         "conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "A", "D", "delta_bias")),
-        seq_idx, leaf(inp.get("out_proj_weight")), leaf(inp.get("out_proj_bias")), broadcast, broadcast,
-        broadcast and out_proj, False)
+        seq_idx, leaf(inp.get("out_proj_weight")), leaf(inp.get("out_proj_bias")), False)
     torch.library.opcheck(lib.mamba_inner_fwd.default, args)
 
 

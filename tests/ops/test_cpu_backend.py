@@ -456,7 +456,7 @@ def test_direct_kernel_calls_check_layout():
     with pytest.raises(RuntimeError, match=r"C must have shape \(1, 4, 8\)"):
         _C.selective_scan_fwd_cpu(u.contiguous(), delta, A, B, C[..., :4], None, None, None, False, None, None)
     x = torch.randn(b, l, d).transpose(1, 2)
-    with pytest.raises(RuntimeError, match=r"causal_conv1d_fwd_cpu: x must be contiguous"):
+    with pytest.raises(RuntimeError, match=r"causal_conv1d_fwd_cpu: x must have unit stride along its last dimension"):
         _C.causal_conv1d_fwd_cpu(x, torch.randn(d, 4), None, None, None, False)
     with pytest.raises(RuntimeError, match=r"d_conv\) must be 2, 3 or 4, got 5"):
         _C.causal_conv1d_fwd_cpu(x.contiguous(), torch.randn(d, 5), None, None, None, False)

@@ -132,7 +132,7 @@ def test_cuda_kernels_do_not_depend_on_the_schedule(emu, forward_after):
 
 
 # every kernel over odd and aligned shapes (vectorised and scalar paths, partial lanes, chunk and tile edges)
-_SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout, inputs put off 16-byte alignment
+_SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout, inputs put off 16-byte alignment (or "z-view": z a view)
     (1, 4, 5, 1, torch.float32, "var", "var", ()),
     (2, 4, 8, 7, torch.bfloat16, "g2", "const", ()),
     (2, 8, 16, 37, torch.float16, "var", "g2", ()),
@@ -145,7 +145,20 @@ _SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout, inputs put off 16-byte 
     (2, 8, 16, 64, torch.bfloat16, "var", "g2", ("C",)),
     (2, 8, 4, 513, torch.bfloat16, "var32", "var", ()),
     (1, 4, 8, 1032, torch.float16, "g4", "g4", ()),
+    (2, 8, 16, 64, torch.bfloat16, "var", "var", ("z-view",)),
+    (2, 4, 8, 300, torch.float32, "var", "g2", ("z-view",)),
 ]
+
+
+def _second_half(t):
+    """t's values as the second half of a tensor twice as wide along dim 1 (the mixer's z of in_proj's output): a
+    view the kernels read in place, whose last row ends where its buffer ends (an over-read leaves the
+    allocation)."""
+    buf = torch.empty(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
+    v = buf[:, t.shape[1]:]
+    v.copy_(t)
+    assert not v.is_contiguous() and v.stride(-1) == 1
+    return v
 
 
 def _misaligned(t):
@@ -171,7 +184,8 @@ def exercise_every_kernel(backend="cuda-emu", seed=0) -> int:
             for flags, det in ((True, False), (False, True)):
                 x = _scan_inputs(EMU, b, d, n, l, dtype, (lb, lc), z=flags, D=flags, bias=flags, init=flags,
                                  seq=flags, seed=seed)
-                x = {k: (_misaligned(v) if k in off and v is not None else v) for k, v in x.items()}
+                x = {k: (_misaligned(v) if k in off else _second_half(v) if f"{k}-view" in off else v)
+                     if v is not None else v for k, v in x.items()}
                 leaves = [v.requires_grad_() for k, v in x.items() if v is not None and k != "seq_idx"]
                 out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, deterministic=det)
                 grads = torch.autograd.grad(out.float().sum() + last.sum(), leaves)
@@ -181,7 +195,7 @@ def exercise_every_kernel(backend="cuda-emu", seed=0) -> int:
             for l, dtype, flags in ((1, torch.float32, True), (7, torch.bfloat16, False), (1030, torch.float32, True),
                                     (1024, torch.float16, False)):
                 xx = r(2, 4, l).to(dtype)
-                xx = (_misaligned(xx) if l == 1024 else xx).requires_grad_()
+                xx = (_misaligned(xx) if l == 1024 else _second_half(xx) if l == 7 else xx).requires_grad_()
                 wt = r(4, w).requires_grad_()
                 bias = r(4).requires_grad_() if flags else None
                 init = r(2, 4, w - 1).to(dtype).requires_grad_() if flags else None
@@ -192,15 +206,18 @@ def exercise_every_kernel(backend="cuda-emu", seed=0) -> int:
                 assert all(torch.isfinite(g).all() for g in (y, *grads))
                 state = r(2, 4, w).to(dtype)
                 cb = None if bias is None else bias.detach()
-                assert torch.isfinite(ops.causal_conv1d_update(r(2, 4).to(dtype), state, wt.detach(), cb,
-                                                               "silu")).all()
+                xs = r(2, 4).to(dtype)
+                assert torch.isfinite(ops.causal_conv1d_update(_second_half(xs) if flags else xs, state, wt.detach(),
+                                                               cb, "silu")).all()
                 calls += 3
         for n in (5, 16, 64):
             for groups, sdt in ((0, torch.float32), (2, torch.bfloat16), (0, torch.float16)):
                 shape = (3, groups, n) if groups else (3, n)
                 state = r(3, 8, n).to(sdt)
-                y = ops.selective_state_update(state, r(3, 8), torch.rand(3, 8, generator=gen), -torch.rand(8, n),
-                                               r(*shape), r(*shape), r(8), r(3, 8), torch.rand(8), True)
+                view = _second_half if groups else (lambda t: t)  # x, z, B, C as views of wider outputs
+                y = ops.selective_state_update(state, view(r(3, 8)), torch.rand(3, 8, generator=gen),
+                                               -torch.rand(8, n), view(r(*shape)), view(r(*shape)), r(8),
+                                               view(r(3, 8)), torch.rand(8), True)
                 assert torch.isfinite(y).all() and torch.isfinite(state).all()
                 calls += 1
     return calls

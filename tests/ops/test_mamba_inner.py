@@ -128,11 +128,12 @@ def test_carried_states_continue_the_sequence(backend):
 
 
 @pytest.mark.parametrize("b", [1, 3])
-def test_recompute_gives_the_separate_ops_bits(b):
-    """The recomputed conv output and delta are the forward's bit for bit (same kernels, same GEMMs): the output
-    equals the separate ops' exactly, and so do the gradients up to the backward's own GEMMs (where autograd's
-    batched GEMM backward folds the batch its own way: bitwise equal on torch 2.15, 1-ulp apart in a few
-    elements on 2.14), trainable and frozen weights alike."""
+def test_recompute_matches_the_separate_ops(b):
+    """The recomputed conv output and delta are the forward's bit for bit (same kernels, same GEMMs). With frozen
+    weights the separate ops run the same GEMMs (the weight broadcast over the batch), so output and input
+    gradient are theirs exactly; with trainable weights autograd's GEMMs fold the batch into the rows (one GEMM
+    for the weight gradient) where the op broadcasts the weight and sums per-row weight gradients itself: equal
+    to rounding."""
     inp = _inputs(b, 24, 50)
     seq_idx = segments(b, 50, torch.Generator().manual_seed(3), cuts=[10])
     dy = torch.randn(b, 24, 50, generator=torch.Generator().manual_seed(4))
@@ -140,11 +141,15 @@ def test_recompute_gives_the_separate_ops_bits(b):
         with ops.use_backend("cpu"):
             y1, g1 = _run(inp, "cpu", seq_idx, dy, frozen=frozen)
             y0, g0 = _run(inp, "cpu", seq_idx, dy, frozen=frozen, recompute=False)
-        assert torch.equal(y1, y0)
         assert g1.keys() == g0.keys() and len(g1) == (1 if frozen else len(inp))
+        if frozen or b == 1:  # the same GEMMs
+            assert torch.equal(y1, y0)
+        torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
         for k in g0:
-            torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-6,
-                                       msg=lambda m: f"d{k} differs (frozen={bool(frozen)}): {m}")
+            if frozen:
+                assert torch.equal(g1[k], g0[k]), f"d{k} differs (frozen)"
+            # (per-row GEMMs summed vs one GEMM over the folded batch: sums of 150 products, differently ordered)
+            torch.testing.assert_close(g1[k], g0[k], rtol=5e-5, atol=5e-5, msg=lambda m: f"d{k} differs: {m}")
 
 
 def test_deterministic_backward_is_bitwise_reproducible():
@@ -174,8 +179,10 @@ class _SavedActivations:
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
 
-    def count(self, numel):
-        return sum(1 for v in self.sizes.values() if v == numel)
+    def units(self, numel):
+        """Kept storages in units of ``numel`` elements: those whose size is a multiple of it (the in_proj output
+        whose halves x and z are both kept is one storage of 2 units)."""
+        return sum(v // numel for v in self.sizes.values() if v % numel == 0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda-emu",
@@ -183,10 +190,10 @@ class _SavedActivations:
                                          not ops._runs_on("triton", "cpu"), reason="the Triton interpreter is off"))])
 @pytest.mark.parametrize("out_proj", [0, 12], ids=["", "out_proj"])
 def test_keeps_fewer_activations_than_the_separate_ops(backend, out_proj):
-    """Per call, autograd keeps x and z (b, d, l) and not the conv output, delta or (with out_proj inside) the
-    scan output: the separate ops keep at least 4 tensors of that size (x and z copied out of the in_proj
-    output by the kernels' contiguity checks, the conv output, delta; at batch > 1 torch.matmul's backward of
-    x_proj also keeps the conv output folded to (b * l, d), a fifth), and out_proj keeps the scan output."""
+    """Per call, autograd keeps x and z (b, d, l), the in_proj output they are views of (2 units), and not the
+    conv output, delta or (with out_proj inside) the scan output: the separate ops keep at least 4 units (x and z,
+    the conv output, delta; at batch > 1 torch.matmul's backward of x_proj also keeps the conv output folded to
+    (b * l, d), a fifth), and out_proj keeps the scan output."""
     _skip_unavailable(backend, "cpu")
     b, d, l = 2, 16, 40
     inp = _inputs(b, d, l, out_proj=out_proj)
@@ -194,7 +201,7 @@ def test_keeps_fewer_activations_than_the_separate_ops(backend, out_proj):
     for recompute in (True, False):
         with ops.use_backend(backend), _SavedActivations() as saved:
             y, _ = _run(inp, "cpu", recompute=recompute)
-        kept[recompute] = saved.count(b * d * l)
+        kept[recompute] = saved.units(b * d * l)
         del y
     assert kept[True] == 2 and kept[False] >= (5 if out_proj else 4), kept
 
@@ -235,11 +242,11 @@ def test_scan_backward_recomputes_the_forward_output(backend, device, z, D, pack
 def test_lm_training_keeps_two_activations_per_layer_not_five():
     """A MambaLM training forward keeps per layer x and z of size (b, d_inner, l) (the scan output, out_proj's
     input, is recomputed in the backward); with the mixers' recompute off, also the conv output, delta and the
-    scan output (and torch.matmul's folded copy of the conv output). The loss is the same either way bit for
-    bit, the gradients to rounding."""
-    cfg = MambaConfig(d_model=16, n_layer=3, vocab_size=64, d_state=8)
+    scan output (and torch.matmul's folded copy of the conv output). The loss and the gradients are the same
+    either way to rounding (the op's GEMMs broadcast the weights, autograd's fold the batch)."""
+    cfg = MambaConfig(d_model=16, n_layer=3, vocab_size=100, d_state=8)  # logits: not a multiple of the unit
     lm = MambaLM(cfg)
-    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, 100, (2, 30), generator=torch.Generator().manual_seed(6))
     unit = 2 * cfg.d_inner * 30
     out = {}
     for recompute in (True, False):
@@ -249,9 +256,9 @@ def test_lm_training_keeps_two_activations_per_layer_not_five():
         with ops.use_backend("cpu"), _SavedActivations() as saved:
             loss = lm(ids).logits.float().logsumexp(-1).mean()
         loss.backward()
-        out[recompute] = (saved.count(unit), loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()})
+        out[recompute] = (saved.units(unit), loss.detach(), {k: p.grad.clone() for k, p in lm.named_parameters()})
     assert out[True][0] == 2 * cfg.n_layer and out[False][0] >= 5 * cfg.n_layer, (out[True][0], out[False][0])
-    assert torch.equal(out[True][1], out[False][1])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-6, atol=0)
     for k, gr in out[False][2].items():  # the autograd graphs differ, so gradients that sum several paths
         torch.testing.assert_close(out[True][2][k], gr, rtol=1e-5, atol=1e-7, msg=lambda m: f"d{k}: {m}")
 
