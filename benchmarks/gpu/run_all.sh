@@ -15,7 +15,9 @@
 #     prefill  benchmarks/prefill_batching.py at mamba-2.8b, bf16: one padded batch vs one batch per length
 #     compile  benchmarks/compile_lm.py (LM blocks compiled vs eager, train step and prefill, bf16 autocast)
 #     memory   benchmarks/activation_memory.py (training step: activations kept, peak memory and time with
-#              every activation kept, with the mixers' recompute (ops.mamba_inner), with block checkpointing)
+#              every activation kept, with the mixers' recompute (ops.mamba_inner), with block checkpointing);
+#              benchmarks/mixer_copies.py (activation copies and the times of a training step and a batch-8
+#              decode step; run it in a checkout of 8730693 too for the A/B of the in-place views)
 #     wheels   bring the peers' wheels back in $OUT (split)
 #   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call and
 #   "compile memory" in a third.
@@ -152,6 +154,9 @@ fi
 if has memory; then
   timeout 300 python3 benchmarks/activation_memory.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
     --batch 4 --seqlen 2048 --repeats 10 --out $OUT/activation_memory_cuda.json 2>&1 | tee $LOG/memory.log | tail -6
+  timeout 240 python3 benchmarks/mixer_copies.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
+    --batch 4 --seqlen 2048 --repeats 10 --decode-batch 8 --decode-steps 200 --out $OUT/mixer_copies_cuda.json \
+    2>&1 | tee -a $LOG/memory.log | tail -3
   stamp "memory done"
 fi
 
