@@ -189,7 +189,7 @@ setup(
     ext_modules=[EXT],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},
     install_requires=[
-        "torch>=2.6",  # tested: 2.6 and 2.11 (Python tests, CPU), 2.11 (CUDA build), 2.15 (CI); FSDP2 needs 2.6
+        "torch>=2.6",  # tested: 2.6, 2.11 (CPU tests), 2.11 (CUDA build), 2.14, 2.15 (CI); FSDP2 needs 2.6
         "einops",
         "numpy",
         "pyyaml",
