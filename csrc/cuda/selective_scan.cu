@@ -128,8 +128,8 @@ __device__ __forceinline__ const WT* block_bc(const void* X, int groups, const S
 
 // The end of both forwards: out[t0, t0 + K) = (y + D u) * silu(z), stored in T (D and z when given).
 template <typename T, int K>
-__device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, int64_t zrow, int t0, int valid, float Dv,
-                                            const float (&u)[K], float (&y)[K]) {
+__device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, int64_t zrow, int t0, int valid,
+                                            float Dv, const float (&u)[K], float (&y)[K]) {
   float zv[K];
   if (p.z) load_k<T, K>(static_cast<const T*>(p.z) + zrow + t0, zv, valid, p.vec_z);
 #pragma unroll
@@ -644,7 +644,10 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
       if (p.z || p.out) {  // y from the recomputed states: the gate's dz = dout dsilu(z) (y + D u) stored now and
                            // dy gated; the recomputed output (y + D u) silu(z)
         float zv[kBsT], dz[kBsT], o[kBsT];
-        if (p.z) load_k<T, kBsT>(static_cast<const T*>(p.z) + z_row(p, b, active ? c : c0) + t0, zv, valid, p.vec_z);
+        if (p.z) {
+          const T* zp = static_cast<const T*>(p.z) + z_row(p, b, active ? c : c0);
+          load_k<T, kBsT>(zp + t0, zv, valid, p.vec_z);
+        }
 #pragma unroll
         for (int i = 0; i < kBsT; ++i) {
           const float4 cv = Cs[tl0 + i][q];
