@@ -240,8 +240,8 @@ print("ASAN-CLEAN", calls)
 """
 
 
-# The sanitised child never runs Triton, and must not import it: torch (2.14) imports triton when it is
-# installed, and triton 3.8's libtriton throws a C++ exception while it initialises (caught inside it), which
+# The sanitised child never runs Triton, and must not import it: torch._dynamo (which emma_mamba.ops imports)
+# imports triton when it is installed, and triton 3.8's libtriton throws a C++ exception while it initialises (caught inside it), which
 # aborts a process with the ASan runtime preloaded ("AddressSanitizer: CHECK failed: asan_interceptors.cpp:320",
 # in __interceptor___cxa_throw): None in sys.modules makes `import triton` an ImportError, i.e. not installed.
 _NO_TRITON = "import sys\nsys.modules['triton'] = None\n"
