@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.mixer_copies import CopyCounter  # the benchmark's own counter (clone, copy_, contiguous)
 from emma_mamba import ops
 from emma_mamba.ops import _checks
 from emma_mamba.models.mamba import MambaConfig, MambaLM
@@ -121,23 +121,6 @@ def test_a_transposed_input_is_still_copied():
         torch.testing.assert_close(ops.causal_conv1d(x, w), ops.causal_conv1d(x.contiguous(), w), rtol=0, atol=0)
 
 
-# the ops a copy shows up as (under inference_mode .contiguous() is not decomposed into clone)
-_COPIES = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default, torch.ops.aten.contiguous.default)
-
-
-class _CopyCounter(TorchDispatchMode):
-    """Counts the aten copies (clone, copy_, contiguous) of tensors with a given number of elements."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.count = numel, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _COPIES and args[0].numel() == self.numel:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("backend", ["cpu", "cuda-emu"])
 def test_mamba_lm_copies_no_activation(backend):
     """A MambaLM training forward at batch 2 (weight gradients on, so x and z are the halves of one in_proj
@@ -149,7 +132,7 @@ def test_mamba_lm_copies_no_activation(backend):
     b, l = 2, 24
     ids = torch.randint(0, 64, (b, l), generator=torch.Generator().manual_seed(3))
     with ops.use_backend(backend):
-        with _CopyCounter(b * cfg.d_inner * l) as seen:
+        with CopyCounter({b * cfg.d_inner * l}) as seen:
             lm(ids).logits.sum().backward()
         assert seen.count == 0, seen.count
         lm.eval()
@@ -157,6 +140,6 @@ def test_mamba_lm_copies_no_activation(backend):
             cache = lm.allocate_cache(b)
             lm(ids[:, :5], cache=cache)
             for numel in (b * cfg.d_inner, b * cfg.d_state):
-                with _CopyCounter(numel) as seen:
+                with CopyCounter({numel}) as seen:
                     lm(ids[:, 5:6], cache=cache)
                 assert seen.count == 0, (numel, seen.count)
