@@ -1,7 +1,8 @@
 """Triton kernels of emma_mamba, installed as ``emma_mamba.kernels``: the ``triton`` backend of emma_mamba.ops.
 
 This module is a *kernel module* (the protocol is in the docstring of emma_mamba/ops/_autograd.py): the
-op layer validates inputs (contiguous, right shapes and dtypes) and wraps the forward/backward pairs in its
+op layer validates inputs (shapes, dtypes; contiguous, or unit-strided in the last dimension where a kernel
+reads a view in place: see emma_mamba/ops/_checks.py) and wraps the forward/backward pairs in its
 autograd Functions, so the functions here take checked tensors and do no validation of their own.
 
 * :mod:`.selective_scan` - chunked selective scan forward and backward (``tl.associative_scan``);

@@ -1,7 +1,9 @@
 """Autograd wrappers shared by the compiled backends (cpu, cuda, triton).
 
 A backend is a *kernel module*: any object with the functions below. The wrappers here only save what the
-forward returned and call the backend's backward; they contain no math.
+forward returned and call the backend's backward; they contain no math. Inputs come contiguous, except those a
+kernel reads in place with their own strides (unit stride in the last dimension): the scan's ``z``, the conv's
+``x``, and a decode step's ``x``, ``z``, ``B``, ``C`` (emma_mamba/ops/_checks.py); outputs are contiguous.
 
 ``selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx)``
     -> ``(out, last_state, saved)``: ``out`` (b, d, l) in u's dtype (already gated by silu(z) when z is
