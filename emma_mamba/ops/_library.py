@@ -273,7 +273,7 @@ def _inner_backward(ctx, dout, _dx_dbl, _dsaved):
     (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, out_proj_weight,
      out_proj_bias, x_dbl, saved) = ctx.saved_tensors
     grads = mamba_inner_bwd(ctx.backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                            delta_bias, seq_idx, out_proj_weight, out_proj_bias, x_dbl, saved, dout.contiguous(),
+                            delta_bias, seq_idx, out_proj_weight, out_proj_bias, x_dbl, saved, dout,
                             ctx.deterministic)
     grads = _for_present(grads, (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                                  out_proj_weight, out_proj_bias))
