@@ -111,6 +111,9 @@ def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, s
         "data": {"json": str(data_dir / "train" / ("stage1_captions.json" if is1 else "stage2_instruct.json")),
                  "image_folder": str(data_dir / "images")},
         "train": {"seed": seed},
+        # validation loss on the held-out images' captions / conversations (val.every_steps: the recipe)
+        "val": {"json": str(data_dir / "heldout" / ("captions.json" if is1 else "instruct.json")),
+                "image_folder": str(data_dir / "images")},
         "checkpoint": {"every_steps": 0},
         "log": {"tensorboard": False},
     }
@@ -239,10 +242,16 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
                             "last_loss": sum(m["lm_loss"] for m in tail) / len(tail),
                             "last_align_loss": sum(m["align_loss"] for m in tail) / len(tail),
                             "trainable_parameters": sum(p.numel() for p in trainer.params)}
+        val = trainer.val_history
+        if val:  # held-out LM loss along the run: {step: loss}, and answer-token accuracy at the end
+            histories[stage]["val_lm_loss"] = {v["step"]: round(v["val_lm_loss"], 4) for v in val}
+            histories[stage]["val_token_acc"] = val[-1]["val_token_acc"]
         timings[stage] = time.perf_counter() - t0
         if echo is not None:
+            held = (f"; held-out {val[-1]['val_lm_loss']:.3f} (best {min(v['val_lm_loss'] for v in val):.3f})"
+                    if val else "")
             echo(f"[{k}/5] {stage}: {len(h)} steps, LM loss {histories[stage]['first_loss']:.3f} -> "
-                 f"{histories[stage]['last_loss']:.3f} ({timings[stage]:.0f}s)")
+                 f"{histories[stage]['last_loss']:.3f}{held} ({timings[stage]:.0f}s)")
         del trainer
     return histories, timings
 

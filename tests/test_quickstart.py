@@ -32,6 +32,13 @@ def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
                  allow_missing=True)
     assert s["rows"][2]["accuracy"] == pope["accuracy"]
     assert s["training"]["pretrain"]["steps"] == 2 and s["training"]["finetune"]["steps"] == 2
+    # each stage validated on the held-out images' captions / conversations after its last step
+    for stage, file in (("pretrain", "captions.json"), ("finetune", "instruct.json")):
+        val = [json.loads(x) for x in (out / ("stage1" if stage == "pretrain" else "stage2") / "metrics.jsonl")
+               .read_text().splitlines() if "val_loss" in x]
+        assert [v["step"] for v in val] == [2] and val[0]["val_samples"] == 6  # the 6 held-out images
+        assert s["training"][stage]["val_lm_loss"] == {"2": round(val[0]["val_lm_loss"], 4)}
+        assert len(json.loads((out / "data" / "heldout" / file).read_text())) == 6
     # stage 0 ran and stage 1 started from its CLIP: the stage-1 model's ViT holds the stage-0 weights
     assert s["training"]["clip"]["steps"] == 3 and (out / "clip" / "clip_metrics.jsonl").is_file()
     import torch

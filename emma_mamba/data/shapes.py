@@ -790,6 +790,14 @@ def _conversation(scene: Scene, cfg: ShapesConfig) -> list[dict]:
     return _llava_turns(qas)
 
 
+def _caption_record(scene: Scene, cfg: ShapesConfig) -> dict:
+    """The stage-1 (LLaVA format) caption record of one image."""
+    rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/caption")
+    return {"id": f"shapes-{scene.split}-{scene.index:06d}-cap", "image": scene.image, "conversations": [
+        {"from": "human", "value": "<image>\n" + rng.choice(_CAPTION_PROMPTS)},
+        {"from": "gpt", "value": caption(scene, cfg.image_size, rng)}]}
+
+
 def _dump_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -809,7 +817,8 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
         train/stage1_captions.json           LLaVA format, stage 1
         train/stage2_instruct.json           LLaVA format, stage 2 (multi-turn)
         train/scenes.json, heldout/scenes.json   ground truth of every image
-        heldout/instruct.json                LLaVA format conversations on held-out images
+        heldout/instruct.json                LLaVA format conversations on held-out images (stage-2 validation)
+        heldout/captions.json                LLaVA format captions of held-out images (stage-1 validation)
         heldout/pope_{random,popular,adversarial}.jsonl    POPE question files
         heldout/vqav2_questions.json, heldout/vqav2_annotations.json
         heldout/gqa_questions.json
@@ -839,10 +848,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
     # ---- train: captions (stage 1) and conversations (stage 2)
     stage1, stage2 = [], []
     for sc in train:
-        rng = random.Random(f"shapesworld/{cfg.seed}/{sc.split}/{sc.index}/caption")
-        stage1.append({"id": f"shapes-{sc.split}-{sc.index:06d}-cap", "image": sc.image, "conversations": [
-            {"from": "human", "value": "<image>\n" + rng.choice(_CAPTION_PROMPTS)},
-            {"from": "gpt", "value": caption(sc, S, rng)}]})
+        stage1.append(_caption_record(sc, cfg))
         stage2.append({"id": f"shapes-{sc.split}-{sc.index:06d}-qa", "image": sc.image,
                        "conversations": _conversation(sc, cfg)})
     _dump_json(stage1, out / "train" / "stage1_captions.json")
@@ -854,6 +860,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
     _dump_json([sc.to_json() for sc in heldout], ho / "scenes.json")
     _dump_json([{"id": f"shapes-{sc.split}-{sc.index:06d}-qa", "image": sc.image,
                  "conversations": _conversation(sc, cfg)} for sc in heldout], ho / "instruct.json")
+    _dump_json([_caption_record(sc, cfg) for sc in heldout], ho / "captions.json")
     pope = pope_questions(heldout, cfg)
     for v, rows in pope.items():
         _dump_jsonl(rows, ho / f"pope_{v}.jsonl")
@@ -910,7 +917,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
         },
         "files": {
             "stage1": "train/stage1_captions.json", "stage2": "train/stage2_instruct.json",
-            "heldout_instruct": "heldout/instruct.json",
+            "heldout_instruct": "heldout/instruct.json", "heldout_captions": "heldout/captions.json",
             "pope": {v: f"heldout/pope_{v}.jsonl" for v in POPE_VARIANTS},
             "vqav2_questions": "heldout/vqav2_questions.json", "vqav2_annotations": "heldout/vqav2_annotations.json",
             "gqa_questions": "heldout/gqa_questions.json", "mme": "heldout/mme",

@@ -6,7 +6,9 @@
 A run is a training ``output_dir`` (or its ``metrics.jsonl``, or a CLIP stage-0 ``clip_metrics.jsonl``). One
 panel per metric, one line per run against the step (``--x total_tokens`` or ``epoch`` instead); raw values
 are drawn faintly under their running mean over ``--smooth`` logged steps. A metric that is constant zero in
-every run (``align_loss`` without the alignment head) is left out of the default panels.
+every run (``align_loss`` without the alignment head) is left out of the default panels. Validation records
+(``val.json``: ``val_loss``, ``val_lm_loss``, ...) are drawn as dashed lines with markers in their training
+metric's panel; ``val_token_acc`` gets its own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s")
+DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s", "val_token_acc")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,7 +108,8 @@ def _run(args) -> int:
         keys = list(args.keys)
     else:
         keys = [k for k in DEFAULT_KEYS if k in present
-                and any(r.get(k) not in (None, 0, 0.0) for _, rows in runs for r in rows)]
+                and any(r.get(k) not in (None, 0, 0.0) or r.get("val_" + k) not in (None, 0, 0.0)
+                        for _, rows in runs for r in rows)]
         if not keys:
             raise PlotError(f"none of {', '.join(DEFAULT_KEYS)} was logged; pass --keys (the runs have: "
                             f"{', '.join(present)})")
@@ -131,15 +134,22 @@ def _run(args) -> int:
                 continue
             xs, ys = zip(*pts)
             colour = f"C{i % 10}"
-            if window > 1 and key not in ("lr",):
+            if window > 1 and key != "lr" and not key.startswith("val_"):  # few validation points: drawn raw
                 ax.plot(xs, ys, color=colour, alpha=0.2, linewidth=0.8)
                 ax.plot(xs, running_mean(list(ys), window), color=colour, linewidth=1.5, label=_label(path, paths))
             else:
                 ax.plot(xs, ys, color=colour, linewidth=1.5, label=_label(path, paths))
-        ax.set_title(key)
+        for i, (path, rows) in enumerate(runs):  # validation points over their training metric
+            pts = [(r[args.x], r["val_" + key]) for r in rows if isinstance(r.get("val_" + key), (int, float))
+                   and isinstance(r.get(args.x), (int, float))]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=f"C{i % 10}", linestyle="--", marker="o", markersize=3, linewidth=1.2,
+                        label=_label(path, paths) + " (val)")
+        ax.set_title(key + (" (- - val)" if any("val_" + key in r for _, rows in runs for r in rows) else ""))
         ax.set_xlabel(args.x)
-        if key.endswith("loss") and all(v > 0 for _, rows in runs for r in rows
-                                        if isinstance(v := r.get(key), (int, float))):
+        if key.endswith("loss") and all(v > 0 for _, rows in runs for r in rows for k in (key, "val_" + key)
+                                        if isinstance(v := r.get(k), (int, float))):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:

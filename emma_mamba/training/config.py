@@ -9,6 +9,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     init_from: null                   # a checkpoint dir (EmmaMamba.save layout); then `model` must be omitted
     data:  {json: ..., image_folder: ..., max_length: ..., packing: ..., on_error: raise | skip, ...}
     train: {lr: ..., epochs: ..., global_batch_size: ..., micro_batch_size: ..., ...}
+    val:   {json: ..., every_steps: ..., max_samples: ...}   # optional validation loss on held-out data
     parallel: {strategy: auto | none | ddp | fsdp, ...}
     checkpoint: {every_steps: ..., keep_last: ...}
     log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
@@ -36,9 +37,9 @@ from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config
                                get_preset, load_config, read_yaml_mapping, resolve_config_path)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
-__all__ = ["DataConfig", "TrainConfig", "ParallelConfig", "CheckpointConfig", "LogConfig", "RunConfig",
-           "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict", "parse_cli_value",
-           "dotted_fields"]
+__all__ = ["DataConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
+           "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
+           "parse_cli_value", "dotted_fields"]
 
 
 @dataclass
@@ -138,6 +139,21 @@ class ParallelConfig:
 
 
 @dataclass
+class ValConfig:
+    json: str | None = None
+    """Held-out LLaVA-format file (JSON or JSONL, like data.json) to compute a validation loss on; null = no
+    validation. Read with data's max_length, packing, prompt template, on_error and image cache."""
+    image_folder: str | None = None
+    """Folder its records' image paths are relative to (null: the file's folder)."""
+    every_steps: int = 0
+    """Validate every N optimizer steps (0: only after the last step); always after the last step."""
+    max_samples: int = 0
+    """Validate on the first N samples of the file only (0 = all of them)."""
+    micro_batch_size: int | None = None
+    """Rows per validation forward (null: train.micro_batch_size)."""
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 0
     """Write a checkpoint every N optimizer steps (0 = only the final model)."""
@@ -174,6 +190,8 @@ class RunConfig:
     """Optimisation."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Distributed strategy."""
+    val: ValConfig = field(default_factory=ValConfig)
+    """Validation loss on held-out data (val.json), logged with the training metrics."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
@@ -220,6 +238,13 @@ class RunConfig:
             if unknown or not t.trainable or len(set(t.trainable)) != len(t.trainable):
                 bad(f"train.trainable must be a non-empty list of distinct module names from "
                     f"{', '.join(TRAINABLE_MODULES)} (or null for the stage's default), got {t.trainable}")
+        v = self.val
+        if v.every_steps < 0 or v.max_samples < 0:
+            bad(f"val.every_steps and val.max_samples must be >= 0, got {v.every_steps} and {v.max_samples}")
+        if v.micro_batch_size is not None and v.micro_batch_size < 1:
+            bad(f"val.micro_batch_size must be >= 1 (or null), got {v.micro_batch_size}")
+        if v.json is None and (v.every_steps or v.max_samples or v.image_folder):
+            bad("val.every_steps / max_samples / image_folder are set but val.json (the validation file) is not")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.every_steps < 1:

@@ -21,11 +21,19 @@ Metrics (rank 0, every ``log.every_steps`` steps): ``lm_loss``, ``align_loss``, 
 ``grad_norm`` (before clipping), ``tokens_per_s`` (real LM positions, visual tokens included, padding not,
 per second of wall time including data loading), ``fill`` (real / computed positions), sample/token counters
 and ``skipped_records``; to ``output_dir/metrics.jsonl`` and to TensorBoard when installed.
+
+Validation (``val.json``, every ``val.every_steps`` steps and after the last step): the same losses over a
+held-out LLaVA file in a fixed order (no gradients, the model in eval mode), normalised like the training loss
+(the mean over all of its answer tokens and images, whatever the number of processes), plus ``val_token_acc``
+(the fraction of answer tokens the LM's argmax predicts). Logged as their own ``metrics.jsonl`` records
+(``step``, ``val_lm_loss``, ``val_align_loss``, ``val_loss``, ``val_token_acc``, ``val_label_tokens``,
+``val_time``), ``emma-mamba plot`` draws them over the training curves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -126,6 +134,7 @@ class Trainer:
                                     m.vision.num_tokens, m.image_processor)
         if len(self.dataset) == 0:
             raise DataError(f"{cfg.data.json}: no usable records ({self.dataset.report.summary()})")
+        self.val_dataset = self._val_dataset()
         self.accum = cfg.grad_accum(info.world_size)
         self.rows_per_step = tc.global_batch_size
         self._plans: dict[int, list[list[int]]] = {}
@@ -144,6 +153,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
+        self.val_history: list[dict] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
         n_train = sum(p.numel() for p in self.params)
@@ -152,6 +162,19 @@ class Trainer:
                      "procs), %s, %s, %s", cfg.stage, cfg.model.name, n_train, self.total_steps, tc.global_batch_size,
                      tc.micro_batch_size, self.accum, info.world_size, self.strategy,
                      "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
+
+    def _val_dataset(self) -> LlavaDataset | None:
+        v, m = self.cfg.val, self.model
+        if v.json is None:
+            return None
+        dcfg = dataclasses.replace(self.cfg.data, json=v.json, image_folder=v.image_folder)
+        ds = LlavaDataset(dcfg, m.tokenizer, self.cfg.model.image_token, m.image_token_id, m.vision.num_tokens,
+                          m.image_processor)
+        if v.max_samples:
+            ds.samples = ds.samples[:v.max_samples]
+        if len(ds) == 0:
+            raise DataError(f"{v.json} (val.json): no usable records ({ds.report.summary()})")
+        return ds
 
     # ------------------------------------------------------------------------------------------- plan
 
@@ -261,6 +284,77 @@ class Trainer:
                 "grad_norm": float(grad_norm), "label_tokens": int(counts[0]), "images": int(counts[1]),
                 "tokens": int(counts[2]), "positions": int(counts[3]), "samples": int(counts[4])}
 
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Losses over the whole validation set (val.json), the same on every rank; see the module doc."""
+        ds, info = self.val_dataset, self.info
+        if ds is None:
+            raise RuntimeError("no validation data: set val.json")
+        t0 = time.perf_counter()
+        d = self.cfg.data
+        rows = plan_rows(ds.lengths, 0, 0, d.packing, d.max_length)  # a fixed order, independent of the run
+        mb = self.cfg.val.micro_batch_size or self.cfg.train.micro_batch_size
+        chunks = [rows[j:j + mb] for j in range(0, len(rows), mb)]
+        per_rank = -(-len(chunks) // info.world_size)  # every rank runs as many forwards (FSDP's collectives)
+        mine = chunks[info.rank::info.world_size]
+        loader = torch.utils.data.DataLoader(
+            _MicroBatches(ds, mine, self.model.tokenizer.pad_token_id, d.packing), batch_size=None,
+            shuffle=False, num_workers=d.num_workers, pin_memory=info.device.type == "cuda")
+        batches = iter(loader)
+        # sums: lm loss x tokens, align loss x images, answer tokens, images, tokens predicted right
+        sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for j in range(per_rank):
+                b = next(batches, None)
+                if b is not None:
+                    for err in b["errors"]:
+                        ds.report_issue(err)  # raises under on_error=raise
+                b = self._dummy_batch() if b is None or b.get("empty") else b
+                b = self._to_device(b)
+                with self._autocast():
+                    out = self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                                       instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
+                                       seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+                target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
+                sel = target != -100
+                right = (out.logits.argmax(-1)[sel] == target[sel]).sum()
+                sums += torch.stack([out.loss["lm"].double() * b["num_label_tokens"],
+                                     out.loss["align"].double() * b["num_images"],
+                                     torch.tensor(float(b["num_label_tokens"]), dtype=torch.float64,
+                                                  device=info.device),
+                                     torch.tensor(float(b["num_images"]), dtype=torch.float64, device=info.device),
+                                     right.double()])
+        finally:
+            self.model.train(was_training)
+        sums = all_reduce_sum(sums).cpu()
+        n_lab, n_img = max(1.0, float(sums[2])), max(1.0, float(sums[3]))
+        w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
+        lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
+        return {"step": self.global_step, "epoch": self.history[-1]["epoch"] if self.history else float(self.epoch),
+                "val_lm_loss": lm_loss, "val_align_loss": align_loss,
+                "val_loss": lm_loss + w_align * align_loss, "val_token_acc": float(sums[4]) / n_lab,
+                "total_tokens": self.counters["tokens"], "val_label_tokens": int(sums[2]), "val_images": int(sums[3]), "val_samples": len(ds),
+                "val_time": time.perf_counter() - t0}
+
+    def _maybe_validate(self, writer, bar) -> None:
+        every = self.cfg.val.every_steps
+        if self.val_dataset is None or not ((every and self.global_step % every == 0)
+                                            or self.global_step >= self.total_steps):
+            return
+        v = self.validate()
+        self.val_history.append(v)
+        if writer is not None:
+            writer.write(v)
+        if self.info.is_main:
+            msg = (f"step {v['step']}: val_loss {v['val_loss']:.4f} (lm {v['val_lm_loss']:.4f}, align "
+                   f"{v['val_align_loss']:.4f}), answer-token accuracy {v['val_token_acc']:.3f} over "
+                   f"{v['val_samples']} samples")
+            if bar is not None:
+                bar.write(msg)
+            log.info("%s", msg)
+
     # -------------------------------------------------------------------------------------------- run
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
@@ -305,6 +399,7 @@ class Trainer:
                         bar.update(1)
                         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
                                         tok_s=f"{m['tokens_per_s']:.0f}")
+                    self._maybe_validate(writer, bar)
                     every = cfg.checkpoint.every_steps
                     if every and self.global_step % every == 0:
                         self.save_checkpoint()
@@ -396,7 +491,11 @@ class _MetricsWriter:
             self.f.flush()
         if self.tb is not None:
             for k in ("lm_loss", "align_loss", "loss", "lr", "grad_norm", "tokens_per_s", "fill"):
-                self.tb.add_scalar(f"train/{k}", m[k], m["step"])
+                if k in m:
+                    self.tb.add_scalar(f"train/{k}", m[k], m["step"])
+            for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
+                if k in m:
+                    self.tb.add_scalar(f"val/{k.removeprefix('val_')}", m[k], m["step"])
 
     def close(self) -> None:
         if self.f is not None:

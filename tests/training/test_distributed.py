@@ -31,8 +31,10 @@ def torchrun(args, nproc=2, timeout=240):
     return r
 
 
-def metrics(d):
-    return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+def metrics(d, val=False):
+    """The training records of a run's metrics.jsonl (val=True: its validation records)."""
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if ("val_loss" in r) == val]
 
 
 def compare(got, want):
@@ -52,7 +54,9 @@ def setup_run(shapes, tmp_path, **sections):
     data.write_text(json.dumps(records))
     cfg = make_cfg(shapes, tmp_path / "ref", data,
                    train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 3}, **sections)
-    ref = Trainer(cfg).fit()  # one process: 4 micro-batches of 1 row per step
+    t = Trainer(cfg)
+    ref = t.fit()  # one process: 4 micro-batches of 1 row per step
+    (tmp_path / "ref_val.json").write_text(json.dumps(t.val_history))
     y = tmp_path / "run.yaml"
     d = run_config_to_dict(cfg)
     d["output_dir"] = str(tmp_path / "ddp")
@@ -61,11 +65,22 @@ def setup_run(shapes, tmp_path, **sections):
 
 
 def test_torchrun_ddp_two_processes_match_one_process(shapes, tmp_path):
-    y, ref = setup_run(shapes, tmp_path)
+    """Also the validation loss (val.json, 5 records, one row per forward: 3 forwards on one process, 2 and a
+    zero-weight one on the other) equals the 1-process run's."""
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads((shapes / "train" / "stage2_instruct.json").read_text())[12:17]))
+    y, ref = setup_run(shapes, tmp_path, val={"json": str(val), "image_folder": str(shapes / "images"),
+                                              "every_steps": 2})
     assert sum(m["samples"] for m in ref) == 12  # padding: one record per row, each seen once
     r = torchrun(["finetune", "--config", str(y)])  # two processes: 2 micro-batches of 1 row each per step
     assert "2 procs), ddp" in r.stderr
     compare(metrics(tmp_path / "ddp"), ref)
+    got, want = metrics(tmp_path / "ddp", val=True), json.loads((tmp_path / "ref_val.json").read_text())
+    assert [v["step"] for v in got] == [v["step"] for v in want] == [2, 3]
+    for g, w in zip(got, want):
+        assert g["val_samples"] == 5 and g["val_label_tokens"] == w["val_label_tokens"]
+        for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
     assert emma_mamba.load(tmp_path / "ddp").config.name == "tiny"
 
 

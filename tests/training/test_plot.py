@@ -50,3 +50,26 @@ def test_plot_errors(tmp_path, capsys):
     assert main(["plot", str(a), "--keys", "accuracy"]) == 2
     err = capsys.readouterr().err
     assert "--keys ['accuracy'] were not logged; the runs have: align_loss, grad_norm, lm_loss, loss, lr" in err
+
+
+def test_validation_records_are_drawn_over_their_training_metric(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    d = _run(tmp_path / "r", 30)
+    val = [{"step": s, "epoch": s / 10, "total_tokens": 100 * s, "val_loss": 2.0 / s, "val_lm_loss": 1.5 / s,
+            "val_align_loss": 0.0, "val_token_acc": s / 40} for s in (10, 20, 30)]
+    with (d / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(v) + "\n" for v in val))
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    assert main(["plot", str(d), "--smooth", "4"]) == 0
+    assert "(loss, lm_loss, lr, grad_norm, tokens_per_s, val_token_acc;" in capsys.readouterr().out
+    panels = {ax.get_title(): ax for ax in figs[0].axes}
+    for key, vkey in (("loss", "val_loss"), ("lm_loss", "val_lm_loss")):
+        ax = panels[f"{key} (- - val)"]
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label().endswith("(val)")]
+        assert list(line.get_xdata()) == [10, 20, 30] and list(line.get_ydata()) == [v[vkey] for v in val]
+        # the training curve (raw, faint) has the 30 training points only
+        assert max(len(ln.get_xdata()) for ln in ax.get_lines()) == 30
+    (acc,) = panels["val_token_acc"].get_lines()  # few points: drawn raw, not smoothed
+    assert list(acc.get_ydata()) == [v["val_token_acc"] for v in val]

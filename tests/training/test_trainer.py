@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import emma_mamba
-from emma_mamba.config import get_preset
+from emma_mamba.config import ConfigError, get_preset
 from emma_mamba.data.llava import DataError, collate, plan_rows
 from emma_mamba.models.vlm import EmmaMamba
 from emma_mamba.training.config import load_run_config
@@ -85,12 +85,10 @@ def test_pretrain_trains_only_the_bridge_and_finetune_starts_from_it(shapes, tmp
     assert any(n.startswith("align_head.") for n in load_file(str(tmp_path / "s2" / "model.safetensors")))
 
 
-def _oracle_step_loss(cfg, dataset):
-    """lm = sum of per-sample CE sums / sum of targets; align = mean over images; each sample run alone
-    through a freshly initialised model (the trainer's init, from the same seed)."""
-    torch.manual_seed(cfg.train.seed)
-    model = EmmaMamba(cfg.model, for_training=True).train()
-    ce, n, aligns = 0.0, 0, []
+def _oracle_loss(model, dataset):
+    """(lm, align, answer-token accuracy) with each sample of ``dataset`` run alone through ``model`` (no
+    packing, no batching): lm = sum of per-sample CE sums / sum of targets; align = mean over images."""
+    ce, n, right, aligns = 0.0, 0, 0, []
     with torch.no_grad():
         for s in dataset.samples:
             px = dataset.load_images(s)
@@ -100,8 +98,17 @@ def _oracle_step_loss(cfg, dataset):
             tgt = out.labels[0, 1:]
             ce += float(F.cross_entropy(out.logits[0, :-1].float(), tgt, ignore_index=-100, reduction="sum"))
             n += int((tgt != -100).sum())
+            right += int((out.logits[0, :-1].argmax(-1) == tgt)[tgt != -100].sum())
             aligns.append(float(out.loss["align"]))
-    lm, align = ce / n, sum(aligns) / len(aligns)
+    return ce / n, sum(aligns) / len(aligns), right / n
+
+
+def _oracle_step_loss(cfg, dataset):
+    """The first step's objective, each sample run alone through a freshly initialised model (the trainer's
+    init, from the same seed)."""
+    torch.manual_seed(cfg.train.seed)
+    model = EmmaMamba(cfg.model, for_training=True).train()
+    lm, align, _ = _oracle_loss(model, dataset)
     return lm, align, lm + cfg.model.align.loss_weight * align
 
 
@@ -196,3 +203,52 @@ def test_mixer_recompute_off_trains_like_the_default(shapes, tmp_path):
     for key in ("loss", "lm_loss", "align_loss", "grad_norm"):
         torch.testing.assert_close([m[key] for m in a], [m[key] for m in b], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{key}: {m}")
+
+
+def test_validation_loss_matches_per_sample_oracle_and_leaves_training_unchanged(shapes, tmp_path):
+    """val.json: the logged losses and answer-token accuracy equal each held-out sample run alone through the
+    model at that step (packed rows, 3 per forward, a shorter last micro-batch); the training run is the same bit for
+    bit with and without validation (no RNG drawn, train mode restored)."""
+    data = subset(shapes, tmp_path, 4)
+    records = json.loads((shapes / "train" / "stage2_instruct.json").read_text())
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(records[10:17]))
+    kw = dict(data={"packing": True, "max_length": 160}, train={"max_steps": 3})
+    plain = Trainer(make_cfg(shapes, tmp_path / "plain", data, **kw))
+    plain_hist = plain.fit()
+    cfg = make_cfg(shapes, tmp_path / "val", data, val={"json": str(val), "image_folder": str(shapes / "images"),
+                                                       "every_steps": 2, "micro_batch_size": 3}, **kw)
+    t = Trainer(cfg)
+    snapshots = {}
+    orig = t.validate
+    t.validate = lambda: snapshots.setdefault(t.global_step, orig())  # called after steps 2 and 3 (the last)
+    hist = t.fit()
+    assert [m["loss"] for m in hist] == [m["loss"] for m in plain_hist]  # bitwise
+    assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), plain.model.state_dict().values()))
+    assert sorted(snapshots) == [2, 3] and t.model.training
+    assert len(plan_rows(t.val_dataset.lengths, 0, 0, True, 160)) % 3 != 0  # a last, shorter micro-batch
+    lm, align, acc = _oracle_loss(t.model.eval(), t.val_dataset)  # the final model: the step-3 record's
+    v = snapshots[3]
+    assert v["val_samples"] == 7 and v["val_images"] == 7
+    assert v["val_lm_loss"] == pytest.approx(lm, rel=1e-5)
+    assert v["val_align_loss"] == pytest.approx(align, rel=1e-5)
+    assert v["val_loss"] == pytest.approx(lm + cfg.model.align.loss_weight * align, rel=1e-5)
+    assert v["val_token_acc"] == pytest.approx(acc, abs=1e-9)
+    assert snapshots[2]["val_lm_loss"] != v["val_lm_loss"]  # measured on the weights of its step
+    lines = [json.loads(x) for x in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["step"], "val_loss" in m) for m in lines] == [(1, False), (2, False), (2, True), (3, False),
+                                                               (3, True)]
+    assert lines[-1]["val_lm_loss"] == v["val_lm_loss"]
+
+
+def test_validation_config_errors_name_the_key(shapes, tmp_path):
+    with pytest.raises(ConfigError, match=r"val\.every_steps .* val\.json"):
+        make_cfg(shapes, tmp_path / "x", val={"every_steps": 10})
+    with pytest.raises(ConfigError, match=r"val\.micro_batch_size must be >= 1"):
+        make_cfg(shapes, tmp_path / "x", val={"json": "v.json", "micro_batch_size": 0})
+    with pytest.raises(ConfigError, match=r"unknown key.*val\.evry_steps|val\.evry_steps"):
+        make_cfg(shapes, tmp_path / "x", val={"json": "v.json", "evry_steps": 10})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "q", "image": "nope.png", "conversations": []}]))
+    with pytest.raises(DataError, match=r"bad\.json: record 0 \(id 'q'\): 'conversations' is missing"):
+        Trainer(make_cfg(shapes, tmp_path / "y", subset(shapes, tmp_path, 2), val={"json": str(bad)}))
