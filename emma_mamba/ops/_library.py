@@ -13,9 +13,13 @@ kernel-module protocol of :mod:`emma_mamba.ops._autograd` (and, for ``mamba_inne
 :mod:`emma_mamba.ops._inner`); a gradient that a kernel leaves out (an absent optional input) crosses the op
 boundary as an empty tensor.
 
-Inductor's on-disk caches key a graph on the ops' names and fake outputs, not on their code: a change to what an
-op returns (as the flattened ``saved`` below) must come with a new op name, or a cached graph from the previous
-version fails its output-shape assertions (clearing ``/tmp/torchinductor_$USER`` also cures it).
+torch.compile's on-disk caches (AOTAutograd's and Inductor's, under ``/tmp/torchinductor_$USER``) key a graph on
+the Dynamo graph, which names these ops but holds none of their Python: the autograd formulas below are traced
+into the cached backward graph, and the fake implementations fix its shapes. So a cached graph from another
+version of this package would run that version's formulas (a changed backward op signature failed with "missing
+value for argument"; a changed formula with the same signature would run silently). :func:`tag_compile_caches`
+therefore adds a hash of this package's ops sources to ``torch.compiler.config.cache_key_tag`` when the ops are
+registered (keeping any tag the user set): another version compiles afresh and caches its own graphs.
 
 Eager calls do not go through these ops: the custom-op dispatcher costs tens of microseconds per call, as
 much as a whole decode-step kernel. :mod:`emma_mamba.ops` uses them only while ``torch.compiler.is_compiling()``.
@@ -24,7 +28,7 @@ much as a whole decode-step kernel. :mod:`emma_mamba.ops` uses them only while `
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,6 +40,31 @@ SAVE_EVERY_COMPILED = 256
 
 # the oldest torch on which the compiled model was checked to train like eager (tests/ops/test_compile.py)
 COMPILE_TESTED_FROM = "2.11"
+
+
+def ops_source_hash() -> str:
+    """A hash of the sources of :mod:`emma_mamba.ops` (the custom ops, their fake implementations, the autograd
+    formulas traced into compiled graphs, and what they call)."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tag_compile_caches() -> str:
+    """Adds ``emma_mamba-ops-<ops_source_hash()>`` to torch.compile's cache key tag (once; a tag the user set,
+    e.g. with TORCH_COMPILE_CACHE_KEY_TAG, is kept in front). Returns the tag now in force."""
+    cfg = getattr(torch.compiler, "config", None)
+    if cfg is None or not hasattr(cfg, "cache_key_tag"):  # an old torch: no cache key tag (nor these caches)
+        return ""
+    mine = f"emma_mamba-ops-{ops_source_hash()}"
+    tag = cfg.cache_key_tag or ""
+    if mine not in tag.split("|"):
+        cfg.cache_key_tag = f"{tag}|{mine}" if tag else mine
+    return cfg.cache_key_tag
 
 
 def require_compile_backend(name: str, key: str) -> None:
@@ -238,25 +267,37 @@ def mamba_inner_bwd(backend: str, x: Tensor, z: Tensor, conv_weight: Tensor, con
                     x_proj_weight: Tensor, dt_proj_weight: Tensor, A: Tensor, D: Optional[Tensor],
                     delta_bias: Optional[Tensor], seq_idx: Optional[Tensor], out_proj_weight: Optional[Tensor],
                     out_proj_bias: Optional[Tensor], x_dbl: Tensor, saved: Tensor, dout: Tensor,
-                    deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                  Tensor, Tensor, Tensor]:
+                    deterministic: bool, weight_grads: Sequence[bool]) -> tuple[
+                        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> the gradients of (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-    out_proj_weight, out_proj_bias), each in its input's dtype; empty for an absent input."""
+    out_proj_weight, out_proj_bias), each in its input's dtype; empty for an absent input and for a weight whose
+    ``weight_grads`` flag (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight,
+    out_proj_bias) is false: a frozen weight's GEMM is skipped, as in eager."""
     from ._inner import inner_bwd
 
     saved = saved.view(saved.shape[0], saved.shape[1], -1, A.shape[1])
     inputs = (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, out_proj_weight,
               out_proj_bias)
     grads = inner_bwd(_kern(backend), x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                      delta_bias, seq_idx, x_dbl, saved, dout, deterministic, out_proj_weight, out_proj_bias)
+                      delta_bias, seq_idx, x_dbl, saved, dout, deterministic, out_proj_weight, out_proj_bias,
+                      weight_grads=tuple(bool(w) for w in weight_grads))
     return tuple(_or_empty(None if g is None else g.to(t.dtype), x) for g, t in zip(grads, inputs))
+
+
+#: positions of (conv_weight, conv_bias, x_proj_weight, dt_proj_weight, out_proj_weight, out_proj_bias) among
+#: mamba_inner_bwd's 11 gradients
+_INNER_WEIGHTS = (2, 3, 4, 5, 9, 10)
 
 
 @mamba_inner_bwd.register_fake
 def _(backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
-      out_proj_weight, out_proj_bias, x_dbl, saved, dout, deterministic):
-    return tuple(_like_or_empty(t, x) for t in (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
-                                                 delta_bias, out_proj_weight, out_proj_bias))
+      out_proj_weight, out_proj_bias, x_dbl, saved, dout, deterministic, weight_grads):
+    inputs = [x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, out_proj_weight,
+              out_proj_bias]
+    for i, want in zip(_INNER_WEIGHTS, weight_grads):
+        if not want:
+            inputs[i] = None
+    return tuple(_like_or_empty(t, x) for t in inputs)
 
 
 def _inner_setup(ctx, inputs, output):
@@ -272,11 +313,16 @@ def _inner_backward(ctx, dout, _dx_dbl, _dsaved):
         return (None,) * 14
     (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx, out_proj_weight,
      out_proj_bias, x_dbl, saved) = ctx.saved_tensors
+    need = ctx.needs_input_grad  # of mamba_inner_fwd's inputs (backend, x, z, conv_weight, ...)
+    weight_grads = list(need[3:7] + need[11:13])
     grads = mamba_inner_bwd(ctx.backend, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                             delta_bias, seq_idx, out_proj_weight, out_proj_bias, x_dbl, saved, dout,
-                            ctx.deterministic)
+                            ctx.deterministic, weight_grads)
     grads = _for_present(grads, (x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
                                  out_proj_weight, out_proj_bias))
+    for i, want in zip(_INNER_WEIGHTS, weight_grads):
+        if not want:  # crossed the op boundary as an empty tensor
+            grads[i] = None
     return (None, *grads[:9], None, *grads[9:], None)
 
 
@@ -308,3 +354,6 @@ def causal_conv1d_update(backend: str, x: Tensor, conv_state: Tensor, weight: Te
 @causal_conv1d_update.register_fake
 def _(backend, x, conv_state, weight, bias, silu):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+tag_compile_caches()

@@ -407,3 +407,60 @@ def test_out_of_range_token_id_fails_inside_a_compiled_graph():
         compiled(torch.randint(0, 96, (1, 5)))  # in range: runs
         with pytest.raises(RuntimeError, match="outside the embedding"):
             compiled(torch.tensor([[1, 2, 500, 3, 4]]))
+
+
+@pytest.mark.parametrize("frozen", ["lm", "out_proj+conv_bias"])
+def test_compiled_mixer_backward_skips_the_gradients_of_frozen_weights(monkeypatch, frozen):
+    """The custom op's backward reads needs_input_grad, as eager MambaInnerFn does: with the LM frozen (stage 1:
+    the gradient only flows through it to the projector) it computes no weight gradient, i.e. skips their GEMMs;
+    with some weights frozen only theirs. The gradients that are computed equal eager's."""
+    from emma_mamba.ops import _inner
+
+    calls = []
+    real = _inner.inner_bwd
+    monkeypatch.setattr(_inner, "inner_bwd", lambda *a, **k: calls.append(k["weight_grads"]) or real(*a, **k))
+    model = _lm("cpu").train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(not (frozen == "lm" or n.endswith(("out_proj.weight", "conv1d.bias"))))
+    emb = torch.randn(2, 40, 32, requires_grad=True)
+    seq = _packed(2, 40, "cpu")
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def step(m):
+        loss = m(inputs_embeds=emb, seq_idx=seq).logits.float().square().mean()
+        return torch.autograd.grad(loss, [emb, *trained])
+
+    flags = (False,) * 6 if frozen == "lm" else (True, False, True, True, False, False)  # no out_proj bias
+    want = step(model)
+    assert calls == [flags, flags]  # eager: MambaInnerFn
+    calls.clear()
+    rec = GraphRecorder()
+    got = step(torch.compile(model, fullgraph=True, backend=rec.backend))
+    assert rec.count("mamba_inner_bwd", "bw") == 2
+    assert calls == [flags, flags]  # compiled: the custom op
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_caches_are_keyed_on_the_ops_sources():
+    """torch.compile's on-disk caches hold the backward graphs traced from the ops' Python autograd formulas but
+    key them on the forward graph only; a cached graph of another version of the ops once failed here with
+    "mamba_inner_bwd() is missing value for argument 'weight_grads'". Importing the ops adds a hash of their
+    sources to the cache key tag, keeping a tag the user set."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import emma_mamba.ops as ops_pkg
+
+    h = hashlib.sha256()
+    for p in sorted(Path(ops_pkg.__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    mine = f"emma_mamba-ops-{h.hexdigest()[:16]}"
+    assert mine in torch.compiler.config.cache_key_tag.split("|")
+    code = "import torch, emma_mamba.ops; print(torch.compiler.config.cache_key_tag)"
+    env = dict(os.environ, TORCH_COMPILE_CACHE_KEY_TAG="users-own-tag")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"users-own-tag|{mine}"
