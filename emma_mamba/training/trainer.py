@@ -245,6 +245,12 @@ class Trainer:
                 "image_counts": [0], "instructions": [], "sample_ids": ["<skipped>"], "num_samples": 0,
                 "num_tokens": 0, "num_positions": 0, "num_label_tokens": 0, "num_images": 0}
 
+    def _forward(self, b: dict):
+        """The (wrapped) model on a batch already on the device."""
+        return self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
+                            instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
+                            seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
         batches = []
@@ -262,9 +268,7 @@ class Trainer:
             b = self._to_device(b)
             with no_grad_sync(self.wrapped, sync=j == len(batches) - 1):
                 with self._autocast():
-                    out = self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
-                                       instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
-                                       seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+                    out = self._forward(b)
                 lm = out.loss["lm"].float() * b["num_label_tokens"]
                 al = out.loss["align"].float() * b["num_images"]
                 loss = (lm / n_lab + w_align * al / n_img) * info.world_size
@@ -314,9 +318,7 @@ class Trainer:
                 b = self._dummy_batch() if b is None or b.get("empty") else b
                 b = self._to_device(b)
                 with self._autocast():
-                    out = self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
-                                       instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
-                                       seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+                    out = self._forward(b)
                 target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
                 sel = target != -100
                 right = (out.logits.argmax(-1)[sel] == target[sel]).sum()
