@@ -322,12 +322,9 @@ class Trainer:
                 target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
                 sel = target != -100
                 right = (out.logits.argmax(-1)[sel] == target[sel]).sum()
-                sums += torch.stack([out.loss["lm"].double() * b["num_label_tokens"],
-                                     out.loss["align"].double() * b["num_images"],
-                                     torch.tensor(float(b["num_label_tokens"]), dtype=torch.float64,
-                                                  device=info.device),
-                                     torch.tensor(float(b["num_images"]), dtype=torch.float64, device=info.device),
-                                     right.double()])
+                sums += torch.tensor([float(out.loss["lm"]) * b["num_label_tokens"],
+                                      float(out.loss["align"]) * b["num_images"], b["num_label_tokens"],
+                                      b["num_images"], float(right)], dtype=torch.float64, device=info.device)
         finally:
             self.model.train(was_training)
         sums = all_reduce_sum(sums).cpu()
@@ -337,8 +334,8 @@ class Trainer:
         return {"step": self.global_step, "epoch": self.history[-1]["epoch"] if self.history else float(self.epoch),
                 "val_lm_loss": lm_loss, "val_align_loss": align_loss,
                 "val_loss": lm_loss + w_align * align_loss, "val_token_acc": float(sums[4]) / n_lab,
-                "total_tokens": self.counters["tokens"], "val_label_tokens": int(sums[2]), "val_images": int(sums[3]), "val_samples": len(ds),
-                "val_time": time.perf_counter() - t0}
+                "total_tokens": self.counters["tokens"], "val_label_tokens": int(sums[2]),
+                "val_images": int(sums[3]), "val_samples": len(ds), "val_time": time.perf_counter() - t0}
 
     def _maybe_validate(self, writer, bar) -> None:
         every = self.cfg.val.every_steps
