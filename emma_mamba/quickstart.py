@@ -442,4 +442,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"time: data {s['data']:.0f}s, stage 0 {s.get('clip', 0):.0f}s, stage 1 {s['pretrain']:.0f}s, "
           f"stage 2 {s['finetune']:.0f}s, eval {s['eval']:.0f}s, total {s['total']:.0f}s; summary in {Path(args.out) / 'summary.json'}")
     print(f"ask it more: emma-mamba chat --checkpoint {Path(args.out) / 'stage2'} --image {d['image']}")
+    print(f"training curves (held-out loss dashed): emma-mamba plot {Path(args.out) / 'stage1'} "
+          f"{Path(args.out) / 'stage2'}")
     return 0

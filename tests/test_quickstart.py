@@ -39,6 +39,10 @@ def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
         assert [v["step"] for v in val] == [2] and val[0]["val_samples"] == 6  # the 6 held-out images
         assert s["training"][stage]["val_lm_loss"] == {"2": round(val[0]["val_lm_loss"], 4)}
         assert len(json.loads((out / "data" / "heldout" / file).read_text())) == 6
+    # the plot command it prints draws both stages with their validation points
+    cmd = next(line for line in printed.splitlines() if "emma-mamba plot" in line).split("emma-mamba ")[1].split()
+    assert cmd == ["plot", str(out / "stage1"), str(out / "stage2")]
+    assert main([*cmd, "--out", str(out / "curves.png")]) == 0 and (out / "curves.png").is_file()
     # stage 0 ran and stage 1 started from its CLIP: the stage-1 model's ViT holds the stage-0 weights
     assert s["training"]["clip"]["steps"] == 3 and (out / "clip" / "clip_metrics.jsonl").is_file()
     import torch
