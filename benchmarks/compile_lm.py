@@ -4,6 +4,10 @@ and batches: a training step (forward + backward of the LM loss) and an inferenc
     python benchmarks/compile_lm.py [--d-model 768 --n-layer 4 --batch 2 --seqlen 512 --threads 2]
     python benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \\
         --seqlen 2048 --out benchmarks/results/compile_lm_cuda.json                     # a GPU
+    python benchmarks/compile_lm.py --frozen-lm --out benchmarks/results/compile_lm_frozen_cpu.json
+
+``--frozen-lm``: stage 1's case, every LM weight frozen and the gradient wanted only for the input embeddings
+(what flows back to the projector): the mixers' backward then computes no weight gradient, eager or compiled.
 
 Compiled: each block one Inductor graph (the blocks share it; the kernels of the backend inside as custom ops),
 the embedding, final norm and head eager, as the trainer does. Eager and compiled steps run interleaved,
@@ -32,6 +36,8 @@ def main(argv=None) -> int:
 
     p = lm_step_parser(__doc__, "benchmarks/results/compile_lm_cpu.json")
     p.add_argument("--backend", default="inductor")
+    p.add_argument("--frozen-lm", action="store_true",
+                   help="freeze every LM weight; the step's gradient is the input embeddings' only (stage 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -42,6 +48,9 @@ def main(argv=None) -> int:
     compiled.compile_blocks(backend=args.backend)
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device=dev)
     amp = args.dtype == "bfloat16"
+    if args.frozen_lm:
+        eager.requires_grad_(False), compiled.requires_grad_(False)
+        emb = eager.embeddings(ids).detach().requires_grad_()  # the projector's output, as in stage 1
 
     def sync():
         if dev.type == "cuda":
@@ -51,9 +60,9 @@ def main(argv=None) -> int:
         sync()
         t = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = m(ids).logits
+            logits = (m(inputs_embeds=emb) if args.frozen_lm else m(ids)).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        grads = torch.autograd.grad(loss, list(m.parameters()))
+        grads = torch.autograd.grad(loss, [emb] if args.frozen_lm else list(m.parameters()))
         sync()
         return time.perf_counter() - t, loss.detach(), grads
 
@@ -88,6 +97,7 @@ def main(argv=None) -> int:
         "machine": machine(dev, args.threads),
         "shape": {"d_model": args.d_model, "n_layer": args.n_layer, "vocab": args.vocab, "batch": args.batch,
                   "seqlen": args.seqlen, "dtype": "bf16 autocast" if amp else "fp32"},
+        "frozen_lm": args.frozen_lm,
         "compile_backend": args.backend,
         "first_call_seconds": first,
         "seconds_median": med,
