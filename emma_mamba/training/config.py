@@ -243,8 +243,8 @@ class RunConfig:
             bad(f"val.every_steps and val.max_samples must be >= 0, got {v.every_steps} and {v.max_samples}")
         if v.micro_batch_size is not None and v.micro_batch_size < 1:
             bad(f"val.micro_batch_size must be >= 1 (or null), got {v.micro_batch_size}")
-        if v.json is None and (v.every_steps or v.max_samples or v.image_folder):
-            bad("val.every_steps / max_samples / image_folder are set but val.json (the validation file) is not")
+        if v.json is None and (v.every_steps or v.max_samples):
+            bad("val.every_steps / val.max_samples are set but val.json (the validation file) is not")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.every_steps < 1:
