@@ -44,6 +44,24 @@ def compare(got, want):
             assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
 
 
+def _val_section(shapes, tmp_path):
+    """5 held-out records, validated every 2 steps: with one row per forward one process runs 3 forwards, the
+    other 2 and a zero-weight one."""
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads((shapes / "train" / "stage2_instruct.json").read_text())[12:17]))
+    return {"json": str(val), "image_folder": str(shapes / "images"), "every_steps": 2, "micro_batch_size": 1}
+
+
+def compare_val(run_dir, tmp_path):
+    """The validation records of a torchrun run against the 1-process run's (setup_run saved them)."""
+    got, want = metrics(run_dir, val=True), json.loads((tmp_path / "ref_val.json").read_text())
+    assert [v["step"] for v in got] == [v["step"] for v in want] == [2, 3]
+    for g, w in zip(got, want):
+        assert g["val_samples"] == 5 and g["val_label_tokens"] == w["val_label_tokens"]
+        for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
+
+
 def setup_run(shapes, tmp_path, **sections):
     """12 records (10 with an image, 2 text-only), 3 steps of 4 rows: every record is seen once, and the
     text-only ones form micro-batches that do not touch the vision bridge (DDP's unused parameters)."""
@@ -65,30 +83,22 @@ def setup_run(shapes, tmp_path, **sections):
 
 
 def test_torchrun_ddp_two_processes_match_one_process(shapes, tmp_path):
-    """Also the validation loss (val.json, 5 records, one row per forward: 3 forwards on one process, 2 and a
-    zero-weight one on the other) equals the 1-process run's."""
-    val = tmp_path / "val.json"
-    val.write_text(json.dumps(json.loads((shapes / "train" / "stage2_instruct.json").read_text())[12:17]))
-    y, ref = setup_run(shapes, tmp_path, val={"json": str(val), "image_folder": str(shapes / "images"),
-                                              "every_steps": 2})
+    """Also the validation loss (val.json) equals the 1-process run's."""
+    y, ref = setup_run(shapes, tmp_path, val=_val_section(shapes, tmp_path))
     assert sum(m["samples"] for m in ref) == 12  # padding: one record per row, each seen once
     r = torchrun(["finetune", "--config", str(y)])  # two processes: 2 micro-batches of 1 row each per step
     assert "2 procs), ddp" in r.stderr
     compare(metrics(tmp_path / "ddp"), ref)
-    got, want = metrics(tmp_path / "ddp", val=True), json.loads((tmp_path / "ref_val.json").read_text())
-    assert [v["step"] for v in got] == [v["step"] for v in want] == [2, 3]
-    for g, w in zip(got, want):
-        assert g["val_samples"] == 5 and g["val_label_tokens"] == w["val_label_tokens"]
-        for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
-            assert g[k] == pytest.approx(w[k], rel=1e-5), (g["step"], k)
+    compare_val(tmp_path / "ddp", tmp_path)
     assert emma_mamba.load(tmp_path / "ddp").config.name == "tiny"
 
 
 @pytest.mark.slow
 def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
-    y, ref = setup_run(shapes, tmp_path, data={"packing": True})
+    y, ref = setup_run(shapes, tmp_path, data={"packing": True}, val=_val_section(shapes, tmp_path))
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
     compare(metrics(tmp_path / "ddp"), ref)
+    compare_val(tmp_path / "ddp", tmp_path)  # validation under FSDP (packed rows)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.yaml", "trainer_state.pt",
                                                  "rng_rank0.pt", "rng_rank1.pt", "train_config.yaml"}
