@@ -130,8 +130,7 @@ class Trainer:
 
         # ---- data
         m = self.model
-        self.dataset = LlavaDataset(cfg.data, m.tokenizer, cfg.model.image_token, m.image_token_id,
-                                    m.vision.num_tokens, m.image_processor)
+        self.dataset = self._dataset(cfg.data)
         if len(self.dataset) == 0:
             raise DataError(f"{cfg.data.json}: no usable records ({self.dataset.report.summary()})")
         self.val_dataset = self._val_dataset()
@@ -163,13 +162,16 @@ class Trainer:
                      tc.micro_batch_size, self.accum, info.world_size, self.strategy,
                      "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
 
+    def _dataset(self, dcfg) -> LlavaDataset:
+        m = self.model
+        return LlavaDataset(dcfg, m.tokenizer, self.cfg.model.image_token, m.image_token_id, m.vision.num_tokens,
+                            m.image_processor)
+
     def _val_dataset(self) -> LlavaDataset | None:
-        v, m = self.cfg.val, self.model
+        v = self.cfg.val
         if v.json is None:
             return None
-        dcfg = dataclasses.replace(self.cfg.data, json=v.json, image_folder=v.image_folder)
-        ds = LlavaDataset(dcfg, m.tokenizer, self.cfg.model.image_token, m.image_token_id, m.vision.num_tokens,
-                          m.image_processor)
+        ds = self._dataset(dataclasses.replace(self.cfg.data, json=v.json, image_folder=v.image_folder))
         if v.max_samples:
             ds.samples = ds.samples[:v.max_samples]
         if len(ds) == 0:
@@ -214,7 +216,11 @@ class Trainer:
             log.info("epoch %d: the last step repeats %d rows from the start of the epoch to fill the global batch",
                      epoch, stop * self.rows_per_step - len(rows))
         mbs = [m for s in range(start, stop) for m in self._step_micro_batches(rows, s)]
-        ds = _MicroBatches(self.dataset, mbs, self.model.tokenizer.pad_token_id, self.cfg.data.packing)
+        return self._data_loader(self.dataset, mbs)
+
+    def _data_loader(self, dataset: LlavaDataset, micro_batches: list[list[list[int]]]):
+        """Collated micro-batches of ``dataset`` in the given order (data.num_workers processes decode images)."""
+        ds = _MicroBatches(dataset, micro_batches, self.model.tokenizer.pad_token_id, self.cfg.data.packing)
         nw = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
                                            pin_memory=self.info.device.type == "cuda",
@@ -238,12 +244,20 @@ class Trainer:
         return out
 
     def _dummy_batch(self) -> dict:
-        # every sample of this micro-batch was skipped: a zero-weight text row keeps collectives in step
+        # a zero-weight text row (see _usable): keeps the collectives of every rank in step
         pad = self.model.tokenizer.pad_token_id
         ids = torch.full((1, 2), pad, dtype=torch.long)
         return {"input_ids": ids, "labels": torch.full_like(ids, -100), "seq_idx": None, "pixel_values": None,
                 "image_counts": [0], "instructions": [], "sample_ids": ["<skipped>"], "num_samples": 0,
                 "num_tokens": 0, "num_positions": 0, "num_label_tokens": 0, "num_images": 0}
+
+    def _usable(self, b: dict | None, dataset: LlavaDataset) -> dict:
+        """A loaded micro-batch with its image errors handed to data.on_error (raised, or logged and counted); an
+        empty one (every sample skipped) or none at all (a rank with fewer validation rows) becomes a zero-weight
+        dummy row."""
+        for err in b["errors"] if b is not None else ():
+            dataset.report_issue(err)  # raises under on_error=raise
+        return self._dummy_batch() if b is None or b.get("empty") else b
 
     def _forward(self, b: dict):
         """The (wrapped) model on a batch already on the device."""
@@ -253,11 +267,7 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
-        batches = []
-        for b in micro_batches:
-            for err in b["errors"]:
-                self.dataset.report_issue(err)  # raises under on_error=raise
-            batches.append(self._dummy_batch() if b.get("empty") else b)
+        batches = [self._usable(b, self.dataset) for b in micro_batches]
         keys = ("num_label_tokens", "num_images", "num_tokens", "num_positions", "num_samples")
         counts = torch.tensor([[b[k] for k in keys] for b in batches], dtype=torch.float64).sum(0)
         counts = all_reduce_sum(counts.to(info.device)).cpu()
@@ -301,22 +311,14 @@ class Trainer:
         chunks = [rows[j:j + mb] for j in range(0, len(rows), mb)]
         per_rank = -(-len(chunks) // info.world_size)  # every rank runs as many forwards (FSDP's collectives)
         mine = chunks[info.rank::info.world_size]
-        loader = torch.utils.data.DataLoader(
-            _MicroBatches(ds, mine, self.model.tokenizer.pad_token_id, d.packing), batch_size=None,
-            shuffle=False, num_workers=d.num_workers, pin_memory=info.device.type == "cuda")
-        batches = iter(loader)
+        batches = iter(self._data_loader(ds, mine))
         # sums: lm loss x tokens, align loss x images, answer tokens, images, tokens predicted right
         sums = torch.zeros(5, dtype=torch.float64, device=info.device)
         was_training = self.model.training
         self.model.eval()
         try:
             for j in range(per_rank):
-                b = next(batches, None)
-                if b is not None:
-                    for err in b["errors"]:
-                        ds.report_issue(err)  # raises under on_error=raise
-                b = self._dummy_batch() if b is None or b.get("empty") else b
-                b = self._to_device(b)
+                b = self._to_device(self._usable(next(batches, None), ds))
                 with self._autocast():
                     out = self._forward(b)
                 target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
