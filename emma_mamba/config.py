@@ -12,6 +12,10 @@ Presets (``get_preset(name)``):
   3/4 depth and the penultimate block, cross-attention MFF, instruction fusion and the pixel alignment head.
   CLIP rather than SigLIP because instruction fusion needs the encoder's own text tower and tokenizer, and
   CLIP's BPE tokenizer ships inside open_clip (SigLIP's is an HF hub download).
+- ``emma-mamba-2.8b-dinosiglip``: the same LM, MFF, instruction fusion and alignment head over the vision front
+  of Cobra and the EMMA-Mamba paper: SigLIP so400m/14-384 and DINOv2 ViT-L/14 (4 registers) at 384 px, their
+  patch tokens concatenated channel-wise at four taps each (``vision.second_encoder``). Instruction fusion uses
+  SigLIP's text tower, whose HF tokenizer must be a local directory (``instruction.tokenizer``).
 - ``cobra-like``: the same encoder and LM with no MFF (penultimate layer only), no instruction fusion and no
   alignment head: the Cobra / LLaVA baseline.
 
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 __all__ = [
-    "VisionConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig", "AlignConfig",
+    "VisionConfig", "SecondEncoderConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig", "AlignConfig",
     "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides", "config_to_dict",
     "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs", "resolve_config_path",
 ]
@@ -41,6 +45,28 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A user-facing configuration error (bad key, bad type, bad value); the message names the field."""
+
+
+@dataclass
+class SecondEncoderConfig:
+    timm_model: str | None = None
+    """timm ViT whose patch tokens are concatenated channel-wise with the open_clip tower's at every tap (the
+    dual encoder of Prismatic / Cobra / the EMMA-Mamba paper: DINOv2 'vit_large_patch14_reg4_dinov2' beside
+    SigLIP); None = the open_clip tower alone. Built by timm.create_model without a download."""
+    pretrained: str | None = None
+    """Local timm checkpoint file (.safetensors, .bin, .pth) loaded at build time, position embeddings resampled
+    by timm when its resolution differs (DINOv2's 518 px weights at 384 px); None = random init."""
+    timm_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of timm.create_model (e.g. img_size: 384; a tiny depth/embed_dim for tests). The image
+    size and patch grid must equal the open_clip tower's."""
+    taps: list[int] = field(default_factory=lambda: [-2])
+    """Block indices of this encoder (negative counts from the end), one per vision.taps entry: the k-th
+    smallest of each list are concatenated."""
+    mean: list[float] | None = None
+    """Per-channel normalisation mean of this encoder's input; None = timm's pretrained config of the model
+    (ImageNet's for DINOv2). The image is resized once, by the open_clip tower's transform, and re-normalised."""
+    std: list[float] | None = None
+    """Per-channel normalisation std; None = timm's pretrained config of the model."""
 
 
 @dataclass
@@ -57,7 +83,9 @@ class VisionConfig:
     taps: list[int] = field(default_factory=lambda: [-2])
     """ViT block indices whose patch tokens feed MFF (negative counts from the end); the last is the main tap."""
     freeze: bool = True
-    """Keep the ViT frozen (no grad, eval mode even under model.train())."""
+    """Keep the ViT frozen (no grad, eval mode even under model.train()); also the second encoder."""
+    second_encoder: SecondEncoderConfig = field(default_factory=SecondEncoderConfig)
+    """An optional second (timm) ViT fused channel-wise with this one at every tap (dual encoder)."""
 
 
 @dataclass
@@ -175,6 +203,7 @@ class ModelConfig:
         if self.mff.mode == "none" and len(self.vision.taps) != 1:
             raise ConfigError(f"mff.mode 'none' uses a single tap, but vision.taps has {len(self.vision.taps)}: "
                               f"{self.vision.taps} (use e.g. [-2], or pick an MFF mode)")
+        self._validate_second_encoder()
         if self.mff.num_heads < 1:
             raise ConfigError(f"mff.num_heads must be >= 1, got {self.mff.num_heads}")
         if self.projector.depth not in (2, 3):
@@ -192,6 +221,32 @@ class ModelConfig:
         if not self.image_token:
             raise ConfigError("image_token must be a non-empty string")
         return self
+
+    def _validate_second_encoder(self) -> None:
+        se = self.vision.second_encoder
+        if se.timm_model is None:
+            set_fields = [k for k in ("pretrained", "mean", "std") if getattr(se, k) is not None]
+            set_fields += ["timm_kwargs"] if se.timm_kwargs else []
+            if set_fields:
+                raise ConfigError(f"vision.second_encoder: {', '.join(set_fields)} set but timm_model is null (name "
+                                  f"the timm ViT, e.g. vit_large_patch14_reg4_dinov2, or remove them)")
+            return
+        if len(se.taps) != len(self.vision.taps):
+            raise ConfigError(f"vision.second_encoder.taps: {se.taps} has {len(se.taps)} block indices but "
+                              f"vision.taps {self.vision.taps} has {len(self.vision.taps)}; the taps are fused "
+                              f"pairwise, one of each encoder")
+        if len(set(se.taps)) != len(se.taps):
+            raise ConfigError(f"vision.second_encoder.taps: duplicate block indices in {se.taps}")
+        for name in ("mean", "std"):
+            v = getattr(se, name)
+            if v is not None and len(v) != 3:
+                raise ConfigError(f"vision.second_encoder.{name}: expected 3 values (R, G, B), got {v}")
+        if se.std is not None and min(se.std) <= 0:
+            raise ConfigError(f"vision.second_encoder.std: every value must be > 0, got {se.std}")
+        for key in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
+            if key in se.timm_kwargs:
+                raise ConfigError(f"vision.second_encoder.timm_kwargs: {key!r} is not allowed (weights come only "
+                                  f"from vision.second_encoder.pretrained, a local file)")
 
 
 # --------------------------------------------------------------------------------------------------- presets
@@ -232,6 +287,20 @@ def _emma_mamba_2p8b() -> ModelConfig:
     )
 
 
+def _emma_mamba_2p8b_dinosiglip() -> ModelConfig:
+    # The paper's (and Cobra's / Prismatic's) vision front: SigLIP so400m/14 at 384 px (27 blocks, width 1152)
+    # with DINOv2 ViT-L/14 + 4 registers (24 blocks, width 1024) at the same 384 px, 27 x 27 = 729 patches each,
+    # concatenated channel-wise (2176) at every tap: 1/4, 1/2, 3/4 depth and the penultimate block of each.
+    # SigLIP's text tower feeds instruction fusion; its tokenizer must be a local directory (instruction.tokenizer).
+    cfg = _emma_mamba_2p8b()
+    cfg.name = "emma-mamba-2.8b-dinosiglip"
+    cfg.vision = VisionConfig(
+        model_name="ViT-SO400M-14-SigLIP-384", preprocess_tag="webli", taps=[6, 13, 19, -2],
+        second_encoder=SecondEncoderConfig(timm_model="vit_large_patch14_reg4_dinov2",
+                                           timm_kwargs={"img_size": 384}, taps=[5, 11, 17, -2]))
+    return cfg
+
+
 def _cobra_like() -> ModelConfig:
     cfg = _emma_mamba_2p8b()
     cfg.name = "cobra-like"
@@ -242,7 +311,8 @@ def _cobra_like() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b, "cobra-like": _cobra_like}
+PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b, "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip,
+           "cobra-like": _cobra_like}
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -14,7 +14,8 @@ import json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="named preset (tiny, emma-mamba-2.8b, cobra-like); default tiny")
+    src.add_argument("--preset", default=None,
+                     help="named preset (tiny, emma-mamba-2.8b, emma-mamba-2.8b-dinosiglip, cobra-like); default tiny")
     src.add_argument("--config", default=None, help="model config YAML (strict overrides of a preset)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
@@ -36,6 +37,9 @@ def report(cfg) -> dict:
         "vision": cfg.vision.model_name,
         "visual_tokens": model.vision.num_tokens,
         "taps": model.vision.taps,
+        "second_encoder": cfg.vision.second_encoder.timm_model,
+        "second_encoder_taps": model.vision.second_taps,
+        "vision_width": model.vision.width,
         "modules": rows,
         "total": total,
         "mff_share": mff / total["total"],
@@ -60,7 +64,9 @@ def run(args) -> int:
         print(json.dumps(rep, indent=2))
         return 0
     tot = rep["total"]["total"]
-    print(f"{rep['config']}: {rep['vision']} taps {rep['taps']} -> {rep['visual_tokens']} visual tokens, "
+    second = (f" + {rep['second_encoder']} taps {rep['second_encoder_taps']} (concatenated, width "
+              f"{rep['vision_width']})" if rep["second_encoder"] else "")
+    print(f"{rep['config']}: {rep['vision']} taps {rep['taps']}{second} -> {rep['visual_tokens']} visual tokens, "
           f"Mamba LM d_model {cfg.lm.d_model} x {cfg.lm.n_layer} layers")
     print(f"{'module':<26}{'params':>12}{'% of total':>12}{'stage1 train':>14}{'stage2 train':>14}")
     for name, r in rep["modules"].items():
@@ -70,5 +76,5 @@ def run(args) -> int:
     print(f"{'total':<26}{_fmt(t['total']):>12}{100.0:>11.3f}%{_fmt(t['pretrain']):>14}{_fmt(t['finetune']):>14}")
     print(f"MFF adds {100 * rep['mff_share']:.4f}% of the parameters; instruction fusion adds "
           f"{100 * rep['instruction_fusion_share']:.4f}% trainable (+ {100 * rep['instruction_text_tower_share']:.3f}% "
-          f"frozen CLIP text tower)")
+          f"frozen text tower)")
     return 0

@@ -30,7 +30,8 @@ def test_presets():
     assert cobra.lm == big.lm and cobra.vision.model_name == big.vision.model_name
     get_preset("tiny").validate()
     assert get_preset("tiny") is not get_preset("tiny")  # fresh copies: mutating one never leaks
-    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid presets: tiny, emma-mamba-2.8b, cobra-like"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid presets: tiny, emma-mamba-2.8b, "
+                                          "emma-mamba-2.8b-dinosiglip, cobra-like"):
         get_preset("huge")
 
 

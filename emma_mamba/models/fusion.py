@@ -153,6 +153,8 @@ class InstructionFusion(nn.Module):
         a tenth of a tiny-model training step. A truncated instruction is counted and logged on every use."""
         if isinstance(texts, str):
             texts = [texts]
+        if self.tokenizer is None:
+            raise RuntimeError("this InstructionFusion was built without a tokenizer (a meta-device build)")
         rows, n_trunc = [], 0
         for t in texts:
             if not isinstance(t, str):

@@ -10,6 +10,14 @@ zero for SigLIP), so every tap is exactly the ``grid_h * grid_w`` patch tokens i
 ``i`` is the *output of block i* (0-based; -2 = the penultimate block, LLaVA/Cobra's feature layer); open_clip
 returns the taps in block order, so they are kept sorted ascending and the last tap is the deepest.
 
+Dual encoder (``vision.second_encoder``, Prismatic / Cobra / the EMMA-Mamba paper's DINOv2 + SigLIP): a second
+ViT from timm (``timm.create_model``, random init or a local checkpoint file, never a download) runs on the same
+preprocessed image and its taps are concatenated with the open_clip tower's along the channel axis, pairwise
+(the k-th smallest tap index of each), so every downstream module sees one token grid of width C1 + C2. The
+image is resized once, by the open_clip tower's transform (Prismatic's "resize-naive" strategy resizes both
+towers' inputs the same way), and re-normalised for the second tower with its own mean/std by an exact affine
+map, ``x2 = x1 * std1 / std2 + (mean1 - mean2) / std2``; the two towers must agree on image size and patch grid.
+
 Preprocessing is open_clip's own eval transform (``open_clip.image_transform`` with the model's preprocess
 config, or the config of a named pretrained tag, e.g. SigLIP's 0.5 mean/std and 'squash' resize). Before it,
 ``load_image`` turns anything PIL can open into RGB: EXIF rotation applied, alpha (RGBA, LA, palette with
@@ -30,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from emma_mamba.config import ConfigError, VisionConfig
+from emma_mamba.config import ConfigError, SecondEncoderConfig, VisionConfig
 
 if TYPE_CHECKING:  # PIL is imported where images are loaded
     from PIL import Image
 
-__all__ = ["build_open_clip", "VisionEncoder", "load_image", "ImageProcessor"]
+__all__ = ["build_open_clip", "build_second_encoder", "VisionEncoder", "load_image", "ImageProcessor"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +112,55 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
     return model, preprocess_cfg
 
 
+def build_second_encoder(cfg: SecondEncoderConfig, device: torch.device | str | None = None,
+                         load_weights: bool = True) -> tuple[nn.Module, tuple[float, ...], tuple[float, ...]]:
+    """The timm ViT of ``vision.second_encoder`` (classifier head removed) with its input mean and std.
+
+    ``device='meta'`` builds shapes only. Weights come from ``cfg.pretrained``, a local file, through timm's own
+    loader (which resamples the position embeddings to the configured image size); a file that does not fit the
+    architecture is a ConfigError naming it.
+    """
+    import timm
+
+    if cfg.timm_model is None:
+        raise ValueError("vision.second_encoder.timm_model is null: there is no second encoder to build")
+    if not timm.is_model(cfg.timm_model):
+        close = timm.list_models(f"*{cfg.timm_model.split('.')[0][:12]}*")[:8]
+        raise ConfigError(f"vision.second_encoder.timm_model: {cfg.timm_model!r} is not a timm model"
+                          f"{'; similar: ' + ', '.join(close) if close else ''} (see timm.list_models())")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on_meta = device.type == "meta"
+    pretrained = cfg.pretrained if (load_weights and not on_meta) else None
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise ConfigError(f"vision.second_encoder.pretrained: {pretrained!r} is not an existing file (only local "
+                          f"checkpoint files are accepted; download the timm weights beforehand)")
+    kwargs = {"num_classes": 0, **cfg.timm_kwargs}
+    if pretrained is not None:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": pretrained, "hf_hub_id": None, "url": None})
+    try:
+        with torch.device(device) if on_meta else _nullcontext():
+            model = timm.create_model(cfg.timm_model, **kwargs)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if pretrained is not None:
+            raise ConfigError(f"vision.second_encoder.pretrained: {pretrained} does not fit {cfg.timm_model} with "
+                              f"timm_kwargs {cfg.timm_kwargs}: {first}") from None
+        raise ConfigError(f"vision.second_encoder: timm cannot build {cfg.timm_model} with timm_kwargs "
+                          f"{cfg.timm_kwargs}: {first}") from None
+    except TypeError as e:
+        raise ConfigError(f"vision.second_encoder.timm_kwargs: {cfg.timm_kwargs} not accepted by "
+                          f"{cfg.timm_model}: {e}") from None
+    if not on_meta:
+        model.to(device)
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in (cfg.mean if cfg.mean is not None else pcfg.get("mean", ())))
+    std = tuple(float(v) for v in (cfg.std if cfg.std is not None else pcfg.get("std", ())))
+    if len(mean) != 3 or len(std) != 3:
+        raise ConfigError(f"vision.second_encoder: timm has no 3-channel mean/std for {cfg.timm_model}; set "
+                          f"vision.second_encoder.mean and .std")
+    return model, mean, std
+
+
 class _DropRecords(logging.Filter):
     def __init__(self, prefix: str):
         super().__init__()
@@ -126,8 +183,8 @@ def _vit_layout(visual: nn.Module) -> dict[str, Any]:
     if hasattr(visual, "transformer") and hasattr(visual, "grid_size"):  # open_clip.transformer.VisionTransformer
         return dict(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width,
                     patch_size=tuple(visual.patch_size), grid=tuple(visual.grid_size), prefix_tokens=1)
-    trunk = getattr(visual, "trunk", None)  # open_clip.timm_model.TimmModel
-    if trunk is not None and hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+    trunk = getattr(visual, "trunk", visual)  # open_clip.timm_model.TimmModel, or a timm ViT itself
+    if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
         return dict(n_blocks=len(trunk.blocks), width=trunk.embed_dim,
                     patch_size=tuple(trunk.patch_embed.patch_size), grid=tuple(trunk.patch_embed.grid_size),
                     prefix_tokens=int(getattr(trunk, "num_prefix_tokens", 0)))
@@ -139,21 +196,18 @@ class VisionEncoder(nn.Module):
     """An open_clip vision tower returning the patch tokens of K blocks.
 
     forward(pixel_values (b, 3, H, W)) -> list of K tensors (b, grid_h * grid_w, width), ascending block order.
+
+    With a ``second`` (timm) ViT, each tap is the channel concatenation [open_clip tap k ; second tap k] and
+    ``width`` is the sum of both widths; ``second_mean`` / ``second_std`` are its input normalisation.
     """
 
-    def __init__(self, visual: nn.Module, cfg: VisionConfig, preprocess_cfg: dict):
+    def __init__(self, visual: nn.Module, cfg: VisionConfig, preprocess_cfg: dict, second: nn.Module | None = None,
+                 second_mean: Sequence[float] = (), second_std: Sequence[float] = ()):
         super().__init__()
         self.visual = visual
         layout = _vit_layout(visual)
         n = layout["n_blocks"]
-        for t in cfg.taps:
-            if not -n <= t < n:
-                raise ConfigError(f"vision.taps: block index {t} is out of range for {cfg.model_name}, which has "
-                                  f"{n} blocks (valid: {-n}..{n - 1})")
-        taps = sorted({t % n for t in cfg.taps})
-        if len(taps) != len(cfg.taps):
-            raise ConfigError(f"vision.taps: {cfg.taps} name the same block twice ({n} blocks)")
-        self.taps: list[int] = taps
+        self.taps: list[int] = _resolve_taps(cfg.taps, n, "vision.taps", cfg.model_name)
         self.n_blocks = n
         self.width: int = layout["width"]
         self.patch_size: tuple[int, int] = layout["patch_size"]
@@ -163,16 +217,44 @@ class VisionEncoder(nn.Module):
         self.preprocess_cfg = preprocess_cfg
         size = preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else tuple(size)
+        self.second = second
+        self.second_taps: list[int] = []
+        if second is not None:
+            se = cfg.second_encoder
+            lay2 = _vit_layout(second)
+            self.second_taps = _resolve_taps(se.taps, lay2["n_blocks"], "vision.second_encoder.taps", se.timm_model)
+            size2 = tuple(second.patch_embed.img_size)
+            if size2 != self.image_size:
+                raise ConfigError(f"vision.second_encoder: {se.timm_model} takes {size2[0]}x{size2[1]} images but "
+                                  f"{cfg.model_name} takes {self.image_size[0]}x{self.image_size[1]}; set "
+                                  f"vision.second_encoder.timm_kwargs.img_size: {self.image_size[0]}")
+            if tuple(lay2["grid"]) != self.grid:
+                raise ConfigError(f"vision.second_encoder: {se.timm_model}'s patch grid {lay2['grid']} differs from "
+                                  f"{cfg.model_name}'s {self.grid}; the taps are fused token by token, so both "
+                                  f"encoders need the same grid (patch size x grid = image size)")
+            self.width += lay2["width"]
+            # x2 = (x1 * std1 + mean1 - mean2) / std2, per channel, as one multiply-add
+            m1, s1 = (torch.tensor(preprocess_cfg[k], dtype=torch.float64) for k in ("mean", "std"))
+            m2, s2 = torch.tensor(second_mean, dtype=torch.float64), torch.tensor(second_std, dtype=torch.float64)
+            fk = dict(dtype=torch.float32, device=None if _is_meta(second) else next(second.parameters()).device)
+            self.register_buffer("second_scale", (s1 / s2).to(**fk).view(3, 1, 1), persistent=False)
+            self.register_buffer("second_shift", ((m1 - m2) / s2).to(**fk).view(3, 1, 1), persistent=False)
         self.frozen = cfg.freeze
         if self.frozen:
-            self.visual.requires_grad_(False)
-            self.visual.eval()
+            for tower in self.towers():
+                tower.requires_grad_(False)
+                tower.eval()
+
+    def towers(self) -> list[nn.Module]:
+        """The ViTs: the open_clip tower, and the second encoder when there is one."""
+        return [self.visual] if self.second is None else [self.visual, self.second]
 
     def train(self, mode: bool = True):
         # A frozen tower stays in eval mode (no patch dropout, frozen norm statistics) under model.train().
         super().train(mode)
         if self.frozen:
-            self.visual.eval()
+            for tower in self.towers():
+                tower.eval()
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -190,7 +272,33 @@ class VisionEncoder(nn.Module):
         assert len(feats) == len(self.taps) and feats[0].shape[1] == self.num_tokens, (
             f"open_clip returned {len(feats)} taps of {feats[0].shape[1]} tokens; expected {len(self.taps)} "
             f"of {self.num_tokens}")
-        return list(feats)
+        if self.second is None:
+            return list(feats)
+        dtype2 = next(self.second.parameters()).dtype
+        x2 = pixel_values.float() * self.second_scale + self.second_shift  # its own mean/std
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            feats2 = self.second.forward_intermediates(
+                x2.to(dtype2), indices=self.second_taps, stop_early=True, intermediates_only=True, output_fmt="NLC")
+        assert len(feats2) == len(feats) and feats2[0].shape[1] == self.num_tokens, (
+            f"the second encoder returned {len(feats2)} taps of {feats2[0].shape[1]} tokens; expected "
+            f"{len(feats)} of {self.num_tokens}")
+        return [torch.cat([a, b.to(a.dtype)], dim=-1) for a, b in zip(feats, feats2)]  # K x (b, N, C1 + C2)
+
+
+def _resolve_taps(taps: Sequence[int], n: int, where: str, model_name: str) -> list[int]:
+    """Block indices in [0, n), ascending; a ConfigError naming ``where`` for an index out of range or a repeat."""
+    for t in taps:
+        if not -n <= t < n:
+            raise ConfigError(f"{where}: block index {t} is out of range for {model_name}, which has {n} blocks "
+                              f"(valid: {-n}..{n - 1})")
+    resolved = sorted({t % n for t in taps})
+    if len(resolved) != len(taps):
+        raise ConfigError(f"{where}: {list(taps)} name the same block twice ({n} blocks)")
+    return resolved
+
+
+def _is_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ images

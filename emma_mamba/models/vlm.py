@@ -37,7 +37,7 @@ from torch import nn
 from emma_mamba.config import ConfigError, ModelConfig, load_config, save_config
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
-from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip
+from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
 
 __all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "TRAINABLE_MODULES", "load", "answer", "CHAT_TEMPLATE", "TURN_END",
            "TURN_SEP", "build_chat_prompt"]
@@ -104,14 +104,22 @@ class EmmaMamba(nn.Module):
         fk = dict(device=device, dtype=dtype)
 
         clip, preprocess_cfg = build_open_clip(config.vision, device=device, load_weights=load_pretrained)
+        second, second_mean, second_std = None, (), ()
+        if config.vision.second_encoder.timm_model is not None:
+            second, second_mean, second_std = build_second_encoder(config.vision.second_encoder, device=device,
+                                                                   load_weights=load_pretrained)
         if dtype is not None:
             clip.to(dtype)
-        self.vision = VisionEncoder(clip.visual, config.vision, preprocess_cfg)
+            if second is not None:
+                second.to(dtype)
+        self.vision = VisionEncoder(clip.visual, config.vision, preprocess_cfg, second, second_mean, second_std)
         width, n_tok = self.vision.width, self.vision.num_tokens
         self.mff = MultiScaleFusion(width, len(self.vision.taps), config.mff.mode, config.mff.num_heads, **fk)
         if config.instruction.enabled:
             clip.visual = None  # the ViT lives in self.vision; keep only the text tower here
-            clip_tok = _text_tokenizer(config, clip.context_length)
+            # a meta build (a parameter report) never tokenizes: it needs no tokenizer files
+            meta = device is not None and torch.device(device).type == "meta"
+            clip_tok = None if meta else _text_tokenizer(config, clip.context_length)
             self.instruction = InstructionFusion(clip, clip_tok, width, n_tok, config.instruction.text_layer, **fk)
         else:
             self.instruction = None
@@ -388,8 +396,10 @@ class EmmaMamba(nn.Module):
         """{part: {'total', 'pretrain', 'finetune'}}: parameters per part, and those trained in each stage
         (STAGES; frozen towers never). Tied weights count once."""
         inst = self.instruction
+        vision_trained = None if self.vision.frozen else "vision"
         parts = {  # part -> (module, the STAGES entry that trains it, or None for never)
-            "vision": (self.vision, None if self.vision.frozen else "vision"),
+            "vision": (self.vision.visual, vision_trained),
+            "vision.second_encoder": (self.vision.second, vision_trained),
             "mff": (self.mff, "mff"),
             "instruction.text_tower": (inst.text_model if inst is not None else None, None),
             "instruction.fusion": (nn.ModuleList([inst.text_proj, inst.token_mixer]) if inst is not None else None,
@@ -414,7 +424,8 @@ class EmmaMamba(nn.Module):
         """Recompute the LM's (and an unfrozen ViT's) activations in the backward pass."""
         self.lm.set_gradient_checkpointing(enabled)
         if not self.vision.frozen:
-            self.vision.visual.set_grad_checkpointing(enabled)
+            for tower in self.vision.towers():
+                tower.set_grad_checkpointing(enabled)
         return self
 
     def extra_repr(self) -> str:
