@@ -227,6 +227,7 @@ class ModelConfig:
         if se.timm_model is None:
             set_fields = [k for k in ("pretrained", "mean", "std") if getattr(se, k) is not None]
             set_fields += ["timm_kwargs"] if se.timm_kwargs else []
+            set_fields += ["taps"] if se.taps != SecondEncoderConfig().taps else []
             if set_fields:
                 raise ConfigError(f"vision.second_encoder: {', '.join(set_fields)} set but timm_model is null (name "
                                   f"the timm ViT, e.g. vit_large_patch14_reg4_dinov2, or remove them)")

@@ -28,7 +28,8 @@ def _stage_from_prog(prog: str) -> str:
 
 def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.allow_abbrev = False  # `--train.l` must not silently mean `--train.lr`
-    p.usage = f"{p.prog} --config YAML [--resume DIR|auto] [--device D] [--print-config] [--SECTION.KEY VALUE ...]"
+    p.usage = (f"{p.prog} --config YAML [--model NAME|YAML] [--resume DIR|auto] [--device D] [--print-config] "
+               f"[--SECTION.KEY VALUE ...]")
     p.set_defaults(_stage=stage or _stage_from_prog(p.prog))
     p.add_argument("--config", required=True,
                    help="run YAML (configs/train_*.yaml; a shipped recipe may also be named without the file: "
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     p.add_argument("--resume", default=None, metavar="DIR|auto",
                    help="continue a run exactly: a checkpoints/step_N directory, or 'auto' for the latest one in "
                         "output_dir (a fresh start if there is none)")
+    p.add_argument("--model", dest="_model", default=None, metavar="NAME|YAML",
+                   help="replace the recipe's model: a preset (emma-mamba-2.8b-dinosiglip, ...) or a model YAML "
+                        "(configs/model_*.yaml); --model.* keys then apply on top of it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     g = p.add_argument_group("config overrides (dotted paths of the run YAML; values are YAML)")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: stage is {other!r}; run it with `emma-mamba {other}`, not {prog}")
         overrides = _overrides(args)
         overrides["stage"] = stage
-        cfg = load_run_config(path, overrides)
+        cfg = load_run_config(path, overrides, model=args._model)
     except (ConfigError, OSError, yaml.YAMLError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2

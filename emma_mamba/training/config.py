@@ -287,8 +287,11 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
 
 
 def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | None = None,
-                         override_source: str = "command line", base_dir: Path | None = None) -> RunConfig:
-    """A validated RunConfig from a YAML-shaped dict and optional nested overrides (both strict)."""
+                         override_source: str = "command line", base_dir: Path | None = None,
+                         model: str | None = None) -> RunConfig:
+    """A validated RunConfig from a YAML-shaped dict and optional nested overrides (both strict). ``model`` (a
+    preset name or a model YAML path, the command line's ``--model``) replaces the dict's model before the
+    ``model`` section of the overrides applies."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of config keys, got {type(d).__name__}")
     d = copy.deepcopy(d)
@@ -312,6 +315,11 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
                                   f"{ckpt_cfg}), not both; they differ in: {', '.join(diff)}")
     elif model_value is not None:
         cfg.model = _model_from_value(model_value, source, base_dir)
+    if model is not None:
+        if cfg.init_from is not None:
+            raise ConfigError(f"{override_source}: --model cannot replace a model loaded by init_from "
+                              f"({cfg.init_from})")
+        cfg.model = _model_from_value(model, override_source, None)
     if model_over is not None:
         if cfg.init_from is not None:
             raise ConfigError(f"{override_source}: --model.* overrides cannot change a model loaded by init_from")
@@ -323,12 +331,13 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
     return cfg.validate(source)
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+def load_run_config(path: str | Path, overrides: dict | None = None, *, model: str | None = None) -> RunConfig:
     """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``. ``path`` may name a
-    shipped recipe (:func:`emma_mamba.config.resolve_config_path`)."""
+    shipped recipe (:func:`emma_mamba.config.resolve_config_path`); ``model`` replaces its model (a preset name
+    or a model YAML path)."""
     path = resolve_config_path(path, "run config")
     return run_config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides,
-                                base_dir=path.parent)
+                                base_dir=path.parent, model=model)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

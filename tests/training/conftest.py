@@ -35,7 +35,7 @@ def make_cfg(shapes, out, json_path=None, **sections):
                    "weight_decay": 0.1},
          "log": {"progress_bar": False}}
     for k, v in sections.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and isinstance(d.get(k, {}), dict):
             d.setdefault(k, {}).update(v)
         else:
             d[k] = v

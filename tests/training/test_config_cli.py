@@ -71,6 +71,38 @@ def test_cli_overrides_are_parsed_and_validated(tmp_path, capsys):
     assert parse_cli_value("null") is None and parse_cli_value("3") == 3
 
 
+def test_model_replaced_on_the_command_line(tmp_path, capsys):
+    # --model NAME|FILE swaps the recipe's model (the dual-encoder 2.8B model on the 2.8B stage-1 recipe);
+    # --model.* keys then apply on top of it, nested sections included
+    rc = cli_train.main(["--config", str(CONFIGS / "train_emma-mamba-2.8b_stage1.yaml"), "--print-config",
+                         "--model", str(CONFIGS / "model_emma-mamba-2.8b-dinosiglip.yaml")])
+    assert rc == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    se = d["model"]["vision"]["second_encoder"]
+    assert d["model"]["name"] == "emma-mamba-2.8b-dinosiglip" and se["timm_model"] == "vit_large_patch14_reg4_dinov2"
+    assert d["train"]["lr"] == 1e-3 and d["stage"] == "pretrain"  # the recipe's training settings stay
+    p = write(tmp_path, BASE)
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model.vision.second_encoder.timm_model",
+                         "vit_small_patch14_reg4_dinov2", "--model.vision.second_encoder.timm_kwargs",
+                         "{img_size: 32, patch_size: 8}", "--model.vision.second_encoder.taps", "[0, 1]"])
+    assert rc == 0
+    se = yaml.safe_load(capsys.readouterr().out)["model"]["vision"]["second_encoder"]
+    assert se["timm_kwargs"] == {"img_size": 32, "patch_size": 8} and se["taps"] == [0, 1]
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model", "huge"])
+    assert rc == 2 and "command line: model: 'huge' is neither a preset" in capsys.readouterr().err
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model.vision.second_encoder.taps", "[0]"])
+    assert rc == 2 and "vision.second_encoder: taps set but timm_model is null" in capsys.readouterr().err
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model.vision.second_encoder.taps", "[0]",
+                         "--model.vision.second_encoder.timm_model", "vit_small_patch14_reg4_dinov2"])
+    assert rc == 2 and "second_encoder.taps: [0] has 1 block indices but vision.taps [0, 1] has 2" in \
+        capsys.readouterr().err
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_config(get_preset("tiny"), ck / "config.yaml")
+    rc = cli_train.main(["--config", str(p), "--print-config", "--init_from", str(ck), "--model", "tiny"])
+    assert rc == 2 and "--model cannot replace a model loaded by init_from" in capsys.readouterr().err
+
+
 def test_command_fixes_the_stage(tmp_path, capsys):
     p = write(tmp_path, BASE)
     assert cli_train.main(["--config", str(p)], stage="finetune") == 2

@@ -252,3 +252,26 @@ def test_validation_config_errors_name_the_key(shapes, tmp_path):
     bad.write_text(json.dumps([{"id": "q", "image": "nope.png", "conversations": []}]))
     with pytest.raises(DataError, match=r"bad\.json: record 0 \(id 'q'\): 'conversations' is missing"):
         Trainer(make_cfg(shapes, tmp_path / "y", subset(shapes, tmp_path, 2), val={"json": str(bad)}))
+
+
+def test_dual_encoder_trains_end_to_end_with_an_unfrozen_second_tower(shapes, tmp_path):
+    # vision.second_encoder (a timm DINOv2 beside the open_clip tower) through the trainer: the first step's
+    # objective equals each sample run alone through the same init, both towers train in stage 2 when
+    # vision.freeze is false, and the run's output loads back with the second tower's trained weights.
+    data = subset(shapes, tmp_path, 4)
+    model = {"preset": "tiny", "vision": {"freeze": False, "second_encoder": {
+        "timm_model": "vit_small_patch14_reg4_dinov2", "taps": [1, 2],
+        "timm_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 3, "num_heads": 2}}}}
+    cfg = make_cfg(shapes, tmp_path / "run", data, model=model,
+                   train={"global_batch_size": 4, "micro_batch_size": 2, "max_steps": 2})
+    torch.manual_seed(cfg.train.seed)
+    init = EmmaMamba(cfg.model, for_training=True)
+    t = Trainer(cfg)
+    metrics = t.fit()
+    lm, align, total = _oracle_step_loss(cfg, t.dataset)
+    assert metrics[0]["samples"] == 4 and metrics[0]["loss"] == pytest.approx(total, rel=1e-5)
+    out = emma_mamba.load(tmp_path / "run")
+    assert out.vision.second is not None and out.vision.width == 32 + 24
+    before, after = _named(init, "vision."), _named(out, "vision.")
+    for prefix in ("vision.second.", "vision.visual."):
+        assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith(prefix)), prefix
