@@ -75,12 +75,8 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
                           f"{cfg.model_name} has {sorted(base)}")
     merged = _deep_merge(base, cfg.open_clip_overrides)
 
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    on_meta = device.type == "meta"
-    pretrained = cfg.pretrained if (load_weights and not on_meta) else None
-    if pretrained is not None and not os.path.isfile(pretrained):
-        raise ConfigError(f"vision.pretrained: {pretrained!r} is not an existing file (only local checkpoint "
-                          f"files are accepted; download open_clip weights beforehand)")
+    device, on_meta, pretrained = _device_and_weights(device, cfg.pretrained, load_weights, "vision.pretrained",
+                                                      "open_clip")
 
     force_preprocess = None
     if cfg.preprocess_tag is not None:
@@ -128,12 +124,8 @@ def build_second_encoder(cfg: SecondEncoderConfig, device: torch.device | str | 
         close = timm.list_models(f"*{cfg.timm_model.split('.')[0][:12]}*")[:8]
         raise ConfigError(f"vision.second_encoder.timm_model: {cfg.timm_model!r} is not a timm model"
                           f"{'; similar: ' + ', '.join(close) if close else ''} (see timm.list_models())")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    on_meta = device.type == "meta"
-    pretrained = cfg.pretrained if (load_weights and not on_meta) else None
-    if pretrained is not None and not os.path.isfile(pretrained):
-        raise ConfigError(f"vision.second_encoder.pretrained: {pretrained!r} is not an existing file (only local "
-                          f"checkpoint files are accepted; download the timm weights beforehand)")
+    device, on_meta, pretrained = _device_and_weights(device, cfg.pretrained, load_weights,
+                                                      "vision.second_encoder.pretrained", "the timm")
     kwargs = {"num_classes": 0, **cfg.timm_kwargs}
     if pretrained is not None:
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": pretrained, "hf_hub_id": None, "url": None})
@@ -159,6 +151,18 @@ def build_second_encoder(cfg: SecondEncoderConfig, device: torch.device | str | 
         raise ConfigError(f"vision.second_encoder: timm has no 3-channel mean/std for {cfg.timm_model}; set "
                           f"vision.second_encoder.mean and .std")
     return model, mean, std
+
+
+def _device_and_weights(device, pretrained: str | None, load_weights: bool, where: str, whose: str):
+    """(device, on_meta, the weight file to load or None): no file on the meta device or when not loading; a
+    configured file that does not exist is a ConfigError naming ``where`` (a hub tag is never downloaded)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on_meta = device.type == "meta"
+    path = pretrained if (load_weights and not on_meta) else None
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{where}: {path!r} is not an existing file (only local checkpoint files are accepted; "
+                          f"download {whose} weights beforehand)")
+    return device, on_meta, path
 
 
 class _DropRecords(logging.Filter):

@@ -16,6 +16,7 @@ import emma_mamba
 from emma_mamba.config import ConfigError, SecondEncoderConfig, VisionConfig, get_preset
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
 from emma_mamba.models.vlm import EmmaMamba
+from tests.models.test_vision import _hooked_blocks
 
 DATA = os.path.dirname(skimage.data.__file__)
 IMAGES = [os.path.join(DATA, f) for f in ("astronaut.png", "chelsea.png")]
@@ -29,17 +30,6 @@ def dual_cfg(**second):
     for k, v in second.items():
         setattr(cfg.vision.second_encoder, k, v)
     return cfg.validate()
-
-
-def _block_outputs(blocks, run):
-    outs = {}
-    hooks = [b.register_forward_hook(lambda m, i, o, k=k: outs.__setitem__(k, o)) for k, b in enumerate(blocks)]
-    try:
-        run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
 
 
 def test_taps_are_both_towers_block_outputs_concatenated():
@@ -56,8 +46,8 @@ def test_taps_are_both_towers_block_outputs_concatenated():
     # Oracles: each tower's ordinary forward with hooks on its blocks; the second tower's input made by
     # open_clip's transform with DINOv2's own mean/std (not by the encoder's affine re-normalisation).
     x2 = ImageProcessor({**pp, "mean": mean, "std": std})(IMAGES)
-    outs1 = _block_outputs(clip.visual.transformer.resblocks, lambda: clip.visual(x))
-    outs2 = _block_outputs(dino.blocks, lambda: dino.forward_features(x2))
+    outs1 = _hooked_blocks(clip.visual.transformer.resblocks, lambda: clip.visual(x))
+    outs2 = _hooked_blocks(dino.blocks, lambda: dino.forward_features(x2))
     assert dino.num_prefix_tokens == 5
     for k, f in enumerate(feats):
         assert f.shape == (2, 16, 56)
