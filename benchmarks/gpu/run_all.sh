@@ -19,8 +19,14 @@
 #              benchmarks/mixer_copies.py (activation copies and the times of a training step and a batch-8
 #              decode step; run it in a checkout of 8730693 too for the A/B of the in-place views)
 #     wheels   bring the peers' wheels back in $OUT (split)
+#     budget   the plan for a 15-minute device budget (one call): "peers tests bench latency alltests" with
+#              PEER_SET=mamba_ssm, the quick kernel benchmark (L=2048), a reduced latency run (no --peer, no
+#              --compile) and DEADLINE=570; each stage's time limit shrinks so that the call ends by DEADLINE
 #   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call and
-#   "compile memory" in a third.
+#   "compile memory" in a third (a 30-minute budget). With 15 minutes, machine start included: "budget".
+#   DEADLINE=S (seconds after the start): every stage's timeout is cut so that the call ends by S (0: none);
+#   a stage with under 30 s left is skipped. PEER_SET: the peers to build (default "mamba_ssm causal_conv1d";
+#   causal-conv1d's build is the 6-minute one and is needed only for the conv and conv-update peer columns).
 # Device time on an H100 (16 cores), measured 2026-11-22: peers ~6 min (causal-conv1d is the slow one),
 # emma_mamba ~1-2 min. Without "peers" the benchmark still runs, without the peer columns.
 # The peer wheels (~65 MB, "wheels") are too large to carry back with the working tree (64 MiB limit).
@@ -29,12 +35,45 @@ export PYTHONUNBUFFERED=1
 REPO=$(pwd)
 PEERS=$REPO/${1:-.gpupeers}
 STAGES=${2:-"peers tests bench"}
+BENCH_ARGS=
+LATENCY_ARGS="--peer --compile"
+if [[ " $STAGES " == *" budget "* ]]; then
+  STAGES="peers tests bench latency alltests"
+  PEER_SET=${PEER_SET:-mamba_ssm}
+  DEADLINE=${DEADLINE:-570}
+  BENCH_ARGS="--quick"
+  TESTS_CAP=150 SEQ_TESTS_CAP=60
+  LATENCY_ARGS="--contexts 256 1024 2048 4096 8192 --batch-sizes 1 8 --images 1 4 --new-tokens 32 --repeats 3"
+  # $OUT brings back at most 8 files: the plots go into logs.tgz (`emma_mamba.bench.latency.plot` redraws them
+  # from the JSON anywhere)
+  LATENCY_ARGS="$LATENCY_ARGS --plots-dir /tmp/emma_logs/plots"
+fi
+PEER_SET=${PEER_SET:-"mamba_ssm causal_conv1d"}
+TESTS_CAP=${TESTS_CAP:-240} SEQ_TESTS_CAP=${SEQ_TESTS_CAP:-90}
+DEADLINE=${DEADLINE:-0}
 OUT=${OUT:-/tmp/emma_out}
 mkdir -p "$OUT" /tmp/emma_logs
 LOG=/tmp/emma_logs
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }  # stage named in STAGES (whole words)
+# cap N: a stage's time limit, N seconds or what is left before DEADLINE (less a 10 s margin for the logs)
+cap() {
+  local n=$1
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$(( DEADLINE - ($(date +%s) - t0) - 10 ))
+    [ "$left" -lt "$n" ] && n=$left
+  fi
+  [ "$n" -lt 1 ] && n=1
+  echo "$n"
+}
+# room NAME: true when the stage has at least 30 s before DEADLINE (else it is skipped, and said so)
+room() {
+  if [ "$(cap 30)" -lt 30 ]; then stamp "skipping $1: DEADLINE ${DEADLINE}s reached"; return 1; fi
+}
+
+# pytest-timeout may be missing on the device image: per-test limits only where it is installed
+PYT_TIMEOUT() { python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout $1"; }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
@@ -55,8 +94,8 @@ build_peers() {
     return
   fi
   rm -rf /tmp/peers /tmp/peer_wheels && mkdir -p /tmp/peers /tmp/peer_wheels && cd /tmp/peers || return 1
-  for f in "$PEERS"/mamba_ssm-*.tar.gz "$PEERS"/causal_conv1d-*.tar.gz; do tar xzf "$f"; done
-  for d in mamba_ssm-* causal_conv1d-*; do  # one architecture: sm_90
+  for p in $PEER_SET; do for f in "$PEERS"/${p}-*.tar.gz; do tar xzf "$f"; done; done
+  for d in $(for p in $PEER_SET; do ls -d ${p}-*/ 2>/dev/null; done); do  # one architecture: sm_90
     python3 - "$d/setup.py" <<'EOF'
 import sys
 p = sys.argv[1]
@@ -67,10 +106,14 @@ s = s.replace(key, '    cc_flag[:] = ["-gencode", "arch=compute_90,code=sm_90"]\
 open(p, "w").write(s)
 EOF
   done
-  (cd causal_conv1d-* && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
-     --no-deps -w /tmp/peer_wheels .) > $LOG/causal_conv1d_build.log 2>&1 &
-  (cd mamba_ssm-* && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
-     --no-deps -w /tmp/peer_wheels .) > $LOG/mamba_ssm_build.log 2>&1
+  if [[ " $PEER_SET " == *" causal_conv1d "* ]]; then
+    (cd causal_conv1d-* && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
+       --no-deps -w /tmp/peer_wheels .) > $LOG/causal_conv1d_build.log 2>&1 &
+  fi
+  if [[ " $PEER_SET " == *" mamba_ssm "* ]]; then
+    (cd mamba_ssm-* && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
+       --no-deps -w /tmp/peer_wheels .) > $LOG/mamba_ssm_build.log 2>&1
+  fi
   wait
   python3 -m pip install -q --no-deps --no-index /tmp/peer_wheels/*.whl
 }
@@ -98,21 +141,21 @@ grep -E "registers|spill" $LOG/emma_build.log | sort | uniq -c | head -20
 python3 -c "import torch; from emma_mamba import _C, ops; print('with_cuda', _C.with_cuda, ops.available_backends())"
 stamp "built"
 
-if has tests; then
-  timeout 240 python3 -m pytest tests/ops/test_cuda_backend.py -q --timeout 120 -p no:cacheprovider \
+if has tests && room tests; then
+  timeout $(cap $TESTS_CAP) python3 -m pytest tests/ops/test_cuda_backend.py -q $(PYT_TIMEOUT 120) -p no:cacheprovider \
     --tb=short -o addopts="" -m gpu > $LOG/tests.log 2>&1
   cp $LOG/tests.log $OUT/tests.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests.log | head -60
   # the scan tests again with the state-sequential forward and backward wherever they apply
-  EMMA_CUDA_SCAN_FWD=seq EMMA_CUDA_SCAN_BWD=seq timeout 90 python3 -m pytest tests/ops/test_cuda_backend.py -q --timeout 120 \
+  EMMA_CUDA_SCAN_FWD=seq EMMA_CUDA_SCAN_BWD=seq timeout $(cap $SEQ_TESTS_CAP) python3 -m pytest tests/ops/test_cuda_backend.py -q $(PYT_TIMEOUT 120) \
     -p no:cacheprovider --tb=short -o addopts="" -m gpu -k "scan or packed or decode_steps" > $LOG/tests_seq.log 2>&1
   cp $LOG/tests_seq.log $OUT/tests_seq.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests_seq.log | head -30
   stamp "tests done"
 fi
 
-if has alltests; then
-  timeout 420 python3 -m pytest tests -q --timeout 300 -p no:cacheprovider --tb=short -o addopts="" -m gpu \
+if has alltests && [ "$DEADLINE" -eq 0 ] && room alltests; then
+  timeout $(cap 420) python3 -m pytest tests -q $(PYT_TIMEOUT 300) -p no:cacheprovider --tb=short -o addopts="" -m gpu \
     > $LOG/alltests.log 2>&1
   cp $LOG/alltests.log $OUT/alltests.log
   grep -E "passed|failed|FAILED|Error" $LOG/alltests.log | head -60
@@ -120,41 +163,58 @@ if has alltests; then
 fi
 
 if [ -n "$PEERS_PID" ]; then
-  wait $PEERS_PID
+  if [ "$DEADLINE" -gt 0 ]; then  # under a deadline the benchmark does not wait past its own share of time
+    while kill -0 $PEERS_PID 2>/dev/null && [ "$(cap 1000)" -gt 330 ]; do sleep 5; done
+    kill -0 $PEERS_PID 2>/dev/null && stamp "peers not built in time: the benchmark runs without them"
+  else
+    wait $PEERS_PID
+  fi
   tail -3 $LOG/peers.log
   stamp "peers ready"
-  python3 -c "import torch, selective_scan_cuda, causal_conv1d_cuda; print('peer extensions import')" 2>&1 | tail -1
+  for m in selective_scan_cuda causal_conv1d_cuda; do
+    python3 -c "import torch, $m; print('$m imports')" 2>&1 | tail -1
+  done
 fi
 
-if has bench; then
-  timeout 400 python3 -m emma_mamba.bench.kernels_gpu --out $OUT/kernels_h100.json 2>&1 | tee $LOG/bench.log
+if has bench && room bench; then
+  timeout $(cap 400) python3 -m emma_mamba.bench.kernels_gpu $BENCH_ARGS --out $OUT/kernels_h100.json 2>&1 \
+    | tee $LOG/bench.log
   stamp "bench done"
 fi
 
-if has latency; then
+if has latency && room latency; then
   # 2.8B-scale EMMA-Mamba vs a matched transformer MLLM (and transformers' MambaForCausalLM), bf16, CUDA graphs
   # --compile: also our step through torch.compile, alone and captured in the graphs
-  timeout 500 python3 -m emma_mamba.cli bench latency --preset emma-mamba-2.8b --device cuda --cuda-graphs --compile --peer \
-    --out $OUT/latency_cuda_emma-mamba-2.8b.json 2>&1 | tee $LOG/latency.log | tail -40
+  timeout $(cap 500) python3 -m emma_mamba.cli bench latency --preset emma-mamba-2.8b --device cuda --cuda-graphs \
+    $LATENCY_ARGS --out $OUT/latency_cuda_emma-mamba-2.8b.json 2>&1 | tee $LOG/latency.log | tail -40
   stamp "latency done"
 fi
 
-if has prefill; then
-  timeout 300 python3 benchmarks/prefill_batching.py --device cuda --dtype bfloat16 --preset mamba-2.8b \
+if has alltests && [ "$DEADLINE" -gt 0 ] && room alltests; then
+  # under a deadline the other gpu tests come last, with whatever time is left (cuda kernels first: done above)
+  timeout $(cap 420) python3 -m pytest tests -q $(PYT_TIMEOUT 300) -p no:cacheprovider --tb=short -o addopts="" -m gpu \
+    --ignore=tests/ops/test_cuda_backend.py > $LOG/alltests.log 2>&1
+  cp $LOG/alltests.log $OUT/alltests.log
+  grep -E "passed|failed|FAILED|Error" $LOG/alltests.log | head -60
+  stamp "other gpu tests done"
+fi
+
+if has prefill && room prefill; then
+  timeout $(cap 300) python3 benchmarks/prefill_batching.py --device cuda --dtype bfloat16 --preset mamba-2.8b \
     --out $OUT/prefill_batching_cuda.json 2>&1 | tee $LOG/prefill.log | tail -6
   stamp "prefill done"
 fi
 
-if has compile; then
-  timeout 300 python3 benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \
+if has compile && room compile; then
+  timeout $(cap 300) python3 benchmarks/compile_lm.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 --batch 4 \
     --seqlen 2048 --repeats 10 --out $OUT/compile_lm_cuda.json 2>&1 | tee $LOG/compile.log | tail -6
   stamp "compile done"
 fi
 
-if has memory; then
-  timeout 300 python3 benchmarks/activation_memory.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
+if has memory && room memory; then
+  timeout $(cap 300) python3 benchmarks/activation_memory.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
     --batch 4 --seqlen 2048 --repeats 10 --out $OUT/activation_memory_cuda.json 2>&1 | tee $LOG/memory.log | tail -6
-  timeout 240 python3 benchmarks/mixer_copies.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
+  timeout $(cap 240) python3 benchmarks/mixer_copies.py --device cuda --dtype bfloat16 --d-model 2560 --n-layer 8 \
     --batch 4 --seqlen 2048 --repeats 10 --decode-batch 8 --decode-steps 200 --out $OUT/mixer_copies_cuda.json \
     2>&1 | tee -a $LOG/memory.log | tail -3
   stamp "memory done"

@@ -284,11 +284,10 @@ def _fraction_of_copy(row, res, name, t_ms, nbytes):
 # measurements
 
 
-def _scan_section(env, res, mssm_scan, backends, quick):
-    shapes = env.scan_shapes[:1] if quick else env.scan_shapes
-    res["selective_scan"] = []
+def _scan_section(env, res, mssm_scan, backends, shapes):
+    rows = res.setdefault("selective_scan", [])
     for shape in shapes:
-        res["selective_scan"].append(_scan_row(env, res, mssm_scan, backends, *shape))
+        rows.append(_scan_row(env, res, mssm_scan, backends, *shape))
         if env.cuda:
             torch.cuda.empty_cache()  # the row's inputs went out of scope with _scan_row
 
@@ -504,8 +503,14 @@ def run_gpu(args=None) -> dict:
     return run_on(_Env("cuda", "cuda"), args)
 
 
-def run_on(env: _Env, args=None) -> dict:
-    """:func:`run_gpu` on ``env``: the tests drive it on the CPU with ``_Env("cpu", "cpu", tiny shapes)``."""
+def run_on(env: _Env, args=None, save=None) -> dict:
+    """:func:`run_gpu` on ``env``: the tests drive it on the CPU with ``_Env("cpu", "cpu", tiny shapes)``.
+
+    The sections run in the order of what issues 3 and 4 must show (the scan at the first shape, the decode
+    step, then the conv, the other scan shapes, the reference), and ``save(res)``, when given, is called after
+    each, so a run stopped by a time limit still leaves every finished section (``res["complete"]`` False).
+    """
+    save = save or (lambda r: None)
     quick = bool(getattr(args, "quick", False))
     skip = set(getattr(args, "skip", None) or [])
     res = dict(torch=torch.__version__, triton=_version("triton"),
@@ -528,11 +533,19 @@ def run_on(env: _Env, args=None) -> dict:
     backends = [env.primary]
     if "triton" not in skip and res["backends"].get("triton") == "available":
         backends.append("triton")
-    _scan_section(env, res, mssm_scan, backends, quick)
-    _conv_section(env, res, cc_fn, backends, quick)
-    _decode_section(env, res, mssm_ssu, cc_update, backends)
+    res["complete"] = False
+    steps = [lambda: _scan_section(env, res, mssm_scan, backends, env.scan_shapes[:1]),
+             lambda: _decode_section(env, res, mssm_ssu, cc_update, backends),
+             lambda: _conv_section(env, res, cc_fn, backends, quick)]
+    if not quick:
+        steps.append(lambda: _scan_section(env, res, mssm_scan, backends, env.scan_shapes[1:]))
     if "ref" not in skip:
-        _ref_section(env, res)
+        steps.append(lambda: _ref_section(env, res))
+    for step in steps:
+        step()
+        save(res)
+    res["complete"] = True
+    save(res)
     print_table(res)
     return res
 
@@ -574,10 +587,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels_gpu: no CUDA GPU")
-    res = run_gpu(args)
+    def save(res):
+        if args.out:  # after every section: a run cut short by a time limit keeps what it measured
+            tmp = args.out + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=2)
+            os.replace(tmp, args.out)
+
+    run_on(_Env("cuda", "cuda"), args, save)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
         print(f"\nwrote {args.out}")
     return 0
 

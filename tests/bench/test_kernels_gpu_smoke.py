@@ -44,11 +44,26 @@ def cpu_run(monkeypatch):
     class Args:
         quick = False
         skip = ["triton"]  # the interpreter would take minutes over the repeats
-    return kg.run_on(env, Args())
+    saves = []
+
+    def save(res):  # what main() writes to --out after each section
+        saves.append(json.loads(json.dumps(res)))
+    res = kg.run_on(env, Args(), save)
+    res["_saves"] = saves
+    return res
+
+
+def test_sections_are_saved_as_they_finish_in_must_show_order(cpu_run):
+    # a GPU run cut short by its time limit keeps every finished section: scan at the first (mamba-2.8b, L=2048)
+    # shape, then the decode step, the conv, the other scan shapes, the reference
+    seen = [(len(r.get("selective_scan", [])), "decode_step" in r, "causal_conv1d" in r, "reference_small" in r,
+             r["complete"]) for r in cpu_run["_saves"]]
+    assert seen == [(1, False, False, False, False), (1, True, False, False, False), (1, True, True, False, False),
+                    (2, True, True, False, False), (2, True, True, True, False), (2, True, True, True, True)]
 
 
 def test_every_section_runs_and_is_json(cpu_run, capsys):
-    res = json.loads(json.dumps(cpu_run))  # what --out writes
+    res = json.loads(json.dumps({k: v for k, v in cpu_run.items() if k != "_saves"}))  # what --out writes
     assert res["device"] == "cpu" and res["ours"] == "cpu" and res["copy_bandwidth_GBps"] > 0
     assert [(r["b"], r["L"]) for r in res["selective_scan"]] == [(2, 33), (1, 70)]
     assert [(r["b"], r["L"]) for r in res["causal_conv1d"]] == [(2, 33), (1, 70)]
