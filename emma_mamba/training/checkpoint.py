@@ -16,7 +16,13 @@ up by ``--resume auto`` (which takes the highest complete step). Everything is r
 ``torch.load(weights_only=True)`` / safetensors: loading runs no code from the files.
 
 Under FSDP2 the full (unsharded) model and optimizer states are gathered to rank 0 on the CPU and written in
-the same single-file layout, so a checkpoint does not depend on the number of processes that wrote it.
+the same single-file layout. The optimizer state is keyed by parameter name under every strategy
+(``torch.distributed.checkpoint.state_dict``'s full state dict), so a checkpoint depends neither on the number of
+processes nor on the parallelism that wrote it: a run written by 8 FSDP processes resumes on 1 process, under DDP
+on 2, and back (the data order is a function of the global batch, not of the process count; the objective is the
+same, gradients are summed in another order, so such a resume continues to rounding rather than bit for bit). A
+rank that the writing run did not have takes rank 0's RNG state re-seeded by its rank. Checkpoints of earlier
+versions (optimizer state keyed by position, written without FSDP) still resume without FSDP.
 """
 
 from __future__ import annotations
@@ -111,13 +117,11 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
         tmp.mkdir(parents=True)
     barrier()
     save_model_dir(model, tmp, info, run_cfg)
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        optim_sd = get_optimizer_state_dict(model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        optim_sd = optimizer.state_dict()
+    # keyed by parameter name whatever the strategy (see the module docstring); gathered to rank 0 under FSDP
+    optim_sd = get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
     torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
@@ -146,18 +150,23 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_NAME}); --resume takes a "
                                 f"checkpoints/step_N directory or 'auto'")
     rng_file = path / f"rng_rank{info.rank}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(f"{path} has no {rng_file.name}: it was written by fewer processes than this "
-                                f"run has ({info.world_size}); resume with the same world size")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+    rng_rank0 = path / "rng_rank0.pt"
+    if not rng_rank0.is_file():
+        raise FileNotFoundError(f"{path} has no {rng_rank0.name}: not a complete training checkpoint")
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    osd = state["optimizer"]
+    by_name = all(isinstance(i, str) for g in osd.get("param_groups", []) for i in g["params"])
+    if is_fsdp(model):
+        if not by_name:
+            raise RuntimeError(f"{path}: its optimizer state is keyed by position (a checkpoint of an earlier "
+                               f"version, written without FSDP); resume it with parallel.strategy ddp or none")
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         sd = load_file(str(path / "model.safetensors")) if info.is_main else {}
         set_model_state_dict(model, sd, options=opts)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"] if info.is_main else {}, options=opts)
+        set_optimizer_state_dict(model, optimizer, osd if info.is_main else {}, options=opts)
     else:
         sd = load_file(str(path / "model.safetensors"), device=str(info.device))
         own = model.state_dict()
@@ -167,9 +176,19 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
             raise RuntimeError(f"{path}/model.safetensors does not match the model of this run: missing "
                                f"{missing[:6]}, unexpected {unexpected[:6]}")
         model.load_state_dict(sd, strict=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if by_name:
+            set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(osd)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    else:  # more processes than the writing run: rank 0's state, then a seed of this rank's own
+        set_rng_state(torch.load(rng_rank0, map_location="cpu", weights_only=True))
+        seed = (int(torch.randint(0, 2**31 - 1, (1,))) + 7919 * info.rank) % (2**31 - 1)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
     return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
 
 

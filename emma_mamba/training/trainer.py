@@ -443,6 +443,11 @@ class Trainer:
         if state["global_batch_size"] != self.cfg.train.global_batch_size:
             raise RuntimeError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
                                f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
+        written_by = int(state.get("world_size", self.info.world_size))
+        if written_by != self.info.world_size and self.info.is_main:
+            log.warning("resuming %s, written by %d process(es), with %d: the same data order and objective; the "
+                        "gradients are summed in another order, so the run continues to rounding, not bit for bit",
+                        path, written_by, self.info.world_size)
         if state["total_steps"] != self.total_steps:
             log.warning("resuming %s: the run now has %d total steps (was %d); the LR schedule changes",
                         path, self.total_steps, state["total_steps"])

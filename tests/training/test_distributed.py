@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import emma_mamba
-from emma_mamba.training.config import run_config_to_dict
+from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
 from emma_mamba.training.trainer import Trainer
 from tests.training.conftest import make_cfg, subset
 
@@ -93,6 +93,24 @@ def test_torchrun_ddp_two_processes_match_one_process(shapes, tmp_path):
     assert emma_mamba.load(tmp_path / "ddp").config.name == "tiny"
 
 
+def test_resume_with_another_number_of_processes(shapes, tmp_path):
+    """A job moved to another allocation: a 1-process run's checkpoint resumed by 2 DDP processes, and that run's
+    checkpoint resumed by 1 process, continue the uninterrupted 1-process run (same data order and objective;
+    the gradients are summed in another order, hence the tolerance of this file)."""
+    y, ref = setup_run(shapes, tmp_path, checkpoint={"every_steps": 1})
+    one = tmp_path / "ref" / "checkpoints" / "step_00000001"
+    assert not (one / "rng_rank1.pt").exists()  # rank 1 takes rank 0's RNG state, re-seeded
+    r = torchrun(["finetune", "--config", str(y), "--output_dir", str(tmp_path / "grown"), "--resume", str(one)])
+    assert "written by 1 process(es), with 2" in r.stderr
+    compare(metrics(tmp_path / "grown"), ref[1:])
+    two = tmp_path / "grown" / "checkpoints" / "step_00000002"
+    assert (two / "rng_rank1.pt").exists()
+    cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
+                               overrides={"output_dir": str(tmp_path / "shrunk")})
+    rest = Trainer(cfg, resume=str(two)).fit()
+    compare(rest, ref[2:])
+
+
 @pytest.mark.slow
 def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
     y, ref = setup_run(shapes, tmp_path, data={"packing": True}, val=_val_section(shapes, tmp_path))
@@ -106,6 +124,10 @@ def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--output_dir",
               str(tmp_path / "res"), "--resume", str(ckpt)])
     compare(metrics(tmp_path / "res"), ref[2:])
+    # the FSDP checkpoint resumes in one process without FSDP too (optimizer state keyed by parameter name)
+    cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
+                               overrides={"output_dir": str(tmp_path / "one"), "parallel": {"strategy": "none"}})
+    compare(Trainer(cfg, resume=str(ckpt)).fit(), ref[2:])
 
 
 @pytest.mark.slow

@@ -275,3 +275,21 @@ def test_dual_encoder_trains_end_to_end_with_an_unfrozen_second_tower(shapes, tm
     before, after = _named(init, "vision."), _named(out, "vision.")
     for prefix in ("vision.second.", "vision.visual."):
         assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith(prefix)), prefix
+
+
+def test_resume_reads_the_position_keyed_optimizer_state_of_earlier_versions(shapes, tmp_path):
+    # checkpoints now key the optimizer state by parameter name (any strategy resumes any other); the files of
+    # earlier versions keyed it by position (torch's optimizer.state_dict()) and must still resume exactly
+    kw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    b1 = Trainer(make_cfg(shapes, tmp_path / "b", **kw))
+    b1.fit(stop_after=2)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000002"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert all(isinstance(n, str) for g in state["optimizer"]["param_groups"] for n in g["params"])
+    state["optimizer"] = b1.optimizer.state_dict()  # the old layout: integer positions
+    assert all(isinstance(n, int) for g in state["optimizer"]["param_groups"] for n in g["params"])
+    torch.save(state, ckpt / "trainer_state.pt")
+    rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume=str(ckpt)).fit()
+    assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
+    assert [m["grad_norm"] for m in rest] == [m["grad_norm"] for m in a[2:]]
