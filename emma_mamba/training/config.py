@@ -121,6 +121,10 @@ class TrainConfig:
     """torch.compile backend for train.compile: inductor (generated kernels), aot_eager (traces, no codegen)."""
     seed: int = 0
     """Seeds model init, data order (per epoch) and every RNG; the run is a pure function of config and data."""
+    lr_multipliers: dict = field(default_factory=dict)
+    """Per-module learning-rate multipliers, e.g. {vision: 0.1} for an unfrozen ViT or {projector: 10}; keys from
+    vision, mff, instruction, projector, lm, align_head; each module's peak lr is lr x its multiplier (1 for the
+    others) and follows the same warmup and schedule."""
     trainable: list[str] | None = None
     """Modules trained in this run, from: vision, mff, instruction, projector, lm, align_head. null = the
     stage's default (pretrain: mff, instruction, projector; finetune: also lm and align_head, and vision when
@@ -231,6 +235,14 @@ class RunConfig:
                 f"{t.micro_batch_size} and {t.global_batch_size}")
         if t.grad_clip < 0:
             bad(f"train.grad_clip must be >= 0, got {t.grad_clip}")
+        if t.lr_multipliers:
+            from emma_mamba.models.vlm import TRAINABLE_MODULES
+
+            for k, v in t.lr_multipliers.items():
+                if k not in TRAINABLE_MODULES:
+                    bad(f"train.lr_multipliers: unknown module {k!r}; valid: {', '.join(TRAINABLE_MODULES)}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                    bad(f"train.lr_multipliers.{k}: expected a number > 0, got {v!r}")
         if t.trainable is not None:
             from emma_mamba.models.vlm import TRAINABLE_MODULES
 

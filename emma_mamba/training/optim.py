@@ -11,6 +11,10 @@ Weight decay (decoupled, AdamW) applies to weight matrices only. Never decayed:
 
 Frozen parameters (``requires_grad=False``) are left out of the optimizer entirely.
 
+``train.lr_multipliers`` ({module: m}, modules named as in ``train.trainable``) gives a module's parameters
+their own two groups (decayed, not) with peak lr ``lr * m``; the schedule multiplies every group's peak alike.
+Without multipliers there are exactly two groups.
+
 Schedule: linear warmup from 0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio * lr`` at the
 last step (or constant), as a ``LambdaLR`` so its state is just the step counter.
 """
@@ -36,22 +40,37 @@ def _no_decay(name: str, p: torch.Tensor, decay_embeddings: bool) -> bool:
     return False
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-    """[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}] with a ``names`` list each."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True,
+                 lr: float | None = None, lr_multipliers: dict | None = None) -> list[dict]:
+    """[{params: decayed, weight_decay}, {params: not decayed, weight_decay: 0}] with a ``names`` list each, then
+    the same pair for every module of ``lr_multipliers`` (top-level submodule name -> factor != 1) with its own
+    ``lr`` (``lr`` times the factor)."""
+    mult = {k: float(v) for k, v in (lr_multipliers or {}).items() if float(v) != 1.0}
+    if mult and lr is None:
+        raise ValueError("param_groups: lr_multipliers need the base lr")
+    buckets: dict[tuple[str | None, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if _no_decay(name, p, decay_embeddings) else decay).append((name, p))
-    return [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
+        module = name.split(".", 1)[0]
+        key = (module if module in mult else None, _no_decay(name, p, decay_embeddings))
+        buckets.setdefault(key, []).append((name, p))
+    groups = []
+    for module in [None, *mult]:
+        for no_decay in (False, True):
+            items = buckets.get((module, no_decay), [])
+            g = {"params": [p for _, p in items], "names": [n for n, _ in items],
+                 "weight_decay": 0.0 if no_decay else weight_decay}
+            if module is not None:
+                g["lr"] = lr * mult[module]
+            groups.append(g)
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with ``cfg`` a TrainConfig."""
-    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings) if g["params"]]
+    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.lr, cfg.lr_multipliers)
+              if g["params"]]
     if not groups:
         raise ValueError("no trainable parameters: check the stage (set_stage) and the frozen modules")
     kw = {}

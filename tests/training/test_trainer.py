@@ -293,3 +293,30 @@ def test_resume_reads_the_position_keyed_optimizer_state_of_earlier_versions(sha
     rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume=str(ckpt)).fit()
     assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
     assert [m["grad_norm"] for m in rest] == [m["grad_norm"] for m in a[2:]]
+
+
+def test_lr_multipliers_scale_each_modules_first_adamw_step(shapes, tmp_path):
+    # AdamW's first update is lr * g / (|g| + eps): with eps ~0 a step of exactly the group's lr for every
+    # element with a gradient, whatever the gradient, so each module's step size shows its learning rate
+    mult = {"projector": 10.0, "lm": 0.5}
+    cfg = make_cfg(shapes, tmp_path / "run", train={"max_steps": 1, "weight_decay": 0.0, "lr": 1e-3, "eps": 1e-30,
+                                                    "lr_multipliers": mult})
+    t = Trainer(cfg)
+    assert len(t.optimizer.param_groups) == 6  # (default, projector, lm) x (decayed, not)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+    t.fit()
+    after = dict(t.model.named_parameters())
+    seen = set()
+    for name, p0 in before.items():
+        module = name.split(".")[0]
+        want = 1e-3 * mult.get(module, 1.0)
+        step = (after[name].detach() - p0).abs().flatten()
+        step = step[step > 0.01 * want]  # elements with a gradient (the others do not move)
+        if step.numel():
+            seen.add(module)
+            torch.testing.assert_close(step, torch.full_like(step, want), rtol=1e-3, atol=0, msg=name)
+    assert {"projector", "lm", "mff"} <= seen
+    with pytest.raises(ConfigError, match=r"train.lr_multipliers: unknown module 'vit'; valid: vision, mff"):
+        make_cfg(shapes, tmp_path / "x", train={"lr_multipliers": {"vit": 0.1}})
+    with pytest.raises(ConfigError, match=r"train.lr_multipliers.lm: expected a number > 0, got 0"):
+        make_cfg(shapes, tmp_path / "x", train={"lr_multipliers": {"lm": 0}})
