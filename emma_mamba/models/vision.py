@@ -243,11 +243,15 @@ class VisionEncoder(nn.Module):
             fk = dict(dtype=torch.float32, device=None if _is_meta(second) else next(second.parameters()).device)
             self.register_buffer("second_scale", (s1 / s2).to(**fk).view(3, 1, 1), persistent=False)
             self.register_buffer("second_shift", ((m1 - m2) / s2).to(**fk).view(3, 1, 1), persistent=False)
-        self.frozen = cfg.freeze
-        if self.frozen:
-            for tower in self.towers():
-                tower.requires_grad_(False)
-                tower.eval()
+        self.set_frozen(cfg.freeze)
+
+    def set_frozen(self, frozen: bool) -> "VisionEncoder":
+        """Freeze the towers (no gradients, eval mode under model.train()) or let them train (vision.freeze)."""
+        self.frozen = bool(frozen)
+        for tower in self.towers():
+            tower.requires_grad_(not self.frozen)
+            tower.train(self.training and not self.frozen)
+        return self
 
     def towers(self) -> list[nn.Module]:
         """The ViTs: the open_clip tower, and the second encoder when there is one."""

@@ -298,6 +298,20 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
                       f"{type(value).__name__}")
 
 
+INIT_FROM_MODEL_KEYS = ("vision.freeze", "align.loss_weight")
+"""Model keys that a run starting from ``init_from`` may still set (how the model trains, not what it is)."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | None = None,
                          override_source: str = "command line", base_dir: Path | None = None,
                          model: str | None = None) -> RunConfig:
@@ -334,7 +348,12 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
         cfg.model = _model_from_value(model, override_source, None)
     if model_over is not None:
         if cfg.init_from is not None:
-            raise ConfigError(f"{override_source}: --model.* overrides cannot change a model loaded by init_from")
+            flat = _flatten(model_over)
+            other = sorted(k for k in flat if k not in INIT_FROM_MODEL_KEYS)
+            if other:
+                raise ConfigError(f"{override_source}: --model.{other[0]} cannot change a model loaded by init_from "
+                                  f"({cfg.init_from}); only how it trains can: "
+                                  f"{', '.join('model.' + k for k in INIT_FROM_MODEL_KEYS)}")
         apply_overrides(cfg.model, model_over, path="model", source=override_source)
         try:
             cfg.model.validate()

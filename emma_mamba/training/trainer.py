@@ -112,6 +112,10 @@ class Trainer:
         for_training = cfg.stage == "finetune" or "align_head" in (tc.trainable or ())
         if cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
+            # what the run config may still change (INIT_FROM_MODEL_KEYS): how the loaded model trains
+            self.model.config.align.loss_weight = cfg.model.align.loss_weight
+            self.model.config.vision.freeze = cfg.model.vision.freeze
+            self.model.vision.set_frozen(cfg.model.vision.freeze)
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
         self.model.set_stage(cfg.stage, tc.trainable)

@@ -320,3 +320,29 @@ def test_lr_multipliers_scale_each_modules_first_adamw_step(shapes, tmp_path):
         make_cfg(shapes, tmp_path / "x", train={"lr_multipliers": {"vit": 0.1}})
     with pytest.raises(ConfigError, match=r"train.lr_multipliers.lm: expected a number > 0, got 0"):
         make_cfg(shapes, tmp_path / "x", train={"lr_multipliers": {"lm": 0}})
+
+
+def test_init_from_run_may_unfreeze_the_vit_and_reweight_the_alignment_loss(shapes, tmp_path):
+    # a stage-2 run from a stage-1 output takes the model from the checkpoint, but may still change how it trains
+    # (INIT_FROM_MODEL_KEYS): unfreeze the ViT, reweight the alignment loss; nothing that changes the model
+    from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
+
+    torch.manual_seed(0)
+    EmmaMamba(get_preset("tiny")).save(tmp_path / "s1")
+    d = run_config_to_dict(make_cfg(shapes, tmp_path / "s2", train={"max_steps": 1}))
+    del d["model"]
+    d["init_from"] = str(tmp_path / "s1")
+    over = {"model": {"vision": {"freeze": False}, "align": {"loss_weight": 0.5}}}
+    cfg = run_config_from_dict(d, source="test", overrides=over)
+    t = Trainer(cfg)
+    assert not t.model.vision.frozen and t.model.vision.visual.training
+    before = _named(t.model, "vision.")
+    m = t.fit()[0]
+    assert m["loss"] == pytest.approx(m["lm_loss"] + 0.5 * m["align_loss"], rel=1e-6)
+    out = emma_mamba.load(tmp_path / "s2")
+    assert out.config.vision.freeze is False and out.config.align.loss_weight == 0.5
+    moved = [n for n, p in _named(out, "vision.").items() if not torch.equal(p, before[n])]
+    assert moved and all(n.startswith("vision.visual.") for n in moved)
+    with pytest.raises(ConfigError, match=r"--model.lm.d_state cannot change a model loaded by init_from .*only how "
+                                          r"it trains can: model.vision.freeze, model.align.loss_weight"):
+        run_config_from_dict(d, source="test", overrides={"model": {"lm": {"d_state": 4}}})
