@@ -204,6 +204,7 @@ setup(
         "vision": ["open_clip_torch>=3.0", "torchvision"],
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["emma-mamba=emma_mamba.cli:main"]},
 )

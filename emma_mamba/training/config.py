@@ -175,6 +175,10 @@ class LogConfig:
     """Metrics to output_dir/tensorboard when the tensorboard package is installed."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
+    wandb: str | None = None
+    """Weights & Biases project to log the same metrics to (rank 0; needs `pip install wandb`; WANDB_MODE=offline
+    works without network); the run is named after output_dir and a resumed run continues the same W&B run.
+    null = off."""
 
 
 @dataclass

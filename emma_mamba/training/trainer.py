@@ -46,7 +46,8 @@ import torch
 from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir)
-from emma_mamba.training.config import RunConfig, save_run_config
+from emma_mamba.config import ConfigError
+from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, init_distributed, is_fsdp,
                                           no_grad_sync, resolve_strategy, wrap_model)
@@ -103,6 +104,8 @@ class Trainer:
             raise FileExistsError(f"output_dir {self.output_dir} already holds a run (checkpoints or a final "
                                   f"model); pass --resume auto to continue it, or choose another output_dir")
         tc = cfg.train
+        if cfg.log.wandb and info.is_main:
+            _require_wandb()  # before minutes of model building, not after
         _seed_everything(tc.seed)
 
         # ---- model
@@ -494,6 +497,7 @@ class _MetricsWriter:
                 self.tb = SummaryWriter(str(output_dir / "tensorboard"))
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+        self.wandb = _wandb_run(cfg, output_dir, start_step) if cfg.log.wandb else None
 
     def write(self, m: dict) -> None:
         if self.f is not None:
@@ -506,12 +510,39 @@ class _MetricsWriter:
             for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
                 if k in m:
                     self.tb.add_scalar(f"val/{k.removeprefix('val_')}", m[k], m["step"])
+        if self.wandb is not None:  # every numeric field, under train/ or val/ as in TensorBoard
+            val = "val_loss" in m
+            self.wandb.log({(f"val/{k.removeprefix('val_')}" if val else f"train/{k}"): v for k, v in m.items()
+                            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)},
+                           step=m["step"])
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("log.wandb is set but the wandb package is not installed (pip install wandb; or set "
+                          "log.wandb: null)") from None
+    return wandb
+
+
+def _wandb_run(cfg: RunConfig, output_dir: Path, start_step: int):
+    """A W&B run for log.wandb, its id kept in output_dir/wandb_run_id so that a resumed run continues it."""
+    wandb = _require_wandb()
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if start_step > 0 and id_file.is_file() else None
+    run = wandb.init(project=cfg.log.wandb, name=output_dir.name, dir=str(output_dir), id=run_id,
+                     resume="allow" if run_id else None, config=run_config_to_dict(cfg))
+    id_file.write_text(str(run.id))
+    return run
 
 
 def _seed_everything(seed: int) -> None:

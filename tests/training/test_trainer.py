@@ -346,3 +346,52 @@ def test_init_from_run_may_unfreeze_the_vit_and_reweight_the_alignment_loss(shap
     with pytest.raises(ConfigError, match=r"--model.lm.d_state cannot change a model loaded by init_from .*only how "
                                           r"it trains can: model.vision.freeze, model.align.loss_weight"):
         run_config_from_dict(d, source="test", overrides={"model": {"lm": {"d_state": 4}}})
+
+
+class _FakeWandb:
+    """Stands in for the wandb package: records init arguments and logged values."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        fake = self
+
+        class Run:
+            id = kw.get("id") or f"run{len(fake.inits)}"
+
+            def log(self, values, step):
+                fake.logs.append((step, values))
+
+            def finish(self):
+                fake.finished += 1
+        return Run()
+
+
+def test_wandb_logs_what_metrics_jsonl_holds_and_a_resume_continues_the_run(shapes, tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    val = {"json": str(shapes / "heldout" / "instruct.json"), "image_folder": str(shapes / "images"),
+           "every_steps": 2, "max_samples": 4}
+    kw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 1}, log={"wandb": "emma-test"}, val=val)
+    Trainer(make_cfg(shapes, tmp_path / "run", **kw)).fit(stop_after=2)
+    init = fake.inits[0]
+    assert init["project"] == "emma-test" and init["name"] == "run" and init["id"] is None
+    assert init["config"]["train"]["max_steps"] == 3 and init["dir"] == str(tmp_path / "run")
+    Trainer(make_cfg(shapes, tmp_path / "run", **kw), resume="auto").fit()
+    assert fake.inits[1]["id"] == "run1" and fake.inits[1]["resume"] == "allow"  # the same W&B run
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_logs = {s: v for s, v in fake.logs if "train/loss" in v}
+    val_logs = {s: v for s, v in fake.logs if "val/loss" in v}
+    for m in lines:
+        got = val_logs[m["step"]] if "val_loss" in m else train_logs[m["step"]]
+        for k in ("loss", "lm_loss", "lr", "grad_norm", "val_loss", "val_token_acc"):
+            if k in m:
+                assert got[f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"] == m[k], (m["step"], k)
+    assert sorted(train_logs) == [1, 2, 3] and sorted(val_logs) == [2, 3] and fake.finished == 2
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: an error before the model is built
+    with pytest.raises(ConfigError, match="log.wandb is set but the wandb package is not installed"):
+        Trainer(make_cfg(shapes, tmp_path / "other", **kw))
