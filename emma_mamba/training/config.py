@@ -337,8 +337,11 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
                               f"written by EmmaMamba.save or a previous run's output_dir)")
         cfg.model = load_config(ckpt_cfg)
-        if model_value is not None:  # allowed only when it says the same (a resolved train_config.yaml does)
-            given = _model_from_value(model_value, source, base_dir)
+        if model_value is not None:  # allowed only when it says the same (a resolved train_config.yaml does),
+            given = _model_from_value(model_value, source, base_dir)  # but for how it trains (INIT_FROM_MODEL_KEYS)
+            for key in INIT_FROM_MODEL_KEYS:
+                section, name = key.split(".")
+                setattr(getattr(cfg.model, section), name, getattr(getattr(given, section), name))
             if given != cfg.model:
                 diff = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(cfg.model, f.name)]
                 raise ConfigError(f"{source}: give either `model` or `init_from` (the model config then comes from "

@@ -341,6 +341,9 @@ def test_init_from_run_may_unfreeze_the_vit_and_reweight_the_alignment_loss(shap
     assert m["loss"] == pytest.approx(m["lm_loss"] + 0.5 * m["align_loss"], rel=1e-6)
     out = emma_mamba.load(tmp_path / "s2")
     assert out.config.vision.freeze is False and out.config.align.loss_weight == 0.5
+    # the run's resolved config (model and init_from both in it) reads back, e.g. to resume from it
+    again = load_run_config(tmp_path / "s2" / "train_config.yaml")
+    assert again.model.vision.freeze is False and again.model.align.loss_weight == 0.5
     moved = [n for n, p in _named(out, "vision.").items() if not torch.equal(p, before[n])]
     assert moved and all(n.startswith("vision.visual.") for n in moved)
     with pytest.raises(ConfigError, match=r"--model.lm.d_state cannot change a model loaded by init_from .*only how "
