@@ -192,8 +192,10 @@ fi
 
 if has alltests && [ "$DEADLINE" -gt 0 ] && room alltests; then
   # under a deadline the other gpu tests come last, with whatever time is left (cuda kernels first: done above)
-  timeout $(cap 420) python3 -m pytest tests -q $(PYT_TIMEOUT 300) -p no:cacheprovider --tb=short -o addopts="" -m gpu \
-    --ignore=tests/ops/test_cuda_backend.py > $LOG/alltests.log 2>&1
+  # the Triton kernels' tests first (issue 4), then the other kernel tests, then the rest
+  timeout $(cap 420) python3 -m pytest tests/ops/test_triton_backend.py tests/ops tests -q $(PYT_TIMEOUT 300) \
+    -p no:cacheprovider --tb=short -o addopts="" -m gpu --ignore=tests/ops/test_cuda_backend.py \
+    > $LOG/alltests.log 2>&1
   cp $LOG/alltests.log $OUT/alltests.log
   grep -E "passed|failed|FAILED|Error" $LOG/alltests.log | head -60
   stamp "other gpu tests done"
