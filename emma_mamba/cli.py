@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
     ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
+    ("data", "check"): ("emma_mamba.data.cli_check", "check a run's data before training: every record and image, lengths, steps per epoch"),
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
     ("configs",): ("emma_mamba.recipes", "list the shipped recipes (configs/*.yaml) or copy them into a folder to edit"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),

@@ -65,6 +65,7 @@ HUMAN, GPT = "human", "gpt"
 REASONS = ("malformed_json", "not_an_object", "no_conversations", "bad_turn", "bad_role", "bad_order",
            "no_assistant", "bad_image_field", "placeholder_mismatch", "missing_image", "corrupt_image", "too_long")
 _MAX_LOGGED_SKIPS = 20
+_MAX_EXAMPLES = 5  # per reason, kept in DataReport.examples
 
 
 class DataError(ValueError):
@@ -105,6 +106,8 @@ class DataReport:
     truncated_answer_tokens: int = 0
     dropped_images: int = 0
     longest: int = 0
+    examples: dict = field(default_factory=dict)
+    """reason -> the first few skipped records' messages (file, record, what was wrong)."""
 
     def summary(self) -> str:
         s = f"{self.source}: {self.samples} of {self.records} records used"
@@ -131,6 +134,9 @@ class _Issues:
         if self.on_error == "raise":
             raise DataError(text + " (set data.on_error: skip to skip and count such records)", reason)
         self.report.skipped[reason] += 1
+        shown = self.report.examples.setdefault(reason, [])
+        if len(shown) < _MAX_EXAMPLES:
+            shown.append(text)
         n = sum(self.report.skipped.values())
         if n <= _MAX_LOGGED_SKIPS:
             log.warning("skipping %s [%s]", text, reason)

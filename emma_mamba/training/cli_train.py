@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
                         "(configs/model_*.yaml); --model.* keys then apply on top of it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    add_override_arguments(p)
+
+
+def add_override_arguments(p: argparse.ArgumentParser) -> None:
+    """--SECTION.KEY options for every run-config field but the stage (read back by ``_overrides``)."""
     g = p.add_argument_group("config overrides (dotted paths of the run YAML; values are YAML)")
     for path, doc in dotted_fields():
         if path == "stage":

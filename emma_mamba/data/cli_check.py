@@ -1,0 +1,177 @@
+"""`emma-mamba data check`: check a run's data before spending GPU hours on it.
+
+Reads the run config as ``pretrain`` / ``finetune`` do (the recipe, ``--model``, ``--SECTION.KEY`` overrides),
+builds the model on the meta device for its tokenizer, image placeholder, visual-token count and image
+preprocessing (no weights are read), then checks the training file (and ``val.json`` with ``--val``):
+
+* every record validated and tokenised exactly as training does, with ``on_error`` forced to ``skip`` so that
+  every problem is counted, not only the first; per reason, the count and the first records named;
+* every distinct image file opened, decoded and preprocessed, in ``--workers`` processes (a missing file or
+  one PIL cannot decode is what would stop, or be skipped by, a run hours in);
+* lengths in LM positions (visual tokens included): percentiles, what ``data.max_length`` truncates;
+* the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``.
+
+Prints a summary, writes it as JSON with ``--report FILE``, and exits 1 when a record would be skipped or an
+image fails (so it can gate a job script), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from emma_mamba.training.cli_train import add_override_arguments
+
+    p.allow_abbrev = False
+    p.usage = (f"{p.prog} --config YAML [--model NAME|YAML] [--val] [--workers N] [--no-images] [--report FILE] "
+               f"[--SECTION.KEY VALUE ...]")
+    p.add_argument("--config", required=True, help="run YAML (configs/train_*.yaml, or a shipped recipe's name)")
+    p.add_argument("--model", dest="_model", default=None, metavar="NAME|YAML",
+                   help="replace the recipe's model, as for pretrain/finetune")
+    p.add_argument("--val", action="store_true", help="also check val.json")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: all CPUs)")
+    p.add_argument("--no-images", action="store_true", help="records only: do not open the image files")
+    p.add_argument("--report", default=None, help="write the summary as JSON here")
+    add_override_arguments(p)
+
+
+def _check_image(args) -> tuple[str, str | None, str | None]:
+    """(path, None, None) when the image decodes and preprocesses, else (path, reason, message)."""
+    path, preprocess_cfg = args
+    from emma_mamba.models.vision import ImageProcessor, load_image
+
+    try:
+        ImageProcessor(preprocess_cfg).transform(load_image(path))
+        return path, None, None
+    except FileNotFoundError as e:
+        return path, "missing_image", str(e)
+    except (ValueError, OSError) as e:
+        return path, "corrupt_image", str(e)
+
+
+def _percentiles(values: list[int]) -> dict:
+    if not values:
+        return {}
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, max(0, math.ceil(q * len(v)) - 1))]  # nearest rank
+    return {"min": v[0], "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": v[-1],
+            "mean": sum(v) / len(v)}
+
+
+def check_file(cfg, data_cfg, model, workers: int | None, images: bool) -> dict:
+    """The report of one LLaVA file (see the module docstring)."""
+    from emma_mamba.data.llava import LlavaDataset, plan_rows
+
+    ds = LlavaDataset(dataclasses.replace(data_cfg, on_error="skip"), model.tokenizer, cfg.model.image_token,
+                      model.image_token_id, model.vision.num_tokens, model.image_processor)
+    rep = ds.report
+    skipped = dict(rep.skipped)
+    examples = {k: list(v) for k, v in rep.examples.items()}
+    image_failures, n_failed = {}, 0
+    paths = sorted({str(p) for s in ds.samples for p in s.images})
+    if images and paths:
+        failed_samples = {}
+        jobs = [(p, model.image_processor.cfg) for p in paths]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_check_image, jobs, chunksize=max(1, len(jobs) // (64 * (workers or 8)))))
+        bad = {p: (reason, msg) for p, reason, msg in results if reason is not None}
+        for s in ds.samples:  # the records a run would skip (or stop at) for these images
+            hit = next((bad[str(p)] for p in s.images if str(p) in bad), None)
+            if hit is not None:
+                failed_samples[hit[0]] = failed_samples.get(hit[0], 0) + 1
+                shown = examples.setdefault(hit[0], [])
+                if len(shown) < 5:
+                    shown.append(f"{ds.path}: record {s.index} (id {s.id!r}): {hit[1]}")
+        for reason, n in failed_samples.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        n_failed = sum(failed_samples.values())
+        image_failures = {"files": len(bad), "of_files": len(paths)}
+    lengths = ds.lengths
+    t = cfg.train
+    rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []
+    steps = math.ceil(len(rows) / t.global_batch_size) if rows else 0
+    positions = sum(lengths)
+    return {
+        "file": str(ds.path), "records": rep.records, "usable": rep.samples - n_failed,
+        "skipped": skipped, "examples": examples, "images_checked": len(paths) if images else 0,
+        "image_failures": image_failures,
+        "truncated": {"samples": rep.truncated, "positions": rep.truncated_tokens,
+                      "answer_tokens": rep.truncated_answer_tokens, "images": rep.dropped_images},
+        "max_length": data_cfg.max_length, "longest_before_truncation": rep.longest,
+        "positions_per_sample": _percentiles(lengths),
+        "images_per_sample": _percentiles([len(s.images) for s in ds.samples]),
+        "answer_tokens": sum(sum(1 for x in s.labels if x != -100) for s in ds.samples),
+        "text_only_samples": sum(1 for s in ds.samples if not s.images),
+        "rows_per_epoch": len(rows), "packing": data_cfg.packing,
+        "fill": positions / (len(rows) * data_cfg.max_length) if rows and data_cfg.packing else None,
+        "global_batch_size": t.global_batch_size, "steps_per_epoch": steps,
+    }
+
+
+def _print(r: dict) -> None:
+    print(f"{r['file']}: {r['usable']} of {r['records']} records usable")
+    for reason, n in sorted(r["skipped"].items()):
+        print(f"  {reason}: {n}")
+        for ex in r["examples"].get(reason, []):
+            print(f"      {ex}")
+    if r["images_checked"]:
+        f = r["image_failures"]
+        print(f"  images: {r['images_checked']} files decoded, {f.get('files', 0)} failed")
+    tr = r["truncated"]
+    if tr["samples"]:
+        print(f"  truncated to max_length {r['max_length']}: {tr['samples']} samples (lost {tr['positions']} "
+              f"positions, {tr['answer_tokens']} answer tokens, {tr['images']} images); longest "
+              f"{r['longest_before_truncation']}")
+    p = r["positions_per_sample"]
+    if p:
+        print(f"  positions per sample: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']} "
+              f"(max_length {r['max_length']}); {r['text_only_samples']} text-only samples; "
+              f"{r['answer_tokens']} answer tokens")
+    fill = f", {100 * r['fill']:.1f} % of positions filled" if r["fill"] is not None else ""
+    print(f"  one epoch: {r['rows_per_epoch']} rows ({'packed' if r['packing'] else 'one sample each'}{fill}), "
+          f"{r['steps_per_epoch']} optimizer steps at global batch {r['global_batch_size']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from emma_mamba.config import ConfigError
+    from emma_mamba.data.llava import DataError
+    from emma_mamba.models.vlm import EmmaMamba
+    from emma_mamba.training.cli_train import _overrides
+    from emma_mamba.training.config import load_run_config
+
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_run_config(args.config, _overrides(args), model=args._model)
+        model_cfg = cfg.model
+        if cfg.init_from is not None:  # the checkpoint's tokenizer (with its added tokens), as training loads it
+            model_cfg = dataclasses.replace(model_cfg, lm=dataclasses.replace(model_cfg.lm, tokenizer=cfg.init_from))
+        model = EmmaMamba(model_cfg, for_training=False, device=torch.device("meta"))
+        files = [cfg.data]
+        if args.val:
+            if cfg.val.json is None:
+                raise ConfigError(f"{args.config}: --val but the run has no val.json")
+            files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder))
+        reports = [check_file(cfg, d, model, args.workers, not args.no_images) for d in files]
+    except (ConfigError, DataError, OSError) as e:
+        print(f"emma-mamba data check: {e}", file=sys.stderr)
+        return 2
+    for r in reports:
+        _print(r)
+    if args.report:
+        Path(args.report).write_text(json.dumps(reports if args.val else reports[0], indent=2))
+        print(f"wrote {args.report}")
+    clean = all(not r["skipped"] for r in reports)
+    print("no problems found" if clean else "problems found: a run skips these records (data.on_error: skip) or "
+                                            "stops at the first (raise)")
+    return 0 if clean else 1

@@ -1,0 +1,69 @@
+"""`emma-mamba data check`: every problem of a data file counted and named, against a file built with known
+problems; the epoch's rows and steps against a hand count; a clean file exits 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import yaml
+
+from emma_mamba.cli import main
+from emma_mamba.training.config import run_config_to_dict
+from tests.training.conftest import make_cfg, subset
+
+
+def _write_run(shapes, tmp_path, data_json, **sections):
+    d = run_config_to_dict(make_cfg(shapes, tmp_path / "run", data_json, **sections))
+    p = tmp_path / "run.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
+    good = json.loads(subset(shapes, tmp_path, 10).read_text())
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    first = good[0]["image"]
+    (images / "broken.png").write_bytes((images / first).read_bytes()[:60])  # a truncated PNG
+    q = [{"from": "human", "value": "<image>\nWhat is there?"}, {"from": "gpt", "value": "Shapes."}]
+    bad = [
+        {"id": "corrupt", "image": "broken.png", "conversations": q},
+        {"id": "missing", "image": "nowhere.png", "conversations": q},
+        {"id": "role", "image": first, "conversations": [{"from": "user", "value": "Hi"}, q[1]]},
+        {"id": "two-placeholders", "image": first, "conversations": [
+            {"from": "human", "value": "<image> and <image>?"}, q[1]]},
+        {"id": "too-long", "image": first, "conversations": [{"from": "human", "value": "word " * 400}, q[1]]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + bad))
+    run = _write_run(shapes, tmp_path, data, train={"global_batch_size": 4, "micro_batch_size": 2})
+    report = tmp_path / "report.json"
+    rc = main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "2",
+               "--report", str(report)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "problems found" in out
+    r = json.loads(report.read_text())
+    assert r["records"] == 16 and r["usable"] == 11  # 10 good + the text-only one
+    assert r["skipped"] == {"corrupt_image": 1, "missing_image": 1, "bad_role": 1, "placeholder_mismatch": 1,
+                            "too_long": 1}
+    assert "id 'corrupt'" in r["examples"]["corrupt_image"][0] and "broken.png" in r["examples"]["corrupt_image"][0]
+    assert "nowhere.png" in r["examples"]["missing_image"][0]
+    assert r["image_failures"] == {"files": 1, "of_files": len({x["image"] for x in good}) + 1}
+    assert r["text_only_samples"] == 1 and r["images_per_sample"]["max"] == 1
+    # padding: one row per usable sample that the dataset kept (the corrupt one still makes a row at load time)
+    assert r["rows_per_epoch"] == 12 and r["steps_per_epoch"] == math.ceil(12 / 4)
+    assert "broken.png" in out and "too_long: 1" in out
+
+    clean = tmp_path / "clean.json"
+    clean.write_text(json.dumps(good))
+    run2 = _write_run(shapes, tmp_path, clean, data={"packing": True, "max_length": 256},
+                      train={"global_batch_size": 2, "micro_batch_size": 1})
+    rc = main(["data", "check", "--config", str(run2), "--workers", "1", "--report", str(report)])
+    assert rc == 0 and "no problems found" in capsys.readouterr().out
+    r = json.loads(report.read_text())
+    assert r["usable"] == 10 and r["skipped"] == {} and r["packing"] and 0 < r["fill"] <= 1
+    assert r["rows_per_epoch"] < 10 and r["steps_per_epoch"] == math.ceil(r["rows_per_epoch"] / 2)
+    assert main(["data", "check", "--config", str(tmp_path / "nope.yaml")]) == 2
