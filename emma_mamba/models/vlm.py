@@ -337,7 +337,14 @@ class EmmaMamba(nn.Module):
     @torch.no_grad()
     def prompt_embeds(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None):
         """(1, L, d_model) prompt embeddings for one prompt holding one placeholder per image."""
-        ids = torch.tensor([self.tokenizer.encode(prompt_text)], dtype=torch.long, device=self.lm.device)
+        return self.embeds_from_ids(self.tokenizer.encode(prompt_text), images, instructions)
+
+    @torch.no_grad()
+    def embeds_from_ids(self, token_ids: Sequence[int], images: Sequence = (),
+                        instructions: Sequence[str] | None = None):
+        """(1, L, d_model) embeddings of a tokenised prompt holding one placeholder id per image (a multi-turn
+        conversation tokenised segment by segment, as training does)."""
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.lm.device)
         pixel_values = instruction_ids = None
         if len(images):
             pixel_values = self.image_processor(list(images)).to(self.lm.device)

@@ -1,0 +1,69 @@
+"""`emma-mamba serve`: an OpenAI-compatible chat-completions HTTP API (see :mod:`emma_mamba.inference.server`).
+
+    emma-mamba serve --checkpoint runs/finetune --port 8000 [--device cuda --cuda-graphs]
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        {"type": "text", "text": "What is in the picture?"}]}]}'
+
+Any OpenAI client works against ``http://HOST:PORT/v1`` (``stream: true`` included). The sampling options
+below are the defaults a request's own fields override; ``--max-new-tokens`` is also the default answer length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from emma_mamba.inference.cli_generate import (UsageError, _err, add_model_arguments, add_sampling_arguments,
+                                               load_lm, load_vlm, setup)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p, max_new_tokens=256)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--model-name", default=None, help="the model id the API reports (default: the checkpoint's name)")
+    p.add_argument("--allow-local-images", action="store_true",
+                   help="also accept image_url values that are paths on this machine (off: data: URLs only)")
+    p.add_argument("--max-prompt-positions", type=int, default=32768,
+                   help="refuse conversations longer than this, visual tokens included (default %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the most new tokens a request may ask for (default %(default)s)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from emma_mamba.inference.server import ChatService, make_server
+
+    try:
+        if args.image is not None:
+            raise UsageError("--image does not apply: each request brings its own images")
+        device, dtype, gcfg = setup(args)
+        if args.checkpoint is not None:
+            model, tok = load_vlm(args, device, dtype), None
+            name = args.model_name or Path(args.checkpoint).resolve().name
+        else:
+            model, tok = load_lm(args, device, dtype)
+            name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
+        if args.max_new_tokens > args.max_tokens_limit:
+            raise UsageError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit "
+                             f"{args.max_tokens_limit}")
+        service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
+                              allow_local_images=args.allow_local_images,
+                              max_prompt_positions=args.max_prompt_positions,
+                              max_new_tokens_limit=args.max_tokens_limit)
+        server = make_server(service, args.host, args.port)
+    except (UsageError, ValueError, OSError) as e:
+        return _err(str(e), "serve")
+    host, port = server.server_address[:2]
+    print(f"emma-mamba serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, "
+          f"GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,362 @@
+"""An OpenAI-compatible HTTP API over an EMMA-Mamba checkpoint or a text-only Mamba LM (`emma-mamba serve`).
+
+Endpoints: ``POST /v1/chat/completions`` (a JSON answer, or with ``"stream": true`` server-sent events of
+``chat.completion.chunk`` objects ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
+
+Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
+``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``; ``n`` must be 1. A user
+message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
+"image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
+path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
+the server fetches nothing). ``system`` messages are dropped (the model was trained without a system prompt),
+and the response says so in ``emma_mamba.dropped_system_messages``.
+
+The token stream is the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava` with
+its default template), tokenised segment by segment as training does: each user turn in the chat template, each
+assistant answer followed by the end-of-turn token, the separator between turns. A user turn's images go before
+its text, one placeholder per line (as ``emma-mamba generate`` and the quickstart data place them); with
+instruction fusion each image is conditioned on the text of its turn.
+
+Every malformed request is answered 400 with an OpenAI-style error naming the field (``param``, e.g.
+``messages[2].content[1].image_url.url``); a prompt longer than ``max_prompt_positions`` (visual tokens
+included) is refused the same way. One request runs at a time (a lock around the model); the others wait.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
+
+__all__ = ["RequestError", "ChatService", "make_server", "conversation_ids"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the API refuses: ``param`` names the field, ``status`` the HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+@dataclasses.dataclass
+class _Turn:
+    text: str
+    images: list  # PIL images of a user turn
+    answer: str | None = None  # the assistant's reply (None for the last, open turn)
+
+
+def _decode_image(url: str, where: str, allow_local: bool):
+    from PIL import Image
+
+    from emma_mamba.models.vision import load_image
+
+    if url.startswith("data:"):
+        head, sep, data = url.partition(",")
+        if not sep or ";base64" not in head:
+            raise RequestError("an image data URL must be data:<mime>;base64,<data>", where)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError as e:
+            raise RequestError(f"the image data is not valid base64: {e}", where) from None
+        try:
+            with Image.open(io.BytesIO(raw)) as f:
+                f.load()
+                return load_image(f.copy())
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds on a bad file
+            raise RequestError(f"the image cannot be decoded: {type(e).__name__}: {e}", where) from None
+    if url.startswith(("http://", "https://")):
+        raise RequestError("http(s) image URLs are not fetched; send the image as a data:image/...;base64 URL",
+                           where)
+    if not allow_local:
+        raise RequestError("local image paths are refused (start the server with --allow-local-images); send "
+                           "the image as a data:image/...;base64 URL", where)
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:
+        return load_image(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise RequestError(str(e), where) from None
+
+
+def parse_messages(messages, allow_images: bool, allow_local: bool) -> tuple[list[_Turn], int]:
+    """OpenAI ``messages`` -> (turns, dropped system messages). Raises RequestError naming the field."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", "messages")
+    turns: list[_Turn] = []
+    dropped = 0
+    expect = "user"
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RequestError("each message must be an object with 'role' and 'content'", where)
+        role, content = m["role"], m["content"]
+        if role == "system":
+            dropped += 1
+            continue
+        if role not in ("user", "assistant"):
+            raise RequestError(f"role {role!r} is not supported (user, assistant, system)", f"{where}.role")
+        if role != expect:
+            raise RequestError(f"expected a {expect} message here: user and assistant messages must alternate, "
+                               f"starting with user", f"{where}.role")
+        texts, images = [], []
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                pw = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    if role != "user":
+                        raise RequestError("images are accepted in user messages only", pw)
+                    if not allow_images:
+                        raise RequestError("this server runs a text-only language model: it takes no images", pw)
+                    iu = part.get("image_url")
+                    url = iu.get("url") if isinstance(iu, dict) else iu
+                    if not isinstance(url, str) or not url:
+                        raise RequestError("image_url.url must be a non-empty string", f"{pw}.image_url.url")
+                    images.append(_decode_image(url, f"{pw}.image_url.url", allow_local))
+                else:
+                    raise RequestError("a content part must be {type: text, text} or {type: image_url, image_url}",
+                                       pw)
+        else:
+            raise RequestError("content must be a string or a list of parts", f"{where}.content")
+        text = "\n".join(t for t in texts if t)
+        if role == "user":
+            if not text.strip() and not images:
+                raise RequestError("a user message needs text or an image", f"{where}.content")
+            turns.append(_Turn(text.strip(), images))
+            expect = "assistant"
+        else:
+            turns[-1].answer = text
+            expect = "user"
+    if not turns or expect != "assistant":
+        raise RequestError("the last message must be a user message (the one to answer)", "messages")
+    return turns, dropped
+
+
+def conversation_ids(tokenizer, turns: list[_Turn], image_token: str) -> tuple[list[int], list, list[str]]:
+    """(token ids, images in order, one instruction per image): the multi-turn stream training builds, each
+    segment tokenised on its own (see the module docstring)."""
+    ids, images, instructions = [], [], []
+    for k, t in enumerate(turns):
+        if k:
+            ids += tokenizer.encode(TURN_SEP)
+        prompt = "".join(f"{image_token}\n" for _ in t.images) + t.text
+        ids += tokenizer.encode(CHAT_TEMPLATE.format(prompt=prompt))
+        images += t.images
+        instructions += [t.text] * len(t.images)
+        if t.answer is not None:
+            ids += tokenizer.encode(t.answer + TURN_END)
+    return ids, images, instructions
+
+
+_FLOAT_FIELDS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0)}
+
+
+def _number(body: dict, key: str, kind, lo, hi, default):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}", key)
+    if not lo <= v <= hi:
+        raise RequestError(f"{key} must be in [{lo}, {hi}], got {v}", key)
+    return kind(v)
+
+
+class ChatService:
+    """The request -> answer logic behind the HTTP server (usable without it).
+
+    ``model``: an EmmaMamba, or a MambaLM with ``tokenizer``. ``defaults``: the GenerationConfig a request's fields
+    override (its ``max_new_tokens`` is also the most a request may ask for unless ``max_new_tokens_limit``).
+    """
+
+    def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None, model_name: str = "emma-mamba",
+                 allow_local_images: bool = False, max_prompt_positions: int = 32768,
+                 max_new_tokens_limit: int | None = None):
+        from emma_mamba.models.vlm import EmmaMamba
+
+        self.vlm = model if isinstance(model, EmmaMamba) else None
+        self.lm = model.lm if self.vlm is not None else model
+        self.tokenizer = self.vlm.tokenizer if self.vlm is not None else tokenizer
+        if self.tokenizer is None:
+            raise ValueError("ChatService: a text-only MambaLM needs its tokenizer")
+        self.defaults = defaults or GenerationConfig(max_new_tokens=256)
+        self.model_name = model_name
+        self.allow_local_images = allow_local_images
+        self.max_prompt_positions = max_prompt_positions
+        self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
+        self.lock = threading.Lock()
+
+    def _config(self, body: dict) -> GenerationConfig:
+        d = self.defaults
+        n = body.get("n", 1)
+        if n != 1:
+            raise RequestError("only n = 1 is supported", "n")
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_new = _number(body, key, int, 1, self.max_new_tokens_limit, d.max_new_tokens)
+        kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}
+        top_k = _number(body, "top_k", int, 0, 1 << 30, d.top_k)
+        seed = body.get("seed", d.seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
+        stop = body.get("stop")
+        if stop is None:
+            stops = list(d.stop_strings)
+        elif isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
+            stops = list(stop)
+        else:
+            raise RequestError("stop must be a string or a list of non-empty strings", "stop")
+        return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
+                                   eos_token_id=self.tokenizer.eos_token_id, **kw)
+
+    def _inputs(self, body: dict):
+        turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)
+        image_token = self.vlm.config.image_token if self.vlm is not None else "<image>"
+        ids, images, instructions = conversation_ids(self.tokenizer, turns, image_token)
+        if self.vlm is None:
+            n_pos = len(ids)
+        else:
+            n_pos = len(ids) + len(images) * (self.vlm.vision.num_tokens - 1)
+        if n_pos > self.max_prompt_positions:
+            raise RequestError(f"the conversation is {n_pos} positions long (visual tokens included), more than "
+                               f"this server's max_prompt_positions {self.max_prompt_positions}", "messages")
+        return ids, images, instructions, n_pos, dropped
+
+    def prepare(self, body: dict) -> tuple:
+        """A request checked and decoded (RequestError naming the field otherwise), ready for :meth:`answer`."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        return self._config(body), *self._inputs(body)
+
+    def complete(self, body: dict, streamer: Callable[[str], None] | None = None) -> dict:
+        """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced)."""
+        return self.answer(self.prepare(body), streamer)
+
+    def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None) -> dict:
+        cfg, ids, images, instructions, n_pos, dropped = prepared
+        with self.lock, torch.inference_mode():
+            t0 = time.perf_counter()
+            if self.vlm is not None:
+                inst = instructions if images and self.vlm.instruction is not None else None
+                embeds = self.vlm.embeds_from_ids(ids, images, inst)[0]
+                res = generate(self.lm, inputs_embeds=embeds, config=cfg, tokenizer=self.tokenizer,
+                               streamer=streamer)
+            else:
+                res = generate(self.lm, input_ids=ids, config=cfg, tokenizer=self.tokenizer, streamer=streamer)
+            seconds = time.perf_counter() - t0
+        n_new = len(res.sequences[0])
+        out = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.texts[0]},
+                         "finish_reason": "length" if res.finish_reasons[0] == "length" else "stop"}],
+            "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
+            "emma_mamba": {"seconds": seconds, "prefill_seconds": res.prefill_seconds,
+                           "finish_reason": res.finish_reasons[0], "dropped_system_messages": dropped},
+        }
+        return out
+
+
+def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    service: ChatService
+    max_body_bytes: int = 64 << 20
+    server_version = "emma-mamba"
+
+    def log_message(self, fmt, *args):  # through logging, not stderr prints
+        log.info("%s %s", self.address_string(), fmt % args)
+
+    def _json(self, status: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/health":
+            return self._json(200, {"status": "ok"})
+        if self.path.rstrip("/") == "/v1/models":
+            return self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
+                                                               "created": 0, "owned_by": "emma-mamba"}]})
+        return self._json(404, _error_body(f"no such endpoint: GET {self.path}", None, "not_found_error"))
+
+    def do_POST(self):
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n > self.max_body_bytes:
+                raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
+            try:
+                body = json.loads(self.rfile.read(n) or b"null")
+            except json.JSONDecodeError as e:
+                raise RequestError(f"the request body is not valid JSON: {e}") from None
+            stream = bool(body.get("stream")) if isinstance(body, dict) else False
+            if not stream:
+                return self._json(200, self.service.complete(body))
+            self._stream(body)
+        except RequestError as e:
+            self._json(e.status, _error_body(str(e), e.param))
+        except Exception as e:  # noqa: BLE001 - the server must answer, not die
+            log.exception("request failed")
+            self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+
+    def _stream(self, body: dict) -> None:
+        svc = self.service
+        prepared = svc.prepare(body)  # a bad field is a 400 before the event stream starts
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(delta: dict, finish=None, extra: dict | None = None):
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **(extra or {})}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+
+        send({"role": "assistant", "content": ""})
+        try:
+            out = svc.answer(prepared, streamer=lambda text: send({"content": text}))
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
+            log.exception("streamed request failed")
+            self.wfile.write(f"data: {json.dumps(_error_body(f'{type(e).__name__}: {e}', None, 'server_error'))}"
+                             f"\n\n".encode())
+        else:
+            send({}, out["choices"][0]["finish_reason"], {"usage": out["usage"]})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``)."""
+    handler = type("Handler", (_Handler,), {"service": service})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

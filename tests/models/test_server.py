@@ -1,0 +1,212 @@
+"""`emma-mamba serve`'s OpenAI-compatible API over HTTP: answers against the model's own generate() on the same
+prompt, the multi-turn token stream against what training builds from the same conversation (LlavaDataset),
+streaming against the plain answer, and every malformed request answered 400 naming its field."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import skimage
+import torch
+
+from emma_mamba.config import get_preset
+from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.inference.server import ChatService, conversation_ids, make_server, parse_messages
+from emma_mamba.models.vlm import EmmaMamba, build_chat_prompt
+
+CAT = os.path.join(os.path.dirname(skimage.data.__file__), "chelsea.png")
+
+
+def data_url(path=CAT):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EmmaMamba(get_preset("tiny"), for_training=False).eval()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=6), model_name="tiny-test",
+                      max_prompt_positions=400)
+    srv = make_server(svc, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}", svc
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url, body, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def user(text, image=True):
+    parts = [{"type": "image_url", "image_url": {"url": data_url()}}] if image else []
+    return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
+
+
+def test_answer_equals_generate_on_the_same_prompt(server, model):
+    url, _ = server
+    # sampled (temperature 1, seeded): the tokens depend on the exact logits, so a different prompt, image or
+    # instruction would show (a random tiny model's greedy answer is the same few tokens for any prompt)
+    status, text = post(url, {"messages": [user("What is in the picture?")], "max_tokens": 5, "temperature": 1.0,
+                              "seed": 3})
+    assert status == 200
+    out = json.loads(text)
+    prompt = build_chat_prompt("What is in the picture?", 1, model.config.image_token)
+    want = model.generate(prompt, [CAT], ["What is in the picture?"],
+                          config=GenerationConfig(max_new_tokens=5, eos_token_id=model.tokenizer.eos_token_id,
+                                                  temperature=1.0, seed=3))
+    assert len(set(want.sequences[0])) > 2
+    assert out["choices"][0]["message"] == {"role": "assistant", "content": want.texts[0]}
+    assert out["object"] == "chat.completion" and out["model"] == "tiny-test"
+    n_ids = len(model.tokenizer.encode(prompt))
+    assert out["usage"]["prompt_tokens"] == n_ids - 1 + model.vision.num_tokens
+    assert out["usage"]["completion_tokens"] == len(want.sequences[0])
+    assert out["choices"][0]["finish_reason"] == ("length" if want.finish_reasons[0] == "length" else "stop")
+
+
+def test_multi_turn_stream_is_the_one_training_builds(model, tmp_path):
+    # the independent oracle: LlavaDataset's tokenisation of the same conversation as a LLaVA record
+    from emma_mamba.data.llava import LlavaDataset
+    from emma_mamba.training.config import DataConfig
+
+    q1, a1, q2 = "What animal is this?", "A cat.", "What colour is it?"
+    rec = {"id": "x", "image": CAT, "conversations": [
+        {"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": a1},
+        {"from": "human", "value": q2}, {"from": "gpt", "value": "Orange."}]}
+    (tmp_path / "d.json").write_text(json.dumps([rec]))
+    ds = LlavaDataset(DataConfig(json=str(tmp_path / "d.json"), max_length=4096), model.tokenizer,
+                      model.config.image_token, model.image_token_id, model.vision.num_tokens)
+    turns, dropped = parse_messages([{"role": "system", "content": "Be brief."}, user(q1),
+                                     {"role": "assistant", "content": a1}, user(q2, image=False)], True, False)
+    ids, images, instructions = conversation_ids(model.tokenizer, turns, model.config.image_token)
+    sample = ds.samples[0].input_ids
+    last_answer = model.tokenizer.encode("Orange." + "<|endoftext|>")
+    assert ids == sample[: len(sample) - len(last_answer)] and dropped == 1
+    assert len(images) == 1 and instructions == [q1]  # the image conditioned on the text of its turn
+
+
+def test_streaming_sends_the_same_answer(server):
+    url, _ = server
+    body = {"messages": [user("Describe it.")], "max_tokens": 6}
+    plain = json.loads(post(url, body)[1])["choices"][0]["message"]["content"]
+    status, text = post(url, {**body, "stream": True})
+    assert status == 200
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+
+def test_system_messages_are_dropped_and_said_so(server):
+    url, _ = server
+    a = json.loads(post(url, {"messages": [user("Hi")]})[1])
+    b = json.loads(post(url, {"messages": [{"role": "system", "content": "You are helpful."}, user("Hi")]})[1])
+    assert a["choices"] == b["choices"] and b["emma_mamba"]["dropped_system_messages"] == 1
+
+
+@pytest.mark.parametrize("body,param,match", [
+    ({}, "messages", "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "role 'robot' is not supported"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages",
+     "the last message must be a user message"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role",
+     "must alternate"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]},
+     "messages[0].content[0].image_url.url", "not fetched"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": CAT}}]}]},
+     "messages[0].content[0].image_url.url", "local image paths are refused"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "messages[0].content[0].image_url.url",
+     "cannot be decoded"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]", "content part"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "only n = 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, "max_tokens", "must be in"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "must be a number"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
+    ({"messages": [user("x " * 500, image=False)]}, "messages", "more than this server's max_prompt_positions 400"),
+])
+def test_bad_requests_are_400_naming_the_field(server, body, param, match):
+    url, _ = server
+    status, text = post(url, body)
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == param and match in err["message"], err
+
+
+def test_other_endpoints_and_malformed_json(server):
+    url, _ = server
+    status, text = post(url, None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+    with urllib.request.urlopen(url + "/v1/models") as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny-test"
+    with urllib.request.urlopen(url + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/v2/nothing")
+    assert e.value.code == 404
+
+
+def test_text_only_lm_and_local_images(model):
+    tok = model.tokenizer
+    svc = ChatService(model.lm, tokenizer=tok, defaults=GenerationConfig(max_new_tokens=4))
+    out = svc.complete({"messages": [{"role": "user", "content": "Hello there"}]})
+    ids = tok.encode("<|user|>\nHello there<|endoftext|>\n<|assistant|>\n")
+    want = generate(model.lm, input_ids=ids, config=GenerationConfig(max_new_tokens=4, eos_token_id=tok.eos_token_id),
+                    tokenizer=tok)
+    assert out["choices"][0]["message"]["content"] == want.texts[0]
+    from emma_mamba.inference.server import RequestError
+
+    with pytest.raises(RequestError, match="text-only language model: it takes no images"):
+        svc.complete({"messages": [user("What is it?")]})
+    local = ChatService(model, defaults=GenerationConfig(max_new_tokens=3), allow_local_images=True)
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": CAT}},
+                                                      {"type": "text", "text": "What is it?"}]}]}
+    via_path = local.complete(body)["choices"]
+    body["messages"][0]["content"][0]["image_url"]["url"] = data_url()
+    assert local.complete(body)["choices"] == via_path  # a local path reads the same image as its data URL
+
+
+def test_the_command_serves_a_checkpoint(model, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    model.save(tmp_path / "ck")
+    p = subprocess.Popen([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
+                          "--port", "0", "--max-new-tokens", "3"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+        assert m, line + p.stderr.read()[-2000:] if p.poll() is not None else line
+        url = f"http://127.0.0.1:{m.group(1)}"
+        status, text = post(url, {"messages": [user("What is in the picture?")]})
+        out = json.loads(text)
+        assert status == 200 and out["model"] == "ck" and out["usage"]["completion_tokens"] <= 3
+        direct = ChatService(model, defaults=GenerationConfig(max_new_tokens=3)).complete(
+            {"messages": [user("What is in the picture?")]})
+        assert out["choices"] == direct["choices"]
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    r = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
+                        "--image", CAT], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "each request brings its own images" in r.stderr
