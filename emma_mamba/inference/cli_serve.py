@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse conversations longer than this, visual tokens included (default %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the most new tokens a request may ask for (default %(default)s)")
+    p.add_argument("--state-cache", type=int, default=16,
+                   help="conversation states kept so that a follow-up request prefills only its new turn "
+                        "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
 
 
 def run(args) -> int:
@@ -47,13 +50,15 @@ def run(args) -> int:
         else:
             model, tok = load_lm(args, device, dtype)
             name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
+        if args.state_cache < 0:
+            raise UsageError(f"--state-cache must be >= 0, got {args.state_cache}")
         if args.max_new_tokens > args.max_tokens_limit:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit "
                              f"{args.max_tokens_limit}")
         service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
                               allow_local_images=args.allow_local_images,
                               max_prompt_positions=args.max_prompt_positions,
-                              max_new_tokens_limit=args.max_tokens_limit)
+                              max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache)
         server = make_server(service, args.host, args.port)
     except (UsageError, ValueError, OSError) as e:
         return _err(str(e), "serve")

@@ -17,6 +17,15 @@ assistant answer followed by the end-of-turn token, the separator between turns.
 its text, one placeholder per line (as ``emma-mamba generate`` and the quickstart data place them); with
 instruction fusion each image is conditioned on the text of its turn.
 
+State cache (the recurrent model's edge in serving): after each answer the Mamba state (per layer a conv window
+and an SSM state, a few MB whatever the length) is kept in a small LRU, keyed by the conversation's tokens up to
+that answer and its images' pixels. A follow-up request that sends the same history plus a new user turn
+continues that state and prefills only the new turn, so a turn's cost does not grow with the conversation; any
+other request (an edited history, another image) prefills its whole history. An answer is kept only when its
+text tokenises back to the tokens generated (the client will send the text), so a hit gives the tokens a full
+prefill gives, up to rounding. ``emma_mamba.state_cache`` ("hit" / "miss") and ``prefilled_positions`` in a
+response say which happened.
+
 Every malformed request is answered 400 with an OpenAI-style error naming the field (``param``, e.g.
 ``messages[2].content[1].image_url.url``); a prompt longer than ``max_prompt_positions`` (visual tokens
 included) is refused the same way. One request runs at a time (a lock around the model); the others wait.
@@ -26,12 +35,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
@@ -157,7 +168,7 @@ def conversation_ids(tokenizer, turns: list[_Turn], image_token: str) -> tuple[l
     ids, images, instructions = [], [], []
     for k, t in enumerate(turns):
         if k:
-            ids += tokenizer.encode(TURN_SEP)
+            ids += tokenizer.encode(TURN_SEP)  # after the previous answer: where a carried state resumes
         prompt = "".join(f"{image_token}\n" for _ in t.images) + t.text
         ids += tokenizer.encode(CHAT_TEMPLATE.format(prompt=prompt))
         images += t.images
@@ -181,16 +192,26 @@ def _number(body: dict, key: str, kind, lo, hi, default):
     return kind(v)
 
 
+def _history_key(ids: list[int], images: list) -> str:
+    """Key of a conversation prefix: its token ids and its images' pixels."""
+    h = hashlib.sha256(json.dumps(ids).encode())
+    for im in images:
+        h.update(f"{im.mode}{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
+
+
 class ChatService:
     """The request -> answer logic behind the HTTP server (usable without it).
 
     ``model``: an EmmaMamba, or a MambaLM with ``tokenizer``. ``defaults``: the GenerationConfig a request's fields
     override (its ``max_new_tokens`` is also the most a request may ask for unless ``max_new_tokens_limit``).
+    ``state_cache``: how many conversation states to keep for follow-up requests (0: none; see the module doc).
     """
 
     def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None, model_name: str = "emma-mamba",
                  allow_local_images: bool = False, max_prompt_positions: int = 32768,
-                 max_new_tokens_limit: int | None = None):
+                 max_new_tokens_limit: int | None = None, state_cache: int = 16):
         from emma_mamba.models.vlm import EmmaMamba
 
         self.vlm = model if isinstance(model, EmmaMamba) else None
@@ -204,6 +225,8 @@ class ChatService:
         self.max_prompt_positions = max_prompt_positions
         self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
         self.lock = threading.Lock()
+        self.state_cache_size = state_cache
+        self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
     def _config(self, body: dict) -> GenerationConfig:
         d = self.defaults
@@ -233,6 +256,9 @@ class ChatService:
         turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)
         image_token = self.vlm.config.image_token if self.vlm is not None else "<image>"
         ids, images, instructions = conversation_ids(self.tokenizer, turns, image_token)
+        # where the last user turn starts: the history before it may have a carried state
+        before, before_images, _ = conversation_ids(self.tokenizer, turns[:-1], image_token)
+        resume = (len(before), len(before_images), _history_key(before, before_images)) if before else None
         if self.vlm is None:
             n_pos = len(ids)
         else:
@@ -240,7 +266,7 @@ class ChatService:
         if n_pos > self.max_prompt_positions:
             raise RequestError(f"the conversation is {n_pos} positions long (visual tokens included), more than "
                                f"this server's max_prompt_positions {self.max_prompt_positions}", "messages")
-        return ids, images, instructions, n_pos, dropped
+        return ids, images, instructions, n_pos, dropped, resume
 
     def prepare(self, body: dict) -> tuple:
         """A request checked and decoded (RequestError naming the field otherwise), ready for :meth:`answer`."""
@@ -253,16 +279,33 @@ class ChatService:
         return self.answer(self.prepare(body), streamer)
 
     def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None) -> dict:
-        cfg, ids, images, instructions, n_pos, dropped = prepared
+        cfg, ids, images, instructions, n_pos, dropped, resume = prepared
         with self.lock, torch.inference_mode():
             t0 = time.perf_counter()
-            if self.vlm is not None:
-                inst = instructions if images and self.vlm.instruction is not None else None
-                embeds = self.vlm.embeds_from_ids(ids, images, inst)[0]
-                res = generate(self.lm, inputs_embeds=embeds, config=cfg, tokenizer=self.tokenizer,
-                               streamer=streamer)
+            hit = None
+            if resume is not None and self.state_cache_size:
+                hit = self.states.get(resume[2])
+            if hit is not None:  # continue the carried state: prefill the pending tokens and the new turn only
+                self.states.move_to_end(resume[2])
+                state, pending = hit
+                cache = state.select([0])  # a copy: the stored state stays for other continuations
+                new_ids, new_images = pending + ids[resume[0]:], images[resume[1]:]
+                new_inst = instructions[resume[1]:]
             else:
-                res = generate(self.lm, input_ids=ids, config=cfg, tokenizer=self.tokenizer, streamer=streamer)
+                cache = self.lm.allocate_cache(1) if self.state_cache_size else None
+                new_ids, new_images, new_inst = ids, images, instructions
+            if self.vlm is not None:
+                inst = new_inst if new_images and self.vlm.instruction is not None else None
+                embeds = self.vlm.embeds_from_ids(new_ids, new_images, inst)[0]
+                res = generate(self.lm, inputs_embeds=embeds, config=cfg, tokenizer=self.tokenizer,
+                               streamer=streamer, cache=cache)
+                prefilled = embeds.shape[0]
+            else:
+                res = generate(self.lm, input_ids=new_ids, config=cfg, tokenizer=self.tokenizer, streamer=streamer,
+                               cache=cache)
+                prefilled = len(new_ids)
+            if cache is not None:
+                self._keep_state(ids, images, res)
             seconds = time.perf_counter() - t0
         n_new = len(res.sequences[0])
         out = {
@@ -272,9 +315,27 @@ class ChatService:
                          "finish_reason": "length" if res.finish_reasons[0] == "length" else "stop"}],
             "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
             "emma_mamba": {"seconds": seconds, "prefill_seconds": res.prefill_seconds,
-                           "finish_reason": res.finish_reasons[0], "dropped_system_messages": dropped},
+                           "finish_reason": res.finish_reasons[0], "dropped_system_messages": dropped,
+                           "state_cache": "hit" if hit is not None else "miss", "prefilled_positions": prefilled},
         }
         return out
+
+    def _keep_state(self, ids: list[int], images: list, res) -> None:
+        """Store the state after this answer under the history a follow-up request will send, when the answer's
+        text tokenises back to the generated tokens (else that request would not match the state)."""
+        tok, seq, final, reason = self.tokenizer, res.sequences[0], res.final_tokens[0], res.finish_reasons[0]
+        if final is None or reason == "stop":  # a stop string: the text is cut inside the generated tokens
+            return
+        end = tok.encode(TURN_END)
+        sent = tok.encode(res.texts[0] + TURN_END)  # what the client's next request carries for this answer
+        # the state holds every generated token but the last; the last and the end of turn are pending
+        pending = [final] if reason == "eos" else [final] + end
+        if sent != (seq + [final] if reason == "eos" else seq + end):
+            return
+        self.states[_history_key(ids + sent, images)] = (res.cache, pending)
+        self.states.move_to_end(_history_key(ids + sent, images))
+        while len(self.states) > self.state_cache_size:
+            self.states.popitem(last=False)
 
 
 def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:

@@ -210,3 +210,49 @@ def test_the_command_serves_a_checkpoint(model, tmp_path):
     r = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
                         "--image", CAT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "each request brings its own images" in r.stderr
+
+
+def _first_kept_answer(svc, messages, **kw):
+    """A sampled answer that the service kept a state for (its text tokenises back to the generated tokens: for
+    a random model's random tokens that holds for some seeds only); deterministic: the first such seed."""
+    for seed in range(40):
+        before = list(svc.states)
+        out = svc.complete({"messages": messages, "temperature": 1.0, "seed": seed, **kw})
+        if list(svc.states) != before:  # a new state, last in the LRU
+            return out, seed
+    raise AssertionError("no seed gave an answer that tokenises back to its tokens")
+
+
+def test_state_cache_continues_a_conversation_with_only_the_new_turn_prefilled(model):
+    cached = ChatService(model, defaults=GenerationConfig(max_new_tokens=4), state_cache=4)
+    plain = ChatService(model, defaults=GenerationConfig(max_new_tokens=4), state_cache=0)
+    first = [user("What animal is this?")]
+    a, seed = _first_kept_answer(cached, first, max_tokens=4)
+    assert a["emma_mamba"]["state_cache"] == "miss"
+    a1 = a["choices"][0]["message"]["content"]
+    # the follow-up, with a new image in its turn: prefills the pending tokens and the new turn only
+    follow = first + [{"role": "assistant", "content": a1}, user("And now?")]
+    for k in range(2):  # twice: the stored state is copied, not consumed
+        b = cached.complete({"messages": follow, "temperature": 1.0, "seed": seed + 100, "max_tokens": 4})
+        ref = plain.complete({"messages": follow, "temperature": 1.0, "seed": seed + 100, "max_tokens": 4})
+        assert b["emma_mamba"]["state_cache"] == "hit" and ref["emma_mamba"]["state_cache"] == "miss"
+        assert b["choices"] == ref["choices"]  # the same tokens as prefilling the whole history
+        assert b["usage"] == ref["usage"]
+        new_turn = len(model.tokenizer.encode("\n<|user|>\n<image>\nAnd now?<|endoftext|>\n<|assistant|>\n"))
+        assert b["emma_mamba"]["prefilled_positions"] <= new_turn + model.vision.num_tokens + 2
+        assert ref["emma_mamba"]["prefilled_positions"] == ref["usage"]["prompt_tokens"] > 2 * model.vision.num_tokens
+    # an edited history or another image misses and prefills everything, with the same answer as without cache
+    edited = first + [{"role": "assistant", "content": a1 + " x"}, user("And now?")]
+    other = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(
+        os.path.join(os.path.dirname(CAT), "astronaut.png"))}}, {"type": "text", "text": "What animal is this?"}]},
+        {"role": "assistant", "content": a1}, user("And now?")]
+    for msgs in (edited, other):
+        b = cached.complete({"messages": msgs, "max_tokens": 3})
+        assert b["emma_mamba"]["state_cache"] == "miss"
+        assert b["choices"] == plain.complete({"messages": msgs, "max_tokens": 3})["choices"]
+    # LRU: a cache of one state forgets the first conversation after another
+    one = ChatService(model, defaults=GenerationConfig(max_new_tokens=4), state_cache=1)
+    a, seed = _first_kept_answer(one, first, max_tokens=4)
+    _first_kept_answer(one, [user("Something else?", image=False)], max_tokens=4)
+    follow = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]}, user("And now?")]
+    assert one.complete({"messages": follow, "max_tokens": 2})["emma_mamba"]["state_cache"] == "miss"
