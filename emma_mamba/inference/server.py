@@ -249,8 +249,12 @@ class ChatService:
             stops = list(stop)
         else:
             raise RequestError("stop must be a string or a list of non-empty strings", "stop")
-        return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
-                                   eos_token_id=self.tokenizer.eos_token_id, **kw)
+        try:
+            return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
+                                       eos_token_id=self.tokenizer.eos_token_id, **kw)
+        except ValueError as e:  # what GenerationConfig itself refuses (top_p 0, ...), named by its field
+            field = next((k for k in ("top_p", "repetition_penalty", "temperature") if f".{k} " in str(e)), None)
+            raise RequestError(str(e).replace("GenerationConfig.", ""), field) from None
 
     def _inputs(self, body: dict):
         turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)

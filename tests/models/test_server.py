@@ -143,6 +143,7 @@ def test_system_messages_are_dropped_and_said_so(server):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, "max_tokens", "must be in"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"messages": [user("x " * 500, image=False)]}, "messages", "more than this server's max_prompt_positions 400"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, param, match):
