@@ -65,7 +65,7 @@ def _percentiles(values: list[int]) -> dict:
             "mean": sum(v) / len(v)}
 
 
-def check_file(cfg, data_cfg, model, workers: int | None, images: bool) -> dict:
+def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress: bool = True) -> dict:
     """The report of one LLaVA file (see the module docstring)."""
     from emma_mamba.data.llava import LlavaDataset, plan_rows
 
@@ -79,8 +79,13 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool) -> dict:
     if images and paths:
         failed_samples = {}
         jobs = [(p, model.image_processor.cfg) for p in paths]
+        from tqdm.auto import tqdm
+
+        chunk = max(1, min(256, len(jobs) // (64 * (workers or 8))))
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_image, jobs, chunksize=max(1, len(jobs) // (64 * (workers or 8)))))
+            results = list(tqdm(pool.map(_check_image, jobs, chunksize=chunk), total=len(jobs), unit="image",
+                                desc=f"decoding {Path(data_cfg.json).name}'s images", disable=not progress,
+                                dynamic_ncols=True))
         bad = {p: (reason, msg) for p, reason, msg in results if reason is not None}
         for s in ds.samples:  # the records a run would skip (or stop at) for these images
             hit = next((bad[str(p)] for p in s.images if str(p) in bad), None)
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
             if cfg.val.json is None:
                 raise ConfigError(f"{args.config}: --val but the run has no val.json")
             files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder))
-        reports = [check_file(cfg, d, model, args.workers, not args.no_images) for d in files]
+        reports = [check_file(cfg, d, model, args.workers, not args.no_images, sys.stderr.isatty()) for d in files]
     except (ConfigError, DataError, OSError) as e:
         print(f"emma-mamba data check: {e}", file=sys.stderr)
         return 2
