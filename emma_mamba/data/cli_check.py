@@ -42,13 +42,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_override_arguments(p)
 
 
+_PROCESSORS: dict = {}  # per worker process: preprocess config -> ImageProcessor
+
+
 def _check_image(args) -> tuple[str, str | None, str | None]:
     """(path, None, None) when the image decodes and preprocesses, else (path, reason, message)."""
     path, preprocess_cfg = args
     from emma_mamba.models.vision import ImageProcessor, load_image
 
+    key = json.dumps(preprocess_cfg, sort_keys=True, default=str)
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = ImageProcessor(preprocess_cfg)
     try:
-        ImageProcessor(preprocess_cfg).transform(load_image(path))
+        _PROCESSORS[key].transform(load_image(path))
         return path, None, None
     except FileNotFoundError as e:
         return path, "missing_image", str(e)
