@@ -387,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(body)
         except RequestError as e:
             self._json(e.status, _error_body(str(e), e.param))
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (mid-stream: generation stops)
+            log.info("%s disconnected", self.address_string())
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
@@ -409,6 +411,8 @@ class _Handler(BaseHTTPRequestHandler):
         send({"role": "assistant", "content": ""})
         try:
             out = svc.answer(prepared, streamer=lambda text: send({"content": text}))
+        except (BrokenPipeError, ConnectionResetError):
+            raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
             log.exception("streamed request failed")
             self.wfile.write(f"data: {json.dumps(_error_body(f'{type(e).__name__}: {e}', None, 'server_error'))}"

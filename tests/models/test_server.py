@@ -257,3 +257,27 @@ def test_state_cache_continues_a_conversation_with_only_the_new_turn_prefilled(m
     _first_kept_answer(one, [user("Something else?", image=False)], max_tokens=4)
     follow = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]}, user("And now?")]
     assert one.complete({"messages": follow, "max_tokens": 2})["emma_mamba"]["state_cache"] == "miss"
+
+
+def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_server(server):
+    import socket
+    import time
+
+    url, svc = server
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [user("Tell a long story.", image=False)], "stream": True, "max_tokens": 3000,
+                       "temperature": 1.0, "seed": 0}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    first = b""
+    while b"data: " not in first:
+        first += sock.recv(4096)
+    assert first.startswith(b"HTTP/1.0 200")
+    sock.close()  # gone mid-answer
+    t0 = time.perf_counter()
+    status, _ = post(url, {"messages": [user("Hi", image=False)], "max_tokens": 2})
+    assert status == 200  # the lock was released: the abandoned answer stopped at its next write
+    assert time.perf_counter() - t0 < 30
+    assert svc.lock.acquire(timeout=5)
+    svc.lock.release()
