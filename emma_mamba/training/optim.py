@@ -21,10 +21,13 @@ last step (or constant), as a ``LambdaLR`` so its state is just the step counter
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 __all__ = ["param_groups", "build_optimizer", "lr_lambda", "build_scheduler", "warmup_steps"]
 
@@ -69,8 +72,12 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with ``cfg`` a TrainConfig."""
-    groups = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.lr, cfg.lr_multipliers)
-              if g["params"]]
+    all_groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.lr, cfg.lr_multipliers)
+    groups = [g for g in all_groups if g["params"]]
+    for module in cfg.lr_multipliers:
+        if not any(n.split(".", 1)[0] == module for g in groups for n in g["names"]):
+            log.warning("train.lr_multipliers.%s: no parameter of %r is trained in this run; the multiplier has no "
+                        "effect", module, module)
     if not groups:
         raise ValueError("no trainable parameters: check the stage (set_stage) and the frozen modules")
     kw = {}

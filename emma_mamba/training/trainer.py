@@ -43,10 +43,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emma_mamba.config import ConfigError
 from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir)
-from emma_mamba.config import ConfigError
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, init_distributed, is_fsdp,

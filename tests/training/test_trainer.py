@@ -295,7 +295,7 @@ def test_resume_reads_the_position_keyed_optimizer_state_of_earlier_versions(sha
     assert [m["grad_norm"] for m in rest] == [m["grad_norm"] for m in a[2:]]
 
 
-def test_lr_multipliers_scale_each_modules_first_adamw_step(shapes, tmp_path):
+def test_lr_multipliers_scale_each_modules_first_adamw_step(shapes, tmp_path, caplog):
     # AdamW's first update is lr * g / (|g| + eps): with eps ~0 a step of exactly the group's lr for every
     # element with a gradient, whatever the gradient, so each module's step size shows its learning rate
     mult = {"projector": 10.0, "lm": 0.5}
@@ -316,6 +316,9 @@ def test_lr_multipliers_scale_each_modules_first_adamw_step(shapes, tmp_path):
             seen.add(module)
             torch.testing.assert_close(step, torch.full_like(step, want), rtol=1e-3, atol=0, msg=name)
     assert {"projector", "lm", "mff"} <= seen
+    with caplog.at_level("WARNING", logger="emma_mamba.training.optim"):  # a frozen module's multiplier: said
+        Trainer(make_cfg(shapes, tmp_path / "frozen", train={"max_steps": 1, "lr_multipliers": {"vision": 0.1}}))
+    assert "train.lr_multipliers.vision: no parameter of 'vision' is trained" in caplog.text
     with pytest.raises(ConfigError, match=r"train.lr_multipliers: unknown module 'vit'; valid: vision, mff"):
         make_cfg(shapes, tmp_path / "x", train={"lr_multipliers": {"vit": 0.1}})
     with pytest.raises(ConfigError, match=r"train.lr_multipliers.lm: expected a number > 0, got 0"):
