@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 __all__ = [
-    "VisionConfig", "SecondEncoderConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig", "AlignConfig",
-    "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides", "config_to_dict",
-    "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs", "resolve_config_path",
+    "VisionConfig", "SecondEncoderConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig",
+    "AlignConfig", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides",
+    "config_to_dict", "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs",
+    "resolve_config_path",
 ]
 
 
@@ -312,8 +313,8 @@ def _cobra_like() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b, "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip,
-           "cobra-like": _cobra_like}
+PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b,
+           "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip, "cobra-like": _cobra_like}
 
 
 def get_preset(name: str) -> ModelConfig:

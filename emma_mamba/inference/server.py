@@ -209,8 +209,8 @@ class ChatService:
     ``state_cache``: how many conversation states to keep for follow-up requests (0: none; see the module doc).
     """
 
-    def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None, model_name: str = "emma-mamba",
-                 allow_local_images: bool = False, max_prompt_positions: int = 32768,
+    def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None,
+                 model_name: str = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
                  max_new_tokens_limit: int | None = None, state_cache: int = 16):
         from emma_mamba.models.vlm import EmmaMamba
 
