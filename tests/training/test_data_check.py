@@ -35,7 +35,8 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
         {"id": "two-placeholders", "image": first, "conversations": [
             {"from": "human", "value": "<image> and <image>?"}, q[1]]},
         {"id": "too-long", "image": first, "conversations": [{"from": "human", "value": "word " * 400}, q[1]]},
-        {"id": "text", "conversations": [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Red."}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "Name a colour."},
+                                         {"from": "gpt", "value": "Red."}]},
     ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(good + bad))
