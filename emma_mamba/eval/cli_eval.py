@@ -4,6 +4,7 @@
     emma-mamba eval --task vqav2 --questions v2_OpenEnded_mscoco_val2014_questions.json --images val2014 \
         --annotations v2_mscoco_val2014_annotations.json --checkpoint runs/x --out eval/vqav2
     emma-mamba eval --suite configs/eval_suite_example.yaml --checkpoint runs/x    # several, one table
+    emma-mamba eval --suite ... --api http://localhost:8000/v1 --out eval/other   # a model behind an API
 
 The work is done by :func:`emma_mamba.eval.runner.evaluate` (formats, prompts and resumption are described
 there) and, for a suite, :func:`emma_mamba.eval.suite.run_suite`. Rerunning with the same ``--out`` continues
@@ -34,7 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", default=None,
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
-    p.add_argument("--checkpoint", required=True, help="model directory written by EmmaMamba.save or a training run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model directory written by EmmaMamba.save or a training run")
+    src.add_argument("--api", metavar="URL",
+                     help="instead of a checkpoint: an OpenAI-compatible chat-completions endpoint (base URL, e.g. "
+                          "http://localhost:8000/v1 of `emma-mamba serve`, or a transformer MLLM served by vLLM); "
+                          "same prompts, scorers and files (needs --out)")
+    p.add_argument("--api-model", default=None, help="with --api: the model name to send")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="with --api: environment variable holding the bearer token, if set (default %(default)s)")
+    p.add_argument("--api-concurrency", type=int, default=4, help="with --api: requests at once (default %(default)s)")
     p.add_argument("--out", default=None,
                    help="output folder (default: eval_<task>, or eval_<suite name> for a suite, inside --checkpoint)")
     p.add_argument("--annotations", default=None,
@@ -73,6 +83,17 @@ def run(args: argparse.Namespace) -> int:
     if args.cuda_graphs and not args.device.startswith("cuda"):
         print(f"emma-mamba eval: --cuda-graphs needs a CUDA device (--device {args.device})", file=sys.stderr)
         return 2
+    if args.api is not None:
+        if args.out is None:
+            print("emma-mamba eval: --api needs --out (there is no checkpoint folder to write into)", file=sys.stderr)
+            return 2
+        if args.cuda_graphs or args.compile:
+            print("emma-mamba eval: --cuda-graphs / --compile apply to a local --checkpoint, not --api",
+                  file=sys.stderr)
+            return 2
+        if args.api_concurrency < 1:
+            print(f"emma-mamba eval: --api-concurrency must be >= 1, got {args.api_concurrency}", file=sys.stderr)
+            return 2
     if args.suite is not None:
         return _run_suite(args)
     if args.only is not None:
@@ -89,19 +110,31 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.task}"
     try:
-        model = load(args.checkpoint, device=args.device)
+        model, answer_fn = _model_or_api(args, load)
         report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                          image_template=args.image_template, checkpoint=str(args.checkpoint),
+                          image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
                           progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
-                          compile=args.compile)
-    except (ScoreInputError, FileNotFoundError) as e:
+                          compile=args.compile, answer_fn=answer_fn)
+    except (ScoreInputError, FileNotFoundError, ValueError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
     print(f"answers in {out}; metrics in {out / 'metrics.json'}")
     return 0
+
+
+def _model_or_api(args, load):
+    """(the loaded checkpoint, None) or, with --api, (None, an answer function asking the endpoint)."""
+    import os
+
+    if args.api is None:
+        return load(args.checkpoint, device=args.device), None
+    from emma_mamba.eval.api import api_answer_fn
+
+    return None, api_answer_fn(args.api, model=args.api_model, api_key=os.environ.get(args.api_key_env),
+                               max_new_tokens=args.max_new_tokens, concurrency=args.api_concurrency)
 
 
 def _run_suite(args) -> int:
@@ -116,11 +149,12 @@ def _run_suite(args) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.suite).stem}"
     try:
         entries = read_suite(args.suite)
-        model = load(args.checkpoint, device=args.device)
-        summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint), progress=not args.no_progress,
-                            only=args.only, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                            limit=args.limit, cuda_graphs=args.cuda_graphs, compile=args.compile)
-    except (ScoreInputError, FileNotFoundError) as e:
+        model, answer_fn = _model_or_api(args, load)
+        summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint or args.api),
+                            progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
+                            compile=args.compile, answer_fn=answer_fn)
+    except (ScoreInputError, FileNotFoundError, ValueError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary["benchmarks"]))

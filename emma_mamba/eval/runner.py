@@ -294,7 +294,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     ``split``: the ScienceQA split to answer (other benchmarks' files hold one split). ``cuda_graphs``: decode
     steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
-    ``answer_fn(questions, prompts) -> replies`` replaces the model (tests use it to feed known replies).
+    ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
+    --api`` asks an endpoint, :mod:`emma_mamba.eval.api`; one with a ``for_max_new_tokens(n)`` method is given
+    this run's ``max_new_tokens`` through it).
     """
     from emma_mamba.eval.scorers import score
 
@@ -316,6 +318,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
 
     if answer_fn is None:
         answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
+    elif hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
+        answer_fn = answer_fn.for_max_new_tokens(max_new_tokens)
 
     # ---- what is left to answer
     answers_path = out / "answers.jsonl"

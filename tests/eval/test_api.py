@@ -1,0 +1,100 @@
+"""`emma-mamba eval --api URL`: a model behind an OpenAI-compatible endpoint (here `emma-mamba serve`'s) is scored
+exactly like the same checkpoint run locally: the answers files are equal, so are the metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from emma_mamba.data.shapes import ShapesConfig, generate
+from emma_mamba.eval.api import ApiError, api_answer_fn
+from emma_mamba.eval.runner import evaluate
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shapes")
+    generate(ShapesConfig(seed=3, n_train=6, n_heldout=3, image_size=96), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from emma_mamba.config import get_preset
+    from emma_mamba.inference.generate import GenerationConfig
+    from emma_mamba.inference.server import ChatService, make_server
+    from emma_mamba.models.vlm import EmmaMamba
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.lm.tie_embeddings = False  # a random tied LM repeats its last input token (a newline: empty replies)
+    model = EmmaMamba(cfg, for_training=False).eval()
+    ck = tmp_path_factory.mktemp("ck")
+    model.save(ck)
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=16), state_cache=0)
+    seen = []  # what reached the model: (generation config, token ids, images, instructions) per request
+    answer = svc.answer
+    svc.answer = lambda prepared, streamer=None: (seen.append(prepared[:4]), answer(prepared, streamer))[1]
+    srv = make_server(svc, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield model, ck, f"http://127.0.0.1:{srv.server_port}/v1", seen
+    srv.shutdown()
+    srv.server_close()
+
+
+def _answers(d: Path) -> list[dict]:
+    return [json.loads(x) for x in (d / "answers.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("task,questions", [("pope", "pope_popular.jsonl"), ("vqav2", "vqav2_questions.json")])
+def test_api_answers_and_metrics_equal_the_local_checkpoints(shapes, served, tmp_path, task, questions):
+    from emma_mamba.eval.runner import prompt_for, read_questions
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    model, _, url, seen = served
+    ho = shapes / "heldout"
+    kw = dict(batch_size=4, max_new_tokens=5, limit=12, progress=False)
+    local = evaluate(model, task, ho / questions, shapes / "images", tmp_path / "local", **kw)
+    seen.clear()
+    api = evaluate(None, task, ho / questions, shapes / "images", tmp_path / "api",
+                   answer_fn=api_answer_fn(url, concurrency=3), **kw)
+    got, want = _answers(tmp_path / "api"), _answers(tmp_path / "local")
+    assert len(got) == len(want) >= 9 and [a["question_id"] for a in got] == [a["question_id"] for a in want]
+    assert got == want and all(a["text"] for a in want)
+    assert api["metrics"] == local["metrics"]
+    # what the endpoint fed the model is what the local path feeds it: the same token ids (the training chat
+    # template around the benchmark prompt), the same pixels, the prompt as the instruction, greedy, 5 tokens
+    qs = read_questions(task, ho / questions, shapes / "images")[:12]
+    assert len(seen) == len(got)
+    for cfg, ids, images, instructions in seen:
+        text = instructions[0]
+        assert ids == model.tokenizer.encode(build_chat_prompt(text, 1, model.config.image_token))
+        px = model.image_processor(images)
+        assert any(prompt_for(task, q.text) == text and torch.equal(px, model.image_processor([q.image])) for q in qs)
+        assert cfg.max_new_tokens == 5 and cfg.temperature == 0.0
+
+
+def test_the_command_and_its_errors(shapes, served, tmp_path, capsys):
+    from emma_mamba.cli import main
+
+    _, ck, url, _ = served
+    ho = shapes / "heldout"
+    args = ["eval", "--task", "pope", "--questions", str(ho / "pope_random.jsonl"), "--images", str(shapes / "images"),
+            "--limit", "4", "--no-progress"]
+    assert main(args + ["--api", url, "--out", str(tmp_path / "api")]) == 0
+    assert main(args + ["--checkpoint", str(ck), "--out", str(tmp_path / "local")]) == 0
+    assert _answers(tmp_path / "api") == _answers(tmp_path / "local")
+    capsys.readouterr()
+    assert main(args + ["--api", url]) == 2 and "--api needs --out" in capsys.readouterr().err
+    bad = api_answer_fn(url.replace("/v1", "/v2"), retries=0)
+    from emma_mamba.eval.runner import read_questions
+
+    q = read_questions("pope", ho / "pope_random.jsonl", shapes / "images")[:1]
+    with pytest.raises(ApiError, match=r"/v2/chat/completions: question .*: HTTP 404"):
+        bad(q, ["Is there a cat?"])
+    with pytest.raises(ValueError, match="expected an http"):
+        api_answer_fn("localhost:8000")
