@@ -10,16 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from emma_mamba.data.shapes import ShapesConfig, generate
 from emma_mamba.eval.api import ApiError, api_answer_fn
 from emma_mamba.eval.runner import evaluate
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("shapes")
-    generate(ShapesConfig(seed=3, n_train=6, n_heldout=3, image_size=96), d)
-    return d
+from tests.eval.test_runner import shapes  # noqa: F401 - the ShapesWorld held-out files (a fixture)
 
 
 @pytest.fixture(scope="module")
