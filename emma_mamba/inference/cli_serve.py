@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="require 'Authorization: Bearer <key>' with the key read from this environment variable "
+                        "(advised with --host 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--model-name", default=None, help="the model id the API reports (default: the checkpoint's name)")
     p.add_argument("--allow-local-images", action="store_true",
@@ -59,7 +62,14 @@ def run(args) -> int:
                               allow_local_images=args.allow_local_images,
                               max_prompt_positions=args.max_prompt_positions,
                               max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache)
-        server = make_server(service, args.host, args.port)
+        api_key = None
+        if args.api_key_env:
+            import os
+
+            api_key = os.environ.get(args.api_key_env)
+            if not api_key:
+                raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+        server = make_server(service, args.host, args.port, api_key=api_key)
     except (UsageError, ValueError, OSError) as e:
         return _err(str(e), "serve")
     host, port = server.server_address[:2]

@@ -28,7 +28,8 @@ response say which happened.
 
 Every malformed request is answered 400 with an OpenAI-style error naming the field (``param``, e.g.
 ``messages[2].content[1].image_url.url``); a prompt longer than ``max_prompt_positions`` (visual tokens
-included) is refused the same way. One request runs at a time (a lock around the model); the others wait.
+included) is refused the same way. With an API key every endpoint but ``/health`` needs ``Authorization: Bearer
+<key>`` (401 otherwise). One request runs at a time (a lock around the model); the others wait.
 """
 
 from __future__ import annotations
@@ -348,8 +349,21 @@ def _error_body(message: str, param: str | None, kind: str = "invalid_request_er
 
 class _Handler(BaseHTTPRequestHandler):
     service: ChatService
+    api_key: str | None = None  # when set, every request but /health needs "Authorization: Bearer <key>"
     max_body_bytes: int = 64 << 20
     server_version = "emma-mamba"
+
+    def _authorized(self) -> bool:
+        if self.api_key is None or self.path.rstrip("/") == "/health":
+            return True
+        import hmac
+
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            return True
+        self._json(401, _error_body("missing or wrong API key (Authorization: Bearer <key>)", None,
+                                    "authentication_error"))
+        return False
 
     def log_message(self, fmt, *args):  # through logging, not stderr prints
         log.info("%s %s", self.address_string(), fmt % args)
@@ -363,6 +377,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/health":
             return self._json(200, {"status": "ok"})
         if self.path.rstrip("/") == "/v1/models":
@@ -371,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json(404, _error_body(f"no such endpoint: GET {self.path}", None, "not_found_error"))
 
     def do_POST(self):
+        if not self._authorized():
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
         try:
@@ -423,9 +441,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``)."""
-    handler = type("Handler", (_Handler,), {"service": service})
+def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,
+                api_key: str | None = None) -> ThreadingHTTPServer:
+    """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``).
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health``."""
+    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

@@ -281,3 +281,28 @@ def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_server(serve
     assert time.perf_counter() - t0 < 30
     assert svc.lock.acquire(timeout=5)
     svc.lock.release()
+
+
+def test_api_key(model):
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=2))
+    srv = make_server(svc, "127.0.0.1", 0, api_key="s3cret")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+    body = json.dumps({"messages": [user("Hi", image=False)]}).encode()
+    try:
+        for headers, want in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                              ({"Authorization": "Bearer s3cret"}, 200)):
+            req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+                assert json.loads(e.read())["error"]["type"] == "authentication_error"
+            assert status == want, headers
+        with urllib.request.urlopen(url + "/health") as r:  # health checks need no key
+            assert r.status == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
