@@ -12,7 +12,8 @@ preprocessing (no weights are read), then checks the training file (and ``val.js
 * the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``.
 
 Prints a summary, writes it as JSON with ``--report FILE``, and exits 1 when a record would be skipped or an
-image fails (so it can gate a job script), else 0.
+image fails (so it can gate a job script), else 0. ``--write-clean FILE`` writes the training file's usable
+records, unchanged and in order, in the same format (a JSON list or JSONL), for a run that should not skip.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: all CPUs)")
     p.add_argument("--no-images", action="store_true", help="records only: do not open the image files")
     p.add_argument("--report", default=None, help="write the summary as JSON here")
+    p.add_argument("--write-clean", default=None, metavar="FILE",
+                   help="write the training file's usable records (unchanged, same format) here")
     add_override_arguments(p)
 
 
@@ -71,8 +74,10 @@ def _percentiles(values: list[int]) -> dict:
             "mean": sum(v) / len(v)}
 
 
-def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress: bool = True) -> dict:
-    """The report of one LLaVA file (see the module docstring)."""
+def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress: bool = True,
+               usable: set | None = None) -> dict:
+    """The report of one LLaVA file (see the module docstring); ``usable``, when given, receives the record
+    indices a run would train on."""
     from emma_mamba.data.llava import LlavaDataset, plan_rows
 
     ds = LlavaDataset(dataclasses.replace(data_cfg, on_error="skip"), model.tokenizer, cfg.model.image_token,
@@ -80,7 +85,7 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
     rep = ds.report
     skipped = dict(rep.skipped)
     examples = {k: list(v) for k, v in rep.examples.items()}
-    image_failures, n_failed = {}, 0
+    image_failures, n_failed, bad = {}, 0, {}
     paths = sorted({str(p) for s in ds.samples for p in s.images})
     if images and paths:
         failed_samples = {}
@@ -103,6 +108,9 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         for reason, n in failed_samples.items():
             skipped[reason] = skipped.get(reason, 0) + n
         n_failed = sum(failed_samples.values())
+    if usable is not None:
+        failed_paths = set(bad) if images and paths else set()
+        usable.update(s.index for s in ds.samples if not any(str(p) in failed_paths for p in s.images))
         image_failures = {"files": len(bad), "of_files": len(paths)}
     lengths = ds.lengths
     t = cfg.train
@@ -124,6 +132,19 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "fill": positions / (len(rows) * data_cfg.max_length) if rows and data_cfg.packing else None,
         "global_batch_size": t.global_batch_size, "steps_per_epoch": steps,
     }
+
+
+def _write_clean(src: Path, usable: set, dst: Path) -> int:
+    """The records of ``src`` whose index is in ``usable``, unchanged, in ``src``'s format; returns the count."""
+    if dst.resolve() == src.resolve():
+        raise OSError(f"--write-clean {dst}: that is the data file itself; write the clean copy elsewhere")
+    if src.suffix == ".jsonl":
+        lines = [line for i, line in enumerate(src.read_text(encoding="utf-8").splitlines()) if i in usable]
+        dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+        return len(lines)
+    records = [r for i, r in enumerate(json.loads(src.read_text(encoding="utf-8"))) if i in usable]
+    dst.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return len(records)
 
 
 def _print(r: dict) -> None:
@@ -173,7 +194,12 @@ def run(args: argparse.Namespace) -> int:
             if cfg.val.json is None:
                 raise ConfigError(f"{args.config}: --val but the run has no val.json")
             files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder))
-        reports = [check_file(cfg, d, model, args.workers, not args.no_images, sys.stderr.isatty()) for d in files]
+        usable: set = set()
+        reports = [check_file(cfg, d, model, args.workers, not args.no_images, sys.stderr.isatty(),
+                              usable if i == 0 else None) for i, d in enumerate(files)]
+        if args.write_clean:
+            n = _write_clean(Path(cfg.data.json), usable, Path(args.write_clean))
+            print(f"wrote {args.write_clean}: {n} usable records of {reports[0]['records']}")
     except (ConfigError, DataError, OSError) as e:
         print(f"emma-mamba data check: {e}", file=sys.stderr)
         return 2

@@ -42,8 +42,9 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
     data.write_text(json.dumps(good + bad))
     run = _write_run(shapes, tmp_path, data, train={"global_batch_size": 4, "micro_batch_size": 2})
     report = tmp_path / "report.json"
+    cleaned = tmp_path / "cleaned.json"
     rc = main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "2",
-               "--report", str(report)])
+               "--report", str(report), "--write-clean", str(cleaned)])
     out = capsys.readouterr().out
     assert rc == 1 and "problems found" in out
     r = json.loads(report.read_text())
@@ -57,6 +58,17 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
     # padding: one row per usable sample that the dataset kept (the corrupt one still makes a row at load time)
     assert r["rows_per_epoch"] == 12 and r["steps_per_epoch"] == math.ceil(12 / 4)
     assert "broken.png" in out and "too_long: 1" in out
+    # the usable records, unchanged and in order; the cleaned file checks clean (also as JSONL)
+    assert json.loads(cleaned.read_text()) == good + [bad[-1]]
+    assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
+                 "--data.json", str(cleaned)]) == 0
+    lines = tmp_path / "data.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    cleaned_lines = tmp_path / "cleaned.jsonl"
+    assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
+                 "--data.json", str(lines), "--write-clean", str(cleaned_lines)]) == 1
+    assert [json.loads(x) for x in cleaned_lines.read_text().splitlines()] == good + [bad[-1]]
+    capsys.readouterr()
 
     clean = tmp_path / "clean.json"
     clean.write_text(json.dumps(good))
