@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None,
                      help="named preset (tiny, emma-mamba-2.8b, emma-mamba-2.8b-dinosiglip, cobra-like); default tiny")
-    src.add_argument("--config", default=None, help="model config YAML (strict overrides of a preset)")
+    src.add_argument("--config", default=None,
+                     help="model config YAML (strict overrides of a preset), or a checkpoint directory (its config.yaml)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -56,9 +57,14 @@ def _fmt(n: int) -> str:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from emma_mamba.config import get_preset, load_config
 
-    cfg = load_config(args.config) if args.config else get_preset(args.preset or "tiny")
+    path = Path(args.config) if args.config else None
+    if path is not None and path.is_dir():  # a checkpoint or run directory: its resolved config
+        path = path / "config.yaml"
+    cfg = load_config(path) if path is not None else get_preset(args.preset or "tiny")
     rep = report(cfg)
     if args.json:
         print(json.dumps(rep, indent=2))

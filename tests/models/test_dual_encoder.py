@@ -155,6 +155,10 @@ def test_training_freezing_and_save_load(tmp_path):
     batch = _batch(m)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, m(**batch).logits, rtol=0, atol=0)
+    # `emma-mamba info` reads a checkpoint directory's config
+    from emma_mamba.cli import main
+
+    assert main(["info", "--config", str(tmp_path / "ck"), "--json"]) == 0
     # a checkpoint and a config that disagree about the second encoder: named, not loaded half
     import yaml
 
