@@ -108,10 +108,9 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         for reason, n in failed_samples.items():
             skipped[reason] = skipped.get(reason, 0) + n
         n_failed = sum(failed_samples.values())
-    if usable is not None:
-        failed_paths = set(bad) if images and paths else set()
-        usable.update(s.index for s in ds.samples if not any(str(p) in failed_paths for p in s.images))
         image_failures = {"files": len(bad), "of_files": len(paths)}
+    if usable is not None:
+        usable.update(s.index for s in ds.samples if not any(str(p) in bad for p in s.images))
     lengths = ds.lengths
     t = cfg.train
     rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []

@@ -58,6 +58,11 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
     # padding: one row per usable sample that the dataset kept (the corrupt one still makes a row at load time)
     assert r["rows_per_epoch"] == 12 and r["steps_per_epoch"] == math.ceil(12 / 4)
     assert "broken.png" in out and "too_long: 1" in out
+    # --val checks val.json the same way (here the same file): a report per file
+    assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
+                 "--val", "--val.json", str(data), "--val.image_folder", str(images), "--report", str(report)]) == 1
+    train_r, val_r = json.loads(report.read_text())
+    assert val_r["skipped"] == train_r["skipped"] and val_r["image_failures"] == train_r["image_failures"]
     # the usable records, unchanged and in order; the cleaned file checks clean (also as JSONL)
     assert json.loads(cleaned.read_text()) == good + [bad[-1]]
     assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
