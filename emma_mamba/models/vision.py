@@ -237,12 +237,11 @@ class VisionEncoder(nn.Module):
                                   f"{cfg.model_name}'s {self.grid}; the taps are fused token by token, so both "
                                   f"encoders need the same grid (patch size x grid = image size)")
             self.width += lay2["width"]
-            # x2 = (x1 * std1 + mean1 - mean2) / std2, per channel, as one multiply-add
-            m1, s1 = (torch.tensor(preprocess_cfg[k], dtype=torch.float64) for k in ("mean", "std"))
-            m2, s2 = torch.tensor(second_mean, dtype=torch.float64), torch.tensor(second_std, dtype=torch.float64)
-            fk = dict(dtype=torch.float32, device=None if _is_meta(second) else next(second.parameters()).device)
-            self.register_buffer("second_scale", (s1 / s2).to(**fk).view(3, 1, 1), persistent=False)
-            self.register_buffer("second_shift", ((m1 - m2) / s2).to(**fk).view(3, 1, 1), persistent=False)
+            # x2 = (x1 * std1 + mean1 - mean2) / std2, per channel, as one multiply-add; kept as Python floats
+            # (not buffers, which model.to(bfloat16) would round to 3 digits), applied in fp32
+            m1, s1 = preprocess_cfg["mean"], preprocess_cfg["std"]
+            self.second_affine = ([a / b for a, b in zip(s1, second_std)],
+                                  [(a - c) / b for a, c, b in zip(m1, second_mean, second_std)])
         self.set_frozen(cfg.freeze)
 
     def set_frozen(self, frozen: bool) -> "VisionEncoder":
@@ -283,7 +282,9 @@ class VisionEncoder(nn.Module):
         if self.second is None:
             return list(feats)
         dtype2 = next(self.second.parameters()).dtype
-        x2 = pixel_values.float() * self.second_scale + self.second_shift  # its own mean/std
+        scale, shift = (torch.tensor(v, dtype=torch.float32, device=pixel_values.device).view(3, 1, 1)
+                        for v in self.second_affine)
+        x2 = pixel_values.float() * scale + shift  # its own mean/std
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feats2 = self.second.forward_intermediates(
                 x2.to(dtype2), indices=self.second_taps, stop_early=True, intermediates_only=True, output_fmt="NLC")
@@ -303,10 +304,6 @@ def _resolve_taps(taps: Sequence[int], n: int, where: str, model_name: str) -> l
     if len(resolved) != len(taps):
         raise ConfigError(f"{where}: {list(taps)} name the same block twice ({n} blocks)")
     return resolved
-
-
-def _is_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ images

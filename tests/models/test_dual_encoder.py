@@ -211,3 +211,17 @@ def test_vision_config_round_trips_through_yaml(tmp_path):
     back = load_config(tmp_path / "c.yaml")
     assert back == cfg and isinstance(back.vision.second_encoder, SecondEncoderConfig)
     assert VisionConfig().second_encoder.timm_model is None  # single encoder by default
+
+
+def test_bf16_model_keeps_the_renormalisation_exact():
+    # the affine map is Python floats applied in fp32: casting the model to bf16 does not round it
+    import timm.data
+
+    m = EmmaMamba(dual_cfg(), for_training=False, dtype=torch.bfloat16)
+    pp = m.vision.preprocess_cfg
+    scale, shift = m.vision.second_affine
+    for c in range(3):
+        s2, m2 = timm.data.IMAGENET_DEFAULT_STD[c], timm.data.IMAGENET_DEFAULT_MEAN[c]
+        assert scale[c] == pp["std"][c] / s2 and shift[c] == (pp["mean"][c] - m2) / s2
+    feats = m.vision(m.image_processor(IMAGES).to(torch.bfloat16))
+    assert feats[0].dtype == torch.bfloat16 and feats[0].shape == (2, 16, 56)
