@@ -18,7 +18,10 @@ a question is resolved under ``images`` as given after the arrow:
 * mmbench: MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``), one question
   per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
-  ``<category>/<name>`` or ``<category>/images/<name>``.
+  ``<category>/<name>`` or ``<category>/images/<name>``;
+* prompts: any prompts about images, LLaVA's question JSONL (or a JSON list) ``{question_id (or id), image,
+  text (or prompt)}`` -> ``image``: answered with the prompt verbatim, not scored (batch captioning or
+  questioning of a folder of images, with the runner's batching, resumption and ``--api``).
 
 and writes, under ``out_dir``:
 
@@ -71,7 +74,7 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "mme", "prompts")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -183,6 +186,16 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
         for loc, rec in seed_questions(qpath)[0]:
             out.append(Question(str(rec["question_id"]), _image(images, str(rec["data_id"]), f"{qpath}: {loc}"),
                                 seed_prompt(rec), has_answer="answer" in rec))
+    elif task == "prompts":
+        seen: set = set()
+        for loc, rec in load_records(qpath, "prompt"):
+            qid = require(rec, ("question_id", "id"), qpath, loc, "prompt")
+            if qid in seen:
+                raise ScoreInputError(f"{qpath}: {loc}: question id {qid!r} appears twice (answers are keyed by it)")
+            seen.add(qid)
+            name = require(rec, ("image",), qpath, loc, "prompt")
+            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("text", "prompt"), qpath, loc, "prompt")))
     elif task == "vizwiz":
         for loc, rec in vizwiz_records(qpath):
             name = require(rec, ("image",), qpath, loc, "VizWiz question")
@@ -224,7 +237,7 @@ def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
     if task in ("mmbench", "seed", "scienceqa"):
         return f"{text}\n{MC_PROMPT}"
-    if task == "mme" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
+    if task in ("mme", "prompts") or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
     if task == "vizwiz":
         return f"{text}\n{UNANSWERABLE_PROMPT}\n{SHORT_ANSWER_PROMPT}"
@@ -237,6 +250,8 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
     ``read``, the file's questions as :func:`read_questions` gave them, has its answer there), or for VQAv2 the
     sibling file with 'questions' replaced by 'annotations' in its name, if present."""
     q = Path(questions)
+    if task == "prompts":  # free prompts: nothing to score
+        return None
     if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
         return q
     if task in ("textvqa", "vizwiz", "seed", "mmbench"):
@@ -307,6 +322,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template, split)
+    if task == "prompts" and annotations is not None:
+        raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
     if annotations is None:
         annotations = default_annotations(task, questions, qs)
     if limit is not None:
@@ -396,7 +413,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             metrics = score("mme", out / "mme", template)
         else:
             metrics = score(task, answers_path, annotations, allow_missing=partial)
-    else:
+    elif task != "prompts":
         log.warning("%s: no ground truth to score against (pass --annotations); wrote answers only", task)
     report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),

@@ -91,3 +91,32 @@ def test_the_command_and_its_errors(shapes, served, tmp_path, capsys):
         bad(q, ["Is there a cat?"])
     with pytest.raises(ValueError, match="expected an http"):
         api_answer_fn("localhost:8000")
+
+
+def test_free_prompts_task_answers_verbatim_prompts_locally_and_through_the_api(shapes, served, tmp_path):
+    # `--task prompts`: LLaVA's question JSONL of any prompts, answered verbatim (no short-answer suffix), not
+    # scored; each answer equals the model's own generate() on that prompt and image
+    from emma_mamba.eval.runner import ScoreInputError
+    from emma_mamba.inference.generate import GenerationConfig
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    model, _, url, _ = served
+    imgs = sorted(p.name for p in (shapes / "images" / "heldout").iterdir())[:3]
+    recs = [{"question_id": f"p{i}", "image": f"heldout/{name}", "text": t} for i, (name, t) in
+            enumerate(zip(imgs, ["Describe the picture.", "What shapes do you see?", "Write one line about it."]))]
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    kw = dict(batch_size=2, max_new_tokens=6, progress=False)
+    rep = evaluate(model, "prompts", f, shapes / "images", tmp_path / "local", **kw)
+    evaluate(None, "prompts", f, shapes / "images", tmp_path / "api", answer_fn=api_answer_fn(url), **kw)
+    got = _answers(tmp_path / "local")
+    assert rep["metrics"] is None and got == _answers(tmp_path / "api")
+    for r, a in zip(recs, got):
+        assert a["question_id"] == r["question_id"] and a["prompt"] == r["text"]
+        want = model.generate(build_chat_prompt(r["text"], 1, model.config.image_token),
+                              [shapes / "images" / r["image"]], [r["text"]],
+                              config=GenerationConfig(max_new_tokens=6, eos_token_id=model.tokenizer.eos_token_id))
+        assert a["text"] == want.texts[0].strip()
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs + recs[:1]))
+    with pytest.raises(ScoreInputError, match="question id 'p0' appears twice"):
+        evaluate(model, "prompts", f, shapes / "images", tmp_path / "dup", **kw)
