@@ -154,7 +154,12 @@ def test_shipped_recipes_load_and_round_trip(path, tmp_path):
         assert (t.epochs, t.lr, t.weight_decay, t.warmup_ratio, t.schedule, t.global_batch_size, t.precision,
                 cfg.data.max_length) == (2, 2e-5, 0.1, 0.03, "cosine", 128, "bf16", 2048)
     if "single" in path.name:
-        assert cfg.model.name == "cobra-like" and cfg.init_from is None
+        assert cfg.model.name == ("emma-mamba-2.8b-dinosiglip" if "dinosiglip" in path.name else "cobra-like")
+        assert cfg.init_from is None
+    if "dinosiglip" in path.name:  # the paper's vision front: SigLIP + DINOv2 at 384 px
+        se = cfg.model.vision.second_encoder
+        assert cfg.model.vision.model_name == "ViT-SO400M-14-SigLIP-384" and se.timm_model.endswith("dinov2")
+        assert se.timm_kwargs == {"img_size": 384} and cfg.model.instruction.tokenizer is not None
 
 
 def test_no_weight_decay_on_a_log_d_norms_biases():
