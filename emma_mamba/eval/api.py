@@ -41,8 +41,8 @@ class _ApiAnswerer:
     """``answer_fn(questions, prompts) -> replies`` asking the endpoint; ``for_max_new_tokens(n)`` gives the same
     with another reply length (:func:`~emma_mamba.eval.runner.evaluate` calls it with a benchmark's own)."""
 
-    def __init__(self, ask, make):
-        self._ask, self._make = ask, make
+    def __init__(self, ask, make, concurrency: int):
+        self._ask, self._make, self.concurrency = ask, make, concurrency
 
     def __call__(self, batch: Sequence, prompts: Sequence[str]) -> list[str]:
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
@@ -90,6 +90,4 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
             time.sleep(2.0 ** attempt)
         raise AssertionError("unreachable")
 
-    answerer = _ApiAnswerer(ask, lambda n: api_answer_fn(url, max_new_tokens=n, **kw))
-    answerer.concurrency = concurrency
-    return answerer
+    return _ApiAnswerer(ask, lambda n: api_answer_fn(url, max_new_tokens=n, **kw), concurrency)

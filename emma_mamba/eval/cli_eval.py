@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from emma_mamba.eval._io import ScoreInputError
+    from emma_mamba.eval.api import ApiError
     from emma_mamba.eval.runner import evaluate
     from emma_mamba.eval.scorers import summary
     from emma_mamba.models.vlm import load
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                           image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
                           progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
                           compile=args.compile, answer_fn=answer_fn)
-    except (ScoreInputError, FileNotFoundError, ValueError) as e:
+    except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
     if report["metrics"] is not None:
@@ -139,6 +140,7 @@ def _model_or_api(args, load):
 
 def _run_suite(args) -> int:
     from emma_mamba.eval._io import ScoreInputError
+    from emma_mamba.eval.api import ApiError
     from emma_mamba.eval.suite import format_summary, read_suite, run_suite
     from emma_mamba.models.vlm import load
 
@@ -154,7 +156,7 @@ def _run_suite(args) -> int:
                             progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
                             compile=args.compile, answer_fn=answer_fn)
-    except (ScoreInputError, FileNotFoundError, ValueError) as e:
+    except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary["benchmarks"]))

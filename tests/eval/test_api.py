@@ -83,6 +83,9 @@ def test_the_command_and_its_errors(shapes, served, tmp_path, capsys):
     assert _answers(tmp_path / "api") == _answers(tmp_path / "local")
     capsys.readouterr()
     assert main(args + ["--api", url]) == 2 and "--api needs --out" in capsys.readouterr().err
+    # an endpoint that refuses: a message naming it and the question, exit 2 (no traceback)
+    assert main(args + ["--api", url.replace("/v1", "/v2"), "--out", str(tmp_path / "refused")]) == 2
+    assert "HTTP 404" in capsys.readouterr().err
     bad = api_answer_fn(url.replace("/v1", "/v2"), retries=0)
     from emma_mamba.eval.runner import read_questions
 
