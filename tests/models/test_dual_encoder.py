@@ -225,3 +225,22 @@ def test_bf16_model_keeps_the_renormalisation_exact():
         assert scale[c] == pp["std"][c] / s2 and shift[c] == (pp["mean"][c] - m2) / s2
     feats = m.vision(m.image_processor(IMAGES).to(torch.bfloat16))
     assert feats[0].dtype == torch.bfloat16 and feats[0].shape == (2, 16, 56)
+
+
+def test_meta_original_dinov2_checkpoint_layout_loads(tmp_path):
+    # Meta's released DINOv2 (reg) files use their own layout: register_tokens, a mask_token, a pos_embed with a
+    # class position and a class token without it; timm's loader converts it. The file here is a timm model's
+    # weights written in that layout (the inverse of the conversion), loaded back through the config.
+    torch.manual_seed(3)
+    ref = timm.create_model(DINO, **TINY_DINO, num_classes=0)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    p0 = torch.randn(1, 1, sd["pos_embed"].shape[-1])
+    meta = {k: v for k, v in sd.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    meta.update(mask_token=torch.zeros(1, sd["cls_token"].shape[-1]), register_tokens=sd["reg_token"],
+                cls_token=sd["cls_token"] - p0, pos_embed=torch.cat([p0, sd["pos_embed"]], dim=1))
+    torch.save(meta, tmp_path / "dinov2_reg4_pretrain.pth")
+    torch.manual_seed(4)
+    got, _, _ = build_second_encoder(SecondEncoderConfig(timm_model=DINO, timm_kwargs=TINY_DINO,
+                                                         pretrained=str(tmp_path / "dinov2_reg4_pretrain.pth")))
+    for k, v in got.state_dict().items():
+        torch.testing.assert_close(v, sd[k], rtol=0, atol=1e-6, msg=k)
