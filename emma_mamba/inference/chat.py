@@ -18,11 +18,17 @@ An answer cut by ``max_new_tokens`` or a stop string still gets its end-of-turn 
     session = ChatSession(model, "cat.jpg")
     session.ask("What animal is this?")
     session.ask("What colour is it?")      # prefills ~10 tokens, not the whole history
+
+Since the whole conversation is that state, :meth:`ChatSession.save` writes it to a file of a few MB (whatever
+the conversation's length; the image is in it, so it is not needed again) and :meth:`ChatSession.load`
+continues it later, in another process, with the tokens an uninterrupted session would give. The file names
+the model it belongs to (a fingerprint of the LM's configuration and weights): another model is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +38,22 @@ from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaLM
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba, build_chat_prompt
 
-__all__ = ["ChatSession", "TurnStats"]
+__all__ = ["ChatSession", "TurnStats", "model_fingerprint"]
+
+STATE_FORMAT = "emma-mamba-chat-state-1"
+
+
+def model_fingerprint(lm: MambaLM) -> str:
+    """Identifies the LM a chat state belongs to: its configuration and sums of three weight tensors."""
+    import hashlib
+    import json
+
+    c = lm.config
+    shape = [c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.vocab_size]
+    with torch.no_grad():
+        sums = [float(t.detach().double().sum()) for t in (lm.embeddings.weight, lm.layers[0].mixer.in_proj.weight,
+                                                           lm.layers[-1].mixer.out_proj.weight)]
+    return hashlib.sha256(json.dumps([shape, [f"{x:.6e}" for x in sums]]).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -142,6 +163,61 @@ class ChatSession:
         self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,
                                     res.prefill_seconds, res.decode_seconds, res.decode_steps))
         return answer
+
+    # ----------------------------------------------------------------------------------------- persistence
+
+    def save(self, path) -> None:
+        """Write the conversation (its state, the pending tokens, the turns) to ``path`` (safetensors)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        if self._cache is None:
+            raise ValueError("ChatSession.save: nothing to save before the first turn")
+        c = self._cache
+        tensors = {f"conv.{i}": t[0].contiguous().cpu() for i, t in enumerate(c.conv_states)}
+        tensors.update({f"ssm.{i}": t[0].contiguous().cpu() for i, t in enumerate(c.ssm_states)})
+        meta = {"format": STATE_FORMAT, "model": model_fingerprint(self.lm), "seqlen_offset": str(c.seqlen_offset),
+                "pending": json.dumps(self._pending), "turns": json.dumps(self.turns),
+                "image": str(self.image) if isinstance(self.image, (str, os.PathLike)) else ""}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path, model, *, tokenizer=None, config: GenerationConfig | None = None) -> "ChatSession":
+        """A session continuing the conversation saved at ``path`` with ``model`` (the model that wrote it)."""
+        import json
+
+        from safetensors import SafetensorError, safe_open
+
+        session = cls(model, None, tokenizer=tokenizer, config=config)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != STATE_FORMAT:
+                    raise ValueError(f"{path}: not a chat state written by ChatSession.save (format "
+                                     f"{meta.get('format')!r})")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: cannot read a chat state: {e}") from None
+        want = model_fingerprint(session.lm)
+        if meta["model"] != want:
+            raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta['model']}, "
+                             f"this model's is {want})")
+        lm = session.lm
+        n = lm.config.n_layer
+        missing = [k for i in range(n) for k in (f"conv.{i}", f"ssm.{i}") if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: the chat state lacks {missing[:4]} (an incomplete file)")
+        cache = lm.allocate_cache(1)
+        for i in range(n):
+            cache.conv_states[i].copy_(tensors[f"conv.{i}"].to(cache.conv_states[i].dtype)[None])
+            cache.ssm_states[i].copy_(tensors[f"ssm.{i}"].to(cache.ssm_states[i].dtype)[None])
+        cache.seqlen_offset = int(meta["seqlen_offset"])
+        session._cache = cache
+        session._pending = json.loads(meta["pending"])
+        session.turns = [tuple(t) for t in json.loads(meta["turns"])]
+        session.image = meta.get("image") or None
+        return session
 
     def _first_turn(self, question: str) -> dict:
         if self.vlm is None:

@@ -7,7 +7,8 @@
 One question per line on stdin; each answer streams to stdout on its own line. Each turn prefills only the new
 tokens on top of the carried state (see :mod:`emma_mamba.inference.chat`): its cost does not grow with the
 conversation. Per-turn statistics go to stderr. Commands: ``/reset`` (new conversation, same image),
-``/image FILE`` (new conversation about another image), ``/quit``. Ctrl-C during an answer abandons that turn
+``/image FILE`` (new conversation about another image), ``/save FILE`` (the conversation, i.e. its state: a
+few MB at any length), ``/load FILE`` (continue a saved conversation), ``/quit``. Ctrl-C during an answer abandons that turn
 (the conversation stays as it was before it); Ctrl-C or EOF at the prompt ends the chat.
 """
 
@@ -21,7 +22,8 @@ from pathlib import Path
 from emma_mamba.inference.cli_generate import (
     UsageError, _err, _stream, add_model_arguments, add_sampling_arguments, load_lm, load_vlm, setup)
 
-HELP = "commands: /reset (new conversation), /image FILE (new conversation about FILE), /quit"
+HELP = ("commands: /reset (new conversation), /image FILE (new conversation about FILE), /save FILE, /load FILE "
+        "(the conversation's state), /quit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,20 @@ def run(args) -> int:
                     session.reset(image=rest.strip())
                     print(f"[new conversation about {rest.strip()}]", file=sys.stderr)
                 except UsageError as e:
+                    _err(str(e), "chat")
+            elif cmd in ("/save", "/load") and rest.strip():
+                try:
+                    if cmd == "/save":
+                        session.save(rest.strip())
+                        print(f"[conversation saved to {rest.strip()}: {len(session.turns)} turns, "
+                              f"{session.context_tokens} tokens of context]", file=sys.stderr)
+                    else:
+                        session = type(session).load(rest.strip(), session.vlm or session.lm,
+                                                     tokenizer=None if session.vlm else session.tokenizer,
+                                                     config=session.config)
+                        print(f"[conversation loaded from {rest.strip()}: {len(session.turns)} turns, "
+                              f"{session.context_tokens} tokens of context]", file=sys.stderr)
+                except (ValueError, OSError) as e:
                     _err(str(e), "chat")
             else:
                 _err(f"unknown command {line!r}; {HELP}", "chat")

@@ -222,3 +222,54 @@ def test_vlm_chat_without_an_image_is_text_only(vlm):
                         config=GenerationConfig(max_new_tokens=4, eos_token_id=vlm.tokenizer.eos_token_id))
     assert got == want.texts[0]
     assert session.stats[0].prompt_tokens == len(vlm.tokenizer.encode(CHAT_TEMPLATE.format(prompt=QUESTIONS[0])))
+
+
+def test_a_saved_conversation_continues_like_the_uninterrupted_one(vlm, text_lm, tmp_path):
+    # the whole conversation is the recurrent state: saved after turn 1 (a few KB here, a few MB at 2.8B) and
+    # continued by a new session (no image needed), turns 2-3 give the same answers and the same final state
+    cfg = GenerationConfig(max_new_tokens=6)
+    ref = ChatSession(vlm, IMAGE, config=cfg)
+    answers = [ref.ask(q) for q in QUESTIONS]
+    first = ChatSession(vlm, IMAGE, config=cfg)
+    first.ask(QUESTIONS[0])
+    first.save(tmp_path / "chat.safetensors")
+    assert (tmp_path / "chat.safetensors").stat().st_size < 2 * first.state_bytes + 4096
+    resumed = ChatSession.load(tmp_path / "chat.safetensors", vlm, config=cfg)
+    assert resumed.turns == [(QUESTIONS[0], answers[0])] and resumed.context_tokens == first.context_tokens
+    assert [resumed.ask(q) for q in QUESTIONS[1:]] == answers[1:]
+    got, want = resumed._cache, ref._cache
+    for a, b in zip(got.conv_states + got.ssm_states, want.conv_states + want.ssm_states):
+        assert torch.equal(a, b)
+    # another model (same architecture, other weights) is refused; so is a file that is not a chat state
+    torch.manual_seed(1)
+    other = EmmaMamba(get_preset("tiny"), for_training=False).eval()
+    with pytest.raises(ValueError, match="saved with another model"):
+        ChatSession.load(tmp_path / "chat.safetensors", other)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read a chat state"):
+        ChatSession.load(tmp_path / "junk.safetensors", vlm)
+    with pytest.raises(ValueError, match="nothing to save before the first turn"):
+        ChatSession(vlm, IMAGE).save(tmp_path / "empty.safetensors")
+    lm, tok = text_lm  # a text-only conversation the same way
+    s1 = ChatSession(lm, tokenizer=tok, config=cfg)
+    s1.ask("Hello there")
+    s1.save(tmp_path / "t.safetensors")
+    s2 = ChatSession.load(tmp_path / "t.safetensors", lm, tokenizer=tok, config=cfg)
+    assert s2.ask("And then?") == s1.ask("And then?")
+
+
+def test_cli_chat_save_and_load(vlm, tmp_path):
+    ckpt, state = tmp_path / "ckpt", tmp_path / "conv.safetensors"
+    vlm.save(ckpt)
+    cmd = [sys.executable, "-m", "emma_mamba.cli", "chat", "--checkpoint", str(ckpt), "--max-new-tokens", "4"]
+    one = subprocess.run(cmd + ["--image", IMAGE], input=f"{QUESTIONS[0]}\n/save {state}\n", capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0 and "conversation saved" in one.stderr, one.stderr
+    two = subprocess.run(cmd, input=f"/load {state}\n{QUESTIONS[1]}\n/load {tmp_path / 'nope'}\n",
+                         capture_output=True, text=True, timeout=300)  # no --image: the state holds it
+    assert two.returncode == 0 and "conversation loaded" in two.stderr, two.stderr
+    from emma_mamba.models.vlm import load
+    session = ChatSession(load(ckpt), IMAGE, config=GenerationConfig(max_new_tokens=4))
+    a1, a2 = session.ask(QUESTIONS[0]), session.ask(QUESTIONS[1])
+    assert one.stdout == f"{a1}\n" and two.stdout == f"{a2}\n"
+    assert "cannot read a chat state" in two.stderr
