@@ -56,7 +56,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "IGNORE_INDEX"]
+           "REASONS", "IGNORE_INDEX", "chat_segments"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,22 @@ def _strip_placeholders(text: str, token: str) -> str:
     return " ".join(text.replace(token, " ").split()) if token in text else text.strip()
 
 
+def chat_segments(pairs: Sequence[tuple[str, str | None]], template: str, turn_end: str,
+                  turn_sep: str) -> list[tuple[str, bool]]:
+    """A conversation of (question, answer) turns as (text, trained_on) pieces, each tokenised on its own: the
+    question in ``template``, the answer followed by ``turn_end`` (the trained pieces), ``turn_sep`` between
+    turns. An answer of None (the turn a model is to answer, ``emma-mamba serve``) ends the pieces after its
+    question."""
+    out = []
+    for k, (question, answer) in enumerate(pairs):
+        if k:
+            out.append((turn_sep, False))
+        out.append((template.format(prompt=question), False))
+        if answer is not None:
+            out.append((answer + turn_end, True))
+    return out
+
+
 class LlavaDataset:
     """Validated, tokenised LLaVA records; images are decoded on demand (:meth:`load_images`).
 
@@ -275,13 +291,8 @@ class LlavaDataset:
     def segments(self, turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool]]:
         """The templated conversation as (text, trained_on) pieces."""
         c = self.cfg
-        out = []
-        for i in range(0, len(turns), 2):
-            if i:
-                out.append((c.turn_sep, False))
-            out.append((c.prompt_template.format(prompt=turns[i][1]), False))
-            out.append((turns[i + 1][1] + c.turn_end, True))
-        return out
+        pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
+        return chat_segments(pairs, c.prompt_template, c.turn_end, c.turn_sep)
 
     def _build(self, records) -> list[Sample]:
         checked = []

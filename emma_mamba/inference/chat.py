@@ -38,9 +38,15 @@ from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaLM
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba, build_chat_prompt
 
-__all__ = ["ChatSession", "TurnStats", "model_fingerprint"]
+__all__ = ["ChatSession", "TurnStats", "model_fingerprint", "pending_tokens"]
 
 STATE_FORMAT = "emma-mamba-chat-state-1"
+
+
+def pending_tokens(final: int, reason: str, tokenizer) -> list[int]:
+    """After an answer, the tokens its state has not consumed: the last pick, and the end-of-turn token when the
+    answer did not end on EOS (cut by max_new_tokens or a stop string)."""
+    return [final] if reason == "eos" else [final] + tokenizer.encode(TURN_END)
 
 
 def model_fingerprint(lm: MambaLM) -> str:
@@ -157,7 +163,7 @@ class ChatSession:
         self._cache = res.cache
         final, reason = res.final_tokens[0], res.finish_reasons[0]
         # the last picked token is not in the state yet; an answer cut short still gets its end-of-turn token
-        self._pending = [final] if reason == "eos" else [final] + tok.encode(TURN_END)
+        self._pending = pending_tokens(final, reason, tok)
         answer = res.texts[0]
         self.turns.append((question, answer))
         self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,

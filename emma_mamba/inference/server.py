@@ -50,6 +50,8 @@ from typing import Callable
 
 import torch
 
+from emma_mamba.data.llava import chat_segments
+from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
@@ -163,20 +165,18 @@ def parse_messages(messages, allow_images: bool, allow_local: bool) -> tuple[lis
     return turns, dropped
 
 
-def conversation_ids(tokenizer, turns: list[_Turn], image_token: str) -> tuple[list[int], list, list[str]]:
-    """(token ids, images in order, one instruction per image): the multi-turn stream training builds, each
-    segment tokenised on its own (see the module docstring)."""
-    ids, images, instructions = [], [], []
-    for k, t in enumerate(turns):
-        if k:
-            ids += tokenizer.encode(TURN_SEP)  # after the previous answer: where a carried state resumes
-        prompt = "".join(f"{image_token}\n" for _ in t.images) + t.text
-        ids += tokenizer.encode(CHAT_TEMPLATE.format(prompt=prompt))
-        images += t.images
-        instructions += [t.text] * len(t.images)
-        if t.answer is not None:
-            ids += tokenizer.encode(t.answer + TURN_END)
-    return ids, images, instructions
+def conversation_ids(tokenizer, turns: list[_Turn],
+                     image_token: str) -> tuple[list[int], list, list[str], tuple[int, int]]:
+    """(token ids, images in order, one instruction per image, (ids, images) of the history before the last, open
+    turn): the multi-turn stream training builds (:func:`emma_mamba.data.llava.chat_segments`), each segment
+    tokenised on its own (see the module docstring)."""
+    pairs = [("".join(f"{image_token}\n" for _ in t.images) + t.text, t.answer) for t in turns]
+    pieces = [tokenizer.encode(text) for text, _ in chat_segments(pairs, CHAT_TEMPLATE, TURN_END, TURN_SEP)]
+    # the open turn is its separator and its question: the history, where a carried state resumes, ends before
+    n_history = sum(len(p) for p in pieces[:-2]) if len(turns) > 1 else 0
+    images = [im for t in turns for im in t.images]
+    instructions = [t.text for t in turns for _ in t.images]
+    return [i for p in pieces for i in p], images, instructions, (n_history, len(images) - len(turns[-1].images))
 
 
 _FLOAT_FIELDS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0)}
@@ -260,10 +260,9 @@ class ChatService:
     def _inputs(self, body: dict):
         turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)
         image_token = self.vlm.config.image_token if self.vlm is not None else "<image>"
-        ids, images, instructions = conversation_ids(self.tokenizer, turns, image_token)
-        # where the last user turn starts: the history before it may have a carried state
-        before, before_images, _ = conversation_ids(self.tokenizer, turns[:-1], image_token)
-        resume = (len(before), len(before_images), _history_key(before, before_images)) if before else None
+        ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token)
+        # the history before the last user turn may have a carried state
+        resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
         if self.vlm is None:
             n_pos = len(ids)
         else:
@@ -331,14 +330,14 @@ class ChatService:
         tok, seq, final, reason = self.tokenizer, res.sequences[0], res.final_tokens[0], res.finish_reasons[0]
         if final is None or reason == "stop":  # a stop string: the text is cut inside the generated tokens
             return
-        end = tok.encode(TURN_END)
         sent = tok.encode(res.texts[0] + TURN_END)  # what the client's next request carries for this answer
-        # the state holds every generated token but the last; the last and the end of turn are pending
-        pending = [final] if reason == "eos" else [final] + end
-        if sent != (seq + [final] if reason == "eos" else seq + end):
+        # the state holds every generated token but the last; the last (and an end of turn) are pending
+        pending = pending_tokens(final, reason, tok)
+        if sent != (seq if reason == "eos" else seq[:-1]) + pending:
             return
-        self.states[_history_key(ids + sent, images)] = (res.cache, pending)
-        self.states.move_to_end(_history_key(ids + sent, images))
+        key = _history_key(ids + sent, images)
+        self.states[key] = (res.cache, pending)
+        self.states.move_to_end(key)
         while len(self.states) > self.state_cache_size:
             self.states.popitem(last=False)
 

@@ -95,11 +95,15 @@ def test_multi_turn_stream_is_the_one_training_builds(model, tmp_path):
                       model.config.image_token, model.image_token_id, model.vision.num_tokens)
     turns, dropped = parse_messages([{"role": "system", "content": "Be brief."}, user(q1),
                                      {"role": "assistant", "content": a1}, user(q2, image=False)], True, False)
-    ids, images, instructions = conversation_ids(model.tokenizer, turns, model.config.image_token)
+    ids, images, instructions, history = conversation_ids(model.tokenizer, turns, model.config.image_token)
     sample = ds.samples[0].input_ids
-    last_answer = model.tokenizer.encode("Orange." + "<|endoftext|>")
+    tok = model.tokenizer
+    last_answer = tok.encode("Orange." + "<|endoftext|>")
     assert ids == sample[: len(sample) - len(last_answer)] and dropped == 1
     assert len(images) == 1 and instructions == [q1]  # the image conditioned on the text of its turn
+    # the history a carried state would stand for: everything before the separator of the open turn
+    open_turn = tok.encode("\n") + tok.encode(f"<|user|>\n{q2}<|endoftext|>\n<|assistant|>\n")
+    assert history == (len(ids) - len(open_turn), 1)
 
 
 def test_streaming_sends_the_same_answer(server):
