@@ -49,20 +49,20 @@ _PROCESSORS: dict = {}  # per worker process: preprocess config -> ImageProcesso
 
 
 def _check_image(args) -> tuple[str, str | None, str | None]:
-    """(path, None, None) when the image decodes and preprocesses, else (path, reason, message)."""
+    """(path, None, None) when the image decodes and preprocesses as training's loader does it, else (path,
+    reason, message)."""
     path, preprocess_cfg = args
-    from emma_mamba.models.vision import ImageProcessor, load_image
+    from emma_mamba.data.llava import DataError, preprocess_image
+    from emma_mamba.models.vision import ImageProcessor
 
     key = json.dumps(preprocess_cfg, sort_keys=True, default=str)
     if key not in _PROCESSORS:
         _PROCESSORS[key] = ImageProcessor(preprocess_cfg)
     try:
-        _PROCESSORS[key].transform(load_image(path))
+        preprocess_image(path, _PROCESSORS[key])
         return path, None, None
-    except FileNotFoundError as e:
-        return path, "missing_image", str(e)
-    except (ValueError, OSError) as e:
-        return path, "corrupt_image", str(e)
+    except DataError as e:
+        return path, e.reason, str(e)
 
 
 def _percentiles(values: list[int]) -> dict:
@@ -80,8 +80,7 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
     indices a run would train on."""
     from emma_mamba.data.llava import LlavaDataset, plan_rows
 
-    ds = LlavaDataset(dataclasses.replace(data_cfg, on_error="skip"), model.tokenizer, cfg.model.image_token,
-                      model.image_token_id, model.vision.num_tokens, model.image_processor)
+    ds = LlavaDataset.for_model(dataclasses.replace(data_cfg, on_error="skip"), model)
     rep = ds.report
     skipped = dict(rep.skipped)
     examples = {k: list(v) for k, v in rep.examples.items()}

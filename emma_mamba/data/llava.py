@@ -56,7 +56,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "IGNORE_INDEX", "chat_segments"]
+           "REASONS", "IGNORE_INDEX", "chat_segments", "preprocess_image"]
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,19 @@ def _strip_placeholders(text: str, token: str) -> str:
     return " ".join(text.replace(token, " ").split()) if token in text else text.strip()
 
 
+def preprocess_image(path: str | Path, image_processor) -> torch.Tensor:
+    """(3, H, W) of one image file through ``image_processor``'s transform; a missing file is a
+    :class:`DataError` with reason ``missing_image``, one that cannot be decoded ``corrupt_image``."""
+    from emma_mamba.models.vision import load_image
+
+    try:
+        return image_processor.transform(load_image(path))
+    except FileNotFoundError as e:
+        raise DataError(str(e), "missing_image") from None
+    except (ValueError, OSError) as e:
+        raise DataError(str(e), "corrupt_image") from None
+
+
 def chat_segments(pairs: Sequence[tuple[str, str | None]], template: str, turn_end: str,
                   turn_sep: str) -> list[tuple[str, bool]]:
     """A conversation of (question, answer) turns as (text, trained_on) pieces, each tokenised on its own: the
@@ -196,6 +209,13 @@ class LlavaDataset:
     ``tokenizer`` is the model's (``<image>`` added as a special token: ``image_token_id``); ``num_image_tokens``
     the visual tokens per image (N); ``image_processor`` turns a PIL image into a (3, H, W) tensor.
     """
+
+    @classmethod
+    def for_model(cls, cfg, model) -> "LlavaDataset":
+        """The dataset of data config ``cfg`` as ``model`` (an EmmaMamba, possibly meta-built) reads it: its
+        tokenizer, image placeholder, visual tokens per image and image preprocessing."""
+        return cls(cfg, model.tokenizer, model.config.image_token, model.image_token_id, model.vision.num_tokens,
+                   model.image_processor)
 
     def __init__(self, cfg, tokenizer, image_token: str, image_token_id: int, num_image_tokens: int,
                  image_processor=None):
@@ -372,8 +392,6 @@ class LlavaDataset:
         """(n_images, 3, H, W) for sample ``s``. A missing or unreadable image raises :class:`DataError` naming
         the file, the record and the image (reason ``missing_image`` / ``corrupt_image``); the caller applies
         ``on_error`` (:meth:`report_issue`), since this may run in a DataLoader worker."""
-        from emma_mamba.models.vision import load_image
-
         if self.image_processor is None:
             raise RuntimeError("LlavaDataset was built without an image_processor")
         out = []
@@ -382,10 +400,9 @@ class LlavaDataset:
             px = self._image_cache.get(key)
             if px is None:
                 try:
-                    px = self.image_processor.transform(load_image(p))
-                except (FileNotFoundError, ValueError, OSError) as e:
-                    reason = "missing_image" if isinstance(e, FileNotFoundError) else "corrupt_image"
-                    raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", reason) from None
+                    px = preprocess_image(p, self.image_processor)
+                except DataError as e:
+                    raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", e.reason) from None
                 nbytes = px.numel() * px.element_size()
                 if nbytes <= self._image_cache_left:  # data.image_cache_mb: keep the first ones seen
                     self._image_cache[key] = px

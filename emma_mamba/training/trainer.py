@@ -170,9 +170,7 @@ class Trainer:
                      "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
 
     def _dataset(self, dcfg) -> LlavaDataset:
-        m = self.model
-        return LlavaDataset(dcfg, m.tokenizer, self.cfg.model.image_token, m.image_token_id, m.vision.num_tokens,
-                            m.image_processor)
+        return LlavaDataset.for_model(dcfg, self.model)
 
     def _val_dataset(self) -> LlavaDataset | None:
         v = self.cfg.val
