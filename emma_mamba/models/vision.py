@@ -242,6 +242,7 @@ class VisionEncoder(nn.Module):
             m1, s1 = preprocess_cfg["mean"], preprocess_cfg["std"]
             self.second_affine = ([a / b for a, b in zip(s1, second_std)],
                                   [(a - c) / b for a, c, b in zip(m1, second_mean, second_std)])
+            self._affine_by_device: dict = {}  # device -> (scale, shift) tensors
         self.set_frozen(cfg.freeze)
 
     def set_frozen(self, frozen: bool) -> "VisionEncoder":
@@ -251,6 +252,14 @@ class VisionEncoder(nn.Module):
             tower.requires_grad_(not self.frozen)
             tower.train(self.training and not self.frozen)
         return self
+
+    def _second_affine_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The re-normalisation's (3, 1, 1) fp32 scale and shift on ``device``, made once per device (not a copy
+        to the device on every forward)."""
+        if device not in self._affine_by_device:
+            self._affine_by_device[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1)
+                                                   for v in self.second_affine)
+        return self._affine_by_device[device]
 
     def towers(self) -> list[nn.Module]:
         """The ViTs: the open_clip tower, and the second encoder when there is one."""
@@ -282,8 +291,7 @@ class VisionEncoder(nn.Module):
         if self.second is None:
             return list(feats)
         dtype2 = next(self.second.parameters()).dtype
-        scale, shift = (torch.tensor(v, dtype=torch.float32, device=pixel_values.device).view(3, 1, 1)
-                        for v in self.second_affine)
+        scale, shift = self._second_affine_on(pixel_values.device)
         x2 = pixel_values.float() * scale + shift  # its own mean/std
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feats2 = self.second.forward_intermediates(
