@@ -200,8 +200,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.40", "mambapy", "open_clip_torch>=3.0",
-                 "torchvision", "scikit-image", "matplotlib", "ninja"],
-        "vision": ["open_clip_torch>=3.0", "torchvision"],
+                 "timm", "torchvision", "scikit-image", "matplotlib", "ninja"],
+        "vision": ["open_clip_torch>=3.0", "timm", "torchvision"],  # timm: the dual encoder's second tower
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
         "wandb": ["wandb"],
