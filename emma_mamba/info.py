@@ -18,11 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="named preset (tiny, emma-mamba-2.8b, emma-mamba-2.8b-dinosiglip, cobra-like); default tiny")
     src.add_argument("--config", default=None,
                      help="model config YAML (strict overrides of a preset), or a checkpoint directory (its config.yaml)")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="also count stage 2 with LoRA adapters of rank R on the LM (train.lora.r)")
+    parser.add_argument("--lora-targets", nargs="+", default=["in_proj", "x_proj", "out_proj"], metavar="PROJ",
+                        help="mixer projections with an adapter (train.lora.targets; default in_proj x_proj out_proj)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def report(cfg) -> dict:
-    """Counts of a config's model (built on the meta device): {'modules': {...}, 'total': {...}, ...}."""
+def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj")) -> dict:
+    """Counts of a config's model (built on the meta device): {'modules': {...}, 'total': {...}, ...}; with
+    ``lora_r`` also 'lora': the adapters' count and stage 2's trainable count with them (LM frozen)."""
     import torch
 
     from emma_mamba.models.vlm import EmmaMamba
@@ -33,6 +38,14 @@ def report(cfg) -> dict:
     fusion = rows.get("instruction.fusion", {}).get("total", 0)
     tower = rows.get("instruction.text_tower", {}).get("total", 0)
     mff = rows["mff"]["total"]
+    lora = None
+    if lora_r:
+        from emma_mamba.models.lora import apply_lora
+
+        apply_lora(model.lm, lora_r, 2.0 * lora_r, tuple(lora_targets))
+        adapters = sum(p.numel() for n, p in model.lm.named_parameters() if "lora_" in n)
+        lora = {"r": lora_r, "targets": list(lora_targets), "adapter_params": adapters,
+                "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters}
     return {
         "config": cfg.name,
         "vision": cfg.vision.model_name,
@@ -46,6 +59,7 @@ def report(cfg) -> dict:
         "mff_share": mff / total["total"],
         "instruction_fusion_share": fusion / total["total"],
         "instruction_text_tower_share": tower / total["total"],
+        "lora": lora,
     }
 
 
@@ -65,7 +79,12 @@ def run(args) -> int:
     if path is not None and path.is_dir():  # a checkpoint or run directory: its resolved config
         path = path / "config.yaml"
     cfg = load_config(path) if path is not None else get_preset(args.preset or "tiny")
-    rep = report(cfg)
+    if args.lora < 0:
+        raise SystemExit("emma-mamba info: --lora must be >= 0")
+    try:
+        rep = report(cfg, args.lora, args.lora_targets)
+    except ValueError as e:  # bad --lora-targets
+        raise SystemExit(f"emma-mamba info: --lora-targets: {e}") from None
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -83,4 +102,11 @@ def run(args) -> int:
     print(f"MFF adds {100 * rep['mff_share']:.4f}% of the parameters; instruction fusion adds "
           f"{100 * rep['instruction_fusion_share']:.4f}% trainable (+ {100 * rep['instruction_text_tower_share']:.3f}% "
           f"frozen text tower)")
+    lo = rep["lora"]
+    if lo:
+        full = t["finetune"]
+        print(f"stage 2 with LoRA r={lo['r']} on {', '.join(lo['targets'])}: {_fmt(lo['adapter_params'])} adapter "
+              f"parameters, {_fmt(lo['finetune'])} trained ({100 * lo['finetune'] / full:.1f}% of full stage 2); "
+              f"AdamW's fp32 weight, gradient and two moments: {16 * lo['finetune'] / 2**30:.1f} GiB vs "
+              f"{16 * full / 2**30:.1f} GiB")
     return 0

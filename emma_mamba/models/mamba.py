@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emma_mamba import ops
+from emma_mamba.models.lora import weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
@@ -356,7 +357,7 @@ class MambaMixer(nn.Module):
         # at batch > 1 without a weight gradient x and z come from two GEMMs over the halves of in_proj: each is
         # then contiguous, where the halves of one (b, 2*d_inner, l) result would be copied by the kernels' input
         # checks (with a weight gradient the slices' gradients would each be a full-size zero-padded tensor)
-        W, h_cf, di = self.in_proj.weight, hidden_states.transpose(1, 2), self.d_inner
+        W, h_cf, di = weight_of(self.in_proj), hidden_states.transpose(1, 2), self.d_inner
         x, z = (gemm_cf(W[:di], h_cf), gemm_cf(W[di:], h_cf)) if b > 1 and no_weight_grad(W) else \
             gemm_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
         if self.in_proj.bias is not None:
@@ -367,8 +368,8 @@ class MambaMixer(nn.Module):
         # output, delta and the scan output rather than keeping them (three (b, d_inner, l) activations less per
         # layer; ops.mamba_inner)
         if cache is None:
-            return ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, A, D,
-                                   dt_bias, seq_idx, out_proj_weight=self.out_proj.weight,
+            return ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
+                                   A, D, dt_bias, seq_idx, out_proj_weight=weight_of(self.out_proj),
                                    out_proj_bias=self.out_proj.bias, recompute=self.recompute_activations)
 
         # prefill into the cache: from the cached states (if any), leaving this chunk's last ones
@@ -386,10 +387,11 @@ class MambaMixer(nn.Module):
             sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
             window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
         conv_state.copy_(window)
-        out, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                                          A, D, dt_bias, seq_idx, out_proj_weight=self.out_proj.weight,
-                                          out_proj_bias=self.out_proj.bias, conv_initial_states=conv_init,
-                                          initial_state=ssm_init, return_last_state=True)
+        out, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj),
+                                          weight_of(self.dt_proj), A, D, dt_bias, seq_idx,
+                                          out_proj_weight=weight_of(self.out_proj), out_proj_bias=self.out_proj.bias,
+                                          conv_initial_states=conv_init, initial_state=ssm_init,
+                                          return_last_state=True)
         ssm_state.copy_(last_state)
         return out
 
@@ -397,15 +399,15 @@ class MambaMixer(nn.Module):
         """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""
         n, r = self.d_state, self.dt_rank
         A, D, dt_bias = self._ssm_params()
-        xz = F.linear(hidden_states[:, 0], self.in_proj.weight, self.in_proj.bias)  # (b, 2*d_inner)
+        xz = F.linear(hidden_states[:, 0], weight_of(self.in_proj), self.in_proj.bias)  # (b, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")  # (b, d_inner)
-        dt, B, C = torch.split(F.linear(x, self.x_proj.weight), [r, n, n], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (b, d_inner); the bias goes in as dt_bias, under the softplus
+        dt, B, C = torch.split(F.linear(x, weight_of(self.x_proj)), [r, n, n], dim=-1)
+        dt = F.linear(dt, weight_of(self.dt_proj))  # (b, d_inner); the bias goes in as dt_bias, under the softplus
         y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
                                        dt_softplus=True)
-        return F.linear(y, self.out_proj.weight, self.out_proj.bias)[:, None]
+        return F.linear(y, weight_of(self.out_proj), self.out_proj.bias)[:, None]
 
 
 class MambaBlock(nn.Module):

@@ -83,21 +83,30 @@ def _full_model_state(model: nn.Module) -> dict:
 
 
 def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -> None:
-    """Write the EmmaMamba.save layout (+ train_config.yaml) into ``path``. Collective under FSDP."""
+    """Write the EmmaMamba.save layout (+ train_config.yaml) into ``path``. Collective under FSDP. A model with
+    LoRA adapters is written merged (a plain model), its adapters beside it in ``lora.safetensors``."""
     from emma_mamba.config import save_config
+    from emma_mamba.models.lora import LORA_FILE, export_state, has_lora, lora_metadata
     from emma_mamba.training.config import save_run_config
 
-    if is_fsdp(model):
-        sd = _full_model_state(model)  # every rank must take part in the gather
+    lora = has_lora(model)
+    if is_fsdp(model) or lora:
+        # every rank must take part in an FSDP gather
+        sd = _full_model_state(model) if is_fsdp(model) else model.state_dict()
         if info.is_main:
             from safetensors.torch import save_file
 
             from emma_mamba import __version__
 
+            meta = {"format": "pt", "emma_mamba": __version__}
+            adapters = None
+            if lora:
+                sd, adapters = export_state(model, sd)
             path.mkdir(parents=True, exist_ok=True)
             save_config(model.config, path / "config.yaml")
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
-                      metadata={"format": "pt", "emma_mamba": __version__})
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata=meta)
+            if adapters is not None:
+                save_file(adapters, str(path / LORA_FILE), metadata={**meta, **lora_metadata(model)})
             model.tokenizer.save(path)
     elif info.is_main:
         model.save(path)
@@ -156,20 +165,34 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    from emma_mamba.models.lora import LORA_FILE, has_lora, resume_state
+
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     osd = state["optimizer"]
     by_name = all(isinstance(i, str) for g in osd.get("param_groups", []) for i in g["params"])
+    lora = has_lora(model)
+    if lora and not (path / LORA_FILE).is_file():
+        raise RuntimeError(f"{path} has no {LORA_FILE}: it was not written by a run with train.lora, which this "
+                           f"run has (resume it with the same train.lora)")
+    if not lora and (path / LORA_FILE).is_file():
+        raise RuntimeError(f"{path} was written by a run with train.lora (it has {LORA_FILE}); this run has none: "
+                           f"resume it with the same train.lora, or start a new run from it with init_from")
     if is_fsdp(model):
         if not by_name:
             raise RuntimeError(f"{path}: its optimizer state is keyed by position (a checkpoint of an earlier "
                                f"version, written without FSDP); resume it with parallel.strategy ddp or none")
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        current = _full_model_state(model) if lora else None  # collective
         sd = load_file(str(path / "model.safetensors")) if info.is_main else {}
+        if lora and info.is_main:
+            sd = resume_state(model, current, sd, load_file(str(path / LORA_FILE)), str(path))
         set_model_state_dict(model, sd, options=opts)
         set_optimizer_state_dict(model, optimizer, osd if info.is_main else {}, options=opts)
     else:
         sd = load_file(str(path / "model.safetensors"), device=str(info.device))
         own = model.state_dict()
+        if lora:
+            sd = resume_state(model, own, sd, load_file(str(path / LORA_FILE), device=str(info.device)), str(path))
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         if missing or unexpected:

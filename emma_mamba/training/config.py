@@ -37,7 +37,7 @@ from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config
                                get_preset, load_config, read_yaml_mapping, resolve_config_path)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
-__all__ = ["DataConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
+__all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
            "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
            "parse_cli_value", "dotted_fields"]
 
@@ -71,6 +71,18 @@ class DataConfig:
     holds its own), so that a small data set is decoded once instead of every epoch. The first images seen are
     kept until the budget is spent (no eviction: an epoch-order scan over a larger set would otherwise miss on
     every access). 0 = off."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """Rank of the LoRA adapters on the LM's mixer projections (0: off, the LM trains fully when trained). With
+    r > 0 the LM's own weights are frozen and only the adapters train (emma_mamba.models.lora); the run still
+    writes plain merged models. LLaVA-1.5's LoRA recipe: r 128, alpha 256, lr 2e-4."""
+    alpha: float | None = None
+    """Scaling numerator: the adapter adds alpha / r * B @ A (null: 2 * r, LLaVA's choice)."""
+    targets: list[str] = field(default_factory=lambda: ["in_proj", "x_proj", "out_proj"])
+    """Mixer projections that get an adapter, from in_proj, x_proj, dt_proj, out_proj."""
 
 
 @dataclass
@@ -130,6 +142,8 @@ class TrainConfig:
     stage's default (pretrain: mff, instruction, projector; finetune: also lm and align_head, and vision when
     model.vision.freeze is false). E.g. a from-scratch LM can also be trained on stage-1 captions; vision needs
     model.vision.freeze false. The CLIP text tower of instruction fusion is never trained."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA fine-tuning of the LM (train.lora.r > 0): see LoraConfig."""
 
 
 @dataclass
@@ -254,6 +268,23 @@ class RunConfig:
             if unknown or not t.trainable or len(set(t.trainable)) != len(t.trainable):
                 bad(f"train.trainable must be a non-empty list of distinct module names from "
                     f"{', '.join(TRAINABLE_MODULES)} (or null for the stage's default), got {t.trainable}")
+        lo = t.lora
+        if lo.r < 0:
+            bad(f"train.lora.r must be >= 0 (0: off), got {lo.r}")
+        if lo.alpha is not None and not lo.alpha > 0:
+            bad(f"train.lora.alpha must be > 0 (or null for 2 * r), got {lo.alpha}")
+        if lo.r:
+            from emma_mamba.models.lora import LORA_TARGETS
+            from emma_mamba.models.vlm import STAGES
+
+            if not lo.targets or len(set(lo.targets)) != len(lo.targets) or \
+                    any(x not in LORA_TARGETS for x in lo.targets):
+                bad(f"train.lora.targets must be a non-empty list of distinct projections from "
+                    f"{', '.join(LORA_TARGETS)}, got {lo.targets}")
+            trained = t.trainable if t.trainable is not None else STAGES[self.stage]
+            if "lm" not in trained:
+                bad(f"train.lora adapts the LM, which this run does not train (stage {self.stage}, train.trainable "
+                    f"{t.trainable}); use stage finetune or list lm in train.trainable")
         v = self.val
         if v.every_steps < 0 or v.max_samples < 0:
             bad(f"val.every_steps and val.max_samples must be >= 0, got {v.every_steps} and {v.max_samples}")

@@ -122,6 +122,11 @@ class Trainer:
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
         self.model.set_stage(cfg.stage, tc.trainable)
+        if tc.lora.r:  # the LM's weights frozen, adapters on its mixers trained (emma_mamba.models.lora)
+            from emma_mamba.models.lora import apply_lora
+
+            apply_lora(self.model.lm, tc.lora.r, tc.lora.alpha if tc.lora.alpha is not None else 2.0 * tc.lora.r,
+                       tc.lora.targets)
         self.model.train()
         if tc.gradient_checkpointing:
             self.model.lm.set_gradient_checkpointing(True)

@@ -151,8 +151,14 @@ def test_shipped_recipes_load_and_round_trip(path, tmp_path):
     t = cfg.train
     if "stage2" in path.name and "tiny" not in path.name or "single" in path.name:
         # the EMMA-Mamba paper: 2 epochs, lr 2e-5, wd 0.1, warmup 3 %, cosine, global batch 128, bf16, 2048
+        lr = 2e-5
+        if "lora" in path.name:  # LLaVA-1.5's LoRA: r 128, alpha 256, lr 2e-4; the bridge keeps 2e-5
+            assert (t.lora.r, t.lora.alpha) == (128, 256) and cfg.parallel.strategy == "auto"
+            assert all(t.lr * t.lr_multipliers[m] == pytest.approx(lr)
+                       for m in ("mff", "instruction", "projector", "align_head"))
+            lr = 2e-4
         assert (t.epochs, t.lr, t.weight_decay, t.warmup_ratio, t.schedule, t.global_batch_size, t.precision,
-                cfg.data.max_length) == (2, 2e-5, 0.1, 0.03, "cosine", 128, "bf16", 2048)
+                cfg.data.max_length) == (2, lr, 0.1, 0.03, "cosine", 128, "bf16", 2048)
     if "single" in path.name:
         assert cfg.model.name == ("emma-mamba-2.8b-dinosiglip" if "dinosiglip" in path.name else "cobra-like")
         assert cfg.init_from is None

@@ -70,8 +70,8 @@ def setup_run(shapes, tmp_path, **sections):
     records += [{"id": f"text-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
                 for i, (q, a) in enumerate([("Name a colour.", "Red."), ("How many sides has a square?", "4")])]
     data.write_text(json.dumps(records))
-    cfg = make_cfg(shapes, tmp_path / "ref", data,
-                   train={"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 3}, **sections)
+    train = {"global_batch_size": 4, "micro_batch_size": 1, "max_steps": 3, **sections.pop("train", {})}
+    cfg = make_cfg(shapes, tmp_path / "ref", data, train=train, **sections)
     t = Trainer(cfg)
     ref = t.fit()  # one process: 4 micro-batches of 1 row per step
     (tmp_path / "ref_val.json").write_text(json.dumps(t.val_history))
@@ -141,3 +141,33 @@ def test_torchrun_with_text_only_micro_batches_and_compiled_blocks(shapes, tmp_p
     extra = ["--train.compile", "true", "--train.compile_backend", "aot_eager"] if compiled else []
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", strategy, *extra], timeout=480)
     compare(metrics(tmp_path / "ddp"), ref)
+
+
+LORA = {"lora": {"r": 4, "alpha": 8}}
+
+
+def test_torchrun_ddp_with_lora_matches_one_process(shapes, tmp_path):
+    """train.lora under DDP: the frozen LM weights are outside the reducer, the adapters are reduced."""
+    y, ref = setup_run(shapes, tmp_path, train=LORA)
+    torchrun(["finetune", "--config", str(y)])
+    compare(metrics(tmp_path / "ddp"), ref)
+    assert (tmp_path / "ddp" / "lora.safetensors").is_file()
+    emma_mamba.load(tmp_path / "ddp")  # merged: a plain model
+
+
+def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path):
+    """train.lora under FSDP2 (frozen and trained parameters in the same shard units): the 1-process losses, a
+    checkpoint gathered and merged on rank 0, and its resume (the frozen weights gathered to be checked
+    against the merged file) under FSDP and in one process."""
+    y, ref = setup_run(shapes, tmp_path, train=LORA)
+    torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
+    compare(metrics(tmp_path / "ddp"), ref)
+    ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
+    assert (ckpt / "lora.safetensors").is_file()
+    emma_mamba.load(ckpt)
+    torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--output_dir",
+              str(tmp_path / "res"), "--resume", str(ckpt)])
+    compare(metrics(tmp_path / "res"), ref[2:])
+    cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
+                               overrides={"output_dir": str(tmp_path / "one"), "parallel": {"strategy": "none"}})
+    compare(Trainer(cfg, resume=str(ckpt)).fit(), ref[2:])

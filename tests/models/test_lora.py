@@ -1,0 +1,167 @@
+"""LoRA adapters on the mixers (emma_mamba.models.lora) against a plain LM holding the merged weights
+W + alpha/r * B @ A computed here in float64: the forward (training path, cached prefill, decode steps), the
+adapters' gradients from the plain model's weight gradient (dA = s B^T dW, dB = s dW A^T), the exported state
+and the resume check."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from emma_mamba.models.lora import (LORA_TARGETS, LoRALinear, apply_lora, export_state, has_lora, lora_modules,
+                                    resume_state)
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+R, ALPHA = 3, 6.0
+
+
+def _lm(seed=0, **kw):
+    torch.manual_seed(seed)
+    return MambaLM(MambaConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4, **kw))
+
+
+def _randomise_adapters(lm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(lm).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.3)
+
+
+def _merged_plain(plain, adapted):
+    """``plain`` (a copy of the LM before the adapters) with every adapted weight replaced by the float64
+    merge of the adapted model's W, A, B."""
+    out = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, m in lora_modules(adapted).items():
+            w = m.weight.double() + (ALPHA / R) * (m.lora_B.double() @ m.lora_A.double())
+            out.get_submodule(name).weight.copy_(w.float())
+    return out
+
+
+@pytest.mark.parametrize("targets", [("in_proj", "x_proj", "out_proj"), LORA_TARGETS])
+def test_at_init_the_adapted_lm_is_the_pretrained_one(targets):
+    plain = _lm()
+    adapted = copy.deepcopy(plain)
+    names = apply_lora(adapted, R, ALPHA, targets)
+    assert names == [f"layers.{i}.mixer.{t}" for i in range(2) for t in targets]
+    ids = torch.randint(0, 64, (2, 9))
+    assert torch.equal(adapted(ids).logits, plain(ids).logits)  # B = 0: W + 0 is W
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.{leaf}" for n in names for leaf in ("lora_A", "lora_B")}
+    # the plain names are kept: the frozen W is still layers.N.mixer.in_proj.weight
+    assert set(plain.state_dict()) < set(adapted.state_dict())
+
+
+def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
+    plain = _lm()
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, LORA_TARGETS)
+    _randomise_adapters(lm)
+    oracle = _merged_plain(plain, lm)
+    ids = torch.randint(0, 64, (2, 11))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])  # packed rows take the same path
+    got, want = lm(ids, seq_idx=seq_idx).logits, oracle(ids, seq_idx=seq_idx).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    target = torch.randn_like(got)
+    (got * target).sum().backward()
+    (want * target).sum().backward()
+    for name, m in lora_modules(lm).items():
+        dw = oracle.get_submodule(name).weight.grad.double()
+        s = ALPHA / R
+        torch.testing.assert_close(m.lora_A.grad.double(), s * m.lora_B.double().T @ dw, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.lora_B.grad.double(), s * dw @ m.lora_A.double().T, rtol=1e-4, atol=1e-5)
+        assert m.weight.grad is None  # W is frozen
+    assert all(p.grad is None for n, p in lm.named_parameters() if "lora_" not in n)
+
+
+def test_cached_prefill_and_decode_steps_use_the_adapters():
+    plain = _lm()
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, LORA_TARGETS)
+    _randomise_adapters(lm)
+    oracle = _merged_plain(plain, lm)
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        outs = []
+        for model in (lm, oracle):
+            cache = model.allocate_cache(2)
+            logits = [model(ids[:, :7], cache=cache).logits[:, -1]]
+            for t in range(7, 12):  # decode steps (the _step path)
+                logits.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
+            outs.append(torch.stack(logits))
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+        # and the adapters matter: the plain model's decode differs
+        cache = plain.allocate_cache(2)
+        assert not torch.allclose(plain(ids[:, :7], cache=cache).logits[:, -1], outs[0][0], atol=1e-3)
+
+
+def test_export_state_is_a_plain_model_with_the_adapters_merged():
+    plain = _lm(tie_embeddings=False)
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"))
+    _randomise_adapters(lm)
+    merged, adapters = export_state(lm, lm.state_dict())
+    assert set(merged) == set(plain.state_dict())
+    assert set(adapters) == {f"layers.{i}.mixer.{t}.lora_{x}" for i in range(2) for t in ("in_proj", "out_proj")
+                             for x in "AB"}
+    fresh = _lm(seed=5, tie_embeddings=False)
+    fresh.load_state_dict(merged, strict=True)
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, _merged_plain(plain, lm)(ids).logits, rtol=1e-5, atol=1e-5)
+    # resuming: W from this run (current state), A and B from the adapters file; the merged file is checked
+    other = copy.deepcopy(plain)
+    apply_lora(other, R, ALPHA, ("in_proj", "out_proj"))
+    sd = resume_state(other, other.state_dict(), merged, adapters, "ckpt")
+    other.load_state_dict(sd, strict=True)
+    for name, m in lora_modules(other).items():
+        src = lm.get_submodule(name)
+        assert torch.equal(m.weight, src.weight) and torch.equal(m.lora_A, src.lora_A)
+        assert torch.equal(m.lora_B, src.lora_B)
+    # another base (other seed) does not reproduce the merged weights: refused, naming the weight
+    moved = _lm(seed=3, tie_embeddings=False)
+    apply_lora(moved, R, ALPHA, ("in_proj", "out_proj"))
+    with pytest.raises(RuntimeError, match=r"ckpt: layers\.0\.mixer\.in_proj\.weight .*other base weights"):
+        resume_state(moved, moved.state_dict(), merged, adapters, "ckpt")
+    # another rank or other targets: refused
+    wider = copy.deepcopy(plain)
+    apply_lora(wider, R + 1, ALPHA, ("in_proj", "out_proj"))
+    with pytest.raises(RuntimeError, match=r"lora_A has shape \(3, 16\), this run's adapter \(4, 16\)"):
+        resume_state(wider, wider.state_dict(), merged, adapters, "ckpt")
+    fewer = copy.deepcopy(plain)
+    apply_lora(fewer, R, ALPHA, ("in_proj",))
+    with pytest.raises(RuntimeError, match="do not match this run's train.lora"):
+        resume_state(fewer, fewer.state_dict(), merged, adapters, "ckpt")
+
+
+def test_a_tied_head_is_written_once():
+    lm = _lm()  # embeddings tied to the head
+    apply_lora(lm, R, ALPHA)
+    merged, _ = export_state(lm, lm.state_dict())
+    assert sum(v.data_ptr() == lm.embeddings.weight.data_ptr() for v in merged.values()) <= 1
+
+
+def test_bad_settings_are_refused():
+    lm = _lm()
+    with pytest.raises(ValueError, match="LoRA targets must be a non-empty list from in_proj"):
+        apply_lora(lm, R, ALPHA, ("conv1d",))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        LoRALinear(lm.layers[0].mixer.in_proj, 0, 1.0)
+    apply_lora(lm, R, ALPHA)
+    assert has_lora(lm)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(lm, R, ALPHA)
+
+
+def test_bf16_base_keeps_fp32_adapters():
+    lm = _lm().to(torch.bfloat16)
+    apply_lora(lm, R, ALPHA, ("in_proj",))
+    m = lm.layers[0].mixer.in_proj
+    assert m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == m.lora_B.dtype == torch.float32
+    assert m.merged_weight().dtype == torch.bfloat16
+    ids = torch.randint(0, 64, (1, 5))
+    lm(ids).logits.float().sum().backward()
+    assert m.lora_B.grad is not None and m.lora_B.grad.dtype == torch.float32

@@ -1,0 +1,136 @@
+"""Training with ``train.lora``: only the adapters of the LM (and the other trained modules) move, the run writes
+plain merged models whose logits are the adapted model's, a LoRA run resumes bit for bit, and a checkpoint that
+does not match the run's adapters or base weights is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import emma_mamba
+from emma_mamba.config import ConfigError
+from emma_mamba.models.lora import LORA_FILE, lora_modules
+from emma_mamba.training.trainer import Trainer
+from tests.training.conftest import make_cfg
+
+LORA = {"lora": {"r": 4, "alpha": 8, "targets": ["in_proj", "x_proj", "out_proj"]}}
+
+
+def _lora_cfg(shapes, out, **sections):
+    train = {**LORA, **sections.pop("train", {})}
+    return make_cfg(shapes, out, train=train, **sections)
+
+
+def test_lora_run_trains_the_adapters_and_writes_a_plain_merged_model(shapes, tmp_path):
+    t = Trainer(_lora_cfg(shapes, tmp_path / "run", train={"max_steps": 3}))
+    lm = t.model.lm
+    frozen = {n: p.detach().clone() for n, p in lm.named_parameters() if "lora_" not in n}
+    others = {n: p.detach().clone() for n, p in t.model.named_parameters() if n.startswith("projector.")}
+    names = [n for g in t.optimizer.param_groups for n in g["names"]]
+    lm_names = [n for n in names if n.startswith("lm.")]
+    assert lm_names and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in lm_names)
+    assert len(lm_names) == 2 * 3 * lm.config.n_layer
+    assert any(n.startswith("projector.") for n in names)
+    t.fit()
+    # the LM's own weights did not move; its adapters and the projector did
+    assert all(torch.equal(p, frozen[n]) for n, p in lm.named_parameters() if "lora_" not in n)
+    assert all(m.lora_B.abs().max() > 0 for m in lora_modules(lm).values())
+    assert not all(torch.equal(t.model.get_parameter(n), v) for n, v in others.items())
+    # the final model is a plain model: loads without any LoRA setting, logits = the adapted model's
+    out = tmp_path / "run"
+    plain = emma_mamba.load(out)
+    assert not lora_modules(plain)
+    ids = torch.randint(0, lm.config.vocab_size, (2, 10))
+    t.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.lm(ids).logits, lm(ids).logits, rtol=1e-5, atol=1e-5)
+    # the adapters are written beside it, with their settings
+    adapters = load_file(str(out / LORA_FILE))
+    assert set(adapters) == {f"lm.{n}.lora_{x}" for n in lora_modules(lm) for x in "AB"}
+    with safe_open(str(out / LORA_FILE), framework="pt") as f:
+        assert f.metadata()["r"] == "4" and f.metadata()["alpha"] == "8"
+        assert f.metadata()["targets"] == "in_proj,out_proj,x_proj"
+
+
+def test_lora_resume_equals_uninterrupted_run_bitwise(shapes, tmp_path):
+    kw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    a = Trainer(_lora_cfg(shapes, tmp_path / "a", **kw)).fit()
+    Trainer(_lora_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=3)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000002"
+    assert (ckpt / LORA_FILE).is_file()
+    emma_mamba.load(ckpt)  # a step checkpoint is a plain model too (eval of intermediate checkpoints)
+    rest = Trainer(_lora_cfg(shapes, tmp_path / "b", **kw), resume="auto").fit()
+    for key in ("loss", "grad_norm", "lr"):
+        assert [m[key] for m in rest] == [m[key] for m in a[2:]], key
+    wa, wb = (load_file(str(tmp_path / d / LORA_FILE)) for d in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # resuming that checkpoint from other base weights (another seed builds another LM) is refused
+    with pytest.raises(RuntimeError, match="other base weights"):
+        Trainer(_lora_cfg(shapes, tmp_path / "c", train={"max_steps": 4, "seed": 1}), resume=str(ckpt))
+    # ... and so is resuming it without the adapters, or with another rank
+    with pytest.raises(RuntimeError, match="written by a run with train.lora"):
+        Trainer(make_cfg(shapes, tmp_path / "d", train={"max_steps": 4}), resume=str(ckpt))
+    with pytest.raises(RuntimeError, match="another train.lora.r"):
+        Trainer(_lora_cfg(shapes, tmp_path / "e", train={"max_steps": 4, "lora": {"r": 2}}), resume=str(ckpt))
+    plain_ckpt = tmp_path / "p"
+    Trainer(make_cfg(shapes, plain_ckpt, train={"max_steps": 1}, checkpoint={"every_steps": 1})).fit()
+    with pytest.raises(RuntimeError, match="not written by a run with train.lora"):
+        Trainer(_lora_cfg(shapes, tmp_path / "f"), resume=str(plain_ckpt / "checkpoints" / "step_00000001"))
+
+
+def test_lora_from_init_from_keeps_the_stage1_lm(shapes, tmp_path):
+    """Stage 2 with LoRA from a stage-1 model: the LM under the adapters is the stage-1 model's."""
+    Trainer(make_cfg(shapes, tmp_path / "s1", stage="pretrain", train={"max_steps": 1})).fit()
+    s1 = emma_mamba.load(tmp_path / "s1")
+    cfg = _lora_cfg(shapes, tmp_path / "s2", model=None, init_from=str(tmp_path / "s1"))
+    t = Trainer(cfg)
+    t.fit()
+    for n, m in lora_modules(t.model.lm).items():
+        assert torch.equal(m.weight, s1.lm.get_submodule(n).weight)
+
+
+@pytest.mark.parametrize("train,stage,match", [
+    ({"lora": {"r": -1}}, "finetune", "train.lora.r must be >= 0"),
+    ({"lora": {"r": 4, "alpha": 0}}, "finetune", "train.lora.alpha must be > 0"),
+    ({"lora": {"r": 4, "targets": ["conv1d"]}}, "finetune", "train.lora.targets must be a non-empty list"),
+    ({"lora": {"r": 4, "targets": []}}, "finetune", "train.lora.targets must be a non-empty list"),
+    ({"lora": {"r": 4}}, "pretrain", "train.lora adapts the LM, which this run does not train"),
+    ({"lora": {"r": 4}, "trainable": ["projector"]}, "finetune", "does not train"),
+    ({"lora": {"rank": 4}}, "finetune", "unknown config key 'rank' at 'train.lora.rank'"),
+])
+def test_bad_lora_settings(shapes, tmp_path, train, stage, match):
+    with pytest.raises(ConfigError, match=match):
+        make_cfg(shapes, tmp_path, stage=stage, train=train)
+
+
+def test_info_counts_what_a_lora_run_trains(shapes, tmp_path):
+    """`emma-mamba info --lora R`: the adapters by hand from the LM's shapes, and stage 2's trainable count
+    equal to the parameters a LoRA run's optimizer holds."""
+    from emma_mamba.info import report
+
+    cfg = _lora_cfg(shapes, tmp_path / "run")
+    rep = report(cfg.model, 4, ["in_proj", "x_proj", "out_proj"])["lora"]
+    c = cfg.model.lm
+    d = c.d_model
+    di, rank = c.expand * d, (math.ceil(d / 16) if c.dt_rank == "auto" else c.dt_rank)
+    per_layer = 4 * (d + 2 * di) + 4 * (di + rank + 2 * c.d_state) + 4 * (di + d)
+    assert rep["adapter_params"] == c.n_layer * per_layer
+    t = Trainer(cfg)
+    assert rep["finetune"] == sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("extra", [{"gradient_checkpointing": True},
+                                   {"compile": True, "compile_backend": "aot_eager"}],
+                         ids=["checkpointing", "compiled"])
+def test_lora_under_block_checkpointing_and_compiled_blocks(shapes, tmp_path, extra):
+    """The merged weights are recomputed inside a checkpointed block and traced inside a compiled one: the
+    losses and gradient norms of the eager LoRA run."""
+    ref = Trainer(_lora_cfg(shapes, tmp_path / "ref", train={"max_steps": 3})).fit()
+    got = Trainer(_lora_cfg(shapes, tmp_path / "x", train={"max_steps": 3, **extra})).fit()
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in got] == pytest.approx([m[key] for m in ref], rel=1e-5), key
