@@ -9,7 +9,9 @@ preprocessing (no weights are read), then checks the training file (and ``val.js
 * every distinct image file opened, decoded and preprocessed, in ``--workers`` processes (a missing file or
   one PIL cannot decode is what would stop, or be skipped by, a run hours in);
 * lengths in LM positions (visual tokens included): percentiles, what ``data.max_length`` truncates;
-* the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``.
+* the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``;
+  with several files (``data.sources``) each is checked and reported on its own, then the epoch of the mixture
+  (each file's samples ``repeat`` times, as training takes them).
 
 Prints a summary, writes it as JSON with ``--report FILE``, and exits 1 when a record would be skipped or an
 image fails (so it can gate a job script), else 0. ``--write-clean FILE`` writes the training file's usable
@@ -75,9 +77,9 @@ def _percentiles(values: list[int]) -> dict:
 
 
 def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress: bool = True,
-               usable: set | None = None) -> dict:
+               usable: set | None = None, lengths_out: list | None = None) -> dict:
     """The report of one LLaVA file (see the module docstring); ``usable``, when given, receives the record
-    indices a run would train on."""
+    indices a run would train on, ``lengths_out`` the lengths of the samples a run builds from the file."""
     from emma_mamba.data.llava import LlavaDataset, plan_rows
 
     ds = LlavaDataset.for_model(dataclasses.replace(data_cfg, on_error="skip"), model)
@@ -111,6 +113,8 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
     if usable is not None:
         usable.update(s.index for s in ds.samples if not any(str(p) in bad for p in s.images))
     lengths = ds.lengths
+    if lengths_out is not None:
+        lengths_out.extend(lengths)
     t = cfg.train
     rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []
     steps = math.ceil(len(rows) / t.global_batch_size) if rows else 0
@@ -145,6 +149,33 @@ def _write_clean(src: Path, usable: set, dst: Path) -> int:
     return len(records)
 
 
+def mixture_report(cfg, sources, lengths: list[list[int]]) -> dict:
+    """An epoch of several files (data.sources): each file's samples taken ``repeat`` times
+    (:func:`~emma_mamba.data.llava.repeat_indices`, as training takes them), the rows and steps they make."""
+    from emma_mamba.data.llava import plan_rows, repeat_indices
+
+    d, t = cfg.data, cfg.train
+    files, epoch = [], []
+    for k, (src, ls) in enumerate(zip(sources, lengths)):
+        picked = [ls[i] for i in repeat_indices(len(ls), src.repeat, k)]
+        files.append({"file": str(src.json), "samples": len(ls), "repeat": src.repeat, "epoch_samples": len(picked)})
+        epoch.extend(picked)
+    rows = plan_rows(epoch, t.seed, 0, d.packing, d.max_length) if epoch else []
+    return {"files": files, "samples_per_epoch": len(epoch), "rows_per_epoch": len(rows), "packing": d.packing,
+            "fill": sum(epoch) / (len(rows) * d.max_length) if rows and d.packing else None,
+            "global_batch_size": t.global_batch_size,
+            "steps_per_epoch": math.ceil(len(rows) / t.global_batch_size) if rows else 0}
+
+
+def _print_mixture(m: dict) -> None:
+    print("mixture (data.sources): " + ", ".join(f"{Path(f['file']).name} {f['samples']} x {f['repeat']:g} = "
+                                                 f"{f['epoch_samples']}" for f in m["files"]))
+    fill = f", {100 * m['fill']:.1f} % of positions filled" if m["fill"] is not None else ""
+    print(f"  one epoch: {m['samples_per_epoch']} samples, {m['rows_per_epoch']} rows "
+          f"({'packed' if m['packing'] else 'one sample each'}{fill}), {m['steps_per_epoch']} optimizer steps at "
+          f"global batch {m['global_batch_size']}")
+
+
 def _print(r: dict) -> None:
     print(f"{r['file']}: {r['usable']} of {r['records']} records usable")
     for reason, n in sorted(r["skipped"].items()):
@@ -175,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from emma_mamba.config import ConfigError
-    from emma_mamba.data.llava import DataError
+    from emma_mamba.data.llava import DataError, data_sources
     from emma_mamba.models.vlm import EmmaMamba
     from emma_mamba.training.cli_train import _overrides
     from emma_mamba.training.config import load_run_config
@@ -187,24 +218,42 @@ def run(args: argparse.Namespace) -> int:
         if cfg.init_from is not None:  # the checkpoint's tokenizer (with its added tokens), as training loads it
             model_cfg = dataclasses.replace(model_cfg, lm=dataclasses.replace(model_cfg.lm, tokenizer=cfg.init_from))
         model = EmmaMamba(model_cfg, for_training=False, device=torch.device("meta"))
-        files = [cfg.data]
+        sources = data_sources(cfg.data)
+        mixed = len(sources) > 1 or sources[0].repeat != 1.0
+        if args.write_clean and len(sources) > 1:
+            raise ConfigError(f"--write-clean writes one file; this run reads {len(sources)} (data.sources): check "
+                              f"them one at a time with --data.sources null --data.json FILE")
+        files = [dataclasses.replace(cfg.data, json=str(s.json), image_folder=str(s.image_folder), sources=None)
+                 for s in sources]  # each file checked and reported on its own
         if args.val:
             if cfg.val.json is None:
                 raise ConfigError(f"{args.config}: --val but the run has no val.json")
-            files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder))
+            files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder,
+                                             sources=None))
         usable: set = set()
+        lengths = [[] for _ in sources]
         reports = [check_file(cfg, d, model, args.workers, not args.no_images, sys.stderr.isatty(),
-                              usable if i == 0 else None) for i, d in enumerate(files)]
+                              usable if i == 0 else None, lengths[i] if i < len(sources) else None)
+                   for i, d in enumerate(files)]
+        mixture = mixture_report(cfg, sources, lengths) if mixed else None
         if args.write_clean:
-            n = _write_clean(Path(cfg.data.json), usable, Path(args.write_clean))
+            n = _write_clean(Path(files[0].json), usable, Path(args.write_clean))
             print(f"wrote {args.write_clean}: {n} usable records of {reports[0]['records']}")
     except (ConfigError, DataError, OSError) as e:
         print(f"emma-mamba data check: {e}", file=sys.stderr)
         return 2
     for r in reports:
         _print(r)
+    if mixture is not None:
+        _print_mixture(mixture)
     if args.report:
-        Path(args.report).write_text(json.dumps(reports if args.val else reports[0], indent=2))
+        if mixture is not None:
+            out = {"sources": reports[:len(sources)], "mixture": mixture}
+            if args.val:
+                out["val"] = reports[-1]
+        else:
+            out = reports if args.val else reports[0]
+        Path(args.report).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.report}")
     clean = all(not r["skipped"] for r in reports)
     print("no problems found" if clean else "problems found: a run skips these records (data.on_error: skip) or "

@@ -36,6 +36,11 @@ counted per reason in :class:`DataReport`. Reasons: ``not_an_object``, ``no_conv
 ``missing_image``, ``corrupt_image`` (found when the image is decoded, during training), ``too_long``,
 ``malformed_json`` (a JSONL line; a malformed ``.json`` file is always an error naming line and column).
 
+Several files (``data.sources``: ``{json, image_folder, repeat}`` each) make one data set, read and checked
+file by file (every error names its file): ``repeat`` 2 takes a file's usable records twice per epoch, 0.5 a
+fixed seeded half of them (:func:`repeat_indices`: the same records in every epoch and every run), 1.5 all of
+them plus such a half. The mixture is then shuffled and packed as one set.
+
 Packing: :func:`plan_rows` shuffles the records with a per-epoch seed and fills rows of ``max_length``
 positions greedily in that order; :func:`collate` gives each packed sample its own ``seq_idx`` value, which the
 Mamba scan and conv reset on, so a packed row computes exactly what the samples would alone. The label of the
@@ -55,8 +60,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["DataError", "Sample", "DataReport", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "IGNORE_INDEX", "chat_segments", "preprocess_image"]
+__all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
+           "REASONS", "IGNORE_INDEX", "chat_segments", "preprocess_image", "data_sources", "repeat_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +96,8 @@ class Sample:
     labels: list[int]
     length: int
     """LM input positions: tokens + (N - 1) per image."""
+    source: int = 0
+    """Which of the data set's files (data.sources) the record is from."""
 
 
 @dataclass
@@ -108,9 +115,14 @@ class DataReport:
     longest: int = 0
     examples: dict = field(default_factory=dict)
     """reason -> the first few skipped records' messages (file, record, what was wrong)."""
+    mixture: list = field(default_factory=list)
+    """Several files (data.sources): per file {file, records, usable, repeat, epoch_samples}."""
 
     def summary(self) -> str:
         s = f"{self.source}: {self.samples} of {self.records} records used"
+        if self.mixture:
+            s += " (" + ", ".join(f"{Path(m['file']).name}: {m['usable']} x {m['repeat']:g} = {m['epoch_samples']}"
+                                  for m in self.mixture) + f" samples per epoch, {self.epoch_samples} in all)"
         if self.skipped:
             s += f"; skipped {sum(self.skipped.values())} (" + ", ".join(
                 f"{k}: {v}" for k, v in sorted(self.skipped.items())) + ")"
@@ -118,6 +130,46 @@ class DataReport:
             s += (f"; truncated {self.truncated} to max_length (lost {self.truncated_tokens} positions, "
                   f"{self.truncated_answer_tokens} answer tokens, {self.dropped_images} images)")
         return s + f"; longest sample {self.longest} positions"
+
+    @property
+    def epoch_samples(self) -> int:
+        return sum(m["epoch_samples"] for m in self.mixture) if self.mixture else self.samples
+
+
+@dataclass
+class DataSource:
+    """One training file of a data set."""
+
+    json: Path
+    image_folder: Path
+    """Folder its records' image paths are relative to (default: the file's folder)."""
+    repeat: float = 1.0
+    """Its usable records per epoch, as a multiple of their number (see :func:`repeat_indices`)."""
+
+
+def data_sources(cfg) -> list[DataSource]:
+    """The files of data config ``cfg``: its ``sources`` list (validated by the run config), else ``json``. A file's
+    images are under its own ``image_folder``, else ``cfg.image_folder``, else the file's folder."""
+    entries = getattr(cfg, "sources", None) or [{"json": cfg.json}]
+    out = []
+    for e in entries:
+        path = Path(e["json"])
+        folder = e.get("image_folder") or cfg.image_folder
+        out.append(DataSource(path, Path(folder) if folder else path.parent, float(e.get("repeat", 1.0))))
+    return out
+
+
+def repeat_indices(n: int, repeat: float, source: int) -> list[int]:
+    """Positions of a file's ``n`` usable samples in an epoch of the mixture: all of them ``int(repeat)`` times,
+    then a subset of ``round(frac(repeat) * n)`` drawn by a generator seeded with the file's place in the list
+    (fixed: the same records in every epoch and every run), in file order."""
+    whole = int(repeat)
+    out = list(range(n)) * whole
+    m = round((repeat - whole) * n)
+    if m:
+        g = torch.Generator().manual_seed(1_000_003 * (source + 1))
+        out += sorted(torch.randperm(n, generator=g)[:m].tolist())
+    return out
 
 
 class _Issues:
@@ -226,14 +278,28 @@ class LlavaDataset:
         self.image_processor = image_processor
         self._image_cache: dict[str, torch.Tensor] = {}  # path -> (3, H, W), data.image_cache_mb
         self._image_cache_left = cfg.image_cache_mb << 20  # bytes still free
-        self.path = Path(cfg.json)
-        self.image_folder = Path(cfg.image_folder) if cfg.image_folder else self.path.parent
-        self.report = DataReport(source=str(self.path))
+        self.sources = data_sources(cfg)
+        self.report = DataReport(source=", ".join(str(src.json) for src in self.sources))
         self.issues = _Issues(cfg.on_error, self.report)
-        records = read_records(self.path, self.issues)
-        self.report.records = len(records) + self.report.skipped["malformed_json"]
-        self.samples: list[Sample] = self._build(records)
-        self.report.samples = len(self.samples)
+        self.samples: list[Sample] = []
+        mixed = len(self.sources) > 1 or self.sources[0].repeat != 1.0
+        for k, src in enumerate(self.sources):
+            self.path, self.image_folder = src.json, src.image_folder  # what _where and _check read
+            malformed = self.report.skipped["malformed_json"]
+            records = read_records(self.path, self.issues)
+            n_records = len(records) + self.report.skipped["malformed_json"] - malformed
+            self.report.records += n_records
+            built = self._build(records, k)
+            self.report.samples += len(built)
+            picked = [built[i] for i in repeat_indices(len(built), src.repeat, k)]
+            if mixed:
+                self.report.mixture.append({"file": str(src.json), "records": n_records, "usable": len(built),
+                                            "repeat": src.repeat, "epoch_samples": len(picked)})
+                if built and not picked:
+                    log.warning("%s: repeat %g of %d usable records takes none of them", src.json, src.repeat,
+                                len(built))
+            self.samples.extend(picked)
+        self.path, self.image_folder = self.sources[0].json, self.sources[0].image_folder
         log.info("%s", self.report.summary())
 
     # ------------------------------------------------------------------------------------- validation
@@ -314,7 +380,9 @@ class LlavaDataset:
         pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
         return chat_segments(pairs, c.prompt_template, c.turn_end, c.turn_sep)
 
-    def _build(self, records) -> list[Sample]:
+    def _build(self, records, source: int = 0) -> list[Sample]:
+        r = self.report
+        before = (r.truncated, r.truncated_tokens, r.truncated_answer_tokens, r.dropped_images)
         checked = []
         for index, rec in records:
             got = self._check(index, rec)
@@ -335,13 +403,14 @@ class LlavaDataset:
             instructions = [_strip_placeholders(text, self.image_token)
                             for role, text in turns for _ in range(text.count(self.image_token))]
             s = self._truncate(index, rec, Sample(index, str(rec.get("id", index)), paths, instructions, input_ids,
-                                                  labels, 0))
+                                                  labels, 0, source))
             if s is not None:
                 samples.append(s)
-        if self.report.truncated:
-            log.warning("%d of %d samples truncated to data.max_length=%d (lost %d positions, %d answer tokens, "
-                        "%d images)", self.report.truncated, len(checked), self.cfg.max_length,
-                        self.report.truncated_tokens, self.report.truncated_answer_tokens, self.report.dropped_images)
+        n, tokens, answers, images = (a - b for a, b in zip(
+            (r.truncated, r.truncated_tokens, r.truncated_answer_tokens, r.dropped_images), before))
+        if n:
+            log.warning("%s: %d of %d samples truncated to data.max_length=%d (lost %d positions, %d answer tokens, "
+                        "%d images)", self.path, n, len(checked), self.cfg.max_length, tokens, answers, images)
         return samples
 
     def _truncate(self, index, rec, s: Sample) -> Sample | None:
@@ -384,6 +453,8 @@ class LlavaDataset:
         """Hash of the kept samples (ids, tokens): a resumed run checks it sees the same data."""
         h = hashlib.sha256()
         for s in self.samples:
+            if s.source:  # (a one-file data set hashes as it did before data.sources existed)
+                h.update(f"{s.source}/".encode())
             h.update(f"{s.index}:{s.id}:{s.length}:".encode())
             h.update(bytes(str(s.input_ids[:64]), "utf-8"))
         return h.hexdigest()[:16]
@@ -402,7 +473,8 @@ class LlavaDataset:
                 try:
                     px = preprocess_image(p, self.image_processor)
                 except DataError as e:
-                    raise DataError(f"{self.path}: record {s.index} (id {s.id!r}): image {p}: {e}", e.reason) from None
+                    raise DataError(f"{self.sources[s.source].json}: record {s.index} (id {s.id!r}): image {p}: {e}",
+                                    e.reason) from None
                 nbytes = px.numel() * px.element_size()
                 if nbytes <= self._image_cache_left:  # data.image_cache_mb: keep the first ones seen
                     self._image_cache[key] = px

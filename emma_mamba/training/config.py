@@ -48,6 +48,10 @@ class DataConfig:
     """LLaVA-format training file: a JSON list of {id, image, conversations} records, or JSONL (one per line)."""
     image_folder: str | None = None
     """Folder the records' ``image`` paths are relative to (null: relative to the JSON file's folder)."""
+    sources: list[dict] | None = None
+    """Several training files mixed into one data set, instead of data.json: a list of {json, image_folder
+    (null: data.image_folder, else the file's folder), repeat (default 1)}. repeat 2 takes a file's records twice per epoch, 0.25 a fixed
+    seeded quarter of them (the same ones every epoch and run); the mixture is shuffled (and packed) as one."""
     max_length: int = 2048
     """Most tokens per sample (and per packed row), visual tokens included; longer samples are truncated
     (counted and logged; never inside an image's visual tokens)."""
@@ -224,8 +228,13 @@ class RunConfig:
             raise ConfigError(f"{source}: {msg}")
 
         t, d = self.train, self.data
-        if not d.json:
-            bad("data.json: the training file is required (a LLaVA-format JSON or JSONL)")
+        if d.sources is not None:
+            if d.json:
+                bad("give data.json (one file) or data.sources (several), not both")
+            _check_sources(d.sources, bad)
+        elif not d.json:
+            bad("data.json: the training file is required (a LLaVA-format JSON or JSONL; or data.sources, a list of "
+                "them)")
         if d.max_length < 2:
             bad(f"data.max_length must be >= 2, got {d.max_length}")
         if "{prompt}" not in d.prompt_template:
@@ -305,6 +314,27 @@ class RunConfig:
             raise ConfigError(f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size})")
         return self.train.global_batch_size // per
+
+
+_SOURCE_KEYS = ("json", "image_folder", "repeat")
+
+
+def _check_sources(sources: list, bad) -> None:
+    if not sources:
+        bad("data.sources must list at least one {json, image_folder, repeat} mapping (or be null)")
+    for i, e in enumerate(sources):
+        where = f"data.sources[{i}]"
+        unknown = sorted(set(e) - set(_SOURCE_KEYS))
+        if unknown:
+            bad(f"{where}: unknown key(s) {unknown}; valid: {', '.join(_SOURCE_KEYS)}")
+        if not isinstance(e.get("json"), str) or not e["json"]:
+            bad(f"{where}.json: the file's path is required (a string), got {e.get('json')!r}")
+        if e.get("image_folder") is not None and not isinstance(e["image_folder"], str):
+            bad(f"{where}.image_folder: expected a path or null, got {e['image_folder']!r}")
+        rep = e.get("repeat", 1.0)
+        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not rep > 0:
+            bad(f"{where}.repeat: expected a number > 0 (its records per epoch as a multiple of their number), "
+                f"got {rep!r}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

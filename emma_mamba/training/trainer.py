@@ -144,7 +144,7 @@ class Trainer:
         m = self.model
         self.dataset = self._dataset(cfg.data)
         if len(self.dataset) == 0:
-            raise DataError(f"{cfg.data.json}: no usable records ({self.dataset.report.summary()})")
+            raise DataError(f"no usable training records ({self.dataset.report.summary()})")
         self.val_dataset = self._val_dataset()
         self.accum = cfg.grad_accum(info.world_size)
         self.rows_per_step = tc.global_batch_size
@@ -181,7 +181,8 @@ class Trainer:
         v = self.cfg.val
         if v.json is None:
             return None
-        ds = self._dataset(dataclasses.replace(self.cfg.data, json=v.json, image_folder=v.image_folder))
+        ds = self._dataset(dataclasses.replace(self.cfg.data, json=v.json, image_folder=v.image_folder,
+                                                   sources=None))
         if v.max_samples:
             ds.samples = ds.samples[:v.max_samples]
         if len(ds) == 0:
@@ -449,7 +450,8 @@ class Trainer:
         fp = self.dataset.fingerprint()
         if state["fingerprint"] != fp:
             raise RuntimeError(f"--resume {path}: the training data differ from the checkpoint's (fingerprint "
-                               f"{state['fingerprint']} vs {fp}); resume with the same data.json and max_length")
+                               f"{state['fingerprint']} vs {fp}); resume with the same data.json (or data.sources) "
+                               f"and max_length")
         if state["global_batch_size"] != self.cfg.train.global_batch_size:
             raise RuntimeError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
                                f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
