@@ -358,6 +358,50 @@ class _TextTracker:
         return chunk
 
 
+class _Sequence:
+    """One prompt's decoding: its new tokens, why it ended, its text (stop strings) and its stream. Shared by
+    :func:`generate` and the server's batched decoding (:mod:`emma_mamba.inference.batching`)."""
+
+    def __init__(self, cfg: GenerationConfig, tokenizer=None, streamer: Callable[[str], None] | None = None):
+        self.cfg, self.eos, self.tokenizer, self.streamer = cfg, cfg.eos_ids, tokenizer, streamer
+        self.tokens: list[int] = []
+        self.reason = "length"
+        self.final: int | None = None
+        self.tracker = _TextTracker(tokenizer, cfg.stop_strings) if tokenizer is not None else None
+
+    def push(self, token: int, seen: torch.Tensor | None = None) -> bool:
+        """Take the token picked for this prompt (marking it in ``seen``, its repetition-penalty row); returns
+        whether decoding goes on."""
+        self.final = token
+        go_on = False
+        if token in self.eos:
+            self.reason = "eos"
+        else:
+            self.tokens.append(token)
+            if seen is not None:
+                seen[token] = True
+            if self.tracker is not None:
+                self.tracker.push(token)
+                if self.tracker.stopped:
+                    self.reason = "stop"
+            go_on = self.reason != "stop" and len(self.tokens) < self.cfg.max_new_tokens
+        if self.streamer is not None:
+            chunk = self.tracker.take(final=not go_on)
+            if chunk:
+                self.streamer(chunk)
+        return go_on
+
+    def text(self) -> str:
+        """The answer's text (cut before a stop string); streams what the incremental decode still held back."""
+        if self.reason == "stop":
+            return self.tracker.text
+        full = self.tokenizer.decode(self.tokens)
+        tr = self.tracker
+        if self.streamer is not None and full.startswith(tr.text) and len(full) > tr.emitted:
+            self.streamer(full[tr.emitted:])  # bytes the incremental decode was still waiting on
+        return full
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -396,16 +440,14 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         if B != 1 or cache.batch_size != 1:
             raise ValueError(f"generate: continuing a cache takes one prompt and a one-row cache, got {B} prompts "
                              f"and {cache.batch_size} cache rows")
-    eos = cfg.eos_ids
     vocab = lm.config.vocab_size
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
 
-    sequences: list[list[int]] = [[] for _ in range(B)]
-    reasons = ["length"] * B
-    trackers = [_TextTracker(tokenizer, cfg.stop_strings) for _ in range(B)] if tokenizer is not None else None
-    result = GenerationResult(sequences, None, reasons, prompt_lengths, final_tokens=[None] * B, cache=cache)
+    seqs = [_Sequence(cfg, tokenizer, streamer) for _ in range(B)]
+    result = GenerationResult([q.tokens for q in seqs], None, ["length"] * B, prompt_lengths,
+                              final_tokens=[None] * B, cache=cache)
     if cfg.max_new_tokens == 0:
         result.texts = [""] * B if tokenizer is not None else None
         return result
@@ -439,25 +481,8 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     static = graphs.load(cache) if graphs is not None else None  # rows stay put: a finished row keeps stepping
     while True:
         tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
-        keep = []
-        for j, (i, t) in enumerate(zip(active, tokens.tolist())):
-            result.final_tokens[i] = t
-            if t in eos:
-                reasons[i] = "eos"
-            else:
-                sequences[i].append(t)
-                if seen is not None:
-                    seen[i, t] = True
-                if trackers is not None:
-                    trackers[i].push(t)
-                    if trackers[i].stopped:
-                        reasons[i] = "stop"
-                if reasons[i] != "stop" and len(sequences[i]) < cfg.max_new_tokens:
-                    keep.append(j)
-            if streamer is not None:
-                chunk = trackers[i].take(final=j not in keep)
-                if chunk:
-                    streamer(chunk)
+        keep = [j for j, (i, t) in enumerate(zip(active, tokens.tolist()))
+                if seqs[i].push(t, seen[i] if seen is not None else None)]
         if not keep:
             break
         if len(keep) < len(active):
@@ -476,15 +501,8 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     if static is not None and caller_cache is not None:  # the caller's cache continues from the decoded state
         caller_cache.copy_(static.cache)
 
+    result.finish_reasons = [q.reason for q in seqs]
+    result.final_tokens = [q.final for q in seqs]
     if tokenizer is not None:
-        texts = []
-        for i in range(B):
-            if reasons[i] == "stop":
-                texts.append(trackers[i].text)
-            else:
-                full = tokenizer.decode(sequences[i])
-                if streamer is not None and full.startswith(trackers[i].text) and len(full) > trackers[i].emitted:
-                    streamer(full[trackers[i].emitted:])  # bytes the incremental decode was still waiting on
-                texts.append(full)
-        result.texts = texts
+        result.texts = [q.text() for q in seqs]
     return result
