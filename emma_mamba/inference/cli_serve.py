@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse conversations longer than this, visual tokens included (default %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the most new tokens a request may ask for (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="requests decoded together (continuous batching: a request joins the running batch after "
+                        "its prefill, leaves it when done; 1 = one at a time; with --cuda-graphs one graph per "
+                        "batch size up to this; default %(default)s)")
     p.add_argument("--state-cache", type=int, default=16,
                    help="conversation states kept so that a follow-up request prefills only its new turn "
                         "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
@@ -53,6 +57,8 @@ def run(args) -> int:
         else:
             model, tok = load_lm(args, device, dtype)
             name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
+        if args.max_batch < 1:
+            raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
         if args.state_cache < 0:
             raise UsageError(f"--state-cache must be >= 0, got {args.state_cache}")
         if args.max_new_tokens > args.max_tokens_limit:
@@ -61,7 +67,8 @@ def run(args) -> int:
         service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
                               allow_local_images=args.allow_local_images,
                               max_prompt_positions=args.max_prompt_positions,
-                              max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache)
+                              max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,
+                              max_batch=args.max_batch)
         api_key = None
         if args.api_key_env:
             import os

@@ -249,6 +249,27 @@ def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_posit
     return logits
 
 
+def _continue(lm, prompt, cache) -> torch.Tensor:
+    """Prefill one prompt (ids, embeds) on top of a one-row cache's context; the next-token logits (1, V) fp32."""
+    ids, emb = prompt
+    out = lm(input_ids=ids[None], cache=cache, num_last_tokens=1) if ids is not None else \
+        lm(inputs_embeds=emb[None], cache=cache, num_last_tokens=1)
+    return out.logits[:, -1].float()
+
+
+def prefill_one(lm, input_ids=None, inputs_embeds=None, cache=None):
+    """One prompt into a one-row cache: from an empty state when ``cache`` is None (a new cache, prefilled as
+    :func:`generate` prefills), else on top of ``cache``'s context (advanced in place). Returns the next-token
+    logits (1, padded_vocab) fp32 and the cache."""
+    prompts = _split_prompts(lm, input_ids, inputs_embeds, None)
+    if len(prompts) != 1:
+        raise ValueError(f"prefill_one: one prompt, got {len(prompts)}")
+    if cache is None:
+        cache = lm.allocate_cache(1)
+        return _prefill(lm, prompts, cache), cache
+    return _continue(lm, prompts[0], cache), cache
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sampling
 
@@ -462,10 +483,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         cache = lm.allocate_cache(B)
         logits = _prefill(lm, prompts, cache)
     else:  # chunked prefill on top of the cached context
-        ids, emb = prompts[0]
-        out = lm(input_ids=ids[None], cache=cache, num_last_tokens=1) if ids is not None else \
-            lm(inputs_embeds=emb[None], cache=cache, num_last_tokens=1)
-        logits = out.logits[:, -1].float()
+        logits = _continue(lm, prompts[0], cache)
     result.prefill_seconds = time.perf_counter() - t0
 
     seen = None

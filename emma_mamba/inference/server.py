@@ -29,7 +29,12 @@ response say which happened.
 Every malformed request is answered 400 with an OpenAI-style error naming the field (``param``, e.g.
 ``messages[2].content[1].image_url.url``); a prompt longer than ``max_prompt_positions`` (visual tokens
 included) is refused the same way. With an API key every endpoint but ``/health`` needs ``Authorization: Bearer
-<key>`` (401 otherwise). One request runs at a time (a lock around the model); the others wait.
+<key>`` (401 otherwise).
+
+Concurrent requests are decoded together (continuous batching, :mod:`emma_mamba.inference.batching`): up to
+``max_batch`` answers advance one token per batched decode step, a new request joins the batch after its
+prefill and a finished one leaves it; each keeps its own sampling settings, seed and stream.
+``emma_mamba.batch_rows`` in a response is the most requests its answer was decoded with.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ import hashlib
 import io
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -52,7 +56,8 @@ import torch
 
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
-from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.inference.batching import BatchDecoder, DecodeJob
+from emma_mamba.inference.generate import GenerationConfig, prefill_one
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids"]
@@ -208,11 +213,13 @@ class ChatService:
     ``model``: an EmmaMamba, or a MambaLM with ``tokenizer``. ``defaults``: the GenerationConfig a request's fields
     override (its ``max_new_tokens`` is also the most a request may ask for unless ``max_new_tokens_limit``).
     ``state_cache``: how many conversation states to keep for follow-up requests (0: none; see the module doc).
+    ``max_batch``: requests decoded together (continuous batching, :mod:`emma_mamba.inference.batching`; 1: one
+    at a time).
     """
 
     def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None,
                  model_name: str = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
-                 max_new_tokens_limit: int | None = None, state_cache: int = 16):
+                 max_new_tokens_limit: int | None = None, state_cache: int = 16, max_batch: int = 8):
         from emma_mamba.models.vlm import EmmaMamba
 
         self.vlm = model if isinstance(model, EmmaMamba) else None
@@ -225,7 +232,8 @@ class ChatService:
         self.allow_local_images = allow_local_images
         self.max_prompt_positions = max_prompt_positions
         self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
-        self.lock = threading.Lock()
+        self.decoder = BatchDecoder(self.lm, max_batch=max_batch, compile=self.defaults.compile,
+                                    cuda_graphs=self.defaults.cuda_graphs)
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
@@ -283,9 +291,13 @@ class ChatService:
         return self.answer(self.prepare(body), streamer)
 
     def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None) -> dict:
+        """The chat.completion of a prepared request, decoded in the shared batch (``streamer`` receives the
+        text as it is produced, on the calling thread)."""
         cfg, ids, images, instructions, n_pos, dropped, resume = prepared
-        with self.lock, torch.inference_mode():
-            t0 = time.perf_counter()
+        info: dict = {}
+
+        def start():  # on the decoder's thread: the state cache is touched there only
+            info["t0"] = time.perf_counter()
             hit = None
             if resume is not None and self.state_cache_size:
                 hit = self.states.get(resume[2])
@@ -296,50 +308,58 @@ class ChatService:
                 new_ids, new_images = pending + ids[resume[0]:], images[resume[1]:]
                 new_inst = instructions[resume[1]:]
             else:
-                cache = self.lm.allocate_cache(1) if self.state_cache_size else None
-                new_ids, new_images, new_inst = ids, images, instructions
+                cache, new_ids, new_images, new_inst = None, ids, images, instructions
             if self.vlm is not None:
                 inst = new_inst if new_images and self.vlm.instruction is not None else None
                 embeds = self.vlm.embeds_from_ids(new_ids, new_images, inst)[0]
-                res = generate(self.lm, inputs_embeds=embeds, config=cfg, tokenizer=self.tokenizer,
-                               streamer=streamer, cache=cache)
-                prefilled = embeds.shape[0]
+                logits, cache = prefill_one(self.lm, inputs_embeds=embeds, cache=cache)
+                seen, info["prefilled"] = None, embeds.shape[0]
             else:
-                res = generate(self.lm, input_ids=new_ids, config=cfg, tokenizer=self.tokenizer, streamer=streamer,
-                               cache=cache)
-                prefilled = len(new_ids)
-            if cache is not None:
-                self._keep_state(ids, images, res)
-            seconds = time.perf_counter() - t0
-        n_new = len(res.sequences[0])
-        out = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": res.texts[0]},
-                         "finish_reason": "length" if res.finish_reasons[0] == "length" else "stop"}],
-            "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
-            "emma_mamba": {"seconds": seconds, "prefill_seconds": res.prefill_seconds,
-                           "finish_reason": res.finish_reasons[0], "dropped_system_messages": dropped,
-                           "state_cache": "hit" if hit is not None else "miss", "prefilled_positions": prefilled},
-        }
-        return out
+                logits, cache = prefill_one(self.lm, input_ids=new_ids, cache=cache)
+                seen, info["prefilled"] = new_ids, len(new_ids)
+            info["hit"], info["prefill_seconds"] = hit is not None, time.perf_counter() - info["t0"]
+            return logits, cache, seen
 
-    def _keep_state(self, ids: list[int], images: list, res) -> None:
+        def finish(seq, state, stats):
+            text = seq.text()
+            if self.state_cache_size:
+                self._keep_state(ids, images, seq, text, state)
+            n_new = len(seq.tokens)
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "length" if seq.reason == "length" else "stop"}],
+                "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
+                "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
+                               "prefill_seconds": info["prefill_seconds"], "finish_reason": seq.reason,
+                               "dropped_system_messages": dropped, "state_cache": "hit" if info["hit"] else "miss",
+                               "prefilled_positions": info["prefilled"], "batch_rows": stats["max_batch_rows"]},
+            }
+
+        job = DecodeJob(cfg, start, finish, self.tokenizer, stream=streamer is not None)
+        return self.decoder.run(job, streamer)
+
+    def _keep_state(self, ids: list[int], images: list, seq, text: str, state) -> None:
         """Store the state after this answer under the history a follow-up request will send, when the answer's
         text tokenises back to the generated tokens (else that request would not match the state)."""
-        tok, seq, final, reason = self.tokenizer, res.sequences[0], res.final_tokens[0], res.finish_reasons[0]
+        tok, final, reason = self.tokenizer, seq.final, seq.reason
         if final is None or reason == "stop":  # a stop string: the text is cut inside the generated tokens
             return
-        sent = tok.encode(res.texts[0] + TURN_END)  # what the client's next request carries for this answer
+        sent = tok.encode(text + TURN_END)  # what the client's next request carries for this answer
         # the state holds every generated token but the last; the last (and an end of turn) are pending
         pending = pending_tokens(final, reason, tok)
-        if sent != (seq if reason == "eos" else seq[:-1]) + pending:
+        if sent != (seq.tokens if reason == "eos" else seq.tokens[:-1]) + pending:
             return
         key = _history_key(ids + sent, images)
-        self.states[key] = (res.cache, pending)
+        self.states[key] = (state, pending)
         self.states.move_to_end(key)
         while len(self.states) > self.state_cache_size:
             self.states.popitem(last=False)
+
+    def close(self) -> None:
+        """Stop the decoder thread."""
+        self.decoder.close()
 
 
 def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:

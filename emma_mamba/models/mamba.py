@@ -45,6 +45,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from typing import Sequence
 from pathlib import Path
 
 import torch
@@ -233,6 +234,19 @@ class MambaCache:
         for t in self.conv_states + self.ssm_states:
             t.zero_()
         self.seqlen_offset = 0
+
+    @staticmethod
+    def cat(caches: Sequence[MambaCache]) -> MambaCache:
+        """One cache holding the rows of ``caches`` in order (a batch that sequences join); its offset is the
+        largest (rows differ: nonzero marks the states as live)."""
+        if not caches:
+            raise ValueError("MambaCache.cat: no caches")
+        if len({c.n_layer for c in caches}) != 1:
+            raise ValueError(f"MambaCache.cat: caches of {sorted({c.n_layer for c in caches})} layers")
+        n = caches[0].n_layer
+        return MambaCache([torch.cat([c.conv_states[i] for c in caches]) for i in range(n)],
+                          [torch.cat([c.ssm_states[i] for c in caches]) for i in range(n)],
+                          max(c.seqlen_offset for c in caches))
 
 
 @dataclass

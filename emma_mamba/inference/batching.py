@@ -1,0 +1,278 @@
+"""Continuous batching of decode steps: requests join and leave one running batch (``emma-mamba serve``).
+
+A Mamba sequence's whole context is its recurrent state, a fixed-size row of a
+:class:`~emma_mamba.models.mamba.MambaCache`, so batching requests that arrive at different times needs no paged
+KV memory: a new request is prefilled into a one-row cache of its own, which is concatenated to the running
+batch's cache; a finished one's row is taken out (and may be kept by the caller, e.g. the server's state cache).
+Between joins and departures every active request advances by one token per decode step, in one forward over
+the batch. Each request keeps its own sampling settings, seed, repetition-penalty mask, stop strings and
+stream; the tokens it gets are those :func:`~emma_mamba.inference.generate.generate` gives it alone, up to the
+rounding of a batched GEMM against a one-row one.
+
+One thread (:class:`BatchDecoder`) owns the model. Callers submit a :class:`DecodeJob` and wait on it; a
+streamed job's text goes through a queue that the caller's thread drains, so a slow or vanished client never
+stalls the batch (a caller that cannot deliver a chunk cancels its job, whose row leaves at the next step). New
+requests are prefilled between decode steps, one at a time (the others wait for that prefill). With
+``cuda_graphs`` each batch size's step is captured once (:mod:`emma_mamba.inference.cuda_graphs`) and the batch's
+states live in that size's static buffers between joins and departures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from emma_mamba.inference.generate import GenerationConfig, _pick, _Sequence, decode_step
+
+__all__ = ["BatchDecoder", "DecodeJob"]
+
+log = logging.getLogger(__name__)
+
+_END = object()  # end of a job's chunk stream
+
+
+class DecodeJob:
+    """One request for a :class:`BatchDecoder`.
+
+    ``start()`` runs on the decoder's thread when the job is admitted and returns ``(logits, cache, seen_ids)``:
+    the next-token logits (1, V) fp32 after the prompt, the one-row MambaCache holding it, and the token ids the
+    repetition penalty counts as already seen (or None). ``finish(seq, state, stats)`` runs there when the
+    answer ends: ``seq`` is its :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token,
+    ``seq.text()``), ``state`` the one-row cache after every token but the final one, ``stats`` a dict
+    (``decode_steps``, ``max_batch_rows``: the most requests decoded together while it ran); its return value is
+    the job's result.
+    """
+
+    def __init__(self, cfg: GenerationConfig, start: Callable, finish: Callable, tokenizer=None,
+                 stream: bool = False):
+        if stream and tokenizer is None:
+            raise ValueError("DecodeJob: streaming needs a tokenizer")
+        self.cfg, self.start, self.finish, self.tokenizer = cfg, start, finish, tokenizer
+        self.chunks: queue.Queue | None = queue.Queue() if stream else None
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    def emit(self, chunk: str) -> None:
+        self.chunks.put(chunk)
+
+    def _settle(self, result=None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+        if self.chunks is not None:
+            self.chunks.put(_END)
+
+    def wait(self, streamer: Callable[[str], None] | None = None, timeout: float | None = None):
+        """The job's result (its error re-raised), passing each text chunk to ``streamer`` on this thread; a
+        streamer that raises cancels the job and the error propagates."""
+        if self.chunks is not None and streamer is not None:
+            while True:
+                chunk = self.chunks.get(timeout=timeout)
+                if chunk is _END:
+                    break
+                try:
+                    streamer(chunk)
+                except BaseException:
+                    self.cancelled = True
+                    raise
+        if not self.done.wait(timeout):
+            raise TimeoutError("the decode job did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass
+class _Row:
+    job: DecodeJob
+    seq: _Sequence
+    generator: torch.Generator | None
+    seen: torch.Tensor | None  # (V,) bool
+    offset: int  # positions in the row's state
+    steps: int = 0
+    max_rows: int = 1
+
+
+class BatchDecoder:
+    """Runs :class:`DecodeJob` s on ``lm`` in one thread, up to ``max_batch`` decoded together (module doc).
+    ``compile`` / ``cuda_graphs``: how each decode step runs, as in :class:`GenerationConfig`."""
+
+    def __init__(self, lm, max_batch: int = 8, compile: bool | str = False, cuda_graphs: bool = False):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"BatchDecoder: max_batch must be a positive integer, got {max_batch!r}")
+        self.lm, self.max_batch, self.compile, self.cuda_graphs = lm, max_batch, compile, cuda_graphs
+        self.graphs = None
+        if cuda_graphs:
+            from emma_mamba.inference.cuda_graphs import decoder_for
+
+            self.graphs = decoder_for(lm, compile=compile)  # errors now, not at the first request, off a GPU
+        self.queue: queue.Queue = queue.Queue()
+        self.active = 0  # rows in the running batch (read by tests and health checks)
+        self.decode_steps = 0
+        self._open = threading.Event()
+        self._open.set()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------ callers
+
+    def submit(self, job: DecodeJob) -> DecodeJob:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="emma-mamba-decoder", daemon=True)
+                self._thread.start()
+        self.queue.put(job)
+        return job
+
+    def run(self, job: DecodeJob, streamer: Callable[[str], None] | None = None):
+        """Submit ``job`` and wait for its result."""
+        return self.submit(job).wait(streamer)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Pause the decoder while inside: jobs submitted meanwhile queue up and are admitted together when it
+        ends (tests; a warm-up that wants its requests in one batch)."""
+        self._open.clear()
+        try:
+            yield self
+        finally:
+            self._open.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread after the running batch (jobs still queued are failed)."""
+        if self._thread is not None:
+            self.queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    # --------------------------------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            rows: list[_Row] = []
+            cache = logits = static = None
+            while True:
+                self._open.wait()
+                stop, rows, cache, logits, joined = self._admit(rows, cache, logits)
+                if joined:
+                    static = None
+                if stop:
+                    for r in rows:
+                        r.job._settle(error=RuntimeError("the decoder was closed"))
+                    self.active = 0
+                    return
+                if not rows:
+                    continue
+                try:
+                    rows, cache, logits, static = self._advance(rows, cache, logits, static)
+                except Exception as e:  # noqa: BLE001 - a failed step (e.g. out of memory) fails its batch only
+                    log.exception("decode step failed")
+                    for r in rows:
+                        r.job._settle(error=e)
+                    rows, cache, logits, static = [], None, None, None
+                self.active = len(rows)
+
+    def _admit(self, rows, cache, logits):
+        """Take queued jobs while there is room (blocking when idle); prefill each into the batch."""
+        new_caches, new_logits, stop = [], [], False
+        while len(rows) < self.max_batch:
+            try:
+                job = self.queue.get(block=not rows, timeout=None if not rows else 0)
+            except queue.Empty:
+                break
+            self._open.wait()  # held while this thread waited for the job: admit it (and the others) once released
+            if job is None:
+                stop = True
+                break
+            if job.cancelled:
+                job._settle(error=RuntimeError("cancelled"))
+                continue
+            row, first, row_cache = self._start(job)
+            if row is None:
+                continue
+            rows.append(row)
+            new_caches.append(row_cache)
+            new_logits.append(first)
+        if new_caches:
+            cache = type(new_caches[0]).cat(([cache] if cache is not None else []) + new_caches)
+            logits = torch.cat(([logits] if logits is not None else []) + new_logits)
+        return stop, rows, cache, logits, bool(new_caches)
+
+    def _start(self, job: DecodeJob):
+        try:
+            first, row_cache, seen_ids = job.start()
+        except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
+            job._settle(error=e)
+            return None, None, None
+        cfg = job.cfg
+        seq = _Sequence(cfg, job.tokenizer, job.emit if job.chunks is not None else None)
+        if cfg.max_new_tokens == 0:
+            self._finish(_Row(job, seq, None, None, row_cache.seqlen_offset), row_cache)
+            return None, None, None
+        generator = None
+        if cfg.seed is not None and cfg.temperature > 0:
+            generator = torch.Generator(device=self.lm.device).manual_seed(cfg.seed)
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = torch.zeros(first.shape[-1], dtype=torch.bool, device=first.device)
+            if seen_ids is not None:
+                seen[torch.as_tensor(seen_ids, dtype=torch.long, device=first.device)] = True
+        return _Row(job, seq, generator, seen, row_cache.seqlen_offset), first, row_cache
+
+    def _finish(self, row: _Row, state) -> None:
+        state.seqlen_offset = row.offset
+        try:
+            result = row.job.finish(row.seq, state, {"decode_steps": row.steps, "max_batch_rows": row.max_rows})
+        except Exception as e:  # noqa: BLE001
+            row.job._settle(error=e)
+        else:
+            row.job._settle(result)
+
+    def _advance(self, rows: list[_Row], cache, logits, static):
+        """Pick every row's next token; finished rows leave (their states handed to their jobs); one decode step
+        for the rest. Returns the new (rows, cache, logits, static)."""
+        vocab = self.lm.config.vocab_size
+        keep, tokens = [], []
+        for j, r in enumerate(rows):
+            if r.job.cancelled:
+                r.job._settle(error=RuntimeError("cancelled"))
+                continue
+            t = int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None else None, r.job.cfg, vocab,
+                          r.generator))
+            try:
+                go_on = r.seq.push(t, r.seen)
+            except Exception as e:  # noqa: BLE001 - a job's own callbacks failed
+                r.job._settle(error=e)
+                continue
+            if go_on:
+                keep.append(j)
+                tokens.append(t)
+            else:
+                self._finish(r, cache.select([j]))
+        if len(keep) < len(rows):
+            rows = [rows[j] for j in keep]
+            if not rows:
+                return [], None, None, None
+            cache, static = cache.select(keep), None
+        fed = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+        if self.graphs is not None:
+            if static is None:
+                static = self.graphs.load(cache)
+                cache = static.cache
+            logits = self.graphs.step(static, fed).float()
+        else:
+            logits = decode_step(self.lm, fed[:, None], cache, self.compile).float()
+        self.decode_steps += 1
+        for r in rows:
+            r.offset += 1
+            r.steps += 1
+            r.max_rows = max(r.max_rows, len(rows))
+        return rows, cache, logits, static

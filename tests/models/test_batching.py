@@ -1,0 +1,229 @@
+"""Continuous batching (emma_mamba.inference.batching) against generate() on each prompt alone: requests
+decoded together, joining a running batch, queued beyond max_batch, with their own sampling settings, seeds and
+repetition penalties; the state each leaves; a failing or cancelled request alone; the CUDA-graph path (with
+the EagerReplay stand-in); and the server answering concurrent requests as it answers them one by one."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+from emma_mamba.inference import cuda_graphs
+from emma_mamba.inference.batching import BatchDecoder, DecodeJob
+from emma_mamba.inference.generate import GenerationConfig, generate, prefill_one
+from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+CONFIGS = [
+    GenerationConfig(max_new_tokens=9),
+    GenerationConfig(max_new_tokens=14, temperature=1.0, seed=3),
+    GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=5, seed=11, eos_token_id=7),
+    GenerationConfig(max_new_tokens=20, repetition_penalty=1.3),
+    GenerationConfig(max_new_tokens=12, temperature=1.2, top_p=0.9, seed=5),
+]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8)).eval()
+
+
+def prompts(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (int(torch.randint(3, 17, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def job(lm, ids, cfg, fail_start=False, fail_finish=False):
+    def start():
+        if fail_start:
+            raise ValueError("bad start")
+        logits, cache = prefill_one(lm, input_ids=ids)
+        return logits, cache, ids
+
+    def finish(seq, state, stats):
+        if fail_finish:
+            raise KeyError("bad finish")
+        return {"tokens": list(seq.tokens), "reason": seq.reason, "final": seq.final, "state": state, **stats}
+
+    return DecodeJob(cfg, start, finish)
+
+
+def alone(lm, ids, cfg):
+    """generate() on one prompt, continuing a fresh cache so that the state it leaves is returned."""
+    cache = lm.allocate_cache(1)
+    res = generate(lm, input_ids=ids, config=cfg, cache=cache)
+    return res.sequences[0], res.finish_reasons[0], res.final_tokens[0], res.cache
+
+
+def check(lm, got, ids, cfg):
+    tokens, reason, final, state = alone(lm, ids, cfg)
+    assert (got["tokens"], got["reason"], got["final"]) == (tokens, reason, final)
+    for a, b in zip(got["state"].conv_states + got["state"].ssm_states, state.conv_states + state.ssm_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got["state"].seqlen_offset == len(ids) + len(tokens) - (reason == "length")
+
+
+def test_requests_decoded_together_get_their_own_answers(lm):
+    dec = BatchDecoder(lm, max_batch=8)
+    ps = prompts(len(CONFIGS))
+    with dec.hold():
+        jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, CONFIGS)]
+    results = [j.wait(timeout=60) for j in jobs]
+    for r, p, c in zip(results, ps, CONFIGS):
+        check(lm, r, p, c)
+    assert all(r["max_batch_rows"] == len(CONFIGS) for r in results)  # admitted together
+    # the batch took as many steps as its longest member needed, not the sum
+    assert dec.decode_steps == max(r["decode_steps"] for r in results)
+    dec.close()
+
+
+def test_requests_join_a_running_batch_and_wait_beyond_max_batch(lm):
+    dec = BatchDecoder(lm, max_batch=3)
+    ps = prompts(6, seed=2)
+    cfgs = [GenerationConfig(max_new_tokens=40)] + CONFIGS
+    first = dec.submit(job(lm, ps[0], cfgs[0]))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 3 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    with dec.hold():  # mid-flight: five more, two of which fit now
+        later = [dec.submit(job(lm, p, c)) for p, c in zip(ps[1:], cfgs[1:])]
+    results = [first.wait(timeout=60)] + [j.wait(timeout=60) for j in later]
+    for r, p, c in zip(results, ps, cfgs):
+        check(lm, r, p, c)
+    assert results[0]["max_batch_rows"] == 3 and max(r["max_batch_rows"] for r in results) == 3
+    dec.close()
+
+
+def test_a_failing_or_cancelled_request_leaves_the_others_alone(lm):
+    dec = BatchDecoder(lm, max_batch=8)
+    ps = prompts(4, seed=3)
+    cfg = GenerationConfig(max_new_tokens=30)
+    with dec.hold():
+        jobs = [dec.submit(job(lm, ps[0], cfg, fail_start=True)), dec.submit(job(lm, ps[1], cfg, fail_finish=True)),
+                dec.submit(job(lm, ps[2], cfg)), dec.submit(job(lm, ps[3], CONFIGS[1]))]
+    jobs[2].cancelled = True  # e.g. its client went away: it leaves at the next step
+    with pytest.raises(ValueError, match="bad start"):
+        jobs[0].wait(timeout=60)
+    with pytest.raises(KeyError, match="bad finish"):
+        jobs[1].wait(timeout=60)
+    with pytest.raises(RuntimeError, match="cancelled"):
+        jobs[2].wait(timeout=60)
+    check(lm, jobs[3].wait(timeout=60), ps[3], CONFIGS[1])
+    deadline = time.perf_counter() + 10
+    while dec.active and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    assert dec.active == 0
+    dec.close()
+
+
+def test_streamed_chunks_reach_the_waiting_thread():
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    torch.manual_seed(0)
+    model = EmmaMamba(get_preset("tiny"), for_training=False).eval()
+    tok, ids = model.tokenizer, model.tokenizer.encode("Once upon a time")
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=4, eos_token_id=tok.eos_token_id)
+    dec = BatchDecoder(model.lm)
+
+    def start():
+        return *prefill_one(model.lm, input_ids=ids), ids
+
+    chunks, thread = [], []
+    text = dec.run(DecodeJob(cfg, start, lambda seq, state, stats: seq.text(), tok, stream=True),
+                   lambda c: (chunks.append(c), thread.append(threading.get_ident())))
+    assert "".join(chunks) == text == generate(model.lm, input_ids=ids, config=cfg, tokenizer=tok).texts[0]
+    assert set(thread) == {threading.get_ident()}  # the caller's thread, not the decoder's
+    # a streamer that fails cancels its job
+    with pytest.raises(BrokenPipeError):
+        dec.run(DecodeJob(dataclass_replace(cfg, max_new_tokens=200), start,
+                          lambda seq, state, stats: None, tok, stream=True),
+                lambda c: (_ for _ in ()).throw(BrokenPipeError()))
+    dec.close()
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def test_cuda_graph_path_with_the_eager_replay_stand_in(lm):
+    api = cuda_graphs.EagerReplay()
+    cuda_graphs.attach(lm, api)
+    try:
+        dec = BatchDecoder(lm, max_batch=8, cuda_graphs=True)
+        ps = prompts(3, seed=4)
+        cfgs = CONFIGS[:3]
+        with dec.hold():
+            jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, cfgs)]
+        for j, p, c in zip(jobs, ps, cfgs):
+            check(lm, j.wait(timeout=60), p, c)
+        assert api.captures == 3  # one graph per batch size the batch went through (3, then 2, then 1)
+        dec.close()
+    finally:
+        cuda_graphs.release(lm)
+
+
+def test_bad_max_batch(lm):
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        BatchDecoder(lm, max_batch=0)
+
+
+def test_server_answers_concurrent_requests_as_it_answers_them_alone():
+    import urllib.request
+
+    from emma_mamba.config import get_preset
+    from emma_mamba.inference.server import ChatService, make_server
+    from emma_mamba.models.vlm import EmmaMamba
+    from tests.models.test_server import user
+
+    torch.manual_seed(0)
+    model = EmmaMamba(get_preset("tiny"), for_training=False).eval()
+    batched = ChatService(model, defaults=GenerationConfig(max_new_tokens=8), max_batch=4)
+    single = ChatService(model, defaults=GenerationConfig(max_new_tokens=8), max_batch=1)
+    bodies = [{"messages": [user("What is this?")]},
+              {"messages": [user("Describe it.")], "temperature": 1.0, "seed": 7, "max_tokens": 12},
+              {"messages": [user("Colour?", image=False)], "temperature": 0.7, "top_k": 20, "seed": 1},
+              {"messages": [user("More.")], "repetition_penalty": 1.2, "stream": True}]
+    srv = make_server(batched, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/v1/chat/completions"
+    out = [None] * len(bodies)
+
+    def call(i):
+        req = urllib.request.Request(url, data=json.dumps(bodies[i]).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out[i] = r.read().decode()
+
+    try:
+        with batched.decoder.hold():
+            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+            for t in threads:
+                t.start()
+            deadline = time.perf_counter() + 30
+            while batched.decoder.queue.qsize() < len(bodies) and time.perf_counter() < deadline:
+                time.sleep(0.005)
+            assert batched.decoder.queue.qsize() == len(bodies)
+        for t in threads:
+            t.join(120)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    for i, body in enumerate(bodies):
+        want = single.complete({k: v for k, v in body.items() if k != "stream"})
+        if body.get("stream"):
+            events = [json.loads(x[6:]) for x in out[i].split("\n\n") if x.startswith("data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+            assert text == want["choices"][0]["message"]["content"]
+            assert events[-1]["usage"] == want["usage"]
+        else:
+            got = json.loads(out[i])
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+            assert got["emma_mamba"]["batch_rows"] == len(bodies) and want["emma_mamba"]["batch_rows"] == 1
