@@ -10,8 +10,9 @@ its projections for :func:`weight_of` and hands ``W'`` to the same fused kernels
 step, CUDA graphs, torch.compile) that a plain model uses; nothing in the kernel path knows about LoRA. The
 gradients of A and B are ``alpha/r * B^T dW'`` and ``alpha/r * dW' A^T`` from the kernels' weight gradient, so
 a step costs the compute of full fine-tuning (the weight-gradient GEMMs still run) but keeps no gradient or
-AdamW state for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two moments). No LoRA dropout (it would need
-the adapter in activation space, outside the fused kernels).
+AdamW state for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two moments). ``base_dtype`` bf16 also holds
+the frozen ``W`` in bf16 (the merge is still computed in fp32). No LoRA dropout (it would need the adapter in
+activation space, outside the fused kernels).
 
 The parameter names keep the plain layout (``...mixer.in_proj.weight`` is the frozen ``W``) and add
 ``...in_proj.lora_A`` / ``lora_B``. What a run writes is always a plain model: :func:`export_state` merges every
@@ -58,7 +59,9 @@ class LoRALinear(nn.Linear):
         self.scaling = self.alpha / self.r
 
     def merged_weight(self) -> torch.Tensor:
-        return self.weight + (self.scaling * (self.lora_B @ self.lora_A)).to(self.weight.dtype)
+        """W + scaling * B @ A in the adapters' dtype (fp32 over a bf16 base: rounding the sum to bf16 would
+        round a small adapter away); the kernels cast it to the activations' dtype as they cast any weight."""
+        return self.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.merged_weight(), self.bias)
@@ -72,9 +75,12 @@ def weight_of(linear: nn.Linear) -> torch.Tensor:
     return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
 
 
-def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj", "out_proj")) -> list[str]:
+def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj", "out_proj"),
+               base_dtype: torch.dtype | None = None) -> list[str]:
     """Wrap ``targets`` of every mixer of ``lm`` (a MambaLM) in LoRALinear and freeze the rest of the LM; only
-    the adapters of ``lm`` train. Returns the wrapped module names (relative to ``lm``)."""
+    the adapters of ``lm`` train. ``base_dtype`` (e.g. bf16): hold the wrapped frozen weights in that dtype
+    (half the memory of the fp32 LM for bf16; the adapters stay fp32). Returns the wrapped module names
+    (relative to ``lm``)."""
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
         raise ValueError(f"LoRA targets must be a non-empty list from {', '.join(LORA_TARGETS)}, got {list(targets)}")
@@ -85,7 +91,10 @@ def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj"
     for i, layer in enumerate(lm.layers):
         mixer = layer.mixer
         for t in targets:
-            setattr(mixer, t, LoRALinear(getattr(mixer, t), r, alpha))
+            base = getattr(mixer, t)
+            if base_dtype is not None and base.weight.dtype != base_dtype:
+                base.weight = nn.Parameter(base.weight.detach().to(base_dtype), requires_grad=False)
+            setattr(mixer, t, LoRALinear(base, r, alpha))
             names.append(f"layers.{i}.mixer.{t}")
     return names
 
@@ -100,9 +109,10 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def _merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W + scaling * B @ A computed on the CPU in fp32 (the same bits however the state was gathered), in W's
-    dtype."""
-    return (w.detach().float().cpu() + scaling * (b.detach().float().cpu() @ a.detach().float().cpu())).to(w.dtype)
+    """W + scaling * B @ A computed on the CPU in fp32 (the same bits however the state was gathered), in the
+    wider of W's and the adapters' dtypes (a bf16 base is merged into fp32, as the layer computes it)."""
+    merged = w.detach().float().cpu() + scaling * (b.detach().float().cpu() @ a.detach().float().cpu())
+    return merged.to(torch.promote_types(w.dtype, a.dtype))
 
 
 def export_state(model: nn.Module, sd: dict) -> tuple[dict, dict]:
@@ -164,7 +174,7 @@ def resume_state(model: nn.Module, current: dict, saved: dict, adapters: dict, w
             raise RuntimeError(f"{where}: {wkey} of the checkpoint is not this run's frozen weight plus its adapter "
                                f"(max difference {diff:.3g}): the run was built from other base weights than the "
                                f"ones the checkpoint was trained from (init_from or the pretrained files changed?)")
-        sd[wkey] = base.detach().to(device=saved[wkey].device, dtype=saved[wkey].dtype)
+        sd[wkey] = base.detach().to(device=saved[wkey].device)  # in its own dtype (a bf16 base stays bf16)
         sd[f"{name}.lora_A"] = a.to(saved[wkey].device)
         sd[f"{name}.lora_B"] = b.to(saved[wkey].device)
     return sd

@@ -126,7 +126,7 @@ class Trainer:
             from emma_mamba.models.lora import apply_lora
 
             apply_lora(self.model.lm, tc.lora.r, tc.lora.alpha if tc.lora.alpha is not None else 2.0 * tc.lora.r,
-                       tc.lora.targets)
+                       tc.lora.targets, torch.bfloat16 if tc.lora.base_dtype == "bf16" else None)
         self.model.train()
         if tc.gradient_checkpointing:
             self.model.lm.set_gradient_checkpointing(True)

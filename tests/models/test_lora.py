@@ -161,7 +161,30 @@ def test_bf16_base_keeps_fp32_adapters():
     apply_lora(lm, R, ALPHA, ("in_proj",))
     m = lm.layers[0].mixer.in_proj
     assert m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == m.lora_B.dtype == torch.float32
-    assert m.merged_weight().dtype == torch.bfloat16
+    assert m.merged_weight().dtype == torch.float32  # not rounded back to bf16
     ids = torch.randint(0, 64, (1, 5))
     lm(ids).logits.float().sum().backward()
     assert m.lora_B.grad is not None and m.lora_B.grad.dtype == torch.float32
+
+
+def test_base_dtype_holds_the_frozen_weights_in_bf16():
+    """An fp32 LM with base_dtype bf16: the adapted weights become their bf16 rounding, nothing else changes,
+    and the adapted LM computes as a plain fp32 LM holding bf16(W) + s B A."""
+    plain = _lm()
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"), base_dtype=torch.bfloat16)
+    _randomise_adapters(lm)
+    for name, p in plain.named_parameters():
+        mine = lm.get_parameter(name)
+        if name.endswith(("in_proj.weight", "out_proj.weight")):
+            assert mine.dtype == torch.bfloat16 and torch.equal(mine, p.to(torch.bfloat16))
+        else:
+            assert mine.dtype == torch.float32 and torch.equal(mine, p)
+    oracle = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, m in lora_modules(lm).items():
+            oracle.get_submodule(name).weight.copy_(m.weight.double() + (ALPHA / R) * (m.lora_B.double() @
+                                                                                      m.lora_A.double()))
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)

@@ -153,7 +153,8 @@ def test_shipped_recipes_load_and_round_trip(path, tmp_path):
         # the EMMA-Mamba paper: 2 epochs, lr 2e-5, wd 0.1, warmup 3 %, cosine, global batch 128, bf16, 2048
         lr = 2e-5
         if "lora" in path.name:  # LLaVA-1.5's LoRA: r 128, alpha 256, lr 2e-4; the bridge keeps 2e-5
-            assert (t.lora.r, t.lora.alpha) == (128, 256) and cfg.parallel.strategy == "auto"
+            assert (t.lora.r, t.lora.alpha, t.lora.base_dtype) == (128, 256, "bf16")
+            assert cfg.parallel.strategy == "auto"
             assert all(t.lr * t.lr_multipliers[m] == pytest.approx(lr)
                        for m in ("mff", "instruction", "projector", "align_head"))
             lr = 2e-4

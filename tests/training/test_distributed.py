@@ -155,11 +155,12 @@ def test_torchrun_ddp_with_lora_matches_one_process(shapes, tmp_path):
     emma_mamba.load(tmp_path / "ddp")  # merged: a plain model
 
 
-def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path):
-    """train.lora under FSDP2 (frozen and trained parameters in the same shard units): the 1-process losses, a
-    checkpoint gathered and merged on rank 0, and its resume (the frozen weights gathered to be checked
-    against the merged file) under FSDP and in one process."""
-    y, ref = setup_run(shapes, tmp_path, train=LORA)
+@pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
+def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtype):
+    """train.lora under FSDP2 (frozen and trained parameters in the same shard units; with a bf16 base, of two
+    dtypes): the 1-process losses, a checkpoint gathered and merged on rank 0, and its resume (the frozen
+    weights gathered to be checked against the merged file) under FSDP and in one process."""
+    y, ref = setup_run(shapes, tmp_path, train={"lora": {**LORA["lora"], "base_dtype": base_dtype}})
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
     compare(metrics(tmp_path / "ddp"), ref)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
@@ -171,3 +172,4 @@ def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path):
     cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
                                overrides={"output_dir": str(tmp_path / "one"), "parallel": {"strategy": "none"}})
     compare(Trainer(cfg, resume=str(ckpt)).fit(), ref[2:])
+

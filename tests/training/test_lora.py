@@ -134,3 +134,27 @@ def test_lora_under_block_checkpointing_and_compiled_blocks(shapes, tmp_path, ex
     got = Trainer(_lora_cfg(shapes, tmp_path / "x", train={"max_steps": 3, **extra})).fit()
     for key in ("loss", "grad_norm"):
         assert [m[key] for m in got] == pytest.approx([m[key] for m in ref], rel=1e-5), key
+
+
+def test_lora_with_a_bf16_base(shapes, tmp_path):
+    """train.lora.base_dtype bf16: the adapted weights are held in bf16 (half the frozen LM's memory), the merge
+    is computed and written in fp32 (a bf16 merge would round the adapter away), and the run resumes exactly."""
+    kw = dict(train={"max_steps": 4, "lora": {"r": 4, "alpha": 8, "base_dtype": "bf16"}},
+              checkpoint={"every_steps": 2})
+    t = Trainer(make_cfg(shapes, tmp_path / "a", **kw))
+    mods = lora_modules(t.model.lm)
+    assert all(m.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32 for m in mods.values())
+    a = t.fit()
+    assert all(math.isfinite(m["loss"]) for m in a)
+    plain = emma_mamba.load(tmp_path / "a")
+    ids = torch.randint(0, t.model.lm.config.vocab_size, (2, 10))
+    t.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.lm(ids).logits, t.model.lm(ids).logits, rtol=1e-5, atol=1e-5)
+    for name, m in mods.items():  # the merge in fp32: W (bf16) + s B A, not rounded back to bf16
+        w = plain.lm.get_submodule(name).weight
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w, m.weight.float() + m.scaling * (m.lora_B @ m.lora_A), rtol=0, atol=1e-6)
+    Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=3)
+    rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto").fit()
+    assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
