@@ -18,6 +18,17 @@ def machine(device: torch.device, threads: int) -> dict:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
+def random_lm(preset: str, threads: int):
+    """(a random-weight MambaLM of ``preset``'s shapes in eval mode, the GPT-NeoX tokenizer), seed 0, with
+    ``threads`` torch threads."""
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return MambaLM(MambaConfig.from_preset(preset)).eval(), load_tokenizer()
+
+
 def write_result(doc: dict, out: str | None, indent: int = 2) -> None:
     """Write ``doc`` as JSON to ``out`` (its folder created; nothing when ``out`` is empty) and say so."""
     if out:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import write_result  # noqa: E402
+from benchmarks._common import random_lm, write_result  # noqa: E402
 
 QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if it rains later?",
              "Which shoes are best for that?", "Where can I buy them?", "How much do they cost?"]
@@ -29,8 +29,6 @@ QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if 
 def main(argv=None) -> int:
     from emma_mamba.inference.chat import ChatSession
     from emma_mamba.inference.generate import GenerationConfig, generate
-    from emma_mamba.models.mamba import MambaConfig, MambaLM
-    from emma_mamba.models.tokenizer import load_tokenizer
     from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,10 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/chat_turns_cpu.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    lm = MambaLM(MambaConfig.from_preset(args.preset)).eval()
-    tok = load_tokenizer()
+    lm, tok = random_lm(args.preset, args.threads)
     # eos None: every answer has exactly new_tokens tokens, so both paths do the same amount of decoding
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     session = ChatSession(lm, tokenizer=tok, config=cfg)

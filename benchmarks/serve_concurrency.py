@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import machine, random_lm, write_result  # noqa: E402
 
 WORDS = ("the model of a small red boat sails over a calm lake while birds circle above and children watch "
          "from the shore as the sun goes down behind the hills").split()
@@ -68,8 +68,6 @@ def _run(url: str, clients: int, requests: int, new_tokens: int) -> dict:
 def main(argv=None) -> int:
     from emma_mamba.inference.generate import GenerationConfig
     from emma_mamba.inference.server import ChatService, make_server
-    from emma_mamba.models.mamba import MambaConfig, MambaLM
-    from emma_mamba.models.tokenizer import load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="mamba-130m", help="LM shapes (random weights)")
@@ -81,10 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/serve_concurrency_cpu.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    lm = MambaLM(MambaConfig.from_preset(args.preset)).eval()
-    tok = load_tokenizer()
+    lm, tok = random_lm(args.preset, args.threads)
     # no EOS: every answer runs to max_tokens, so both servers decode the same token count
     defaults = GenerationConfig(max_new_tokens=args.new_tokens)
     urls, servers = {}, []

@@ -12,7 +12,7 @@ def test_serve_concurrency_smoke(tmp_path, monkeypatch):
     from benchmarks import serve_concurrency
     from emma_mamba.models import mamba
 
-    monkeypatch.setattr(mamba.MambaConfig, "from_preset",
+    monkeypatch.setattr(mamba.MambaConfig, "from_preset",  # random_lm builds it: tiny shapes for the test
                         classmethod(lambda cls, name: cls(d_model=32, n_layer=2, vocab_size=50280, d_state=4)))
     out = tmp_path / "r.json"
     assert serve_concurrency.main(["--clients", "3", "--requests", "2", "--new-tokens", "4", "--runs", "1",

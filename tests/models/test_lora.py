@@ -55,12 +55,17 @@ def test_at_init_the_adapted_lm_is_the_pretrained_one(targets):
     assert set(plain.state_dict()) < set(adapted.state_dict())
 
 
-def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
+def _adapted_and_oracle():
+    """An LM with random adapters on every target, and the plain LM holding its merged weights."""
     plain = _lm()
     lm = copy.deepcopy(plain)
     apply_lora(lm, R, ALPHA, LORA_TARGETS)
     _randomise_adapters(lm)
-    oracle = _merged_plain(plain, lm)
+    return plain, lm, _merged_plain(plain, lm)
+
+
+def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
+    _, lm, oracle = _adapted_and_oracle()
     ids = torch.randint(0, 64, (2, 11))
     seq_idx = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])  # packed rows take the same path
     got, want = lm(ids, seq_idx=seq_idx).logits, oracle(ids, seq_idx=seq_idx).logits
@@ -78,11 +83,7 @@ def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
 
 
 def test_cached_prefill_and_decode_steps_use_the_adapters():
-    plain = _lm()
-    lm = copy.deepcopy(plain)
-    apply_lora(lm, R, ALPHA, LORA_TARGETS)
-    _randomise_adapters(lm)
-    oracle = _merged_plain(plain, lm)
+    plain, lm, oracle = _adapted_and_oracle()
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         outs = []

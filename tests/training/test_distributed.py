@@ -121,10 +121,15 @@ def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
     assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.yaml", "trainer_state.pt",
                                                  "rng_rank0.pt", "rng_rank1.pt", "train_config.yaml"}
     emma_mamba.load(ckpt)  # the gathered full state loads in one process
+    resume_fsdp_checkpoint(y, ckpt, tmp_path, ref)
+
+
+def resume_fsdp_checkpoint(y, ckpt, tmp_path, ref):
+    """The step-2 FSDP checkpoint resumed by 2 FSDP processes, and by one process without FSDP (optimizer state
+    keyed by parameter name): both continue the 1-process run."""
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--output_dir",
               str(tmp_path / "res"), "--resume", str(ckpt)])
     compare(metrics(tmp_path / "res"), ref[2:])
-    # the FSDP checkpoint resumes in one process without FSDP too (optimizer state keyed by parameter name)
     cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
                                overrides={"output_dir": str(tmp_path / "one"), "parallel": {"strategy": "none"}})
     compare(Trainer(cfg, resume=str(ckpt)).fit(), ref[2:])
@@ -166,10 +171,5 @@ def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtyp
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
     assert (ckpt / "lora.safetensors").is_file()
     emma_mamba.load(ckpt)
-    torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--output_dir",
-              str(tmp_path / "res"), "--resume", str(ckpt)])
-    compare(metrics(tmp_path / "res"), ref[2:])
-    cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
-                               overrides={"output_dir": str(tmp_path / "one"), "parallel": {"strategy": "none"}})
-    compare(Trainer(cfg, resume=str(ckpt)).fit(), ref[2:])
+    resume_fsdp_checkpoint(y, ckpt, tmp_path, ref)
 
