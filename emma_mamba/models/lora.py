@@ -1,18 +1,20 @@
-"""LoRA adapters on the Mamba mixers' projections, trained in weight space and merged on save.
+"""LoRA adapters on the Mamba mixers' projections, merged on save.
 
 ``train.lora`` (r > 0) wraps the chosen projections of every mixer (``in_proj``, ``x_proj``, ``dt_proj``,
 ``out_proj``) in :class:`LoRALinear`: the pretrained weight ``W`` is frozen and the layer computes with
 
     W' = W + (alpha / r) * B @ A        A: (r, in_features), B: (out_features, r); B starts at zero
 
-so the adapted model starts exactly at the pretrained one. The adapter lives in *weight space*: the mixer asks
-its projections for :func:`weight_of` and hands ``W'`` to the same fused kernels (``ops.mamba_inner``, the decode
-step, CUDA graphs, torch.compile) that a plain model uses; nothing in the kernel path knows about LoRA. The
-gradients of A and B are ``alpha/r * B^T dW'`` and ``alpha/r * dW' A^T`` from the kernels' weight gradient, so
-a step costs the compute of full fine-tuning (the weight-gradient GEMMs still run) but keeps no gradient or
-AdamW state for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two moments). ``base_dtype`` bf16 also holds
-the frozen ``W`` in bf16 (the merge is still computed in fp32). No LoRA dropout (it would need the adapter in
-activation space, outside the fused kernels).
+so the adapted model starts exactly at the pretrained one. ``in_proj``, the largest projection, and the mixer's
+own GEMM (outside the fused op), takes its adapter in *activation space*: ``W @ h + s * B @ (A @ h)``, so its
+frozen ``W`` takes part in no weight-gradient GEMM. ``x_proj``, ``dt_proj`` and ``out_proj`` live inside the
+fused ``ops.mamba_inner`` (and the decode step, CUDA graphs, torch.compile): there the adapter lives in *weight
+space*, the mixer asks the projection for :func:`weight_of` and hands the merged ``W'`` to the same kernels a
+plain model uses, which know nothing of LoRA; the gradients of A and B are then ``s * B^T dW'`` and
+``s * dW' A^T`` from the kernel's weight gradient (that projection's weight-gradient GEMM still runs). Either
+way no gradient or AdamW state is kept for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two moments).
+``base_dtype`` bf16 also holds the frozen ``W`` in bf16 (a merge is still computed in fp32). No LoRA dropout
+(it would need every adapter in activation space, inside the fused op).
 
 The parameter names keep the plain layout (``...mixer.in_proj.weight`` is the frozen ``W``) and add
 ``...in_proj.lora_A`` / ``lora_B``. What a run writes is always a plain model: :func:`export_state` merges every
@@ -65,6 +67,18 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.merged_weight(), self.bias)
+
+    def gemm_cf_halves(self, h_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixer's in_proj in activation space: ``(W @ h + s * B @ (A @ h))`` for channels-first ``h`` (b, k,
+        l), as its two contiguous halves (b, out/2, l) (x and z; no bias). The frozen ``W`` takes part in no
+        gradient GEMM (only in the one for ``h``), which a merged weight would (its weight gradient)."""
+        from emma_mamba.ops._inner import gemm_cf
+
+        half = self.out_features // 2
+        w, b = self.weight, self.lora_B
+        ah = gemm_cf(self.lora_A, h_cf)  # (b, r, l)
+        return tuple(gemm_cf(w[sl], h_cf) + self.scaling * gemm_cf(b[sl], ah)
+                     for sl in (slice(None, half), slice(half, None)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emma_mamba import ops
-from emma_mamba.models.lora import weight_of
+from emma_mamba.models.lora import LoRALinear, weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
@@ -371,9 +371,13 @@ class MambaMixer(nn.Module):
         # at batch > 1 without a weight gradient x and z come from two GEMMs over the halves of in_proj: each is
         # then contiguous, where the halves of one (b, 2*d_inner, l) result would be copied by the kernels' input
         # checks (with a weight gradient the slices' gradients would each be a full-size zero-padded tensor)
-        W, h_cf, di = weight_of(self.in_proj), hidden_states.transpose(1, 2), self.d_inner
-        x, z = (gemm_cf(W[:di], h_cf), gemm_cf(W[di:], h_cf)) if b > 1 and no_weight_grad(W) else \
-            gemm_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
+        h_cf, di = hidden_states.transpose(1, 2), self.d_inner
+        if isinstance(self.in_proj, LoRALinear):  # frozen W @ h + s B (A h): no gradient GEMM for W
+            x, z = self.in_proj.gemm_cf_halves(h_cf)
+        else:
+            W = self.in_proj.weight
+            x, z = (gemm_cf(W[:di], h_cf), gemm_cf(W[di:], h_cf)) if b > 1 and no_weight_grad(W) else \
+                gemm_cf(W, h_cf).chunk(2, dim=1)  # (b, d_inner, l) each
         if self.in_proj.bias is not None:
             x, z = x + self.in_proj.bias[:di].to(x.dtype)[:, None], z + self.in_proj.bias[di:].to(z.dtype)[:, None]
         conv_w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)

@@ -48,7 +48,8 @@ def test_at_init_the_adapted_lm_is_the_pretrained_one(targets):
     names = apply_lora(adapted, R, ALPHA, targets)
     assert names == [f"layers.{i}.mixer.{t}" for i in range(2) for t in targets]
     ids = torch.randint(0, 64, (2, 9))
-    assert torch.equal(adapted(ids).logits, plain(ids).logits)  # B = 0: W + 0 is W
+    with torch.no_grad():  # (with gradients the plain in_proj takes another GEMM path: rounding)
+        assert torch.equal(adapted(ids).logits, plain(ids).logits)  # B = 0: W + 0 is W
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.{leaf}" for n in names for leaf in ("lora_A", "lora_B")}
     # the plain names are kept: the frozen W is still layers.N.mixer.in_proj.weight
