@@ -88,4 +88,5 @@ def run(args) -> int:
         pass
     finally:
         server.server_close()
+        service.close()
     return 0

@@ -399,7 +399,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         if self.path.rstrip("/") == "/health":
-            return self._json(200, {"status": "ok"})
+            dec = self.service.decoder
+            return self._json(200, {"status": "ok", "decoding": dec.active, "queued": dec.queue.qsize(),
+                                    "max_batch": dec.max_batch})
         if self.path.rstrip("/") == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
                                                                "created": 0, "owned_by": "emma-mamba"}]})
