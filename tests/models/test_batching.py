@@ -227,3 +227,25 @@ def test_server_answers_concurrent_requests_as_it_answers_them_alone():
             got = json.loads(out[i])
             assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
             assert got["emma_mamba"]["batch_rows"] == len(bodies) and want["emma_mamba"]["batch_rows"] == 1
+
+
+@pytest.mark.gpu
+def test_real_cuda_graphs_batched_like_alone():
+    """On a GPU: batched decoding from real CUDA graphs gives each prompt generate()'s tokens alone (greedy and
+    seeded sampling)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=64, n_layer=2, vocab_size=96, d_state=8)).cuda().eval()
+    try:
+        dec = BatchDecoder(lm, max_batch=8, cuda_graphs=True)
+        ps = prompts(len(CONFIGS), seed=6)
+        with dec.hold():
+            jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, CONFIGS)]
+        for j, p, c in zip(jobs, ps, CONFIGS):
+            got = j.wait(timeout=120)
+            tokens, reason, final, _ = alone(lm, p, c)
+            assert (got["tokens"], got["reason"], got["final"]) == (tokens, reason, final)
+        dec.close()
+    finally:
+        cuda_graphs.release(lm)

@@ -190,3 +190,25 @@ def test_base_dtype_holds_the_frozen_weights_in_bf16():
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_lora_on_a_gpu_under_bf16_autocast():
+    """On a GPU (the CUDA or Triton kernels) under bf16 autocast, as the trainer runs: logits and adapter
+    gradients against the plain LM holding the merged weights, to bf16 tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    plain, lm, oracle = _adapted_and_oracle()
+    lm, oracle = lm.cuda(), oracle.cuda()
+    ids = torch.randint(0, 64, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, want = lm(ids).logits.float(), oracle(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    target = torch.randn_like(got)
+    (got * target).sum().backward()
+    (want * target).sum().backward()
+    for name, m in lora_modules(lm).items():
+        dw = oracle.get_submodule(name).weight.grad.double()
+        for g, ref in ((m.lora_A.grad, (ALPHA / R) * m.lora_B.double().T @ dw),
+                       (m.lora_B.grad, (ALPHA / R) * dw @ m.lora_A.double().T)):
+            assert (g.double() - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
