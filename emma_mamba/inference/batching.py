@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from emma_mamba.inference.generate import GenerationConfig, _pick, _Sequence, decode_step
+from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
+                                           decode_step)
 
 __all__ = ["BatchDecoder", "DecodeJob"]
 
@@ -41,13 +42,15 @@ _END = object()  # end of a job's chunk stream
 class DecodeJob:
     """One request for a :class:`BatchDecoder`.
 
-    ``start()`` runs on the decoder's thread when the job is admitted and returns ``(logits, cache, seen_ids)``:
-    the next-token logits (1, V) fp32 after the prompt, the one-row MambaCache holding it, and the token ids the
-    repetition penalty counts as already seen (or None). ``finish(seq, state, stats)`` runs there when the
-    answer ends: ``seq`` is its :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token,
-    ``seq.text()``), ``state`` the one-row cache after every token but the final one, ``stats`` a dict
-    (``decode_steps``, ``max_batch_rows``: the most requests decoded together while it ran); its return value is
-    the job's result.
+    ``start()`` runs on the decoder's thread when the job is admitted and returns a dict: the prompt as
+    ``input_ids`` (a list or 1-D tensor) or ``inputs_embeds`` (seqlen, d_model); ``cache``, a one-row MambaCache
+    to continue (None or absent: an empty state); ``seen``, the token ids the repetition penalty counts as
+    already seen (or None). The decoder prefills it (the jobs admitted together that start from an empty state
+    in one padded prefill). ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
+    :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token, ``seq.text()``), ``state``
+    the one-row cache after every token but the final one, ``stats`` a dict (``decode_steps``,
+    ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``); its return value
+    is the job's result.
     """
 
     def __init__(self, cfg: GenerationConfig, start: Callable, finish: Callable, tokenizer=None,
@@ -99,6 +102,7 @@ class _Row:
     offset: int  # positions in the row's state
     steps: int = 0
     max_rows: int = 1
+    prefill_seconds: float = 0.0
 
 
 class BatchDecoder:
@@ -181,11 +185,13 @@ class BatchDecoder:
                 self.active = len(rows)
 
     def _admit(self, rows, cache, logits):
-        """Take queued jobs while there is room (blocking when idle); prefill each into the batch."""
-        new_caches, new_logits, stop = [], [], False
-        while len(rows) < self.max_batch:
+        """Take queued jobs while there is room (blocking when idle), prefill them (those starting from an empty
+        state together, as :func:`~emma_mamba.inference.generate.generate` prefills a batch) and append them to
+        the batch."""
+        admitted, stop = [], False
+        while len(rows) + len(admitted) < self.max_batch:
             try:
-                job = self.queue.get(block=not rows, timeout=None if not rows else 0)
+                job = self.queue.get(block=not rows and not admitted, timeout=None if not rows else 0)
             except queue.Empty:
                 break
             self._open.wait()  # held while this thread waited for the job: admit it (and the others) once released
@@ -195,42 +201,67 @@ class BatchDecoder:
             if job.cancelled:
                 job._settle(error=RuntimeError("cancelled"))
                 continue
-            row, first, row_cache = self._start(job)
-            if row is None:
+            try:
+                spec = job.start()
+                prompt = _split_prompts(self.lm, spec.get("input_ids"), spec.get("inputs_embeds"), None)
+                if len(prompt) != 1:
+                    raise ValueError(f"DecodeJob.start: one prompt, got {len(prompt)}")
+            except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
+                job._settle(error=e)
                 continue
-            rows.append(row)
-            new_caches.append(row_cache)
-            new_logits.append(first)
+            admitted.append((job, prompt[0], spec.get("cache"), spec.get("seen")))
+        new_caches, new_logits = [], []
+        for group in ([a for a in admitted if a[2] is None], [a for a in admitted if a[2] is not None]):
+            if not group:
+                continue
+            t0 = time.perf_counter()
+            try:
+                if group[0][2] is None:  # from an empty state: one padded prefill over the group
+                    group_cache = self.lm.allocate_cache(len(group))
+                    first = _prefill(self.lm, [a[1] for a in group], group_cache)
+                    parts = [(group_cache.select([k]), first[k:k + 1]) for k in range(len(group))]
+                else:  # on top of a carried state: one by one
+                    parts = [(a[2], _continue(self.lm, a[1], a[2])) for a in group]
+            except Exception as e:  # noqa: BLE001 - a failed prefill fails its requests only
+                log.exception("prefill failed")
+                for a in group:
+                    a[0]._settle(error=e)
+                continue
+            seconds = time.perf_counter() - t0
+            for (job, prompt, carried, seen_ids), (row_cache, first) in zip(group, parts):
+                if carried is None:  # (a carried state's offset was advanced by its prefill)
+                    row_cache.seqlen_offset = (prompt[0] if prompt[0] is not None else prompt[1]).shape[0]
+                row = self._row(job, first, row_cache, seen_ids, seconds)
+                if row is not None:
+                    rows.append(row)
+                    new_caches.append(row_cache)
+                    new_logits.append(first)
         if new_caches:
             cache = type(new_caches[0]).cat(([cache] if cache is not None else []) + new_caches)
             logits = torch.cat(([logits] if logits is not None else []) + new_logits)
         return stop, rows, cache, logits, bool(new_caches)
 
-    def _start(self, job: DecodeJob):
-        try:
-            first, row_cache, seen_ids = job.start()
-        except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
-            job._settle(error=e)
-            return None, None, None
+    def _row(self, job: DecodeJob, first: torch.Tensor, row_cache, seen_ids, prefill_seconds: float):
+        """The batch row of a prefilled job (None when it asks for no new token: finished at once)."""
         cfg = job.cfg
         seq = _Sequence(cfg, job.tokenizer, job.emit if job.chunks is not None else None)
+        row = _Row(job, seq, None, None, row_cache.seqlen_offset, prefill_seconds=prefill_seconds)
         if cfg.max_new_tokens == 0:
-            self._finish(_Row(job, seq, None, None, row_cache.seqlen_offset), row_cache)
-            return None, None, None
-        generator = None
+            self._finish(row, row_cache)
+            return None
         if cfg.seed is not None and cfg.temperature > 0:
-            generator = torch.Generator(device=self.lm.device).manual_seed(cfg.seed)
-        seen = None
+            row.generator = torch.Generator(device=self.lm.device).manual_seed(cfg.seed)
         if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(first.shape[-1], dtype=torch.bool, device=first.device)
+            row.seen = torch.zeros(first.shape[-1], dtype=torch.bool, device=first.device)
             if seen_ids is not None:
-                seen[torch.as_tensor(seen_ids, dtype=torch.long, device=first.device)] = True
-        return _Row(job, seq, generator, seen, row_cache.seqlen_offset), first, row_cache
+                row.seen[torch.as_tensor(seen_ids, dtype=torch.long, device=first.device)] = True
+        return row
 
     def _finish(self, row: _Row, state) -> None:
         state.seqlen_offset = row.offset
         try:
-            result = row.job.finish(row.seq, state, {"decode_steps": row.steps, "max_batch_rows": row.max_rows})
+            result = row.job.finish(row.seq, state, {"decode_steps": row.steps, "max_batch_rows": row.max_rows,
+                                                     "prefill_seconds": row.prefill_seconds})
         except Exception as e:  # noqa: BLE001
             row.job._settle(error=e)
         else:

@@ -257,19 +257,6 @@ def _continue(lm, prompt, cache) -> torch.Tensor:
     return out.logits[:, -1].float()
 
 
-def prefill_one(lm, input_ids=None, inputs_embeds=None, cache=None):
-    """One prompt into a one-row cache: from an empty state when ``cache`` is None (a new cache, prefilled as
-    :func:`generate` prefills), else on top of ``cache``'s context (advanced in place). Returns the next-token
-    logits (1, padded_vocab) fp32 and the cache."""
-    prompts = _split_prompts(lm, input_ids, inputs_embeds, None)
-    if len(prompts) != 1:
-        raise ValueError(f"prefill_one: one prompt, got {len(prompts)}")
-    if cache is None:
-        cache = lm.allocate_cache(1)
-        return _prefill(lm, prompts, cache), cache
-    return _continue(lm, prompts[0], cache), cache
-
-
 # ---------------------------------------------------------------------------------------------------------
 # sampling
 

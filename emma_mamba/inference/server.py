@@ -57,7 +57,7 @@ import torch
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.batching import BatchDecoder, DecodeJob
-from emma_mamba.inference.generate import GenerationConfig, prefill_one
+from emma_mamba.inference.generate import GenerationConfig
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids"]
@@ -309,16 +309,14 @@ class ChatService:
                 new_inst = instructions[resume[1]:]
             else:
                 cache, new_ids, new_images, new_inst = None, ids, images, instructions
+            info["hit"] = hit is not None
             if self.vlm is not None:
                 inst = new_inst if new_images and self.vlm.instruction is not None else None
                 embeds = self.vlm.embeds_from_ids(new_ids, new_images, inst)[0]
-                logits, cache = prefill_one(self.lm, inputs_embeds=embeds, cache=cache)
-                seen, info["prefilled"] = None, embeds.shape[0]
-            else:
-                logits, cache = prefill_one(self.lm, input_ids=new_ids, cache=cache)
-                seen, info["prefilled"] = new_ids, len(new_ids)
-            info["hit"], info["prefill_seconds"] = hit is not None, time.perf_counter() - info["t0"]
-            return logits, cache, seen
+                info["prefilled"] = embeds.shape[0]
+                return {"inputs_embeds": embeds, "cache": cache}
+            info["prefilled"] = len(new_ids)
+            return {"input_ids": new_ids, "cache": cache, "seen": new_ids}
 
         def finish(seq, state, stats):
             text = seq.text()
@@ -332,7 +330,7 @@ class ChatService:
                              "finish_reason": "length" if seq.reason == "length" else "stop"}],
                 "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
                 "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
-                               "prefill_seconds": info["prefill_seconds"], "finish_reason": seq.reason,
+                               "prefill_seconds": stats["prefill_seconds"], "finish_reason": seq.reason,
                                "dropped_system_messages": dropped, "state_cache": "hit" if info["hit"] else "miss",
                                "prefilled_positions": info["prefilled"], "batch_rows": stats["max_batch_rows"]},
             }

@@ -14,7 +14,7 @@ import torch
 
 from emma_mamba.inference import cuda_graphs
 from emma_mamba.inference.batching import BatchDecoder, DecodeJob
-from emma_mamba.inference.generate import GenerationConfig, generate, prefill_one
+from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaConfig, MambaLM
 
 CONFIGS = [
@@ -42,8 +42,7 @@ def job(lm, ids, cfg, fail_start=False, fail_finish=False):
     def start():
         if fail_start:
             raise ValueError("bad start")
-        logits, cache = prefill_one(lm, input_ids=ids)
-        return logits, cache, ids
+        return {"input_ids": ids, "seen": ids}
 
     def finish(seq, state, stats):
         if fail_finish:
@@ -68,12 +67,18 @@ def check(lm, got, ids, cfg):
     assert got["state"].seqlen_offset == len(ids) + len(tokens) - (reason == "length")
 
 
-def test_requests_decoded_together_get_their_own_answers(lm):
+def test_requests_decoded_together_get_their_own_answers(lm, monkeypatch):
+    from emma_mamba.inference import batching
+
+    calls = []
+    real = batching._prefill
+    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps_, cache: calls.append(len(ps_)) or real(lm_, ps_, cache))
     dec = BatchDecoder(lm, max_batch=8)
     ps = prompts(len(CONFIGS))
     with dec.hold():
         jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, CONFIGS)]
     results = [j.wait(timeout=60) for j in jobs]
+    assert calls == [len(CONFIGS)]  # admitted together, prefilled together (padded, seq_idx resets)
     for r, p, c in zip(results, ps, CONFIGS):
         check(lm, r, p, c)
     assert all(r["max_batch_rows"] == len(CONFIGS) for r in results)  # admitted together
@@ -132,7 +137,7 @@ def test_streamed_chunks_reach_the_waiting_thread():
     dec = BatchDecoder(model.lm)
 
     def start():
-        return *prefill_one(model.lm, input_ids=ids), ids
+        return {"input_ids": ids}
 
     chunks, thread = [], []
     text = dec.run(DecodeJob(cfg, start, lambda seq, state, stats: seq.text(), tok, stream=True),
