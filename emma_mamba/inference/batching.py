@@ -32,11 +32,24 @@ import torch
 from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
                                            decode_step)
 
-__all__ = ["BatchDecoder", "DecodeJob"]
+__all__ = ["BatchDecoder", "DecodeJob", "token_logprobs"]
 
 log = logging.getLogger(__name__)
 
 _END = object()  # end of a job's chunk stream
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int, vocab_size: int) -> list:
+    """Per position: (log-probability of ``targets[i]`` under ``logits[i]``, [(token id, log-probability)] of the
+    ``top`` most likely tokens) from the model's distribution over its ``vocab_size`` real tokens."""
+    lp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+    picked = lp.gather(1, targets.long().reshape(-1, 1).to(lp.device))[:, 0].tolist()
+    if top > 0:
+        vals, ids = lp.topk(top, dim=-1)
+        alts = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        alts = [[] for _ in picked]
+    return list(zip(picked, alts))
 
 
 class DecodeJob:
@@ -45,12 +58,14 @@ class DecodeJob:
     ``start()`` runs on the decoder's thread when the job is admitted and returns a dict: the prompt as
     ``input_ids`` (a list or 1-D tensor) or ``inputs_embeds`` (seqlen, d_model); ``cache``, a one-row MambaCache
     to continue (None or absent: an empty state); ``seen``, the token ids the repetition penalty counts as
-    already seen (or None). The decoder prefills it (the jobs admitted together that start from an empty state
-    in one padded prefill). ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
+    already seen (or None); ``logprobs`` (int), to record each picked token's log-probability and that many
+    alternatives; ``echo_logprobs``, to also score the prompt's own tokens (``input_ids`` from an empty state).
+    The decoder prefills it (the jobs admitted together that start from an empty state in one padded prefill). ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
     :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token, ``seq.text()``), ``state``
     the one-row cache after every token but the final one, ``stats`` a dict (``decode_steps``,
-    ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``); its return value
-    is the job's result.
+    ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``, ``logprobs`` and
+    ``prompt_logprobs``: lists of :func:`token_logprobs` entries, or None); its return value is the job's
+    result.
     """
 
     def __init__(self, cfg: GenerationConfig, start: Callable, finish: Callable, tokenizer=None,
@@ -103,6 +118,9 @@ class _Row:
     steps: int = 0
     max_rows: int = 1
     prefill_seconds: float = 0.0
+    logprobs: int | None = None  # record each picked token's logprob (and this many alternatives)
+    prompt_logprobs: list | None = None
+    picked_logprobs: list | None = None
 
 
 class BatchDecoder:
@@ -209,29 +227,43 @@ class BatchDecoder:
             except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
                 job._settle(error=e)
                 continue
-            admitted.append((job, prompt[0], spec.get("cache"), spec.get("seen")))
+            if spec.get("echo_logprobs") and (spec.get("cache") is not None or prompt[0][0] is None):
+                job._settle(error=ValueError("DecodeJob.start: echo_logprobs needs input_ids and no carried cache"))
+                continue
+            admitted.append((job, prompt[0], spec.get("cache"), spec))
         new_caches, new_logits = [], []
-        for group in ([a for a in admitted if a[2] is None], [a for a in admitted if a[2] is not None]):
+        echo = [a for a in admitted if a[3].get("echo_logprobs")]
+        fresh = [a for a in admitted if a[2] is None and not a[3].get("echo_logprobs")]
+        for kind, group in (("fresh", fresh), ("carried", [a for a in admitted if a[2] is not None]), ("echo", echo)):
             if not group:
                 continue
             t0 = time.perf_counter()
+            prompt_lps = [None] * len(group)
             try:
-                if group[0][2] is None:  # from an empty state: one padded prefill over the group
+                if kind == "fresh":  # from an empty state: one padded prefill over the group
                     group_cache = self.lm.allocate_cache(len(group))
                     first = _prefill(self.lm, [a[1] for a in group], group_cache)
                     parts = [(group_cache.select([k]), first[k:k + 1]) for k in range(len(group))]
-                else:  # on top of a carried state: one by one
+                elif kind == "carried":  # on top of a carried state: one by one
                     parts = [(a[2], _continue(self.lm, a[1], a[2])) for a in group]
+                else:  # the prompt's own logprobs wanted: every position's logits, one by one
+                    parts = []
+                    for k, (job, (ids, _), _, spec) in enumerate(group):
+                        row_cache = self.lm.allocate_cache(1)
+                        all_logits = self.lm(input_ids=ids[None], cache=row_cache).logits[0].float()
+                        prompt_lps[k] = token_logprobs(all_logits[:-1], ids[1:], int(spec.get("logprobs") or 0),
+                                                       self.lm.config.vocab_size)
+                        parts.append((row_cache, all_logits[-1:]))
             except Exception as e:  # noqa: BLE001 - a failed prefill fails its requests only
                 log.exception("prefill failed")
                 for a in group:
                     a[0]._settle(error=e)
                 continue
             seconds = time.perf_counter() - t0
-            for (job, prompt, carried, seen_ids), (row_cache, first) in zip(group, parts):
+            for (job, prompt, carried, spec), (row_cache, first), plp in zip(group, parts, prompt_lps):
                 if carried is None:  # (a carried state's offset was advanced by its prefill)
                     row_cache.seqlen_offset = (prompt[0] if prompt[0] is not None else prompt[1]).shape[0]
-                row = self._row(job, first, row_cache, seen_ids, seconds)
+                row = self._row(job, first, row_cache, spec, seconds, plp)
                 if row is not None:
                     rows.append(row)
                     new_caches.append(row_cache)
@@ -241,11 +273,13 @@ class BatchDecoder:
             logits = torch.cat(([logits] if logits is not None else []) + new_logits)
         return stop, rows, cache, logits, bool(new_caches)
 
-    def _row(self, job: DecodeJob, first: torch.Tensor, row_cache, seen_ids, prefill_seconds: float):
+    def _row(self, job: DecodeJob, first: torch.Tensor, row_cache, spec: dict, prefill_seconds: float,
+             prompt_logprobs: list | None = None):
         """The batch row of a prefilled job (None when it asks for no new token: finished at once)."""
-        cfg = job.cfg
+        cfg, seen_ids = job.cfg, spec.get("seen")
         seq = _Sequence(cfg, job.tokenizer, job.emit if job.chunks is not None else None)
-        row = _Row(job, seq, None, None, row_cache.seqlen_offset, prefill_seconds=prefill_seconds)
+        row = _Row(job, seq, None, None, row_cache.seqlen_offset, prefill_seconds=prefill_seconds,
+                   logprobs=spec.get("logprobs"), prompt_logprobs=prompt_logprobs)
         if cfg.max_new_tokens == 0:
             self._finish(row, row_cache)
             return None
@@ -261,7 +295,9 @@ class BatchDecoder:
         state.seqlen_offset = row.offset
         try:
             result = row.job.finish(row.seq, state, {"decode_steps": row.steps, "max_batch_rows": row.max_rows,
-                                                     "prefill_seconds": row.prefill_seconds})
+                                                     "prefill_seconds": row.prefill_seconds,
+                                                     "prompt_logprobs": row.prompt_logprobs,
+                                                     "logprobs": row.picked_logprobs})
         except Exception as e:  # noqa: BLE001
             row.job._settle(error=e)
         else:
@@ -278,6 +314,9 @@ class BatchDecoder:
                 continue
             t = int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None else None, r.job.cfg, vocab,
                           r.generator))
+            if r.logprobs is not None:  # the model's own distribution (before penalties and temperature)
+                r.picked_logprobs = (r.picked_logprobs or []) + token_logprobs(
+                    logits[j:j + 1], torch.tensor([t], device=logits.device), r.logprobs, vocab)
             try:
                 go_on = r.seq.push(t, r.seen)
             except Exception as e:  # noqa: BLE001 - a job's own callbacks failed

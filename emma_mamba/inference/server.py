@@ -1,7 +1,10 @@
 """An OpenAI-compatible HTTP API over an EMMA-Mamba checkpoint or a text-only Mamba LM (`emma-mamba serve`).
 
 Endpoints: ``POST /v1/chat/completions`` (a JSON answer, or with ``"stream": true`` server-sent events of
-``chat.completion.chunk`` objects ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``.
+``chat.completion.chunk`` objects ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``; for scoring
+the LM with lm-evaluation-harness (``local-completions``): ``POST /v1/completions`` (raw prompts, no chat
+template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`) and vLLM's ``GET /tokenizer_info``,
+``POST /tokenize``, ``POST /detokenize``.
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``; ``n`` must be 1. A user
@@ -237,13 +240,13 @@ class ChatService:
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
-    def _config(self, body: dict) -> GenerationConfig:
+    def _config(self, body: dict, min_new: int = 1) -> GenerationConfig:
         d = self.defaults
         n = body.get("n", 1)
         if n != 1:
             raise RequestError("only n = 1 is supported", "n")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_new = _number(body, key, int, 1, self.max_new_tokens_limit, d.max_new_tokens)
+        max_new = _number(body, key, int, min_new, self.max_new_tokens_limit, d.max_new_tokens)
         kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}
         top_k = _number(body, "top_k", int, 0, 1 << 30, d.top_k)
         seed = body.get("seed", d.seed)
@@ -359,6 +362,121 @@ class ChatService:
         """Stop the decoder thread."""
         self.decoder.close()
 
+    # ------------------------------------------------------------------ text completions and the tokenizer
+
+    def text_completion(self, body: dict) -> dict:
+        """The text_completion object of a ``/v1/completions`` request: raw prompts (strings or token id lists,
+        one or several) continued by the LM without the chat template, with ``echo`` and ``logprobs`` (each
+        token's log-probability under the model, and the ``logprobs`` most likely alternatives), as
+        lm-evaluation-harness's ``local-completions`` model asks for them. All prompts of a request are decoded
+        in the shared batch."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        if body.get("stream"):
+            raise RequestError("stream is not supported on /v1/completions (use /v1/chat/completions)", "stream")
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
+        top = body.get("logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
+        cfg = self._config(body, min_new=0 if echo else 1)
+        prompts = self._completion_prompts(body.get("prompt"))
+        tok = self.tokenizer
+        jobs = []
+        for ids in prompts:
+            spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
+
+            def finish(seq, state, stats, ids=ids):
+                return self._completion_choice(ids, seq, stats, echo, top)
+
+            jobs.append(self.decoder.submit(DecodeJob(cfg, lambda spec=spec: spec, finish, tok)))
+        choices = []
+        for i, job in enumerate(jobs):
+            choices.append({"index": i, **job.wait()})
+        n_prompt = sum(len(p) for p in prompts)
+        n_new = sum(c.pop("_completion_tokens") for c in choices)
+        return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+
+    def _completion_prompts(self, prompt) -> list[list[int]]:
+        """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
+        vocab = self.lm.config.vocab_size
+
+        def ids_of(p, where):
+            if isinstance(p, str):
+                ids = self.tokenizer.encode(p)
+            elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise RequestError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})", where)
+                ids = list(p)
+            else:
+                raise RequestError(f"{where} must be a string or a list of token ids", where)
+            if not ids:
+                raise RequestError(f"{where} is empty", where)
+            if len(ids) > self.max_prompt_positions:
+                raise RequestError(f"{where} is {len(ids)} tokens long, more than this server's "
+                                   f"max_prompt_positions {self.max_prompt_positions}", where)
+            return ids
+
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            return [ids_of(prompt, "prompt")]
+        if isinstance(prompt, list) and prompt:
+            return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        raise RequestError("prompt must be a string, a list of strings, a list of token ids or a list of such "
+                           "lists (non-empty)", "prompt")
+
+    def _token_text(self, i: int) -> str:
+        return self.tokenizer.decode([i], skip_special_tokens=False)
+
+    def _completion_choice(self, ids: list[int], seq, stats: dict, echo: bool, top: int | None) -> dict:
+        text = seq.text()
+        prompt_text = self.tokenizer.decode(ids, skip_special_tokens=False) if echo else ""
+        choice = {"text": prompt_text + text, "finish_reason": "length" if seq.reason == "length" else "stop",
+                  "logprobs": None, "_completion_tokens": len(seq.tokens)}
+        if top is not None:
+            picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # an EOS is scored too
+            entries = list(zip(picked, stats["logprobs"] or []))
+            if echo:
+                entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or []))  + entries
+            tokens = [self._token_text(t) for t, _ in entries]
+            offsets, at = [], 0 if echo else len(prompt_text)
+            for t in tokens:
+                offsets.append(at)
+                at += len(t)
+            choice["logprobs"] = {
+                "tokens": tokens,
+                "token_logprobs": [None if e is None else e[0] for _, e in entries],
+                "top_logprobs": [None if e is None else {self._token_text(i): v for i, v in e[1]} for _, e in entries],
+                "text_offset": offsets}
+        return choice
+
+    def tokenizer_info(self) -> dict:
+        """``GET /tokenizer_info`` (vLLM's; lm-evaluation-harness's remote tokenizer reads it)."""
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        return {"eos_token": tok.backend.id_to_token(eos) if eos is not None else None, "bos_token": None,
+                "pad_token": None, "model_max_length": self.max_prompt_positions,
+                "tokenizer_class": "emma_mamba"}
+
+    def tokenize(self, body: dict) -> dict:
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise RequestError("prompt must be a string", "prompt")
+        ids = self.tokenizer.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_prompt_positions}
+
+    def detokenize(self, body: dict) -> dict:
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise RequestError("tokens must be a list of token ids", "tokens")
+        if any(not 0 <= t < len(self.tokenizer) for t in ids):
+            raise RequestError("tokens: an id is outside the tokenizer's vocabulary", "tokens")
+        return {"prompt": self.tokenizer.decode(ids)}
+
 
 def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -400,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
             dec = self.service.decoder
             return self._json(200, {"status": "ok", "decoding": dec.active, "queued": dec.queue.qsize(),
                                     "max_batch": dec.max_batch})
+        if self.path.rstrip("/") == "/tokenizer_info":
+            return self._json(200, self.service.tokenizer_info())
         if self.path.rstrip("/") == "/v1/models":
             return self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
                                                                "created": 0, "owned_by": "emma-mamba"}]})
@@ -408,7 +528,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         if not self._authorized():
             return
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        route = self.path.rstrip("/")
+        others = {"/v1/completions": self.service.text_completion, "/tokenize": self.service.tokenize,
+                  "/detokenize": self.service.detokenize}
+        if route != "/v1/chat/completions" and route not in others:
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
         try:
             n = int(self.headers.get("Content-Length") or 0)
@@ -418,6 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(n) or b"null")
             except json.JSONDecodeError as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
+            if route in others:
+                return self._json(200, others[route](body))
             stream = bool(body.get("stream")) if isinstance(body, dict) else False
             if not stream:
                 return self._json(200, self.service.complete(body))

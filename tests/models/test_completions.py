@@ -1,0 +1,149 @@
+"""`emma-mamba serve`'s ``/v1/completions`` (echo, logprobs) and tokenizer endpoints, as lm-evaluation-harness's
+``local-completions`` model uses them: every prompt token's log-probability against an independent full forward
+of the LM, a continuation's log-likelihood and greediness computed the way the harness parses the response,
+completions against generate(), an end-of-sequence pick still scored, and malformed requests named."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from emma_mamba.config import get_preset
+from emma_mamba.inference.generate import GenerationConfig, generate
+from emma_mamba.inference.server import ChatService, make_server
+from emma_mamba.models.vlm import EmmaMamba
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EmmaMamba(get_preset("tiny"), for_training=False).eval()
+
+
+@pytest.fixture(scope="module")
+def svc(model):
+    s = ChatService(model, defaults=GenerationConfig(max_new_tokens=5))
+    yield s
+    s.close()
+
+
+def oracle_logprobs(lm, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1 and the distribution after the last token, from one full forward."""
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :, :lm.config.vocab_size].float(), -1)
+    return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0], lp[-1]
+
+
+def test_echo_logprobs_are_the_models_and_parse_as_the_harness_does(svc, model):
+    tok = model.tokenizer
+    context, continuation = "A red circle and a blue", " square"
+    ctx_ids, cont_ids = tok.encode(context), tok.encode(continuation)
+    ids = ctx_ids + cont_ids
+    out = svc.text_completion({"prompt": [ids, "Another prompt here"], "max_tokens": 1, "logprobs": 1,
+                               "echo": True, "temperature": 0, "seed": 1234})
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    lp = out["choices"][0]["logprobs"]
+    want, last = oracle_logprobs(model.lm, ids)
+    assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:-1]), want, rtol=1e-5, atol=1e-5)
+    # the generated token: greedy, with its logprob; each top-1 alternative is the argmax of its position
+    g = int(last.argmax())
+    assert lp["tokens"][-1] == tok.decode([g], skip_special_tokens=False)
+    assert lp["token_logprobs"][-1] == pytest.approx(float(last[g]), abs=1e-5)
+    assert lp["tokens"][:-1] == [tok.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+    # lm-evaluation-harness's parse: sum(token_logprobs[ctxlen:-1]) and greedy = each equals its top-1
+    ctxlen = len(ctx_ids)
+    ll = sum(lp["token_logprobs"][ctxlen:-1])
+    assert ll == pytest.approx(float(want[ctxlen - 1:].sum()), abs=1e-4)
+    with torch.no_grad():
+        full = torch.log_softmax(model.lm(torch.tensor([ids])).logits[0, :, :model.lm.config.vocab_size], -1)
+    greedy = all(int(full[i - 1].argmax()) == ids[i] for i in range(ctxlen, len(ids)))
+    parsed = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]))
+    assert parsed == greedy
+    assert out["choices"][0]["text"].startswith(context + continuation)
+    assert out["usage"]["prompt_tokens"] == len(ids) + len(tok.encode("Another prompt here"))
+
+
+def test_completions_continue_as_generate_does(svc, model):
+    tok = model.tokenizer
+    prompts = ["Once upon a time", "The shapes are"]
+    out = svc.text_completion({"prompt": prompts, "max_tokens": 5})
+    for p, c in zip(prompts, out["choices"]):
+        want = generate(model.lm, input_ids=tok.encode(p), tokenizer=tok,
+                        config=GenerationConfig(max_new_tokens=5, eos_token_id=tok.eos_token_id)).texts[0]
+        assert c["text"] == want and c["logprobs"] is None
+    seeded = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 1.0, "seed": 3}
+    assert svc.text_completion(seeded)["choices"][0]["text"] == generate(
+        model.lm, input_ids=tok.encode("Once upon a time"), tokenizer=tok,
+        config=GenerationConfig(max_new_tokens=5, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)).texts[0]
+    # max_tokens 0 with echo: the prompt scored, nothing generated
+    ids = tok.encode("Only the prompt")
+    out = svc.text_completion({"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+    c = out["choices"][0]
+    assert c["text"] == "Only the prompt" and len(c["logprobs"]["token_logprobs"]) == len(ids)
+    assert c["logprobs"]["top_logprobs"][1] == {} and out["usage"]["completion_tokens"] == 0
+
+
+def test_an_end_of_sequence_pick_is_still_scored(model):
+    """The harness slices token_logprobs[ctxlen:-1]: the one generated entry must be there even when the
+    model's pick ends the sequence."""
+    tok = model.tokenizer
+    ids = tok.encode("A red circle")
+    _, last = oracle_logprobs(model.lm, ids)
+    g = int(last.argmax())
+
+    class EosIsTheGreedyPick:  # the tokenizer, with the model's next greedy token as its end of sequence
+        eos_token_id = g
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    s = ChatService(model.lm, tokenizer=EosIsTheGreedyPick(), defaults=GenerationConfig(max_new_tokens=3))
+    c = s.text_completion({"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1})["choices"][0]
+    s.close()
+    assert c["finish_reason"] == "stop" and c["text"] == tok.decode(ids, skip_special_tokens=False)
+    assert len(c["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert c["logprobs"]["token_logprobs"][-1] == pytest.approx(float(last[g]), abs=1e-5)
+
+
+def test_http_routes_and_bad_requests(svc, model):
+    srv = make_server(svc, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}"
+
+    def post(path, body):
+        req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        with urllib.request.urlopen(url + "/tokenizer_info") as r:
+            assert json.loads(r.read())["eos_token"] == "<|endoftext|>"
+        status, got = post("/tokenize", {"prompt": "Hello world", "add_special_tokens": False})
+        assert status == 200 and got["tokens"] == model.tokenizer.encode("Hello world")
+        assert post("/detokenize", {"tokens": got["tokens"]}) == (200, {"prompt": "Hello world"})
+        status, out = post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and out["object"] == "text_completion"
+        vocab = model.lm.config.vocab_size
+        for body, param in [({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),
+                            ({"prompt": ["ok", 5]}, "prompt[1]"), ({"prompt": [1, vocab]}, "prompt"),
+                            ({"prompt": "x", "logprobs": 50}, "logprobs"), ({"prompt": "x", "echo": "yes"}, "echo"),
+                            ({"prompt": "x", "stream": True}, "stream"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                            ({"prompt": ""}, "prompt")]:
+            status, err = post("/v1/completions", body)
+            assert status == 400 and err["error"]["param"] == param, (body, err)
+        assert post("/tokenize", {"text": "x"})[0] == 400
+        assert post("/detokenize", {"tokens": [-1]})[0] == 400
+    finally:
+        srv.shutdown()
+        srv.server_close()
