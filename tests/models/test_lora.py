@@ -65,21 +65,30 @@ def _adapted_and_oracle():
     return plain, lm, _merged_plain(plain, lm)
 
 
+def _adapter_grads(lm, oracle, got, want):
+    """Backward of one random projection of both models' logits; per adapter, [(dA, s B^T dW), (dB, s dW A^T)]
+    with dW the plain LM's weight gradient (float64)."""
+    target = torch.randn_like(got)
+    (got * target).sum().backward()
+    (want * target).sum().backward()
+    out, s = {}, ALPHA / R
+    for name, m in lora_modules(lm).items():
+        dw = oracle.get_submodule(name).weight.grad.double()
+        a, b = m.lora_A.double(), m.lora_B.double()
+        out[name] = [(m.lora_A.grad.double(), s * b.T @ dw), (m.lora_B.grad.double(), s * dw @ a.T)]
+    return out
+
+
 def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
     _, lm, oracle = _adapted_and_oracle()
     ids = torch.randint(0, 64, (2, 11))
     seq_idx = torch.tensor([[0] * 5 + [1] * 6, [0] * 11])  # packed rows take the same path
     got, want = lm(ids, seq_idx=seq_idx).logits, oracle(ids, seq_idx=seq_idx).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    target = torch.randn_like(got)
-    (got * target).sum().backward()
-    (want * target).sum().backward()
-    for name, m in lora_modules(lm).items():
-        dw = oracle.get_submodule(name).weight.grad.double()
-        s = ALPHA / R
-        torch.testing.assert_close(m.lora_A.grad.double(), s * m.lora_B.double().T @ dw, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(m.lora_B.grad.double(), s * dw @ m.lora_A.double().T, rtol=1e-4, atol=1e-5)
-        assert m.weight.grad is None  # W is frozen
+    for name, pairs in _adapter_grads(lm, oracle, got, want).items():
+        for g, ref in pairs:
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+        assert lm.get_submodule(name).weight.grad is None  # W is frozen
     assert all(p.grad is None for n, p in lm.named_parameters() if "lora_" not in n)
 
 
@@ -204,11 +213,6 @@ def test_lora_on_a_gpu_under_bf16_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got, want = lm(ids).logits.float(), oracle(ids).logits.float()
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
-    target = torch.randn_like(got)
-    (got * target).sum().backward()
-    (want * target).sum().backward()
-    for name, m in lora_modules(lm).items():
-        dw = oracle.get_submodule(name).weight.grad.double()
-        for g, ref in ((m.lora_A.grad, (ALPHA / R) * m.lora_B.double().T @ dw),
-                       (m.lora_B.grad, (ALPHA / R) * dw @ m.lora_A.double().T)):
-            assert (g.double() - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
+    for name, pairs in _adapter_grads(lm, oracle, got, want).items():
+        for g, ref in pairs:
+            assert (g - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
