@@ -308,15 +308,22 @@ class BatchDecoder:
         for the rest. Returns the new (rows, cache, logits, static)."""
         vocab = self.lm.config.vocab_size
         keep, tokens = [], []
+        # the greedy rows' picks in one argmax (one device sync), the others row by row with their own settings
+        greedy = [j for j, r in enumerate(rows) if r.job.cfg.temperature == 0 and r.seen is None]
+        picks = {}
+        if greedy:
+            at = torch.tensor(greedy, device=logits.device)
+            picks = dict(zip(greedy, logits.index_select(0, at)[:, :vocab].argmax(-1).tolist()))
         for j, r in enumerate(rows):
             if r.job.cancelled:
                 r.job._settle(error=RuntimeError("cancelled"))
                 continue
-            t = int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None else None, r.job.cfg, vocab,
-                          r.generator))
+            t = picks[j] if j in picks else int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None else None,
+                                                      r.job.cfg, vocab, r.generator))
             if r.logprobs is not None:  # the model's own distribution (before penalties and temperature)
-                r.picked_logprobs = (r.picked_logprobs or []) + token_logprobs(
-                    logits[j:j + 1], torch.tensor([t], device=logits.device), r.logprobs, vocab)
+                r.picked_logprobs = r.picked_logprobs or []
+                r.picked_logprobs += token_logprobs(logits[j:j + 1], torch.tensor([t], device=logits.device),
+                                                    r.logprobs, vocab)
             try:
                 go_on = r.seq.push(t, r.seen)
             except Exception as e:  # noqa: BLE001 - a job's own callbacks failed
