@@ -70,6 +70,10 @@ def _fmt(n: int) -> str:
     return str(n)
 
 
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -107,6 +111,6 @@ def run(args) -> int:
         full = t["finetune"]
         print(f"stage 2 with LoRA r={lo['r']} on {', '.join(lo['targets'])}: {_fmt(lo['adapter_params'])} adapter "
               f"parameters, {_fmt(lo['finetune'])} trained ({100 * lo['finetune'] / full:.1f}% of full stage 2); "
-              f"AdamW's fp32 weight, gradient and two moments: {16 * lo['finetune'] / 2**30:.1f} GiB vs "
-              f"{16 * full / 2**30:.1f} GiB")
+              f"AdamW's fp32 weight, gradient and two moments: {_bytes(16 * lo['finetune'])} vs "
+              f"{_bytes(16 * full)}")
     return 0
