@@ -60,7 +60,9 @@ class DecodeJob:
     to continue (None or absent: an empty state); ``seen``, the token ids the repetition penalty counts as
     already seen (or None); ``logprobs`` (int), to record each picked token's log-probability and that many
     alternatives; ``echo_logprobs``, to also score the prompt's own tokens (``input_ids`` from an empty state).
-    The decoder prefills it (the jobs admitted together that start from an empty state in one padded prefill). ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
+    The decoder prefills it (the jobs admitted together that start from an empty state in one padded prefill).
+
+    ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
     :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token, ``seq.text()``), ``state``
     the one-row cache after every token but the final one, ``stats`` a dict (``decode_steps``,
     ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``, ``logprobs`` and

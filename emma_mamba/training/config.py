@@ -50,8 +50,9 @@ class DataConfig:
     """Folder the records' ``image`` paths are relative to (null: relative to the JSON file's folder)."""
     sources: list[dict] | None = None
     """Several training files mixed into one data set, instead of data.json: a list of {json, image_folder
-    (null: data.image_folder, else the file's folder), repeat (default 1)}. repeat 2 takes a file's records twice per epoch, 0.25 a fixed
-    seeded quarter of them (the same ones every epoch and run); the mixture is shuffled (and packed) as one."""
+    (null: data.image_folder, else the file's folder), repeat (default 1)}. repeat 2 takes a file's records
+    twice per epoch, 0.25 a fixed seeded quarter of them (the same ones every epoch and run); the mixture is
+    shuffled (and packed) as one."""
     max_length: int = 2048
     """Most tokens per sample (and per packed row), visual tokens included; longer samples are truncated
     (counted and logged; never inside an image's visual tokens)."""

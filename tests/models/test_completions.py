@@ -64,7 +64,8 @@ def test_echo_logprobs_are_the_models_and_parse_as_the_harness_does(svc, model):
     with torch.no_grad():
         full = torch.log_softmax(model.lm(torch.tensor([ids])).logits[0, :, :model.lm.config.vocab_size], -1)
     greedy = all(int(full[i - 1].argmax()) == ids[i] for i in range(ctxlen, len(ids)))
-    parsed = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]))
+    parsed = all(t == max(top.values())
+                 for t, top in zip(lp["token_logprobs"][ctxlen:-1], lp["top_logprobs"][ctxlen:-1]))
     assert parsed == greedy
     assert out["choices"][0]["text"].startswith(context + continuation)
     assert out["usage"]["prompt_tokens"] == len(ids) + len(tok.encode("Another prompt here"))
@@ -138,7 +139,8 @@ def test_http_routes_and_bad_requests(svc, model):
         for body, param in [({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),
                             ({"prompt": ["ok", 5]}, "prompt[1]"), ({"prompt": [1, vocab]}, "prompt"),
                             ({"prompt": "x", "logprobs": 50}, "logprobs"), ({"prompt": "x", "echo": "yes"}, "echo"),
-                            ({"prompt": "x", "stream": True}, "stream"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                            ({"prompt": "x", "stream": True}, "stream"),
+                            ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
                             ({"prompt": ""}, "prompt")]:
             status, err = post("/v1/completions", body)
             assert status == 400 and err["error"]["param"] == param, (body, err)
