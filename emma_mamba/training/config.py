@@ -88,6 +88,10 @@ class LoraConfig:
     """Scaling numerator: the adapter adds alpha / r * B @ A (null: 2 * r, LLaVA's choice)."""
     targets: list[str] = field(default_factory=lambda: ["in_proj", "x_proj", "out_proj"])
     """Mixer projections that get an adapter, from in_proj, x_proj, dt_proj, out_proj."""
+    train_embeddings: bool = False
+    """Also train the LM's token embedding (and its head, tied or not) fully, as peft's modules_to_save: for
+    tokens the pretrained LM never learned (a new vocabulary, added tokens); +vocab x d_model trained
+    parameters."""
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     """dtype of the frozen weights under the adapters: bf16 halves them (at 2.8B, 5 GB instead of 10 GB by
     parameter count); the adapters, their merge and the written model stay fp32."""

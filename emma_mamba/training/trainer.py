@@ -127,6 +127,10 @@ class Trainer:
 
             apply_lora(self.model.lm, tc.lora.r, tc.lora.alpha if tc.lora.alpha is not None else 2.0 * tc.lora.r,
                        tc.lora.targets, torch.bfloat16 if tc.lora.base_dtype == "bf16" else None)
+            if tc.lora.train_embeddings:
+                self.model.lm.embeddings.requires_grad_(True)
+                if self.model.lm.lm_head is not None:
+                    self.model.lm.lm_head.requires_grad_(True)
         self.model.train()
         if tc.gradient_checkpointing:
             self.model.lm.set_gradient_checkpointing(True)

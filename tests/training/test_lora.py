@@ -158,3 +158,22 @@ def test_lora_with_a_bf16_base(shapes, tmp_path):
     Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=3)
     rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto").fit()
     assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
+
+
+def test_lora_with_trained_embeddings(shapes, tmp_path):
+    """train.lora.train_embeddings: the token embedding (the tied head) trains fully beside the adapters, the
+    rest of the LM stays frozen; the written model carries the trained embedding and resumes exactly."""
+    kw = dict(train={"max_steps": 4, "lora": {"r": 4, "train_embeddings": True}}, checkpoint={"every_steps": 2})
+    t = Trainer(make_cfg(shapes, tmp_path / "a", **kw))
+    lm = t.model.lm
+    names = {n for g in t.optimizer.param_groups for n in g["names"] if n.startswith("lm.")}
+    assert "lm.embeddings.weight" in names
+    assert all(n == "lm.embeddings.weight" or n.endswith(("lora_A", "lora_B")) for n in names)
+    before = lm.embeddings.weight.detach().clone()
+    norm = lm.norm_f.weight.detach().clone()
+    a = t.fit()
+    assert not torch.equal(lm.embeddings.weight, before) and torch.equal(lm.norm_f.weight, norm)
+    assert torch.equal(emma_mamba.load(tmp_path / "a").lm.embeddings.weight, lm.embeddings.weight)
+    Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=3)
+    rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto").fit()
+    assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
