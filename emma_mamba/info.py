@@ -22,12 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also count stage 2 with LoRA adapters of rank R on the LM (train.lora.r)")
     parser.add_argument("--lora-targets", nargs="+", default=["in_proj", "x_proj", "out_proj"], metavar="PROJ",
                         help="mixer projections with an adapter (train.lora.targets; default in_proj x_proj out_proj)")
+    parser.add_argument("--lora-embeddings", action="store_true",
+                        help="with --lora: the token embedding (and head) trained too (train.lora.train_embeddings)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj")) -> dict:
+def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
+           lora_embeddings: bool = False) -> dict:
     """Counts of a config's model (built on the meta device): {'modules': {...}, 'total': {...}, ...}; with
-    ``lora_r`` also 'lora': the adapters' count and stage 2's trainable count with them (LM frozen)."""
+    ``lora_r`` also 'lora': the adapters' count and stage 2's trainable count with them (LM frozen; with
+    ``lora_embeddings`` but its token embedding and head)."""
     import torch
 
     from emma_mamba.models.vlm import EmmaMamba
@@ -44,8 +48,12 @@ def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"))
 
         apply_lora(model.lm, lora_r, 2.0 * lora_r, tuple(lora_targets))
         adapters = sum(p.numel() for n, p in model.lm.named_parameters() if "lora_" in n)
-        lora = {"r": lora_r, "targets": list(lora_targets), "adapter_params": adapters,
-                "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters}
+        emb = 0
+        if lora_embeddings:
+            heads = [model.lm.embeddings] + ([model.lm.lm_head] if model.lm.lm_head is not None else [])
+            emb = sum(m.weight.numel() for m in heads)
+        lora = {"r": lora_r, "targets": list(lora_targets), "adapter_params": adapters, "embedding_params": emb,
+                "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters + emb}
     return {
         "config": cfg.name,
         "vision": cfg.vision.model_name,
@@ -86,9 +94,11 @@ def run(args) -> int:
     if args.lora < 0:
         raise SystemExit("emma-mamba info: --lora must be >= 0")
     try:
-        rep = report(cfg, args.lora, args.lora_targets)
+        if args.lora_embeddings and not args.lora:
+            raise ValueError("--lora-embeddings goes with --lora R")
+        rep = report(cfg, args.lora, args.lora_targets, args.lora_embeddings)
     except ValueError as e:  # bad --lora-targets
-        raise SystemExit(f"emma-mamba info: --lora-targets: {e}") from None
+        raise SystemExit(f"emma-mamba info: {e}") from None
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -109,8 +119,9 @@ def run(args) -> int:
     lo = rep["lora"]
     if lo:
         full = t["finetune"]
+        emb = f" + {_fmt(lo['embedding_params'])} embedding" if lo["embedding_params"] else ""
         print(f"stage 2 with LoRA r={lo['r']} on {', '.join(lo['targets'])}: {_fmt(lo['adapter_params'])} adapter "
-              f"parameters, {_fmt(lo['finetune'])} trained ({100 * lo['finetune'] / full:.1f}% of full stage 2); "
+              f"parameters{emb}, {_fmt(lo['finetune'])} trained ({100 * lo['finetune'] / full:.1f}% of full stage 2); "
               f"AdamW's fp32 weight, gradient and two moments: {_bytes(16 * lo['finetune'])} vs "
               f"{_bytes(16 * full)}")
     return 0

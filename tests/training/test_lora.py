@@ -122,6 +122,11 @@ def test_info_counts_what_a_lora_run_trains(shapes, tmp_path):
     assert rep["adapter_params"] == c.n_layer * per_layer
     t = Trainer(cfg)
     assert rep["finetune"] == sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
+    # with the embedding trained too (tied head: counted once)
+    emb = report(cfg.model, 4, ["in_proj", "x_proj", "out_proj"], True)["lora"]
+    assert emb["embedding_params"] == t.model.lm.embeddings.weight.numel()
+    t2 = Trainer(_lora_cfg(shapes, tmp_path / "run2", train={"lora": {**LORA["lora"], "train_embeddings": True}}))
+    assert emb["finetune"] == sum(p.numel() for g in t2.optimizer.param_groups for p in g["params"])
 
 
 @pytest.mark.parametrize("extra", [{"gradient_checkpointing": True},
