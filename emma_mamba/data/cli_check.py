@@ -80,7 +80,7 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
                usable: set | None = None, lengths_out: list | None = None) -> dict:
     """The report of one LLaVA file (see the module docstring); ``usable``, when given, receives the record
     indices a run would train on, ``lengths_out`` the lengths of the samples a run builds from the file."""
-    from emma_mamba.data.llava import LlavaDataset, plan_rows
+    from emma_mamba.data.llava import LlavaDataset
 
     ds = LlavaDataset.for_model(dataclasses.replace(data_cfg, on_error="skip"), model)
     rep = ds.report
@@ -115,10 +115,6 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
     lengths = ds.lengths
     if lengths_out is not None:
         lengths_out.extend(lengths)
-    t = cfg.train
-    rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []
-    steps = math.ceil(len(rows) / t.global_batch_size) if rows else 0
-    positions = sum(lengths)
     return {
         "file": str(ds.path), "records": rep.records, "usable": rep.samples - n_failed,
         "skipped": skipped, "examples": examples, "images_checked": len(paths) if images else 0,
@@ -130,10 +126,27 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "images_per_sample": _percentiles([len(s.images) for s in ds.samples]),
         "answer_tokens": sum(sum(1 for x in s.labels if x != -100) for s in ds.samples),
         "text_only_samples": sum(1 for s in ds.samples if not s.images),
-        "rows_per_epoch": len(rows), "packing": data_cfg.packing,
-        "fill": positions / (len(rows) * data_cfg.max_length) if rows and data_cfg.packing else None,
-        "global_batch_size": t.global_batch_size, "steps_per_epoch": steps,
+        **_epoch(cfg, data_cfg, lengths),
     }
+
+
+def _epoch(cfg, data_cfg, lengths: list[int]) -> dict:
+    """The rows an epoch of samples of these ``lengths`` makes (training's seeded order and packing), how full
+    packed rows are, and the optimizer steps they take at ``train.global_batch_size``."""
+    from emma_mamba.data.llava import plan_rows
+
+    t = cfg.train
+    rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []
+    return {"rows_per_epoch": len(rows), "packing": data_cfg.packing,
+            "fill": sum(lengths) / (len(rows) * data_cfg.max_length) if rows and data_cfg.packing else None,
+            "global_batch_size": t.global_batch_size,
+            "steps_per_epoch": math.ceil(len(rows) / t.global_batch_size) if rows else 0}
+
+
+def _epoch_line(r: dict) -> str:
+    fill = f", {100 * r['fill']:.1f} % of positions filled" if r["fill"] is not None else ""
+    return (f"{r['rows_per_epoch']} rows ({'packed' if r['packing'] else 'one sample each'}{fill}), "
+            f"{r['steps_per_epoch']} optimizer steps at global batch {r['global_batch_size']}")
 
 
 def _write_clean(src: Path, usable: set, dst: Path) -> int:
@@ -152,28 +165,20 @@ def _write_clean(src: Path, usable: set, dst: Path) -> int:
 def mixture_report(cfg, sources, lengths: list[list[int]]) -> dict:
     """An epoch of several files (data.sources): each file's samples taken ``repeat`` times
     (:func:`~emma_mamba.data.llava.repeat_indices`, as training takes them), the rows and steps they make."""
-    from emma_mamba.data.llava import plan_rows, repeat_indices
+    from emma_mamba.data.llava import repeat_indices
 
-    d, t = cfg.data, cfg.train
     files, epoch = [], []
     for k, (src, ls) in enumerate(zip(sources, lengths)):
         picked = [ls[i] for i in repeat_indices(len(ls), src.repeat, k)]
         files.append({"file": str(src.json), "samples": len(ls), "repeat": src.repeat, "epoch_samples": len(picked)})
         epoch.extend(picked)
-    rows = plan_rows(epoch, t.seed, 0, d.packing, d.max_length) if epoch else []
-    return {"files": files, "samples_per_epoch": len(epoch), "rows_per_epoch": len(rows), "packing": d.packing,
-            "fill": sum(epoch) / (len(rows) * d.max_length) if rows and d.packing else None,
-            "global_batch_size": t.global_batch_size,
-            "steps_per_epoch": math.ceil(len(rows) / t.global_batch_size) if rows else 0}
+    return {"files": files, "samples_per_epoch": len(epoch), **_epoch(cfg, cfg.data, epoch)}
 
 
 def _print_mixture(m: dict) -> None:
     print("mixture (data.sources): " + ", ".join(f"{Path(f['file']).name} {f['samples']} x {f['repeat']:g} = "
                                                  f"{f['epoch_samples']}" for f in m["files"]))
-    fill = f", {100 * m['fill']:.1f} % of positions filled" if m["fill"] is not None else ""
-    print(f"  one epoch: {m['samples_per_epoch']} samples, {m['rows_per_epoch']} rows "
-          f"({'packed' if m['packing'] else 'one sample each'}{fill}), {m['steps_per_epoch']} optimizer steps at "
-          f"global batch {m['global_batch_size']}")
+    print(f"  one epoch: {m['samples_per_epoch']} samples, {_epoch_line(m)}")
 
 
 def _print(r: dict) -> None:
@@ -195,9 +200,7 @@ def _print(r: dict) -> None:
         print(f"  positions per sample: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']} "
               f"(max_length {r['max_length']}); {r['text_only_samples']} text-only samples; "
               f"{r['answer_tokens']} answer tokens")
-    fill = f", {100 * r['fill']:.1f} % of positions filled" if r["fill"] is not None else ""
-    print(f"  one epoch: {r['rows_per_epoch']} rows ({'packed' if r['packing'] else 'one sample each'}{fill}), "
-          f"{r['steps_per_epoch']} optimizer steps at global batch {r['global_batch_size']}")
+    print(f"  one epoch: {_epoch_line(r)}")
 
 
 def run(args: argparse.Namespace) -> int:
