@@ -201,6 +201,11 @@ def _number(body: dict, key: str, kind, lo, hi, default):
     return kind(v)
 
 
+def _is_id_list(x) -> bool:
+    """A JSON list of integers (token ids; booleans are not)."""
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
 def _history_key(ids: list[int], images: list) -> str:
     """Key of a conversation prefix: its token ids and its images' pixels."""
     h = hashlib.sha256(json.dumps(ids).encode())
@@ -407,7 +412,7 @@ class ChatService:
         def ids_of(p, where):
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p)
-            elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            elif _is_id_list(p):
                 bad = [t for t in p if not 0 <= t < vocab]
                 if bad:
                     raise RequestError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})", where)
@@ -421,8 +426,7 @@ class ChatService:
                                    f"max_prompt_positions {self.max_prompt_positions}", where)
             return ids
 
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        if isinstance(prompt, str) or (prompt and _is_id_list(prompt)):
             return [ids_of(prompt, "prompt")]
         if isinstance(prompt, list) and prompt:
             return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
@@ -441,7 +445,7 @@ class ChatService:
             picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # an EOS is scored too
             entries = list(zip(picked, stats["logprobs"] or []))
             if echo:
-                entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or []))  + entries
+                entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or [])) + entries
             tokens = [self._token_text(t) for t, _ in entries]
             offsets, at = [], 0 if echo else len(prompt_text)
             for t in tokens:
@@ -471,7 +475,7 @@ class ChatService:
 
     def detokenize(self, body: dict) -> dict:
         ids = body.get("tokens") if isinstance(body, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not _is_id_list(ids):
             raise RequestError("tokens must be a list of token ids", "tokens")
         if any(not 0 <= t < len(self.tokenizer) for t in ids):
             raise RequestError("tokens: an id is outside the tokenizer's vocabulary", "tokens")
