@@ -438,8 +438,9 @@ class ChatService:
 
     def _completion_choice(self, ids: list[int], seq, stats: dict, echo: bool, top: int | None) -> dict:
         text = seq.text()
-        prompt_text = self.tokenizer.decode(ids, skip_special_tokens=False) if echo else ""
-        choice = {"text": prompt_text + text, "finish_reason": "length" if seq.reason == "length" else "stop",
+        prompt_text = self.tokenizer.decode(ids, skip_special_tokens=False) if echo or top is not None else ""
+        choice = {"text": prompt_text + text if echo else text,
+                  "finish_reason": "length" if seq.reason == "length" else "stop",
                   "logprobs": None, "_completion_tokens": len(seq.tokens)}
         if top is not None:
             picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # an EOS is scored too
@@ -447,6 +448,7 @@ class ChatService:
             if echo:
                 entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or [])) + entries
             tokens = [self._token_text(t) for t, _ in entries]
+            # offsets into prompt + completion, as OpenAI's (without echo the first is the prompt's length)
             offsets, at = [], 0 if echo else len(prompt_text)
             for t in tokens:
                 offsets.append(at)

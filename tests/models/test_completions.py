@@ -79,6 +79,11 @@ def test_completions_continue_as_generate_does(svc, model):
         want = generate(model.lm, input_ids=tok.encode(p), tokenizer=tok,
                         config=GenerationConfig(max_new_tokens=5, eos_token_id=tok.eos_token_id)).texts[0]
         assert c["text"] == want and c["logprobs"] is None
+    # logprobs without echo: the generated tokens only, offsets into prompt + completion (OpenAI's)
+    c = svc.text_completion({"prompt": prompts[0], "max_tokens": 3, "logprobs": 2})["choices"][0]
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 3 and all(len(t) == 2 for t in lp["top_logprobs"])
+    assert lp["text_offset"][0] == len(prompts[0]) and "".join(lp["tokens"]) == c["text"]
     seeded = {"prompt": "Once upon a time", "max_tokens": 5, "temperature": 1.0, "seed": 3}
     assert svc.text_completion(seeded)["choices"][0]["text"] == generate(
         model.lm, input_ids=tok.encode("Once upon a time"), tokenizer=tok,
