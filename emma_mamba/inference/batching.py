@@ -144,6 +144,7 @@ class BatchDecoder:
         self._open = threading.Event()
         self._open.set()
         self._thread: threading.Thread | None = None
+        self._closing = False
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------ callers
@@ -151,6 +152,7 @@ class BatchDecoder:
     def submit(self, job: DecodeJob) -> DecodeJob:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
+                self._closing = False
                 self._thread = threading.Thread(target=self._run, name="emma-mamba-decoder", daemon=True)
                 self._thread.start()
         self.queue.put(job)
@@ -171,9 +173,10 @@ class BatchDecoder:
             self._open.set()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the thread after the running batch (jobs still queued are failed)."""
+        """Stop the thread: the requests being decoded and those still queued fail ("the decoder was closed")."""
         if self._thread is not None:
-            self.queue.put(None)
+            self._closing = True  # seen between steps, also when a full batch reads no queue
+            self.queue.put(None)  # wakes an idle thread
             self._thread.join(timeout)
             self._thread = None
 
@@ -188,9 +191,14 @@ class BatchDecoder:
                 stop, rows, cache, logits, joined = self._admit(rows, cache, logits)
                 if joined:
                     static = None
-                if stop:
+                if stop or self._closing:
+                    closed = RuntimeError("the decoder was closed")
                     for r in rows:
-                        r.job._settle(error=RuntimeError("the decoder was closed"))
+                        r.job._settle(error=closed)
+                    while not self.queue.empty():  # nobody would ever admit them
+                        job = self.queue.get_nowait()
+                        if job is not None:
+                            job._settle(error=closed)
                     self.active = 0
                     return
                 if not rows:

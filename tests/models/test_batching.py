@@ -254,3 +254,17 @@ def test_real_cuda_graphs_batched_like_alone():
         dec.close()
     finally:
         cuda_graphs.release(lm)
+
+
+def test_close_fails_the_running_and_the_queued_requests(lm):
+    dec = BatchDecoder(lm, max_batch=1)
+    long = GenerationConfig(max_new_tokens=100_000)
+    running = dec.submit(job(lm, prompts(1)[0], long))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    queued = dec.submit(job(lm, prompts(1, seed=9)[0], long))  # no room: max_batch 1
+    dec.close()
+    for j in (running, queued):
+        with pytest.raises(RuntimeError, match="the decoder was closed"):
+            j.wait(timeout=10)
