@@ -11,10 +11,19 @@ rounding of a batched GEMM against a one-row one.
 
 One thread (:class:`BatchDecoder`) owns the model. Callers submit a :class:`DecodeJob` and wait on it; a
 streamed job's text goes through a queue that the caller's thread drains, so a slow or vanished client never
-stalls the batch (a caller that cannot deliver a chunk cancels its job, whose row leaves at the next step). New
-requests are prefilled between decode steps, one at a time (the others wait for that prefill). With
+stalls the batch (a caller that cannot deliver a chunk cancels its job, whose row leaves at the next step). With
 ``cuda_graphs`` each batch size's step is captured once (:mod:`emma_mamba.inference.cuda_graphs`) and the batch's
 states live in that size's static buffers between joins and departures.
+
+Chunked prefill. New requests are prefilled between decode steps. While the batch is decoding, at most
+``prefill_chunk`` prompt positions are prefilled between two steps: a long prompt (an image's hundreds of visual
+tokens, a long document) is prefilled in chunks, its state carried from one chunk to the next (a Mamba prefill
+continues from a state exactly as a chat turn continues a conversation), so the answers already streaming get a
+token after every chunk instead of waiting for the whole prompt. Waiting prompts are served first come, first
+served; one whose rest fits the step's budget and starts from an empty state is prefilled in one padded prefill
+with the others that do (as :func:`~emma_mamba.inference.generate.generate` prefills a batch). With nothing
+decoding, every admitted prompt is prefilled whole at once (no one waits on it). ``prefill_chunk`` None: no limit
+(each prompt whole between two steps).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
+from emma_mamba.inference.generate import (GenerationConfig, _pick, _prefill, _Sequence, _split_prompts,
                                            decode_step)
 
 __all__ = ["BatchDecoder", "DecodeJob", "token_logprobs"]
@@ -65,7 +74,8 @@ class DecodeJob:
     ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
     :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token, ``seq.text()``), ``state``
     the one-row cache after every token but the final one, ``stats`` a dict (``decode_steps``,
-    ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``, ``logprobs`` and
+    ``max_batch_rows``: the most requests decoded together while it ran, ``prefill_seconds``, ``prefill_chunks``
+    (the forwards its prompt took: 1 unless chunked), ``logprobs`` and
     ``prompt_logprobs``: lists of :func:`token_logprobs` entries, or None); its return value is the job's
     result.
     """
@@ -111,6 +121,29 @@ class DecodeJob:
 
 
 @dataclass
+class _Pending:
+    """An admitted job whose prompt is (partly) not yet prefilled."""
+    job: DecodeJob
+    spec: dict
+    ids: torch.Tensor | None  # the prompt as token ids, or
+    emb: torch.Tensor | None  # as embeddings (seqlen, d_model)
+    cache: object | None  # its one-row state: carried, or allocated at its first chunk (None: untouched and empty)
+    carried: bool
+    done: int = 0  # prompt positions prefilled so far
+    chunks: int = 0
+    seconds: float = 0.0
+    prompt_logprobs: list | None = None
+
+    @property
+    def length(self) -> int:
+        return (self.ids if self.ids is not None else self.emb).shape[0]
+
+    @property
+    def echo(self) -> bool:
+        return bool(self.spec.get("echo_logprobs"))
+
+
+@dataclass
 class _Row:
     job: DecodeJob
     seq: _Sequence
@@ -118,6 +151,7 @@ class _Row:
     seen: torch.Tensor | None  # (V,) bool
     offset: int  # positions in the row's state
     steps: int = 0
+    prefill_chunks: int = 1
     max_rows: int = 1
     prefill_seconds: float = 0.0
     logprobs: int | None = None  # record each picked token's logprob (and this many alternatives)
@@ -127,12 +161,21 @@ class _Row:
 
 class BatchDecoder:
     """Runs :class:`DecodeJob` s on ``lm`` in one thread, up to ``max_batch`` decoded together (module doc).
-    ``compile`` / ``cuda_graphs``: how each decode step runs, as in :class:`GenerationConfig`."""
+    ``compile`` / ``cuda_graphs``: how each decode step runs, as in :class:`GenerationConfig`. ``prefill_chunk``:
+    the most prompt positions prefilled between two decode steps while the batch decodes (chunked prefill, module
+    doc; None or 0: no limit)."""
 
-    def __init__(self, lm, max_batch: int = 8, compile: bool | str = False, cuda_graphs: bool = False):
+    def __init__(self, lm, max_batch: int = 8, compile: bool | str = False, cuda_graphs: bool = False,
+                 prefill_chunk: int | None = 512):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"BatchDecoder: max_batch must be a positive integer, got {max_batch!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 0):
+            raise ValueError(f"BatchDecoder: prefill_chunk must be a non-negative integer or None, got "
+                             f"{prefill_chunk!r}")
         self.lm, self.max_batch, self.compile, self.cuda_graphs = lm, max_batch, compile, cuda_graphs
+        self.prefill_chunk = prefill_chunk or None
+        self.pending: list[_Pending] = []  # admitted, prompt not yet wholly prefilled (read by health checks)
         self.graphs = None
         if cuda_graphs:
             from emma_mamba.inference.cuda_graphs import decoder_for
@@ -195,6 +238,9 @@ class BatchDecoder:
                     closed = RuntimeError("the decoder was closed")
                     for r in rows:
                         r.job._settle(error=closed)
+                    for p in self.pending:
+                        p.job._settle(error=closed)
+                    self.pending = []
                     while not self.queue.empty():  # nobody would ever admit them
                         job = self.queue.get_nowait()
                         if job is not None:
@@ -213,13 +259,12 @@ class BatchDecoder:
                 self.active = len(rows)
 
     def _admit(self, rows, cache, logits):
-        """Take queued jobs while there is room (blocking when idle), prefill them (those starting from an empty
-        state together, as :func:`~emma_mamba.inference.generate.generate` prefills a batch) and append them to
-        the batch."""
-        admitted, stop = [], False
-        while len(rows) + len(admitted) < self.max_batch:
+        """Take queued jobs while there is room (blocking when idle), prefill what the step's budget allows of
+        the waiting prompts (module doc: chunked prefill) and append those now wholly prefilled to the batch."""
+        stop = False
+        while len(rows) + len(self.pending) < self.max_batch:
             try:
-                job = self.queue.get(block=not rows and not admitted, timeout=None if not rows else 0)
+                job = self.queue.get(block=not rows and not self.pending, timeout=None if not rows else 0)
             except queue.Empty:
                 break
             self._open.wait()  # held while this thread waited for the job: admit it (and the others) once released
@@ -240,48 +285,91 @@ class BatchDecoder:
             if spec.get("echo_logprobs") and (spec.get("cache") is not None or prompt[0][0] is None):
                 job._settle(error=ValueError("DecodeJob.start: echo_logprobs needs input_ids and no carried cache"))
                 continue
-            admitted.append((job, prompt[0], spec.get("cache"), spec))
+            carried = spec.get("cache")
+            self.pending.append(_Pending(job, spec, prompt[0][0], prompt[0][1], carried, carried is not None))
+        if stop:
+            return stop, rows, cache, logits, False
+        ready = self._prefill_pending(budget=self.prefill_chunk if rows else None)
         new_caches, new_logits = [], []
-        echo = [a for a in admitted if a[3].get("echo_logprobs")]
-        fresh = [a for a in admitted if a[2] is None and not a[3].get("echo_logprobs")]
-        for kind, group in (("fresh", fresh), ("carried", [a for a in admitted if a[2] is not None]), ("echo", echo)):
-            if not group:
-                continue
-            t0 = time.perf_counter()
-            prompt_lps = [None] * len(group)
-            try:
-                if kind == "fresh":  # from an empty state: one padded prefill over the group
-                    group_cache = self.lm.allocate_cache(len(group))
-                    first = _prefill(self.lm, [a[1] for a in group], group_cache)
-                    parts = [(group_cache.select([k]), first[k:k + 1]) for k in range(len(group))]
-                elif kind == "carried":  # on top of a carried state: one by one
-                    parts = [(a[2], _continue(self.lm, a[1], a[2])) for a in group]
-                else:  # the prompt's own logprobs wanted: every position's logits, one by one
-                    parts = []
-                    for k, (job, (ids, _), _, spec) in enumerate(group):
-                        row_cache = self.lm.allocate_cache(1)
-                        all_logits = self.lm(input_ids=ids[None], cache=row_cache).logits[0].float()
-                        prompt_lps[k] = token_logprobs(all_logits[:-1], ids[1:], int(spec.get("logprobs") or 0),
-                                                       self.lm.config.vocab_size)
-                        parts.append((row_cache, all_logits[-1:]))
-            except Exception as e:  # noqa: BLE001 - a failed prefill fails its requests only
-                log.exception("prefill failed")
-                for a in group:
-                    a[0]._settle(error=e)
-                continue
-            seconds = time.perf_counter() - t0
-            for (job, prompt, carried, spec), (row_cache, first), plp in zip(group, parts, prompt_lps):
-                if carried is None:  # (a carried state's offset was advanced by its prefill)
-                    row_cache.seqlen_offset = (prompt[0] if prompt[0] is not None else prompt[1]).shape[0]
-                row = self._row(job, first, row_cache, spec, seconds, plp)
-                if row is not None:
-                    rows.append(row)
-                    new_caches.append(row_cache)
-                    new_logits.append(first)
+        for p, first in ready:
+            if not p.carried:  # (a carried state's offset was advanced by its prefill)
+                p.cache.seqlen_offset = p.length
+            row = self._row(p.job, first, p.cache, p.spec, p.seconds, p.prompt_logprobs)
+            if row is not None:
+                row.prefill_chunks = p.chunks
+                rows.append(row)
+                new_caches.append(p.cache)
+                new_logits.append(first)
         if new_caches:
             cache = type(new_caches[0]).cat(([cache] if cache is not None else []) + new_caches)
             logits = torch.cat(([logits] if logits is not None else []) + new_logits)
         return stop, rows, cache, logits, bool(new_caches)
+
+    def _prefill_pending(self, budget: int | None) -> list:
+        """Prefill up to ``budget`` positions (None: all) of the waiting prompts, first come first served;
+        returns [(pending, next-token logits (1, V) fp32)] of those now wholly prefilled, in arrival order. A
+        failed prefill fails its own requests."""
+        whole, parts, left = [], [], budget
+        for p in self.pending:
+            if left is not None and left <= 0:
+                break
+            rest = p.length - p.done
+            n = rest if left is None else min(rest, left)
+            if n == rest and p.cache is None and not p.echo:
+                whole.append(p)  # from an empty state in one go: prefilled with the others that are
+            else:
+                parts.append((p, n))
+            if left is not None:
+                left -= n
+        firsts, failed = {}, set()
+        if whole:
+            t0 = time.perf_counter()
+            try:  # one padded prefill over the group (seq_idx resets), as generate() prefills a batch
+                group_cache = self.lm.allocate_cache(len(whole))
+                first = _prefill(self.lm, [(p.ids, p.emb) for p in whole], group_cache)
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                for p in whole:
+                    p.job._settle(error=e)
+                    failed.add(id(p))
+            else:
+                seconds = time.perf_counter() - t0
+                for k, p in enumerate(whole):
+                    p.cache, p.done, p.chunks, p.seconds = group_cache.select([k]), p.length, 1, seconds
+                    firsts[id(p)] = first[k:k + 1]
+        for p, n in parts:
+            t0 = time.perf_counter()
+            try:
+                last = self._prefill_chunk(p, n)
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                p.job._settle(error=e)
+                failed.add(id(p))
+                continue
+            p.seconds += time.perf_counter() - t0
+            if p.done == p.length:
+                firsts[id(p)] = last
+        ready = [(p, firsts[id(p)]) for p in self.pending if id(p) in firsts]
+        self.pending = [p for p in self.pending if id(p) not in firsts and id(p) not in failed]
+        return ready
+
+    def _prefill_chunk(self, p: _Pending, n: int) -> torch.Tensor:
+        """Prefill the next ``n`` positions of ``p``'s prompt on its state; the last position's logits (1, V)."""
+        if p.cache is None:
+            p.cache = self.lm.allocate_cache(1)
+        s, e = p.done, p.done + n
+        if p.echo:  # every position's logits: each scores the prompt's next token
+            out = self.lm(input_ids=p.ids[None, s:e], cache=p.cache).logits[0].float()
+            k = min(n, p.length - 1 - s)  # positions whose next token is in the prompt
+            p.prompt_logprobs = (p.prompt_logprobs or []) + token_logprobs(
+                out[:k], p.ids[s + 1:s + 1 + k], int(p.spec.get("logprobs") or 0), self.lm.config.vocab_size)
+            last = out[-1:]
+        elif p.ids is not None:
+            last = self.lm(input_ids=p.ids[None, s:e], cache=p.cache, num_last_tokens=1).logits[:, -1].float()
+        else:
+            last = self.lm(inputs_embeds=p.emb[None, s:e], cache=p.cache, num_last_tokens=1).logits[:, -1].float()
+        p.done, p.chunks = e, p.chunks + 1
+        return last
 
     def _row(self, job: DecodeJob, first: torch.Tensor, row_cache, spec: dict, prefill_seconds: float,
              prompt_logprobs: list | None = None):
@@ -306,6 +394,7 @@ class BatchDecoder:
         try:
             result = row.job.finish(row.seq, state, {"decode_steps": row.steps, "max_batch_rows": row.max_rows,
                                                      "prefill_seconds": row.prefill_seconds,
+                                                     "prefill_chunks": row.prefill_chunks,
                                                      "prompt_logprobs": row.prompt_logprobs,
                                                      "logprobs": row.picked_logprobs})
         except Exception as e:  # noqa: BLE001

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests decoded together (continuous batching: a request joins the running batch after "
                         "its prefill, leaves it when done; 1 = one at a time; with --cuda-graphs one graph per "
                         "batch size up to this; default %(default)s)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="while answers are being decoded, prefill at most this many prompt positions between two "
+                        "decode steps: a long prompt is prefilled in chunks, so the streams already running are "
+                        "not stalled by it (0 = whole prompts; default %(default)s)")
     p.add_argument("--state-cache", type=int, default=16,
                    help="conversation states kept so that a follow-up request prefills only its new turn "
                         "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
@@ -59,6 +63,8 @@ def run(args) -> int:
             name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
         if args.max_batch < 1:
             raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+        if args.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {args.prefill_chunk}")
         if args.state_cache < 0:
             raise UsageError(f"--state-cache must be >= 0, got {args.state_cache}")
         if args.max_new_tokens > args.max_tokens_limit:
@@ -68,7 +74,7 @@ def run(args) -> int:
                               allow_local_images=args.allow_local_images,
                               max_prompt_positions=args.max_prompt_positions,
                               max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,
-                              max_batch=args.max_batch)
+                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
         api_key = None
         if args.api_key_env:
             import os

@@ -36,7 +36,9 @@ included) is refused the same way. With an API key every endpoint but ``/health`
 
 Concurrent requests are decoded together (continuous batching, :mod:`emma_mamba.inference.batching`): up to
 ``max_batch`` answers advance one token per batched decode step, a new request joins the batch after its
-prefill and a finished one leaves it; each keeps its own sampling settings, seed and stream.
+prefill and a finished one leaves it; each keeps its own sampling settings, seed and stream. While answers are
+being decoded, a long prompt is prefilled in chunks of at most ``prefill_chunk`` positions between two decode
+steps, so it does not stall the streams already running.
 ``emma_mamba.batch_rows`` in a response is the most requests its answer was decoded with.
 """
 
@@ -222,12 +224,14 @@ class ChatService:
     override (its ``max_new_tokens`` is also the most a request may ask for unless ``max_new_tokens_limit``).
     ``state_cache``: how many conversation states to keep for follow-up requests (0: none; see the module doc).
     ``max_batch``: requests decoded together (continuous batching, :mod:`emma_mamba.inference.batching`; 1: one
-    at a time).
+    at a time). ``prefill_chunk``: the most prompt positions prefilled between two decode steps while answers
+    are being decoded (chunked prefill; 0 or None: whole prompts).
     """
 
     def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None,
                  model_name: str = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
-                 max_new_tokens_limit: int | None = None, state_cache: int = 16, max_batch: int = 8):
+                 max_new_tokens_limit: int | None = None, state_cache: int = 16, max_batch: int = 8,
+                 prefill_chunk: int | None = 512):
         from emma_mamba.models.vlm import EmmaMamba
 
         self.vlm = model if isinstance(model, EmmaMamba) else None
@@ -241,7 +245,7 @@ class ChatService:
         self.max_prompt_positions = max_prompt_positions
         self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
         self.decoder = BatchDecoder(self.lm, max_batch=max_batch, compile=self.defaults.compile,
-                                    cuda_graphs=self.defaults.cuda_graphs)
+                                    cuda_graphs=self.defaults.cuda_graphs, prefill_chunk=prefill_chunk)
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
@@ -340,7 +344,8 @@ class ChatService:
                 "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
                                "prefill_seconds": stats["prefill_seconds"], "finish_reason": seq.reason,
                                "dropped_system_messages": dropped, "state_cache": "hit" if info["hit"] else "miss",
-                               "prefilled_positions": info["prefilled"], "batch_rows": stats["max_batch_rows"]},
+                               "prefilled_positions": info["prefilled"], "batch_rows": stats["max_batch_rows"],
+                               "prefill_chunks": stats["prefill_chunks"]},
             }
 
         job = DecodeJob(cfg, start, finish, self.tokenizer, stream=streamer is not None)
@@ -522,8 +527,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path.rstrip("/") == "/health":
             dec = self.service.decoder
-            return self._json(200, {"status": "ok", "decoding": dec.active, "queued": dec.queue.qsize(),
-                                    "max_batch": dec.max_batch})
+            return self._json(200, {"status": "ok", "decoding": dec.active, "prefilling": len(dec.pending),
+                                    "queued": dec.queue.qsize(), "max_batch": dec.max_batch,
+                                    "prefill_chunk": dec.prefill_chunk or 0})
         if self.path.rstrip("/") == "/tokenizer_info":
             return self._json(200, self.service.tokenizer_info())
         if self.path.rstrip("/") == "/v1/models":

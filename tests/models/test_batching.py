@@ -268,3 +268,168 @@ def test_close_fails_the_running_and_the_queued_requests(lm):
     for j in (running, queued):
         with pytest.raises(RuntimeError, match="the decoder was closed"):
             j.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------ chunked prefill
+
+def embeds_job(lm, ids, cfg):
+    """A job whose prompt arrives as embeddings (as an image's visual tokens do)."""
+    def start():
+        return {"inputs_embeds": lm.embeddings(torch.tensor(ids)).detach(), "seen": ids}
+
+    def finish(seq, state, stats):
+        return {"tokens": list(seq.tokens), "reason": seq.reason, "final": seq.final, "state": state, **stats}
+
+    return DecodeJob(cfg, start, finish)
+
+
+def carried_job(lm, history, ids, cfg):
+    """A job continuing the state a previous prefill of ``history`` left (a follow-up chat turn)."""
+    def start():
+        cache = lm.allocate_cache(1)
+        lm(input_ids=torch.tensor(history)[None], cache=cache)
+        return {"input_ids": ids, "cache": cache, "seen": history + ids}
+
+    def finish(seq, state, stats):
+        return {"tokens": list(seq.tokens), "reason": seq.reason, "final": seq.final, "state": state, **stats}
+
+    return DecodeJob(cfg, start, finish)
+
+
+def echo_job(lm, ids, cfg, top=3):
+    def start():
+        return {"input_ids": ids, "echo_logprobs": True, "logprobs": top}
+
+    def finish(seq, state, stats):
+        return {"tokens": list(seq.tokens), "prompt_logprobs": stats["prompt_logprobs"], **stats}
+
+    return DecodeJob(cfg, start, finish)
+
+
+def record_schedule(monkeypatch, dec):
+    """The decoder's work in order: ('P', positions) per prefill chunk or padded prefill, 'D' per decode step."""
+    from emma_mamba.inference import batching
+
+    events = []
+    real_chunk, real_prefill, real_step = dec._prefill_chunk, batching._prefill, batching.decode_step
+
+    def chunk(p, n):
+        events.append(("P", n))
+        return real_chunk(p, n)
+
+    def prefill(lm_, ps, cache):
+        events.append(("P", sum((i if i is not None else e).shape[0] for i, e in ps)))
+        return real_prefill(lm_, ps, cache)
+
+    def step(*a, **k):
+        events.append("D")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(dec, "_prefill_chunk", chunk)
+    monkeypatch.setattr(batching, "_prefill", prefill)
+    monkeypatch.setattr(batching, "decode_step", step)
+    return events
+
+
+def test_chunked_prefill_interleaves_with_decoding_and_changes_no_answer(lm, monkeypatch):
+    """Prompts arriving while an answer streams are prefilled at most ``prefill_chunk`` positions between two
+    decode steps (the running answer gets a token after every chunk), and every answer, final state and echoed
+    log-probability equals generate()'s / a full forward's on that prompt alone: ids, embeddings, a carried
+    state, an echo, one short enough to go whole, together with seeded sampling and a repetition penalty."""
+    chunk = 5
+    dec = BatchDecoder(lm, max_batch=8, prefill_chunk=chunk)
+    events = record_schedule(monkeypatch, dec)
+    g = torch.Generator().manual_seed(12)
+    ids = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (4, 23, 17, 13, 9, 3, 19)]
+    history = torch.randint(0, 96, (11,), generator=g).tolist()
+    cfgs = [GenerationConfig(max_new_tokens=60), GenerationConfig(max_new_tokens=10), CONFIGS[1],
+            GenerationConfig(max_new_tokens=8, repetition_penalty=1.3), CONFIGS[4], GenerationConfig(max_new_tokens=5),
+            GenerationConfig(max_new_tokens=4)]
+    running = dec.submit(job(lm, ids[0], cfgs[0]))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    with dec.hold():
+        later = [dec.submit(job(lm, ids[1], cfgs[1])), dec.submit(embeds_job(lm, ids[2], cfgs[2])),
+                 dec.submit(carried_job(lm, history, ids[3], cfgs[3])), dec.submit(job(lm, ids[4], cfgs[4])),
+                 dec.submit(job(lm, ids[5], cfgs[5])), dec.submit(echo_job(lm, ids[6], cfgs[6]))]
+    results = [running.wait(timeout=60)] + [j.wait(timeout=60) for j in later]
+    for k in (0, 1, 2, 4, 5):
+        check(lm, results[k], ids[k], cfgs[k])
+    check(lm, results[3], history + ids[3], cfgs[3])  # continuing a state = prefilling the whole history
+    full = torch.log_softmax(lm(input_ids=torch.tensor(ids[6])[None]).logits[0, :, :96].float(), -1)
+    want = full[:-1].gather(1, torch.tensor(ids[6][1:])[:, None])[:, 0]
+    got = results[6]["prompt_logprobs"]
+    assert len(got) == len(ids[6]) - 1
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in got]), want, rtol=1e-5, atol=1e-5)
+    assert [t for t, _ in got[4][1]] == full[4].topk(3).indices.tolist()
+    assert results[6]["tokens"] == alone(lm, ids[6], cfgs[6])[0]
+    # the schedule: after the first prompt (prefilled whole: nothing was decoding), never more than `chunk`
+    # positions between two decode steps while the running answer decodes
+    first_d = events.index("D")
+    between = 0
+    for e in events[first_d:]:
+        if e == "D":
+            between = 0
+        else:
+            between += e[1]
+            assert between <= chunk, events
+    queued_positions = len(ids[1]) + len(ids[2]) + len(ids[3]) + len(ids[4]) + len(ids[5]) + len(ids[6])
+    assert sum(e[1] for e in events[first_d:] if e != "D") == queued_positions
+    assert results[0]["decode_steps"] == 60 - 1  # the running answer lost no step and got every token
+    assert [r["prefill_chunks"] for r in results[1:4]] == [5, 4, 3]  # 23, 17, 13 positions by 5 (FIFO budget)
+    assert results[0]["prefill_chunks"] == 1
+
+
+def test_without_a_running_batch_prompts_are_prefilled_whole(lm, monkeypatch):
+    dec = BatchDecoder(lm, max_batch=8, prefill_chunk=4)
+    events = record_schedule(monkeypatch, dec)
+    ps = [list(range(3, 30)), list(range(40, 52))]
+    cfg = GenerationConfig(max_new_tokens=5)
+    with dec.hold():
+        jobs = [dec.submit(job(lm, p, cfg)) for p in ps]
+    results = [j.wait(timeout=60) for j in jobs]
+    for r, p in zip(results, ps):
+        check(lm, r, p, cfg)
+        assert r["prefill_chunks"] == 1
+    assert events[0] == ("P", len(ps[0]) + len(ps[1]))  # one padded prefill: no one was waiting on it
+    dec.close()
+
+
+def test_no_chunk_limit_prefills_whole_prompts_between_steps(lm, monkeypatch):
+    dec = BatchDecoder(lm, max_batch=8, prefill_chunk=0)
+    assert dec.prefill_chunk is None
+    events = record_schedule(monkeypatch, dec)
+    first = dec.submit(job(lm, prompts(1)[0], GenerationConfig(max_new_tokens=30)))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    long = list(range(1, 41))
+    r = dec.submit(job(lm, long, GenerationConfig(max_new_tokens=3))).wait(timeout=60)
+    check(lm, r, long, GenerationConfig(max_new_tokens=3))
+    assert ("P", 40) in events and r["prefill_chunks"] == 1
+    first.wait(timeout=60)
+    dec.close()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "8"])
+def test_bad_prefill_chunk(lm, bad):
+    with pytest.raises(ValueError, match="prefill_chunk must be a non-negative integer"):
+        BatchDecoder(lm, prefill_chunk=bad)
+
+
+def test_close_fails_a_request_still_being_prefilled(lm):
+    dec = BatchDecoder(lm, max_batch=4, prefill_chunk=1)
+    running = dec.submit(job(lm, prompts(1)[0], GenerationConfig(max_new_tokens=100_000)))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    waiting = dec.submit(job(lm, list(range(90)), GenerationConfig(max_new_tokens=4)))
+    while not dec.pending and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    assert dec.pending  # one position per step: 90 steps to go
+    dec.close()
+    for j in (running, waiting):
+        with pytest.raises(RuntimeError, match="the decoder was closed"):
+            j.wait(timeout=10)
+    assert dec.pending == []

@@ -164,7 +164,8 @@ def test_other_endpoints_and_malformed_json(server):
     with urllib.request.urlopen(url + "/v1/models") as r:
         assert json.loads(r.read())["data"][0]["id"] == "tiny-test"
     with urllib.request.urlopen(url + "/health") as r:
-        assert json.loads(r.read()) == {"status": "ok", "decoding": 0, "queued": 0, "max_batch": 8}
+        assert json.loads(r.read()) == {"status": "ok", "decoding": 0, "prefilling": 0, "queued": 0, "max_batch": 8,
+                                        "prefill_chunk": 512}
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/v2/nothing")
     assert e.value.code == 404
