@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/chat/completions`` (a JSON answer, or with ``"stream": true`` server-sent events of
 ``chat.completion.chunk`` objects ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``; for scoring
 the LM with lm-evaluation-harness (``local-completions``): ``POST /v1/completions`` (raw prompts, no chat
-template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`) and vLLM's ``GET /tokenizer_info``,
+template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stream`` without logprobs:
+:meth:`ChatService.stream_text_completion`) and vLLM's ``GET /tokenizer_info``,
 ``POST /tokenize``, ``POST /detokenize``.
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
@@ -50,6 +51,7 @@ import hashlib
 import io
 import json
 import logging
+import queue
 import time
 import uuid
 from collections import OrderedDict
@@ -61,7 +63,7 @@ import torch
 
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
-from emma_mamba.inference.batching import BatchDecoder, DecodeJob
+from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob
 from emma_mamba.inference.generate import GenerationConfig
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
@@ -380,27 +382,7 @@ class ChatService:
         token's log-probability under the model, and the ``logprobs`` most likely alternatives), as
         lm-evaluation-harness's ``local-completions`` model asks for them. All prompts of a request are decoded
         in the shared batch."""
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        if body.get("stream"):
-            raise RequestError("stream is not supported on /v1/completions (use /v1/chat/completions)", "stream")
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
-        top = body.get("logprobs")
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
-            raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
-        cfg = self._config(body, min_new=0 if echo else 1)
-        prompts = self._completion_prompts(body.get("prompt"))
-        tok = self.tokenizer
-        jobs = []
-        for ids in prompts:
-            spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
-
-            def finish(seq, state, stats, ids=ids):
-                return self._completion_choice(ids, seq, stats, echo, top)
-
-            jobs.append(self.decoder.submit(DecodeJob(cfg, lambda spec=spec: spec, finish, tok)))
+        prompts, jobs, _ = self._completion_jobs(body)
         choices = []
         for i, job in enumerate(jobs):
             choices.append({"index": i, **job.wait()})
@@ -409,6 +391,79 @@ class ChatService:
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+
+    def stream_text_completion(self, body: dict, opened: Callable[[], None],
+                               send: Callable[[dict], None]) -> None:
+        """``/v1/completions`` with ``stream: true``: ``opened()`` once the request is valid (a bad field raises
+        RequestError before it), then ``send(chunk)`` for every text_completion chunk, as OpenAI streams them:
+        each prompt's text as it is produced under its ``index`` (its prompt first with ``echo``), a chunk with
+        its ``finish_reason`` when it ends, and a last chunk with no choices and the ``usage``. Every prompt is
+        decoded in the shared batch; a ``send`` that raises (the client went away) cancels them all."""
+        merged: queue.Queue = queue.Queue()  # every job's text chunks, tagged with its index
+        prompts, jobs, echo = self._completion_jobs(body, merged)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(choices, **extra):
+            return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": choices, **extra}
+
+        opened()
+        try:
+            if echo:
+                for i, ids in enumerate(prompts):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                    send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
+            left, n_new = len(jobs), 0
+            while left:
+                i, text = merged.get()
+                if text is not _END:
+                    send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
+                    continue
+                left -= 1
+                job = jobs[i]
+                job.done.wait()
+                if job.error is not None:
+                    raise job.error
+                n_new += job.result["_completion_tokens"]
+                send(chunk([{"index": i, "text": "", "logprobs": None,
+                             "finish_reason": job.result["finish_reason"]}]))
+        except BaseException:
+            for job in jobs:
+                job.cancelled = True
+            raise
+        n_prompt = sum(len(p) for p in prompts)
+        send(chunk([], usage={"prompt_tokens": n_prompt, "completion_tokens": n_new,
+                              "total_tokens": n_prompt + n_new}))
+
+    def _completion_jobs(self, body, merged: queue.Queue | None = None) -> tuple[list[list[int]], list[DecodeJob],
+                                                                                 bool]:
+        """Check a ``/v1/completions`` body and submit one job per prompt: (prompts' ids, jobs, echo). With
+        ``merged`` the jobs stream, their chunks put there as (prompt index, chunk)."""
+        stream = merged is not None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
+        top = body.get("logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
+        if stream and top is not None:
+            raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
+        cfg = self._config(body, min_new=0 if echo else 1)
+        prompts = self._completion_prompts(body.get("prompt"))
+        jobs = []
+        for ids in prompts:
+            spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
+
+            def finish(seq, state, stats, ids=ids):
+                return self._completion_choice(ids, seq, stats, echo and not stream, top)
+
+            job = DecodeJob(cfg, lambda spec=spec: spec, finish, self.tokenizer, stream=stream)
+            if stream:
+                job.chunks = _Tagged(merged, len(jobs))
+            jobs.append(self.decoder.submit(job))
+        return prompts, jobs, echo
 
     def _completion_prompts(self, prompt) -> list[list[int]]:
         """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
@@ -553,6 +608,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(self.rfile.read(n) or b"null")
             except json.JSONDecodeError as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
+            if route == "/v1/completions" and isinstance(body, dict) and body.get("stream"):
+                return self._stream_completion(body)
             if route in others:
                 return self._json(200, others[route](body))
             stream = bool(body.get("stream")) if isinstance(body, dict) else False
@@ -566,6 +623,36 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+
+    def _event_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+    def _event(self, obj: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
+        self.wfile.flush()
+
+    def _stream_completion(self, body: dict) -> None:
+        opened = False
+
+        def open_stream():
+            nonlocal opened
+            self._event_stream()
+            opened = True
+
+        try:
+            self.service.stream_text_completion(body, open_stream, self._event)
+        except (BrokenPipeError, ConnectionResetError, RequestError):
+            raise
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
+            if not opened:
+                raise
+            log.exception("streamed request failed")
+            self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
     def _stream(self, body: dict) -> None:
         svc = self.service
@@ -595,6 +682,16 @@ class _Handler(BaseHTTPRequestHandler):
             send({}, out["choices"][0]["finish_reason"], {"usage": out["usage"]})
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+class _Tagged:
+    """A job's chunk queue that puts (index, chunk) into a queue shared by several jobs."""
+
+    def __init__(self, merged: queue.Queue, index: int):
+        self.merged, self.index = merged, index
+
+    def put(self, item) -> None:
+        self.merged.put((self.index, item))
 
 
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,

@@ -144,13 +144,50 @@ def test_http_routes_and_bad_requests(svc, model):
         for body, param in [({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),
                             ({"prompt": ["ok", 5]}, "prompt[1]"), ({"prompt": [1, vocab]}, "prompt"),
                             ({"prompt": "x", "logprobs": 50}, "logprobs"), ({"prompt": "x", "echo": "yes"}, "echo"),
-                            ({"prompt": "x", "stream": True}, "stream"),
+                            ({"prompt": "x", "stream": True, "logprobs": 1}, "logprobs"),
+                            ({"prompt": ["x", 5], "stream": True}, "prompt[1]"),
                             ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
                             ({"prompt": ""}, "prompt")]:
             status, err = post("/v1/completions", body)
             assert status == 400 and err["error"]["param"] == param, (body, err)
         assert post("/tokenize", {"text": "x"})[0] == 400
         assert post("/detokenize", {"tokens": [-1]})[0] == 400
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_streamed_completions_are_the_plain_ones(svc, model):
+    """``stream: true`` on /v1/completions over HTTP: per prompt index, the text chunks concatenate to the
+    non-streamed request's text (greedy and seeded sampling; the prompt first with echo), each index ends with its
+    finish_reason, a last chunk carries the usage, then ``[DONE]``."""
+    srv = make_server(svc, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_port}/v1/completions"
+
+    def post(body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.headers.get("Content-Type"), r.read().decode()
+
+    try:
+        for body in [{"prompt": ["Once upon a time", "The shapes are"], "max_tokens": 7},
+                     {"prompt": "A red circle", "max_tokens": 6, "temperature": 1.0, "seed": 5, "echo": True}]:
+            plain = svc.text_completion(body)
+            kind, raw = post({**body, "stream": True})
+            assert kind == "text/event-stream"
+            events = raw.split("\n\n")
+            assert events[-2] == "data: [DONE]" and events[-1] == ""
+            chunks = [json.loads(e[6:]) for e in events[:-2]]
+            assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+            for want in plain["choices"]:
+                mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == want["index"]]
+                assert "".join(c["text"] for c in mine) == want["text"]
+                assert [c["finish_reason"] for c in mine][-1] == want["finish_reason"]
+                assert all(c["finish_reason"] is None for c in mine[:-1]) and len(mine) >= 2
+            if body.get("echo"):
+                assert chunks[0]["choices"][0]["text"] == "A red circle"
     finally:
         srv.shutdown()
         srv.server_close()
