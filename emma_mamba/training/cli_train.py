@@ -98,15 +98,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from emma_mamba.training.trainer import train
 
+    finished = False
     try:
         train(cfg, resume=args.resume, device=args.device)
+        finished = True
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     finally:
         from emma_mamba.training.parallel import destroy_distributed
 
-        destroy_distributed()
+        destroy_distributed(finished)
     return 0
 
 

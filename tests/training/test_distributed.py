@@ -160,7 +160,7 @@ def test_torchrun_ddp_with_lora_matches_one_process(shapes, tmp_path):
     emma_mamba.load(tmp_path / "ddp")  # merged: a plain model
 
 
-@pytest.mark.slow  # as the other FSDP runs: a gloo FSDP process has twice aborted at exit after finishing its run
+@pytest.mark.slow  # as the other FSDP runs (their length)
 @pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
 def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtype):
     """train.lora under FSDP2 (frozen and trained parameters in the same shard units; with a bf16 base, of two
