@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="while answers are being decoded, prefill at most this many prompt positions between two "
                         "decode steps: a long prompt is prefilled in chunks, so the streams already running are "
                         "not stalled by it (0 = whole prompts; default %(default)s)")
+    p.add_argument("--no-web-ui", action="store_true",
+                   help="do not answer GET / with the chat page (a browser client of /v1/chat/completions)")
     p.add_argument("--state-cache", type=int, default=16,
                    help="conversation states kept so that a follow-up request prefills only its new turn "
                         "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
@@ -82,12 +84,13 @@ def run(args) -> int:
             api_key = os.environ.get(args.api_key_env)
             if not api_key:
                 raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-        server = make_server(service, args.host, args.port, api_key=api_key)
+        server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui)
     except (UsageError, ValueError, OSError) as e:
         return _err(str(e), "serve")
     host, port = server.server_address[:2]
-    print(f"emma-mamba serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, "
-          f"GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    page = "" if args.no_web_ui else f"; chat in a browser at http://{host}:{port}/"
+    print(f"emma-mamba serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, /v1/completions, "
+          f"GET /v1/models, GET /health){page}; Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

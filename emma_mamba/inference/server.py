@@ -554,9 +554,11 @@ class _Handler(BaseHTTPRequestHandler):
     max_body_bytes: int = 64 << 20
     server_version = "emma-mamba"
 
+    web_ui: bool = True  # GET / answers the chat page (emma_mamba/assets/webui.html)
+
     def _authorized(self) -> bool:
-        if self.api_key is None or self.path.rstrip("/") == "/health":
-            return True
+        if self.api_key is None or self.path.rstrip("/") in ("/health", "") and self.command == "GET":
+            return True  # the health check, and the chat page (static: it sends the key the user types)
         import hmac
 
         given = self.headers.get("Authorization", "")
@@ -579,6 +581,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if not self._authorized():
+            return
+        if self.path.rstrip("/") == "" and self.web_ui:
+            data = _web_ui_page()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
             return
         if self.path.rstrip("/") == "/health":
             dec = self.service.decoder
@@ -684,6 +694,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+def _web_ui_page() -> bytes:
+    """The chat page (a client of /v1/chat/completions; no other files, nothing fetched from elsewhere)."""
+    return (Path(__file__).resolve().parent.parent / "assets" / "webui.html").read_bytes()
+
+
 class _Tagged:
     """A job's chunk queue that puts (index, chunk) into a queue shared by several jobs."""
 
@@ -695,10 +710,11 @@ class _Tagged:
 
 
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None) -> ThreadingHTTPServer:
+                api_key: str | None = None, web_ui: bool = True) -> ThreadingHTTPServer:
     """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``).
-    ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health``."""
-    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key})
+    ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health`` and the chat page.
+    ``web_ui``: answer ``GET /`` with a chat page in the browser (streamed answers, an image per conversation)."""
+    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key, "web_ui": web_ui})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

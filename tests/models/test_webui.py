@@ -1,0 +1,134 @@
+"""`emma-mamba serve`'s chat page (GET /): served (also without the API key, which it asks the user for), off with
+web_ui=False, and its own client code, run in Node against a live server, gets the answers the service gives the
+same conversation: an image with the first question, a follow-up, sampling settings, an error named."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from emma_mamba.config import get_preset
+from emma_mamba.inference.generate import GenerationConfig
+from emma_mamba.inference.server import ChatService, make_server
+from emma_mamba.models.vlm import EmmaMamba
+from tests.models.test_server import data_url
+
+PAGE = Path(__file__).resolve().parents[2] / "emma_mamba" / "assets" / "webui.html"
+
+
+@pytest.fixture(scope="module")
+def svc():
+    torch.manual_seed(0)
+    model = EmmaMamba(get_preset("tiny"), for_training=False).eval()
+    s = ChatService(model, defaults=GenerationConfig(max_new_tokens=6), model_name="tiny-test")
+    yield s
+    s.close()
+
+
+def serve(svc, **kw):
+    srv = make_server(svc, "127.0.0.1", 0, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_port}"
+
+
+def test_the_page_is_served_without_the_key_and_can_be_turned_off(svc):
+    srv, url = serve(svc, api_key="s3cret")
+    try:
+        with urllib.request.urlopen(url + "/") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+            page = r.read().decode()
+        assert page == PAGE.read_text() and "/v1/chat/completions" in page
+        with pytest.raises(urllib.error.HTTPError) as e:  # the API itself still needs the key
+            urllib.request.urlopen(url + "/v1/models")
+        assert e.value.code == 401
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    srv, url = serve(svc, web_ui=False)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/")
+        assert e.value.code == 404
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+NODE_SCRIPT = """
+const core = require(process.argv[2]);
+const base = process.argv[3];
+const image = require("fs").readFileSync(process.argv[4], "utf8");
+(async () => {
+  const out = {};
+  const settings = {max_tokens: "7", temperature: "1", top_p: "0.9", seed: "5"};
+  const first = {role: "user", text: "What is in the picture?", image};
+  out.body1 = core.buildRequest([first], settings);
+  const deltas = [];
+  out.r1 = await core.streamChat(base, out.body1, null, (d) => deltas.push(d));
+  out.deltas = deltas;
+  const history = [first, {role: "assistant", text: out.r1.text}, {role: "user", text: "And its colour?"}];
+  out.body2 = core.buildRequest(history, {max_tokens: 5, temperature: "", seed: null});
+  out.r2 = await core.streamChat(base, out.body2, null, () => {});
+  try {
+    await core.streamChat(base, core.buildRequest([first], {max_tokens: 0}), null, () => {});
+    out.err = null;
+  } catch (e) { out.err = e.message; }
+  const [events, rest] = core.parseEvents('data: {"a": 1}\\n\\ndata: [DONE]\\n\\ndata: {"b"');
+  out.parsed = [events, rest];
+  console.log(JSON.stringify(out));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js (the page's client code runs in it)")
+def test_the_pages_client_code_gets_the_services_answers(svc, tmp_path):
+    page = PAGE.read_text()
+    core = re.search(r"// ---- core begin.*?\n(.*)// ---- core end", page, re.S).group(1)
+    (tmp_path / "core.js").write_text(core)
+    (tmp_path / "run.js").write_text(NODE_SCRIPT)
+    (tmp_path / "image.txt").write_text(data_url())
+    srv, url = serve(svc)
+    try:
+        r = subprocess.run(["node", str(tmp_path / "run.js"), str(tmp_path / "core.js"), url,
+                            str(tmp_path / "image.txt")],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # the request the page builds: the image with the first question, settings as numbers, streamed
+    assert out["body1"]["messages"][0]["content"][0] == {"type": "image_url", "image_url": {"url": data_url()}}
+    assert (out["body1"]["max_tokens"], out["body1"]["temperature"], out["body1"]["top_p"], out["body1"]["seed"],
+            out["body1"]["stream"]) == (7, 1, 0.9, 5, True)
+    assert "temperature" not in out["body2"] and "seed" not in out["body2"]
+    for body, res in ((out["body1"], out["r1"]), (out["body2"], out["r2"])):
+        want = svc.complete({k: v for k, v in body.items() if k != "stream"})
+        assert res["text"] == want["choices"][0]["message"]["content"]
+        assert res["finish_reason"] == want["choices"][0]["finish_reason"] and res["usage"] == want["usage"]
+    assert "".join(out["deltas"]) == out["r1"]["text"] and len(out["deltas"]) >= 2
+    assert "max_tokens" in out["err"]  # the server's 400 message reaches the page
+    assert out["parsed"] == [['{"a": 1}', "[DONE]"], 'data: {"b"']
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_the_whole_page_script_parses_and_runs_without_a_dom(tmp_path):
+    """The page's UI code (not run above: it needs a browser) at least parses, and loading it outside a browser
+    only defines the client functions."""
+    script = re.search(r"<script>(.*)</script>", PAGE.read_text(), re.S).group(1)
+    (tmp_path / "page.js").write_text(script)
+    r = subprocess.run(["node", "--check", str(tmp_path / "page.js")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["node", "-e", f"const m = require({json.dumps(str(tmp_path / 'page.js'))}); "
+                                      "console.log(Object.keys(m).sort().join(','))"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "buildRequest,parseEvents,streamChat", r.stderr
