@@ -81,6 +81,11 @@ class VisionConfig:
     'webli'; read from open_clip's registry, nothing is downloaded. None = open_clip's defaults for the model."""
     open_clip_overrides: dict = field(default_factory=dict)
     """Deep-merged into open_clip's model config before building (e.g. a tiny vision_cfg/text_cfg)."""
+    image_resize: Literal["default", "crop", "squash", "letterbox"] = "default"
+    """How an image becomes the encoder's square input: 'default' = the encoder's own preprocessing (the
+    preprocess_tag's, e.g. CLIP's resize + center crop, SigLIP's squash); 'crop' = resize the shorter side, crop
+    the center; 'squash' = resize both sides (Prismatic/Cobra's resize-naive); 'letterbox' = pad to a square with
+    the mean colour first, keeping the whole image undistorted (LLaVA-1.5's image_aspect_ratio 'pad')."""
     taps: list[int] = field(default_factory=lambda: [-2])
     """ViT block indices whose patch tokens feed MFF (negative counts from the end); the last is the main tap."""
     freeze: bool = True

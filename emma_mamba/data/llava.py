@@ -229,10 +229,8 @@ def _strip_placeholders(text: str, token: str) -> str:
 def preprocess_image(path: str | Path, image_processor) -> torch.Tensor:
     """(3, H, W) of one image file through ``image_processor``'s transform; a missing file is a
     :class:`DataError` with reason ``missing_image``, one that cannot be decoded ``corrupt_image``."""
-    from emma_mamba.models.vision import load_image
-
     try:
-        return image_processor.transform(load_image(path))
+        return image_processor.one(path)
     except FileNotFoundError as e:
         raise DataError(str(e), "missing_image") from None
     except (ValueError, OSError) as e:

@@ -105,6 +105,10 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
     if pretrained is None:
         log.debug("open_clip %s built without pretrained weights", cfg.model_name)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    if cfg.image_resize in ("crop", "squash"):
+        preprocess_cfg["resize_mode"] = {"crop": "shortest", "squash": "squash"}[cfg.image_resize]
+    elif cfg.image_resize == "letterbox":
+        preprocess_cfg["pad_to_square"] = True
     return model, preprocess_cfg
 
 
@@ -374,8 +378,23 @@ def load_image(image) -> "Image.Image":
     raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
 
 
+def pad_to_square(img: "Image.Image", fill: tuple[int, ...]) -> "Image.Image":
+    """``img`` centred on a square canvas of its longer side filled with ``fill`` (LLaVA-1.5's 'pad')."""
+    from PIL import Image
+
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
 class ImageProcessor:
-    """open_clip's eval transform for one encoder: ``processor(images) -> (n, 3, H, W)`` float tensor.
+    """open_clip's eval transform for one encoder: ``processor(images) -> (n, 3, H, W)`` float tensor; with
+    ``pad_to_square`` in the config (``vision.image_resize: letterbox``) each image is first padded to a square
+    with the mean colour (as LLaVA-1.5: ``int(255 * mean)`` per channel).
 
     ``unnormalize(pixel_values)`` inverts the mean/std step, giving the resized RGB image in [0, 1] (the
     alignment head's pixel target).
@@ -391,11 +410,17 @@ class ImageProcessor:
             fill_color=self.cfg.get("fill_color", 0))
         self.mean = torch.tensor(self.cfg["mean"], dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(self.cfg["std"], dtype=torch.float32).view(3, 1, 1)
+        self.fill = tuple(int(255 * m) for m in self.cfg["mean"]) if self.cfg.get("pad_to_square") else None
 
     def __call__(self, images: Sequence | Any) -> torch.Tensor:
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return torch.stack([self.transform(load_image(im)) for im in images])
+        return torch.stack([self.one(im) for im in images])
+
+    def one(self, image) -> torch.Tensor:
+        """(3, H, W) of one image (anything :func:`load_image` takes)."""
+        img = load_image(image)
+        return self.transform(img if self.fill is None else pad_to_square(img, self.fill))
 
     def unnormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         mean = self.mean.to(pixel_values.device, pixel_values.dtype)

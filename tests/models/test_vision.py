@@ -218,3 +218,60 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
         load_image(truncated)
     with pytest.raises(TypeError, match="path, a PIL image or a numpy array"):
         load_image(42)
+
+
+def _oracle(img: Image.Image, pp: dict, size: int) -> torch.Tensor:
+    """torchvision directly: bicubic resize of a PIL image to size x size, to tensor, normalised."""
+    import torchvision.transforms.functional as TF
+
+    out = TF.to_tensor(img.convert("RGB").resize((size, size), Image.BICUBIC))
+    return TF.normalize(out, pp["mean"], pp["std"])
+
+
+def test_image_resize_modes():
+    """vision.image_resize on a 451 x 300 photograph: 'squash' equals resizing both sides, 'letterbox' equals
+    LLaVA-1.5's expand2square (centred on a square of the mean colour, int(255 * mean)) then resizing, whose
+    bands unnormalise to that colour; 'crop' equals the shorter side resized and the center cropped (open_clip's
+    own CLIP transform); 'default' is the encoder's own."""
+    import torchvision.transforms.functional as TF
+
+    photo = Image.open(CHELSEA).convert("RGB")
+    w, h = photo.size
+    out = {}
+    for mode in ("default", "crop", "squash", "letterbox"):
+        _, pp = build_open_clip(tiny_vision_cfg(image_resize=mode))
+        out[mode] = ImageProcessor(pp)(CHELSEA)[0]
+    size = out["default"].shape[-1]
+    # squash: both sides to `size`, aspect ratio not kept (torchvision's tensor path antialiases, PIL's too)
+    squashed = TF.normalize(TF.resize(TF.to_tensor(photo), [size, size], TF.InterpolationMode.BICUBIC,
+                                      antialias=True), pp["mean"], pp["std"])
+    torch.testing.assert_close(out["squash"], squashed, atol=0.05, rtol=0)
+    # letterbox: the photograph centred on a mean-coloured square, by hand
+    fill = tuple(int(255 * m) for m in pp["mean"])
+    canvas = Image.new("RGB", (w, w), fill)
+    canvas.paste(photo, (0, (w - h) // 2))
+    boxed = TF.normalize(TF.resize(TF.to_tensor(canvas), [size, size], TF.InterpolationMode.BICUBIC,
+                                   antialias=True), pp["mean"], pp["std"])
+    torch.testing.assert_close(out["letterbox"], boxed, atol=0.05, rtol=0)
+    band = int(size * ((w - h) // 2) / w) - 1  # rows that are all padding after the resize
+    top = ImageProcessor(pp).unnormalize(out["letterbox"])[:, :band]
+    want = torch.tensor(fill, dtype=torch.float32).view(3, 1, 1) / 255
+    torch.testing.assert_close(top, want.expand_as(top), atol=1.5 / 255, rtol=0)
+    assert not torch.allclose(out["letterbox"], out["squash"], atol=0.1)
+    # crop: the tiny CLIP's default is open_clip's resize-shorter-side + center crop
+    assert torch.equal(out["crop"], out["default"])
+    cropped = TF.center_crop(TF.resize(TF.to_tensor(photo), size, TF.InterpolationMode.BICUBIC, antialias=True),
+                             [size, size])
+    torch.testing.assert_close(out["crop"], TF.normalize(cropped, pp["mean"], pp["std"]), atol=0.05, rtol=0)
+    # a square image is the same under every mode
+    sq = [ImageProcessor(build_open_clip(tiny_vision_cfg(image_resize=m))[1])(ASTRONAUT)[0]
+          for m in ("crop", "squash", "letterbox")]
+    assert torch.equal(sq[0], sq[1]) and torch.equal(sq[1], sq[2])
+
+
+def test_bad_image_resize_is_named():
+    from emma_mamba.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="image_resize") as e:
+        config_from_dict({"preset": "tiny", "vision": {"image_resize": "pad"}})
+    assert "letterbox" in str(e.value)  # the valid values are listed
