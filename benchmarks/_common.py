@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from pathlib import Path
@@ -56,3 +57,20 @@ def lm_step_parser(doc: str, out: str):
                    help="bfloat16: fp32 weights under bf16 autocast, as the trainer runs on a GPU")
     p.add_argument("--out", default=out)
     return p
+
+
+@contextlib.contextmanager
+def saved_storages(params):
+    """Inside: every distinct storage autograd saves for the backward, parameters excluded, counted into the
+    yielded dict ({data_ptr: bytes}; ``sum(d.values())`` is what the forward keeps). Exact on any device."""
+    param_ptrs = {q.untyped_storage().data_ptr() for q in params}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_ptrs:
+            kept[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        yield kept

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, saved_storages, write_result  # noqa: E402
 
 VARIANTS = {"keep_all": (False, False), "mixer_recompute": (True, False), "block_checkpointing": (False, True)}
 
@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab)
     lm = MambaLM(cfg, device=dev).train()
     params = list(lm.parameters())
-    param_ptrs = {q.untyped_storage().data_ptr() for q in params}
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen), device=dev)
     amp = args.dtype == "bfloat16"
     cuda = dev.type == "cuda"
@@ -50,20 +49,13 @@ def main(argv=None) -> int:
         recompute, ckpt = VARIANTS[variant]
         lm.set_mixer_recompute(recompute)
         lm.set_gradient_checkpointing(ckpt)
-        kept = {}
-
-        def pack(t):
-            st = t.untyped_storage()
-            if st.data_ptr() not in param_ptrs:
-                kept[st.data_ptr()] = st.nbytes()
-            return t
 
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(dev)
             base = torch.cuda.memory_allocated(dev)
         t = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x) if measure else contextlib.nullcontext(), \
+        with saved_storages(params) if measure else contextlib.nullcontext({}) as kept, \
                 torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             logits = lm(ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())

@@ -1,5 +1,6 @@
 """A training step of the Mamba LM with LoRA adapters (`train.lora`) against full fine-tuning, on the same weights
-and batch: time (forward, backward, AdamW step), trainable parameters, and the gradient and AdamW state memory.
+and batch: time (forward, backward, AdamW step), trainable parameters, the gradient and AdamW state memory, and
+the activations the forward keeps for the backward (saved-tensor hooks, parameters excluded).
 
     python benchmarks/lora_step.py [--d-model 768 --n-layer 4 --batch 2 --seqlen 512 --rank 64 --threads 2]
 
@@ -8,6 +9,7 @@ Both variants run interleaved, ``--repeats`` times after a warm-up; medians. Pri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import sys
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, saved_storages, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,13 +42,18 @@ def main(argv=None) -> int:
     models = {"full": full, "lora": lora}
     opts = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-5) for k, m in models.items()}
 
-    def step(name):
+    kept = {}
+
+    def step(name, measure=False):
         m, opt = models[name], opts[name]
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), \
+                saved_storages(list(m.parameters())) if measure else contextlib.nullcontext({}) as saved:
             logits = m(ids).logits
+        if measure:
+            kept[name] = sum(saved.values())
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         opt.step()
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    first = {k: step(k) for k in models}
+    first = {k: step(k, measure=True) for k in models}
     times = {k: [] for k in models}
     for r in range(args.repeats):
         for k in (models if r % 2 == 0 else reversed(list(models))):
@@ -70,11 +77,13 @@ def main(argv=None) -> int:
         state = [v for s in opts[k].state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
         rows[k] = {"median_seconds": statistics.median(times[k]), "seconds": times[k], "first_seconds": first[k],
                    "trainable_params": sum(q.numel() for q in trained),
-                   "grad_mib": nbytes([q.grad for q in trained]) / 2**20, "adamw_state_mib": nbytes(state) / 2**20}
+                   "grad_mib": nbytes([q.grad for q in trained]) / 2**20, "adamw_state_mib": nbytes(state) / 2**20,
+                   "kept_activations_mib": kept[k] / 2**20}
     ratio = rows["lora"]["median_seconds"] / rows["full"]["median_seconds"]
     for k, r in rows.items():
         print(f"{k:5s} step {r['median_seconds'] * 1e3:8.1f} ms  trainable {r['trainable_params'] / 1e6:7.2f} M  "
-              f"gradients {r['grad_mib']:7.1f} MiB  AdamW state {r['adamw_state_mib']:7.1f} MiB")
+              f"gradients {r['grad_mib']:7.1f} MiB  AdamW state {r['adamw_state_mib']:7.1f} MiB  "
+              f"activations kept {r['kept_activations_mib']:7.1f} MiB")
     print(f"LoRA step / full step: {ratio:.2f}")
     res = {"benchmark": "lora_step", "d_model": args.d_model, "n_layer": args.n_layer, "vocab": args.vocab,
            "batch": args.batch, "seqlen": args.seqlen, "rank": args.rank, "alpha": 2.0 * args.rank,

@@ -5,16 +5,18 @@
 
     W' = W + (alpha / r) * B @ A        A: (r, in_features), B: (out_features, r); B starts at zero
 
-so the adapted model starts exactly at the pretrained one. ``in_proj``, the largest projection, and the mixer's
-own GEMM (outside the fused op), takes its adapter in *activation space*: ``W @ h + s * B @ (A @ h)``, so its
-frozen ``W`` takes part in no weight-gradient GEMM. ``x_proj``, ``dt_proj`` and ``out_proj`` live inside the
-fused ``ops.mamba_inner`` (and the decode step, CUDA graphs, torch.compile): there the adapter lives in *weight
-space*, the mixer asks the projection for :func:`weight_of` and hands the merged ``W'`` to the same kernels a
-plain model uses, which know nothing of LoRA; the gradients of A and B are then ``s * B^T dW'`` and
-``s * dW' A^T`` from the kernel's weight gradient (that projection's weight-gradient GEMM still runs). Either
-way no gradient or AdamW state is kept for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two moments).
-``base_dtype`` bf16 also holds the frozen ``W`` in bf16 (a merge is still computed in fp32). No LoRA dropout
-(it would need every adapter in activation space, inside the fused op).
+so the adapted model starts exactly at the pretrained one. In a training forward ``in_proj`` and ``out_proj``,
+the two large projections on either side of the fused ``ops.mamba_inner``, take their adapters in *activation
+space*: ``W @ h + s * B @ (A @ dropout(h))`` (out_proj's input is the scan output, which the fused op then
+returns instead of projecting it), so their frozen ``W`` takes part in no weight-gradient GEMM, and LoRA
+dropout (``dropout``, peft's ``lora_dropout``) acts on the adapter's input as in peft. ``x_proj`` and
+``dt_proj`` live inside the fused op (and every projection in the decode step, CUDA graphs, a prefill into a
+cache): there the adapter lives in *weight space*, the mixer asks the projection for :func:`weight_of` and hands
+the merged ``W'`` to the same kernels a plain model uses, which know nothing of LoRA; the gradients of A and B
+are then ``s * B^T dW'`` and ``s * dW' A^T`` from the kernel's weight gradient (that projection's
+weight-gradient GEMM still runs), and no dropout can act (x_proj / dt_proj adapters with dropout are refused).
+Either way no gradient or AdamW state is kept for ``W``: at 2.8B that is 33 GB less (fp32 gradient + two
+moments). ``base_dtype`` bf16 also holds the frozen ``W`` in bf16 (a merge is still computed in fp32).
 
 The parameter names keep the plain layout (``...mixer.in_proj.weight`` is the frozen ``W``) and add
 ``...in_proj.lora_A`` / ``lora_B``. What a run writes is always a plain model: :func:`export_state` merges every
@@ -37,16 +39,20 @@ __all__ = ["LoRALinear", "LORA_TARGETS", "weight_of", "apply_lora", "lora_module
 
 LORA_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 """The mixer projections an adapter may wrap."""
+ACTIVATION_SPACE = ("in_proj", "out_proj")
+"""The projections whose adapters act on activations in a training forward (the only ones LoRA dropout reaches)."""
 LORA_FILE = "lora.safetensors"
 
 
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` whose frozen ``weight`` is used as ``weight + scaling * lora_B @ lora_A``."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
@@ -59,6 +65,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft and the LoRA paper's code: B = 0, A random
         self.r, self.alpha = int(r), float(alpha)
         self.scaling = self.alpha / self.r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the adapter's input only
 
     def merged_weight(self) -> torch.Tensor:
         """W + scaling * B @ A in the adapters' dtype (fp32 over a bf16 base: rounding the sum to bf16 would
@@ -76,12 +83,21 @@ class LoRALinear(nn.Linear):
 
         half = self.out_features // 2
         w, b = self.weight, self.lora_B
-        ah = gemm_cf(self.lora_A, h_cf)  # (b, r, l)
+        ah = gemm_cf(self.lora_A, self.dropout(h_cf))  # (b, r, l)
         return tuple(gemm_cf(w[sl], h_cf) + self.scaling * gemm_cf(b[sl], ah)
                      for sl in (slice(None, half), slice(half, None)))
 
+    def project_out_cf(self, y_cf: torch.Tensor) -> torch.Tensor:
+        """The mixer's out_proj in activation space: ``W @ y + bias + s * B @ (A @ dropout(y))`` for the scan output
+        ``y`` (b, in, l) channels-first -> (b, l, out). The frozen ``W`` takes part in no weight-gradient GEMM."""
+        from emma_mamba.ops._inner import gemm_cf, project_out
+
+        ay = gemm_cf(self.lora_A, self.dropout(y_cf))  # (b, r, l)
+        return project_out(y_cf, self.weight, self.bias) + self.scaling * project_out(ay, self.lora_B, None)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, dropout={p:g}"
 
 
 def weight_of(linear: nn.Linear) -> torch.Tensor:
@@ -90,14 +106,20 @@ def weight_of(linear: nn.Linear) -> torch.Tensor:
 
 
 def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj", "out_proj"),
-               base_dtype: torch.dtype | None = None) -> list[str]:
+               base_dtype: torch.dtype | None = None, dropout: float = 0.0) -> list[str]:
     """Wrap ``targets`` of every mixer of ``lm`` (a MambaLM) in LoRALinear and freeze the rest of the LM; only
     the adapters of ``lm`` train. ``base_dtype`` (e.g. bf16): hold the wrapped frozen weights in that dtype
-    (half the memory of the fp32 LM for bf16; the adapters stay fp32). Returns the wrapped module names
+    (half the memory of the fp32 LM for bf16; the adapters stay fp32). ``dropout``: LoRA dropout on the adapters'
+    inputs in training (in_proj and out_proj only: see the module doc). Returns the wrapped module names
     (relative to ``lm``)."""
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
         raise ValueError(f"LoRA targets must be a non-empty list from {', '.join(LORA_TARGETS)}, got {list(targets)}")
+    merged_only = [t for t in targets if t not in ACTIVATION_SPACE]
+    if dropout > 0 and merged_only:
+        raise ValueError(f"LoRA dropout acts on the adapters of {' and '.join(ACTIVATION_SPACE)} only: "
+                         f"{', '.join(merged_only)} adapters are merged into the weights of the fused mixer op, where "
+                         f"no dropout can act; leave them out of the targets or set dropout 0")
     if has_lora(lm):
         raise ValueError("this LM already has LoRA adapters")
     lm.requires_grad_(False)
@@ -108,7 +130,7 @@ def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj"
             base = getattr(mixer, t)
             if base_dtype is not None and base.weight.dtype != base_dtype:
                 base.weight = nn.Parameter(base.weight.detach().to(base_dtype), requires_grad=False)
-            setattr(mixer, t, LoRALinear(base, r, alpha))
+            setattr(mixer, t, LoRALinear(base, r, alpha, dropout))
             names.append(f"layers.{i}.mixer.{t}")
     return names
 

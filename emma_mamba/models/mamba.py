@@ -386,6 +386,10 @@ class MambaMixer(nn.Module):
         # output, delta and the scan output rather than keeping them (three (b, d_inner, l) activations less per
         # layer; ops.mamba_inner)
         if cache is None:
+            if isinstance(self.out_proj, LoRALinear):  # W y + s B A dropout(y): the op stops at the scan output y
+                y = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
+                                    A, D, dt_bias, seq_idx, recompute=self.recompute_activations)
+                return self.out_proj.project_out_cf(y)
             return ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
                                    A, D, dt_bias, seq_idx, out_proj_weight=weight_of(self.out_proj),
                                    out_proj_bias=self.out_proj.bias, recompute=self.recompute_activations)

@@ -88,6 +88,10 @@ class LoraConfig:
     """Scaling numerator: the adapter adds alpha / r * B @ A (null: 2 * r, LLaVA's choice)."""
     targets: list[str] = field(default_factory=lambda: ["in_proj", "x_proj", "out_proj"])
     """Mixer projections that get an adapter, from in_proj, x_proj, dt_proj, out_proj."""
+    dropout: float = 0.0
+    """LoRA dropout on the adapters' inputs in training (peft's lora_dropout; LLaVA-1.5's recipe: 0.05). It
+    reaches the in_proj and out_proj adapters, which act on activations; x_proj and dt_proj adapters are merged
+    into the fused mixer op's weights, so dropout > 0 with those targets is refused."""
     train_embeddings: bool = False
     """Also train the LM's token embedding (and its head, tied or not) fully, as peft's modules_to_save: for
     tokens the pretrained LM never learned (a new vocabulary, added tokens); +vocab x d_model trained
@@ -298,6 +302,15 @@ class RunConfig:
                     any(x not in LORA_TARGETS for x in lo.targets):
                 bad(f"train.lora.targets must be a non-empty list of distinct projections from "
                     f"{', '.join(LORA_TARGETS)}, got {lo.targets}")
+            if not 0.0 <= lo.dropout < 1.0:
+                bad(f"train.lora.dropout must be in [0, 1), got {lo.dropout}")
+            from emma_mamba.models.lora import ACTIVATION_SPACE
+
+            merged_only = [x for x in lo.targets if x not in ACTIVATION_SPACE]
+            if lo.dropout > 0 and merged_only:
+                bad(f"train.lora.dropout acts on the in_proj and out_proj adapters only: {', '.join(merged_only)} "
+                    f"adapters are merged into the fused mixer op's weights, where no dropout can act; set "
+                    f"train.lora.targets to [in_proj, out_proj] or train.lora.dropout to 0")
             trained = t.trainable if t.trainable is not None else STAGES[self.stage]
             if "lm" not in trained:
                 bad(f"train.lora adapts the LM, which this run does not train (stage {self.stage}, train.trainable "

@@ -126,7 +126,7 @@ class Trainer:
             from emma_mamba.models.lora import apply_lora
 
             apply_lora(self.model.lm, tc.lora.r, tc.lora.alpha if tc.lora.alpha is not None else 2.0 * tc.lora.r,
-                       tc.lora.targets, torch.bfloat16 if tc.lora.base_dtype == "bf16" else None)
+                       tc.lora.targets, torch.bfloat16 if tc.lora.base_dtype == "bf16" else None, tc.lora.dropout)
             if tc.lora.train_embeddings:
                 self.model.lm.embeddings.requires_grad_(True)
                 if self.model.lm.lm_head is not None:
@@ -237,8 +237,12 @@ class Trainer:
         """Collated micro-batches of ``dataset`` in the given order (data.num_workers processes decode images)."""
         ds = _MicroBatches(dataset, micro_batches, self.model.tokenizer.pad_token_id, self.cfg.data.packing)
         nw = self.cfg.data.num_workers
+        # its own generator: an iterator draws its workers' base seed from it, not from the global random state,
+        # which the model's dropout (train.lora.dropout) draws from and a checkpoint restores; a resumed run, which
+        # starts its iterator after restoring that state, would otherwise draw other dropout masks
+        gen = torch.Generator().manual_seed(self.cfg.train.seed)
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
-                                           pin_memory=self.info.device.type == "cuda",
+                                           pin_memory=self.info.device.type == "cuda", generator=gen,
                                            persistent_workers=False, prefetch_factor=4 if nw else None)
 
     # ------------------------------------------------------------------------------------------- step

@@ -216,3 +216,59 @@ def test_lora_on_a_gpu_under_bf16_autocast():
     for name, pairs in _adapter_grads(lm, oracle, got, want).items():
         for g, ref in pairs:
             assert (g - ref).norm() <= 5e-2 * ref.norm() + 1e-6, name
+
+
+def test_lora_dropout_acts_on_the_adapters_input_only():
+    """dropout p on in_proj's and out_proj's adapters: in training each output is W h + s B A (m * h) / (1 - p)
+    with m the mask the same random state draws (reproduced on a tensor of ones); in eval mode no dropout."""
+    import torch.nn.functional as F
+
+    from emma_mamba.ops._inner import gemm_cf, project_out
+
+    p = 0.3
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 10, bias=False)
+    lin = LoRALinear(base, R, ALPHA, dropout=p)
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    h = torch.randn(2, 6, 5)  # (b, in, l) channels-first
+    s = ALPHA / R
+    for train in (True, False):
+        lin.train(train)
+        torch.manual_seed(7)
+        x, z = lin.gemm_cf_halves(h)
+        torch.manual_seed(7)
+        mask = F.dropout(torch.ones_like(h), p) if train else torch.ones_like(h)
+        want = gemm_cf(base.weight, h) + s * gemm_cf(lin.lora_B, gemm_cf(lin.lora_A, h * mask))
+        torch.testing.assert_close(torch.cat([x, z], 1), want, rtol=1e-5, atol=1e-6)
+        assert train == bool((mask == 0).any())
+    out_base = torch.nn.Linear(6, 4, bias=True)
+    out = LoRALinear(out_base, R, ALPHA, dropout=p)
+    with torch.no_grad():
+        out.lora_B.normal_()
+    torch.manual_seed(3)
+    got = out.project_out_cf(h)  # (b, l, out)
+    torch.manual_seed(3)
+    mask = F.dropout(torch.ones_like(h), p)
+    want = project_out(h, out_base.weight, out_base.bias) + s * (h * mask).transpose(1, 2) @ out.lora_A.T @ out.lora_B.T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        LoRALinear(torch.nn.Linear(4, 4), R, ALPHA, dropout=1.0)
+
+
+def test_lora_dropout_in_a_training_forward_and_its_limits():
+    """In an LM with dropout on in_proj and out_proj, a training forward differs from the eval forward, which
+    equals the merged plain model's; dropout with x_proj or dt_proj targets is refused, naming them."""
+    plain = _lm()
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"), dropout=0.5)
+    _randomise_adapters(lm)
+    oracle = _merged_plain(plain, lm)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        lm.eval()
+        torch.testing.assert_close(lm(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+        lm.train()
+        assert not torch.allclose(lm(ids).logits, oracle(ids).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="x_proj adapters are merged"):
+        apply_lora(_lm(), R, ALPHA, ("in_proj", "x_proj"), dropout=0.1)
