@@ -81,10 +81,13 @@ class DecodeJob:
     """
 
     def __init__(self, cfg: GenerationConfig, start: Callable, finish: Callable, tokenizer=None,
-                 stream: bool = False):
+                 stream: bool = False, forks: list["DecodeJob"] | None = None):
         if stream and tokenizer is None:
             raise ValueError("DecodeJob: streaming needs a tokenizer")
         self.cfg, self.start, self.finish, self.tokenizer = cfg, start, finish, tokenizer
+        # jobs that continue this job's prompt from a copy of its prefilled state (n choices of one request: one
+        # prefill); each has its own settings (e.g. seed), finish, stream and result; their start() is not called
+        self.forks: list[DecodeJob] = list(forks or [])
         self.chunks: queue.Queue | None = queue.Queue() if stream else None
         self.done = threading.Event()
         self.result = None
@@ -99,6 +102,11 @@ class DecodeJob:
         self.done.set()
         if self.chunks is not None:
             self.chunks.put(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        """Settle this job and its forks, which never started, with ``error``."""
+        for job in [self] + self.forks:
+            job._settle(error=error)
 
     def wait(self, streamer: Callable[[str], None] | None = None, timeout: float | None = None):
         """The job's result (its error re-raised), passing each text chunk to ``streamer`` on this thread; a
@@ -176,6 +184,7 @@ class BatchDecoder:
         self.lm, self.max_batch, self.compile, self.cuda_graphs = lm, max_batch, compile, cuda_graphs
         self.prefill_chunk = prefill_chunk or None
         self.pending: list[_Pending] = []  # admitted, prompt not yet wholly prefilled (read by health checks)
+        self._held: DecodeJob | None = None  # taken from the queue, waiting for room for it and its forks
         self.graphs = None
         if cuda_graphs:
             from emma_mamba.inference.cuda_graphs import decoder_for
@@ -239,12 +248,15 @@ class BatchDecoder:
                     for r in rows:
                         r.job._settle(error=closed)
                     for p in self.pending:
-                        p.job._settle(error=closed)
+                        p.job._fail(closed)
                     self.pending = []
+                    if self._held is not None:
+                        self._held._fail(closed)
+                        self._held = None
                     while not self.queue.empty():  # nobody would ever admit them
                         job = self.queue.get_nowait()
                         if job is not None:
-                            job._settle(error=closed)
+                            job._fail(closed)
                     self.active = 0
                     return
                 if not rows:
@@ -262,28 +274,38 @@ class BatchDecoder:
         """Take queued jobs while there is room (blocking when idle), prefill what the step's budget allows of
         the waiting prompts (module doc: chunked prefill) and append those now wholly prefilled to the batch."""
         stop = False
-        while len(rows) + len(self.pending) < self.max_batch:
-            try:
-                job = self.queue.get(block=not rows and not self.pending, timeout=None if not rows else 0)
-            except queue.Empty:
-                break
-            self._open.wait()  # held while this thread waited for the job: admit it (and the others) once released
+
+        def taken():  # rows decoding or being prefilled (a job with forks takes a row for each)
+            return len(rows) + sum(1 + len(p.job.forks) for p in self.pending)
+
+        while taken() < self.max_batch:
+            if self._held is not None:
+                job, self._held = self._held, None
+            else:
+                try:
+                    job = self.queue.get(block=not rows and not self.pending, timeout=None if not rows else 0)
+                except queue.Empty:
+                    break
+                self._open.wait()  # held while this thread waited for the job: admit it (and others) once released
             if job is None:
                 stop = True
                 break
             if job.cancelled:
-                job._settle(error=RuntimeError("cancelled"))
+                job._fail(RuntimeError("cancelled"))
                 continue
+            if (rows or self.pending) and taken() + 1 + len(job.forks) > self.max_batch:
+                self._held = job  # its rows do not fit yet: first in line when rows free up
+                break
             try:
                 spec = job.start()
                 prompt = _split_prompts(self.lm, spec.get("input_ids"), spec.get("inputs_embeds"), None)
                 if len(prompt) != 1:
                     raise ValueError(f"DecodeJob.start: one prompt, got {len(prompt)}")
             except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
-                job._settle(error=e)
+                job._fail(e)
                 continue
             if spec.get("echo_logprobs") and (spec.get("cache") is not None or prompt[0][0] is None):
-                job._settle(error=ValueError("DecodeJob.start: echo_logprobs needs input_ids and no carried cache"))
+                job._fail(ValueError("DecodeJob.start: echo_logprobs needs input_ids and no carried cache"))
                 continue
             carried = spec.get("cache")
             self.pending.append(_Pending(job, spec, prompt[0][0], prompt[0][1], carried, carried is not None))
@@ -294,12 +316,14 @@ class BatchDecoder:
         for p, first in ready:
             if not p.carried:  # (a carried state's offset was advanced by its prefill)
                 p.cache.seqlen_offset = p.length
-            row = self._row(p.job, first, p.cache, p.spec, p.seconds, p.prompt_logprobs)
-            if row is not None:
-                row.prefill_chunks = p.chunks
-                rows.append(row)
-                new_caches.append(p.cache)
-                new_logits.append(first)
+            # the job's own row, then its forks' rows on copies of the prefilled state
+            for job, row_cache in [(p.job, p.cache)] + [(f, p.cache.select([0])) for f in p.job.forks]:
+                row = self._row(job, first, row_cache, p.spec, p.seconds, p.prompt_logprobs)
+                if row is not None:
+                    row.prefill_chunks = p.chunks
+                    rows.append(row)
+                    new_caches.append(row_cache)
+                    new_logits.append(first)
         if new_caches:
             cache = type(new_caches[0]).cat(([cache] if cache is not None else []) + new_caches)
             logits = torch.cat(([logits] if logits is not None else []) + new_logits)
@@ -330,7 +354,7 @@ class BatchDecoder:
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed")
                 for p in whole:
-                    p.job._settle(error=e)
+                    p.job._fail(e)
                     failed.add(id(p))
             else:
                 seconds = time.perf_counter() - t0
@@ -343,7 +367,7 @@ class BatchDecoder:
                 last = self._prefill_chunk(p, n)
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed")
-                p.job._settle(error=e)
+                p.job._fail(e)
                 failed.add(id(p))
                 continue
             p.seconds += time.perf_counter() - t0

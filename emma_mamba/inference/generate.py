@@ -57,6 +57,10 @@ class GenerationConfig:
     """Stop when the generated text contains one of these (needs a tokenizer); the text is cut before it."""
     seed: int | None = None
     """Seed of the sampling generator (None: torch's global RNG)."""
+    num_return_sequences: int = 1
+    """Continuations per prompt (best-of-n, pass@k, self-consistency): each prompt is prefilled once and its
+    recurrent state copied into that many rows (a Mamba state is a fixed-size row: forking it costs a copy, not a
+    prefill); results are prompt-major (prompt 0's continuations, then prompt 1's, ...)."""
     cuda_graphs: bool = False
     """Replay each decode step from a CUDA graph captured once per batch size (CUDA models only; see
     :mod:`emma_mamba.inference.cuda_graphs`): one launch per token instead of hundreds."""
@@ -79,6 +83,9 @@ class GenerationConfig:
         if not self.repetition_penalty > 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0 (1 = off), got "
                              f"{self.repetition_penalty!r}")
+        n = self.num_return_sequences
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"GenerationConfig.num_return_sequences must be an integer >= 1, got {n!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)
@@ -106,7 +113,8 @@ class GenerationConfig:
 @dataclass
 class GenerationResult:
     sequences: list[list[int]]
-    """New token ids per prompt (EOS excluded; tokens through the one completing a stop string included)."""
+    """New token ids per prompt (EOS excluded; tokens through the one completing a stop string included); with
+    ``num_return_sequences`` n, n entries per prompt, prompt-major (so are the other per-prompt lists)."""
     texts: list[str] | None
     """Decoded new text per prompt (cut before a stop string), when a tokenizer was given."""
     finish_reasons: list[str]
@@ -437,17 +445,19 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     if (cfg.stop_strings or streamer is not None) and tokenizer is None:
         raise ValueError("generate: stop_strings and streamer need a tokenizer to turn tokens into text")
     prompts = _split_prompts(lm, input_ids, inputs_embeds, attention_mask)
-    B = len(prompts)
+    n_ret = cfg.num_return_sequences
+    B = len(prompts) * n_ret  # rows decoded: every prompt's continuations
     if streamer is not None and B != 1:
-        raise ValueError(f"generate: streaming supports a single prompt, got {B}")
-    prompt_lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts]
+        raise ValueError(f"generate: streaming supports a single prompt and one continuation, got {len(prompts)} "
+                         f"prompts x {n_ret}")
+    prompt_lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts for _ in range(n_ret)]
     if cache is not None:
         from emma_mamba.models.mamba import MambaCache
         if not isinstance(cache, MambaCache):
             raise TypeError(f"generate: cache must be a MambaCache (lm.allocate_cache(1)), got {type(cache).__name__}")
         if B != 1 or cache.batch_size != 1:
-            raise ValueError(f"generate: continuing a cache takes one prompt and a one-row cache, got {B} prompts "
-                             f"and {cache.batch_size} cache rows")
+            raise ValueError(f"generate: continuing a cache takes one prompt, one continuation and a one-row cache, "
+                             f"got {len(prompts)} prompts x {n_ret} and {cache.batch_size} cache rows")
     vocab = lm.config.vocab_size
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
@@ -467,10 +477,14 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     caller_cache = cache
     t0 = time.perf_counter()
     if cache is None:
-        cache = lm.allocate_cache(B)
+        cache = lm.allocate_cache(len(prompts))
         logits = _prefill(lm, prompts, cache)
     else:  # chunked prefill on top of the cached context
         logits = _continue(lm, prompts[0], cache)
+    if n_ret > 1:  # fork: every prompt's state and next-token logits copied into its n rows
+        fork = torch.arange(len(prompts), device=lm.device).repeat_interleave(n_ret)
+        cache, logits = cache.select(fork), logits.index_select(0, fork)
+        prompts = [p for p in prompts for _ in range(n_ret)]
     result.prefill_seconds = time.perf_counter() - t0
 
     seen = None

@@ -8,7 +8,8 @@ template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stre
 ``POST /tokenize``, ``POST /detokenize``.
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
-``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``; ``n`` must be 1. A user
+``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``, ``n`` (1 to max_batch
+choices, not streamed: one prefill whose state each choice continues; choice i samples with ``seed + i``). A user
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
@@ -251,11 +252,15 @@ class ChatService:
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
-    def _config(self, body: dict, min_new: int = 1) -> GenerationConfig:
+    def _config(self, body: dict, min_new: int = 1, choices: bool = False) -> GenerationConfig:
+        """The request's GenerationConfig; ``choices``: ``n`` (1..max_batch) goes into its num_return_sequences."""
         d = self.defaults
         n = body.get("n", 1)
-        if n != 1:
-            raise RequestError("only n = 1 is supported", "n")
+        if not choices and n != 1:
+            raise RequestError("only n = 1 is supported here", "n")
+        top_n = self.decoder.max_batch
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top_n:
+            raise RequestError(f"n must be an integer from 1 to {top_n} (this server's --max-batch), got {n!r}", "n")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = _number(body, key, int, min_new, self.max_new_tokens_limit, d.max_new_tokens)
         kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}
@@ -274,7 +279,7 @@ class ChatService:
             raise RequestError("stop must be a string or a list of non-empty strings", "stop")
         try:
             return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
-                                       eos_token_id=self.tokenizer.eos_token_id, **kw)
+                                       eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)
         except ValueError as e:  # what GenerationConfig itself refuses (top_p 0, ...), named by its field
             field = next((k for k in ("top_p", "repetition_penalty", "temperature") if f".{k} " in str(e)), None)
             raise RequestError(str(e).replace("GenerationConfig.", ""), field) from None
@@ -298,7 +303,10 @@ class ChatService:
         """A request checked and decoded (RequestError naming the field otherwise), ready for :meth:`answer`."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        return self._config(body), *self._inputs(body)
+        cfg = self._config(body, choices=True)
+        if cfg.num_return_sequences > 1 and body.get("stream"):
+            raise RequestError("n > 1 is not streamed: ask for several choices without stream", "n")
+        return cfg, *self._inputs(body)
 
     def complete(self, body: dict, streamer: Callable[[str], None] | None = None) -> dict:
         """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced)."""
@@ -306,8 +314,12 @@ class ChatService:
 
     def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None) -> dict:
         """The chat.completion of a prepared request, decoded in the shared batch (``streamer`` receives the
-        text as it is produced, on the calling thread)."""
+        text as it is produced, on the calling thread). ``n`` choices continue one prefilled state (forks of the
+        first choice's job); choice i samples with ``seed + i`` when a seed is given."""
         cfg, ids, images, instructions, n_pos, dropped, resume = prepared
+        n = cfg.num_return_sequences
+        if n > 1 and streamer is not None:
+            raise RequestError("n > 1 is not streamed: ask for several choices without stream", "n")
         info: dict = {}
 
         def start():  # on the decoder's thread: the state cache is touched there only
@@ -336,22 +348,29 @@ class ChatService:
             text = seq.text()
             if self.state_cache_size:
                 self._keep_state(ids, images, seq, text, state)
-            n_new = len(seq.tokens)
-            return {
-                "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "length" if seq.reason == "length" else "stop"}],
-                "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
-                "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
-                               "prefill_seconds": stats["prefill_seconds"], "finish_reason": seq.reason,
-                               "dropped_system_messages": dropped, "state_cache": "hit" if info["hit"] else "miss",
-                               "prefilled_positions": info["prefilled"], "batch_rows": stats["max_batch_rows"],
-                               "prefill_chunks": stats["prefill_chunks"]},
-            }
+            return {"text": text, "reason": seq.reason, "tokens": len(seq.tokens), "stats": stats}
 
-        job = DecodeJob(cfg, start, finish, self.tokenizer, stream=streamer is not None)
-        return self.decoder.run(job, streamer)
+        jobs = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
+                                              seed=None if cfg.seed is None else cfg.seed + i),
+                          start, finish, self.tokenizer, stream=streamer is not None) for i in range(n)]
+        jobs[0].forks = jobs[1:]
+        self.decoder.submit(jobs[0])
+        outs = [jobs[0].wait(streamer)] + [j.wait() for j in jobs[1:]]
+        stats = outs[0]["stats"]
+        n_new = sum(o["tokens"] for o in outs)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": o["text"]},
+                         "finish_reason": "length" if o["reason"] == "length" else "stop"} for i, o in enumerate(outs)],
+            "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
+            "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
+                           "prefill_seconds": stats["prefill_seconds"], "finish_reason": outs[0]["reason"],
+                           "dropped_system_messages": dropped, "state_cache": "hit" if info["hit"] else "miss",
+                           "prefilled_positions": info["prefilled"],
+                           "batch_rows": max(o["stats"]["max_batch_rows"] for o in outs),
+                           "prefill_chunks": stats["prefill_chunks"]},
+        }
 
     def _keep_state(self, ids: list[int], images: list, seq, text: str, state) -> None:
         """Store the state after this answer under the history a follow-up request will send, when the answer's

@@ -433,3 +433,32 @@ def test_close_fails_a_request_still_being_prefilled(lm):
         with pytest.raises(RuntimeError, match="the decoder was closed"):
             j.wait(timeout=10)
     assert dec.pending == []
+
+
+
+def test_forks_continue_one_prefill_and_wait_for_room(lm, monkeypatch):
+    """A job with forks is prefilled once (counted) and each fork decodes from a copy of that state with its own
+    settings: each equals generate() on the prompt alone with those settings. With max_batch 4 and a running row,
+    a job with three forks (four rows) waits until it fits, then runs."""
+    from emma_mamba.inference import batching
+
+    calls = []
+    real = batching._prefill
+    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps, cache: calls.append(len(ps)) or real(lm_, ps, cache))
+    dec = BatchDecoder(lm, max_batch=4)
+    ids = prompts(1, seed=8)[0]
+    cfgs = [CONFIGS[1], dataclass_replace(CONFIGS[1], seed=4), CONFIGS[3], GenerationConfig(max_new_tokens=5)]
+    running = dec.submit(job(lm, prompts(1, seed=9)[0], GenerationConfig(max_new_tokens=12)))
+    deadline = time.perf_counter() + 30
+    while dec.decode_steps < 2 and time.perf_counter() < deadline:
+        time.sleep(0.001)
+    main = job(lm, ids, cfgs[0])
+    main.forks = [job(lm, ids, c) for c in cfgs[1:]]
+    dec.submit(main)
+    results = [j.wait(timeout=60) for j in [main] + main.forks]
+    first = running.wait(timeout=60)
+    for r, c in zip(results, cfgs):
+        check(lm, r, ids, c)
+    assert calls == [1, 1]  # the running job's prefill, then the forked job's: one prefill for four rows
+    assert all(r["max_batch_rows"] == 4 for r in results) and first["max_batch_rows"] == 1  # it waited for room
+    dec.close()

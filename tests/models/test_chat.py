@@ -207,9 +207,9 @@ def test_generate_continuation_argument_errors(text_lm):
     lm, tok = text_lm
     with pytest.raises(TypeError, match="cache must be a MambaCache"):
         generate(lm, input_ids=[1, 2], cache="state")
-    with pytest.raises(ValueError, match="one prompt and a one-row cache, got 2 prompts"):
+    with pytest.raises(ValueError, match="one prompt, one continuation and a one-row cache, got 2 prompts"):
         generate(lm, input_ids=[[1, 2], [3, 4]], cache=lm.allocate_cache(1))
-    with pytest.raises(ValueError, match="got 1 prompts and 2 cache rows"):
+    with pytest.raises(ValueError, match="got 1 prompts x 1 and 2 cache rows"):
         generate(lm, input_ids=[1, 2], cache=lm.allocate_cache(2))
 
 

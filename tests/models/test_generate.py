@@ -156,6 +156,35 @@ def test_inputs_embeds_prompt_equals_ids_prompt():
     assert generate(lm, inputs_embeds=embeds[0], config=_greedy(8)).sequences == want[:1]
 
 
+def test_num_return_sequences_forks_each_prompts_state(monkeypatch):
+    """n continuations per prompt: one prefill per prompt (counted), then prompt-major rows equal to generating
+    from the prompt repeated n times (each repeat prefilled on its own), sampled with the same seeded generator;
+    greedy rows all equal the single greedy continuation; repetition penalties count each row's own prompt."""
+    from emma_mamba.inference import generate as gen_mod
+
+    lm = _lm(seed=2)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 8)]
+    cfg = GenerationConfig(max_new_tokens=9, temperature=1.1, top_k=20, seed=4, eos_token_id=None,
+                           repetition_penalty=1.2)
+    want = generate(lm, input_ids=[p for p in prompts for _ in range(3)], config=cfg)
+    prefilled = []
+    real = gen_mod._prefill
+    monkeypatch.setattr(gen_mod, "_prefill", lambda lm_, ps, cache: prefilled.append(len(ps)) or real(lm_, ps, cache))
+    got = generate(lm, input_ids=prompts, config=GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 3}))
+    assert prefilled == [2]  # the two prompts, not six rows
+    assert got.sequences == want.sequences and len(got.sequences) == 6
+    assert len({tuple(s) for s in got.sequences[:3]}) > 1  # the forks sample apart
+    assert got.prompt_lengths == [5, 5, 5, 8, 8, 8] and got.finish_reasons == want.finish_reasons
+    greedy = generate(lm, input_ids=prompts[0], config=GenerationConfig(max_new_tokens=7, eos_token_id=None,
+                                                                        num_return_sequences=4))
+    assert greedy.sequences == [_greedy_by_full_forward(lm, prompts[0], 7)] * 4
+    with pytest.raises(ValueError, match="num_return_sequences must be an integer >= 1"):
+        GenerationConfig(num_return_sequences=0)
+    with pytest.raises(ValueError, match="one continuation"):
+        generate(lm, input_ids=prompts[0], config=GenerationConfig(num_return_sequences=2),
+                 cache=lm.allocate_cache(1))
+
+
 def test_pick_rules_by_hand():
     V = 6
     logits = torch.tensor([[2.0, 1.5, -1.0, 0.0, 0.5, 9.0]])

@@ -143,7 +143,9 @@ def test_system_messages_are_dropped_and_said_so(server):
         "url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "messages[0].content[0].image_url.url",
      "cannot be decoded"),
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]", "content part"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "only n = 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n", "n must be an integer from 1 to 8"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "n must be an integer from 1 to 8"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, "n", "n > 1 is not streamed"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, "max_tokens", "must be in"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
@@ -313,3 +315,22 @@ def test_api_key(model):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_n_choices_continue_one_prefill(server, model):
+    """n = 3 sampled choices with a seed: choice i is the answer of the same request alone with seed + i (one
+    prefill: the decoder forks its state), usage counts every choice's tokens; n greedy choices are equal."""
+    url, svc = server
+    body = {"messages": [user("Describe the picture.")], "max_tokens": 6, "temperature": 1.0, "seed": 11}
+    status, text = post(url, {**body, "n": 3})
+    assert status == 200
+    out = json.loads(text)
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    alone = [json.loads(post(url, {**body, "seed": 11 + i})[1]) for i in range(3)]
+    assert [c["message"] for c in out["choices"]] == [a["choices"][0]["message"] for a in alone]
+    assert len({c["message"]["content"] for c in out["choices"]}) > 1
+    assert out["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    assert out["usage"]["prompt_tokens"] == alone[0]["usage"]["prompt_tokens"]
+    assert out["emma_mamba"]["batch_rows"] == 3
+    greedy = json.loads(post(url, {"messages": [user("Colour?")], "max_tokens": 5, "n": 2})[1])
+    assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
