@@ -57,6 +57,11 @@ class GenerationConfig:
     """Stop when the generated text contains one of these (needs a tokenizer); the text is cut before it."""
     seed: int | None = None
     """Seed of the sampling generator (None: torch's global RNG)."""
+    prefill_chunk: int | None = None
+    """Prefill long prompts this many positions at a time, the state carried from chunk to chunk (None: whole):
+    the same result (to rounding) with the prefill's transient activations bounded by the chunk instead of the
+    prompt, for very long prompts (documents, many images). In a batch of prompts of different lengths the first
+    chunk also holds the left padding."""
     num_return_sequences: int = 1
     """Continuations per prompt (best-of-n, pass@k, self-consistency): each prompt is prefilled once and its
     recurrent state copied into that many rows (a Mamba state is a fixed-size row: forking it costs a copy, not a
@@ -83,6 +88,9 @@ class GenerationConfig:
         if not self.repetition_penalty > 0:
             raise ValueError(f"GenerationConfig.repetition_penalty must be > 0 (1 = off), got "
                              f"{self.repetition_penalty!r}")
+        c = self.prefill_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise ValueError(f"GenerationConfig.prefill_chunk must be a positive integer or None, got {c!r}")
         n = self.num_return_sequences
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"GenerationConfig.num_return_sequences must be an integer >= 1, got {n!r}")
@@ -224,10 +232,22 @@ def default_max_positions(device: torch.device) -> int | None:
     return PREFILL_CPU_MAX_POSITIONS if device.type == "cpu" else None
 
 
-def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_positions: int | None | str = "auto"):
+def _chunks(longest: int, shortest: int, chunk: int | None) -> list[tuple[int, int]]:
+    """[start, end) position ranges of a padded prefill of prompts of these lengths: one range without ``chunk``;
+    else the first range holds every row's left padding and ``chunk`` of its real positions, the others
+    ``chunk`` positions each, so that only the first range has padding (and needs ``seq_idx``)."""
+    if chunk is None or longest <= chunk:
+        return [(0, longest)]
+    first = min(longest, longest - shortest + chunk)
+    return [(0, first)] + [(s, min(s + chunk, longest)) for s in range(first, longest, chunk)]
+
+
+def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_positions: int | None | str = "auto",
+             chunk: int | None = None):
     """Prefill every prompt into its row of ``cache``; returns the next-token logits (b, padded_vocab) fp32.
     Prompts of different lengths in one batch are left-padded, with ``seq_idx`` restarting the state at each
-    prompt (module docstring). ``max_positions="auto"``: :func:`default_max_positions` of the model's device."""
+    prompt (module docstring). ``max_positions="auto"``: :func:`default_max_positions` of the model's device.
+    ``chunk``: at most that many positions per forward past the padding (:func:`_chunks`), the states carried."""
     if max_positions == "auto":
         max_positions = default_max_positions(lm.device)
     lengths = [(ids if ids is not None else emb).shape[0] for ids, emb in prompts]
@@ -244,12 +264,12 @@ def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_posit
         def padded(x):  # (l, ...) -> (longest, ...), zeros in front
             return x if x.shape[0] == longest else torch.cat([x.new_zeros(longest - x.shape[0], *x.shape[1:]), x])
 
-        if prompts[rows[0]][0] is not None:
-            out = lm(input_ids=torch.stack([padded(prompts[i][0]) for i in rows]), seq_idx=seq_idx, cache=sub,
-                     num_last_tokens=1)
-        else:
-            out = lm(inputs_embeds=torch.stack([padded(prompts[i][1]) for i in rows]), seq_idx=seq_idx, cache=sub,
-                     num_last_tokens=1)
+        ids = prompts[rows[0]][0] is not None
+        x = torch.stack([padded(prompts[i][0 if ids else 1]) for i in rows])  # (rows, longest[, d_model])
+        for s, e in _chunks(longest, min(lengths[i] for i in rows), chunk):
+            sid = seq_idx[:, s:e] if seq_idx is not None and s == 0 else None  # later chunks: no padding
+            out = lm(input_ids=x[:, s:e], seq_idx=sid, cache=sub, num_last_tokens=1) if ids else \
+                lm(inputs_embeds=x[:, s:e], seq_idx=sid, cache=sub, num_last_tokens=1)
         idx = torch.tensor(rows, device=lm.device)
         logits.index_copy_(0, idx, out.logits[:, -1].float())
         cache.index_copy_(idx, sub)
@@ -257,11 +277,14 @@ def _prefill(lm, prompts, cache, pad_waste: float = PREFILL_PAD_WASTE, max_posit
     return logits
 
 
-def _continue(lm, prompt, cache) -> torch.Tensor:
-    """Prefill one prompt (ids, embeds) on top of a one-row cache's context; the next-token logits (1, V) fp32."""
+def _continue(lm, prompt, cache, chunk: int | None = None) -> torch.Tensor:
+    """Prefill one prompt (ids, embeds) on top of a one-row cache's context (``chunk`` positions at a time); the
+    next-token logits (1, V) fp32."""
     ids, emb = prompt
-    out = lm(input_ids=ids[None], cache=cache, num_last_tokens=1) if ids is not None else \
-        lm(inputs_embeds=emb[None], cache=cache, num_last_tokens=1)
+    x = ids if ids is not None else emb
+    for s, e in _chunks(x.shape[0], x.shape[0], chunk):
+        out = lm(input_ids=x[None, s:e], cache=cache, num_last_tokens=1) if ids is not None else \
+            lm(inputs_embeds=x[None, s:e], cache=cache, num_last_tokens=1)
     return out.logits[:, -1].float()
 
 
@@ -478,9 +501,9 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     t0 = time.perf_counter()
     if cache is None:
         cache = lm.allocate_cache(len(prompts))
-        logits = _prefill(lm, prompts, cache)
+        logits = _prefill(lm, prompts, cache, chunk=cfg.prefill_chunk)
     else:  # chunked prefill on top of the cached context
-        logits = _continue(lm, prompts[0], cache)
+        logits = _continue(lm, prompts[0], cache, cfg.prefill_chunk)
     if n_ret > 1:  # fork: every prompt's state and next-token logits copied into its n rows
         fork = torch.arange(len(prompts), device=lm.device).repeat_interleave(n_ret)
         cache, logits = cache.select(fork), logits.index_select(0, fork)

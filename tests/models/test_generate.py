@@ -169,7 +169,8 @@ def test_num_return_sequences_forks_each_prompts_state(monkeypatch):
     want = generate(lm, input_ids=[p for p in prompts for _ in range(3)], config=cfg)
     prefilled = []
     real = gen_mod._prefill
-    monkeypatch.setattr(gen_mod, "_prefill", lambda lm_, ps, cache: prefilled.append(len(ps)) or real(lm_, ps, cache))
+    monkeypatch.setattr(gen_mod, "_prefill", lambda lm_, ps, cache, **kw: prefilled.append(len(ps)) or
+                        real(lm_, ps, cache, **kw))
     got = generate(lm, input_ids=prompts, config=GenerationConfig(**{**cfg.__dict__, "num_return_sequences": 3}))
     assert prefilled == [2]  # the two prompts, not six rows
     assert got.sequences == want.sequences and len(got.sequences) == 6
@@ -183,6 +184,50 @@ def test_num_return_sequences_forks_each_prompts_state(monkeypatch):
     with pytest.raises(ValueError, match="one continuation"):
         generate(lm, input_ids=prompts[0], config=GenerationConfig(num_return_sequences=2),
                  cache=lm.allocate_cache(1))
+
+
+def test_chunked_prefill_gives_the_whole_prefills_answers_and_states(monkeypatch):
+    """prefill_chunk: a batch of prompts of different lengths (ids and embeddings), and a continuation of a cached
+    context, prefilled a few positions at a time (forwards counted: padding only in the first) give the tokens and
+    final states of the whole prefill (1e-5)."""
+    lm = _lm(seed=6)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 13, 30, 31)]
+    widths = []
+    real = lm.forward
+
+    def counted(*a, **k):
+        x = k.get("input_ids") if k.get("input_ids") is not None else k.get("inputs_embeds")
+        widths.append((x.shape[1], k.get("seq_idx") is not None))
+        return real(*a, **k)
+
+    for kind in ("ids", "embeds"):
+        whole_cfg = GenerationConfig(max_new_tokens=6, eos_token_id=None)
+        chunked_cfg = GenerationConfig(max_new_tokens=6, eos_token_id=None, prefill_chunk=4)
+        inp = ({"input_ids": prompts} if kind == "ids" else
+               {"inputs_embeds": [lm.embeddings(torch.tensor(p)).detach() for p in prompts]})
+        want = generate(lm, config=whole_cfg, **inp)
+        widths.clear()
+        monkeypatch.setattr(lm, "forward", counted)
+        got = generate(lm, config=chunked_cfg, **inp)
+        monkeypatch.setattr(lm, "forward", real)
+        assert got.sequences == want.sequences
+        prefill = [w for w in widths if w[0] > 1]
+        assert len(prefill) > len(prompts) and all(w <= 4 for w, padded in prefill if not padded)
+    # continuing a cached context, chunked, against the same continuation whole
+    ctx, more = prompts[2], prompts[1]
+    states = []
+    for chunk in (None, 3):
+        cache = lm.allocate_cache(1)
+        with torch.no_grad():
+            lm(input_ids=torch.tensor([ctx]), cache=cache)
+        res = generate(lm, input_ids=more, cache=cache,
+                       config=GenerationConfig(max_new_tokens=5, eos_token_id=None, prefill_chunk=chunk))
+        states.append((res.sequences, cache))
+    assert states[0][0] == states[1][0]
+    for a, b in zip(states[0][1].ssm_states + states[0][1].conv_states, states[1][1].ssm_states + states[1][1].conv_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+        GenerationConfig(prefill_chunk=0)
 
 
 def test_pick_rules_by_hand():
