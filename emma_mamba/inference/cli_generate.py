@@ -61,6 +61,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prefill a long prompt N positions at a time (memory bounded by N; default: whole)")
     add_sampling_arguments(p)
 
 
@@ -181,6 +183,10 @@ def _run(args) -> int:
     from emma_mamba.inference.generate import generate
 
     device, dtype, gcfg = setup(args)
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+        gcfg.prefill_chunk = args.prefill_chunk
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise UsageError("the prompt is empty")

@@ -324,6 +324,16 @@ def test_cli_generate(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli_main(["generate", "--lm", str(tmp_path / "empty"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err
+    # --prefill-chunk: the same continuation as the whole prefill
+    prompt = "The quick brown fox jumps over the lazy dog, again and again"
+    outs = []
+    for extra in ([], ["--prefill-chunk", "3"]):
+        assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "6",
+                         *extra]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith(prompt)
+    assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", "x", "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be >= 1" in capsys.readouterr().err
 
 
 
