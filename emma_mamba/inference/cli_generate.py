@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--prompt", required=True, help='prompt text ("-" reads it from stdin)')
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
-                   help="prefill a long prompt N positions at a time (memory bounded by N; default: whole)")
+                   help="prefill a long prompt N positions at a time (memory bounded by N; 0: whole; default: "
+                        "1024 on the CPU, whole on a GPU)")
     add_sampling_arguments(p)
 
 
@@ -184,9 +185,9 @@ def _run(args) -> int:
 
     device, dtype, gcfg = setup(args)
     if args.prefill_chunk is not None:
-        if args.prefill_chunk < 1:
-            raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
-        gcfg.prefill_chunk = args.prefill_chunk
+        if args.prefill_chunk < 0:
+            raise UsageError(f"--prefill-chunk must be >= 0 (0: whole), got {args.prefill_chunk}")
+        gcfg.prefill_chunk = args.prefill_chunk or None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise UsageError("the prompt is empty")

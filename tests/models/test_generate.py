@@ -201,7 +201,7 @@ def test_chunked_prefill_gives_the_whole_prefills_answers_and_states(monkeypatch
         return real(*a, **k)
 
     for kind in ("ids", "embeds"):
-        whole_cfg = GenerationConfig(max_new_tokens=6, eos_token_id=None)
+        whole_cfg = GenerationConfig(max_new_tokens=6, eos_token_id=None, prefill_chunk=None)
         chunked_cfg = GenerationConfig(max_new_tokens=6, eos_token_id=None, prefill_chunk=4)
         inp = ({"input_ids": prompts} if kind == "ids" else
                {"inputs_embeds": [lm.embeddings(torch.tensor(p)).detach() for p in prompts]})
@@ -226,8 +226,12 @@ def test_chunked_prefill_gives_the_whole_prefills_answers_and_states(monkeypatch
     assert states[0][0] == states[1][0]
     for a, b in zip(states[0][1].ssm_states + states[0][1].conv_states, states[1][1].ssm_states + states[1][1].conv_states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer"):
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive integer, None or 'auto'"):
         GenerationConfig(prefill_chunk=0)
+    from emma_mamba.inference.generate import PREFILL_CPU_CHUNK, resolve_prefill_chunk
+
+    assert resolve_prefill_chunk("auto", torch.device("cpu")) == PREFILL_CPU_CHUNK
+    assert resolve_prefill_chunk("auto", torch.device("cuda")) is None and resolve_prefill_chunk(7, None) == 7
 
 
 def test_pick_rules_by_hand():
@@ -327,13 +331,13 @@ def test_cli_generate(tmp_path, capsys):
     # --prefill-chunk: the same continuation as the whole prefill
     prompt = "The quick brown fox jumps over the lazy dog, again and again"
     outs = []
-    for extra in ([], ["--prefill-chunk", "3"]):
+    for extra in (["--prefill-chunk", "0"], ["--prefill-chunk", "3"]):
         assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "6",
                          *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].startswith(prompt)
-    assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", "x", "--prefill-chunk", "0"]) == 2
-    assert "--prefill-chunk must be >= 1" in capsys.readouterr().err
+    assert cli_main(["generate", "--lm", str(tmp_path / "ckpt"), "--prompt", "x", "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk must be >= 0" in capsys.readouterr().err
 
 
 
