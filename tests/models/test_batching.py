@@ -448,13 +448,16 @@ def test_forks_continue_one_prefill_and_wait_for_room(lm, monkeypatch):
     dec = BatchDecoder(lm, max_batch=4)
     ids = prompts(1, seed=8)[0]
     cfgs = [CONFIGS[1], dataclass_replace(CONFIGS[1], seed=4), CONFIGS[3], GenerationConfig(max_new_tokens=5)]
-    running = dec.submit(job(lm, prompts(1, seed=9)[0], GenerationConfig(max_new_tokens=12)))
+    running = dec.submit(job(lm, prompts(1, seed=9)[0], GenerationConfig(max_new_tokens=400)))
     deadline = time.perf_counter() + 30
     while dec.decode_steps < 2 and time.perf_counter() < deadline:
         time.sleep(0.001)
     main = job(lm, ids, cfgs[0])
     main.forks = [job(lm, ids, c) for c in cfgs[1:]]
     dec.submit(main)
+    while dec._held is not main and not main.done.is_set() and time.perf_counter() < deadline:
+        time.sleep(0.0005)
+    assert dec._held is main and dec.active == 1  # taken from the queue, waiting for room for its four rows
     results = [j.wait(timeout=60) for j in [main] + main.forks]
     first = running.wait(timeout=60)
     for r, c in zip(results, cfgs):
