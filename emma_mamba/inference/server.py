@@ -9,7 +9,7 @@ template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stre
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``, ``n`` (1 to max_batch
-choices, not streamed: one prefill whose state each choice continues; choice i samples with ``seed + i``). A user
+choices from one prefill whose state each choice continues; choice i samples with ``seed + i``). A user
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
@@ -303,23 +303,24 @@ class ChatService:
         """A request checked and decoded (RequestError naming the field otherwise), ready for :meth:`answer`."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        cfg = self._config(body, choices=True)
-        if cfg.num_return_sequences > 1 and body.get("stream"):
-            raise RequestError("n > 1 is not streamed: ask for several choices without stream", "n")
-        return cfg, *self._inputs(body)
+        return self._config(body, choices=True), *self._inputs(body)
 
     def complete(self, body: dict, streamer: Callable[[str], None] | None = None) -> dict:
         """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced)."""
         return self.answer(self.prepare(body), streamer)
 
-    def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None) -> dict:
-        """The chat.completion of a prepared request, decoded in the shared batch (``streamer`` receives the
-        text as it is produced, on the calling thread). ``n`` choices continue one prefilled state (forks of the
-        first choice's job); choice i samples with ``seed + i`` when a seed is given."""
+    def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None,
+               on_chunk: Callable[[int, str], None] | None = None) -> dict:
+        """The chat.completion of a prepared request, decoded in the shared batch. ``streamer`` (one choice)
+        receives the text as it is produced, on the calling thread; ``on_chunk(index, text)`` each choice's.
+        ``n`` choices continue one prefilled state (forks of the first choice's job); choice i samples with
+        ``seed + i`` when a seed is given."""
         cfg, ids, images, instructions, n_pos, dropped, resume = prepared
         n = cfg.num_return_sequences
-        if n > 1 and streamer is not None:
-            raise RequestError("n > 1 is not streamed: ask for several choices without stream", "n")
+        if streamer is not None:
+            if n > 1:
+                raise ValueError("ChatService.answer: a streamer takes one choice; pass on_chunk for n > 1")
+            on_chunk = None
         info: dict = {}
 
         def start():  # on the decoder's thread: the state cache is touched there only
@@ -350,11 +351,18 @@ class ChatService:
                 self._keep_state(ids, images, seq, text, state)
             return {"text": text, "reason": seq.reason, "tokens": len(seq.tokens), "stats": stats}
 
+        streamed = streamer is not None or on_chunk is not None
         jobs = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
                                               seed=None if cfg.seed is None else cfg.seed + i),
-                          start, finish, self.tokenizer, stream=streamer is not None) for i in range(n)]
+                          start, finish, self.tokenizer, stream=streamed) for i in range(n)]
         jobs[0].forks = jobs[1:]
+        merged: queue.Queue = queue.Queue()
+        if on_chunk is not None:  # every choice's chunks into one queue, tagged with its index
+            for i, job in enumerate(jobs):
+                job.chunks = _Tagged(merged, i)
         self.decoder.submit(jobs[0])
+        if on_chunk is not None:
+            _drain(jobs, merged, on_chunk)
         outs = [jobs[0].wait(streamer)] + [j.wait() for j in jobs[1:]]
         stats = outs[0]["stats"]
         n_new = sum(o["tokens"] for o in outs)
@@ -432,24 +440,15 @@ class ChatService:
                 for i, ids in enumerate(prompts):
                     text = self.tokenizer.decode(ids, skip_special_tokens=False)
                     send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
-            left, n_new = len(jobs), 0
-            while left:
-                i, text = merged.get()
-                if text is not _END:
-                    send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
-                    continue
-                left -= 1
-                job = jobs[i]
-                job.done.wait()
-                if job.error is not None:
-                    raise job.error
-                n_new += job.result["_completion_tokens"]
-                send(chunk([{"index": i, "text": "", "logprobs": None,
-                             "finish_reason": job.result["finish_reason"]}]))
+            _drain(jobs, merged,
+                   lambda i, text: send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])),
+                   lambda i, res: send(chunk([{"index": i, "text": "", "logprobs": None,
+                                               "finish_reason": res["finish_reason"]}])))
         except BaseException:
             for job in jobs:
                 job.cancelled = True
             raise
+        n_new = sum(job.result["_completion_tokens"] for job in jobs)
         n_prompt = sum(len(p) for p in prompts)
         send(chunk([], usage={"prompt_tokens": n_prompt, "completion_tokens": n_new,
                               "total_tokens": n_prompt + n_new}))
@@ -692,15 +691,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
 
-        def send(delta: dict, finish=None, extra: dict | None = None):
+        def send(delta: dict, finish=None, extra: dict | None = None, index: int = 0):
             chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **(extra or {})}
+                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
 
-        send({"role": "assistant", "content": ""})
+        n = prepared[0].num_return_sequences
+        for i in range(n):
+            send({"role": "assistant", "content": ""}, index=i)
         try:
-            out = svc.answer(prepared, streamer=lambda text: send({"content": text}))
+            out = svc.answer(prepared, on_chunk=lambda i, text: send({"content": text}, index=i))
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
@@ -708,7 +709,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(_error_body(f'{type(e).__name__}: {e}', None, 'server_error'))}"
                              f"\n\n".encode())
         else:
-            send({}, out["choices"][0]["finish_reason"], {"usage": out["usage"]})
+            for c in out["choices"]:  # the usage with the last choice's finish
+                send({}, c["finish_reason"], {"usage": out["usage"]} if c["index"] == n - 1 else None, c["index"])
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -716,6 +718,30 @@ class _Handler(BaseHTTPRequestHandler):
 def _web_ui_page() -> bytes:
     """The chat page (a client of /v1/chat/completions; no other files, nothing fetched from elsewhere)."""
     return (Path(__file__).resolve().parent.parent / "assets" / "webui.html").read_bytes()
+
+
+def _drain(jobs: list[DecodeJob], merged: queue.Queue, on_text: Callable[[int, str], None],
+           on_end: Callable[[int, object], None] | None = None) -> None:
+    """Pass the (index, chunk) items of ``jobs``' shared chunk queue to ``on_text`` on this thread, and each job's
+    result to ``on_end`` when it ends, until every job has ended; a job's error is raised; anything raised here
+    (e.g. the client went away) cancels every job."""
+    try:
+        left = len(jobs)
+        while left:
+            i, text = merged.get()
+            if text is not _END:
+                on_text(i, text)
+                continue
+            left -= 1
+            jobs[i].done.wait()
+            if jobs[i].error is not None:
+                raise jobs[i].error
+            if on_end is not None:
+                on_end(i, jobs[i].result)
+    except BaseException:
+        for job in jobs:
+            job.cancelled = True
+        raise
 
 
 class _Tagged:

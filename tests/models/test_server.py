@@ -145,7 +145,6 @@ def test_system_messages_are_dropped_and_said_so(server):
     ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0]", "content part"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n", "n must be an integer from 1 to 8"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n", "n must be an integer from 1 to 8"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, "n", "n > 1 is not streamed"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, "max_tokens", "must be in"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
@@ -334,3 +333,14 @@ def test_n_choices_continue_one_prefill(server, model):
     assert out["emma_mamba"]["batch_rows"] == 3
     greedy = json.loads(post(url, {"messages": [user("Colour?")], "max_tokens": 5, "n": 2})[1])
     assert greedy["choices"][0]["message"] == greedy["choices"][1]["message"]
+    # streamed: each index's deltas concatenate to its choice, each index ends with its finish_reason
+    status, raw = post(url, {**body, "n": 3, "stream": True})
+    assert status == 200
+    events = [json.loads(x[6:]) for x in raw.split("\n\n") if x.startswith("data: {")]
+    assert raw.rstrip().endswith("data: [DONE]")
+    for c in out["choices"]:
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == c["index"]]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(m["delta"].get("content", "") for m in mine) == c["message"]["content"]
+        assert [m["finish_reason"] for m in mine if m["finish_reason"]] == [c["finish_reason"]]
+    assert events[-1]["usage"] == out["usage"]
