@@ -132,3 +132,36 @@ def test_the_whole_page_script_parses_and_runs_without_a_dom(tmp_path):
                                       "console.log(Object.keys(m).sort().join(','))"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "buildRequest,parseEvents,streamChat", r.stderr
+
+
+def _jsdom() -> bool:
+    if shutil.which("node") is None:
+        return False
+    return subprocess.run(["node", "-e", "require('jsdom')"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _jsdom(), reason="needs Node.js with jsdom (npm install jsdom; NODE_PATH)")
+def test_the_page_in_jsdom_holds_a_conversation_as_the_service_does(svc):
+    """The whole page (its DOM code too) in jsdom against a live server: the model name shown, an image picked and
+    previewed, a question and a follow-up sent through the form; the answers shown are the service's for the same
+    conversation and settings, and the follow-up continued the server's cached state."""
+    from tests.models.test_server import CAT, user
+
+    srv, url = serve(svc)
+    try:
+        r = subprocess.run(["node", str(Path(__file__).with_name("webui_drive.js")), url, CAT], capture_output=True,
+                           text=True, timeout=120)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"] == "model: tiny-test" and out["preview"].startswith("data:image/png;base64,")
+    body = {"max_tokens": 6, "temperature": 1, "seed": 3}
+    a1 = svc.complete({"messages": [user("What is in the picture?")], **body})["choices"][0]["message"]["content"]
+    second = svc.complete({"messages": [user("What is in the picture?"), {"role": "assistant", "content": a1},
+                                        {"role": "user", "content": "And its colour?"}], **body})
+    shown = [t for c, t in out["turns"] if c == "turn assistant"]
+    assert shown == [a1, second["choices"][0]["message"]["content"]]
+    assert [t for c, t in out["turns"] if c == "turn user"] == ["What is in the picture?", "And its colour?"]
+    assert second["emma_mamba"]["state_cache"] == "hit"

@@ -1,0 +1,40 @@
+// Drives emma-mamba serve's chat page (GET /) in jsdom against a live server: loads it, picks an image, asks,
+// follows up; prints what the page shows as JSON. Run by tests/models/test_webui.py where jsdom can be required
+// (e.g. `npm install jsdom` and NODE_PATH=<that folder>/node_modules); node drive.js BASE_URL IMAGE_FILE
+const {JSDOM} = require("jsdom");
+const fs = require("fs");
+const [base, imagePath] = [process.argv[2], process.argv[3]];
+(async () => {
+  const html = await (await fetch(base + "/")).text();
+  const dom = new JSDOM(html, {url: base + "/", runScripts: "dangerously", pretendToBeVisual: true,
+    beforeParse(window) {
+      window.fetch = (u, o) => fetch(new URL(u, base), o);  // Node's fetch (streams) inside the page
+      window.TextDecoder = TextDecoder;
+      window.HTMLFormElement.prototype.requestSubmit = function () {
+        this.dispatchEvent(new window.Event("submit", {cancelable: true}));
+      };
+    }});
+  const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  await sleep(300);
+  const out = {model: $("model").textContent};
+  // pick an image: a File in the input, then its change event
+  const bytes = fs.readFileSync(imagePath);
+  const file = new w.File([bytes], "cat.png", {type: "image/png"});
+  Object.defineProperty($("image"), "files", {value: [file]});
+  $("image").dispatchEvent(new w.Event("change"));
+  for (let i = 0; i < 50 && $("preview").style.display !== "block"; i++) await sleep(50);
+  out.preview = $("preview").src.slice(0, 22);
+  $("max_tokens").value = "6"; $("temperature").value = "1"; $("seed").value = "3";
+  async function ask(text) {
+    $("prompt").value = text;
+    $("prompt").dispatchEvent(new w.KeyboardEvent("keydown", {key: "Enter"}));
+    for (let i = 0; i < 400 && $("send").disabled !== false || i === 0; i++) await sleep(50);
+    for (let i = 0; i < 400 && $("send").disabled; i++) await sleep(50);
+  }
+  await ask("What is in the picture?");
+  await ask("And its colour?");
+  out.turns = [...d.querySelectorAll("#log .turn")].map((e) => [e.className, e.textContent]);
+  console.log(JSON.stringify(out));
+  process.exit(0);
+})().catch((e) => { console.error(e); process.exit(1); });
