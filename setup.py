@@ -98,16 +98,29 @@ def cuda_extra_include_dirs(cuda_home):
     return list(dict.fromkeys(dirs))
 
 
-def cuda_arch_flags():
-    archs = os.environ.get("EMMA_CUDA_ARCHS", "80;90")
-    flags = []
-    for a in archs.replace(",", ";").split(";"):
+def cuda_archs() -> list[str]:
+    """EMMA_CUDA_ARCHS (default 80;90) as a list like ['80', '90']."""
+    out = []
+    for a in os.environ.get("EMMA_CUDA_ARCHS", "80;90").replace(",", ";").split(";"):
         a = a.strip().lower().replace("sm_", "").replace(".", "")
         if not a:
             continue
         if not a.rstrip("a").isdigit():
             sys.exit(f"emma_mamba: EMMA_CUDA_ARCHS entry {a!r} is not an architecture like 80 or 90")
+        out.append(a)
+    return out
+
+
+def cuda_arch_flags():
+    """SASS for every listed architecture, and the newest one's PTX too, which the driver compiles for GPUs newer
+    than any listed (e.g. Blackwell from an 80;90 build), as PyTorch's '+PTX' does."""
+    archs = cuda_archs()
+    flags = []
+    for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    ptx = max((a for a in archs if a.isdigit()), key=int, default=None)  # not an arch-specific '90a'
+    if ptx is not None:
+        flags += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
     return flags
 
 
@@ -140,8 +153,10 @@ def build_plan():
     if extra_inc:  # after the toolkit's own include folder, so its cuda_runtime.h keeps matching nvcc
         nvcc += ["-I" + os.path.join(cuda_home, "include")] + ["-I" + d for d in extra_inc]
     lib_dir = cuda_lib_dir(cuda_home)
+    archs = ";".join(cuda_archs())  # recorded in the extension: ops checks the GPU against it
     ext = CUDAExtension("emma_mamba._C", cpp_sources + cu_sources,
-                        extra_compile_args={"cxx": cxx + ["-DEMMA_WITH_CUDA"], "nvcc": nvcc},
+                        extra_compile_args={"cxx": cxx + ["-DEMMA_WITH_CUDA", f'-DEMMA_CUDA_ARCH_LIST="{archs}"'],
+                                            "nvcc": nvcc},
                         library_dirs=[lib_dir] if lib_dir else [], extra_link_args=["-fopenmp"])
     return ext, True, None
 

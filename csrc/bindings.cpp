@@ -17,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef EMMA_WITH_CUDA
   EMMA_BIND(cuda, "cuda")
   m.attr("with_cuda") = true;
+#ifdef EMMA_CUDA_ARCH_LIST
+  m.attr("cuda_archs") = EMMA_CUDA_ARCH_LIST;  // e.g. "80;90": SASS for each, PTX of the newest
+#endif
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -87,7 +87,32 @@ def _load_compiled(suffix: str):
     if suffix == "cuda" and not getattr(_C, "with_cuda", False):
         raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
                                       "(no nvcc or CUDA torch at build time, or EMMA_SKIP_CUDA_BUILD=1)")
+    if suffix == "cuda" and torch.cuda.is_available():
+        archs = getattr(_C, "cuda_archs", None)
+        cc = torch.cuda.get_device_capability()
+        if archs is not None and not cuda_archs_cover(archs, cc):
+            raise BackendUnavailableError(
+                f"emma_mamba._C's CUDA kernels were built for sm_{archs.replace(';', ', sm_')} and cannot run on "
+                f"this GPU ({torch.cuda.get_device_name()}, sm_{cc[0]}{cc[1]}); rebuild with "
+                f"EMMA_CUDA_ARCHS={cc[0]}{cc[1]}")
     return kernels_of(_C, f"_{suffix}")
+
+
+def cuda_archs_cover(archs: str, cc: tuple[int, int]) -> bool:
+    """Whether kernels built for ``archs`` ("80;90": SASS for each, PTX of the newest plain one; see setup.py)
+    run on a GPU of compute capability ``cc``: SASS of the same major and a minor no higher (sm_80 code runs on
+    8.6 and 8.9; an arch-specific '90a' only on 9.0), or PTX of an architecture no newer, which the driver
+    compiles."""
+    listed = [a.strip().lower() for a in archs.split(";") if a.strip()]
+    dev = cc[0] * 10 + cc[1]
+    for a in listed:
+        if a.endswith("a"):
+            if int(a[:-1]) == dev:
+                return True
+        elif int(a) // 10 == cc[0] and int(a) % 10 <= cc[1]:
+            return True
+    plain = [int(a) for a in listed if a.isdigit()]
+    return bool(plain) and max(plain) <= dev
 
 
 def _load_triton():

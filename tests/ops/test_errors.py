@@ -160,3 +160,66 @@ def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ops.BackendUnavailableError, match=r"unknown backend 'gpu'"):
         with ops.use_backend("gpu"):
             pass
+
+
+@pytest.mark.parametrize("archs,cc,ok", [
+    ("80;90", (8, 0), True), ("80;90", (8, 6), True), ("80;90", (8, 9), True), ("80;90", (9, 0), True),
+    ("80;90", (7, 5), False),  # a T4: no SASS of its major, and the PTX (9.0) is newer than the GPU
+    ("80;90", (10, 0), True), ("80;90", (12, 0), True),  # Blackwell: the driver compiles the 9.0 PTX
+    ("90", (8, 0), False), ("80", (9, 0), True), ("86", (8, 0), False),
+    ("90a", (9, 0), True), ("90a", (10, 0), False),  # arch-specific code: that GPU only, no PTX
+])
+def test_cuda_archs_cover_by_hand(archs, cc, ok):
+    """Which GPUs a build's kernels run on (setup.py: SASS for each listed arch, PTX of the newest plain one): CUDA's
+    rules, by hand (SASS runs on the same major at an equal or higher minor; PTX on any GPU at least as new)."""
+    assert ops.cuda_archs_cover(archs, cc) is ok
+
+
+def test_a_build_for_other_gpus_falls_back_with_a_clear_reason(monkeypatch):
+    """The cuda backend on a GPU its build does not cover (here a T4, sm_75, faked) is unavailable, naming the
+    build's architectures, the GPU and the rebuild; automatic selection then runs CUDA tensors on triton."""
+    from emma_mamba import _C
+
+    if not getattr(_C, "with_cuda", False):
+        pytest.skip("emma_mamba._C was built without the CUDA kernels")
+    assert all(a.rstrip("a").isdigit() for a in _C.cuda_archs.split(";")), _C.cuda_archs  # recorded at build time
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(ops.BackendUnavailableError, match=r"built for sm_.* cannot run on this GPU \(Tesla T4, "
+                                                           r"sm_75\); rebuild with EMMA_CUDA_ARCHS=75"):
+        ops._load_compiled("cuda")
+    monkeypatch.setattr(ops, "_kernel_cache", {})
+    monkeypatch.setattr(ops, "_unavailable", {})
+    monkeypatch.setattr(ops, "_default", {})
+    monkeypatch.setattr(ops, "_forced", None)
+    monkeypatch.delenv("EMMA_MAMBA_BACKEND", raising=False)
+    assert ops.get_backend("cuda") in ("triton", "torch")
+
+
+def test_the_build_embeds_ptx_of_its_newest_arch():
+    """setup.py's newest listed architecture is also embedded as PTX (cuobjdump of the built extension)."""
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    from emma_mamba import _C
+
+    if not getattr(_C, "with_cuda", False):
+        pytest.skip("emma_mamba._C was built without the CUDA kernels")
+    tool = shutil.which("cuobjdump") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/cuobjdump"))), None)
+    if tool is None:
+        try:  # triton's wheel ships one
+            import triton
+
+            tool = next(iter(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                                    "cuobjdump"))), None)
+        except ImportError:
+            pass
+    if tool is None:
+        pytest.skip("cuobjdump (CUDA toolkit or triton) not found")
+    listed = subprocess.run([tool, "--list-ptx", "--list-elf", _C.__file__], capture_output=True, text=True).stdout
+    newest = max((a for a in _C.cuda_archs.split(";") if a.isdigit()), key=int)
+    assert f"sm_{newest}" in listed and ".ptx" in listed, listed[:2000]
+    assert all(f"sm_{a}" in listed for a in _C.cuda_archs.split(";")), os.path.basename(_C.__file__)
