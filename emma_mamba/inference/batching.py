@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from emma_mamba.inference.generate import (GenerationConfig, _pick, _prefill, _Sequence, _split_prompts,
-                                           decode_step)
+from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence,
+                                           _split_prompts, decode_step)
 
 __all__ = ["BatchDecoder", "DecodeJob", "token_logprobs"]
 
@@ -388,10 +388,9 @@ class BatchDecoder:
             p.prompt_logprobs = (p.prompt_logprobs or []) + token_logprobs(
                 out[:k], p.ids[s + 1:s + 1 + k], int(p.spec.get("logprobs") or 0), self.lm.config.vocab_size)
             last = out[-1:]
-        elif p.ids is not None:
-            last = self.lm(input_ids=p.ids[None, s:e], cache=p.cache, num_last_tokens=1).logits[:, -1].float()
         else:
-            last = self.lm(inputs_embeds=p.emb[None, s:e], cache=p.cache, num_last_tokens=1).logits[:, -1].float()
+            last = _continue(self.lm, (None if p.ids is None else p.ids[s:e], None if p.emb is None else p.emb[s:e]),
+                             p.cache)
         p.done, p.chunks = e, p.chunks + 1
         return last
 

@@ -356,12 +356,12 @@ class ChatService:
                                               seed=None if cfg.seed is None else cfg.seed + i),
                           start, finish, self.tokenizer, stream=streamed) for i in range(n)]
         jobs[0].forks = jobs[1:]
-        merged: queue.Queue = queue.Queue()
-        if on_chunk is not None:  # every choice's chunks into one queue, tagged with its index
+        merged: queue.Queue | None = queue.Queue() if on_chunk is not None else None
+        if merged is not None:  # every choice's chunks into one queue, tagged with its index
             for i, job in enumerate(jobs):
                 job.chunks = _Tagged(merged, i)
         self.decoder.submit(jobs[0])
-        if on_chunk is not None:
+        if merged is not None:
             _drain(jobs, merged, on_chunk)
         outs = [jobs[0].wait(streamer)] + [j.wait() for j in jobs[1:]]
         stats = outs[0]["stats"]
@@ -686,16 +686,11 @@ class _Handler(BaseHTTPRequestHandler):
         svc = self.service
         prepared = svc.prepare(body)  # a bad field is a 400 before the event stream starts
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
+        self._event_stream()
 
         def send(delta: dict, finish=None, extra: dict | None = None, index: int = 0):
-            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
-                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
+            self._event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
+                         "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})})
 
         n = prepared[0].num_return_sequences
         for i in range(n):
@@ -706,8 +701,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
             log.exception("streamed request failed")
-            self.wfile.write(f"data: {json.dumps(_error_body(f'{type(e).__name__}: {e}', None, 'server_error'))}"
-                             f"\n\n".encode())
+            self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
         else:
             for c in out["choices"]:  # the usage with the last choice's finish
                 send({}, c["finish_reason"], {"usage": out["usage"]} if c["index"] == n - 1 else None, c["index"])

@@ -386,13 +386,13 @@ class MambaMixer(nn.Module):
         # output, delta and the scan output rather than keeping them (three (b, d_inner, l) activations less per
         # layer; ops.mamba_inner)
         if cache is None:
-            if isinstance(self.out_proj, LoRALinear):  # W y + s B A dropout(y): the op stops at the scan output y
-                y = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
-                                    A, D, dt_bias, seq_idx, recompute=self.recompute_activations)
-                return self.out_proj.project_out_cf(y)
-            return ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
-                                   A, D, dt_bias, seq_idx, out_proj_weight=weight_of(self.out_proj),
-                                   out_proj_bias=self.out_proj.bias, recompute=self.recompute_activations)
+            # a LoRA out_proj runs in activation space (W y + s B A dropout(y)): the op stops at the scan output y
+            lora_out = isinstance(self.out_proj, LoRALinear)
+            out = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj), weight_of(self.dt_proj),
+                                  A, D, dt_bias, seq_idx, out_proj_weight=None if lora_out else self.out_proj.weight,
+                                  out_proj_bias=None if lora_out else self.out_proj.bias,
+                                  recompute=self.recompute_activations)
+            return self.out_proj.project_out_cf(out) if lora_out else out
 
         # prefill into the cache: from the cached states (if any), leaving this chunk's last ones
         conv_init = ssm_init = None
