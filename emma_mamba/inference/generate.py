@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["GenerationConfig", "GenerationResult", "generate", "prefill_groups", "PREFILL_PAD_WASTE"]
+__all__ = ["GenerationConfig", "GenerationResult", "generate", "option_logprobs", "prefill_groups", "PREFILL_PAD_WASTE"]
 
 
 @dataclass
@@ -299,6 +299,45 @@ def _continue(lm, prompt, cache, chunk: int | None = None) -> torch.Tensor:
         out = lm(input_ids=x[None, s:e], cache=cache, num_last_tokens=1) if ids is not None else \
             lm(inputs_embeds=x[None, s:e], cache=cache, num_last_tokens=1)
     return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def option_logprobs(lm, options: Sequence[Sequence[int]], input_ids=None, inputs_embeds=None, attention_mask=None,
+                    prefill_chunk: int | None | str = "auto") -> torch.Tensor:
+    """The log-probability of every option continuing every prompt: ``(n_prompts, n_options)`` fp32, entry
+    ``[i, j]`` = log P(``options[j]``'s tokens | prompt i) = the sum of each option token's log-softmax over the
+    real vocabulary (the padded rows left out) at its position.
+
+    Closed-set benchmarks (a true/false statement, a lettered choice) score the options' likelihood instead of
+    parsing a generated reply (as Prismatic's evaluation does). Prompts are given as for :func:`generate` and
+    prefilled once (padded batches, ``seq_idx``, chunked as ``prefill_chunk``); an option of one token reads
+    the prefill's next-token distribution, a longer one continues a copy of the prompt's state over its tokens
+    but the last (one forward for every prompt at once).
+    """
+    prompts = _split_prompts(lm, input_ids, inputs_embeds, attention_mask)
+    opts = [list(map(int, o)) for o in options]
+    vocab = lm.config.vocab_size
+    if not opts:
+        raise ValueError("option_logprobs: no options")
+    for j, o in enumerate(opts):
+        if not o:
+            raise ValueError(f"option_logprobs: option {j} has no tokens")
+        bad = [t for t in o if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"option_logprobs: option {j} holds token ids outside the vocabulary [0, {vocab}): {bad}")
+    n = len(prompts)
+    cache = lm.allocate_cache(n)
+    first = _prefill(lm, prompts, cache, chunk=resolve_prefill_chunk(prefill_chunk, lm.device))
+    first = torch.log_softmax(first[:, :vocab].float(), dim=-1)
+    out = torch.empty(n, len(opts), dtype=torch.float32, device=lm.device)
+    for j, o in enumerate(opts):
+        lp = first[:, o[0]]
+        if len(o) > 1:  # the rest of the option from a copy of each prompt's state
+            rest = torch.tensor(o, device=lm.device).expand(n, -1)
+            logits = lm(input_ids=rest[:, :-1], cache=cache.select(list(range(n)))).logits[..., :vocab].float()
+            lp = lp + torch.log_softmax(logits, dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+        out[:, j] = lp
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

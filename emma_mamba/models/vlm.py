@@ -384,6 +384,31 @@ class EmmaMamba(nn.Module):
                   for i, (p, im) in enumerate(zip(prompts, images))]  # ragged list of (L_i, d_model)
         return generate(self.lm, inputs_embeds=embeds, config=config, tokenizer=self.tokenizer, streamer=streamer)
 
+    @torch.no_grad()
+    def option_probabilities(self, prompts: Sequence[str], images: Sequence, options: Sequence[str],
+                             instructions: Sequence | None = None, prefill_chunk: int | None | str = "auto"):
+        """How likely each of ``options`` is as the reply to each chat-formatted prompt, normalised over the
+        options: ``(n_prompts, n_options)`` fp32 rows summing to 1 (closed-set benchmarks: "True"/"False", option
+        letters). An option's probability is that of its whole token sequence, tokenised as a training reply is
+        (the answer text on its own); for options of one token each this is Prismatic's measure, the next-token
+        distribution restricted to the options. ``images`` / ``instructions``: one list per prompt, as
+        :meth:`generate`. See :func:`emma_mamba.inference.generate.option_logprobs`."""
+        from emma_mamba.inference.generate import option_logprobs
+
+        ids = [tuple(self.tokenizer.encode(o)) for o in options]
+        for j, t in enumerate(ids):
+            if not t:
+                raise ValueError(f"option {options[j]!r} tokenises to nothing")
+            if t in ids[:j]:
+                raise ValueError(f"options {options[ids.index(t)]!r} and {options[j]!r} tokenise the same")
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
+        if instructions is not None and len(instructions) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
+        embeds = [self.prompt_embeds(p, im, None if instructions is None else instructions[i])[0]
+                  for i, (p, im) in enumerate(zip(prompts, images))]
+        return torch.softmax(option_logprobs(self.lm, ids, inputs_embeds=embeds, prefill_chunk=prefill_chunk), -1)
+
     # --------------------------------------------------------------------------------------- persistence
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -13,7 +13,8 @@ import torch
 
 from emma_mamba import ops
 from emma_mamba.cli import main as cli_main
-from emma_mamba.inference.generate import GenerationConfig, _pick, _prefill, generate, prefill_groups
+from emma_mamba.inference.generate import (GenerationConfig, _pick, _prefill, generate, option_logprobs,
+                                           prefill_groups)
 from emma_mamba.models.mamba import MambaConfig, MambaLM
 from emma_mamba.models.tokenizer import load_tokenizer
 
@@ -232,6 +233,38 @@ def test_chunked_prefill_gives_the_whole_prefills_answers_and_states(monkeypatch
 
     assert resolve_prefill_chunk("auto", torch.device("cpu")) == PREFILL_CPU_CHUNK
     assert resolve_prefill_chunk("auto", torch.device("cuda")) is None and resolve_prefill_chunk(7, None) == 7
+
+
+def _option_logprob_by_full_forward(lm, prompt: list[int], option: list[int]) -> float:
+    """log P(option | prompt) from one forward of prompt + option (no cache): the sum of each option token's
+    log-softmax over the real vocabulary at the position before it."""
+    with torch.no_grad():
+        logits = lm(torch.tensor([prompt + option])).logits[0, :, :lm.config.vocab_size].double()
+    lp = torch.log_softmax(logits, -1)
+    return sum(float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(option))
+
+
+def test_option_logprobs_equal_full_forwards(backend):  # noqa: F811
+    lm = _lm(seed=3)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (4, 13, 9, 13)]  # ragged: padded batch
+    options = [[7], [12], [3, 40], [40, 3, 3], [89]]
+    got = option_logprobs(lm, options, input_ids=prompts)
+    assert got.shape == (4, 5) and got.dtype == torch.float32
+    want = torch.tensor([[_option_logprob_by_full_forward(lm, p, o) for o in options] for p in prompts],
+                        dtype=torch.float64)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
+    # as embeddings, and chunked prefill: the same
+    emb = [lm.embeddings(torch.tensor(p)).detach() for p in prompts]
+    torch.testing.assert_close(option_logprobs(lm, options, inputs_embeds=emb, prefill_chunk=3), got,
+                               atol=2e-5, rtol=1e-5)
+    # one-token options: the next-token distribution itself (softmax over the options = renormalised probs)
+    probs = torch.softmax(lm(torch.tensor([prompts[1]])).logits[0, -1, :VOCAB].double(), -1)[[7, 12, 89]]
+    torch.testing.assert_close(torch.softmax(got[1, [0, 1, 4]].double(), -1), probs / probs.sum())
+    with pytest.raises(ValueError, match="option 1 has no tokens"):
+        option_logprobs(lm, [[1], []], input_ids=prompts)
+    with pytest.raises(ValueError, match=r"option 0 holds token ids outside the vocabulary \[0, 90\): \[90\]"):
+        option_logprobs(lm, [[90]], input_ids=prompts)
 
 
 def test_pick_rules_by_hand():

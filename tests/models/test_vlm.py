@@ -326,6 +326,34 @@ def test_generate_streams_and_matches_greedy_oracle(model):
     assert got == model.tokenizer.decode(expect)
 
 
+def test_option_probabilities_equal_the_training_forward(model):
+    """Closed-set scoring (VSR's True/False, TallyQA's letters) against the training forward over prompt + reply:
+    each option's probability is its reply tokens' (tokenised alone, as training tokenises an answer) product of
+    next-token probabilities, renormalised over the options."""
+    model.eval()
+    tok = model.tokenizer
+    questions = ["Is the cat on the left?", "How many objects?"]
+    texts = [build_chat_prompt(q, 1, model.config.image_token) for q in questions]
+    options = ["True", "False", "A lot more"]  # the last: several tokens
+    assert len(tok.encode(options[2])) > 1
+    got = model.option_probabilities(texts, [[IMAGES[1]], [IMAGES[0]]], options, [[q] for q in questions])
+    V = model.lm.config.vocab_size
+    for i, (text, q, img) in enumerate(zip(texts, questions, (IMAGES[1], IMAGES[0]))):
+        logp = []
+        for o in options:
+            prompt_ids, reply = tok.encode(text), tok.encode(o)
+            with torch.no_grad():
+                out = model(torch.tensor([prompt_ids + reply]), model.image_processor([img]),
+                            instruction_ids=model.tokenize_instructions([q]))
+            lp = torch.log_softmax(out.logits[0, :, :V].double(), -1)
+            start = out.logits.shape[1] - len(reply) - 1  # the expanded position before the reply
+            logp.append(sum(float(lp[start + k, t]) for k, t in enumerate(reply)))
+        want = torch.softmax(torch.tensor(logp, dtype=torch.float64), 0)
+        torch.testing.assert_close(got[i].double(), want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="tokenise the same"):
+        model.option_probabilities(texts[:1], [[IMAGES[1]]], ["True", "True"], [[questions[0]]])
+
+
 def test_info_report_for_the_2p8b_preset(capsys):
     from emma_mamba.cli import main
     from emma_mamba.info import report
