@@ -16,7 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
     ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
     ("data", "check"): ("emma_mamba.data.cli_check", "check a run's data before training: every record and image, lengths, steps per epoch"),
-    ("score",): ("emma_mamba.eval.cli_score", "score an answers file on POPE, VQAv2, GQA or MME standard files"),
+    ("score",): ("emma_mamba.eval.cli_score", "score an answers file against a benchmark's standard annotation files"),
     ("configs",): ("emma_mamba.recipes", "list the shipped recipes (configs/*.yaml) or copy them into a folder to edit"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
@@ -27,7 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("pretrain",): ("emma_mamba.training.cli_train", "stage 1: train MFF, projector, instruction fusion (ViT and LM frozen)"),
     ("finetune",): ("emma_mamba.training.cli_train", "stage 2: also train the LM and the alignment head (or one-stage recipes)"),
     ("plot",): ("emma_mamba.training.cli_plot", "training curves (loss, lr, grad norm, tokens/s) of one or several runs as a PNG"),
-    ("eval",): ("emma_mamba.eval.cli_eval", "answer a benchmark's questions (POPE, VQAv2, GQA, MME) with a checkpoint and score them"),
+    ("eval",): ("emma_mamba.eval.cli_eval", "answer and score a benchmark (VQAv2, GQA, POPE, MME, MMBench, VSR, ...) with a checkpoint or an API"),
     ("quickstart",): ("emma_mamba.quickstart", "ShapesWorld end to end on a CPU in minutes: data, stage 1, stage 2, eval, a demo answer"),
     ("ablate",): ("emma_mamba.ablation", "ShapesWorld ablation: cobra-like vs +MFF, +alignment head, +instruction fusion, all; seeds"),
 }

@@ -14,11 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS, help="benchmark whose files and metric to use")
     p.add_argument("--answers", required=True,
                    help="model answers: POPE/LLaVA JSONL, VQAv2/GQA/TextVQA/VizWiz results JSON, MMBench answers "
-                        "JSONL (question_id '<index>/<round>'), SEED-Bench / ScienceQA answers JSONL, or MME results "
+                        "JSONL (question_id '<index>/<round>'), SEED-Bench / ScienceQA / VSR / TallyQA answers JSONL, or MME "
+                        "results "
                         "folder")
     p.add_argument("--annotations", default=None,
                    help="POPE question file, VQAv2 annotations JSON, GQA questions JSON, TextVQA_0.5.1_val.json, "
-                        "VizWiz val.json, MMBench dev TSV, SEED-Bench.json, ScienceQA problems.json; "
+                        "VizWiz val.json, MMBench dev TSV, SEED-Bench.json, ScienceQA problems.json, VSR test.jsonl, "
+                        "TallyQA test.json; "
                         "for mme optional: the folder of 3-column templates to check the answers against")
     p.add_argument("--allow-missing", action="store_true",
                    help="score only the answered questions instead of failing when some have no answer")

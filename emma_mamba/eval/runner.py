@@ -17,6 +17,9 @@ a question is resolved under ``images`` as given after the arrow:
   or ``<pid>/<image>``;
 * mmbench: MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``), one question
   per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
+* vsr: VSR's ``test.jsonl`` ``{image, caption, label}`` (question id: the record's 0-based index) -> ``image``,
+  ``train2017/<image>`` or ``val2017/<image>``;
+* tallyqa: TallyQA's ``test.json`` ``[{question_id, image, question, answer, issimple}]`` -> ``image``;
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
   ``<category>/<name>`` or ``<category>/images/<name>``;
 * prompts: any prompts about images, LLaVA's question JSONL (or a JSON list) ``{question_id (or id), image,
@@ -47,6 +50,9 @@ Notable choices:
   choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint; ScienceQA with its context as
   "Context: ..." first. A LLaVA-JSONL TextVQA question whose
   ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
+* vsr and tallyqa are closed-set (:mod:`emma_mamba.eval.closed`): no reply is generated; each option's
+  likelihood as the reply (:meth:`EmmaMamba.option_probabilities`, one prefill per question) picks the answer,
+  and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them).
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
@@ -64,6 +70,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
+from emma_mamba.eval.closed import TALLY_OPTIONS, VSR_OPTIONS, tallyqa_prompt, tallyqa_records, vsr_prompt, vsr_records
 from emma_mamba.eval.mmbench import MC_PROMPT, mmbench_prompt, read_mmbench, round_id
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
@@ -74,7 +81,10 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "mme", "prompts")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "mme",
+         "prompts")
+CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
+"""Tasks answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -98,8 +108,8 @@ class Question:
     image_bytes: bytes | None = None
     """MMBench: the encoded picture from the file."""
     has_answer: bool = False
-    """Whether a question file that may carry its own ground truth (TextVQA, VizWiz, SEED, MMBench) holds this
-    question's answer (a test split does not)."""
+    """Whether a question file that may carry its own ground truth (TextVQA, VizWiz, SEED, MMBench, VSR,
+    TallyQA) holds this question's answer (a test split does not)."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -196,6 +206,20 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
             name = require(rec, ("image",), qpath, loc, "prompt")
             out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
                                 require(rec, ("text", "prompt"), qpath, loc, "prompt")))
+    elif task == "vsr":
+        for i, (loc, rec) in enumerate(vsr_records(qpath)):
+            name = rec["image"]
+            for sub in ("", "train2017", "val2017"):  # VSR names COCO 2017 images without their split
+                if (images / sub / name).is_file():
+                    break
+            else:
+                raise ScoreInputError(f"{qpath}: {loc}: image {name!r} not found under --images {images} (tried "
+                                      f"., train2017/ and val2017/)")
+            out.append(Question(i, images / sub / name, rec["caption"], has_answer="label" in rec))
+    elif task == "tallyqa":
+        for loc, rec in tallyqa_records(qpath):
+            out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), rec["question"],
+                                has_answer="answer" in rec))
     elif task == "vizwiz":
         for loc, rec in vizwiz_records(qpath):
             name = require(rec, ("image",), qpath, loc, "VizWiz question")
@@ -237,6 +261,10 @@ def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
     if task in ("mmbench", "seed", "scienceqa"):
         return f"{text}\n{MC_PROMPT}"
+    if task == "vsr":
+        return vsr_prompt(text)
+    if task == "tallyqa":
+        return tallyqa_prompt(text)
     if task in ("mme", "prompts") or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
     if task == "vizwiz":
@@ -254,7 +282,7 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
         return None
     if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
         return q
-    if task in ("textvqa", "vizwiz", "seed", "mmbench"):
+    if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa"):
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
@@ -311,7 +339,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
     --api`` asks an endpoint, :mod:`emma_mamba.eval.api`; one with a ``for_max_new_tokens(n)`` method is given
-    this run's ``max_new_tokens`` through it).
+    this run's ``max_new_tokens`` through it). For the closed-set tasks (``CLOSED_SET``) its
+    ``option_probabilities(questions, prompts, options) -> rows`` method, if it has one, gives the options'
+    probabilities (a row may be None: that question is scored from a reply); without it the replies are parsed.
     """
     from emma_mamba.eval.scorers import score
 
@@ -333,6 +363,10 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         else:
             qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
 
+    options = CLOSED_SET.get(task)
+    option_fn = None
+    if options is not None:
+        option_fn = _model_option_fn(model) if answer_fn is None else getattr(answer_fn, "option_probabilities", None)
     if answer_fn is None:
         answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
     elif hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
@@ -369,9 +403,18 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
             prompts = [prompt_for(task, q.text) for q in batch]
-            replies = answer_fn(batch, prompts)
-            if len(replies) != len(batch):
-                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(batch)} questions")
+            probs = [None] * len(batch)
+            if option_fn is not None:
+                probs = option_fn(batch, prompts, options)
+                if len(probs) != len(batch):
+                    raise RuntimeError(f"option_probabilities returned {len(probs)} rows for {len(batch)} questions")
+            todo_replies = [q for q, p in zip(batch, probs) if p is None]
+            replies = answer_fn(todo_replies, [p for p, pr in zip(prompts, probs) if pr is None]) if todo_replies else []
+            if len(replies) != len(todo_replies):
+                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(todo_replies)} questions")
+            it = iter(replies)
+            replies = [next(it) if pr is None else options[max(range(len(options)), key=pr.__getitem__)]
+                       for pr in probs]
             if task == "mme":
                 for q, r in zip(batch, replies):
                     # one line per answer: tabs/newlines in a reply would break MME's 4-column format
@@ -379,9 +422,11 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                     with (out / "mme" / f"{q.category}.txt").open("a", encoding="utf-8") as g:
                         g.write(f"{q.line}\t{clean}\n")
             else:
-                for q, p, r in zip(batch, prompts, replies):
-                    f.write(json.dumps({"question_id": q.qid, "image": q.image.name if q.image else None,
-                                        "prompt": p, "text": r}, ensure_ascii=False) + "\n")
+                for q, p, r, pr in zip(batch, prompts, replies, probs):
+                    rec = {"question_id": q.qid, "image": q.image.name if q.image else None, "prompt": p, "text": r}
+                    if pr is not None:
+                        rec["probabilities"] = [float(x) for x in pr]
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
             if bar is not None:
                 bar.update(len(batch))
@@ -423,6 +468,34 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     return report
 
 
+def _open_images(batch: Sequence[Question]) -> list[list]:
+    """One list holding each question's picture (RGB)."""
+    import io
+
+    from PIL import Image
+
+    images = []
+    for q in batch:
+        with Image.open(io.BytesIO(q.image_bytes) if q.image_bytes is not None else q.image) as im:
+            images.append([im.convert("RGB")])
+    return images
+
+
+def _model_option_fn(model):
+    """The options' probabilities as each question's reply (closed-set tasks), from an EmmaMamba."""
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    fuse = model.instruction is not None
+
+    def option_probabilities(batch: Sequence[Question], prompts: Sequence[str], options) -> list[list[float]]:
+        texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
+        probs = model.option_probabilities(texts, _open_images(batch), options,
+                                           [[p] for p in prompts] if fuse else None)
+        return probs.tolist()
+
+    return option_probabilities
+
+
 def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):
     """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
     from emma_mamba.inference.generate import GenerationConfig
@@ -434,17 +507,9 @@ def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, comp
     fuse = model.instruction is not None
 
     def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:
-        import io
-
-        from PIL import Image
-
         texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
-        images = []
-        for q in batch:
-            with Image.open(io.BytesIO(q.image_bytes) if q.image_bytes is not None else q.image) as im:
-                images.append([im.convert("RGB")])
         instructions = [[p] for p in prompts] if fuse else None
-        result = model.generate(texts, images, instructions, config=cfg)
+        result = model.generate(texts, _open_images(batch), instructions, config=cfg)
         return [t.strip() for t in result.texts]
 
     return answer

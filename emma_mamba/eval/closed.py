@@ -1,0 +1,232 @@
+"""Closed-set benchmarks scored by the likelihood of each option: VSR and TallyQA, as Prismatic's evaluation
+(TRI-ML/vlm-evaluation, the suite Cobra and EMMA-Mamba report) runs them.
+
+* **VSR** (Visual Spatial Reasoning, Liu et al. 2023), the zero-shot test split ``test.jsonl`` (1,222 captions on
+  715 COCO images): records ``{image, caption, label (1 true, 0 false), relation, subj, obj}``; a question's id is
+  its 0-based record index. Prompt (InstructBLIP's, as Prismatic): ``Based on the image, is this statement "True"
+  or "False"? <caption>`` then ``Respond with "True" or "False" directly.``; options ``True`` and ``False``.
+  Metrics: accuracy, ROC AUC and PR AUC (average precision) of the probability of "True", the always-true
+  baseline, accuracy per relation.
+* **TallyQA** (Acharya et al. 2019), ``test.json``: records ``{question_id, image, question, answer (0-15),
+  issimple}``; the 16 possible counts become a 16-way multiple choice (``A. 0`` ... ``P. 15``) with LLaVA-1.5's
+  "Answer with the option's letter from the given choices directly." (Prismatic's conversion, for calibrated
+  probabilities). Metrics: accuracy on the simple and the complex questions and overall.
+
+The runner (:func:`emma_mamba.eval.runner.evaluate`) writes, per question, the option picked as ``text`` and the
+options' probabilities (normalised over the options, :meth:`emma_mamba.models.vlm.EmmaMamba.option_probabilities`)
+as ``probabilities``. An answers file without probabilities (replies of a model behind an API that returns no
+log-probabilities) is scored from its text: an option's name (``True``/``False``, also ``yes``/``no`` for VSR), a
+letter, or for TallyQA the count itself; the ranking metrics then need probabilities and are left out.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval.mmbench import MC_PROMPT
+
+__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
+           "pick_option", "auc_roc", "average_precision", "score_vsr", "score_tallyqa"]
+
+VSR_OPTIONS = ("True", "False")
+TALLY_MAX = 15
+TALLY_OPTIONS = tuple(chr(ord("A") + i) for i in range(TALLY_MAX + 1))
+"""A..P: option i is the count i."""
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+def vsr_records(path: str | Path) -> list[tuple[str, dict]]:
+    """The records of a VSR JSONL (or JSON list) file, each checked; record i has question id i."""
+    recs = load_records(path, "VSR")
+    if not recs:
+        raise ScoreInputError(f"{path}: no VSR records")
+    for loc, rec in recs:
+        for key in ("image", "caption"):
+            if not isinstance(require(rec, (key,), path, loc, "VSR"), str):
+                raise ScoreInputError(f"{path}: {loc}: {key!r} must be a string, got {rec[key]!r}")
+        if "label" in rec and rec["label"] not in (0, 1):  # True/False are 1/0 in Python
+            raise ScoreInputError(f"{path}: {loc}: label must be 1 (the caption is true) or 0, got {rec['label']!r}")
+    return recs
+
+
+def vsr_prompt(caption: str) -> str:
+    return f'Based on the image, is this statement "True" or "False"? {caption}\nRespond with "True" or "False" directly.'
+
+
+def tallyqa_records(path: str | Path) -> list[tuple[str, dict]]:
+    """The records of TallyQA's test.json (a JSON list), each checked."""
+    doc = load_json(path, "TallyQA")
+    if not isinstance(doc, list) or not doc:
+        raise ScoreInputError(f"{path}: expected a non-empty JSON list of questions (TallyQA's test.json)")
+    out, seen = [], set()
+    for i, rec in enumerate(doc, 1):
+        loc = f"record {i}"
+        if not isinstance(rec, dict):
+            raise ScoreInputError(f"{path}: {loc}: expected a JSON object, got {type(rec).__name__}")
+        qid = require(rec, ("question_id",), path, loc, "TallyQA")
+        if qid in seen:
+            raise ScoreInputError(f"{path}: {loc}: question_id {qid!r} appears twice")
+        seen.add(qid)
+        for key in ("image", "question"):
+            if not isinstance(require(rec, (key,), path, loc, "TallyQA"), str):
+                raise ScoreInputError(f"{path}: {loc}: {key!r} must be a string, got {rec[key]!r}")
+        if "answer" in rec:
+            a = rec["answer"]
+            if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a <= TALLY_MAX:
+                raise ScoreInputError(f"{path}: {loc}: answer must be a count from 0 to {TALLY_MAX}, got {a!r}")
+        out.append((loc, rec))
+    return out
+
+
+def tallyqa_prompt(question: str) -> str:
+    """The question, the counts as lettered options, LLaVA-1.5's multiple-choice instruction."""
+    return "\n".join([question] + [f"{c}. {i}" for i, c in enumerate(TALLY_OPTIONS)] + [MC_PROMPT])
+
+
+# ------------------------------------------------------------------------------------------- picking
+
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+
+def pick_option(text: str, options: tuple[str, ...], probabilities=None, task: str = "") -> int | None:
+    """The index of the option an answer picks: the most probable one when ``probabilities`` are given, else
+    parsed from ``text`` (an option's name, case-insensitive; VSR also yes/no; TallyQA also the count itself);
+    None when the text names none."""
+    if probabilities is not None:
+        return max(range(len(options)), key=lambda i: probabilities[i])
+    words = _WORD.findall(text)
+    if not words:
+        return None
+    first = words[0]
+    for i, o in enumerate(options):
+        if first.lower() == o.lower() and (len(o) > 1 or first.isupper()):  # one letter: only as a capital
+            return i
+    if task == "vsr" and first.lower() in ("yes", "no"):
+        return 0 if first.lower() == "yes" else 1
+    if task == "tallyqa" and first.isdigit() and int(first) <= TALLY_MAX:
+        return int(first)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- ranking metrics
+
+def _average_ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # ties share their mean rank
+        i = j + 1
+    return ranks
+
+
+def auc_roc(labels: list[bool], scores: list[float]) -> float | None:
+    """Area under the ROC curve of ``scores`` for the positive ``labels`` (Mann-Whitney U with ties counted
+    half); None when only one class is present."""
+    pos = sum(bool(x) for x in labels)
+    neg = len(labels) - pos
+    if not pos or not neg:
+        return None
+    ranks = _average_ranks(list(scores))
+    u = sum(r for r, y in zip(ranks, labels) if y) - pos * (pos + 1) / 2
+    return u / (pos * neg)
+
+
+def average_precision(labels: list[bool], scores: list[float]) -> float | None:
+    """Average precision (area under the precision-recall curve as a step function, scikit-learn's
+    ``average_precision_score``): sum over the distinct score thresholds, highest first, of the recall gained
+    times the precision there; None without positives."""
+    pos = sum(bool(x) for x in labels)
+    if not pos:
+        return None
+    pairs = sorted(zip(scores, labels), key=lambda t: -t[0])
+    ap, tp, seen, prev_recall, i = 0.0, 0, 0, 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:  # one threshold takes all its ties
+            tp += bool(pairs[j][1])
+            j += 1
+        seen = j
+        recall = tp / pos
+        ap += (recall - prev_recall) * (tp / seen)
+        prev_recall, i = recall, j
+    return ap
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+def _answers(answers, gold_ids, annotations, allow_missing, options, what):
+    """question id -> (text, probabilities or None), every answer for a known question, probabilities checked."""
+    rows, probs = [], {}
+    for loc, rec in load_records(answers, f"{what} answers"):
+        qid = require(rec, ("question_id",), answers, loc, f"{what} answer")
+        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, f"{what} answer")))
+        p = rec.get("probabilities")
+        if p is not None:
+            if (not isinstance(p, list) or len(p) != len(options) or
+                    not all(isinstance(x, (int, float)) and math.isfinite(x) for x in p)):
+                raise ScoreInputError(f"{answers}: {loc}: probabilities must be a list of {len(options)} numbers "
+                                      f"(one per option {list(options)}), got {p!r}")
+            probs[qid] = p
+    got = match_answers(rows, gold_ids, answers, annotations, allow_missing)
+    if not got:
+        raise ScoreInputError(f"{answers}: no answers to score")
+    return {q: (t, probs.get(q)) for q, t in got.items()}
+
+
+def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Accuracy, ROC AUC and PR AUC (of P("True"); with probabilities for every answer) of ``answers`` (records
+    ``{question_id: record index, text, probabilities?}``) on a VSR file with labels."""
+    gold = {}
+    for i, (loc, rec) in enumerate(vsr_records(annotations)):
+        if "label" not in rec:
+            raise ScoreInputError(f"{annotations}: {loc}: no 'label' to score against")
+        gold[i] = rec
+    got = _answers(answers, list(gold), annotations, allow_missing, VSR_OPTIONS, "VSR")
+    ok, by_rel, unparsed, labels, p_true = [], defaultdict(list), 0, [], []
+    for qid, (text, probs) in got.items():
+        rec = gold[qid]
+        k = pick_option(text, VSR_OPTIONS, probs, "vsr")
+        unparsed += k is None
+        ok.append(k is not None and (k == 0) == bool(rec["label"]))
+        by_rel[str(rec.get("relation", "?"))].append(ok[-1])
+        labels.append(bool(rec["label"]))
+        if probs is not None:
+            p_true.append(probs[0] / (sum(probs) or 1.0))
+    ranked = len(p_true) == len(labels)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"n": len(ok), "accuracy": mean(ok), "auc_roc": auc_roc(labels, p_true) if ranked else None,
+            "auc_pr": average_precision(labels, p_true) if ranked else None,
+            "always_true_accuracy": mean(labels), "per_relation": {k: mean(v) for k, v in sorted(by_rel.items())},
+            "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
+
+
+def score_tallyqa(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Accuracy of ``answers`` (records ``{question_id, text, probabilities?}``) on TallyQA's test.json, on
+    its simple and complex questions and overall; an unparsed reply counts as wrong."""
+    gold = {}
+    for loc, rec in tallyqa_records(annotations):
+        if "answer" not in rec:
+            raise ScoreInputError(f"{annotations}: {loc}: no 'answer' to score against")
+        gold[rec["question_id"]] = rec
+    got = _answers(answers, list(gold), annotations, allow_missing, TALLY_OPTIONS, "TallyQA")
+    by_split, unparsed = defaultdict(list), 0
+    for qid, (text, probs) in got.items():
+        rec = gold[qid]
+        k = pick_option(text, TALLY_OPTIONS, probs, "tallyqa")
+        unparsed += k is None
+        by_split["simple" if rec.get("issimple") else "complex"].append(k == rec["answer"])
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    every = by_split["simple"] + by_split["complex"]
+    return {"n": len(every), "accuracy": mean(every), "accuracy_simple": mean(by_split["simple"]),
+            "accuracy_complex": mean(by_split["complex"]), "n_simple": len(by_split["simple"]),
+            "n_complex": len(by_split["complex"]), "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}

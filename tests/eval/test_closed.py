@@ -1,0 +1,207 @@
+"""Closed-set benchmarks scored by the options' likelihood (VSR, TallyQA; emma_mamba.eval.closed): ranking metrics
+against brute-force definitions, metrics of known probabilities and replies by hand, the runner's probabilities
+against the model's option probabilities for each question alone, `emma-mamba eval`/`score` on the files, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from emma_mamba.data.shapes import ShapesConfig, generate
+from emma_mamba.eval.closed import TALLY_OPTIONS, VSR_OPTIONS, auc_roc, average_precision, pick_option
+from emma_mamba.eval.runner import ScoreInputError, evaluate
+from emma_mamba.eval.scorers import score
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shapes")
+    generate(ShapesConfig(seed=3, n_train=6, n_heldout=4, image_size=96), d)
+    return d
+
+
+def _images(shapes: Path, n: int) -> list[str]:
+    return [f"heldout/{p.name}" for p in sorted((shapes / "images" / "heldout").glob("*.png"))[:n]]
+
+
+def _vsr_file(shapes: Path, path: Path, labels=(1, 0, 1, 0, 1)) -> Path:
+    imgs = _images(shapes, 4)
+    rels = ["left of", "right of", "above", "left of", "below"]
+    path.write_text("".join(json.dumps({"image": imgs[i % len(imgs)], "caption": f"The circle is {rels[i]} the star.",
+                                        "label": lab, "relation": rels[i], "subj": "circle", "obj": "star"}) + "\n"
+                            for i, lab in enumerate(labels)))
+    return path
+
+
+def _tally_file(shapes: Path, path: Path) -> Path:
+    imgs = _images(shapes, 4)
+    recs = [{"question_id": 100 + i, "image": imgs[i % len(imgs)], "question": f"How many shapes {i}?",
+             "answer": a, "issimple": simple, "data_source": "shapes"}
+            for i, (a, simple) in enumerate([(2, True), (0, True), (15, False), (3, False), (1, True)])]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+# ------------------------------------------------------------------------------------------- ranking metrics
+
+def _auc_pairs(labels, scores):
+    """ROC AUC by definition: the fraction of (positive, negative) pairs ranked right, ties half."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def _ap_thresholds(labels, scores):
+    """Average precision by definition: over each distinct threshold t (high to low), the recall gained at
+    'score >= t' times the precision at 'score >= t'."""
+    out, prev = 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        sel = [y for s, y in zip(scores, labels) if s >= t]
+        recall = sum(sel) / sum(labels)
+        out += (recall - prev) * sum(sel) / len(sel)
+        prev = recall
+    return out
+
+
+def test_ranking_metrics_against_their_definitions():
+    # by hand: ranked 1 0 1 0 -> AP = 1 * 1/2 + 2/3 * 1/2; AUC: 3 of 4 pairs right
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.5 + 1 / 3)
+    assert auc_roc([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(0.75)
+    # ties: one threshold takes both tied items (precision 1/2 at recall 1/2), AUC counts the tie half
+    assert average_precision([1, 0, 1], [0.5, 0.5, 0.2]) == pytest.approx(0.25 + 0.5 * 2 / 3)
+    assert auc_roc([1, 0, 1], [0.5, 0.5, 0.2]) == pytest.approx(0.25)
+    assert auc_roc([1, 1], [0.2, 0.3]) is None and average_precision([0, 0], [0.1, 0.2]) is None
+    rng = random.Random(0)
+    for _ in range(30):
+        n = rng.randint(2, 40)
+        labels = [rng.random() < 0.4 for _ in range(n)]
+        if not any(labels) or all(labels):
+            continue
+        scores = [round(rng.random(), 1) for _ in range(n)]  # coarse: many ties
+        assert auc_roc(labels, scores) == pytest.approx(_auc_pairs(labels, scores))
+        assert average_precision(labels, scores) == pytest.approx(_ap_thresholds(labels, scores))
+
+
+def test_pick_option_from_probabilities_and_replies():
+    assert pick_option("whatever", VSR_OPTIONS, [0.2, 0.8]) == 1
+    assert [pick_option(r, VSR_OPTIONS, task="vsr") for r in ("True.", "false", "Yes, it is", "No", "maybe", "")] \
+        == [0, 1, 0, 1, None, None]
+    assert [pick_option(r, TALLY_OPTIONS, task="tallyqa") for r in ("B", "P. 15", "3", "There are 3", "a", "16")] \
+        == [1, 15, 3, None, None, None]
+
+
+# ------------------------------------------------------------------------------------------- known answers
+
+class _Known:
+    """An answer_fn with fixed option probabilities for some questions (None: answered by a reply)."""
+
+    def __init__(self, probs: dict, replies: dict):
+        self.probs, self.replies, self.prompts = probs, replies, {}
+
+    def option_probabilities(self, qs, ps, options):
+        for q, p in zip(qs, ps):
+            self.prompts[q.qid] = p
+        return [self.probs.get(q.qid) for q in qs]
+
+    def __call__(self, qs, ps):
+        return [self.replies[q.qid] for q in qs]
+
+
+def test_vsr_known_probabilities_and_replies_give_hand_computed_metrics(shapes, tmp_path):
+    f = _vsr_file(shapes, tmp_path / "test.jsonl")  # labels 1 0 1 0 1
+    probs = {0: [0.9, 0.1], 1: [0.6, 0.4], 2: [0.3, 0.7], 3: [0.2, 0.8], 4: [0.55, 0.45]}
+    fn = _Known(probs, {})
+    rep = evaluate(None, "vsr", f, shapes / "images", tmp_path / "a", batch_size=2, progress=False, answer_fn=fn)
+    m = rep["metrics"]
+    # picks: T T F F T against 1 0 1 0 1 -> right: 0, 3, 4
+    assert m["n"] == 5 and m["accuracy"] == pytest.approx(3 / 5) and m["always_true_accuracy"] == pytest.approx(3 / 5)
+    # P(True): positives .9 .3 .55, negatives .6 .2: pairs right: .9>.6 .9>.2 .3>.2 .55>.2 -> 4 of 6
+    assert m["auc_roc"] == pytest.approx(4 / 6)
+    # ranked .9(1) .6(0) .55(1) .3(1) .2(0): AP = 1/3 * 1 + 1/3 * 2/3 + 1/3 * 3/4
+    assert m["auc_pr"] == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    assert m["per_relation"] == pytest.approx({"above": 0.0, "below": 1.0, "left of": 1.0, "right of": 0.0})
+    assert fn.prompts[1] == ('Based on the image, is this statement "True" or "False"? The circle is right of the '
+                             'star.\nRespond with "True" or "False" directly.')
+    recs = [json.loads(x) for x in (tmp_path / "a" / "answers.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in recs] == ["True", "True", "False", "False", "True"]
+    assert [r["probabilities"] for r in recs] == [probs[i] for i in range(5)]
+    assert score("vsr", tmp_path / "a" / "answers.jsonl", f) == m
+    # replies for some questions (an API without log-probabilities): parsed; the ranking metrics need them all
+    fn = _Known({0: [0.9, 0.1]}, {1: "False.", 2: "yes", 3: "I cannot tell", 4: "No"})
+    m = evaluate(None, "vsr", f, shapes / "images", tmp_path / "b", progress=False, answer_fn=fn)["metrics"]
+    assert m["accuracy"] == pytest.approx(3 / 5) and m["n_unparsed_replies"] == 1
+    assert m["auc_roc"] is None and m["auc_pr"] is None
+
+
+def test_tallyqa_known_answers_give_hand_computed_metrics(shapes, tmp_path):
+    f = _tally_file(shapes, tmp_path / "test.json")  # answers 2 0 15 3 1; simple, simple, complex, complex, simple
+    onehot = lambda k: [1.0 if i == k else 0.0 for i in range(16)]  # noqa: E731
+    fn = _Known({100: onehot(2), 101: onehot(1), 102: onehot(15)}, {103: "D", 104: "one"})
+    rep = evaluate(None, "tallyqa", f, shapes / "images", tmp_path / "t", batch_size=2, progress=False, answer_fn=fn)
+    m = rep["metrics"]
+    # simple: 100 right, 101 wrong, 104 unparsed -> 1/3; complex: 102 right, 103 ("D" = 3) right -> 2/2
+    assert m["accuracy_simple"] == pytest.approx(1 / 3) and m["accuracy_complex"] == pytest.approx(1.0)
+    assert m["accuracy"] == pytest.approx(3 / 5) and (m["n_simple"], m["n_complex"]) == (3, 2)
+    assert m["n_unparsed_replies"] == 1
+    lines = fn.prompts[100].splitlines()
+    assert lines[0] == "How many shapes 0?" and lines[1] == "A. 0" and lines[16] == "P. 15"
+    assert lines[17] == "Answer with the option's letter from the given choices directly."
+    assert score("tallyqa", tmp_path / "t" / "answers.jsonl", f) == m
+
+
+# ------------------------------------------------------------------------------------------- with a model
+
+def test_cli_eval_vsr_probabilities_equal_each_question_alone(shapes, tmp_path, capsys):
+    """A random tiny checkpoint through `emma-mamba eval --task vsr` (batches of 3, ragged prompts): each
+    written probability row equals the model's option probabilities for that question alone; `score` agrees."""
+    import torch
+
+    from emma_mamba.cli import main
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba, build_chat_prompt, load
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    EmmaMamba(get_preset("tiny"), for_training=False).save(ckpt)
+    f = _vsr_file(shapes, tmp_path / "test.jsonl")
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", "vsr", "--questions", str(f), "--images", str(shapes / "images"), "--checkpoint",
+                 str(ckpt), "--out", str(out), "--batch-size", "3", "--no-progress"]) == 0
+    assert "VSR  n=5" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    model = load(ckpt)
+    from PIL import Image
+    for r in recs:
+        with Image.open(shapes / "images" / "heldout" / r["image"]) as im:
+            alone = model.option_probabilities([build_chat_prompt(r["prompt"], 1, model.config.image_token)],
+                                               [[im.convert("RGB")]], VSR_OPTIONS, [[r["prompt"]]])[0]
+        assert r["probabilities"] == pytest.approx(alone.tolist(), abs=1e-5)
+        assert r["text"] == VSR_OPTIONS[int(alone.argmax())]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"] == score("vsr", out / "answers.jsonl", f)
+    assert main(["score", "--task", "vsr", "--answers", str(out / "answers.jsonl"), "--annotations", str(f)]) == 0
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+def test_bad_closed_set_inputs_name_the_problem(shapes, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": _images(shapes, 1)[0], "caption": "x", "label": "yes"}) + "\n")
+    with pytest.raises(ScoreInputError, match=r"bad.jsonl: line 1: label must be 1 .* or 0, got 'yes'"):
+        evaluate(None, "vsr", bad, shapes / "images", tmp_path / "o", progress=False, answer_fn=lambda q, p: [])
+    bad.write_text(json.dumps({"image": "nope.jpg", "caption": "x", "label": 1}) + "\n")
+    with pytest.raises(ScoreInputError, match=r"image 'nope.jpg' not found under --images .* train2017/ and val2017/"):
+        evaluate(None, "vsr", bad, shapes / "images", tmp_path / "o", progress=False, answer_fn=lambda q, p: [])
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps([{"question_id": 1, "image": _images(shapes, 1)[0], "question": "How many?",
+                              "answer": 16}]))
+    with pytest.raises(ScoreInputError, match=r"t.json: record 1: answer must be a count from 0 to 15, got 16"):
+        evaluate(None, "tallyqa", t, shapes / "images", tmp_path / "o", progress=False, answer_fn=lambda q, p: [])
+    f = _vsr_file(shapes, tmp_path / "test.jsonl", labels=(1,))
+    ans = tmp_path / "answers.jsonl"
+    ans.write_text(json.dumps({"question_id": 0, "text": "True", "probabilities": [1.0]}) + "\n")
+    with pytest.raises(ScoreInputError, match=r"answers.jsonl: line 1: probabilities must be a list of 2 numbers"):
+        score("vsr", ans, f)
