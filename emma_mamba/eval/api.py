@@ -6,6 +6,12 @@ files and resumption as a local checkpoint, with each question sent as one user 
 ``max_new_tokens``. So a model behind ``emma-mamba serve``, or any other multimodal model behind an
 OpenAI-compatible server (a transformer MLLM served by vLLM or SGLang, say), is scored exactly like a local one.
 
+Closed-set benchmarks (VSR, TallyQA) ask for the reply's log-probabilities too (``logprobs``, ``top_logprobs``
+20, as OpenAI's API, vLLM and ``emma-mamba serve`` take them): an option's probability is the summed probability
+of the first reply token alternatives whose text, stripped of spaces, is the option (an option outside the 20
+alternatives counts 0), normalised over the options; where the endpoint returns no log-probabilities, or none of
+the options is among them, the reply text is parsed instead (same request, no second one).
+
 Requests run ``concurrency`` at a time; a failed request is retried (``retries``, with a growing pause) and then
 raises with the server's message (a rerun continues from the answers already written).
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -37,16 +44,55 @@ def _data_url(question) -> str:
     return f"data:image/{fmt};base64,{base64.b64encode(raw).decode()}"
 
 
+TOP_LOGPROBS = 20
+"""Alternatives asked for per reply token (the OpenAI API's maximum)."""
+
+
+def option_probabilities_from(choice: dict, options: Sequence[str]) -> list[float] | None:
+    """The options' probabilities from a chat-completion choice's first-token ``top_logprobs`` (module
+    docstring), or None when it has none of them."""
+    content = ((choice.get("logprobs") or {}).get("content") or [])
+    if not content:
+        return None
+    mass = [0.0] * len(options)
+    for alt in content[0].get("top_logprobs") or []:
+        token = str(alt.get("token", "")).strip()
+        for j, o in enumerate(options):
+            if token == o:
+                mass[j] += math.exp(float(alt["logprob"]))
+    total = sum(mass)
+    return [m / total for m in mass] if total > 0 else None
+
+
 class _ApiAnswerer:
     """``answer_fn(questions, prompts) -> replies`` asking the endpoint; ``for_max_new_tokens(n)`` gives the same
-    with another reply length (:func:`~emma_mamba.eval.runner.evaluate` calls it with a benchmark's own)."""
+    with another reply length (:func:`~emma_mamba.eval.runner.evaluate` calls it with a benchmark's own);
+    ``option_probabilities`` for the closed-set benchmarks (module docstring)."""
 
     def __init__(self, ask, make, concurrency: int):
         self._ask, self._make, self.concurrency = ask, make, concurrency
+        self._replies: dict = {}  # question id -> reply, from a request that returned no usable log-probabilities
+
+    def _map(self, fn, *args) -> list:
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+            return list(pool.map(fn, *args))
 
     def __call__(self, batch: Sequence, prompts: Sequence[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            return list(pool.map(self._ask, batch, prompts))
+        cached = [self._replies.pop(q.qid, None) for q in batch]
+        asked = iter(self._map(lambda q, p: self._ask(q, p)["message"]["content"],
+                               [q for q, c in zip(batch, cached) if c is None],
+                               [p for p, c in zip(prompts, cached) if c is None]))
+        return [(c if c is not None else (next(asked) or "")).strip() for c in cached]
+
+    def option_probabilities(self, batch: Sequence, prompts: Sequence[str], options: Sequence[str]) -> list:
+        choices = self._map(lambda q, p: self._ask(q, p, TOP_LOGPROBS), batch, prompts)
+        out = []
+        for q, c in zip(batch, choices):
+            probs = option_probabilities_from(c, options)
+            if probs is None:
+                self._replies[q.qid] = c["message"]["content"] or ""
+            out.append(probs)
+        return out
 
     def for_max_new_tokens(self, n: int) -> "_ApiAnswerer":
         return self._make(n)
@@ -66,11 +112,15 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
 
-    def ask(question, prompt: str) -> str:
+    def ask(question, prompt: str, top_logprobs: int | None = None) -> dict:
+        """The first choice of the endpoint's chat completion (with the reply's log-probabilities when
+        ``top_logprobs`` is given)."""
         body = {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": _data_url(question)}},
             {"type": "text", "text": prompt}]}],
             "max_tokens": max_new_tokens, "temperature": 0.0}
+        if top_logprobs is not None:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
         if model:
             body["model"] = model
         data = json.dumps(body).encode()
@@ -79,7 +129,9 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
                 req = urllib.request.Request(endpoint, data=data, headers=headers)
                 with urllib.request.urlopen(req, timeout=timeout) as r:
                     out = json.loads(r.read())
-                return (out["choices"][0]["message"]["content"] or "").strip()
+                choice = out["choices"][0]
+                choice["message"]["content"]  # noqa: B018 - a malformed answer raises KeyError here, retried
+                return choice
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
                 if e.code < 500 or attempt == retries:  # a refused request is not retried

@@ -365,12 +365,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
 
     options = CLOSED_SET.get(task)
     option_fn = None
-    if options is not None:
-        option_fn = _model_option_fn(model) if answer_fn is None else getattr(answer_fn, "option_probabilities", None)
     if answer_fn is None:
         answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
-    elif hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
-        answer_fn = answer_fn.for_max_new_tokens(max_new_tokens)
+        option_fn = _model_option_fn(model) if options is not None else None
+    else:
+        if hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
+            answer_fn = answer_fn.for_max_new_tokens(max_new_tokens)
+        option_fn = getattr(answer_fn, "option_probabilities", None) if options is not None else None
 
     # ---- what is left to answer
     answers_path = out / "answers.jsonl"

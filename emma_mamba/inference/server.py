@@ -9,7 +9,10 @@ template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stre
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``, ``n`` (1 to max_batch
-choices from one prefill whose state each choice continues; choice i samples with ``seed + i``). A user
+choices from one prefill whose state each choice continues; choice i samples with ``seed + i``), ``logprobs`` and
+``top_logprobs`` (0-20; not with ``stream``): each answer token's log-probability under the model (before
+penalties and temperature) and its most likely alternatives, in OpenAI's ``choices[i].logprobs.content`` form
+(what closed-set benchmarks read through ``emma-mamba eval --api``). A user
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
@@ -303,7 +306,17 @@ class ChatService:
         """A request checked and decoded (RequestError naming the field otherwise), ready for :meth:`answer`."""
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        return self._config(body, choices=True), *self._inputs(body)
+        want = body.get("logprobs", False)
+        if want is not None and not isinstance(want, bool):
+            raise RequestError(f"logprobs must be true or false, got {want!r}", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+            raise RequestError(f"top_logprobs must be an integer in [0, 20] or null, got {top!r}", "top_logprobs")
+        if top is not None and not want:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        if want and body.get("stream"):
+            raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
+        return self._config(body, choices=True), *self._inputs(body), (top or 0) if want else None
 
     def complete(self, body: dict, streamer: Callable[[str], None] | None = None) -> dict:
         """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced)."""
@@ -315,7 +328,7 @@ class ChatService:
         receives the text as it is produced, on the calling thread; ``on_chunk(index, text)`` each choice's.
         ``n`` choices continue one prefilled state (forks of the first choice's job); choice i samples with
         ``seed + i`` when a seed is given."""
-        cfg, ids, images, instructions, n_pos, dropped, resume = prepared
+        cfg, ids, images, instructions, n_pos, dropped, resume, top = prepared
         n = cfg.num_return_sequences
         if streamer is not None:
             if n > 1:
@@ -341,15 +354,18 @@ class ChatService:
                 inst = new_inst if new_images and self.vlm.instruction is not None else None
                 embeds = self.vlm.embeds_from_ids(new_ids, new_images, inst)[0]
                 info["prefilled"] = embeds.shape[0]
-                return {"inputs_embeds": embeds, "cache": cache}
+                return {"inputs_embeds": embeds, "cache": cache, "logprobs": top}
             info["prefilled"] = len(new_ids)
-            return {"input_ids": new_ids, "cache": cache, "seen": new_ids}
+            return {"input_ids": new_ids, "cache": cache, "seen": new_ids, "logprobs": top}
 
         def finish(seq, state, stats):
             text = seq.text()
             if self.state_cache_size:
                 self._keep_state(ids, images, seq, text, state)
-            return {"text": text, "reason": seq.reason, "tokens": len(seq.tokens), "stats": stats}
+            out = {"text": text, "reason": seq.reason, "tokens": len(seq.tokens), "stats": stats}
+            if top is not None:
+                out["logprobs"] = self._chat_logprobs(seq, stats)
+            return out
 
         streamed = streamer is not None or on_chunk is not None
         jobs = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
@@ -370,6 +386,7 @@ class ChatService:
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": o["text"]},
+                         "logprobs": o.get("logprobs"),
                          "finish_reason": "length" if o["reason"] == "length" else "stop"} for i, o in enumerate(outs)],
             "usage": {"prompt_tokens": n_pos, "completion_tokens": n_new, "total_tokens": n_pos + n_new},
             "emma_mamba": {"seconds": time.perf_counter() - info["t0"],
@@ -379,6 +396,17 @@ class ChatService:
                            "batch_rows": max(o["stats"]["max_batch_rows"] for o in outs),
                            "prefill_chunks": stats["prefill_chunks"]},
         }
+
+    def _chat_logprobs(self, seq, stats: dict) -> dict:
+        """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``, one entry
+        per answer token (an end-of-sequence token included)."""
+        def entry(i: int, lp: float) -> dict:
+            text = self._token_text(i)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])
+        return {"content": [{**entry(t, e[0]), "top_logprobs": [entry(i, v) for i, v in e[1]]}
+                            for t, e in zip(picked, stats["logprobs"] or [])]}
 
     def _keep_state(self, ids: list[int], images: list, seq, text: str, state) -> None:
         """Store the state after this answer under the history a follow-up request will send, when the answer's

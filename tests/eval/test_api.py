@@ -123,3 +123,49 @@ def test_free_prompts_task_answers_verbatim_prompts_locally_and_through_the_api(
     f.write_text("".join(json.dumps(r) + "\n" for r in recs + recs[:1]))
     with pytest.raises(ScoreInputError, match="question id 'p0' appears twice"):
         evaluate(model, "prompts", f, shapes / "images", tmp_path / "dup", **kw)
+
+
+def test_closed_set_option_probabilities_from_top_logprobs():
+    """VSR/TallyQA through an API: the options' probabilities from the first reply token's top_logprobs (a
+    token's text stripped of spaces names the option; variants summed; renormalised); no usable log-probabilities:
+    the reply of the same request is parsed, without asking again."""
+    import math
+
+    from emma_mamba.eval.api import _ApiAnswerer, option_probabilities_from
+    from emma_mamba.eval.runner import Question
+
+    alt = lambda t, p: {"token": t, "logprob": math.log(p)}  # noqa: E731
+    choice = {"message": {"content": "True"}, "logprobs": {"content": [{"token": "True", "logprob": math.log(.5),
+              "top_logprobs": [alt("True", .5), alt(" True", .1), alt("False", .2), alt("Fal", .1)]}]}}
+    assert option_probabilities_from(choice, ("True", "False")) == pytest.approx([0.6 / 0.8, 0.2 / 0.8])
+    assert option_probabilities_from({"message": {"content": "x"}, "logprobs": None}, ("True", "False")) is None
+    no_option = {"message": {"content": "Maybe"}, "logprobs": {"content": [{"top_logprobs": [alt("Maybe", .9)]}]}}
+    assert option_probabilities_from(no_option, ("True", "False")) is None
+
+    asked = []
+
+    def ask(q, p, top=None):
+        asked.append((q.qid, top))
+        return choice if q.qid == 0 else no_option
+
+    a = _ApiAnswerer(ask, None, concurrency=2)
+    qs = [Question(i, None, "c") for i in range(2)]
+    probs = a.option_probabilities(qs, ["p0", "p1"], ("True", "False"))
+    assert probs[0] == pytest.approx([0.75, 0.25]) and probs[1] is None
+    assert a(qs[1:], ["p1"]) == ["Maybe"]  # the reply of that request, not a new one
+    assert sorted(asked) == [(0, 20), (1, 20)]
+
+
+def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
+    """A VSR run against `emma-mamba serve` (a random model: the options are not among its top 20 first tokens,
+    so its replies are parsed): one request per question, each with logprobs asked; answers and metrics written."""
+    from tests.eval.test_closed import _vsr_file
+
+    _, _, url, seen = served
+    f = _vsr_file(shapes, tmp_path / "test.jsonl")
+    seen.clear()
+    rep = evaluate(None, "vsr", f, shapes / "images", tmp_path / "api", progress=False, max_new_tokens=3,
+                   answer_fn=api_answer_fn(url, concurrency=2))
+    assert len(seen) == 5 and rep["metrics"]["n"] == 5
+    recs = _answers(tmp_path / "api")
+    assert [r["question_id"] for r in recs] == [0, 1, 2, 3, 4] and all("probabilities" not in r for r in recs)

@@ -191,3 +191,53 @@ def test_streamed_completions_are_the_plain_ones(svc, model):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_chat_logprobs_are_the_models_own(svc, model):
+    """/v1/chat/completions with logprobs + top_logprobs (OpenAI's `logprobs.content` form): every answer token's
+    log-probability and alternatives equal one full forward of the chat prompt (image included) + the answer."""
+    import base64
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    from emma_mamba.models.vlm import build_chat_prompt
+
+    img = Image.fromarray(skimage.data.chelsea())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    q = "What is in the picture?"
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": q}]}],
+            "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    out = svc.complete(body)
+    content = out["choices"][0]["logprobs"]["content"]
+    tok, V = model.tokenizer, model.lm.config.vocab_size
+    assert len(content) == out["usage"]["completion_tokens"] == 4
+    # the answer's token ids: greedy generate() on the same prompt (the entries carry text, not ids)
+    text = build_chat_prompt(q, 1, model.config.image_token)
+    answer = model.generate(text, [img.convert("RGB")], [q], config=GenerationConfig(
+        max_new_tokens=4, temperature=0.0, eos_token_id=tok.eos_token_id)).sequences[0]
+    assert [e["token"] for e in content] == [tok.decode([t], skip_special_tokens=False) for t in answer]
+    # oracle: the training forward over prompt + answer
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode(text) + answer]), model.image_processor([img.convert("RGB")]),
+                       instruction_ids=model.tokenize_instructions([q])).logits[0, :, :V]
+    lp = torch.log_softmax(logits.double(), -1)[-len(answer) - 1:-1]
+    for k, (e, t) in enumerate(zip(content, answer)):
+        assert e["logprob"] == pytest.approx(float(lp[k, t]), abs=1e-4)
+        top = lp[k].topk(3)
+        assert [a["token"] for a in e["top_logprobs"]] == [tok.decode([i], skip_special_tokens=False)
+                                                           for i in top.indices.tolist()]
+        assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert e["bytes"] == list(e["token"].encode())
+    # without logprobs: none; errors name the field
+    assert svc.complete({**body, "logprobs": False, "top_logprobs": None})["choices"][0]["logprobs"] is None
+    from emma_mamba.inference.server import RequestError
+    for bad, param in (({"logprobs": 1}, "logprobs"), ({"top_logprobs": 21}, "top_logprobs"),
+                       ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"), ({"stream": True}, "logprobs")):
+        with pytest.raises(RequestError) as e:
+            svc.prepare({**body, **bad})
+        assert e.value.param == param
