@@ -767,6 +767,61 @@ def mme_pairs(scene: Scene, cfg: ShapesConfig, rng: random.Random, asker: _Asker
 
 # ------------------------------------------------------------------------------------------ writing
 
+VSR_PER_IMAGE = 2
+TALLY_PER_IMAGE = 2
+
+
+def closed_set_questions(scene: Scene, cfg: ShapesConfig) -> tuple[list[dict], list[dict]]:
+    """One held-out scene's VSR-format statements and TallyQA-format counting questions (the closed-set
+    benchmarks, :mod:`emma_mamba.eval.closed`), from the scene's own random stream (other files unchanged).
+
+    VSR: up to ``VSR_PER_IMAGE`` statements "The A is <relation> the B." about a strictly ordered pair (as
+    the relation questions), each true or false (the opposite relation) with equal chance; labels 1 / 0.
+    TallyQA: ``TALLY_PER_IMAGE`` questions, simple ("How many circles are there?", one attribute, as the training
+    questions ask) or complex ("How many red circles are there?", colour and kind together, never asked in
+    training), about a shape of the picture three times in four, else about any colour and kind (often 0)."""
+    rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/closed")
+    asker = _Asker(scene, cfg, rng)
+    vsr = []
+    pairs = {axis: asker._pairs(axis) for axis in ("x", "y")}
+    for _ in range(VSR_PER_IMAGE):
+        axes = [a for a in ("x", "y") if pairs[a]]
+        if not axes:
+            break
+        axis = rng.choice(axes)
+        a, ra, b, rb = pairs[axis].pop(rng.randrange(len(pairs[axis])))  # each pair of references once
+        first, second = ("left of", "right of") if axis == "x" else ("above", "below")
+        if rng.random() < 0.5:  # about (B, A): B is `second` of A
+            a, ra, b, rb, true, false = b, rb, a, ra, second, first
+        else:
+            true, false = first, second
+        label = int(rng.random() < 0.5)
+        rel = true if label else false
+        phrase = f"to the {rel}" if rel in ("left of", "right of") else rel
+        vsr.append({"image": scene.image, "caption": f"The {ra} is {phrase} the {rb}.", "label": label,
+                    "relation": rel, "subj": ra, "obj": rb})
+    tally = []
+    for j in range(TALLY_PER_IMAGE):
+        simple = rng.random() < 0.5
+        if rng.random() < 0.75:  # mostly about shapes in the picture, as the training count questions
+            pick = rng.choice(scene.shapes)
+            c, k = pick.colour, pick.kind
+        else:
+            c, k = rng.choice(cfg.colours), rng.choice(cfg.kinds)
+        if simple:
+            if rng.random() < 0.5:
+                q, a = f"How many {k}s are there?", asker.kind_n[k]
+            else:
+                q, a = f"How many {c} shapes are there?", asker.colour_n[c]
+        else:
+            q, a = f"How many {c} {k}s are there?", asker.obj_n[f"{c} {k}"]
+        if any(t["question"] == q for t in tally):
+            continue
+        tally.append({"question_id": scene.index * 10 + j, "image": scene.image, "question": q, "answer": a,
+                      "issimple": simple, "data_source": "shapesworld"})
+    return vsr, tally
+
+
 def _llava_turns(qas: list[QA]) -> list[dict]:
     conv = []
     for i, qa in enumerate(qas):
@@ -823,6 +878,8 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
         heldout/vqav2_questions.json, heldout/vqav2_annotations.json
         heldout/gqa_questions.json
         heldout/mme/<category>.txt           image<TAB>question<TAB>Yes|No
+        heldout/vsr_test.jsonl               VSR format: spatial statements, label 1 (true) / 0 (false)
+        heldout/tallyqa_test.json            TallyQA format: counting questions (simple / complex)
         meta.json
     """
     cfg.validate()
@@ -895,6 +952,13 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
     _dump_json({"info": info, "data_type": "shapesworld", "data_subtype": "heldout", "license": {},
                 "annotations": vqa_a}, ho / "vqav2_annotations.json")
     _dump_json(gqa, ho / "gqa_questions.json")
+    vsr, tally = [], []
+    for sc in heldout:
+        v, t = closed_set_questions(sc, cfg)
+        vsr += v
+        tally += t
+    _dump_jsonl(vsr, ho / "vsr_test.jsonl")
+    _dump_json(tally, ho / "tallyqa_test.json")
     for cat, lines in mme.items():
         p = ho / "mme" / f"{cat}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -914,6 +978,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
             "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
             "pope": {v: len(r) for v, r in pope.items()},
             "vqav2": len(vqa_q), "gqa": len(gqa), "mme": {c: len(v) for c, v in mme.items()},
+            "vsr": len(vsr), "tallyqa": len(tally),
         },
         "files": {
             "stage1": "train/stage1_captions.json", "stage2": "train/stage2_instruct.json",
@@ -921,6 +986,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
             "pope": {v: f"heldout/pope_{v}.jsonl" for v in POPE_VARIANTS},
             "vqav2_questions": "heldout/vqav2_questions.json", "vqav2_annotations": "heldout/vqav2_annotations.json",
             "gqa_questions": "heldout/gqa_questions.json", "mme": "heldout/mme",
+            "vsr": "heldout/vsr_test.jsonl", "tallyqa": "heldout/tallyqa_test.json",
         },
     }
     _dump_json(meta, out / "meta.json")

@@ -399,6 +399,10 @@ class EmmaMamba(nn.Module):
         for j, t in enumerate(ids):
             if not t:
                 raise ValueError(f"option {options[j]!r} tokenises to nothing")
+            if self.tokenizer.decode(list(t), skip_special_tokens=False).strip() != options[j].strip():
+                raise ValueError(f"option {options[j]!r} is not in this model's vocabulary (it tokenises to "
+                                 f"{self.tokenizer.decode(list(t), skip_special_tokens=False)!r}): the model cannot "
+                                 f"give it as a reply")
             if t in ids[:j]:
                 raise ValueError(f"options {options[ids.index(t)]!r} and {options[j]!r} tokenise the same")
         if len(images) != len(prompts):

@@ -335,6 +335,36 @@ def test_mme_files_match_pixels(world, seen):
     assert total == 2 * CFG["n_heldout"]  # one category per image
 
 
+def test_vsr_and_tallyqa_files_match_pixels(world, seen):
+    """The closed-set files: each VSR statement's label is whether its relation holds between the measured
+    shapes; each TallyQA answer is the measured count (complex: colour and kind together)."""
+    out, _ = world
+    vsr = [json.loads(x) for x in (out / "heldout/vsr_test.jsonl").read_text().splitlines()]
+    assert len(vsr) > CFG["n_heldout"] // 2
+    for r in vsr:
+        m = re.fullmatch(r"The (?P<a>.+?) is " + REL + r" the (?P<b>.+)\.", r["caption"])
+        shapes = seen[r["image"]]
+        assert m and r["relation"] == m["rel"].removeprefix("to the "), r
+        assert r["label"] == int(holds(resolve(m["a"], shapes), m["rel"], resolve(m["b"], shapes))), r
+    assert 0.35 < sum(r["label"] for r in vsr) / len(vsr) < 0.65
+    assert len({(r["image"], r["caption"]) for r in vsr}) == len(vsr)
+    tally = json.loads((out / "heldout/tallyqa_test.json").read_text())
+    assert len({t["question_id"] for t in tally}) == len(tally) > CFG["n_heldout"]
+    kinds = Counter()
+    for t in tally:
+        shapes = seen[t["image"]]
+        if m := re.fullmatch(r"How many (?P<c>\w+) (?P<k>\w+)s are there\?", t["question"]):
+            if m["c"] in COLOURS and m["k"] in KINDS:
+                assert not t["issimple"]
+                assert t["answer"] == sum(s["colour"] == m["c"] and s["kind"] == m["k"] for s in shapes), t
+                kinds["complex"] += 1
+                continue
+        assert t["issimple"] and str(t["answer"]) == oracle_answer(t["question"], shapes), t
+        kinds["simple"] += 1
+    assert kinds["simple"] > 10 and kinds["complex"] > 10
+    assert Counter(t["answer"] > 0 for t in tally)[True] > len(tally) / 2
+
+
 # ------------------------------------------------------------------------------------------------ POPE
 
 def test_pope_negatives_absent_and_of_the_right_kind(world, seen):

@@ -154,35 +154,71 @@ def test_tallyqa_known_answers_give_hand_computed_metrics(shapes, tmp_path):
 
 # ------------------------------------------------------------------------------------------- with a model
 
-def test_cli_eval_vsr_probabilities_equal_each_question_alone(shapes, tmp_path, capsys):
-    """A random tiny checkpoint through `emma-mamba eval --task vsr` (batches of 3, ragged prompts): each
-    written probability row equals the model's option probabilities for that question alone; `score` agrees."""
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
     import torch
 
-    from emma_mamba.cli import main
     from emma_mamba.config import get_preset
-    from emma_mamba.models.vlm import EmmaMamba, build_chat_prompt, load
+    from emma_mamba.models.vlm import EmmaMamba
 
     torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    EmmaMamba(get_preset("tiny"), for_training=False).save(ckpt)
-    f = _vsr_file(shapes, tmp_path / "test.jsonl")
-    out = tmp_path / "ev"
-    assert main(["eval", "--task", "vsr", "--questions", str(f), "--images", str(shapes / "images"), "--checkpoint",
-                 str(ckpt), "--out", str(out), "--batch-size", "3", "--no-progress"]) == 0
-    assert "VSR  n=5" in capsys.readouterr().out
-    recs = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
-    model = load(ckpt)
+    d = tmp_path_factory.mktemp("ckpt")
+    EmmaMamba(get_preset("tiny"), for_training=False).save(d)
+    return d
+
+
+@pytest.mark.parametrize("task", ["vsr", "tallyqa"])
+def test_cli_eval_probabilities_equal_each_question_alone(task, shapes, checkpoint, tmp_path, capsys):
+    """A random tiny checkpoint through `emma-mamba eval` on ShapesWorld's VSR / TallyQA files (batches of 3,
+    ragged prompts): each written probability row equals the model's option probabilities for that question
+    alone, its text the most likely option; `score` on the files agrees with the run's metrics."""
     from PIL import Image
+
+    from emma_mamba.cli import main
+    from emma_mamba.eval.runner import CLOSED_SET
+    from emma_mamba.models.vlm import build_chat_prompt, load
+
+    f = shapes / "heldout" / ("vsr_test.jsonl" if task == "vsr" else "tallyqa_test.json")
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", task, "--questions", str(f), "--images", str(shapes / "images"), "--checkpoint",
+                 str(checkpoint), "--out", str(out), "--batch-size", "3", "--limit", "5", "--no-progress"]) == 0
+    assert ("VSR  n=5" if task == "vsr" else "TallyQA  n=5") in capsys.readouterr().out
+    recs = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(recs) == 5
+    model, options = load(checkpoint), CLOSED_SET[task]
     for r in recs:
         with Image.open(shapes / "images" / "heldout" / r["image"]) as im:
             alone = model.option_probabilities([build_chat_prompt(r["prompt"], 1, model.config.image_token)],
-                                               [[im.convert("RGB")]], VSR_OPTIONS, [[r["prompt"]]])[0]
+                                               [[im.convert("RGB")]], options, [[r["prompt"]]])[0]
         assert r["probabilities"] == pytest.approx(alone.tolist(), abs=1e-5)
-        assert r["text"] == VSR_OPTIONS[int(alone.argmax())]
+        assert r["text"] == options[int(alone.argmax())]
     report = json.loads((out / "metrics.json").read_text())
-    assert report["metrics"] == score("vsr", out / "answers.jsonl", f)
-    assert main(["score", "--task", "vsr", "--answers", str(out / "answers.jsonl"), "--annotations", str(f)]) == 0
+    assert report["metrics"] == score(task, out / "answers.jsonl", f, allow_missing=True)
+    assert main(["score", "--task", task, "--answers", str(out / "answers.jsonl"), "--annotations", str(f),
+                 "--allow-missing"]) == 0
+
+
+def test_options_outside_the_vocabulary_are_refused(tmp_path):
+    """A model whose word-level tokenizer has no "True" (the quickstart's ShapesWorld vocabulary) is told so,
+    instead of scoring its unknown token for both options."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1, "<image>": 2, "yes": 3, "no": 4,
+                                      "<|user|>": 5, "<|assistant|>": 6}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = get_preset("tiny")
+    cfg.lm.tokenizer, cfg.lm.vocab_size = str(tmp_path / "tokenizer.json"), 8
+    torch.manual_seed(0)
+    model = EmmaMamba(cfg, for_training=False)
+    with pytest.raises(ValueError, match=r"option 'True' is not in this model's vocabulary \(it tokenises to "
+                                         r"'\[UNK\]'\)"):
+        model.option_probabilities(["<image>\nIs it?"], [[]], ["True", "False"])
+    assert model.option_probabilities(["Is it?"], [[]], ["yes", "no"]).shape == (1, 2)
 
 
 # ------------------------------------------------------------------------------------------- errors
