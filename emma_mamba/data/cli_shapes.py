@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  train: {c['train_images']} images, {c['stage1']} captions, {c['stage2']} conversations "
           f"({c['stage2_turns']} turns)")
     print(f"  held-out: {c['heldout_images']} images; POPE {c['pope']['random']} questions per variant, "
-          f"VQAv2 {c['vqav2']}, GQA {c['gqa']}, MME {sum(c['mme'].values())}")
+          f"VQAv2 {c['vqav2']}, GQA {c['gqa']}, MME {sum(c['mme'].values())}, VSR {c['vsr']}, "
+          f"TallyQA {c['tallyqa']}")
     print(f"  images in {args.out}/images; files listed in {args.out}/meta.json")
     return 0
