@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
     p.add_argument("--split", default="test", help="ScienceQA split to answer (default %(default)s)")
+    p.add_argument("--likelihood", action="store_true",
+                   help="answer a closed-set benchmark (pope, mme, mmbench, seed, scienceqa) by its options' "
+                        "likelihood as the reply (Yes/No, the option letters) instead of generating and parsing a "
+                        "reply, as vsr and tallyqa always are; with --suite: every closed-set benchmark of it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each decode step from a CUDA graph captured once per batch size (CUDA only)")
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
                           progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
-                          compile=args.compile, answer_fn=answer_fn)
+                          compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
@@ -155,7 +159,7 @@ def _run_suite(args) -> int:
         summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint or args.api),
                             progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
-                            compile=args.compile, answer_fn=answer_fn)
+                            compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2

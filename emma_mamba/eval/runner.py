@@ -52,7 +52,10 @@ Notable choices:
   ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
 * vsr and tallyqa are closed-set (:mod:`emma_mamba.eval.closed`): no reply is generated; each option's
   likelihood as the reply (:meth:`EmmaMamba.option_probabilities`, one prefill per question) picks the answer,
-  and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them).
+  and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them). With
+  ``likelihood=True`` (``eval --likelihood``) the other closed-set benchmarks are answered the same way: POPE
+  and MME among "Yes" / "No", MMBench, SEED-Bench and ScienceQA among their option letters (the scorers read
+  the picked option as the reply; no reply goes unparsed).
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
@@ -62,6 +65,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -71,7 +75,7 @@ from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
 from emma_mamba.eval.closed import TALLY_OPTIONS, VSR_OPTIONS, tallyqa_prompt, tallyqa_records, vsr_prompt, vsr_records
-from emma_mamba.eval.mmbench import MC_PROMPT, mmbench_prompt, read_mmbench, round_id
+from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
@@ -84,7 +88,10 @@ log = logging.getLogger(__name__)
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "mme",
          "prompts")
 CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
-"""Tasks answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
+"""Tasks always answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
+LIKELIHOOD_TASKS = ("pope", "mme", "mmbench", "seed", "scienceqa", "vsr", "tallyqa")
+"""Tasks that can be answered by their options' likelihood (``likelihood=True``); the others are open-ended."""
+YES_NO = ("Yes", "No")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 """LLaVA-1.5's short-answer instruction (the same string as emma_mamba.data.shapes.SHORT_ANSWER_PROMPT)."""
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -110,6 +117,8 @@ class Question:
     has_answer: bool = False
     """Whether a question file that may carry its own ground truth (TextVQA, VizWiz, SEED, MMBench, VSR,
     TallyQA) holds this question's answer (a test split does not)."""
+    options: tuple[str, ...] | None = None
+    """The replies to score by likelihood instead of generating one (closed-set answering), or None."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -122,10 +131,36 @@ def _image(images: Path, name: str, where: str) -> Path:
 
 
 def read_questions(task: str, questions: str | Path, images: str | Path | None,
-                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str = "test") -> list[Question]:
-    """The questions of a benchmark file in file order, each with its image resolved and checked."""
+                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str = "test",
+                   likelihood: bool = False) -> list[Question]:
+    """The questions of a benchmark file in file order, each with its image resolved and checked, and with
+    ``likelihood`` (or on an always closed-set task) the options to score."""
     if task not in TASKS:
         raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
+    if likelihood and task not in LIKELIHOOD_TASKS:
+        raise ScoreInputError(f"task {task} is open-ended: answering by likelihood (--likelihood) applies to "
+                              f"{', '.join(LIKELIHOOD_TASKS)}")
+    out = _read_questions(task, questions, images, image_template, split)
+    if task in CLOSED_SET:
+        return [dataclasses.replace(q, options=CLOSED_SET[task]) for q in out]
+    if likelihood:
+        return [dataclasses.replace(q, options=YES_NO if task in ("pope", "mme") else _letters(task, q.text))
+                for q in out]
+    return out
+
+
+def _letters(task: str, prompt: str) -> tuple[str, ...]:
+    """A multiple-choice question's option letters, counted from its prompt's "X. ..." lines."""
+    shown = [ln[0] for ln in prompt.splitlines() if len(ln) > 2 and ln[1:3] == ". " and ln[0] in LETTERS]
+    n = 0
+    while n < len(LETTERS) and LETTERS[n] in shown:
+        n += 1
+    if n < 2:
+        raise ScoreInputError(f"{task}: no lettered options found in the prompt {prompt!r}")
+    return tuple(LETTERS[:n])
+
+
+def _read_questions(task, questions, images, image_template, split) -> list[Question]:
     qpath = Path(questions)
     out: list[Question] = []
     if task == "mmbench":  # images inside the file
@@ -329,17 +364,18 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
              cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
-             checkpoint: str | None = None, progress: bool = True, split: str = "test",
+             checkpoint: str | None = None, progress: bool = True, split: str = "test", likelihood: bool = False,
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
-    ``split``: the ScienceQA split to answer (other benchmarks' files hold one split). ``cuda_graphs``: decode
+    ``split``: the ScienceQA split to answer (other benchmarks' files hold one split). ``likelihood``: answer
+    a closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring). ``cuda_graphs``: decode
     steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
     --api`` asks an endpoint, :mod:`emma_mamba.eval.api`; one with a ``for_max_new_tokens(n)`` method is given
-    this run's ``max_new_tokens`` through it). For the closed-set tasks (``CLOSED_SET``) its
+    this run's ``max_new_tokens`` through it). For questions with options (closed-set answering) its
     ``option_probabilities(questions, prompts, options) -> rows`` method, if it has one, gives the options'
     probabilities (a row may be None: that question is scored from a reply); without it the replies are parsed.
     """
@@ -351,7 +387,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ValueError(f"limit must be >= 1, got {limit}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qs = read_questions(task, questions, images, image_template, split)
+    qs = read_questions(task, questions, images, image_template, split, likelihood)
     if task == "prompts" and annotations is not None:
         raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
     if annotations is None:
@@ -363,15 +399,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         else:
             qs = qs[:limit + (limit % 2 if task == "mme" else 0)]  # MME scores image pairs: keep both questions
 
-    options = CLOSED_SET.get(task)
-    option_fn = None
     if answer_fn is None:
         answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
-        option_fn = _model_option_fn(model) if options is not None else None
+        option_fn = _model_option_fn(model)
     else:
         if hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
             answer_fn = answer_fn.for_max_new_tokens(max_new_tokens)
-        option_fn = getattr(answer_fn, "option_probabilities", None) if options is not None else None
+        option_fn = getattr(answer_fn, "option_probabilities", None)
 
     # ---- what is left to answer
     answers_path = out / "answers.jsonl"
@@ -405,17 +439,23 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             batch = todo[i:i + batch_size]
             prompts = [prompt_for(task, q.text) for q in batch]
             probs = [None] * len(batch)
-            if option_fn is not None:
-                probs = option_fn(batch, prompts, options)
-                if len(probs) != len(batch):
-                    raise RuntimeError(f"option_probabilities returned {len(probs)} rows for {len(batch)} questions")
-            todo_replies = [q for q, p in zip(batch, probs) if p is None]
-            replies = answer_fn(todo_replies, [p for p, pr in zip(prompts, probs) if pr is None]) if todo_replies else []
-            if len(replies) != len(todo_replies):
-                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(todo_replies)} questions")
+            groups: dict = {}  # questions with the same options are scored together
+            for k, q in enumerate(batch):
+                if q.options is not None and option_fn is not None:
+                    groups.setdefault(q.options, []).append(k)
+            for opts, idx in groups.items():
+                rows = option_fn([batch[k] for k in idx], [prompts[k] for k in idx], opts)
+                if len(rows) != len(idx):
+                    raise RuntimeError(f"option_probabilities returned {len(rows)} rows for {len(idx)} questions")
+                for k, row in zip(idx, rows):
+                    probs[k] = row
+            ask = [k for k, pr in enumerate(probs) if pr is None]
+            replies = answer_fn([batch[k] for k in ask], [prompts[k] for k in ask]) if ask else []
+            if len(replies) != len(ask):
+                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(ask)} questions")
             it = iter(replies)
-            replies = [next(it) if pr is None else options[max(range(len(options)), key=pr.__getitem__)]
-                       for pr in probs]
+            replies = [next(it) if pr is None else q.options[max(range(len(pr)), key=pr.__getitem__)]
+                       for q, pr in zip(batch, probs)]
             if task == "mme":
                 for q, r in zip(batch, replies):
                     # one line per answer: tabs/newlines in a reply would break MME's 4-column format
@@ -464,7 +504,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
-              "max_new_tokens": max_new_tokens, "limit": limit, "metrics": metrics}
+              "max_new_tokens": max_new_tokens, "limit": limit,
+              "answered_by": "likelihood" if any(q.options for q in qs) else "generation", "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 

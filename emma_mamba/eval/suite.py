@@ -12,6 +12,7 @@ Suite file (paths relative to ``root``, itself relative to the suite file; stric
       gqa:         {task: gqa, questions: gqa/testdev_balanced_questions.json, images: gqa/images}
       mmbench:     {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv}
       scienceqa:   {task: scienceqa, questions: scienceqa/problems.json, images: scienceqa/images, split: test}
+      mmbench_ll:  {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv, likelihood: true}  # by likelihood
 
 Every benchmark's files are read and checked (images included) before the first question is answered, so a
 typo in the last entry does not cost the hours of the first ones. Each benchmark writes into ``<out>/<name>/``
@@ -27,14 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.runner import TASKS, evaluate, read_questions
+from emma_mamba.eval.runner import LIKELIHOOD_TASKS, TASKS, evaluate, read_questions
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
 log = logging.getLogger(__name__)
 
 _ENTRY_KEYS = {"task", "questions", "images", "annotations", "split", "image_template", "batch_size",
-               "max_new_tokens", "limit"}
+               "max_new_tokens", "limit", "likelihood"}
 _TOP_KEYS = {"root", "benchmarks", "batch_size", "max_new_tokens", "limit"}
 
 
@@ -46,7 +47,7 @@ class SuiteEntry:
     images: Path | None = None
     annotations: Path | None = None
     options: dict = field(default_factory=dict)
-    """batch_size, max_new_tokens, limit, split, image_template (only those given)."""
+    """batch_size, max_new_tokens, limit, split, image_template, likelihood (only those given)."""
 
 
 def read_suite(path: str | Path) -> list[SuiteEntry]:
@@ -83,7 +84,13 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
         if "questions" not in spec:
             raise ScoreInputError(f"{where}: no 'questions'")
         opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
-                                                     "image_template") if k in spec}}
+                                                     "image_template", "likelihood") if k in spec}}
+        if "likelihood" in opts:
+            if not isinstance(opts["likelihood"], bool):
+                raise ScoreInputError(f"{where}: likelihood must be true or false, got {opts['likelihood']!r}")
+            if opts["likelihood"] and task not in LIKELIHOOD_TASKS:
+                raise ScoreInputError(f"{where}: likelihood applies to the closed-set tasks "
+                                      f"{list(LIKELIHOOD_TASKS)}, not {task}")
         for k in ("batch_size", "max_new_tokens", "limit"):
             if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] < 1):
                 raise ScoreInputError(f"{where}: {k} must be an integer >= 1, got {opts[k]!r}")
@@ -109,11 +116,12 @@ def headline(task: str, metrics: dict | None) -> dict:
 def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
               progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
               max_new_tokens: int = 16, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
-              compile: bool = False) -> dict:
+              compile: bool = False, likelihood: bool = False) -> dict:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
     ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
-    ``answer_fn`` as in :func:`emma_mamba.eval.runner.evaluate` (tests)."""
+    ``answer_fn`` as in :func:`emma_mamba.eval.runner.evaluate` (tests). ``likelihood``: every closed-set
+    benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise."""
     if only:
         names = {e.name for e in entries}
         missing = [n for n in only if n not in names]
@@ -124,14 +132,15 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         try:
             read_questions(e.task, e.questions, e.images, e.options.get("image_template",
                                                                         "COCO_val2014_{image_id:012d}.jpg"),
-                           e.options.get("split", "test"))
+                           e.options.get("split", "test"), _likelihood(e, likelihood))
         except ScoreInputError as err:
             raise ScoreInputError(f"benchmark {e.name!r}: {err}") from None
     out = Path(out_dir)
     rows, reports = [], {}
     for i, e in enumerate(entries, 1):
         log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
-        opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options}
+        opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options,
+                "likelihood": _likelihood(e, likelihood)}
         rep = evaluate(model, e.task, e.questions, e.images, out / e.name, annotations=e.annotations,
                        checkpoint=checkpoint, progress=progress, answer_fn=answer_fn, cuda_graphs=cuda_graphs,
                        compile=compile, **opts)
@@ -145,6 +154,14 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(format_summary(rows) + "\n", encoding="utf-8")
     return summary
+
+
+def _likelihood(e: SuiteEntry, default: bool) -> bool:
+    """Whether entry ``e`` is answered by likelihood: its own ``likelihood`` key, else the run's default where
+    the task allows it."""
+    if "likelihood" in e.options:
+        return bool(e.options["likelihood"])
+    return default and e.task in LIKELIHOOD_TASKS
 
 
 def format_summary(rows: list[dict]) -> str:

@@ -241,3 +241,86 @@ def test_bad_closed_set_inputs_name_the_problem(shapes, tmp_path):
     ans.write_text(json.dumps({"question_id": 0, "text": "True", "probabilities": [1.0]}) + "\n")
     with pytest.raises(ScoreInputError, match=r"answers.jsonl: line 1: probabilities must be a list of 2 numbers"):
         score("vsr", ans, f)
+
+
+# ------------------------------------------------------------------------------------------- --likelihood
+
+def test_likelihood_answers_the_other_closed_set_benchmarks(shapes, tmp_path):
+    """`eval --likelihood`: ScienceQA (2, 3 and 5 choices: A-B, A-C, A-E), MMBench (each circular round) and POPE
+    (Yes / No) questions get their own options; the most probable one is the reply the usual scorers read."""
+    from tests.eval.test_multiple_choice import _scienceqa, write_tsv, ROWS
+
+    from emma_mamba.eval.runner import read_questions
+
+    problems, imgs = _scienceqa(tmp_path)
+    want = {"1": 1, "2": 0, "3": 4}  # picks: whale (right), run (wrong), E map (right)
+    asked = {}
+
+    class Probs:
+        def option_probabilities(self, qs, ps, options):
+            out = []
+            for q in qs:
+                asked[q.qid] = options
+                row = [0.1] * len(options)
+                row[want[q.qid]] = 0.9
+                out.append(row)
+            return out
+
+        def __call__(self, qs, ps):
+            raise AssertionError("no reply is generated when every question has probabilities")
+
+    rep = evaluate(None, "scienceqa", problems, imgs, tmp_path / "sqa", batch_size=3, progress=False,
+                   likelihood=True, answer_fn=Probs())
+    assert asked == {"1": ("A", "B", "C"), "2": ("A", "B"), "3": ("A", "B", "C", "D", "E")}
+    assert rep["metrics"]["accuracy"] == pytest.approx(2 / 3) and rep["metrics"]["n_unparsed_replies"] == 0
+    assert rep["answered_by"] == "likelihood"
+    recs = [json.loads(x) for x in (tmp_path / "sqa" / "answers.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in recs] == ["B", "A", "E"] and len(recs[2]["probabilities"]) == 5
+
+    tsv = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", ROWS)
+    qs = read_questions("mmbench", tsv, None, likelihood=True)
+    assert [q.options for q in qs if q.qid.startswith("12/")] == [("A", "B", "C", "D")] * 4
+    assert {q.options for q in qs if q.qid.startswith("5/")} == {("A", "B")}
+    pope = shapes / "heldout" / "pope_random.jsonl"
+    qs = read_questions("pope", pope, shapes / "images", likelihood=True)
+    assert {q.options for q in qs} == {("Yes", "No")}
+    labels = [json.loads(x)["label"] for x in pope.read_text().splitlines()][:6]
+
+    class YesNo:  # the label's option most probable: every answer right
+        def option_probabilities(self, qs, ps, options):
+            return [[0.8, 0.2] if labels[i] == "yes" else [0.3, 0.7] for i in (qs_ids.index(q.qid) for q in qs)]
+
+    qs_ids = [q.qid for q in qs]
+    rep = evaluate(None, "pope", pope, shapes / "images", tmp_path / "pope", limit=6, progress=False,
+                   likelihood=True, answer_fn=YesNo())
+    assert rep["metrics"]["accuracy"] == 1.0 and rep["metrics"]["n"] == 6
+    with pytest.raises(ScoreInputError, match="task vqav2 is open-ended"):
+        read_questions("vqav2", shapes / "heldout" / "vqav2_questions.json", shapes / "images", likelihood=True)
+
+
+def test_cli_likelihood_with_a_checkpoint_equals_each_question_alone(shapes, checkpoint, tmp_path, capsys):
+    """`eval --task mme --likelihood` with a random checkpoint: each answer is the more probable of Yes / No for
+    that question alone, the MME results folder holds it as the reply."""
+    from PIL import Image
+
+    from emma_mamba.cli import main
+    from emma_mamba.models.vlm import build_chat_prompt, load
+
+    q = shapes / "heldout" / "mme"
+    out = tmp_path / "mme"
+    assert main(["eval", "--task", "mme", "--questions", str(q), "--images", str(shapes / "images"),
+                 "--checkpoint", str(checkpoint), "--out", str(out), "--likelihood", "--limit", "4",
+                 "--no-progress"]) == 0
+    model = load(checkpoint)
+    lines = [ln.split("\t") for f in sorted((out / "mme").glob("*.txt")) for ln in f.read_text().splitlines()]
+    assert len(lines) == 4
+    for img, question, _, reply in lines:
+        with Image.open(shapes / "images" / img) as im:
+            p = model.option_probabilities([build_chat_prompt(question, 1, model.config.image_token)],
+                                           [[im.convert("RGB")]], ("Yes", "No"), [[question]])[0]
+        assert reply == ("Yes", "No")[int(p.argmax())]
+    assert json.loads((out / "metrics.json").read_text())["answered_by"] == "likelihood"
+    assert main(["eval", "--task", "gqa", "--questions", str(shapes / "heldout" / "gqa_questions.json"), "--images",
+                 str(shapes / "images"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "g"),
+                 "--likelihood"]) == 2
+    assert "task gqa is open-ended" in capsys.readouterr().err

@@ -83,6 +83,8 @@ def test_a_bad_last_entry_fails_before_any_answering(tmp_path, shapes):
     ("benchmarks: {okvqa: {questions: q}}\n", "task 'okvqa' is not one of"),
     ("benchmarks: {pope: {images: x}}\n", "benchmarks.pope: no 'questions'"),
     ("benchmarks: {pope: {questions: q, batch_size: 0}}\n", "batch_size must be an integer >= 1"),
+    ("benchmarks: {pope: {questions: q, likelihood: 1}}\n", "benchmarks.pope: likelihood must be true or false"),
+    ("benchmarks: {gqa: {questions: q, likelihood: true}}\n", "likelihood applies to the closed-set tasks"),
 ])
 def test_suite_file_errors(tmp_path, text, match):
     p = tmp_path / "s.yaml"
