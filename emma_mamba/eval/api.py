@@ -8,7 +8,8 @@ OpenAI-compatible server (a transformer MLLM served by vLLM or SGLang, say), is 
 
 Closed-set benchmarks (VSR, TallyQA) ask for the reply's log-probabilities too (``logprobs``, ``top_logprobs``
 20, as OpenAI's API, vLLM and ``emma-mamba serve`` take them): an option's probability is the summed probability
-of the first reply token alternatives whose text, stripped of spaces, is the option (an option outside the 20
+of the first reply token alternatives whose text, stripped of spaces, is the option (or, for Yes / No, either
+case; :data:`emma_mamba.eval.closed.SPELLINGS`) (an option outside the 20
 alternatives counts 0), normalised over the options; where the endpoint returns no log-probabilities, or none of
 the options is among them, the reply text is parsed instead (same request, no second one).
 
@@ -27,6 +28,8 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
+
+from emma_mamba.eval.closed import spellings
 
 __all__ = ["api_answer_fn", "ApiError"]
 
@@ -58,7 +61,7 @@ def option_probabilities_from(choice: dict, options: Sequence[str]) -> list[floa
     for alt in content[0].get("top_logprobs") or []:
         token = str(alt.get("token", "")).strip()
         for j, o in enumerate(options):
-            if token == o:
+            if token in spellings(o):
                 mass[j] += math.exp(float(alt["logprob"]))
     total = sum(mass)
     return [m / total for m in mass] if total > 0 else None

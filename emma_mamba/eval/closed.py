@@ -29,7 +29,7 @@ from pathlib import Path
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import MC_PROMPT
 
-__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
+__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
            "pick_option", "auc_roc", "average_precision", "score_vsr", "score_tallyqa"]
 
 VSR_OPTIONS = ("True", "False")
@@ -86,6 +86,15 @@ def tallyqa_records(path: str | Path) -> list[tuple[str, dict]]:
 def tallyqa_prompt(question: str) -> str:
     """The question, the counts as lettered options, LLaVA-1.5's multiple-choice instruction."""
     return "\n".join([question] + [f"{c}. {i}" for i, c in enumerate(TALLY_OPTIONS)] + [MC_PROMPT])
+
+
+SPELLINGS = {"Yes": ("Yes", "yes"), "No": ("No", "no")}
+"""Options scored as the sum of several spellings (a yes/no reply in either case: LLaVA's data capitalises it,
+others do not); every other option is its own text."""
+
+
+def spellings(option: str) -> tuple[str, ...]:
+    return SPELLINGS.get(option, (option,))
 
 
 # ------------------------------------------------------------------------------------------- picking

@@ -54,7 +54,7 @@ Notable choices:
   likelihood as the reply (:meth:`EmmaMamba.option_probabilities`, one prefill per question) picks the answer,
   and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them). With
   ``likelihood=True`` (``eval --likelihood``) the other closed-set benchmarks are answered the same way: POPE
-  and MME among "Yes" / "No", MMBench, SEED-Bench and ScienceQA among their option letters (the scorers read
+  and MME among "Yes" / "No" (each summed over both cases), MMBench, SEED-Bench and ScienceQA among their option letters (the scorers read
   the picked option as the reply; no reply goes unparsed).
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
@@ -74,7 +74,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
-from emma_mamba.eval.closed import TALLY_OPTIONS, VSR_OPTIONS, tallyqa_prompt, tallyqa_records, vsr_prompt, vsr_records
+from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, spellings, tallyqa_prompt, tallyqa_records, vsr_prompt,
+                                    vsr_records)
 from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
@@ -531,7 +532,7 @@ def _model_option_fn(model):
 
     def option_probabilities(batch: Sequence[Question], prompts: Sequence[str], options) -> list[list[float]]:
         texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
-        probs = model.option_probabilities(texts, _open_images(batch), options,
+        probs = model.option_probabilities(texts, _open_images(batch), [spellings(o) for o in options],
                                            [[p] for p in prompts] if fuse else None)
         return probs.tolist()
 

@@ -385,33 +385,46 @@ class EmmaMamba(nn.Module):
         return generate(self.lm, inputs_embeds=embeds, config=config, tokenizer=self.tokenizer, streamer=streamer)
 
     @torch.no_grad()
-    def option_probabilities(self, prompts: Sequence[str], images: Sequence, options: Sequence[str],
+    def option_probabilities(self, prompts: Sequence[str], images: Sequence, options: Sequence,
                              instructions: Sequence | None = None, prefill_chunk: int | None | str = "auto"):
         """How likely each of ``options`` is as the reply to each chat-formatted prompt, normalised over the
         options: ``(n_prompts, n_options)`` fp32 rows summing to 1 (closed-set benchmarks: "True"/"False", option
         letters). An option's probability is that of its whole token sequence, tokenised as a training reply is
         (the answer text on its own); for options of one token each this is Prismatic's measure, the next-token
-        distribution restricted to the options. ``images`` / ``instructions``: one list per prompt, as
-        :meth:`generate`. See :func:`emma_mamba.inference.generate.option_logprobs`."""
+        distribution restricted to the options. An option may be a tuple of spellings (``("Yes", "yes")``): its
+        probability is the sum of theirs, over the spellings in the model's vocabulary (at least one must be).
+        ``images`` / ``instructions``: one list per prompt, as :meth:`generate`. See
+        :func:`emma_mamba.inference.generate.option_logprobs`."""
         from emma_mamba.inference.generate import option_logprobs
 
-        ids = [tuple(self.tokenizer.encode(o)) for o in options]
-        for j, t in enumerate(ids):
-            if not t:
-                raise ValueError(f"option {options[j]!r} tokenises to nothing")
-            if self.tokenizer.decode(list(t), skip_special_tokens=False).strip() != options[j].strip():
-                raise ValueError(f"option {options[j]!r} is not in this model's vocabulary (it tokenises to "
-                                 f"{self.tokenizer.decode(list(t), skip_special_tokens=False)!r}): the model cannot "
-                                 f"give it as a reply")
-            if t in ids[:j]:
-                raise ValueError(f"options {options[ids.index(t)]!r} and {options[j]!r} tokenise the same")
+        spellings, owner = [], []  # every spelling's token ids, and the option it belongs to
+        for j, opt in enumerate(options):
+            alts = (opt,) if isinstance(opt, str) else tuple(opt)
+            found = []
+            for o in alts:
+                t = tuple(self.tokenizer.encode(o))
+                if t and self.tokenizer.decode(list(t), skip_special_tokens=False).strip() == o.strip():
+                    found.append(t)
+            if not found:
+                got = self.tokenizer.decode(self.tokenizer.encode(alts[0]), skip_special_tokens=False)
+                raise ValueError(f"option {opt!r} is not in this model's vocabulary ({alts[0]!r} tokenises to "
+                                 f"{got!r}): the model cannot give it as a reply")
+            for t in found:
+                if t in spellings:
+                    raise ValueError(f"options {options[owner[spellings.index(t)]]!r} and {opt!r} tokenise the same")
+                spellings.append(t)
+                owner.append(j)
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
         if instructions is not None and len(instructions) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
         embeds = [self.prompt_embeds(p, im, None if instructions is None else instructions[i])[0]
                   for i, (p, im) in enumerate(zip(prompts, images))]
-        return torch.softmax(option_logprobs(self.lm, ids, inputs_embeds=embeds, prefill_chunk=prefill_chunk), -1)
+        logp = option_logprobs(self.lm, spellings, inputs_embeds=embeds, prefill_chunk=prefill_chunk).double()
+        # each option: log of the summed probability of its spellings; then normalised over the options
+        per_option = torch.stack([torch.logsumexp(logp[:, [k for k, o in enumerate(owner) if o == j]], dim=-1)
+                                  for j in range(len(options))], dim=-1)
+        return torch.softmax(per_option, -1).float()
 
     # --------------------------------------------------------------------------------------- persistence
 

@@ -215,10 +215,13 @@ def test_options_outside_the_vocabulary_are_refused(tmp_path):
     cfg.lm.tokenizer, cfg.lm.vocab_size = str(tmp_path / "tokenizer.json"), 8
     torch.manual_seed(0)
     model = EmmaMamba(cfg, for_training=False)
-    with pytest.raises(ValueError, match=r"option 'True' is not in this model's vocabulary \(it tokenises to "
+    with pytest.raises(ValueError, match=r"option 'True' is not in this model's vocabulary \('True' tokenises to "
                                          r"'\[UNK\]'\)"):
         model.option_probabilities(["<image>\nIs it?"], [[]], ["True", "False"])
-    assert model.option_probabilities(["Is it?"], [[]], ["yes", "no"]).shape == (1, 2)
+    # spellings: an option's probability sums its spellings in the vocabulary ("Yes" is not, "yes" is)
+    lowercase = model.option_probabilities(["Is it?"], [[]], ["yes", "no"])
+    either = model.option_probabilities(["Is it?"], [[]], [("Yes", "yes"), ("No", "no")])
+    torch.testing.assert_close(either, lowercase)
 
 
 # ------------------------------------------------------------------------------------------- errors

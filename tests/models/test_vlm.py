@@ -352,6 +352,12 @@ def test_option_probabilities_equal_the_training_forward(model):
         torch.testing.assert_close(got[i].double(), want, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="tokenise the same"):
         model.option_probabilities(texts[:1], [[IMAGES[1]]], ["True", "True"], [[questions[0]]])
+    # an option spelt several ways: the sum of its spellings' probabilities, then normalised
+    alts = model.option_probabilities(texts, [[IMAGES[1]], [IMAGES[0]]], [("True", "true"), "False"],
+                                      [[q] for q in questions])
+    parts = model.option_probabilities(texts, [[IMAGES[1]], [IMAGES[0]]], ["True", "true", "False"],
+                                       [[q] for q in questions])
+    torch.testing.assert_close(alts, torch.stack([parts[:, 0] + parts[:, 1], parts[:, 2]], -1))
 
 
 def test_info_report_for_the_2p8b_preset(capsys):
