@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", default=None,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
                         "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, ScienceQA "
-                        "problems.json, VSR test.jsonl, TallyQA test.json, or MME folder/file of <category>.txt templates")
+                        "problems.json, VSR test.jsonl, TallyQA test.json, AI2D questions/ folder, or MME folder/file of "
+                        "<category>.txt templates")
     p.add_argument("--images", default=None,
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
@@ -56,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
     p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
-    p.add_argument("--split", default="test", help="ScienceQA split to answer (default %(default)s)")
+    p.add_argument("--split", default="test",
+                   help="ScienceQA split to answer; AI2D: test (ai2d_test_ids.csv), train or all (default %(default)s)")
     p.add_argument("--likelihood", action="store_true",
                    help="answer a closed-set benchmark (pope, mme, mmbench, seed, scienceqa) by its options' "
                         "likelihood as the reply (Yes/No, the option letters) instead of generating and parsing a "

@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", default=None,
                    help="POPE question file, VQAv2 annotations JSON, GQA questions JSON, TextVQA_0.5.1_val.json, "
                         "VizWiz val.json, MMBench dev TSV, SEED-Bench.json, ScienceQA problems.json, VSR test.jsonl, "
-                        "TallyQA test.json; "
+                        "TallyQA test.json, AI2D questions/ folder; "
                         "for mme optional: the folder of 3-column templates to check the answers against")
     p.add_argument("--allow-missing", action="store_true",
                    help="score only the answered questions instead of failing when some have no answer")

@@ -1,5 +1,5 @@
-"""Closed-set benchmarks scored by the likelihood of each option: VSR and TallyQA, as Prismatic's evaluation
-(TRI-ML/vlm-evaluation, the suite Cobra and EMMA-Mamba report) runs them.
+"""Closed-set benchmarks scored by the likelihood of each option: VSR, TallyQA and AI2D, as Prismatic's
+evaluation (TRI-ML/vlm-evaluation, whose benchmarks Cobra and EMMA-Mamba report) runs them.
 
 * **VSR** (Visual Spatial Reasoning, Liu et al. 2023), the zero-shot test split ``test.jsonl`` (1,222 captions on
   715 COCO images): records ``{image, caption, label (1 true, 0 false), relation, subj, obj}``; a question's id is
@@ -7,6 +7,12 @@
   or "False"? <caption>`` then ``Respond with "True" or "False" directly.``; options ``True`` and ``False``.
   Metrics: accuracy, ROC AUC and PR AUC (average precision) of the probability of "True", the always-true
   baseline, accuracy per relation.
+* **AI2D** (Kembhavi et al. 2016, science diagrams), the release's ``questions/`` folder (one ``<image>.json`` per
+  diagram: ``{imageName, questions: {text: {answerTexts, correctAnswer, questionId, abcLabel}}}``); ``split``
+  test (default: the diagrams listed in ``ai2d_test_ids.csv`` beside the folder or in its parent), train (the
+  others) or all. The answer texts as lettered options with LLaVA-1.5's multiple-choice instruction; the options'
+  letters scored (Prismatic's conversion). Metric: accuracy (also on the questions about the diagram's letter
+  labels, ``abcLabel``, and the others).
 * **TallyQA** (Acharya et al. 2019), ``test.json``: records ``{question_id, image, question, answer (0-15),
   issimple}``; the 16 possible counts become a 16-way multiple choice (``A. 0`` ... ``P. 15``) with LLaVA-1.5's
   "Answer with the option's letter from the given choices directly." (Prismatic's conversion, for calibrated
@@ -29,7 +35,7 @@ from pathlib import Path
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import MC_PROMPT
 
-__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
+__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "ai2d_records", "ai2d_prompt", "score_ai2d", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
            "pick_option", "auc_roc", "average_precision", "score_vsr", "score_tallyqa"]
 
 VSR_OPTIONS = ("True", "False")
@@ -95,6 +101,68 @@ others do not); every other option is its own text."""
 
 def spellings(option: str) -> tuple[str, ...]:
     return SPELLINGS.get(option, (option,))
+
+
+def _ai2d_test_ids(folder: Path) -> set[str] | None:
+    """The test diagrams' ids from ``ai2d_test_ids.csv`` beside ``folder`` or in its parent; None without one."""
+    for cand in (folder / "ai2d_test_ids.csv", folder.parent / "ai2d_test_ids.csv"):
+        if cand.is_file():
+            return {ln.split(",")[0].strip() for ln in cand.read_text(encoding="utf-8").splitlines() if ln.strip()}
+    return None
+
+
+def ai2d_records(path: str | Path, split: str = "test") -> list[tuple[str, dict]]:
+    """AI2D's questions of ``split`` (test, train or all) as records ``{question_id, image, question, choices,
+    answer, abc_label, split}`` in file-name and file order, each checked; ``path`` the questions folder or one
+    file. ``split`` of a record: test or train by the test-ids file, None without one (only with split all)."""
+    p = Path(path)
+    if split not in ("test", "train", "all"):
+        raise ScoreInputError(f"AI2D split must be test, train or all, got {split!r}")
+    if p.is_dir():
+        files = sorted(p.glob("*.json"), key=lambda f: (len(f.name), f.name))
+        if not files:
+            raise ScoreInputError(f"AI2D questions folder {p} holds no <image>.json files")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise ScoreInputError(f"AI2D questions {p} does not exist")
+    test = _ai2d_test_ids(p if p.is_dir() else p.parent)
+    if test is None and split != "all":
+        raise ScoreInputError(f"AI2D split {split}: no ai2d_test_ids.csv in {p if p.is_dir() else p.parent} or its "
+                              f"parent (split all takes every question)")
+    out = []
+    for f in files:
+        doc = load_json(f, "AI2D questions")
+        if not isinstance(doc, dict) or not isinstance(doc.get("questions"), dict):
+            raise ScoreInputError(f"{f}: expected an object with 'imageName' and a 'questions' mapping")
+        image = require(doc, ("imageName",), f, "top level", "AI2D")
+        diagram = str(image).split(".")[0]
+        where = None if test is None else ("test" if diagram in test else "train")
+        if split != "all" and where != split:
+            continue
+        for text, q in doc["questions"].items():
+            loc = f"question {text!r}"
+            if not isinstance(q, dict):
+                raise ScoreInputError(f"{f}: {loc}: expected an object")
+            choices = require(q, ("answerTexts",), f, loc, "AI2D question")
+            if not isinstance(choices, list) or not 2 <= len(choices) <= 8:
+                raise ScoreInputError(f"{f}: {loc}: answerTexts must be a list of 2 to 8 answers, got {choices!r}")
+            ans = q.get("correctAnswer")
+            if ans is not None and (isinstance(ans, bool) or not isinstance(ans, int) or not 0 <= ans < len(choices)):
+                raise ScoreInputError(f"{f}: {loc}: correctAnswer must index answerTexts (0-{len(choices) - 1}), "
+                                      f"got {ans!r}")
+            out.append((f"{f.name}: {loc}", {"question_id": str(require(q, ("questionId",), f, loc, "AI2D question")),
+                                               "image": image, "question": text, "choices": [str(c) for c in choices],
+                                               "answer": ans, "abc_label": bool(q.get("abcLabel")),
+                                               "split": where}))
+    if not out:
+        raise ScoreInputError(f"{p}: no AI2D questions in split {split}")
+    return out
+
+
+def ai2d_prompt(rec: dict) -> str:
+    """The question and its lettered answer texts (the MC instruction comes after)."""
+    return "\n".join([rec["question"]] + [f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(rec["choices"])])
 
 
 # ------------------------------------------------------------------------------------------- picking
@@ -216,6 +284,46 @@ def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool 
     return {"n": len(ok), "accuracy": mean(ok), "auc_roc": auc_roc(labels, p_true) if ranked else None,
             "auc_pr": average_precision(labels, p_true) if ranked else None,
             "always_true_accuracy": mean(labels), "per_relation": {k: mean(v) for k, v in sorted(by_rel.items())},
+            "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
+
+
+def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Accuracy of ``answers`` (records ``{question_id, text, probabilities?}``) on AI2D (``annotations``: the
+    questions folder), overall and on the letter-label questions and the others; the split is the answered
+    questions' (test or train by the test-ids file; answers spanning both are refused)."""
+    every = {r["question_id"]: r for _, r in ai2d_records(annotations, "all")}
+    rows = []
+    probs = {}
+    for loc, rec in load_records(answers, "AI2D answers"):
+        qid = str(require(rec, ("question_id",), answers, loc, "AI2D answer"))
+        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, "AI2D answer")))
+        if rec.get("probabilities") is not None:
+            probs[qid] = rec["probabilities"]
+    splits = {every[q]["split"] for _, q, _ in rows if q in every}
+    if len(splits) > 1:
+        raise ScoreInputError(f"{answers}: answers span the splits {sorted(splits)}; score one split at a time")
+    split = splits.pop() if splits else None
+    gold = {q: r for q, r in every.items() if r["split"] == split}
+    if any(r["answer"] is None for r in gold.values()):
+        raise ScoreInputError(f"{annotations}: some questions have no correctAnswer to score against")
+    got = match_answers(rows, list(gold), answers, annotations, allow_missing)
+    if not got:
+        raise ScoreInputError(f"{answers}: no answers to score")
+    ok, by_kind, unparsed = [], defaultdict(list), 0
+    for qid, text in got.items():
+        rec = gold[qid]
+        letters = tuple(chr(ord("A") + i) for i in range(len(rec["choices"])))
+        p = probs.get(qid)
+        if p is not None and len(p) != len(letters):
+            raise ScoreInputError(f"{answers}: question {qid!r}: {len(p)} probabilities for {len(letters)} options")
+        k = pick_option(text, letters, p)
+        if k is None and p is None:  # the answer text itself
+            k = next((i for i, c in enumerate(rec["choices"]) if c.strip().lower() == text.strip().lower()), None)
+        unparsed += k is None
+        ok.append(k == rec["answer"])
+        by_kind["letter labels" if rec["abc_label"] else "other"].append(ok[-1])
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"n": len(ok), "split": split or "all", "accuracy": mean(ok), "per_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
             "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
 
 

@@ -19,6 +19,7 @@ a question is resolved under ``images`` as given after the arrow:
   per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
 * vsr: VSR's ``test.jsonl`` ``{image, caption, label}`` (question id: the record's 0-based index) -> ``image``,
   ``train2017/<image>`` or ``val2017/<image>``;
+* ai2d: AI2D's ``questions/`` folder (``split`` test by ``ai2d_test_ids.csv``, train or all) -> ``imageName``;
 * tallyqa: TallyQA's ``test.json`` ``[{question_id, image, question, answer, issimple}]`` -> ``image``;
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
   ``<category>/<name>`` or ``<category>/images/<name>``;
@@ -74,8 +75,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
-from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, spellings, tallyqa_prompt, tallyqa_records, vsr_prompt,
-                                    vsr_records)
+from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
+                                    tallyqa_records, vsr_prompt, vsr_records)
 from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
@@ -86,11 +87,11 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "mme",
-         "prompts")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
+         "mme", "prompts")
 CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
 """Tasks always answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
-LIKELIHOOD_TASKS = ("pope", "mme", "mmbench", "seed", "scienceqa", "vsr", "tallyqa")
+LIKELIHOOD_TASKS = ("pope", "mme", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d")
 """Tasks that can be answered by their options' likelihood (``likelihood=True``); the others are open-ended."""
 YES_NO = ("Yes", "No")
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -144,7 +145,7 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
     out = _read_questions(task, questions, images, image_template, split)
     if task in CLOSED_SET:
         return [dataclasses.replace(q, options=CLOSED_SET[task]) for q in out]
-    if likelihood:
+    if likelihood or task == "ai2d":  # AI2D: always by its letters' likelihood (as Prismatic)
         return [dataclasses.replace(q, options=YES_NO if task in ("pope", "mme") else _letters(task, q.text))
                 for q in out]
     return out
@@ -252,6 +253,10 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
                 raise ScoreInputError(f"{qpath}: {loc}: image {name!r} not found under --images {images} (tried "
                                       f"., train2017/ and val2017/)")
             out.append(Question(i, images / sub / name, rec["caption"], has_answer="label" in rec))
+    elif task == "ai2d":
+        for loc, rec in ai2d_records(qpath, split):
+            out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), ai2d_prompt(rec),
+                                has_answer=rec["answer"] is not None))
     elif task == "tallyqa":
         for loc, rec in tallyqa_records(qpath):
             out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), rec["question"],
@@ -295,7 +300,7 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
 
 def prompt_for(task: str, text: str) -> str:
     """The user prompt sent to the model for a question (see the module docstring)."""
-    if task in ("mmbench", "seed", "scienceqa"):
+    if task in ("mmbench", "seed", "scienceqa", "ai2d"):
         return f"{text}\n{MC_PROMPT}"
     if task == "vsr":
         return vsr_prompt(text)
@@ -318,6 +323,8 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
         return None
     if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
         return q
+    if task == "ai2d":
+        return q if all(x.has_answer for x in read) else None
     if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa"):
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))

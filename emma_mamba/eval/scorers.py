@@ -12,6 +12,7 @@
 | scienceqa | JSONL, question_id (problem id) + text | ScienceQA problems.json (image problems)     |
 | vsr   | JSONL, question_id (record index) + text (+ probabilities) | VSR test.jsonl (with "label") |
 | tallyqa | JSONL, question_id + text (+ probabilities) | TallyQA test.json (with "answer")         |
+| ai2d  | JSONL, question_id (questionId) + text (+ probabilities) | AI2D questions/ folder              |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
 Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
@@ -24,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.closed import score_tallyqa, score_vsr
+from emma_mamba.eval.closed import score_ai2d, score_tallyqa, score_vsr
 from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mmbench import parse_choice, score_mmbench
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
@@ -33,16 +34,17 @@ from emma_mamba.eval.scienceqa import score_scienceqa
 from emma_mamba.eval.seed import score_seed
 from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
-TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "mme")
+TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
+         "mme")
 
 __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_textvqa",
-           "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr", "score_tallyqa", "score_mme", "parse_choice",
+           "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr", "score_tallyqa", "score_ai2d", "score_mme", "parse_choice",
            "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
 _SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa,
             "vizwiz": score_vizwiz, "mmbench": score_mmbench, "seed": score_seed, "scienceqa": score_scienceqa,
-            "vsr": score_vsr, "tallyqa": score_tallyqa}
+            "vsr": score_vsr, "tallyqa": score_tallyqa, "ai2d": score_ai2d}
 """The scorers taking (answers, annotations, allow_missing); MME is special (no allow_missing, optional file)."""
 
 
@@ -100,6 +102,11 @@ def summary(task: str, m: dict) -> str:
         lines.append(f"TallyQA  n={m['n']}  accuracy {pct(m['accuracy'])}  simple {pct(m['accuracy_simple'])} "
                      f"(n={m['n_simple']})  complex {pct(m['accuracy_complex'])} (n={m['n_complex']})  unparsed "
                      f"replies {m['n_unparsed_replies']}")
+    elif task == "ai2d":
+        lines.append(f"AI2D ({m['split']})  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed replies "
+                     f"{m['n_unparsed_replies']}")
+        for k, v in m["per_kind"].items():
+            lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "mme":
         lines.append(f"{'category':<24}{'acc':>8}{'acc+':>8}{'score':>9}")
         for c, v in m["categories"].items():

@@ -327,3 +327,73 @@ def test_cli_likelihood_with_a_checkpoint_equals_each_question_alone(shapes, che
                  str(shapes / "images"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "g"),
                  "--likelihood"]) == 2
     assert "task gqa is open-ended" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- AI2D
+
+def _ai2d(shapes: Path, root: Path) -> tuple[Path, Path]:
+    """An AI2D-layout release: questions/<n>.png.json per diagram, images/<n>.png, ai2d_test_ids.csv."""
+    import shutil
+
+    qdir, idir = root / "questions", root / "images"
+    qdir.mkdir(parents=True)
+    idir.mkdir()
+    src = _images(shapes, 3)
+    docs = {
+        "0": {"Which part is the root?": {"answerTexts": ["leaf", "stem", "root hair", "flower"], "correctAnswer": 2,
+                                          "questionId": "0.png-0", "abcLabel": False},
+              "Which label shows the stem?": {"answerTexts": ["A", "B", "C", "D"], "correctAnswer": 1,
+                                              "questionId": "0.png-1", "abcLabel": True}},
+        "1": {"What eats grass?": {"answerTexts": ["cow", "lion", "hawk"], "correctAnswer": 0,
+                                   "questionId": "1.png-0", "abcLabel": False}},
+        "2": {"Which is a producer?": {"answerTexts": ["grass", "fox"], "correctAnswer": 0, "questionId": "2.png-0",
+                                       "abcLabel": False}},
+    }
+    for n, qs in docs.items():
+        shutil.copy(shapes / "images" / src[int(n)], idir / f"{n}.png")
+        (qdir / f"{n}.png.json").write_text(json.dumps({"imageName": f"{n}.png", "questions": qs}))
+    (root / "ai2d_test_ids.csv").write_text("0\n1\n")
+    return qdir, idir
+
+
+def test_ai2d_by_hand(shapes, tmp_path):
+    """AI2D's folder layout: the test split is the diagrams of ai2d_test_ids.csv, each question's answer texts are
+    its lettered options (as many as it has), accuracy overall and on the letter-label questions by hand."""
+    qdir, idir = _ai2d(shapes, tmp_path / "ai2d")
+    asked, prompts = {}, {}
+
+    class Probs:
+        def option_probabilities(self, qs, ps, options):
+            asked.update({q.qid: options for q in qs})
+            prompts.update({q.qid: p for q, p in zip(qs, ps)})
+            pick = {"0.png-0": 2, "0.png-1": 0, "1.png-0": 0}  # right, wrong, right
+            return [[0.9 if i == pick[q.qid] else 0.05 for i in range(len(options))] for q in qs]
+
+    rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "ev", batch_size=2, progress=False, answer_fn=Probs())
+    assert asked == {"0.png-0": ("A", "B", "C", "D"), "0.png-1": ("A", "B", "C", "D"), "1.png-0": ("A", "B", "C")}
+    assert prompts["1.png-0"] == ("What eats grass?\nA. cow\nB. lion\nC. hawk\nAnswer with the option's letter from "
+                                  "the given choices directly.")
+    m = rep["metrics"]
+    assert (m["split"], m["n"]) == ("test", 3) and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["per_kind"] == {"letter labels": 0.0, "other": 1.0}
+    assert score("ai2d", tmp_path / "ev" / "answers.jsonl", qdir) == m
+    # the train split: the other diagram; replies parsed (a letter or the answer text) when no probabilities
+    rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "tr", split="train", progress=False,
+                   answer_fn=lambda qs, ps: ["grass"] * len(qs))
+    assert rep["metrics"]["split"] == "train" and rep["metrics"]["accuracy"] == 1.0
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"question_id": "0.png-0", "text": "C"}) + "\n" +
+                     json.dumps({"question_id": "2.png-0", "text": "A"}) + "\n")
+    with pytest.raises(ScoreInputError, match="answers span the splits"):
+        score("ai2d", mixed, qdir)
+    (tmp_path / "ai2d" / "ai2d_test_ids.csv").unlink()
+    with pytest.raises(ScoreInputError, match="AI2D split test: no ai2d_test_ids.csv"):
+        evaluate(None, "ai2d", qdir, idir, tmp_path / "x", progress=False, answer_fn=Probs())
+    # without the ids file, split all takes every question ("A": right on 1.png-0 and 2.png-0)
+    rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "all", split="all", progress=False,
+                   answer_fn=lambda qs, ps: ["A"] * len(qs))
+    assert (rep["metrics"]["split"], rep["metrics"]["n"], rep["metrics"]["accuracy"]) == ("all", 4, 0.5)
+    (qdir / "1.png.json").write_text(json.dumps({"imageName": "1.png", "questions": {"Q?": {
+        "answerTexts": ["a", "b"], "correctAnswer": 2, "questionId": "1.png-0"}}}))
+    with pytest.raises(ScoreInputError, match=r"1.png.json: question 'Q\?': correctAnswer must index answerTexts"):
+        evaluate(None, "ai2d", qdir, idir, tmp_path / "y", split="all", progress=False, answer_fn=Probs())
