@@ -23,7 +23,10 @@ token after every chunk instead of waiting for the whole prompt. Waiting prompts
 served; one whose rest fits the step's budget and starts from an empty state is prefilled in one padded prefill
 with the others that do (as :func:`~emma_mamba.inference.generate.generate` prefills a batch). With nothing
 decoding, every admitted prompt is prefilled whole at once (no one waits on it). ``prefill_chunk`` None: no limit
-(each prompt whole between two steps).
+(each prompt whole between two steps). However scheduled, a prefill runs at most
+:func:`~emma_mamba.inference.generate.resolve_prefill_chunk`'s ``"auto"`` positions per forward (1024 on the CPU,
+where that is faster and bounds the activations; no limit on a GPU), and an echoed prompt whose every position is
+scored at most ``ECHO_CHUNK`` (its logits are positions x vocabulary), the state carried between the forwards.
 """
 
 from __future__ import annotations
@@ -38,10 +41,13 @@ from typing import Callable
 
 import torch
 
-from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence,
-                                           _split_prompts, decode_step)
+from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
+                                           decode_step, resolve_prefill_chunk)
 
-__all__ = ["BatchDecoder", "DecodeJob", "token_logprobs"]
+__all__ = ["BatchDecoder", "DecodeJob", "token_logprobs", "ECHO_CHUNK"]
+
+ECHO_CHUNK = 1024
+"""Positions per forward when every position's logits are kept (an echoed prompt scored token by token)."""
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +356,8 @@ class BatchDecoder:
             t0 = time.perf_counter()
             try:  # one padded prefill over the group (seq_idx resets), as generate() prefills a batch
                 group_cache = self.lm.allocate_cache(len(whole))
-                first = _prefill(self.lm, [(p.ids, p.emb) for p in whole], group_cache)
+                first = _prefill(self.lm, [(p.ids, p.emb) for p in whole], group_cache,
+                                 chunk=resolve_prefill_chunk("auto", self.lm.device))
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed")
                 for p in whole:
@@ -383,14 +390,16 @@ class BatchDecoder:
             p.cache = self.lm.allocate_cache(1)
         s, e = p.done, p.done + n
         if p.echo:  # every position's logits: each scores the prompt's next token
-            out = self.lm(input_ids=p.ids[None, s:e], cache=p.cache).logits[0].float()
-            k = min(n, p.length - 1 - s)  # positions whose next token is in the prompt
-            p.prompt_logprobs = (p.prompt_logprobs or []) + token_logprobs(
-                out[:k], p.ids[s + 1:s + 1 + k], int(p.spec.get("logprobs") or 0), self.lm.config.vocab_size)
+            for a in range(s, e, ECHO_CHUNK):  # the logits of at most ECHO_CHUNK positions at a time
+                b = min(a + ECHO_CHUNK, e)
+                out = self.lm(input_ids=p.ids[None, a:b], cache=p.cache).logits[0].float()
+                k = min(b - a, p.length - 1 - a)  # positions whose next token is in the prompt
+                p.prompt_logprobs = (p.prompt_logprobs or []) + token_logprobs(
+                    out[:k], p.ids[a + 1:a + 1 + k], int(p.spec.get("logprobs") or 0), self.lm.config.vocab_size)
             last = out[-1:]
         else:
             last = _continue(self.lm, (None if p.ids is None else p.ids[s:e], None if p.emb is None else p.emb[s:e]),
-                             p.cache)
+                             p.cache, resolve_prefill_chunk("auto", self.lm.device))
         p.done, p.chunks = e, p.chunks + 1
         return last
 

@@ -72,7 +72,7 @@ def test_requests_decoded_together_get_their_own_answers(lm, monkeypatch):
 
     calls = []
     real = batching._prefill
-    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps_, cache: calls.append(len(ps_)) or real(lm_, ps_, cache))
+    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps_, cache, **kw: calls.append(len(ps_)) or real(lm_, ps_, cache, **kw))
     dec = BatchDecoder(lm, max_batch=8)
     ps = prompts(len(CONFIGS))
     with dec.hold():
@@ -317,9 +317,9 @@ def record_schedule(monkeypatch, dec):
         events.append(("P", n))
         return real_chunk(p, n)
 
-    def prefill(lm_, ps, cache):
+    def prefill(lm_, ps, cache, **kw):
         events.append(("P", sum((i if i is not None else e).shape[0] for i, e in ps)))
-        return real_prefill(lm_, ps, cache)
+        return real_prefill(lm_, ps, cache, **kw)
 
     def step(*a, **k):
         events.append("D")
@@ -444,7 +444,7 @@ def test_forks_continue_one_prefill_and_wait_for_room(lm, monkeypatch):
 
     calls = []
     real = batching._prefill
-    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps, cache: calls.append(len(ps)) or real(lm_, ps, cache))
+    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps, cache, **kw: calls.append(len(ps)) or real(lm_, ps, cache, **kw))
     dec = BatchDecoder(lm, max_batch=4)
     ids = prompts(1, seed=8)[0]
     cfgs = [CONFIGS[1], dataclass_replace(CONFIGS[1], seed=4), CONFIGS[3], GenerationConfig(max_new_tokens=5)]

@@ -241,3 +241,38 @@ def test_chat_logprobs_are_the_models_own(svc, model):
         with pytest.raises(RequestError) as e:
             svc.prepare({**body, **bad})
         assert e.value.param == param
+
+
+def test_long_prompts_are_prefilled_in_bounded_forwards(svc, model, monkeypatch):
+    """A prompt prefilled with nothing decoding runs at most PREFILL_CPU_CHUNK positions per forward on the CPU,
+    an echoed one keeps the logits of at most ECHO_CHUNK positions at a time (both made tiny here); the
+    log-probabilities and the continuation equal a full forward's / generate()'s on the whole prompt."""
+    from emma_mamba.inference import batching, generate as gen
+
+    monkeypatch.setattr(gen, "PREFILL_CPU_CHUNK", 5)
+    monkeypatch.setattr(batching, "ECHO_CHUNK", 4)
+    sizes = []
+    real = model.lm.forward
+
+    def forward(*a, **k):
+        x = k.get("input_ids") if k.get("input_ids") is not None else k.get("inputs_embeds")
+        if x is None:
+            x = a[0]
+        sizes.append(x.shape[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(model.lm, "forward", forward)
+    tok = model.tokenizer
+    ids = tok.encode("A red circle and a blue square are next to a green star on the left")
+    out = svc.text_completion({"prompt": [ids], "max_tokens": 2, "logprobs": 0, "echo": True, "temperature": 0})
+    assert sizes == [4, 4, 4, 4, 1]  # 16 echoed positions by 4, then one decode step
+    lp = out["choices"][0]["logprobs"]
+    want, _ = oracle_logprobs(model.lm, ids)
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:len(ids)]), want, rtol=1e-5, atol=1e-5)
+    sizes.clear()
+    plain = svc.text_completion({"prompt": [ids], "max_tokens": 3, "temperature": 0})
+    assert len(ids) == 16 and sizes == [5, 5, 5, 1, 1, 1]  # the prompt by 5 (5 + 5 + 5 + 1), then 2 decode steps
+    monkeypatch.setattr(model.lm, "forward", real)
+    res = generate(model.lm, input_ids=ids, config=GenerationConfig(max_new_tokens=3, prefill_chunk=None),
+                   tokenizer=tok)
+    assert plain["choices"][0]["text"] == res.texts[0]
