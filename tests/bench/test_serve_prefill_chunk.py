@@ -15,7 +15,9 @@ def test_serve_prefill_chunk_smoke(tmp_path, monkeypatch):
     monkeypatch.setattr(mamba.MambaConfig, "from_preset",  # random_lm builds it: tiny shapes for the test
                         classmethod(lambda cls, name: cls(d_model=32, n_layer=2, vocab_size=50280, d_state=4)))
     out = tmp_path / "r.json"
-    assert serve_prefill_chunk.main(["--streams", "2", "--new-tokens", "12", "--warm-steps", "3", "--long-prompt",
+    # the streams decode long enough (40 tokens) for every chunk to land between steps even when the test thread,
+    # which submits the long prompt after 3 steps, is scheduled late on a busy machine
+    assert serve_prefill_chunk.main(["--streams", "2", "--new-tokens", "40", "--warm-steps", "3", "--long-prompt",
                                      "40", "--chunks", "0", "8", "--runs", "1", "--threads", "1",
                                      "--out", str(out)]) == 0
     r = json.loads(out.read_text())
