@@ -30,6 +30,32 @@ def random_lm(preset: str, threads: int):
     return MambaLM(MambaConfig.from_preset(preset)).eval(), load_tokenizer()
 
 
+class PeakMemory:
+    """Peak memory of what runs between construction and :meth:`mib`: on a GPU the peak allocated memory above
+    the allocation at the start; on the CPU the process's peak resident memory (``ru_maxrss``) above its
+    resident memory at the start (meaningful in a fresh process, whose earlier peak is not higher)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+        else:
+            import resource
+
+            with open("/proc/self/statm") as f:
+                self.base = int(f.read().split()[1]) * resource.getpagesize()
+
+    def mib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        import resource
+
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / 2**20
+
+
 def write_result(doc: dict, out: str | None, indent: int = 2) -> None:
     """Write ``doc`` as JSON to ``out`` (its folder created; nothing when ``out`` is empty) and say so."""
     if out:

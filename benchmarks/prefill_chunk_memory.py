@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import PeakMemory, machine, write_result  # noqa: E402
 
 
 def _child(args) -> dict:
-    import resource
     import time
 
     from emma_mamba.inference.generate import GenerationConfig, generate
@@ -38,22 +37,12 @@ def _child(args) -> dict:
     ids = torch.randint(0, lm.config.vocab_size, (args.seqlen,), generator=torch.Generator().manual_seed(1))
     cfg = GenerationConfig(max_new_tokens=1, eos_token_id=None, prefill_chunk=args.chunk or None)
     generate(lm, input_ids=ids[:64].tolist(), config=cfg)  # warm-up (kernels, allocator)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
+    probe = PeakMemory(dev)
     t = time.perf_counter()
     with torch.inference_mode():
         res = generate(lm, input_ids=ids, config=cfg)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(dev) - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"prefill_chunk": args.chunk, "seconds": time.perf_counter() - t, "peak_above_start_mib": peak / 2**20,
+    peak = probe.mib()
+    return {"prefill_chunk": args.chunk, "seconds": time.perf_counter() - t, "peak_above_start_mib": peak,
             "first_token": res.sequences[0][0]}
 
 

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, random_lm, write_result  # noqa: E402
+from benchmarks._common import PeakMemory, machine, random_lm, write_result  # noqa: E402
 
 
 def _child(args) -> dict:
-    import resource
     import time
 
     from emma_mamba.inference.batching import BatchDecoder, DecodeJob
@@ -48,24 +47,15 @@ def _child(args) -> dict:
 
     try:
         request(ids[:64])  # warm-up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-        else:
-            with open("/proc/self/statm") as f:
-                base = int(f.read().split()[1]) * resource.getpagesize()
+        probe = PeakMemory(dev)
         t = time.perf_counter()
         tokens, prompt_lp = request(ids)
         seconds = time.perf_counter() - t
-        if dev.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(dev) - base
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = probe.mib()
     finally:
         dec.close()
     return {"request": "echo + logprobs" if echo else "prefill + 1 token", "seqlen": n, "seconds": seconds,
-            "peak_above_start_mib": peak / 2**20, "token": tokens[0],
+            "peak_above_start_mib": peak, "token": tokens[0],
             "prompt_logprob_sum": sum(lp for lp, _ in prompt_lp) if echo else None}
 
 

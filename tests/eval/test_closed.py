@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from emma_mamba.data.shapes import ShapesConfig, generate
 from emma_mamba.eval.closed import TALLY_OPTIONS, VSR_OPTIONS, auc_roc, average_precision, pick_option
 from emma_mamba.eval.runner import ScoreInputError, evaluate
 from emma_mamba.eval.scorers import score
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("shapes")
-    generate(ShapesConfig(seed=3, n_train=6, n_heldout=4, image_size=96), d)
-    return d
+from tests.eval.test_runner import checkpoint, shapes  # noqa: F401 - fixtures: a random tiny checkpoint, ShapesWorld
 
 
 def _images(shapes: Path, n: int) -> list[str]:
@@ -153,19 +146,6 @@ def test_tallyqa_known_answers_give_hand_computed_metrics(shapes, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- with a model
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    import torch
-
-    from emma_mamba.config import get_preset
-    from emma_mamba.models.vlm import EmmaMamba
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt")
-    EmmaMamba(get_preset("tiny"), for_training=False).save(d)
-    return d
-
 
 @pytest.mark.parametrize("task", ["vsr", "tallyqa"])
 def test_cli_eval_probabilities_equal_each_question_alone(task, shapes, checkpoint, tmp_path, capsys):
