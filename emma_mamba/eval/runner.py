@@ -51,12 +51,12 @@ Notable choices:
   choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint; ScienceQA with its context as
   "Context: ..." first. A LLaVA-JSONL TextVQA question whose
   ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
-* vsr and tallyqa are closed-set (:mod:`emma_mamba.eval.closed`): no reply is generated; each option's
+* vsr, tallyqa and ai2d are closed-set (:mod:`emma_mamba.eval.closed`): no reply is generated; each option's
   likelihood as the reply (:meth:`EmmaMamba.option_probabilities`, one prefill per question) picks the answer,
   and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them). With
   ``likelihood=True`` (``eval --likelihood``) the other closed-set benchmarks are answered the same way: POPE
-  and MME among "Yes" / "No" (each summed over both cases), MMBench, SEED-Bench and ScienceQA among their option letters (the scorers read
-  the picked option as the reply; no reply goes unparsed).
+  and MME among "Yes" / "No" (each summed over both cases), MMBench, SEED-Bench and ScienceQA among their
+  option letters (the scorers read the picked option as the reply; no reply goes unparsed).
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
@@ -323,9 +323,7 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
         return None
     if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
         return q
-    if task == "ai2d":
-        return q if all(x.has_answer for x in read) else None
-    if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa"):
+    if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
@@ -377,9 +375,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
-    ``split``: the ScienceQA split to answer (other benchmarks' files hold one split). ``likelihood``: answer
-    a closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring). ``cuda_graphs``: decode
-    steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
+    ``split``: the ScienceQA or AI2D split to answer (other benchmarks' files hold one split). ``likelihood``:
+    answer a closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring).
+    ``cuda_graphs``: decode steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
     --api`` asks an endpoint, :mod:`emma_mamba.eval.api`; one with a ``for_max_new_tokens(n)`` method is given
