@@ -6,12 +6,14 @@ files and resumption as a local checkpoint, with each question sent as one user 
 ``max_new_tokens``. So a model behind ``emma-mamba serve``, or any other multimodal model behind an
 OpenAI-compatible server (a transformer MLLM served by vLLM or SGLang, say), is scored exactly like a local one.
 
-Closed-set benchmarks (VSR, TallyQA) ask for the reply's log-probabilities too (``logprobs``, ``top_logprobs``
-20, as OpenAI's API, vLLM and ``emma-mamba serve`` take them): an option's probability is the summed probability
-of the first reply token alternatives whose text, stripped of spaces, is the option (or, for Yes / No, either
-case; :data:`emma_mamba.eval.closed.SPELLINGS`) (an option outside the 20
-alternatives counts 0), normalised over the options; where the endpoint returns no log-probabilities, or none of
-the options is among them, the reply text is parsed instead (same request, no second one).
+Closed-set benchmarks (VSR, TallyQA, AI2D, and the others with ``--likelihood``) ask for the reply's
+log-probabilities too (``logprobs``, ``top_logprobs`` 20, as OpenAI's API, vLLM and ``emma-mamba serve`` take
+them): an option's probability is the summed probability of the first reply token's alternatives whose text,
+stripped of spaces, is the option (Yes / No in either case, :data:`emma_mamba.eval.closed.SPELLINGS`; an option
+outside the 20 alternatives counts 0), normalised over the options. Where the endpoint returns no
+log-probabilities, or none of the options is among them, the same request's reply is parsed instead; an endpoint
+that refuses the log-probability fields (an error status) is asked again without them, and not asked for them
+again in the run.
 
 Requests run ``concurrency`` at a time; a failed request is retried (``retries``, with a growing pause) and then
 raises with the server's message (a rerun continues from the answers already written).
@@ -25,6 +27,7 @@ import json
 import math
 import time
 import urllib.error
+import warnings
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -75,6 +78,7 @@ class _ApiAnswerer:
     def __init__(self, ask, make, concurrency: int):
         self._ask, self._make, self.concurrency = ask, make, concurrency
         self._replies: dict = {}  # question id -> reply, from a request that returned no usable log-probabilities
+        self._logprobs_refused = False
 
     def _map(self, fn, *args) -> list:
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
@@ -88,7 +92,15 @@ class _ApiAnswerer:
         return [(c if c is not None else (next(asked) or "")).strip() for c in cached]
 
     def option_probabilities(self, batch: Sequence, prompts: Sequence[str], options: Sequence[str]) -> list:
-        choices = self._map(lambda q, p: self._ask(q, p, TOP_LOGPROBS), batch, prompts)
+        if self._logprobs_refused:
+            return [None] * len(batch)  # replies, parsed
+        try:
+            choices = self._map(lambda q, p: self._ask(q, p, TOP_LOGPROBS), batch, prompts)
+        except ApiError as e:
+            self._logprobs_refused = True
+            warnings.warn(f"the endpoint refused a request with logprobs / top_logprobs ({e}); closed-set "
+                          f"questions are answered by parsing replies from now on", stacklevel=2)
+            return [None] * len(batch)
         out = []
         for q, c in zip(batch, choices):
             probs = option_probabilities_from(c, options)

@@ -155,6 +155,22 @@ def test_closed_set_option_probabilities_from_top_logprobs():
     assert a(qs[1:], ["p1"]) == ["Maybe"]  # the reply of that request, not a new one
     assert sorted(asked) == [(0, 20), (1, 20)]
 
+    # an endpoint that refuses the log-probability fields: asked again without them, and never again with them
+    asked.clear()
+
+    def strict(q, p, top=None):
+        asked.append((q.qid, top))
+        if top is not None:
+            raise ApiError("HTTP 400: unknown field top_logprobs")
+        return {"message": {"content": "False"}}
+
+    a = _ApiAnswerer(strict, None, concurrency=1)
+    with pytest.warns(UserWarning, match="refused a request with logprobs"):
+        assert a.option_probabilities(qs, ["p0", "p1"], ("True", "False")) == [None, None]
+    assert a(qs, ["p0", "p1"]) == ["False", "False"]
+    assert a.option_probabilities(qs, ["p0", "p1"], ("True", "False")) == [None, None]
+    assert [t for _, t in asked] == [20, None, None]
+
 
 def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
     """A VSR run against `emma-mamba serve` (a random model: the options are not among its top 20 first tokens,
