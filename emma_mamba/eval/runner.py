@@ -413,7 +413,16 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             answer_fn = answer_fn.for_max_new_tokens(max_new_tokens)
         option_fn = getattr(answer_fn, "option_probabilities", None)
 
-    # ---- what is left to answer
+    # ---- what is left to answer (by the same method as the answers already there)
+    answered_by = "likelihood" if any(q.options for q in qs) else "generation"
+    run_file = out / "eval_run.json"
+    if run_file.is_file():
+        before = json.loads(run_file.read_text(encoding="utf-8"))
+        if before.get("task") == task and before.get("answered_by") not in (None, answered_by):
+            flag = "with" if before["answered_by"] == "likelihood" else "without"
+            raise ScoreInputError(f"{out}: its answers so far were {before['answered_by']}-based; continue "
+                                  f"{flag} --likelihood, or answer into another --out")
+    run_file.write_text(json.dumps({"task": task, "answered_by": answered_by}) + "\n", encoding="utf-8")
     answers_path = out / "answers.jsonl"
     if task == "mme":
         (out / "mme").mkdir(exist_ok=True)
@@ -511,7 +520,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
               "max_new_tokens": max_new_tokens, "limit": limit,
-              "answered_by": "likelihood" if any(q.options for q in qs) else "generation", "metrics": metrics}
+              "answered_by": answered_by, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 

@@ -377,3 +377,30 @@ def test_ai2d_by_hand(shapes, tmp_path):
         "answerTexts": ["a", "b"], "correctAnswer": 2, "questionId": "1.png-0"}}}))
     with pytest.raises(ScoreInputError, match=r"1.png.json: question 'Q\?': correctAnswer must index answerTexts"):
         evaluate(None, "ai2d", qdir, idir, tmp_path / "y", split="all", progress=False, answer_fn=Probs())
+
+
+def test_resuming_with_the_other_answering_method_is_refused(shapes, tmp_path):
+    """An output folder whose answers were generated is not continued by likelihood (and the reverse): the two
+    methods' answers would be mixed in one file."""
+    pope = shapes / "heldout" / "pope_random.jsonl"
+    out = tmp_path / "pope"
+    evaluate(None, "pope", pope, shapes / "images", out, limit=2, progress=False,
+             answer_fn=lambda qs, ps: ["yes"] * len(qs))
+
+    class Probs:
+        def option_probabilities(self, qs, ps, options):
+            return [[0.6, 0.4] for _ in qs]
+
+    with pytest.raises(ScoreInputError, match="its answers so far were generation-based; continue without "
+                                              "--likelihood, or answer into another --out"):
+        evaluate(None, "pope", pope, shapes / "images", out, limit=4, likelihood=True, progress=False,
+                 answer_fn=Probs())
+    rep = evaluate(None, "pope", pope, shapes / "images", tmp_path / "ll", limit=2, likelihood=True, progress=False,
+                   answer_fn=Probs())
+    assert rep["answered_by"] == "likelihood"
+    with pytest.raises(ScoreInputError, match="were likelihood-based; continue with --likelihood"):
+        evaluate(None, "pope", pope, shapes / "images", tmp_path / "ll", limit=4, progress=False,
+                 answer_fn=lambda qs, ps: ["no"] * len(qs))
+    rep = evaluate(None, "pope", pope, shapes / "images", tmp_path / "ll", limit=4, likelihood=True, progress=False,
+                   answer_fn=Probs())  # the same method continues
+    assert rep["n_answered_this_run"] == 2 and rep["metrics"]["n"] == 4
