@@ -14,9 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS, help="benchmark whose files and metric to use")
     p.add_argument("--answers", required=True,
                    help="model answers: POPE/LLaVA JSONL, VQAv2/GQA/TextVQA/VizWiz results JSON, MMBench answers "
-                        "JSONL (question_id '<index>/<round>'), SEED-Bench / ScienceQA / VSR / TallyQA answers JSONL, or MME "
-                        "results "
-                        "folder")
+                        "JSONL (question_id '<index>/<round>'), SEED-Bench / ScienceQA / VSR / TallyQA / AI2D "
+                        "answers JSONL, or MME results folder")
     p.add_argument("--annotations", default=None,
                    help="POPE question file, VQAv2 annotations JSON, GQA questions JSON, TextVQA_0.5.1_val.json, "
                         "VizWiz val.json, MMBench dev TSV, SEED-Bench.json, ScienceQA problems.json, VSR test.jsonl, "

@@ -35,8 +35,9 @@ from pathlib import Path
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import MC_PROMPT
 
-__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "ai2d_records", "ai2d_prompt", "score_ai2d", "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt",
-           "pick_option", "auc_roc", "average_precision", "score_vsr", "score_tallyqa"]
+__all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "ai2d_records", "ai2d_prompt", "score_ai2d",
+           "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt", "pick_option", "auc_roc",
+           "average_precision", "score_vsr", "score_tallyqa"]
 
 VSR_OPTIONS = ("True", "False")
 TALLY_MAX = 15
@@ -61,7 +62,8 @@ def vsr_records(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def vsr_prompt(caption: str) -> str:
-    return f'Based on the image, is this statement "True" or "False"? {caption}\nRespond with "True" or "False" directly.'
+    return (f'Based on the image, is this statement "True" or "False"? {caption}\n'
+            'Respond with "True" or "False" directly.')
 
 
 def tallyqa_records(path: str | Path) -> list[tuple[str, dict]]:
@@ -323,7 +325,8 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
         ok.append(k == rec["answer"])
         by_kind["letter labels" if rec["abc_label"] else "other"].append(ok[-1])
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {"n": len(ok), "split": split or "all", "accuracy": mean(ok), "per_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
+    return {"n": len(ok), "split": split or "all", "accuracy": mean(ok),
+            "per_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
             "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
 
 

@@ -37,9 +37,10 @@ from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, s
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
          "mme")
 
-__all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa", "score_textvqa",
-           "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr", "score_tallyqa", "score_ai2d", "score_mme", "parse_choice",
-           "pope_metrics", "yes_no", "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
+__all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa",
+           "score_textvqa", "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr",
+           "score_tallyqa", "score_ai2d", "score_mme", "parse_choice", "pope_metrics", "yes_no",
+           "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
 _SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa,
