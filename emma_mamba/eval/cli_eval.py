@@ -32,8 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
                         "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, ScienceQA "
                         "problems.json, VSR test.jsonl, TallyQA test.json, AI2D questions/ folder, or MME "
-                        "folder/file of "
-                        "<category>.txt templates")
+                        "folder/file of <category>.txt templates")
     p.add_argument("--images", default=None,
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
