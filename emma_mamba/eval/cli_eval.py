@@ -53,12 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "LLaVA-JSONL questions; default: the questions file where it holds answers, for VQAv2 the "
                         "sibling *annotations*.json if present)")
     p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest reply in tokens (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest reply in tokens (default 16; refcoco 32, a box needs about 20)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
     p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
-    p.add_argument("--split", default="test",
-                   help="ScienceQA split to answer; AI2D: test (ai2d_test_ids.csv), train or all (default %(default)s)")
+    p.add_argument("--split", default=None,
+                   help="the split to answer: ScienceQA (default test), AI2D test (ai2d_test_ids.csv; default), train or "
+                        "all, RefCOCO val (default), testA, testB or test")
+    p.add_argument("--box-frame", choices=("auto", "image", "square"), default="auto",
+                   help="refcoco: what the model's box coordinates are normalised by: the image's width and height, "
+                        "or the square it is padded to (LLaVA-1.5); auto: square for a checkpoint trained on "
+                        "letterboxed images, else image (with --api: image)")
     p.add_argument("--likelihood", action="store_true",
                    help="answer a closed-set benchmark (pope, mme, mmbench, seed, scienceqa) by its options' "
                         "likelihood as the reply (Yes/No, the option letters) instead of generating and parsing a "
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("emma_mamba").setLevel(logging.INFO)
     for name, v in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
-        if v < 1:
+        if v is not None and v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
                           image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
                           progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
-                          compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn)
+                          compile=args.compile, likelihood=args.likelihood, box_frame=args.box_frame,
+                          answer_fn=answer_fn)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         return 2
@@ -141,7 +148,7 @@ def _model_or_api(args, load):
     from emma_mamba.eval.api import api_answer_fn
 
     return None, api_answer_fn(args.api, model=args.api_model, api_key=os.environ.get(args.api_key_env),
-                               max_new_tokens=args.max_new_tokens, concurrency=args.api_concurrency)
+                               max_new_tokens=args.max_new_tokens or 16, concurrency=args.api_concurrency)
 
 
 def _run_suite(args) -> int:

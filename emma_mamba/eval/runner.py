@@ -20,6 +20,9 @@ a question is resolved under ``images`` as given after the arrow:
 * vsr: VSR's ``test.jsonl`` ``{image, caption, label}`` (question id: the record's 0-based index) -> ``image``,
   ``train2017/<image>`` or ``val2017/<image>``;
 * ai2d: AI2D's ``questions/`` folder (``split`` test by ``ai2d_test_ids.csv``, train or all) -> ``imageName``;
+* refcoco: the refer release's ``refs(unc).p`` / ``refs(umd).p`` with ``instances.json`` beside it (``split`` val,
+  testA, testB or test), or JSON records ``{image, sentence, bbox}`` (:mod:`emma_mamba.eval.refcoco`) -> the COCO
+  file name;
 * tallyqa: TallyQA's ``test.json`` ``[{question_id, image, question, answer, issimple}]`` -> ``image``;
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
   ``<category>/<name>`` or ``<category>/images/<name>``;
@@ -78,6 +81,7 @@ from emma_mamba.eval._io import ScoreInputError, load_json, load_records, requir
 from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
                                     tallyqa_records, vsr_prompt, vsr_records)
 from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
+from emma_mamba.eval.refcoco import FRAMES, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
@@ -88,7 +92,11 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotatio
 log = logging.getLogger(__name__)
 
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
-         "mme", "prompts")
+         "refcoco", "mme", "prompts")
+DEFAULT_SPLITS = {"scienceqa": "test", "ai2d": "test", "refcoco": "val"}
+"""The split answered when none is given (the other benchmarks' files hold one split)."""
+DEFAULT_MAX_NEW_TOKENS = {"refcoco": 32}
+"""The longest reply when none is given: 16 tokens, a box "[0.12, 0.34, 0.56, 0.78]" needs about 20."""
 CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
 """Tasks always answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
 LIKELIHOOD_TASKS = ("pope", "mme", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d")
@@ -133,7 +141,7 @@ def _image(images: Path, name: str, where: str) -> Path:
 
 
 def read_questions(task: str, questions: str | Path, images: str | Path | None,
-                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str = "test",
+                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str | None = None,
                    likelihood: bool = False) -> list[Question]:
     """The questions of a benchmark file in file order, each with its image resolved and checked, and with
     ``likelihood`` (or on an always closed-set task) the options to score."""
@@ -142,7 +150,7 @@ def read_questions(task: str, questions: str | Path, images: str | Path | None,
     if likelihood and task not in LIKELIHOOD_TASKS:
         raise ScoreInputError(f"task {task} is open-ended: answering by likelihood (--likelihood) applies to "
                               f"{', '.join(LIKELIHOOD_TASKS)}")
-    out = _read_questions(task, questions, images, image_template, split)
+    out = _read_questions(task, questions, images, image_template, split or DEFAULT_SPLITS.get(task))
     if task in CLOSED_SET:
         return [dataclasses.replace(q, options=CLOSED_SET[task]) for q in out]
     if likelihood or task == "ai2d":  # AI2D: always by its letters' likelihood (as Prismatic)
@@ -257,6 +265,10 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
         for loc, rec in ai2d_records(qpath, split):
             out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), ai2d_prompt(rec),
                                 has_answer=rec["answer"] is not None))
+    elif task == "refcoco":
+        for loc, rec in refcoco_records(qpath, split):
+            out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), rec["sentence"],
+                                has_answer=True))
     elif task == "tallyqa":
         for loc, rec in tallyqa_records(qpath):
             out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), rec["question"],
@@ -306,6 +318,8 @@ def prompt_for(task: str, text: str) -> str:
         return vsr_prompt(text)
     if task == "tallyqa":
         return tallyqa_prompt(text)
+    if task == "refcoco":
+        return refcoco_prompt(text)
     if task in ("mme", "prompts") or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
     if task == "vizwiz":
@@ -321,7 +335,7 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
     q = Path(questions)
     if task == "prompts":  # free prompts: nothing to score
         return None
-    if task in ("pope", "gqa", "mme", "scienceqa"):  # ScienceQA: problems.json holds every split's answers
+    if task in ("pope", "gqa", "mme", "scienceqa", "refcoco"):  # ScienceQA: problems.json holds every split's answers
         return q
     if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):
         return q if all(x.has_answer for x in read) else None
@@ -368,15 +382,19 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
 
 
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
-             annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 16,
+             annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
-             checkpoint: str | None = None, progress: bool = True, split: str = "test", likelihood: bool = False,
+             checkpoint: str | None = None, progress: bool = True, split: str | None = None, likelihood: bool = False,
+             box_frame: str = "auto",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
-    ``split``: the ScienceQA or AI2D split to answer (other benchmarks' files hold one split). ``likelihood``:
-    answer a closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring).
+    ``split``: the ScienceQA, AI2D or RefCOCO split to answer (default ``DEFAULT_SPLITS``; other benchmarks'
+    files hold one split). ``max_new_tokens``: default ``DEFAULT_MAX_NEW_TOKENS`` or 16. ``likelihood``: answer a
+    closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring). ``box_frame``
+    (RefCOCO): what the model's box coordinates are normalised by (:mod:`emma_mamba.eval.refcoco`), "auto" =
+    "square" for a checkpoint trained on letterboxed images (``vision.image_resize: letterbox``), else "image".
     ``cuda_graphs``: decode steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
@@ -391,6 +409,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if max_new_tokens is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(task, 16)
+    if box_frame == "auto":
+        letterbox = model is not None and getattr(model.config.vision, "image_resize", None) == "letterbox"
+        box_frame = "square" if letterbox else "image"
+    if box_frame not in FRAMES:
+        raise ValueError(f"box_frame must be auto or one of {list(FRAMES)}, got {box_frame!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template, split, likelihood)
@@ -482,6 +507,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                     rec = {"question_id": q.qid, "image": q.image.name if q.image else None, "prompt": p, "text": r}
                     if pr is not None:
                         rec["probabilities"] = [float(x) for x in pr]
+                    if task == "refcoco":  # what the scorer needs to place the ground-truth box
+                        rec["box_frame"], rec["image_size"] = box_frame, list(_image_size(q.image))
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()
             if bar is not None:
@@ -523,6 +550,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "answered_by": answered_by, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
 
 
 def _open_images(batch: Sequence[Question]) -> list[list]:

@@ -13,6 +13,7 @@
 | vsr   | JSONL, question_id (record index) + text (+ probabilities) | VSR test.jsonl (with "label") |
 | tallyqa | JSONL, question_id + text (+ probabilities) | TallyQA test.json (with "answer")         |
 | ai2d  | JSONL, question_id (questionId) + text (+ probabilities) | AI2D questions/ folder              |
+| refcoco | JSONL, question_id + text (a box) + box_frame + image_size | refs(unc).p (+ instances.json) or JSON |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
 Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
@@ -30,22 +31,23 @@ from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mmbench import parse_choice, score_mmbench
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
 from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
+from emma_mamba.eval.refcoco import score_refcoco
 from emma_mamba.eval.scienceqa import score_scienceqa
 from emma_mamba.eval.seed import score_seed
 from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
-         "mme")
+         "refcoco", "mme")
 
 __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa",
            "score_textvqa", "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr",
-           "score_tallyqa", "score_ai2d", "score_mme", "parse_choice", "pope_metrics", "yes_no",
+           "score_tallyqa", "score_ai2d", "score_refcoco", "score_mme", "parse_choice", "pope_metrics", "yes_no",
            "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
 _SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa,
             "vizwiz": score_vizwiz, "mmbench": score_mmbench, "seed": score_seed, "scienceqa": score_scienceqa,
-            "vsr": score_vsr, "tallyqa": score_tallyqa, "ai2d": score_ai2d}
+            "vsr": score_vsr, "tallyqa": score_tallyqa, "ai2d": score_ai2d, "refcoco": score_refcoco}
 """The scorers taking (answers, annotations, allow_missing); MME is special (no allow_missing, optional file)."""
 
 
@@ -103,6 +105,9 @@ def summary(task: str, m: dict) -> str:
         lines.append(f"TallyQA  n={m['n']}  accuracy {pct(m['accuracy'])}  simple {pct(m['accuracy_simple'])} "
                      f"(n={m['n_simple']})  complex {pct(m['accuracy_complex'])} (n={m['n_complex']})  unparsed "
                      f"replies {m['n_unparsed_replies']}")
+    elif task == "refcoco":
+        lines.append(f"RefCOCO ({m['split']})  n={m['n']}  Acc@0.5 {100 * m['accuracy']:.2f}  mean IoU "
+                     f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}")
     elif task == "ai2d":
         lines.append(f"AI2D ({m['split']})  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed replies "
                      f"{m['n_unparsed_replies']}")

@@ -35,7 +35,7 @@ __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 log = logging.getLogger(__name__)
 
 _ENTRY_KEYS = {"task", "questions", "images", "annotations", "split", "image_template", "batch_size",
-               "max_new_tokens", "limit", "likelihood"}
+               "max_new_tokens", "limit", "likelihood", "box_frame"}
 _TOP_KEYS = {"root", "benchmarks", "batch_size", "max_new_tokens", "limit"}
 
 
@@ -47,7 +47,7 @@ class SuiteEntry:
     images: Path | None = None
     annotations: Path | None = None
     options: dict = field(default_factory=dict)
-    """batch_size, max_new_tokens, limit, split, image_template, likelihood (only those given)."""
+    """batch_size, max_new_tokens, limit, split, image_template, likelihood, box_frame (only those given)."""
 
 
 def read_suite(path: str | Path) -> list[SuiteEntry]:
@@ -84,7 +84,9 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
         if "questions" not in spec:
             raise ScoreInputError(f"{where}: no 'questions'")
         opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
-                                                     "image_template", "likelihood") if k in spec}}
+                                                     "image_template", "likelihood", "box_frame") if k in spec}}
+        if opts.get("box_frame", "auto") not in ("auto", "image", "square"):
+            raise ScoreInputError(f"{where}: box_frame must be auto, image or square, got {opts['box_frame']!r}")
         if "likelihood" in opts:
             if not isinstance(opts["likelihood"], bool):
                 raise ScoreInputError(f"{where}: likelihood must be true or false, got {opts['likelihood']!r}")
@@ -115,7 +117,7 @@ def headline(task: str, metrics: dict | None) -> dict:
 
 def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
               progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
-              max_new_tokens: int = 16, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
+              max_new_tokens: int | None = None, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
               compile: bool = False, likelihood: bool = False) -> dict:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
@@ -132,7 +134,7 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         try:
             read_questions(e.task, e.questions, e.images, e.options.get("image_template",
                                                                         "COCO_val2014_{image_id:012d}.jpg"),
-                           e.options.get("split", "test"), _likelihood(e, likelihood))
+                           e.options.get("split"), _likelihood(e, likelihood))
         except ScoreInputError as err:
             raise ScoreInputError(f"benchmark {e.name!r}: {err}") from None
     out = Path(out_dir)

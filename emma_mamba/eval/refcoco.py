@@ -1,0 +1,183 @@
+"""RefCOCO / RefCOCO+ / RefCOCOg referring-expression grounding: the model answers a box, scored by Acc@0.5 IoU.
+
+Questions, one per referring sentence, from either
+
+* the ``refer`` release (Yu et al. 2016; the files Prismatic's and most MLLM evaluations read): ``refs(unc).p``
+  (RefCOCO, RefCOCO+) or ``refs(umd).p`` (RefCOCOg) with ``instances.json`` beside it, ``split`` one of the file's
+  (``val``, ``testA``, ``testB``; ``val`` / ``test`` for RefCOCOg); question id ``"<ref_id>/<sent_id>"``; images
+  are COCO train2014 files named by ``instances.json``. The ``.p`` file is a Python pickle, read with
+  :mod:`pickle`: open only a release you trust, as for any pickle;
+* or a JSON list / JSONL of records ``{question_id?, image, sentence, bbox: [x, y, w, h] (pixels), width?,
+  height?}`` (question id: the record's 0-based index when absent).
+
+Prompt: LLaVA-1.5's grounding instruction from its training mixture, ``Please provide the bounding box coordinate
+of the region this sentence describes: <sentence>``. The reply's first ``[x1, y1, x2, y2]`` of four numbers in
+[0, 1] with x1 < x2 and y1 < y2 is the box (anything else is an invalid answer and counts as wrong), in one of two
+frames:
+
+* ``image``: normalised by the image's width and height (Prismatic's convention, a model trained on squashed
+  images);
+* ``square``: normalised by the side of the square the image is centred in (LLaVA-1.5's, whose training images
+  are padded to a square: ``vision.image_resize: letterbox``).
+
+Metric: the fraction of sentences whose box overlaps the ground-truth box at IoU >= 0.5, mean IoU, invalid
+answers counted.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+
+__all__ = ["GROUNDING_PROMPT", "FRAMES", "refcoco_records", "refcoco_prompt", "parse_box", "to_frame", "iou",
+           "score_refcoco"]
+
+GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes:"
+FRAMES = ("image", "square")
+_BOX = re.compile(r"\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*\]")
+
+
+def refcoco_prompt(sentence: str) -> str:
+    return f"{GROUNDING_PROMPT} {sentence.strip()}"
+
+
+def _refer(path: Path, split: str | None) -> list[tuple[str, dict]]:
+    inst = path.parent / "instances.json"
+    if not inst.is_file():
+        raise ScoreInputError(f"{path}: the refer release keeps instances.json beside the refs file; not found at {inst}")
+    try:
+        with path.open("rb") as f:
+            refs = pickle.load(f, encoding="latin1")  # written by Python 2
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
+        raise ScoreInputError(f"{path}: not a readable refer refs pickle ({type(e).__name__}: {e})") from None
+    doc = load_json(inst, "refer instances")
+    if not isinstance(refs, list) or not isinstance(doc, dict):
+        raise ScoreInputError(f"{path}: expected a list of refs and {inst} an object with 'images' and 'annotations'")
+    images = {im["id"]: im for im in doc.get("images", [])}
+    anns = {a["id"]: a for a in doc.get("annotations", [])}
+    splits = sorted({str(r.get("split")) for r in refs})
+    if split is not None and split not in splits:
+        raise ScoreInputError(f"{path}: no split {split!r}; the file has {splits}")
+    out = []
+    for r in refs:
+        if split is not None and r.get("split") != split:
+            continue
+        where = f"ref {r.get('ref_id')!r}"
+        ann, im = anns.get(r.get("ann_id")), images.get(r.get("image_id"))
+        if ann is None or im is None:
+            raise ScoreInputError(f"{path}: {where}: its annotation {r.get('ann_id')!r} or image "
+                                  f"{r.get('image_id')!r} is not in {inst}")
+        for s in r.get("sentences", []):
+            out.append((f"{where} sentence {s.get('sent_id')!r}",
+                        {"question_id": f"{r['ref_id']}/{s['sent_id']}", "image": im["file_name"],
+                         "sentence": s["sent"], "bbox": [float(v) for v in ann["bbox"]],
+                         "width": im["width"], "height": im["height"], "split": r.get("split")}))
+    return out
+
+
+def refcoco_records(path: str | Path, split: str | None = "val") -> list[tuple[str, dict]]:
+    """The sentences to ground, each ``{question_id, image, sentence, bbox [x, y, w, h], width?, height?,
+    split}``: of the refer file's ``split`` (None: every split), or every record of a JSON file (split None)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScoreInputError(f"RefCOCO questions {p} does not exist")
+    if p.suffix == ".p":
+        out = _refer(p, split)
+    else:
+        out = []
+        for i, (loc, rec) in enumerate(load_records(p, "RefCOCO")):
+            box = require(rec, ("bbox",), p, loc, "RefCOCO")
+            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and box[2] > 0 and box[3] > 0):
+                raise ScoreInputError(f"{p}: {loc}: bbox must be [x, y, width, height] in pixels with a positive "
+                                      f"size, got {box!r}")
+            out.append((loc, {"question_id": rec.get("question_id", i), "image": str(require(rec, ("image",), p, loc,
+                                                                                               "RefCOCO")),
+                              "sentence": str(require(rec, ("sentence", "expression", "sent"), p, loc, "RefCOCO")),
+                              "bbox": [float(v) for v in box], "width": rec.get("width"),
+                              "height": rec.get("height"), "split": None}))
+    if not out:
+        raise ScoreInputError(f"{p}: no sentences to ground (split {split})")
+    ids = [r["question_id"] for _, r in out]
+    if len(set(ids)) != len(ids):
+        raise ScoreInputError(f"{p}: question ids repeat (each sentence needs its own)")
+    return out
+
+
+def parse_box(reply: str) -> list[float] | None:
+    """The reply's first ``[x1, y1, x2, y2]`` with coordinates in [0, 1], x1 < x2 and y1 < y2; else None."""
+    m = _BOX.search(reply)
+    if m is None:
+        return None
+    try:
+        box = [float(v) for v in m.groups()]
+    except ValueError:
+        return None
+    if not all(0.0 <= v <= 1.0 for v in box) or not (box[0] < box[2] and box[1] < box[3]):
+        return None
+    return box
+
+
+def to_frame(bbox_xywh: list[float], width: float, height: float, frame: str) -> list[float]:
+    """A pixel box [x, y, w, h] of a ``width`` x ``height`` image as normalised [x1, y1, x2, y2] in ``frame``."""
+    x, y, w, h = bbox_xywh
+    if frame == "image":
+        return [x / width, y / height, (x + w) / width, (y + h) / height]
+    if frame == "square":  # centred in a side x side square (LLaVA-1.5's expand2square)
+        side = max(width, height)
+        ox, oy = (side - width) / 2, (side - height) / 2
+        return [(x + ox) / side, (y + oy) / side, (x + w + ox) / side, (y + h + oy) / side]
+    raise ValueError(f"box frame must be one of {FRAMES}, got {frame!r}")
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two [x1, y1, x2, y2] boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def score_refcoco(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Acc@0.5 IoU and mean IoU of ``answers`` (records ``{question_id, text, box_frame, image_size}`` as the
+    runner writes them) against the sentences of ``annotations`` in the answers' split (answers spanning splits
+    are refused). Each answer's ``box_frame`` (default ``image``) and ``image_size`` ([width, height]; default the
+    annotation's) place the ground-truth box."""
+    every = {r["question_id"]: r for _, r in refcoco_records(annotations, None)}
+    rows, meta = [], {}
+    for loc, rec in load_records(answers, "RefCOCO answers"):
+        qid = require(rec, ("question_id",), answers, loc, "RefCOCO answer")
+        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, "RefCOCO answer")))
+        frame = rec.get("box_frame", "image")
+        if frame not in FRAMES:
+            raise ScoreInputError(f"{answers}: {loc}: box_frame must be one of {list(FRAMES)}, got {frame!r}")
+        meta[qid] = (frame, rec.get("image_size"))
+    splits = {every[q]["split"] for _, q, _ in rows if q in every}
+    if len(splits) > 1:
+        raise ScoreInputError(f"{answers}: answers span the splits {sorted(map(str, splits))}; score one at a time")
+    split = splits.pop() if splits else None
+    gold = {q: r for q, r in every.items() if r["split"] == split}
+    got = match_answers(rows, list(gold), answers, annotations, allow_missing)
+    if not got:
+        raise ScoreInputError(f"{answers}: no answers to score")
+    hits, ious, invalid = 0, [], 0
+    for qid, text in got.items():
+        g = gold[qid]
+        frame, size = meta[qid]
+        w, h = size if size else (g["width"], g["height"])
+        if not w or not h:
+            raise ScoreInputError(f"{answers}: question {qid!r}: no image size (image_size in the answer, or "
+                                  f"width/height in {annotations})")
+        box = parse_box(text)
+        if box is None:
+            invalid += 1
+            ious.append(0.0)
+            continue
+        ious.append(iou(box, to_frame(g["bbox"], w, h, frame)))
+        hits += ious[-1] >= 0.5
+    return {"n": len(ious), "split": split or "all", "accuracy": hits / len(ious), "mean_iou": sum(ious) / len(ious),
+            "n_invalid_boxes": invalid, "n_missing": len(gold) - len(got)}

@@ -1,0 +1,129 @@
+"""RefCOCO grounding (emma_mamba.eval.refcoco): box parsing, IoU and the two coordinate frames by hand, the refer
+release's files (a pickle and instances.json) and plain JSON records, Acc@0.5 of known replies by hand, the
+runner's records, `emma-mamba eval`/`score`, errors."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from emma_mamba.eval.refcoco import GROUNDING_PROMPT, iou, parse_box, to_frame
+from emma_mamba.eval.runner import ScoreInputError, evaluate, read_questions
+from emma_mamba.eval.scorers import score
+
+
+def test_boxes_frames_and_iou_by_hand():
+    assert parse_box("[0.1, 0.2, 0.5, 0.6]") == [0.1, 0.2, 0.5, 0.6]
+    assert parse_box("The box is [0, 0.25,1.0 , 0.75].") == [0.0, 0.25, 1.0, 0.75]
+    assert parse_box("[0.5, 0.2, 0.1, 0.6]") is None  # x1 > x2
+    assert parse_box("[0.1, 0.2, 1.5, 0.6]") is None and parse_box("[1, 2, 3]") is None and parse_box("no") is None
+    # a 200 x 100 image, the box x 50..150, y 25..75 (pixels [x, y, w, h] = [50, 25, 100, 50])
+    assert to_frame([50, 25, 100, 50], 200, 100, "image") == [0.25, 0.25, 0.75, 0.75]
+    # centred in a 200 x 200 square: y shifted by 50
+    assert to_frame([50, 25, 100, 50], 200, 100, "square") == [0.25, 0.375, 0.75, 0.625]
+    assert iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    assert iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0 and iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+
+
+def _refer(tmp_path: Path) -> tuple[Path, Path]:
+    """A refer-layout release: refs(unc).p beside instances.json, two COCO-named images (200 x 100, 100 x 100)."""
+    imgs = tmp_path / "train2014"
+    imgs.mkdir()
+    Image.new("RGB", (200, 100), "white").save(imgs / "COCO_train2014_000000000001.jpg")
+    Image.new("RGB", (100, 100), "white").save(imgs / "COCO_train2014_000000000002.jpg")
+    ann = tmp_path / "refcoco"
+    ann.mkdir()
+    (ann / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 100, "height": 100}],
+        "annotations": [{"id": 10, "image_id": 1, "bbox": [50, 25, 100, 50]},
+                        {"id": 20, "image_id": 2, "bbox": [0, 0, 50, 50]}]}))
+    refs = [{"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val",
+             "sentences": [{"sent_id": 0, "sent": "the middle box"}, {"sent_id": 1, "sent": "centre thing"}]},
+            {"ref_id": 1, "ann_id": 20, "image_id": 2, "split": "val", "sentences": [{"sent_id": 2, "sent": "top left"}]},
+            {"ref_id": 2, "ann_id": 20, "image_id": 2, "split": "testA", "sentences": [{"sent_id": 3, "sent": "corner"}]}]
+    with (ann / "refs(unc).p").open("wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return ann / "refs(unc).p", imgs
+
+
+def test_refer_release_known_replies_by_hand(tmp_path):
+    refs, imgs = _refer(tmp_path)
+    qs = read_questions("refcoco", refs, imgs)  # split val by default
+    assert [q.qid for q in qs] == ["0/0", "0/1", "1/2"]
+    replies = {"0/0": "[0.25, 0.25, 0.75, 0.75]",  # exact: IoU 1
+               "0/1": "[0.25, 0.25, 0.75, 0.5]",   # half the box: IoU 0.5 -> a hit
+               "1/2": "I think it is at the top"}  # invalid
+    seen = {}
+
+    def fn(batch, prompts):
+        seen.update({q.qid: p for q, p in zip(batch, prompts)})
+        return [replies[q.qid] for q in batch]
+
+    rep = evaluate(None, "refcoco", refs, imgs, tmp_path / "ev", progress=False, answer_fn=fn)
+    m = rep["metrics"]
+    assert (m["n"], m["split"], m["n_invalid_boxes"]) == (3, "val", 1)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["mean_iou"] == pytest.approx((1 + 0.5) / 3)
+    assert seen["1/2"] == f"{GROUNDING_PROMPT} top left" and rep["max_new_tokens"] == 32
+    recs = [json.loads(x) for x in (tmp_path / "ev" / "answers.jsonl").read_text().splitlines()]
+    assert recs[0]["box_frame"] == "image" and recs[0]["image_size"] == [200, 100]
+    assert score("refcoco", tmp_path / "ev" / "answers.jsonl", refs) == m
+    # the square frame: the same replies now miss the first box (it sits at y 0.375..0.625 there)
+    m2 = evaluate(None, "refcoco", refs, imgs, tmp_path / "sq", box_frame="square", progress=False,
+                  answer_fn=fn)["metrics"]
+    # 0/0: [0.25,0.25,0.75,0.75] vs [0.25,0.375,0.75,0.625]: IoU 0.25/0.5 = 0.5 -> hit; 0/1: [.25,.25,.75,.5] vs it:
+    # overlap y .375..0.5 = 0.0625, union 0.125 + 0.125 - 0.0625 -> IoU 1/3: miss
+    assert m2["accuracy"] == pytest.approx(1 / 3)
+    # testA; answers spanning splits refused
+    rep = evaluate(None, "refcoco", refs, imgs, tmp_path / "ta", split="testA", progress=False,
+                   answer_fn=lambda b, p: ["[0, 0, 0.5, 0.5]"] * len(b))
+    assert (rep["metrics"]["split"], rep["metrics"]["n"], rep["metrics"]["accuracy"]) == ("testA", 1, 1.0)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"question_id": "0/0", "text": "x"}) + "\n" + json.dumps({"question_id": "2/3",
+                                                                                        "text": "x"}) + "\n")
+    with pytest.raises(ScoreInputError, match="answers span the splits"):
+        score("refcoco", mixed, refs)
+    with pytest.raises(ScoreInputError, match=r"no split 'test'; the file has \['testA', 'val'\]"):
+        read_questions("refcoco", refs, imgs, split="test")
+    (tmp_path / "bad.p").write_bytes(b"not a pickle")
+    (tmp_path / "instances.json").write_text("{}")
+    with pytest.raises(ScoreInputError, match="bad.p: not a readable refer refs pickle"):
+        read_questions("refcoco", tmp_path / "bad.p", imgs)
+
+
+def test_json_records_and_a_letterbox_checkpoint_through_the_cli(tmp_path, capsys):
+    """Plain JSON records through `emma-mamba eval --task refcoco` with a random tiny checkpoint trained (so its
+    config says) on letterboxed images: the square frame is chosen, every record carries it and the image size,
+    32 new tokens at most; `score` agrees with the run."""
+    import torch
+
+    from emma_mamba.cli import main
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (64, 48), "white").save(imgs / "a.png")
+    q = tmp_path / "ref.json"
+    q.write_text(json.dumps([{"image": "a.png", "sentence": "the left half", "bbox": [0, 0, 32, 48]},
+                             {"question_id": "x", "image": "a.png", "expression": "all", "bbox": [0, 0, 64, 48]}]))
+    cfg = get_preset("tiny")
+    cfg.vision.image_resize = "letterbox"
+    torch.manual_seed(0)
+    EmmaMamba(cfg, for_training=False).save(tmp_path / "ck")
+    out = tmp_path / "ev"
+    assert main(["eval", "--task", "refcoco", "--questions", str(q), "--images", str(imgs), "--checkpoint",
+                 str(tmp_path / "ck"), "--out", str(out), "--no-progress"]) == 0
+    assert "RefCOCO (all)  n=2" in capsys.readouterr().out
+    recs = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [0, "x"]
+    assert all(r["box_frame"] == "square" and r["image_size"] == [64, 48] for r in recs)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["max_new_tokens"] == 32 and report["metrics"] == score("refcoco", out / "answers.jsonl", q)
+    q.write_text(json.dumps([{"image": "a.png", "sentence": "s", "bbox": [0, 0, 0, 5]}]))
+    with pytest.raises(ScoreInputError, match=r"record 1: bbox must be \[x, y, width, height\]"):
+        read_questions("refcoco", q, imgs)
