@@ -21,6 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
     ("serve",): ("emma_mamba.inference.cli_serve", "OpenAI-compatible chat-completions HTTP API over a checkpoint (images as data: URLs, streaming)"),
+    ("visualize",): ("emma_mamba.inference.cli_visualize", "heat maps of how strongly the LM carries each image patch through its layers"),
     ("chat",): ("emma_mamba.inference.cli_chat", "multi-turn chat about an image (or text), the Mamba state carried between turns"),
     ("bench", "lm"): ("emma_mamba.bench.lm", "CPU prefill/decode speed of MambaLM vs transformers' MambaForCausalLM"),
     ("bench", "latency"): ("emma_mamba.bench.latency", "TTFT, decode latency vs context, tokens/s, memory: EMMA-Mamba vs a matched transformer MLLM"),

@@ -1,0 +1,56 @@
+"""`emma-mamba visualize`: how strongly each image patch is carried through the LM's layers (the EMMA-Mamba
+paper's Figure 1), as heat maps beside the image.
+
+    emma-mamba visualize --checkpoint runs/finetune --image cat.jpg [--prompt "..."] [--layers 0 16 32 48 64] \\
+        --out maps.png
+
+Writes the PNG and, beside it, the values as JSON (``maps.json``): per layer the L2 norm of the residual stream
+at each visual token on the encoder's patch grid (:func:`emma_mamba.inference.visualize.activation_maps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="EMMA-Mamba checkpoint directory")
+    p.add_argument("--image", required=True, metavar="FILE", help="the image (any format PIL reads)")
+    p.add_argument("--prompt", default="Describe the image in detail.",
+                   help="the instruction after the image (default %(default)r)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="LM depths to show: 0 = the LM input, i = after block i, negative from the last (default: "
+                        "0, L/4, L/2, 3L/4, L)")
+    p.add_argument("--out", default="activation_maps.png", help="PNG to write (default %(default)s); the JSON "
+                                                                 "goes beside it")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from emma_mamba.inference.visualize import activation_maps, plot_maps, write_maps
+    from emma_mamba.models.vlm import load
+
+    try:
+        with Image.open(args.image) as im:
+            image = im.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        print(f"emma-mamba visualize: --image {args.image}: cannot read the image ({e})", file=sys.stderr)
+        return 2
+    try:
+        model = load(args.checkpoint, device=args.device).eval()
+        maps = activation_maps(model, image, args.prompt, args.layers)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"emma-mamba visualize: {e}", file=sys.stderr)
+        return 2
+    png = plot_maps(image, maps, args.out, title=args.prompt)
+    js = write_maps(maps, Path(args.out).with_suffix(".json"), checkpoint=str(args.checkpoint),
+                    image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
+    for layer, m in maps.items():
+        print(f"layer {layer:3d}: visual-token norm min {float(m.min()):.3g}  mean {float(m.mean()):.3g}  "
+              f"max {float(m.max()):.3g}")
+    print(f"wrote {png} and {js}")
+    return 0

@@ -1,0 +1,69 @@
+"""`emma-mamba visualize` (emma_mamba.inference.visualize): the activation maps against the training forward
+(forward hooks on the LM's blocks, the images placed by the training splice), layer indexing, the CLI's files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import skimage
+import torch
+
+from emma_mamba.config import get_preset
+from emma_mamba.inference.visualize import activation_maps, default_layers
+from emma_mamba.models.vlm import EmmaMamba, build_chat_prompt
+
+IMAGE = os.path.join(os.path.dirname(skimage.data.__file__), "chelsea.png")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    cfg.instruction.enabled = True
+    return EmmaMamba(cfg, for_training=False).eval()
+
+
+def test_maps_equal_the_training_forwards_residual_stream(model):
+    prompt = "Where is the cat?"
+    n = model.lm.config.n_layer
+    maps = activation_maps(model, IMAGE, prompt, layers=[0, 1, -1])
+    assert sorted(maps) == [0, 1, n]
+    # oracle: the training forward (its own splice of the image), the residual stream read by hooks on the blocks
+    seen = {}
+    hooks = [b.register_forward_hook(lambda mod, inp, out, i=i: seen.__setitem__(i + 1, out))
+             for i, b in enumerate(model.lm.layers)]
+    hooks.append(model.lm.layers[0].register_forward_pre_hook(lambda mod, inp: seen.__setitem__(0, inp[0])))
+    try:
+        ids = torch.tensor([model.tokenizer.encode(build_chat_prompt(prompt, 1, model.config.image_token))])
+        with torch.no_grad():
+            out = model(ids, model.image_processor([IMAGE]), instruction_ids=model.tokenize_instructions([prompt]))
+    finally:
+        for h in hooks:
+            h.remove()
+    rows, starts = out.image_positions
+    s, (gh, gw) = int(starts[0]), model.vision.grid
+    for layer in (0, 1, n):
+        want = seen[layer][0, s:s + gh * gw].float().norm(dim=-1).reshape(gh, gw)
+        torch.testing.assert_close(maps[layer], want, rtol=1e-5, atol=1e-5)
+    assert default_layers(64) == [0, 16, 32, 48, 64] and default_layers(2) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"layer 5 is outside 0..2"):
+        activation_maps(model, IMAGE, prompt, layers=[5])
+
+
+def test_cli_writes_the_figure_and_the_values(model, tmp_path, capsys):
+    from emma_mamba.cli import main
+
+    model.save(tmp_path / "ck")
+    out = tmp_path / "figs" / "maps.png"
+    assert main(["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", IMAGE, "--layers", "0", "-1",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 1000
+    doc = json.loads(out.with_suffix(".json").read_text())
+    grid = doc["grid"]
+    assert list(doc["maps"]) == ["0", str(model.lm.config.n_layer)] and len(doc["maps"]["0"]) == grid[0]
+    want = activation_maps(model, IMAGE, "Describe the image in detail.", [0])[0]
+    torch.testing.assert_close(torch.tensor(doc["maps"]["0"]), want, rtol=1e-5, atol=1e-6)
+    assert main(["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", str(tmp_path / "nope.png")]) == 2
+    assert "cannot read the image" in capsys.readouterr().err
