@@ -122,21 +122,68 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.task}"
+    shard = _distributed(args)
     try:
         model, answer_fn = _model_or_api(args, load)
-        report = evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                          image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
-                          progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
-                          compile=args.compile, likelihood=args.likelihood, box_frame=args.box_frame,
-                          answer_fn=answer_fn)
+
+        def run(**kw):
+            return evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                            image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
+                            progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
+                            compile=args.compile, likelihood=args.likelihood, box_frame=args.box_frame,
+                            answer_fn=answer_fn, **kw)
+
+        report = run() if shard is None else _sharded(shard, out, run)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
+        _end(shard, finished=False)
         return 2
+    _end(shard)
+    if report is None:  # another rank than 0 under torchrun: rank 0 reports
+        return 0
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
     print(f"answers in {out}; metrics in {out / 'metrics.json'}")
     return 0
+
+
+def _distributed(args) -> tuple[int, int] | None:
+    """Under torchrun (WORLD_SIZE > 1): start the process group (NCCL with a GPU per local rank, gloo on CPUs),
+    point ``args.device`` at this rank's device and return (rank, world); else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from emma_mamba.training.parallel import init_distributed
+
+    info = init_distributed(args.device if args.api is None else "cpu")
+    if args.api is None:
+        args.device = str(info.device)
+    return info.rank, info.world_size
+
+
+def _sharded(shard: tuple[int, int], out: Path, run):
+    """Each rank answers its share; then rank 0 merges the shards and scores (returns the report; the others
+    None)."""
+    from emma_mamba.eval.runner import merge_shards
+    from emma_mamba.training.parallel import barrier
+
+    run(shard=shard)
+    barrier()
+    report = None
+    if shard[0] == 0:
+        merge_shards(out, shard[1])
+        report = run()  # everything is answered: the results files and the metrics
+    barrier()
+    return report
+
+
+def _end(shard, finished: bool = True) -> None:
+    if shard is not None:
+        from emma_mamba.training.parallel import destroy_distributed
+
+        destroy_distributed(finished)
 
 
 def _model_or_api(args, load):
@@ -162,16 +209,24 @@ def _run_suite(args) -> int:
             print(f"emma-mamba eval: --{flag} goes with --task; a suite names each benchmark's files", file=sys.stderr)
             return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.suite).stem}"
+    shard = _distributed(args)
     try:
+        from emma_mamba.training.parallel import barrier
+
         entries = read_suite(args.suite)
         model, answer_fn = _model_or_api(args, load)
         summary = run_suite(model, entries, out, checkpoint=str(args.checkpoint or args.api),
                             progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
-                            compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn)
+                            compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn,
+                            shard=shard, sync=barrier)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
+        _end(shard, finished=False)
         return 2
+    _end(shard)
+    if summary is None:  # another rank than 0 under torchrun
+        return 0
     print(format_summary(summary["benchmarks"]))
     print(f"per-benchmark answers and metrics in {out}/<name>/; summary in {out / 'summary.json'}")
     return 0

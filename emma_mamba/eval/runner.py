@@ -62,6 +62,10 @@ Notable choices:
   option letters (the scorers read the picked option as the reply; no reply goes unparsed).
 * Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
   decodes the batch together, one recurrent step per token).
+* Several processes (``eval`` under ``torchrun``, one per GPU): with ``shard=(rank, world)`` a process answers
+  the questions whose index is ``rank`` modulo ``world`` into ``answers.shard<rank>.jsonl`` and scores nothing;
+  :func:`merge_shards` then gathers the shards into ``answers.jsonl`` and an unsharded call scores it (MME's
+  per-category files are answered by rank 0 alone).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
   ``out_dir`` skips the questions already answered (a torn last line from a crash is dropped) and scores the
   union. ``--limit N`` answers the first N questions only and scores them with ``allow_missing``.
@@ -86,8 +90,8 @@ from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scien
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
 
-__all__ = ["TASKS", "Question", "read_questions", "evaluate", "default_annotations", "SHORT_ANSWER_PROMPT",
-           "UNANSWERABLE_PROMPT"]
+__all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
+           "SHORT_ANSWER_PROMPT", "UNANSWERABLE_PROMPT"]
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +389,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
              checkpoint: str | None = None, progress: bool = True, split: str | None = None, likelihood: bool = False,
-             box_frame: str = "auto",
+             box_frame: str = "auto", shard: tuple[int, int] | None = None,
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
@@ -395,6 +399,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring). ``box_frame``
     (RefCOCO): what the model's box coordinates are normalised by (:mod:`emma_mamba.eval.refcoco`), "auto" =
     "square" for a checkpoint trained on letterboxed images (``vision.image_resize: letterbox``), else "image".
+    ``shard=(rank, world)``: answer this process's share only, score nothing (module docstring; the returned
+    report has ``metrics`` None and ``shard``).
     ``cuda_graphs``: decode steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
@@ -416,6 +422,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         box_frame = "square" if letterbox else "image"
     if box_frame not in FRAMES:
         raise ValueError(f"box_frame must be auto or one of {list(FRAMES)}, got {box_frame!r}")
+    rank, world = shard if shard is not None else (0, 1)
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template, split, likelihood)
@@ -447,8 +456,11 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             flag = "with" if before["answered_by"] == "likelihood" else "without"
             raise ScoreInputError(f"{out}: its answers so far were {before['answered_by']}-based; continue "
                                   f"{flag} --likelihood, or answer into another --out")
-    run_file.write_text(json.dumps({"task": task, "answered_by": answered_by}) + "\n", encoding="utf-8")
+    if rank == 0:
+        run_file.write_text(json.dumps({"task": task, "answered_by": answered_by}) + "\n", encoding="utf-8")
     answers_path = out / "answers.jsonl"
+    if world > 1 and task == "mme":  # MME's files keep their template order: rank 0 answers them all
+        qs = qs if rank == 0 else []
     if task == "mme":
         (out / "mme").mkdir(exist_ok=True)
         done_per_cat = {c: _read_done_mme(out, c) for c in sorted({q.category for q in qs})}
@@ -459,6 +471,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             if seen[q.category] > done_per_cat[q.category]:
                 todo.append(q)
         n_done = len(qs) - len(todo)
+    elif world > 1:  # this process's share, around what is already merged or in its own shard file
+        mine = out / f"answers.shard{rank}.jsonl"
+        done = {**_read_done_jsonl(answers_path), **_read_done_jsonl(mine)}
+        qs = [q for i, q in enumerate(qs) if i % world == rank]
+        todo = [q for q in qs if q.qid not in done]
+        n_done = len(qs) - len(todo)
+        answers_path = mine
     else:
         done = _read_done_jsonl(answers_path)
         todo = [q for q in qs if q.qid not in done]
@@ -471,7 +490,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(qs), initial=n_done, unit="q", desc=f"eval {task}", dynamic_ncols=True)
+        desc = f"eval {task}" + (f" (shard {rank}/{world})" if world > 1 else "")
+        bar = tqdm(total=len(qs), initial=n_done, unit="q", desc=desc, dynamic_ncols=True, position=rank)
     t0 = time.perf_counter()
     f = None if task == "mme" else answers_path.open("a", encoding="utf-8")
     try:
@@ -519,6 +539,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    if world > 1:  # the merge and the scoring come after every process is done (merge_shards, then unsharded)
+        return {"task": task, "shard": [rank, world], "n_questions": len(qs), "n_answered_this_run": len(todo),
+                "seconds_this_run": seconds, "answered_by": answered_by, "metrics": None}
 
     # ---- official results files and metrics
     if task in ("vqav2", "gqa", "textvqa", "vizwiz"):
@@ -550,6 +573,26 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "answered_by": answered_by, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def merge_shards(out_dir: str | Path, world: int) -> int:
+    """Append the ``world`` processes' shard answers (``answers.shard<r>.jsonl``) to ``out_dir/answers.jsonl``
+    (a question answered twice keeps its first answer) and delete the shard files; the number of answers added."""
+    out = Path(out_dir)
+    merged = out / "answers.jsonl"
+    have = _read_done_jsonl(merged)
+    added = []
+    for r in range(world):
+        for qid, rec in _read_done_jsonl(out / f"answers.shard{r}.jsonl").items():
+            if qid not in have:
+                have[qid] = rec
+                added.append(json.dumps(rec, ensure_ascii=False))
+    if added:
+        with merged.open("a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in added))
+    for r in range(world):
+        (out / f"answers.shard{r}.jsonl").unlink(missing_ok=True)
+    return len(added)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.runner import LIKELIHOOD_TASKS, TASKS, evaluate, read_questions
+from emma_mamba.eval.runner import LIKELIHOOD_TASKS, TASKS, evaluate, merge_shards, read_questions
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
@@ -118,12 +118,15 @@ def headline(task: str, metrics: dict | None) -> dict:
 def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
               progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
               max_new_tokens: int | None = None, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
-              compile: bool = False, likelihood: bool = False) -> dict:
+              compile: bool = False, likelihood: bool = False, shard: tuple[int, int] | None = None,
+              sync=None) -> dict | None:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
     ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
     ``answer_fn`` as in :func:`emma_mamba.eval.runner.evaluate` (tests). ``likelihood``: every closed-set
-    benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise."""
+    benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise.
+    ``shard=(rank, world)`` with ``sync`` (a barrier): several processes (torchrun) share each benchmark's
+    questions, rank 0 merges and scores after ``sync``; the other ranks return None."""
     if only:
         names = {e.name for e in entries}
         missing = [n for n in only if n not in names]
@@ -143,13 +146,26 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
         opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options,
                 "likelihood": _likelihood(e, likelihood)}
-        rep = evaluate(model, e.task, e.questions, e.images, out / e.name, annotations=e.annotations,
-                       checkpoint=checkpoint, progress=progress, answer_fn=answer_fn, cuda_graphs=cuda_graphs,
-                       compile=compile, **opts)
+        kw = dict(annotations=e.annotations, checkpoint=checkpoint, progress=progress, answer_fn=answer_fn,
+                  cuda_graphs=cuda_graphs, compile=compile, **opts)
+        if shard is None:
+            rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
+        else:
+            evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, **kw)
+            sync()
+            rep = None
+            if shard[0] == 0:
+                merge_shards(out / e.name, shard[1])
+                rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
+            sync()
+            if rep is None:
+                continue
         reports[e.name] = rep
         m = rep["metrics"]
         n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
         rows.append({"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)})
+    if shard is not None and shard[0] != 0:
+        return None
     summary = {"checkpoint": checkpoint, "benchmarks": rows,
                "metrics_files": {e.name: str(out / e.name / "metrics.json") for e in entries}}
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,122 @@
+"""Evaluation in several processes (`emma-mamba eval` under torchrun): each rank answers its share into a shard
+file, rank 0 merges and scores. Against the one-process run: the same answers, files and metrics (shards simulated
+in one process for generation, likelihood and MME; and a real 2-process gloo run of the command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emma_mamba.eval.runner import evaluate, merge_shards
+from tests.eval.test_closed import _vsr_file
+from tests.eval.test_runner import checkpoint, shapes  # noqa: F401 - fixtures
+
+
+def _answers(d: Path) -> dict:
+    return {json.loads(x)["question_id"]: json.loads(x) for x in (d / "answers.jsonl").read_text().splitlines()}
+
+
+class _Known:
+    """Replies and option probabilities that depend on the question only (as a model's do)."""
+
+    def __call__(self, qs, ps):
+        return ["yes" if len(p) % 2 else "no" for p in ps]
+
+    def option_probabilities(self, qs, ps, options):
+        return [[0.7, 0.3] if len(p) % 3 else [0.2, 0.8] for p in ps]
+
+
+@pytest.mark.parametrize("task", ["pope", "vsr", "mme"])
+def test_shards_merged_equal_one_process(task, shapes, tmp_path):
+    ho = shapes / "heldout"
+    q = {"pope": ho / "pope_random.jsonl", "mme": ho / "mme", "vsr": None}[task]
+    if task == "vsr":
+        q = _vsr_file(shapes, tmp_path / "vsr.jsonl")
+    kw = dict(limit=10, batch_size=3, progress=False, answer_fn=_Known())
+    one = evaluate(None, task, q, shapes / "images", tmp_path / "one", **kw)
+    parts = [evaluate(None, task, q, shapes / "images", tmp_path / "many", shard=(r, 3), **kw) for r in range(3)]
+    assert all(p["metrics"] is None and p["shard"] == [r, 3] for r, p in enumerate(parts))
+    if task == "mme":  # rank 0 answers MME's files alone
+        assert [p["n_answered_this_run"] for p in parts] == [one["n_answered_this_run"], 0, 0]
+    else:
+        n = one["n_answered_this_run"]  # question i goes to rank i mod 3
+        assert [p["n_answered_this_run"] for p in parts] == [len(range(r, n, 3)) for r in range(3)]
+    merge_shards(tmp_path / "many", 3)
+    assert not list((tmp_path / "many").glob("answers.shard*.jsonl"))
+    many = evaluate(None, task, q, shapes / "images", tmp_path / "many", **kw)
+    assert many["n_answered_this_run"] == 0 and many["metrics"] == one["metrics"]
+    if task == "mme":
+        for f in (tmp_path / "one" / "mme").glob("*.txt"):
+            assert (tmp_path / "many" / "mme" / f.name).read_text() == f.read_text()
+    else:
+        assert _answers(tmp_path / "many") == _answers(tmp_path / "one")
+
+
+def test_a_shard_resumes_its_own_answers(shapes, tmp_path):
+    """A rank that crashed continues from its shard file; answers merged earlier are not asked again."""
+    q = shapes / "heldout" / "pope_random.jsonl"
+    asked = []
+
+    def fn(qs, ps):
+        asked.extend(x.qid for x in qs)
+        return ["yes"] * len(qs)
+
+    evaluate(None, "pope", q, shapes / "images", tmp_path / "o", limit=8, batch_size=2, progress=False,
+             shard=(1, 2), answer_fn=fn)
+    first = list(asked)
+    assert len(first) == 4
+    asked.clear()
+    evaluate(None, "pope", q, shapes / "images", tmp_path / "o", limit=8, batch_size=2, progress=False,
+             shard=(1, 2), answer_fn=fn)
+    assert asked == []  # all in its shard file already
+    merge_shards(tmp_path / "o", 2)
+    evaluate(None, "pope", q, shapes / "images", tmp_path / "o", limit=8, batch_size=2, progress=False,
+             shard=(1, 2), answer_fn=fn)
+    assert asked == []  # merged: not asked again
+    with pytest.raises(ValueError, match=r"shard must be \(rank, world\)"):
+        evaluate(None, "pope", q, shapes / "images", tmp_path / "o", progress=False, shard=(2, 2), answer_fn=fn)
+
+
+def test_torchrun_two_processes_give_the_one_process_answers(shapes, checkpoint, tmp_path):
+    """`emma-mamba eval` under torchrun (2 CPU processes, gloo) with a random tiny checkpoint: the merged answers
+    and the metrics equal the 1-process command's."""
+    from emma_mamba.cli import main
+
+    q = shapes / "heldout" / "pope_adversarial.jsonl"
+    args = ["eval", "--task", "pope", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
+            str(checkpoint), "--batch-size", "2", "--max-new-tokens", "3", "--limit", "6", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "emma_mamba.cli", *args, "--out", str(tmp_path / "two")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert r.stdout.count("POPE  n=6") == 1  # rank 0 reports
+    assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
+    assert m1 == m2
+
+
+def test_suite_shards_then_rank_0_merges_and_summarises(shapes, tmp_path):
+    """run_suite with shard and a barrier: rank 1 answers its share of every benchmark and returns None; rank 0
+    (run after it here, its barrier a no-op) answers its own, merges and gives the one-process summary."""
+    from emma_mamba.eval.suite import read_suite, run_suite
+    from tests.eval.test_suite import _suite
+
+    entries = read_suite(_suite(tmp_path, shapes))
+    fn = _Known()
+    one = run_suite(None, entries, tmp_path / "one", progress=False, limit=6, answer_fn=fn)
+    assert run_suite(None, entries, tmp_path / "two", progress=False, limit=6, answer_fn=fn, shard=(1, 2),
+                     sync=lambda: None) is None
+    two = run_suite(None, entries, tmp_path / "two", progress=False, limit=6, answer_fn=fn, shard=(0, 2),
+                    sync=lambda: None)
+    assert two["benchmarks"] == one["benchmarks"]
+    for e in entries:
+        if e.task != "mme":
+            assert _answers(tmp_path / "two" / e.name) == _answers(tmp_path / "one" / e.name)
