@@ -5,6 +5,7 @@
         --annotations v2_mscoco_val2014_annotations.json --checkpoint runs/x --out eval/vqav2
     emma-mamba eval --suite configs/eval_suite_example.yaml --checkpoint runs/x    # several, one table
     emma-mamba eval --suite ... --api http://localhost:8000/v1 --out eval/other   # a model behind an API
+    torchrun --nproc_per_node=8 -m emma_mamba.cli eval --suite ... --checkpoint runs/x   # 8 GPUs share the questions
 
 The work is done by :func:`emma_mamba.eval.runner.evaluate` (formats, prompts and resumption are described
 there) and, for a suite, :func:`emma_mamba.eval.suite.run_suite`. Rerunning with the same ``--out`` continues
