@@ -25,13 +25,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0, L/4, L/2, 3L/4, L)")
     p.add_argument("--out", default="activation_maps.png", help="PNG to write (default %(default)s); the JSON "
                                                                  "goes beside it")
+    p.add_argument("--reconstruction", action="store_true",
+                   help="also show what the pixel-wise alignment head reads back from the visual tokens (a "
+                        "checkpoint trained with align.enabled)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+
+
+def _has_align_head(ckpt: Path) -> bool:
+    from safetensors import safe_open
+
+    from emma_mamba.models.vlm import WEIGHTS_NAME
+
+    if not (ckpt / WEIGHTS_NAME).is_file():
+        return False
+    with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as f:
+        return any(k.startswith("align_head.") for k in f.keys())
 
 
 def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from emma_mamba.inference.visualize import activation_maps, plot_maps, write_maps
+    from emma_mamba.inference.visualize import activation_maps, plot_maps, reconstruction, write_maps
     from emma_mamba.models.vlm import load
 
     try:
@@ -41,12 +55,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba visualize: --image {args.image}: cannot read the image ({e})", file=sys.stderr)
         return 2
     try:
-        model = load(args.checkpoint, device=args.device).eval()
+        if args.reconstruction and not _has_align_head(Path(args.checkpoint)):
+            raise ValueError(f"--reconstruction: {args.checkpoint} holds no alignment-head weights (trained "
+                             f"without align.enabled, or saved for inference)")
+        model = load(args.checkpoint, device=args.device, for_training=args.reconstruction).eval()
         maps = activation_maps(model, image, args.prompt, args.layers)
+        extra = {}
+        if args.reconstruction:
+            rec, seen = reconstruction(model, image, args.prompt)
+            extra = {"encoder input": seen, "alignment head": rec}
     except (FileNotFoundError, ValueError) as e:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
-    png = plot_maps(image, maps, args.out, title=args.prompt)
+    png = plot_maps(image, maps, args.out, title=args.prompt, extra=extra)
     js = write_maps(maps, Path(args.out).with_suffix(".json"), checkpoint=str(args.checkpoint),
                     image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
     for layer, m in maps.items():

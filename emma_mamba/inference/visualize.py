@@ -7,6 +7,11 @@ placeholder, then the instruction, in the chat template) is run through the LM o
 L2 norm of the residual stream at every visual token is laid out on the encoder's patch grid (layer 0: the LM's
 input, i.e. the projected visual tokens; layer i: after block i). ``emma-mamba visualize`` draws them beside the
 image and writes the values as JSON.
+
+:func:`reconstruction` shows what the pixel-wise alignment head reads back from the same forward: a training
+checkpoint's head predicts from visual token i the pixels of patch i + 1; with ``align.norm_pix`` its output is a
+per-patch normalised patch, shown (as MAE shows its reconstructions) with the true patch's mean and spread put back,
+patch 0 (never predicted) grey.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["activation_maps", "default_layers", "plot_maps"]
+__all__ = ["activation_maps", "default_layers", "plot_maps", "reconstruction", "write_maps"]
 
 
 def default_layers(n_layer: int) -> list[int]:
@@ -39,17 +44,55 @@ def activation_maps(model, image, prompt: str = "Describe the image in detail.",
         if not 0 <= k <= n:
             raise ValueError(f"layer {layer} is outside 0..{n} (this LM has {n} blocks; negative counts from {n})")
         picked.append(k)
-    ids = model.tokenizer.encode(model.build_prompt(prompt, 1))
-    start = ids.index(model.image_token_id)  # the placeholder becomes the visual tokens, in place
-    embeds = model.embeds_from_ids(ids, [image], [prompt] if model.instruction is not None else None)
-    hidden = model.lm(inputs_embeds=embeds, output_hidden_states=True, num_last_tokens=1).hidden_states
+    hidden, start = _visual_hidden(model, image, prompt)
     gh, gw = model.vision.grid
     N = gh * gw
     return {k: hidden[k][0, start:start + N].float().norm(dim=-1).reshape(gh, gw).cpu() for k in picked}
 
 
-def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str | None = None) -> Path:
-    """The image and one heat map per layer (each scaled to its own range), side by side, as a PNG."""
+def _visual_hidden(model, image, prompt: str):
+    """The LM's hidden states (all depths) of the prompt about ``image`` and where its visual tokens start."""
+    ids = model.tokenizer.encode(model.build_prompt(prompt, 1))
+    start = ids.index(model.image_token_id)  # the placeholder becomes the visual tokens, in place
+    embeds = model.embeds_from_ids(ids, [image], [prompt] if model.instruction is not None else None)
+    return model.lm(inputs_embeds=embeds, output_hidden_states=True, num_last_tokens=1).hidden_states, start
+
+
+@torch.no_grad()
+def reconstruction(model, image, prompt: str = "Describe the image in detail.") -> tuple[torch.Tensor, torch.Tensor]:
+    """(the alignment head's next-patch reconstruction, the image as the encoder sees it), both (H, W, 3) fp32 in
+    [0, 1] over the patch grid (module docstring). Needs a model with its alignment head (``load(...,
+    for_training=True)`` of a checkpoint trained with ``align.enabled``)."""
+    from emma_mamba.models.align_head import patchify
+
+    head = model.align_head
+    if head is None:
+        raise ValueError("this model has no alignment head: load a checkpoint trained with align.enabled with "
+                         "for_training=True (emma-mamba visualize --reconstruction does)")
+    hidden, start = _visual_hidden(model, image, prompt)
+    N = head.num_tokens
+    pred = head.predict([hidden[i][:, start:start + N] for i in model.config.align.lm_layers]).float()[0]
+    seen = model.image_processor.unnormalize(model.image_processor([image]).to(pred.device)).float().clamp(0, 1)
+    truth = patchify(seen, head.patch_size, head.grid)[0]  # (N, patch_dim) RGB in [0, 1]
+    rec = torch.full_like(truth, 0.5)
+    nxt = pred[:-1]  # token i predicts patch i + 1
+    if head.norm_pix:
+        t = truth[1:]
+        nxt = nxt * (t.var(dim=-1, keepdim=True) + 1e-6).sqrt() + t.mean(dim=-1, keepdim=True)
+    rec[1:] = nxt
+    (gh, gw), (ph, pw) = head.grid, head.patch_size
+
+    def image_of(patches):
+        x = patches.reshape(gh, gw, ph, pw, 3).permute(0, 2, 1, 3, 4).reshape(gh * ph, gw * pw, 3)
+        return x.clamp(0, 1).cpu()
+
+    return image_of(rec), image_of(truth)
+
+
+def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str | None = None,
+              extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """The image, any ``extra`` (H, W, 3) pictures by name, and one heat map per layer (each scaled to its own
+    range), side by side, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,10 +100,15 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
     from PIL import Image
 
     img = Image.open(image).convert("RGB") if not hasattr(image, "convert") else image.convert("RGB")
-    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(2.4 * (len(maps) + 1), 2.6))
+    extra = extra or {}
+    k = 1 + len(extra)
+    fig, axes = plt.subplots(1, len(maps) + k, figsize=(2.4 * (len(maps) + k), 2.6))
     axes[0].imshow(img)
     axes[0].set_title("image", fontsize=9)
-    for ax, (layer, m) in zip(axes[1:], maps.items()):
+    for ax, (name, pic) in zip(axes[1:k], extra.items()):
+        ax.imshow(pic.numpy())
+        ax.set_title(name, fontsize=9)
+    for ax, (layer, m) in zip(axes[k:], maps.items()):
         ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
         ax.set_title(f"layer {layer}" if layer else "LM input", fontsize=9)
     for ax in axes:

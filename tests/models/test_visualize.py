@@ -67,3 +67,42 @@ def test_cli_writes_the_figure_and_the_values(model, tmp_path, capsys):
     torch.testing.assert_close(torch.tensor(doc["maps"]["0"]), want, rtol=1e-5, atol=1e-6)
     assert main(["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", str(tmp_path / "nope.png")]) == 2
     assert "cannot read the image" in capsys.readouterr().err
+
+
+def test_reconstruction_puts_the_heads_patches_back_in_place(tmp_path, capsys):
+    """With the head's output replaced by the true next patches (normalised as its targets), the reconstruction is
+    the image the encoder sees, patch 0 grey: the shift, the de-normalisation and the patch layout are right. The
+    CLI draws it for a checkpoint with the head's weights and refuses one without."""
+    from emma_mamba.cli import main
+    from emma_mamba.inference.visualize import reconstruction
+    from emma_mamba.models.align_head import normalize_patches, patchify
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    assert cfg.align.enabled and cfg.align.norm_pix
+    m = EmmaMamba(cfg, for_training=True).eval()
+    head = m.align_head
+    seen = m.image_processor.unnormalize(m.image_processor([IMAGE])).float().clamp(0, 1)
+    target = normalize_patches(patchify(seen, head.patch_size, head.grid))[0]
+    real_predict = head.predict
+    head.predict = lambda hidden: torch.cat([target[1:], target[:1]])[None]  # token i -> true patch i + 1
+    try:
+        rec, img = reconstruction(m, IMAGE)
+    finally:
+        head.predict = real_predict
+    (gh, gw), (ph, pw) = head.grid, head.patch_size
+    assert rec.shape == img.shape == (gh * ph, gw * pw, 3)
+    torch.testing.assert_close(img, seen[0, :, :gh * ph, :gw * pw].permute(1, 2, 0))
+    torch.testing.assert_close(rec[ph:], img[ph:], atol=2e-3, rtol=0)  # rows below the first patch row
+    torch.testing.assert_close(rec[:ph, pw:], img[:ph, pw:], atol=2e-3, rtol=0)
+    assert torch.all(rec[:ph, :pw] == 0.5)  # patch 0 is never predicted
+    m.save(tmp_path / "train_ck")
+    out = tmp_path / "r.png"
+    assert main(["visualize", "--checkpoint", str(tmp_path / "train_ck"), "--image", IMAGE, "--reconstruction",
+                 "--out", str(out)]) == 0 and out.is_file()
+    EmmaMamba(cfg, for_training=False).save(tmp_path / "infer_ck")
+    assert main(["visualize", "--checkpoint", str(tmp_path / "infer_ck"), "--image", IMAGE, "--reconstruction",
+                 "--out", str(out)]) == 2
+    assert "holds no alignment-head weights" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="this model has no alignment head"):
+        reconstruction(EmmaMamba(cfg, for_training=False), IMAGE)
