@@ -292,7 +292,7 @@ def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool 
 def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
     """Accuracy of ``answers`` (records ``{question_id, text, probabilities?}``) on AI2D (``annotations``: the
     questions folder), overall and on the letter-label questions and the others; the split is the answered
-    questions' (test or train by the test-ids file; answers spanning both are refused)."""
+    questions' (test or train by the test-ids file; answers of both: all)."""
     every = {r["question_id"]: r for _, r in ai2d_records(annotations, "all")}
     rows = []
     probs = {}
@@ -302,10 +302,8 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
         if rec.get("probabilities") is not None:
             probs[qid] = rec["probabilities"]
     splits = {every[q]["split"] for _, q, _ in rows if q in every}
-    if len(splits) > 1:
-        raise ScoreInputError(f"{answers}: answers span the splits {sorted(splits)}; score one split at a time")
-    split = splits.pop() if splits else None
-    gold = {q: r for q, r in every.items() if r["split"] == split}
+    split = splits.pop() if len(splits) == 1 else None  # answers of both splits: scored as split all
+    gold = {q: r for q, r in every.items() if split is None or r["split"] == split}
     if any(r["answer"] is None for r in gold.values()):
         raise ScoreInputError(f"{annotations}: some questions have no correctAnswer to score against")
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)

@@ -364,8 +364,11 @@ def test_ai2d_by_hand(shapes, tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps({"question_id": "0.png-0", "text": "C"}) + "\n" +
                      json.dumps({"question_id": "2.png-0", "text": "A"}) + "\n")
-    with pytest.raises(ScoreInputError, match="answers span the splits"):
-        score("ai2d", mixed, qdir)
+    m = score("ai2d", mixed, qdir, allow_missing=True)  # answers of both splits: scored as split all
+    assert (m["split"], m["n"], m["accuracy"], m["n_missing"]) == ("all", 2, 1.0, 2)
+    rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "every", split="all", progress=False,
+                   answer_fn=lambda qs, ps: ["A"] * len(qs))  # every question, with the ids file present
+    assert (rep["metrics"]["split"], rep["metrics"]["n"]) == ("all", 4)
     (tmp_path / "ai2d" / "ai2d_test_ids.csv").unlink()
     with pytest.raises(ScoreInputError, match="AI2D split test: no ai2d_test_ids.csv"):
         evaluate(None, "ai2d", qdir, idir, tmp_path / "x", progress=False, answer_fn=Probs())
