@@ -314,8 +314,10 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
         rec = gold[qid]
         letters = tuple(chr(ord("A") + i) for i in range(len(rec["choices"])))
         p = probs.get(qid)
-        if p is not None and len(p) != len(letters):
-            raise ScoreInputError(f"{answers}: question {qid!r}: {len(p)} probabilities for {len(letters)} options")
+        if p is not None and (not isinstance(p, list) or len(p) != len(letters) or
+                              not all(isinstance(x, (int, float)) and math.isfinite(x) for x in p)):
+            raise ScoreInputError(f"{answers}: question {qid!r}: probabilities must be a list of {len(letters)} "
+                                  f"numbers (one per option), got {p!r}")
         k = pick_option(text, letters, p)
         if k is None and p is None:  # the answer text itself
             k = next((i for i, c in enumerate(rec["choices"]) if c.strip().lower() == text.strip().lower()), None)
