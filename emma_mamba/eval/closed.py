@@ -37,7 +37,7 @@ from emma_mamba.eval.mmbench import MC_PROMPT
 
 __all__ = ["VSR_OPTIONS", "TALLY_OPTIONS", "SPELLINGS", "spellings", "ai2d_records", "ai2d_prompt", "score_ai2d",
            "vsr_records", "vsr_prompt", "tallyqa_records", "tallyqa_prompt", "pick_option", "auc_roc",
-           "average_precision", "score_vsr", "score_tallyqa"]
+           "average_precision", "auc_roc_ovo", "score_vsr", "score_tallyqa"]
 
 VSR_OPTIONS = ("True", "False")
 TALLY_MAX = 15
@@ -220,6 +220,23 @@ def auc_roc(labels: list[bool], scores: list[float]) -> float | None:
     return u / (pos * neg)
 
 
+def auc_roc_ovo(labels: list[int], probabilities: list[list[float]]) -> float | None:
+    """Multi-class ROC AUC, one against one (Hand & Till 2001; scikit-learn's ``multi_class="ovo"``, macro): over
+    every pair (j, k) of the classes present in ``labels``, the mean of AUC(j vs k, scored by column j) and AUC(k vs
+    j, scored by column k) on the samples of those two classes; the pairs' mean. None with fewer than 2 classes."""
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        return None
+    pairs = []
+    for a, j in enumerate(classes):
+        for k in classes[a + 1:]:
+            rows = [(y, p) for y, p in zip(labels, probabilities) if y in (j, k)]
+            jk = auc_roc([y == j for y, _ in rows], [p[j] for _, p in rows])
+            kj = auc_roc([y == k for y, _ in rows], [p[k] for _, p in rows])
+            pairs.append((jk + kj) / 2)
+    return sum(pairs) / len(pairs)
+
+
 def average_precision(labels: list[bool], scores: list[float]) -> float | None:
     """Average precision (area under the precision-recall curve as a step function, scikit-learn's
     ``average_precision_score``): sum over the distinct score thresholds, highest first, of the recall gained
@@ -332,21 +349,34 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
 
 def score_tallyqa(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
     """Accuracy of ``answers`` (records ``{question_id, text, probabilities?}``) on TallyQA's test.json, on
-    its simple and complex questions and overall; an unparsed reply counts as wrong."""
+    its simple and complex questions and overall (an unparsed reply counts as wrong); with probabilities for
+    every answer also the one-against-one ROC AUC over the counts (:func:`auc_roc_ovo`), as Prismatic reports."""
     gold = {}
     for loc, rec in tallyqa_records(annotations):
         if "answer" not in rec:
             raise ScoreInputError(f"{annotations}: {loc}: no 'answer' to score against")
         gold[rec["question_id"]] = rec
     got = _answers(answers, list(gold), annotations, allow_missing, TALLY_OPTIONS, "TallyQA")
-    by_split, unparsed = defaultdict(list), 0
+    by_split, unparsed, ranked = defaultdict(list), 0, defaultdict(list)
     for qid, (text, probs) in got.items():
         rec = gold[qid]
         k = pick_option(text, TALLY_OPTIONS, probs, "tallyqa")
         unparsed += k is None
-        by_split["simple" if rec.get("issimple") else "complex"].append(k == rec["answer"])
+        part = "simple" if rec.get("issimple") else "complex"
+        by_split[part].append(k == rec["answer"])
+        if probs is not None:
+            ranked[part].append((rec["answer"], probs))
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     every = by_split["simple"] + by_split["complex"]
+
+    def ovo(rows):
+        return auc_roc_ovo([y for y, _ in rows], [p for _, p in rows]) if rows else None
+
+    full = sum(len(v) for v in ranked.values()) == len(every)
     return {"n": len(every), "accuracy": mean(every), "accuracy_simple": mean(by_split["simple"]),
             "accuracy_complex": mean(by_split["complex"]), "n_simple": len(by_split["simple"]),
-            "n_complex": len(by_split["complex"]), "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
+            "n_complex": len(by_split["complex"]),
+            "auc_roc_ovo": ovo(ranked["simple"] + ranked["complex"]) if full else None,
+            "auc_roc_ovo_simple": ovo(ranked["simple"]) if full else None,
+            "auc_roc_ovo_complex": ovo(ranked["complex"]) if full else None,
+            "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}

@@ -103,8 +103,8 @@ def summary(task: str, m: dict) -> str:
     elif task == "tallyqa":
         pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
         lines.append(f"TallyQA  n={m['n']}  accuracy {pct(m['accuracy'])}  simple {pct(m['accuracy_simple'])} "
-                     f"(n={m['n_simple']})  complex {pct(m['accuracy_complex'])} (n={m['n_complex']})  unparsed "
-                     f"replies {m['n_unparsed_replies']}")
+                     f"(n={m['n_simple']})  complex {pct(m['accuracy_complex'])} (n={m['n_complex']})  ROC AUC (ovo) "
+                     f"{pct(m['auc_roc_ovo'])}  unparsed replies {m['n_unparsed_replies']}")
     elif task == "refcoco":
         lines.append(f"RefCOCO ({m['split']})  n={m['n']}  Acc@0.5 {100 * m['accuracy']:.2f}  mean IoU "
                      f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}")

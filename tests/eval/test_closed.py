@@ -138,7 +138,7 @@ def test_tallyqa_known_answers_give_hand_computed_metrics(shapes, tmp_path):
     # simple: 100 right, 101 wrong, 104 unparsed -> 1/3; complex: 102 right, 103 ("D" = 3) right -> 2/2
     assert m["accuracy_simple"] == pytest.approx(1 / 3) and m["accuracy_complex"] == pytest.approx(1.0)
     assert m["accuracy"] == pytest.approx(3 / 5) and (m["n_simple"], m["n_complex"]) == (3, 2)
-    assert m["n_unparsed_replies"] == 1
+    assert m["n_unparsed_replies"] == 1 and m["auc_roc_ovo"] is None  # AUC: only with probabilities for all
     lines = fn.prompts[100].splitlines()
     assert lines[0] == "How many shapes 0?" and lines[1] == "A. 0" and lines[16] == "P. 15"
     assert lines[17] == "Answer with the option's letter from the given choices directly."
@@ -407,3 +407,34 @@ def test_resuming_with_the_other_answering_method_is_refused(shapes, tmp_path):
     rep = evaluate(None, "pope", pope, shapes / "images", tmp_path / "ll", limit=4, likelihood=True, progress=False,
                    answer_fn=Probs())  # the same method continues
     assert rep["n_answered_this_run"] == 2 and rep["metrics"]["n"] == 4
+
+
+def test_one_against_one_auc_by_hand_and_by_definition():
+    """Hand & Till's multi-class AUC: by hand on three samples, and against a direct pairwise count on random
+    probabilities (ties included)."""
+    from emma_mamba.eval.closed import auc_roc_ovo
+
+    # classes 0, 1, 2 with one sample each; pair (0,1): column 0 ranks the 0-sample above the 1-sample (1.0),
+    # column 1 ranks the 1-sample above the 0-sample (1.0); pair (0,2): 1.0 and 0.0 (column 2 ranks them wrongly);
+    # pair (1,2): 1.0 and 1.0 -> mean of 1, 0.5, 1
+    probs = [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]
+    probs[0][2] = 0.9  # the 0-sample now scores higher than the 2-sample in column 2
+    assert auc_roc_ovo([0, 1, 2], probs) == pytest.approx((1.0 + 0.5 + 1.0) / 3)
+    assert auc_roc_ovo([1, 1], probs[:2]) is None
+    rng = random.Random(1)
+    for _ in range(20):
+        n = rng.randint(3, 25)
+        labels = [rng.randrange(4) for _ in range(n)]
+        probs = [[round(rng.random(), 1) for _ in range(4)] for _ in range(n)]
+        classes = sorted(set(labels))
+        if len(classes) < 2:
+            continue
+        pair_aucs = []
+        for a, j in enumerate(classes):
+            for k in classes[a + 1:]:
+                def half(pos, col):
+                    P = [p[col] for y, p in zip(labels, probs) if y == pos]
+                    N = [p[col] for y, p in zip(labels, probs) if y == (k if pos == j else j)]
+                    return sum((x > z) + 0.5 * (x == z) for x in P for z in N) / (len(P) * len(N))
+                pair_aucs.append((half(j, j) + half(k, k)) / 2)
+        assert auc_roc_ovo(labels, probs) == pytest.approx(sum(pair_aucs) / len(pair_aucs))
