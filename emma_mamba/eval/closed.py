@@ -309,7 +309,8 @@ def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool 
 def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
     """Accuracy of ``answers`` (records ``{question_id, text, probabilities?}``) on AI2D (``annotations``: the
     questions folder), overall and on the letter-label questions and the others; the split is the answered
-    questions' (test or train by the test-ids file; answers of both: all)."""
+    questions' (test or train by the test-ids file; answers of both: all). With probabilities for every answer
+    over as many options, also the one-against-one ROC AUC (:func:`auc_roc_ovo`), as Prismatic reports."""
     every = {r["question_id"]: r for _, r in ai2d_records(annotations, "all")}
     rows = []
     probs = {}
@@ -326,7 +327,7 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")
-    ok, by_kind, unparsed = [], defaultdict(list), 0
+    ok, by_kind, unparsed, ranked = [], defaultdict(list), 0, []
     for qid, text in got.items():
         rec = gold[qid]
         letters = tuple(chr(ord("A") + i) for i in range(len(rec["choices"])))
@@ -341,8 +342,12 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
         unparsed += k is None
         ok.append(k == rec["answer"])
         by_kind["letter labels" if rec["abc_label"] else "other"].append(ok[-1])
+        if p is not None:
+            ranked.append((rec["answer"], p))
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    same = len(ranked) == len(ok) and len({len(p) for _, p in ranked}) == 1  # every answer, as many options
     return {"n": len(ok), "split": split or "all", "accuracy": mean(ok),
+            "auc_roc_ovo": auc_roc_ovo([y for y, _ in ranked], [p for _, p in ranked]) if same else None,
             "per_kind": {k: mean(v) for k, v in sorted(by_kind.items())},
             "n_unparsed_replies": unparsed, "n_missing": len(gold) - len(got)}
 

@@ -356,6 +356,7 @@ def test_ai2d_by_hand(shapes, tmp_path):
     m = rep["metrics"]
     assert (m["split"], m["n"]) == ("test", 3) and m["accuracy"] == pytest.approx(2 / 3)
     assert m["per_kind"] == {"letter labels": 0.0, "other": 1.0}
+    assert m["auc_roc_ovo"] is None  # 4, 4 and 3 options: no common columns
     assert score("ai2d", tmp_path / "ev" / "answers.jsonl", qdir) == m
     # the train split: the other diagram; replies parsed (a letter or the answer text) when no probabilities
     rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "tr", split="train", progress=False,
