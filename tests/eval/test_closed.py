@@ -357,6 +357,12 @@ def test_ai2d_by_hand(shapes, tmp_path):
     assert (m["split"], m["n"]) == ("test", 3) and m["accuracy"] == pytest.approx(2 / 3)
     assert m["per_kind"] == {"letter labels": 0.0, "other": 1.0}
     assert m["auc_roc_ovo"] is None  # 4, 4 and 3 options: no common columns
+    two = tmp_path / "two.jsonl"  # the two 4-option questions (answers C and B), both ranked right in their columns
+    two.write_text(json.dumps({"question_id": "0.png-0", "text": "C", "probabilities": [0.1, 0.2, 0.6, 0.1]}) + "\n"
+                   + json.dumps({"question_id": "0.png-1", "text": "B", "probabilities": [0.1, 0.5, 0.3, 0.1]}) + "\n")
+    m = score("ai2d", two, qdir, allow_missing=True)
+    # one pair (C=2, B=1): column 2 ranks the C-question first (0.6 > 0.3), column 1 the B-question (0.5 > 0.2)
+    assert m["auc_roc_ovo"] == 1.0 and m["accuracy"] == 1.0
     assert score("ai2d", tmp_path / "ev" / "answers.jsonl", qdir) == m
     # the train split: the other diagram; replies parsed (a letter or the answer text) when no probabilities
     rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "tr", split="train", progress=False,
