@@ -360,9 +360,9 @@ def test_ai2d_by_hand(shapes, tmp_path):
     two = tmp_path / "two.jsonl"  # the two 4-option questions (answers C and B), both ranked right in their columns
     two.write_text(json.dumps({"question_id": "0.png-0", "text": "C", "probabilities": [0.1, 0.2, 0.6, 0.1]}) + "\n"
                    + json.dumps({"question_id": "0.png-1", "text": "B", "probabilities": [0.1, 0.5, 0.3, 0.1]}) + "\n")
-    m = score("ai2d", two, qdir, allow_missing=True)
+    m2 = score("ai2d", two, qdir, allow_missing=True)
     # one pair (C=2, B=1): column 2 ranks the C-question first (0.6 > 0.3), column 1 the B-question (0.5 > 0.2)
-    assert m["auc_roc_ovo"] == 1.0 and m["accuracy"] == 1.0
+    assert m2["auc_roc_ovo"] == 1.0 and m2["accuracy"] == 1.0
     assert score("ai2d", tmp_path / "ev" / "answers.jsonl", qdir) == m
     # the train split: the other diagram; replies parsed (a letter or the answer text) when no probabilities
     rep = evaluate(None, "ai2d", qdir, idir, tmp_path / "tr", split="train", progress=False,
