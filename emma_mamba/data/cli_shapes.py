@@ -84,6 +84,6 @@ def run(args: argparse.Namespace) -> int:
           f"({c['stage2_turns']} turns)")
     print(f"  held-out: {c['heldout_images']} images; POPE {c['pope']['random']} questions per variant, "
           f"VQAv2 {c['vqav2']}, GQA {c['gqa']}, MME {sum(c['mme'].values())}, VSR {c['vsr']}, "
-          f"TallyQA {c['tallyqa']}")
+          f"TallyQA {c['tallyqa']}, RefCOCO-style {c['refcoco']}")
     print(f"  images in {args.out}/images; files listed in {args.out}/meta.json")
     return 0

@@ -127,8 +127,9 @@ class ShapesConfig:
     """GQA-style questions per held-out image."""
     question_mix: dict = field(default_factory=dict)
     """Relative weights of the stage-2 question generators (color, shape, size, count, detail, existence,
-    relation, relation_query, logical, compare); an unnamed generator weighs 1, 0 turns one off. Only the
-    training conversations follow it: the held-out benchmark files keep their fixed mix."""
+    relation, relation_query, logical, compare); an unnamed generator weighs 1, 0 turns one off. ``grounding``
+    (a referring expression's box, LLaVA-1.5's grounding format) is opt-in: 0 unless named. Only the training
+    conversations follow it: the held-out benchmark files keep their fixed mix."""
 
     def validate(self) -> "ShapesConfig":
         def bad(name, msg):
@@ -164,7 +165,7 @@ class ShapesConfig:
         for name in ("max_turns", "pope_k", "vqa_per_image", "gqa_per_image"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "expected an integer >= 1")
-        kinds = _Asker.VQA_KINDS + _Asker.GQA_KINDS
+        kinds = _Asker.VQA_KINDS + _Asker.GQA_KINDS + _Asker.OPT_IN_KINDS
         if not isinstance(self.question_mix, dict):
             bad("question_mix", "expected a mapping of question generator -> weight")
         for k, w in self.question_mix.items():
@@ -172,7 +173,7 @@ class ShapesConfig:
                 bad("question_mix", f"unknown question generator {k!r}; known: {list(kinds)}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
                 bad("question_mix", f"the weight of {k!r} must be a number >= 0, got {w!r}")
-        if not any(self.question_mix.get(k, 1) > 0 for k in kinds):
+        if not any(self.question_mix.get(k, 0 if k in _Asker.OPT_IN_KINDS else 1) > 0 for k in kinds):
             bad("question_mix", "every generator has weight 0: no question could be asked")
         return self
 
@@ -634,6 +635,18 @@ class _Asker:
 
     VQA_KINDS = ("color", "shape", "size", "count", "detail", "existence")
     GQA_KINDS = ("relation", "relation_query", "logical", "compare")
+    OPT_IN_KINDS = ("grounding",)
+    """Generators asked only when ShapesConfig.question_mix names them with a weight > 0."""
+
+    def grounding(self):
+        """LLaVA-1.5's grounding turn: a referring expression -> its box ``[x1, y1, x2, y2]``, normalised by the
+        image side, two decimals (the image is square)."""
+        p = self.pick_ref()
+        if p is None:
+            return None
+        s, ref = p
+        return QA(f"{GROUNDING_PROMPT} the {ref}", format_box(s.box, self.cfg.image_size), "grounding", "other",
+                  "please provide the")
 
     def ask(self, kinds, n: int, seen: set[str] | None = None, weights: dict | None = None) -> list[QA]:
         """Up to n distinct questions, each from a generator drawn from `kinds`: uniformly, or by `weights`
@@ -771,6 +784,19 @@ VSR_PER_IMAGE = 2
 TALLY_PER_IMAGE = 2
 
 
+def grounding_record(scene: Scene, cfg: ShapesConfig) -> dict | None:
+    """One held-out scene's RefCOCO-format record (:mod:`emma_mamba.eval.refcoco`'s JSON records): a referring
+    expression that picks out one shape, its pixel box ``[x, y, w, h]``; from the scene's own random stream."""
+    rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/grounding")
+    p = _Asker(scene, cfg, rng).pick_ref()
+    if p is None:
+        return None
+    s, ref = p
+    x0, y0, x1, y1 = s.box
+    return {"question_id": scene.index, "image": scene.image, "sentence": f"the {ref}",
+            "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1], "width": cfg.image_size, "height": cfg.image_size}
+
+
 def closed_set_questions(scene: Scene, cfg: ShapesConfig) -> tuple[list[dict], list[dict]]:
     """One held-out scene's VSR-format statements and TallyQA-format counting questions (the closed-set
     benchmarks, :mod:`emma_mamba.eval.closed`), from the scene's own random stream (other files unchanged).
@@ -822,10 +848,21 @@ def closed_set_questions(scene: Scene, cfg: ShapesConfig) -> tuple[list[dict], l
     return vsr, tally
 
 
+GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes:"
+"""LLaVA-1.5's (the same string as emma_mamba.eval.refcoco.GROUNDING_PROMPT)."""
+
+
+def format_box(box: tuple[int, int, int, int], image_size: int) -> str:
+    """An inclusive pixel box as LLaVA-1.5's answer: ``[x1, y1, x2, y2]`` over the image side, two decimals."""
+    x0, y0, x1, y1 = box
+    v = [x0 / image_size, y0 / image_size, (x1 + 1) / image_size, (y1 + 1) / image_size]
+    return "[" + ", ".join(f"{min(max(c, 0.0), 1.0):.2f}" for c in v) + "]"
+
+
 def _llava_turns(qas: list[QA]) -> list[dict]:
     conv = []
     for i, qa in enumerate(qas):
-        if qa.category == "caption":
+        if qa.category in ("caption", "grounding"):  # no short-answer instruction (LLaVA's grounding turns)
             q = qa.question
         else:
             q = f"{qa.question}\n{SHORT_ANSWER_PROMPT}"
@@ -838,7 +875,8 @@ def _conversation(scene: Scene, cfg: ShapesConfig) -> list[dict]:
     rng = random.Random(f"shapesworld/{cfg.seed}/{scene.split}/{scene.index}/instruct")
     asker = _Asker(scene, cfg, rng)
     n_turns = 1 if rng.random() < 0.4 else rng.randint(1, cfg.max_turns)
-    qas = asker.ask(_Asker.VQA_KINDS + _Asker.GQA_KINDS, n_turns, weights=cfg.question_mix)
+    extra = tuple(k for k in _Asker.OPT_IN_KINDS if cfg.question_mix.get(k, 0) > 0)  # opt-in: absent otherwise
+    qas = asker.ask(_Asker.VQA_KINDS + _Asker.GQA_KINDS + extra, n_turns, weights=cfg.question_mix)
     if rng.random() < 0.15:  # an occasional long answer, so the model does not learn "always answer in one word"
         qas.insert(rng.randint(0, len(qas)), QA("Describe the image in detail.", caption(scene, cfg.image_size, rng),
                                                 "caption", "other", "describe"))
@@ -880,6 +918,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
         heldout/mme/<category>.txt           image<TAB>question<TAB>Yes|No
         heldout/vsr_test.jsonl               VSR format: spatial statements, label 1 (true) / 0 (false)
         heldout/tallyqa_test.json            TallyQA format: counting questions (simple / complex)
+        heldout/refcoco_val.json             RefCOCO-format JSON records: a referring expression and its box
         meta.json
     """
     cfg.validate()
@@ -959,6 +998,8 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
         tally += t
     _dump_jsonl(vsr, ho / "vsr_test.jsonl")
     _dump_json(tally, ho / "tallyqa_test.json")
+    grounding = [r for r in (grounding_record(sc, cfg) for sc in heldout) if r is not None]
+    _dump_json(grounding, ho / "refcoco_val.json")
     for cat, lines in mme.items():
         p = ho / "mme" / f"{cat}.txt"
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -978,7 +1019,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
             "stage2_turns": sum(len(r["conversations"]) // 2 for r in stage2),
             "pope": {v: len(r) for v, r in pope.items()},
             "vqav2": len(vqa_q), "gqa": len(gqa), "mme": {c: len(v) for c, v in mme.items()},
-            "vsr": len(vsr), "tallyqa": len(tally),
+            "vsr": len(vsr), "tallyqa": len(tally), "refcoco": len(grounding),
         },
         "files": {
             "stage1": "train/stage1_captions.json", "stage2": "train/stage2_instruct.json",
@@ -987,6 +1028,7 @@ def generate(cfg: ShapesConfig, out_dir: str | Path, overwrite: bool = False, pr
             "vqav2_questions": "heldout/vqav2_questions.json", "vqav2_annotations": "heldout/vqav2_annotations.json",
             "gqa_questions": "heldout/gqa_questions.json", "mme": "heldout/mme",
             "vsr": "heldout/vsr_test.jsonl", "tallyqa": "heldout/tallyqa_test.json",
+            "refcoco": "heldout/refcoco_val.json",
         },
     }
     _dump_json(meta, out / "meta.json")

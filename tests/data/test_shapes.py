@@ -365,6 +365,49 @@ def test_vsr_and_tallyqa_files_match_pixels(world, seen):
     assert Counter(t["answer"] > 0 for t in tally)[True] > len(tally) / 2
 
 
+def _iou(a, b):
+    """IoU of two inclusive pixel boxes (x0, y0, x1, y1)."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    area = lambda t: (t[2] - t[0] + 1) * (t[3] - t[1] + 1)  # noqa: E731
+    return iw * ih / (area(a) + area(b) - iw * ih)
+
+
+def test_grounding_file_and_opt_in_turns_match_pixels(world, seen, tmp_path):
+    """refcoco_val.json: each sentence names one measured shape and its box is that shape's measured box (IoU >=
+    0.85: the generator's box is rounded outwards); grounding turns appear only when question_mix names them,
+    without the short-answer instruction, their answer the referred shape's box over the image side."""
+    from emma_mamba.eval.refcoco import parse_box
+
+    out, _ = world
+    recs = json.loads((out / "heldout/refcoco_val.json").read_text())
+    assert len(recs) > CFG["n_heldout"] // 2
+    for r in recs:
+        shape = resolve(r["sentence"].removeprefix("the "), seen[r["image"]])
+        x, y, w, h = r["bbox"]
+        assert _iou((x, y, x + w - 1, y + h - 1), shape["box"]) >= 0.85, r
+    assert sw.format_box((10, 20, 59, 99), 100) == "[0.10, 0.20, 0.60, 1.00]"
+    assert not any("bounding box" in t["value"] for rec in json.loads((out / "train/stage2_instruct.json").read_text())
+                   for t in rec["conversations"])
+    g = tmp_path / "g"
+    sw.generate(sw.ShapesConfig(seed=7, **{**CFG, "n_heldout": 2}, question_mix={"grounding": 3}), g)
+    truth = {p: measure(g / "images" / p)[0] for p in load_scene_truth((g, None))}
+    n = 0
+    for rec in json.loads((g / "train/stage2_instruct.json").read_text()):
+        conv = rec["conversations"]
+        for hum, gpt in zip(conv[0::2], conv[1::2]):
+            q = hum["value"].removeprefix("<image>\n")
+            if not q.startswith(sw.GROUNDING_PROMPT):
+                continue
+            assert sw.SHORT_ANSWER_PROMPT not in q
+            shape = resolve(q.removeprefix(sw.GROUNDING_PROMPT + " the "), truth[rec["image"]])
+            box = parse_box(gpt["value"])
+            px = [round(box[0] * SIZE), round(box[1] * SIZE), round(box[2] * SIZE) - 1, round(box[3] * SIZE) - 1]
+            assert _iou(px, shape["box"]) >= 0.8, (q, gpt["value"], shape["box"])
+            n += 1
+    assert n > 10
+
+
 # ------------------------------------------------------------------------------------------------ POPE
 
 def test_pope_negatives_absent_and_of_the_right_kind(world, seen):
