@@ -107,9 +107,13 @@ def refcoco_records(path: str | Path, split: str | None = "val") -> list[tuple[s
     return out
 
 
+_SPACED_DECIMAL = re.compile(r"(\d)\s*\.\s*(\d)")
+
+
 def parse_box(reply: str) -> list[float] | None:
-    """The reply's first ``[x1, y1, x2, y2]`` with coordinates in [0, 1], x1 < x2 and y1 < y2; else None."""
-    m = _BOX.search(reply)
+    """The reply's first ``[x1, y1, x2, y2]`` with coordinates in [0, 1], x1 < x2 and y1 < y2; else None.
+    Numbers spelt with spaces around the point (``0 . 44``: a word-level tokenizer's decoding) are read too."""
+    m = _BOX.search(_SPACED_DECIMAL.sub(r"\1.\2", reply))
     if m is None:
         return None
     try:

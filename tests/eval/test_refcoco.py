@@ -19,6 +19,7 @@ from emma_mamba.eval.scorers import score
 def test_boxes_frames_and_iou_by_hand():
     assert parse_box("[0.1, 0.2, 0.5, 0.6]") == [0.1, 0.2, 0.5, 0.6]
     assert parse_box("The box is [0, 0.25,1.0 , 0.75].") == [0.0, 0.25, 1.0, 0.75]
+    assert parse_box("[ 0 . 44 , 0 . 22 , 0 . 68 , 0 . 40 ]") == [0.44, 0.22, 0.68, 0.40]  # a word tokenizer's
     assert parse_box("[0.5, 0.2, 0.1, 0.6]") is None  # x1 > x2
     assert parse_box("[0.1, 0.2, 1.5, 0.6]") is None and parse_box("[1, 2, 3]") is None and parse_box("no") is None
     # a 200 x 100 image, the box x 50..150, y 25..75 (pixels [x, y, w, h] = [50, 25, 100, 50])
