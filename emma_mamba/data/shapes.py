@@ -849,7 +849,7 @@ def closed_set_questions(scene: Scene, cfg: ShapesConfig) -> tuple[list[dict], l
 
 
 GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes:"
-"""LLaVA-1.5's (the same string as emma_mamba.eval.refcoco.GROUNDING_PROMPT)."""
+"""LLaVA-1.5's grounding instruction (from its training mixture); :mod:`emma_mamba.eval.refcoco` prompts with it."""
 
 
 def format_box(box: tuple[int, int, int, int], image_size: int) -> str:

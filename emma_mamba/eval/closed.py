@@ -260,23 +260,28 @@ def average_precision(labels: list[bool], scores: list[float]) -> float | None:
 
 # ------------------------------------------------------------------------------------------- scoring
 
-def _answers(answers, gold_ids, annotations, allow_missing, options, what):
-    """question id -> (text, probabilities or None), every answer for a known question, probabilities checked."""
-    rows, probs = [], {}
-    for loc, rec in load_records(answers, f"{what} answers"):
-        qid = require(rec, ("question_id",), answers, loc, f"{what} answer")
-        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, f"{what} answer")))
-        p = rec.get("probabilities")
-        if p is not None:
+def _read_answers(answers, what: str, key=lambda q: q) -> list[tuple[str, object, str, object]]:
+    """(location, ``key(question id)``, text, probabilities or None) of every record of an answers file."""
+    return [(loc, key(require(rec, ("question_id",), answers, loc, f"{what} answer")),
+             require(rec, ("text", "answer", "prediction"), answers, loc, f"{what} answer"), rec.get("probabilities"))
+            for loc, rec in load_records(answers, f"{what} answers")]
+
+
+def _answers(rows, gold_ids, answers, annotations, allow_missing, options_of) -> dict:
+    """question id -> (text, probabilities or None): every answer of ``rows`` (:func:`_read_answers`) for a known
+    question, its probabilities one finite number per option (``options_of(question id)``)."""
+    for loc, qid, _, p in rows:
+        if p is not None and qid in gold_ids:
+            options = options_of(qid)
             if (not isinstance(p, list) or len(p) != len(options) or
                     not all(isinstance(x, (int, float)) and math.isfinite(x) for x in p)):
                 raise ScoreInputError(f"{answers}: {loc}: probabilities must be a list of {len(options)} numbers "
                                       f"(one per option {list(options)}), got {p!r}")
-            probs[qid] = p
-    got = match_answers(rows, gold_ids, answers, annotations, allow_missing)
+    got = match_answers([(loc, q, t) for loc, q, t, _ in rows], list(gold_ids), answers, annotations, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")
-    return {q: (t, probs.get(q)) for q, t in got.items()}
+    probs = {q: p for _, q, _, p in rows}
+    return {q: (t, probs[q]) for q, t in got.items()}
 
 
 def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
@@ -287,7 +292,7 @@ def score_vsr(answers: str | Path, annotations: str | Path, allow_missing: bool 
         if "label" not in rec:
             raise ScoreInputError(f"{annotations}: {loc}: no 'label' to score against")
         gold[i] = rec
-    got = _answers(answers, list(gold), annotations, allow_missing, VSR_OPTIONS, "VSR")
+    got = _answers(_read_answers(answers, "VSR"), gold, answers, annotations, allow_missing, lambda q: VSR_OPTIONS)
     ok, by_rel, unparsed, labels, p_true = [], defaultdict(list), 0, [], []
     for qid, (text, probs) in got.items():
         rec = gold[qid]
@@ -312,30 +317,18 @@ def score_ai2d(answers: str | Path, annotations: str | Path, allow_missing: bool
     questions' (test or train by the test-ids file; answers of both: all). With probabilities for every answer
     over as many options, also the one-against-one ROC AUC (:func:`auc_roc_ovo`), as Prismatic reports."""
     every = {r["question_id"]: r for _, r in ai2d_records(annotations, "all")}
-    rows = []
-    probs = {}
-    for loc, rec in load_records(answers, "AI2D answers"):
-        qid = str(require(rec, ("question_id",), answers, loc, "AI2D answer"))
-        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, "AI2D answer")))
-        if rec.get("probabilities") is not None:
-            probs[qid] = rec["probabilities"]
-    splits = {every[q]["split"] for _, q, _ in rows if q in every}
+    rows = _read_answers(answers, "AI2D", key=str)
+    splits = {every[q]["split"] for _, q, _, _ in rows if q in every}
     split = splits.pop() if len(splits) == 1 else None  # answers of both splits: scored as split all
     gold = {q: r for q, r in every.items() if split is None or r["split"] == split}
     if any(r["answer"] is None for r in gold.values()):
         raise ScoreInputError(f"{annotations}: some questions have no correctAnswer to score against")
-    got = match_answers(rows, list(gold), answers, annotations, allow_missing)
-    if not got:
-        raise ScoreInputError(f"{answers}: no answers to score")
+    letters_of = lambda q: tuple(chr(ord("A") + i) for i in range(len(gold[q]["choices"])))  # noqa: E731
+    got = _answers(rows, gold, answers, annotations, allow_missing, letters_of)
     ok, by_kind, unparsed, ranked = [], defaultdict(list), 0, []
-    for qid, text in got.items():
+    for qid, (text, p) in got.items():
         rec = gold[qid]
-        letters = tuple(chr(ord("A") + i) for i in range(len(rec["choices"])))
-        p = probs.get(qid)
-        if p is not None and (not isinstance(p, list) or len(p) != len(letters) or
-                              not all(isinstance(x, (int, float)) and math.isfinite(x) for x in p)):
-            raise ScoreInputError(f"{answers}: question {qid!r}: probabilities must be a list of {len(letters)} "
-                                  f"numbers (one per option), got {p!r}")
+        letters = letters_of(qid)
         k = pick_option(text, letters, p)
         if k is None and p is None:  # the answer text itself
             k = next((i for i, c in enumerate(rec["choices"]) if c.strip().lower() == text.strip().lower()), None)
@@ -361,7 +354,8 @@ def score_tallyqa(answers: str | Path, annotations: str | Path, allow_missing: b
         if "answer" not in rec:
             raise ScoreInputError(f"{annotations}: {loc}: no 'answer' to score against")
         gold[rec["question_id"]] = rec
-    got = _answers(answers, list(gold), annotations, allow_missing, TALLY_OPTIONS, "TallyQA")
+    got = _answers(_read_answers(answers, "TallyQA"), gold, answers, annotations, allow_missing,
+                   lambda q: TALLY_OPTIONS)
     by_split, unparsed, ranked = defaultdict(list), 0, defaultdict(list)
     for qid, (text, probs) in got.items():
         rec = gold[qid]

@@ -30,12 +30,12 @@ import pickle
 import re
 from pathlib import Path
 
+from emma_mamba.data.shapes import GROUNDING_PROMPT  # LLaVA-1.5's, as ShapesWorld's grounding turns write it
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
 
 __all__ = ["GROUNDING_PROMPT", "FRAMES", "refcoco_records", "refcoco_prompt", "parse_box", "to_frame", "iou",
            "score_refcoco"]
 
-GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes:"
 FRAMES = ("image", "square")
 _BOX = re.compile(r"\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*\]")
 

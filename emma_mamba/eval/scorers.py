@@ -65,6 +65,11 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
+def _pct(x: float | None) -> str:
+    """A fraction as a percentage with two decimals, or n/a."""
+    return "n/a" if x is None else f"{100 * x:.2f}"
+
+
 def summary(task: str, m: dict) -> str:
     """A short human-readable table of the metrics ``score`` returned."""
     lines = []
@@ -94,17 +99,15 @@ def summary(task: str, m: dict) -> str:
             for k, v in m[group].items():
                 lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "vsr":
-        auc = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        lines.append(f"VSR  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  ROC AUC {auc(m['auc_roc'])}  PR AUC "
-                     f"{auc(m['auc_pr'])}  (always true: {100 * m['always_true_accuracy']:.2f})  unparsed replies "
+        lines.append(f"VSR  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  ROC AUC {_pct(m['auc_roc'])}  PR AUC "
+                     f"{_pct(m['auc_pr'])}  (always true: {100 * m['always_true_accuracy']:.2f})  unparsed replies "
                      f"{m['n_unparsed_replies']}")
         for k, v in m["per_relation"].items():
             lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "tallyqa":
-        pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
-        lines.append(f"TallyQA  n={m['n']}  accuracy {pct(m['accuracy'])}  simple {pct(m['accuracy_simple'])} "
-                     f"(n={m['n_simple']})  complex {pct(m['accuracy_complex'])} (n={m['n_complex']})  ROC AUC (ovo) "
-                     f"{pct(m['auc_roc_ovo'])}  unparsed replies {m['n_unparsed_replies']}")
+        lines.append(f"TallyQA  n={m['n']}  accuracy {_pct(m['accuracy'])}  simple {_pct(m['accuracy_simple'])} "
+                     f"(n={m['n_simple']})  complex {_pct(m['accuracy_complex'])} (n={m['n_complex']})  ROC AUC "
+                     f"(ovo) {_pct(m['auc_roc_ovo'])}  unparsed replies {m['n_unparsed_replies']}")
     elif task == "refcoco":
         lines.append(f"RefCOCO ({m['split']})  n={m['n']}  Acc@0.5 {100 * m['accuracy']:.2f}  mean IoU "
                      f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}")

@@ -404,7 +404,7 @@ class ChatService:
             text = self._token_text(i)
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
-        picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])
+        picked = _scored_tokens(seq)
         return {"content": [{**entry(t, e[0]), "top_logprobs": [entry(i, v) for i, v in e[1]]}
                             for t, e in zip(picked, stats["logprobs"] or [])]}
 
@@ -549,7 +549,7 @@ class ChatService:
                   "finish_reason": "length" if seq.reason == "length" else "stop",
                   "logprobs": None, "_completion_tokens": len(seq.tokens)}
         if top is not None:
-            picked = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # an EOS is scored too
+            picked = _scored_tokens(seq)
             entries = list(zip(picked, stats["logprobs"] or []))
             if echo:
                 entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or [])) + entries
@@ -588,6 +588,12 @@ class ChatService:
         if any(not 0 <= t < len(self.tokenizer) for t in ids):
             raise RequestError("tokens: an id is outside the tokenizer's vocabulary", "tokens")
         return {"prompt": self.tokenizer.decode(ids)}
+
+
+def _scored_tokens(seq) -> list[int]:
+    """The tokens an answer's log-probabilities are recorded for: the generated ones and a picked end of sequence
+    (scored too, though not part of the text)."""
+    return seq.tokens + ([seq.final] if seq.reason == "eos" else [])
 
 
 def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
