@@ -67,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
-    png = plot_maps(image, maps, args.out, title=args.prompt, extra=extra)
+    try:
+        png = plot_maps(image, maps, args.out, title=args.prompt, extra=extra)
+    except ImportError as e:
+        print(f"emma-mamba visualize: {e}", file=sys.stderr)
+        return 2
     js = write_maps(maps, Path(args.out).with_suffix(".json"), checkpoint=str(args.checkpoint),
                     image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
     for layer, m in maps.items():

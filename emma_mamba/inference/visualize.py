@@ -93,8 +93,10 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
               extra: dict[str, torch.Tensor] | None = None) -> Path:
     """The image, any ``extra`` (H, W, 3) pictures by name, and one heat map per layer (each scaled to its own
     range), side by side, as a PNG."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("drawing the maps needs matplotlib (pip install emma-mamba[plot])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
