@@ -154,16 +154,21 @@ def _merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) ->
 def export_state(model: nn.Module, sd: dict) -> tuple[dict, dict]:
     """Split a full state dict of ``model`` into (plain state dict with every adapter merged into its weight,
     {name.lora_A / name.lora_B: adapter}). Tensors shared by several names (the tied LM head) keep one name."""
-    mods = lora_modules(model)
+    return merge_adapters(sd, {name: m.scaling for name, m in lora_modules(model).items()})
+
+
+def merge_adapters(sd: dict, scaling: dict[str, float]) -> tuple[dict, dict]:
+    """:func:`export_state` from the state dict alone: ``scaling`` maps each adapted module's name to its
+    alpha / r (a sharded checkpoint, read without building the model)."""
     out, adapters = {}, {}
     for k, v in sd.items():
         prefix, _, leaf = k.rpartition(".")
-        if prefix in mods and leaf in ("lora_A", "lora_B"):
+        if prefix in scaling and leaf in ("lora_A", "lora_B"):
             adapters[k] = v.detach().contiguous()
         else:
             out[k] = v
-    for name, m in mods.items():
-        out[f"{name}.weight"] = _merge(sd[f"{name}.weight"], sd[f"{name}.lora_A"], sd[f"{name}.lora_B"], m.scaling)
+    for name, s in scaling.items():
+        out[f"{name}.weight"] = _merge(sd[f"{name}.weight"], sd[f"{name}.lora_A"], sd[f"{name}.lora_B"], s)
     seen, plain = {}, {}
     for k, v in out.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.device.type != "meta" else k

@@ -569,10 +569,15 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
-    for name in (CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"):
+    from emma_mamba.training.checkpoint import SHARDED_DIR, is_sharded
+
+    sharded = not (d / WEIGHTS_NAME).is_file() and is_sharded(d)
+    for name in (CONFIG_NAME, "tokenizer.json") + (() if sharded else (WEIGHTS_NAME,)):
         if not (d / name).is_file():
             raise FileNotFoundError(f"checkpoint directory {d} has no {name} (expected {CONFIG_NAME}, "
-                                    f"{WEIGHTS_NAME}, tokenizer.json written by EmmaMamba.save)")
+                                    f"{WEIGHTS_NAME} (or a sharded training checkpoint's {SHARDED_DIR}/), "
+                                    f"tokenizer.json written by EmmaMamba.save)")
+    weights = d / (SHARDED_DIR if sharded else WEIGHTS_NAME)
     cfg = load_config(d / CONFIG_NAME)
     cfg.lm.tokenizer = str(d)
     # Every weight comes from the file: skip the configured pretrained files, and build the LM and the
@@ -582,13 +587,19 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
                       _lm_device="meta")
     target = torch.device(device) if device is not None else torch.device("cpu")
     expected = model.state_dict()
-    sd = {}
-    with safe_open(str(d / WEIGHTS_NAME), framework="pt", device="cpu") as f:
-        keys = list(f.keys())
-        for k in keys:
-            if k.startswith("align_head.") and model.align_head is None:
-                continue  # inference load: the head's weights are not even read
-            sd[k] = f.get_tensor(k)
+
+    def skip(k: str) -> bool:  # inference load: the head's weights are not even read
+        return k.startswith("align_head.") and model.align_head is None
+
+    if sharded:
+        sd = _read_sharded(d, skip)
+    else:
+        sd = {}
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            for k in f.keys():
+                if not skip(k):
+                    sd[k] = f.get_tensor(k)
+    sd = _drop_tied_aliases(model, sd)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     # tied LM head: safetensors stores one copy of a shared tensor
@@ -597,12 +608,12 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
         if missing and all(k.startswith("align_head.") for k in missing) and not unexpected:
             log.warning("%s holds no alignment-head weights; the head starts from its initialisation", d)
         else:
-            raise ConfigError(f"{d / WEIGHTS_NAME} does not match {d / CONFIG_NAME}: missing "
+            raise ConfigError(f"{weights} does not match {d / CONFIG_NAME}: missing "
                               f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
                               f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise ConfigError(f"{d / WEIGHTS_NAME}: {k} has shape {tuple(v.shape)}, the config builds "
+            raise ConfigError(f"{weights}: {k} has shape {tuple(v.shape)}, the config builds "
                               f"{tuple(expected[k].shape)}")
     # Read on the CPU, then one fresh allocation per tensor on the target device (no views into a shared
     # buffer; the file is never mapped onto the GPU as a whole).
@@ -610,10 +621,42 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     model.load_state_dict(sd, strict=False, assign=True)  # assign: the meta-built LM takes the file's tensors
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
-        raise ConfigError(f"{d / WEIGHTS_NAME} left {len(still_meta)} tensors unset: {still_meta[:8]}")
+        raise ConfigError(f"{weights} left {len(still_meta)} tensors unset: {still_meta[:8]}")
     model.set_stage("finetune") if for_training else model.requires_grad_(False)
     model.eval()
     return model
+
+
+def _read_sharded(d: Path, skip) -> dict:
+    """The model state of a sharded training checkpoint (checkpoint.format: sharded), a LoRA run's adapters
+    merged into their weights as a full checkpoint holds them."""
+    from emma_mamba.models.lora import merge_adapters
+    from emma_mamba.training.checkpoint import STATE_NAME, read_sharded_model
+
+    sd = read_sharded_model(d, skip)
+    adapted = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith((".lora_A", ".lora_B"))})
+    if adapted:
+        lora = (torch.load(d / STATE_NAME, map_location="cpu", weights_only=True).get("lora")
+                if (d / STATE_NAME).is_file() else None)
+        if not lora:
+            raise ConfigError(f"{d}: its sharded state has LoRA adapters but {STATE_NAME} does not say their "
+                              f"r and alpha (an incomplete checkpoint)")
+        sd, _ = merge_adapters(sd, {name: float(lora["alpha"]) / int(lora["r"]) for name in adapted})
+    return sd
+
+
+def _drop_tied_aliases(model: nn.Module, sd: dict) -> dict:
+    """One name per tied parameter (the LM head tied to the embedding): a file holding both names would untie
+    them under assign-loading."""
+    first: dict[int, str] = {}
+    drop = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in sd:
+            if id(p) in first:
+                drop.add(name)
+            else:
+                first[id(p)] = name
+    return {k: v for k, v in sd.items() if k not in drop}
 
 
 def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:

@@ -11,6 +11,14 @@ Layout of ``output_dir``::
         rng_rank{r}.pt      python / numpy / torch (CPU and CUDA) RNG states of rank r
     config.yaml model.safetensors tokenizer.json train_config.yaml   the final model (written at the end)
 
+With ``checkpoint.format: sharded`` a step checkpoint holds, instead of model.safetensors and the optimizer
+state in trainer_state.pt, a torch.distributed.checkpoint (DCP) directory ``state/`` of ``{"model", "optimizer"}``
+(parameter-name keys; under FSDP each rank writes its own shards, nothing is gathered). DCP reshards on load, so
+such a checkpoint resumes on any number of processes under any strategy as well, and ``emma_mamba.load`` reads
+it (adapters of a LoRA run merged) for init_from, eval and chat. config.yaml, tokenizer.json,
+train_config.yaml, trainer_state.pt (scheduler, data position, counters) and the RNG files are as in the full
+layout.
+
 A checkpoint is written into ``step_N.tmp`` and renamed when complete, so an interrupted write is never picked
 up by ``--resume auto`` (which takes the highest complete step). Everything is read back with
 ``torch.load(weights_only=True)`` / safetensors: loading runs no code from the files.
@@ -40,12 +48,13 @@ from torch import nn
 from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
-           "rng_state", "set_rng_state", "CHECKPOINT_DIR"]
+           "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR", "is_sharded", "read_sharded_model"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.pt"
+SHARDED_DIR = "state"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -115,8 +124,11 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
 
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
-                    run_cfg, info: DistInfo, keep_last: int = 0) -> Path:
-    """Write checkpoint ``step`` (collective: every rank calls it). Returns the final directory."""
+                    run_cfg, info: DistInfo, keep_last: int = 0, fmt: str = "full") -> Path:
+    """Write checkpoint ``step`` (collective: every rank calls it) in layout ``fmt`` (full or sharded: see the
+    module docstring). Returns the final directory."""
+    if fmt not in ("full", "sharded"):
+        raise ValueError(f"checkpoint format must be full or sharded, got {fmt!r}")
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -125,14 +137,23 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    save_model_dir(model, tmp, info, run_cfg)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    if fmt == "sharded":
+        _save_sharded(tmp, model, optimizer, info)
+        if info.is_main:
+            _save_description(model, tmp, run_cfg)
+            from emma_mamba.models.lora import has_lora, lora_metadata
 
-    # keyed by parameter name whatever the strategy (see the module docstring); gathered to rank 0 under FSDP
-    optim_sd = get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if info.is_main:
-        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
+            extra = {"format": "sharded", "lora": lora_metadata(model) if has_lora(model) else None}
+            torch.save({"scheduler": scheduler.state_dict(), **extra, **state}, tmp / STATE_NAME)
+    else:
+        save_model_dir(model, tmp, info, run_cfg)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        # keyed by parameter name whatever the strategy (see the module docstring); gathered to rank 0 under FSDP
+        optim_sd = get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if info.is_main:
+            torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
     torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
     barrier()
     if info.is_main:
@@ -148,11 +169,77 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: DistInfo) -> dict:
-    """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the saved state dict
-    (data position, counters) without the optimizer/scheduler entries."""
-    from safetensors.torch import load_file
+def _save_description(model: nn.Module, path: Path, run_cfg) -> None:
+    """config.yaml, tokenizer.json and train_config.yaml: what makes a sharded checkpoint describe itself."""
+    from emma_mamba.config import save_config
+    from emma_mamba.training.config import save_run_config
 
+    save_config(model.config, path / "config.yaml")
+    model.tokenizer.save(path)
+    if run_cfg is not None:
+        save_run_config(run_cfg, path / "train_config.yaml")
+
+
+def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
+    """dcp.save / dcp.load of ``state`` at ``path``; ``no_dist``: this process alone (DCP's warning that it
+    assumes so is expected here, and silenced)."""
+    import inspect
+    import warnings
+
+    kw = {"no_dist": True} if no_dist and "no_dist" in inspect.signature(fn).parameters else {}
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        fn(state, checkpoint_id=str(path), **kw)
+
+
+def _save_sharded(path: Path, model: nn.Module, optimizer, info: DistInfo) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)  # DTensor shards under FSDP, plain tensors otherwise
+    # every rank writes its shards (a tensor every rank holds whole, once); rank 0 the metadata
+    _dcp(dcp.save, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` holds a sharded (DCP) model state (``checkpoint.format: sharded``)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def _sharded_model_meta(path: Path) -> dict:
+    """{parameter name: (shape, dtype)} of the model state in a sharded checkpoint's metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it
+        raise RuntimeError(f"{path / SHARDED_DIR}: cannot read the sharded checkpoint's metadata ({e})") from e
+    return {k[len("model."):]: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
+            if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+
+
+def read_sharded_model(path: str | Path, skip=lambda key: False) -> dict:
+    """The whole model state of a sharded checkpoint as plain CPU tensors, read in this process alone (no
+    process group needed, whatever number of ranks wrote it). ``skip(name)``: names not to read."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not is_sharded(path):
+        raise FileNotFoundError(f"{path} has no {SHARDED_DIR}/.metadata: not a sharded checkpoint (or an incomplete one)")
+    sd = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in _sharded_model_meta(path).items() if not skip(k)}
+    try:
+        _dcp(dcp.load, {"model": sd}, path / SHARDED_DIR, True)
+    except Exception as e:  # noqa: BLE001 - a missing or truncated shard file: say which checkpoint
+        raise RuntimeError(f"{path / SHARDED_DIR}: reading the model state failed ({type(e).__name__}: {e}); "
+                           f"the checkpoint is incomplete or corrupt") from e
+    return sd
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: DistInfo) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``path`` (either layout); returns the saved
+    state dict (data position, counters) without the optimizer/scheduler/layout entries."""
     path = Path(path)
     state_file = path / STATE_NAME
     if not state_file.is_file():
@@ -162,12 +249,30 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
     rng_rank0 = path / "rng_rank0.pt"
     if not rng_rank0.is_file():
         raise FileNotFoundError(f"{path} has no {rng_rank0.name}: not a complete training checkpoint")
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state.get("format") == "sharded":
+        _load_sharded(path, model, optimizer, state, info)
+    else:
+        _load_full(path, model, optimizer, state, info)
+    scheduler.load_state_dict(state["scheduler"])
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    else:  # more processes than the writing run: rank 0's state, then a seed of this rank's own
+        set_rng_state(torch.load(rng_rank0, map_location="cpu", weights_only=True))
+        seed = (int(torch.randint(0, 2**31 - 1, (1,))) + 7919 * info.rank) % (2**31 - 1)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "format", "lora")}
+
+
+def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistInfo) -> None:
+    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     from emma_mamba.models.lora import LORA_FILE, has_lora, resume_state
 
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
     osd = state["optimizer"]
     by_name = all(isinstance(i, str) for g in osd.get("param_groups", []) for i in g["params"])
     lora = has_lora(model)
@@ -203,16 +308,35 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
             set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(osd)
-    scheduler.load_state_dict(state["scheduler"])
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    else:  # more processes than the writing run: rank 0's state, then a seed of this rank's own
-        set_rng_state(torch.load(rng_rank0, map_location="cpu", weights_only=True))
-        seed = (int(torch.randint(0, 2**31 - 1, (1,))) + 7919 * info.rank) % (2**31 - 1)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: DistInfo) -> None:
+    """Every rank reads the parts of its own shards (DCP reshards: any number of writing processes)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from emma_mamba.models.lora import has_lora
+
+    if not is_sharded(path):
+        raise FileNotFoundError(f"{path} has no {SHARDED_DIR}/.metadata: an incomplete sharded checkpoint")
+    lora = has_lora(model)
+    if lora != bool(state.get("lora")):
+        raise RuntimeError(f"{path} was written by a run {'with' if state.get('lora') else 'without'} train.lora, "
+                           f"this run has {'it' if lora else 'none'}: resume it with the same train.lora"
+                           + ("" if lora else ", or start a new run from it with init_from"))
+    msd, osd = get_state_dict(model, optimizer)
+    saved = _sharded_model_meta(path)
+    own = {k: tuple(v.shape) for k, v in msd.items()}
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run: missing {missing[:6]}, "
+                           f"unexpected {unexpected[:6]}")
+    bad = [f"{k} {saved[k][0]} vs {own[k]}" for k in own if saved[k][0] != own[k]]
+    if bad:
+        raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run (saved vs this run's "
+                           f"shapes): {'; '.join(bad[:4])}")
+    _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
 def _complete_steps(root: Path) -> list[tuple[int, Path]]:

@@ -11,7 +11,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     train: {lr: ..., epochs: ..., global_batch_size: ..., micro_batch_size: ..., ...}
     val:   {json: ..., every_steps: ..., max_samples: ...}   # optional validation loss on held-out data
     parallel: {strategy: auto | none | ddp | fsdp, ...}
-    checkpoint: {every_steps: ..., keep_last: ...}
+    checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded}
     log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
 
 Command-line overrides use the same dotted paths (``--train.lr 2e-5``, ``--data.packing true``,
@@ -193,6 +193,11 @@ class CheckpointConfig:
     """Write a checkpoint every N optimizer steps (0 = only the final model)."""
     keep_last: int = 0
     """Keep only the newest N step checkpoints (0 = keep all)."""
+    format: Literal["full", "sharded"] = "full"
+    """Step checkpoints' layout. full: one model.safetensors + the optimizer state in trainer_state.pt, gathered
+    to rank 0 under FSDP. sharded: torch.distributed.checkpoint (DCP) files in state/, every rank writing its own
+    shards (nothing gathered: for FSDP runs of large models). Both resume on any number of processes under any
+    strategy, and emma_mamba.load / init_from / eval read both; the final model is always written full."""
 
 
 @dataclass

@@ -451,7 +451,8 @@ class Trainer:
                  "fingerprint": self.dataset.fingerprint(), "world_size": self.info.world_size,
                  "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
         return save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
-                               self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last)
+                               self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
+                               fmt=self.cfg.checkpoint.format)
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)

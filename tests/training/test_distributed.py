@@ -95,16 +95,18 @@ def test_torchrun_ddp_two_processes_match_one_process(shapes, tmp_path):
 
 def test_resume_with_another_number_of_processes(shapes, tmp_path):
     """A job moved to another allocation: a 1-process run's checkpoint resumed by 2 DDP processes, and that run's
-    checkpoint resumed by 1 process, continue the uninterrupted 1-process run (same data order and objective;
-    the gradients are summed in another order, hence the tolerance of this file)."""
+    checkpoint (written sharded: checkpoint.format) resumed by 1 process, continue the uninterrupted 1-process run
+    (same data order and objective; the gradients are summed in another order, hence the tolerance of this
+    file)."""
     y, ref = setup_run(shapes, tmp_path, checkpoint={"every_steps": 1})
     one = tmp_path / "ref" / "checkpoints" / "step_00000001"
     assert not (one / "rng_rank1.pt").exists()  # rank 1 takes rank 0's RNG state, re-seeded
-    r = torchrun(["finetune", "--config", str(y), "--output_dir", str(tmp_path / "grown"), "--resume", str(one)])
+    r = torchrun(["finetune", "--config", str(y), "--output_dir", str(tmp_path / "grown"), "--resume", str(one),
+                  "--checkpoint.format", "sharded"])
     assert "written by 1 process(es), with 2" in r.stderr
     compare(metrics(tmp_path / "grown"), ref[1:])
     two = tmp_path / "grown" / "checkpoints" / "step_00000002"
-    assert (two / "rng_rank1.pt").exists()
+    assert (two / "rng_rank1.pt").exists() and (two / "state" / ".metadata").is_file()
     cfg = run_config_from_dict(yaml.safe_load(y.read_text()), source="test",
                                overrides={"output_dir": str(tmp_path / "shrunk")})
     rest = Trainer(cfg, resume=str(two)).fit()
@@ -112,15 +114,22 @@ def test_resume_with_another_number_of_processes(shapes, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path):
-    y, ref = setup_run(shapes, tmp_path, data={"packing": True}, val=_val_section(shapes, tmp_path))
+@pytest.mark.parametrize("fmt", ["full", "sharded"])
+def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path, fmt):
+    """checkpoint.format sharded: each rank writes its shards (nothing gathered); it resumes and loads as the
+    gathered full layout does."""
+    y, ref = setup_run(shapes, tmp_path, data={"packing": True}, val=_val_section(shapes, tmp_path),
+                       checkpoint={"format": fmt})
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
     compare(metrics(tmp_path / "ddp"), ref)
     compare_val(tmp_path / "ddp", tmp_path)  # validation under FSDP (packed rows)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
-    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "config.yaml", "trainer_state.pt",
-                                                 "rng_rank0.pt", "rng_rank1.pt", "train_config.yaml"}
-    emma_mamba.load(ckpt)  # the gathered full state loads in one process
+    weights = {"model.safetensors"} if fmt == "full" else {"state"}
+    assert {p.name for p in ckpt.iterdir()} >= {"config.yaml", "trainer_state.pt", "rng_rank0.pt", "rng_rank1.pt",
+                                                 "train_config.yaml", *weights}
+    if fmt == "sharded":  # one shard file per rank
+        assert sorted(p.name for p in (ckpt / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    emma_mamba.load(ckpt)  # the whole state loads in one process
     resume_fsdp_checkpoint(y, ckpt, tmp_path, ref)
 
 
@@ -161,16 +170,18 @@ def test_torchrun_ddp_with_lora_matches_one_process(shapes, tmp_path):
 
 
 @pytest.mark.slow  # as the other FSDP runs (their length)
-@pytest.mark.parametrize("base_dtype", ["fp32", "bf16"])
-def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtype):
+@pytest.mark.parametrize("base_dtype,fmt", [("fp32", "full"), ("bf16", "full"), ("bf16", "sharded")])
+def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtype, fmt):
     """train.lora under FSDP2 (frozen and trained parameters in the same shard units; with a bf16 base, of two
-    dtypes): the 1-process losses, a checkpoint gathered and merged on rank 0, and its resume (the frozen
-    weights gathered to be checked against the merged file) under FSDP and in one process."""
-    y, ref = setup_run(shapes, tmp_path, train={"lora": {**LORA["lora"], "base_dtype": base_dtype}})
+    dtypes): the 1-process losses, a checkpoint gathered and merged on rank 0 (or written sharded, adapters
+    apart), and its resume (the frozen weights gathered to be checked against the merged file) under FSDP and in
+    one process."""
+    y, ref = setup_run(shapes, tmp_path, train={"lora": {**LORA["lora"], "base_dtype": base_dtype}},
+                       checkpoint={"format": fmt})
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
     compare(metrics(tmp_path / "ddp"), ref)
     ckpt = tmp_path / "ddp" / "checkpoints" / "step_00000002"
-    assert (ckpt / "lora.safetensors").is_file()
+    assert (ckpt / ("lora.safetensors" if fmt == "full" else "state")).exists()
     emma_mamba.load(ckpt)
     resume_fsdp_checkpoint(y, ckpt, tmp_path, ref)
 

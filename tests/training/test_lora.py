@@ -83,6 +83,28 @@ def test_lora_resume_equals_uninterrupted_run_bitwise(shapes, tmp_path):
         Trainer(_lora_cfg(shapes, tmp_path / "f"), resume=str(plain_ckpt / "checkpoints" / "step_00000001"))
 
 
+def test_lora_sharded_checkpoint_resumes_bitwise_and_loads_merged(shapes, tmp_path):
+    """checkpoint.format sharded with adapters (on a bf16 base): the state holds base weights and adapters apart;
+    emma_mamba.load merges them into the full layout's weights bit for bit; the resume is the uninterrupted
+    run's; a run without the adapters is refused."""
+    train = {"max_steps": 3, "lora": {**LORA["lora"], "base_dtype": "bf16"}}
+    a = Trainer(_lora_cfg(shapes, tmp_path / "a", train=train, checkpoint={"every_steps": 2})).fit()
+    skw = dict(train=train, checkpoint={"every_steps": 2, "format": "sharded"})
+    Trainer(_lora_cfg(shapes, tmp_path / "b", **skw)).fit(stop_after=2)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000002"
+    assert not (ckpt / LORA_FILE).exists()
+    want = emma_mamba.load(tmp_path / "a" / "checkpoints" / "step_00000002").state_dict()
+    got = emma_mamba.load(ckpt).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    rest = Trainer(_lora_cfg(shapes, tmp_path / "b", **skw), resume="auto").fit()
+    for key in ("loss", "grad_norm", "lr"):
+        assert [m[key] for m in rest] == [m[key] for m in a[2:]], key
+    wa, wb = (load_file(str(tmp_path / d / LORA_FILE)) for d in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(RuntimeError, match="written by a run with train.lora"):
+        Trainer(make_cfg(shapes, tmp_path / "d", train={"max_steps": 3}), resume=str(ckpt))
+
+
 def test_lora_from_init_from_keeps_the_stage1_lm(shapes, tmp_path):
     """Stage 2 with LoRA from a stage-1 model: the LM under the adapters is the stage-1 model's."""
     Trainer(make_cfg(shapes, tmp_path / "s1", stage="pretrain", train={"max_steps": 1})).fit()

@@ -401,3 +401,37 @@ def test_wandb_logs_what_metrics_jsonl_holds_and_a_resume_continues_the_run(shap
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: an error before the model is built
     with pytest.raises(ConfigError, match="log.wandb is set but the wandb package is not installed"):
         Trainer(make_cfg(shapes, tmp_path / "other", **kw))
+
+
+def test_sharded_checkpoint_resumes_bitwise_and_loads_as_the_full_one(shapes, tmp_path):
+    """checkpoint.format sharded (DCP files in state/): the resumed run equals the uninterrupted full-format run
+    bit for bit, the checkpoint loads for inference with the full checkpoint's weights, and it is refused by
+    name for a run whose model differs."""
+    kw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 2})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    skw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 2, "format": "sharded"})
+    Trainer(make_cfg(shapes, tmp_path / "b", **skw)).fit(stop_after=2)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_00000002"
+    names = {p.name for p in ckpt.iterdir()}
+    assert "model.safetensors" not in names and (ckpt / "state" / ".metadata").is_file()
+    assert {"config.yaml", "tokenizer.json", "train_config.yaml", "trainer_state.pt", "rng_rank0.pt"} <= names
+    assert "optimizer" not in torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    full = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    for for_training in (False, True):  # inference skips the alignment head; training reads it
+        got = emma_mamba.load(ckpt, for_training=for_training).state_dict()
+        assert any(k.startswith("align_head.") for k in got) == for_training
+        for k, v in got.items():
+            assert torch.equal(v, full[k]), k
+    # resumed by a run configured for the full layout: the checkpoint's own layout is read
+    rest = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto").fit()
+    for key in ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "tokens"):
+        assert [m[key] for m in rest] == [m[key] for m in a[2:]], key
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # init_from a sharded step checkpoint
+    t = Trainer(make_cfg(shapes, tmp_path / "c", init_from=str(ckpt), model=None, train={"max_steps": 1}))
+    assert all(torch.equal(v, full[k]) for k, v in t.model.state_dict().items() if k in full)
+    # a model that is not the checkpoint's: refused, naming what differs
+    with pytest.raises(RuntimeError, match="does not match the model of this run"):
+        Trainer(make_cfg(shapes, tmp_path / "d", model={"preset": "tiny", "lm": {"d_model": 48}}, **skw),
+                resume=str(ckpt))
