@@ -182,15 +182,93 @@ def _save_description(model: nn.Module, path: Path, run_cfg) -> None:
 
 def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
     """dcp.save / dcp.load of ``state`` at ``path``; ``no_dist``: this process alone (DCP's warning that it
-    assumes so is expected here, and silenced)."""
+    assumes so is expected here, and silenced). A load reads only plain data (see :func:`_check_metadata`)."""
     import inspect
     import warnings
 
+    import torch.distributed.checkpoint as dcp
+
     kw = {"no_dist": True} if no_dist and "no_dist" in inspect.signature(fn).parameters else {}
+    planner = None
+    if fn is dcp.load:
+        _check_metadata(path)
+        kw["planner"] = planner = _plain_data_load_planner()
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        fn(state, checkpoint_id=str(path), **kw)
+        try:
+            fn(state, checkpoint_id=str(path), **kw)
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP wraps every rank's error
+            if planner is None:
+                raise
+            if planner.refused:
+                raise RuntimeError(planner.refused) from None
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise RuntimeError(f"{type(e).__name__}: {first}") from e
+
+
+# DCP unpickles its .metadata with pickle.load and its non-tensor entries with torch.load(weights_only=False): a
+# file from elsewhere could run code when read. Loading never runs code from a file (DESIGN.md), so the metadata is
+# first unpickled with only the classes DCP writes there allowed, and every non-tensor entry with weights_only.
+_METADATA_GLOBALS = {  # and every class of torch.distributed.checkpoint.metadata (dataclasses and enums)
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+def _check_metadata(state_dir: Path) -> None:
+    """Unpickle ``state_dir/.metadata`` allowing only what DCP writes there (its metadata classes, torch.Size,
+    dtypes, layouts, paths); anything else is refused by name before DCP reads the file itself."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in _METADATA_GLOBALS.get(module, ()) or (
+                    module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype))):
+                return super().find_class(module, name)
+            if module == "torch.distributed.checkpoint.metadata":
+                import torch.distributed.checkpoint.metadata as md
+
+                if isinstance(getattr(md, name, None), type):
+                    return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+    path = Path(state_dir) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            Restricted(f).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: an incomplete sharded checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - refused globals, truncation, another format: name the file
+        raise RuntimeError(f"{path}: not a sharded checkpoint's metadata that loads as plain data ({e}); "
+                           f"it is refused, as loading never runs code from a file") from e
+
+
+def _plain_data_load_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class PlainDataLoadPlanner(DefaultLoadPlanner):
+        """DCP's planner, reading each non-tensor entry (the optimizer's hyperparameters) only after
+        ``torch.load(weights_only=True)`` has accepted it."""
+
+        refused: str | None = None
+
+        def load_bytes(self, read_item, value):
+            start = value.tell()
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                why = next((line.strip().split(". ")[0] for line in str(e).splitlines()
+                            if "Unsupported global" in line), type(e).__name__)
+                self.refused = (f"the checkpoint entry {read_item.dest_index.fqn} is not plain data ({why}); it is "
+                                f"refused, as loading never runs code from a file")
+                raise RuntimeError(self.refused) from e
+            value.seek(start)
+            super().load_bytes(read_item, value)
+
+    return PlainDataLoadPlanner()
 
 
 def _save_sharded(path: Path, model: nn.Module, optimizer, info: DistInfo) -> None:
@@ -212,6 +290,7 @@ def _sharded_model_meta(path: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    _check_metadata(path / SHARDED_DIR)
     try:
         meta = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it
@@ -335,7 +414,11 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: Di
     if bad:
         raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run (saved vs this run's "
                            f"shapes): {'; '.join(bad[:4])}")
-    _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+    try:
+        _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+    except Exception as e:  # noqa: BLE001 - a missing or truncated shard file: say which checkpoint
+        raise RuntimeError(f"{path / SHARDED_DIR}: reading the checkpoint failed ({type(e).__name__}: {e}); it is "
+                           f"incomplete or corrupt: resume from another step") from e
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 

@@ -435,3 +435,46 @@ def test_sharded_checkpoint_resumes_bitwise_and_loads_as_the_full_one(shapes, tm
     with pytest.raises(RuntimeError, match="does not match the model of this run"):
         Trainer(make_cfg(shapes, tmp_path / "d", model={"preset": "tiny", "lm": {"d_model": 48}}, **skw),
                 resume=str(ckpt))
+
+
+class _Opens:
+    """Unpickling this creates a file: the stand-in for code run by reading a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_sharded_checkpoint_never_runs_code_from_its_files(shapes, tmp_path):
+    """DCP unpickles its metadata and non-tensor entries without restriction; ours first reads them as plain
+    data, so a tampered checkpoint is refused by name and its payload never runs (neither on resume nor on
+    emma_mamba.load)."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from emma_mamba.training.checkpoint import _dcp
+
+    kw = dict(train={"max_steps": 1}, checkpoint={"every_steps": 1, "format": "sharded"})
+    Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000001"
+    marker = tmp_path / "ran"
+    meta = ckpt / "state" / ".metadata"
+    good = meta.read_bytes()
+    meta.write_bytes(pickle.dumps(_Opens(marker)))
+    with pytest.raises(RuntimeError, match=r"\(io.open is not part of a checkpoint.s metadata\)"):
+        emma_mamba.load(ckpt)
+    with pytest.raises(RuntimeError, match="loading never runs code from a file"):
+        Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume=str(ckpt))
+    meta.write_bytes(good)
+    # a non-tensor entry (as the optimizer's hyperparameters are stored) that is not plain data
+    evil = tmp_path / "evil"
+    dcp.save({"lr": _Opens(marker), "w": torch.zeros(2)}, checkpoint_id=str(evil), no_dist=True)
+    with pytest.raises(RuntimeError, match="the checkpoint entry lr is not plain data"):
+        _dcp(dcp.load, {"lr": 0.0, "w": torch.ones(2)}, evil, True)
+    assert not marker.exists()
+    state = {"lr": 0.0, "w": torch.ones(2)}  # what DCP itself would have done
+    dcp.load(state, checkpoint_id=str(evil), no_dist=True)
+    assert marker.exists()
