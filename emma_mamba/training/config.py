@@ -13,6 +13,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     parallel: {strategy: auto | none | ddp | fsdp, ...}
     checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded}
     log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
+    profile: {steps: 0, start_step: 3, ...}   # torch.profiler traces of chosen steps (off by default)
 
 Command-line overrides use the same dotted paths (``--train.lr 2e-5``, ``--data.packing true``,
 ``--model.lm.d_state 16``); values are parsed as YAML scalars/flow lists (plus plain floats such as ``2e-5``,
@@ -38,7 +39,7 @@ from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
-           "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
+           "ProfileConfig", "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
            "parse_cli_value", "dotted_fields"]
 
 
@@ -217,6 +218,24 @@ class LogConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 0
+    """Profile this many optimizer steps with torch.profiler (0 = off): per rank, a Chrome / Perfetto trace
+    (output_dir/profile/rank{r}_steps{a}-{b}.json; open it at ui.perfetto.dev or chrome://tracing) and a table of
+    the ops that took the most time (..._ops.txt). Profiled steps run slower: their metrics say profiled: true."""
+    start_step: int = 3
+    """The first profiled step, as numbered in metrics.jsonl (later than the first steps, whose allocations,
+    compilation and caches are not the steady state)."""
+    record_shapes: bool = False
+    """Record each op's input shapes (the table is then grouped by shape too)."""
+    with_stack: bool = False
+    """Record the Python stack of each op (larger traces)."""
+    memory: bool = False
+    """Also a CUDA memory snapshot of the profiled steps (rank{r}_steps{a}-{b}_memory.pickle, for
+    pytorch.org/memory_viz); CUDA only (warned and skipped on a CPU run)."""
+
+
+@dataclass
 class RunConfig:
     stage: Literal["pretrain", "finetune"] = "pretrain"
     """pretrain: train MFF, projector, instruction fusion; finetune: also the LM and the alignment head
@@ -239,6 +258,8 @@ class RunConfig:
     """Checkpointing."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics and progress."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """torch.profiler traces of chosen training steps (off by default)."""
 
     def validate(self, source: str = "<config>") -> "RunConfig":
         def bad(msg):
@@ -331,6 +352,9 @@ class RunConfig:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.every_steps < 1:
             bad(f"log.every_steps must be >= 1, got {self.log.every_steps}")
+        if self.profile.steps < 0 or self.profile.start_step < 1:
+            bad(f"profile.steps must be >= 0 and profile.start_step >= 1, got {self.profile.steps} and "
+                f"{self.profile.start_step}")
         return self
 
     def grad_accum(self, world_size: int) -> int:

@@ -49,6 +49,7 @@ from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, 
                                             save_model_dir)
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
+from emma_mamba.training.profiling import StepProfiler
 from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, init_distributed, is_fsdp,
                                           no_grad_sync, resolve_strategy, wrap_model)
 
@@ -390,6 +391,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
                        desc=cfg.stage)
         t_start, tok_start = time.perf_counter(), self.counters["tokens"]
+        profiler = StepProfiler(cfg.profile, self.output_dir, info)
         try:
             while self.global_step < self.total_steps:
                 n_steps = self._steps_in_epoch(self.epoch)
@@ -399,12 +401,15 @@ class Trainer:
                 stop = min(n_steps, self.step_in_epoch + self.total_steps - self.global_step)
                 it = iter(self._loader(self.epoch, self.step_in_epoch, stop))
                 while self.step_in_epoch < stop:
+                    profiler.before_step(self.global_step + 1)
                     t0 = time.perf_counter()
                     mbs = [next(it) for _ in range(self.accum)]
                     m = self.train_step(mbs)
                     dt = time.perf_counter() - t0
                     self.global_step += 1
                     self.step_in_epoch += 1
+                    if profiler.after_step(self.global_step):
+                        m["profiled"] = True
                     for k in self.counters:
                         self.counters[k] += m[k]
                     m.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / n_steps,
@@ -429,6 +434,7 @@ class Trainer:
                         return self.history
                 del it
         finally:
+            profiler.close(self.global_step)
             if bar is not None:
                 bar.close()
             if writer is not None:

@@ -83,12 +83,16 @@ def setup_run(shapes, tmp_path, **sections):
 
 
 def test_torchrun_ddp_two_processes_match_one_process(shapes, tmp_path):
-    """Also the validation loss (val.json) equals the 1-process run's."""
+    """Also the validation loss (val.json) equals the 1-process run's, and with step 2 profiled (a trace per
+    rank) the losses are the same."""
     y, ref = setup_run(shapes, tmp_path, val=_val_section(shapes, tmp_path))
     assert sum(m["samples"] for m in ref) == 12  # padding: one record per row, each seen once
-    r = torchrun(["finetune", "--config", str(y)])  # two processes: 2 micro-batches of 1 row each per step
+    # two processes: 2 micro-batches of 1 row each per step
+    r = torchrun(["finetune", "--config", str(y), "--profile.steps", "1", "--profile.start_step", "2"])
     assert "2 procs), ddp" in r.stderr
     compare(metrics(tmp_path / "ddp"), ref)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "profile").glob("*.json")) == ["rank0_steps2-2.json",
+                                                                                      "rank1_steps2-2.json"]
     compare_val(tmp_path / "ddp", tmp_path)
     assert emma_mamba.load(tmp_path / "ddp").config.name == "tiny"
 

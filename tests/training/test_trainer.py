@@ -478,3 +478,26 @@ def test_a_sharded_checkpoint_never_runs_code_from_its_files(shapes, tmp_path):
     state = {"lr": 0.0, "w": torch.ones(2)}  # what DCP itself would have done
     dcp.load(state, checkpoint_id=str(evil), no_dist=True)
     assert marker.exists()
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps_and_changes_no_result(shapes, tmp_path, caplog):
+    """profile.steps 2 from step 2 of 3: one trace and op table per rank for steps 2-3, holding the training step's
+    ops (the mixer's among them) and its data loading; the metrics mark steps 2-3 as profiled and are the unprofiled run's bit for
+    bit."""
+    kw = dict(train={"max_steps": 3})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    b = Trainer(make_cfg(shapes, tmp_path / "b", profile={"steps": 2, "start_step": 2, "memory": True},
+                         **kw)).fit()
+    assert [m.get("profiled", False) for m in b] == [False, True, True]
+    for key in ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "tokens"):
+        assert [m[key] for m in b] == [m[key] for m in a], key
+    prof = tmp_path / "b" / "profile"
+    assert sorted(p.name for p in prof.iterdir()) == ["rank0_steps2-3.json", "rank0_steps2-3_ops.txt"]
+    names = {e.get("name", "") for e in json.loads((prof / "rank0_steps2-3.json").read_text())["traceEvents"]}
+    assert "MambaInnerFn" in names  # the mixer's fused op (its scan kernel inside)
+    assert any(n.startswith("Optimizer.step#AdamW") for n in names)
+    assert any(n.startswith("enumerate(DataLoader)") for n in names)  # the step's data loading is in the window
+    assert "Self CPU" in (prof / "rank0_steps2-3_ops.txt").read_text()
+    assert "memory snapshots are CUDA only" in caplog.text
+    with pytest.raises(ConfigError, match="profile.steps must be >= 0"):
+        make_cfg(shapes, tmp_path / "c", profile={"steps": -1})
