@@ -5,6 +5,7 @@ same conversation: an image with the first question, a follow-up, sampling setti
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -165,3 +166,42 @@ def test_the_page_in_jsdom_holds_a_conversation_as_the_service_does(svc):
     assert shown == [a1, second["choices"][0]["message"]["content"]]
     assert [t for c, t in out["turns"] if c == "turn user"] == ["What is in the picture?", "And its colour?"]
     assert second["emma_mamba"]["state_cache"] == "hit"
+
+
+def _chromium() -> str | None:
+    """A Chromium that puppeteer-core (requirable from Node) can drive: $CHROMIUM or chromium on PATH."""
+    exe = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None or shutil.which("node") is None:
+        return None
+    ok = subprocess.run(["node", "-e", "require('puppeteer-core')"], capture_output=True).returncode == 0
+    return exe if ok else None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium and Node.js with puppeteer-core "
+                                                "(npm install puppeteer-core; NODE_PATH; CHROMIUM)")
+def test_the_page_in_a_real_browser_holds_a_conversation_as_the_service_does(svc, tmp_path):
+    """The page in headless Chromium against a live server: an image picked through the file input, a question
+    typed and sent with Enter, then a follow-up; no script error; the answers shown are the service's for the
+    same conversation and settings (the follow-up continued the server's cached state)."""
+    from tests.models.test_server import CAT, user
+
+    srv, url = serve(svc)
+    try:
+        r = subprocess.run(["node", str(Path(__file__).with_name("webui_browser.js")), url, CAT,
+                            str(tmp_path / "page.png")], capture_output=True, text=True, timeout=180,
+                           env=dict(os.environ, CHROMIUM=_chromium()))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["errors"] == [] and out["model"] == "model: tiny-test"
+    assert out["preview"].startswith("data:image/png;base64,")
+    body = {"max_tokens": 6, "temperature": 1, "seed": 3}
+    a1 = svc.complete({"messages": [user("What is in the picture?")], **body})["choices"][0]["message"]["content"]
+    second = svc.complete({"messages": [user("What is in the picture?"), {"role": "assistant", "content": a1},
+                                        {"role": "user", "content": "And its colour?"}], **body})
+    assert [t for c, t in out["turns"] if c == "turn assistant"] == [a1, second["choices"][0]["message"]["content"]]
+    assert [t for c, t in out["turns"] if c == "turn user"] == ["What is in the picture?", "And its colour?"]
+    assert second["emma_mamba"]["state_cache"] == "hit"
+    assert (tmp_path / "page.png").stat().st_size > 0
