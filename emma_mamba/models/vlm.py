@@ -344,17 +344,48 @@ class EmmaMamba(nn.Module):
                         instructions: Sequence[str] | None = None):
         """(1, L, d_model) embeddings of a tokenised prompt holding one placeholder id per image (a multi-turn
         conversation tokenised segment by segment, as training does)."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.lm.device)
-        pixel_values = instruction_ids = None
-        if len(images):
-            pixel_values = self.image_processor(list(images)).to(self.lm.device)
+        return self.batch_embeds([token_ids], [images], None if instructions is None else [instructions])[0][None]
+
+    #: Images per vision-encoder forward when the prompts of a batch are embedded together (bounds the
+    #: activation memory of a large batch of high-resolution images).
+    ENCODE_BATCH = 32
+
+    @torch.no_grad()
+    def batch_embeds(self, token_ids: Sequence[Sequence[int]], images: Sequence[Sequence],
+                     instructions: Sequence[Sequence[str]] | None = None) -> list[torch.Tensor]:
+        """[(L_i, d_model)] embeddings of several tokenised prompts, each holding one placeholder id per image of
+        its list in ``images`` (``instructions``: one list per prompt, one string per image). The images of all
+        prompts go through the vision encoder, MFF, instruction fusion and projector together, ``ENCODE_BATCH``
+        at a time, instead of prompt by prompt (the same tokens up to a batched GEMM's rounding)."""
+        if len(images) != len(token_ids):
+            raise ValueError(f"{len(token_ids)} prompts but {len(images)} image lists (one list per prompt)")
+        flat = [im for ims in images for im in ims]
+        visual = None
+        if flat:
             if self.instruction is not None:
-                if instructions is None:
-                    raise ValueError("instruction fusion is enabled: pass one instruction per image")
-                instruction_ids = self.tokenize_instructions(instructions).to(self.lm.device)
-        visual = self.encode_images(pixel_values, instruction_ids) if pixel_values is not None else None
-        embeds, _, _, _ = self._splice(ids, visual, None, None, None, None)
-        return embeds
+                texts = []
+                for i, (ims, ts) in enumerate(zip(images, instructions or [None] * len(images))):
+                    if len(ims) and ts is None:
+                        raise ValueError("instruction fusion is enabled: pass one instruction per image")
+                    if len(ims) and len(ts) != len(ims):
+                        raise ValueError(f"prompt {i}: {len(ims)} images but {len(ts)} instructions (one per image)")
+                    texts += list(ts) if len(ims) else []
+            parts = []
+            for i in range(0, len(flat), self.ENCODE_BATCH):
+                pixel_values = self.image_processor(flat[i:i + self.ENCODE_BATCH]).to(self.lm.device)
+                instruction_ids = None
+                if self.instruction is not None:
+                    instruction_ids = self.tokenize_instructions(texts[i:i + self.ENCODE_BATCH]).to(self.lm.device)
+                parts.append(self.encode_images(pixel_values, instruction_ids))
+            visual = torch.cat(parts)  # (n_images, N, d_model) in prompt order
+        out, k = [], 0
+        for ids, ims in zip(token_ids, images):
+            row = torch.tensor([list(ids)], dtype=torch.long, device=self.lm.device)
+            mine = visual[k:k + len(ims)] if len(ims) else None
+            k += len(ims)
+            embeds, _, _, _ = self._splice(row, mine, None, None, None, None)
+            out.append(embeds[0])
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], images: Sequence = (), instructions: Sequence | None = None,
@@ -380,8 +411,8 @@ class EmmaMamba(nn.Module):
                 raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
         if instructions is not None and len(instructions) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
-        embeds = [self.prompt_embeds(p, im, None if instructions is None else instructions[i])[0]
-                  for i, (p, im) in enumerate(zip(prompts, images))]  # ragged list of (L_i, d_model)
+        embeds = self.batch_embeds([self.tokenizer.encode(p) for p in prompts], images,
+                                   instructions)  # ragged list of (L_i, d_model)
         return generate(self.lm, inputs_embeds=embeds, config=config, tokenizer=self.tokenizer, streamer=streamer)
 
     @torch.no_grad()
@@ -418,8 +449,7 @@ class EmmaMamba(nn.Module):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
         if instructions is not None and len(instructions) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
-        embeds = [self.prompt_embeds(p, im, None if instructions is None else instructions[i])[0]
-                  for i, (p, im) in enumerate(zip(prompts, images))]
+        embeds = self.batch_embeds([self.tokenizer.encode(p) for p in prompts], images, instructions)
         logp = option_logprobs(self.lm, spellings, inputs_embeds=embeds, prefill_chunk=prefill_chunk).double()
         # each option: log of the summed probability of its spellings; then normalised over the options
         per_option = torch.stack([torch.logsumexp(logp[:, [k for k, o in enumerate(owner) if o == j]], dim=-1)

@@ -326,6 +326,35 @@ def test_generate_streams_and_matches_greedy_oracle(model):
     assert got == model.tokenizer.decode(expect)
 
 
+@torch.no_grad()
+def test_batch_embeds_encode_every_prompts_images_together_as_one_by_one(model, monkeypatch):
+    """Prompts with 1, 0 and 2 images (and instruction fusion): the images of all prompts encoded together, two
+    per vision forward (across the prompts' boundaries), give each prompt the embeddings of the token-by-token
+    splice of its images encoded one at a time; the vision tower runs twice for three images, not three times."""
+    model.eval()
+    prompts = ["<image>\nWhat is this?", "Name a colour.", "Compare <image> and <image>."]
+    images = [[IMAGES[0]], [], [IMAGES[1], IMAGES[2]]]
+    instructions = [["What is this?"], None, ["Compare", "Compare them"]]
+    ids = [model.tokenizer.encode(p) for p in prompts]
+    monkeypatch.setattr(type(model), "ENCODE_BATCH", 2)
+    calls = []
+    hook = model.vision.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        got = model.batch_embeds(ids, images, instructions)
+    finally:
+        hook.remove()
+    assert calls == [2, 1]
+    for i, (row, ims, ins) in enumerate(zip(ids, images, instructions)):
+        visual = torch.cat([model.encode_images(model.image_processor([im]), model.tokenize_instructions([t]))
+                            for im, t in zip(ims, ins)]) if ims else torch.zeros(0, 1, 1)
+        want, _ = loop_splice(model, torch.tensor([row]), visual, torch.zeros(1, len(row), dtype=torch.long))
+        torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt 2: 2 images but 1 instructions"):
+        model.batch_embeds(ids, images, [["a"], None, ["b"]])
+    with pytest.raises(ValueError, match="3 prompts but 2 image lists"):
+        model.batch_embeds(ids, images[:2], instructions)
+
+
 def test_option_probabilities_equal_the_training_forward(model):
     """Closed-set scoring (VSR's True/False, TallyQA's letters) against the training forward over prompt + reply:
     each option's probability is its reply tokens' (tokenised alone, as training tokenises an answer) product of
