@@ -32,14 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _has_align_head(ckpt: Path) -> bool:
-    from safetensors import safe_open
+    from emma_mamba.models.vlm import weight_names
 
-    from emma_mamba.models.vlm import WEIGHTS_NAME
-
-    if not (ckpt / WEIGHTS_NAME).is_file():
-        return False
-    with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as f:
-        return any(k.startswith("align_head.") for k in f.keys())
+    return any(k.startswith("align_head.") for k in weight_names(ckpt))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -657,6 +657,23 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     return model
 
 
+def weight_names(path: str | os.PathLike) -> list[str]:
+    """The parameter names a checkpoint directory holds (model.safetensors, or a sharded training checkpoint's
+    state), without reading any weight."""
+    from safetensors import safe_open
+
+    from emma_mamba.training.checkpoint import _sharded_model_meta, is_sharded
+
+    d = Path(path)
+    if (d / WEIGHTS_NAME).is_file():
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+            return list(f.keys())
+    if is_sharded(d):
+        return list(_sharded_model_meta(d))
+    raise FileNotFoundError(f"checkpoint directory {d} has no {WEIGHTS_NAME} (nor a sharded training checkpoint's "
+                            f"state/)")
+
+
 def _read_sharded(d: Path, skip) -> dict:
     """The model state of a sharded training checkpoint (checkpoint.format: sharded), a LoRA run's adapters
     merged into their weights as a full checkpoint holds them."""

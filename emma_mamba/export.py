@@ -1,0 +1,118 @@
+"""`emma-mamba export`: a checkpoint as a model to share or to serve elsewhere.
+
+    emma-mamba export --checkpoint runs/finetune/checkpoints/step_00001000 --out release/ --dtype bf16
+    emma-mamba export --checkpoint runs/finetune --out release-lm/ --lm-only
+
+Reads any checkpoint ``emma_mamba.load`` reads (a run's final directory, a full or sharded step checkpoint, a
+LoRA run's, whose adapters are merged) and writes:
+
+* by default the EmmaMamba layout (config.yaml, model.safetensors, tokenizer.json) for inference: the alignment
+  head, a training-time loss only, is left out unless ``--keep-align-head`` (to train on from it);
+* with ``--lm-only`` the language model alone in transformers' layout (config.json, model.safetensors,
+  tokenizer.json): ``MambaForCausalLM.from_pretrained(OUT)`` loads it, so text-only tools that take a
+  transformers model (lm-evaluation-harness's ``hf`` model, vLLM) run the fine-tuned LM directly. Its vocabulary
+  keeps the ``<image>`` token the model added; image prompts still need ``emma-mamba`` (the vision side).
+
+``--dtype bf16`` / ``fp16`` stores the weights in half precision (half the size; ``emma_mamba.load`` casts them
+back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and ``dt_proj.bias``, kept in fp32 as
+mamba-ssm keeps them under mixed precision (their rounding moves the recurrence's decay). An existing non-empty
+``--out`` is refused (nothing is overwritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+KEEP_FP32 = ("A_log", "D", "dt_proj.bias")
+"""Parameter names ending so stay fp32 in a half-precision export."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a checkpoint directory (final, step, sharded or LoRA run)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not hold files)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="weights' storage dtype (default %(default)s; the SSM's A_log, D, dt bias stay fp32)")
+    p.add_argument("--keep-align-head", action="store_true",
+                   help="keep the pixel-wise alignment head's weights (to train on; inference never reads them)")
+    p.add_argument("--lm-only", action="store_true",
+                   help="write only the language model, in transformers' MambaForCausalLM layout")
+
+
+def _cast(sd: dict, dtype: torch.dtype) -> dict:
+    return {k: (v if k.endswith(KEEP_FP32) or not v.is_floating_point() else v.to(dtype)).contiguous()
+            for k, v in sd.items()}
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_align_head: bool = False,
+           lm_only: bool = False) -> Path:
+    """Write ``checkpoint`` to ``out`` (see the module docstring); returns ``out``."""
+    from safetensors.torch import save_file
+
+    from emma_mamba import __version__
+    from emma_mamba.config import save_config
+    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases, load, weight_names
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} exists and is not an empty directory; give a new one")
+    if keep_align_head and lm_only:
+        raise ValueError("--keep-align-head and --lm-only exclude each other (the LM alone has no alignment head)")
+    has_head = any(k.startswith("align_head.") for k in weight_names(checkpoint))
+    if keep_align_head and not has_head:
+        raise ValueError(f"--keep-align-head: {checkpoint} holds no alignment-head weights")
+    model = load(checkpoint, for_training=keep_align_head)
+    meta = {"format": "pt", "emma_mamba": __version__, "exported_from": str(checkpoint), "dtype": dtype}
+    out.mkdir(parents=True, exist_ok=True)
+    if lm_only:
+        _export_lm(model, out, DTYPES[dtype], meta)
+        return out
+    sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
+    sd = _drop_tied_aliases(model, sd)  # safetensors refuses shared storage
+    save_config(model.config, out / CONFIG_NAME)
+    save_file(_cast(sd, DTYPES[dtype]), str(out / WEIGHTS_NAME), metadata=meta)
+    model.tokenizer.save(out)
+    return out
+
+
+def _export_lm(model, out: Path, dtype: torch.dtype, meta: dict) -> None:
+    """The LM in transformers' layout, with the model's tokenizer as transformers loads it verbatim
+    (``tokenizer_config.json``: PreTrainedTokenizerFast over tokenizer.json) and its special-token ids."""
+    from safetensors.torch import load_file, save_file
+
+    model.lm.save_pretrained(out, layout="hf")
+    conf = json.loads((out / "config.json").read_text())
+    tok = model.tokenizer
+    conf.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    weights = out / "model.safetensors"
+    if dtype is not torch.float32:  # re-store the written tensors in the export dtype
+        save_file(_cast(load_file(str(weights)), dtype), str(weights), metadata=meta)
+        conf["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    tok.save(out)
+    name = tok.backend.id_to_token
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name(tok.eos_token_id),
+        "bos_token": name(tok.eos_token_id), "pad_token": name(tok.pad_token_id), "add_bos_token": False,
+        "model_max_length": 1 << 30}, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export(args.checkpoint, args.out, args.dtype, args.keep_align_head, args.lm_only)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"emma-mamba export: {e}", file=sys.stderr)
+        return 2
+    size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of weights, {args.dtype}"
+          f"{', the language model in transformers layout' if args.lm_only else ''})")
+    return 0

@@ -1,0 +1,87 @@
+"""`emma-mamba export`: the exported weights are the checkpoint's (or their half-precision rounding, the SSM
+parameters kept fp32), the alignment head is left out unless asked for, the LM alone loads in transformers'
+MambaForCausalLM with our logits and tokenizer, and nothing is overwritten."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import emma_mamba
+from emma_mamba.cli import main
+from emma_mamba.config import get_preset
+from emma_mamba.export import KEEP_FP32
+from emma_mamba.models.vlm import EmmaMamba
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt")
+    EmmaMamba(get_preset("tiny"), for_training=True).save(d)  # with the alignment head's weights
+    return d
+
+
+def _dtypes(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_export_keeps_the_weights_and_drops_the_alignment_head(ckpt, tmp_path, capsys):
+    want = emma_mamba.load(ckpt, for_training=True).state_dict()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert not any(k.startswith("align_head.") for k in _dtypes(tmp_path / "a" / "model.safetensors"))
+    got = emma_mamba.load(tmp_path / "a").state_dict()
+    assert got.keys() == {k for k in want if not k.startswith("align_head.")}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--keep-align-head"]) == 0
+    got = emma_mamba.load(tmp_path / "b", for_training=True).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_half_precision_export_rounds_all_but_the_ssm_parameters(ckpt, tmp_path):
+    want = emma_mamba.load(ckpt).state_dict()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "h"), "--dtype", "bf16"]) == 0
+    stored = _dtypes(tmp_path / "h" / "model.safetensors")
+    kept = [k for k in stored if k.endswith(KEEP_FP32)]
+    assert kept and any(k.endswith("A_log") for k in kept)
+    assert all(stored[k] == ("F32" if k.endswith(KEEP_FP32) else "BF16") for k in stored if want[k].is_floating_point())
+    got = emma_mamba.load(tmp_path / "h").state_dict()
+    for k, v in got.items():
+        assert v.dtype == want[k].dtype  # cast back to the model's dtype on load
+        ref = want[k] if k.endswith(KEEP_FP32) or not v.is_floating_point() else want[k].bfloat16().float()
+        assert torch.equal(v, ref), k
+    full = (ckpt / "model.safetensors").stat().st_size
+    assert (tmp_path / "h" / "model.safetensors").stat().st_size < 0.6 * full
+
+
+def test_the_lm_alone_loads_in_transformers_with_our_logits_and_tokenizer(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = emma_mamba.load(ckpt)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "lm"), "--lm-only"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    assert type(hf).__name__ == "MambaForCausalLM"
+    ids = torch.randint(0, model.lm.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.lm(ids).logits, rtol=1e-4, atol=1e-4)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "lm")
+    text = "What is in the image? <image> A red circle."
+    assert tok(text)["input_ids"] == model.tokenizer.encode(text)
+    assert tok.eos_token_id == hf.config.eos_token_id == model.tokenizer.eos_token_id
+
+
+def test_export_errors(ckpt, tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "full")]) == 2
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    emma_mamba.load(ckpt).save(tmp_path / "inference")  # saved for inference: no alignment head
+    assert main(["export", "--checkpoint", str(tmp_path / "inference"), "--out", str(tmp_path / "x"),
+                 "--keep-align-head"]) == 2
+    assert "holds no alignment-head weights" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "missing" in capsys.readouterr().err
