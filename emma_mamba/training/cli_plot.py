@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+PROFILED_SKIP = ("tokens_per_s", "step_time")
+"""Timings left out of the curves for the steps run under the profiler (``profiled: true``: slower)."""
 DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s", "val_token_acc")
 
 
@@ -100,7 +102,8 @@ def run(args) -> int:
 def _run(args) -> int:
     paths = [metrics_file(r) for r in args.runs]
     runs = [(p, read_metrics(p)) for p in paths]
-    present = sorted({k for _, rows in runs for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    present = sorted({k for _, rows in runs for r in rows for k, v in r.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if args.keys:
         unknown = [k for k in args.keys if k not in present]
         if unknown:
@@ -129,7 +132,8 @@ def _run(args) -> int:
     for ax, key in zip(axes.flat, keys):
         for i, (path, rows) in enumerate(runs):
             pts = [(r[args.x], r[key]) for r in rows if isinstance(r.get(key), (int, float))
-                   and isinstance(r.get(args.x), (int, float))]
+                   and isinstance(r.get(args.x), (int, float))
+                   and not (key in PROFILED_SKIP and r.get("profiled"))]
             if not pts:
                 continue
             xs, ys = zip(*pts)

@@ -73,3 +73,24 @@ def test_validation_records_are_drawn_over_their_training_metric(tmp_path, capsy
         assert max(len(ln.get_xdata()) for ln in ax.get_lines()) == 30
     (acc,) = panels["val_token_acc"].get_lines()  # few points: drawn raw, not smoothed
     assert list(acc.get_ydata()) == [v["val_token_acc"] for v in val]
+
+
+def test_profiled_steps_are_left_out_of_the_timing_curves_only(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    d = tmp_path / "r"
+    d.mkdir()
+    rows = [{"step": s, "loss": 1.0 / s, "tokens_per_s": 50.0 if s in (4, 5) else 1000.0, "total_tokens": s}
+            for s in range(1, 9)]
+    for r in rows[3:5]:
+        r["profiled"] = True
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figs.append(self))
+    assert main(["plot", str(d), "--smooth", "1"]) == 0
+    panels = {ax.get_title(): ax for ax in figs[0].axes}
+    assert "profiled" not in panels
+    (tps,) = panels["tokens_per_s"].get_lines()
+    assert list(tps.get_xdata()) == [1, 2, 3, 6, 7, 8] and set(tps.get_ydata()) == {1000.0}
+    (loss,) = panels["loss"].get_lines()
+    assert list(loss.get_xdata()) == list(range(1, 9))
