@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "sibling *annotations*.json if present)")
     p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest reply in tokens (default 16; refcoco 32, a box needs about 20)")
+                   help="longest reply in tokens (default 16; refcoco and ocidref 32, a box needs about 20)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
     p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
                    help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the split to answer: ScienceQA (default test), AI2D test (ai2d_test_ids.csv; default), train or "
                         "all, RefCOCO val (default), testA, testB or test")
     p.add_argument("--box-frame", choices=("auto", "image", "square"), default="auto",
-                   help="refcoco: what the model's box coordinates are normalised by: the image's width and height, "
+                   help="refcoco, ocidref: what the model's box coordinates are normalised by: the image's width and height, "
                         "or the square it is padded to (LLaVA-1.5); auto: square for a checkpoint trained on "
                         "letterboxed images, else image (with --api: image)")
     p.add_argument("--likelihood", action="store_true",

@@ -22,10 +22,18 @@ frames:
 
 Metric: the fraction of sentences whose box overlaps the ground-truth box at IoU >= 0.5, mean IoU, invalid
 answers counted.
+
+OCID-Ref (Wang et al. 2021; referring expressions in the cluttered table-top scenes of OCID, the robotics set of
+Prismatic's grounding suite, which Cobra and EMMA-Mamba report) is read and scored the same way from its release's
+``{split}_expressions.json``: an object of ``{id: {scene_path, sentence, bbox: "[x1, y1, x2, y2]" (pixels),
+take_id, ...}}``, images under the OCID root by ``scene_path``. Its metric is Acc@0.25 IoU (the OCID-Ref paper's),
+overall and per clutter level of the scene: ``take_id`` 0-9 free-standing objects (minimum clutter), 10-16 touching
+(medium), 17-20 stacked (maximum).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from pathlib import Path
@@ -33,10 +41,12 @@ from pathlib import Path
 from emma_mamba.data.shapes import GROUNDING_PROMPT  # LLaVA-1.5's, as ShapesWorld's grounding turns write it
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
 
-__all__ = ["GROUNDING_PROMPT", "FRAMES", "refcoco_records", "refcoco_prompt", "parse_box", "to_frame", "iou",
-           "score_refcoco"]
+__all__ = ["GROUNDING_PROMPT", "FRAMES", "CLUTTER", "refcoco_records", "ocidref_records", "refcoco_prompt",
+           "parse_box", "to_frame", "iou", "score_refcoco", "score_ocidref"]
 
 FRAMES = ("image", "square")
+CLUTTER = ("minimum", "medium", "maximum")
+"""OCID-Ref's clutter levels, by a scene's take_id: 0-9, 10-16, 17-20."""
 _BOX = re.compile(r"\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*\]")
 
 
@@ -107,6 +117,46 @@ def refcoco_records(path: str | Path, split: str | None = "val") -> list[tuple[s
     return out
 
 
+def _clutter(take_id) -> str:
+    return CLUTTER[0] if take_id <= 9 else CLUTTER[1] if take_id <= 16 else CLUTTER[2]
+
+
+def ocidref_records(path: str | Path) -> list[tuple[str, dict]]:
+    """The sentences of an OCID-Ref ``{split}_expressions.json``, each ``{question_id, image (scene_path),
+    sentence, bbox [x, y, w, h] (pixels), width None, height None, split None, clutter}``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ScoreInputError(f"OCID-Ref expressions {p} does not exist")
+    doc = load_json(p, "OCID-Ref expressions")
+    if not isinstance(doc, dict) or not doc:
+        raise ScoreInputError(f"{p}: expected OCID-Ref's object of {{id: {{scene_path, sentence, bbox, take_id}}}}, "
+                              f"got {type(doc).__name__}{' (empty)' if not doc else ''}")
+    out = []
+    for key, rec in doc.items():
+        loc = f"expression {key!r}"
+        if not isinstance(rec, dict):
+            raise ScoreInputError(f"{p}: {loc}: expected an object, got {type(rec).__name__}")
+        box = require(rec, ("bbox",), p, loc, "OCID-Ref")
+        if isinstance(box, str):
+            try:
+                box = json.loads(box)
+            except json.JSONDecodeError:
+                box = None
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                and box[0] < box[2] and box[1] < box[3]):
+            raise ScoreInputError(f"{p}: {loc}: bbox must be \"[x1, y1, x2, y2]\" in pixels with x1 < x2 and "
+                                  f"y1 < y2, got {rec.get('bbox')!r}")
+        take = require(rec, ("take_id",), p, loc, "OCID-Ref")
+        if not isinstance(take, int) or not 0 <= take <= 20:
+            raise ScoreInputError(f"{p}: {loc}: take_id must be an integer in [0, 20], got {take!r}")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        out.append((loc, {"question_id": str(key), "image": str(require(rec, ("scene_path",), p, loc, "OCID-Ref")),
+                          "sentence": str(require(rec, ("sentence",), p, loc, "OCID-Ref")),
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "width": None, "height": None, "split": None,
+                          "clutter": _clutter(take)}))
+    return out
+
+
 _SPACED_DECIMAL = re.compile(r"(\d)\s*\.\s*(\d)")
 
 
@@ -151,11 +201,21 @@ def score_refcoco(answers: str | Path, annotations: str | Path, allow_missing: b
     runner writes them) against the sentences of ``annotations`` in the answers' split (answers spanning splits
     are refused). Each answer's ``box_frame`` (default ``image``) and ``image_size`` ([width, height]; default the
     annotation's) place the ground-truth box."""
-    every = {r["question_id"]: r for _, r in refcoco_records(annotations, None)}
+    return _score_boxes(answers, annotations, refcoco_records(annotations, None), 0.5, allow_missing)
+
+
+def score_ocidref(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Acc@0.25 IoU (OCID-Ref's metric) and mean IoU, overall and per clutter level (``by_clutter``), of
+    ``answers`` against an OCID-Ref expressions file, as :func:`score_refcoco` reads them."""
+    return _score_boxes(answers, annotations, ocidref_records(annotations), 0.25, allow_missing, group="clutter")
+
+
+def _score_boxes(answers, annotations, records, threshold: float, allow_missing: bool, group: str | None = None):
+    every = {r["question_id"]: r for _, r in records}
     rows, meta = [], {}
-    for loc, rec in load_records(answers, "RefCOCO answers"):
-        qid = require(rec, ("question_id",), answers, loc, "RefCOCO answer")
-        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, "RefCOCO answer")))
+    for loc, rec in load_records(answers, "grounding answers"):
+        qid = require(rec, ("question_id",), answers, loc, "grounding answer")
+        rows.append((loc, qid, require(rec, ("text", "answer", "prediction"), answers, loc, "grounding answer")))
         frame = rec.get("box_frame", "image")
         if frame not in FRAMES:
             raise ScoreInputError(f"{answers}: {loc}: box_frame must be one of {list(FRAMES)}, got {frame!r}")
@@ -168,7 +228,7 @@ def score_refcoco(answers: str | Path, annotations: str | Path, allow_missing: b
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")
-    hits, ious, invalid = 0, [], 0
+    ious, invalid = {}, 0
     for qid, text in got.items():
         g = gold[qid]
         frame, size = meta[qid]
@@ -177,11 +237,17 @@ def score_refcoco(answers: str | Path, annotations: str | Path, allow_missing: b
             raise ScoreInputError(f"{answers}: question {qid!r}: no image size (image_size in the answer, or "
                                   f"width/height in {annotations})")
         box = parse_box(text)
-        if box is None:
-            invalid += 1
-            ious.append(0.0)
-            continue
-        ious.append(iou(box, to_frame(g["bbox"], w, h, frame)))
-        hits += ious[-1] >= 0.5
-    return {"n": len(ious), "split": split or "all", "accuracy": hits / len(ious), "mean_iou": sum(ious) / len(ious),
-            "n_invalid_boxes": invalid, "n_missing": len(gold) - len(got)}
+        invalid += box is None
+        ious[qid] = 0.0 if box is None else iou(box, to_frame(g["bbox"], w, h, frame))
+    n = len(ious)
+    out = {"n": n, "split": split or "all", "iou_threshold": threshold,
+           "accuracy": sum(v >= threshold for v in ious.values()) / n, "mean_iou": sum(ious.values()) / n,
+           "n_invalid_boxes": invalid, "n_missing": len(gold) - len(got)}
+    if group is not None:
+        levels = {}
+        for qid, v in ious.items():
+            levels.setdefault(gold[qid][group], []).append(v)
+        order = [k for k in CLUTTER if k in levels] if group == "clutter" else sorted(levels)
+        out[f"by_{group}"] = {k: {"n": len(levels[k]), "accuracy": sum(x >= threshold for x in levels[k])
+                                  / len(levels[k])} for k in order}
+    return out

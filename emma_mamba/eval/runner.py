@@ -23,6 +23,8 @@ a question is resolved under ``images`` as given after the arrow:
 * refcoco: the refer release's ``refs(unc).p`` / ``refs(umd).p`` with ``instances.json`` beside it (``split`` val,
   testA, testB or test), or JSON records ``{image, sentence, bbox}`` (:mod:`emma_mamba.eval.refcoco`) -> the COCO
   file name;
+* ocidref: OCID-Ref's ``{split}_expressions.json`` ``{id: {scene_path, sentence, bbox, take_id}}`` -> ``scene_path``
+  under the OCID root (scored by Acc@0.25 IoU per clutter level, :mod:`emma_mamba.eval.refcoco`);
 * tallyqa: TallyQA's ``test.json`` ``[{question_id, image, question, answer, issimple}]`` -> ``image``;
 * mme: folder of ``<category>.txt`` (``image<TAB>question<TAB>answer``) or one such file -> ``<name>``,
   ``<category>/<name>`` or ``<category>/images/<name>``;
@@ -85,7 +87,7 @@ from emma_mamba.eval._io import ScoreInputError, load_json, load_records, requir
 from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
                                     tallyqa_records, vsr_prompt, vsr_records)
 from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
-from emma_mamba.eval.refcoco import FRAMES, refcoco_prompt, refcoco_records
+from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
@@ -96,10 +98,10 @@ __all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "d
 log = logging.getLogger(__name__)
 
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
-         "refcoco", "mme", "prompts")
+         "refcoco", "ocidref", "mme", "prompts")
 DEFAULT_SPLITS = {"scienceqa": "test", "ai2d": "test", "refcoco": "val"}
 """The split answered when none is given (the other benchmarks' files hold one split)."""
-DEFAULT_MAX_NEW_TOKENS = {"refcoco": 32}
+DEFAULT_MAX_NEW_TOKENS = {"refcoco": 32, "ocidref": 32}
 """The longest reply when none is given: 16 tokens, a box "[0.12, 0.34, 0.56, 0.78]" needs about 20."""
 CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
 """Tasks always answered by the options' likelihood (:mod:`emma_mamba.eval.closed`) -> their options."""
@@ -269,8 +271,8 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
         for loc, rec in ai2d_records(qpath, split):
             out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), ai2d_prompt(rec),
                                 has_answer=rec["answer"] is not None))
-    elif task == "refcoco":
-        for loc, rec in refcoco_records(qpath, split):
+    elif task in ("refcoco", "ocidref"):
+        for loc, rec in (refcoco_records(qpath, split) if task == "refcoco" else ocidref_records(qpath)):
             out.append(Question(rec["question_id"], _image(images, rec["image"], f"{qpath}: {loc}"), rec["sentence"],
                                 has_answer=True))
     elif task == "tallyqa":
@@ -322,7 +324,7 @@ def prompt_for(task: str, text: str) -> str:
         return vsr_prompt(text)
     if task == "tallyqa":
         return tallyqa_prompt(text)
-    if task == "refcoco":
+    if task in ("refcoco", "ocidref"):
         return refcoco_prompt(text)
     if task in ("mme", "prompts") or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
@@ -339,7 +341,7 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
     q = Path(questions)
     if task == "prompts":  # free prompts: nothing to score
         return None
-    if task in ("pope", "gqa", "mme", "scienceqa", "refcoco"):  # ScienceQA: problems.json holds every split's answers
+    if task in ("pope", "gqa", "mme", "scienceqa", "refcoco", "ocidref"):  # ScienceQA: problems.json holds every split's answers
         return q
     if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):
         return q if all(x.has_answer for x in read) else None
@@ -527,7 +529,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                     rec = {"question_id": q.qid, "image": q.image.name if q.image else None, "prompt": p, "text": r}
                     if pr is not None:
                         rec["probabilities"] = [float(x) for x in pr]
-                    if task == "refcoco":  # what the scorer needs to place the ground-truth box
+                    if task in ("refcoco", "ocidref"):  # what the scorer needs to place the ground-truth box
                         rec["box_frame"], rec["image_size"] = box_frame, list(_image_size(q.image))
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 f.flush()

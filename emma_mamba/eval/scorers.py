@@ -14,6 +14,7 @@
 | tallyqa | JSONL, question_id + text (+ probabilities) | TallyQA test.json (with "answer")         |
 | ai2d  | JSONL, question_id (questionId) + text (+ probabilities) | AI2D questions/ folder              |
 | refcoco | JSONL, question_id + text (a box) + box_frame + image_size | refs(unc).p (+ instances.json) or JSON |
+| ocidref | the same as refcoco                       | OCID-Ref {split}_expressions.json            |
 | mme   | dir of <category>.txt, 4 columns          | optional dir of 3-column templates           |
 
 Definitions and normalisation are in :mod:`.pope`, :mod:`.vqa` (VQAv2, TextVQA, VizWiz: one soft accuracy),
@@ -31,23 +32,24 @@ from emma_mamba.eval.gqa import normalize_gqa, score_gqa
 from emma_mamba.eval.mmbench import parse_choice, score_mmbench
 from emma_mamba.eval.mme import parse_mme_answer, score_mme
 from emma_mamba.eval.pope import pope_metrics, score_pope, yes_no
-from emma_mamba.eval.refcoco import score_refcoco
+from emma_mamba.eval.refcoco import score_ocidref, score_refcoco
 from emma_mamba.eval.scienceqa import score_scienceqa
 from emma_mamba.eval.seed import score_seed
 from emma_mamba.eval.vqa import normalize_answer, score_textvqa, score_vizwiz, score_vqav2, vqa_accuracy
 
 TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienceqa", "vsr", "tallyqa", "ai2d",
-         "refcoco", "mme")
+         "refcoco", "ocidref", "mme")
 
 __all__ = ["TASKS", "ScoreInputError", "score", "summary", "score_pope", "score_vqav2", "score_gqa",
            "score_textvqa", "score_vizwiz", "score_mmbench", "score_seed", "score_scienceqa", "score_vsr",
-           "score_tallyqa", "score_ai2d", "score_refcoco", "score_mme", "parse_choice", "pope_metrics", "yes_no",
+           "score_tallyqa", "score_ai2d", "score_refcoco", "score_ocidref", "score_mme", "parse_choice", "pope_metrics", "yes_no",
            "normalize_answer", "vqa_accuracy", "normalize_gqa", "parse_mme_answer"]
 
 
 _SCORERS = {"pope": score_pope, "vqav2": score_vqav2, "gqa": score_gqa, "textvqa": score_textvqa,
             "vizwiz": score_vizwiz, "mmbench": score_mmbench, "seed": score_seed, "scienceqa": score_scienceqa,
-            "vsr": score_vsr, "tallyqa": score_tallyqa, "ai2d": score_ai2d, "refcoco": score_refcoco}
+            "vsr": score_vsr, "tallyqa": score_tallyqa, "ai2d": score_ai2d, "refcoco": score_refcoco,
+            "ocidref": score_ocidref}
 """The scorers taking (answers, annotations, allow_missing); MME is special (no allow_missing, optional file)."""
 
 
@@ -111,6 +113,11 @@ def summary(task: str, m: dict) -> str:
     elif task == "refcoco":
         lines.append(f"RefCOCO ({m['split']})  n={m['n']}  Acc@0.5 {100 * m['accuracy']:.2f}  mean IoU "
                      f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}")
+    elif task == "ocidref":
+        lines.append(f"OCID-Ref  n={m['n']}  Acc@0.25 {100 * m['accuracy']:.2f}  mean IoU {100 * m['mean_iou']:.2f}  "
+                     f"invalid boxes {m['n_invalid_boxes']}")
+        for k, v in m["by_clutter"].items():
+            lines.append(f"  {k + ' clutter':<32} {100 * v['accuracy']:.2f}  (n={v['n']})")
     elif task == "ai2d":
         lines.append(f"AI2D ({m['split']})  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed replies "
                      f"{m['n_unparsed_replies']}")

@@ -128,3 +128,62 @@ def test_json_records_and_a_letterbox_checkpoint_through_the_cli(tmp_path, capsy
     q.write_text(json.dumps([{"image": "a.png", "sentence": "s", "bbox": [0, 0, 0, 5]}]))
     with pytest.raises(ScoreInputError, match=r"record 1: bbox must be \[x, y, width, height\]"):
         read_questions("refcoco", q, imgs)
+
+
+def _ocid(tmp_path: Path) -> tuple[Path, Path]:
+    """An OCID-Ref release: {split}_expressions.json keyed by id, boxes as "[x1, y1, x2, y2]" strings in pixels,
+    scenes under the OCID root (here 64 x 48 images, so the size comes from the image, not a constant)."""
+    root = tmp_path / "OCID-dataset"
+    scene = root / "ARID20" / "table" / "top" / "seq01" / "rgb"
+    scene.mkdir(parents=True)
+    Image.new("RGB", (64, 48), "white").save(scene / "result_2018-08-20-11-01-17.png")
+    rel = "ARID20/table/top/seq01/rgb/result_2018-08-20-11-01-17.png"
+    # one sentence per take: clutter minimum (0, 9), medium (10, 16), maximum (17, 20)
+    doc = {str(100 + t): {"scene_path": rel, "sentence": f"the object of take {t}", "bbox": "[16, 12, 48, 36]",
+                          "take_id": t, "sub_dataset": "ARID20", "class": "bowl"} for t in (0, 9, 10, 16, 17, 20)}
+    ann = tmp_path / "val_expressions.json"
+    ann.write_text(json.dumps(doc))
+    return ann, root
+
+
+def test_ocidref_release_known_replies_by_hand(tmp_path):
+    """The box [16, 12, 48, 36] of a 64 x 48 image is [0.25, 0.25, 0.75, 0.75] normalised. Replies: exact (IoU 1),
+    [0.25, 0.25, 0.5, 0.5] (a quarter: IoU 0.25, a hit at OCID-Ref's 0.25, a miss at RefCOCO's 0.5), [0, 0, 0.25,
+    0.25] (touching a corner: IoU 0), an invalid reply; accuracy overall and per clutter level by hand."""
+    ann, root = _ocid(tmp_path)
+    qs = read_questions("ocidref", ann, root)
+    assert [q.qid for q in qs] == ["100", "109", "110", "116", "117", "120"]
+    exact, quarter, outside = "[0.25, 0.25, 0.75, 0.75]", "[0.25, 0.25, 0.5, 0.5]", "[0, 0, 0.25, 0.25]"
+    replies = {"100": exact, "109": quarter, "110": outside, "116": exact, "117": "a bowl", "120": quarter}
+    seen = {}
+
+    def fn(batch, prompts):
+        seen.update({q.qid: p for q, p in zip(batch, prompts)})
+        return [replies[q.qid] for q in batch]
+
+    rep = evaluate(None, "ocidref", ann, root, tmp_path / "ev", progress=False, answer_fn=fn)
+    m = rep["metrics"]
+    assert (m["n"], m["iou_threshold"], m["n_invalid_boxes"], rep["max_new_tokens"]) == (6, 0.25, 1, 32)
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["mean_iou"] == pytest.approx((1 + 0.25 + 0 + 1 + 0 + 0.25) / 6)
+    assert m["by_clutter"] == {"minimum": {"n": 2, "accuracy": 1.0}, "medium": {"n": 2, "accuracy": 0.5},
+                               "maximum": {"n": 2, "accuracy": 0.5}}
+    assert seen["110"] == f"{GROUNDING_PROMPT} the object of take 10"
+    recs = [json.loads(x) for x in (tmp_path / "ev" / "answers.jsonl").read_text().splitlines()]
+    assert all(r["image_size"] == [64, 48] and r["box_frame"] == "image" for r in recs)
+    assert score("ocidref", tmp_path / "ev" / "answers.jsonl", ann) == m
+
+
+@pytest.mark.parametrize("entry,match", [
+    ({"scene_path": "a.png", "sentence": "s", "bbox": "[5, 5, 5, 9]", "take_id": 0}, "bbox must be"),
+    ({"scene_path": "a.png", "sentence": "s", "bbox": "[1, 2, 3", "take_id": 0}, "bbox must be"),
+    ({"scene_path": "a.png", "sentence": "s", "bbox": "[1, 2, 3, 4]", "take_id": 21}, "take_id must be"),
+    ({"scene_path": "a.png", "bbox": "[1, 2, 3, 4]", "take_id": 3}, "sentence"),
+])
+def test_ocidref_errors_name_the_expression(tmp_path, entry, match):
+    ann = tmp_path / "val_expressions.json"
+    ann.write_text(json.dumps({"7": entry}))
+    with pytest.raises(ScoreInputError, match=f"expression '7'.*{match}"):
+        read_questions("ocidref", ann, tmp_path)
+    ann.write_text(json.dumps([entry]))
+    with pytest.raises(ScoreInputError, match="expected OCID-Ref's object"):
+        read_questions("ocidref", ann, tmp_path)
