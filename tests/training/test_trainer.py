@@ -417,6 +417,9 @@ def test_sharded_checkpoint_resumes_bitwise_and_loads_as_the_full_one(shapes, tm
     assert {"config.yaml", "tokenizer.json", "train_config.yaml", "trainer_state.pt", "rng_rank0.pt"} <= names
     assert "optimizer" not in torch.load(ckpt / "trainer_state.pt", weights_only=True)
     full = load_file(str(tmp_path / "a" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    from emma_mamba.models.vlm import weight_names
+
+    assert set(weight_names(ckpt)) == set(full)  # what visualize --reconstruction and export ask a checkpoint
     for for_training in (False, True):  # inference skips the alignment head; training reads it
         got = emma_mamba.load(ckpt, for_training=for_training).state_dict()
         assert any(k.startswith("align_head.") for k in got) == for_training
