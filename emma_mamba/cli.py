@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "kernels"): ("emma_mamba.bench.kernels", "time the selective-scan kernels against the reference and peers"),
     ("data", "shapes"): ("emma_mamba.data.cli_shapes", "generate the ShapesWorld synthetic data set (LLaVA JSON + benchmarks)"),
+    ("data", "lrv"): ("emma_mamba.data.lrv", "convert LRV-Instruct's release into LLaVA-format training data (the paper's mixture)"),
     ("data", "check"): ("emma_mamba.data.cli_check", "check a run's data before training: every record and image, lengths, steps per epoch"),
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file against a benchmark's standard annotation files"),
     ("configs",): ("emma_mamba.recipes", "list the shipped recipes (configs/*.yaml) or copy them into a folder to edit"),

@@ -1,0 +1,81 @@
+"""`emma-mamba data lrv`: LRV-Instruct's release (Visual Genome and chart splits, {image_id, question, answer})
+as LLaVA records written by hand, which `data check` then reads beside another file of the mixture with one image
+folder; malformed records and missing images are named, or skipped and counted on request."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from PIL import Image
+
+from emma_mamba.cli import main
+from emma_mamba.training.config import run_config_to_dict
+from tests.training.conftest import make_cfg, subset
+
+
+def _release(root):
+    lrv = root / "lrv"
+    (lrv / "lrv-vg").mkdir(parents=True)
+    (lrv / "lrv-chart").mkdir()
+    for name in ("2345.jpg", "77.jpg"):
+        Image.new("RGB", (40, 30), "red").save(lrv / "lrv-vg" / name)
+    Image.new("RGB", (40, 30), "blue").save(lrv / "lrv-chart" / "sales_2019.png")
+    (lrv / "filter_cap1.json").write_text(json.dumps([
+        {"image_id": "2345", "question": " Is there a dog on the bench? ", "answer": "No, there is no dog. "},
+        {"image_id": 77, "question": "Describe the image.", "answer": "A red square."}]))
+    (lrv / "filter_cap_more1.json").write_text(json.dumps([
+        {"image_id": "2345", "question": "What colour is it?", "answer": "Red."}]))
+    (lrv / "chart_release_update.json").write_text(json.dumps([
+        {"image_id": "sales_2019.png", "question": "Which year sold most?", "answer": "2019."}]))
+    return lrv
+
+
+def test_lrv_release_becomes_llava_records_that_training_reads(shapes, tmp_path, capsys):
+    images = tmp_path / "images"  # LLaVA's image folder, with the LRV release under it
+    lrv = _release(images)
+    out = tmp_path / "lrv_llava.json"
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(out)]) == 0
+    assert "4 records (filter_cap1.json 2, filter_cap_more1.json 1, chart_release_update.json 1)" in \
+        capsys.readouterr().out
+
+    def turn(q, a):
+        return [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
+
+    assert json.loads(out.read_text()) == [
+        {"id": "2345", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("Is there a dog on the bench?",
+                                                                              "No, there is no dog.")},
+        {"id": "77", "image": "lrv/lrv-vg/77.jpg", "conversations": turn("Describe the image.", "A red square.")},
+        {"id": "2345", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("What colour is it?", "Red.")},
+        {"id": "sales_2019", "image": "lrv/lrv-chart/sales_2019.png",
+         "conversations": turn("Which year sold most?", "2019.")}]
+    # a mixture of a ShapesWorld file and the converted one, each with its own image folder: every record usable
+    shapes_file = subset(shapes, tmp_path, 4)
+    d = run_config_to_dict(make_cfg(shapes, tmp_path / "run", shapes_file))
+    d["data"].pop("json")
+    d["data"]["sources"] = [{"json": str(shapes_file), "image_folder": str(shapes / "images")},
+                            {"json": str(out), "image_folder": str(images)}]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(d))
+    assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
+    report = capsys.readouterr().out
+    assert "lrv_llava.json: 4 of 4 records usable" in report and "lrv_llava.json 4 x 1 = 4" in report
+
+
+def test_lrv_problems_are_named_or_skipped_on_request(tmp_path, capsys):
+    lrv = _release(tmp_path)
+    (lrv / "lrv-vg" / "77.jpg").unlink()
+    out = tmp_path / "o.json"
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 records name images that are not there" in err and "filter_cap1.json: record 1" in err
+    assert not out.exists()
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(out), "--skip-missing", "--no-chart"]) == 0
+    assert "2 records" in capsys.readouterr().out and len(json.loads(out.read_text())) == 2
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(out)]) == 2  # nothing overwritten
+    assert "exists" in capsys.readouterr().err
+    (lrv / "filter_cap_more1.json").write_text(json.dumps([{"image_id": "2345", "question": "", "answer": "x"}]))
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "p.json"), "--skip-missing"]) == 2
+    assert "filter_cap_more1.json: record 0: 'question' must be a non-empty string" in capsys.readouterr().err
+    (lrv / "filter_cap_more1.json").unlink()
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "q.json")]) == 2
+    assert "filter_cap_more1.json not found" in capsys.readouterr().err
