@@ -96,7 +96,7 @@ def test_suite_file_errors(tmp_path, text, match):
 def test_example_suite_parses():
     entries = read_suite(Path(__file__).resolve().parents[2] / "configs" / "eval_suite_example.yaml")
     assert {e.task for e in entries} == {"vqav2", "gqa", "vizwiz", "textvqa", "pope", "mme", "mmbench", "seed",
-                                         "scienceqa", "vsr", "tallyqa", "ai2d", "refcoco"}
+                                         "scienceqa", "vsr", "tallyqa", "ai2d", "refcoco", "ocidref"}
 
 
 def test_cli_suite_with_a_random_checkpoint(tmp_path, shapes, capsys):
