@@ -120,7 +120,12 @@ class ProjectorConfig:
     depth: int = 2
     """Linear layers of the GELU MLP from the ViT width to the LM width (2 or 3)."""
     hidden_dim: int | None = None
-    """Hidden width of the MLP; None = the LM width."""
+    """Hidden width of the MLP; None = the LM width (kind fused: 4 x the vision width)."""
+    kind: Literal["mlp", "fused"] = "mlp"
+    """mlp: Linear, GELU[, Linear, GELU], Linear, every hidden layer hidden_dim wide (LLaVA-1.5's for depth 2).
+    fused: Prismatic's fused-GELU MLP, the projector of Cobra and of the EMMA-Mamba authors' code: Linear
+    (vision width -> hidden_dim, default 4 x vision width), GELU, Linear (-> LM width), GELU, Linear (LM width ->
+    LM width); depth must be 3."""
 
 
 @dataclass
@@ -214,6 +219,8 @@ class ModelConfig:
             raise ConfigError(f"mff.num_heads must be >= 1, got {self.mff.num_heads}")
         if self.projector.depth not in (2, 3):
             raise ConfigError(f"projector.depth must be 2 or 3, got {self.projector.depth}")
+        if self.projector.kind == "fused" and self.projector.depth != 3:
+            raise ConfigError(f"projector.kind fused has 3 layers: set projector.depth 3, got {self.projector.depth}")
         if self.align.loss_weight < 0:
             raise ConfigError(f"align.loss_weight must be >= 0, got {self.align.loss_weight}")
         if self.align.enabled and not self.align.lm_layers:

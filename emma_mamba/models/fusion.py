@@ -224,19 +224,29 @@ def _token_count(tokenizer, text: str) -> int | None:
 
 
 class Projector(nn.Module):
-    """GELU MLP from the ViT width to the LM width: Linear, GELU, Linear[, GELU, Linear]."""
+    """GELU MLP from the ViT width to the LM width: Linear, GELU, Linear[, GELU, Linear] (``kind`` mlp), or
+    Prismatic's fused-GELU MLP (``kind`` fused: in -> hidden (4 x in) -> out -> out, GELU between; Cobra's and the
+    EMMA-Mamba authors' projector)."""
 
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, kind: str = "mlp"):
         super().__init__()
         if depth not in (2, 3):
             raise ValueError(f"projector.depth must be 2 or 3, got {depth}")
-        hidden = hidden_dim or out_dim
         fk = dict(device=device, dtype=dtype)
-        layers: list[nn.Module] = [nn.Linear(in_dim, hidden, **fk), nn.GELU()]
-        if depth == 3:
-            layers += [nn.Linear(hidden, hidden, **fk), nn.GELU()]
-        layers.append(nn.Linear(hidden, out_dim, **fk))
+        if kind == "fused":
+            if depth != 3:
+                raise ValueError(f"projector kind fused has 3 layers, got depth {depth}")
+            hidden = hidden_dim or 4 * in_dim
+            widths = [in_dim, hidden, out_dim, out_dim]
+        elif kind == "mlp":
+            hidden = hidden_dim or out_dim
+            widths = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+        else:
+            raise ValueError(f"projector.kind must be mlp or fused, got {kind!r}")
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths, widths[1:])):
+            layers += ([nn.GELU()] if i else []) + [nn.Linear(a, b, **fk)]
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

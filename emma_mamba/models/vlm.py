@@ -126,7 +126,8 @@ class EmmaMamba(nn.Module):
         del clip
 
         lm_cfg = _mamba_config(config, MambaConfig)
-        self.projector = Projector(width, lm_cfg.d_model, config.projector.depth, config.projector.hidden_dim, **fk)
+        self.projector = Projector(width, lm_cfg.d_model, config.projector.depth, config.projector.hidden_dim, **fk,
+                                   kind=config.projector.kind)
         lm_device = _lm_device if _lm_device is not None else device
         if config.lm.pretrained and load_pretrained and torch.device(lm_device or "cpu").type != "meta":
             self.lm = MambaLM.from_pretrained(config.lm.pretrained, device=lm_device, dtype=dtype)

@@ -191,6 +191,35 @@ def test_projector(depth):
         Projector(C, 48, 4)
 
 
+def test_fused_projector_is_prismatics_shape_and_formula():
+    """kind fused (Cobra's and the EMMA-Mamba authors' projector): in -> 4 in -> out -> out, GELU between, by hand;
+    the EMMA-Mamba dinosiglip widths counted; a depth other than 3 is refused by the config and the module."""
+    from emma_mamba.config import ConfigError
+
+    proj = Projector(C, 48, 3, kind="fused")
+    lins = [m for m in proj.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lins] == [(C, 4 * C), (4 * C, 48), (48, 48)]
+    x = torch.randn(B, N, C)
+    ref = F.gelu(F.gelu(x @ lins[0].weight.T + lins[0].bias) @ lins[1].weight.T + lins[1].bias)
+    torch.testing.assert_close(proj(x), ref @ lins[2].weight.T + lins[2].bias, rtol=1e-5, atol=1e-5)
+    # the authors' widths: the 2176-wide DINOv2 + SigLIP tokens into mamba-2.8b's 2560
+    big = Projector(2176, 2560, 3, kind="fused", device="meta")
+    assert sum(p.numel() for p in big.parameters()) == (2176 * 8704 + 8704) + (8704 * 2560 + 2560) + (2560 * 2560 + 2560)
+    with pytest.raises(ValueError, match="fused has 3 layers"):
+        Projector(C, 48, 2, kind="fused")
+    cfg = get_preset("tiny")
+    cfg.projector.kind = "fused"
+    with pytest.raises(ConfigError, match="set projector.depth 3"):
+        cfg.validate()
+    cfg.projector.depth = 3
+    from emma_mamba.models.vlm import EmmaMamba
+
+    m = EmmaMamba(cfg.validate(), for_training=False)
+    widths = [(l.in_features, l.out_features) for l in m.projector.mlp if isinstance(l, torch.nn.Linear)]
+    v = widths[0][0]
+    assert widths == [(v, 4 * v), (4 * v, cfg.lm.d_model), (cfg.lm.d_model, cfg.lm.d_model)]
+
+
 def test_siglip_style_text_tower_with_local_hf_tokenizer(tmp_path):
     # The timm/CustomTextCLIP path (as SigLIP): HF tokenizer read from a local directory, never downloaded.
     from tokenizers import Tokenizer, models, pre_tokenizers
