@@ -86,6 +86,11 @@ class VisionConfig:
     preprocess_tag's, e.g. CLIP's resize + center crop, SigLIP's squash); 'crop' = resize the shorter side, crop
     the center; 'squash' = resize both sides (Prismatic/Cobra's resize-naive); 'letterbox' = pad to a square with
     the mean colour first, keeping the whole image undistorted (LLaVA-1.5's image_aspect_ratio 'pad')."""
+    image_position: Literal["in_turn", "before_turn"] = "in_turn"
+    """Where an image's visual tokens sit in the chat prompt, in training and at inference alike. in_turn: at its
+    placeholder inside the user turn (LLaVA's ``<|user|>\n<image>\n{question}``); before_turn: before the turn's
+    user marker (``<image><|user|>\n{question}``: Cobra's and the EMMA-Mamba authors' layout, the visual tokens
+    ahead of the whole prompt)."""
     taps: list[int] = field(default_factory=lambda: [-2])
     """ViT block indices whose patch tokens feed MFF (negative counts from the end); the last is the main tap."""
     freeze: bool = True

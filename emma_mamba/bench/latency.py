@@ -489,7 +489,6 @@ def run(args) -> int:
     from emma_mamba import ops
     from emma_mamba.bench.kernels import machine_info
     from emma_mamba.models.baseline import count_parameters, describe_match
-    from emma_mamba.models.vlm import build_chat_prompt
 
     load_before = os.getloadavg()
     emma, base, name = build_models(args, device, dtype)
@@ -528,7 +527,7 @@ def run(args) -> int:
         for k in args.images:
             g = torch.Generator().manual_seed(args.seed + k)
             pixels = torch.randn(k, 3, H, W, generator=g).to(device, dtype)
-            text = build_chat_prompt("Describe the image in detail.", k, emma.config.image_token)
+            text = emma.build_prompt("Describe the image in detail.", k)
             ids = torch.tensor([emma.tokenizer.encode(text)], device=device)
             inst = (emma.tokenize_instructions(["Describe the image in detail."] * k).to(device)
                     if emma.instruction is not None else None)

@@ -61,7 +61,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "IGNORE_INDEX", "chat_segments", "preprocess_image", "data_sources", "repeat_indices"]
+           "REASONS", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources", "repeat_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
 
 
 def _strip_placeholders(text: str, token: str) -> str:
+    """The text without placeholders and with its whitespace collapsed (an instruction for instruction fusion)."""
     return " ".join(text.replace(token, " ").split()) if token in text else text.strip()
 
 
@@ -237,17 +238,31 @@ def preprocess_image(path: str | Path, image_processor) -> torch.Tensor:
         raise DataError(str(e), "corrupt_image") from None
 
 
+def hoist_images(question: str, image_token: str) -> tuple[str, str]:
+    """(the turn's placeholders, the question without them) for ``vision.image_position: before_turn``; a
+    placeholder's own line break goes with it, the question's other line breaks stay."""
+    n = question.count(image_token)
+    if not n:
+        return "", question
+    rest = question.replace(image_token + "\n", "").replace("\n" + image_token, "").replace(image_token, "")
+    return image_token * n, rest.strip()
+
+
 def chat_segments(pairs: Sequence[tuple[str, str | None]], template: str, turn_end: str,
-                  turn_sep: str) -> list[tuple[str, bool]]:
+                  turn_sep: str, hoist_token: str | None = None) -> list[tuple[str, bool]]:
     """A conversation of (question, answer) turns as (text, trained_on) pieces, each tokenised on its own: the
     question in ``template``, the answer followed by ``turn_end`` (the trained pieces), ``turn_sep`` between
     turns. An answer of None (the turn a model is to answer, ``emma-mamba serve``) ends the pieces after its
-    question."""
+    question. ``hoist_token``: that placeholder moved ahead of its turn's template (``image_position:
+    before_turn``, :func:`hoist_images`)."""
     out = []
     for k, (question, answer) in enumerate(pairs):
         if k:
             out.append((turn_sep, False))
-        out.append((template.format(prompt=question), False))
+        ahead = ""
+        if hoist_token is not None:
+            ahead, question = hoist_images(question, hoist_token)
+        out.append((ahead + template.format(prompt=question), False))
         if answer is not None:
             out.append((answer + turn_end, True))
     return out
@@ -265,13 +280,14 @@ class LlavaDataset:
         """The dataset of data config ``cfg`` as ``model`` (an EmmaMamba, possibly meta-built) reads it: its
         tokenizer, image placeholder, visual tokens per image and image preprocessing."""
         return cls(cfg, model.tokenizer, model.config.image_token, model.image_token_id, model.vision.num_tokens,
-                   model.image_processor)
+                   model.image_processor, model.config.vision.image_position)
 
     def __init__(self, cfg, tokenizer, image_token: str, image_token_id: int, num_image_tokens: int,
-                 image_processor=None):
+                 image_processor=None, image_position: str = "in_turn"):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.image_token, self.image_token_id = image_token, image_token_id
+        self.image_position = image_position  # vision.image_position: where a turn's visual tokens go
         self.N = num_image_tokens
         self.image_processor = image_processor
         self._image_cache: dict[str, torch.Tensor] = {}  # path -> (3, H, W), data.image_cache_mb
@@ -359,7 +375,9 @@ class LlavaDataset:
         n_ph = sum(counts)
         if len(images) == 1 and n_ph <= 1:
             k = counts.index(1) if n_ph else 0
-            turns[k] = (HUMAN, f"{tok}\n" + _strip_placeholders(turns[k][1], tok))
+            # as LLaVA's preprocess_multimodal: the placeholder removed, the text stripped, its line breaks kept
+            # (the question's "\nAnswer the question using a single word or phrase." as eval's prompt has it)
+            turns[k] = (HUMAN, f"{tok}\n" + turns[k][1].replace(tok, "").strip())
         elif n_ph != len(images):
             self.issues("placeholder_mismatch", where, f"{n_ph} {tok} placeholder(s) but {len(images)} image(s)")
             return None
@@ -376,7 +394,8 @@ class LlavaDataset:
         """The templated conversation as (text, trained_on) pieces."""
         c = self.cfg
         pairs = [(turns[i][1], turns[i + 1][1]) for i in range(0, len(turns), 2)]
-        return chat_segments(pairs, c.prompt_template, c.turn_end, c.turn_sep)
+        hoist = self.image_token if self.image_position == "before_turn" else None
+        return chat_segments(pairs, c.prompt_template, c.turn_end, c.turn_sep, hoist)
 
     def _build(self, records, source: int = 0) -> list[Sample]:
         r = self.report

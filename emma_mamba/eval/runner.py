@@ -619,12 +619,11 @@ def _open_images(batch: Sequence[Question]) -> list[list]:
 
 def _model_option_fn(model):
     """The options' probabilities as each question's reply (closed-set tasks), from an EmmaMamba."""
-    from emma_mamba.models.vlm import build_chat_prompt
 
     fuse = model.instruction is not None
 
     def option_probabilities(batch: Sequence[Question], prompts: Sequence[str], options) -> list[list[float]]:
-        texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
+        texts = [model.build_prompt(p, 1) for p in prompts]
         probs = model.option_probabilities(texts, _open_images(batch), [spellings(o) for o in options],
                                            [[p] for p in prompts] if fuse else None)
         return probs.tolist()
@@ -635,7 +634,6 @@ def _model_option_fn(model):
 def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):
     """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
     from emma_mamba.inference.generate import GenerationConfig
-    from emma_mamba.models.vlm import build_chat_prompt
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
                            eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs,
@@ -643,7 +641,7 @@ def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, comp
     fuse = model.instruction is not None
 
     def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:
-        texts = [build_chat_prompt(p, 1, model.config.image_token) for p in prompts]
+        texts = [model.build_prompt(p, 1) for p in prompts]
         instructions = [[p] for p in prompts] if fuse else None
         result = model.generate(texts, _open_images(batch), instructions, config=cfg)
         return [t.strip() for t in result.texts]

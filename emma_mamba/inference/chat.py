@@ -36,7 +36,7 @@ import torch
 
 from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaLM
-from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba, build_chat_prompt
+from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba
 
 __all__ = ["ChatSession", "TurnStats", "model_fingerprint", "pending_tokens"]
 
@@ -230,6 +230,6 @@ class ChatSession:
             ids = self.tokenizer.encode(CHAT_TEMPLATE.format(prompt=question))
             return dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
         images = [] if self.image is None else [self.image]
-        text = build_chat_prompt(question, len(images), self.vlm.config.image_token)
+        text = self.vlm.build_prompt(question, len(images))
         instructions = [question] if images and self.vlm.instruction is not None else None
         return dict(inputs_embeds=self.vlm.prompt_embeds(text, images, instructions)[0])

@@ -181,13 +181,14 @@ def parse_messages(messages, allow_images: bool, allow_local: bool) -> tuple[lis
     return turns, dropped
 
 
-def conversation_ids(tokenizer, turns: list[_Turn],
-                     image_token: str) -> tuple[list[int], list, list[str], tuple[int, int]]:
+def conversation_ids(tokenizer, turns: list[_Turn], image_token: str,
+                     image_position: str = "in_turn") -> tuple[list[int], list, list[str], tuple[int, int]]:
     """(token ids, images in order, one instruction per image, (ids, images) of the history before the last, open
     turn): the multi-turn stream training builds (:func:`emma_mamba.data.llava.chat_segments`), each segment
     tokenised on its own (see the module docstring)."""
     pairs = [("".join(f"{image_token}\n" for _ in t.images) + t.text, t.answer) for t in turns]
-    pieces = [tokenizer.encode(text) for text, _ in chat_segments(pairs, CHAT_TEMPLATE, TURN_END, TURN_SEP)]
+    hoist = image_token if image_position == "before_turn" else None
+    pieces = [tokenizer.encode(text) for text, _ in chat_segments(pairs, CHAT_TEMPLATE, TURN_END, TURN_SEP, hoist)]
     # the open turn is its separator and its question: the history, where a carried state resumes, ends before
     n_history = sum(len(p) for p in pieces[:-2]) if len(turns) > 1 else 0
     images = [im for t in turns for im in t.images]
@@ -290,7 +291,9 @@ class ChatService:
     def _inputs(self, body: dict):
         turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)
         image_token = self.vlm.config.image_token if self.vlm is not None else "<image>"
-        ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token)
+        position = self.vlm.config.vision.image_position if self.vlm is not None else "in_turn"
+        ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token,
+                                                                              position)
         # the history before the last user turn may have a carried state
         resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
         if self.vlm is None:

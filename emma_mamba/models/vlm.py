@@ -332,8 +332,10 @@ class EmmaMamba(nn.Module):
     # ---------------------------------------------------------------------------------------- generation
 
     def build_prompt(self, prompt: str, num_images: int = 1, template: str = CHAT_TEMPLATE) -> str:
-        """The chat-formatted prompt with ``num_images`` placeholders before the user's text."""
-        return build_chat_prompt(prompt, num_images, self.config.image_token, template)
+        """The chat-formatted prompt with ``num_images`` placeholders before the user's text (or before the
+        turn: ``vision.image_position``)."""
+        return build_chat_prompt(prompt, num_images, self.config.image_token, template,
+                                 self.config.vision.image_position)
 
     @torch.no_grad()
     def prompt_embeds(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None):
@@ -584,8 +586,14 @@ def _check_lm_matches(got, want, path) -> None:
 
 
 def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<image>",
-                      template: str = CHAT_TEMPLATE) -> str:
-    """``template`` filled with ``num_images`` placeholders (one per line) followed by the user's prompt."""
+                      template: str = CHAT_TEMPLATE, image_position: str = "in_turn") -> str:
+    """``template`` filled with ``num_images`` placeholders (one per line) followed by the user's prompt; with
+    ``image_position`` before_turn the placeholders precede the template instead (as training lays them out:
+    :func:`emma_mamba.data.llava.chat_segments`)."""
+    if image_position == "before_turn":
+        return image_token * num_images + template.format(prompt=prompt)
+    if image_position != "in_turn":
+        raise ValueError(f"image_position must be in_turn or before_turn, got {image_position!r}")
     body = "".join(f"{image_token}\n" for _ in range(num_images)) + prompt
     return template.format(prompt=body)
 
@@ -731,7 +739,7 @@ def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], No
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
-    text = build_chat_prompt(prompt, 1, model.config.image_token, template)
+    text = build_chat_prompt(prompt, 1, model.config.image_token, template, model.config.vision.image_position)
     if config is None:
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                eos_token_id=model.tokenizer.eos_token_id)

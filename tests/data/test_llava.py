@@ -89,6 +89,33 @@ def test_template_tokens_and_labels_match_hand_written_conversation(folder, tok)
     assert s.input_ids.count(image_id) == 1
 
 
+def test_images_before_the_turn_match_a_hand_written_conversation_and_inference(folder, tok):
+    """vision.image_position before_turn (Cobra's and the EMMA-Mamba authors' layout): each turn's placeholders
+    ahead of its user marker, the question's own line breaks kept (as in_turn keeps them: LLaVA's
+    preprocess_multimodal); the first prompt is what inference builds."""
+    t, image_id = tok
+    conv = [{"from": "human", "value": "What is it?\nAnswer briefly. <image>"}, {"from": "gpt", "value": "A cat."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]
+    (path := folder / "d.json").write_text(json.dumps([rec(0, conv=conv)]))
+    ds = LlavaDataset(DataConfig(json=str(path), image_folder=str(folder / "img")), t, "<image>", image_id, N,
+                      image_position="before_turn")
+    s = ds.samples[0]
+    text = ("<image><|user|>\nWhat is it?\nAnswer briefly.<|endoftext|>\n<|assistant|>\nA cat.<|endoftext|>\n"
+            "<|user|>\nColour?<|endoftext|>\n<|assistant|>\nGrey.<|endoftext|>")
+    assert s.input_ids == t.encode(text) and s.input_ids[0] == image_id
+    prompt = build_chat_prompt("What is it?\nAnswer briefly.", 1, image_position="before_turn")
+    assert prompt == "<image><|user|>\nWhat is it?\nAnswer briefly.<|endoftext|>\n<|assistant|>\n"
+    assert s.input_ids[: len(t.encode(prompt))] == t.encode(prompt)
+    assert build_chat_prompt("Q", 2, image_position="before_turn").startswith("<image><image><|user|>\nQ")
+    with pytest.raises(ValueError, match="image_position must be"):
+        build_chat_prompt("Q", 1, image_position="after")
+    # in_turn keeps the question's line breaks as well (they used to be collapsed into spaces, so a first turn
+    # "<image>\nQ?\nAnswer the question using a single word or phrase." trained on another prompt than eval sends)
+    s = LlavaDataset(DataConfig(json=str(path), image_folder=str(folder / "img")), t, "<image>", image_id, N).samples[0]
+    prompt = build_chat_prompt("What is it?\nAnswer briefly.", 1)
+    assert s.input_ids[: len(t.encode(prompt))] == t.encode(prompt)
+
+
 def test_placeholder_added_when_missing_and_multi_image_kept_in_place(folder, tok):
     t, image_id = tok
     r0 = rec(0, conv=[{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Blue."}])

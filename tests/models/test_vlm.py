@@ -355,6 +355,22 @@ def test_batch_embeds_encode_every_prompts_images_together_as_one_by_one(model, 
         model.batch_embeds(ids, images[:2], instructions)
 
 
+def test_images_before_the_turn_reach_every_inference_prompt():
+    """vision.image_position before_turn: build_prompt (generate, eval, chat, visualize) and answer() put the
+    placeholder ahead of the user marker; the default keeps it in the turn."""
+    cfg = get_preset("tiny")
+    cfg.vision.image_position = "before_turn"
+    torch.manual_seed(0)
+    m = EmmaMamba(cfg, for_training=False).eval()
+    assert m.build_prompt("What is it?") == "<image><|user|>\nWhat is it?<|endoftext|>\n<|assistant|>\n"
+    assert make_model().build_prompt("What is it?") == "<|user|>\n<image>\nWhat is it?<|endoftext|>\n<|assistant|>\n"
+    seen = []
+    real = m.batch_embeds
+    m.batch_embeds = lambda ids, *a, **k: (seen.append(list(ids[0])), real(ids, *a, **k))[1]
+    answer(m, IMAGES[0], "What is it?", max_new_tokens=2)
+    assert seen[0][0] == m.image_token_id  # the visual tokens come first
+
+
 def test_option_probabilities_equal_the_training_forward(model):
     """Closed-set scoring (VSR's True/False, TallyQA's letters) against the training forward over prompt + reply:
     each option's probability is its reply tokens' (tokenised alone, as training tokenises an answer) product of
