@@ -58,7 +58,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
 
     from emma_mamba import __version__
     from emma_mamba.config import save_config
-    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases, load, weight_names
+    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases, has_align_head_weights, load
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -67,8 +67,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
         raise FileExistsError(f"--out {out} exists and is not an empty directory; give a new one")
     if keep_align_head and lm_only:
         raise ValueError("--keep-align-head and --lm-only exclude each other (the LM alone has no alignment head)")
-    has_head = any(k.startswith("align_head.") for k in weight_names(checkpoint))
-    if keep_align_head and not has_head:
+    if keep_align_head and not has_align_head_weights(checkpoint):
         raise ValueError(f"--keep-align-head: {checkpoint} holds no alignment-head weights")
     model = load(checkpoint, for_training=keep_align_head)
     meta = {"format": "pt", "emma_mamba": __version__, "exported_from": str(checkpoint), "dtype": dtype}

@@ -31,17 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
 
 
-def _has_align_head(ckpt: Path) -> bool:
-    from emma_mamba.models.vlm import weight_names
-
-    return any(k.startswith("align_head.") for k in weight_names(ckpt))
-
-
 def run(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from emma_mamba.inference.visualize import activation_maps, plot_maps, reconstruction, write_maps
-    from emma_mamba.models.vlm import load
+    from emma_mamba.models.vlm import has_align_head_weights, load
 
     try:
         with Image.open(args.image) as im:
@@ -50,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba visualize: --image {args.image}: cannot read the image ({e})", file=sys.stderr)
         return 2
     try:
-        if args.reconstruction and not _has_align_head(Path(args.checkpoint)):
+        if args.reconstruction and not has_align_head_weights(args.checkpoint):
             raise ValueError(f"--reconstruction: {args.checkpoint} holds no alignment-head weights (trained "
                              f"without align.enabled, or saved for inference)")
         model = load(args.checkpoint, device=args.device, for_training=args.reconstruction).eval()

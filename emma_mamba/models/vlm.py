@@ -683,6 +683,11 @@ def weight_names(path: str | os.PathLike) -> list[str]:
                             f"state/)")
 
 
+def has_align_head_weights(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory holds the pixel-wise alignment head's weights (a training-time save)."""
+    return any(k.startswith("align_head.") for k in weight_names(path))
+
+
 def _read_sharded(d: Path, skip) -> dict:
     """The model state of a sharded training checkpoint (checkpoint.format: sharded), a LoRA run's adapters
     merged into their weights as a full checkpoint holds them."""
