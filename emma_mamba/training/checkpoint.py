@@ -182,7 +182,8 @@ def _save_description(model: nn.Module, path: Path, run_cfg) -> None:
 
 def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
     """dcp.save / dcp.load of ``state`` at ``path``; ``no_dist``: this process alone (DCP's warning that it
-    assumes so is expected here, and silenced). A load reads only plain data (see :func:`_check_metadata`)."""
+    assumes so is expected here, and silenced). A load reads only plain data (see :func:`_check_metadata`); its
+    failure (a refused entry, a missing or truncated shard file) is one RuntimeError naming ``path``."""
     import inspect
     import warnings
 
@@ -202,9 +203,10 @@ def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
             if planner is None:
                 raise
             if planner.refused:
-                raise RuntimeError(planner.refused) from None
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise RuntimeError(f"{type(e).__name__}: {first}") from e
+                raise RuntimeError(f"{path}: {planner.refused}") from None
+            # DCP's CheckpointException holds each rank's traceback: its last line is the error itself
+            last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
+            raise RuntimeError(f"{path}: reading the checkpoint failed ({last}); it is incomplete or corrupt") from e
 
 
 # DCP unpickles its .metadata with pickle.load and its non-tensor entries with torch.load(weights_only=False): a
@@ -308,11 +310,7 @@ def read_sharded_model(path: str | Path, skip=lambda key: False) -> dict:
     if not is_sharded(path):
         raise FileNotFoundError(f"{path} has no {SHARDED_DIR}/.metadata: not a sharded checkpoint (or an incomplete one)")
     sd = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in _sharded_model_meta(path).items() if not skip(k)}
-    try:
-        _dcp(dcp.load, {"model": sd}, path / SHARDED_DIR, True)
-    except Exception as e:  # noqa: BLE001 - a missing or truncated shard file: say which checkpoint
-        raise RuntimeError(f"{path / SHARDED_DIR}: reading the model state failed ({type(e).__name__}: {e}); "
-                           f"the checkpoint is incomplete or corrupt") from e
+    _dcp(dcp.load, {"model": sd}, path / SHARDED_DIR, True)  # a bad shard file: an error naming the checkpoint
     return sd
 
 
@@ -414,11 +412,7 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: Di
     if bad:
         raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run (saved vs this run's "
                            f"shapes): {'; '.join(bad[:4])}")
-    try:
-        _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
-    except Exception as e:  # noqa: BLE001 - a missing or truncated shard file: say which checkpoint
-        raise RuntimeError(f"{path / SHARDED_DIR}: reading the checkpoint failed ({type(e).__name__}: {e}); it is "
-                           f"incomplete or corrupt: resume from another step") from e
+    _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 

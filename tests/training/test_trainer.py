@@ -481,6 +481,12 @@ def test_a_sharded_checkpoint_never_runs_code_from_its_files(shapes, tmp_path):
     state = {"lr": 0.0, "w": torch.ones(2)}  # what DCP itself would have done
     dcp.load(state, checkpoint_id=str(evil), no_dist=True)
     assert marker.exists()
+    # a shard file lost in a copy: named, for a load and a resume alike
+    (ckpt / "state" / "__0_0.distcp").unlink()
+    with pytest.raises(RuntimeError, match=r"reading the checkpoint failed \(FileNotFoundError.*__0_0.distcp"):
+        emma_mamba.load(ckpt)
+    with pytest.raises(RuntimeError, match="it is incomplete or corrupt"):
+        Trainer(make_cfg(shapes, tmp_path / "c", **kw), resume=str(ckpt))
 
 
 def test_profile_writes_a_trace_of_the_chosen_steps_and_changes_no_result(shapes, tmp_path, caplog):
