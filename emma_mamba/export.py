@@ -70,11 +70,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     if keep_align_head and not has_align_head_weights(checkpoint):
         raise ValueError(f"--keep-align-head: {checkpoint} holds no alignment-head weights")
     model = load(checkpoint, for_training=keep_align_head)
-    meta = {"format": "pt", "emma_mamba": __version__, "exported_from": str(checkpoint), "dtype": dtype}
     out.mkdir(parents=True, exist_ok=True)
     if lm_only:
-        _export_lm(model, out, DTYPES[dtype], meta)
+        _export_lm(model, out, DTYPES[dtype])
         return out
+    meta = {"format": "pt", "emma_mamba": __version__, "exported_from": str(checkpoint), "dtype": dtype}
     sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
     sd = _drop_tied_aliases(model, sd)  # safetensors refuses shared storage
     save_config(model.config, out / CONFIG_NAME)
@@ -83,19 +83,18 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     return out
 
 
-def _export_lm(model, out: Path, dtype: torch.dtype, meta: dict) -> None:
+def _export_lm(model, out: Path, dtype: torch.dtype) -> None:
     """The LM in transformers' layout, with the model's tokenizer as transformers loads it verbatim
     (``tokenizer_config.json``: PreTrainedTokenizerFast over tokenizer.json) and its special-token ids."""
-    from safetensors.torch import load_file, save_file
-
-    model.lm.save_pretrained(out, layout="hf")
+    if dtype is not torch.float32:  # cast in place before the one write (the model was loaded for this export)
+        lm = model.lm
+        for name, t in list(lm.named_parameters()) + list(lm.named_buffers()):
+            if t.is_floating_point() and not name.endswith(KEEP_FP32):
+                t.data = t.data.to(dtype)
+    model.lm.save_pretrained(out, layout="hf")  # config.json's dtype: the embedding's, the export dtype
     conf = json.loads((out / "config.json").read_text())
     tok = model.tokenizer
     conf.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    weights = out / "model.safetensors"
-    if dtype is not torch.float32:  # re-store the written tensors in the export dtype
-        save_file(_cast(load_file(str(weights)), dtype), str(weights), metadata=meta)
-        conf["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     tok.save(out)
     name = tok.backend.id_to_token

@@ -71,6 +71,16 @@ def test_the_lm_alone_loads_in_transformers_with_our_logits_and_tokenizer(ckpt, 
     text = "What is in the image? <image> A red circle."
     assert tok(text)["input_ids"] == model.tokenizer.encode(text)
     assert tok.eos_token_id == hf.config.eos_token_id == model.tokenizer.eos_token_id
+    # in bf16: the SSM parameters kept fp32, the rest rounded; transformers reads it as a bf16 model
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "lm16"), "--lm-only",
+                 "--dtype", "bf16"]) == 0
+    stored = _dtypes(tmp_path / "lm16" / "model.safetensors")
+    assert all(v == ("F32" if k.endswith(KEEP_FP32) else "BF16") for k, v in stored.items())
+    assert any(k.endswith("A_log") for k in stored)
+    hf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "lm16")
+    assert hf16.config.dtype == torch.bfloat16
+    want = model.lm.state_dict()["embeddings.weight"].bfloat16()
+    assert torch.equal(hf16.get_input_embeddings().weight.detach().to(torch.bfloat16), want)
 
 
 def test_export_errors(ckpt, tmp_path, capsys):
