@@ -167,6 +167,14 @@ class LMConfig:
     outputs in the residual stream, and a 2-block LM stayed at chance (50 %) on a symbolic "is X among these
     tokens?" task after 2000 AdamW steps, where 0.1 reached 93 % at 1000 and 98 % at 2000
     (benchmarks/recall_probe.py; tests/models/test_mamba_lm.py keeps this check)."""
+    ssm_layer: Literal["mamba1", "mamba2"] = "mamba1"
+    """The mixer: "mamba1" (mamba-*, mamba-2.8b-zephyr) or "mamba2" (the state-spaces/mamba2-* models: per-head
+    scalar A and dt, B/C in groups, a gated RMSNorm; run on the same selective-scan kernels). A Mamba-2 LM
+    uses d_state 128, headdim 64, ngroups 1 and pad_vocab_size_multiple 16 in the public checkpoints."""
+    headdim: int = 64
+    """Mamba-2 only: channels per head (d_inner must be a multiple)."""
+    ngroups: int = 1
+    """Mamba-2 only: groups of heads sharing B and C."""
     pretrained: str | None = None
     """Local Mamba checkpoint directory (state-spaces or *-hf layout) loaded at build time; None = random init."""
     tokenizer: str | None = None

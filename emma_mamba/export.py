@@ -14,7 +14,7 @@ LoRA run's, whose adapters are merged) and writes:
   keeps the ``<image>`` token the model added; image prompts still need ``emma-mamba`` (the vision side).
 
 ``--dtype bf16`` / ``fp16`` stores the weights in half precision (half the size; ``emma_mamba.load`` casts them
-back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and ``dt_proj.bias``, kept in fp32 as
+back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and the dt bias (``dt_proj.bias``; Mamba-2: ``dt_bias``), kept in fp32 as
 mamba-ssm keeps them under mixed precision (their rounding moves the recurrence's decay). An existing non-empty
 ``--out`` is refused (nothing is overwritten).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-KEEP_FP32 = ("A_log", "D", "dt_proj.bias")
+KEEP_FP32 = ("A_log", "D", "dt_proj.bias", "dt_bias")
 """Parameter names ending so stay fp32 in a half-precision export."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -73,7 +73,13 @@ class LoRALinear(nn.Linear):
         return self.weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.bias)
+        """x (..., in) -> (..., out). Training with autograd: in activation space, ``W x + bias + s * B A
+        dropout(x)`` (the frozen W in no weight-gradient GEMM, dropout on the adapter's input; the Mamba-2 mixer's
+        path); otherwise with the merged weight, one GEMM."""
+        if self.training and torch.is_grad_enabled():
+            lora = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            return F.linear(x, self.weight, self.bias) + (self.scaling * lora).to(x.dtype)
+        return F.linear(x, self.merged_weight().to(x.dtype), self.bias)
 
     def gemm_cf_halves(self, h_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixer's in_proj in activation space: ``(W @ h + s * B @ (A @ h))`` for channels-first ``h`` (b, k,
@@ -127,7 +133,10 @@ def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj"
     for i, layer in enumerate(lm.layers):
         mixer = layer.mixer
         for t in targets:
-            base = getattr(mixer, t)
+            base = getattr(mixer, t, None)
+            if base is None:  # Mamba-2 computes dt, B and C in in_proj: no x_proj / dt_proj
+                raise ValueError(f"LoRA target {t}: the {type(mixer).__name__} of this LM has no {t}; its projections "
+                                 f"are {', '.join(n for n in LORA_TARGETS if hasattr(mixer, n))} (train.lora.targets)")
             if base_dtype is not None and base.weight.dtype != base_dtype:
                 base.weight = nn.Parameter(base.weight.detach().to(base_dtype), requires_grad=False)
             setattr(mixer, t, LoRALinear(base, r, alpha, dropout))

@@ -58,7 +58,7 @@ from emma_mamba.models.lora import LoRALinear, weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
-    "MambaConfig", "MambaMixer", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",
+    "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",
     "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir",
 ]
 
@@ -117,6 +117,14 @@ class MambaConfig:
     """Std of the embedding init (and of the untied LM head)."""
     rescale_prenorm_residual: bool = True
     """Divide out_proj's init by sqrt(n_layer) (GPT-2 scheme, as mamba-ssm does)."""
+    ssm_layer: str = "mamba1"
+    """The mixer: "mamba1" (the paper's; x_proj / dt_proj, A of shape (d_inner, d_state)) or "mamba2" (Dao & Gu
+    2024, "Transformers are SSMs": A and dt one scalar per head of ``headdim`` channels, B and C from in_proj in
+    ``ngroups`` groups, a gated RMSNorm before out_proj; :class:`Mamba2Mixer`). Both run on the same ops."""
+    headdim: int = 64
+    """Mamba-2: channels per head (d_inner must be a multiple of it)."""
+    ngroups: int = 1
+    """Mamba-2: groups of heads sharing one B and C (must divide the head count)."""
 
     def __post_init__(self):
         def bad(name, want):
@@ -139,10 +147,33 @@ class MambaConfig:
             bad("rms_norm_eps", "positive")
         if not self.initializer_range > 0:
             bad("initializer_range", "positive")
+        if self.ssm_layer not in ("mamba1", "mamba2"):
+            bad("ssm_layer", '"mamba1" or "mamba2"')
+        for name in ("headdim", "ngroups"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "a positive integer")
+        if self.ssm_layer == "mamba2":
+            if self.d_inner % self.headdim:
+                raise ValueError(f"MambaConfig: a Mamba-2 mixer needs d_inner (expand * d_model = {self.d_inner}) "
+                                 f"to be a multiple of headdim {self.headdim}")
+            if self.nheads % self.ngroups:
+                raise ValueError(f"MambaConfig: ngroups {self.ngroups} must divide the head count "
+                                 f"{self.nheads} (d_inner {self.d_inner} / headdim {self.headdim})")
 
     @property
     def d_inner(self) -> int:
         return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        """Mamba-2 heads (d_inner / headdim)."""
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv (and its cached state): x for Mamba-1; x, B and C for Mamba-2."""
+        return self.d_inner + (2 * self.ngroups * self.d_state if self.ssm_layer == "mamba2" else 0)
 
     @property
     def resolved_dt_rank(self) -> int:
@@ -180,6 +211,18 @@ MAMBA_PRESETS: dict[str, dict] = {
     "mamba-790m": dict(d_model=1536, n_layer=48, vocab_size=50277),
     "mamba-1.4b": dict(d_model=2048, n_layer=48, vocab_size=50277),
     "mamba-2.8b": dict(d_model=2560, n_layer=64, vocab_size=50277),
+    # the public state-spaces/mamba2-* shapes (mamba-ssm's Mamba2 defaults: d_state 128, headdim 64, 1 group)
+    "mamba2-tiny": dict(ssm_layer="mamba2", d_model=64, n_layer=2, d_state=16, headdim=16, vocab_size=50277),
+    "mamba2-130m": dict(ssm_layer="mamba2", d_model=768, n_layer=24, d_state=128, vocab_size=50277,
+                        pad_vocab_size_multiple=16),
+    "mamba2-370m": dict(ssm_layer="mamba2", d_model=1024, n_layer=48, d_state=128, vocab_size=50277,
+                        pad_vocab_size_multiple=16),
+    "mamba2-780m": dict(ssm_layer="mamba2", d_model=1536, n_layer=48, d_state=128, vocab_size=50277,
+                        pad_vocab_size_multiple=16),
+    "mamba2-1.3b": dict(ssm_layer="mamba2", d_model=2048, n_layer=48, d_state=128, vocab_size=50277,
+                        pad_vocab_size_multiple=16),
+    "mamba2-2.7b": dict(ssm_layer="mamba2", d_model=2560, n_layer=64, d_state=128, vocab_size=50277,
+                        pad_vocab_size_multiple=16),
 }
 
 
@@ -191,7 +234,8 @@ MAMBA_PRESETS: dict[str, dict] = {
 class MambaCache:
     """Per-layer recurrent state for incremental decoding.
 
-    ``conv_states[i]``: ``(b, d_inner, d_conv)``, the last d_conv inputs of layer i's conv, oldest first.
+    ``conv_states[i]``: ``(b, conv_dim, d_conv)``, the last d_conv inputs of layer i's conv, oldest first (conv_dim:
+    d_inner for Mamba-1, d_inner + 2 * ngroups * d_state for Mamba-2).
     ``ssm_states[i]``: ``(b, d_inner, d_state)`` fp32, the scan state after the last token.
     ``seqlen_offset``: tokens consumed so far (the same for every row); 0 means the states are all zero.
     """
@@ -289,6 +333,48 @@ def param_version(p: torch.Tensor) -> int:
         return 0
 
 
+def _cached_ssm_params(mixer: nn.Module, params: tuple, compute):
+    """``compute()`` (a mixer's fp32 SSM parameters as the ops take them). Without autograd (generation) the
+    result is kept on ``mixer`` between calls until one of ``params`` changes (its version counter moves), which
+    saves an exp over A per layer per decoded token; not inside a torch.compile graph (which cannot compare data
+    pointers, and recomputes the exp as part of the graph)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return compute()
+    key = tuple((p.data_ptr(), param_version(p), p.device, p.dtype) for p in params)
+    if mixer._ssm_cache is None or mixer._ssm_cache[0] != key:
+        with torch.no_grad():
+            mixer._ssm_cache = (key, compute())
+    return mixer._ssm_cache[1]
+
+
+def _init_dt_bias(cfg: MambaConfig, n: int, device) -> torch.Tensor:
+    """``n`` delta biases such that softplus(bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor
+    (mamba-ssm's init of Mamba-1's dt_proj bias and Mamba-2's dt_bias)."""
+    dt = torch.exp(torch.rand(n, device=device, dtype=torch.float32)
+                   * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+    dt = dt.clamp(min=cfg.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
+
+def _prefill_conv_state(cache: MambaCache, layer_idx: int, x: torch.Tensor, seq_idx: torch.Tensor | None):
+    """Before a prefill of ``x`` (b, conv_dim, l) into ``cache``: the conv's initial states (its last d_conv - 1
+    inputs, or None for a fresh cache) and the scan's initial state (or None); then leaves the conv state after
+    this chunk in the cache (its last d_conv inputs, oldest first; zeros where l < d_conv on a fresh cache)."""
+    conv_state = cache.conv_states[layer_idx]
+    conv_init = ssm_init = None
+    if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
+        conv_init = conv_state[..., 1:].to(x.dtype, copy=True)
+        ssm_init = cache.ssm_states[layer_idx].clone()
+    b, w = x.shape[0], conv_state.shape[-1]
+    window = torch.cat([conv_state.to(x.dtype), x[..., -w:]], dim=-1)[..., -w:]  # (b, conv_dim, d_conv)
+    if seq_idx is not None:
+        # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
+        sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
+        window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
+    conv_state.copy_(window)
+    return conv_init, ssm_init
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
 
@@ -318,6 +404,10 @@ class MambaMixer(nn.Module):
         # training: recompute the conv output and delta in the backward instead of keeping them (ops.mamba_inner)
         self.recompute_activations = True
 
+    def projections(self) -> tuple[nn.Linear, ...]:
+        """The mixer's linear layers (initialised by :meth:`MambaLM.reset_parameters`)."""
+        return self.in_proj, self.x_proj, self.out_proj
+
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """mamba-ssm's init of the SSM parameters: S4D-real A, D = 1, and delta in [dt_min, dt_max]."""
@@ -331,28 +421,13 @@ class MambaMixer(nn.Module):
             nn.init.constant_(self.dt_proj.weight, std)
         else:
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(torch.rand(self.d_inner, device=self.dt_proj.bias.device, dtype=torch.float32)
-                       * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-        dt = dt.clamp(min=cfg.dt_init_floor)
-        # inverse softplus, so that softplus(dt_proj.bias) == dt at init
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.copy_(_init_dt_bias(cfg, self.d_inner, self.dt_proj.bias.device))
 
     def _ssm_params(self):
-        """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32.
-
-        Without autograd (generation) they are kept between calls until a parameter changes (its version
-        counter moves), which saves a d_inner x d_state exp per layer per decoded token; not inside a
-        torch.compile graph (which cannot compare data pointers, and recomputes the exp as part of the graph).
-        """
-        params = (self.A_log, self.D, self.dt_proj.bias)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
-        key = tuple((p.data_ptr(), param_version(p), p.device, p.dtype) for p in params)
-        if self._ssm_cache is None or self._ssm_cache[0] != key:
-            with torch.no_grad():
-                self._ssm_cache = (key, (-torch.exp(self.A_log.float()), self.D.float(),
-                                         self.dt_proj.bias.float()))
-        return self._ssm_cache[1]
+        """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32 (kept between no-grad calls:
+        :func:`_cached_ssm_params`)."""
+        return _cached_ssm_params(self, (self.A_log, self.D, self.dt_proj.bias),
+                                  lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: MambaCache | None = None) -> torch.Tensor:
@@ -395,26 +470,13 @@ class MambaMixer(nn.Module):
             return self.out_proj.project_out_cf(out) if lora_out else out
 
         # prefill into the cache: from the cached states (if any), leaving this chunk's last ones
-        conv_init = ssm_init = None
-        conv_state = cache.conv_states[self.layer_idx]
-        ssm_state = cache.ssm_states[self.layer_idx]
-        if cache.seqlen_offset > 0:  # continue from the cached context (chunked prefill)
-            conv_init = conv_state[..., 1:].to(x.dtype, copy=True)  # the last d_conv-1 inputs
-            ssm_init = ssm_state.clone()
-        # the conv state after this chunk: its last d_conv inputs, oldest first (zeros if l < d_conv and fresh)
-        w = self.d_conv
-        window = torch.cat([conv_state.to(x.dtype), x[..., -w:]], dim=-1)[..., -w:]  # (b, d_inner, d_conv)
-        if seq_idx is not None:
-            # a packed row continues its *last* sequence: inputs of earlier sequences are not its context
-            sid = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx[:, -w:]], dim=1)[:, -w:]
-            window = window * (sid == seq_idx[:, -1:])[:, None, :].to(window.dtype)
-        conv_state.copy_(window)
+        conv_init, ssm_init = _prefill_conv_state(cache, self.layer_idx, x, seq_idx)
         out, last_state = ops.mamba_inner(x, z, conv_w, self.conv1d.bias, weight_of(self.x_proj),
                                           weight_of(self.dt_proj), A, D, dt_bias, seq_idx,
                                           out_proj_weight=weight_of(self.out_proj), out_proj_bias=self.out_proj.bias,
                                           conv_initial_states=conv_init, initial_state=ssm_init,
                                           return_last_state=True)
-        ssm_state.copy_(last_state)
+        cache.ssm_states[self.layer_idx].copy_(last_state)
         return out
 
     def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
@@ -432,6 +494,129 @@ class MambaMixer(nn.Module):
         return F.linear(y, weight_of(self.out_proj), self.out_proj.bias)[:, None]
 
 
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(y * SiLU(z)) over groups of ``group_size`` channels (mamba-ssm's
+    ``RMSNormGated`` with norm_before_gate=False, one group per B/C group), computed in fp32."""
+
+    def __init__(self, d: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., d) -> (..., d) in y's dtype."""
+        g = y.float() * F.silu(z.float())
+        g = g.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (g * self.weight.float()).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs", mamba-ssm's ``Mamba2``), run on the selective
+    scan of :mod:`emma_mamba.ops`::
+
+        z, xBC, dt = split(in_proj(h))                   (d_inner, d_inner + 2*ngroups*d_state, nheads)
+        x, B, C = split(SiLU(causal_depthwise_conv1d(xBC)))
+        y = SSM(x, dt, A, B, C, D)                       per head: scalar A_h = -exp(A_log_h), dt_h, D_h
+        out = out_proj(GatedRMSNorm(y, z))
+
+    Mamba-2's SSM is the selective scan with its per-head scalars repeated over the head's ``headdim``
+    channels (A_h over the d_state columns too) and channel c = h * headdim + j reading B/C group
+    c // (d_inner / ngroups), the ops' group layout: so every backend (CUDA, Triton, CPU, reference) runs it,
+    packing (seq_idx), chunked prefill and the decode step included. mamba-ssm computes the same recurrence
+    with its chunked SSD matmuls; here the state is expanded per channel as for Mamba-1 (d_inner x d_state
+    per row, its cached state in Mamba-2's own layout (b, nheads * headdim, d_state)), which is exact but
+    does d_state / 16 times Mamba-1's scan work per channel on a GPU, where SSD's tensor-core chunks are faster.
+    Parameter names and shapes are those of both public layouts (``in_proj``, ``conv1d`` over x, B and C,
+    ``dt_bias``, ``A_log`` and ``D`` per head, ``norm.weight``, ``out_proj``).
+    """
+
+    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.layer_idx = layer_idx
+        self.d_model, self.d_state, self.d_conv = config.d_model, config.d_state, config.d_conv
+        self.d_inner, self.headdim, self.ngroups = config.d_inner, config.headdim, config.ngroups
+        self.nheads, self.conv_dim = config.nheads, config.conv_dim
+        di, h = self.d_inner, self.nheads
+        self.in_proj = nn.Linear(config.d_model, di + self.conv_dim + h, bias=config.bias, **fk)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=config.d_conv, groups=self.conv_dim,
+                                padding=config.d_conv - 1, bias=config.conv_bias, **fk)
+        self.dt_bias = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(h, device=device, dtype=torch.float32))
+        self.norm = GatedRMSNorm(di, di // self.ngroups, eps=config.rms_norm_eps, **fk)
+        self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
+        self._init_cfg = config
+        self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
+        self.recompute_activations = True  # (Mamba-1's fused op only; kept for MambaLM.set_mixer_recompute)
+
+    def projections(self) -> tuple[nn.Linear, ...]:
+        return self.in_proj, self.out_proj
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba-ssm's Mamba2 init: A_h uniform in [1, 16] (stored as log), D = 1, delta in [dt_min, dt_max],
+        the gated norm's weight 1."""
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        self.D.fill_(1.0)
+        self.dt_bias.copy_(_init_dt_bias(self._init_cfg, self.nheads, self.dt_bias.device))
+        self.norm.weight.fill_(1.0)
+
+    def _ssm_params(self):
+        """The per-head A, D and dt bias repeated to the scan's per-channel (d_inner, d_state), (d_inner,),
+        (d_inner,), fp32 (kept between no-grad calls: :func:`_cached_ssm_params`)."""
+        def compute():
+            p, n = self.headdim, self.d_state
+            A = (-torch.exp(self.A_log.float())).repeat_interleave(p)[:, None].expand(-1, n).contiguous()
+            return A, self.D.float().repeat_interleave(p), self.dt_bias.float().repeat_interleave(p)
+        return _cached_ssm_params(self, (self.A_log, self.D, self.dt_bias), compute)
+
+    def _split_xbc(self, xbc: torch.Tensor):
+        """x (b, d_inner, ...), B and C (b, ngroups, d_state, ...) of the conv output (b, conv_dim, ...)."""
+        di, gn = self.d_inner, self.ngroups * self.d_state
+        x, B, C = torch.split(xbc, [di, gn, gn], dim=1)
+        return x, B.unflatten(1, (self.ngroups, self.d_state)), C.unflatten(1, (self.ngroups, self.d_state))
+
+    def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
+                cache: MambaCache | None = None) -> torch.Tensor:
+        """hidden_states (b, l, d_model) -> (b, l, d_model); ``cache`` as in :meth:`MambaMixer.forward`."""
+        if cache is not None and hidden_states.shape[1] == 1:
+            return self._step(hidden_states, cache)
+        A, D, dt_bias = self._ssm_params()
+        z, xbc, dt = torch.split(self.in_proj(hidden_states), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xbc = xbc.transpose(1, 2)  # (b, conv_dim, l), channels-first for the conv
+        conv_init = ssm_init = None
+        if cache is not None:
+            conv_init, ssm_init = _prefill_conv_state(cache, self.layer_idx, xbc, seq_idx)
+        xbc = ops.causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                initial_states=conv_init, seq_idx=seq_idx)
+        x, B, C = self._split_xbc(xbc)  # (b, d_inner, l), (b, g, n, l) x 2
+        delta = dt.transpose(1, 2).repeat_interleave(self.headdim, dim=1)  # (b, nheads, l) -> (b, d_inner, l)
+        y = ops.selective_scan(x, delta, A, B, C, D, delta_bias=dt_bias, delta_softplus=True,
+                               return_last_state=cache is not None, initial_state=ssm_init, seq_idx=seq_idx)
+        if cache is not None:
+            y, last_state = y
+            cache.ssm_states[self.layer_idx].copy_(last_state)
+        return self.out_proj(self.norm(y.transpose(1, 2), z))
+
+    def _step(self, hidden_states: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""
+        A, D, dt_bias = self._ssm_params()
+        z, xbc, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads],
+                                 dim=-1)
+        xbc = ops.causal_conv1d_update(xbc, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
+                                       self.conv1d.bias, activation="silu")  # (b, conv_dim)
+        x, B, C = self._split_xbc(xbc)  # (b, d_inner), (b, g, n) x 2
+        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x,
+                                       dt.repeat_interleave(self.headdim, dim=-1), A, B, C, D, dt_bias=dt_bias,
+                                       dt_softplus=True)
+        return self.out_proj(self.norm(y, z))[:, None]
+
+
 class MambaBlock(nn.Module):
     """Pre-norm residual block: x + Mixer(RMSNorm(x)), the residual kept in fp32 if ``residual_in_fp32``."""
 
@@ -439,7 +624,8 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, device=device, dtype=dtype)
-        self.mixer = MambaMixer(config, layer_idx=layer_idx, device=device, dtype=dtype)
+        mixer = Mamba2Mixer if config.ssm_layer == "mamba2" else MambaMixer
+        self.mixer = mixer(config, layer_idx=layer_idx, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: MambaCache | None = None) -> torch.Tensor:
@@ -477,9 +663,9 @@ class MambaLM(nn.Module):
         if self.lm_head is not None:
             nn.init.normal_(self.lm_head.weight, std=cfg.initializer_range)
         for block in self.layers:
-            m = block.mixer
             block.norm.weight.fill_(1.0)
-            for lin in (m.in_proj, m.x_proj, m.out_proj):
+            m = block.mixer
+            for lin in m.projections():
                 lin.reset_parameters()
                 if lin.bias is not None:
                     nn.init.zeros_(lin.bias)
@@ -533,7 +719,7 @@ class MambaLM(nn.Module):
         cfg = self.config
         device = self.device if device is None else torch.device(device)
         conv_dtype = torch.float32 if dtype is None else dtype
-        conv = [torch.zeros(batch_size, cfg.d_inner, cfg.d_conv, device=device, dtype=conv_dtype)
+        conv = [torch.zeros(batch_size, cfg.conv_dim, cfg.d_conv, device=device, dtype=conv_dtype)
                 for _ in range(cfg.n_layer)]
         ssm = [torch.zeros(batch_size, cfg.d_inner, cfg.d_state, device=device, dtype=torch.float32)
                for _ in range(cfg.n_layer)]
@@ -670,8 +856,8 @@ def _config_from_original(d: dict, where: str) -> MambaConfig:
             raise CheckpointError(f"{where}: missing field {key!r} of the state-spaces layout")
     ssm = dict(d.get("ssm_cfg") or {})
     layer = ssm.pop("layer", "Mamba1")
-    if layer != "Mamba1":
-        raise CheckpointError(f"{where}: ssm_cfg.layer={layer!r}; only Mamba-1 checkpoints are supported")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise CheckpointError(f"{where}: ssm_cfg.layer={layer!r}; Mamba1 and Mamba2 checkpoints are supported")
     if d.get("d_intermediate", 0):
         raise CheckpointError(f"{where}: d_intermediate={d['d_intermediate']} (MLP blocks) is not supported")
     if d.get("attn_layer_idx"):
@@ -682,10 +868,17 @@ def _config_from_original(d: dict, where: str) -> MambaConfig:
     ssm_map = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "dt_rank": "dt_rank",
                "dt_min": "dt_min", "dt_max": "dt_max", "dt_init": "dt_init", "dt_scale": "dt_scale",
                "dt_init_floor": "dt_init_floor", "conv_bias": "conv_bias", "bias": "bias"}
+    if layer == "Mamba2":
+        _check_mamba2_options(ssm, where)
+        ssm_map = {k: k for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "dt_min", "dt_max",
+                                  "dt_init_floor", "conv_bias", "bias")}
+        ssm = {"d_state": 128, **ssm}  # mamba-ssm's Mamba2 default (Mamba-1's is 16)
     unknown = sorted(set(ssm) - set(ssm_map))
     if unknown:
-        raise CheckpointError(f"{where}: unsupported ssm_cfg field(s) {', '.join(unknown)}")
+        raise CheckpointError(f"{where}: unsupported ssm_cfg field(s) {', '.join(unknown)} for {layer}")
     kw = {ssm_map[k]: v for k, v in ssm.items()}
+    if layer == "Mamba2":
+        kw["ssm_layer"] = "mamba2"
     known_top = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
                  "pad_vocab_size_multiple", "tie_embeddings", "d_intermediate", "attn_layer_idx", "attn_cfg",
                  "norm_epsilon"}
@@ -703,12 +896,47 @@ def _config_from_original(d: dict, where: str) -> MambaConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
+def _check_mamba2_options(ssm: dict, where: str) -> None:
+    """Pops the Mamba2 ssm_cfg options that only steer mamba-ssm's init or kernels, and refuses those that change
+    the model into one :class:`Mamba2Mixer` does not compute (naming the field)."""
+    for k in ("A_init_range", "conv_init", "chunk_size", "use_mem_eff_path"):  # init / kernel tiling only
+        ssm.pop(k, None)
+    need = {"rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False}
+    for k, want in need.items():
+        if k in ssm and ssm.pop(k) != want:
+            raise CheckpointError(f"{where}: ssm_cfg.{k} must be {str(want).lower()} (the public Mamba-2 models' "
+                                  f"setting; the other is not supported)")
+    if ssm.pop("d_ssm", None) is not None:
+        raise CheckpointError(f"{where}: ssm_cfg.d_ssm (an SSM narrower than d_inner, with a gated MLP beside it) is "
+                              f"not supported")
+    limit = ssm.pop("dt_limit", None)
+    if limit is not None and _float_pair(limit, f"{where}: ssm_cfg.dt_limit") != (0.0, math.inf):
+        raise CheckpointError(f"{where}: ssm_cfg.dt_limit={limit} clamps delta; only the default (0, inf) is "
+                              f"supported")
+
+
+def _float_pair(v, where: str) -> tuple[float, float]:
+    """A JSON pair of numbers, infinity written as a number, a string, or transformers' {"__float__": "Infinity"}."""
+    def num(x):
+        if isinstance(x, dict) and set(x) == {"__float__"}:
+            x = x["__float__"]
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{where}: expected two numbers, got {v!r}") from None
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise CheckpointError(f"{where}: expected two numbers, got {v!r}")
+    return num(v[0]), num(v[1])
+
+
 def _config_from_hf(d: dict, where: str) -> MambaConfig:
     """transformers MambaConfig config.json -> MambaConfig (vocabulary not padded further: the *-hf
     checkpoints store the already padded embedding and call its size vocab_size)."""
     mt = d.get("model_type", "mamba")
+    if mt == "mamba2":
+        return _config_from_hf2(d, where)
     if mt != "mamba":
-        raise CheckpointError(f"{where}: model_type={mt!r}; only transformers' 'mamba' (Mamba-1) is supported")
+        raise CheckpointError(f"{where}: model_type={mt!r}; transformers' 'mamba' and 'mamba2' are supported")
     for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
         if key not in d:
             raise CheckpointError(f"{where}: missing field {key!r} of the transformers MambaConfig")
@@ -725,6 +953,38 @@ def _config_from_hf(d: dict, where: str) -> MambaConfig:
             dt_rank=d.get("time_step_rank", "auto"), dt_min=d.get("time_step_min", 0.001),
             dt_max=d.get("time_step_max", 0.1), dt_scale=d.get("time_step_scale", 1.0),
             dt_init=d.get("time_step_init_scheme", "random"), dt_init_floor=d.get("time_step_floor", 1e-4),
+            conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
+            bias=_bool(d.get("use_bias", False), f"{where}: use_bias"),
+            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
+            tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
+            pad_vocab_size_multiple=1)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _config_from_hf2(d: dict, where: str) -> MambaConfig:
+    """transformers Mamba2Config config.json -> MambaConfig (vocab_size is the stored embedding's rows)."""
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "head_dim"):
+        if key not in d:
+            raise CheckpointError(f"{where}: missing field {key!r} of the transformers Mamba2Config")
+    if d.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act={d['hidden_act']!r}; the mixer supports 'silu' only")
+    if not _bool(d.get("rms_norm", True), f"{where}: rms_norm"):
+        raise CheckpointError(f"{where}: rms_norm=false (no gated norm) is not supported")
+    if "time_step_limit" in d and _float_pair(d["time_step_limit"], f"{where}: time_step_limit") != (0.0, math.inf):
+        raise CheckpointError(f"{where}: time_step_limit={d['time_step_limit']} clamps delta; only the default "
+                              f"(0, inf) is supported")
+    expand = d.get("expand", 2)
+    if d["num_heads"] * d["head_dim"] != expand * d["hidden_size"]:
+        raise CheckpointError(f"{where}: num_heads * head_dim = {d['num_heads'] * d['head_dim']} but expand * "
+                              f"hidden_size = {expand * d['hidden_size']} (the SSM's width must be d_inner)")
+    try:
+        return MambaConfig(
+            ssm_layer="mamba2", d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
+            d_state=d.get("state_size", 128), d_conv=d.get("conv_kernel", 4), expand=expand,
+            headdim=d["head_dim"], ngroups=d.get("n_groups", 1), dt_min=d.get("time_step_min", 0.001),
+            dt_max=d.get("time_step_max", 0.1), dt_init_floor=d.get("time_step_floor", 1e-4),
             conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
             bias=_bool(d.get("use_bias", False), f"{where}: use_bias"),
             rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
@@ -879,9 +1139,27 @@ def _dtype_name(sd: dict) -> str:
 
 
 def _save_hf(cfg: MambaConfig, own: dict, out: Path, max_shard_size: int | None) -> None:
-    from safetensors.torch import save_file
+    if cfg.ssm_layer == "mamba2":
+        conf = {
+            "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer, "vocab_size": cfg.padded_vocab_size,
+            "state_size": cfg.d_state, "conv_kernel": cfg.d_conv, "expand": cfg.expand, "num_heads": cfg.nheads,
+            "head_dim": cfg.headdim, "n_groups": cfg.ngroups, "chunk_size": 256, "rms_norm": True,
+            "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
+            "use_bias": cfg.bias, "use_conv_bias": cfg.conv_bias, "hidden_act": "silu",
+            "layer_norm_epsilon": cfg.rms_norm_eps, "residual_in_fp32": cfg.residual_in_fp32,
+            "rescale_prenorm_residual": False,  # init-only, but applied to loaded weights (_hf_mamba1_config)
+            "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.initializer_range,
+            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True,
+            "dtype": _dtype_name(own),
+        }
+    else:
+        conf = _hf_mamba1_config(cfg, own)
+    _write_safetensors(conf, own, out, max_shard_size)
 
-    conf = {
+
+def _hf_mamba1_config(cfg: MambaConfig, own: dict) -> dict:
+    return {
         "architectures": ["MambaForCausalLM"], "model_type": "mamba",
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
         # the *-hf layout has no padding field: its vocab_size is the embedding's row count
@@ -899,6 +1177,11 @@ def _save_hf(cfg: MambaConfig, own: dict, out: Path, max_shard_size: int | None)
         "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "use_cache": True,
         "dtype": _dtype_name(own),
     }
+
+
+def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | None) -> None:
+    from safetensors.torch import save_file
+
     tensors = {}
     for k, v in own.items():
         name = k if k.startswith("lm_head.") else "backbone." + k
@@ -929,11 +1212,16 @@ def _save_hf(cfg: MambaConfig, own: dict, out: Path, max_shard_size: int | None)
 
 
 def _save_original(cfg: MambaConfig, own: dict, out: Path) -> None:
+    ssm_cfg = {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand, "dt_rank": cfg.dt_rank,
+               "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init": cfg.dt_init, "dt_scale": cfg.dt_scale,
+               "dt_init_floor": cfg.dt_init_floor, "conv_bias": cfg.conv_bias, "bias": cfg.bias}
+    if cfg.ssm_layer == "mamba2":
+        ssm_cfg = {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
+                   "headdim": cfg.headdim, "ngroups": cfg.ngroups, "dt_min": cfg.dt_min, "dt_max": cfg.dt_max,
+                   "dt_init_floor": cfg.dt_init_floor, "conv_bias": cfg.conv_bias, "bias": cfg.bias}
     conf = {
         "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
-        "ssm_cfg": {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand, "dt_rank": cfg.dt_rank,
-                    "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init": cfg.dt_init, "dt_scale": cfg.dt_scale,
-                    "dt_init_floor": cfg.dt_init_floor, "conv_bias": cfg.conv_bias, "bias": cfg.bias},
+        "ssm_cfg": ssm_cfg,
         "rms_norm": True, "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True,
         "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
         "norm_epsilon": cfg.rms_norm_eps,

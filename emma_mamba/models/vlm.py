@@ -579,7 +579,8 @@ def _mamba_config(config: ModelConfig, MambaConfig):
 
 
 def _check_lm_matches(got, want, path) -> None:
-    for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "padded_vocab_size", "tie_embeddings"):
+    names = ("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand", "padded_vocab_size", "tie_embeddings")
+    for name in names + (("headdim", "ngroups") if want.ssm_layer == "mamba2" else ()):
         if getattr(got, name) != getattr(want, name):
             raise ConfigError(f"lm.pretrained {path}: the checkpoint has {name}={getattr(got, name)} but the config "
                               f"says lm.{name}={getattr(want, name)}; make the config match the checkpoint")
