@@ -338,8 +338,19 @@ def _cobra_like() -> ModelConfig:
     return cfg
 
 
+def _emma_mamba2_2p7b() -> ModelConfig:
+    # the EMMA front (ViT-L/14-336 taps, MFF, instruction fusion, alignment head) on a Mamba-2 LM of the
+    # state-spaces/mamba2-2.7b shape (lm.pretrained: a local copy of it; d_state 128, 80 heads of 64 channels)
+    cfg = _emma_mamba_2p8b()
+    cfg.name = "emma-mamba2-2.7b"
+    cfg.lm = LMConfig(d_model=2560, n_layer=64, vocab_size=50280, ssm_layer="mamba2", d_state=128, headdim=64,
+                      ngroups=1, pad_vocab_size_multiple=16)
+    return cfg
+
+
 PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b,
-           "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip, "cobra-like": _cobra_like}
+           "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip, "cobra-like": _cobra_like,
+           "emma-mamba2-2.7b": _emma_mamba2_2p7b}
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -106,7 +106,8 @@ def run(args) -> int:
     second = (f" + {rep['second_encoder']} taps {rep['second_encoder_taps']} (concatenated, width "
               f"{rep['vision_width']})" if rep["second_encoder"] else "")
     print(f"{rep['config']}: {rep['vision']} taps {rep['taps']}{second} -> {rep['visual_tokens']} visual tokens, "
-          f"Mamba LM d_model {cfg.lm.d_model} x {cfg.lm.n_layer} layers")
+          f"{'Mamba-2' if cfg.lm.ssm_layer == 'mamba2' else 'Mamba'} LM d_model {cfg.lm.d_model} x {cfg.lm.n_layer} "
+          f"layers")
     print(f"{'module':<26}{'params':>12}{'% of total':>12}{'stage1 train':>14}{'stage2 train':>14}")
     for name, r in rep["modules"].items():
         print(f"{name:<26}{_fmt(r['total']):>12}{100 * r['total'] / tot:>11.3f}%"

@@ -500,7 +500,7 @@ def test_every_lm_config_field_reaches_the_mamba_config():
     assert set(shape_fields) <= model_fields, set(shape_fields) - model_fields
     lm = LMConfig(d_model=48, n_layer=3, vocab_size=77, d_state=4, d_conv=3, expand=3, dt_rank=5, conv_bias=False,
                   bias=True, rms_norm_eps=1e-6, residual_in_fp32=False, pad_vocab_size_multiple=16,
-                  tie_embeddings=False, initializer_range=0.05)
+                  tie_embeddings=False, initializer_range=0.05, ssm_layer="mamba2", headdim=24, ngroups=2)
     got = _mamba_config(ModelConfig(lm=lm), MambaConfig)
     for name in shape_fields:  # every value differs from both classes' defaults, so a dropped field fails
         assert getattr(got, name) == getattr(lm, name) != getattr(MambaConfig(), name), name

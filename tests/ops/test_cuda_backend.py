@@ -128,8 +128,11 @@ SCAN_CASES = {
     "fp32-B-bf16-C": (2, 4, 16, 300, torch.bfloat16, ("var32", "var"), None, 1, 1, 1, 1, 1, 1, 1),
     "no-softplus-no-z": (2, 16, 16, 1030, torch.float16, ("var", "var"), None, 0, 1, 1, 0, 1, 1, 0),
     "wide-d": (2, 64, 16, 2048, torch.bfloat16, ("var", "var"), None, 1, 1, 1, 1, 0, 1, 1),
+    # a Mamba-2 layer's scan (Mamba2Mixer): 128 states, B/C in groups, no z
+    "mamba2-n128-groups": (1, 4, 128, 130, torch.bfloat16, ("g2", "g2"), None, 0, 1, 1, 1, 1, 1, 1),
+    "mamba2-wide": (2, 128, 128, 2048, torch.bfloat16, ("var", "var"), None, 0, 1, 1, 1, 0, 1, 1),
 }
-GPU_ONLY_CASES = {"wide-d"}
+GPU_ONLY_CASES = {"wide-d", "mamba2-wide"}
 
 
 def _check_case(t, spec):

@@ -122,6 +122,8 @@ SCAN_CASES = {
     "odd-d-n-group-of-3": (1, 6, 5, 70, torch.float32, ("g2", "const"), 1, 0, 1, 1, 1, 1, 1),
     "fp16": (2, 4, 4, 150, torch.float16, ("var", "var"), 1, 1, 1, 1, 0, 0, 0),
     "bf16-groups-packed": (2, 4, 4, 150, torch.bfloat16, ("g2", "var"), 1, 1, 1, 1, 1, 1, 1),
+    # a Mamba-2 layer's scan: 128 states, B/C in groups, no z (its gate is the norm's)
+    "mamba2-n128-groups": (1, 2, 128, 70, torch.float32, ("g2", "g2"), 0, 1, 1, 1, 1, 1, 1),
 }
 
 
