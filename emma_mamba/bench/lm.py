@@ -1,4 +1,5 @@
-"""`emma-mamba bench lm`: MambaLM against transformers' MambaForCausalLM on the CPU, same weights, one run.
+"""`emma-mamba bench lm`: MambaLM against transformers' MambaForCausalLM on the CPU, same weights, one run
+(``--ssm-layer mamba2``: a Mamba-2 MambaLM against transformers' Mamba2ForCausalLM).
 
 Both models hold the same random weights (ours, mamba init, copied into transformers' model through the
 *-hf tensor names), the same dtype, and run under ``torch.inference_mode`` with the same thread count. The
@@ -39,7 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=768, help="model width (default 768: mamba-130m)")
     p.add_argument("--n-layer", type=int, default=24, help="layers (default 24)")
     p.add_argument("--vocab-size", type=int, default=50280, help="vocabulary (default 50280)")
-    p.add_argument("--d-state", type=int, default=16)
+    p.add_argument("--ssm-layer", choices=("mamba1", "mamba2"), default="mamba1",
+                   help="the mixer (default mamba1, against MambaForCausalLM; mamba2: against Mamba2ForCausalLM)")
+    p.add_argument("--headdim", type=int, default=64, help="Mamba-2 channels per head (default 64)")
+    p.add_argument("--ngroups", type=int, default=1, help="Mamba-2 B/C groups (default 1)")
+    p.add_argument("--d-state", type=int, default=None, help="SSM state size (default 16; 128 for mamba2)")
     p.add_argument("--d-conv", type=int, default=4)
     p.add_argument("--expand", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=2048, help="prefill length (default 2048)")
@@ -67,16 +72,20 @@ def _median_time(fn, repeats: int, warmup: int) -> tuple[float, list[float]]:
 
 
 def _hf_twin(lm, dtype):
-    """transformers' MambaForCausalLM with exactly ``lm``'s weights."""
+    """transformers' MambaForCausalLM (Mamba2ForCausalLM for a Mamba-2 LM) with exactly ``lm``'s weights."""
     import transformers
 
     c = lm.config
-    hc = transformers.MambaConfig(
-        vocab_size=c.padded_vocab_size, hidden_size=c.d_model, state_size=c.d_state, num_hidden_layers=c.n_layer,
-        conv_kernel=c.d_conv, expand=c.expand, time_step_rank=c.resolved_dt_rank, use_bias=c.bias,
-        use_conv_bias=c.conv_bias, layer_norm_epsilon=c.rms_norm_eps, residual_in_fp32=c.residual_in_fp32,
-        tie_word_embeddings=c.tie_embeddings)
-    hf = transformers.MambaForCausalLM(hc).to(dtype).eval()
+    common = dict(vocab_size=c.padded_vocab_size, hidden_size=c.d_model, state_size=c.d_state,
+                  num_hidden_layers=c.n_layer, conv_kernel=c.d_conv, expand=c.expand, use_bias=c.bias,
+                  use_conv_bias=c.conv_bias, layer_norm_epsilon=c.rms_norm_eps, residual_in_fp32=c.residual_in_fp32,
+                  tie_word_embeddings=c.tie_embeddings)
+    if c.ssm_layer == "mamba2":
+        hf = transformers.Mamba2ForCausalLM(transformers.Mamba2Config(
+            **common, num_heads=c.nheads, head_dim=c.headdim, n_groups=c.ngroups, chunk_size=256))
+    else:
+        hf = transformers.MambaForCausalLM(transformers.MambaConfig(**common, time_step_rank=c.resolved_dt_rank))
+    hf = hf.to(dtype).eval()
     sd = {("backbone." + k if not k.startswith("lm_head.") else k): v for k, v in lm.state_dict().items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (c.tie_embeddings and k == "lm_head.weight")]
@@ -105,12 +114,13 @@ def _hide_cuda_only_packages() -> None:
     device, and their CUDA kernels reject CPU tensors. The benchmark runs on the CPU, so it hides them (in this
     process only) before transformers' Mamba module is first imported.
     """
-    if "transformers.models.mamba.modeling_mamba" in sys.modules:
-        mod = sys.modules["transformers.models.mamba.modeling_mamba"]
-        if any(getattr(sys.modules.get(p), "__file__", None) for p in ("mamba_ssm", "causal_conv1d")):
-            raise SystemExit(f"emma-mamba bench lm: transformers' Mamba ({mod.__file__}) was imported with "
-                             f"mamba-ssm/causal-conv1d bound; run the benchmark in a fresh process")
-        return
+    for name in ("transformers.models.mamba.modeling_mamba", "transformers.models.mamba2.modeling_mamba2"):
+        if name in sys.modules:
+            mod = sys.modules[name]
+            if any(getattr(sys.modules.get(p), "__file__", None) for p in ("mamba_ssm", "causal_conv1d")):
+                raise SystemExit(f"emma-mamba bench lm: transformers' Mamba ({mod.__file__}) was imported with "
+                                 f"mamba-ssm/causal-conv1d bound; run the benchmark in a fresh process")
+            return
     for name in ("mamba_ssm", "causal_conv1d"):
         sys.modules.setdefault(name, None)  # None in sys.modules makes `import name` raise ImportError
 
@@ -133,13 +143,21 @@ def run(args) -> int:
             raise SystemExit(f"emma-mamba bench lm: --{name.replace('_', '-')} must be >= 1")
     dtype = _DTYPES[args.dtype]
     torch.manual_seed(0)
-    cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size, d_state=args.d_state,
-                      d_conv=args.d_conv, expand=args.expand)
+    mamba2 = args.ssm_layer == "mamba2"
+    d_state = args.d_state or (128 if mamba2 else 16)
+    try:
+        cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab_size, d_state=d_state,
+                          d_conv=args.d_conv, expand=args.expand, ssm_layer=args.ssm_layer, headdim=args.headdim,
+                          ngroups=args.ngroups)
+    except ValueError as e:
+        raise SystemExit(f"emma-mamba bench lm: {e}") from None
     lm = MambaLM(cfg, dtype=dtype).eval()
     hf = _hf_twin(lm, dtype)
     backend = ops.get_backend("cpu")
     V = cfg.padded_vocab_size
-    print(f"MambaLM vs transformers {transformers.__version__} MambaForCausalLM: d_model {cfg.d_model}, "
+    peer = type(hf).__name__
+    cache_kw = "cache" if mamba2 else "cache_params"  # transformers' names of the recurrent state, in and out
+    print(f"MambaLM vs transformers {transformers.__version__} {peer}: d_model {cfg.d_model}, "
           f"{cfg.n_layer} layers, vocab {V}, d_state {cfg.d_state}, {args.dtype}, backend {backend!r}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
@@ -172,13 +190,13 @@ def run(args) -> int:
 
         def decode_hf():
             res = hf(short, use_cache=True, logits_to_keep=1)
-            cache = res.cache_params
+            cache = getattr(res, cache_kw)
             tok = res.logits[:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
             out = []
             for _ in range(args.new_tokens):
-                res = hf(tok, cache_params=cache, use_cache=True)
-                cache = res.cache_params
+                res = hf(tok, use_cache=True, **{cache_kw: cache})
+                cache = getattr(res, cache_kw)
                 tok = res.logits[:, -1].argmax(-1, keepdim=True)
                 out.append(tok.item())
             return time.perf_counter() - t, out
@@ -227,16 +245,21 @@ def run(args) -> int:
     res = {
         "benchmark": "lm_cpu", "machine": info, "backend": backend, "dtype": args.dtype,
         "inference_mode": True,
+        "peer": peer, "ssm_layer": cfg.ssm_layer,
         "shapes": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": V, "d_state": cfg.d_state,
+                   **({"headdim": cfg.headdim, "ngroups": cfg.ngroups, "nheads": cfg.nheads} if mamba2
+                      else {"dt_rank": cfg.resolved_dt_rank}),
                    "d_conv": cfg.d_conv, "expand": cfg.expand, "d_inner": cfg.d_inner,
-                   "dt_rank": cfg.resolved_dt_rank, "batch": 1, "prompt_len": args.prompt_len,
+                   "batch": 1, "prompt_len": args.prompt_len,
                    "new_tokens": args.new_tokens, "decode_prompt_len": args.decode_prompt_len},
         "repeats": args.repeats, "warmup": args.warmup, "statistic": "median",
-        "transformers_path": "pure PyTorch (mamba-ssm/causal-conv1d not installed), use_mambapy=False",
+        "transformers_path": ("pure PyTorch (mamba-ssm/causal-conv1d not installed): chunked SSD matmuls" if mamba2
+                              else "pure PyTorch (mamba-ssm/causal-conv1d not installed), use_mambapy=False"),
         "last_token_logits_max_abs_diff": max_diff, "greedy_tokens_agree_for": agree,
         "results": results, "ratios": ratios, "targets": TARGETS, "targets_met": met,
     }
-    out = args.out or os.path.join("benchmarks", "results", f"lm_cpu_{cfg.d_model}x{cfg.n_layer}.json")
+    tag = "mamba2_" if mamba2 else ""
+    out = args.out or os.path.join("benchmarks", "results", f"lm_cpu_{tag}{cfg.d_model}x{cfg.n_layer}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)

@@ -374,12 +374,16 @@ def test_cli_generate(tmp_path, capsys):
 
 
 
-def test_bench_lm_runs_and_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_bench_lm_runs_and_writes_json(tmp_path, capsys, mixer):
     out = tmp_path / "lm.json"
+    extra = ["--ssm-layer", "mamba2", "--headdim", "16", "--d-state", "8"] if mixer == "mamba2" else []
     assert cli_main(["bench", "lm", "--d-model", "32", "--n-layer", "1", "--vocab-size", "128", "--prompt-len", "24",
-                     "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+                     "--new-tokens", "4", "--repeats", "1", "--warmup", "0", "--out", str(out), *extra]) == 0
     res = json.loads(out.read_text())
     assert res["shapes"]["d_model"] == 32 and res["shapes"]["prompt_len"] == 24
+    assert res["ssm_layer"] == mixer and res["peer"] == ("Mamba2ForCausalLM" if mixer == "mamba2" else
+                                                         "MambaForCausalLM")
     assert res["last_token_logits_max_abs_diff"] < 1e-4  # the two models really hold the same weights
     assert res["greedy_tokens_agree_for"] == 4
     assert set(res["ratios"]) == {"prefill_speedup", "decode_speedup"} and "torch" in res["machine"]
