@@ -140,7 +140,8 @@ class TrainConfig:
     """Each Mamba mixer's backward recomputes its conv output, delta and scan output instead of keeping them
     (ops.mamba_inner, as mamba-ssm's fast path does): per layer 2 kept (batch, d_inner, seqlen) activations
     instead of 5-6, for one more depthwise conv and a small GEMM (a few % of the layer; the scan's backward
-    recomputes its output anyway). false keeps them."""
+    recomputes its output anyway). false keeps them. Mamba-1 mixers only: a Mamba-2 LM (lm.ssm_layer mamba2) keeps
+    its activations (use train.gradient_checkpointing to trade them for recomputation)."""
     compile: bool = False
     """torch.compile each Mamba block of the LM (one graph per block shape, shared by all blocks; the scan and
     conv kernels sit in it as custom ops): fuses the norms, gates, casts and residual adds around the kernels.
