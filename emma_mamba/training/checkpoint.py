@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emma_mamba.training import TrainingError
 from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
@@ -203,10 +204,10 @@ def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
             if planner is None:
                 raise
             if planner.refused:
-                raise RuntimeError(f"{path}: {planner.refused}") from None
+                raise TrainingError(f"{path}: {planner.refused}") from None
             # DCP's CheckpointException holds each rank's traceback: its last line is the error itself
             last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-            raise RuntimeError(f"{path}: reading the checkpoint failed ({last}); it is incomplete or corrupt") from e
+            raise TrainingError(f"{path}: reading the checkpoint failed ({last}); it is incomplete or corrupt") from e
 
 
 # DCP unpickles its .metadata with pickle.load and its non-tensor entries with torch.load(weights_only=False): a
@@ -244,7 +245,7 @@ def _check_metadata(state_dir: Path) -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found: an incomplete sharded checkpoint") from None
     except Exception as e:  # noqa: BLE001 - refused globals, truncation, another format: name the file
-        raise RuntimeError(f"{path}: not a sharded checkpoint's metadata that loads as plain data ({e}); "
+        raise TrainingError(f"{path}: not a sharded checkpoint's metadata that loads as plain data ({e}); "
                            f"it is refused, as loading never runs code from a file") from e
 
 
@@ -266,7 +267,7 @@ def _plain_data_load_planner():
                             if "Unsupported global" in line), type(e).__name__)
                 self.refused = (f"the checkpoint entry {read_item.dest_index.fqn} is not plain data ({why}); it is "
                                 f"refused, as loading never runs code from a file")
-                raise RuntimeError(self.refused) from e
+                raise TrainingError(self.refused) from e
             value.seek(start)
             super().load_bytes(read_item, value)
 
@@ -296,7 +297,7 @@ def _sharded_model_meta(path: Path) -> dict:
     try:
         meta = dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata()
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: name it
-        raise RuntimeError(f"{path / SHARDED_DIR}: cannot read the sharded checkpoint's metadata ({e})") from e
+        raise TrainingError(f"{path / SHARDED_DIR}: cannot read the sharded checkpoint's metadata ({e})") from e
     return {k[len("model."):]: (tuple(m.size), m.properties.dtype) for k, m in meta.state_dict_metadata.items()
             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
 
@@ -314,6 +315,24 @@ def read_sharded_model(path: str | Path, skip=lambda key: False) -> dict:
     return sd
 
 
+def _read(file: Path, reader):
+    """``reader(file)``, a read failure turned into one TrainingError naming the file (and, in a run's
+    checkpoints folder, the other complete checkpoints to resume from instead)."""
+    try:
+        return reader(file)
+    except TrainingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader's failure (OSError, EOFError, SafetensorError, pickle)
+        others = [str(p) for _, p in sorted(_complete_steps(file.parent.parent)) if p != file.parent]
+        hint = f"; the other checkpoints of this run: {', '.join(others[-3:])}" if others else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"{file} cannot be read ({first}): the checkpoint is incomplete or corrupt{hint}") from e
+
+
+def _torch_read(file: Path):
+    return _read(file, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: DistInfo) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path`` (either layout); returns the saved
     state dict (data position, counters) without the optimizer/scheduler/layout entries."""
@@ -326,16 +345,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
     rng_rank0 = path / "rng_rank0.pt"
     if not rng_rank0.is_file():
         raise FileNotFoundError(f"{path} has no {rng_rank0.name}: not a complete training checkpoint")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    state = _torch_read(state_file)
+    if not isinstance(state, dict) or "scheduler" not in state:
+        raise TrainingError(f"{state_file} is not a trainer state (no scheduler entry): the checkpoint is corrupt")
     if state.get("format") == "sharded":
         _load_sharded(path, model, optimizer, state, info)
     else:
         _load_full(path, model, optimizer, state, info)
     scheduler.load_state_dict(state["scheduler"])
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        set_rng_state(_torch_read(rng_file))
     else:  # more processes than the writing run: rank 0's state, then a seed of this rank's own
-        set_rng_state(torch.load(rng_rank0, map_location="cpu", weights_only=True))
+        set_rng_state(_torch_read(rng_rank0))
         seed = (int(torch.randint(0, 2**31 - 1, (1,))) + 7919 * info.rank) % (2**31 - 1)
         random.seed(seed)
         np.random.seed(seed)
@@ -354,32 +375,38 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
     by_name = all(isinstance(i, str) for g in osd.get("param_groups", []) for i in g["params"])
     lora = has_lora(model)
     if lora and not (path / LORA_FILE).is_file():
-        raise RuntimeError(f"{path} has no {LORA_FILE}: it was not written by a run with train.lora, which this "
+        raise TrainingError(f"{path} has no {LORA_FILE}: it was not written by a run with train.lora, which this "
                            f"run has (resume it with the same train.lora)")
     if not lora and (path / LORA_FILE).is_file():
-        raise RuntimeError(f"{path} was written by a run with train.lora (it has {LORA_FILE}); this run has none: "
+        raise TrainingError(f"{path} was written by a run with train.lora (it has {LORA_FILE}); this run has none: "
                            f"resume it with the same train.lora, or start a new run from it with init_from")
     if is_fsdp(model):
         if not by_name:
-            raise RuntimeError(f"{path}: its optimizer state is keyed by position (a checkpoint of an earlier "
+            raise TrainingError(f"{path}: its optimizer state is keyed by position (a checkpoint of an earlier "
                                f"version, written without FSDP); resume it with parallel.strategy ddp or none")
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         current = _full_model_state(model) if lora else None  # collective
-        sd = load_file(str(path / "model.safetensors")) if info.is_main else {}
+        sd = _read(path / "model.safetensors", lambda f: load_file(str(f))) if info.is_main else {}
         if lora and info.is_main:
-            sd = resume_state(model, current, sd, load_file(str(path / LORA_FILE)), str(path))
+            sd = resume_state(model, current, sd, _read(path / LORA_FILE, lambda f: load_file(str(f))), str(path))
         set_model_state_dict(model, sd, options=opts)
         set_optimizer_state_dict(model, optimizer, osd if info.is_main else {}, options=opts)
     else:
-        sd = load_file(str(path / "model.safetensors"), device=str(info.device))
+        dev = str(info.device)
+        sd = _read(path / "model.safetensors", lambda f: load_file(str(f), device=dev))
         own = model.state_dict()
         if lora:
-            sd = resume_state(model, own, sd, load_file(str(path / LORA_FILE), device=str(info.device)), str(path))
+            sd = resume_state(model, own, sd, _read(path / LORA_FILE, lambda f: load_file(str(f), device=dev)),
+                              str(path))
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         if missing or unexpected:
-            raise RuntimeError(f"{path}/model.safetensors does not match the model of this run: missing "
+            raise TrainingError(f"{path}/model.safetensors does not match the model of this run: missing "
                                f"{missing[:6]}, unexpected {unexpected[:6]}")
+        bad = next((k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)), None)
+        if bad is not None:
+            raise TrainingError(f"{path}/model.safetensors does not match the model of this run: {bad} has shape "
+                                f"{tuple(sd[bad].shape)} there, {tuple(own[bad].shape)} here")
         model.load_state_dict(sd, strict=True)
         if by_name:
             set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
@@ -398,7 +425,7 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: Di
         raise FileNotFoundError(f"{path} has no {SHARDED_DIR}/.metadata: an incomplete sharded checkpoint")
     lora = has_lora(model)
     if lora != bool(state.get("lora")):
-        raise RuntimeError(f"{path} was written by a run {'with' if state.get('lora') else 'without'} train.lora, "
+        raise TrainingError(f"{path} was written by a run {'with' if state.get('lora') else 'without'} train.lora, "
                            f"this run has {'it' if lora else 'none'}: resume it with the same train.lora"
                            + ("" if lora else ", or start a new run from it with init_from"))
     msd, osd = get_state_dict(model, optimizer)
@@ -406,11 +433,11 @@ def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: Di
     own = {k: tuple(v.shape) for k, v in msd.items()}
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
-        raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run: missing {missing[:6]}, "
+        raise TrainingError(f"{path}/{SHARDED_DIR} does not match the model of this run: missing {missing[:6]}, "
                            f"unexpected {unexpected[:6]}")
     bad = [f"{k} {saved[k][0]} vs {own[k]}" for k in own if saved[k][0] != own[k]]
     if bad:
-        raise RuntimeError(f"{path}/{SHARDED_DIR} does not match the model of this run (saved vs this run's "
+        raise TrainingError(f"{path}/{SHARDED_DIR} does not match the model of this run (saved vs this run's "
                            f"shapes): {'; '.join(bad[:4])}")
     _dcp(dcp.load, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)

@@ -96,15 +96,19 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from emma_mamba.training import TrainingError, TrainingInterrupted
     from emma_mamba.training.trainer import train
 
     finished = False
     try:
         train(cfg, resume=args.resume, device=args.device)
         finished = True
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, TrainingError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
-        return 2
+        return 130 if isinstance(e, TrainingInterrupted) else 2
+    except KeyboardInterrupt:  # while the model or data were being built: nothing was trained yet
+        print(f"{prog}: interrupted before the first step", file=sys.stderr)
+        return 130
     finally:
         from emma_mamba.training.parallel import destroy_distributed
 

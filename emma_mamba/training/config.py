@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -266,6 +267,9 @@ class RunConfig:
         def bad(msg):
             raise ConfigError(f"{source}: {msg}")
 
+        for key, v in _numbers(self):  # NaN passes every comparison below (nan <= 0 is False): refuse it first
+            if not math.isfinite(v):
+                bad(f"{key} must be a finite number, got {v}")
         t, d = self.train, self.data
         if d.sources is not None:
             if d.json:
@@ -294,6 +298,8 @@ class RunConfig:
             bad(f"train.weight_decay must be >= 0, got {t.weight_decay}")
         if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
             bad(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+        if not t.eps > 0:
+            bad(f"train.eps must be > 0 (AdamW's denominator term), got {t.eps}")
         if t.max_steps < 0 or (t.max_steps == 0 and t.epochs <= 0):
             bad(f"train: set max_steps > 0 or epochs > 0 (got max_steps={t.max_steps}, epochs={t.epochs})")
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
@@ -412,6 +418,21 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
                           f"YAML file")
     raise ConfigError(f"{source}: model: expected a preset name, a YAML path or a mapping, got "
                       f"{type(value).__name__}")
+
+
+def _numbers(obj, prefix: str = ""):
+    """(dotted key, value) of every float in a config dataclass, nested sections, lists and dicts included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _numbers(getattr(obj, f.name), f"{prefix}{f.name}.")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{prefix}{i}.")
+    elif isinstance(obj, float):
+        yield prefix[:-1], obj
 
 
 INIT_FROM_MODEL_KEYS = ("vision.freeze", "align.loss_weight")

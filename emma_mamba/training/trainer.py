@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from emma_mamba.config import ConfigError
+from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir)
@@ -146,7 +147,6 @@ class Trainer:
             self.model.lm.compile_blocks(backend=tc.compile_backend, mixer_only=self.strategy == "fsdp")
 
         # ---- data
-        m = self.model
         self.dataset = self._dataset(cfg.data)
         if len(self.dataset) == 0:
             raise DataError(f"no usable training records ({self.dataset.report.summary()})")
@@ -160,7 +160,11 @@ class Trainer:
         self.wrapped = wrap_model(self.model, self.strategy, info, bf16=self.bf16,
                                   find_unused_parameters=cfg.parallel.find_unused_parameters,
                                   reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
-        self.model.modality_lockstep = self.strategy == "fsdp"  # text-only micro-batches: see EmmaMamba
+        # text-only micro-batches (see EmmaMamba.modality_lockstep): under FSDP every process must give the same
+        # parameters a gradient; with a frozen LM (stage 1) a text-only micro-batch (text-only records, or a
+        # stand-in for one whose samples were all skipped) would otherwise reach no trainable parameter at all
+        lm_frozen = not any(p.requires_grad for p in self.model.lm.parameters())
+        self.model.modality_lockstep = self.strategy == "fsdp" or lm_frozen
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.total_steps)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -308,6 +312,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        if not torch.isfinite(grad_norm):  # the same on every rank (a global norm): all stop before the update
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = all_reduce_sum(sums).cpu()
+            raise TrainingError(
+                f"step {self.global_step + 1}: the loss ({float(sums[0]) / n_lab:.4g} lm, {float(sums[1]) / n_img:.4g} "
+                f"align) or its gradient is not finite (grad norm {float(grad_norm)}); stopped before the update, "
+                f"so no weights were changed by it. {self._last_checkpoint_hint()} Lower train.lr, keep "
+                f"train.grad_clip on, or check the data of this step")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -393,52 +405,18 @@ class Trainer:
         t_start, tok_start = time.perf_counter(), self.counters["tokens"]
         profiler = StepProfiler(cfg.profile, self.output_dir, info)
         try:
-            while self.global_step < self.total_steps:
-                n_steps = self._steps_in_epoch(self.epoch)
-                if self.step_in_epoch >= n_steps:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    continue
-                stop = min(n_steps, self.step_in_epoch + self.total_steps - self.global_step)
-                it = iter(self._loader(self.epoch, self.step_in_epoch, stop))
-                while self.step_in_epoch < stop:
-                    profiler.before_step(self.global_step + 1)
-                    t0 = time.perf_counter()
-                    mbs = [next(it) for _ in range(self.accum)]
-                    m = self.train_step(mbs)
-                    dt = time.perf_counter() - t0
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    if profiler.after_step(self.global_step):
-                        m["profiled"] = True
-                    for k in self.counters:
-                        self.counters[k] += m[k]
-                    m.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / n_steps,
-                             step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
-                             skipped_records=sum(self.dataset.report.skipped.values()),
-                             total_tokens=self.counters["tokens"])
-                    self.history.append(m)
-                    if writer is not None and (self.global_step % cfg.log.every_steps == 0
-                                               or self.global_step == self.total_steps):
-                        writer.write(m)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                        tok_s=f"{m['tokens_per_s']:.0f}")
-                    self._maybe_validate(writer, bar)
-                    every = cfg.checkpoint.every_steps
-                    if every and self.global_step % every == 0:
-                        self.save_checkpoint()
-                    if self.global_step >= self.total_steps:
-                        break
-                    if stop_after is not None and len(self.history) >= stop_after:
-                        return self.history
-                del it
+            self._fit_loop(writer, bar, profiler, stop_after)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}; "
+                                f"{self._last_checkpoint_hint()}") from None
         finally:
             profiler.close(self.global_step)
             if bar is not None:
                 bar.close()
             if writer is not None:
                 writer.close()
+        if stop_after is not None and len(self.history) >= stop_after and self.global_step < self.total_steps:
+            return self.history
         save_model_dir(self.model, self.output_dir, info, cfg)
         barrier()
         if info.is_main:
@@ -451,6 +429,56 @@ class Trainer:
                             self.model.instruction.num_truncated)
         return self.history
 
+    def _fit_loop(self, writer, bar, profiler, stop_after: int | None) -> None:
+        """The steps of :meth:`fit` (returns at the end of the run or after ``stop_after`` steps)."""
+        cfg = self.cfg
+        while self.global_step < self.total_steps:
+            n_steps = self._steps_in_epoch(self.epoch)
+            if self.step_in_epoch >= n_steps:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                continue
+            stop = min(n_steps, self.step_in_epoch + self.total_steps - self.global_step)
+            it = iter(self._loader(self.epoch, self.step_in_epoch, stop))
+            while self.step_in_epoch < stop:
+                profiler.before_step(self.global_step + 1)
+                t0 = time.perf_counter()
+                mbs = [next(it) for _ in range(self.accum)]
+                m = self.train_step(mbs)
+                dt = time.perf_counter() - t0
+                self.global_step += 1
+                self.step_in_epoch += 1
+                if profiler.after_step(self.global_step):
+                    m["profiled"] = True
+                for k in self.counters:
+                    self.counters[k] += m[k]
+                m.update(step=self.global_step, epoch=self.epoch + self.step_in_epoch / n_steps,
+                         step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
+                         skipped_records=sum(self.dataset.report.skipped.values()),
+                         total_tokens=self.counters["tokens"])
+                self.history.append(m)
+                if writer is not None and (self.global_step % cfg.log.every_steps == 0
+                                           or self.global_step == self.total_steps):
+                    writer.write(m)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
+                                    tok_s=f"{m['tokens_per_s']:.0f}")
+                self._maybe_validate(writer, bar)
+                every = cfg.checkpoint.every_steps
+                if every and self.global_step % every == 0:
+                    self.save_checkpoint()
+                if self.global_step >= self.total_steps:
+                    break
+                if stop_after is not None and len(self.history) >= stop_after:
+                    return
+            del it
+
+    def _last_checkpoint_hint(self) -> str:
+        last = latest_checkpoint(self.output_dir)
+        if last is not None:
+            return f"The last checkpoint is {last} (--resume auto continues from it)."
+        return "No checkpoint was written (checkpoint.every_steps sets how often)."
+
     def save_checkpoint(self) -> Path:
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
@@ -460,16 +488,51 @@ class Trainer:
                                self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
                                fmt=self.cfg.checkpoint.format)
 
+    def _check_resume_config(self, path: Path) -> None:
+        """The checkpoint's own configs against this run's: a model that differs is refused, naming the keys
+        (its weights would not fit, or mean something else); optimizer and schedule settings the checkpoint's
+        optimizer and scheduler states fix are taken from it, with a warning, so that this run's
+        train_config.yaml says what the run does."""
+        from emma_mamba.config import config_to_dict, load_config
+        from emma_mamba.training.config import _flatten, load_run_config
+
+        if (path / "config.yaml").is_file():
+            theirs = _flatten(config_to_dict(load_config(path / "config.yaml")))
+            ours = _flatten(config_to_dict(self.cfg.model))
+            where = ("name", "pretrained", "tokenizer")  # where weights came from, not what the model is
+            diff = sorted(k for k in set(theirs) | set(ours)
+                          if theirs.get(k) != ours.get(k) and k.rsplit(".", 1)[-1] not in where)
+            if diff:
+                shown = "; ".join(f"model.{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff[:4])
+                raise ConfigError(f"--resume {path}: the checkpoint's model differs from this run's ({shown}"
+                                  f"{' ...' if len(diff) > 4 else ''}); resume with the run's own config, or start a "
+                                  f"new run from it with init_from")
+        if not (path / "train_config.yaml").is_file():
+            return
+        old = load_run_config(path / "train_config.yaml").train
+        t = self.cfg.train
+        fixed = ("lr", "min_lr_ratio", "weight_decay", "betas", "eps", "schedule", "warmup_ratio", "warmup_steps",
+                 "lr_multipliers", "decay_embeddings")
+        kept = []
+        for name in fixed:
+            if hasattr(t, name) and getattr(t, name) != getattr(old, name):
+                kept.append(f"train.{name} {getattr(old, name)!r} (asked: {getattr(t, name)!r})")
+                setattr(t, name, getattr(old, name))
+        if kept and self.info.is_main:
+            log.warning("resuming %s: the optimizer and schedule continue with the checkpoint's settings: %s; "
+                        "start a new run from it with init_from to change them", path, ", ".join(kept))
+
     def _restore(self, path: Path) -> None:
+        self._check_resume_config(path)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)
         fp = self.dataset.fingerprint()
         if state["fingerprint"] != fp:
-            raise RuntimeError(f"--resume {path}: the training data differ from the checkpoint's (fingerprint "
-                               f"{state['fingerprint']} vs {fp}); resume with the same data.json (or data.sources) "
-                               f"and max_length")
+            raise ConfigError(f"--resume {path}: the training data differ from the checkpoint's (fingerprint "
+                              f"{state['fingerprint']} vs {fp}); resume with the same data.json (or data.sources) "
+                              f"and max_length")
         if state["global_batch_size"] != self.cfg.train.global_batch_size:
-            raise RuntimeError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
-                               f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
+            raise ConfigError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
+                              f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
         written_by = int(state.get("world_size", self.info.world_size))
         if written_by != self.info.world_size and self.info.is_main:
             log.warning("resuming %s, written by %d process(es), with %d: the same data order and objective; the "

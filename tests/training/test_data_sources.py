@@ -126,7 +126,7 @@ def test_a_run_on_sources_trains_and_resumes(shapes, tmp_path):
     assert [m["loss"] for m in rest] == [m["loss"] for m in full[2:]]
     # another mixture is other data: refused on resume
     other_kw = dict(kw, data={"json": None, "sources": _sources(shapes, a, b, other, ra=1, rb=1.0)})
-    with pytest.raises(RuntimeError, match="the training data differ"):
+    with pytest.raises(ConfigError, match="the training data differ"):
         Trainer(make_cfg(shapes, tmp_path / "c", **other_kw),
                 resume=str(tmp_path / "b" / "checkpoints" / "step_00000002"))
 

@@ -4,6 +4,7 @@ an independent per-sample computation (and padding == packing), bad images at ru
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -15,6 +16,7 @@ import emma_mamba
 from emma_mamba.config import ConfigError, get_preset
 from emma_mamba.data.llava import DataError, collate, plan_rows
 from emma_mamba.models.vlm import EmmaMamba
+from emma_mamba.training import TrainingError
 from emma_mamba.training.config import load_run_config
 from emma_mamba.training.trainer import Trainer
 from tests.training.conftest import make_cfg, subset
@@ -434,10 +436,15 @@ def test_sharded_checkpoint_resumes_bitwise_and_loads_as_the_full_one(shapes, tm
     # init_from a sharded step checkpoint
     t = Trainer(make_cfg(shapes, tmp_path / "c", init_from=str(ckpt), model=None, train={"max_steps": 1}))
     assert all(torch.equal(v, full[k]) for k, v in t.model.state_dict().items() if k in full)
-    # a model that is not the checkpoint's: refused, naming what differs
-    with pytest.raises(RuntimeError, match="does not match the model of this run"):
-        Trainer(make_cfg(shapes, tmp_path / "d", model={"preset": "tiny", "lm": {"d_model": 48}}, **skw),
-                resume=str(ckpt))
+    # a model that is not the checkpoint's: refused, naming what differs (from the checkpoint's config.yaml, and
+    # without it from the shards themselves)
+    other = make_cfg(shapes, tmp_path / "d", model={"preset": "tiny", "lm": {"d_model": 48}}, **skw)
+    with pytest.raises(ConfigError, match=r"model\.lm\.d_model: 64 there, 48 here"):
+        Trainer(other, resume=str(ckpt))
+    (ckpt / "config.yaml").rename(ckpt / "config.yaml.bak")
+    with pytest.raises(TrainingError, match="does not match the model of this run"):
+        Trainer(other, resume=str(ckpt))
+    (ckpt / "config.yaml.bak").rename(ckpt / "config.yaml")
 
 
 class _Opens:
@@ -510,3 +517,77 @@ def test_profile_writes_a_trace_of_the_chosen_steps_and_changes_no_result(shapes
     assert "memory snapshots are CUDA only" in caplog.text
     with pytest.raises(ConfigError, match="profile.steps must be >= 0"):
         make_cfg(shapes, tmp_path / "c", profile={"steps": -1})
+
+
+def test_stage1_micro_batch_without_an_image_trains_and_resumes(shapes, tmp_path):
+    """Stage 1 (LM frozen): a micro-batch without an image (a text-only record, or a stand-in for one whose only
+    sample was skipped) reaches the trainable bridge through the blank-image path with weight 0, so the step runs
+    (it raised "element 0 of tensors does not require grad"), changes nothing the images' steps would not, and a
+    resume passes it too."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    records = json.loads((shapes / "train" / "stage1_captions.json").read_text())[:4]
+    (images / records[1]["image"]).write_bytes(b"")  # an empty file: skipped under on_error skip
+    text_only = {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    data = tmp_path / "s1.json"
+    data.write_text(json.dumps(records + [text_only]))
+    kw = dict(stage="pretrain", train={"global_batch_size": 1, "micro_batch_size": 1, "max_steps": 5},
+              checkpoint={"every_steps": 1}, data={"image_folder": str(images), "on_error": "skip"})
+    hist = Trainer(make_cfg(shapes, tmp_path / "run", data, **kw)).fit()
+    assert len(hist) == 5 and all(math.isfinite(m["loss"]) for m in hist)
+    assert sorted(m["images"] for m in hist) == [0, 0, 1, 1, 1]  # the skipped image's step and the text step
+    # resuming at each checkpoint runs the remaining steps, the image-less ones included
+    for step in (1, 2, 3):
+        (tmp_path / "run" / "model.safetensors").unlink(missing_ok=True)
+        rest = Trainer(make_cfg(shapes, tmp_path / "run", data, **kw),
+                       resume=str(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")).fit()
+        assert [m["loss"] for m in rest] == [m["loss"] for m in hist[step:]]
+
+
+def test_non_finite_values_are_refused_and_a_diverging_step_stops_the_run(shapes, tmp_path):
+    data = subset(shapes, tmp_path, 4)
+    for section, key, value in (("train", "lr", float("nan")), ("train", "weight_decay", float("nan")),
+                                ("train", "lr", float("inf")), ("train", "epochs", float("nan")),
+                                ("model", "align", {"loss_weight": float("nan")})):
+        over = {key: value}
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}.* must be a finite number"):
+            make_cfg(shapes, tmp_path / "x", data, **{section: over})
+    with pytest.raises(ConfigError, match=r"train\.eps must be > 0"):
+        make_cfg(shapes, tmp_path / "x", data, train={"eps": -1.0})
+    # a learning rate that makes the weights blow up: the run stops at the first non-finite gradient, before
+    # that update, writes no final model, and names the step and the last checkpoint
+    cfg = make_cfg(shapes, tmp_path / "div", data, train={"lr": 1e30, "grad_clip": 0.0, "max_steps": 6,
+                                                          "warmup_steps": 0}, checkpoint={"every_steps": 1})
+    t = Trainer(cfg)
+    with pytest.raises(TrainingError, match=r"step \d+: the loss .* is not finite .*The last checkpoint is "
+                                            r".*step_\d+ \(--resume auto"):
+        t.fit()
+    assert not (tmp_path / "div" / "model.safetensors").exists()
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())  # the failing step changed nothing
+
+
+def test_resume_names_a_corrupt_checkpoint_and_a_model_that_differs(shapes, tmp_path, caplog):
+    data = subset(shapes, tmp_path, 4)
+    kw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 1})
+    Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit(stop_after=3)
+    ck = tmp_path / "r" / "checkpoints"
+    step3 = ck / "step_00000003"
+    weights = step3 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(TrainingError, match=r"step_00000003/model.safetensors cannot be read .*incomplete or "
+                                            r"corrupt; the other checkpoints of this run: .*step_00000002"):
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto")
+    (ck / "step_00000002" / "rng_rank0.pt").write_bytes(b"")
+    with pytest.raises(TrainingError, match=r"rng_rank0.pt cannot be read"):
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume=str(ck / "step_00000002"))
+    step1 = str(ck / "step_00000001")
+    other = make_cfg(shapes, tmp_path / "r", data, **kw)
+    other.model.lm.d_model = 32
+    with pytest.raises(ConfigError, match=r"the checkpoint's model differs from this run's \(model\.lm\.d_model: 64 "
+                                          r"there, 32 here"):
+        Trainer(other, resume=step1)
+    # optimizer settings the checkpoint's optimizer state fixes: kept from it, said, and recorded truthfully
+    t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 3, "lr": 0.5}), resume=step1)
+    assert "train.lr 0.001 (asked: 0.5)" in caplog.text and t.cfg.train.lr == 1e-3
+    assert t.fit()[0]["lr"] != 0.5
+    assert load_run_config(tmp_path / "r" / "train_config.yaml").train.lr == 1e-3
