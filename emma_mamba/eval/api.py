@@ -75,8 +75,9 @@ class _ApiAnswerer:
     with another reply length (:func:`~emma_mamba.eval.runner.evaluate` calls it with a benchmark's own);
     ``option_probabilities`` for the closed-set benchmarks (module docstring)."""
 
-    def __init__(self, ask, make, concurrency: int):
+    def __init__(self, ask, make, concurrency: int, identity: dict | None = None):
         self._ask, self._make, self.concurrency = ask, make, concurrency
+        self.identity = identity  # the endpoint and model name, recorded in eval_run.json
         self._replies: dict = {}  # question id -> reply, from a request that returned no usable log-probabilities
         self._logprobs_refused = False
 
@@ -157,4 +158,7 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
             time.sleep(2.0 ** attempt)
         raise AssertionError("unreachable")
 
-    return _ApiAnswerer(ask, lambda n: api_answer_fn(url, max_new_tokens=n, **kw), concurrency)
+    from emma_mamba.eval.runner import model_identity
+
+    return _ApiAnswerer(ask, lambda n: api_answer_fn(url, max_new_tokens=n, **kw), concurrency,
+                        model_identity(api=url, api_model=model))

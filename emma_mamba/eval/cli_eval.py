@@ -9,7 +9,9 @@
 
 The work is done by :func:`emma_mamba.eval.runner.evaluate` (formats, prompts and resumption are described
 there) and, for a suite, :func:`emma_mamba.eval.suite.run_suite`. Rerunning with the same ``--out`` continues
-an interrupted run.
+an interrupted run, with the same checkpoint (or endpoint) and settings only: another one is refused, since its
+answers would be mixed with (or reported as) the first one's (``eval_run.json``). Every image to be answered
+about is opened and checked before the first answer.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", default=None,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
                         "(or LLaVA's TextVQA JSONL), VizWiz val.json, MMBench TSV, SEED-Bench.json, ScienceQA "
-                        "problems.json, VSR test.jsonl, TallyQA test.json, AI2D questions/ folder, or MME "
-                        "folder/file of <category>.txt templates")
+                        "problems.json, VSR test.jsonl, TallyQA test.json, AI2D questions/ folder, RefCOCO / "
+                        "RefCOCO+ / RefCOCOg refs(*).p (instances.json beside it), OCID-Ref {split}_expressions.json, "
+                        "or MME folder/file of <category>.txt templates")
     p.add_argument("--images", default=None,
                    help="folder the questions' image names are relative to (every task but mmbench, whose TSV "
                         "holds its images)")
@@ -69,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--likelihood", action="store_true",
                    help="answer a closed-set benchmark (pope, mme, mmbench, seed, scienceqa) by its options' "
                         "likelihood as the reply (Yes/No, the option letters) instead of generating and parsing a "
-                        "reply, as vsr and tallyqa always are; with --suite: every closed-set benchmark of it")
+                        "reply, as vsr, tallyqa and ai2d always are; with --suite: every closed-set benchmark of it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay each decode step from a CUDA graph captured once per batch size (CUDA only)")
@@ -146,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
     print(f"answers in {out}; metrics in {out / 'metrics.json'}")
+    if args.task == "mme":  # what `emma-mamba score --task mme --answers` (and MME's own eval tool) reads
+        print(f"MME results folder (<category>.txt): {out / 'mme'}")
     return 0
 
 

@@ -14,8 +14,12 @@ Suite file (paths relative to ``root``, itself relative to the suite file; stric
       scienceqa:   {task: scienceqa, questions: scienceqa/problems.json, images: scienceqa/images, split: test}
       mmbench_ll:  {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv, likelihood: true}  # by likelihood
 
-Every benchmark's files are read and checked (images included) before the first question is answered, so a
-typo in the last entry does not cost the hours of the first ones. Each benchmark writes into ``<out>/<name>/``
+Every benchmark's files are read and checked before the first question is answered (each image it will
+answer about opened and decoded, :func:`emma_mamba.eval.runner.check_images`, and each existing output folder's
+``eval_run.json`` compared with this run, :func:`emma_mamba.eval.runner.check_run_record`), so a typo, a
+truncated image or a stale folder in the last entry does not cost the hours of the first ones. Should a
+benchmark still fail, the summary of those finished before it is written (``"failed"`` names it) and the
+error raised; a rerun continues where it stopped. Each benchmark writes into ``<out>/<name>/``
 exactly what ``emma-mamba eval --task`` writes (answers, official results file, metrics) and resumes the same
 way; ``<out>/summary.json`` and ``<out>/summary.md`` hold the headline numbers of all of them.
 """
@@ -28,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.runner import LIKELIHOOD_TASKS, TASKS, evaluate, merge_shards, read_questions
+from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASKS, _resolve_identity, _resolve_settings, check_images,
+                                    check_run_record, evaluate, limit_questions, merge_shards, read_questions,
+                                    run_record)
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
@@ -133,44 +139,75 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         if missing:
             raise ScoreInputError(f"--only {missing}: not in the suite (it has {sorted(names)})")
         entries = [e for e in entries if e.name in only]
-    for e in entries:  # fail fast: every file and image is checked before any answering
+    out = Path(out_dir)
+    identity = _resolve_identity(None, answer_fn, checkpoint)  # one model answers every benchmark
+    for e in entries:  # fail fast: every file, image and output folder is checked before any answering
+        opts = _options(e, batch_size, max_new_tokens, limit, likelihood)
+        template = opts.get("image_template", "COCO_val2014_{image_id:012d}.jpg")
         try:
-            read_questions(e.task, e.questions, e.images, e.options.get("image_template",
-                                                                        "COCO_val2014_{image_id:012d}.jpg"),
-                           e.options.get("split"), _likelihood(e, likelihood))
+            qs = limit_questions(e.task, read_questions(e.task, e.questions, e.images, template, opts.get("split"),
+                                                        opts["likelihood"]), opts["limit"])
+            check_images(qs, f"{e.task} {e.questions}")
+            new, frame = _resolve_settings(model, e.task, opts["max_new_tokens"], opts.get("box_frame", "auto"))
+            check_run_record(out / e.name, run_record(
+                e.task, e.questions, e.images, answered_by="likelihood" if any(q.options for q in qs) else "generation",
+                max_new_tokens=new, identity=identity, split=opts.get("split"), image_template=template,
+                box_frame=frame))
         except ScoreInputError as err:
             raise ScoreInputError(f"benchmark {e.name!r}: {err}") from None
-    out = Path(out_dir)
     rows, reports = [], {}
-    for i, e in enumerate(entries, 1):
-        log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
-        opts = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options,
-                "likelihood": _likelihood(e, likelihood)}
-        kw = dict(annotations=e.annotations, checkpoint=checkpoint, progress=progress, answer_fn=answer_fn,
-                  cuda_graphs=cuda_graphs, compile=compile, **opts)
-        if shard is None:
-            rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
-        else:
-            evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, **kw)
-            sync()
-            rep = None
-            if shard[0] == 0:
-                merge_shards(out / e.name, shard[1])
+    try:
+        for i, e in enumerate(entries, 1):
+            log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
+            kw = dict(annotations=e.annotations, checkpoint=checkpoint, progress=progress, answer_fn=answer_fn,
+                      cuda_graphs=cuda_graphs, compile=compile, identity=identity, check_files=False,
+                      **_options(e, batch_size, max_new_tokens, limit, likelihood))
+            if shard is None:
                 rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
-            sync()
-            if rep is None:
-                continue
-        reports[e.name] = rep
-        m = rep["metrics"]
-        n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
-        rows.append({"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)})
+            else:
+                evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, **kw)
+                sync()
+                rep = None
+                if shard[0] == 0:
+                    merge_shards(out / e.name, shard[1])
+                    rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
+                sync()
+                if rep is None:
+                    continue
+            reports[e.name] = rep
+            m = rep["metrics"]
+            n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
+            rows.append({"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)})
+    except BaseException as err:
+        # keep the finished benchmarks' table (rank 0; the others write nothing), then let the error through
+        if rows and (shard is None or shard[0] == 0):
+            _write_summary(out, checkpoint, rows, [x for x in entries if x.name in reports],
+                           failed={"benchmark": e.name, "error": f"{type(err).__name__}: {err}"})
+        raise
     if shard is not None and shard[0] != 0:
         return None
+    return _write_summary(out, checkpoint, rows, entries)
+
+
+def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool) -> dict:
+    """Entry ``e``'s keyword arguments for :func:`evaluate`: the run's defaults under its own values."""
+    return {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options,
+            "likelihood": _likelihood(e, likelihood)}
+
+
+def _write_summary(out: Path, checkpoint, rows: list[dict], entries: list[SuiteEntry],
+                   failed: dict | None = None) -> dict:
+    """Write and return ``summary.json`` / ``summary.md`` (with ``failed``: the benchmark that stopped the run)."""
     summary = {"checkpoint": checkpoint, "benchmarks": rows,
                "metrics_files": {e.name: str(out / e.name / "metrics.json") for e in entries}}
+    if failed is not None:
+        summary["failed"] = failed
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(format_summary(rows) + "\n", encoding="utf-8")
+    md = format_summary(rows)
+    if failed is not None:
+        md += f"\n\nIncomplete: benchmark {failed['benchmark']} failed ({failed['error']}); rerun to continue."
+    (out / "summary.md").write_text(md + "\n", encoding="utf-8")
     return summary
 
 

@@ -32,15 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from emma_mamba.inference.visualize import activation_maps, plot_maps, reconstruction, write_maps
+    from emma_mamba.models.vision import load_image
     from emma_mamba.models.vlm import has_align_head_weights, load
 
-    try:
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    try:  # decoded as training and generate decode it (EXIF rotation, transparency on white, 16-bit rescaled)
+        image = load_image(args.image)
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"emma-mamba visualize: --image {args.image}: cannot read the image ({e})", file=sys.stderr)
         return 2
     try:

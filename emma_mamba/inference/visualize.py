@@ -99,9 +99,9 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
         raise ImportError("drawing the maps needs matplotlib (pip install emma-mamba[plot])") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
+    from emma_mamba.models.vision import load_image
 
-    img = Image.open(image).convert("RGB") if not hasattr(image, "convert") else image.convert("RGB")
+    img = load_image(image)  # the picture the model saw: decoded as training decodes it
     extra = extra or {}
     k = 1 + len(extra)
     fig, axes = plt.subplots(1, len(maps) + k, figsize=(2.4 * (len(maps) + k), 2.6))

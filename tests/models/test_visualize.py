@@ -69,6 +69,30 @@ def test_cli_writes_the_figure_and_the_values(model, tmp_path, capsys):
     assert "cannot read the image" in capsys.readouterr().err
 
 
+def test_cli_decodes_the_image_as_training_does(model, tmp_path):
+    """A transparent PNG: the CLI's maps are the maps of the picture the training pipeline makes of that file
+    (transparency on white, :func:`emma_mamba.models.vision.load_image`), not of its hidden colours."""
+    import numpy as np
+    from PIL import Image
+
+    from emma_mamba.cli import main
+
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[:, :32] = (30, 90, 200, 255)
+    rgba[:, 32:] = (255, 0, 0, 0)  # transparent, red underneath
+    path = tmp_path / "alpha.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    model.save(tmp_path / "ck")
+    out = tmp_path / "maps.png"
+    assert main(["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", str(path), "--layers", "0",
+                 "--out", str(out)]) == 0
+    got = torch.tensor(json.loads(out.with_suffix(".json").read_text())["maps"]["0"])
+    want = activation_maps(model, str(path), "Describe the image in detail.", [0])[0]  # path: the training loader
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    dropped = activation_maps(model, Image.open(path).convert("RGB"), "Describe the image in detail.", [0])[0]
+    assert not torch.allclose(dropped, want, rtol=1e-3, atol=1e-3)  # the test can tell the two decodings apart
+
+
 def test_reconstruction_puts_the_heads_patches_back_in_place(tmp_path, capsys):
     """With the head's output replaced by the true next patches (normalised as its targets), the reconstruction is
     the image the encoder sees, patch 0 grey: the shift, the de-normalisation and the patch layout are right. The
