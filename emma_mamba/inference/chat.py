@@ -140,9 +140,10 @@ class ChatSession:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("ChatSession.ask: the question must be a non-empty string")
         if self.vlm is not None and self.vlm.config.image_token in question:
-            raise ValueError(f"ChatSession.ask: the question holds {self.vlm.config.image_token!r}; the session's "
-                             f"image enters with the first turn (reset(image=...) starts a conversation about "
-                             f"another one)")
+            # the tokenizer reads that text as an image's slot (as training data does), not as words
+            raise ValueError(f"ChatSession.ask: the question holds {self.vlm.config.image_token!r}, the model's "
+                             f"image placeholder: that text is reserved; the session's image enters with the first "
+                             f"turn (reset(image=...) starts a conversation about another one)")
         tok = self.tokenizer
         first = self._cache is None
         if first:
@@ -172,11 +173,21 @@ class ChatSession:
 
     # ----------------------------------------------------------------------------------------- persistence
 
-    def save(self, path) -> None:
-        """Write the conversation (its state, the pending tokens, the turns) to ``path`` (safetensors)."""
-        import json
+    def save(self, path, *, overwrite: bool = True) -> None:
+        """Write the conversation (its state, the pending tokens, the turns) to ``path`` (safetensors).
 
-        from safetensors.torch import save_file
+        The file is written whole or not at all: to a temporary file beside ``path``, then renamed over it, so a
+        failure or a kill mid-write leaves no partial file and any earlier file at ``path`` as it was.
+        ``overwrite=False`` refuses an existing ``path`` (FileExistsError). A path that cannot be written (no
+        such directory, a directory, no permission) raises an OSError naming it."""
+        import contextlib
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from safetensors.torch import save as serialize
+
+        from emma_mamba.fileio import make_shareable
 
         if self._cache is None:
             raise ValueError("ChatSession.save: nothing to save before the first turn")
@@ -186,7 +197,33 @@ class ChatSession:
         meta = {"format": STATE_FORMAT, "model": model_fingerprint(self.lm), "seqlen_offset": str(c.seqlen_offset),
                 "pending": json.dumps(self._pending), "turns": json.dumps(self.turns),
                 "image": str(self.image) if isinstance(self.image, (str, os.PathLike)) else ""}
-        save_file(tensors, str(path), metadata=meta)
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory: give a file name to save the conversation to (e.g. "
+                                    f"{path / 'chat.safetensors'})")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save the conversation to {path}: no such directory {path.parent}")
+        if path.exists() and not path.is_file():  # a device, a pipe: renaming over it would replace it
+            raise FileExistsError(f"cannot save the conversation to {path}: it exists and is not a regular file")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"cannot save the conversation to {path}: the file exists")
+        data = serialize(tensors, metadata=meta)
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the file
+            make_shareable(tmp)  # mkstemp's file is the owner's only
+            os.replace(tmp, path)
+        except BaseException as e:  # an OSError, or Ctrl-C mid-write: no temporary file is left behind
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            if isinstance(e, OSError):  # its message would name the temporary file, not the user's path
+                raise type(e)(f"cannot save the conversation to {path}: {e.strerror or e}") from None
+            raise
 
     @classmethod
     def load(cls, path, model, *, tokenizer=None, config: GenerationConfig | None = None) -> "ChatSession":
@@ -196,6 +233,8 @@ class ChatSession:
         from safetensors import SafetensorError, safe_open
 
         session = cls(model, None, tokenizer=tokenizer, config=config)
+        if os.path.isdir(path):  # safetensors would say "No such device"
+            raise ValueError(f"{path}: cannot read a chat state: it is a directory")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -206,8 +245,8 @@ class ChatSession:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read a chat state: {e}") from None
         want = model_fingerprint(session.lm)
-        if meta["model"] != want:
-            raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta['model']}, "
+        if meta.get("model") != want:
+            raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta.get('model')}, "
                              f"this model's is {want})")
         lm = session.lm
         n = lm.config.n_layer

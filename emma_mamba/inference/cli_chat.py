@@ -8,8 +8,11 @@ One question per line on stdin; each answer streams to stdout on its own line. E
 tokens on top of the carried state (see :mod:`emma_mamba.inference.chat`): its cost does not grow with the
 conversation. Per-turn statistics go to stderr. Commands: ``/reset`` (new conversation, same image),
 ``/image FILE`` (new conversation about another image), ``/save FILE`` (the conversation, i.e. its state: a
-few MB at any length), ``/load FILE`` (continue a saved conversation), ``/quit``. Ctrl-C during an answer abandons that turn
-(the conversation stays as it was before it); Ctrl-C or EOF at the prompt ends the chat.
+few MB at any length; an existing FILE is kept unless ``/save! FILE``), ``/load FILE`` (continue a saved
+conversation), ``/quit``. Ctrl-C during an answer abandons that turn (the conversation stays as it was before
+it); Ctrl-C or EOF at the prompt ends the chat. A command that fails (a missing image, a path that cannot be
+written, a file that is not a chat state) and a question the model refuses print an error and leave the
+conversation as it was: a mistake never ends the chat.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 from emma_mamba.inference.cli_generate import (
     UsageError, _err, _stream, add_model_arguments, add_sampling_arguments, load_lm, load_vlm, setup)
 
-HELP = ("commands: /reset (new conversation), /image FILE (new conversation about FILE), /save FILE, /load FILE "
-        "(the conversation's state), /quit")
+HELP = ("commands: /reset (new conversation), /image FILE (new conversation about FILE), /save FILE (/save! FILE "
+        "replaces an existing file), /load FILE (the conversation's state), /quit")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_image(model, path) -> None:
     """Decode ``path`` once now, so a missing or corrupt image is reported before the first question."""
+    if Path(path).is_dir():
+        raise UsageError(f"image {path}: is a directory, not an image file")
     if not Path(path).is_file():
         raise UsageError(f"image {path}: no such file")
     try:
@@ -79,42 +84,22 @@ def run(args) -> int:
             cmd, _, rest = line.partition(" ")
             if cmd in ("/quit", "/exit"):
                 break
-            if cmd == "/reset":
-                session.reset()
-                print("[new conversation]", file=sys.stderr)
-            elif cmd == "/image" and rest.strip():
-                try:
-                    if session.vlm is None:
-                        raise UsageError("/image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see "
-                                         "images)")
-                    _check_image(session.vlm, rest.strip())
-                    session.reset(image=rest.strip())
-                    print(f"[new conversation about {rest.strip()}]", file=sys.stderr)
-                except UsageError as e:
-                    _err(str(e), "chat")
-            elif cmd in ("/save", "/load") and rest.strip():
-                try:
-                    if cmd == "/save":
-                        session.save(rest.strip())
-                        print(f"[conversation saved to {rest.strip()}: {len(session.turns)} turns, "
-                              f"{session.context_tokens} tokens of context]", file=sys.stderr)
-                    else:
-                        session = type(session).load(rest.strip(), session.vlm or session.lm,
-                                                     tokenizer=None if session.vlm else session.tokenizer,
-                                                     config=session.config)
-                        print(f"[conversation loaded from {rest.strip()}: {len(session.turns)} turns, "
-                              f"{session.context_tokens} tokens of context]", file=sys.stderr)
-                except (ValueError, OSError) as e:
-                    _err(str(e), "chat")
-            else:
-                _err(f"unknown command {line!r}; {HELP}", "chat")
+            try:
+                session = _command(session, cmd, rest.strip())
+            except (UsageError, ValueError, OSError) as e:  # the session is kept as it was
+                _err(str(e), "chat")
+            continue
+        if session.vlm is not None and session.vlm.config.image_token in line:
+            _err(f"the question holds {session.vlm.config.image_token!r}, the model's image placeholder: that text "
+                 f"is reserved (the image enters the conversation by itself; /image FILE starts one about another "
+                 f"image); ask again without it", "chat")
             continue
         try:
             session.ask(line, streamer=_stream)
         except KeyboardInterrupt:
             print("\n[answer interrupted; the conversation is as it was before this question]", file=sys.stderr)
             continue
-        except ValueError as e:
+        except (ValueError, OSError) as e:  # e.g. the image file went away before the first question
             _err(str(e), "chat")
             continue
         sys.stdout.write("\n")
@@ -126,3 +111,37 @@ def run(args) -> int:
               f"{st.new_tokens} new ({st.finish_reason}{rate}); context {st.context_tokens} tokens, "
               f"state {session.state_bytes / 2**20:.2f} MiB]", file=sys.stderr)
     return 0
+
+
+def _command(session, cmd: str, arg: str):
+    """Run one ``/command`` (not /quit); returns the session to go on with (another one after /load). Raises
+    UsageError, ValueError or OSError for a command that fails, leaving ``session`` as it was."""
+    if cmd == "/reset":
+        session.reset()
+        print("[new conversation]", file=sys.stderr)
+        return session
+    if cmd not in ("/image", "/save", "/save!", "/load"):
+        raise UsageError(f"unknown command {(cmd + ' ' + arg).strip()!r}; {HELP}")
+    if not arg:
+        raise UsageError(f"{cmd} needs a FILE; {HELP}")
+    path = Path(arg).expanduser()
+    if cmd == "/image":
+        if session.vlm is None:
+            raise UsageError("/image needs an EMMA-Mamba --checkpoint (a text-only --lm cannot see images)")
+        _check_image(session.vlm, path)
+        session.reset(image=str(path))
+        print(f"[new conversation about {path}]", file=sys.stderr)
+        return session
+    if cmd in ("/save", "/save!"):
+        # an existing file (another conversation, or a checkpoint given by mistake) is replaced only on request
+        if cmd == "/save" and path.is_file():
+            raise UsageError(f"/save {path}: the file exists; '/save! {path}' replaces it")
+        session.save(path, overwrite=cmd == "/save!")  # to a temporary file, then renamed: never half-written
+        print(f"[conversation saved to {path}: {len(session.turns)} turns, {session.context_tokens} tokens of "
+              f"context]", file=sys.stderr)
+        return session
+    loaded = type(session).load(path, session.vlm or session.lm, tokenizer=None if session.vlm else session.tokenizer,
+                                config=session.config)
+    print(f"[conversation loaded from {path}: {len(loaded.turns)} turns, {loaded.context_tokens} tokens of "
+          f"context]", file=sys.stderr)
+    return loaded

@@ -226,6 +226,13 @@ def _run_vlm(args, gcfg, device, dtype, prompt) -> int:
     if args.image is None:
         raise UsageError("--checkpoint needs --image FILE (the picture to ask about)")
     model = load_vlm(args, device, dtype)
+    token = model.config.image_token
+    if token in prompt:
+        # the tokenizer would read it as a second image slot (training data uses the text that way), and the
+        # count check would then report two placeholders for the one the user typed
+        where = "the prompt (stdin)" if args.prompt == "-" else "--prompt"
+        raise UsageError(f"{where} holds {token!r}, the model's image placeholder: that text is reserved (the "
+                         f"--image is placed before the prompt by itself); remove it")
     t0 = time.perf_counter()
     try:
         text = answer(model, args.image, prompt, streamer=_stream, config=gcfg)

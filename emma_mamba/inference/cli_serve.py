@@ -48,6 +48,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
 
 
+def _listen_error(host: str, port: int, err: OSError) -> UsageError:
+    """A socket error from listening on host:port as a message naming both and the option to change."""
+    import errno
+
+    where = f"cannot listen on {host}:{port}"
+    if err.errno == errno.EADDRINUSE:
+        return UsageError(f"{where}: the port is already in use (another server?); choose another --port "
+                          f"(0: any free port)")
+    if err.errno == errno.EACCES:
+        return UsageError(f"{where}: permission denied (ports below 1024 need privileges); choose a --port "
+                          f"above 1023")
+    if err.errno == errno.EADDRNOTAVAIL:
+        return UsageError(f"{where}: this machine has no such address; check --host (127.0.0.1: this machine "
+                          f"only, 0.0.0.0: every interface)")
+    return UsageError(f"{where}: {err.strerror or err}; check --host and --port")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind host:port once before the model loads (which can take minutes), so a port in use or a bad host is
+    reported at once; the server binds again after the load (a port taken in between is reported then)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, got {port}")
+    if port == 0:  # any free port: nothing to check
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {host}:{port}: --host {host!r} is not an address of this machine "
+                         f"({e.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise _listen_error(host, port, e) from None
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -56,6 +96,7 @@ def run(args) -> int:
     try:
         if args.image is not None:
             raise UsageError("--image does not apply: each request brings its own images")
+        _check_listen(args.host, args.port)
         device, dtype, gcfg = setup(args)
         if args.checkpoint is not None:
             model, tok = load_vlm(args, device, dtype), None
@@ -84,7 +125,11 @@ def run(args) -> int:
             api_key = os.environ.get(args.api_key_env)
             if not api_key:
                 raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
-        server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui)
+        try:
+            server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui)
+        except OSError as e:
+            service.close()
+            raise _listen_error(args.host, args.port, e) from None
     except (UsageError, ValueError, OSError) as e:
         return _err(str(e), "serve")
     host, port = server.server_address[:2]

@@ -16,7 +16,10 @@ penalties and temperature) and its most likely alternatives, in OpenAI's ``choic
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
-the server fetches nothing). ``system`` messages are dropped (the model was trained without a system prompt),
+the server fetches nothing). On a multimodal model no message text (nor a ``/v1/completions`` prompt) may
+hold the image placeholder text (``<image>``): the tokenizer reads it as an image's slot, as training data uses
+it, so the server places the placeholders itself, one per image part, and refuses the text with a 400 naming
+the field. ``system`` messages are dropped (the model was trained without a system prompt),
 and the response says so in ``emma_mamba.dropped_system_messages``.
 
 The token stream is the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava` with
@@ -123,8 +126,20 @@ def _decode_image(url: str, where: str, allow_local: bool):
         raise RequestError(str(e), where) from None
 
 
-def parse_messages(messages, allow_images: bool, allow_local: bool) -> tuple[list[_Turn], int]:
-    """OpenAI ``messages`` -> (turns, dropped system messages). Raises RequestError naming the field."""
+def _check_reserved(text: str, image_token: str | None, where: str) -> None:
+    """Refuse message text holding the image placeholder: the tokenizer reads it as an image's slot (as training
+    data does: there ``<image>`` in a turn *is* the placeholder), so it would stand for an image the request does
+    not carry. The images' placeholders are placed by the server, one per image_url part."""
+    if image_token is not None and image_token in text:
+        raise RequestError(f"the text holds {image_token!r}, the model's image placeholder: that text is reserved "
+                           f"(images go in image_url parts, and the server places their placeholders); remove it",
+                           where)
+
+
+def parse_messages(messages, allow_images: bool, allow_local: bool,
+                   image_token: str | None = None) -> tuple[list[_Turn], int]:
+    """OpenAI ``messages`` -> (turns, dropped system messages). Raises RequestError naming the field.
+    ``image_token``: the model's image placeholder, refused in any message's text (see :func:`_check_reserved`)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
     turns: list[_Turn] = []
@@ -145,12 +160,14 @@ def parse_messages(messages, allow_images: bool, allow_local: bool) -> tuple[lis
                                f"starting with user", f"{where}.role")
         texts, images = [], []
         if isinstance(content, str):
+            _check_reserved(content, image_token, f"{where}.content")
             texts.append(content)
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 pw = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
+                    _check_reserved(part["text"], image_token, f"{pw}.text")
                     texts.append(part["text"])
                 elif kind == "image_url":
                     if role != "user":
@@ -208,6 +225,17 @@ def _number(body: dict, key: str, kind, lo, hi, default):
     if not lo <= v <= hi:
         raise RequestError(f"{key} must be in [{lo}, {hi}], got {v}", key)
     return kind(v)
+
+
+def _flag(body: dict, key: str) -> bool:
+    """A boolean request field (absent or null: false); anything but true/false is refused, so that e.g.
+    ``"stream": "no"`` is not read as true."""
+    v = body.get(key)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(f"{key} must be true or false, got {v!r}", key)
+    return v
 
 
 def _is_id_list(x) -> bool:
@@ -289,8 +317,10 @@ class ChatService:
             raise RequestError(str(e).replace("GenerationConfig.", ""), field) from None
 
     def _inputs(self, body: dict):
-        turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images)
         image_token = self.vlm.config.image_token if self.vlm is not None else "<image>"
+        # a text-only LM's tokenizer has no placeholder token: "<image>" is ordinary text there
+        turns, dropped = parse_messages(body.get("messages"), self.vlm is not None, self.allow_local_images,
+                                        image_token if self.vlm is not None else None)
         position = self.vlm.config.vision.image_position if self.vlm is not None else "in_turn"
         ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token,
                                                                               position)
@@ -317,7 +347,7 @@ class ChatService:
             raise RequestError(f"top_logprobs must be an integer in [0, 20] or null, got {top!r}", "top_logprobs")
         if top is not None and not want:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
-        if want and body.get("stream"):
+        if want and _flag(body, "stream"):
             raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
         return self._config(body, choices=True), *self._inputs(body), (top or 0) if want else None
 
@@ -491,9 +521,8 @@ class ChatService:
         stream = merged is not None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
-        echo = body.get("echo", False)
-        if not isinstance(echo, bool):
-            raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
+        echo = _flag(body, "echo")
+        _flag(body, "stream")  # checked here too for callers of the service without the HTTP layer
         top = body.get("logprobs")
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
@@ -517,14 +546,24 @@ class ChatService:
     def _completion_prompts(self, prompt) -> list[list[int]]:
         """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
         vocab = self.lm.config.vocab_size
+        # raw prompts carry no images: on a multimodal model the placeholder would read an embedding row that
+        # is never trained (its slot is always replaced by visual tokens), so it is refused as text and as id
+        reserved = (self.vlm.config.image_token, self.vlm.image_token_id) if self.vlm is not None else None
 
         def ids_of(p, where):
             if isinstance(p, str):
+                if reserved is not None and reserved[0] in p:
+                    raise RequestError(f"{where} holds {reserved[0]!r}, the model's image placeholder: that text is "
+                                       f"reserved, and /v1/completions takes no images (send images to "
+                                       f"/v1/chat/completions as image_url parts); remove it", where)
                 ids = self.tokenizer.encode(p)
             elif _is_id_list(p):
                 bad = [t for t in p if not 0 <= t < vocab]
                 if bad:
                     raise RequestError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab})", where)
+                if reserved is not None and reserved[1] in p:
+                    raise RequestError(f"{where}: token id {reserved[1]} is the model's image placeholder "
+                                       f"{reserved[0]!r}, and /v1/completions takes no images", where)
                 ids = list(p)
             else:
                 raise RequestError(f"{where} must be a string or a list of token ids", where)
@@ -666,18 +705,21 @@ class _Handler(BaseHTTPRequestHandler):
         if route != "/v1/chat/completions" and route not in others:
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
         try:
-            n = int(self.headers.get("Content-Length") or 0)
+            n = self._content_length()
             if n > self.max_body_bytes:
                 raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
             try:
                 body = json.loads(self.rfile.read(n) or b"null")
             except json.JSONDecodeError as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
-            if route == "/v1/completions" and isinstance(body, dict) and body.get("stream"):
+            # "stream" decides the response's form before the service reads the body: checked here first
+            stream = (_flag(body, "stream") if isinstance(body, dict) and route in ("/v1/completions",
+                                                                                    "/v1/chat/completions")
+                      else False)
+            if route == "/v1/completions" and stream:
                 return self._stream_completion(body)
             if route in others:
                 return self._json(200, others[route](body))
-            stream = bool(body.get("stream")) if isinstance(body, dict) else False
             if not stream:
                 return self._json(200, self.service.complete(body))
             self._stream(body)
@@ -688,6 +730,22 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+
+    def _content_length(self) -> int:
+        """The body's size from its Content-Length header (absent: 0). A malformed one is a 400, and the
+        connection is closed after the answer: where this body ends, hence where a next request would start, is
+        unknown."""
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return 0
+        try:
+            n = int(raw.strip())
+        except ValueError:
+            n = -1
+        if n < 0:  # a negative size would read until the client closes the connection
+            self.close_connection = True
+            raise RequestError(f"the Content-Length header {raw!r} is not a byte count (a non-negative integer)")
+        return n
 
     def _event_stream(self) -> None:
         self.send_response(200)
@@ -775,6 +833,22 @@ def _drain(jobs: list[DecodeJob], merged: queue.Queue, on_text: Callable[[int, s
         raise
 
 
+class _Server(ThreadingHTTPServer):
+    """The threading HTTP server, with a client that went away logged in one line (socketserver prints a
+    traceback for any exception a handler lets through; answering a client that has left raises one)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        err = sys.exc_info()[1]
+        if isinstance(err, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            log.info("%s disconnected before the response was sent (%s)", client_address[0], type(err).__name__)
+            return
+        super().handle_error(request, client_address)
+
+
 class _Tagged:
     """A job's chunk queue that puts (index, chunk) into a queue shared by several jobs."""
 
@@ -791,6 +865,4 @@ def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,
     ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health`` and the chat page.
     ``web_ui``: answer ``GET /`` with a chat page in the browser (streamed answers, an image per conversation)."""
     handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key, "web_ui": web_ui})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), handler)

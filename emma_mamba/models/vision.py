@@ -349,8 +349,27 @@ def _to_rgb(img, name: str):
         raise ValueError(f"image {name}: cannot convert mode {mode!r} to RGB: {e}") from None
 
 
+def _bomb_message(path, err: Exception) -> str:
+    """The error for an image PIL refuses as a decompression bomb: the file, its size in pixels, PIL's limit and
+    how to lift it (the limit guards against small files that decode to gigabytes, so it is not lifted here)."""
+    import re
+
+    from PIL import Image
+
+    # PIL refuses outright above twice MAX_IMAGE_PIXELS (between the two it only warns); its message carries
+    # the image's pixel count, which the exception has no attribute for
+    m = re.search(r"\((\d+) pixels\)", str(err))
+    has = f"has {int(m.group(1)):,} pixels, " if m else "is "
+    limit = f" ({2 * Image.MAX_IMAGE_PIXELS:,} pixels)" if Image.MAX_IMAGE_PIXELS else ""
+    return (f"cannot read image file {path}: the image {has}more than PIL's decompression-bomb limit{limit}; "
+            f"if it is meant to be this large, set PIL.Image.MAX_IMAGE_PIXELS higher before loading it (the limit "
+            f"is twice that value; None turns the check off), or downscale the image")
+
+
 def load_image(image) -> "Image.Image":
-    """An RGB PIL image from a path, a PIL image or an (H, W[, C]) uint8/float array; see the module docstring."""
+    """An RGB PIL image from a path, a PIL image or an (H, W[, C]) uint8/float array; see the module docstring.
+    A missing file raises FileNotFoundError; one that cannot be decoded, or that PIL refuses as a decompression
+    bomb (more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels), ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, os.PathLike)):
@@ -361,6 +380,10 @@ def load_image(image) -> "Image.Image":
             with Image.open(path) as f:
                 f.load()  # decode now, so a truncated file fails here with its name
                 img = f.copy()  # keeps .info (palette transparency, EXIF)
+        except Image.DecompressionBombError as e:
+            # not an OSError: without this clause a tiny file declaring a huge size escaped every caller's
+            # "unreadable image" handling (data check, pretrain, generate, chat) as a raw traceback
+            raise ValueError(_bomb_message(path, e)) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot read image file {path}: {e}") from None
         return _to_rgb(img, str(path))

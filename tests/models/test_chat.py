@@ -273,3 +273,85 @@ def test_cli_chat_save_and_load(vlm, tmp_path):
     a1, a2 = session.ask(QUESTIONS[0]), session.ask(QUESTIONS[1])
     assert one.stdout == f"{a1}\n" and two.stdout == f"{a2}\n"
     assert "cannot read a chat state" in two.stderr
+
+
+def test_save_writes_whole_files_and_names_bad_paths(text_lm, tmp_path, monkeypatch):
+    """ChatSession.save writes to a temporary file and renames it: a failed or interrupted write leaves the earlier
+    file as it was and no partial or temporary file; a path that cannot be written is an OSError naming it."""
+    lm, tok = text_lm
+    cfg = GenerationConfig(max_new_tokens=2)
+    session = ChatSession(lm, tokenizer=tok, config=cfg)
+    session.ask("Hello there")
+    missing = tmp_path / "no" / "such" / "chat.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"no such directory {tmp_path / 'no' / 'such'}"):
+        session.save(missing)
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        session.save(tmp_path)
+    path = tmp_path / "chat.safetensors"
+    session.save(path)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="the file exists"):
+        session.save(path, overwrite=False)
+    session.ask("And then?")  # two turns now: a successful overwrite would change the file
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    for fail, err in ((disk_full, OSError), (interrupted, KeyboardInterrupt)):
+        monkeypatch.setattr(os, "fsync", fail)
+        with pytest.raises(err) as e:
+            session.save(path)
+        if err is OSError:
+            assert str(path) in str(e.value) and "No space left on device" in str(e.value)
+        assert path.read_bytes() == before  # the earlier conversation, whole
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.safetensors"]  # no temporary file left
+    monkeypatch.undo()
+    assert len(ChatSession.load(path, lm, tokenizer=tok, config=cfg).turns) == 1
+    session.save(path)
+    assert len(ChatSession.load(path, lm, tokenizer=tok, config=cfg).turns) == 2
+
+
+def test_cli_chat_survives_every_bad_command(vlm, tmp_path):
+    """Each mistake prints an error naming what was wrong and the conversation goes on: the answers after them
+    are the uninterrupted session's. An existing file is replaced by /save! only."""
+    from PIL import Image
+
+    ckpt = tmp_path / "ckpt"
+    vlm.save(ckpt)
+    bomb, corrupt, existing = tmp_path / "bomb.png", tmp_path / "corrupt.png", tmp_path / "kept.safetensors"
+    Image.new("1", (20000, 10000)).save(bomb)  # ~24 KB, beyond PIL's decompression-bomb limit
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    existing.write_bytes(b"keep me")
+    nodir = tmp_path / "nodir" / "c.safetensors"
+    lines = [QUESTIONS[0], f"/image {bomb}", f"/image {tmp_path / 'missing.png'}", f"/image {corrupt}",
+             f"/image {tmp_path}", "/image", f"{vlm.config.image_token} What is it?", f"/save {nodir}",
+             f"/save {tmp_path}", f"/save {existing}", f"/load {tmp_path / 'nope'}", f"/load {tmp_path}", QUESTIONS[1],
+             f"/save! {existing}"]
+    # sampled: a random tiny model's greedy answers are the same few tokens whatever the context
+    sampling = ["--max-new-tokens", "4", "--temperature", "1.0", "--seed", "0"]
+    proc = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "chat", "--checkpoint", str(ckpt), "--image",
+                           IMAGE] + sampling, input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    from emma_mamba.models.vlm import load
+    cfg = GenerationConfig(max_new_tokens=4, temperature=1.0, seed=0)
+    ref = ChatSession(load(ckpt), IMAGE, config=cfg)
+    a1, a2 = ref.ask(QUESTIONS[0]), ref.ask(QUESTIONS[1])
+    assert a1.strip() and a2.strip()
+    assert proc.stdout == f"{a1}\n{a2}\n"  # the second answer continues the first: nothing was lost
+    for needle in (f"{bomb}: the image has 200,000,000 pixels, more than PIL's decompression-bomb limit",
+                   f"image {tmp_path / 'missing.png'}: no such file", f"cannot read image file {corrupt}",
+                   f"image {tmp_path}: is a directory", "/image needs a FILE", "holds '<image>'",
+                   f"no such directory {nodir.parent}", f"{tmp_path} is a directory",
+                   f"/save {existing}: the file exists; '/save! {existing}' replaces it",
+                   f"{tmp_path / 'nope'}: cannot read a chat state", f"{tmp_path}: cannot read a chat state: it is a "
+                   f"directory", f"conversation saved to {existing}: 2 turns"):
+        assert needle in err, (needle, err)
+    assert err.count("emma-mamba chat: error:") == 11
+    assert not nodir.parent.exists()
+    resumed = ChatSession.load(existing, load(ckpt), config=cfg)
+    assert resumed.turns == ref.turns

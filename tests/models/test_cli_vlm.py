@@ -1,4 +1,5 @@
-"""`emma-mamba generate --checkpoint DIR --image FILE`: the streamed text is the model's greedy answer."""
+"""`emma-mamba generate --checkpoint DIR --image FILE`: the streamed text is the model's greedy answer; a bad
+image or prompt is a clear error, not a traceback."""
 
 import os
 
@@ -42,3 +43,38 @@ def test_bad_inputs_are_named(ckpt, capsys, argv, needle):
 def test_image_with_text_only_lm_is_an_error(capsys):
     rc = cli.main(["generate", "--random-init", "tiny", "--image", IMAGE, "--prompt", "hi"])
     assert rc == 2 and "--image needs an EMMA-Mamba --checkpoint" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_image_is_a_named_error(ckpt, tmp_path, capsys):
+    # 20000 x 10000 1-bit pixels in a ~24 KB PNG: more than twice PIL's default MAX_IMAGE_PIXELS
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--image", str(bomb), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "emma-mamba generate: error:" in err and str(bomb) in err, err
+    assert "decompression-bomb limit" in err and "MAX_IMAGE_PIXELS" in err
+
+
+@pytest.mark.parametrize("stdin", [False, True])
+def test_a_prompt_holding_the_image_placeholder_is_refused(ckpt, capsys, monkeypatch, stdin):
+    # "<image>" is the placeholder token (training data's text uses it that way): typed by the user it would be
+    # a second image slot for one image, reported as a placeholder count the user did not write
+    import io
+
+    prompt = "<image> what shape"
+    if stdin:
+        monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
+    rc = cli.main(["generate", "--checkpoint", str(ckpt), "--image", IMAGE, "--prompt", "-" if stdin else prompt])
+    err = capsys.readouterr().err
+    where = "the prompt (stdin)" if stdin else "--prompt"
+    assert rc == 2 and f"{where} holds '<image>'" in err and "reserved" in err, err
+    assert "placeholder(s)" not in err
+
+
+def test_the_placeholder_text_is_plain_text_to_a_text_only_lm(capsys):
+    # a text-only LM's tokenizer has no placeholder token: the same words are an ordinary prompt there
+    rc = cli.main(["generate", "--random-init", "tiny", "--prompt", "<image> what shape", "--max-new-tokens", "2",
+                   "--seed", "0"])
+    assert rc == 0 and capsys.readouterr().out.startswith("<image> what shape")

@@ -150,6 +150,15 @@ def test_system_messages_are_dropped_and_said_so(server):
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"messages": [user("x " * 500, image=False)]}, "messages", "more than this server's max_prompt_positions 400"),
+    # the placeholder text is reserved in every message's text (the tokenizer would read it as an image slot)
+    ({"messages": [{"role": "user", "content": "<image> what shape"}]}, "messages[0].content",
+     "holds '<image>', the model's image placeholder: that text is reserved"),
+    ({"messages": [user("<image>\nwhat shape")]}, "messages[0].content[1].text", "reserved"),
+    ({"messages": [user("a"), {"role": "assistant", "content": "see <image>"}, user("b")]}, "messages[1].content",
+     "reserved"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream",
+     "stream must be true or false, got 'yes'"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "stream", "stream must be true or false"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, param, match):
     url, _ = server
@@ -344,3 +353,162 @@ def test_n_choices_continue_one_prefill(server, model):
         assert "".join(m["delta"].get("content", "") for m in mine) == c["message"]["content"]
         assert [m["finish_reason"] for m in mine if m["finish_reason"]] == [c["finish_reason"]]
     assert events[-1]["usage"] == out["usage"]
+
+
+def post_to(url, path, body=None, raw=None):
+    """(status, body text) of a POST to ``path``."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize("body,param,match", [
+    ({"prompt": "<image> what shape", "max_tokens": 2}, "prompt", "holds '<image>', the model's image placeholder"),
+    ({"prompt": ["a cat", "<image>"], "max_tokens": 2}, "prompt[1]", "takes no images"),
+    ({"prompt": "a cat", "max_tokens": 2, "stream": "yes"}, "stream", "stream must be true or false"),
+])
+def test_text_completions_refuse_the_placeholder_and_bad_flags(server, body, param, match):
+    url, _ = server
+    status, text = post_to(url, "/v1/completions", body)
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == param and match in err["message"], err
+
+
+def test_text_completions_refuse_the_placeholder_id(server, model):
+    # as a token id it would read an embedding row never trained (its slot is always replaced by visual tokens)
+    url, _ = server
+    ids = model.tokenizer.encode("a cat") + [model.image_token_id]
+    status, text = post_to(url, "/v1/completions", {"prompt": ids, "max_tokens": 2})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "prompt" and f"token id {model.image_token_id}" in err["message"]
+
+
+def test_a_text_only_lm_reads_the_placeholder_text_as_words(model):
+    # a text-only LM's own tokenizer has no placeholder token: "<image>" is ordinary text to it
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    svc = ChatService(model.lm, tokenizer=tok, defaults=GenerationConfig(max_new_tokens=2))
+    try:
+        out = svc.complete({"messages": [{"role": "user", "content": "<image> what shape"}]})
+        assert out["usage"]["prompt_tokens"] == len(tok.encode("<|user|>\n<image> what shape<|endoftext|>\n"
+                                                                "<|assistant|>\n"))
+    finally:
+        svc.close()
+
+
+def _raw_request(url, head: bytes, body: bytes = b"") -> bytes:
+    """Send a hand-written request (headers urllib would not send) and read the reply until the server closes."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head + b"\r\n\r\n" + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5", b"1e3"])
+def test_a_bad_content_length_is_400(server, length):
+    url, _ = server
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    reply = _raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                              b"\r\nContent-Length: " + length, body)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400"), reply[:300]
+    err = json.loads(payload)["error"]
+    assert f"the Content-Length header {length.decode()!r} is not a byte count" in err["message"]
+    assert post(url, {"messages": [user("Hi", image=False)], "max_tokens": 2})[0] == 200  # still serving
+
+
+def _bomb_png(tmp_path):
+    """A 20000 x 10000 1-bit PNG (~24 KB): more than twice PIL's default MAX_IMAGE_PIXELS."""
+    from PIL import Image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(path)
+    return path
+
+
+def test_a_decompression_bomb_image_is_400(server, model, tmp_path):
+    from emma_mamba.inference.server import RequestError
+
+    url, _ = server
+    bomb = _bomb_png(tmp_path)
+    status, text = post(url, {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(bomb)}}, {"type": "text", "text": "What is it?"}]}]})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "messages[0].content[0].image_url.url", err
+    assert "DecompressionBombError" in err["message"]
+    local = ChatService(model, defaults=GenerationConfig(max_new_tokens=2), allow_local_images=True)
+    try:  # a local path goes through load_image: its error names the file and the limit
+        with pytest.raises(RequestError, match="decompression-bomb limit") as e:
+            local.complete({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": str(bomb)}}, {"type": "text", "text": "What?"}]}]})
+        assert e.value.status == 400 and e.value.param == "messages[0].content[0].image_url.url"
+        assert str(bomb) in str(e.value)
+    finally:
+        local.close()
+
+
+def test_a_client_gone_before_the_answer_is_one_log_line(model, caplog, capsys):
+    """socketserver prints a traceback for any exception a handler lets through; answering a client that has
+    left raises one (e.g. a 400 written to a reset connection): logged in one line instead. Other errors keep
+    their traceback."""
+    import logging
+
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=2))
+    srv = make_server(svc, "127.0.0.1", 0)
+    try:
+        for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "Connection reset by peer")):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="emma_mamba.inference.server"):
+                try:
+                    raise gone
+                except OSError:
+                    srv.handle_error(None, ("203.0.113.7", 5555))
+            assert [r.getMessage() for r in caplog.records] == [
+                f"203.0.113.7 disconnected before the response was sent ({type(gone).__name__})"]
+            assert capsys.readouterr().err == ""
+        try:
+            raise RuntimeError("a real bug")
+        except RuntimeError:
+            srv.handle_error(None, ("203.0.113.7", 5555))
+        assert "Traceback" in capsys.readouterr().err
+    finally:
+        srv.server_close()
+        svc.close()
+
+
+@pytest.mark.parametrize("probe", [True, False])
+def test_a_port_in_use_names_host_and_port(model, monkeypatch, capsys, probe):
+    """Refused before the model loads (a bind probe); a port taken while it loads is reported the same way."""
+    import socket
+
+    from emma_mamba import cli
+    from emma_mamba.inference import cli_serve
+
+    if not probe:  # the port is taken after the probe: make_server's own bind fails
+        monkeypatch.setattr(cli_serve, "_check_listen", lambda host, port: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = cli.main(["serve", "--random-init", "tiny", "--port", str(port), "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot listen on 127.0.0.1:{port}: the port is already in use" in err, err
+    assert "choose another --port" in err and "Errno" not in err
+    assert ("random weights" in err) is not probe  # the probe fails before the model is built
+
+
+def test_a_port_out_of_range_is_named(capsys):
+    from emma_mamba import cli
+
+    assert cli.main(["serve", "--random-init", "tiny", "--port", "70000"]) == 2
+    assert "--port must be from 0 to 65535, got 70000" in capsys.readouterr().err

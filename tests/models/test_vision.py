@@ -220,6 +220,30 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
         load_image(42)
 
 
+def test_a_decompression_bomb_is_named_like_a_corrupt_file(tmp_path, monkeypatch):
+    """PIL refuses an image of more than twice MAX_IMAGE_PIXELS with DecompressionBombError, which is not an
+    OSError: load_image must turn it into its ValueError naming the file (what data check, pretrain, generate,
+    chat and serve handle), saying why and how to allow it. A lowered limit makes a small file a 'bomb'."""
+    from emma_mamba.data.llava import DataError, preprocess_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (100, 50)).save(path)  # 5,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses above 2,000
+    with pytest.raises(ValueError) as e:
+        load_image(path)
+    msg = str(e.value)
+    assert "bomb.png" in msg and "decompression-bomb limit" in msg and "PIL.Image.MAX_IMAGE_PIXELS" in msg
+    assert "5,000 pixels" in msg and "2,000 pixels" in msg
+    # the data pipeline's path (data check, pretrain): a corrupt_image record error, not a crash
+    _, pp = build_open_clip(tiny_vision_cfg())
+    with pytest.raises(DataError, match="decompression-bomb limit") as e:
+        preprocess_image(path, ImageProcessor(pp))
+    assert e.value.reason == "corrupt_image"
+    # the limit is the cause: raised as the message says, the same file loads
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert load_image(path).size == (100, 50)
+
+
 def _oracle(img: Image.Image, pp: dict, size: int) -> torch.Tensor:
     """torchvision directly: bicubic resize of a PIL image to size x size, to tensor, normalised."""
     import torchvision.transforms.functional as TF
