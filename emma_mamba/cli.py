@@ -31,7 +31,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("finetune",): ("emma_mamba.training.cli_train", "stage 2: also train the LM and the alignment head (or one-stage recipes)"),
     ("plot",): ("emma_mamba.training.cli_plot", "training curves (loss, lr, grad norm, tokens/s) of one or several runs as a PNG"),
     ("eval",): ("emma_mamba.eval.cli_eval", "answer and score a benchmark (VQAv2, GQA, POPE, MME, MMBench, VSR, ...) with a checkpoint or an API"),
-    ("quickstart",): ("emma_mamba.quickstart", "ShapesWorld end to end on a CPU in minutes: data, stage 1, stage 2, eval, a demo answer"),
+    ("quickstart",): ("emma_mamba.quickstart", "ShapesWorld end to end on a CPU in minutes: data, stage 0 (a tiny CLIP), stage 1, stage 2, eval, a demo answer"),
     ("ablate",): ("emma_mamba.ablation", "ShapesWorld ablation: cobra-like vs +MFF, +alignment head, +instruction fusion, all; seeds"),
 }
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -497,6 +498,27 @@ def resolve_config_path(path: str | Path, what: str = "config file") -> Path:
                       f"`emma-mamba configs --copy DIR` copies them for editing)")
 
 
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently, so
+    `lr: 1e-3` further down a file would quietly replace an earlier `lr`)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping", node.start_mark,
+                        f"the key {key!r} is given twice (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """The top-level mapping of a YAML file (``yaml.safe_load``; an empty file is ``{}``), or a ConfigError
     naming the file: missing, not YAML, or not a mapping."""
@@ -506,9 +528,13 @@ def read_yaml_mapping(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the YAML as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e).replace('<unicode string>', str(path))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -54,10 +54,9 @@ def _cast(sd: dict, dtype: torch.dtype) -> dict:
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_align_head: bool = False,
            lm_only: bool = False) -> Path:
     """Write ``checkpoint`` to ``out`` (see the module docstring); returns ``out``."""
-    from safetensors.torch import save_file
-
     from emma_mamba import __version__
     from emma_mamba.config import save_config
+    from emma_mamba.fileio import save_safetensors
     from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases, has_align_head_weights, load
 
     if dtype not in DTYPES:
@@ -78,7 +77,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
     sd = _drop_tied_aliases(model, sd)  # safetensors refuses shared storage
     save_config(model.config, out / CONFIG_NAME)
-    save_file(_cast(sd, DTYPES[dtype]), str(out / WEIGHTS_NAME), metadata=meta)
+    save_safetensors(_cast(sd, DTYPES[dtype]), str(out / WEIGHTS_NAME), metadata=meta)
     model.tokenizer.save(out)
     return out
 

@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--preset", default=None,
                      help="named preset (tiny, emma-mamba-2.8b, emma-mamba-2.8b-dinosiglip, cobra-like); default tiny")
     src.add_argument("--config", default=None,
-                     help="model config YAML (strict overrides of a preset), or a checkpoint directory (its config.yaml)")
+                     help="model config YAML (strict overrides of a preset), a training recipe (the model it trains; "
+                          "a shipped recipe by name too), or a checkpoint directory (its config.yaml)")
     parser.add_argument("--lora", type=int, default=0, metavar="R",
                         help="also count stage 2 with LoRA adapters of rank R on the LM (train.lora.r)")
     parser.add_argument("--lora-targets", nargs="+", default=["in_proj", "x_proj", "out_proj"], metavar="PROJ",
@@ -85,12 +86,21 @@ def _bytes(n: int) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from emma_mamba.config import get_preset, load_config
+    from emma_mamba.config import get_preset, load_config, read_yaml_mapping, resolve_config_path
 
     path = Path(args.config) if args.config else None
     if path is not None and path.is_dir():  # a checkpoint or run directory: its resolved config
         path = path / "config.yaml"
-    cfg = load_config(path) if path is not None else get_preset(args.preset or "tiny")
+    elif path is not None:
+        path = resolve_config_path(path)  # a shipped recipe by name, as the training commands take it
+    if path is None:
+        cfg = get_preset(args.preset or "tiny")
+    elif "stage" in read_yaml_mapping(path):  # a training recipe: the model it trains (its model or init_from)
+        from emma_mamba.training.config import load_run_config
+
+        cfg = load_run_config(path).model
+    else:
+        cfg = load_config(path)
     if args.lora < 0:
         raise SystemExit("emma-mamba info: --lora must be >= 0")
     try:

@@ -343,6 +343,7 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
     reply = answer(model, data_dir / "images" / demo_q["image"], f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
                    max_new_tokens=8).strip()
     demo = {"image": str(data_dir / "images" / demo_q["image"]), "question": demo_q["question"],
+            "prompt": f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
             "expected": demo_a["multiple_choice_answer"], "model": reply}
 
     timings["total"] = time.perf_counter() - t_all
@@ -433,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     d = summary["demo"]
     print()
     print(f"demo  image {d['image']}")
-    print(f"      Q: {d['question']}")
+    print(f"      Q: {d.get('prompt', d['question'])!r}   (VQAv2's short-answer prompt, as the eval asks it)")
     print(f"      A: {d['model']!r}   (ground truth: {d['expected']!r})")
     print()
     print(format_table(summary))

@@ -95,3 +95,21 @@ def test_export_errors(ckpt, tmp_path, capsys):
     assert "holds no alignment-head weights" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_written_weight_files_get_the_default_file_mode(tmp_path):
+    """safetensors writes 0600 whatever the umask; a model meant to be shared is readable as any new file is."""
+    import os
+
+    from emma_mamba.fileio import default_file_mode, save_safetensors
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "w.safetensors")
+        MambaLM(MambaConfig.from_preset("tiny")).save_pretrained(tmp_path / "lm")
+        for f in (tmp_path / "w.safetensors", tmp_path / "lm" / "model.safetensors"):
+            assert os.stat(f).st_mode & 0o777 == 0o644, f
+    finally:
+        os.umask(old)

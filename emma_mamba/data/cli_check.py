@@ -258,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
             out = reports if args.val else reports[0]
         Path(args.report).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.report}")
-    clean = all(not r["skipped"] for r in reports)
+    empty = [r["file"] for r in reports if not r["usable"]]
+    for f in empty:  # training refuses a file with no usable record ("no usable training records")
+        print(f"{f}: no usable record: a run with it stops before the first step")
+    clean = all(not r["skipped"] for r in reports) and not empty
     print("no problems found" if clean else "problems found: a run skips these records (data.on_error: skip) or "
-                                            "stops at the first (raise)")
+                                            "stops at the first (raise)" if not empty else "problems found")
     return 0 if clean else 1

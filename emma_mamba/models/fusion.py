@@ -150,7 +150,10 @@ class InstructionFusion(nn.Module):
 
         Rows are cached per distinct text (up to ``TOKEN_CACHE_SIZE``, least recently used dropped): training
         sees each instruction once per epoch, and open_clip's tokenizer (text cleaning, regex, BPE) cost about
-        a tenth of a tiny-model training step. A truncated instruction is counted and logged on every use."""
+        a tenth of a tiny-model training step. A truncated instruction is counted on every use (``num_truncated``;
+        the trainer reports the total at the end of a run) and logged when it is tokenised (first seen, or after it
+        left the cache); the batch summary is logged when the running count reaches 1, 2, 4, 8, ..., so a data set
+        of long instructions is reported without a warning per step."""
         if isinstance(texts, str):
             texts = [texts]
         if self.tokenizer is None:
@@ -160,7 +163,8 @@ class InstructionFusion(nn.Module):
             if not isinstance(t, str):
                 raise TypeError(f"instructions must be strings, got {type(t).__name__}")
             hit = self._token_cache.get(t)
-            if hit is None:
+            fresh = hit is None
+            if fresh:
                 n = _token_count(self.tokenizer, t)
                 hit = (self.tokenizer([t], context_length=self.context_length)[0], n)
                 if len(self._token_cache) >= self.TOKEN_CACHE_SIZE:
@@ -171,13 +175,15 @@ class InstructionFusion(nn.Module):
             row, n = hit
             if n is not None and n > self.context_length:
                 n_trunc += 1
-                log.warning("instruction truncated from %d to %d text-tower tokens (%.60r...)", n,
-                            self.context_length, t)
+                if fresh:
+                    log.warning("instruction truncated from %d to %d text-tower tokens (%.60r...)", n,
+                                self.context_length, t)
             rows.append(row)
         if n_trunc:
-            self.num_truncated += n_trunc
-            log.warning("instruction fusion: %d of %d instructions truncated in this batch (%d so far)", n_trunc,
-                        len(texts), self.num_truncated)
+            before, self.num_truncated = self.num_truncated, self.num_truncated + n_trunc
+            if self.num_truncated.bit_length() > before.bit_length():  # crossed 1, 2, 4, 8, ...
+                log.warning("instruction fusion: %d of %d instructions truncated in this batch (%d so far; said "
+                            "again at twice that count)", n_trunc, len(texts), self.num_truncated)
         if not rows:
             return torch.empty(0, self.context_length, dtype=torch.long)
         return torch.stack(rows)

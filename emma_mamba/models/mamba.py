@@ -1180,7 +1180,7 @@ def _hf_mamba1_config(cfg: MambaConfig, own: dict) -> dict:
 
 
 def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | None) -> None:
-    from safetensors.torch import save_file
+    from emma_mamba.fileio import save_safetensors
 
     tensors = {}
     for k, v in own.items():
@@ -1191,7 +1191,7 @@ def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | N
         (out / stale).unlink(missing_ok=True)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
     shards: list[dict] = [{}]
     size = 0
@@ -1205,7 +1205,7 @@ def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | N
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        save_safetensors(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

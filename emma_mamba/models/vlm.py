@@ -148,7 +148,13 @@ class EmmaMamba(nn.Module):
         else:
             self.align_head = None
 
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.lm.tokenizer)
+        meta_build = device is not None and torch.device(device).type == "meta"
+        tok_path = config.lm.tokenizer
+        if tokenizer is None and meta_build and tok_path is not None and not os.path.exists(tok_path):
+            # a parameter report of a recipe whose local files are not there yet: the shipped tokenizer only
+            # stands in for the placeholder id (the parameter counts come from the config)
+            tok_path = None
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tok_path)
         # The placeholder id may lie beyond the LM's embedding rows: it is swapped out before the embedding
         # lookup (see _splice) and the LM head never produces it, so no row is needed for it.
         (self.image_token_id,) = self.tokenizer.add_tokens([config.image_token])
@@ -466,11 +472,13 @@ class EmmaMamba(nn.Module):
         from safetensors.torch import save_model
 
         from emma_mamba import __version__
+        from emma_mamba.fileio import make_shareable
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, out / CONFIG_NAME)
         save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "emma_mamba": __version__})
+        make_shareable(out / WEIGHTS_NAME)  # safetensors writes 0600
         self.tokenizer.save(out)
         return out
 

@@ -104,7 +104,7 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
         # every rank must take part in an FSDP gather
         sd = _full_model_state(model) if is_fsdp(model) else model.state_dict()
         if info.is_main:
-            from safetensors.torch import save_file
+            from emma_mamba.fileio import save_safetensors
 
             from emma_mamba import __version__
 
@@ -114,9 +114,9 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
                 sd, adapters = export_state(model, sd)
             path.mkdir(parents=True, exist_ok=True)
             save_config(model.config, path / "config.yaml")
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata=meta)
+            save_safetensors({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata=meta)
             if adapters is not None:
-                save_file(adapters, str(path / LORA_FILE), metadata={**meta, **lora_metadata(model)})
+                save_safetensors(adapters, str(path / LORA_FILE), metadata={**meta, **lora_metadata(model)})
             model.tokenizer.save(path)
     elif info.is_main:
         model.save(path)

@@ -66,7 +66,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from emma_mamba.config import ConfigError, resolve_config_path
+    from emma_mamba.config import ConfigError, read_yaml_mapping, resolve_config_path
     from emma_mamba.data.llava import DataError
     from emma_mamba.training.config import load_run_config, run_config_to_dict
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     prog = f"emma-mamba {stage}"
     try:
         path = resolve_config_path(args.config, "run config")
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml_mapping(path)
         if isinstance(raw, dict) and raw.get("stage", stage) != stage:
             other = raw["stage"]
             raise ConfigError(f"{path}: stage is {other!r}; run it with `emma-mamba {other}`, not {prog}")
@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False), end="")
         return 0
+    from emma_mamba.models.mamba import CheckpointError
     from emma_mamba.training import TrainingError, TrainingInterrupted
     from emma_mamba.training.trainer import train
 
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(cfg, resume=args.resume, device=args.device)
         finished = True
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, TrainingError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 130 if isinstance(e, TrainingInterrupted) else 2
     except KeyboardInterrupt:  # while the model or data were being built: nothing was trained yet

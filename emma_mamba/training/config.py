@@ -282,6 +282,11 @@ class RunConfig:
             bad(f"data.max_length must be >= 2, got {d.max_length}")
         if "{prompt}" not in d.prompt_template:
             bad(f"data.prompt_template must contain '{{prompt}}', got {d.prompt_template!r}")
+        try:
+            d.prompt_template.format(prompt="")
+        except (KeyError, IndexError, ValueError) as e:
+            bad(f"data.prompt_template may hold only the field {{prompt}} (write other braces as {{{{ and }}}}), "
+                f"got {d.prompt_template!r}: {type(e).__name__} {e}")
         if d.num_workers < 0:
             bad(f"data.num_workers must be >= 0, got {d.num_workers}")
         if d.image_cache_mb < 0:

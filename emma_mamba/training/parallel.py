@@ -64,7 +64,14 @@ def init_distributed(device: str | None = None) -> DistInfo:
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs are visible")
+            from emma_mamba.config import ConfigError
+
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise ConfigError(f"--device {device or 'cuda'}: no CUDA GPU is visible to this process "
+                                  f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+            raise ConfigError(f"LOCAL_RANK {local} but only {n} GPUs are visible: start at most {n} processes per "
+                              f"node (torchrun --nproc_per_node)")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:

@@ -100,6 +100,8 @@ class Trainer:
         self.info: DistInfo = init_distributed(device)
         info = self.info
         self.output_dir = Path(cfg.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise FileExistsError(f"output_dir {self.output_dir} is a file, not a folder; choose another output_dir")
         self.resume_from = resolve_resume(resume, self.output_dir)
         if self.resume_from is None and (latest_checkpoint(self.output_dir) is not None
                                          or (self.output_dir / "model.safetensors").is_file()):
@@ -143,7 +145,10 @@ class Trainer:
         if tc.compile:  # before the parallel wrapping (DDP and FSDP wrap the compiled blocks)
             from emma_mamba.ops._library import require_compile_backend
 
-            require_compile_backend(tc.compile_backend, "train.compile_backend")
+            try:
+                require_compile_backend(tc.compile_backend, "train.compile_backend")
+            except ValueError as e:  # a config value: printed by the CLI without a traceback
+                raise ConfigError(str(e)) from None
             self.model.lm.compile_blocks(backend=tc.compile_backend, mixer_only=self.strategy == "fsdp")
 
         # ---- data

@@ -162,8 +162,14 @@ def test_instruction_token_cache_is_exact_bounded_and_still_counts_truncation(te
             assert torch.equal(got, want), texts  # oracle: open_clip's tokenizer on every call
             assert len(fusion._token_cache) <= 3
     assert fusion.num_truncated == 2  # the long instruction, once per use, cached or not
-    assert caplog.text.count("truncated from") == 2
+    assert caplog.text.count("truncated from") == 2  # logged when tokenised: first seen, and after its eviction
     assert list(fusion._token_cache) == [long, "a fish", "a cat"]  # least recently used dropped first
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
+        for _ in range(5):  # cached now: counted every time, logged no more; the summary at 4 only
+            fusion.tokenize([long])
+    assert fusion.num_truncated == 7 and "truncated from" not in caplog.text
+    assert caplog.text.count("instructions truncated in this batch") == 1 and "(4 so far" in caplog.text
 
 
 def test_instruction_fusion_bad_inputs(text_model):

@@ -213,8 +213,11 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     # other families and unreadable configs
     m2 = tmp_path / "mamba2"
     hf.save_pretrained(m2)
-    _edit_config(m2, model_type="mamba2")
-    with pytest.raises(CheckpointError, match="model_type='mamba2'"):
+    _edit_config(m2, model_type="mamba2")  # a Mamba-1 config relabelled: Mamba-2's own fields are missing
+    with pytest.raises(CheckpointError, match="missing field 'num_heads' of the transformers Mamba2Config"):
+        MambaLM.from_pretrained(m2)
+    _edit_config(m2, model_type="jamba")
+    with pytest.raises(CheckpointError, match="model_type='jamba'; transformers' 'mamba' and 'mamba2' are supported"):
         MambaLM.from_pretrained(m2)
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text('{"n_embd": 8}')

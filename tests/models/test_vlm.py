@@ -4,6 +4,7 @@ alignment head (causal, learns, absent after an inference load), save/load, gene
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -422,6 +423,15 @@ def test_info_report_for_the_2p8b_preset(capsys):
     assert rows["vision"]["finetune"] == 0
     assert main(["info", "--preset", "tiny"]) == 0
     assert "instruction fusion adds" in capsys.readouterr().out
+    # a training recipe (its model; the shipped one by name, its local files not there yet) and the Mamba-2 preset
+    assert main(["info", "--config", "train_emma-mamba-2.8b_stage1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"]["lm"]["total"] == rows["lm"]["total"]
+    m2 = report(get_preset("emma-mamba2-2.7b"))["modules"]["lm"]["total"]
+    # Mamba-2 2.7B by hand: per layer in_proj (z, x, B, C, dt), conv over x B C (w + b), dt_bias, A_log, D,
+    # gated norm, out_proj, block norm; 80 heads of 64, d_state 128, 1 group; vocabulary padded to 50288
+    h, conv = di // 64, di + 2 * 128
+    layer2 = d * (di + conv + h) + conv * 4 + conv + 3 * h + di + di * d + d
+    assert m2 == L * layer2 + 50288 * d + d
 
 
 def test_meta_build_allocates_nothing():

@@ -224,3 +224,32 @@ def test_resume_argument(tmp_path):
         (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt").write_bytes(b"")
     (tmp_path / "checkpoints" / "step_00000020.tmp").mkdir()
     assert resolve_resume("auto", tmp_path).name == "step_00000010"
+
+
+def test_yaml_and_command_line_mistakes_are_named_without_a_traceback(tmp_path, capsys, monkeypatch):
+    p = tmp_path / "dup.yaml"
+    p.write_text("stage: pretrain\ntrain:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: not valid YAML: [\s\S]*the key 'lr' is given twice \(first at "
+                                          r"line 3\)[\s\S]*dup\.yaml\", line 4"):
+        load_run_config(p)
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("stage: pretrain\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text"):
+        load_run_config(p)
+    p = write(tmp_path, {**BASE, "data": {"json": "d.json", "prompt_template": "{prompt} {x}"}})
+    with pytest.raises(ConfigError, match=r"data\.prompt_template may hold only the field \{prompt\}"):
+        load_run_config(p)
+    # through the command: one line on stderr, exit 2
+    for argv, words in (([], "the key 'lr' is given twice"),
+                        (["--output_dir", str(tmp_path / "afile")], "is a file, not a folder"),
+                        (["--device", "cuda"], "no CUDA GPU is visible to this process"),
+                        (["--model.lm.pretrained", str(tmp_path / "nope")], "checkpoint directory")):
+        (tmp_path / "afile").write_text("x")
+        cfg = tmp_path / "dup.yaml" if not argv else write(tmp_path, {**BASE, "output_dir": str(tmp_path / "o"),
+                                                                      "data": {"json": str(tmp_path / "d.json")}})
+        if argv and argv[0] == "--device":
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+            monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+        rc = cli_train.main(["--config", str(cfg), *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and words in err and "Traceback" not in err, (argv, err)

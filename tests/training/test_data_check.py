@@ -85,3 +85,13 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
     assert r["usable"] == 10 and r["skipped"] == {} and r["packing"] and 0 < r["fill"] <= 1
     assert r["rows_per_epoch"] < 10 and r["steps_per_epoch"] == math.ceil(r["rows_per_epoch"] / 2)
     assert main(["data", "check", "--config", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_a_file_with_no_usable_record_is_a_problem(shapes, tmp_path, capsys):
+    """An empty data file (or one whose every record is skipped) passes no check: training refuses it."""
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    run = _write_run(shapes, tmp_path, data)
+    assert main(["data", "check", "--config", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"{data}: no usable record" in out and "no problems found" not in out

@@ -1,0 +1,37 @@
+"""Writing weight files as users expect to find them.
+
+safetensors (0.8) and ``tempfile.mkstemp`` create files readable by their owner only (mode 0600), whatever the
+umask; a checkpoint or an exported model is meant to be shared (read by a serving user, copied by a colleague),
+so the files written here get the mode any new file gets under the process's umask (0644 under the usual 022).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_file_mode() -> int:
+    """0o666 less the process's umask (read without changing it where /proc says it; else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def make_shareable(path: str | os.PathLike) -> None:
+    """Give ``path`` the default mode of a new file (see the module doc)."""
+    os.chmod(path, default_file_mode())
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the default file mode instead of 0600."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    make_shareable(path)
