@@ -13,6 +13,8 @@
 #     bench    `python -m emma_mamba.bench.kernels_gpu`: scan, conv, decode vs the peers (issues 3, 4)
 #     latency  `emma-mamba bench latency --preset emma-mamba-2.8b --cuda-graphs --peer` (issue 9; needs open_clip)
 #     prefill  benchmarks/prefill_batching.py at mamba-2.8b, bf16: one padded batch vs one batch per length
+#     mamba2   benchmarks/mamba2_layer.py: one Mamba-2 layer (mamba2-2.7b width, 8 x 2048, bf16), ours vs
+#              transformers' and mamba-ssm's Mamba2 (SSD kernels; needs the "peers" stage), fwd and fwd+bwd
 #     compile  benchmarks/compile_lm.py (LM blocks compiled vs eager, train step and prefill, bf16 autocast)
 #     memory   benchmarks/activation_memory.py (training step: activations kept, peak memory and time with
 #              every activation kept, with the mixers' recompute (ops.mamba_inner), with block checkpointing);
@@ -205,6 +207,12 @@ if has prefill && room prefill; then
   timeout $(cap 300) python3 benchmarks/prefill_batching.py --device cuda --dtype bfloat16 --preset mamba-2.8b \
     --out $OUT/prefill_batching_cuda.json 2>&1 | tee $LOG/prefill.log | tail -6
   stamp "prefill done"
+fi
+
+if has mamba2 && room mamba2; then  # our Mamba-2 layer (scan with 128 states per channel) vs mamba-ssm's SSD Mamba2
+  timeout $(cap 300) python3 benchmarks/mamba2_layer.py --device cuda --dtype bfloat16 --d-model 2560 --batch 8 \
+    --seqlen 2048 --repeats 10 --out $OUT/mamba2_layer_cuda.json 2>&1 | tee $LOG/mamba2.log | tail -8
+  stamp "mamba2 done"
 fi
 
 if has compile && room compile; then
