@@ -245,20 +245,24 @@ class TransformerRunner:
 
 
 class PeerRunner:
-    """transformers' MambaForCausalLM holding our LM's weights (its own cache, its own code path)."""
+    """transformers' MambaForCausalLM (Mamba2ForCausalLM for a Mamba-2 LM) holding our LM's weights (its own
+    cache, its own code path)."""
 
     name = PEER
 
     def __init__(self, hf):
         self.hf = hf
+        # the recurrent state's keyword, in and out: Mamba2ForCausalLM calls it `cache` (`cache_params` is deprecated
+        # there), MambaForCausalLM `cache_params`
+        self.kw = "cache" if type(hf).__name__ == "Mamba2ForCausalLM" else "cache_params"
 
     def prefill(self, ids=None, embeds=None, max_len=None):
         out = self.hf(input_ids=ids, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1], out.cache_params
+        return out.logits[:, -1], getattr(out, self.kw)
 
     def step(self, cache, tok):
-        out = self.hf(tok, cache_params=cache, use_cache=True)
-        return out.logits[:, -1], out.cache_params
+        out = self.hf(tok, use_cache=True, **{self.kw: cache})
+        return out.logits[:, -1], getattr(out, self.kw)
 
     def full(self, ids):
         return self.hf(input_ids=ids, use_cache=False).logits
@@ -618,8 +622,9 @@ def run(args) -> int:
         "model": name, "preset": args.preset, "size": args.size, "overrides": args.override,
         "shapes": {
             "image_size": list(emma.vision.image_size), "image_tokens_per_image": emma.vision.num_tokens,
-            "mamba_lm": {"d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state, "d_conv": c.d_conv,
-                         "expand": c.expand, "d_inner": c.d_inner, "vocab": c.padded_vocab_size},
+            "mamba_lm": {"ssm_layer": c.ssm_layer, "d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state,
+                         "d_conv": c.d_conv, "expand": c.expand, "d_inner": c.d_inner, "vocab": c.padded_vocab_size,
+                         **({"headdim": c.headdim, "ngroups": c.ngroups} if c.ssm_layer == "mamba2" else {})},
             "transformer_lm": {"arch": "LlamaForCausalLM", "attn_implementation": h._attn_implementation,
                                "hidden_size": h.hidden_size, "n_layer": h.num_hidden_layers,
                                "heads": h.num_attention_heads, "kv_heads": h.num_key_value_heads,
@@ -677,12 +682,14 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
              f"{res['dtype']}, {res['timing']['threads']} thread(s)" if res["device"] == "cpu" else
              f"{res['model']} on {res['machine'].get('gpu')}, {res['dtype']}")
     s = res["shapes"]
-    label = {OURS: f"EMMA-Mamba (Mamba {s['mamba_lm']['n_layer']}L x {s['mamba_lm']['d_model']})",
+    mamba2 = s["mamba_lm"].get("ssm_layer") == "mamba2"
+    label = {OURS: f"EMMA-Mamba (Mamba{'-2' if mamba2 else ''} {s['mamba_lm']['n_layer']}L x "
+                   f"{s['mamba_lm']['d_model']})",
              GRAPHS: "EMMA-Mamba + CUDA graphs", COMPILED: "EMMA-Mamba + torch.compile",
              GRAPHS_COMPILED: "EMMA-Mamba + torch.compile + CUDA graphs",
              TRANSFORMER: f"Transformer (Llama {s['transformer_lm']['n_layer']}L x {s['transformer_lm']['hidden_size']},"
                           f" {s['transformer_lm']['kv_cache']} KV cache)",
-             PEER: "transformers MambaForCausalLM (same weights)"}
+             PEER: f"transformers Mamba{'2' if mamba2 else ''}ForCausalLM (same weights)"}
     paths = []
 
     def save(fig, suffix):

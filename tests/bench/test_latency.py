@@ -86,6 +86,21 @@ def test_bench_latency_cli_writes_json_and_plots(tmp_path, capsys):
         assert sorted(res["plots"]) == sorted(str(f) for f in plots.iterdir())
 
 
+def test_bench_latency_on_a_mamba2_lm_with_its_transformers_peer(tmp_path):
+    """--override lm.ssm_layer=mamba2: our Mamba-2 LM and transformers' Mamba2ForCausalLM on its weights, every
+    cache path checked against its model's full forward and the peer against ours (res['checks'])."""
+    out = tmp_path / "m2.json"
+    argv = ["bench", "latency", "--preset", "tiny", "--override", "lm.ssm_layer=mamba2", "--override", "lm.headdim=16",
+            "--device", "cpu", "--contexts", "16", "--batch-sizes", "1", "--batch-context", "12", "--images", "1",
+            "--new-tokens", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--peer", "--no-plots",
+            "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["shapes"]["mamba_lm"]["ssm_layer"] == "mamba2" and res["shapes"]["mamba_lm"]["headdim"] == 16
+    assert set(res["results"]["decode"]) == {OURS, TRANSFORMER, PEER}
+    assert len(res["checks"]) == 4 and all(v < 1e-3 for v in res["checks"].values()), res["checks"]
+
+
 def test_a_runner_out_of_memory_is_recorded_and_the_rest_measured(tmp_path, monkeypatch):
     """On a GPU the transformer's KV cache may not fit at the large batches: that point is recorded as out of
     memory, every other runner and point is still measured, and the crossover counts it as a loss."""
