@@ -152,6 +152,11 @@ class Trainer:
             self.model.lm.compile_blocks(backend=tc.compile_backend, mixer_only=self.strategy == "fsdp")
 
         # ---- data
+        n_vis = self.model.vision.num_tokens
+        if cfg.data.max_length <= n_vis:
+            raise ConfigError(f"data.max_length {cfg.data.max_length} is not more than one image's {n_vis} visual "
+                              f"tokens: every sample with an image would be cut before its text (set it above "
+                              f"{n_vis} + the longest conversation's tokens)")
         self.dataset = self._dataset(cfg.data)
         if len(self.dataset) == 0:
             raise DataError(f"no usable training records ({self.dataset.report.summary()})")
@@ -160,6 +165,11 @@ class Trainer:
         self.rows_per_step = tc.global_batch_size
         self._plans: dict[int, list[list[int]]] = {}
         self.total_steps = self._total_steps()
+        from emma_mamba.training.optim import warmup_steps
+
+        if warmup_steps(tc, self.total_steps) > self.total_steps and info.is_main:
+            log.warning("train.warmup_steps %d is more than the run's %d steps: the learning rate never reaches "
+                        "train.lr (%g)", warmup_steps(tc, self.total_steps), self.total_steps, tc.lr)
 
         # ---- parallel wrapping, optimizer, schedule
         self.wrapped = wrap_model(self.model, self.strategy, info, bf16=self.bf16,
