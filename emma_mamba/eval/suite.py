@@ -141,6 +141,7 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         entries = [e for e in entries if e.name in only]
     out = Path(out_dir)
     identity = _resolve_identity(None, answer_fn, checkpoint)  # one model answers every benchmark
+    problems = []
     for e in entries:  # fail fast: every file, image and output folder is checked before any answering
         opts = _options(e, batch_size, max_new_tokens, limit, likelihood)
         template = opts.get("image_template", "COCO_val2014_{image_id:012d}.jpg")
@@ -153,8 +154,12 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
                 e.task, e.questions, e.images, answered_by="likelihood" if any(q.options for q in qs) else "generation",
                 max_new_tokens=new, identity=identity, split=opts.get("split"), image_template=template,
                 box_frame=frame))
-        except ScoreInputError as err:
-            raise ScoreInputError(f"benchmark {e.name!r}: {err}") from None
+        except ScoreInputError as err:  # every benchmark's first problem, not only the first benchmark's
+            problems.append(f"benchmark {e.name!r}: {err}")
+    if len(problems) == 1:
+        raise ScoreInputError(problems[0])
+    if problems:
+        raise ScoreInputError(f"{len(problems)} of the {len(entries)} benchmarks cannot run:\n  " + "\n  ".join(problems))
     rows, reports = [], {}
     try:
         for i, e in enumerate(entries, 1):

@@ -74,6 +74,13 @@ def test_a_bad_last_entry_fails_before_any_answering(tmp_path, shapes):
     with pytest.raises(ScoreInputError, match=r"benchmark 'gqa': --images .*nowhere is not a directory"):
         run_suite(None, read_suite(p), tmp_path / "out", progress=False, answer_fn=fn)
     assert asked == []
+    # two bad entries: both named in one error (a user fixes every path in one go)
+    p = _suite(tmp_path, shapes, "  gqa: {task: gqa, questions: heldout/gqa_questions.json, images: nowhere}\n"
+                                 "  gqa2: {task: gqa, questions: heldout/missing.json, images: images}\n")
+    with pytest.raises(ScoreInputError, match=r"2 of the \d+ benchmarks cannot run:\n  benchmark 'gqa': .*nowhere"
+                                              r"[\s\S]*\n  benchmark 'gqa2': .*missing\.json"):
+        run_suite(None, read_suite(p), tmp_path / "out", progress=False, answer_fn=fn)
+    assert asked == []
 
 
 @pytest.mark.parametrize("text, match", [
