@@ -75,7 +75,10 @@ class DecodeJob:
     to continue (None or absent: an empty state); ``seen``, the token ids the repetition penalty counts as
     already seen (or None); ``logprobs`` (int), to record each picked token's log-probability and that many
     alternatives; ``echo_logprobs``, to also score the prompt's own tokens (``input_ids`` from an empty state).
-    The decoder prefills it (the jobs admitted together that start from an empty state in one padded prefill).
+    Instead of ``inputs_embeds`` it may return ``embed``, a request the decoder's ``embed_batch`` turns into them
+    (a multimodal prompt: its token ids, images and instructions), so that the images of every job admitted in
+    the same round go through the vision encoder together. The decoder prefills it (the jobs admitted together
+    that start from an empty state in one padded prefill).
 
     ``finish(seq, state, stats)`` runs there when the answer ends: ``seq`` is its
     :class:`~emma_mamba.inference.generate._Sequence` (tokens, reason, final token, ``seq.text()``), ``state``
@@ -177,10 +180,12 @@ class BatchDecoder:
     """Runs :class:`DecodeJob` s on ``lm`` in one thread, up to ``max_batch`` decoded together (module doc).
     ``compile`` / ``cuda_graphs``: how each decode step runs, as in :class:`GenerationConfig`. ``prefill_chunk``:
     the most prompt positions prefilled between two decode steps while the batch decodes (chunked prefill, module
-    doc; None or 0: no limit)."""
+    doc; None or 0: no limit). ``embed_batch(requests) -> [inputs_embeds]``: embeds the ``embed`` requests of the
+    jobs admitted in one round together (e.g. :meth:`EmmaMamba.batch_embeds`, which encodes their images in one
+    vision-encoder batch)."""
 
     def __init__(self, lm, max_batch: int = 8, compile: bool | str = False, cuda_graphs: bool = False,
-                 prefill_chunk: int | None = 512):
+                 prefill_chunk: int | None = 512, embed_batch: Callable | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"BatchDecoder: max_batch must be a positive integer, got {max_batch!r}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
@@ -189,6 +194,8 @@ class BatchDecoder:
                              f"{prefill_chunk!r}")
         self.lm, self.max_batch, self.compile, self.cuda_graphs = lm, max_batch, compile, cuda_graphs
         self.prefill_chunk = prefill_chunk or None
+        self.embed_batch = embed_batch
+        self.embed_batches = 0  # calls of embed_batch (read by tests: one per admission round with images)
         self.pending: list[_Pending] = []  # admitted, prompt not yet wholly prefilled (read by health checks)
         self._held: DecodeJob | None = None  # taken from the queue, waiting for room for it and its forks
         self.graphs = None
@@ -281,15 +288,19 @@ class BatchDecoder:
         the waiting prompts (module doc: chunked prefill) and append those now wholly prefilled to the batch."""
         stop = False
 
+        started: list[tuple[DecodeJob, dict]] = []  # admitted this round; embedded together below
+
         def taken():  # rows decoding or being prefilled (a job with forks takes a row for each)
-            return len(rows) + sum(1 + len(p.job.forks) for p in self.pending)
+            return len(rows) + sum(1 + len(p.job.forks) for p in self.pending) \
+                + sum(1 + len(j.forks) for j, _ in started)
 
         while taken() < self.max_batch:
             if self._held is not None:
                 job, self._held = self._held, None
             else:
                 try:
-                    job = self.queue.get(block=not rows and not self.pending, timeout=None if not rows else 0)
+                    idle = not rows and not self.pending and not started
+                    job = self.queue.get(block=idle, timeout=None if idle else 0)
                 except queue.Empty:
                     break
                 self._open.wait()  # held while this thread waited for the job: admit it (and others) once released
@@ -299,11 +310,16 @@ class BatchDecoder:
             if job.cancelled:
                 job._fail(RuntimeError("cancelled"))
                 continue
-            if (rows or self.pending) and taken() + 1 + len(job.forks) > self.max_batch:
+            if (rows or self.pending or started) and taken() + 1 + len(job.forks) > self.max_batch:
                 self._held = job  # its rows do not fit yet: first in line when rows free up
                 break
             try:
-                spec = job.start()
+                started.append((job, job.start()))
+            except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
+                job._fail(e)
+                continue
+        for job, spec in self._embed_round(started):
+            try:
                 prompt = _split_prompts(self.lm, spec.get("input_ids"), spec.get("inputs_embeds"), None)
                 if len(prompt) != 1:
                     raise ValueError(f"DecodeJob.start: one prompt, got {len(prompt)}")
@@ -334,6 +350,40 @@ class BatchDecoder:
             cache = type(new_caches[0]).cat(([cache] if cache is not None else []) + new_caches)
             logits = torch.cat(([logits] if logits is not None else []) + new_logits)
         return stop, rows, cache, logits, bool(new_caches)
+
+    def _embed_round(self, started: list[tuple[DecodeJob, dict]]) -> list[tuple[DecodeJob, dict]]:
+        """The round's specs with every ``embed`` request turned into ``inputs_embeds``: one ``embed_batch`` call
+        for all of them; if it fails, one call per job, so that only a job whose request cannot be embedded fails
+        (with its own error). Jobs that failed are left out."""
+        todo = [i for i, (_, spec) in enumerate(started) if "embed" in spec]
+        if not todo:
+            return started
+        if self.embed_batch is None:
+            for i in todo:
+                started[i][0]._fail(ValueError("DecodeJob.start returned 'embed' but the decoder has no embed_batch"))
+            return [x for i, x in enumerate(started) if i not in set(todo)]
+        failed = set()
+        try:
+            self.embed_batches += 1
+            embeds = self.embed_batch([started[i][1]["embed"] for i in todo])
+        except Exception:  # noqa: BLE001 - find the request(s) at fault: each alone
+            embeds = []
+            for i in todo:
+                try:
+                    self.embed_batches += 1
+                    embeds.append(self.embed_batch([started[i][1]["embed"]])[0])
+                except Exception as e:  # noqa: BLE001 - a request that cannot start fails alone
+                    started[i][0]._fail(e)
+                    failed.add(i)
+                    embeds.append(None)
+        out = []
+        for i, (job, spec) in enumerate(started):
+            if i in failed:
+                continue
+            if i in todo:
+                spec = {**{k: v for k, v in spec.items() if k != "embed"}, "inputs_embeds": embeds[todo.index(i)]}
+            out.append((job, spec))
+        return out
 
     def _prefill_pending(self, budget: int | None) -> list:
         """Prefill up to ``budget`` positions (None: all) of the waiting prompts, first come first served;

@@ -207,6 +207,10 @@ def test_server_answers_concurrent_requests_as_it_answers_them_alone():
         with urllib.request.urlopen(req, timeout=120) as r:
             out[i] = r.read().decode()
 
+    # the images of the requests admitted together go through the vision side in one batch
+    encoded = []
+    real_encode = model.encode_images
+    model.encode_images = lambda pixels, *a, **k: encoded.append(pixels.shape[0]) or real_encode(pixels, *a, **k)
     try:
         with batched.decoder.hold():
             threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
@@ -221,6 +225,8 @@ def test_server_answers_concurrent_requests_as_it_answers_them_alone():
     finally:
         srv.shutdown()
         srv.server_close()
+        del model.encode_images
+    assert encoded == [3] and batched.decoder.embed_batches == 1  # 3 of the 4 requests carry an image
     for i, body in enumerate(bodies):
         want = single.complete({k: v for k, v in body.items() if k != "stream"})
         if body.get("stream"):
@@ -464,4 +470,40 @@ def test_forks_continue_one_prefill_and_wait_for_room(lm, monkeypatch):
         check(lm, r, ids, c)
     assert calls == [1, 1]  # the running job's prefill, then the forked job's: one prefill for four rows
     assert all(r["max_batch_rows"] == 4 for r in results) and first["max_batch_rows"] == 1  # it waited for room
+    dec.close()
+
+
+def test_embed_requests_of_a_round_are_embedded_together_and_a_bad_one_fails_alone(lm):
+    """start() may return an ``embed`` request: the decoder turns every such request of an admission round into
+    inputs_embeds with one embed_batch call; when that call fails, each request is embedded alone, so only the
+    one at fault fails (with its own error) and the others get their answers, those of their token ids."""
+    calls = []
+
+    def embed_batch(reqs):
+        calls.append(len(reqs))
+        if any(r == "bad" for r in reqs):
+            raise ValueError("cannot embed 'bad'")
+        return [lm.embeddings(torch.tensor(r)) for r in reqs]
+
+    def embed_job(req, cfg):
+        return DecodeJob(cfg, lambda: {"embed": req},
+                         lambda seq, state, stats: {"tokens": list(seq.tokens), "reason": seq.reason})
+
+    ps = prompts(3, seed=4)
+    dec = BatchDecoder(lm, max_batch=8, embed_batch=embed_batch)
+    with dec.hold():
+        jobs = [dec.submit(embed_job(p, c)) for p, c in zip(ps, CONFIGS[:3])]
+    got = [j.wait(timeout=60) for j in jobs]
+    assert calls == [3] and dec.embed_batches == 1
+    for g, p, c in zip(got, ps, CONFIGS[:3]):
+        res = generate(lm, inputs_embeds=lm.embeddings(torch.tensor([p])), config=c)
+        assert g["tokens"] == res.sequences[0]
+    calls.clear()
+    with dec.hold():
+        jobs = [dec.submit(embed_job(r, CONFIGS[0])) for r in (ps[0], "bad", ps[1])]
+    with pytest.raises(ValueError, match="cannot embed 'bad'"):
+        jobs[1].wait(timeout=60)
+    assert [j.wait(timeout=60)["tokens"] for j in (jobs[0], jobs[2])] == [got[0]["tokens"], generate(
+        lm, inputs_embeds=lm.embeddings(torch.tensor([ps[1]])), config=CONFIGS[0]).sequences[0]]
+    assert calls == [3, 1, 1, 1]  # the round, then each alone
     dec.close()
