@@ -948,19 +948,25 @@ def _config_from_hf(d: dict, where: str) -> MambaConfig:
                               f"{expand * d['hidden_size']}")
     try:
         return MambaConfig(
-            d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
-            d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4), expand=expand,
-            dt_rank=d.get("time_step_rank", "auto"), dt_min=d.get("time_step_min", 0.001),
-            dt_max=d.get("time_step_max", 0.1), dt_scale=d.get("time_step_scale", 1.0),
-            dt_init=d.get("time_step_init_scheme", "random"), dt_init_floor=d.get("time_step_floor", 1e-4),
-            conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
-            bias=_bool(d.get("use_bias", False), f"{where}: use_bias"),
-            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
-            tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
-            pad_vocab_size_multiple=1)
+            **_hf_common(d, where), d_state=d.get("state_size", 16), expand=expand,
+            dt_rank=d.get("time_step_rank", "auto"), dt_scale=d.get("time_step_scale", 1.0),
+            dt_init=d.get("time_step_init_scheme", "random"))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def _hf_common(d: dict, where: str) -> dict:
+    """The MambaConfig fields that transformers' MambaConfig and Mamba2Config spell alike (the vocabulary not
+    padded further: the transformers layouts store the padded embedding and call its size vocab_size)."""
+    return dict(
+        d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
+        d_conv=d.get("conv_kernel", 4), dt_min=d.get("time_step_min", 0.001), dt_max=d.get("time_step_max", 0.1),
+        dt_init_floor=d.get("time_step_floor", 1e-4),
+        conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
+        bias=_bool(d.get("use_bias", False), f"{where}: use_bias"), rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
+        tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
+        pad_vocab_size_multiple=1)
 
 
 def _config_from_hf2(d: dict, where: str) -> MambaConfig:
@@ -981,16 +987,8 @@ def _config_from_hf2(d: dict, where: str) -> MambaConfig:
                               f"hidden_size = {expand * d['hidden_size']} (the SSM's width must be d_inner)")
     try:
         return MambaConfig(
-            ssm_layer="mamba2", d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
-            d_state=d.get("state_size", 128), d_conv=d.get("conv_kernel", 4), expand=expand,
-            headdim=d["head_dim"], ngroups=d.get("n_groups", 1), dt_min=d.get("time_step_min", 0.001),
-            dt_max=d.get("time_step_max", 0.1), dt_init_floor=d.get("time_step_floor", 1e-4),
-            conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
-            bias=_bool(d.get("use_bias", False), f"{where}: use_bias"),
-            rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
-            residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
-            tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
-            pad_vocab_size_multiple=1)
+            **_hf_common(d, where), ssm_layer="mamba2", d_state=d.get("state_size", 128), expand=expand,
+            headdim=d["head_dim"], ngroups=d.get("n_groups", 1))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 

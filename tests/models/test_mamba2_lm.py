@@ -304,22 +304,8 @@ def test_multimodal_model_on_a_mamba2_lm(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gpu_backend", ["cuda", "triton"])
 def test_logits_match_transformers_on_gpu(tmp_path, gpu_backend):
-    from tests.models.test_mamba_lm import _gpu_backend_missing
+    from tests.models.test_mamba_lm import _gpu_backend_missing, check_gpu_logits
 
     if _gpu_backend_missing(gpu_backend):
         pytest.skip(f"backend {gpu_backend!r} is not available: {_gpu_backend_missing(gpu_backend)}")
-    hf = _hf2_model(**{**HF2_CONFIGS["g2-k3-bias-untied"], "state_size": 64})
-    hf.save_pretrained(tmp_path)
-    hf = hf.cuda()
-    ids = torch.randint(0, 64, (2, 300), device="cuda")
-    with torch.no_grad():
-        ref = hf(ids).logits.float()
-    with ops.use_backend(gpu_backend), torch.no_grad():
-        for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 0.15)):
-            lm = MambaLM.from_pretrained(tmp_path, device="cuda", dtype=dtype).eval()
-            out = lm(ids).logits.float()
-            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-            cache = lm.allocate_cache(2)
-            parts = [lm(ids[:, :290], cache=cache).logits.float()]
-            parts += [lm(ids[:, t:t + 1], cache=cache).logits.float() for t in range(290, 300)]
-            torch.testing.assert_close(torch.cat(parts, 1), out, rtol=tol / 2, atol=tol / 2)
+    check_gpu_logits(_hf2_model(**{**HF2_CONFIGS["g2-k3-bias-untied"], "state_size": 64}), tmp_path, gpu_backend)

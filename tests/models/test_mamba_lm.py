@@ -416,7 +416,13 @@ def test_logits_match_transformers_on_gpu(tmp_path, gpu_backend):
     """On a GPU, each GPU backend against transformers (which uses mamba-ssm's kernels when installed)."""
     if _gpu_backend_missing(gpu_backend):
         pytest.skip(f"backend {gpu_backend!r} is not available: {_gpu_backend_missing(gpu_backend)}")
-    hf = _hf_model(**HF_CONFIGS["bias-k3-rank5"])
+    check_gpu_logits(_hf_model(**HF_CONFIGS["bias-k3-rank5"]), tmp_path, gpu_backend)
+
+
+def check_gpu_logits(hf, tmp_path, gpu_backend):
+    """``hf`` (a transformers Mamba/Mamba2 CausalLM, vocabulary 64) saved and loaded as our LM on the GPU with
+    ``gpu_backend``: fp32 and bf16 logits of a 300-token batch against transformers', and a prefill + decode steps
+    against our full forward."""
     hf.save_pretrained(tmp_path)
     hf = hf.cuda()
     ids = torch.randint(0, 64, (2, 300), device="cuda")
