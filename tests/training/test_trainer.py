@@ -587,7 +587,8 @@ def test_resume_names_a_corrupt_checkpoint_and_a_model_that_differs(shapes, tmp_
                                           r"there, 32 here"):
         Trainer(other, resume=step1)
     # optimizer settings the checkpoint's optimizer state fixes: kept from it, said, and recorded truthfully
-    t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 3, "lr": 0.5}), resume=step1)
+    with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):  # (the quickstart's tests quiet it)
+        t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 3, "lr": 0.5}), resume=step1)
     assert "train.lr 0.001 (asked: 0.5)" in caplog.text and t.cfg.train.lr == 1e-3
     assert t.fit()[0]["lr"] != 0.5
     assert load_run_config(tmp_path / "r" / "train_config.yaml").train.lr == 1e-3
@@ -597,5 +598,6 @@ def test_max_length_below_one_images_tokens_and_a_warmup_past_the_run_are_named(
     data = subset(shapes, tmp_path, 4)
     with pytest.raises(ConfigError, match=r"data\.max_length 16 is not more than one image's 16 visual tokens"):
         Trainer(make_cfg(shapes, tmp_path / "a", data, data={"max_length": 16}))
-    Trainer(make_cfg(shapes, tmp_path / "b", data, train={"warmup_steps": 10, "max_steps": 2}))
+    with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):
+        Trainer(make_cfg(shapes, tmp_path / "b", data, train={"warmup_steps": 10, "max_steps": 2}))
     assert "train.warmup_steps 10 is more than the run's 2 steps" in caplog.text
