@@ -254,13 +254,17 @@ class ChatSession:
         if missing:
             raise ValueError(f"{path}: the chat state lacks {missing[:4]} (an incomplete file)")
         cache = lm.allocate_cache(1)
-        for i in range(n):
-            cache.conv_states[i].copy_(tensors[f"conv.{i}"].to(cache.conv_states[i].dtype)[None])
-            cache.ssm_states[i].copy_(tensors[f"ssm.{i}"].to(cache.ssm_states[i].dtype)[None])
-        cache.seqlen_offset = int(meta["seqlen_offset"])
-        session._cache = cache
-        session._pending = json.loads(meta["pending"])
-        session.turns = [tuple(t) for t in json.loads(meta["turns"])]
+        try:
+            for i in range(n):
+                cache.conv_states[i].copy_(tensors[f"conv.{i}"].to(cache.conv_states[i].dtype)[None])
+                cache.ssm_states[i].copy_(tensors[f"ssm.{i}"].to(cache.ssm_states[i].dtype)[None])
+            cache.seqlen_offset = int(meta["seqlen_offset"])
+            pending = json.loads(meta["pending"])
+            turns = [tuple(t) for t in json.loads(meta["turns"])]
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a damaged or hand-made file
+            what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise ValueError(f"{path}: not a complete chat state ({what})") from None
+        session._cache, session._pending, session.turns = cache, pending, turns
         session.image = meta.get("image") or None
         return session
 

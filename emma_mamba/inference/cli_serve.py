@@ -96,14 +96,7 @@ def run(args) -> int:
     try:
         if args.image is not None:
             raise UsageError("--image does not apply: each request brings its own images")
-        _check_listen(args.host, args.port)
-        device, dtype, gcfg = setup(args)
-        if args.checkpoint is not None:
-            model, tok = load_vlm(args, device, dtype), None
-            name = args.model_name or Path(args.checkpoint).resolve().name
-        else:
-            model, tok = load_lm(args, device, dtype)
-            name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
+        # every option checked before the model loads (which can take minutes)
         if args.max_batch < 1:
             raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
         if args.prefill_chunk < 0:
@@ -113,11 +106,6 @@ def run(args) -> int:
         if args.max_new_tokens > args.max_tokens_limit:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit "
                              f"{args.max_tokens_limit}")
-        service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
-                              allow_local_images=args.allow_local_images,
-                              max_prompt_positions=args.max_prompt_positions,
-                              max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,
-                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
         api_key = None
         if args.api_key_env:
             import os
@@ -125,6 +113,19 @@ def run(args) -> int:
             api_key = os.environ.get(args.api_key_env)
             if not api_key:
                 raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+        _check_listen(args.host, args.port)
+        device, dtype, gcfg = setup(args)
+        if args.checkpoint is not None:
+            model, tok = load_vlm(args, device, dtype), None
+            name = args.model_name or Path(args.checkpoint).resolve().name
+        else:
+            model, tok = load_lm(args, device, dtype)
+            name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
+        service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
+                              allow_local_images=args.allow_local_images,
+                              max_prompt_positions=args.max_prompt_positions,
+                              max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,
+                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
         try:
             server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui)
         except OSError as e:

@@ -248,6 +248,15 @@ def test_a_saved_conversation_continues_like_the_uninterrupted_one(vlm, text_lm,
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read a chat state"):
         ChatSession.load(tmp_path / "junk.safetensors", vlm)
+    # a file with the right format tag and model but a missing field (hand-made, damaged): named, not a KeyError
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tmp_path / "chat.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "partial.safetensors"), metadata={k: v for k, v in meta.items() if k != "turns"})
+    with pytest.raises(ValueError, match=r"partial\.safetensors: not a complete chat state \(no 'turns' entry\)"):
+        ChatSession.load(tmp_path / "partial.safetensors", vlm)
     with pytest.raises(ValueError, match="nothing to save before the first turn"):
         ChatSession(vlm, IMAGE).save(tmp_path / "empty.safetensors")
     lm, tok = text_lm  # a text-only conversation the same way
