@@ -476,13 +476,14 @@ class ChatService:
         """The text_completion object of a ``/v1/completions`` request: raw prompts (strings or token id lists,
         one or several) continued by the LM without the chat template, with ``echo`` and ``logprobs`` (each
         token's log-probability under the model, and the ``logprobs`` most likely alternatives), as
-        lm-evaluation-harness's ``local-completions`` model asks for them. All prompts of a request are decoded
-        in the shared batch."""
+        lm-evaluation-harness's ``local-completions`` model asks for them; ``n`` choices per prompt (prompt-major
+        indices, choice i sampled with ``seed + i``), continuing one prefill of the prompt. All prompts of a request
+        are decoded in the shared batch."""
         prompts, jobs, _ = self._completion_jobs(body)
         choices = []
         for i, job in enumerate(jobs):
             choices.append({"index": i, **job.wait()})
-        n_prompt = sum(len(p) for p in prompts)
+        n_prompt = sum(len(p) for p in prompts)  # (a prompt counts once, whatever its n)
         n_new = sum(c.pop("_completion_tokens") for c in choices)
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name, "choices": choices,
@@ -506,9 +507,11 @@ class ChatService:
         opened()
         try:
             if echo:
+                n = len(jobs) // len(prompts)
                 for i, ids in enumerate(prompts):
                     text = self.tokenizer.decode(ids, skip_special_tokens=False)
-                    send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}]))
+                    for c in range(i * n, (i + 1) * n):  # every choice of the prompt starts with it
+                        send(chunk([{"index": c, "text": text, "logprobs": None, "finish_reason": None}]))
             _drain(jobs, merged,
                    lambda i, text: send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])),
                    lambda i, res: send(chunk([{"index": i, "text": "", "logprobs": None,
@@ -536,19 +539,26 @@ class ChatService:
             raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
         if stream and top is not None:
             raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
-        cfg = self._config(body, min_new=0 if echo else 1)
+        cfg = self._config(body, min_new=0 if echo else 1, choices=True)
+        n = cfg.num_return_sequences
         prompts = self._completion_prompts(body.get("prompt"))
-        jobs = []
+        jobs = []  # choice order: prompt 0's n choices, then prompt 1's, ... (OpenAI's index = prompt * n + i)
         for ids in prompts:
             spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
 
             def finish(seq, state, stats, ids=ids):
                 return self._completion_choice(ids, seq, stats, echo and not stream, top)
 
-            job = DecodeJob(cfg, lambda spec=spec: spec, finish, self.tokenizer, stream=stream)
-            if stream:
-                job.chunks = _Tagged(merged, len(jobs))
-            jobs.append(self.decoder.submit(job))
+            # n choices continue one prefill (forks of the first); choice i samples with seed + i
+            mine = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
+                                                  seed=None if cfg.seed is None else cfg.seed + i),
+                              lambda spec=spec: spec, finish, self.tokenizer, stream=stream) for i in range(n)]
+            mine[0].forks = mine[1:]
+            for job in mine:
+                if stream:
+                    job.chunks = _Tagged(merged, len(jobs))
+                jobs.append(job)
+            self.decoder.submit(mine[0])
         return prompts, jobs, echo
 
     def _completion_prompts(self, prompt) -> list[list[int]]:

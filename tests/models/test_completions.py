@@ -88,6 +88,16 @@ def test_completions_continue_as_generate_does(svc, model):
     assert svc.text_completion(seeded)["choices"][0]["text"] == generate(
         model.lm, input_ids=tok.encode("Once upon a time"), tokenizer=tok,
         config=GenerationConfig(max_new_tokens=5, temperature=1.0, seed=3, eos_token_id=tok.eos_token_id)).texts[0]
+    # n choices per prompt, prompt-major, choice i sampled with seed + i: each equals the request alone with that seed
+    many = {"prompt": ["Once upon a time", "The shapes are"], "max_tokens": 5, "temperature": 1.0, "seed": 11, "n": 3}
+    out = svc.text_completion(many)
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    for k, c in enumerate(out["choices"]):
+        p, i = divmod(k, 3)
+        alone = svc.text_completion({**many, "prompt": many["prompt"][p], "n": 1, "seed": 11 + i})["choices"][0]
+        assert c["text"] == alone["text"] and c["finish_reason"] == alone["finish_reason"]
+    assert len({c["text"] for c in out["choices"][:3]}) > 1  # the choices are sampled apart
+    assert out["usage"]["prompt_tokens"] == sum(len(tok.encode(p)) for p in many["prompt"])
     # max_tokens 0 with echo: the prompt scored, nothing generated
     ids = tok.encode("Only the prompt")
     out = svc.text_completion({"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
@@ -172,7 +182,9 @@ def test_streamed_completions_are_the_plain_ones(svc, model):
 
     try:
         for body in [{"prompt": ["Once upon a time", "The shapes are"], "max_tokens": 7},
-                     {"prompt": "A red circle", "max_tokens": 6, "temperature": 1.0, "seed": 5, "echo": True}]:
+                     {"prompt": "A red circle", "max_tokens": 6, "temperature": 1.0, "seed": 5, "echo": True},
+                     {"prompt": ["A red circle", "Two squares"], "max_tokens": 5, "temperature": 1.0, "seed": 9,
+                      "n": 2, "echo": True}]:
             plain = svc.text_completion(body)
             kind, raw = post({**body, "stream": True})
             assert kind == "text/event-stream"
@@ -188,6 +200,8 @@ def test_streamed_completions_are_the_plain_ones(svc, model):
                 assert all(c["finish_reason"] is None for c in mine[:-1]) and len(mine) >= 2
             if body.get("echo"):
                 assert chunks[0]["choices"][0]["text"] == "A red circle"
+            assert len(plain["choices"]) == len(body["prompt"] if isinstance(body["prompt"], list) else [1]) * \
+                body.get("n", 1)
     finally:
         srv.shutdown()
         srv.server_close()
