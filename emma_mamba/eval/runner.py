@@ -374,8 +374,10 @@ def model_identity(checkpoint: str | os.PathLike | None = None, *, api: str | No
                    api_model: str | None = None) -> dict | None:
     """What identifies the model that answers, for ``eval_run.json``: for a checkpoint directory its resolved
     path and, per file that determines its replies (config, tokenizer, ``model.safetensors`` or a sharded
-    checkpoint's ``state/`` files), the size and mtime in ns (a cheap fingerprint: retraining or overwriting the
-    weights changes it, reading them does not); for an endpoint its URL and model name; None when unknown."""
+    checkpoint's ``state/`` files), the size and a SHA-256 of its first and last MiB (:func:`_content_stamp`: a
+    cheap fingerprint of the contents, read in milliseconds at any size: retraining or overwriting the weights
+    changes it; reading, touching or restoring the same file from a copy does not); for an endpoint its URL and
+    model name; None when unknown."""
     if api is not None:
         return {"api": str(api), "api_model": api_model}
     if checkpoint is None:
@@ -391,12 +393,29 @@ def model_identity(checkpoint: str | os.PathLike | None = None, *, api: str | No
         files.append(d / WEIGHTS_NAME)
     else:  # a sharded training checkpoint: every file of its state (as load reads it)
         files += sorted(p for p in (d / SHARDED_DIR).rglob("*") if p.is_file())
-    stamps = {}
-    for f in files:
-        if f.is_file():
-            st = f.stat()
-            stamps[f.relative_to(d).as_posix()] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamps = {f.relative_to(d).as_posix(): _content_stamp(f) for f in files if f.is_file()}
     return {"checkpoint": str(d.resolve()), "files": stamps}
+
+
+STAMP_BYTES = 1 << 20
+"""Bytes hashed at each end of a file by :func:`_content_stamp` (the whole file when it is at most twice that)."""
+
+
+def _content_stamp(f: Path) -> dict:
+    """{size, sha256 of the file's first and last STAMP_BYTES} (16 hex digits). A weights file's ends hold its
+    header (names, shapes, offsets) and its first and last tensors' values, which any training step changes."""
+    import hashlib
+
+    size = f.stat().st_size
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        if size <= 2 * STAMP_BYTES:
+            h.update(fh.read())
+        else:
+            h.update(fh.read(STAMP_BYTES))
+            fh.seek(-STAMP_BYTES, os.SEEK_END)
+            h.update(fh.read())
+    return {"size": size, "sha256_ends": h.hexdigest()[:16]}
 
 
 def run_record(task: str, questions: str | Path, images: str | Path | None, *, answered_by: str,

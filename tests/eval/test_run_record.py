@@ -75,9 +75,14 @@ def test_a_retrained_checkpoint_at_the_same_path_is_refused(shapes, tmp_path):
     evaluate(None, "pope", q, shapes / "images", out, **kw)
     assert json.loads((out / "eval_run.json").read_text())["model"] == model_identity(ck)
     assert evaluate(None, "pope", q, shapes / "images", out, **kw)["n_answered_this_run"] == 0  # unchanged: on
-    (ck / "model.safetensors").write_text("new weights")  # retrained in place: another size and mtime
-    st = (ck / "model.safetensors").stat()
+    st = (ck / "model.safetensors").stat()  # touched, or restored from a copy: the same contents continue
     os.utime(ck / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert evaluate(None, "pope", q, shapes / "images", out, **kw)["n_answered_this_run"] == 0
+    (ck / "model.safetensors").write_text("model.safetensor!")  # retrained in place: the same size, other bytes
+    with pytest.raises(ScoreInputError, match=r"model\.files\['model\.safetensors'\]\.sha256_ends = \"[0-9a-f]{16}\", "
+                                              r"but this run has .*\(the checkpoint's"):
+        evaluate(None, "pope", q, shapes / "images", out, **kw)
+    (ck / "model.safetensors").write_text("new weights")  # another size
     with pytest.raises(ScoreInputError, match=r"model\.files\['model\.safetensors'\]\.size = 17, but this run has "
                                               r"model\.files\['model\.safetensors'\]\.size = 11 \(the checkpoint's"):
         evaluate(None, "pope", q, shapes / "images", out, **kw)
