@@ -73,9 +73,9 @@ Notable choices:
   union. ``--limit N`` answers the first N questions only and scores them with ``allow_missing``.
 * A folder continues only the run that began it: ``eval_run.json`` records what determines the answers (the
   task, the questions and images, split / image template / box frame where they apply, likelihood or
-  generation, ``max_new_tokens``, and the model: a checkpoint's resolved path with the size and a hash of the ends of its
-  config, tokenizer and weight files, or an ``--api`` endpoint's URL and model name), and a rerun whose record
-  differs in any of them is refused with the field and both values, before anything is answered (else another
+  generation, ``max_new_tokens``, and the model: a checkpoint's resolved path with the size and a hash of the
+  ends of its config, tokenizer and weight files, or an ``--api`` endpoint's URL and model name), and a rerun whose
+  record differs in any of them is refused with the field and both values, before anything is answered (else another
   checkpoint's answers would be scored as this one's). A folder written before these fields were recorded
   continues with a warning that its answers cannot be verified.
 * Images are decoded as training and ``serve`` decode them (:func:`emma_mamba.models.vision.load_image`: EXIF
