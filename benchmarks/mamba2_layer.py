@@ -42,8 +42,9 @@ def _transformers_peer(mixer, device, dtype):
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMixer
 
     hc = transformers.Mamba2Config(hidden_size=mixer.d_model, state_size=mixer.d_state, num_heads=mixer.nheads,
-                                   head_dim=mixer.headdim, n_groups=mixer.ngroups, expand=mixer.d_inner // mixer.d_model,
-                                   conv_kernel=mixer.d_conv, num_hidden_layers=1, vocab_size=16, chunk_size=256)
+                                   head_dim=mixer.headdim, n_groups=mixer.ngroups,
+                                   expand=mixer.d_inner // mixer.d_model, conv_kernel=mixer.d_conv,
+                                   num_hidden_layers=1, vocab_size=16, chunk_size=256)
     peer = HFMixer(hc, layer_idx=0).to(device)
     peer.load_state_dict(mixer.state_dict())
     return peer.to(dtype)

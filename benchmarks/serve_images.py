@@ -74,9 +74,12 @@ def main(argv=None) -> int:
         mime = "jpeg" if name.endswith(".jpg") else "png"
         with open(path, "rb") as f:
             urls.append(f"data:image/{mime};base64,{base64.b64encode(f.read()).decode()}")
-    bodies = [{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
-                                                         {"type": "text", "text": "What is in the picture?"}]}],
-               "max_tokens": args.max_tokens} for i in range(args.requests)]
+    def content(i):
+        return [{"type": "image_url", "image_url": {"url": urls[i % len(urls)]}},
+                {"type": "text", "text": "What is in the picture?"}]
+
+    bodies = [{"messages": [{"role": "user", "content": content(i)}], "max_tokens": args.max_tokens}
+              for i in range(args.requests)]
     svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=args.max_tokens), max_batch=args.requests,
                       state_cache=0)
     batched = svc.decoder.embed_batch

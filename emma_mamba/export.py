@@ -14,7 +14,8 @@ LoRA run's, whose adapters are merged) and writes:
   keeps the ``<image>`` token the model added; image prompts still need ``emma-mamba`` (the vision side).
 
 ``--dtype bf16`` / ``fp16`` stores the weights in half precision (half the size; ``emma_mamba.load`` casts them
-back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and the dt bias (``dt_proj.bias``; Mamba-2: ``dt_bias``), kept in fp32 as
+back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and the dt bias (``dt_proj.bias``; Mamba-2:
+``dt_bias``), kept in fp32 as
 mamba-ssm keeps them under mixed precision (their rounding moves the recurrence's decay). An existing non-empty
 ``--out`` is refused (nothing is overwritten).
 """

@@ -159,7 +159,8 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     if len(problems) == 1:
         raise ScoreInputError(problems[0])
     if problems:
-        raise ScoreInputError(f"{len(problems)} of the {len(entries)} benchmarks cannot run:\n  " + "\n  ".join(problems))
+        raise ScoreInputError(f"{len(problems)} of the {len(entries)} benchmarks cannot run:\n  "
+                              + "\n  ".join(problems))
     rows, reports = [], {}
     try:
         for i, e in enumerate(entries, 1):

@@ -58,7 +58,8 @@ from emma_mamba.models.lora import LoRALinear, weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
-    "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput", "RMSNorm",
+    "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput",
+    "RMSNorm",
     "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir",
 ]
 

@@ -295,7 +295,8 @@ def test_multimodal_model_on_a_mamba2_lm(tmp_path):
     m.lm.save_pretrained(tmp_path / "lm2", layout="original")
     again = make_model(lm={**lm_cfg, "pretrained": str(tmp_path / "lm2")})
     assert all(torch.equal(a, b) for a, b in zip(again.lm.state_dict().values(), m.lm.state_dict().values()))
-    with pytest.raises(ConfigError, match="the checkpoint has ssm_layer=mamba2 but the config says lm.ssm_layer=mamba1"):
+    with pytest.raises(ConfigError, match="the checkpoint has ssm_layer=mamba2 but the config says "
+                                          "lm.ssm_layer=mamba1"):
         make_model(lm={"pretrained": str(tmp_path / "lm2")})
     with pytest.raises(ConfigError, match="the checkpoint has headdim=16 but the config says lm.headdim=32"):
         make_model(lm={**lm_cfg, "headdim": 32, "pretrained": str(tmp_path / "lm2")})
