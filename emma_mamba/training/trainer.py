@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from emma_mamba.config import ConfigError
-from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
+from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir)
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
@@ -330,9 +330,10 @@ class Trainer:
         if not torch.isfinite(grad_norm):  # the same on every rank (a global norm): all stop before the update
             self.optimizer.zero_grad(set_to_none=True)
             sums = all_reduce_sum(sums).cpu()
+            lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
             raise TrainingError(
-                f"step {self.global_step + 1}: the loss ({float(sums[0]) / n_lab:.4g} lm, {float(sums[1]) / n_img:.4g} "
-                f"align) or its gradient is not finite (grad norm {float(grad_norm)}); stopped before the update, "
+                f"step {self.global_step + 1}: the loss ({lm_loss:.4g} lm, {align_loss:.4g} align) or its gradient "
+                f"is not finite (grad norm {float(grad_norm)}); stopped before the update, "
                 f"so no weights were changed by it. {self._last_checkpoint_hint()} Lower train.lr, keep "
                 f"train.grad_clip on, or check the data of this step")
         lr = self.scheduler.get_last_lr()[0]
@@ -423,7 +424,7 @@ class Trainer:
             self._fit_loop(writer, bar, profiler, stop_after)
         except KeyboardInterrupt:
             raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}; "
-                                f"{self._last_checkpoint_hint()}") from None
+                                      f"{self._last_checkpoint_hint()}") from None
         finally:
             profiler.close(self.global_step)
             if bar is not None:
@@ -526,16 +527,21 @@ class Trainer:
             return
         old = load_run_config(path / "train_config.yaml").train
         t = self.cfg.train
-        fixed = ("lr", "min_lr_ratio", "weight_decay", "betas", "eps", "schedule", "warmup_ratio", "warmup_steps",
-                 "lr_multipliers", "decay_embeddings")
+        # held by the optimizer's and scheduler's states (the peak lr is the scheduler's base_lrs): the checkpoint's
+        fixed = ("lr", "weight_decay", "betas", "eps", "lr_multipliers", "decay_embeddings")
         kept = []
         for name in fixed:
-            if hasattr(t, name) and getattr(t, name) != getattr(old, name):
+            if getattr(t, name) != getattr(old, name):
                 kept.append(f"train.{name} {getattr(old, name)!r} (asked: {getattr(t, name)!r})")
                 setattr(t, name, getattr(old, name))
-        if kept and self.info.is_main:
-            log.warning("resuming %s: the optimizer and schedule continue with the checkpoint's settings: %s; "
-                        "start a new run from it with init_from to change them", path, ", ".join(kept))
+        # the schedule's shape is computed from the config at every step: the new values apply from here on
+        shape = [f"train.{n} {getattr(old, n)!r} -> {getattr(t, n)!r}" for n in
+                 ("schedule", "warmup_ratio", "warmup_steps", "min_lr_ratio") if getattr(t, n) != getattr(old, n)]
+        if self.info.is_main and kept:
+            log.warning("resuming %s: the optimizer continues with the checkpoint's settings: %s; start a new run "
+                        "from it with init_from to change them", path, ", ".join(kept))
+        if self.info.is_main and shape:
+            log.warning("resuming %s: the LR schedule changes from the resumed step on: %s", path, ", ".join(shape))
 
     def _restore(self, path: Path) -> None:
         self._check_resume_config(path)
