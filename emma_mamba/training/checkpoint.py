@@ -104,9 +104,8 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
         # every rank must take part in an FSDP gather
         sd = _full_model_state(model) if is_fsdp(model) else model.state_dict()
         if info.is_main:
-            from emma_mamba.fileio import save_safetensors
-
             from emma_mamba import __version__
+            from emma_mamba.fileio import save_safetensors
 
             meta = {"format": "pt", "emma_mamba": __version__}
             adapters = None
@@ -114,7 +113,7 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
                 sd, adapters = export_state(model, sd)
             path.mkdir(parents=True, exist_ok=True)
             save_config(model.config, path / "config.yaml")
-            save_safetensors({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata=meta)
+            save_safetensors({k: v.contiguous() for k, v in sd.items()}, path / "model.safetensors", metadata=meta)
             if adapters is not None:
                 save_safetensors(adapters, str(path / LORA_FILE), metadata={**meta, **lora_metadata(model)})
             model.tokenizer.save(path)
@@ -246,7 +245,7 @@ def _check_metadata(state_dir: Path) -> None:
         raise FileNotFoundError(f"{path} not found: an incomplete sharded checkpoint") from None
     except Exception as e:  # noqa: BLE001 - refused globals, truncation, another format: name the file
         raise TrainingError(f"{path}: not a sharded checkpoint's metadata that loads as plain data ({e}); "
-                           f"it is refused, as loading never runs code from a file") from e
+                            f"it is refused, as loading never runs code from a file") from e
 
 
 def _plain_data_load_planner():
