@@ -51,6 +51,16 @@ def _kernels():
         out.append(("scan_bwd_sequential", ss._selective_scan_bwd_seq_kernel,
                     dict(BLOCK_N=16, CHUNK=ss.CHUNK, BLOCK_D=ss.SEQ_BWD_BLOCK_D, TILE=ss.SEQ_BWD_TILE),
                     ss.SEQ_BWD_WARPS))
+    # a Mamba-2 layer's shapes (lm.ssm_layer mamba2): 128 states per channel, the tiles 8x wider
+    n128 = dict(BLOCK_N=128, CHUNK=ss.CHUNK)
+    out += [
+        ("scan_fwd_chunked_n128", ss._selective_scan_fwd_kernel, dict(n128, BLOCK_D=ss.FWD_BLOCK_D), ss.FWD_WARPS),
+        ("scan_fwd_sequential_n128", ss._selective_scan_fwd_seq_kernel, dict(n128, BLOCK_D=ss.SEQ_BLOCK_D),
+         ss.SEQ_WARPS),
+        ("scan_bwd_n128", ss._selective_scan_bwd_kernel, dict(n128, BLOCK_D=ss.BWD_BLOCK_D), ss.BWD_WARPS),
+        ("state_update_n128", su._selective_state_update_kernel, dict(BLOCK_D=su.TILE // 128, BLOCK_N=128),
+         su.WARPS),
+    ]
     return out
 
 
