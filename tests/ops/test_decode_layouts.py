@@ -15,11 +15,12 @@ BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda-emu", id="cuda-emu
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("gb,gc", [(0, 2), (4, 0), (2, 3)], ids=["Bflat-C2", "B4-Cflat", "B2-C3"])
-def test_mixed_group_layouts_match_the_reference(backend, gb, gc):
+@pytest.mark.parametrize("gb,gc,n", [(0, 2, 5), (4, 0, 5), (2, 3, 5), (2, 2, 128)],
+                         ids=["Bflat-C2", "B4-Cflat", "B2-C3", "mamba2-B2-C2-n128"])
+def test_mixed_group_layouts_match_the_reference(backend, gb, gc, n):
     if backend == "triton" and not ops._runs_on("triton", "cpu"):
         pytest.skip("the Triton interpreter is off")
-    b, d, n = 3, 12, 5
+    b, d = 3, 12
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     B = r(b, n) if gb == 0 else r(b, gb, n)
