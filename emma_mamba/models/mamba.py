@@ -1,5 +1,6 @@
 """The Mamba language model (Mamba-1: Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State
-Spaces", 2023), its recurrent inference cache, and loading/saving of the public checkpoints.
+Spaces", 2023; and, with ``ssm_layer="mamba2"``, Mamba-2: Dao & Gu, "Transformers are SSMs", 2024, see
+:class:`Mamba2Mixer`), its recurrent inference cache, and loading/saving of the public checkpoints.
 
 Architecture (the paper's Figure 3 block, stacked as in mamba-ssm's ``MixerModel``)::
 
@@ -31,10 +32,10 @@ directly. Notable choices:
 * Vocabulary padded up to a multiple of ``pad_vocab_size_multiple`` (the original checkpoints' 50277 -> 50280);
   the padded logits are never sampled (see :mod:`emma_mamba.inference.generate`).
 
-Checkpoints: :meth:`MambaLM.from_pretrained` reads the original ``state-spaces/mamba-*`` layout (config.json
-with d_model/n_layer/ssm_cfg, ``backbone.embedding.weight``, pytorch_model.bin) and the transformers ``*-hf``
-layout (MambaConfig, ``backbone.embeddings.weight``, safetensors, optionally sharded with
-``model.safetensors.index.json``). ``.bin`` files are read with ``torch.load(weights_only=True)``; nothing
+Checkpoints: :meth:`MambaLM.from_pretrained` reads the original ``state-spaces/mamba-*`` and ``mamba2-*``
+layout (config.json with d_model/n_layer/ssm_cfg, ``ssm_cfg.layer`` Mamba1 or Mamba2,
+``backbone.embedding.weight``, pytorch_model.bin) and the transformers layouts (MambaConfig / Mamba2Config,
+``backbone.embeddings.weight``, safetensors, optionally sharded with ``model.safetensors.index.json``). ``.bin`` files are read with ``torch.load(weights_only=True)``; nothing
 in a checkpoint is ever executed.
 """
 
