@@ -77,7 +77,8 @@ class CheckpointError(ValueError):
 
 @dataclass
 class MambaConfig:
-    """Shape and init of a Mamba-1 language model (field names follow mamba-ssm's ``MambaConfig``/``ssm_cfg``)."""
+    """Shape and init of a Mamba-1 or Mamba-2 language model (field names follow mamba-ssm's
+    ``MambaConfig``/``ssm_cfg``)."""
 
     d_model: int = 768
     """Width of the residual stream."""
@@ -636,7 +637,8 @@ class MambaBlock(nn.Module):
 
 
 class MambaLM(nn.Module):
-    """Mamba-1 language model: embedding, ``n_layer`` :class:`MambaBlock`, final RMSNorm, (tied) LM head."""
+    """Mamba language model: embedding, ``n_layer`` :class:`MambaBlock` (Mamba-1 or Mamba-2 mixers), final RMSNorm,
+    (tied) LM head."""
 
     def __init__(self, config: MambaConfig, device=None, dtype=None):
         super().__init__()
