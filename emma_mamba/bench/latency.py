@@ -252,9 +252,9 @@ class PeerRunner:
 
     def __init__(self, hf):
         self.hf = hf
-        # the recurrent state's keyword, in and out: Mamba2ForCausalLM calls it `cache` (`cache_params` is deprecated
-        # there), MambaForCausalLM `cache_params`
-        self.kw = "cache" if type(hf).__name__ == "Mamba2ForCausalLM" else "cache_params"
+        from emma_mamba.bench.lm import hf_cache_keyword
+
+        self.kw = hf_cache_keyword(hf)
 
     def prefill(self, ids=None, embeds=None, max_len=None):
         out = self.hf(input_ids=ids, inputs_embeds=embeds, use_cache=True, logits_to_keep=1)

@@ -98,6 +98,12 @@ def _hf_twin(lm, dtype):
     return hf
 
 
+def hf_cache_keyword(hf) -> str:
+    """transformers' keyword for a Mamba model's recurrent state, in its forward and in its output: `cache` for
+    Mamba2ForCausalLM (`cache_params` is deprecated there), `cache_params` for MambaForCausalLM."""
+    return "cache" if type(hf).__name__ == "Mamba2ForCausalLM" else "cache_params"
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -156,7 +162,7 @@ def run(args) -> int:
     backend = ops.get_backend("cpu")
     V = cfg.padded_vocab_size
     peer = type(hf).__name__
-    cache_kw = "cache" if mamba2 else "cache_params"  # transformers' names of the recurrent state, in and out
+    cache_kw = hf_cache_keyword(hf)
     print(f"MambaLM vs transformers {transformers.__version__} {peer}: d_model {cfg.d_model}, "
           f"{cfg.n_layer} layers, vocab {V}, d_state {cfg.d_state}, {args.dtype}, backend {backend!r}, "
           f"{torch.get_num_threads()} threads", flush=True)

@@ -433,6 +433,11 @@ def run_record(task: str, questions: str | Path, images: str | Path | None, *, a
             "model": identity}
 
 
+def answered_by(qs: Sequence[Question]) -> str:
+    """How a run answers ``qs``: "likelihood" (closed-set: the options' probabilities) or "generation"."""
+    return "likelihood" if any(q.options for q in qs) else "generation"
+
+
 def _has_answers(out: Path) -> bool:
     """Whether ``out`` holds any answer (merged, a rank's shard, or an MME category file)."""
     files = [out / "answers.jsonl", *out.glob("answers.shard*.jsonl"), *(out / "mme").glob("*.txt")]
@@ -628,8 +633,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         option_fn = getattr(answer_fn, "option_probabilities", None)
 
     # ---- what is left to answer (by the same method as the answers already there)
-    answered_by = "likelihood" if any(q.options for q in qs) else "generation"
-    record = run_record(task, questions, images, answered_by=answered_by, max_new_tokens=max_new_tokens,
+    record = run_record(task, questions, images, answered_by=answered_by(qs), max_new_tokens=max_new_tokens,
                         identity=_resolve_identity(identity, answer_fn, checkpoint), split=split,
                         image_template=image_template, box_frame=box_frame)
     # every rank checks (a refused rank must not answer), before rank 0 replaces the record with this run's
@@ -721,7 +725,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     seconds = time.perf_counter() - t0
     if world > 1:  # the merge and the scoring come after every process is done (merge_shards, then unsharded)
         return {"task": task, "shard": [rank, world], "n_questions": len(qs), "n_answered_this_run": len(todo),
-                "seconds_this_run": seconds, "answered_by": answered_by, "metrics": None}
+                "seconds_this_run": seconds, "answered_by": record["answered_by"], "metrics": None}
 
     # ---- official results files and metrics
     if task in ("vqav2", "gqa", "textvqa", "vizwiz"):
@@ -750,7 +754,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
               "max_new_tokens": max_new_tokens, "limit": limit,
-              "answered_by": answered_by, "metrics": metrics}
+              "answered_by": record["answered_by"], "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASKS, _resolve_identity, _resolve_settings, check_images,
-                                    check_run_record, evaluate, limit_questions, merge_shards, read_questions,
-                                    run_record)
+from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASKS, _resolve_identity, _resolve_settings, answered_by,
+                                    check_images, check_run_record, evaluate, limit_questions, merge_shards,
+                                    read_questions, run_record)
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
@@ -151,9 +151,8 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             check_images(qs, f"{e.task} {e.questions}")
             new, frame = _resolve_settings(model, e.task, opts["max_new_tokens"], opts.get("box_frame", "auto"))
             check_run_record(out / e.name, run_record(
-                e.task, e.questions, e.images, answered_by="likelihood" if any(q.options for q in qs) else "generation",
-                max_new_tokens=new, identity=identity, split=opts.get("split"), image_template=template,
-                box_frame=frame))
+                e.task, e.questions, e.images, answered_by=answered_by(qs), max_new_tokens=new, identity=identity,
+                split=opts.get("split"), image_template=template, box_frame=frame))
         except ScoreInputError as err:  # every benchmark's first problem, not only the first benchmark's
             problems.append(f"benchmark {e.name!r}: {err}")
     if len(problems) == 1:

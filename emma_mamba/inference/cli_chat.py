@@ -89,11 +89,6 @@ def run(args) -> int:
             except (UsageError, ValueError, OSError) as e:  # the session is kept as it was
                 _err(str(e), "chat")
             continue
-        if session.vlm is not None and session.vlm.config.image_token in line:
-            _err(f"the question holds {session.vlm.config.image_token!r}, the model's image placeholder: that text "
-                 f"is reserved (the image enters the conversation by itself; /image FILE starts one about another "
-                 f"image); ask again without it", "chat")
-            continue
         try:
             session.ask(line, streamer=_stream)
         except KeyboardInterrupt:

@@ -555,7 +555,6 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
         self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
-        self.recompute_activations = True  # (Mamba-1's fused op only; kept for MambaLM.set_mixer_recompute)
 
     def projections(self) -> tuple[nn.Linear, ...]:
         return self.in_proj, self.out_proj
@@ -703,7 +702,8 @@ class MambaLM(nn.Module):
         keeping them from the forward (:func:`emma_mamba.ops.mamba_inner`): three (b, d_inner, l) activations less
         per layer for one more depthwise conv and a rank-dt_rank GEMM. Gradients are the same up to rounding."""
         for block in self.layers:
-            block.mixer.recompute_activations = bool(enabled)
+            if isinstance(block.mixer, MambaMixer):  # (Mamba-1's fused op; a Mamba-2 mixer keeps its activations)
+                block.mixer.recompute_activations = bool(enabled)
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None, mixer_only: bool = False) -> None:
         """torch.compile each block in place (``nn.Module.compile``: parameter names, state dicts and checkpoints
