@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "check"): ("emma_mamba.data.cli_check", "check a run's data before training: every record and image, lengths, steps per epoch"),
     ("score",): ("emma_mamba.eval.cli_score", "score an answers file against a benchmark's standard annotation files"),
     ("configs",): ("emma_mamba.recipes", "list the shipped recipes (configs/*.yaml) or copy them into a folder to edit"),
+    ("convert", "cobra"): ("emma_mamba.convert", "a released Cobra model (han1997/cobra) as an EmmaMamba checkpoint: its projector and LM, local vision weights"),
     ("export",): ("emma_mamba.export", "a checkpoint as a model to share: inference weights (bf16 optional), or the LM in transformers' layout"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),

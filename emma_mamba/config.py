@@ -40,6 +40,7 @@ from typing import Any, Literal, Union
 __all__ = [
     "VisionConfig", "SecondEncoderConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig",
     "AlignConfig", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides",
+    "apply_dotted_overrides",
     "config_to_dict", "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs",
     "resolve_config_path",
 ]
@@ -339,6 +340,21 @@ def _cobra_like() -> ModelConfig:
     return cfg
 
 
+def _cobra_3b() -> ModelConfig:
+    # Cobra (Zhao et al. 2024) as released (han1997/cobra, cobra+3b): Prismatic's dinosiglip-vit-so-384px front
+    # (the penultimate block of each tower), its fused-GELU projector, mamba-2.8b-zephyr, the image before the
+    # whole Zephyr prompt, images squashed to 384 px (resize-naive). `emma-mamba convert cobra` writes its weights.
+    cfg = _emma_mamba_2p8b_dinosiglip()
+    cfg.name = "cobra-3b"
+    cfg.vision.taps, cfg.vision.second_encoder.taps = [-2], [-2]
+    cfg.vision.image_resize, cfg.vision.image_position = "squash", "before_turn"
+    cfg.mff = MFFConfig(mode="none")
+    cfg.instruction = InstructionConfig(enabled=False)
+    cfg.align = AlignConfig(enabled=False)
+    cfg.projector = ProjectorConfig(kind="fused", depth=3)
+    return cfg
+
+
 def _emma_mamba2_2p7b() -> ModelConfig:
     # the EMMA front (ViT-L/14-336 taps, MFF, instruction fusion, alignment head) on a Mamba-2 LM of the
     # state-spaces/mamba2-2.7b shape (lm.pretrained: a local copy of it; d_state 128, 80 heads of 64 channels)
@@ -350,7 +366,7 @@ def _emma_mamba2_2p7b() -> ModelConfig:
 
 
 PRESETS = {"tiny": _tiny, "emma-mamba-2.8b": _emma_mamba_2p8b,
-           "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip, "cobra-like": _cobra_like,
+           "emma-mamba-2.8b-dinosiglip": _emma_mamba_2p8b_dinosiglip, "cobra-like": _cobra_like, "cobra-3b": _cobra_3b,
            "emma-mamba2-2.7b": _emma_mamba2_2p7b}
 
 
@@ -441,6 +457,28 @@ def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dic
                 setattr(cfg, key, _coerce(value, hints[key], where))
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
+    """Applies command-line ``KEY=VALUE`` items (dotted key, YAML value, e.g. ``lm.n_layer=12``) to ``cfg`` in
+    place, strictly (see :func:`apply_overrides`); returns it."""
+    import yaml
+
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE with a dotted key, e.g. lm.n_layer=12")
+        nested: dict = {}
+        cur = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        try:
+            cur[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{flag} {item!r}: the value is not a YAML scalar or collection ({e})") from None
+        apply_overrides(cfg, nested, source=f"{flag} {item}")
     return cfg
 
 

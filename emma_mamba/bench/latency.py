@@ -415,9 +415,7 @@ def find_crossover(contexts, ours, theirs) -> dict:
 
 def build_models(args, device, dtype):
     """(EmmaMamba, TransformerMLLM, config name) on ``device`` in ``dtype``, seeded."""
-    import yaml
-
-    from emma_mamba.config import ConfigError, apply_overrides, get_preset
+    from emma_mamba.config import apply_dotted_overrides, apply_overrides, get_preset
     from emma_mamba.models.baseline import TransformerMLLM
     from emma_mamba.models.vlm import EmmaMamba
 
@@ -426,17 +424,7 @@ def build_models(args, device, dtype):
     if args.size:
         apply_overrides(cfg, SIZES[args.size], source=f"--size {args.size}")
         name += f"-{args.size}"
-    for item in args.override:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--override {item!r}: expected KEY=VALUE with a dotted key, e.g. lm.n_layer=12")
-        nested: dict = {}
-        cur = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-        cur[parts[-1]] = yaml.safe_load(value)
-        apply_overrides(cfg, nested, source=f"--override {item}")
+    apply_dotted_overrides(cfg, args.override)
     if args.override:
         name += "-custom"
     cfg.align.enabled = False  # training-only head: never part of inference

@@ -66,8 +66,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob
