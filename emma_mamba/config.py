@@ -460,6 +460,27 @@ def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dic
     return cfg
 
 
+def field_type(cls, dotted: str):
+    """The annotated type of a dotted field of config dataclass ``cls`` (``lm.pretrained``); None if unknown."""
+    tp = None
+    for part in dotted.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        tp = hints[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+    return tp
+
+
+def takes_text(tp) -> bool:
+    """Whether type ``tp`` accepts any string (str, str | None): not a Literal choice, a number or a list."""
+    if tp is str:
+        return True
+    return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
+
+
 def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
     """Applies command-line ``KEY=VALUE`` items (dotted key, YAML value, e.g. ``lm.n_layer=12``) to ``cfg`` in
     place, strictly (see :func:`apply_overrides`); returns it."""
@@ -475,9 +496,12 @@ def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
         try:
-            cur[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"{flag} {item!r}: the value is not a YAML scalar or collection ({e})") from None
+        if parsed is not None and not isinstance(parsed, str) and takes_text(field_type(type(cfg), key)):
+            parsed = value  # a path or name stays the text typed (vision.pretrained=2024 is a file '2024')
+        cur[parts[-1]] = parsed
         apply_overrides(cfg, nested, source=f"{flag} {item}")
     return cfg
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               get_preset, load_config, read_yaml_mapping, resolve_config_path)
+                               field_type, get_preset, load_config, read_yaml_mapping, resolve_config_path, takes_text)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
@@ -573,7 +573,9 @@ def dotted_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def overrides_from_pairs(pairs: list[tuple[str, str]]) -> dict:
-    """[('train.lr', '2e-5'), ...] -> {'train': {'lr': 2e-05}} (values parsed by parse_cli_value)."""
+    """[('train.lr', '2e-5'), ...] -> {'train': {'lr': 2e-05}} (values parsed by parse_cli_value). A field that
+    takes text (``output_dir``, a path) keeps the text as typed: ``--output_dir 2024`` is the folder '2024', not
+    the number; ``null`` / ``~`` still mean None where None is allowed."""
     out: dict = {}
     for key, text in pairs:
         parts = key.split(".")
@@ -582,5 +584,8 @@ def overrides_from_pairs(pairs: list[tuple[str, str]]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"command line: --{key} conflicts with another override of {p}")
-        node[parts[-1]] = parse_cli_value(text)
+        value = parse_cli_value(text)
+        if value is not None and not isinstance(value, str) and takes_text(field_type(RunConfig, key)):
+            value = text
+        node[parts[-1]] = value
     return out

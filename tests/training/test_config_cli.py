@@ -71,6 +71,21 @@ def test_cli_overrides_are_parsed_and_validated(tmp_path, capsys):
     assert parse_cli_value("null") is None and parse_cli_value("3") == 3
 
 
+def test_text_fields_keep_the_text_typed(tmp_path, capsys):
+    # a folder or file named like a number stays that name (YAML would make it an int / float and refuse it)
+    p = write(tmp_path, BASE)
+    rc = cli_train.main(["--config", str(p), "--print-config", "--output_dir", "2024", "--model.lm.pretrained",
+                         "1e3", "--model.vision.pretrained", "null", "--train.lr", "1e-3"])
+    assert rc == 0
+    d = yaml.safe_load(capsys.readouterr().out)
+    assert d["output_dir"] == "2024" and d["model"]["lm"]["pretrained"] == "1e3"
+    assert d["model"]["vision"]["pretrained"] is None and d["train"]["lr"] == 1e-3
+    from emma_mamba.config import apply_dotted_overrides, get_preset
+
+    cfg = apply_dotted_overrides(get_preset("tiny"), ["vision.pretrained=2024", "lm.n_layer=3"])
+    assert cfg.vision.pretrained == "2024" and cfg.lm.n_layer == 3
+
+
 def test_model_replaced_on_the_command_line(tmp_path, capsys):
     # --model NAME|FILE swaps the recipe's model (the dual-encoder 2.8B model on the 2.8B stage-1 recipe);
     # --model.* keys then apply on top of it, nested sections included
