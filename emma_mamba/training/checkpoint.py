@@ -19,6 +19,11 @@ it (adapters of a LoRA run merged) for init_from, eval and chat. config.yaml, to
 train_config.yaml, trainer_state.pt (scheduler, data position, counters) and the RNG files are as in the full
 layout.
 
+``checkpoint.async_save`` (sharded only, torchtitan's async mode): each rank copies its shards to host memory and
+returns to training while a background thread writes them (an :class:`AsyncCheckpoint`); rank 0 renames the
+directory once DCP's metadata is written, which happens after every rank's shards are. At most one such save is in
+flight: the next checkpoint, the end of the run and an interruption wait for it.
+
 A checkpoint is written into ``step_N.tmp`` and renamed when complete, so an interrupted write is never picked
 up by ``--resume auto`` (which takes the highest complete step). Everything is read back with
 ``torch.load(weights_only=True)`` / safetensors: loading runs no code from the files.
@@ -39,6 +44,7 @@ import logging
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +54,7 @@ from torch import nn
 from emma_mamba.training import TrainingError
 from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
+__all__ = ["save_checkpoint", "AsyncCheckpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
            "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR", "is_sharded", "read_sharded_model"]
 
 log = logging.getLogger(__name__)
@@ -124,11 +130,14 @@ def save_model_dir(model: nn.Module, path: Path, info: DistInfo, run_cfg=None) -
 
 
 def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, scheduler, state: dict,
-                    run_cfg, info: DistInfo, keep_last: int = 0, fmt: str = "full") -> Path:
+                    run_cfg, info: DistInfo, keep_last: int = 0, fmt: str = "full", async_save: bool = False):
     """Write checkpoint ``step`` (collective: every rank calls it) in layout ``fmt`` (full or sharded: see the
-    module docstring). Returns the final directory."""
+    module docstring). Returns the final directory; with ``async_save`` (sharded only) an :class:`AsyncCheckpoint`
+    whose shards are still being written (its ``path`` appears when they are; ``wait()`` before the next save)."""
     if fmt not in ("full", "sharded"):
         raise ValueError(f"checkpoint format must be full or sharded, got {fmt!r}")
+    if async_save and fmt != "sharded":
+        raise ValueError("async_save needs the sharded checkpoint format")
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
@@ -137,14 +146,18 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
+    future = None
     if fmt == "sharded":
-        _save_sharded(tmp, model, optimizer, info)
         if info.is_main:
             _save_description(model, tmp, run_cfg)
             from emma_mamba.models.lora import has_lora, lora_metadata
 
             extra = {"format": "sharded", "lora": lora_metadata(model) if has_lora(model) else None}
             torch.save({"scheduler": scheduler.state_dict(), **extra, **state}, tmp / STATE_NAME)
+        torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        # the small files first: with async_save they must be on disk before DCP's metadata (written last,
+        # after every rank's shards) lets rank 0 rename the directory
+        future = _save_sharded(tmp, model, optimizer, info, async_save)
     else:
         save_model_dir(model, tmp, info, run_cfg)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -154,19 +167,83 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
             torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
-    torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+        torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+    if future is not None:
+        return AsyncCheckpoint(future, tmp, final, keep_last, info.is_main)
     barrier()
     if info.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last > 0:
-            steps = sorted(_complete_steps(root))
-            for s, p in steps[:-keep_last]:
-                shutil.rmtree(p)
-        log.info("checkpoint written: %s", final)
+        _finalize(tmp, final, keep_last)
     barrier()
     return final
+
+
+def _finalize(tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0: the complete ``tmp`` becomes ``final``; older step checkpoints beyond ``keep_last`` go."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep_last > 0:
+        steps = sorted(_complete_steps(final.parent))
+        for s, p in steps[:-keep_last]:
+            shutil.rmtree(p)
+    log.info("checkpoint written: %s", final)
+
+
+class AsyncCheckpoint:
+    """A sharded checkpoint whose shards a background thread is writing (``checkpoint.async_save``).
+
+    Rank 0's DCP future completes after DCP has gathered every rank's write results and written the metadata,
+    so rank 0 alone renames ``step_N.tmp`` to ``path`` then, from the writer thread, without a collective;
+    training goes on meanwhile. :meth:`wait` (every rank) blocks until that is done and raises TrainingError if
+    the write failed (the checkpoint then stays ``.tmp``, never resumed from)."""
+
+    def __init__(self, future, tmp: Path, final: Path, keep_last: int, is_main: bool):
+        self.path, self._tmp, self._keep_last = final, tmp, keep_last
+        self._future = future
+        self._error: BaseException | None = None
+        self._finalized = threading.Event()
+        if is_main:
+            future.add_done_callback(self._finish)
+        else:
+            self._finalized.set()
+
+    def _finish(self, future) -> None:
+        try:
+            future.result()
+            _finalize(self._tmp, self.path, self._keep_last)
+        except BaseException as e:  # noqa: BLE001 - reported by wait() in the training thread
+            self._error = e
+        finally:
+            self._finalized.set()
+
+    def done(self) -> bool:
+        return self._future.done() and self._finalized.is_set()
+
+    def wait(self) -> Path:
+        try:
+            self._future.result()
+        except Exception as e:  # noqa: BLE001 - DCP wraps every rank's error
+            raise TrainingError(f"writing checkpoint {self.path} in the background failed ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); it stays "
+                                f"{self._tmp.name} and is not resumed from") from e
+        self._finalized.wait()
+        if self._error is not None:
+            raise TrainingError(f"finishing checkpoint {self.path} failed: {self._error}") from self._error
+        return self.path
+
+
+_ASYNC_GROUP = None
+
+
+def _async_group():
+    """A gloo process group for DCP's writer thread (its collectives run beside the training's, on the CPU;
+    created once, collectively, at the first async save)."""
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None:
+        import torch.distributed as dist
+
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP
 
 
 def _save_description(model: nn.Module, path: Path, run_cfg) -> None:
@@ -273,13 +350,28 @@ def _plain_data_load_planner():
     return PlainDataLoadPlanner()
 
 
-def _save_sharded(path: Path, model: nn.Module, optimizer, info: DistInfo) -> None:
+def _save_sharded(path: Path, model: nn.Module, optimizer, info: DistInfo, async_save: bool = False):
+    """DCP save of the model and optimizer states; with ``async_save`` the states are staged in host memory
+    before this returns and written by a background thread: returns its future (else None)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)  # DTensor shards under FSDP, plain tensors otherwise
     # every rank writes its shards (a tensor every rank holds whole, once); rank 0 the metadata
-    _dcp(dcp.save, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+    if not async_save:
+        _dcp(dcp.save, {"model": msd, "optimizer": osd}, path / SHARDED_DIR, not info.distributed)
+        return None
+    import warnings
+
+    if not info.distributed:  # DCP's notice that it assumes one process, also raised from its writer thread
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    kw = {"no_dist": True} if not info.distributed else {"process_group": _async_group()}
+    resp = dcp.async_save({"model": msd, "optimizer": osd}, checkpoint_id=str(path / SHARDED_DIR), **kw)
+    staged = getattr(resp, "staging_completion", None)  # newer torch: (staging, upload) futures
+    if staged is not None:
+        staged.result()  # the live tensors may change from the next step on: the copy must be complete
+        resp = resp.upload_completion
+    return resp
 
 
 def is_sharded(path: str | Path) -> bool:

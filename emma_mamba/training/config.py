@@ -11,7 +11,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     train: {lr: ..., epochs: ..., global_batch_size: ..., micro_batch_size: ..., ...}
     val:   {json: ..., every_steps: ..., max_samples: ...}   # optional validation loss on held-out data
     parallel: {strategy: auto | none | ddp | fsdp, ...}
-    checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded}
+    checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded, async_save: false}
     log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
     profile: {steps: 0, start_step: 3, ...}   # torch.profiler traces of chosen steps (off by default)
 
@@ -201,6 +201,11 @@ class CheckpointConfig:
     to rank 0 under FSDP. sharded: torch.distributed.checkpoint (DCP) files in state/, every rank writing its own
     shards (nothing gathered: for FSDP runs of large models). Both resume on any number of processes under any
     strategy, and emma_mamba.load / init_from / eval read both; the final model is always written full."""
+    async_save: bool = False
+    """sharded only: each rank copies its shards to host memory (one copy of its model and optimizer state) and
+    training goes on while a background thread writes them (torchtitan's async mode); the step directory appears
+    when every shard and the metadata are on disk. The next checkpoint, the end of the run and an interruption
+    wait for it."""
 
 
 @dataclass
@@ -362,6 +367,8 @@ class RunConfig:
             bad("val.every_steps / val.max_samples are set but val.json (the validation file) is not")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
+        if self.checkpoint.async_save and self.checkpoint.format != "sharded":
+            bad("checkpoint.async_save needs checkpoint.format: sharded (the full format gathers to rank 0)")
         if self.log.every_steps < 1:
             bad(f"log.every_steps must be >= 1, got {self.log.every_steps}")
         if self.profile.steps < 0 or self.profile.start_step < 1:

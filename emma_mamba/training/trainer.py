@@ -188,6 +188,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
+        self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
         self.val_history: list[dict] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -422,9 +423,14 @@ class Trainer:
         profiler = StepProfiler(cfg.profile, self.output_dir, info)
         try:
             self._fit_loop(writer, bar, profiler, stop_after)
+            self.wait_for_checkpoint()
         except KeyboardInterrupt:
+            self._wait_quietly("interrupted")
             raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}; "
                                       f"{self._last_checkpoint_hint()}") from None
+        except BaseException:
+            self._wait_quietly("stopped by an error")
+            raise
         finally:
             profiler.close(self.global_step)
             if bar is not None:
@@ -495,14 +501,43 @@ class Trainer:
             return f"The last checkpoint is {last} (--resume auto continues from it)."
         return "No checkpoint was written (checkpoint.every_steps sets how often)."
 
+    def wait_for_checkpoint(self) -> Path | None:
+        """Block until the checkpoint being written in the background (checkpoint.async_save) is complete;
+        returns its directory (None when none was pending). Raises TrainingError if its write failed."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return None
+        if not pending.done() and self.info.is_main:
+            log.info("waiting for checkpoint %s to be written", pending.path)
+        return pending.wait()
+
+    def _wait_quietly(self, why: str) -> None:
+        """On the way out of a failed or interrupted run: finish a background checkpoint write (it holds a
+        complete state); a failure of it is logged, never raised over the error being handled."""
+        if self._pending_save is None:
+            return
+        if self.info.is_main:
+            log.warning("%s: finishing checkpoint %s being written first", why, self._pending_save.path)
+        try:
+            self.wait_for_checkpoint()
+        except BaseException as e:  # noqa: BLE001
+            log.error("%s", e)
+
     def save_checkpoint(self) -> Path:
+        """Write a step checkpoint (collective); with checkpoint.async_save, waits for the previous background
+        write, starts this one and returns the directory it will have."""
+        self.wait_for_checkpoint()
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
                  "fingerprint": self.dataset.fingerprint(), "world_size": self.info.world_size,
                  "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
-        return save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
-                               self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
-                               fmt=self.cfg.checkpoint.format)
+        out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
+                              self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
+                              fmt=self.cfg.checkpoint.format, async_save=self.cfg.checkpoint.async_save)
+        if isinstance(out, Path):
+            return out
+        self._pending_save = out
+        return out.path
 
     def _check_resume_config(self, path: Path) -> None:
         """The checkpoint's own configs against this run's: a model that differs is refused, naming the keys

@@ -101,12 +101,12 @@ def test_resume_with_another_number_of_processes(shapes, tmp_path):
     """A job moved to another allocation: a 1-process run's checkpoint resumed by 2 DDP processes, and that run's
     checkpoint (written sharded: checkpoint.format) resumed by 1 process, continue the uninterrupted 1-process run
     (same data order and objective; the gradients are summed in another order, hence the tolerance of this
-    file)."""
+    file). The 2-process run writes its checkpoints in the background (checkpoint.async_save)."""
     y, ref = setup_run(shapes, tmp_path, checkpoint={"every_steps": 1})
     one = tmp_path / "ref" / "checkpoints" / "step_00000001"
     assert not (one / "rng_rank1.pt").exists()  # rank 1 takes rank 0's RNG state, re-seeded
     r = torchrun(["finetune", "--config", str(y), "--output_dir", str(tmp_path / "grown"), "--resume", str(one),
-                  "--checkpoint.format", "sharded"])
+                  "--checkpoint.format", "sharded", "--checkpoint.async_save", "true"])  # written in the background
     assert "written by 1 process(es), with 2" in r.stderr
     compare(metrics(tmp_path / "grown"), ref[1:])
     two = tmp_path / "grown" / "checkpoints" / "step_00000002"
@@ -118,12 +118,14 @@ def test_resume_with_another_number_of_processes(shapes, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["full", "sharded"])
+@pytest.mark.parametrize("fmt", ["full", "sharded", "sharded-async"])
 def test_torchrun_fsdp_matches_and_resumes(shapes, tmp_path, fmt):
     """checkpoint.format sharded: each rank writes its shards (nothing gathered); it resumes and loads as the
-    gathered full layout does."""
+    gathered full layout does; also written in the background (checkpoint.async_save)."""
+    ck = {"format": "sharded", "async_save": True} if fmt == "sharded-async" else {"format": fmt}
+    fmt = fmt.split("-")[0]
     y, ref = setup_run(shapes, tmp_path, data={"packing": True}, val=_val_section(shapes, tmp_path),
-                       checkpoint={"format": fmt})
+                       checkpoint=ck)
     torchrun(["finetune", "--config", str(y), "--parallel.strategy", "fsdp", "--checkpoint.every_steps", "2"])
     compare(metrics(tmp_path / "ddp"), ref)
     compare_val(tmp_path / "ddp", tmp_path)  # validation under FSDP (packed rows)

@@ -447,6 +447,67 @@ def test_sharded_checkpoint_resumes_bitwise_and_loads_as_the_full_one(shapes, tm
     (ckpt / "config.yaml.bak").rename(ckpt / "config.yaml")
 
 
+def test_async_sharded_checkpoints_equal_the_synchronous_ones(shapes, tmp_path):
+    """checkpoint.async_save: the shards are copied to host memory before training goes on and written in the
+    background; every checkpoint equals the synchronous run's (training kept changing the weights while they were
+    written), keep_last prunes, no .tmp is left, and a resume continues as the synchronous run does."""
+    from emma_mamba.training.checkpoint import read_sharded_model
+
+    skw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 1, "format": "sharded"})
+    akw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 1, "format": "sharded", "async_save": True})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **skw)).fit()
+    b = Trainer(make_cfg(shapes, tmp_path / "b", **akw)).fit()
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    for step in (1, 2, 3, 4):
+        ca, cb = (tmp_path / r / "checkpoints" / f"step_{step:08d}" for r in "ab")
+        wa, wb = read_sharded_model(ca), read_sharded_model(cb)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), step
+        sa, sb = (torch.load(c / "trainer_state.pt", weights_only=True) for c in (ca, cb))
+        assert sa["global_step"] == sb["global_step"] == step and (cb / "rng_rank0.pt").is_file()
+    # interrupted after step 2 (its checkpoint still being written when fit returns: fit waits), resumed
+    kw = dict(akw, checkpoint={**akw["checkpoint"], "keep_last": 2})
+    Trainer(make_cfg(shapes, tmp_path / "c", **kw)).fit(stop_after=2)
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    rest = Trainer(make_cfg(shapes, tmp_path / "c", **kw), resume="auto").fit()
+    assert [m["loss"] for m in rest] == [m["loss"] for m in a[2:]]
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    wa, wc = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    # the copy is taken before save_checkpoint returns: weights zeroed right after do not reach the files
+    t = Trainer(make_cfg(shapes, tmp_path / "e", **akw))
+    t.fit(stop_after=1)
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.global_step = 7
+    path = t.save_checkpoint()
+    with torch.no_grad():
+        for prm in t.model.parameters():
+            prm.zero_()
+    assert t.wait_for_checkpoint() == path and path.name == "step_00000007"
+    got = read_sharded_model(path)
+    assert got.keys() <= before.keys() and all(torch.equal(got[k], before[k]) for k in got)
+    with pytest.raises(ConfigError, match="checkpoint.async_save needs checkpoint.format: sharded"):
+        make_cfg(shapes, tmp_path / "d", checkpoint={"every_steps": 1, "async_save": True})
+
+
+def test_a_failed_background_checkpoint_write_stops_the_run_and_is_never_resumed(shapes, tmp_path, monkeypatch):
+    from concurrent.futures import Future
+
+    import torch.distributed.checkpoint as dcp
+
+    def failing(state, checkpoint_id, **kw):
+        f = Future()
+        f.set_exception(OSError(28, "No space left on device"))
+        return f
+
+    monkeypatch.setattr(dcp, "async_save", failing)
+    kw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 1, "format": "sharded", "async_save": True})
+    with pytest.raises(TrainingError, match=r"step_00000001 in the background failed .*No space left.*stays "
+                                            r"step_00000001.tmp"):
+        Trainer(make_cfg(shapes, tmp_path / "run", **kw)).fit()
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001.tmp"]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 class _Opens:
     """Unpickling this creates a file: the stand-in for code run by reading a checkpoint."""
 
