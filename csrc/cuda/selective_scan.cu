@@ -928,6 +928,74 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
   return {out, last_state, saved};
 }
 
+// Bytes the deterministic backward may hold in dB / dC partials at once (EMMA_DETERMINISTIC_PARTIAL_MB, default
+// 4096 MB); above it the batch is processed in slices.
+int64_t deterministic_partial_budget() {
+  const char* env = std::getenv("EMMA_DETERMINISTIC_PARTIAL_MB");
+  int64_t mb = 4096;
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    EMMA_CHECK(end != env && *end == '\0' && v >= 0, "EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB >= 0, "
+               "got '", env, "'");
+    mb = v;
+  }
+  return mb * 1024 * 1024;
+}
+
+std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                           const at::Tensor& B_, const at::Tensor& C_,
+                                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                           const std::optional<at::Tensor>& initial_state,
+                                           const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
+                                           const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
+                                           bool deterministic, bool recompute_out);
+
+// The deterministic backward over batch slices of ``rows``: per-row gradients concatenated, the gradients of the
+// shared parameters (A, D, delta_bias, a constant B or C) summed over the slices in order (fp32 where the kernel
+// returns fp32; a constant B / C in its own dtype, as the unsliced call returns it).
+std::vector<at::Tensor> bwd_in_batch_slices(int rows, const at::Tensor& u, const at::Tensor& delta,
+                                            const at::Tensor& A, const at::Tensor& B_, const at::Tensor& C_,
+                                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                            const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                            const std::optional<at::Tensor>& initial_state,
+                                            const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
+                                            const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
+                                            bool recompute_out, bool const_B, bool const_C) {
+  const int64_t Bn = u.size(0);
+  auto cut = [](const std::optional<at::Tensor>& t, int64_t b0, int64_t n) -> std::optional<at::Tensor> {
+    if (!t) return std::nullopt;
+    return t->narrow(0, b0, n);
+  };
+  const at::Tensor saved_rows = saved.view({Bn, -1});  // (b, d * nsave * n): one row per sequence
+  std::vector<std::vector<at::Tensor>> parts;
+  for (int64_t b0 = 0; b0 < Bn; b0 += rows) {
+    const int64_t n = std::min<int64_t>(rows, Bn - b0);
+    parts.push_back(selective_scan_bwd(
+        u.narrow(0, b0, n), delta.narrow(0, b0, n), A, const_B ? B_ : B_.narrow(0, b0, n),
+        const_C ? C_ : C_.narrow(0, b0, n), D, cut(z, b0, n), delta_bias, delta_softplus, cut(initial_state, b0, n),
+        cut(seq_idx, b0, n), saved_rows.narrow(0, b0, n).contiguous(), dout.narrow(0, b0, n),
+        cut(dlast_state, b0, n), true, recompute_out));
+  }
+  // {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit, out}: which are per row, which are summed
+  const bool per_row[10] = {true, true, false, !const_B, !const_C, false, true, false, true, true};
+  std::vector<at::Tensor> out(10);
+  for (int k = 0; k < 10; ++k) {
+    if (!parts[0][k].defined()) continue;
+    std::vector<at::Tensor> xs;
+    for (auto& part : parts) xs.push_back(part[k]);
+    if (per_row[k]) {
+      out[k] = at::cat(xs, 0);
+    } else {
+      at::Tensor acc = xs[0].to(at::kFloat);
+      for (size_t i = 1; i < xs.size(); ++i) acc = acc + xs[i].to(at::kFloat);
+      out[k] = acc.to(xs[0].scalar_type());
+    }
+  }
+  return out;
+}
+
 std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                            const at::Tensor& B_, const at::Tensor& C_,
                                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -962,6 +1030,17 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   const bool seq_bwd = use_seq_backward(p);
   const int nw = bwd_warps(Dn, B.groups, C.groups);
   const int nblk = seq_bwd ? (Dn + kBsRows - 1) / kBsRows : Dn / nw;  // blocks along dim (per-block partials)
+  if (deterministic && Bn > 1 && (B.groups > 0 || C.groups > 0)) {
+    // The per-block partials of variable dB / dC are (b, nblk, n, l) fp32 each: 43 GB at b 8, d 5120, n 128,
+    // l 8192. Beyond the budget the batch goes through in slices (every slice deterministic, summed in order).
+    const int64_t per_row = int64_t(nblk) * N * L * int64_t(sizeof(float)) * ((B.groups > 0) + (C.groups > 0));
+    const int64_t budget = deterministic_partial_budget();
+    if (per_row * Bn > budget) {
+      const int rows = static_cast<int>(std::max<int64_t>(1, budget / per_row));
+      return bwd_in_batch_slices(rows, u, delta, A, B_, C_, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                 saved, dout, dlast_state, recompute_out, B.groups == 0, C.groups == 0);
+    }
+  }
   auto make_bc = [&](const BC& X, at::Tensor& const_part) -> at::Tensor {
     if (X.groups == 0) { const_part = at::empty({Bn, Dn, N}, fopts); return at::Tensor(); }
     if (deterministic) return at::empty({Bn, nblk, N, L}, fopts);

@@ -692,6 +692,55 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     return out, last_state, saved
 
 
+def deterministic_partial_budget() -> int:
+    """Bytes the deterministic backward may hold in dB / dC partials at once (EMMA_DETERMINISTIC_PARTIAL_MB,
+    default 4096 MB; the CUDA kernels read the same variable)."""
+    env = os.environ.get("EMMA_DETERMINISTIC_PARTIAL_MB", "").strip()
+    if not env:
+        return 4096 << 20
+    try:
+        mb = int(env)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise RuntimeError(f"EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB >= 0, got {env!r}")
+    return mb << 20
+
+
+def _bwd_in_batch_slices(rows, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
+                         dout, dlast_state, recompute_out):
+    """The deterministic backward over batch slices of ``rows``: per-row gradients concatenated, those of the
+    shared parameters (A, D, delta_bias, a constant B or C) summed over the slices in order, in fp32."""
+    b = u.shape[0]
+
+    def cut(t, b0, m):
+        return None if t is None else t[b0:b0 + m]
+
+    parts = []
+    for b0 in range(0, b, rows):
+        m = min(rows, b - b0)
+        parts.append(selective_scan_bwd(
+            u[b0:b0 + m], delta[b0:b0 + m], A, B if B.dim() == 2 else B[b0:b0 + m],
+            C if C.dim() == 2 else C[b0:b0 + m], D, cut(z, b0, m), delta_bias, delta_softplus,
+            cut(initial_state, b0, m), cut(seq_idx, b0, m), saved[b0:b0 + m], dout[b0:b0 + m],
+            cut(dlast_state, b0, m), True, recompute_out))
+    # (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state, out): which are per row, which are summed
+    per_row = (True, True, False, B.dim() > 2, C.dim() > 2, False, True, False, True, True)
+    out = []
+    for k, rowwise in enumerate(per_row):
+        xs = [p[k] for p in parts]
+        if xs[0] is None:
+            out.append(None)
+        elif rowwise:
+            out.append(torch.cat(xs, 0))
+        else:
+            acc = xs[0].float()
+            for x in xs[1:]:
+                acc = acc + x.float()
+            out.append(acc.to(xs[0].dtype))
+    return tuple(out)
+
+
 def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, saved,
                        dout, dlast_state, deterministic, recompute_out):
     """Kernel-module protocol: returns ``(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state, out)``;
@@ -711,6 +760,15 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     sequential = BWD_IMPL == "sequential"
     block_d, block_n = _blocks(d, n, B, C, SEQ_BWD_BLOCK_D if sequential else BWD_BLOCK_D)
     nblk = triton.cdiv(d, block_d)
+    n_var = (B.dim() > 2) + (C.dim() > 2)
+    if deterministic and b > 1 and n_var:
+        # the deterministic dB / dC partials are (b, nblk, n, l) fp32 each: above the budget, batch slices
+        per_row = nblk * n * l * 4 * n_var
+        budget = deterministic_partial_budget()
+        if per_row * b > budget:
+            return _bwd_in_batch_slices(max(1, budget // per_row), u, delta, A, B, C, D, z, delta_bias,
+                                        delta_softplus, initial_state, seq_idx, saved, dout, dlast_state,
+                                        recompute_out)
     du = torch.empty_like(u)
     ddelta = torch.empty_like(delta)
     dz = torch.empty(z.shape, device=dev, dtype=z.dtype) if z is not None else None  # contiguous

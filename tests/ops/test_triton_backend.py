@@ -214,6 +214,27 @@ def test_selective_scan_deterministic_is_bitwise_reproducible():
         assert torch.equal(runs[0][2][name], runs[1][2][name]), f"d{name} differs between two runs"
 
 
+@pytest.mark.parametrize("bc", [("var", "g2"), ("const", "var")], ids=["var-B-grouped-C", "const-B-var-C"])
+def test_deterministic_backward_in_batch_slices(monkeypatch, bc):
+    """Above EMMA_DETERMINISTIC_PARTIAL_MB the deterministic backward runs over batch slices (its dB/dC partials
+    are (b, blocks, n, l) fp32): per-row gradients equal the unsliced call's bit for bit, the summed ones (A, D,
+    delta_bias, a constant B) to rounding; it matches the reference and stays reproducible."""
+    inputs = _scan_inputs(3, 4, 4, 90, torch.float32, bc, z=1, D=1, bias=1, init=1, seq=1)
+    whole = _run_scan(inputs, True, True, "triton", deterministic=True)
+    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "0")  # one row per slice
+    _check_scan(inputs, torch.float32, True, True, deterministic=True)
+    sliced = [_run_scan(inputs, True, True, "triton", deterministic=True) for _ in range(2)]
+    for name, g in whole[2].items():
+        assert torch.equal(sliced[0][2][name], sliced[1][2][name]), name
+        if name in ("A", "D", "delta_bias") or (name == "B" and bc[0] == "const"):
+            torch.testing.assert_close(sliced[0][2][name], g, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(sliced[0][2][name], g), f"d{name} differs when sliced"
+    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "lots")
+    with pytest.raises(RuntimeError, match="EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB"):
+        _run_scan(inputs, True, True, "triton", deterministic=True)
+
+
 def test_selective_scan_never_saves_a_state_per_step(triton_backend):
     """Only chunk-boundary states are kept for the backward: no saved tensor as large as (b, d, l, n)."""
     b, d, n, l = 1, 4, 8, 300
