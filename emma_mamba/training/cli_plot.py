@@ -19,7 +19,7 @@ import math
 import sys
 from pathlib import Path
 
-PROFILED_SKIP = ("tokens_per_s", "step_time")
+PROFILED_SKIP = ("tokens_per_s", "step_time", "tflops", "mfu")
 """Timings left out of the curves for the steps run under the profiler (``profiled: true``: slower)."""
 DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s", "val_token_acc")
 

@@ -12,7 +12,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     val:   {json: ..., every_steps: ..., max_samples: ...}   # optional validation loss on held-out data
     parallel: {strategy: auto | none | ddp | fsdp, ...}
     checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded, async_save: false}
-    log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ...}
+    log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ..., wandb: ..., peak_tflops: ...}
     profile: {steps: 0, start_step: 3, ...}   # torch.profiler traces of chosen steps (off by default)
 
 Command-line overrides use the same dotted paths (``--train.lr 2e-5``, ``--data.packing true``,
@@ -222,6 +222,10 @@ class LogConfig:
     """Weights & Biases project to log the same metrics to (rank 0; needs `pip install wandb`; WANDB_MODE=offline
     works without network); the run is named after output_dir and a resumed run continues the same W&B run.
     null = off."""
+    peak_tflops: float | None = None
+    """One device's peak TFLOPS for the mfu metric (model FLOPs per second per process / this). null: the dense
+    bf16 peak of a known GPU (H100, H200, A100, L40S, L40, L4; half of it for an fp32 run), none on a CPU or an
+    unknown GPU (then only tflops is logged)."""
 
 
 @dataclass
@@ -367,6 +371,8 @@ class RunConfig:
             bad("val.every_steps / val.max_samples are set but val.json (the validation file) is not")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
+        if self.log.peak_tflops is not None and not self.log.peak_tflops > 0:
+            bad(f"log.peak_tflops must be > 0 (or null), got {self.log.peak_tflops}")
         if self.checkpoint.async_save and self.checkpoint.format != "sharded":
             bad("checkpoint.async_save needs checkpoint.format: sharded (the full format gathers to rank 0)")
         if self.log.every_steps < 1:

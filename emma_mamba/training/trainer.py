@@ -19,8 +19,9 @@ all optimise the same objective: ``lm + align.loss_weight * align``.
 
 Metrics (rank 0, every ``log.every_steps`` steps): ``lm_loss``, ``align_loss``, ``loss``, ``lr``,
 ``grad_norm`` (before clipping), ``tokens_per_s`` (real LM positions, visual tokens included, padding not,
-per second of wall time including data loading), ``fill`` (real / computed positions), sample/token counters
-and ``skipped_records``; to ``output_dir/metrics.jsonl`` and to TensorBoard when installed.
+per second of wall time including data loading), ``fill`` (real / computed positions), ``tflops`` (model FLOPs
+per second per process, :mod:`emma_mamba.training.flops`) and ``mfu`` (that over the device's peak, when known),
+sample/token counters and ``skipped_records``; to ``output_dir/metrics.jsonl`` and to TensorBoard when installed.
 
 Validation (``val.json``, every ``val.every_steps`` steps and after the last step): the same losses over a
 held-out LLaVA file in a fixed order (no gradients, the model in eval mode), normalised like the training loss
@@ -141,6 +142,16 @@ class Trainer:
         self.model.lm.set_mixer_recompute(tc.mixer_recompute)
         cuda = info.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        # model FLOPs per step for the tflops / mfu metrics (counted with this run's trainable parameters)
+        from emma_mamba.training.flops import StepFlops, device_peak_tflops
+
+        self.step_flops = StepFlops(self.model)
+        self.peak_tflops = device_peak_tflops(info.device, self.bf16, cfg.log.peak_tflops)
+        if info.is_main:
+            log.info("model FLOPs: %.3g per LM position, %.3g per image (forward + backward); mfu %s",
+                     self.step_flops.per_position, self.step_flops.per_image,
+                     f"against {self.peak_tflops:g} TFLOPS per device" if self.peak_tflops else
+                     "not logged (no known peak for this device: set log.peak_tflops)")
         self.strategy = resolve_strategy(cfg.parallel.strategy, info)
         if tc.compile:  # before the parallel wrapping (DDP and FSDP wrap the compiled blocks)
             from emma_mamba.ops._library import require_compile_backend
@@ -477,6 +488,9 @@ class Trainer:
                          step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
                          skipped_records=sum(self.dataset.report.skipped.values()),
                          total_tokens=self.counters["tokens"])
+                m["tflops"] = self.step_flops(m["tokens"], m["images"]) / dt / self.info.world_size / 1e12
+                if self.peak_tflops:
+                    m["mfu"] = m["tflops"] / self.peak_tflops
                 self.history.append(m)
                 if writer is not None and (self.global_step % cfg.log.every_steps == 0
                                            or self.global_step == self.total_steps):
@@ -484,7 +498,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
-                                    tok_s=f"{m['tokens_per_s']:.0f}")
+                                    tok_s=f"{m['tokens_per_s']:.0f}",
+                                    **({"mfu": f"{m['mfu']:.1%}"} if "mfu" in m else {}))
                 self._maybe_validate(writer, bar)
                 every = cfg.checkpoint.every_steps
                 if every and self.global_step % every == 0:
@@ -643,7 +658,7 @@ class _MetricsWriter:
             self.f.write(json.dumps(m) + "\n")
             self.f.flush()
         if self.tb is not None:
-            for k in ("lm_loss", "align_loss", "loss", "lr", "grad_norm", "tokens_per_s", "fill"):
+            for k in ("lm_loss", "align_loss", "loss", "lr", "grad_norm", "tokens_per_s", "fill", "tflops", "mfu"):
                 if k in m:
                     self.tb.add_scalar(f"train/{k}", m[k], m["step"])
             for k in ("val_lm_loss", "val_align_loss", "val_loss", "val_token_acc"):
