@@ -43,6 +43,12 @@ def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
     fusion = rows.get("instruction.fusion", {}).get("total", 0)
     tower = rows.get("instruction.text_tower", {}).get("total", 0)
     mff = rows["mff"]["total"]
+    from emma_mamba.training.flops import image_flops, lm_flops_per_position
+
+    flops = {}
+    for stage in ("pretrain", "finetune"):  # a training step's model FLOPs (emma_mamba.training.flops)
+        model.set_stage(stage)
+        flops[stage] = {"per_lm_position": lm_flops_per_position(model.lm), "per_image": image_flops(model)}
     lora = None
     if lora_r:
         from emma_mamba.models.lora import apply_lora
@@ -54,7 +60,8 @@ def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
             heads = [model.lm.embeddings] + ([model.lm.lm_head] if model.lm.lm_head is not None else [])
             emb = sum(m.weight.numel() for m in heads)
         lora = {"r": lora_r, "targets": list(lora_targets), "adapter_params": adapters, "embedding_params": emb,
-                "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters + emb}
+                "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters + emb,
+                "flops_per_lm_position": lm_flops_per_position(model.lm)}
     return {
         "config": cfg.name,
         "vision": cfg.vision.model_name,
@@ -69,6 +76,7 @@ def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
         "instruction_fusion_share": fusion / total["total"],
         "instruction_text_tower_share": tower / total["total"],
         "lora": lora,
+        "flops": flops,
     }
 
 
@@ -77,6 +85,13 @@ def _fmt(n: int) -> str:
         if n >= div:
             return f"{n / div:.3f}{unit}" if unit == "B" else f"{n / div:.2f}{unit}"
     return str(n)
+
+
+def _flops(x: float) -> str:
+    for unit, div in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if x >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x:.3g} FLOP"
 
 
 def _bytes(n: int) -> str:
@@ -127,6 +142,10 @@ def run(args) -> int:
     print(f"MFF adds {100 * rep['mff_share']:.4f}% of the parameters; instruction fusion adds "
           f"{100 * rep['instruction_fusion_share']:.4f}% trainable (+ {100 * rep['instruction_text_tower_share']:.3f}% "
           f"frozen text tower)")
+    fl = rep["flops"]
+    print(f"training-step model FLOPs (matmuls, forward + backward): stage 1 {_flops(fl['pretrain']['per_lm_position'])} "
+          f"per LM position + {_flops(fl['pretrain']['per_image'])} per image; stage 2 "
+          f"{_flops(fl['finetune']['per_lm_position'])} + {_flops(fl['finetune']['per_image'])}")
     lo = rep["lora"]
     if lo:
         full = t["finetune"]
@@ -134,5 +153,5 @@ def run(args) -> int:
         print(f"stage 2 with LoRA r={lo['r']} on {', '.join(lo['targets'])}: {_fmt(lo['adapter_params'])} adapter "
               f"parameters{emb}, {_fmt(lo['finetune'])} trained ({100 * lo['finetune'] / full:.1f}% of full stage 2); "
               f"AdamW's fp32 weight, gradient and two moments: {_bytes(16 * lo['finetune'])} vs "
-              f"{_bytes(16 * full)}")
+              f"{_bytes(16 * full)}; {_flops(lo['flops_per_lm_position'])} per LM position")
     return 0

@@ -77,9 +77,8 @@ def image_flops(model) -> float:
     H, W = meta.vision.image_size
     x = torch.empty(1, 3, H, W, device="meta")
     inst = None
-    if meta.instruction is not None:
-        ctx = model.tokenize_instructions([""]).shape[1]
-        inst = torch.zeros(1, ctx, dtype=torch.long, device="meta")
+    if meta.instruction is not None:  # the text tower reads its whole (padded) context
+        inst = torch.zeros(1, meta.instruction.context_length, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as fc:
         visual = meta.encode_images(x, inst)
         if visual.requires_grad:

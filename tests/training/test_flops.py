@@ -63,6 +63,11 @@ def test_lm_share_by_hand():
     assert F.lm_flops_per_position(model.lm) == 2 * weights * 3  # forward, input gradients, weight gradients
     model.set_stage("pretrain")  # the LM frozen: its input gradients still flow to the projector
     assert F.lm_flops_per_position(model.lm) == 2 * weights * 2
+    from emma_mamba.info import report
+
+    fl = report(get_preset("tiny"))["flops"]  # `emma-mamba info` prints these
+    assert fl["finetune"]["per_lm_position"] == 2 * weights * 3 and fl["pretrain"]["per_lm_position"] == 2 * weights * 2
+    assert fl["finetune"]["per_image"] > fl["pretrain"]["per_image"] > 0  # stage 2 also trains the alignment head
 
 
 def test_a_run_logs_tflops_and_mfu(shapes, tmp_path):
