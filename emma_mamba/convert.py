@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -57,6 +58,8 @@ VISION_BACKBONES = {
 RESIZE = {"resize-naive": "squash", "resize-crop": "crop", "letterbox": "letterbox"}
 PROJECTORS = {"fused-gelu-mlp": ("fused", 3), "gelu-mlp": ("mlp", 2)}
 CHECKPOINT_IN_RUN = Path("checkpoints") / "latest-checkpoint.pt"
+OWN_KEYS = ("vision.pretrained", "vision.second_encoder.pretrained", "vision.image_resize", "vision.image_position")
+"""Vision keys --override may not set: the weight flags and Cobra's run config decide them."""
 
 
 class ConversionError(ValueError):
@@ -93,6 +96,7 @@ def read_cobra(path: str | Path) -> tuple[dict, dict, Path]:
     a .pt file."""
     p = Path(path)
     run_cfg: dict = {}
+    cfg_file = None
     if p.is_dir():
         ckpt = p / CHECKPOINT_IN_RUN
         if not ckpt.is_file():
@@ -109,41 +113,64 @@ def read_cobra(path: str | Path) -> tuple[dict, dict, Path]:
                 raise ConversionError(f"{cfg_file}: expected a JSON object with a 'model' object (Prismatic's run "
                                       f"config)")
             run_cfg = dict(raw.get("model") or {})
+            run_cfg["__file__"] = str(cfg_file)
     elif p.is_file():
         ckpt = p
     else:
         raise ConversionError(f"--checkpoint {p} does not exist")
     try:
         obj = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a truncated / non-torch file: name it and the reason
-        try:  # an old (non-zip) torch file cannot be memory-mapped
+    except Exception:  # noqa: BLE001 - an old (non-zip) torch file cannot be memory-mapped: read it whole
+        try:
             obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - a truncated / non-torch file: name it and the reason
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise ConversionError(f"{ckpt}: not a readable torch checkpoint of tensors ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300]})") from None
+                                  f"{first})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
         raise ConversionError(f"{ckpt}: expected Prismatic's {{'model': {{'projector': ..., 'llm_backbone': ...}}}}, "
                               f"found {keys}")
     model = obj["model"]
     for key in ("projector", "llm_backbone"):
         if not isinstance(model.get(key), dict) or not model[key]:
             raise ConversionError(f"{ckpt}: model[{key!r}] is missing or empty (found modules: "
-                                  f"{', '.join(sorted(model)) or 'none'})")
+                                  f"{', '.join(sorted(map(str, model))) or 'none'})")
     if "vision_backbone" in model:
         raise ConversionError(f"{ckpt}: holds vision_backbone weights (a full-finetune run); converting a "
                               f"fine-tuned vision tower is not supported")
-    extra = sorted(set(model) - {"projector", "llm_backbone"})
+    extra = sorted(map(str, set(model) - {"projector", "llm_backbone"}))
     if extra:
         log.warning("%s: leaving out module(s) %s (not part of Cobra's inference model)", ckpt, ", ".join(extra))
     return run_cfg, model, ckpt
 
 
-def _run_field(run_cfg: dict, key: str, default: str, ckpt: Path) -> str:
+def _run_field(run_cfg: dict, key: str, default: str) -> str:
     v = run_cfg.get(key, default)
     if not isinstance(v, str):
-        raise ConversionError(f"{ckpt.parent}: config.json model.{key} must be a string, got {v!r}")
+        raise ConversionError(f"{run_cfg.get('__file__', 'config.json')}: model.{key} must be a string, got {v!r}")
     return v
+
+
+def _tensors(sd: dict, what: str, ckpt: Path) -> None:
+    """Every entry of a source state dict a floating-point tensor (named otherwise)."""
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            kind = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+            raise ConversionError(f"{ckpt}: {what} entry {k!r} is {kind}, not a floating-point tensor")
+
+
+def _finite(sd: dict, what: str, ckpt: Path) -> None:
+    for k, v in sd.items():
+        if not torch.isfinite(v).all():
+            raise ConversionError(f"{ckpt}: {what} tensor {k!r} holds NaN or infinite values")
+
+
+def _index(k: str, part: str, what: str, ckpt: Path) -> int:
+    try:
+        return int(part)
+    except ValueError:
+        raise ConversionError(f"{ckpt}: {what} tensor {k!r}: {part!r} is not a layer index") from None
 
 
 def lm_state_and_config(llm: dict, ckpt: Path) -> tuple[dict, dict]:
@@ -152,12 +179,11 @@ def lm_state_and_config(llm: dict, ckpt: Path) -> tuple[dict, dict]:
 
     sd = {}
     for k, v in llm.items():
-        if not k.startswith("llm."):
+        if not isinstance(k, str) or not k.startswith("llm."):
             raise ConversionError(f"{ckpt}: llm_backbone tensor {k!r} is not under 'llm.' (Cobra's "
                                   f"MambaLLMBackbone)")
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            raise ConversionError(f"{ckpt}: llm_backbone tensor {k!r} is not a floating-point tensor")
         sd[_rename_key(k[len("llm."):])] = v
+    _tensors(llm, "llm_backbone", ckpt)
     emb = sd.get("embeddings.weight")
     if emb is None or emb.dim() != 2:
         raise ConversionError(f"{ckpt}: llm_backbone has no 2-D llm.backbone.embedding.weight")
@@ -167,7 +193,7 @@ def lm_state_and_config(llm: dict, ckpt: Path) -> tuple[dict, dict]:
     head = sd.pop("lm_head.weight", None)
     if head is not None and not torch.equal(head, emb):
         raise ConversionError(f"{ckpt}: llm.lm_head.weight differs from the embedding; Cobra's Mamba LMs tie them")
-    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.")})
+    layers = sorted({_index(k, k.split(".")[1], "llm_backbone", ckpt) for k in sd if k.startswith("layers.")})
     if not layers or layers != list(range(len(layers))):
         raise ConversionError(f"{ckpt}: the LM's block indices are not 0..n-1 (found {layers[:4]}...)")
     need = ("mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.dt_proj.weight", "mixer.A_log")
@@ -187,15 +213,16 @@ def lm_state_and_config(llm: dict, ckpt: Path) -> tuple[dict, dict]:
     return sd, fields
 
 
-def projector_state(proj: dict, arch: str | None, ckpt: Path) -> tuple[dict, str, int]:
+def projector_state(proj: dict, arch: str | None, ckpt: Path, cfg_file="config.json") -> tuple[dict, str, int]:
     """The projector's state dict under Projector's names, its kind and depth."""
     sd = {}
     for k, v in proj.items():
-        parts = k.split(".")
+        parts = k.split(".") if isinstance(k, str) else []
         if len(parts) != 3 or parts[0] != "projector" or parts[2] not in ("weight", "bias"):
             raise ConversionError(f"{ckpt}: projector tensor {k!r} is not projector.<i>.weight|bias (the "
                                   f"linear, gelu-mlp and fused-gelu-mlp projectors; LDP is not supported)")
-        sd[f"mlp.{parts[1]}.{parts[2]}"] = v
+        sd[f"mlp.{_index(k, parts[1], 'projector', ckpt)}.{parts[2]}"] = v
+    _tensors(proj, "projector", ckpt)
     idx = sorted({int(k.split(".")[1]) for k in sd})
     found = {(0, 2): "gelu-mlp", (0, 2, 4): "fused-gelu-mlp"}.get(tuple(idx))
     if found is None:
@@ -204,10 +231,10 @@ def projector_state(proj: dict, arch: str | None, ckpt: Path) -> tuple[dict, str
     if arch is not None:
         base = arch.split("+")[-1]
         if base not in PROJECTORS:
-            raise ConversionError(f"{ckpt.parent}: config.json arch_specifier {arch!r}: supported are "
-                                  f"{', '.join(PROJECTORS)} (optionally after 'no-align+')")
+            raise ConversionError(f"{cfg_file}: arch_specifier {arch!r}: supported are {', '.join(PROJECTORS)} "
+                                  f"(optionally after 'no-align+')")
         if base != found:
-            raise ConversionError(f"{ckpt}: config.json says {arch!r} but the projector's layers are {found}'s")
+            raise ConversionError(f"{ckpt}: {cfg_file} says {arch!r} but the projector's layers are {found}'s")
     kind, depth = PROJECTORS[found]
     return sd, kind, depth
 
@@ -219,14 +246,19 @@ def cobra_config(run_cfg: dict, ckpt: Path, base: ModelConfig | None, lm_fields:
     """The EmmaMamba config of a Cobra model: ``base``'s vision section (else the vision_backbone_id's) with
     ``overrides`` (KEY=VALUE items), the checkpoint's LM and projector, Cobra's prompt layout and resize, no MFF /
     instruction fusion / alignment."""
-    backbone = _run_field(run_cfg, "vision_backbone_id", "dinosiglip-vit-so-384px", ckpt)
-    strategy = _run_field(run_cfg, "image_resize_strategy", "resize-naive", ckpt)
+    cfg_file = run_cfg.get("__file__", "config.json")
+    backbone = _run_field(run_cfg, "vision_backbone_id", "dinosiglip-vit-so-384px")
+    strategy = _run_field(run_cfg, "image_resize_strategy", "resize-naive")
+    llm_id = _run_field(run_cfg, "llm_backbone_id", "mamba-2.8b-zephyr")
+    if not llm_id.endswith("zephyr"):
+        raise ConversionError(f"{cfg_file}: llm_backbone_id {llm_id!r}: Cobra prompts LMs other than the Zephyr "
+                              f"chat models with its plain 'In: ... Out:' format, which this package does not "
+                              f"build; the Zephyr-based models (mamba-2.8b-zephyr: the released cobra+3b) convert")
     if strategy not in RESIZE:
-        raise ConversionError(f"{ckpt.parent}: config.json image_resize_strategy {strategy!r}; supported: "
-                              f"{', '.join(RESIZE)}")
+        raise ConversionError(f"{cfg_file}: image_resize_strategy {strategy!r}; supported: {', '.join(RESIZE)}")
     if base is None:
         if backbone not in VISION_BACKBONES:
-            raise ConversionError(f"{ckpt.parent}: config.json vision_backbone_id {backbone!r}; supported: "
+            raise ConversionError(f"{cfg_file}: vision_backbone_id {backbone!r}; supported: "
                                   f"{', '.join(VISION_BACKBONES)} (or give --config with a vision section)")
         cfg = get_preset("cobra-3b")
         model_name, tag, timm_model, timm_kwargs = VISION_BACKBONES[backbone]
@@ -241,14 +273,20 @@ def cobra_config(run_cfg: dict, ckpt: Path, base: ModelConfig | None, lm_fields:
             cfg.vision.taps = cfg.vision.taps[-1:]
             if cfg.vision.second_encoder.timm_model:
                 cfg.vision.second_encoder.taps = cfg.vision.second_encoder.taps[-1:]
+    for item in overrides:  # the rest of the config is the checkpoint's; these come from flags or Cobra
+        key = item.partition("=")[0]
+        if not key.startswith("vision.") or key in OWN_KEYS:
+            raise ConversionError(f"--override {item!r}: only vision settings may be overridden (the LM, projector, "
+                                  f"fusion and alignment come from the checkpoint; {', '.join(OWN_KEYS)} from "
+                                  f"Cobra's run and the weight flags)")
     apply_dotted_overrides(cfg, overrides)
     dual = cfg.vision.second_encoder.timm_model is not None
     if dino_weights and not dual:
         raise ConversionError(f"--dino-weights given but {backbone} has no DINOv2 tower")
     cfg.name = f"cobra ({run_cfg.get('model_id', ckpt.name)})"
-    cfg.vision.pretrained = vision_weights
+    cfg.vision.pretrained = str(Path(vision_weights).resolve()) if vision_weights else None
     if dual:
-        cfg.vision.second_encoder.pretrained = dino_weights
+        cfg.vision.second_encoder.pretrained = str(Path(dino_weights).resolve()) if dino_weights else None
     cfg.vision.image_resize = RESIZE[strategy]
     cfg.vision.image_position = "before_turn"
     cfg.mff.mode = "none"
@@ -265,12 +303,7 @@ def convert_cobra(checkpoint: str | Path, out: str | Path, *, vision_weights: st
                   dino_weights: str | None = None, random_vision: bool = False, base: ModelConfig | None = None,
                   overrides=(), dtype: str = "fp32") -> Path:
     """Convert a Cobra run directory (or .pt file) into an EmmaMamba checkpoint directory ``out``."""
-    from emma_mamba import __version__
-    from emma_mamba.config import save_config
-    from emma_mamba.export import DTYPES, _cast
-    from emma_mamba.fileio import save_safetensors
-    from emma_mamba.models.mamba import _check_state_dict
-    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, EmmaMamba, _drop_tied_aliases
+    from emma_mamba.export import DTYPES
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -278,14 +311,47 @@ def convert_cobra(checkpoint: str | Path, out: str | Path, *, vision_weights: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} exists and is not an empty directory; give a new one")
     for flag, f in (("--vision-weights", vision_weights), ("--dino-weights", dino_weights)):
+        if f is not None and Path(f).is_dir():
+            raise FileNotFoundError(f"{flag} {f} is a directory; give the weight file in it")
         if f is not None and not Path(f).is_file():
             raise FileNotFoundError(f"{flag} {f}: no such file")
+    if random_vision and (vision_weights or dino_weights):
+        raise ValueError("--random-vision and --vision-weights / --dino-weights exclude each other")
+    staging = out.with_name(out.name + ".converting")
+    try:  # before minutes of reading: the output location must be writable
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    try:
+        _convert_into(staging, checkpoint, vision_weights, dino_weights, random_vision, base, overrides, dtype)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        staging.rename(out)
+    finally:
+        if staging.exists():  # a failure: nothing half-written is left behind
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _convert_into(out: Path, checkpoint, vision_weights, dino_weights, random_vision, base, overrides,
+                  dtype: str) -> None:
+    from emma_mamba import __version__
+    from emma_mamba.config import save_config
+    from emma_mamba.export import DTYPES, _cast
+    from emma_mamba.fileio import save_safetensors
+    from emma_mamba.models.mamba import _check_state_dict
+    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, EmmaMamba, _drop_tied_aliases
+
     run_cfg, model_sd, ckpt = read_cobra(checkpoint)
     arch = run_cfg.get("arch_specifier")
+    cfg_file = run_cfg.get("__file__", "config.json")
     if arch is not None and not isinstance(arch, str):
-        raise ConversionError(f"{ckpt.parent}: config.json model.arch_specifier must be a string, got {arch!r}")
+        raise ConversionError(f"{cfg_file}: model.arch_specifier must be a string, got {arch!r}")
     lm_sd, lm_fields = lm_state_and_config(model_sd["llm_backbone"], ckpt)
-    proj_sd, kind, depth = projector_state(model_sd["projector"], arch, ckpt)
+    proj_sd, kind, depth = projector_state(model_sd["projector"], arch, ckpt, cfg_file)
     cfg = cobra_config(run_cfg, ckpt, base, lm_fields, kind, depth, vision_weights, dino_weights, overrides)
     dual = cfg.vision.second_encoder.timm_model is not None
     if not random_vision and (cfg.vision.pretrained is None or (dual and cfg.vision.second_encoder.pretrained is None)):
@@ -294,6 +360,8 @@ def convert_cobra(checkpoint: str | Path, out: str | Path, *, vision_weights: st
                               f"models); give {need} (local files), or --random-vision for a model that sees "
                               f"noise (smoke tests, latency benchmarks)")
 
+    _finite(model_sd["projector"], "projector", ckpt)  # after the cheap checks: this reads every weight
+    _finite(model_sd["llm_backbone"], "llm_backbone", ckpt)
     model = EmmaMamba(cfg, for_training=False, load_pretrained=True, _lm_device="meta")
     width, width2 = model.vision.width, (model.vision.second.embed_dim if dual else 0)
     w0 = proj_sd["mlp.0.weight"]
@@ -315,14 +383,16 @@ def convert_cobra(checkpoint: str | Path, out: str | Path, *, vision_weights: st
     if meta:
         raise ConversionError(f"{ckpt}: {len(meta)} LM tensors are not in the checkpoint: {meta[:8]}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    sd = _drop_tied_aliases(model, model.state_dict())
+    sd = _cast(_drop_tied_aliases(model, model.state_dict()), DTYPES[dtype])
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConversionError(f"{ckpt}: {len(bad)} tensors overflow {dtype} ({', '.join(bad[:4])}); convert with "
+                              f"--dtype bf16 or fp32")
     save_config(model.config, out / CONFIG_NAME)
-    save_safetensors(_cast(sd, DTYPES[dtype]), str(out / WEIGHTS_NAME),
-                     metadata={"format": "pt", "emma_mamba": __version__, "converted_from": str(ckpt),
+    save_safetensors(sd, str(out / WEIGHTS_NAME),
+                     metadata={"format": "pt", "emma_mamba": __version__, "converted_from": str(ckpt.resolve()),
                                "source": "cobra", "dtype": dtype})
     model.tokenizer.save(out)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
                             dino_weights=args.dino_weights, random_vision=args.random_vision,
                             base=load_config(args.config) if args.config else None, overrides=args.override,
                             dtype=args.dtype)
-    except (ConversionError, ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConversionError, ConfigError, OSError, ValueError) as e:
         print(f"emma-mamba convert cobra: {e}", file=sys.stderr)
         return 2
     from emma_mamba.config import load_config as _load

@@ -99,6 +99,12 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
             model = open_clip.create_model(
                 cfg.model_name, pretrained=pretrained, device=device, pretrained_image=False,
                 pretrained_text=False, force_preprocess_cfg=force_preprocess, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a weight file that is not this model's: name it, briefly
+        if pretrained is None or isinstance(e, ConfigError):
+            raise
+        text = " ".join(str(e).split())
+        raise ConfigError(f"vision.pretrained: {pretrained} could not be loaded into open_clip's {cfg.model_name} "
+                          f"({type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''})") from None
     finally:
         if quiet is not None:
             root.removeFilter(quiet)

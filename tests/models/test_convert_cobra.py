@@ -21,7 +21,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import emma_mamba
-from emma_mamba.config import SecondEncoderConfig, get_preset, save_config
+from emma_mamba.config import ConfigError, SecondEncoderConfig, get_preset, save_config
 from emma_mamba.convert import ConversionError, convert_cobra
 from emma_mamba.models.vision import build_open_clip
 from tests.models.test_vision import _hooked_blocks
@@ -314,3 +314,44 @@ def test_preset_preprocessing_is_cobras_resize_naive_transform():
     scale, shift = m.vision.second_affine
     x_dino = x_sig * torch.tensor(scale)[:, None, None] + torch.tensor(shift)[:, None, None]
     torch.testing.assert_close(x_dino, want_dino, rtol=0, atol=1e-5)
+
+
+def test_more_mistakes_are_named_and_leave_nothing_behind(cobra, tmp_path, monkeypatch):
+    proj, llm = _good_pieces()
+    base, d = _base_cfg, cobra["dir"]
+    run = _write_run(tmp_path / "a", proj, llm, config={"llm_backbone_id": "mamba-2.8b"})
+    with pytest.raises(ConversionError, match="llm_backbone_id 'mamba-2.8b'.*'In: ... Out:'"):
+        convert_cobra(run, tmp_path / "o1", base=base(), random_vision=True)
+    nan = dict(llm, **{"llm.backbone.layers.0.mixer.D": torch.full((128,), float("nan"))})
+    run = _write_run(tmp_path / "b", proj, nan)
+    with pytest.raises(ConversionError, match="llm_backbone tensor 'llm.backbone.layers.0.mixer.D' holds NaN"):
+        convert_cobra(run, tmp_path / "o2", base=base(), random_vision=True)
+    run = _write_run(tmp_path / "c", dict(proj, **{"projector.0.bias": torch.zeros(224, dtype=torch.long)}), llm)
+    with pytest.raises(ConversionError, match="projector entry 'projector.0.bias' is a torch.int64 tensor"):
+        convert_cobra(run, tmp_path / "o3", base=base(), random_vision=True)
+    run = _write_run(tmp_path / "d", proj, dict(llm, **{"llm.backbone.layers.x.norm.weight": torch.ones(64)}))
+    with pytest.raises(ConversionError, match="'x' is not a layer index"):
+        convert_cobra(run, tmp_path / "o4", base=base(), random_vision=True)
+    run = _write_run(tmp_path / "e", proj, llm)
+    with pytest.raises(ValueError, match="--random-vision and --vision-weights / --dino-weights exclude each other"):
+        convert_cobra(run, tmp_path / "o5", base=base(), random_vision=True, vision_weights=str(d / "clip.pth"))
+    with pytest.raises(ConversionError, match="only vision settings may be overridden"):
+        convert_cobra(run, tmp_path / "o6", base=base(), random_vision=True, overrides=["lm.d_model=128"])
+    big = dict(proj, **{"projector.4.weight": proj["projector.4.weight"] * 1e6})
+    run = _write_run(tmp_path / "f", big, llm)
+    with pytest.raises(ConversionError, match="overflow fp16.*--dtype bf16 or fp32"):
+        convert_cobra(run, tmp_path / "o7", base=base(), random_vision=True, dtype="fp16")
+    (tmp_path / "garbage.bin").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ConfigError, match="vision.pretrained: .*garbage.bin could not be loaded into open_clip"):
+        convert_cobra(run, tmp_path / "o8", base=base(), vision_weights=str(tmp_path / "garbage.bin"),
+                      dino_weights=str(d / "dino.pth"))
+    # a failure while writing: no half-written output (a rerun is not refused)
+    import emma_mamba.fileio as fileio
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio, "save_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert_cobra(_write_run(tmp_path / "g", proj, llm), tmp_path / "o9", base=base(), random_vision=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o")) == []
