@@ -483,7 +483,13 @@ def run(args) -> int:
     from emma_mamba.models.baseline import count_parameters, describe_match
 
     load_before = os.getloadavg()
-    emma, base, name = build_models(args, device, dtype)
+    from emma_mamba.config import ConfigError
+    from emma_mamba.models.mamba import CheckpointError
+
+    try:
+        emma, base, name = build_models(args, device, dtype)
+    except (CheckpointError, FileNotFoundError) as e:  # a configured file: reported as a config error
+        raise ConfigError(str(e)) from None
     lm = emma.lm
     print(describe_match(lm, base.lm), flush=True)
     runners = [OursRunner(lm), TransformerRunner(base.lm, args.kv_cache)]

@@ -182,8 +182,9 @@ def _finalize(tmp: Path, final: Path, keep_last: int) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    if keep_last > 0:
-        steps = sorted(_complete_steps(final.parent))
+    if keep_last > 0:  # among this run's steps: later ones of a run resumed from an earlier step are left alone
+        m = _STEP_RE.match(final.name)
+        steps = sorted(x for x in _complete_steps(final.parent) if x[0] <= int(m.group(1)))
         for s, p in steps[:-keep_last]:
             shutil.rmtree(p)
     log.info("checkpoint written: %s", final)
@@ -220,9 +221,11 @@ class AsyncCheckpoint:
         return self._future.done() and self._finalized.is_set()
 
     def wait(self) -> Path:
+        import torch.distributed.checkpoint as dcp
+
         try:
             self._future.result()
-        except Exception as e:  # noqa: BLE001 - DCP wraps every rank's error
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
             raise TrainingError(f"writing checkpoint {self.path} in the background failed ({type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); it stays "
                                 f"{self._tmp.name} and is not resumed from") from e
@@ -277,8 +280,11 @@ def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
         try:
             fn(state, checkpoint_id=str(path), **kw)
         except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP wraps every rank's error
-            if planner is None:
-                raise
+            if planner is None:  # a save
+                last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()),
+                            type(e).__name__)
+                raise TrainingError(f"writing {path} failed ({last}); the checkpoint stays incomplete and is not "
+                                    f"resumed from") from e
             if planner.refused:
                 raise TrainingError(f"{path}: {planner.refused}") from None
             # DCP's CheckpointException holds each rank's traceback: its last line is the error itself

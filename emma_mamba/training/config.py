@@ -517,7 +517,9 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
             cfg.model.validate()
         except ConfigError as e:
             raise ConfigError(f"{override_source}: {e}") from None
-    return cfg.validate(source)
+    # a value that fails validation may come from either: name both when options were given
+    given = set(overrides) - {"stage"} or model_over or model
+    return cfg.validate(f"{source} with the {override_source} options" if given else source)
 
 
 def load_run_config(path: str | Path, overrides: dict | None = None, *, model: str | None = None) -> RunConfig:

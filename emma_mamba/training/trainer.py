@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -108,6 +109,14 @@ class Trainer:
                                          or (self.output_dir / "model.safetensors").is_file()):
             raise FileExistsError(f"output_dir {self.output_dir} already holds a run (checkpoints or a final "
                                   f"model); pass --resume auto to continue it, or choose another output_dir")
+        if info.is_main:  # before minutes of model building: the run's folder must be writable
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                probe = self.output_dir / f".write_test_{os.getpid()}"
+                probe.touch()
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
         tc = cfg.train
         if cfg.log.wandb and info.is_main:
             _require_wandb()  # before minutes of model building, not after
@@ -491,6 +500,11 @@ class Trainer:
                 m["tflops"] = self.step_flops(m["tokens"], m["images"]) / dt / self.info.world_size / 1e12
                 if self.peak_tflops:
                     m["mfu"] = m["tflops"] / self.peak_tflops
+                    if m["mfu"] > 1 and self.info.is_main and not getattr(self, "_warned_mfu", False):
+                        self._warned_mfu = True
+                        log.warning("mfu %.3g at step %d is above 1: the peak of %g TFLOPS per device "
+                                    "(log.peak_tflops or the GPU table) is below what it achieved", m["mfu"],
+                                    self.global_step, self.peak_tflops)
                 self.history.append(m)
                 if writer is not None and (self.global_step % cfg.log.every_steps == 0
                                            or self.global_step == self.total_steps):
@@ -531,7 +545,7 @@ class Trainer:
         complete state); a failure of it is logged, never raised over the error being handled."""
         if self._pending_save is None:
             return
-        if self.info.is_main:
+        if self.info.is_main and not self._pending_save.done():
             log.warning("%s: finishing checkpoint %s being written first", why, self._pending_save.path)
         try:
             self.wait_for_checkpoint()
@@ -621,6 +635,13 @@ class Trainer:
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.global_step,
                      self.epoch, self.step_in_epoch)
+            from emma_mamba.training.checkpoint import CHECKPOINT_DIR, _complete_steps
+
+            later = sorted(p.name for s, p in _complete_steps(self.output_dir / CHECKPOINT_DIR) if s > self.global_step)
+            if later:
+                log.warning("%s holds checkpoints after step %d (%s) of the run this one replaces: each is "
+                            "overwritten when this run reaches its step; until then --resume auto would pick "
+                            "them", self.output_dir / CHECKPOINT_DIR, self.global_step, ", ".join(later))
 
 
 class _MetricsWriter:

@@ -70,7 +70,7 @@ def test_lm_share_by_hand():
     assert fl["finetune"]["per_image"] > fl["pretrain"]["per_image"] > 0  # stage 2 also trains the alignment head
 
 
-def test_a_run_logs_tflops_and_mfu(shapes, tmp_path):
+def test_a_run_logs_tflops_and_mfu(shapes, tmp_path, caplog):
     t = Trainer(make_cfg(shapes, tmp_path / "a", log={"peak_tflops": 0.5}))
     t.fit()
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -81,6 +81,11 @@ def test_a_run_logs_tflops_and_mfu(shapes, tmp_path):
     Trainer(make_cfg(shapes, tmp_path / "b")).fit()  # a CPU has no known peak: tflops only
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert all("tflops" in m and "mfu" not in m for m in rows)
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+        Trainer(make_cfg(shapes, tmp_path / "d", log={"peak_tflops": 1e-12})).fit()
+    assert caplog.text.count("is above 1: the peak of 1e-12 TFLOPS per device") == 1  # once per run
     with pytest.raises(ConfigError, match="log.peak_tflops must be > 0"):
         make_cfg(shapes, tmp_path / "c", log={"peak_tflops": 0})
 

@@ -489,23 +489,50 @@ def test_async_sharded_checkpoints_equal_the_synchronous_ones(shapes, tmp_path):
         make_cfg(shapes, tmp_path / "d", checkpoint={"every_steps": 1, "async_save": True})
 
 
-def test_a_failed_background_checkpoint_write_stops_the_run_and_is_never_resumed(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["OSError", "CheckpointException"])
+def test_a_failed_background_checkpoint_write_stops_the_run_and_is_never_resumed(shapes, tmp_path, monkeypatch,
+                                                                                 kind):
     from concurrent.futures import Future
 
     import torch.distributed.checkpoint as dcp
 
     def failing(state, checkpoint_id, **kw):
         f = Future()
-        f.set_exception(OSError(28, "No space left on device"))
+        err = OSError(28, "No space left on device")
+        # DCP wraps every rank's error in CheckpointException, a BaseException
+        f.set_exception(err if kind == "OSError" else
+                        dcp.api.CheckpointException("save failed", {0: dcp.api._wrap_exception(err)}))
         return f
 
     monkeypatch.setattr(dcp, "async_save", failing)
     kw = dict(train={"max_steps": 3}, checkpoint={"every_steps": 1, "format": "sharded", "async_save": True})
-    with pytest.raises(TrainingError, match=r"step_00000001 in the background failed .*No space left.*stays "
-                                            r"step_00000001.tmp"):
+    with pytest.raises(TrainingError, match=r"step_00000001 in the background failed .*stays step_00000001.tmp"):
         Trainer(make_cfg(shapes, tmp_path / "run", **kw)).fit()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_00000001.tmp"]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_resuming_an_earlier_step_keeps_its_own_checkpoints_and_warns_of_later_ones(shapes, tmp_path, caplog):
+    """keep_last counts the steps of the run being written: resumed from step 2 of a run that reached step 4, its
+    new step 3 does not make the stale steps 3-4 push out step 2 (they are overwritten as the run reaches them)."""
+    import logging
+
+    Trainer(make_cfg(shapes, tmp_path / "r", train={"max_steps": 4}, checkpoint={"every_steps": 1})).fit()
+    ck = tmp_path / "r" / "checkpoints"
+    kw = dict(train={"max_steps": 4}, checkpoint={"every_steps": 1, "keep_last": 2})
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+        t = Trainer(make_cfg(shapes, tmp_path / "r", **kw), resume=str(ck / "step_00000002"))
+    assert "holds checkpoints after step 2 (step_00000003, step_00000004)" in caplog.text
+    t.fit(stop_after=1)
+    assert sorted(p.name for p in ck.iterdir()) == ["step_00000002", "step_00000003", "step_00000004"]
+    t = Trainer(make_cfg(shapes, tmp_path / "r", **kw), resume="auto")  # step 4 (the stale one: warned above)
+    assert t.global_step == 4
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_model_is_built(shapes, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="output_dir .*a_file/run: cannot write there"):
+        Trainer(make_cfg(shapes, tmp_path / "a_file" / "run"))
 
 
 class _Opens:
