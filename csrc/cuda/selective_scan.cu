@@ -943,14 +943,7 @@ int64_t deterministic_partial_budget() {
   return mb * 1024 * 1024;
 }
 
-std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                           const at::Tensor& B_, const at::Tensor& C_,
-                                           const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                           const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                           const std::optional<at::Tensor>& initial_state,
-                                           const std::optional<at::Tensor>& seq_idx, const at::Tensor& saved,
-                                           const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state,
-                                           bool deterministic, bool recompute_out);
+EMMA_DECLARE_OPS  // this backend's entry points (csrc/ops.h): selective_scan_bwd is called below before its definition
 
 // The deterministic backward over batch slices of ``rows``: per-row gradients concatenated, the gradients of the
 // shared parameters (A, D, delta_bias, a constant B or C) summed over the slices in order (fp32 where the kernel

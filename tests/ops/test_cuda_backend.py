@@ -26,8 +26,8 @@ from emma_mamba.ops.reference import causal_conv1d_update_ref, selective_scan_re
 SAVE = 256  # the kernels' saved-state granularity / backward chunk (csrc/cuda/selective_scan.cu)
 FWD_CHUNK = 512
 
-from .tolerances import (TOL, assert_close, check_scan, check_state_update, conv_on_backends,
-                         scan_on_backend, segments)
+from .tolerances import (TOL, assert_close, check_batch_sliced_deterministic, check_scan, check_state_update,
+                         conv_on_backends, scan_on_backend, segments)
 
 
 class Target(NamedTuple):
@@ -173,19 +173,8 @@ def test_deterministic_backward_in_batch_slices(tgt, monkeypatch, bc):
     bit for bit; the summed ones (A, D, delta_bias, a constant B) to rounding; both modes match the reference
     and stay reproducible."""
     inputs = _scan_inputs(tgt, 3, 16, 8, 300, torch.float32, bc)
-    whole = _run_scan(tgt, inputs, True, True, deterministic=True)
-    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "0")  # one row per slice
-    _check_scan(tgt, inputs, deterministic=True)
-    sliced = [_run_scan(tgt, inputs, True, True, deterministic=True) for _ in range(2)]
-    for name, g in whole[2].items():
-        assert all(torch.equal(s[2][name], sliced[0][2][name]) for s in sliced[1:]), name
-        if name in ("A", "D", "delta_bias") or (name == "B" and bc[0] == "const"):
-            torch.testing.assert_close(sliced[0][2][name], g, rtol=1e-5, atol=1e-5, msg=name)
-        else:
-            assert torch.equal(sliced[0][2][name], g), f"d{name} differs when sliced"
-    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "lots")
-    with pytest.raises(RuntimeError, match="EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB"):
-        _run_scan(tgt, inputs, True, True, deterministic=True)
+    check_batch_sliced_deterministic(lambda x: _run_scan(tgt, x, True, True, deterministic=True),
+                                     lambda x: _check_scan(tgt, x, deterministic=True), inputs, monkeypatch)
 
 
 def test_selective_scan_deterministic_env_and_torch_flag(tgt, monkeypatch):

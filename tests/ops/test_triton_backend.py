@@ -32,8 +32,8 @@ from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import (causal_conv1d_ref, causal_conv1d_update_ref,  # noqa: E402
                                       selective_state_update_ref)
 
-from .tolerances import (TOL, assert_close, check_scan, check_state_update, conv_on_backends,  # noqa: E402
-                         scan_on_backend, segments)
+from .tolerances import (TOL, assert_close, check_batch_sliced_deterministic, check_scan,  # noqa: E402
+                         check_state_update, conv_on_backends, scan_on_backend, segments)
 
 
 def _interpreted() -> bool:
@@ -220,19 +220,9 @@ def test_deterministic_backward_in_batch_slices(monkeypatch, bc):
     are (b, blocks, n, l) fp32): per-row gradients equal the unsliced call's bit for bit, the summed ones (A, D,
     delta_bias, a constant B) to rounding; it matches the reference and stays reproducible."""
     inputs = _scan_inputs(3, 4, 4, 90, torch.float32, bc, z=1, D=1, bias=1, init=1, seq=1)
-    whole = _run_scan(inputs, True, True, "triton", deterministic=True)
-    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "0")  # one row per slice
-    _check_scan(inputs, torch.float32, True, True, deterministic=True)
-    sliced = [_run_scan(inputs, True, True, "triton", deterministic=True) for _ in range(2)]
-    for name, g in whole[2].items():
-        assert torch.equal(sliced[0][2][name], sliced[1][2][name]), name
-        if name in ("A", "D", "delta_bias") or (name == "B" and bc[0] == "const"):
-            torch.testing.assert_close(sliced[0][2][name], g, rtol=1e-5, atol=1e-5, msg=name)
-        else:
-            assert torch.equal(sliced[0][2][name], g), f"d{name} differs when sliced"
-    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "lots")
-    with pytest.raises(RuntimeError, match="EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB"):
-        _run_scan(inputs, True, True, "triton", deterministic=True)
+    check_batch_sliced_deterministic(lambda x: _run_scan(x, True, True, "triton", deterministic=True),
+                                     lambda x: _check_scan(x, torch.float32, True, True, deterministic=True),
+                                     inputs, monkeypatch)
 
 
 def test_selective_scan_never_saves_a_state_per_step(triton_backend):

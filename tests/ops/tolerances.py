@@ -119,3 +119,26 @@ def check_state_update(backend, device, b, d, n, dtype, state_dtype, groups, fla
     rtol, atol = TOL[dtype if state_dtype == torch.float32 else state_dtype]
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(state, ref_state, rtol=TOL[state_dtype][0], atol=TOL[state_dtype][1])
+
+
+def check_batch_sliced_deterministic(run, check, inputs, monkeypatch):
+    """The deterministic backward over batch slices (EMMA_DETERMINISTIC_PARTIAL_MB=0: one row per slice) against
+    the unsliced call: per-row gradients bit for bit, the summed ones (A, D, delta_bias, a constant B or C) to
+    rounding; ``check(inputs)`` (against the reference) passes sliced, and two sliced runs agree bit for bit.
+    ``run(inputs)`` -> scan_on_backend's result with deterministic=True."""
+    import pytest
+    import torch
+
+    whole = run(inputs)
+    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "0")
+    check(inputs)
+    sliced = [run(inputs) for _ in range(2)]
+    for name, g in whole[2].items():
+        assert torch.equal(sliced[0][2][name], sliced[1][2][name]), name
+        if name in ("A", "D", "delta_bias") or (name in ("B", "C") and inputs[name].dim() == 2):
+            torch.testing.assert_close(sliced[0][2][name], g, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(sliced[0][2][name], g), f"d{name} differs when sliced"
+    monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "lots")
+    with pytest.raises(RuntimeError, match="EMMA_DETERMINISTIC_PARTIAL_MB must be a number of MB"):
+        run(inputs)
