@@ -176,7 +176,8 @@ def main(argv=None) -> int:
             runs.append(doc)
             r0 = doc["ranks"][0]
             others = doc["ranks"][1:]
-            print(f"{fmt:13s} rep {rep}: save {r0['save_s']:.2f} s, training blocked {r0['blocked_s']:.2f} s (rank 0 +{r0['save_peak_rss_mib']:.0f} MiB, others "
+            print(f"{fmt:13s} rep {rep}: save {r0['save_s']:.2f} s, training blocked {r0['blocked_s']:.2f} s "
+                  f"(rank 0 +{r0['save_peak_rss_mib']:.0f} MiB, others "
                   f"+{max((o['save_peak_rss_mib'] for o in others), default=0):.0f}), load {r0['load_s']:.2f} s "
                   f"(rank 0 +{r0['load_peak_rss_mib']:.0f} MiB), bytes {sum(doc['files'].values()) / 2**20:.0f} MiB, "
                   f"restored bit for bit: {all(x['restored_bitwise'] for x in doc['ranks'])}")

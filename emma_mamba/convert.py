@@ -366,8 +366,9 @@ def _convert_into(out: Path, checkpoint, vision_weights, dino_weights, random_vi
     width, width2 = model.vision.width, (model.vision.second.embed_dim if dual else 0)
     w0 = proj_sd["mlp.0.weight"]
     if w0.shape[1] != width:
+        split = f" ({width - width2} + {width2})" if dual else ""
         raise ConversionError(f"{ckpt}: projector.projector.0.weight takes {w0.shape[1]} features but the vision "
-                              f"towers of {cfg.name} give {width}" + (f" ({width - width2} + {width2})" if dual else ""))
+                              f"towers of {cfg.name} give {width}{split}")
     if dual:  # Prismatic: cat([dino, siglip]); ours: cat([open_clip tower, second encoder])
         proj_sd["mlp.0.weight"] = torch.cat([w0[:, width2:], w0[:, :width2]], dim=1)
     _check_state_dict(lm_sd, model.lm.state_dict(), ckpt, "Cobra llm_backbone", {})

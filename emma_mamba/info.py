@@ -143,8 +143,9 @@ def run(args) -> int:
           f"{100 * rep['instruction_fusion_share']:.4f}% trainable (+ {100 * rep['instruction_text_tower_share']:.3f}% "
           f"frozen text tower)")
     fl = rep["flops"]
-    print(f"training-step model FLOPs (matmuls, forward + backward): stage 1 {_flops(fl['pretrain']['per_lm_position'])} "
-          f"per LM position + {_flops(fl['pretrain']['per_image'])} per image; stage 2 "
+    print("training-step model FLOPs (matmuls, forward + backward): stage 1 "
+          f"{_flops(fl['pretrain']['per_lm_position'])} per LM position + {_flops(fl['pretrain']['per_image'])} "
+          f"per image; stage 2 "
           f"{_flops(fl['finetune']['per_lm_position'])} + {_flops(fl['finetune']['per_image'])}")
     lo = rep["lora"]
     if lo:

@@ -54,8 +54,9 @@ from torch import nn
 from emma_mamba.training import TrainingError
 from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
-__all__ = ["save_checkpoint", "AsyncCheckpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume", "save_model_dir",
-           "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR", "is_sharded", "read_sharded_model"]
+__all__ = ["save_checkpoint", "AsyncCheckpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume",
+           "save_model_dir", "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR", "is_sharded",
+           "read_sharded_model"]
 
 log = logging.getLogger(__name__)
 
