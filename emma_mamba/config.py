@@ -40,7 +40,7 @@ from typing import Any, Literal, Union
 __all__ = [
     "VisionConfig", "SecondEncoderConfig", "MFFConfig", "InstructionConfig", "ProjectorConfig", "LMConfig",
     "AlignConfig", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides",
-    "apply_dotted_overrides",
+    "apply_dotted_overrides", "parse_cli_value",
     "config_to_dict", "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs",
     "resolve_config_path",
 ]
@@ -481,11 +481,32 @@ def takes_text(tp) -> bool:
     return typing.get_origin(tp) in (Union, types.UnionType) and str in typing.get_args(tp)
 
 
-def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
-    """Applies command-line ``KEY=VALUE`` items (dotted key, YAML value, e.g. ``lm.n_layer=12``) to ``cfg`` in
-    place, strictly (see :func:`apply_overrides`); returns it."""
+def parse_cli_value(text: str, field=None, *, strict: bool = False):
+    """A command-line value: a YAML scalar or flow collection, '2e-5' (a string to YAML 1.1) a float. A value for
+    a field of type ``field`` that takes text (a path, a name: :func:`takes_text`) stays the text typed
+    (``--output_dir 2024`` is the folder '2024'; null / ~ still mean None). Text YAML cannot parse stays text, or
+    with ``strict`` is a ConfigError."""
     import yaml
 
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        if strict:
+            raise ConfigError(f"the value {text!r} is not a YAML scalar or collection ({e})") from None
+        return text
+    if value is not None and takes_text(field):
+        return value if isinstance(value, str) else text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
+    """Applies command-line ``KEY=VALUE`` items (dotted key, value as :func:`parse_cli_value` reads it, e.g.
+    ``lm.n_layer=12``) to ``cfg`` in place, strictly (see :func:`apply_overrides`); returns it."""
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -496,12 +517,9 @@ def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{flag} {item!r}: the value is not a YAML scalar or collection ({e})") from None
-        if parsed is not None and not isinstance(parsed, str) and takes_text(field_type(type(cfg), key)):
-            parsed = value  # a path or name stays the text typed (vision.pretrained=2024 is a file '2024')
-        cur[parts[-1]] = parsed
+            cur[parts[-1]] = parse_cli_value(value, field_type(type(cfg), key), strict=True)
+        except ConfigError as e:
+            raise ConfigError(f"{flag} {item!r}: {e}") from None
         apply_overrides(cfg, nested, source=f"{flag} {item}")
     return cfg
 

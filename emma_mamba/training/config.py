@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               field_type, get_preset, load_config, read_yaml_mapping, resolve_config_path, takes_text)
+                               field_type, get_preset, load_config, parse_cli_value, read_yaml_mapping,
+                               resolve_config_path)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
@@ -546,22 +547,6 @@ def save_run_config(cfg: RunConfig, path: str | Path) -> None:
 
 # ------------------------------------------------------------------------------------ command line
 
-def parse_cli_value(text: str):
-    """A command-line value: YAML scalar or flow collection; '2e-5' (a string to YAML 1.1) becomes a float."""
-    import yaml
-
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def dotted_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted path, first docstring line) of every leaf field, for --help and argument registration."""
     import ast
@@ -588,9 +573,8 @@ def dotted_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def overrides_from_pairs(pairs: list[tuple[str, str]]) -> dict:
-    """[('train.lr', '2e-5'), ...] -> {'train': {'lr': 2e-05}} (values parsed by parse_cli_value). A field that
-    takes text (``output_dir``, a path) keeps the text as typed: ``--output_dir 2024`` is the folder '2024', not
-    the number; ``null`` / ``~`` still mean None where None is allowed."""
+    """[('train.lr', '2e-5'), ...] -> {'train': {'lr': 2e-05}}: each value read by
+    :func:`emma_mamba.config.parse_cli_value` for its field's type (``--output_dir 2024`` is the folder '2024')."""
     out: dict = {}
     for key, text in pairs:
         parts = key.split(".")
@@ -599,8 +583,5 @@ def overrides_from_pairs(pairs: list[tuple[str, str]]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"command line: --{key} conflicts with another override of {p}")
-        value = parse_cli_value(text)
-        if value is not None and not isinstance(value, str) and takes_text(field_type(RunConfig, key)):
-            value = text
-        node[parts[-1]] = value
+        node[parts[-1]] = parse_cli_value(text, field_type(RunConfig, key))
     return out
