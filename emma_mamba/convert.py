@@ -338,12 +338,9 @@ def convert_cobra(checkpoint: str | Path, out: str | Path, *, vision_weights: st
 
 def _convert_into(out: Path, checkpoint, vision_weights, dino_weights, random_vision, base, overrides,
                   dtype: str) -> None:
-    from emma_mamba import __version__
-    from emma_mamba.config import save_config
-    from emma_mamba.export import DTYPES, _cast
-    from emma_mamba.fileio import save_safetensors
+    from emma_mamba.export import write_model_dir
     from emma_mamba.models.mamba import _check_state_dict
-    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, EmmaMamba, _drop_tied_aliases
+    from emma_mamba.models.vlm import EmmaMamba
 
     run_cfg, model_sd, ckpt = read_cobra(checkpoint)
     arch = run_cfg.get("arch_specifier")
@@ -384,16 +381,11 @@ def _convert_into(out: Path, checkpoint, vision_weights, dino_weights, random_vi
     if meta:
         raise ConversionError(f"{ckpt}: {len(meta)} LM tensors are not in the checkpoint: {meta[:8]}")
 
-    sd = _cast(_drop_tied_aliases(model, model.state_dict()), DTYPES[dtype])
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ConversionError(f"{ckpt}: {len(bad)} tensors overflow {dtype} ({', '.join(bad[:4])}); convert with "
-                              f"--dtype bf16 or fp32")
-    save_config(model.config, out / CONFIG_NAME)
-    save_safetensors(sd, str(out / WEIGHTS_NAME),
-                     metadata={"format": "pt", "emma_mamba": __version__, "converted_from": str(ckpt.resolve()),
-                               "source": "cobra", "dtype": dtype})
-    model.tokenizer.save(out)
+    try:
+        write_model_dir(model, out, model.state_dict(), dtype, {"converted_from": str(ckpt.resolve()),
+                                                                "source": "cobra"})
+    except ValueError as e:  # a weight the storage dtype cannot hold
+        raise ConversionError(f"{ckpt}: {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:

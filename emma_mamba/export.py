@@ -55,10 +55,7 @@ def _cast(sd: dict, dtype: torch.dtype) -> dict:
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_align_head: bool = False,
            lm_only: bool = False) -> Path:
     """Write ``checkpoint`` to ``out`` (see the module docstring); returns ``out``."""
-    from emma_mamba import __version__
-    from emma_mamba.config import save_config
-    from emma_mamba.fileio import save_safetensors
-    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases, has_align_head_weights, load
+    from emma_mamba.models.vlm import has_align_head_weights, load
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -74,13 +71,28 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     if lm_only:
         _export_lm(model, out, DTYPES[dtype])
         return out
-    meta = {"format": "pt", "emma_mamba": __version__, "exported_from": str(checkpoint), "dtype": dtype}
     sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
-    sd = _drop_tied_aliases(model, sd)  # safetensors refuses shared storage
-    save_config(model.config, out / CONFIG_NAME)
-    save_safetensors(_cast(sd, DTYPES[dtype]), str(out / WEIGHTS_NAME), metadata=meta)
-    model.tokenizer.save(out)
+    write_model_dir(model, out, sd, dtype, {"exported_from": str(checkpoint)})
     return out
+
+
+def write_model_dir(model, out: Path, sd: dict, dtype: str, metadata: dict) -> None:
+    """``model``'s EmmaMamba layout in ``out`` (config.yaml, model.safetensors, tokenizer.json) with the weights
+    ``sd`` stored in ``dtype`` (KEEP_FP32 stay fp32); a weight the storage dtype cannot hold (fp16 beyond 65504)
+    is refused by name, before anything is written."""
+    from emma_mamba import __version__
+    from emma_mamba.config import save_config
+    from emma_mamba.fileio import save_safetensors
+    from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases
+
+    sd = _cast(_drop_tied_aliases(model, sd), DTYPES[dtype])  # safetensors refuses shared storage
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{len(bad)} tensors overflow {dtype} ({', '.join(bad[:4])}); use --dtype bf16 or fp32")
+    save_config(model.config, out / CONFIG_NAME)
+    save_safetensors(sd, str(out / WEIGHTS_NAME),
+                     metadata={"format": "pt", "emma_mamba": __version__, "dtype": dtype, **metadata})
+    model.tokenizer.save(out)
 
 
 def _export_lm(model, out: Path, dtype: torch.dtype) -> None:

@@ -95,6 +95,13 @@ def test_export_errors(ckpt, tmp_path, capsys):
     assert "holds no alignment-head weights" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "missing" in capsys.readouterr().err
+    big = emma_mamba.load(ckpt)
+    with torch.no_grad():
+        big.projector.mlp[0].weight.mul_(1e6)  # beyond fp16's 65504
+    big.save(tmp_path / "big")
+    assert main(["export", "--checkpoint", str(tmp_path / "big"), "--out", str(tmp_path / "z"), "--dtype", "fp16"]) == 2
+    assert "1 tensors overflow fp16 (projector.mlp.0.weight); use --dtype bf16 or fp32" in capsys.readouterr().err
+    assert not any((tmp_path / "z").iterdir())  # nothing written
 
 
 def test_written_weight_files_get_the_default_file_mode(tmp_path):
