@@ -227,9 +227,8 @@ class AsyncCheckpoint:
         try:
             self._future.result()
         except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
-            raise TrainingError(f"writing checkpoint {self.path} in the background failed ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); it stays "
-                                f"{self._tmp.name} and is not resumed from") from e
+            raise TrainingError(f"writing checkpoint {self.path} in the background failed ({_last_line(e)}); it "
+                                f"stays {self._tmp.name} and is not resumed from") from e
         self._finalized.wait()
         if self._error is not None:
             raise TrainingError(f"finishing checkpoint {self.path} failed: {self._error}") from self._error
@@ -282,15 +281,18 @@ def _dcp(fn, state: dict, path: Path, no_dist: bool) -> None:
             fn(state, checkpoint_id=str(path), **kw)
         except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP wraps every rank's error
             if planner is None:  # a save
-                last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()),
-                            type(e).__name__)
-                raise TrainingError(f"writing {path} failed ({last}); the checkpoint stays incomplete and is not "
-                                    f"resumed from") from e
+                raise TrainingError(f"writing {path} failed ({_last_line(e)}); the checkpoint stays incomplete and "
+                                    f"is not resumed from") from e
             if planner.refused:
                 raise TrainingError(f"{path}: {planner.refused}") from None
-            # DCP's CheckpointException holds each rank's traceback: its last line is the error itself
-            last = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
-            raise TrainingError(f"{path}: reading the checkpoint failed ({last}); it is incomplete or corrupt") from e
+            raise TrainingError(f"{path}: reading the checkpoint failed ({_last_line(e)}); it is incomplete or "
+                                f"corrupt") from e
+
+
+def _last_line(e: BaseException) -> str:
+    """An error's last non-empty line (DCP's CheckpointException holds each rank's traceback: its last line is the
+    error itself), or its type's name."""
+    return next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), type(e).__name__)
 
 
 # DCP unpickles its .metadata with pickle.load and its non-tensor entries with torch.load(weights_only=False): a

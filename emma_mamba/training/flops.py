@@ -64,15 +64,19 @@ def lm_flops_per_position(lm: torch.nn.Module) -> float:
 
 def image_flops(model) -> float:
     """Forward + backward FLOPs of one image through the image path and the alignment head, counted on a meta
-    copy of ``model`` (no memory, no compute) with ``model``'s trainable parameters."""
+    copy of ``model`` (no memory, no compute) with ``model``'s trainable parameters; a model already on the meta
+    device (``emma-mamba info``'s) is counted as it is."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from emma_mamba.models.vlm import EmmaMamba
 
-    meta = EmmaMamba(model.config, for_training=model.align_head is not None, device="meta")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    for n, p in meta.named_parameters():
-        p.requires_grad_(n in trainable)
+    if next(model.parameters()).is_meta:
+        meta = model
+    else:
+        meta = EmmaMamba(model.config, for_training=model.align_head is not None, device="meta")
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        for n, p in meta.named_parameters():
+            p.requires_grad_(n in trainable)
     meta.train()
     H, W = meta.vision.image_size
     x = torch.empty(1, 3, H, W, device="meta")

@@ -209,6 +209,7 @@ class Trainer:
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
         self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
+        self._warned_mfu = False
         self.val_history: list[dict] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -500,7 +501,7 @@ class Trainer:
                 m["tflops"] = self.step_flops(m["tokens"], m["images"]) / dt / self.info.world_size / 1e12
                 if self.peak_tflops:
                     m["mfu"] = m["tflops"] / self.peak_tflops
-                    if m["mfu"] > 1 and self.info.is_main and not getattr(self, "_warned_mfu", False):
+                    if m["mfu"] > 1 and self.info.is_main and not self._warned_mfu:
                         self._warned_mfu = True
                         log.warning("mfu %.3g at step %d is above 1: the peak of %g TFLOPS per device "
                                     "(log.peak_tflops or the GPU table) is below what it achieved", m["mfu"],
