@@ -39,6 +39,7 @@ import json
 import logging
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,29 +92,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------ reading Cobra
 
-def read_cobra(path: str | Path) -> tuple[dict, dict, Path]:
-    """(run config's ``model`` section or {}, the checkpoint's ``model`` dict, the .pt file) of a run directory or
-    a .pt file."""
+@dataclass
+class CobraRun:
+    """What :func:`read_cobra` read: the run config's ``model`` section ({} without a config.json), the
+    checkpoint's ``model`` modules, the .pt file and the config file's name (for messages)."""
+
+    config: dict
+    modules: dict
+    checkpoint: Path
+    config_file: str = "config.json"
+
+    def field(self, key: str, default: str) -> str:
+        """A string field of the run config (``default`` when absent)."""
+        v = self.config.get(key, default)
+        if not isinstance(v, str):
+            raise ConversionError(f"{self.config_file}: model.{key} must be a string, got {v!r}")
+        return v
+
+
+def read_cobra(path: str | Path) -> CobraRun:
+    """A Cobra run directory (config.json + checkpoints/latest-checkpoint.pt) or a .pt file, checked."""
     p = Path(path)
     run_cfg: dict = {}
-    cfg_file = None
+    cfg_file = "config.json"
     if p.is_dir():
         ckpt = p / CHECKPOINT_IN_RUN
         if not ckpt.is_file():
             pts = sorted(str(x.relative_to(p)) for x in p.rglob("*.pt"))[:6]
             raise ConversionError(f"{p}: no {CHECKPOINT_IN_RUN} (a Cobra run directory holds config.json and "
                                   f"{CHECKPOINT_IN_RUN}){'; .pt files found: ' + ', '.join(pts) if pts else ''}")
-        cfg_file = p / "config.json"
-        if cfg_file.is_file():
+        if (p / "config.json").is_file():
+            cfg_file = str(p / "config.json")
             try:
-                raw = json.loads(cfg_file.read_text())
+                raw = json.loads(Path(cfg_file).read_text())
             except (ValueError, UnicodeDecodeError) as e:
                 raise ConversionError(f"{cfg_file}: not valid JSON ({e})") from None
             if not isinstance(raw, dict) or not isinstance(raw.get("model", {}), dict):
                 raise ConversionError(f"{cfg_file}: expected a JSON object with a 'model' object (Prismatic's run "
                                       f"config)")
             run_cfg = dict(raw.get("model") or {})
-            run_cfg["__file__"] = str(cfg_file)
     elif p.is_file():
         ckpt = p
     else:
@@ -142,14 +159,7 @@ def read_cobra(path: str | Path) -> tuple[dict, dict, Path]:
     extra = sorted(map(str, set(model) - {"projector", "llm_backbone"}))
     if extra:
         log.warning("%s: leaving out module(s) %s (not part of Cobra's inference model)", ckpt, ", ".join(extra))
-    return run_cfg, model, ckpt
-
-
-def _run_field(run_cfg: dict, key: str, default: str) -> str:
-    v = run_cfg.get(key, default)
-    if not isinstance(v, str):
-        raise ConversionError(f"{run_cfg.get('__file__', 'config.json')}: model.{key} must be a string, got {v!r}")
-    return v
+    return CobraRun(run_cfg, model, ckpt, cfg_file)
 
 
 def _tensors(sd: dict, what: str, ckpt: Path) -> None:
@@ -241,15 +251,15 @@ def projector_state(proj: dict, arch: str | None, ckpt: Path, cfg_file="config.j
 
 # ------------------------------------------------------------------------------------------- converting
 
-def cobra_config(run_cfg: dict, ckpt: Path, base: ModelConfig | None, lm_fields: dict, kind: str, depth: int,
+def cobra_config(run: CobraRun, base: ModelConfig | None, lm_fields: dict, kind: str, depth: int,
                  vision_weights: str | None, dino_weights: str | None, overrides=()) -> ModelConfig:
     """The EmmaMamba config of a Cobra model: ``base``'s vision section (else the vision_backbone_id's) with
     ``overrides`` (KEY=VALUE items), the checkpoint's LM and projector, Cobra's prompt layout and resize, no MFF /
     instruction fusion / alignment."""
-    cfg_file = run_cfg.get("__file__", "config.json")
-    backbone = _run_field(run_cfg, "vision_backbone_id", "dinosiglip-vit-so-384px")
-    strategy = _run_field(run_cfg, "image_resize_strategy", "resize-naive")
-    llm_id = _run_field(run_cfg, "llm_backbone_id", "mamba-2.8b-zephyr")
+    cfg_file = run.config_file
+    backbone = run.field("vision_backbone_id", "dinosiglip-vit-so-384px")
+    strategy = run.field("image_resize_strategy", "resize-naive")
+    llm_id = run.field("llm_backbone_id", "mamba-2.8b-zephyr")
     if not llm_id.endswith("zephyr"):
         raise ConversionError(f"{cfg_file}: llm_backbone_id {llm_id!r}: Cobra prompts LMs other than the Zephyr "
                               f"chat models with its plain 'In: ... Out:' format, which this package does not "
@@ -283,7 +293,7 @@ def cobra_config(run_cfg: dict, ckpt: Path, base: ModelConfig | None, lm_fields:
     dual = cfg.vision.second_encoder.timm_model is not None
     if dino_weights and not dual:
         raise ConversionError(f"--dino-weights given but {backbone} has no DINOv2 tower")
-    cfg.name = f"cobra ({run_cfg.get('model_id', ckpt.name)})"
+    cfg.name = f"cobra ({run.config.get('model_id', run.checkpoint.name)})"
     cfg.vision.pretrained = str(Path(vision_weights).resolve()) if vision_weights else None
     if dual:
         cfg.vision.second_encoder.pretrained = str(Path(dino_weights).resolve()) if dino_weights else None
@@ -342,14 +352,14 @@ def _convert_into(out: Path, checkpoint, vision_weights, dino_weights, random_vi
     from emma_mamba.models.mamba import _check_state_dict
     from emma_mamba.models.vlm import EmmaMamba
 
-    run_cfg, model_sd, ckpt = read_cobra(checkpoint)
-    arch = run_cfg.get("arch_specifier")
-    cfg_file = run_cfg.get("__file__", "config.json")
+    run = read_cobra(checkpoint)
+    ckpt, model_sd = run.checkpoint, run.modules
+    arch = run.config.get("arch_specifier")
     if arch is not None and not isinstance(arch, str):
-        raise ConversionError(f"{cfg_file}: model.arch_specifier must be a string, got {arch!r}")
+        raise ConversionError(f"{run.config_file}: model.arch_specifier must be a string, got {arch!r}")
     lm_sd, lm_fields = lm_state_and_config(model_sd["llm_backbone"], ckpt)
-    proj_sd, kind, depth = projector_state(model_sd["projector"], arch, ckpt, cfg_file)
-    cfg = cobra_config(run_cfg, ckpt, base, lm_fields, kind, depth, vision_weights, dino_weights, overrides)
+    proj_sd, kind, depth = projector_state(model_sd["projector"], arch, ckpt, run.config_file)
+    cfg = cobra_config(run, base, lm_fields, kind, depth, vision_weights, dino_weights, overrides)
     dual = cfg.vision.second_encoder.timm_model is not None
     if not random_vision and (cfg.vision.pretrained is None or (dual and cfg.vision.second_encoder.pretrained is None)):
         need = "--vision-weights and --dino-weights" if dual else "--vision-weights"
