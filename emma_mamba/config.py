@@ -429,7 +429,17 @@ def _coerce(value, tp, where: str):
     elif tp is dict:
         if isinstance(value, dict):
             return copy.deepcopy(value)
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    hint = ""
+    if value is None:  # `key:` with nothing after it, or `key: null`, in YAML
+        hint = " (the value is empty: YAML reads an empty value as null)"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _admits_str(tp):
+        hint = f" (YAML read it as a number: write it in quotes, '{value}', to mean the text)"
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _admits_str(tp) -> bool:
+    return tp is str or any(_admits_str(a) for a in typing.get_args(tp)
+                            if typing.get_origin(tp) in (Union, types.UnionType))
 
 
 def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dict>"):
@@ -494,7 +504,8 @@ def parse_cli_value(text: str, field=None, *, strict: bool = False):
         if strict:
             raise ConfigError(f"the value {text!r} is not a YAML scalar or collection ({e})") from None
         return text
-    if value is not None and takes_text(field):
+    if takes_text(field) and (value is not None or (field is str and not text.strip())):
+        # '' stays '' for a field that must hold text (its own check names it); it clears an optional one
         return value if isinstance(value, str) else text
     if isinstance(value, str):
         try:

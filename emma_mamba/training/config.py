@@ -281,6 +281,8 @@ class RunConfig:
             if not math.isfinite(v):
                 bad(f"{key} must be a finite number, got {v}")
         t, d = self.train, self.data
+        if not self.output_dir.strip():
+            bad("output_dir is empty: the folder the run writes its checkpoints and metrics to is required")
         if d.sources is not None:
             if d.json:
                 bad("give data.json (one file) or data.sources (several), not both")

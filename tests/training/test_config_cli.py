@@ -86,6 +86,21 @@ def test_text_fields_keep_the_text_typed(tmp_path, capsys):
     assert cfg.vision.pretrained == "2024" and cfg.lm.n_layer == 3
 
 
+def test_empty_and_numeric_text_values_are_named(tmp_path, capsys):
+    # an empty --output_dir is named as empty (it was "expected str, got None"); an optional text field given ''
+    # is cleared; in a YAML file a number where text belongs is refused with the quoting that fixes it
+    p = write(tmp_path, BASE)
+    rc = cli_train.main(["--config", str(p), "--print-config", "--output_dir", ""])
+    assert rc == 2 and "output_dir is empty" in capsys.readouterr().err
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model.lm.pretrained", ""])
+    assert rc == 0 and yaml.safe_load(capsys.readouterr().out)["model"]["lm"]["pretrained"] is None
+    for value, hint in ((2024, "write it in quotes, '2024'"), (None, "the value is empty")):
+        q = write(tmp_path, dict(BASE, output_dir=value))
+        rc = cli_train.main(["--config", str(q), "--print-config"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "output_dir: expected str" in err and hint in err, err
+
+
 def test_model_replaced_on_the_command_line(tmp_path, capsys):
     # --model NAME|FILE swaps the recipe's model (the dual-encoder 2.8B model on the 2.8B stage-1 recipe);
     # --model.* keys then apply on top of it, nested sections included
