@@ -1,5 +1,5 @@
 // Python bindings of emma_mamba._C: <op>_cpu always, <op>_cuda when built with the CUDA kernels.
-#include <torch/extension.h>
+#include <torch/python.h>
 
 #include "ops.h"
 

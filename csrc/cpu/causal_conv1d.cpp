@@ -15,7 +15,6 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include "../ops.h"
 #include "common.h"

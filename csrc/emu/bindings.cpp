@@ -1,7 +1,7 @@
 // Python bindings of the emulated CUDA kernels (emma_mamba/ops/cuda_emulator.py builds this module): the
 // six kernel entry points of csrc/ops.h under the same names as emma_mamba._C's <op>_cuda, plus the
 // emulator's scheduling settings.
-#include <torch/extension.h>
+#include <torch/python.h>
 
 #include "../ops.h"
 #include "cuda_emu.h"
