@@ -191,7 +191,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # configs/ sits at the top of the repository (DESIGN.md's layout) and installs inside the package. The Triton
+    # configs/ sits at the top of the repository (the design's layout) and installs inside the package. The Triton
     # kernels live in emma_mamba/kernels/: a top-level kernels/ folder was importable as `kernels` wherever the
     # repository root is on sys.path (setup.py's own folder, `python -m` from the root, pytest's rootdir) and
     # shadowed the PyPI package `kernels` that transformers 5.2x depends on, whose egg_info writer setuptools

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from .config import PRESETS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None,
-                     help="named preset (tiny, emma-mamba-2.8b, emma-mamba-2.8b-dinosiglip, cobra-like); default tiny")
+                     help=f"named preset ({', '.join(PRESETS)}); default tiny")
     src.add_argument("--config", default=None,
                      help="model config YAML (strict overrides of a preset), a training recipe (the model it trains; "
                           "a shipped recipe by name too), or a checkpoint directory (its config.yaml)")
