@@ -214,8 +214,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "transformers>=4.40", "mambapy", "open_clip_torch>=3.0",
-                 "timm", "torchvision", "scikit-image", "matplotlib", "ninja"],
+        "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "transformers>=4.40", "mambapy",
+                 "open_clip_torch>=3.0", "timm", "torchvision", "scikit-image", "matplotlib", "ninja"],
         "vision": ["open_clip_torch>=3.0", "timm", "torchvision"],  # timm: the dual encoder's second tower
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],

@@ -432,14 +432,9 @@ def _coerce(value, tp, where: str):
     hint = ""
     if value is None:  # `key:` with nothing after it, or `key: null`, in YAML
         hint = " (the value is empty: YAML reads an empty value as null)"
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and _admits_str(tp):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and takes_text(tp):
         hint = f" (YAML read it as a number: write it in quotes, '{value}', to mean the text)"
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
-
-
-def _admits_str(tp) -> bool:
-    return tp is str or any(_admits_str(a) for a in typing.get_args(tp)
-                            if typing.get_origin(tp) in (Union, types.UnionType))
 
 
 def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dict>"):
