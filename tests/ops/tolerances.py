@@ -1,6 +1,7 @@
 """DESIGN.md's tolerances against the fp32 reference (those of mamba-ssm's own tests), shared by the backend
 tests so the cpu, cuda and triton kernels are held to one standard."""
 
+import pytest
 import torch
 
 # (rtol, atol) of outputs and states per input dtype
@@ -126,9 +127,6 @@ def check_batch_sliced_deterministic(run, check, inputs, monkeypatch):
     the unsliced call: per-row gradients bit for bit, the summed ones (A, D, delta_bias, a constant B or C) to
     rounding; ``check(inputs)`` (against the reference) passes sliced, and two sliced runs agree bit for bit.
     ``run(inputs)`` -> scan_on_backend's result with deterministic=True."""
-    import pytest
-    import torch
-
     whole = run(inputs)
     monkeypatch.setenv("EMMA_DETERMINISTIC_PARTIAL_MB", "0")
     check(inputs)
