@@ -56,7 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ground truth when not in the questions file (VQAv2 annotations JSON, TextVQA JSON for "
                         "LLaVA-JSONL questions; default: the questions file where it holds answers, for VQAv2 the "
                         "sibling *annotations*.json if present)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions answered together (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="replies decoded together at most (default %(default)s)")
+    p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                   help="continuous (default): a finished reply's row goes to the next question at the next decode "
+                        "step; static: fixed batches of --batch-size questions, each decoded until its longest reply "
+                        "ends (the runner before continuous batching)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest reply in tokens (default 16; refcoco and ocidref 32, a box needs about 20)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
@@ -136,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
                             image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
                             progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
                             compile=args.compile, likelihood=args.likelihood, box_frame=args.box_frame,
-                            answer_fn=answer_fn, **kw)
+                            answer_fn=answer_fn, batching=args.batching, **kw)
 
         report = run() if shard is None else _sharded(shard, out, run)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
@@ -225,7 +230,7 @@ def _run_suite(args) -> int:
                             progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
                             compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn,
-                            shard=shard, sync=barrier)
+                            shard=shard, sync=barrier, batching=args.batching)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         print(f"emma-mamba eval: {e}", file=sys.stderr)
         _end(shard, finished=False)

@@ -62,8 +62,13 @@ Notable choices:
   ``likelihood=True`` (``eval --likelihood``) the other closed-set benchmarks are answered the same way: POPE
   and MME among "Yes" / "No" (each summed over both cases), MMBench, SEED-Bench and ScienceQA among their
   option letters (the scorers read the picked option as the reply; no reply goes unparsed).
-* Greedy decoding; prompts are answered in batches (:meth:`EmmaMamba.generate` prefills each prompt and
-  decodes the batch together, one recurrent step per token).
+* Greedy decoding, continuously batched (``batching="continuous"``, the default): up to ``batch_size`` replies
+  decode together, one recurrent step per token, in one :class:`~emma_mamba.inference.batching.BatchDecoder`
+  (``serve``'s); when a reply ends its row goes to the next question at the following step, so one long reply
+  never leaves the batch decoding a single row while the questions behind it wait. The replies are those each
+  question gets from :meth:`EmmaMamba.generate` alone (up to a batched GEMM's rounding), written in question
+  order. ``batching="static"``: fixed batches of ``batch_size`` questions, each prefilled together and decoded
+  until its longest reply ends (:meth:`EmmaMamba.generate`; the runner before continuous batching).
 * Several processes (``eval`` under ``torchrun``, one per GPU): with ``shard=(rank, world)`` a process answers
   the questions whose index is ``rank`` modulo ``world`` into ``answers.shard<rank>.jsonl`` and scores nothing;
   :func:`merge_shards` then gathers the shards into ``answers.jsonl`` and an unsharded call scores it (MME's
@@ -87,6 +92,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -127,6 +133,11 @@ SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
 """LLaVA-1.5's VizWiz instruction, before the short-answer one."""
 MME_PERCEPTION_DIRS = ("", "{category}", "{category}/images")
+BATCHING = ("continuous", "static")
+"""How generated replies are batched (``evaluate``'s ``batching``; module docstring)."""
+_BATCHES_AHEAD = 4
+"""Continuous batching: batches of questions submitted to the decoder beyond the oldest one not yet written,
+so that rows freed while a long reply holds up the oldest batch are taken by the questions behind it."""
 
 
 @dataclass
@@ -580,7 +591,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
              checkpoint: str | None = None, progress: bool = True, split: str | None = None, likelihood: bool = False,
-             box_frame: str = "auto", shard: tuple[int, int] | None = None,
+             box_frame: str = "auto", shard: tuple[int, int] | None = None, batching: str = "continuous",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None,
              identity: dict | None = None, check_files: bool = True) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
@@ -593,6 +604,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     "square" for a checkpoint trained on letterboxed images (``vision.image_resize: letterbox``), else "image".
     ``shard=(rank, world)``: answer this process's share only, score nothing (module docstring; the returned
     report has ``metrics`` None and ``shard``).
+    ``batching``: "continuous" (default) or "static", how generated replies are batched (module docstring);
+    ``batch_size`` is the most replies decoded together either way.
     ``cuda_graphs``: decode steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
     decode steps through torch.compile (``GenerationConfig.compile``).
     ``answer_fn(questions, prompts) -> replies`` replaces the model (tests feed known replies with it; ``eval
@@ -611,6 +624,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {list(BATCHING)}, got {batching!r}")
     max_new_tokens, box_frame = _resolve_settings(model, task, max_new_tokens, box_frame)
     rank, world = shard if shard is not None else (0, 1)
     if not 0 <= rank < world:
@@ -624,8 +639,13 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         annotations = default_annotations(task, questions, qs)
     qs = limit_questions(task, qs, limit)
 
-    if answer_fn is None:
-        answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
+    answerer = None  # continuous batching: replies requested ahead and collected in question order
+    own_model = answer_fn is None
+    if own_model:
+        if batching == "continuous":
+            answerer = _ContinuousAnswers(model, max_new_tokens, batch_size, cuda_graphs, compile)
+        else:
+            answer_fn = _model_answer_fn(model, max_new_tokens, cuda_graphs, compile)
         option_fn = _model_option_fn(model)
     else:
         if hasattr(answer_fn, "for_max_new_tokens"):  # an answerer that takes the reply length (eval --api)
@@ -678,6 +698,35 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         bar = tqdm(total=len(qs), initial=n_done, unit="q", desc=desc, dynamic_ncols=True, position=rank)
     t0 = time.perf_counter()
     f = None if task == "mme" else answers_path.open("a", encoding="utf-8")
+
+    def write(batch, prompts, probs, replies) -> None:
+        if len(replies) != sum(pr is None for pr in probs):
+            raise RuntimeError(f"answer_fn returned {len(replies)} replies for "
+                               f"{sum(pr is None for pr in probs)} questions")
+        it = iter(replies)
+        replies = [next(it) if pr is None else q.options[max(range(len(pr)), key=pr.__getitem__)]
+                   for q, pr in zip(batch, probs)]
+        if task == "mme":
+            for q, r in zip(batch, replies):
+                # one line per answer: tabs/newlines in a reply would break MME's 4-column format
+                clean = " ".join(r.split())
+                with (out / "mme" / f"{q.category}.txt").open("a", encoding="utf-8") as g:
+                    g.write(f"{q.line}\t{clean}\n")
+        else:
+            for q, p, r, pr in zip(batch, prompts, replies, probs):
+                rec = {"question_id": q.qid, "image": q.image.name if q.image else None, "prompt": p, "text": r}
+                if pr is not None:
+                    rec["probabilities"] = [float(x) for x in pr]
+                if task in ("refcoco", "ocidref"):  # what the scorer needs to place the ground-truth box
+                    rec["box_frame"], rec["image_size"] = box_frame, list(_image_size(q.image))
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+        if bar is not None:
+            bar.update(len(batch))
+
+    # continuous batching: the batches whose replies are still decoding, oldest first; written in this order
+    # once all of a batch's replies are in, while the ones behind it keep the decoder's rows busy
+    inflight: collections.deque = collections.deque()
     try:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
@@ -687,6 +736,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             for k, q in enumerate(batch):
                 if q.options is not None and option_fn is not None:
                     groups.setdefault(q.options, []).append(k)
+            if groups:  # the options' forwards run here: first let the decoder finish (one user of the model)
+                while inflight:
+                    write(*inflight.popleft().collect())
             for opts, idx in groups.items():
                 rows = option_fn([batch[k] for k in idx], [prompts[k] for k in idx], opts)
                 if len(rows) != len(idx):
@@ -694,30 +746,27 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                 for k, row in zip(idx, rows):
                     probs[k] = row
             ask = [k for k, pr in enumerate(probs) if pr is None]
+            if answerer is not None:
+                inflight.append(answerer.submit(batch, prompts, probs, ask))
+                while len(inflight) > _BATCHES_AHEAD:
+                    write(*inflight.popleft().collect())
+                continue
             replies = answer_fn([batch[k] for k in ask], [prompts[k] for k in ask]) if ask else []
-            if len(replies) != len(ask):
-                raise RuntimeError(f"answer_fn returned {len(replies)} replies for {len(ask)} questions")
-            it = iter(replies)
-            replies = [next(it) if pr is None else q.options[max(range(len(pr)), key=pr.__getitem__)]
-                       for q, pr in zip(batch, probs)]
-            if task == "mme":
-                for q, r in zip(batch, replies):
-                    # one line per answer: tabs/newlines in a reply would break MME's 4-column format
-                    clean = " ".join(r.split())
-                    with (out / "mme" / f"{q.category}.txt").open("a", encoding="utf-8") as g:
-                        g.write(f"{q.line}\t{clean}\n")
-            else:
-                for q, p, r, pr in zip(batch, prompts, replies, probs):
-                    rec = {"question_id": q.qid, "image": q.image.name if q.image else None, "prompt": p, "text": r}
-                    if pr is not None:
-                        rec["probabilities"] = [float(x) for x in pr]
-                    if task in ("refcoco", "ocidref"):  # what the scorer needs to place the ground-truth box
-                        rec["box_frame"], rec["image_size"] = box_frame, list(_image_size(q.image))
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-            if bar is not None:
-                bar.update(len(batch))
+            write(batch, prompts, probs, replies)
+        while inflight:
+            write(*inflight.popleft().collect())
+    except Exception:
+        # an error ahead (e.g. an unreadable image met while submitting): the replies the decoder is finishing for
+        # the questions before it are written first, so a rerun answers only the rest
+        try:
+            while inflight:
+                write(*inflight.popleft().collect())
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            log.exception("%s: the answers decoding when the run failed could not be written", task)
+        raise
     finally:
+        if answerer is not None:
+            answerer.close()
         if f is not None:
             f.close()
         if bar is not None:
@@ -753,6 +802,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
+              "batching": batching if own_model else None,
+              "decode_steps": answerer.decoder.decode_steps if answerer is not None else None,
               "max_new_tokens": max_new_tokens, "limit": limit,
               "answered_by": record["answered_by"], "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -870,6 +921,63 @@ def _model_option_fn(model):
         return probs.tolist()
 
     return option_probabilities
+
+
+class _Submitted:
+    """One batch of questions in the continuous decoder: their jobs and what writing the answers needs."""
+
+    def __init__(self, batch, prompts, probs, jobs):
+        self.batch, self.prompts, self.probs, self.jobs = batch, prompts, probs, jobs
+
+    def collect(self) -> tuple:
+        """(batch, prompts, probs, replies) once every reply is in (a failed reply's error is raised)."""
+        return self.batch, self.prompts, self.probs, [job.wait() for job in self.jobs]
+
+
+class _ContinuousAnswers:
+    """Greedy replies from an EmmaMamba through one :class:`~emma_mamba.inference.batching.BatchDecoder` of
+    ``batch_size`` rows (module docstring: continuous batching). The questions' images of each admission round
+    go through the vision encoder together, as ``serve`` does; each reply is ``generate``'s for its prompt alone."""
+
+    def __init__(self, model, max_new_tokens: int, batch_size: int, cuda_graphs: bool = False,
+                 compile: bool = False):
+        from emma_mamba.inference.batching import BatchDecoder
+        from emma_mamba.inference.generate import GenerationConfig
+
+        self.model = model
+        self.cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+                                    eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs,
+                                    compile=compile)
+        self.fuse = model.instruction is not None
+        # prefill_chunk None: a joining prompt is prefilled whole between two steps (throughput, not latency)
+        self.decoder = BatchDecoder(model.lm, max_batch=batch_size, compile=compile, cuda_graphs=cuda_graphs,
+                                    prefill_chunk=None, embed_batch=self._embed)
+
+    def _embed(self, requests: list[tuple]) -> list:
+        inst = [r[2] for r in requests]
+        return self.model.batch_embeds([r[0] for r in requests], [r[1] for r in requests],
+                                       inst if self.fuse else None)
+
+    def submit(self, batch: Sequence[Question], prompts: Sequence[str], probs: list, ask: list[int]) -> _Submitted:
+        """Queue the replies of ``batch[k]`` for k in ``ask`` (images opened here, on the caller's thread: a bad
+        one is named before it reaches the decoder)."""
+        from emma_mamba.inference.batching import DecodeJob
+
+        images = {k: _load_image(batch[k]) for k in ask}  # all or nothing: a bad image submits none of the batch
+        jobs = []
+        for k in ask:
+            ids = self.model.tokenizer.encode(self.model.build_prompt(prompts[k], 1))
+            spec = {"embed": (ids, [images[k]], [prompts[k]] if self.fuse else None)}
+            jobs.append(self.decoder.submit(DecodeJob(self.cfg, lambda spec=spec: spec, _reply_text,
+                                                       self.model.tokenizer)))
+        return _Submitted(batch, prompts, probs, jobs)
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def _reply_text(seq, state, stats) -> str:
+    return seq.text().strip()
 
 
 def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):

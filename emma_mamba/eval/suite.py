@@ -125,11 +125,11 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
               progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
               max_new_tokens: int | None = None, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
               compile: bool = False, likelihood: bool = False, shard: tuple[int, int] | None = None,
-              sync=None) -> dict | None:
+              sync=None, batching: str = "continuous") -> dict | None:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
     ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
-    ``answer_fn`` as in :func:`emma_mamba.eval.runner.evaluate` (tests). ``likelihood``: every closed-set
+    ``answer_fn`` and ``batching`` as in :func:`emma_mamba.eval.runner.evaluate`. ``likelihood``: every closed-set
     benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise.
     ``shard=(rank, world)`` with ``sync`` (a barrier): several processes (torchrun) share each benchmark's
     questions, rank 0 merges and scores after ``sync``; the other ranks return None."""
@@ -166,7 +166,7 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
             kw = dict(annotations=e.annotations, checkpoint=checkpoint, progress=progress, answer_fn=answer_fn,
                       cuda_graphs=cuda_graphs, compile=compile, identity=identity, check_files=False,
-                      **_options(e, batch_size, max_new_tokens, limit, likelihood))
+                      batching=batching, **_options(e, batch_size, max_new_tokens, limit, likelihood))
             if shard is None:
                 rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
             else:
