@@ -14,7 +14,8 @@ question at the next step), alternating, in one process after a warm-up:
   order (an instruction-following benchmark, or a batch of captions and questions);
 * ``vqav2``: the held-out VQAv2 questions alone (one-word replies: little for continuous batching to gain).
 
-Recorded: answering seconds per run, the decode steps of the continuous runs, the replies' lengths in tokens,
+Recorded: answering seconds per run, the decode steps of each run (the batched recurrent steps after the
+prefills; the continuous decoder's admissions depend on timing, so its count varies a little), the replies' lengths in tokens,
 and whether both batchings gave the same replies (greedy: they must, up to a batched GEMM's rounding).
 """
 
@@ -56,6 +57,7 @@ def mixed_prompts(data: Path, out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     from emma_mamba.eval.runner import evaluate
+    from emma_mamba.inference import generate as gen
     from emma_mamba.models.vlm import load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -80,26 +82,37 @@ def main(argv=None) -> int:
            "command": "python benchmarks/eval_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
            "machine": machine(torch.device("cpu"), args.threads), "workloads": {}}
-    n_run = 0
+    step_fn = gen.decode_step
     for name, (task, qfile) in workloads.items():
         evaluate(model, task, qfile, images, tmp / f"warm_{name}", batch_size=args.batch_size,
                  max_new_tokens=args.max_new_tokens, limit=2 * args.batch_size, progress=False)
         runs, answers = [], {}
         for r in range(args.repeats):
             for how in (("static", "continuous") if r % 2 == 0 else ("continuous", "static")):
-                n_run += 1
                 out = tmp / f"{name}_{how}_{r}"
-                t0 = time.perf_counter()
-                rep = evaluate(model, task, qfile, images, out, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, progress=False, batching=how)
-                wall = time.perf_counter() - t0
+                steps = [0]
+                if how == "static":  # count generate()'s decode steps (the continuous report has its own)
+                    def counted(*a, _step=gen.decode_step, **k):
+                        steps[0] += 1
+                        return _step(*a, **k)
+
+                    gen.decode_step = counted
+                try:
+                    t0 = time.perf_counter()
+                    rep = evaluate(model, task, qfile, images, out, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, progress=False, batching=how)
+                    wall = time.perf_counter() - t0
+                finally:
+                    gen.decode_step = step_fn
+                if how == "static":
+                    rep["decode_steps"] = steps[0]
                 got = {json.loads(x)["question_id"]: json.loads(x)["text"]
                        for x in (out / "answers.jsonl").read_text().splitlines()}
                 answers.setdefault(how, got)
                 runs.append({"batching": how, "repeat": r, "seconds_answering": rep["seconds_this_run"],
                              "seconds_call": wall, "decode_steps": rep["decode_steps"]})
-                print(f"{name:6s} {how:10s} repeat {r}: {rep['seconds_this_run']:.2f} s"
-                      + (f", {rep['decode_steps']} decode steps" if rep["decode_steps"] is not None else ""))
+                print(f"{name:6s} {how:10s} repeat {r}: {rep['seconds_this_run']:.2f} s, {rep['decode_steps']} decode "
+                      "steps")
         lengths = [len(tok.encode(t)) for t in answers["continuous"].values()]
         same = answers["static"] == answers["continuous"]
         med = {h: statistics.median(x["seconds_answering"] for x in runs if x["batching"] == h)
@@ -109,6 +122,8 @@ def main(argv=None) -> int:
             "n_replies_different": sum(answers["static"][k] != v for k, v in answers["continuous"].items()),
             "reply_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
                              "mean": statistics.fmean(lengths)},
+            "decode_steps": {h: statistics.median(x["decode_steps"] for x in runs if x["batching"] == h)
+                             for h in ("static", "continuous")},
             "median_seconds": med, "ratio_static_over_continuous": med["static"] / med["continuous"], "runs": runs}
         print(f"{name}: {len(lengths)} questions, reply tokens {min(lengths)}-{max(lengths)} (median "
               f"{statistics.median(lengths)}); static {med['static']:.2f} s, continuous {med['continuous']:.2f} s: "

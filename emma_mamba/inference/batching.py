@@ -182,17 +182,23 @@ class BatchDecoder:
     the most prompt positions prefilled between two decode steps while the batch decodes (chunked prefill, module
     doc; None or 0: no limit). ``embed_batch(requests) -> [inputs_embeds]``: embeds the ``embed`` requests of the
     jobs admitted in one round together (e.g. :meth:`EmmaMamba.batch_embeds`, which encodes their images in one
-    vision-encoder batch)."""
+    vision-encoder batch). ``min_join``: while the batch decodes, queued jobs join only once at least this many
+    rows are free, so that their prefills and images are batched (throughput, e.g. ``eval``; an idle decoder
+    admits what is queued; default 1: a job joins at the next step, the lowest latency)."""
 
     def __init__(self, lm, max_batch: int = 8, compile: bool | str = False, cuda_graphs: bool = False,
-                 prefill_chunk: int | None = 512, embed_batch: Callable | None = None):
+                 prefill_chunk: int | None = 512, embed_batch: Callable | None = None, min_join: int = 1):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"BatchDecoder: max_batch must be a positive integer, got {max_batch!r}")
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 0):
             raise ValueError(f"BatchDecoder: prefill_chunk must be a non-negative integer or None, got "
                              f"{prefill_chunk!r}")
+        if isinstance(min_join, bool) or not isinstance(min_join, int) or not 1 <= min_join <= max_batch:
+            raise ValueError(f"BatchDecoder: min_join must be an integer in [1, max_batch={max_batch}], got "
+                             f"{min_join!r}")
         self.lm, self.max_batch, self.compile, self.cuda_graphs = lm, max_batch, compile, cuda_graphs
+        self.min_join = min_join
         self.prefill_chunk = prefill_chunk or None
         self.embed_batch = embed_batch
         self.embed_batches = 0  # calls of embed_batch (read by tests: one per admission round with images)
@@ -294,7 +300,8 @@ class BatchDecoder:
             return len(rows) + sum(1 + len(p.job.forks) for p in self.pending) \
                 + sum(1 + len(j.forks) for j, _ in started)
 
-        while taken() < self.max_batch:
+        joining = not rows or self.max_batch - taken() >= self.min_join
+        while joining and taken() < self.max_batch:
             if self._held is not None:
                 job, self._held = self._held, None
             else:

@@ -1,6 +1,6 @@
 """benchmarks/eval_batching.py on a tiny random checkpoint and a small ShapesWorld set: both workloads answered
 with both batchings, the same replies, every question of the mixed workload (one description per image plus
-the VQAv2 questions) answered, and decode steps recorded for the continuous runs only."""
+the VQAv2 questions) answered, and decode steps counted for both."""
 
 import json
 import sys
@@ -39,5 +39,5 @@ def test_eval_batching_script(tmp_path):
         assert w["replies_identical"] and w["n_replies_different"] == 0
         assert sorted(r["batching"] for r in w["runs"]) == ["continuous", "static"]
         for r in w["runs"]:
-            assert (r["decode_steps"] is None) == (r["batching"] == "static")
+            assert r["decode_steps"] > 0
             assert r["seconds_answering"] > 0

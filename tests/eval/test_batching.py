@@ -47,7 +47,8 @@ def _alone(model, q, eos):
     return r.sequences[0], r.texts[0].strip()
 
 
-def test_replies_equal_generate_alone_in_fewer_steps_than_fixed_batches(model, shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("b", [3, 4])  # questions join one by one (3), or two at a time (4: once half are free)
+def test_replies_equal_generate_alone_in_fewer_steps_than_fixed_batches(b, model, shapes, tmp_path, monkeypatch):
     qfile, images = shapes / "heldout" / "vqav2_questions.json", shapes / "images"
     qs = read_questions("vqav2", qfile, images)
     runs = [_alone(model, q, None)[0] for q in qs]
@@ -65,7 +66,6 @@ def test_replies_equal_generate_alone_in_fewer_steps_than_fixed_batches(model, s
     want = [_alone(model, q, eos) for q in qs]
     assert [len(s) + (n < MAX_NEW) for (s, _), n in zip(want, lens)] == lens  # sequences end before end-of-text
 
-    b = 3
     reports = {}
     for how in ("continuous", "static"):
         out = tmp_path / how

@@ -104,6 +104,30 @@ def test_requests_join_a_running_batch_and_wait_beyond_max_batch(lm):
     dec.close()
 
 
+@pytest.mark.parametrize("min_join", [1, 2])
+def test_min_join_waits_for_enough_free_rows(lm, min_join):
+    # three rows: A (40 tokens), B (30), C (5); D (5) queued behind them. When C ends one row is free: with
+    # min_join 1 D joins then (decoding beside A and B), with 2 only once B has ended too (beside A alone)
+    dec = BatchDecoder(lm, max_batch=3, min_join=min_join)
+    ps = prompts(4, seed=4)
+    cfgs = [GenerationConfig(max_new_tokens=n) for n in (40, 30, 5, 5)]
+    with dec.hold():
+        jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, cfgs)]
+    results = [j.wait(timeout=60) for j in jobs]
+    for r, p, c in zip(results, ps, cfgs):
+        check(lm, r, p, c)
+    assert results[3]["max_batch_rows"] == (3 if min_join == 1 else 2)
+    # D's steps come after C's (min_join 1) or B's (2) ended: the decoder ran A's 39 steps either way
+    assert dec.decode_steps == 39
+    dec.close()
+
+
+def test_bad_min_join(lm):
+    for bad in (0, 4, 1.5, True):
+        with pytest.raises(ValueError, match="min_join must be an integer in"):
+            BatchDecoder(lm, max_batch=3, min_join=bad)
+
+
 def test_a_failing_or_cancelled_request_leaves_the_others_alone(lm):
     dec = BatchDecoder(lm, max_batch=8)
     ps = prompts(4, seed=3)
