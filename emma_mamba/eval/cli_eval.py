@@ -59,9 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="replies decoded together at most (default %(default)s)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
-                   help="continuous (default): a finished reply's row goes to the next question at the next decode "
-                        "step; static: fixed batches of --batch-size questions, each decoded until its longest reply "
-                        "ends (the runner before continuous batching)")
+                   help="continuous (default): finished replies' rows go to the next questions (once half the rows "
+                        "are free, their images and prompts encoded together); static: fixed batches of --batch-size "
+                        "questions, each decoded until its longest reply ends (the runner before continuous batching)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest reply in tokens (default 16; refcoco and ocidref 32, a box needs about 20)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
