@@ -88,3 +88,26 @@ def test_bad_batching_is_named(model, shapes, tmp_path):
     with pytest.raises(ValueError, match="batching must be one of"):
         evaluate(model, "vqav2", shapes / "heldout" / "vqav2_questions.json", shapes / "images", tmp_path,
                  batching="dynamic", progress=False)
+
+
+def test_decode_steps_from_cuda_graphs_give_the_same_answers(model, shapes, tmp_path):
+    """`eval --cuda-graphs` through the continuous decoder (its graphs captured per batch size), on the CPU with
+    the EagerReplay stand-in of :mod:`emma_mamba.inference.cuda_graphs` (the capture and replay bookkeeping,
+    the static buffers; the GPU test of generate covers real graphs)."""
+    from emma_mamba.inference import cuda_graphs
+
+    qfile, images = shapes / "heldout" / "vqav2_questions.json", shapes / "images"
+    answers = {}
+    for graphs in (False, True):
+        api = cuda_graphs.EagerReplay()
+        if graphs:
+            cuda_graphs.attach(model.lm, api)
+        try:
+            evaluate(model, "vqav2", qfile, images, tmp_path / str(graphs), batch_size=4, max_new_tokens=5,
+                     limit=7, progress=False, cuda_graphs=graphs)
+        finally:
+            if graphs:
+                cuda_graphs.release(model.lm)
+        answers[graphs] = (tmp_path / str(graphs) / "answers.jsonl").read_text()
+        assert (api.captures > 0) == graphs
+    assert answers[True] == answers[False]
