@@ -117,6 +117,11 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
+        if self.resume_from is not None:
+            # before anything is built from the config: a model that differs is refused now, and the optimizer
+            # settings the checkpoint's states hold are put back into cfg.train, so that the optimizer's parameter
+            # groups are built from them (not from the values asked for, which the checkpoint's state would not fit)
+            self._check_resume_config(self.resume_from)
         tc = cfg.train
         if cfg.log.wandb and info.is_main:
             _require_wandb()  # before minutes of model building, not after
@@ -125,8 +130,13 @@ class Trainer:
         # ---- model
         from emma_mamba.models.vlm import EmmaMamba, load
 
-        # stage 1 does not train (so does not build) the alignment head, unless train.trainable asks for it
-        for_training = cfg.stage == "finetune" or "align_head" in (tc.trainable or ())
+        # the alignment head is built where it trains: stage 2 by default, or wherever train.trainable lists it (a
+        # frozen head's loss would train the LM towards a fixed, e.g. random, decoder's pixels)
+        for_training = "align_head" in tc.trainable if tc.trainable is not None else cfg.stage == "finetune"
+        if (not for_training and cfg.stage == "finetune" and cfg.model.align.enabled
+                and cfg.model.align.loss_weight > 0 and info.is_main):
+            log.warning("train.trainable leaves out align_head: no alignment head is built and its loss "
+                        "(model.align.loss_weight %g) is off in this run", cfg.model.align.loss_weight)
         if cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
             # what the run config may still change (INIT_FROM_MODEL_KEYS): how the loaded model trains
@@ -609,7 +619,8 @@ class Trainer:
             log.warning("resuming %s: the LR schedule changes from the resumed step on: %s", path, ", ".join(shape))
 
     def _restore(self, path: Path) -> None:
-        self._check_resume_config(path)
+        """Continue from checkpoint ``path`` (its configs already checked and adopted by
+        :meth:`_check_resume_config` in ``__init__``)."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)
         fp = self.dataset.fingerprint()
         if state["fingerprint"] != fp:
@@ -627,6 +638,12 @@ class Trainer:
         if state["total_steps"] != self.total_steps:
             log.warning("resuming %s: the run now has %d total steps (was %d); the LR schedule changes",
                         path, self.total_steps, state["total_steps"])
+        # the restored learning rates are the old schedule's at this step: the next update takes this run's
+        # schedule's (the same value, bit for bit, when the schedule did not change)
+        sch = self.scheduler
+        for group, base, lam in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+            group["lr"] = base * lam(sch.last_epoch)
+        sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.counters = {k: int(v) for k, v in state["counters"].items()}

@@ -682,6 +682,58 @@ def test_resume_names_a_corrupt_checkpoint_and_a_model_that_differs(shapes, tmp_
     assert load_run_config(tmp_path / "r" / "train_config.yaml").train.lr == 1e-3
 
 
+def _group_of(trainer, name):
+    p = dict(trainer.model.named_parameters())[name]
+    return next(g for g in trainer.optimizer.param_groups if any(q is p for q in g["params"]))
+
+
+@pytest.mark.parametrize("change", [{"decay_embeddings": False}, {"lr_multipliers": {"projector": 10.0}}])
+def test_resume_builds_the_optimizer_groups_from_the_checkpoints_settings(shapes, tmp_path, change, caplog):
+    """Optimizer settings asked differently on resume are the checkpoint's (its state holds them): the parameter
+    groups too, not only the recorded config (the embedding stays decayed; the projector keeps the base lr)."""
+    data = subset(shapes, tmp_path, 4)
+    kw = dict(train={"max_steps": 3, "decay_embeddings": True}, checkpoint={"every_steps": 1})
+    Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit(stop_after=1)
+    with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):
+        t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={**kw["train"], **change}), resume="auto")
+    assert "continues with the checkpoint's settings" in caplog.text
+    emb = _group_of(t, "lm.embeddings.weight")
+    assert emb["weight_decay"] == 0.1  # decay_embeddings: true, as the checkpoint was written
+    proj = next(n for n, q in t.model.named_parameters() if n.startswith("projector.") and q.ndim == 2)
+    assert _group_of(t, proj)["lr"] == _group_of(t, "lm.layers.0.mixer.in_proj.weight")["lr"]
+    rows = t.fit()  # the restored optimizer state fits the groups: both remaining steps run
+    assert [m["step"] for m in rows] == [2, 3]
+
+
+def test_a_changed_schedule_sets_the_lr_of_the_first_resumed_step(shapes, tmp_path):
+    import math
+
+    data = subset(shapes, tmp_path, 4)
+    kw = dict(checkpoint={"every_steps": 2})
+    Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 4, "warmup_steps": 1}, **kw)).fit(stop_after=2)
+    t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 8, "warmup_steps": 1}, **kw),
+                resume="auto")
+    rows = [m for m in t.fit(stop_after=2) if m["step"] > 2]
+    assert [m["step"] for m in rows] == [3, 4]
+    # the lr logged for step k is the one its update used: the new schedule's from step 3 on, cosine from 1e-3
+    # to 0 over the 7 steps after the 1 warm-up step (the old 4-step schedule's step 3: 0.75e-3)
+    assert [m["lr"] for m in rows] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 7))
+                                                     for k in (3, 4)])
+    assert rows[0]["lr"] != pytest.approx(0.75e-3)
+
+
+def test_finetune_without_align_head_in_trainable_builds_no_head(shapes, tmp_path, caplog):
+    """A frozen head's loss would train the LM towards a fixed (here random) decoder's pixels: no head is built,
+    the loss is the LM's alone, and the warning says so."""
+    data = subset(shapes, tmp_path, 4)
+    with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):
+        t = Trainer(make_cfg(shapes, tmp_path / "f", data, train={"trainable": ["mff", "projector", "lm"]}))
+    assert t.model.align_head is None
+    assert "train.trainable leaves out align_head" in caplog.text
+    (row,) = t.fit(stop_after=1)
+    assert row["loss"] == row["lm_loss"]
+
+
 def test_max_length_below_one_images_tokens_and_a_warmup_past_the_run_are_named(shapes, tmp_path, caplog):
     data = subset(shapes, tmp_path, 4)
     with pytest.raises(ConfigError, match=r"data\.max_length 16 is not more than one image's 16 visual tokens"):
