@@ -53,8 +53,9 @@ from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, 
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
-from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, init_distributed, is_fsdp,
-                                          no_grad_sync, resolve_strategy, wrap_model)
+from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, clip_grad_norm, init_distributed,
+                                          is_fsdp, no_grad_sync, resolve_strategy, sync_replicated_grads,
+                                          wrap_model)
 
 __all__ = ["Trainer", "train"]
 
@@ -355,10 +356,9 @@ class Trainer:
                 loss = (lm / n_lab + w_align * al / n_img) * info.world_size
                 loss.backward()
             sums += torch.stack([lm.detach(), al.detach()]).double()
+        sync_replicated_grads(self.model)  # FSDP: the SSM parameters it leaves whole (parallel.py)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = clip_grad_norm(self.params, max_norm)
         if not torch.isfinite(grad_norm):  # the same on every rank (a global norm): all stop before the update
             self.optimizer.zero_grad(set_to_none=True)
             sums = all_reduce_sum(sums).cpu()

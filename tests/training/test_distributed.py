@@ -191,3 +191,65 @@ def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtyp
     emma_mamba.load(ckpt)
     resume_fsdp_checkpoint(y, ckpt, tmp_path, ref)
 
+
+
+FSDP_BF16_PROBE = r'''
+import json, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from emma_mamba.config import get_preset
+from emma_mamba.models import mamba as M
+from emma_mamba.models.vlm import EmmaMamba
+from emma_mamba.training.parallel import clip_grad_norm, init_distributed, sync_replicated_grads, wrap_model
+
+info = init_distributed("cpu")
+torch.manual_seed(0)
+model = EmmaMamba(get_preset("tiny"), for_training=True)
+seen = {}
+forward = M.MambaMixer.forward
+def spy(self, *a, **k):  # the dtypes the mixer computes with
+    seen.update(A_log=str(self.A_log.dtype), D=str(self.D.dtype), dt_bias=str(self.dt_proj.bias.dtype),
+                in_proj=str(self.in_proj.weight.dtype))
+    return forward(self, *a, **k)
+M.MambaMixer.forward = spy
+wrap_model(model, "fsdp", info, bf16=True)
+torch.manual_seed(1 + info.rank)  # each process its own batch
+ids = torch.randint(0, 100, (1, 12))
+model(input_ids=ids, labels=ids).loss["lm"].backward()
+sync_replicated_grads(model)
+params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+def full(g):
+    return g.full_tensor() if isinstance(g, DTensor) else g
+def norm_by_hand():
+    return float(sum(full(p.grad).double().pow(2).sum() for p in params) ** 0.5)
+before = norm_by_hand()
+got = float(clip_grad_norm(params, 0.5 * before))
+A = model.lm.layers[0].mixer.A_log
+grads = [torch.zeros_like(A.grad) for _ in range(2)]
+dist.all_gather(grads, A.grad)
+print("PROBE " + json.dumps({"seen": seen, "norm": got, "by_hand": before, "after": norm_by_hand(),
+                             "A_log_grad_same_on_both": bool(torch.equal(*grads)),
+                             "A_log_sharded": isinstance(A, DTensor)}))
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp_bf16_keeps_the_ssm_parameters_fp32_and_whole(tmp_path):
+    """Under FSDP with bf16 the SSM's A_log, D and dt bias reach the mixer in fp32 (the other weights in bf16),
+    whole on every process; their gradients are averaged over the processes (the same on both) and the clipped
+    norm is the global one over shards and whole tensors together (against the norm of every gathered gradient,
+    by hand)."""
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_BF16_PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    rows = [json.loads(x.split("PROBE ", 1)[1]) for x in r.stdout.splitlines() if "PROBE " in x]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["seen"] == {"A_log": "torch.float32", "D": "torch.float32", "dt_bias": "torch.float32",
+                               "in_proj": "torch.bfloat16"}
+        assert not row["A_log_sharded"] and row["A_log_grad_same_on_both"]
+        assert row["norm"] == pytest.approx(row["by_hand"], rel=1e-5)
+        assert row["after"] == pytest.approx(0.5 * row["by_hand"], rel=1e-4)  # clipped to half
+    assert rows[0]["norm"] == rows[1]["norm"]
