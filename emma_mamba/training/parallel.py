@@ -17,7 +17,7 @@ The models stay plain ``nn.Module`` s; this module turns one into what the train
   parameters are gathered in bf16 and gradients reduced in fp32 (``MixedPrecisionPolicy``); on the CPU
   everything stays fp32. The SSM's dynamics parameters (each mixer's ``A_log``, ``D`` and dt bias:
   :func:`ssm_parameters`) are left out of the shard units: a bf16 gather would round them (``A = -exp(A_log)``
-  by up to 0.4 % at the S4D init, the dt bias of about -6.9 under the softplus by ~1.6 % of the step), which the
+  by up to 0.35 % at the S4D init, the dt bias of about -6.9 under the softplus by ~1.6 % of the step), which the
   recurrence compounds over the sequence; mamba-ssm keeps them fp32, as autocast does under DDP. They stay whole
   and fp32 on every process (0.2 % of mamba-2.8b's parameters), broadcast from rank 0 once; their gradients are
   averaged over the processes by :func:`sync_replicated_grads`, and :func:`clip_grad_norm` takes the global
