@@ -6,7 +6,9 @@ for inference neither holds its weights nor runs it.
 From the LM hidden states at the N visual-token positions of one image (optionally several LM layers,
 each LayerNorm-ed and mixed with learned softmax weights, as the paper's code fuses layers), a small causal
 transformer decoder predicts, for visual token i, the pixels of image patch i + 1 in raster order
-(next-patch prediction; the LM is causal, so token i has seen patches 0..i and nothing after). The patch
+(next-patch prediction: the LM is causal, so its state at token i holds visual tokens 0..i and none after;
+each visual token still carries some context of the whole image, as the ViT attends across all patches, which
+the paper's design accepts). The patch
 grid is the visual-token grid: the ViT's ``grid_h x grid_w`` patches of ``patch_size`` pixels, taken from the
 preprocessed image with the mean/std normalisation undone (RGB in [0, 1]). Pixels the ViT's patch embedding
 never sees (SigLIP-384 with 14-px patches covers 378 of 384 pixels) are cropped off. Targets are normalised
