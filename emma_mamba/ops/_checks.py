@@ -66,6 +66,8 @@ def check_selective_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq
         _fail(op, f"A must have shape (dim={d}, dstate), got "
                   f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
     n = A.shape[1]
+    if n == 0:
+        _fail(op, "dstate (A.shape[1]) must be at least 1")
     _check_tensor(op, "A", A, (d, n), (torch.float32,), dev)
     for name, X in (("B", B), ("C", C)):
         if not isinstance(X, torch.Tensor):
@@ -135,6 +137,8 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
                   f"{tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__}")
     b, d, n = state.shape
     dev = state.device
+    if n == 0:
+        _fail(op, "dstate (state.shape[2]) must be at least 1")
     if state.dtype not in FLOAT_DTYPES:
         _fail(op, f"state must be float32, float16 or bfloat16, got {state.dtype}")
     if not state.is_contiguous():

@@ -39,6 +39,8 @@ SCAN_BAD = [
     ("delta on meta", dict(delta=torch.rand(b, d, l, device=META)), r"delta is on meta but the other inputs are on cpu"),
     ("A rows", dict(A=-torch.rand(d + 1, n)), r"A must have shape \(dim=4, dstate\)"),
     ("A fp16", dict(A=-torch.rand(d, n).half()), r"A must have dtype in \(float32\)"),
+    ("no states", dict(A=-torch.rand(d, 0), B=torch.randn(b, 0, l), C=torch.randn(b, 0, l),
+                       initial_state=torch.randn(b, d, 0)), r"dstate \(A\.shape\[1\]\) must be at least 1"),
     ("B 5-D", dict(B=torch.randn(b, 1, 1, n, l)), r"B must be \(dim, dstate\), \(batch, dstate, seqlen\)"),
     ("B groups", dict(B=torch.randn(b, 3, n, l)), r"B has 3 groups, which must divide dim=4"),
     ("C dstate", dict(C=torch.randn(b, n + 1, l)), r"C must have shape \(2, 3, 6\)"),
@@ -104,6 +106,8 @@ STEP_BAD = [
      r"state is updated in place and must be contiguous"),
     ("state 2-D", dict(state=torch.randn(b, d)), r"state must be a 3-D tensor"),
     ("state int", dict(state=torch.zeros(b, d, n, dtype=torch.int32)), r"state must be float32"),
+    ("no states", dict(state=torch.randn(b, d, 0), A=-torch.rand(d, 0), B=torch.randn(b, 0), C=torch.randn(b, 0)),
+     r"dstate \(state\.shape\[2\]\) must be at least 1"),
     ("x shape", dict(x=torch.randn(b, d + 1)), r"x must have shape \(2, 4\)"),
     ("x not a tensor", dict(x=1.0), r"x must be a float32, float16 or bfloat16 tensor"),
     ("dt dtype", dict(dt=torch.rand(b, d).half()), r"dt must have dtype in \(float32\)"),
@@ -154,6 +158,33 @@ def test_good_inputs_pass(backend):
     ops.causal_conv1d(**conv_args())
     ops.selective_state_update(**step_args())
     ops.causal_conv1d_update(**conv_step_args())
+
+
+@pytest.mark.parametrize("bb,dd", [(0, d), (b, 0)])
+def test_an_empty_batch_or_channel_dimension_gives_empty_results_and_gradients(backend, bb, dd):
+    """Nothing to compute: every backend returns the empty outputs and, for the scan and the conv, gradients of
+    every input's shape (the compiled cpu kernels once returned None for some: an empty tensor's null data
+    pointer read as an absent optional input)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    scan_in = dict(u=r(bb, dd, l), delta=r(bb, dd, l), A=r(dd, n), B=r(bb, n, l), C=r(bb, n, l), D=r(dd),
+                   z=r(bb, dd, l), delta_bias=r(dd), initial_state=r(bb, dd, n))
+    out, last = ops.selective_scan(**scan_in, delta_softplus=True, return_last_state=True)
+    assert out.shape == (bb, dd, l) and last.shape == (bb, dd, n)
+    grads = torch.autograd.grad((out.sum() + last.sum()), list(scan_in.values()), allow_unused=False)
+    assert [x.shape for x in grads] == [x.shape for x in scan_in.values()]
+    conv_in = dict(x=r(bb, dd, l), weight=r(dd, w), bias=r(dd), initial_states=r(bb, dd, w - 1))
+    y = ops.causal_conv1d(**conv_in, activation="silu")
+    grads = torch.autograd.grad(y.sum(), list(conv_in.values()))
+    assert y.shape == (bb, dd, l) and [x.shape for x in grads] == [x.shape for x in conv_in.values()]
+    state, conv_state = torch.zeros(bb, dd, n), torch.zeros(bb, dd, w)
+    with torch.no_grad():
+        assert ops.selective_state_update(state, torch.randn(bb, dd), torch.rand(bb, dd), -torch.rand(dd, n),
+                                          torch.randn(bb, n), torch.randn(bb, n)).shape == (bb, dd)
+        assert ops.causal_conv1d_update(torch.randn(bb, dd), conv_state, torch.randn(dd, w)).shape == (bb, dd)
 
 
 def test_unknown_backend_is_a_clear_error():
