@@ -347,17 +347,25 @@ def test_conv_update_steps_equal_the_conv(triton_backend, w):
     torch.testing.assert_close(state, ref_state)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_update_keeps_state_dtype(triton_backend, dtype):
-    b, d, w = 3, 5, 4
-    state = torch.randn(b, d, w, device=DEVICE).to(dtype)
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float16)])
+def test_conv_update_keeps_state_dtype(triton_backend, dtype, state_dtype):
+    """The state keeps its dtype; x enters it rounded as torch rounds (bit for bit), also when x's dtype differs.
+    Except under Triton's interpreter for x of another dtype into a bf16 state: its fp32 -> bf16 cast truncates
+    instead of rounding to nearest (triton 3.8, interpreter.py ``_convert_float``; a GPU rounds), so there the
+    state is compared within one bf16 step."""
+    b, d, w = 3, 40, 4
+    state = torch.randn(b, d, w, device=DEVICE).to(state_dtype)
     ref_state = state.clone()
     x, weight = torch.randn(b, d, device=DEVICE).to(dtype), torch.randn(d, w, device=DEVICE)
     y = ops.causal_conv1d_update(x, state, weight, None, None)
     y_ref = causal_conv1d_update_ref(x, ref_state, weight, None, None)
-    assert state.dtype == dtype and y.dtype == dtype
-    torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
-    torch.testing.assert_close(y, y_ref, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    assert state.dtype == state_dtype and y.dtype == dtype
+    truncating = INTERPRET and state_dtype == torch.bfloat16 and dtype != state_dtype
+    torch.testing.assert_close(state, ref_state, rtol=2.0**-7 if truncating else 0, atol=0)
+    tol = max(TOL[dtype], TOL[state_dtype])
+    torch.testing.assert_close(y, y_ref, rtol=tol[0], atol=tol[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
