@@ -506,8 +506,12 @@ class BatchDecoder:
             if r.job.cancelled:
                 r.job._settle(error=RuntimeError("cancelled"))
                 continue
-            t = picks[j] if j in picks else int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None else None,
-                                                      r.job.cfg, vocab, r.generator))
+            try:
+                t = picks[j] if j in picks else int(_pick(logits[j:j + 1], r.seen[None] if r.seen is not None
+                                                          else None, r.job.cfg, vocab, r.generator))
+            except Exception as e:  # noqa: BLE001 - this row's sampling failed (e.g. non-finite probabilities)
+                r.job._settle(error=e)
+                continue
             if r.logprobs is not None:  # the model's own distribution (before penalties and temperature)
                 r.picked_logprobs = r.picked_logprobs or []
                 r.picked_logprobs += token_logprobs(logits[j:j + 1], torch.tensor([t], device=logits.device),

@@ -375,6 +375,11 @@ def decode_step(lm, tokens: torch.Tensor, cache, compile: bool | str = False) ->
         cache.seqlen_offset = offset + tokens.shape[1]
 
 
+GREEDY_BELOW = 1e-5
+"""A temperature below this samples greedily (the limit of softmax(logits / T) as T -> 0; dividing by a tinier one
+overflows to inf and the sampling fails), as vLLM does."""
+
+
 def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,
           generator: torch.Generator | None) -> torch.Tensor:
     """logits (a, V) fp32 -> next token ids (a,)."""
@@ -383,7 +388,7 @@ def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig
     if seen is not None:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if cfg.temperature == 0:
+    if cfg.temperature < GREEDY_BELOW:  # 0, or so small that logits / temperature would overflow: its limit
         return logits.argmax(-1)
     logits = logits / cfg.temperature
     if 0 < cfg.top_k < logits.shape[-1]:
@@ -541,7 +546,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     seqs = [_Sequence(cfg, tokenizer, streamer) for _ in range(B)]
     result = GenerationResult([q.tokens for q in seqs], None, ["length"] * B, prompt_lengths,
                               final_tokens=[None] * B, cache=cache)
-    if cfg.max_new_tokens == 0:
+    if cfg.max_new_tokens == 0 and cache is None:
         result.texts = [""] * B if tokenizer is not None else None
         return result
 
@@ -561,6 +566,9 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         cache, logits = cache.select(fork), logits.index_select(0, fork)
         prompts = [p for p in prompts for _ in range(n_ret)]
     result.prefill_seconds = time.perf_counter() - t0
+    if cfg.max_new_tokens == 0:  # a continued cache: it now holds the prompt, no token is picked
+        result.texts = [""] * B if tokenizer is not None else None
+        return result
 
     seen = None
     if cfg.repetition_penalty != 1.0:

@@ -12,7 +12,10 @@ Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``)
 choices from one prefill whose state each choice continues; choice i samples with ``seed + i``), ``logprobs`` and
 ``top_logprobs`` (0-20; not with ``stream``): each answer token's log-probability under the model (before
 penalties and temperature) and its most likely alternatives, in OpenAI's ``choices[i].logprobs.content`` form
-(what closed-set benchmarks read through ``emma-mamba eval --api``). A user
+(what closed-set benchmarks read through ``emma-mamba eval --api``). A field left out takes the server's
+default (``serve``'s options: greedy unless ``--temperature`` says otherwise, where OpenAI's default temperature
+is 1). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``min_tokens`` are refused with a 400 unless
+0 / empty (what clients send by default). A user
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
@@ -212,6 +215,9 @@ def conversation_ids(tokenizer, turns: list[_Turn], image_token: str,
 
 
 _FLOAT_FIELDS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0)}
+_UNSUPPORTED_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "min_tokens": 0}
+"""OpenAI / vLLM sampling fields this server does not implement -> the value that means "off" (accepted: clients
+send it by default); any other value is a 400 naming the field, rather than an answer sampled without it."""
 
 
 def _number(body: dict, key: str, kind, lo, hi, default):
@@ -299,6 +305,12 @@ class ChatService:
         top_n = self.decoder.max_batch
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= top_n:
             raise RequestError(f"n must be an integer from 1 to {top_n} (this server's --max-batch), got {n!r}", "n")
+        for field, off in _UNSUPPORTED_FIELDS.items():  # sampling controls this server lacks: refused, not ignored
+            value = body.get(field)
+            if value is not None and value != off:
+                raise RequestError(f"{field} is not supported by this server (its sampling knows temperature, top_p, "
+                                   f"top_k, repetition_penalty, stop and seed); send {off!r} or leave it out, "
+                                   f"got {value!r}", field)
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = _number(body, key, int, min_new, self.max_new_tokens_limit, d.max_new_tokens)
         kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}
@@ -395,7 +407,8 @@ class ChatService:
                 info["prefilled"] = len(new_ids) + len(new_images) * (self.vlm.vision.num_tokens - 1)
                 return {"embed": (new_ids, new_images, inst), "cache": cache, "logprobs": top}
             info["prefilled"] = len(new_ids)
-            return {"input_ids": new_ids, "cache": cache, "seen": new_ids, "logprobs": top}
+            # the repetition penalty counts the whole conversation, whatever part of it the state cache spares
+            return {"input_ids": new_ids, "cache": cache, "seen": ids, "logprobs": top}
 
         def finish(seq, state, stats):
             text = seq.text()

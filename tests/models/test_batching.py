@@ -150,6 +150,33 @@ def test_a_failing_or_cancelled_request_leaves_the_others_alone(lm):
     dec.close()
 
 
+def test_a_row_whose_sampling_fails_fails_alone_and_a_tiny_temperature_is_greedy(lm, monkeypatch):
+    """A request's own sampling error (here forced for seed 13) settles that request only; the others decode on.
+    A temperature too small to divide by (1e-45: logits / T overflow) samples greedily, its limit."""
+    from emma_mamba.inference import batching
+
+    real = batching._pick
+
+    def pick(logits, seen, cfg, vocab, generator):
+        if cfg.seed == 13:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, seen, cfg, vocab, generator)
+
+    monkeypatch.setattr(batching, "_pick", pick)
+    dec = BatchDecoder(lm, max_batch=4)
+    ps = prompts(3, seed=5)
+    cfgs = [GenerationConfig(max_new_tokens=8, temperature=1.0, seed=13), GenerationConfig(max_new_tokens=8),
+            GenerationConfig(max_new_tokens=8, temperature=1e-45, seed=2)]
+    with dec.hold():
+        jobs = [dec.submit(job(lm, p, c)) for p, c in zip(ps, cfgs)]
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        jobs[0].wait(timeout=60)
+    check(lm, jobs[1].wait(timeout=60), ps[1], cfgs[1])
+    tiny = jobs[2].wait(timeout=60)
+    check(lm, tiny, ps[2], GenerationConfig(max_new_tokens=8))  # greedy
+    dec.close()
+
+
 def test_streamed_chunks_reach_the_waiting_thread():
     from emma_mamba.config import get_preset
     from emma_mamba.models.vlm import EmmaMamba

@@ -388,3 +388,19 @@ def test_bench_lm_runs_and_writes_json(tmp_path, capsys, mixer):
     assert res["greedy_tokens_agree_for"] == 4
     assert set(res["ratios"]) == {"prefill_speedup", "decode_speedup"} and "torch" in res["machine"]
     assert "prefill_speedup" in capsys.readouterr().out
+
+
+def test_zero_new_tokens_into_a_cache_prefills_the_prompt():
+    """max_new_tokens 0 with a cache: no token, and the cache holds the prompt, as it does after one new token
+    (the state after every token but the final one)."""
+    lm = _lm(seed=4)
+    prompt = torch.randint(0, VOCAB, (7,)).tolist()
+    caches = []
+    for n in (0, 1):
+        cache = lm.allocate_cache(1)
+        res = generate(lm, input_ids=prompt, config=GenerationConfig(max_new_tokens=n), cache=cache)
+        assert len(res.sequences[0]) == n and cache.seqlen_offset == len(prompt)
+        caches.append(cache)
+    for a, b in zip(caches[0].conv_states + caches[0].ssm_states, caches[1].conv_states + caches[1].ssm_states):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -159,12 +159,25 @@ def test_system_messages_are_dropped_and_said_so(server):
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream",
      "stream must be true or false, got 'yes'"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": 1}, "stream", "stream must be true or false"),
+    # sampling controls this server lacks: refused, not silently ignored
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "presence_penalty",
+     "presence_penalty is not supported by this server"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -1}, "frequency_penalty", "send 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 100}}, "logit_bias", "send {}"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_tokens": 3}, "min_tokens", "not supported"),
 ])
 def test_bad_requests_are_400_naming_the_field(server, body, param, match):
     url, _ = server
     status, text = post(url, body)
     err = json.loads(text)["error"]
     assert status == 400 and err["param"] == param and match in err["message"], err
+
+
+def test_unsupported_sampling_fields_at_their_off_values_are_accepted(server):
+    url, _ = server
+    status, _ = post(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "presence_penalty": 0,
+                           "frequency_penalty": 0.0, "logit_bias": {}, "min_tokens": 0})
+    assert status == 200
 
 
 def test_other_endpoints_and_malformed_json(server):
@@ -272,6 +285,38 @@ def test_state_cache_continues_a_conversation_with_only_the_new_turn_prefilled(m
     _first_kept_answer(one, [user("Something else?", image=False)], max_tokens=4)
     follow = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]}, user("And now?")]
     assert one.complete({"messages": follow, "max_tokens": 2})["emma_mamba"]["state_cache"] == "miss"
+
+
+def test_a_state_cache_hit_penalises_the_whole_conversation(model):
+    """With a repetition penalty the answer depends on every token seen so far: a hit (only the new turn
+    prefilled) must count the whole conversation as seen, as the miss does (it counted the new turn only). A
+    random LM with noisy weights, whose greedy answers come back to the conversation's tokens."""
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    tok = model.tokenizer
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=len(tok), d_state=8, tie_embeddings=False)).eval()
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cached = ChatService(lm, tokenizer=tok, defaults=GenerationConfig(max_new_tokens=12), state_cache=16)
+    plain = ChatService(lm, tokenizer=tok, defaults=GenerationConfig(max_new_tokens=12), state_cache=0)
+    changed = 0
+    for q in ("Hello there", "What is a cat?", "Tell me a story", "Why is the sky blue?"):
+        first = [{"role": "user", "content": q}]
+        a = cached.complete({"messages": first, "max_tokens": 4})["choices"][0]["message"]["content"]
+        follow = first + [{"role": "assistant", "content": a}, {"role": "user", "content": "Again please"}]
+        answers = []
+        for penalty in (1.0, 5.0):
+            body = {"messages": follow, "repetition_penalty": penalty, "max_tokens": 12}
+            b, ref = cached.complete(body), plain.complete(body)
+            assert b["emma_mamba"]["state_cache"] == "hit" and ref["emma_mamba"]["state_cache"] == "miss"
+            assert b["choices"] == ref["choices"], (q, penalty)
+            answers.append(ref["choices"][0]["message"]["content"])
+        changed += answers[0] != answers[1]
+    assert changed  # the penalty changes answers here: the comparisons above can fail
+    cached.close()
+    plain.close()
 
 
 def test_a_client_leaving_mid_stream_stops_its_answer_and_frees_the_server(server):
