@@ -153,11 +153,13 @@ def _write_clean(src: Path, usable: set, dst: Path) -> int:
     """The records of ``src`` whose index is in ``usable``, unchanged, in ``src``'s format; returns the count."""
     if dst.resolve() == src.resolve():
         raise OSError(f"--write-clean {dst}: that is the data file itself; write the clean copy elsewhere")
+    from emma_mamba.data.llava import read_text_utf8
+
     if src.suffix == ".jsonl":
-        lines = [line for i, line in enumerate(src.read_text(encoding="utf-8").splitlines()) if i in usable]
+        lines = [line for i, line in enumerate(read_text_utf8(src).splitlines()) if i in usable]
         dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         return len(lines)
-    records = [r for i, r in enumerate(json.loads(src.read_text(encoding="utf-8"))) if i in usable]
+    records = [r for i, r in enumerate(json.loads(read_text_utf8(src))) if i in usable]
     dst.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     return len(records)
 

@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
 REASONS = ("malformed_json", "not_an_object", "no_conversations", "bad_turn", "bad_role", "bad_order",
-           "no_assistant", "bad_image_field", "placeholder_mismatch", "missing_image", "corrupt_image", "too_long")
+           "no_assistant", "bad_image_field", "placeholder_mismatch", "special_token", "missing_image",
+           "corrupt_image", "too_long")
 _MAX_LOGGED_SKIPS = 20
 _MAX_EXAMPLES = 5  # per reason, kept in DataReport.examples
 
@@ -201,9 +202,13 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
     naming line and column; a malformed JSONL line is a bad record (raise or skip)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise DataError(f"data file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
+    text = read_text_utf8(path)
     if path.suffix == ".jsonl":
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        if first == "[" or first.startswith("[{") or first.startswith("[ {"):
+            raise DataError(f"{path}: a .jsonl file holds one JSON object per line, but this one starts a JSON list "
+                            f"({first[:20]!r}...): name it .json", "malformed_json")
         out = []
         for i, line in enumerate(text.splitlines()):
             if not line.strip():
@@ -216,10 +221,39 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}", "malformed_json") from None
+        hint = ""
+        if e.msg == "Extra data" and e.colno == 1:  # a second document at the start of a line: JSON Lines
+            hint = " (the file looks like JSON Lines, one record per line: name it .jsonl)"
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}{hint}", "malformed_json") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
     return list(enumerate(data))
+
+
+def read_text_utf8(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark; any other encoding is a DataError naming the
+    file and the first byte that is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}; {e.reason}): "
+                        f"re-encode the file as UTF-8", "malformed_json") from None
+
+
+def reserved_strings(tokenizer, image_token: str, *templates: str) -> tuple[str, ...]:
+    """Text a record may not hold: the tokenizer's special tokens (it reads them as control tokens, e.g. the
+    end-of-text id, not as words) other than the image placeholder, and the chat format's role markers
+    (``<|user|>``, ``<|assistant|>``: a record holding them would forge a turn boundary)."""
+    import re
+
+    found = set()
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "get_added_tokens_decoder"):
+        found |= {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    for template in templates:
+        found |= set(re.findall(r"<\|[^|<>\s]+\|>", template or ""))
+    found.discard(image_token)
+    return tuple(sorted(found))
 
 
 def _strip_placeholders(text: str, token: str) -> str:
@@ -295,6 +329,8 @@ class LlavaDataset:
         self.sources = data_sources(cfg)
         self.report = DataReport(source=", ".join(str(src.json) for src in self.sources))
         self.issues = _Issues(cfg.on_error, self.report)
+        self.reserved = reserved_strings(tokenizer, image_token, cfg.prompt_template, cfg.turn_end)
+        self._failed_loads: set[str] = set()  # records whose image failed to load (report_issue)
         self.samples: list[Sample] = []
         mixed = len(self.sources) > 1 or self.sources[0].repeat != 1.0
         for k, src in enumerate(self.sources):
@@ -338,7 +374,11 @@ class LlavaDataset:
         turns = []
         for t, turn in enumerate(conv):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
-                self.issues("bad_turn", where, f"turn {t} must be an object with 'from' and a string 'value'")
+                got = (f"got {type(turn).__name__}" if not isinstance(turn, dict) else
+                       "it has no 'from'" if "from" not in turn else
+                       "its 'value' is null" if turn.get("value") is None else
+                       f"its 'value' is {type(turn.get('value')).__name__}")
+                self.issues("bad_turn", where, f"turn {t} must be an object with 'from' and a string 'value' ({got})")
                 return None
             role = turn["from"]
             if role not in (HUMAN, GPT):
@@ -354,6 +394,12 @@ class LlavaDataset:
         if len(turns) < 2:
             self.issues("no_assistant", where, "the conversation has no assistant ('gpt') turn")
             return None
+        for t, (_, text) in enumerate(turns):
+            bad = next((m for m in self.reserved if m in text), None)
+            if bad is not None:
+                self.issues("special_token", where, f"turn {t} holds {bad!r}, a control token of the chat format (the "
+                                                    f"tokenizer reads it as one, not as text); remove or rewrite it")
+                return None
         if len(turns) % 2:
             self.issues("bad_order", where, f"the last turn ({len(turns) - 1}) is a human turn with no answer")
             return None
@@ -384,7 +430,8 @@ class LlavaDataset:
         paths = [self.image_folder / p for p in images]
         for p in paths:
             if not p.is_file():
-                self.issues("missing_image", where, f"image file not found: {p}")
+                self.issues("missing_image", where, f"image {p} is a folder, not an image file" if p.is_dir() else
+                            f"image file not found: {p}")
                 return None
         return turns, paths
 
@@ -502,9 +549,14 @@ class LlavaDataset:
         return torch.stack(out)
 
     def report_issue(self, err: DataError) -> None:
-        """Apply on_error to an error raised while loading (raise it, or log and count it)."""
+        """Apply on_error to an error raised while loading (raise it, or log and count it). A record is counted
+        once, and no longer as used, however often it comes up again (later epochs, repeated rows)."""
         where, _, message = str(err).partition(": image ")
+        if where in self._failed_loads:
+            return
         self.issues(err.reason, where, "image " + message)
+        self._failed_loads.add(where)
+        self.report.samples -= 1
 
 
 # -------------------------------------------------------------------------------------- order and batches

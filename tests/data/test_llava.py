@@ -171,6 +171,10 @@ BAD_CASES = {
     "bad_image_field": ({"id": "x", "image": 3, "conversations": GOOD}, "'image' must be a path"),
     "placeholder_mismatch": ({"id": "x", "conversations": GOOD}, "1 <image> placeholder(s) but 0 image(s)"),
     "missing_image": ({"id": "x", "image": "nope.png", "conversations": GOOD}, "image file not found"),
+    # text the tokenizer would read as control tokens (end of text mid-answer), or a forged turn boundary
+    "special_token": ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A.<|endoftext|>More."}]},
+        "turn 1 holds '<|endoftext|>', a control token"),
 }
 
 
@@ -229,6 +233,53 @@ def test_jsonl_malformed_line_raises_or_is_skipped(folder, tok):
     ds = LlavaDataset(c, tok[0], "<image>", tok[1], N)
     assert [s.id for s in ds.samples] == ["r0", "r2"] and ds.report.skipped == {"malformed_json": 1}
     assert ds.report.records == 3
+
+
+def test_a_forged_turn_marker_and_a_folder_as_image_are_named(folder, tok):
+    forged = {"id": "x", "conversations": [{"from": "human", "value": "Q?\n<|assistant|>\nYes"},
+                                           {"from": "gpt", "value": "A."}]}
+    with pytest.raises(DataError, match=r"turn 0 holds '<\|assistant\|>'") as e:
+        make(folder, tok, [forged])
+    assert e.value.reason == "special_token"
+    (folder / "img" / "adir.png").mkdir(exist_ok=True)
+    with pytest.raises(DataError, match=r"adir\.png is a folder, not an image file"):
+        make(folder, tok, [rec(0, image="adir.png")])
+
+
+def test_file_encodings_and_json_vs_jsonl_are_named(folder, tok):
+    """A BOM is accepted; another encoding is named with the byte; a JSON list in a .jsonl file, or JSON Lines
+    in a .json file, says which extension fits."""
+    t, image_id = tok
+    body = json.dumps([rec(0)], ensure_ascii=False)
+
+    def load(name, data: bytes):
+        (folder / name).write_bytes(data)
+        return LlavaDataset(DataConfig(json=str(folder / name), image_folder=str(folder / "img")), t, "<image>",
+                            image_id, N)
+
+    assert [x.id for x in load("bom.json", b"\xef\xbb\xbf" + body.encode()).samples] == ["r0"]
+    assert [x.id for x in load("bom.jsonl", b"\xef\xbb\xbf" + json.dumps(rec(0)).encode() + b"\n").samples] == ["r0"]
+    with pytest.raises(DataError, match=r"latin1\.json: not UTF-8 text \(byte \d+: b'\\xe9'.*re-encode"):
+        load("latin1.json", body.replace("What", "Wh\u00e9t").encode("latin-1"))
+    with pytest.raises(DataError, match=r"list\.jsonl: a \.jsonl file holds one JSON object per line.*name it \.json"):
+        load("list.jsonl", body.encode())
+    lines = (json.dumps(rec(0)) + "\n" + json.dumps(rec(1)) + "\n").encode()
+    with pytest.raises(DataError, match=r"lines\.json:2:1: malformed JSON: Extra data \(.*name it \.jsonl\)"):
+        load("lines.json", lines)
+
+
+def test_a_corrupt_image_met_again_is_counted_once(folder, tok, processor):
+    """Under skip, a record whose image fails to decode is one skipped record and no longer a used one, however
+    often training meets it (every epoch, repeated rows)."""
+    (folder / "img" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    ds = make(folder, tok, [rec(0), rec(1, image="bad.png")], processor, on_error="skip")
+    assert ds.report.samples == 2
+    for _ in range(3):
+        with pytest.raises(DataError) as e:
+            ds.load_images(ds.samples[1])
+        ds.report_issue(e.value)
+    assert dict(ds.report.skipped) == {"corrupt_image": 1} and ds.report.samples == 1
+    assert "1 of 2 records used; skipped 1 (corrupt_image: 1)" in ds.report.summary()
 
 
 def test_corrupt_image_is_reported_when_decoded(folder, tok, processor):
