@@ -481,7 +481,8 @@ class LlavaDataset:
         width = [self.N if t == self.image_token_id else 1 for t in s.input_ids]
         full = sum(width)
         self.report.longest = max(self.report.longest, full)
-        needed = full
+        needed, n_images = full, len(s.images)
+        lost = None  # (positions, answer tokens, images) cut off
         if full > self.cfg.max_length:
             used, keep = 0, 0
             for w in width:
@@ -489,19 +490,23 @@ class LlavaDataset:
                     break  # also when w is an image's N: never cut inside its visual tokens
                 used, keep = used + w, keep + 1
             n_img = sum(1 for t in s.input_ids[:keep] if t == self.image_token_id)
-            self.report.truncated += 1
-            self.report.truncated_tokens += full - used
-            self.report.truncated_answer_tokens += sum(1 for x in s.labels[keep:] if x != IGNORE_INDEX)
-            self.report.dropped_images += len(s.images) - n_img
+            lost = (full - used, sum(1 for x in s.labels[keep:] if x != IGNORE_INDEX), len(s.images) - n_img)
             s.input_ids, s.labels = s.input_ids[:keep], s.labels[:keep]
             s.images, s.instructions = s.images[:n_img], s.instructions[:n_img]
             full = used
         s.length = full
         if all(x == IGNORE_INDEX for x in s.labels):
+            why = f"the sample needs {needed} positions"
+            if n_images * self.N >= self.cfg.max_length:
+                why += f"; its {n_images} image(s) alone take {n_images * self.N}"
             self.issues("too_long", self._where(index, rec),
-                        f"no answer token within data.max_length={self.cfg.max_length} (the sample needs "
-                        f"{needed} positions)")
+                        f"no answer token within data.max_length={self.cfg.max_length} ({why})")
             return None
+        if lost is not None:  # counted for the samples kept (a too_long one is counted under its own reason)
+            self.report.truncated += 1
+            self.report.truncated_tokens += lost[0]
+            self.report.truncated_answer_tokens += lost[1]
+            self.report.dropped_images += lost[2]
         return s
 
     # ----------------------------------------------------------------------------------------- access

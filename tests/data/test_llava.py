@@ -213,6 +213,9 @@ def test_sample_with_no_answer_within_max_length_is_too_long(folder, tok):
                                                               {"from": "gpt", "value": "A"}])],
               max_length=16, on_error="skip")
     assert [s.id for s in ds.samples] == ["r1"] and ds.report.skipped["too_long"] == 1
+    assert ds.report.truncated == 0  # the skipped sample is counted under too_long only
+    with pytest.raises(DataError, match=r"its 1 image\(s\) alone take 16"):
+        make(folder, tok, [rec(0)], max_length=16)
 
 
 def test_malformed_json_names_line_and_column(folder, tok):
