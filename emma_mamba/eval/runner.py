@@ -701,9 +701,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     f = None if task == "mme" else answers_path.open("a", encoding="utf-8")
 
     def write(batch, prompts, probs, replies) -> None:
-        if len(replies) != sum(pr is None for pr in probs):
-            raise RuntimeError(f"answer_fn returned {len(replies)} replies for "
-                               f"{sum(pr is None for pr in probs)} questions")
+        asked = sum(pr is None for pr in probs)
+        if len(replies) != asked:
+            raise RuntimeError(f"answer_fn returned {len(replies)} replies for {asked} questions")
         it = iter(replies)
         replies = [next(it) if pr is None else q.options[max(range(len(pr)), key=pr.__getitem__)]
                    for q, pr in zip(batch, probs)]
@@ -942,25 +942,18 @@ class _ContinuousAnswers:
 
     def __init__(self, model, max_new_tokens: int, batch_size: int, cuda_graphs: bool = False,
                  compile: bool = False):
-        from emma_mamba.inference.batching import BatchDecoder
-        from emma_mamba.inference.generate import GenerationConfig
+        from emma_mamba.inference.batching import BatchDecoder, vlm_embed_batch
 
         self.model = model
-        self.cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                                    eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs,
-                                    compile=compile)
+        self.cfg = _greedy_config(model, max_new_tokens, cuda_graphs, compile)
         self.fuse = model.instruction is not None
         # throughput, not latency: a joining prompt is prefilled whole between two steps (prefill_chunk None), and
         # questions join once half the rows are free, their images encoded and prompts prefilled together (the
         # quickstart model on a CPU, captions mixed with short answers, batch 8: 1.14-1.23x the fixed batches'
         # speed so, 0.94x joining one by one, where each join encoded one image; benchmarks/eval_batching.py)
         self.decoder = BatchDecoder(model.lm, max_batch=batch_size, compile=compile, cuda_graphs=cuda_graphs,
-                                    prefill_chunk=None, embed_batch=self._embed, min_join=max(1, batch_size // 2))
-
-    def _embed(self, requests: list[tuple]) -> list:
-        inst = [r[2] for r in requests]
-        return self.model.batch_embeds([r[0] for r in requests], [r[1] for r in requests],
-                                       inst if self.fuse else None)
+                                    prefill_chunk=None, embed_batch=vlm_embed_batch(model),
+                                    min_join=max(1, batch_size // 2))
 
     def submit(self, batch: Sequence[Question], prompts: Sequence[str], probs: list, ask: list[int]) -> _Submitted:
         """Queue the replies of ``batch[k]`` for k in ``ask`` (images opened here, on the caller's thread: a bad
@@ -984,13 +977,17 @@ def _reply_text(seq, state, stats) -> str:
     return seq.text().strip()
 
 
-def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):
-    """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
+def _greedy_config(model, max_new_tokens: int, cuda_graphs: bool, compile: bool):
+    """The GenerationConfig of eval's replies (either batching): greedy, up to ``max_new_tokens``, the model's EOS."""
     from emma_mamba.inference.generate import GenerationConfig
 
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                           eos_token_id=model.tokenizer.eos_token_id, cuda_graphs=cuda_graphs,
-                           compile=compile)
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=model.tokenizer.eos_token_id,
+                            cuda_graphs=cuda_graphs, compile=compile)
+
+
+def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):
+    """Greedy batched answers from an EmmaMamba (one image per question, placeholder before the prompt)."""
+    cfg = _greedy_config(model, max_new_tokens, cuda_graphs, compile)
     fuse = model.instruction is not None
 
     def answer(batch: Sequence[Question], prompts: Sequence[str]) -> list[str]:

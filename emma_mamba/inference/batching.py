@@ -44,7 +44,7 @@ import torch
 from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
                                            decode_step, resolve_prefill_chunk)
 
-__all__ = ["BatchDecoder", "DecodeJob", "token_logprobs", "ECHO_CHUNK"]
+__all__ = ["BatchDecoder", "DecodeJob", "token_logprobs", "vlm_embed_batch", "ECHO_CHUNK"]
 
 ECHO_CHUNK = 1024
 """Positions per forward when every position's logits are kept (an echoed prompt scored token by token)."""
@@ -65,6 +65,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int, vocab_
     else:
         alts = [[] for _ in picked]
     return list(zip(picked, alts))
+
+
+def vlm_embed_batch(vlm) -> Callable[[list[tuple]], list]:
+    """A :class:`BatchDecoder` ``embed_batch`` for an EmmaMamba ``vlm``: the ``embed`` requests (token ids, images,
+    instructions or None) of one admission round -> their (L_i, d_model) embeddings, every image through the
+    vision side together (:meth:`EmmaMamba.batch_embeds`)."""
+
+    def embed(requests: list[tuple]) -> list:
+        inst = [r[2] for r in requests]
+        return vlm.batch_embeds([r[0] for r in requests], [r[1] for r in requests],
+                                inst if any(i is not None for i in inst) else None)
+
+    return embed
 
 
 class DecodeJob:

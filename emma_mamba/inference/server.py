@@ -71,7 +71,7 @@ from typing import Callable
 
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
-from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob
+from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, vlm_embed_batch
 from emma_mamba.inference.generate import GenerationConfig
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
@@ -285,16 +285,9 @@ class ChatService:
         self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
         self.decoder = BatchDecoder(self.lm, max_batch=max_batch, compile=self.defaults.compile,
                                     cuda_graphs=self.defaults.cuda_graphs, prefill_chunk=prefill_chunk,
-                                    embed_batch=self._embed_batch if self.vlm is not None else None)
+                                    embed_batch=vlm_embed_batch(self.vlm) if self.vlm is not None else None)
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
-
-    def _embed_batch(self, requests: list[tuple]) -> list:
-        """[(token ids, images, instructions or None)] -> [(L_i, d_model) embeddings]: the images of every request
-        admitted in one decoder round through the vision side together (:meth:`EmmaMamba.batch_embeds`)."""
-        inst = [r[2] for r in requests]
-        return self.vlm.batch_embeds([r[0] for r in requests], [r[1] for r in requests],
-                                     inst if any(i is not None for i in inst) else None)
 
     def _config(self, body: dict, min_new: int = 1, choices: bool = False) -> GenerationConfig:
         """The request's GenerationConfig; ``choices``: ``n`` (1..max_batch) goes into its num_return_sequences."""
@@ -403,7 +396,7 @@ class ChatService:
             info["hit"] = hit is not None
             if self.vlm is not None:
                 inst = new_inst if new_images and self.vlm.instruction is not None else None
-                # embedded by the decoder with the images of the other requests of its round (_embed_batch)
+                # embedded by the decoder with the images of the other requests of its round (vlm_embed_batch)
                 info["prefilled"] = len(new_ids) + len(new_images) * (self.vlm.vision.num_tokens - 1)
                 return {"embed": (new_ids, new_images, inst), "cache": cache, "logprobs": top}
             info["prefilled"] = len(new_ids)

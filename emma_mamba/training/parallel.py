@@ -173,8 +173,7 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = 
             for p in replicated:
                 dist.broadcast(p.data, src=0)
         for block in model.lm.layers:
-            mine = {p for p in block.parameters() if any(p is q for q in replicated)}
-            fully_shard(block, **kw, ignored_params=mine or None)
+            fully_shard(block, **kw, ignored_params=set(_mixer_ssm_parameters(block.mixer)) or None)
         # everything else: see the module docstring
         fully_shard(model, **kw, ignored_params=(ignored | set(replicated)) or None)
         model._replicated_params = [p for p in replicated if p.requires_grad]
@@ -185,15 +184,13 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = 
 def ssm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Each Mamba mixer's dynamics parameters: ``A_log``, ``D`` and the dt bias (Mamba-1's ``dt_proj.bias``,
     Mamba-2's ``dt_bias``)."""
-    params = []
-    for block in model.lm.layers:
-        mixer = block.mixer
-        dt_proj = getattr(mixer, "dt_proj", None)
-        for p in (getattr(mixer, "A_log", None), getattr(mixer, "D", None), getattr(mixer, "dt_bias", None),
-                  getattr(dt_proj, "bias", None)):
-            if isinstance(p, nn.Parameter):
-                params.append(p)
-    return params
+    return [p for block in model.lm.layers for p in _mixer_ssm_parameters(block.mixer)]
+
+
+def _mixer_ssm_parameters(mixer: nn.Module) -> list[nn.Parameter]:
+    dt_proj = getattr(mixer, "dt_proj", None)
+    return [p for p in (getattr(mixer, "A_log", None), getattr(mixer, "D", None), getattr(mixer, "dt_bias", None),
+                        getattr(dt_proj, "bias", None)) if isinstance(p, nn.Parameter)]
 
 
 def sync_replicated_grads(model: nn.Module) -> None:
@@ -228,9 +225,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     if not sharded or not whole:
         norm = torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
-    inf = float("inf")
-    a = torch.nn.utils.clip_grad_norm_(sharded, inf).full_tensor()  # (max_norm inf: the norm, no clipping)
-    b = torch.nn.utils.clip_grad_norm_(whole, inf)
+    a = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+    b = torch.nn.utils.get_total_norm([p.grad for p in whole])
     total = torch.linalg.vector_norm(torch.stack([a.float(), b.to(a.device).float()]))
     coef = max_norm / (float(total) + 1e-6)  # as torch clips
     if coef < 1.0:
