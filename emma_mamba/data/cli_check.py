@@ -13,8 +13,11 @@ preprocessing (no weights are read), then checks the training file (and ``val.js
   with several files (``data.sources``) each is checked and reported on its own, then the epoch of the mixture
   (each file's samples ``repeat`` times, as training takes them).
 
+Records a run keeps but that are probably not what was meant are listed as notes (duplicate ids, duplicate
+records, empty answers, images far smaller than the encoder's input; ``emma_mamba.data.llava.NOTES``).
+
 Prints a summary, writes it as JSON with ``--report FILE``, and exits 1 when a record would be skipped or an
-image fails (so it can gate a job script), else 0. ``--write-clean FILE`` writes the training file's usable
+image fails (so it can gate a job script), or with ``--strict`` when anything is noted, else 0. ``--write-clean FILE`` writes the training file's usable
 records, unchanged and in order, in the same format (a JSON list or JSONL), for a run that should not skip.
 """
 
@@ -34,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.allow_abbrev = False
     p.usage = (f"{p.prog} --config YAML [--model NAME|YAML] [--val] [--workers N] [--no-images] [--report FILE] "
-               f"[--write-clean FILE] [--SECTION.KEY VALUE ...]")
+               f"[--write-clean FILE] [--strict] [--SECTION.KEY VALUE ...]")
     p.add_argument("--config", required=True, help="run YAML (configs/train_*.yaml, or a shipped recipe's name)")
     p.add_argument("--model", dest="_model", default=None, metavar="NAME|YAML",
                    help="replace the recipe's model, as for pretrain/finetune")
@@ -44,16 +47,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", default=None, help="write the summary as JSON here")
     p.add_argument("--write-clean", default=None, metavar="FILE",
                    help="write the training file's usable records (unchanged, same format) here")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 also when records are only noted (duplicates, empty answers, small images)")
     add_override_arguments(p)
 
 
 _PROCESSORS: dict = {}  # per worker process: preprocess config -> ImageProcessor
 
 
-def _check_image(args) -> tuple[str, str | None, str | None]:
-    """(path, None, None) when the image decodes and preprocesses as training's loader does it, else (path,
-    reason, message)."""
+SMALL_IMAGE_FACTOR = 8  # a side this many times below the encoder's input side is noted (small_image)
+
+
+def _check_image(args) -> tuple[str, str | None, str | None, tuple[int, int] | None]:
+    """(path, None, None, (width, height)) when the image decodes and preprocesses as training's loader does
+    it, else (path, reason, message, None)."""
     path, preprocess_cfg = args
+    from PIL import Image
+
     from emma_mamba.data.llava import DataError, preprocess_image
     from emma_mamba.models.vision import ImageProcessor
 
@@ -62,9 +72,15 @@ def _check_image(args) -> tuple[str, str | None, str | None]:
         _PROCESSORS[key] = ImageProcessor(preprocess_cfg)
     try:
         preprocess_image(path, _PROCESSORS[key])
-        return path, None, None
     except DataError as e:
-        return path, e.reason, str(e)
+        return path, e.reason, str(e), None
+    with Image.open(path) as f:  # decoded above; this reads the header only
+        return path, None, None, f.size
+
+
+def _input_side(preprocess_cfg: dict) -> int:
+    size = preprocess_cfg["size"]
+    return min(size) if isinstance(size, (list, tuple)) else int(size)
 
 
 def _percentiles(values: list[int]) -> dict:
@@ -98,7 +114,17 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
             results = list(tqdm(pool.map(_check_image, jobs, chunksize=chunk), total=len(jobs), unit="image",
                                 desc=f"decoding {Path(data_cfg.json).name}'s images", disable=not progress,
                                 dynamic_ncols=True))
-        bad = {p: (reason, msg) for p, reason, msg in results if reason is not None}
+        bad = {p: (reason, msg) for p, reason, msg, _ in results if reason is not None}
+        side = _input_side(model.image_processor.cfg)
+        small = {p: size for p, reason, _, size in results if reason is None and
+                 min(size) * SMALL_IMAGE_FACTOR < side}
+        for s in ds.samples:  # a kept record with an image the encoder sees upscaled more than 8x
+            p = next((str(p) for p in s.images if str(p) in small), None)
+            if p is not None:
+                w, h = small[p]
+                where = ds._where(s.index, {"id": s.id})
+                rep.note("small_image", f"{where}: image {p} is {w}x{h} pixels, the encoder's input {side} "
+                                        f"(upscaled more than {SMALL_IMAGE_FACTOR}x)")
         for s in ds.samples:  # the records a run would skip (or stop at) for these images
             hit = next((bad[str(p)] for p in s.images if str(p) in bad), None)
             if hit is not None:
@@ -119,6 +145,7 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "file": str(ds.path), "records": rep.records, "usable": rep.samples - n_failed,
         "skipped": skipped, "examples": examples, "images_checked": len(paths) if images else 0,
         "image_failures": image_failures,
+        "notes": dict(rep.notes), "note_examples": {k: list(v) for k, v in rep.note_examples.items()},
         "truncated": {"samples": rep.truncated, "positions": rep.truncated_tokens,
                       "answer_tokens": rep.truncated_answer_tokens, "images": rep.dropped_images},
         "max_length": data_cfg.max_length, "longest_before_truncation": rep.longest,
@@ -188,6 +215,10 @@ def _print(r: dict) -> None:
     for reason, n in sorted(r["skipped"].items()):
         print(f"  {reason}: {n}")
         for ex in r["examples"].get(reason, []):
+            print(f"      {ex}")
+    for kind, n in sorted(r["notes"].items()):
+        print(f"  kept but noted, {kind}: {n}")
+        for ex in r["note_examples"].get(kind, []):
             print(f"      {ex}")
     if r["images_checked"]:
         f = r["image_failures"]
@@ -264,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
     for f in empty:  # training refuses a file with no usable record ("no usable training records")
         print(f"{f}: no usable record: a run with it stops before the first step")
     clean = all(not r["skipped"] for r in reports) and not empty
+    noted = sum(sum(r["notes"].values()) for r in reports)
     print("no problems found" if clean else "problems found: a run skips these records (data.on_error: skip) or "
                                             "stops at the first (raise)" if not empty else "problems found")
-    return 0 if clean else 1
+    if noted:
+        print(f"{noted} record(s) kept but noted" + (" (--strict: exit 1)" if args.strict else ""))
+    return 0 if clean and not (args.strict and noted) else 1

@@ -36,6 +36,12 @@ counted per reason in :class:`DataReport`. Reasons: ``not_an_object``, ``no_conv
 ``missing_image``, ``corrupt_image`` (found when the image is decoded, during training), ``too_long``,
 ``malformed_json`` (a JSONL line; a malformed ``.json`` file is always an error naming line and column).
 
+Records that train but are probably not what was meant are kept and counted as notes (``DataReport.notes``,
+logged once per file, listed by ``data check``): ``duplicate_id`` (an id an earlier record of the file has),
+``duplicate_record`` (the same conversation and images as an earlier record: trained on twice per epoch) and
+``empty_answer`` (an assistant turn with no text: only its turn end is learned); ``data check``, which decodes
+every image, also notes ``small_image`` (a side under 1/8 of the encoder's input: upscaled more than 8x).
+
 Several files (``data.sources``: ``{json, image_folder, repeat}`` each) make one data set, read and checked
 file by file (every error names its file): ``repeat`` 2 takes a file's usable records twice per epoch, 0.5 a
 fixed seeded half of them (:func:`repeat_indices`: the same records in every epoch and every run), 1.5 all of
@@ -61,12 +67,13 @@ from typing import Sequence
 import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources", "repeat_indices"]
+           "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources", "repeat_indices"]
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
+NOTES = ("duplicate_id", "duplicate_record", "empty_answer", "small_image")  # kept and counted (DataReport.notes)
 REASONS = ("malformed_json", "not_an_object", "no_conversations", "bad_turn", "bad_role", "bad_order",
            "no_assistant", "bad_image_field", "placeholder_mismatch", "special_token", "missing_image",
            "corrupt_image", "too_long")
@@ -116,6 +123,10 @@ class DataReport:
     longest: int = 0
     examples: dict = field(default_factory=dict)
     """reason -> the first few skipped records' messages (file, record, what was wrong)."""
+    notes: Counter = field(default_factory=Counter)
+    """Kept records that are probably not what was meant, per kind (:data:`NOTES`)."""
+    note_examples: dict = field(default_factory=dict)
+    """kind -> the first few noted records' messages."""
     mixture: list = field(default_factory=list)
     """Several files (data.sources): per file {file, records, usable, repeat, epoch_samples}."""
 
@@ -130,7 +141,17 @@ class DataReport:
         if self.truncated:
             s += (f"; truncated {self.truncated} to max_length (lost {self.truncated_tokens} positions, "
                   f"{self.truncated_answer_tokens} answer tokens, {self.dropped_images} images)")
+        if self.notes:
+            s += "; kept but noted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.notes.items()))
         return s + f"; longest sample {self.longest} positions"
+
+    def note(self, kind: str, text: str) -> None:
+        """Count a kept record of kind ``kind`` (one of :data:`NOTES`); ``text`` names it and what was seen."""
+        assert kind in NOTES, kind
+        self.notes[kind] += 1
+        shown = self.note_examples.setdefault(kind, [])
+        if len(shown) < _MAX_EXAMPLES:
+            shown.append(text)
 
     @property
     def epoch_samples(self) -> int:
@@ -457,6 +478,8 @@ class LlavaDataset:
         flat = [text for segs in all_segs for text, _ in segs]
         ids_flat = self.tokenizer.encode_batch(flat) if flat else []
         samples, k = [], 0
+        notes_before = Counter(r.notes)
+        seen_ids, seen_records = {}, {}  # id -> first record index; content digest -> first record index
         for (index, rec, turns, paths), segs in zip(checked, all_segs):
             input_ids, labels = [], []
             for (_, trained), ids in zip(segs, ids_flat[k:k + len(segs)]):
@@ -470,12 +493,41 @@ class LlavaDataset:
                                                   labels, 0, source))
             if s is not None:
                 samples.append(s)
+                self._note(index, rec, turns, seen_ids, seen_records)
         n, tokens, answers, images = (a - b for a, b in zip(
             (r.truncated, r.truncated_tokens, r.truncated_answer_tokens, r.dropped_images), before))
         if n:
             log.warning("%s: %d of %d samples truncated to data.max_length=%d (lost %d positions, %d answer tokens, "
                         "%d images)", self.path, n, len(checked), self.cfg.max_length, tokens, answers, images)
+        noted = r.notes - notes_before
+        if noted:
+            log.warning("%s: kept but noted (data check lists them): %s", self.path,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(noted.items())))
         return samples
+
+    def _note(self, index: int, rec: dict, turns, seen_ids: dict, seen_records: dict) -> None:
+        """Count the kept record's notes (:data:`NOTES`): an id or a content seen before in this file, an empty
+        assistant turn."""
+        where, unit = self._where(index, rec), ("line" if self.path.suffix == ".jsonl" else "record")
+        first = lambda i: i + 1 if unit == "line" else i  # noqa: E731 (as _where numbers them)
+        rid = rec.get("id")
+        if rid is not None:
+            key = json.dumps(rid, sort_keys=True, default=str)
+            if key in seen_ids:
+                self.report.note("duplicate_id", f"{where}: the id of {unit} {first(seen_ids[key])}")
+            else:
+                seen_ids[key] = index
+        digest = hashlib.sha1(json.dumps([rec.get("conversations"), rec.get("image")], sort_keys=True,
+                                         ensure_ascii=False).encode()).digest()
+        if digest in seen_records:
+            self.report.note("duplicate_record", f"{where}: the same conversation and images as {unit} "
+                                                 f"{first(seen_records[digest])}")
+        else:
+            seen_records[digest] = index
+        empty = [t for t, (role, text) in enumerate(turns) if role == GPT and not text.strip()]
+        if empty:
+            self.report.note("empty_answer", f"{where}: assistant turn {empty[0]} has no text (only its turn end "
+                                             f"is learned)")
 
     def _truncate(self, index, rec, s: Sample) -> Sample | None:
         width = [self.N if t == self.image_token_id else 1 for t in s.input_ids]

@@ -95,3 +95,40 @@ def test_a_file_with_no_usable_record_is_a_problem(shapes, tmp_path, capsys):
     assert main(["data", "check", "--config", str(run)]) == 1
     out = capsys.readouterr().out
     assert f"{data}: no usable record" in out and "no problems found" not in out
+
+
+def test_records_kept_but_noted(shapes, tmp_path, capsys):
+    """Duplicate ids and records, empty answers and tiny images train, so they do not fail the check; they are
+    counted and named as notes (exit 1 only with --strict), each against a count by hand."""
+    from PIL import Image
+
+    good = json.loads(subset(shapes, tmp_path, 4).read_text())
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    Image.new("RGB", (3, 40), (200, 10, 10)).save(images / "sliver.png")  # 3 px wide: far below the input side
+    q = [{"from": "human", "value": "<image>\nWhat is there?"}, {"from": "gpt", "value": "Shapes."}]
+    noted = [
+        dict(good[0], id="copy-of-0"),                                     # duplicate_record (new id)
+        {"id": good[1]["id"], "image": good[1]["image"], "conversations": q},  # duplicate_id
+        {"id": "empty", "image": good[2]["image"], "conversations": [q[0], {"from": "gpt", "value": "  "}]},
+        {"id": "sliver", "image": "sliver.png", "conversations": q},         # small_image
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + noted))
+    run = _write_run(shapes, tmp_path, data)
+    report = tmp_path / "report.json"
+    args = ["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
+            "--report", str(report)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "no problems found" in out and "4 record(s) kept but noted" in out
+    r = json.loads(report.read_text())
+    assert r["usable"] == 8 and r["skipped"] == {}
+    assert r["notes"] == {"duplicate_record": 1, "duplicate_id": 1, "empty_answer": 1, "small_image": 1}
+    ex = r["note_examples"]
+    assert "record 4 (id 'copy-of-0')" in ex["duplicate_record"][0] and ex["duplicate_record"][0].endswith("record 0")
+    assert "record 5" in ex["duplicate_id"][0] and ex["duplicate_id"][0].endswith("the id of record 1")
+    assert "record 6 (id 'empty')" in ex["empty_answer"][0] and "turn 1" in ex["empty_answer"][0]
+    assert "sliver.png is 3x40 pixels" in ex["small_image"][0]
+    assert main(args + ["--strict"]) == 1 and "(--strict: exit 1)" in capsys.readouterr().out
+    assert main(args[:-2] + ["--data.json", str(subset(shapes, tmp_path, 4)), "--strict"]) == 0  # nothing noted
