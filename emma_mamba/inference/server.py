@@ -1,7 +1,9 @@
 """An OpenAI-compatible HTTP API over an EMMA-Mamba checkpoint or a text-only Mamba LM (`emma-mamba serve`).
 
 Endpoints: ``POST /v1/chat/completions`` (a JSON answer, or with ``"stream": true`` server-sent events of
-``chat.completion.chunk`` objects ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``; for scoring
+``chat.completion.chunk`` objects ending in ``data: [DONE]``; the usage rides on the last choice's finish chunk,
+or with ``"stream_options": {"include_usage": true}`` comes in a chunk of its own with no choices, after every
+choice's, as OpenAI sends it), ``GET /v1/models`` (and ``GET /v1/models/<id>``), ``GET /health``; for scoring
 the LM with lm-evaluation-harness (``local-completions``): ``POST /v1/completions`` (raw prompts, no chat
 template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stream`` without logprobs:
 :meth:`ChatService.stream_text_completion`) and vLLM's ``GET /tokenizer_info``,
@@ -15,15 +17,16 @@ penalties and temperature) and its most likely alternatives, in OpenAI's ``choic
 (what closed-set benchmarks read through ``emma-mamba eval --api``). A field left out takes the server's
 default (``serve``'s options: greedy unless ``--temperature`` says otherwise, where OpenAI's default temperature
 is 1). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``min_tokens`` are refused with a 400 unless
-0 / empty (what clients send by default). A user
+0 / empty (what clients send by default); so are ``tools``, ``functions``, ``tool_choice``, ``function_call``
+and ``response_format`` unless empty, ``"none"`` or ``{"type": "text"}`` (the model answers in plain text). A user
 message's ``content`` is a string or a list of parts, ``{"type": "text", "text": ...}`` and ``{"type":
 "image_url", "image_url": {"url": ...}}`` with the image as a ``data:image/...;base64,...`` URL (a local file
 path or ``file://`` URL only when the server was started with ``allow_local_images``; http(s) URLs are refused:
 the server fetches nothing). On a multimodal model no message text (nor a ``/v1/completions`` prompt) may
 hold the image placeholder text (``<image>``): the tokenizer reads it as an image's slot, as training data uses
 it, so the server places the placeholders itself, one per image part, and refuses the text with a 400 naming
-the field. ``system`` messages are dropped (the model was trained without a system prompt),
-and the response says so in ``emma_mamba.dropped_system_messages``.
+the field. ``system`` messages (and ``developer`` ones, OpenAI's newer name for them) are dropped (the model was
+trained without a system prompt), and the response says so in ``emma_mamba.dropped_system_messages``.
 
 The token stream is the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava` with
 its default template), tokenised segment by segment as training does: each user turn in the chat template, each
@@ -151,11 +154,12 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError("each message must be an object with 'role' and 'content'", where)
         role, content = m["role"], m["content"]
-        if role == "system":
+        if role in ("system", "developer"):
             dropped += 1
             continue
         if role not in ("user", "assistant"):
-            raise RequestError(f"role {role!r} is not supported (user, assistant, system)", f"{where}.role")
+            raise RequestError(f"role {role!r} is not supported (user, assistant, system, developer)",
+                               f"{where}.role")
         if role != expect:
             raise RequestError(f"expected a {expect} message here: user and assistant messages must alternate, "
                                f"starting with user", f"{where}.role")
@@ -218,6 +222,10 @@ _FLOAT_FIELDS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "repetition_p
 _UNSUPPORTED_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "min_tokens": 0}
 """OpenAI / vLLM sampling fields this server does not implement -> the value that means "off" (accepted: clients
 send it by default); any other value is a 400 naming the field, rather than an answer sampled without it."""
+_PLAIN_TEXT_FIELDS = {"tools": [], "functions": [], "tool_choice": "none", "function_call": "none",
+                      "response_format": {"type": "text"}}
+"""Fields asking for tool calls or structured output -> their "off" value; anything else is a 400 naming the
+field (the model answers in plain text; a client must not take an ignored JSON schema or tool list as obeyed)."""
 
 
 def _number(body: dict, key: str, kind, lo, hi, default):
@@ -240,6 +248,20 @@ def _flag(body: dict, key: str) -> bool:
     if not isinstance(v, bool):
         raise RequestError(f"{key} must be true or false, got {v!r}", key)
     return v
+
+
+def _include_usage(body: dict) -> bool:
+    """A streamed request's ``stream_options.include_usage`` (absent or null: false), checked as :func:`_flag`."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise RequestError(f"stream_options must be an object, got {opts!r}", "stream_options")
+    v = opts.get("include_usage")
+    if v is not None and not isinstance(v, bool):
+        raise RequestError(f"stream_options.include_usage must be true or false, got {v!r}",
+                           "stream_options.include_usage")
+    return bool(v)
 
 
 def _is_id_list(x) -> bool:
@@ -304,6 +326,12 @@ class ChatService:
                 raise RequestError(f"{field} is not supported by this server (its sampling knows temperature, top_p, "
                                    f"top_k, repetition_penalty, stop and seed); send {off!r} or leave it out, "
                                    f"got {value!r}", field)
+        for field, off in _PLAIN_TEXT_FIELDS.items():
+            value = body.get(field)
+            if value is not None and value != off:
+                raise RequestError(f"{field} is not supported by this server (the model answers in plain text: no "
+                                   f"tool calls or structured output); send {off!r} or leave it out, got "
+                                   f"{str(value)[:80]!r}", field)
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = _number(body, key, int, min_new, self.max_new_tokens_limit, d.max_new_tokens)
         kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}
@@ -498,15 +526,18 @@ class ChatService:
         """``/v1/completions`` with ``stream: true``: ``opened()`` once the request is valid (a bad field raises
         RequestError before it), then ``send(chunk)`` for every text_completion chunk, as OpenAI streams them:
         each prompt's text as it is produced under its ``index`` (its prompt first with ``echo``), a chunk with
-        its ``finish_reason`` when it ends, and a last chunk with no choices and the ``usage``. Every prompt is
+        its ``finish_reason`` when it ends, and with ``stream_options.include_usage`` a ``usage: null`` in each of
+        them and a last chunk with no choices and the ``usage`` (without it, every chunk has a choice: a client
+        reading ``chunk.choices[0]``, as OpenAI's examples do, never meets an empty list). Every prompt is
         decoded in the shared batch; a ``send`` that raises (the client went away) cancels them all."""
         merged: queue.Queue = queue.Queue()  # every job's text chunks, tagged with its index
         prompts, jobs, echo = self._completion_jobs(body, merged)
+        include_usage = _include_usage(body)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(choices, **extra):
             return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": choices, **extra}
+                    "choices": choices, **({"usage": None} if include_usage else {}), **extra}
 
         opened()
         try:
@@ -524,10 +555,11 @@ class ChatService:
             for job in jobs:
                 job.cancelled = True
             raise
-        n_new = sum(job.result["_completion_tokens"] for job in jobs)
-        n_prompt = sum(len(p) for p in prompts)
-        send(chunk([], usage={"prompt_tokens": n_prompt, "completion_tokens": n_new,
-                              "total_tokens": n_prompt + n_new}))
+        if include_usage:
+            n_new = sum(job.result["_completion_tokens"] for job in jobs)
+            n_prompt = sum(len(p) for p in prompts)
+            send(chunk([], usage={"prompt_tokens": n_prompt, "completion_tokens": n_new,
+                                  "total_tokens": n_prompt + n_new}))
 
     def _completion_jobs(self, body, merged: queue.Queue | None = None) -> tuple[list[list[int]], list[DecodeJob],
                                                                                  bool]:
@@ -543,6 +575,8 @@ class ChatService:
             raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
         if stream and top is not None:
             raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
+        if stream:
+            _include_usage(body)
         cfg = self._config(body, min_new=0 if echo else 1, choices=True)
         n = cfg.num_return_sequences
         prompts = self._completion_prompts(body.get("prompt"))
@@ -713,9 +747,17 @@ class _Handler(BaseHTTPRequestHandler):
                                     "prefill_chunk": dec.prefill_chunk or 0})
         if self.path.rstrip("/") == "/tokenizer_info":
             return self._json(200, self.service.tokenizer_info())
+        card = {"id": self.service.model_name, "object": "model", "created": 0, "owned_by": "emma-mamba"}
         if self.path.rstrip("/") == "/v1/models":
-            return self._json(200, {"object": "list", "data": [{"id": self.service.model_name, "object": "model",
-                                                               "created": 0, "owned_by": "emma-mamba"}]})
+            return self._json(200, {"object": "list", "data": [card]})
+        if self.path.startswith("/v1/models/"):  # OpenAI's model retrieval (an id may hold "/", sent encoded)
+            from urllib.parse import unquote
+
+            name = unquote(self.path[len("/v1/models/"):].rstrip("/"))
+            if name == card["id"]:
+                return self._json(200, card)
+            return self._json(404, _error_body(f"no such model: {name!r} (this server serves {card['id']!r})",
+                                               "model", "not_found_error"))
         return self._json(404, _error_body(f"no such endpoint: GET {self.path}", None, "not_found_error"))
 
     def do_POST(self):
@@ -802,12 +844,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, body: dict) -> None:
         svc = self.service
         prepared = svc.prepare(body)  # a bad field is a 400 before the event stream starts
+        include_usage = _include_usage(body)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         self._event_stream()
 
+        def chunk(choices: list, **extra) -> dict:  # with include_usage every chunk has a usage field (null)
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
+                    "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+
         def send(delta: dict, finish=None, extra: dict | None = None, index: int = 0):
-            self._event({"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
-                         "choices": [{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})})
+            self._event(chunk([{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})))
 
         n = prepared[0].num_return_sequences
         for i in range(n):
@@ -820,8 +866,11 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("streamed request failed")
             self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
         else:
-            for c in out["choices"]:  # the usage with the last choice's finish
-                send({}, c["finish_reason"], {"usage": out["usage"]} if c["index"] == n - 1 else None, c["index"])
+            for c in out["choices"]:  # the usage with the last choice's finish, or in a chunk of its own
+                last = c["index"] == n - 1 and not include_usage
+                send({}, c["finish_reason"], {"usage": out["usage"]} if last else None, c["index"])
+            if include_usage:  # OpenAI's stream_options.include_usage: no choices, the whole request's usage
+                self._event(chunk([], usage=out["usage"]))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 

@@ -170,7 +170,8 @@ def test_http_routes_and_bad_requests(svc, model):
 def test_streamed_completions_are_the_plain_ones(svc, model):
     """``stream: true`` on /v1/completions over HTTP: per prompt index, the text chunks concatenate to the
     non-streamed request's text (greedy and seeded sampling; the prompt first with echo), each index ends with its
-    finish_reason, a last chunk carries the usage, then ``[DONE]``."""
+    finish_reason, with ``stream_options.include_usage`` a last chunk with no choices carries the usage (without
+    it, every chunk has a choice), then ``[DONE]``."""
     srv = make_server(svc, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{srv.server_port}/v1/completions"
@@ -186,13 +187,18 @@ def test_streamed_completions_are_the_plain_ones(svc, model):
                      {"prompt": ["A red circle", "Two squares"], "max_tokens": 5, "temperature": 1.0, "seed": 9,
                       "n": 2, "echo": True}]:
             plain = svc.text_completion(body)
-            kind, raw = post({**body, "stream": True})
+            _, raw = post({**body, "stream": True})  # without include_usage: a choice in every chunk, no usage
+            bare = [json.loads(e[6:]) for e in raw.split("\n\n")[:-2]]
+            assert all(len(c["choices"]) == 1 and "usage" not in c for c in bare)
+            kind, raw = post({**body, "stream": True, "stream_options": {"include_usage": True}})
             assert kind == "text/event-stream"
             events = raw.split("\n\n")
             assert events[-2] == "data: [DONE]" and events[-1] == ""
             chunks = [json.loads(e[6:]) for e in events[:-2]]
             assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
             assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+            assert all(c["usage"] is None for c in chunks[:-1])
+            assert [c["choices"] for c in bare] == [c["choices"] for c in chunks[:-1]]  # the same text either way
             for want in plain["choices"]:
                 mine = [c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == want["index"]]
                 assert "".join(c["text"] for c in mine) == want["text"]
