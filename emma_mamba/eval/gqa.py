@@ -10,6 +10,8 @@ GQA's ``eval.py`` compares prediction and gold answer verbatim; LLaVA's conversi
 the reply and strips a trailing period. Both sides here get that light normalisation: surrounding whitespace
 stripped, lower-cased, trailing periods stripped. Accuracy is also reported per structural type (verify,
 query, choose, logical, compare) and per semantic type (obj, attr, rel, cat, global) when ``types`` is given.
+As in ``eval.py``, only balanced questions count: a question with ``"isBalanced": false`` (the *_all_questions
+files hold them) is left out, and so is any prediction for it.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ def score_gqa(answers: str | Path, questions: str | Path, allow_missing: bool = 
         raise ScoreInputError(f"{questions}: expected a non-empty JSON object mapping question id -> question "
                               f"(GQA's *_questions.json)")
     gold: dict[str, tuple[str, dict]] = {}
+    unbalanced = set()
     for qid, q in doc.items():
         loc = f"question {qid!r}"
         if not isinstance(q, dict):
             raise ScoreInputError(f"{questions}: {loc}: expected a JSON object")
+        if q.get("isBalanced") is False:
+            unbalanced.add(str(qid))
+            continue
         ans = require(q, ("answer",), questions, loc, "GQA question")
         if not isinstance(ans, str):
             raise ScoreInputError(f"{questions}: {loc}: 'answer' must be a string, got {ans!r}")
@@ -43,7 +49,7 @@ def score_gqa(answers: str | Path, questions: str | Path, allow_missing: bool = 
     rows = [(loc, str(require(rec, ("questionId", "question_id"), answers, loc, "GQA prediction")),
              require(rec, ("prediction", "answer", "text"), answers, loc, "GQA prediction"))
             for loc, rec in load_records(answers, "GQA predictions")]
-    got = match_answers(rows, list(gold), answers, questions, allow_missing)
+    got = match_answers([r for r in rows if r[1] not in unbalanced], list(gold), answers, questions, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no predictions to score")
     correct, by_struct, by_sem = [], defaultdict(list), defaultdict(list)

@@ -13,7 +13,8 @@ Prompt (LLaVA-1.5's MMBench evaluation): ``[hint\\n]question\\nA. ...\\nB. ...``
 letter from the given choices directly." on its own line.
 
 Reading a reply (:func:`parse_choice`): a leading option letter ("B", "B.", "(B)", "B) text"), else "answer is
-B" / "Answer: B", else a reply equal to exactly one option's text (case and surrounding punctuation ignored);
+B" / "Answer: B" (a lower-case letter only at the reply's end: "The answer is a dog." picks no option), else a
+reply equal to exactly one option's text (case and surrounding punctuation ignored);
 anything else is unparsed and wrong. (MMBench's own evaluator falls back to a GPT judge for free-form
 replies; with a short-answer prompt the rules above cover what a tuned model says.)
 """
@@ -129,7 +130,8 @@ def round_id(index: int, round_: int) -> str:
 
 
 _LEAD = re.compile(r"^\s*[\(\[]?([A-H])(?:[\)\]\.:,]|\s|$)")
-_ANSWER_IS = re.compile(r"(?:answer|option)(?:\s+is)?\s*[:：]?\s*[\(\[]?([A-H])\b", re.IGNORECASE)
+# a lower-case letter only when it ends the reply ("Answer: c"), so that "The answer is a dog." picks nothing
+_ANSWER_IS = re.compile(r"(?i:(?:answer|option)(?:\s+is)?)\s*[:：]?\s*[\(\[]?(?:([A-H])\b|([a-h])[\)\]\.]?\s*$)")
 
 
 def parse_choice(reply: str, options: list[str]) -> str | None:
@@ -139,8 +141,8 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     if m and LETTERS.index(m.group(1)) < k:
         return m.group(1)
     m = _ANSWER_IS.search(reply)
-    if m and m.group(1).upper() in LETTERS[:k]:
-        return m.group(1).upper()
+    if m and (m.group(1) or m.group(2)).upper() in LETTERS[:k]:
+        return (m.group(1) or m.group(2)).upper()
     norm = lambda t: re.sub(r"[\s\.\,\!\?;:]+$", "", t.strip()).lower()  # noqa: E731
     hits = [LETTERS[i] for i, o in enumerate(options) if norm(o) == norm(reply)]
     return hits[0] if len(hits) == 1 else None

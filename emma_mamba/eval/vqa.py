@@ -13,14 +13,21 @@ Normalisation (the official rules, re-written from their description):
 1. newlines and tabs become spaces; surrounding whitespace is stripped;
 2. each punctuation mark of ``PUNCTUATION`` is deleted when it touches a space or when the text contains a
    comma between digits ("1,000"), otherwise replaced by a space ("red-white" -> "red white");
-3. a period not followed by a digit is deleted ("yes." -> "yes", "2.5" stays);
+3. a period not followed by a digit is deleted ("yes." -> "yes", "2.5" stays), the first 32 of them only
+   (the official ``periodStrip.sub("", text, re.UNICODE)`` passes re.UNICODE = 32 as the count);
 4. lower-cased, split on whitespace; number words zero..ten and "none" become digits; the articles a, an,
    the are dropped; apostrophe-less contractions are restored ("dont" -> "don't"), words re-joined by one
    space.
-One deliberate difference: the official script applies steps 2-4 only when the ten human answers disagree
-(and then step 4 to the model's answer only), so "Yes." scores 0 against ten "yes" there; here every
-answer, human and model, is always normalised, which is what LLaVA-style pipelines get by normalising
-answers before submitting them.
+The model's answer gets all of it, as in the official script. One deliberate difference is on the human side:
+the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only when they
+are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
+applies nothing. Here the human answers get every step too, so "Two" or "the dog" written by a human matches
+the answers "2" and "dog" (0 in the official scripts); on human answers already in that normal form the scores
+are identical.
+
+TextVQA's evaluator (the EvalAI answer processor of M4C, used by LLaVA's ``eval_textvqa.py``) first
+lower-cases, deletes every comma and question mark and splits "'s" off its word, on the model's and the human
+answers alike (:func:`normalize_textvqa`).
 """
 
 from __future__ import annotations
@@ -91,13 +98,19 @@ def normalize_answer(answer: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    out = _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+    out = _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=32)  # the official scripts' count (see step 3)
     words = []
     for w in out.lower().split():
         w = NUMBER_WORDS.get(w, w)
         if w not in ARTICLES:
             words.append(CONTRACTIONS.get(w, w))
     return " ".join(words)
+
+
+def normalize_textvqa(answer: str) -> str:
+    """The TextVQA normal form (the M4C evaluator's EvalAI answer processor): lower-cased, commas and question
+    marks deleted, "'s" split off ("it's" -> "it 's", "red,blue" -> "redblue"), then :func:`normalize_answer`."""
+    return normalize_answer(answer.lower().replace(",", "").replace("?", "").replace("'s", " 's"))
 
 
 def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
@@ -114,7 +127,7 @@ def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
     return sum(accs) / len(accs)
 
 
-def _human_answers(humans, path, loc: str) -> list[str]:
+def _human_answers(humans, path, loc: str, normalize=normalize_answer) -> list[str]:
     """Normalised human answers of one question: a list of strings (TextVQA) or of {"answer": ...} (VQAv2,
     VizWiz)."""
     if not isinstance(humans, list) or not humans:
@@ -125,11 +138,12 @@ def _human_answers(humans, path, loc: str) -> list[str]:
         if not isinstance(text, str):
             raise ScoreInputError(f"{path}: {loc}: answers[{k}] is neither a string nor an object with a string "
                                   f"'answer' field")
-        texts.append(normalize_answer(text))
+        texts.append(normalize(text))
     return texts
 
 
-def _score_soft(gold: dict, rows: list, answers, annotations, allow_missing: bool) -> dict:
+def _score_soft(gold: dict, rows: list, answers, annotations, allow_missing: bool,
+                normalize=normalize_answer) -> dict:
     """Mean soft accuracy of ``rows`` (location, question id, reply) against ``gold`` (question id ->
     (normalised human answers, answer type, question type)), overall and per answer/question type."""
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
@@ -138,7 +152,7 @@ def _score_soft(gold: dict, rows: list, answers, annotations, allow_missing: boo
     total, by_atype, by_qtype = [], defaultdict(list), defaultdict(list)
     for qid, text in got.items():
         humans, atype, qtype = gold[qid]
-        acc = vqa_accuracy(normalize_answer(text), humans)
+        acc = vqa_accuracy(normalize(text), humans)
         total.append(acc)
         by_atype[atype].append(acc)
         by_qtype[qtype].append(acc)
@@ -195,18 +209,18 @@ def textvqa_records(path: str | Path) -> list[tuple[str, dict]]:
 def score_textvqa(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
     """Score TextVQA answers (``question_id`` + ``answer``/``text``) against TextVQA_0.5.1_val.json.
 
-    The TextVQA metric is VQAv2's soft accuracy with the same answer normalisation (the EvalAI answer processor
-    of the TextVQA/M4C evaluator) over its ten human answers, given as plain strings."""
+    The TextVQA metric is VQAv2's soft accuracy over its ten human answers, given as plain strings, with the
+    answer normalisation of the TextVQA/M4C evaluator (:func:`normalize_textvqa`) on both sides."""
     gold: dict = {}
     for loc, rec in textvqa_records(annotations):
         qid = require(rec, ("question_id",), annotations, loc, "TextVQA annotation")
         humans = _human_answers(require(rec, ("answers",), annotations, loc, "TextVQA annotation"), annotations,
-                                loc)
+                                loc, normalize_textvqa)
         _gold_entry(gold, qid, (humans, "textvqa", "textvqa"), annotations, loc)
     rows = [(loc, require(rec, ("question_id",), answers, loc, "TextVQA result"),
              require(rec, ("answer", "text"), answers, loc, "TextVQA result"))
             for loc, rec in load_records(answers, "TextVQA results")]
-    return _score_soft(gold, rows, answers, annotations, allow_missing)
+    return _score_soft(gold, rows, answers, annotations, allow_missing, normalize_textvqa)
 
 
 def vizwiz_records(path: str | Path) -> list[tuple[str, dict]]:

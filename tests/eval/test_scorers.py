@@ -7,8 +7,9 @@ import json
 import pytest
 
 from emma_mamba import cli
-from emma_mamba.eval.scorers import (ScoreInputError, normalize_answer, normalize_gqa, parse_mme_answer, score,
-                                     vqa_accuracy, yes_no)
+from emma_mamba.eval.scorers import (ScoreInputError, normalize_answer, normalize_gqa, parse_choice, parse_mme_answer,
+                                     score, vqa_accuracy, yes_no)
+from emma_mamba.eval.vqa import normalize_textvqa
 
 
 def write_jsonl(path, rows):
@@ -49,6 +50,14 @@ def write_jsonl(path, rows):
 ])
 def test_vqa_normalisation(raw, expected):
     assert normalize_answer(raw) == expected
+
+
+def test_vqa_period_strip_stops_after_32():
+    # the official scripts call periodStrip.sub("", text, re.UNICODE): the flag lands in sub's count argument
+    # (re.UNICODE == 32), so only the first 32 periods not followed by a digit are deleted
+    assert normalize_answer("." * 40 + "yes") == "." * 8 + "yes"
+    assert normalize_answer("." * 32 + "yes") == "yes"
+    assert normalize_answer("yes." * 34) == "yes" * 33 + ".yes."  # 34 periods: the last two stay
 
 
 def test_vqa_soft_accuracy_by_hand():
@@ -135,6 +144,36 @@ def _textvqa_file(tmp_path):
     return p
 
 
+@pytest.mark.parametrize("raw, expected", [
+    # M4C's EvalAI answer processor: lower-case, delete every "," and "?", split "'s" off, then the VQAv2 rules
+    ("red,blue", "redblue"),                 # VQAv2's rules: "red blue"
+    ("hello, world", "hello world"),
+    ("1,000", "1000"),
+    ("1,000-2,000", "1000 2000"),            # no comma left, so "-" becomes a space (VQAv2: "10002000")
+    ("It's", "it 's"),                       # VQAv2: "it's"
+    ("McDonald's", "mcdonald 's"),
+    ("what?", "what"),
+    ("who?no", "whono"),                     # VQAv2: "who no"
+    ("Two.", "2"),
+    ("The Stop", "stop"),
+])
+def test_textvqa_normalisation(raw, expected):
+    assert normalize_textvqa(raw) == expected
+
+
+def test_textvqa_uses_its_own_normalisation(tmp_path):
+    doc = {"data": [{"question_id": 1, "answers": ["coca cola"] * 10},
+                    {"question_id": 2, "answers": ["joe's"] * 2 + ["joe 's"] * 2 + ["joes"] * 6},
+                    {"question_id": 3, "answers": ["red, white"] * 3 + ["red white"] * 7}]}
+    (tmp_path / "val.json").write_text(json.dumps(doc))
+    # q1 "coca,cola" -> "cocacola": no human (1.0 under the VQAv2 rules); q2 "Joe's" -> "joe 's", as the four
+    # "joe's"/"joe 's" -> 1.0; q3 "red,white" -> "redwhite": 0 (VQAv2 rules: "red white", all ten -> 1.0)
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "coca,cola"},
+                                             {"question_id": 2, "text": "Joe's"},
+                                             {"question_id": 3, "text": "red,white"}])
+    assert score("textvqa", ans, tmp_path / "val.json")["accuracy"] == pytest.approx(1.0 / 3)
+
+
 def test_textvqa_by_hand(tmp_path):
     ann = _textvqa_file(tmp_path)
     # q7 "NOKIA": 5 humans after normalisation -> 1.0; q8 "2": 2 humans -> 0.6; q9 "go": 0
@@ -191,6 +230,28 @@ def test_vizwiz_by_hand(tmp_path):
     bad.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ScoreInputError, match="expected a JSON list"):
         score("vizwiz", ans, bad)
+
+
+# ------------------------------------------------------------------------------- multiple-choice replies
+
+@pytest.mark.parametrize("reply, want", [
+    ("The answer is a dog.", None),   # the article "a" is not option A (LLaVA's ScienceQA parser: FAILED)
+    ("The answer is an owl", None),
+    ("The answer is B.", "B"),
+    ("Answer: b", "B"),               # a lone lower-case letter at the end is still read
+    ("ANSWER IS C", "C"),
+])
+def test_parse_choice_reads_no_article_as_a_letter(reply, want):
+    assert parse_choice(reply, ["cat", "dog", "owl"]) == want
+
+
+def test_scienceqa_article_is_not_option_a(tmp_path):
+    problems = {"7": {"question": "Which animal barks?", "choices": ["cat", "dog"], "answer": 0, "hint": "",
+                      "image": "image.png", "split": "test", "subject": "natural science", "grade": "grade3"}}
+    (tmp_path / "problems.json").write_text(json.dumps(problems))
+    ans = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "7", "text": "The answer is a dog."}])
+    m = score("scienceqa", ans, tmp_path / "problems.json")
+    assert m["accuracy"] == 0.0 and m["n_unparsed_replies"] == 1  # was read as "A" (cat, the gold answer)
 
 
 # ------------------------------------------------------------------------------------------------ POPE
@@ -280,6 +341,20 @@ def test_gqa_by_hand(tmp_path):
     (tmp_path / "pred.json").write_text(json.dumps([{"questionId": "101"}]))
     with pytest.raises(ScoreInputError, match=r"record 1: .*no 'prediction' or 'answer' or 'text' field"):
         score("gqa", tmp_path / "pred.json", tmp_path / "testdev_balanced_questions.json")
+
+
+def test_gqa_counts_balanced_questions_only(tmp_path):
+    # GQA's eval.py adds a question to the accuracy only when question["isBalanced"]
+    qs = {"1": {"answer": "yes", "isBalanced": True, "types": {"structural": "verify", "semantic": "obj"}},
+          "2": {"answer": "no", "isBalanced": False, "types": {"structural": "verify", "semantic": "obj"}},
+          "3": {"answer": "red", "isBalanced": True, "types": {"structural": "query", "semantic": "attr"}}}
+    (tmp_path / "testdev_all_questions.json").write_text(json.dumps(qs))
+    preds = [{"questionId": "1", "prediction": "yes"}, {"questionId": "2", "prediction": "yes"},
+             {"questionId": "3", "prediction": "blue"}]
+    (tmp_path / "pred.json").write_text(json.dumps(preds))
+    m = score("gqa", tmp_path / "pred.json", tmp_path / "testdev_all_questions.json")
+    assert m["n"] == 2 and m["accuracy"] == pytest.approx(1 / 2)  # all three: 1/3
+    assert m["per_structural_type"] == {"query": 0.0, "verify": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------- MME
