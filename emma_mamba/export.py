@@ -13,6 +13,11 @@ LoRA run's, whose adapters are merged) and writes:
   transformers model (lm-evaluation-harness's ``hf`` model, vLLM) run the fine-tuned LM directly. Its vocabulary
   keeps the ``<image>`` token the model added; image prompts still need ``emma-mamba`` (the vision side).
 
+Both write a model card, ``README.md`` (the Hugging Face Hub's front matter, then what the model is: its
+parts and their parameter counts, the storage dtype, the training run it came from as its run directory records
+it (``train_config.yaml``, ``metrics.jsonl``: stage, data, steps, final losses) and how to run it), to be edited
+before sharing: it says nothing the files do not.
+
 ``--dtype bf16`` / ``fp16`` stores the weights in half precision (half the size; ``emma_mamba.load`` casts them
 back to the model's dtype) except the SSM parameters ``A_log``, ``D`` and the dt bias (``dt_proj.bias``; Mamba-2:
 ``dt_bias``), kept in fp32 as
@@ -70,10 +75,136 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     out.mkdir(parents=True, exist_ok=True)
     if lm_only:
         _export_lm(model, out, DTYPES[dtype])
+        (out / "README.md").write_text(model_card(model, checkpoint, out, dtype, lm_only=True), encoding="utf-8")
         return out
     sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
     write_model_dir(model, out, sd, dtype, {"exported_from": str(checkpoint)})
+    (out / "README.md").write_text(model_card(model, checkpoint, out, dtype, lm_only=False), encoding="utf-8")
     return out
+
+
+def _run_record(checkpoint: Path) -> tuple[dict | None, list[dict]]:
+    """The training run a checkpoint came from: its ``train_config.yaml`` (in the checkpoint directory, or the run
+    directory above a step checkpoint) and the records of its ``metrics.jsonl`` up to the checkpoint's step."""
+    import yaml
+
+    for d in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        cfg_file = d / "train_config.yaml"
+        if not cfg_file.is_file():
+            continue
+        try:
+            cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            return None, []
+        if not isinstance(cfg, dict):
+            return None, []
+        rows = []
+        metrics = d / "metrics.jsonl"
+        if metrics.is_file():
+            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash: the rest still counts
+                    continue
+                if isinstance(rec, dict):
+                    rows.append(rec)
+        step = checkpoint.name.rsplit("_", 1)[-1]
+        if checkpoint != d and step.isdigit():  # a step checkpoint: the records up to its step
+            rows = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= int(step)]
+        return cfg, rows
+    return None, []
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 \
+        else str(n)
+
+
+def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bool) -> str:
+    """The README.md of an exported model (see the module docstring): facts read from the model and from the
+    training run's own records only."""
+    import datetime
+
+    from emma_mamba import __version__
+
+    cfg, checkpoint = model.config, Path(checkpoint).resolve()
+    lm = cfg.lm
+    kind = "Mamba-2" if getattr(lm, "ssm_layer", "mamba") == "mamba2" else "Mamba"
+    lm_line = f"{kind}, d_model {lm.d_model}, {lm.n_layer} layers, d_state {lm.d_state}, vocabulary {lm.vocab_size}"
+    front = ["---", "library_name: " + ("transformers" if lm_only else "emma-mamba"),
+             "pipeline_tag: " + ("text-generation" if lm_only else "image-text-to-text"),
+             "tags:", "- mamba", "- emma-mamba"] + ([] if lm_only else ["- multimodal"]) + ["---", ""]
+    what = ("The language model of an EMMA-Mamba checkpoint, in transformers' `MambaForCausalLM` layout (its "
+            "vocabulary keeps the `<image>` token; image prompts need the whole model)." if lm_only else
+            "An EMMA-Mamba model: a Mamba language model fed by a vision encoder's intermediate layers, fused "
+            "(multi-scale feature fusion) and conditioned on the instruction, through a projector.")
+    lines = front + [f"# {out.name}", "", what, "",
+                     f"Exported by emma-mamba {__version__} on {datetime.date.today().isoformat()} from "
+                     f"`{checkpoint}`; weights stored as {dtype}" + ("" if dtype == "fp32" else
+                                                                  " (the SSM's A_log, D and dt bias in fp32)") + ".",
+                     "", "## Architecture", ""]
+    if lm_only:
+        n = sum(p.numel() for p in model.lm.parameters())
+        lines += [f"- {lm_line}: {_count(n)} parameters (tied embedding and head counted once)."]
+    else:
+        rows = model.parameter_counts()
+        v = cfg.vision
+        what_part = {
+            "vision": f"open_clip `{v.model_name}`, taps {list(model.vision.taps)}"
+                      + (" (frozen in training)" if v.freeze else " (trained in stage 2)"),
+            "vision.second_encoder": f"timm `{v.second_encoder.timm_model}`, taps {list(model.vision.second_taps)}",
+            "mff": f"multi-scale feature fusion, mode `{cfg.mff.mode}`",
+            "instruction.text_tower": "the CLIP text tower encoding the instruction (frozen)",
+            "instruction.fusion": "instruction-aware fusion",
+            "projector": f"{cfg.projector.kind}, depth {cfg.projector.depth}",
+            "lm": lm_line,
+            "align_head": "pixel-wise alignment head (a training-time loss; kept to train on)",
+        }
+        lines += ["| part | what | parameters |", "| --- | --- | --- |"]
+        for name, counts in rows.items():
+            lines.append(f"| {name} | {what_part.get(name, '')} | {_count(counts['total'])} |")
+        total = sum(r["total"] for r in rows.values())
+        lines += [f"| total | | {_count(total)} |", "",
+                  f"{model.vision.num_tokens} visual tokens per image; images preprocessed with resize mode "
+                  f"`{v.image_resize}`, their tokens placed `{v.image_position}`."
+                  + ("" if "align_head" in rows else " The alignment head, a training-time loss, is not included.")]
+    run, metrics = _run_record(checkpoint)
+    lines += ["", "## Training", ""]
+    if run is None:
+        lines.append("No training record (`train_config.yaml`) was found beside the checkpoint.")
+    else:
+        data, train = run.get("data") or {}, run.get("train") or {}
+        sources = data.get("sources") or ([{"json": data.get("json")}] if data.get("json") else [])
+        files = ", ".join(f"`{Path(str(s.get('json'))).name}`" for s in sources if isinstance(s, dict))
+        lines.append(f"- stage: `{run.get('stage')}`" + (f", from `{run['init_from']}`" if run.get("init_from")
+                                                          else ""))
+        if files:
+            lines.append(f"- data: {files}; max_length {data.get('max_length')}, packing {data.get('packing')}")
+        lines.append(f"- optimisation: lr {train.get('lr')} ({train.get('schedule')}), global batch "
+                     f"{train.get('global_batch_size')}, weight decay {train.get('weight_decay')}"
+                     + (f", LoRA r {train['lora'].get('r')}" if isinstance(train.get("lora"), dict)
+                        and train["lora"].get("r") else ""))
+        steps = [r for r in metrics if "loss" in r]
+        if steps:
+            last = steps[-1]
+            lines.append(f"- trained {last.get('step')} steps ({last.get('total_tokens', '?')} tokens); last logged "
+                         f"loss {last['loss']:.4g}" + (f" (lm {last['lm_loss']:.4g})" if "lm_loss" in last else ""))
+        vals = [r for r in metrics if "val_loss" in r]
+        if vals:
+            lines.append(f"- validation at step {vals[-1].get('step')}: loss {vals[-1]['val_loss']:.4g}"
+                         + (f", token accuracy {vals[-1]['val_token_acc']:.4g}" if "val_token_acc" in vals[-1]
+                            else ""))
+    lines += ["", "## Use", ""]
+    if lm_only:
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  f'model = AutoModelForCausalLM.from_pretrained("{out.name}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{out.name}")', "```"]
+    else:
+        lines += ["```bash", "# emma-mamba installed (its README: Set-up), then:",
+                  f"emma-mamba chat --checkpoint {out.name} --image photo.jpg",
+                  f"emma-mamba serve --checkpoint {out.name}   # an OpenAI-compatible API",
+                  "```", "", "```python", "import emma_mamba", f'model = emma_mamba.load("{out.name}")', "```"]
+    return "\n".join(lines) + "\n"
 
 
 def write_model_dir(model, out: Path, sd: dict, dtype: str, metadata: dict) -> None:

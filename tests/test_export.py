@@ -120,3 +120,47 @@ def test_written_weight_files_get_the_default_file_mode(tmp_path):
             assert os.stat(f).st_mode & 0o777 == 0o644, f
     finally:
         os.umask(old)
+
+
+def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_path):
+    """README.md: each part's parameter count (counted here from the loaded modules), the storage dtype, and the
+    run's stage, data, optimisation and last losses read from a run directory written by hand; a step
+    checkpoint's card stops at its step; a metrics line cut by a crash is passed over."""
+    import json
+    import shutil
+
+    import yaml
+
+    from emma_mamba.export import _count
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000020"
+    shutil.copytree(ckpt, step)
+    (run / "train_config.yaml").write_text(yaml.safe_dump({
+        "stage": "finetune", "init_from": "runs/stage1",
+        "data": {"json": "/data/llava_v1_5_mix665k.json", "max_length": 2048, "packing": True},
+        "train": {"lr": 2e-5, "schedule": "cosine", "global_batch_size": 128, "weight_decay": 0.0}}))
+    rows = [{"step": 10, "loss": 2.5, "lm_loss": 2.25, "total_tokens": 1000},
+            {"step": 20, "loss": 1.5, "lm_loss": 1.25, "total_tokens": 2000},
+            {"step": 20, "val_loss": 1.75, "val_token_acc": 0.5},
+            {"step": 30, "loss": 0.5, "lm_loss": 0.25, "total_tokens": 3000}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 31, "lo')
+    assert main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "card"), "--dtype", "bf16"]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: emma-mamba\npipeline_tag: image-text-to-text\n")
+    assert "weights stored as bf16 (the SSM's A_log, D and dt bias in fp32)" in card
+    model = emma_mamba.load(ckpt)
+    numel = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
+    for part, module in (("lm", model.lm), ("projector", model.projector), ("mff", model.mff)):
+        line = next(x for x in card.splitlines() if x.startswith(f"| {part} |"))
+        assert line.endswith(f"| {_count(numel(module))} |"), line
+    assert "| align_head |" not in card and "The alignment head, a training-time loss, is not included." in card
+    assert "- stage: `finetune`, from `runs/stage1`" in card
+    assert "- data: `llava_v1_5_mix665k.json`; max_length 2048, packing True" in card
+    assert "lr 2e-05 (cosine), global batch 128" in card
+    assert "trained 20 steps (2000 tokens); last logged loss 1.5 (lm 1.25)" in card  # not step 30's
+    assert "validation at step 20: loss 1.75, token accuracy 0.5" in card
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bare"), "--lm-only"]) == 0
+    card = (tmp_path / "bare" / "README.md").read_text()
+    assert "library_name: transformers" in card and "No training record" in card
+    assert f"{_count(numel(model.lm))} parameters" in card
