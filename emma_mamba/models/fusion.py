@@ -225,6 +225,12 @@ def _token_count(tokenizer, text: str) -> int | None:
     if isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None:
         return len(tokenizer.encode(text)) + 2  # <start_of_text> ... <end_of_text>
     if isinstance(tokenizer, HFTokenizer):
+        # counted on the text open_clip tokenises: its clean_fn first (SigLIP's 'canonicalize' drops punctuation
+        # and HTML entities, which the raw text would count as tokens of their own)
+        clean = getattr(tokenizer, "clean_fn", None)  # (open_clip >= 2.24 has it)
+        text = clean(text) if clean is not None else text
+        if getattr(tokenizer, "tokenizer_mode", "") == "clips":  # content tokens + bos, eos and a class token
+            return len(tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"]) + 3
         return len(tokenizer.tokenizer(text)["input_ids"])
     return None
 

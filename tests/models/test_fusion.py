@@ -253,3 +253,39 @@ def test_siglip_style_text_tower_with_local_hf_tokenizer(tmp_path):
     cfg.instruction.tokenizer = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="instruction.tokenizer: .* is not a directory"):
         EmmaMamba(cfg)
+
+
+@pytest.mark.parametrize("mode", ["", "clips"])
+def test_hf_tokenizer_truncation_is_counted_on_the_cleaned_text(text_model, tmp_path, mode):
+    """An HF text-tower tokenizer (SigLIP's: clean 'canonicalize', which drops punctuation and HTML entities)
+    tokenises the cleaned text, so an instruction is truncated only when that is too long. Oracle: open_clip's own
+    tokenizer at the context length against a much longer one (truncated iff the kept tokens differ)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", "<s>", "<cls>"] + "what is in the image please describe".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            bos_token="<s>", cls_token="<cls>").save_pretrained(tmp_path)
+    hf = open_clip.tokenizer.HFTokenizer(str(tmp_path), context_length=24, clean="canonicalize",
+                                         tokenizer_mode=mode or None, local_files_only=True)
+    clip, _ = text_model
+    fusion = InstructionFusion(clip, hf, vision_width=C, num_visual_tokens=N)
+    texts = ["What, is: in; the? image! " * 3,  # 30 raw tokens, 15 once cleaned: fits
+             "what &amp; is &amp; in &amp; the &amp; image " * 2,  # 4 tokens per entity raw, none cleaned: fits
+             "what is in the image " * 6,  # 30 words: truncated
+             "describe " * 21, "describe " * 22,  # the boundaries: clips adds bos, eos and a class token,
+             "describe " * 24, "describe " * 25]  # the plain tokenizer here no special token
+
+    def content(row):
+        return [t for t in row.tolist() if t not in (0, 4)]  # without padding and the class token
+
+    expect = [content(hf([t], 24)[0]) != content(hf([t], 1000)[0]) for t in texts]
+    assert expect == [False, False, True] + ([False, True, True, True] if mode else [False, False, False, True])
+    fusion.tokenize(texts)
+    assert fusion.num_truncated == sum(expect)
+    for t, e in zip(texts, expect):
+        before = fusion.num_truncated
+        fusion.tokenize([t])
+        assert fusion.num_truncated - before == e, t

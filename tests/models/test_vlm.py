@@ -514,3 +514,64 @@ def test_every_lm_config_field_reaches_the_mamba_config():
     got = _mamba_config(ModelConfig(lm=lm), MambaConfig)
     for name in shape_fields:  # every value differs from both classes' defaults, so a dropped field fails
         assert getattr(got, name) == getattr(lm, name) != getattr(MambaConfig(), name), name
+
+
+@torch.no_grad()
+def test_packed_rows_compute_what_the_samples_compute_alone():
+    """Samples with one, no and two images (one starting with its image) packed into rows with seq_idx, the images
+    in order of appearance: each sample's logits, and the LM and alignment losses (token- and image-weighted means
+    of the samples' own), equal those of every sample run alone. Instruction fusion and MFF are moved off their
+    identity initialisation, so an instruction or image reaching the wrong sample would show."""
+    m = make_model()
+    g = torch.Generator().manual_seed(1)
+    for n, p in m.named_parameters():
+        if n.split(".")[0] in ("mff", "instruction", "projector") and ".text_model." not in n:
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    m.eval()
+    tok = m.tokenizer
+    samples = [("<image>\nWhat is this? A man in a space suit.", IMAGES[:1], ["What is this?"]),
+               ("Just some text without a picture here.", [], []),
+               ("Compare <image> and <image>. A cat, then a camera.", IMAGES[1:3], ["Compare", "Compare them"]),
+               ("<image> Describe it. A cat.", IMAGES[1:2], ["Describe it."])]
+
+    def encode(text):
+        ids = tok.encode(text)
+        labels = [-100 if (j == 0 or t == m.image_token_id) else t for j, t in enumerate(ids)]  # as data.collate
+        return ids, labels
+
+    alone = []
+    for text, images, inst in samples:
+        ids, labels = encode(text)
+        out = m(torch.tensor([ids]), m.image_processor(images) if images else None, torch.tensor([labels]),
+                m.tokenize_instructions(inst) if inst else None)
+        n_lab = sum(x != -100 for x in labels[1:])
+        alone.append((out.logits[0], out.loss["lm"] * n_lab, n_lab, out.loss["align"] * len(images), len(images)))
+
+    rows = [[0, 1, 2], [3, 1]]
+    L = max(sum(len(tok.encode(samples[i][0])) for i in r) for r in rows)
+    input_ids = torch.full((2, L), tok.pad_token_id)
+    labels = torch.full((2, L), -100)
+    seq_idx = torch.zeros((2, L), dtype=torch.int32)
+    images, inst, counts = [], [], []
+    for r, row in enumerate(rows):
+        pos = 0
+        for k, i in enumerate(row):
+            ids, lab = encode(samples[i][0])
+            input_ids[r, pos:pos + len(ids)], labels[r, pos:pos + len(ids)] = torch.tensor(ids), torch.tensor(lab)
+            seq_idx[r, pos:pos + len(ids)] = k
+            pos += len(ids)
+            images += samples[i][1]
+            inst += samples[i][2]
+        seq_idx[r, pos:] = len(row)
+        counts.append(sum(len(samples[i][1]) for i in row))
+    out = m(input_ids, m.image_processor(images), labels, m.tokenize_instructions(inst), image_counts=counts,
+            seq_idx=seq_idx)
+    for r, row in enumerate(rows):
+        pos = 0
+        for i in row:
+            n = alone[i][0].shape[0]
+            torch.testing.assert_close(out.logits[r, pos:pos + n], alone[i][0], rtol=1e-4, atol=1e-4)
+            pos += n
+    every = [alone[i] for row in rows for i in row]
+    torch.testing.assert_close(out.loss["lm"], sum(a[1] for a in every) / sum(a[2] for a in every))
+    torch.testing.assert_close(out.loss["align"], sum(a[3] for a in every) / sum(a[4] for a in every))
