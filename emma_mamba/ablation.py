@@ -335,6 +335,8 @@ def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta,
 # ------------------------------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from emma_mamba.cli import positive_int
+
     p.add_argument("--config", default=None, help="quickstart-format recipe (default configs/quickstart.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--data-seed", type=int, default=0, help="ShapesWorld seed shared by every run (default 0)")
@@ -344,7 +346,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="benchmarks/results/ablation.json", help="results JSON (default %(default)s)")
     p.add_argument("--plot", default="benchmarks/results/ablation.png", help="PNG plot (default %(default)s; '' = none)")
     p.add_argument("--progress", action="store_true", help="progress bars for every stage")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads per run (default 1; see quickstart)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel, each in its own process with --threads threads (default 1; on an "

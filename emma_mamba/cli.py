@@ -67,7 +67,31 @@ def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     return f" (did you mean {' / '.join(hints)}?)" if hints else ""
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (threads, workers): argparse names the option."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # a short output still in the buffer meets the closed pipe here, not at exit
+        return rc
+    except BrokenPipeError:  # `emma-mamba info ... | head`: the reader left; say nothing more, as `cat` does
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the broken pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -87,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             subs = ", ".join(p[1] for p in group)
             print(f"emma-mamba {argv[0]}: choose one of: {subs}", file=sys.stderr)
         else:
-            print(f"emma-mamba: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+            import difflib
+
+            names = sorted({p[0] for p in COMMANDS} | {" ".join(p) for p in COMMANDS})
+            close = difflib.get_close_matches(argv[0], names, n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            print(f"emma-mamba: unknown command {argv[0]!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, help_ = COMMANDS[path]
     parser = argparse.ArgumentParser(prog="emma-mamba " + " ".join(path), description=help_)

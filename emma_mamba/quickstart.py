@@ -404,6 +404,8 @@ def set_threads(n: int) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from emma_mamba.cli import positive_int
+
     p.add_argument("--out", default="runs/quickstart", help="output folder (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the model init and the data order")
     p.add_argument("--fast", action="store_true",
@@ -412,7 +414,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"quickstart recipe YAML (default {DEFAULT_CONFIG}, or {FAST_CONFIG} with --fast)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: the tiny model's ops are too small to gain from a "
                         "thread pool, and a 2-thread pool stalls badly when another process holds a core)")
 

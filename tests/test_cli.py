@@ -33,3 +33,39 @@ def test_a_bad_config_file_is_one_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"emma-mamba info: {bad}: unknown config key 'd_modell' at 'lm.d_modell' (did you mean "
                           f"'d_model'?)") and "Traceback" not in err
+
+
+def test_mistyped_command_gets_a_suggestion(capsys):
+    assert main(["pretrian"]) == 2
+    assert "unknown command 'pretrian' (did you mean 'pretrain'?)" in capsys.readouterr().err
+    assert main(["zzzz"]) == 2
+    assert "did you mean" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["data", "check", "--config", "x.yaml", "--workers", "0"],
+                                  ["quickstart", "--threads", "0"], ["ablate", "--threads", "two"]])
+def test_counts_below_one_are_refused_by_name(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}:" in err and ("must be >= 1" in err or "expected an integer >= 1" in err)
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`emma-mamba configs | head -0`: the reader is gone before the first line; no BrokenPipeError traceback,
+    exit 141 (the pipe's read end is closed before the command starts, so its first write fails every time)."""
+    import os
+    import subprocess
+    import sys
+
+    for argv in (["configs"], ["--version"]):  # a long output and one short enough to sit in the buffer
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            p = subprocess.run([sys.executable, "-c", f"import sys; from emma_mamba.cli import main; "
+                                f"sys.exit(main({argv!r}))"], stdout=w, stderr=subprocess.PIPE, timeout=120)
+        finally:
+            os.close(w)
+        err = p.stderr.decode()
+        assert p.returncode == 141 and "Traceback" not in err and "BrokenPipeError" not in err, (argv, err)

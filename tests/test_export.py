@@ -164,3 +164,26 @@ def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_pat
     card = (tmp_path / "bare" / "README.md").read_text()
     assert "library_name: transformers" in card and "No training record" in card
     assert f"{_count(numel(model.lm))} parameters" in card
+
+
+@pytest.mark.parametrize("keep", [0, 1000, "half"])
+def test_a_cut_weight_file_is_named_not_a_traceback(ckpt, tmp_path, capsys, keep):
+    """model.safetensors cut short (empty, inside its header, inside its data): export, generate and eval name
+    the file and say it is incomplete, exit 2, no traceback."""
+    import shutil
+
+    from PIL import Image
+
+    bad = tmp_path / "cut"
+    shutil.copytree(ckpt, bad)
+    f = bad / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2 if keep == "half" else keep])
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "im.png")
+    commands = [["export", "--checkpoint", str(bad), "--out", str(tmp_path / "out")],
+                ["generate", "--checkpoint", str(bad), "--image", str(tmp_path / "im.png"), "--prompt", "hi"]]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{f}: not a readable safetensors file" in err and "incomplete or corrupt" in err, err
+        assert "Traceback" not in err

@@ -33,6 +33,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from emma_mamba.cli import positive_int
     from emma_mamba.training.cli_train import add_override_arguments
 
     p.allow_abbrev = False
@@ -42,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="_model", default=None, metavar="NAME|YAML",
                    help="replace the recipe's model, as for pretrain/finetune")
     p.add_argument("--val", action="store_true", help="also check val.json")
-    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: all CPUs)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="processes decoding images (default: all CPUs)")
     p.add_argument("--no-images", action="store_true", help="records only: do not open the image files")
     p.add_argument("--report", default=None, help="write the summary as JSON here")
     p.add_argument("--write-clean", default=None, metavar="FILE",

@@ -235,11 +235,12 @@ def _run_vlm(args, gcfg, device, dtype, prompt) -> int:
                          f"--image is placed before the prompt by itself); remove it")
     t0 = time.perf_counter()
     try:
-        text = answer(model, args.image, prompt, streamer=_stream, config=gcfg)
+        res = answer(model, args.image, prompt, streamer=_stream, config=gcfg, return_result=True)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     sys.stdout.write("\n")
     sys.stdout.flush()
-    print(f"[{len(model.tokenizer.encode(text))} answer tokens in {time.perf_counter() - t0:.2f} s; "
+    # the tokens generated (an ending end-of-text not counted), not a re-encoding of the text
+    print(f"[{len(res.sequences[0])} answer tokens ({res.finish_reasons[0]}) in {time.perf_counter() - t0:.2f} s; "
           f"backend {ops.get_backend(device)}, {str(dtype).replace('torch.', '')}]", file=sys.stderr)
     return 0

@@ -24,6 +24,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -612,8 +613,6 @@ def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<ima
 def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dtype=None) -> EmmaMamba:
     """Load a directory written by :meth:`EmmaMamba.save`. For inference (default) the alignment head is
     neither built nor read."""
-    from safetensors import safe_open
-
     d = Path(path)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
@@ -643,7 +642,7 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
         sd = _read_sharded(d, skip)
     else:
         sd = {}
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
+        with _open_weights(weights) as f:
             for k in f.keys():
                 if not skip(k):
                     sd[k] = f.get_tensor(k)
@@ -675,16 +674,33 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     return model
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path):
+    """``safe_open(path)``; a file safetensors cannot read (cut short, empty, not safetensors) is a ConfigError
+    naming it, not the library's bare "invalid header length"."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({e}); the checkpoint is incomplete or "
+                          f"corrupt: copy or export it again") from None
+    with f:
+        try:
+            yield f
+        except SafetensorError as e:  # a header that parses over data cut short
+            raise ConfigError(f"{path}: a tensor cannot be read ({e}); the checkpoint is incomplete or "
+                              f"corrupt") from None
+
+
 def weight_names(path: str | os.PathLike) -> list[str]:
     """The parameter names a checkpoint directory holds (model.safetensors, or a sharded training checkpoint's
     state), without reading any weight."""
-    from safetensors import safe_open
-
     from emma_mamba.training.checkpoint import _sharded_model_meta, is_sharded
 
     d = Path(path)
     if (d / WEIGHTS_NAME).is_file():
-        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        with _open_weights(d / WEIGHTS_NAME) as f:
             return list(f.keys())
     if is_sharded(d):
         return list(_sharded_model_meta(d))
@@ -742,11 +758,12 @@ def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
 
 def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = None,
            max_new_tokens: int = 256, temperature: float = 0.0, template: str = CHAT_TEMPLATE,
-           config=None) -> str:
+           config=None, return_result: bool = False):
     """One-image question answering: the function behind ``emma-mamba generate``. ``image`` is a path, a PIL
-    image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer.
-    ``config`` (a :class:`GenerationConfig`) overrides ``max_new_tokens``/``temperature`` with every sampling
-    option; its EOS is the model tokenizer's."""
+    image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer (with
+    ``return_result`` the whole :class:`~emma_mamba.inference.generate.GenerationResult`: token ids, finish
+    reason, timings). ``config`` (a :class:`GenerationConfig`) overrides ``max_new_tokens``/``temperature`` with
+    every sampling option; its EOS is the model tokenizer's."""
     import dataclasses
 
     from emma_mamba.inference.generate import GenerationConfig
@@ -761,4 +778,4 @@ def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], No
         cfg = dataclasses.replace(config, eos_token_id=model.tokenizer.eos_token_id)
     instructions = [prompt] if model.instruction is not None else None
     result = model.generate(text, [image], instructions, config=cfg, streamer=streamer)
-    return result.texts[0]
+    return result if return_result else result.texts[0]
