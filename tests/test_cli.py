@@ -69,3 +69,17 @@ def test_a_closed_pipe_ends_the_command_quietly():
             os.close(w)
         err = p.stderr.decode()
         assert p.returncode == 141 and "Traceback" not in err and "BrokenPipeError" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["data", "shapes", "--out", "{tmp}/s", "--colours", "red,blue,purpel"],
+     "--colours: unknown name(s) ['purpel']"),
+    (["data", "shapes", "--out", "{tmp}/s", "--n-train", "-1"], "--n-train: expected an integer >= 0"),
+    (["generate", "--random-init", "tiny", "--prompt", "hi", "--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["pretrain", "--config", "train_tiny_stage1", "--train.max_steps", "-3"], "train.max_steps must be >= 0"),
+])
+def test_messages_name_the_option_typed(argv, needle, tmp_path, capsys):
+    """Errors name what the user typed (--n-train, --top-p), not the dataclass field behind it."""
+    rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Config." not in err, err

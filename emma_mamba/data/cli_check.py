@@ -175,7 +175,8 @@ def _epoch(cfg, data_cfg, lengths: list[int]) -> dict:
 def _epoch_line(r: dict) -> str:
     fill = f", {100 * r['fill']:.1f} % of positions filled" if r["fill"] is not None else ""
     return (f"{r['rows_per_epoch']} rows ({'packed' if r['packing'] else 'one sample each'}{fill}), "
-            f"{r['steps_per_epoch']} optimizer steps at global batch {r['global_batch_size']}")
+            f"{r['steps_per_epoch']} optimizer step{'' if r['steps_per_epoch'] == 1 else 's'} at global batch "
+            f"{r['global_batch_size']}")
 
 
 def _write_clean(src: Path, usable: set, dst: Path) -> int:

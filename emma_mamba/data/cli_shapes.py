@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
                        question_mix=mix)
     try:
         cfg.validate()
-    except ValueError as e:
-        print(f"emma-mamba data shapes: {e}", file=sys.stderr)
+    except ValueError as e:  # named by the option typed: ShapesConfig.n_train -> --n-train
+        import re
+
+        msg = re.sub(r"ShapesConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        print(f"emma-mamba data shapes: {msg}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -158,7 +158,9 @@ class ShapesConfig:
             vals = tuple(getattr(self, name))
             setattr(self, name, vals)
             unknown = [v for v in vals if v not in allowed]
-            if unknown or len(vals) < 2 or len(set(vals)) != len(vals):
+            if unknown:
+                bad(name, f"unknown name(s) {unknown}; expected names from {list(allowed)}")
+            if len(vals) < 2 or len(set(vals)) != len(vals):
                 bad(name, f"expected at least two distinct names from {list(allowed)}")
         if len(self.colours) * len(self.kinds) < self.max_shapes + 2 * self.pope_k:
             bad("colours", "too few colour/kind combinations for the POPE negatives")

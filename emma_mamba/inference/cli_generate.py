@@ -21,8 +21,8 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model to run and where (shared by ``generate`` and ``chat``)."""
+def add_model_arguments(p: argparse.ArgumentParser, image: bool = True) -> None:
+    """The model to run and where (shared by ``generate``, ``chat`` and, without ``--image``, ``serve``)."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR",
                      help="EMMA-Mamba checkpoint directory (written by model.save, pretrain or finetune)")
@@ -30,8 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--random-init", metavar="PRESET",
                      help="no weights: a randomly initialised model of this preset (tiny, mamba-130m, ...); its "
                           "output is noise, for trying the pipeline only")
+    # serve: not listed in --help, but read, so that it is refused with the reason rather than "unrecognized"
     p.add_argument("--image", metavar="FILE", default=None,
-                   help="image to ask about (with --checkpoint; any format PIL reads)")
+                   help="image to ask about (with --checkpoint; any format PIL reads)" if image else argparse.SUPPRESS)
     p.add_argument("--tokenizer", metavar="DIR", default=None,
                    help="tokenizer directory (with tokenizer.json) or file; default: the checkpoint's, else the "
                         "shipped GPT-NeoX-20B tokenizer")
@@ -103,8 +104,11 @@ def setup(args):
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                 stop_strings=tuple(args.stop), seed=args.seed, cuda_graphs=args.cuda_graphs,
                                 compile=args.compile)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except ValueError as e:  # named by the option the user typed: GenerationConfig.top_p -> --top-p
+        import re
+
+        raise UsageError(re.sub(r"GenerationConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                                str(e))) from None
     return device, dtype, gcfg
 
 

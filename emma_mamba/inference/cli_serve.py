@@ -19,7 +19,7 @@ from emma_mamba.inference.cli_generate import (UsageError, _err, add_model_argum
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, image=False)  # each request brings its own images
     add_sampling_arguments(p, max_new_tokens=256)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",

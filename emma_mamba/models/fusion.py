@@ -112,6 +112,7 @@ class InstructionFusion(nn.Module):
     """
 
     TOKEN_CACHE_SIZE = 1 << 16  # tokenized instructions kept (a row of 77 int64 ids is ~0.6 KB)
+    LOGGED_TEXTS = 10  # distinct truncated instructions logged one by one; later ones only counted
 
     def __init__(self, text_model: nn.Module, tokenizer, vision_width: int, num_visual_tokens: int,
                  text_layer: int = -1, device=None, dtype=None):
@@ -129,6 +130,7 @@ class InstructionFusion(nn.Module):
         # Linear over the token axis: (N + T) input tokens -> N output tokens.
         self.token_mixer = nn.Linear(num_visual_tokens + self.context_length, num_visual_tokens, **fk)
         self.num_truncated = 0
+        self._texts_logged = 0  # distinct truncated instructions logged one by one (LOGGED_TEXTS at most)
         self._token_cache: dict[str, tuple[torch.Tensor, int | None]] = {}  # text -> (ids row, token count)
         self.reset_parameters()
 
@@ -152,7 +154,7 @@ class InstructionFusion(nn.Module):
         sees each instruction once per epoch, and open_clip's tokenizer (text cleaning, regex, BPE) cost about
         a tenth of a tiny-model training step. A truncated instruction is counted on every use (``num_truncated``;
         the trainer reports the total at the end of a run) and logged when it is tokenised (first seen, or after it
-        left the cache); the batch summary is logged when the running count reaches 1, 2, 4, 8, ..., so a data set
+        left the cache; the first ``LOGGED_TEXTS`` distinct ones only); the batch summary is logged when the running count reaches 1, 2, 4, 8, ..., so a data set
         of long instructions is reported without a warning per step."""
         if isinstance(texts, str):
             texts = [texts]
@@ -175,9 +177,11 @@ class InstructionFusion(nn.Module):
             row, n = hit
             if n is not None and n > self.context_length:
                 n_trunc += 1
-                if fresh:
-                    log.warning("instruction truncated from %d to %d text-tower tokens (%.60r...)", n,
-                                self.context_length, t)
+                if fresh and self._texts_logged < self.LOGGED_TEXTS:
+                    self._texts_logged += 1
+                    log.warning("instruction truncated from %d to %d text-tower tokens (%.60r...)%s", n,
+                                self.context_length, t, "; further ones are counted, not each logged"
+                                if self._texts_logged == self.LOGGED_TEXTS else "")
             rows.append(row)
         if n_trunc:
             before, self.num_truncated = self.num_truncated, self.num_truncated + n_trunc

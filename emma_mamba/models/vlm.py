@@ -448,7 +448,8 @@ class EmmaMamba(nn.Module):
                     found.append(t)
             if not found:
                 got = self.tokenizer.decode(self.tokenizer.encode(alts[0]), skip_special_tokens=False)
-                raise ValueError(f"option {opt!r} is not in this model's vocabulary ({alts[0]!r} tokenises to "
+                shown = " / ".join(repr(a) for a in alts)  # the spellings, not a tuple's repr
+                raise ValueError(f"option {shown} is not in this model's vocabulary ({alts[0]!r} tokenises to "
                                  f"{got!r}): the model cannot give it as a reply")
             for t in found:
                 if t in spellings:

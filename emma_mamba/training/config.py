@@ -317,7 +317,9 @@ class RunConfig:
             bad(f"train.betas must be two numbers in [0, 1), got {t.betas}")
         if not t.eps > 0:
             bad(f"train.eps must be > 0 (AdamW's denominator term), got {t.eps}")
-        if t.max_steps < 0 or (t.max_steps == 0 and t.epochs <= 0):
+        if t.max_steps < 0:
+            bad(f"train.max_steps must be >= 0 (0: train.epochs decides), got {t.max_steps}")
+        if t.max_steps == 0 and t.epochs <= 0:
             bad(f"train: set max_steps > 0 or epochs > 0 (got max_steps={t.max_steps}, epochs={t.epochs})")
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             bad(f"train.micro_batch_size and train.global_batch_size must be >= 1, got "
@@ -487,6 +489,9 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
     apply_overrides(cfg, overrides, source=override_source)
     if cfg.init_from is not None:
         ckpt_cfg = Path(cfg.init_from) / "config.yaml"
+        if not Path(cfg.init_from).is_dir():
+            raise ConfigError(f"{source}: init_from: {cfg.init_from}: no such directory (the stage-1 run's "
+                              f"output_dir, or a directory written by EmmaMamba.save: has it run yet?)")
         if not ckpt_cfg.is_file():
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
                               f"written by EmmaMamba.save or a previous run's output_dir)")

@@ -457,7 +457,7 @@ class Trainer:
             self.wait_for_checkpoint()
         except KeyboardInterrupt:
             self._wait_quietly("interrupted")
-            raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}; "
+            raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}. "
                                       f"{self._last_checkpoint_hint()}") from None
         except BaseException:
             self._wait_quietly("stopped by an error")

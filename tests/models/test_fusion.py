@@ -147,6 +147,13 @@ def test_instruction_truncation_is_counted_and_logged(text_model, caplog):
     with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
         fusion.tokenize(["short question"])  # 2 + 2 tokens: fits
     assert fusion.num_truncated == 1 and "truncated" not in caplog.text
+    # many distinct long instructions: the first LOGGED_TEXTS are logged one by one, the rest only counted
+    caplog.clear()
+    fusion.LOGGED_TEXTS = 3
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
+        fusion.tokenize([f"{i} {long}" for i in range(6)])
+    assert fusion.num_truncated == 7 and caplog.text.count("truncated from") == 2  # the first of 3 above
+    assert caplog.text.count("further ones are counted, not each logged") == 1
 
 
 def test_instruction_token_cache_is_exact_bounded_and_still_counts_truncation(text_model, caplog):

@@ -155,6 +155,8 @@ def test_init_from_takes_the_model_config_from_the_checkpoint(tmp_path):
         load_run_config(write(tmp_path, {**BASE, "init_from": str(ck)}))
     with pytest.raises(ConfigError, match="has no config.yaml"):
         load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="init_from: .*nothere: no such directory .*has it run yet"):
+        load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path / "nothere")}))
 
 
 def test_global_batch_must_divide(tmp_path):
