@@ -373,7 +373,9 @@ class RunConfig:
         if v.micro_batch_size is not None and v.micro_batch_size < 1:
             bad(f"val.micro_batch_size must be >= 1 (or null), got {v.micro_batch_size}")
         if v.json is None and (v.every_steps or v.max_samples):
-            bad("val.every_steps / val.max_samples are set but val.json (the validation file) is not")
+            bad(f"val.every_steps / val.max_samples are set ({v.every_steps} / {v.max_samples}) but val.json (the "
+                f"validation file) is not; to run without validation set them to 0 too (--val.every_steps 0 "
+                f"--val.max_samples 0)")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.peak_tflops is not None and not self.log.peak_tflops > 0:
