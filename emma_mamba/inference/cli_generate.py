@@ -119,6 +119,10 @@ def load_vlm(args, device, dtype):
 
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
+    d = Path(args.checkpoint)
+    if (d / "config.json").is_file() and not (d / "config.yaml").is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint}: a language model directory (config.json), not an "
+                         f"EMMA-Mamba checkpoint: use --lm {args.checkpoint} for text continuation")
     if args.image is not None and not Path(args.image).is_file():
         raise UsageError(f"--image {args.image}: no such file")
     if args.tokenizer is not None:
@@ -144,6 +148,10 @@ def load_lm(args, device, dtype):
             hint = (f" (to try the command without weights: --random-init {args.lm})"
                     if args.lm in MAMBA_PRESETS else "")
             raise UsageError(f"--lm {args.lm}: no such directory{hint}")
+        if (lm_dir / "config.yaml").is_file() and not (lm_dir / "config.json").is_file():
+            raise UsageError(f"--lm {args.lm}: an EMMA-Mamba checkpoint (config.yaml), not a language model "
+                             f"directory: use --checkpoint {args.lm} (and --image), or export its LM with "
+                             f"`emma-mamba export --lm-only`")
         try:
             lm = MambaLM.from_pretrained(lm_dir, device=device, dtype=dtype)
         except CheckpointError as e:

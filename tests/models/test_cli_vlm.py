@@ -81,3 +81,14 @@ def test_the_placeholder_text_is_plain_text_to_a_text_only_lm(capsys):
     rc = cli.main(["generate", "--random-init", "tiny", "--prompt", "<image> what shape", "--max-new-tokens", "2",
                    "--seed", "0"])
     assert rc == 0 and capsys.readouterr().out.startswith("<image> what shape")
+
+
+def test_the_wrong_kind_of_directory_names_the_right_flag(ckpt, tmp_path, capsys):
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    lm_dir = tmp_path / "lm"
+    MambaLM(MambaConfig.from_preset("tiny")).save_pretrained(lm_dir, layout="hf")
+    assert cli.main(["generate", "--checkpoint", str(lm_dir), "--image", IMAGE, "--prompt", "hi"]) == 2
+    assert f"use --lm {lm_dir} for text continuation" in capsys.readouterr().err
+    assert cli.main(["generate", "--lm", str(ckpt), "--prompt", "hi"]) == 2
+    assert f"use --checkpoint {ckpt} (and --image)" in capsys.readouterr().err
