@@ -99,9 +99,12 @@ def _hf_twin(lm, dtype):
 
 
 def hf_cache_keyword(hf) -> str:
-    """transformers' keyword for a Mamba model's recurrent state, in its forward and in its output: `cache` for
-    Mamba2ForCausalLM (`cache_params` is deprecated there), `cache_params` for MambaForCausalLM."""
-    return "cache" if type(hf).__name__ == "Mamba2ForCausalLM" else "cache_params"
+    """transformers' keyword for a Mamba model's recurrent state, in its forward and in its output: `cache` where
+    the forward takes it (Mamba2ForCausalLM, and MambaForCausalLM from transformers 5.2x, where `cache_params`
+    is deprecated), else `cache_params` (older releases)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "cache_params"
 
 
 def _git_commit() -> str | None:
