@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--task", choices=TASKS, help="benchmark: file formats, prompt and metric")
     what.add_argument("--suite", metavar="YAML",
                       help="several benchmarks from one file (format: emma_mamba/eval/suite.py; example: "
-                           "configs/eval_suite_example.yaml)")
+                           "configs/eval_suite_example.yaml, the shipped copy where no such file exists here, its "
+                           "root: then relative to ./configs)")
     p.add_argument("--only", nargs="+", metavar="NAME", default=None, help="with --suite: run these benchmarks only")
     p.add_argument("--questions", default=None,
                    help="POPE question JSONL, VQAv2 questions JSON, GQA questions JSON, TextVQA_0.5.1_val.json "
@@ -175,17 +176,17 @@ def _distributed(args) -> tuple[int, int] | None:
 
 
 def _sharded(shard: tuple[int, int], out: Path, run):
-    """Each rank answers its share; then rank 0 merges the shards and scores (returns the report; the others
-    None)."""
+    """Each rank answers its share (once rank 0 has checked and written the folder's ``eval_run.json``: the
+    barrier ``sync``); then rank 0 merges the shards and scores (returns the report; the others None)."""
     from emma_mamba.eval.runner import merge_shards
     from emma_mamba.training.parallel import barrier
 
-    run(shard=shard)
+    run(shard=shard, sync=barrier)
     barrier()
     report = None
     if shard[0] == 0:
         merge_shards(out, shard[1])
-        report = run()  # everything is answered: the results files and the metrics
+        report = run(merged=True)  # everything is answered: the results files and the metrics
     barrier()
     return report
 
@@ -212,7 +213,7 @@ def _model_or_api(args, load):
 def _run_suite(args) -> int:
     from emma_mamba.eval._io import ScoreInputError
     from emma_mamba.eval.api import ApiError
-    from emma_mamba.eval.suite import format_summary, read_suite, run_suite
+    from emma_mamba.eval.suite import SHIPPED_BASE, format_summary, read_suite, run_suite, shipped_suite
     from emma_mamba.models.vlm import load
 
     for flag in ("questions", "images", "annotations"):
@@ -232,7 +233,12 @@ def _run_suite(args) -> int:
                             compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn,
                             shard=shard, sync=barrier, batching=args.batching)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
-        print(f"emma-mamba eval: {e}", file=sys.stderr)
+        shipped = shipped_suite(args.suite)
+        hint = "" if shipped is None else (
+            f"\n(--suite {args.suite} is not a file here: the shipped suite {shipped.stem} was read, its root: taken "
+            f"relative to ./{SHIPPED_BASE}; `emma-mamba configs --copy {SHIPPED_BASE} {shipped.stem}` copies it here "
+            f"to set root: to where your benchmark files are)")
+        print(f"emma-mamba eval: {e}{hint}", file=sys.stderr)
         _end(shard, finished=False)
         return 2
     _end(shard)

@@ -76,7 +76,10 @@ Notable choices:
   per-category files are answered by rank 0 alone).
 * Crash-safe and resumable: answers are appended and flushed after every batch; a rerun with the same
   ``out_dir`` skips the questions already answered (a torn last line from a crash is dropped) and scores the
-  union. ``--limit N`` answers the first N questions only and scores them with ``allow_missing``.
+  union. ``--limit N`` answers the first N questions only and scores them with ``allow_missing``; MME's
+  categories are scored as answered, but where N leaves categories out or cuts one short its perception,
+  cognition and total are None and ``partial`` names what was answered (``emma-mamba score --task mme`` refuses
+  such answers against the templates: those sums are not MME's totals).
 * A folder continues only the run that began it: ``eval_run.json`` records what determines the answers (the
   task, the questions and images, split / image template / box frame where they apply, likelihood or
   generation, ``max_new_tokens``, and the model: a checkpoint's resolved path with the size and a hash of the
@@ -594,7 +597,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
              checkpoint: str | None = None, progress: bool = True, split: str | None = None, likelihood: bool = False,
              box_frame: str = "auto", shard: tuple[int, int] | None = None, batching: str = "continuous",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None,
-             identity: dict | None = None, check_files: bool = True) -> dict:
+             identity: dict | None = None, check_files: bool = True, sync: Callable[[], None] | None = None,
+             merged: bool = False) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
@@ -604,7 +608,12 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     (RefCOCO): what the model's box coordinates are normalised by (:mod:`emma_mamba.eval.refcoco`), "auto" =
     "square" for a checkpoint trained on letterboxed images (``vision.image_resize: letterbox``), else "image".
     ``shard=(rank, world)``: answer this process's share only, score nothing (module docstring; the returned
-    report has ``metrics`` None and ``shard``).
+    report has ``metrics`` None and ``shard``). ``sync``, with ``shard``: a barrier across the processes (torchrun's),
+    called by every rank once rank 0 has checked the folder's ``eval_run.json`` and written this run's, before any
+    rank answers: without it a rank's fresh shard answers could reach the folder before rank 0 looks at it (a
+    fresh folder then reads as one holding an older version's answers). Processes run one after another (as the
+    tests simulate ranks) need none. ``merged``: the call that scores a sharded run after :func:`merge_shards`
+    (every answer already in: it does not log about answers found there, as a resumed run does).
     ``batching``: "continuous" (default) or "static", how generated replies are batched (module docstring);
     ``batch_size`` is the most replies decoded together either way.
     ``cuda_graphs``: decode steps replayed from CUDA graphs (:mod:`emma_mamba.inference.cuda_graphs`; a model on a GPU); ``compile``:
@@ -638,6 +647,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
     if annotations is None:
         annotations = default_annotations(task, questions, qs)
+    n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
     qs = limit_questions(task, qs, limit)
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
@@ -657,10 +667,14 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     record = run_record(task, questions, images, answered_by=answered_by(qs), max_new_tokens=max_new_tokens,
                         identity=_resolve_identity(identity, answer_fn, checkpoint), split=split,
                         image_template=image_template, box_frame=box_frame)
-    # every rank checks (a refused rank must not answer), before rank 0 replaces the record with this run's
+    # every rank checks (a refused rank must not answer), before rank 0 replaces the record with this run's; no
+    # rank writes an answer before every rank is past this (sync): a fresh folder holds no answers when checked,
+    # and a rank that reads rank 0's new record reads this very record
     check_run_record(out, record)
     if rank == 0:
         _write_run_record(out, record)
+    if world > 1 and sync is not None:
+        sync()
     answers_path = out / "answers.jsonl"
     if world > 1 and task == "mme":  # MME's files keep their template order: rank 0 answers them all
         qs = qs if rank == 0 else []
@@ -685,7 +699,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         done = _read_done_jsonl(answers_path)
         todo = [q for q in qs if q.qid not in done]
         n_done = len(qs) - len(todo)
-    if n_done:
+    if n_done and not (merged and not todo):
         log.info("%s: %d of %d questions already answered in %s; answering the other %d", task, n_done, len(qs),
                  out, len(todo))
     if check_files:  # a bad image fails now, naming it, not after hours of answers
@@ -796,6 +810,8 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                     not p.read_text(encoding="utf-8").strip() for p in template.glob("*.txt")):
                 template = None  # an empty category file has nothing to answer; score the answered ones
             metrics = score("mme", out / "mme", template)
+            if partial:
+                metrics = _partial_mme(metrics, n_per_category)
         else:
             metrics = score(task, answers_path, annotations, allow_missing=partial)
     elif task != "prompts":
@@ -809,6 +825,23 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "answered_by": record["answered_by"], "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+def _partial_mme(metrics: dict, n_per_category: dict) -> dict:
+    """MME metrics of a ``--limit`` run: where it left a category of the questions unanswered or cut one short,
+    the perception, cognition and total scores (sums over every category, as ``emma-mamba score`` with the
+    templates gives them only for complete answers) are None, and ``partial`` says what was answered: the
+    questions answered of all, the categories cut short (answered, of) and those not answered. Complete: as is."""
+    cats = metrics["categories"]
+    cut = {c: [cats[c]["n_questions"], n] for c, n in n_per_category.items()
+           if c in cats and cats[c]["n_questions"] < n}
+    missing = [c for c in n_per_category if c not in cats]
+    if not cut and not missing:
+        return metrics
+    answered = sum(v["n_questions"] for v in cats.values())
+    return {**metrics, "perception": None, "cognition": None, "total": None,
+            "partial": {"n_answered": answered, "n_questions": sum(n_per_category.values()), "categories_cut": cut,
+                        "categories_not_answered": missing}}
 
 
 def merge_shards(out_dir: str | Path, world: int) -> int:

@@ -124,10 +124,20 @@ def summary(task: str, m: dict) -> str:
         for k, v in m["per_kind"].items():
             lines.append(f"  {k:<32} {100 * v:.2f}")
     elif task == "mme":
+        part = m.get("partial")
+        cut = part["categories_cut"] if part else {}
         lines.append(f"{'category':<24}{'acc':>8}{'acc+':>8}{'score':>9}")
         for c, v in m["categories"].items():
-            lines.append(f"{c:<24}{v['acc']:>8.2f}{v['acc_plus']:>8.2f}{v['score']:>9.2f}")
-        lines.append(f"perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  total {m['total']:.2f}")
+            lines.append(f"{c:<24}{v['acc']:>8.2f}{v['acc_plus']:>8.2f}{v['score']:>9.2f}"
+                         + (f"  (partial: {cut[c][0]} of {cut[c][1]} questions)" if c in cut else ""))
+        if part:  # eval --limit: sums over the categories would not be MME's totals
+            missing = part["categories_not_answered"]
+            lines.append(f"perception, cognition, total: none (partial: {part['n_answered']} of {part['n_questions']} "
+                         f"questions answered (--limit); "
+                         + (f"not answered: {', '.join(missing)}" if missing else "every category answered in part")
+                         + ")")
+        else:
+            lines.append(f"perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  total {m['total']:.2f}")
     if m.get("n_missing"):
         lines.append(f"  ({m['n_missing']} questions had no answer and were left out)")
     return "\n".join(lines)

@@ -22,6 +22,12 @@ benchmark still fail, the summary of those finished before it is written (``"fai
 error raised; a rerun continues where it stopped. Each benchmark writes into ``<out>/<name>/``
 exactly what ``emma-mamba eval --task`` writes (answers, official results file, metrics) and resumes the same
 way; ``<out>/summary.json`` and ``<out>/summary.md`` hold the headline numbers of all of them.
+
+A ``--suite configs/NAME.yaml`` (or ``NAME.yaml``, ``NAME``) that does not exist where the command runs is the
+shipped suite of that name (``emma-mamba configs`` lists the recipes), as ``--config`` takes a shipped recipe; its
+``root`` is then taken relative to ``./configs``, as the repository's copy has it relative to the repository's
+``configs/`` (the example's ``../playground/eval`` is ``./playground/eval``), never relative to the installed
+package. To point it elsewhere: ``emma-mamba configs --copy configs NAME`` and edit ``root:``.
 """
 
 from __future__ import annotations
@@ -57,12 +63,24 @@ class SuiteEntry:
 
 
 def read_suite(path: str | Path) -> list[SuiteEntry]:
-    """The benchmarks of a suite YAML, paths resolved; errors name the file, the entry and the key."""
+    """The benchmarks of a suite YAML, paths resolved; errors name the file, the entry and the key. A ``path`` that
+    does not exist but names a shipped suite reads that one, its root relative to ``./configs`` (module docstring)."""
     import yaml
 
     p = Path(path)
+    base = p.parent  # what root (and every path when there is none) is relative to
     if not p.is_file():
-        raise ScoreInputError(f"suite file {p} does not exist")
+        shipped = shipped_suite(p)
+        if shipped is None:
+            names = ", ".join(shipped_suites()) or "none found"
+            raise ScoreInputError(f"suite file {p} does not exist (shipped suites, usable by name: {names}; "
+                                  f"`emma-mamba configs --copy DIR NAME` copies one for editing)")
+        base = Path(SHIPPED_BASE)
+        log.info("%s: no such file here; using the shipped suite %s with its root taken relative to ./%s, as in "
+                 "a checkout: benchmark files under %s (`emma-mamba configs --copy %s %s` copies the suite here "
+                 "to set its root: to where yours are)", path, shipped, SHIPPED_BASE, _root_of(shipped, base),
+                 SHIPPED_BASE, shipped.stem)
+        p = shipped
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
@@ -73,7 +91,7 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ScoreInputError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
-    root = (p.parent / str(doc.get("root", "."))).resolve()
+    root = (base / str(doc.get("root", "."))).resolve()
     defaults = {k: doc[k] for k in ("batch_size", "max_new_tokens", "limit") if k in doc}
     entries = []
     for name, spec in doc["benchmarks"].items():
@@ -109,11 +127,48 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
     return entries
 
 
+SHIPPED_BASE = "configs"
+"""A shipped suite (``configs/NAME.yaml`` run where no such file exists) has its ``root`` taken relative to
+``./configs``, where the command names it, as the repository's copy has it relative to the repository's
+``configs/``: the same folders as running the command in a checkout."""
+
+
+def shipped_suites() -> dict[str, Path]:
+    """The shipped recipes that are suites (a top-level ``benchmarks:``): name -> file."""
+    from emma_mamba.config import shipped_configs
+
+    return {n: f for n, f in shipped_configs().items()
+            if any(line.startswith("benchmarks:") for line in f.read_text(encoding="utf-8").splitlines())}
+
+
+def shipped_suite(path: str | Path) -> Path | None:
+    """The shipped suite ``path`` names when no such file exists (``configs/NAME.yaml``, ``NAME.yaml`` or ``NAME``,
+    as :func:`emma_mamba.config.resolve_config_path` takes recipes), else None."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute() or p.parent not in (Path("."), Path(SHIPPED_BASE)):
+        return None
+    return shipped_suites().get(p.name[:-5] if p.name.endswith(".yaml") else p.name)
+
+
+def _root_of(p: Path, base: Path) -> Path:
+    """The folder a suite file's ``root`` names, relative to ``base`` (for messages; "." when unreadable)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        doc = None
+    root = doc.get("root", ".") if isinstance(doc, dict) else "."
+    return (base / str(root)).resolve()
+
+
 def headline(task: str, metrics: dict | None) -> dict:
     """The numbers a paper's table reports for a benchmark (percent), from its metrics."""
     if metrics is None:
         return {}
     if task == "mme":
+        if metrics.get("partial"):  # --limit cut the categories: no totals (emma_mamba.eval.runner._partial_mme)
+            return {"partial": True}
         return {"perception": metrics["perception"], "cognition": metrics["cognition"]}
     out = {"accuracy": 100 * metrics["accuracy"]}
     if task == "pope":
@@ -170,12 +225,12 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             if shard is None:
                 rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
             else:
-                evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, **kw)
+                evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, sync=sync, **kw)
                 sync()
                 rep = None
                 if shard[0] == 0:
                     merge_shards(out / e.name, shard[1])
-                    rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
+                    rep = evaluate(model, e.task, e.questions, e.images, out / e.name, merged=True, **kw)
                 sync()
                 if rep is None:
                     continue
@@ -228,7 +283,8 @@ def format_summary(rows: list[dict]) -> str:
     """A markdown table: one row per benchmark, its headline numbers (no ground truth: answers only)."""
     lines = ["| benchmark | task | questions | result |", "| --- | --- | --- | --- |"]
     for r in rows:
-        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n")}
-        text = ", ".join(f"{k} {v:.2f}" for k, v in nums.items()) or "answers only (no ground truth)"
+        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n", "partial")}
+        text = ", ".join(f"{k} {v:.2f}" for k, v in nums.items()) or (
+            "partial answers (--limit): no totals" if r.get("partial") else "answers only (no ground truth)")
         lines.append(f"| {r['benchmark']} | {r['task']} | {r['n']} | {text} |")
     return "\n".join(lines)

@@ -147,6 +147,45 @@ def test_limit_scores_the_answered_subset(shapes, tmp_path):
     assert rep["metrics"]["accuracy"] == pytest.approx(labels.count("no") / 5)
 
 
+def test_mme_limit_cutting_categories_gives_no_totals(shapes, checkpoint, tmp_path, capsys):
+    """`eval --task mme --limit N` scores the categories as answered, but when N cuts a category short or leaves
+    some out there are no perception / cognition / total (the scorer refuses those answers against the templates:
+    the sums are not MME's totals), and the printed table says so; a limit that cuts nothing keeps them."""
+    from emma_mamba.cli import main
+    from emma_mamba.eval.scorers import summary
+
+    q = _files(shapes)["mme"]
+    qs = read_questions("mme", q, shapes / "images")
+    per_cat = {c: sum(x.category == c for x in qs) for c in dict.fromkeys(x.category for x in qs)}
+    first, *rest = per_cat  # questions in file order: the first category's come first
+    assert per_cat[first] > 2 and rest  # a limit of 2 cuts the first category and leaves the rest out
+    rep = evaluate(None, "mme", q, shapes / "images", tmp_path / "m2", limit=2, progress=False,
+                   answer_fn=lambda qs, ps: ["Yes"] * len(qs))
+    m = rep["metrics"]
+    assert m["perception"] is None and m["cognition"] is None and m["total"] is None
+    assert m["partial"] == {"n_answered": 2, "n_questions": len(qs), "categories_cut": {first: [2, per_cat[first]]},
+                            "categories_not_answered": rest}
+    assert list(m["categories"]) == [first] and m["categories"][first]["n_questions"] == 2
+    assert json.loads((tmp_path / "m2" / "metrics.json").read_text())["metrics"] == m
+    with pytest.raises(ScoreInputError):  # what `emma-mamba score --task mme` says of the same answers
+        score("mme", tmp_path / "m2" / "mme", q)
+    text = summary("mme", m)
+    assert f"(partial: 2 of {per_cat[first]} questions)" in text
+    assert f"perception, cognition, total: none (partial: 2 of {len(qs)} questions answered (--limit)" in text
+    assert "perception 0" not in text and "total 0" not in text
+    # a limit past the end cuts nothing: the totals, as without --limit
+    kw = dict(progress=False, answer_fn=lambda qs, ps: ["Yes"] * len(qs))
+    full = evaluate(None, "mme", q, shapes / "images", tmp_path / "all", limit=len(qs) + 10, **kw)["metrics"]
+    assert "partial" not in full and full["perception"] is not None
+    assert full == evaluate(None, "mme", q, shapes / "images", tmp_path / "nolimit", **kw)["metrics"]
+    # the command prints the partial table
+    assert main(["eval", "--task", "mme", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
+                 str(checkpoint), "--out", str(tmp_path / "cli"), "--limit", "2", "--max-new-tokens", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "perception, cognition, total: none (partial: 2 of" in out and "perception 0" not in out
+
+
 def test_bad_inputs_name_the_problem(shapes, tmp_path):
     f = _files(shapes)
     with pytest.raises(ScoreInputError, match="not a directory"):

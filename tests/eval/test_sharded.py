@@ -120,3 +120,102 @@ def test_suite_shards_then_rank_0_merges_and_summarises(shapes, tmp_path):
     for e in entries:
         if e.task != "mme":
             assert _answers(tmp_path / "two" / e.name) == _answers(tmp_path / "one" / e.name)
+
+
+def test_suite_ranks_answer_only_after_rank_0_checked_the_folders(shapes, tmp_path, caplog):
+    """Two ranks as threads with a real barrier, in the order that raced: rank 0 is held before its first look at
+    the output folders until rank 1 reaches its first barrier. Rank 1 must not have answered by then, so rank 0
+    finds fresh folders (no "holds answers but no eval_run.json" warning, which the old order gave: rank 1's shard
+    answers were written before rank 0 checked), and the result is the one-process run's."""
+    import logging
+    import threading
+
+    import emma_mamba.eval.suite as suite_mod
+    from emma_mamba.eval.suite import read_suite, run_suite
+    from tests.eval.test_suite import _suite
+
+    entries = read_suite(_suite(tmp_path, shapes))
+    fn = _Known()
+    one = run_suite(None, entries, tmp_path / "one", progress=False, limit=6, answer_fn=fn)
+    barrier = threading.Barrier(2, timeout=60)
+    rank1_waits = threading.Event()
+    real_check = suite_mod.check_run_record
+
+    def check(*a, **kw):  # rank 0's checks wait for rank 1 to be at a barrier (or to have answered: old order)
+        if threading.current_thread().name == "rank0":
+            assert rank1_waits.wait(60)
+        return real_check(*a, **kw)
+
+    def sync1():
+        rank1_waits.set()
+        barrier.wait()
+
+    results, errors = {}, []
+
+    def rank(r):
+        try:
+            results[r] = run_suite(None, entries, tmp_path / "two", progress=False, limit=6, answer_fn=fn,
+                                   shard=(r, 2), sync=barrier.wait if r == 0 else sync1)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    suite_mod.check_run_record = check
+    try:
+        with caplog.at_level(logging.WARNING, logger="emma_mamba.eval.runner"):
+            threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+    finally:
+        suite_mod.check_run_record = real_check
+    assert not errors, errors
+    assert not [r.getMessage() for r in caplog.records if "no eval_run.json" in r.getMessage()]
+    assert results[1] is None and results[0]["benchmarks"] == one["benchmarks"]
+
+
+def test_torchrun_rank_0_late_to_a_fresh_folder(shapes, checkpoint, tmp_path):
+    """`eval` under torchrun (2 gloo processes) with rank 0 held before it checks the fresh --out until rank 1 is
+    at its first barrier: no warning about an older emma-mamba's answers (rank 1 used to answer before that check),
+    and the scoring after the merge does not log "N of N questions already answered"."""
+    driver = tmp_path / "late_rank0.py"
+    marker = tmp_path / "rank1_at_barrier"
+    driver.write_text(f"""
+import os, sys, time
+from pathlib import Path
+import emma_mamba.eval.runner as runner
+import emma_mamba.training.parallel as parallel
+
+marker = Path({str(marker)!r})
+real_check, real_barrier, held = runner.check_run_record, parallel.barrier, []
+
+def check(*a, **kw):
+    if os.environ["RANK"] == "0" and not held:  # wait until rank 1 is at a barrier (or has answered: old order)
+        held.append(1)
+        t = time.time()
+        while not marker.exists() and time.time() - t < 120:
+            time.sleep(0.05)
+    return real_check(*a, **kw)
+
+def barrier():
+    if os.environ["RANK"] == "1":
+        marker.touch()
+    real_barrier()
+
+runner.check_run_record, parallel.barrier = check, barrier
+from emma_mamba.cli import main
+sys.exit(main(sys.argv[1:]))
+""")
+    q = shapes / "heldout" / "pope_random.jsonl"
+    args = ["eval", "--task", "pope", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
+            str(checkpoint), "--batch-size", "2", "--max-new-tokens", "2", "--limit", "4", "--no-progress",
+            "--out", str(tmp_path / "tr")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert marker.exists() and r.stdout.count("POPE  n=4") == 1
+    assert "no eval_run.json" not in r.stderr, r.stderr[-3000:]
+    assert "already answered" not in r.stderr, r.stderr[-3000:]
+    assert len(_answers(tmp_path / "tr")) == 4

@@ -124,3 +124,71 @@ def test_cli_suite_with_a_random_checkpoint(tmp_path, shapes, capsys):
     assert (ckpt / "eval_suite" / "summary.json").is_file()
     assert main(["eval", "--suite", "x.yaml", "--checkpoint", str(ckpt), "--questions", "q"]) == 2
     assert "--questions goes with --task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["configs/eval_suite_example.yaml", "eval_suite_example.yaml", "eval_suite_example"])
+def test_a_shipped_suite_by_name_has_its_root_relative_to_configs_here(name, tmp_path, monkeypatch, caplog):
+    """Outside the repository `--suite configs/eval_suite_example.yaml` (no such file there) reads the shipped suite
+    as `--config` reads a shipped recipe; its root (../playground/eval, relative to the suite file) is taken
+    relative to ./configs, the files it would be relative to in a checkout, not to the installed package."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="emma_mamba.eval.suite"):
+        entries = read_suite(name)
+    byname = {e.name: e for e in entries}
+    root = tmp_path.resolve() / "playground" / "eval"
+    assert byname["pope_random"].questions == root / "pope" / "coco_pope_random.json"
+    assert byname["gqa"].images == root / "gqa" / "images"
+    assert all(str(e.questions).startswith(str(root)) for e in entries)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "shipped suite" in said and str(root) in said
+    assert "emma-mamba configs --copy configs eval_suite_example" in said
+
+
+def test_a_suite_that_is_neither_a_file_nor_shipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/nope.yaml", "train_tiny_stage1", str(tmp_path / "eval_suite_example.yaml"),
+                 "other/eval_suite_example.yaml"):
+        with pytest.raises(ScoreInputError, match=r"does not exist \(shipped suites, usable by name: "
+                                                  r"eval_suite_example;"):
+            read_suite(name)
+
+
+def test_cli_shipped_suite_outside_the_repository(tmp_path, shapes, monkeypatch, capsys):
+    """The README's command run in a folder without configs/: the shipped example suite, its benchmark files under
+    ./playground/eval; without them the error says which suite was read and how to copy it to set root:."""
+    import torch
+
+    from emma_mamba.cli import main
+    from emma_mamba.config import get_preset
+    from emma_mamba.models.vlm import EmmaMamba
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    EmmaMamba(get_preset("tiny"), for_training=False).save(ckpt)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["eval", "--suite", "configs/eval_suite_example.yaml", "--checkpoint", str(ckpt), "--limit", "2",
+            "--max-new-tokens", "2", "--no-progress", "--only", "pope_random", "--out", "ev"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{work / 'playground' / 'eval' / 'pope'}" in err  # where it looked
+    assert "the shipped suite eval_suite_example was read" in err
+    assert "`emma-mamba configs --copy configs eval_suite_example`" in err
+    pope = work / "playground" / "eval" / "pope"
+    pope.mkdir(parents=True)
+    (pope / "coco_pope_random.json").write_text((shapes / "heldout" / "pope_random.jsonl").read_text())
+    (pope / "val2014").symlink_to(shapes / "images")
+    assert main(argv) == 0
+    assert "| pope_random | pope | 2 |" in capsys.readouterr().out
+    assert (work / "ev" / "pope_random" / "answers.jsonl").is_file()
+
+
+def test_suite_mme_cut_by_limit_has_no_totals(tmp_path, shapes):
+    """A suite's --limit that cuts MME's categories: its row says partial, with no perception / cognition."""
+    summary = run_suite(None, read_suite(_suite(tmp_path, shapes)), tmp_path / "out", progress=False, limit=2,
+                        answer_fn=always_yes, only=["mme"])
+    assert summary["benchmarks"] == [{"benchmark": "mme", "task": "mme", "n": 2, "partial": True}]
+    assert "| mme | mme | 2 | partial answers (--limit): no totals |" in (tmp_path / "out" / "summary.md").read_text()
