@@ -148,6 +148,10 @@ class EmmaMamba(nn.Module):
                                              a.norm_pix, **fk)
         else:
             self.align_head = None
+        self.align_loss_on = self.align_head is not None
+        """Whether a forward with labels adds the alignment head's loss: with the head, unless :meth:`set_stage`
+        left it out of training (stage 1 of a model built for training: a frozen random head's loss would still
+        reach the bridge through the frozen LM)."""
 
         meta_build = device is not None and torch.device(device).type == "meta"
         tok_path = config.lm.tokenizer
@@ -165,7 +169,8 @@ class EmmaMamba(nn.Module):
 
     def set_stage(self, stage: str, trainable: Sequence[str] | None = None) -> "EmmaMamba":
         """requires_grad for a training stage: the modules of ``STAGES[stage]`` (plus the ViT in finetune when
-        ``vision.freeze`` is false), or exactly ``trainable`` when given (names from TRAINABLE_MODULES)."""
+        ``vision.freeze`` is false), or exactly ``trainable`` when given (names from TRAINABLE_MODULES). The
+        alignment loss is added where the head trains only (``align_loss_on``)."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
         if trainable is None:
@@ -188,6 +193,7 @@ class EmmaMamba(nn.Module):
             module = getattr(self, name)
             if module is not None:
                 module.requires_grad_(name in names)
+        self.align_loss_on = self.align_head is not None and "align_head" in names
         if self.instruction is not None:
             self.instruction.text_model.requires_grad_(False)
         return self
@@ -246,7 +252,7 @@ class EmmaMamba(nn.Module):
             input_ids, visual, labels, seq_idx, image_counts, sample_ids)
         if ghost:
             inputs_embeds = inputs_embeds + blank.sum().to(inputs_embeds.dtype) * 0.0
-        need_hidden = self.align_head is not None and labels is not None and (visual is not None or ghost)
+        need_hidden = self.align_loss_on and labels is not None and (visual is not None or ghost)
         out = self.lm(inputs_embeds=inputs_embeds, seq_idx=new_seq_idx, output_hidden_states=need_hidden)
         loss = None
         if labels is not None:

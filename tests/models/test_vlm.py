@@ -194,6 +194,12 @@ def test_pretrain_stage_trains_only_the_bridge():
     assert all(p.grad is None and not p.requires_grad for p in m.lm.parameters())
     assert all(p.grad is None for p in m.align_head.parameters())
     assert any(_grad_nonzero(p) for p in m.projector.parameters())
+    # the frozen (random) head adds no loss: the bridge's gradient is the LM loss's alone
+    b = make_batch(m)
+    out = m(**b)
+    assert out.loss["align"].item() == 0.0 and torch.equal(out.loss["total"], out.loss["lm"])
+    m.set_stage("finetune")
+    assert m(**b).loss["align"].item() > 0  # trained in stage 2: its loss is back
     with pytest.raises(ValueError, match="unknown stage 'stage3'"):
         m.set_stage("stage3")
 
