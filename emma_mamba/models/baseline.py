@@ -7,12 +7,13 @@ randomly initialised. So the two models turn an image into the same visual token
 comes from the LM: attention over a growing KV cache against Mamba's fixed-size recurrent state.
 
 Sizing (:func:`matched_llama_config`): the hidden width equals the Mamba LM's ``d_model``, because the shared
-projector writes vectors of that width; the vocabulary (padded) and the tied embedding are the same, so the
-embedding parameters are identical. What remains is solved for: the number of layers and the MLP width so that
-the non-embedding parameters match. A Llama layer holds ``4 d^2`` (q, k, v, o with full multi-head KV, as
-GPT-NeoX/Pythia, so the KV cache is not shrunk by grouped-query attention) ``+ 3 d I`` (SwiGLU) ``+ 2 d``
-(norms); with the customary ``I ~ 8/3 d`` that is ``~12 d^2``, about twice a Mamba layer (``~6 d^2``), so
-the transformer gets about half the layers. ``L = round(P / (12 d^2 + 2 d))`` and then
+projector writes vectors of that width; the vocabulary (padded), the embedding and the LM head (tied to it, or
+untied, as the Mamba LM's) are the same, so the embedding and head parameters are identical. What remains is
+solved for: the number of layers and the MLP width so that the parameters of the blocks (+ final norm)
+match. A Llama layer holds ``4 d^2`` (q, k, v, o with full multi-head KV, as GPT-NeoX/Pythia, so the KV cache
+is not shrunk by grouped-query attention) ``+ 3 d I`` (SwiGLU) ``+ 2 d`` (norms); with the customary
+``I ~ 8/3 d`` that is ``~12 d^2``, about twice a Mamba layer (``~6 d^2``), so the transformer gets about half
+the layers. ``L = round(P / (12 d^2 + 2 d))`` and then
 ``I = (P - d - L (4 d^2 + 2 d)) / (3 L d)`` rounded to a multiple of 8/64/256 by width. The LM parameter
 counts of both models are counted from the built modules (tied weights once) and must agree within
 ``tolerance`` (default 5 %).
@@ -60,15 +61,20 @@ def matched_llama_config(mamba_config, *, head_dim: int | None = None, multiple_
                          max_position_embeddings: int = 131072, tolerance: float = 0.05):
     """A ``transformers.LlamaConfig`` whose parameter count matches the Mamba LM of ``mamba_config``.
 
-    Width = ``d_model`` (shared projector), vocabulary = the padded Mamba vocabulary, tied embeddings, full
-    multi-head attention (n_kv_heads = n_heads), SDPA. Layers and MLP width are solved for (module docstring).
+    Width = ``d_model`` (shared projector), vocabulary = the padded Mamba vocabulary, the LM head tied or not as
+    the Mamba LM's (``tie_embeddings``; an untied head is the same ``vocab x d`` on both sides and is not part of
+    the solved-for count, else the Llama would get extra layers worth a whole head), full multi-head attention
+    (n_kv_heads = n_heads), SDPA. Layers and MLP width are solved for (module docstring).
     Raises ValueError if the rounded solution misses the Mamba LM's total count by more than ``tolerance``.
     """
     import transformers
 
     c = mamba_config
     d = c.d_model
-    total, target = mamba_lm_parameters(c)
+    total, non_embedding = mamba_lm_parameters(c)
+    tied = bool(c.tie_embeddings)
+    head = 0 if tied else c.padded_vocab_size * d  # an untied LM head: the Llama gets one of the same shape
+    target = non_embedding - head  # the blocks + the final norm: what the Llama's layers are solved against
     hd = head_dim or _head_dim(d)
     if d % hd:
         raise ValueError(f"matched_llama_config: head_dim {hd} does not divide the width {d}")
@@ -80,11 +86,11 @@ def matched_llama_config(mamba_config, *, head_dim: int | None = None, multiple_
     cfg = transformers.LlamaConfig(
         vocab_size=c.padded_vocab_size, hidden_size=d, intermediate_size=int(inter), num_hidden_layers=n_layer,
         num_attention_heads=d // hd, num_key_value_heads=d // hd, head_dim=hd, hidden_act="silu",
-        max_position_embeddings=max_position_embeddings, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=True,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=tied,
         attention_bias=False, mlp_bias=False, attn_implementation="sdpa", use_cache=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0)
     # analytic count of what LlamaForCausalLM builds (checked against the built model in the tests)
-    llama_total = c.padded_vocab_size * d + d + n_layer * (4 * d * d + 3 * d * int(inter) + 2 * d)
+    llama_total = c.padded_vocab_size * d + head + d + n_layer * (4 * d * d + 3 * d * int(inter) + 2 * d)
     rel = abs(llama_total - total) / total
     if rel > tolerance:
         raise ValueError(f"matched_llama_config: no Llama shape within {tolerance:.0%} of the Mamba LM's "

@@ -197,5 +197,125 @@ def test_bench_latency_compiled_decode_on_the_cpu(tmp_path):
     assert set(r["ttft"]) == {OURS, TRANSFORMER}
     assert set(r["decode"]) == set(r["throughput"]) == {OURS, COMPILED, TRANSFORMER}
     assert res["compile"] is True and res["ratios_of"] == COMPILED and "with_compile" in res["crossover"]
+    # the eager-against-eager ratios beside the headline (the transformer never compiles): by hand from the rows
+    d = {k: r["decode"][k][0]["median_s"] for k in (OURS, COMPILED, TRANSFORMER)}
+    assert res["ratios"]["decode_speedup_at_16"] == pytest.approx(d[TRANSFORMER] / d[COMPILED])
+    assert res["ratios_eager"]["decode_speedup_at_16"] == pytest.approx(d[TRANSFORMER] / d[OURS])
     assert res["checks"][f"{COMPILED}: cached decode vs full forward, max abs logit diff"] < 1e-3
     assert r["decode"][COMPILED][0]["state_bytes"] == r["decode"][OURS][0]["state_bytes"]
+
+
+# ------------------------------------------------------------------------------------- audit regressions
+
+def _blocks(module_list, norm):
+    return sum(p.numel() for p in module_list.parameters()) + sum(p.numel() for p in norm.parameters())
+
+
+def test_matched_transformer_of_an_untied_mamba_lm_has_an_untied_head_not_extra_layers():
+    """With ``lm.tie_embeddings=false`` the Mamba LM carries a separate vocab x d head. The baseline must carry
+    one too, and match the *blocks* (what a decode step runs besides the head), not spend the head's 25.7 M
+    parameters on extra Llama layers (it used to get 12 layers against the tied case's 4: 3x the body)."""
+    transformers = pytest.importorskip("transformers")
+    from emma_mamba.models.baseline import matched_llama_config
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    for tie in (True, False):
+        mc = MambaConfig(d_model=512, n_layer=8, d_state=16, vocab_size=50280, tie_embeddings=tie)
+        lc = matched_llama_config(mc)
+        with torch.device("meta"):
+            mamba = MambaLM(mc, device="meta")
+            llama = transformers.LlamaForCausalLM(lc)
+        # the head: tied on both sides or untied on both sides, the same shape
+        assert (llama.lm_head.weight is llama.get_input_embeddings().weight) == tie
+        assert (mamba.lm_head is None) == tie
+        if not tie:
+            assert tuple(llama.lm_head.weight.shape) == tuple(mamba.lm_head.weight.shape) == (50280, 512)
+        ours, theirs = _blocks(mamba.layers, mamba.norm_f), _blocks(llama.model.layers, llama.model.norm)
+        assert abs(theirs - ours) / ours < 0.05, (tie, ours, theirs, lc.num_hidden_layers)
+        total_m = sum(p.numel() for p in mamba.parameters())
+        total_l = sum(p.numel() for p in llama.parameters())
+        assert abs(total_l - total_m) / total_m < 0.05
+
+
+def test_transformer_runner_passes_its_cache_without_the_deprecation_shim():
+    """The timed transformer step must not go through transformers' `past_key_values` deprecation shim (a
+    FutureWarning + kwargs rewrite per call, ~60 us a step on a CPU, charged to the transformer only), and the
+    cache must still be the one used (cached decode == full forward)."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    from emma_mamba.bench.latency import TransformerRunner
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                   attn_implementation="sdpa", tie_word_embeddings=True)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for kv in ("static", "dynamic"):
+        r = TransformerRunner(llama, kv)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            full = r.full(ids)
+            logits, cache = r.prefill(ids=ids[:, :8], max_len=16)
+            torch.testing.assert_close(logits, full[:, 7], rtol=1e-4, atol=1e-4)
+            for i in range(8, 12):
+                logits, cache = r.step(cache, ids[:, i:i + 1])
+                torch.testing.assert_close(logits, full[:, i], rtol=1e-4, atol=1e-4)
+
+
+def test_memory_plot_draws_each_runners_own_cuda_peak(tmp_path, monkeypatch):
+    """On CUDA each row holds the absolute allocator peak (every model's weights and the states of the runners
+    prefilled before it: the peer, prefilled after the transformer, carries the transformer's KV cache) and the
+    runner's own increment. The memory plot must draw the runner's own: here the peer's own peak is flat while
+    its absolute one grows with the transformer's KV cache."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from emma_mamba.bench import latency
+
+    MiB = 2**20
+    weights = 300 * MiB
+    C = [256, 1024, 4096]
+    kv = {c: c * 4096 for c in C}  # the transformer's K/V bytes at context c
+    own = {OURS: 5 * MiB, PEER: 5 * MiB}
+
+    def row(name, c, before, own_peak, state):
+        return {"context": c, "batch": 1, "median_s": 1e-3, "tokens_per_s": 1e3, "steps_s": [1e-3],
+                "state_bytes": state, "cuda_peak_allocated_bytes": before + own_peak,
+                "cuda_resident_before_bytes": before, "cuda_peak_above_baseline_bytes": own_peak}
+
+    decode = {  # order of the runners: ours, transformer (ours' state resident), peer (both resident)
+        OURS: [row(OURS, c, weights, own[OURS], MiB) for c in C],
+        TRANSFORMER: [row(TRANSFORMER, c, weights + MiB, kv[c] + 2 * MiB, kv[c]) for c in C],
+        PEER: [row(PEER, c, weights + MiB + kv[c], own[PEER], MiB) for c in C],
+    }
+    res = {"model": "tiny", "device": "cuda", "dtype": "bfloat16", "machine": {"gpu": "Fake GPU"},
+           "timing": {"threads": 1},
+           "shapes": {"mamba_lm": {"ssm_layer": "mamba1", "n_layer": 2, "d_model": 64},
+                      "transformer_lm": {"n_layer": 1, "hidden_size": 64, "kv_cache": "static"},
+                      "image_tokens_per_image": 16, "batch_context": 256},
+           "crossover": {"ours_faster_from_context": 256, "interpolated_context": None,
+                         "ours_faster_at_all_measured": True},
+           "results": {"decode": decode,
+                       "ttft": {k: [{"image_tokens": 16, "median_s": 1e-2}] for k in decode},
+                       "throughput": {k: [{"batch": 1, "tokens_per_s": 1e3}] for k in decode}}}
+    drawn = []
+    real_plot = Axes.plot
+
+    def spy(self, x, y, *a, **kw):
+        drawn.append((self.get_title(), kw.get("label"), list(y)))
+        return real_plot(self, x, y, *a, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    latency.plot(res, str(tmp_path), "m")
+    cuda_lines = {label: y for title, label, y in drawn if label and "CUDA" in label}
+    peer = [y for label, y in cuda_lines.items() if "Mamba" in label and "transformers" in label]
+    ours = [y for label, y in cuda_lines.items() if label.startswith("EMMA-Mamba")]
+    theirs = [y for label, y in cuda_lines.items() if label.startswith("Transformer")]
+    assert len(peer) == len(ours) == len(theirs) == 1, list(cuda_lines)
+    assert peer[0] == pytest.approx([own[PEER] / MiB] * 3)  # flat: not the transformer's KV cache
+    assert ours[0] == pytest.approx([own[OURS] / MiB] * 3)  # not the other models' weights
+    assert theirs[0] == pytest.approx([(kv[c] + 2 * MiB) / MiB for c in C])  # its own growth is kept
