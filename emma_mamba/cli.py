@@ -84,11 +84,26 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a short output still in the buffer meets the closed pipe here, not at exit
         return rc
     except BrokenPipeError:  # `emma-mamba info ... | head`: the reader left; say nothing more, as `cat` does
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket (an HTTP peer that went away): an error to report, not silence
         import os
 
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the broken pipe
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind stdout, or no poll() here
+        return False
 
 
 def _main(argv: list[str] | None = None) -> int:

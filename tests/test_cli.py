@@ -71,6 +71,18 @@ def test_a_closed_pipe_ends_the_command_quietly():
         assert p.returncode == 141 and "Traceback" not in err and "BrokenPipeError" not in err, (argv, err)
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_still_an_error(monkeypatch):
+    """A BrokenPipeError from elsewhere (an HTTP peer gone) while stdout is fine is raised, not a silent 141."""
+    import emma_mamba.cli as cli
+
+    def boom(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_main", boom)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["configs"])
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["data", "shapes", "--out", "{tmp}/s", "--colours", "red,blue,purpel"],
      "--colours: unknown name(s) ['purpel']"),
