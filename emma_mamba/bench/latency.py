@@ -453,6 +453,10 @@ def _check_args(args):
             raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         raise SystemExit("emma-mamba bench latency: --warmup must be >= 0")
+    if args.warmup == 0 and (args.compile or args.cuda_graphs):
+        # the first steps at a new shape compile (or capture): with no untimed step they land in the timings
+        raise SystemExit("emma-mamba bench latency: --compile / --cuda-graphs need --warmup >= 1 (the first step "
+                         "at each batch size compiles or captures; it must not be timed)")
     for name in ("contexts", "batch_sizes", "images"):
         vals = getattr(args, name)
         if any(v < 1 for v in vals):

@@ -148,6 +148,7 @@ def test_crossover_with_out_of_memory_points():
     (["--contexts", "0", "8"], "--contexts must all be >= 1"),
     (["--new-tokens", "0"], "--new-tokens must be >= 1"),
     (["--device", "tpu"], "expected cpu or cuda"),
+    (["--compile", "--warmup", "0"], "need --warmup >= 1"),
 ])
 def test_bench_latency_bad_arguments(argv, msg, tmp_path):
     with pytest.raises(SystemExit, match=msg):
