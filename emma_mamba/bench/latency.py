@@ -38,9 +38,9 @@ step through torch.compile (Inductor fuses the norms, casts and gates around the
 ``--cuda-graphs`` also ``emma-mamba+graphs+compile``, that compiled step captured in the graphs. The headline
 ratios (``ratios_of`` in the JSON) are those of the most optimised variant asked for, in this order:
 graphs+compile, graphs, compile, eager (chosen by the flags, not by the measured times); the transformer decodes
-eagerly in every case, so ``ratios_eager`` keeps ours eager against it too (the architectures alone). The transformer's KV
-cache is transformers' ``StaticCache`` (preallocated to C + warm-up + timed steps, written in place; SDPA then attends over that
-length with a mask, so it is sized tightly) unless ``--kv-cache dynamic`` (``DynamicCache``, which
+eagerly in every case, so ``ratios_eager`` keeps ours eager against it too (the architectures alone). The
+transformer's KV cache is transformers' ``StaticCache`` (preallocated to C + warm-up + timed steps, written in
+place; SDPA then attends over that length with a mask, so it is sized tightly) unless ``--kv-cache dynamic`` (``DynamicCache``, which
 concatenates each step).
 
 Results go to ``benchmarks/results/latency_<device>_<name>.json`` with machine, versions, shapes, parameter
@@ -152,8 +152,10 @@ class OursRunner:
         out = self.lm(input_ids=ids, inputs_embeds=embeds, cache=cache, num_last_tokens=1)
         return out.logits[:, -1], cache
 
-    def step(self, cache, tok):
-        return self.lm(tok, cache=cache).logits[:, -1], cache
+    def step(self, cache, tok):  # generate()'s eager step (no host-synchronising id range check)
+        from emma_mamba.inference.generate import decode_step
+
+        return decode_step(self.lm, tok, cache), cache
 
     def full(self, ids):
         """Logits (b, l, V) of one cache-free forward: the oracle of prefill + steps."""

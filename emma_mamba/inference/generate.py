@@ -355,14 +355,16 @@ _COMPILED_STEPS: dict[str, Callable] = {}
 
 def decode_step(lm, tokens: torch.Tensor, cache, compile: bool | str = False) -> torch.Tensor:
     """One decode step from ``tokens`` (b, 1): the next-token logits (b, padded_vocab); the cache advances.
+    The ids are the sampler's (inside the padded vocabulary): they skip ``MambaLM.forward``'s range check of user
+    input, whose ``min()`` / ``max()`` would wait for the GPU twice a step.
 
     ``compile``: through ``torch.compile`` (True: Inductor; or a backend name), one compiled function for every
     model and batch size (Dynamo guards on them). The cache's position counter is held at 0 while the graph
     runs (a decode step does not read it; as a traced constant that changed every token it would recompile
     every token) and advanced here instead.
     """
-    if not compile:
-        return lm(input_ids=tokens, cache=cache).logits[:, -1]
+    if not compile:  # as traced below: through the embedding, no range check (two host syncs a step on a GPU)
+        return _step_logits(lm, tokens, cache)
     backend = "inductor" if compile is True else compile
     fn = _COMPILED_STEPS.get(backend)
     if fn is None:

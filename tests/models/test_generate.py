@@ -404,3 +404,27 @@ def test_zero_new_tokens_into_a_cache_prefills_the_prompt():
     for a, b in zip(caches[0].conv_states + caches[0].ssm_states, caches[1].conv_states + caches[1].ssm_states):
         assert a.abs().sum() > 0
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_eager_decode_step_skips_the_host_synchronising_id_check(monkeypatch):
+    """decode_step feeds the sampler's ids through the embedding (as the compiled step does): the same logits and
+    cache as the ids path, bit for bit, without MambaLM.forward's min()/max() range check of user input (two host
+    syncs a step on a GPU)."""
+    from emma_mamba.inference.generate import decode_step
+
+    lm = _lm()
+    ids = torch.tensor([[3, 7, 11, 2], [5, 5, 1, 80]])
+    a, b = lm.allocate_cache(2), lm.allocate_cache(2)
+    with torch.no_grad():
+        lm(input_ids=ids, cache=a)
+        lm(input_ids=ids, cache=b)
+        tok = torch.tensor([[4], [89]])
+        want = lm(input_ids=tok, cache=a).logits[:, -1]
+        checked = []
+        real = MambaLM._check_inputs
+        monkeypatch.setattr(MambaLM, "_check_inputs",
+                            lambda self, input_ids, *r: checked.append(input_ids is not None) or real(self, input_ids, *r))
+        got = decode_step(lm, tok, b)
+    assert torch.equal(got, want) and checked == [False]
+    assert a.seqlen_offset == b.seqlen_offset == 5
+    assert all(torch.equal(x, y) for x, y in zip(a.ssm_states + a.conv_states, b.ssm_states + b.conv_states))
