@@ -78,6 +78,14 @@ def positive_int(text: str) -> int:
     return n
 
 
+def as_options(message: str, owner: str) -> str:
+    """``message`` with ``<owner>.field`` names written as the command-line options that set them
+    (``GenerationConfig.top_p`` -> ``--top-p``): an error names what the user typed."""
+    import re
+
+    return re.sub(rf"{re.escape(owner)}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rc = _main(argv)

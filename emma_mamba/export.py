@@ -115,17 +115,13 @@ def _run_record(checkpoint: Path) -> tuple[dict | None, list[dict]]:
     return None, []
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 \
-        else str(n)
-
-
 def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bool) -> str:
     """The README.md of an exported model (see the module docstring): facts read from the model and from the
     training run's own records only."""
     import datetime
 
     from emma_mamba import __version__
+    from emma_mamba.info import _fmt  # the parameter counts as `emma-mamba info` prints them
 
     cfg, checkpoint = model.config, Path(checkpoint).resolve()
     lm = cfg.lm
@@ -145,7 +141,7 @@ def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bo
                      "", "## Architecture", ""]
     if lm_only:
         n = sum(p.numel() for p in model.lm.parameters())
-        lines += [f"- {lm_line}: {_count(n)} parameters (tied embedding and head counted once)."]
+        lines += [f"- {lm_line}: {_fmt(n)} parameters (tied embedding and head counted once)."]
     else:
         rows = model.parameter_counts()
         v = cfg.vision
@@ -162,9 +158,9 @@ def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bo
         }
         lines += ["| part | what | parameters |", "| --- | --- | --- |"]
         for name, counts in rows.items():
-            lines.append(f"| {name} | {what_part.get(name, '')} | {_count(counts['total'])} |")
+            lines.append(f"| {name} | {what_part.get(name, '')} | {_fmt(counts['total'])} |")
         total = sum(r["total"] for r in rows.values())
-        lines += [f"| total | | {_count(total)} |", "",
+        lines += [f"| total | | {_fmt(total)} |", "",
                   f"{model.vision.num_tokens} visual tokens per image; images preprocessed with resize mode "
                   f"`{v.image_resize}`, their tokens placed `{v.image_position}`."
                   + ("" if "align_head" in rows else " The alignment head, a training-time loss, is not included.")]

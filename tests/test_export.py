@@ -131,7 +131,7 @@ def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_pat
 
     import yaml
 
-    from emma_mamba.export import _count
+    from emma_mamba.info import _fmt
 
     run = tmp_path / "run"
     step = run / "checkpoints" / "step_00000020"
@@ -153,7 +153,7 @@ def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_pat
     numel = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
     for part, module in (("lm", model.lm), ("projector", model.projector), ("mff", model.mff)):
         line = next(x for x in card.splitlines() if x.startswith(f"| {part} |"))
-        assert line.endswith(f"| {_count(numel(module))} |"), line
+        assert line.endswith(f"| {_fmt(numel(module))} |"), line
     assert "| align_head |" not in card and "The alignment head, a training-time loss, is not included." in card
     assert "- stage: `finetune`, from `runs/stage1`" in card
     assert "- data: `llava_v1_5_mix665k.json`; max_length 2048, packing True" in card
@@ -163,7 +163,7 @@ def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_pat
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "bare"), "--lm-only"]) == 0
     card = (tmp_path / "bare" / "README.md").read_text()
     assert "library_name: transformers" in card and "No training record" in card
-    assert f"{_count(numel(model.lm))} parameters" in card
+    assert f"{_fmt(numel(model.lm))} parameters" in card
 
 
 @pytest.mark.parametrize("keep", [0, 1000, "half"])

@@ -56,10 +56,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg.validate()
     except ValueError as e:  # named by the option typed: ShapesConfig.n_train -> --n-train
-        import re
+        from emma_mamba.cli import as_options
 
-        msg = re.sub(r"ShapesConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
-        print(f"emma-mamba data shapes: {msg}", file=sys.stderr)
+        print(f"emma-mamba data shapes: {as_options(str(e), 'ShapesConfig')}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:

@@ -69,6 +69,7 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
 
     p = Path(path)
     base = p.parent  # what root (and every path when there is none) is relative to
+    shipped = None
     if not p.is_file():
         shipped = shipped_suite(p)
         if shipped is None:
@@ -76,10 +77,6 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
             raise ScoreInputError(f"suite file {p} does not exist (shipped suites, usable by name: {names}; "
                                   f"`emma-mamba configs --copy DIR NAME` copies one for editing)")
         base = Path(SHIPPED_BASE)
-        log.info("%s: no such file here; using the shipped suite %s with its root taken relative to ./%s, as in "
-                 "a checkout: benchmark files under %s (`emma-mamba configs --copy %s %s` copies the suite here "
-                 "to set its root: to where yours are)", path, shipped, SHIPPED_BASE, _root_of(shipped, base),
-                 SHIPPED_BASE, shipped.stem)
         p = shipped
     try:
         doc = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -92,6 +89,11 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
     if unknown:
         raise ScoreInputError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
     root = (base / str(doc.get("root", "."))).resolve()
+    if shipped is not None:
+        log.info("%s: no such file here; using the shipped suite %s with its root taken relative to ./%s, as in "
+                 "a checkout: benchmark files under %s (`emma-mamba configs --copy %s %s` copies the suite here "
+                 "to set its root: to where yours are)", path, shipped, SHIPPED_BASE, root, SHIPPED_BASE,
+                 shipped.stem)
     defaults = {k: doc[k] for k in ("batch_size", "max_new_tokens", "limit") if k in doc}
     entries = []
     for name, spec in doc["benchmarks"].items():
@@ -148,18 +150,6 @@ def shipped_suite(path: str | Path) -> Path | None:
     if p.is_file() or p.is_absolute() or p.parent not in (Path("."), Path(SHIPPED_BASE)):
         return None
     return shipped_suites().get(p.name[:-5] if p.name.endswith(".yaml") else p.name)
-
-
-def _root_of(p: Path, base: Path) -> Path:
-    """The folder a suite file's ``root`` names, relative to ``base`` (for messages; "." when unreadable)."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        doc = None
-    root = doc.get("root", ".") if isinstance(doc, dict) else "."
-    return (base / str(root)).resolve()
 
 
 def headline(task: str, metrics: dict | None) -> dict:

@@ -105,10 +105,9 @@ def setup(args):
                                 stop_strings=tuple(args.stop), seed=args.seed, cuda_graphs=args.cuda_graphs,
                                 compile=args.compile)
     except ValueError as e:  # named by the option the user typed: GenerationConfig.top_p -> --top-p
-        import re
+        from emma_mamba.cli import as_options
 
-        raise UsageError(re.sub(r"GenerationConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
-                                str(e))) from None
+        raise UsageError(as_options(str(e), "GenerationConfig")) from None
     return device, dtype, gcfg
 
 
