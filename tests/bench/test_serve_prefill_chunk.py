@@ -24,5 +24,8 @@ def test_serve_prefill_chunk_smoke(tmp_path, monkeypatch):
     whole, chunked = r["runs"][0]
     assert (whole["prefill_chunk"], chunked["prefill_chunk"]) == (0, 8)
     assert whole["long_prompt_prefill_chunks"] == 1 and chunked["long_prompt_prefill_chunks"] == 5
-    assert chunked["steps_while_prefilling"] >= 5 > whole["steps_while_prefilling"]
+    # a step runs between consecutive chunks (4 for 5 chunks); one more is counted when the request arrived while a
+    # step was under way (a race: the CI run that failed on ">= 5" had 4), none can run inside a whole prefill
+    assert chunked["steps_while_prefilling"] >= 4
+    assert whole["steps_while_prefilling"] <= 1
     assert set(r["median"]) == {"0", "8"}
