@@ -192,6 +192,32 @@ class _nullcontext:
         return False
 
 
+def _idle_parameters(tower: nn.Module, last_tap: int) -> list[nn.Parameter]:
+    """The parameters of ``tower`` that ``forward_intermediates(..., stop_early=True, intermediates_only=True)``
+    never reads when its deepest index is ``last_tap``: the blocks after it, the final norm, pooling and
+    projection head (open_clip's ``ln_post`` / ``proj`` / ``attn_pool``; timm's ``norm`` / ``fc_norm`` /
+    ``attn_pool`` / ``head``; open_clip's TimmModel ``head``). Listed by name, so a tower with other unused parts
+    keeps them trainable (harmless: they get no gradient); the test checks this list against autograd."""
+    parts: list[Any] = []
+    if hasattr(tower, "transformer") and hasattr(tower, "grid_size"):  # open_clip VisionTransformer
+        parts += list(tower.transformer.resblocks)[last_tap + 1:]
+        parts += [getattr(tower, n, None) for n in ("ln_post", "proj", "attn_pool", "attn_pool_contrastive",
+                                                    "ln_contrastive")]
+    else:
+        trunk = getattr(tower, "trunk", tower)
+        parts += list(trunk.blocks)[last_tap + 1:]
+        parts += [getattr(trunk, n, None) for n in ("norm", "fc_norm", "attn_pool", "head")]
+        if trunk is not tower:
+            parts.append(getattr(tower, "head", None))
+    out: list[nn.Parameter] = []
+    for part in parts:
+        if isinstance(part, nn.Parameter):
+            out.append(part)
+        elif isinstance(part, nn.Module):
+            out += list(part.parameters())
+    return out
+
+
 def _vit_layout(visual: nn.Module) -> dict[str, Any]:
     """Block count, width, patch size and grid of an open_clip vision tower (native CLIP ViT or timm ViT)."""
     if hasattr(visual, "transformer") and hasattr(visual, "grid_size"):  # open_clip.transformer.VisionTransformer
@@ -253,15 +279,32 @@ class VisionEncoder(nn.Module):
             self.second_affine = ([a / b for a, b in zip(s1, second_std)],
                                   [(a - c) / b for a, c, b in zip(m1, second_mean, second_std)])
             self._affine_by_device: dict = {}  # device -> (scale, shift) tensors
+        # what the taps never run (the blocks after the deepest tap, the heads): never trainable
+        self.idle_parameters: list[nn.Parameter] = _idle_parameters(visual, self.taps[-1])
+        if second is not None:
+            self.idle_parameters += _idle_parameters(second, self.second_taps[-1])
         self.set_frozen(cfg.freeze)
 
     def set_frozen(self, frozen: bool) -> "VisionEncoder":
         """Freeze the towers (no gradients, eval mode under model.train()) or let them train (vision.freeze)."""
         self.frozen = bool(frozen)
+        self.requires_grad_(not self.frozen)
         for tower in self.towers():
-            tower.requires_grad_(not self.frozen)
             tower.train(self.training and not self.frozen)
         return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "VisionEncoder":
+        """As nn.Module's, except that :attr:`idle_parameters` (never run by the taps) stay frozen: an unfrozen
+        ViT does not list weights in the optimizer that can get no gradient."""
+        super().requires_grad_(requires_grad)
+        for p in self.idle_parameters:
+            p.requires_grad_(False)
+        return self
+
+    def trainable_numel(self, tower: nn.Module) -> int:
+        """Parameters of ``tower`` the taps run (those an unfrozen encoder trains)."""
+        idle = {id(p) for p in self.idle_parameters}
+        return sum(p.numel() for p in {id(p): p for p in tower.parameters()}.values() if id(p) not in idle)
 
     def _second_affine_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The re-normalisation's (3, 1, 1) fp32 scale and shift on ``device``, made once per device (not a copy

@@ -492,7 +492,8 @@ class EmmaMamba(nn.Module):
 
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         """{part: {'total', 'pretrain', 'finetune'}}: parameters per part, and those trained in each stage
-        (STAGES; frozen towers never). Tied weights count once."""
+        (STAGES; frozen towers never; an unfrozen ViT's blocks after the deepest tap and its heads never, as
+        the taps never run them). Tied weights count once."""
         inst = self.instruction
         vision_trained = None if self.vision.frozen else "vision"
         parts = {  # part -> (module, the STAGES entry that trains it, or None for never)
@@ -512,10 +513,11 @@ class EmmaMamba(nn.Module):
                 continue
             total = _numel(module)
             rows[name] = {"total": total}
+            # an unfrozen ViT trains with the LM, in the finetune stage, all but what its taps never run
+            n_trained = self.vision.trainable_numel(module) if trained_as == "vision" else total
             for stage, trained in STAGES.items():
-                # an unfrozen ViT trains with the LM, in the finetune stage
                 on = trained_as in trained or (trained_as == "vision" and stage == "finetune")
-                rows[name][stage] = total if on else 0
+                rows[name][stage] = n_trained if on else 0
         return rows
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> "EmmaMamba":

@@ -89,6 +89,39 @@ def test_timm_taps_drop_prefix_tokens(timm_name, prefix):
         torch.testing.assert_close(f, outs[tap][:, prefix:], rtol=0, atol=0)
 
 
+def _siglip_wee_cfg(taps):
+    return VisionConfig(model_name="ViT-B-16-SigLIP", taps=taps, freeze=False, open_clip_overrides={
+        "embed_dim": 32, "vision_cfg": {"timm_model_name": "vit_wee_patch16_reg1_gap_256", "image_size": 256},
+        "text_cfg": {**TINY_TEXT, "vocab_size": 100}})
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "timm"])
+def test_unfrozen_encoder_trains_exactly_what_the_taps_run(kind):
+    # Oracle: autograd. Every parameter the taps' backward reaches is trainable, every other one is not (the
+    # blocks after the deepest tap, the final norm, the pooling and projection heads never run).
+    cfg = tiny_vision_cfg(taps=[0], freeze=False) if kind == "open_clip" else _siglip_wee_cfg([1])
+    torch.manual_seed(0)
+    clip, pp = build_open_clip(cfg)
+    enc = VisionEncoder(clip.visual, cfg, pp).train()
+    x = torch.randn(1, 3, *enc.image_size)
+    for p in enc.parameters():  # the oracle's view: every parameter asked
+        p.requires_grad_(True)
+    feats = enc.visual.forward_intermediates(x, indices=enc.taps, stop_early=True, intermediates_only=True,
+                                             output_fmt="NLC")["image_intermediates"]
+    params = dict(enc.named_parameters())
+    grads = torch.autograd.grad(sum(f.sum() for f in feats), list(params.values()), allow_unused=True)
+    reached = {n for (n, _), g in zip(params.items(), grads) if g is not None}
+    enc.set_frozen(False)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == reached
+    assert len(reached) < len(params)  # the oracle had something to exclude: taps end before the last block
+    assert enc.trainable_numel(enc.visual) == sum(params[n].numel() for n in reached)
+    enc.requires_grad_(True)  # as EmmaMamba.set_stage calls it
+    assert {n for n, p in enc.named_parameters() if p.requires_grad} == reached
+    enc.set_frozen(True)
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
 def test_frozen_and_stays_eval(tiny):
     enc, _ = tiny
     assert not any(p.requires_grad for p in enc.parameters())

@@ -209,14 +209,16 @@ def test_explicit_trainable_modules_override_the_stage():
     m = make_model(vision={"freeze": False}).set_stage("pretrain", ["vision", "projector", "lm"])
     m.train()
     m(**make_batch(m)).loss["total"].backward()
+    idle = {id(p) for p in m.vision.idle_parameters}  # what the taps never run (test_vision checks the list)
+    assert idle
     for mod in (m.vision, m.projector, m.lm):
-        assert all(p.requires_grad for p in mod.parameters())
+        assert all(p.requires_grad == (id(p) not in idle) for p in mod.parameters())
         assert any(_grad_nonzero(p) for p in mod.parameters())
     for mod in (m.mff, m.instruction, m.align_head):
         assert all(p.grad is None and not p.requires_grad for p in mod.parameters())
     # the default finetune stage trains an unfrozen ViT; an explicit list without it does not
     m.set_stage("finetune")
-    assert all(p.requires_grad for p in m.vision.parameters())
+    assert all(p.requires_grad == (id(p) not in idle) for p in m.vision.parameters())
     m.set_stage("finetune", ["lm"])
     assert not any(p.requires_grad for p in m.vision.parameters())
     assert not any(p.requires_grad for p in m.instruction.text_model.parameters())
