@@ -102,10 +102,24 @@ def score_mme(answers: str | Path, template: str | Path | None = None) -> dict:
     """Score MME answer files; acc, acc_plus and score are in percent points as MME reports them."""
     files = _category_files(Path(answers), "MME answers")
     tfiles = _category_files(Path(template), "MME template") if template is not None else {}
+    # a template category with no lines (a subset of MME) has nothing to answer: skipped, and named in the result
+    empty = sorted(cat for cat, p in tfiles.items() if not _read_lines(p, 3))
+    if tfiles and len(empty) == len(tfiles):
+        raise ScoreInputError(f"MME template {template}: every category file is empty")
     for cat in tfiles:
-        if cat not in files:
+        if cat not in files and cat not in empty:
             raise ScoreInputError(f"{answers}: no answers for MME category {cat!r} (template {tfiles[cat]})")
-    cats = {cat: score_category(p, tfiles.get(cat)) for cat, p in files.items()}
+    cats = {}
+    for cat, p in files.items():
+        if cat in empty:
+            if _read_lines(p, 4):
+                raise ScoreInputError(f"{p}: answers for MME category {cat!r}, but its template {tfiles[cat]} is "
+                                      f"empty")
+            continue
+        cats[cat] = score_category(p, tfiles.get(cat))
     perception = sum(v["score"] for c, v in cats.items() if c in PERCEPTION)
     cognition = sum(v["score"] for c, v in cats.items() if c in COGNITION)
-    return {"categories": cats, "perception": perception, "cognition": cognition, "total": perception + cognition}
+    out = {"categories": cats, "perception": perception, "cognition": cognition, "total": perception + cognition}
+    if empty:
+        out["empty_categories"] = empty
+    return out

@@ -648,7 +648,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     if annotations is None:
         annotations = default_annotations(task, questions, qs)
     n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
+    n_all = len(qs)
     qs = limit_questions(task, qs, limit)
+    cut = len(qs) < n_all  # a --limit past the end cuts nothing: scored as without it
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
     own_model = answer_fn is None
@@ -802,13 +804,10 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             res = [{"questionId": r["question_id"], "prediction": r["text"]} for r in recs]
         (out / "results.json").write_text(json.dumps(res, ensure_ascii=False) + "\n", encoding="utf-8")
     metrics = None
-    partial = limit is not None
+    partial = cut
     if annotations is not None:
         if task == "mme":
             template = None if partial else Path(annotations)
-            if template is not None and template.is_dir() and any(
-                    not p.read_text(encoding="utf-8").strip() for p in template.glob("*.txt")):
-                template = None  # an empty category file has nothing to answer; score the answered ones
             metrics = score("mme", out / "mme", template)
             if partial:
                 metrics = _partial_mme(metrics, n_per_category)

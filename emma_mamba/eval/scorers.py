@@ -138,6 +138,8 @@ def summary(task: str, m: dict) -> str:
                          + ")")
         else:
             lines.append(f"perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  total {m['total']:.2f}")
+        if m.get("empty_categories"):
+            lines.append(f"  (empty in the templates, not scored: {', '.join(m['empty_categories'])})")
     if m.get("n_missing"):
         lines.append(f"  ({m['n_missing']} questions had no answer and were left out)")
     return "\n".join(lines)

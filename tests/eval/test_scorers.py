@@ -8,7 +8,7 @@ import pytest
 
 from emma_mamba import cli
 from emma_mamba.eval.scorers import (ScoreInputError, normalize_answer, normalize_gqa, parse_choice, parse_mme_answer,
-                                     score, vqa_accuracy, yes_no)
+                                     score, summary, vqa_accuracy, yes_no)
 from emma_mamba.eval.vqa import normalize_textvqa
 
 
@@ -391,6 +391,18 @@ def test_mme_by_hand(tmp_path):
     for p in res.glob("*.txt"):
         (tpl / p.name).write_text("".join(l.rsplit("\t", 1)[0] + "\n" for l in p.read_text().splitlines()))
     assert score("mme", res, tpl)["total"] == pytest.approx(350.0)
+    # a template category with no lines (a subset of MME) is skipped and named, its answers empty or absent
+    (tpl / "artwork.txt").write_text("")
+    m2 = score("mme", res, tpl)
+    assert m2["empty_categories"] == ["artwork"] and m2["total"] == pytest.approx(350.0)
+    assert "(empty in the templates, not scored: artwork)" in summary("mme", m2)
+    (res / "artwork.txt").write_text("")
+    assert score("mme", res, tpl)["empty_categories"] == ["artwork"]
+    (res / "artwork.txt").write_text("f.png\tq1\tYes\tYes\nf.png\tq2\tNo\tNo\n")
+    with pytest.raises(ScoreInputError, match=r"artwork\.txt: answers for MME category 'artwork', but its template"):
+        score("mme", res, tpl)
+    (res / "artwork.txt").unlink()
+    (tpl / "artwork.txt").unlink()
     (tpl / "color.txt").write_text("d.png\tq1\tYes\nd.png\tDIFFERENT\tNo\n")
     with pytest.raises(ScoreInputError, match=r"color\.txt: line 2 does not match"):
         score("mme", res, tpl)
