@@ -29,6 +29,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import platform
 import shutil
 import sys
@@ -95,6 +96,21 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
         for k in raw.get(section, {}):
             if k not in valid:
                 raise ConfigError(f"{path}: unknown key {section}.{k}; valid keys: {', '.join(valid)}")
+    # stage 0's values go straight to pretrain_clip / AdamW: a wrong type would end in a TypeError there (YAML
+    # reads `lr: 1e-3`, without a dot, as the text '1e-3')
+    for k, v in raw.get("clip", {}).items():
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k in ("lr", "weight_decay"):
+            ok = number and math.isfinite(v) and (v > 0 if k == "lr" else v >= 0)
+            want = "a number > 0" if k == "lr" else "a number >= 0"
+        else:
+            ok = v is None if k == "steps" else False
+            ok = ok or (isinstance(v, int) and not isinstance(v, bool)
+                        and v >= {"steps": 0, "batch_size": 2, "warmup_steps": 0}[k])
+            want = {"steps": "an integer >= 0", "batch_size": "an integer >= 2", "warmup_steps": "an integer >= 0"}[k]
+        if not ok:
+            hint = " (YAML reads 1e-3 without a dot as text: write 1.0e-3)" if isinstance(v, str) else ""
+            raise ConfigError(f"{path}: clip.{k} must be {want}, got {v!r}{hint}")
     return QuickstartConfig(**raw)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def convert(lrv_dir: str | Path, vg_files=VG_FILES, chart_file: str | None = CHA
     root = Path(lrv_dir)
     if not root.is_dir():
         raise LrvError(f"--lrv-dir {root} is not a directory")
-    prefix = root.name if prefix is None else prefix.rstrip("/")
+    # the folder's own name, also for `.` or `x/..` (whose Path.name is '' or '..'); abspath, not resolve(): a
+    # symlinked DIR keeps the name it has under the image folder
+    prefix = Path(os.path.abspath(root)).name if prefix is None else prefix.rstrip("/")
     parts = [(root / f, VG_IMAGES, True) for f in vg_files]
     if chart_file:
         parts.append((root / chart_file, CHART_IMAGES, False))

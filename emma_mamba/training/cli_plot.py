@@ -102,6 +102,10 @@ def run(args) -> int:
 def _run(args) -> int:
     paths = [metrics_file(r) for r in args.runs]
     runs = [(p, read_metrics(p)) for p in paths]
+    lacking = [str(p) for p, rows in runs if not any(isinstance(r.get(args.x), (int, float)) for r in rows)]
+    if lacking:  # its lines would be left out without a word (every panel empty when no run has it)
+        raise PlotError(f"--x {args.x}: not logged in {', '.join(lacking)} (a CLIP stage-0 clip_metrics.jsonl "
+                        f"has step only); plot against --x step")
     present = sorted({k for _, rows in runs for r in rows for k, v in r.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if args.keys:

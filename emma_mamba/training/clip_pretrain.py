@@ -8,7 +8,8 @@ ViT trained end to end through a random LM stayed near chance on "is there a red
 Where no CLIP checkpoint can be downloaded (the quickstart, tests, new image domains), this module trains one
 with CLIP's own objective (Radford et al. 2021): the symmetric InfoNCE loss over the cosine similarities of
 the normalised image and text embeddings of a batch, scaled by the learned temperature ``exp(logit_scale)``
-(clamped at 100, as CLIP does). The result is an ordinary open_clip state dict, loaded by
+(at most 100, as CLIP: the parameter is clamped to [0, ln 100] after every update, as open_clip's
+training does). The result is an ordinary open_clip state dict, loaded by
 ``vision.pretrained`` exactly like a downloaded one.
 
     pretrain_clip(vision_cfg, captions_json, image_folder, out_file, steps=..., batch_size=..., lr=...)
@@ -22,6 +23,7 @@ the in-batch image-to-text retrieval accuracy go to ``<out dir>/clip_metrics.jso
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -42,7 +44,10 @@ def read_caption_pairs(captions_json: str | Path, image_folder: str | Path) -> l
     path = Path(captions_json)
     if not path.is_file():
         raise FileNotFoundError(f"caption file not found: {path}")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of LLaVA records")
     pairs = []
@@ -50,7 +55,9 @@ def read_caption_pairs(captions_json: str | Path, image_folder: str | Path) -> l
         where = f"{path} record {i} (id {rec.get('id', '?')!r})" if isinstance(rec, dict) else f"{path} record {i}"
         if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
             raise ValueError(f"{where}: needs an 'image' path")
-        text = next((t.get("value") for t in rec.get("conversations", []) if t.get("from") == "gpt"), None)
+        turns = rec.get("conversations", [])
+        turns = turns if isinstance(turns, list) else []  # not a list of turns: no caption (named below)
+        text = next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"), None)
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{where}: no assistant ('gpt') turn to use as the caption")
         image = Path(image_folder) / rec["image"]
@@ -60,6 +67,9 @@ def read_caption_pairs(captions_json: str | Path, image_folder: str | Path) -> l
     if len(pairs) < 2:
         raise ValueError(f"{path}: contrastive training needs at least 2 captioned images, found {len(pairs)}")
     return pairs
+
+
+_LOG_MAX_SCALE = math.log(100.0)
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor,
@@ -128,9 +138,12 @@ def pretrain_clip(vision_cfg: VisionConfig, captions_json: str | Path, image_fol
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            lr_used = sched.get_last_lr()[0]  # this update's lr (after sched.step() it is the next one's)
             opt.step()
             sched.step()
-            m = {"step": step + 1, "loss": loss.item(), "i2t_acc": acc.item(), "lr": sched.get_last_lr()[0],
+            with torch.no_grad():  # as open_clip's training: the parameter itself stays at or below ln 100 (the
+                model.logit_scale.clamp_(0, _LOG_MAX_SCALE)  # loss's cap alone has no gradient past it: stuck)
+            m = {"step": step + 1, "loss": loss.item(), "i2t_acc": acc.item(), "lr": lr_used,
                  "temperature": model.logit_scale.exp().item()}
             history.append(m)
             mf.write(json.dumps(m) + "\n")

@@ -15,8 +15,10 @@ Frozen parameters (``requires_grad=False``) are left out of the optimizer entire
 their own two groups (decayed, not) with peak lr ``lr * m``; the schedule multiplies every group's peak alike.
 Without multipliers there are exactly two groups.
 
-Schedule: linear warmup from 0 to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio * lr`` at the
-last step (or constant), as a ``LambdaLR`` so its state is just the step counter.
+Schedule: linear warmup from 0 to ``lr`` over ``warmup`` steps (the first update at ``lr / warmup``, the
+warmup's last at ``lr``), then cosine towards ``min_lr_ratio * lr`` (or constant), which it reaches one step
+after the last (the last update is a little above it, as in the HF Trainer's schedule), as a ``LambdaLR`` so its
+state is just the step counter.
 """
 
 from __future__ import annotations

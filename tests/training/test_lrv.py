@@ -79,3 +79,16 @@ def test_lrv_problems_are_named_or_skipped_on_request(tmp_path, capsys):
     (lrv / "filter_cap_more1.json").unlink()
     assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "q.json")]) == 2
     assert "filter_cap_more1.json not found" in capsys.readouterr().err
+
+
+def test_lrv_dir_given_as_dot_or_dotdot_still_prefixes_its_own_name(tmp_path, monkeypatch):
+    # the paths are relative to the folder holding DIR (the module docstring): `--lrv-dir .` from inside the
+    # release used to write 'lrv-vg/2345.jpg' (Path('.').name is ''), and `lrv-vg/..` '../lrv-vg/2345.jpg'
+    from emma_mamba.data.lrv import convert
+
+    lrv = _release(tmp_path)
+    want = convert(lrv)[0]
+    assert want[0]["image"] == "lrv/lrv-vg/2345.jpg"
+    monkeypatch.chdir(lrv)
+    assert convert(".")[0] == want
+    assert convert("lrv-vg/..")[0] == want

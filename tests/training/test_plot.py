@@ -94,3 +94,17 @@ def test_profiled_steps_are_left_out_of_the_timing_curves_only(tmp_path, monkeyp
     assert list(tps.get_xdata()) == [1, 2, 3, 6, 7, 8] and set(tps.get_ydata()) == {1000.0}
     (loss,) = panels["loss"].get_lines()
     assert list(loss.get_xdata()) == list(range(1, 9))
+
+
+def test_an_x_axis_a_run_did_not_log_is_named(tmp_path, capsys):
+    # a CLIP stage-0 run logs step only: --x epoch used to write a PNG with every panel empty (exit 0)
+    d = tmp_path / "clip"
+    d.mkdir()
+    (d / "clip_metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "lr": 1e-3}) + "\n"
+                                                  for s in (1, 2, 3)))
+    assert main(["plot", str(d), "--x", "epoch"]) == 2
+    assert "--x epoch: not logged in" in capsys.readouterr().err and not (d / "curves.png").exists()
+    a = _run(tmp_path / "r", 3)  # beside a run that has it: its lines would be missing without a word
+    assert main(["plot", str(a), str(d), "--x", "total_tokens", "--out", str(tmp_path / "o.png")]) == 2
+    assert "clip_metrics.jsonl" in capsys.readouterr().err
+    assert main(["plot", str(a), str(d), "--out", str(tmp_path / "o.png")]) == 0
