@@ -164,6 +164,11 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+    for flag, given in (("--seeds", seeds), ("--variants", variants)):  # a repeat would be trained and counted twice
+        twice = next((x for i, x in enumerate(given) if x in given[:i]), None)
+        if twice is not None:
+            raise ValueError(f"{flag}: {twice!r} is given twice (each is one run, counted once in the mean and "
+                             f"std)")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     qc = load_quickstart_config(config)

@@ -100,6 +100,9 @@ def _run_record(checkpoint: Path) -> tuple[dict | None, list[dict]]:
             return None, []
         rows = []
         metrics = d / "metrics.jsonl"
+        if not metrics.is_file() and d == checkpoint and checkpoint.parent.name == "checkpoints":
+            # a step checkpoint holds its own train_config.yaml (save_checkpoint); the metrics are the run's
+            metrics = checkpoint.parent.parent / "metrics.jsonl"
         if metrics.is_file():
             for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
@@ -109,7 +112,7 @@ def _run_record(checkpoint: Path) -> tuple[dict | None, list[dict]]:
                 if isinstance(rec, dict):
                     rows.append(rec)
         step = checkpoint.name.rsplit("_", 1)[-1]
-        if checkpoint != d and step.isdigit():  # a step checkpoint: the records up to its step
+        if metrics.parent != checkpoint and step.isdigit():  # a step checkpoint: the records up to its step
             rows = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= int(step)]
         return cfg, rows
     return None, []
@@ -203,6 +206,14 @@ def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bo
     return "\n".join(lines) + "\n"
 
 
+def _refuse_overflow(cast: dict[str, torch.Tensor], dtype: str) -> None:
+    """ValueError naming the tensors (already cast to ``dtype``) that are not finite: a weight beyond the storage
+    dtype's range (fp16's 65504)."""
+    bad = [k for k, v in cast.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{len(bad)} tensors overflow {dtype} ({', '.join(bad[:4])}); use --dtype bf16 or fp32")
+
+
 def write_model_dir(model, out: Path, sd: dict, dtype: str, metadata: dict) -> None:
     """``model``'s EmmaMamba layout in ``out`` (config.yaml, model.safetensors, tokenizer.json) with the weights
     ``sd`` stored in ``dtype`` (KEEP_FP32 stay fp32); a weight the storage dtype cannot hold (fp16 beyond 65504)
@@ -213,9 +224,7 @@ def write_model_dir(model, out: Path, sd: dict, dtype: str, metadata: dict) -> N
     from emma_mamba.models.vlm import CONFIG_NAME, WEIGHTS_NAME, _drop_tied_aliases
 
     sd = _cast(_drop_tied_aliases(model, sd), DTYPES[dtype])  # safetensors refuses shared storage
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{len(bad)} tensors overflow {dtype} ({', '.join(bad[:4])}); use --dtype bf16 or fp32")
+    _refuse_overflow(sd, dtype)
     save_config(model.config, out / CONFIG_NAME)
     save_safetensors(sd, str(out / WEIGHTS_NAME),
                      metadata={"format": "pt", "emma_mamba": __version__, "dtype": dtype, **metadata})
@@ -227,9 +236,13 @@ def _export_lm(model, out: Path, dtype: torch.dtype) -> None:
     (``tokenizer_config.json``: PreTrainedTokenizerFast over tokenizer.json) and its special-token ids."""
     if dtype is not torch.float32:  # cast in place before the one write (the model was loaded for this export)
         lm = model.lm
-        for name, t in list(lm.named_parameters()) + list(lm.named_buffers()):
-            if t.is_floating_point() and not name.endswith(KEEP_FP32):
-                t.data = t.data.to(dtype)
+        cast = [(name, t) for name, t in list(lm.named_parameters()) + list(lm.named_buffers())
+                if t.is_floating_point() and not name.endswith(KEEP_FP32)]
+        # a weight the storage dtype cannot hold (fp16 beyond 65504) is refused by name, as write_model_dir does
+        _refuse_overflow({f"lm.{name}": t.detach().to(dtype) for name, t in cast},
+                         next((k for k, v in DTYPES.items() if v == dtype), str(dtype)))
+        for _, t in cast:
+            t.data = t.data.to(dtype)
     model.lm.save_pretrained(out, layout="hf")  # config.json's dtype: the embedding's, the export dtype
     conf = json.loads((out / "config.json").read_text())
     tok = model.tokenizer

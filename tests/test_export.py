@@ -187,3 +187,45 @@ def test_a_cut_weight_file_is_named_not_a_traceback(ckpt, tmp_path, capsys, keep
         err = capsys.readouterr().err
         assert f"{f}: not a readable safetensors file" in err and "incomplete or corrupt" in err, err
         assert "Traceback" not in err
+
+
+def test_a_step_checkpoint_holding_its_own_train_config_still_reads_the_runs_metrics(ckpt, tmp_path):
+    """The trainer writes train_config.yaml into every step checkpoint too (emma_mamba.training.checkpoint), while
+    metrics.jsonl lives in the run directory above it: the card still says the run's steps and losses up to the
+    checkpoint's step (the hand-written rows below), not nothing."""
+    import json
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000020"
+    shutil.copytree(ckpt, step)
+    cfg = yaml.safe_dump({"stage": "finetune", "train": {"lr": 1e-3}})
+    (run / "train_config.yaml").write_text(cfg)
+    (step / "train_config.yaml").write_text(cfg)  # as save_checkpoint writes it
+    rows = [{"step": 10, "loss": 2.5, "total_tokens": 1000}, {"step": 20, "loss": 1.5, "total_tokens": 2000},
+            {"step": 20, "val_loss": 1.75}, {"step": 30, "loss": 0.5, "total_tokens": 3000}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["export", "--checkpoint", str(step), "--out", str(tmp_path / "card")]) == 0
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "- stage: `finetune`" in card
+    assert "trained 20 steps (2000 tokens); last logged loss 1.5" in card  # not step 30's
+    assert "validation at step 20: loss 1.75" in card
+
+
+def test_lm_only_half_precision_export_refuses_an_overflowing_weight(tmp_path, capsys):
+    """--lm-only --dtype fp16 refuses a weight fp16 cannot hold, by name, as the full export does (not a file of
+    inf weights)."""
+    torch.manual_seed(0)
+    model = EmmaMamba(get_preset("tiny"), for_training=False)
+    with torch.no_grad():
+        model.lm.layers[0].mixer.out_proj.weight[0, 0] = 1e6  # beyond fp16's 65504
+    model.save(tmp_path / "big")
+    for extra in ([], ["--lm-only"]):
+        out = tmp_path / f"out{len(extra)}"
+        assert main(["export", "--checkpoint", str(tmp_path / "big"), "--out", str(out), "--dtype", "fp16",
+                     *extra]) == 2
+        err = capsys.readouterr().err
+        assert "overflow fp16" in err and "layers.0.mixer.out_proj.weight" in err, err
+        assert not (out / "model.safetensors").exists()

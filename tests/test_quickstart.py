@@ -174,3 +174,19 @@ def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"different ShapesWorld \(question_mix: \{'existence': 4\} there"):
         run_ablation(changed, tmp_path / "runs", seeds=[0], variants=["cobra-like"], results=tmp_path / "x.json",
                      plot_path=None)
+
+
+def test_ablate_refuses_a_seed_or_variant_given_twice(tmp_path, capsys):
+    """`--seeds 0 0 1` would train seed 0 twice into the same folder and count it twice: n_seeds 3 and a standard
+    deviation over a repeated value (aggregate([a, a, b]) is not the ddof=1 spread of seeds 0 and 1). Refused up
+    front, naming the repeat, before any data or run is made."""
+    from emma_mamba.cli import main
+
+    out = tmp_path / "runs"
+    base = ["ablate", "--config", "configs/quickstart_fast.yaml", "--out", str(out), "--results",
+            str(tmp_path / "r.json"), "--plot", ""]
+    assert main(base + ["--seeds", "0", "0", "1", "--variants", "cobra-like"]) == 2
+    assert "--seeds: 0 is given twice" in capsys.readouterr().err
+    assert main(base + ["--seeds", "0", "--variants", "+MFF", "cobra-like", "+MFF"]) == 2
+    assert "--variants: '+MFF' is given twice" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "r.json").exists()

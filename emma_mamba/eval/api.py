@@ -146,13 +146,14 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
                 with urllib.request.urlopen(req, timeout=timeout) as r:
                     out = json.loads(r.read())
                 choice = out["choices"][0]
-                choice["message"]["content"]  # noqa: B018 - a malformed answer raises KeyError here, retried
+                choice["message"]["content"]  # noqa: B018 - a malformed answer raises here, retried
                 return choice
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
                 if e.code < 500 or attempt == retries:  # a refused request is not retried
                     raise ApiError(f"{endpoint}: question {question.qid!r}: HTTP {e.code}: {detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, json.JSONDecodeError) as e:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, TypeError,
+                    json.JSONDecodeError) as e:  # IndexError / TypeError: no choice, or not a JSON object
                 if attempt == retries:
                     raise ApiError(f"{endpoint}: question {question.qid!r}: {type(e).__name__}: {e}") from None
             time.sleep(2.0 ** attempt)

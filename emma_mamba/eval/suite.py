@@ -78,8 +78,12 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
                                   f"`emma-mamba configs --copy DIR NAME` copies one for editing)")
         base = Path(SHIPPED_BASE)
         p = shipped
-    try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    from emma_mamba.config import _unique_key_loader
+
+    try:  # a benchmark (or a key) given twice is refused: plain YAML would keep the last one silently
+        doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader())
+    except UnicodeDecodeError as e:
+        raise ScoreInputError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         raise ScoreInputError(f"{p}: not valid YAML ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), dict) or not doc["benchmarks"]:
@@ -88,7 +92,9 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
     unknown = set(doc) - _TOP_KEYS
     if unknown:
         raise ScoreInputError(f"{p}: unknown key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
-    root = (base / str(doc.get("root", "."))).resolve()
+    if not isinstance(doc.get("root", "."), str):
+        raise ScoreInputError(f"{p}: root must be a path (a string), got {doc['root']!r}")
+    root = (base / doc.get("root", ".")).resolve()
     if shipped is not None:
         log.info("%s: no such file here; using the shipped suite %s with its root taken relative to ./%s, as in "
                  "a checkout: benchmark files under %s (`emma-mamba configs --copy %s %s` copies the suite here "
@@ -109,6 +115,10 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
                                   f"name is not a task)")
         if "questions" not in spec:
             raise ScoreInputError(f"{where}: no 'questions'")
+        for k in ("questions", "images", "annotations", "split", "image_template"):  # paths and names: strings
+            if k in spec and not isinstance(spec[k], str) and (spec[k] is not None or k in ("questions",
+                                                                                      "image_template")):
+                raise ScoreInputError(f"{where}: {k} must be a string, got {spec[k]!r}")
         opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
                                                      "image_template", "likelihood", "box_frame") if k in spec}}
         if opts.get("box_frame", "auto") not in ("auto", "image", "square"):

@@ -36,6 +36,22 @@ def run(args: argparse.Namespace) -> int:
     from emma_mamba.models.vision import load_image
     from emma_mamba.models.vlm import has_align_head_weights, load
 
+    out = Path(args.out)
+    if not out.suffix:  # what matplotlib writes then (and the JSON goes beside it)
+        out = out.with_suffix(".png")
+    fmt = out.suffix[1:].lower()
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+    except ImportError:  # plot_maps says what to install
+        formats = None
+    if fmt == "json" or (formats is not None and fmt not in formats):
+        why = ("the values are written as JSON beside the figure: name the figure's file" if fmt == "json" else
+               f"matplotlib cannot write .{fmt}")
+        print(f"emma-mamba visualize: --out {args.out}: {why} (e.g. maps.png; formats: "
+              f"{', '.join(sorted(formats or ['png']))})", file=sys.stderr)
+        return 2
     try:  # decoded as training and generate decode it (EXIF rotation, transparency on white, 16-bit rescaled)
         image = load_image(args.image)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -55,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
     try:
-        png = plot_maps(image, maps, args.out, title=args.prompt, extra=extra)
+        png = plot_maps(image, maps, out, title=args.prompt, extra=extra)
     except ImportError as e:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
-    js = write_maps(maps, Path(args.out).with_suffix(".json"), checkpoint=str(args.checkpoint),
+    js = write_maps(maps, png.with_suffix(".json"), checkpoint=str(args.checkpoint),
                     image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
     for layer, m in maps.items():
         print(f"layer {layer:3d}: visual-token norm min {float(m.min()):.3g}  mean {float(m.mean()):.3g}  "

@@ -119,6 +119,8 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out = Path(out)
+    if not out.suffix:  # savefig writes a PNG there, named with .png: return the file written
+        out = out.with_suffix(".png")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -185,3 +185,35 @@ def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
     assert len(seen) == 5 and rep["metrics"]["n"] == 5
     recs = _answers(tmp_path / "api")
     assert [r["question_id"] for r in recs] == [0, 1, 2, 3, 4] and all("probabilities" not in r for r in recs)
+
+
+@pytest.mark.parametrize("body", [b'{"choices": []}', b'[]', b'{"choices": [null]}'])
+def test_a_malformed_reply_is_an_api_error_naming_the_question(shapes, tmp_path, body):
+    """An endpoint answering 200 with no choice (or not a JSON object): ApiError naming the endpoint and the
+    question (the command's exit 2 and message), not an IndexError / TypeError traceback."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from emma_mamba.eval.runner import read_questions
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        q = read_questions("pope", shapes / "heldout" / "pope_random.jsonl", shapes / "images")[:1]
+        fn = api_answer_fn(f"http://127.0.0.1:{srv.server_port}/v1", retries=0)
+        with pytest.raises(ApiError, match=rf"/v1/chat/completions: question {q[0].qid!r}: "):
+            fn(q, ["Is there a cat?"])
+    finally:
+        srv.shutdown()
+        srv.server_close()

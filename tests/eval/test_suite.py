@@ -92,6 +92,14 @@ def test_a_bad_last_entry_fails_before_any_answering(tmp_path, shapes):
     ("benchmarks: {pope: {questions: q, batch_size: 0}}\n", "batch_size must be an integer >= 1"),
     ("benchmarks: {pope: {questions: q, likelihood: 1}}\n", "benchmarks.pope: likelihood must be true or false"),
     ("benchmarks: {gqa: {questions: q, likelihood: true}}\n", "likelihood applies to the closed-set tasks"),
+    # a benchmark given twice: plain YAML would keep the second silently and never run the first
+    ("benchmarks:\n  pope: {questions: a.jsonl}\n  pope: {questions: b.jsonl}\n", "the key 'pope' is given twice"),
+    ("benchmarks: {pope: {questions: q, questions: r}}\n", "the key 'questions' is given twice"),
+    # wrong types: named, not an AttributeError deep in the reader (or a folder named "None")
+    ("benchmarks: {vqav2: {questions: q, image_template: 5}}\n", "benchmarks.vqav2: image_template must be a string"),
+    ("benchmarks: {scienceqa: {questions: q, split: [test]}}\n", "benchmarks.scienceqa: split must be a string"),
+    ("benchmarks: {pope: {questions: [a, b]}}\n", "benchmarks.pope: questions must be a string"),
+    ("root:\nbenchmarks: {pope: {questions: q}}\n", "root must be a path"),
 ])
 def test_suite_file_errors(tmp_path, text, match):
     p = tmp_path / "s.yaml"

@@ -130,3 +130,22 @@ def test_reconstruction_puts_the_heads_patches_back_in_place(tmp_path, capsys):
     assert "holds no alignment-head weights" in capsys.readouterr().err
     with pytest.raises(ValueError, match="this model has no alignment head"):
         reconstruction(EmmaMamba(cfg, for_training=False), IMAGE)
+
+
+def test_cli_out_names_the_files_it_writes_and_refuses_a_format_it_cannot_write(model, tmp_path, capsys):
+    """--out without a suffix: the figure is a PNG and the printed path is the file written (matplotlib adds
+    .png); --out maps.json (the values' own name) or another format matplotlib cannot write: exit 2 naming --out,
+    no traceback, nothing written."""
+    from emma_mamba.cli import main
+
+    model.save(tmp_path / "ck")
+    args = ["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", IMAGE, "--layers", "0"]
+    assert main(args + ["--out", str(tmp_path / "a" / "maps")]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == f"wrote {tmp_path / 'a' / 'maps.png'} and {tmp_path / 'a' / 'maps.json'}", printed
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["maps.json", "maps.png"]
+    for bad in ("maps.json", "maps.docx"):
+        assert main(args + ["--out", str(tmp_path / "b" / bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"emma-mamba visualize: --out {tmp_path / 'b' / bad}:") and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
