@@ -4,8 +4,9 @@
                                              [--chunks 0 256 512] [--device cpu]
 
 The decoder of `emma-mamba serve` (:class:`emma_mamba.inference.batching.BatchDecoder`, in-process, no HTTP) on
-a random-weight LM: ``streams`` greedy answers decode together; once each has its first ``--warm-steps`` tokens
-a request with a ``long-prompt``-position prompt arrives (one new token), and the streams go on to
+a random-weight LM: ``streams`` greedy answers decode together; right after the ``--warm-steps``-th decode step a
+request with a ``long-prompt``-position prompt arrives (one new token; submitted from the decoder's own thread,
+so that the point of arrival does not depend on when a polling thread wakes), and the streams go on to
 ``new-tokens``. For each ``prefill_chunk`` (0: the whole prompt between two decode steps) it measures the gaps
 between consecutive decode steps (the inter-token latency every stream sees) from the moment the long request
 arrives until it has its token, the long request's time to first token, and the streams' total time; the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,12 +43,17 @@ def _round(lm, args, chunk: int, device: torch.device) -> dict:
     dec = batching.BatchDecoder(lm, max_batch=args.streams + 1, prefill_chunk=chunk)
     steps: list[float] = []
     real = batching.decode_step
+    arrival: dict = {}
+    arrived = threading.Event()
 
     def timed(*a, **k):  # the end of every decode step (a token for every stream)
         out = real(*a, **k)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         steps.append(time.perf_counter())
+        if len(steps) == args.warm_steps:  # the long request arrives now: admitted before the next step
+            arrival["job"], arrival["t"] = dec.submit(_job(long, 1)), steps[-1]
+            arrived.set()
         return out
 
     batching.decode_step = timed
@@ -57,11 +64,10 @@ def _round(lm, args, chunk: int, device: torch.device) -> dict:
         long = torch.randint(0, vocab, (args.long_prompt,), generator=g).tolist()
         with dec.hold():
             streams = [dec.submit(_job(ids, args.new_tokens)) for ids in short]
-        while len(steps) < args.warm_steps:
-            time.sleep(0.0005)
-        t_arrive = time.perf_counter()
-        arrive_step = len(steps)
-        got = dec.submit(_job(long, 1)).wait(timeout=3600)
+        if not arrived.wait(3600):
+            raise RuntimeError("the streams never reached --warm-steps decode steps")
+        t_arrive, arrive_step = arrival["t"], args.warm_steps
+        got = arrival["job"].wait(timeout=3600)
         t_first = got["t_done"]  # its first (and only) token picked
         answers = [s.wait(timeout=3600) for s in streams]
         t_end = time.perf_counter()
@@ -92,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results/serve_prefill_chunk_cpu.json")
     args = p.parse_args(argv)
+    if args.warm_steps < 1:
+        p.error("--warm-steps must be at least 1 (the long prompt arrives after that decode step)")
     if args.new_tokens <= args.warm_steps + 1:
         p.error("--new-tokens must exceed --warm-steps + 1 (the streams must still decode when the prompt arrives)")
     device = torch.device(args.device)

@@ -21,7 +21,8 @@ tokens, a long document) is prefilled in chunks, its state carried from one chun
 continues from a state exactly as a chat turn continues a conversation), so the answers already streaming get a
 token after every chunk instead of waiting for the whole prompt. Waiting prompts are served first come, first
 served; one whose rest fits the step's budget and starts from an empty state is prefilled in one padded prefill
-with the others that do (as :func:`~emma_mamba.inference.generate.generate` prefills a batch). With nothing
+with the others that do and are of its kind, token ids or embeddings (as
+:func:`~emma_mamba.inference.generate.generate` prefills a batch). With nothing
 decoding, every admitted prompt is prefilled whole at once (no one waits on it). ``prefill_chunk`` None: no limit
 (each prompt whole between two steps). However scheduled, a prefill runs at most
 :func:`~emma_mamba.inference.generate.resolve_prefill_chunk`'s ``"auto"`` positions per forward (1024 on the CPU,
@@ -422,20 +423,24 @@ class BatchDecoder:
             if left is not None:
                 left -= n
         firsts, failed = {}, set()
-        if whole:
+        # one padded prefill per prompt kind: _prefill stacks a group's prompts into one tensor, token ids or
+        # embeddings (a chat request's embedded image prompt and a text completion's ids may arrive together)
+        for group in ([p for p in whole if p.ids is not None], [p for p in whole if p.ids is None]):
+            if not group:
+                continue
             t0 = time.perf_counter()
             try:  # one padded prefill over the group (seq_idx resets), as generate() prefills a batch
-                group_cache = self.lm.allocate_cache(len(whole))
-                first = _prefill(self.lm, [(p.ids, p.emb) for p in whole], group_cache,
+                group_cache = self.lm.allocate_cache(len(group))
+                first = _prefill(self.lm, [(p.ids, p.emb) for p in group], group_cache,
                                  chunk=resolve_prefill_chunk("auto", self.lm.device))
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed")
-                for p in whole:
+                for p in group:
                     p.job._fail(e)
                     failed.add(id(p))
             else:
                 seconds = time.perf_counter() - t0
-                for k, p in enumerate(whole):
+                for k, p in enumerate(group):
                     p.cache, p.done, p.chunks, p.seconds = group_cache.select([k]), p.length, 1, seconds
                     firsts[id(p)] = first[k:k + 1]
         for p, n in parts:

@@ -67,6 +67,37 @@ def check(lm, got, ids, cfg):
     assert got["state"].seqlen_offset == len(ids) + len(tokens) - (reason == "length")
 
 
+class StepGate:
+    """Holds the decoder's thread inside its decode steps number ``at`` (counted from 1 once installed) until
+    :meth:`release`: the test acts at a known point of a running batch. (Polling ``decode_steps`` instead races
+    the decoder: on a busy machine the polling thread can wake many steps late, after the running answer ended.)
+    Jobs submitted while it holds are all queued when the decoder next admits."""
+
+    def __init__(self, monkeypatch, *at):
+        from emma_mamba.inference import batching
+
+        self.reached = {n: threading.Event() for n in at}
+        self.go = {n: threading.Event() for n in at}
+        self.steps = 0
+        real = batching.decode_step
+
+        def step(*a, **k):
+            out = real(*a, **k)
+            self.steps += 1
+            if self.steps in self.reached:
+                self.reached[self.steps].set()
+                self.go[self.steps].wait(60)
+            return out
+
+        monkeypatch.setattr(batching, "decode_step", step)
+
+    def wait(self, n):
+        assert self.reached[n].wait(60), f"the decoder never reached decode step {n}"
+
+    def release(self, n):
+        self.go[n].set()
+
+
 def test_requests_decoded_together_get_their_own_answers(lm, monkeypatch):
     from emma_mamba.inference import batching
 
@@ -87,20 +118,20 @@ def test_requests_decoded_together_get_their_own_answers(lm, monkeypatch):
     dec.close()
 
 
-def test_requests_join_a_running_batch_and_wait_beyond_max_batch(lm):
+def test_requests_join_a_running_batch_and_wait_beyond_max_batch(lm, monkeypatch):
     dec = BatchDecoder(lm, max_batch=3)
+    gate = StepGate(monkeypatch, 3)
     ps = prompts(6, seed=2)
     cfgs = [GenerationConfig(max_new_tokens=40)] + CONFIGS
     first = dec.submit(job(lm, ps[0], cfgs[0]))
-    deadline = time.perf_counter() + 30
-    while dec.decode_steps < 3 and time.perf_counter() < deadline:
-        time.sleep(0.001)
-    with dec.hold():  # mid-flight: five more, two of which fit now
-        later = [dec.submit(job(lm, p, c)) for p, c in zip(ps[1:], cfgs[1:])]
+    gate.wait(3)  # mid-flight (36 steps to go): five more, two of which fit now
+    later = [dec.submit(job(lm, p, c)) for p, c in zip(ps[1:], cfgs[1:])]
+    gate.release(3)
     results = [first.wait(timeout=60)] + [j.wait(timeout=60) for j in later]
     for r, p, c in zip(results, ps, cfgs):
         check(lm, r, p, c)
     assert results[0]["max_batch_rows"] == 3 and max(r["max_batch_rows"] for r in results) == 3
+    assert results[0]["decode_steps"] == 39  # it lost no step to the joins
     dec.close()
 
 
@@ -132,10 +163,17 @@ def test_a_failing_or_cancelled_request_leaves_the_others_alone(lm):
     dec = BatchDecoder(lm, max_batch=8)
     ps = prompts(4, seed=3)
     cfg = GenerationConfig(max_new_tokens=30)
+    gone = job(lm, ps[2], cfg)
+    admitted = gone.start
+
+    def start():  # its client goes away once it is admitted (deterministic: no race with the decoder's 29 steps)
+        gone.cancelled = True
+        return admitted()
+
+    gone.start = start  # prefilled, then it leaves at the next step
     with dec.hold():
         jobs = [dec.submit(job(lm, ps[0], cfg, fail_start=True)), dec.submit(job(lm, ps[1], cfg, fail_finish=True)),
-                dec.submit(job(lm, ps[2], cfg)), dec.submit(job(lm, ps[3], CONFIGS[1]))]
-    jobs[2].cancelled = True  # e.g. its client went away: it leaves at the next step
+                dec.submit(gone), dec.submit(job(lm, ps[3], CONFIGS[1]))]
     with pytest.raises(ValueError, match="bad start"):
         jobs[0].wait(timeout=60)
     with pytest.raises(KeyError, match="bad finish"):
@@ -402,14 +440,13 @@ def test_chunked_prefill_interleaves_with_decoding_and_changes_no_answer(lm, mon
     cfgs = [GenerationConfig(max_new_tokens=60), GenerationConfig(max_new_tokens=10), CONFIGS[1],
             GenerationConfig(max_new_tokens=8, repetition_penalty=1.3), CONFIGS[4], GenerationConfig(max_new_tokens=5),
             GenerationConfig(max_new_tokens=4)]
+    gate = StepGate(monkeypatch, 2)
     running = dec.submit(job(lm, ids[0], cfgs[0]))
-    deadline = time.perf_counter() + 30
-    while dec.decode_steps < 2 and time.perf_counter() < deadline:
-        time.sleep(0.001)
-    with dec.hold():
-        later = [dec.submit(job(lm, ids[1], cfgs[1])), dec.submit(embeds_job(lm, ids[2], cfgs[2])),
-                 dec.submit(carried_job(lm, history, ids[3], cfgs[3])), dec.submit(job(lm, ids[4], cfgs[4])),
-                 dec.submit(job(lm, ids[5], cfgs[5])), dec.submit(echo_job(lm, ids[6], cfgs[6]))]
+    gate.wait(2)  # the running answer mid-flight (57 steps to go): the six arrive together
+    later = [dec.submit(job(lm, ids[1], cfgs[1])), dec.submit(embeds_job(lm, ids[2], cfgs[2])),
+             dec.submit(carried_job(lm, history, ids[3], cfgs[3])), dec.submit(job(lm, ids[4], cfgs[4])),
+             dec.submit(job(lm, ids[5], cfgs[5])), dec.submit(echo_job(lm, ids[6], cfgs[6]))]
+    gate.release(2)
     results = [running.wait(timeout=60)] + [j.wait(timeout=60) for j in later]
     for k in (0, 1, 2, 4, 5):
         check(lm, results[k], ids[k], cfgs[k])
@@ -457,15 +494,18 @@ def test_no_chunk_limit_prefills_whole_prompts_between_steps(lm, monkeypatch):
     dec = BatchDecoder(lm, max_batch=8, prefill_chunk=0)
     assert dec.prefill_chunk is None
     events = record_schedule(monkeypatch, dec)
-    first = dec.submit(job(lm, prompts(1)[0], GenerationConfig(max_new_tokens=30)))
-    deadline = time.perf_counter() + 30
-    while dec.decode_steps < 2 and time.perf_counter() < deadline:
-        time.sleep(0.001)
+    gate = StepGate(monkeypatch, 2)
+    short = prompts(1)[0]
+    first = dec.submit(job(lm, short, GenerationConfig(max_new_tokens=30)))
+    gate.wait(2)
     long = list(range(1, 41))
-    r = dec.submit(job(lm, long, GenerationConfig(max_new_tokens=3))).wait(timeout=60)
+    pending = dec.submit(job(lm, long, GenerationConfig(max_new_tokens=3)))
+    gate.release(2)
+    r = pending.wait(timeout=60)
     check(lm, r, long, GenerationConfig(max_new_tokens=3))
-    assert ("P", 40) in events and r["prefill_chunks"] == 1
-    first.wait(timeout=60)
+    assert r["prefill_chunks"] == 1 and first.wait(timeout=60)["max_batch_rows"] == 2
+    # the whole prompt between the running answer's second and third steps
+    assert events[:5] == [("P", len(short)), "D", "D", ("P", 40), "D"], events[:5]
     dec.close()
 
 
@@ -475,17 +515,23 @@ def test_bad_prefill_chunk(lm, bad):
         BatchDecoder(lm, prefill_chunk=bad)
 
 
-def test_close_fails_a_request_still_being_prefilled(lm):
+def test_close_fails_a_request_still_being_prefilled(lm, monkeypatch):
     dec = BatchDecoder(lm, max_batch=4, prefill_chunk=1)
+    gate = StepGate(monkeypatch, 2, 4)
     running = dec.submit(job(lm, prompts(1)[0], GenerationConfig(max_new_tokens=100_000)))
-    deadline = time.perf_counter() + 30
-    while dec.decode_steps < 2 and time.perf_counter() < deadline:
-        time.sleep(0.001)
+    gate.wait(2)
     waiting = dec.submit(job(lm, list(range(90)), GenerationConfig(max_new_tokens=4)))
-    while not dec.pending and time.perf_counter() < deadline:
+    gate.release(2)
+    gate.wait(4)
+    assert [p.job for p in dec.pending] == [waiting] and dec.pending[0].done == 2  # one position per step
+    closer = threading.Thread(target=dec.close)  # close() joins the decoder: let it out of step 4 once closing
+    closer.start()
+    deadline = time.perf_counter() + 30
+    while not dec._closing and time.perf_counter() < deadline:
         time.sleep(0.001)
-    assert dec.pending  # one position per step: 90 steps to go
-    dec.close()
+    gate.release(4)
+    closer.join(60)
+    assert not closer.is_alive()
     for j in (running, waiting):
         with pytest.raises(RuntimeError, match="the decoder was closed"):
             j.wait(timeout=10)
@@ -505,16 +551,16 @@ def test_forks_continue_one_prefill_and_wait_for_room(lm, monkeypatch):
     dec = BatchDecoder(lm, max_batch=4)
     ids = prompts(1, seed=8)[0]
     cfgs = [CONFIGS[1], dataclass_replace(CONFIGS[1], seed=4), CONFIGS[3], GenerationConfig(max_new_tokens=5)]
-    running = dec.submit(job(lm, prompts(1, seed=9)[0], GenerationConfig(max_new_tokens=400)))
-    deadline = time.perf_counter() + 30
-    while dec.decode_steps < 2 and time.perf_counter() < deadline:
-        time.sleep(0.001)
+    gate = StepGate(monkeypatch, 2, 4)
+    running = dec.submit(job(lm, prompts(1, seed=9)[0], GenerationConfig(max_new_tokens=40)))
+    gate.wait(2)
     main = job(lm, ids, cfgs[0])
     main.forks = [job(lm, ids, c) for c in cfgs[1:]]
     dec.submit(main)
-    while dec._held is not main and not main.done.is_set() and time.perf_counter() < deadline:
-        time.sleep(0.0005)
+    gate.release(2)
+    gate.wait(4)  # two admission rounds later
     assert dec._held is main and dec.active == 1  # taken from the queue, waiting for room for its four rows
+    gate.release(4)
     results = [j.wait(timeout=60) for j in [main] + main.forks]
     first = running.wait(timeout=60)
     for r, c in zip(results, cfgs):
@@ -557,4 +603,26 @@ def test_embed_requests_of_a_round_are_embedded_together_and_a_bad_one_fails_alo
     assert [j.wait(timeout=60)["tokens"] for j in (jobs[0], jobs[2])] == [got[0]["tokens"], generate(
         lm, inputs_embeds=lm.embeddings(torch.tensor([ps[1]])), config=CONFIGS[0]).sequences[0]]
     assert calls == [3, 1, 1, 1]  # the round, then each alone
+    dec.close()
+
+
+def test_prompts_of_both_kinds_admitted_together_are_prefilled_apart(lm, monkeypatch):
+    """Token-id and embedding prompts admitted in one round (on a VLM server: a text completion's ids beside a
+    chat request's embedded prompt) and starting from an empty state: one padded prefill per kind (each stacks its
+    prompts into one tensor), every answer generate()'s alone. (One prefill over both failed every request.)"""
+    from emma_mamba.inference import batching
+
+    kinds = []
+    real = batching._prefill
+    monkeypatch.setattr(batching, "_prefill", lambda lm_, ps_, cache, **kw: kinds.append(
+        [("ids" if i is not None else "embeds") for i, _ in ps_]) or real(lm_, ps_, cache, **kw))
+    dec = BatchDecoder(lm, max_batch=8)
+    g = torch.Generator().manual_seed(7)
+    ps = [torch.randint(0, 96, (9,), generator=g).tolist() for _ in range(4)]  # one length: one padding group
+    makers = [job, embeds_job, job, embeds_job]
+    with dec.hold():
+        jobs = [dec.submit(make(lm, p, c)) for make, p, c in zip(makers, ps, CONFIGS)]
+    for j, p, c in zip(jobs, ps, CONFIGS):
+        check(lm, j.wait(timeout=60), p, c)
+    assert kinds == [["ids", "ids"], ["embeds", "embeds"]]
     dec.close()

@@ -16,14 +16,15 @@ const [base, imagePath] = [process.argv[2], process.argv[3]];
     }});
   const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  await sleep(300);
+  // the page fetches the model's name when it loads: wait for it (no fixed sleep: a busy machine answers late)
+  for (let i = 0; i < 400 && $("model").textContent === "model: (loading)"; i++) await sleep(50);
   const out = {model: $("model").textContent};
   // pick an image: a File in the input, then its change event
   const bytes = fs.readFileSync(imagePath);
   const file = new w.File([bytes], "cat.png", {type: "image/png"});
   Object.defineProperty($("image"), "files", {value: [file]});
   $("image").dispatchEvent(new w.Event("change"));
-  for (let i = 0; i < 50 && $("preview").style.display !== "block"; i++) await sleep(50);
+  for (let i = 0; i < 400 && $("preview").style.display !== "block"; i++) await sleep(50);
   out.preview = $("preview").src.slice(0, 22);
   $("max_tokens").value = "6"; $("temperature").value = "1"; $("seed").value = "3";
   async function ask(text) {
