@@ -66,6 +66,28 @@ def test_replies_equal_generate_alone_in_fewer_steps_than_fixed_batches(b, model
     want = [_alone(model, q, eos) for q in qs]
     assert [len(s) + (n < MAX_NEW) for (s, _), n in zip(want, lens)] == lens  # sequences end before end-of-text
 
+    # every question queued before the decoder admits any (it is held from the first submission until the first
+    # collect): the admission rounds, hence the step count, do not depend on when this thread gets the CPU
+    from emma_mamba.eval import runner
+
+    held: dict = {}
+    submit, collect = runner._ContinuousAnswers.submit, runner._Submitted.collect
+
+    def held_submit(self, *a, **k):
+        if "hold" not in held:
+            held["hold"] = self.decoder.hold()
+            held["hold"].__enter__()
+        return submit(self, *a, **k)
+
+    def release_then_collect(self):
+        if held.get("hold") is not None:
+            held.pop("hold").__exit__(None, None, None)
+            held["hold"] = None
+        return collect(self)
+
+    monkeypatch.setattr(runner, "_BATCHES_AHEAD", len(qs))
+    monkeypatch.setattr(runner._ContinuousAnswers, "submit", held_submit)
+    monkeypatch.setattr(runner._Submitted, "collect", release_then_collect)
     reports = {}
     for how in ("continuous", "static"):
         out = tmp_path / how
