@@ -78,7 +78,9 @@ class LoRALinear(nn.Linear):
         path); otherwise with the merged weight, one GEMM."""
         if self.training and torch.is_grad_enabled():
             lora = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-            return F.linear(x, self.weight, self.bias) + (self.scaling * lora).to(x.dtype)
+            # a base_dtype (bf16) W under fp32 activations without autocast: W cast as the merged path casts it
+            w = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
+            return F.linear(x, w, self.bias) + (self.scaling * lora).to(x.dtype)
         return F.linear(x, self.merged_weight().to(x.dtype), self.bias)
 
     def gemm_cf_halves(self, h_cf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from emma_mamba import ops
-from emma_mamba.models.lora import LoRALinear, weight_of
+from emma_mamba.models.lora import LoRALinear, export_state, has_lora, weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
@@ -486,15 +486,18 @@ class MambaMixer(nn.Module):
         """One decode step: (b, 1, d_model) -> (b, 1, d_model), advancing this layer's cached states."""
         n, r = self.d_state, self.dt_rank
         A, D, dt_bias = self._ssm_params()
-        xz = F.linear(hidden_states[:, 0], weight_of(self.in_proj), self.in_proj.bias)  # (b, 2*d_inner)
+        # weights cast to the activations' dtype as the full forward's kernels cast them (a LoRA projection's merged
+        # weight is fp32 over a bf16 base; a no-op for a plain one)
+        h = hidden_states[:, 0]
+        xz = F.linear(h, weight_of(self.in_proj).to(h.dtype), self.in_proj.bias)  # (b, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
         x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
                                      self.conv1d.bias, activation="silu")  # (b, d_inner)
-        dt, B, C = torch.split(F.linear(x, weight_of(self.x_proj)), [r, n, n], dim=-1)
-        dt = F.linear(dt, weight_of(self.dt_proj))  # (b, d_inner); the bias goes in as dt_bias, under the softplus
+        dt, B, C = torch.split(F.linear(x, weight_of(self.x_proj).to(x.dtype)), [r, n, n], dim=-1)
+        dt = F.linear(dt, weight_of(self.dt_proj).to(dt.dtype))  # (b, d_inner); its bias goes in as dt_bias
         y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
                                        dt_softplus=True)
-        return F.linear(y, weight_of(self.out_proj), self.out_proj.bias)[:, None]
+        return F.linear(y, weight_of(self.out_proj).to(y.dtype), self.out_proj.bias)[:, None]
 
 
 class GatedRMSNorm(nn.Module):
@@ -832,6 +835,8 @@ class MambaLM(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         own = {k: v.detach() for k, v in self.state_dict().items()}
+        if has_lora(self):  # a plain model holding W + s B A (as a training run writes it), never bare adapters
+            own, _ = export_state(self, own)
         if layout == "hf":
             _save_hf(self.config, own, out, max_shard_size)
         elif layout == "original":
@@ -959,9 +964,10 @@ def _config_from_hf(d: dict, where: str) -> MambaConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def _hf_common(d: dict, where: str) -> dict:
+def _hf_common(d: dict, where: str, tie_default: bool = True) -> dict:
     """The MambaConfig fields that transformers' MambaConfig and Mamba2Config spell alike (the vocabulary not
-    padded further: the transformers layouts store the padded embedding and call its size vocab_size)."""
+    padded further: the transformers layouts store the padded embedding and call its size vocab_size).
+    ``tie_default``: the class's default of tie_word_embeddings (MambaConfig true, Mamba2Config false)."""
     return dict(
         d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
         d_conv=d.get("conv_kernel", 4), dt_min=d.get("time_step_min", 0.001), dt_max=d.get("time_step_max", 0.1),
@@ -969,7 +975,7 @@ def _hf_common(d: dict, where: str) -> dict:
         conv_bias=_bool(d.get("use_conv_bias", True), f"{where}: use_conv_bias"),
         bias=_bool(d.get("use_bias", False), f"{where}: use_bias"), rms_norm_eps=d.get("layer_norm_epsilon", 1e-5),
         residual_in_fp32=_bool(d.get("residual_in_fp32", True), f"{where}: residual_in_fp32"),
-        tie_embeddings=_bool(d.get("tie_word_embeddings", True), f"{where}: tie_word_embeddings"),
+        tie_embeddings=_bool(d.get("tie_word_embeddings", tie_default), f"{where}: tie_word_embeddings"),
         pad_vocab_size_multiple=1)
 
 
@@ -991,8 +997,9 @@ def _config_from_hf2(d: dict, where: str) -> MambaConfig:
                               f"hidden_size = {expand * d['hidden_size']} (the SSM's width must be d_inner)")
     try:
         return MambaConfig(
-            **_hf_common(d, where), ssm_layer="mamba2", d_state=d.get("state_size", 128), expand=expand,
-            headdim=d["head_dim"], ngroups=d.get("n_groups", 1))
+            # a missing field means transformers' Mamba2Config default (n_groups 8, an untied head), as there
+            **_hf_common(d, where, tie_default=False), ssm_layer="mamba2", d_state=d.get("state_size", 128),
+            expand=expand, headdim=d["head_dim"], ngroups=d.get("n_groups", 8))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -1100,8 +1107,9 @@ def _load_dir(path):
         head = sd.pop("lm_head.weight")
         emb = sd.get("embeddings.weight")
         if emb is not None and head.shape == emb.shape and not torch.equal(head, emb):
-            raise CheckpointError(f"{d}: the config ties the LM head to the embedding but lm_head.weight differs "
-                                  f"from the embedding weight")
+            raise CheckpointError(f"{d}: the config ties the LM head to the embedding but tensor "
+                                  f"'{renamed_from['lm_head.weight']}' differs from tensor "
+                                  f"'{renamed_from['embeddings.weight']}'")
     return config, sd, layout, renamed_from
 
 
@@ -1226,8 +1234,13 @@ def _save_original(cfg: MambaConfig, own: dict, out: Path) -> None:
         "ssm_cfg": ssm_cfg,
         "rms_norm": True, "residual_in_fp32": cfg.residual_in_fp32, "fused_add_norm": True,
         "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple, "tie_embeddings": cfg.tie_embeddings,
-        "norm_epsilon": cfg.rms_norm_eps,
     }
+    if cfg.rms_norm_eps != 1e-5:
+        # mamba-ssm's MambaConfig has no such field (its norms use 1e-5) and refuses a config.json holding one:
+        # written only for an epsilon that layout cannot express, for our own loader
+        log.warning("save_pretrained(layout='original'): rms_norm_eps %g is not mamba-ssm's fixed 1e-5; writing "
+                    "norm_epsilon, which mamba-ssm's MambaConfig does not accept", cfg.rms_norm_eps)
+        conf["norm_epsilon"] = cfg.rms_norm_eps
     sd = {}
     for k, v in own.items():
         if k == "embeddings.weight":

@@ -272,3 +272,81 @@ def test_lora_dropout_in_a_training_forward_and_its_limits():
         assert not torch.allclose(lm(ids).logits, oracle(ids).logits, atol=1e-3)
     with pytest.raises(ValueError, match="x_proj adapters are merged"):
         apply_lora(_lm(), R, ALPHA, ("in_proj", "x_proj"), dropout=0.1)
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+def test_save_pretrained_of_an_adapted_lm_writes_the_merged_model(tmp_path, ssm_layer):
+    """MambaLM.save_pretrained of an LM with adapters writes the plain model holding W + s B A (in both layouts):
+    transformers (which ignores tensors it does not know) and our loader read the adapted model, not the base."""
+    transformers = pytest.importorskip("transformers")
+    from emma_mamba import ops
+
+    kw = dict(ssm_layer="mamba2", headdim=8) if ssm_layer == "mamba2" else {}
+    plain = _lm(tie_embeddings=False, bias=True, **kw)
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"))
+    _randomise_adapters(lm)
+    oracle = _merged_plain(plain, lm).eval()
+    lm.eval()
+    ids = torch.randint(0, 64, (2, 9))
+    hf_cls = transformers.Mamba2ForCausalLM if ssm_layer == "mamba2" else transformers.MambaForCausalLM
+    with torch.no_grad(), ops.use_backend("torch"):
+        want = oracle(ids).logits
+        for layout in ("hf", "original"):
+            lm.save_pretrained(tmp_path / layout, layout=layout)
+            back = MambaLM.from_pretrained(tmp_path / layout).eval()
+            torch.testing.assert_close(back(ids).logits, want, rtol=1e-5, atol=1e-5)
+        theirs = hf_cls.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(theirs(ids).logits, want, rtol=1e-4, atol=1e-4)
+    assert has_lora(lm) and len(lora_modules(lm)) == 4  # the LM itself keeps its adapters
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+def test_base_dtype_bf16_training_forward_without_autocast(ssm_layer):
+    """base_dtype bf16 under an fp32 LM trained without autocast (train.precision fp32): the training forward
+    (activation space) computes W h + s B A h with W its bf16 rounding, as the eval forward and a plain fp32 LM
+    holding bf16(W) + s B A do, and the adapters get gradients."""
+    kw = dict(ssm_layer="mamba2", headdim=8) if ssm_layer == "mamba2" else {}
+    plain = _lm(**kw)
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"), base_dtype=torch.bfloat16)
+    _randomise_adapters(lm)
+    oracle = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, m in lora_modules(lm).items():
+            oracle.get_submodule(name).weight.copy_(m.weight.double() + (ALPHA / R) * (m.lora_B.double() @
+                                                                                      m.lora_A.double()))
+    ids = torch.randint(0, 64, (2, 9))
+    lm.train()
+    got = lm(ids).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, oracle(ids).logits, rtol=1e-5, atol=1e-5)
+    got.float().pow(2).mean().backward()
+    assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for m in lora_modules(lm).values())
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+def test_decode_steps_of_a_bf16_lm_with_fp32_adapters(ssm_layer):
+    """A bf16 LM with (fp32) adapters decodes as the plain bf16 LM holding bf16(W + s B A): the decode step casts
+    the merged weight to the activations' dtype as the full forward's kernels do."""
+    kw = dict(ssm_layer="mamba2", headdim=8) if ssm_layer == "mamba2" else {}
+    targets = ("in_proj", "out_proj") if ssm_layer == "mamba2" else LORA_TARGETS
+    plain = _lm(**kw).to(torch.bfloat16).eval()
+    lm = copy.deepcopy(plain)
+    apply_lora(lm, R, ALPHA, targets)
+    _randomise_adapters(lm)
+    oracle = copy.deepcopy(plain)
+    with torch.no_grad():
+        for name, m in lora_modules(lm).items():
+            oracle.get_submodule(name).weight.copy_(m.merged_weight())
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        outs = []
+        for model in (lm, oracle):
+            cache = model.allocate_cache(2)
+            logits = [model(ids[:, :6], cache=cache).logits[:, -1]]
+            for t in range(6, 10):
+                logits.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
+            outs.append(torch.stack(logits).float())
+        assert outs[0].dtype == torch.float32
+        torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

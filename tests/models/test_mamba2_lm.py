@@ -154,6 +154,28 @@ def test_checkpoint_errors_name_the_field(tmp_path):
         MambaLM.from_pretrained(tmp_path / "hf")
 
 
+def test_hf_config_without_the_defaulted_fields_loads_as_transformers_reads_it(tmp_path):
+    """A transformers Mamba2 config.json that leaves out fields at Mamba2Config's own defaults (n_groups 8, an
+    untied head), which transformers reads as those defaults: ours must read the same model (Mamba-1's defaults,
+    1 group and a tied head, would build other in_proj / conv shapes and tie a head the file holds apart)."""
+    torch.manual_seed(0)
+    hf = _hf2_model(vocab_size=48, hidden_size=32, state_size=4, num_hidden_layers=1, num_heads=8, head_dim=8,
+                    chunk_size=8)
+    assert hf.config.n_groups == 8 and hf.config.tie_word_embeddings is False  # transformers' defaults
+    hf.save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for field in ("n_groups", "tie_word_embeddings"):
+        del conf[field]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    theirs = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    lm = MambaLM.from_pretrained(tmp_path).eval()
+    assert (lm.config.ngroups, lm.config.tie_embeddings) == (8, False)
+    ids = torch.randint(0, 48, (2, 11))
+    with torch.no_grad(), ops.use_backend("torch"):
+        _assert_close(lm(ids).logits, theirs(ids).logits)
+        _assert_close(lm(ids).logits, hf(ids).logits)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple of headdim 48"):
         MambaConfig(ssm_layer="mamba2", d_model=32, headdim=48)

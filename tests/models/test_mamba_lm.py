@@ -130,6 +130,35 @@ def test_original_layout_loads_to_same_logits(tmp_path, name):
     assert "d_model" in json.loads((tmp_path / "original" / "config.json").read_text())
 
 
+# mamba-ssm's own reader of the original layout: MambaLMHeadModel.from_pretrained does MambaConfig(**config.json)
+# over this dataclass (mamba_ssm/models/config_mamba.py), so any other top-level field is a TypeError there; ssm_cfg
+# goes to Mamba(...) / Mamba2(...) as keyword arguments (minus "layer")
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                           "tie_embeddings"}
+MAMBA_SSM_MIXER_KWARGS = {
+    "Mamba1": {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
+               "conv_bias", "bias", "use_fast_path"},
+    "Mamba2": {"d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range",
+               "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias",
+               "conv_bias", "chunk_size", "use_mem_eff_path"},
+}
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+def test_original_layout_config_is_one_mamba_ssm_reads(tmp_path, ssm_layer):
+    kw = dict(ssm_layer="mamba2", headdim=16) if ssm_layer == "mamba2" else {}
+    lm = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=50, d_state=4, **kw))
+    lm.save_pretrained(tmp_path, layout="original")
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert set(conf) <= MAMBA_SSM_CONFIG_FIELDS, sorted(set(conf) - MAMBA_SSM_CONFIG_FIELDS)
+    ssm = dict(conf["ssm_cfg"])
+    layer = ssm.pop("layer", "Mamba1")
+    assert layer == ("Mamba2" if ssm_layer == "mamba2" else "Mamba1")
+    assert set(ssm) <= MAMBA_SSM_MIXER_KWARGS[layer], sorted(set(ssm) - MAMBA_SSM_MIXER_KWARGS[layer])
+    assert MambaLM.from_pretrained(tmp_path).config == lm.config
+
+
 def test_hf_layout_written_by_us_loads_in_transformers(tmp_path):
     torch.manual_seed(1)
     cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=100, d_state=8, d_conv=3, dt_rank=3, bias=True)
@@ -227,6 +256,21 @@ def test_checkpoint_errors_name_the_problem(tmp_path):
     (tmp_path / "noweights" / "config.json").write_text((good / "config.json").read_text())
     with pytest.raises(CheckpointError, match="no weights found"):
         MambaLM.from_pretrained(tmp_path / "noweights")
+
+
+def test_a_tied_head_that_differs_from_the_embedding_is_refused_naming_both_files(tmp_path):
+    hf = _hf_model(**HF_CONFIGS["odd-vocab-k4-auto"])  # tied
+    d = tmp_path / "orig"
+    _write_original_layout(hf, d)
+    sd = torch.load(d / "pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    torch.save(sd, d / "pytorch_model.bin")
+    f = str(d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        MambaLM.from_pretrained(d)
+    msg = str(e.value)
+    assert "ties the LM head" in msg and f"'lm_head.weight' in '{f}'" in msg
+    assert f"'backbone.embedding.weight' in '{f}'" in msg
 
 
 def test_bin_is_loaded_weights_only(tmp_path):
