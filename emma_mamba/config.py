@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ __all__ = [
     "AlignConfig", "ModelConfig", "ConfigError", "PRESETS", "get_preset", "load_config", "apply_overrides",
     "apply_dotted_overrides", "parse_cli_value",
     "config_to_dict", "config_from_dict", "save_config", "shipped_config_dir", "shipped_configs",
-    "resolve_config_path",
+    "resolve_config_path", "yaml_float",
 ]
 
 
@@ -240,6 +241,11 @@ class ModelConfig:
             raise ConfigError(f"align.loss_weight must be >= 0, got {self.align.loss_weight}")
         if self.align.enabled and not self.align.lm_layers:
             raise ConfigError("align.lm_layers: at least one LM layer index is needed when align.enabled")
+        for name, low in (("num_heads", 1), ("d_model", 1), ("n_layer", 0)):
+            if getattr(self.align, name) < low:
+                raise ConfigError(f"align.{name} must be >= {low}, got {getattr(self.align, name)}")
+        if self.projector.hidden_dim is not None and self.projector.hidden_dim < 1:
+            raise ConfigError(f"projector.hidden_dim must be >= 1 (or null), got {self.projector.hidden_dim}")
         if self.align.d_model % self.align.num_heads:
             raise ConfigError(f"align.d_model ({self.align.d_model}) must be divisible by align.num_heads "
                               f"({self.align.num_heads})")
@@ -421,6 +427,7 @@ def _coerce(value, tp, where: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        value = yaml_float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str:
@@ -435,6 +442,18 @@ def _coerce(value, tp, where: str):
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and takes_text(tp):
         hint = f" (YAML read it as a number: write it in quotes, '{value}', to mean the text)"
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def yaml_float(value):
+    """``value`` as a float when it is text in exponent notation (``1e-3``, ``1.0e3``), which YAML 1.2, JSON,
+    Python and the command line read as a number but PyYAML's YAML 1.1 keeps as text (its floats need a dot
+    and a signed exponent); anything else is returned unchanged."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dict>"):
@@ -493,15 +512,26 @@ def parse_cli_value(text: str, field=None, *, strict: bool = False):
     with ``strict`` is a ConfigError."""
     import yaml
 
+    if takes_text(field):
+        # the text as typed: YAML would fold its newlines into spaces, strip the spaces around it and cut it at
+        # ' #' (a comment); only null / ~ (None) and a quoted string (the text inside the quotes) are read
+        word = text.strip()
+        if word in ("", "~", "null", "Null", "NULL"):
+            # '' stays '' for a field that must hold text (its own check names it); it clears an optional one
+            return text if field is str and not word else None
+        if word[:1] in ("'", '"'):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return value if isinstance(value, str) else text
+        return text
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         if strict:
             raise ConfigError(f"the value {text!r} is not a YAML scalar or collection ({e})") from None
         return text
-    if takes_text(field) and (value is not None or (field is str and not text.strip())):
-        # '' stays '' for a field that must hold text (its own check names it); it clears an optional one
-        return value if isinstance(value, str) else text
     if isinstance(value, str):
         try:
             return float(value)

@@ -80,7 +80,7 @@ def recipe_path(config: str | None, fast: bool = False) -> Path:
 
 
 def load_quickstart_config(path: str | Path) -> QuickstartConfig:
-    from emma_mamba.config import ConfigError, resolve_config_path
+    from emma_mamba.config import ConfigError, resolve_config_path, yaml_float
 
     path = resolve_config_path(path, "quickstart config")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -96,9 +96,12 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
         for k in raw.get(section, {}):
             if k not in valid:
                 raise ConfigError(f"{path}: unknown key {section}.{k}; valid keys: {', '.join(valid)}")
-    # stage 0's values go straight to pretrain_clip / AdamW: a wrong type would end in a TypeError there (YAML
-    # reads `lr: 1e-3`, without a dot, as the text '1e-3')
-    for k, v in raw.get("clip", {}).items():
+    # stage 0's values go straight to pretrain_clip / AdamW: a wrong type would end in a TypeError there (PyYAML
+    # reads `lr: 1e-3` as the text '1e-3': a number here, as in the run configs)
+    clip = raw.get("clip", {})
+    for k, v in list(clip.items()):
+        if k in ("lr", "weight_decay"):
+            v = clip[k] = yaml_float(v)
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
         if k in ("lr", "weight_decay"):
             ok = number and math.isfinite(v) and (v > 0 if k == "lr" else v >= 0)
@@ -109,8 +112,7 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
                         and v >= {"steps": 0, "batch_size": 2, "warmup_steps": 0}[k])
             want = {"steps": "an integer >= 0", "batch_size": "an integer >= 2", "warmup_steps": "an integer >= 0"}[k]
         if not ok:
-            hint = " (YAML reads 1e-3 without a dot as text: write 1.0e-3)" if isinstance(v, str) else ""
-            raise ConfigError(f"{path}: clip.{k} must be {want}, got {v!r}{hint}")
+            raise ConfigError(f"{path}: clip.{k} must be {want}, got {v!r}")
     return QuickstartConfig(**raw)
 
 

@@ -67,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba configs: {', '.join(clashes)} already exist(s); nothing copied (--overwrite replaces)",
               file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    for path in picked.values():
-        shutil.copyfile(path, out / path.name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path in picked.values():
+            shutil.copyfile(path, out / path.name)
+    except OSError as e:  # DIR is a file, or not writable: one line, not a traceback
+        print(f"emma-mamba configs: cannot copy into {out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"copied {len(picked)} recipe(s) to {out}: {', '.join(p.name for p in picked.values())}")
     return 0

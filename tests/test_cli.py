@@ -95,3 +95,16 @@ def test_messages_name_the_option_typed(argv, needle, tmp_path, capsys):
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Config." not in err, err
+
+
+def test_configs_copy_onto_a_file_is_a_message(tmp_path, capsys):
+    """`emma-mamba configs --copy DIR` where DIR is a file (or cannot be made): one line and exit 2, not an
+    OSError traceback."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for target in (f, f / "sub"):
+        assert main(["configs", "--copy", str(target), "model_tiny"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"emma-mamba configs: cannot copy into {target}: ") and "Traceback" not in err, err
+    assert main(["configs", "--copy", str(tmp_path / "ok"), "model_tiny"]) == 0
+    assert (tmp_path / "ok" / "model_tiny.yaml").is_file()

@@ -116,3 +116,38 @@ def test_apply_overrides_works_on_any_dataclass():
 def test_shipped_model_configs_load(path):
     cfg = load_config(path)
     assert cfg.name == path.stem.removeprefix("model_")
+
+
+@pytest.mark.parametrize("text,field,want", [
+    ("lm:\n  rms_norm_eps: 1e-6\n", "rms_norm_eps", 1e-6),     # PyYAML (YAML 1.1) reads these as text:
+    ("lm:\n  rms_norm_eps: 1.0e6\n", "rms_norm_eps", 1e6),     # an exponent without a dot, or without a sign
+    ("lm:\n  initializer_range: 2E-2\n", "initializer_range", 2e-2),
+])
+def test_exponent_floats_in_yaml_are_numbers(tmp_path, text, field, want):
+    # YAML 1.2, JSON, Python and the command line (`--train.lr 1e-3`) all read 1e-6 as a number; a float field
+    # given it in a file was refused as "expected float, got '1e-6' (str)"
+    cfg = load_config(write(tmp_path, text))
+    got = getattr(cfg.lm, field)
+    assert got == float(text.split(": ")[1]) == want and isinstance(got, float)
+    cfg = load_config(write(tmp_path, "preset: emma-mamba-2.8b-dinosiglip\nvision:\n  second_encoder:\n"
+                                      "    mean: [0.5, 5e-1, 1e0]\n    std: [1e-1, 0.2, 3e-1]\n"))
+    assert cfg.vision.second_encoder.mean == [0.5, 0.5, 1.0] and cfg.vision.second_encoder.std == [0.1, 0.2, 0.3]
+    with pytest.raises(ConfigError, match=r"lm.n_layer: expected int, got '1e3' \(str\)"):  # ints stay strict
+        load_config(write(tmp_path, "lm:\n  n_layer: 1e3\n"))
+    with pytest.raises(ConfigError, match=r"lm.rms_norm_eps: expected float, got 'small' \(str\)"):
+        load_config(write(tmp_path, "lm:\n  rms_norm_eps: small\n"))
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"align": {"num_heads": 0}}, r"align.num_heads must be >= 1, got 0"),  # was a ZeroDivisionError
+    ({"align": {"enabled": False, "num_heads": 0}}, r"align.num_heads must be >= 1, got 0"),
+    ({"align": {"d_model": -4}}, r"align.d_model must be >= 1, got -4"),
+    ({"align": {"n_layer": -1}}, r"align.n_layer must be >= 0, got -1"),
+    ({"projector": {"hidden_dim": 0}}, r"projector.hidden_dim must be >= 1 \(or null\), got 0"),
+    ({"projector": {"hidden_dim": -5}}, r"projector.hidden_dim must be >= 1 \(or null\), got -5"),
+])
+def test_bad_sizes_are_named(over, match):
+    # these reached the model build as a ZeroDivisionError / "negative dimension" traceback, or were taken
+    # silently (a negative layer count built no layer, hidden_dim 0 meant the default)
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(over)

@@ -37,7 +37,7 @@ from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
                                field_type, get_preset, load_config, parse_cli_value, read_yaml_mapping,
-                               resolve_config_path)
+                               resolve_config_path, yaml_float)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
@@ -277,6 +277,11 @@ class RunConfig:
         def bad(msg):
             raise ConfigError(f"{source}: {msg}")
 
+        # the numbers of free-form mappings (no field type to coerce them): 1e-1 is text to YAML 1.1, a number here
+        self.train.lr_multipliers = {k: yaml_float(v) for k, v in self.train.lr_multipliers.items()}
+        for e in self.data.sources or ():
+            if isinstance(e, dict) and "repeat" in e:
+                e["repeat"] = yaml_float(e["repeat"])
         for key, v in _numbers(self):  # NaN passes every comparison below (nan <= 0 is False): refuse it first
             if not math.isfinite(v):
                 bad(f"{key} must be a finite number, got {v}")

@@ -111,7 +111,7 @@ def test_quickstart_clip_section_values_are_checked(tmp_path):
     from emma_mamba.quickstart import load_quickstart_config
 
     f = tmp_path / "q.yaml"
-    for text, msg in [("lr: 1e-3", r"clip\.lr must be a number > 0, got '1e-3' \(YAML reads 1e-3 without a dot"),
+    for text, msg in [("lr: 1e", r"clip\.lr must be a number > 0, got '1e'"),
                       ("lr: 0", r"clip\.lr must be a number > 0, got 0"),
                       ("weight_decay: .nan", r"clip\.weight_decay must be a number >= 0, got nan"),
                       ("batch_size: 1", r"clip\.batch_size must be an integer >= 2, got 1"),
@@ -123,6 +123,8 @@ def test_quickstart_clip_section_values_are_checked(tmp_path):
             load_quickstart_config(f)
     f.write_text("clip: {steps: 3, batch_size: 8, lr: 1.0e-3, weight_decay: 0, warmup_steps: 1}\n")
     assert load_quickstart_config(f).clip["lr"] == 1e-3
+    f.write_text("clip: {steps: 3, lr: 1e-3, weight_decay: 1e-2}\n")  # PyYAML's text: numbers, as in run configs
+    assert load_quickstart_config(f).clip == {"steps": 3, "lr": 1e-3, "weight_decay": 1e-2}
 
 
 def test_logged_lr_is_the_one_each_step_used(shapes, tmp_path, monkeypatch):

@@ -285,3 +285,53 @@ def test_yaml_and_command_line_mistakes_are_named_without_a_traceback(tmp_path, 
         rc = cli_train.main(["--config", str(cfg), *argv])
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "Traceback" not in err, (argv, err)
+
+
+def test_exponent_floats_are_numbers_in_files_lists_and_dicts(tmp_path, capsys):
+    # PyYAML reads 1e-3 (no dot) and 1.0e3 (no sign) as text; `--train.lr 1e-3` was a float but `lr: 1e-3` in
+    # the run YAML, `--train.betas [0.9,1e-3]` and `--train.lr_multipliers {vision: 1e-1}` were refused
+    p = tmp_path / "run.yaml"
+    p.write_text("stage: pretrain\noutput_dir: runs/x\nmodel: {preset: tiny, lm: {rms_norm_eps: 1e-6}}\n"
+                 "data:\n  json: d.json\n  sources: null\n"
+                 "train:\n  lr: 1e-3\n  eps: 1e-8\n  betas: [0.9, 9.99e-1]\n  lr_multipliers: {projector: 1e1}\n"
+                 "log:\n  peak_tflops: 1.0e3\n")
+    cfg = load_run_config(p)
+    assert (cfg.train.lr, cfg.train.eps, cfg.train.betas, cfg.log.peak_tflops) == (1e-3, 1e-8, [0.9, 0.999], 1e3)
+    assert cfg.train.lr_multipliers == {"projector": 10.0} and cfg.model.lm.rms_norm_eps == 1e-6
+    out = tmp_path / "resolved.yaml"
+    out.write_text(yaml.safe_dump(run_config_to_dict(cfg)))
+    assert load_run_config(out) == cfg
+    q = write(tmp_path, BASE, "base.yaml")
+    rc = cli_train.main(["--config", str(q), "--print-config", "--train.betas", "[0.9, 1e-1]",
+                         "--train.lr_multipliers", "{vision: 1e-1, projector: 2E1}",
+                         "--data.sources", "[{json: a.json, repeat: 5e-1}]", "--data.json", "null"])
+    err = capsys.readouterr()
+    assert rc == 0, err.err
+    d = yaml.safe_load(err.out)
+    assert d["train"]["betas"] == [0.9, 0.1] and d["train"]["lr_multipliers"] == {"vision": 0.1, "projector": 20.0}
+    assert d["data"]["sources"] == [{"json": "a.json", "repeat": 0.5}]
+    # text fields keep the text typed; a word is still no number
+    rc = cli_train.main(["--config", str(q), "--print-config", "--train.lr_multipliers", "{vision: fast}"])
+    assert rc == 2 and "train.lr_multipliers.vision: expected a number > 0, got 'fast'" in capsys.readouterr().err
+
+
+def test_text_options_keep_newlines_spaces_and_hashes(tmp_path, capsys):
+    # a text field's value is the text typed: YAML folded the newlines of a chat template into spaces (a different
+    # template, silently), cut everything after ' #' as a comment and stripped the spaces around it
+    p = write(tmp_path, BASE)
+    template = "<|user|>\n{prompt}</s>\n<|assistant|>\n"
+    rc = cli_train.main(["--config", str(p), "--print-config", "--data.prompt_template", template,
+                         "--data.turn_end", "</s> ", "--output_dir", "runs/exp #3", "--log.wandb", "proj #2",
+                         "--model.name", "&x y"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    d = yaml.safe_load(out.out)
+    assert d["data"]["prompt_template"] == template and d["data"]["turn_end"] == "</s> "
+    assert d["output_dir"] == "runs/exp #3" and d["log"]["wandb"] == "proj #2" and d["model"]["name"] == "&x y"
+    # null / ~ still clear an optional text field, quotes still give the text inside them
+    assert parse_cli_value("null", str | None) is None and parse_cli_value("~", str | None) is None
+    assert parse_cli_value("'null'", str | None) == "null" and parse_cli_value('"a #b"', str) == "a #b"
+    from emma_mamba.config import apply_dotted_overrides, get_preset
+
+    cfg = apply_dotted_overrides(get_preset("tiny"), ["vision.pretrained=w/a: b #1.pt", "image_token=<img> "])
+    assert cfg.vision.pretrained == "w/a: b #1.pt" and cfg.image_token == "<img> "
