@@ -108,3 +108,15 @@ def test_configs_copy_onto_a_file_is_a_message(tmp_path, capsys):
         assert err.startswith(f"emma-mamba configs: cannot copy into {target}: ") and "Traceback" not in err, err
     assert main(["configs", "--copy", str(tmp_path / "ok"), "model_tiny"]) == 0
     assert (tmp_path / "ok" / "model_tiny.yaml").is_file()
+
+
+def test_data_shapes_out_on_a_file_is_a_message(tmp_path, capsys):
+    """`data shapes --out` naming a file, or a path under one: one line naming it and exit 2, not a traceback."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    assert main(["data", "shapes", "--out", str(f), "--n-train", "2", "--n-heldout", "1"]) == 2
+    assert f"--out {f} is a file, not a folder" in capsys.readouterr().err
+    assert main(["data", "shapes", "--out", str(f / "sub"), "--n-train", "2", "--n-heldout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "emma-mamba data shapes: cannot write " in err and str(f) in err and "Traceback" not in err, err
+    assert f.read_text() == "x"

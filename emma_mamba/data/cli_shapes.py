@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba data shapes: {as_options(str(e), 'ShapesConfig')}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        print(f"emma-mamba data shapes: --out {out} is a file, not a folder", file=sys.stderr)
+        return 2
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         print(f"emma-mamba data shapes: {out} exists and is not empty; pass --overwrite to replace it",
               file=sys.stderr)
@@ -76,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         meta = generate(cfg, args.out, overwrite=args.overwrite, progress=progress)
     except FileExistsError as e:
         print(f"emma-mamba data shapes: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path under a file, no permission, a full disk: one line naming the path
+        print(f"emma-mamba data shapes: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     finally:
         if bar is not None:

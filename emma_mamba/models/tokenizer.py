@@ -79,6 +79,8 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
+        if isinstance(ids, int):  # one id (a 0-d tensor, an int), as transformers' decode takes it
+            ids = [ids]
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:

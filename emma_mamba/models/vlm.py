@@ -160,6 +160,7 @@ class EmmaMamba(nn.Module):
             # stands in for the placeholder id (the parameter counts come from the config)
             tok_path = None
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tok_path)
+        _check_tokenizer_fits(self.tokenizer, config.image_token, self.lm.config)
         # The placeholder id may lie beyond the LM's embedding rows: it is swapped out before the embedding
         # lookup (see _splice) and the LM head never produces it, so no row is needed for it.
         (self.image_token_id,) = self.tokenizer.add_tokens([config.image_token])
@@ -561,6 +562,20 @@ def _text_tokenizer(config: ModelConfig, context_length: int):
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Set instruction.tokenizer to a local "
             f"tokenizer directory, use a CLIP ViT (tokenizer bundled with open_clip), or disable instruction "
             f"fusion") from None
+
+
+def _check_tokenizer_fits(tokenizer, image_token: str, lm_config) -> None:
+    """ConfigError when ``tokenizer`` has ids (its image placeholder aside) beyond the LM's embedding rows: such a
+    token could not be embedded (an index error mid-training or mid-answer, or a row that is the padding's)."""
+    n = len(tokenizer)
+    if tokenizer.token_to_id(image_token) == n - 1:  # a saved model's tokenizer holds its placeholder last
+        n -= 1
+    rows = lm_config.padded_vocab_size
+    if n > rows:
+        raise ConfigError(f"lm.tokenizer: {tokenizer.source} has {n} token ids but the LM's embedding has {rows} rows "
+                          f"(vocab_size {lm_config.vocab_size}, padded to a multiple of "
+                          f"{lm_config.pad_vocab_size_multiple}); ids {rows}..{n - 1} could not be embedded: use the "
+                          f"LM's own tokenizer (the shipped GPT-NeoX one for the public Mamba checkpoints)")
 
 
 def _numel(module: nn.Module) -> int:

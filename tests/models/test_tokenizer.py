@@ -22,3 +22,13 @@ def test_chat_words_are_ordinary_bpe_and_round_trip():
     assert tok.decode(ids) == text
     # "assistant" is split by BPE like any word, never mapped to a special id
     assert len(tok.encode(" assistant")) >= 1 and all(i < 50254 for i in tok.encode(" assistant"))
+
+
+def test_decode_takes_lists_tensors_and_single_ids():
+    import torch
+
+    tok = load_tokenizer()
+    ids = tok.encode("Hello world")
+    want = tok.backend.decode(ids)  # the tokenizers library itself
+    assert tok.decode(ids) == tok.decode(torch.tensor(ids)) == tok.decode(tuple(ids)) == want
+    assert tok.decode(torch.tensor(ids[0])) == tok.decode(ids[0]) == tok.backend.decode(ids[:1])

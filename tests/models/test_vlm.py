@@ -583,3 +583,24 @@ def test_packed_rows_compute_what_the_samples_compute_alone():
     every = [alone[i] for row in rows for i in row]
     torch.testing.assert_close(out.loss["lm"], sum(a[1] for a in every) / sum(a[2] for a in every))
     torch.testing.assert_close(out.loss["align"], sum(a[3] for a in every) / sum(a[4] for a in every))
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path):
+    # e.g. the GPT-NeoX-20B file as released (50281 ids with its chat tokens) under a 50280-row LM: such a token
+    # could not be embedded. A saved model's tokenizer, holding only the image placeholder beyond the rows, loads.
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    rows = get_preset("tiny").lm.vocab_size  # 50280, a multiple of 8: no padding rows
+    tok = load_tokenizer()
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 1)], special=False)
+    assert len(tok) == rows + 1
+    tok.save(tmp_path / "big")
+    with pytest.raises(ConfigError, match=rf"lm.tokenizer: .* has {rows + 1} token ids but the LM's embedding has "
+                                          rf"{rows} rows"):
+        make_model(lm={"tokenizer": str(tmp_path / "big")})
+    fits = load_tokenizer()
+    fits.add_tokens([f"<extra_{i}>" for i in range(rows - len(fits))], special=False)
+    fits.add_tokens([get_preset("tiny").image_token])
+    fits.save(tmp_path / "fits")
+    m = make_model(lm={"tokenizer": str(tmp_path / "fits")})
+    assert m.image_token_id == rows and len(m.tokenizer) == rows + 1
