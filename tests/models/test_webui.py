@@ -205,3 +205,29 @@ def test_the_page_in_a_real_browser_holds_a_conversation_as_the_service_does(svc
     assert [t for c, t in out["turns"] if c == "turn user"] == ["What is in the picture?", "And its colour?"]
     assert second["emma_mamba"]["state_cache"] == "hit"
     assert (tmp_path / "page.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not _jsdom(), reason="needs Node.js with jsdom (npm install jsdom; NODE_PATH)")
+def test_a_reset_while_an_answer_streams_leaves_it_out_of_the_new_conversation(svc):
+    """"New conversation" (or another image picked) while an answer is on its way starts the next conversation
+    empty: the late answer and its question must not join it (they were sent with the next question, unseen in
+    the cleared log, and the new image then never went with it: the model answered about the old one)."""
+    from tests.models.test_server import CAT
+
+    other = os.path.join(os.path.dirname(CAT), "astronaut.png")
+    srv, url = serve(svc)
+    try:
+        r = subprocess.run(["node", str(Path(__file__).with_name("webui_reset_drive.js")), url, CAT, other],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    cat, astronaut = data_url()[:80], data_url(other)[:80]
+    # the oracle: a fresh conversation is the new question alone, with the image picked (the one now shown)
+    assert out["after_new"]["body"] == [["user", "Second question?", cat]]
+    assert out["after_image"]["body"] == [["user", "Fourth question?", astronaut]]
+    for phase, question in (("after_new", "Second question?"), ("after_image", "Fourth question?")):
+        shown = out[phase]["turns"]
+        assert [c for c, _ in shown] == ["turn user", "turn assistant", "turn meta"] and shown[0][1] == question

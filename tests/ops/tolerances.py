@@ -10,8 +10,9 @@ TOL = {torch.float32: (6e-4, 2e-3), torch.float16: (3e-3, 5e-3), torch.bfloat16:
 
 def grad_tolerance(name: str, dtype: torch.dtype) -> tuple[float, float]:
     """(rtol, atol) of the gradient of input ``name`` (u, delta, z, A, B, C, D, delta_bias, initial_state):
-    du 2x the output tolerance, ddelta 5x rtol and 10x atol, dz as the output, weight gradients 1e-3 (raised to
-    the dtype's tolerance below fp32)."""
+    du 2x the output tolerance, ddelta 5x rtol and 10x atol, dz as the output, weight gradients 1e-3 / 1e-3 in
+    fp32 (DESIGN), raised to the dtype's output tolerance for fp16 / bf16 inputs (whose rounded activations feed
+    the weights' sums)."""
     rtol, atol = TOL[dtype]
     if name == "u":
         return rtol * 2, atol * 2
@@ -19,6 +20,8 @@ def grad_tolerance(name: str, dtype: torch.dtype) -> tuple[float, float]:
         return rtol * 5, atol * 10
     if name == "z":
         return rtol, atol
+    if dtype is torch.float32:
+        return 1e-3, 1e-3
     return max(1e-3, rtol), max(1e-3, atol)
 
 

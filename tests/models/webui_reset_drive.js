@@ -1,0 +1,74 @@
+// Drives emma-mamba serve's chat page (GET /) in jsdom: a conversation reset while an answer is on its way ("New
+// conversation", then another image picked) must leave the answer out of the new conversation. The first chat request
+// of each phase is held until the reset is done. Prints, per phase, the next request's messages and what the page
+// shows. Run by tests/models/test_webui.py; node webui_reset_drive.js BASE_URL IMAGE_A IMAGE_B
+const {JSDOM} = require("jsdom");
+const fs = require("fs");
+const [base, imageA, imageB] = process.argv.slice(2);
+(async () => {
+  const html = await (await fetch(base + "/")).text();
+  const bodies = [];
+  let release = null, held = null;
+  const dom = new JSDOM(html, {url: base + "/", runScripts: "dangerously", pretendToBeVisual: true,
+    beforeParse(window) {
+      window.fetch = async (u, o) => {
+        if (String(u).endsWith("/v1/chat/completions")) {
+          bodies.push(JSON.parse(o.body));
+          if (held === null) {  // hold the first request of each phase until the test lets it go
+            held = new Promise((r) => { release = r; });
+            await held;
+          }
+        }
+        return fetch(new URL(u, base), o);
+      };
+      window.TextDecoder = TextDecoder;
+      window.AbortController = AbortController;
+      window.HTMLFormElement.prototype.requestSubmit = function () {
+        this.dispatchEvent(new window.Event("submit", {cancelable: true}));
+      };
+    }});
+  const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const until = async (cond) => { for (let i = 0; i < 600 && !cond(); i++) await sleep(25); };
+  async function pick(path, name) {
+    const file = new w.File([fs.readFileSync(path)], name, {type: "image/png"});
+    Object.defineProperty($("image"), "files", {value: [file], configurable: true});
+    const before = $("preview").src;
+    $("image").dispatchEvent(new w.Event("change"));
+    await until(() => $("preview").src !== before && $("preview").style.display === "block");
+  }
+  function send(text) {
+    $("prompt").value = text;
+    $("prompt").dispatchEvent(new w.KeyboardEvent("keydown", {key: "Enter"}));
+  }
+  // each message as [role, text, the image's first bytes or null]
+  const summary = (body) => body.messages.map((m) => typeof m.content === "string" ? [m.role, m.content, null]
+    : [m.role, m.content.filter((p) => p.type === "text").map((p) => p.text).join(""),
+       m.content.filter((p) => p.type === "image_url").map((p) => p.image_url.url.slice(0, 80))[0] || null]);
+  const turns = () => [...d.querySelectorAll("#log .turn")].map((e) => [e.className, e.textContent]);
+  $("max_tokens").value = "4";
+  await pick(imageA, "a.png");
+  const out = {};
+  // phase 1: New conversation while the first answer is on its way
+  send("First question?");
+  await until(() => release !== null);
+  $("new").click();
+  release(); await sleep(50);
+  await until(() => !$("send").disabled);
+  send("Second question?");
+  await until(() => bodies.length === 2); await sleep(20);
+  await until(() => !$("send").disabled);
+  out.after_new = {body: summary(bodies[1]), turns: turns()};
+  // phase 2: another image picked while an answer is on its way
+  held = null; release = null;
+  send("Third question?");
+  await until(() => release !== null);
+  await pick(imageB, "b.png");
+  release(); await sleep(50);
+  await until(() => !$("send").disabled);
+  send("Fourth question?");
+  await until(() => bodies.length === 4); await sleep(20);
+  await until(() => !$("send").disabled);
+  out.after_image = {body: summary(bodies[3]), turns: turns()};
+  process.stdout.write(JSON.stringify(out) + "\n", () => process.exit(0));
+})().catch((e) => { console.error(e); process.exit(1); });
