@@ -49,16 +49,18 @@ def pending_tokens(final: int, reason: str, tokenizer) -> list[int]:
     return [final] if reason == "eos" else [final] + tokenizer.encode(TURN_END)
 
 
-def model_fingerprint(lm: MambaLM) -> str:
-    """Identifies the LM a chat state belongs to: its configuration and sums of three weight tensors."""
+def model_fingerprint(lm: MambaLM, rounded: bool = True) -> str:
+    """Identifies the LM a chat state belongs to: its configuration and sums of three weight tensors, each weight
+    rounded to bf16 first, so that the same checkpoint loaded in fp32 or bf16 (`--dtype`: the CPU's and the GPU's
+    defaults) has one fingerprint. ``rounded=False``: the unrounded sums of earlier versions' files."""
     import hashlib
     import json
 
     c = lm.config
     shape = [c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.vocab_size]
     with torch.no_grad():
-        sums = [float(t.detach().double().sum()) for t in (lm.embeddings.weight, lm.layers[0].mixer.in_proj.weight,
-                                                           lm.layers[-1].mixer.out_proj.weight)]
+        ws = (lm.embeddings.weight, lm.layers[0].mixer.in_proj.weight, lm.layers[-1].mixer.out_proj.weight)
+        sums = [float((t.detach().to(torch.bfloat16) if rounded else t.detach()).double().sum()) for t in ws]
     return hashlib.sha256(json.dumps([shape, [f"{x:.6e}" for x in sums]]).encode()).hexdigest()[:16]
 
 
@@ -248,7 +250,7 @@ class ChatSession:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read a chat state: {e}") from None
         want = model_fingerprint(session.lm)
-        if meta.get("model") != want:
+        if meta.get("model") not in (want, model_fingerprint(session.lm, rounded=False)):
             raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta.get('model')}, "
                              f"this model's is {want})")
         lm = session.lm

@@ -364,3 +364,27 @@ def test_cli_chat_survives_every_bad_command(vlm, tmp_path):
     assert not nodir.parent.exists()
     resumed = ChatSession.load(existing, load(ckpt), config=cfg)
     assert resumed.turns == ref.turns
+
+
+def test_a_conversation_saved_in_fp32_loads_into_the_bf16_model(text_lm, tmp_path):
+    # the same checkpoint loaded with --dtype bf16 (the GPU default) or fp32 (the CPU's): one model, its chat states
+    # load either way (the state converted to the model's dtype); earlier versions' fingerprints are still accepted
+    import copy
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from emma_mamba.inference.chat import model_fingerprint
+
+    lm, tok = text_lm
+    s1 = ChatSession(lm, tokenizer=tok, config=GenerationConfig(max_new_tokens=4))
+    s1.ask("Hello there")
+    s1.save(tmp_path / "t.safetensors")
+    half = copy.deepcopy(lm).to(torch.bfloat16)
+    assert model_fingerprint(half) == model_fingerprint(lm) != model_fingerprint(lm, rounded=False)
+    s2 = ChatSession.load(tmp_path / "t.safetensors", half, tokenizer=tok)
+    assert s2.turns == s1.turns and s2._cache.ssm_states[0].dtype == half.allocate_cache(1).ssm_states[0].dtype
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:  # a file written before the rounding
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "model": model_fingerprint(lm, False)})
+    assert ChatSession.load(tmp_path / "old.safetensors", lm, tokenizer=tok).turns == s1.turns
