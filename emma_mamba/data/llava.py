@@ -172,7 +172,7 @@ class DataSource:
 def data_sources(cfg) -> list[DataSource]:
     """The files of data config ``cfg``: its ``sources`` list (validated by the run config), else ``json``. A file's
     images are under its own ``image_folder``, else ``cfg.image_folder``, else the file's folder."""
-    entries = getattr(cfg, "sources", None) or [{"json": cfg.json}]
+    entries = cfg.sources or [{"json": cfg.json}]
     out = []
     for e in entries:
         path = Path(e["json"])

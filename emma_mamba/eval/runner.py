@@ -526,7 +526,7 @@ def _resolve_settings(model, task: str, max_new_tokens: int | None, box_frame: s
     if max_new_tokens is None:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS.get(task, 16)
     if box_frame == "auto":
-        letterbox = model is not None and getattr(model.config.vision, "image_resize", None) == "letterbox"
+        letterbox = model is not None and model.config.vision.image_resize == "letterbox"
         box_frame = "square" if letterbox else "image"
     if box_frame not in FRAMES:
         raise ValueError(f"box_frame must be auto or one of {list(FRAMES)}, got {box_frame!r}")
