@@ -191,11 +191,7 @@ def test_base_dtype_holds_the_frozen_weights_in_bf16():
             assert mine.dtype == torch.bfloat16 and torch.equal(mine, p.to(torch.bfloat16))
         else:
             assert mine.dtype == torch.float32 and torch.equal(mine, p)
-    oracle = copy.deepcopy(plain)
-    with torch.no_grad():
-        for name, m in lora_modules(lm).items():
-            oracle.get_submodule(name).weight.copy_(m.weight.double() + (ALPHA / R) * (m.lora_B.double() @
-                                                                                      m.lora_A.double()))
+    oracle = _merged_plain(plain, lm)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(lm(ids).logits, oracle(ids).logits, rtol=1e-5, atol=1e-5)
@@ -311,11 +307,7 @@ def test_base_dtype_bf16_training_forward_without_autocast(ssm_layer):
     lm = copy.deepcopy(plain)
     apply_lora(lm, R, ALPHA, ("in_proj", "out_proj"), base_dtype=torch.bfloat16)
     _randomise_adapters(lm)
-    oracle = copy.deepcopy(plain)
-    with torch.no_grad():
-        for name, m in lora_modules(lm).items():
-            oracle.get_submodule(name).weight.copy_(m.weight.double() + (ALPHA / R) * (m.lora_B.double() @
-                                                                                      m.lora_A.double()))
+    oracle = _merged_plain(plain, lm)
     ids = torch.randint(0, 64, (2, 9))
     lm.train()
     got = lm(ids).logits

@@ -41,6 +41,19 @@ def serve(svc, **kw):
     return srv, f"http://127.0.0.1:{srv.server_port}"
 
 
+def _node_against(svc, argv, timeout=120, env=None):
+    """Runs ``node *argv(url)`` against a server of ``svc`` started for it; the finished process (exit 0 asserted,
+    with the end of its stderr)."""
+    srv, url = serve(svc)
+    try:
+        r = subprocess.run(["node", *argv(url)], capture_output=True, text=True, timeout=timeout, env=env)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def test_the_page_is_served_without_the_key_and_can_be_turned_off(svc):
     srv, url = serve(svc, api_key="s3cret")
     try:
@@ -97,15 +110,8 @@ def test_the_pages_client_code_gets_the_services_answers(svc, tmp_path):
     (tmp_path / "core.js").write_text(core)
     (tmp_path / "run.js").write_text(NODE_SCRIPT)
     (tmp_path / "image.txt").write_text(data_url())
-    srv, url = serve(svc)
-    try:
-        r = subprocess.run(["node", str(tmp_path / "run.js"), str(tmp_path / "core.js"), url,
-                            str(tmp_path / "image.txt")],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert r.returncode == 0, r.stderr
+    r = _node_against(svc, lambda url: [str(tmp_path / "run.js"), str(tmp_path / "core.js"), url,
+                                        str(tmp_path / "image.txt")])
     out = json.loads(r.stdout)
     # the request the page builds: the image with the first question, settings as numbers, streamed
     assert out["body1"]["messages"][0]["content"][0] == {"type": "image_url", "image_url": {"url": data_url()}}
@@ -148,14 +154,7 @@ def test_the_page_in_jsdom_holds_a_conversation_as_the_service_does(svc):
     conversation and settings, and the follow-up continued the server's cached state."""
     from tests.models.test_server import CAT, user
 
-    srv, url = serve(svc)
-    try:
-        r = subprocess.run(["node", str(Path(__file__).with_name("webui_drive.js")), url, CAT], capture_output=True,
-                           text=True, timeout=120)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert r.returncode == 0, r.stderr
+    r = _node_against(svc, lambda url: [str(Path(__file__).with_name("webui_drive.js")), url, CAT])
     out = json.loads(r.stdout)
     assert out["model"] == "model: tiny-test" and out["preview"].startswith("data:image/png;base64,")
     body = {"max_tokens": 6, "temperature": 1, "seed": 3}
@@ -185,15 +184,9 @@ def test_the_page_in_a_real_browser_holds_a_conversation_as_the_service_does(svc
     same conversation and settings (the follow-up continued the server's cached state)."""
     from tests.models.test_server import CAT, user
 
-    srv, url = serve(svc)
-    try:
-        r = subprocess.run(["node", str(Path(__file__).with_name("webui_browser.js")), url, CAT,
-                            str(tmp_path / "page.png")], capture_output=True, text=True, timeout=180,
-                           env=dict(os.environ, CHROMIUM=_chromium()))
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _node_against(svc, lambda url: [str(Path(__file__).with_name("webui_browser.js")), url, CAT,
+                                        str(tmp_path / "page.png")], timeout=180,
+                      env=dict(os.environ, CHROMIUM=_chromium()))
     out = json.loads(r.stdout)
     assert out["errors"] == [] and out["model"] == "model: tiny-test"
     assert out["preview"].startswith("data:image/png;base64,")
@@ -215,14 +208,7 @@ def test_a_reset_while_an_answer_streams_leaves_it_out_of_the_new_conversation(s
     from tests.models.test_server import CAT
 
     other = os.path.join(os.path.dirname(CAT), "astronaut.png")
-    srv, url = serve(svc)
-    try:
-        r = subprocess.run(["node", str(Path(__file__).with_name("webui_reset_drive.js")), url, CAT, other],
-                           capture_output=True, text=True, timeout=120)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-    assert r.returncode == 0, r.stderr
+    r = _node_against(svc, lambda url: [str(Path(__file__).with_name("webui_reset_drive.js")), url, CAT, other])
     out = json.loads(r.stdout)
     cat, astronaut = data_url()[:80], data_url(other)[:80]
     # the oracle: a fresh conversation is the new question alone, with the image picked (the one now shown)
