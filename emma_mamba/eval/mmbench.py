@@ -1,8 +1,13 @@
 """MMBench (Liu et al. 2023): multiple-choice questions, scored with circular evaluation.
 
-File: the official TSV (``MMBench_DEV_EN.tsv``, ``MMBench_TEST_EN.tsv``, ...), one question per row with the
-columns ``index, question, hint, A, B, C, D, answer, category, l2-category, image`` (``image``: the picture as
-base64; ``hint`` and unused options empty or ``nan``; ``answer`` absent or empty on test splits).
+File: the official TSV (``MMBench_DEV_EN.tsv``, ``MMBench_TEST_EN.tsv``, ``mmbench_dev_20230712.tsv``, ...), one
+row per question pass with the columns ``index, question, hint, A, B, C, D, answer, category, l2-category, image``
+(``image``: the picture as base64, or in VLMEvalKit's files the index of another row whose picture it shares;
+``hint`` and unused options empty or ``nan``; ``answer`` absent or empty on test splits). The released files
+already hold MMBench's CircularEval passes: question ``i`` at index ``i`` and its options shifted at
+``i + 1000000``, ``i + 2000000``, ... (grouped by ``index % 1000000``, as MMBench's and VLMEvalKit's evaluators
+do). Those copies are dropped here, the question at ``i`` being asked in every rotation below, so each question
+is asked once per rotation and scored once.
 
 Circular evaluation (MMBench's "CircularEval"): a question with k options is asked k times, its options
 rotated by one place each time (round r shows the original options r, r+1, ... under the letters A, B, ...);
@@ -40,6 +45,10 @@ MC_PROMPT = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGH"
 """Option letters, in order (MMBench and SEED use A-D, ScienceQA up to E)."""
 _EMPTY = ("", "nan", "none")
+CIRCULAR_STRIDE = 1_000_000
+"""MMBench's TSVs put a question's CircularEval copies at index + k * CIRCULAR_STRIDE."""
+_IMAGE_REF_MAX = 64
+"""An image cell this short is the index of the row whose picture it shares (VLMEvalKit's TSVs)."""
 
 
 @dataclass
@@ -76,7 +85,7 @@ def read_mmbench(path: str | Path) -> list[MMBenchItem]:
         missing = [c for c in ("index", "question", "A", "B", "image") if c not in (reader.fieldnames or [])]
         if missing:
             raise ScoreInputError(f"{p}: not an MMBench TSV: no column(s) {missing} (header: {reader.fieldnames})")
-        items, seen = [], set()
+        rows, seen = [], set()
         for n, row in enumerate(reader, 2):  # line 1 is the header
             where = f"{p}: row {n}"
             try:
@@ -86,26 +95,36 @@ def read_mmbench(path: str | Path) -> list[MMBenchItem]:
             if index in seen:
                 raise ScoreInputError(f"{where}: duplicate index {index}")
             seen.add(index)
-            options = [_cell(row, c) for c in LETTERS[:4]]  # MMBench's option columns
-            k = next((i for i, o in enumerate(options) if o is None), len(options))
-            if k < 2 or any(o is not None for o in options[k:]):
-                raise ScoreInputError(f"{where}: options must be A, B and optionally C, D in order, got "
-                                      f"{[c for c, o in zip(LETTERS, options) if o is not None]}")
-            answer = _cell(row, "answer")
-            if answer is not None and answer not in LETTERS[:k]:
-                raise ScoreInputError(f"{where}: answer {answer!r} is not one of the options {list(LETTERS[:k])}")
-            try:
-                image = base64.b64decode(row["image"] or "", validate=True)
-            except (binascii.Error, ValueError):
-                raise ScoreInputError(f"{where}: the image column is not valid base64") from None
-            if not image:
-                raise ScoreInputError(f"{where}: empty image")
-            question = _cell(row, "question")
-            if question is None:
-                raise ScoreInputError(f"{where}: empty question")
-            items.append(MMBenchItem(index, question, _cell(row, "hint"), options[:k], answer,
-                                     _cell(row, "category") or "unknown", _cell(row, "l2-category") or "unknown",
-                                     image))
+            rows.append((where, index, row))
+    pictures = {str(index): (row.get("image") or "").strip() for _, index, row in rows}
+    items = []
+    for where, index, row in rows:
+        if index >= CIRCULAR_STRIDE and index % CIRCULAR_STRIDE in seen:
+            continue  # a CircularEval copy of the question at index % CIRCULAR_STRIDE (asked in every rotation)
+        options = [_cell(row, c) for c in LETTERS[:4]]  # MMBench's option columns
+        k = next((i for i, o in enumerate(options) if o is None), len(options))
+        if k < 2 or any(o is not None for o in options[k:]):
+            raise ScoreInputError(f"{where}: options must be A, B and optionally C, D in order, got "
+                                  f"{[c for c, o in zip(LETTERS, options) if o is not None]}")
+        answer = _cell(row, "answer")
+        if answer is not None and answer not in LETTERS[:k]:
+            raise ScoreInputError(f"{where}: answer {answer!r} is not one of the options {list(LETTERS[:k])}")
+        picture = pictures[str(index)]
+        if len(picture) <= _IMAGE_REF_MAX and pictures.get(picture, picture) != picture:
+            picture = pictures[picture]  # the index of the row holding the same picture
+        try:
+            image = base64.b64decode(picture, validate=True)
+        except (binascii.Error, ValueError):
+            raise ScoreInputError(f"{where}: the image column is not valid base64 (nor the index of another "
+                                  f"row)") from None
+        if not image:
+            raise ScoreInputError(f"{where}: empty image")
+        question = _cell(row, "question")
+        if question is None:
+            raise ScoreInputError(f"{where}: empty question")
+        items.append(MMBenchItem(index, question, _cell(row, "hint"), options[:k], answer,
+                                 _cell(row, "category") or "unknown", _cell(row, "l2-category") or "unknown",
+                                 image))
     if not items:
         raise ScoreInputError(f"{p}: no questions")
     return items

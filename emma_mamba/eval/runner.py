@@ -3,14 +3,18 @@
 Reads each benchmark's own question files (the same formats :mod:`emma_mamba.eval.scorers` reads); the image of
 a question is resolved under ``images`` as given after the arrow:
 
-* pope: POPE JSONL ``{question_id, image, text, label}`` -> ``image``;
+* pope: POPE JSONL ``{question_id, image, text, label}`` -> ``image`` (LLaVA-1.5's ``llava_pope_test.jsonl``,
+  ``{question_id, image, text, category}``, has no labels: answered, not scored);
 * vqav2: VQAv2 questions JSON ``{"questions": [{question_id, image_id, question}]}`` -> ``image`` if present,
-  else ``image_template`` filled with ``image_id``;
+  else ``image_template`` filled with ``image_id``; or LLaVA-1.5's ``llava_vqav2_mscoco_test-dev2015.jsonl``
+  ``{question_id, image, text}`` -> ``image`` (vqav2, gqa and vizwiz: a ``.jsonl`` file is LLaVA's; its ``text``
+  already ends in the short-answer instruction and is asked verbatim);
 * gqa: GQA questions JSON ``{qid: {imageId, question, answer}}`` -> ``image`` if present, else ``<imageId>.jpg``;
+  or LLaVA-1.5's ``llava_gqa_testdev_balanced.jsonl`` (no answers: score with ``--annotations`` the GQA JSON);
 * textvqa: TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}`` or LLaVA's JSONL
   ``{question_id, image, text}`` -> ``image`` if present, else ``<image_id>.jpg``;
 * vizwiz: VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id)
-  -> ``image``;
+  -> ``image``; or LLaVA-1.5's ``llava_test.jsonl`` ``{question_id, image, text}`` (the image name again);
 * seed: SEED-Bench.json ``{"questions": [{question_id, question, choice_a..d, answer, data_id, data_type}]}``,
   image questions only -> ``data_id``;
 * scienceqa: ScienceQA problems.json, the image problems of ``split`` (default test) -> ``<split>/<pid>/<image>``
@@ -51,8 +55,8 @@ Notable choices:
   the question using a single word or phrase.") is appended on its own line for VQAv2, GQA and POPE, as
   LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do (for TextVQA and VizWiz too;
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
-  respond with 'Unanswerable'."); MME questions already end in "Please answer yes or no." and are used
-  verbatim. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
+  respond with 'Unanswerable'."); MME questions as LLaVA-1.5's ``llava_mme.jsonl`` asks them: their closing
+  "Please answer yes or no." replaced by the short-answer instruction on its own line. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
   choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint; ScienceQA with its context as
   "Context: ..." first. A LLaVA-JSONL TextVQA question whose
   ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
@@ -101,6 +105,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +142,8 @@ SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
 """LLaVA-1.5's VizWiz instruction, before the short-answer one."""
 MME_PERCEPTION_DIRS = ("", "{category}", "{category}/images")
+_MME_YES_NO = re.compile(r"\s*Please answer yes or no\.\s*$")
+"""The instruction MME's questions end with (after one space, or two in some of its files)."""
 BATCHING = ("continuous", "static")
 """How generated replies are batched (``evaluate``'s ``batching``; module docstring)."""
 _BATCHES_AHEAD = 4
@@ -160,8 +167,8 @@ class Question:
     image_bytes: bytes | None = None
     """MMBench: the encoded picture from the file."""
     has_answer: bool = False
-    """Whether a question file that may carry its own ground truth (TextVQA, VizWiz, SEED, MMBench, VSR,
-    TallyQA) holds this question's answer (a test split does not)."""
+    """Whether a question file that may carry its own ground truth (POPE, TextVQA, VizWiz, SEED, MMBench, VSR,
+    TallyQA) holds this question's answer (a test split, or LLaVA's POPE file without labels, does not)."""
     options: tuple[str, ...] | None = None
     """The replies to score by likelihood instead of generating one (closed-set answering), or None."""
 
@@ -222,7 +229,15 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
             where = f"{qpath}: {loc}"
             out.append(Question(require(rec, ("question_id",), qpath, loc, "POPE question"),
                                 _image(images, require(rec, ("image",), qpath, loc, "POPE question"), where),
-                                require(rec, ("text",), qpath, loc, "POPE question")))
+                                require(rec, ("text",), qpath, loc, "POPE question"), has_answer="label" in rec))
+    elif task in ("vqav2", "gqa", "vizwiz") and qpath.suffix == ".jsonl":  # LLaVA-1.5's question files
+        for loc, rec in load_records(qpath, f"{task} question"):
+            name = require(rec, ("image",), qpath, loc, f"{task} question")
+            qid = require(rec, ("question_id",), qpath, loc, f"{task} question")
+            # GQA ids are compared as strings; VizWiz answers are keyed by the image name (its results format)
+            qid = str(qid) if task == "gqa" else name if task == "vizwiz" else qid
+            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
+                                require(rec, ("text",), qpath, loc, f"{task} question")))
     elif task == "vqav2":
         doc = load_json(qpath, "VQAv2 questions")
         if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
@@ -355,7 +370,9 @@ def prompt_for(task: str, text: str) -> str:
         return tallyqa_prompt(text)
     if task in ("refcoco", "ocidref"):
         return refcoco_prompt(text)
-    if task in ("mme", "prompts") or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
+    if task == "mme":  # LLaVA-1.5's llava_mme.jsonl: "Please answer yes or no." becomes the short-answer line
+        return f"{_MME_YES_NO.sub('', text)}\n{SHORT_ANSWER_PROMPT}"
+    if task == "prompts" or text.rstrip().endswith(SHORT_ANSWER_PROMPT):
         return text
     if task == "vizwiz":
         return f"{text}\n{UNANSWERABLE_PROMPT}\n{SHORT_ANSWER_PROMPT}"
@@ -363,16 +380,16 @@ def prompt_for(task: str, text: str) -> str:
 
 
 def default_annotations(task: str, questions: str | Path, read: Sequence[Question]) -> Path | None:
-    """Ground truth for scoring when none is given: the question file itself (POPE, GQA, the MME template
-    folder, ScienceQA's problems.json; TextVQA, VizWiz, SEED-Bench and MMBench files when every question of
+    """Ground truth for scoring when none is given: the question file itself (GQA's JSON, the MME template
+    folder, ScienceQA's problems.json; POPE, TextVQA, VizWiz, SEED-Bench and MMBench files when every question of
     ``read``, the file's questions as :func:`read_questions` gave them, has its answer there), or for VQAv2 the
     sibling file with 'questions' replaced by 'annotations' in its name, if present."""
     q = Path(questions)
     if task == "prompts":  # free prompts: nothing to score
         return None
-    if task in ("pope", "gqa", "mme", "scienceqa", "refcoco", "ocidref"):  # ScienceQA: problems.json holds every split's answers
-        return q
-    if task in ("textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):
+    if task in ("gqa", "mme", "scienceqa", "refcoco", "ocidref"):  # ScienceQA: problems.json holds every split's answers
+        return None if task == "gqa" and q.suffix == ".jsonl" else q  # LLaVA's GQA JSONL: no answers
+    if task in ("pope", "textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):  # POPE: LLaVA's has no labels
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None

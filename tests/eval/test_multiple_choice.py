@@ -140,6 +140,34 @@ def test_runner_asks_every_round_and_scores(tsv, tmp_path):
     assert [q.qid for q in read_questions("mmbench", tsv, None)][:3] == ["5/0", "5/1", "9/0"]
 
 
+def test_released_tsv_layout_circular_copies_and_shared_images(tmp_path):
+    # The released TSVs (mmbench_dev_20230712.tsv, VLMEvalKit's MMBench_DEV_EN.tsv) already hold the CircularEval
+    # passes: question i at index i, its options shifted at i + 1000000, i + 2000000, ... (open-compass/MMBench
+    # issues #8, #12, #31; VLMEvalKit's mcq_circular_eval groups by index % 1e6); VLMEvalKit's files give a
+    # repeated picture as the index of the row holding it. Each question is asked once per rotation, scored once.
+    q7 = {"question": "Which shape?", "hint": "nan", "category": "shape", "l2-category": "attribute"}
+    rows = [
+        {**q7, "index": 7, "A": "circle", "B": "square", "C": "star", "answer": "C", "image": _png("blue")},
+        {**q7, "index": 1000007, "A": "square", "B": "star", "C": "circle", "answer": "B", "image": "7"},
+        {**q7, "index": 2000007, "A": "star", "B": "circle", "C": "square", "answer": "A", "image": "7"},
+        {"index": 8, "question": "Same picture, other question?", "A": "yes", "B": "no", "answer": "A",
+         "category": "c", "l2-category": "l2", "image": "7"},
+        {"index": 1000008, "question": "Same picture, other question?", "A": "no", "B": "yes", "answer": "B",
+         "category": "c", "l2-category": "l2", "image": "7"},
+    ]
+    tsv = write_tsv(tmp_path / "mmbench_dev_20230712.tsv", rows)
+    items = read_mmbench(tsv)
+    assert [(it.index, it.options, it.answer) for it in items] == [(7, ["circle", "square", "star"], "C"),
+                                                                   (8, ["yes", "no"], "A")]
+    assert items[1].image == items[0].image == base64.b64decode(_png("blue"))
+    qs = read_questions("mmbench", tsv, None)
+    assert [q.qid for q in qs] == ["7/0", "7/1", "7/2", "8/0", "8/1"]
+    # every rotation right: circular accuracy 1 over the two questions (not five "questions" of 3 x 3 rounds)
+    replies = {"7/0": "C", "7/1": "B", "7/2": "A", "8/0": "A", "8/1": "B"}
+    m = score_mmbench(_answers(tmp_path, replies), tsv)
+    assert m["n"] == 2 and m["accuracy"] == 1.0 and m["n_missing"] == 0
+
+
 def test_cli_eval_mmbench_with_a_random_checkpoint(tsv, tmp_path, capsys):
     import torch
 

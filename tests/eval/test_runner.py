@@ -105,7 +105,10 @@ def test_prompts_follow_the_training_format(shapes, tmp_path):
     assert seen and all(p == f"{t}\n{SHORT_ANSWER_PROMPT}" for t, p in seen.values())
     seen.clear()
     evaluate(None, "mme", f["mme"], shapes / "images", tmp_path / "mme", progress=False, answer_fn=fn)
-    assert seen and all(p == t and t.endswith("Please answer yes or no.") for t, p in seen.values())
+    # LLaVA-1.5's llava_mme.jsonl (its convert_answer_to_mme.py undoes exactly this; lmms-eval's mme task too)
+    assert seen and all(t.endswith(" Please answer yes or no.") and
+                        p == t.removesuffix(" Please answer yes or no.") + f"\n{SHORT_ANSWER_PROMPT}"
+                        for t, p in seen.values())
 
 
 def test_resume_after_a_crash_answers_only_the_rest(shapes, tmp_path):
@@ -257,3 +260,38 @@ def test_textvqa_and_vizwiz_official_files_end_to_end(shapes, tmp_path):
     assert rep["metrics"] is None and rep["annotations"] is None
     assert json.loads((tmp_path / "vzt" / "results.json").read_text()) == [
         {"image": f"heldout/{imgs[2]}", "answer": "red"}]
+
+
+def test_llava_question_files_are_read_and_asked_verbatim(shapes, tmp_path):
+    """LLaVA-1.5's question JSONLs (playground/data/eval: llava_vqav2_mscoco_test-dev2015.jsonl,
+    llava_gqa_testdev_balanced.jsonl, vizwiz/llava_test.jsonl, pope/llava_pope_test.jsonl): ``{question_id, image,
+    text, category}`` with the instruction already in ``text``; asked verbatim; POPE's has no labels and GQA's no
+    answers, so they are answered, not scored (LLaVA scores them with eval_pope.py / the GQA questions JSON)."""
+    imgs = [f"heldout/{n}" for n in _heldout_images(shapes, 2)]
+    short = f"\n{SHORT_ANSWER_PROMPT}"
+    unans = "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+    files = {
+        "vqav2": [{"question_id": 262144000 + i, "image": im, "text": f"Is the ball flying {i}?{short}",
+                   "category": "default"} for i, im in enumerate(imgs)],
+        "gqa": [{"question_id": str(201307251 + i), "image": im, "text": f"Is it overcast {i}?{short}",
+                 "category": "default"} for i, im in enumerate(imgs)],
+        "vizwiz": [{"question_id": i, "image": im, "text": f"What is this {i}?{unans}{short}",
+                    "category": "default"} for i, im in enumerate(imgs)],
+        "pope": [{"question_id": 1 + i, "image": im, "text": f"Is there a star in the image {i}?{short}",
+                  "category": "adversarial"} for i, im in enumerate(imgs)],
+    }
+    for task, recs in files.items():
+        q = tmp_path / f"llava_{task}.jsonl"
+        q.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        seen = {}
+
+        def fn(qs, ps):
+            seen.update({q.qid: p for q, p in zip(qs, ps)})
+            return ["no"] * len(qs)
+
+        rep = evaluate(None, task, q, shapes / "images", tmp_path / task, progress=False, answer_fn=fn)
+        want_ids = {"vqav2": [262144000, 262144001], "gqa": ["201307251", "201307252"], "vizwiz": imgs,
+                    "pope": [1, 2]}[task]
+        assert list(seen) == want_ids, task
+        assert list(seen.values()) == [r["text"] for r in recs], task  # no second instruction
+        assert rep["metrics"] is None and rep["annotations"] is None, task
