@@ -120,3 +120,12 @@ def test_data_shapes_out_on_a_file_is_a_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "emma-mamba data shapes: cannot write " in err and str(f) in err and "Traceback" not in err, err
     assert f.read_text() == "x"
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-prompt-positions", "--max-tokens-limit"])
+def test_serve_limits_below_one_are_named_before_the_model_loads(flag, tmp_path, capsys):
+    """A limit of 0 would refuse every request (or never decode): named, exit 2, before any checkpoint is read
+    (the checkpoint named here does not exist)."""
+    assert main(["serve", "--checkpoint", str(tmp_path / "none"), flag, "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be >= 1, got 0" in err and "Traceback" not in err, err

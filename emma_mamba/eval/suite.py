@@ -21,7 +21,9 @@ truncated image or a stale folder in the last entry does not cost the hours of t
 benchmark still fail, the summary of those finished before it is written (``"failed"`` names it) and the
 error raised; a rerun continues where it stopped. Each benchmark writes into ``<out>/<name>/``
 exactly what ``emma-mamba eval --task`` writes (answers, official results file, metrics) and resumes the same
-way; ``<out>/summary.json`` and ``<out>/summary.md`` hold the headline numbers of all of them.
+way; ``<out>/summary.json`` and ``<out>/summary.md`` hold the headline numbers of all of them (with ``--only``, the
+other benchmarks' rows of the folder's previous summary for the same checkpoint are kept, whose metrics.json files
+are still there).
 
 A ``--suite configs/NAME.yaml`` (or ``NAME.yaml``, ``NAME``) that does not exist where the command runs is the
 shipped suite of that name (``emma-mamba configs`` lists the recipes), as ``--config`` takes a shipped recipe; its
@@ -188,13 +190,16 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise.
     ``shard=(rank, world)`` with ``sync`` (a barrier): several processes (torchrun) share each benchmark's
     questions, rank 0 merges and scores after ``sync``; the other ranks return None."""
+    out = Path(out_dir)
+    kept: dict[str, dict] = {}  # --only: the other benchmarks' rows of this folder's summary, for this checkpoint
+    suite_order = [e.name for e in entries]
     if only:
-        names = {e.name for e in entries}
+        names = set(suite_order)
         missing = [n for n in only if n not in names]
         if missing:
             raise ScoreInputError(f"--only {missing}: not in the suite (it has {sorted(names)})")
         entries = [e for e in entries if e.name in only]
-    out = Path(out_dir)
+        kept = _previous_rows(out, checkpoint, names - set(only))
     identity = _resolve_identity(None, answer_fn, checkpoint)  # one model answers every benchmark
     problems = []
     for e in entries:  # fail fast: every file, image and output folder is checked before any answering
@@ -246,7 +251,11 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         raise
     if shard is not None and shard[0] != 0:
         return None
-    return _write_summary(out, checkpoint, rows, entries)
+    if kept:  # the whole suite's table again, in the suite's order, the benchmarks just run updated
+        by_name = {**kept, **{r["benchmark"]: r for r in rows}}
+        rows = [by_name[n] for n in suite_order if n in by_name]
+        log.info("summary: %s kept from the previous run in %s (--only)", ", ".join(sorted(kept)), out)
+    return _write_summary(out, checkpoint, rows, entries, kept)
 
 
 def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool) -> dict:
@@ -255,11 +264,26 @@ def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool)
             "likelihood": _likelihood(e, likelihood)}
 
 
+def _previous_rows(out: Path, checkpoint, names: set[str]) -> dict[str, dict]:
+    """The rows of ``names`` in ``out``'s summary.json when it was written for ``checkpoint`` and each one's
+    metrics.json is still there (an --only rerun keeps the rest of the table); else none."""
+    try:
+        prev = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(prev, dict) or prev.get("checkpoint") != checkpoint:
+        return {}
+    return {r["benchmark"]: r for r in prev.get("benchmarks") or []
+            if isinstance(r, dict) and r.get("benchmark") in names and (out / r["benchmark"] / "metrics.json").is_file()}
+
+
 def _write_summary(out: Path, checkpoint, rows: list[dict], entries: list[SuiteEntry],
-                   failed: dict | None = None) -> dict:
-    """Write and return ``summary.json`` / ``summary.md`` (with ``failed``: the benchmark that stopped the run)."""
-    summary = {"checkpoint": checkpoint, "benchmarks": rows,
-               "metrics_files": {e.name: str(out / e.name / "metrics.json") for e in entries}}
+                   kept: dict | None = None, failed: dict | None = None) -> dict:
+    """Write and return ``summary.json`` / ``summary.md`` (with ``failed``: the benchmark that stopped the run;
+    ``kept``: rows of benchmarks not run now, from the folder's previous summary)."""
+    files = {e.name: str(out / e.name / "metrics.json") for e in entries}
+    files.update({n: str(out / n / "metrics.json") for n in kept or {}})
+    summary = {"checkpoint": checkpoint, "benchmarks": rows, "metrics_files": files}
     if failed is not None:
         summary["failed"] = failed
     out.mkdir(parents=True, exist_ok=True)

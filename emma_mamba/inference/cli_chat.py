@@ -88,6 +88,8 @@ def run(args) -> int:
                 session = _command(session, cmd, rest.strip())
             except (UsageError, ValueError, OSError) as e:  # the session is kept as it was
                 _err(str(e), "chat")
+            except KeyboardInterrupt:  # mid /load or /save (a save leaves no partial file behind)
+                print(f"\n[{cmd} interrupted; the conversation is as it was]", file=sys.stderr)
             continue
         try:
             session.ask(line, streamer=_stream)

@@ -97,8 +97,10 @@ def run(args) -> int:
         if args.image is not None:
             raise UsageError("--image does not apply: each request brings its own images")
         # every option checked before the model loads (which can take minutes)
-        if args.max_batch < 1:
-            raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
+        for flag, v in (("--max-batch", args.max_batch), ("--max-prompt-positions", args.max_prompt_positions),
+                        ("--max-tokens-limit", args.max_tokens_limit)):
+            if v < 1:  # every request would be refused
+                raise UsageError(f"{flag} must be >= 1, got {v}")
         if args.prefill_chunk < 0:
             raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {args.prefill_chunk}")
         if args.state_cache < 0:

@@ -43,7 +43,7 @@ def test_suite_equals_single_runs_and_summarises(tmp_path, shapes):
         ("pope_adv", "pope", {"batch_size": 2}), ("vqav2", "vqav2", {"batch_size": 2, "max_new_tokens": 4}),
         ("mme", "mme", {"batch_size": 2})]
     out = tmp_path / "suite_out"
-    summary = run_suite(None, entries, out, progress=False, answer_fn=always_yes)
+    summary = summary_all = run_suite(None, entries, out, progress=False, answer_fn=always_yes)
     single = {e.name: evaluate(None, e.task, e.questions, e.images, tmp_path / "single" / e.name,
                                progress=False, answer_fn=always_yes)["metrics"] for e in entries}
     rows = {r["benchmark"]: r for r in summary["benchmarks"]}
@@ -59,6 +59,15 @@ def test_suite_equals_single_runs_and_summarises(tmp_path, shapes):
     # --only
     summary = run_suite(None, entries, tmp_path / "only", progress=False, answer_fn=always_yes, only=["vqav2"])
     assert [r["benchmark"] for r in summary["benchmarks"]] == ["vqav2"]
+    # --only into a folder with the whole suite's summary: that one benchmark rerun, the others' rows kept in order
+    (out / "vqav2" / "answers.jsonl").unlink()  # answered again
+    again = run_suite(None, entries, out, progress=False, answer_fn=always_yes, only=["vqav2"])
+    assert again["benchmarks"] == summary_all["benchmarks"] and set(again["metrics_files"]) == set(rows)
+    assert (out / "summary.md").read_text() == md
+    # another checkpoint's summary is not mixed in
+    (out / "summary.json").write_text(json.dumps({**summary_all, "checkpoint": "elsewhere"}))
+    assert [r["benchmark"] for r in run_suite(None, entries, out, progress=False, answer_fn=always_yes,
+                                              only=["vqav2"])["benchmarks"]] == ["vqav2"]
     with pytest.raises(ScoreInputError, match=r"--only \['gqa'\]: not in the suite"):
         run_suite(None, entries, tmp_path / "x", progress=False, answer_fn=always_yes, only=["gqa"])
 

@@ -388,3 +388,25 @@ def test_a_conversation_saved_in_fp32_loads_into_the_bf16_model(text_lm, tmp_pat
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "model": model_fingerprint(lm, False)})
     assert ChatSession.load(tmp_path / "old.safetensors", lm, tokenizer=tok).turns == s1.turns
+
+
+def test_cli_chat_ctrl_c_during_a_command_keeps_the_conversation(vlm, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while /load reads a file (or /save writes one) ends that command, not the chat: the next question
+    continues the conversation (answers as the uninterrupted session's)."""
+    import io
+
+    ckpt = tmp_path / "ckpt"
+    vlm.save(ckpt)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ChatSession, "load", classmethod(lambda cls, *a, **k: interrupted()))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\n/load {tmp_path / 'chat.safetensors'}\n"
+                                                  f"{QUESTIONS[1]}\n"))
+    assert cli.main(["chat", "--checkpoint", str(ckpt), "--image", IMAGE, "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "[/load interrupted; the conversation is as it was]" in err and "Traceback" not in err, err
+    from emma_mamba.models.vlm import load
+    ref = ChatSession(load(ckpt), IMAGE, config=GenerationConfig(max_new_tokens=4))
+    assert out == f"{ref.ask(QUESTIONS[0])}\n{ref.ask(QUESTIONS[1])}\n"
