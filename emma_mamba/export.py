@@ -74,7 +74,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
     model = load(checkpoint, for_training=keep_align_head)
     out.mkdir(parents=True, exist_ok=True)
     if lm_only:
-        _export_lm(model, out, DTYPES[dtype])
+        _export_lm(model, out, dtype)
         (out / "README.md").write_text(model_card(model, checkpoint, out, dtype, lm_only=True), encoding="utf-8")
         return out
     sd = {k: v for k, v in model.state_dict().items() if keep_align_head or not k.startswith("align_head.")}
@@ -231,18 +231,18 @@ def write_model_dir(model, out: Path, sd: dict, dtype: str, metadata: dict) -> N
     model.tokenizer.save(out)
 
 
-def _export_lm(model, out: Path, dtype: torch.dtype) -> None:
+def _export_lm(model, out: Path, dtype: str) -> None:
     """The LM in transformers' layout, with the model's tokenizer as transformers loads it verbatim
     (``tokenizer_config.json``: PreTrainedTokenizerFast over tokenizer.json) and its special-token ids."""
-    if dtype is not torch.float32:  # cast in place before the one write (the model was loaded for this export)
+    if dtype != "fp32":  # cast in place before the one write (the model was loaded for this export)
         lm = model.lm
-        cast = [(name, t) for name, t in list(lm.named_parameters()) + list(lm.named_buffers())
-                if t.is_floating_point() and not name.endswith(KEEP_FP32)]
+        tensors = {name: t for name, t in list(lm.named_parameters()) + list(lm.named_buffers())
+                   if t.is_floating_point() and not name.endswith(KEEP_FP32)}
+        cast = {name: t.detach().to(DTYPES[dtype]) for name, t in tensors.items()}
         # a weight the storage dtype cannot hold (fp16 beyond 65504) is refused by name, as write_model_dir does
-        _refuse_overflow({f"lm.{name}": t.detach().to(dtype) for name, t in cast},
-                         next((k for k, v in DTYPES.items() if v == dtype), str(dtype)))
-        for _, t in cast:
-            t.data = t.data.to(dtype)
+        _refuse_overflow({f"lm.{name}": t for name, t in cast.items()}, dtype)
+        for name, t in tensors.items():
+            t.data = cast[name]
     model.lm.save_pretrained(out, layout="hf")  # config.json's dtype: the embedding's, the export dtype
     conf = json.loads((out / "config.json").read_text())
     tok = model.tokenizer

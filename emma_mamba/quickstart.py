@@ -102,15 +102,13 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
     for k, v in list(clip.items()):
         if k in ("lr", "weight_decay"):
             v = clip[k] = yaml_float(v)
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if k in ("lr", "weight_decay"):
-            ok = number and math.isfinite(v) and (v > 0 if k == "lr" else v >= 0)
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                  and (v > 0 if k == "lr" else v >= 0))
             want = "a number > 0" if k == "lr" else "a number >= 0"
-        else:
-            ok = v is None if k == "steps" else False
-            ok = ok or (isinstance(v, int) and not isinstance(v, bool)
-                        and v >= {"steps": 0, "batch_size": 2, "warmup_steps": 0}[k])
-            want = {"steps": "an integer >= 0", "batch_size": "an integer >= 2", "warmup_steps": "an integer >= 0"}[k]
+        else:  # steps (or null), batch_size, warmup_steps: counts
+            low = 2 if k == "batch_size" else 0
+            ok = (v is None and k == "steps") or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
+            want = f"an integer >= {low}"
         if not ok:
             raise ConfigError(f"{path}: clip.{k} must be {want}, got {v!r}")
     return QuickstartConfig(**raw)

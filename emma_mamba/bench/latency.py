@@ -40,8 +40,8 @@ ratios (``ratios_of`` in the JSON) are those of the most optimised variant asked
 graphs+compile, graphs, compile, eager (chosen by the flags, not by the measured times); the transformer decodes
 eagerly in every case, so ``ratios_eager`` keeps ours eager against it too (the architectures alone). The
 transformer's KV cache is transformers' ``StaticCache`` (preallocated to C + warm-up + timed steps, written in
-place; SDPA then attends over that length with a mask, so it is sized tightly) unless ``--kv-cache dynamic`` (``DynamicCache``, which
-concatenates each step).
+place; SDPA then attends over that length with a mask, so it is sized tightly) unless ``--kv-cache dynamic``
+(``DynamicCache``, which concatenates each step).
 
 Results go to ``benchmarks/results/latency_<device>_<name>.json`` with machine, versions, shapes, parameter
 counts, dtype, backend and load average, plus PNG plots (decode latency, memory vs context; TTFT vs image
@@ -346,9 +346,9 @@ def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup:
             # the absolute peak counts everything resident: every model's weights and the states of the runners
             # prefilled before this one at this point (the peer's includes the transformer's KV cache); the
             # increment above it is this runner's own
-            row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-            row["cuda_resident_before_bytes"] = base
-            row["cuda_peak_above_baseline_bytes"] = torch.cuda.max_memory_allocated(device) - base
+            peak = torch.cuda.max_memory_allocated(device)
+            row["cuda_peak_allocated_bytes"], row["cuda_resident_before_bytes"] = peak, base
+            row["cuda_peak_above_baseline_bytes"] = peak - base
         states[r.name], toks[r.name], rows[r.name] = state, tok, row
 
     live = [r for r in runners if r.name in states]

@@ -56,10 +56,11 @@ Notable choices:
   LLaVA-1.5's evaluation files do and as ShapesWorld's stage-2 conversations do (for TextVQA and VizWiz too;
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
   respond with 'Unanswerable'."); MME questions as LLaVA-1.5's ``llava_mme.jsonl`` asks them: their closing
-  "Please answer yes or no." replaced by the short-answer instruction on its own line. MMBench: hint, question and lettered options, then "Answer with the option's letter from the given
-  choices directly." (LLaVA-1.5's); SEED-Bench likewise, without the hint; ScienceQA with its context as
-  "Context: ..." first. A LLaVA-JSONL TextVQA question whose
-  ``text`` already ends in the short-answer instruction (with its OCR reference tokens) is used verbatim. Instruction fusion sees the same prompt text.
+  "Please answer yes or no." replaced by the short-answer instruction on its own line. MMBench: hint, question
+  and lettered options, then "Answer with the option's letter from the given choices directly." (LLaVA-1.5's);
+  SEED-Bench likewise, without the hint; ScienceQA with its context as "Context: ..." first. A LLaVA-JSONL
+  TextVQA question whose ``text`` already ends in the short-answer instruction (with its OCR reference tokens)
+  is used verbatim. Instruction fusion sees the same prompt text.
 * vsr, tallyqa and ai2d are closed-set (:mod:`emma_mamba.eval.closed`): no reply is generated; each option's
   likelihood as the reply (:meth:`EmmaMamba.option_probabilities`, one prefill per question) picks the answer,
   and ``answers.jsonl`` also holds the options' ``probabilities`` (Prismatic's way of running them). With
@@ -387,9 +388,10 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
     q = Path(questions)
     if task == "prompts":  # free prompts: nothing to score
         return None
-    if task in ("gqa", "mme", "scienceqa", "refcoco", "ocidref"):  # ScienceQA: problems.json holds every split's answers
-        return None if task == "gqa" and q.suffix == ".jsonl" else q  # LLaVA's GQA JSONL: no answers
-    if task in ("pope", "textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):  # POPE: LLaVA's has no labels
+    # ScienceQA: problems.json holds every split's answers; LLaVA's GQA JSONL holds none
+    if task in ("gqa", "mme", "scienceqa", "refcoco", "ocidref"):
+        return None if task == "gqa" and q.suffix == ".jsonl" else q
+    if task in ("pope", "textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):  # LLaVA's POPE: no labels
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))
     return cand if cand != q and cand.is_file() else None
@@ -667,7 +669,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
     n_all = len(qs)
     qs = limit_questions(task, qs, limit)
-    cut = len(qs) < n_all  # a --limit past the end cuts nothing: scored as without it
+    partial = len(qs) < n_all  # scored as a subset; a --limit past the end cuts nothing: scored as without it
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
     own_model = answer_fn is None
@@ -821,7 +823,6 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             res = [{"questionId": r["question_id"], "prediction": r["text"]} for r in recs]
         (out / "results.json").write_text(json.dumps(res, ensure_ascii=False) + "\n", encoding="utf-8")
     metrics = None
-    partial = cut
     if annotations is not None:
         if task == "mme":
             template = None if partial else Path(annotations)

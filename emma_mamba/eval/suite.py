@@ -273,8 +273,8 @@ def _previous_rows(out: Path, checkpoint, names: set[str]) -> dict[str, dict]:
         return {}
     if not isinstance(prev, dict) or prev.get("checkpoint") != checkpoint:
         return {}
-    return {r["benchmark"]: r for r in prev.get("benchmarks") or []
-            if isinstance(r, dict) and r.get("benchmark") in names and (out / r["benchmark"] / "metrics.json").is_file()}
+    return {r["benchmark"]: r for r in prev.get("benchmarks") or [] if isinstance(r, dict)
+            and r.get("benchmark") in names and (out / r["benchmark"] / "metrics.json").is_file()}
 
 
 def _write_summary(out: Path, checkpoint, rows: list[dict], entries: list[SuiteEntry],

@@ -250,7 +250,7 @@ class ChatSession:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read a chat state: {e}") from None
         want = model_fingerprint(session.lm)
-        if meta.get("model") not in (want, model_fingerprint(session.lm, rounded=False)):
+        if meta.get("model") != want and meta.get("model") != model_fingerprint(session.lm, rounded=False):
             raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta.get('model')}, "
                              f"this model's is {want})")
         lm = session.lm

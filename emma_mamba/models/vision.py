@@ -192,25 +192,13 @@ class _nullcontext:
         return False
 
 
-def _idle_parameters(tower: nn.Module, last_tap: int) -> list[nn.Parameter]:
-    """The parameters of ``tower`` that ``forward_intermediates(..., stop_early=True, intermediates_only=True)``
-    never reads when its deepest index is ``last_tap``: the blocks after it, the final norm, pooling and
-    projection head (open_clip's ``ln_post`` / ``proj`` / ``attn_pool``; timm's ``norm`` / ``fc_norm`` /
-    ``attn_pool`` / ``head``; open_clip's TimmModel ``head``). Listed by name, so a tower with other unused parts
-    keeps them trainable (harmless: they get no gradient); the test checks this list against autograd."""
-    parts: list[Any] = []
-    if hasattr(tower, "transformer") and hasattr(tower, "grid_size"):  # open_clip VisionTransformer
-        parts += list(tower.transformer.resblocks)[last_tap + 1:]
-        parts += [getattr(tower, n, None) for n in ("ln_post", "proj", "attn_pool", "attn_pool_contrastive",
-                                                    "ln_contrastive")]
-    else:
-        trunk = getattr(tower, "trunk", tower)
-        parts += list(trunk.blocks)[last_tap + 1:]
-        parts += [getattr(trunk, n, None) for n in ("norm", "fc_norm", "attn_pool", "head")]
-        if trunk is not tower:
-            parts.append(getattr(tower, "head", None))
+def _idle_parameters(layout: dict[str, Any], last_tap: int) -> list[nn.Parameter]:
+    """The parameters of the tower of ``layout`` (:func:`_vit_layout`) that ``forward_intermediates(...,
+    stop_early=True, intermediates_only=True)`` never reads when its deepest index is ``last_tap``: the blocks after
+    it and the tower's ``tail`` (final norm, pooling, projection head). Listed by name, so a tower with other unused
+    parts keeps them trainable (harmless: they get no gradient); the test checks this list against autograd."""
     out: list[nn.Parameter] = []
-    for part in parts:
+    for part in [*list(layout["blocks"])[last_tap + 1:], *layout["tail"]]:
         if isinstance(part, nn.Parameter):
             out.append(part)
         elif isinstance(part, nn.Module):
@@ -219,15 +207,23 @@ def _idle_parameters(tower: nn.Module, last_tap: int) -> list[nn.Parameter]:
 
 
 def _vit_layout(visual: nn.Module) -> dict[str, Any]:
-    """Block count, width, patch size and grid of an open_clip vision tower (native CLIP ViT or timm ViT)."""
+    """Block count, width, patch size and grid of an open_clip vision tower (native CLIP ViT or timm ViT); its
+    ``blocks`` and its ``tail``, the parts after them that the taps never run (None where a tower lacks one):
+    open_clip's ``ln_post`` / ``proj`` / attention pools, timm's ``norm`` / ``fc_norm`` / ``attn_pool`` / ``head``
+    and open_clip's TimmModel ``head``."""
     if hasattr(visual, "transformer") and hasattr(visual, "grid_size"):  # open_clip.transformer.VisionTransformer
-        return dict(n_blocks=len(visual.transformer.resblocks), width=visual.transformer.width,
-                    patch_size=tuple(visual.patch_size), grid=tuple(visual.grid_size), prefix_tokens=1)
+        blocks = visual.transformer.resblocks
+        tail = [getattr(visual, n, None) for n in ("ln_post", "proj", "attn_pool", "attn_pool_contrastive",
+                                                   "ln_contrastive")]
+        return dict(n_blocks=len(blocks), width=visual.transformer.width, patch_size=tuple(visual.patch_size),
+                    grid=tuple(visual.grid_size), prefix_tokens=1, blocks=blocks, tail=tail)
     trunk = getattr(visual, "trunk", visual)  # open_clip.timm_model.TimmModel, or a timm ViT itself
     if hasattr(trunk, "blocks") and hasattr(trunk, "patch_embed"):
+        tail = [getattr(trunk, n, None) for n in ("norm", "fc_norm", "attn_pool", "head")]
+        tail += [getattr(visual, "head", None)] if trunk is not visual else []
         return dict(n_blocks=len(trunk.blocks), width=trunk.embed_dim,
                     patch_size=tuple(trunk.patch_embed.patch_size), grid=tuple(trunk.patch_embed.grid_size),
-                    prefix_tokens=int(getattr(trunk, "num_prefix_tokens", 0)))
+                    prefix_tokens=int(getattr(trunk, "num_prefix_tokens", 0)), blocks=trunk.blocks, tail=tail)
     raise ConfigError(f"vision.model_name: the vision tower {type(visual).__name__} is not a ViT with patch tokens "
                       f"(only open_clip ViTs and timm ViTs are supported)")
 
@@ -280,9 +276,9 @@ class VisionEncoder(nn.Module):
                                   [(a - c) / b for a, c, b in zip(m1, second_mean, second_std)])
             self._affine_by_device: dict = {}  # device -> (scale, shift) tensors
         # what the taps never run (the blocks after the deepest tap, the heads): never trainable
-        self.idle_parameters: list[nn.Parameter] = _idle_parameters(visual, self.taps[-1])
+        self.idle_parameters: list[nn.Parameter] = _idle_parameters(layout, self.taps[-1])
         if second is not None:
-            self.idle_parameters += _idle_parameters(second, self.second_taps[-1])
+            self.idle_parameters += _idle_parameters(lay2, self.second_taps[-1])
         self.set_frozen(cfg.freeze)
 
     def set_frozen(self, frozen: bool) -> "VisionEncoder":

@@ -92,17 +92,21 @@ def test_forward_and_adapter_gradients_equal_the_merged_plain_model():
     assert all(p.grad is None for n, p in lm.named_parameters() if "lora_" not in n)
 
 
+def _cached_logits(model, ids, prefill: int) -> torch.Tensor:
+    """The last-position logits of a cached prefill of ``ids[:, :prefill]``, then of one decode step (the mixers'
+    _step path) per remaining id: (steps + 1, b, V)."""
+    cache = model.allocate_cache(ids.shape[0])
+    logits = [model(ids[:, :prefill], cache=cache).logits[:, -1]]
+    for t in range(prefill, ids.shape[1]):
+        logits.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
+    return torch.stack(logits)
+
+
 def test_cached_prefill_and_decode_steps_use_the_adapters():
     plain, lm, oracle = _adapted_and_oracle()
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
-        outs = []
-        for model in (lm, oracle):
-            cache = model.allocate_cache(2)
-            logits = [model(ids[:, :7], cache=cache).logits[:, -1]]
-            for t in range(7, 12):  # decode steps (the _step path)
-                logits.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
-            outs.append(torch.stack(logits))
+        outs = [_cached_logits(model, ids, 7) for model in (lm, oracle)]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
         # and the adapters matter: the plain model's decode differs
         cache = plain.allocate_cache(2)
@@ -333,12 +337,6 @@ def test_decode_steps_of_a_bf16_lm_with_fp32_adapters(ssm_layer):
             oracle.get_submodule(name).weight.copy_(m.merged_weight())
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
-        outs = []
-        for model in (lm, oracle):
-            cache = model.allocate_cache(2)
-            logits = [model(ids[:, :6], cache=cache).logits[:, -1]]
-            for t in range(6, 10):
-                logits.append(model(ids[:, t:t + 1], cache=cache).logits[:, -1])
-            outs.append(torch.stack(logits).float())
+        outs = [_cached_logits(model, ids, 6).float() for model in (lm, oracle)]
         assert outs[0].dtype == torch.float32
         torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)

@@ -49,26 +49,23 @@ const [base, imageA, imageB] = process.argv.slice(2);
   $("max_tokens").value = "4";
   await pick(imageA, "a.png");
   const out = {};
+  // a question whose answer is held back, `reset` while it is on its way, then the next question: what it sent
+  async function resetWhileStreaming(reset, first, next) {
+    held = null; release = null;
+    send(first);
+    await until(() => release !== null);
+    await reset();
+    release(); await sleep(50);
+    await until(() => !$("send").disabled);
+    const n = bodies.length + 1;
+    send(next);
+    await until(() => bodies.length === n); await sleep(20);
+    await until(() => !$("send").disabled);
+    return {body: summary(bodies[n - 1]), turns: turns()};
+  }
   // phase 1: New conversation while the first answer is on its way
-  send("First question?");
-  await until(() => release !== null);
-  $("new").click();
-  release(); await sleep(50);
-  await until(() => !$("send").disabled);
-  send("Second question?");
-  await until(() => bodies.length === 2); await sleep(20);
-  await until(() => !$("send").disabled);
-  out.after_new = {body: summary(bodies[1]), turns: turns()};
+  out.after_new = await resetWhileStreaming(() => $("new").click(), "First question?", "Second question?");
   // phase 2: another image picked while an answer is on its way
-  held = null; release = null;
-  send("Third question?");
-  await until(() => release !== null);
-  await pick(imageB, "b.png");
-  release(); await sleep(50);
-  await until(() => !$("send").disabled);
-  send("Fourth question?");
-  await until(() => bodies.length === 4); await sleep(20);
-  await until(() => !$("send").disabled);
-  out.after_image = {body: summary(bodies[3]), turns: turns()};
+  out.after_image = await resetWhileStreaming(() => pick(imageB, "b.png"), "Third question?", "Fourth question?");
   process.stdout.write(JSON.stringify(out) + "\n", () => process.exit(0));
 })().catch((e) => { console.error(e); process.exit(1); });
