@@ -216,7 +216,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "transformers>=4.40", "mambapy",
                  "open_clip_torch>=3.0", "timm", "torchvision", "scikit-image", "matplotlib", "ninja",
-                 "openai"],  # the real client against `serve` (tests/models/test_openai_client.py)
+                 "openai",  # the real client against `serve` (tests/models/test_openai_client.py)
+                 "scipy"],  # the pixel oracle of tests/data/test_shapes_pixels.py (also scikit-image's dependency)
         "vision": ["open_clip_torch>=3.0", "timm", "torchvision"],  # timm: the dual encoder's second tower
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
