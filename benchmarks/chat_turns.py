@@ -12,7 +12,6 @@ checked). Printed and written as JSON: per-turn seconds of each, the context len
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import random_lm, write_result  # noqa: E402
+from benchmarks._common import machine, random_lm, write_result  # noqa: E402
 
 QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if it rains later?",
              "Which shoes are best for that?", "Where can I buy them?", "How much do they cost?"]
@@ -73,9 +72,7 @@ def main(argv=None) -> int:
                   f"(prefilled {session.stats[-1].prompt_tokens:3d})  re-prefill {t_full * 1e3:8.1f} ms  "
                   f"ratio {t_full / t_session:5.2f}", flush=True)
     res = {"benchmark": "chat_turns", "preset": args.preset, "turns": args.turns, "new_tokens": args.new_tokens,
-           "threads": args.threads, "dtype": "float32", "device": "cpu", "torch": torch.__version__,
-           "platform": platform.platform(), "processor": platform.processor(),
-           "state_bytes": session.state_bytes, "rows": rows}
+           "dtype": "float32", **machine(torch.device("cpu"), args.threads), "state_bytes": session.state_bytes, "rows": rows}
     print(f"state {session.state_bytes / 2**20:.2f} MiB at every turn")
     write_result(res, args.out, indent=1)
     return 0

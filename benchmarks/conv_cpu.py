@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine  # noqa: E402
 
 SHAPES = ((8, 128, 256), (1, 1536, 2048), (4, 1536, 1024))
 
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
                   f"speedup {row['speedup_vs_reference']['fwd']}x / {row['speedup_vs_reference']['fwd_bwd']}x",
                   flush=True)
     res = {"benchmark": "causal_conv1d cpu vs reference", "dtype": "float32", "width": 4, "activation": "silu",
-           "threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
-           "processor": platform.processor(), "rows": rows}
+           "python": platform.python_version(), **machine(torch.device("cpu"), args.threads),
+           "backends": ["cpu", "torch"], "rows": rows}  # "backend": what the dispatch picks; each row times both
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0

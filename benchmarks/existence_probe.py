@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine  # noqa: E402
 
 NEGATIVES = ("random", "same_colour", "same_kind")
 
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     res = run_lm(args) if args.mode == "lm" else run_features(args)
-    res.update(python=platform.python_version(), torch=torch.__version__, images=args.images, data=str(args.data))
+    res.update(python=platform.python_version(), **machine(torch.device("cpu"), 1), images=args.images,
+               data=str(args.data))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import machine  # noqa: E402
 
 N_COLOURS, N_KINDS, N_SINGLE = 8, 5, 40
 
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
                   flush=True)
     doc = {"what": "associative recall of a 2-block, 64-wide Mamba LM from scratch (benchmarks/recall_probe.py)",
            "steps": args.steps, "batch": 64, "optimizer": "AdamW lr 1e-3 wd 0.1", "chance": 0.5, "rows": rows,
-           "torch": torch.__version__, "platform": platform.platform(), "threads": 1}
+           **machine(torch.device("cpu"), 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"results in {args.out}")

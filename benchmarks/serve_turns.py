@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import platform
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import write_result  # noqa: E402
+from benchmarks._common import machine, write_result  # noqa: E402
 
 QUESTIONS = ["What shapes are in the image?", "How many shapes are there?", "Is there a red circle?",
              "What color is the square?", "Is there a star in the image?", "Describe the image."]
@@ -93,9 +92,8 @@ def main(argv=None) -> int:
         srv.shutdown()
         srv.server_close()
     res = {"benchmark": "serve_turns", "checkpoint": str(args.checkpoint), "model": model.config.name,
-           "image": str(args.image), "turns": args.turns, "new_tokens": args.new_tokens, "threads": args.threads,
-           "dtype": "float32", "device": "cpu", "torch": torch.__version__, "platform": platform.platform(),
-           "processor": platform.processor(), "transport": "HTTP on localhost, in-process servers",
+           "image": str(args.image), "turns": args.turns, "new_tokens": args.new_tokens,
+           "dtype": "float32", **machine(torch.device("cpu"), args.threads), "transport": "HTTP on localhost, in-process servers",
            "rows": rows}
     write_result(res, args.out, indent=1)
     return 0

@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import shutil
 import sys
 import time
@@ -157,8 +156,6 @@ def plot(summary: dict, path: str | Path, chance: dict | None = None, title: str
 def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants: list[str], results: str | Path,
                  plot_path: str | Path | None, data_seed: int = 0, progress: bool = False, echo=print,
                  jobs: int = 1, threads: int = 1) -> dict:
-    import torch
-
     from emma_mamba.quickstart import load_quickstart_config, make_data
 
     for v in variants:
@@ -218,13 +215,13 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
         echo(f"{rec['variant']} seed {rec['seed']}: " + ", ".join(
             f"{label} {100 * rec['metrics'][task][metric]:.1f}" for task, metric, label in METRICS)
             + f" ({rec['seconds']['total']:.0f}s)")
-        _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs)
+        _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs)
 
     _parallel(_variant_job, [(str(config), str(out), str(data_dir), v, s, clip_ckpts[s], blind_files, chance, progress)
                              for v, s in todo], jobs, threads, done)
     for v in runs:  # the table lists seeds in order whatever order the runs finished in
         runs[v].sort(key=lambda r: r["seed"])
-    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs)
+    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs)
 
 
 def stage_overrides_for(stage: dict, on: dict) -> dict:
@@ -311,7 +308,9 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_")
 
 
-def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, torch, jobs=1) -> dict:
+def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs=1) -> dict:
+    from emma_mamba.quickstart import run_environment
+
     summary = summarise(runs)
     # chance on the questions actually evaluated (eval.limit may cut the files): from any finished run
     first = next((r for rs in runs.values() for r in rs), None)
@@ -325,9 +324,8 @@ def _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta,
         "summary": summary, "table_markdown": markdown_table(summary, ch),
         "chance": {t: ch[t] for t in ch}, "runs": runs,
         "seconds": time.perf_counter() - t_start,
-        "seconds_of_runs": sum(r["seconds"]["total"] for rs in runs.values() for r in rs), "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu_threads": torch.get_num_threads(), "jobs": jobs, "platform": platform.platform(), "torch": torch.__version__,
-        "data_counts": meta["counts"],
+        "seconds_of_runs": sum(r["seconds"]["total"] for rs in runs.values() for r in rs), "jobs": jobs,
+        **run_environment(), "data_counts": meta["counts"],
     }
     results = Path(results)
     results.parent.mkdir(parents=True, exist_ok=True)

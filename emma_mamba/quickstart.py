@@ -51,6 +51,18 @@ CLIP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps")
 EVAL_TASKS = ("vqav2", "gqa", "pope_random", "pope_popular", "pope_adversarial")
 
 
+def run_environment() -> dict:
+    """Where a quickstart or ablation ran: the device its training used, the kernel backend on it, threads,
+    platform and torch (kept in its summary.json beside the results)."""
+    import torch
+
+    from emma_mamba import ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"device": device, "backend": ops.get_backend(device), "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "torch": torch.__version__}
+
+
 @dataclass
 class QuickstartConfig:
     """The quickstart recipe. Stage sections are run-config overrides (configs/train_*.yaml keys)."""
@@ -309,8 +321,6 @@ def summary_rows(results: dict, chance: dict) -> list[dict]:
 def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source: str = "<quickstart>",
                  overwrite: bool = False, progress: bool = True, echo=print) -> dict:
     """Runs the quickstart; returns (and writes to ``out/summary.json``) the summary."""
-    import torch
-
     from emma_mamba.data.shapes import SHORT_ANSWER_PROMPT
     from emma_mamba.models.vlm import answer, load
 
@@ -366,8 +376,7 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
     summary = {
         "seed": seed, "source": source, "data": meta["config"], "model": qc.model, "stage1": qc.stage1,
         "stage2": qc.stage2, "eval": qc.eval, "training": histories, "rows": summary_rows(results, chance),
-        "demo": demo, "seconds": timings, "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "demo": demo, "seconds": timings, **run_environment(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

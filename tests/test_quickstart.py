@@ -53,6 +53,10 @@ def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
     vit = load(out / "stage1", for_training=False).vision.visual.state_dict()
     assert all(torch.equal(v, clip_state["visual." + k]) for k, v in vit.items())
     assert s["demo"]["question"] in printed
+    from emma_mamba import ops
+
+    # where it ran: the kernel backend the training's ops dispatched to on this machine
+    assert s["device"] == "cpu" and s["backend"] == ops.get_backend("cpu") and s["torch"] == torch.__version__
     assert (out / "stage2" / "tokenizer.json").is_file()
     # a second run into the same folder must be asked for explicitly
     assert main(["quickstart", "--fast", "--out", str(out), "--no-progress"]) == 2
@@ -151,6 +155,9 @@ def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
     assert main(argv) == 0
     doc = json.loads(res.read_text())
     assert set(doc["summary"]) == {"cobra-like", "all (EMMA)"} and doc["jobs"] == 2
+    from emma_mamba import ops
+
+    assert doc["device"] == "cpu" and doc["backend"] == ops.get_backend("cpu")
     runs = {r["variant"]: r for rs in doc["runs"].values() for r in rs}
     # one stage-0 CLIP for the seed, shared by both variants
     assert runs["cobra-like"]["clip_checkpoint"] == runs["all (EMMA)"]["clip_checkpoint"]

@@ -23,3 +23,7 @@ def test_chat_turns_script(tmp_path):
     # the session prefills the new turn only: far fewer tokens than the history from the second turn on
     assert all(x["session_prompt_tokens"] < x["context_tokens"] for x in rows[1:])
     assert res["state_bytes"] > 0
+    from emma_mamba import ops
+
+    # the record names the machine and the kernel backend the dispatch chose for CPU tensors
+    assert res["device"] == "cpu" and res["threads"] == 1 and res["backend"] == ops.get_backend("cpu")

@@ -23,8 +23,12 @@ def test_serve_turns_smoke(tmp_path):
     out = tmp_path / "r.json"
     assert serve_turns.main(["--checkpoint", str(tmp_path / "ck"), "--image", image, "--turns", "3",
                              "--new-tokens", "3", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
     assert [r["turn"] for r in rows] == [1, 2, 3]
+    from emma_mamba import ops
+
+    assert res["device"] == "cpu" and res["backend"] == ops.get_backend("cpu")
     for r in rows:
         assert r["cache"]["answer"] == r["no_cache"]["answer"]
         assert r["no_cache"]["prefilled"] == r["no_cache"]["context_positions"]  # no cache: the whole history
