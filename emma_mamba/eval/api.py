@@ -11,9 +11,12 @@ log-probabilities too (``logprobs``, ``top_logprobs`` 20, as OpenAI's API, vLLM 
 them): an option's probability is the summed probability of the first reply token's alternatives whose text,
 stripped of spaces, is the option (Yes / No in either case, :data:`emma_mamba.eval.closed.SPELLINGS`; an option
 outside the 20 alternatives counts 0), normalised over the options. Where the endpoint returns no
-log-probabilities, or none of the options is among them, the same request's reply is parsed instead; an endpoint
-that refuses the log-probability fields (an error status) is asked again without them, and not asked for them
-again in the run.
+log-probabilities, or none of the options is among them, the same request's reply is parsed instead. Where a
+request with the log-probability fields fails after its retries (an endpoint that refuses them, or a network
+failure), the benchmark's remaining questions are asked again without them and their replies parsed
+(:class:`~emma_mamba.eval.runner.LikelihoodUnavailable`): a warning names the benchmark and the error, and its
+metrics.json records how many questions were scored from replies and why (``scored_from_replies``; the suite's
+summary says so on the benchmark's row).
 
 Requests run ``concurrency`` at a time; a failed request is retried (``retries``, with a growing pause) and then
 raises with the server's message (a rerun continues from the answers already written).
@@ -27,7 +30,6 @@ import json
 import math
 import time
 import urllib.error
-import warnings
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -79,7 +81,6 @@ class _ApiAnswerer:
         self._ask, self._make, self.concurrency = ask, make, concurrency
         self.identity = identity  # the endpoint and model name, recorded in eval_run.json
         self._replies: dict = {}  # question id -> reply, from a request that returned no usable log-probabilities
-        self._logprobs_refused = False
 
     def _map(self, fn, *args) -> list:
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
@@ -93,15 +94,15 @@ class _ApiAnswerer:
         return [(c if c is not None else (next(asked) or "")).strip() for c in cached]
 
     def option_probabilities(self, batch: Sequence, prompts: Sequence[str], options: Sequence[str]) -> list:
-        if self._logprobs_refused:
-            return [None] * len(batch)  # replies, parsed
+        """Each question's options' probabilities (None: its reply is parsed); a request that fails after its
+        retries raises :class:`~emma_mamba.eval.runner.LikelihoodUnavailable` with the endpoint's error (the runner
+        asks for replies from then on, and records it)."""
+        from emma_mamba.eval.runner import LikelihoodUnavailable
+
         try:
             choices = self._map(lambda q, p: self._ask(q, p, TOP_LOGPROBS), batch, prompts)
         except ApiError as e:
-            self._logprobs_refused = True
-            warnings.warn(f"the endpoint refused a request with logprobs / top_logprobs ({e}); closed-set "
-                          f"questions are answered by parsing replies from now on", stacklevel=2)
-            return [None] * len(batch)
+            raise LikelihoodUnavailable(f"a request with logprobs / top_logprobs failed: {e}") from e
         out = []
         for q, c in zip(batch, choices):
             probs = option_probabilities_from(c, options)

@@ -21,7 +21,12 @@ import logging
 import sys
 from pathlib import Path
 
-from emma_mamba.eval.runner import TASKS
+from emma_mamba.eval.mmbench import LANGS
+from emma_mamba.eval.runner import DEFAULT_IMAGE_TEMPLATE, TASK_SETTINGS, TASKS
+
+TASK_FLAGS = {"split": "--split", "image_template": "--image-template", "box_frame": "--box-frame",
+              "lang": "--lang", "ocr": "--ocr"}
+"""The option of each setting of :data:`~emma_mamba.eval.runner.TASK_SETTINGS` (a suite file's key)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,15 +71,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest reply in tokens (default 16; refcoco and ocidref 32, a box needs about 20)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
-    p.add_argument("--image-template", default="COCO_val2014_{image_id:012d}.jpg",
-                   help="VQAv2 image file name from image_id when questions have no 'image' (default %(default)s)")
+    # the settings of some tasks only: refused on another task, and with --suite (each entry gives its own)
+    p.add_argument("--image-template", default=None,
+                   help="vqav2: image file name from image_id when questions have no 'image' (default "
+                        f"{DEFAULT_IMAGE_TEMPLATE.replace('%', '%%')}); a suite: image_template: per benchmark")
     p.add_argument("--split", default=None,
                    help="the split to answer: ScienceQA (default test), AI2D test (ai2d_test_ids.csv; default), train or "
-                        "all, RefCOCO val (default), testA, testB or test")
-    p.add_argument("--box-frame", choices=("auto", "image", "square"), default="auto",
+                        "all, RefCOCO val (default), testA, testB or test; a suite: split: per benchmark")
+    p.add_argument("--box-frame", choices=("auto", "image", "square"), default=None,
                    help="refcoco, ocidref: what the model's box coordinates are normalised by: the image's width and height, "
-                        "or the square it is padded to (LLaVA-1.5); auto: square for a checkpoint trained on "
-                        "letterboxed images, else image (with --api: image)")
+                        "or the square it is padded to (LLaVA-1.5); auto (default): square for a checkpoint trained on "
+                        "letterboxed images, else image (with --api: image); a suite: box_frame: per benchmark")
+    p.add_argument("--lang", choices=LANGS, default=None,
+                   help="mmbench: the language its questions are asked in; cn: with LLaVA-1.5's MMBench-CN instruction "
+                        "\"请直接回答选项字母。\" instead of \"Answer with the option's letter from the given choices "
+                        "directly.\"; auto (default): cn when most of the file's questions (question, hint or "
+                        "options) hold Chinese characters (MMBench-CN), else en; a suite: lang: per benchmark")
+    p.add_argument("--ocr", metavar="FILE", default=None,
+                   help="textvqa, with the official TextVQA_0.5.1_val.json: the OCR file (TextVQA_Rosetta_OCR_v0.2_val"
+                        ".json) whose tokens of each question's image are added to the question as LLaVA-1.5's "
+                        "llava_textvqa_val_v051_ocr.jsonl has them (\"<question>\\nReference OCR token: tok1, tok2, "
+                        "...\"); a suite: ocr: per benchmark")
     p.add_argument("--likelihood", action="store_true",
                    help="answer a closed-set benchmark (pope, mme, mmbench, seed, scienceqa) by its options' "
                         "likelihood as the reply (Yes/No, the option letters) instead of generating and parsing a "
@@ -125,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     if args.questions is None:
         print(f"emma-mamba eval: --task {args.task} needs --questions FILE", file=sys.stderr)
         return 2
+    for key, flag in TASK_FLAGS.items():  # a setting the task would ignore: a mistake, named
+        if vars(args)[key] is not None and args.task not in TASK_SETTINGS[key]:
+            print(f"emma-mamba eval: {flag} applies to {', '.join(TASK_SETTINGS[key])} only, not --task {args.task}",
+                  file=sys.stderr)
+            return 2
     if args.images is None and args.task != "mmbench":
         print(f"emma-mamba eval: --task {args.task} needs --images DIR", file=sys.stderr)
         return 2
@@ -139,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
         def run(**kw):
             return evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                            image_template=args.image_template, checkpoint=str(args.checkpoint or args.api),
-                            progress=not args.no_progress, split=args.split, cuda_graphs=args.cuda_graphs,
-                            compile=args.compile, likelihood=args.likelihood, box_frame=args.box_frame,
-                            answer_fn=answer_fn, batching=args.batching, **kw)
+                            image_template=args.image_template or DEFAULT_IMAGE_TEMPLATE,
+                            checkpoint=str(args.checkpoint or args.api), progress=not args.no_progress,
+                            split=args.split, cuda_graphs=args.cuda_graphs, compile=args.compile,
+                            likelihood=args.likelihood, box_frame=args.box_frame or "auto", lang=args.lang or "auto",
+                            ocr=args.ocr, answer_fn=answer_fn, batching=args.batching, **kw)
 
         report = run() if shard is None else _sharded(shard, out, run)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
@@ -154,6 +177,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
+    fallback = report["scored_from_replies"]
+    if fallback is not None and (fallback["n"] or fallback["errors"]):
+        n = fallback["n"] if fallback["n"] is not None else "some"
+        print(f"not all by likelihood: {n} of {fallback['of']} questions scored from parsed replies "
+              f"({'; '.join(e['error'] for e in fallback['errors']) or 'the endpoint gave no usable log-probabilities'}"
+              f"; metrics.json: scored_from_replies)")
     print(f"answers in {out}; metrics in {out / 'metrics.json'}")
     if args.task == "mme":  # what `emma-mamba score --task mme --answers` (and MME's own eval tool) reads
         print(f"MME results folder (<category>.txt): {out / 'mme'}")
@@ -219,6 +248,12 @@ def _run_suite(args) -> int:
     for flag in ("questions", "images", "annotations"):
         if getattr(args, flag) is not None:
             print(f"emma-mamba eval: --{flag} goes with --task; a suite names each benchmark's files", file=sys.stderr)
+            return 2
+    for key, flag in TASK_FLAGS.items():  # the suite's benchmarks differ in layout: each entry gives its own
+        if vars(args)[key] is not None:
+            print(f"emma-mamba eval: {flag} goes with --task, not --suite (it applies to "
+                  f"{', '.join(TASK_SETTINGS[key])}, whose layouts differ): give `{key}: ...` in the entry of each "
+                  f"benchmark of {args.suite} that needs it (format: emma_mamba/eval/suite.py)", file=sys.stderr)
             return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{Path(args.suite).stem}"
     shard = _distributed(args)

@@ -15,7 +15,11 @@ it counts as correct only if every round is answered correctly. The first round 
 accuracy, reported too.
 
 Prompt (LLaVA-1.5's MMBench evaluation): ``[hint\\n]question\\nA. ...\\nB. ...`` then "Answer with the option's
-letter from the given choices directly." on its own line.
+letter from the given choices directly." on its own line; for MMBench-CN (``MMBench_DEV_CN.tsv``, ...) the Chinese
+instruction "请直接回答选项字母。" (:data:`MC_PROMPT_CN`) instead, as LLaVA-1.5's ``mmbench_cn.sh`` asks it
+(``model_vqa_mmbench.py --lang cn``). The language is the file's: ``lang="auto"`` (:func:`mmbench_lang`) takes a
+file whose questions mostly hold Chinese characters (in the question, hint or options) for MMBench-CN, the whole
+file asked in one language as LLaVA's flag does (VLMEvalKit decides per question instead).
 
 Reading a reply (:func:`parse_choice`): a leading option letter ("B", "B.", "(B)", "B) text"), else "answer is
 B" / "Answer: B" (a lower-case letter only at the reply's end: "The answer is a dog." picks no option), else a
@@ -38,10 +42,16 @@ from pathlib import Path
 from emma_mamba.eval._io import ScoreInputError, load_records, require
 
 __all__ = ["MMBenchItem", "read_mmbench", "rotated_options", "mmbench_prompt", "parse_choice", "score_mmbench",
-           "MC_PROMPT", "round_id"]
+           "MC_PROMPT", "MC_PROMPT_CN", "LANGS", "mmbench_lang", "round_id"]
 
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 """LLaVA-1.5's multiple-choice instruction."""
+MC_PROMPT_CN = "请直接回答选项字母。"
+"""LLaVA-1.5's multiple-choice instruction for MMBench-CN (``model_vqa_mmbench.py --lang cn``)."""
+LANGS = ("auto", "en", "cn")
+"""The language an MMBench file is asked in (``lang``): auto (:func:`mmbench_lang`), English or Chinese."""
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+"""CJK ideographs (the unified blocks, extension A, the compatibility block)."""
 LETTERS = "ABCDEFGH"
 """Option letters, in order (MMBench and SEED use A-D, ScienceQA up to E)."""
 _EMPTY = ("", "nan", "none")
@@ -141,6 +151,18 @@ def mmbench_prompt(item: MMBenchItem, round_: int) -> str:
     lines = ([item.hint] if item.hint else []) + [item.question]
     lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(rotated_options(item, round_))]
     return "\n".join(lines)
+
+
+def mmbench_lang(items: list[MMBenchItem], lang: str = "auto") -> str:
+    """The language ("en" or "cn") ``items`` are asked in: ``lang`` itself when "en" or "cn"; with "auto", "cn" when
+    more than half of the questions hold a CJK ideograph in their question, hint or options (MMBench-CN), else
+    "en"."""
+    if lang not in LANGS:
+        raise ScoreInputError(f"MMBench language must be one of {list(LANGS)}, got {lang!r}")
+    if lang != "auto":
+        return lang
+    chinese = sum(any(_CJK.search(t) for t in [it.question, it.hint or "", *it.options]) for it in items)
+    return "cn" if 2 * chinese > len(items) else "en"
 
 
 def round_id(index: int, round_: int) -> str:

@@ -68,10 +68,12 @@ def _read_lines(p: Path, ncols: int) -> list[tuple[int, list[str]]]:
     return out
 
 
-def score_category(p: Path, template: Path | None = None) -> dict:
+def score_category(p: Path, template: Path | None = None, template_rows: list | None = None) -> dict:
+    """acc, acc+ and score of one category's answer file ``p``; with ``template`` (its three-column file, whose
+    lines ``template_rows`` already read, when given) checked against it line by line."""
     rows = _read_lines(p, 4)
     if template is not None:
-        trows = _read_lines(template, 3)
+        trows = _read_lines(template, 3) if template_rows is None else template_rows
         if len(trows) != len(rows):
             raise ScoreInputError(f"{p}: {len(rows)} answered lines but the template {template} has {len(trows)}")
         for (n, cols), (tn, tcols) in zip(rows, trows):
@@ -102,8 +104,9 @@ def score_mme(answers: str | Path, template: str | Path | None = None) -> dict:
     """Score MME answer files; acc, acc_plus and score are in percent points as MME reports them."""
     files = _category_files(Path(answers), "MME answers")
     tfiles = _category_files(Path(template), "MME template") if template is not None else {}
+    trows = {cat: _read_lines(p, 3) for cat, p in tfiles.items()}  # each template file read once
     # a template category with no lines (a subset of MME) has nothing to answer: skipped, and named in the result
-    empty = sorted(cat for cat, p in tfiles.items() if not _read_lines(p, 3))
+    empty = sorted(cat for cat, rows in trows.items() if not rows)
     if tfiles and len(empty) == len(tfiles):
         raise ScoreInputError(f"MME template {template}: every category file is empty")
     for cat in tfiles:
@@ -116,7 +119,7 @@ def score_mme(answers: str | Path, template: str | Path | None = None) -> dict:
                 raise ScoreInputError(f"{p}: answers for MME category {cat!r}, but its template {tfiles[cat]} is "
                                       f"empty")
             continue
-        cats[cat] = score_category(p, tfiles.get(cat))
+        cats[cat] = score_category(p, tfiles.get(cat), trows.get(cat))
     perception = sum(v["score"] for c, v in cats.items() if c in PERCEPTION)
     cognition = sum(v["score"] for c, v in cats.items() if c in COGNITION)
     out = {"categories": cats, "perception": perception, "cognition": cognition, "total": perception + cognition}

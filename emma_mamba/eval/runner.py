@@ -12,7 +12,9 @@ a question is resolved under ``images`` as given after the arrow:
 * gqa: GQA questions JSON ``{qid: {imageId, question, answer}}`` -> ``image`` if present, else ``<imageId>.jpg``;
   or LLaVA-1.5's ``llava_gqa_testdev_balanced.jsonl`` (no answers: score with ``--annotations`` the GQA JSON);
 * textvqa: TextVQA_0.5.1_val.json ``{"data": [{question_id, image_id, question, answers}]}`` or LLaVA's JSONL
-  ``{question_id, image, text}`` -> ``image`` if present, else ``<image_id>.jpg``;
+  ``{question_id, image, text}`` -> ``image`` if present, else ``<image_id>.jpg``; with ``ocr`` (the official
+  JSON only), an OCR file (``TextVQA_Rosetta_OCR_v0.2_val.json``) whose tokens of each question's image are added
+  to the question as LLaVA's JSONL has them (:func:`emma_mamba.eval.vqa.textvqa_with_ocr`);
 * vizwiz: VizWiz val.json / test.json ``[{image, question, answers?}]`` (the image name is the question id)
   -> ``image``; or LLaVA-1.5's ``llava_test.jsonl`` ``{question_id, image, text}`` (the image name again);
 * seed: SEED-Bench.json ``{"questions": [{question_id, question, choice_a..d, answer, data_id, data_type}]}``,
@@ -20,7 +22,8 @@ a question is resolved under ``images`` as given after the arrow:
 * scienceqa: ScienceQA problems.json, the image problems of ``split`` (default test) -> ``<split>/<pid>/<image>``
   or ``<pid>/<image>``;
 * mmbench: MMBench TSV (``index, question, hint, A..D, answer, category, l2-category, image``), one question
-  per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused);
+  per circular round with id ``"<index>/<round>"`` -> the base64 image in the file (``images`` unused); MMBench-CN
+  (``lang``, :func:`emma_mamba.eval.mmbench.mmbench_lang`) asked with LLaVA's Chinese instruction;
 * vsr: VSR's ``test.jsonl`` ``{image, caption, label}`` (question id: the record's 0-based index) -> ``image``,
   ``train2017/<image>`` or ``val2017/<image>``;
 * ai2d: AI2D's ``questions/`` folder (``split`` test by ``ai2d_test_ids.csv``, train or all) -> ``imageName``;
@@ -57,7 +60,8 @@ Notable choices:
   VizWiz first adds LLaVA-1.5's ``UNANSWERABLE_PROMPT``, "When the provided information is insufficient,
   respond with 'Unanswerable'."); MME questions as LLaVA-1.5's ``llava_mme.jsonl`` asks them: their closing
   "Please answer yes or no." replaced by the short-answer instruction on its own line. MMBench: hint, question
-  and lettered options, then "Answer with the option's letter from the given choices directly." (LLaVA-1.5's);
+  and lettered options, then "Answer with the option's letter from the given choices directly." (LLaVA-1.5's;
+  for MMBench-CN its Chinese "请直接回答选项字母。");
   SEED-Bench likewise, without the hint; ScienceQA with its context as "Context: ..." first. A LLaVA-JSONL
   TextVQA question whose ``text`` already ends in the short-answer instruction (with its OCR reference tokens)
   is used verbatim. Instruction fusion sees the same prompt text.
@@ -86,7 +90,8 @@ Notable choices:
   cognition and total are None and ``partial`` names what was answered (``emma-mamba score --task mme`` refuses
   such answers against the templates: those sums are not MME's totals).
 * A folder continues only the run that began it: ``eval_run.json`` records what determines the answers (the
-  task, the questions and images, split / image template / box frame where they apply, likelihood or
+  task, the questions and images, split / image template / box frame / MMBench language / TextVQA OCR file where
+  they apply, likelihood or
   generation, ``max_new_tokens``, and the model: a checkpoint's resolved path with the size and a hash of the
   ends of its config, tokenizer and weight files, or an ``--api`` endpoint's URL and model name), and a rerun whose
   record differs in any of them is refused with the field and both values, before anything is answered (else another
@@ -115,15 +120,16 @@ from typing import Callable, Sequence
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
 from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
                                     tallyqa_records, vsr_prompt, vsr_records)
-from emma_mamba.eval.mmbench import LETTERS, MC_PROMPT, mmbench_prompt, read_mmbench, round_id
+from emma_mamba.eval.mmbench import (LETTERS, MC_PROMPT, MC_PROMPT_CN, mmbench_lang, mmbench_prompt, read_mmbench,
+                                     round_id)
 from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
-from emma_mamba.eval.vqa import textvqa_records, vizwiz_records
+from emma_mamba.eval.vqa import OCR_REFERENCE, textvqa_ocr_tokens, textvqa_records, textvqa_with_ocr, vizwiz_records
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
            "model_identity", "run_record", "check_run_record", "check_images", "limit_questions",
-           "SHORT_ANSWER_PROMPT", "UNANSWERABLE_PROMPT"]
+           "SHORT_ANSWER_PROMPT", "UNANSWERABLE_PROMPT", "TASK_SETTINGS", "LikelihoodUnavailable"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +137,12 @@ TASKS = ("pope", "vqav2", "gqa", "textvqa", "vizwiz", "mmbench", "seed", "scienc
          "refcoco", "ocidref", "mme", "prompts")
 DEFAULT_SPLITS = {"scienceqa": "test", "ai2d": "test", "refcoco": "val"}
 """The split answered when none is given (the other benchmarks' files hold one split)."""
+DEFAULT_IMAGE_TEMPLATE = "COCO_val2014_{image_id:012d}.jpg"
+"""VQAv2's image file name from a question's ``image_id`` (when its record has no ``image``)."""
+TASK_SETTINGS = {"split": tuple(DEFAULT_SPLITS), "image_template": ("vqav2",), "box_frame": ("refcoco", "ocidref"),
+                 "lang": ("mmbench",), "ocr": ("textvqa",)}
+"""The settings that only some tasks read -> those tasks (``eval`` refuses one given for another task, and with
+``--suite``, where each benchmark's entry gives its own)."""
 DEFAULT_MAX_NEW_TOKENS = {"refcoco": 32, "ocidref": 32}
 """The longest reply when none is given: 16 tokens, a box "[0.12, 0.34, 0.56, 0.78]" needs about 20."""
 CLOSED_SET = {"vsr": VSR_OPTIONS, "tallyqa": TALLY_OPTIONS}
@@ -172,6 +184,8 @@ class Question:
     TallyQA) holds this question's answer (a test split, or LLaVA's POPE file without labels, does not)."""
     options: tuple[str, ...] | None = None
     """The replies to score by likelihood instead of generating one (closed-set answering), or None."""
+    lang: str = "en"
+    """The language of the instruction after the question: "cn" for MMBench-CN (LLaVA's Chinese one)."""
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -184,16 +198,18 @@ def _image(images: Path, name: str, where: str) -> Path:
 
 
 def read_questions(task: str, questions: str | Path, images: str | Path | None,
-                   image_template: str = "COCO_val2014_{image_id:012d}.jpg", split: str | None = None,
-                   likelihood: bool = False) -> list[Question]:
+                   image_template: str = DEFAULT_IMAGE_TEMPLATE, split: str | None = None,
+                   likelihood: bool = False, *, lang: str = "auto", ocr: str | Path | None = None) -> list[Question]:
     """The questions of a benchmark file in file order, each with its image resolved and checked, and with
-    ``likelihood`` (or on an always closed-set task) the options to score."""
+    ``likelihood`` (or on an always closed-set task) the options to score. ``lang`` (MMBench): the language the
+    questions are asked in (:func:`emma_mamba.eval.mmbench.mmbench_lang`); ``ocr`` (TextVQA): the OCR file whose
+    tokens are added to each question (module docstring)."""
     if task not in TASKS:
         raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
     if likelihood and task not in LIKELIHOOD_TASKS:
         raise ScoreInputError(f"task {task} is open-ended: answering by likelihood (--likelihood) applies to "
                               f"{', '.join(LIKELIHOOD_TASKS)}")
-    out = _read_questions(task, questions, images, image_template, split or DEFAULT_SPLITS.get(task))
+    out = _read_questions(task, questions, images, image_template, split or DEFAULT_SPLITS.get(task), lang, ocr)
     if task in CLOSED_SET:
         return [dataclasses.replace(q, options=CLOSED_SET[task]) for q in out]
     if likelihood or task == "ai2d":  # AI2D: always by its letters' likelihood (as Prismatic)
@@ -213,14 +229,19 @@ def _letters(task: str, prompt: str) -> tuple[str, ...]:
     return tuple(LETTERS[:n])
 
 
-def _read_questions(task, questions, images, image_template, split) -> list[Question]:
+def _read_questions(task, questions, images, image_template, split, lang, ocr) -> list[Question]:
     qpath = Path(questions)
     out: list[Question] = []
     if task == "mmbench":  # images inside the file
-        for it in read_mmbench(qpath):
+        items = read_mmbench(qpath)
+        asked_in = mmbench_lang(items, lang)
+        if lang == "auto" and asked_in == "cn":
+            log.info("%s: Chinese questions (MMBench-CN): asked with LLaVA's MMBench-CN instruction %r (--lang en: "
+                     "the English one)", qpath, MC_PROMPT_CN)
+        for it in items:
             for r in range(len(it.options)):
                 out.append(Question(round_id(it.index, r), None, mmbench_prompt(it, r), category=it.category,
-                                    image_bytes=it.image, has_answer=it.answer is not None))
+                                    image_bytes=it.image, has_answer=it.answer is not None, lang=asked_in))
         return out
     if images is None or not Path(images).is_dir():
         raise ScoreInputError(f"--images {images} is not a directory")
@@ -274,13 +295,15 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
             out.append(Question(str(qid), _image(images, name, f"{qpath}: {loc}"),
                                 require(rec, ("question",), qpath, loc, "GQA question")))
     elif task == "textvqa":
+        tokens = textvqa_ocr_tokens(ocr) if ocr is not None else None
         for loc, rec in textvqa_records(qpath):
             qid = require(rec, ("question_id",), qpath, loc, "TextVQA question")
             name = rec["image"] if "image" in rec else \
                 f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
-            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"),
-                                require(rec, ("question", "text"), qpath, loc, "TextVQA question"),
-                                has_answer="answers" in rec))
+            text = require(rec, ("question", "text"), qpath, loc, "TextVQA question")
+            if tokens is not None:
+                text = _with_ocr(text, rec, tokens, qpath, loc, ocr)
+            out.append(Question(qid, _image(images, name, f"{qpath}: {loc}"), text, has_answer="answers" in rec))
     elif task == "scienceqa":
         for pid, rec in scienceqa_problems(qpath, split).items():
             p = scienceqa_image(images, pid, rec)
@@ -361,8 +384,25 @@ def _read_questions(task, questions, images, image_template, split) -> list[Ques
     return out
 
 
-def prompt_for(task: str, text: str) -> str:
-    """The user prompt sent to the model for a question (see the module docstring)."""
+def _with_ocr(text, rec: dict, tokens: dict, qpath: Path, loc: str, ocr) -> str:
+    """A TextVQA question with its image's tokens of the OCR file ``ocr`` (``tokens``: image_id -> tokens)."""
+    if not isinstance(text, str):
+        raise ScoreInputError(f"{qpath}: {loc}: the question must be a string, got {text!r}")
+    if OCR_REFERENCE in text:
+        raise ScoreInputError(f"{qpath}: {loc}: the question already holds its OCR tokens ({OCR_REFERENCE!r}: "
+                              f"LLaVA's question file); --ocr {ocr} would add them twice: drop --ocr")
+    image_id = require(rec, ("image_id",), qpath, loc, "TextVQA question (with --ocr)")
+    if image_id not in tokens:
+        raise ScoreInputError(f"{qpath}: {loc}: image_id {image_id!r} is not in the OCR file {ocr} (the OCR file "
+                              f"of another split?)")
+    return textvqa_with_ocr(text, tokens[image_id])
+
+
+def prompt_for(task: str, text: str, lang: str = "en") -> str:
+    """The user prompt sent to the model for a question (see the module docstring); ``lang`` "cn": an MMBench-CN
+    question (:attr:`Question.lang`)."""
+    if task == "mmbench" and lang == "cn":
+        return f"{text}\n{MC_PROMPT_CN}"
     if task in ("mmbench", "seed", "scienceqa", "ai2d"):
         return f"{text}\n{MC_PROMPT}"
     if task == "vsr":
@@ -454,9 +494,12 @@ def _content_stamp(f: Path) -> dict:
 
 def run_record(task: str, questions: str | Path, images: str | Path | None, *, answered_by: str,
                max_new_tokens: int, identity: dict | None, split: str | None = None,
-               image_template: str | None = None, box_frame: str | None = None) -> dict:
+               image_template: str | None = None, box_frame: str | None = None, lang: str = "en",
+               ocr: str | Path | None = None) -> dict:
     """The ``eval_run.json`` of a run: everything that determines its answers (module docstring). Settings a
-    task does not use are None, so changing them does not block a continuation."""
+    task does not use are None, so changing them does not block a continuation. ``lang`` (MMBench, as asked:
+    :func:`questions_lang`) and ``ocr`` (TextVQA) came later: a record without them is read with the values its
+    run had (:func:`_added_fields`)."""
     return {"format": RUN_FORMAT, "task": task,
             "questions": str(Path(questions).resolve()),
             "images": None if images is None or task == "mmbench" else str(Path(images).resolve()),
@@ -464,12 +507,66 @@ def run_record(task: str, questions: str | Path, images: str | Path | None, *, a
             "image_template": image_template if task == "vqav2" else None,
             "answered_by": answered_by, "max_new_tokens": max_new_tokens,
             "box_frame": box_frame if task in ("refcoco", "ocidref") else None,
+            "lang": lang if task == "mmbench" else None,
+            "ocr": str(Path(ocr).resolve()) if task == "textvqa" and ocr is not None else None,
             "model": identity}
+
+
+def _added_fields(task) -> dict:
+    """The fields of ``eval_run.json`` added within its format 2, with the values a run before them had."""
+    return {"lang": "en" if task == "mmbench" else None, "ocr": None}
+
+
+def questions_lang(qs: Sequence[Question]) -> str:
+    """The language ``qs`` are asked in (:attr:`Question.lang`: "cn" for MMBench-CN, else "en")."""
+    return "cn" if any(q.lang == "cn" for q in qs) else "en"
 
 
 def answered_by(qs: Sequence[Question]) -> str:
     """How a run answers ``qs``: "likelihood" (closed-set: the options' probabilities) or "generation"."""
     return "likelihood" if any(q.options for q in qs) else "generation"
+
+
+class LikelihoodUnavailable(RuntimeError):
+    """Raised by an ``answer_fn``'s ``option_probabilities`` when the options' probabilities cannot be had any more
+    (``--api``: the endpoint refused or failed a request with log-probabilities): :func:`evaluate` answers the
+    benchmark's remaining questions by parsed replies and records it (:func:`_likelihood_failed`)."""
+
+
+FALLBACK_FILE = "likelihood_fallback.jsonl"
+"""In an output folder: one line per time a likelihood run fell back to parsed replies (the error, the rank and
+the questions left), kept across continuations; removed when a run starts afresh."""
+
+
+def _likelihood_failed(out: Path, task: str, questions, err: Exception, rank: int, left: int) -> None:
+    """Warn that the benchmark in ``out`` answers its ``left`` remaining questions by parsed replies because of
+    ``err``, and record it in ``out/FALLBACK_FILE`` (read into metrics.json by :func:`_scored_from_replies`)."""
+    log.warning("benchmark %s (%s, %s): the options' likelihood could not be had (%s); its %d remaining questions "
+                "are answered by generated replies, parsed, instead (recorded in metrics.json: scored_from_replies)",
+                out.name, task, questions, err, left)
+    line = json.dumps({"error": str(err), "rank": rank, "questions_left": left}, ensure_ascii=False)
+    with (out / FALLBACK_FILE).open("a", encoding="utf-8") as f:  # one short line: whole, also beside other ranks
+        f.write(line + "\n")
+
+
+def _scored_from_replies(out: Path, task: str, qs: Sequence[Question]) -> dict:
+    """How many of a likelihood run's questions ``qs`` were scored from a parsed reply instead of their options'
+    probabilities (the endpoint gave none for them, or failed: ``errors``, from ``out/FALLBACK_FILE``):
+    ``{"n", "of", "errors"}``. ``n`` counts the answers without ``probabilities`` in answers.jsonl; for MME, whose
+    answer files do not say, it is None (``errors`` tell how many questions were left at each fallback)."""
+    errors = []
+    path = out / FALLBACK_FILE
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                errors.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn line of an interrupted run: its message is lost, not the count
+                errors.append({"error": line})
+    n = None
+    if task != "mme":
+        done = _read_done_jsonl(out / "answers.jsonl")
+        n = sum(1 for q in qs if q.qid in done and "probabilities" not in done[q.qid])
+    return {"n": n, "of": len(qs), "errors": errors}
 
 
 def _has_answers(out: Path) -> bool:
@@ -512,7 +609,8 @@ def check_run_record(out_dir: str | Path, record: dict) -> None:
                               f"another --out")
     legacy = "format" not in before
     # an older file recorded task and answered_by only: compare what it has, warn about the rest
-    old = {k: before[k] for k in ("task", "answered_by") if k in before} if legacy else before
+    old = {k: before[k] for k in ("task", "answered_by") if k in before} if legacy else \
+        {**_added_fields(before.get("task")), **before}
     new = {k: record[k] for k in old} if legacy else record
     if old.get("task") == new.get("task") and old.get("answered_by") not in (None, new.get("answered_by")):
         flag = "with" if old["answered_by"] == "likelihood" else "without"  # the message eval always gave
@@ -612,9 +710,10 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
 
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
-             cuda_graphs: bool = False, compile: bool = False, limit: int | None = None, image_template: str = "COCO_val2014_{image_id:012d}.jpg",
-             checkpoint: str | None = None, progress: bool = True, split: str | None = None, likelihood: bool = False,
-             box_frame: str = "auto", shard: tuple[int, int] | None = None, batching: str = "continuous",
+             cuda_graphs: bool = False, compile: bool = False, limit: int | None = None,
+             image_template: str = DEFAULT_IMAGE_TEMPLATE, checkpoint: str | None = None, progress: bool = True,
+             split: str | None = None, likelihood: bool = False, box_frame: str = "auto", lang: str = "auto",
+             ocr: str | Path | None = None, shard: tuple[int, int] | None = None, batching: str = "continuous",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None,
              identity: dict | None = None, check_files: bool = True, sync: Callable[[], None] | None = None,
              merged: bool = False) -> dict:
@@ -626,6 +725,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     closed-set benchmark (``LIKELIHOOD_TASKS``) by its options' likelihood (module docstring). ``box_frame``
     (RefCOCO): what the model's box coordinates are normalised by (:mod:`emma_mamba.eval.refcoco`), "auto" =
     "square" for a checkpoint trained on letterboxed images (``vision.image_resize: letterbox``), else "image".
+    ``lang`` (MMBench): "auto", "en" or "cn", the language its questions are asked in
+    (:func:`emma_mamba.eval.mmbench.mmbench_lang`); ``ocr`` (TextVQA, its official JSON): the OCR file whose tokens
+    are added to each question (:func:`emma_mamba.eval.vqa.textvqa_ocr_tokens`).
     ``shard=(rank, world)``: answer this process's share only, score nothing (module docstring; the returned
     report has ``metrics`` None and ``shard``). ``sync``, with ``shard``: a barrier across the processes (torchrun's),
     called by every rank once rank 0 has checked the folder's ``eval_run.json`` and written this run's, before any
@@ -642,6 +744,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     this run's ``max_new_tokens`` through it). For questions with options (closed-set answering) its
     ``option_probabilities(questions, prompts, options) -> rows`` method, if it has one, gives the options'
     probabilities (a row may be None: that question is scored from a reply); without it the replies are parsed.
+    Where it raises :class:`LikelihoodUnavailable` (``--api``: the endpoint refused or failed a request with
+    log-probabilities), the benchmark's remaining questions are answered by parsed replies, a warning names the
+    benchmark and the error, and the metrics record it (``scored_from_replies``, :func:`_scored_from_replies`).
     ``identity``: what identifies the model in ``eval_run.json`` (:func:`model_identity`); default: the
     ``answer_fn``'s ``identity`` attribute (``--api``), else the fingerprint of the ``checkpoint`` directory. A
     folder whose record differs is refused (:func:`check_run_record`). ``check_files=False``: the images were
@@ -661,7 +766,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qs = read_questions(task, questions, images, image_template, split, likelihood)
+    qs = read_questions(task, questions, images, image_template, split, likelihood, lang=lang, ocr=ocr)
     if task == "prompts" and annotations is not None:
         raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
     if annotations is None:
@@ -687,12 +792,14 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     # ---- what is left to answer (by the same method as the answers already there)
     record = run_record(task, questions, images, answered_by=answered_by(qs), max_new_tokens=max_new_tokens,
                         identity=_resolve_identity(identity, answer_fn, checkpoint), split=split,
-                        image_template=image_template, box_frame=box_frame)
+                        image_template=image_template, box_frame=box_frame, lang=questions_lang(qs), ocr=ocr)
     # every rank checks (a refused rank must not answer), before rank 0 replaces the record with this run's; no
     # rank writes an answer before every rank is past this (sync): a fresh folder holds no answers when checked,
     # and a rank that reads rank 0's new record reads this very record
     check_run_record(out, record)
     if rank == 0:
+        if not _has_answers(out):  # a fresh start: no fallback of an earlier run applies to these answers
+            (out / FALLBACK_FILE).unlink(missing_ok=True)
         _write_run_record(out, record)
     if world > 1 and sync is not None:
         sync()
@@ -766,7 +873,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     try:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            prompts = [prompt_for(task, q.text) for q in batch]
+            prompts = [prompt_for(task, q.text, q.lang) for q in batch]
             probs = [None] * len(batch)
             groups: dict = {}  # questions with the same options are scored together
             for k, q in enumerate(batch):
@@ -776,7 +883,12 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
                 while inflight:
                     write(*inflight.popleft().collect())
             for opts, idx in groups.items():
-                rows = option_fn([batch[k] for k in idx], [prompts[k] for k in idx], opts)
+                try:
+                    rows = option_fn([batch[k] for k in idx], [prompts[k] for k in idx], opts)
+                except LikelihoodUnavailable as e:
+                    option_fn = None  # this group, the batch's other groups and the rest: replies, parsed
+                    _likelihood_failed(out, task, questions, e, rank, len(todo) - i)
+                    break
                 if len(rows) != len(idx):
                     raise RuntimeError(f"option_probabilities returned {len(rows)} rows for {len(idx)} questions")
                 for k, row in zip(idx, rows):
@@ -839,7 +951,9 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "batching": batching if own_model else None,
               "decode_steps": answerer.decoder.decode_steps if answerer is not None else None,
               "max_new_tokens": max_new_tokens, "limit": limit,
-              "answered_by": record["answered_by"], "metrics": metrics}
+              "answered_by": record["answered_by"],
+              "scored_from_replies": _scored_from_replies(out, task, qs) if record["answered_by"] == "likelihood"
+              else None, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 

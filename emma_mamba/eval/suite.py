@@ -13,6 +13,16 @@ Suite file (paths relative to ``root``, itself relative to the suite file; stric
       mmbench:     {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv}
       scienceqa:   {task: scienceqa, questions: scienceqa/problems.json, images: scienceqa/images, split: test}
       mmbench_ll:  {task: mmbench, questions: mmbench/MMBench_DEV_EN.tsv, likelihood: true}  # by likelihood
+      mmbench_cn:  {task: mmbench, questions: mmbench/MMBench_DEV_CN.tsv, lang: cn}          # (auto: the same)
+      textvqa:     {task: textvqa, questions: textvqa/TextVQA_0.5.1_val.json, images: textvqa/train_images,
+                    ocr: textvqa/TextVQA_Rosetta_OCR_v0.2_val.json}
+
+Per benchmark, besides ``task``, ``questions``, ``images`` and ``annotations`` (``eval --task``'s files): ``batch_size``,
+``max_new_tokens``, ``limit`` (also suite-wide, above), ``likelihood``, and the settings of some tasks only, each
+refused on another task: ``split`` (scienceqa, ai2d, refcoco), ``image_template`` (vqav2), ``box_frame``
+(refcoco, ocidref), ``lang`` (mmbench: auto, en or cn) and ``ocr`` (textvqa: the OCR file, relative to ``root``).
+These are the options ``eval --split / --image-template / --box-frame / --lang / --ocr`` of a single benchmark,
+which ``eval --suite`` refuses: the benchmarks of a suite differ in layout, so each entry gives its own.
 
 Every benchmark's files are read and checked before the first question is answered (each image it will
 answer about opened and decoded, :func:`emma_mamba.eval.runner.check_images`, and each existing output folder's
@@ -40,16 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError
-from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASKS, _resolve_identity, _resolve_settings, answered_by,
-                                    check_images, check_run_record, evaluate, limit_questions, merge_shards,
-                                    read_questions, run_record)
+from emma_mamba.eval.mmbench import LANGS
+from emma_mamba.eval.refcoco import FRAMES
+from emma_mamba.eval.runner import (DEFAULT_IMAGE_TEMPLATE, LIKELIHOOD_TASKS, TASK_SETTINGS, TASKS, _resolve_identity,
+                                    _resolve_settings, answered_by, check_images, check_run_record, evaluate,
+                                    limit_questions, merge_shards, questions_lang, read_questions, run_record)
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
 log = logging.getLogger(__name__)
 
 _ENTRY_KEYS = {"task", "questions", "images", "annotations", "split", "image_template", "batch_size",
-               "max_new_tokens", "limit", "likelihood", "box_frame"}
+               "max_new_tokens", "limit", "likelihood", "box_frame", "lang", "ocr"}
 _TOP_KEYS = {"root", "benchmarks", "batch_size", "max_new_tokens", "limit"}
 
 
@@ -61,7 +73,8 @@ class SuiteEntry:
     images: Path | None = None
     annotations: Path | None = None
     options: dict = field(default_factory=dict)
-    """batch_size, max_new_tokens, limit, split, image_template, likelihood, box_frame (only those given)."""
+    """batch_size, max_new_tokens, limit, split, image_template, likelihood, box_frame, lang, ocr (a resolved
+    path), only those given: :func:`emma_mamba.eval.runner.evaluate`'s keyword arguments."""
 
 
 def read_suite(path: str | Path) -> list[SuiteEntry]:
@@ -117,14 +130,22 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
                                   f"name is not a task)")
         if "questions" not in spec:
             raise ScoreInputError(f"{where}: no 'questions'")
-        for k in ("questions", "images", "annotations", "split", "image_template"):  # paths and names: strings
+        for k in ("questions", "images", "annotations", "split", "image_template", "ocr"):  # paths, names: strings
             if k in spec and not isinstance(spec[k], str) and (spec[k] is not None or k in ("questions",
-                                                                                      "image_template")):
+                                                                                      "image_template", "ocr")):
                 raise ScoreInputError(f"{where}: {k} must be a string, got {spec[k]!r}")
+        for k, tasks in TASK_SETTINGS.items():  # a setting another task would ignore: a mistake, named
+            if spec.get(k) is not None and task not in tasks:
+                raise ScoreInputError(f"{where}: {k} applies to {', '.join(tasks)} only, not {task}")
         opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
-                                                     "image_template", "likelihood", "box_frame") if k in spec}}
-        if opts.get("box_frame", "auto") not in ("auto", "image", "square"):
-            raise ScoreInputError(f"{where}: box_frame must be auto, image or square, got {opts['box_frame']!r}")
+                                                     "image_template", "likelihood", "box_frame", "lang")
+                               if k in spec}}
+        if "ocr" in spec:
+            opts["ocr"] = root / spec["ocr"]
+        if opts.get("box_frame", "auto") not in ("auto", *FRAMES):
+            raise ScoreInputError(f"{where}: box_frame must be one of {['auto', *FRAMES]}, got {opts['box_frame']!r}")
+        if opts.get("lang", "auto") not in LANGS:
+            raise ScoreInputError(f"{where}: lang must be one of {list(LANGS)}, got {opts['lang']!r}")
         if "likelihood" in opts:
             if not isinstance(opts["likelihood"], bool):
                 raise ScoreInputError(f"{where}: likelihood must be true or false, got {opts['likelihood']!r}")
@@ -204,15 +225,17 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     problems = []
     for e in entries:  # fail fast: every file, image and output folder is checked before any answering
         opts = _options(e, batch_size, max_new_tokens, limit, likelihood)
-        template = opts.get("image_template", "COCO_val2014_{image_id:012d}.jpg")
+        template = opts.get("image_template", DEFAULT_IMAGE_TEMPLATE)
         try:
             qs = limit_questions(e.task, read_questions(e.task, e.questions, e.images, template, opts.get("split"),
-                                                        opts["likelihood"]), opts["limit"])
+                                                        opts["likelihood"], lang=opts.get("lang", "auto"),
+                                                        ocr=opts.get("ocr")), opts["limit"])
             check_images(qs, f"{e.task} {e.questions}")
             new, frame = _resolve_settings(model, e.task, opts["max_new_tokens"], opts.get("box_frame", "auto"))
             check_run_record(out / e.name, run_record(
                 e.task, e.questions, e.images, answered_by=answered_by(qs), max_new_tokens=new, identity=identity,
-                split=opts.get("split"), image_template=template, box_frame=frame))
+                split=opts.get("split"), image_template=template, box_frame=frame, lang=questions_lang(qs),
+                ocr=opts.get("ocr")))
         except ScoreInputError as err:  # every benchmark's first problem, not only the first benchmark's
             problems.append(f"benchmark {e.name!r}: {err}")
     if len(problems) == 1:
@@ -242,7 +265,11 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             reports[e.name] = rep
             m = rep["metrics"]
             n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
-            rows.append({"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)})
+            row = {"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)}
+            fallback = rep["scored_from_replies"]
+            if fallback is not None and (fallback["n"] or fallback["errors"]):  # not all by likelihood: said
+                row["scored_from_replies"] = fallback["n"]
+            rows.append(row)
     except BaseException as err:
         # keep the finished benchmarks' table (rank 0; the others write nothing), then let the error through
         if rows and (shard is None or shard[0] == 0):
@@ -307,8 +334,12 @@ def format_summary(rows: list[dict]) -> str:
     """A markdown table: one row per benchmark, its headline numbers (no ground truth: answers only)."""
     lines = ["| benchmark | task | questions | result |", "| --- | --- | --- | --- |"]
     for r in rows:
-        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n", "partial")}
+        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n", "partial", "scored_from_replies")}
         text = ", ".join(f"{k} {v:.2f}" for k, v in nums.items()) or (
             "partial answers (--limit): no totals" if r.get("partial") else "answers only (no ground truth)")
+        if "scored_from_replies" in r:  # a likelihood benchmark that fell back to parsed replies
+            n = r["scored_from_replies"]
+            text += (f"; {n if n is not None else 'some'} scored from parsed replies, not by likelihood (see its "
+                     f"metrics.json: scored_from_replies)")
         lines.append(f"| {r['benchmark']} | {r['task']} | {r['n']} | {text} |")
     return "\n".join(lines)

@@ -206,6 +206,50 @@ def textvqa_records(path: str | Path) -> list[tuple[str, dict]]:
     return load_records(path, "TextVQA")
 
 
+OCR_REFERENCE = "Reference OCR token: "
+"""What precedes the OCR tokens in a TextVQA question (LLaVA-1.5's ``llava_textvqa_val_v051_ocr.jsonl``)."""
+
+
+def textvqa_ocr_tokens(path: str | Path) -> dict:
+    """image_id -> OCR tokens of a TextVQA OCR file (``TextVQA_Rosetta_OCR_v0.2_val.json``: ``{"data": [{image_id,
+    ocr_tokens, ocr_info}]}``); a record's ``ocr_tokens``, else the ``word`` of each of its ``ocr_info`` entries.
+    Errors name the file and the record; an image given twice with other tokens is refused."""
+    doc = load_json(path, "TextVQA OCR")
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise ScoreInputError(f"{path}: expected a JSON object with a 'data' list of {{image_id, ocr_tokens}} "
+                              f"(TextVQA_Rosetta_OCR_v0.2_val.json)")
+    out: dict = {}
+    where: dict = {}
+    for i, rec in enumerate(doc["data"]):
+        loc = f"data[{i}]"
+        if not isinstance(rec, dict):
+            raise ScoreInputError(f"{path}: {loc}: expected a JSON object {{image_id, ocr_tokens}}")
+        image_id = require(rec, ("image_id",), path, loc, "TextVQA OCR")
+        if not isinstance(image_id, str):
+            raise ScoreInputError(f"{path}: {loc}: image_id must be a string, got {image_id!r}")
+        if "ocr_tokens" in rec:
+            tokens, field = rec["ocr_tokens"], "ocr_tokens"
+        else:
+            info = require(rec, ("ocr_tokens", "ocr_info"), path, loc, "TextVQA OCR")
+            if not isinstance(info, list) or not all(isinstance(x, dict) and "word" in x for x in info):
+                raise ScoreInputError(f"{path}: {loc}: ocr_info must be a list of objects with a 'word'")
+            tokens, field = [x["word"] for x in info], "ocr_info words"
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ScoreInputError(f"{path}: {loc}: {field} must be a list of strings, got {tokens!r:.200}")
+        if image_id in out and out[image_id] != tokens:
+            raise ScoreInputError(f"{path}: {loc}: image_id {image_id!r} is given again with other tokens (first in "
+                                  f"{where[image_id]})")
+        out[image_id] = tokens
+        where.setdefault(image_id, loc)
+    return out
+
+
+def textvqa_with_ocr(question: str, tokens: list[str]) -> str:
+    """A TextVQA question with its image's OCR tokens on the next line, as LLaVA-1.5's question file has them
+    ("<question>\\nReference OCR token: tok1, tok2, ..."; the question alone when there are none)."""
+    return f"{question}\n{OCR_REFERENCE}{', '.join(tokens)}" if tokens else question
+
+
 def score_textvqa(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
     """Score TextVQA answers (``question_id`` + ``answer``/``text``) against TextVQA_0.5.1_val.json.
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from emma_mamba.eval.api import ApiError, api_answer_fn
-from emma_mamba.eval.runner import evaluate
+from emma_mamba.eval.runner import LikelihoodUnavailable, evaluate
 from tests.eval.test_runner import shapes  # noqa: F401 - the ShapesWorld held-out files (a fixture)
 
 
@@ -155,21 +155,82 @@ def test_closed_set_option_probabilities_from_top_logprobs():
     assert a(qs[1:], ["p1"]) == ["Maybe"]  # the reply of that request, not a new one
     assert sorted(asked) == [(0, 20), (1, 20)]
 
-    # an endpoint that refuses the log-probability fields: asked again without them, and never again with them
-    asked.clear()
-
+    # an endpoint that refuses the log-probability fields: the runner is told, with the endpoint's error (it asks for
+    # replies from then on and records it: test_a_failed_likelihood_request_is_warned_and_recorded)
     def strict(q, p, top=None):
-        asked.append((q.qid, top))
         if top is not None:
             raise ApiError("HTTP 400: unknown field top_logprobs")
         return {"message": {"content": "False"}}
 
     a = _ApiAnswerer(strict, None, concurrency=1)
-    with pytest.warns(UserWarning, match="refused a request with logprobs"):
-        assert a.option_probabilities(qs, ["p0", "p1"], ("True", "False")) == [None, None]
+    with pytest.raises(LikelihoodUnavailable, match="HTTP 400: unknown field top_logprobs"):
+        a.option_probabilities(qs, ["p0", "p1"], ("True", "False"))
     assert a(qs, ["p0", "p1"]) == ["False", "False"]
-    assert a.option_probabilities(qs, ["p0", "p1"], ("True", "False")) == [None, None]
-    assert [t for _, t in asked] == [20, None, None]
+
+
+def _yes_no_choice(p_yes: float) -> dict:
+    """A chat-completion choice replying "Yes" whose first token's alternatives are Yes (p_yes) and No."""
+    import math
+
+    return {"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": math.log(p_yes),
+            "top_logprobs": [{"token": "Yes", "logprob": math.log(p_yes)},
+                             {"token": "No", "logprob": math.log(1 - p_yes)}]}]}}
+
+
+def test_a_failed_likelihood_request_is_warned_and_recorded(shapes, tmp_path, caplog):
+    """POPE by likelihood through an endpoint whose requests with log-probabilities fail after the first batch (a
+    network failure): the first 2 questions are answered by their options' probabilities, the other 4 by parsed
+    replies, never asked with log-probabilities again; a warning names the benchmark and the error, and
+    metrics.json, a continuation's metrics.json and the suite's summary say that 4 of the 6 were scored from
+    replies, and why."""
+    import logging
+
+    from emma_mamba.eval.api import _ApiAnswerer
+    from emma_mamba.eval.suite import read_suite, run_suite
+
+    asked = []
+    network = "URLError: <urlopen error [Errno 111] Connection refused>"
+
+    def ask(q, p, top=None):
+        asked.append(top)
+        if top is None:
+            return {"message": {"content": "No"}}
+        if len(asked) > 2:  # the second batch's requests with log-probabilities: the network is gone
+            raise ApiError(f"http://127.0.0.1:9/v1/chat/completions: question {q.qid!r}: {network}")
+        return _yes_no_choice(0.9)
+
+    def answerer():
+        a = _ApiAnswerer(ask, None, concurrency=1)
+        a._make = lambda n: a  # one answerer whatever the reply length (as api_answer_fn's own makes one per run)
+        return a
+
+    ho, kw = shapes / "heldout", dict(batch_size=2, limit=6, likelihood=True, progress=False)
+    out = tmp_path / "pope_ll"
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.eval.runner"):
+        rep = evaluate(None, "pope", ho / "pope_random.jsonl", shapes / "images", out, answer_fn=answerer(), **kw)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "benchmark pope_ll (pope" in warned[0] and "Connection refused" in warned[0]
+    assert "4 remaining questions" in warned[0]
+    first_none = asked.index(None)
+    assert asked[:first_none] == [20] * first_none and set(asked[first_none:]) == {None} and asked.count(None) == 4
+    recs = _answers(out)
+    assert [r["text"] for r in recs] == ["Yes", "Yes", "No", "No", "No", "No"]
+    assert [("probabilities" in r) for r in recs] == [True, True, False, False, False, False]
+    fallback = json.loads((out / "metrics.json").read_text())["scored_from_replies"]
+    assert rep["answered_by"] == "likelihood" and fallback["n"] == 4 and fallback["of"] == 6
+    assert len(fallback["errors"]) == 1 and network in fallback["errors"][0]["error"]
+    assert fallback["errors"][0]["questions_left"] == 4
+    # a continuation (nothing left to answer) still reports it: it is the folder's, not the process's
+    again = evaluate(None, "pope", ho / "pope_random.jsonl", shapes / "images", out, answer_fn=answerer(), **kw)
+    assert again["scored_from_replies"] == fallback
+    # a suite: the benchmark's row says it, in summary.json and summary.md
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"root: {shapes}\nbenchmarks:\n  pope_ll: {{task: pope, questions: heldout/pope_random.jsonl, "
+                     f"images: images, likelihood: true, limit: 6, batch_size: 2}}\n")
+    asked.clear()
+    summary = run_suite(None, read_suite(suite), tmp_path / "suite_out", progress=False, answer_fn=answerer())
+    assert summary["benchmarks"][0]["scored_from_replies"] == 4
+    assert "4 scored from parsed replies, not by likelihood" in (tmp_path / "suite_out" / "summary.md").read_text()
 
 
 def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
@@ -185,6 +246,7 @@ def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
     assert len(seen) == 5 and rep["metrics"]["n"] == 5
     recs = _answers(tmp_path / "api")
     assert [r["question_id"] for r in recs] == [0, 1, 2, 3, 4] and all("probabilities" not in r for r in recs)
+    assert rep["scored_from_replies"] == {"n": 5, "of": 5, "errors": []}  # said, not hidden behind "likelihood"
 
 
 @pytest.mark.parametrize("body", [b'{"choices": []}', b'[]', b'{"choices": [null]}'])

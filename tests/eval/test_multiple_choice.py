@@ -140,6 +140,86 @@ def test_runner_asks_every_round_and_scores(tsv, tmp_path):
     assert [q.qid for q in read_questions("mmbench", tsv, None)][:3] == ["5/0", "5/1", "9/0"]
 
 
+# MMBench-CN's layout (MMBench_DEV_CN.tsv): the same columns, the texts in Chinese; one question (a sum) without a
+# Chinese character, as the translated files have some
+CN_ROWS = [
+    {**ROWS[0], "question": "图片是什么颜色？", "A": "红色", "B": "绿色"},
+    {**ROWS[1], "question": "哪种形状？", "hint": "仔细看。", "A": "圆形", "B": "正方形", "C": "星形"},
+    {**ROWS[2], "question": "1 + 1 = ?", "hint": "nan"},
+]
+CN_INSTRUCTION = "请直接回答选项字母。"  # LLaVA-1.5's model_vqa_mmbench.py --lang cn (scripts/v1_5/eval/mmbench_cn.sh)
+EN_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def _prompts(path, tmp_path, name, **kw) -> dict:
+    seen = {}
+
+    def record(qs, ps):
+        seen.update((q.qid, p) for q, p in zip(qs, ps))
+        return ["A"] * len(qs)
+
+    evaluate(None, "mmbench", path, None, tmp_path / name, progress=False, answer_fn=record, **kw)
+    return seen
+
+
+def test_mmbench_cn_is_asked_with_llavas_chinese_instruction(tmp_path):
+    """An MMBench-CN file (most questions with Chinese characters) is asked with LLaVA's Chinese instruction, every
+    question of it (the sum without Chinese characters too, as LLaVA's --lang cn asks the whole file); an English
+    file, or one English-majority file with a Chinese question, with the English one; --lang overrides either;
+    the language is in eval_run.json, so a folder answered in one is not continued in the other."""
+    cn = write_tsv(tmp_path / "MMBench_DEV_CN.tsv", CN_ROWS)
+    en = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", ROWS)
+    mixed = write_tsv(tmp_path / "mixed.tsv", [CN_ROWS[0], ROWS[1], ROWS[2]])
+    seen = _prompts(cn, tmp_path, "cn")
+    assert seen["9/1"] == f"仔细看。\n哪种形状？\nA. 正方形\nB. 星形\nC. 圆形\n{CN_INSTRUCTION}"
+    assert seen["12/0"] == f"1 + 1 = ?\nA. 1\nB. 2\nC. 3\nD. 4\n{CN_INSTRUCTION}"
+    assert len(seen) == 9 and all(p.endswith("\n" + CN_INSTRUCTION) for p in seen.values())
+    assert json.loads((tmp_path / "cn" / "eval_run.json").read_text())["lang"] == "cn"
+    assert all(p.endswith("\n" + EN_INSTRUCTION) for p in _prompts(en, tmp_path, "en").values())
+    # a folder from before the language was recorded (English prompts) continues as English, not as Chinese
+    run = tmp_path / "en" / "eval_run.json"
+    assert json.loads(run.read_text())["lang"] == "en"
+    run.write_text(json.dumps({k: v for k, v in json.loads(run.read_text()).items() if k not in ("lang", "ocr")}))
+    assert _prompts(en, tmp_path, "en") == {}  # nothing left to ask: continued
+    with pytest.raises(ScoreInputError, match=r"lang = \"en\", but this run has lang = \"cn\""):
+        _prompts(en, tmp_path, "en", lang="cn")
+    assert all(p.endswith("\n" + EN_INSTRUCTION) for p in _prompts(mixed, tmp_path, "mixed").values())
+    seen = _prompts(cn, tmp_path, "cn_as_en", lang="en")
+    assert seen["5/0"] == f"图片是什么颜色？\nA. 红色\nB. 绿色\n{EN_INSTRUCTION}"
+    assert all(p.endswith("\n" + CN_INSTRUCTION) for p in _prompts(en, tmp_path, "en_as_cn", lang="cn").values())
+    with pytest.raises(ScoreInputError, match=r"lang = \"cn\", but this run has lang = \"en\""):
+        _prompts(cn, tmp_path, "cn", lang="en")
+
+
+def test_mmbench_lang_option_and_suite_key(tmp_path, capsys):
+    from emma_mamba.cli import main
+    from emma_mamba.eval.suite import read_suite, run_suite
+
+    cn = write_tsv(tmp_path / "MMBench_DEV_CN.tsv", CN_ROWS)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"root: {tmp_path}\nbenchmarks:\n  mmbench_cn: {{task: mmbench, questions: {cn.name}}}\n"
+                     f"  mmbench_cn_en: {{task: mmbench, questions: {cn.name}, lang: en}}\n")
+    seen = {}
+
+    def record(qs, ps):
+        seen.update(((q.qid, p.rsplit("\n", 1)[1]) for q, p in zip(qs, ps)))
+        return ["A"] * len(qs)
+
+    run_suite(None, read_suite(suite), tmp_path / "suite_cn", progress=False, answer_fn=record, only=["mmbench_cn"])
+    assert set(seen.values()) == {CN_INSTRUCTION}
+    seen.clear()
+    run_suite(None, read_suite(suite), tmp_path / "suite_en", progress=False, answer_fn=record,
+              only=["mmbench_cn_en"])
+    assert set(seen.values()) == {EN_INSTRUCTION}
+    suite.write_text(f"benchmarks:\n  mmbench: {{questions: {cn}, lang: chinese}}\n")
+    with pytest.raises(ScoreInputError, match=r"benchmarks.mmbench: lang must be one of \['auto', 'en', 'cn'\]"):
+        read_suite(suite)
+    # --lang is mmbench's: refused on another task, named
+    rc = main(["eval", "--task", "seed", "--questions", str(cn), "--images", str(tmp_path), "--lang", "cn",
+               "--api", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--lang applies to mmbench only, not --task seed" in capsys.readouterr().err
+
+
 def test_released_tsv_layout_circular_copies_and_shared_images(tmp_path):
     # The released TSVs (mmbench_dev_20230712.tsv, VLMEvalKit's MMBench_DEV_EN.tsv) already hold the CircularEval
     # passes: question i at index i, its options shifted at i + 1000000, i + 2000000, ... (open-compass/MMBench

@@ -262,6 +262,105 @@ def test_textvqa_and_vizwiz_official_files_end_to_end(shapes, tmp_path):
         {"image": f"heldout/{imgs[2]}", "answer": "red"}]
 
 
+def _textvqa_with_ocr_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The official layout: TextVQA_0.5.1_val.json (no OCR, images <image_id>.jpg under train_images/) and the
+    Rosetta OCR file TextVQA_Rosetta_OCR_v0.2_val.json ({"data": [{image_id, ocr_tokens, ocr_info}]})."""
+    from PIL import Image
+
+    images = tmp_path / "train_images"
+    images.mkdir()
+    for image_id in ("0054c91397f2fe05", "00685bc495504d61", "006d10667d17b924"):
+        Image.new("RGB", (32, 24), "white").save(images / f"{image_id}.jpg")
+    questions = tmp_path / "TextVQA_0.5.1_val.json"
+    questions.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+        {"question_id": 34602, "image_id": "0054c91397f2fe05", "question": "what is the brand of this camera?",
+         "answers": ["dakota"] * 10},
+        {"question_id": 34603, "image_id": "00685bc495504d61", "question": "what is on the sign?",
+         "answers": ["stop"] * 10},
+        {"question_id": 34604, "image_id": "006d10667d17b924", "question": "what number is this?",
+         "answers": ["3"] * 10}]}))
+    ocr = tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    ocr.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+        {"image_id": "0054c91397f2fe05", "ocr_tokens": ["DAKOTA", "DIGITAL", "Single-Use"],
+         "ocr_info": [{"word": "DAKOTA", "bounding_box": {}}]},
+        {"image_id": "00685bc495504d61", "ocr_tokens": []},
+        {"image_id": "006d10667d17b924", "ocr_info": [{"word": "3", "bounding_box": {}},
+                                                      {"word": "TIMES", "bounding_box": {}}]}]}))
+    return questions, images, ocr
+
+
+def test_textvqa_official_json_with_the_rosetta_ocr_file(tmp_path):
+    """--ocr: each question of the official JSON gets its image's OCR tokens on the next line, as LLaVA-1.5's
+    llava_textvqa_val_v051_ocr.jsonl has them ("<question>\\nReference OCR token: a, b\\n<instruction>": the three
+    lines LLaVA's eval_textvqa.py splits; no tokens: no line, its two-line case); a record with ocr_info only gives
+    its words; the OCR file is in eval_run.json (a continuation without it is refused)."""
+    questions, images, ocr = _textvqa_with_ocr_files(tmp_path)
+    seen = {}
+
+    def fn(qs, ps):
+        seen.update((q.qid, p) for q, p in zip(qs, ps))
+        return [{34602: "Dakota", 34603: "stop", 34604: "3"}[q.qid] for q in qs]
+
+    rep = evaluate(None, "textvqa", questions, images, tmp_path / "tv", ocr=ocr, progress=False, answer_fn=fn)
+    assert seen == {
+        34602: "what is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
+               "Answer the question using a single word or phrase.",
+        34603: "what is on the sign?\nAnswer the question using a single word or phrase.",
+        34604: "what number is this?\nReference OCR token: 3, TIMES\nAnswer the question using a single word or phrase."}
+    assert [len(p.split("\n")) for p in seen.values()] == [3, 2, 3]
+    assert rep["metrics"]["accuracy"] == pytest.approx(1.0)  # the answers are scored as without OCR
+    assert json.loads((tmp_path / "tv" / "eval_run.json").read_text())["ocr"] == str(ocr.resolve())
+    with pytest.raises(ScoreInputError, match=r"ocr = .*TextVQA_Rosetta_OCR_v0.2_val.json\", but this run has "
+                                              r"ocr = null"):
+        evaluate(None, "textvqa", questions, images, tmp_path / "tv", progress=False, answer_fn=fn)
+    # without --ocr: the question alone, as before
+    seen.clear()
+    evaluate(None, "textvqa", questions, images, tmp_path / "plain", progress=False, answer_fn=fn)
+    assert seen[34602] == "what is the brand of this camera?\nAnswer the question using a single word or phrase."
+
+
+def test_textvqa_ocr_file_errors_name_the_file_and_the_record(tmp_path, capsys):
+    from emma_mamba.cli import main
+
+    questions, images, ocr = _textvqa_with_ocr_files(tmp_path)
+    good = json.loads(ocr.read_text())
+
+    def bad(doc, match):
+        ocr.write_text(json.dumps(doc))
+        with pytest.raises(ScoreInputError, match=match):
+            read_questions("textvqa", questions, images, ocr=ocr)
+
+    bad([], r"TextVQA_Rosetta_OCR_v0.2_val.json: expected a JSON object with a 'data' list")
+    bad({"data": [good["data"][0], {"ocr_tokens": ["a"]}]}, r"_val.json: data\[1\]: TextVQA OCR record has no "
+                                                            r"'image_id' field")
+    bad({"data": [{"image_id": "0054c91397f2fe05", "ocr_tokens": ["a", 7]}]},
+        r"_val.json: data\[0\]: ocr_tokens must be a list of strings")
+    bad({"data": [{"image_id": "0054c91397f2fe05"}]}, r"data\[0\]: TextVQA OCR record has no 'ocr_tokens' or "
+                                                      r"'ocr_info' field")
+    bad({"data": [{"image_id": "0054c91397f2fe05", "ocr_info": [{"text": "a"}]}]},
+        r"data\[0\]: ocr_info must be a list of objects with a 'word'")
+    bad({"data": [good["data"][0], {"image_id": "0054c91397f2fe05", "ocr_tokens": ["other"]}]},
+        r"data\[1\]: image_id '0054c91397f2fe05' is given again with other tokens \(first in data\[0\]\)")
+    bad({"data": good["data"][:2]}, r"TextVQA_0.5.1_val.json: data\[2\]: image_id '006d10667d17b924' is not in the "
+                                    r"OCR file .*TextVQA_Rosetta_OCR_v0.2_val.json")
+    ocr.write_text(json.dumps(good))
+    # LLaVA's JSONL already holds the tokens: --ocr would add them twice
+    llava = tmp_path / "llava_textvqa_val_v051_ocr.jsonl"
+    llava.write_text(json.dumps({"question_id": 34602, "image": "0054c91397f2fe05.jpg", "text":
+                                 "What is the brand of this camera?\nReference OCR token: DAKOTA\nAnswer the question "
+                                 "using a single word or phrase."}) + "\n")
+    with pytest.raises(ScoreInputError, match=r"llava_textvqa_val_v051_ocr.jsonl: line 1: the question already holds "
+                                              r"its OCR tokens .* drop --ocr"):
+        read_questions("textvqa", llava, images, ocr=ocr)
+    # the option: textvqa's only
+    rc = main(["eval", "--task", "vqav2", "--questions", str(questions), "--images", str(images), "--ocr", str(ocr),
+               "--api", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--ocr applies to textvqa only, not --task vqav2" in capsys.readouterr().err
+    rc = main(["eval", "--task", "textvqa", "--questions", str(questions), "--images", str(images), "--ocr",
+               str(tmp_path / "missing.json"), "--api", "http://127.0.0.1:9/v1", "--out", str(tmp_path / "x")])
+    assert rc == 2 and "TextVQA OCR file" in capsys.readouterr().err
+
+
 def test_llava_question_files_are_read_and_asked_verbatim(shapes, tmp_path):
     """LLaVA-1.5's question JSONLs (playground/data/eval: llava_vqav2_mscoco_test-dev2015.jsonl,
     llava_gqa_testdev_balanced.jsonl, vizwiz/llava_test.jsonl, pope/llava_pope_test.jsonl): ``{question_id, image,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -424,6 +425,24 @@ def test_mme_errors(tmp_path):
     (res / "colour.txt").write_text("a.png\tq1\tYes\tYes\na.png\tq2\tNo\tNo\n")
     with pytest.raises(ScoreInputError, match=r"unknown MME category 'colour'"):
         score("mme", res, None)
+
+
+def test_mme_reads_each_template_file_once(tmp_path, monkeypatch):
+    """score_mme reads every template file once (to find the empty categories and to check the answers), and
+    every answer file once; the scores are those of the hand computation (count: 3 of 4 right, 1 of 2 images
+    with both right: 75 + 50; the empty artwork template: skipped)."""
+    res, tpl = tmp_path / "results", tmp_path / "tpl"
+    res.mkdir()
+    tpl.mkdir()
+    (res / "count.txt").write_text("a.png\tq1\tYes\tYes\na.png\tq2\tNo\tno\nb.png\tq3\tYes\tYes\nb.png\tq4\tNo\tYes\n")
+    (tpl / "count.txt").write_text("a.png\tq1\tYes\na.png\tq2\tNo\nb.png\tq3\tYes\nb.png\tq4\tNo\n")
+    (tpl / "artwork.txt").write_text("")
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (reads.append(self.name), read_text(self, *a, **k))[1])
+    m = score("mme", res, tpl)
+    assert m["categories"]["count"]["score"] == pytest.approx(125.0) and m["empty_categories"] == ["artwork"]
+    assert sorted(reads) == ["artwork.txt", "count.txt", "count.txt"]  # the template's and the answers' count.txt
 
 
 # ------------------------------------------------------------------------------------------------- CLI

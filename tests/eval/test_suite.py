@@ -109,6 +109,19 @@ def test_a_bad_last_entry_fails_before_any_answering(tmp_path, shapes):
     ("benchmarks: {scienceqa: {questions: q, split: [test]}}\n", "benchmarks.scienceqa: split must be a string"),
     ("benchmarks: {pope: {questions: [a, b]}}\n", "benchmarks.pope: questions must be a string"),
     ("root:\nbenchmarks: {pope: {questions: q}}\n", "root must be a path"),
+    # a task's own settings on another task (which would ignore them): named with the file, the entry and the key
+    ("benchmarks: {pope: {questions: q, split: test}}\n",
+     r"s\.yaml: benchmarks\.pope: split applies to scienceqa, ai2d, refcoco only, not pope"),
+    ("benchmarks: {gqa: {questions: q, image_template: 'x{image_id}.jpg'}}\n",
+     r"s\.yaml: benchmarks\.gqa: image_template applies to vqav2 only, not gqa"),
+    ("benchmarks: {pope: {questions: q, box_frame: square}}\n",
+     r"s\.yaml: benchmarks\.pope: box_frame applies to refcoco, ocidref only, not pope"),
+    ("benchmarks: {refcoco: {questions: q, box_frame: letterbox}}\n",
+     r"s\.yaml: benchmarks\.refcoco: box_frame must be one of \['auto', 'image', 'square'\], got 'letterbox'"),
+    ("benchmarks: {gqa: {questions: q, lang: cn}}\n", r"s\.yaml: benchmarks\.gqa: lang applies to mmbench only"),
+    ("benchmarks: {mmbench: {questions: q, lang: zh}}\n", r"s\.yaml: benchmarks\.mmbench: lang must be one of"),
+    ("benchmarks: {vqav2: {questions: q, ocr: o.json}}\n", r"s\.yaml: benchmarks\.vqav2: ocr applies to textvqa only"),
+    ("benchmarks: {textvqa: {questions: q, ocr: [a]}}\n", r"s\.yaml: benchmarks\.textvqa: ocr must be a string"),
 ])
 def test_suite_file_errors(tmp_path, text, match):
     p = tmp_path / "s.yaml"
@@ -209,3 +222,50 @@ def test_suite_mme_cut_by_limit_has_no_totals(tmp_path, shapes):
                         answer_fn=always_yes, only=["mme"])
     assert summary["benchmarks"] == [{"benchmark": "mme", "task": "mme", "n": 2, "partial": True}]
     assert "| mme | mme | 2 | partial answers (--limit): no totals |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value, key", [
+    ("--split", "test", "split"), ("--image-template", "{image_id}.jpg", "image_template"),
+    ("--box-frame", "square", "box_frame"), ("--lang", "cn", "lang"), ("--ocr", "ocr.json", "ocr")])
+def test_cli_suite_refuses_single_benchmark_settings(tmp_path, shapes, capsys, flag, value, key):
+    """--split / --image-template / --box-frame / --lang / --ocr set one benchmark's layout; a suite's benchmarks
+    differ, so with --suite they are refused (not silently ignored), pointing to the suite file's per-entry key;
+    with --task, on a task that does not read them, refused too."""
+    from emma_mamba.cli import main
+
+    suite = _suite(tmp_path, shapes)
+    assert main(["eval", "--suite", str(suite), "--checkpoint", str(tmp_path / "no_ckpt"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} goes with --task, not --suite" in err and str(suite) in err and f"`{key}: ...`" in err
+    assert main(["eval", "--task", "gqa", "--questions", str(shapes / "heldout" / "gqa_questions.json"), "--images",
+                 str(shapes / "images"), "--checkpoint", str(tmp_path / "no_ckpt"), flag, value]) == 2
+    assert f"{flag} applies to " in capsys.readouterr().err
+
+
+def test_suite_entries_give_their_own_settings(tmp_path):
+    """The per-benchmark keys do what the options do for one benchmark: ocr (relative to root) adds the OCR tokens
+    to TextVQA's questions, lang asks MMBench-CN in English."""
+    from tests.eval.test_multiple_choice import CN_ROWS, write_tsv
+    from tests.eval.test_runner import _textvqa_with_ocr_files
+
+    _textvqa_with_ocr_files(tmp_path)
+    write_tsv(tmp_path / "MMBench_DEV_CN.tsv", CN_ROWS)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"""root: {tmp_path}
+benchmarks:
+  textvqa: {{questions: TextVQA_0.5.1_val.json, images: train_images, ocr: TextVQA_Rosetta_OCR_v0.2_val.json}}
+  mmbench_cn: {{task: mmbench, questions: MMBench_DEV_CN.tsv, lang: en}}
+""")
+    entries = read_suite(suite)
+    assert entries[0].options["ocr"] == tmp_path.resolve() / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    assert entries[1].options["lang"] == "en"
+    seen = {}
+
+    def fn(qs, ps):
+        seen.update((q.qid, p) for q, p in zip(qs, ps))
+        return ["A"] * len(qs)
+
+    run_suite(None, entries, tmp_path / "out", progress=False, answer_fn=fn)
+    assert seen[34602] == ("what is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
+                           "Answer the question using a single word or phrase.")
+    assert seen["5/0"].endswith("\nAnswer with the option's letter from the given choices directly.")
