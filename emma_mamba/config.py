@@ -22,7 +22,9 @@ Presets (``get_preset(name)``):
 YAML files are *overrides*: an optional top-level ``preset: NAME`` picks the starting point (default ``tiny``),
 every other key must name an existing field. Loading is strict: an unknown key is an error naming the key,
 its dotted path, the file and the valid keys; a value of the wrong type is an error naming the field, the
-expected type and what was given. Nothing here imports torch, so configs load instantly.
+expected type and what was given; a float that is not finite (``.nan``, ``.inf``) is an error naming the field.
+A model config inside another (a run config's ``model:`` section, ``--model.*`` options) names its fields by
+their full path there (``model.lm.d_model``). Nothing here imports torch, so configs load instantly.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import math
 import re
 import types
 import typing
@@ -221,67 +224,94 @@ class ModelConfig:
     image_token: str = "<image>"
     """Placeholder string in the text, replaced by one image's visual tokens."""
 
-    def validate(self) -> "ModelConfig":
-        """Checks cross-field constraints; returns self. Raises ConfigError naming the field."""
+    def validate(self, path: str = "") -> "ModelConfig":
+        """Checks every float is finite and the cross-field constraints; returns self. Raises ConfigError naming
+        the field by its full dotted path: ``path`` is where this config sits in what the user wrote (``model``
+        for a run config's model section or the command line's ``--model.*`` keys), '' for a model file."""
+        def k(key: str) -> str:  # a field as the user wrote it
+            return f"{path}.{key}" if path else key
+
+        for key, v in float_fields(self):  # NaN passes every comparison below (nan < 0 is False): refuse it first
+            if not math.isfinite(v):
+                raise ConfigError(f"{k(key)} must be a finite number, got {v}")
         if not self.vision.taps:
-            raise ConfigError("vision.taps: at least one ViT block index is needed")
+            raise ConfigError(f"{k('vision.taps')}: at least one ViT block index is needed")
         if len(set(self.vision.taps)) != len(self.vision.taps):
-            raise ConfigError(f"vision.taps: duplicate block indices in {self.vision.taps}")
+            raise ConfigError(f"{k('vision.taps')}: duplicate block indices in {self.vision.taps}")
         if self.mff.mode == "none" and len(self.vision.taps) != 1:
-            raise ConfigError(f"mff.mode 'none' uses a single tap, but vision.taps has {len(self.vision.taps)}: "
-                              f"{self.vision.taps} (use e.g. [-2], or pick an MFF mode)")
-        self._validate_second_encoder()
+            raise ConfigError(f"{k('mff.mode')} 'none' uses a single tap, but {k('vision.taps')} has "
+                              f"{len(self.vision.taps)}: {self.vision.taps} (use e.g. [-2], or pick an MFF mode)")
+        self._validate_second_encoder(k)
         if self.mff.num_heads < 1:
-            raise ConfigError(f"mff.num_heads must be >= 1, got {self.mff.num_heads}")
+            raise ConfigError(f"{k('mff.num_heads')} must be >= 1, got {self.mff.num_heads}")
         if self.projector.depth not in (2, 3):
-            raise ConfigError(f"projector.depth must be 2 or 3, got {self.projector.depth}")
+            raise ConfigError(f"{k('projector.depth')} must be 2 or 3, got {self.projector.depth}")
         if self.projector.kind == "fused" and self.projector.depth != 3:
-            raise ConfigError(f"projector.kind fused has 3 layers: set projector.depth 3, got {self.projector.depth}")
+            raise ConfigError(f"{k('projector.kind')} fused has 3 layers: set {k('projector.depth')} 3, got "
+                              f"{self.projector.depth}")
         if self.align.loss_weight < 0:
-            raise ConfigError(f"align.loss_weight must be >= 0, got {self.align.loss_weight}")
+            raise ConfigError(f"{k('align.loss_weight')} must be >= 0, got {self.align.loss_weight}")
         if self.align.enabled and not self.align.lm_layers:
-            raise ConfigError("align.lm_layers: at least one LM layer index is needed when align.enabled")
+            raise ConfigError(f"{k('align.lm_layers')}: at least one LM layer index is needed when "
+                              f"{k('align.enabled')}")
         for name, low in (("num_heads", 1), ("d_model", 1), ("n_layer", 0)):
             if getattr(self.align, name) < low:
-                raise ConfigError(f"align.{name} must be >= {low}, got {getattr(self.align, name)}")
+                raise ConfigError(f"{k('align.' + name)} must be >= {low}, got {getattr(self.align, name)}")
         if self.projector.hidden_dim is not None and self.projector.hidden_dim < 1:
-            raise ConfigError(f"projector.hidden_dim must be >= 1 (or null), got {self.projector.hidden_dim}")
+            raise ConfigError(f"{k('projector.hidden_dim')} must be >= 1 (or null), got {self.projector.hidden_dim}")
         if self.align.d_model % self.align.num_heads:
-            raise ConfigError(f"align.d_model ({self.align.d_model}) must be divisible by align.num_heads "
-                              f"({self.align.num_heads})")
+            raise ConfigError(f"{k('align.d_model')} ({self.align.d_model}) must be divisible by "
+                              f"{k('align.num_heads')} ({self.align.num_heads})")
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand"):
             if getattr(self.lm, name) < 1:
-                raise ConfigError(f"lm.{name} must be >= 1, got {getattr(self.lm, name)}")
+                raise ConfigError(f"{k('lm.' + name)} must be >= 1, got {getattr(self.lm, name)}")
         if not self.image_token:
-            raise ConfigError("image_token must be a non-empty string")
+            raise ConfigError(f"{k('image_token')} must be a non-empty string")
         return self
 
-    def _validate_second_encoder(self) -> None:
+    def _validate_second_encoder(self, k) -> None:
         se = self.vision.second_encoder
+        where = k("vision.second_encoder")
         if se.timm_model is None:
-            set_fields = [k for k in ("pretrained", "mean", "std") if getattr(se, k) is not None]
+            set_fields = [f for f in ("pretrained", "mean", "std") if getattr(se, f) is not None]
             set_fields += ["timm_kwargs"] if se.timm_kwargs else []
             set_fields += ["taps"] if se.taps != SecondEncoderConfig().taps else []
             if set_fields:
-                raise ConfigError(f"vision.second_encoder: {', '.join(set_fields)} set but timm_model is null (name "
+                raise ConfigError(f"{where}: {', '.join(set_fields)} set but timm_model is null (name "
                                   f"the timm ViT, e.g. vit_large_patch14_reg4_dinov2, or remove them)")
             return
         if len(se.taps) != len(self.vision.taps):
-            raise ConfigError(f"vision.second_encoder.taps: {se.taps} has {len(se.taps)} block indices but "
-                              f"vision.taps {self.vision.taps} has {len(self.vision.taps)}; the taps are fused "
+            raise ConfigError(f"{where}.taps: {se.taps} has {len(se.taps)} block indices but "
+                              f"{k('vision.taps')} {self.vision.taps} has {len(self.vision.taps)}; the taps are fused "
                               f"pairwise, one of each encoder")
         if len(set(se.taps)) != len(se.taps):
-            raise ConfigError(f"vision.second_encoder.taps: duplicate block indices in {se.taps}")
+            raise ConfigError(f"{where}.taps: duplicate block indices in {se.taps}")
         for name in ("mean", "std"):
             v = getattr(se, name)
             if v is not None and len(v) != 3:
-                raise ConfigError(f"vision.second_encoder.{name}: expected 3 values (R, G, B), got {v}")
+                raise ConfigError(f"{where}.{name}: expected 3 values (R, G, B), got {v}")
         if se.std is not None and min(se.std) <= 0:
-            raise ConfigError(f"vision.second_encoder.std: every value must be > 0, got {se.std}")
+            raise ConfigError(f"{where}.std: every value must be > 0, got {se.std}")
         for key in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
             if key in se.timm_kwargs:
-                raise ConfigError(f"vision.second_encoder.timm_kwargs: {key!r} is not allowed (weights come only "
-                                  f"from vision.second_encoder.pretrained, a local file)")
+                raise ConfigError(f"{where}.timm_kwargs: {key!r} is not allowed (weights come only "
+                                  f"from {where}.pretrained, a local file)")
+
+
+def float_fields(obj, prefix: str = ""):
+    """(dotted key, value) of every float in a config dataclass: nested sections, lists (``key[i]``) and dicts
+    (free-form mappings such as ``vision.open_clip_overrides``) included."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from float_fields(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, dict):
+        for key, v in obj.items():
+            yield from float_fields(v, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from float_fields(v, f"{prefix}[{i}]")
+    elif isinstance(obj, float):
+        yield prefix, obj
 
 
 # --------------------------------------------------------------------------------------------------- presets
@@ -542,11 +572,18 @@ def parse_cli_value(text: str, field=None, *, strict: bool = False):
 
 def apply_dotted_overrides(cfg, items, *, flag: str = "--override"):
     """Applies command-line ``KEY=VALUE`` items (dotted key, value as :func:`parse_cli_value` reads it, e.g.
-    ``lm.n_layer=12``) to ``cfg`` in place, strictly (see :func:`apply_overrides`); returns it."""
-    for item in items:
+    ``lm.n_layer=12``) to ``cfg`` in place, strictly (see :func:`apply_overrides`); returns it. A key given
+    twice is an error naming both values (applied in turn, the last one would win silently)."""
+    seen: dict[str, str] = {}
+    for item in items:  # the form and repeats of every item checked before any applies
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE with a dotted key, e.g. lm.n_layer=12")
+        if key in seen:
+            raise ConfigError(f"{flag}: {key} is given twice, {seen[key]!r} and {value!r}; give it once")
+        seen[key] = value
+    for item in items:
+        key, _, value = item.partition("=")
         nested: dict = {}
         cur = nested
         parts = key.split(".")
@@ -565,16 +602,18 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict, *, source: str = "<dict>") -> ModelConfig:
-    """Builds a ModelConfig from a dict: ``preset`` (optional, default 'tiny') then strict overrides."""
+def config_from_dict(d: dict, *, source: str = "<dict>", path: str = "") -> ModelConfig:
+    """Builds a ModelConfig from a dict: ``preset`` (optional, default 'tiny') then strict overrides. ``path``
+    is where the dict sits in ``source`` (``model`` for a run config's model section): errors name every key
+    by its full dotted path there (``model.lm.d_model``)."""
     d = dict(d or {})
     preset = d.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
-        raise ConfigError(f"{source}: preset must be a string, got {preset!r}")
+        raise ConfigError(f"{source}: {path + '.' if path else ''}preset must be a string, got {preset!r}")
     cfg = get_preset(preset or "tiny")
-    apply_overrides(cfg, d, source=source)
+    apply_overrides(cfg, d, path=path, source=source)
     try:
-        return cfg.validate()
+        return cfg.validate(path)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 

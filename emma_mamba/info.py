@@ -23,18 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "a shipped recipe by name too), or a checkpoint directory (its config.yaml)")
     parser.add_argument("--lora", type=int, default=0, metavar="R",
                         help="also count stage 2 with LoRA adapters of rank R on the LM (train.lora.r)")
-    parser.add_argument("--lora-targets", nargs="+", default=["in_proj", "x_proj", "out_proj"], metavar="PROJ",
-                        help="mixer projections with an adapter (train.lora.targets; default in_proj x_proj out_proj)")
+    parser.add_argument("--lora-targets", nargs="+", default=None, metavar="PROJ",
+                        help="mixer projections with an adapter (train.lora.targets; default the LM's: in_proj x_proj "
+                             "out_proj for Mamba-1, in_proj out_proj for Mamba-2)")
     parser.add_argument("--lora-embeddings", action="store_true",
                         help="with --lora: the token embedding (and head) trained too (train.lora.train_embeddings)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
-           lora_embeddings: bool = False) -> dict:
+def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = False) -> dict:
     """Counts of a config's model (built on the meta device): {'modules': {...}, 'total': {...}, ...}; with
     ``lora_r`` also 'lora': the adapters' count and stage 2's trainable count with them (LM frozen; with
-    ``lora_embeddings`` but its token embedding and head)."""
+    ``lora_embeddings`` but its token embedding and head; ``lora_targets`` None: the LM's default targets)."""
     import torch
 
     from emma_mamba.models.vlm import EmmaMamba
@@ -53,9 +53,10 @@ def report(cfg, lora_r: int = 0, lora_targets=("in_proj", "x_proj", "out_proj"),
         flops[stage] = {"per_lm_position": lm_flops_per_position(model.lm), "per_image": image_flops(model)}
     lora = None
     if lora_r:
-        from emma_mamba.models.lora import apply_lora
+        from emma_mamba.models.lora import DEFAULT_TARGETS, apply_lora
 
-        apply_lora(model.lm, lora_r, 2.0 * lora_r, tuple(lora_targets))
+        lora_targets = tuple(lora_targets or DEFAULT_TARGETS[cfg.lm.ssm_layer])
+        apply_lora(model.lm, lora_r, 2.0 * lora_r, lora_targets)
         adapters = sum(p.numel() for n, p in model.lm.named_parameters() if "lora_" in n)
         emb = 0
         if lora_embeddings:

@@ -208,7 +208,7 @@ def clip_vision_config(qc: QuickstartConfig):
     """The VisionConfig of the recipe's model (the towers stage 0 trains)."""
     from emma_mamba.config import config_from_dict
 
-    return config_from_dict(copy.deepcopy(qc.model), source="quickstart model").vision
+    return config_from_dict(copy.deepcopy(qc.model), source="quickstart config", path="model").vision
 
 
 def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, progress: bool = True,

@@ -129,3 +129,31 @@ def test_serve_limits_below_one_are_named_before_the_model_loads(flag, tmp_path,
     assert main(["serve", "--checkpoint", str(tmp_path / "none"), flag, "0"]) == 2
     err = capsys.readouterr().err
     assert f"{flag} must be >= 1, got 0" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,key,first,second", [
+    (["pretrain", "--config", "train_tiny_stage1", "--print-config", "--train.lr", "1e-4", "--train.lr=2e-4"],
+     "--train.lr", "1e-4", "2e-4"),
+    (["finetune", "--config", "train_tiny_stage2", "--model.lm.d_model", "32", "--print-config",
+      "--model.lm.d_model", "64"], "--model.lm.d_model", "32", "64"),
+    (["data", "check", "--config", "train_tiny_stage1", "--train.max_steps", "3", "--train.max_steps", "3"],
+     "--train.max_steps", "3", "3"),
+])
+def test_a_config_override_given_twice_is_refused_naming_both_values(argv, key, first, second, capsys):
+    """argparse keeps the last of an option given twice: `--train.lr 2e-4` appended to a command that set
+    `--train.lr 1e-4` earlier silently won (or lost, by its position). Refused, naming the key and both values."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {key}: given twice, {first!r} and {second!r}" in err, err
+
+
+def test_a_non_finite_number_in_a_model_config_alone_is_refused(tmp_path, capsys):
+    """`emma-mamba info --config MODEL.yaml` (a model config without a run config) took `rms_norm_eps: .nan`;
+    a run config already refused it. Named with the file and the key, exit 2."""
+    bad = tmp_path / "model.yaml"
+    bad.write_text("preset: tiny\nlm: {rms_norm_eps: .nan}\n")
+    assert main(["info", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"emma-mamba info: {bad}: lm.rms_norm_eps must be a finite number, got nan"), err

@@ -151,3 +151,53 @@ def test_bad_sizes_are_named(over, match):
     # silently (a negative layer count built no layer, hidden_dim 0 meant the default)
     with pytest.raises(ConfigError, match=match):
         config_from_dict(over)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lm:\n  rms_norm_eps: .nan\n", r"lm\.rms_norm_eps must be a finite number, got nan"),
+    ("lm:\n  initializer_range: .inf\n", r"lm\.initializer_range must be a finite number, got inf"),
+    ("align:\n  loss_weight: .inf\n", r"align\.loss_weight must be a finite number, got inf"),
+    ("preset: emma-mamba-2.8b-dinosiglip\nvision:\n  second_encoder:\n    mean: [0.5, .nan, 0.5]\n",
+     r"vision\.second_encoder\.mean\[1\] must be a finite number, got nan"),
+    ("vision:\n  open_clip_overrides: {vision_cfg: {ls_init_value: .nan}}\n",
+     r"vision\.open_clip_overrides\.vision_cfg\.ls_init_value must be a finite number, got nan"),
+])
+def test_non_finite_numbers_in_a_model_config_are_refused_naming_the_key(tmp_path, text, match):
+    # a run config refused them; a model config read on its own (emma-mamba info --config, convert --config,
+    # EmmaMamba(cfg)) took them: NaN passes every `< 0` check (nan < 0 is False)
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ")
+    with pytest.raises(ConfigError, match=r"lm\.rms_norm_eps must be a finite number, got nan"):
+        config_from_dict({"lm": {"rms_norm_eps": float("nan")}})
+    cfg = get_preset("tiny")
+    cfg.align.loss_weight = float("nan")
+    with pytest.raises(ConfigError, match=r"align\.loss_weight must be a finite number, got nan"):
+        cfg.validate()
+
+
+def test_a_model_config_inside_another_names_its_keys_by_their_full_path():
+    # the model section of a run config (or the --model.* options): the key as the user wrote it there
+    with pytest.raises(ConfigError, match=r"^run\.yaml: model\.lm\.d_model must be >= 1, got 0$"):
+        config_from_dict({"lm": {"d_model": 0}}, source="run.yaml", path="model")
+    with pytest.raises(ConfigError, match=r"^run\.yaml: model\.align\.d_model \(30\) must be divisible by "
+                                          r"model\.align\.num_heads \(4\)$"):
+        config_from_dict({"align": {"d_model": 30, "num_heads": 4}}, source="run.yaml", path="model")
+    with pytest.raises(ConfigError, match=r"run\.yaml: unknown config key 'd_modle' at 'model\.lm\.d_modle'"):
+        config_from_dict({"lm": {"d_modle": 0}}, source="run.yaml", path="model")
+    with pytest.raises(ConfigError, match=r"run\.yaml: model\.preset must be a string"):
+        config_from_dict({"preset": 3}, source="run.yaml", path="model")
+    # a model file of its own: the keys as written in it
+    with pytest.raises(ConfigError, match=r"^model\.yaml: lm\.d_model must be >= 1, got 0$"):
+        config_from_dict({"lm": {"d_model": 0}}, source="model.yaml")
+
+
+def test_a_dotted_override_given_twice_is_refused_naming_both_values():
+    from emma_mamba.config import apply_dotted_overrides
+
+    cfg = get_preset("tiny")
+    with pytest.raises(ConfigError, match=r"--override: lm\.n_layer is given twice, '3' and '5'; give it once"):
+        apply_dotted_overrides(cfg, ["lm.n_layer=3", "lm.d_state=4", "lm.n_layer=5"])
+    assert cfg == get_preset("tiny")  # refused before any of them applied
+    assert apply_dotted_overrides(cfg, ["lm.n_layer=3", "lm.d_state=4"]).lm.n_layer == 3

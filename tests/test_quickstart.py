@@ -95,6 +95,14 @@ def test_quickstart_config_is_strict(tmp_path):
         load_quickstart_config(Path(__file__).resolve().parent.parent / "configs" / name)
 
 
+def test_a_bad_model_value_is_named_by_its_key_in_the_recipe():
+    # stage 0 reads the recipe's `model:` section first: its errors name the key as written there
+    from emma_mamba.quickstart import QuickstartConfig, clip_vision_config
+
+    with pytest.raises(ConfigError, match=r"^quickstart config: model\.lm\.d_model must be >= 1, got 0$"):
+        clip_vision_config(QuickstartConfig(model={"preset": "tiny", "lm": {"d_model": 0}}))
+
+
 def test_aggregate_mean_and_sample_std_by_hand():
     m, s = aggregate([0.5, 0.7, 0.9])
     assert m == pytest.approx(0.7)

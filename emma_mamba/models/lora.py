@@ -1,7 +1,9 @@
 """LoRA adapters on the Mamba mixers' projections, merged on save.
 
 ``train.lora`` (r > 0) wraps the chosen projections of every mixer (``in_proj``, ``x_proj``, ``dt_proj``,
-``out_proj``) in :class:`LoRALinear`: the pretrained weight ``W`` is frozen and the layer computes with
+``out_proj``; a Mamba-2 mixer has only ``in_proj`` and ``out_proj``, and by default those two are wrapped, a
+Mamba-1 mixer's ``in_proj``, ``x_proj`` and ``out_proj``) in :class:`LoRALinear`: the pretrained weight ``W`` is
+frozen and the layer computes with
 
     W' = W + (alpha / r) * B @ A        A: (r, in_features), B: (out_features, r); B starts at zero
 
@@ -34,11 +36,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["LoRALinear", "LORA_TARGETS", "weight_of", "apply_lora", "lora_modules", "has_lora", "export_state",
-           "resume_state", "LORA_FILE"]
+__all__ = ["LoRALinear", "LORA_TARGETS", "MIXER_PROJECTIONS", "DEFAULT_TARGETS", "missing_targets", "weight_of",
+           "apply_lora", "lora_modules", "has_lora", "export_state", "resume_state", "LORA_FILE"]
 
 LORA_TARGETS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 """The mixer projections an adapter may wrap."""
+MIXER_PROJECTIONS = {"mamba1": LORA_TARGETS, "mamba2": ("in_proj", "out_proj")}
+"""The projections each mixer (``lm.ssm_layer``) has: Mamba-2 computes dt, B and C in its in_proj."""
+DEFAULT_TARGETS = {"mamba1": ("in_proj", "x_proj", "out_proj"), "mamba2": ("in_proj", "out_proj")}
+"""The targets when none are given (``train.lora.targets: null``), per mixer: Mamba-1's in_proj, x_proj and
+out_proj (not its small dt_proj, (d_inner, dt_rank)), Mamba-2's in_proj and out_proj (all it has)."""
 ACTIVATION_SPACE = ("in_proj", "out_proj")
 """The projections whose adapters act on activations in a training forward (the only ones LoRA dropout reaches)."""
 LORA_FILE = "lora.safetensors"
@@ -113,13 +120,20 @@ def weight_of(linear: nn.Linear) -> torch.Tensor:
     return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
 
 
-def apply_lora(lm: nn.Module, r: int, alpha: float, targets=("in_proj", "x_proj", "out_proj"),
-               base_dtype: torch.dtype | None = None, dropout: float = 0.0) -> list[str]:
-    """Wrap ``targets`` of every mixer of ``lm`` (a MambaLM) in LoRALinear and freeze the rest of the LM; only
-    the adapters of ``lm`` train. ``base_dtype`` (e.g. bf16): hold the wrapped frozen weights in that dtype
-    (half the memory of the fp32 LM for bf16; the adapters stay fp32). ``dropout``: LoRA dropout on the adapters'
-    inputs in training (in_proj and out_proj only: see the module doc). Returns the wrapped module names
-    (relative to ``lm``)."""
+def missing_targets(targets, ssm_layer: str) -> list[str]:
+    """The projections of ``targets`` that a ``ssm_layer`` mixer lacks (Mamba-2: x_proj, dt_proj)."""
+    return [t for t in targets if t in LORA_TARGETS and t not in MIXER_PROJECTIONS[ssm_layer]]
+
+
+def apply_lora(lm: nn.Module, r: int, alpha: float, targets=None, base_dtype: torch.dtype | None = None,
+               dropout: float = 0.0) -> list[str]:
+    """Wrap ``targets`` (None: the LM's :data:`DEFAULT_TARGETS`) of every mixer of ``lm`` (a MambaLM) in
+    LoRALinear and freeze the rest of the LM; only the adapters of ``lm`` train. ``base_dtype`` (e.g. bf16): hold
+    the wrapped frozen weights in that dtype (half the memory of the fp32 LM for bf16; the adapters stay fp32).
+    ``dropout``: LoRA dropout on the adapters' inputs in training (in_proj and out_proj only: see the module
+    doc). Returns the wrapped module names (relative to ``lm``)."""
+    if targets is None:
+        targets = DEFAULT_TARGETS[lm.config.ssm_layer]
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
         raise ValueError(f"LoRA targets must be a non-empty list from {', '.join(LORA_TARGETS)}, got {list(targets)}")

@@ -305,7 +305,12 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     u, delta, z: (b, d, l) fp32/fp16/bf16; A: (d, n) fp32; B, C: (d, n) fp32 constant, (b, n, l) variable or
     (b, g, n, l) grouped; D, delta_bias: (d,) fp32; initial_state: (b, d, n) fp32; seq_idx: int32 (b, l),
-    nondecreasing per row, resets the state where it changes (packed sequences).
+    the packed sequence of every position, nondecreasing per row, resets the state where it changes (packed
+    sequences). seq_idx is not checked (a check would cost a host sync per call on a GPU): each sequence must
+    be one contiguous run of its row. A row that returns to an earlier id (0 0 1 1 0) is taken alike by every
+    backend, but the ops then disagree: the scan restarts at every change (the last run is a new sequence),
+    :func:`causal_conv1d` counts a tap whenever its id equals the output position's (the last run's window
+    reads the first run's inputs within width - 1 positions).
     ``deterministic``: bitwise-reproducible gradients (default: EMMA_MAMBA_DETERMINISTIC or
     torch.are_deterministic_algorithms_enabled()).
     Returns out (b, d, l) in u's dtype, and the last state (b, d, n) fp32 if ``return_last_state``.
@@ -330,7 +335,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, se
     """Depthwise causal conv1d, differentiable in x, weight, bias and initial_states.
 
     x: (b, d, l); weight: (d, w) with w in 2..4; bias: (d,); activation: None | "silu" | "swish";
-    initial_states: (b, d, w-1); seq_idx: int32 (b, l). Returns (b, d, l) in x's dtype.
+    initial_states: (b, d, w-1); seq_idx: int32 (b, l): a tap counts only where its position has the output
+    position's id (the initial states have the row's first), so the window never reaches into another packed
+    sequence; not checked: each sequence must be one contiguous run of its row (see :func:`selective_scan`).
+    Returns (b, d, l) in x's dtype.
     """
     x, weight, bias, initial_states, seq_idx = _checks.check_causal_conv1d(x, weight, bias, initial_states,
                                                                            seq_idx, activation)
@@ -376,7 +384,8 @@ def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, 
     ``out_proj_weight`` (d_model, d) (and ``out_proj_bias`` (d_model,)) out_proj too -> (b, l, d_model).
 
     x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w), conv_bias (d,); x_proj_weight
-    (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l). The
+    (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l), each
+    sequence one contiguous run of its row, unchecked (see :func:`selective_scan`). The
     GEMMs run in x's dtype. Differentiable in every tensor input. ``recompute`` (compiled backends): the
     backward recomputes the conv output and delta rather than keeping them (two (b, d, l) activations less per
     layer, for one more conv and a rank-r GEMM), and with out_proj inside, the scan output y as well (one more:

@@ -17,7 +17,8 @@ Conventions (shared by all backends):
   ``seq_idx[b, t] != seq_idx[b, t-1]``: the initial state only feeds the first segment of a row.
 * ``causal_conv1d`` is a depthwise causal convolution, ``out_t = sum_k w[k] * x_{t-(W-1)+k} + bias``.
   ``initial_states (b, d, W-1)`` stands in for the inputs before ``t = 0`` (first segment only); with
-  ``seq_idx`` the window never reaches into a previous segment.
+  ``seq_idx`` a tap counts only where ``seq_idx`` equals ``seq_idx[b, t]``, so the window never reaches into a
+  previous segment (of another id: a row that returns to an earlier id, unchecked, is no valid packing).
 * The decode steps update their state in place and return the step's output.
 """
 

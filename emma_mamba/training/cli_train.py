@@ -5,7 +5,8 @@
     torchrun --nproc_per_node=2 -m emma_mamba.cli pretrain --config ...     (DDP; FSDP2 with parallel.strategy)
 
 Every config field is also a command-line option with its dotted path (``--train.lr``, ``--data.packing``,
-``--model.lm.d_state``; see ``--help``), parsed as a YAML value and validated like the YAML keys. The command
+``--model.lm.d_state``; see ``--help``), parsed as a YAML value and validated like the YAML keys; each may be
+given once (argparse would keep the last of two silently: a repeat is refused, naming both values). The command
 fixes the stage: a YAML whose ``stage`` names the other command is an error.
 """
 
@@ -45,13 +46,25 @@ def add_arguments(p: argparse.ArgumentParser, stage: str | None = None) -> None:
     add_override_arguments(p)
 
 
+class _Once(argparse.Action):
+    """Stores a config override, refusing a second one of the same key: argparse keeps the last silently, so
+    `--train.lr 1e-4` appended to a command that already sets it would quietly win or lose by its position."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if hasattr(namespace, self.dest):  # default=SUPPRESS: set only by an earlier occurrence
+            raise argparse.ArgumentError(self, f"given twice, {getattr(namespace, self.dest)!r} and {values!r}; "
+                                               f"give each config key once")
+        setattr(namespace, self.dest, values)
+
+
 def add_override_arguments(p: argparse.ArgumentParser) -> None:
-    """--SECTION.KEY options for every run-config field but the stage (read back by ``_overrides``)."""
+    """--SECTION.KEY options for every run-config field but the stage (read back by ``_overrides``); each may be
+    given once."""
     g = p.add_argument_group("config overrides (dotted paths of the run YAML; values are YAML)")
     for path, doc in dotted_fields():
         if path == "stage":
             continue
-        g.add_argument(f"--{path}", dest=path, default=argparse.SUPPRESS, metavar="V",
+        g.add_argument(f"--{path}", dest=path, default=argparse.SUPPRESS, metavar="V", action=_Once,
                        help=doc.replace("%", "%%") if doc else None)  # argparse %-formats help
 
 

@@ -17,9 +17,10 @@ value of the wrong type is an error naming the key, its dotted path and the file
 
 Command-line overrides use the same dotted paths (``--train.lr 2e-5``, ``--data.packing true``,
 ``--model.lm.d_state 16``); values are parsed as YAML scalars/flow lists (plus plain floats such as ``2e-5``,
-which YAML 1.1 would read as a string) and validated exactly like YAML keys. The model section is the model's
-own strict config (:mod:`emma_mamba.config`). The fully resolved config is written next to every checkpoint
-as ``train_config.yaml`` (and the model's as ``config.yaml``), so a checkpoint directory describes itself.
+which YAML 1.1 would read as a string) and validated exactly like YAML keys, each key once. The model section is
+the model's own strict config (:mod:`emma_mamba.config`), its errors naming the full key (``model.lm.d_model``).
+The fully resolved config is written next to every checkpoint as ``train_config.yaml`` (and the model's as
+``config.yaml``), so a checkpoint directory describes itself.
 
 Batch sizes count *rows*: a row is one sample when padding, or several samples packed into ``max_length``
 tokens when ``data.packing`` is on. ``global_batch_size = micro_batch_size * grad_accum * world_size``; the
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               field_type, get_preset, load_config, parse_cli_value, read_yaml_mapping,
+                               field_type, float_fields, get_preset, load_config, parse_cli_value, read_yaml_mapping,
                                resolve_config_path, yaml_float)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
@@ -89,8 +90,10 @@ class LoraConfig:
     writes plain merged models. LLaVA-1.5's LoRA recipe: r 128, alpha 256, lr 2e-4."""
     alpha: float | None = None
     """Scaling numerator: the adapter adds alpha / r * B @ A (null: 2 * r, LLaVA's choice)."""
-    targets: list[str] = field(default_factory=lambda: ["in_proj", "x_proj", "out_proj"])
-    """Mixer projections that get an adapter, from in_proj, x_proj, dt_proj, out_proj."""
+    targets: list[str] | None = None
+    """Mixer projections that get an adapter, from in_proj, x_proj, dt_proj, out_proj (a Mamba-2 LM has in_proj
+    and out_proj only); null: the LM's default, written out when the config is read: in_proj, x_proj, out_proj
+    for a Mamba-1 LM (model.lm.ssm_layer mamba1), in_proj, out_proj for a Mamba-2 LM."""
     dropout: float = 0.0
     """LoRA dropout on the adapters' inputs in training (peft's lora_dropout; LLaVA-1.5's recipe: 0.05). It
     reaches the in_proj and out_proj adapters, which act on activations; x_proj and dt_proj adapters are merged
@@ -282,7 +285,7 @@ class RunConfig:
         for e in self.data.sources or ():
             if isinstance(e, dict) and "repeat" in e:
                 e["repeat"] = yaml_float(e["repeat"])
-        for key, v in _numbers(self):  # NaN passes every comparison below (nan <= 0 is False): refuse it first
+        for key, v in float_fields(self):  # NaN passes every comparison below (nan <= 0 is False): refuse it first
             if not math.isfinite(v):
                 bad(f"{key} must be a finite number, got {v}")
         t, d = self.train, self.data
@@ -352,13 +355,21 @@ class RunConfig:
         if lo.alpha is not None and not lo.alpha > 0:
             bad(f"train.lora.alpha must be > 0 (or null for 2 * r), got {lo.alpha}")
         if lo.r:
-            from emma_mamba.models.lora import LORA_TARGETS
+            from emma_mamba.models.lora import DEFAULT_TARGETS, LORA_TARGETS, MIXER_PROJECTIONS, missing_targets
             from emma_mamba.models.vlm import STAGES
 
+            arch = self.model.lm.ssm_layer
+            if lo.targets is None:  # the LM's own projections, spelled out in the resolved config
+                lo.targets = list(DEFAULT_TARGETS[arch])
             if not lo.targets or len(set(lo.targets)) != len(lo.targets) or \
                     any(x not in LORA_TARGETS for x in lo.targets):
                 bad(f"train.lora.targets must be a non-empty list of distinct projections from "
                     f"{', '.join(LORA_TARGETS)}, got {lo.targets}")
+            lacking = missing_targets(lo.targets, arch)
+            if lacking:
+                bad(f"train.lora.targets {lo.targets} names {', '.join(lacking)}, which the LM's {arch} mixer "
+                    f"(model.lm.ssm_layer) lacks; its projections are {', '.join(MIXER_PROJECTIONS[arch])} "
+                    f"(null: the default, {', '.join(DEFAULT_TARGETS[arch])})")
             if not 0.0 <= lo.dropout < 1.0:
                 bad(f"train.lora.dropout must be in [0, 1), got {lo.dropout}")
             from emma_mamba.models.lora import ACTIVATION_SPACE
@@ -430,8 +441,8 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
     """`model:` is a preset name, a model YAML path, or a mapping of model keys (with optional `preset`)."""
     if isinstance(value, ModelConfig):
         return copy.deepcopy(value)
-    if isinstance(value, dict):
-        return config_from_dict(value, source=f"{source} (model)")
+    if isinstance(value, dict):  # keys named by their path in the run config: model.lm.d_model
+        return config_from_dict(value, source=source, path="model")
     if isinstance(value, str):
         from emma_mamba.config import PRESETS
 
@@ -448,21 +459,6 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
                           f"YAML file")
     raise ConfigError(f"{source}: model: expected a preset name, a YAML path or a mapping, got "
                       f"{type(value).__name__}")
-
-
-def _numbers(obj, prefix: str = ""):
-    """(dotted key, value) of every float in a config dataclass, nested sections, lists and dicts included."""
-    if dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            yield from _numbers(getattr(obj, f.name), f"{prefix}{f.name}.")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{prefix}{k}.")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{prefix}{i}.")
-    elif isinstance(obj, float):
-        yield prefix[:-1], obj
 
 
 INIT_FROM_MODEL_KEYS = ("vision.freeze", "align.loss_weight")
@@ -529,7 +525,7 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
                                   f"{', '.join('model.' + k for k in INIT_FROM_MODEL_KEYS)}")
         apply_overrides(cfg.model, model_over, path="model", source=override_source)
         try:
-            cfg.model.validate()
+            cfg.model.validate("model")  # the keys as typed: --model.lm.d_model, not lm.d_model
         except ConfigError as e:
             raise ConfigError(f"{override_source}: {e}") from None
     # a value that fails validation may come from either: name both when options were given

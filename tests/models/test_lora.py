@@ -159,6 +159,43 @@ def test_a_tied_head_is_written_once():
     assert sum(v.data_ptr() == lm.embeddings.weight.data_ptr() for v in merged.values()) <= 1
 
 
+@pytest.mark.parametrize("ssm_layer,want", [("mamba1", ("in_proj", "x_proj", "out_proj")),
+                                             ("mamba2", ("in_proj", "out_proj"))])
+def test_the_default_targets_are_the_lms_own_projections(ssm_layer, want):
+    """No targets given: a Mamba-1 LM's in_proj, x_proj and out_proj, a Mamba-2 LM's in_proj and out_proj (it
+    has no x_proj: the one default for both refused every Mamba-2 LM); a projection the LM lacks, named, is still
+    refused, naming what it has."""
+    kw = dict(ssm_layer="mamba2", headdim=8) if ssm_layer == "mamba2" else {}
+    lm = _lm(**kw)
+    names = apply_lora(lm, R, ALPHA)
+    assert names == [f"layers.{i}.mixer.{t}" for i in range(2) for t in want]
+    lacks = [t for t in LORA_TARGETS if not hasattr(_lm(**kw).layers[0].mixer, t)]
+    assert lacks == ([] if ssm_layer == "mamba1" else ["x_proj", "dt_proj"])
+    for t in lacks:
+        with pytest.raises(ValueError, match=rf"LoRA target {t}: the Mamba2Mixer of this LM has no {t}; its "
+                                             rf"projections are in_proj, out_proj"):
+            apply_lora(_lm(**kw), R, ALPHA, ("in_proj", t))
+
+
+def test_info_counts_the_default_adapters_of_a_mamba2_lm(capsys):
+    """`emma-mamba info --preset emma-mamba2-2.7b --lora 8` failed on the x_proj of the one default; it counts the
+    in_proj and out_proj adapters, by hand from the shapes."""
+    from emma_mamba.cli import main
+    from emma_mamba.config import get_preset
+    from emma_mamba.info import report
+
+    cfg = get_preset("tiny")
+    cfg.lm.ssm_layer, cfg.lm.headdim = "mamba2", 16
+    lo = report(cfg, 8)["lora"]
+    c = cfg.lm
+    di = c.expand * c.d_model
+    in_out = 2 * di + 2 * c.ngroups * c.d_state + di // c.headdim  # in_proj's outputs: z, x, B, C, dt per head
+    assert lo["targets"] == ["in_proj", "out_proj"]
+    assert lo["adapter_params"] == c.n_layer * 8 * ((c.d_model + in_out) + (di + c.d_model))
+    assert main(["info", "--preset", "emma-mamba2-2.7b", "--lora", "8"]) == 0
+    assert "stage 2 with LoRA r=8 on in_proj, out_proj:" in capsys.readouterr().out
+
+
 def test_bad_settings_are_refused():
     lm = _lm()
     with pytest.raises(ValueError, match="LoRA targets must be a non-empty list from in_proj"):

@@ -217,3 +217,47 @@ def test_a_reset_while_an_answer_streams_leaves_it_out_of_the_new_conversation(s
     for phase, question in (("after_new", "Second question?"), ("after_image", "Fourth question?")):
         shown = out[phase]["turns"]
         assert [c for c, _ in shown] == ["turn user", "turn assistant", "turn meta"] and shown[0][1] == question
+
+
+@pytest.mark.skipif(not _jsdom(), reason="needs Node.js with jsdom (npm install jsdom; NODE_PATH)")
+def test_a_failed_answer_on_screen_is_not_part_of_the_conversation(svc, monkeypatch):
+    """A question whose answer failed (the server broke it off with an error event after some text, or refused the
+    request) is not sent with the next question; the page kept the question and the partial answer on screen as
+    if they were part of the conversation, so what the user saw and what the model was given disagreed. The
+    conversation shown (user and assistant turns not marked failed) must be the messages the next request sends."""
+    from tests.models.test_server import CAT
+
+    real, calls = svc.answer, []
+
+    def breaks_off_the_first(prepared, streamer=None, on_chunk=None):
+        calls.append(1)
+        if len(calls) == 1:  # a server error mid-answer: some text streamed, then the handler's error event
+            on_chunk(0, "A partial ")
+            on_chunk(0, "answer")
+            raise RuntimeError("the decoder failed")
+        return real(prepared, streamer=streamer, on_chunk=on_chunk)
+
+    monkeypatch.setattr(svc, "answer", breaks_off_the_first)
+    r = _node_against(svc, lambda url: [str(Path(__file__).with_name("webui_error_drive.js")), url, CAT])
+    out = json.loads(r.stdout)
+    cat = data_url()[:80]
+
+    def conversation(shown):
+        return [[c.split()[1], t] for c, t in shown if c in ("turn user", "turn assistant")]
+
+    questions = ["First question?", "Second question?", "Third question?", "Fourth question?"]
+    for q, step in zip(questions, out["asked"]):
+        body = step["body"]
+        assert body[-1][:2] == ["user", q]
+        assert [m[:2] for m in body[:-1]] == conversation(step["shown"]), (q, step)
+    # after the broken-off answer the conversation starts afresh: the next question alone, with the image
+    assert out["asked"][1]["body"] == [["user", "Second question?", cat]]
+    failed = [(c, t) for c, t in out["asked"][1]["shown"] if "failed" in c.split()]
+    assert failed == [("turn user failed", "First question?"), ("turn assistant failed", "A partial answer")]
+    assert any(c == "turn error" and "the decoder failed" in t for c, t in out["asked"][1]["shown"])
+    # the refused question (no text came) is marked too, and the conversation goes on without it
+    a2 = conversation(out["asked"][3]["shown"])[1][1]
+    assert out["asked"][3]["body"] == [["user", "Second question?", cat], ["assistant", a2, None],
+                                       ["user", "Fourth question?", None]]
+    assert ("turn user failed", "Third question?") in [tuple(x) for x in out["asked"][3]["shown"]]
+    assert any(c == "turn error" and "max_tokens" in t for c, t in out["asked"][3]["shown"])

@@ -498,3 +498,23 @@ def test_cpu_kernels_stay_in_bounds_under_address_sanitizer():
     from .test_cuda_emulator import run_sanitized
 
     run_sanitized(CPU_ASAN_SCRIPT)
+
+
+def test_a_row_returning_to_an_earlier_seq_idx_is_taken_as_documented():
+    """seq_idx is not checked (ops.selective_scan's docstring, README Kernels): in a row that returns to an earlier
+    id, 0 0 1 1 0, every backend restarts the scan at each change, while the conv counts a tap whose id equals the
+    output position's. Values by hand: width 4, so output 4 sees inputs 1..4, of which 1 and 4 have its id 0."""
+    x = torch.tensor([[[1.0, 2.0, 4.0, 8.0, 16.0]]])  # (1, 1, 5)
+    w = torch.tensor([[1.0, 10.0, 100.0, 1000.0]])  # tap k weighs input t - 3 + k
+    back = torch.tensor([[0, 0, 1, 1, 0]], dtype=torch.int32)
+    fresh = torch.tensor([[0, 0, 1, 1, 2]], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(1, 2, 5, generator=gen), torch.rand(1, 2, 5, generator=gen)
+    A, B, C = -torch.rand(2, 3, generator=gen), torch.randn(1, 3, 5, generator=gen), torch.randn(1, 3, 5, generator=gen)
+    for backend in ("torch", "cpu"):
+        with ops.use_backend(backend):
+            conv = ops.causal_conv1d(x, w, seq_idx=back)[0, 0]
+            assert conv.tolist() == [1000.0, 100 + 2000.0, 4000.0, 400 + 8000.0, 2 + 16000.0], backend
+            assert ops.causal_conv1d(x, w, seq_idx=fresh)[0, 0, 4].item() == 16000.0  # a new id: no tap before
+            scan = ops.selective_scan(u, delta, A, B, C, seq_idx=back)
+            torch.testing.assert_close(scan, ops.selective_scan(u, delta, A, B, C, seq_idx=fresh), rtol=0, atol=0)

@@ -34,7 +34,8 @@ def test_unknown_key_in_yaml_names_key_path_and_file(tmp_path):
                                           r"valid keys of 'train': lr, min_lr_ratio"):
         load_run_config(p)
     p = write(tmp_path, {**BASE, "model": {"preset": "tiny", "lm": {"d_modle": 3}}})
-    with pytest.raises(ConfigError, match=r"unknown config key 'd_modle' at 'lm\.d_modle' \(did you mean 'd_model'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'd_modle' at 'model\.lm\.d_modle' \(did you mean "
+                                          r"'d_model'\?\)"):
         load_run_config(p)
     p = write(tmp_path, {**BASE, "train": {"micro_batch_size": "four"}})
     with pytest.raises(ConfigError, match=r"train\.micro_batch_size: expected int, got 'four'"):
@@ -124,8 +125,8 @@ def test_model_replaced_on_the_command_line(tmp_path, capsys):
     assert rc == 2 and "vision.second_encoder: taps set but timm_model is null" in capsys.readouterr().err
     rc = cli_train.main(["--config", str(p), "--print-config", "--model.vision.second_encoder.taps", "[0]",
                          "--model.vision.second_encoder.timm_model", "vit_small_patch14_reg4_dinov2"])
-    assert rc == 2 and "second_encoder.taps: [0] has 1 block indices but vision.taps [0, 1] has 2" in \
-        capsys.readouterr().err
+    assert rc == 2 and "model.vision.second_encoder.taps: [0] has 1 block indices but model.vision.taps [0, 1] has 2" \
+        in capsys.readouterr().err
     ck = tmp_path / "ck"
     ck.mkdir()
     save_config(get_preset("tiny"), ck / "config.yaml")
@@ -186,6 +187,12 @@ def test_shipped_recipes_load_and_round_trip(path, tmp_path):
         lr = 2e-5
         if "lora" in path.name:  # LLaVA-1.5's LoRA: r 128, alpha 256, lr 2e-4; the bridge keeps 2e-5
             assert (t.lora.r, t.lora.alpha, t.lora.base_dtype) == (128, 256, "bf16")
+            assert t.lora.targets == ["in_proj", "x_proj", "out_proj"]  # the default of its Mamba-1 LM
+            # after a Mamba-2 stage 1 (README's Mamba-2 route) the same recipe adapts the projections it has
+            ck2 = tmp_path / "mamba2_stage1"
+            ck2.mkdir()
+            save_config(get_preset("emma-mamba2-2.7b"), ck2 / "config.yaml")
+            assert load_run_config(path, {"init_from": str(ck2)}).train.lora.targets == ["in_proj", "out_proj"]
             assert cfg.parallel.strategy == "auto"
             assert all(t.lr * t.lr_multipliers[m] == pytest.approx(lr)
                        for m in ("mff", "instruction", "projector", "align_head"))
@@ -335,3 +342,30 @@ def test_text_options_keep_newlines_spaces_and_hashes(tmp_path, capsys):
 
     cfg = apply_dotted_overrides(get_preset("tiny"), ["vision.pretrained=w/a: b #1.pt", "image_token=<img> "])
     assert cfg.vision.pretrained == "w/a: b #1.pt" and cfg.image_token == "<img> "
+
+
+def test_model_errors_name_the_key_as_the_user_wrote_it(tmp_path, capsys):
+    """A model value refused by the model's validation named `lm.d_model` whether it came from `--model.lm.d_model`
+    or the run YAML's `model:` section; it names the full path typed there. A model file of its own (`--model
+    FILE`, `model: FILE`) names its keys as written in that file."""
+    p = write(tmp_path, BASE)
+    for argv, want in ((["--model.lm.d_model", "0"], "command line: model.lm.d_model must be >= 1, got 0"),
+                       (["--model.align.num_heads", "3"], "command line: model.align.d_model (32) must be divisible "
+                                                          "by model.align.num_heads (3)"),
+                       (["--model.mff.mode", "none"], "command line: model.mff.mode 'none' uses a single tap, but "
+                                                      "model.vision.taps has 2")):
+        rc = cli_train.main(["--config", str(p), "--print-config", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err, err
+    for model, want in (({"lm": {"d_model": 0}}, "model.lm.d_model must be >= 1, got 0"),
+                        ({"lm": {"d_model": "x"}}, "model.lm.d_model: expected int, got 'x'"),
+                        ({"lm": {"rms_norm_eps": float("nan")}}, "model.lm.rms_norm_eps must be a finite number")):
+        q = write(tmp_path, {**BASE, "model": model}, "with_model.yaml")
+        with pytest.raises(ConfigError) as e:
+            load_run_config(q)
+        assert str(e.value).startswith(f"{q}: {want}"), str(e.value)
+    m = tmp_path / "model.yaml"
+    m.write_text("preset: tiny\nlm: {d_model: 0}\n")
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model", str(m)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{m}: lm.d_model must be >= 1, got 0" in err, err

@@ -132,6 +132,32 @@ def test_bad_lora_settings(shapes, tmp_path, train, stage, match):
         make_cfg(shapes, tmp_path, stage=stage, train=train)
 
 
+MAMBA2 = {"preset": "tiny", "lm": {"ssm_layer": "mamba2", "headdim": 16}}
+
+
+@pytest.mark.parametrize("model,want", [("tiny", ["in_proj", "x_proj", "out_proj"]), (MAMBA2, ["in_proj", "out_proj"])],
+                         ids=["mamba1", "mamba2"])
+def test_the_default_lora_targets_follow_the_lm(shapes, tmp_path, model, want):
+    """train.lora without targets on a Mamba-2 LM was refused when the run built its model (the one default
+    named x_proj, which a Mamba-2 mixer lacks). The default is the LM's own: resolved when the config is read (the
+    written train_config.yaml says which), and the run adapts those projections."""
+    cfg = make_cfg(shapes, tmp_path / "run", model=model, train={"lora": {"r": 4, "alpha": 8}})
+    assert cfg.train.lora.targets == want
+    t = Trainer(cfg)
+    assert sorted({n.rsplit(".", 1)[-1] for n in lora_modules(t.model.lm)}) == sorted(want)
+    assert make_cfg(shapes, tmp_path / "off", model=model).train.lora.targets is None  # r 0: no adapters
+
+
+def test_lora_targets_a_mamba2_lm_lacks_are_refused_when_the_config_is_read(shapes, tmp_path):
+    with pytest.raises(ConfigError, match=r"test: train\.lora\.targets \['in_proj', 'x_proj', 'out_proj'\] names "
+                                          r"x_proj, which the LM's mamba2 mixer \(model\.lm\.ssm_layer\) lacks; "
+                                          r"its projections are in_proj, out_proj \(null: the default, in_proj, "
+                                          r"out_proj\)"):
+        make_cfg(shapes, tmp_path, model=MAMBA2, train=LORA)
+    with pytest.raises(ConfigError, match=r"names x_proj, dt_proj, which the LM's mamba2 mixer"):
+        make_cfg(shapes, tmp_path, model=MAMBA2, train={"lora": {"r": 4, "targets": ["x_proj", "dt_proj"]}})
+
+
 def test_info_counts_what_a_lora_run_trains(shapes, tmp_path):
     """`emma-mamba info --lora R`: the adapters by hand from the LM's shapes, and stage 2's trainable count
     equal to the parameters a LoRA run's optimizer holds."""
