@@ -21,9 +21,10 @@ instruction "请直接回答选项字母。" (:data:`MC_PROMPT_CN`) instead, as 
 file whose questions mostly hold Chinese characters (in the question, hint or options) for MMBench-CN, the whole
 file asked in one language as LLaVA's flag does (VLMEvalKit decides per question instead).
 
-Reading a reply (:func:`parse_choice`): a leading option letter ("B", "B.", "(B)", "B) text"), else "answer is
-B" / "Answer: B" (a lower-case letter only at the reply's end: "The answer is a dog." picks no option), else a
-reply equal to exactly one option's text (case and surrounding punctuation ignored);
+Reading a reply (:func:`parse_choice`): a leading option letter ("B", "B.", "(B)", "B) text", and the full-width
+forms "（B）", "B。"), else "answer is B" / "Answer: B" (a lower-case letter only at the reply's end: "The answer
+is a dog." picks no option) or, in Chinese, "答案是B" / "答案：B" / "选项B" / "应选B", else a reply equal to exactly
+one option's text (case and surrounding punctuation ignored);
 anything else is unparsed and wrong. (MMBench's own evaluator falls back to a GPT judge for free-form
 replies; with a short-answer prompt the rules above cover what a tuned model says.)
 """
@@ -170,9 +171,12 @@ def round_id(index: int, round_: int) -> str:
     return f"{index}/{round_}"
 
 
-_LEAD = re.compile(r"^\s*[\(\[]?([A-H])(?:[\)\]\.:,]|\s|$)")
+_LEAD = re.compile(r"^\s*[\(\[（]?([A-H])(?:[\)\]\.:,）。：，、]|\s|$)")  # full-width forms for MMBench-CN
 # a lower-case letter only when it ends the reply ("Answer: c"), so that "The answer is a dog." picks nothing
 _ANSWER_IS = re.compile(r"(?i:(?:answer|option)(?:\s+is)?)\s*[:：]?\s*[\(\[]?(?:([A-H])\b|([a-h])[\)\]\.]?\s*$)")
+# MMBench-CN replies: "答案是B", "答案：(B)", "选项 B", "应选B。", "选择C" (an upper-case letter not followed by
+# another Latin letter, so "选项Bright" picks nothing)
+_ANSWER_IS_CN = re.compile(r"(?:答案|选项|选择|应选|选)\s*(?:应该|应)?\s*(?:是|为)?\s*[:：]?\s*[\(\[（]?([A-H])(?![A-Za-z])")
 
 
 def parse_choice(reply: str, options: list[str]) -> str | None:
@@ -184,6 +188,9 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     m = _ANSWER_IS.search(reply)
     if m and (m.group(1) or m.group(2)).upper() in LETTERS[:k]:
         return (m.group(1) or m.group(2)).upper()
+    m = _ANSWER_IS_CN.search(reply)
+    if m and m.group(1) in LETTERS[:k]:
+        return m.group(1)
     norm = lambda t: re.sub(r"[\s\.\,\!\?;:]+$", "", t.strip()).lower()  # noqa: E731
     hits = [LETTERS[i] for i, o in enumerate(options) if norm(o) == norm(reply)]
     return hits[0] if len(hits) == 1 else None

@@ -61,6 +61,9 @@ def test_read_and_rotate(tsv):
 @pytest.mark.parametrize("reply, want", [
     ("B", "B"), ("B.", "B"), ("(C) star", "C"), ("A) red", "A"), ("The answer is B.", "B"), ("Answer: c", "C"),
     ("star", "C"), ("Star.", "C"), ("D", None), ("I am not sure", None), ("", None), ("Bright", None),
+    # MMBench-CN replies (asked with "请直接回答选项字母。"): full-width punctuation and Chinese answer phrases
+    ("B。", "B"), ("（C）星形", "C"), ("C：星形", "C"), ("答案是B", "B"), ("答案：（A）", "A"), ("选项 C。", "C"),
+    ("我认为应选B。", "B"), ("答案是D", None), ("选项Bright", None), ("这是一个圆形", None),
 ])
 def test_parse_choice(reply, want):
     assert parse_choice(reply, ["circle", "square", "star"]) == want
