@@ -19,7 +19,10 @@ runs batched. Rows that finish are dropped from the cache.
 
 Sampling follows the usual order: repetition penalty (CTRL, Keskar et al. 2019: positive logits of seen tokens
 divided by the penalty, negative ones multiplied), temperature (0 = greedy), top-k, top-p (nucleus, Holtzman
-et al. 2019). The padded vocabulary rows beyond ``config.vocab_size`` are never sampled.
+et al. 2019). The padded vocabulary rows beyond ``config.vocab_size`` are never sampled. This is transformers'
+order, and the distribution drawn from is that of its logits processors (tests/models/test_sampling_oracle.py),
+but where its top-p cut is not determined: which of tied tokens straddling the cut are kept (either side's
+``torch.sort`` decides), one token more or fewer where the k most likely hold top_p exactly (rounding).
 
 Streaming decodes incrementally (the prefix/read-offset scheme, so multi-byte characters split across tokens
 are emitted whole) and holds back any tail that could be the start of a stop string, so a stop string never
@@ -44,9 +47,10 @@ class GenerationConfig:
     max_new_tokens: int = 32
     """Upper bound on new tokens per prompt (EOS not counted, since it is not returned)."""
     temperature: float = 0.0
-    """0 = greedy (argmax); > 0 samples from softmax(logits / temperature)."""
+    """0 = greedy (argmax); > 0 samples from softmax(logits / temperature) (below :data:`GREEDY_BELOW`: greedy,
+    its limit)."""
     top_k: int = 0
-    """Sample among the k most likely tokens only (0 = no limit)."""
+    """Sample among the k most likely tokens only, and those tied with the k-th (0 = no limit)."""
     top_p: float = 1.0
     """Sample among the smallest set of tokens whose probability reaches top_p (1 = no limit)."""
     repetition_penalty: float = 1.0

@@ -194,12 +194,13 @@ def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtyp
 
 
 FSDP_BF16_PROBE = r'''
-import json, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from emma_mamba.config import get_preset
 from emma_mamba.models import mamba as M
 from emma_mamba.models.vlm import EmmaMamba
-from emma_mamba.training.parallel import clip_grad_norm, init_distributed, sync_replicated_grads, wrap_model
+from emma_mamba.training.parallel import (clip_grad_norm, destroy_distributed, init_distributed, sync_replicated_grads,
+                                         wrap_model)
 
 info = init_distributed("cpu")
 torch.manual_seed(0)
@@ -226,10 +227,13 @@ got = float(clip_grad_norm(params, 0.5 * before))
 A = model.lm.layers[0].mixer.A_log
 grads = [torch.zeros_like(A.grad) for _ in range(2)]
 dist.all_gather(grads, A.grad)
-print("PROBE " + json.dumps({"seen": seen, "norm": got, "by_hand": before, "after": norm_by_hand(),
-                             "A_log_grad_same_on_both": bool(torch.equal(*grads)),
-                             "A_log_sharded": isinstance(A, DTensor)}))
-dist.destroy_process_group()
+sys.stdout.write("PROBE " + json.dumps({"seen": seen, "norm": got, "by_hand": before, "after": norm_by_hand(),
+                                        "A_log_grad_same_on_both": bool(torch.equal(*grads)),
+                                        "A_log_sharded": isinstance(A, DTensor)}) + "\n")
+sys.stdout.flush()  # one write per rank: print's two (text, end) interleave under PYTHONUNBUFFERED
+# the commands' own teardown: dist.destroy_process_group() alone let a gloo worker thread release a Python
+# tensor at interpreter exit, which aborted one run under load ("terminate called without an active exception")
+destroy_distributed()
 '''
 
 
