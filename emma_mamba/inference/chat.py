@@ -87,9 +87,11 @@ class ChatSession:
     ``model``: an :class:`~emma_mamba.models.vlm.EmmaMamba` (``image``: path, PIL image or array; None for a
     text-only conversation) or a :class:`~emma_mamba.models.mamba.MambaLM` with its ``tokenizer``.
     ``config``: sampling and length (:class:`GenerationConfig`; its EOS is replaced by the tokenizer's). A
-    repetition penalty counts the turn's own tokens and its answer as seen, not the earlier turns (they are in
-    the carried state, not re-read): with a penalty other than 1 an answer can differ from ``generate`` over the
-    whole conversation (``serve``, which re-tokenises the history, counts all of it).
+    repetition penalty counts the turn's own prompt tokens and its answer as seen, not the earlier turns (they are
+    in the carried state, not re-read); a turn prefilled from embeddings (an image chat's first turn, which holds
+    the image) counts its answer alone, as ``generate`` and transformers do for an embeddings prompt. With a
+    penalty other than 1 an answer can therefore differ from ``generate`` over the whole conversation
+    (``serve``, which re-tokenises the history, counts all of a text conversation).
     """
 
     def __init__(self, model, image=None, *, tokenizer=None, config: GenerationConfig | None = None):
