@@ -1,21 +1,11 @@
 // Drives emma-mamba serve's chat page (GET /) in jsdom against a live server: loads it, picks an image, asks,
 // follows up; prints what the page shows as JSON. Run by tests/models/test_webui.py where jsdom can be required
 // (e.g. `npm install jsdom` and NODE_PATH=<that folder>/node_modules); node drive.js BASE_URL IMAGE_FILE
-const {JSDOM} = require("jsdom");
 const fs = require("fs");
+const {openPage, sleep} = require("./webui_jsdom");
 const [base, imagePath] = [process.argv[2], process.argv[3]];
 (async () => {
-  const html = await (await fetch(base + "/")).text();
-  const dom = new JSDOM(html, {url: base + "/", runScripts: "dangerously", pretendToBeVisual: true,
-    beforeParse(window) {
-      window.fetch = (u, o) => fetch(new URL(u, base), o);  // Node's fetch (streams) inside the page
-      window.TextDecoder = TextDecoder;
-      window.HTMLFormElement.prototype.requestSubmit = function () {
-        this.dispatchEvent(new window.Event("submit", {cancelable: true}));
-      };
-    }});
-  const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const {w, d, $} = await openPage(base);
   // the page fetches the model's name when it loads: wait for it (no fixed sleep: a busy machine answers late)
   for (let i = 0; i < 400 && $("model").textContent === "model: (loading)"; i++) await sleep(50);
   const out = {model: $("model").textContent};

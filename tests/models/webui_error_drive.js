@@ -3,35 +3,15 @@
 // each followed by a question that is answered. Prints, for every question, what the page showed just before it
 // was sent and the messages of the request it sent. Run by tests/models/test_webui.py;
 // node webui_error_drive.js BASE_URL IMAGE
-const {JSDOM} = require("jsdom");
 const fs = require("fs");
+const {openPage, sleep, until, summary} = require("./webui_jsdom");
 const [base, imagePath] = process.argv.slice(2);
 (async () => {
-  const html = await (await fetch(base + "/")).text();
-  const bodies = [];
-  const dom = new JSDOM(html, {url: base + "/", runScripts: "dangerously", pretendToBeVisual: true,
-    beforeParse(window) {
-      window.fetch = (u, o) => {
-        if (String(u).endsWith("/v1/chat/completions")) bodies.push(JSON.parse(o.body));
-        return fetch(new URL(u, base), o);
-      };
-      window.TextDecoder = TextDecoder;
-      window.AbortController = AbortController;
-      window.HTMLFormElement.prototype.requestSubmit = function () {
-        this.dispatchEvent(new window.Event("submit", {cancelable: true}));
-      };
-    }});
-  const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const until = async (cond) => { for (let i = 0; i < 600 && !cond(); i++) await sleep(25); };
+  const {w, d, $, bodies} = await openPage(base);
   const file = new w.File([fs.readFileSync(imagePath)], "cat.png", {type: "image/png"});
   Object.defineProperty($("image"), "files", {value: [file]});
   $("image").dispatchEvent(new w.Event("change"));
   await until(() => $("preview").style.display === "block");
-  // each message as [role, text, the image's first bytes or null]
-  const summary = (body) => body.messages.map((m) => typeof m.content === "string" ? [m.role, m.content, null]
-    : [m.role, m.content.filter((p) => p.type === "text").map((p) => p.text).join(""),
-       m.content.filter((p) => p.type === "image_url").map((p) => p.image_url.url.slice(0, 80))[0] || null]);
   const turns = () => [...d.querySelectorAll("#log .turn")].map((e) => [e.className, e.textContent]);
   const asked = [];
   async function ask(text, maxTokens) {

@@ -2,34 +2,18 @@
 // conversation", then another image picked) must leave the answer out of the new conversation. The first chat request
 // of each phase is held until the reset is done. Prints, per phase, the next request's messages and what the page
 // shows. Run by tests/models/test_webui.py; node webui_reset_drive.js BASE_URL IMAGE_A IMAGE_B
-const {JSDOM} = require("jsdom");
 const fs = require("fs");
+const {openPage, sleep, until, summary} = require("./webui_jsdom");
 const [base, imageA, imageB] = process.argv.slice(2);
 (async () => {
-  const html = await (await fetch(base + "/")).text();
-  const bodies = [];
   let release = null, held = null;
-  const dom = new JSDOM(html, {url: base + "/", runScripts: "dangerously", pretendToBeVisual: true,
-    beforeParse(window) {
-      window.fetch = async (u, o) => {
-        if (String(u).endsWith("/v1/chat/completions")) {
-          bodies.push(JSON.parse(o.body));
-          if (held === null) {  // hold the first request of each phase until the test lets it go
-            held = new Promise((r) => { release = r; });
-            await held;
-          }
-        }
-        return fetch(new URL(u, base), o);
-      };
-      window.TextDecoder = TextDecoder;
-      window.AbortController = AbortController;
-      window.HTMLFormElement.prototype.requestSubmit = function () {
-        this.dispatchEvent(new window.Event("submit", {cancelable: true}));
-      };
-    }});
-  const w = dom.window, d = w.document, $ = (id) => d.getElementById(id);
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  const until = async (cond) => { for (let i = 0; i < 600 && !cond(); i++) await sleep(25); };
+  // hold the first request of each phase until the test lets it go
+  const {w, d, $, bodies} = await openPage(base, {onChat: async () => {
+    if (held === null) {
+      held = new Promise((r) => { release = r; });
+      await held;
+    }
+  }});
   async function pick(path, name) {
     const file = new w.File([fs.readFileSync(path)], name, {type: "image/png"});
     Object.defineProperty($("image"), "files", {value: [file], configurable: true});
@@ -41,10 +25,6 @@ const [base, imageA, imageB] = process.argv.slice(2);
     $("prompt").value = text;
     $("prompt").dispatchEvent(new w.KeyboardEvent("keydown", {key: "Enter"}));
   }
-  // each message as [role, text, the image's first bytes or null]
-  const summary = (body) => body.messages.map((m) => typeof m.content === "string" ? [m.role, m.content, null]
-    : [m.role, m.content.filter((p) => p.type === "text").map((p) => p.text).join(""),
-       m.content.filter((p) => p.type === "image_url").map((p) => p.image_url.url.slice(0, 80))[0] || null]);
   const turns = () => [...d.querySelectorAll("#log .turn")].map((e) => [e.className, e.textContent]);
   $("max_tokens").value = "4";
   await pick(imageA, "a.png");
