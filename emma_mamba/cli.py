@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("convert", "cobra"): ("emma_mamba.convert", "a released Cobra model (han1997/cobra) as an EmmaMamba checkpoint: its projector and LM, local vision weights"),
     ("export",): ("emma_mamba.export", "a checkpoint as a model to share: inference weights (bf16 optional), or the LM in transformers' layout"),
     ("info",): ("emma_mamba.info", "parameter report of a model preset or config, per module and training stage"),
+    ("env",): ("emma_mamba.envinfo", "versions, compiled kernels, GPUs and their coverage, backends and their choice: for bug reports"),
     ("generate",): ("emma_mamba.inference.cli_generate", "answer about an image (--checkpoint) or continue text (--lm), streamed"),
     ("serve",): ("emma_mamba.inference.cli_serve", "OpenAI-compatible chat-completions HTTP API over a checkpoint (images as data: URLs, streaming)"),
     ("visualize",): ("emma_mamba.inference.cli_visualize", "heat maps of how strongly the LM carries each image patch through its layers"),

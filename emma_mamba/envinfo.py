@@ -1,0 +1,492 @@
+"""`emma-mamba env`: what to attach to a bug report, and what to check after ``pip install`` on a GPU machine.
+
+Versions (emma_mamba and where it is installed, Python, the platform, torch and its CUDA, triton, the model
+libraries and the optional peers), the compiled extension ``emma_mamba._C`` (importable, with CUDA kernels, for
+which architectures), the GPUs (each one's compute capability, and whether the build's architectures cover it,
+with the rebuild command where they do not), the kernel backends (available or why not) and the one the ops
+pick for CPU and for CUDA tensors, and the environment variables that change the kernels or their dispatch.
+``--json`` prints the same as one JSON object (stable keys) for scripts and benchmark records.
+
+Quick and inert: no model is built and no kernel compiled. The Triton kernels' module is imported (defining
+``@triton.jit`` functions compiles nothing), the CUDA emulator is never built (``cuda-emu`` is reported, not
+loaded), the model libraries are read from their package metadata and only the optional peers are imported
+(a peer that fails to import, as mamba_ssm does without its CUDA extension, is reported with the error). The
+backends are probed without touching the dispatch's caches: a process that asks for this report and then runs
+ops picks its backends as if it had not (``_default`` is read, never written; loads are not cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import warnings
+
+# import name -> distribution name; imported: only the peers (their import is the check that they work)
+PACKAGES = {
+    "torch": "torch",
+    "triton": "triton",
+    "numpy": "numpy",
+    "transformers": "transformers",
+    "open_clip": "open_clip_torch",
+    "timm": "timm",
+    "torchvision": "torchvision",
+}
+PEERS = {"mamba_ssm": "mamba_ssm", "causal_conv1d": "causal_conv1d", "mambapy": "mambapy"}
+
+# variables read at run time by emma_mamba.ops, emma_mamba/kernels or csrc (and CUDA_VISIBLE_DEVICES, which
+# decides the GPUs there are); value: what it changes
+RUNTIME_VARS = {
+    "EMMA_MAMBA_BACKEND": "forces one backend for every device",
+    "EMMA_MAMBA_DETERMINISTIC": "bitwise-reproducible gradients by default",
+    "EMMA_DETERMINISTIC_PARTIAL_MB": "the deterministic backward's dB/dC partials budget (cuda, triton)",
+    "EMMA_TRITON_SCAN_FWD": "Triton scan forward: chunked | sequential (read at import)",
+    "EMMA_TRITON_SCAN_BWD": "Triton scan backward: chunked | sequential (read at import)",
+    "EMMA_CUDA_SCAN_FWD": "CUDA scan forward: warp | seq (read per call)",
+    "EMMA_CUDA_SCAN_BWD": "CUDA scan backward: warp | seq (read per call)",
+    "EMMA_CPU_ISA": "CPU kernels: auto | avx512 | avx2 | scalar",
+    "TRITON_INTERPRET": "Triton kernels run in the interpreter (CPU tensors); read by triton at import",
+    "EMMA_CUDA_EMU_SCHEDULE": "thread schedule of the cuda-emu backend",
+    "EMMA_MAMBA_CSRC": "csrc/ folder the cuda-emu backend builds from",
+    "CUDA_VISIBLE_DEVICES": "the GPUs torch sees",
+}
+# read by setup.py: they apply to the next build, not to the extension loaded now
+BUILD_VARS = ("EMMA_CUDA_ARCHS", "EMMA_SKIP_CUDA_BUILD", "CUDA_HOME", "EMMA_NVCC_THREADS", "MAX_JOBS")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run(args) -> int:
+    report = collect()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_text(report))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# collection
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a broken dist-info is reported as unknown, never a crash
+        return None
+
+
+def _spec_found(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def package_status(name: str, dist: str, try_import: bool = False) -> dict:
+    """{'distribution', 'version', 'installed', 'imported', 'import_error'} of one package.
+
+    The version is the distribution's metadata (the module's ``__version__`` if it was imported and has no
+    metadata); ``imported`` is None where no import was tried."""
+    version = _dist_version(dist)
+    found = _spec_found(name)
+    out = {"distribution": dist, "version": version, "installed": version is not None or found,
+           "imported": None, "import_error": None}
+    if try_import and out["installed"]:
+        import importlib
+
+        try:
+            # a package that prints or warns while importing must not spoil --json's stdout
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+            out["imported"] = True
+            if version is None:
+                out["version"] = getattr(mod, "__version__", None)
+        except Exception as e:  # noqa: BLE001 - e.g. mamba_ssm without its CUDA extension: report it
+            out["imported"] = False
+            out["import_error"] = _short(e)
+    return out
+
+
+def _install_info() -> dict:
+    import emma_mamba
+
+    info = {"version": emma_mamba.__version__, "location": os.path.dirname(os.path.abspath(emma_mamba.__file__)),
+            "editable": None, "installed_from": None, "distribution_version": _dist_version("emma_mamba")}
+    try:
+        from importlib import metadata
+
+        # the installed dist-info records how pip installed it; run from the checkout's root (`python -m`), the
+        # setuptools egg-info there is found first and says nothing of it, so look at every one
+        raw = next((text for d in metadata.distributions(name="emma_mamba")
+                    if (text := d.read_text("direct_url.json"))), None)
+        if raw:
+            direct = json.loads(raw)
+            info["editable"] = bool(direct.get("dir_info", {}).get("editable", False))
+            info["installed_from"] = direct.get("url")
+        elif info["distribution_version"] is not None and \
+                os.path.basename(os.path.dirname(info["location"])) in ("site-packages", "dist-packages"):
+            info["editable"] = False  # installed from an index or a wheel (a legacy develop install: unknown)
+    except Exception:  # noqa: BLE001 - not installed (run from a source tree) or no direct_url.json
+        pass
+    return info
+
+
+def _source_dir(install: dict) -> str | None:
+    url = install.get("installed_from") or ""
+    return url[len("file://"):] if url.startswith("file://") else None
+
+
+def rebuild_command(archs: list[str], install: dict) -> str:
+    """The command that rebuilds emma_mamba._C's CUDA kernels for ``archs`` (['75'] -> EMMA_CUDA_ARCHS=75)."""
+    value = ";".join(archs)
+    var = f'EMMA_CUDA_ARCHS="{value}"' if ";" in value else f"EMMA_CUDA_ARCHS={value}"
+    src = _source_dir(install)
+    if install.get("editable"):
+        cd = f"cd {src} && " if src else ""
+        return f"{cd}{var} pip install --no-build-isolation -e ."
+    return f"{var} pip install --no-build-isolation --no-deps --force-reinstall {src or '.'}" + (
+        "" if src else "  (in a checkout of the source)")
+
+
+def _torch_info(torch) -> dict:
+    cudnn = None
+    with contextlib.suppress(Exception):
+        cudnn = torch.backends.cudnn.version()
+    return {"version": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
+            "cudnn": cudnn, "num_threads": torch.get_num_threads()}
+
+
+def _extension_info() -> dict:
+    out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None}
+    try:
+        from emma_mamba import _C
+    except Exception as e:  # noqa: BLE001 - ImportError, or an OSError of a broken build
+        out["error"] = _short(e)
+        return out
+    out.update(importable=True, path=getattr(_C, "__file__", None), with_cuda=bool(getattr(_C, "with_cuda", False)),
+               cuda_archs=getattr(_C, "cuda_archs", None))
+    return out
+
+
+def _gpu_info(torch, ops, archs: str | None, with_cuda: bool | None) -> dict:
+    out = {"cuda_available": False, "count": 0, "devices": [], "error": None}
+    try:
+        if not torch.cuda.is_available():
+            return out
+        out["cuda_available"] = True
+        out["count"] = torch.cuda.device_count()
+        for i in range(out["count"]):
+            cc = tuple(torch.cuda.get_device_capability(i))
+            mem = None
+            with contextlib.suppress(Exception):
+                mem = round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
+            covered = None
+            if with_cuda and archs:
+                covered = bool(ops.cuda_archs_cover(archs, cc))
+            elif with_cuda is False:
+                covered = False
+            out["devices"].append({"index": i, "name": torch.cuda.get_device_name(i), "capability": list(cc),
+                                   "sm": f"{cc[0]}{cc[1]}", "memory_gib": mem, "covered": covered})
+    except Exception as e:  # noqa: BLE001 - a broken driver is something to report
+        out["error"] = _short(e)
+    return out
+
+
+def _probe(ops, name: str) -> tuple[bool, str | None]:
+    """(available, reason) of a backend as ops._load decides it, without writing ops' caches: the answer ops
+    already cached in this process if any, else the loader's (not cached, so that the later dispatch, on
+    whatever device is current then, decides afresh)."""
+    if name == "torch":
+        return True, None
+    if name in ops._kernel_cache:
+        return True, None
+    if name in ops._unavailable:
+        return False, ops._unavailable[name]
+    try:
+        if name == "triton":
+            ops._load_triton()
+        else:
+            ops._load_compiled(name)
+        return True, None
+    except ops.BackendUnavailableError as e:
+        return False, str(e)
+    except Exception as e:  # noqa: BLE001 - a loader that breaks otherwise (a broken triton install)
+        return False, _short(e)
+
+
+def _emulator_info(ops) -> dict:
+    """cuda-emu, reported without building it (loading it compiles csrc/cuda for the CPU: minutes)."""
+    out = {"available": None, "reason": "not loaded: loading it builds the CUDA emulator (use_backend('cuda-emu'))",
+           "runs_on": ["cpu"]}
+    try:
+        from .ops import cuda_emulator as emu  # a cheap import: it builds nothing until load()
+
+        if emu._module is not None:
+            return {**out, "available": True, "reason": None}
+        src = emu.csrc_dir()
+        missing = [s for s in emu._SOURCES + emu._DEPENDS if not (src / s).is_file()]
+        if missing:
+            out.update(available=False, reason=f"the source tree is needed: {src} lacks {', '.join(missing)}")
+        else:
+            out["reason"] += f"; sources found at {src}"
+    except Exception as e:  # noqa: BLE001
+        out["reason"] += f" ({_short(e)})"
+    return out
+
+
+def _choose(ops, dev_type: str, backends: dict) -> dict:
+    """The backend ops.get_backend(dev_type) picks, and why, from the probes (ops' own selection rules:
+    use_backend, then set_backend, then EMMA_MAMBA_BACKEND, then the backend cached on first use, then the
+    first available in the preference order), without calling it (it caches its choice)."""
+    forced, by = getattr(ops._forced_local, "name", None), "ops.use_backend (this thread)"
+    if forced is None:
+        forced, by = ops._forced, "ops.set_backend"
+    if forced is None:
+        try:
+            forced = ops._env_backend()
+        except ops.BackendUnavailableError as e:
+            return {"backend": None, "why": "EMMA_MAMBA_BACKEND is invalid", "error": str(e)}
+        by = f"EMMA_MAMBA_BACKEND={forced}"
+    if forced is not None:
+        b = backends.get(forced, {})
+        if b.get("available") is False:
+            return {"backend": None, "why": f"forced by {by}",
+                    "error": f"backend {forced!r} is not available: {b.get('reason')}"}
+        if not ops._runs_on(forced, dev_type):
+            hint = " (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""
+            return {"backend": None, "why": f"forced by {by}",
+                    "error": f"backend {forced!r} was requested but cannot run on {dev_type} tensors{hint}"}
+        why = f"forced by {by}"
+        if b.get("available") is None:
+            why += "; not loaded here: loading it builds the CUDA emulator"
+        return {"backend": forced, "why": why, "error": None}
+    if dev_type in ops._default:
+        return {"backend": ops._default[dev_type], "why": "chosen on first use earlier in this process",
+                "error": None}
+    order = ops._PREFERENCE.get(dev_type, ("torch",))
+    skipped = []
+    for name in order:
+        if backends[name]["available"]:
+            why = f"first available of {' > '.join(order)}"
+            if skipped:
+                why += "; " + "; ".join(f"{n}: {r}" for n, r in skipped)
+            return {"backend": name, "why": why, "error": None}
+        skipped.append((name, backends[name]["reason"]))
+    return {"backend": None, "why": "", "error": "no backend available"}  # unreachable: torch always is
+
+
+def collect() -> dict:
+    """The report as a dict (the --json output)."""
+    import torch
+
+    from emma_mamba import ops
+
+    install = _install_info()
+    packages = {name: package_status(name, dist) for name, dist in PACKAGES.items()}
+    packages.update({name: package_status(name, dist, try_import=True) for name, dist in PEERS.items()})
+    ext = _extension_info()
+    gpus = _gpu_info(torch, ops, ext["cuda_archs"], ext["with_cuda"] if ext["importable"] else None)
+
+    backends = {}
+    for name in ops.BACKENDS:
+        ok, reason = _probe(ops, name)
+        runs_on = [d for d in ("cpu", "cuda") if ops._runs_on(name, d)]
+        backends[name] = {"available": ok, "reason": reason, "runs_on": runs_on}
+    backends["cuda-emu"] = _emulator_info(ops)
+
+    dispatch = {
+        "preference": {d: list(order) for d, order in ops._PREFERENCE.items()},
+        "cpu": _choose(ops, "cpu", backends),
+        "cuda": _choose(ops, "cuda", backends) if gpus["cuda_available"] else None,
+    }
+    report = {
+        "emma_mamba": install,
+        "python": {"version": platform.python_version(), "implementation": platform.python_implementation(),
+                   "executable": sys.executable},
+        "platform": platform.platform(),
+        "torch": _torch_info(torch),
+        "packages": packages,
+        "extension": ext,
+        "gpus": gpus,
+        "backends": backends,
+        "dispatch": dispatch,
+        "env": {k: os.environ.get(k) for k in RUNTIME_VARS},
+        "build_env": {k: os.environ.get(k) for k in BUILD_VARS},
+        "warnings": [],
+    }
+    report["warnings"] = _warnings(report, torch)
+    return report
+
+
+def _warnings(r: dict, torch) -> list[str]:
+    out = []
+    ext, gpus, install = r["extension"], r["gpus"], r["emma_mamba"]
+    if not ext["importable"]:
+        out.append(f"emma_mamba._C is not importable ({ext['error']}): the cuda and cpu backends are unavailable; "
+                   f"build it with `pip install --no-build-isolation -e .` in the source checkout")
+    devices = gpus["devices"]
+    if ext["importable"] and devices:
+        pick = (r["dispatch"]["cuda"] or {}).get("backend")
+        if pick == "cuda":  # the current GPU is covered: ops pick cuda for every GPU, and fail on these
+            then = "ops pick the cuda backend (they check the current GPU only), whose kernels fail there"
+        else:
+            then = f"CUDA tensors run on the {pick} backend" if pick else "ops on CUDA tensors fail"
+        if not ext["with_cuda"]:
+            sms = sorted({d["sm"] for d in devices}, key=int)
+            out.append(f"emma_mamba._C was built without the CUDA kernels (no nvcc or a CPU torch at build time, or "
+                       f"EMMA_SKIP_CUDA_BUILD=1): {then}. To build them (nvcc of "
+                       f"torch's CUDA {r['torch']['cuda']} major version): {rebuild_command(sms, install)}")
+        elif ext["cuda_archs"]:
+            bad = [d for d in devices if d["covered"] is False]
+            if bad:
+                sms = sorted({d["sm"] for d in bad}, key=int)
+                names = ", ".join(f"GPU {d['index']} {d['name']} (sm_{d['sm']})" for d in bad)
+                built = "sm_" + ext["cuda_archs"].replace(";", ", sm_")
+                out.append(f"emma_mamba._C's CUDA kernels were built for {built} and cannot run on {names}: "
+                           f"{then}. Fix: {rebuild_command(sms, install)}")
+    if not gpus["cuda_available"] and os.path.exists("/dev/nvidiactl"):
+        if torch.version.cuda is None:
+            out.append(f"an NVIDIA driver is present but torch {torch.__version__} is a CPU build: install a CUDA "
+                       f"build of torch to use the GPU")
+        elif os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+            out.append(f"an NVIDIA driver is present but torch (CUDA {torch.version.cuda}) sees no GPU: is the "
+                       f"driver too old for CUDA {torch.version.cuda}?")
+    if gpus["cuda_available"] and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append("TRITON_INTERPRET=1 is set on a machine with a GPU: the Triton kernels run in the interpreter, "
+                   "CUDA tensors too (slowly); unset it to compile them")
+    if gpus["error"]:
+        out.append(f"querying the GPUs failed: {gpus['error']}")
+    for dev, pick in r["dispatch"].items():
+        if isinstance(pick, dict) and pick.get("error"):
+            out.append(f"ops on {dev.upper() if dev == 'cpu' else 'CUDA'} tensors will fail: {pick['error']}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# text
+
+def _pkg_line(name: str, p: dict) -> str:
+    if not p["installed"]:
+        text = "not installed"
+    else:
+        text = p["version"] or "installed (version unknown)"
+        if p["imported"] is False:
+            text += f", import fails: {p['import_error']}"
+    if p["distribution"] != name and p["installed"]:
+        text += f" ({p['distribution']})"
+    return f"  {name:<15}{text}"
+
+
+def format_text(r: dict) -> str:
+    e, t, x, g = r["emma_mamba"], r["torch"], r["extension"], r["gpus"]
+    lines = ["emma-mamba env", ""]
+    where = e["location"]
+    if e["editable"]:
+        where += f" (editable install of {e['installed_from']})"
+    elif e["editable"] is False:
+        where += " (installed" + (f" from {e['installed_from']})" if e["installed_from"] else ")")
+    elif e["distribution_version"] is None:
+        where += " (not pip-installed: imported from the source tree)"
+    lines.append(f"  {'emma_mamba':<15}{e['version']} at {where}")
+    lines.append(f"  {'python':<15}{r['python']['version']} ({r['python']['implementation']}, "
+                 f"{r['python']['executable']})")
+    lines.append(f"  {'platform':<15}{r['platform']}")
+    cuda = f"CUDA {t['cuda']}" if t["cuda"] else (f"ROCm/HIP {t['hip']}" if t["hip"] else "CPU build")
+    cudnn = f", cuDNN {t['cudnn']}" if t["cudnn"] else ""
+    lines.append(f"  {'torch':<15}{t['version']} ({cuda}{cudnn}; {t['num_threads']} CPU "
+                 f"thread{'s' if t['num_threads'] != 1 else ''})")
+    for name, p in r["packages"].items():
+        if name != "torch":
+            lines.append(_pkg_line(name, p))
+
+    lines += ["", "compiled extension emma_mamba._C"]
+    if not x["importable"]:
+        lines.append(f"  not importable: {x['error']}")
+    else:
+        lines.append(f"  {'path':<15}{x['path']}")
+        if not x["with_cuda"]:
+            lines.append(f"  {'CUDA kernels':<15}no (CPU kernels only)")
+        elif x["cuda_archs"]:
+            archs = x["cuda_archs"].split(";")
+            plain = [a for a in archs if a.isdigit()]
+            ptx = f", PTX of compute_{max(plain, key=int)} for newer GPUs" if plain else ""
+            lines.append(f"  {'CUDA kernels':<15}yes, for {', '.join('sm_' + a for a in archs)}{ptx}")
+        else:
+            lines.append(f"  {'CUDA kernels':<15}yes (architectures not recorded: an older build)")
+
+    lines += ["", f"GPUs: {g['count'] if g['cuda_available'] else 'none'}"
+              + ("" if g["cuda_available"] else " (torch.cuda.is_available() is False)")]
+    for d in g["devices"]:
+        mem = f", {d['memory_gib']} GiB" if d["memory_gib"] is not None else ""
+        cov = {True: "covered by the build", False: "NOT covered by the build", None: "coverage unknown"}[d["covered"]]
+        lines.append(f"  {d['index']}: {d['name']} (sm_{d['sm']}{mem}): {cov}")
+    if g["error"]:
+        lines.append(f"  error: {g['error']}")
+
+    lines += ["", "backends"]
+    for name, b in r["backends"].items():
+        if b["available"] is None:
+            text = b["reason"]
+        elif not b["available"]:
+            text = f"unavailable: {b['reason']}"
+        else:
+            text = "available"
+            if name == "triton" and "cpu" not in b["runs_on"]:
+                text += ": CUDA tensors; CPU tensors only with TRITON_INTERPRET=1 (not set)"
+            elif name == "triton":
+                text += ": CPU and CUDA tensors, in the interpreter (TRITON_INTERPRET=1)"
+            elif name == "cuda":
+                text += ": CUDA tensors" + ("" if g["cuda_available"] else " (no GPU here)")
+            elif name == "cpu":
+                text += ": CPU tensors"
+            elif name == "torch":
+                text += ": the fp32 reference, any device"
+        lines.append(f"  {name:<10}{text}")
+
+    d = r["dispatch"]
+    pref = "; ".join(f"{dev.upper() if dev == 'cpu' else 'CUDA'} tensors {' > '.join(o)}"
+                     for dev, o in d["preference"].items())
+    lines += ["", f"dispatch (preference: {pref}; EMMA_MAMBA_BACKEND forces one)"]
+    for dev, label in (("cpu", "CPU tensors"), ("cuda", "CUDA tensors")):
+        pick = d[dev]
+        if pick is None:
+            lines.append(f"  {label:<14}-> (no GPU)")
+        elif pick["error"]:
+            lines.append(f"  {label:<14}-> error: {pick['error']}" + (f" [{pick['why']}]" if pick["why"] else ""))
+        else:
+            lines.append(f"  {label:<14}-> {pick['backend']} ({pick['why']})")
+
+    set_vars = {k: v for k, v in r["env"].items() if v is not None}
+    lines += ["", "environment (kernels and dispatch)"]
+    if set_vars:
+        lines += [f"  {k}={v}   ({RUNTIME_VARS[k]})" for k, v in set_vars.items()]
+    else:
+        lines.append("  none set")
+    build = {k: v for k, v in r["build_env"].items() if v is not None}
+    if build:
+        lines.append("  for the next build: " + " ".join(f"{k}={v}" for k, v in build.items()))
+
+    if r["warnings"]:
+        lines.append("")
+        lines += [f"WARNING: {w}" for w in r["warnings"]]
+    return "\n".join(lines)
