@@ -124,10 +124,22 @@ def cuda_arch_flags():
     return flags
 
 
+def csrc_digest() -> str:
+    """emma_mamba._csrc_digest.csrc_digest of csrc/, loaded from its file (the package is not importable yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_emma_csrc_digest",
+                                                  os.path.join(ROOT, "emma_mamba", "_csrc_digest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.csrc_digest(os.path.join(ROOT, "csrc"))
+
+
 def build_plan():
     """Decide what to compile; returns (extension, with_cuda, reason_if_no_cuda)."""
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DEMMA_EXT_NAME=_C"]
+    # the sources' digest, recorded in the extension: ops warns when a checkout's csrc/ has changed since
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DEMMA_EXT_NAME=_C", f'-DEMMA_CSRC_DIGEST="{csrc_digest()}"']
     if _truthy("EMMA_SKIP_CUDA_BUILD"):
         reason = "EMMA_SKIP_CUDA_BUILD is set"
     elif torch.version.cuda is None:

@@ -13,6 +13,9 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "emma_mamba compiled kernels (see emma_mamba.ops for the public API)";
+#ifdef EMMA_CSRC_DIGEST
+  m.attr("csrc_digest") = EMMA_CSRC_DIGEST;  // of the sources built (emma_mamba/_csrc_digest.py)
+#endif
   EMMA_BIND(cpu, "cpu")
 #ifdef EMMA_WITH_CUDA
   EMMA_BIND(cuda, "cuda")

@@ -177,7 +177,8 @@ def _torch_info(torch) -> dict:
 
 
 def _extension_info() -> dict:
-    out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None}
+    out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None,
+           "built_from_these_sources": None, "sources": None}
     try:
         from emma_mamba import _C
     except Exception as e:  # noqa: BLE001 - ImportError, or an OSError of a broken build
@@ -185,6 +186,12 @@ def _extension_info() -> dict:
         return out
     out.update(importable=True, path=getattr(_C, "__file__", None), with_cuda=bool(getattr(_C, "with_cuda", False)),
                cuda_archs=getattr(_C, "cuda_archs", None))
+    from emma_mamba.ops import build_freshness
+
+    try:
+        out["built_from_these_sources"], out["sources"] = build_freshness(_C)
+    except OSError as e:
+        out["sources"] = f"the sources could not be read ({_short(e)})"
     return out
 
 
@@ -344,6 +351,8 @@ def _warnings(r: dict, torch) -> list[str]:
     if not ext["importable"]:
         out.append(f"emma_mamba._C is not importable ({ext['error']}): the cuda and cpu backends are unavailable; "
                    f"build it with `pip install --no-build-isolation -e .` in the source checkout")
+    if ext["built_from_these_sources"] is False:
+        out.append(ext["sources"])
     devices = gpus["devices"]
     if ext["importable"] and devices:
         pick = (r["dispatch"]["cuda"] or {}).get("backend")
@@ -433,6 +442,10 @@ def format_text(r: dict) -> str:
             lines.append(f"  {'CUDA kernels':<15}yes, for {', '.join('sm_' + a for a in archs)}{ptx}")
         else:
             lines.append(f"  {'CUDA kernels':<15}yes (architectures not recorded: an older build)")
+        fresh = x["built_from_these_sources"]
+        lines.append(f"  {'sources':<15}" + ("as built (csrc/ unchanged since)" if fresh else
+                                             "CHANGED since the build: rebuild (see warnings)" if fresh is False
+                                             else x["sources"]))
 
     lines += ["", f"GPUs: {g['count'] if g['cuda_available'] else 'none'}"
               + ("" if g["cuda_available"] else " (torch.cuda.is_available() is False)")]

@@ -34,6 +34,7 @@ import importlib
 import logging
 import os
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -84,6 +85,7 @@ def _load_compiled(suffix: str):
         raise BackendUnavailableError(
             f"the compiled extension emma_mamba._C is not importable ({e}); build it with "
             f"`pip install --no-build-isolation -e .`") from e
+    warn_if_stale(_C)
     if suffix == "cuda" and not getattr(_C, "with_cuda", False):
         raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
                                       "(no nvcc or CUDA torch at build time, or EMMA_SKIP_CUDA_BUILD=1)")
@@ -96,6 +98,45 @@ def _load_compiled(suffix: str):
                 f"this GPU ({torch.cuda.get_device_name()}, sm_{cc[0]}{cc[1]}); rebuild with "
                 f"EMMA_CUDA_ARCHS={cc[0]}{cc[1]}")
     return kernels_of(_C, f"_{suffix}")
+
+
+def build_freshness(ext, csrc=None) -> tuple[bool | None, str]:
+    """Whether the compiled extension ``ext`` was built from the C++ / CUDA sources beside the package (a source
+    checkout's ``csrc/``, or ``csrc``): (True, ...) it was; (False, why) they changed since its build; (None, why)
+    unknown (an installed wheel has no sources beside it; an extension built before the digest was recorded)."""
+    from emma_mamba._csrc_digest import csrc_digest
+
+    if csrc is None:
+        csrc = Path(__file__).resolve().parents[2] / "csrc"
+        if not (csrc.parent / "setup.py").is_file():
+            return None, "no csrc/ beside the package (not a source checkout)"
+    built = getattr(ext, "csrc_digest", None)
+    if built is None:
+        return None, "the extension records no source digest (built before it did)"
+    now = csrc_digest(csrc)
+    if now == built:
+        return True, f"built from {csrc} as it is now (digest {now})"
+    return False, (f"emma_mamba._C was built from other sources than {csrc} holds now (digest {built} at the "
+                   f"build, {now} now: a pull or an edit since), so the kernels that run are not these sources'; "
+                   f"rebuild: `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in "
+                   f"{csrc.parent}")
+
+
+_stale_checked = False
+
+
+def warn_if_stale(ext) -> None:
+    """Log :func:`build_freshness`'s reason once per process when the checkout's sources changed since the build."""
+    global _stale_checked
+    if _stale_checked:
+        return
+    _stale_checked = True
+    try:
+        fresh, why = build_freshness(ext)
+    except OSError:  # an unreadable source file: no verdict
+        return
+    if fresh is False:
+        log.warning("emma_mamba.ops: %s", why)
 
 
 def cuda_archs_cover(archs: str, cc: tuple[int, int]) -> bool:
