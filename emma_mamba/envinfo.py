@@ -356,8 +356,8 @@ def _warnings(r: dict, torch) -> list[str]:
     devices = gpus["devices"]
     if ext["importable"] and devices:
         pick = (r["dispatch"]["cuda"] or {}).get("backend")
-        if pick == "cuda":  # the current GPU is covered: ops pick cuda for every GPU, and fail on these
-            then = "ops pick the cuda backend (they check the current GPU only), whose kernels fail there"
+        if pick == "cuda":  # forced, or chosen before: ops choose it themselves only when every GPU is covered
+            then = "ops run on the cuda backend all the same (forced, or chosen earlier), whose kernels fail there"
         else:
             then = f"CUDA tensors run on the {pick} backend" if pick else "ops on CUDA tensors fail"
         if not ext["with_cuda"]:
@@ -368,7 +368,7 @@ def _warnings(r: dict, torch) -> list[str]:
         elif ext["cuda_archs"]:
             bad = [d for d in devices if d["covered"] is False]
             if bad:
-                sms = sorted({d["sm"] for d in bad}, key=int)
+                sms = sorted({d["sm"] for d in devices}, key=int)  # every GPU here: covered ones need theirs too
                 names = ", ".join(f"GPU {d['index']} {d['name']} (sm_{d['sm']})" for d in bad)
                 built = "sm_" + ext["cuda_archs"].replace(";", ", sm_")
                 out.append(f"emma_mamba._C's CUDA kernels were built for {built} and cannot run on {names}: "

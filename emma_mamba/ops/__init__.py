@@ -90,13 +90,22 @@ def _load_compiled(suffix: str):
         raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
                                       "(no nvcc or CUDA torch at build time, or EMMA_SKIP_CUDA_BUILD=1)")
     if suffix == "cuda" and torch.cuda.is_available():
+        # every visible GPU, not only the current one: the choice holds for all CUDA tensors of the process, and a
+        # machine mixing GPU generations would run the kernels on one they cannot run on
         archs = getattr(_C, "cuda_archs", None)
-        cc = torch.cuda.get_device_capability()
-        if archs is not None and not cuda_archs_cover(archs, cc):
+        ccs = [(i, torch.cuda.get_device_capability(i)) for i in range(max(1, torch.cuda.device_count()))]
+        bad = [(i, cc) for i, cc in ccs if archs is not None and not cuda_archs_cover(archs, cc)]
+        if bad:
+            if len(ccs) == 1:
+                cc = bad[0][1]
+                where = f"this GPU ({torch.cuda.get_device_name(0)}, sm_{cc[0]}{cc[1]})"
+            else:
+                where = "; ".join(f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{cc[0]}{cc[1]})" for i, cc in bad)
+            need = ";".join(sorted({f"{cc[0]}{cc[1]}" for _, cc in ccs}, key=int))  # every GPU here
+            var = f'EMMA_CUDA_ARCHS="{need}"' if ";" in need else f"EMMA_CUDA_ARCHS={need}"
             raise BackendUnavailableError(
                 f"emma_mamba._C's CUDA kernels were built for sm_{archs.replace(';', ', sm_')} and cannot run on "
-                f"this GPU ({torch.cuda.get_device_name()}, sm_{cc[0]}{cc[1]}); rebuild with "
-                f"EMMA_CUDA_ARCHS={cc[0]}{cc[1]}")
+                f"{where}; rebuild with {var}")
     return kernels_of(_C, f"_{suffix}")
 
 

@@ -228,6 +228,30 @@ def test_a_build_for_other_gpus_falls_back_with_a_clear_reason(monkeypatch):
     assert ops.get_backend("cuda") in ("triton", "torch")
 
 
+def test_a_machine_with_one_uncovered_gpu_among_covered_ones_falls_back(monkeypatch):
+    """The choice of backend holds for every CUDA tensor of the process, so every visible GPU must be covered: an
+    H100 (covered by any build with sm_90 or older PTX) beside a T4 (sm_75, not covered by 80;90) makes the cuda
+    backend unavailable, naming the T4 and the archs of both GPUs to rebuild for."""
+    from emma_mamba import _C
+
+    if not getattr(_C, "with_cuda", False):
+        pytest.skip("emma_mamba._C was built without the CUDA kernels")
+    if ops.cuda_archs_cover(_C.cuda_archs, (7, 5)):
+        pytest.skip(f"this build ({_C.cuda_archs}) runs on sm_75")
+    gpus = {0: ((9, 0), "NVIDIA H100"), 1: ((7, 5), "Tesla T4")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpus[i][1])
+    with pytest.raises(ops.BackendUnavailableError,
+                       match=r"cannot run on cuda:1 \(Tesla T4, sm_75\); rebuild with EMMA_CUDA_ARCHS=\"75;90\"") as e:
+        ops._load_compiled("cuda")
+    assert "H100" not in str(e.value)
+    gpus[1] = ((8, 6), "NVIDIA A10")  # an A10 beside it: available where the build covers both (80;90 does)
+    if ops.cuda_archs_cover(_C.cuda_archs, (8, 6)) and ops.cuda_archs_cover(_C.cuda_archs, (9, 0)):
+        assert ops._load_compiled("cuda") is not None
+
+
 def test_the_build_embeds_ptx_of_its_newest_arch():
     """setup.py's newest listed architecture is also embedded as PTX (cuobjdump of the built extension)."""
     import glob
