@@ -141,6 +141,9 @@ if ! build_ours; then
 fi
 grep -E "registers|spill" $LOG/emma_build.log | sort | uniq -c | head -20
 python3 -c "import torch; from emma_mamba import _C, ops; print('with_cuda', _C.with_cuda, ops.available_backends())"
+# the machine's record for every result of this call: versions, the GPU, the build's archs and digest, the backends
+python3 -m emma_mamba.cli env --json > $OUT/env.json 2> $LOG/env.log || tail -5 $LOG/env.log
+python3 -m emma_mamba.cli env 2>/dev/null | sed -n '/^GPUs/,$p' | head -20
 stamp "built"
 
 if has tests && room tests; then
