@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = _main(argv)
         sys.stdout.flush()  # a short output still in the buffer meets the closed pipe here, not at exit
         return rc
+    except RuntimeError as e:  # a kernel backend asked for (EMMA_MAMBA_BACKEND) that cannot run here: one line
+        ops = sys.modules.get("emma_mamba.ops")
+        if ops is None or not isinstance(e, ops.BackendUnavailableError):
+            raise
+        print(f"emma-mamba: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `emma-mamba info ... | head`: the reader left; say nothing more, as `cat` does
         if not _stdout_reader_gone():
             raise  # another pipe or socket (an HTTP peer that went away): an error to report, not silence

@@ -41,7 +41,7 @@ PEERS = {"mamba_ssm": "mamba_ssm", "causal_conv1d": "causal_conv1d", "mambapy": 
 # variables read at run time by emma_mamba.ops, emma_mamba/kernels or csrc (and CUDA_VISIBLE_DEVICES, which
 # decides the GPUs there are); value: what it changes
 RUNTIME_VARS = {
-    "EMMA_MAMBA_BACKEND": "forces one backend for every device",
+    "EMMA_MAMBA_BACKEND": "forces one backend for every device (when not empty)",
     "EMMA_MAMBA_DETERMINISTIC": "bitwise-reproducible gradients by default",
     "EMMA_DETERMINISTIC_PARTIAL_MB": "the deterministic backward's dB/dC partials budget (cuda, triton)",
     "EMMA_TRITON_SCAN_FWD": "Triton scan forward: chunked | sequential (read at import)",
@@ -49,7 +49,7 @@ RUNTIME_VARS = {
     "EMMA_CUDA_SCAN_FWD": "CUDA scan forward: warp | seq (read per call)",
     "EMMA_CUDA_SCAN_BWD": "CUDA scan backward: warp | seq (read per call)",
     "EMMA_CPU_ISA": "CPU kernels: auto | avx512 | avx2 | scalar",
-    "TRITON_INTERPRET": "Triton kernels run in the interpreter (CPU tensors); read by triton at import",
+    "TRITON_INTERPRET": "=1: Triton kernels run in the interpreter (CPU tensors); read by triton at import",
     "EMMA_CUDA_EMU_SCHEDULE": "thread schedule of the cuda-emu backend",
     "EMMA_MAMBA_CSRC": "csrc/ folder the cuda-emu backend builds from",
     "CUDA_VISIBLE_DEVICES": "the GPUs torch sees",
@@ -282,7 +282,8 @@ def _choose(ops, dev_type: str, backends: dict) -> dict:
         if not ops._runs_on(forced, dev_type):
             hint = " (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""
             return {"backend": None, "why": f"forced by {by}",
-                    "error": f"backend {forced!r} was requested but cannot run on {dev_type} tensors{hint}"}
+                    "error": f"backend {forced!r} was requested{f' ({by})' if by.startswith('EMMA') else ''} "
+                             f"but cannot run on {dev_type} tensors{hint}"}
         why = f"forced by {by}"
         if b.get("available") is None:
             why += "; not loaded here: loading it builds the CUDA emulator"
@@ -318,7 +319,9 @@ def collect() -> dict:
     for name in ops.BACKENDS:
         ok, reason = _probe(ops, name)
         runs_on = [d for d in ("cpu", "cuda") if ops._runs_on(name, d)]
-        backends[name] = {"available": ok, "reason": reason, "runs_on": runs_on}
+        # available: its kernels load; usable_now: and there are tensors here it runs on (a GPU for cuda)
+        usable = ok and ("cpu" in runs_on or ("cuda" in runs_on and gpus["cuda_available"]))
+        backends[name] = {"available": ok, "usable_now": usable, "reason": reason, "runs_on": runs_on}
     backends["cuda-emu"] = _emulator_info(ops)
 
     dispatch = {
@@ -465,11 +468,13 @@ def format_text(r: dict) -> str:
         else:
             text = "available"
             if name == "triton" and "cpu" not in b["runs_on"]:
-                text += ": CUDA tensors; CPU tensors only with TRITON_INTERPRET=1 (not set)"
+                now = os.environ.get("TRITON_INTERPRET")
+                text += (": CUDA tensors" + ("" if g["cuda_available"] else " (no GPU here)") + "; CPU tensors "
+                         f"only with TRITON_INTERPRET=1 ({'not set' if now is None else f'it is {now!r}'})")
             elif name == "triton":
                 text += ": CPU and CUDA tensors, in the interpreter (TRITON_INTERPRET=1)"
             elif name == "cuda":
-                text += ": CUDA tensors" + ("" if g["cuda_available"] else " (no GPU here)")
+                text += ": CUDA tensors" + ("" if g["cuda_available"] else " (no GPU here: nothing to run on now)")
             elif name == "cpu":
                 text += ": CPU tensors"
             elif name == "torch":

@@ -157,3 +157,20 @@ def test_a_non_finite_number_in_a_model_config_alone_is_refused(tmp_path, capsys
     assert main(["info", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"emma-mamba info: {bad}: lm.rms_norm_eps must be a finite number, got nan"), err
+
+
+def test_a_forced_backend_that_cannot_run_is_one_line_naming_the_variable(monkeypatch, capsys):
+    """EMMA_MAMBA_BACKEND=cuda on CPU tensors: the command ends with exit 2 and one line naming the variable,
+    not a traceback (the ops raise BackendUnavailableError deep inside the model)."""
+    import torch
+
+    from emma_mamba.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("cuda can run here")
+    monkeypatch.setenv("EMMA_MAMBA_BACKEND", "cuda")
+    assert main(["generate", "--random-init", "tiny", "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("emma-mamba: backend 'cuda' was requested (EMMA_MAMBA_BACKEND=cuda) but "
+                                            "cannot run on cpu tensors")
+    assert "Traceback" not in err

@@ -212,3 +212,17 @@ def test_cli_json_in_a_fresh_process_is_quick_and_compiles_nothing(tmp_path):
     # the same install as this process sees, though the checkout's emma_mamba.egg-info is found first from its root
     assert r["emma_mamba"]["editable"] == envinfo.collect()["emma_mamba"]["editable"]
     assert elapsed < 10, elapsed
+
+
+def test_usable_now_needs_tensors_to_run_on(monkeypatch, fresh_dispatch):
+    """`available` says a backend's kernels load; `usable_now` that there are tensors here it runs on: the cuda
+    and triton backends need a GPU (triton on the CPU only under TRITON_INTERPRET=1), cpu and torch never do."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    b = envinfo.collect()["backends"]
+    assert b["cpu"]["usable_now"] is True and b["torch"]["usable_now"] is True
+    for name in ("cuda", "triton"):
+        assert b[name]["usable_now"] is False  # no GPU, whatever `available` says
+    _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), archs="90")
+    b = envinfo.collect()["backends"]
+    assert b["cuda"]["usable_now"] is True and b["triton"]["usable_now"] is b["triton"]["available"]

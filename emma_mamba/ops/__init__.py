@@ -288,12 +288,14 @@ def use_backend(name: str):
 def get_backend(device: torch.device | str = "cpu") -> str:
     """The backend that ops on tensors of ``device`` run on."""
     dev_type = torch.device(device).type
-    forced = getattr(_forced_local, "name", None) or _forced or _env_backend()
+    forced = getattr(_forced_local, "name", None) or _forced
+    by = "" if forced else f" (EMMA_MAMBA_BACKEND={os.environ.get('EMMA_MAMBA_BACKEND', '').strip()})"
+    forced = forced or _env_backend()
     if forced is not None:
         _load(forced)
         if not _runs_on(forced, dev_type):
             raise BackendUnavailableError(
-                f"backend {forced!r} was requested but cannot run on {dev_type} tensors"
+                f"backend {forced!r} was requested{by} but cannot run on {dev_type} tensors"
                 + (" (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""))
         return forced
     if dev_type in _default:
