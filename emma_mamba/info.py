@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .config import PRESETS
 
@@ -122,11 +123,17 @@ def run(args) -> int:
     if args.lora < 0:
         raise SystemExit("emma-mamba info: --lora must be >= 0")
     try:
-        if args.lora_embeddings and not args.lora:
-            raise ValueError("--lora-embeddings goes with --lora R")
+        for flag, given in (("--lora-embeddings", args.lora_embeddings), ("--lora-targets", args.lora_targets)):
+            if given and not args.lora:
+                raise ValueError(f"{flag} goes with --lora R")
+        if args.lora:  # the training config's rules (distinct, the LM's own projections), named as given here
+            from emma_mamba.models.lora import check_targets
+
+            check_targets(args.lora_targets, cfg.lm.ssm_layer, key="--lora-targets")
         rep = report(cfg, args.lora, args.lora_targets, args.lora_embeddings)
-    except ValueError as e:  # bad --lora-targets
-        raise SystemExit(f"emma-mamba info: {e}") from None
+    except ValueError as e:  # bad --lora options: a usage error, exit 2 as the training commands' config errors
+        print(f"emma-mamba info: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0

@@ -120,6 +120,23 @@ def weight_of(linear: nn.Linear) -> torch.Tensor:
     return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
 
 
+def check_targets(targets, ssm_layer: str, key: str = "train.lora.targets") -> list[str]:
+    """``targets`` (None: the LM's :data:`DEFAULT_TARGETS`) as a list, checked against a ``ssm_layer`` mixer's
+    projections; a ValueError names ``key`` (where the user gave them) otherwise."""
+    if targets is None:
+        return list(DEFAULT_TARGETS[ssm_layer])
+    targets = list(targets)
+    if not targets or len(set(targets)) != len(targets) or any(x not in LORA_TARGETS for x in targets):
+        raise ValueError(f"{key} must be a non-empty list of distinct projections from {', '.join(LORA_TARGETS)}, "
+                         f"got {targets}")
+    lacking = missing_targets(targets, ssm_layer)
+    if lacking:
+        raise ValueError(f"{key} {targets} names {', '.join(lacking)}, which the LM's {ssm_layer} mixer "
+                         f"(model.lm.ssm_layer) lacks; its projections are {', '.join(MIXER_PROJECTIONS[ssm_layer])} "
+                         f"(null: the default, {', '.join(DEFAULT_TARGETS[ssm_layer])})")
+    return targets
+
+
 def missing_targets(targets, ssm_layer: str) -> list[str]:
     """The projections of ``targets`` that a ``ssm_layer`` mixer lacks (Mamba-2: x_proj, dt_proj)."""
     return [t for t in targets if t in LORA_TARGETS and t not in MIXER_PROJECTIONS[ssm_layer]]

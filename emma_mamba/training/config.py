@@ -355,21 +355,14 @@ class RunConfig:
         if lo.alpha is not None and not lo.alpha > 0:
             bad(f"train.lora.alpha must be > 0 (or null for 2 * r), got {lo.alpha}")
         if lo.r:
-            from emma_mamba.models.lora import DEFAULT_TARGETS, LORA_TARGETS, MIXER_PROJECTIONS, missing_targets
+            from emma_mamba.models.lora import check_targets
             from emma_mamba.models.vlm import STAGES
 
             arch = self.model.lm.ssm_layer
-            if lo.targets is None:  # the LM's own projections, spelled out in the resolved config
-                lo.targets = list(DEFAULT_TARGETS[arch])
-            if not lo.targets or len(set(lo.targets)) != len(lo.targets) or \
-                    any(x not in LORA_TARGETS for x in lo.targets):
-                bad(f"train.lora.targets must be a non-empty list of distinct projections from "
-                    f"{', '.join(LORA_TARGETS)}, got {lo.targets}")
-            lacking = missing_targets(lo.targets, arch)
-            if lacking:
-                bad(f"train.lora.targets {lo.targets} names {', '.join(lacking)}, which the LM's {arch} mixer "
-                    f"(model.lm.ssm_layer) lacks; its projections are {', '.join(MIXER_PROJECTIONS[arch])} "
-                    f"(null: the default, {', '.join(DEFAULT_TARGETS[arch])})")
+            try:  # null: the LM's own projections, spelled out in the resolved config
+                lo.targets = check_targets(lo.targets, arch)
+            except ValueError as e:
+                bad(str(e))
             if not 0.0 <= lo.dropout < 1.0:
                 bad(f"train.lora.dropout must be in [0, 1), got {lo.dropout}")
             from emma_mamba.models.lora import ACTIVATION_SPACE

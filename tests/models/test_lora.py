@@ -377,3 +377,21 @@ def test_decode_steps_of_a_bf16_lm_with_fp32_adapters(ssm_layer):
         outs = [_cached_logits(model, ids, 6).float() for model in (lm, oracle)]
         assert outs[0].dtype == torch.float32
         torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+def test_info_checks_lora_targets_as_training_does(capsys):
+    """`info --lora-targets` follows the training config's rules, named by the option (exit 2): only with --lora,
+    distinct projections, the LM's own (a Mamba-2 LM has no x_proj); what training refuses, info refuses."""
+    from emma_mamba.cli import main
+
+    cases = [(["--preset", "tiny", "--lora-targets", "in_proj"], "--lora-targets goes with --lora R"),
+             (["--preset", "tiny", "--lora", "8", "--lora-targets", "x_proj", "x_proj"],
+              "--lora-targets must be a non-empty list of distinct projections"),
+             (["--preset", "emma-mamba2-2.7b", "--lora", "8", "--lora-targets", "x_proj"],
+              "--lora-targets ['x_proj'] names x_proj, which the LM's mamba2 mixer (model.lm.ssm_layer) lacks; "
+              "its projections are in_proj, out_proj")]
+    for argv, msg in cases:
+        assert main(["info", *argv]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert main(["info", "--preset", "tiny", "--lora", "8", "--lora-targets", "in_proj", "out_proj"]) == 0
+    assert "on in_proj, out_proj:" in capsys.readouterr().out
