@@ -18,7 +18,13 @@ def load_json(path: str | Path, what: str):
     try:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ScoreInputError(f"{p}: line {e.lineno}: not valid JSON ({e.msg}); expected the {what} file") from None
+        raise ScoreInputError(f"{p}: {json_position(e)}: not valid JSON ({e.msg}); expected the {what} "
+                              f"file") from None
+
+
+def json_position(e: json.JSONDecodeError) -> str:
+    """Where in a document ``e`` happened: "line 1, column 52311 (character 52310)" (0-based character offset)."""
+    return f"line {e.lineno}, column {e.colno} (character {e.pos})"
 
 
 def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
@@ -49,8 +55,8 @@ def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ScoreInputError(f"{p}: line {n}: not valid JSON ({e.msg}); expected one JSON object per line "
-                                  f"in the {what} file") from None
+            raise ScoreInputError(f"{p}: line {n}, column {e.colno} (character {e.pos} of the line): not valid "
+                                  f"JSON ({e.msg}); expected one JSON object per line in the {what} file") from None
         if not isinstance(rec, dict):
             raise ScoreInputError(f"{p}: line {n}: expected a JSON object, got {type(rec).__name__}")
         out.append((f"line {n}", rec))
@@ -86,5 +92,8 @@ def match_answers(answers: list[tuple[str, object, str]], gold_ids: list, answer
     if not allow_missing and len(got) < len(known):
         missing = [q for q in gold_ids if q not in got]
         raise ScoreInputError(f"{answers_path}: no answer for {len(missing)} of {len(known)} questions of {gold_path} "
-                              f"(first: {missing[:5]}); pass allow_missing=True (--allow-missing) to score the rest")
+                              f"(first: {missing[:5]}); to score the answered ones only, pass --allow-missing: "
+                              f"to `emma-mamba eval` (a rerun with the same --out scores the answers written, "
+                              f"answering nothing again), or `emma-mamba score --task ... --answers {answers_path} --annotations "
+                              f"{gold_path} --allow-missing` (Python: allow_missing=True)")
     return got

@@ -62,15 +62,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ground truth when not in the questions file (VQAv2 annotations JSON, TextVQA JSON for "
                         "LLaVA-JSONL questions; default: the questions file where it holds answers, for VQAv2 the "
                         "sibling *annotations*.json if present)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="replies decoded together at most (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="replies decoded together at most (default 8). With --suite, --batch-size, --max-new-tokens "
+                        "and --limit, where given, win over the suite file's values (top-level and per benchmark)")
     p.add_argument("--batching", choices=("continuous", "static"), default="continuous",
                    help="continuous (default): finished replies' rows go to the next questions (once half the rows "
                         "are free, their images and prompts encoded together); static: fixed batches of --batch-size "
                         "questions, each decoded until its longest reply ends (the runner before continuous batching)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest reply in tokens (default 16; refcoco and ocidref 32, a box needs about 20)")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (a quick check)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="answer only the first N questions (a quick check; scored as a subset, the summary says "
+                        "\"N of <all>\")")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="score the answered questions even where --annotations hold more (a --questions file that is "
+                        "a subset of the official annotations' questions); not mme. A rerun with the same --out adds "
+                        "it to a finished run without answering again; with --suite: every benchmark")
     # the settings of some tasks only: refused on another task, and with --suite (each entry gives its own)
     p.add_argument("--image-template", default=None,
                    help="vqav2: image file name from image_id when questions have no 'image' (default "
@@ -119,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             print(f"emma-mamba eval: {name} must be >= 1, got {v}", file=sys.stderr)
             return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         print(f"emma-mamba eval: --cuda-graphs needs a CUDA device (--device {args.device})", file=sys.stderr)
@@ -150,8 +160,9 @@ def run(args: argparse.Namespace) -> int:
     if args.images is None and args.task != "mmbench":
         print(f"emma-mamba eval: --task {args.task} needs --images DIR", file=sys.stderr)
         return 2
-    if args.limit is not None and args.limit < 1:
-        print(f"emma-mamba eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+    if args.allow_missing and args.task == "mme":
+        print("emma-mamba eval: --allow-missing does not apply to --task mme (every image needs both answers)",
+              file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"eval_{args.task}"
     shard = _distributed(args)
@@ -160,12 +171,13 @@ def run(args: argparse.Namespace) -> int:
 
         def run(**kw):
             return evaluate(model, args.task, args.questions, args.images, out, annotations=args.annotations,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                            batch_size=args.batch_size or 8, max_new_tokens=args.max_new_tokens, limit=args.limit,
                             image_template=args.image_template or DEFAULT_IMAGE_TEMPLATE,
                             checkpoint=str(args.checkpoint or args.api), progress=not args.no_progress,
                             split=args.split, cuda_graphs=args.cuda_graphs, compile=args.compile,
                             likelihood=args.likelihood, box_frame=args.box_frame or "auto", lang=args.lang or "auto",
-                            ocr=args.ocr, answer_fn=answer_fn, batching=args.batching, **kw)
+                            ocr=args.ocr, answer_fn=answer_fn, batching=args.batching,
+                            allow_missing=args.allow_missing, **kw)
 
         report = run() if shard is None else _sharded(shard, out, run)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
@@ -177,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if report["metrics"] is not None:
         print(summary(args.task, report["metrics"]))
+    if report.get("limited"):
+        print(f"limited run (--limit {args.limit}): {report['limited']['n']} of {report['limited']['of']} "
+              f"questions answered and scored")
     fallback = report["scored_from_replies"]
     if fallback is not None and (fallback["n"] or fallback["errors"]):
         n = fallback["n"] if fallback["n"] is not None else "some"
@@ -266,7 +281,7 @@ def _run_suite(args) -> int:
                             progress=not args.no_progress, only=args.only, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit, cuda_graphs=args.cuda_graphs,
                             compile=args.compile, likelihood=args.likelihood, answer_fn=answer_fn,
-                            shard=shard, sync=barrier, batching=args.batching)
+                            shard=shard, sync=barrier, batching=args.batching, allow_missing=args.allow_missing)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
         shipped = shipped_suite(args.suite)
         hint = "" if shipped is None else (

@@ -391,7 +391,11 @@ def _with_ocr(text, rec: dict, tokens: dict, qpath: Path, loc: str, ocr) -> str:
     if OCR_REFERENCE in text:
         raise ScoreInputError(f"{qpath}: {loc}: the question already holds its OCR tokens ({OCR_REFERENCE!r}: "
                               f"LLaVA's question file); --ocr {ocr} would add them twice: drop --ocr")
-    image_id = require(rec, ("image_id",), qpath, loc, "TextVQA question (with --ocr)")
+    if "image_id" not in rec:
+        raise ScoreInputError(f"{qpath}: {loc}: the question has no 'image_id', which --ocr {ocr} needs to find its "
+                              f"image's OCR tokens: --ocr goes with the official TextVQA_0.5.1_val.json (LLaVA's "
+                              f"TextVQA JSONL carries its OCR tokens in the prompt already: drop --ocr)")
+    image_id = rec["image_id"]
     if image_id not in tokens:
         raise ScoreInputError(f"{qpath}: {loc}: image_id {image_id!r} is not in the OCR file {ocr} (the OCR file "
                               f"of another split?)")
@@ -716,7 +720,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
              ocr: str | Path | None = None, shard: tuple[int, int] | None = None, batching: str = "continuous",
              answer_fn: Callable[[Sequence[Question], Sequence[str]], list[str]] | None = None,
              identity: dict | None = None, check_files: bool = True, sync: Callable[[], None] | None = None,
-             merged: bool = False) -> dict:
+             merged: bool = False, allow_missing: bool = False) -> dict:
     """Answer ``questions`` with ``model`` (an :class:`EmmaMamba`), write the answers and the metrics.
 
     Returns the ``metrics.json`` content (``metrics`` is None when no ground truth is available).
@@ -751,9 +755,11 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     ``answer_fn``'s ``identity`` attribute (``--api``), else the fingerprint of the ``checkpoint`` directory. A
     folder whose record differs is refused (:func:`check_run_record`). ``check_files=False``: the images were
     checked already (:func:`emma_mamba.eval.suite.run_suite` checks every benchmark's before the first answer).
+    ``allow_missing``: score the answered questions even where ``annotations`` hold more (``eval --allow-missing``:
+    a question file that is a subset of the annotations' questions); a ``limit`` that cuts the questions implies it.
+    ``out_dir`` is created once the questions have been read; should the run then fail before its first answer
+    (a bad image, a stale folder), the folders it created are removed again.
     """
-    from emma_mamba.eval.scorers import score
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -765,7 +771,6 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     qs = read_questions(task, questions, images, image_template, split, likelihood, lang=lang, ocr=ocr)
     if task == "prompts" and annotations is not None:
         raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
@@ -773,8 +778,68 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         annotations = default_annotations(task, questions, qs)
     n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
     n_all = len(qs)
+    all_qs = qs
     qs = limit_questions(task, qs, limit)
     partial = len(qs) < n_all  # scored as a subset; a --limit past the end cuts nothing: scored as without it
+    limited = {"n": _n_questions(task, qs), "of": _n_questions(task, all_qs)} if partial else None
+    del all_qs
+    # the inputs are read: only now the output folder (with a bad input, no empty folder is left behind)
+    created = None  # the topmost folder this run creates, removed should it fail before its first answer
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        created = d
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _evaluate(model, task, questions, images, out, qs, annotations, n_per_category, partial, limited,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
+                         compile=compile, limit=limit, image_template=image_template, checkpoint=checkpoint,
+                         progress=progress, split=split, box_frame=box_frame, ocr=ocr, rank=rank, world=world,
+                         batching=batching, answer_fn=answer_fn, identity=identity, check_files=check_files,
+                         sync=sync, merged=merged, allow_missing=allow_missing)
+    except BaseException:
+        if created is not None and not _wrote_answers(out):  # failed before its first answer: no folder left
+            _remove_unused(out, created)
+        raise
+
+
+def _remove_unused(out: Path, created: Path) -> None:
+    """Undo a run's folders after it failed before its first answer (:func:`_wrote_answers` is False): its record
+    and empty files in ``out``, then ``out`` and each folder above it up to ``created``, each only while empty
+    (``os.rmdir`` refuses a folder that holds anything, such as what another process wrote meanwhile)."""
+    try:
+        for p in out.iterdir():
+            if p.is_dir():
+                p.rmdir()  # empty (else _wrote_answers would be True)
+            elif p.name == RUN_FILE or p.stat().st_size == 0:
+                p.unlink()
+        for d in (out, *out.parents):
+            d.rmdir()
+            if d == created:
+                break
+    except OSError:  # something else is there now: leave the rest
+        pass
+
+
+def _n_questions(task: str, qs: Sequence[Question]) -> int:
+    """How many questions ``qs`` are as ``--limit`` counts them (MMBench: questions, not circular rounds)."""
+    return len({q.qid.split("/")[0] for q in qs}) if task == "mmbench" else len(qs)
+
+
+def _wrote_answers(out: Path) -> bool:
+    """Whether ``out`` holds anything but this run's record (answers, results, metrics): kept on a failure."""
+    if not out.is_dir():
+        return False
+    return any(p.name != RUN_FILE and (any(p.iterdir()) if p.is_dir() else p.stat().st_size > 0)
+               for p in out.iterdir())
+
+
+def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_category, partial, limited, *,
+              batch_size, max_new_tokens, cuda_graphs, compile, limit, image_template, checkpoint, progress, split,
+              box_frame, ocr, rank, world, batching, answer_fn, identity, check_files, sync, merged,
+              allow_missing) -> dict:
+    """:func:`evaluate` once its questions are read and its output folder exists."""
+    from emma_mamba.eval.scorers import score
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
     own_model = answer_fn is None
@@ -942,7 +1007,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
             if partial:
                 metrics = _partial_mme(metrics, n_per_category)
         else:
-            metrics = score(task, answers_path, annotations, allow_missing=partial)
+            metrics = score(task, answers_path, annotations, allow_missing=partial or allow_missing)
     elif task != "prompts":
         log.warning("%s: no ground truth to score against (pass --annotations); wrote answers only", task)
     report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
@@ -950,11 +1015,11 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
               "batching": batching if own_model else None,
               "decode_steps": answerer.decoder.decode_steps if answerer is not None else None,
-              "max_new_tokens": max_new_tokens, "limit": limit,
+              "max_new_tokens": max_new_tokens, "limit": limit, "limited": limited,
               "answered_by": record["answered_by"],
               "scored_from_replies": _scored_from_replies(out, task, qs) if record["answered_by"] == "likelihood"
               else None, "metrics": metrics}
-    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
 

@@ -5,7 +5,7 @@
 Suite file (paths relative to ``root``, itself relative to the suite file; strict: unknown keys are errors)::
 
     root: /data/llava_eval
-    batch_size: 8            # optional defaults for every benchmark
+    batch_size: 8            # optional defaults for every benchmark (the command line's options win)
     max_new_tokens: 16
     benchmarks:
       pope_random: {task: pope, questions: pope/coco_pope_random.jsonl, images: pope/val2014}
@@ -18,11 +18,18 @@ Suite file (paths relative to ``root``, itself relative to the suite file; stric
                     ocr: textvqa/TextVQA_Rosetta_OCR_v0.2_val.json}
 
 Per benchmark, besides ``task``, ``questions``, ``images`` and ``annotations`` (``eval --task``'s files): ``batch_size``,
-``max_new_tokens``, ``limit`` (also suite-wide, above), ``likelihood``, and the settings of some tasks only, each
+``max_new_tokens``, ``limit`` (also suite-wide, above), ``likelihood``, ``allow_missing`` (score the answered
+questions of annotations that hold more, as ``eval --allow-missing``), and the settings of some tasks only, each
 refused on another task: ``split`` (scienceqa, ai2d, refcoco), ``image_template`` (vqav2), ``box_frame``
 (refcoco, ocidref), ``lang`` (mmbench: auto, en or cn) and ``ocr`` (textvqa: the OCR file, relative to ``root``).
 These are the options ``eval --split / --image-template / --box-frame / --lang / --ocr`` of a single benchmark,
 which ``eval --suite`` refuses: the benchmarks of a suite differ in layout, so each entry gives its own.
+
+Precedence of ``batch_size``, ``max_new_tokens`` and ``limit``: a value given on the command line (``eval --suite
+... --batch-size / --max-new-tokens / --limit``, or :func:`run_suite`'s argument when not None) wins over the
+entry's, which wins over the suite-wide one, which wins over the built-in default (batch size 8, the task's reply
+length, every question), as ``--train.*`` wins over a training YAML. ``eval --allow-missing`` applies to every
+benchmark, whatever its entry says. A limited run's row in the summary says so: ``4 of 842`` questions.
 
 Every benchmark's files are read and checked before the first question is answered (each image it will
 answer about opened and decoded, :func:`emma_mamba.eval.runner.check_images`, and each existing output folder's
@@ -61,7 +68,7 @@ __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 log = logging.getLogger(__name__)
 
 _ENTRY_KEYS = {"task", "questions", "images", "annotations", "split", "image_template", "batch_size",
-               "max_new_tokens", "limit", "likelihood", "box_frame", "lang", "ocr"}
+               "max_new_tokens", "limit", "likelihood", "box_frame", "lang", "ocr", "allow_missing"}
 _TOP_KEYS = {"root", "benchmarks", "batch_size", "max_new_tokens", "limit"}
 
 
@@ -138,7 +145,8 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
             if spec.get(k) is not None and task not in tasks:
                 raise ScoreInputError(f"{where}: {k} applies to {', '.join(tasks)} only, not {task}")
         opts = {**defaults, **{k: spec[k] for k in ("batch_size", "max_new_tokens", "limit", "split",
-                                                     "image_template", "likelihood", "box_frame", "lang")
+                                                     "image_template", "likelihood", "box_frame", "lang",
+                                                     "allow_missing")
                                if k in spec}}
         if "ocr" in spec:
             opts["ocr"] = root / spec["ocr"]
@@ -152,6 +160,10 @@ def read_suite(path: str | Path) -> list[SuiteEntry]:
             if opts["likelihood"] and task not in LIKELIHOOD_TASKS:
                 raise ScoreInputError(f"{where}: likelihood applies to the closed-set tasks "
                                       f"{list(LIKELIHOOD_TASKS)}, not {task}")
+        if not isinstance(opts.get("allow_missing", False), bool):
+            raise ScoreInputError(f"{where}: allow_missing must be true or false, got {opts['allow_missing']!r}")
+        if opts.get("allow_missing") and task == "mme":
+            raise ScoreInputError(f"{where}: allow_missing does not apply to mme (every image needs both answers)")
         for k in ("batch_size", "max_new_tokens", "limit"):
             if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], int) or opts[k] < 1):
                 raise ScoreInputError(f"{where}: {k} must be an integer >= 1, got {opts[k]!r}")
@@ -200,13 +212,15 @@ def headline(task: str, metrics: dict | None) -> dict:
 
 
 def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoint: str | None = None,
-              progress: bool = True, only: list[str] | None = None, batch_size: int = 8,
+              progress: bool = True, only: list[str] | None = None, batch_size: int | None = None,
               max_new_tokens: int | None = None, limit: int | None = None, answer_fn=None, cuda_graphs: bool = False,
               compile: bool = False, likelihood: bool = False, shard: tuple[int, int] | None = None,
-              sync=None, batching: str = "continuous") -> dict | None:
+              sync=None, batching: str = "continuous", allow_missing: bool = False) -> dict | None:
     """Check every benchmark's files, then answer and score each; write and return the summary.
 
-    ``batch_size``, ``max_new_tokens``, ``limit``: defaults under the suite's and each entry's own values;
+    ``batch_size``, ``max_new_tokens``, ``limit``: where not None (given on the command line), they win over the
+    suite's and each entry's own values (module docstring); else those, else 8, the task's default and every
+    question. ``allow_missing``: every benchmark scored as ``eval --allow-missing`` (else as its entry says);
     ``answer_fn`` and ``batching`` as in :func:`emma_mamba.eval.runner.evaluate`. ``likelihood``: every closed-set
     benchmark (``LIKELIHOOD_TASKS``) answered by its options' likelihood, unless its entry says otherwise.
     ``shard=(rank, world)`` with ``sync`` (a barrier): several processes (torchrun) share each benchmark's
@@ -224,7 +238,7 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     identity = _resolve_identity(None, answer_fn, checkpoint)  # one model answers every benchmark
     problems = []
     for e in entries:  # fail fast: every file, image and output folder is checked before any answering
-        opts = _options(e, batch_size, max_new_tokens, limit, likelihood)
+        opts = _options(e, batch_size, max_new_tokens, limit, likelihood, allow_missing)
         template = opts.get("image_template", DEFAULT_IMAGE_TEMPLATE)
         try:
             qs = limit_questions(e.task, read_questions(e.task, e.questions, e.images, template, opts.get("split"),
@@ -249,7 +263,7 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             log.info("[%d/%d] %s (%s)", i, len(entries), e.name, e.task)
             kw = dict(annotations=e.annotations, checkpoint=checkpoint, progress=progress, answer_fn=answer_fn,
                       cuda_graphs=cuda_graphs, compile=compile, identity=identity, check_files=False,
-                      batching=batching, **_options(e, batch_size, max_new_tokens, limit, likelihood))
+                      batching=batching, **_options(e, batch_size, max_new_tokens, limit, likelihood, allow_missing))
             if shard is None:
                 rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
             else:
@@ -266,6 +280,8 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             m = rep["metrics"]
             n = m["n"] if m is not None and "n" in m else rep["n_questions"]  # MMBench: questions, not rounds
             row = {"benchmark": e.name, "task": e.task, "n": n, **headline(e.task, m)}
+            if rep.get("limited"):  # a --limit run: "4 of 842" questions
+                row["of"] = rep["limited"]["of"]
             fallback = rep["scored_from_replies"]
             if fallback is not None and (fallback["n"] or fallback["errors"]):  # not all by likelihood: said
                 row["scored_from_replies"] = fallback["n"]
@@ -285,10 +301,16 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     return _write_summary(out, checkpoint, rows, entries, kept)
 
 
-def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool) -> dict:
-    """Entry ``e``'s keyword arguments for :func:`evaluate`: the run's defaults under its own values."""
-    return {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "limit": limit, **e.options,
+def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool, allow_missing: bool = False) -> dict:
+    """Entry ``e``'s keyword arguments for :func:`evaluate`: the run's values given (not None) over its own values,
+    those over the built-in defaults (batch size 8; the others None: the task's reply length, every question)."""
+    given = {k: v for k, v in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("limit", limit))
+             if v is not None}
+    opts = {"batch_size": 8, "max_new_tokens": None, "limit": None, **e.options, **given,
             "likelihood": _likelihood(e, likelihood)}
+    if allow_missing and e.task != "mme":  # MME is scored whole (or, cut by --limit, per category)
+        opts["allow_missing"] = True
+    return opts
 
 
 def _previous_rows(out: Path, checkpoint, names: set[str]) -> dict[str, dict]:
@@ -314,7 +336,7 @@ def _write_summary(out: Path, checkpoint, rows: list[dict], entries: list[SuiteE
     if failed is not None:
         summary["failed"] = failed
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     md = format_summary(rows)
     if failed is not None:
         md += f"\n\nIncomplete: benchmark {failed['benchmark']} failed ({failed['error']}); rerun to continue."
@@ -334,12 +356,14 @@ def format_summary(rows: list[dict]) -> str:
     """A markdown table: one row per benchmark, its headline numbers (no ground truth: answers only)."""
     lines = ["| benchmark | task | questions | result |", "| --- | --- | --- | --- |"]
     for r in rows:
-        nums = {k: v for k, v in r.items() if k not in ("benchmark", "task", "n", "partial", "scored_from_replies")}
+        nums = {k: v for k, v in r.items()
+                if k not in ("benchmark", "task", "n", "of", "partial", "scored_from_replies")}
         text = ", ".join(f"{k} {v:.2f}" for k, v in nums.items()) or (
             "partial answers (--limit): no totals" if r.get("partial") else "answers only (no ground truth)")
         if "scored_from_replies" in r:  # a likelihood benchmark that fell back to parsed replies
             n = r["scored_from_replies"]
             text += (f"; {n if n is not None else 'some'} scored from parsed replies, not by likelihood (see its "
                      f"metrics.json: scored_from_replies)")
-        lines.append(f"| {r['benchmark']} | {r['task']} | {r['n']} | {text} |")
+        n = f"{r['n']} of {r['of']}" if r.get("of") is not None else r["n"]  # a --limit run
+        lines.append(f"| {r['benchmark']} | {r['task']} | {n} | {text} |")
     return "\n".join(lines)

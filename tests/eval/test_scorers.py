@@ -126,7 +126,8 @@ def test_vqav2_errors(tmp_path):
     with pytest.raises(ScoreInputError, match=r"bad_ann\.json: annotations\[1\]: .*no 'question_id'"):
         score("vqav2", tmp_path / "r.jsonl", bad)
     (tmp_path / "broken.jsonl").write_text('{"question_id": 1, "answer": "red"}\n{"question_id": 2,\n')
-    with pytest.raises(ScoreInputError, match=r"broken\.jsonl: line 2: not valid JSON"):
+    with pytest.raises(ScoreInputError,
+                       match=r"broken\.jsonl: line 2, column \d+ \(character \d+ of the line\): not valid JSON"):
         score("vqav2", tmp_path / "broken.jsonl", ann)
 
 
