@@ -72,8 +72,17 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+def _ljust(text: str, width: int) -> str:
+    """``text`` padded to ``width`` terminal columns (a CJK ideograph takes two: MMBench-CN's categories)."""
+    import unicodedata
+
+    cols = sum(2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+    return text + " " * max(0, width - cols)
+
+
 def summary(task: str, m: dict) -> str:
-    """A short human-readable table of the metrics ``score`` returned."""
+    """A short human-readable table of the metrics ``score`` returned (a breakdown with one group only, such as
+    TextVQA's single answer type, is left out: it repeats the total)."""
     lines = []
     if task == "pope":
         lines.append(f"POPE  n={m['n']}  acc {100 * m['accuracy']:.2f}  prec {100 * m['precision']:.2f}  "
@@ -82,13 +91,14 @@ def summary(task: str, m: dict) -> str:
     elif task in ("vqav2", "gqa", "textvqa", "vizwiz"):
         lines.append(f"{task.upper()}  n={m['n']}  accuracy {100 * m['accuracy']:.2f}")
         for group in ("per_answer_type", "per_answerability", "per_structural_type", "per_semantic_type"):
-            for k, v in m.get(group, {}).items():
-                lines.append(f"  {group[4:]:<16} {k:<12} {100 * v:.2f}")
+            if len(m.get(group, {})) > 1:
+                for k, v in m[group].items():
+                    lines.append(f"  {group[4:]:<16} {_ljust(k, 12)} {100 * v:.2f}")
     elif task == "mmbench":
         lines.append(f"MMBench  n={m['n']}  circular accuracy {100 * m['accuracy']:.2f}  first round "
                      f"{100 * m['accuracy_first_round']:.2f}  unparsed replies {m['n_unparsed_replies']}")
         for k, v in m["per_l2_category"].items():
-            lines.append(f"  {k:<32} {100 * v:.2f}")
+            lines.append(f"  {_ljust(k, 32)} {100 * v:.2f}")
     elif task == "seed":
         lines.append(f"SEED-Bench (image)  n={m['n']}  accuracy {100 * m['accuracy']:.2f}  unparsed replies "
                      f"{m['n_unparsed_replies']}")
@@ -141,5 +151,6 @@ def summary(task: str, m: dict) -> str:
         if m.get("empty_categories"):
             lines.append(f"  (empty in the templates, not scored: {', '.join(m['empty_categories'])})")
     if m.get("n_missing"):
-        lines.append(f"  ({m['n_missing']} questions had no answer and were left out)")
+        lines.append(f"  ({m['n_missing']} questions of the annotations were not answered (--limit, or a subset of "
+                     f"the questions) and are left out of the scores)")
     return "\n".join(lines)

@@ -459,3 +459,25 @@ def test_cli_score(tmp_path, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 42, "text": "yes"}])
     rc = cli.main(["score", "--task", "pope", "--answers", str(a), "--annotations", str(q)])
     assert rc == 2 and "question id 42 is not in the annotations" in capsys.readouterr().err
+
+
+def test_summary_lines_by_hand():
+    """The printed table: a breakdown with a single group (TextVQA's one answer type) is left out, a real one kept;
+    MMBench-CN's categories align by terminal columns (an ideograph takes two); a --limit run's unanswered
+    questions are said as such."""
+    from emma_mamba.eval.scorers import summary
+
+    one = summary("textvqa", {"n": 3, "accuracy": 0.5, "per_answer_type": {"textvqa": 0.5}})
+    assert one.splitlines() == ["TEXTVQA  n=3  accuracy 50.00"]
+    three = summary("vqav2", {"n": 3, "accuracy": 0.5, "per_answer_type": {"yes/no": 1.0, "number": 0.0,
+                                                                           "other": 0.5}})
+    assert three.splitlines()[1:] == ["  answer_type      yes/no       100.00", "  answer_type      number       0.00",
+                                      "  answer_type      other        50.00"]
+    mm = summary("mmbench", {"n": 2, "accuracy": 0.5, "accuracy_first_round": 0.5, "n_unparsed_replies": 0,
+                             "per_l2_category": {"感知": 1.0, "reasoning": 0.0}})
+    rows = mm.splitlines()[1:]
+    assert rows == ["  感知" + " " * 28 + " 100.00", "  reasoning" + " " * 23 + " 0.00"]  # 4 + 28 = 9 + 23 columns
+    pope = summary("pope", {"n": 4, "accuracy": 1, "precision": 1, "recall": 1, "f1": 1, "yes_ratio": 0.5, "tp": 2,
+                            "fp": 0, "tn": 2, "fn": 0, "n_unparsed": 0, "n_missing": 838})
+    assert pope.splitlines()[-1] == ("  (838 questions of the annotations were not answered (--limit, or a subset of "
+                                     "the questions) and are left out of the scores)")
