@@ -265,25 +265,17 @@ def _choose(ops, dev_type: str, backends: dict) -> dict:
     """The backend ops.get_backend(dev_type) picks, and why, from the probes (ops' own selection rules:
     use_backend, then set_backend, then EMMA_MAMBA_BACKEND, then the backend cached on first use, then the
     first available in the preference order), without calling it (it caches its choice)."""
-    forced, by = getattr(ops._forced_local, "name", None), "ops.use_backend (this thread)"
-    if forced is None:
-        forced, by = ops._forced, "ops.set_backend"
-    if forced is None:
-        try:
-            forced = ops._env_backend()
-        except ops.BackendUnavailableError as e:
-            return {"backend": None, "why": "EMMA_MAMBA_BACKEND is invalid", "error": str(e)}
-        by = f"EMMA_MAMBA_BACKEND={forced}"
+    try:
+        forced, by = ops.forced_backend()
+    except ops.BackendUnavailableError as e:
+        return {"backend": None, "why": "EMMA_MAMBA_BACKEND is invalid", "error": str(e)}
     if forced is not None:
         b = backends.get(forced, {})
         if b.get("available") is False:
             return {"backend": None, "why": f"forced by {by}",
                     "error": f"backend {forced!r} is not available: {b.get('reason')}"}
         if not ops._runs_on(forced, dev_type):
-            hint = " (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""
-            return {"backend": None, "why": f"forced by {by}",
-                    "error": f"backend {forced!r} was requested{f' ({by})' if by.startswith('EMMA') else ''} "
-                             f"but cannot run on {dev_type} tensors{hint}"}
+            return {"backend": None, "why": f"forced by {by}", "error": ops.cannot_run_message(forced, by, dev_type)}
         why = f"forced by {by}"
         if b.get("available") is None:
             why += "; not loaded here: loading it builds the CUDA emulator"

@@ -285,18 +285,34 @@ def use_backend(name: str):
         _selection_changed()
 
 
+def forced_backend() -> tuple[str | None, str | None]:
+    """(the backend forced for every device, what forced it): :func:`use_backend` (this thread), else
+    :func:`set_backend`, else ``EMMA_MAMBA_BACKEND`` (an unknown name raises BackendUnavailableError); (None,
+    None) when none is. Read by :func:`get_backend` and by ``emma-mamba env``."""
+    name = getattr(_forced_local, "name", None)
+    if name is not None:
+        return name, "ops.use_backend (this thread)"
+    if _forced is not None:
+        return _forced, "ops.set_backend"
+    name = _env_backend()
+    return (name, f"EMMA_MAMBA_BACKEND={name}") if name is not None else (None, None)
+
+
+def cannot_run_message(name: str, by: str, device_type: str) -> str:
+    """Why a backend forced by ``by`` (:func:`forced_backend`) cannot serve ``device_type`` tensors."""
+    return (f"backend {name!r} was requested{f' ({by})' if by.startswith('EMMA_MAMBA_BACKEND') else ''} but cannot "
+            f"run on {device_type} tensors"
+            + (" (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if name == "triton" else ""))
+
+
 def get_backend(device: torch.device | str = "cpu") -> str:
     """The backend that ops on tensors of ``device`` run on."""
     dev_type = torch.device(device).type
-    forced = getattr(_forced_local, "name", None) or _forced
-    by = "" if forced else f" (EMMA_MAMBA_BACKEND={os.environ.get('EMMA_MAMBA_BACKEND', '').strip()})"
-    forced = forced or _env_backend()
+    forced, by = forced_backend()
     if forced is not None:
         _load(forced)
         if not _runs_on(forced, dev_type):
-            raise BackendUnavailableError(
-                f"backend {forced!r} was requested{by} but cannot run on {dev_type} tensors"
-                + (" (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if forced == "triton" else ""))
+            raise BackendUnavailableError(cannot_run_message(forced, by, dev_type))
         return forced
     if dev_type in _default:
         return _default[dev_type]
