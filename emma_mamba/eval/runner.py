@@ -669,8 +669,8 @@ def limit_questions(task: str, qs: list[Question], limit: int | None) -> list[Qu
     if limit is None:
         return qs
     if task == "mmbench":
-        keep = set(list(dict.fromkeys(q.qid.split("/")[0] for q in qs))[:limit])
-        return [q for q in qs if q.qid.split("/")[0] in keep]
+        keep = set(list(dict.fromkeys(map(_mmbench_question, qs)))[:limit])
+        return [q for q in qs if _mmbench_question(q) in keep]
     return qs[:limit + (limit % 2 if task == "mme" else 0)]
 
 
@@ -777,12 +777,10 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     if annotations is None:
         annotations = default_annotations(task, questions, qs)
     n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
-    n_all = len(qs)
-    all_qs = qs
-    qs = limit_questions(task, qs, limit)
-    partial = len(qs) < n_all  # scored as a subset; a --limit past the end cuts nothing: scored as without it
-    limited = {"n": _n_questions(task, qs), "of": _n_questions(task, all_qs)} if partial else None
-    del all_qs
+    asked = limit_questions(task, qs, limit)
+    # scored as a subset when --limit cut something (a --limit past the end cuts nothing: scored as without it)
+    limited = {"n": _n_questions(task, asked), "of": _n_questions(task, qs)} if len(asked) < len(qs) else None
+    qs = asked
     # the inputs are read: only now the output folder (with a bad input, no empty folder is left behind)
     created = None  # the topmost folder this run creates, removed should it fail before its first answer
     for d in (out, *out.parents):
@@ -791,7 +789,7 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         created = d
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _evaluate(model, task, questions, images, out, qs, annotations, n_per_category, partial, limited,
+        return _evaluate(model, task, questions, images, out, qs, annotations, n_per_category, limited,
                          batch_size=batch_size, max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
                          compile=compile, limit=limit, image_template=image_template, checkpoint=checkpoint,
                          progress=progress, split=split, box_frame=box_frame, ocr=ocr, rank=rank, world=world,
@@ -821,9 +819,14 @@ def _remove_unused(out: Path, created: Path) -> None:
         pass
 
 
+def _mmbench_question(q: Question) -> str:
+    """The MMBench question a circular round ``"<index>/<round>"`` asks (:func:`emma_mamba.eval.mmbench.round_id`)."""
+    return q.qid.split("/")[0]
+
+
 def _n_questions(task: str, qs: Sequence[Question]) -> int:
     """How many questions ``qs`` are as ``--limit`` counts them (MMBench: questions, not circular rounds)."""
-    return len({q.qid.split("/")[0] for q in qs}) if task == "mmbench" else len(qs)
+    return len(set(map(_mmbench_question, qs))) if task == "mmbench" else len(qs)
 
 
 def _wrote_answers(out: Path) -> bool:
@@ -834,12 +837,15 @@ def _wrote_answers(out: Path) -> bool:
                for p in out.iterdir())
 
 
-def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_category, partial, limited, *,
+def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_category, limited, *,
               batch_size, max_new_tokens, cuda_graphs, compile, limit, image_template, checkpoint, progress, split,
               box_frame, ocr, rank, world, batching, answer_fn, identity, check_files, sync, merged,
               allow_missing) -> dict:
-    """:func:`evaluate` once its questions are read and its output folder exists."""
+    """:func:`evaluate` once its questions are read and its output folder exists (``limited``: what --limit cut,
+    or None)."""
     from emma_mamba.eval.scorers import score
+
+    partial = limited is not None
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
     own_model = answer_fn is None
