@@ -6,6 +6,9 @@ Weight decay (decoupled, AdamW) applies to weight matrices only. Never decayed:
   every state towards the same decay rate, decaying D removes the skip connection);
 * every parameter with fewer than 2 dimensions: biases, RMSNorm/LayerNorm weights, ``dt_proj.bias``, the MFF
   and alignment-head layer-mixing logits;
+* what a module declares itself, by the two conventions in use: a parameter with ``_no_weight_decay = True``
+  (mamba-ssm's), and the names a submodule's ``no_weight_decay()`` returns, relative to it (timm's and
+  open_clip's: a ViT's position embedding and class token, which the vision tower holds when it trains);
 * the token embedding when ``train.decay_embeddings`` is false. It is decayed by default, as nanoGPT and the
   HF Trainer (LLaVA, Cobra) do: in Mamba it is also the tied LM head, a weight matrix like any other.
 
@@ -31,14 +34,30 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["param_groups", "build_optimizer", "lr_lambda", "build_scheduler", "warmup_steps"]
+__all__ = ["param_groups", "declared_no_decay", "build_optimizer", "lr_lambda", "build_scheduler", "warmup_steps"]
 
 _NO_DECAY_NAMES = ("A_log", "D")
 
 
-def _no_decay(name: str, p: torch.Tensor, decay_embeddings: bool) -> bool:
+def declared_no_decay(model: nn.Module) -> set[str]:
+    """Full names of the parameters ``model``'s modules exempt from weight decay: ``_no_weight_decay`` set on
+    a parameter, and the names a submodule's ``no_weight_decay()`` returns (relative to that submodule; a name
+    may also be a submodule's, exempting its parameters)."""
+    names = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "no_weight_decay", None)
+        if not callable(hook):
+            continue
+        base = f"{prefix}." if prefix else ""
+        for rel in hook():
+            full = base + rel
+            names.update(n for n, _ in model.named_parameters() if n == full or n.startswith(full + "."))
+    return names
+
+
+def _no_decay(name: str, p: torch.Tensor, decay_embeddings: bool, declared: frozenset | set = frozenset()) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    if leaf in _NO_DECAY_NAMES or p.ndim < 2:
+    if leaf in _NO_DECAY_NAMES or p.ndim < 2 or name in declared:
         return True
     if not decay_embeddings and name.endswith("embeddings.weight"):
         return True
@@ -54,11 +73,12 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     if mult and lr is None:
         raise ValueError("param_groups: lr_multipliers need the base lr")
     buckets: dict[tuple[str | None, bool], list] = {}
+    declared = declared_no_decay(model)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         module = name.split(".", 1)[0]
-        key = (module if module in mult else None, _no_decay(name, p, decay_embeddings))
+        key = (module if module in mult else None, _no_decay(name, p, decay_embeddings, declared))
         buckets.setdefault(key, []).append((name, p))
     groups = []
     for module in [None, *mult]:

@@ -229,6 +229,40 @@ def test_no_weight_decay_on_a_log_d_norms_biases():
     assert not any(n.startswith("layers.0.") for g in param_groups(lm, 0.1) for n in g["names"])
 
 
+def test_modules_exempt_their_own_parameters_from_weight_decay():
+    """Both conventions: timm's / open_clip's ``no_weight_decay()`` (names relative to the module that says it,
+    a submodule's name exempting all of it) and mamba-ssm's ``_no_weight_decay`` attribute on a parameter."""
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.zeros(4, 3))
+            self.proj = torch.nn.Linear(3, 3)
+            self.mixer = torch.nn.Linear(3, 3)
+
+        def no_weight_decay(self):
+            return {"pos", "mixer", "absent_name"}
+
+    model = torch.nn.Module()
+    model.tower, model.head = Tower(), torch.nn.Linear(3, 3)
+    model.head.weight._no_weight_decay = True
+    model.other = torch.nn.Parameter(torch.zeros(2, 2))
+    decay, no_decay = (set(g["names"]) for g in param_groups(model, 0.1))
+    assert decay == {"tower.proj.weight", "other"}
+    assert no_decay == {"tower.pos", "tower.mixer.weight", "tower.mixer.bias", "tower.proj.bias", "head.weight",
+                        "head.bias"}
+
+
+def test_a_trained_vits_position_embedding_is_not_decayed():
+    from emma_mamba.models.vlm import EmmaMamba
+
+    model = EmmaMamba(get_preset("tiny"))
+    model.requires_grad_(True)
+    decay, no_decay = (set(g["names"]) for g in param_groups(model, 0.1))
+    assert "vision.visual.positional_embedding" in no_decay and "vision.visual.class_embedding" in no_decay
+    assert "vision.visual.conv1.weight" in decay and "vision.visual.proj" in decay
+
+
 def test_lr_schedule_by_hand():
     # warmup 2 of 10 steps, then cosine to 10 % of the peak
     got = [lr_lambda(s, 10, 2, "cosine", 0.1) for s in range(10)]
