@@ -349,6 +349,14 @@ class RunConfig:
             if unknown or not t.trainable or len(set(t.trainable)) != len(t.trainable):
                 bad(f"train.trainable must be a non-empty list of distinct module names from "
                     f"{', '.join(TRAINABLE_MODULES)} (or null for the stage's default), got {t.trainable}")
+            m = self.model
+            absent = {"vision": "model.vision.freeze is true (set it to false to train the ViT)",
+                      "instruction": "model.instruction.enabled is false (the model has no instruction fusion)",
+                      "align_head": "model.align.enabled is false (the model has no alignment head)"}
+            on = {"vision": not m.vision.freeze, "instruction": m.instruction.enabled, "align_head": m.align.enabled}
+            for name in t.trainable:
+                if name in absent and not on[name]:
+                    bad(f"train.trainable lists {name} but {absent[name]}")
         lo = t.lora
         if lo.r < 0:
             bad(f"train.lora.r must be >= 0 (0: off), got {lo.r}")

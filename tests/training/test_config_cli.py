@@ -53,6 +53,20 @@ def test_unknown_key_in_yaml_names_key_path_and_file(tmp_path):
         load_run_config(p)
 
 
+@pytest.mark.parametrize("module,model,key", [
+    ("vision", "tiny", "model.vision.freeze is true"),
+    ("instruction", "cobra-like", "model.instruction.enabled is false"),
+    ("align_head", "cobra-like", "model.align.enabled is false")])
+def test_trainable_naming_a_module_the_model_lacks_is_a_config_error(tmp_path, module, model, key):
+    """Said when the config is read, naming the model key (the model's own check was a ValueError traceback
+    once the model was built); the same list on a model that has the module is accepted."""
+    p = write(tmp_path, {**BASE, "model": model, "train": {"trainable": ["lm", module]}})
+    with pytest.raises(ConfigError, match=rf"run\.yaml: train\.trainable lists {module} but {key}"):
+        load_run_config(p)
+    fixed = {"preset": model, "vision": {"freeze": False}} if module == "vision" else "tiny"
+    assert load_run_config(write(tmp_path, {**BASE, "model": fixed, "train": {"trainable": ["lm", module]}}))
+
+
 def test_cli_overrides_are_parsed_and_validated(tmp_path, capsys):
     p = write(tmp_path, BASE)
     rc = cli_train.main(["--config", str(p), "--print-config", "--train.lr", "2e-5", "--data.packing", "true",
