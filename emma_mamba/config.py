@@ -602,16 +602,19 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict, *, source: str = "<dict>", path: str = "") -> ModelConfig:
+def config_from_dict(d: dict, *, source: str = "<dict>", path: str = "", validate: bool = True) -> ModelConfig:
     """Builds a ModelConfig from a dict: ``preset`` (optional, default 'tiny') then strict overrides. ``path``
     is where the dict sits in ``source`` (``model`` for a run config's model section): errors name every key
-    by its full dotted path there (``model.lm.d_model``)."""
+    by its full dotted path there (``model.lm.d_model``). ``validate=False`` checks keys and types only (for a
+    caller that applies more overrides and validates the result)."""
     d = dict(d or {})
     preset = d.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"{source}: {path + '.' if path else ''}preset must be a string, got {preset!r}")
     cfg = get_preset(preset or "tiny")
     apply_overrides(cfg, d, path=path, source=source)
+    if not validate:
+        return cfg
     try:
         return cfg.validate(path)
     except ConfigError as e:
@@ -697,9 +700,9 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path) -> ModelConfig:
+def load_config(path: str | Path, validate: bool = True) -> ModelConfig:
     """Reads a model config YAML (``yaml.safe_load``) strictly; see the module docstring."""
-    return config_from_dict(read_yaml_mapping(path), source=str(path))
+    return config_from_dict(read_yaml_mapping(path), source=str(path), validate=validate)
 
 
 def save_config(cfg: ModelConfig, path: str | Path) -> None:

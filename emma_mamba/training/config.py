@@ -438,12 +438,13 @@ def _check_sources(sources: list, bad) -> None:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
-    """`model:` is a preset name, a model YAML path, or a mapping of model keys (with optional `preset`)."""
+def _model_from_value(value, source: str, base_dir: Path | None, validate: bool = True) -> ModelConfig:
+    """`model:` is a preset name, a model YAML path, or a mapping of model keys (with optional `preset`).
+    ``validate=False``: keys and types only (``--model.*`` options still apply)."""
     if isinstance(value, ModelConfig):
         return copy.deepcopy(value)
     if isinstance(value, dict):  # keys named by their path in the run config: model.lm.d_model
-        return config_from_dict(value, source=source, path="model")
+        return config_from_dict(value, source=source, path="model", validate=validate)
     if isinstance(value, str):
         from emma_mamba.config import PRESETS
 
@@ -451,9 +452,9 @@ def _model_from_value(value, source: str, base_dir: Path | None) -> ModelConfig:
             return get_preset(value)
         for cand in ([base_dir / value] if base_dir is not None else []) + [Path(value)]:
             if cand.is_file():
-                return load_config(cand)
+                return load_config(cand, validate)
         try:  # a shipped model YAML by name (configs/model_tiny.yaml, model_tiny)
-            return load_config(resolve_config_path(value))
+            return load_config(resolve_config_path(value), validate)
         except ConfigError:
             pass
         raise ConfigError(f"{source}: model: {value!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
@@ -509,13 +510,19 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
                 diff = [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(cfg.model, f.name)]
                 raise ConfigError(f"{source}: give either `model` or `init_from` (the model config then comes from "
                                   f"{ckpt_cfg}), not both; they differ in: {', '.join(diff)}")
-    elif model_value is not None:
-        cfg.model = _model_from_value(model_value, source, base_dir)
+    # the model's own validation waits for the --model.* options (they may correct a value of the file's)
+    later = model_over is not None
+    origin = None  # what gave the model before the options: (value, source, base_dir), re-read for its error
+    if model_value is not None and cfg.init_from is None:
+        if model is None:  # replaced by --model: only its keys and types count
+            origin = (model_value, source, base_dir)
+        cfg.model = _model_from_value(model_value, source, base_dir, validate=not (later or model is not None))
     if model is not None:
         if cfg.init_from is not None:
             raise ConfigError(f"{override_source}: --model cannot replace a model loaded by init_from "
                               f"({cfg.init_from})")
-        cfg.model = _model_from_value(model, override_source, None)
+        origin = (model, override_source, None)
+        cfg.model = _model_from_value(model, override_source, None, validate=not later)
     if model_over is not None:
         if cfg.init_from is not None:
             flat = _flatten(model_over)
@@ -528,6 +535,8 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
         try:
             cfg.model.validate("model")  # the keys as typed: --model.lm.d_model, not lm.d_model
         except ConfigError as e:
+            if origin is not None:  # invalid before the options too: said as that file / section says it
+                _model_from_value(*origin)
             raise ConfigError(f"{override_source}: {e}") from None
     # a value that fails validation may come from either: name both when options were given
     given = set(overrides) - {"stage"} or model_over or model

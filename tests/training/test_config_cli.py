@@ -417,3 +417,30 @@ def test_model_errors_name_the_key_as_the_user_wrote_it(tmp_path, capsys):
     rc = cli_train.main(["--config", str(p), "--print-config", "--model", str(m)])
     err = capsys.readouterr().err
     assert rc == 2 and f"{m}: lm.d_model must be >= 1, got 0" in err, err
+
+
+def test_model_options_can_correct_an_invalid_value_of_the_model_file(tmp_path, capsys):
+    """The model's own validation runs after the --model.* options: an option correcting the file's invalid
+    value is accepted (it was refused before the option applied); an option that does not correct it gets the
+    file's error, as the file writes the key; a valid file made invalid by an option names the option."""
+    m = tmp_path / "model.yaml"
+    m.write_text("preset: tiny\nlm: {d_model: 0}\n")
+    for model in (str(m), {"preset": "tiny", "lm": {"d_model": 0}}):
+        p = write(tmp_path, {**BASE, "model": model})
+        cfg = load_run_config(p, {"model": {"lm": {"d_model": 48}}})
+        assert cfg.model.lm.d_model == 48
+        with pytest.raises(ConfigError) as e:
+            load_run_config(p, {"model": {"lm": {"n_layer": 3}}})
+        want = f"{m}: lm.d_model must be >= 1, got 0" if model == str(m) else f"{p}: model.lm.d_model must be >= 1"
+        assert str(e.value).startswith(want), str(e.value)
+        with pytest.raises(ConfigError, match=r"expected int, got 'x'"):  # keys and types still checked first
+            load_run_config(p, {"model": {"lm": {"d_model": "x"}}})
+    p = write(tmp_path, {**BASE, "model": str(m)})
+    rc = cli_train.main(["--config", str(p), "--print-config", "--model.lm.d_model", "48"])
+    out = capsys.readouterr()
+    assert rc == 0 and "d_model: 48" in out.out, out.err
+    # --model replaces the run YAML's invalid model: only the replacement counts
+    assert load_run_config(p, model="tiny").model.lm.d_model == get_preset("tiny").lm.d_model
+    good = write(tmp_path, {**BASE, "model": "tiny"})
+    with pytest.raises(ConfigError, match=r"^command line: model\.lm\.d_model must be >= 1, got 0"):
+        load_run_config(good, {"model": {"lm": {"d_model": 0}}})
