@@ -69,6 +69,8 @@ def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = Fals
     return {
         "config": cfg.name,
         "vision": cfg.vision.model_name,
+        "vision_blocks": model.vision.n_blocks,
+        "vision_overridden": bool(cfg.vision.open_clip_overrides),  # the named architecture, resized
         "visual_tokens": model.vision.num_tokens,
         "taps": model.vision.taps,
         "second_encoder": cfg.vision.second_encoder.timm_model,
@@ -140,7 +142,10 @@ def run(args) -> int:
     tot = rep["total"]["total"]
     second = (f" + {rep['second_encoder']} taps {rep['second_encoder_taps']} (concatenated, width "
               f"{rep['vision_width']})" if rep["second_encoder"] else "")
-    print(f"{rep['config']}: {rep['vision']} taps {rep['taps']}{second} -> {rep['visual_tokens']} visual tokens, "
+    vit = rep["vision"]
+    if rep["vision_overridden"]:  # say what was built (the tiny preset's 3 blocks), not only the name it started from
+        vit += f" (resized by open_clip_overrides: {rep['vision_blocks']} blocks of width {rep['vision_width']})"
+    print(f"{rep['config']}: {vit} taps {rep['taps']}{second} -> {rep['visual_tokens']} visual tokens, "
           f"{'Mamba-2' if cfg.lm.ssm_layer == 'mamba2' else 'Mamba'} LM d_model {cfg.lm.d_model} x {cfg.lm.n_layer} "
           f"layers")
     print(f"{'module':<26}{'params':>12}{'% of total':>12}{'stage1 train':>14}{'stage2 train':>14}")

@@ -429,8 +429,12 @@ def test_info_report_for_the_2p8b_preset(capsys):
     assert rep["instruction_fusion_share"] < 0.002 and rep["mff_share"] < 0.01
     assert rows["lm"]["pretrain"] == 0 and rows["lm"]["finetune"] == rows["lm"]["total"]
     assert rows["vision"]["finetune"] == 0
+    assert rep["vision_blocks"] == 24 and not rep["vision_overridden"]  # ViT-L/14 as open_clip builds it
     assert main(["info", "--preset", "tiny"]) == 0
-    assert "instruction fusion adds" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "instruction fusion adds" in out
+    # the tiny tower is open_clip's ViT-B-16 config shrunk: the line says what was built (3 blocks of width 32)
+    assert out.startswith("tiny: ViT-B-16 (resized by open_clip_overrides: 3 blocks of width 32) taps [0, 1]")
     # a training recipe (its model; the shipped one by name, its local files not there yet) and the Mamba-2 preset
     assert main(["info", "--config", "train_emma-mamba-2.8b_stage1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["modules"]["lm"]["total"] == rows["lm"]["total"]
