@@ -366,11 +366,11 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
     ho = data_dir / "heldout"
     demo_q = json.loads((ho / "vqav2_questions.json").read_text())["questions"][0]
     demo_a = json.loads((ho / "vqav2_annotations.json").read_text())["annotations"][0]
-    reply = answer(model, data_dir / "images" / demo_q["image"], f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
-                   max_new_tokens=8).strip()
+    raw = answer(model, data_dir / "images" / demo_q["image"], f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
+                 max_new_tokens=8)
     demo = {"image": str(data_dir / "images" / demo_q["image"]), "question": demo_q["question"],
             "prompt": f"{demo_q['question']}\n{SHORT_ANSWER_PROMPT}",
-            "expected": demo_a["multiple_choice_answer"], "model": reply}
+            "expected": demo_a["multiple_choice_answer"], "model": raw.strip(), "raw": raw}
 
     timings["total"] = time.perf_counter() - t_all
     summary = {
@@ -463,6 +463,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"demo  image {d['image']}")
     print(f"      Q: {d.get('prompt', d['question'])!r}   (VQAv2's short-answer prompt, as the eval asks it)")
     print(f"      A: {d['model']!r}   (ground truth: {d['expected']!r})")
+    if not d["model"]:  # say why, rather than show a blank answer as if it were one
+        print(f"         an empty answer: the model's reply {d.get('raw', '')!r} is white space only" +
+              (" (a --fast run trains a few steps, too few to answer; the full quickstart learns to)"
+               if args.fast else ""))
     print()
     print(format_table(summary))
     print("chance = the blind (question-only) baseline: the training-answer prior, no image")

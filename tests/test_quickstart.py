@@ -53,6 +53,9 @@ def test_quickstart_fast_runs_end_to_end(tmp_path, capsys):
     vit = load(out / "stage1", for_training=False).vision.visual.state_dict()
     assert all(torch.equal(v, clip_state["visual." + k]) for k, v in vit.items())
     assert s["demo"]["question"] in printed
+    # the demo's answer is the reply stripped; a blank one is said to be blank, with the reply as generated
+    assert s["demo"]["model"] == s["demo"]["raw"].strip()
+    assert (f"the model's reply {s['demo']['raw']!r} is white space only" in printed) == (not s["demo"]["model"])
     from emma_mamba import ops
 
     # where it ran: the kernel backend the training's ops dispatched to on this machine
