@@ -1,6 +1,9 @@
 // Python bindings of emma_mamba._C: <op>_cpu always, <op>_cuda when built with the CUDA kernels.
 #include <torch/python.h>
 
+#include <string>
+
+#include "cpu/scan_kernels.h"
 #include "ops.h"
 
 #define EMMA_BIND(ns, suffix)                                                                          \
@@ -17,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("csrc_digest") = EMMA_CSRC_DIGEST;  // of the sources built (emma_mamba/_csrc_digest.py)
 #endif
   EMMA_BIND(cpu, "cpu")
+  // what the CPU selective scan runs on now: this CPU's best, or EMMA_CPU_ISA's (read per call, as the kernels
+  // do; an unknown or unsupported value raises the kernels' own error)
+  m.def("cpu_isa", [] { return std::string(emma::cpu::scan::select_scan_kernels().isa); },
+        "instruction set of the CPU selective-scan kernels a call would use now (avx512, avx2 or scalar)");
 #ifdef EMMA_WITH_CUDA
   EMMA_BIND(cuda, "cuda")
   m.attr("with_cuda") = true;

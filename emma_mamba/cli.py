@@ -92,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         rc = _main(argv)
         sys.stdout.flush()  # a short output still in the buffer meets the closed pipe here, not at exit
         return rc
-    except RuntimeError as e:  # a kernel backend asked for (EMMA_MAMBA_BACKEND) that cannot run here: one line
-        ops = sys.modules.get("emma_mamba.ops")
+    except RuntimeError as e:  # a kernel backend asked for (EMMA_MAMBA_BACKEND) that cannot run here, or CPU
+        ops = sys.modules.get("emma_mamba.ops")  # kernels asked for (EMMA_CPU_ISA) that this CPU lacks: one line
+        first = str(e).splitlines()[0] if str(e) else ""
+        if first.startswith("emma_mamba: EMMA_CPU_ISA="):  # the compiled kernels' TORCH_CHECK, from deep inside
+            print(f"emma-mamba: {first.removeprefix('emma_mamba: ')}", file=sys.stderr)
+            return 2
         if ops is None or not isinstance(e, ops.BackendUnavailableError):
             raise
         print(f"emma-mamba: {e}", file=sys.stderr)

@@ -178,7 +178,7 @@ def _torch_info(torch) -> dict:
 
 def _extension_info() -> dict:
     out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None,
-           "built_from_these_sources": None, "sources": None}
+           "built_from_these_sources": None, "sources": None, "cpu_isa": None, "cpu_isa_error": None}
     try:
         from emma_mamba import _C
     except Exception as e:  # noqa: BLE001 - ImportError, or an OSError of a broken build
@@ -186,6 +186,11 @@ def _extension_info() -> dict:
         return out
     out.update(importable=True, path=getattr(_C, "__file__", None), with_cuda=bool(getattr(_C, "with_cuda", False)),
                cuda_archs=getattr(_C, "cuda_archs", None))
+    if hasattr(_C, "cpu_isa"):  # the CPU scan kernels' instruction set now (EMMA_CPU_ISA's, or this CPU's best)
+        try:
+            out["cpu_isa"] = _C.cpu_isa()
+        except RuntimeError as e:  # EMMA_CPU_ISA names an unknown set, or one this CPU lacks
+            out["cpu_isa_error"] = str(e).splitlines()[0].removeprefix("emma_mamba: ")  # TORCH_CHECK's first line
     from emma_mamba.ops import build_freshness
 
     try:
@@ -348,6 +353,8 @@ def _warnings(r: dict, torch) -> list[str]:
                    f"build it with `pip install --no-build-isolation -e .` in the source checkout")
     if ext["built_from_these_sources"] is False:
         out.append(ext["sources"])
+    if ext.get("cpu_isa_error"):
+        out.append(f"{ext['cpu_isa_error']}: the CPU backend's scan fails on every call until it is unset or fixed")
     devices = gpus["devices"]
     if ext["importable"] and devices:
         pick = (r["dispatch"]["cuda"] or {}).get("backend")
@@ -437,6 +444,11 @@ def format_text(r: dict) -> str:
             lines.append(f"  {'CUDA kernels':<15}yes, for {', '.join('sm_' + a for a in archs)}{ptx}")
         else:
             lines.append(f"  {'CUDA kernels':<15}yes (architectures not recorded: an older build)")
+        isa = os.environ.get("EMMA_CPU_ISA", "")
+        why = f" (EMMA_CPU_ISA={isa})" if isa not in ("", "auto") else " (this CPU's best)"
+        lines.append(f"  {'CPU kernels':<15}" + (f"{x['cpu_isa']}{why}" if x["cpu_isa"] else
+                                                 f"FAIL: {x['cpu_isa_error']}" if x["cpu_isa_error"] else
+                                                 "instruction set not recorded: an older build"))
         fresh = x["built_from_these_sources"]
         lines.append(f"  {'sources':<15}" + ("as built (csrc/ unchanged since)" if fresh else
                                              "CHANGED since the build: rebuild (see warnings)" if fresh is False

@@ -174,3 +174,30 @@ def test_a_forced_backend_that_cannot_run_is_one_line_naming_the_variable(monkey
     assert err.strip().splitlines()[-1] == ("emma-mamba: backend 'cuda' was requested (EMMA_MAMBA_BACKEND=cuda) but "
                                             "cannot run on cpu tensors")
     assert "Traceback" not in err
+
+
+def test_an_unknown_cpu_instruction_set_is_one_line_naming_the_variable(monkeypatch, capsys):
+    """EMMA_CPU_ISA=sse: the compiled kernels refuse it on their first call, deep inside the model; the command
+    ends with exit 2 and the kernels' one line, not a traceback; `env` shows the same as a warning."""
+    from emma_mamba import ops
+    from emma_mamba.cli import main
+
+    if "cpu" not in ops.available_backends():
+        pytest.skip("the CPU kernels are not built")
+    monkeypatch.setenv("EMMA_MAMBA_BACKEND", "cpu")
+    monkeypatch.setenv("EMMA_CPU_ISA", "sse")
+    assert main(["generate", "--random-init", "tiny", "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("emma-mamba: EMMA_CPU_ISA=sse is not an instruction set of "
+                                                   "this build; use auto, scalar"), err
+    assert "Traceback" not in err
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "CPU kernels    FAIL: EMMA_CPU_ISA=sse is not an instruction set" in out
+    assert "WARNING: EMMA_CPU_ISA=sse is not an instruction set of this build" in out
+    from emma_mamba import _C
+
+    monkeypatch.delenv("EMMA_CPU_ISA")  # this CPU's best, as the kernels pick it
+    assert main(["env"]) == 0 and f"CPU kernels    {_C.cpu_isa()} (this CPU's best)" in capsys.readouterr().out
+    monkeypatch.setenv("EMMA_CPU_ISA", "scalar")  # a set every CPU has: named as the variable's
+    assert main(["env"]) == 0 and "CPU kernels    scalar (EMMA_CPU_ISA=scalar)" in capsys.readouterr().out
