@@ -229,7 +229,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "transformers>=4.40", "mambapy",
                  "open_clip_torch>=3.0", "timm", "torchvision", "scikit-image", "matplotlib", "ninja",
                  "openai",  # the real client against `serve` (tests/models/test_openai_client.py)
-                 "scipy"],  # the pixel oracle of tests/data/test_shapes_pixels.py (also scikit-image's dependency)
+                 "scipy",  # the pixel oracle of tests/data/test_shapes_pixels.py (also scikit-image's dependency)
+                 "openpyxl"],  # the .xlsx reader checking tests/eval/test_mmbench_submission.py (pandas' engine)
         "vision": ["open_clip_torch>=3.0", "timm", "torchvision"],  # timm: the dual encoder's second tower
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],

@@ -27,6 +27,13 @@ is a dog." picks no option) or, in Chinese, "答案是B" / "答案：B" / "选�
 one option's text (case and surrounding punctuation ignored);
 anything else is unparsed and wrong. (MMBench's own evaluator falls back to a GPT judge for free-form
 replies; with a short-answer prompt the rules above cover what a tuned model says.)
+
+Submission (:func:`mmbench_submission`, :func:`write_run_submission`): the test splits hold no answers; MMBench's
+evaluation server (VLMEvalKit's evaluator) scores a file with every row of the TSV (its CircularEval copies too),
+the TSV's columns but ``image``, and ``prediction``, the option letter picked for that row's options. A run writes
+it as ``mmbench_submission.xlsx`` (:mod:`emma_mamba.eval.xlsx`, no pandas needed) with a ``.tsv`` twin (the
+server takes either; the TSV is plain text to read and diff, and has no per-cell limit) once every question is
+answered; ``emma-mamba score --task mmbench --submission F.xlsx`` writes it from an answers file.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import logging
 import re
 import sys
 from collections import defaultdict
@@ -42,8 +50,12 @@ from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError, load_records, require
 
+log = logging.getLogger(__name__)
+
 __all__ = ["MMBenchItem", "read_mmbench", "rotated_options", "mmbench_prompt", "parse_choice", "score_mmbench",
-           "MC_PROMPT", "MC_PROMPT_CN", "LANGS", "mmbench_lang", "round_id"]
+           "MC_PROMPT", "MC_PROMPT_CN", "LANGS", "mmbench_lang", "round_id", "MMBenchSubmission",
+           "mmbench_submission", "write_mmbench_submission", "write_run_submission", "SUBMISSION_FILE",
+           "SUBMISSION_TSV"]
 
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 """LLaVA-1.5's multiple-choice instruction."""
@@ -88,6 +100,11 @@ def _cell(row: dict, key: str) -> str | None:
 def read_mmbench(path: str | Path) -> list[MMBenchItem]:
     """The questions of an MMBench TSV, images decoded; errors name the file and row."""
     p = Path(path)
+    return _items(p, _read_table(p)[1])
+
+
+def _read_table(p: Path) -> tuple[list[str], list[tuple[str, int, dict]]]:
+    """An MMBench TSV's header (its column names in order) and rows ``(where, index, row)``, the cells as written."""
     if not p.is_file():
         raise ScoreInputError(f"MMBench file {p} does not exist")
     csv.field_size_limit(sys.maxsize)  # base64 images are larger than csv's default field limit
@@ -107,13 +124,32 @@ def read_mmbench(path: str | Path) -> list[MMBenchItem]:
                 raise ScoreInputError(f"{where}: duplicate index {index}")
             seen.add(index)
             rows.append((where, index, row))
+    return list(reader.fieldnames), rows
+
+
+def _question_of(index: int, indexes) -> int:
+    """The index of the question a row asks: itself, or for a CircularEval copy (``index + k * CIRCULAR_STRIDE``
+    where the file holds ``index``) the copied question's."""
+    return index % CIRCULAR_STRIDE if index >= CIRCULAR_STRIDE and index % CIRCULAR_STRIDE in indexes else index
+
+
+def _row_options(row: dict) -> list[str]:
+    """A row's option texts under A, B, ... up to the first empty one."""
+    options = [_cell(row, c) for c in LETTERS[:4]]  # MMBench's option columns
+    k = next((i for i, o in enumerate(options) if o is None), len(options))
+    return options[:k]
+
+
+def _items(p: Path, rows: list[tuple[str, int, dict]]) -> list[MMBenchItem]:
+    """The questions of :func:`_read_table`'s rows (CircularEval copies dropped), images decoded."""
+    seen = {index for _, index, _ in rows}
     pictures = {str(index): (row.get("image") or "").strip() for _, index, row in rows}
     items = []
     for where, index, row in rows:
-        if index >= CIRCULAR_STRIDE and index % CIRCULAR_STRIDE in seen:
+        if _question_of(index, seen) != index:
             continue  # a CircularEval copy of the question at index % CIRCULAR_STRIDE (asked in every rotation)
         options = [_cell(row, c) for c in LETTERS[:4]]  # MMBench's option columns
-        k = next((i for i, o in enumerate(options) if o is None), len(options))
+        k = len(_row_options(row))
         if k < 2 or any(o is not None for o in options[k:]):
             raise ScoreInputError(f"{where}: options must be A, B and optionally C, D in order, got "
                                   f"{[c for c, o in zip(LETTERS, options) if o is not None]}")
@@ -196,13 +232,10 @@ def parse_choice(reply: str, options: list[str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def score_mmbench(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
-    """Circular and first-round accuracy of ``answers`` (JSONL/JSON records ``{"question_id": "<index>/<round>",
-    "text" or "answer": reply}``, every round of a question) against an MMBench TSV with answers."""
-    items = {it.index: it for it in read_mmbench(annotations)}
-    if any(it.answer is None for it in items.values()):
-        raise ScoreInputError(f"{annotations}: has no 'answer' for some questions (a test split?): score it on "
-                              f"MMBench's server instead")
+def _round_answers(answers: str | Path, items: dict, annotations: str | Path) -> dict:
+    """``(index, round) -> reply`` of an answers file (JSONL/JSON records ``{"question_id": "<index>/<round>",
+    "text" or "answer" or "prediction": reply}``) for the questions ``items`` (index -> :class:`MMBenchItem`) of
+    ``annotations``; every answered question must have every round answered."""
     got: dict = {}
     for loc, rec in load_records(answers, "MMBench answers"):
         qid = require(rec, ("question_id",), answers, loc, "MMBench answer")
@@ -219,12 +252,24 @@ def score_mmbench(answers: str | Path, annotations: str | Path, allow_missing: b
         if not isinstance(text, str):
             raise ScoreInputError(f"{answers}: {loc}: the answer must be a string, got {type(text).__name__}")
         got[(index, round_)] = text
-    answered = [i for i, it in items.items() if all((i, r) in got for r in range(len(it.options)))]
     partial = [i for i, it in items.items() if any((i, r) in got for r in range(len(it.options)))
-               and i not in answered]
+               and not all((i, r) in got for r in range(len(it.options)))]
     if partial:
         raise ScoreInputError(f"{answers}: question(s) {partial[:5]} have answers for some circular rounds only; "
                               f"every round of a question is needed")
+    return got
+
+
+def score_mmbench(answers: str | Path, annotations: str | Path, allow_missing: bool = False) -> dict:
+    """Circular and first-round accuracy of ``answers`` (JSONL/JSON records ``{"question_id": "<index>/<round>",
+    "text" or "answer": reply}``, every round of a question) against an MMBench TSV with answers."""
+    items = {it.index: it for it in read_mmbench(annotations)}
+    if any(it.answer is None for it in items.values()):
+        raise ScoreInputError(f"{annotations}: has no 'answer' for some questions (a test split?): score it on "
+                              f"MMBench's server instead (`emma-mamba score --task mmbench --submission F.xlsx` "
+                              f"writes the file it takes)")
+    got = _round_answers(answers, items, annotations)
+    answered = [i for i, it in items.items() if all((i, r) in got for r in range(len(it.options)))]
     if not answered:
         raise ScoreInputError(f"{answers}: no answers to score")
     if not allow_missing and len(answered) < len(items):
@@ -252,3 +297,161 @@ def score_mmbench(answers: str | Path, annotations: str | Path, allow_missing: b
             "per_category": {k: mean(v) for k, v in sorted(by_cat.items())},
             "per_l2_category": {k: mean(v) for k, v in sorted(by_l2.items())},
             "n_unparsed_replies": unparsed, "n_missing": len(items) - len(answered)}
+
+
+# ---------------------------------------------------------------------------------------- the submission file
+
+SUBMISSION_FILE = "mmbench_submission.xlsx"
+"""The file MMBench's evaluation server takes, as a run writes it in its output folder (the TSV twin beside it:
+:data:`SUBMISSION_TSV`)."""
+SUBMISSION_TSV = "mmbench_submission.tsv"
+SUBMISSION_DROPPED = ("image", "prediction")
+"""Columns of the questions TSV left out of the submission: the base64 pictures (hundreds of megabytes of text in
+all, a picture often past Excel's 32,767 characters per cell; VLMEvalKit's prediction files, the format the server
+asks for, drop them too, and the server reads none) and a ``prediction`` column the file may already hold (this
+run's is appended)."""
+
+
+@dataclass
+class MMBenchSubmission:
+    """The rows of an MMBench submission (:func:`mmbench_submission`)."""
+
+    columns: list[str]
+    """The questions TSV's columns in its order, less :data:`SUBMISSION_DROPPED`, then ``prediction``."""
+    rows: list[list]
+    """One per row of the TSV, its CircularEval copies included, in the file's order: ``index`` an int, the other
+    cells as the TSV has them (None where empty), the prediction last (None for a question not answered)."""
+    n_questions: int
+    """Questions of the file (CircularEval copies not counted)."""
+    missing: list[int]
+    """The indexes of the questions without answers (a ``--limit`` run: the file is then not complete)."""
+    n_unparsed: int
+    """Rows whose reply picks no option letter (:func:`parse_choice`): their prediction is the reply itself, for
+    the server's own answer matching to read."""
+    n_by_text: int
+    """CircularEval copy rows whose options are no rotation asked (not met in MMBench's files): their prediction is
+    the letter of the first round's chosen option text among the row's options."""
+    has_answers: bool
+    """Whether the TSV holds the answers (a dev split), so that ``emma-mamba score`` can score it too."""
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def mmbench_submission(answers: str | Path, questions: str | Path) -> MMBenchSubmission:
+    """The submission rows of ``answers`` (as :func:`score_mmbench` reads them) to the questions TSV ``questions``.
+
+    Every row of the TSV is a row of the submission, as MMBench's server (VLMEvalKit's evaluator) scores them: the
+    question at ``index`` and each CircularEval copy at ``index + k * 1000000``, with the TSV's columns (less the
+    image) and ``prediction``, the option letter the reply to that row's options picks: the question's own row
+    takes round 0's reply (the options un-rotated, as in the file), a copy the reply of the round that showed its
+    options in its order (round k for MMBench's copies). A reply that picks no letter is the prediction as it is."""
+    p = Path(questions)
+    columns, table = _read_table(p)
+    items = {it.index: it for it in _items(p, table)}
+    got = _round_answers(answers, items, questions)
+    indexes = {index for _, index, _ in table}
+    missing = [i for i, it in items.items() if (i, 0) not in got]
+    keep = [c for c in columns if c not in SUBMISSION_DROPPED]
+    rows, unparsed, by_text = [], 0, 0
+    for _, index, row in table:
+        it = items[_question_of(index, indexes)]
+        prediction = None
+        if (it.index, 0) in got:
+            shown = _row_options(row)
+            r = next((r for r in range(len(it.options)) if rotated_options(it, r) == shown), None)
+            if r is not None:
+                reply = got[(it.index, r)]
+                letter = parse_choice(reply, shown)
+            else:  # options in an order no round showed: the first round's pick, by its text
+                by_text += 1
+                reply = got[(it.index, 0)]
+                letter = parse_choice(reply, it.options)
+                text = it.options[LETTERS.index(letter)] if letter is not None else None
+                letter = LETTERS[shown.index(text)] if text in shown else None
+            unparsed += letter is None
+            prediction = letter if letter is not None else reply.strip() or None
+        rows.append([index if c == "index" else (row.get(c) or None) for c in keep] + [prediction])
+    return MMBenchSubmission(keep + ["prediction"], rows, len(items), missing, unparsed, by_text,
+                             all(it.answer is not None for it in items.values()))
+
+
+def _tsv_field(v) -> str:
+    """A TSV cell (quoted as pandas' and csv's readers read it where it holds a tab, newline or quote)."""
+    s = "" if v is None else str(v)
+    return '"' + s.replace('"', '""') + '"' if any(ch in s for ch in '\t\n\r"') else s
+
+
+def write_mmbench_submission(sub: MMBenchSubmission, xlsx: str | Path | None, tsv: str | Path | None = None, *,
+                             inputs=()) -> None:
+    """Write a complete submission as ``xlsx`` (:func:`emma_mamba.eval.xlsx.write_xlsx`) and/or ``tsv`` (both are
+    taken by MMBench's server). An incomplete one (:attr:`MMBenchSubmission.missing`) is refused: the server scores
+    every question of the split, an unanswered one as wrong; so is a file name that is one of ``inputs`` (the
+    questions TSV, the answers: ``--submission MMBench_TEST_EN.xlsx`` beside ``MMBench_TEST_EN.tsv`` would replace
+    the questions by its TSV twin). The TSV is written first, so that it is there even where a cell is past Excel's
+    limit (:class:`~emma_mamba.eval.xlsx.XlsxError`, naming the row's index)."""
+    from emma_mamba.eval.xlsx import XlsxError, write_xlsx
+
+    if not sub.complete:
+        raise ScoreInputError(f"no submission file: {len(sub.missing)} of {sub.n_questions} questions have no answer "
+                              f"(first: {sub.missing[:5]}); MMBench's server scores every question of the file")
+    taken = {Path(f).resolve() for f in inputs}
+    for f in (xlsx, tsv):
+        if f is not None and Path(f).resolve() in taken:
+            raise ScoreInputError(f"no submission file: writing {f} would replace an input file; choose another "
+                                  f"name")
+    if tsv is not None:
+        Path(tsv).parent.mkdir(parents=True, exist_ok=True)
+        text = "".join("\t".join(map(_tsv_field, r)) + "\n" for r in [sub.columns, *sub.rows])
+        tmp = Path(tsv).with_name(f".{Path(tsv).name}.tmp")
+        tmp.write_text(text, encoding="utf-8", newline="")
+        tmp.replace(tsv)
+    if xlsx is not None:
+        Path(xlsx).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_xlsx(xlsx, sub.columns, sub.rows, sheet_name="MMBench")
+        except XlsxError as e:
+            if e.row is None or e.row < 2:
+                raise
+            index = sub.rows[e.row - 2][sub.columns.index("index")] if "index" in sub.columns else None
+            raise XlsxError(f"{xlsx}: {e} (MMBench index {index})", e.row, e.column) from None
+
+
+def write_run_submission(out_dir: str | Path, answers: str | Path, questions: str | Path) -> dict:
+    """After an MMBench run into ``out_dir``: its :data:`SUBMISSION_FILE` and :data:`SUBMISSION_TSV` when every
+    question is answered; a ``--limit`` run (or a subset answered) writes none, says so in the log, and removes such
+    files an earlier run may have left, so none in the folder is a stale one. What was written, for metrics.json:
+    ``{"written", "xlsx", "tsv", "rows", "n_unparsed", ...}`` (``reason`` where not written, ``error`` where the
+    xlsx could not be written and only the TSV was)."""
+    from emma_mamba.eval.xlsx import XlsxError
+
+    out = Path(out_dir)
+    xlsx, tsv = out / SUBMISSION_FILE, out / SUBMISSION_TSV
+    sub = mmbench_submission(answers, questions)
+    if not sub.complete:
+        for f in (xlsx, tsv):
+            f.unlink(missing_ok=True)
+        reason = (f"{sub.n_questions - len(sub.missing)} of {sub.n_questions} questions answered; MMBench's server "
+                  f"scores every question (an unanswered one as wrong)")
+        log.warning("mmbench: no submission file (%s): answer all of them (a rerun without --limit into the same "
+                    "folder answers the rest) to have %s written", reason, xlsx)
+        return {"written": False, "reason": reason}
+    report = {"written": True, "xlsx": str(xlsx), "tsv": str(tsv), "rows": len(sub.rows),
+              "n_questions": sub.n_questions, "n_unparsed": sub.n_unparsed}
+    if sub.n_by_text:
+        report["n_copies_by_text"] = sub.n_by_text
+    try:
+        write_mmbench_submission(sub, xlsx, tsv, inputs=(questions, answers))
+    except XlsxError as e:
+        xlsx.unlink(missing_ok=True)
+        log.error("mmbench: %s: the .xlsx submission could not be written; %s holds the same rows (MMBench's server "
+                  "takes .tsv too)", e, tsv)
+        report.update(xlsx=None, error=str(e))
+        return report
+    log.info("mmbench: submission file for MMBench's evaluation server: %s (%d rows; the same as %s)", xlsx,
+             len(sub.rows), tsv.name)
+    if sub.n_unparsed:
+        log.warning("mmbench: %d of %d submission rows have a reply that picks no option letter: their prediction "
+                    "is the reply itself", sub.n_unparsed, len(sub.rows))
+    return report

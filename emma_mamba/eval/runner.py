@@ -50,7 +50,9 @@ and writes, under ``out_dir``:
   eval_tool format);
 * ``metrics.json``: ``{"task", "checkpoint", "questions", "n_answered", "metrics", ...}`` from
   :func:`emma_mamba.eval.scorers.score`, when the ground truth is available (POPE labels, the VQAv2
-  annotations file, GQA answers, TextVQA/VizWiz/SEED/MMBench answers in their files, MME templates).
+  annotations file, GQA answers, TextVQA/VizWiz/SEED/MMBench answers in their files, MME templates);
+* ``mmbench_submission.xlsx`` and its ``.tsv`` twin (mmbench, once every question is answered, test or dev split):
+  the file MMBench's evaluation server scores (:func:`emma_mamba.eval.mmbench.write_run_submission`).
 
 Notable choices:
 
@@ -121,7 +123,7 @@ from emma_mamba.eval._io import ScoreInputError, load_json, load_records, requir
 from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
                                     tallyqa_records, vsr_prompt, vsr_records)
 from emma_mamba.eval.mmbench import (LETTERS, MC_PROMPT, MC_PROMPT_CN, mmbench_lang, mmbench_prompt, read_mmbench,
-                                     round_id)
+                                     round_id, write_run_submission)
 from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
@@ -1014,8 +1016,13 @@ def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_
                 metrics = _partial_mme(metrics, n_per_category)
         else:
             metrics = score(task, answers_path, annotations, allow_missing=partial or allow_missing)
+    elif task == "mmbench":  # a test split: its answers are the server's (the submission file below)
+        log.info("mmbench: %s holds no answers (a test split): not scored here; MMBench's evaluation server scores "
+                 "the submission file", questions)
     elif task != "prompts":
         log.warning("%s: no ground truth to score against (pass --annotations); wrote answers only", task)
+    # MMBench: the evaluation server's file (a test split's only score), when every question is answered
+    submission = write_run_submission(out, answers_path, questions) if task == "mmbench" else None
     report = {"task": task, "checkpoint": checkpoint, "questions": str(questions),
               "annotations": None if annotations is None else str(annotations), "n_questions": len(qs),
               "n_answered_this_run": len(todo), "seconds_this_run": seconds, "batch_size": batch_size,
@@ -1025,6 +1032,8 @@ def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_
               "answered_by": record["answered_by"],
               "scored_from_replies": _scored_from_replies(out, task, qs) if record["answered_by"] == "likelihood"
               else None, "metrics": metrics}
+    if submission is not None:
+        report["submission"] = submission
     (out / "metrics.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return report
 
