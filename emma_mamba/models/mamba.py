@@ -336,20 +336,6 @@ def param_version(p: torch.Tensor) -> int:
         return 0
 
 
-def _cached_ssm_params(mixer: nn.Module, params: tuple, compute):
-    """``compute()`` (a mixer's fp32 SSM parameters as the ops take them). Without autograd (generation) the
-    result is kept on ``mixer`` between calls until one of ``params`` changes (its version counter moves), which
-    saves an exp over A per layer per decoded token; not inside a torch.compile graph (which cannot compare data
-    pointers, and recomputes the exp as part of the graph)."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return compute()
-    key = tuple((p.data_ptr(), param_version(p), p.device, p.dtype) for p in params)
-    if mixer._ssm_cache is None or mixer._ssm_cache[0] != key:
-        with torch.no_grad():
-            mixer._ssm_cache = (key, compute())
-    return mixer._ssm_cache[1]
-
-
 def _init_dt_bias(cfg: MambaConfig, n: int, device) -> torch.Tensor:
     """``n`` delta biases such that softplus(bias) is log-uniform in [dt_min, dt_max], floored at dt_init_floor
     (mamba-ssm's init of Mamba-1's dt_proj bias and Mamba-2's dt_bias)."""
@@ -403,7 +389,6 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(di, device=device, dtype=torch.float32))
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
-        self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
         # training: recompute the conv output and delta in the backward instead of keeping them (ops.mamba_inner)
         self.recompute_activations = True
 
@@ -427,10 +412,11 @@ class MambaMixer(nn.Module):
         self.dt_proj.bias.copy_(_init_dt_bias(cfg, self.d_inner, self.dt_proj.bias.device))
 
     def _ssm_params(self):
-        """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32 (kept between no-grad calls:
-        :func:`_cached_ssm_params`)."""
-        return _cached_ssm_params(self, (self.A_log, self.D, self.dt_proj.bias),
-                                  lambda: (-torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()))
+        """A = -exp(A_log) (d_inner, d_state), D and the delta bias, all fp32: computed at every call, as
+        mamba-ssm does (a copy kept between no-grad calls, keyed on the parameters' version counters, went stale
+        after ``p.data.copy_(...)`` or a ``load_state_dict`` under ``torch.inference_mode``, which move none;
+        it saved 2-3 % of a CPU decode step)."""
+        return -torch.exp(self.A_log.float()), self.D.float(), self.dt_proj.bias.float()
 
     def forward(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: MambaCache | None = None) -> torch.Tensor:
@@ -557,7 +543,6 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(di, di // self.ngroups, eps=config.rms_norm_eps, **fk)
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
-        self._ssm_cache = None  # (parameter versions, (A, D, delta_bias)) for no-grad calls
 
     def projections(self) -> tuple[nn.Linear, ...]:
         return self.in_proj, self.out_proj
@@ -573,12 +558,10 @@ class Mamba2Mixer(nn.Module):
 
     def _ssm_params(self):
         """The per-head A, D and dt bias repeated to the scan's per-channel (d_inner, d_state), (d_inner,),
-        (d_inner,), fp32 (kept between no-grad calls: :func:`_cached_ssm_params`)."""
-        def compute():
-            p, n = self.headdim, self.d_state
-            A = (-torch.exp(self.A_log.float())).repeat_interleave(p)[:, None].expand(-1, n).contiguous()
-            return A, self.D.float().repeat_interleave(p), self.dt_bias.float().repeat_interleave(p)
-        return _cached_ssm_params(self, (self.A_log, self.D, self.dt_bias), compute)
+        (d_inner,), fp32, computed at every call (see :meth:`MambaMixer._ssm_params`)."""
+        p, n = self.headdim, self.d_state
+        A = (-torch.exp(self.A_log.float())).repeat_interleave(p)[:, None].expand(-1, n).contiguous()
+        return A, self.D.float().repeat_interleave(p), self.dt_bias.float().repeat_interleave(p)
 
     def _split_xbc(self, xbc: torch.Tensor):
         """x (b, d_inner, ...), B and C (b, ngroups, d_state, ...) of the conv output (b, conv_dim, ...)."""

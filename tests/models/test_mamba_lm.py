@@ -562,3 +562,32 @@ def test_bf16_autocast_training_step_matches_reference(kernels):
         scale = g.abs().max().item()
         torch.testing.assert_close(got[n], g, rtol=5e-2, atol=5e-2 * max(scale, 1e-3), msg=lambda m: f"{n}: {m}")
     assert ref["layers.0.mixer.A_log"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("ssm_layer", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("how", ["data_copy", "inference_mode_load"])
+def test_no_grad_outputs_follow_weights_changed_behind_autograds_back(ssm_layer, how):
+    """Weights replaced in ways that move no version counter (``p.data.copy_``, as EMA / weight averaging do;
+    ``load_state_dict`` of a model built under ``torch.inference_mode``) must reach the next no-grad forward: an
+    earlier cache of A = -exp(A_log) keyed on the version counters served the old weights. Oracle: a model built
+    with the new weights."""
+    kw = dict(ssm_layer=ssm_layer, headdim=8, d_state=8) if ssm_layer == "mamba2" else {}
+    new = _random_lm(1, **kw).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = new(ids).logits
+    if how == "data_copy":
+        lm = _random_lm(0, **kw).eval()
+        with torch.no_grad():
+            lm(ids)  # a no-grad forward with the old weights first
+        for p, q in zip(lm.parameters(), new.parameters()):
+            p.data.copy_(q.data)
+        with torch.no_grad():
+            got = lm(ids).logits
+    else:
+        with torch.inference_mode():
+            lm = _random_lm(0, **kw).eval()
+            lm(ids)
+            lm.load_state_dict(new.state_dict())
+            got = lm(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
