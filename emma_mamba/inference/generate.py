@@ -31,6 +31,8 @@ reaches the stream.
 
 from __future__ import annotations
 
+import numbers
+
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +151,32 @@ class GenerationResult:
 # prompts
 
 
+def _is_id(t) -> bool:
+    """One token id: a Python or numpy integer, or a 0-d integer tensor / array (not a bool)."""
+    if isinstance(t, bool):
+        return False
+    if isinstance(t, numbers.Integral):
+        return True
+    if isinstance(t, torch.Tensor) or type(t).__module__ == "numpy":
+        t = torch.as_tensor(t)
+        return t.dim() == 0 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+    return False
+
+
+def _id_row(r, i: int) -> torch.Tensor:
+    """Prompt ``i`` of a ragged list: a list of ids, or a 1-d integer tensor / array."""
+    try:
+        t = torch.as_tensor(r)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is not None and t.dim() == 1 and t.numel() == 0:
+        return t.long()  # an empty prompt: refused below as such
+    if t is None or t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        got = type(r).__name__ if t is None else f"{t.dtype} of shape {tuple(t.shape)}"
+        raise ValueError(f"generate: input_ids[{i}] must be a list (or 1-d tensor) of integer ids, got {got}")
+    return t
+
+
 def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
     """-> list of (ids (l,) long or None, embeds (l, d) or None), one per prompt, padding removed."""
     if (input_ids is None) == (inputs_embeds is None):
@@ -165,17 +193,25 @@ def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
         return [r[m[i].to(torch.bool).to(r.device)] for i, r in enumerate(rows)]
 
     if input_ids is not None:
+        if type(input_ids).__module__ == "numpy":  # an array as a tensor (a numpy integer scalar is no prompt)
+            input_ids = torch.as_tensor(input_ids)
         if isinstance(input_ids, torch.Tensor):
-            if input_ids.is_floating_point() or input_ids.dim() not in (1, 2):
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dim() not in (1, 2):
                 raise ValueError(f"generate: input_ids must be an integer tensor (seqlen,) or (batch, seqlen), "
                                  f"got {input_ids.dtype} {tuple(input_ids.shape)}")
             rows = [input_ids] if input_ids.dim() == 1 else list(input_ids)
-        elif isinstance(input_ids, (list, tuple)) and input_ids and all(isinstance(t, int) for t in input_ids):
-            rows = [torch.tensor(input_ids)]
-        elif isinstance(input_ids, (list, tuple)) and input_ids:
-            rows = [torch.as_tensor(r) for r in input_ids]
+        elif isinstance(input_ids, (list, tuple)) and not input_ids:
+            raise ValueError("generate: input_ids is an empty list: no prompt to continue (give at least one id)")
+        elif isinstance(input_ids, (list, tuple)) and all(_is_id(t) for t in input_ids):
+            rows = [torch.tensor([int(t) for t in input_ids])]  # one prompt: ints, numpy ints, 0-d tensors
+        elif isinstance(input_ids, (list, tuple)):
+            if any(_is_id(t) for t in input_ids):
+                raise ValueError("generate: input_ids mixes ids and lists of ids; give one prompt as a list of ids "
+                                 "or several as a list of lists")
+            rows = [_id_row(r, i) for i, r in enumerate(input_ids)]
         else:
-            raise ValueError("generate: input_ids must be a tensor, a list of ids or a list of lists of ids")
+            raise ValueError(f"generate: input_ids must be a tensor, a list of ids or a list of lists of ids, got "
+                             f"{type(input_ids).__name__}")
         if attention_mask is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
             rows = masked(rows, "input_ids")
         elif attention_mask is not None:

@@ -428,3 +428,27 @@ def test_eager_decode_step_skips_the_host_synchronising_id_check(monkeypatch):
     assert torch.equal(got, want) and checked == [False]
     assert a.seqlen_offset == b.seqlen_offset == 5
     assert all(torch.equal(x, y) for x, y in zip(a.ssm_states + a.conv_states, b.ssm_states + b.conv_states))
+
+
+def test_one_prompt_given_as_numpy_or_tensor_ids_is_one_prompt():
+    """A list of numpy integers or 0-d tensors (``list(np.array(ids))``, ``list(torch.tensor(ids))``) and a 1-d
+    array are one prompt, as a list of Python ints is (they were taken as one-token prompts each); the oracle is
+    the plain-int call. Malformed lists are refused naming what is wrong."""
+    import numpy as np
+
+    lm = _lm()
+    cfg = GenerationConfig(max_new_tokens=4, eos_token_id=None)
+    ids = [5, 7, 9, 11]
+    want = generate(lm, ids, config=cfg)
+    assert want.prompt_lengths == [4]
+    for given in (list(np.array(ids)), list(torch.tensor(ids)), [np.int32(x) for x in ids], np.array(ids),
+                  np.array([ids])):
+        got = generate(lm, given, config=cfg)
+        assert got.prompt_lengths == [4] and got.sequences == want.sequences, type(given)
+    ragged = generate(lm, [np.array(ids[:2]), torch.tensor(ids)], config=cfg)
+    assert ragged.prompt_lengths == [2, 4] and ragged.sequences[1] == want.sequences[0]
+    for bad, msg in (([], "input_ids is an empty list"), ([[]], "prompt 0 is empty"),
+                     ([5, [6]], "mixes ids and lists of ids"), ([[1.5, 2.0]], r"input_ids\[0\] must be a list"),
+                     ("5 7", "got str")):
+        with pytest.raises(ValueError, match=msg):
+            generate(lm, bad, config=cfg)
