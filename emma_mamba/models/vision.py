@@ -411,8 +411,31 @@ def _bomb_message(path, err: Exception) -> str:
             f"is twice that value; None turns the check off), or downscale the image")
 
 
+def _array_to_uint8(a: np.ndarray) -> np.ndarray:
+    """An image array as uint8, by the rules of a 16-bit file (``_to_rgb``): uint8 as it is; other integers
+    (uint16 from ``skimage.img_as_uint``, imageio, tifffile) 0-255 when their maximum is at most 255, else
+    0-65535; floats 0-1 when their maximum is at most 1, else 0-255 (clipped); bool 0 / 255. Integers outside
+    0-65535 are refused (no bit depth to read them by)."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"image array of {a.dtype} holds values {lo}..{hi}: expected 0-255 (8-bit) or "
+                             f"0-65535 (16-bit)")
+        scale = 255.0 / 65535.0 if hi > 255 else 1.0
+        return np.clip(a.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"image array must hold integers, floats or bools, got {a.dtype}")
+    f = np.nan_to_num(a.astype(np.float64))
+    return np.clip(f * (255.0 if f.size and f.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+
+
 def load_image(image) -> "Image.Image":
-    """An RGB PIL image from a path, a PIL image or an (H, W[, C]) uint8/float array; see the module docstring.
+    """An RGB PIL image from a path, a PIL image or an (H, W[, C]) array (uint8; uint16 and other integers,
+    0-255 or 0-65535 by their maximum; float 0-1 or 0-255; bool); see the module docstring.
     A missing file raises FileNotFoundError; one that cannot be decoded, or that PIL refuses as a decompression
     bomb (more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` pixels), ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
@@ -438,9 +461,7 @@ def load_image(image) -> "Image.Image":
             a = a[..., 0]
         if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
             raise ValueError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-        if a.dtype != np.uint8:
-            a = np.clip(a.astype(np.float64) * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
-        return _to_rgb(Image.fromarray(a), "<array>")
+        return _to_rgb(Image.fromarray(_array_to_uint8(a)), "<array>")
     if isinstance(image, Image.Image):
         return _to_rgb(image, "<PIL image>")
     raise TypeError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")

@@ -207,6 +207,31 @@ def test_sixteen_bit_grayscale_is_rescaled(tmp_path):
     assert list(out[0, :, 0]) == [0, 128, 255]  # not clipped to white as convert('L') would
 
 
+def test_image_arrays_are_read_by_their_bit_depth(tmp_path):
+    """A uint16 array (skimage.img_as_uint, imageio, tifffile) is the same picture as that array saved as a 16-bit
+    PNG and read from its path (the oracle); it was clipped at 255, all white. Integers 0-255 of any dtype are
+    8-bit values; bool is 0 / 255; floats 0-1 or 0-255; values no bit depth explains are refused."""
+    rng = np.random.default_rng(0)
+    a16 = rng.integers(0, 65536, size=(5, 7), dtype=np.uint16)
+    a16[0, 0] = 65535
+    path = tmp_path / "g16.png"
+    Image.fromarray(a16).save(path)
+    want = np.asarray(load_image(path))
+    assert np.array_equal(np.asarray(load_image(a16)), want)
+    assert np.array_equal(np.asarray(load_image(a16.astype(np.int32))), want)
+    a8 = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    for dtype in (np.int64, np.uint16, np.int16, np.uint32):
+        assert np.array_equal(np.asarray(load_image(a8.astype(dtype))), a8), dtype
+    assert np.array_equal(np.asarray(load_image(a8 / 255.0)), a8)
+    mask = rng.random((4, 4)) > 0.5
+    assert np.array_equal(np.asarray(load_image(mask))[..., 0], mask.astype(np.uint8) * 255)
+    for bad, msg in ((np.array([[-1, 3]]), r"values -1\.\.3: expected 0-255"),
+                     (np.array([[0, 70000]]), r"values 0\.\.70000"),
+                     (np.array([["a", "b"]]), "must hold integers, floats or bools")):
+        with pytest.raises(ValueError, match=msg):
+            load_image(bad)
+
+
 def test_palette_with_transparency(tmp_path):
     img = Image.new("P", (2, 1))
     img.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
