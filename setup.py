@@ -211,7 +211,7 @@ setup(
     # 'kernels._internals').
     packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.configs"],
     package_dir={"emma_mamba.configs": "configs"},
-    package_data={"emma_mamba": ["assets/*", "assets/**/*"], "emma_mamba.configs": ["*.yaml"]},
+    package_data={"emma_mamba": ["assets/*", "assets/**/*", "py.typed"], "emma_mamba.configs": ["*.yaml"]},
     include_package_data=True,
     ext_modules=[EXT],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},

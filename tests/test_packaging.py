@@ -110,6 +110,7 @@ def test_installed_package_finds_its_recipes_from_any_directory(tmp_path):
     for name, src in shipped_configs().items():
         assert (installed / f"{name}.yaml").read_bytes() == src.read_bytes()
     assert (lib / "emma_mamba" / "kernels" / "selective_scan.py").is_file()
+    assert (lib / "emma_mamba" / "py.typed").is_file()  # PEP 561: type checkers read the package's annotations
     assert not (lib / "configs").exists()
 
     work = tmp_path / "elsewhere"

@@ -638,6 +638,9 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     """Load a directory written by :meth:`EmmaMamba.save`. For inference (default) the alignment head is
     neither built nor read."""
     d = Path(path)
+    if d.is_file():  # a file of the checkpoint (model.safetensors, config.yaml): the directory is what loads
+        raise FileNotFoundError(f"{d} is a file; load takes the checkpoint directory written by EmmaMamba.save "
+                                f"(here perhaps {d.parent})")
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
     from emma_mamba.training.checkpoint import SHARDED_DIR, is_sharded

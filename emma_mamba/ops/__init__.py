@@ -38,6 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch import Tensor
 
 from . import _checks, _inner, _library
 from ._autograd import CausalConv1dFn, SelectiveScanFn
@@ -220,7 +221,10 @@ def _runs_on(name: str, device_type: str) -> bool:
 
 
 def available_backends() -> dict[str, str]:
-    """Map each backend to "available" or the reason it is not."""
+    """Map each backend to "available" (its kernels load in this process) or the reason it is not. Available is
+    not usable on every tensor: cuda and triton run on CUDA tensors (triton on CPU ones only under
+    TRITON_INTERPRET=1), so both can be available on a machine without a GPU; ``emma-mamba env`` says which
+    backend each device's tensors run on."""
     out = {}
     for name in BACKENDS:
         try:
@@ -367,9 +371,15 @@ def _resolve_deterministic(deterministic: bool | None) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # the ops
 
-def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, initial_state=None, seq_idx=None, *, deterministic=None):
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, initial_state: Tensor | None = None,
+                   seq_idx: Tensor | None = None, *,
+                   deterministic: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan (Mamba's S6), differentiable in every tensor input.
+
+    Takes mamba-ssm's ``selective_scan_fn`` arguments, by position and by name, plus ``initial_state``,
+    ``seq_idx`` and ``deterministic``.
 
     u, delta, z: (b, d, l) fp32/fp16/bf16; A: (d, n) fp32; B, C: (d, n) fp32 constant, (b, n, l) variable or
     (b, g, n, l) grouped; D, delta_bias: (d,) fp32; initial_state: (b, d, n) fp32; seq_idx: int32 (b, l),
@@ -399,8 +409,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return (out, last_state) if return_last_state else out
 
 
-def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, seq_idx=None):
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
+                  initial_states: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
     """Depthwise causal conv1d, differentiable in x, weight, bias and initial_states.
+
+    From causal-conv1d's ``causal_conv1d_fn(x, weight, bias, seq_idx, initial_states, return_final_states,
+    final_states_out, activation)``: the same arguments by name, but ``activation`` comes 4th here (pass
+    ``seq_idx`` and ``initial_states`` by name); there is no ``return_final_states``: the final states are the
+    last w - 1 inputs, ``x[..., -(w - 1):]`` where l >= w - 1.
 
     x: (b, d, l); weight: (d, w) with w in 2..4; bias: (d,); activation: None | "silu" | "swish";
     initial_states: (b, d, w-1); seq_idx: int32 (b, l): a tap counts only where its position has the output
@@ -418,8 +434,12 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None, se
     return CausalConv1dFn.apply(kern, x, weight, bias, initial_states, seq_idx, activation is not None)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step of the selective scan: updates ``state (b, d, n)`` in place, returns (b, d).
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Tensor | None = None, z: Tensor | None = None, dt_bias: Tensor | None = None,
+                           dt_softplus: bool = False) -> Tensor:
+    """One decode step of the selective scan: updates ``state (b, d, n)`` in place, returns (b, d). mamba-ssm's
+    ``selective_state_update`` arguments in its order (its Mamba-1 shapes; Mamba-2's per-head (b, h, p, n)
+    layout is flattened to d = h * p channels by the caller).
 
     x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32.
     """
@@ -432,9 +452,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
 
 
-def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                         activation: str | None = None) -> Tensor:
     """One decode step of the causal conv: ``conv_state (b, d, w)`` (last w inputs, oldest first) shifts
-    left and takes x at the end, in place; returns (b, d)."""
+    left and takes x (b, d) at the end, in place; returns (b, d). causal-conv1d's ``causal_conv1d_update``
+    arguments in its order, for one step (its x of (b, d, 1) is ``x[..., 0]`` here) and a state of exactly w
+    inputs (it also takes longer ones)."""
     x, weight, bias = _checks.check_causal_conv1d_update(x, conv_state, weight, bias, activation)
     kern, traced = _pick(conv_state)
     if traced is not None:
@@ -444,12 +467,21 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
 
 
-def mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D=None, delta_bias=None,
-                seq_idx=None, *, out_proj_weight=None, out_proj_bias=None, conv_initial_states=None,
-                initial_state=None, return_last_state=False, recompute=True, deterministic=None):
+def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor,
+                dt_proj_weight: Tensor, A: Tensor, D: Tensor | None = None, delta_bias: Tensor | None = None,
+                seq_idx: Tensor | None = None, *, out_proj_weight: Tensor | None = None,
+                out_proj_bias: Tensor | None = None, conv_initial_states: Tensor | None = None,
+                initial_state: Tensor | None = None, return_last_state: bool = False, recompute: bool = True,
+                deterministic: bool | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The Mamba mixer between its in_proj and out_proj: silu(causal_conv1d(x)) -> x_proj -> [dt_low, B, C] ->
     delta = dt_proj(dt_low) -> selective_scan(..., z, delta_bias, delta_softplus=True) -> y (b, d, l), and with
     ``out_proj_weight`` (d_model, d) (and ``out_proj_bias`` (d_model,)) out_proj too -> (b, l, d_model).
+
+    mamba-ssm's ``mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+    out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, ...)`` maps to
+    ``mamba_inner(*xz.chunk(2, dim=1), conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, A, D,
+    delta_bias, out_proj_weight=..., out_proj_bias=...)``, B and C always from x_proj (its variable-B/C case),
+    delta_softplus always on.
 
     x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w), conv_bias (d,); x_proj_weight
     (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l), each

@@ -31,7 +31,7 @@ def _check_tensor(op, name, t, shape, dtypes, device):
     if tuple(t.shape) != tuple(shape):
         _fail(op, f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = ", ".join(dict.fromkeys(str(d).replace("torch.", "") for d in dtypes))  # once each (x's may repeat)
         _fail(op, f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
     if t.device != device:
         _fail(op, f"{name} is on {t.device} but the other inputs are on {device}")
@@ -126,6 +126,10 @@ def check_causal_conv1d(x, weight, bias, initial_states, seq_idx, activation):
 
 
 def check_activation(op, activation):
+    if isinstance(activation, torch.Tensor):  # a tensor passed by position, where causal-conv1d's order has one
+        _fail(op, f"activation must be None, 'silu' or 'swish', got a tensor of shape {tuple(activation.shape)}: "
+                  f"this op's order is (x, weight, bias, activation, initial_states, seq_idx), where causal-conv1d's "
+                  f"causal_conv1d_fn has seq_idx and initial_states 4th and 5th; pass them by name")
     if activation not in (None, "silu", "swish"):
         _fail(op, f"activation must be None, 'silu' or 'swish', got {activation!r}")
 
@@ -191,7 +195,15 @@ def check_causal_conv1d_update(x, conv_state, weight, bias, activation):
     dev = conv_state.device
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
         _fail(op, "x must be a float32, float16 or bfloat16 tensor")
+    if isinstance(x, torch.Tensor) and x.dim() == 3 and tuple(x.shape) == (b, d, 1):
+        _fail(op, f"x must have shape (batch, dim) = {(b, d)}, one step, got {tuple(x.shape)} (causal-conv1d's "
+                  f"(batch, dim, seqlen) layout: pass x[..., 0], or run causal_conv1d with initial_states for "
+                  f"several steps)")
     _check_tensor(op, "x", x, (b, d), (x.dtype,), dev)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == d and weight.shape[1] != w:
+        _fail(op, f"conv_state {tuple(conv_state.shape)} and weight {tuple(weight.shape)} disagree on the conv "
+                  f"width: conv_state holds the last width inputs, (batch, dim, width) = {(b, d, weight.shape[1])} "
+                  f"for this weight (not causal-conv1d's width - 1)")
     _check_tensor(op, "weight", weight, (d, w), (x.dtype, torch.float32), dev)
     if bias is not None:
         _check_tensor(op, "bias", bias, (d,), (x.dtype, torch.float32), dev)

@@ -187,7 +187,9 @@ def _check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight=
               f"{tuple(dt_proj_weight.shape) if isinstance(dt_proj_weight, torch.Tensor) else dt_proj_weight!r}")
     r = dt_proj_weight.shape[1]
     if not isinstance(x_proj_weight, torch.Tensor) or tuple(x_proj_weight.shape) != (r + 2 * n, d):
-        _fail(f"x_proj_weight must have shape (dt_rank + 2 * dstate = {r + 2 * n}, dim={d}), got "
+        # dt_rank is read from dt_proj_weight and dstate from A: either may be the one that is wrong
+        _fail(f"x_proj_weight must have shape (dt_rank + 2 * dstate = {r + 2 * n}, dim={d}), with dt_rank = "
+              f"dt_proj_weight.shape[1] = {r} and dstate = A.shape[1] = {n}, got "
               f"{tuple(x_proj_weight.shape) if isinstance(x_proj_weight, torch.Tensor) else x_proj_weight!r}")
     if out_proj_weight is not None and (not isinstance(out_proj_weight, torch.Tensor) or out_proj_weight.dim() != 2
                                         or out_proj_weight.shape[1] != d):

@@ -291,6 +291,9 @@ def test_load_errors(tmp_path):
         emma_mamba.load(tmp_path / "nothing")
     m = make_model(align={"enabled": False})
     d = m.save(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is a file; load takes the checkpoint directory "
+                                                r"written by EmmaMamba\.save \(here perhaps .*ckpt\)"):
+        emma_mamba.load(d / "model.safetensors")
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     cfg["lm"]["d_model"] = 96
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))

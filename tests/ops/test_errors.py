@@ -84,6 +84,11 @@ CONV_BAD = [
     ("seq_idx float", dict(seq_idx=torch.zeros(b, l)), r"seq_idx must have dtype in \(int32\)"),
     ("activation", dict(activation="relu"), r"activation must be None, 'silu' or 'swish', got 'relu'"),
     ("activation bool", dict(activation=True), r"activation must be None, 'silu' or 'swish', got True"),
+    ("seq_idx where activation is (causal-conv1d's order)", dict(activation=torch.zeros(b, l, dtype=torch.int32)),
+     r"activation must be None, 'silu' or 'swish', got a tensor of shape \(2, 6\): this op's order is \(x, "
+     r"weight, bias, activation, initial_states, seq_idx\)"),
+    ("weight bf16 with fp32 x", dict(weight=torch.randn(d, w).bfloat16()),
+     r"weight must have dtype in \(float32\), got bfloat16"),
 ]
 
 
@@ -138,8 +143,15 @@ CONV_STEP_BAD = [
      r"conv_state is updated in place and must be contiguous"),
     ("d_conv 5", dict(conv_state=torch.randn(b, d, 5), weight=torch.randn(d, 5)), r"d_conv\) must be 2, 3 or 4, got 5"),
     ("conv_state list", dict(conv_state=[0.0]), r"conv_state must be a 3-D tensor .* got list"),
-    ("weight width", dict(weight=torch.randn(d, w - 1)), r"weight must have shape \(4, 4\)"),
-    ("x shape", dict(x=torch.randn(b, d, 1)), r"x must have shape \(2, 4\)"),
+    ("weight width", dict(weight=torch.randn(d, w - 1)),
+     r"conv_state \(2, 4, 4\) and weight \(4, 3\) disagree on the conv width: conv_state holds the last width "
+     r"inputs, \(batch, dim, width\) = \(2, 4, 3\) for this weight"),
+    ("conv_state of width - 1 (causal-conv1d's)", dict(conv_state=torch.randn(b, d, w - 1)),
+     r"conv_state \(2, 4, 3\) and weight \(4, 4\) disagree on the conv width: .* \(not causal-conv1d's width - 1\)"),
+    ("weight rows", dict(weight=torch.randn(d + 1, w)), r"weight must have shape \(4, 4\)"),
+    ("x shape (b, d, 1)", dict(x=torch.randn(b, d, 1)),
+     r"x must have shape \(batch, dim\) = \(2, 4\), one step, got \(2, 4, 1\) \(causal-conv1d's"),
+    ("x shape", dict(x=torch.randn(b, d + 1)), r"x must have shape \(2, 4\)"),
     ("x on meta", dict(x=torch.randn(b, d, device=META)), r"x is on meta"),
     ("bias dtype", dict(bias=torch.randn(d).double()), r"bias must have dtype in"),
     ("activation", dict(activation="gelu"), r"activation must be None, 'silu' or 'swish', got 'gelu'"),

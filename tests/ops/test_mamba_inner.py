@@ -265,7 +265,8 @@ def test_lm_training_keeps_two_activations_per_layer_not_five():
 
 @pytest.mark.parametrize("bad,message", [
     ({"x_proj_weight": torch.zeros(20, 16)},
-     r"x_proj_weight must have shape \(dt_rank \+ 2 \* dstate = 19, dim=16\), got \(20, 16\)"),
+     r"x_proj_weight must have shape \(dt_rank \+ 2 \* dstate = 19, dim=16\), with dt_rank = "
+     r"dt_proj_weight\.shape\[1\] = 3 and dstate = A\.shape\[1\] = 8, got \(20, 16\)"),
     ({"dt_proj_weight": torch.zeros(15, 3)}, r"dt_proj_weight must have shape \(dim=16, dt_rank\)"),
     ({"z": torch.zeros(2, 16, 9)}, r"z must have x's shape \(2, 16, 10\)"),
     ({"A": torch.zeros(8, 8)}, r"A must have shape \(dim=16, dstate\)"),
