@@ -714,6 +714,50 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
     return len(lines)
 
 
+@dataclass
+class PreparedRun:
+    """A benchmark run's inputs read and its settings resolved, before anything is answered or written
+    (:func:`prepare_run`): what :func:`evaluate` runs and what :func:`emma_mamba.eval.suite.run_suite` checks
+    every benchmark by before the first answer."""
+    task: str
+    questions_path: str | Path
+    images: str | Path | None
+    questions: list[Question]  # those this run asks (after --limit)
+    limited: dict | None  # {"n", "of"}: what --limit cut, or None
+    n_per_category: collections.Counter | None  # MME: every category's questions before --limit
+    max_new_tokens: int
+    box_frame: str
+    image_template: str
+    split: str | None
+    ocr: str | Path | None
+
+    def record(self, identity: dict | None) -> dict:
+        """The run's ``eval_run.json`` (:func:`run_record`) for the model ``identity``."""
+        qs = self.questions
+        return run_record(self.task, self.questions_path, self.images, answered_by=answered_by(qs),
+                          max_new_tokens=self.max_new_tokens, identity=identity, split=self.split,
+                          image_template=self.image_template, box_frame=self.box_frame, lang=questions_lang(qs),
+                          ocr=self.ocr)
+
+
+def prepare_run(model, task: str, questions: str | Path, images: str | Path | None, *,
+                image_template: str = DEFAULT_IMAGE_TEMPLATE, split: str | None = None, likelihood: bool = False,
+                lang: str = "auto", ocr: str | Path | None = None, limit: int | None = None,
+                max_new_tokens: int | None = None, box_frame: str = "auto") -> PreparedRun:
+    """Read ``questions`` (:func:`read_questions`), apply ``limit`` (:func:`limit_questions`) and fill in the
+    settings' defaults (:func:`_resolve_settings`), as :func:`evaluate` documents them."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    max_new_tokens, box_frame = _resolve_settings(model, task, max_new_tokens, box_frame)
+    qs = read_questions(task, questions, images, image_template, split, likelihood, lang=lang, ocr=ocr)
+    n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
+    asked = limit_questions(task, qs, limit)
+    # scored as a subset when --limit cut something (a --limit past the end cuts nothing: scored as without it)
+    limited = {"n": _n_questions(task, asked), "of": _n_questions(task, qs)} if len(asked) < len(qs) else None
+    return PreparedRun(task, questions, images, asked, limited, n_per_category, max_new_tokens, box_frame,
+                       image_template, split, ocr)
+
+
 def evaluate(model, task: str, questions: str | Path, images: str | Path | None, out_dir: str | Path, *,
              annotations: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              cuda_graphs: bool = False, compile: bool = False, limit: int | None = None,
@@ -764,25 +808,19 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
     if batching not in BATCHING:
         raise ValueError(f"batching must be one of {list(BATCHING)}, got {batching!r}")
-    max_new_tokens, box_frame = _resolve_settings(model, task, max_new_tokens, box_frame)
     rank, world = shard if shard is not None else (0, 1)
     if not 0 <= rank < world:
         raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
     out = Path(out_dir)
-    qs = read_questions(task, questions, images, image_template, split, likelihood, lang=lang, ocr=ocr)
+    prep = prepare_run(model, task, questions, images, image_template=image_template, split=split,
+                       likelihood=likelihood, lang=lang, ocr=ocr, limit=limit, max_new_tokens=max_new_tokens,
+                       box_frame=box_frame)
     if task == "prompts" and annotations is not None:
         raise ScoreInputError("task prompts answers free prompts and scores nothing: drop --annotations")
     if annotations is None:
-        annotations = default_annotations(task, questions, qs)
-    n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
-    asked = limit_questions(task, qs, limit)
-    # scored as a subset when --limit cut something (a --limit past the end cuts nothing: scored as without it)
-    limited = {"n": _n_questions(task, asked), "of": _n_questions(task, qs)} if len(asked) < len(qs) else None
-    qs = asked
+        annotations = default_annotations(task, questions, prep.questions)
     # the inputs are read: only now the output folder (with a bad input, no empty folder is left behind)
     created = None  # the topmost folder this run creates, removed should it fail before its first answer
     for d in (out, *out.parents):
@@ -791,12 +829,10 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
         created = d
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _evaluate(model, task, questions, images, out, qs, annotations, n_per_category, limited,
-                         batch_size=batch_size, max_new_tokens=max_new_tokens, cuda_graphs=cuda_graphs,
-                         compile=compile, limit=limit, image_template=image_template, checkpoint=checkpoint,
-                         progress=progress, split=split, box_frame=box_frame, ocr=ocr, rank=rank, world=world,
-                         batching=batching, answer_fn=answer_fn, identity=identity, check_files=check_files,
-                         sync=sync, merged=merged, allow_missing=allow_missing)
+        return _evaluate(model, prep, out, annotations, batch_size=batch_size, cuda_graphs=cuda_graphs,
+                         compile=compile, limit=limit, checkpoint=checkpoint, progress=progress, rank=rank,
+                         world=world, batching=batching, answer_fn=answer_fn, identity=identity,
+                         check_files=check_files, sync=sync, merged=merged, allow_missing=allow_missing)
     except BaseException:
         if created is not None and not _wrote_answers(out):  # failed before its first answer: no folder left
             _remove_unused(out, created)
@@ -839,14 +875,14 @@ def _wrote_answers(out: Path) -> bool:
                for p in out.iterdir())
 
 
-def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_category, limited, *,
-              batch_size, max_new_tokens, cuda_graphs, compile, limit, image_template, checkpoint, progress, split,
-              box_frame, ocr, rank, world, batching, answer_fn, identity, check_files, sync, merged,
+def _evaluate(model, prep: PreparedRun, out: Path, annotations, *, batch_size, cuda_graphs, compile, limit,
+              checkpoint, progress, rank, world, batching, answer_fn, identity, check_files, sync, merged,
               allow_missing) -> dict:
-    """:func:`evaluate` once its questions are read and its output folder exists (``limited``: what --limit cut,
-    or None)."""
+    """:func:`evaluate` once its questions are read (``prep``) and its output folder exists."""
     from emma_mamba.eval.scorers import score
 
+    task, questions, qs = prep.task, prep.questions_path, prep.questions
+    n_per_category, limited, max_new_tokens = prep.n_per_category, prep.limited, prep.max_new_tokens
     partial = limited is not None
 
     answerer = None  # continuous batching: replies requested ahead and collected in question order
@@ -863,9 +899,7 @@ def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_
         option_fn = getattr(answer_fn, "option_probabilities", None)
 
     # ---- what is left to answer (by the same method as the answers already there)
-    record = run_record(task, questions, images, answered_by=answered_by(qs), max_new_tokens=max_new_tokens,
-                        identity=_resolve_identity(identity, answer_fn, checkpoint), split=split,
-                        image_template=image_template, box_frame=box_frame, lang=questions_lang(qs), ocr=ocr)
+    record = prep.record(_resolve_identity(identity, answer_fn, checkpoint))
     # every rank checks (a refused rank must not answer), before rank 0 replaces the record with this run's; no
     # rank writes an answer before every rank is past this (sync): a fresh folder holds no answers when checked,
     # and a rank that reads rank 0's new record reads this very record
@@ -934,7 +968,7 @@ def _evaluate(model, task, questions, images, out: Path, qs, annotations, n_per_
                 if pr is not None:
                     rec["probabilities"] = [float(x) for x in pr]
                 if task in ("refcoco", "ocidref"):  # what the scorer needs to place the ground-truth box
-                    rec["box_frame"], rec["image_size"] = box_frame, list(_image_size(q.image))
+                    rec["box_frame"], rec["image_size"] = prep.box_frame, list(_image_size(q.image))
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
         if bar is not None:

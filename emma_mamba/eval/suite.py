@@ -59,9 +59,8 @@ from pathlib import Path
 from emma_mamba.eval._io import ScoreInputError
 from emma_mamba.eval.mmbench import LANGS
 from emma_mamba.eval.refcoco import FRAMES
-from emma_mamba.eval.runner import (DEFAULT_IMAGE_TEMPLATE, LIKELIHOOD_TASKS, TASK_SETTINGS, TASKS, _resolve_identity,
-                                    _resolve_settings, answered_by, check_images, check_run_record, evaluate,
-                                    limit_questions, merge_shards, questions_lang, read_questions, run_record)
+from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASK_SETTINGS, TASKS, _resolve_identity, check_images,
+                                    check_run_record, evaluate, merge_shards, prepare_run)
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
@@ -239,17 +238,10 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     problems = []
     for e in entries:  # fail fast: every file, image and output folder is checked before any answering
         opts = _options(e, batch_size, max_new_tokens, limit, likelihood, allow_missing)
-        template = opts.get("image_template", DEFAULT_IMAGE_TEMPLATE)
-        try:
-            qs = limit_questions(e.task, read_questions(e.task, e.questions, e.images, template, opts.get("split"),
-                                                        opts["likelihood"], lang=opts.get("lang", "auto"),
-                                                        ocr=opts.get("ocr")), opts["limit"])
-            check_images(qs, f"{e.task} {e.questions}")
-            new, frame = _resolve_settings(model, e.task, opts["max_new_tokens"], opts.get("box_frame", "auto"))
-            check_run_record(out / e.name, run_record(
-                e.task, e.questions, e.images, answered_by=answered_by(qs), max_new_tokens=new, identity=identity,
-                split=opts.get("split"), image_template=template, box_frame=frame, lang=questions_lang(qs),
-                ocr=opts.get("ocr")))
+        try:  # the run as evaluate prepares it: the same questions, settings and eval_run.json
+            prep = prepare_run(model, e.task, e.questions, e.images, **{k: opts[k] for k in _PREPARE_KEYS if k in opts})
+            check_images(prep.questions, f"{e.task} {e.questions}")
+            check_run_record(out / e.name, prep.record(identity))
         except ScoreInputError as err:  # every benchmark's first problem, not only the first benchmark's
             problems.append(f"benchmark {e.name!r}: {err}")
     if len(problems) == 1:
@@ -299,6 +291,10 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
         rows = [by_name[n] for n in suite_order if n in by_name]
         log.info("summary: %s kept from the previous run in %s (--only)", ", ".join(sorted(kept)), out)
     return _write_summary(out, checkpoint, rows, entries, kept)
+
+
+_PREPARE_KEYS = ("image_template", "split", "likelihood", "lang", "ocr", "limit", "max_new_tokens", "box_frame")
+"""The options of :func:`_options` that :func:`emma_mamba.eval.runner.prepare_run` takes."""
 
 
 def _options(e: SuiteEntry, batch_size, max_new_tokens, limit, likelihood: bool, allow_missing: bool = False) -> dict:
