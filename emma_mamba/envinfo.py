@@ -224,28 +224,6 @@ def _gpu_info(torch, ops, archs: str | None, with_cuda: bool | None) -> dict:
     return out
 
 
-def _probe(ops, name: str) -> tuple[bool, str | None]:
-    """(available, reason) of a backend as ops._load decides it, without writing ops' caches: the answer ops
-    already cached in this process if any, else the loader's (not cached, so that the later dispatch, on
-    whatever device is current then, decides afresh)."""
-    if name == "torch":
-        return True, None
-    if name in ops._kernel_cache:
-        return True, None
-    if name in ops._unavailable:
-        return False, ops._unavailable[name]
-    try:
-        if name == "triton":
-            ops._load_triton()
-        else:
-            ops._load_compiled(name)
-        return True, None
-    except ops.BackendUnavailableError as e:
-        return False, str(e)
-    except Exception as e:  # noqa: BLE001 - a loader that breaks otherwise (a broken triton install)
-        return False, _short(e)
-
-
 def _emulator_info(ops) -> dict:
     """cuda-emu, reported without building it (loading it compiles csrc/cuda for the CPU: minutes)."""
     out = {"available": None, "reason": "not loaded: loading it builds the CUDA emulator (use_backend('cuda-emu'))",
@@ -266,40 +244,6 @@ def _emulator_info(ops) -> dict:
     return out
 
 
-def _choose(ops, dev_type: str, backends: dict) -> dict:
-    """The backend ops.get_backend(dev_type) picks, and why, from the probes (ops' own selection rules:
-    use_backend, then set_backend, then EMMA_MAMBA_BACKEND, then the backend cached on first use, then the
-    first available in the preference order), without calling it (it caches its choice)."""
-    try:
-        forced, by = ops.forced_backend()
-    except ops.BackendUnavailableError as e:
-        return {"backend": None, "why": "EMMA_MAMBA_BACKEND is invalid", "error": str(e)}
-    if forced is not None:
-        b = backends.get(forced, {})
-        if b.get("available") is False:
-            return {"backend": None, "why": f"forced by {by}",
-                    "error": f"backend {forced!r} is not available: {b.get('reason')}"}
-        if not ops._runs_on(forced, dev_type):
-            return {"backend": None, "why": f"forced by {by}", "error": ops.cannot_run_message(forced, by, dev_type)}
-        why = f"forced by {by}"
-        if b.get("available") is None:
-            why += "; not loaded here: loading it builds the CUDA emulator"
-        return {"backend": forced, "why": why, "error": None}
-    if dev_type in ops._default:
-        return {"backend": ops._default[dev_type], "why": "chosen on first use earlier in this process",
-                "error": None}
-    order = ops._PREFERENCE.get(dev_type, ("torch",))
-    skipped = []
-    for name in order:
-        if backends[name]["available"]:
-            why = f"first available of {' > '.join(order)}"
-            if skipped:
-                why += "; " + "; ".join(f"{n}: {r}" for n, r in skipped)
-            return {"backend": name, "why": why, "error": None}
-        skipped.append((name, backends[name]["reason"]))
-    return {"backend": None, "why": "", "error": "no backend available"}  # unreachable: torch always is
-
-
 def collect() -> dict:
     """The report as a dict (the --json output)."""
     import torch
@@ -314,17 +258,17 @@ def collect() -> dict:
 
     backends = {}
     for name in ops.BACKENDS:
-        ok, reason = _probe(ops, name)
-        runs_on = [d for d in ("cpu", "cuda") if ops._runs_on(name, d)]
+        ok, reason = ops.probe_backend(name)
+        runs_on = ops.runs_on(name)
         # available: its kernels load; usable_now: and there are tensors here it runs on (a GPU for cuda)
         usable = ok and ("cpu" in runs_on or ("cuda" in runs_on and gpus["cuda_available"]))
         backends[name] = {"available": ok, "usable_now": usable, "reason": reason, "runs_on": runs_on}
     backends["cuda-emu"] = _emulator_info(ops)
 
     dispatch = {
-        "preference": {d: list(order) for d, order in ops._PREFERENCE.items()},
-        "cpu": _choose(ops, "cpu", backends),
-        "cuda": _choose(ops, "cuda", backends) if gpus["cuda_available"] else None,
+        "preference": ops.preference(),
+        "cpu": ops.explain_backend("cpu", backends),
+        "cuda": ops.explain_backend("cuda", backends) if gpus["cuda_available"] else None,
     }
     report = {
         "emma_mamba": install,

@@ -334,6 +334,71 @@ def get_backend(device: torch.device | str = "cpu") -> str:
     raise AssertionError("the torch backend is always available")
 
 
+def probe_backend(name: str) -> tuple[bool, str | None]:
+    """(available, reason) of backend ``name`` as :func:`get_backend` would find it, without writing the caches:
+    the answer this process already has if any, else the loader's (not cached, so a later dispatch decides
+    afresh). Used by ``emma-mamba env``; the cuda-emu backend is not probed here (loading it builds it)."""
+    if name == "torch" or name in _kernel_cache:
+        return True, None
+    if name in _unavailable:
+        return False, _unavailable[name]
+    try:
+        if name == "triton":
+            _load_triton()
+        else:
+            _load_compiled(name)
+        return True, None
+    except BackendUnavailableError as e:
+        return False, str(e)
+    except Exception as e:  # noqa: BLE001 - a loader that breaks otherwise (a broken triton install)
+        return False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def explain_backend(device_type: str, backends: dict) -> dict:
+    """``{"backend", "why", "error"}``: the backend :func:`get_backend` picks for ``device_type`` tensors and why,
+    by its rules (:func:`forced_backend`, then the choice cached on first use, then the first available of the
+    preference order), from ``backends`` ({name: {"available": bool | None, "reason": str | None}}, e.g.
+    :func:`probe_backend`'s answers; None: not known without loading it), without choosing or caching."""
+    try:
+        forced, by = forced_backend()
+    except BackendUnavailableError as e:
+        return {"backend": None, "why": "EMMA_MAMBA_BACKEND is invalid", "error": str(e)}
+    if forced is not None:
+        b = backends.get(forced, {})
+        if b.get("available") is False:
+            return {"backend": None, "why": f"forced by {by}",
+                    "error": f"backend {forced!r} is not available: {b.get('reason')}"}
+        if not _runs_on(forced, device_type):
+            return {"backend": None, "why": f"forced by {by}",
+                    "error": cannot_run_message(forced, by, device_type)}
+        why = f"forced by {by}"
+        if b.get("available") is None:
+            why += "; not loaded here: loading it builds the CUDA emulator"
+        return {"backend": forced, "why": why, "error": None}
+    if device_type in _default:
+        return {"backend": _default[device_type], "why": "chosen on first use earlier in this process", "error": None}
+    order = _PREFERENCE.get(device_type, ("torch",))
+    skipped = []
+    for name in order:
+        if backends[name]["available"]:
+            why = f"first available of {' > '.join(order)}"
+            if skipped:
+                why += "; " + "; ".join(f"{n}: {r}" for n, r in skipped)
+            return {"backend": name, "why": why, "error": None}
+        skipped.append((name, backends[name]["reason"]))
+    return {"backend": None, "why": "", "error": "no backend available"}  # unreachable: torch always is
+
+
+def runs_on(name: str) -> list[str]:
+    """The device types whose tensors backend ``name`` runs on here (triton's CPU only under TRITON_INTERPRET=1)."""
+    return [d for d in ("cpu", "cuda") if _runs_on(name, d)]
+
+
+def preference() -> dict[str, list[str]]:
+    """The backends each device type's tensors try, in order, when none is forced."""
+    return {d: list(order) for d, order in _PREFERENCE.items()}
+
+
 def _kernels_for(t: torch.Tensor):
     """Kernel module of the backend for ``t``'s device (None: the torch reference)."""
     return _load(get_backend(t.device))
