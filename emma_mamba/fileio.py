@@ -29,9 +29,24 @@ def make_shareable(path: str | os.PathLike) -> None:
     os.chmod(path, default_file_mode())
 
 
+def write_whole(path: str | os.PathLike, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then renamed over it: ``path`` is either the old file
+    or the complete new one, never a part (an interrupted or failed write leaves no half file behind, and removes
+    its temporary one). The file gets the default mode (:func:`make_shareable`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        make_shareable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` with the default file mode instead of 0600."""
+    """``safetensors.torch.save_file`` written whole or not at all (:func:`write_whole`), with the default file
+    mode instead of 0600."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
-    make_shareable(path)
+    write_whole(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -133,7 +133,7 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
                 failed_samples[hit[0]] = failed_samples.get(hit[0], 0) + 1
                 shown = examples.setdefault(hit[0], [])
                 if len(shown) < 5:
-                    shown.append(f"{ds.path}: record {s.index} (id {s.id!r}): {hit[1]}")
+                    shown.append(f"{ds.where(s)}: {hit[1]}")
         for reason, n in failed_samples.items():
             skipped[reason] = skipped.get(reason, 0) + n
         n_failed = sum(failed_samples.values())

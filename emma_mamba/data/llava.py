@@ -67,7 +67,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
-           "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources", "repeat_indices"]
+           "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources",
+           "repeat_indices", "record_where"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Sample:
     """One tokenised, validated record."""
 
     index: int
-    """Record index in the file (JSONL: 0-based line number)."""
+    """Record index in the file (JSONL: 0-based line number; messages name it as its 1-based line)."""
     id: str
     images: list[Path]
     """Image files, one per ``<image>`` placeholder in input_ids, in order."""
@@ -121,6 +122,9 @@ class DataReport:
     truncated_answer_tokens: int = 0
     dropped_images: int = 0
     longest: int = 0
+    """The longest record in LM positions before truncation (also one skipped as too long)."""
+    longest_used: int = 0
+    """The longest sample trained on, in LM positions (after truncation: at most max_length)."""
     examples: dict = field(default_factory=dict)
     """reason -> the first few skipped records' messages (file, record, what was wrong)."""
     notes: Counter = field(default_factory=Counter)
@@ -143,7 +147,10 @@ class DataReport:
                   f"{self.truncated_answer_tokens} answer tokens, {self.dropped_images} images)")
         if self.notes:
             s += "; kept but noted: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.notes.items()))
-        return s + f"; longest sample {self.longest} positions"
+        s += f"; longest sample used {self.longest_used} positions"
+        if self.longest > self.longest_used:
+            s += f" ({self.longest} before truncation to max_length)"
+        return s
 
     def note(self, kind: str, text: str) -> None:
         """Count a kept record of kind ``kind`` (one of :data:`NOTES`); ``text`` names it and what was seen."""
@@ -218,6 +225,14 @@ class _Issues:
             log.warning("more bad records are being skipped; counts per reason are in the data summary")
 
 
+def record_where(path: str | Path, index: int, rid=None) -> str:
+    """How messages name record ``index`` of data file ``path``: ``record N`` (0-based, the list index) in a
+    .json file, ``line N`` (1-based, as an editor numbers it) in a .jsonl file; its id when it has one."""
+    path = Path(path)
+    where = f"{path}: line {index + 1}" if path.suffix == ".jsonl" else f"{path}: record {index}"
+    return where + (f" (id {rid!r})" if rid is not None else "")
+
+
 def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
     """(index, record) pairs of a .json list or a .jsonl file. A malformed .json file always raises,
     naming line and column; a malformed JSONL line is a bad record (raise or skip)."""
@@ -237,7 +252,7 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
             try:
                 out.append((i, json.loads(line)))
             except json.JSONDecodeError as e:
-                issues("malformed_json", f"{path}:{i + 1}:{e.colno}", f"malformed JSON: {e.msg}")
+                issues("malformed_json", f"{path}: line {i + 1}, column {e.colno}", f"malformed JSON: {e.msg}")
         return out
     try:
         data = json.loads(text)
@@ -351,7 +366,7 @@ class LlavaDataset:
         self.report = DataReport(source=", ".join(str(src.json) for src in self.sources))
         self.issues = _Issues(cfg.on_error, self.report)
         self.reserved = reserved_strings(tokenizer, image_token, cfg.prompt_template, cfg.turn_end)
-        self._failed_loads: set[str] = set()  # records whose image failed to load (report_issue)
+        self._failed_loads: set = set()  # records whose image failed to load: (source, index) (report_issue)
         self.samples: list[Sample] = []
         mixed = len(self.sources) > 1 or self.sources[0].repeat != 1.0
         for k, src in enumerate(self.sources):
@@ -377,9 +392,11 @@ class LlavaDataset:
 
     def _where(self, index: int, rec) -> str:
         rid = rec.get("id") if isinstance(rec, dict) else None
-        unit = "line" if self.path.suffix == ".jsonl" else "record"
-        num = index + 1 if unit == "line" else index
-        return f"{self.path}: {unit} {num}" + (f" (id {rid!r})" if rid is not None else "")
+        return record_where(self.path, index, rid)
+
+    def where(self, s: Sample) -> str:
+        """Sample ``s``'s file and record, as every message names it (JSONL: its 1-based line)."""
+        return record_where(self.sources[s.source].json, s.index, s.id)
 
     def _check(self, index: int, rec) -> tuple[list[tuple[str, str]], list[Path]] | None:
         """Returns (turns as (role, text), image paths) with placeholders normalised, or None (issue reported)."""
@@ -532,7 +549,7 @@ class LlavaDataset:
     def _truncate(self, index, rec, s: Sample) -> Sample | None:
         width = [self.N if t == self.image_token_id else 1 for t in s.input_ids]
         full = sum(width)
-        self.report.longest = max(self.report.longest, full)
+        self.report.longest = max(self.report.longest, full)  # before truncation (data check reports it)
         needed, n_images = full, len(s.images)
         lost = None  # (positions, answer tokens, images) cut off
         if full > self.cfg.max_length:
@@ -559,6 +576,7 @@ class LlavaDataset:
             self.report.truncated_tokens += lost[0]
             self.report.truncated_answer_tokens += lost[1]
             self.report.dropped_images += lost[2]
+        self.report.longest_used = max(self.report.longest_used, full)
         return s
 
     # ----------------------------------------------------------------------------------------- access
@@ -594,8 +612,9 @@ class LlavaDataset:
                 try:
                     px = preprocess_image(p, self.image_processor)
                 except DataError as e:
-                    raise DataError(f"{self.sources[s.source].json}: record {s.index} (id {s.id!r}): image {p}: {e}",
-                                    e.reason) from None
+                    err = DataError(f"{self.where(s)}: image {p}: {e}", e.reason)
+                    err.record = (s.source, s.index)  # what report_issue counts once (survives a worker's pickling)
+                    raise err from None
                 nbytes = px.numel() * px.element_size()
                 if nbytes <= self._image_cache_left:  # data.image_cache_mb: keep the first ones seen
                     self._image_cache[key] = px
@@ -607,13 +626,34 @@ class LlavaDataset:
 
     def report_issue(self, err: DataError) -> None:
         """Apply on_error to an error raised while loading (raise it, or log and count it). A record is counted
-        once, and no longer as used, however often it comes up again (later epochs, repeated rows)."""
+        once, and no longer as used, however often it comes up again (later epochs, repeated rows, a resumed run:
+        :meth:`failed_records` / :meth:`restore_skips`)."""
         where, _, message = str(err).partition(": image ")
-        if where in self._failed_loads:
+        key = getattr(err, "record", None) or where
+        if key in self._failed_loads:
             return
         self.issues(err.reason, where, "image " + message)
-        self._failed_loads.add(where)
+        self._failed_loads.add(key)
         self.report.samples -= 1
+
+    def failed_records(self) -> list[list[int]]:
+        """The records counted as skipped while training (their images failed to load), as [source, index]
+        pairs: what a checkpoint keeps so that a resumed run counts each of them once, as an uninterrupted run
+        does."""
+        return sorted([int(k[0]), int(k[1])] for k in self._failed_loads if isinstance(k, tuple))
+
+    def restore_skips(self, skipped: dict, failed_records=None) -> None:
+        """Continue a run's skip counts from its checkpoint: the per-reason counts ``skipped`` replace this load's
+        (they include its load-time skips, counted again just now), and the records of ``failed_records``
+        (:meth:`failed_records`) are put back as already counted and no longer used, so that meeting one again
+        counts nothing. None (a checkpoint of an earlier version, which did not keep them): the counts only."""
+        self.report.skipped.clear()
+        self.report.skipped.update({k: int(v) for k, v in skipped.items()})
+        for source, index in failed_records or ():
+            key = (int(source), int(index))
+            if key not in self._failed_loads:
+                self._failed_loads.add(key)
+                self.report.samples -= 1
 
 
 # -------------------------------------------------------------------------------------- order and batches

@@ -481,13 +481,14 @@ class EmmaMamba(nn.Module):
         from safetensors.torch import save_model
 
         from emma_mamba import __version__
-        from emma_mamba.fileio import make_shareable
+        from emma_mamba.fileio import write_whole
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, out / CONFIG_NAME)
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt", "emma_mamba": __version__})
-        make_shareable(out / WEIGHTS_NAME)  # safetensors writes 0600
+        # whole or not at all (an interrupted save leaves no half model.safetensors), mode 0666 - umask
+        write_whole(out / WEIGHTS_NAME,
+                    lambda tmp: save_model(self, str(tmp), metadata={"format": "pt", "emma_mamba": __version__}))
         self.tokenizer.save(out)
         return out
 

@@ -9,4 +9,10 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """Ctrl-C (SIGINT) during the steps; the message says where the run stopped and what it can resume from."""
+    """Ctrl-C (SIGINT) during the steps, or SIGTERM (a scheduler's stop: the run checkpoints after the step it is
+    in first); the message says where the run stopped and what it can resume from. ``exit_code``: 128 + the
+    signal's number (130 for SIGINT, 143 for SIGTERM), as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

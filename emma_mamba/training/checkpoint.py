@@ -25,7 +25,8 @@ directory once DCP's metadata is written, which happens after every rank's shard
 flight: the next checkpoint, the end of the run and an interruption wait for it.
 
 A checkpoint is written into ``step_N.tmp`` and renamed when complete, so an interrupted write is never picked
-up by ``--resume auto`` (which takes the highest complete step). Everything is read back with
+up by ``--resume auto`` (which takes the highest complete step; a newer ``step_N`` whose trainer state is missing
+is passed over with a warning naming it). Everything is read back with
 ``torch.load(weights_only=True)`` / safetensors: loading runs no code from the files.
 
 Under FSDP2 the full (unsharded) model and optimizer states are gathered to rank 0 on the CPU and written in
@@ -55,8 +56,8 @@ from emma_mamba.training import TrainingError
 from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
 __all__ = ["save_checkpoint", "AsyncCheckpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume",
-           "save_model_dir", "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR", "is_sharded",
-           "read_sharded_model"]
+           "check_resume_stage", "save_model_dir", "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR",
+           "is_sharded", "read_sharded_model"]
 
 log = logging.getLogger(__name__)
 
@@ -423,10 +424,16 @@ def _read(file: Path, reader):
     except TrainingError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader's failure (OSError, EOFError, SafetensorError, pickle)
-        others = [str(p) for _, p in sorted(_complete_steps(file.parent.parent)) if p != file.parent]
-        hint = f"; the other checkpoints of this run: {', '.join(others[-3:])}" if others else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainingError(f"{file} cannot be read ({first}): the checkpoint is incomplete or corrupt{hint}") from e
+        raise TrainingError(f"{file} cannot be read ({first}): the checkpoint is incomplete or corrupt"
+                            f"{_others_hint(file.parent)}") from e
+
+
+def _others_hint(ckpt: Path) -> str:
+    """'; the other checkpoints of this run: ...' (the newest three complete ones beside checkpoint directory
+    ``ckpt``), or '' when there is none: what every error about a checkpoint's files ends with."""
+    others = [str(p) for _, p in sorted(_complete_steps(Path(ckpt).parent)) if p != Path(ckpt)]
+    return f"; the other checkpoints of this run: {', '.join(others[-3:])}" if others else ""
 
 
 def _torch_read(file: Path):
@@ -440,11 +447,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, info: Di
     state_file = path / STATE_NAME
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint (no {STATE_NAME}); --resume takes a "
-                                f"checkpoints/step_N directory or 'auto'")
+                                f"checkpoints/step_N directory or 'auto'{_others_hint(path)}")
     rng_file = path / f"rng_rank{info.rank}.pt"
     rng_rank0 = path / "rng_rank0.pt"
     if not rng_rank0.is_file():
-        raise FileNotFoundError(f"{path} has no {rng_rank0.name}: not a complete training checkpoint")
+        raise FileNotFoundError(f"{path} has no {rng_rank0.name}: the checkpoint is incomplete{_others_hint(path)}")
     state = _torch_read(state_file)
     if not isinstance(state, dict) or "scheduler" not in state:
         raise TrainingError(f"{state_file} is not a trainer state (no scheduler entry): the checkpoint is corrupt")
@@ -559,17 +566,113 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """``--resume``: None (fresh run), 'auto' (latest complete checkpoint in output_dir, or a fresh run if
-    there is none), or a checkpoint directory (must exist)."""
+def _incomplete_steps(root: Path) -> list[tuple[int, Path]]:
+    """step_N directories of ``root`` without a trainer state (files deleted or lost: never resumed from)."""
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_RE.match(p.name)) and p.is_dir() and not (p / STATE_NAME).is_file())
+
+
+def _final_model(output_dir: Path) -> bool:
+    return (Path(output_dir) / "model.safetensors").is_file()
+
+
+def resolve_resume(resume: str | None, output_dir: Path, stage: str | None = None) -> Path | None:
+    """What a run in ``output_dir`` starts from, by ``--resume``: None (a fresh run: refused with
+    FileExistsError where output_dir already holds a run's checkpoints or final model), 'auto' (its latest
+    complete checkpoint; a fresh run when it has none, refused where it holds a finished run's final model), or
+    a checkpoint directory. ``stage``: this run's (pretrain / finetune); a checkpoint of the other one is refused
+    (:func:`check_resume_stage`). Incomplete checkpoints 'auto' passes over are named in a warning."""
+    output_dir = Path(output_dir)
     if resume is None:
+        last = latest_checkpoint(output_dir)
+        if last is not None:
+            raise FileExistsError(f"output_dir {output_dir} already holds a run (checkpoints up to {last.name}"
+                                  f"{' and a final model' if _final_model(output_dir) else ''}); pass --resume auto "
+                                  f"to continue it, or choose another output_dir")
+        if _final_model(output_dir):
+            raise FileExistsError(f"output_dir {output_dir} already holds a finished run (a final model, no "
+                                  f"checkpoints to resume from); choose another output_dir for a new run (or start "
+                                  f"one from this model with init_from)")
         return None
     if resume == "auto":
         p = latest_checkpoint(output_dir)
+        root = output_dir / CHECKPOINT_DIR
+        passed = [d for s, d in _incomplete_steps(root) if p is None or s > int(_STEP_RE.match(p.name).group(1))]
+        if passed:
+            log.warning("--resume auto: passing over incomplete checkpoint(s) %s (no %s: the files were deleted "
+                        "or not all written); %s", ", ".join(str(d) for d in passed), STATE_NAME,
+                        f"resuming from {p}, the newest complete one" if p is not None else
+                        "there is no complete checkpoint")
         if p is None:
-            log.info("--resume auto: no checkpoint in %s/%s, starting a fresh run", output_dir, CHECKPOINT_DIR)
+            if _final_model(output_dir):
+                raise FileExistsError(f"--resume auto: output_dir {output_dir} holds a finished run: its final model "
+                                      f"and no checkpoint in {root} (checkpoint.every_steps was 0, or they were "
+                                      f"removed), so there is nothing to resume; choose another output_dir for a new "
+                                      f"run (or start one from this model with init_from)")
+            log.info("--resume auto: no checkpoint in %s, starting a fresh run", root)
+            return None
+        check_resume_stage(p, stage, "--resume auto: its newest checkpoint")
         return p
     p = Path(resume)
     if not (p / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint directory (expected {p / STATE_NAME})")
+        raise FileNotFoundError(_not_a_checkpoint(resume, p, output_dir))
+    check_resume_stage(p, stage)
     return p
+
+
+def _not_a_checkpoint(resume: str, p: Path, output_dir: Path) -> str:
+    """Why ``--resume p`` is not a checkpoint directory, and what to pass instead (a run's output_dir or its
+    checkpoints folder: its newest checkpoint, or --resume auto)."""
+    msg = f"--resume {resume}: not a checkpoint directory (expected {p / STATE_NAME})"
+    if not p.is_dir():
+        return msg
+    run = p if (p / CHECKPOINT_DIR).is_dir() else p.parent if p.name == CHECKPOINT_DIR else None
+    last = latest_checkpoint(run) if run is not None else None
+    if last is not None:
+        what = "a run's output_dir" if run == p else "a run's checkpoints folder"
+        same = run.resolve() == Path(output_dir).resolve()
+        auto = "--resume auto, which continues this run from it" if same else f"--resume auto with output_dir {run}"
+        return f"{msg}: it is {what}; pass its newest checkpoint, --resume {last}, or {auto}"
+    if _STEP_RE.match(p.name):
+        return f"{msg}: the checkpoint is incomplete (its {STATE_NAME} is missing){_others_hint(p)}"
+    if _final_model(p):
+        return (f"{msg}: it holds a run's final model and no checkpoints, so there is nothing to resume; start a new "
+                f"run from it with init_from {p}")
+    return msg
+
+
+STAGE_NAMES = {"pretrain": "stage-1 (pretrain)", "finetune": "stage-2 (finetune)"}
+
+
+def check_resume_stage(path: Path, stage: str | None, said: str = "--resume") -> None:
+    """Refuse, with a ConfigError saying so first, to resume checkpoint ``path`` of another stage than ``stage``
+    (its train_config.yaml's ``stage``): a stage-2 command given a stage-1 checkpoint would otherwise warn about
+    optimizer settings and then fail on the alignment head's missing weights. Nothing to check without
+    ``stage`` or the file (its other contents are checked when the run's config is compared)."""
+    import yaml
+
+    f = Path(path) / "train_config.yaml"
+    if stage is None or not f.is_file():
+        return
+    try:
+        theirs = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # named when the configs are compared
+    theirs = theirs.get("stage") if isinstance(theirs, dict) else None
+    if theirs is None or theirs == stage:
+        return
+    from emma_mamba.config import ConfigError
+
+    p = Path(path)
+    run = p.parent.parent if p.parent.name == CHECKPOINT_DIR else p
+    name = STAGE_NAMES.get(theirs, f"stage {theirs!r}")
+    msg = (f"{said} {path} is a {name} checkpoint (its train_config.yaml says stage: {theirs}), but this is a "
+           f"{STAGE_NAMES.get(stage, stage)} run; --resume continues a run of the same stage")
+    if theirs == "pretrain" and stage == "finetune":
+        msg += (f". To start stage 2 from stage 1's result, drop --resume and set init_from: {run} (the stage-1 "
+                f"run's output_dir; or this checkpoint)")
+    else:
+        msg += f". To continue that run, use `emma-mamba {theirs}`"
+    raise ConfigError(msg)

@@ -8,7 +8,8 @@ panel per metric, one line per run against the step (``--x total_tokens`` or ``e
 are drawn faintly under their running mean over ``--smooth`` logged steps. A metric that is constant zero in
 every run (``align_loss`` without the alignment head) is left out of the default panels. Validation records
 (``val.json``: ``val_loss``, ``val_lm_loss``, ...) are drawn as dashed lines with markers in their training
-metric's panel; ``val_token_acc`` gets its own.
+metric's panel; ``val_token_acc`` gets its own. A file in which a step is logged more than once (two runs that
+wrote into one output_dir at the same time) is plotted with a warning naming those steps.
 """
 
 from __future__ import annotations
@@ -70,6 +71,40 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def is_val(rec: dict) -> bool:
+    """Whether a metrics record is a validation one (``val_*`` fields) rather than a training step's."""
+    return any(k.startswith("val_") for k in rec)
+
+
+def _ranges(steps: list[int]) -> str:
+    """Sorted step numbers as ranges: [1, 2, 3, 7] -> '1-3, 7'."""
+    out, start, prev = [], None, None
+    for s in steps + [None]:
+        if start is not None and (s is None or not isinstance(prev, int) or s != prev + 1):
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = None
+        if s is not None and start is None:
+            start = s
+        prev = s
+    return ", ".join(out)
+
+
+def duplicated_steps(rows: list[dict]) -> dict[str, list]:
+    """{'training' / 'validation': the steps logged more than once} of a run's records (empty lists left out)."""
+    out = {}
+    for kind, val in (("training", False), ("validation", True)):
+        seen, dup = set(), set()
+        for r in rows:
+            s = r.get("step")
+            if is_val(r) != val:
+                continue
+            if isinstance(s, (int, float)) and not isinstance(s, bool):
+                (dup if s in seen else seen).add(s)
+        if dup:
+            out[kind] = sorted(dup)
+    return out
+
+
 def running_mean(values: list[float], window: int) -> list[float]:
     """Mean of the last ``window`` values at each point (fewer at the start)."""
     out, acc = [], 0.0
@@ -102,6 +137,13 @@ def run(args) -> int:
 def _run(args) -> int:
     paths = [metrics_file(r) for r in args.runs]
     runs = [(p, read_metrics(p)) for p in paths]
+    for p, rows in runs:  # a line through them would zigzag between two runs' values without a word
+        dup = duplicated_steps(rows)
+        if dup:
+            print(f"emma-mamba plot: warning: {p}: " + "; ".join(
+                f"{kind} step(s) {_ranges(steps)} logged more than once" for kind, steps in dup.items())
+                + " (two runs wrote into this output_dir? its curves zigzag between them)", file=sys.stderr)
+    n_train = [sum(1 for r in rows if not is_val(r)) for _, rows in runs]
     lacking = [str(p) for p, rows in runs if not any(isinstance(r.get(args.x), (int, float)) for r in rows)]
     if lacking:  # its lines would be left out without a word (every panel empty when no run has it)
         raise PlotError(f"--x {args.x}: not logged in {', '.join(lacking)} (a CLIP stage-0 clip_metrics.jsonl "
@@ -122,7 +164,7 @@ def _run(args) -> int:
                             f"{', '.join(present)})")
     if args.smooth is not None and args.smooth < 1:
         raise PlotError(f"--smooth must be >= 1, got {args.smooth}")
-    window = args.smooth or max(1, max(len(rows) for _, rows in runs) // 50)
+    window = args.smooth or max(1, max(n_train) // 50)
     try:
         import matplotlib
     except ImportError:
@@ -169,5 +211,7 @@ def _run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    print(f"wrote {out} ({', '.join(keys)}; {sum(len(r) for _, r in runs)} logged steps from {len(runs)} run(s))")
+    n_val = sum(len(rows) for _, rows in runs) - sum(n_train)
+    print(f"wrote {out} ({', '.join(keys)}; {sum(n_train)} logged steps"
+          + (f" and {n_val} validation records" if n_val else "") + f" from {len(runs)} run(s))")
     return 0

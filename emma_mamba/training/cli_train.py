@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         finished = True
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, TrainingError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
-        return 130 if isinstance(e, TrainingInterrupted) else 2
+        return e.exit_code if isinstance(e, TrainingInterrupted) else 2
     except KeyboardInterrupt:  # while the model or data were being built: nothing was trained yet
         print(f"{prog}: interrupted before the first step", file=sys.stderr)
         return 130

@@ -101,15 +101,21 @@ class Trainer:
     def __init__(self, cfg: RunConfig, resume: str | None = None, device: str | None = None):
         self.cfg = cfg
         self.info: DistInfo = init_distributed(device)
+        try:
+            self._setup(cfg, resume)
+        except BaseException:  # nothing will run: the folder's lock (taken early in _setup) is given back
+            if self.info.is_main:
+                _unlock_output_dir(Path(cfg.output_dir))
+            raise
+
+    def _setup(self, cfg: RunConfig, resume: str | None) -> None:
+        """:meth:`__init__`'s work (the folder checked and locked first, then the model, data and optimizer)."""
         info = self.info
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(f"output_dir {self.output_dir} is a file, not a folder; choose another output_dir")
-        self.resume_from = resolve_resume(resume, self.output_dir)
-        if self.resume_from is None and (latest_checkpoint(self.output_dir) is not None
-                                         or (self.output_dir / "model.safetensors").is_file()):
-            raise FileExistsError(f"output_dir {self.output_dir} already holds a run (checkpoints or a final "
-                                  f"model); pass --resume auto to continue it, or choose another output_dir")
+        # None: a fresh run, refused where output_dir holds one; a checkpoint of the other stage is refused first
+        self.resume_from = resolve_resume(resume, self.output_dir, cfg.stage)
         if info.is_main:  # before minutes of model building: the run's folder must be writable
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +124,7 @@ class Trainer:
                 probe.unlink()
             except OSError as e:
                 raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
+            _lock_output_dir(self.output_dir)  # one run at a time in a folder (a second one is refused now)
         if self.resume_from is not None:
             # before anything is built from the config: a model that differs is refused now, and the optimizer
             # settings the checkpoint's states hold are put back into cfg.train, so that the optimizer's parameter
@@ -220,6 +227,8 @@ class Trainer:
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
         self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
+        self._stop_signal = None  # SIGTERM seen by this process (fit's handler)
+        self._stop_agreed = False  # ... by any process, as of the last step's all-reduce
         self._warned_mfu = False
         self.val_history: list[dict] = []
         if self.resume_from is not None:
@@ -345,7 +354,9 @@ class Trainer:
         counts = all_reduce_sum(counts.to(info.device)).cpu()
         n_lab, n_img = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
         w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
-        sums = torch.zeros(2, dtype=torch.float64, device=info.device)
+        # (lm, align, SIGTERM seen): the stop request rides on the step's own all-reduce, so every rank agrees
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)
+        sums[2] = float(self._stop_signal is not None)
         for j, b in enumerate(batches):
             b = self._to_device(b)
             with no_grad_sync(self.wrapped, sync=j == len(batches) - 1):
@@ -355,7 +366,7 @@ class Trainer:
                 al = out.loss["align"].float() * b["num_images"]
                 loss = (lm / n_lab + w_align * al / n_img) * info.world_size
                 loss.backward()
-            sums += torch.stack([lm.detach(), al.detach()]).double()
+            sums[:2] += torch.stack([lm.detach(), al.detach()]).double()
         sync_replicated_grads(self.model)  # FSDP: the SSM parameters it leaves whole (parallel.py)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.params, max_norm)
@@ -374,6 +385,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         sums = all_reduce_sum(sums).cpu()
         lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
+        self._stop_agreed = float(sums[2]) > 0
         return {"lm_loss": lm_loss, "align_loss": align_loss, "loss": lm_loss + w_align * align_loss, "lr": lr,
                 "grad_norm": float(grad_norm), "label_tokens": int(counts[0]), "images": int(counts[1]),
                 "tokens": int(counts[2]), "positions": int(counts[3]), "samples": int(counts[4])}
@@ -432,16 +444,33 @@ class Trainer:
             msg = (f"step {v['step']}: val_loss {v['val_loss']:.4f} (lm {v['val_lm_loss']:.4f}, align "
                    f"{v['val_align_loss']:.4f}), answer-token accuracy {v['val_token_acc']:.3f} over "
                    f"{v['val_samples']} samples")
-            if bar is not None:
+            if bar is not None:  # above the bar, once (the log line would print it a second time)
                 bar.write(msg)
-            log.info("%s", msg)
+            else:
+                log.info("%s", msg)
 
     # -------------------------------------------------------------------------------------------- run
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Runs the remaining steps, writing metrics, checkpoints and the final model; returns the metrics.
         ``stop_after``: return after that many steps of this session without writing the final model (what
-        an interrupted run leaves behind; tests use it)."""
+        an interrupted run leaves behind; tests use it).
+
+        While it runs, rank 0 holds the output folder's lock (:data:`LOCK_FILE`; a second run is refused) and
+        SIGTERM asks for a stop after the step in progress, with a checkpoint of it (exit code 143)."""
+        if self.info.is_main:
+            _lock_output_dir(self.output_dir)  # again, should an earlier fit of this trainer have released it
+        self._stop_signal, self._stop_agreed = None, False
+        previous = _on_sigterm(self._request_stop)
+        try:
+            return self._fit(stop_after)
+        finally:
+            _restore_sigterm(previous)
+            if self.info.is_main:
+                _unlock_output_dir(self.output_dir)
+
+    def _fit(self, stop_after: int | None) -> list[dict]:
+        """:meth:`fit` inside its lock and SIGTERM handler."""
         cfg, info = self.cfg, self.info
         writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step) if info.is_main else None
         bar = None
@@ -450,7 +479,10 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
                        desc=cfg.stage)
-        t_start, tok_start = time.perf_counter(), self.counters["tokens"]
+        t_start, tok_start, step_start = time.perf_counter(), self.counters["tokens"], self.global_step
+        if info.is_main and self.global_step >= self.total_steps:
+            log.info("resumed at step %d of %d: no step is left to train; writing the final model",
+                     self.global_step, self.total_steps)
         profiler = StepProfiler(cfg.profile, self.output_dir, info)
         try:
             self._fit_loop(writer, bar, profiler, stop_after)
@@ -459,8 +491,13 @@ class Trainer:
             self._wait_quietly("interrupted")
             raise TrainingInterrupted(f"interrupted at step {self.global_step} of {self.total_steps}. "
                                       f"{self._last_checkpoint_hint()}") from None
-        except BaseException:
+        except TrainingInterrupted:
+            raise
+        except BaseException as e:
             self._wait_quietly("stopped by an error")
+            if info.is_main and isinstance(e, Exception):  # the error itself is printed by the command
+                log.error("training stopped at step %d of %d. %s", self.global_step, self.total_steps,
+                          self._last_checkpoint_hint())
             raise
         finally:
             profiler.close(self.global_step)
@@ -470,13 +507,25 @@ class Trainer:
                 writer.close()
         if stop_after is not None and len(self.history) >= stop_after and self.global_step < self.total_steps:
             return self.history
-        save_model_dir(self.model, self.output_dir, info, cfg)
+        try:
+            save_model_dir(self.model, self.output_dir, info, cfg)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted while writing the final model after step {self.global_step} "
+                                      f"of {self.total_steps}: {self.output_dir} holds no complete final model "
+                                      f"(each file is written whole or not at all); --resume auto writes it "
+                                      f"again from the last checkpoint") from None
+        except OSError as e:
+            raise TrainingError(f"writing the final model into {self.output_dir} failed after step "
+                                f"{self.global_step} of {self.total_steps} ({e.strerror or e}). "
+                                f"{self._last_checkpoint_hint()}") from None
         barrier()
         if info.is_main:
             el = time.perf_counter() - t_start
             rep = self.dataset.report
-            log.info("done: %d steps; %s; %.0f tokens/s over this session; final model in %s", self.global_step,
-                     rep.summary(), (self.counters["tokens"] - tok_start) / max(el, 1e-9), self.output_dir)
+            speed = (f"{(self.counters['tokens'] - tok_start) / max(el, 1e-9):.0f} tokens/s over this session"
+                     if self.global_step > step_start else "no step this session")
+            log.info("done: %d steps; %s; %s; final model in %s", self.global_step, rep.summary(), speed,
+                     self.output_dir)
             if self.model.instruction is not None and self.model.instruction.num_truncated:
                 log.warning("instruction fusion truncated %d instructions to the text tower's context",
                             self.model.instruction.num_truncated)
@@ -525,10 +574,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
                                     tok_s=f"{m['tokens_per_s']:.0f}",
                                     **({"mfu": f"{m['mfu']:.1%}"} if "mfu" in m else {}))
-                self._maybe_validate(writer, bar)
+                # the checkpoint first: a validation that fails (an unreadable held-out image) loses no step
                 every = cfg.checkpoint.every_steps
-                if every and self.global_step % every == 0:
+                saved = bool(every and self.global_step % every == 0)
+                if saved:
                     self.save_checkpoint()
+                if self._stop_agreed:  # SIGTERM (on any rank): checkpoint this step, then stop
+                    self._stop_after_signal(saved)
+                self._maybe_validate(writer, bar)
                 if self.global_step >= self.total_steps:
                     break
                 if stop_after is not None and len(self.history) >= stop_after:
@@ -540,6 +593,22 @@ class Trainer:
         if last is not None:
             return f"The last checkpoint is {last} (--resume auto continues from it)."
         return "No checkpoint was written (checkpoint.every_steps sets how often)."
+
+    def _request_stop(self, signum, frame) -> None:
+        """SIGTERM (Slurm, Kubernetes, torchrun pass it on before they kill): stop after the step in progress,
+        with a checkpoint of it; a second SIGTERM stops at once."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
+    def _stop_after_signal(self, saved: bool) -> None:
+        """After the step in which a rank saw SIGTERM: checkpoint it (unless it just was), wait until the
+        checkpoint is complete, and end the run with :class:`TrainingInterrupted` (exit code 143)."""
+        if not saved:  # also with checkpoint.every_steps 0: the only way to keep the run's work
+            self.save_checkpoint()
+        self.wait_for_checkpoint()
+        raise TrainingInterrupted(f"stopped by SIGTERM after step {self.global_step} of {self.total_steps}. "
+                                  f"{self._last_checkpoint_hint()}", exit_code=143)
 
     def wait_for_checkpoint(self) -> Path | None:
         """Block until the checkpoint being written in the background (checkpoint.async_save) is complete;
@@ -569,11 +638,17 @@ class Trainer:
         self.wait_for_checkpoint()
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
+                 "failed_records": self.dataset.failed_records(),  # counted once across a resume
                  "fingerprint": self.dataset.fingerprint(), "world_size": self.info.world_size,
                  "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
-        out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler, state,
-                              self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
-                              fmt=self.cfg.checkpoint.format, async_save=self.cfg.checkpoint.async_save)
+        try:
+            out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
+                                  state, self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
+                                  fmt=self.cfg.checkpoint.format, async_save=self.cfg.checkpoint.async_save)
+        except OSError as e:  # a full disk, a folder made read-only: said with what is left to resume from
+            raise TrainingError(f"writing the checkpoint of step {self.global_step} into {self.output_dir} failed "
+                                f"({e.strerror or e}); its partial files are ignored by --resume. "
+                                f"{self._last_checkpoint_hint()}") from None
         if isinstance(out, Path):
             return out
         self._pending_save = out
@@ -600,8 +675,17 @@ class Trainer:
                                   f"new run from it with init_from")
         if not (path / "train_config.yaml").is_file():
             return
-        old = load_run_config(path / "train_config.yaml").train
-        t = self.cfg.train
+        old_run = load_run_config(path / "train_config.yaml")
+        old, t = old_run.train, self.cfg.train
+        # what the data order and the meaning of the saved data position depend on (plan_rows): another value
+        # would reshuffle the rest of the epoch (records skipped, others trained twice), so it is refused
+        order = [("train.seed", old.seed, t.seed), ("data.packing", old_run.data.packing, self.cfg.data.packing),
+                 ("data.max_length", old_run.data.max_length, self.cfg.data.max_length)]
+        changed = [f"{k} {a!r} there, {b!r} here" for k, a, b in order if a != b]
+        if changed:
+            raise ConfigError(f"--resume {path}: {'; '.join(changed)}: the data order of the rest of the epoch "
+                              f"depends on it (records would be skipped or trained twice); resume with the run's "
+                              f"own value, or start a new run from the checkpoint with init_from")
         # held by the optimizer's and scheduler's states (the peak lr is the scheduler's base_lrs): the checkpoint's
         fixed = ("lr", "weight_decay", "betas", "eps", "lr_multipliers", "decay_embeddings")
         kept = []
@@ -648,8 +732,7 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.counters = {k: int(v) for k, v in state["counters"].items()}
         # the saved counts include the load-time skips this run just counted again: replace, not add
-        self.dataset.report.skipped.clear()
-        self.dataset.report.skipped.update({k: int(v) for k, v in state["skipped"].items()})
+        self.dataset.restore_skips(state["skipped"], state.get("failed_records"))  # None: an older checkpoint
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d, step %d of the epoch)", path, self.global_step,
                      self.epoch, self.step_in_epoch)
@@ -716,6 +799,76 @@ class _MetricsWriter:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+LOCK_FILE = ".emma_mamba.lock"
+"""In a run's output_dir while a training process (rank 0) writes into it: an exclusive ``flock`` held for the
+run's lifetime (released by the kernel when the process ends, however it ends), the holder's pid, host and start
+time written inside for the message that refuses a second run."""
+
+_held_locks: dict[str, int] = {}  # resolved output_dir -> the open lock file's descriptor, in this process
+
+
+def _lock_output_dir(path: Path) -> None:
+    """Hold ``path``'s :data:`LOCK_FILE`, or raise FileExistsError naming the process that holds it (two runs
+    writing one folder interleave their metrics.jsonl and replace each other's checkpoints and final model). A
+    second trainer of the same process on the same folder (a test resuming in-process) shares this process's lock."""
+    import fcntl
+    import socket
+
+    key = str(path.resolve())
+    if key in _held_locks:
+        return
+    lock = path / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+        except OSError:
+            holder = "another process"
+        os.close(fd)
+        raise FileExistsError(f"output_dir {path} is in use by a training run that is still going ({holder}; "
+                              f"lock {lock}): two runs in one folder would overwrite each other's checkpoints and "
+                              f"metrics; wait for it to end, or choose another output_dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _held_locks[key] = fd
+
+
+def _unlock_output_dir(path: Path) -> None:
+    """Release the lock :func:`_lock_output_dir` took (the file stays: removing it could let a third run lock
+    a new file while a second still waits on the old one)."""
+    fd = _held_locks.pop(str(path.resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+_NOT_INSTALLED = object()
+
+
+def _on_sigterm(handler):
+    """Install ``handler`` for SIGTERM (in the main thread only: elsewhere signal handlers cannot be set) and
+    return what :func:`_restore_sigterm` puts back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _NOT_INSTALLED
+    previous = signal.signal(signal.SIGTERM, handler)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not _NOT_INSTALLED:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _require_wandb():

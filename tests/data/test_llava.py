@@ -230,7 +230,7 @@ def test_jsonl_malformed_line_raises_or_is_skipped(folder, tok):
     path = folder / "data.jsonl"
     path.write_text(json.dumps(rec(0)) + "\n{oops\n" + json.dumps(rec(2)) + "\n")
     c = DataConfig(json=str(path), image_folder=str(folder / "img"))
-    with pytest.raises(DataError, match=r"data\.jsonl:2:2: malformed JSON"):
+    with pytest.raises(DataError, match=r"data\.jsonl: line 2, column 2: malformed JSON"):
         LlavaDataset(c, tok[0], "<image>", tok[1], N)
     c.on_error = "skip"
     ds = LlavaDataset(c, tok[0], "<image>", tok[1], N)

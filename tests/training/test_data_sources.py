@@ -89,12 +89,12 @@ def test_errors_name_the_file_they_come_from(shapes, tmp_path, meta_model):
     cfg = make_cfg(shapes, tmp_path / "run", data={"json": None, "sources": _sources(shapes, a, b, other)}).data
     with pytest.raises(DataError, match=rf"{re.escape(str(b))}: line 4 .*'user'"):
         LlavaDataset.for_model(cfg, meta_model)
-    # a missing image at load time names b and its record
+    # a missing image at load time names b and its record as the load-time checks do (a JSONL line, 1-based)
     b.write_text("\n".join(x for i, x in enumerate(lines) if i != 3) + "\n")
     ds = LlavaDataset.for_model(cfg, meta_model)
     first_b = ds.samples[12]
     first_b.images[0].unlink()
-    with pytest.raises(DataError, match=rf"{re.escape(str(b))}: record {first_b.index} \(id .*\): image "
+    with pytest.raises(DataError, match=rf"{re.escape(str(b))}: line {first_b.index + 1} \(id .*\): image "
                                         rf"{re.escape(str(first_b.images[0]))}"):
         ds.load_images(first_b)
 

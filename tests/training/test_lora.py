@@ -69,9 +69,15 @@ def test_lora_resume_equals_uninterrupted_run_bitwise(shapes, tmp_path):
     wa, wb = (load_file(str(tmp_path / d / LORA_FILE)) for d in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    # resuming that checkpoint from other base weights (another seed builds another LM) is refused
-    with pytest.raises(RuntimeError, match="other base weights"):
-        Trainer(_lora_cfg(shapes, tmp_path / "c", train={"max_steps": 4, "seed": 1}), resume=str(ckpt))
+    # resuming that checkpoint from other base weights (here: another random init, as other pretrained files would
+    # give; train.seed itself cannot change on resume) is refused
+    from emma_mamba.training import trainer as trainer_mod
+
+    seed_everything = trainer_mod._seed_everything
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_mod, "_seed_everything", lambda seed: seed_everything(seed + 1))
+        with pytest.raises(RuntimeError, match="other base weights"):
+            Trainer(_lora_cfg(shapes, tmp_path / "c", train={"max_steps": 4}), resume=str(ckpt))
     # ... and so is resuming it without the adapters, or with another rank
     with pytest.raises(RuntimeError, match="written by a run with train.lora"):
         Trainer(make_cfg(shapes, tmp_path / "d", train={"max_steps": 4}), resume=str(ckpt))

@@ -1,0 +1,188 @@
+"""A run's work survives what schedulers and machines do to it: a second run into the same folder is refused while
+the first holds it, SIGTERM checkpoints the step in progress before stopping, a failed validation or checkpoint
+write leaves the last checkpoint named, the final model is written whole or not at all, and a resume that would
+reshuffle the rest of the epoch is refused."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import emma_mamba
+from emma_mamba.config import ConfigError
+from emma_mamba.data.llava import DataError
+from emma_mamba.models.vlm import EmmaMamba
+from emma_mamba.training import TrainingError, TrainingInterrupted
+from emma_mamba.training import trainer as trainer_mod
+from emma_mamba.training.config import run_config_to_dict
+from emma_mamba.training.trainer import LOCK_FILE, Trainer
+from tests.training.conftest import make_cfg, subset
+
+
+def _cli_run(cfg, tmp_path, name="run.yaml"):
+    """`emma-mamba finetune --config` with ``cfg`` in a new process: (returncode, stderr)."""
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "finetune", "--config", str(path)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    return r.returncode, r.stderr
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(shapes, tmp_path):
+    """Two runs in one folder interleaved their metrics.jsonl and replaced each other's checkpoints and final model
+    (the 'already holds a run' check sees only finished checkpoints). While a trainer holds the folder, a second
+    process's run is refused before it builds anything, naming the holder; once the first is done, a run with
+    --resume auto may continue it."""
+    data = subset(shapes, tmp_path, 4)
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 2})
+    t = Trainer(cfg)  # holds the folder from here (its checks are done, the model is built)
+    rc, err = _cli_run(cfg, tmp_path)
+    assert rc == 2, err
+    assert f"is in use by a training run that is still going (pid {os.getpid()} on " in err, err
+    assert str(tmp_path / "r" / LOCK_FILE) in err and "Traceback" not in err
+    t.fit()
+    assert not (tmp_path / "r" / "checkpoints").exists() and (tmp_path / "r" / "model.safetensors").is_file()
+    code = ("import sys; from pathlib import Path; from emma_mamba.training.trainer import _lock_output_dir; "
+            f"_lock_output_dir(Path({str(tmp_path / 'r')!r})); print('locked')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "locked" in r.stdout, r.stderr  # released when the run ended
+
+
+def _send_sigterm_during(monkeypatch, step: int):
+    """A real SIGTERM to this process while optimizer step ``step`` runs (as a scheduler sends it)."""
+    orig = Trainer.train_step
+
+    def train_step(self, mbs):
+        if self.global_step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, mbs)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_sigterm_checkpoints_the_step_in_progress_then_stops(shapes, tmp_path, monkeypatch, every):
+    """SIGTERM killed the run at once, losing every step since the last checkpoint. Now the step in progress
+    finishes, is checkpointed (also with checkpoints off, or between two), and the run stops with exit code 143;
+    --resume auto then continues exactly as the uninterrupted run (the oracle: the same run without the signal)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # the signal would end this test process
+        pytest.skip("signal handlers are installed from the main thread only")
+    data = subset(shapes, tmp_path, 6)
+    kw = dict(train={"max_steps": 5}, checkpoint={"every_steps": every})
+    whole = Trainer(make_cfg(shapes, tmp_path / "whole", data, **kw)).fit()
+    before = signal.getsignal(signal.SIGTERM)
+    _send_sigterm_during(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted) as e:
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit()
+    monkeypatch.undo()
+    assert e.value.exit_code == 143
+    assert str(e.value).startswith("stopped by SIGTERM after step 2 of 5. The last checkpoint is ")
+    assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the trainer's only while it runs
+    rest = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
+    assert [m["step"] for m in rest] == [3, 4, 5]
+    assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
+
+
+def test_a_failing_validation_keeps_the_checkpoint_of_its_step(shapes, tmp_path):
+    """The validation of a step ran before its checkpoint: a held-out image that cannot be read (first decoded at
+    the first validation) stopped the run with no checkpoint of the steps done. The checkpoint comes first."""
+    data = subset(shapes, tmp_path, 4)
+    records = json.loads((shapes / "train" / "stage2_instruct.json").read_text())[10:12]
+    images = tmp_path / "val_images"
+    images.mkdir()
+    for r in records:
+        src = shapes / "images" / r["image"]
+        (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (images / r["image"]).write_bytes(src.read_bytes()[:100])  # a truncated PNG
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(records))
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 4}, checkpoint={"every_steps": 2},
+                   val={"json": str(val), "image_folder": str(images), "every_steps": 2})
+    with pytest.raises(DataError):
+        Trainer(cfg).fit()
+    assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
+
+
+def test_a_failed_checkpoint_write_names_the_last_checkpoint(shapes, tmp_path, monkeypatch):
+    """A full disk during a checkpoint ended in an OSError traceback; now one TrainingError naming the step, the
+    reason and the last complete checkpoint to resume from."""
+    data = subset(shapes, tmp_path, 4)
+    real = trainer_mod.save_checkpoint
+
+    def save(output_dir, step, *a, **kw):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(output_dir, step, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", save)
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg).fit()
+    msg = str(e.value)
+    assert msg.startswith(f"writing the checkpoint of step 4 into {tmp_path / 'r'} failed (No space left on device)")
+    assert f"The last checkpoint is {tmp_path / 'r' / 'checkpoints' / 'step_00000002'}" in msg
+
+
+def test_an_interrupted_final_write_leaves_no_half_model(shapes, tmp_path, monkeypatch):
+    """Ctrl-C while the final model was written said 'interrupted before the first step' and left a half-size
+    model.safetensors. The weights are now written whole or not at all, and the message says what happened;
+    --resume auto writes the final model again."""
+    import safetensors.torch
+
+    data = subset(shapes, tmp_path, 4)
+    kw = dict(train={"max_steps": 2}, checkpoint={"every_steps": 2})
+    real = safetensors.torch.save_model
+
+    def half_then_interrupt(model, filename, metadata=None):
+        real(model, filename, metadata=metadata)
+        if "checkpoints" in str(filename):  # the step checkpoint is written as usual; the final model is not
+            return
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_model", half_then_interrupt)
+    with pytest.raises(TrainingInterrupted, match=r"^interrupted while writing the final model after step 2 of 2"):
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit()
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if "safetensors" in p.name) == []
+    Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
+    assert isinstance(emma_mamba.load(tmp_path / "r"), EmmaMamba)
+
+
+@pytest.mark.parametrize("change", [{"train": {"seed": 1}}, {"data": {"packing": True}},
+                                    {"data": {"max_length": 120}}])
+def test_a_resume_that_would_reshuffle_the_epoch_is_refused(shapes, tmp_path, change):
+    """The rest of the epoch's order depends on the seed, packing and max_length (plan_rows): resuming with another
+    value trained some records twice and others never, silently. Now refused, naming both values."""
+    data = subset(shapes, tmp_path, 6)
+    base = dict(train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    Trainer(make_cfg(shapes, tmp_path / "r", data, **base)).fit(stop_after=2)
+    kw = {k: {**base.get(k, {}), **v} for k, v in change.items()}
+    (section, values), = change.items()
+    (key, value), = values.items()
+    with pytest.raises(ConfigError, match=rf"{section}\.{key} .* there, {value!r} here: the data order"):
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **{**base, **kw}), resume="auto")
+
+
+def test_resuming_a_finished_run_says_nothing_is_left(shapes, tmp_path, caplog):
+    data = subset(shapes, tmp_path, 4)
+    kw = dict(train={"max_steps": 2}, checkpoint={"every_steps": 2})
+    Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit()
+    caplog.clear()  # the first run's lines (captured too where an earlier test set emma_mamba's level to INFO)
+    with caplog.at_level("INFO", logger="emma_mamba.training.trainer"):
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
+    assert "resumed at step 2 of 2: no step is left to train" in caplog.text
+    assert "no step this session" in caplog.text and "tokens/s" not in caplog.text
+    assert isinstance(emma_mamba.load(tmp_path / "r"), EmmaMamba)
