@@ -1,22 +1,43 @@
-"""What the benchmark scripts of this folder share: the machine record of a result and writing it."""
+"""What the benchmark scripts of this folder share: their options (``--out``, counts), the machine record of a
+result and writing it. The record is :func:`emma_mamba.bench.record.machine_info`, the one every ``emma-mamba
+bench`` command writes too; results go under ``./bench_results/`` unless ``--out`` names another file (the
+committed ``benchmarks/results/`` files are written with an explicit ``--out``)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import json
-import platform
-from pathlib import Path
 
 import torch
 
+from emma_mamba.bench import record
+from emma_mamba.bench.record import default_out, out_path, positive_int  # noqa: F401
 
-def machine(device: torch.device, threads: int) -> dict:
-    """Platform, torch, threads, device, the kernel backend that ran, and the GPU's name on one."""
-    from emma_mamba import ops
+_START: dict | None = None  # parse_args's record of the run's start
 
-    return {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-            "threads": threads, "device": str(device), "backend": ops.get_backend(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+def add_out(p: argparse.ArgumentParser, name: str | None, help: str | None = None) -> None:
+    """``--out``, checked when parsed (a bad path fails before the run); default ``bench_results/<name>``
+    (``name`` None: no file unless given)."""
+    where = f"default {default_out(name)}" if name else "default: none written"
+    p.add_argument("--out", type=out_path, default=default_out(name) if name else None,
+                   help=f"{help or 'JSON output path'} ({where})")
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``p.parse_args(argv)``, and the run's start recorded for :func:`machine`: the command line (``sys.argv``,
+    or the parser's name and ``argv`` when a caller passes them) and the load average now."""
+    global _START
+    args = p.parse_args(argv)
+    _START = record.run_start(None if argv is None else [p.prog, *argv])
+    return args
+
+
+def machine(device: torch.device | str | None, threads: int | None) -> dict:
+    """:func:`emma_mamba.bench.record.machine_info`: platform, CPU model and cores, the kernels' instruction set,
+    versions and git commit, threads, the device and the kernel backend that ran there, the GPU's name on one, the
+    command line and the load average when :func:`parse_args` ran and now."""
+    return record.machine_info(device, threads, _START or record.run_start())
 
 
 def random_lm(preset: str, threads: int):
@@ -59,29 +80,27 @@ class PeakMemory:
 def write_result(doc: dict, out: str | None, indent: int = 2) -> None:
     """Write ``doc`` as JSON to ``out`` (its folder created; nothing when ``out`` is empty) and say so."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(doc, indent=indent) + "\n")
+        record.write_json(doc, out, indent=indent)
         print(f"wrote {out}")
 
 
-def lm_step_parser(doc: str, out: str):
+def lm_step_parser(doc: str, out: str | None):
     """The options of the scripts that time a Mamba LM's training step (shape, repeats, threads, device, dtype,
-    output file), with their defaults: a 768-wide, 4-layer LM on 2 x 512 tokens, fp32 on the CPU."""
-    import argparse
-
+    output file ``bench_results/<out>``; ``out`` None: none unless given), with their defaults: a 768-wide, 4-layer
+    LM on 2 x 512 tokens, fp32 on the CPU."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1024,
+    p.add_argument("--d-model", type=positive_int, default=768)
+    p.add_argument("--n-layer", type=positive_int, default=4)
+    p.add_argument("--vocab", type=positive_int, default=1024,
                    help="vocabulary (default small: a 50k head and its loss would dominate a CPU step)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seqlen", type=positive_int, default=512)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16: fp32 weights under bf16 autocast, as the trainer runs on a GPU")
-    p.add_argument("--out", default=out)
+    add_out(p, out)
     return p
 
 

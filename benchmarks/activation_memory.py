@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, saved_storages, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, saved_storages, write_result  # noqa: E402
 
 VARIANTS = {"keep_all": (False, False), "mixer_recompute": (True, False), "block_checkpointing": (False, True)}
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from emma_mamba import ops
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    args = lm_step_parser(__doc__, "benchmarks/results/activation_memory_cpu.json").parse_args(argv)
+    args = parse_args(lm_step_parser(__doc__, "activation_memory_cpu.json"), argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)

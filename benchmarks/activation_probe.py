@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 
 def patch_labels(shapes: list[dict], image_size: int, grid: tuple[int, int]) -> list[int | None]:
@@ -73,11 +73,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="a ShapesWorld folder (emma-mamba data shapes)")
     p.add_argument("--checkpoint", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint to probe, named (repeatable)")
-    p.add_argument("--images", type=int, default=100, help="held-out images to score (default %(default)s)")
+    p.add_argument("--images", type=positive_int, default=100, help="held-out images to score (default %(default)s)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="LM depths (default: 0, L/4, ..., L)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/activation_probe.json")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=2)
+    add_out(p, 'activation_probe.json')
+    args = parse_args(p, argv)
     from emma_mamba.inference.visualize import activation_maps, plot_maps
     from emma_mamba.models.vlm import load
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, random_lm, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, random_lm, write_result  # noqa: E402
 
 QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if it rains later?",
              "Which shoes are best for that?", "Where can I buy them?", "How much do they cost?"]
@@ -32,11 +32,11 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="mamba-130m")
-    p.add_argument("--turns", type=int, default=24)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/chat_turns_cpu.json")
-    args = p.parse_args(argv)
+    p.add_argument("--turns", type=positive_int, default=24)
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=2)
+    add_out(p, 'chat_turns_cpu.json')
+    args = parse_args(p, argv)
     lm, tok = random_lm(args.preset, args.threads)
     # eos None: every answer has exactly new_tokens tokens, so both paths do the same amount of decoding
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)

@@ -140,20 +140,22 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
+    from _common import add_out, parse_args, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--d-model", type=int, default=1024)
     p.add_argument("--n-layer", type=int, default=24)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads per process")
+    p.add_argument("--repeats", type=positive_int, default=2)
     p.add_argument("--formats", nargs="+", default=["full", "sharded", "sharded-async"],
                    choices=["full", "sharded", "sharded-async"])
-    p.add_argument("--out", default=None)
+    add_out(p, None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--fmt", default="full", help=argparse.SUPPRESS)
     p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.worker:
         worker(args)
         return 0

@@ -27,18 +27,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
     from emma_mamba import ops
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    p = lm_step_parser(__doc__, "benchmarks/results/compile_lm_cpu.json")
+    p = lm_step_parser(__doc__, "compile_lm_cpu.json")
     p.add_argument("--backend", default="inductor")
     p.add_argument("--frozen-lm", action="store_true",
                    help="freeze every LM weight; the step's gradient is the input embeddings' only (stage 1)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -10,15 +10,13 @@ conv window resets at each boundary). The reference is `emma_mamba.ops.reference
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 SHAPES = ((8, 128, 256), (1, 1536, 2048), (4, 1536, 1024))
 
@@ -33,9 +31,9 @@ def main(argv=None) -> int:
     from emma_mamba import ops
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    add_out(p, None)
+    p.add_argument("--threads", type=positive_int, default=1)
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     rows = []
     for b, d, l in SHAPES:
@@ -71,10 +69,9 @@ def main(argv=None) -> int:
                   f"speedup {row['speedup_vs_reference']['fwd']}x / {row['speedup_vs_reference']['fwd_bwd']}x",
                   flush=True)
     res = {"benchmark": "causal_conv1d cpu vs reference", "dtype": "float32", "width": 4, "activation": "silu",
-           "python": platform.python_version(), **machine(torch.device("cpu"), args.threads),
+           **machine(torch.device("cpu"), args.threads),
            "backends": ["cpu", "torch"], "rows": rows}  # "backend": what the dispatch picks; each row times both
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    write_result(res, args.out, indent=1)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import re
 import shlex
 import shutil
@@ -26,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import add_out, machine, parse_args, write_result  # noqa: E402
 SPILL = re.compile(r"^(?:@!?U?P\w+\s+)?(STL|LDL)\b")
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
@@ -165,8 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90", help="one SM architecture, e.g. 90 (default) or 80")
     p.add_argument("--sources", nargs="+", default=["csrc/cuda/selective_scan.cu"], help="CUDA sources to inspect")
     p.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")
-    p.add_argument("--out", default=None, help="write the report as JSON here")
-    args = p.parse_args(argv)
+    add_out(p, None, "write the report as JSON here")
+    args = parse_args(p, argv)
     try:
         flags = build_flags()
         results = [inspect(ROOT / s if not Path(s).is_absolute() else Path(s), args.arch, flags, args.nvcc)
@@ -186,12 +187,8 @@ def main(argv=None) -> int:
             print(f"  {k['kernel']:38} {k.get('registers', '?'):>4} "
                   f"{k.get('spill_store_bytes', '?'):>6}/{k.get('spill_load_bytes', '?'):<6} "
                   f"{k['spill_instructions']:>7}  {loop}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"benchmark": "cuda_sass", "arch": f"sm_{args.arch}",
-                                              "nvcc": version[-1] if version else None, "results": results},
-                                             indent=1) + "\n")
-        print(f"wrote {args.out}")
+    write_result({"benchmark": "cuda_sass", "arch": f"sm_{args.arch}", "nvcc": version[-1] if version else None,
+                  "machine": machine(None, None), "results": results}, args.out, indent=1)
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 DESCRIBE = "Describe the image in detail."
 
@@ -65,10 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="the ShapesWorld folder the checkpoint was trained on")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=96, help="long enough for a caption (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/eval_batching_quickstart.json")
-    args = p.parse_args(argv)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=2)
+    add_out(p, 'eval_batching_quickstart.json')
+    args = parse_args(p, argv)
 
     torch.set_num_threads(args.threads)
     data = Path(args.data)

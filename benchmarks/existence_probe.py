@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 NEGATIVES = ("random", "same_colour", "same_kind")
 
@@ -184,16 +183,13 @@ def main(argv=None) -> int:
     fe.add_argument("--train-images", type=int, default=3000)
     for s in (lm, fe):
         s.add_argument("--data", required=True, help="a ShapesWorld folder (emma-mamba data shapes / quickstart)")
-        s.add_argument("--images", type=int, default=100, help="images per split scored")
-        s.add_argument("--out", default=None, help="JSON file for the results")
-    args = p.parse_args(argv)
+        s.add_argument("--images", type=positive_int, default=100, help="images per split scored")
+        add_out(s, None, "JSON file for the results")
+    args = parse_args(p, argv)
     torch.set_num_threads(1)
     res = run_lm(args) if args.mode == "lm" else run_features(args)
-    res.update(python=platform.python_version(), **machine(torch.device("cpu"), 1), images=args.images,
-               data=str(args.data))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    res.update(**machine(torch.device("cpu"), 1), images=args.images, data=str(args.data))
+    write_result(res, args.out, indent=1)
     return 0
 
 

@@ -20,17 +20,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, saved_storages, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, saved_storages, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
     from emma_mamba.models.lora import apply_lora
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    p = lm_step_parser(__doc__, "benchmarks/results/lora_step_cpu.json")
+    p = lm_step_parser(__doc__, "lora_step_cpu.json")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--targets", nargs="+", default=["in_proj", "x_proj", "out_proj"])
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 
 def _ours(args, device, dtype):
@@ -86,11 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
-    p.add_argument("--out", default="benchmarks/results/mamba2_layer_cpu.json")
-    args = p.parse_args(argv)
+    add_out(p, 'mamba2_layer_cpu.json')
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ours = _ours(args, device, dtype)

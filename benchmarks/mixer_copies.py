@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, positive_int, write_result  # noqa: E402
 
 
 # the ops a copy shows up as (under inference_mode .contiguous() is not decomposed into clone)
@@ -55,10 +55,10 @@ def _median_ms(fn, repeats, sync):
 def main(argv=None) -> int:
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    p = lm_step_parser(__doc__, "")
-    p.add_argument("--decode-batch", type=int, default=8)
-    p.add_argument("--decode-steps", type=int, default=50)
-    args = p.parse_args(argv)
+    p = lm_step_parser(__doc__, None)
+    p.add_argument("--decode-batch", type=positive_int, default=8)
+    p.add_argument("--decode-steps", type=positive_int, default=50)
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)

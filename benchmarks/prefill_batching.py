@@ -22,24 +22,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
     from emma_mamba.inference.generate import PREFILL_PAD_WASTE, _prefill, default_max_positions, prefill_groups
     from emma_mamba.models.mamba import MambaConfig, MambaLM
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph
     p.add_argument("--preset", default="mamba-130m")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--base", type=int, default=576, help="image tokens of every prompt (LLaVA-1.5: 576)")
     p.add_argument("--spread", type=int, default=40, help="question lengths vary over this many tokens")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="benchmarks/results/prefill_batching_cpu.json")
-    args = p.parse_args(argv)
+    add_out(p, 'prefill_batching_cpu.json')
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import PeakMemory, machine, write_result  # noqa: E402
+from benchmarks._common import PeakMemory, add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 
 def _child(args) -> dict:
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="mamba-130m", help="LM shapes (random weights)")
     p.add_argument("--seqlen", type=int, default=16384)
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 1024, 256], help="settings (0: whole)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/prefill_chunk_memory_cpu.json")
+    add_out(p, 'prefill_chunk_memory_cpu.json')
     p.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # the child's setting
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.chunk is not None:
         print(json.dumps(_child(args)))
         return 0

@@ -20,7 +20,6 @@ One torch thread; the seed fixes model init and data.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 N_COLOURS, N_KINDS, N_SINGLE = 8, 5, 40
 
@@ -95,9 +94,9 @@ def run(kind: str, init_std: float, steps: int, seed: int = 0) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--out", default="benchmarks/results/recall_probe.json")
-    args = p.parse_args(argv)
+    p.add_argument("--steps", type=positive_int, default=2000)
+    add_out(p, "recall_probe.json")
+    args = parse_args(p, argv)
     torch.set_num_threads(1)
     rows = []
     for kind in ("single", "pair-objects-first", "pair-query-first"):
@@ -110,9 +109,7 @@ def main(argv=None) -> int:
     doc = {"what": "associative recall of a 2-block, 64-wide Mamba LM from scratch (benchmarks/recall_probe.py)",
            "steps": args.steps, "batch": 64, "optimizer": "AdamW lr 1e-3 wd 0.1", "chance": 0.5, "rows": rows,
            **machine(torch.device("cpu"), 1)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"results in {args.out}")
+    write_result(doc, args.out, indent=1)
     return 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, random_lm, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, random_lm, write_result  # noqa: E402
 
 WORDS = ("the model of a small red boat sails over a calm lake while birds circle above and children watch "
          "from the shore as the sun goes down behind the hills").split()
@@ -76,9 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--runs", type=int, default=2, help="rounds over both servers (order alternating)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/serve_concurrency_cpu.json")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=2)
+    add_out(p, 'serve_concurrency_cpu.json')
+    args = parse_args(p, argv)
     lm, tok = random_lm(args.preset, args.threads)
     # no EOS: every answer runs to max_tokens, so both servers decode the same token count
     defaults = GenerationConfig(max_new_tokens=args.new_tokens)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png", "horse.png", "moon.png",
           "page.png")
@@ -72,9 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/serve_images_cpu.json")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=2)
+    add_out(p, 'serve_images_cpu.json')
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     model = emma_mamba.load(args.checkpoint)
     data = os.path.dirname(skimage.data.__file__)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, random_lm, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, random_lm, write_result  # noqa: E402
 
 
 def _job(ids, new_tokens: int):
@@ -94,10 +94,10 @@ def main(argv=None) -> int:
     p.add_argument("--long-prompt", type=int, default=2048, help="positions of the arriving prompt")
     p.add_argument("--chunks", type=int, nargs="+", default=[0, 256, 512], help="prefill_chunk settings (0: off)")
     p.add_argument("--runs", type=int, default=2, help="rounds over every setting (order alternating)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/serve_prefill_chunk_cpu.json")
-    args = p.parse_args(argv)
+    add_out(p, 'serve_prefill_chunk_cpu.json')
+    args = parse_args(p, argv)
     if args.warm_steps < 1:
         p.error("--warm-steps must be at least 1 (the long prompt arrives after that decode step)")
     if args.new_tokens <= args.warm_steps + 1:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import PeakMemory, machine, random_lm, write_result  # noqa: E402
+from benchmarks._common import (PeakMemory, add_out, machine, parse_args, positive_int, random_lm,  # noqa: E402
+                                 write_result)
 
 
 def _child(args) -> dict:
@@ -64,11 +65,11 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="mamba-130m", help="LM shapes (random weights)")
     p.add_argument("--seqlen", type=int, default=16384)
     p.add_argument("--echo-seqlen", type=int, default=8192)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/serve_prefill_memory_cpu.json")
+    add_out(p, 'serve_prefill_memory_cpu.json')
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the child's request
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.mode is not None:
         print(json.dumps(_child(args)))
         return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import machine, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
 
 QUESTIONS = ["What shapes are in the image?", "How many shapes are there?", "Is there a red circle?",
              "What color is the square?", "Is there a star in the image?", "Describe the image."]
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--image", required=True)
     p.add_argument("--turns", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results/serve_turns_cpu.json")
-    args = p.parse_args(argv)
+    p.add_argument("--threads", type=positive_int, default=1)
+    add_out(p, 'serve_turns_cpu.json')
+    args = parse_args(p, argv)
     torch.set_num_threads(args.threads)
     model = emma_mamba.load(args.checkpoint)
     defaults = GenerationConfig(max_new_tokens=args.new_tokens)

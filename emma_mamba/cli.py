@@ -141,6 +141,12 @@ def _main(argv: list[str] | None = None) -> int:
             break
     if path is None:
         group = _groups().get(argv[0])
+        if group and argv[1:2] in (["-h"], ["--help"]):  # `emma-mamba bench --help`: the group's commands
+            width = max(len(" ".join(p)) for p in group) + 2
+            print(f"usage: emma-mamba {argv[0]} {{{','.join(p[1] for p in group)}}} [options]\n\ncommands:\n"
+                  + "\n".join(f"  {' '.join(p):<{width}} {COMMANDS[p][1]}" for p in group)
+                  + f"\n\n`emma-mamba {argv[0]} <command> --help` shows a command's options.")
+            return 0
         if group:
             subs = ", ".join(p[1] for p in group)
             print(f"emma-mamba {argv[0]}: choose one of: {subs}", file=sys.stderr)

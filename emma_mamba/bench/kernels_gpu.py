@@ -20,9 +20,12 @@ process and on the same tensors:
   output written once) over its time - as a fraction of the device-to-device copy bandwidth measured in the
   same run (a 1 GiB ``copy_``, bytes read + written).
 
-Timing: CUDA events around each call after a warm-up, the median of the repeats; inputs are larger than L2
-at the large shapes. A max-abs-difference of our output against mamba-ssm's is recorded as a sanity check.
-Run standalone with ``python -m emma_mamba.bench.kernels_gpu --out results.json``.
+Timing: CUDA events around each call after a warm-up, the median of the repeats (every repeat's time beside it,
+``runs_ms``; a measurement that ``max_seconds`` cut short is listed in ``cut_by_max_seconds``); inputs are larger
+than L2 at the large shapes. A max-abs-difference of our output against mamba-ssm's is recorded as a sanity check.
+Run standalone with ``python -m emma_mamba.bench.kernels_gpu --out results.json``, or as
+``emma-mamba bench kernels --device cuda`` (which also takes ``--shapes``, ``--batch``, ``--repeats`` and
+``--max-seconds``); both write the JSON after every section.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -57,7 +59,7 @@ class _Env:
     run of the tests, which drives every code path of this module on tiny shapes), the clock and the shapes."""
 
     def __init__(self, device="cuda", primary="cuda", scan_shapes=None, ref_shape=None, decode_batches=None,
-                 decode_dim=5120, copy_bytes=1 << 30, dtype=None):
+                 decode_dim=5120, copy_bytes=1 << 30, dtype=None, repeats=None, max_seconds=20.0):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.primary = primary
@@ -67,6 +69,10 @@ class _Env:
         self.decode_dim = decode_dim
         self.copy_bytes = copy_bytes
         self.dtype = dtype or DTYPE
+        self.repeats = repeats  # None: each measurement's own count; else every median is over this many
+        self.max_seconds = max_seconds
+        self.last_runs: list[float] = []  # the last median's repeats (ms), and whether max_seconds cut them
+        self.last_cut = False
 
     def sync(self):
         if self.cuda:
@@ -75,8 +81,12 @@ class _Env:
     def generator(self, seed=0):
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def median_ms(self, fn, warmup=3, iters=10, max_seconds=20.0):
-        """Median of ``iters`` calls after ``warmup``: CUDA events on a GPU, a synchronised wall clock otherwise."""
+    def median_ms(self, fn, warmup=3, iters=10, max_seconds=None):
+        """Median of ``iters`` calls (``repeats`` when set) after ``warmup``: CUDA events on a GPU, a synchronised
+        wall clock otherwise; fewer calls when ``max_seconds`` (default ``self.max_seconds``) runs out. The calls'
+        times stay in ``last_runs`` (``last_cut``: cut short)."""
+        iters = self.repeats or iters
+        max_seconds = self.max_seconds if max_seconds is None else max_seconds
         for _ in range(warmup):
             fn()
         self.sync()
@@ -96,7 +106,16 @@ class _Env:
                 times.append((time.perf_counter() - t) * 1e3)
             if time.perf_counter() - t_start > max_seconds:
                 break
+        self.last_runs, self.last_cut = times, len(times) < iters
         return statistics.median(times)
+
+    def timed(self, row, key, fn, **kw):
+        """``row["times_ms"][key]`` = the median of ``fn`` (:meth:`median_ms`), every repeat in
+        ``row["runs_ms"][key]``, and ``key`` in ``row["cut_by_max_seconds"]`` when ``max_seconds`` cut it."""
+        row["times_ms"][key] = self.median_ms(fn, **kw)
+        row.setdefault("runs_ms", {})[key] = self.last_runs
+        if self.last_cut:
+            row.setdefault("cut_by_max_seconds", []).append(key)
 
     def copy_bandwidth_gbs(self):
         """Device-to-device copy of ``copy_bytes`` (1 GiB): (bytes read + bytes written) / time, GB/s."""
@@ -327,7 +346,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
         try:
             if not name.endswith("_deterministic"):  # the forward does not depend on the backward's mode
                 with torch.no_grad():
-                    row["times_ms"][f"{name}.fwd"] = env.median_ms(f)
+                    env.timed(row, f"{name}.fwd", f)
 
             def fb(f=f):
                 out = f()
@@ -335,7 +354,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
                 for v in x.values():
                     v.grad = None
             with cuda_backward(getattr(f, "cuda_bwd", None)), _triton_backward(getattr(f, "triton_bwd", None)):
-                row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb, warmup=2, iters=8)
+                env.timed(row, f"{name}.fwd_bwd", fb, warmup=2, iters=8)
         except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
         if env.cuda:
@@ -382,11 +401,11 @@ def _ref_section(env, res):
                 return ops.selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
                                           x["delta_bias"], True)
         with torch.no_grad():
-            row["times_ms"][f"{backend}.fwd"] = env.median_ms(f, warmup=1, iters=3)
+            env.timed(row, f"{backend}.fwd", f, warmup=1, iters=3)
 
         def fb(f=f):
             torch.autograd.backward(f(), dout)
-        row["times_ms"][f"{backend}.fwd_bwd"] = env.median_ms(fb, warmup=1, iters=3)
+        env.timed(row, f"{backend}.fwd_bwd", fb, warmup=1, iters=3)
     for kind in ("fwd", "fwd_bwd"):
         row[f"speedup_{env.primary}_over_reference.{kind}"] = (row["times_ms"][f"torch.{kind}"]
                                                                / row["times_ms"][f"{env.primary}.{kind}"])
@@ -423,12 +442,12 @@ def _conv_row(env, res, cc_fn, backends, b, d, l):
     for name, f in impls.items():
         try:
             with torch.no_grad():
-                row["times_ms"][f"{name}.fwd"] = env.median_ms(f)
+                env.timed(row, f"{name}.fwd", f)
 
             def fb(f=f):
                 torch.autograd.backward(f(), dout)
                 x.grad = w.grad = bias.grad = None
-            row["times_ms"][f"{name}.fwd_bwd"] = env.median_ms(fb)
+            env.timed(row, f"{name}.fwd_bwd", fb)
         except Exception as e:  # noqa: BLE001
             row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
     t = row["times_ms"]
@@ -503,20 +522,25 @@ def run_gpu(args=None) -> dict:
     return run_on(_Env("cuda", "cuda"), args)
 
 
-def run_on(env: _Env, args=None, save=None) -> dict:
+def run_on(env: _Env, args=None, save=None, res=None) -> dict:
     """:func:`run_gpu` on ``env``: the tests drive it on the CPU with ``_Env("cpu", "cpu", tiny shapes)``.
 
     The sections run in the order of what issues 3 and 4 must show (the scan at the first shape, the decode
     step, then the conv, the other scan shapes, the reference), and ``save(res)``, when given, is called after
     each, so a run stopped by a time limit still leaves every finished section (``res["complete"]`` False).
+    ``res``: the dict to fill (in place: what a caller stopped by Ctrl-C still holds).
     """
     save = save or (lambda r: None)
     quick = bool(getattr(args, "quick", False))
     skip = set(getattr(args, "skip", None) or [])
-    res = dict(torch=torch.__version__, triton=_version("triton"),
+    res = {} if res is None else res
+    res.update(torch=torch.__version__, triton=_version("triton"),
                mamba_ssm_version=_version("mamba_ssm") or _version("mamba-ssm"),
                causal_conv1d_version=_version("causal_conv1d") or _version("causal-conv1d"),
-               backends=ops.available_backends(), ours=env.primary)
+               backends=ops.available_backends(), ours=env.primary, quick=quick, skip=sorted(skip),
+               repeats=env.repeats or "per measurement (scan fwd 10, fwd+bwd 8; conv 10; reference 3)",
+               max_seconds=env.max_seconds,
+               scan_shapes=[list(s) for s in (env.scan_shapes[:1] if quick else env.scan_shapes)])
     if env.cuda:
         torch.backends.cuda.matmul.allow_tf32 = False
         prop = torch.cuda.get_device_properties(0)
@@ -580,21 +604,25 @@ def print_table(res: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from emma_mamba.bench import record
+
     p = argparse.ArgumentParser(prog="python -m emma_mamba.bench.kernels_gpu", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only L=2048")
     p.add_argument("--skip", nargs="*", default=[], choices=["ref", "peers", "triton"])
-    p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--out", type=record.out_path, default=None, help="write the JSON here")
     args = p.parse_args(argv)
+    start = record.run_start()
     if not torch.cuda.is_available():
         raise SystemExit("kernels_gpu: no CUDA GPU")
-    def save(res):
-        if args.out:  # after every section: a run cut short by a time limit keeps what it measured
-            tmp = args.out + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(res, f, indent=2)
-            os.replace(tmp, args.out)
-
-    run_on(_Env("cuda", "cuda"), args, save)
+    # after every section: a run cut short by a time limit keeps what it measured
+    save = record.saver(args.out, "cuda", None, start) if args.out else None
+    res: dict = {}
+    try:
+        run_on(_Env("cuda", "cuda"), args, save, res=res)
+    except KeyboardInterrupt:
+        if res and args.out:
+            res["machine"] = record.machine_info("cuda", None, start)
+        return record.interrupted(res or None, args.out)
     if args.out:
         print(f"\nwrote {args.out}")
     return 0

@@ -43,21 +43,23 @@ transformer's KV cache is transformers' ``StaticCache`` (preallocated to C + war
 place; SDPA then attends over that length with a mask, so it is sized tightly) unless ``--kv-cache dynamic``
 (``DynamicCache``, which concatenates each step).
 
-Results go to ``benchmarks/results/latency_<device>_<name>.json`` with machine, versions, shapes, parameter
-counts, dtype, backend and load average, plus PNG plots (decode latency, memory vs context; TTFT vs image
+Results go to ``--out`` (default ``bench_results/latency_<device>_<name>.json``) with machine, versions, shapes,
+parameter counts, dtype, backend and load average, after each section (Ctrl-C leaves the finished ones, marked
+``"interrupted": true``), plus PNG plots (decode latency, memory vs context; TTFT vs image
 tokens; tokens/s vs batch) when matplotlib is installed (``pip install emma-mamba[plot]``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import time
 
 import torch
+
+from emma_mamba.bench import record
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,25 +83,29 @@ VARIANTS = (GRAPHS, COMPILED, GRAPHS_COMPILED)  # our decode step run another wa
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    pos = record.positive_int
     p.add_argument("--preset", default="tiny", help="model preset (see `emma-mamba info`; default tiny)")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="LM size override on top of the preset: small = d_model 512, 8 layers")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, dotted key, YAML value (e.g. lm.n_layer=12); repeatable")
-    p.add_argument("--contexts", type=int, nargs="+", default=None,
-                   help="decode context lengths (default 256 512 ... 8192)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                   help="batch sizes of the throughput section (default cpu: 1 2 4 8, cuda: 1..64)")
-    p.add_argument("--batch-context", type=int, default=None,
+    p.add_argument("--contexts", type=pos, nargs="+", action=record.SortedUnique, default=None,
+                   help="decode context lengths, sorted, each once (default 256 512 ... 8192)")
+    p.add_argument("--batch-sizes", type=pos, nargs="+", action=record.SortedUnique, default=None,
+                   help="batch sizes of the throughput section, sorted, each once (default cpu: 1 2 4 8, "
+                        "cuda: 1..64)")
+    p.add_argument("--batch-context", type=pos, default=None,
                    help="context length of the throughput section (default 2048)")
-    p.add_argument("--images", type=int, nargs="+", default=None,
-                   help="images per prompt in the TTFT section (default cpu: 1 2 4 ... 64, cuda: 1 2 4)")
-    p.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per point (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed decode steps / TTFT runs first")
-    p.add_argument("--repeats", type=int, default=5, help="timed TTFT runs (median reported)")
+    p.add_argument("--images", type=pos, nargs="+", action=record.SortedUnique, default=None,
+                   help="images per prompt in the TTFT section, sorted, each once (default cpu: 1 2 4 ... 64, "
+                        "cuda: 1 2 4)")
+    p.add_argument("--new-tokens", type=pos, default=32, help="timed decode steps per point (median reported)")
+    p.add_argument("--warmup", type=record.non_negative_int, default=3,
+                   help="untimed decode steps / TTFT runs first")
+    p.add_argument("--repeats", type=pos, default=5, help="timed TTFT runs (median reported)")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default cuda when available)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default float32 on cpu, bfloat16 on cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=pos, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--kv-cache", choices=("static", "dynamic"), default="static",
                    help="transformers cache of the baseline (default static: preallocated, in-place)")
     p.add_argument("--cuda-graphs", action="store_true", help="also time our decode replayed from CUDA graphs")
@@ -108,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "that step captured in CUDA graphs")
     p.add_argument("--peer", action="store_true", help="also run transformers' MambaForCausalLM (our weights)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/latency_<device>_<name>.json)")
+    p.add_argument("--out", type=record.out_path, default=None,
+                   help="JSON path (default bench_results/latency_<device>_<name>.json)")
     p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: next to the JSON)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -397,7 +404,11 @@ def consistency_checks(runners, vocab: int, device, prompt: int = 24, steps: int
 def find_crossover(contexts, ours, theirs) -> dict:
     """First measured context from which ours < theirs at it and every larger context; interpolated point.
 
-    A None time is a runner that ran out of memory there: it loses to any measured time."""
+    A None time is a runner that ran out of memory there: it loses to any measured time. Each context once (a
+    context measured twice has no single answer to "faster at it")."""
+    dup = sorted({c for c in contexts if list(contexts).count(c) > 1})
+    if dup:
+        raise ValueError(f"find_crossover: contexts given more than once: {dup}")
     inf = float("inf")
     pts = sorted((c, inf if o is None else o, inf if t is None else t) for c, o, t in zip(contexts, ours, theirs))
     beats = [o < t for _, o, t in pts]
@@ -427,6 +438,11 @@ def find_crossover(contexts, ours, theirs) -> dict:
 
 # -------------------------------------------------------------------------------------------------- run
 
+def config_name(args) -> str:
+    """The model's name in the output file: the preset, ``-<size>``, ``-custom`` with overrides."""
+    return args.preset + (f"-{args.size}" if args.size else "") + ("-custom" if args.override else "")
+
+
 def build_models(args, device, dtype):
     """(EmmaMamba, TransformerMLLM, config name) on ``device`` in ``dtype``, seeded."""
     from emma_mamba.config import apply_dotted_overrides, apply_overrides, get_preset
@@ -434,42 +450,37 @@ def build_models(args, device, dtype):
     from emma_mamba.models.vlm import EmmaMamba
 
     cfg = get_preset(args.preset)
-    name = args.preset
     if args.size:
         apply_overrides(cfg, SIZES[args.size], source=f"--size {args.size}")
-        name += f"-{args.size}"
     apply_dotted_overrides(cfg, args.override)
-    if args.override:
-        name += "-custom"
     cfg.align.enabled = False  # training-only head: never part of inference
     cfg.validate()
     torch.manual_seed(args.seed)
     emma = EmmaMamba(cfg, for_training=False, device=device, dtype=dtype).eval()
     base = TransformerMLLM.from_emma(emma).eval()
-    return emma, base, name
+    return emma, base, config_name(args)
 
 
 def _check_args(args):
-    for name in ("new_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        raise SystemExit("emma-mamba bench latency: --warmup must be >= 0")
+    """What the option types cannot say alone (they check each value: counts >= 1, lists sorted and unique)."""
     if args.warmup == 0 and (args.compile or args.cuda_graphs):
         # the first steps at a new shape compile (or capture): with no untimed step they land in the timings
         raise SystemExit("emma-mamba bench latency: --compile / --cuda-graphs need --warmup >= 1 (the first step "
                          "at each batch size compiles or captures; it must not be timed)")
-    for name in ("contexts", "batch_sizes", "images"):
+    for name in ("contexts", "batch_sizes", "images"):  # the defaults, or a caller's namespace
         vals = getattr(args, name)
-        if any(v < 1 for v in vals):
-            raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must all be >= 1, got {vals}")
-    if args.batch_context < 1:
-        raise SystemExit("emma-mamba bench latency: --batch-context must be >= 1")
+        if any(v < 1 for v in vals) or len(set(vals)) != len(vals):
+            raise SystemExit(f"emma-mamba bench latency: --{name.replace('_', '-')} must be distinct values >= 1, "
+                             f"got {vals}")
+        setattr(args, name, sorted(vals))
+    if args.plots_dir and os.path.exists(args.plots_dir) and not os.path.isdir(args.plots_dir):
+        raise SystemExit(f"emma-mamba bench latency: --plots-dir {args.plots_dir} is not a directory")
 
 
 def run(args) -> int:
-    from emma_mamba.bench.lm import _git_commit, _hide_cuda_only_packages
+    from emma_mamba.bench.lm import _hide_cuda_only_packages
 
+    start = record.run_start()
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -490,18 +501,17 @@ def run(args) -> int:
             setattr(args, key, d[key])
     args.dtype = args.dtype or d["dtype"]
     _check_args(args)
+    out = args.out or record.default_out(f"latency_{device.type}_{config_name(args)}.json")
+    problem = record.out_problem(out)
+    if problem:
+        raise SystemExit(f"emma-mamba bench latency: --out: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype]
 
-    import transformers
-
     from emma_mamba import ops
-    from emma_mamba.bench.kernels import machine_info
-    from emma_mamba.models.baseline import count_parameters, describe_match
-
-    load_before = os.getloadavg()
     from emma_mamba.config import ConfigError
+    from emma_mamba.models.baseline import count_parameters, describe_match
     from emma_mamba.models.mamba import CheckpointError
 
     try:
@@ -524,13 +534,107 @@ def run(args) -> int:
     backend = ops.get_backend(device)
     clock = _Clock(device)
     V = lm.config.vocab_size  # real tokens only (the padded rows are not tokens)
+    load_before = start["loadavg_1_5_15_before"] or [float("nan")] * 3
     print(f"device {device}, {args.dtype}, backend {backend!r}, {torch.get_num_threads()} threads, "
           f"{emma.vision.num_tokens} image tokens per image, KV cache {args.kv_cache}, "
           f"load average {load_before[0]:.2f}", flush=True)
     results: dict = {"ttft": {}, "decode": {}, "throughput": {}}
+    # the headline ratios: the most optimised way of decoding that was asked for (by the flags, not the times)
+    ours_key = (GRAPHS_COMPILED if args.compile else GRAPHS) if args.cuda_graphs else (COMPILED if args.compile
+                                                                                       else OURS)
+    c, h = lm.config, base.lm.config
+    res = {
+        "benchmark": "latency", "device": str(device), "machine": record.machine_info(device, args.threads, start),
+        "backend": backend, "dtype": args.dtype,
+        "model": name, "preset": args.preset, "size": args.size, "overrides": args.override,
+        "shapes": {
+            "image_size": list(emma.vision.image_size), "image_tokens_per_image": emma.vision.num_tokens,
+            "mamba_lm": {"ssm_layer": c.ssm_layer, "d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state,
+                         "d_conv": c.d_conv, "expand": c.expand, "d_inner": c.d_inner, "vocab": c.padded_vocab_size,
+                         "tie_embeddings": c.tie_embeddings,
+                         **({"headdim": c.headdim, "ngroups": c.ngroups} if c.ssm_layer == "mamba2" else {})},
+            "transformer_lm": {"arch": "LlamaForCausalLM", "attn_implementation": h._attn_implementation,
+                               "hidden_size": h.hidden_size, "n_layer": h.num_hidden_layers,
+                               "heads": h.num_attention_heads, "kv_heads": h.num_key_value_heads,
+                               "head_dim": h.head_dim, "intermediate_size": h.intermediate_size,
+                               "vocab": h.vocab_size, "tie_word_embeddings": h.tie_word_embeddings,
+                               "kv_cache": args.kv_cache},
+            "contexts": args.contexts, "batch_sizes": args.batch_sizes, "batch_context": args.batch_context,
+            "images": args.images, "new_tokens": args.new_tokens,
+        },
+        "parameters": {"mamba_lm": count_parameters(lm), "transformer_lm": count_parameters(base.lm),
+                       "mamba_lm_non_embedding": count_parameters(lm, (lm.embeddings.weight,)),
+                       "transformer_lm_non_embedding": count_parameters(
+                           base.lm, (base.lm.get_input_embeddings().weight,)),
+                       "shared_front": count_parameters(torch.nn.ModuleList(
+                           [m for m in (emma.vision, emma.mff, emma.instruction, emma.projector) if m is not None]))},
+        "timing": {"statistic": "median", "warmup": args.warmup, "repeats_ttft": args.repeats,
+                   "decode_steps_timed": args.new_tokens,
+                   "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+                   "inference_mode": True, "threads": torch.get_num_threads()},
+        "cuda_graphs": bool(args.cuda_graphs), "compile": bool(args.compile), "ratios_of": ours_key,
+        "checks": {}, "results": results, "complete": False,
+    }
+    save = record.saver(out, device, args.threads, start)
+    try:
+        _measure(args, emma, base, runners, clock, V, device, dtype, res, save)
+    except KeyboardInterrupt:
+        res["machine"] = record.machine_info(device, args.threads, start)
+        return record.interrupted(res, out)
 
+    cross = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][OURS]],
+                           [x["median_s"] for x in results["decode"][TRANSFORMER]])
+    for key, variant in (("with_cuda_graphs", GRAPHS), ("with_compile", COMPILED),
+                         ("with_cuda_graphs_and_compile", GRAPHS_COMPILED)):
+        if variant in results["decode"]:
+            cross[key] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][variant]],
+                                        [x["median_s"] for x in results["decode"][TRANSFORMER]])
+
+    def ratios_for(key: str) -> dict:  # transformer step time / ours, ours tokens/s / transformer's
+        out = {f"decode_speedup_at_{row['context']}": t["median_s"] / row["median_s"]
+               for row, t in zip(results["decode"][key], results["decode"][TRANSFORMER])
+               if row["median_s"] and t["median_s"]}
+        out.update({f"tokens_per_s_ratio_batch_{row['batch']}": row["tokens_per_s"] / t["tokens_per_s"]
+                    for row, t in zip(results["throughput"][key], results["throughput"][TRANSFORMER])
+                    if row["tokens_per_s"] and t["tokens_per_s"]})
+        return out
+
+    ratios = ratios_for(ours_key)
+    # the transformer always decodes eagerly: with --cuda-graphs / --compile the headline mixes the architectures
+    # with our launch-overhead savings, so the eager-against-eager ratios are kept beside it
+    ratios_eager = ratios_for(OURS)
+    if ours_key != OURS:
+        last = f"decode_speedup_at_{args.contexts[-1]}"
+        if last in ratios and last in ratios_eager:
+            print(f"decode speedup at context {args.contexts[-1]}: {ratios[last]:.2f}x ({ours_key} against the "
+                  f"transformer decoding eagerly), {ratios_eager[last]:.2f}x eager against eager")
+    oom = [f"{k} at batch {x['batch']}, context {x['context']}" for section in ("decode", "throughput")
+           for k, rows in results[section].items() for x in rows if x.get("oom")]
+    first = cross["ours_faster_from_context"]
+    print(f"crossover: ours faster per decoded token from context "
+          f"{first if first is not None else 'none of the measured'}"
+          + (f" (interpolated ~{cross['interpolated_context']:.0f})" if cross["interpolated_context"] else ""))
+    res.update({"crossover": cross, "ratios": ratios, "ratios_eager": ratios_eager, "out_of_memory": oom,
+                "complete": True})
+    res["machine"] = record.machine_info(device, args.threads, start)
+    load_after = res["machine"]["loadavg_1_5_15_after"] or [float("nan")] * 3
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
+    if not args.no_plots:
+        stem = os.path.splitext(os.path.basename(out))[0]
+        res["plots"] = plot(res, args.plots_dir or os.path.dirname(out) or ".", stem)
+    record.write_json(res, out)
+    print(f"wrote {out}")
+    for p in res.get("plots", []):
+        print(f"wrote {p}")
+    return 0
+
+
+def _measure(args, emma, base, runners, clock, V, device, dtype, res, save) -> None:
+    """The sections, in order: checks, TTFT, decode vs context, throughput vs batch; ``res`` filled in place and
+    ``save(res)`` after each (a run stopped by Ctrl-C or a time limit keeps the finished ones)."""
+    results = res["results"]
     with torch.inference_mode():
-        checks = consistency_checks(runners, V, device)
+        res["checks"] = checks = consistency_checks(runners, V, device)
         scale = 1e-3 if dtype == torch.float32 else 0.25
         for k, v in checks.items():
             print(f"check  {k}: {v:.2e}{'  <-- LARGE' if v > scale else ''}", flush=True)
@@ -570,6 +674,7 @@ def run(args) -> int:
                                                 "prompt_tokens": seq, "median_s": med, "runs_s": times[r.name]})
                 print(f"ttft   {r.name:<20} {k:3d} image(s) {k * emma.vision.num_tokens:6d} image tokens "
                       f"({seq:6d} in all)  {med * 1e3:9.2f} ms", flush=True)
+        save(res)
 
         # --- per-token decode latency and state memory against the context length (batch 1)
         results["decode"] = {r.name: [] for r in runners}
@@ -583,6 +688,7 @@ def run(args) -> int:
                     print(f"decode {r.name:<20} context {C:6d}  {row['median_s'] * 1e3:9.3f} ms/token  "
                           f"state {row['state_bytes'] / 2**20:9.2f} MiB", flush=True)
             del rows
+        save(res)
 
         # --- tokens/s against the batch size at a fixed context
         results["throughput"] = {r.name: [] for r in runners}
@@ -596,94 +702,7 @@ def run(args) -> int:
                     print(f"batch  {r.name:<20} batch {B:4d} context {args.batch_context}  "
                           f"{row['tokens_per_s']:10.1f} tokens/s", flush=True)
             del rows
-
-    # the headline ratios: the most optimised way of decoding that was asked for (by the flags, not the times)
-    ours_key = (GRAPHS_COMPILED if args.compile else GRAPHS) if args.cuda_graphs else (COMPILED if args.compile
-                                                                                       else OURS)
-    cross = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][OURS]],
-                           [x["median_s"] for x in results["decode"][TRANSFORMER]])
-    for key, variant in (("with_cuda_graphs", GRAPHS), ("with_compile", COMPILED),
-                         ("with_cuda_graphs_and_compile", GRAPHS_COMPILED)):
-        if variant in results["decode"]:
-            cross[key] = find_crossover(args.contexts, [x["median_s"] for x in results["decode"][variant]],
-                                        [x["median_s"] for x in results["decode"][TRANSFORMER]])
-    def ratios_for(key: str) -> dict:  # transformer step time / ours, ours tokens/s / transformer's
-        out = {f"decode_speedup_at_{row['context']}": t["median_s"] / row["median_s"]
-               for row, t in zip(results["decode"][key], results["decode"][TRANSFORMER])
-               if row["median_s"] and t["median_s"]}
-        out.update({f"tokens_per_s_ratio_batch_{row['batch']}": row["tokens_per_s"] / t["tokens_per_s"]
-                    for row, t in zip(results["throughput"][key], results["throughput"][TRANSFORMER])
-                    if row["tokens_per_s"] and t["tokens_per_s"]})
-        return out
-
-    ratios = ratios_for(ours_key)
-    # the transformer always decodes eagerly: with --cuda-graphs / --compile the headline mixes the architectures
-    # with our launch-overhead savings, so the eager-against-eager ratios are kept beside it
-    ratios_eager = ratios_for(OURS)
-    if ours_key != OURS:
-        last = f"decode_speedup_at_{args.contexts[-1]}"
-        if last in ratios and last in ratios_eager:
-            print(f"decode speedup at context {args.contexts[-1]}: {ratios[last]:.2f}x ({ours_key} against the "
-                  f"transformer decoding eagerly), {ratios_eager[last]:.2f}x eager against eager")
-    oom = [f"{k} at batch {x['batch']}, context {x['context']}" for section in ("decode", "throughput")
-           for k, rows in results[section].items() for x in rows if x.get("oom")]
-    load_after = os.getloadavg()
-    first = cross["ours_faster_from_context"]
-    print(f"crossover: ours faster per decoded token from context "
-          f"{first if first is not None else 'none of the measured'}"
-          + (f" (interpolated ~{cross['interpolated_context']:.0f})" if cross["interpolated_context"] else ""))
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
-
-    info = machine_info()
-    info.update({"transformers": transformers.__version__, "git_commit": _git_commit(),
-                 "loadavg_1_5_15_before": list(load_before), "loadavg_1_5_15_after": list(load_after)})
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    c, h = lm.config, base.lm.config
-    res = {
-        "benchmark": "latency", "device": str(device), "machine": info, "backend": backend, "dtype": args.dtype,
-        "model": name, "preset": args.preset, "size": args.size, "overrides": args.override,
-        "shapes": {
-            "image_size": list(emma.vision.image_size), "image_tokens_per_image": emma.vision.num_tokens,
-            "mamba_lm": {"ssm_layer": c.ssm_layer, "d_model": c.d_model, "n_layer": c.n_layer, "d_state": c.d_state,
-                         "d_conv": c.d_conv, "expand": c.expand, "d_inner": c.d_inner, "vocab": c.padded_vocab_size,
-                         "tie_embeddings": c.tie_embeddings,
-                         **({"headdim": c.headdim, "ngroups": c.ngroups} if c.ssm_layer == "mamba2" else {})},
-            "transformer_lm": {"arch": "LlamaForCausalLM", "attn_implementation": h._attn_implementation,
-                               "hidden_size": h.hidden_size, "n_layer": h.num_hidden_layers,
-                               "heads": h.num_attention_heads, "kv_heads": h.num_key_value_heads,
-                               "head_dim": h.head_dim, "intermediate_size": h.intermediate_size,
-                               "vocab": h.vocab_size, "tie_word_embeddings": h.tie_word_embeddings,
-                               "kv_cache": args.kv_cache},
-            "contexts": args.contexts, "batch_sizes": args.batch_sizes, "batch_context": args.batch_context,
-            "images": args.images, "new_tokens": args.new_tokens,
-        },
-        "parameters": {"mamba_lm": count_parameters(lm), "transformer_lm": count_parameters(base.lm),
-                       "mamba_lm_non_embedding": count_parameters(lm, (lm.embeddings.weight,)),
-                       "transformer_lm_non_embedding": count_parameters(
-                           base.lm, (base.lm.get_input_embeddings().weight,)),
-                       "shared_front": count_parameters(torch.nn.ModuleList(
-                           [m for m in (emma.vision, emma.mff, emma.instruction, emma.projector) if m is not None]))},
-        "timing": {"statistic": "median", "warmup": args.warmup, "repeats_ttft": args.repeats,
-                   "decode_steps_timed": args.new_tokens,
-                   "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
-                   "inference_mode": True, "threads": torch.get_num_threads()},
-        "cuda_graphs": bool(args.cuda_graphs), "compile": bool(args.compile), "ratios_of": ours_key,
-        "checks": checks, "results": results, "crossover": cross, "ratios": ratios, "ratios_eager": ratios_eager,
-        "out_of_memory": oom,
-    }
-    out = args.out or os.path.join("benchmarks", "results", f"latency_{device.type}_{name}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    if not args.no_plots:
-        stem = os.path.splitext(os.path.basename(out))[0]
-        res["plots"] = plot(res, args.plots_dir or os.path.dirname(out) or ".", stem)
-    with open(out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {out}")
-    for p in res.get("plots", []):
-        print(f"wrote {p}")
-    return 0
+        save(res)
 
 
 # ------------------------------------------------------------------------------------------------ plots

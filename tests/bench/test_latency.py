@@ -145,14 +145,23 @@ def test_crossover_with_out_of_memory_points():
 
 @pytest.mark.parametrize("argv, msg", [
     (["--cuda-graphs"], "--cuda-graphs needs --device cuda"),
-    (["--contexts", "0", "8"], "--contexts must all be >= 1"),
-    (["--new-tokens", "0"], "--new-tokens must be >= 1"),
+    (["--contexts", "0", "8"], "argument --contexts: must be >= 1, got 0"),
+    (["--new-tokens", "0"], "argument --new-tokens: must be >= 1, got 0"),
     (["--device", "tpu"], "expected cpu or cuda"),
     (["--compile", "--warmup", "0"], "need --warmup >= 1"),
+    # refused when the options are parsed, before any model is built
+    (["--contexts", "512", "256", "512"], "argument --contexts: given more than once: 512"),
+    (["--batch-sizes", "2", "1", "2"], "argument --batch-sizes: given more than once: 2"),
+    (["--images", "1", "1"], "argument --images: given more than once: 1"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
 ])
-def test_bench_latency_bad_arguments(argv, msg, tmp_path):
-    with pytest.raises(SystemExit, match=msg):
+def test_bench_latency_bad_arguments(argv, msg, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         main(["bench", "latency", "--device", "cpu", "--out", str(tmp_path / "x.json")] + argv)
+    assert msg in f"{e.value.code} {capsys.readouterr().err}"
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_bench_latency_bad_override(tmp_path, capsys):
@@ -320,3 +329,41 @@ def test_memory_plot_draws_each_runners_own_cuda_peak(tmp_path, monkeypatch):
     assert peer[0] == pytest.approx([own[PEER] / MiB] * 3)  # flat: not the transformer's KV cache
     assert ours[0] == pytest.approx([own[OURS] / MiB] * 3)  # not the other models' weights
     assert theirs[0] == pytest.approx([(kv[c] + 2 * MiB) / MiB for c in C])  # its own growth is kept
+
+
+def test_list_options_are_sorted_and_crossover_refuses_duplicates():
+    import argparse
+
+    from emma_mamba.bench import latency
+
+    p = argparse.ArgumentParser()
+    latency.add_arguments(p)
+    args = p.parse_args(["--contexts", "1024", "256", "512", "--batch-sizes", "8", "1", "--images", "4", "1"])
+    assert args.contexts == [256, 512, 1024] and args.batch_sizes == [1, 8] and args.images == [1, 4]
+    assert latency.config_name(p.parse_args(["--size", "small", "--override", "lm.n_layer=2"])) == "tiny-small-custom"
+    with pytest.raises(ValueError, match=r"more than once: \[256\]"):
+        find_crossover([256, 256, 512], [10, 10, 10], [9, 11, 12])
+
+
+def test_ctrl_c_writes_the_finished_sections_and_the_default_out(tmp_path, monkeypatch, run_cli):
+    """Ctrl-C during the decode section: exit 130, one line, the checks and TTFT on disk with "interrupted"; the
+    default --out is ./bench_results/, not the committed benchmarks/results/."""
+    from emma_mamba.bench import latency
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(latency, "decode_latency", stop)
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["bench", "latency", "--preset", "tiny", "--device", "cpu", "--contexts", "16",
+                          "--batch-sizes", "1", "--batch-context", "12", "--images", "1", "--new-tokens", "2",
+                          "--warmup", "1", "--repeats", "1", "--threads", "1", "--no-plots"])
+    out = tmp_path / "bench_results" / "latency_cpu_tiny.json"
+    assert rc == 130
+    assert err.strip().splitlines() == [f"interrupted (the finished sections are in {out.relative_to(tmp_path)})"]
+    res = json.loads(out.read_text())
+    assert res["interrupted"] is True and res["complete"] is False and len(res["checks"]) == 2
+    assert [x["images"] for x in res["results"]["ttft"][OURS]] == [1]
+    assert not any(res["results"]["decode"].values()) and "crossover" not in res
+    assert {"argv", "loadavg_1_5_15_before", "loadavg_1_5_15_after", "cpu_isa"} <= set(res["machine"])
+    assert not (tmp_path / "benchmarks").exists()
