@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"emma-mamba: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command has no handling of its own (while torch imports): one line
+        print("emma-mamba: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `emma-mamba info ... | head`: the reader left; say nothing more, as `cat` does
         if not _stdout_reader_gone():
             raise  # another pipe or socket (an HTTP peer that went away): an error to report, not silence

@@ -201,3 +201,16 @@ def test_an_unknown_cpu_instruction_set_is_one_line_naming_the_variable(monkeypa
     assert main(["env"]) == 0 and f"CPU kernels    {_C.cpu_isa()} (this CPU's best)" in capsys.readouterr().out
     monkeypatch.setenv("EMMA_CPU_ISA", "scalar")  # a set every CPU has: named as the variable's
     assert main(["env"]) == 0 and "CPU kernels    scalar (EMMA_CPU_ISA=scalar)" in capsys.readouterr().out
+
+
+def test_ctrl_c_where_a_command_has_no_handling_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a command starts (torch importing, before its own handling) printed a KeyboardInterrupt
+    traceback; it is one line and exit code 130, as the commands that handle it themselves end."""
+    import emma_mamba.cli as cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_main", interrupted)
+    assert cli.main(["info", "--preset", "tiny"]) == 130
+    assert capsys.readouterr().err == "emma-mamba: interrupted\n"
