@@ -52,6 +52,10 @@ ECHO_CHUNK = 1024
 
 log = logging.getLogger(__name__)
 
+
+class DecoderClosed(RuntimeError):
+    """The error of the requests a closed decoder held (the server stopping): not a fault of theirs."""
+
 _END = object()  # end of a job's chunk stream
 
 
@@ -231,6 +235,7 @@ class BatchDecoder:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._lock = threading.Lock()
+        self._rows_now: list = []  # the decoding rows as of the loop's last update (failed should the thread die)
 
     # ------------------------------------------------------------------------------------------ callers
 
@@ -268,29 +273,41 @@ class BatchDecoder:
     # --------------------------------------------------------------------------------------- the thread
 
     def _run(self) -> None:
+        rows: list[_Row] = []
+        try:
+            self._loop(rows)
+        except BaseException as e:  # noqa: BLE001 - a bug: no request may wait forever on a thread that is gone
+            log.exception("the decoder thread failed; the requests it held fail with the error")
+            self._fail_all(self._rows_now, RuntimeError(f"the decoder failed: {type(e).__name__}: {e}"))
+
+    def _fail_all(self, rows: list, error: BaseException) -> None:
+        """Fail every request this decoder holds: decoding, being prefilled, held back and queued."""
+        for r in rows:
+            r.job._settle(error=error)
+        for p in self.pending:
+            p.job._fail(error)
+        self.pending = []
+        if self._held is not None:
+            self._held._fail(error)
+            self._held = None
+        while not self.queue.empty():  # nobody would ever admit them
+            job = self.queue.get_nowait()
+            if job is not None:
+                job._fail(error)
+        self.active = 0
+
+    def _loop(self, rows: list) -> None:
+        self._rows_now = rows
         with torch.inference_mode():
-            rows: list[_Row] = []
             cache = logits = static = None
             while True:
                 self._open.wait()
                 stop, rows, cache, logits, joined = self._admit(rows, cache, logits)
+                self._rows_now = rows
                 if joined:
                     static = None
                 if stop or self._closing:
-                    closed = RuntimeError("the decoder was closed")
-                    for r in rows:
-                        r.job._settle(error=closed)
-                    for p in self.pending:
-                        p.job._fail(closed)
-                    self.pending = []
-                    if self._held is not None:
-                        self._held._fail(closed)
-                        self._held = None
-                    while not self.queue.empty():  # nobody would ever admit them
-                        job = self.queue.get_nowait()
-                        if job is not None:
-                            job._fail(closed)
-                    self.active = 0
+                    self._fail_all(rows, DecoderClosed("the decoder was closed (the server is stopping)"))
                     return
                 if not rows:
                     continue
@@ -301,6 +318,7 @@ class BatchDecoder:
                     for r in rows:
                         r.job._settle(error=e)
                     rows, cache, logits, static = [], None, None, None
+                self._rows_now = rows
                 self.active = len(rows)
 
     def _admit(self, rows, cache, logits):
@@ -361,7 +379,12 @@ class BatchDecoder:
                 p.cache.seqlen_offset = p.length
             # the job's own row, then its forks' rows on copies of the prefilled state
             for job, row_cache in [(p.job, p.cache)] + [(f, p.cache.select([0])) for f in p.job.forks]:
-                row = self._row(job, first, row_cache, p.spec, p.seconds, p.prompt_logprobs)
+                try:
+                    row = self._row(job, first, row_cache, p.spec, p.seconds, p.prompt_logprobs)
+                except Exception as e:  # noqa: BLE001 - a request whose row cannot be made fails alone
+                    log.exception("a request could not start decoding")
+                    job._fail(e)
+                    continue
                 if row is not None:
                     row.prefill_chunks = p.chunks
                     rows.append(row)

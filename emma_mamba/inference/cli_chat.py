@@ -69,16 +69,30 @@ def run(args) -> int:
             pass
         what = f"about {args.image}" if args.image else "(text only)"
         print(f"[chat {what}; {HELP}]", file=sys.stderr)
+    n_line = 0
     while True:
         try:
             line = input("you> ") + "\n" if interactive else sys.stdin.readline()
         except (KeyboardInterrupt, EOFError):
             print(file=sys.stderr)
             break
+        except UnicodeDecodeError as e:  # a stdin that decodes strictly: the line is lost, the chat goes on
+            n_line += 1
+            _err(f"line {n_line} is not UTF-8 text ({e.reason}); it was skipped, the conversation is as it was",
+                 "chat")
+            continue
         if not line:  # EOF
             break
+        n_line += 1
         line = line.strip()
         if not line:
+            continue
+        try:  # Python decodes a non-UTF-8 byte of stdin as a lone surrogate, which no tokenizer takes
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = line[e.start].encode("utf-8", "surrogateescape")
+            _err(f"line {n_line} is not UTF-8 text (byte {bad!r} at character {e.start}); it was skipped, the "
+                 f"conversation is as it was", "chat")
             continue
         if line.startswith("/"):
             cmd, _, rest = line.partition(" ")

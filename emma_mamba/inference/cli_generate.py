@@ -123,7 +123,8 @@ def load_vlm(args, device, dtype):
         raise UsageError(f"--checkpoint {args.checkpoint}: a language model directory (config.json), not an "
                          f"EMMA-Mamba checkpoint: use --lm {args.checkpoint} for text continuation")
     if args.image is not None and not Path(args.image).is_file():
-        raise UsageError(f"--image {args.image}: no such file")
+        what = "is a directory, not an image file" if Path(args.image).is_dir() else "no such file"
+        raise UsageError(f"--image {args.image}: {what}")
     if args.tokenizer is not None:
         raise UsageError("--tokenizer applies to --lm only: a --checkpoint directory carries its own tokenizer")
     try:

@@ -105,6 +105,9 @@ def run(args) -> int:
             raise UsageError(f"--prefill-chunk must be >= 0 (0: whole prompts), got {args.prefill_chunk}")
         if args.state_cache < 0:
             raise UsageError(f"--state-cache must be >= 0, got {args.state_cache}")
+        if args.max_new_tokens < 1:  # the default of every request that sends no max_tokens
+            raise UsageError(f"--max-new-tokens must be >= 1 (the reply length of a request without max_tokens), "
+                             f"got {args.max_new_tokens}")
         if args.max_new_tokens > args.max_tokens_limit:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit "
                              f"{args.max_tokens_limit}")
@@ -139,11 +142,24 @@ def run(args) -> int:
     page = "" if args.no_web_ui else f"; chat in a browser at http://{host}:{port}/"
     print(f"emma-mamba serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, /v1/completions, "
           f"GET /v1/models, GET /health){page}; Ctrl-C stops", file=sys.stderr, flush=True)
+    import signal
+
+    def stop(signum, frame):  # SIGTERM (docker stop, systemd, kill) stops as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        busy = server.active_requests()
+        print("emma-mamba serve: stopping" + (f"; {busy} request(s) in progress are cut off (streams end with an "
+                                               f"error event and [DONE])" if busy else ""), file=sys.stderr,
+              flush=True)
     finally:
-        server.server_close()
-        service.close()
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()  # no new connections
+        service.close()  # the requests decoding fail (DecoderClosed): their handlers end their responses
+        left = server.wait_for_requests(timeout=5.0)
+        if left:
+            print(f"emma-mamba serve: {left} request(s) still being handled after 5 s; exiting", file=sys.stderr)
     return 0

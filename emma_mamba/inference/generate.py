@@ -42,6 +42,10 @@ import torch
 __all__ = ["GenerationConfig", "GenerationResult", "generate", "option_logprobs", "prefill_groups", "PREFILL_PAD_WASTE"]
 
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+"""The seeds a sampling generator takes (a signed 64-bit integer; torch.Generator.manual_seed overflows beyond)."""
+
+
 @dataclass
 class GenerationConfig:
     """How to pick new tokens and when to stop."""
@@ -100,6 +104,11 @@ class GenerationConfig:
         n = self.num_return_sequences
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"GenerationConfig.num_return_sequences must be an integer >= 1, got {n!r}")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_MIN <= seed <= SEED_MAX):  # what torch.Generator.manual_seed takes
+            raise ValueError(f"GenerationConfig.seed must be None or an integer in [{SEED_MIN}, {SEED_MAX}], got "
+                             f"{seed!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(self.stop_strings)
@@ -441,6 +450,7 @@ def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig
         probs = sorted_logits.softmax(-1)
         # drop a token when the ones before it already reach top_p (the most likely one always stays)
         drop = probs.cumsum(-1) - probs >= cfg.top_p
+        drop[:, 0] = False  # also where top_p is below float32's range (1e-300 compares as 0): never an empty set
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

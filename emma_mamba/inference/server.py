@@ -65,6 +65,7 @@ import io
 import json
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -74,8 +75,8 @@ from typing import Callable
 
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
-from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, vlm_embed_batch
-from emma_mamba.inference.generate import GenerationConfig
+from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, DecoderClosed, vlm_embed_batch
+from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids"]
@@ -326,6 +327,13 @@ class ChatService:
                 raise RequestError(f"{field} is not supported by this server (its sampling knows temperature, top_p, "
                                    f"top_k, repetition_penalty, stop and seed); send {off!r} or leave it out, "
                                    f"got {value!r}", field)
+        best_of, suffix = body.get("best_of"), body.get("suffix")  # completions' controls this server lacks
+        if best_of is not None and best_of not in (1, n):
+            raise RequestError(f"best_of is not supported by this server (it returns every choice it samples: use "
+                               f"n); send 1 or leave it out, got {best_of!r}", "best_of")
+        if suffix not in (None, ""):
+            raise RequestError(f"suffix is not supported by this server (no fill-in-the-middle); leave it out, got "
+                               f"{str(suffix)[:80]!r}", "suffix")
         for field, off in _PLAIN_TEXT_FIELDS.items():
             value = body.get(field)
             if value is not None and value != off:
@@ -339,6 +347,9 @@ class ChatService:
         seed = body.get("seed", d.seed)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX - (n - 1):  # choice i samples with seed + i
+            raise RequestError(f"seed must be in [{SEED_MIN}, {SEED_MAX - (n - 1)}] (a 64-bit generator seed; with "
+                               f"n={n} choices, seed + {n - 1} too), got {seed}", "seed")
         stop = body.get("stop")
         if stop is None:
             stops = list(d.stop_strings)
@@ -347,12 +358,15 @@ class ChatService:
         elif isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
             stops = list(stop)
         else:
-            raise RequestError("stop must be a string or a list of non-empty strings", "stop")
+            raise RequestError("stop must be a string or a list of strings, each non-empty", "stop")
+        if any(not x for x in stops):
+            raise RequestError("stop must be a string or a list of strings, each non-empty, got ''", "stop")
         try:
             return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
                                        eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)
         except ValueError as e:  # what GenerationConfig itself refuses (top_p 0, ...), named by its field
-            field = next((k for k in ("top_p", "repetition_penalty", "temperature") if f".{k} " in str(e)), None)
+            field = next((k for k in ("top_p", "repetition_penalty", "temperature", "seed") if f".{k} " in str(e)),
+                         None)
             raise RequestError(str(e).replace("GenerationConfig.", ""), field) from None
 
     def _inputs(self, body: dict):
@@ -711,21 +725,25 @@ class _Handler(BaseHTTPRequestHandler):
             return True  # the health check, and the chat page (static: it sends the key the user types)
         import hmac
 
-        given = self.headers.get("Authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110: "bearer" is "Bearer"); the key is compared in constant time
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                              self.api_key.encode()):
             return True
         self._json(401, _error_body("missing or wrong API key (Authorization: Bearer <key>)", None,
-                                    "authentication_error"))
+                                    "authentication_error"), {"WWW-Authenticate": 'Bearer realm="emma-mamba"'})
         return False
 
     def log_message(self, fmt, *args):  # through logging, not stderr prints
         log.info("%s %s", self.address_string(), fmt % args)
 
-    def _json(self, status: int, obj: dict) -> None:
+    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
@@ -772,10 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
             n = self._content_length()
             if n > self.max_body_bytes:
                 raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
-            try:
-                body = json.loads(self.rfile.read(n) or b"null")
-            except json.JSONDecodeError as e:
-                raise RequestError(f"the request body is not valid JSON: {e}") from None
+            body = _parse_body(self.rfile.read(n))
             # "stream" decides the response's form before the service reads the body: checked here first
             stream = (_flag(body, "stream") if isinstance(body, dict) and route in ("/v1/completions",
                                                                                     "/v1/chat/completions")
@@ -798,8 +813,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _content_length(self) -> int:
         """The body's size from its Content-Length header (absent: 0). A malformed one is a 400, and the
         connection is closed after the answer: where this body ends, hence where a next request would start, is
-        unknown."""
+        unknown. A chunked body (no length) is a 411: this server reads bodies of a stated length."""
         raw = self.headers.get("Content-Length")
+        if raw is None and "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise RequestError("the request body is sent chunked (Transfer-Encoding: chunked); send it with a "
+                               "Content-Length header", None, 411)
         if raw is None:
             return 0
         try:
@@ -821,6 +840,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode())
         self.wfile.flush()
 
+    def _stream_failed(self, e: Exception) -> None:
+        """An error once the event stream is open: said in the stream (the caller then ends it with [DONE]); a
+        server stopping cuts answers off, which is logged in one line, not as a failure."""
+        if isinstance(e, DecoderClosed):
+            log.info("%s: a streamed answer was cut off: the server is stopping", self.address_string())
+            self._event(_error_body("the server is stopping: this answer was cut off", None, "server_error"))
+            return
+        log.exception("streamed request failed")
+        self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+
     def _stream_completion(self, body: dict) -> None:
         opened = False
 
@@ -836,8 +865,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
             if not opened:
                 raise
-            log.exception("streamed request failed")
-            self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+            self._stream_failed(e)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
 
@@ -863,8 +891,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
-            log.exception("streamed request failed")
-            self._event(_error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+            self._stream_failed(e)
         else:
             for c in out["choices"]:  # the usage with the last choice's finish, or in a chunk of its own
                 last = c["index"] == n - 1 and not include_usage
@@ -873,6 +900,31 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event(chunk([], usage=out["usage"]))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+def _parse_body(raw: bytes):
+    """A request body as JSON, or a RequestError (400) saying what is wrong: not UTF-8 (the byte), not JSON, nested
+    too deeply for the parser, or holding a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text the
+    tokenizer can take)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") \
+            from None
+    try:
+        body = json.loads(text or "null")
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply to parse") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), which "
+                           f"is no text: send the character's pair, or the character itself") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    return body
 
 
 def _web_ui_page() -> bytes:
@@ -909,6 +961,31 @@ class _Server(ThreadingHTTPServer):
     traceback for any exception a handler lets through; answering a client that has left raises one)."""
 
     daemon_threads = True
+    request_queue_size = 128  # socketserver's default of 5 reset connections when more clients came at once
+
+    def __init__(self, *args, **kwargs):
+        self._active = 0  # requests being handled (the stop waits for them to end their responses)
+        self._active_lock = threading.Condition()
+        super().__init__(*args, **kwargs)
+
+    def process_request_thread(self, request, client_address) -> None:
+        with self._active_lock:
+            self._active += 1
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+                self._active_lock.notify_all()
+
+    def active_requests(self) -> int:
+        return self._active
+
+    def wait_for_requests(self, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for the requests being handled to end; how many are left."""
+        with self._active_lock:
+            self._active_lock.wait_for(lambda: self._active == 0, timeout)
+            return self._active
 
     def handle_error(self, request, client_address) -> None:
         import sys

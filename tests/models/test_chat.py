@@ -191,6 +191,23 @@ def test_cli_chat_answers_each_line_like_the_session(vlm, tmp_path):
     assert "turn 2:" in proc.stderr
 
 
+def test_cli_chat_skips_a_line_that_is_not_utf8(vlm, tmp_path):
+    """A byte that is not UTF-8 (a Latin-1 'é') reached the tokenizer as a lone surrogate: a TypeError traceback
+    ended the chat, the conversation lost. The line is named and skipped; the next question is answered as the
+    conversation's first."""
+    ckpt = tmp_path / "ckpt"
+    vlm.save(ckpt)
+    proc = subprocess.run([sys.executable, "-m", "emma_mamba.cli", "chat", "--checkpoint", str(ckpt), "--image",
+                           IMAGE, "--max-new-tokens", "4"], input=b"caf\xe9 ?\n" + QUESTIONS[0].encode() + b"\n",
+                          capture_output=True, timeout=300)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "line 1 is not UTF-8 text (byte b'\\xe9' at character 3); it was skipped" in err
+    from emma_mamba.models.vlm import load
+    a1 = ChatSession(load(ckpt), IMAGE, config=GenerationConfig(max_new_tokens=4)).ask(QUESTIONS[0])
+    assert proc.stdout.decode() == f"{a1}\n" and "turn 1:" in err and "turn 2:" not in err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
     (["--image", __file__], "cannot read image file"),

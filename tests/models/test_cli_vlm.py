@@ -34,6 +34,7 @@ def test_streamed_answer_equals_direct_greedy_answer(ckpt, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
+    (["--image", "/tmp"], "--image /tmp: is a directory, not an image file"),
     ([], "--checkpoint needs --image"),
     (["--image", __file__], "cannot read image file"),
 ])
