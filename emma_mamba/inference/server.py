@@ -404,12 +404,15 @@ class ChatService:
             raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
         return self._config(body, choices=True), *self._inputs(body), (top or 0) if want else None
 
-    def complete(self, body: dict, streamer: Callable[[str], None] | None = None) -> dict:
-        """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced)."""
-        return self.answer(self.prepare(body), streamer)
+    def complete(self, body: dict, streamer: Callable[[str], None] | None = None,
+                 client_gone: Callable[[], bool] | None = None) -> dict:
+        """The chat.completion object for ``body`` (``streamer`` receives the text as it is produced;
+        ``client_gone``: see :meth:`answer`)."""
+        return self.answer(self.prepare(body), streamer, client_gone=client_gone)
 
     def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None,
-               on_chunk: Callable[[int, str], None] | None = None) -> dict:
+               on_chunk: Callable[[int, str], None] | None = None,
+               client_gone: Callable[[], bool] | None = None) -> dict:
         """The chat.completion of a prepared request, decoded in the shared batch. ``streamer`` (one choice)
         receives the text as it is produced, on the calling thread; ``on_chunk(index, text)`` each choice's.
         ``n`` choices continue one prefilled state (forks of the first choice's job); choice i samples with
@@ -466,6 +469,14 @@ class ChatService:
         self.decoder.submit(jobs[0])
         if merged is not None:
             _drain(jobs, merged, on_chunk)
+        elif streamer is None and client_gone is not None:
+            # a plain answer: checked for a client that gave up (a timeout, a closed tab) four times a second, so
+            # that its rows stop decoding (a streamed one stops at its next chunk, which meets the closed socket)
+            while not all(j.done.wait(0.25) for j in jobs):
+                if client_gone():
+                    for j in jobs:
+                        j.cancelled = True
+                    raise ConnectionResetError("the client went away before its answer was complete")
         outs = [jobs[0].wait(streamer)] + [j.wait() for j in jobs[1:]]
         stats = outs[0]["stats"]
         n_new = sum(o["tokens"] for o in outs)
@@ -800,7 +811,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route in others:
                 return self._json(200, others[route](body))
             if not stream:
-                return self._json(200, self.service.complete(body))
+                return self._json(200, self.service.complete(body, client_gone=self._client_gone))
             self._stream(body)
         except RequestError as e:
             self._json(e.status, _error_body(str(e), e.param))
@@ -809,6 +820,18 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (its request was read whole: anything readable now is the
+        end of the stream)."""
+        import select
+        import socket
+
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _content_length(self) -> int:
         """The body's size from its Content-Length header (absent: 0). A malformed one is a 400, and the

@@ -213,3 +213,34 @@ def test_completions_controls_this_server_lacks_are_refused(live):
     from emma_mamba import cli
 
     assert cli.main(["serve", "--random-init", "tiny", "--max-new-tokens", "0"]) == 2
+
+
+def test_a_client_that_gives_up_on_a_plain_answer_frees_its_row(model):
+    """A non-streamed request whose client went away (a timeout, a closed tab) kept its batch row until every
+    requested token was decoded; clients that time out and retry piled such rows up. The row is freed within a
+    fraction of a second of the client closing the connection."""
+    import time
+
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=4), max_new_tokens_limit=1_000_000)
+    srv = make_server(svc, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"messages": [user("hi", image=False)], "max_tokens": 1_000_000, "temperature": 1.0,
+                           "seed": 0}).encode()
+        s = socket.create_connection(("127.0.0.1", srv.server_port), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.time() + 60
+        while svc.decoder.active == 0:  # decoding
+            assert time.time() < deadline, "the request never started decoding"
+            time.sleep(0.05)
+        s.close()  # the client gives up
+        deadline = time.time() + 30
+        while svc.decoder.active:
+            assert time.time() < deadline, "the abandoned request is still decoding"
+            time.sleep(0.05)
+        assert srv.wait_for_requests(timeout=30) == 0  # its handler ended too
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
