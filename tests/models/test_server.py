@@ -55,6 +55,24 @@ def post(url, body, raw=None):
         return e.code, e.read().decode()
 
 
+def start_serve(model, tmp_path, *options):
+    """`emma-mamba serve` of ``model`` (saved to tmp_path/ck) in a new process on a free port: (process, base URL),
+    once it listens."""
+    import re
+    import subprocess
+    import sys
+
+    model.save(tmp_path / "ck")
+    p = subprocess.Popen([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
+                          "--port", "0", *options], stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+    if not m:
+        p.kill()
+        raise AssertionError(line + p.stderr.read()[-2000:])
+    return p, f"http://127.0.0.1:{m.group(1)}"
+
+
 def user(text, image=True):
     parts = [{"type": "image_url", "image_url": {"url": data_url()}}] if image else []
     return {"role": "user", "content": parts + [{"type": "text", "text": text}]}
@@ -222,18 +240,11 @@ def test_text_only_lm_and_local_images(model):
 
 
 def test_the_command_serves_a_checkpoint(model, tmp_path):
-    import re
     import subprocess
     import sys
 
-    model.save(tmp_path / "ck")
-    p = subprocess.Popen([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
-                          "--port", "0", "--max-new-tokens", "3"], stderr=subprocess.PIPE, text=True)
+    p, url = start_serve(model, tmp_path, "--max-new-tokens", "3")
     try:
-        line = p.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert m, line + p.stderr.read()[-2000:] if p.poll() is not None else line
-        url = f"http://127.0.0.1:{m.group(1)}"
         status, text = post(url, {"messages": [user("What is in the picture?")]})
         out = json.loads(text)
         assert status == 200 and out["model"] == "ck" and out["usage"]["completion_tokens"] <= 3

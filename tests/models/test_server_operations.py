@@ -7,10 +7,7 @@ the server as Ctrl-C does, each open stream ending with an error event and [DONE
 from __future__ import annotations
 
 import json
-import re
 import socket
-import subprocess
-import sys
 import threading
 import urllib.request
 
@@ -21,7 +18,7 @@ from emma_mamba.config import get_preset
 from emma_mamba.inference.generate import GenerationConfig
 from emma_mamba.inference.server import ChatService, RequestError, _parse_body, make_server
 from emma_mamba.models.vlm import EmmaMamba
-from tests.models.test_server import user
+from tests.models.test_server import start_serve, user
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +163,11 @@ def test_sigterm_stops_the_server_and_ends_open_streams(model, tmp_path):
     """SIGTERM (docker stop, systemd) killed the server at once, open streams ending without [DONE], and Ctrl-C
     logged a traceback per stream. Both now stop the same way: one line, each open stream ends with an error event
     saying the server is stopping and [DONE], exit code 0."""
-    model.save(tmp_path / "ck")
-    p = subprocess.Popen([sys.executable, "-m", "emma_mamba.cli", "serve", "--checkpoint", str(tmp_path / "ck"),
-                          "--port", "0", "--max-tokens-limit", "100000"], stderr=subprocess.PIPE, text=True)
+    p, url = start_serve(model, tmp_path, "--max-tokens-limit", "100000")
     try:
-        line = p.stderr.readline()
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert m, line
         body = json.dumps({"messages": [user("hi", image=False)], "stream": True, "max_tokens": 100000,
                            "temperature": 1.0, "seed": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{m.group(1)}/v1/chat/completions", data=body,
+        req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         events = []
         with urllib.request.urlopen(req, timeout=120) as r:
