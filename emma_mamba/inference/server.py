@@ -731,6 +731,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     web_ui: bool = True  # GET / answers the chat page (emma_mamba/assets/webui.html)
 
+    def parse_request(self) -> bool:
+        """The request line and headers; a query string (Azure-style clients send ``?api-version=...``) is
+        dropped from the path the routes see (no endpoint reads one)."""
+        ok = super().parse_request()
+        if ok:
+            self.path, _, self.query = self.path.partition("?")
+        return ok
+
     def _authorized(self) -> bool:
         if self.api_key is None or self.path.rstrip("/") in ("/health", "") and self.command == "GET":
             return True  # the health check, and the chat page (static: it sends the key the user types)

@@ -125,6 +125,13 @@ def test_malformed_bodies_over_http_and_the_auth_scheme(live):
                                          "temperature": 1.0, "seed": 0}).encode(), AUTH)
     greedy = _post(url, json.dumps({"messages": [user("hi", image=False)], "temperature": 0}).encode(), AUTH)[1]
     assert status == 200 and out["choices"][0]["message"] == greedy["choices"][0]["message"], out
+    # a query string on an endpoint (Azure-style ?api-version=) was a 404
+    req = urllib.request.Request(url + "/v1/chat/completions?api-version=2024-06-01", headers=AUTH,
+                                 data=json.dumps({"messages": [user("hi", image=False)]}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.status == 200 and json.loads(r.read())["choices"]
+    with urllib.request.urlopen(url + "/health?probe=1", timeout=60) as r:
+        assert r.status == 200
     # a lowercase scheme is the same scheme (RFC 9110); a 401 says which scheme it wants
     status, out = _post(url, json.dumps({"messages": [user("hi", image=False)]}).encode(),
                         {**AUTH, "Authorization": "bearer s3cret"})
