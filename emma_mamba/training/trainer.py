@@ -823,7 +823,7 @@ def _lock_output_dir(path: Path) -> None:
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
         try:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
         except OSError:
@@ -832,6 +832,11 @@ def _lock_output_dir(path: Path) -> None:
         raise FileExistsError(f"output_dir {path} is in use by a training run that is still going ({holder}; "
                               f"lock {lock}): two runs in one folder would overwrite each other's checkpoints and "
                               f"metrics; wait for it to end, or choose another output_dir") from None
+    except OSError as e:  # a filesystem without locks (some network mounts): the run goes on, unguarded
+        os.close(fd)
+        log.warning("output_dir %s: cannot lock %s (%s): a second run into this folder would not be refused",
+                    path, lock, e.strerror or e)
+        return
     except BaseException:
         os.close(fd)
         raise

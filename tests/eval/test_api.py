@@ -31,7 +31,8 @@ def served(tmp_path_factory):
     svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=16), state_cache=0)
     seen = []  # what reached the model: (generation config, token ids, images, instructions) per request
     answer = svc.answer
-    svc.answer = lambda prepared, streamer=None: (seen.append(prepared[:4]), answer(prepared, streamer))[1]
+    svc.answer = lambda prepared, streamer=None, **kw: (seen.append(prepared[:4]),
+                                                        answer(prepared, streamer, **kw))[1]
     srv = make_server(svc, port=0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield model, ck, f"http://127.0.0.1:{srv.server_port}/v1", seen
