@@ -186,3 +186,18 @@ def test_resuming_a_finished_run_says_nothing_is_left(shapes, tmp_path, caplog):
     assert "resumed at step 2 of 2: no step is left to train" in caplog.text
     assert "no step this session" in caplog.text and "tokens/s" not in caplog.text
     assert isinstance(emma_mamba.load(tmp_path / "r"), EmmaMamba)
+
+
+def test_a_folder_whose_filesystem_has_no_locks_is_not_refused(tmp_path, monkeypatch, caplog):
+    """Some network mounts refuse flock (ENOLCK): that is no other run holding the folder; the run goes on with
+    a warning that a second run would not be refused."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):
+        trainer_mod._lock_output_dir(tmp_path)
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+    assert str(tmp_path.resolve()) not in trainer_mod._held_locks
