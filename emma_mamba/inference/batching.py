@@ -273,17 +273,17 @@ class BatchDecoder:
     # --------------------------------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        rows: list[_Row] = []
         try:
-            self._loop(rows)
+            self._loop()
         except BaseException as e:  # noqa: BLE001 - a bug: no request may wait forever on a thread that is gone
             log.exception("the decoder thread failed; the requests it held fail with the error")
-            self._fail_all(self._rows_now, RuntimeError(f"the decoder failed: {type(e).__name__}: {e}"))
+            self._fail_all(RuntimeError(f"the decoder failed: {type(e).__name__}: {e}"))
 
-    def _fail_all(self, rows: list, error: BaseException) -> None:
-        """Fail every request this decoder holds: decoding, being prefilled, held back and queued."""
-        for r in rows:
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every request this decoder holds: decoding (``_rows_now``), being prefilled, held back and queued."""
+        for r in self._rows_now:
             r.job._settle(error=error)
+        self._rows_now = []
         for p in self.pending:
             p.job._fail(error)
         self.pending = []
@@ -296,7 +296,8 @@ class BatchDecoder:
                 job._fail(error)
         self.active = 0
 
-    def _loop(self, rows: list) -> None:
+    def _loop(self) -> None:
+        rows: list[_Row] = []
         self._rows_now = rows
         with torch.inference_mode():
             cache = logits = static = None
@@ -307,7 +308,7 @@ class BatchDecoder:
                 if joined:
                     static = None
                 if stop or self._closing:
-                    self._fail_all(rows, DecoderClosed("the decoder was closed (the server is stopping)"))
+                    self._fail_all(DecoderClosed("the decoder was closed (the server is stopping)"))
                     return
                 if not rows:
                     continue
