@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+from emma_mamba.cli import positive_int  # noqa: F401 - the project's count type, one of this module's option types
+from emma_mamba.envinfo import _dist_version
+
 DEFAULT_DIR = "bench_results"
 """Where a benchmark writes its JSON when ``--out`` is not given: relative to the working directory, and never the
 committed ``benchmarks/results/`` (whose files are written with an explicit ``--out``)."""
@@ -71,15 +74,6 @@ def load_average() -> list[float] | None:
     try:
         return [round(x, 3) for x in os.getloadavg()]
     except OSError:  # not available on this platform
-        return None
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:  # noqa: BLE001 - not installed
         return None
 
 
@@ -140,14 +134,6 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error)."""
-    n = _int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
 
 
 def non_negative_int(text: str) -> int:
