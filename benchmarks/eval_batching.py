@@ -74,61 +74,62 @@ def main(argv=None) -> int:
     data = Path(args.data)
     model = load(args.checkpoint).eval()
     tok = model.tokenizer
-    tmp = Path(tempfile.mkdtemp(prefix="eval_batching_"))
-    workloads = {"mixed": ("prompts", mixed_prompts(data, tmp / "mixed.jsonl")),
-                 "vqav2": ("vqav2", data / "heldout" / "vqav2_questions.json")}
-    images = data / "images"
-    doc = {"benchmark": "eval answering time: continuous batching vs fixed batches",
-           "command": "python benchmarks/eval_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-           "machine": machine(torch.device("cpu"), args.threads), "workloads": {}}
-    step_fn = gen.decode_step
-    for name, (task, qfile) in workloads.items():
-        evaluate(model, task, qfile, images, tmp / f"warm_{name}", batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, limit=2 * args.batch_size, progress=False)
-        runs, answers = [], {}
-        for r in range(args.repeats):
-            for how in (("static", "continuous") if r % 2 == 0 else ("continuous", "static")):
-                out = tmp / f"{name}_{how}_{r}"
-                steps = [0]
-                if how == "static":  # count generate()'s decode steps (the continuous report has its own)
-                    def counted(*a, _step=gen.decode_step, **k):
-                        steps[0] += 1
-                        return _step(*a, **k)
+    with tempfile.TemporaryDirectory(prefix="eval_batching_") as tmp_name:  # the answers of every run, then gone
+        tmp = Path(tmp_name)
+        workloads = {"mixed": ("prompts", mixed_prompts(data, tmp / "mixed.jsonl")),
+                     "vqav2": ("vqav2", data / "heldout" / "vqav2_questions.json")}
+        images = data / "images"
+        doc = {"benchmark": "eval answering time: continuous batching vs fixed batches",
+               "command": "python benchmarks/eval_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "checkpoint": str(args.checkpoint), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+               "machine": machine(torch.device("cpu"), args.threads), "workloads": {}}
+        step_fn = gen.decode_step
+        for name, (task, qfile) in workloads.items():
+            evaluate(model, task, qfile, images, tmp / f"warm_{name}", batch_size=args.batch_size,
+                     max_new_tokens=args.max_new_tokens, limit=2 * args.batch_size, progress=False)
+            runs, answers = [], {}
+            for r in range(args.repeats):
+                for how in (("static", "continuous") if r % 2 == 0 else ("continuous", "static")):
+                    out = tmp / f"{name}_{how}_{r}"
+                    steps = [0]
+                    if how == "static":  # count generate()'s decode steps (the continuous report has its own)
+                        def counted(*a, _step=gen.decode_step, **k):
+                            steps[0] += 1
+                            return _step(*a, **k)
 
-                    gen.decode_step = counted
-                try:
-                    t0 = time.perf_counter()
-                    rep = evaluate(model, task, qfile, images, out, batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, progress=False, batching=how)
-                    wall = time.perf_counter() - t0
-                finally:
-                    gen.decode_step = step_fn
-                if how == "static":
-                    rep["decode_steps"] = steps[0]
-                got = {json.loads(x)["question_id"]: json.loads(x)["text"]
-                       for x in (out / "answers.jsonl").read_text().splitlines()}
-                answers.setdefault(how, got)
-                runs.append({"batching": how, "repeat": r, "seconds_answering": rep["seconds_this_run"],
-                             "seconds_call": wall, "decode_steps": rep["decode_steps"]})
-                print(f"{name:6s} {how:10s} repeat {r}: {rep['seconds_this_run']:.2f} s, {rep['decode_steps']} decode "
-                      "steps")
-        lengths = [len(tok.encode(t)) for t in answers["continuous"].values()]
-        same = answers["static"] == answers["continuous"]
-        med = {h: statistics.median(x["seconds_answering"] for x in runs if x["batching"] == h)
-               for h in ("static", "continuous")}
-        doc["workloads"][name] = {
-            "task": task, "n_questions": len(lengths), "replies_identical": same,
-            "n_replies_different": sum(answers["static"][k] != v for k, v in answers["continuous"].items()),
-            "reply_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
-                             "mean": statistics.fmean(lengths)},
-            "decode_steps": {h: statistics.median(x["decode_steps"] for x in runs if x["batching"] == h)
-                             for h in ("static", "continuous")},
-            "median_seconds": med, "ratio_static_over_continuous": med["static"] / med["continuous"], "runs": runs}
-        print(f"{name}: {len(lengths)} questions, reply tokens {min(lengths)}-{max(lengths)} (median "
-              f"{statistics.median(lengths)}); static {med['static']:.2f} s, continuous {med['continuous']:.2f} s: "
-              f"{med['static'] / med['continuous']:.2f}x; replies identical: {same}")
-    write_result(doc, args.out)
+                        gen.decode_step = counted
+                    try:
+                        t0 = time.perf_counter()
+                        rep = evaluate(model, task, qfile, images, out, batch_size=args.batch_size,
+                                       max_new_tokens=args.max_new_tokens, progress=False, batching=how)
+                        wall = time.perf_counter() - t0
+                    finally:
+                        gen.decode_step = step_fn
+                    if how == "static":
+                        rep["decode_steps"] = steps[0]
+                    got = {json.loads(x)["question_id"]: json.loads(x)["text"]
+                           for x in (out / "answers.jsonl").read_text().splitlines()}
+                    answers.setdefault(how, got)
+                    runs.append({"batching": how, "repeat": r, "seconds_answering": rep["seconds_this_run"],
+                                 "seconds_call": wall, "decode_steps": rep["decode_steps"]})
+                    print(f"{name:6s} {how:10s} repeat {r}: {rep['seconds_this_run']:.2f} s, {rep['decode_steps']} decode "
+                          "steps")
+            lengths = [len(tok.encode(t)) for t in answers["continuous"].values()]
+            same = answers["static"] == answers["continuous"]
+            med = {h: statistics.median(x["seconds_answering"] for x in runs if x["batching"] == h)
+                   for h in ("static", "continuous")}
+            doc["workloads"][name] = {
+                "task": task, "n_questions": len(lengths), "replies_identical": same,
+                "n_replies_different": sum(answers["static"][k] != v for k, v in answers["continuous"].items()),
+                "reply_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths),
+                                 "mean": statistics.fmean(lengths)},
+                "decode_steps": {h: statistics.median(x["decode_steps"] for x in runs if x["batching"] == h)
+                                 for h in ("static", "continuous")},
+                "median_seconds": med, "ratio_static_over_continuous": med["static"] / med["continuous"], "runs": runs}
+            print(f"{name}: {len(lengths)} questions, reply tokens {min(lengths)}-{max(lengths)} (median "
+                  f"{statistics.median(lengths)}); static {med['static']:.2f} s, continuous {med['continuous']:.2f} s: "
+                  f"{med['static'] / med['continuous']:.2f}x; replies identical: {same}")
+        write_result(doc, args.out)
     return 0
 
 

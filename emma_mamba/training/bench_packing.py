@@ -34,7 +34,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_packing_") as work:  # the two trainers' output folders
+        return _measure(args, work)
 
+
+def _measure(args, work: str) -> int:
     import torch
 
     from emma_mamba.data.llava import plan_rows
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     trainers = {}
     for packing in (False, True):
         cfg = run_config_from_dict({
-            "stage": args.stage, "output_dir": tempfile.mkdtemp(prefix="bench_packing_"), "model": args.preset,
+            "stage": args.stage, "output_dir": f"{work}/packing_{packing}", "model": args.preset,
             "data": {"json": args.json, "image_folder": args.image_folder, "max_length": args.max_length,
                      "packing": packing},
             "train": {"global_batch_size": 1, "micro_batch_size": 1, "max_steps": 1},
