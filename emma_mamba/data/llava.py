@@ -59,6 +59,7 @@ import hashlib
 import json
 import logging
 import math
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -589,7 +590,8 @@ class LlavaDataset:
         return [s.length for s in self.samples]
 
     def fingerprint(self) -> str:
-        """Hash of the kept samples (ids, tokens): a resumed run checks it sees the same data."""
+        """Hash of the kept samples' ids, lengths and first 64 tokens: what checkpoints before
+        :meth:`content_hash` recorded (a resume from one of them is checked with it)."""
         h = hashlib.sha256()
         for s in self.samples:
             if s.source:  # (a one-file data set hashes as it did before data.sources existed)
@@ -597,6 +599,22 @@ class LlavaDataset:
             h.update(f"{s.index}:{s.id}:{s.length}:".encode())
             h.update(bytes(str(s.input_ids[:64]), "utf-8"))
         return h.hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """Hash of everything the kept samples train on, in order: source, index, id, every token, every label
+        (which tokens are trained), each image's file name. A resumed run checks it sees the same data: an answer
+        changed anywhere in a record changes it (:meth:`fingerprint` saw only the first 64 tokens). Computed once
+        (the samples do not change after loading): ~2 s per 100k samples of 400 tokens on a CPU core."""
+        key = (id(self.samples), len(self.samples))
+        if getattr(self, "_content_hash", (None, None))[0] != key:
+            h = hashlib.sha256()
+            for s in self.samples:
+                h.update(f"{s.source}:{s.index}:{s.id}:{len(s.input_ids)}:{len(s.images)}:".encode())
+                h.update(array("q", s.input_ids).tobytes())
+                h.update(array("q", s.labels).tobytes())
+                h.update("\0".join(p.name for p in s.images).encode("utf-8", "surrogatepass"))
+            self._content_hash = (key, h.hexdigest()[:32])
+        return self._content_hash[1]
 
     def load_images(self, s: Sample) -> torch.Tensor:
         """(n_images, 3, H, W) for sample ``s``. A missing or unreadable image raises :class:`DataError` naming

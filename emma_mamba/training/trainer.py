@@ -639,7 +639,8 @@ class Trainer:
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
                  "failed_records": self.dataset.failed_records(),  # counted once across a resume
-                 "fingerprint": self.dataset.fingerprint(), "world_size": self.info.world_size,
+                 "fingerprint": self.dataset.fingerprint(), "data_hash": self.dataset.content_hash(),
+                 "samples": len(self.dataset), "world_size": self.info.world_size,
                  "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
         try:
             out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
@@ -702,15 +703,31 @@ class Trainer:
         if self.info.is_main and shape:
             log.warning("resuming %s: the LR schedule changes from the resumed step on: %s", path, ", ".join(shape))
 
+    def _check_resume_data(self, path: Path, state: dict) -> None:
+        """The data must be those the checkpoint trained on, else the data position means other samples: the
+        whole content (:meth:`LlavaDataset.content_hash`); checkpoints written before it carry only the
+        fingerprint of the first 64 tokens of each sample, which is checked instead."""
+        was = state.get("data_hash")
+        now = self.dataset.content_hash() if was is not None else self.dataset.fingerprint()
+        if was is None:
+            was = state["fingerprint"]
+            if self.info.is_main:
+                log.info("resuming %s: its data check covers each sample's first 64 tokens (a checkpoint of an "
+                         "earlier version)", path)
+        if was != now:
+            n_was, n_now = state.get("samples"), len(self.dataset)
+            count = (f"{n_was} samples then, {n_now} now" if n_was is not None and n_was != n_now else
+                     f"{n_now} samples, some with other tokens, labels or images" if n_was is not None else
+                     f"{n_now} samples now")
+            raise ConfigError(f"--resume {path}: the training data differ from the checkpoint's ({count}; hash "
+                              f"{was} vs {now}); resume with the same data.json (or data.sources), image names and "
+                              f"max_length, or start a new run from the checkpoint with init_from")
+
     def _restore(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (its configs already checked and adopted by
         :meth:`_check_resume_config` in ``__init__``)."""
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)
-        fp = self.dataset.fingerprint()
-        if state["fingerprint"] != fp:
-            raise ConfigError(f"--resume {path}: the training data differ from the checkpoint's (fingerprint "
-                              f"{state['fingerprint']} vs {fp}); resume with the same data.json (or data.sources) "
-                              f"and max_length")
+        self._check_resume_data(path, state)
         if state["global_batch_size"] != self.cfg.train.global_batch_size:
             raise ConfigError(f"--resume {path}: train.global_batch_size was {state['global_batch_size']}, is "
                               f"{self.cfg.train.global_batch_size}; the data position would not mean the same")
