@@ -101,6 +101,43 @@ def check_options(args, device: str) -> None:
             raise SystemExit(f"emma-mamba bench kernels: {', '.join(bad)}: --device cuda only")
 
 
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_problem(args) -> str | None:
+    """Why the CPU run's largest shape would not fit in the available memory (None if it fits or is unknown),
+    said before any work instead of an allocation error or the OOM killer halfway. The estimate: the reference
+    and mambapy's parallel scan keep ~10 floats per (batch, d, dstate, seqlen) element in a forward+backward
+    (measured: 9.9x and 8-10x), the exp floor two, ours under one; plus the inputs and their gradients."""
+    avail = _mem_available()
+    if avail is None:
+        return None
+    skip = set(args.skip)
+    wide = "ref" not in skip or not ({"peers", "mambapy_pscan"} & skip)
+    per_state = 10 if wide else 2
+    worst = None
+    for d, n, l in args.shapes or [parse_shape(x) for x in DEFAULT_SHAPES]:
+        for b in args.batch or DEFAULT_BATCH:
+            need = 4 * b * d * l * (per_state * n + 16)
+            if worst is None or need > worst[0]:
+                worst = (need, f"--shapes {d}x{n}x{l} at --batch {b}")
+    if worst is None or worst[0] <= avail:
+        return None
+    keeps = "the reference and mambapy keep" if wide else "the exp floor keeps"
+    return (f"{worst[1]} needs ~{worst[0] / 2**30:.1f} GiB ({keeps} ~{per_state} floats per batch x d x dstate x "
+            f"seqlen element), {avail / 2**30:.1f} GiB is available"
+            + ("; --skip ref peers lowers it ~5x" if wide else "") + ": choose smaller shapes")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # inputs and implementations
 
@@ -395,6 +432,9 @@ def run(args) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_options(args, device)
+    problem = memory_problem(args) if device == "cpu" else None
+    if problem:
+        raise SystemExit(f"emma-mamba bench kernels: {problem}")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("emma-mamba bench kernels: --device cuda but torch sees no CUDA GPU")
     out = args.out or record.default_out(f"kernels_{device}.json")

@@ -40,6 +40,21 @@ def test_bad_options_are_argparse_errors_before_any_work(extra, msg, tmp_path, r
     assert not (tmp_path / "k.json").exists()
 
 
+def test_a_shape_too_large_for_the_memory_is_refused_before_any_work(tmp_path, monkeypatch, run_cli):
+    # 4 bytes x (10 x 16 + 16) per (batch, d, seqlen) element: 4096 x 16 x 4096 at batch 2 needs ~22 GiB
+    monkeypatch.setattr(kernels, "_mem_available", lambda: 8 * 2**30)
+    out = tmp_path / "k.json"
+    rc, stdout, _ = run_cli(["bench", "kernels", "--device", "cpu", "--shapes", "64x4x8", "4096x16x4096", "--batch",
+                             "1", "2", "--out", str(out)])
+    assert "--shapes 4096x16x4096 at --batch 2 needs ~22.0 GiB" in str(rc) and "8.0 GiB is available" in str(rc)
+    assert "--skip ref peers" in str(rc) and not out.exists() and "ours" not in stdout
+    # without the reference and the peers, two floats per element: ~4.5 GiB fits
+    assert kernels.memory_problem(kernels.argparse.Namespace(
+        shapes=[(4096, 16, 4096)], batch=[2], skip=["ref", "peers"])) is None
+    monkeypatch.setattr(kernels, "_mem_available", lambda: None)  # not Linux: not checked
+    assert kernels.memory_problem(kernels.argparse.Namespace(shapes=[(4096, 16, 4096)], batch=[2], skip=[])) is None
+
+
 def test_bad_out_fails_before_the_run(tmp_path, monkeypatch, run_cli):
     (tmp_path / "afile").write_text("x")
     rc, _, err = run_cli(["bench", "kernels", "--device", "cpu", "--out", str(tmp_path)])
