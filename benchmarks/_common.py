@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 import torch
 
@@ -14,6 +15,17 @@ from emma_mamba.bench import record
 from emma_mamba.bench.record import default_out, out_path, positive_int  # noqa: F401
 
 _START: dict | None = None  # parse_args's record of the run's start
+
+
+def run_script(main) -> int:
+    """``main()``'s exit status; Ctrl-C ends the script in one line, exit status 130 (these scripts write their
+    result when every measurement is done, so an interrupted one writes none)."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n{sys.argv[0]}: interrupted (Ctrl-C): no result written; a finished run writes its JSON at the end",
+              file=sys.stderr)
+        return 130
 
 
 def add_out(p: argparse.ArgumentParser, name: str | None, help: str | None = None) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import add_out, machine, parse_args, positive_int, random_lm, write_result  # noqa: E402
+from benchmarks._common import (add_out, machine, parse_args, positive_int, random_lm, run_script,  # noqa: E402
+                                write_result)
 
 QUESTIONS = ["Tell me about the weather today.", "What should I wear?", "And if it rains later?",
              "Which shoes are best for that?", "Where can I buy them?", "How much do they cost?"]
@@ -79,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -193,4 +193,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import run_script
+
+    sys.exit(run_script(main))

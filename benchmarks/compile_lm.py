@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, parse_args, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, run_script, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -118,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

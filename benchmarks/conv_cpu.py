@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, run_script, write_result  # noqa: E402
 
 SHAPES = ((8, 128, 256), (1, 1536, 2048), (4, 1536, 1024))
 
@@ -76,4 +76,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks._common import add_out, machine, parse_args, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, run_script, write_result  # noqa: E402
 SPILL = re.compile(r"^(?:@!?U?P\w+\s+)?(STL|LDL)\b")
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 BRANCH = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
@@ -193,4 +193,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

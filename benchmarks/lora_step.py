@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, parse_args, saved_storages, write_result  # noqa: E402
+from benchmarks._common import (lm_step_parser, machine, parse_args, run_script, saved_storages,  # noqa: E402
+                                write_result)
 
 
 def main(argv=None) -> int:
@@ -94,4 +95,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

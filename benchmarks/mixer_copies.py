@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import lm_step_parser, machine, parse_args, positive_int, write_result  # noqa: E402
+from benchmarks._common import lm_step_parser, machine, parse_args, positive_int, run_script, write_result  # noqa: E402
 
 
 # the ops a copy shows up as (under inference_mode .contiguous() is not decomposed into clone)
@@ -112,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, run_script, write_result  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -100,4 +100,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import PeakMemory, add_out, machine, parse_args, positive_int, write_result  # noqa: E402
+from benchmarks._common import (PeakMemory, add_out, machine, parse_args, positive_int, run_script,  # noqa: E402
+                                write_result)
 
 
 def _child(args) -> dict:
@@ -79,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import add_out, machine, parse_args, positive_int, write_result  # noqa: E402
+from benchmarks._common import add_out, machine, parse_args, positive_int, run_script, write_result  # noqa: E402
 
 N_COLOURS, N_KINDS, N_SINGLE = 8, 5, 40
 
@@ -114,4 +114,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_script(main))

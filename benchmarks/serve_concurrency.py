@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import add_out, machine, parse_args, positive_int, random_lm, write_result  # noqa: E402
+from benchmarks._common import (add_out, machine, parse_args, positive_int, random_lm, run_script,  # noqa: E402
+                                write_result)
 
 WORDS = ("the model of a small red boat sails over a calm lake while birds circle above and children watch "
          "from the shore as the sun goes down behind the hills").split()
@@ -134,4 +135,4 @@ class _NoEos:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

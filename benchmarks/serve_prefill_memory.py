@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import (PeakMemory, add_out, machine, parse_args, positive_int, random_lm,  # noqa: E402
-                                 write_result)
+                                run_script, write_result)
 
 
 def _child(args) -> dict:
@@ -91,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))
