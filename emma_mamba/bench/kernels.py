@@ -101,16 +101,21 @@ def check_options(args, device: str) -> None:
             raise SystemExit(f"emma-mamba bench kernels: {', '.join(bad)}: --device cuda only")
 
 
-def _mem_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """The ``key:`` line of a /proc file given in kB (meminfo, status), in bytes; None where there is none."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def memory_problem(args) -> str | None:
@@ -262,13 +267,9 @@ print(_peak_rss_bytes() - before)
 def _peak_rss_bytes() -> int:
     """This process's peak RSS. VmHWM belongs to the current address space, so unlike getrusage's ru_maxrss
     (which after fork+exec starts at the parent's peak) it counts only what this process touched."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
