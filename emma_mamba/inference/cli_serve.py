@@ -5,7 +5,8 @@
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
         {"type": "text", "text": "What is in the picture?"}]}]}'
 
-Any OpenAI client works against ``http://HOST:PORT/v1`` (``stream: true`` included). The sampling options
+Any OpenAI client works against ``http://HOST:PORT/v1`` (``stream: true`` included; HTTP/1.1 keep-alive); a
+web page of another origin, once named with ``--cors-origin``, too (CORS). The sampling options
 below are the defaults a request's own fields override; ``--max-new-tokens`` is also the default answer length.
 """
 
@@ -41,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="while answers are being decoded, prefill at most this many prompt positions between two "
                         "decode steps: a long prompt is prefilled in chunks, so the streams already running are "
                         "not stalled by it (0 = whole prompts; default %(default)s)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages of ORIGIN (scheme://host[:port], e.g. https://example.com; '*': any) call the "
+                        "API from the browser (CORS; preflights need no API key, the requests still do); repeatable "
+                        "(default: none, no CORS headers)")
     p.add_argument("--no-web-ui", action="store_true",
                    help="do not answer GET / with the chat page (a browser client of /v1/chat/completions)")
     p.add_argument("--state-cache", type=int, default=16,
@@ -91,7 +96,7 @@ def _check_listen(host: str, port: int) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from emma_mamba.inference.server import ChatService, make_server
+    from emma_mamba.inference.server import ChatService, cors_origin, make_server
 
     try:
         if args.image is not None:
@@ -111,6 +116,12 @@ def run(args) -> int:
         if args.max_new_tokens > args.max_tokens_limit:
             raise UsageError(f"--max-new-tokens {args.max_new_tokens} exceeds --max-tokens-limit "
                              f"{args.max_tokens_limit}")
+        cors = []
+        for origin in args.cors_origin or []:
+            try:
+                cors.append(cors_origin(origin))
+            except ValueError as e:
+                raise UsageError(f"--cors-origin: {e}") from None
         api_key = None
         if args.api_key_env:
             import os
@@ -132,7 +143,8 @@ def run(args) -> int:
                               max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,
                               max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
         try:
-            server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui)
+            server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui,
+                                 cors_origins=cors)
         except OSError as e:
             service.close()
             raise _listen_error(args.host, args.port, e) from None
@@ -140,6 +152,8 @@ def run(args) -> int:
         return _err(str(e), "serve")
     host, port = server.server_address[:2]
     page = "" if args.no_web_ui else f"; chat in a browser at http://{host}:{port}/"
+    if cors:
+        page += f"; CORS for {', '.join(cors)}"
     print(f"emma-mamba serve: {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, /v1/completions, "
           f"GET /v1/models, GET /health){page}; Ctrl-C stops", file=sys.stderr, flush=True)
     import signal

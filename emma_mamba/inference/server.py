@@ -7,7 +7,14 @@ choice's, as OpenAI sends it), ``GET /v1/models`` (and ``GET /v1/models/<id>``),
 the LM with lm-evaluation-harness (``local-completions``): ``POST /v1/completions`` (raw prompts, no chat
 template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stream`` without logprobs:
 :meth:`ChatService.stream_text_completion`) and vLLM's ``GET /tokenizer_info``,
-``POST /tokenize``, ``POST /detokenize``.
+``POST /tokenize``, ``POST /detokenize``. ``HEAD`` answers as ``GET`` without the body.
+
+HTTP/1.1 with keep-alive: every response but a stream states its length, so a client sends its next request on
+the same connection; a stream (no length) ends its connection when it ends (``Connection: close``); a connection
+waits at most ``keep_alive_timeout`` seconds for its next request, and one whose request body was refused unread
+(401, 404, 411, 413) is closed after the answer. CORS only when asked for (``cors_origins``, ``serve
+--cors-origin``): a preflight ``OPTIONS`` from an allowed origin is answered without the API key, and every
+response to that origin carries ``Access-Control-Allow-Origin``; without it ``OPTIONS`` is a 405.
 
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``, ``n`` (1 to max_batch
@@ -26,7 +33,8 @@ the server fetches nothing). On a multimodal model no message text (nor a ``/v1/
 hold the image placeholder text (``<image>``): the tokenizer reads it as an image's slot, as training data uses
 it, so the server places the placeholders itself, one per image part, and refuses the text with a 400 naming
 the field. ``system`` messages (and ``developer`` ones, OpenAI's newer name for them) are dropped (the model was
-trained without a system prompt), and the response says so in ``emma_mamba.dropped_system_messages``.
+trained without a system prompt), and the response says so in ``emma_mamba.dropped_system_messages``; one holding
+an image is a 400 (the image would be dropped unseen: images go in user messages).
 
 The token stream is the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava` with
 its default template), tokenised segment by segment as training does: each user turn in the chat template, each
@@ -72,7 +80,7 @@ import uuid
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
@@ -80,7 +88,7 @@ from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, Decoder
 from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
-__all__ = ["RequestError", "ChatService", "make_server", "conversation_ids"]
+__all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "cors_origin"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +165,11 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
             raise RequestError("each message must be an object with 'role' and 'content'", where)
         role, content = m["role"], m["content"]
         if role in ("system", "developer"):
+            for j, part in enumerate(content if isinstance(content, list) else []):
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    raise RequestError(f"{where} is a {role} message, and {role} messages are not given to the "
+                                       f"model (it was trained without one): its image would be dropped; send "
+                                       f"images in user messages", f"{where}.content[{j}]")
             dropped += 1
             continue
         if role not in ("user", "assistant"):
@@ -725,12 +738,43 @@ def _error_body(message: str, param: str | None, kind: str = "invalid_request_er
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: every response but a stream states its length (a stream ends the connection);
+    a connection idle ``keep_alive_timeout`` seconds before its next request is closed, and so is one whose
+    request body was refused unread (its bytes would be read as the next request)."""
+
     service: ChatService
     api_key: str | None = None  # when set, every request but /health needs "Authorization: Bearer <key>"
     max_body_bytes: int = 64 << 20
     server_version = "emma-mamba"
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a keep-alive response's body is not held back behind its headers' ACK
+    keep_alive_timeout: float = 15.0  # seconds a connection may wait for its next request (or its first)
+    cors_origins: frozenset[str] = frozenset()  # origins answered with CORS headers ("*": any); empty: no CORS
 
     web_ui: bool = True  # GET / answers the chat page (emma_mamba/assets/webui.html)
+
+    def handle_one_request(self) -> None:
+        """One request of the connection, once it comes: waiting for it is idle (closed by the server's stop, or
+        after ``keep_alive_timeout`` seconds: the connection ends without a word, as a client expects of an idle
+        keep-alive connection), handling it is not."""
+        self.headers, self._status, self._connection_sent, self._body_read = None, 0, False, False
+        self.connection.settimeout(self.keep_alive_timeout)  # also bounds the request line and headers
+        try:
+            if not self.rfile.peek(1):  # the client (or the server's stop) closed the connection
+                self.close_connection = True
+                return
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        if not self.server.begin_request(self.connection):  # the server is stopping
+            self.close_connection = True
+            return
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.end_request(self.connection)
+            if self.server.stopping:
+                self.close_connection = True
 
     def parse_request(self) -> bool:
         """The request line and headers; a query string (Azure-style clients send ``?api-version=...``) is
@@ -738,10 +782,45 @@ class _Handler(BaseHTTPRequestHandler):
         ok = super().parse_request()
         if ok:
             self.path, _, self.query = self.path.partition("?")
+            self.connection.settimeout(None)  # the request is read: its body and answer take what they take
         return ok
 
+    def send_response_only(self, code, message=None) -> None:
+        self._status, self._connection_sent = code, False
+        super().send_response_only(code, message)
+
+    def send_header(self, keyword, value) -> None:
+        if keyword.lower() == "connection":
+            self._connection_sent = True
+        super().send_header(keyword, value)
+
+    def end_headers(self) -> None:
+        """The headers every response gets: CORS for an allowed origin, and ``Connection: close`` where the
+        connection ends after it (a body refused unread: its bytes are no next request)."""
+        headers = self.headers
+        if self._status >= 200 and headers is not None:
+            if self.cors_origins:
+                origin = self._allowed_origin()
+                if origin is not None:
+                    self.send_header("Access-Control-Allow-Origin", origin)
+                self.send_header("Vary", "Origin")
+            has_body = headers.get("Transfer-Encoding") is not None or headers.get("Content-Length", "0").strip() \
+                not in ("", "0")
+            if has_body and not self._body_read:
+                self.close_connection = True
+        if self._status >= 200 and self.close_connection and not self._connection_sent:
+            self.send_header("Connection", "close")
+        super().end_headers()
+
+    def _allowed_origin(self) -> str | None:
+        """The request's ``Origin`` when the server answers it with CORS headers, else None."""
+        origin = self.headers.get("Origin") if self.headers is not None else None
+        if origin is None or not self.cors_origins:
+            return None
+        return origin if "*" in self.cors_origins or origin.lower() in self.cors_origins else None
+
     def _authorized(self) -> bool:
-        if self.api_key is None or self.path.rstrip("/") in ("/health", "") and self.command == "GET":
+        if self.api_key is None or self.path.rstrip("/") in ("/health", "") and self.command in ("GET", "HEAD"):
             return True  # the health check, and the chat page (static: it sends the key the user types)
         import hmac
 
@@ -757,27 +836,25 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # through logging, not stderr prints
         log.info("%s %s", self.address_string(), fmt % args)
 
-    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
-        data = json.dumps(obj).encode()
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
+        """A whole response with its length (to a HEAD request: its headers only)."""
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def do_GET(self):
         if not self._authorized():
             return
         if self.path.rstrip("/") == "" and self.web_ui:
-            data = _web_ui_page()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return
+            return self._send(200, _web_ui_page(), "text/html; charset=utf-8")
         if self.path.rstrip("/") == "/health":
             dec = self.service.decoder
             return self._json(200, {"status": "ok", "decoding": dec.active, "prefilling": len(dec.pending),
@@ -798,6 +875,37 @@ class _Handler(BaseHTTPRequestHandler):
                                                "model", "not_found_error"))
         return self._json(404, _error_body(f"no such endpoint: GET {self.path}", None, "not_found_error"))
 
+    def do_HEAD(self):
+        """A GET's status and headers, without its body."""
+        self.do_GET()
+
+    def do_OPTIONS(self):
+        """A CORS preflight (no API key: browsers send none with it): for an allowed origin, the methods and
+        headers its request may use. Without ``cors_origins`` a 405, as before CORS was served."""
+        allow = {"Allow": "GET, HEAD, POST, OPTIONS"}
+        if not self.cors_origins:
+            return self._json(405, _error_body("OPTIONS: this server answers no cross-origin (CORS) requests; start "
+                                               "it with --cors-origin ORIGIN to let pages of ORIGIN call it", None),
+                              allow)
+        origin = self.headers.get("Origin")
+        if origin is None:  # not a preflight: what the server allows
+            self.send_response(204)
+            self.send_header("Allow", allow["Allow"])
+            return self.end_headers()
+        if self._allowed_origin() is None:
+            return self._json(403, _error_body(f"origin {origin!r} is not allowed to call this server "
+                                               f"(serve --cors-origin names the allowed ones)", None), allow)
+        # the headers the page asks for (clients add their own, e.g. the openai package's x-stainless-*) are
+        # allowed: the API key, not the header set, is what guards the API
+        asked = [h.strip() for h in self.headers.get("Access-Control-Request-Headers", "").split(",")]
+        names = ["Authorization", "Content-Type"] + [h for h in asked if _HEADER_NAME.fullmatch(h)
+                                                     and h.lower() not in ("authorization", "content-type")]
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", ", ".join(names))
+        self.send_header("Access-Control-Max-Age", str(_CORS_MAX_AGE))
+        self.end_headers()
+
     def do_POST(self):
         if not self._authorized():
             return
@@ -810,7 +918,9 @@ class _Handler(BaseHTTPRequestHandler):
             n = self._content_length()
             if n > self.max_body_bytes:
                 raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
-            body = _parse_body(self.rfile.read(n))
+            raw = self.rfile.read(n)
+            self._body_read = True
+            body = _parse_body(raw)
             # "stream" decides the response's form before the service reads the body: checked here first
             stream = (_flag(body, "stream") if isinstance(body, dict) and route in ("/v1/completions",
                                                                                     "/v1/chat/completions")
@@ -863,9 +973,12 @@ class _Handler(BaseHTTPRequestHandler):
         return n
 
     def _event_stream(self) -> None:
+        """A stream's headers: no length, so it ends with the connection (the close marks its end, which every
+        HTTP/1.1 client reads; the next request opens a new connection)."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
         self.end_headers()
 
     def _event(self, obj: dict) -> None:
@@ -962,6 +1075,35 @@ def _parse_body(raw: bytes):
     return body
 
 
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+"""An HTTP header name (RFC 9110's token)."""
+_CORS_MAX_AGE = 3600
+"""Seconds a browser may keep a CORS preflight's answer."""
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?")
+
+
+def cors_origin(value: str) -> str:
+    """An allowed CORS origin checked and lower-cased as browsers send it (``Origin: https://example.com:8080``):
+    ``scheme://host[:port]`` without a path, or ``*`` (any origin). ValueError saying what is wrong otherwise."""
+    v = value.strip().lower()
+    if v == "*":
+        return v
+    if "://" not in v:
+        raise ValueError(f"{value!r} is not an origin: give its scheme, e.g. 'https://{value.strip() or 'example.com'}'"
+                         f" (or '*' for any origin)")
+    m = _ORIGIN.fullmatch(v)
+    if m is None:
+        scheme, _, rest = v.partition("://")
+        if "/" in rest:
+            raise ValueError(f"{value!r} is not an origin: an origin has no path (browsers send "
+                             f"'{scheme}://{rest.split('/')[0]}')")
+        raise ValueError(f"{value!r} is not an origin: write it scheme://host[:port], e.g. https://example.com:8080 "
+                         f"(or '*' for any origin)")
+    if m.group(3) and int(m.group(3)[1:]) > 65535:
+        raise ValueError(f"{value!r} is not an origin: its port {m.group(3)[1:]} is above 65535")
+    return v
+
+
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89a-fA-F]")
 """A JSON escape of a UTF-16 surrogate (``\\ud800`` to ``\\udfff``)."""
 
@@ -997,34 +1139,72 @@ def _drain(jobs: list[DecodeJob], merged: queue.Queue, on_text: Callable[[int, s
 
 class _Server(ThreadingHTTPServer):
     """The threading HTTP server, with a client that went away logged in one line (socketserver prints a
-    traceback for any exception a handler lets through; answering a client that has left raises one)."""
+    traceback for any exception a handler lets through; answering a client that has left raises one). It knows
+    which connections are handling a request and which wait idle for their next one (keep-alive):
+    :meth:`server_close` closes the idle ones at once, and :meth:`wait_for_requests` waits for the others."""
 
     daemon_threads = True
     request_queue_size = 128  # socketserver's default of 5 reset connections when more clients came at once
 
     def __init__(self, *args, **kwargs):
-        self._active = 0  # requests being handled (the stop waits for them to end their responses)
+        self._busy: dict = {}  # connection -> whether it is handling a request (else idle, waiting for one)
         self._active_lock = threading.Condition()
+        self.stopping = False  # set by server_close: connections end after their request
         super().__init__(*args, **kwargs)
 
     def process_request_thread(self, request, client_address) -> None:
         with self._active_lock:
-            self._active += 1
+            self._busy[request] = False
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._active_lock:
-                self._active -= 1
+                self._busy.pop(request, None)
                 self._active_lock.notify_all()
 
+    def begin_request(self, connection) -> bool:
+        """Mark ``connection`` as handling a request; False when the server is stopping (no new requests)."""
+        with self._active_lock:
+            if self.stopping:
+                return False
+            self._busy[connection] = True
+            return True
+
+    def end_request(self, connection) -> None:
+        with self._active_lock:
+            if connection in self._busy:
+                self._busy[connection] = False
+            self._active_lock.notify_all()
+
     def active_requests(self) -> int:
-        return self._active
+        """Requests being handled (idle keep-alive connections are not counted)."""
+        with self._active_lock:
+            return sum(self._busy.values())
+
+    def open_connections(self) -> int:
+        with self._active_lock:
+            return len(self._busy)
 
     def wait_for_requests(self, timeout: float) -> int:
         """Wait up to ``timeout`` seconds for the requests being handled to end; how many are left."""
         with self._active_lock:
-            self._active_lock.wait_for(lambda: self._active == 0, timeout)
-            return self._active
+            self._active_lock.wait_for(lambda: not any(self._busy.values()), timeout)
+            return sum(self._busy.values())
+
+    def server_close(self) -> None:
+        """Stop listening, and close the connections waiting idle for a next request (their threads would
+        otherwise wait out the keep-alive timeout); a connection handling a request closes after its answer."""
+        import socket
+
+        super().server_close()
+        with self._active_lock:
+            self.stopping = True
+            idle = [c for c, busy in self._busy.items() if not busy]
+        for c in idle:
+            try:
+                c.shutdown(socket.SHUT_RDWR)  # its thread's wait for a request ends (EOF), and it closes
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address) -> None:
         import sys
@@ -1047,9 +1227,22 @@ class _Tagged:
 
 
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,
-                api_key: str | None = None, web_ui: bool = True) -> ThreadingHTTPServer:
+                api_key: str | None = None, web_ui: bool = True, cors_origins: Sequence[str] = (),
+                keep_alive_timeout: float = 15.0) -> ThreadingHTTPServer:
     """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``).
     ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health`` and the chat page.
-    ``web_ui``: answer ``GET /`` with a chat page in the browser (streamed answers, an image per conversation)."""
-    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key, "web_ui": web_ui})
+    ``web_ui``: answer ``GET /`` with a chat page in the browser (streamed answers, an image per conversation).
+    ``cors_origins``: origins (``https://example.com:8080``, ``*``: any) whose pages may call the API: CORS
+    preflights answered (without the API key) and CORS headers on their responses (none: no CORS).
+    ``keep_alive_timeout``: seconds an HTTP/1.1 connection may wait idle for its next request."""
+    if isinstance(cors_origins, str):
+        cors_origins = [cors_origins]
+    try:
+        origins = frozenset(cors_origin(o) for o in cors_origins)
+    except ValueError as e:
+        raise ValueError(f"make_server: cors_origins: {e}") from None
+    if not keep_alive_timeout > 0:
+        raise ValueError(f"make_server: keep_alive_timeout must be > 0 seconds, got {keep_alive_timeout}")
+    handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key, "web_ui": web_ui,
+                                            "cors_origins": origins, "keep_alive_timeout": keep_alive_timeout})
     return _Server((host, port), handler)

@@ -1,0 +1,361 @@
+"""`emma-mamba serve`'s HTTP layer: HEAD on the GET endpoints, CORS when asked for (``--cors-origin``) and none
+otherwise, and HTTP/1.1 keep-alive: several requests on one connection (http.client, the ``openai`` client), a
+stream ending its connection, a body refused unread ending it too (its bytes are no next request), idle
+connections closed after the keep-alive timeout and at once when the server stops."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from emma_mamba.config import get_preset
+from emma_mamba.inference.generate import GenerationConfig
+from emma_mamba.inference.server import ChatService, cors_origin, make_server
+from emma_mamba.models.vlm import EmmaMamba
+from tests.models.test_server import start_serve, user
+
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+CHAT = json.dumps({"messages": [user("hi", image=False)], "max_tokens": 3}).encode()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EmmaMamba(get_preset("tiny"), for_training=False).eval()
+
+
+def _start(model, **kw):
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=3), model_name="tiny-test",
+                      max_prompt_positions=400)
+    srv = make_server(svc, "127.0.0.1", 0, **kw)
+    accepted = []  # one entry per connection the server accepted
+    process = srv.process_request
+    srv.process_request = lambda request, address: (accepted.append(address), process(request, address))[1]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return svc, srv, accepted
+
+
+@pytest.fixture()
+def live(model):
+    """A server with an API key and CORS for one origin: (server, connections accepted)."""
+    svc, srv, accepted = _start(model, api_key=KEY, cors_origins=["https://app.example:8443"])
+    yield srv, accepted
+    srv.shutdown()
+    srv.server_close()
+    svc.close()
+
+
+@pytest.fixture()
+def plain(model):
+    """A server without an API key or CORS (as `emma-mamba serve` starts by default)."""
+    svc, srv, accepted = _start(model)
+    yield srv, accepted
+    srv.shutdown()
+    srv.server_close()
+    svc.close()
+
+
+def _conn(srv) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=60)
+
+
+def _ask(c: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None, headers=None):
+    """(response, body bytes) of one request on ``c``."""
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    return r, r.read()
+
+
+def _raw(srv, data: bytes) -> bytes:
+    """Everything the server sends on a new connection after ``data``, until it closes the connection (a close
+    with bytes of ours left unread resets the connection after what was sent)."""
+    with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
+    return out
+
+
+def _headers(r) -> dict:
+    return {k: v for k, v in r.getheaders() if k != "Date"}
+
+
+# ------------------------------------------------------------------ HEAD
+
+
+def test_head_answers_as_get_without_the_body(live):
+    """HEAD on /health, /v1/models (with and without the key) and the chat page was a 501: now GET's status and
+    headers (Content-Length included) with no body, and the connection goes on (a body sent after the headers
+    would be read as the next response, which then fails to parse)."""
+    srv, accepted = live
+    c = _conn(srv)
+    for path, headers, status in (("/health", {}, 200), ("/v1/models", AUTH, 200), ("/v1/models", {}, 401),
+                                  ("/", {}, 200), ("/no-such-page", AUTH, 404)):
+        got, body = _ask(c, "GET", path, headers=headers)
+        head, nothing = _ask(c, "HEAD", path, headers=headers)
+        assert (got.status, head.status) == (status, status), path
+        assert nothing == b"" and _headers(head) == _headers(got), path
+        assert int(head.headers["Content-Length"]) == len(body) > 0, path
+    assert _ask(c, "GET", "/health")[0].status == 200  # the same connection: no stray body bytes in it
+    assert len(accepted) == 1
+    c.close()
+
+
+# ------------------------------------------------------------------ CORS
+
+
+def test_cors_origin_values_are_checked():
+    assert cors_origin("HTTPS://App.Example:8443") == "https://app.example:8443"  # as browsers send it
+    assert cors_origin("*") == "*" and cors_origin("http://[::1]:3000") == "http://[::1]:3000"
+    for bad, why in (("example.com", "give its scheme, e.g. 'https://example.com'"),
+                     ("https://example.com/", "an origin has no path (browsers send 'https://example.com')"),
+                     ("https://example.com:99999", "port 99999 is above 65535"),
+                     ("https://exa mple.com", "scheme://host[:port]"), ("", "give its scheme")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            cors_origin(bad)
+    with pytest.raises(ValueError, match=r"make_server: cors_origins: 'example\.com' is not an origin"):
+        make_server(None, "127.0.0.1", 0, cors_origins=["example.com"])
+
+
+def test_a_bad_cors_origin_is_refused_before_the_model_loads(capsys):
+    from emma_mamba import cli
+
+    assert cli.main(["serve", "--random-init", "tiny", "--cors-origin", "https://ok.example",
+                     "--cors-origin", "example.com"]) == 2
+    err = capsys.readouterr().err
+    assert "emma-mamba serve: error: --cors-origin: 'example.com' is not an origin: give its scheme" in err, err
+    assert "random weights" not in err  # refused before the model is built
+
+
+def test_cors_preflight_and_headers_for_an_allowed_origin_only(live):
+    """A page of an allowed origin: its preflight is answered without the API key (browsers send none with it),
+    allowing the methods and headers the API takes (and the ones the page asks for: clients add their own); every
+    response to it, errors and streams included, carries Access-Control-Allow-Origin. Another origin gets no CORS
+    header (its preflight is a 403), and its requests are answered as any client's (CORS binds browsers only)."""
+    srv, _ = live
+    page = "https://app.example:8443"
+    c = _conn(srv)
+    pre, body = _ask(c, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": page, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert pre.status == 204 and body == b""
+    assert pre.headers["Access-Control-Allow-Origin"] == page and pre.headers["Vary"] == "Origin"
+    assert "POST" in pre.headers["Access-Control-Allow-Methods"]
+    allowed = [h.strip().lower() for h in pre.headers["Access-Control-Allow-Headers"].split(",")]
+    assert {"authorization", "content-type", "x-stainless-os"} <= set(allowed)
+    assert int(pre.headers["Access-Control-Max-Age"]) > 0
+    for method, path, headers, status in (("GET", "/v1/models", AUTH, 200), ("GET", "/v1/models", {}, 401),
+                                          ("HEAD", "/health", {}, 200), ("POST", "/v1/chat/completions", AUTH, 200)):
+        r, _ = _ask(c, method, path, CHAT if method == "POST" else None, {**headers, "Origin": page})
+        assert r.status == status and r.headers["Access-Control-Allow-Origin"] == page, (method, path)
+        assert r.headers["Vary"] == "Origin"
+    stream = json.dumps({"messages": [user("hi", image=False)], "max_tokens": 3, "stream": True}).encode()
+    r, text = _ask(c, "POST", "/v1/chat/completions", stream, {**AUTH, "Origin": page})
+    assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == page
+    assert text.decode().rstrip().endswith("data: [DONE]")
+    other = "https://evil.example"
+    pre, body = _ask(c, "OPTIONS", "/v1/chat/completions",
+                     headers={"Origin": other, "Access-Control-Request-Method": "POST"})
+    assert pre.status == 403 and other in json.loads(body)["error"]["message"]
+    assert not any(k.lower().startswith("access-control-") for k in pre.headers), pre.getheaders()
+    r, _ = _ask(c, "POST", "/v1/chat/completions", CHAT, {**AUTH, "Origin": other})
+    assert r.status == 200 and not any(k.lower().startswith("access-control-") for k in r.headers)
+    c.close()
+
+
+def test_cors_any_origin(model):
+    svc, srv, _ = _start(model, cors_origins=["*"])
+    try:
+        c = _conn(srv)
+        for origin in ("http://localhost:5173", "null"):  # "null": a page opened from a file
+            r, _ = _ask(c, "OPTIONS", "/v1/models", headers={"Origin": origin,
+                                                             "Access-Control-Request-Method": "GET"})
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == origin
+        c.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
+
+
+def test_without_cors_origins_no_cors_headers_and_options_is_405(plain):
+    srv, _ = plain
+    c = _conn(srv)
+    r, body = _ask(c, "OPTIONS", "/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+    assert r.status == 405 and r.headers["Allow"] == "GET, HEAD, POST, OPTIONS"
+    assert "--cors-origin" in json.loads(body)["error"]["message"]
+    for method, path in (("GET", "/health"), ("POST", "/v1/chat/completions")):
+        r, _ = _ask(c, method, path, CHAT if method == "POST" else None,
+                    {"Origin": "https://app.example", "Content-Type": "application/json"})
+        assert r.status == 200
+        assert not any(k.lower().startswith("access-control-") or k == "Vary" for k in r.headers), r.getheaders()
+    c.close()
+
+
+# ------------------------------------------------------------------ keep-alive
+
+
+def test_requests_share_one_connection_and_a_stream_ends_it(plain):
+    """HTTP/1.0 closed the connection after every response: now a plain answer, an error (its body read) and the
+    GET endpoints keep it open, each with its Content-Length; a stream has none and ends the connection
+    (``Connection: close``), and the next request opens a new one."""
+    srv, accepted = plain
+    c = _conn(srv)
+    r, body = _ask(c, "GET", "/health")
+    assert r.version == 11 and not r.will_close and int(r.headers["Content-Length"]) == len(body)
+    sock = c.sock
+    r, body = _ask(c, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})
+    answer = json.loads(body)["choices"][0]["message"]["content"]
+    assert r.status == 200 and not r.will_close and int(r.headers["Content-Length"]) == len(body)
+    r, body = _ask(c, "POST", "/v1/chat/completions", b'{"messages": []}', {"Content-Type": "application/json"})
+    assert r.status == 400 and not r.will_close and json.loads(body)["error"]["param"] == "messages"
+    r, body = _ask(c, "POST", "/v1/chat/completions", b"not json", {"Content-Type": "application/json"})
+    assert r.status == 400 and not r.will_close and "not valid JSON" in json.loads(body)["error"]["message"]
+    r, _ = _ask(c, "GET", "/v1/models")
+    assert r.status == 200 and c.sock is sock  # five requests, one connection
+    assert srv.wait_for_requests(timeout=30) == 0 and srv.open_connections() == 1  # idle, waiting for the next
+    stream = json.loads(CHAT) | {"stream": True}
+    r, text = _ask(c, "POST", "/v1/chat/completions", json.dumps(stream).encode(), {"Content-Type": "application/json"})
+    assert r.status == 200 and r.will_close and r.headers["Connection"] == "close"
+    assert "Content-Length" not in r.headers
+    events = [json.loads(e[6:]) for e in text.decode().split("\n\n") if e.startswith("data: {")]
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == answer
+    assert text.decode().rstrip().endswith("data: [DONE]")
+    assert _ask(c, "GET", "/health")[0].status == 200
+    assert len(accepted) == 2
+    c.close()
+
+
+def test_the_openai_client_reuses_its_connection(plain):
+    """The ``openai`` client (httpx) keeps one connection over plain requests, reads a stream that ends its
+    connection, and opens a new one after it."""
+    openai = pytest.importorskip("openai")
+    srv, accepted = plain
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="unused", max_retries=0,
+                           timeout=60)
+    messages = [user("hi", image=False)]
+    try:
+        answers = [client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=3)
+                   .choices[0].message.content for _ in range(2)]
+        assert [m.id for m in client.models.list()] == ["tiny-test"]
+        assert len(accepted) == 1
+        chunks = list(client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=3,
+                                                     stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == answers[0] == answers[1]
+        after = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=3)
+        assert after.choices[0].message.content == answers[0]
+        assert client.completions.create(model="tiny-test", prompt="a b", max_tokens=2).choices
+        assert len(accepted) == 2  # the stream's connection closed; the rest share the new one
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", ["401", "413", "411", "404", "bad length"])
+def test_a_body_refused_unread_ends_the_connection(model, case):
+    """A request refused before its body is read leaves that body in the connection: read as the next request,
+    it would be answered as one (here the body is itself a request, which would show as a second response).
+    The connection is closed after the refusal instead; a refused request whose body was read keeps it."""
+    svc, srv, _ = _start(model, api_key=KEY)
+    srv.RequestHandlerClass.max_body_bytes = 64
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    length = {"413": b"Content-Length: 100", "bad length": b"Content-Length: 1e3"}.get(case, b"Content-Length: "
+                                                                                      + str(len(smuggled)).encode())
+    path = b"/v1/nowhere" if case == "404" else b"/v1/chat/completions"
+    auth = b"" if case == "401" else b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+    if case == "411":
+        length, body = b"Transfer-Encoding: chunked", b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n"
+    else:
+        body = smuggled + b" " * (100 - len(smuggled)) if case == "413" else smuggled
+    try:
+        reply = _raw(srv, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + auth + length + b"\r\n\r\n" + body
+                     + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status = {"bad length": "400"}.get(case, case)
+        assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:200]
+        assert reply.count(b"HTTP/1.1 ") == 1 and b"\r\nConnection: close\r\n" in reply, reply
+        # a 400 whose body was read: the connection goes on to the next request
+        bad = b'{"messages": 1}'
+        reply = _raw(srv, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(bad) + bad
+                     + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 ") and reply.count(b"HTTP/1.1 ") == 2, reply
+        assert b'"status": "ok"' in reply
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
+
+
+def test_idle_connections_are_closed_after_the_timeout_and_at_stop(model):
+    """A keep-alive connection waiting for its next request holds a server thread: the server closes it after
+    ``keep_alive_timeout`` seconds, and at once when it stops (not after the timeout)."""
+    svc, srv, _ = _start(model, keep_alive_timeout=0.2)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while b'"status": "ok"' not in reply:
+                reply += s.recv(65536)
+            assert b"Connection: close" not in reply
+            assert s.recv(65536) == b""  # closed by the server, idle
+        deadline = time.time() + 30
+        while srv.open_connections():
+            assert time.time() < deadline, "the idle connection's thread did not end"
+            time.sleep(0.01)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
+    svc, srv, _ = _start(model, keep_alive_timeout=3600)
+    c = _conn(srv)
+    try:
+        assert _ask(c, "GET", "/health")[0].status == 200
+        assert srv.wait_for_requests(timeout=30) == 0 and srv.open_connections() == 1  # idle
+    finally:
+        srv.shutdown()
+        srv.server_close()  # closes the idle connection now, not in an hour
+        svc.close()
+    assert c.sock.recv(1) == b""  # (c's timeout is 60 s: a connection left open would raise here)
+    assert srv.wait_for_requests(timeout=30) == 0
+    c.close()
+
+
+def test_serve_stops_promptly_with_an_idle_connection_open_and_serves_cors(model, tmp_path):
+    """`emma-mamba serve --cors-origin ...` end to end: a stream to the allowed page's origin carries the CORS
+    header; SIGTERM with an idle keep-alive connection open stops at once, counting no request as cut off (the
+    idle connection is closed, not waited for)."""
+    p, url = start_serve(model, tmp_path, "--cors-origin", "https://app.example", "--max-new-tokens", "3")
+    try:
+        c = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        r, _ = _ask(c, "GET", "/health")
+        assert r.status == 200 and not r.will_close  # an idle keep-alive connection from here on
+        s = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        stream = json.dumps({"messages": [user("hi", image=False)], "stream": True}).encode()
+        r, text = _ask(s, "POST", "/v1/chat/completions", stream, {"Origin": "https://app.example"})
+        assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert text.decode().rstrip().endswith("data: [DONE]")  # read to the close: that request has ended
+        s.close()
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=60)
+        err = p.stderr.read()
+        assert c.sock.recv(1) == b""  # closed by the stopping server
+        c.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert rc == 0, err
+    assert "emma-mamba serve: stopping\n" in err and "cut off" not in err, err
+    assert "still being handled" not in err and "Traceback" not in err, err
