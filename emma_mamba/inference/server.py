@@ -758,6 +758,7 @@ class _Handler(BaseHTTPRequestHandler):
         after ``keep_alive_timeout`` seconds: the connection ends without a word, as a client expects of an idle
         keep-alive connection), handling it is not."""
         self.headers, self._status, self._connection_sent, self._body_read = None, 0, False, False
+        self._unread_body = False
         self.connection.settimeout(self.keep_alive_timeout)  # also bounds the request line and headers
         try:
             if not self.rfile.peek(1):  # the client (or the server's stop) closed the connection
@@ -807,10 +808,39 @@ class _Handler(BaseHTTPRequestHandler):
             has_body = headers.get("Transfer-Encoding") is not None or headers.get("Content-Length", "0").strip() \
                 not in ("", "0")
             if has_body and not self._body_read:
-                self.close_connection = True
+                self.close_connection = self._unread_body = True
         if self._status >= 200 and self.close_connection and not self._connection_sent:
             self.send_header("Connection", "close")
         super().end_headers()
+
+    def finish(self) -> None:
+        """After the answer: where the request's body was left unread, read and drop what the client still
+        sends of it (up to its declared length, for ``LINGER_SECONDS`` at most) before the connection closes. Closing a
+        socket with unread bytes in it resets the connection, and the reset discards the answer the client has
+        not read yet: a client uploading a body over the limit saw "connection reset" instead of the 413."""
+        super().finish()
+        if not self._unread_body:
+            return
+        import socket
+
+        try:
+            left = int(self.headers.get("Content-Length", ""))
+        except (TypeError, ValueError):
+            left = 1 << 62  # chunked, or a length that was the error: until the client stops or the time is up
+        conn, deadline = self.connection, time.monotonic() + self.LINGER_SECONDS
+        try:
+            conn.shutdown(socket.SHUT_WR)  # the answer is whole: the client reads its end
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                conn.settimeout(min(wait, 0.5))
+                chunk = conn.recv(min(left, 1 << 16))
+                if not chunk:  # the client closed
+                    break
+                left -= len(chunk)
+        except OSError:  # a timeout, or the client reset it: nothing more to do
+            pass
+
+    LINGER_SECONDS = 5.0
+    """How long :meth:`finish` reads the rest of a body left unread (a client's upload in progress)."""
 
     def _allowed_origin(self) -> str | None:
         """The request's ``Origin`` when the server answers it with CORS headers, else None."""

@@ -359,3 +359,28 @@ def test_serve_stops_promptly_with_an_idle_connection_open_and_serves_cors(model
     assert rc == 0, err
     assert "emma-mamba serve: stopping\n" in err and "cut off" not in err, err
     assert "still being handled" not in err and "Traceback" not in err, err
+
+
+def test_an_over_long_body_still_reads_its_413_as_a_client_uploading_it(model):
+    """A client uploading a body over the limit (a large image) must read the 413, not a reset connection:
+    closing a socket with unread bytes in it sends a TCP reset, which discards the answer not yet read. The
+    server reads and drops the rest of the upload (for a while) before closing. As an HTTP client does it:
+    the whole body sent, then the answer read."""
+    svc, srv, _ = _start(model)
+    srv.RequestHandlerClass.max_body_bytes = 1024
+    body = b"x" * (8 << 20)
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body))
+                s.sendall(body)  # a BrokenPipe / reset here fails the test too: the server stopped reading
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            assert out.startswith(b"HTTP/1.1 413 "), out[:200]
+            assert b"more than 1024" in out and b"\r\nConnection: close\r\n" in out
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
