@@ -433,6 +433,28 @@ def _resolve_deterministic(deterministic: bool | None) -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def _wrote(state: Tensor) -> None:
+    """Bump the version counter of a state a kernel updated in place through its data pointer, as torch's in-place
+    ops do: autograd then refuses a backward that would read the overwritten values (a tensor computed from the
+    state and saved for backward before the step), where it silently used the new ones (~0.3 us)."""
+    torch.autograd.graph.increment_version(state)
+
+
+_STEP_GRAD_SAID: set[str] = set()
+
+
+def _step_needs_grad(op: str, *tensors: Tensor | None) -> bool:
+    """Whether a decode step must run the differentiable reference: grad mode on and an input requiring grad (the
+    compiled kernels' steps have no backward, so their output silently carried no gradient). Said once per op."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return False
+    if op not in _STEP_GRAD_SAID:
+        _STEP_GRAD_SAID.add(op)
+        log.warning("%s: an input requires grad, so the step runs the differentiable torch reference (the compiled "
+                    "kernels' decode steps have no backward); decode under torch.no_grad() for the kernels", op)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the ops
 
@@ -504,17 +526,24 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
                            dt_softplus: bool = False) -> Tensor:
     """One decode step of the selective scan: updates ``state (b, d, n)`` in place, returns (b, d). mamba-ssm's
     ``selective_state_update`` arguments in its order (its Mamba-1 shapes; Mamba-2's per-head (b, h, p, n)
-    layout is flattened to d = h * p channels by the caller).
+    layout is flattened to d = h * p channels by the caller). Differentiable: with grad mode on and an input
+    requiring grad it runs the torch reference (the compiled kernels' steps have no backward; said once).
 
-    x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32.
+    x, dt, z: (b, d); A: (d, n) fp32; B, C: (b, n) or (b, g, n); D, dt_bias: (d,) fp32 or x's dtype (mamba-ssm's
+    step passes its module's own, bf16 in a bf16 model).
     """
     x, dt, A, B, C, D, z, dt_bias = _checks.check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias)
     kern, traced = _pick(state)
+    if (kern is not None or traced is not None) and _step_needs_grad("selective_state_update", state, x, dt, A, B,
+                                                                      C, D, z, dt_bias):
+        kern = traced = None
     if traced is not None:
         return _library.selective_state_update(traced, state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
     if kern is None:
         return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    out = kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus))
+    _wrote(state)
+    return out
 
 
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -522,14 +551,19 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     """One decode step of the causal conv: ``conv_state (b, d, w)`` (last w inputs, oldest first) shifts
     left and takes x (b, d) at the end, in place; returns (b, d). causal-conv1d's ``causal_conv1d_update``
     arguments in its order, for one step (its x of (b, d, 1) is ``x[..., 0]`` here) and a state of exactly w
-    inputs (it also takes longer ones)."""
+    inputs (it also takes longer ones). Differentiable as :func:`selective_state_update` is."""
     x, weight, bias = _checks.check_causal_conv1d_update(x, conv_state, weight, bias, activation)
     kern, traced = _pick(conv_state)
+    if (kern is not None or traced is not None) and _step_needs_grad("causal_conv1d_update", x, conv_state, weight,
+                                                                      bias):
+        kern = traced = None
     if traced is not None:
         return _library.causal_conv1d_update(traced, x, conv_state, weight, bias, activation is not None)
     if kern is None:
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
-    return kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
+    out = kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
+    _wrote(conv_state)
+    return out
 
 
 def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor,
@@ -560,6 +594,14 @@ def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | N
     a decode cache): these calls compose the separate ops.
     """
     _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight, out_proj_bias)
+    if torch.is_autocast_enabled(x.device.type):
+        # the GEMMs run in x's dtype, not autocast's: under autocast an fp32 x's x_proj and dt_proj gave a bf16 / fp16
+        # delta, B and C beside the fp32 conv output, which the scan refused ("delta must have dtype float32")
+        with torch.autocast(x.device.type, enabled=False):
+            return mamba_inner(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias, seq_idx,
+                               out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
+                               conv_initial_states=conv_initial_states, initial_state=initial_state,
+                               return_last_state=return_last_state, recompute=recompute, deterministic=deterministic)
     x, conv_weight, conv_bias, _, seq_idx = _checks.check_causal_conv1d(x, conv_weight, conv_bias, None, seq_idx,
                                                                         "silu")
     kern, traced = _pick(x)

@@ -25,7 +25,27 @@ kernel reads in place with their own strides (unit stride in the last dimension)
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def refuse_double_backward(op: str):
+    """Decorator of a kernel-backed backward: refuses to run with ``create_graph=True`` (grad mode on in the
+    backward). The kernels' gradients have no autograd graph, so a gradient of a gradient through the op (a gradient
+    penalty, a Hessian-vector product) would silently miss this op's part; torch's own ``once_differentiable`` does
+    not catch ``torch.autograd.grad(..., inputs=[w])``, whose engine never reaches its error node."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(
+                    f"emma_mamba.ops.{op}: gradients of gradients (backward with create_graph=True) are not supported "
+                    f"by the compiled kernels, whose backward is not differentiable; run the op on the torch backend "
+                    f"(emma_mamba.ops.use_backend('torch')), which is differentiable twice")
+            return fn(ctx, *grads)
+        return wrapper
+    return deco
 
 
 class SelectiveScanFn(torch.autograd.Function):
@@ -42,6 +62,7 @@ class SelectiveScanFn(torch.autograd.Function):
         return out, last_state
 
     @staticmethod
+    @refuse_double_backward("selective_scan")
     def backward(ctx, dout, dlast_state):
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, saved = ctx.saved_tensors
         if dout is None:
@@ -64,6 +85,7 @@ class CausalConv1dFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @refuse_double_backward("causal_conv1d")
     def backward(ctx, dout):
         x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
         dx, dw, db, dinit = ctx.kern.causal_conv1d_bwd(x, weight, bias, initial_states, seq_idx,

@@ -160,12 +160,16 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
             _check_tensor(op, name, X, (b, g, n), (x.dtype, torch.float32), dev)
         else:
             _check_tensor(op, name, X, (b, n), (x.dtype, torch.float32), dev)
+    # D and dt_bias also in x's dtype, as mamba-ssm's selective_state_update takes them (its Mamba.step passes the
+    # module's own D and dt_proj.bias, bf16 in a bf16 model); the kernels read fp32: these (d,) copies are negligible
     if D is not None:
-        _check_tensor(op, "D", D, (d,), (torch.float32,), dev)
+        _check_tensor(op, "D", D, (d,), (torch.float32, x.dtype), dev)
+        D = D.float()
     if z is not None:
         _check_tensor(op, "z", z, (b, d), (x.dtype,), dev)
     if dt_bias is not None:
-        _check_tensor(op, "dt_bias", dt_bias, (d,), (torch.float32,), dev)
+        _check_tensor(op, "dt_bias", dt_bias, (d,), (torch.float32, x.dtype), dev)
+        dt_bias = dt_bias.float()
     if B.shape != C.shape:  # e.g. (b, n) and (b, g, n): one layout for both, as every backend's kernel takes
         B, C = _common_groups(B, C)
     return (_rows(x), *(_contig(t) for t in (dt, A)), _rows(B), _rows(C), _contig(D), _rows(z), _contig(dt_bias))

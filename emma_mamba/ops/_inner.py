@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from ._autograd import refuse_double_backward
 
 
 def _fail(msg: str):
@@ -157,6 +158,7 @@ class MambaInnerFn(torch.autograd.Function):
         return out
 
     @staticmethod
+    @refuse_double_backward("mamba_inner")
     def backward(ctx, dout):
         if dout is None:
             return (None,) * 14

@@ -117,7 +117,8 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_states=None
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """One decode step of the selective scan, updating ``state (b, d, n)`` in place.
+    """One decode step of the selective scan, updating ``state (b, d, n)`` in place; differentiable, also over
+    several steps (what the backward reads is never the state a later step overwrites).
 
     x, dt, z: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,). Returns (b, d) in x's dtype.
     """
@@ -132,7 +133,10 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
         Cx = C.float().repeat_interleave(d // C.shape[1], dim=1)
     else:
         Bx, Cx = B.float()[:, None], C.float()[:, None]
-    h = torch.exp(dtf[..., None] * A.float()) * state.float() + dtf[..., None] * Bx * x.float()[..., None]
+    prev = state.float()
+    if prev is state and torch.is_grad_enabled():  # saved for the backward: not the tensor overwritten below
+        prev = prev.clone()
+    h = torch.exp(dtf[..., None] * A.float()) * prev + dtf[..., None] * Bx * x.float()[..., None]
     state.copy_(h.to(state.dtype))
     y = (h * Cx).sum(-1)
     if D is not None:
@@ -148,8 +152,9 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     The state holds the last w inputs, oldest first: it shifts left by one and x enters at the end.
     Returns (b, d) in x's dtype.
     """
-    conv_state.copy_(torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1))
-    out = (conv_state.float() * weight.float()).sum(-1)
+    new = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
+    conv_state.copy_(new)
+    out = (new.float() * weight.float()).sum(-1)  # (new, not the state a next step overwrites, is saved)
     if bias is not None:
         out = out + bias.float()
     if activation in ("silu", "swish"):
