@@ -124,9 +124,9 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
             p = next((str(p) for p in s.images if str(p) in small), None)
             if p is not None:
                 w, h = small[p]
-                where = ds._where(s.index, {"id": s.id})
+                where = ds.where(s)
                 rep.note("small_image", f"{where}: image {p} is {w}x{h} pixels, the encoder's input {side} "
-                                        f"(upscaled more than {SMALL_IMAGE_FACTOR}x)")
+                                        f"(upscaled more than {SMALL_IMAGE_FACTOR}x)", (s.source, s.index))
         for s in ds.samples:  # the records a run would skip (or stop at) for these images
             hit = next((bad[str(p)] for p in s.images if str(p) in bad), None)
             if hit is not None:
@@ -147,7 +147,8 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "file": str(ds.path), "records": rep.records, "usable": rep.samples - n_failed,
         "skipped": skipped, "examples": examples, "images_checked": len(paths) if images else 0,
         "image_failures": image_failures,
-        "notes": dict(rep.notes), "note_examples": {k: list(v) for k, v in rep.note_examples.items()},
+        "notes": dict(rep.notes), "noted_records": len(rep.noted),
+        "note_examples": {k: list(v) for k, v in rep.note_examples.items()},
         "truncated": {"samples": rep.truncated, "positions": rep.truncated_tokens,
                       "answer_tokens": rep.truncated_answer_tokens, "images": rep.dropped_images},
         "max_length": data_cfg.max_length, "longest_before_truncation": rep.longest,
@@ -183,10 +184,10 @@ def _write_clean(src: Path, usable: set, dst: Path) -> int:
     """The records of ``src`` whose index is in ``usable``, unchanged, in ``src``'s format; returns the count."""
     if dst.resolve() == src.resolve():
         raise OSError(f"--write-clean {dst}: that is the data file itself; write the clean copy elsewhere")
-    from emma_mamba.data.llava import read_text_utf8
+    from emma_mamba.data.llava import is_jsonl, jsonl_lines, read_text_utf8
 
-    if src.suffix == ".jsonl":
-        lines = [line for i, line in enumerate(read_text_utf8(src).splitlines()) if i in usable]
+    if is_jsonl(src):  # the lines as read_records numbers them (not str.splitlines: U+2028 inside a record)
+        lines = [line for i, line in enumerate(jsonl_lines(read_text_utf8(src))) if i in usable]
         dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         return len(lines)
     records = [r for i, r in enumerate(json.loads(read_text_utf8(src))) if i in usable]
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     for f in empty:  # training refuses a file with no usable record ("no usable training records")
         print(f"{f}: no usable record: a run with it stops before the first step")
     clean = all(not r["skipped"] for r in reports) and not empty
-    noted = sum(sum(r["notes"].values()) for r in reports)
+    noted = sum(r["noted_records"] for r in reports)  # records, not notes: one can have several kinds
     print("no problems found" if clean else "problems found: a run skips these records (data.on_error: skip) or "
                                             "stops at the first (raise)" if not empty else "problems found")
     if noted:

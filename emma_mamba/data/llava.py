@@ -69,7 +69,7 @@ import torch
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
            "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources",
-           "repeat_indices", "record_where"]
+           "repeat_indices", "record_where", "is_jsonl", "jsonl_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,9 @@ class Sample:
     """LM input positions: tokens + (N - 1) per image."""
     source: int = 0
     """Which of the data set's files (data.sources) the record is from."""
+    named: bool = True
+    """The record has an id of its own (``id`` above is then its record index, which messages do not name as an
+    id)."""
 
 
 @dataclass
@@ -132,6 +135,9 @@ class DataReport:
     """Kept records that are probably not what was meant, per kind (:data:`NOTES`)."""
     note_examples: dict = field(default_factory=dict)
     """kind -> the first few noted records' messages."""
+    noted: set = field(default_factory=set)
+    """The records noted, as (file, record index): a record with two notes (a duplicate id and a duplicate
+    record) is one record kept but noted, counted under both kinds in :attr:`notes`."""
     mixture: list = field(default_factory=list)
     """Several files (data.sources): per file {file, records, usable, repeat, epoch_samples}."""
 
@@ -153,10 +159,12 @@ class DataReport:
             s += f" ({self.longest} before truncation to max_length)"
         return s
 
-    def note(self, kind: str, text: str) -> None:
-        """Count a kept record of kind ``kind`` (one of :data:`NOTES`); ``text`` names it and what was seen."""
+    def note(self, kind: str, text: str, record=None) -> None:
+        """Count a kept record of kind ``kind`` (one of :data:`NOTES`); ``text`` names it and what was seen,
+        ``record`` ((file, record index)) which record it is (:attr:`noted`)."""
         assert kind in NOTES, kind
         self.notes[kind] += 1
+        self.noted.add(record if record is not None else (kind, len(self.noted)))
         shown = self.note_examples.setdefault(kind, [])
         if len(shown) < _MAX_EXAMPLES:
             shown.append(text)
@@ -226,11 +234,27 @@ class _Issues:
             log.warning("more bad records are being skipped; counts per reason are in the data summary")
 
 
+def is_jsonl(path: str | Path) -> bool:
+    """Whether data file ``path`` is JSON Lines (named ``.jsonl``, in any case: ``train.JSONL`` too)."""
+    return Path(path).suffix.lower() == ".jsonl"
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON Lines text: split at ``\\n`` only (a ``\\r`` before it stays, JSON whitespace). Not
+    ``str.splitlines``, which also splits at U+2028, U+2029, U+0085 and other characters that JSON strings hold
+    unescaped (``json.dumps(..., ensure_ascii=False)`` writes them as they are): it broke such a record into
+    malformed pieces and shifted every later line number."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def record_where(path: str | Path, index: int, rid=None) -> str:
     """How messages name record ``index`` of data file ``path``: ``record N`` (0-based, the list index) in a
     .json file, ``line N`` (1-based, as an editor numbers it) in a .jsonl file; its id when it has one."""
     path = Path(path)
-    where = f"{path}: line {index + 1}" if path.suffix == ".jsonl" else f"{path}: record {index}"
+    where = f"{path}: line {index + 1}" if is_jsonl(path) else f"{path}: record {index}"
     return where + (f" (id {rid!r})" if rid is not None else "")
 
 
@@ -241,13 +265,18 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     text = read_text_utf8(path)
-    if path.suffix == ".jsonl":
-        first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if is_jsonl(path):
+        lines = jsonl_lines(text)
+        first = next((line.strip() for line in lines if line.strip()), "")
         if first == "[" or first.startswith("[{") or first.startswith("[ {"):
             raise DataError(f"{path}: a .jsonl file holds one JSON object per line, but this one starts a JSON list "
                             f"({first[:20]!r}...): name it .json", "malformed_json")
+        if first == "{":  # no record is a lone brace: records written with json.dumps(..., indent=...)
+            raise DataError(f"{path}: a .jsonl file holds one JSON object per line, but its first record opens "
+                            f"with a line holding only '{{': records spread over several lines (pretty-printed); "
+                            f"write each record on one line (json.dumps without indent)", "malformed_json")
         out = []
-        for i, line in enumerate(text.splitlines()):
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
@@ -263,7 +292,14 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
             hint = " (the file looks like JSON Lines, one record per line: name it .jsonl)"
         raise DataError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}{hint}", "malformed_json") from None
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records at the top level, got {type(data).__name__}")
+        got = type(data).__name__
+        if isinstance(data, dict):
+            got = f"an object with keys {_keys(data)}" + (
+                " (one record: a .json file holds a list of them)" if "conversations" in data else
+                " (the records a list under one of its keys? the file must be that list itself)"
+                if any(isinstance(v, list) for v in data.values())
+                else "")
+        raise DataError(f"{path}: expected a JSON list of records at the top level, got {got}")
     return list(enumerate(data))
 
 
@@ -291,6 +327,11 @@ def reserved_strings(tokenizer, image_token: str, *templates: str) -> tuple[str,
         found |= set(re.findall(r"<\|[^|<>\s]+\|>", template or ""))
     found.discard(image_token)
     return tuple(sorted(found))
+
+
+def _keys(obj: dict) -> str:
+    """A record's or turn's keys, for messages: ``'id', 'messages'`` (``none`` for an empty object)."""
+    return ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "") if obj else "none"
 
 
 def _strip_placeholders(text: str, token: str) -> str:
@@ -397,7 +438,7 @@ class LlavaDataset:
 
     def where(self, s: Sample) -> str:
         """Sample ``s``'s file and record, as every message names it (JSONL: its 1-based line)."""
-        return record_where(self.sources[s.source].json, s.index, s.id)
+        return record_where(self.sources[s.source].json, s.index, s.id if s.named else None)
 
     def _check(self, index: int, rec) -> tuple[list[tuple[str, str]], list[Path]] | None:
         """Returns (turns as (role, text), image paths) with placeholders normalised, or None (issue reported)."""
@@ -408,20 +449,33 @@ class LlavaDataset:
             return None
         conv = rec.get("conversations")
         if not isinstance(conv, list) or not conv:
-            self.issues("no_conversations", where, "'conversations' is missing, empty or not a list")
+            got = (f"the record has no 'conversations'; its keys: {_keys(rec)}" if "conversations" not in rec else
+                   "it is an empty list" if isinstance(conv, list) else f"it is {type(conv).__name__}, not a list")
+            self.issues("no_conversations", where, f"'conversations' is missing, empty or not a list ({got})")
             return None
         turns = []
         for t, turn in enumerate(conv):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
                 got = (f"got {type(turn).__name__}" if not isinstance(turn, dict) else
-                       "it has no 'from'" if "from" not in turn else
+                       f"it has no 'from'; its keys: {_keys(turn)}" if "from" not in turn else
+                       f"it has no 'value'; its keys: {_keys(turn)}" if "value" not in turn else
                        "its 'value' is null" if turn.get("value") is None else
                        f"its 'value' is {type(turn.get('value')).__name__}")
+                if isinstance(turn, dict) and {"role", "content", "text"} & set(turn):
+                    got += ("; LLaVA's format names the speaker 'from' ('human' or 'gpt') and the text 'value', "
+                            "where other chat formats have 'role' and 'content': rename the keys")
                 self.issues("bad_turn", where, f"turn {t} must be an object with 'from' and a string 'value' ({got})")
                 return None
             role = turn["from"]
             if role not in (HUMAN, GPT):
-                self.issues("bad_role", where, f"turn {t} has role {role!r}; expected 'human' or 'gpt'")
+                hint = ""
+                if str(role).lower() == "system":
+                    hint = (" (a system turn is not read: the chat template has no system prompt; drop the turn or "
+                            "fold its text into the first human turn)")
+                elif str(role).lower() in ("user", "assistant", "human", "gpt", "model", "bot"):
+                    hint = (" (LLaVA's format names the user's turns 'human' and the model's 'gpt', in lower case: "
+                            "rename the roles)")
+                self.issues("bad_role", where, f"turn {t} has role {role!r}; expected 'human' or 'gpt'{hint}")
                 return None
             turns.append((role, turn["value"]))
         for t, (role, _) in enumerate(turns):
@@ -444,6 +498,11 @@ class LlavaDataset:
             return None
 
         image = rec.get("image")
+        if image is None and rec.get("images"):  # another format's key: read as text-only, its images were lost
+            self.issues("bad_image_field", where, f"the record has 'images' ({rec['images']!r}) but no 'image': "
+                                                  f"LLaVA's format reads 'image' (a path or a list of paths); "
+                                                  f"rename the key")
+            return None
         if image is None:
             images = []
         elif isinstance(image, str) and image:
@@ -507,11 +566,12 @@ class LlavaDataset:
             labels[0] = IGNORE_INDEX
             instructions = [_strip_placeholders(text, self.image_token)
                             for role, text in turns for _ in range(text.count(self.image_token))]
+            rid = rec.get("id")  # (a record without one is named by its index, as before: the resume hashes hold it)
             s = self._truncate(index, rec, Sample(index, str(rec.get("id", index)), paths, instructions, input_ids,
-                                                  labels, 0, source))
+                                                  labels, 0, source, named=rid is not None))
             if s is not None:
                 samples.append(s)
-                self._note(index, rec, turns, seen_ids, seen_records)
+                self._note(index, rec, turns, seen_ids, seen_records, source)
         n, tokens, answers, images = (a - b for a, b in zip(
             (r.truncated, r.truncated_tokens, r.truncated_answer_tokens, r.dropped_images), before))
         if n:
@@ -523,29 +583,29 @@ class LlavaDataset:
                         ", ".join(f"{k}: {v}" for k, v in sorted(noted.items())))
         return samples
 
-    def _note(self, index: int, rec: dict, turns, seen_ids: dict, seen_records: dict) -> None:
+    def _note(self, index: int, rec: dict, turns, seen_ids: dict, seen_records: dict, source: int = 0) -> None:
         """Count the kept record's notes (:data:`NOTES`): an id or a content seen before in this file, an empty
         assistant turn."""
-        where, unit = self._where(index, rec), ("line" if self.path.suffix == ".jsonl" else "record")
+        where, unit = self._where(index, rec), ("line" if is_jsonl(self.path) else "record")
         first = lambda i: i + 1 if unit == "line" else i  # noqa: E731 (as _where numbers them)
-        rid = rec.get("id")
+        rid, here = rec.get("id"), (source, index)
         if rid is not None:
             key = json.dumps(rid, sort_keys=True, default=str)
             if key in seen_ids:
-                self.report.note("duplicate_id", f"{where}: the id of {unit} {first(seen_ids[key])}")
+                self.report.note("duplicate_id", f"{where}: the id of {unit} {first(seen_ids[key])}", here)
             else:
                 seen_ids[key] = index
         digest = hashlib.sha1(json.dumps([rec.get("conversations"), rec.get("image")], sort_keys=True,
                                          ensure_ascii=False).encode()).digest()
         if digest in seen_records:
             self.report.note("duplicate_record", f"{where}: the same conversation and images as {unit} "
-                                                 f"{first(seen_records[digest])}")
+                                                 f"{first(seen_records[digest])}", here)
         else:
             seen_records[digest] = index
         empty = [t for t, (role, text) in enumerate(turns) if role == GPT and not text.strip()]
         if empty:
             self.report.note("empty_answer", f"{where}: assistant turn {empty[0]} has no text (only its turn end "
-                                             f"is learned)")
+                                             f"is learned)", here)
 
     def _truncate(self, index, rec, s: Sample) -> Sample | None:
         width = [self.N if t == self.image_token_id else 1 for t in s.input_ids]
