@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from emma_mamba.fileio import text_lines
+
 KEEP_FP32 = ("A_log", "D", "dt_proj.bias", "dt_bias")
 """Parameter names ending so stay fp32 in a half-precision export."""
 
@@ -104,7 +106,7 @@ def _run_record(checkpoint: Path) -> tuple[dict | None, list[dict]]:
             # a step checkpoint holds its own train_config.yaml (save_checkpoint); the metrics are the run's
             metrics = checkpoint.parent.parent / "metrics.jsonl"
         if metrics.is_file():
-            for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in text_lines(metrics.read_text(encoding="utf-8", errors="replace")):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash: the rest still counts

@@ -11,6 +11,17 @@ import os
 from pathlib import Path
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file (JSON Lines, a tab-separated answers file): split at ``\n`` only, a ``\r`` before
+    it dropped. Not ``str.splitlines``, which also splits at U+2028, U+2029, U+0085, form feeds and other
+    characters that JSON strings and model answers hold as they are (``json.dumps(..., ensure_ascii=False)`` writes
+    them unescaped): it broke such a record into malformed pieces and shifted every later line number."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def default_file_mode() -> int:
     """0o666 less the process's umask (read without changing it where /proc says it; else set and restored)."""
     try:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import yaml
 
+from emma_mamba.fileio import text_lines
+
 __all__ = ["QuickstartConfig", "load_quickstart_config", "run_pipeline", "format_table", "recipe_path"]
 
 log = logging.getLogger("emma_mamba.quickstart")
@@ -386,10 +388,10 @@ def _score_subset(task: str, blind: tuple[Path, Path], answered: Path) -> dict:
     """The blind baseline scored on the questions the model answered (when eval.limit cut the files)."""
     from emma_mamba.eval.scorers import score
 
-    ids = {json.loads(line)["question_id"] for line in answered.read_text().splitlines() if line.strip()}
+    ids = {json.loads(line)["question_id"] for line in text_lines(answered.read_text(encoding="utf-8")) if line.strip()}
     ans, gold = blind
     doc = json.loads(ans.read_text()) if ans.suffix == ".json" else \
-        [json.loads(line) for line in ans.read_text().splitlines() if line.strip()]
+        [json.loads(line) for line in text_lines(ans.read_text(encoding="utf-8")) if line.strip()]
     key = "questionId" if task == "gqa" else "question_id"
     sub = [r for r in doc if r[key] in ids]
     tmp = answered.with_name("blind_subset.jsonl")

@@ -67,6 +67,8 @@ from typing import Sequence
 
 import torch
 
+from emma_mamba.fileio import text_lines
+
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
            "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources",
            "repeat_indices", "record_where", "is_jsonl", "jsonl_lines"]
@@ -240,14 +242,9 @@ def is_jsonl(path: str | Path) -> bool:
 
 
 def jsonl_lines(text: str) -> list[str]:
-    """The lines of a JSON Lines text: split at ``\\n`` only (a ``\\r`` before it stays, JSON whitespace). Not
-    ``str.splitlines``, which also splits at U+2028, U+2029, U+0085 and other characters that JSON strings hold
-    unescaped (``json.dumps(..., ensure_ascii=False)`` writes them as they are): it broke such a record into
-    malformed pieces and shifted every later line number."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
+    """The lines of a JSON Lines text: :func:`emma_mamba.fileio.text_lines` (split at ``\n`` only: not at the
+    U+2028 a JSON string holds)."""
+    return text_lines(text)
 
 
 def record_where(path: str | Path, index: int, rid=None) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from emma_mamba.fileio import text_lines
+
 
 class ScoreInputError(ValueError):
     """A scorer input file is missing, malformed, or does not match its annotations."""
@@ -49,7 +51,7 @@ def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
             out.append((f"record {i}", rec))
         return out
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text_lines(text), 1):
         if not line.strip():
             continue
         try:

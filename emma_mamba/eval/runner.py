@@ -128,6 +128,7 @@ from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, ref
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import OCR_REFERENCE, textvqa_ocr_tokens, textvqa_records, textvqa_with_ocr, vizwiz_records
+from emma_mamba.fileio import text_lines
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
            "model_identity", "run_record", "check_run_record", "check_images", "limit_questions",
@@ -366,7 +367,7 @@ def _read_questions(task, questions, images, image_template, split, lang, ocr) -
             raise ScoreInputError(f"MME questions {qpath} does not exist")
         for f in files:
             cat = f.stem
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text_lines(f.read_text(encoding="utf-8")), 1):
                 if not line.strip():
                     continue
                 cols = line.split("\t")
@@ -563,7 +564,7 @@ def _scored_from_replies(out: Path, task: str, qs: Sequence[Question]) -> dict:
     errors = []
     path = out / FALLBACK_FILE
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text_lines(path.read_text(encoding="utf-8")):
             try:
                 errors.append(json.loads(line))
             except json.JSONDecodeError:  # a torn line of an interrupted run: its message is lost, not the count
@@ -682,7 +683,7 @@ def _read_done_jsonl(path: Path) -> dict:
     """question id -> record of an existing answers.jsonl; a torn (unparseable) last line is dropped."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = text_lines(path.read_text(encoding="utf-8"))
     done, keep = {}, []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -707,7 +708,7 @@ def _read_done_mme(out_dir: Path, cat: str) -> int:
     if not p.is_file():
         return 0
     text = p.read_text(encoding="utf-8")
-    lines = text.splitlines()
+    lines = text_lines(text)
     if lines and (not text.endswith("\n") or len(lines[-1].split("\t")) < 4):
         lines = lines[:-1]
         p.write_text("".join(x + "\n" for x in lines), encoding="utf-8")

@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+from emma_mamba.fileio import text_lines
+
 PROFILED_SKIP = ("tokens_per_s", "step_time", "tflops", "mfu")
 """Timings left out of the curves for the steps run under the profiler (``profiled: true``: slower)."""
 DEFAULT_KEYS = ("loss", "lm_loss", "align_loss", "lr", "grad_norm", "tokens_per_s", "val_token_acc")
@@ -54,7 +56,7 @@ def metrics_file(run: str | Path) -> Path:
 def read_metrics(path: Path) -> list[dict]:
     """The logged records of a metrics file; a torn last line (a run killed mid-write) is skipped."""
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = text_lines(path.read_text(encoding="utf-8"))
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

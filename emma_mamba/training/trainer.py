@@ -47,6 +47,7 @@ import torch
 
 from emma_mamba.config import ConfigError
 from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
+from emma_mamba.fileio import text_lines
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir)
@@ -774,7 +775,7 @@ class _MetricsWriter:
             path = output_dir / "metrics.jsonl"
             keep = []
             if start_step > 0 and path.is_file():
-                for line in path.read_text().splitlines():
+                for line in text_lines(path.read_text(encoding="utf-8")):
                     try:
                         if json.loads(line).get("step", 0) <= start_step:
                             keep.append(line)
