@@ -11,7 +11,8 @@ coordinate-free files are lists of ``{"image_id", "question", "answer"}``:
 * ``chart_release_update.json``: chart images, ``image_id`` a file name in ``lrv-chart``.
 
 ``emma-mamba data lrv --lrv-dir DIR --out lrv_instruct.json`` converts them into one-turn LLaVA conversations
-(``<image>\\n{question}`` -> ``{answer}``) whose image paths are relative to the folder that holds ``DIR`` (by
+(``<image>\\n{question}`` -> ``{answer}``, id ``vg/<image_id>_q<k>`` or ``chart/<name>_q<k>``: the k-th question
+about that image) whose image paths are relative to the folder that holds ``DIR`` (by
 default ``lrv/lrv-vg/<id>.jpg`` and ``lrv/lrv-chart/<name>``): put ``DIR`` under LLaVA's image folder and one
 ``image_folder`` serves all three files of ``data.sources`` (configs/train_emma-mamba-2.8b-dinosiglip_single.yaml).
 Every record is checked (fields, text, its image file; a malformed record or a missing image is an error naming
@@ -60,7 +61,7 @@ def convert(lrv_dir: str | Path, vg_files=VG_FILES, chart_file: str | None = CHA
     parts = [(root / f, VG_IMAGES, True) for f in vg_files]
     if chart_file:
         parts.append((root / chart_file, CHART_IMAGES, False))
-    out, counts, missing = [], {}, []
+    out, counts, missing, per_image = [], {}, [], {}
     for path, folder, vg in parts:
         kept = 0
         for i, rec in enumerate(_records(path)):
@@ -79,7 +80,11 @@ def convert(lrv_dir: str | Path, vg_files=VG_FILES, chart_file: str | None = CHA
                 counts["missing_images_skipped"] = counts.get("missing_images_skipped", 0) + 1
                 continue
             rel = f"{prefix}/{folder}/{name}" if prefix else f"{folder}/{name}"
-            out.append({"id": Path(image_id).stem if not vg else image_id, "image": rel,
+            # one record per question, several per image: the id names the image and the question's number among
+            # that image's (unique, so `data check --strict` passes: the image's own id repeated was a duplicate)
+            base = f"{'vg' if vg else 'chart'}/{image_id if vg else Path(image_id).stem}"
+            per_image[base] = per_image.get(base, -1) + 1
+            out.append({"id": f"{base}_q{per_image[base]}", "image": rel,
                         "conversations": [{"from": "human", "value": f"<image>\n{str(rec['question']).strip()}"},
                                           {"from": "gpt", "value": str(rec["answer"]).strip()}]})
             kept += 1

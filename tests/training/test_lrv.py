@@ -43,20 +43,21 @@ def test_lrv_release_becomes_llava_records_that_training_reads(shapes, tmp_path,
         return [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]
 
     assert json.loads(out.read_text()) == [
-        {"id": "2345", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("Is there a dog on the bench?",
+        {"id": "vg/2345_q0", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("Is there a dog on the bench?",
                                                                               "No, there is no dog.")},
-        {"id": "77", "image": "lrv/lrv-vg/77.jpg", "conversations": turn("Describe the image.", "A red square.")},
-        {"id": "2345", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("What colour is it?", "Red.")},
-        {"id": "sales_2019", "image": "lrv/lrv-chart/sales_2019.png",
+        {"id": "vg/77_q0", "image": "lrv/lrv-vg/77.jpg", "conversations": turn("Describe the image.", "A red square.")},
+        {"id": "vg/2345_q1", "image": "lrv/lrv-vg/2345.jpg", "conversations": turn("What colour is it?", "Red.")},
+        {"id": "chart/sales_2019_q0", "image": "lrv/lrv-chart/sales_2019.png",
          "conversations": turn("Which year sold most?", "2019.")}]
-    # a mixture of a ShapesWorld file and the converted one, each with its own image folder: every record usable
+    # a mixture of a ShapesWorld file and the converted one, each with its own image folder: every record usable,
+    # none noted (--strict: the ids are unique, where the image's id repeated for each of its questions was not)
     shapes_file = subset(shapes, tmp_path, 4)
     d = run_config_to_dict(make_cfg(shapes, tmp_path / "run", shapes_file))
     d["data"].pop("json")
     d["data"]["sources"] = [{"json": str(shapes_file), "image_folder": str(shapes / "images")},
                             {"json": str(out), "image_folder": str(images)}]
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(d))
-    assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1"]) == 0
+    assert main(["data", "check", "--config", str(tmp_path / "run.yaml"), "--workers", "1", "--strict"]) == 0
     report = capsys.readouterr().out
     assert "lrv_llava.json: 4 of 4 records usable" in report and "lrv_llava.json 4 x 1 = 4" in report
 
