@@ -903,6 +903,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, card)
             return self._json(404, _error_body(f"no such model: {name!r} (this server serves {card['id']!r})",
                                                "model", "not_found_error"))
+        if self.path.rstrip("/") in _POST_ROUTES:
+            return self._json(405, _error_body(f"{self.command} {self.path}: this endpoint takes POST", None),
+                              {"Allow": "POST"})
         return self._json(404, _error_body(f"no such endpoint: GET {self.path}", None, "not_found_error"))
 
     def do_HEAD(self):
@@ -943,6 +946,9 @@ class _Handler(BaseHTTPRequestHandler):
         others = {"/v1/completions": self.service.text_completion, "/tokenize": self.service.tokenize,
                   "/detokenize": self.service.detokenize}
         if route != "/v1/chat/completions" and route not in others:
+            if route in _GET_ROUTES and (route or self.web_ui) or route.startswith("/v1/models/"):
+                return self._json(405, _error_body(f"POST {self.path}: this endpoint takes GET", None),
+                                  {"Allow": "GET, HEAD"})
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
         try:
             n = self._content_length()
@@ -1105,6 +1111,9 @@ def _parse_body(raw: bytes):
     return body
 
 
+_POST_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"))
+_GET_ROUTES = frozenset(("", "/health", "/tokenizer_info", "/v1/models"))
+"""The endpoints (without a trailing slash) by method: the other method is a 405 naming the right one."""
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 """An HTTP header name (RFC 9110's token)."""
 _CORS_MAX_AGE = 3600

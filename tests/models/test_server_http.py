@@ -384,3 +384,22 @@ def test_an_over_long_body_still_reads_its_413_as_a_client_uploading_it(model):
         srv.shutdown()
         srv.server_close()
         svc.close()
+
+
+def test_the_wrong_method_is_a_405_naming_the_right_one(plain):
+    srv, _ = plain
+    c = _conn(srv)
+    try:
+        for method, path, allow in (("GET", "/v1/chat/completions", "POST"), ("HEAD", "/v1/completions/", "POST"),
+                                    ("GET", "/tokenize", "POST"), ("POST", "/health", "GET, HEAD"),
+                                    ("POST", "/v1/models", "GET, HEAD"), ("POST", "/v1/models/tiny-test", "GET, HEAD")):
+            r, body = _ask(c, method, path, b"{}" if method == "POST" else None)
+            assert r.status == 405 and r.headers["Allow"] == allow, (method, path, r.status, body)
+            if method != "HEAD":
+                assert f"this endpoint takes {allow.split(',')[0]}" in json.loads(body)["error"]["message"]
+        r, _ = _ask(c, "GET", "/v1/nowhere")
+        assert r.status == 404
+        r, _ = _ask(c, "POST", "/v1/nowhere", b"{}")
+        assert r.status == 404
+    finally:
+        c.close()
