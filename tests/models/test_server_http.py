@@ -5,6 +5,7 @@ connections closed after the keep-alive timeout and at once when the server stop
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
@@ -33,7 +34,9 @@ def model():
     return EmmaMamba(get_preset("tiny"), for_training=False).eval()
 
 
-def _start(model, **kw):
+@contextlib.contextmanager
+def _serving(model, **kw):
+    """A server on a free port, in a thread, for the block: (server, connections accepted); stopped after."""
     svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=3), model_name="tiny-test",
                       max_prompt_positions=400)
     srv = make_server(svc, "127.0.0.1", 0, **kw)
@@ -41,27 +44,26 @@ def _start(model, **kw):
     process = srv.process_request
     srv.process_request = lambda request, address: (accepted.append(address), process(request, address))[1]
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return svc, srv, accepted
+    try:
+        yield srv, accepted
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
 
 
 @pytest.fixture()
 def live(model):
     """A server with an API key and CORS for one origin: (server, connections accepted)."""
-    svc, srv, accepted = _start(model, api_key=KEY, cors_origins=["https://app.example:8443"])
-    yield srv, accepted
-    srv.shutdown()
-    srv.server_close()
-    svc.close()
+    with _serving(model, api_key=KEY, cors_origins=["https://app.example:8443"]) as both:
+        yield both
 
 
 @pytest.fixture()
 def plain(model):
     """A server without an API key or CORS (as `emma-mamba serve` starts by default)."""
-    svc, srv, accepted = _start(model)
-    yield srv, accepted
-    srv.shutdown()
-    srv.server_close()
-    svc.close()
+    with _serving(model) as both:
+        yield both
 
 
 def _conn(srv) -> http.client.HTTPConnection:
@@ -177,18 +179,13 @@ def test_cors_preflight_and_headers_for_an_allowed_origin_only(live):
 
 
 def test_cors_any_origin(model):
-    svc, srv, _ = _start(model, cors_origins=["*"])
-    try:
+    with _serving(model, cors_origins=["*"]) as (srv, _):
         c = _conn(srv)
         for origin in ("http://localhost:5173", "null"):  # "null": a page opened from a file
             r, _ = _ask(c, "OPTIONS", "/v1/models", headers={"Origin": origin,
                                                              "Access-Control-Request-Method": "GET"})
             assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == origin
         c.close()
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        svc.close()
 
 
 def test_without_cors_origins_no_cors_headers_and_options_is_405(plain):
@@ -269,18 +266,17 @@ def test_a_body_refused_unread_ends_the_connection(model, case):
     """A request refused before its body is read leaves that body in the connection: read as the next request,
     it would be answered as one (here the body is itself a request, which would show as a second response).
     The connection is closed after the refusal instead; a refused request whose body was read keeps it."""
-    svc, srv, _ = _start(model, api_key=KEY)
-    srv.RequestHandlerClass.max_body_bytes = 64
-    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-    length = {"413": b"Content-Length: 100", "bad length": b"Content-Length: 1e3"}.get(case, b"Content-Length: "
-                                                                                      + str(len(smuggled)).encode())
-    path = b"/v1/nowhere" if case == "404" else b"/v1/chat/completions"
-    auth = b"" if case == "401" else b"Authorization: Bearer " + KEY.encode() + b"\r\n"
-    if case == "411":
-        length, body = b"Transfer-Encoding: chunked", b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n"
-    else:
-        body = smuggled + b" " * (100 - len(smuggled)) if case == "413" else smuggled
-    try:
+    with _serving(model, api_key=KEY) as (srv, _):
+        srv.RequestHandlerClass.max_body_bytes = 64
+        smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        length = {"413": b"Content-Length: 100", "bad length": b"Content-Length: 1e3"}.get(case, b"Content-Length: "
+                                                                                          + str(len(smuggled)).encode())
+        path = b"/v1/nowhere" if case == "404" else b"/v1/chat/completions"
+        auth = b"" if case == "401" else b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+        if case == "411":
+            length, body = b"Transfer-Encoding: chunked", b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n"
+        else:
+            body = smuggled + b" " * (100 - len(smuggled)) if case == "413" else smuggled
         reply = _raw(srv, b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + auth + length + b"\r\n\r\n" + body
                      + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         status = {"bad length": "400"}.get(case, case)
@@ -293,17 +289,12 @@ def test_a_body_refused_unread_ends_the_connection(model, case):
                      + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 400 ") and reply.count(b"HTTP/1.1 ") == 2, reply
         assert b'"status": "ok"' in reply
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        svc.close()
 
 
 def test_idle_connections_are_closed_after_the_timeout_and_at_stop(model):
     """A keep-alive connection waiting for its next request holds a server thread: the server closes it after
     ``keep_alive_timeout`` seconds, and at once when it stops (not after the timeout)."""
-    svc, srv, _ = _start(model, keep_alive_timeout=0.2)
-    try:
+    with _serving(model, keep_alive_timeout=0.2) as (srv, _):
         with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
             s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             reply = b""
@@ -315,19 +306,10 @@ def test_idle_connections_are_closed_after_the_timeout_and_at_stop(model):
         while srv.open_connections():
             assert time.time() < deadline, "the idle connection's thread did not end"
             time.sleep(0.01)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        svc.close()
-    svc, srv, _ = _start(model, keep_alive_timeout=3600)
-    c = _conn(srv)
-    try:
+    with _serving(model, keep_alive_timeout=3600) as (srv, _):  # its stop closes the idle connection at once
+        c = _conn(srv)
         assert _ask(c, "GET", "/health")[0].status == 200
         assert srv.wait_for_requests(timeout=30) == 0 and srv.open_connections() == 1  # idle
-    finally:
-        srv.shutdown()
-        srv.server_close()  # closes the idle connection now, not in an hour
-        svc.close()
     assert c.sock.recv(1) == b""  # (c's timeout is 60 s: a connection left open would raise here)
     assert srv.wait_for_requests(timeout=30) == 0
     c.close()
@@ -366,10 +348,9 @@ def test_an_over_long_body_still_reads_its_413_as_a_client_uploading_it(model):
     closing a socket with unread bytes in it sends a TCP reset, which discards the answer not yet read. The
     server reads and drops the rest of the upload (for a while) before closing. As an HTTP client does it:
     the whole body sent, then the answer read."""
-    svc, srv, _ = _start(model)
-    srv.RequestHandlerClass.max_body_bytes = 1024
-    body = b"x" * (8 << 20)
-    try:
+    with _serving(model) as (srv, _):
+        srv.RequestHandlerClass.max_body_bytes = 1024
+        body = b"x" * (8 << 20)
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
                 s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -380,10 +361,6 @@ def test_an_over_long_body_still_reads_its_413_as_a_client_uploading_it(model):
                     out += chunk
             assert out.startswith(b"HTTP/1.1 413 "), out[:200]
             assert b"more than 1024" in out and b"\r\nConnection: close\r\n" in out
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        svc.close()
 
 
 def test_the_wrong_method_is_a_405_naming_the_right_one(plain):
