@@ -71,6 +71,13 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", keep_al
         raise FileExistsError(f"--out {out} exists and is not an empty directory; give a new one")
     if keep_align_head and lm_only:
         raise ValueError("--keep-align-head and --lm-only exclude each other (the LM alone has no alignment head)")
+    ck = Path(checkpoint)
+    if (ck / "config.json").is_file() and not (ck / "config.yaml").is_file():
+        # a Mamba LM folder (state-spaces or transformers layout): not what `load` reads; say what converts it
+        raise ValueError(f"--checkpoint {checkpoint} is a language-model folder (config.json), not an EMMA-Mamba "
+                         f"checkpoint (config.yaml); export reads EMMA-Mamba checkpoints. To write a Mamba LM in "
+                         f"transformers' layout: MambaLM.from_pretrained(DIR).save_pretrained(OUT, layout=\"hf\") "
+                         f"(emma_mamba.models.mamba; layout=\"original\" for mamba-ssm's)")
     if keep_align_head and not has_align_head_weights(checkpoint):
         raise ValueError(f"--keep-align-head: {checkpoint} holds no alignment-head weights")
     model = load(checkpoint, for_training=keep_align_head)

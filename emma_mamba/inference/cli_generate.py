@@ -137,7 +137,7 @@ def load_lm(args, device, dtype):
     """``--lm DIR`` or ``--random-init PRESET``: (MambaLM in eval mode, tokenizer). Raises UsageError."""
     import torch
 
-    from emma_mamba.models.mamba import MAMBA_PRESETS, CheckpointError, MambaConfig, MambaLM
+    from emma_mamba.models.mamba import MAMBA_PRESETS, CheckpointError, MambaConfig, MambaLM, hub_id_hint
     from emma_mamba.models.tokenizer import load_tokenizer
 
     if args.image is not None:
@@ -146,7 +146,7 @@ def load_lm(args, device, dtype):
         lm_dir = Path(args.lm)
         if not lm_dir.exists():
             hint = (f" (to try the command without weights: --random-init {args.lm})"
-                    if args.lm in MAMBA_PRESETS else "")
+                    if args.lm in MAMBA_PRESETS else hub_id_hint(args.lm))
             raise UsageError(f"--lm {args.lm}: no such directory{hint}")
         if (lm_dir / "config.yaml").is_file() and not (lm_dir / "config.json").is_file():
             raise UsageError(f"--lm {args.lm}: an EMMA-Mamba checkpoint (config.yaml), not a language model "

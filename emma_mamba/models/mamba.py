@@ -987,8 +987,9 @@ def _config_from_hf2(d: dict, where: str) -> MambaConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin")
+# transformers' order of preference (modeling_utils: model.safetensors, its index, pytorch_model.bin, its index)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -1001,61 +1002,112 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: not a readable weights-only torch file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable weights-only torch file ({_torch_load_reason(path, e)})") from e
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     return sd
 
 
+def _torch_load_reason(path: Path, e: Exception) -> str:
+    """Why torch.load(weights_only=True) failed, in words (torch's own text for a refused object advises turning
+    weights_only off, and a corrupt or truncated file reads as "[Errno 22] Invalid argument" or "Unsupported
+    operand")."""
+    import pickle
+    import zipfile
+
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:  # torch's reason, not its advice
+        rest = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        detail = [f"WeightsUnpickler error: {rest[0]}" if rest else type(e).__name__]
+    else:
+        detail = text.splitlines()[:1] or [type(e).__name__]
+    if zipfile.is_zipfile(path):
+        if isinstance(e, pickle.UnpicklingError):
+            return ("it holds objects other than tensors, which weights-only loading refuses: nothing in a "
+                    f"checkpoint is executed; {detail[0]}")
+        return detail[0]
+    return ("not a complete torch.save archive: the file is truncated or corrupt (compare its size with the "
+            f"original's), or not a torch file at all; {detail[0]}")
+
+
 def _read_weights(d: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors of a checkpoint directory and, per key, the file it came from."""
-    for name in _WEIGHT_FILES:
-        f = d / name
-        if not f.is_file():
-            continue
-        if name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(f.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{f}: not a valid shard index (needs a 'weight_map' object): {e}") from None
-            sd, src = {}, {}
-            for shard in sorted(set(weight_map.values())):
-                sf = d / shard
-                if Path(shard).name != shard or not sf.is_file():
-                    raise CheckpointError(f"{f} names shard {shard!r}, which is not a file in {d}")
-                part = _read_tensors(sf)
-                for k, v in part.items():
-                    sd[k] = v
-                    src[k] = str(sf)
-            missing = sorted(set(weight_map) - set(sd))
-            if missing:
-                raise CheckpointError(f"{f} lists {missing[0]!r} in {weight_map[missing[0]]} but that shard does "
-                                      f"not contain it")
-            return sd, src
-        sd = _read_tensors(f)
-        return sd, {k: str(f) for k in sd}
-    found = sorted(x.name for x in d.iterdir())[:12]
-    raise CheckpointError(f"{d}: no weights found (looked for {', '.join(_WEIGHT_FILES)}; the directory holds: "
-                          f"{', '.join(found) or 'nothing'})")
+    """All tensors of a checkpoint directory and, per key, the file it came from: the first of
+    ``_WEIGHT_FILES`` present, as transformers picks (a folder with both formats reads the safetensors; another
+    weight file beside the one read is named in a log line)."""
+    present = [name for name in _WEIGHT_FILES if (d / name).is_file()]
+    if not present:
+        for name in _WEIGHT_FILES:  # a weight name that is there, but not as a file
+            if (d / name).exists():
+                kind = "a directory" if (d / name).is_dir() else "not a regular file"
+                raise CheckpointError(f"{d / name} is {kind}; the weights must be a file of that name")
+        found = sorted(x.name for x in d.iterdir())[:12]
+        raise CheckpointError(f"{d}: no weights found (looked for {', '.join(_WEIGHT_FILES)}; the directory "
+                              f"holds: {', '.join(found) or 'nothing'})")
+    name = present[0]
+    f = d / name
+    if present[1:]:
+        log.info("%s: reading %s; not reading %s (transformers' order of preference)", d, name,
+                 ", ".join(present[1:]))
+    if name.endswith(".index.json"):
+        try:
+            index = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: not a valid shard index (not JSON: {e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+            raise CheckpointError(f"{f}: not a valid shard index (needs a non-empty 'weight_map' object mapping "
+                                  f"each tensor name to its shard's file name)")
+        sd, src = {}, {}
+        for shard in sorted(set(weight_map.values())):
+            sf = d / shard
+            if Path(shard).name != shard or not sf.is_file():
+                raise CheckpointError(f"{f} names shard {shard!r}, which is not a file in {d}")
+            part = _read_tensors(sf)
+            for k, v in part.items():
+                sd[k] = v
+                src[k] = str(sf)
+        missing = sorted(set(weight_map) - set(sd))
+        if missing:
+            raise CheckpointError(f"{f} lists {missing[0]!r} in {weight_map[missing[0]]} but that shard does "
+                                  f"not contain it")
+        return sd, src
+    sd = _read_tensors(f)
+    return sd, {k: str(f) for k in sd}
 
 
 def load_state_dict_from_dir(path: str | os.PathLike) -> tuple[MambaConfig, dict[str, torch.Tensor], str]:
     """Read a checkpoint directory: (config, state dict renamed to MambaLM's keys, layout "original"|"hf").
 
-    The layout is recognised from config.json (``d_model`` = state-spaces, ``hidden_size`` = transformers);
+    The layout is recognised from config.json (``hidden_size`` or ``model_type`` = transformers, else ``d_model`` =
+    state-spaces: the state-spaces ``*-hf`` configs hold both, and transformers reads their own fields);
     the tensor names of either layout are accepted with either config.
     """
     config, sd, layout, _ = _load_dir(path)
     return config, sd, layout
 
 
+def hub_id_hint(path) -> str:
+    """For a missing path that reads like a Hugging Face Hub id ("state-spaces/mamba-130m"): a sentence saying that
+    nothing is downloaded and how to get the folder; else ""."""
+    import re
+
+    text = os.fspath(path)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or text.endswith((".json", ".bin", ".safetensors")):
+        return ""
+    return (f" (it reads like a Hugging Face Hub id: checkpoints are read from a local folder only, nothing is "
+            f"downloaded; fetch it first, e.g. `huggingface-cli download {text} --local-dir {text.split('/')[1]}`, "
+            f"and pass that folder)")
+
+
 def _load_dir(path):
     """load_state_dict_from_dir, plus each renamed key's original name and file (for error messages)."""
     d = Path(path)
     if not d.exists():
-        raise CheckpointError(f"checkpoint directory {d} does not exist")
+        raise CheckpointError(f"checkpoint directory {d} does not exist{hub_id_hint(path)}")
     if not d.is_dir():
-        raise CheckpointError(f"{d} is not a directory; pass the checkpoint folder holding config.json")
+        hint = f" (here perhaps {d.parent})" if (d.parent / "config.json").is_file() else ""
+        raise CheckpointError(f"{d} is not a directory; pass the checkpoint folder holding config.json{hint}")
     cfg_file = d / "config.json"
     if not cfg_file.is_file():
         found = sorted(x.name for x in d.iterdir())[:12]
@@ -1067,10 +1119,12 @@ def _load_dir(path):
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_file}: expected a JSON object")
-    if "d_model" in raw:
-        layout, config = "original", _config_from_original(raw, str(cfg_file))
-    elif "hidden_size" in raw:
+    # transformers' files first: the state-spaces *-hf configs (and every model saved from one) also carry
+    # mamba-ssm's d_model / n_layer / ssm_cfg / pad_vocab_size_multiple, which transformers ignores
+    if "hidden_size" in raw or "model_type" in raw:
         layout, config = "hf", _config_from_hf(raw, str(cfg_file))
+    elif "d_model" in raw:
+        layout, config = "original", _config_from_original(raw, str(cfg_file))
     else:
         raise CheckpointError(f"{cfg_file}: neither a state-spaces Mamba config (d_model, n_layer, ssm_cfg) nor "
                               f"a transformers MambaConfig (hidden_size, num_hidden_layers, state_size)")
