@@ -646,6 +646,11 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
     from emma_mamba.training.checkpoint import SHARDED_DIR, is_sharded
 
+    if (d / "config.json").is_file() and not (d / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{d} is a language-model folder (config.json: a Mamba LM in mamba-ssm's or "
+                                f"transformers' layout), not an EMMA-Mamba checkpoint ({CONFIG_NAME}, written by "
+                                f"EmmaMamba.save): load it with emma_mamba.models.mamba.MambaLM.from_pretrained, "
+                                f"or the commands' --lm option (generate, chat, serve)")
     sharded = not (d / WEIGHTS_NAME).is_file() and is_sharded(d)
     for name in (CONFIG_NAME, "tokenizer.json") + (() if sharded else (WEIGHTS_NAME,)):
         if not (d / name).is_file():

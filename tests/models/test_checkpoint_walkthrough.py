@@ -166,6 +166,15 @@ def test_export_of_a_language_model_folder_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "language-model folder (config.json)" in err and 'save_pretrained(OUT, layout="hf")' in err, err
     assert not (tmp_path / "out").exists()
+    # emma_mamba.load (and every --checkpoint command through it) says the same, and what loads it
+    import emma_mamba
+
+    with pytest.raises(FileNotFoundError, match=r"lm is a language-model folder \(config.json.*MambaLM\."
+                                                r"from_pretrained, or the commands' --lm option"):
+        emma_mamba.load(tmp_path / "lm")
+    assert main(["eval", "--checkpoint", str(tmp_path / "lm"), "--task", "pope", "--questions", "q.jsonl",
+                 "--images", str(tmp_path), "--out", str(tmp_path / "ev")]) != 0
+    assert "language-model folder" in capsys.readouterr().err
 
 
 def _original_layout(hf, path, dtype, vocab_size, pad):
