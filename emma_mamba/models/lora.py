@@ -31,6 +31,7 @@ merged file) and A, B bit for bit.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -56,10 +57,7 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
-        if r < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        _check_settings(r, alpha, dropout)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
@@ -115,6 +113,17 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}, dropout={p:g}"
 
 
+def _check_settings(r, alpha, dropout) -> None:
+    """A ValueError unless r is a whole number >= 1, alpha a finite number > 0 (a NaN or zero alpha would give NaN
+    or no adapter at all) and dropout in [0, 1)."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise ValueError(f"LoRA rank must be >= 1 (a whole number), got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
 def weight_of(linear: nn.Linear) -> torch.Tensor:
     """The weight a projection computes with: merged for a :class:`LoRALinear`, else its own."""
     return linear.merged_weight() if isinstance(linear, LoRALinear) else linear.weight
@@ -149,11 +158,17 @@ def apply_lora(lm: nn.Module, r: int, alpha: float, targets=None, base_dtype: to
     the wrapped frozen weights in that dtype (half the memory of the fp32 LM for bf16; the adapters stay fp32).
     ``dropout``: LoRA dropout on the adapters' inputs in training (in_proj and out_proj only: see the module
     doc). Returns the wrapped module names (relative to ``lm``)."""
+    _check_settings(r, alpha, dropout)  # before anything of the LM changes (a refused call leaves it as it was)
     if targets is None:
         targets = DEFAULT_TARGETS[lm.config.ssm_layer]
+    if isinstance(targets, str):  # one name, not its letters
+        raise ValueError(f"LoRA targets must be a list of projections from {', '.join(LORA_TARGETS)}, got the "
+                         f"string {targets!r} (write [{targets!r}])")
+    targets = list(targets)
     bad = [t for t in targets if t not in LORA_TARGETS]
-    if bad or not targets:
-        raise ValueError(f"LoRA targets must be a non-empty list from {', '.join(LORA_TARGETS)}, got {list(targets)}")
+    if bad or not targets or len(set(targets)) != len(targets):
+        raise ValueError(f"LoRA targets must be a non-empty list from {', '.join(LORA_TARGETS)}, each named once, "
+                         f"got {targets}")
     merged_only = [t for t in targets if t not in ACTIVATION_SPACE]
     if dropout > 0 and merged_only:
         raise ValueError(f"LoRA dropout acts on the adapters of {' and '.join(ACTIVATION_SPACE)} only: "
@@ -161,15 +176,18 @@ def apply_lora(lm: nn.Module, r: int, alpha: float, targets=None, base_dtype: to
                          f"no dropout can act; leave them out of the targets or set dropout 0")
     if has_lora(lm):
         raise ValueError("this LM already has LoRA adapters")
+    for layer in lm.layers:  # every target checked before anything of the LM changes
+        mixer = layer.mixer
+        for t in targets:
+            if getattr(mixer, t, None) is None:  # Mamba-2 computes dt, B and C in in_proj: no x_proj / dt_proj
+                raise ValueError(f"LoRA target {t}: the {type(mixer).__name__} of this LM has no {t}; its projections "
+                                 f"are {', '.join(n for n in LORA_TARGETS if hasattr(mixer, n))} (train.lora.targets)")
     lm.requires_grad_(False)
     names = []
     for i, layer in enumerate(lm.layers):
         mixer = layer.mixer
         for t in targets:
-            base = getattr(mixer, t, None)
-            if base is None:  # Mamba-2 computes dt, B and C in in_proj: no x_proj / dt_proj
-                raise ValueError(f"LoRA target {t}: the {type(mixer).__name__} of this LM has no {t}; its projections "
-                                 f"are {', '.join(n for n in LORA_TARGETS if hasattr(mixer, n))} (train.lora.targets)")
+            base = getattr(mixer, t)
             if base_dtype is not None and base.weight.dtype != base_dtype:
                 base.weight = nn.Parameter(base.weight.detach().to(base_dtype), requires_grad=False)
             setattr(mixer, t, LoRALinear(base, r, alpha, dropout))
@@ -225,7 +243,9 @@ def lora_metadata(model: nn.Module) -> dict[str, str]:
     mods = lora_modules(model)
     first = next(iter(mods.values()))
     targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
-    return {"r": str(first.r), "alpha": f"{first.alpha:g}", "targets": ",".join(targets)}
+    # alpha to its last bit (a sharded checkpoint's merge reads it back: "%g" alone keeps 6 digits, another scaling)
+    alpha = f"{first.alpha:g}" if float(f"{first.alpha:g}") == first.alpha else repr(first.alpha)
+    return {"r": str(first.r), "alpha": alpha, "targets": ",".join(targets)}
 
 
 def resume_state(model: nn.Module, current: dict, saved: dict, adapters: dict, where: str,

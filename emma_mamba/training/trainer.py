@@ -688,6 +688,23 @@ class Trainer:
             raise ConfigError(f"--resume {path}: {'; '.join(changed)}: the data order of the rest of the epoch "
                               f"depends on it (records would be skipped or trained twice); resume with the run's "
                               f"own value, or start a new run from the checkpoint with init_from")
+        # the adapters the checkpoint trained (another r fails on their shapes, naming train.lora.r): another alpha
+        # would rescale them (a sharded checkpoint resumed with it silently), another base_dtype round the frozen
+        # weights, other targets or train_embeddings change what trains; dropout may change (noise only)
+        lo_old, lo_new = old.lora, t.lora
+        if lo_old.r and lo_new.r and lo_old.r == lo_new.r:
+            def eff(lo):
+                return {"alpha": float(lo.alpha if lo.alpha is not None else 2.0 * lo.r),
+                        "targets": sorted(lo.targets or []), "base_dtype": lo.base_dtype,
+                        "train_embeddings": bool(lo.train_embeddings)}
+
+            was, now = eff(lo_old), eff(lo_new)
+            lora_changed = [f"train.lora.{k} {was[k]!r} there, {now[k]!r} here" for k in was if was[k] != now[k]]
+            if lora_changed:
+                raise ConfigError(f"--resume {path}: {'; '.join(lora_changed)}: the checkpoint's adapters were "
+                                  f"trained with its own train.lora (alpha scales them, base_dtype holds the frozen "
+                                  f"weights, targets and train_embeddings say what trains); resume with the run's "
+                                  f"own values, or start a new run from the checkpoint's merged model with init_from")
         # held by the optimizer's and scheduler's states (the peak lr is the scheduler's base_lrs): the checkpoint's
         fixed = ("lr", "weight_decay", "betas", "eps", "lr_multipliers", "decay_embeddings")
         kept = []
