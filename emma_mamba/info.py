@@ -1,7 +1,9 @@
 """`emma-mamba info`: parameter report of a model config, per module and per training stage.
 
 The model is built on the meta device (shapes only: no memory, no init, no weight files read), so even the
-2.8B preset reports instantly. Columns: total parameters, and those trainable in stage 1 (``pretrain``:
+2.8B preset reports instantly. A training recipe (stage, data, train, ... at the top: ``stage`` may be left out)
+reports the model it trains and what that run trains (its train.trainable, and its train.lora adapters in place
+of the LM unless --lora is given). Columns: total parameters, and those trainable in stage 1 (``pretrain``:
 MFF, instruction fusion, projector) and stage 2 (``finetune``: also the LM and the alignment head). Tied
 weights count once. The summary states what MFF and instruction fusion add, as a share of the whole model.
 """
@@ -32,10 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = False) -> dict:
+ROW_MODULE = {"vision": "vision", "vision.second_encoder": "vision", "mff": "mff", "instruction.fusion": "instruction",
+              "projector": "projector", "lm": "lm", "align_head": "align_head"}
+"""parameter_counts' rows -> the train.trainable name that trains them (the text tower: never)."""
+
+
+def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = False,
+           recipe: dict | None = None) -> dict:
     """Counts of a config's model (built on the meta device): {'modules': {...}, 'total': {...}, ...}; with
     ``lora_r`` also 'lora': the adapters' count and stage 2's trainable count with them (LM frozen; with
-    ``lora_embeddings`` but its token embedding and head; ``lora_targets`` None: the LM's default targets)."""
+    ``lora_embeddings`` but its token embedding and head; ``lora_targets`` None: the LM's default targets).
+    ``recipe``: {'stage', 'trainable'} of a training recipe: 'recipe' in the report adds what that run trains
+    (its train.trainable, or its stage's default; with LoRA, the LM's adapters instead of the LM)."""
     import torch
 
     from emma_mamba.models.vlm import EmmaMamba
@@ -66,6 +76,18 @@ def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = Fals
         lora = {"r": lora_r, "targets": list(lora_targets), "adapter_params": adapters, "embedding_params": emb,
                 "finetune": total["finetune"] - rows["lm"]["finetune"] + adapters + emb,
                 "flops_per_lm_position": lm_flops_per_position(model.lm)}
+    if recipe is not None:  # what this run trains: its train.trainable, or the stage's default (parameter_counts)
+        stage, trainable = recipe["stage"], recipe.get("trainable")
+        if trainable is None:
+            trained = {name: r[stage] for name, r in rows.items()}
+        else:
+            trained = {name: (r["finetune"] if ROW_MODULE.get(name) == "vision" else r["total"])
+                       if ROW_MODULE.get(name) in trainable else 0 for name, r in rows.items()}
+        n = sum(trained.values())
+        if lora is not None and trained.get("lm"):  # the LM frozen under its adapters
+            n += lora["adapter_params"] + lora["embedding_params"] - trained["lm"]
+        recipe = {"stage": stage, "trainable": None if trainable is None else list(trainable),
+                  "lora": bool(lora is not None and trained.get("lm")), "trained": n}
     return {
         "config": cfg.name,
         "vision": cfg.vision.model_name,
@@ -83,6 +105,7 @@ def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = Fals
         "instruction_text_tower_share": tower / total["total"],
         "lora": lora,
         "flops": flops,
+        "recipe": recipe,
     }
 
 
@@ -104,6 +127,16 @@ def _bytes(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _is_recipe(doc: dict) -> bool:
+    """Whether a YAML mapping is a training recipe (a run config: stage, data, train, ... at the top; ``stage``
+    may be left out, pretrain's default) rather than a model config."""
+    import dataclasses
+
+    from emma_mamba.training.config import RunConfig
+
+    return bool(set(doc) & {f.name for f in dataclasses.fields(RunConfig)})
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -114,12 +147,23 @@ def run(args) -> int:
         path = path / "config.yaml"
     elif path is not None:
         path = resolve_config_path(path)  # a shipped recipe by name, as the training commands take it
+    recipe = None
+    doc = read_yaml_mapping(path) if path is not None else {}
+    if {"stage1", "stage2", "clip"} & set(doc):
+        print(f"emma-mamba info: --config {path}: a quickstart config (emma-mamba quickstart --config), not a model "
+              f"config, training recipe or checkpoint directory", file=sys.stderr)
+        return 2
     if path is None:
         cfg = get_preset(args.preset or "tiny")
-    elif "stage" in read_yaml_mapping(path):  # a training recipe: the model it trains (its model or init_from)
+    elif _is_recipe(doc):  # a training recipe: the model it trains (its model or init_from)
         from emma_mamba.training.config import load_run_config
 
-        cfg = load_run_config(path).model
+        run_cfg = load_run_config(path)
+        cfg = run_cfg.model
+        recipe = {"stage": run_cfg.stage, "trainable": run_cfg.train.trainable}
+        lo = run_cfg.train.lora
+        if lo.r and not (args.lora or args.lora_targets or args.lora_embeddings):  # the recipe's, unless asked
+            args.lora, args.lora_targets, args.lora_embeddings = lo.r, lo.targets, lo.train_embeddings
     else:
         cfg = load_config(path)
     if args.lora < 0:
@@ -132,7 +176,7 @@ def run(args) -> int:
             from emma_mamba.models.lora import check_targets
 
             check_targets(args.lora_targets, cfg.lm.ssm_layer, key="--lora-targets")
-        rep = report(cfg, args.lora, args.lora_targets, args.lora_embeddings)
+        rep = report(cfg, args.lora, args.lora_targets, args.lora_embeddings, recipe)
     except ValueError as e:  # bad --lora options: a usage error, exit 2 as the training commands' config errors
         print(f"emma-mamba info: {e}", file=sys.stderr)
         return 2
@@ -162,6 +206,12 @@ def run(args) -> int:
           f"{_flops(fl['pretrain']['per_lm_position'])} per LM position + {_flops(fl['pretrain']['per_image'])} "
           f"per image; stage 2 "
           f"{_flops(fl['finetune']['per_lm_position'])} + {_flops(fl['finetune']['per_image'])}")
+    rc = rep["recipe"]
+    if rc:
+        which = (f"train.trainable {', '.join(rc['trainable'])}" if rc["trainable"] is not None else
+                 "the stage's default modules")
+        print(f"this recipe trains (stage {rc['stage']}, {which}{', LoRA on the LM' if rc['lora'] else ''}): "
+              f"{_fmt(rc['trained'])} parameters")
     lo = rep["lora"]
     if lo:
         full = t["finetune"]

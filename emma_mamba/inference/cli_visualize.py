@@ -52,6 +52,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"emma-mamba visualize: --out {args.out}: {why} (e.g. maps.png; formats: "
               f"{', '.join(sorted(formats or ['png']))})", file=sys.stderr)
         return 2
+    js = out.with_suffix(".json")
+    for f in (out, js):  # checked before the model runs: a traceback after it, or a figure without its values
+        if f.is_dir():
+            print(f"emma-mamba visualize: --out {args.out}: {f} is a directory (name the figure's file, e.g. "
+                  f"{out / 'maps.png'})" if f == out else
+                  f"emma-mamba visualize: --out {args.out}: the values' file {f} is a directory", file=sys.stderr)
+            return 2
+    blocker = next((a for a in out.parents if a.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        print(f"emma-mamba visualize: --out {args.out}: cannot create its folder {out.parent} ({blocker} is a file)",
+              file=sys.stderr)
+        return 2
     try:  # decoded as training and generate decode it (EXIF rotation, transparency on white, 16-bit rescaled)
         image = load_image(args.image)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -72,11 +84,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         png = plot_maps(image, maps, out, title=args.prompt, extra=extra)
+        js = write_maps(maps, png.with_suffix(".json"), checkpoint=str(args.checkpoint),
+                        image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
     except ImportError as e:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
-    js = write_maps(maps, png.with_suffix(".json"), checkpoint=str(args.checkpoint),
-                    image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
+    except OSError as e:  # not writable, disk full: named in one line
+        print(f"emma-mamba visualize: --out {args.out}: cannot write {e.filename or out} ({e.strerror or e})",
+              file=sys.stderr)
+        return 2
     for layer, m in maps.items():
         print(f"layer {layer:3d}: visual-token norm min {float(m.min()):.3g}  mean {float(m.mean()):.3g}  "
               f"max {float(m.max()):.3g}")

@@ -9,7 +9,9 @@ are drawn faintly under their running mean over ``--smooth`` logged steps. A met
 every run (``align_loss`` without the alignment head) is left out of the default panels. Validation records
 (``val.json``: ``val_loss``, ``val_lm_loss``, ...) are drawn as dashed lines with markers in their training
 metric's panel; ``val_token_acc`` gets its own. A file in which a step is logged more than once (two runs that
-wrote into one output_dir at the same time) is plotted with a warning naming those steps.
+wrote into one output_dir at the same time) is plotted with a warning naming those steps. A NaN or inf value
+(a diverged step) is left out of its curve (it would make the running mean NaN from there on), with a warning
+naming the file, line and field.
 """
 
 from __future__ import annotations
@@ -55,8 +57,16 @@ def metrics_file(run: str | Path) -> Path:
 
 def read_metrics(path: Path) -> list[dict]:
     """The logged records of a metrics file; a torn last line (a run killed mid-write) is skipped."""
+    return [rec for _, rec in read_metrics_lines(path)]
+
+
+def read_metrics_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of each logged record of a metrics file (:func:`read_metrics`)."""
     rows = []
-    lines = text_lines(path.read_text(encoding="utf-8"))
+    try:
+        lines = text_lines(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlotError(f"{path}: cannot read it ({e})") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -67,10 +77,34 @@ def read_metrics(path: Path) -> list[dict]:
                 continue
             raise PlotError(f"{path}: line {n}: not valid JSON") from None
         if isinstance(rec, dict):
-            rows.append(rec)
+            rows.append((n, rec))
     if not rows:
         raise PlotError(f"{path}: no metrics logged yet")
     return rows
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def curve_points(rows: list[dict], key: str, x: str, skip_profiled: bool = True,
+                 lines: list[int] | None = None, dropped: list | None = None) -> list[tuple[float, float]]:
+    """The (x, value) points of ``key`` a panel draws from a run's records: those logging both as numbers, in
+    file order; a non-finite value (NaN, inf: a diverged step) is left out (it would turn the running mean into
+    NaN for the rest of the run) and, with ``dropped`` given, appended to it as (line number, field, value)
+    (``lines``: each record's line number in the file)."""
+    pts = []
+    for i, r in enumerate(rows):
+        xv, yv = r.get(x), r.get(key)
+        if not (_number(xv) and _number(yv)) or (skip_profiled and key in PROFILED_SKIP and r.get("profiled")):
+            continue
+        bad = [(f, v) for f, v in ((key, yv), (x, xv)) if not math.isfinite(v)]
+        if bad:
+            if dropped is not None:
+                dropped.extend((lines[i] if lines else i + 1, f, v) for f, v in bad)
+            continue
+        pts.append((xv, yv))
+    return pts
 
 
 def is_val(rec: dict) -> bool:
@@ -138,7 +172,9 @@ def run(args) -> int:
 
 def _run(args) -> int:
     paths = [metrics_file(r) for r in args.runs]
-    runs = [(p, read_metrics(p)) for p in paths]
+    numbered = [read_metrics_lines(p) for p in paths]
+    runs = [(p, [rec for _, rec in recs]) for p, recs in zip(paths, numbered)]
+    line_of = [[n for n, _ in recs] for recs in numbered]
     for p, rows in runs:  # a line through them would zigzag between two runs' values without a word
         dup = duplicated_steps(rows)
         if dup:
@@ -174,14 +210,23 @@ def _run(args) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(args.out) if args.out else paths[0].parent / "curves.png"
+    if out.is_dir():
+        raise PlotError(f"--out {out}: is a directory; name the PNG file (e.g. {out / 'curves.png'})")
+    try:  # before drawing: a parent that is a file, or not writable, named in one line
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((a for a in out.parents if a.exists()), None)
+        why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else (e.strerror or str(e))
+        raise PlotError(f"--out {out}: cannot create its folder {out.parent} ({why})") from None
+
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    dropped: dict[Path, list] = {p: [] for p in paths}  # non-finite values left out of the curves
     for ax, key in zip(axes.flat, keys):
         for i, (path, rows) in enumerate(runs):
-            pts = [(r[args.x], r[key]) for r in rows if isinstance(r.get(key), (int, float))
-                   and isinstance(r.get(args.x), (int, float))
-                   and not (key in PROFILED_SKIP and r.get("profiled"))]
+            pts = curve_points(rows, key, args.x, lines=line_of[i], dropped=dropped[path])
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -192,8 +237,7 @@ def _run(args) -> int:
             else:
                 ax.plot(xs, ys, color=colour, linewidth=1.5, label=_label(path, paths))
         for i, (path, rows) in enumerate(runs):  # validation points over their training metric
-            pts = [(r[args.x], r["val_" + key]) for r in rows if isinstance(r.get("val_" + key), (int, float))
-                   and isinstance(r.get(args.x), (int, float))]
+            pts = curve_points(rows, "val_" + key, args.x, lines=line_of[i], dropped=dropped[path])
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, color=f"C{i % 10}", linestyle="--", marker="o", markersize=3, linewidth=1.2,
@@ -201,7 +245,7 @@ def _run(args) -> int:
         ax.set_title(key + (" (- - val)" if any("val_" + key in r for _, rows in runs for r in rows) else ""))
         ax.set_xlabel(args.x)
         if key.endswith("loss") and all(v > 0 for _, rows in runs for r in rows for k in (key, "val_" + key)
-                                        if isinstance(v := r.get(k), (int, float))):
+                                        if _number(v := r.get(k)) and math.isfinite(v)):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
@@ -209,10 +253,19 @@ def _run(args) -> int:
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"{len(runs)} run(s); running mean over {window} logged steps" if window > 1 else f"{len(runs)} run(s)")
     fig.tight_layout()
-    out = Path(args.out) if args.out else paths[0].parent / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    for path, bad in dropped.items():  # each (line, field) once: a value can be in two panels' data (--x)
+        bad = sorted(set((n, f, repr(v)) for n, f, v in bad))
+        if bad:
+            shown = ", ".join(f"line {n}: {f} {v}" for n, f, v in bad[:5]) + (
+                f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            print(f"emma-mamba plot: warning: {path}: {len(bad)} non-finite value(s) left out of the curves "
+                  f"({shown})", file=sys.stderr)
+    try:
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise PlotError(f"--out {out}: cannot write it ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     n_val = sum(len(rows) for _, rows in runs) - sum(n_train)
     print(f"wrote {out} ({', '.join(keys)}; {sum(n_train)} logged steps"
           + (f" and {n_val} validation records" if n_val else "") + f" from {len(runs)} run(s))")
