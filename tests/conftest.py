@@ -25,3 +25,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _restore_forced_backend():
+    """A command run in-process with ``--backend`` forces the ops' backend for the whole process (right for a
+    command, which is a process of its own): restored after each test, so that it does not leak into the tests
+    that run after it in the same worker (the compile tests then traced the torch reference, not the kernels)."""
+    from emma_mamba import ops
+
+    before = ops._forced
+    yield
+    if ops._forced != before:
+        ops.set_backend(before)
