@@ -184,10 +184,11 @@ def _write_clean(src: Path, usable: set, dst: Path) -> int:
     """The records of ``src`` whose index is in ``usable``, unchanged, in ``src``'s format; returns the count."""
     if dst.resolve() == src.resolve():
         raise OSError(f"--write-clean {dst}: that is the data file itself; write the clean copy elsewhere")
-    from emma_mamba.data.llava import is_jsonl, jsonl_lines, read_text_utf8
+    from emma_mamba.data.llava import is_jsonl, read_text_utf8
+    from emma_mamba.fileio import text_lines
 
     if is_jsonl(src):  # the lines as read_records numbers them (not str.splitlines: U+2028 inside a record)
-        lines = [line for i, line in enumerate(jsonl_lines(read_text_utf8(src))) if i in usable]
+        lines = [line for i, line in enumerate(text_lines(read_text_utf8(src))) if i in usable]
         dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
         return len(lines)
     records = [r for i, r in enumerate(json.loads(read_text_utf8(src))) if i in usable]

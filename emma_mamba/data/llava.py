@@ -71,7 +71,7 @@ from emma_mamba.fileio import text_lines
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
            "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources",
-           "repeat_indices", "record_where", "is_jsonl", "jsonl_lines"]
+           "repeat_indices", "record_where", "is_jsonl"]
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,6 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".jsonl"
 
 
-def jsonl_lines(text: str) -> list[str]:
-    """The lines of a JSON Lines text: :func:`emma_mamba.fileio.text_lines` (split at ``\n`` only: not at the
-    U+2028 a JSON string holds)."""
-    return text_lines(text)
-
-
 def record_where(path: str | Path, index: int, rid=None) -> str:
     """How messages name record ``index`` of data file ``path``: ``record N`` (0-based, the list index) in a
     .json file, ``line N`` (1-based, as an editor numbers it) in a .jsonl file; its id when it has one."""
@@ -263,7 +257,7 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
         raise DataError(f"data file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     text = read_text_utf8(path)
     if is_jsonl(path):
-        lines = jsonl_lines(text)
+        lines = text_lines(text)  # at newlines only: a record may hold U+2028 (json.dumps(ensure_ascii=False))
         first = next((line.strip() for line in lines if line.strip()), "")
         if first == "[" or first.startswith("[{") or first.startswith("[ {"):
             raise DataError(f"{path}: a .jsonl file holds one JSON object per line, but this one starts a JSON list "

@@ -945,7 +945,7 @@ class _Handler(BaseHTTPRequestHandler):
         route = self.path.rstrip("/")
         others = {"/v1/completions": self.service.text_completion, "/tokenize": self.service.tokenize,
                   "/detokenize": self.service.detokenize}
-        if route != "/v1/chat/completions" and route not in others:
+        if route not in _POST_ROUTES:
             if route in _GET_ROUTES and (route or self.web_ui) or route.startswith("/v1/models/"):
                 return self._json(405, _error_body(f"POST {self.path}: this endpoint takes GET", None),
                                   {"Allow": "GET, HEAD"})
