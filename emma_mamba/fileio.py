@@ -1,4 +1,5 @@
-"""Writing weight files as users expect to find them.
+"""Files as users expect to read and find them: text lines, JSON Lines names, output paths checked before a
+run, weight files' modes.
 
 safetensors (0.8) and ``tempfile.mkstemp`` create files readable by their owner only (mode 0600), whatever the
 umask; a checkpoint or an exported model is meant to be shared (read by a serving user, copied by a colleague),
@@ -20,6 +21,36 @@ def text_lines(text: str) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def is_jsonl(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a JSON Lines file (``.jsonl`` in any case: ``train.JSONL`` too)."""
+    return Path(path).suffix.lower() == ".jsonl"
+
+
+def output_problem(path: str | os.PathLike, what: str = "name a file") -> str | None:
+    """Why ``path`` cannot be written as an output file (None: it can), checked before a long run so that it fails
+    at once rather than after it: it is a directory (``what`` says what to give instead), it exists unwritable, a
+    parent is a file, or the nearest existing parent is not writable. Checks only, creates nothing."""
+    path = os.fspath(path)
+    if not path:
+        return "empty path"
+    if path.endswith(os.sep) or os.path.isdir(path):
+        return f"{path} is a directory ({what})"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        up = os.path.dirname(parent)
+        if up == parent:
+            break
+        parent = up
+    if not os.path.isdir(parent):
+        kind = "a file" if os.path.isfile(parent) else "not a directory"
+        return f"cannot create the folder of {path}: {parent} is {kind}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write under {parent}"
+    return None
 
 
 def default_file_mode() -> int:

@@ -21,6 +21,7 @@ import time
 
 from emma_mamba.cli import positive_int  # noqa: F401 - the project's count type, one of this module's option types
 from emma_mamba.envinfo import _dist_version
+from emma_mamba.fileio import output_problem
 
 DEFAULT_DIR = "bench_results"
 """Where a benchmark writes its JSON when ``--out`` is not given: relative to the working directory, and never the
@@ -156,25 +157,9 @@ def non_negative_float(text: str) -> float:
 
 
 def out_problem(path: str) -> str | None:
-    """Why ``path`` cannot be written as an output file (None: it can): it is a directory, or a parent is a
-    file, or the nearest existing parent is not writable. Checks only, creates nothing."""
-    if not path:
-        return "empty path"
-    if path.endswith(os.sep) or os.path.isdir(path):
-        return f"{path} is a directory (--out names a file)"
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        return f"{path} is not writable"
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        up = os.path.dirname(parent)
-        if up == parent:
-            break
-        parent = up
-    if not os.path.isdir(parent):
-        return f"cannot create the folder of {path}: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot write under {parent}"
-    return None
+    """Why ``path`` cannot be written as an output file (None: it can): :func:`emma_mamba.fileio.output_problem`,
+    with the advice a ``--out`` option needs where it names a directory."""
+    return output_problem(path, what="--out names a file")
 
 
 def out_path(text: str) -> str:

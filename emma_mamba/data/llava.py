@@ -67,7 +67,7 @@ from typing import Sequence
 
 import torch
 
-from emma_mamba.fileio import text_lines
+from emma_mamba.fileio import is_jsonl, text_lines
 
 __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "read_records", "plan_rows", "collate",
            "REASONS", "NOTES", "IGNORE_INDEX", "chat_segments", "hoist_images", "preprocess_image", "data_sources",
@@ -234,11 +234,6 @@ class _Issues:
             log.warning("skipping %s [%s]", text, reason)
         elif n == _MAX_LOGGED_SKIPS + 1:
             log.warning("more bad records are being skipped; counts per reason are in the data summary")
-
-
-def is_jsonl(path: str | Path) -> bool:
-    """Whether data file ``path`` is JSON Lines (named ``.jsonl``, in any case: ``train.JSONL`` too)."""
-    return Path(path).suffix.lower() == ".jsonl"
 
 
 def record_where(path: str | Path, index: int, rid=None) -> str:

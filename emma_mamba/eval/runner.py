@@ -128,7 +128,7 @@ from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, ref
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
 from emma_mamba.eval.vqa import OCR_REFERENCE, textvqa_ocr_tokens, textvqa_records, textvqa_with_ocr, vizwiz_records
-from emma_mamba.fileio import text_lines
+from emma_mamba.fileio import is_jsonl, text_lines
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
            "model_identity", "run_record", "check_run_record", "check_images", "limit_questions",
@@ -255,7 +255,7 @@ def _read_questions(task, questions, images, image_template, split, lang, ocr) -
             out.append(Question(require(rec, ("question_id",), qpath, loc, "POPE question"),
                                 _image(images, require(rec, ("image",), qpath, loc, "POPE question"), where),
                                 require(rec, ("text",), qpath, loc, "POPE question"), has_answer="label" in rec))
-    elif task in ("vqav2", "gqa", "vizwiz") and qpath.suffix == ".jsonl":  # LLaVA-1.5's question files
+    elif task in ("vqav2", "gqa", "vizwiz") and is_jsonl(qpath):  # LLaVA-1.5's question files
         for loc, rec in load_records(qpath, f"{task} question"):
             name = require(rec, ("image",), qpath, loc, f"{task} question")
             qid = require(rec, ("question_id",), qpath, loc, f"{task} question")
@@ -437,7 +437,7 @@ def default_annotations(task: str, questions: str | Path, read: Sequence[Questio
         return None
     # ScienceQA: problems.json holds every split's answers; LLaVA's GQA JSONL holds none
     if task in ("gqa", "mme", "scienceqa", "refcoco", "ocidref"):
-        return None if task == "gqa" and q.suffix == ".jsonl" else q
+        return None if task == "gqa" and is_jsonl(q) else q
     if task in ("pope", "textvqa", "vizwiz", "seed", "mmbench", "vsr", "tallyqa", "ai2d"):  # LLaVA's POPE: no labels
         return q if all(x.has_answer for x in read) else None
     cand = q.with_name(q.name.replace("OpenEnded_", "").replace("questions", "annotations"))

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from emma_mamba.fileio import output_problem
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="EMMA-Mamba checkpoint directory")
@@ -53,16 +55,12 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(sorted(formats or ['png']))})", file=sys.stderr)
         return 2
     js = out.with_suffix(".json")
-    for f in (out, js):  # checked before the model runs: a traceback after it, or a figure without its values
-        if f.is_dir():
-            print(f"emma-mamba visualize: --out {args.out}: {f} is a directory (name the figure's file, e.g. "
-                  f"{out / 'maps.png'})" if f == out else
-                  f"emma-mamba visualize: --out {args.out}: the values' file {f} is a directory", file=sys.stderr)
-            return 2
-    blocker = next((a for a in out.parents if a.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        print(f"emma-mamba visualize: --out {args.out}: cannot create its folder {out.parent} ({blocker} is a file)",
-              file=sys.stderr)
+    # checked before the model runs: a traceback after it, or a figure without its values
+    problem = output_problem(out, what=f"name the figure's file, e.g. {out / 'maps.png'}")
+    if problem is None and (problem := output_problem(js, what="the values are written there")):
+        problem = f"the values' file {problem}"
+    if problem:
+        print(f"emma-mamba visualize: --out {args.out}: {problem}", file=sys.stderr)
         return 2
     try:  # decoded as training and generate decode it (EXIF rotation, transparency on white, 16-bit rescaled)
         image = load_image(args.image)

@@ -43,6 +43,10 @@ def activation_maps(model, image, prompt: str = "Describe the image in detail.",
         k = layer + n + 1 if layer < 0 else layer
         if not 0 <= k <= n:
             raise ValueError(f"layer {layer} is outside 0..{n} (this LM has {n} blocks; negative counts from {n})")
+        if k in picked:  # one map would be drawn for both, silently
+            same = layers[picked.index(k)]
+            raise ValueError(f"layers {same} and {layer} both name depth {k} (this LM has {n} blocks; negative "
+                             f"counts from {n}): give each depth once")
         picked.append(k)
     hidden, start = _visual_hidden(model, image, prompt)
     gh, gw = model.vision.grid

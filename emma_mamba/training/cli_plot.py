@@ -11,7 +11,7 @@ every run (``align_loss`` without the alignment head) is left out of the default
 metric's panel; ``val_token_acc`` gets its own. A file in which a step is logged more than once (two runs that
 wrote into one output_dir at the same time) is plotted with a warning naming those steps. A NaN or inf value
 (a diverged step) is left out of its curve (it would make the running mean NaN from there on), with a warning
-naming the file, line and field.
+naming the file, line and field; so is a line left out (a torn last line, a JSON value that is not an object).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from emma_mamba.fileio import text_lines
+from emma_mamba.fileio import output_problem, text_lines
 
 PROFILED_SKIP = ("tokens_per_s", "step_time", "tflops", "mfu")
 """Timings left out of the curves for the steps run under the profiler (``profiled: true``: slower)."""
@@ -60,8 +60,10 @@ def read_metrics(path: Path) -> list[dict]:
     return [rec for _, rec in read_metrics_lines(path)]
 
 
-def read_metrics_lines(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) of each logged record of a metrics file (:func:`read_metrics`)."""
+def read_metrics_lines(path: Path, skipped: list | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) of each logged record of a metrics file (:func:`read_metrics`); with ``skipped``
+    given, the lines left out (a torn last line, a JSON value that is not an object) are appended to it as
+    (line number, why)."""
     rows = []
     try:
         lines = text_lines(path.read_text(encoding="utf-8"))
@@ -74,10 +76,14 @@ def read_metrics_lines(path: Path) -> list[tuple[int, dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             if n == len(lines):
+                if skipped is not None:
+                    skipped.append((n, "the last line, not complete JSON (a run writing it, or killed mid-write)"))
                 continue
             raise PlotError(f"{path}: line {n}: not valid JSON") from None
         if isinstance(rec, dict):
             rows.append((n, rec))
+        elif skipped is not None:
+            skipped.append((n, f"a JSON {type(rec).__name__}, not an object"))
     if not rows:
         raise PlotError(f"{path}: no metrics logged yet")
     return rows
@@ -172,7 +178,14 @@ def run(args) -> int:
 
 def _run(args) -> int:
     paths = [metrics_file(r) for r in args.runs]
-    numbered = [read_metrics_lines(p) for p in paths]
+    numbered = []
+    for p in paths:  # every line left out is said: a curve shorter than the log without a word looks like a bug
+        skipped: list = []
+        numbered.append(read_metrics_lines(p, skipped))
+        if skipped:
+            print(f"emma-mamba plot: warning: {p}: {len(skipped)} line(s) left out: "
+                  + "; ".join(f"line {n}: {why}" for n, why in skipped[:3]) + ("; ..." if len(skipped) > 3 else ""),
+                  file=sys.stderr)
     runs = [(p, [rec for _, rec in recs]) for p, recs in zip(paths, numbered)]
     line_of = [[n for n, _ in recs] for recs in numbered]
     for p, rows in runs:  # a line through them would zigzag between two runs' values without a word
@@ -211,14 +224,13 @@ def _run(args) -> int:
     import matplotlib.pyplot as plt
 
     out = Path(args.out) if args.out else paths[0].parent / "curves.png"
-    if out.is_dir():
-        raise PlotError(f"--out {out}: is a directory; name the PNG file (e.g. {out / 'curves.png'})")
-    try:  # before drawing: a parent that is a file, or not writable, named in one line
+    problem = output_problem(out, what=f"name the PNG file, e.g. {out / 'curves.png'}")
+    if problem:  # before drawing: a directory, a parent that is a file, or not writable, named in one line
+        raise PlotError(f"--out {out}: {problem}")
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((a for a in out.parents if a.exists()), None)
-        why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else (e.strerror or str(e))
-        raise PlotError(f"--out {out}: cannot create its folder {out.parent} ({why})") from None
+        raise PlotError(f"--out {out}: cannot create its folder {out.parent} ({e.strerror or e})") from None
 
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)

@@ -49,7 +49,7 @@ def test_out_problem(tmp_path):
     assert record.out_problem(str(tmp_path / "new" / "deeper" / "r.json")) is None  # creatable
     assert record.out_problem(str(tmp_path / "f")) is None  # overwritten
     assert "is a directory" in record.out_problem(str(tmp_path))
-    assert "is not a directory" in record.out_problem(str(tmp_path / "f" / "r.json"))
+    assert f"{tmp_path / 'f'} is a file" in record.out_problem(str(tmp_path / "f" / "r.json"))
     with pytest.raises(argparse.ArgumentTypeError):
         record.out_path(str(tmp_path))
 

@@ -380,7 +380,7 @@ def test_llava_question_files_are_read_and_asked_verbatim(shapes, tmp_path):
                   "category": "adversarial"} for i, im in enumerate(imgs)],
     }
     for task, recs in files.items():
-        q = tmp_path / f"llava_{task}.jsonl"
+        q = tmp_path / f"llava_{task}.{'JSONL' if task == 'gqa' else 'jsonl'}"  # the suffix in any case
         q.write_text("".join(json.dumps(r) + "\n" for r in recs))
         seen = {}
 

@@ -50,6 +50,8 @@ def test_maps_equal_the_training_forwards_residual_stream(model):
     assert default_layers(64) == [0, 16, 32, 48, 64] and default_layers(2) == [0, 1, 2]
     with pytest.raises(ValueError, match=r"layer 5 is outside 0..2"):
         activation_maps(model, IMAGE, prompt, layers=[5])
+    with pytest.raises(ValueError, match=r"layers 2 and -1 both name depth 2"):  # one map was drawn for both
+        activation_maps(model, IMAGE, prompt, layers=[0, 2, -1])
 
 
 def test_cli_writes_the_figure_and_the_values(model, tmp_path, capsys):

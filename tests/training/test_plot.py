@@ -31,13 +31,26 @@ def test_plot_two_runs(tmp_path, capsys):
     assert len(read_metrics(a / "metrics.jsonl")) == 40  # the torn last line of a killed run is skipped
     out = tmp_path / "c.png"
     assert main(["plot", str(a), str(b / "metrics.jsonl"), "--out", str(out), "--smooth", "5"]) == 0
-    msg = capsys.readouterr().out
+    cap = capsys.readouterr()
+    msg = cap.out
+    # the skipped line is said, with its file and line number (41: after the 40 records)
+    assert f"{a / 'metrics.jsonl'}: 1 line(s) left out: line 41: the last line, not complete JSON" in cap.err
+    assert str(b / "metrics.jsonl") not in cap.err
     # align_loss is zero throughout: left out of the default panels
     assert "(loss, lm_loss, lr, grad_norm, tokens_per_s; 65 logged steps from 2 run(s))" in msg
     with Image.open(out) as im:
         assert im.size[0] > 500 and im.size[1] > 300
     assert main(["plot", str(a), "--keys", "align_loss", "--x", "total_tokens"]) == 0
     assert (a / "curves.png").is_file()
+
+
+def test_lines_that_are_not_records_are_named(tmp_path, capsys):
+    d = _run(tmp_path / "r", 3)
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n" + json.dumps({"step": 4, "loss": 0.5}) + "\n7\n")
+    assert main(["plot", str(d), "--keys", "loss", "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err
+    assert "2 line(s) left out: line 4: a JSON list, not an object; line 6: a JSON int, not an object" in err
 
 
 def test_plot_errors(tmp_path, capsys):
