@@ -104,6 +104,11 @@ def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = Fals
         "instruction_fusion_share": fusion / total["total"],
         "instruction_text_tower_share": tower / total["total"],
         "lora": lora,
+        # storage: the weights at each width (export's inference model leaves the alignment head out) and what
+        # AdamW keeps per trained parameter (an fp32 weight, its gradient and two moments: 16 bytes)
+        "bytes": {"weights_fp32": 4 * total["total"], "weights_bf16": 2 * total["total"],
+                  "inference_bf16": 2 * (total["total"] - rows.get("align_head", {}).get("total", 0)),
+                  "adamw_pretrain": 16 * total["pretrain"], "adamw_finetune": 16 * total["finetune"]},
         "flops": flops,
         "recipe": recipe,
     }
@@ -201,6 +206,11 @@ def run(args) -> int:
     print(f"MFF adds {100 * rep['mff_share']:.4f}% of the parameters; instruction fusion adds "
           f"{100 * rep['instruction_fusion_share']:.4f}% trainable (+ {100 * rep['instruction_text_tower_share']:.3f}% "
           f"frozen text tower)")
+    by = rep["bytes"]
+    print(f"weights: {_bytes(by['weights_fp32'])} in fp32, {_bytes(by['weights_bf16'])} in bf16 / fp16 "
+          f"({_bytes(by['inference_bf16'])} exported for inference, without the alignment head); AdamW's fp32 "
+          f"weight, gradient and two moments of the trained parameters: stage 1 {_bytes(by['adamw_pretrain'])}, "
+          f"stage 2 {_bytes(by['adamw_finetune'])} (activations not counted)")
     fl = rep["flops"]
     print("training-step model FLOPs (matmuls, forward + backward): stage 1 "
           f"{_flops(fl['pretrain']['per_lm_position'])} per LM position + {_flops(fl['pretrain']['per_image'])} "

@@ -449,6 +449,23 @@ def test_info_report_for_the_2p8b_preset(capsys):
     assert m2 == L * layer2 + 50288 * d + d
 
 
+def test_info_weight_and_optimizer_bytes_against_built_models(capsys):
+    from emma_mamba.cli import main
+    from emma_mamba.info import report
+
+    by = report(get_preset("tiny"))["bytes"]
+    full = EmmaMamba(get_preset("tiny"), for_training=True)
+    assert by["weights_fp32"] == 4 * sum(p.numel() for p in full.parameters())
+    kept = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("align_head."))  # export's
+    assert by["inference_bf16"] == 2 * kept < by["weights_bf16"]
+    for stage in ("pretrain", "finetune"):
+        full.set_stage(stage)
+        assert by[f"adamw_{stage}"] == 16 * sum(p.numel() for p in full.parameters() if p.requires_grad), stage
+    assert main(["info", "--preset", "emma-mamba-2.8b"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: 12.0 GiB in fp32, 6.0 GiB in bf16 / fp16" in out  # 3.219B parameters by hand: 4 / 2 bytes
+
+
 def test_meta_build_allocates_nothing():
     m = EmmaMamba(get_preset("emma-mamba-2.8b"), device="meta")
     assert all(p.is_meta for p in m.parameters())
