@@ -176,6 +176,18 @@ def _torch_info(torch) -> dict:
             "cudnn": cudnn, "num_threads": torch.get_num_threads()}
 
 
+def cpu_isa_of(ext) -> tuple[str | None, str | None]:
+    """(the instruction set the compiled CPU scan kernels run with now: EMMA_CPU_ISA's, or this CPU's best; the
+    error instead, where EMMA_CPU_ISA names an unknown set or one this CPU lacks) of extension module ``ext``;
+    (None, None) for a build without the query."""
+    if not hasattr(ext, "cpu_isa"):
+        return None, None
+    try:
+        return ext.cpu_isa(), None
+    except RuntimeError as e:
+        return None, str(e).splitlines()[0].removeprefix("emma_mamba: ") or type(e).__name__  # TORCH_CHECK's line
+
+
 def _extension_info() -> dict:
     out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None,
            "built_from_these_sources": None, "sources": None, "cpu_isa": None, "cpu_isa_error": None}
@@ -186,11 +198,7 @@ def _extension_info() -> dict:
         return out
     out.update(importable=True, path=getattr(_C, "__file__", None), with_cuda=bool(getattr(_C, "with_cuda", False)),
                cuda_archs=getattr(_C, "cuda_archs", None))
-    if hasattr(_C, "cpu_isa"):  # the CPU scan kernels' instruction set now (EMMA_CPU_ISA's, or this CPU's best)
-        try:
-            out["cpu_isa"] = _C.cpu_isa()
-        except RuntimeError as e:  # EMMA_CPU_ISA names an unknown set, or one this CPU lacks
-            out["cpu_isa_error"] = str(e).splitlines()[0].removeprefix("emma_mamba: ")  # TORCH_CHECK's first line
+    out["cpu_isa"], out["cpu_isa_error"] = cpu_isa_of(_C)
     from emma_mamba.ops import build_freshness
 
     try:

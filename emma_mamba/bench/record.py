@@ -20,7 +20,7 @@ import sys
 import time
 
 from emma_mamba.cli import positive_int  # noqa: F401 - the project's count type, one of this module's option types
-from emma_mamba.envinfo import _dist_version
+from emma_mamba.envinfo import _dist_version, cpu_isa_of
 from emma_mamba.fileio import output_problem
 
 DEFAULT_DIR = "bench_results"
@@ -63,12 +63,8 @@ def cpu_isa() -> str | None:
         from emma_mamba import _C
     except Exception as e:  # noqa: BLE001 - no build, or a broken one
         return f"unavailable ({type(e).__name__})"
-    if not hasattr(_C, "cpu_isa"):
-        return None
-    try:
-        return _C.cpu_isa()
-    except RuntimeError as e:  # EMMA_CPU_ISA names a set this CPU lacks
-        return f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    isa, error = cpu_isa_of(_C)
+    return f"error: {error}" if error else isa
 
 
 def load_average() -> list[float] | None:

@@ -36,6 +36,18 @@ def test_machine_info_describes_the_machine_and_the_run(monkeypatch):
     json.dumps(m)
 
 
+def test_a_bad_emma_cpu_isa_is_recorded_as_env_reports_it(monkeypatch):
+    from emma_mamba import _C, envinfo
+
+    if not hasattr(_C, "cpu_isa"):
+        pytest.skip("a build without the CPU kernels' ISA query")
+    monkeypatch.setenv("EMMA_CPU_ISA", "bogus")
+    err = envinfo._extension_info()["cpu_isa_error"]
+    assert err.startswith("EMMA_CPU_ISA=bogus ") and record.cpu_isa() == f"error: {err}"
+    monkeypatch.setenv("EMMA_CPU_ISA", "scalar")  # read at each call
+    assert record.cpu_isa() == "scalar" == envinfo._extension_info()["cpu_isa"]
+
+
 def test_git_commit_is_none_without_git(monkeypatch):
     def no_git(*a, **k):
         raise FileNotFoundError("git")
