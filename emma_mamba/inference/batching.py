@@ -11,7 +11,11 @@ rounding of a batched GEMM against a one-row one.
 
 One thread (:class:`BatchDecoder`) owns the model. Callers submit a :class:`DecodeJob` and wait on it; a
 streamed job's text goes through a queue that the caller's thread drains, so a slow or vanished client never
-stalls the batch (a caller that cannot deliver a chunk cancels its job, whose row leaves at the next step). With
+stalls the batch (a caller that cannot deliver a chunk cancels its job, whose row leaves at the next step). A
+streamed job that records log-probabilities can have them streamed too (``stream_logprobs``): its text is then
+cut at token boundaries, each piece put with the scores of exactly the tokens whose text it completes (a token
+whose text the detokenizer holds back, an incomplete UTF-8 character or the start of a possible stop string,
+waits with its score for that text), so the pieces' scores, in order, are the answer's scores. With
 ``cuda_graphs`` each batch size's step is captured once (:mod:`emma_mamba.inference.cuda_graphs`) and the batch's
 states live in that size's static buffers between joins and departures.
 
@@ -105,13 +109,22 @@ class DecodeJob:
     (the forwards its prompt took: 1 unless chunked), ``logprobs`` and
     ``prompt_logprobs``: lists of :func:`token_logprobs` entries, or None); its return value is the job's
     result.
+
+    ``stream``: the text is put in ``chunks`` as it is produced (strings; ``_END`` last). With ``stream_logprobs``
+    too, and ``logprobs`` in the spec, each chunk is instead a pair ``(text, [(token id, entry)])``: the text cut
+    at a token boundary and the :func:`token_logprobs` entries of the tokens whose text it completes (see
+    :class:`_ScoredText`; the tokens the text never shows, those cut with a stop string and a picked end of
+    sequence, come with the last piece, whose text may be empty); with ``echo_logprobs`` a first pair ``(None,
+    prompt entries)`` carries the prompt's scores once it is prefilled (:func:`token_logprobs` entries of its
+    tokens but the first). The pairs' entries, in order, are ``stats["logprobs"]`` paired with the scored tokens.
     """
 
     def __init__(self, cfg: GenerationConfig, start: Callable, finish: Callable, tokenizer=None,
-                 stream: bool = False, forks: list["DecodeJob"] | None = None):
+                 stream: bool = False, forks: list["DecodeJob"] | None = None, stream_logprobs: bool = False):
         if stream and tokenizer is None:
             raise ValueError("DecodeJob: streaming needs a tokenizer")
         self.cfg, self.start, self.finish, self.tokenizer = cfg, start, finish, tokenizer
+        self.stream_logprobs = stream_logprobs
         # jobs that continue this job's prompt from a copy of its prefilled state (n choices of one request: one
         # prefill); each has its own settings (e.g. seed), finish, stream and result; their start() is not called
         self.forks: list[DecodeJob] = list(forks or [])
@@ -121,7 +134,7 @@ class DecodeJob:
         self.error: BaseException | None = None
         self.cancelled = False
 
-    def emit(self, chunk: str) -> None:
+    def emit(self, chunk) -> None:
         self.chunks.put(chunk)
 
     def _settle(self, result=None, error: BaseException | None = None) -> None:
@@ -192,6 +205,58 @@ class _Row:
     logprobs: int | None = None  # record each picked token's logprob (and this many alternatives)
     prompt_logprobs: list | None = None
     picked_logprobs: list | None = None
+    scored: "_ScoredText | None" = None  # a job streaming its log-probabilities: its text re-cut at token bounds
+
+
+class _ScoredText:
+    """A streamed answer's text re-cut at token boundaries, each piece put (``emit((text, [(token id, entry)])``)
+    with the log-probability entries of exactly the tokens whose text it completes, so that a client reading a
+    chunk's tokens reads that chunk's text.
+
+    The detokenizer (:class:`~emma_mamba.inference.generate._TextTracker`) releases text as it can: a token ending
+    inside a multi-byte UTF-8 character is held back until the character is whole (its text comes with a later
+    token's), and text that may be the start of a stop string is held back until it is not (which can cut a
+    token's text in two). Here a token's text is complete once the tracker has decoded it (``read_offset`` passed
+    it), and a piece goes out up to the last complete token's end within the released text; the rest waits for
+    the next piece. What is left when the answer ends (the tail :meth:`_Sequence.text` releases, the tokens cut
+    with a stop string, a picked end of sequence: scored, but shown by no text) goes out in :meth:`flush`."""
+
+    def __init__(self, emit: Callable):
+        self.emit = emit
+        self.held = ""  # text released by the detokenizer and not yet put (its token is not complete yet)
+        self.put_chars = 0  # characters of the answer put so far
+        self.ends: list[int] = []  # per token whose text is complete: where its text ends in the answer
+        self.put_tokens = 0  # tokens whose entries were put
+
+    def text(self, chunk: str) -> None:
+        """The sequence's streamer: the text the detokenizer released."""
+        self.held += chunk
+
+    @staticmethod
+    def _entries(seq, scores: list, a: int, b: int) -> list:
+        ids = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # as the scores are recorded
+        return list(zip(ids[a:b], scores[a:b]))
+
+    def step(self, seq, scores: list | None) -> None:
+        """After a token was pushed to ``seq`` (and scored in ``scores``): put what is now complete."""
+        tr = seq.tracker
+        self.ends += [len(tr.text)] * (tr.read_offset - len(self.ends))  # tokens decoded by this push end here
+        released = self.put_chars + len(self.held)
+        k = self.put_tokens
+        while k < len(self.ends) and self.ends[k] <= released:
+            k += 1
+        if k > self.put_tokens:
+            n = self.ends[k - 1] - self.put_chars
+            self.emit((self.held[:n], self._entries(seq, scores or [], self.put_tokens, k)))
+            self.held, self.put_chars, self.put_tokens = self.held[n:], self.ends[k - 1], k
+
+    def flush(self, seq, scores: list | None) -> None:
+        """When the answer has ended (after :meth:`_Sequence.text`): the text and entries not yet put."""
+        scores = scores or []
+        if self.held or self.put_tokens < len(scores):
+            self.emit((self.held, self._entries(seq, scores, self.put_tokens, len(scores))))
+            self.put_chars += len(self.held)
+            self.held, self.put_tokens = "", len(scores)
 
 
 class BatchDecoder:
@@ -506,9 +571,15 @@ class BatchDecoder:
              prompt_logprobs: list | None = None):
         """The batch row of a prefilled job (None when it asks for no new token: finished at once)."""
         cfg, seen_ids = job.cfg, spec.get("seen")
-        seq = _Sequence(cfg, job.tokenizer, job.emit if job.chunks is not None else None)
+        scored = None
+        if job.chunks is not None and job.stream_logprobs and spec.get("logprobs") is not None:
+            scored = _ScoredText(job.emit)
+            if spec.get("echo_logprobs"):  # the prompt's scores, before any of the answer's text
+                job.emit((None, list(prompt_logprobs or [])))
+        seq = _Sequence(cfg, job.tokenizer, scored.text if scored is not None
+                        else job.emit if job.chunks is not None else None)
         row = _Row(job, seq, None, None, row_cache.seqlen_offset, prefill_seconds=prefill_seconds,
-                   logprobs=spec.get("logprobs"), prompt_logprobs=prompt_logprobs)
+                   logprobs=spec.get("logprobs"), prompt_logprobs=prompt_logprobs, scored=scored)
         if cfg.max_new_tokens == 0:
             self._finish(row, row_cache)
             return None
@@ -528,6 +599,8 @@ class BatchDecoder:
                                                      "prefill_chunks": row.prefill_chunks,
                                                      "prompt_logprobs": row.prompt_logprobs,
                                                      "logprobs": row.picked_logprobs})
+            if row.scored is not None:  # after finish: its seq.text() may have released the text's tail
+                row.scored.flush(row.seq, row.picked_logprobs)
         except Exception as e:  # noqa: BLE001
             row.job._settle(error=e)
         else:
@@ -560,6 +633,8 @@ class BatchDecoder:
                                                     r.logprobs, vocab)
             try:
                 go_on = r.seq.push(t, r.seen)
+                if r.scored is not None:
+                    r.scored.step(r.seq, r.picked_logprobs)
             except Exception as e:  # noqa: BLE001 - a job's own callbacks failed
                 r.job._settle(error=e)
                 continue

@@ -165,7 +165,7 @@ def run(args) -> int:
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        busy = server.active_requests()
+        busy = server.unanswered_requests()  # (an answer completely sent is not cut off, its handler running)
         print("emma-mamba serve: stopping" + (f"; {busy} request(s) in progress are cut off (streams end with an "
                                                f"error event and [DONE])" if busy else ""), file=sys.stderr,
               flush=True)

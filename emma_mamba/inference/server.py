@@ -5,7 +5,7 @@ Endpoints: ``POST /v1/chat/completions`` (a JSON answer, or with ``"stream": tru
 or with ``"stream_options": {"include_usage": true}`` comes in a chunk of its own with no choices, after every
 choice's, as OpenAI sends it), ``GET /v1/models`` (and ``GET /v1/models/<id>``), ``GET /health``; for scoring
 the LM with lm-evaluation-harness (``local-completions``): ``POST /v1/completions`` (raw prompts, no chat
-template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stream`` without logprobs:
+template, ``echo`` and ``logprobs``; :meth:`ChatService.text_completion`; ``stream``, with or without logprobs:
 :meth:`ChatService.stream_text_completion`) and vLLM's ``GET /tokenizer_info``,
 ``POST /tokenize``, ``POST /detokenize``. ``HEAD`` answers as ``GET`` without the body.
 
@@ -19,9 +19,15 @@ response to that origin carries ``Access-Control-Allow-Origin``; without it ``OP
 Request fields read: ``messages``; ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``repetition_penalty``, ``stop`` (a string or a list), ``seed``, ``stream``, ``n`` (1 to max_batch
 choices from one prefill whose state each choice continues; choice i samples with ``seed + i``), ``logprobs`` and
-``top_logprobs`` (0-20; not with ``stream``): each answer token's log-probability under the model (before
-penalties and temperature) and its most likely alternatives, in OpenAI's ``choices[i].logprobs.content`` form
-(what closed-set benchmarks read through ``emma-mamba eval --api``). A field left out takes the server's
+``top_logprobs`` (0-20): each answer token's log-probability under the model (before penalties and temperature)
+and its most likely alternatives, in OpenAI's ``choices[i].logprobs.content`` form (what closed-set benchmarks
+read through ``emma-mamba eval --api``); streamed too, as OpenAI streams them: each chunk's ``logprobs.content``
+holds the entries of exactly the tokens whose text its ``delta.content`` carries (a token whose text the
+detokenizer holds back, part of a UTF-8 character or of a possible stop string, comes with that text; the tokens
+no text shows, cut with a stop string or a picked end of sequence, in a last chunk of their own when no text is
+left), ``logprobs: null`` in the role and finish chunks, and the chunks' entries in order are the plain answer's
+(``/v1/completions`` alike: the chunks' ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``,
+with ``echo`` the prompt's first, in the chunk that echoes it). A field left out takes the server's
 default (``serve``'s options: greedy unless ``--temperature`` says otherwise, where OpenAI's default temperature
 is 1). ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and ``min_tokens`` are refused with a 400 unless
 0 / empty (what clients send by default); so are ``tools``, ``functions``, ``tool_choice``, ``function_call``
@@ -414,8 +420,6 @@ class ChatService:
             raise RequestError(f"top_logprobs must be an integer in [0, 20] or null, got {top!r}", "top_logprobs")
         if top is not None and not want:
             raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
-        if want and _flag(body, "stream"):
-            raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
         return self._config(body, choices=True), *self._inputs(body), (top or 0) if want else None
 
     def complete(self, body: dict, streamer: Callable[[str], None] | None = None,
@@ -425,10 +429,13 @@ class ChatService:
         return self.answer(self.prepare(body), streamer, client_gone=client_gone)
 
     def answer(self, prepared: tuple, streamer: Callable[[str], None] | None = None,
-               on_chunk: Callable[[int, str], None] | None = None,
+               on_chunk: Callable[..., None] | None = None,
                client_gone: Callable[[], bool] | None = None) -> dict:
         """The chat.completion of a prepared request, decoded in the shared batch. ``streamer`` (one choice)
-        receives the text as it is produced, on the calling thread; ``on_chunk(index, text)`` each choice's.
+        receives the text as it is produced, on the calling thread; ``on_chunk(index, text)`` each choice's, and
+        when the request asks for logprobs ``on_chunk(index, text, logprobs)``: the text cut at token boundaries
+        and OpenAI's chunk ``logprobs`` (``{"content": [...]}``) of the tokens whose text it completes (a last call
+        may carry text-less tokens with ``""``: see :class:`~emma_mamba.inference.batching._ScoredText`).
         ``n`` choices continue one prefilled state (forks of the first choice's job); choice i samples with
         ``seed + i`` when a seed is given."""
         cfg, ids, images, instructions, n_pos, dropped, resume, top = prepared
@@ -472,9 +479,10 @@ class ChatService:
             return out
 
         streamed = streamer is not None or on_chunk is not None
+        scored = on_chunk is not None and top is not None  # the chunks carry their tokens' logprobs
         jobs = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
                                               seed=None if cfg.seed is None else cfg.seed + i),
-                          start, finish, self.tokenizer, stream=streamed) for i in range(n)]
+                          start, finish, self.tokenizer, stream=streamed, stream_logprobs=scored) for i in range(n)]
         jobs[0].forks = jobs[1:]
         merged: queue.Queue | None = queue.Queue() if on_chunk is not None else None
         if merged is not None:  # every choice's chunks into one queue, tagged with its index
@@ -482,7 +490,8 @@ class ChatService:
                 job.chunks = _Tagged(merged, i)
         self.decoder.submit(jobs[0])
         if merged is not None:
-            _drain(jobs, merged, on_chunk)
+            _drain(jobs, merged, on_chunk if not scored else lambda i, item: on_chunk(
+                i, item[0], {"content": [self._chat_entry(t, e) for t, e in item[1]]}))
         elif streamer is None and client_gone is not None:
             # a plain answer: checked for a client that gave up (a timeout, a closed tab) four times a second, so
             # that its rows stop decoding (a streamed one stops at its next chunk, which meets the closed socket)
@@ -512,13 +521,17 @@ class ChatService:
     def _chat_logprobs(self, seq, stats: dict) -> dict:
         """OpenAI's chat ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``, one entry
         per answer token (an end-of-sequence token included)."""
+        return {"content": [self._chat_entry(t, e) for t, e in zip(_scored_tokens(seq), stats["logprobs"] or [])]}
+
+    def _chat_entry(self, token: int, scores: tuple) -> dict:
+        """One ``logprobs.content`` entry: ``token`` and its (logprob, [(alternative, logprob)]) ``scores``
+        (:func:`~emma_mamba.inference.batching.token_logprobs`), plain or streamed alike."""
         def entry(i: int, lp: float) -> dict:
             text = self._token_text(i)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            # bytes: the token's own (a piece of a split character decodes to U+FFFD; its bytes join the character)
+            return {"token": text, "logprob": lp, "bytes": list(self.tokenizer.token_bytes(i))}
 
-        picked = _scored_tokens(seq)
-        return {"content": [{**entry(t, e[0]), "top_logprobs": [entry(i, v) for i, v in e[1]]}
-                            for t, e in zip(picked, stats["logprobs"] or [])]}
+        return {**entry(token, scores[0]), "top_logprobs": [entry(i, v) for i, v in scores[1]]}
 
     def _keep_state(self, ids: list[int], images: list, seq, text: str, state) -> None:
         """Store the state after this answer under the history a follow-up request will send, when the answer's
@@ -550,7 +563,7 @@ class ChatService:
         lm-evaluation-harness's ``local-completions`` model asks for them; ``n`` choices per prompt (prompt-major
         indices, choice i sampled with ``seed + i``), continuing one prefill of the prompt. All prompts of a request
         are decoded in the shared batch."""
-        prompts, jobs, _ = self._completion_jobs(body)
+        prompts, jobs, _, _ = self._completion_jobs(body)
         choices = []
         for i, job in enumerate(jobs):
             choices.append({"index": i, **job.wait()})
@@ -568,26 +581,48 @@ class ChatService:
         its ``finish_reason`` when it ends, and with ``stream_options.include_usage`` a ``usage: null`` in each of
         them and a last chunk with no choices and the ``usage`` (without it, every chunk has a choice: a client
         reading ``chunk.choices[0]``, as OpenAI's examples do, never meets an empty list). Every prompt is
-        decoded in the shared batch; a ``send`` that raises (the client went away) cancels them all."""
+        decoded in the shared batch; a ``send`` that raises (the client went away) cancels them all.
+
+        With ``logprobs`` each text chunk carries the ``logprobs`` (``tokens``, ``token_logprobs``,
+        ``top_logprobs``, ``text_offset``) of exactly the tokens whose text it holds (the text is cut at token
+        boundaries; the tokens no text shows come in a last chunk, text ``""``, when no text is left), the
+        offsets counted as the plain answer counts them (into the prompt's text and the completion's, from the
+        prompt's length without ``echo``), so that the chunks' lists, joined, are the plain answer's. With
+        ``echo`` the chunk that echoes the prompt carries its tokens' (the first without a log-probability, as in
+        the plain answer), and is sent once the prompt is prefilled (its scores are the prefill's)."""
         merged: queue.Queue = queue.Queue()  # every job's text chunks, tagged with its index
-        prompts, jobs, echo = self._completion_jobs(body, merged)
+        prompts, jobs, echo, top = self._completion_jobs(body, merged)
         include_usage = _include_usage(body)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        n = len(jobs) // len(prompts)
+        prompt_texts = [self.tokenizer.decode(ids, skip_special_tokens=False) if echo or top is not None else ""
+                        for ids in prompts]  # (without echo, the start of the logprobs' text_offset)
 
         def chunk(choices, **extra):
             return {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": choices, **({"usage": None} if include_usage else {}), **extra}
 
+        def text_chunk(i: int, text: str, logprobs: dict | None = None) -> None:
+            send(chunk([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": None}]))
+
+        # where each choice's next token's text_offset starts: as _completion_choice counts them
+        at = [0 if echo else len(prompt_texts[i // n]) for i in range(len(jobs))]
+
+        def scored_chunk(i: int, item: tuple) -> None:
+            text, entries = item
+            if text is None:  # the prompt's scores (echo): the chunk echoing the prompt carries them
+                ids = prompts[i // n]
+                text, entries = prompt_texts[i // n], [(ids[0], None)] + list(zip(ids[1:], entries))
+            logprobs, at[i] = self._completion_logprobs(entries, at[i])
+            text_chunk(i, text, logprobs)
+
         opened()
         try:
-            if echo:
-                n = len(jobs) // len(prompts)
-                for i, ids in enumerate(prompts):
-                    text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            if echo and top is None:  # (with logprobs the prompt's chunk waits for its scores: scored_chunk)
+                for i, text in enumerate(prompt_texts):
                     for c in range(i * n, (i + 1) * n):  # every choice of the prompt starts with it
-                        send(chunk([{"index": c, "text": text, "logprobs": None, "finish_reason": None}]))
-            _drain(jobs, merged,
-                   lambda i, text: send(chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])),
+                        text_chunk(c, text)
+            _drain(jobs, merged, text_chunk if top is None else scored_chunk,
                    lambda i, res: send(chunk([{"index": i, "text": "", "logprobs": None,
                                                "finish_reason": res["finish_reason"]}])))
         except BaseException:
@@ -601,9 +636,10 @@ class ChatService:
                                   "total_tokens": n_prompt + n_new}))
 
     def _completion_jobs(self, body, merged: queue.Queue | None = None) -> tuple[list[list[int]], list[DecodeJob],
-                                                                                 bool]:
-        """Check a ``/v1/completions`` body and submit one job per prompt: (prompts' ids, jobs, echo). With
-        ``merged`` the jobs stream, their chunks put there as (prompt index, chunk)."""
+                                                                                 bool, int | None]:
+        """Check a ``/v1/completions`` body and submit one job per choice: (prompts' ids, jobs, echo, logprobs).
+        With ``merged`` the jobs stream, their chunks put there as (choice index, chunk); with logprobs too each
+        chunk is a (text, scored tokens) pair (:class:`~emma_mamba.inference.batching.DecodeJob`)."""
         stream = merged is not None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
@@ -612,8 +648,6 @@ class ChatService:
         top = body.get("logprobs")
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
             raise RequestError(f"logprobs must be an integer in [0, 20] or null, got {top!r}", "logprobs")
-        if stream and top is not None:
-            raise RequestError("logprobs are not streamed: ask for them without stream", "logprobs")
         if stream:
             _include_usage(body)
         cfg = self._config(body, min_new=0 if echo else 1, choices=True)
@@ -623,20 +657,21 @@ class ChatService:
         for ids in prompts:
             spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
 
-            def finish(seq, state, stats, ids=ids):
-                return self._completion_choice(ids, seq, stats, echo and not stream, top)
+            def finish(seq, state, stats, ids=ids):  # (a stream's logprobs went out with its chunks)
+                return self._completion_choice(ids, seq, stats, echo and not stream, None if stream else top)
 
             # n choices continue one prefill (forks of the first); choice i samples with seed + i
             mine = [DecodeJob(dataclasses.replace(cfg, num_return_sequences=1,
                                                   seed=None if cfg.seed is None else cfg.seed + i),
-                              lambda spec=spec: spec, finish, self.tokenizer, stream=stream) for i in range(n)]
+                              lambda spec=spec: spec, finish, self.tokenizer, stream=stream,
+                              stream_logprobs=stream and top is not None) for i in range(n)]
             mine[0].forks = mine[1:]
             for job in mine:
                 if stream:
                     job.chunks = _Tagged(merged, len(jobs))
                 jobs.append(job)
             self.decoder.submit(mine[0])
-        return prompts, jobs, echo
+        return prompts, jobs, echo, top
 
     def _completion_prompts(self, prompt) -> list[list[int]]:
         """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
@@ -690,18 +725,23 @@ class ChatService:
             entries = list(zip(picked, stats["logprobs"] or []))
             if echo:
                 entries = [(ids[0], None)] + list(zip(ids[1:], stats["prompt_logprobs"] or [])) + entries
-            tokens = [self._token_text(t) for t, _ in entries]
             # offsets into prompt + completion, as OpenAI's (without echo the first is the prompt's length)
-            offsets, at = [], 0 if echo else len(prompt_text)
-            for t in tokens:
-                offsets.append(at)
-                at += len(t)
-            choice["logprobs"] = {
-                "tokens": tokens,
-                "token_logprobs": [None if e is None else e[0] for _, e in entries],
-                "top_logprobs": [None if e is None else {self._token_text(i): v for i, v in e[1]} for _, e in entries],
-                "text_offset": offsets}
+            choice["logprobs"], _ = self._completion_logprobs(entries, 0 if echo else len(prompt_text))
         return choice
+
+    def _completion_logprobs(self, entries: list, at: int) -> tuple[dict, int]:
+        """``/v1/completions``' ``logprobs`` of (token, scores or None) ``entries``, the first token's text at
+        offset ``at``, and the offset after the last (where a stream's next chunk goes on counting)."""
+        tokens = [self._token_text(t) for t, _ in entries]
+        offsets = []
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else e[0] for _, e in entries],
+                "top_logprobs": [None if e is None else {self._token_text(i): v for i, v in e[1]}
+                                 for _, e in entries],
+                "text_offset": offsets}, at
 
     def tokenizer_info(self) -> dict:
         """``GET /tokenizer_info`` (vLLM's; lm-evaluation-harness's remote tokenizer reads it)."""
@@ -876,6 +916,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+        self._answer_sent()
+
+    def _answer_sent(self) -> None:
+        """The request's answer is completely written: a stop now cuts nothing off, though the handler is still
+        running (:meth:`_Server.unanswered_requests`)."""
+        self.server.answered(self.connection)
+
+    def send_error(self, code, message=None, explain=None) -> None:
+        """http.server's own errors (a malformed request line, an unknown method): whole once sent."""
+        super().send_error(code, message, explain)
+        self._answer_sent()
 
     def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
@@ -924,7 +975,8 @@ class _Handler(BaseHTTPRequestHandler):
         if origin is None:  # not a preflight: what the server allows
             self.send_response(204)
             self.send_header("Allow", allow["Allow"])
-            return self.end_headers()
+            self.end_headers()
+            return self._answer_sent()
         if self._allowed_origin() is None:
             return self._json(403, _error_body(f"origin {origin!r} is not allowed to call this server "
                                                f"(serve --cors-origin names the allowed ones)", None), allow)
@@ -938,6 +990,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Headers", ", ".join(names))
         self.send_header("Access-Control-Max-Age", str(_CORS_MAX_AGE))
         self.end_headers()
+        self._answer_sent()
 
     def do_POST(self):
         if not self._authorized():
@@ -1049,6 +1102,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream_failed(e)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+        self._answer_sent()
 
     def _stream(self, body: dict) -> None:
         svc = self.service
@@ -1061,14 +1115,19 @@ class _Handler(BaseHTTPRequestHandler):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name,
                     "choices": choices, **({"usage": None} if include_usage else {}), **extra}
 
-        def send(delta: dict, finish=None, extra: dict | None = None, index: int = 0):
-            self._event(chunk([{"index": index, "delta": delta, "finish_reason": finish}], **(extra or {})))
+        # with logprobs every choice carries them: a chunk's tokens' (see ChatService.answer), else null
+        scored = prepared[-1] is not None
+
+        def send(delta: dict, finish=None, extra: dict | None = None, index: int = 0, logprobs: dict | None = None):
+            lp = {"logprobs": logprobs} if scored else {}
+            self._event(chunk([{"index": index, "delta": delta, **lp, "finish_reason": finish}], **(extra or {})))
 
         n = prepared[0].num_return_sequences
         for i in range(n):
             send({"role": "assistant", "content": ""}, index=i)
         try:
-            out = svc.answer(prepared, on_chunk=lambda i, text: send({"content": text}, index=i))
+            out = svc.answer(prepared, on_chunk=lambda i, text, logprobs=None: send({"content": text}, index=i,
+                                                                                  logprobs=logprobs))
         except (BrokenPipeError, ConnectionResetError):
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
@@ -1081,6 +1140,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event(chunk([], usage=out["usage"]))
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+        self._answer_sent()
 
 
 def _parse_body(raw: bytes):
@@ -1180,13 +1240,15 @@ class _Server(ThreadingHTTPServer):
     """The threading HTTP server, with a client that went away logged in one line (socketserver prints a
     traceback for any exception a handler lets through; answering a client that has left raises one). It knows
     which connections are handling a request and which wait idle for their next one (keep-alive):
-    :meth:`server_close` closes the idle ones at once, and :meth:`wait_for_requests` waits for the others."""
+    :meth:`server_close` closes the idle ones at once, and :meth:`wait_for_requests` waits for the others; and
+    which requests' answers are completely written (:meth:`unanswered_requests`: what a stop cuts off)."""
 
     daemon_threads = True
     request_queue_size = 128  # socketserver's default of 5 reset connections when more clients came at once
 
     def __init__(self, *args, **kwargs):
         self._busy: dict = {}  # connection -> whether it is handling a request (else idle, waiting for one)
+        self._answered: set = set()  # connections whose request's answer is completely written (handler running)
         self._active_lock = threading.Condition()
         self.stopping = False  # set by server_close: connections end after their request
         super().__init__(*args, **kwargs)
@@ -1199,6 +1261,7 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self._active_lock:
                 self._busy.pop(request, None)
+                self._answered.discard(request)
                 self._active_lock.notify_all()
 
     def begin_request(self, connection) -> bool:
@@ -1207,18 +1270,33 @@ class _Server(ThreadingHTTPServer):
             if self.stopping:
                 return False
             self._busy[connection] = True
+            self._answered.discard(connection)
             return True
+
+    def answered(self, connection) -> None:
+        """Mark the request ``connection`` is handling as answered: its response completely written."""
+        with self._active_lock:
+            if self._busy.get(connection):
+                self._answered.add(connection)
 
     def end_request(self, connection) -> None:
         with self._active_lock:
             if connection in self._busy:
                 self._busy[connection] = False
+            self._answered.discard(connection)
             self._active_lock.notify_all()
 
     def active_requests(self) -> int:
-        """Requests being handled (idle keep-alive connections are not counted)."""
+        """Requests being handled (idle keep-alive connections are not counted), answered or not."""
         with self._active_lock:
             return sum(self._busy.values())
+
+    def unanswered_requests(self) -> int:
+        """Requests being handled whose answer is not completely written yet: those a stop cuts off. A request
+        whose last byte went out but whose handler has not returned yet is not one (it was counted as cut off
+        when the stop came in that moment)."""
+        with self._active_lock:
+            return sum(busy and c not in self._answered for c, busy in self._busy.items())
 
     def open_connections(self) -> int:
         with self._active_lock:

@@ -47,6 +47,7 @@ class Tokenizer:
         pad = self._first_id(_PAD_NAMES)
         # no pad token: padding never reaches the model (masks decide), so EOS is a safe stand-in
         self.pad_token_id = pad if pad is not None else self.eos_token_id
+        self._added: set[int] | None = None  # the added tokens' ids (token_bytes)
 
     def _first_id(self, names):
         for name in names:
@@ -83,6 +84,25 @@ class Tokenizer:
             ids = [ids]
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token ``i`` stands for: what OpenAI's ``logprobs`` ``bytes`` carry, so that a client joins a
+        character split over several tokens (an emoji, a CJK character: each piece decodes to U+FFFD alone). A
+        byte-level BPE token's vocabulary spelling read back through GPT-2's byte alphabet; an added token
+        (special, or the whitespace runs) as its text's UTF-8."""
+        spelt = self._tok.id_to_token(int(i))
+        if spelt is None:
+            raise ValueError(f"token id {i} is outside the tokenizer's {len(self)} ids")
+        if type(self._tok.decoder).__name__ == "ByteLevel" and int(i) not in self._added_ids():
+            alphabet = _byte_alphabet()
+            if all(c in alphabet for c in spelt):
+                return bytes(alphabet[c] for c in spelt)
+        return self.decode([int(i)], skip_special_tokens=False).encode("utf-8")
+
+    def _added_ids(self) -> set[int]:
+        if self._added is None:  # (reset by add_tokens)
+            self._added = set(self._tok.get_added_tokens_decoder())
+        return self._added
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -92,6 +112,7 @@ class Tokenizer:
         New ids are appended after the current vocabulary; the LM's (padded) embedding must cover them.
         """
         tokens = list(tokens)
+        self._added = None
         added = [AddedToken(t, special=special, normalized=False) for t in tokens]
         if special:
             self._tok.add_special_tokens(added)
@@ -109,6 +130,21 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(source={self.source!r}, vocab={len(self)}, eos={self.eos_token_id})"
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, which byte-level BPE vocabularies are spelt in: {character: the byte it
+    stands for}. Printable Latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) are themselves; every other
+    byte, in increasing order, is ``chr(256 + k)`` for the next k (a space is ``Ġ``, a newline ``Ċ``)."""
+    global _BYTE_ALPHABET
+    if _BYTE_ALPHABET is None:
+        printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+        other = (b for b in range(256) if b not in printable)
+        _BYTE_ALPHABET = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(other)}
+    return _BYTE_ALPHABET
+
+
+_BYTE_ALPHABET: dict[str, int] | None = None
 
 
 def _shipped_json() -> str:

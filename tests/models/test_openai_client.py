@@ -260,9 +260,8 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "data:image/png;base64,iVBORw0KGgo="}}]}]}, "messages[0].content[0].image_url.url",
      "the image cannot be decoded"),
-    # documented refusals: sampling this server lacks, logprobs while streaming
+    # documented refusals: sampling this server lacks
     ({"presence_penalty": 0.5}, "presence_penalty", "presence_penalty is not supported"),
-    ({"logprobs": True, "stream": True}, "logprobs", "logprobs are not streamed"),
     ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage",
      "stream_options.include_usage must be true or false"),
     # tool calls and structured output: refused rather than answered in plain text as if obeyed
@@ -282,7 +281,6 @@ def test_bad_chat_requests_are_bad_request_errors_naming_the_field(client, kw, p
 @pytest.mark.parametrize("kw,param,match", [
     ({"prompt": "<image> what"}, "prompt", "the model's image placeholder"),
     ({"prompt": "a", "logprobs": 21}, "logprobs", "logprobs must be an integer in [0, 20]"),
-    ({"prompt": "a", "logprobs": 1, "stream": True}, "logprobs", "logprobs are not streamed"),
 ])
 def test_bad_completions_are_bad_request_errors_naming_the_field(client, kw, param, match):
     with pytest.raises(openai.BadRequestError) as e:

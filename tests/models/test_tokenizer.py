@@ -32,3 +32,21 @@ def test_decode_takes_lists_tensors_and_single_ids():
     want = tok.backend.decode(ids)  # the tokenizers library itself
     assert tok.decode(ids) == tok.decode(torch.tensor(ids)) == tok.decode(tuple(ids)) == want
     assert tok.decode(torch.tensor(ids[0])) == tok.decode(ids[0]) == tok.backend.decode(ids[:1])
+
+
+def test_token_bytes_join_split_characters_and_match_gpt2s_byte_alphabet():
+    import pytest
+
+    tok = load_tokenizer()
+    tok.add_tokens(["<image>"])
+    text = "😀 日本語\n\n    x\t<image> café<|endoftext|>"
+    ids = tok.encode(text)
+    assert any(tok.decode([i]) == "\ufffd" for i in ids)  # pieces of split characters are in it
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    with pytest.raises(ValueError, match="outside the tokenizer's 50278 ids"):
+        tok.token_bytes(50278)
+    # the alphabet against transformers' own table (GPT-2's bytes_to_unicode), byte by byte
+    slow = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from emma_mamba.models.tokenizer import _byte_alphabet
+
+    assert _byte_alphabet() == {c: b for b, c in slow.bytes_to_unicode().items()}
