@@ -73,6 +73,7 @@ steps, so it does not stall the streams already running.
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import hashlib
 import io
@@ -729,19 +730,24 @@ class ChatService:
             choice["logprobs"], _ = self._completion_logprobs(entries, 0 if echo else len(prompt_text))
         return choice
 
-    def _completion_logprobs(self, entries: list, at: int) -> tuple[dict, int]:
+    def _completion_logprobs(self, entries: list, at) -> tuple[dict, tuple]:
         """``/v1/completions``' ``logprobs`` of (token, scores or None) ``entries``, the first token's text at
-        offset ``at``, and the offset after the last (where a stream's next chunk goes on counting)."""
+        character offset ``at`` (an int, or what the previous call returned: where a stream's next chunk goes on
+        counting). Offsets count the characters of the text the tokens' bytes decode to, as the answer's text
+        holds them: a character split over byte tokens is one character, at the offset of its first piece's
+        token and of the next pieces' (each piece alone decodes to U+FFFD, whose count put every later offset
+        past its text)."""
         tokens = [self._token_text(t) for t, _ in entries]
+        chars, utf8 = at if isinstance(at, tuple) else (at, codecs.getincrementaldecoder("utf-8")("replace"))
         offsets = []
-        for t in tokens:
-            offsets.append(at)
-            at += len(t)
+        for t, _ in entries:
+            offsets.append(chars)
+            chars += len(utf8.decode(self.tokenizer.token_bytes(t)))  # an incomplete character waits in utf8
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else e[0] for _, e in entries],
                 "top_logprobs": [None if e is None else {self._token_text(i): v for i, v in e[1]}
                                  for _, e in entries],
-                "text_offset": offsets}, at
+                "text_offset": offsets}, (chars, utf8)
 
     def tokenizer_info(self) -> dict:
         """``GET /tokenizer_info`` (vLLM's; lm-evaluation-harness's remote tokenizer reads it)."""

@@ -298,6 +298,27 @@ def test_completions_stream_with_stop_strings(setup, tok):
         assert got["top_logprobs"][k][got["tokens"][k]] == pytest.approx(got["token_logprobs"][k], abs=1e-6)
 
 
+def test_completions_text_offsets_point_into_the_text(setup, tok):
+    """text_offset is each token's character offset in prompt + completion: after a character split over byte
+    tokens (two tokens whose texts are each U+FFFD) the next tokens' offsets still point at their text (adding
+    the pieces' texts' lengths put them one character late per split character); streamed the same."""
+    url, prompt = setup["url"], setup["chat_prompt"]
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "logprobs": 0}
+    plain = post(url, "/v1/completions", body)["choices"][0]
+    assert plain["text"] == CHAIN_TEXT
+    lp, start = plain["logprobs"], len(tok.decode(prompt, skip_special_tokens=False))
+    text = tok.decode(prompt, skip_special_tokens=False) + plain["text"]
+    whole = [(t, o) for t, o in zip(lp["tokens"], lp["text_offset"]) if "\ufffd" not in t and t != "<|endoftext|>"]
+    assert [t for t, _ in whole] == [" Hi", " there", " ", "日本", " done"] and lp["text_offset"][0] == start
+    for t, o in whole:  # every token that is whole text stands at its offset (those after 😀 and 語 too)
+        assert text[o:o + len(t)] == t, (t, o)
+    # the split characters' pieces: " 😀" as " \ufffd" at the space, then "\ufffd" at 😀; "語" as two at 語
+    pieces_at = [(t, text[o]) for t, o in zip(lp["tokens"], lp["text_offset"]) if "\ufffd" in t]
+    assert pieces_at == [(" \ufffd", " "), ("\ufffd", "😀"), ("\ufffd", "語"), ("\ufffd", "語")]
+    pieces = completion_pieces(stream(url, "/v1/completions", body))
+    assert joined(pieces)["text_offset"] == lp["text_offset"]
+
+
 def test_completions_stream_echo_and_n(setup, tok):
     """``echo`` + ``logprobs`` + ``n`` streamed: each choice's first chunk echoes the prompt with its tokens'
     scores (the first token's null, as in the plain answer), then its own answer's; joined they equal the plain
