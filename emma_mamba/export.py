@@ -9,9 +9,10 @@ LoRA run's, whose adapters are merged) and writes:
 * by default the EmmaMamba layout (config.yaml, model.safetensors, tokenizer.json) for inference: the alignment
   head, a training-time loss only, is left out unless ``--keep-align-head`` (to train on from it);
 * with ``--lm-only`` the language model alone in transformers' layout (config.json, model.safetensors,
-  tokenizer.json): ``MambaForCausalLM.from_pretrained(OUT)`` loads it, so text-only tools that take a
-  transformers model (lm-evaluation-harness's ``hf`` model, vLLM) run the fine-tuned LM directly. Its vocabulary
-  keeps the ``<image>`` token the model added; image prompts still need ``emma-mamba`` (the vision side).
+  tokenizer.json): ``MambaForCausalLM.from_pretrained(OUT)`` (a Mamba-2 LM: ``Mamba2ForCausalLM``) loads it,
+  so text-only tools that take a transformers model (lm-evaluation-harness's ``hf`` model, vLLM) run the
+  fine-tuned LM directly. Its vocabulary keeps the ``<image>`` token the model added; image prompts still need
+  ``emma-mamba`` (the vision side).
 
 Both write a model card, ``README.md`` (the Hugging Face Hub's front matter, then what the model is: its
 parts and their parameter counts, the storage dtype, the training run it came from as its run directory records
@@ -51,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-align-head", action="store_true",
                    help="keep the pixel-wise alignment head's weights (to train on; inference never reads them)")
     p.add_argument("--lm-only", action="store_true",
-                   help="write only the language model, in transformers' MambaForCausalLM layout")
+                   help="write only the language model, in transformers' MambaForCausalLM layout "
+                        "(Mamba2ForCausalLM for a Mamba-2 LM)")
 
 
 def _cast(sd: dict, dtype: torch.dtype) -> dict:
@@ -137,12 +139,16 @@ def model_card(model, checkpoint: str | Path, out: Path, dtype: str, lm_only: bo
 
     cfg, checkpoint = model.config, Path(checkpoint).resolve()
     lm = cfg.lm
-    kind = "Mamba-2" if getattr(lm, "ssm_layer", "mamba") == "mamba2" else "Mamba"
-    lm_line = f"{kind}, d_model {lm.d_model}, {lm.n_layer} layers, d_state {lm.d_state}, vocabulary {lm.vocab_size}"
+    mamba2 = getattr(lm, "ssm_layer", "mamba1") == "mamba2"
+    kind, arch = ("Mamba-2", "Mamba2ForCausalLM") if mamba2 else ("Mamba", "MambaForCausalLM")
+    heads = (f", {lm.d_model * lm.expand // lm.headdim} heads of {lm.headdim} channels, {lm.ngroups} B/C "
+             f"group{'s' if lm.ngroups != 1 else ''}" if mamba2 else "")
+    lm_line = (f"{kind}, d_model {lm.d_model}, {lm.n_layer} layers, d_state {lm.d_state}{heads}, vocabulary "
+               f"{lm.vocab_size}")
     front = ["---", "library_name: " + ("transformers" if lm_only else "emma-mamba"),
              "pipeline_tag: " + ("text-generation" if lm_only else "image-text-to-text"),
              "tags:", "- mamba", "- emma-mamba"] + ([] if lm_only else ["- multimodal"]) + ["---", ""]
-    what = ("The language model of an EMMA-Mamba checkpoint, in transformers' `MambaForCausalLM` layout (its "
+    what = (f"The language model of an EMMA-Mamba checkpoint, in transformers' `{arch}` layout (its "
             "vocabulary keeps the `<image>` token; image prompts need the whole model)." if lm_only else
             "An EMMA-Mamba model: a Mamba language model fed by a vision encoder's intermediate layers, fused "
             "(multi-scale feature fusion) and conditioned on the instruction, through a projector.")

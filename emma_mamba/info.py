@@ -142,12 +142,42 @@ def _is_recipe(doc: dict) -> bool:
     return bool(set(doc) & {f.name for f in dataclasses.fields(RunConfig)})
 
 
+def lm_folder_message(path) -> str:
+    """What a language-model folder (config.json: a Mamba LM in mamba-ssm's or transformers' layout) passed as
+    ``--config`` is, and the ``model.lm`` settings an EMMA-Mamba model needs to take it as ``lm.pretrained``
+    (every shape field must match the checkpoint's)."""
+    import torch
+
+    from emma_mamba.models.mamba import CheckpointError, MambaLM, config_from_dir
+
+    head = (f"--config {path} is a language-model folder (config.json), not an EMMA-Mamba model config, "
+            f"training recipe or checkpoint")
+    try:
+        lm, layout = config_from_dir(path)
+    except CheckpointError as e:
+        return f"{head}, and it does not read as a Mamba LM: {e}"
+    model = MambaLM(lm, device=torch.device("meta"))
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    names = ["ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand"]
+    names += ["headdim", "ngroups"] if lm.ssm_layer == "mamba2" else []
+    names += ["vocab_size", "pad_vocab_size_multiple", "tie_embeddings"]
+    values = {k: getattr(lm, k) for k in names}
+    opts = " ".join(f"--model.lm.{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+    kind = "Mamba-2" if lm.ssm_layer == "mamba2" else "Mamba"
+    return (f"{head}: a {kind} LM ({layout} layout), d_model {lm.d_model} x {lm.n_layer} layers, {_fmt(n)} "
+            f"parameters. An EMMA-Mamba model takes it as --model.lm.pretrained {path} with its shape: {opts}")
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from emma_mamba.config import get_preset, load_config, read_yaml_mapping, resolve_config_path
 
     path = Path(args.config) if args.config else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file() \
+            and not (path / "config.yaml").is_file():
+        print(f"emma-mamba info: {lm_folder_message(path)}", file=sys.stderr)
+        return 2
     if path is not None and path.is_dir():  # a checkpoint or run directory: its resolved config
         path = path / "config.yaml"
     elif path is not None:

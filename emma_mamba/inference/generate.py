@@ -1,7 +1,8 @@
 """Text generation with Mamba's recurrent state: prefill once, then O(1) work per new token.
 
-A Mamba LM carries its whole context in a fixed-size state per layer (conv window ``(b, d_inner, d_conv)`` and
-SSM state ``(b, d_inner, d_state)``, see :class:`emma_mamba.models.mamba.MambaCache`). So generation is:
+A Mamba LM carries its whole context in a fixed-size state per layer (conv window ``(b, conv_dim, d_conv)``,
+conv_dim = d_inner, or d_inner + 2 * ngroups * d_state for Mamba-2; SSM state ``(b, d_inner, d_state)``; see
+:class:`emma_mamba.models.mamba.MambaCache`). So generation is:
 
 1. **prefill**: one full-sequence forward over the prompt (the parallel scan), which leaves each layer's last
    conv inputs and the scan's last state in the cache, and gives the logits of the first new token;

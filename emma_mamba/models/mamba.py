@@ -61,7 +61,7 @@ from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 __all__ = [
     "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput",
     "RMSNorm",
-    "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir",
+    "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir", "config_from_dir",
 ]
 
 log = logging.getLogger("emma_mamba.models.mamba")
@@ -812,9 +812,9 @@ class MambaLM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, layout: str = "hf",
                         max_shard_size: int | None = None) -> Path:
-        """Write config.json and the weights in ``layout`` "hf" (transformers MambaForCausalLM: safetensors,
-        sharded with an index when ``max_shard_size`` bytes is exceeded) or "original" (state-spaces:
-        pytorch_model.bin). Returns the directory."""
+        """Write config.json and the weights in ``layout`` "hf" (transformers MambaForCausalLM, or
+        Mamba2ForCausalLM for a Mamba-2 LM: safetensors, sharded with an index when ``max_shard_size`` bytes is
+        exceeded) or "original" (state-spaces: pytorch_model.bin). Returns the directory."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         own = {k: v.detach() for k, v in self.state_dict().items()}
@@ -1100,8 +1100,15 @@ def hub_id_hint(path) -> str:
             f"and pass that folder)")
 
 
-def _load_dir(path):
-    """load_state_dict_from_dir, plus each renamed key's original name and file (for error messages)."""
+def config_from_dir(path: str | os.PathLike) -> tuple[MambaConfig, str]:
+    """(config, layout "original"|"hf") of a checkpoint directory, read from its config.json alone (no weights
+    are read), as :meth:`MambaLM.from_pretrained` reads it."""
+    config, layout, _ = _read_config(path)
+    return config, layout
+
+
+def _read_config(path):
+    """-> (config, layout, directory) of a checkpoint directory's config.json; CheckpointError naming the problem."""
     d = Path(path)
     if not d.exists():
         raise CheckpointError(f"checkpoint directory {d} does not exist{hub_id_hint(path)}")
@@ -1128,6 +1135,12 @@ def _load_dir(path):
     else:
         raise CheckpointError(f"{cfg_file}: neither a state-spaces Mamba config (d_model, n_layer, ssm_cfg) nor "
                               f"a transformers MambaConfig (hidden_size, num_hidden_layers, state_size)")
+    return config, layout, d
+
+
+def _load_dir(path):
+    """load_state_dict_from_dir, plus each renamed key's original name and file (for error messages)."""
+    config, layout, d = _read_config(path)
     raw_sd, src = _read_weights(d)
     sd = {}
     renamed_from = {}

@@ -613,11 +613,28 @@ def _mamba_config(config: ModelConfig, MambaConfig):
 
 
 def _check_lm_matches(got, want, path) -> None:
+    """Every shape field in which the checkpoint's LM (``got``) differs from the config's (``want``), named in one
+    error by the config keys that set it (the vocabulary's rows are lm.vocab_size rounded up to a multiple of
+    lm.pad_vocab_size_multiple, which are what a config can say)."""
     names = ("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand", "padded_vocab_size", "tie_embeddings")
-    for name in names + (("headdim", "ngroups") if want.ssm_layer == "mamba2" else ()):
-        if getattr(got, name) != getattr(want, name):
-            raise ConfigError(f"lm.pretrained {path}: the checkpoint has {name}={getattr(got, name)} but the config "
-                              f"says lm.{name}={getattr(want, name)}; make the config match the checkpoint")
+    mamba2 = got.ssm_layer == "mamba2"  # (a Mamba-1 checkpoint's headdim / ngroups are only defaults)
+    bad = []
+    for name in names + (("headdim", "ngroups") if mamba2 else ()):
+        if getattr(got, name) == getattr(want, name):
+            continue
+        if name == "padded_vocab_size":
+            rows, v = got.padded_vocab_size, want.vocab_size
+            fits = [m for m in (want.pad_vocab_size_multiple, 8, 16, 32, 64, 128) if -(-v // m) * m == rows]
+            hint = (f" (lm.pad_vocab_size_multiple={fits[0]} gives {rows})" if fits else
+                    f" (lm.vocab_size={rows} with lm.pad_vocab_size_multiple=1 gives {rows})" if v <= rows else "")
+            bad.append(f"the checkpoint's embedding has {rows} rows but the config's lm.vocab_size={v} padded to a "
+                       f"multiple of lm.pad_vocab_size_multiple={want.pad_vocab_size_multiple} gives "
+                       f"{want.padded_vocab_size}{hint}")
+        else:
+            bad.append(f"the checkpoint has {name}={getattr(got, name)} but the config says "
+                       f"lm.{name}={getattr(want, name)}")
+    if bad:
+        raise ConfigError(f"lm.pretrained {path}: " + "; ".join(bad) + "; make the config match the checkpoint")
 
 
 def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<image>",
