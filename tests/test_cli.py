@@ -214,3 +214,16 @@ def test_ctrl_c_where_a_command_has_no_handling_is_one_line(monkeypatch, capsys)
     monkeypatch.setattr(cli, "_main", interrupted)
     assert cli.main(["info", "--preset", "tiny"]) == 130
     assert capsys.readouterr().err == "emma-mamba: interrupted\n"
+
+
+def test_prompt_ids_beyond_the_embedding_name_its_rows_and_the_vocabulary():
+    from emma_mamba.inference.cli_generate import UsageError, check_ids
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=100, pad_vocab_size_multiple=8), device="meta")
+    assert lm.embeddings.weight.shape[0] == 104  # the rows the check counts (100 padded to a multiple of 8)
+    check_ids([0, 99, 103], lm)  # inside the embedding
+    with pytest.raises(UsageError, match=r"id 104, beyond the model's embedding \(ids 0\.\.103: vocab_size 100, "):
+        check_ids([5, 104], lm)
+    with pytest.raises(UsageError, match="the prompt encodes to no tokens"):
+        check_ids([], lm)

@@ -180,8 +180,9 @@ def check_ids(ids, lm, what="the prompt"):
         raise UsageError(f"{what} encodes to no tokens")
     bad = [i for i in ids if i >= lm.config.padded_vocab_size]
     if bad:
-        raise UsageError(f"the tokenizer produced id {bad[0]}, beyond the model's vocabulary "
-                         f"({lm.config.vocab_size}); is --tokenizer the checkpoint's tokenizer?")
+        raise UsageError(f"the tokenizer produced id {bad[0]}, beyond the model's embedding (ids 0.."
+                         f"{lm.config.padded_vocab_size - 1}: vocab_size {lm.config.vocab_size}, padded); is "
+                         f"--tokenizer the checkpoint's tokenizer?")
 
 
 def run(args) -> int:
