@@ -30,7 +30,9 @@ import copy
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -168,10 +170,20 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
                              f"std)")
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    from emma_mamba.quickstart import check_recipe, check_seed
+
+    for s in seeds:
+        check_seed(s, "--seeds")
     qc = load_quickstart_config(config)
+    for v in variants:  # every variant's stage configs, before the data and stage 0 are made
+        on = VARIANTS[v]
+        vq = copy.copy(qc)
+        vq.stage1, vq.stage2 = stage_overrides_for(qc.stage1, on), stage_overrides_for(qc.stage2, on)
+        check_recipe(vq, seeds[0] if seeds else 0, str(config), model=variant_model(qc.model, on))
     out = Path(out)
     data_dir, blind_dir = out / "data", out / "blind"
-    if not (data_dir / "meta.json").is_file():
+    # meta.json is written before the word tokenizer and the blind baseline: both must be there
+    if not ((data_dir / "meta.json").is_file() and (data_dir / "tokenizer" / "tokenizer.json").is_file()):
         if data_dir.exists():
             shutil.rmtree(data_dir)
         make_data(qc, data_dir, data_seed, blind_dir)  # the same data for every variant and seed
@@ -194,7 +206,13 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
         for seed in seeds:
             res_file = out / _slug(v) / f"seed{seed}" / "result.json"
             if res_file.is_file():
-                runs[v].append(json.loads(res_file.read_text()))
+                rec = json.loads(res_file.read_text())
+                want = _run_recipe(qc, v)
+                if "recipe" in rec and rec["recipe"] != want:  # (older result.json files hold none)
+                    differ = sorted(k for k in set(want) | set(rec["recipe"]) if rec["recipe"].get(k) != want.get(k))
+                    raise ValueError(f"{res_file} is a run of another recipe (it differs in: {', '.join(differ)}); "
+                                     f"use another --out, or delete {res_file.parent} to train it again")
+                runs[v].append(rec)
                 echo(f"{v} seed {seed}: done earlier ({res_file})")
             else:
                 todo.append((v, seed))
@@ -205,10 +223,13 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
         for seed in sorted({s for _, s in todo}):
             clip_ckpts[seed] = out / "clip" / f"seed{seed}" / "open_clip.pt"
         need = [s for s, p in clip_ckpts.items() if p is not None and not p.is_file()]
-        _parallel(_clip_job, [(str(config), str(out), str(data_dir), s, clip_ckpts[s], progress) for s in need],
-                  jobs, threads,
-                  lambda r: echo(f"stage 0 (CLIP) seed {r['seed']}: loss {r['first_loss']:.3f} -> "
-                                 f"{r['last_loss']:.3f}, in-batch retrieval {100 * r['last_i2t_acc']:.0f}%"))
+        failed = _parallel(_clip_job, [(str(config), str(out), str(data_dir), s, clip_ckpts[s], progress)
+                                       for s in need], jobs, threads,
+                           lambda r: echo(f"stage 0 (CLIP) seed {r['seed']}: loss {r['first_loss']:.3f} -> "
+                                          f"{r['last_loss']:.3f}, in-batch retrieval {100 * r['last_i2t_acc']:.0f}%"),
+                           name=lambda a: f"stage 0 (CLIP) seed {a[3]}")
+        if failed:  # every variant of that seed needs it
+            raise RunsFailed(failed)
 
     def done(rec):
         runs[rec["variant"]].append(rec)
@@ -217,11 +238,32 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
             + f" ({rec['seconds']['total']:.0f}s)")
         _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs)
 
-    _parallel(_variant_job, [(str(config), str(out), str(data_dir), v, s, clip_ckpts[s], blind_files, chance, progress)
-                             for v, s in todo], jobs, threads, done)
+    failed = _parallel(_variant_job, [(str(config), str(out), str(data_dir), v, s, clip_ckpts[s], blind_files, chance,
+                                       progress) for v, s in todo], jobs, threads, done,
+                       name=lambda a: f"{a[3]} seed {a[4]}")
     for v in runs:  # the table lists seeds in order whatever order the runs finished in
         runs[v].sort(key=lambda r: r["seed"])
-    return _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs)
+    doc = _write(results, plot_path, qc, config, seeds, data_seed, runs, chance, meta, t_start, jobs)
+    if failed:
+        raise RunsFailed(failed, doc)
+    return doc
+
+
+class RunsFailed(Exception):
+    """Some runs raised; the others finished and are in the results (``doc``). ``failed``: [(run, error)]."""
+
+    def __init__(self, failed: list[tuple[str, BaseException]], doc: dict | None = None):
+        self.failed, self.doc = failed, doc
+        super().__init__("; ".join(f"{name} failed: {type(e).__name__}: {e}" for name, e in failed))
+
+
+def _run_recipe(qc, v: str) -> dict:
+    """What a variant's run of this recipe trains and evaluates (kept in its result.json: a rerun with another
+    recipe into the same --out is refused rather than mixing its runs with the old ones)."""
+    on = VARIANTS[v]
+    doc = {"model": variant_model(qc.model, on), "clip": qc.clip, "stage1": stage_overrides_for(qc.stage1, on),
+           "stage2": stage_overrides_for(qc.stage2, on), "eval": qc.eval}
+    return json.loads(json.dumps(doc))
 
 
 def stage_overrides_for(stage: dict, on: dict) -> dict:
@@ -236,23 +278,53 @@ def stage_overrides_for(stage: dict, on: dict) -> dict:
     return stage
 
 
-def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result) -> None:
+def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result, name=repr) -> list:
     """Runs ``fn(*args)`` for each args tuple, in this process (jobs=1) or in ``jobs`` worker processes (spawned,
-    each with ``threads`` torch threads), calling ``on_result`` with each result as it finishes."""
+    each with ``threads`` torch threads), calling ``on_result`` with each result as it finishes. A run that
+    raises does not stop the others: returns [(name(args), exception)] of the failed ones. Ctrl-C or SIGTERM
+    stops the workers too (SIGTERM to each: a training stage checkpoints and stops) before it is raised."""
+    from emma_mamba.training import TrainingInterrupted
+
+    failed = []
     if not args_list:
-        return
+        return failed
     if jobs == 1:
         for a in args_list:
-            on_result(fn(*a))
-        return
+            try:
+                r = fn(*a)
+            except TrainingInterrupted:  # Ctrl-C / SIGTERM inside a training stage: stop, as anywhere else
+                raise
+            except Exception as e:
+                log.error("%s failed: %s: %s", name(a), type(e).__name__, e)
+                failed.append((name(a), e))
+                continue
+            on_result(r)
+        return failed
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(args_list)), mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, *a) for a in args_list]
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(args_list)), mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+    try:
+        futures = {pool.submit(fn, *a): a for a in args_list}
         for f in as_completed(futures):
-            on_result(f.result())
+            try:
+                r = f.result()
+            except TrainingInterrupted:
+                raise
+            except Exception as e:
+                log.error("%s failed: %s: %s", name(futures[f]), type(e).__name__, e)
+                failed.append((name(futures[f]), e))
+                continue
+            on_result(r)
+    except BaseException:
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            if p.is_alive():
+                p.terminate()  # SIGTERM: without it the workers of a killed parent train on, orphaned
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return failed
 
 
 def _worker_init(threads: int) -> None:
@@ -266,8 +338,9 @@ def _clip_job(config: str, out: str, data_dir: str, seed: int, ckpt: Path, progr
     from emma_mamba.quickstart import load_quickstart_config, pretrain_clip_stage
 
     qc = load_quickstart_config(config)
+    ckpt = Path(ckpt)  # (written whole or not at all: a rerun trusts any open_clip.pt it finds)
     _, res, _ = pretrain_clip_stage(qc, Path(out), Path(data_dir), seed, progress=progress, checkpoint=ckpt)
-    return {**res, "seed": seed}
+    return {**res, "checkpoint": str(ckpt), "seed": seed}
 
 
 def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_ckpt: Path | None, blind_files: dict,
@@ -288,10 +361,13 @@ def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_c
     model = load(run_dir / "stage2")
     metrics, ch = evaluate_heldout(model, qc, Path(data_dir), run_dir / "eval", blind_files, chance,
                                    checkpoint=str(run_dir / "stage2"), progress=progress)
-    rec = {"variant": v, "seed": seed, "components": on, "metrics": metrics, "chance": ch,
+    rec = {"variant": v, "seed": seed, "components": on, "recipe": _run_recipe(load_quickstart_config(config), v),
+           "metrics": metrics, "chance": ch,
            "clip_checkpoint": None if clip_ckpt is None else str(clip_ckpt),
            "training": hist, "seconds": {**t_train, "total": time.perf_counter() - t0}}
-    (run_dir / "result.json").write_text(json.dumps(rec, indent=1) + "\n")
+    tmp = run_dir / "result.json.tmp"  # whole or not at all: a rerun skips every run with a result.json
+    tmp.write_text(json.dumps(rec, indent=1) + "\n")
+    os.replace(tmp, run_dir / "result.json")
     return rec
 
 
@@ -362,6 +438,10 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_logs()
     set_threads(args.threads)
+    from emma_mamba.quickstart import interrupted_exit, sigterm_as_interrupt
+    from emma_mamba.training import TrainingInterrupted
+
+    previous = sigterm_as_interrupt()
     try:
         config = recipe_path(args.config)
         doc = run_ablation(config, args.out, args.seeds, args.variants, args.results, args.plot or None,
@@ -370,6 +450,21 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"emma-mamba ablate: {e}", file=sys.stderr)
         return 2
+    except RunsFailed as e:
+        for name, err in e.failed:
+            print(f"emma-mamba ablate: {name} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        if e.doc is not None:
+            print(f"the other runs' results are in {args.results}; a rerun trains only the failed and missing runs",
+                  file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, TrainingInterrupted) as e:
+        what, code = interrupted_exit(e)
+        print(f"emma-mamba ablate: {what}; finished runs are kept (each run's result.json), a rerun of the same "
+              f"command trains the others from their start", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print()
     print(doc["table_markdown"])
     print(f"\nresults in {args.results}" + (f", plot in {args.plot}" if args.plot else "")

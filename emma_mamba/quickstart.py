@@ -30,11 +30,13 @@ import copy
 import json
 import logging
 import math
+import os
 import platform
 import shutil
+import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -125,13 +127,48 @@ def load_quickstart_config(path: str | Path) -> QuickstartConfig:
             want = f"an integer >= {low}"
         if not ok:
             raise ConfigError(f"{path}: clip.{k} must be {want}, got {v!r}")
+    for k, v in (raw.get("eval") or {}).items():  # checked here, not after both training stages
+        if not ((v is None and k == "limit") or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)):
+            want = "an integer >= 1" + (" or null (every question)" if k == "limit" else "")
+            raise ConfigError(f"{path}: eval.{k} must be {want}, got {v!r}")
     return QuickstartConfig(**raw)
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """The seed is the stages' train.seed: refused up front where the trainer could not use it."""
+    from emma_mamba.config import ConfigError
+    from emma_mamba.training.config import SEED_LIMIT
+
+    if not -SEED_LIMIT <= seed <= SEED_LIMIT:
+        raise ConfigError(f"{flag} must be between -2**43 and 2**43 (the trainer seeds torch with seed * 1000003 + "
+                          f"epoch, a 64-bit integer), got {seed}")
+
+
+def check_recipe(qc: QuickstartConfig, seed: int, source: str, model: dict | None = None) -> None:
+    """Everything of the recipe that would otherwise fail only when its stage starts (after the data and stage 0,
+    or after both training stages): the seed, the data section, the model, both stages' run configs (built as
+    the stages build them, the word tokenizer stood in for) and the eval section (load_quickstart_config)."""
+    from emma_mamba.data.shapes import ShapesConfig
+    from emma_mamba.config import ConfigError
+
+    check_seed(seed)
+    try:
+        ShapesConfig(seed=seed, **qc.data).validate()
+    except TypeError as e:  # an unknown data key
+        raise ConfigError(f"{source}: data: {e}") from None
+    if int(qc.clip.get("steps", 0) or 0) > 0:
+        clip_vision_config(qc)
+    placeholder = Path("/nonexistent-quickstart-check")
+    for stage in ("pretrain", "finetune"):
+        _stage_config(qc, stage, placeholder, placeholder / "data", seed, source, model, check_only=True)
+
+
 def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, seed: int, source: str,
-                  model: dict | None = None, clip_checkpoint: Path | None = None):
+                  model: dict | None = None, clip_checkpoint: Path | None = None, check_only: bool = False):
     """The RunConfig of one stage: the run defaults, then the quickstart file's stage overrides. ``model``
-    (stage 1 only) replaces ``qc.model`` (the ablation passes each variant's model here)."""
+    (stage 1 only) replaces ``qc.model`` (the ablation passes each variant's model here). ``check_only``: before
+    any data or stage 1 exists, to check the recipe (the word tokenizer a placeholder, stage 2 given stage 1's
+    model instead of its checkpoint)."""
     from emma_mamba.training.config import run_config_from_dict
 
     is1 = stage == "pretrain"
@@ -147,7 +184,12 @@ def _stage_config(qc: QuickstartConfig, stage: str, out: Path, data_dir: Path, s
         "checkpoint": {"every_steps": 0},
         "log": {"tensorboard": False},
     }
-    if is1:
+    if check_only:
+        m = copy.deepcopy(qc.model if model is None else model)
+        if (m.get("lm") or {}).get("tokenizer") == "shapesworld":
+            m["lm"] = {**m["lm"], "tokenizer": "<shapesworld word tokenizer>", "vocab_size": 256}
+        base["model"] = m
+    elif is1:
         base["model"] = resolve_model(qc, qc.model if model is None else model, data_dir / "tokenizer",
                                       clip_checkpoint)
     else:
@@ -253,8 +295,10 @@ def make_data(qc: QuickstartConfig, data_dir: Path, seed: int, blind_dir: Path) 
 
 
 def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, source: str, model: dict | None = None,
-                 progress: bool = True, echo=None, clip_checkpoint: Path | None = None) -> tuple[dict, dict]:
-    """Stage 1 into ``out/stage1``, stage 2 into ``out/stage2``. Returns (per-stage history summary, seconds)."""
+                 progress: bool = True, echo=None, clip_checkpoint: Path | None = None,
+                 on_stage=None) -> tuple[dict, dict]:
+    """Stage 1 into ``out/stage1``, stage 2 into ``out/stage2``. Returns (per-stage history summary, seconds).
+    ``on_stage(name)`` is called as each stage starts."""
     import torch
 
     from emma_mamba.training.trainer import Trainer
@@ -262,6 +306,8 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
     histories, timings = {}, {}
     for k, stage in enumerate(("pretrain", "finetune"), 3):
         t0 = time.perf_counter()
+        if on_stage is not None:
+            on_stage(f"stage {k - 2} ({stage})")
         rc = _stage_config(qc, stage, out, data_dir, seed, source, model, clip_checkpoint)
         rc.log.progress_bar = progress
         trainer = Trainer(rc, device=None if torch.cuda.is_available() else "cpu")
@@ -327,17 +373,11 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
     from emma_mamba.models.vlm import answer, load
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the previous quickstart there, "
-                                  f"or choose another --out")
-        if not (out / "summary.json").is_file() and not (out / "data" / "meta.json").is_file():
-            raise FileExistsError(f"{out} is not empty and does not look like a quickstart output; refusing to "
-                                  f"delete it")
-        for sub in ("data", "blind", "clip", "stage1", "stage2", "eval", "summary.json"):
-            p = out / sub
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    check_recipe(qc, seed, source)  # before anything is made, or an --overwrite deletes the previous run
+    prepare_out(out, overwrite)
+    state = {"what": "emma-mamba quickstart", "seed": seed, "config": source,
+             "recipe": asdict(qc), "stage": "data", "finished": False}
+    _write_state(out, state)
     t_all = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -349,14 +389,17 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
          f"{c['stage2_turns']} QA turns), {c['heldout_images']} held-out images, {meta['config']['image_size']}px "
          f"({timings['data']:.1f}s)")
 
+    _write_state(out, {**state, "stage": "stage 0 (CLIP)"})
     clip_ckpt, clip_summary, timings["clip"] = pretrain_clip_stage(qc, out, data_dir, seed, progress=progress,
                                                                    echo=echo)
     histories, t_train = train_stages(qc, out, data_dir, seed, source=source, progress=progress, echo=echo,
-                                      clip_checkpoint=clip_ckpt)
+                                      clip_checkpoint=clip_ckpt,
+                                      on_stage=lambda name: _write_state(out, {**state, "stage": name}))
     timings.update(t_train)
     if clip_summary is not None:
         histories = {"clip": clip_summary, **histories}
 
+    _write_state(out, {**state, "stage": "held-out evaluation"})
     t0 = time.perf_counter()
     model = load(out / "stage2")
     results, chance = evaluate_heldout(model, qc, data_dir, out / "eval", blind_files, chance,
@@ -380,8 +423,90 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
         "stage2": qc.stage2, "eval": qc.eval, "training": histories, "rows": summary_rows(results, chance),
         "demo": demo, "seconds": timings, **run_environment(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    _write_state(out, {**state, "stage": None, "finished": True})
     return summary
+
+
+STATE_FILE = "quickstart_run.json"
+"""Written first into ``--out`` (seed, recipe, the stage in progress, finished or not): marks the folder as a
+quickstart's, so that ``--overwrite`` may replace it (and nothing else), and says where an interrupted run
+stopped."""
+
+OUT_NAMES = ("data", "blind", "clip", "stage1", "stage2", "eval", "summary.json", STATE_FILE)
+"""Everything a quickstart writes into ``--out`` (what ``--overwrite`` deletes)."""
+
+
+class OutputFolderError(Exception):
+    """``--out`` cannot hold this quickstart (a file, an unrelated folder, not writable, a previous run)."""
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_state(out: Path, state: dict) -> None:
+    _atomic_write(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+def read_state(out: Path) -> dict | None:
+    """The folder's quickstart state (STATE_FILE), or None (no such file, or unreadable)."""
+    try:
+        doc = json.loads((Path(out) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _is_quickstart_folder(out: Path) -> bool:
+    """Written by a quickstart: its state file, or (older versions, without one) its summary.json, or its data and
+    nothing but the names a quickstart writes (an ablation's folder also has data/meta.json, and more)."""
+    if (out / STATE_FILE).is_file():
+        return True
+    try:  # a quickstart's summary, not another command's summary.json (`eval --suite` writes one too)
+        doc = json.loads((out / "summary.json").read_text())
+        if isinstance(doc, dict) and {"rows", "demo", "training"} <= set(doc):
+            return True
+    except (OSError, ValueError):
+        pass
+    return (out / "data" / "meta.json").is_file() and all(p.name in OUT_NAMES for p in out.iterdir())
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready for a new quickstart: create it, or (with ``overwrite``) empty a previous quickstart's
+    folder of what it wrote. Refuses, with OutputFolderError, anything else."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        if out.is_dir() and any(out.iterdir()):
+            if not _is_quickstart_folder(out):
+                raise OutputFolderError(f"{out} is not empty and does not look like a quickstart output; refusing "
+                                        f"to {'delete' if overwrite else 'write into'} it (choose another --out)")
+            if not overwrite:
+                st = read_state(out)
+                if st is None:
+                    what = "a previous quickstart"
+                elif st.get("finished"):
+                    what = f"a finished quickstart (seed {st.get('seed')}, {st.get('config')})"
+                else:
+                    what = (f"an unfinished quickstart (seed {st.get('seed')}, {st.get('config')}), stopped during "
+                            f"{st.get('stage')}")
+                raise OutputFolderError(f"{out} holds {what}; pass --overwrite to replace it (it starts again from "
+                                        f"the data), or choose another --out")
+            for sub in OUT_NAMES:
+                p = out / sub
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / (STATE_FILE + ".tmp")
+        probe.write_text("")
+        probe.unlink()
+    except OutputFolderError:
+        raise
+    except OSError as e:  # not writable, a file on the way, ...
+        raise OutputFolderError(f"cannot write into --out {out}: {e.strerror or e}"
+                                + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else "")) from None
 
 
 def _score_subset(task: str, blind: tuple[Path, Path], answered: Path) -> dict:
@@ -446,20 +571,66 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "thread pool, and a 2-thread pool stalls badly when another process holds a core)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training stage (whose trainer checkpoints and stops on its own): ends the command as
+    Ctrl-C does, through the same clean-up, with exit code 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def sigterm_as_interrupt():
+    """Install the SIGTERM handler of the pipeline commands (main thread only); returns the previous handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted_exit(e: BaseException) -> tuple[str, int]:
+    """(what stopped the command, exit code) for Ctrl-C, SIGTERM, or a training stage they stopped."""
+    from emma_mamba.training import TrainingInterrupted
+
+    if isinstance(e, TrainingInterrupted):
+        return str(e).split(". ")[0], e.exit_code  # "interrupted at step 3 of 400" (its hint is --resume's)
+    if isinstance(e, Terminated):
+        return "stopped by SIGTERM", 143
+    return "interrupted", 130
+
+
 def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
     from emma_mamba.data.llava import DataError
+    from emma_mamba.training import TrainingError, TrainingInterrupted
 
     quiet_logs()
     set_threads(args.threads)
+    previous = sigterm_as_interrupt()
     try:
         path = recipe_path(args.config, args.fast)
         qc = load_quickstart_config(path)
         summary = run_pipeline(qc, args.out, args.seed, source=str(path), overwrite=args.overwrite,
                                progress=not args.no_progress, echo=lambda line: print(line, flush=True))
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError, OutputFolderError) as e:
         print(f"emma-mamba quickstart: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, TrainingInterrupted) as e:
+        what, code = interrupted_exit(e)
+        st = read_state(Path(args.out))
+        if st is None or st.get("finished"):
+            print(f"emma-mamba quickstart: {what}", file=sys.stderr)
+        else:
+            print(f"emma-mamba quickstart: {what} during {st.get('stage')}; {args.out} holds an unfinished "
+                  f"quickstart, which no run reuses: rerun with --overwrite to start it again", file=sys.stderr)
+        return code
+    except TrainingError as e:  # a stage that cannot go on (a non-finite loss, a checkpoint write that failed)
+        print(f"emma-mamba quickstart: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     d = summary["demo"]
     print()
     print(f"demo  image {d['image']}")
