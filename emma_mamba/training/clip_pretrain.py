@@ -23,8 +23,9 @@ the in-batch image-to-text retrieval accuracy go to ``<out dir>/clip_metrics.jso
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
+import os
 import time
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def pretrain_clip(vision_cfg: VisionConfig, captions_json: str | Path, image_fol
             history.append(m)
             mf.write(json.dumps(m) + "\n")
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['i2t_acc']:.2f}")
-    torch.save(model.state_dict(), out_file)
+    part = Path(out_file).with_name(Path(out_file).name + ".part")  # renamed when whole: a file cut off by a kill
+    torch.save(model.state_dict(), part)                            # is never found under the checkpoint's name
+    os.replace(part, out_file)
     tail = history[-20:]
     return {"steps": steps, "batch_size": bs, "pairs": len(pairs), "captions_cut": n_cut,
             "first_loss": history[0]["loss"], "last_loss": sum(h["loss"] for h in tail) / len(tail),

@@ -313,6 +313,9 @@ class RunConfig:
             bad(f"data.image_cache_mb must be >= 0, got {d.image_cache_mb}")
         if t.lr <= 0:
             bad(f"train.lr must be > 0, got {t.lr}")
+        if not -SEED_LIMIT <= t.seed <= SEED_LIMIT:  # (a bool or a non-integer is refused by type already)
+            bad(f"train.seed must be between -2**43 and 2**43 (each epoch's data order is seeded with seed * "
+                f"1000003 + epoch, a 64-bit integer), got {t.seed}")
         if not 0 <= t.min_lr_ratio <= 1:
             bad(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if not 0 <= t.warmup_ratio < 1:
@@ -414,6 +417,10 @@ class RunConfig:
                               f"train.micro_batch_size ({self.train.micro_batch_size}) x world size ({world_size})")
         return self.train.global_batch_size // per
 
+
+SEED_LIMIT = 2 ** 43
+"""|train.seed| at most this: each epoch's data order is seeded with seed * 1000003 + epoch (``plan_rows``), which
+torch's generator takes as a 64-bit integer."""
 
 _SOURCE_KEYS = ("json", "image_folder", "repeat")
 
