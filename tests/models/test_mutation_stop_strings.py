@@ -16,23 +16,11 @@ boundaries come from the tokenizer's own ``decode`` of the free-running (stop-le
 
 from __future__ import annotations
 
-import torch
-
 from emma_mamba.inference.generate import GenerationConfig, generate
-from emma_mamba.models.mamba import MambaConfig, MambaLM
 from emma_mamba.models.tokenizer import load_tokenizer
+from tests.models.test_sampling_oracle import _lm  # a small random LM whose greedy text does not collapse
 
 N = 30
-
-
-def _lm(seed: int, vocab: int) -> MambaLM:
-    """A small random LM whose greedy continuation does not collapse into one repeated token."""
-    torch.manual_seed(seed)
-    lm = MambaLM(MambaConfig(d_model=32, n_layer=2, vocab_size=vocab, d_state=8, tie_embeddings=False)).eval()
-    with torch.no_grad():
-        for p in lm.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return lm
 
 
 def _straddling_stop(tok, seq: list[int], text: str) -> tuple[str, int]:
