@@ -861,7 +861,7 @@ def _config_from_original(d: dict, where: str) -> MambaConfig:
                "dt_min": "dt_min", "dt_max": "dt_max", "dt_init": "dt_init", "dt_scale": "dt_scale",
                "dt_init_floor": "dt_init_floor", "conv_bias": "conv_bias", "bias": "bias"}
     if layer == "Mamba2":
-        _check_mamba2_options(ssm, where)
+        _check_mamba2_options(ssm, where, d_inner=d.get("d_model", 0) * ssm.get("expand", 2))
         ssm_map = {k: k for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "dt_min", "dt_max",
                                   "dt_init_floor", "conv_bias", "bias")}
         ssm = {"d_state": 128, **ssm}  # mamba-ssm's Mamba2 default (Mamba-1's is 16)
@@ -888,9 +888,9 @@ def _config_from_original(d: dict, where: str) -> MambaConfig:
         raise CheckpointError(f"{where}: {e}") from None
 
 
-def _check_mamba2_options(ssm: dict, where: str) -> None:
+def _check_mamba2_options(ssm: dict, where: str, d_inner: int) -> None:
     """Pops the Mamba2 ssm_cfg options that only steer mamba-ssm's init or kernels, and refuses those that change
-    the model into one :class:`Mamba2Mixer` does not compute (naming the field)."""
+    the model into one :class:`Mamba2Mixer` does not compute (naming the field). ``d_inner``: expand * d_model."""
     for k in ("A_init_range", "conv_init", "chunk_size", "use_mem_eff_path"):  # init / kernel tiling only
         ssm.pop(k, None)
     need = {"rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False}
@@ -898,9 +898,10 @@ def _check_mamba2_options(ssm: dict, where: str) -> None:
         if k in ssm and ssm.pop(k) != want:
             raise CheckpointError(f"{where}: ssm_cfg.{k} must be {str(want).lower()} (the public Mamba-2 models' "
                                   f"setting; the other is not supported)")
-    if ssm.pop("d_ssm", None) is not None:
-        raise CheckpointError(f"{where}: ssm_cfg.d_ssm (an SSM narrower than d_inner, with a gated MLP beside it) is "
-                              f"not supported")
+    d_ssm = ssm.pop("d_ssm", None)
+    if d_ssm is not None and d_ssm != d_inner:  # (d_ssm = d_inner is mamba-ssm's default, the same model)
+        raise CheckpointError(f"{where}: ssm_cfg.d_ssm={d_ssm} (an SSM narrower than d_inner={d_inner}, with a gated "
+                              f"MLP beside it) is not supported")
     limit = ssm.pop("dt_limit", None)
     if limit is not None and _float_pair(limit, f"{where}: ssm_cfg.dt_limit") != (0.0, math.inf):
         raise CheckpointError(f"{where}: ssm_cfg.dt_limit={limit} clamps delta; only the default (0, inf) is "

@@ -140,6 +140,13 @@ def test_checkpoint_errors_name_the_field(tmp_path):
         (tmp_path / "orig" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=words):
             MambaLM.from_pretrained(tmp_path / "orig")
+    # d_ssm equal to d_inner (expand * d_model = 64) is mamba-ssm's default written out: the same model
+    with torch.no_grad():
+        want = hf(torch.tensor([[1, 5, 7, 2]])).logits
+    (tmp_path / "orig" / "config.json").write_text(json.dumps({**conf, "ssm_cfg": {**conf["ssm_cfg"], "d_ssm": 64}}))
+    with torch.no_grad():
+        got = MambaLM.from_pretrained(tmp_path / "orig").eval()(torch.tensor([[1, 5, 7, 2]])).logits[..., :97]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     hf.save_pretrained(tmp_path / "hf")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     for field, value, words in (("time_step_limit", [0.0, 6.5], "time_step_limit"),
