@@ -87,12 +87,20 @@ class Tokenizer:
     def token_bytes(self, i: int) -> bytes:
         """The bytes token ``i`` stands for: what OpenAI's ``logprobs`` ``bytes`` carry, so that a client joins a
         character split over several tokens (an emoji, a CJK character: each piece decodes to U+FFFD alone). A
-        byte-level BPE token's vocabulary spelling read back through GPT-2's byte alphabet; an added token
-        (special, or the whitespace runs) as its text's UTF-8."""
+        byte-level BPE token's vocabulary spelling read back through GPT-2's byte alphabet; a byte-fallback token
+        (SentencePiece-style vocabularies: ``<0xF0>``) its byte; an added token (special, or the whitespace runs)
+        and any other as its text's UTF-8."""
         spelt = self._tok.id_to_token(int(i))
         if spelt is None:
             raise ValueError(f"token id {i} is outside the tokenizer's {len(self)} ids")
-        if type(self._tok.decoder).__name__ == "ByteLevel" and int(i) not in self._added_ids():
+        byte_level = type(self._tok.decoder).__name__ == "ByteLevel"
+        if not byte_level and len(spelt) == 6 and spelt.startswith("<0x") and spelt.endswith(">") \
+                and int(i) not in self._added_ids():
+            try:
+                return bytes([int(spelt[3:5], 16)])
+            except ValueError:  # "<0xZZ>": an ordinary token after all
+                pass
+        if byte_level and int(i) not in self._added_ids():
             alphabet = _byte_alphabet()
             if all(c in alphabet for c in spelt):
                 return bytes(alphabet[c] for c in spelt)

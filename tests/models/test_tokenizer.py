@@ -50,3 +50,20 @@ def test_token_bytes_join_split_characters_and_match_gpt2s_byte_alphabet():
     from emma_mamba.models.tokenizer import _byte_alphabet
 
     assert _byte_alphabet() == {c: b for b, c in slow.bytes_to_unicode().items()}
+
+
+def test_token_bytes_of_a_byte_fallback_vocabulary():
+    """SentencePiece-style vocabularies spell the bytes of a character they lack as <0xF0> ... tokens (each
+    decodes to U+FFFD alone): their bytes are those bytes, so they join to the character."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models
+
+    from emma_mamba.models.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    hf = HF(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(hf, "byte-fallback test")
+    ids = tok.encode("a😀b")
+    assert len(ids) == 6 and tok.decode(ids[1:2]) == "\ufffd"  # 😀 as four byte tokens
+    assert b"".join(tok.token_bytes(i) for i in ids) == "a😀b".encode()
