@@ -162,6 +162,12 @@ def test_ctrl_c_writes_the_finished_rows(tmp_path, monkeypatch, run_cli):
     assert [r["batch"] for r in res["results"]] == [1]
 
 
+def _sigint_as_at_a_terminal():
+    """The child's SIGINT as a terminal's Ctrl-C meets it: a pytest started as a background job (``cmd &``) has
+    SIGINT ignored, which its children would inherit (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_in_a_real_process(tmp_path):
     """A real Ctrl-C: exit status 130, one line, no traceback, the first row on disk."""
     out = tmp_path / "k.json"
@@ -169,7 +175,7 @@ def test_sigint_in_a_real_process(tmp_path):
                           "--shapes", "16x4x24", "512x16x4096", "--batch", "1", "--repeats", "1000",
                           "--max-seconds", "60", "--threads", "1", "--skip", "peers", "memory",
                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=_sigint_as_at_a_terminal)
     try:
         for line in p.stdout:  # the first shape done (its row saved), the second being timed
             if line.startswith("  -> exp floor"):

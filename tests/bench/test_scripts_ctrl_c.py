@@ -41,11 +41,18 @@ def test_every_script_enters_through_run_script(script):
     assert any(c.startswith("run_script(main") for c in calls), calls
 
 
+def _sigint_as_at_a_terminal():
+    """The child's SIGINT as a terminal's Ctrl-C meets it: a pytest started as a background job (``cmd &``) has
+    SIGINT ignored, which its children would inherit (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_a_real_sigint_ends_a_script_in_one_line(tmp_path):
     # conv_cpu.py runs ~30 s on one thread: interrupted after its first row, while it measures the next
     proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "conv_cpu.py"), "--threads", "1",
                              "--out", str(tmp_path / "c.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=_sigint_as_at_a_terminal)
     try:
         first = proc.stdout.readline()
         assert first.startswith("b="), first + proc.stderr.read()
