@@ -30,13 +30,14 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from emma_mamba.fileio import write_whole
 
 __all__ = ["VARIANTS", "METRICS", "variant_model", "stage_overrides_for", "aggregate", "markdown_table", "plot", "run_ablation"]
 
@@ -350,6 +351,7 @@ def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_c
 
     qc = load_quickstart_config(config)
     on = VARIANTS[v]
+    recipe = _run_recipe(qc, v)  # (before the variant's overrides are applied to qc below)
     qc.stage1 = stage_overrides_for(qc.stage1, on)
     qc.stage2 = stage_overrides_for(qc.stage2, on)
     run_dir = Path(out) / _slug(v) / f"seed{seed}"
@@ -361,13 +363,12 @@ def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_c
     model = load(run_dir / "stage2")
     metrics, ch = evaluate_heldout(model, qc, Path(data_dir), run_dir / "eval", blind_files, chance,
                                    checkpoint=str(run_dir / "stage2"), progress=progress)
-    rec = {"variant": v, "seed": seed, "components": on, "recipe": _run_recipe(load_quickstart_config(config), v),
+    rec = {"variant": v, "seed": seed, "components": on, "recipe": recipe,
            "metrics": metrics, "chance": ch,
            "clip_checkpoint": None if clip_ckpt is None else str(clip_ckpt),
            "training": hist, "seconds": {**t_train, "total": time.perf_counter() - t0}}
-    tmp = run_dir / "result.json.tmp"  # whole or not at all: a rerun skips every run with a result.json
-    tmp.write_text(json.dumps(rec, indent=1) + "\n")
-    os.replace(tmp, run_dir / "result.json")
+    # whole or not at all: a rerun skips every run with a result.json
+    write_whole(run_dir / "result.json", lambda tmp: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
     return rec
 
 

@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import signal
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import yaml
 
-from emma_mamba.fileio import text_lines
+from emma_mamba.fileio import text_lines, write_whole
 
 __all__ = ["QuickstartConfig", "load_quickstart_config", "run_pipeline", "format_table", "recipe_path"]
 
@@ -423,7 +422,7 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
         "stage2": qc.stage2, "eval": qc.eval, "training": histories, "rows": summary_rows(results, chance),
         "demo": demo, "seconds": timings, **run_environment(),
     }
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_whole(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     _write_state(out, {**state, "stage": None, "finished": True})
     return summary
 
@@ -441,14 +440,8 @@ class OutputFolderError(Exception):
     """``--out`` cannot hold this quickstart (a file, an unrelated folder, not writable, a previous run)."""
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_state(out: Path, state: dict) -> None:
-    _atomic_write(out / STATE_FILE, json.dumps(state, indent=1) + "\n")
+    write_whole(out / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state, indent=1) + "\n"))
 
 
 def read_state(out: Path) -> dict | None:

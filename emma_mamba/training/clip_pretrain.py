@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from emma_mamba.config import VisionConfig
+from emma_mamba.fileio import write_whole
 
 __all__ = ["pretrain_clip", "clip_loss", "read_caption_pairs"]
 
@@ -149,9 +149,8 @@ def pretrain_clip(vision_cfg: VisionConfig, captions_json: str | Path, image_fol
             history.append(m)
             mf.write(json.dumps(m) + "\n")
             bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['i2t_acc']:.2f}")
-    part = Path(out_file).with_name(Path(out_file).name + ".part")  # renamed when whole: a file cut off by a kill
-    torch.save(model.state_dict(), part)                            # is never found under the checkpoint's name
-    os.replace(part, out_file)
+    # whole or not at all: a file cut off by a kill is never found under the checkpoint's name
+    write_whole(out_file, lambda tmp: torch.save(model.state_dict(), tmp))
     tail = history[-20:]
     return {"steps": steps, "batch_size": bs, "pairs": len(pairs), "captions_cut": n_cut,
             "first_loss": history[0]["loss"], "last_loss": sum(h["loss"] for h in tail) / len(tail),
