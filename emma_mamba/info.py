@@ -157,7 +157,7 @@ def lm_folder_message(path) -> str:
     except CheckpointError as e:
         return f"{head}, and it does not read as a Mamba LM: {e}"
     model = MambaLM(lm, device=torch.device("meta"))
-    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n = sum(p.numel() for p in model.parameters())  # (a tied head counted once, as parameters() yields it)
     names = ["ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand"]
     names += ["headdim", "ngroups"] if lm.ssm_layer == "mamba2" else []
     names += ["vocab_size", "pad_vocab_size_multiple", "tie_embeddings"]

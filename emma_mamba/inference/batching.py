@@ -234,8 +234,12 @@ class _ScoredText:
 
     @staticmethod
     def _entries(seq, scores: list, a: int, b: int) -> list:
-        ids = seq.tokens + ([seq.final] if seq.reason == "eos" else [])  # as the scores are recorded
-        return list(zip(ids[a:b], scores[a:b]))
+        """(token, entry) of scored tokens a..b: the answer's tokens, then a picked end of sequence, as the scores
+        are recorded (sliced, not the whole answer copied at every step)."""
+        ids = seq.tokens[a:b]
+        if seq.reason == "eos" and a <= len(seq.tokens) < b:
+            ids.append(seq.final)
+        return list(zip(ids, scores[a:b]))
 
     def step(self, seq, scores: list | None) -> None:
         """After a token was pushed to ``seq`` (and scored in ``scores``): put what is now complete."""

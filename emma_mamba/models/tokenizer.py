@@ -15,6 +15,7 @@ the project needs: ``encode``, ``decode``, ``eos_token_id``, ``pad_token_id``, `
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from importlib import resources
@@ -140,19 +141,14 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab={len(self)}, eos={self.eos_token_id})"
 
 
+@functools.cache
 def _byte_alphabet() -> dict[str, int]:
     """GPT-2's byte-level alphabet, which byte-level BPE vocabularies are spelt in: {character: the byte it
     stands for}. Printable Latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) are themselves; every other
     byte, in increasing order, is ``chr(256 + k)`` for the next k (a space is ``Ġ``, a newline ``Ċ``)."""
-    global _BYTE_ALPHABET
-    if _BYTE_ALPHABET is None:
-        printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-        other = (b for b in range(256) if b not in printable)
-        _BYTE_ALPHABET = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(other)}
-    return _BYTE_ALPHABET
-
-
-_BYTE_ALPHABET: dict[str, int] | None = None
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    other = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(other)}
 
 
 def _shipped_json() -> str:
