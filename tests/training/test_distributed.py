@@ -7,7 +7,6 @@ process accumulating micro-batches, so the updated weights differ in the last bi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,13 +16,13 @@ import yaml
 import emma_mamba
 from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
 from emma_mamba.training.trainer import Trainer
-from tests.training.conftest import make_cfg, subset
+from tests.training.conftest import make_cfg, subset, tree_env
 
 KEYS = ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "tokens", "samples")
 
 
 def torchrun(args, nproc=2, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = tree_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "emma_mamba.cli", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -244,7 +243,7 @@ def test_fsdp_bf16_keeps_the_ssm_parameters_fp32_and_whole(tmp_path):
     by hand)."""
     script = tmp_path / "probe.py"
     script.write_text(FSDP_BF16_PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = tree_env()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -27,7 +27,6 @@ micro-batch) move the gradient far more than that, so the comparison can tell th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -44,7 +43,7 @@ from emma_mamba.training.config import run_config_to_dict
 from emma_mamba.training.optim import lr_lambda
 from emma_mamba.training.parallel import DistInfo
 from emma_mamba.training.trainer import Trainer
-from tests.training.conftest import make_cfg
+from tests.training.conftest import make_cfg, tree_env
 
 G = 8  # rows (= samples, padding) per optimizer step
 
@@ -276,7 +275,7 @@ destroy_distributed()
 def _torchrun(tmp_path, runs, timeout=240):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = tree_env()
     args = [str(x) for pair in runs for x in pair]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
