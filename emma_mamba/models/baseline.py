@@ -144,13 +144,23 @@ class TransformerMLLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None, past_key_values=None, logits_to_keep: int = 0):
         """input_ids (b, l) with one ``<image>`` id per image, pixel_values (n_img, 3, H, W) -> the Llama
-        output (``.logits`` (b, L, vocab), ``.past_key_values``) over the expanded sequence."""
+        output (``.logits`` (b, L, vocab) and the KV cache, under :func:`llama_cache_keyword`'s name) over the
+        expanded sequence; ``past_key_values``: a transformers cache, filled in place."""
         visual = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             visual = self.encode_images(pixel_values, instruction_ids)
         embeds, _, _, _ = self._splice(input_ids, visual, None, None, None, None)
-        return self.lm(inputs_embeds=embeds, past_key_values=past_key_values,
-                       use_cache=past_key_values is not None, logits_to_keep=logits_to_keep)
+        return self.lm(inputs_embeds=embeds, use_cache=past_key_values is not None, logits_to_keep=logits_to_keep,
+                       **{llama_cache_keyword(self.lm): past_key_values})
+
+
+def llama_cache_keyword(lm) -> str:
+    """transformers' keyword for a causal LM's KV cache, in its forward and in its output: ``cache`` where the
+    forward takes it (5.2x releases, where ``past_key_values`` goes through a deprecation shim: a FutureWarning
+    on every call, and removal announced for 5.40), else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
 
 
 def describe_match(mamba_lm, llama_lm) -> str:
