@@ -90,7 +90,9 @@ class Tokenizer:
         character split over several tokens (an emoji, a CJK character: each piece decodes to U+FFFD alone). A
         byte-level BPE token's vocabulary spelling read back through GPT-2's byte alphabet; a byte-fallback token
         (SentencePiece-style vocabularies: ``<0xF0>``) its byte; an added token (special, or the whitespace runs)
-        and any other as its text's UTF-8."""
+        and any other as its decoded text's UTF-8 (what a client is shown: the tokenizers library decodes a
+        non-ASCII added token of a byte-level vocabulary through the byte alphabet, e.g. "naïve" as "na\ufffdve";
+        the tokens this package adds are ASCII)."""
         spelt = self._tok.id_to_token(int(i))
         if spelt is None:
             raise ValueError(f"token id {i} is outside the tokenizer's {len(self)} ids")
