@@ -1,5 +1,6 @@
-"""The `triton` backend's decode steps (emma_mamba/kernels/state_update.py, causal_conv1d.py) on inputs the other
-tests leave out, or check only within a 16-bit tolerance:
+"""Mutation round 4 of the `triton` backend: its decode steps (emma_mamba/kernels/state_update.py,
+causal_conv1d.py) on inputs the other tests leave out, or check only within a 16-bit tolerance, and its scan on
+seq_idx rows that do not start at 0.
 
 * selective_state_update with dt + dt_bias well above 2: softplus(x) = log1p(exp(x)) differs from x up to torch's
   threshold 20 (the other decode tests draw dt + dt_bias below 2);
@@ -10,7 +11,12 @@ tests leave out, or check only within a 16-bit tolerance:
 
 Oracles: the fp32 reference steps of emma_mamba.ops.reference, and for the conv step the hand sum over the state
 the kernel wrote (Triton's interpreter truncates fp32 -> bf16 where torch rounds, see test_triton_backend.py
-test_conv_update_keeps_state_dtype, so the written state may differ from the reference's by one bf16 step)."""
+test_conv_update_keeps_state_dtype, so the written state may differ from the reference's by one bf16 step).
+
+The scan: seq_idx ids are only compared between neighbouring steps, so a row may well start with sequence 3
+(e.g. when the ids continue from the previous row of a packed batch). Step 0 never restarts the state, so the initial state still feeds the row's first sequence and
+gets its gradient from it, in both forwards (chunked and sequential) and both backwards. The other seq_idx rows of
+the tests all start at 0. Oracle: the fp32 reference scan (emma_mamba.ops.reference) with autograd."""
 
 from __future__ import annotations
 
@@ -24,10 +30,11 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+import emma_mamba.kernels as K  # noqa: E402
 from emma_mamba import ops  # noqa: E402
 from emma_mamba.ops.reference import causal_conv1d_update_ref, selective_state_update_ref  # noqa: E402
 
-from .tolerances import TOL  # noqa: E402
+from .tolerances import TOL, check_scan  # noqa: E402
 
 DEVICE = "cpu" if not torch.cuda.is_available() else "cuda"
 
@@ -104,3 +111,21 @@ def test_conv_update_output_from_the_written_state(state_dtype):
     by_hand = (state.float() * weight).sum(-1) + bias  # what the output must be: the conv over the written state
     torch.testing.assert_close(y, by_hand, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, y_ref, rtol=2.0**-7, atol=0.05)
+
+
+def _scan_inputs(b=2, d=4, n=4, l=20, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    seq = torch.full((b, l), 3, dtype=torch.int32)
+    seq[0, 7:] = 4  # row 0: sequences 3 then 4
+    seq[1, :] = 9   # row 1: one sequence, id 9
+    return dict(u=r(b, d, l), delta=0.5 * torch.rand(b, d, l, generator=gen), A=-0.5 - torch.rand(d, n, generator=gen),
+                B=r(b, n, l), C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=0.5 * torch.rand(d, generator=gen),
+                initial_state=r(b, d, n), seq_idx=seq)
+
+
+@pytest.mark.parametrize("fwd,bwd", [("chunked", "chunked"), ("sequential", "sequential")])
+def test_a_row_whose_first_sequence_id_is_not_zero(fwd, bwd, monkeypatch):
+    monkeypatch.setattr(K.selective_scan, "FWD_IMPL", fwd)
+    monkeypatch.setattr(K.selective_scan, "BWD_IMPL", bwd)
+    check_scan(_scan_inputs(), "triton", DEVICE, True, True)
