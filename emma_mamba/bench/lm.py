@@ -125,9 +125,9 @@ def hf_cache_keyword(hf) -> str:
     """transformers' keyword for a Mamba model's recurrent state, in its forward and in its output: `cache` where
     the forward takes it (Mamba2ForCausalLM, and MambaForCausalLM from transformers 5.2x, where `cache_params`
     is deprecated), else `cache_params` (older releases)."""
-    import inspect
+    from emma_mamba.models.baseline import cache_keyword
 
-    return "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "cache_params"
+    return cache_keyword(hf, "cache_params")
 
 
 def _hide_cuda_only_packages() -> None:

@@ -21,6 +21,8 @@ counts of both models are counted from the built modules (tied weights once) and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -154,13 +156,24 @@ class TransformerMLLM(nn.Module):
                        **{llama_cache_keyword(self.lm): past_key_values})
 
 
-def llama_cache_keyword(lm) -> str:
-    """transformers' keyword for a causal LM's KV cache, in its forward and in its output: ``cache`` where the
-    forward takes it (5.2x releases, where ``past_key_values`` goes through a deprecation shim: a FutureWarning
-    on every call, and removal announced for 5.40), else ``past_key_values``."""
+def cache_keyword(model, older: str) -> str:
+    """transformers' keyword for a model's cache (a KV cache, a Mamba state), in its forward and in its output:
+    ``cache`` where the model's forward takes it (5.2x releases, where the older names go through deprecation
+    shims: a FutureWarning and a kwargs rewrite on every call), else ``older``. Read once per model class."""
+    return "cache" if _forward_takes_cache(type(model)) else older
+
+
+@functools.cache
+def _forward_takes_cache(cls) -> bool:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+    return "cache" in inspect.signature(cls.forward).parameters
+
+
+def llama_cache_keyword(lm) -> str:
+    """:func:`cache_keyword` of a transformers causal LM: ``cache``, or ``past_key_values`` (older releases;
+    its removal is announced for 5.40)."""
+    return cache_keyword(lm, "past_key_values")
 
 
 def describe_match(mamba_lm, llama_lm) -> str:
