@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def tree_env() -> dict:
+    """The environment of a torchrun child: one thread, and the emma_mamba of the tree under test first on its path
+    (a script runs from its own folder, where the installed package would be imported instead)."""
+    from pathlib import Path
+
+    import emma_mamba
+
+    root = str(Path(emma_mamba.__file__).resolve().parents[1])
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

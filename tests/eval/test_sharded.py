@@ -5,7 +5,6 @@ in one process for generation, likelihood and MME; and a real 2-process gloo run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from emma_mamba.eval.runner import evaluate, merge_shards
+from tests.conftest import tree_env
 from tests.eval.test_closed import _vsr_file
 from tests.eval.test_runner import checkpoint, shapes  # noqa: F401 - fixtures
 
@@ -91,7 +91,7 @@ def test_torchrun_two_processes_give_the_one_process_answers(shapes, checkpoint,
     args = ["eval", "--task", "pope", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
             str(checkpoint), "--batch-size", "2", "--max-new-tokens", "3", "--limit", "6", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = tree_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "emma_mamba.cli", *args, "--out", str(tmp_path / "two")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -211,7 +211,7 @@ sys.exit(main(sys.argv[1:]))
     args = ["eval", "--task", "pope", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
             str(checkpoint), "--batch-size", "2", "--max-new-tokens", "2", "--limit", "4", "--no-progress",
             "--out", str(tmp_path / "tr")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = tree_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
-import emma_mamba
 from emma_mamba.data.shapes import ShapesConfig, generate
 from emma_mamba.training.config import run_config_from_dict
 
@@ -43,11 +40,3 @@ def make_cfg(shapes, out, json_path=None, **sections):
         else:
             d[k] = v
     return run_config_from_dict(d, source="test")
-
-
-def tree_env() -> dict:
-    """The environment of a torchrun child: one thread, and the emma_mamba of the tree under test first on its path
-    (a probe script runs from its own folder, where the installed package would be imported instead)."""
-    root = str(Path(emma_mamba.__file__).resolve().parents[1])
-    return dict(os.environ, OMP_NUM_THREADS="1",
-                PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))

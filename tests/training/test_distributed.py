@@ -16,7 +16,8 @@ import yaml
 import emma_mamba
 from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
 from emma_mamba.training.trainer import Trainer
-from tests.training.conftest import make_cfg, subset, tree_env
+from tests.conftest import tree_env
+from tests.training.conftest import make_cfg, subset
 
 KEYS = ("loss", "lm_loss", "align_loss", "grad_norm", "lr", "tokens", "samples")
 

@@ -43,7 +43,8 @@ from emma_mamba.training.config import run_config_to_dict
 from emma_mamba.training.optim import lr_lambda
 from emma_mamba.training.parallel import DistInfo
 from emma_mamba.training.trainer import Trainer
-from tests.training.conftest import make_cfg, tree_env
+from tests.conftest import tree_env
+from tests.training.conftest import make_cfg
 
 G = 8  # rows (= samples, padding) per optimizer step
 

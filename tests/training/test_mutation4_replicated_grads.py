@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from emma_mamba.training.parallel import sync_replicated_grads
-from tests.training.conftest import tree_env
+from tests.conftest import tree_env
 
 PROBE = r'''
 import json, sys, torch
