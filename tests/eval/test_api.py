@@ -3,8 +3,10 @@ exactly like the same checkpoint run locally: the answers files are equal, so ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -254,29 +256,39 @@ def test_vsr_through_the_api_asks_once_per_question(shapes, served, tmp_path):
 def test_a_malformed_reply_is_an_api_error_naming_the_question(shapes, tmp_path, body):
     """An endpoint answering 200 with no choice (or not a JSON object): ApiError naming the endpoint and the
     question (the command's exit 2 and message), not an IndexError / TypeError traceback."""
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
     from emma_mamba.eval.runner import read_questions
+
+    with canned_endpoint({"status": 200, "body": body}) as url:
+        q = read_questions("pope", shapes / "heldout" / "pope_random.jsonl", shapes / "images")[:1]
+        fn = api_answer_fn(url, retries=0)
+        with pytest.raises(ApiError, match=rf"/v1/chat/completions: question {q[0].qid!r}: "):
+            fn(q, ["Is there a cat?"])
+
+
+@contextlib.contextmanager
+def canned_endpoint(reply: dict):
+    """A local HTTP endpoint answering every POST with ``reply["status"]`` and ``reply["body"]`` (bytes, JSON),
+    read at each request (a test may change them), and counting the requests in ``reply["hits"]``; yields its
+    /v1 URL."""
+    reply.setdefault("hits", 0)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            reply["hits"] += 1
+            self.send_response(reply["status"])
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(reply["body"])))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(reply["body"])
 
         def log_message(self, *a):
             pass
 
-    srv = HTTPServer(("127.0.0.1", 0), Handler)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        q = read_questions("pope", shapes / "heldout" / "pope_random.jsonl", shapes / "images")[:1]
-        fn = api_answer_fn(f"http://127.0.0.1:{srv.server_port}/v1", retries=0)
-        with pytest.raises(ApiError, match=rf"/v1/chat/completions: question {q[0].qid!r}: "):
-            fn(q, ["Is there a cat?"])
+        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
     finally:
         srv.shutdown()
         srv.server_close()

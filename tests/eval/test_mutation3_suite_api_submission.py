@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +23,7 @@ from PIL import Image
 from emma_mamba.eval import suite as suite_mod
 from emma_mamba.eval.mmbench import mmbench_submission
 from tests.eval.test_mmbench_submission import write_tsv  # an MMBench TSV of the given columns
+from tests.eval.test_api import canned_endpoint
 
 
 # ------------------------------------------------------------------------------------------------- suite
@@ -58,30 +57,9 @@ def _png() -> bytes:
 
 @pytest.fixture
 def server():
-    state = {"status": 400, "hits": 0}
-
-    class H(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state["hits"] += 1
-            body = json.dumps({"error": {"message": "nope"}}).encode()
-            self.send_response(state["status"])
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1", state
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    state = {"status": 400, "body": json.dumps({"error": {"message": "nope"}}).encode()}
+    with canned_endpoint(state) as url:
+        yield url, state
 
 
 @pytest.mark.parametrize("status, hits, waits", [(400, 1, []), (422, 1, []), (503, 3, [1.0, 2.0])])
