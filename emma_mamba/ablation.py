@@ -159,7 +159,7 @@ def plot(summary: dict, path: str | Path, chance: dict | None = None, title: str
 def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants: list[str], results: str | Path,
                  plot_path: str | Path | None, data_seed: int = 0, progress: bool = False, echo=print,
                  jobs: int = 1, threads: int = 1) -> dict:
-    from emma_mamba.quickstart import load_quickstart_config, make_data
+    from emma_mamba.quickstart import blind_chance, load_quickstart_config, make_data
 
     for v in variants:
         if v not in VARIANTS:
@@ -198,7 +198,7 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
     if differ:
         detail = ", ".join(f"{k}: {have[k]!r} there, {want[k]!r} in the recipe" for k in differ)
         raise ValueError(f"{data_dir} holds a different ShapesWorld ({detail}); use another --out")
-    _, blind_files, chance = _blind(data_dir, blind_dir)
+    blind_files, chance = blind_chance(data_dir, blind_dir)
 
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     t_start = time.perf_counter()
@@ -304,6 +304,7 @@ def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result, na
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    before = {p.pid for p in mp.active_children()}
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(args_list)), mp_context=mp.get_context("spawn"),
                                initializer=_worker_init, initargs=(threads,))
     try:
@@ -319,8 +320,8 @@ def _parallel(fn, args_list: list[tuple], jobs: int, threads: int, on_result, na
                 continue
             on_result(r)
     except BaseException:
-        for p in list((getattr(pool, "_processes", None) or {}).values()):
-            if p.is_alive():
+        for p in mp.active_children():  # the pool's workers: this process's children started since the pool
+            if p.pid not in before:
                 p.terminate()  # SIGTERM: without it the workers of a killed parent train on, orphaned
         pool.shutdown(wait=True, cancel_futures=True)
         raise
@@ -370,15 +371,6 @@ def _variant_job(config: str, out: str, data_dir: str, v: str, seed: int, clip_c
     # whole or not at all: a rerun skips every run with a result.json
     write_whole(run_dir / "result.json", lambda tmp: tmp.write_text(json.dumps(rec, indent=1) + "\n"))
     return rec
-
-
-def _blind(data_dir: Path, blind_dir: Path):
-    from emma_mamba.data.shapes import blind_baseline
-    from emma_mamba.eval.scorers import score
-    from emma_mamba.quickstart import EVAL_TASKS
-
-    files = blind_baseline(data_dir, blind_dir)
-    return None, files, {t: score(t.split("_")[0], *files[t]) for t in EVAL_TASKS}
 
 
 def _slug(name: str) -> str:
