@@ -1,6 +1,7 @@
 """`emma-mamba quickstart`: the whole pipeline on a laptop CPU in minutes, with no download.
 
     emma-mamba quickstart [--out runs/quickstart] [--seed 0] [--fast] [--config configs/quickstart.yaml]
+                          [--resume | --overwrite]
 
 Steps (each one the library's own code path, nothing special-cased):
 
@@ -21,6 +22,10 @@ Steps (each one the library's own code path, nothing special-cased):
 The recipe (data size, model overrides, steps, learning rates) lives in ``configs/quickstart.yaml``; ``--fast``
 uses ``configs/quickstart_fast.yaml``, a seconds-long smoke run of the same pipeline (its numbers mean
 nothing). The keys are checked strictly: an unknown key is an error naming the file and the key.
+
+An interrupted run (Ctrl-C, SIGTERM) continues with ``--resume``: the steps it finished are reused, a training
+stage that SIGTERM stopped continues from the checkpoint it wrote (Ctrl-C writes none: that stage starts again),
+and the evaluation runs again; the recipe and seed must be the run's.
 """
 
 from __future__ import annotations
@@ -283,41 +288,66 @@ def pretrain_clip_stage(qc: QuickstartConfig, out: Path, data_dir: Path, seed: i
 def make_data(qc: QuickstartConfig, data_dir: Path, seed: int, blind_dir: Path) -> tuple[dict, dict, dict]:
     """ShapesWorld under ``data_dir`` and its blind baseline under ``blind_dir``.
     Returns (meta, blind answer files per task, blind metrics per task)."""
-    from emma_mamba.data.shapes import ShapesConfig, blind_baseline, generate
-    from emma_mamba.eval.scorers import score
+    from emma_mamba.data.shapes import ShapesConfig, generate
 
     meta = generate(ShapesConfig(seed=seed, **qc.data), data_dir)
     build_word_tokenizer(data_dir, data_dir / "tokenizer")
-    blind_files = blind_baseline(data_dir, blind_dir)
-    chance = {t: score(t.split("_")[0], *blind_files[t]) for t in EVAL_TASKS}
-    return meta, blind_files, chance
+    return (meta, *blind_chance(data_dir, blind_dir))
+
+
+def blind_chance(data_dir: Path, blind_dir: Path) -> tuple[dict, dict]:
+    """The blind (question-only) baseline's answer files under ``blind_dir`` and their metrics per task, the
+    chance levels (cheap: rebuilt wherever ShapesWorld is reused)."""
+    from emma_mamba.data.shapes import blind_baseline
+    from emma_mamba.eval.scorers import score
+
+    files = blind_baseline(data_dir, blind_dir)
+    return files, {t: score(t.split("_")[0], *files[t]) for t in EVAL_TASKS}
 
 
 def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, source: str, model: dict | None = None,
                  progress: bool = True, echo=None, clip_checkpoint: Path | None = None,
-                 on_stage=None) -> tuple[dict, dict]:
+                 on_stage=None, done: dict | None = None, on_done=None) -> tuple[dict, dict]:
     """Stage 1 into ``out/stage1``, stage 2 into ``out/stage2``. Returns (per-stage history summary, seconds).
-    ``on_stage(name)`` is called as each stage starts."""
+    ``on_stage(name)`` is called as each stage starts, ``on_done(stage, summary, seconds)`` as it ends.
+
+    A resumed quickstart passes ``done``: {stage: {"summary", "seconds"}} of the stages an earlier run finished
+    (not trained again; run_pipeline clears every folder after the first step not done). A stage not done whose
+    folder holds a checkpoint (a stage stopped by SIGTERM writes one) continues from its newest one, as
+    ``--resume auto`` does."""
     import torch
 
+    from emma_mamba.training.checkpoint import latest_checkpoint
     from emma_mamba.training.trainer import Trainer
 
+    done = done or {}
     histories, timings = {}, {}
     for k, stage in enumerate(("pretrain", "finetune"), 3):
+        stage_dir = out / ("stage1" if stage == "pretrain" else "stage2")
+        if stage in done:
+            histories[stage], timings[stage] = done[stage]["summary"], done[stage]["seconds"]
+            if echo is not None:
+                echo(f"[{k}/5] {stage}: done earlier ({histories[stage]['steps']} steps, LM loss "
+                     f"{histories[stage]['first_loss']:.3f} -> {histories[stage]['last_loss']:.3f})")
+            continue
         t0 = time.perf_counter()
         if on_stage is not None:
             on_stage(f"stage {k - 2} ({stage})")
+        last = latest_checkpoint(stage_dir)
         rc = _stage_config(qc, stage, out, data_dir, seed, source, model, clip_checkpoint)
         rc.log.progress_bar = progress
-        trainer = Trainer(rc, device=None if torch.cuda.is_available() else "cpu")
+        trainer = Trainer(rc, resume=None if last is None else "auto",
+                          device=None if torch.cuda.is_available() else "cpu")
         trainer.fit()
-        h = trainer.history
+        if last is None:
+            h, val = trainer.history, trainer.val_history
+        else:  # the steps before the checkpoint are in metrics.jsonl (the trainer keeps it one run across resumes;
+            h, val = _logged_history(stage_dir / "metrics.jsonl")  # every step of it unless log.every_steps > 1)
         tail = h[-5:]
-        histories[stage] = {"steps": len(h), "first_loss": h[0]["lm_loss"],
+        histories[stage] = {"steps": trainer.global_step, "first_loss": h[0]["lm_loss"],
                             "last_loss": sum(m["lm_loss"] for m in tail) / len(tail),
                             "last_align_loss": sum(m["align_loss"] for m in tail) / len(tail),
                             "trainable_parameters": sum(p.numel() for p in trainer.params)}
-        val = trainer.val_history
         if val:  # held-out LM loss along the run: {step: loss}, and answer-token accuracy at the end
             histories[stage]["val_lm_loss"] = {v["step"]: round(v["val_lm_loss"], 4) for v in val}
             histories[stage]["val_token_acc"] = val[-1]["val_token_acc"]
@@ -325,10 +355,24 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
         if echo is not None:
             held = (f"; held-out {val[-1]['val_lm_loss']:.3f} (best {min(v['val_lm_loss'] for v in val):.3f})"
                     if val else "")
-            echo(f"[{k}/5] {stage}: {len(h)} steps, LM loss {histories[stage]['first_loss']:.3f} -> "
-                 f"{histories[stage]['last_loss']:.3f}{held} ({timings[stage]:.0f}s)")
+            cont = f" (continued from {last.name})" if last is not None else ""
+            echo(f"[{k}/5] {stage}: {trainer.global_step} steps{cont}, LM loss "
+                 f"{histories[stage]['first_loss']:.3f} -> {histories[stage]['last_loss']:.3f}{held} "
+                 f"({timings[stage]:.0f}s)")
         del trainer
+        if on_done is not None:
+            on_done(stage, histories[stage], timings[stage])
     return histories, timings
+
+
+def _logged_history(path: Path) -> tuple[list[dict], list[dict]]:
+    """A run's step records and validation records, from its metrics.jsonl."""
+    steps, val = [], []
+    for line in text_lines(path.read_text(encoding="utf-8")):
+        if line.strip():
+            m = json.loads(line)
+            (val if "val_lm_loss" in m else steps).append(m)
+    return steps, val
 
 
 def evaluate_heldout(model, qc: QuickstartConfig, data_dir: Path, out: Path, blind_files: dict, chance: dict, *,
@@ -366,39 +410,91 @@ def summary_rows(results: dict, chance: dict) -> list[dict]:
 
 
 def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source: str = "<quickstart>",
-                 overwrite: bool = False, progress: bool = True, echo=print) -> dict:
-    """Runs the quickstart; returns (and writes to ``out/summary.json``) the summary."""
+                 overwrite: bool = False, resume: bool = False, progress: bool = True, echo=print) -> dict:
+    """Runs the quickstart; returns (and writes to ``out/summary.json``) the summary.
+
+    ``resume``: where ``out`` holds an unfinished quickstart of the same recipe and seed, continue it: the steps it
+    finished (ShapesWorld, stage 0, stage 1, stage 2: each recorded in STATE_FILE as it ends) are reused, a training
+    stage stopped by SIGTERM continues from its checkpoint, the step it stopped in otherwise starts again, and the
+    held-out evaluation runs again (seconds). A finished quickstart's summary is returned as it is; an empty or
+    absent ``out`` starts a new one."""
     from emma_mamba.data.shapes import SHORT_ANSWER_PROMPT
     from emma_mamba.models.vlm import answer, load
 
     out = Path(out)
     check_recipe(qc, seed, source)  # before anything is made, or an --overwrite deletes the previous run
-    prepare_out(out, overwrite)
+    earlier = resumable_state(out, qc, seed) if resume else None
+    if earlier is None:
+        if resume:
+            echo(f"nothing to resume in {out}: a new quickstart")
+        prepare_out(out, overwrite)
+        done = {}
+    else:
+        done = _reusable_steps(out, earlier)
+        # (a finished run of an older version recorded no steps: its summary stands)
+        if earlier.get("finished") and (len(done) == len(STEP_NAMES) or "done" not in earlier):
+            try:
+                summary = json.loads((out / "summary.json").read_text())
+                echo(f"{out} holds this quickstart, finished: nothing to resume")
+                return summary
+            except (OSError, ValueError):  # its summary lost: the evaluation writes it again
+                pass
+        _check_writable(out)
+        _clear_after(out, done)
+        how = ("finished, but files of it are gone" if earlier.get("finished") else
+               f"stopped during {earlier.get('stage')}")
+        echo(f"resuming the quickstart in {out} ({how}): "
+             + (f"reusing {', '.join(STEP_NAMES[k] for k in done)}" if done else "nothing of it is reusable"))
+    reused = list(done)
     state = {"what": "emma-mamba quickstart", "seed": seed, "config": source,
-             "recipe": asdict(qc), "stage": "data", "finished": False}
+             "recipe": asdict(qc), "stage": "data", "finished": False, "done": done}
     _write_state(out, state)
-    t_all = time.perf_counter()
 
+    def finished(step: str, **record) -> None:
+        done[step] = record
+        _write_state(out, state)
+
+    t_all = time.perf_counter()
     t0 = time.perf_counter()
     data_dir = out / "data"
-    meta, blind_files, chance = make_data(qc, data_dir, seed, out / "blind")
-    timings = {"data": time.perf_counter() - t0}
+    if "data" in reused:
+        meta = json.loads((data_dir / "meta.json").read_text())
+        blind_files, chance = blind_chance(data_dir, out / "blind")
+        timings = {"data": done["data"]["seconds"]}
+    else:
+        meta, blind_files, chance = make_data(qc, data_dir, seed, out / "blind")
+        timings = {"data": time.perf_counter() - t0}
+        finished("data", seconds=timings["data"])
     c = meta["counts"]
     echo(f"[1/5] ShapesWorld seed {seed}: {c['train_images']} train images ({c['stage1']} captions, "
          f"{c['stage2_turns']} QA turns), {c['heldout_images']} held-out images, {meta['config']['image_size']}px "
-         f"({timings['data']:.1f}s)")
+         + ("(done earlier)" if "data" in reused else f"({timings['data']:.1f}s)"))
 
-    _write_state(out, {**state, "stage": "stage 0 (CLIP)"})
-    clip_ckpt, clip_summary, timings["clip"] = pretrain_clip_stage(qc, out, data_dir, seed, progress=progress,
-                                                                   echo=echo)
-    histories, t_train = train_stages(qc, out, data_dir, seed, source=source, progress=progress, echo=echo,
-                                      clip_checkpoint=clip_ckpt,
-                                      on_stage=lambda name: _write_state(out, {**state, "stage": name}))
+    state["stage"] = "stage 0 (CLIP)"
+    if "clip" in reused:
+        clip_summary, timings["clip"] = done["clip"]["summary"], done["clip"]["seconds"]
+        clip_ckpt = None if clip_summary is None else out / "clip" / "open_clip.pt"
+        echo("[2/5] stage 0 (CLIP on captions): " + ("not in this recipe" if clip_summary is None else
+                                                      f"done earlier ({clip_summary['steps']} steps)"))
+    else:
+        _write_state(out, state)
+        clip_ckpt, clip_summary, timings["clip"] = pretrain_clip_stage(qc, out, data_dir, seed, progress=progress,
+                                                                       echo=echo)
+        finished("clip", summary=clip_summary, seconds=timings["clip"])
+
+    def stage_started(name: str) -> None:
+        state["stage"] = name
+        _write_state(out, state)
+
+    histories, t_train = train_stages(
+        qc, out, data_dir, seed, source=source, progress=progress, echo=echo, clip_checkpoint=clip_ckpt,
+        on_stage=stage_started, done=done,
+        on_done=lambda stage, summary, seconds: finished(stage, summary=summary, seconds=seconds))
     timings.update(t_train)
     if clip_summary is not None:
         histories = {"clip": clip_summary, **histories}
 
-    _write_state(out, {**state, "stage": "held-out evaluation"})
+    stage_started("held-out evaluation")
     t0 = time.perf_counter()
     model = load(out / "stage2")
     results, chance = evaluate_heldout(model, qc, data_dir, out / "eval", blind_files, chance,
@@ -422,15 +518,18 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
         "stage2": qc.stage2, "eval": qc.eval, "training": histories, "rows": summary_rows(results, chance),
         "demo": demo, "seconds": timings, **run_environment(),
     }
+    if earlier is not None:  # (seconds: the reused steps' as they ran; total: theirs + this run's)
+        timings["total"] += sum(done[k]["seconds"] for k in reused)
+        summary["resumed"] = {"stopped_during": earlier.get("stage"), "reused": [STEP_NAMES[k] for k in reused]}
     write_whole(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     _write_state(out, {**state, "stage": None, "finished": True})
     return summary
 
 
 STATE_FILE = "quickstart_run.json"
-"""Written first into ``--out`` (seed, recipe, the stage in progress, finished or not): marks the folder as a
-quickstart's, so that ``--overwrite`` may replace it (and nothing else), and says where an interrupted run
-stopped."""
+"""Written first into ``--out`` (seed, recipe, the stage in progress, finished or not, and under ``done`` each
+step finished with its seconds and training summary): marks the folder as a quickstart's, so that ``--overwrite``
+may replace it (and nothing else), says where an interrupted run stopped, and what ``--resume`` reuses."""
 
 OUT_NAMES = ("data", "blind", "clip", "stage1", "stage2", "eval", "summary.json", STATE_FILE)
 """Everything a quickstart writes into ``--out`` (what ``--overwrite`` deletes)."""
@@ -451,6 +550,77 @@ def read_state(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+STEP_NAMES = {"data": "ShapesWorld", "clip": "stage 0 (CLIP)", "pretrain": "stage 1 (pretrain)",
+              "finetune": "stage 2 (finetune)"}
+"""The steps a quickstart records in STATE_FILE's ``done`` as each ends (what ``--resume`` may reuse), in order."""
+
+STEP_DIRS = {"data": ("data", "blind"), "clip": ("clip",), "pretrain": ("stage1",), "finetune": ("stage2",)}
+
+
+def _recipe_doc(qc: QuickstartConfig) -> dict:
+    return json.loads(json.dumps(asdict(qc)))  # as STATE_FILE holds it (tuples as lists)
+
+
+def resumable_state(out: Path, qc: QuickstartConfig, seed: int) -> dict | None:
+    """The state of the quickstart in ``out`` that ``--resume`` continues, or None where ``out`` is absent or
+    empty (a new run). Raises OutputFolderError for a folder a quickstart did not write, one without STATE_FILE,
+    or a quickstart of another seed or recipe (its steps would not be this run's)."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not _is_quickstart_folder(out):
+        raise OutputFolderError(f"{out} is not empty and does not look like a quickstart output; there is nothing to "
+                                f"resume in it (choose another --out)")
+    st = read_state(out)
+    if st is None:
+        raise OutputFolderError(f"{out} holds a quickstart without a readable {STATE_FILE} (which says what it "
+                                f"finished), so it cannot be resumed; pass --overwrite to start it again")
+    if st.get("seed") != seed:
+        raise OutputFolderError(f"--resume: {out} holds the quickstart of seed {st.get('seed')}, and this command's "
+                                f"--seed is {seed}; give --seed {st.get('seed')} to continue it, or --overwrite to "
+                                f"start seed {seed} there")
+    want, have = _recipe_doc(qc), st.get("recipe")
+    if have != want:
+        have = have if isinstance(have, dict) else {}
+        differ = [k for k in want if have.get(k) != want[k]] or sorted(set(have) - set(want))
+        raise OutputFolderError(f"--resume: {out} holds a quickstart of another recipe ({st.get('config')}; it "
+                                f"differs in: {', '.join(differ)}); give the same --config (or --fast) to continue "
+                                f"it, or --overwrite to start this recipe there")
+    return st
+
+
+def _reusable_steps(out: Path, st: dict) -> dict:
+    """The leading steps of STATE_FILE's ``done`` whose files are all there: {step: its record} (a step after one
+    that is not reused was built on it, so it is not reused either). Reads only."""
+    recorded = st.get("done") if isinstance(st.get("done"), dict) else {}
+    present = {"data": all((out / "data" / f).is_file() for f in ("meta.json", "tokenizer/tokenizer.json")),
+               "clip": (recorded.get("clip") or {}).get("summary") is None or (out / "clip" / "open_clip.pt").is_file(),
+               "pretrain": (out / "stage1" / "model.safetensors").is_file(),
+               "finetune": (out / "stage2" / "model.safetensors").is_file()}
+    done = {}
+    for step in STEP_NAMES:
+        if step not in recorded or not present[step]:
+            break
+        done[step] = recorded[step]
+    return done
+
+
+def _clear_after(out: Path, done: dict) -> None:
+    """Removes what the steps after ``done`` left, and the evaluation, except the checkpoints of the first
+    training stage not done, which it continues from."""
+    from emma_mamba.training.checkpoint import latest_checkpoint
+
+    for i, step in enumerate(s for s in STEP_NAMES if s not in done):
+        keep = i == 0 and step in ("pretrain", "finetune") and latest_checkpoint(out / STEP_DIRS[step][0])
+        for name in () if keep else STEP_DIRS[step]:
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+    for name in ("eval", "summary.json"):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _is_quickstart_folder(out: Path) -> bool:
@@ -486,20 +656,32 @@ def prepare_out(out: Path, overwrite: bool) -> None:
                 else:
                     what = (f"an unfinished quickstart (seed {st.get('seed')}, {st.get('config')}), stopped during "
                             f"{st.get('stage')}")
-                raise OutputFolderError(f"{out} holds {what}; pass --overwrite to replace it (it starts again from "
+                hint = "pass --resume to continue it, or " if st is not None and not st.get("finished") else "pass "
+                raise OutputFolderError(f"{out} holds {what}; {hint}--overwrite to replace it (it starts again from "
                                         f"the data), or choose another --out")
             for sub in OUT_NAMES:
                 p = out / sub
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    except OutputFolderError:
+        raise
+    except OSError as e:  # not writable, a file on the way, ...
+        raise _unwritable(out, e) from None
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / (STATE_FILE + ".tmp")
         probe.write_text("")
         probe.unlink()
-    except OutputFolderError:
-        raise
-    except OSError as e:  # not writable, a file on the way, ...
-        raise OutputFolderError(f"cannot write into --out {out}: {e.strerror or e}"
-                                + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else "")) from None
+    except OSError as e:
+        raise _unwritable(out, e) from None
+
+
+def _unwritable(out: Path, e: OSError) -> OutputFolderError:
+    return OutputFolderError(f"cannot write into --out {out}: {e.strerror or e}"
+                             + (f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""))
 
 
 def _score_subset(task: str, blind: tuple[Path, Path], answered: Path) -> dict:
@@ -557,7 +739,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"smoke run in seconds ({FAST_CONFIG}): checks the pipeline, its numbers mean nothing")
     p.add_argument("--config", default=None,
                    help=f"quickstart recipe YAML (default {DEFAULT_CONFIG}, or {FAST_CONFIG} with --fast)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the unfinished quickstart in --out (same recipe and --seed): the steps it "
+                            "finished are reused, a stage stopped by SIGTERM continues from its checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: the tiny model's ops are too small to gain from a "
@@ -593,6 +779,18 @@ def interrupted_exit(e: BaseException) -> tuple[str, int]:
     return "interrupted", 130
 
 
+def _resume_says(out: Path, st: dict) -> str:
+    """What ``--resume`` would reuse of the quickstart in ``out``, in a few words."""
+    from emma_mamba.training.checkpoint import latest_checkpoint
+
+    recorded = st.get("done") if isinstance(st.get("done"), dict) else {}
+    reuse = [STEP_NAMES[k] for k in STEP_NAMES if k in recorded]
+    todo = next((k for k in STEP_NAMES if k not in recorded), None)
+    last = latest_checkpoint(out / STEP_DIRS[todo][0]) if todo in ("pretrain", "finetune") else None
+    said = f"reusing {', '.join(reuse)}" if reuse else "nothing is reused"
+    return said + (f"; {STEP_NAMES[todo]} from its checkpoint {last.name}" if last is not None else "")
+
+
 def run(args: argparse.Namespace) -> int:
     from emma_mamba.config import ConfigError
     from emma_mamba.data.llava import DataError
@@ -605,7 +803,8 @@ def run(args: argparse.Namespace) -> int:
         path = recipe_path(args.config, args.fast)
         qc = load_quickstart_config(path)
         summary = run_pipeline(qc, args.out, args.seed, source=str(path), overwrite=args.overwrite,
-                               progress=not args.no_progress, echo=lambda line: print(line, flush=True))
+                               resume=args.resume, progress=not args.no_progress,
+                               echo=lambda line: print(line, flush=True))
     except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError, OutputFolderError) as e:
         print(f"emma-mamba quickstart: {e}", file=sys.stderr)
         return 2
@@ -616,7 +815,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"emma-mamba quickstart: {what}", file=sys.stderr)
         else:
             print(f"emma-mamba quickstart: {what} during {st.get('stage')}; {args.out} holds an unfinished "
-                  f"quickstart, which no run reuses: rerun with --overwrite to start it again", file=sys.stderr)
+                  f"quickstart: rerun with --resume to continue it ({_resume_says(Path(args.out), st)}), or with "
+                  f"--overwrite to start it again", file=sys.stderr)
         return code
     except TrainingError as e:  # a stage that cannot go on (a non-finite loss, a checkpoint write that failed)
         print(f"emma-mamba quickstart: {e}", file=sys.stderr)
