@@ -10,27 +10,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors import safe_open
 
 import emma_mamba
 from emma_mamba.cli import main
-from emma_mamba.config import get_preset
-from emma_mamba.models.vlm import EmmaMamba
 from tests.models.test_mamba2_walkthrough import _tiny_vlm
-
-
-def _dtypes(path):
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_slice(k).get_dtype() for k in f.keys()}
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ckpt")
-    EmmaMamba(get_preset("tiny"), for_training=False).save(d)
-    return d
+from tests.test_mutation2_export_dtypes import _dtypes, ckpt  # noqa: F401 (ckpt: a fixture)
 
 
 @pytest.mark.parametrize("lm_only", [False, True])
