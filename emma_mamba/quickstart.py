@@ -567,8 +567,7 @@ def resumable_state(out: Path, qc: QuickstartConfig, seed: int) -> dict | None:
     """The state of the quickstart in ``out`` that ``--resume`` continues, or None where ``out`` is absent or
     empty (a new run). Raises OutputFolderError for a folder a quickstart did not write, one without STATE_FILE,
     or a quickstart of another seed or recipe (its steps would not be this run's)."""
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    _not_a_file(out)
     if not out.is_dir() or not any(out.iterdir()):
         return None
     if not _is_quickstart_folder(out):
@@ -608,14 +607,21 @@ def _reusable_steps(out: Path, st: dict) -> dict:
     return done
 
 
+def _continued(out: Path, done: dict) -> tuple[str | None, Path | None]:
+    """The first step after ``done`` (None: none left) and, for a training stage, the checkpoint it continues
+    from (None: it starts again)."""
+    from emma_mamba.training.checkpoint import latest_checkpoint
+
+    todo = next((k for k in STEP_NAMES if k not in done), None)
+    return todo, latest_checkpoint(out / STEP_DIRS[todo][0]) if todo in ("pretrain", "finetune") else None
+
+
 def _clear_after(out: Path, done: dict) -> None:
     """Removes what the steps after ``done`` left, and the evaluation, except the checkpoints of the first
     training stage not done, which it continues from."""
-    from emma_mamba.training.checkpoint import latest_checkpoint
-
-    for i, step in enumerate(s for s in STEP_NAMES if s not in done):
-        keep = i == 0 and step in ("pretrain", "finetune") and latest_checkpoint(out / STEP_DIRS[step][0])
-        for name in () if keep else STEP_DIRS[step]:
+    todo, last = _continued(out, done)
+    for step in (s for s in STEP_NAMES if s not in done):
+        for name in () if step == todo and last is not None else STEP_DIRS[step]:
             if (out / name).exists():
                 shutil.rmtree(out / name)
     for name in ("eval", "summary.json"):
@@ -640,8 +646,7 @@ def _is_quickstart_folder(out: Path) -> bool:
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Make ``out`` ready for a new quickstart: create it, or (with ``overwrite``) empty a previous quickstart's
     folder of what it wrote. Refuses, with OutputFolderError, anything else."""
-    if out.exists() and not out.is_dir():
-        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
+    _not_a_file(out)
     try:
         if out.is_dir() and any(out.iterdir()):
             if not _is_quickstart_folder(out):
@@ -667,6 +672,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     except OSError as e:  # not writable, a file on the way, ...
         raise _unwritable(out, e) from None
     _check_writable(out)
+
+
+def _not_a_file(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose another --out")
 
 
 def _check_writable(out: Path) -> None:
@@ -781,12 +791,9 @@ def interrupted_exit(e: BaseException) -> tuple[str, int]:
 
 def _resume_says(out: Path, st: dict) -> str:
     """What ``--resume`` would reuse of the quickstart in ``out``, in a few words."""
-    from emma_mamba.training.checkpoint import latest_checkpoint
-
-    recorded = st.get("done") if isinstance(st.get("done"), dict) else {}
-    reuse = [STEP_NAMES[k] for k in STEP_NAMES if k in recorded]
-    todo = next((k for k in STEP_NAMES if k not in recorded), None)
-    last = latest_checkpoint(out / STEP_DIRS[todo][0]) if todo in ("pretrain", "finetune") else None
+    done = _reusable_steps(out, st)
+    todo, last = _continued(out, done)
+    reuse = [STEP_NAMES[k] for k in done]
     said = f"reusing {', '.join(reuse)}" if reuse else "nothing is reused"
     return said + (f"; {STEP_NAMES[todo]} from its checkpoint {last.name}" if last is not None else "")
 
