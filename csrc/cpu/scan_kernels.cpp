@@ -299,6 +299,7 @@ const ScanKernels& select_scan_kernels() {
 #endif
   TORCH_CHECK(false, "emma_mamba: EMMA_CPU_ISA=", want, " is not an instruction set of this build; use auto, "
               "scalar", EMMA_X86_SIMD ? ", avx2 or avx512" : "");
+  return kScalar;  // not reached (TORCH_CHECK(false) throws); without it -O0 builds warn
 }
 
 }  // namespace scan
