@@ -235,6 +235,11 @@ setup(
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
         "wandb": ["wandb"],
+        # `python -m lmms_eval --model emma_mamba` (emma_mamba/eval/lmms_eval_model.py); lmms-eval 0.7.3 imports
+        # filelock._api, which filelock 4 removed
+        "lmms-eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
     },
-    entry_points={"console_scripts": ["emma-mamba=emma_mamba.cli:main"]},
+    entry_points={"console_scripts": ["emma-mamba=emma_mamba.cli:main"],
+                  # `python -m lmms_eval --model emma_mamba` (lmms-eval finds its models in this group)
+                  "lmms_eval.models": ["emma_mamba=emma_mamba.eval.lmms_eval_model:manifest"]},
 )
