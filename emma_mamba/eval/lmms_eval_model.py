@@ -5,7 +5,7 @@ class through the ``lmms_eval.models`` entry point that emma_mamba's setup.py de
 
     python -m lmms_eval --model emma_mamba --model_args pretrained=runs/stage2 \\
         --tasks pope,mme,scienceqa_img --batch_size 8 --output_path results/
-    accelerate launch --num_processes 8 -m lmms_eval --model emma_mamba ...   # one GPU per process
+    torchrun --nproc_per_node 8 -m lmms_eval --model emma_mamba ...   # one GPU per process, documents sharded
 
 ``--model_args`` (comma-separated ``key=value``): ``pretrained`` (a checkpoint directory written by training,
 ``EmmaMamba.save`` or ``emma-mamba export``; required), ``device`` (default: this process's GPU, else the CPU),

@@ -201,9 +201,11 @@ def process_docs(ds):
 """
 
 
-def test_lmms_eval_pope_gives_emma_mamba_evals_answers(ckpt, tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_lmms_eval_pope_gives_emma_mamba_evals_answers(ckpt, tmp_path, nproc):
     """The whole lmms-eval command (its task loading, prompt, batching and scoring) on POPE questions about real
-    photographs gives the replies `emma-mamba eval --task pope` gives, and lmms-eval's accuracy of them."""
+    photographs gives the replies `emma-mamba eval --task pope` gives, and lmms-eval's accuracy of them; under
+    torchrun too (lmms-eval shards the documents over the processes and gathers the replies)."""
     from emma_mamba import cli
 
     pairs = [(im, q) for im in (ASTRONAUT, COFFEE, CHELSEA) for q in ("Is there a cat in the image?",
@@ -220,7 +222,9 @@ def test_lmms_eval_pope_gives_emma_mamba_evals_answers(ckpt, tmp_path):
     (tasks / "utils.py").write_text(POPE_UTILS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "emma_mamba", "--model_args",
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                   if nproc > 1 else [])
+    r = subprocess.run(launcher + ["-m", "lmms_eval", "--model", "emma_mamba", "--model_args",
                         f"pretrained={ckpt},device=cpu", "--tasks", "pope_local", "--include_path", str(tasks),
                         "--batch_size", "4", "--log_samples", "--output_path", str(tmp_path / "out")],
                        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
