@@ -20,7 +20,9 @@ How the requests are answered (the same as ``emma-mamba eval``):
   go where training put them, :meth:`EmmaMamba.build_prompt`); instruction fusion sees the context as each
   image's instruction. Greedy unless the task asks for sampling (``do_sample`` / ``temperature``, ``top_p``);
   ``until`` are stop strings (the reply is cut before them), ``max_new_tokens`` the task's; the reply is
-  returned stripped of surrounding whitespace. Beam search (``num_beams`` > 1) is refused.
+  returned stripped of surrounding whitespace, with its token counts (input: the prompt's positions, visual tokens
+  included; output: the reply's tokens), which lmms-eval logs per sample. Beam search (``num_beams`` > 1) is
+  refused.
 * ``loglikelihood``: the continuation is scored as a reply: its text (leading whitespace removed, lmms-eval's
   target delimiter) tokenised on its own after the prompt, as training tokenises an answer; returns the sum of
   its tokens' log-probabilities over the real vocabulary and whether greedy decoding would produce exactly those
@@ -37,7 +39,7 @@ import os
 from typing import Sequence
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 MODEL_ID = "emma_mamba"
@@ -178,7 +180,7 @@ class EmmaMambaLMMS(lmms):
             top_p=1.0 if top_p is None else float(top_p), eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=tuple(u for u in until if u), cuda_graphs=self.cuda_graphs)
 
-    def generate_until(self, requests: Sequence[Instance]) -> list[str]:
+    def generate_until(self, requests: Sequence[Instance]) -> list[GenerationResult]:
         """One reply per request, in the requests' order; requests of the same generation settings decode
         together, ``batch_size`` at a time."""
         from tqdm.auto import tqdm
@@ -190,7 +192,7 @@ class EmmaMambaLMMS(lmms):
                 raise ValueError(f"emma_mamba: a generate_until request of {len(args)} arguments (expected context, "
                                  f"generation_kwargs, doc_to_visual, doc_id, task, split)")
             groups.setdefault(json.dumps(args[1], sort_keys=True, default=str), []).append(i)
-        out: list[str | None] = [None] * len(requests)
+        out: list[GenerationResult | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="emma_mamba generate_until")
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size_per_gpu):
@@ -207,9 +209,9 @@ class EmmaMambaLMMS(lmms):
                     cfg = cfg or self._generation_config(gen_kwargs, task)
                 fused = self.model.instruction is not None
                 result = self.model.generate(prompts, images, instructions if fused else None, config=cfg)
-                for i, text in zip(chunk, result.texts):
-                    out[i] = text.strip()
-                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], out[i])
+                for i, text, seq, n_in in zip(chunk, result.texts, result.sequences, result.prompt_lengths):
+                    out[i] = GenerationResult(text.strip(), TokenCounts(input_tokens=n_in, output_tokens=len(seq)))
+                    self.cache_hook.add_partial("generate_until", requests[i].args[:2], out[i].text)
                 bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]

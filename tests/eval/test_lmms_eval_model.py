@@ -77,12 +77,13 @@ def _instructions(oracle, question, images):
 
 def _alone(oracle, question, images, **cfg):
     """The greedy reply to one question asked by hand (instruction fusion sees the question, as emma-mamba eval
-    gives it): its text and token ids."""
+    gives it): its text and token ids (and with ``counts=True`` the prompt's positions)."""
+    counts = cfg.pop("counts", False)
     prompt = build_chat_prompt(question, len(images), oracle.config.image_token)
     cfg.setdefault("max_new_tokens", 7)
     res = oracle.generate(prompt, [load_image(p) for p in images], _instructions(oracle, question, images),
                           config=GenerationConfig(eos_token_id=oracle.tokenizer.eos_token_id, **cfg))
-    return res.texts[0], res.sequences[0]
+    return (res.texts[0], res.sequences[0]) + ((res.prompt_lengths[0],) if counts else ())
 
 
 def test_the_entry_point_gives_lmms_eval_this_class():
@@ -104,13 +105,18 @@ def test_generate_until_answers_each_request_as_asked_alone(adapter, oracle):
     reqs = [_gen(0, questions[0], max_new_tokens=5), _gen(1, questions[1]), _gen(2, questions[2], max_new_tokens=5),
             _gen(3, questions[3]), _gen(4, "<image>\n" + questions[4], temperature=0.7, do_sample=False)]
     got = adapter.generate_until(reqs)
-    want = [_alone(oracle, questions[0], docs[0]["images"], max_new_tokens=5)[0],
-            _alone(oracle, questions[1], docs[1]["images"])[0],
-            _alone(oracle, questions[2], docs[2]["images"], max_new_tokens=5)[0],
-            _alone(oracle, questions[3], docs[3]["images"])[0],
-            _alone(oracle, questions[4], docs[4]["images"])[0]]
-    assert got == [w.strip() for w in want]
-    assert len(set(got)) >= 4  # the replies depend on the question and image (else this test shows little)
+    want = [_alone(oracle, questions[0], docs[0]["images"], max_new_tokens=5, counts=True),
+            _alone(oracle, questions[1], docs[1]["images"], counts=True),
+            _alone(oracle, questions[2], docs[2]["images"], max_new_tokens=5, counts=True),
+            _alone(oracle, questions[3], docs[3]["images"], counts=True),
+            _alone(oracle, questions[4], docs[4]["images"], counts=True)]
+    assert [g.text for g in got] == [w[0].strip() for w in want]
+    assert len({g.text for g in got}) >= 4  # the replies depend on the question and image (else this shows little)
+    # token counts: the prompt's positions (visual tokens included: more with two images, none without) and the
+    # reply's tokens
+    assert [(g.token_counts.input_tokens, g.token_counts.output_tokens) for g in got] == \
+        [(w[2], len(w[1])) for w in want]
+    assert want[2][2] > want[4][2] > want[3][2]
 
 
 def test_until_cuts_the_reply_before_the_stop_string(adapter, oracle):
@@ -119,7 +125,7 @@ def test_until_cuts_the_reply_before_the_stop_string(adapter, oracle):
     stop = full.strip()[len(full.strip()) // 2:][:3]
     assert stop.strip(), full
     got = adapter.generate_until([_gen(0, "Describe it.", max_new_tokens=12, until=[stop])])
-    assert got == [full[:full.index(stop)].strip()]
+    assert [g.text for g in got] == [full[:full.index(stop)].strip()]
 
 
 def test_loglikelihood_equals_the_options_likelihood_and_reports_greedy(adapter, oracle):
