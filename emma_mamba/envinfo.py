@@ -37,6 +37,8 @@ PACKAGES = {
     "torchvision": "torchvision",
 }
 PEERS = {"mamba_ssm": "mamba_ssm", "causal_conv1d": "causal_conv1d", "mambapy": "mambapy"}
+LMMS_EVAL_GROUP = "lmms_eval.models"  # the entry-point group lmms-eval finds outside models in
+LMMS_EVAL_TARGET = "emma_mamba.eval.lmms_eval_model:manifest"
 
 # variables read at run time by emma_mamba.ops, emma_mamba/kernels or csrc (and CUDA_VISIBLE_DEVICES, which
 # decides the GPUs there are); value: what it changes
@@ -285,6 +287,7 @@ def collect() -> dict:
         "platform": platform.platform(),
         "torch": _torch_info(torch),
         "packages": packages,
+        "lmms_eval": lmms_eval_info(),
         "extension": ext,
         "gpus": gpus,
         "backends": backends,
@@ -297,9 +300,40 @@ def collect() -> dict:
     return report
 
 
+def lmms_eval_info() -> dict:
+    """lmms-eval (read from its metadata, not imported): its version, whether emma_mamba's model is in its
+    entry-point group (``python -m lmms_eval --model emma_mamba``), and whether the ``filelock._api`` module that
+    lmms-eval 0.7 imports exists (filelock 4 removed it)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    out = package_status("lmms_eval", "lmms-eval")
+    out["model_registered"] = any(ep.name == "emma_mamba" and ep.value == LMMS_EVAL_TARGET
+                                  for ep in md.entry_points().select(group=LMMS_EVAL_GROUP))
+    out["filelock_api"] = None
+    if out["installed"]:
+        try:
+            out["filelock_api"] = importlib.util.find_spec("filelock._api") is not None
+        except ImportError:  # no filelock at all
+            out["filelock_api"] = False
+    return out
+
+
 def _warnings(r: dict, torch) -> list[str]:
     out = []
     ext, gpus, install = r["extension"], r["gpus"], r["emma_mamba"]
+    lm = r["lmms_eval"]
+    if lm["installed"] and not lm["model_registered"]:
+        src = _source_dir(install)
+        how = (f"cd {src} && pip install --no-build-isolation -e ." if install.get("editable") and src else
+               "pip install --no-build-isolation -e . in the source checkout")
+        out.append(f"lmms-eval is installed but emma_mamba's model is not in its '{LMMS_EVAL_GROUP}' entry points "
+                   f"(this install of emma_mamba predates it): `python -m lmms_eval --model emma_mamba` fails until "
+                   f"emma_mamba is installed again: {how}")
+    if lm["installed"] and lm["filelock_api"] is False and str(lm["version"] or "").startswith("0.7."):
+        out.append(f"lmms-eval {lm['version']} imports filelock._api, which this filelock "
+                   f"({_dist_version('filelock') or 'not installed'}) lacks: its evaluations fail at start; "
+                   f"pip install 'filelock<4'")
     if not ext["importable"]:
         out.append(f"emma_mamba._C is not importable ({ext['error']}): the cuda and cpu backends are unavailable; "
                    f"build it with `pip install --no-build-isolation -e .` in the source checkout")
@@ -381,6 +415,10 @@ def format_text(r: dict) -> str:
     for name, p in r["packages"].items():
         if name != "torch":
             lines.append(_pkg_line(name, p))
+    lm = r["lmms_eval"]
+    lines.append(_pkg_line("lmms_eval", lm) + ("" if not lm["installed"] else
+                                               ": model emma_mamba registered" if lm["model_registered"] else
+                                               ": model emma_mamba NOT registered (see warnings)"))
 
     lines += ["", "compiled extension emma_mamba._C"]
     if not x["importable"]:

@@ -204,8 +204,8 @@ def test_cli_json_in_a_fresh_process_compiles_nothing(tmp_path):
                           env=env, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)  # stdout is the JSON object alone
-    assert list(r) == ["emma_mamba", "python", "platform", "torch", "packages", "extension", "gpus", "backends",
-                       "dispatch", "env", "build_env", "warnings"]
+    assert list(r) == ["emma_mamba", "python", "platform", "torch", "packages", "lmms_eval", "extension", "gpus",
+                       "backends", "dispatch", "env", "build_env", "warnings"]
     assert r["dispatch"]["cpu"]["backend"] == "torch" and "EMMA_MAMBA_BACKEND=torch" in r["dispatch"]["cpu"]["why"]
     assert list(triton_cache.iterdir()) == [] and list(ext_cache.iterdir()) == []
     # the same install as this process sees, though the checkout's emma_mamba.egg-info is found first from its root
@@ -224,3 +224,49 @@ def test_usable_now_needs_tensors_to_run_on(monkeypatch, fresh_dispatch):
     _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), archs="90")
     b = envinfo.collect()["backends"]
     assert b["cuda"]["usable_now"] is True and b["triton"]["usable_now"] is b["triton"]["available"]
+
+
+def test_lmms_eval_registration_is_what_lmms_eval_itself_finds():
+    """The report's 'model registered' is lmms-eval's own registry's answer (its entry-point group read by
+    lmms_eval.models), and 'filelock_api' whether lmms-eval 0.7's `import filelock._api` works."""
+    import importlib
+
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed")
+    info = envinfo.collect()["lmms_eval"]
+    try:
+        from lmms_eval.models import get_model
+
+        found = get_model("emma_mamba").__module__ == "emma_mamba.eval.lmms_eval_model"
+    except Exception:  # noqa: BLE001 - lmms-eval raises ValueError for an unknown model
+        found = False
+    assert info["installed"] is True and info["model_registered"] is found
+    try:
+        importlib.import_module("filelock._api")
+        api = True
+    except ImportError:
+        api = False
+    assert info["filelock_api"] is api
+
+
+def test_lmms_eval_without_our_model_or_with_filelock_4_gets_the_fix(monkeypatch, tmp_path, capsys):
+    """An install of emma_mamba older than lmms-eval's model (no entry point) and a filelock without the module
+    lmms-eval 0.7 imports: two warnings, each with its command."""
+    import importlib.util
+
+    (tmp_path / "lmms_eval-0.7.3.dist-info").mkdir()  # lmms-eval installed, as far as its metadata goes
+    (tmp_path / "lmms_eval-0.7.3.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: lmms-eval\nVersion: 0.7.3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(metadata, "entry_points", lambda: metadata.EntryPoints([]))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "filelock._api" else real_find_spec(name, *a))
+    r = envinfo.collect()
+    assert r["lmms_eval"]["installed"] and r["lmms_eval"]["model_registered"] is False
+    assert r["lmms_eval"]["filelock_api"] is False
+    (reg,) = [w for w in r["warnings"] if "entry points" in w]
+    assert "python -m lmms_eval --model emma_mamba` fails" in reg and "pip install --no-build-isolation -e ." in reg
+    (lock,) = [w for w in r["warnings"] if "filelock._api" in w]
+    assert "lmms-eval 0.7.3" in lock and "pip install 'filelock<4'" in lock
+    assert re.search(r"^\s+lmms_eval\s+0\.7\.3 \(lmms-eval\): model emma_mamba NOT registered", envinfo.format_text(r),
+                     re.M)
