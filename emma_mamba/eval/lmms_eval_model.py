@@ -67,6 +67,18 @@ def _flag(value, name: str) -> bool:
     raise ValueError(f"emma_mamba model_args: {name}={value!r} is not True or False")
 
 
+def pick_device(device: str | None, cuda_available: bool, env=os.environ) -> torch.device:
+    """This process's device: ``device`` as given, but a bare ``cuda`` (lmms-eval's ``--device cuda``) or none
+    means this process's GPU under torchrun / accelerate (``LOCAL_RANK``), so N processes use N GPUs; none and no
+    GPU: the CPU."""
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if cuda_available else "cpu"
+    if str(device) == "cuda":
+        device = f"cuda:{local_rank}"
+    return torch.device(device)
+
+
 class EmmaMambaLMMS(lmms):
     """lmms-eval's ``lmms`` interface over :class:`emma_mamba.models.vlm.EmmaMamba` (see the module docstring)."""
 
@@ -92,10 +104,7 @@ class EmmaMambaLMMS(lmms):
         if self.batch_size_per_gpu < 1 or self.max_new_tokens < 1:
             raise ValueError(f"emma_mamba: batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be "
                              f">= 1")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
+        self._device = pick_device(device, torch.cuda.is_available())
         key = str(dtype).strip().lower()
         if key == "auto":
             self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32

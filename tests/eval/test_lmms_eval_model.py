@@ -249,3 +249,14 @@ def test_lmms_eval_pope_gives_emma_mamba_evals_answers(ckpt, tmp_path, nproc):
     acc = results["results"]["pope_local"]["pope_accuracy,none"]
     truth = {r["question_id"]: r["answer"] for r in recs}
     assert acc == pytest.approx(sum(ours[k].lower().strip() == truth[k] for k in ours) / len(ours))
+
+
+def test_each_process_of_a_launch_takes_its_own_gpu():
+    from emma_mamba.eval.lmms_eval_model import pick_device
+
+    assert pick_device(None, True, {"LOCAL_RANK": "3"}) == torch.device("cuda", 3)
+    assert pick_device("cuda", True, {"LOCAL_RANK": "2"}) == torch.device("cuda", 2)  # lmms-eval's --device cuda
+    assert pick_device("cuda", True, {}) == torch.device("cuda", 0)
+    assert pick_device("cuda:1", True, {"LOCAL_RANK": "2"}) == torch.device("cuda", 1)  # as given
+    assert pick_device(None, False, {"LOCAL_RANK": "1"}) == torch.device("cpu")
+    assert pick_device("cpu", True, {"LOCAL_RANK": "1"}) == torch.device("cpu")
