@@ -39,8 +39,13 @@ import os
 from typing import Sequence
 
 import torch
-from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
-from lmms_eval.api.model import lmms
+
+try:
+    from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+    from lmms_eval.api.model import lmms
+except ImportError as e:  # the class subclasses lmms-eval's: this module exists for lmms-eval only
+    raise ImportError(f"emma_mamba.eval.lmms_eval_model is the lmms-eval model and needs lmms-eval ({e}): "
+                      f"pip install -e \".[lmms-eval]\" (lmms-eval 0.7.3 or later 0.7, filelock < 4)") from e
 
 MODEL_ID = "emma_mamba"
 

@@ -260,3 +260,10 @@ def test_each_process_of_a_launch_takes_its_own_gpu():
     assert pick_device("cuda:1", True, {"LOCAL_RANK": "2"}) == torch.device("cuda", 1)  # as given
     assert pick_device(None, False, {"LOCAL_RANK": "1"}) == torch.device("cpu")
     assert pick_device("cpu", True, {"LOCAL_RANK": "1"}) == torch.device("cpu")
+
+
+def test_without_lmms_eval_the_import_says_what_to_install():
+    code = ("import sys; sys.modules['lmms_eval'] = None\n"
+            "try:\n    import emma_mamba.eval.lmms_eval_model\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT).stdout
+    assert "needs lmms-eval" in out and 'pip install -e ".[lmms-eval]"' in out
