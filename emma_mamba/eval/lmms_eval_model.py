@@ -57,10 +57,6 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.EmmaMambaLMMS")
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
 def _flag(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -98,6 +94,7 @@ class EmmaMambaLMMS(lmms):
                             f"device, dtype, max_new_tokens, cuda_graphs; and lmms-eval's --batch_size)")
         if not pretrained:
             raise ValueError("emma_mamba model_args: pretrained=DIR (an EmmaMamba checkpoint directory) is required")
+        from emma_mamba.inference.cli_generate import _DTYPES  # the dtype names the commands' --dtype takes
         from emma_mamba.models.vlm import load
 
         try:
@@ -114,7 +111,7 @@ class EmmaMambaLMMS(lmms):
         if key == "auto":
             self._dtype = torch.bfloat16 if self._device.type == "cuda" else torch.float32
         elif key in _DTYPES:
-            self._dtype = _DTYPES[key]
+            self._dtype = getattr(torch, _DTYPES[key])
         else:
             raise ValueError(f"emma_mamba model_args: dtype={dtype!r} (auto, fp32, bf16 or fp16)")
         self.cuda_graphs = _flag(cuda_graphs, "cuda_graphs")
@@ -219,9 +216,9 @@ class EmmaMambaLMMS(lmms):
                     prompt, instr = self._prompt(context, len(ims))
                     prompts.append(prompt)
                     images.append(ims)
-                    instructions.append(instr or [])
+                    instructions.append(instr)
                     cfg = cfg or self._generation_config(gen_kwargs, task)
-                fused = self.model.instruction is not None
+                fused = self.model.instruction is not None  # (else _prompt gave None for each)
                 result = self.model.generate(prompts, images, instructions if fused else None, config=cfg)
                 for i, text, seq, n_in in zip(chunk, result.texts, result.sequences, result.prompt_lengths):
                     out[i] = GenerationResult(text.strip(), TokenCounts(input_tokens=n_in, output_tokens=len(seq)))
