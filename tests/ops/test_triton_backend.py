@@ -123,7 +123,7 @@ SCAN_CASES = {
     "fp16": (2, 4, 4, 150, torch.float16, ("var", "var"), 1, 1, 1, 1, 0, 0, 0),
     "bf16-groups-packed": (2, 4, 4, 150, torch.bfloat16, ("g2", "var"), 1, 1, 1, 1, 1, 1, 1),
     # a Mamba-2 layer's scan: 128 states, B/C in groups, no z (its gate is the norm's)
-    "mamba2-n128-groups": (1, 2, 128, 70, torch.float32, ("g2", "g2"), 0, 1, 1, 1, 1, 1, 1),
+    "mamba2-n128-groups": (1, 2, 128, 40, torch.float32, ("g2", "g2"), 0, 1, 1, 1, 1, 1, 1),
 }
 
 
@@ -143,23 +143,35 @@ def test_selective_scan_small_chunks_match_reference(case, monkeypatch):
     _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
 
 
-SEQUENTIAL_CASES = ["all-flags-L300", "L1", "plain-const-L7", "chunk-plus-one-groups", "odd-d-n-group-of-3",
-                    "bf16-groups-packed"]
+# The sequential implementations run with 32-step chunks (and 8-step tiles in the backward), so these cases cross
+# chunk and tile edges at a quarter of SCAN_CASES' lengths (the interpreter's time grows with the steps): 75 = two
+# chunks + 11 steps (a partial last tile), 65 = two chunks + 1, 69 and 70 = two chunks + a partial tile.
+SEQ_CHUNK = 32
+SEQUENTIAL_CASES = {
+    "all-flags-L75": (2, 4, 4, 75, torch.float32, ("var", "var"), 1, 1, 1, 1, 1, 1, 1),
+    "L1": SCAN_CASES["L1"],
+    "plain-const-L7": SCAN_CASES["plain-const-L7"],
+    "chunk-plus-one-groups": SCAN_CASES["chunk-plus-one-groups"],
+    "odd-d-n-group-of-3": SCAN_CASES["odd-d-n-group-of-3"],
+    "bf16-groups-packed-L75": (2, 4, 4, 75, torch.bfloat16, ("g2", "var"), 1, 1, 1, 1, 1, 1, 1),
+}
 
 
-@pytest.mark.parametrize("case", SEQUENTIAL_CASES)
+@pytest.mark.parametrize("case", list(SEQUENTIAL_CASES))
 def test_sequential_forward_matches_reference(case, monkeypatch):
     """The "sequential" forward (one time step per iteration): outputs, last state, and the gradients the
-    chunked backward computes from the states it saved."""
+    chunked backward computes from the states it saved (at every chunk edge)."""
     monkeypatch.setattr(K.selective_scan, "FWD_IMPL", "sequential")
-    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)
+    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SEQUENTIAL_CASES[case]
     inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
     _check_scan(inputs, dtype, bool(softplus), bool(last_grad))
 
 
 def test_both_forwards_save_the_same_states(monkeypatch):
     """The backward's contract: whichever forward ran, the states entering every chunk are the same."""
-    x = _scan_inputs(2, 4, 5, 270, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)  # 70 steps: two chunk edges, a partial chunk
+    x = _scan_inputs(2, 4, 5, 70, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
     args = [x[k].to(DEVICE) if x[k] is not None else None
             for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     res = {}
@@ -175,21 +187,23 @@ def test_both_forwards_save_the_same_states(monkeypatch):
         K.selective_scan.selective_scan_fwd(*args, True, None, None)
 
 
-@pytest.mark.parametrize("case", SEQUENTIAL_CASES + ["mixed-groups"])
+@pytest.mark.parametrize("case", list(SEQUENTIAL_CASES) + ["mixed-groups-L69"])
 def test_sequential_backward_matches_reference(case, monkeypatch):
     """The "sequential" backward (the adjoint one step at a time, checkpoints per tile): every gradient, both
     reduction modes for variable B/C, with 32-step chunks and 8-step tiles so the cases cross chunk and tile
     edges (a partial last tile included)."""
     monkeypatch.setattr(K.selective_scan, "BWD_IMPL", "sequential")
-    monkeypatch.setattr(K.selective_scan, "CHUNK", 32)
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)
     monkeypatch.setattr(K.selective_scan, "SEQ_BWD_TILE", 8)
-    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SCAN_CASES[case]
+    mixed = (1, 8, 4, 69, torch.float32, ("g4", "g2"), 0, 1, 1, 1, 1, 0, 1)  # SCAN_CASES' mixed-groups, shorter
+    b, d, n, l, dtype, bc, z, D, bias, softplus, init, seq, last_grad = SEQUENTIAL_CASES.get(case, mixed)
     inputs = _scan_inputs(b, d, n, l, dtype, bc, z, D, bias, init, seq)
-    _check_scan(inputs, dtype, bool(softplus), bool(last_grad), deterministic=case != "mixed-groups")
+    _check_scan(inputs, dtype, bool(softplus), bool(last_grad), deterministic=case != "mixed-groups-L69")
 
 
 def test_both_backwards_agree_and_unknown_name_is_an_error(monkeypatch):
-    x = _scan_inputs(2, 4, 5, 70, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)  # 40 steps: across a chunk edge
+    x = _scan_inputs(2, 4, 5, 40, torch.float32, ("g2", "var"), z=1, D=1, bias=1, init=1, seq=1)
     grads = {}
     for impl in ("chunked", "sequential"):
         monkeypatch.setattr(K.selective_scan, "BWD_IMPL", impl)
@@ -219,15 +233,16 @@ def test_deterministic_backward_in_batch_slices(monkeypatch, bc):
     """Above EMMA_DETERMINISTIC_PARTIAL_MB the deterministic backward runs over batch slices (its dB/dC partials
     are (b, blocks, n, l) fp32): per-row gradients equal the unsliced call's bit for bit, the summed ones (A, D,
     delta_bias, a constant B) to rounding; it matches the reference and stays reproducible."""
-    inputs = _scan_inputs(3, 4, 4, 90, torch.float32, bc, z=1, D=1, bias=1, init=1, seq=1)
+    inputs = _scan_inputs(3, 4, 4, 40, torch.float32, bc, z=1, D=1, bias=1, init=1, seq=1)
     check_batch_sliced_deterministic(lambda x: _run_scan(x, True, True, "triton", deterministic=True),
                                      lambda x: _check_scan(x, torch.float32, True, True, deterministic=True),
                                      inputs, monkeypatch)
 
 
-def test_selective_scan_never_saves_a_state_per_step(triton_backend):
+def test_selective_scan_never_saves_a_state_per_step(triton_backend, monkeypatch):
     """Only chunk-boundary states are kept for the backward: no saved tensor as large as (b, d, l, n)."""
-    b, d, n, l = 1, 4, 8, 300
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)  # 100 steps: four chunks
+    b, d, n, l = 1, 4, 8, 100
     inputs = _scan_inputs(b, d, n, l, torch.float32, ("var", "var"), z=1, D=1, bias=1, init=1, seq=1)
     leaf = {k: (v.to(DEVICE).requires_grad_() if v is not None and v.is_floating_point() else
                 (v.to(DEVICE) if v is not None else None)) for k, v in inputs.items()}
