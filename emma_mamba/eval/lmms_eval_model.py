@@ -229,12 +229,16 @@ class EmmaMambaLMMS(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
-        """(log P(continuation | context, images), greedy) per request: one forward over prompt + continuation."""
+        """(log P(continuation | context, images), greedy) per request. The requests of one document with one
+        context (a multiple-choice question's options) share one prefill: the images are encoded and the prompt
+        run once, and each continuation continues a copy of the prompt's recurrent state
+        (:func:`~emma_mamba.inference.generate.option_logprobs`)."""
         from tqdm.auto import tqdm
 
-        lm, vocab = self.model.lm, self.model.lm.config.vocab_size
-        res = []
-        for req in tqdm(requests, disable=self.rank != 0, desc="emma_mamba loglikelihood"):
+        from emma_mamba.inference.generate import option_logprobs
+
+        groups: dict[tuple, list[tuple[int, str, list[int]]]] = {}
+        for i, req in enumerate(requests):
             context, target, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             continuation = target(doc) if callable(target) else target
@@ -245,19 +249,22 @@ class EmmaMambaLMMS(lmms):
             if not cont_ids:
                 raise ValueError(f"emma_mamba: task {task!r} document {doc_id!r}: an empty continuation cannot be "
                                  f"scored")
-            ims = self._visuals(doc_to_visual, doc_id, task, split)
+            groups.setdefault((task, split, doc_id, context), []).append((i, continuation, cont_ids))
+        res: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="emma_mamba loglikelihood")
+        for (task, split, doc_id, context), members in groups.items():
+            ims = self._visuals(requests[members[0][0]].args[2], doc_id, task, split)
             prompt, instr = self._prompt(context, len(ims))
-            prompt_ids = self.tokenizer.encode(prompt)
-            embeds = self.model.batch_embeds([prompt_ids + cont_ids], [ims], None if instr is None else [instr])[0]
-            n = len(cont_ids)
-            logits = lm(inputs_embeds=embeds[None], num_last_tokens=n + 1).logits[0, :n]
-            logp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)
-            target_ids = torch.tensor(cont_ids, device=logp.device)
-            total = float(logp.gather(1, target_ids[:, None]).sum())
-            greedy = bool((logp.argmax(-1) == target_ids).all())
-            res.append((total, greedy))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), (total, greedy))
-        return res
+            embeds = self.model.batch_embeds([self.tokenizer.encode(prompt)], [ims],
+                                             None if instr is None else [instr])
+            logp, greedy = option_logprobs(self.model.lm, [ids for _, _, ids in members], inputs_embeds=embeds,
+                                           greedy=True)
+            for j, (i, continuation, _) in enumerate(members):
+                res[i] = (float(logp[0, j]), bool(greedy[0, j]))
+                self.cache_hook.add_partial("loglikelihood", (context, continuation), res[i])
+            bar.update(len(members))
+        bar.close()
+        return res  # type: ignore[return-value]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         task = requests[0].args[-2] if requests else "?"

@@ -353,10 +353,12 @@ def _continue(lm, prompt, cache, chunk: int | None = None) -> torch.Tensor:
 
 @torch.no_grad()
 def option_logprobs(lm, options: Sequence[Sequence[int]], input_ids=None, inputs_embeds=None, attention_mask=None,
-                    prefill_chunk: int | None | str = "auto") -> torch.Tensor:
+                    prefill_chunk: int | None | str = "auto", greedy: bool = False):
     """The log-probability of every option continuing every prompt: ``(n_prompts, n_options)`` fp32, entry
     ``[i, j]`` = log P(``options[j]``'s tokens | prompt i) = the sum of each option token's log-softmax over the
-    real vocabulary (the padded rows left out) at its position.
+    real vocabulary (the padded rows left out) at its position. With ``greedy=True`` also (same shape, bool)
+    whether greedy decoding from prompt i gives option j: every one of its tokens the argmax at its position
+    (lm-evaluation-harness' ``is_greedy``); returned as ``(logprobs, greedy)``.
 
     Closed-set benchmarks (a true/false statement, a lettered choice) score the options' likelihood instead of
     parsing a generated reply (as Prismatic's evaluation does). Prompts are given as for :func:`generate` and
@@ -380,14 +382,17 @@ def option_logprobs(lm, options: Sequence[Sequence[int]], input_ids=None, inputs
     first = _prefill(lm, prompts, cache, chunk=resolve_prefill_chunk(prefill_chunk, lm.device))
     first = torch.log_softmax(first[:, :vocab].float(), dim=-1)
     out = torch.empty(n, len(opts), dtype=torch.float32, device=lm.device)
+    top = torch.empty(n, len(opts), dtype=torch.bool, device=lm.device)
     for j, o in enumerate(opts):
         lp = first[:, o[0]]
+        top[:, j] = first.argmax(-1) == o[0]
         if len(o) > 1:  # the rest of the option from a copy of each prompt's state
             rest = torch.tensor(o, device=lm.device).expand(n, -1)
             logits = lm(input_ids=rest[:, :-1], cache=cache.select(list(range(n)))).logits[..., :vocab].float()
             lp = lp + torch.log_softmax(logits, dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+            top[:, j] &= (logits.argmax(-1) == rest[:, 1:]).all(-1)
         out[:, j] = lp
-    return out
+    return (out, top) if greedy else out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Oracles: EmmaMamba.generate on the chat prompt built by hand (build_chat_prompt with the question and one
 placeholder per image, the way emma-mamba eval asks), emma-mamba eval's own answers to the same POPE questions,
-and option_logprobs (an independent likelihood path: prefill, then the option continued from a copy of the state)
-for the log-likelihoods. The model is a tiny random EmmaMamba whose LM weights are noisy enough that its greedy
+and, for the log-likelihoods (which the model computes with option_logprobs: one prefill per document, each option
+continued from a copy of the state), one full forward over prompt and continuation together, by hand. The model is a tiny random EmmaMamba whose LM weights are noisy enough that its greedy
 reply depends on the image and every prompt token (a plain random one answers the same for any prompt)."""
 
 from __future__ import annotations
@@ -128,22 +128,57 @@ def test_until_cuts_the_reply_before_the_stop_string(adapter, oracle):
     assert [g.text for g in got] == [full[:full.index(stop)].strip()]
 
 
-def test_loglikelihood_equals_the_options_likelihood_and_reports_greedy(adapter, oracle):
-    _docs(adapter, [{"images": [COFFEE], "answer": None}])
-    question = "What is in the cup?"
-    _, greedy_ids = _alone(oracle, question, [COFFEE], max_new_tokens=3)
-    greedy_text = oracle.tokenizer.decode(greedy_ids)
-    assert oracle.tokenizer.encode(greedy_text.lstrip()) == greedy_ids  # (so it is the greedy continuation)
-    other = "Tea."
-    reqs = [Instance("loglikelihood", (question, " " + c, _visual, 0, "t", "test"), idx=0,
-                     metadata={"task": "t", "doc_id": 0, "repeats": 1}) for c in (greedy_text, other)]
+def _full_forward_loglikelihood(oracle, question, image, continuation_ids):
+    """log P(continuation | prompt) and the greedy flag by hand: one forward over the prompt and continuation
+    together, each continuation token's log-softmax (real vocabulary) at the position before it."""
+    prompt_ids = oracle.tokenizer.encode(build_chat_prompt(question, 1, oracle.config.image_token))
+    embeds = oracle.batch_embeds([prompt_ids + continuation_ids], [[load_image(image)]],
+                                 [_instructions(oracle, question, [image])])
+    n, vocab = len(continuation_ids), oracle.lm.config.vocab_size
+    with torch.no_grad():
+        logits = oracle.lm(inputs_embeds=embeds[0][None]).logits[0, -n - 1:-1, :vocab].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    ids = torch.tensor(continuation_ids)
+    return float(logp[torch.arange(n), ids].sum()), bool((logits.argmax(-1) == ids).all())
+
+
+def test_loglikelihood_equals_the_options_likelihood_and_reports_greedy(adapter, oracle, monkeypatch):
+    """Two documents' options, interleaved: each request's log-likelihood and greedy flag equal one full forward
+    over its prompt and continuation (by hand), in the requests' order; each document's images are encoded and
+    its prompt prefilled once for all its options."""
+    _docs(adapter, [{"images": [COFFEE]}, {"images": [CHELSEA]}])
+    questions = ["What is in the cup?", "Is there a cat?"]
+    greedy_text = oracle.tokenizer.decode(_alone(oracle, questions[0], [COFFEE], max_new_tokens=3)[1])
+    assert oracle.tokenizer.decode(oracle.tokenizer.encode(greedy_text.lstrip())) == greedy_text.lstrip()
+    asked = [(0, greedy_text), (1, "Yes"), (0, "Tea."), (1, "No, a dog."), (0, "Coffee")]
+    reqs = [Instance("loglikelihood", (questions[d], " " + c, _visual, d, "t", "test"), idx=0,
+                     metadata={"task": "t", "doc_id": d, "repeats": 1}) for d, c in asked]
+    encodes = []
+    real = adapter.model.batch_embeds
+    monkeypatch.setattr(adapter.model, "batch_embeds", lambda *a, **k: encodes.append(a[1]) or real(*a, **k))
     got = adapter.loglikelihood(reqs)
-    prompt = build_chat_prompt(question, 1, oracle.config.image_token)
-    embeds = oracle.batch_embeds([oracle.tokenizer.encode(prompt)], [[load_image(COFFEE)]],
-                                 [_instructions(oracle, question, [COFFEE])])
-    want = option_logprobs(oracle.lm, [greedy_ids, oracle.tokenizer.encode(other)], inputs_embeds=embeds)[0]
-    assert [g[0] for g in got] == pytest.approx(want.tolist(), rel=1e-4, abs=1e-4)
-    assert [g[1] for g in got] == [True, False]
+    assert len(encodes) == 2  # one per document, not one per option
+    want = [_full_forward_loglikelihood(oracle, questions[d], [COFFEE, CHELSEA][d],
+                                        oracle.tokenizer.encode(c.lstrip())) for d, c in asked]
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-4, abs=1e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert got[0][1] and not got[2][1]  # the greedy reply is greedy, "Tea." is not
+    assert len({round(g[0], 3) for g in got}) == 5
+
+
+def test_option_logprobs_greedy_flags_against_greedy_decoding(oracle):
+    """option_logprobs(greedy=True): an option is greedy exactly when it is a prefix of the greedy reply."""
+    prompt = build_chat_prompt("Describe it.", 1, oracle.config.image_token)
+    embeds = oracle.batch_embeds([oracle.tokenizer.encode(prompt)], [[load_image(ASTRONAUT)]],
+                                 [_instructions(oracle, "Describe it.", [ASTRONAUT])])
+    reply = oracle.generate(prompt, [load_image(ASTRONAUT)], _instructions(oracle, "Describe it.", [ASTRONAUT]),
+                            config=GenerationConfig(max_new_tokens=4)).sequences[0]
+    assert len(reply) == 4
+    wrong = (reply[1] + 1) % oracle.lm.config.vocab_size
+    options = [reply[:1], reply[:4], reply[:1] + [wrong], [(reply[0] + 1) % oracle.lm.config.vocab_size]]
+    logp, greedy = option_logprobs(oracle.lm, options, inputs_embeds=embeds, greedy=True)
+    assert greedy[0].tolist() == [True, True, False, False]
+    assert torch.equal(logp, option_logprobs(oracle.lm, options, inputs_embeds=embeds))
 
 
 def test_what_it_cannot_do_is_an_error_naming_it(adapter, ckpt):
