@@ -170,7 +170,8 @@ def test_opcheck_mamba_inner(tgt, b, seq, optional, out_proj):
     from .test_mamba_inner import _inputs
 
     if _interpreted(tgt) and b == 2 and not seq:
-        pytest.skip("the interpreter is slow: b1-out_proj and b2-packed only")
+        pytest.skip("the interpreter is slow: b1-out_proj and b2-packed only (without the optional inputs: "
+                    "test_mamba_inner.py::test_without_the_optional_inputs[triton], against the reference)")
     l = 21 if _interpreted(tgt) else 37
     inp = _inputs(b, 8, l, out_proj=6 if out_proj else 0)
     xz = inp.pop("xz")

@@ -89,7 +89,9 @@ def test_outputs_and_gradients_match_the_reference(backend, device, b, l, packed
         assert_close(f"d{k}", got_g[k], want_g[k], max(5 * rtol, 1e-3), max(5 * atol, 1e-3))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda-emu"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda-emu",
+                                     pytest.param("triton", marks=pytest.mark.skipif(
+                                         not ops._runs_on("triton", "cpu"), reason="the Triton interpreter is off"))])
 def test_without_the_optional_inputs(backend):
     """conv_bias, D and delta_bias absent (None): against the reference, every present input's gradient."""
     _skip_unavailable(backend, "cpu")

@@ -144,8 +144,8 @@ def test_selective_scan_small_chunks_match_reference(case, monkeypatch):
 
 
 # The sequential implementations run with 32-step chunks (and 8-step tiles in the backward), so these cases cross
-# chunk and tile edges at a quarter of SCAN_CASES' lengths (the interpreter's time grows with the steps): 75 = two
-# chunks + 11 steps (a partial last tile), 65 = two chunks + 1, 69 and 70 = two chunks + a partial tile.
+# chunk and tile edges at a quarter to a half of SCAN_CASES' lengths (the interpreter's time grows with the steps):
+# 75 = two chunks + 11 steps (a partial last tile), 65 = two chunks + 1, 69 and 70 = two chunks + a partial tile.
 SEQ_CHUNK = 32
 SEQUENTIAL_CASES = {
     "all-flags-L75": (2, 4, 4, 75, torch.float32, ("var", "var"), 1, 1, 1, 1, 1, 1, 1),
