@@ -173,6 +173,26 @@ def asan_environment() -> dict[str, str]:
     return {"LD_PRELOAD": lib, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1"}
 
 
+# The sanitised child never runs Triton, and must not import it: torch._dynamo (which emma_mamba.ops imports)
+# imports triton when it is installed, and triton 3.8's libtriton throws a C++ exception while it initialises (caught
+# inside it), which aborts a process with the ASan runtime preloaded ("AddressSanitizer: CHECK failed:
+# asan_interceptors.cpp:320", in __interceptor___cxa_throw): None in sys.modules makes `import triton` an
+# ImportError, i.e. not installed.
+_NO_TRITON = "import sys\nsys.modules['triton'] = None\n"
+
+
+def sanitized_child(script: str, **env) -> tuple[list[str], dict[str, str]] | None:
+    """The command and environment of a Python child that runs ``script`` with the ASan runtime preloaded
+    (:func:`asan_environment`, plus ``env``) and Triton hidden, so that it can import the sanitised builds; None
+    when the compiler has no ASan runtime."""
+    import sys
+
+    full = dict(os.environ, **asan_environment(), **env)
+    if not os.path.isfile(full["LD_PRELOAD"]):
+        return None
+    return [sys.executable, "-c", _NO_TRITON + script], full
+
+
 def set_schedule(order: str = "forward", seed: int = 0) -> None:
     """Order in which runnable threads (and blocks) run between synchronisation points: "forward",
     "reverse" or "random" (seeded). A kernel whose results change with it has a race."""

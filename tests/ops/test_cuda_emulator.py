@@ -242,28 +242,19 @@ print("ASAN-CLEAN", calls)
 """
 
 
-# The sanitised child never runs Triton, and must not import it: torch._dynamo (which emma_mamba.ops imports)
-# imports triton when it is installed, and triton 3.8's libtriton throws a C++ exception while it initialises (caught inside it), which
-# aborts a process with the ASan runtime preloaded ("AddressSanitizer: CHECK failed: asan_interceptors.cpp:320",
-# in __interceptor___cxa_throw): None in sys.modules makes `import triton` an ImportError, i.e. not installed.
-_NO_TRITON = "import sys\nsys.modules['triton'] = None\n"
-
-
 def run_sanitized(script: str):
-    """Runs ``script`` in a child process with the ASan runtime preloaded (and Triton hidden, see _NO_TRITON), from
-    the repository root; asserts it printed ASAN-CLEAN (a sanitiser error aborts it with its report, which the
-    assertion shows)."""
-    import os
+    """Runs ``script`` in a child process with the ASan runtime preloaded and Triton hidden
+    (:func:`cuda_emulator.sanitized_child`), from the repository root; asserts it printed ASAN-CLEAN (a sanitiser
+    error aborts it with its report, which the assertion shows)."""
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, **cuda_emulator.asan_environment(), PYTHONPATH=str(root))
-    if not os.path.isfile(env["LD_PRELOAD"]):
-        pytest.skip(f"the compiler has no ASan runtime ({env['LD_PRELOAD']!r})")
-    r = subprocess.run([sys.executable, "-c", _NO_TRITON + script], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=1200)
+    child = cuda_emulator.sanitized_child(script, PYTHONPATH=str(root))
+    if child is None:
+        pytest.skip(f"the compiler has no ASan runtime ({cuda_emulator.asan_environment()['LD_PRELOAD']!r})")
+    cmd, env = child
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0 and "ASAN-CLEAN" in r.stdout, (r.stdout[-2000:] + r.stderr[-6000:])
 
 
