@@ -24,6 +24,8 @@
 #     budget   the plan for a 15-minute device budget (one call): "peers tests bench latency alltests" with
 #              PEER_SET=mamba_ssm, the quick kernel benchmark (L=2048), a reduced latency run (no --peer, no
 #              --compile) and DEADLINE=570; each stage's time limit shrinks so that the call ends by DEADLINE
+#   SCRATCH: the folder for logs, the peers' builds and installed wheels (default /tmp; the CPU dry run of
+#   tests/bench/test_gpu_run_all.py points it at its own temporary folder).
 #   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call and
 #   "compile memory" in a third (a 30-minute budget). With 15 minutes, machine start included: "budget".
 #   DEADLINE=S (seconds after the start): every stage's timeout is cut so that the call ends by S (0: none);
@@ -33,6 +35,7 @@
 # emma_mamba ~1-2 min. Without "peers" the benchmark still runs, without the peer columns.
 # The peer wheels (~65 MB, "wheels") are too large to carry back with the working tree (64 MiB limit).
 set -u
+SCRATCH=${SCRATCH:-/tmp}
 export PYTHONUNBUFFERED=1
 REPO=$(pwd)
 PEERS=$REPO/${1:-.gpupeers}
@@ -48,14 +51,14 @@ if [[ " $STAGES " == *" budget "* ]]; then
   LATENCY_ARGS="--contexts 256 1024 2048 4096 8192 --batch-sizes 1 8 --images 1 4 --new-tokens 32 --repeats 3"
   # $OUT brings back at most 8 files: the plots go into logs.tgz (`emma_mamba.bench.latency.plot` redraws them
   # from the JSON anywhere)
-  LATENCY_ARGS="$LATENCY_ARGS --plots-dir /tmp/emma_logs/plots"
+  LATENCY_ARGS="$LATENCY_ARGS --plots-dir $SCRATCH/emma_logs/plots"
 fi
 PEER_SET=${PEER_SET:-"mamba_ssm causal_conv1d"}
 TESTS_CAP=${TESTS_CAP:-240} SEQ_TESTS_CAP=${SEQ_TESTS_CAP:-90}
 DEADLINE=${DEADLINE:-0}
-OUT=${OUT:-/tmp/emma_out}
-mkdir -p "$OUT" /tmp/emma_logs
-LOG=/tmp/emma_logs
+OUT=${OUT:-$SCRATCH/emma_out}
+mkdir -p "$OUT" $SCRATCH/emma_logs
+LOG=$SCRATCH/emma_logs
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }  # stage named in STAGES (whole words)
@@ -83,9 +86,9 @@ nvcc --version | tail -1
 
 # ---- pure-Python wheels (open_clip for the vision tower, mambapy) ---------------------------------------
 if ls "$PEERS"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$PEERS"/*.whl > $LOG/wheels.log 2>&1 \
+  python3 -m pip install -q --no-index --no-deps --target $SCRATCH/site "$PEERS"/*.whl > $LOG/wheels.log 2>&1 \
     || tail -5 $LOG/wheels.log
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import open_clip; print('open_clip', open_clip.__version__)" 2>&1 | tail -1
 
@@ -95,7 +98,7 @@ build_peers() {
     python3 -m pip install -q --no-deps --no-index "$PEERS"/wheels/*.whl
     return
   fi
-  rm -rf /tmp/peers /tmp/peer_wheels && mkdir -p /tmp/peers /tmp/peer_wheels && cd /tmp/peers || return 1
+  rm -rf $SCRATCH/peers $SCRATCH/peer_wheels && mkdir -p $SCRATCH/peers $SCRATCH/peer_wheels && cd $SCRATCH/peers || return 1
   for p in $PEER_SET; do for f in "$PEERS"/${p}-*.tar.gz; do tar xzf "$f"; done; done
   for d in $(for p in $PEER_SET; do ls -d ${p}-*/ 2>/dev/null; done); do  # one architecture: sm_90
     python3 - "$d/setup.py" <<'EOF'
@@ -110,14 +113,14 @@ EOF
   done
   if [[ " $PEER_SET " == *" causal_conv1d "* ]]; then
     (cd causal_conv1d-* && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
-       --no-deps -w /tmp/peer_wheels .) > $LOG/causal_conv1d_build.log 2>&1 &
+       --no-deps -w $SCRATCH/peer_wheels .) > $LOG/causal_conv1d_build.log 2>&1 &
   fi
   if [[ " $PEER_SET " == *" mamba_ssm "* ]]; then
     (cd mamba_ssm-* && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=8 python3 -m pip wheel -q --no-build-isolation \
-       --no-deps -w /tmp/peer_wheels .) > $LOG/mamba_ssm_build.log 2>&1
+       --no-deps -w $SCRATCH/peer_wheels .) > $LOG/mamba_ssm_build.log 2>&1
   fi
   wait
-  python3 -m pip install -q --no-deps --no-index /tmp/peer_wheels/*.whl
+  python3 -m pip install -q --no-deps --no-index $SCRATCH/peer_wheels/*.whl
 }
 PEERS_PID=
 if has peers; then
@@ -233,11 +236,11 @@ if has memory && room memory; then
   stamp "memory done"
 fi
 
-if has wheels && ls /tmp/peer_wheels/*.whl >/dev/null 2>&1; then
+if has wheels && ls $SCRATCH/peer_wheels/*.whl >/dev/null 2>&1; then
   mkdir -p $OUT/wheels
-  tar cf - -C /tmp/peer_wheels . | xz -T16 -3 > /tmp/peer_wheels.tar.xz
-  split -b 15M /tmp/peer_wheels.tar.xz $OUT/wheels/peer_wheels.tar.xz.
+  tar cf - -C $SCRATCH/peer_wheels . | xz -T16 -3 > $SCRATCH/peer_wheels.tar.xz
+  split -b 15M $SCRATCH/peer_wheels.tar.xz $OUT/wheels/peer_wheels.tar.xz.
   ls -la $OUT/wheels
 fi
-tar czf $OUT/logs.tgz -C /tmp emma_logs
+tar czf $OUT/logs.tgz -C "$SCRATCH" emma_logs
 stamp "all done"
