@@ -209,9 +209,11 @@ setup(
     # shadowed the PyPI package `kernels` that transformers 5.2x depends on, whose egg_info writer setuptools
     # loads on every build: `pip install -e .` with transformers installed failed (No module named
     # 'kernels._internals').
-    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.configs"],
+    # emma_mamba/assets (the tokenizer, the chat page) holds no Python but is listed as a package, so setuptools
+    # (>= 69) does not warn that it "would be ignored" and ship it only as package data
+    packages=find_packages(include=["emma_mamba", "emma_mamba.*"]) + ["emma_mamba.assets", "emma_mamba.configs"],
     package_dir={"emma_mamba.configs": "configs"},
-    package_data={"emma_mamba": ["assets/*", "assets/**/*", "py.typed"], "emma_mamba.configs": ["*.yaml"]},
+    package_data={"emma_mamba": ["py.typed"], "emma_mamba.assets": ["*"], "emma_mamba.configs": ["*.yaml"]},
     include_package_data=True,
     ext_modules=[EXT],
     cmdclass={"build_ext": Build.with_options(use_ninja=True)},

@@ -24,6 +24,7 @@ def _setup_py(args, cwd=REPO, timeout=300):
     r = subprocess.run([sys.executable, "setup.py", "-q", *args], cwd=cwd, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
 
 
 def _tracked(*folders):
@@ -105,7 +106,10 @@ def test_installed_package_finds_its_recipes_from_any_directory(tmp_path):
     that sees only that layout, started in an empty directory, lists the recipes and resolves the README's
     `--config configs/train_tiny_stage1.yaml` and the quickstart's default recipe."""
     lib = tmp_path / "lib"
-    _setup_py(["build_py", "--build-lib", str(lib)])
+    out = _setup_py(["build_py", "--build-lib", str(lib)])
+    assert "absent from the `packages` configuration" not in out  # setuptools' warning for a data-only folder
+    for asset in _tracked("emma_mamba/assets"):
+        assert (lib / asset).read_bytes() == (REPO / asset).read_bytes(), asset
     installed = lib / "emma_mamba" / "configs"
     for name, src in shipped_configs().items():
         assert (installed / f"{name}.yaml").read_bytes() == src.read_bytes()
