@@ -258,7 +258,8 @@ inline V vexp2(V yv) {
 
 namespace {
 #define EMMA_KERNELS(ns) \
-  ScanKernels{#ns, &ns::fwd_chunk, &ns::bwd_chunk, &ns::softplus_inplace, &ns::sigmoid, &ns::step_channel}
+  ScanKernels{#ns, &ns::fwd_chunk, &ns::bwd_chunk, &ns::softplus_inplace, &ns::sigmoid, &ns::exp2_scaled, \
+              &ns::step_channel}
 const ScanKernels kScalar = EMMA_KERNELS(scalar);
 #if EMMA_X86_SIMD
 const ScanKernels kAvx2 = EMMA_KERNELS(avx2);

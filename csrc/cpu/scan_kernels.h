@@ -35,6 +35,14 @@ struct FwdArgs {
   float* y = nullptr;             // [len] y_t += <C_t, h_t>, or nullptr
   float* hbuf = nullptr;          // [len * kLanes] h_t out (backward recompute), or nullptr
   float* abuf = nullptr;          // [len * kLanes] exp(dt_t A) out, with hbuf
+  // [len] 2^(dt_t A log2 e) when all lanes of the channel share one A (Mamba-2: one scalar A per head,
+  // repeated over the state): the per-lane exponential is then a broadcast of it. nullptr: computed per lane.
+  const float* decay = nullptr;
+  // With decay and without hbuf (the forward): the lane blocks of the channel to run in one time loop
+  // (independent recurrences side by side, one sum of h_t C_t per step for all of them), and where block j's
+  // data lie: h at + j * kLanes, B at + j * bblock, C at + j * cblock.
+  int nblocks = 1;
+  int64_t bblock = 0, cblock = 0;
 };
 
 struct BwdArgs {
@@ -68,6 +76,7 @@ struct ScanKernels {
   // elementwise over x[0, round_up(len, 16)): the buffers must be that long
   void (*softplus_inplace)(float* x, int len);
   void (*sigmoid)(const float* x, float* out, int len);
+  void (*exp2_scaled)(const float* x, float s, float* out, int len);  // out = 2^(s x), as fwd computes it
   // one decode step of one channel over np (a multiple of kLanes) state lanes: h <- 2^(A dt) h + B dtu (A
   // times log2 e, as fwd), returns <C, h>
   float (*step)(const float* A, const float* B, const float* C, float* h, int np, float dt, float dtu);

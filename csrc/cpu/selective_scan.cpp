@@ -156,7 +156,9 @@ struct Work {
   std::vector<float> Bc, Cc, Ap;    // [cb][np] (constant B/C, A), zero-padded lanes
   std::vector<float> h;             // [cb][np] running state (forward) / carry dL/dh (backward)
   std::vector<float> uf, xs, dt, dtu, y, zf, tmp;  // [kChunk]
+  std::vector<float> decay;         // [kChunk] 2^(dt_t A log2 e) of a channel whose lanes share one A
   std::vector<uint8_t> reset;       // [kChunk]
+  std::vector<uint8_t> uniform;     // [cb] the channel's A is the same in every state lane (Mamba-2's heads)
 
   Work(const Plan& p, const ScanShape& s)
       : Bt(s.Bi.variable ? p.nlb * kChunk * kL : 0, 0.f),
@@ -165,8 +167,8 @@ struct Work {
         Cc(s.Ci.variable ? 0 : p.cb * p.np, 0.f),
         Ap(p.cb * p.np, 0.f),
         h(p.cb * p.np, 0.f),
-        uf(kChunk), xs(kChunk), dt(kChunk), dtu(kChunk), y(kChunk), zf(kChunk), tmp(kChunk),
-        reset(kChunk, 0) {}
+        uf(kChunk), xs(kChunk), dt(kChunk), dtu(kChunk), y(kChunk), zf(kChunk), tmp(kChunk), decay(kChunk),
+        reset(kChunk, 0), uniform(p.cb, 0) {}
 };
 
 // Everything a task reads, as raw pointers.
@@ -184,12 +186,18 @@ struct ScanInputs {
   const int32_t* seq_idx;
 };
 
-// Task setup: padded A log2(e) (what the kernels take) and constant B/C rows of the task's channels.
+// Task setup: padded A log2(e) (what the kernels take), whether each channel's A is one value repeated over its
+// lanes, and constant B/C rows of the task's channels.
 void load_task_constants(const Plan& p, const ScanShape& s, const ScanInputs& in, const Plan::Task& k,
                          Work& w) {
   for (int64_t c = k.c0; c < k.c1; ++c) {
     const int64_t ci = c - k.c0;
-    for (int64_t kk = 0; kk < p.n; ++kk) w.Ap[ci * p.np + kk] = in.A[c * p.n + kk] * kLog2e;
+    bool uniform = true;
+    for (int64_t kk = 0; kk < p.n; ++kk) {
+      w.Ap[ci * p.np + kk] = in.A[c * p.n + kk] * kLog2e;
+      uniform = uniform && in.A[c * p.n + kk] == in.A[c * p.n];
+    }
+    w.uniform[ci] = uniform ? 1 : 0;
     if (!s.Bi.variable) load_f32(s.Bi.data, s.Bi.dtype, c * p.n, p.n, &w.Bc[ci * p.np]);
     if (!s.Ci.variable) load_f32(s.Ci.data, s.Ci.dtype, c * p.n, p.n, &w.Cc[ci * p.np]);
   }
@@ -232,6 +240,12 @@ void load_channel_chunk(const Plan& p, const ScanInputs& in, const scan::ScanKer
   for (int64_t t = 0; t < len; ++t) dtu[t] = dt[t] * uf[t];
 }
 
+// A channel whose lanes share one A (Mamba-2): its per-step decay, once for all its lanes (the kernels would
+// otherwise compute the same exponential in each of the n lanes: 8 lane blocks at Mamba-2's n = 128).
+void load_channel_decay(const Plan& p, const scan::ScanKernels& K, int64_t ci, int64_t len, Work& w) {
+  if (w.uniform[ci]) K.exp2_scaled(w.dt.data(), w.Ap[ci * p.np], w.decay.data(), static_cast<int>(len));
+}
+
 // z's offset of (batch row bi, channel c, step t)
 inline int64_t z_off(const ScanInputs& in, int64_t bi, int64_t c, int64_t t) { return bi * in.z_sb + c * in.z_sd + t; }
 
@@ -257,8 +271,10 @@ void init_y(const ScanInputs& in, int64_t c, int64_t len, Work& w) {
   for (int64_t t = 0; t < len; ++t) y[t] = Dc * uf[t];
 }
 
+// The kernels' arguments for lane block lb of channel ci (and, with nblocks > 1, the blocks after it: a channel
+// with a shared decay runs all its blocks in one call).
 scan::FwdArgs chunk_args(const Plan& p, const ScanShape& s, Work& w, int64_t ci, int64_t lb, int64_t len,
-                         bool with_resets) {
+                         bool with_resets, int64_t nblocks = 1) {
   scan::FwdArgs a;
   a.len = static_cast<int>(len);
   a.dt = w.dt.data();
@@ -277,8 +293,16 @@ scan::FwdArgs chunk_args(const Plan& p, const ScanShape& s, Work& w, int64_t ci,
     a.C = &w.Cc[ci * p.np + lb * kL];
   }
   a.reset = with_resets ? w.reset.data() : nullptr;
+  a.decay = w.uniform[ci] ? w.decay.data() : nullptr;  // load_channel_decay filled it for this channel
+  a.nblocks = static_cast<int>(nblocks);
+  a.bblock = s.Bi.variable ? kChunk * kL : kL;  // the (lane block, time, lane) chunk, or the padded constant row
+  a.cblock = s.Ci.variable ? kChunk * kL : kL;
   return a;
 }
+
+// Lane blocks per forward kernel call for channel ci: all of them where one decay is shared, else one. (The
+// backward's recompute keeps one per call: scan_kernels_impl.inc's fwd_blocks_t.)
+int64_t blocks_per_call(const Plan& p, const Work& w, int64_t ci) { return w.uniform[ci] ? p.nlb : 1; }
 
 ScanInputs make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
@@ -364,9 +388,11 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
           std::memcpy(savedp + (row * p.nchunks + ch) * p.n, h, sizeof(float) * p.n);
           prefetch_next(p, in, k, c, ts, len, {}, {outp});
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
+          load_channel_decay(p, K, ci, len, w);
           init_y(in, c, len, w);
-          for (int64_t lb = 0; lb < p.nlb; ++lb) {
-            scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr);
+          const int64_t nb = blocks_per_call(p, w, ci);
+          for (int64_t lb = 0; lb < p.nlb; lb += nb) {
+            scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr, nb);
             a.h = h + lb * kL;
             a.y = w.y.data();
             K.fwd(a);
@@ -465,13 +491,14 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
         for (int64_t c = k.c0; c < k.c1; ++c) {
           const int64_t ci = c - k.c0, row = k.bi * p.d + c;
           load_channel_chunk(p, in, K, k.bi, c, ts, len, w);
+          load_channel_decay(p, K, ci, len, w);
           load_f32(doutp, in.dtype, row * p.l + ts, len, df.data());
           prefetch_next(p, in, k, c, ts, len, {doutp}, {dup, ddp, dzp, outp});
           std::memcpy(hs.data(), savedp + (row * p.nchunks + ch) * p.n, sizeof(float) * p.n);
           // 1. recompute h_t, exp(dt_t A) (and y_t if dz or out needs it) from the saved chunk-entry state
           if (need_y) init_y(in, c, len, w);
           std::copy(hs.begin(), hs.end(), hrun.begin());
-          for (int64_t lb = 0; lb < p.nlb; ++lb) {
+          for (int64_t lb = 0; lb < p.nlb; ++lb) {  // one block per call (blocks_per_call)
             scan::FwdArgs a = chunk_args(p, s, w, ci, lb, len, in.seq_idx != nullptr);
             a.h = &hrun[lb * kL];
             a.y = need_y ? w.y.data() : nullptr;

@@ -251,6 +251,56 @@ def test_every_instruction_set_path(isa, monkeypatch):
         torch.testing.assert_close(st.float(), st_ref.float(), rtol=rtol, atol=atol)
 
 
+def _heads_A(d, n, headdim, gen):
+    """Mamba-2's A: one value per head of ``headdim`` channels, repeated over the channel and its n lanes."""
+    per_head = -(torch.rand(d // headdim, generator=gen) * 0.5 + 0.25)
+    return per_head.repeat_interleave(headdim)[:, None].expand(d, n).contiguous()
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("n", [20, 128])
+def test_channels_whose_lanes_share_one_A(isa, n, monkeypatch):
+    """Mamba-2's scan: every lane of a channel has the same A, so the kernels broadcast one decay per step
+    instead of an exponential per lane. Against the reference, on each instruction set, across a chunk edge,
+    with packed rows and an initial state; in one call with channels whose A differs in one lane only (the
+    last, or a lane of the second lane block), which must take the per-lane path."""
+    if not _isa_available(isa):
+        pytest.skip(f"this CPU/build has no {isa} path")
+    monkeypatch.setenv("EMMA_CPU_ISA", isa)
+    inp = make_scan_inputs(b=2, d=6, n=n, l=300, bc="grp", groups=2, init=True, seq=True, seed=n)
+    A = _heads_A(6, n, 2, torch.Generator().manual_seed(1))
+    A[2, -1] -= 0.3  # head 1: one channel uniform (3), one not (2)
+    A[5, 17] += 0.2  # a lane past the first block of 16
+    inp["A"] = A.requires_grad_()
+    assert_scan_matches_reference(inp)
+
+
+def test_one_decay_per_channel_is_the_per_lane_exponential_bit_for_bit():
+    """The broadcast decay is the value the per-lane exponential gives (same rounding): a channel whose A is
+    uniform except in one lane that B, C and the initial state leave at zero (so it adds nothing) takes the
+    per-lane path, and its states and gradients equal the uniform channel's exactly; the output (and dz, which
+    reads it) sums <C_t, h_t> over the lane blocks in another order, so it agrees to fp32 rounding."""
+    gen = torch.Generator().manual_seed(5)
+    inp = make_scan_inputs(b=2, d=4, n=20, l=300, bc="var", init=True, seq=True, seed=5)
+    A = _heads_A(4, 20, 1, gen)
+    with torch.no_grad():
+        for name in ("B", "C"):
+            inp[name][:, -1] = 0.0
+        inp["initial_state"][:, :, -1] = 0.0
+    bent = A.clone()
+    bent[:, -1] -= 0.25  # every channel now takes the per-lane path
+    # (no gradient into the last state: it would reach the idle lane, whose decay differs)
+    out_u, last_u, g_u = run_scan("cpu", dict(inp, A=A.requires_grad_()), with_last_grad=False)
+    out_b, last_b, g_b = run_scan("cpu", dict(inp, A=bent.requires_grad_()), with_last_grad=False)
+    assert torch.equal(last_u, last_b)
+    torch.testing.assert_close(out_u, out_b, rtol=1e-5, atol=1e-6)
+    for name in g_u:
+        if name == "z":
+            torch.testing.assert_close(g_u[name], g_b[name], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(g_u[name], g_b[name]), f"d{name}"
+
+
 def test_backward_is_deterministic_and_independent_of_thread_count():
     inp = make_scan_inputs(d=40, l=700, bc="var", init=True, seq=True)
     threads = torch.get_num_threads()

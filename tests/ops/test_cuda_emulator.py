@@ -147,6 +147,10 @@ _SCAN_GRID = [  # b, d, n, l, dtype, B layout, C layout, inputs put off 16-byte 
     (1, 4, 8, 1032, torch.float16, "g4", "g4", ()),
     (2, 8, 16, 64, torch.bfloat16, "var", "var", ("z-view",)),
     (2, 4, 8, 300, torch.float32, "var", "g2", ("z-view",)),
+    # "A-shared": every lane of a channel has the same A (Mamba-2's heads: the cpu kernels' shared-decay paths,
+    # 3 lane blocks in one loop across a chunk edge, and a single block)
+    (2, 4, 40, 300, torch.float32, "var", "g2", ("A-shared",)),
+    (1, 4, 16, 7, torch.bfloat16, "const", "const", ("A-shared",)),
 ]
 
 
@@ -186,6 +190,8 @@ def exercise_every_kernel(backend="cuda-emu", seed=0, scan_only=False) -> int:
                                  seq=flags, seed=seed)
                 x = {k: (_misaligned(v) if k in off else _second_half(v) if f"{k}-view" in off else v)
                      if v is not None else v for k, v in x.items()}
+                if "A-shared" in off:
+                    x["A"] = x["A"][:, :1].expand(-1, n).contiguous()
                 leaves = [v.requires_grad_() for k, v in x.items() if v is not None and k != "seq_idx"]
                 out, last = ops.selective_scan(**x, delta_softplus=flags, return_last_state=True, deterministic=det)
                 grads = torch.autograd.grad(out.float().sum() + last.sum(), leaves)
