@@ -301,7 +301,7 @@ scan::FwdArgs chunk_args(const Plan& p, const ScanShape& s, Work& w, int64_t ci,
 }
 
 // Lane blocks per forward kernel call for channel ci: all of them where one decay is shared, else one. (The
-// backward's recompute keeps one per call: scan_kernels_impl.inc's fwd_blocks_t.)
+// backward's recompute keeps one per call: scan_kernels_impl.inc's fwd_chunk_t.)
 int64_t blocks_per_call(const Plan& p, const Work& w, int64_t ci) { return w.uniform[ci] ? p.nlb : 1; }
 
 ScanInputs make_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
