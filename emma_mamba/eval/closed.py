@@ -170,6 +170,8 @@ def ai2d_prompt(rec: dict) -> str:
 # ------------------------------------------------------------------------------------------- picking
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
+_ALONE = re.compile(r"\s*(?:$|[.):,;]|\W*$)")  # what may follow a one-letter option: nothing, or its punctuation
+_WORD_LETTERS = frozenset("AI")  # capital letters that are also English words
 
 
 def pick_option(text: str, options: tuple[str, ...], probabilities=None, task: str = "") -> int | None:
@@ -178,12 +180,15 @@ def pick_option(text: str, options: tuple[str, ...], probabilities=None, task: s
     None when the text names none."""
     if probabilities is not None:
         return max(range(len(options)), key=lambda i: probabilities[i])
-    words = _WORD.findall(text)
-    if not words:
+    m = _WORD.search(text)
+    if m is None:
         return None
-    first = words[0]
+    first = m.group()
     for i, o in enumerate(options):
-        if first.lower() == o.lower() and (len(o) > 1 or first.isupper()):  # one letter: only as a capital
+        # a one-letter option only as a capital, and "A" / "I" only standing alone ("A", "(A)", "A. 0"), not as
+        # the first word of a sentence ("A total of 3", "I see 2")
+        if first.lower() == o.lower() and (len(o) > 1 or (first.isupper() and (
+                first not in _WORD_LETTERS or _ALONE.match(text, m.end())))):
             return i
     if task == "vsr" and first.lower() in ("yes", "no"):
         return 0 if first.lower() == "yes" else 1

@@ -8,7 +8,7 @@ answer line carries one, by line order, as POPE's own ``evaluate.py`` does.
 A reply is read as yes/no like this: punctuation stripped and lower-cased, a reply whose first word is "yes"
 or "no" is that; any other reply follows POPE's rule on its first sentence: "no" if it contains the word
 "no" or "not", otherwise "yes" (POPE's rule is case-sensitive on "No"/"no"/"not"; here the match is
-case-insensitive and punctuation-proof, so "NO!" is a no). Replies decided by the fallback rule are counted
+case-insensitive and punctuation-proof, so "NO!" and "'No'" are a no). Replies decided by the fallback rule are counted
 in ``n_unparsed``. Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the ratio of
 "yes" predictions (an unbiased model is near 0.5 on POPE's balanced files); precision (recall) is 0 when there
 is no positive prediction (label).
@@ -24,13 +24,18 @@ from emma_mamba.eval._io import ScoreInputError, load_records, match_answers, re
 _NON_WORD = re.compile(r"[^\w\s']")
 
 
+def _words(text: str) -> list[str]:
+    """Lower-cased words; apostrophes stay inside a word ("isn't") but not around one ("'No'" -> "no")."""
+    return [w.strip("'") for w in _NON_WORD.sub(" ", text).lower().split() if w.strip("'")]
+
+
 def yes_no(reply: str) -> tuple[bool, bool]:
     """(is_yes, parsed): parsed is False when the reply did not start with yes/no and POPE's fallback decided."""
     first_sentence = reply.split(".")[0]
-    words = _NON_WORD.sub(" ", reply).lower().split()
+    words = _words(reply)
     if words and words[0] in ("yes", "no"):
         return words[0] == "yes", True
-    fs_words = _NON_WORD.sub(" ", first_sentence).lower().split()
+    fs_words = _words(first_sentence)
     return not any(w in ("no", "not") for w in fs_words), False
 
 

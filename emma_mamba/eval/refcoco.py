@@ -11,9 +11,10 @@ Questions, one per referring sentence, from either
   height?}`` (question id: the record's 0-based index when absent).
 
 Prompt: LLaVA-1.5's grounding instruction from its training mixture, ``Please provide the bounding box coordinate
-of the region this sentence describes: <sentence>``. The reply's first ``[x1, y1, x2, y2]`` of four numbers in
-[0, 1] with x1 < x2 and y1 < y2 is the box (anything else is an invalid answer and counts as wrong), in one of two
-frames:
+of the region this sentence describes: <sentence>``. The reply, as Prismatic's scorer reads it, must be the box
+``[x1, y1, x2, y2]`` and nothing else: four numbers in [0, 1] with x1 < x2 and y1 < y2 (anything else is an
+invalid answer and counts as wrong; ``accuracy_any_box`` also reports the accuracy with the reply's first such
+box wherever it stands, "The box is [...]." included), in one of two frames:
 
 * ``image``: normalised by the image's width and height (Prismatic's convention, a model trained on squashed
   images);
@@ -21,7 +22,8 @@ frames:
   are padded to a square: ``vision.image_resize: letterbox``).
 
 Metric: the fraction of sentences whose box overlaps the ground-truth box at IoU >= 0.5, mean IoU, invalid
-answers counted.
+answers counted. The ground-truth box is normalised and rounded to 2 decimals first, as Prismatic's harness does
+(the precision of the boxes LLaVA-1.5's training answers give).
 
 OCID-Ref (Wang et al. 2021; referring expressions in the cluttered table-top scenes of OCID, the robotics set of
 Prismatic's grounding suite, which Cobra and EMMA-Mamba report) is read and scored the same way from its release's
@@ -160,10 +162,13 @@ def ocidref_records(path: str | Path) -> list[tuple[str, dict]]:
 _SPACED_DECIMAL = re.compile(r"(\d)\s*\.\s*(\d)")
 
 
-def parse_box(reply: str) -> list[float] | None:
-    """The reply's first ``[x1, y1, x2, y2]`` with coordinates in [0, 1], x1 < x2 and y1 < y2; else None.
-    Numbers spelt with spaces around the point (``0 . 44``: a word-level tokenizer's decoding) are read too."""
-    m = _BOX.search(_SPACED_DECIMAL.sub(r"\1.\2", reply))
+def parse_box(reply: str, whole: bool = False) -> list[float] | None:
+    """The reply's first ``[x1, y1, x2, y2]`` with coordinates in [0, 1], x1 < x2 and y1 < y2; else None. With
+    ``whole``, only a reply that is that box alone, surrounding whitespace aside (Prismatic's ``parse_bbox``, a
+    ``literal_eval`` of the reply). Numbers spelt with spaces around the point (``0 . 44``: a word-level
+    tokenizer's decoding) are read too."""
+    text = _SPACED_DECIMAL.sub(r"\1.\2", reply)
+    m = _BOX.fullmatch(text.strip()) if whole else _BOX.search(text)
     if m is None:
         return None
     try:
@@ -228,7 +233,7 @@ def _score_boxes(answers, annotations, records, threshold: float, allow_missing:
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")
-    ious, invalid = {}, 0
+    ious, ious_any, invalid, invalid_any = {}, {}, 0, 0
     for qid, text in got.items():
         g = gold[qid]
         frame, size = meta[qid]
@@ -236,13 +241,18 @@ def _score_boxes(answers, annotations, records, threshold: float, allow_missing:
         if not w or not h:
             raise ScoreInputError(f"{answers}: question {qid!r}: no image size (image_size in the answer, or "
                                   f"width/height in {annotations})")
-        box = parse_box(text)
+        truth = [round(c, 2) for c in to_frame(g["bbox"], w, h, frame)]  # Prismatic's 2-decimal ground truth
+        box, any_box = parse_box(text, whole=True), parse_box(text)
         invalid += box is None
-        ious[qid] = 0.0 if box is None else iou(box, to_frame(g["bbox"], w, h, frame))
+        invalid_any += any_box is None
+        ious[qid] = 0.0 if box is None else iou(box, truth)
+        ious_any[qid] = 0.0 if any_box is None else iou(any_box, truth)
     n = len(ious)
     out = {"n": n, "split": split or "all", "iou_threshold": threshold,
            "accuracy": sum(v >= threshold for v in ious.values()) / n, "mean_iou": sum(ious.values()) / n,
-           "n_invalid_boxes": invalid, "n_missing": len(gold) - len(got)}
+           "n_invalid_boxes": invalid,
+           "accuracy_any_box": sum(v >= threshold for v in ious_any.values()) / n,
+           "n_invalid_any_box": invalid_any, "n_missing": len(gold) - len(got)}
     if group is not None:
         levels = {}
         for qid, v in ious.items():

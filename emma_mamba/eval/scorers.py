@@ -67,6 +67,14 @@ def score(task: str, answers: str | Path, annotations: str | Path | None, allow_
     raise ScoreInputError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
+def _any_box(m: dict) -> str:
+    """A grounding line's note on replies with a box amid other text (invalid as Prismatic reads them)."""
+    if m.get("n_invalid_any_box", m["n_invalid_boxes"]) == m["n_invalid_boxes"]:
+        return ""
+    return (f" ({m['n_invalid_boxes'] - m['n_invalid_any_box']} of them a box amid other text; reading those too: "
+            f"Acc {100 * m['accuracy_any_box']:.2f})")
+
+
 def _pct(x: float | None) -> str:
     """A fraction as a percentage with two decimals, or n/a."""
     return "n/a" if x is None else f"{100 * x:.2f}"
@@ -122,10 +130,10 @@ def summary(task: str, m: dict) -> str:
                      f"(ovo) {_pct(m['auc_roc_ovo'])}  unparsed replies {m['n_unparsed_replies']}")
     elif task == "refcoco":
         lines.append(f"RefCOCO ({m['split']})  n={m['n']}  Acc@0.5 {100 * m['accuracy']:.2f}  mean IoU "
-                     f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}")
+                     f"{100 * m['mean_iou']:.2f}  invalid boxes {m['n_invalid_boxes']}{_any_box(m)}")
     elif task == "ocidref":
         lines.append(f"OCID-Ref  n={m['n']}  Acc@0.25 {100 * m['accuracy']:.2f}  mean IoU {100 * m['mean_iou']:.2f}  "
-                     f"invalid boxes {m['n_invalid_boxes']}")
+                     f"invalid boxes {m['n_invalid_boxes']}{_any_box(m)}")
         for k, v in m["by_clutter"].items():
             lines.append(f"  {k + ' clutter':<32} {100 * v['accuracy']:.2f}  (n={v['n']})")
     elif task == "ai2d":

@@ -84,6 +84,10 @@ def test_pick_option_from_probabilities_and_replies():
         == [0, 1, 0, 1, None, None]
     assert [pick_option(r, TALLY_OPTIONS, task="tallyqa") for r in ("B", "P. 15", "3", "There are 3", "a", "16")] \
         == [1, 15, 3, None, None, None]
+    # "A" and "I" are option letters only standing alone: as a sentence's first word they pick nothing (they
+    # read as A = 0 and I = 8 before); other capitals pick their option even before more words
+    replies = ("A total of 3 dogs", "A few", "I see 2", "A", "(A)", "A. 0", "I.", "A: 0", "B because", "(C) 2")
+    assert [pick_option(r, TALLY_OPTIONS, task="tallyqa") for r in replies] == [None, None, None, 0, 0, 0, 8, 0, 1, 2]
 
 
 # ------------------------------------------------------------------------------------------- known answers

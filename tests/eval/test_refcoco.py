@@ -22,6 +22,11 @@ def test_boxes_frames_and_iou_by_hand():
     assert parse_box("[ 0 . 44 , 0 . 22 , 0 . 68 , 0 . 40 ]") == [0.44, 0.22, 0.68, 0.40]  # a word tokenizer's
     assert parse_box("[0.5, 0.2, 0.1, 0.6]") is None  # x1 > x2
     assert parse_box("[0.1, 0.2, 1.5, 0.6]") is None and parse_box("[1, 2, 3]") is None and parse_box("no") is None
+    # whole=True: the reply must be the box alone (Prismatic's literal_eval of the reply)
+    assert parse_box(" [0, 0.25,1.0 , 0.75]\n", whole=True) == [0.0, 0.25, 1.0, 0.75]
+    assert parse_box("[ 0 . 44 , 0 . 22 , 0 . 68 , 0 . 40 ]", whole=True) == [0.44, 0.22, 0.68, 0.40]
+    assert parse_box("The box is [0, 0.25,1.0 , 0.75].", whole=True) is None
+    assert parse_box("[0.1, 0.2, 0.5, 0.6].", whole=True) is None
     # a 200 x 100 image, the box x 50..150, y 25..75 (pixels [x, y, w, h] = [50, 25, 100, 50])
     assert to_frame([50, 25, 100, 50], 200, 100, "image") == [0.25, 0.25, 0.75, 0.75]
     # centred in a 200 x 200 square: y shifted by 50
@@ -76,9 +81,11 @@ def test_refer_release_known_replies_by_hand(tmp_path):
     # the square frame: the same replies now miss the first box (it sits at y 0.375..0.625 there)
     m2 = evaluate(None, "refcoco", refs, imgs, tmp_path / "sq", box_frame="square", progress=False,
                   answer_fn=fn)["metrics"]
-    # 0/0: [0.25,0.25,0.75,0.75] vs [0.25,0.375,0.75,0.625]: IoU 0.25/0.5 = 0.5 -> hit; 0/1: [.25,.25,.75,.5] vs it:
-    # overlap y .375..0.5 = 0.0625, union 0.125 + 0.125 - 0.0625 -> IoU 1/3: miss
-    assert m2["accuracy"] == pytest.approx(1 / 3)
+    # the truth [0.25, 0.375, 0.75, 0.625] rounded to 2 decimals as Prismatic does: [0.25, 0.38, 0.75, 0.62]
+    # (round half to even). 0/0: [0.25,0.25,0.75,0.75] vs it: 0.5 * 0.24 / 0.25 = IoU 0.48 -> a miss (0.5 exactly,
+    # a hit, against the unrounded box); 0/1: [.25,.25,.75,.5]: overlap .5 * .12 = 0.06, union 0.125 + 0.12 - 0.06
+    # -> IoU 0.32: a miss
+    assert m2["accuracy"] == 0.0 and m2["mean_iou"] == pytest.approx((0.48 + 0.06 / 0.185) / 3)
     # testA; answers spanning splits refused
     rep = evaluate(None, "refcoco", refs, imgs, tmp_path / "ta", split="testA", progress=False,
                    answer_fn=lambda b, p: ["[0, 0, 0.5, 0.5]"] * len(b))
@@ -94,6 +101,25 @@ def test_refer_release_known_replies_by_hand(tmp_path):
     (tmp_path / "instances.json").write_text("{}")
     with pytest.raises(ScoreInputError, match="bad.p: not a readable refer refs pickle"):
         read_questions("refcoco", tmp_path / "bad.p", imgs)
+
+
+def test_a_box_amid_text_is_invalid_as_prismatic_reads_it(tmp_path):
+    """Prismatic's scorer takes a reply only when it is the box alone: "The box is [...]." is invalid there (and in
+    `accuracy`), a hit in `accuracy_any_box`; the summary line says how many such replies there were."""
+    from emma_mamba.eval.scorers import summary
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (64, 48), "white").save(imgs / "a.png")
+    q = tmp_path / "ref.json"  # [16, 12, 32, 24] of 64 x 48: [0.25, 0.25, 0.75, 0.75]
+    q.write_text(json.dumps([{"image": "a.png", "sentence": f"s{i}", "bbox": [16, 12, 32, 24]} for i in range(3)]))
+    replies = ["[0.25, 0.25, 0.75, 0.75]", "The box is [0.25, 0.25, 0.75, 0.75].", "no idea"]
+    m = evaluate(None, "refcoco", q, imgs, tmp_path / "ev", progress=False,
+                 answer_fn=lambda b, p: [replies[int(x.qid)] for x in b])["metrics"]
+    assert (m["accuracy"], m["n_invalid_boxes"]) == (pytest.approx(1 / 3), 2)
+    assert (m["accuracy_any_box"], m["n_invalid_any_box"]) == (pytest.approx(2 / 3), 1)
+    assert m["mean_iou"] == pytest.approx(1 / 3)
+    assert "invalid boxes 2 (1 of them a box amid other text; reading those too: Acc 66.67)" in summary("refcoco", m)
 
 
 def test_json_records_and_a_letterbox_checkpoint_through_the_cli(tmp_path, capsys):

@@ -109,6 +109,28 @@ def test_vqav2_file_by_hand(tmp_path):
     assert m["accuracy"] == pytest.approx((0.6 + 0.9 + 1.0 + 1.0) / 4)
 
 
+def test_vqav2_and_vizwiz_replies_pass_llava_submission_pre_pass(tmp_path):
+    # LLaVA-1.5's convert_{vqav2,vizwiz}_for_submission.py run the EvalAI answer processor on every reply (commas
+    # and "?" deleted, "'s" split off) before the server's rules; the human answers only get the server's rules.
+    # By hand: "red,white" -> "redwhite" (no human said it) where the plain rules give "red white" (3 humans: 0.9);
+    # "men's" -> "men 's" (no human) where the plain rules keep "men's" (10 humans: 1.0); "blue?" -> "blue" (8).
+    anns = {"annotations": [
+        {"question_id": i, "answers": [{"answer": h} for h in humans]}
+        for i, humans in ((1, ["red white"] * 3 + ["red"] * 7), (2, ["men's"] * 10), (3, ["blue"] * 8 + ["red"] * 2))]}
+    (tmp_path / "ann.json").write_text(json.dumps(anns))
+    res = write_jsonl(tmp_path / "r.jsonl", [{"question_id": 1, "text": "red,white"},
+                                             {"question_id": 2, "text": "men's"},
+                                             {"question_id": 3, "text": "Blue?"}])
+    assert score("vqav2", res, tmp_path / "ann.json")["accuracy"] == pytest.approx((0.0 + 0.0 + 1.0) / 3)
+    assert normalize_answer("red,white") == "red white" and normalize_answer("men's") == "men's"
+    doc = [{"image": f"VizWiz_val_{i:08d}.jpg", "question": "?", "answers": [{"answer": h} for h in humans]}
+           for i, humans in enumerate((["red white"] * 3 + ["red"] * 7, ["men's"] * 10, ["blue"] * 8 + ["red"] * 2))]
+    (tmp_path / "val.json").write_text(json.dumps(doc))
+    res = write_jsonl(tmp_path / "v.jsonl", [{"question_id": d["image"], "text": t}
+                                             for d, t in zip(doc, ("red,white", "men's", "Blue?"))])
+    assert score("vizwiz", res, tmp_path / "val.json")["accuracy"] == pytest.approx((0.0 + 0.0 + 1.0) / 3)
+
+
 def test_vqav2_errors(tmp_path):
     ann = _vqa_files(tmp_path)
     write_jsonl(tmp_path / "r.jsonl", [{"question_id": 1, "answer": "red"}, {"question_id": 99, "answer": "x"}])
@@ -277,6 +299,10 @@ POPE_REPLIES = [  # reply, what it is read as, and whether it started with yes/n
 def test_pope_yes_no_reading():
     assert [yes_no(r)[0] for r, _ in POPE_REPLIES] == [want for _, want in POPE_REPLIES]
     assert [yes_no(r)[1] for r, _ in POPE_REPLIES].count(False) == 3
+    # quotes around the word are punctuation too (an apostrophe is a word character: "'No'" was read as the word
+    # "'no'", not "no", and fell to the fallback, which says yes); inside a word it stays ("isn't")
+    assert [yes_no(r) for r in ("'No'", "'yes'.", "' no '", "It isn't.")] == \
+        [(False, True), (True, True), (False, True), (True, False)]
 
 
 def test_pope_file_by_hand(tmp_path):
