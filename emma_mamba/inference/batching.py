@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
-                                           decode_step, resolve_prefill_chunk)
+                                           decode_step, output_vocab, resolve_prefill_chunk)
 
 __all__ = ["BatchDecoder", "DecodeJob", "token_logprobs", "vlm_embed_batch", "ECHO_CHUNK"]
 
@@ -63,10 +63,16 @@ class DecoderClosed(RuntimeError):
 _END = object()  # end of a job's chunk stream
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int, vocab_size: int) -> list:
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int, vocab_size: int,
+                   suppressed: list[int] | None = None) -> list:
     """Per position: (log-probability of ``targets[i]`` under ``logits[i]``, [(token id, log-probability)] of the
-    ``top`` most likely tokens) from the model's distribution over its ``vocab_size`` real tokens."""
-    lp = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+    ``top`` most likely tokens) from the model's distribution over its ``vocab_size`` real tokens (less the
+    ``suppressed`` ids: what the sampler may pick, :func:`~emma_mamba.inference.generate.output_vocab`)."""
+    logits = logits[:, :vocab_size].float()
+    if suppressed:
+        logits = logits.clone()
+        logits[:, suppressed] = float("-inf")
+    lp = torch.log_softmax(logits, dim=-1)
     picked = lp.gather(1, targets.long().reshape(-1, 1).to(lp.device))[:, 0].tolist()
     if top > 0:
         vals, ids = lp.topk(top, dim=-1)
@@ -563,7 +569,8 @@ class BatchDecoder:
                 out = self.lm(input_ids=p.ids[None, a:b], cache=p.cache).logits[0].float()
                 k = min(b - a, p.length - 1 - a)  # positions whose next token is in the prompt
                 p.prompt_logprobs = (p.prompt_logprobs or []) + token_logprobs(
-                    out[:k], p.ids[a + 1:a + 1 + k], int(p.spec.get("logprobs") or 0), self.lm.config.vocab_size)
+                    out[:k], p.ids[a + 1:a + 1 + k], int(p.spec.get("logprobs") or 0),
+                    *output_vocab(self.lm, p.job.tokenizer))  # the distribution the picks are drawn from
             last = out[-1:]
         else:
             last = _continue(self.lm, (None if p.ids is None else p.ids[s:e], None if p.emb is None else p.emb[s:e]),
@@ -613,8 +620,17 @@ class BatchDecoder:
     def _advance(self, rows: list[_Row], cache, logits, static):
         """Pick every row's next token; finished rows leave (their states handed to their jobs); one decode step
         for the rest. Returns the new (rows, cache, logits, static)."""
-        vocab = self.lm.config.vocab_size
         keep, tokens = [], []
+        # what each row may pick (its job's tokenizer decides: output_vocab); the rows' logits masked once, so
+        # the picks, greedy or sampled, and the logprobs are the model's distribution over those tokens
+        vocab = self.lm.config.vocab_size
+        allowed = [output_vocab(self.lm, r.job.tokenizer) for r in rows]
+        if any(a != (vocab, []) for a in allowed):
+            logits = logits.clone()
+            for j, (n, suppressed) in enumerate(allowed):
+                logits[j, n:] = float("-inf")
+                if suppressed:
+                    logits[j, suppressed] = float("-inf")
         # the greedy rows' picks in one argmax (one device sync), the others row by row with their own settings
         greedy = [j for j, r in enumerate(rows) if r.job.cfg.temperature == 0 and r.seen is None]
         picks = {}

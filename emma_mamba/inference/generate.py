@@ -20,7 +20,8 @@ runs batched. Rows that finish are dropped from the cache.
 
 Sampling follows the usual order: repetition penalty (CTRL, Keskar et al. 2019: positive logits of seen tokens
 divided by the penalty, negative ones multiplied), temperature (0 = greedy), top-k, top-p (nucleus, Holtzman
-et al. 2019). The padded vocabulary rows beyond ``config.vocab_size`` are never sampled. This is transformers'
+et al. 2019). The padded vocabulary rows beyond ``config.vocab_size`` are never sampled, nor, given a tokenizer,
+ids it has no token for or marks as inputs only (:func:`output_vocab`). This is transformers'
 order, and the distribution drawn from is that of its logits processors (tests/models/test_sampling_oracle.py),
 but where its top-p cut is not determined: which of tied tokens straddling the cut are kept (either side's
 ``torch.sort`` decides), one token more or fewer where the k most likely hold top_p exactly (rounding).
@@ -437,11 +438,26 @@ GREEDY_BELOW = 1e-5
 overflows to inf and the sampling fails), as vLLM does."""
 
 
+def output_vocab(lm, tokenizer) -> tuple[int, list[int]]:
+    """(n, suppressed): the ids a sampler may pick are those below n and not in ``suppressed``. n is the LM's
+    ``vocab_size`` (the embedding's padded rows are not tokens), and with a ``tokenizer`` no more than its size: a
+    checkpoint's vocabulary may have rows its tokenizer has no token for (the public Mamba checkpoints' 50280
+    against GPT-NeoX's 50277 tokens and the image placeholder), which no text could show; ``suppressed``, the
+    tokenizer's :attr:`~emma_mamba.models.tokenizer.Tokenizer.input_only_ids` (the VLM's image placeholder: a
+    reply holding it could not be sent back in a conversation, where the placeholder text is reserved)."""
+    n = lm.config.vocab_size
+    if tokenizer is None:
+        return n, []
+    return min(n, len(tokenizer)), sorted(i for i in getattr(tokenizer, "input_only_ids", ()) if i < n)
+
+
 def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """logits (a, V) fp32 -> next token ids (a,)."""
+          generator: torch.Generator | None, suppressed: Sequence[int] = ()) -> torch.Tensor:
+    """logits (a, V) fp32 -> next token ids (a,), among the ids below ``vocab_size`` and not ``suppressed``."""
     logits = logits.clone()
     logits[:, vocab_size:] = float("-inf")  # padded rows of the embedding are not tokens
+    if suppressed:
+        logits[:, list(suppressed)] = float("-inf")
     if seen is not None:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -596,7 +612,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         if B != 1 or cache.batch_size != 1:
             raise ValueError(f"generate: continuing a cache takes one prompt, one continuation and a one-row cache, "
                              f"got {len(prompts)} prompts x {n_ret} and {cache.batch_size} cache rows")
-    vocab = lm.config.vocab_size
+    vocab, suppressed = output_vocab(lm, tokenizer)
     generator = None
     if cfg.seed is not None and cfg.temperature > 0:
         generator = torch.Generator(device=lm.device).manual_seed(cfg.seed)
@@ -640,7 +656,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     rows = torch.arange(B, device=lm.device)  # the same on the device, updated only when rows finish
     static = graphs.load(cache) if graphs is not None else None  # rows stay put: a finished row keeps stepping
     while True:
-        tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator)
+        tokens = _pick(logits, seen[rows] if seen is not None else None, cfg, vocab, generator, suppressed)
         keep = [j for j, (i, t) in enumerate(zip(active, tokens.tolist()))
                 if seqs[i].push(t, seen[i] if seen is not None else None)]
         if not keep:

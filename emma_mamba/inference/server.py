@@ -40,7 +40,9 @@ hold the image placeholder text (``<image>``): the tokenizer reads it as an imag
 it, so the server places the placeholders itself, one per image part, and refuses the text with a 400 naming
 the field. ``system`` messages (and ``developer`` ones, OpenAI's newer name for them) are dropped (the model was
 trained without a system prompt), and the response says so in ``emma_mamba.dropped_system_messages``; one holding
-an image is a 400 (the image would be dropped unseen: images go in user messages).
+an image is a 400 (the image would be dropped unseen: images go in user messages). Consecutive messages of one
+role make one turn (texts joined by a newline, images in order), as OpenAI's API accepts them; an assistant
+message's ``content`` may be null.
 
 The token stream is the one training builds from a multi-turn LLaVA record (:mod:`emma_mamba.data.llava` with
 its default template), tokenised segment by segment as training does: each user turn in the chat template, each
@@ -125,7 +127,7 @@ def _decode_image(url: str, where: str, allow_local: bool):
         if not sep or ";base64" not in head:
             raise RequestError("an image data URL must be data:<mime>;base64,<data>", where)
         try:
-            raw = base64.b64decode(data, validate=True)
+            raw = base64.b64decode("".join(data.split()), validate=True)  # MIME-style line breaks allowed
         except ValueError as e:
             raise RequestError(f"the image data is not valid base64: {e}", where) from None
         try:
@@ -182,10 +184,12 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
         if role not in ("user", "assistant"):
             raise RequestError(f"role {role!r} is not supported (user, assistant, system, developer)",
                                f"{where}.role")
-        if role != expect:
-            raise RequestError(f"expected a {expect} message here: user and assistant messages must alternate, "
-                               f"starting with user", f"{where}.role")
+        if not turns and role != "user":
+            raise RequestError("the conversation must start with a user message (system messages aside)",
+                               f"{where}.role")
         texts, images = [], []
+        if content is None and role == "assistant":  # OpenAI allows it (a reply that was only tool calls)
+            content = ""
         if isinstance(content, str):
             _check_reserved(content, image_token, f"{where}.content")
             texts.append(content)
@@ -212,13 +216,20 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
         else:
             raise RequestError("content must be a string or a list of parts", f"{where}.content")
         text = "\n".join(t for t in texts if t)
+        # consecutive messages of one role are one turn, as OpenAI's API takes them (a context message, then the
+        # question): their texts joined by a newline, the images in order
         if role == "user":
             if not text.strip() and not images:
                 raise RequestError("a user message needs text or an image", f"{where}.content")
-            turns.append(_Turn(text.strip(), images))
+            if expect == "assistant":  # a user message after a user message
+                last = turns[-1]
+                last.text, last.images = "\n".join(t for t in (last.text, text.strip()) if t), last.images + images
+            else:
+                turns.append(_Turn(text.strip(), images))
             expect = "assistant"
         else:
-            turns[-1].answer = text
+            last = turns[-1]
+            last.answer = text if expect == "assistant" else "\n".join(t for t in (last.answer, text) if t)
             expect = "user"
     if not turns or expect != "assistant":
         raise RequestError("the last message must be a user message (the one to answer)", "messages")
@@ -336,7 +347,8 @@ class ChatService:
     def _config(self, body: dict, min_new: int = 1, choices: bool = False) -> GenerationConfig:
         """The request's GenerationConfig; ``choices``: ``n`` (1..max_batch) goes into its num_return_sequences."""
         d = self.defaults
-        n = body.get("n", 1)
+        n = body.get("n")
+        n = 1 if n is None else n  # null is the default, as OpenAI's API has it
         if not choices and n != 1:
             raise RequestError("only n = 1 is supported here", "n")
         top_n = self.decoder.max_batch
@@ -493,14 +505,8 @@ class ChatService:
         if merged is not None:
             _drain(jobs, merged, on_chunk if not scored else lambda i, item: on_chunk(
                 i, item[0], {"content": [self._chat_entry(t, e) for t, e in item[1]]}))
-        elif streamer is None and client_gone is not None:
-            # a plain answer: checked for a client that gave up (a timeout, a closed tab) four times a second, so
-            # that its rows stop decoding (a streamed one stops at its next chunk, which meets the closed socket)
-            while not all(j.done.wait(0.25) for j in jobs):
-                if client_gone():
-                    for j in jobs:
-                        j.cancelled = True
-                    raise ConnectionResetError("the client went away before its answer was complete")
+        elif streamer is None:
+            _await(jobs, client_gone)
         outs = [jobs[0].wait(streamer)] + [j.wait() for j in jobs[1:]]
         stats = outs[0]["stats"]
         n_new = sum(o["tokens"] for o in outs)
@@ -557,14 +563,15 @@ class ChatService:
 
     # ------------------------------------------------------------------ text completions and the tokenizer
 
-    def text_completion(self, body: dict) -> dict:
+    def text_completion(self, body: dict, client_gone: Callable[[], bool] | None = None) -> dict:
         """The text_completion object of a ``/v1/completions`` request: raw prompts (strings or token id lists,
         one or several) continued by the LM without the chat template, with ``echo`` and ``logprobs`` (each
         token's log-probability under the model, and the ``logprobs`` most likely alternatives), as
         lm-evaluation-harness's ``local-completions`` model asks for them; ``n`` choices per prompt (prompt-major
         indices, choice i sampled with ``seed + i``), continuing one prefill of the prompt. All prompts of a request
-        are decoded in the shared batch."""
+        are decoded in the shared batch; ``client_gone``: see :meth:`answer`."""
         prompts, jobs, _, _ = self._completion_jobs(body)
+        _await(jobs, client_gone)
         choices = []
         for i, job in enumerate(jobs):
             choices.append({"index": i, **job.wait()})
@@ -676,7 +683,9 @@ class ChatService:
 
     def _completion_prompts(self, prompt) -> list[list[int]]:
         """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
-        vocab = self.lm.config.vocab_size
+        # ids the tokenizer has a token for (a checkpoint's vocabulary may be larger: the public Mamba ones' 50280
+        # rows against GPT-NeoX's 50277 tokens and the placeholder); an id past them has no text to echo or score
+        vocab = min(self.lm.config.vocab_size, len(self.tokenizer))
         # raw prompts carry no images: on a multimodal model the placeholder would read an embedding row that
         # is never trained (its slot is always replaced by visual tokens), so it is refused as text and as id
         reserved = (self.vlm.config.image_token, self.vlm.image_token_id) if self.vlm is not None else None
@@ -777,6 +786,19 @@ def _scored_tokens(seq) -> list[int]:
     """The tokens an answer's log-probabilities are recorded for: the generated ones and a picked end of sequence
     (scored too, though not part of the text)."""
     return seq.tokens + ([seq.final] if seq.reason == "eos" else [])
+
+
+def _await(jobs, client_gone: Callable[[], bool] | None) -> None:
+    """Wait for ``jobs`` (a plain, not streamed, answer), checking four times a second for a client that gave up
+    (a timeout, a closed tab, a killed harness): then every job is cancelled, so that its rows stop decoding, and
+    ConnectionResetError raised. (A streamed answer stops at its next chunk, which meets the closed socket.)"""
+    if client_gone is None:
+        return
+    while not all(j.done.wait(0.25) for j in jobs):
+        if client_gone():
+            for j in jobs:
+                j.cancelled = True
+            raise ConnectionResetError("the client went away before its answer was complete")
 
 
 def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
@@ -1023,7 +1045,8 @@ class _Handler(BaseHTTPRequestHandler):
             if route == "/v1/completions" and stream:
                 return self._stream_completion(body)
             if route in others:
-                return self._json(200, others[route](body))
+                return self._json(200, others[route](body, client_gone=self._client_gone)
+                                  if route == "/v1/completions" else others[route](body))
             if not stream:
                 return self._json(200, self.service.complete(body, client_gone=self._client_gone))
             self._stream(body)

@@ -49,6 +49,9 @@ class Tokenizer:
         # no pad token: padding never reaches the model (masks decide), so EOS is a safe stand-in
         self.pad_token_id = pad if pad is not None else self.eos_token_id
         self._added: set[int] | None = None  # the added tokens' ids (token_bytes)
+        self.input_only_ids: set[int] = set()
+        """Ids that stand for inputs and are never generated (the VLM's image placeholder: see :meth:`add_tokens`);
+        the samplers leave them out, with every id past the tokenizer's last."""
 
     def _first_id(self, names):
         for name in names:
@@ -117,8 +120,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def add_tokens(self, tokens: list[str], special: bool = True) -> list[int]:
+    def add_tokens(self, tokens: list[str], special: bool = True, input_only: bool = False) -> list[int]:
         """Add tokens (e.g. ``<image>``) that are never split; returns their ids (existing ones keep theirs).
+        ``input_only``: the tokens mark inputs (an image's slot) and are never generated (:attr:`input_only_ids`).
 
         New ids are appended after the current vocabulary; the LM's (padded) embedding must cover them.
         """
@@ -129,7 +133,10 @@ class Tokenizer:
             self._tok.add_special_tokens(added)
         else:
             self._tok.add_tokens(added)
-        return [self._tok.token_to_id(t) for t in tokens]
+        ids = [self._tok.token_to_id(t) for t in tokens]
+        if input_only:
+            self.input_only_ids.update(ids)
+        return ids
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` into directory ``path`` (created if needed); returns the file path."""

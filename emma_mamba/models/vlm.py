@@ -163,7 +163,7 @@ class EmmaMamba(nn.Module):
         _check_tokenizer_fits(self.tokenizer, config.image_token, self.lm.config)
         # The placeholder id may lie beyond the LM's embedding rows: it is swapped out before the embedding
         # lookup (see _splice) and the LM head never produces it, so no row is needed for it.
-        (self.image_token_id,) = self.tokenizer.add_tokens([config.image_token])
+        (self.image_token_id,) = self.tokenizer.add_tokens([config.image_token], input_only=True)
         self.image_processor = ImageProcessor(preprocess_cfg)
 
     # ------------------------------------------------------------------------------------------- training

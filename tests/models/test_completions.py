@@ -32,10 +32,16 @@ def svc(model):
     s.close()
 
 
-def oracle_logprobs(lm, ids):
-    """log p(ids[i] | ids[:i]) for i >= 1 and the distribution after the last token, from one full forward."""
+def oracle_logprobs(lm, ids, tok=None, image_id=None):
+    """log p(ids[i] | ids[:i]) for i >= 1 and the distribution after the last token, from one full forward: over
+    the LM's vocabulary, or (``tok``) over the ids that tokenizer has a token for but ``image_id``, those a
+    sampler may pick."""
     with torch.no_grad():
-        lp = torch.log_softmax(lm(torch.tensor([ids])).logits[0, :, :lm.config.vocab_size].float(), -1)
+        logits = lm(torch.tensor([ids])).logits[0, :, :lm.config.vocab_size].float()
+        if tok is not None:
+            logits = logits[:, :len(tok)].clone()
+            logits[:, image_id] = float("-inf")
+        lp = torch.log_softmax(logits, -1)
     return lp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0], lp[-1]
 
 
@@ -48,7 +54,9 @@ def test_echo_logprobs_are_the_models_and_parse_as_the_harness_does(svc, model):
                                "echo": True, "temperature": 0, "seed": 1234})
     assert [c["index"] for c in out["choices"]] == [0, 1]
     lp = out["choices"][0]["logprobs"]
-    want, last = oracle_logprobs(model.lm, ids)
+    # the distribution over what the model may say: the tokenizer's ids (the LM has more rows), not the placeholder
+    assert model.lm.config.vocab_size > len(tok)
+    want, last = oracle_logprobs(model.lm, ids, tok, model.image_token_id)
     assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:-1]), want, rtol=1e-5, atol=1e-5)
     # the generated token: greedy, with its logprob; each top-1 alternative is the argmax of its position
@@ -111,7 +119,7 @@ def test_an_end_of_sequence_pick_is_still_scored(model):
     model's pick ends the sequence."""
     tok = model.tokenizer
     ids = tok.encode("A red circle")
-    _, last = oracle_logprobs(model.lm, ids)
+    _, last = oracle_logprobs(model.lm, ids, tok, model.image_token_id)
     g = int(last.argmax())
 
     class EosIsTheGreedyPick:  # the tokenizer, with the model's next greedy token as its end of sequence
@@ -119,6 +127,9 @@ def test_an_end_of_sequence_pick_is_still_scored(model):
 
         def __getattr__(self, name):
             return getattr(tok, name)
+
+        def __len__(self):  # (special methods are looked up on the type)
+            return len(tok)
 
     s = ChatService(model.lm, tokenizer=EosIsTheGreedyPick(), defaults=GenerationConfig(max_new_tokens=3))
     c = s.text_completion({"prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1})["choices"][0]
@@ -286,7 +297,7 @@ def test_long_prompts_are_prefilled_in_bounded_forwards(svc, model, monkeypatch)
     out = svc.text_completion({"prompt": [ids], "max_tokens": 2, "logprobs": 0, "echo": True, "temperature": 0})
     assert sizes == [4, 4, 4, 4, 1]  # 16 echoed positions by 4, then one decode step
     lp = out["choices"][0]["logprobs"]
-    want, _ = oracle_logprobs(model.lm, ids)
+    want, _ = oracle_logprobs(model.lm, ids, tok, model.image_token_id)
     torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:len(ids)]), want, rtol=1e-5, atol=1e-5)
     sizes.clear()
     plain = svc.text_completion({"prompt": [ids], "max_tokens": 3, "temperature": 0})

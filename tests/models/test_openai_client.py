@@ -182,7 +182,7 @@ def test_completions_as_lm_evaluation_harness_uses_them(client, model):
                                     temperature=0, seed=1234)
     assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == NAME
     lp = out.choices[0].logprobs
-    want, _ = oracle_logprobs(model.lm, ctx + cont)
+    want, _ = oracle_logprobs(model.lm, ctx + cont, tok, model.image_token_id)
     assert len(lp.token_logprobs) == len(ctx + cont) + 1 and lp.token_logprobs[0] is None  # as OpenAI's echo
     assert sum(lp.token_logprobs[len(ctx):-1]) == pytest.approx(float(want[len(ctx) - 1:].sum()), abs=1e-4)
     with torch.no_grad():

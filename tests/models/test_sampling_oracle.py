@@ -70,7 +70,7 @@ def hf_scores(logits: torch.Tensor, histories, cfg: GenerationConfig, vocab: int
     return torch.stack(rows)
 
 
-def ours(logits, seen, cfg, vocab, generator=None):
+def ours(logits, seen, cfg, vocab, generator=None, suppressed=()):
     """(the tokens _pick returns, the probabilities it drew them from: None when it picked greedily)."""
     drawn = []
     real = torch.multinomial
@@ -80,7 +80,7 @@ def ours(logits, seen, cfg, vocab, generator=None):
         return real(probs, num_samples, generator=generator)
 
     with mock.patch.object(torch, "multinomial", spy):
-        tokens = _pick(logits, seen, cfg, vocab, generator)
+        tokens = _pick(logits, seen, cfg, vocab, generator, suppressed)
     assert len(drawn) <= 1
     return tokens, (drawn[0] if drawn else None)
 
@@ -369,7 +369,8 @@ def test_generate_rows_draw_from_transformers_distribution_with_their_own_histor
                            eos_token_id=1, seed=5)
     calls = []
 
-    def spy(logits, seen, cfg_, vocab_, generator):
+    def spy(logits, seen, cfg_, vocab_, generator, suppressed=()):
+        assert suppressed == []  # (no tokenizer)
         tokens, probs = ours(logits, seen, cfg_, vocab_, generator)
         calls.append((logits.clone(), probs, tokens.tolist()))
         return tokens

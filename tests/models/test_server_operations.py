@@ -216,20 +216,23 @@ def test_completions_controls_this_server_lacks_are_refused(live):
     assert cli.main(["serve", "--random-init", "tiny", "--max-new-tokens", "0"]) == 2
 
 
-def test_a_client_that_gives_up_on_a_plain_answer_frees_its_row(model):
-    """A non-streamed request whose client went away (a timeout, a closed tab) kept its batch row until every
-    requested token was decoded; clients that time out and retry piled such rows up. The row is freed within a
-    fraction of a second of the client closing the connection."""
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+def test_a_client_that_gives_up_on_a_plain_answer_frees_its_row(model, route):
+    """A non-streamed request whose client went away (a timeout, a closed tab, a killed harness) kept its batch
+    rows until every requested token was decoded; clients that time out and retry piled such rows up. The rows
+    are freed within a fraction of a second of the client closing the connection (/v1/completions: both prompts
+    of the request)."""
     import time
 
     svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=4), max_new_tokens_limit=1_000_000)
     srv = make_server(svc, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        body = json.dumps({"messages": [user("hi", image=False)], "max_tokens": 1_000_000, "temperature": 1.0,
-                           "seed": 0}).encode()
+        ask = ({"messages": [user("hi", image=False)]} if route == "/v1/chat/completions"
+               else {"prompt": ["hi", "there"]})
+        body = json.dumps({**ask, "max_tokens": 1_000_000, "temperature": 1.0, "seed": 0}).encode()
         s = socket.create_connection(("127.0.0.1", srv.server_port), timeout=30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
+        s.sendall(b"POST " + route.encode() + b" HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: "
                   + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.time() + 60
         while svc.decoder.active == 0:  # decoding
