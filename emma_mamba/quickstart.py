@@ -336,8 +336,9 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
         last = latest_checkpoint(stage_dir)
         rc = _stage_config(qc, stage, out, data_dir, seed, source, model, clip_checkpoint)
         rc.log.progress_bar = progress
-        trainer = Trainer(rc, resume=None if last is None else "auto",
-                          device=None if torch.cuda.is_available() else "cpu")
+        # "auto" also where the stage stopped before its first checkpoint: a fresh start that keeps the stopped
+        # run's metrics.jsonl as metrics.jsonl.prev (a plain new run is refused in a folder holding one)
+        trainer = Trainer(rc, resume="auto", device=None if torch.cuda.is_available() else "cpu")
         trainer.fit()
         if last is None:
             h, val = trainer.history, trainer.val_history

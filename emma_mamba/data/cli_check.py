@@ -18,7 +18,9 @@ records, empty answers, images far smaller than the encoder's input; ``emma_mamb
 
 Prints a summary, writes it as JSON with ``--report FILE``, and exits 1 when a record would be skipped or an
 image fails (so it can gate a job script), or with ``--strict`` when anything is noted, else 0. ``--write-clean FILE`` writes the training file's usable
-records, unchanged and in order, in the same format (a JSON list or JSONL), for a run that should not skip.
+records, unchanged and in order, for a run that should not skip: as JSONL when FILE ends in ``.jsonl``, else as a
+JSON list (the format training reads a file's name as); an existing FILE only with ``--overwrite``, written whole or
+not at all. ``--report`` and ``--write-clean`` are checked before the work (a folder, a missing parent folder).
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-images", action="store_true", help="records only: do not open the image files")
     p.add_argument("--report", default=None, help="write the summary as JSON here")
     p.add_argument("--write-clean", default=None, metavar="FILE",
-                   help="write the training file's usable records (unchanged, same format) here")
+                   help="write the training file's usable records (unchanged; JSONL if FILE ends in .jsonl, else "
+                        "a JSON list) here")
+    p.add_argument("--overwrite", action="store_true", help="let --write-clean replace an existing file")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 also when records are only noted (duplicates, empty answers, small images)")
     add_override_arguments(p)
@@ -180,20 +184,49 @@ def _epoch_line(r: dict) -> str:
             f"{r['global_batch_size']}")
 
 
+def _check_output(path: str | None, option: str, overwrite: bool = True) -> None:
+    """Refuse, before the work, an output ``path`` that cannot be written: a folder, a missing parent folder, an
+    existing file unless ``overwrite``."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise OSError(f"{option} {p}: that is a folder; name a file")
+    if not p.parent.is_dir():
+        raise OSError(f"{option} {p}: its folder {p.parent} does not exist")
+    if p.exists() and not overwrite:
+        raise OSError(f"{option} {p}: the file exists; choose another name, or add --overwrite to replace it")
+
+
 def _write_clean(src: Path, usable: set, dst: Path) -> int:
-    """The records of ``src`` whose index is in ``usable``, unchanged, in ``src``'s format; returns the count."""
+    """The records of ``src`` whose index is in ``usable``, unchanged and in order, written to ``dst`` as JSONL
+    when its name ends in .jsonl, else as a JSON list, through a temporary file renamed over it; returns the
+    count."""
     if dst.resolve() == src.resolve():
         raise OSError(f"--write-clean {dst}: that is the data file itself; write the clean copy elsewhere")
+    import os
+
     from emma_mamba.data.llava import is_jsonl, read_text_utf8
     from emma_mamba.fileio import text_lines
 
+    text = read_text_utf8(src)
     if is_jsonl(src):  # the lines as read_records numbers them (not str.splitlines: U+2028 inside a record)
-        lines = [line for i, line in enumerate(text_lines(read_text_utf8(src))) if i in usable]
-        dst.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
-        return len(lines)
-    records = [r for i, r in enumerate(json.loads(read_text_utf8(src))) if i in usable]
-    dst.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    return len(records)
+        lines = [line for i, line in enumerate(text_lines(text)) if i in usable]
+        out = ("".join(x + "\n" for x in lines) if is_jsonl(dst)
+               else json.dumps([json.loads(x) for x in lines], ensure_ascii=False))
+        n = len(lines)
+    else:
+        records = [r for i, r in enumerate(json.loads(text)) if i in usable]
+        out = ("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records) if is_jsonl(dst)
+               else json.dumps(records, ensure_ascii=False))
+        n = len(records)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(out, encoding="utf-8")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
 
 
 def mixture_report(cfg, sources, lengths: list[list[int]]) -> dict:
@@ -247,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from emma_mamba.config import ConfigError
-    from emma_mamba.data.llava import DataError, data_sources
+    from emma_mamba.data.llava import DataError, check_data_paths, data_sources
     from emma_mamba.models.vlm import EmmaMamba
     from emma_mamba.training.cli_train import _overrides
     from emma_mamba.training.config import load_run_config
@@ -255,6 +288,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, _overrides(args), model=args._model)
+        _check_output(args.report, "--report")
+        if args.write_clean and any(Path(args.write_clean).resolve() == Path(s.json).resolve()
+                                    for s in data_sources(cfg.data)):
+            raise OSError(f"--write-clean {args.write_clean}: that is the data file itself; write the clean copy "
+                          f"elsewhere")
+        _check_output(args.write_clean, "--write-clean", args.overwrite)
+        if args.val and cfg.val.json is None:
+            raise ConfigError(f"{args.config}: --val but the run has no val.json")
+        check_data_paths(cfg.data, cfg.val if args.val else None)
         model_cfg = cfg.model
         if cfg.init_from is not None:  # the checkpoint's tokenizer (with its added tokens), as training loads it
             model_cfg = dataclasses.replace(model_cfg, lm=dataclasses.replace(model_cfg.lm, tokenizer=cfg.init_from))
@@ -267,8 +309,6 @@ def run(args: argparse.Namespace) -> int:
         files = [dataclasses.replace(cfg.data, json=str(s.json), image_folder=str(s.image_folder), sources=None)
                  for s in sources]  # each file checked and reported on its own
         if args.val:
-            if cfg.val.json is None:
-                raise ConfigError(f"{args.config}: --val but the run has no val.json")
             files.append(dataclasses.replace(cfg.data, json=cfg.val.json, image_folder=cfg.val.image_folder,
                                              sources=None))
         usable: set = set()

@@ -826,9 +826,14 @@ def evaluate(model, task: str, questions: str | Path, images: str | Path | None,
     created = None  # the topmost folder this run creates, removed should it fail before its first answer
     for d in (out, *out.parents):
         if d.exists():
+            if not d.is_dir():
+                raise ScoreInputError(f"--out {out}: {d} is a file, not a folder; choose another --out")
             break
         created = d
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ScoreInputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     try:
         return _evaluate(model, prep, out, annotations, batch_size=batch_size, cuda_graphs=cuda_graphs,
                          compile=compile, limit=limit, checkpoint=checkpoint, progress=progress, rank=rank,

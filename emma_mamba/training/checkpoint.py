@@ -595,6 +595,12 @@ def resolve_resume(resume: str | None, output_dir: Path, stage: str | None = Non
             raise FileExistsError(f"output_dir {output_dir} already holds a finished run (a final model, no "
                                   f"checkpoints to resume from); choose another output_dir for a new run (or start "
                                   f"one from this model with init_from)")
+        metrics = output_dir / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size:  # a run stopped before its first checkpoint
+            raise FileExistsError(f"output_dir {output_dir} holds the metrics.jsonl of an earlier run that wrote no "
+                                  f"checkpoint (nothing to resume), which a new run would replace; choose another "
+                                  f"output_dir, or pass --resume auto to start over in this folder (the old file is "
+                                  f"kept as metrics.jsonl.prev)")
         return None
     if resume == "auto":
         p = latest_checkpoint(output_dir)

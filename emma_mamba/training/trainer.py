@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from emma_mamba.config import ConfigError
-from emma_mamba.data.llava import DataError, LlavaDataset, collate, plan_rows, steps_per_epoch
+from emma_mamba.data.llava import DataError, LlavaDataset, check_data_paths, collate, plan_rows, steps_per_epoch
 from emma_mamba.fileio import text_lines
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
@@ -126,12 +126,19 @@ class Trainer:
             except OSError as e:
                 raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
             _lock_output_dir(self.output_dir)  # one run at a time in a folder (a second one is refused now)
+            metrics = self.output_dir / "metrics.jsonl"
+            if self.resume_from is None and resume == "auto" and metrics.is_file() and metrics.stat().st_size:
+                # --resume auto found no checkpoint: a fresh run, whose metrics.jsonl would replace the old one's
+                metrics.replace(metrics.with_name("metrics.jsonl.prev"))
+                log.warning("--resume auto: no checkpoint to resume from; the earlier run's metrics.jsonl is kept as "
+                            "metrics.jsonl.prev")
         if self.resume_from is not None:
             # before anything is built from the config: a model that differs is refused now, and the optimizer
             # settings the checkpoint's states hold are put back into cfg.train, so that the optimizer's parameter
             # groups are built from them (not from the values asked for, which the checkpoint's state would not fit)
             self._check_resume_config(self.resume_from)
         tc = cfg.train
+        check_data_paths(cfg.data, cfg.val)  # a mistyped file or image folder: named now, not after the model
         if cfg.log.wandb and info.is_main:
             _require_wandb()  # before minutes of model building, not after
         _seed_everything(tc.seed)
@@ -485,6 +492,7 @@ class Trainer:
             log.info("resumed at step %d of %d: no step is left to train; writing the final model",
                      self.global_step, self.total_steps)
         profiler = StepProfiler(cfg.profile, self.output_dir, info)
+        self._saved_step = self.global_step  # what a resume of this folder would start from (a fresh run: 0)
         try:
             self._fit_loop(writer, bar, profiler, stop_after)
             self.wait_for_checkpoint()
@@ -496,6 +504,8 @@ class Trainer:
             raise
         except BaseException as e:
             self._wait_quietly("stopped by an error")
+            if isinstance(e, DataError):
+                self._checkpoint_before_data_error()
             if info.is_main and isinstance(e, Exception):  # the error itself is printed by the command
                 log.error("training stopped at step %d of %d. %s", self.global_step, self.total_steps,
                           self._last_checkpoint_hint())
@@ -589,6 +599,21 @@ class Trainer:
                     return
             del it
 
+    def _checkpoint_before_data_error(self) -> None:
+        """A data error (an unreadable image of the next step, or of the held-out set after a step) leaves the
+        state at the end of a finished step, consistent: checkpoint it when the last checkpoint is older, so that
+        fixing the data (or ``data.on_error: skip``) and ``--resume auto`` lose no step. One process only: in a
+        distributed run the other ranks, which did not meet the error, would not join the collective save."""
+        if self.info.world_size > 1 or self.global_step <= self._saved_step:
+            return
+        try:
+            path = self.save_checkpoint()
+            self.wait_for_checkpoint()
+        except BaseException as e:  # noqa: BLE001 - never raised over the data error being handled
+            log.error("checkpointing step %d after the data error failed: %s", self.global_step, e)
+            return
+        log.info("checkpointed step %d before stopping: %s", self.global_step, path)
+
     def _last_checkpoint_hint(self) -> str:
         last = latest_checkpoint(self.output_dir)
         if last is not None:
@@ -637,6 +662,7 @@ class Trainer:
         """Write a step checkpoint (collective); with checkpoint.async_save, waits for the previous background
         write, starts this one and returns the directory it will have."""
         self.wait_for_checkpoint()
+        self._saved_step = self.global_step
         state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "counters": dict(self.counters), "skipped": dict(self.dataset.report.skipped),
                  "failed_records": self.dataset.failed_records(),  # counted once across a resume

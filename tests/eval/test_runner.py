@@ -201,6 +201,12 @@ def test_bad_inputs_name_the_problem(shapes, tmp_path):
         read_questions("vqav2", f["gqa"], shapes / "images")
     with pytest.raises(ScoreInputError, match="unknown task"):
         read_questions("okvqa", f["pope"], shapes / "images")
+    # an --out that is (or lies under) a file: named as --out, not a FileExistsError traceback
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ScoreInputError, match=rf"--out {out}: {tmp_path / 'afile'} is a file, not a folder"):
+            evaluate(None, "pope", f["pope"], shapes / "images", out, progress=False,
+                     answer_fn=lambda b, p: ["Yes."] * len(b))
 
 
 def _heldout_images(shapes: Path, n: int) -> list[str]:

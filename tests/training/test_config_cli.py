@@ -347,6 +347,7 @@ def test_yaml_and_command_line_mistakes_are_named_without_a_traceback(tmp_path, 
                         (["--device", "cuda"], "no CUDA GPU is visible to this process"),
                         (["--model.lm.pretrained", str(tmp_path / "nope")], "checkpoint directory")):
         (tmp_path / "afile").write_text("x")
+        (tmp_path / "d.json").write_text("[]")  # (the data paths are checked before the model is built)
         cfg = tmp_path / "dup.yaml" if not argv else write(tmp_path, {**BASE, "output_dir": str(tmp_path / "o"),
                                                                       "data": {"json": str(tmp_path / "d.json")}})
         if argv and argv[0] == "--device":

@@ -73,6 +73,27 @@ def test_every_problem_is_counted_and_named(shapes, tmp_path, capsys):
     assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1",
                  "--data.json", str(lines), "--write-clean", str(cleaned_lines)]) == 1
     assert [json.loads(x) for x in cleaned_lines.read_text().splitlines()] == good + [bad[-1]]
+    # an existing file is replaced only with --overwrite; the format follows the name (a .json source's clean
+    # copy as JSONL, a .jsonl source's as a JSON list), which training then reads as such
+    capsys.readouterr()
+    check = ["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1"]
+    before = cleaned_lines.read_bytes()
+    assert main(check + ["--write-clean", str(cleaned_lines)]) == 2
+    assert "the file exists; choose another name, or add --overwrite" in capsys.readouterr().err
+    assert cleaned_lines.read_bytes() == before
+    assert main(check + ["--write-clean", str(cleaned_lines), "--overwrite"]) == 1
+    assert [json.loads(x) for x in cleaned_lines.read_text().splitlines()] == good + [bad[-1]]
+    as_list = tmp_path / "cleaned_from_lines.json"
+    assert main(check + ["--data.json", str(lines), "--write-clean", str(as_list)]) == 1
+    assert json.loads(as_list.read_text()) == good + [bad[-1]]
+    assert main(check + ["--data.json", str(cleaned_lines)]) == 0 and main(check + ["--data.json", str(as_list)]) == 0
+    # output paths are checked before the work: a folder, a missing folder
+    for opt, path, want in (("--report", tmp_path, "that is a folder"),
+                            ("--write-clean", tmp_path / "no" / "x.json", "does not exist")):
+        capsys.readouterr()
+        assert main(check + ["--no-images", opt, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{opt} {path}" in err and want in err and "Traceback" not in err
     capsys.readouterr()
 
     clean = tmp_path / "clean.json"

@@ -99,6 +99,39 @@ def test_errors_name_the_file_they_come_from(shapes, tmp_path, meta_model):
         ds.load_images(first_b)
 
 
+def test_a_mistyped_path_is_named_by_its_key_before_the_model_is_built(shapes, tmp_path, monkeypatch, capsys):
+    """A mistyped data.image_folder made every image record "missing": with on_error skip (the 2.8B recipes')
+    a run trained on the text-only records alone and exited 0; with raise it named the first record's image, not
+    the setting. Each path is now checked by its key, before the model is built (model building patched to fail)."""
+    import emma_mamba.models.vlm as vlm
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the paths were checked")
+
+    monkeypatch.setattr(vlm, "EmmaMamba", no_model)
+    a, b, other = _files(shapes, tmp_path)
+    typo = str(shapes / "imagess")
+    cases = [
+        (dict(data={"image_folder": typo, "on_error": "skip"}), rf"data.image_folder: {re.escape(typo)} is not a "
+                                                                rf"folder \(not found\): the images of .* are looked"),
+        (dict(data={"image_folder": str(a)}), r"data.image_folder: .* is not a folder \(a file\)"),
+        (dict(data={"json": str(tmp_path / "nope.json")}), r"data.json: data file not found: .*nope.json"),
+        (dict(data={"json": None, "sources": [{"json": str(a)}, {"json": str(b), "image_folder": typo}]}),
+         rf"data.sources\[1\].image_folder: {re.escape(typo)} is not a folder"),
+        (dict(val={"json": str(a), "image_folder": typo}), r"val.image_folder: .* is not a folder"),
+        (dict(val={"json": str(tmp_path / "v.json")}), r"val.json: data file not found"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(DataError, match=match):
+            Trainer(make_cfg(shapes, tmp_path / "run", **kw))
+    # data check, the same way (exit 2, one line)
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(run_config_to_dict(make_cfg(shapes, tmp_path / "r2"))))
+    monkeypatch.undo()
+    assert main(["data", "check", "--config", str(run), "--data.image_folder", typo]) == 2
+    assert f"data.image_folder: {typo} is not a folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data,match", [
     ({"sources": [{"json": "x.json"}]}, "give data.json .* or data.sources .*, not both"),
     ({"json": None, "sources": []}, "data.sources must list at least one"),

@@ -114,6 +114,55 @@ def test_a_failing_validation_keeps_the_checkpoint_of_its_step(shapes, tmp_path)
     assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
 
 
+def test_a_data_error_checkpoints_the_steps_done_and_the_resume_loses_none(shapes, tmp_path, caplog):
+    """An unreadable training image met at step 3 (checkpoint.every_steps 0, the default) threw away the two
+    steps done: "No checkpoint was written". The state at a data error is a finished step's, so it is
+    checkpointed before the error is raised; the image fixed, --resume auto continues from step 2 and ends as the
+    run without the error (the oracle: the same run, uninterrupted). The image error is raised where the loader
+    reads step 3's images."""
+    import logging
+
+    data = subset(shapes, tmp_path, 6)
+    kw = dict(train={"max_steps": 3})
+    want = Trainer(make_cfg(shapes, tmp_path / "ref", data, **kw)).fit()
+    t = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw))
+    real = t.dataset.load_images
+
+    def load_images(sample):
+        if t.global_step == 2:
+            raise DataError("image x.png: cannot read image file", "corrupt_image")
+        return real(sample)
+
+    t.dataset.load_images = load_images
+    with caplog.at_level(logging.INFO, logger="emma_mamba.training.trainer"), pytest.raises(DataError):
+        t.fit()
+    assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
+    assert "checkpointed step 2 before stopping" in caplog.text
+    assert f"The last checkpoint is {tmp_path / 'r' / 'checkpoints' / 'step_00000002'}" in caplog.text
+    rest = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
+    assert [m["loss"] for m in rest] == pytest.approx([m["loss"] for m in want[2:]], rel=1e-6)
+
+
+def test_a_new_run_does_not_silently_replace_an_earlier_runs_metrics(shapes, tmp_path, caplog):
+    """A run stopped before its first checkpoint left only its metrics.jsonl; a new run into the folder wiped it
+    without a word. Refused now, naming the file; --resume auto starts over and keeps it as metrics.jsonl.prev."""
+    import logging
+
+    data = subset(shapes, tmp_path, 4)
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 4}, log={"every_steps": 1})
+    Trainer(cfg).fit(stop_after=2)
+    old = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in old.splitlines()] == [1, 2]
+    with pytest.raises(FileExistsError, match="holds the metrics.jsonl of an earlier run that wrote no checkpoint"):
+        Trainer(cfg)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == old
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+        Trainer(cfg, resume="auto").fit()
+    assert "kept as metrics.jsonl.prev" in caplog.text
+    assert (tmp_path / "r" / "metrics.jsonl.prev").read_text() == old
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
 def test_a_failed_checkpoint_write_names_the_last_checkpoint(shapes, tmp_path, monkeypatch):
     """A full disk during a checkpoint ended in an OSError traceback; now one TrainingError naming the step, the
     reason and the last complete checkpoint to resume from."""
