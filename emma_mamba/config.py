@@ -611,7 +611,12 @@ def config_from_dict(d: dict, *, source: str = "<dict>", path: str = "", validat
     preset = d.pop("preset", None)
     if preset is not None and not isinstance(preset, str):
         raise ConfigError(f"{source}: {path + '.' if path else ''}preset must be a string, got {preset!r}")
-    cfg = get_preset(preset or "tiny")
+    try:
+        cfg = get_preset(preset or "tiny")
+    except ConfigError as e:  # named by its key in its file
+        close = difflib.get_close_matches(str(preset), list(PRESETS), n=1, cutoff=0.6)
+        raise ConfigError(f"{source}: {path + '.' if path else ''}preset: {e}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")) from None
     apply_overrides(cfg, d, path=path, source=source)
     if not validate:
         return cfg

@@ -41,6 +41,7 @@ versions (optimizer state keyed by position, written without FSDP) still resume 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import random
 import re
@@ -632,6 +633,10 @@ def _not_a_checkpoint(resume: str, p: Path, output_dir: Path) -> str:
     """Why ``--resume p`` is not a checkpoint directory, and what to pass instead (a run's output_dir or its
     checkpoints folder: its newest checkpoint, or --resume auto)."""
     msg = f"--resume {resume}: not a checkpoint directory (expected {p / STATE_NAME})"
+    if not p.exists():
+        close = difflib.get_close_matches(resume, ["auto"], n=1, cutoff=0.6)
+        return (f"--resume {resume}: no such file or directory (--resume takes 'auto' or a checkpoint directory"
+                + (f"; did you mean 'auto'?)" if close else ")"))
     if not p.is_dir():
         return msg
     run = p if (p / CHECKPOINT_DIR).is_dir() else p.parent if p.name == CHECKPOINT_DIR else None

@@ -335,6 +335,9 @@ class RunConfig:
         if t.micro_batch_size < 1 or t.global_batch_size < 1:
             bad(f"train.micro_batch_size and train.global_batch_size must be >= 1, got "
                 f"{t.micro_batch_size} and {t.global_batch_size}")
+        if t.global_batch_size % t.micro_batch_size:  # (grad_accum checks the world size's part at the start)
+            bad(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+                f"({t.micro_batch_size}) x world size")
         if t.grad_clip < 0:
             bad(f"train.grad_clip must be >= 0, got {t.grad_clip}")
         if t.lr_multipliers:

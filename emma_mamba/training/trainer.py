@@ -139,6 +139,7 @@ class Trainer:
             self._check_resume_config(self.resume_from)
         tc = cfg.train
         check_data_paths(cfg.data, cfg.val)  # a mistyped file or image folder: named now, not after the model
+        cfg.grad_accum(info.world_size)  # so is a global batch this run's processes cannot split evenly
         if cfg.log.wandb and info.is_main:
             _require_wandb()  # before minutes of model building, not after
         _seed_everything(tc.seed)
@@ -297,7 +298,11 @@ class Trainer:
 
     def _loader(self, epoch: int, start: int, stop: int):
         rows = self.epoch_rows(epoch)
-        if stop * self.rows_per_step > len(rows) and self.info.is_main:
+        if self.rows_per_step > len(rows) and self.info.is_main and start == 0:
+            log.warning("epoch %d has %d rows, fewer than one global batch of train.global_batch_size %d rows: "
+                        "every step repeats rows (a smaller global batch would not)", epoch, len(rows),
+                        self.rows_per_step)
+        elif stop * self.rows_per_step > len(rows) and self.info.is_main:
             log.info("epoch %d: the last step repeats %d rows from the start of the epoch to fill the global batch",
                      epoch, stop * self.rows_per_step - len(rows))
         mbs = [m for s in range(start, stop) for m in self._step_micro_batches(rows, s)]

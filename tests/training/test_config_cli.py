@@ -179,6 +179,16 @@ def test_global_batch_must_divide(tmp_path):
     assert cfg.grad_accum(1) == 3 and cfg.grad_accum(3) == 1
     with pytest.raises(ConfigError, match=r"global_batch_size \(12\) must be a multiple of .*\(4\) x world size \(2\)"):
         cfg.grad_accum(2)
+    # one that no world size splits is refused with the config, before any model is built
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(12\) must be a multiple of "
+                                          r"train.micro_batch_size \(8\) x world size"):
+        load_run_config(write(tmp_path, {**BASE, "train": {"global_batch_size": 12, "micro_batch_size": 8}}))
+
+
+def test_an_unknown_preset_in_a_run_config_names_the_key_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"run\.yaml: model\.preset: unknown preset 'tinyy'; valid presets: .* "
+                                          r"\(did you mean 'tiny'\?\)"):
+        load_run_config(write(tmp_path, {**BASE, "model": {"preset": "tinyy"}}))
 
 
 def test_a_seed_the_data_order_cannot_take_is_refused_at_config_time(tmp_path):
@@ -321,6 +331,12 @@ def test_resume_argument(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # nothing to resume: a fresh start
     with pytest.raises(FileNotFoundError, match=r"--resume .*: not a checkpoint directory .*trainer_state\.pt"):
         resolve_resume(str(tmp_path), tmp_path)
+    # a path that is not there is said so (and a misspelt auto suggested)
+    with pytest.raises(FileNotFoundError, match=r"--resume autoo: no such file or directory .*did you mean 'auto'"):
+        resolve_resume("autoo", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"runs/nope: no such file or directory \(--resume takes 'auto' or "
+                                                r"a checkpoint directory\)$"):
+        resolve_resume(str(tmp_path / "runs" / "nope"), tmp_path)
     for step in (2, 10):  # the highest complete step wins; an unfinished .tmp write is ignored
         (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
         (tmp_path / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt").write_bytes(b"")
