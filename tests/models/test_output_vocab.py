@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -20,6 +18,8 @@ from emma_mamba.inference.generate import GenerationConfig, generate, output_voc
 from emma_mamba.inference.server import ChatService, make_server
 from emma_mamba.models.mamba import MambaConfig, MambaLM
 from emma_mamba.models.tokenizer import load_tokenizer
+
+from .test_server import post_to
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +71,8 @@ def test_generate_never_picks_untokenizable_or_input_only_ids(tok, lm_and_bad):
 
 
 def _post(url, path, body):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, text = post_to(url, path, body)
+    return status, json.loads(text)
 
 
 def test_the_server_never_picks_them_and_scores_the_rest(tok, lm_and_bad):
