@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary(args.task, report["metrics"]))
     if report.get("limited"):
         print(f"limited run (--limit {args.limit}): {report['limited']['n']} of {report['limited']['of']} "
-              f"questions answered and scored")
+              f"questions answered{' and scored' if report['metrics'] is not None else ''}")
     fallback = report["scored_from_replies"]
     if fallback is not None and (fallback["n"] or fallback["errors"]):
         n = fallback["n"] if fallback["n"] is not None else "some"

@@ -504,12 +504,21 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
     apply_overrides(cfg, overrides, source=override_source)
     if cfg.init_from is not None:
         ckpt_cfg = Path(cfg.init_from) / "config.yaml"
-        if not Path(cfg.init_from).is_dir():
+        init = Path(cfg.init_from)
+        if init.is_file() and (init.parent / "config.yaml").is_file():  # a file of a model directory
+            raise ConfigError(f"{source}: init_from: {cfg.init_from} is a file; give its directory: "
+                              f"{init.parent}")
+        if not init.is_dir():
             raise ConfigError(f"{source}: init_from: {cfg.init_from}: no such directory (the stage-1 run's "
                               f"output_dir, or a directory written by EmmaMamba.save: has it run yet?)")
         if not ckpt_cfg.is_file():
+            from emma_mamba.training.checkpoint import latest_checkpoint
+
+            last = latest_checkpoint(init)
+            hint = (f"; it holds checkpoints but no final model (the run did not finish): --resume auto finishes "
+                    f"it, or start from its newest checkpoint, init_from: {last}" if last is not None else "")
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
-                              f"written by EmmaMamba.save or a previous run's output_dir)")
+                              f"written by EmmaMamba.save or a previous run's output_dir){hint}")
         cfg.model = load_config(ckpt_cfg)
         if model_value is not None:  # allowed only when it says the same (a resolved train_config.yaml does),
             given = _model_from_value(model_value, source, base_dir)  # but for how it trains (INIT_FROM_MODEL_KEYS)

@@ -71,6 +71,24 @@ def test_cli_eval_random_checkpoint_answers_score_independently(task, shapes, ch
     assert report["metrics"] == independent
 
 
+def test_a_run_without_ground_truth_does_not_say_scored(shapes, checkpoint, tmp_path, capsys):
+    """VQAv2 questions without their annotations file beside them: answered, not scored (the runner's warning says
+    so); the command's --limit line said "2 of 12 questions answered and scored" all the same."""
+    import shutil
+
+    from emma_mamba.cli import main
+
+    q = tmp_path / "v2_questions.json"
+    shutil.copy(_files(shapes)["vqav2"], q)
+    argv = ["eval", "--task", "vqav2", "--questions", str(q), "--images", str(shapes / "images"), "--checkpoint",
+            str(checkpoint), "--out", str(tmp_path / "ev"), "--max-new-tokens", "2", "--no-progress", "--limit", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"] is None
+    n = len(read_questions("vqav2", q, shapes / "images"))
+    assert f"2 of {n} questions answered\n" in out and "scored" not in out
+
+
 def test_known_replies_give_hand_computed_metrics(shapes, tmp_path):
     f = _files(shapes)
     # POPE, always "Yes.": accuracy = share of "yes" labels, recall 1, yes-ratio 1

@@ -172,6 +172,18 @@ def test_init_from_takes_the_model_config_from_the_checkpoint(tmp_path):
         load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path)}))
     with pytest.raises(ConfigError, match="init_from: .*nothere: no such directory .*has it run yet"):
         load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path / "nothere")}))
+    # a file of the model directory: its directory named; a run that stopped before its final model: its newest
+    # checkpoint named (a checkpoint directory holds a loadable model)
+    (ck / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"init_from: .*model.safetensors is a file; give its directory: {ck}$"):
+        load_run_config(write(tmp_path, {**d, "init_from": str(ck / "model.safetensors")}))
+    run = tmp_path / "stopped"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"has no config.yaml .*no final model .*--resume auto finishes it, or start "
+                                          r"from its newest checkpoint, init_from: .*step_00000004$"):
+        load_run_config(write(tmp_path, {**d, "init_from": str(run)}))
 
 
 def test_global_batch_must_divide(tmp_path):
