@@ -448,7 +448,13 @@ def output_vocab(lm, tokenizer) -> tuple[int, list[int]]:
     n = lm.config.vocab_size
     if tokenizer is None:
         return n, []
-    return min(n, len(tokenizer)), sorted(i for i in getattr(tokenizer, "input_only_ids", ()) if i < n)
+    try:
+        size = len(tokenizer)
+    except TypeError:  # a tokenizer-like object without __len__ (e.g. a wrapper forwarding attributes)
+        size = getattr(tokenizer, "vocab_size", None)
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        n = min(n, size)
+    return n, sorted(i for i in getattr(tokenizer, "input_only_ids", ()) if i < n)
 
 
 def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,

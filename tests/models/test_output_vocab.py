@@ -50,6 +50,12 @@ def test_output_vocab_is_the_tokenizers_without_input_only_ids(tok, lm_and_bad):
     assert output_vocab(lm, None) == (len(tok) + 2, [])
     assert output_vocab(lm, tok) == (len(tok), [bad[2]])
 
+    class Forwarding:  # a tokenizer wrapper without __len__ (the benchmarks' end-of-sequence-less one): its size
+        def __getattr__(self, name):  # is read from vocab_size instead (it failed every request of the server)
+            return getattr(tok, name)
+
+    assert output_vocab(lm, Forwarding()) == (len(tok), [bad[2]])
+
 
 def test_generate_never_picks_untokenizable_or_input_only_ids(tok, lm_and_bad):
     lm, bad = lm_and_bad
