@@ -94,7 +94,7 @@ from typing import Callable, Sequence
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, DecoderClosed, vlm_embed_batch
-from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig
+from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig, output_vocab
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "cors_origin"]
@@ -685,7 +685,7 @@ class ChatService:
         """``prompt`` as token id lists: a string, a list of strings, a list of ids, or a list of id lists."""
         # ids the tokenizer has a token for (a checkpoint's vocabulary may be larger: the public Mamba ones' 50280
         # rows against GPT-NeoX's 50277 tokens and the placeholder); an id past them has no text to echo or score
-        vocab = min(self.lm.config.vocab_size, len(self.tokenizer))
+        vocab = output_vocab(self.lm, self.tokenizer)[0]
         # raw prompts carry no images: on a multimodal model the placeholder would read an embedding row that
         # is never trained (its slot is always replaced by visual tokens), so it is refused as text and as id
         reserved = (self.vlm.config.image_token, self.vlm.image_token_id) if self.vlm is not None else None
