@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.allow_abbrev = False
     p.usage = (f"{p.prog} --config YAML [--model NAME|YAML] [--val] [--workers N] [--no-images] [--report FILE] "
-               f"[--write-clean FILE] [--strict] [--SECTION.KEY VALUE ...]")
+               f"[--write-clean FILE [--overwrite]] [--strict] [--SECTION.KEY VALUE ...]")
     p.add_argument("--config", required=True, help="run YAML (configs/train_*.yaml, or a shipped recipe's name)")
     p.add_argument("--model", dest="_model", default=None, metavar="NAME|YAML",
                    help="replace the recipe's model, as for pretrain/finetune")
