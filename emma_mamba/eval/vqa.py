@@ -21,8 +21,8 @@ Normalisation (the official rules, re-written from their description):
 The model's answer gets all of it, as in the official script, after the pre-pass LLaVA-1.5's submission
 scripts (``convert_vqav2_for_submission.py``, ``convert_vizwiz_for_submission.py``) run on every reply before
 the evaluation server sees it: the EvalAI answer processor of :func:`normalize_textvqa` (lower-cased, commas and
-question marks deleted, "'s" split off its word), so a reply is scored as the published LLaVA-1.5, Cobra and
-EMMA-Mamba numbers scored it ("red,white" -> "redwhite", "men's" -> "men 's": both then miss human answers that the
+question marks deleted, "'s" split off its word), so a reply is scored as LLaVA-1.5's published numbers scored
+it ("red,white" -> "redwhite", "men's" -> "men 's": both then miss human answers that the
 plain rules would match; :func:`normalize_submitted`). One deliberate difference is on the human side:
 the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only when they
 are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
