@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from emma_mamba.inference.generate import (GenerationConfig, _continue, _pick, _prefill, _Sequence, _split_prompts,
-                                           decode_step, output_vocab, resolve_prefill_chunk)
+                                           decode_step, mask_unpickable, output_vocab, resolve_prefill_chunk)
 
 __all__ = ["BatchDecoder", "DecodeJob", "token_logprobs", "vlm_embed_batch", "ECHO_CHUNK"]
 
@@ -71,7 +71,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int, vocab_
     logits = logits[:, :vocab_size].float()
     if suppressed:
         logits = logits.clone()
-        logits[:, suppressed] = float("-inf")
+        mask_unpickable(logits, vocab_size, suppressed)
     lp = torch.log_softmax(logits, dim=-1)
     picked = lp.gather(1, targets.long().reshape(-1, 1).to(lp.device))[:, 0].tolist()
     if top > 0:
@@ -212,6 +212,7 @@ class _Row:
     prompt_logprobs: list | None = None
     picked_logprobs: list | None = None
     scored: "_ScoredText | None" = None  # a job streaming its log-probabilities: its text re-cut at token bounds
+    allowed: tuple = (0, [])  # what the row may pick: output_vocab of its job's tokenizer, set by _row
 
 
 class _ScoredText:
@@ -590,7 +591,8 @@ class BatchDecoder:
         seq = _Sequence(cfg, job.tokenizer, scored.text if scored is not None
                         else job.emit if job.chunks is not None else None)
         row = _Row(job, seq, None, None, row_cache.seqlen_offset, prefill_seconds=prefill_seconds,
-                   logprobs=spec.get("logprobs"), prompt_logprobs=prompt_logprobs, scored=scored)
+                   logprobs=spec.get("logprobs"), prompt_logprobs=prompt_logprobs, scored=scored,
+                   allowed=output_vocab(self.lm, job.tokenizer))  # once per job, not per decode step
         if cfg.max_new_tokens == 0:
             self._finish(row, row_cache)
             return None
@@ -624,13 +626,10 @@ class BatchDecoder:
         # what each row may pick (its job's tokenizer decides: output_vocab); the rows' logits masked once, so
         # the picks, greedy or sampled, and the logprobs are the model's distribution over those tokens
         vocab = self.lm.config.vocab_size
-        allowed = [output_vocab(self.lm, r.job.tokenizer) for r in rows]
-        if any(a != (vocab, []) for a in allowed):
+        if any(r.allowed != (vocab, []) for r in rows):
             logits = logits.clone()
-            for j, (n, suppressed) in enumerate(allowed):
-                logits[j, n:] = float("-inf")
-                if suppressed:
-                    logits[j, suppressed] = float("-inf")
+            for j, r in enumerate(rows):
+                mask_unpickable(logits[j:j + 1], *r.allowed)
         # the greedy rows' picks in one argmax (one device sync), the others row by row with their own settings
         greedy = [j for j, r in enumerate(rows) if r.job.cfg.temperature == 0 and r.seen is None]
         picks = {}

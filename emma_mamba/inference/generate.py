@@ -457,13 +457,19 @@ def output_vocab(lm, tokenizer) -> tuple[int, list[int]]:
     return n, sorted(i for i in getattr(tokenizer, "input_only_ids", ()) if i < n)
 
 
+def mask_unpickable(logits: torch.Tensor, vocab_size: int, suppressed: Sequence[int] = ()) -> None:
+    """Set, in place, the logits (a, V) of the ids a sampler may not pick to -inf: those from ``vocab_size`` on
+    and the ``suppressed`` ones (:func:`output_vocab`)."""
+    logits[:, vocab_size:] = float("-inf")
+    if suppressed:
+        logits[:, list(suppressed)] = float("-inf")
+
+
 def _pick(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig, vocab_size: int,
           generator: torch.Generator | None, suppressed: Sequence[int] = ()) -> torch.Tensor:
     """logits (a, V) fp32 -> next token ids (a,), among the ids below ``vocab_size`` and not ``suppressed``."""
     logits = logits.clone()
-    logits[:, vocab_size:] = float("-inf")  # padded rows of the embedding are not tokens
-    if suppressed:
-        logits[:, list(suppressed)] = float("-inf")
+    mask_unpickable(logits, vocab_size, suppressed)  # (the padded rows of the embedding are not tokens either)
     if seen is not None:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
