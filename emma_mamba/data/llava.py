@@ -203,20 +203,22 @@ def check_data_paths(data_cfg, val_cfg=None) -> None:
     """Refuse, before anything is built, a training or held-out file that is not there and an image folder a
     config names that is not a folder, each by its config key: a mistyped ``image_folder`` would otherwise make
     every image record "missing", which ``on_error: skip`` skips, training on the text-only records alone."""
-    entries = [(f"data.sources[{i}]", e.get("json"), e.get("image_folder") or data_cfg.image_folder,
-                "image_folder" if e.get("image_folder") else "data.image_folder")
+    # (key of the file, the file, key of its image folder, the folder): a source without its own folder takes
+    # data.image_folder's
+    entries = [(f"data.sources[{i}].json", e.get("json"),
+                f"data.sources[{i}].image_folder" if e.get("image_folder") else "data.image_folder",
+                e.get("image_folder") or data_cfg.image_folder)
                for i, e in enumerate(data_cfg.sources)] if data_cfg.sources else \
-        [("data", data_cfg.json, data_cfg.image_folder, "data.image_folder")]
+        [("data.json", data_cfg.json, "data.image_folder", data_cfg.image_folder)]
     if val_cfg is not None and val_cfg.json:
-        entries.append(("val", val_cfg.json, val_cfg.image_folder, "val.image_folder"))
-    for section, json_path, folder, folder_key in entries:
+        entries.append(("val.json", val_cfg.json, "val.image_folder", val_cfg.image_folder))
+    for json_key, json_path, folder_key, folder in entries:
         if json_path and not Path(json_path).is_file():
-            raise DataError(f"{section}.json: data file not found: {json_path}"
+            raise DataError(f"{json_key}: data file not found: {json_path}"
                             + (" (a folder)" if Path(json_path).is_dir() else ""))
         if folder and not Path(folder).is_dir():
-            key = f"{section}.image_folder" if folder_key == "image_folder" else folder_key
-            raise DataError(f"{key}: {folder} is not a folder" + (" (a file)" if Path(folder).is_file() else
-                                                                     " (not found)")
+            raise DataError(f"{folder_key}: {folder} is not a folder" + (" (a file)" if Path(folder).is_file() else
+                                                                            " (not found)")
                             + f": the images of {json_path} are looked for there")
 
 
