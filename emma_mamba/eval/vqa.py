@@ -23,7 +23,7 @@ scripts (``convert_vqav2_for_submission.py``, ``convert_vizwiz_for_submission.py
 the evaluation server sees it: the EvalAI answer processor of :func:`normalize_textvqa` (lower-cased, commas and
 question marks deleted, "'s" split off its word), so a reply is scored as LLaVA-1.5's published numbers scored
 it ("red,white" -> "redwhite", "men's" -> "men 's": both then miss human answers that the
-plain rules would match; :func:`normalize_submitted`). One deliberate difference is on the human side:
+plain rules would match; the server's rules, run again after the processor, leave its output unchanged). One deliberate difference is on the human side:
 the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only when they
 are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
 applies nothing. Here the human answers get every step too, so "Two" or "the dog" written by a human matches
@@ -118,13 +118,6 @@ def normalize_textvqa(answer: str) -> str:
     return normalize_answer(answer.lower().replace(",", "").replace("?", "").replace("'s", " 's"))
 
 
-def normalize_submitted(answer: str) -> str:
-    """A VQAv2 / VizWiz reply as LLaVA-1.5's pipeline scores it: its submission scripts' EvalAI answer processor
-    (:func:`normalize_textvqa`'s pre-pass), then the evaluation's own rules (:func:`normalize_answer`, which that
-    processor ends with and which leaves its output unchanged)."""
-    return normalize_textvqa(answer)
-
-
 def vqa_accuracy(answer: str, human_answers: list[str]) -> float:
     """Soft accuracy of one (normalised) answer against the (normalised) human answers.
 
@@ -155,9 +148,9 @@ def _human_answers(humans, path, loc: str, normalize=normalize_answer) -> list[s
 
 
 def _score_soft(gold: dict, rows: list, answers, annotations, allow_missing: bool,
-                normalize=normalize_submitted) -> dict:
+                normalize=normalize_textvqa) -> dict:
     """Mean soft accuracy of ``rows`` (location, question id, reply), each reply put in normal form by
-    ``normalize``, against ``gold`` (question id -> (normalised human answers, answer type, question type)),
+    ``normalize`` (by default as LLaVA-1.5's submission pipeline does, see the module docstring), against ``gold`` (question id -> (normalised human answers, answer type, question type)),
     overall and per answer/question type."""
     got = match_answers(rows, list(gold), answers, annotations, allow_missing)
     if not got:
