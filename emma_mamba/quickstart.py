@@ -24,8 +24,8 @@ uses ``configs/quickstart_fast.yaml``, a seconds-long smoke run of the same pipe
 nothing). The keys are checked strictly: an unknown key is an error naming the file and the key.
 
 An interrupted run (Ctrl-C, SIGTERM) continues with ``--resume``: the steps it finished are reused, a training
-stage that SIGTERM stopped continues from the checkpoint it wrote (Ctrl-C writes none: that stage starts again),
-and the evaluation runs again; the recipe and seed must be the run's.
+stage that Ctrl-C or SIGTERM stopped continues from the checkpoint it wrote (a second Ctrl-C, which stops at once,
+writes none: that stage starts again), and the evaluation runs again; the recipe and seed must be the run's.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
 
     A resumed quickstart passes ``done``: {stage: {"summary", "seconds"}} of the stages an earlier run finished
     (not trained again; run_pipeline clears every folder after the first step not done). A stage not done whose
-    folder holds a checkpoint (a stage stopped by SIGTERM writes one) continues from its newest one, as
+    folder holds a checkpoint (a stage stopped by Ctrl-C or SIGTERM writes one) continues from its newest one, as
     ``--resume auto`` does."""
     import torch
 
@@ -416,7 +416,7 @@ def run_pipeline(qc: QuickstartConfig, out: str | Path, seed: int = 0, *, source
 
     ``resume``: where ``out`` holds an unfinished quickstart of the same recipe and seed, continue it: the steps it
     finished (ShapesWorld, stage 0, stage 1, stage 2: each recorded in STATE_FILE as it ends) are reused, a training
-    stage stopped by SIGTERM continues from its checkpoint, the step it stopped in otherwise starts again, and the
+    stage stopped by Ctrl-C or SIGTERM continues from its checkpoint, the step it stopped in otherwise starts again, and the
     held-out evaluation runs again (seconds). A finished quickstart's summary is returned as it is; an empty or
     absent ``out`` starts a new one."""
     from emma_mamba.data.shapes import SHORT_ANSWER_PROMPT
@@ -754,7 +754,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace a previous quickstart in --out")
     again.add_argument("--resume", action="store_true",
                        help="continue the unfinished quickstart in --out (same recipe and --seed): the steps it "
-                            "finished are reused, a stage stopped by SIGTERM continues from its checkpoint")
+                            "finished are reused, a stage stopped by Ctrl-C or SIGTERM continues from its "
+                            "checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (default 1: the tiny model's ops are too small to gain from a "

@@ -39,6 +39,8 @@ import json
 import logging
 import os
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -236,7 +238,7 @@ class Trainer:
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
         self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
-        self._stop_signal = None  # SIGTERM seen by this process (fit's handler)
+        self._stop_signal = None  # SIGINT / SIGTERM seen by this process (fit's handler)
         self._stop_agreed = False  # ... by any process, as of the last step's all-reduce
         self._warned_mfu = False
         self.val_history: list[dict] = []
@@ -318,7 +320,8 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.train.seed)
         return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=nw,
                                            pin_memory=self.info.device.type == "cuda", generator=gen,
-                                           persistent_workers=False, prefetch_factor=4 if nw else None)
+                                           persistent_workers=False, prefetch_factor=4 if nw else None,
+                                           worker_init_fn=_loader_worker_init if nw else None)
 
     # ------------------------------------------------------------------------------------------- step
 
@@ -470,20 +473,21 @@ class Trainer:
         an interrupted run leaves behind; tests use it).
 
         While it runs, rank 0 holds the output folder's lock (:data:`LOCK_FILE`; a second run is refused) and
-        SIGTERM asks for a stop after the step in progress, with a checkpoint of it (exit code 143)."""
+        Ctrl-C (SIGINT) and SIGTERM ask for a stop after the step in progress, with a checkpoint of it (exit code
+        130 / 143); a second one stops at once."""
         if self.info.is_main:
             _lock_output_dir(self.output_dir)  # again, should an earlier fit of this trainer have released it
-        self._stop_signal, self._stop_agreed = None, False
-        previous = _on_sigterm(self._request_stop)
+        self._stop_signal, self._stop_agreed, self._pid, self._bar = None, False, os.getpid(), None
+        previous = _on_stop_signals(self._request_stop)
         try:
             return self._fit(stop_after)
         finally:
-            _restore_sigterm(previous)
+            _restore_signals(previous)
             if self.info.is_main:
                 _unlock_output_dir(self.output_dir)
 
     def _fit(self, stop_after: int | None) -> list[dict]:
-        """:meth:`fit` inside its lock and SIGTERM handler."""
+        """:meth:`fit` inside its lock and signal handlers."""
         cfg, info = self.cfg, self.info
         writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step) if info.is_main else None
         bar = None
@@ -492,6 +496,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
                        desc=cfg.stage)
+        self._bar = bar  # where the signal handler's notice is written (above the bar, not through it)
         t_start, tok_start, step_start = time.perf_counter(), self.counters["tokens"], self.global_step
         if info.is_main and self.global_step >= self.total_steps:
             log.info("resumed at step %d of %d: no step is left to train; writing the final model",
@@ -595,9 +600,11 @@ class Trainer:
                 saved = bool(every and self.global_step % every == 0)
                 if saved:
                     self.save_checkpoint()
-                if self._stop_agreed:  # SIGTERM (on any rank): checkpoint this step, then stop
+                if self._stop_requested():  # Ctrl-C / SIGTERM (on any rank): checkpoint this step, then stop
                     self._stop_after_signal(saved)
                 self._maybe_validate(writer, bar)
+                if self._stop_requested():  # one process: a signal during the validation (the state is this step's)
+                    self._stop_after_signal(saved)
                 if self.global_step >= self.total_steps:
                     break
                 if stop_after is not None and len(self.history) >= stop_after:
@@ -626,20 +633,40 @@ class Trainer:
         return "No checkpoint was written (checkpoint.every_steps sets how often)."
 
     def _request_stop(self, signum, frame) -> None:
-        """SIGTERM (Slurm, Kubernetes, torchrun pass it on before they kill): stop after the step in progress,
-        with a checkpoint of it; a second SIGTERM stops at once."""
+        """Ctrl-C (SIGINT), or SIGTERM (Slurm, Kubernetes, torchrun pass it on before they kill): stop after the
+        step in progress, with a checkpoint of it; a second signal stops at once (the steps since the last
+        checkpoint are then lost). torchrun starts its workers in their own session, so a terminal's Ctrl-C
+        reaches them once, passed on by torchrun (which kills them after its 30 s shutdown timeout)."""
         if self._stop_signal is not None:
             raise KeyboardInterrupt
         self._stop_signal = signum
+        if self.info.is_main and os.getpid() == self._pid:  # not a data-loader worker that inherited the handler
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            msg = (f"{name}: stopping after the step in progress, which is checkpointed first; {name} again stops "
+                   f"at once (losing the steps since the last checkpoint)")
+            if self._bar is not None:
+                self._bar.write(msg, file=sys.stderr)
+            else:
+                log.warning("%s", msg)
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop after this step: one process, as soon as it saw a signal; several, when any rank had
+        seen one by the step's all-reduce (so that every rank stops after the same step)."""
+        if self.info.world_size == 1:
+            return self._stop_signal is not None
+        return self._stop_agreed
 
     def _stop_after_signal(self, saved: bool) -> None:
-        """After the step in which a rank saw SIGTERM: checkpoint it (unless it just was), wait until the
-        checkpoint is complete, and end the run with :class:`TrainingInterrupted` (exit code 143)."""
+        """After the step in which a rank saw Ctrl-C or SIGTERM: checkpoint it (unless it just was), wait until
+        the checkpoint is complete, and end the run with :class:`TrainingInterrupted` (exit code 130 for SIGINT,
+        143 for SIGTERM; a rank that saw no signal itself ends as SIGTERM's)."""
         if not saved:  # also with checkpoint.every_steps 0: the only way to keep the run's work
             self.save_checkpoint()
         self.wait_for_checkpoint()
-        raise TrainingInterrupted(f"stopped by SIGTERM after step {self.global_step} of {self.total_steps}. "
-                                  f"{self._last_checkpoint_hint()}", exit_code=143)
+        by_ctrl_c = self._stop_signal == signal.SIGINT
+        raise TrainingInterrupted(f"stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'} after step {self.global_step} "
+                                  f"of {self.total_steps}. {self._last_checkpoint_hint()}",
+                                  exit_code=130 if by_ctrl_c else 143)
 
     def wait_for_checkpoint(self) -> Path | None:
         """Block until the checkpoint being written in the background (checkpoint.async_save) is complete;
@@ -923,23 +950,34 @@ def _unlock_output_dir(path: Path) -> None:
 _NOT_INSTALLED = object()
 
 
-def _on_sigterm(handler):
-    """Install ``handler`` for SIGTERM (in the main thread only: elsewhere signal handlers cannot be set) and
-    return what :func:`_restore_sigterm` puts back."""
-    import signal
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_stop_signals(handler):
+    """Install ``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere signal handlers cannot be
+    set) and return what :func:`_restore_signals` puts back."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return _NOT_INSTALLED
-    previous = signal.signal(signal.SIGTERM, handler)
-    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+    # a SIGINT ignored from the start (nohup, a non-interactive shell's background job) stays ignored, as Python
+    # leaves it then
+    signals = [s for s in _STOP_SIGNALS if s != signal.SIGINT or signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, handler) for s in signals}
+    return {s: signal.SIG_DFL if h is None else h for s, h in previous.items()}  # None: set outside Python
 
 
-def _restore_sigterm(previous) -> None:
-    import signal
-
+def _restore_signals(previous) -> None:
     if previous is not _NOT_INSTALLED:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """A data-loader worker leaves Ctrl-C and SIGTERM to the training process, which stops the workers itself
+    (a terminal's Ctrl-C reaches every process of its group: a worker it ended failed the step being finished)."""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _require_wandb():

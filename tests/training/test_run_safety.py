@@ -56,42 +56,153 @@ def test_a_second_run_into_a_folder_in_use_is_refused(shapes, tmp_path):
     assert r.returncode == 0 and "locked" in r.stdout, r.stderr  # released when the run ended
 
 
-def _send_sigterm_during(monkeypatch, step: int):
-    """A real SIGTERM to this process while optimizer step ``step`` runs (as a scheduler sends it)."""
+def _send_signal_during(monkeypatch, step: int, sig=signal.SIGTERM, times: int = 1):
+    """A real signal to this process while optimizer step ``step`` runs (as a scheduler or a terminal sends it)."""
     orig = Trainer.train_step
 
     def train_step(self, mbs):
         if self.global_step + 1 == step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(times):
+                os.kill(os.getpid(), sig)
         return orig(self, mbs)
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-@pytest.mark.parametrize("every", [0, 3])
-def test_sigterm_checkpoints_the_step_in_progress_then_stops(shapes, tmp_path, monkeypatch, every):
-    """SIGTERM killed the run at once, losing every step since the last checkpoint. Now the step in progress
-    finishes, is checkpointed (also with checkpoints off, or between two), and the run stops with exit code 143;
-    --resume auto then continues exactly as the uninterrupted run (the oracle: the same run without the signal)."""
+def _main_thread_only():
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # the signal would end this test process
         pytest.skip("signal handlers are installed from the main thread only")
+
+
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+@pytest.mark.parametrize("every", [0, 3])
+def test_a_stop_signal_checkpoints_the_step_in_progress_then_stops(shapes, tmp_path, monkeypatch, every, sig, code,
+                                                                   said):
+    """SIGTERM killed the run at once, losing every step since the last checkpoint, and so did Ctrl-C (with
+    the default ``checkpoint.every_steps: 0``, the whole run). Now the step in progress finishes, is checkpointed
+    (also with checkpoints off, or between two), and the run stops with exit code 143 / 130; --resume auto then
+    continues exactly as the uninterrupted run (the oracle: the same run without the signal)."""
+    _main_thread_only()
     data = subset(shapes, tmp_path, 6)
     kw = dict(train={"max_steps": 5}, checkpoint={"every_steps": every})
     whole = Trainer(make_cfg(shapes, tmp_path / "whole", data, **kw)).fit()
-    before = signal.getsignal(signal.SIGTERM)
-    _send_sigterm_during(monkeypatch, 2)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    _send_signal_during(monkeypatch, 2, sig)
     with pytest.raises(TrainingInterrupted) as e:
         Trainer(make_cfg(shapes, tmp_path / "r", data, **kw)).fit()
     monkeypatch.undo()
-    assert e.value.exit_code == 143
-    assert str(e.value).startswith("stopped by SIGTERM after step 2 of 5. The last checkpoint is ")
+    assert e.value.exit_code == code
+    assert str(e.value).startswith(f"stopped by {said} after step 2 of 5. The last checkpoint is ")
     assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the trainer's only while it runs
+    # the handlers are the trainer's only while it runs
+    assert {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} == before
     rest = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
     assert [m["step"] for m in rest] == [3, 4, 5]
     assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
+
+
+def test_a_second_ctrl_c_stops_at_once(shapes, tmp_path, monkeypatch):
+    """The first Ctrl-C asks for a stop after the step; a second one (a user who cannot wait) stops at once,
+    without finishing the step or writing a checkpoint of it."""
+    _main_thread_only()
+    data = subset(shapes, tmp_path, 6)
+    _send_signal_during(monkeypatch, 2, signal.SIGINT, times=2)
+    with pytest.raises(TrainingInterrupted) as e:
+        Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 5})).fit()
+    assert e.value.exit_code == 130
+    assert str(e.value) == "interrupted at step 1 of 5. No checkpoint was written (checkpoint.every_steps sets how often)."
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_ctrl_c_during_a_validation_stops_after_it(shapes, tmp_path, monkeypatch):
+    """In one process a Ctrl-C during a (long) validation stops when it ends, with a checkpoint of the step it
+    validated, instead of training one more step first; the resumed run ends as the uninterrupted one."""
+    _main_thread_only()
+    data = subset(shapes, tmp_path, 6)
+    val = subset(shapes, tmp_path, 2, name="val.json")
+    kw = dict(train={"max_steps": 4}, val={"json": str(val), "image_folder": str(shapes / "images"),
+                                           "every_steps": 2})
+    whole = Trainer(make_cfg(shapes, tmp_path / "whole", data, **kw)).fit()
+    real = Trainer._maybe_validate
+
+    def validate(self, writer, bar):
+        if self.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, writer, bar)
+
+    monkeypatch.setattr(Trainer, "_maybe_validate", validate)
+    t = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw))
+    with pytest.raises(TrainingInterrupted) as e:
+        t.fit()
+    monkeypatch.undo()
+    assert str(e.value).startswith("stopped by Ctrl-C after step 2 of 4. ") and e.value.exit_code == 130
+    assert [v["step"] for v in t.val_history] == [2]  # the validation finished
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_00000002"]
+    rest = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
+    assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
+
+
+_CTRL_C_CHILD = """
+import multiprocessing, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background pytest ignores it)
+multiprocessing.set_start_method("spawn")  # workers that do not inherit the trainer's handler (Python 3.14's
+from emma_mamba.cli import main            # default, forkserver, neither)
+sys.exit(main(["finetune", "--config", sys.argv[1]]))
+"""
+
+# imported by every Python process of the child's tree (the loader's spawned workers too): slow image decoding,
+# so that the training process is waiting for its next micro-batch when the Ctrl-C comes, as a data-bound run is
+_SLOW_IMAGES = """
+import time
+from emma_mamba.data.llava import LlavaDataset
+_real = LlavaDataset.load_images
+def _slow(self, s):
+    time.sleep(0.2)
+    return _real(self, s)
+LlavaDataset.load_images = _slow
+"""
+
+
+def test_ctrl_c_at_a_terminal_also_reaching_the_loader_workers_checkpoints_and_stops(shapes, tmp_path):
+    """A terminal's Ctrl-C goes to every process of its foreground group: the data-loader workers too, where it
+    ended the worker and the training process then failed the step it was finishing ("DataLoader worker exited
+    unexpectedly") when it was waiting for the worker's next micro-batch, as a data-bound run mostly is. The
+    workers leave it to the training process: SIGINT to the whole process group (a new session, as a terminal's
+    job) after the first logged step ends the run with a checkpoint and exit 130."""
+    import time
+
+    data = subset(shapes, tmp_path, 24)
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 12}, data={"num_workers": 1},
+                   log={"every_steps": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_IMAGES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.Popen([sys.executable, "-c", _CTRL_C_CHILD, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.is_file() and metrics.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Ctrl-C: stopping after the step in progress" in err and "Traceback" not in err, err
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert f"stopped by Ctrl-C after step {step} of 12" in err, err
+    assert step < 12 and (tmp_path / "r" / "checkpoints" / f"step_{step:08d}" / "trainer_state.pt").is_file()
 
 
 def test_a_failing_validation_keeps_the_checkpoint_of_its_step(shapes, tmp_path):
