@@ -135,10 +135,12 @@ def demangle_short(name: str) -> str:
     rest = name[start + int(m.group(1)):]
     if not rest.startswith("I"):
         return ident
-    names = {"N3c108BFloat16E": "bf16", "N3c104HalfE": "fp16", "f": "fp32", "S4_": None}
+    names = {"N3c108BFloat16E": "bf16", "N3c104HalfE": "fp16", "f": "fp32", "S4_": None, "Lb1E": "packed",
+             "Lb0E": ""}  # the bool of the scan kernels: the instance for packed sequences (seq_idx), or not
     args = []
-    for a in re.findall(r"N3c108BFloat16E|N3c104HalfE|S4_|f", rest[1:rest.find("EEv") + 1]):
+    for a in re.findall(r"N3c108BFloat16E|N3c104HalfE|S4_|Lb[01]E|f", rest[1:rest.find("EEv") + 1]):
         args.append(args[0] if names[a] is None and args else names[a])
+    args = [a for a in args if a]
     return f"{ident}<{', '.join(args)}>"
 
 
@@ -177,14 +179,14 @@ def main(argv=None) -> int:
         return 2
     version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     print(f"sm_{args.arch}, {version[-1] if version else 'nvcc'}")
-    print(f"  {'kernel':38} {'regs':>4} {'spill st/ld B':>13} {'STL/LDL':>7}  loops with MUFU/SHFL, innermost "
+    print(f"  {'kernel':46} {'regs':>4} {'spill st/ld B':>13} {'STL/LDL':>7}  loops with MUFU/SHFL, innermost "
           f"first: instructions/MUFU+SHFL/STL+LDL inside")
     for res in results:
         print(res["source"])
         for k in res["kernels"]:
             loop = "  ".join(f"{x['instructions']}/{x['mufu_shfl']}/{x['spill_instructions']}"
                              for x in k["hot_loops"]) or "-"
-            print(f"  {k['kernel']:38} {k.get('registers', '?'):>4} "
+            print(f"  {k['kernel']:46} {k.get('registers', '?'):>4} "
                   f"{k.get('spill_store_bytes', '?'):>6}/{k.get('spill_load_bytes', '?'):<6} "
                   f"{k['spill_instructions']:>7}  {loop}")
     write_result({"benchmark": "cuda_sass", "arch": f"sm_{args.arch}", "nvcc": version[-1] if version else None,

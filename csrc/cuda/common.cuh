@@ -81,6 +81,23 @@ __device__ __forceinline__ void store_k(T* __restrict__ p, const float (&in)[K],
   }
 }
 
+// a * h + b, where a = 0 (a step that starts a packed sequence, seq_idx; or a decay that underflowed) takes
+// nothing from h: selected, not multiplied, since 0 * (a NaN or inf of the previous sequence) is NaN and carried it
+// into the next one (the reference keeps it in its own sequence)
+__device__ __forceinline__ float decay_add(float a, float h, float b) { return a == 0.f ? b : fmaf(a, h, b); }
+// decay_add in a kernel for packed sequences; a plain FMA otherwise (the select costs ~20 % of the scan's state
+// loop instructions, and without seq_idx only an underflowed decay is 0, where the reference's 0 * h is kept)
+template <bool kPacked>
+__device__ __forceinline__ float decay_step(float a, float h, float b) {
+  return kPacked ? decay_add(a, h, b) : a * h + b;  // (as written before: the compiler's own contraction)
+}
+// The decay of composed steps, x * a: with packed sequences 0 stays 0 (a composed map that crosses a sequence start
+// takes nothing from before it, whatever a NaN or inf comes before or after)
+template <bool kPacked>
+__device__ __forceinline__ float decay_mul(float x, float a) {
+  return kPacked && (x == 0.f || a == 0.f) ? 0.f : x * a;
+}
+
 __device__ __forceinline__ float softplus_f(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 __device__ __forceinline__ float silu_f(float x) { return x * sigmoid_f(x); }

@@ -20,7 +20,9 @@
 // through per-(batch, channel) partials and a torch sum, deterministic in both modes.
 //
 // seq_idx (packed sequences) sets a_t = 0 where a new sequence starts: the state restarts from b_t, and no
-// gradient flows back across the boundary. The initial state only reaches the first segment for the same
+// gradient flows back across the boundary. Every a * x + y where a may be such a 0 is decay_add's select, so that
+// a NaN or inf of one sequence does not reach the next (0 * NaN); the kernels are instantiated with (kPacked) and
+// without those selects, chosen by whether seq_idx is given. The initial state only reaches the first segment for the same
 // reason. Positions past the end of the sequence are padded with the identity pair (dt = 0 -> a = 1, b = 0).
 #include "common.cuh"
 
@@ -140,7 +142,7 @@ __device__ __forceinline__ void store_gated(const ScanParams& p, int64_t row, in
   store_k<T, K>(static_cast<T*>(p.out) + row + t0, y, valid, p.vec_in);
 }
 
-template <typename T, typename WT>
+template <typename T, typename WT, bool kPacked>
 __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams p) {
   constexpr int K = kFwdItems;
   EMMA_DYNAMIC_SMEM(float, smem);
@@ -167,37 +169,48 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
       for (int i = 0; i < K; ++i) { dtu[i] = dt[i] * u[i]; y[i] = 0.f; }
     }
     const bool saves = (t0 % kSave) == 0 && t0 < L;
+    // a lane whose steps hold no sequence start runs its steps with plain FMAs (their values are of one sequence);
+    // the selects only where one starts, and in the combination across lanes
+    const bool sel = kPacked && reset != 0;
 
     for (int n = 0; n < N; ++n) {
       const float A2 = p.A[static_cast<int64_t>(c) * N + n] * kLog2e;
       float a[K], bb[K], Bv[K];
       load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
       float pa = 1.f, pb = 0.f;  // this lane's composed pair
+      auto compose = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
-        a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
-        bb[i] = dtu[i] * Bv[i];
-        pb = a[i] * pb + bb[i];
-        pa *= a[i];
-      }
+        for (int i = 0; i < K; ++i) {
+          a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
+          bb[i] = dtu[i] * Bv[i];
+          pb = decay_step<kSel>(a[i], pb, bb[i]);
+          pa = decay_mul<kSel>(pa, a[i]);
+        }
+      };
+      if (sel) compose(std::true_type{}); else compose(std::false_type{});
       // inclusive warp scan of the lane pairs (earlier lane o later lane)
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const float oa = __shfl_up_sync(kFull, pa, off), ob = __shfl_up_sync(kFull, pb, off);
-        if (lane >= off) { pb = pa * ob + pb; pa *= oa; }
+        if (lane >= off) { pb = decay_step<kPacked>(pa, ob, pb); pa = decay_mul<kPacked>(pa, oa); }
       }
       float ea = __shfl_up_sync(kFull, pa, 1), eb = __shfl_up_sync(kFull, pb, 1);
       if (lane == 0) { ea = 1.f; eb = 0.f; }
       const float h0 = carry[n];
-      float h = ea * h0 + eb;  // state just before this lane's first step
+      float h = decay_step<kPacked>(ea, h0, eb);  // state just before this lane's first step
       if (saves) p.saved[(bd * p.nsave + t0 / kSave) * N + n] = h;
       float Cv[K];
       load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
+      auto apply = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
-        h = a[i] * h + bb[i];
-        y[i] += Cv[i] * h;
-      }
+        for (int i = 0; i < K; ++i) {
+          h = decay_step<kSel>(a[i], h, bb[i]);
+          y[i] += Cv[i] * h;
+        }
+      };
+      if (sel) apply(std::true_type{}); else apply(std::false_type{});
       const float next = __shfl_sync(kFull, h, 31);
       __syncwarp();
       if (lane == 0) carry[n] = next;
@@ -328,7 +341,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T, typename WT>
+template <typename T, typename WT, bool kPacked>
 __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
   constexpr int K = kBwdItems;
   constexpr int kStride = 32 * K + 32;  // padded per-warp row of the dB/dC reduction buffer (K+1 per lane)
@@ -366,6 +379,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
       float dt_raw[K];
       load_step_inputs<T, K>(p, row, c, b, t0, valid, u, dt, dt_raw, reset);
     }
+    const bool sel = kPacked && reset != 0;  // this lane's steps hold a sequence start (the forward's selects)
     load_k<T, K>(static_cast<const T*>(p.dout) + row + t0, dy, valid, p.vec_in);
     if (p.z) {
       float zv[K];
@@ -389,28 +403,34 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
       float a[K], h[K], Bv[K], Cv[K];
       load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
       load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
-      // forward recompute of the chunk's states from the saved boundary state
+      // forward recompute of the chunk's states from the saved boundary state (selects as in the forward)
       float pa = 1.f, pb = 0.f;
+      auto compose = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
-        a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
-        h[i] = dt[i] * u[i] * Bv[i];  // b_i for now
-        pb = a[i] * pb + h[i];
-        pa *= a[i];
-      }
+        for (int i = 0; i < K; ++i) {
+          a[i] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2);
+          h[i] = dt[i] * u[i] * Bv[i];  // b_i for now
+          pb = decay_step<kSel>(a[i], pb, h[i]);
+          pa = decay_mul<kSel>(pa, a[i]);
+        }
+      };
+      if (sel) compose(std::true_type{}); else compose(std::false_type{});
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const float oa = __shfl_up_sync(kFull, pa, off), ob = __shfl_up_sync(kFull, pb, off);
-        if (lane >= off) { pb = pa * ob + pb; pa *= oa; }
+        if (lane >= off) { pb = decay_step<kPacked>(pa, ob, pb); pa = decay_mul<kPacked>(pa, oa); }
       }
       float ea = __shfl_up_sync(kFull, pa, 1), eb = __shfl_up_sync(kFull, pb, 1);
       if (lane == 0) { ea = 1.f; eb = 0.f; }
-      const float h_in = ea * p.saved_in[(bd * p.nsave + chunk) * N + n] + eb;
-      {
+      const float h_in = decay_step<kPacked>(ea, p.saved_in[(bd * p.nsave + chunk) * N + n], eb);
+      auto apply = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
         float hc = h_in;
 #pragma unroll
-        for (int i = 0; i < K; ++i) { hc = a[i] * hc + h[i]; h[i] = hc; }
-      }
+        for (int i = 0; i < K; ++i) { hc = decay_step<kSel>(a[i], hc, h[i]); h[i] = hc; }
+      };
+      if (sel) apply(std::true_type{}); else apply(std::false_type{});
       if (p.z || p.out) {  // y: for dz and the recomputed output
 #pragma unroll
         for (int i = 0; i < K; ++i) y[i] += Cv[i] * h[i];
@@ -418,38 +438,49 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
       // reverse scan of the adjoint: g_i = alpha_i g_{i+1} + q_i, alpha_i = a_{i+1}, q_i = C_i dy_i
       float a_next = __shfl_down_sync(kFull, a[0], 1);
       if (lane == 31) a_next = carry_a[n];
+      // the adjoint's decays are a_{i+1}: this lane's, and the next lane's (or chunk's) first, 0 where it starts
+      // a sequence
+      const bool sel_r = kPacked && (reset != 0 || a_next == 0.f);
       float P = 1.f, Q = 0.f;  // this lane's map g_after -> g_first
+      auto compose_r = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
-      for (int i = K - 1; i >= 0; --i) {
-        const float alpha = i == K - 1 ? a_next : a[i + 1];
-        Q = alpha * Q + Cv[i] * dy[i];
-        P *= alpha;
-      }
+        for (int i = K - 1; i >= 0; --i) {
+          const float alpha = i == K - 1 ? a_next : a[i + 1];
+          Q = decay_step<kSel>(alpha, Q, Cv[i] * dy[i]);
+          P = decay_mul<kSel>(P, alpha);
+        }
+      };
+      if (sel_r) compose_r(std::true_type{}); else compose_r(std::false_type{});
 #pragma unroll
       for (int off = 1; off < 32; off <<= 1) {
         const float oP = __shfl_down_sync(kFull, P, off), oQ = __shfl_down_sync(kFull, Q, off);
-        if (lane + off < 32) { Q = P * oQ + Q; P *= oP; }
+        if (lane + off < 32) { Q = decay_step<kPacked>(P, oQ, Q); P = decay_mul<kPacked>(P, oP); }
       }
       float xP = __shfl_down_sync(kFull, P, 1), xQ = __shfl_down_sync(kFull, Q, 1);
       if (lane == 31) { xP = 1.f; xQ = 0.f; }
-      float g = xP * carry_g[n] + xQ;  // adjoint at the step after this lane's last step
+      float g = decay_step<kPacked>(xP, carry_g[n], xQ);  // adjoint at the step after this lane's last step
       float dA_l = 0.f, dB_l = 0.f, dC_l = 0.f;
       // variable B/C: this warp's per-step dB/dC go to its row of the block reduction buffer
       float* rB = red + warp * kStride + lane * (K + 1);
       float* rC = red + (nw + warp) * kStride + lane * (K + 1);
+      auto walk = [&](auto packed) {
+        constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
-      for (int i = K - 1; i >= 0; --i) {
-        const float alpha = i == K - 1 ? a_next : a[i + 1];
-        g = alpha * g + Cv[i] * dy[i];
-        const float hp = i > 0 ? h[i - 1] : h_in;
-        const float ga = g * hp * a[i];  // dL/da_i * a_i (a_i = 0 at a segment start: no contribution)
-        const float dBi = g * dt[i] * u[i], dCi = dy[i] * h[i];
-        du[i] += g * dt[i] * Bv[i];
-        ddt[i] += g * u[i] * Bv[i] + ga * An;
-        dA_l += ga * dt[i];
-        if (varB) rB[i] = dBi; else dB_l += dBi;
-        if (varC) rC[i] = dCi; else dC_l += dCi;
-      }
+        for (int i = K - 1; i >= 0; --i) {
+          const float alpha = i == K - 1 ? a_next : a[i + 1];
+          g = decay_step<kSel>(alpha, g, Cv[i] * dy[i]);
+          const float hp = i > 0 ? h[i - 1] : h_in;
+          const float ga = kSel && a[i] == 0.f ? 0.f : g * hp * a[i];  // dL/da_i * a_i (none at a segment start)
+          const float dBi = g * dt[i] * u[i], dCi = dy[i] * h[i];
+          du[i] += g * dt[i] * Bv[i];
+          ddt[i] += g * u[i] * Bv[i] + ga * An;
+          dA_l += ga * dt[i];
+          if (varB) rB[i] = dBi; else dB_l += dBi;
+          if (varC) rC[i] = dCi; else dC_l += dCi;
+        }
+      };
+      if (sel_r) walk(std::true_type{}); else walk(std::false_type{});
       const float g_start = __shfl_sync(kFull, g, 0), a_start = __shfl_sync(kFull, a[0], 0);
       dA_l = warp_sum(dA_l);
       if (!varB) dB_l = warp_sum(dB_l);
@@ -548,7 +579,7 @@ constexpr int kBsT = 8;                         // time steps per tile
 constexpr int kBsTiles = kSave / kBsT;          // tiles per chunk
 static_assert(kSave % kBsT == 0, "tiles must divide the chunk");
 
-template <typename T, typename WT>
+template <typename T, typename WT, bool kPacked>
 __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) {
   __shared__ float4 Bs[kSave][4];  // the chunk's B and C as fp32, [t][n / 4]
   __shared__ float4 Cs[kSave][4];
@@ -611,7 +642,7 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const float a = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2[j]);
-          h[j] = a * h[j] + dtu * bq[j];
+          h[j] = decay_step<kPacked>(a, h[j], dtu * bq[j]);
         }
       }
     }
@@ -638,7 +669,7 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           a[i][j] = (reset >> i) & 1 ? 0.f : exp2f(dt[i] * A2[j]);
-          hs[i][j] = a[i][j] * (i > 0 ? hs[i - 1][j] : h0[j]) + dtu * bq[j];
+          hs[i][j] = decay_step<kPacked>(a[i][j], i > 0 ? hs[i - 1][j] : h0[j], dtu * bq[j]);
         }
       }
       if (p.z || p.out) {  // y from the recomputed states: the gate's dz = dout dsilu(z) (y + D u) stored now and
@@ -682,9 +713,9 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const float alpha = i == kBsT - 1 ? a_next[j] : a[i + 1][j];
-          g[j] = alpha * g[j] + cq[j] * dy[i];
+          g[j] = decay_step<kPacked>(alpha, g[j], cq[j] * dy[i]);
           const float hp = i > 0 ? hs[i - 1][j] : h0[j];
-          const float ga = g[j] * hp * a[i][j];  // 0 at a segment start (a = 0): no gradient crosses it
+          const float ga = kPacked && a[i][j] == 0.f ? 0.f : g[j] * hp * a[i][j];  // none at a segment start (a = 0)
           dA[j] += ga * dt[i];
           sgaA += ga * An[j];
           sgB += g[j] * bq[j];
@@ -920,7 +951,7 @@ std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor
   dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
     using T = decltype(t_tag);
     using WT = decltype(w_tag);
-    auto kernel = scan_fwd_kernel<T, WT>;
+    auto kernel = p.seq_idx ? scan_fwd_kernel<T, WT, true> : scan_fwd_kernel<T, WT, false>;
     if (smem > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     EMMA_LAUNCH(kernel, grid, kFwdWarps * 32, smem, stream, p);
     EMMA_CUDA_LAUNCH_CHECK();
@@ -1067,7 +1098,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
     dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
       using T = decltype(t_tag);
       using WT = decltype(w_tag);
-      auto kernel = scan_bwd_seq_kernel<T, WT>;
+      auto kernel = p.seq_idx ? scan_bwd_seq_kernel<T, WT, true> : scan_bwd_seq_kernel<T, WT, false>;
       EMMA_LAUNCH(kernel, dim3(nblk, Bn), kBsThreads, 0, stream, p);
       EMMA_CUDA_LAUNCH_CHECK();
     });
@@ -1080,7 +1111,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
     dispatch_scan(u.scalar_type(), wt, [&](auto t_tag, auto w_tag) {
       using T = decltype(t_tag);
       using WT = decltype(w_tag);
-      auto kernel = scan_bwd_kernel<T, WT>;
+      auto kernel = p.seq_idx ? scan_bwd_kernel<T, WT, true> : scan_bwd_kernel<T, WT, false>;
       if (smem > 48 * 1024)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       EMMA_LAUNCH(kernel, grid, nw * 32, smem, stream, p);

@@ -38,3 +38,24 @@ def channel_state_tile(dim, dstate, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr
     mask_d = offs_d < dim
     mask_n = offs_n < dstate
     return pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_d[:, None] & mask_n[None, :]
+
+
+@triton.jit
+def softplus(x):
+    """torch's softplus (threshold 20) to about an ulp, as max(x, 0) + log1p(exp(-|x|)) with the log1p summed as
+    2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...), s = e / (2 + e) <= 1/3 (the terms left out: under 2e-9 of it).
+    The plain log(1 + exp(x)) rounds 1 + exp(x) to fp32: it lost exp(x)'s low bits (relative errors ~1e-5 for x
+    in [-20, -5]) and returned 0 below x ~ -17; a compensated log1p would lean on the GPU's approximate log
+    near 1, this needs only exp."""
+    e = tl.exp(-tl.abs(x))
+    s = e / (2.0 + e)
+    s2 = s * s
+    p = 1.0 / 15.0
+    p = p * s2 + 1.0 / 13.0
+    p = p * s2 + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return tl.where(x <= 20.0, tl.maximum(x, 0.0) + 2.0 * s * p, x)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import channel_state_tile, launch_kwargs
+from ._tiles import channel_state_tile, launch_kwargs, softplus
 
 # Launch shapes, the fastest measured on an H100 (triton 3.6) at mamba-2.8b shapes, b=8, d=5120, n=16,
 # L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms. Module-level so a benchmark can try
@@ -80,11 +80,30 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _combine_reset(a1, b1, r1, a2, b2, r2):
+    # as _combine, where r marks a step that starts a new sequence (seq_idx): it takes nothing from before it. A
+    # select, not a = 0: 0 * NaN is NaN, and a NaN or inf of one packed sequence would reach the next
+    return a1 * a2, tl.where(r2 != 0, b2, a2 * b1 + b2), r1 | r2
+
+
+@triton.jit
+def _chunk_scan(a, b, reset, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """x_t of x_t = a_t x_{t-1} + b_t along a chunk's steps (axis 1; from the last step backwards with REVERSE),
+    the carry already folded into ``b`` at ``first``; with seq_idx, the steps where ``reset`` (1, T) is set take
+    nothing from their predecessor."""
+    if HAS_SEQ:
+        r = tl.where(reset, 1, 0) + tl.zeros(a.shape, dtype=tl.int32)
+        _, x, _ = tl.associative_scan((a, b, r), axis=1, combine_fn=_combine_reset, reverse=REVERSE)
+    else:
+        _, x = tl.associative_scan((a, b), axis=1, combine_fn=_combine, reverse=REVERSE)
+    return x
+
+
+@triton.jit
 def _delta_of(raw, bias, SOFTPLUS: tl.constexpr):
     dt = raw + bias
     if SOFTPLUS:
-        # softplus with torch's threshold 20; the unselected branch may be inf, never NaN
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = softplus(dt)
     return dt
 
 
@@ -143,6 +162,8 @@ def _selective_scan_fwd_kernel(
             s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
             s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
             reset = ((t > 0) & (s_cur != s_prev))[None, :]
+        else:
+            reset = (offs_c < 0)[None, :]  # never
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         h_end = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         for n in range(dstate):
@@ -156,11 +177,9 @@ def _selective_scan_fwd_kernel(
             else:
                 C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
             a = tl.exp2(dt * A_n[:, None])  # (BD, T)
-            if HAS_SEQ:
-                a = tl.where(reset, 0.0, a)
             bx = dtu * B_n
-            bx = tl.where(first, bx + a * _column(h, sel, n)[:, None], bx)  # fold the carried state in
-            _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)  # h_t for state n
+            bx = tl.where(first & ~reset, bx + a * _column(h, sel, n)[:, None], bx)  # fold the carried state in
+            hs = _chunk_scan(a, bx, reset, False, HAS_SEQ)  # h_t for state n
             y += hs * C_n
             # padding carries h unchanged to the chunk end
             h_end = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_end)
@@ -221,12 +240,11 @@ def _selective_scan_fwd_seq_kernel(
                 B_t = tl.load(B_base + offs_n * seqlen + t, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if C_VAR:
                 C_t = tl.load(C_base + offs_n * seqlen + t, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            a = tl.exp2(dt[:, None] * A2)
-            if HAS_SEQ:
-                s_cur = tl.load(seq_ptr + pid_b * seqlen + t)
-                s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=t > 0, other=0)
-                a = tl.where((t > 0) & (s_cur != s_prev), 0.0, a)  # a new sequence starts from zero
-            h = a * h + (dt * u)[:, None] * B_t
+            bx = (dt * u)[:, None] * B_t
+            if HAS_SEQ:  # a new sequence starts from zero (selected: 0 * a NaN of the previous one is NaN)
+                h = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), bx, tl.exp2(dt[:, None] * A2) * h + bx)
+            else:
+                h = tl.exp2(dt[:, None] * A2) * h + bx
             y = tl.sum(h * C_t, axis=1)
             if HAS_D:
                 y += Dv * u
@@ -321,6 +339,7 @@ def _selective_scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     first = (offs_c == 0)[None, :]
     last = (offs_c == CHUNK - 1)[None, :]
+    prev_idx = tl.maximum(offs_c - 1, 0)[None, :] + tl.zeros((BLOCK_D, CHUNK), dtype=tl.int32)  # step t - 1
 
     for i in range(nchunks):
         c = nchunks - 1 - i
@@ -343,6 +362,9 @@ def _selective_scan_bwd_kernel(
             s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
             reset = ((t > 0) & (s_cur != s_prev))[None, :]
             reset_next = (mask_t1 & (s_next != s_cur))[None, :]
+        else:
+            reset = (offs_c < 0)[None, :]  # never
+            reset_next = reset
         if HAS_Z or HAS_OUT:
             # dz and the recomputed output need y = sum_n <C, h>: a first pass of forward scans over the states
             y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
@@ -357,12 +379,9 @@ def _selective_scan_bwd_kernel(
                 else:
                     C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
                 a = tl.exp2(dt * A_n[:, None])
-                if HAS_SEQ:
-                    a = tl.where(reset, 0.0, a)
                 bx = dtu * B_n
-                bx = tl.where(first, bx + a * _column(h0, sel, n)[:, None], bx)
-                _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)
-                y += hs * C_n
+                bx = tl.where(first & ~reset, bx + a * _column(h0, sel, n)[:, None], bx)
+                y += _chunk_scan(a, bx, reset, False, HAS_SEQ) * C_n
             if HAS_D:
                 y += Dv * u
         if HAS_Z:
@@ -393,18 +412,19 @@ def _selective_scan_bwd_kernel(
                 C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
             a = tl.exp2(dt * A2_n)  # a_t
             an = tl.exp2(dtn * A2_n)  # a_{t+1}
-            if HAS_SEQ:
-                a = tl.where(reset, 0.0, a)
-                an = tl.where(reset_next, 0.0, an)
-            dbu = dtu * B_n  # b_t
-            bx = tl.where(first, dbu + a * _column(h0, sel, n)[:, None], dbu)
-            _, hs = tl.associative_scan((a, bx), axis=1, combine_fn=_combine)  # recomputed h_t
+            h_in = _column(h0, sel, n)[:, None]
+            bx = tl.where(first & ~reset, dtu * B_n + a * h_in, dtu * B_n)
+            hs = _chunk_scan(a, bx, reset, False, HAS_SEQ)  # recomputed h_t
             g = C_n * dy  # direct gradient of h_t
             g = tl.where(last, g + _column(carry, sel, n)[:, None], g)
-            _, dh = tl.associative_scan((an, g), axis=1, combine_fn=_combine, reverse=True)  # dh_t
+            dh = _chunk_scan(an, g, reset_next, True, HAS_SEQ)  # dh_t
             # gradient of the state before the chunk
-            carry_new = tl.where(sel == n, tl.sum(tl.where(first, a * dh, 0.0), axis=1)[:, None], carry_new)
-            hprev_a = hs - dbu  # a_t * h_{t-1}
+            carry_new = tl.where(sel == n, tl.sum(tl.where(first & ~reset, a * dh, 0.0), axis=1)[:, None],
+                                 carry_new)
+            # a_t h_{t-1} from h_{t-1} itself (hs one step back; h_in at the first step): as h_t - b_t it cancelled
+            # where a_t is small (fast-decaying states, large dt), leaving dA with errors ~ eps |b_t|
+            hprev = tl.where(first, h_in, tl.gather(hs, prev_idx, axis=1))
+            hprev_a = tl.where(reset, 0.0, a * hprev)
             ddt += dh * (B_n * u + hprev_a * A_n[:, None])
             dBsum += dh * B_n
             dA_acc = tl.where(sel == n, dA_acc + tl.sum(dh * hprev_a * dt, axis=1)[:, None], dA_acc)
@@ -456,10 +476,10 @@ def _seq_step(h, t, seqlen, row, mask_d, mask_n, zero_d, zero_n, offs_n, u_ptr, 
         B_t = tl.load(B_base + offs_n * seqlen + t, mask=on_n, other=0.0).to(tl.float32)[None, :]
     else:
         B_t = B_const
-    a = tl.exp2(dt[:, None] * A2)
-    if HAS_SEQ:
-        a = tl.where(_starts_at(seq_ptr, seq_base, t, seqlen), 0.0, a)
-    return a * h + (dt * u)[:, None] * B_t, u
+    bx = (dt * u)[:, None] * B_t
+    if HAS_SEQ:  # selected, not a = 0 (see _combine_reset)
+        return tl.where(_starts_at(seq_ptr, seq_base, t, seqlen), bx, tl.exp2(dt[:, None] * A2) * h + bx), u
+    return tl.exp2(dt[:, None] * A2) * h + bx, u
 
 
 @triton.jit
@@ -477,8 +497,9 @@ def _selective_scan_bwd_seq_kernel(
     # sequential forward walks the recurrence. It runs backwards, so per chunk pass 1 walks forwards from the
     # saved state and writes a checkpoint every TILE steps (scratch ck, per program), and pass 2, tile by
     # tile from the last, recomputes the tile's states into scratch, then walks them backwards:
-    #   g_t = a_{t+1} g_{t+1} + C_t dy_t,  a_t h_{t-1} = h_t - b_t,  dA += g (h_t - b_t) dt, ...
-    # a_t is recomputed in the backward walk and carried one step as a_{t+1}.
+    #   g_t = a_{t+1} g_{t+1} + C_t dy_t,  dA += g_t a_t h_{t-1} dt_t, ...
+    # with h_{t-1} read back from the scratch (not h_t - b_t, which cancels where a_t is small); a_t is recomputed
+    # in the backward walk and carried one step as a_{t+1}.
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     B_base, C_base, dB_base, dC_base = _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b,
                                                   sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D, ATOMIC_BC)
@@ -512,6 +533,7 @@ def _selective_scan_bwd_seq_kernel(
     else:
         g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     alpha = tl.full((BLOCK_D, BLOCK_N), 1.0, dtype=tl.float32)  # a_{t+1}: 1 after the last step
+    cut = seqlen < 0  # whether step t + 1 starts a sequence (seq_idx): g_t then takes nothing from g_{t+1}
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # constant B/C only
     dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
@@ -578,9 +600,18 @@ def _selective_scan_bwd_seq_kernel(
                     zt = tl.load(z_ptr + zrow + t, mask=on_d, other=0.0).to(tl.float32)
                     dy = dy * zt * tl.sigmoid(zt)
                 h = tl.load(ck_ptr + ck_off + (NT + k) * dstate, mask=mask_dn, other=0.0)
+                # h_{t-1}: the tile's previous step, or the tile's checkpoint before its first step
+                hp = tl.load(ck_ptr + ck_off + tl.where(k > 0, NT + k - 1, tile) * dstate, mask=mask_dn, other=0.0)
                 dtu = dt * u
-                hprev_a = h - dtu[:, None] * B_t  # a_t h_{t-1}
-                g = alpha * g + C_t * dy[:, None]
+                a_t = tl.exp2(dt[:, None] * A2)
+                if HAS_SEQ:  # selects, not a = 0 (see _combine_reset)
+                    start = _starts_at(seq_ptr, pid_b * seqlen, t, seqlen)
+                    hprev_a = tl.where(start, 0.0, a_t * hp)
+                    g = tl.where(cut, 0.0, alpha * g) + C_t * dy[:, None]
+                    cut = start
+                else:
+                    hprev_a = a_t * hp
+                    g = alpha * g + C_t * dy[:, None]
                 ga = g * hprev_a
                 dA_acc += ga * dt[:, None]
                 gB = tl.sum(g * B_t, axis=1)
@@ -605,9 +636,7 @@ def _selective_scan_bwd_seq_kernel(
                     _put_channel_sum(dC_base + offs_n * seqlen + t, dC_t, on_n, ATOMIC_BC)
                 else:
                     dC_acc += h * dy[:, None]
-                alpha = tl.exp2(dt[:, None] * A2)  # a_t, the next (earlier) step's a_{t+1}
-                if HAS_SEQ:
-                    alpha = tl.where(_starts_at(seq_ptr, pid_b * seqlen, t, seqlen), 0.0, alpha)
+                alpha = a_t  # the next (earlier) step's a_{t+1}
             tl.debug_barrier()
 
     # alpha * g: the adjoint of the state before step 0

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import channel_state_tile, launch_kwargs
+from ._tiles import channel_state_tile, launch_kwargs, softplus
 
 # elements of state per program and warps; on an H100 at d=5120, n=16, 512 was fastest at batch 1 and equal
 # to 1024 at batches 16 and 64 (benchmarks/gpu/triton_kernels.py)
@@ -41,7 +41,7 @@ def _selective_state_update_kernel(
     if HAS_DTB:
         dt += tl.load(dtb_ptr + offs_d, mask=mask_d, other=0.0)
     if SOFTPLUS:
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
     grp_B = (pid_d * BLOCK_D) // cpg_B
     grp_C = (pid_d * BLOCK_D) // cpg_C

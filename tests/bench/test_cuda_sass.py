@@ -66,6 +66,11 @@ def test_short_kernel_names():
         "scan_fwd_kernel<fp16, fp16>"
     assert cuda_sass.demangle_short(K2) == "state_update_kernel"
     assert cuda_sass.demangle_short("_Z3foov") == "_Z3foov"
+    # the scan kernels' bool: the instance for packed sequences (seq_idx) is named so, the other as before
+    assert cuda_sass.demangle_short(K1.replace("IN3c108BFloat16EfEEv", "IN3c108BFloat16ES4_Lb1EEEv")) == \
+        "scan_fwd_kernel<bf16, bf16, packed>"
+    assert cuda_sass.demangle_short(K1.replace("IN3c108BFloat16EfEEv", "IN3c108BFloat16EfLb0EEEv")) == \
+        "scan_fwd_kernel<bf16, fp32>"
 
 
 def test_build_flags_come_from_build_ninja(tmp_path):
