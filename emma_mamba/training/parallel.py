@@ -39,8 +39,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "wrap_model", "all_reduce_sum", "no_grad_sync", "is_fsdp",
-           "destroy_distributed", "barrier", "broadcast_object", "ssm_parameters", "sync_replicated_grads",
-           "clip_grad_norm"]
+           "destroy_distributed", "barrier", "broadcast_object", "all_gather_object", "ssm_parameters",
+           "sync_replicated_grads", "clip_grad_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, by rank (``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -56,9 +56,9 @@ from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, 
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
-from emma_mamba.training.parallel import (DistInfo, all_reduce_sum, barrier, clip_grad_norm, init_distributed,
-                                          is_fsdp, no_grad_sync, resolve_strategy, sync_replicated_grads,
-                                          wrap_model)
+from emma_mamba.training.parallel import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                                          clip_grad_norm, init_distributed, is_fsdp, no_grad_sync, resolve_strategy,
+                                          sync_replicated_grads, wrap_model)
 
 __all__ = ["Trainer", "train"]
 
@@ -117,23 +117,26 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(f"output_dir {self.output_dir} is a file, not a folder; choose another output_dir")
-        # None: a fresh run, refused where output_dir holds one; a checkpoint of the other stage is refused first
-        self.resume_from = resolve_resume(resume, self.output_dir, cfg.stage)
-        if info.is_main:  # before minutes of model building: the run's folder must be writable
+        # rank 0 decides what the run starts from and prepares the folder; the others take its outcome (an error
+        # too: every rank raises it, none is left waiting) and check that they see that folder
+        outcome = error = None
+        if info.is_main:
             try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
-                probe = self.output_dir / f".write_test_{os.getpid()}"
-                probe.touch()
-                probe.unlink()
-            except OSError as e:
-                raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
-            _lock_output_dir(self.output_dir)  # one run at a time in a folder (a second one is refused now)
-            metrics = self.output_dir / "metrics.jsonl"
-            if self.resume_from is None and resume == "auto" and metrics.is_file() and metrics.stat().st_size:
-                # --resume auto found no checkpoint: a fresh run, whose metrics.jsonl would replace the old one's
-                metrics.replace(metrics.with_name("metrics.jsonl.prev"))
-                log.warning("--resume auto: no checkpoint to resume from; the earlier run's metrics.jsonl is kept as "
-                            "metrics.jsonl.prev")
+                outcome = self._prepare_output_dir(resume)
+            except Exception as e:
+                if not info.distributed:
+                    raise
+                error = e
+        if info.distributed:
+            shared = broadcast_object(_picklable(error) if error is not None else outcome)
+            if error is not None:
+                raise error
+            if isinstance(shared, BaseException):
+                raise shared
+            outcome = shared
+        self.resume_from, probe = outcome
+        if info.distributed:
+            self._check_output_dir_shared(probe)
         if self.resume_from is not None:
             # before anything is built from the config: a model that differs is refused now, and the optimizer
             # settings the checkpoint's states hold are put back into cfg.train, so that the optimizer's parameter
@@ -244,12 +247,78 @@ class Trainer:
         self.val_history: list[dict] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        if info.distributed:
+            self._check_ranks_agree()
         n_train = sum(p.numel() for p in self.params)
         if info.is_main:
             log.info("stage %s: %s, %d trainable parameters, %d steps (global batch %d rows = %d x %d accum x %d "
                      "procs), %s, %s, %s", cfg.stage, cfg.model.name, n_train, self.total_steps, tc.global_batch_size,
                      tc.micro_batch_size, self.accum, info.world_size, self.strategy,
                      "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
+
+    def _prepare_output_dir(self, resume: str | None) -> tuple[Path | None, str]:
+        """Rank 0: what the run starts from (:func:`resolve_resume`: None, a fresh run, is refused where output_dir
+        holds one; a checkpoint of the other stage is refused first), the folder made, checked writable (before
+        minutes of model building) and locked. Returns (that checkpoint or None, the name of a probe file left in
+        the folder for the other ranks to look for: :meth:`_check_output_dir_shared` removes it)."""
+        resume_from = resolve_resume(resume, self.output_dir, self.cfg.stage)
+        probe = self.output_dir / f".write_test_{os.getpid()}_{os.urandom(4).hex()}"
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        except OSError as e:
+            raise ConfigError(f"output_dir {self.output_dir}: cannot write there ({e.strerror or e})") from None
+        try:
+            _lock_output_dir(self.output_dir)  # one run at a time in a folder (a second one is refused now)
+            metrics = self.output_dir / "metrics.jsonl"
+            if resume_from is None and resume == "auto" and metrics.is_file() and metrics.stat().st_size:
+                # --resume auto found no checkpoint: a fresh run, whose metrics.jsonl would replace the old one's
+                metrics.replace(metrics.with_name("metrics.jsonl.prev"))
+                log.warning("--resume auto: no checkpoint to resume from; the earlier run's metrics.jsonl is kept "
+                            "as metrics.jsonl.prev")
+        except BaseException:
+            probe.unlink(missing_ok=True)
+            raise
+        if not self.info.distributed:
+            probe.unlink()
+        return resume_from, probe.name
+
+    def _check_output_dir_shared(self, probe: str) -> None:
+        """Every rank must see the folder rank 0 prepared and the checkpoint it resumes from: on a node-local disk
+        rank 0 resumed while another rank, seeing an empty folder, started afresh (trained wrong, then hung at the
+        next checkpoint). Refused on every rank (an all-gather of what each sees), naming the rank and the path."""
+        from emma_mamba.training.checkpoint import STATE_NAME
+
+        def here(path: Path) -> str:  # a relative path is another folder on each node: said with this cwd
+            return str(path) if path.is_absolute() else f"{path} (from {Path.cwd()})"
+
+        problem = None
+        if not (self.output_dir / probe).is_file():
+            problem = f"does not see the output_dir rank 0 prepared: {here(self.output_dir)} has no {probe}"
+        elif self.resume_from is not None and not (self.resume_from / STATE_NAME).is_file():
+            problem = f"does not see the checkpoint rank 0 resumes from: no {here(self.resume_from / STATE_NAME)}"
+        seen = all_gather_object(problem)
+        if self.info.is_main:
+            (self.output_dir / probe).unlink(missing_ok=True)
+        bad = [(r, p) for r, p in enumerate(seen) if p]
+        if bad:
+            r, p = bad[0]
+            more = f" (so do ranks {', '.join(str(x) for x, _ in bad[1:])})" if len(bad) > 1 else ""
+            raise ConfigError(f"rank {r} {p}{more}: output_dir must be on a filesystem every process can read (a "
+                              f"shared one, not a node-local disk)")
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank starts at the same step of the same data and run length: a rank that read other data files
+        or another checkpoint would train its share of each step wrong, silently. Compared once (an all-gather),
+        refused on every rank naming the first rank that differs from rank 0."""
+        mine = {"resume step": self.global_step, "data hash": self.dataset.content_hash(),
+                "total steps": self.total_steps}
+        every = all_gather_object(mine)
+        for r, theirs in enumerate(every):
+            diff = [f"{k} {every[0][k]} on rank 0, {theirs[k]} on rank {r}" for k in mine if theirs[k] != every[0][k]]
+            if diff:
+                raise ConfigError(f"rank {r} differs from rank 0 ({'; '.join(diff)}): every process must read the "
+                                  f"same data files, and output_dir must be on a filesystem every process can read")
 
     def _dataset(self, dcfg) -> LlavaDataset:
         return LlavaDataset.for_model(dcfg, self.model)
@@ -998,6 +1067,17 @@ def _wandb_run(cfg: RunConfig, output_dir: Path, start_step: int):
                      resume="allow" if run_id else None, config=run_config_to_dict(cfg))
     id_file.write_text(str(run.id))
     return run
+
+
+def _picklable(e: Exception) -> Exception:
+    """``e``, or a TrainingError with its message where it cannot be pickled (to be sent to the other ranks)."""
+    import pickle
+
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:  # noqa: BLE001 - whatever pickling an arbitrary exception raises
+        return TrainingError(str(e))
 
 
 def _seed_everything(seed: int) -> None:

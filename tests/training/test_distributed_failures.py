@@ -1,0 +1,83 @@
+"""What goes wrong on one process of a torchrun run (2 CPU processes, gloo) is met by all of them, in one line each
+and without a hang: an output_dir that a rank cannot see (a node-local disk) is refused before training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import yaml
+
+from emma_mamba.training.config import run_config_to_dict
+from emma_mamba.training.trainer import Trainer
+from tests.conftest import tree_env
+from tests.training.conftest import make_cfg, subset
+
+
+def torchrun_once(args, cwd, timeout=150, script=None):
+    """torchrun with 2 processes in a session of its own, killed whole (SIGKILL) after ``timeout`` s: (returncode,
+    stdout + stderr); returncode None when it hung."""
+    entry = [str(script)] if script is not None else ["-m", "emma_mamba.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, *args]
+    proc = subprocess.Popen(cmd, env=tree_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out + f"\n[HUNG: killed after {timeout} s]"
+
+
+def write_yaml(cfg, path):
+    path.write_text(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def no_traceback(out: str) -> bool:
+    """No rank printed a traceback (torchrun's own report of a failed process has one, of the launcher)."""
+    return not any(f"[rank{r}]: Traceback" in out or f"[rank {r}] Traceback" in out for r in range(2))
+
+
+# rank 1 runs in another folder: a relative output_dir is then another folder, as on another node's local disk
+NODE_LOCAL = """
+import os, sys
+other = sys.argv.pop(1)
+if os.environ["RANK"] == "1":
+    os.chdir(other)
+from emma_mamba.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_output_dir_a_rank_cannot_see_is_refused_on_every_rank(shapes, tmp_path):
+    """With output_dir on a node-local disk, --resume auto resumed rank 0 at step 2 while rank 1, seeing an empty
+    folder, started afresh: it trained its share of every step wrong, then hung at the next checkpoint. Rank 0
+    resolves the resume point alone, every rank checks it sees the folder rank 0 prepared (a fresh run's too) and
+    the checkpoint (--resume DIR on a node-local disk), and all refuse the run in one line naming rank 1 and the
+    path, within seconds."""
+    data = subset(shapes, tmp_path, 8)
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node1.mkdir()
+    kw = dict(train={"global_batch_size": 4, "max_steps": 4}, checkpoint={"every_steps": 2})
+    Trainer(make_cfg(shapes, node0 / "runs" / "r", data, **kw)).fit(stop_after=2)
+    y = write_yaml(make_cfg(shapes, node0 / "runs" / "r", data, **kw), tmp_path / "run.yaml")
+    script = tmp_path / "node_local.py"
+    script.write_text(NODE_LOCAL)
+    for args, said in [(["--output_dir", "runs/r", "--resume", "auto"],
+                        f"rank 1 does not see the output_dir rank 0 prepared: runs/r (from {node1}) has no "
+                        f".write_test_"),
+                       (["--output_dir", str(node0 / "runs" / "r2"), "--resume", "runs/r/checkpoints/step_00000002"],
+                        "rank 1 does not see the checkpoint rank 0 resumes from: no runs/r/checkpoints/step_00000002/"
+                        f"trainer_state.pt (from {node1})")]:
+        rc, out = torchrun_once([str(node1), "finetune", "--config", str(y), *args], cwd=node0, script=script)
+        assert rc not in (0, None), out[-6000:]
+        # each rank says it, in one line
+        assert out.count(said) == 2 and out.count(": output_dir must be on a filesystem every process can read") == 2, \
+            out[-6000:]
+        assert no_traceback(out), out[-6000:]
+    assert not (node0 / "runs" / "r" / "checkpoints" / "step_00000004").exists()
+    assert not list((node0 / "runs" / "r").glob(".write_test_*"))  # the probe is removed
