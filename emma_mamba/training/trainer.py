@@ -543,10 +543,12 @@ class Trainer:
 
         While it runs, rank 0 holds the output folder's lock (:data:`LOCK_FILE`; a second run is refused) and
         Ctrl-C (SIGINT) and SIGTERM ask for a stop after the step in progress, with a checkpoint of it (exit code
-        130 / 143); a second one stops at once."""
+        130 / 143); a second one stops at once (under torchrun the same signal only :data:`SAME_STOP_S` after the
+        first: :meth:`_request_stop`)."""
         if self.info.is_main:
             _lock_output_dir(self.output_dir)  # again, should an earlier fit of this trainer have released it
         self._stop_signal, self._stop_agreed, self._pid, self._bar = None, False, os.getpid(), None
+        self._stop_time = 0.0  # when the stop signal came (time.monotonic)
         previous = _on_stop_signals(self._request_stop)
         try:
             return self._fit(stop_after)
@@ -705,13 +707,24 @@ class Trainer:
         """Ctrl-C (SIGINT), or SIGTERM (Slurm, Kubernetes, torchrun pass it on before they kill): stop after the
         step in progress, with a checkpoint of it; a second signal stops at once (the steps since the last
         checkpoint are then lost). torchrun starts its workers in their own session, so a terminal's Ctrl-C
-        reaches them once, passed on by torchrun (which kills them after its 30 s shutdown timeout)."""
+        reaches them once, passed on by torchrun (which kills them after its 30 s shutdown timeout). Under
+        torchrun the same signal again within :data:`SAME_STOP_S` is the same stop passed on twice (a scheduler
+        signals every process of the job, and torchrun passes its own on a moment later): only a later one stops
+        at once."""
+        now = time.monotonic()
         if self._stop_signal is not None:
+            since = now - self._stop_time
+            if signum == self._stop_signal and since < SAME_STOP_S and "TORCHELASTIC_RUN_ID" in os.environ:
+                log.debug("%s again %.2f s after the first: the same stop, passed on by torchrun",
+                          signal.Signals(signum).name, since)
+                return
             raise KeyboardInterrupt
-        self._stop_signal = signum
+        self._stop_signal, self._stop_time = signum, now
         if self.info.is_main and os.getpid() == self._pid:  # not a data-loader worker that inherited the handler
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            msg = (f"{name}: stopping after the step in progress, which is checkpointed first; {name} again stops "
+            again = f"{name} again" + (f" {SAME_STOP_S:g} s or more later" if "TORCHELASTIC_RUN_ID" in os.environ
+                                       else "")
+            msg = (f"{name}: stopping after the step in progress, which is checkpointed first; {again} stops "
                    f"at once (losing the steps since the last checkpoint)")
             if self._bar is not None:
                 self._bar.write(msg, file=sys.stderr)
@@ -1020,6 +1033,10 @@ _NOT_INSTALLED = object()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+SAME_STOP_S = 5.0
+"""Under torchrun, the same stop signal again within this many seconds of the first is that stop passed on twice
+(the scheduler's SIGTERM to every process, then torchrun's), not a second one that stops at once."""
 
 
 def _on_stop_signals(handler):

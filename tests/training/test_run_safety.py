@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,49 @@ def test_a_second_ctrl_c_stops_at_once(shapes, tmp_path, monkeypatch):
     assert e.value.exit_code == 130
     assert str(e.value) == "interrupted at step 1 of 5. No checkpoint was written (checkpoint.every_steps sets how often)."
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("torchrun,window,signals,at_once", [
+    (True, 5.0, (signal.SIGTERM, signal.SIGTERM), False),  # the scheduler's SIGTERM, then torchrun's
+    (True, 0.0, (signal.SIGTERM, signal.SIGTERM), True),  # one after the window: a second stop
+    (True, 5.0, (signal.SIGTERM, signal.SIGINT), True),  # another signal: a second stop
+    (False, 5.0, (signal.SIGTERM, signal.SIGTERM), True)])  # one process: the second stops at once
+def test_a_repeated_sigterm_under_torchrun_is_one_stop(shapes, tmp_path, monkeypatch, caplog, torchrun, window,
+                                                       signals, at_once):
+    """A scheduler (Slurm's cgroup proctrack, a systemd control group) sends SIGTERM to every process of the job,
+    and torchrun passes its own SIGTERM on to its workers a moment later: the second one stopped the run at once,
+    losing the checkpoint of the step in progress, depending on timing. Under torchrun (TORCHELASTIC_RUN_ID set)
+    the same signal again within SAME_STOP_S of the first is that stop passed on twice (logged at debug level);
+    a later one, or another signal, stops at once, as the second signal always does in one process."""
+    import logging
+
+    _main_thread_only()
+    data = subset(shapes, tmp_path, 6)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(trainer_mod, "SAME_STOP_S", window, raising=False)
+    orig = Trainer.train_step
+
+    def train_step(self, mbs):
+        if self.global_step + 1 == 2:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return orig(self, mbs)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with caplog.at_level(logging.DEBUG, logger="emma_mamba.training.trainer"), \
+            pytest.raises(TrainingInterrupted) as e:
+        Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 5})).fit()
+    if at_once:
+        assert str(e.value).startswith("interrupted at step 1 of 5. No checkpoint was written")
+        assert not (tmp_path / "r" / "checkpoints").exists()
+    else:
+        assert e.value.exit_code == 143 and str(e.value).startswith("stopped by SIGTERM after step 2 of 5. ")
+        assert (tmp_path / "r" / "checkpoints" / "step_00000002" / "trainer_state.pt").is_file()
+        assert re.search(r"SIGTERM again \d+\.\d\d s after the first: the same stop, passed on by torchrun",
+                         caplog.text), caplog.text
 
 
 def test_ctrl_c_during_a_validation_stops_after_it(shapes, tmp_path, monkeypatch):
