@@ -74,6 +74,10 @@ __all__ = ["DataError", "Sample", "DataReport", "DataSource", "LlavaDataset", "r
            "repeat_indices", "record_where", "is_jsonl"]
 
 log = logging.getLogger(__name__)
+load_log = logging.getLogger(__name__ + ".loading")
+"""Where the records skipped while training (an image that failed to load) are logged: each process's own, so
+that a distributed run's launcher may quiet the rest of this module's warnings (the same on every process) on all
+ranks but one and still show these."""
 
 IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
@@ -243,7 +247,7 @@ class _Issues:
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error, self.report = on_error, report
 
-    def __call__(self, reason: str, where: str, message: str) -> None:
+    def __call__(self, reason: str, where: str, message: str, logger: logging.Logger = log) -> None:
         assert reason in REASONS, reason
         text = f"{where}: {message}"
         if self.on_error == "raise":
@@ -254,9 +258,9 @@ class _Issues:
             shown.append(text)
         n = sum(self.report.skipped.values())
         if n <= _MAX_LOGGED_SKIPS:
-            log.warning("skipping %s [%s]", text, reason)
+            logger.warning("skipping %s [%s]", text, reason)
         elif n == _MAX_LOGGED_SKIPS + 1:
-            log.warning("more bad records are being skipped; counts per reason are in the data summary")
+            logger.warning("more bad records are being skipped; counts per reason are in the data summary")
 
 
 def record_where(path: str | Path, index: int, rid=None) -> str:
@@ -711,17 +715,33 @@ class LlavaDataset:
             return torch.zeros(0, 3, 1, 1)
         return torch.stack(out)
 
-    def report_issue(self, err: DataError) -> None:
+    def report_issue(self, err: DataError) -> tuple | None:
         """Apply on_error to an error raised while loading (raise it, or log and count it). A record is counted
         once, and no longer as used, however often it comes up again (later epochs, repeated rows, a resumed run:
-        :meth:`failed_records` / :meth:`restore_skips`)."""
+        :meth:`failed_records` / :meth:`restore_skips`). Returns (record, reason, message) when it was counted now
+        (what :meth:`count_skips_elsewhere` takes), else None."""
         where, _, message = str(err).partition(": image ")
         key = getattr(err, "record", None) or where
         if key in self._failed_loads:
-            return
-        self.issues(err.reason, where, "image " + message)
+            return None
+        self.issues(err.reason, where, "image " + message, load_log)
         self._failed_loads.add(key)
         self.report.samples -= 1
+        return key, err.reason, f"{where}: image {message}"
+
+    def count_skips_elsewhere(self, skips) -> None:
+        """Count the records another process skipped while training (what its :meth:`report_issue` returned), each
+        once and not logged again: the report (and a checkpoint's :meth:`failed_records`) of every process of a
+        distributed run then holds every process's skips, as one process's would."""
+        for key, reason, text in skips:
+            if key in self._failed_loads:
+                continue
+            self._failed_loads.add(key)
+            self.report.skipped[reason] += 1
+            shown = self.report.examples.setdefault(reason, [])
+            if len(shown) < _MAX_EXAMPLES:
+                shown.append(text)
+            self.report.samples -= 1
 
     def failed_records(self) -> list[list[int]]:
         """The records counted as skipped while training (their images failed to load), as [source, index]

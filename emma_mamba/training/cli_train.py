@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("emma_mamba").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if rank > 0:
         # every rank reads the whole data file, so its warnings (bad or truncated records) would repeat once per
-        # process: rank 0 reports them; errors still come from every rank
+        # process: rank 0 reports them; errors still come from every rank, and so do the records each rank skips
+        # while training (an image it failed to read: its own)
         logging.getLogger("emma_mamba.data").setLevel(logging.ERROR)
+        logging.getLogger("emma_mamba.data.llava.loading").setLevel(logging.WARNING)
     prog = f"emma-mamba {stage}"
     try:
         path = resolve_config_path(args.config, "run config")

@@ -417,12 +417,14 @@ class Trainer:
                 "image_counts": [0], "instructions": [], "sample_ids": ["<skipped>"], "num_samples": 0,
                 "num_tokens": 0, "num_positions": 0, "num_label_tokens": 0, "num_images": 0}
 
-    def _usable(self, b: dict | None, dataset: LlavaDataset) -> dict:
-        """A loaded micro-batch with its image errors handed to data.on_error (raised, or logged and counted); an
-        empty one (every sample skipped) or none at all (a rank with fewer validation rows) becomes a zero-weight
-        dummy row."""
+    def _usable(self, b: dict | None, dataset: LlavaDataset, skipped: list | None = None) -> dict:
+        """A loaded micro-batch with its image errors handed to data.on_error (raised, or logged and counted, the
+        records counted now appended to ``skipped``); an empty one (every sample skipped) or none at all (a rank
+        with fewer validation rows) becomes a zero-weight dummy row."""
         for err in b["errors"] if b is not None else ():
-            dataset.report_issue(err)  # raises under on_error=raise
+            new = dataset.report_issue(err)  # raises under on_error=raise
+            if new is not None and skipped is not None:
+                skipped.append(new)
         return self._dummy_batch() if b is None or b.get("empty") else b
 
     def _forward(self, b: dict):
@@ -433,10 +435,16 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
-        batches = [self._usable(b, self.dataset) for b in micro_batches]
+        skipped: list = []  # records this rank skipped in this step (data.on_error: skip)
+        batches = [self._usable(b, self.dataset, skipped) for b in micro_batches]
         keys = ("num_label_tokens", "num_images", "num_tokens", "num_positions", "num_samples")
         counts = torch.tensor([[b[k] for k in keys] for b in batches], dtype=torch.float64).sum(0)
+        counts = torch.cat([counts, torch.tensor([len(skipped)], dtype=torch.float64)])
         counts = all_reduce_sum(counts.to(info.device)).cpu()
+        if counts[5] > 0 and info.distributed:  # every rank counts every rank's skips (metrics, checkpoints)
+            for r, theirs in enumerate(all_gather_object(skipped)):
+                if r != info.rank:
+                    self.dataset.count_skips_elsewhere(theirs)
         n_lab, n_img = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
         w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
         # (lm, align, SIGTERM seen): the stop request rides on the step's own all-reduce, so every rank agrees

@@ -1,16 +1,23 @@
 """What goes wrong on one process of a torchrun run (2 CPU processes, gloo) is met by all of them, in one line each
-and without a hang: an output_dir that a rank cannot see (a node-local disk) is refused before training."""
+and without a hang: an output_dir that a rank cannot see (a node-local disk) is refused before training; a record
+skipped by rank 1 (data.on_error: skip) is said by rank 1 and counted in the run's metrics, summary and
+checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
+import torch
 import yaml
 
-from emma_mamba.training.config import run_config_to_dict
+from emma_mamba.training import trainer as trainer_mod
+from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
+from emma_mamba.training.parallel import DistInfo
 from emma_mamba.training.trainer import Trainer
 from tests.conftest import tree_env
 from tests.training.conftest import make_cfg, subset
@@ -81,3 +88,53 @@ def test_an_output_dir_a_rank_cannot_see_is_refused_on_every_rank(shapes, tmp_pa
         assert no_traceback(out), out[-6000:]
     assert not (node0 / "runs" / "r" / "checkpoints" / "step_00000004").exists()
     assert not list((node0 / "runs" / "r").glob(".write_test_*"))  # the probe is removed
+
+
+def image_read_by_rank1(tmp_path, cfg, step):
+    """(the image file, its record's index) that rank 1 of 2 reads at ``step`` of ``cfg``'s run (epoch 0) and no
+    rank reads at another step of it: the run's plan, computed as the trainer does, in a trainer of its own folder."""
+    t = Trainer(run_config_from_dict(run_config_to_dict(cfg), source="test",
+                                     overrides={"output_dir": str(tmp_path / "plan")}))
+    trainer_mod._unlock_output_dir(tmp_path / "plan")  # (never fit: the lock is given back here)
+    t.accum = cfg.grad_accum(2)
+    reads = {}  # (step, rank) -> samples
+
+    for st in range(1, cfg.train.max_steps + 1):
+        for rank in range(2):
+            t.info = DistInfo(rank=rank, world_size=2)
+            reads[st, rank] = [t.dataset.samples[i] for mb in t._step_micro_batches(t.epoch_rows(0), st - 1)
+                               for row in mb for i in row]
+    elsewhere = {p for k, v in reads.items() if k != (step, 1) for s in v for p in s.images}
+    s = next(s for s in reads[step, 1] if len(s.images) == 1 and s.images[0] not in elsewhere)
+    return s.images[0], s.index
+
+
+def with_truncated_image(shapes, tmp_path, image):
+    """A copy of the ShapesWorld images with ``image`` truncated (a corrupt PNG); returns the copy's folder."""
+    folder = tmp_path / "images"
+    shutil.copytree(shapes / "images", folder)
+    bad = folder / image.relative_to(shapes / "images")
+    bad.write_bytes(bad.read_bytes()[:100])
+    return folder
+
+
+def test_records_skipped_by_another_rank_are_said_and_counted(shapes, tmp_path):
+    """data.on_error: skip with an image only rank 1 reads (truncated): rank 1 said nothing (its data warnings are
+    quieted as repeats of rank 0's), metrics.jsonl's skipped_records and the end summary were rank 0's (none), and
+    so were the checkpoint's skip counts. Rank 1 now says it (prefixed by its rank), each step's new skips ride
+    on the step's all-reduce and every rank counts every rank's: the metric, the summary and the checkpoint
+    (skipped, failed_records: what a resume counts once) hold it."""
+    data = subset(shapes, tmp_path, 12)
+    cfg = make_cfg(shapes, tmp_path / "ddp", data, train={"global_batch_size": 4, "max_steps": 3},
+                   data={"on_error": "skip"}, checkpoint={"every_steps": 3}, log={"every_steps": 1})
+    image, index = image_read_by_rank1(tmp_path, cfg, step=2)
+    cfg.data.image_folder = str(with_truncated_image(shapes, tmp_path, image))
+    rc, out = torchrun_once(["finetune", "--config", str(write_yaml(cfg, tmp_path / "run.yaml"))], cwd=tmp_path)
+    assert rc == 0, out[-6000:]
+    said = [line for line in out.splitlines() if "skipping" in line and image.name in line]
+    assert len(said) == 1 and "[rank 1] WARNING" in said[0] and "[corrupt_image]" in said[0], out[-6000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_records"] for m in rows] == [0, 1, 1]
+    assert "done: 3 steps; " in out and ": 11 of 12 records used; skipped 1 (corrupt_image: 1)" in out, out[-6000:]
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003" / "trainer_state.pt", weights_only=True)
+    assert state["skipped"] == {"corrupt_image": 1} and state["failed_records"] == [[0, index]]
