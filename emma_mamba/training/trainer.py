@@ -436,15 +436,22 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
         skipped: list = []  # records this rank skipped in this step (data.on_error: skip)
-        batches = [self._usable(b, self.dataset, skipped) for b in micro_batches]
+        error = None
+        try:
+            batches = [self._usable(b, self.dataset, skipped) for b in micro_batches]
+        except DataError as e:  # data.on_error: raise; made known to every rank by the all-reduce below
+            error, batches = e, []
         keys = ("num_label_tokens", "num_images", "num_tokens", "num_positions", "num_samples")
-        counts = torch.tensor([[b[k] for k in keys] for b in batches], dtype=torch.float64).sum(0)
-        counts = torch.cat([counts, torch.tensor([len(skipped)], dtype=torch.float64)])
+        # + the records skipped and whether a data error stops the run, before any forward (every rank stops here)
+        counts = torch.tensor([sum(b[k] for b in batches) for k in keys] + [len(skipped), error is not None],
+                              dtype=torch.float64)
         counts = all_reduce_sum(counts.to(info.device)).cpu()
         if counts[5] > 0 and info.distributed:  # every rank counts every rank's skips (metrics, checkpoints)
             for r, theirs in enumerate(all_gather_object(skipped)):
                 if r != info.rank:
                     self.dataset.count_skips_elsewhere(theirs)
+        if counts[6] > 0:
+            self._raise_data_error(error, f"in step {self.global_step + 1}")
         n_lab, n_img = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
         w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
         # (lm, align, SIGTERM seen): the stop request rides on the step's own all-reduce, so every rank agrees
@@ -497,24 +504,35 @@ class Trainer:
         per_rank = -(-len(chunks) // info.world_size)  # every rank runs as many forwards (FSDP's collectives)
         mine = chunks[info.rank::info.world_size]
         batches = iter(self._data_loader(ds, mine))
-        # sums: lm loss x tokens, align loss x images, answer tokens, images, tokens predicted right
-        sums = torch.zeros(5, dtype=torch.float64, device=info.device)
+        # sums: lm loss x tokens, align loss x images, answer tokens, images, tokens predicted right, data errors
+        sums = torch.zeros(6, dtype=torch.float64, device=info.device)
+        error = None
         was_training = self.model.training
         self.model.eval()
         try:
             for j in range(per_rank):
-                b = self._to_device(self._usable(next(batches, None), ds))
+                try:
+                    b = self._usable(next(batches, None) if error is None else None, ds)
+                except DataError as e:
+                    if not info.distributed:
+                        raise
+                    # said to the others at the all-reduce below; until then as many forwards as they run (FSDP)
+                    error, b = e, self._dummy_batch()
+                    sums[5] = 1.0
+                b = self._to_device(b)
                 with self._autocast():
                     out = self._forward(b)
                 target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
                 sel = target != -100
                 right = (out.logits.argmax(-1)[sel] == target[sel]).sum()
-                sums += torch.tensor([float(out.loss["lm"]) * b["num_label_tokens"],
-                                      float(out.loss["align"]) * b["num_images"], b["num_label_tokens"],
-                                      b["num_images"], float(right)], dtype=torch.float64, device=info.device)
+                sums[:5] += torch.tensor([float(out.loss["lm"]) * b["num_label_tokens"],
+                                          float(out.loss["align"]) * b["num_images"], b["num_label_tokens"],
+                                          b["num_images"], float(right)], dtype=torch.float64, device=info.device)
         finally:
             self.model.train(was_training)
         sums = all_reduce_sum(sums).cpu()
+        if sums[5] > 0:
+            self._raise_data_error(error, f"in the validation after step {self.global_step}")
         n_lab, n_img = max(1.0, float(sums[2])), max(1.0, float(sums[3]))
         w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
         lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
@@ -557,6 +575,7 @@ class Trainer:
             _lock_output_dir(self.output_dir)  # again, should an earlier fit of this trainer have released it
         self._stop_signal, self._stop_agreed, self._pid, self._bar = None, False, os.getpid(), None
         self._stop_time = 0.0  # when the stop signal came (time.monotonic)
+        self._data_error_agreed = False  # a data error every rank raised (_raise_data_error)
         previous = _on_stop_signals(self._request_stop)
         try:
             return self._fit(stop_after)
@@ -690,12 +709,22 @@ class Trainer:
                     return
             del it
 
+    def _raise_data_error(self, error: DataError | None, where: str) -> None:
+        """After an all-reduce that said some rank met a data error (``error`` on this one, else None): raise it on
+        every rank, this rank's own or one naming the first rank that met one, so that all checkpoint together
+        (:meth:`_checkpoint_before_data_error`) and stop."""
+        self._data_error_agreed = True
+        failed = [r for r, bad in enumerate(all_gather_object(error is not None)) if bad]
+        if error is not None:
+            raise error
+        raise DataError(f"rank {failed[0]} met a data error {where} (its message above)")
+
     def _checkpoint_before_data_error(self) -> None:
         """A data error (an unreadable image of the next step, or of the held-out set after a step) leaves the
         state at the end of a finished step, consistent: checkpoint it when the last checkpoint is older, so that
-        fixing the data (or ``data.on_error: skip``) and ``--resume auto`` lose no step. One process only: in a
-        distributed run the other ranks, which did not meet the error, would not join the collective save."""
-        if self.info.world_size > 1 or self.global_step <= self._saved_step:
+        fixing the data (or ``data.on_error: skip``) and ``--resume auto`` lose no step. In a distributed run only
+        an error every rank raised (:meth:`_raise_data_error`): the save is collective."""
+        if (self.info.world_size > 1 and not self._data_error_agreed) or self.global_step <= self._saved_step:
             return
         try:
             path = self.save_checkpoint()
@@ -703,7 +732,8 @@ class Trainer:
         except BaseException as e:  # noqa: BLE001 - never raised over the data error being handled
             log.error("checkpointing step %d after the data error failed: %s", self.global_step, e)
             return
-        log.info("checkpointed step %d before stopping: %s", self.global_step, path)
+        if self.info.is_main:
+            log.info("checkpointed step %d before stopping: %s", self.global_step, path)
 
     def _last_checkpoint_hint(self) -> str:
         last = latest_checkpoint(self.output_dir)

@@ -1,7 +1,7 @@
 """What goes wrong on one process of a torchrun run (2 CPU processes, gloo) is met by all of them, in one line each
 and without a hang: an output_dir that a rank cannot see (a node-local disk) is refused before training; a record
 skipped by rank 1 (data.on_error: skip) is said by rank 1 and counted in the run's metrics, summary and
-checkpoints."""
+checkpoints; a data error on rank 1 (data.on_error: raise) stops every rank after a checkpoint of the steps done."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+import pytest
 import yaml
 
+from emma_mamba.data.llava import plan_rows
 from emma_mamba.training import trainer as trainer_mod
 from emma_mamba.training.config import run_config_from_dict, run_config_to_dict
 from emma_mamba.training.parallel import DistInfo
@@ -92,10 +95,16 @@ def test_an_output_dir_a_rank_cannot_see_is_refused_on_every_rank(shapes, tmp_pa
 
 def image_read_by_rank1(tmp_path, cfg, step):
     """(the image file, its record's index) that rank 1 of 2 reads at ``step`` of ``cfg``'s run (epoch 0) and no
-    rank reads at another step of it: the run's plan, computed as the trainer does, in a trainer of its own folder."""
+    rank reads at another step of it (``step`` 'val': in a validation); the run's plan, computed as the trainer
+    does, in a trainer of its own folder."""
     t = Trainer(run_config_from_dict(run_config_to_dict(cfg), source="test",
                                      overrides={"output_dir": str(tmp_path / "plan")}))
     trainer_mod._unlock_output_dir(tmp_path / "plan")  # (never fit: the lock is given back here)
+    if step == "val":  # Trainer.validate's order: fixed rows in chunks, chunk j to rank j % 2
+        ds = t.val_dataset
+        rows = plan_rows(ds.lengths, 0, 0, cfg.data.packing, cfg.data.max_length)
+        s = ds.samples[rows[1][0]]  # the second chunk of one row
+        return s.images[0], s.index
     t.accum = cfg.grad_accum(2)
     reads = {}  # (step, rank) -> samples
 
@@ -138,3 +147,58 @@ def test_records_skipped_by_another_rank_are_said_and_counted(shapes, tmp_path):
     assert "done: 3 steps; " in out and ": 11 of 12 records used; skipped 1 (corrupt_image: 1)" in out, out[-6000:]
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "step_00000003" / "trainer_state.pt", weights_only=True)
     assert state["skipped"] == {"corrupt_image": 1} and state["failed_records"] == [[0, index]]
+
+
+def losses(run_dir):
+    return [(m["step"], m["loss"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m]
+
+
+def test_a_data_error_on_one_rank_stops_every_rank_after_a_checkpoint(shapes, tmp_path):
+    """An unreadable image of step 3 met by rank 1 (data.on_error: raise, no checkpoints asked for): rank 1 stopped,
+    rank 0 waited in the step's collective until torchrun killed it, and the two steps done were lost (one process
+    checkpoints them first). The error now rides on the step's first all-reduce, before any forward: every rank
+    checkpoints step 2 together and stops, rank 1 with its error, rank 0 naming rank 1, one line each; the image
+    fixed, --resume auto ends as the uninterrupted 1-process run (the oracle)."""
+    data = subset(shapes, tmp_path, 12)
+    kw = dict(train={"global_batch_size": 4, "max_steps": 3}, log={"every_steps": 1})
+    ref = Trainer(make_cfg(shapes, tmp_path / "ref", data, **kw)).fit()
+    cfg = make_cfg(shapes, tmp_path / "ddp", data, **kw)
+    image, _ = image_read_by_rank1(tmp_path, cfg, step=3)
+    cfg.data.image_folder = str(with_truncated_image(shapes, tmp_path, image))
+    y = write_yaml(cfg, tmp_path / "run.yaml")
+    rc, out = torchrun_once(["finetune", "--config", str(y)], cwd=tmp_path)
+    assert rc not in (0, None), out[-6000:]
+    errors = [line for line in out.splitlines() if line.startswith("emma-mamba finetune: ")]
+    assert len(errors) == 2 and any(image.name in e and "cannot" in e for e in errors), out[-6000:]
+    assert "emma-mamba finetune: rank 1 met a data error in step 3 (its message above)" in errors, out[-6000:]
+    assert no_traceback(out), out[-6000:]
+    ckpts = tmp_path / "ddp" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"], out[-6000:]
+    assert (ckpts / "step_00000002" / "rng_rank1.pt").is_file()
+    shutil.copy(image, Path(cfg.data.image_folder) / image.relative_to(shapes / "images"))  # the image fixed
+    rc, out = torchrun_once(["finetune", "--config", str(y), "--resume", "auto"], cwd=tmp_path)
+    assert rc == 0, out[-6000:]
+    got, want = losses(tmp_path / "ddp"), [(m["step"], m["loss"]) for m in ref]
+    assert [g[0] for g in got] == [w[0] for w in want] == [1, 2, 3]
+    assert [g[1] for g in got] == pytest.approx([w[1] for w in want], rel=1e-5)
+
+
+def test_a_validation_data_error_on_one_rank_stops_every_rank_after_a_checkpoint(shapes, tmp_path):
+    """The same for a held-out image only rank 1 validates: the error rides on the validation's all-reduce (rank 1
+    runs as many forwards as the others until then), every rank checkpoints the step validated and stops."""
+    data = subset(shapes, tmp_path, 8)
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(json.loads((shapes / "train" / "stage2_instruct.json").read_text())[12:16]))
+    cfg = make_cfg(shapes, tmp_path / "ddp", data, train={"global_batch_size": 4, "max_steps": 3},
+                   val={"json": str(val), "image_folder": str(shapes / "images"), "every_steps": 2,
+                        "micro_batch_size": 1})
+    image, _ = image_read_by_rank1(tmp_path, cfg, step="val")
+    cfg.data.image_folder = cfg.val.image_folder = str(with_truncated_image(shapes, tmp_path, image))
+    rc, out = torchrun_once(["finetune", "--config", str(write_yaml(cfg, tmp_path / "run.yaml"))], cwd=tmp_path)
+    assert rc not in (0, None), out[-6000:]
+    errors = [line for line in out.splitlines() if line.startswith("emma-mamba finetune: ")]
+    assert len(errors) == 2 and any(image.name in e for e in errors), out[-6000:]
+    assert "emma-mamba finetune: rank 1 met a data error in the validation after step 2 (its message above)" in \
+        errors, out[-6000:]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000002"]
