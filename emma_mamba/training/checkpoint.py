@@ -58,7 +58,7 @@ from emma_mamba.training.parallel import DistInfo, barrier, is_fsdp
 
 __all__ = ["save_checkpoint", "AsyncCheckpoint", "load_checkpoint", "latest_checkpoint", "resolve_resume",
            "check_resume_stage", "save_model_dir", "rng_state", "set_rng_state", "CHECKPOINT_DIR", "SHARDED_DIR",
-           "is_sharded", "read_sharded_model"]
+           "is_sharded", "read_sharded_model", "write_failure"]
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
             from emma_mamba.models.lora import has_lora, lora_metadata
 
             extra = {"format": "sharded", "lora": lora_metadata(model) if has_lora(model) else None}
-            torch.save({"scheduler": scheduler.state_dict(), **extra, **state}, tmp / STATE_NAME)
-        torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+            _torch_save({"scheduler": scheduler.state_dict(), **extra, **state}, tmp / STATE_NAME)
+        _torch_save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
         # the small files first: with async_save they must be on disk before DCP's metadata (written last,
         # after every rank's shards) lets rank 0 rename the directory
         future = _save_sharded(tmp, model, optimizer, info, async_save)
@@ -169,8 +169,8 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
         optim_sd = get_optimizer_state_dict(model, optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if info.is_main:
-            torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
-        torch.save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
+            _torch_save({"optimizer": optim_sd, "scheduler": scheduler.state_dict(), **state}, tmp / STATE_NAME)
+        _torch_save(rng_state(), tmp / f"rng_rank{info.rank}.pt")
     if future is not None:
         return AsyncCheckpoint(future, tmp, final, keep_last, info.is_main)
     barrier()
@@ -178,6 +178,32 @@ def save_checkpoint(output_dir: Path, step: int, model: nn.Module, optimizer, sc
         _finalize(tmp, final, keep_last)
     barrier()
     return final
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save``, whose failure to write (a full disk: "unexpected pos 64 vs 0", "file write failed") is a
+    RuntimeError, raised as the OSError it is (what the trainer reports in one line with the last checkpoint)."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = ""
+        raise OSError(f"writing {path.name} failed ({_last_line(e)}{free})") from e
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a checkpoint or model write failed, when ``e`` is how one fails: an OSError (:func:`_torch_save`'s
+    too) or safetensors' SafetensorError (a full disk: "I/O error: No space left on device (os error 28)"); None
+    for any other error."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, SafetensorError):
+        return _last_line(e).removeprefix("Error while serializing: ")
+    return None
 
 
 def _finalize(tmp: Path, final: Path, keep_last: int) -> None:

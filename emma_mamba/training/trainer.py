@@ -52,7 +52,7 @@ from emma_mamba.data.llava import DataError, LlavaDataset, check_data_paths, col
 from emma_mamba.fileio import text_lines
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
-                                            save_model_dir)
+                                            save_model_dir, write_failure)
 from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
@@ -633,9 +633,12 @@ class Trainer:
                                       f"of {self.total_steps}: {self.output_dir} holds no complete final model "
                                       f"(each file is written whole or not at all); --resume auto writes it "
                                       f"again from the last checkpoint") from None
-        except OSError as e:
+        except Exception as e:
+            why = write_failure(e)  # a full disk, a folder made read-only (else not a write's failure: raised)
+            if why is None:
+                raise
             raise TrainingError(f"writing the final model into {self.output_dir} failed after step "
-                                f"{self.global_step} of {self.total_steps} ({e.strerror or e}). "
+                                f"{self.global_step} of {self.total_steps} ({why}). "
                                 f"{self._last_checkpoint_hint()}") from None
         barrier()
         if info.is_main:
@@ -825,9 +828,12 @@ class Trainer:
             out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
                                   state, self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
                                   fmt=self.cfg.checkpoint.format, async_save=self.cfg.checkpoint.async_save)
-        except OSError as e:  # a full disk, a folder made read-only: said with what is left to resume from
+        except Exception as e:  # a full disk, a folder made read-only: said with what is left to resume from
+            why = write_failure(e)
+            if why is None:
+                raise
             raise TrainingError(f"writing the checkpoint of step {self.global_step} into {self.output_dir} failed "
-                                f"({e.strerror or e}); its partial files are ignored by --resume. "
+                                f"({why}); its partial files are ignored by --resume. "
                                 f"{self._last_checkpoint_hint()}") from None
         if isinstance(out, Path):
             return out

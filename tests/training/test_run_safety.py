@@ -338,6 +338,47 @@ def test_a_failed_checkpoint_write_names_the_last_checkpoint(shapes, tmp_path, m
     assert f"The last checkpoint is {tmp_path / 'r' / 'checkpoints' / 'step_00000002'}" in msg
 
 
+@pytest.mark.parametrize("writer,what", [("safetensors", "checkpoint"), ("torch.save", "checkpoint"),
+                                         ("safetensors", "final model")])
+def test_a_full_disk_is_one_error_naming_the_last_checkpoint(shapes, tmp_path, monkeypatch, writer, what):
+    """A real full disk is no OSError: safetensors raises its SafetensorError and torch.save a RuntimeError, which
+    escaped the one-line message (a traceback instead). Both are now the TrainingError naming the step, the reason
+    and the last checkpoint, for a step checkpoint and the final model (the writers made to fail as they do on a
+    full tmpfs)."""
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    data = subset(shapes, tmp_path, 4)
+    real_model, real_save = safetensors.torch.save_model, torch.save
+    full = "step_00000004" if what == "checkpoint" else f"{tmp_path / 'r'}{os.sep}."  # the final model's temp file
+
+    def save_model(model, filename, metadata=None):
+        if writer == "safetensors" and full in str(filename):
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error "
+                                              "28)")
+        return real_model(model, filename, metadata=metadata)
+
+    def save(obj, f, *a, **kw):
+        if writer == "torch.save" and full in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(safetensors.torch, "save_model", save_model)
+    monkeypatch.setattr(torch, "save", save)
+    cfg = make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    with pytest.raises(TrainingError) as e:
+        Trainer(cfg).fit()
+    msg = str(e.value)
+    said = {"checkpoint": f"writing the checkpoint of step 4 into {tmp_path / 'r'} failed (",
+            "final model": f"writing the final model into {tmp_path / 'r'} failed after step 4 of 4 ("}[what]
+    why = ("I/O error: No space left on device (os error 28))" if writer == "safetensors" else
+           "writing trainer_state.pt failed ([enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0; ")
+    assert msg.startswith(said + why), msg
+    last = tmp_path / "r" / "checkpoints" / ("step_00000004" if what == "final model" else "step_00000002")
+    assert "\n" not in msg and msg.endswith(f"The last checkpoint is {last} (--resume auto continues from it).")
+
+
 def test_an_interrupted_final_write_leaves_no_half_model(shapes, tmp_path, monkeypatch):
     """Ctrl-C while the final model was written said 'interrupted before the first step' and left a half-size
     model.safetensors. The weights are now written whole or not at all, and the message says what happened;
