@@ -10,7 +10,7 @@ value of the wrong type is an error naming the key, its dotted path and the file
     data:  {json: ..., image_folder: ..., max_length: ..., packing: ..., on_error: raise | skip, ...}
     train: {lr: ..., epochs: ..., global_batch_size: ..., micro_batch_size: ..., ...}
     val:   {json: ..., every_steps: ..., max_samples: ...}   # optional validation loss on held-out data
-    parallel: {strategy: auto | none | ddp | fsdp, ...}
+    parallel: {strategy: auto | none | ddp | fsdp, timeout_minutes: ..., ...}
     checkpoint: {every_steps: ..., keep_last: ..., format: full|sharded, async_save: false}
     log: {every_steps: ..., jsonl: ..., tensorboard: ..., progress_bar: ..., wandb: ..., peak_tflops: ...}
     profile: {steps: 0, start_step: 3, ...}   # torch.profiler traces of chosen steps (off by default)
@@ -177,6 +177,10 @@ class ParallelConfig:
     """DDP: tolerate trainable parameters unused in a step (text-only batches skip the vision bridge)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after the forward (ZeRO-3) rather than keeping them (ZeRO-2)."""
+    timeout_minutes: float | None = None
+    """How long a process waits in a collective (a step's all-reduce, a checkpoint's barrier) for the others before
+    it fails: the process group's timeout (init_process_group's). null: torch's default (10 minutes with NCCL, 30
+    with gloo). Longer where a process may be busy alone for longer (writing a large checkpoint to a slow disk)."""
 
 
 @dataclass
@@ -399,6 +403,9 @@ class RunConfig:
             bad(f"val.every_steps / val.max_samples are set ({v.every_steps} / {v.max_samples}) but val.json (the "
                 f"validation file) is not; to run without validation set them to 0 too (--val.every_steps 0 "
                 f"--val.max_samples 0)")
+        if self.parallel.timeout_minutes is not None and not self.parallel.timeout_minutes > 0:
+            bad(f"parallel.timeout_minutes must be > 0 (or null for torch's default), got "
+                f"{self.parallel.timeout_minutes}")
         if self.checkpoint.every_steps < 0 or self.checkpoint.keep_last < 0:
             bad("checkpoint.every_steps and checkpoint.keep_last must be >= 0")
         if self.log.peak_tflops is not None and not self.log.peak_tflops > 0:

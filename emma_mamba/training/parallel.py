@@ -62,9 +62,10 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, timeout_minutes: float | None = None) -> DistInfo:
     """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process group: NCCL when
-    CUDA is available (one GPU per local rank), gloo otherwise. Without torchrun: a single CPU/GPU process."""
+    CUDA is available (one GPU per local rank), gloo otherwise. Without torchrun: a single CPU/GPU process.
+    ``timeout_minutes``: the group's collective timeout (parallel.timeout_minutes; None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -88,6 +89,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
             kw = {"device_id": dev} if use_cuda else {}
+            if timeout_minutes is not None:
+                import datetime
+
+                kw["timeout"] = datetime.timedelta(minutes=timeout_minutes)
             dist.init_process_group(backend=backend, **kw)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
 

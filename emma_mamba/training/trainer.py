@@ -103,7 +103,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, device: str | None = None):
         self.cfg = cfg
-        self.info: DistInfo = init_distributed(device)
+        self.info: DistInfo = init_distributed(device, cfg.parallel.timeout_minutes)
         try:
             self._setup(cfg, resume)
         except BaseException:  # nothing will run: the folder's lock (taken early in _setup) is given back

@@ -197,6 +197,46 @@ def test_global_batch_must_divide(tmp_path):
         load_run_config(write(tmp_path, {**BASE, "train": {"global_batch_size": 12, "micro_batch_size": 8}}))
 
 
+def test_parallel_timeout_minutes_reaches_the_process_group(tmp_path, monkeypatch):
+    """parallel.timeout_minutes is init_process_group's timeout (null: torch's default, no timeout passed); a value
+    that is not a finite number > 0 is a ConfigError naming the key."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from emma_mamba.training import trainer as trainer_mod
+    from emma_mamba.training.parallel import init_distributed
+
+    assert load_run_config(write(tmp_path, BASE)).parallel.timeout_minutes is None
+    cfg = load_run_config(write(tmp_path, {**BASE, "parallel": {"timeout_minutes": 90}}),
+                          {"parallel": {"timeout_minutes": 2.5}})
+    assert cfg.parallel.timeout_minutes == 2.5
+    for bad in (0, -1, math.inf, math.nan):
+        with pytest.raises(ConfigError, match=r"run\.yaml: parallel\.timeout_minutes must be (> 0|a finite number)"):
+            load_run_config(write(tmp_path, {**BASE, "parallel": {"timeout_minutes": bad}}))
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def init_process_group(backend, **kw):
+        asked.append(kw)
+        raise Stop
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for minutes in (2.5, None):
+        cfg.parallel.timeout_minutes = minutes
+        with pytest.raises(Stop):
+            trainer_mod.Trainer(cfg, device="cpu")  # the trainer passes the config's value on
+    assert asked[0]["timeout"] == datetime.timedelta(minutes=2.5) and "timeout" not in asked[1]
+    with pytest.raises(Stop):
+        init_distributed("cpu", 0.5)
+    assert asked[2]["timeout"] == datetime.timedelta(seconds=30)
+
+
 def test_an_unknown_preset_in_a_run_config_names_the_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"run\.yaml: model\.preset: unknown preset 'tinyy'; valid presets: .* "
                                           r"\(did you mean 'tiny'\?\)"):
