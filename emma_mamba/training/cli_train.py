@@ -96,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("emma_mamba.data").setLevel(logging.ERROR)
         logging.getLogger("emma_mamba.data.llava.loading").setLevel(logging.WARNING)
     prog = f"emma-mamba {stage}"
+    # under torchrun every process prints its own one-line error: each says whose it is
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    said = f"[rank {rank}] {prog}" if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ else prog
     try:
         path = resolve_config_path(args.config, "run config")
         raw = read_yaml_mapping(path)
@@ -106,13 +109,14 @@ def run(args: argparse.Namespace) -> int:
         overrides["stage"] = stage
         cfg = load_run_config(path, overrides, model=args._model)
     except (ConfigError, OSError, yaml.YAMLError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{said}: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False), end="")
         return 0
     from emma_mamba.models.mamba import CheckpointError
     from emma_mamba.training import TrainingError, TrainingInterrupted
+    from emma_mamba.training.parallel import lost_peer
     from emma_mamba.training.trainer import train
 
     finished = False
@@ -120,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
         train(cfg, resume=args.resume, device=args.device)
         finished = True
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, TrainingError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        print(f"{said}: {e}", file=sys.stderr)
         return e.exit_code if isinstance(e, TrainingInterrupted) else 2
     except KeyboardInterrupt:  # while the model or data were being built: nothing was trained yet
-        print(f"{prog}: interrupted before the first step", file=sys.stderr)
+        print(f"{said}: interrupted before the first step", file=sys.stderr)
         return 130
+    except Exception as e:  # a collective outside the steps (building the model, the final write) lost a process
+        gone = lost_peer(e)
+        if gone is None:
+            raise
+        print(f"{said}: another process stopped first (its error is above; here: {gone})", file=sys.stderr)
+        return 2
     finally:
         from emma_mamba.training.parallel import destroy_distributed
 

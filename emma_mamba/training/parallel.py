@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "wrap_model", "all_reduce_sum", "no_grad_sync", "is_fsdp",
-           "destroy_distributed", "barrier", "broadcast_object", "all_gather_object", "ssm_parameters",
+           "destroy_distributed", "barrier", "broadcast_object", "all_gather_object", "lost_peer", "ssm_parameters",
            "sync_replicated_grads", "clip_grad_norm"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,21 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """How a collective failed when ``e`` says another process of the group is gone (torch's DistBackendError and
+    DistNetworkError; gloo's plain RuntimeError for a connection its peer closed): its first sentence, without the
+    source location ("Connection closed by peer [127.0.0.1]:63119"); None for any other error (ours included)."""
+    import re
+
+    if not (isinstance(e, dist.DistError) or type(e) is RuntimeError and any(s in str(e) for s in _PEER_GONE)):
+        return None
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0].rstrip(".")
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -57,8 +57,8 @@ from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_c
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
 from emma_mamba.training.parallel import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
-                                          clip_grad_norm, init_distributed, is_fsdp, no_grad_sync, resolve_strategy,
-                                          sync_replicated_grads, wrap_model)
+                                          clip_grad_norm, init_distributed, is_fsdp, lost_peer, no_grad_sync,
+                                          resolve_strategy, sync_replicated_grads, wrap_model)
 
 __all__ = ["Trainer", "train"]
 
@@ -614,6 +614,11 @@ class Trainer:
             self._wait_quietly("stopped by an error")
             if isinstance(e, DataError):
                 self._checkpoint_before_data_error()
+            gone = lost_peer(e)
+            if gone is not None:  # this process's collective failed because another one ended: said in one line
+                raise TrainingError(f"another process stopped first (its error is above; here: {gone}); stopped at "
+                                    f"step {self.global_step} of {self.total_steps}. "
+                                    f"{self._last_checkpoint_hint()}") from None
             if info.is_main and isinstance(e, Exception):  # the error itself is printed by the command
                 log.error("training stopped at step %d of %d. %s", self.global_step, self.total_steps,
                           self._last_checkpoint_hint())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,18 @@ def no_traceback(out: str) -> bool:
     return not any(f"[rank{r}]: Traceback" in out or f"[rank {r}] Traceback" in out for r in range(2))
 
 
+def cli_errors(out: str) -> dict:
+    """rank -> the one-line error the command printed on it ("[rank N] emma-mamba finetune: ..."), one per rank."""
+    errors = {}
+    for line in out.splitlines():
+        m = re.match(r"\[rank (\d)\] emma-mamba finetune: (.*)", line)
+        if m:
+            assert int(m.group(1)) not in errors, out[-6000:]
+            errors[int(m.group(1))] = m.group(2)
+    assert sorted(errors) == [0, 1], out[-6000:]
+    return errors
+
+
 # rank 1 runs in another folder: a relative output_dir is then another folder, as on another node's local disk
 NODE_LOCAL = """
 import os, sys
@@ -85,9 +98,9 @@ def test_an_output_dir_a_rank_cannot_see_is_refused_on_every_rank(shapes, tmp_pa
                         f"trainer_state.pt (from {node1})")]:
         rc, out = torchrun_once([str(node1), "finetune", "--config", str(y), *args], cwd=node0, script=script)
         assert rc not in (0, None), out[-6000:]
-        # each rank says it, in one line
-        assert out.count(said) == 2 and out.count(": output_dir must be on a filesystem every process can read") == 2, \
-            out[-6000:]
+        errors = cli_errors(out)  # each rank says it, in one line
+        assert errors[0] == errors[1] and errors[0].startswith(said), out[-6000:]
+        assert ": output_dir must be on a filesystem every process can read" in errors[0]
         assert no_traceback(out), out[-6000:]
     assert not (node0 / "runs" / "r" / "checkpoints" / "step_00000004").exists()
     assert not list((node0 / "runs" / "r").glob(".write_test_*"))  # the probe is removed
@@ -169,9 +182,9 @@ def test_a_data_error_on_one_rank_stops_every_rank_after_a_checkpoint(shapes, tm
     y = write_yaml(cfg, tmp_path / "run.yaml")
     rc, out = torchrun_once(["finetune", "--config", str(y)], cwd=tmp_path)
     assert rc not in (0, None), out[-6000:]
-    errors = [line for line in out.splitlines() if line.startswith("emma-mamba finetune: ")]
-    assert len(errors) == 2 and any(image.name in e and "cannot" in e for e in errors), out[-6000:]
-    assert "emma-mamba finetune: rank 1 met a data error in step 3 (its message above)" in errors, out[-6000:]
+    errors = cli_errors(out)
+    assert image.name in errors[1] and "cannot read image file" in errors[1], out[-6000:]
+    assert errors[0] == "rank 1 met a data error in step 3 (its message above)", out[-6000:]
     assert no_traceback(out), out[-6000:]
     ckpts = tmp_path / "ddp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"], out[-6000:]
@@ -197,8 +210,41 @@ def test_a_validation_data_error_on_one_rank_stops_every_rank_after_a_checkpoint
     cfg.data.image_folder = cfg.val.image_folder = str(with_truncated_image(shapes, tmp_path, image))
     rc, out = torchrun_once(["finetune", "--config", str(write_yaml(cfg, tmp_path / "run.yaml"))], cwd=tmp_path)
     assert rc not in (0, None), out[-6000:]
-    errors = [line for line in out.splitlines() if line.startswith("emma-mamba finetune: ")]
-    assert len(errors) == 2 and any(image.name in e for e in errors), out[-6000:]
-    assert "emma-mamba finetune: rank 1 met a data error in the validation after step 2 (its message above)" in \
-        errors, out[-6000:]
+    errors = cli_errors(out)
+    assert image.name in errors[1], out[-6000:]
+    assert errors[0] == "rank 1 met a data error in the validation after step 2 (its message above)", out[-6000:]
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+# rank 1 crashes at the start of step 2: no message, no goodbye to the process group
+CRASH = """
+import os, sys
+from emma_mamba.training.trainer import Trainer
+real = Trainer.train_step
+def train_step(self, mbs):
+    if self.info.rank == 1 and self.global_step == 1:
+        os._exit(3)
+    return real(self, mbs)
+Trainer.train_step = train_step
+from emma_mamba.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_that_lost_its_peer_says_so_in_one_line(shapes, tmp_path):
+    """Rank 1 dies during step 2: rank 0's all-reduce failed with gloo's traceback ("Connection closed by peer"),
+    burying the error of the process that stopped first. Now one line, prefixed by the rank as every error of the
+    command under torchrun: another process stopped first, where this one stopped and the last checkpoint."""
+    data = subset(shapes, tmp_path, 8)
+    cfg = make_cfg(shapes, tmp_path / "ddp", data, train={"global_batch_size": 4, "max_steps": 3})
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH)
+    rc, out = torchrun_once(["finetune", "--config", str(write_yaml(cfg, tmp_path / "run.yaml"))], cwd=tmp_path,
+                            script=script)
+    assert rc not in (0, None), out[-6000:]
+    said = [line for line in out.splitlines() if line.startswith("[rank 0] emma-mamba finetune: ")]
+    assert len(said) == 1 and re.fullmatch(
+        r"\[rank 0\] emma-mamba finetune: another process stopped first \(its error is above; here: [^;]*"
+        r"Connection (closed|reset) by peer[^;]*\); stopped at step 1 of 3\. No checkpoint was written "
+        r"\(checkpoint\.every_steps sets how often\)\.", said[0]), out[-6000:]
+    assert no_traceback(out), out[-6000:]
