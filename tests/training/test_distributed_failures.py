@@ -1,7 +1,8 @@
 """What goes wrong on one process of a torchrun run (2 CPU processes, gloo) is met by all of them, in one line each
 and without a hang: an output_dir that a rank cannot see (a node-local disk) is refused before training; a record
 skipped by rank 1 (data.on_error: skip) is said by rank 1 and counted in the run's metrics, summary and
-checkpoints; a data error on rank 1 (data.on_error: raise) stops every rank after a checkpoint of the steps done."""
+checkpoints; a data error on rank 1 (data.on_error: raise) stops every rank after a checkpoint of the steps done;
+a process whose peer died says so in one line. Each process's error line names its rank."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import pytest
+import torch
 import yaml
 
 from emma_mamba.data.llava import plan_rows
@@ -116,7 +117,7 @@ def image_read_by_rank1(tmp_path, cfg, step):
     if step == "val":  # Trainer.validate's order: fixed rows in chunks, chunk j to rank j % 2
         ds = t.val_dataset
         rows = plan_rows(ds.lengths, 0, 0, cfg.data.packing, cfg.data.max_length)
-        s = ds.samples[rows[1][0]]  # the second chunk of one row
+        s = ds.samples[rows[1][0]]  # rank 1's first chunk (val.micro_batch_size 1: one row each)
         return s.images[0], s.index
     t.accum = cfg.grad_accum(2)
     reads = {}  # (step, rank) -> samples
