@@ -76,6 +76,13 @@ def _overrides(args: argparse.Namespace) -> dict:
     return overrides_from_pairs([(k, v) for k, v in vars(args).items() if "." in k or k in top])
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process says its error at once, and print's two
+    writes (the text, then the newline) ran two processes' lines together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     import yaml
 
@@ -109,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["stage"] = stage
         cfg = load_run_config(path, overrides, model=args._model)
     except (ConfigError, OSError, yaml.YAMLError) as e:
-        print(f"{said}: {e}", file=sys.stderr)
+        _say(f"{said}: {e}")
         return 2
     if args.print_config:
         print(yaml.safe_dump(run_config_to_dict(cfg), sort_keys=False), end="")
@@ -124,16 +131,16 @@ def run(args: argparse.Namespace) -> int:
         train(cfg, resume=args.resume, device=args.device)
         finished = True
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError, TrainingError) as e:
-        print(f"{said}: {e}", file=sys.stderr)
+        _say(f"{said}: {e}")
         return e.exit_code if isinstance(e, TrainingInterrupted) else 2
     except KeyboardInterrupt:  # while the model or data were being built: nothing was trained yet
-        print(f"{said}: interrupted before the first step", file=sys.stderr)
+        _say(f"{said}: interrupted before the first step")
         return 130
     except Exception as e:  # a collective outside the steps (building the model, the final write) lost a process
         gone = lost_peer(e)
         if gone is None:
             raise
-        print(f"{said}: another process stopped first (its error is above; here: {gone})", file=sys.stderr)
+        _say(f"{said}: another process stopped first (its error is above; here: {gone})")
         return 2
     finally:
         from emma_mamba.training.parallel import destroy_distributed

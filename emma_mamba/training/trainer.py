@@ -293,6 +293,9 @@ class Trainer:
             return str(path) if path.is_absolute() else f"{path} (from {Path.cwd()})"
 
         problem = None
+        deadline = time.monotonic() + _SHARED_FS_WAIT_S  # a network filesystem may show a new file late
+        while not (self.output_dir / probe).is_file() and time.monotonic() < deadline:
+            time.sleep(0.25)
         if not (self.output_dir / probe).is_file():
             problem = f"does not see the output_dir rank 0 prepared: {here(self.output_dir)} has no {probe}"
         elif self.resume_from is not None and not (self.resume_from / STATE_NAME).is_file():
@@ -1082,6 +1085,9 @@ _NOT_INSTALLED = object()
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_SHARED_FS_WAIT_S = 5.0
+"""How long a rank looks for the probe file rank 0 left in output_dir before it says it cannot see the folder."""
 
 SAME_STOP_S = 5.0
 """Under torchrun, the same stop signal again within this many seconds of the first is that stop passed on twice
