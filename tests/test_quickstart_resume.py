@@ -54,7 +54,8 @@ class _Trainers:
             if rec.stop is not None and rec.stop[0] == self.cfg.stage and self.global_step == rec.stop[1]:
                 if rec.stop[2] == "int":
                     raise KeyboardInterrupt
-                os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: finish the step, checkpoint it, stop
+                # the trainer's handler: finish the step, checkpoint it, stop
+                os.kill(os.getpid(), signal.SIGINT if rec.stop[2] == "sigint" else signal.SIGTERM)
             return real_step(self, mbs)
 
         self.stop = stop
@@ -108,12 +109,25 @@ def test_ctrl_c_in_stage_2_then_resume_reuses_the_finished_steps(tmp_path, capsy
     assert json.loads((out / "summary.json").read_text()) == s
 
 
-def test_sigterm_in_stage_1_then_resume_continues_from_its_checkpoint(tmp_path, capsys, monkeypatch, reference):
+@pytest.mark.parametrize("how,code,said", [("term", 143, "SIGTERM"), ("sigint", 130, "Ctrl-C")])
+def test_sigterm_or_a_first_ctrl_c_in_stage_1_then_resume_continues_from_its_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                        reference, how, code, said):
+    """A real SIGTERM, or a real first Ctrl-C, during stage 1's first step: the trainer checkpoints that step and
+    stops; --resume continues stage 1 from that checkpoint and ends as the uninterrupted quickstart."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are installed from the main thread only")
+    # SIGINT as at a terminal (a pytest started as a background job has it ignored, which the trainer keeps)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     out = tmp_path / "qs"
-    t = _Trainers(monkeypatch, stop=("pretrain", 0, "term"))
-    assert main([*FAST, "--out", str(out)]) == 143
+    t = _Trainers(monkeypatch, stop=("pretrain", 0, how))
+    try:
+        assert main([*FAST, "--out", str(out)]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM after step 1 of 2 during stage 1 (pretrain)" in err
+    assert f"stopped by {said} after step 1 of 2 during stage 1 (pretrain)" in err
     assert "--resume to continue it (reusing ShapesWorld, stage 0 (CLIP); stage 1 (pretrain) from its checkpoint" in err
     t.stop, t.built = None, []
     assert main([*FAST, "--out", str(out), "--resume"]) == 0

@@ -70,22 +70,27 @@ def _send_signal_during(monkeypatch, step: int, sig=signal.SIGTERM, times: int =
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def _main_thread_only():
+@pytest.fixture
+def terminal_signals():
+    """The main thread (where signal handlers are installed) with SIGINT as a terminal's process has it: a pytest
+    started as a background job has SIGINT ignored, which the trainer then leaves ignored (as Python does)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():  # the signal would end this test process
         pytest.skip("signal handlers are installed from the main thread only")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("sig,code,said", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
 @pytest.mark.parametrize("every", [0, 3])
 def test_a_stop_signal_checkpoints_the_step_in_progress_then_stops(shapes, tmp_path, monkeypatch, every, sig, code,
-                                                                   said):
+                                                                   said, terminal_signals):
     """SIGTERM killed the run at once, losing every step since the last checkpoint, and so did Ctrl-C (with
     the default ``checkpoint.every_steps: 0``, the whole run). Now the step in progress finishes, is checkpointed
     (also with checkpoints off, or between two), and the run stops with exit code 143 / 130; --resume auto then
     continues exactly as the uninterrupted run (the oracle: the same run without the signal)."""
-    _main_thread_only()
     data = subset(shapes, tmp_path, 6)
     kw = dict(train={"max_steps": 5}, checkpoint={"every_steps": every})
     whole = Trainer(make_cfg(shapes, tmp_path / "whole", data, **kw)).fit()
@@ -104,10 +109,9 @@ def test_a_stop_signal_checkpoints_the_step_in_progress_then_stops(shapes, tmp_p
     assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
 
 
-def test_a_second_ctrl_c_stops_at_once(shapes, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once(shapes, tmp_path, monkeypatch, terminal_signals):
     """The first Ctrl-C asks for a stop after the step; a second one (a user who cannot wait) stops at once,
     without finishing the step or writing a checkpoint of it."""
-    _main_thread_only()
     data = subset(shapes, tmp_path, 6)
     _send_signal_during(monkeypatch, 2, signal.SIGINT, times=2)
     with pytest.raises(TrainingInterrupted) as e:
@@ -123,7 +127,7 @@ def test_a_second_ctrl_c_stops_at_once(shapes, tmp_path, monkeypatch):
     (True, 5.0, (signal.SIGTERM, signal.SIGINT), True),  # another signal: a second stop
     (False, 5.0, (signal.SIGTERM, signal.SIGTERM), True)])  # one process: the second stops at once
 def test_a_repeated_sigterm_under_torchrun_is_one_stop(shapes, tmp_path, monkeypatch, caplog, torchrun, window,
-                                                       signals, at_once):
+                                                       signals, at_once, terminal_signals):
     """A scheduler (Slurm's cgroup proctrack, a systemd control group) sends SIGTERM to every process of the job,
     and torchrun passes its own SIGTERM on to its workers a moment later: the second one stopped the run at once,
     losing the checkpoint of the step in progress, depending on timing. Under torchrun (TORCHELASTIC_RUN_ID set)
@@ -131,7 +135,6 @@ def test_a_repeated_sigterm_under_torchrun_is_one_stop(shapes, tmp_path, monkeyp
     a later one, or another signal, stops at once, as the second signal always does in one process."""
     import logging
 
-    _main_thread_only()
     data = subset(shapes, tmp_path, 6)
     if torchrun:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
@@ -160,10 +163,9 @@ def test_a_repeated_sigterm_under_torchrun_is_one_stop(shapes, tmp_path, monkeyp
                          caplog.text), caplog.text
 
 
-def test_ctrl_c_during_a_validation_stops_after_it(shapes, tmp_path, monkeypatch):
+def test_ctrl_c_during_a_validation_stops_after_it(shapes, tmp_path, monkeypatch, terminal_signals):
     """In one process a Ctrl-C during a (long) validation stops when it ends, with a checkpoint of the step it
     validated, instead of training one more step first; the resumed run ends as the uninterrupted one."""
-    _main_thread_only()
     data = subset(shapes, tmp_path, 6)
     val = subset(shapes, tmp_path, 2, name="val.json")
     kw = dict(train={"max_steps": 4}, val={"json": str(val), "image_folder": str(shapes / "images"),
