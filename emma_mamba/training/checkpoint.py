@@ -662,7 +662,7 @@ def _not_a_checkpoint(resume: str, p: Path, output_dir: Path) -> str:
     if not p.exists():
         close = difflib.get_close_matches(resume, ["auto"], n=1, cutoff=0.6)
         return (f"--resume {resume}: no such file or directory (--resume takes 'auto' or a checkpoint directory"
-                + (f"; did you mean 'auto'?)" if close else ")"))
+                + ("; did you mean 'auto'?)" if close else ")"))
     if not p.is_dir():
         return msg
     run = p if (p / CHECKPOINT_DIR).is_dir() else p.parent if p.name == CHECKPOINT_DIR else None

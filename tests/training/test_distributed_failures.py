@@ -50,8 +50,10 @@ def write_yaml(cfg, path):
 
 
 def no_traceback(out: str) -> bool:
-    """No rank printed a traceback (torchrun's own report of a failed process has one, of the launcher)."""
-    return not any(f"[rank{r}]: Traceback" in out or f"[rank {r}] Traceback" in out for r in range(2))
+    """No rank printed a traceback: the only one is torchrun's own report of a failed process (the launcher's
+    ChildFailedError; the workers' output is not prefixed by rank, so a worker's traceback is told by count)."""
+    n = out.count("Traceback (most recent call last)")
+    return n == 0 or (n == 1 and "ChildFailedError" in out.split("Traceback (most recent call last)")[1])
 
 
 def cli_errors(out: str) -> dict:
