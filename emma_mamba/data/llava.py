@@ -247,15 +247,19 @@ class _Issues:
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
         self.on_error, self.report = on_error, report
 
+    def count(self, reason: str, text: str) -> None:
+        """Count a skipped record under ``reason``, ``text`` among the report's first examples of it."""
+        self.report.skipped[reason] += 1
+        shown = self.report.examples.setdefault(reason, [])
+        if len(shown) < _MAX_EXAMPLES:
+            shown.append(text)
+
     def __call__(self, reason: str, where: str, message: str, logger: logging.Logger = log) -> None:
         assert reason in REASONS, reason
         text = f"{where}: {message}"
         if self.on_error == "raise":
             raise DataError(text + " (set data.on_error: skip to skip and count such records)", reason)
-        self.report.skipped[reason] += 1
-        shown = self.report.examples.setdefault(reason, [])
-        if len(shown) < _MAX_EXAMPLES:
-            shown.append(text)
+        self.count(reason, text)
         n = sum(self.report.skipped.values())
         if n <= _MAX_LOGGED_SKIPS:
             logger.warning("skipping %s [%s]", text, reason)
@@ -737,10 +741,7 @@ class LlavaDataset:
             if key in self._failed_loads:
                 continue
             self._failed_loads.add(key)
-            self.report.skipped[reason] += 1
-            shown = self.report.examples.setdefault(reason, [])
-            if len(shown) < _MAX_EXAMPLES:
-                shown.append(text)
+            self.issues.count(reason, text)
             self.report.samples -= 1
 
     def failed_records(self) -> list[list[int]]:
