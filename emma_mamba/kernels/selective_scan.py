@@ -89,14 +89,21 @@ def _combine_reset(a1, b1, r1, a2, b2, r2):
 @triton.jit
 def _chunk_scan(a, b, reset, REVERSE: tl.constexpr, HAS_SEQ: tl.constexpr):
     """x_t of x_t = a_t x_{t-1} + b_t along a chunk's steps (axis 1; from the last step backwards with REVERSE),
-    the carry already folded into ``b`` at ``first``; with seq_idx, the steps where ``reset`` (1, T) is set take
-    nothing from their predecessor."""
+    the carry already folded into ``b``; with seq_idx, the steps where ``reset`` (1, T) is set take nothing from
+    their predecessor."""
     if HAS_SEQ:
         r = tl.where(reset, 1, 0) + tl.zeros(a.shape, dtype=tl.int32)
         _, x, _ = tl.associative_scan((a, b, r), axis=1, combine_fn=_combine_reset, reverse=REVERSE)
     else:
         _, x = tl.associative_scan((a, b), axis=1, combine_fn=_combine, reverse=REVERSE)
     return x
+
+
+@triton.jit
+def _chunk_states(a, b, h_in, first, reset, HAS_SEQ: tl.constexpr):
+    """h_t over a chunk's steps from the state ``h_in`` (BD, 1) entering it: a_t h_in folded into the first
+    step's b (unless a sequence starts there), then the scan."""
+    return _chunk_scan(a, tl.where(first & ~reset, b + a * h_in, b), reset, False, HAS_SEQ)
 
 
 @triton.jit
@@ -177,9 +184,7 @@ def _selective_scan_fwd_kernel(
             else:
                 C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
             a = tl.exp2(dt * A_n[:, None])  # (BD, T)
-            bx = dtu * B_n
-            bx = tl.where(first & ~reset, bx + a * _column(h, sel, n)[:, None], bx)  # fold the carried state in
-            hs = _chunk_scan(a, bx, reset, False, HAS_SEQ)  # h_t for state n
+            hs = _chunk_states(a, dtu * B_n, _column(h, sel, n)[:, None], first, reset, HAS_SEQ)  # h_t, state n
             y += hs * C_n
             # padding carries h unchanged to the chunk end
             h_end = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_end)
@@ -379,9 +384,7 @@ def _selective_scan_bwd_kernel(
                 else:
                     C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
                 a = tl.exp2(dt * A_n[:, None])
-                bx = dtu * B_n
-                bx = tl.where(first & ~reset, bx + a * _column(h0, sel, n)[:, None], bx)
-                y += _chunk_scan(a, bx, reset, False, HAS_SEQ) * C_n
+                y += _chunk_states(a, dtu * B_n, _column(h0, sel, n)[:, None], first, reset, HAS_SEQ) * C_n
             if HAS_D:
                 y += Dv * u
         if HAS_Z:
@@ -413,8 +416,7 @@ def _selective_scan_bwd_kernel(
             a = tl.exp2(dt * A2_n)  # a_t
             an = tl.exp2(dtn * A2_n)  # a_{t+1}
             h_in = _column(h0, sel, n)[:, None]
-            bx = tl.where(first & ~reset, dtu * B_n + a * h_in, dtu * B_n)
-            hs = _chunk_scan(a, bx, reset, False, HAS_SEQ)  # recomputed h_t
+            hs = _chunk_states(a, dtu * B_n, h_in, first, reset, HAS_SEQ)  # recomputed h_t
             g = C_n * dy  # direct gradient of h_t
             g = tl.where(last, g + _column(carry, sel, n)[:, None], g)
             dh = _chunk_scan(an, g, reset_next, True, HAS_SEQ)  # dh_t
