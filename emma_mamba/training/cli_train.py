@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from emma_mamba.training.config import dotted_fields
@@ -127,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from emma_mamba.training.trainer import train
 
     finished = False
+    held = _hold_sigterm() if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ else None
     try:
         train(cfg, resume=args.resume, device=args.device)
         finished = True
@@ -146,7 +148,22 @@ def run(args: argparse.Namespace) -> int:
         from emma_mamba.training.parallel import destroy_distributed
 
         destroy_distributed(finished)
+        if held is not None:
+            signal.signal(signal.SIGTERM, held)
     return 0
+
+
+def _hold_sigterm():
+    """Under torchrun, outside the trainer's own handling (its steps), SIGTERM is held instead of ending the process
+    at once: torchrun sends it to the other processes as soon as one fails, and a process whose error (its peer
+    died) was on its way to the terminal was killed before its line. torchrun kills a process that does not end
+    30 s later. Returns the handler to put back (None outside the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
 def main(argv: list[str] | None = None, stage: str = "pretrain") -> int:
