@@ -87,7 +87,76 @@ def as_options(message: str, owner: str) -> str:
     return re.sub(rf"{re.escape(owner)}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
+class _TorchrunErrorFile:
+    """Under torchrun (``TORCHELASTIC_ERROR_FILE`` set for each process), what this process failed with goes into
+    that file, as torch's ``@record`` writes it, so torchrun's closing summary of failed processes shows the error
+    (its ``traceback :`` line) instead of ``error_file: <N/A>`` and a pointer to the elastic docs. A command's error
+    is one line on stderr and a non-zero exit, not an exception: stderr's tail is kept while the command runs and
+    its last error line (from the last line that starts ``emma-mamba`` or ``[rank``, else the last line) is what is
+    recorded; an uncaught exception is recorded with its traceback, as ``@record`` does."""
+
+    KEEP = 8192
+
+    def __init__(self, path: str, stream):
+        self.path, self.stream, self.tail = path, stream, ""
+
+    def write(self, text):
+        self.tail = (self.tail + text)[-self.KEEP:]
+        return self.stream.write(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+    def last_error(self) -> str:
+        lines = [ln.rsplit("\r", 1)[-1].rstrip() for ln in self.tail.splitlines()]  # a progress bar's last frame
+        lines = [ln for ln in lines if ln.strip()]
+        if not lines:
+            return ""
+        starts = [i for i, ln in enumerate(lines) if ln.startswith(("emma-mamba", "[rank"))]
+        return "\n".join(lines[starts[-1]:] if starts else lines[-1:])
+
+    def record(self, message: str, callstack: str) -> None:
+        import json
+        import time
+
+        data = {"message": {"message": message, "extraInfo": {"py_callstack": callstack,
+                                                              "timestamp": str(int(time.time()))}}}
+        try:
+            with open(self.path, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+        except OSError as e:  # the summary then says <N/A>, as before; the error itself is on stderr already
+            self.stream.write(f"emma-mamba: could not write torchrun's error file {self.path}: {e}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return _main_reporting(argv)
+    errors = _TorchrunErrorFile(path, sys.stderr)
+    sys.stderr = errors
+    try:
+        rc = _main_reporting(argv)
+    except SystemExit as e:  # argparse's usage errors (exit 2, the message on stderr)
+        if e.code not in (0, None):
+            line = errors.last_error() or f"exit {e.code}"
+            errors.record(line, line)
+        raise
+    except BaseException as e:
+        import traceback
+
+        errors.record(f"{type(e).__name__}: {e}", traceback.format_exc())
+        raise
+    finally:
+        sys.stderr = errors.stream
+    if rc:
+        line = errors.last_error() or f"exit {rc}"
+        errors.record(line, line)
+    return rc
+
+
+def _main_reporting(argv: list[str] | None) -> int:
     try:
         rc = _main(argv)
         sys.stdout.flush()  # a short output still in the buffer meets the closed pipe here, not at exit

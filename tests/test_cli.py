@@ -227,3 +227,53 @@ def test_prompt_ids_beyond_the_embedding_name_its_rows_and_the_vocabulary():
         check_ids([5, 104], lm)
     with pytest.raises(UsageError, match="the prompt encodes to no tokens"):
         check_ids([], lm)
+
+
+def test_under_torchrun_a_failure_goes_into_the_error_file_torchrun_reads(monkeypatch, tmp_path, capsys):
+    """torchrun gives each process TORCHELASTIC_ERROR_FILE and shows that file's contents in its summary of failed
+    processes (else "<N/A>" and a docs link): a command's one-line error, argparse's usage error and an uncaught
+    exception's traceback are recorded in torch's ErrorHandler format (read back by torchrun's own ProcessFailure);
+    a command that succeeds writes nothing, and stderr is put back."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    import emma_mamba.cli as cli
+
+    def recorded(path):
+        failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(path))
+        return failure.message["message"], failure.message["extraInfo"]["py_callstack"]
+
+    stderr = sys.stderr
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    bad = tmp_path / "model.yaml"
+    bad.write_text("preset: tiny\nlm: {d_modell: 64}\n")
+    assert cli.main(["info", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    message, stack = recorded(error_file)
+    assert message == stack == err.strip() and err.startswith(f"emma-mamba info: {bad}: unknown config key")
+    assert sys.stderr is stderr
+
+    error_file.unlink()
+    with pytest.raises(SystemExit):
+        cli.main(["info", "--zzz"])
+    assert recorded(error_file)[0] == capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unrecognized arguments: --zzz" in recorded(error_file)[0]
+
+    def broken(argv):
+        sys.stderr.write("some progress\r")  # what a progress bar leaves: not the error
+        raise ValueError("a bug")
+
+    error_file.unlink()
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(ValueError):
+        cli.main(["info"])
+    message, stack = recorded(error_file)
+    assert message == "ValueError: a bug" and "Traceback (most recent call last)" in stack and "in broken" in stack
+    assert sys.stderr is stderr
+
+    error_file.unlink()
+    monkeypatch.undo()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert cli.main(["configs"]) == 0 and not error_file.exists()

@@ -68,6 +68,13 @@ def cli_errors(out: str) -> dict:
     return errors
 
 
+def summary_errors(out: str) -> dict:
+    """rank -> (error_file, traceback) of each failed process in torchrun's closing summary."""
+    found = re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\n\s*exitcode\s*: [^\n]*\n\s*error_file: ([^\n]*)\n"
+                       r"\s*traceback : ([^\n]*)", out)
+    return {int(rank): (error_file.strip(), traceback.strip()) for rank, error_file, traceback in found}
+
+
 # rank 1 runs in another folder: a relative output_dir is then another folder, as on another node's local disk
 NODE_LOCAL = """
 import os, sys
@@ -189,6 +196,12 @@ def test_a_data_error_on_one_rank_stops_every_rank_after_a_checkpoint(shapes, tm
     assert image.name in errors[1] and "cannot read image file" in errors[1], out[-6000:]
     assert errors[0] == "rank 1 met a data error in step 3 (its message above)", out[-6000:]
     assert no_traceback(out), out[-6000:]
+    # torchrun's closing summary shows each process's error line (its error file), not "<N/A>" and a docs link
+    summary = summary_errors(out)
+    assert sorted(summary) == [0, 1], out[-6000:]
+    for rank in (0, 1):
+        error_file, said = summary[rank]
+        assert error_file != "<N/A>" and said == f"[rank {rank}] emma-mamba finetune: {errors[rank]}", out[-6000:]
     ckpts = tmp_path / "ddp" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002"], out[-6000:]
     assert (ckpts / "step_00000002" / "rng_rank1.pt").is_file()
@@ -251,3 +264,5 @@ def test_a_process_that_lost_its_peer_says_so_in_one_line(shapes, tmp_path):
         r"Connection (closed|reset) by peer[^;]*\); stopped at step 1 of 3\. No checkpoint was written "
         r"\(checkpoint\.every_steps sets how often\)\.", said[0]), out[-6000:]
     assert no_traceback(out), out[-6000:]
+    summary = summary_errors(out)  # rank 1 died without a word (os._exit): nothing recorded for it
+    assert summary[0][1] == said[0] and summary[1][0] == "<N/A>", out[-6000:]
