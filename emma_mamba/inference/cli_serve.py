@@ -27,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer <key>' with the key read from this environment variable "
                         "(advised with --host 0.0.0.0)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--model-name", default=None, help="the model id the API reports (default: the checkpoint's name)")
+    p.add_argument("--model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model id the API reports (default: the checkpoint's name); more names are aliases a "
+                        "request may also send as its \"model\" (as vLLM's --served-model-name): a request naming "
+                        "any other model is refused (404 model_not_found), as OpenAI's API and vLLM refuse it")
     p.add_argument("--allow-local-images", action="store_true",
                    help="also accept image_url values that are paths on this machine (off: data: URLs only)")
     p.add_argument("--max-prompt-positions", type=int, default=32768,
@@ -133,11 +136,11 @@ def run(args) -> int:
         device, dtype, gcfg = setup(args)
         if args.checkpoint is not None:
             model, tok = load_vlm(args, device, dtype), None
-            name = args.model_name or Path(args.checkpoint).resolve().name
+            name = Path(args.checkpoint).resolve().name
         else:
             model, tok = load_lm(args, device, dtype)
-            name = args.model_name or (Path(args.lm).resolve().name if args.lm else args.random_init)
-        service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=name,
+            name = Path(args.lm).resolve().name if args.lm else args.random_init
+        service = ChatService(model, tokenizer=tok, defaults=gcfg, model_name=args.model_name or name,
                               allow_local_images=args.allow_local_images,
                               max_prompt_positions=args.max_prompt_positions,
                               max_new_tokens_limit=args.max_tokens_limit, state_cache=args.state_cache,

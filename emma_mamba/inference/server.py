@@ -105,9 +105,9 @@ log = logging.getLogger(__name__)
 class RequestError(ValueError):
     """A request the API refuses: ``param`` names the field, ``status`` the HTTP status."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 @dataclasses.dataclass
@@ -323,7 +323,7 @@ class ChatService:
     """
 
     def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None,
-                 model_name: str = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
+                 model_name: str | Sequence[str] = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
                  max_new_tokens_limit: int | None = None, state_cache: int = 16, max_batch: int = 8,
                  prefill_chunk: int | None = 512):
         from emma_mamba.models.vlm import EmmaMamba
@@ -334,7 +334,11 @@ class ChatService:
         if self.tokenizer is None:
             raise ValueError("ChatService: a text-only MambaLM needs its tokenizer")
         self.defaults = defaults or GenerationConfig(max_new_tokens=256)
-        self.model_name = model_name
+        # the id the API reports, then its aliases: a request's "model" must be one of them (or absent)
+        self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
+        if not self.model_names or not all(isinstance(m, str) and m for m in self.model_names):
+            raise ValueError(f"ChatService: model_name must be a non-empty name or names, got {model_name!r}")
+        self.model_name = self.model_names[0]
         self.allow_local_images = allow_local_images
         self.max_prompt_positions = max_prompt_positions
         self.max_new_tokens_limit = max_new_tokens_limit or max(self.defaults.max_new_tokens, 4096)
@@ -344,9 +348,21 @@ class ChatService:
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
+    def _check_model(self, body: dict) -> None:
+        """A request that names a model must name this one (or an alias): one that names another, meant for another
+        server, is refused as OpenAI's API and vLLM refuse it (404, code model_not_found), not answered by this
+        model under that name. No "model" at all is this one."""
+        model = body.get("model")
+        if model is None or model in self.model_names:
+            return
+        served = " or ".join(repr(m) for m in self.model_names)
+        raise RequestError(f"the model {str(model)[:200]!r} does not exist here: this server serves {served} "
+                           f"(`emma-mamba serve --model-name` sets the names)", "model", 404, "model_not_found")
+
     def _config(self, body: dict, min_new: int = 1, choices: bool = False) -> GenerationConfig:
         """The request's GenerationConfig; ``choices``: ``n`` (1..max_batch) goes into its num_return_sequences."""
         d = self.defaults
+        self._check_model(body)
         n = body.get("n")
         n = 1 if n is None else n  # null is the default, as OpenAI's API has it
         if not choices and n != 1:
@@ -767,6 +783,8 @@ class ChatService:
                 "tokenizer_class": "emma_mamba"}
 
     def tokenize(self, body: dict) -> dict:
+        if isinstance(body, dict):
+            self._check_model(body)
         text = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise RequestError("prompt must be a string", "prompt")
@@ -774,6 +792,8 @@ class ChatService:
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_prompt_positions}
 
     def detokenize(self, body: dict) -> dict:
+        if isinstance(body, dict):
+            self._check_model(body)
         ids = body.get("tokens") if isinstance(body, dict) else None
         if not _is_id_list(ids):
             raise RequestError("tokens must be a list of token ids", "tokens")
@@ -801,8 +821,8 @@ def _await(jobs, client_gone: Callable[[], bool] | None) -> None:
             raise ConnectionResetError("the client went away before its answer was complete")
 
 
-def _error_body(message: str, param: str | None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def _error_body(message: str, param: str | None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -971,17 +991,19 @@ class _Handler(BaseHTTPRequestHandler):
                                     "prefill_chunk": dec.prefill_chunk or 0})
         if self.path.rstrip("/") == "/tokenizer_info":
             return self._json(200, self.service.tokenizer_info())
-        card = {"id": self.service.model_name, "object": "model", "created": 0, "owned_by": "emma-mamba"}
-        if self.path.rstrip("/") == "/v1/models":
-            return self._json(200, {"object": "list", "data": [card]})
+        cards = [{"id": m, "object": "model", "created": 0, "owned_by": "emma-mamba"} for m in self.service.model_names]
+        if self.path.rstrip("/") == "/v1/models":  # the reported name first, then its aliases (as vLLM lists them)
+            return self._json(200, {"object": "list", "data": cards})
         if self.path.startswith("/v1/models/"):  # OpenAI's model retrieval (an id may hold "/", sent encoded)
             from urllib.parse import unquote
 
             name = unquote(self.path[len("/v1/models/"):].rstrip("/"))
-            if name == card["id"]:
-                return self._json(200, card)
-            return self._json(404, _error_body(f"no such model: {name!r} (this server serves {card['id']!r})",
-                                               "model", "not_found_error"))
+            for card in cards:
+                if name == card["id"]:
+                    return self._json(200, card)
+            served = " or ".join(repr(m) for m in self.service.model_names)
+            return self._json(404, _error_body(f"no such model: {name!r} (this server serves {served})",
+                                               "model", "not_found_error", "model_not_found"))
         if self.path.rstrip("/") in _POST_ROUTES:
             return self._json(405, _error_body(f"{self.command} {self.path}: this endpoint takes POST", None),
                               {"Allow": "POST"})
@@ -1051,7 +1073,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self.service.complete(body, client_gone=self._client_gone))
             self._stream(body)
         except RequestError as e:
-            self._json(e.status, _error_body(str(e), e.param))
+            self._json(e.status, _error_body(str(e), e.param, code=e.code))
         except (BrokenPipeError, ConnectionResetError):  # the client went away (mid-stream: generation stops)
             log.info("%s disconnected", self.address_string())
         except Exception as e:  # noqa: BLE001 - the server must answer, not die

@@ -35,9 +35,9 @@ def model():
 
 
 @contextlib.contextmanager
-def _serving(model, **kw):
+def _serving(model, model_name="tiny-test", **kw):
     """A server on a free port, in a thread, for the block: (server, connections accepted); stopped after."""
-    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=3), model_name="tiny-test",
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=3), model_name=model_name,
                       max_prompt_positions=400)
     srv = make_server(svc, "127.0.0.1", 0, **kw)
     accepted = []  # one entry per connection the server accepted
@@ -318,17 +318,21 @@ def test_idle_connections_are_closed_after_the_timeout_and_at_stop(model):
 def test_serve_stops_promptly_with_an_idle_connection_open_and_serves_cors(model, tmp_path):
     """`emma-mamba serve --cors-origin ...` end to end: a stream to the allowed page's origin carries the CORS
     header; SIGTERM with an idle keep-alive connection open stops at once, counting no request as cut off (the
-    idle connection is closed, not waited for)."""
-    p, url = start_serve(model, tmp_path, "--cors-origin", "https://app.example", "--max-new-tokens", "3")
+    idle connection is closed, not waited for). `--model-name` with an alias: both listed, the first reported."""
+    p, url = start_serve(model, tmp_path, "--cors-origin", "https://app.example", "--max-new-tokens", "3",
+                         "--model-name", "served", "alias")
     try:
         c = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        r, raw = _ask(c, "GET", "/v1/models")
+        assert r.status == 200 and [m["id"] for m in json.loads(raw)["data"]] == ["served", "alias"]
         r, _ = _ask(c, "GET", "/health")
         assert r.status == 200 and not r.will_close  # an idle keep-alive connection from here on
         s = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
-        stream = json.dumps({"messages": [user("hi", image=False)], "stream": True}).encode()
+        stream = json.dumps({"messages": [user("hi", image=False)], "stream": True, "model": "alias"}).encode()
         r, text = _ask(s, "POST", "/v1/chat/completions", stream, {"Origin": "https://app.example"})
         assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert text.decode().rstrip().endswith("data: [DONE]")  # read to the close: that request has ended
+        assert '"model": "served"' in text.decode()
         s.close()
         p.send_signal(signal.SIGTERM)
         rc = p.wait(timeout=60)
@@ -379,4 +383,43 @@ def test_the_wrong_method_is_a_405_naming_the_right_one(plain):
         r, _ = _ask(c, "POST", "/v1/nowhere", b"{}")
         assert r.status == 404
     finally:
+        c.close()
+
+
+def test_a_request_for_another_model_is_a_404_and_aliases_are_served(model):
+    """A request naming a model this server does not serve (meant for another server: an eval pointed at the wrong
+    port) was answered by this model under that name. It is refused as OpenAI's API and vLLM refuse it (404, code
+    model_not_found, naming what is served), on every generating and tokenizer endpoint; the names given with
+    --model-name after the first are aliases (listed by /v1/models after the reported id) and answer as it does;
+    a request without "model" is this model's."""
+    openai = pytest.importorskip("openai")
+    with _serving(model, model_name=("tiny-test", "alias")) as (srv, _):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        messages = [user("hi", image=False)]
+        try:
+            with pytest.raises(openai.NotFoundError) as e:
+                client.chat.completions.create(model="llava-v1.5-7b", messages=messages, max_tokens=3)
+            assert e.value.code == "model_not_found" and e.value.status_code == 404
+            assert "'llava-v1.5-7b' does not exist here: this server serves 'tiny-test' or 'alias'" in str(e.value)
+            with pytest.raises(openai.NotFoundError):
+                client.completions.create(model="llava-v1.5-7b", prompt="a b", max_tokens=2)
+            with pytest.raises(openai.NotFoundError):
+                client.models.retrieve("llava-v1.5-7b")
+            assert [m.id for m in client.models.list()] == ["tiny-test", "alias"]
+            assert client.models.retrieve("alias").id == "alias"
+            want = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=3)
+            got = client.chat.completions.create(model="alias", messages=messages, max_tokens=3)
+            assert got.choices[0].message.content == want.choices[0].message.content and got.model == "tiny-test"
+        finally:
+            client.close()
+        c = _conn(srv)
+        for path, body in (("/tokenize", {"prompt": "a b"}), ("/detokenize", {"tokens": [1, 2]})):
+            r, raw = _ask(c, "POST", path, json.dumps({**body, "model": "other"}).encode(),
+                          {"Content-Type": "application/json"})
+            assert r.status == 404 and json.loads(raw)["error"]["code"] == "model_not_found", (path, raw)
+            r, raw = _ask(c, "POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+            assert r.status == 200, (path, raw)
+        r, raw = _ask(c, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})  # no "model"
+        assert r.status == 200 and json.loads(raw)["model"] == "tiny-test"
         c.close()
