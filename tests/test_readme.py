@@ -1,8 +1,10 @@
-"""README.md stays true to the code: the commands, options and repository paths it names exist.
+"""README.md and the pages of docs/ stay true to the code: the commands, options and repository paths they name
+exist, and their relative links lead somewhere.
 
-What is read from README.md: fenced code blocks (line by line, a line ending in ``\\`` joined to the next) and
-inline code spans (a span may run over the lines of one paragraph; in a table, each cell's spans, ``\\|`` read as
-``|``). Prose outside code is read for repository paths only.
+The pages checked: README.md and every docs/*.md (``DOC_PAGES``); each problem names its page and line
+(``docs/cli.md:42: ...``). What is read from a page: fenced code blocks (line by line, a line ending in ``\\``
+joined to the next) and inline code spans (a span may run over the lines of one paragraph; in a table, each cell's
+spans, ``\\|`` read as ``|``). Prose outside code is read for repository paths and links only.
 
 What is checked:
 
@@ -19,17 +21,27 @@ What is checked:
    included (``--model.lm.d_model``: checked against the model config's fields, as the parser has them); a
    ``--model.*`` wildcard passes when some such option exists. In a table row whose first cell starts with an
    ``emma-mamba`` command (the CLI table), a span anywhere in the row that starts with ``--`` (``(or `--lm DIR`)``,
-   the description's ``--no-web-ui``) is checked against that row's command.
+   the description's ``--no-web-ui``) is checked against that row's command. Likewise in a section whose heading's
+   first code span is an ``emma-mamba`` command (docs/cli.md's ``## `emma-mamba serve` ``, docs/inference.md's
+   ``## Serving (`emma-mamba serve`)``; the section runs to the next heading of its level or a higher one), a prose
+   span that starts with ``--`` is checked against that command.
    ``python -m emma_mamba.X --opts``: the module exists; with options, they belong to its ``add_arguments`` parser.
    ``python benchmarks/X.py [sub] --opts``: the script exists; with options, its argparse parser is taken by
    running the script as ``__main__`` with ``ArgumentParser.parse_args`` replaced by a function that stops it
    there (every script builds its parser before any work), and the options belong to it (or to the named
    subcommand's parser).
-2. Paths. Every ``configs/``, ``benchmarks/``, ``tests/``, ``csrc/``, ``emma_mamba/`` or ``.ci/`` path anywhere in
-   the text exists in the checkout: ``{a,b}`` braces expanded, ``*`` globs must match at least one file. In a
-   tree listing in a code block (the Layout section: ``emma_mamba/   ops/ (...), export.py, ...``), each ``name/``
-   and ``name.py`` of a folder's description exists inside that folder.
+2. Paths. Every ``configs/``, ``benchmarks/``, ``tests/``, ``csrc/``, ``emma_mamba/``, ``docs/`` or ``.ci/`` path
+   anywhere in the text (but a link's target, which item 4 checks) exists in the checkout: ``{a,b}`` braces
+   expanded, ``*`` globs must match at least one file. In a tree listing in a code block (the Layout section:
+   ``emma_mamba/   ops/ (...), export.py, ...``), each ``name/`` and ``name.py`` of a folder's description exists
+   inside that folder.
 3. Every concrete ``configs/NAME.yaml`` named is listed by ``emma-mamba configs`` (a shipped recipe).
+4. Links. Every relative link target (``[text](target)`` outside code: ``docs/cli.md``, ``../README.md#set-up``,
+   ``#mamba-2``), taken relative to the page's folder, exists in the checkout; with a ``#anchor``, the target page
+   (or the page itself) has a heading whose GitHub anchor is that: the heading's text without its markup,
+   lowercased, every character but letters, digits, spaces, hyphens and underscores dropped, spaces made hyphens,
+   a repeated anchor suffixed ``-1``, ``-2``, ... (an ``<a id=...>`` / ``name=`` counts too). Links with a scheme
+   (``https://``) are not followed.
 
 Deliberately skipped: a ``--option`` in a span or line without a command before it (``--split`` in a sentence:
 which command it belongs to is prose), other tools' options (``pytest -n 2``, ``lm_eval --model``, ``pip``);
@@ -41,9 +53,9 @@ where setup.py installs configs/ (checked in setup.py instead); recipe names giv
 module names in a tree listing's parentheses (``models/ (mamba (Mamba-1 ...), vision, ...)``); dotted names
 (``emma_mamba.load``, ``emma_mamba.batch_rows``: several are response fields or op names, not attributes).
 
-``test_checker_*`` run the same checker on synthetic README text: each kind of mistake is found, each kind of
-prose above is left alone, and a copy of the real README with one option misspelled or one recipe path broken
-fails.
+``test_checker_*`` run the same checker on synthetic page text: each kind of mistake is found, each kind of
+prose above is left alone, and a copy of a real page (the README or a docs page) with one option misspelled, one
+recipe path or one link broken fails, naming that page and line.
 """
 from __future__ import annotations
 
@@ -67,11 +79,12 @@ from emma_mamba.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOC_PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))  # every page the checker reads
 
 # paths the README names that are not in the checkout, each with where it comes from (verified below)
 NOT_IN_CHECKOUT = {"emma_mamba/configs": "setup.py installs configs/ as the package emma_mamba.configs"}
 
-_PATH_RE = re.compile(r"(?<![\w./-])(?:configs|benchmarks|tests|csrc|emma_mamba|\.ci)/(?:\{[^}\s]*\}|[^\s`'\"(),;:{}<>\[\]|])*")
+_PATH_RE = re.compile(r"(?<![\w./-])(?:configs|benchmarks|tests|csrc|emma_mamba|docs|\.ci)/(?:\{[^}\s]*\}|[^\s`'\"(),;:{}<>\[\]|])*")
 _FENCE_RE = re.compile(r"^\s*```")
 _STOP_TOKENS = {"|", "||", "&&", ";", "&", ">", ">>", "2>", "2>&1", "<", "&>"}
 _GROUPS = {p[0] for p in COMMANDS}
@@ -356,6 +369,8 @@ def repo_paths(text: str) -> list[tuple[int, str]]:
     """(line, path) of every repository path named anywhere in the text, trailing punctuation removed."""
     out = []
     for m in _PATH_RE.finditer(text):
+        if text[max(0, m.start() - 2):m.start()] == "](":
+            continue  # a link's target: link_problems checks it, relative to the page
         p = m.group(0).rstrip(".")
         line = text.count("\n", 0, m.start()) + 1
         if _is_placeholder(p) or p.rstrip("/") in NOT_IN_CHECKOUT:
@@ -401,28 +416,137 @@ def shipped_recipes() -> frozenset[str]:
 
 # ---------------------------------------------------------------- the checker
 
-def readme_problems(text: str, root: Path = ROOT) -> list[str]:
-    """Every mismatch between README text and the code, one line each naming the README line."""
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: its text without markup, lowercased, every character but letters, digits,
+    spaces, hyphens and underscores dropped, each space made a hyphen."""
+    t = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # [text](url) -> text
+    t = t.replace("\\|", "|").strip().lower()
+    t = "".join(c for c in t if c.isalnum() or c in " -_")
+    return t.replace(" ", "-")
+
+
+def _headings(text: str) -> list[tuple[int, int, str]]:
+    """(line, level, heading text) of the ATX headings outside fenced code."""
+    out, in_fence = [], False
+    for i, line in enumerate(text.split("\n"), 1):
+        if _FENCE_RE.match(line):
+            in_fence = not in_fence
+            continue
+        m = None if in_fence else re.match(r"^(#{1,6})\s+(.*?)(?:\s+#+)?\s*$", line)
+        if m:
+            out.append((i, len(m.group(1)), m.group(2)))
+    return out
+
+
+def anchors(text: str) -> set[str]:
+    """Every anchor a page's headings (and <a id/name> tags) give, repeated ones suffixed -1, -2, ... as GitHub does."""
+    seen: dict[str, int] = {}
+    out = set()
+    for _, _, h in _headings(text):
+        a = github_anchor(h)
+        n = seen.get(a, 0)
+        seen[a] = n + 1
+        out.add(a if n == 0 else f"{a}-{n}")
+    out |= set(re.findall(r"<a\s+(?:id|name)=[\"']([^\"']+)[\"']", text))
+    return out
+
+
+def _outside_code(text: str) -> str:
+    """The text with fenced blocks and inline code spans blanked (newlines kept, so offsets keep their line)."""
+    lines, in_fence = [], False
+    for line in text.split("\n"):
+        if _FENCE_RE.match(line) or in_fence:
+            in_fence = in_fence != bool(_FENCE_RE.match(line))
+            lines.append(" " * len(line))
+        else:
+            lines.append(line)
+    out = "\n".join(lines)
+    return re.sub(r"`[^`]*`", lambda m: re.sub(r"[^\n]", " ", m.group(0)), out)
+
+
+_LINK_RE = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def link_problems(text: str, name: str = "README.md", root: Path = ROOT) -> list[str]:
+    """Every relative link of a page (``name``, relative to ``root``) whose file or heading anchor does not exist."""
+    problems = []
+    page = root / name
+    plain = _outside_code(text)
+    for m in _LINK_RE.finditer(plain):
+        target = m.group(1)
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("//"):
+            continue  # https:, mailto: ...: not followed
+        line = plain.count("\n", 0, m.start()) + 1
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if path and not dest.exists():
+            problems.append(f"{name}:{line}: link {target}: {path}: no such file or folder in the repository")
+            continue
+        if anchor:
+            if dest == page:
+                dest_text = text
+            elif dest.is_file() and dest.suffix == ".md":
+                dest_text = dest.read_text(encoding="utf-8")
+            else:
+                problems.append(f"{name}:{line}: link {target}: #{anchor} into {path}, which is not a Markdown page")
+                continue
+            if anchor not in anchors(dest_text):
+                problems.append(f"{name}:{line}: link {target}: {path or name} has no heading with the anchor "
+                                f"#{anchor}")
+    return problems
+
+
+def _section_commands(text: str) -> list[tuple[int, list]]:
+    """(first line, command paths or []) of each stretch of the page under a heading: a heading whose first code
+    span is an ``emma-mamba`` command gives its section (to the next heading of its level or a higher one) that
+    command; a subheading without one keeps its parent's."""
+    stack: list[tuple[int, list]] = []  # (level, paths)
+    out = [(1, [])]
+    for line, level, h in _headings(text):
+        while stack and stack[-1][0] >= level:
+            stack.pop()
+        paths: list = []
+        first = re.search(r"`([^`]+)`", h)
+        if first:
+            for kind, _, rest in _commands_in(first.group(1).replace("\\|", "|")):
+                if kind == "cli":
+                    paths = _resolve_cli(rest)[0]
+                break
+        stack.append((level, paths))
+        out.append((line, next((p for _, p in reversed(stack) if p), [])))
+    return out
+
+
+def readme_problems(text: str, root: Path = ROOT, name: str = "README.md") -> list[str]:
+    """Every mismatch between a page's text and the code, one line each naming the page (``name``, its path from
+    the repository's top: ``README.md``, ``docs/cli.md``) and the line."""
     problems: list[str] = []
     block_lines, rows, spans = _split_markdown(text)
     for line, code in block_lines:
-        for kind, name, rest in _commands_in(code):
-            _check_command(kind, name, rest, f"README.md:{line}", problems)
+        for kind, cname, rest in _commands_in(code):
+            _check_command(kind, cname, rest, f"{name}:{line}", problems)
+    sections = _section_commands(text)
     for line, span in spans:
-        for kind, name, rest in _commands_in(span, bare=True):
-            _check_command(kind, name, rest, f"README.md:{line}", problems)
+        for kind, cname, rest in _commands_in(span, bare=True):
+            _check_command(kind, cname, rest, f"{name}:{line}", problems)
+        if span.startswith("--"):
+            section = [p for start, p in sections if start <= line][-1]
+            for path in section:
+                for opt in _bad_options(_until_stop(_tokens(span)), _cli_options(path)):
+                    problems.append(f"{name}:{line}: `emma-mamba {_cli_name(path)}` has no option {opt} "
+                                    f"(named in its section)")
     for line, cells in rows:
         row_command: list = []
         for ci, cell in enumerate(cells):
             for si, span in enumerate(cell):
                 before = list(row_command)
-                for kind, name, rest in _commands_in(span, bare=True):
-                    _check_command(kind, name, rest, f"README.md:{line}", problems,
+                for kind, cname, rest in _commands_in(span, bare=True):
+                    _check_command(kind, cname, rest, f"{name}:{line}", problems,
                                    row_command if (ci, si) == (0, 0) else None)
                 if (ci, si) != (0, 0) and before and span.startswith("--"):
                     for path in before:
                         for opt in _bad_options(_until_stop(_tokens(span)), _cli_options(path)):
-                            problems.append(f"README.md:{line}: `emma-mamba {_cli_name(path)}` has no option {opt} "
+                            problems.append(f"{name}:{line}: `emma-mamba {_cli_name(path)}` has no option {opt} "
                                             f"(named in its table row)")
     shipped = shipped_recipes()
     for line, p in repo_paths(text) + layout_paths(text):
@@ -432,42 +556,70 @@ def readme_problems(text: str, root: Path = ROOT) -> list[str]:
             else:
                 ok = (root / q).exists()
             if not ok:
-                problems.append(f"README.md:{line}: {q}: no such file or folder in the repository")
+                problems.append(f"{name}:{line}: {q}: no such file or folder in the repository")
             m = re.fullmatch(r"configs/([^/*?]+)\.yaml", q)
             if m and m.group(1) not in shipped:
-                problems.append(f"README.md:{line}: {q}: not a shipped recipe (`emma-mamba configs` does not list "
+                problems.append(f"{name}:{line}: {q}: not a shipped recipe (`emma-mamba configs` does not list "
                                 f"{m.group(1)})")
+    problems += link_problems(text, name, root)
     return problems
+
+
+def _page_name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
 # ---------------------------------------------------------------- tests
 
-def test_readme_commands_options_and_paths_exist():
-    problems = readme_problems(README.read_text(encoding="utf-8"))
-    assert not problems, "README.md does not match the code:\n" + "\n".join(problems)
+@pytest.mark.parametrize("page", DOC_PAGES, ids=_page_name)
+def test_page_commands_options_paths_and_links_exist(page):
+    problems = readme_problems(page.read_text(encoding="utf-8"), name=_page_name(page))
+    assert not problems, f"{_page_name(page)} does not match the code:\n" + "\n".join(problems)
 
 
 def test_readme_checks_something():
-    """The extraction finds what the README is known to hold, so an empty problem list means something."""
-    text = README.read_text(encoding="utf-8")
-    block_lines, rows, spans = _split_markdown(text)
-    named = set()
-    for _, code in block_lines:
-        named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(code)}
-    for _, span in spans:
-        named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(span, bare=True)}
-    for _, cells in rows:
-        for cell in cells:
-            for span in cell:
-                named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(span, bare=True)}
+    """The extraction finds what the pages are known to hold, so an empty problem list means something."""
+    assert {"README.md", "docs/cli.md", "docs/training.md", "docs/results.md"} <= {_page_name(p) for p in DOC_PAGES}
+    named, paths, links = set(), set(), 0
+    for page in DOC_PAGES:
+        text = page.read_text(encoding="utf-8")
+        block_lines, rows, spans = _split_markdown(text)
+        for _, code in block_lines:
+            named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(code)}
+        for _, span in spans:
+            named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(span, bare=True)}
+        for _, cells in rows:
+            for cell in cells:
+                for span in cell:
+                    named |= {(k, n, r[0] if r else None) for k, n, r in _commands_in(span, bare=True)}
+        paths |= {p for _, p in repo_paths(text)}
+        links += len(_LINK_RE.findall(_outside_code(text)))
     cli = {r for k, _, r in named if k == "cli"}
     assert {"pretrain", "finetune", "eval", "serve", "data", "bench", "quickstart"} <= cli
     assert ("module", "emma_mamba.bench.kernels", None) in named
     assert any(k == "script" for k, _, _ in named)
-    paths = {p for _, p in repo_paths(text)}
     assert "configs/train_tiny_stage1.yaml" in paths and ".ci/run" in paths
     assert len(paths) > 50
+    assert links > 100
     assert "train_tiny_stage1" in shipped_recipes()
+    # the README links every docs page, and the section commands of docs/cli.md are found
+    readme = README.read_text(encoding="utf-8")
+    for page in DOC_PAGES[1:]:
+        assert f"]({_page_name(page)})" in readme, f"the README does not link {_page_name(page)}"
+    cli_sections = {tuple(map(tuple, p)) for _, p in _section_commands((ROOT / "docs" / "cli.md").read_text()) if p}
+    assert ((("serve",),) in cli_sections and (("eval",),) in cli_sections
+            and (("data", "check"),) in cli_sections), cli_sections
+
+
+def test_github_anchors():
+    assert github_anchor("Status: what has and has not run where") == "status-what-has-and-has-not-run-where"
+    assert github_anchor("Training the 2.8B model on a GPU machine (the recipes, end to end)") == \
+        "training-the-28b-model-on-a-gpu-machine-the-recipes-end-to-end"
+    assert github_anchor("`emma-mamba eval`") == "emma-mamba-eval"
+    assert github_anchor("Several benchmarks from one YAML (`--suite`)") == "several-benchmarks-from-one-yaml---suite"
+    assert github_anchor("Running Cobra's released weights") == "running-cobras-released-weights"
+    assert github_anchor("A [link](x.md) and `emma_mamba.ops` × 3") == "a-link-and-emma_mambaops--3"
+    assert anchors("# A\n## A\n```\n# not a heading\n```\n### A\n<a id=\"here\"></a>\n") == {"a", "a-1", "a-2", "here"}
 
 
 def test_not_in_checkout_paths_are_what_setup_installs():
@@ -532,12 +684,31 @@ CHECKER_CASES = [
     ("```\nemma_mamba/   ops/ (dispatch), export.py (emma-mamba\n              export), cli.py\ncsrc/  cpu/\n```\n", []),
     ("```\nemma_mamba/   ops/ (dispatch), exports.py, `kernels` folder\n              nothing/\n```\n",
      ["emma_mamba/exports.py: no such file", "emma_mamba/nothing/: no such file"]),
+    # a section whose heading names a command: its `--option` spans are that command's
+    ("## `emma-mamba serve`\n\nSee `--no-web-ui` and `--cors-origin ORIGIN`.\n\n### More\n\n`--max-batch N`\n", []),
+    ("## `emma-mamba serve`\n\nSee `--no-webui`.\n",
+     ["`emma-mamba serve` has no option --no-webui (named in its section)"]),
+    ("## `emma-mamba serve`\n\n### HTTP\n\n`--max-batches N`\n",
+     ["serve` has no option --max-batches (named in its section)"]),
+    ("## `emma-mamba serve`\n\ntext\n\n## Chat\n\n`--anything` of another command\n", []),  # the section ended
+    ("## Serving (`emma-mamba serve`)\n\n`--state-cache N`, `--state-cach N`\n",
+     ["`emma-mamba serve` has no option --state-cach (named in its section)"]),
+    ("## lmms-eval: `python -m lmms_eval --model emma_mamba`\n\n`--tasks` and `--batch_size`\n", []),  # not ours
+    # links
+    ("See [the CLI](docs/cli.md), [serve](docs/cli.md#emma-mamba-serve), [top](#a-heading), [gpu](benchmarks/gpu/)"
+     " and [lmms-eval](https://github.com/EvolvingLMMs-Lab/lmms-eval).\n\n## A heading\n", []),
+    ("See [the CLI](docs/nope.md).", ["link docs/nope.md: docs/nope.md: no such file or folder"]),
+    ("See [serve](docs/cli.md#emma-mamba-serving).",
+     ["link docs/cli.md#emma-mamba-serving: docs/cli.md has no heading with the anchor #emma-mamba-serving"]),
+    ("See [below](#set-up).\n\n## Setup\n", ["link #set-up: README.md has no heading with the anchor #set-up"]),
+    ("`[not a link](nowhere.md)` and\n```\n[nor this](nowhere.md)\n```\n", []),  # code, not links
 ]
 
 
 @pytest.mark.parametrize("text,expected", CHECKER_CASES, ids=[str(i) for i in range(len(CHECKER_CASES))])
 def test_checker_on_synthetic_readme(text, expected):
     problems = readme_problems(text)
+    assert all(p.startswith("README.md:") for p in problems), problems
     if not expected:
         assert problems == []
     else:
@@ -552,18 +723,48 @@ def _mutate(text: str, old: str, new: str) -> str:
     return text.replace(old, new, 1)
 
 
-@pytest.mark.parametrize("old,new,want", [
-    ("--prefill-chunk N", "--prefill-chunks N", "`emma-mamba generate` has no option --prefill-chunks"),
-    ("[--keep-align-head]", "[--keep-align-heads]", "`emma-mamba export` has no option --keep-align-heads"),
-    ("--config configs/train_tiny_stage2.yaml", "--config configs/train_tiny_stage3.yaml",
+@pytest.mark.parametrize("page,old,new,want", [
+    ("README.md", "--prefill-chunk N", "--prefill-chunks N", "`emma-mamba generate` has no option --prefill-chunks"),
+    ("README.md", "[--keep-align-head]", "[--keep-align-heads]",
+     "`emma-mamba export` has no option --keep-align-heads"),
+    ("README.md", "--config configs/train_tiny_stage2.yaml", "--config configs/train_tiny_stage3.yaml",
      "configs/train_tiny_stage3.yaml: no such file"),
-    ("--decode-steps 100", "--decode-step 100", "`python benchmarks/mixer_copies.py` has no option --decode-step"),
-    ("`benchmarks/results/quickstart_lora.json`", "`benchmarks/results/quickstart_lora.jsonl`",
+    ("README.md", "(docs/cli.md#emma-mamba-serve)", "(docs/cli.md#emma-mamba-serves)",
+     "link docs/cli.md#emma-mamba-serves: docs/cli.md has no heading with the anchor #emma-mamba-serves"),
+    ("docs/inference.md", "--decode-steps 100", "--decode-step 100",
+     "`python benchmarks/mixer_copies.py` has no option --decode-step"),
+    ("docs/results.md", "`benchmarks/results/quickstart_lora.json`", "`benchmarks/results/quickstart_lora.jsonl`",
      "benchmarks/results/quickstart_lora.jsonl: no such file"),
+    ("docs/cli.md", "- `--api-key-env VAR` requires", "- `--api-key-envv VAR` requires",
+     "`emma-mamba serve` has no option --api-key-envv (named in its section)"),
+    ("docs/cli.md", "(model.md#running-cobras-released-weights)", "(model.md#running-cobras-weights)",
+     "link model.md#running-cobras-weights: model.md has no heading with the anchor #running-cobras-weights"),
+    ("docs/training.md", "(../README.md#status-what-has-and-has-not-run-where)", "(../README.md#status)",
+     "README.md has no heading with the anchor #status"),
+    ("docs/kernels.md", "(training.md#torchcompile)", "(trainig.md#torchcompile)", "trainig.md: no such file"),
 ])
-def test_checker_fails_on_a_broken_copy_of_the_readme(old, new, want):
-    problems = readme_problems(_mutate(README.read_text(encoding="utf-8"), old, new))
+def test_checker_fails_on_a_broken_copy_of_a_page(page, old, new, want):
+    """A real page with one mistake put in: the problem is found and names that page and the mistake's line."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    broken = _mutate(text, old, new)
+    line = text.count("\n", 0, text.index(old)) + 1
+    problems = readme_problems(broken, name=page)
     assert any(want in p for p in problems), problems
+    mine = [p for p in problems if want in p]
+    # the line named is the mistake's (or, for a code span or continued block line, the line it starts on)
+    assert all(p.startswith(f"{page}:") for p in problems), problems
+    assert any(line - 2 <= int(p.split(":")[1]) <= line for p in mine), (line, mine)
+    assert not readme_problems(text, name=page)  # the unbroken page is clean
+
+
+def test_a_problem_in_a_docs_page_names_the_page_and_line():
+    """The checker run over a docs page (not the README) names ``docs/<page>.md:<line>``, the line of the mistake."""
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    line = next(i for i, ln in enumerate(text.split("\n"), 1) if "emma-mamba export --checkpoint DIR" in ln)
+    broken = _mutate(text, "emma-mamba export --checkpoint DIR --out OUT [--dtype bf16] [--keep-align-head]",
+                     "emma-mamba export --checkpoint DIR --out OUT [--dtype bf16] [--keep-align-hed]")
+    assert readme_problems(broken, name="docs/cli.md") == [
+        f"docs/cli.md:{line}: `emma-mamba export` has no option --keep-align-hed"]
 
 
 def test_extraction_keeps_spans_and_continuations_apart():
