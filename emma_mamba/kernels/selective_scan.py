@@ -7,9 +7,10 @@ Per batch ``b``, channel ``d`` and state ``n`` the recurrence is ``h_t = a_t * h
     (a1, b1) o (a2, b2) = (a1 * a2, a2 * b1 + b2)
 
 (Blelloch 1990; the formulation of the Mamba paper's parallel scan). One program owns one batch row and a
-block of ``BLOCK_D`` channels and walks the sequence in chunks of ``CHUNK`` steps, carrying the fp32 state
-``(BLOCK_D, n)`` across chunks. Inside a chunk it loops over the state index and scans ``(BLOCK_D, CHUNK)``
-tiles along time with ``tl.associative_scan``, the carried state folded into the chunk's first ``b``. The
+block of ``BLOCK_D`` channels and walks the sequence in chunks of ``CHUNK`` steps, the fp32 state entering each
+chunk kept in the saved-states buffer below. Inside a chunk it loops over the state index and scans
+``(BLOCK_D, CHUNK)`` tiles along time with ``tl.associative_scan``, the state entering the chunk folded into its
+first ``b``. The
 tiles keep time contiguous as in memory, so loads are vectorised and Triton gives each thread a run of
 consecutive steps: the scan is sequential in registers with warp shuffles only for per-thread aggregates,
 and ``<C_t, h_t>`` accumulates over the state loop in-thread (the layout of mamba-ssm's CUDA kernel).
@@ -21,11 +22,13 @@ chunks in reverse, recomputes the chunk's states from that boundary, and runs th
 
 as a reverse scan over ``(a_{t+1}, C_t * dy_t)``, carrying ``a_{t0} * dh_{t0}`` (the gradient of the state
 before the chunk) to the previous chunk. No ``(b, d, l, n)`` tensor is ever stored. The weight gradients
-use ``a_t * h_{t-1} = h_t - b_t``, so the shifted state is never materialised.
+take ``a_t * h_{t-1}`` from the recomputed states shifted one step (``h_t - b_t`` cancels where ``a_t`` is
+small).
 
-``seq_idx`` (packed sequences) makes ``a_t = 0`` where a new sequence starts: the recurrence restarts from
-zero there and, in the backward, no gradient crosses the boundary. The initial state therefore reaches the
-first segment only, as in the reference.
+``seq_idx`` (packed sequences): where a new sequence starts the recurrence restarts from zero and, in the
+backward, no gradient crosses the boundary; the scans carry a sequence-start flag and select on it rather than
+multiplying by ``a_t = 0`` (0 * NaN is NaN: a NaN of one sequence would reach the next). The initial state
+therefore reaches the first segment only, as in the reference.
 
 Reductions over the sequence (dA, dD, ddelta_bias, and dB/dC of a constant B/C) go to per-batch fp32
 partials summed by torch: deterministic. dB/dC of variable or grouped B/C are sums over the channels of a
@@ -44,8 +47,9 @@ import triton.language as tl
 from ._tiles import channel_state_tile, launch_kwargs, softplus
 
 # Launch shapes, the fastest measured on an H100 (triton 3.6) at mamba-2.8b shapes, b=8, d=5120, n=16,
-# L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms. Module-level so a benchmark can try
-# others; the backward must run with the forward's CHUNK (the saved states are per chunk). With CHUNK=128
+# L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms, measured before the forward's state loop
+# lost its barriers and shared-memory round trips (benchmarks/triton_sass.py), untimed since. Module-level so a
+# benchmark can try others; the backward must run with the forward's CHUNK (the saved states are per chunk). With CHUNK=128
 # the backward took 19.5-25.5 ms instead of 33-36 ms (BLOCK_D=2, 2 warps) and the forward 2.87 ms.
 CHUNK = 256
 FWD_BLOCK_D = 8
@@ -133,9 +137,13 @@ def _selective_scan_fwd_kernel(
     # Tiles are (channel, time), time contiguous as in memory, so loads are vectorised and Triton keeps
     # runs of consecutive steps in each thread: the scan is sequential in registers, with warp shuffles
     # only for the per-thread aggregates. The state index is a loop, so <C_t, h_t> accumulates in-thread.
+    # The state entering chunk c is kept where the backward reads it, saved[b, d, c, :], not in a (channel,
+    # state) register tile: each state index's iteration loads its h_in from there and stores its chunk-end
+    # state to chunk c + 1's slot (the last chunk's to last_state) with one masked store of the scan's last
+    # step. Pulling a column out of a register tile and writing one back were layout conversions through
+    # shared memory, four barriers per state index per chunk on sm_90; now one barrier per chunk.
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)  # (T,)
-    sel = offs_n[None, :]  # (1, BN): picks a state column
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
     B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
     C_base = C_ptr + pid_b * sC_b + ((pid_d * BLOCK_D) // cpg_C) * sC_g
@@ -147,19 +155,22 @@ def _selective_scan_fwd_kernel(
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d[:, None] * seqlen  # (BD, 1) into (b, d, l)
     zrow = pid_b * sz_b + offs_d[:, None] * sz_d  # (BD, 1) into z (its own strides: a view of in_proj's output)
-    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]  # (BD, BN) into (b, d, n)
+    state_row = (pid_b * dim + offs_d) * dstate  # (BD,) into (b, d, n)
+    saved_row = (pid_b * dim + offs_d) * nchunks * dstate  # (BD,) into (b, d, nchunks, n): chunk 0
     if HAS_H0:
-        h = tl.load(h0_ptr + state_off, mask=mask_dn, other=0.0)
+        h = tl.load(h0_ptr + state_row[:, None] + offs_n[None, :], mask=mask_dn, other=0.0)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]  # chunk 0
+    tl.store(saved_ptr + saved_row[:, None] + offs_n[None, :], h, mask=mask_dn)
+    tl.debug_barrier()  # the states are read back by other threads
     first = (offs_c == 0)[None, :]
     last = (offs_c == CHUNK - 1)[None, :]
+    zero_d = (offs_d * 0)[:, None]  # (BD, 1)
+    sel = tl.arange(0, BLOCK_N)[None, :] + zero_d  # (BD, BN): the state index, built in the scan tiles' layout
 
     for c in range(nchunks):
         t = c * CHUNK + offs_c  # (T,)
         mask_t = t < seqlen
-        tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)
         m2 = mask_d[:, None] & mask_t[None, :]  # (BD, T)
         u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
         dt = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -172,30 +183,41 @@ def _selective_scan_fwd_kernel(
         else:
             reset = (offs_c < 0)[None, :]  # never
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        h_end = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h_at = saved_ptr + saved_row + c * dstate  # (BD,): the state entering this chunk
+        if c + 1 < nchunks:
+            h_end = saved_ptr + saved_row + (c + 1) * dstate  # (BD,): the state entering the next chunk
+        else:
+            h_end = last_ptr + state_row
+        h_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        t_bd = t[None, :] + zero_d  # (BD, T): B's and C's steps, the same for every channel
+        m_bd = mask_t[None, :] & (zero_d == 0)
         for n in range(dstate):
             A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
+            # a variable B / C row is loaded as a (BD, T) tile (every channel's row the same addresses: L1 hits)
+            # in the layout of the scan's tiles; a (1, T) load got a layout of its own and went through shared
+            # memory with two barriers to reach them
             if B_VAR:
-                B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]  # (1, T)
+                B_n = tl.load(B_base + n * seqlen + t_bd, mask=m_bd, other=0.0).to(tl.float32)  # (BD, T)
             else:
                 B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
             if C_VAR:
-                C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                C_n = tl.load(C_base + n * seqlen + t_bd, mask=m_bd, other=0.0).to(tl.float32)
             else:
                 C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
             a = tl.exp2(dt * A_n[:, None])  # (BD, T)
-            hs = _chunk_states(a, dtu * B_n, _column(h, sel, n)[:, None], first, reset, HAS_SEQ)  # h_t, state n
+            h_in = tl.load(h_at + n, mask=mask_d, other=0.0)[:, None]  # (BD, 1)
+            hs = _chunk_states(a, dtu * B_n, h_in, first, reset, HAS_SEQ)  # h_t, state n
             y += hs * C_n
             # padding carries h unchanged to the chunk end
-            h_end = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_end)
-        h = h_end
+            h_next = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_next)
+        tl.store(h_end[:, None] + offs_n[None, :], h_next, mask=mask_dn)
+        tl.debug_barrier()  # the chunk-end states, read by other threads in the next chunk
         if HAS_D:
             y += Dv * u
         if HAS_Z:
             z = tl.load(z_ptr + zrow + t[None, :], mask=m2, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
-    tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
 @triton.jit
