@@ -367,3 +367,106 @@ def test_ctrl_c_writes_the_finished_sections_and_the_default_out(tmp_path, monke
     assert not any(res["results"]["decode"].values()) and "crossover" not in res
     assert {"argv", "loadavg_1_5_15_before", "loadavg_1_5_15_after", "cpu_isa"} <= set(res["machine"])
     assert not (tmp_path / "benchmarks").exists()
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                   attn_implementation="sdpa", tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_transformer_graph_runner_buffers_and_positions_on_the_cpu():
+    """transformer+graphs (with --cuda-graphs the headline compares graphs with graphs): its prefill runs the
+    context's last token through the step it captures, then every step copies the token into the static buffer
+    and replays. Here the replay is the step run eagerly (capture=False: the same buffers, positions and logits):
+    each step's logits equal the model's full forward at that position (batch 1 and 2), and its state is the eager
+    runner's StaticCache of the same size."""
+    from emma_mamba.bench.latency import TRANSFORMER_GRAPHS, TransformerGraphRunner, TransformerRunner
+
+    llama = _tiny_llama()
+    r, eager = TransformerGraphRunner(llama, capture=False), TransformerRunner(llama, "static")
+    assert r.name == TRANSFORMER_GRAPHS and r.optional
+    with torch.inference_mode():
+        for b in (1, 2):
+            ids = torch.randint(0, 128, (b, 14), generator=torch.Generator().manual_seed(b))
+            full = r.full(ids)
+            logits, state = r.prefill(ids=ids[:, :8], max_len=16)
+            torch.testing.assert_close(logits, full[:, 7], rtol=1e-4, atol=1e-4)
+            for i in range(8, 14):
+                logits, state = r.step(state, ids[:, i:i + 1])
+                torch.testing.assert_close(logits, full[:, i], rtol=1e-4, atol=1e-4)
+            _, cache = eager.prefill(ids=ids[:, :8], max_len=16)
+            assert r.state_bytes(state, 8) == eager.state_bytes(cache, 8) > 0
+            assert r.allocated_bytes(state) == eager.allocated_bytes(cache)
+        with pytest.raises(ValueError, match="needs token ids"):
+            r.prefill(embeds=torch.zeros(1, 4, 32))
+
+
+@pytest.mark.gpu
+def test_transformer_graph_runner_replays_the_eager_steps():
+    """On a GPU: the captured transformer step replayed gives the eager step's logits (the graph reads the token
+    buffer and advances the cache's position in place)."""
+    from emma_mamba.bench.latency import TransformerGraphRunner, TransformerRunner
+
+    llama = _tiny_llama().cuda()
+    graphs, eager = TransformerGraphRunner(llama), TransformerRunner(llama, "static")
+    with torch.inference_mode():
+        for seed in (1, 2):
+            ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(seed)).cuda()
+            la, ca = eager.prefill(ids=ids, max_len=32)
+            lb, cb = graphs.prefill(ids=ids, max_len=32)
+            torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+            for _ in range(6):
+                tok = la.argmax(-1, keepdim=True)
+                la, ca = eager.step(ca, tok)
+                lb, cb = graphs.step(cb, tok)
+                torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+
+
+def test_an_optional_runner_that_fails_is_reported_and_left_out():
+    """A runner marked optional (the transformer's graph capture, which an older transformers release may not
+    allow) that raises is recorded with its error, in the checks and in a decode point, and the others are
+    measured; a runner that is not optional still stops the run."""
+    from emma_mamba.bench import latency
+
+    class Broken(latency.TransformerRunner):
+        name, optional = "broken", True
+
+        def prefill(self, ids=None, embeds=None, max_len=None):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    llama = _tiny_llama()
+    runners = [latency.TransformerRunner(llama, "static"), Broken(llama, "static")]
+    failed = {}
+    with torch.inference_mode():
+        checks = latency.consistency_checks(runners, 128, torch.device("cpu"), failed=failed)
+        assert failed == {"broken": "RuntimeError: operation not permitted when stream is capturing"}
+        assert list(checks) == [f"{TRANSFORMER}: cached decode vs full forward, max abs logit diff"]
+        rows = latency.decode_latency(runners, latency._Clock(torch.device("cpu")), 1, 12, 2, 1, 128,
+                                      torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert rows["broken"]["failed"] and rows["broken"]["median_s"] is None and "capturing" in rows["broken"]["error"]
+    assert rows[TRANSFORMER]["median_s"] > 0
+    Broken.optional = False
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="capturing"):
+        latency.consistency_checks(runners, 128, torch.device("cpu"), failed={})
+
+
+def test_failed_consistency_checks_mark_the_ratios_not_valid(tmp_path, monkeypatch, capsys):
+    """A cached decode path that disagrees with its full forward (here: our step's logits shifted) still writes
+    its timings, but the JSON says checks_ok / ratios_valid false and the run prints a warning."""
+    from emma_mamba.bench import latency
+
+    real_step = latency.OursRunner.step
+    monkeypatch.setattr(latency.OursRunner, "step", lambda self, c, t: (real_step(self, c, t)[0] + 1.0, c))
+    out = tmp_path / "lat.json"
+    argv = ["bench", "latency", "--preset", "tiny", "--device", "cpu", "--contexts", "16", "--batch-sizes", "1",
+            "--batch-context", "12", "--images", "1", "--new-tokens", "2", "--warmup", "1", "--repeats", "1",
+            "--threads", "1", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["checks_ok"] is False and res["ratios_valid"] is False and res["ratios"]
+    assert res["checks"][f"{OURS}: cached decode vs full forward, max abs logit diff"] > res["checks_tolerance"]
+    assert "the timings below are not valid" in capsys.readouterr().out
