@@ -173,20 +173,43 @@ def _ours(backend):
 
 
 def _mambapy(kind):
-    """mambapy's scans on the same tensors, in its (b, l, d) layout (the transposes are part of the call)."""
+    """mambapy's scans in their own layout, as a mambapy ``MambaBlock`` holds its tensors: x and delta (b, l, d),
+    B and C (b, l, n), contiguous, the output (b, l, d). The benchmark's (b, d, l) inputs are converted outside
+    the timed call (:func:`native_inputs`): transposed views in the call slowed mambapy's forward ~1.9x (its
+    scans then walked strided memory), which credited ours with mambapy's layout, not its algorithm."""
     from mambapy.mamba import MambaBlock
 
     def fn(t):
         d, n = t.A.shape
-        x, delta = t.u.transpose(1, 2), t.delta.transpose(1, 2)  # (b, l, d)
-        B, C = t.B.transpose(1, 2), t.C.transpose(1, 2)  # (b, l, n)
         if kind == "pscan":
-            y = MambaBlock.selective_scan(None, x, delta, t.A, B, C, t.D)
-        else:
-            this = SimpleNamespace(config=SimpleNamespace(d_inner=d, d_state=n))
-            y = MambaBlock.selective_scan_seq(this, x, delta, t.A, B, C, t.D)
-        return y.transpose(1, 2)
+            return MambaBlock.selective_scan(None, t.u, t.delta, t.A, t.B, t.C, t.D)
+        this = SimpleNamespace(config=SimpleNamespace(d_inner=d, d_state=n))
+        return MambaBlock.selective_scan_seq(this, t.u, t.delta, t.A, t.B, t.C, t.D)
+
+    fn.layout = "bld"
     return fn
+
+
+def _bld(x: torch.Tensor) -> torch.Tensor:
+    """(b, d, l) -> a contiguous (b, l, d) leaf that requires grad as ``x`` does."""
+    return x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+
+
+def native_inputs(impl, t):
+    """``t`` (make_inputs) in the layout ``impl`` takes: ours (b, d, l) as it is; mambapy's (b, l, d) copies."""
+    if getattr(impl, "layout", "bdl") == "bdl":
+        return t
+    return SimpleNamespace(A=t.A, D=t.D, **{k: _bld(getattr(t, k)) for k in ("u", "delta", "B", "C")})
+
+
+def native_grad_output(impl, dout: torch.Tensor) -> torch.Tensor:
+    """The output gradient (b, d, l) in ``impl``'s output layout."""
+    return dout if getattr(impl, "layout", "bdl") == "bdl" else dout.transpose(1, 2).contiguous()
+
+
+def output_bdl(impl, y: torch.Tensor) -> torch.Tensor:
+    """``impl``'s output as (b, d, l), to compare with ours."""
+    return y if getattr(impl, "layout", "bdl") == "bdl" else y.transpose(1, 2)
 
 
 def implementations(skip):
@@ -227,14 +250,15 @@ def _time(fn, repeats, max_seconds) -> dict:
 
 
 def time_impl(impl, b, d, n, l, repeats, max_seconds, backward=True):
-    """(forward timing, forward+backward timing or None), each as :func:`_time` gives it."""
-    t = make_inputs(b, d, n, l)
+    """(forward timing, forward+backward timing or None), each as :func:`_time` gives it; the inputs in the
+    implementation's own layout (:func:`native_inputs`), made before the timed calls."""
+    t = native_inputs(impl, make_inputs(b, d, n, l))
     with torch.inference_mode():
         fwd = _time(lambda: impl(t), repeats, max_seconds)
     if not backward:
         return fwd, None
-    tg = make_inputs(b, d, n, l, requires_grad=True)
-    dout = torch.randn(b, d, l)
+    tg = native_inputs(impl, make_inputs(b, d, n, l, requires_grad=True))
+    dout = native_grad_output(impl, torch.randn(b, d, l))
 
     def fwd_bwd():
         for k in ("u", "delta", "A", "B", "C", "D"):
@@ -242,6 +266,16 @@ def time_impl(impl, b, d, n, l, repeats, max_seconds, backward=True):
         impl(tg).backward(dout)
     fb = _time(fwd_bwd, repeats, max_seconds)
     return fwd, fb
+
+
+def agreement(impls, b, d, n, l) -> dict:
+    """Each implementation's output against ours on the benchmark's inputs (max |diff|, fp32): the peers compute
+    the same scan in their own layout, and a wrong conversion would time something else."""
+    t = make_inputs(b, d, n, l)
+    with torch.inference_mode():
+        ours = impls["ours"](t)
+        return {name: (output_bdl(impl, impl(native_inputs(impl, t))) - ours).abs().max().item()
+                for name, impl in impls.items() if name != "ours"}
 
 
 def time_exp_floor(b, d, n, l, repeats, max_seconds) -> dict:
@@ -253,11 +287,11 @@ def time_exp_floor(b, d, n, l, repeats, max_seconds) -> dict:
 _MEM_CHILD = r"""
 import sys, torch
 sys.path.insert(0, {root!r})
-from emma_mamba.bench.kernels import implementations, make_inputs, _peak_rss_bytes
+from emma_mamba.bench.kernels import implementations, make_inputs, native_grad_output, native_inputs, _peak_rss_bytes
 b, d, n, l = {shape}
 impl = implementations([])[{name!r}]
-t = make_inputs(b, d, n, l, requires_grad=True)
-dout = torch.randn(b, d, l)
+t = native_inputs(impl, make_inputs(b, d, n, l, requires_grad=True))
+dout = native_grad_output(impl, torch.randn(b, d, l))
 before = _peak_rss_bytes()
 impl(t).backward(dout)
 print(_peak_rss_bytes() - before)
@@ -344,6 +378,10 @@ def run_cpu(args, start=None, save=None, res=None) -> dict:
             row = {"batch": b, "d": d, "dstate": n, "seqlen": l, "dtype": "float32",
                    "fwd_s": {}, "fwd_bwd_s": {}, "fwd_runs_s": {}, "fwd_bwd_runs_s": {},
                    "peak_mem_fwd_bwd_bytes": {}, "cut_by_max_seconds": []}
+            row["max_abs_diff_vs_ours"] = diffs = agreement(impls, b, d, n, l)
+            if diffs:
+                print(f"  b={b} d={d} n={n} L={l} max |output - ours|: "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
             for name, impl in impls.items():
                 backward = not (name == "mambapy_seq" and l > seq_bwd_max_len)
                 fwd, fb = time_impl(impl, b, d, n, l, repeats, args.max_seconds, backward)
