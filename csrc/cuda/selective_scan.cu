@@ -102,18 +102,19 @@ __device__ __forceinline__ void load_step_inputs(const ScanParams& p, int64_t ro
   }
 }
 
-// B or C values for state n at steps [t0, t0+K): constant (d, n) fp32 or (b, g, n, l) in WT.
+// B or C values for state n at steps [t0, t0+K): constant (d, n) fp32 (``rows`` null), or variable (b, g, n, l) in
+// WT from ``rows``, the (n, l) rows of this batch and channel group (block_bc, found once per kernel: the state loops
+// call this per state, and finding the rows there was two integer divisions and the index arithmetic per state and
+// per input, most of the forward state loop's integer instructions on sm_90).
 template <typename WT, int K>
-__device__ __forceinline__ void load_bc(const void* X, int groups, const ScanParams& p, int b, int c, int n, int t0,
+__device__ __forceinline__ void load_bc(const void* X, const WT* rows, const ScanParams& p, int c, int n, int t0,
                                         int valid, float (&v)[K]) {
-  if (groups == 0) {
+  if (rows == nullptr) {
     const float x = static_cast<const float*>(X)[static_cast<int64_t>(c) * p.dstate + n];
 #pragma unroll
     for (int i = 0; i < K; ++i) v[i] = x;
   } else {
-    const int g = c / (p.dim / groups);
-    const WT* ptr = static_cast<const WT*>(X) + ((static_cast<int64_t>(b) * groups + g) * p.dstate + n) * p.seqlen + t0;
-    load_k<WT, K>(ptr, v, valid, p.vec_bc);
+    load_k<WT, K>(rows + static_cast<int64_t>(n) * p.seqlen + t0, v, valid, p.vec_bc);
   }
 }
 
@@ -123,6 +124,11 @@ template <typename WT>
 __device__ __forceinline__ const WT* block_bc(const void* X, int groups, const ScanParams& p, int b, int c0) {
   return static_cast<const WT*>(X) +
          (static_cast<int64_t>(b) * groups + c0 / (p.dim / groups)) * p.dstate * static_cast<int64_t>(p.seqlen);
+}
+// block_bc for load_bc: null for a constant (d, n) B or C (groups 0)
+template <typename WT>
+__device__ __forceinline__ const WT* rows_bc(const void* X, int groups, const ScanParams& p, int b, int c) {
+  return groups > 0 ? block_bc<WT>(X, groups, p, b, c) : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -156,6 +162,8 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
   for (int n = lane; n < N; n += 32) carry[n] = p.init ? p.init[bd * N + n] : 0.f;
   __syncwarp();
   const float Dv = p.D ? p.D[c] : 0.f;
+  const WT* Brows = rows_bc<WT>(p.B, p.groups_B, p, b, c);
+  const WT* Crows = rows_bc<WT>(p.C, p.groups_C, p, b, c);
 
   for (int chunk = 0; chunk < L; chunk += 32 * K) {
     const int t0 = chunk + lane * K;
@@ -176,7 +184,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
     for (int n = 0; n < N; ++n) {
       const float A2 = p.A[static_cast<int64_t>(c) * N + n] * kLog2e;
       float a[K], bb[K], Bv[K];
-      load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
+      load_bc<WT, K>(p.B, Brows, p, c, n, t0, valid, Bv);
       float pa = 1.f, pb = 0.f;  // this lane's composed pair
       auto compose = [&](auto packed) {
         constexpr bool kSel = decltype(packed)::value;
@@ -201,7 +209,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
       float h = decay_step<kPacked>(ea, h0, eb);  // state just before this lane's first step
       if (saves) p.saved[(bd * p.nsave + t0 / kSave) * N + n] = h;
       float Cv[K];
-      load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
+      load_bc<WT, K>(p.C, Crows, p, c, n, t0, valid, Cv);
       auto apply = [&](auto packed) {
         constexpr bool kSel = decltype(packed)::value;
 #pragma unroll
@@ -360,6 +368,8 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
 
   const int64_t bd = static_cast<int64_t>(b) * p.dim + c;
   const int64_t row = bd * L;
+  const WT* Brows = rows_bc<WT>(p.B, p.groups_B, p, b, c);
+  const WT* Crows = rows_bc<WT>(p.C, p.groups_C, p, b, c);
   for (int n = lane; n < N; n += 32) {
     carry_g[n] = p.dlast ? p.dlast[bd * N + n] : 0.f;
     carry_a[n] = 1.f;
@@ -401,8 +411,8 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
     for (int n = 0; n < N; ++n) {
       const float An = p.A[static_cast<int64_t>(c) * N + n], A2 = An * kLog2e;
       float a[K], h[K], Bv[K], Cv[K];
-      load_bc<WT, K>(p.B, p.groups_B, p, b, c, n, t0, valid, Bv);
-      load_bc<WT, K>(p.C, p.groups_C, p, b, c, n, t0, valid, Cv);
+      load_bc<WT, K>(p.B, Brows, p, c, n, t0, valid, Bv);
+      load_bc<WT, K>(p.C, Crows, p, c, n, t0, valid, Cv);
       // forward recompute of the chunk's states from the saved boundary state (selects as in the forward)
       float pa = 1.f, pb = 0.f;
       auto compose = [&](auto packed) {
