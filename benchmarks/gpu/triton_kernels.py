@@ -10,6 +10,12 @@ Times, with ``triton.testing.do_bench`` (CUDA events, median of repeated runs af
   Triton ``selective_state_update`` when ``mamba_ssm.ops.triton.selective_state_update`` is importable;
 * the causal conv1d forward (w=4, silu) at the same shape.
 
+``do_bench`` clears L2 with a 256 MB ``zero_()`` before each call and does not synchronise between calls: a
+call whose host launch is shorter than that kernel is timed as device time (cold L2), a longer one with its host
+launch. The decode-step times are therefore not comparable between implementations whose launch costs differ
+(ours 14 us vs mamba-ssm's 147 us at b=1 on an H100 were such different quantities): compare decode steps on the
+``.graph`` column (device time per CUDA-graphed step) of ``python -m emma_mamba.bench.kernels_gpu``.
+
 Usage: ``python benchmarks/gpu/triton_kernels.py [--out results.json] [--quick] [--cuda-only]``.
 Needs a CUDA GPU.
 """
