@@ -566,6 +566,34 @@ def _compare(got: dict, want: dict, dtype) -> dict:
     return dict(ok=ok, max_abs_diff=diffs, allowed=allowed)
 
 
+def _check_outputs(row, impls, primary, outputs, dtype, record_max_out=False) -> dict:
+    """Every implementation's outputs (``outputs(ctx, fn)``: output and gradients) against ``primary``'s, on the
+    row's inputs: {name: _compare()}, and ``max_abs_diff_<name>_vs_<primary>`` in the row. An implementation
+    that raises is an error of the row; none is compared when ``primary`` raises (or had already failed)."""
+    checks = {}
+    if primary in row.get("errors", {}):
+        return checks
+    try:
+        want = outputs(*impls[primary])
+    except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+        row.setdefault("errors", {})[primary] = f"{type(e).__name__}: {e}"
+        return checks
+    if record_max_out:
+        row["max_abs_out"] = want["out"].float().abs().max().item()
+    for name, (ctx, f) in impls.items():
+        if name == primary or name in row.get("errors", {}):
+            continue
+        try:
+            got = outputs(ctx, f)
+        except Exception as e:  # noqa: BLE001
+            row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+            continue
+        checks[name] = _compare(got, want, dtype)
+        row[f"max_abs_diff_{name}_vs_{primary}"] = checks[name]["max_abs_diff"]["out"]
+        del got
+    return checks
+
+
 def _suspects(checks: dict, primary: str, peers) -> set:
     """The implementations whose numbers a failed check leaves without a valid comparison: each whose check
     against ours failed, and ours as well when a peer's check failed or no peer was checked (then nothing says
@@ -740,26 +768,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
             out = f()
             grads = torch.autograd.grad(out, [x[k] for k in names], dout, allow_unused=True)
         return {"out": out.detach(), **{f"d{k}": g for k, g in zip(names, grads)}}
-    checks = {}
-    try:
-        want = outputs(*impls[primary])
-    except Exception as e:  # noqa: BLE001
-        row.setdefault("errors", {})[primary] = f"{type(e).__name__}: {e}"
-        want = None
-    if want is not None:
-        row["max_abs_out"] = want["out"].float().abs().max().item()
-        for name, (ctx, f) in impls.items():
-            if name == primary or name in row.get("errors", {}):
-                continue
-            try:
-                got = outputs(ctx, f)
-            except Exception as e:  # noqa: BLE001
-                row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-                continue
-            checks[name] = _compare(got, want, env.dtype)
-            row[f"max_abs_diff_{name}_vs_{primary}"] = checks[name]["max_abs_diff"]["out"]
-            del got
-        del want
+    checks = _check_outputs(row, impls, primary, outputs, env.dtype, record_max_out=True)
     bad = _suspects(checks, primary, ["mamba_ssm"])
     if primary in row.get("errors", {}):
         bad.add(primary)
@@ -863,20 +872,7 @@ def _conv_row(env, res, cc_fn, backends, b, d, l):
             out = f()
             dx, dw, db = torch.autograd.grad(out, [x, w, bias], dout, allow_unused=True)
         return {"out": out.detach(), "dx": dx, "dweight": dw, "dbias": db}
-    checks = {}
-    for name, (ctx, f) in impls.items():  # ours first: the others are compared with it
-        if name in row.get("errors", {}) or (name != primary and primary in row.get("errors", {})):
-            continue
-        try:
-            got = outputs(ctx, f)
-        except Exception as e:  # noqa: BLE001
-            row.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
-            continue
-        if name == primary:
-            want = got
-        else:
-            checks[name] = _compare(got, want, env.dtype)
-            row[f"max_abs_diff_{name}_vs_{primary}"] = checks[name]["max_abs_diff"]["out"]
+    checks = _check_outputs(row, impls, primary, outputs, env.dtype)
     bad = _suspects(checks, primary, ["causal_conv1d"])
     if primary in row.get("errors", {}):
         bad.add(primary)

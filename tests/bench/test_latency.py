@@ -253,26 +253,16 @@ def test_transformer_runner_passes_its_cache_without_the_deprecation_shim():
     cache must still be the one used (cached decode == full forward)."""
     import warnings
 
-    transformers = pytest.importorskip("transformers")
     from emma_mamba.bench.latency import TransformerRunner
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                                   attn_implementation="sdpa", tie_word_embeddings=True)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama = _tiny_llama()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     for kv in ("static", "dynamic"):
         r = TransformerRunner(llama, kv)
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)
             warnings.simplefilter("error", DeprecationWarning)
-            full = r.full(ids)
-            logits, cache = r.prefill(ids=ids[:, :8], max_len=16)
-            torch.testing.assert_close(logits, full[:, 7], rtol=1e-4, atol=1e-4)
-            for i in range(8, 12):
-                logits, cache = r.step(cache, ids[:, i:i + 1])
-                torch.testing.assert_close(logits, full[:, i], rtol=1e-4, atol=1e-4)
+            _decode_equals_full_forward(r, ids, prompt=8)
 
 
 def test_memory_plot_draws_each_runners_own_cuda_peak(tmp_path, monkeypatch):
@@ -369,6 +359,18 @@ def test_ctrl_c_writes_the_finished_sections_and_the_default_out(tmp_path, monke
     assert not (tmp_path / "benchmarks").exists()
 
 
+def _decode_equals_full_forward(r, ids, prompt):
+    """Runner ``r``'s prefill of ``ids[:, :prompt]`` and its steps through the rest give its full forward's logits
+    at every position (the oracle: one cache-free forward); returns the last state."""
+    full = r.full(ids)
+    logits, state = r.prefill(ids=ids[:, :prompt], max_len=16)
+    torch.testing.assert_close(logits, full[:, prompt - 1], rtol=1e-4, atol=1e-4)
+    for i in range(prompt, ids.shape[1]):
+        logits, state = r.step(state, ids[:, i:i + 1])
+        torch.testing.assert_close(logits, full[:, i], rtol=1e-4, atol=1e-4)
+    return state
+
+
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -392,12 +394,7 @@ def test_transformer_graph_runner_buffers_and_positions_on_the_cpu():
     with torch.inference_mode():
         for b in (1, 2):
             ids = torch.randint(0, 128, (b, 14), generator=torch.Generator().manual_seed(b))
-            full = r.full(ids)
-            logits, state = r.prefill(ids=ids[:, :8], max_len=16)
-            torch.testing.assert_close(logits, full[:, 7], rtol=1e-4, atol=1e-4)
-            for i in range(8, 14):
-                logits, state = r.step(state, ids[:, i:i + 1])
-                torch.testing.assert_close(logits, full[:, i], rtol=1e-4, atol=1e-4)
+            state = _decode_equals_full_forward(r, ids, prompt=8)
             _, cache = eager.prefill(ids=ids[:, :8], max_len=16)
             assert r.state_bytes(state, 8) == eager.state_bytes(cache, 8) > 0
             assert r.allocated_bytes(state) == eager.allocated_bytes(cache)
