@@ -68,7 +68,8 @@ def cases() -> list[tuple]:
         ("scan_fwd_sequential", ss._selective_scan_fwd_seq_kernel,
          dict(BLOCK_D=ss.SEQ_BLOCK_D, BLOCK_N=n, CHUNK=ss.CHUNK), ss.SEQ_WARPS,
          per_thread(ss.SEQ_BLOCK_D, n, warps=ss.SEQ_WARPS)),
-        ("scan_bwd_chunked", ss._selective_scan_bwd_kernel, dict(BLOCK_D=ss.BWD_BLOCK_D, BLOCK_N=n, CHUNK=ss.CHUNK),
+        ("scan_bwd_chunked", ss._selective_scan_bwd_kernel,
+         dict(BLOCK_D=ss.BWD_BLOCK_D, BLOCK_N=n, CHUNK=ss.CHUNK, ROW_ATOMICS=ss.BWD_ROW_ATOMICS),
          ss.BWD_WARPS, per_thread(ss.BWD_BLOCK_D, ss.CHUNK, warps=ss.BWD_WARPS)),
     ]
 

@@ -20,10 +20,11 @@ chunks in reverse, recomputes the chunk's states from that boundary, and runs th
 
     dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}
 
-as a reverse scan over ``(a_{t+1}, C_t * dy_t)``, carrying ``a_{t0} * dh_{t0}`` (the gradient of the state
-before the chunk) to the previous chunk. No ``(b, d, l, n)`` tensor is ever stored. The weight gradients
-take ``a_t * h_{t-1}`` from the recomputed states shifted one step (``h_t - b_t`` cancels where ``a_t`` is
-small).
+as a scan over ``(a_{t+1}, C_t * dy_t)`` from the chunk's last step (a forward scan over tiles whose steps are
+reversed), carrying ``a_{t0} * dh_{t0}`` (the gradient of the state before the chunk) to the previous chunk. No
+``(b, d, l, n)`` tensor is ever stored. The weight gradients take ``a_t * h_{t-1}`` from the recomputed states
+shifted one step (``h_t - b_t`` cancels where ``a_t`` is small); ``y`` (for the gate's gradient) is summed from
+the same recomputed states.
 
 ``seq_idx`` (packed sequences): where a new sequence starts the recurrence restarts from zero and, in the
 backward, no gradient crosses the boundary; the scans carry a sequence-start flag and select on it rather than
@@ -32,8 +33,9 @@ therefore reaches the first segment only, as in the reference.
 
 Reductions over the sequence (dA, dD, ddelta_bias, and dB/dC of a constant B/C) go to per-batch fp32
 partials summed by torch: deterministic. dB/dC of variable or grouped B/C are sums over the channels of a
-group: ``deterministic=False`` adds them with fp32 atomics; ``deterministic=True`` writes one fp32 partial
-per channel block and sums them in a fixed order (more memory).
+group: ``deterministic=False`` adds them with fp32 atomics (the chunked backward one row per channel, as
+mamba-ssm's CUDA kernel does, rather than summing its block's channels across warps first);
+``deterministic=True`` writes one fp32 partial per channel block and sums them in a fixed order (more memory).
 """
 
 from __future__ import annotations
@@ -47,28 +49,34 @@ import triton.language as tl
 from ._tiles import channel_state_tile, launch_kwargs, softplus
 
 # Launch shapes, the fastest measured on an H100 (triton 3.6) at mamba-2.8b shapes, b=8, d=5120, n=16,
-# L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms, measured before the forward's state loop
-# lost its barriers and shared-memory round trips (benchmarks/triton_sass.py), untimed since. Module-level so a
-# benchmark can try others; the backward must run with the forward's CHUNK (the saved states are per chunk). With CHUNK=128
-# the backward took 19.5-25.5 ms instead of 33-36 ms (BLOCK_D=2, 2 warps) and the forward 2.87 ms.
+# L=2048, bf16 (benchmarks/gpu/triton_kernels.py): forward 2.29 ms, backward 33-36 ms, both measured before the
+# kernels' loops lost their barriers and shared-memory round trips (benchmarks/triton_sass.py), untimed since.
+# Module-level so a benchmark can try others; the backward must run with the forward's CHUNK (the saved states are
+# per chunk). With CHUNK=128 the backward took 19.5-25.5 ms instead of 33-36 ms (BLOCK_D=2, 2 warps) and the
+# forward 2.87 ms (also before).
 CHUNK = 256
 FWD_BLOCK_D = 8
 FWD_WARPS = 8
 BWD_BLOCK_D = 4
 BWD_WARPS = 4
+# deterministic=False: the chunked backward adds dB / dC of a variable B / C one row per channel (each warp its own:
+# 4x the fp32 atomics of one row per channel block, mamba-ssm's count; no barrier in the loop over states) or, with
+# False, sums its block's channels across warps first (a reduction through shared memory: 10 barriers per state
+# index per chunk on sm_90). Untimed both: a GPU benchmark decides.
+BWD_ROW_ATOMICS = True
 
 # The forward has two implementations that write the same outputs and the same saved states, so either feeds
 # the one backward: "chunked" (the kernel above: tl.associative_scan over (channel, time) tiles, one state
 # index at a time) and "sequential" (one thread group per channel holds all its states in registers and walks
-# the time steps one by one: ~5 instructions per (t, n) element instead of ~17, no shuffles or barriers inside
-# the state loop, but only b * d * 4 threads). "chunked" is the default because it is the one measured on a
-# GPU; "sequential" is tested on the interpreter and timed side by side by the GPU benchmark
+# the time steps one by one, only b * d * 4 threads; statically its step is the costlier, ~44 instructions per
+# (t, n) element against ~21: benchmarks/triton_sass.py). "chunked" is the default because it is the one measured
+# on a GPU; "sequential" is tested on the interpreter and timed side by side by the GPU benchmark
 # (emma_mamba/bench/kernels_gpu.py), which is where the default should be decided. EMMA_TRITON_SCAN_FWD
 # overrides this at import.
 FWD_IMPL = os.environ.get("EMMA_TRITON_SCAN_FWD", "chunked")
 SEQ_BLOCK_D = 32
 SEQ_WARPS = 4
-# Likewise two backwards: "chunked" (reverse associative scans per state index) and "sequential" (the adjoint
+# Likewise two backwards: "chunked" (associative scans per state index) and "sequential" (the adjoint
 # one step at a time, states in registers; each chunk walked forwards from its saved state with checkpoints
 # every SEQ_BWD_TILE steps in a small per-program scratch). EMMA_TRITON_SCAN_BWD overrides at import.
 BWD_IMPL = os.environ.get("EMMA_TRITON_SCAN_BWD", "chunked")
@@ -119,9 +127,84 @@ def _delta_of(raw, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _column(x, sel, n):
-    """Column ``n`` of a (BD, BN) tile as (BD,)."""
-    return tl.sum(tl.where(sel == n, x, 0.0), axis=1)
+def _halves(x, BD: tl.constexpr, T: tl.constexpr):
+    """A (BD, T) tile as two (BD, T // 8, 4) tiles: steps 8 j + k and 8 j + 4 + k, k < 4 (register renaming: each
+    thread's two runs of 4 of its 8 steps)."""
+    return tl.split(tl.permute(tl.reshape(x, (BD, T // 8, 2, 4)), (0, 1, 3, 2)))
+
+
+@triton.jit
+def _put_halves(base, t3, on3, seqlen, lo, hi, ATOMIC: tl.constexpr):
+    """Adds (fp32 atomics) or stores _halves' tiles at base + step (t3: the steps of lo), where on3 holds. In the scan
+    tiles' layout, 16 bytes a thread: a (BD, T) pointer tile got a layout of its own (4 steps a thread, the widest
+    fp32 vector) and the values went to it through shared memory."""
+    if ATOMIC:
+        tl.atomic_add(base + t3, lo, mask=on3 & (t3 < seqlen), sem="relaxed")
+        tl.atomic_add(base + t3 + 4, hi, mask=on3 & (t3 + 4 < seqlen), sem="relaxed")
+    else:
+        tl.store(base + t3, lo, mask=on3 & (t3 < seqlen))
+        tl.store(base + t3 + 4, hi, mask=on3 & (t3 + 4 < seqlen))
+
+
+@triton.jit
+def _sum_into(ptr, x, lane0, accumulate):
+    """ptr += x (BD,), or ptr = x unless accumulate, by the lane-0 threads of a (BD, T // 8) tile (see the chunked
+    backward)."""
+    x = x[:, None] + tl.zeros(ptr.shape, dtype=tl.float32)
+    tl.store(ptr, tl.load(ptr, mask=lane0 & accumulate, other=0.0) + x, mask=lane0)
+
+
+@triton.jit
+def _steps8(x, BD: tl.constexpr, T: tl.constexpr):
+    """A (BD, T) tile's steps 8 j + k as 8 (BD, T // 8) tiles x_k. Where each thread holds 8 consecutive steps (the
+    layout of the chunked backward's bf16 tiles on sm_90: one warp a channel, 256 steps), a renaming of registers;
+    in any other layout the same values, at the cost of layout conversions. So for _tile8, _reverse8, _prev_step and
+    _halves."""
+    y = tl.reshape(x, (BD, T // 8, 2, 2, 2))  # step 8 j + 4 k2 + 2 k1 + k0
+    s0, s1 = tl.split(y)  # k0
+    s00, s01 = tl.split(s0)  # k1
+    s10, s11 = tl.split(s1)
+    x0, x4 = tl.split(s00)  # k2
+    x2, x6 = tl.split(s01)
+    x1, x5 = tl.split(s10)
+    x3, x7 = tl.split(s11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _tile8(x0, x1, x2, x3, x4, x5, x6, x7, BD: tl.constexpr, T: tl.constexpr):
+    """_steps8's inverse."""
+    q0 = tl.join(tl.join(x0, x4), tl.join(x2, x6))  # k2, then k1
+    q1 = tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    return tl.reshape(tl.join(q0, q1), (BD, T))  # then k0
+
+
+@triton.jit
+def _reverse8(x, BD: tl.constexpr, T: tl.constexpr):
+    """Each thread's 8 steps in reverse order (register renaming)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _steps8(x, BD, T)
+    return _tile8(x7, x6, x5, x4, x3, x2, x1, x0, BD, T)
+
+
+@triton.jit
+def _prev_step(x, x_first, BD: tl.constexpr, T: tl.constexpr):
+    """x one step later along axis 1: column j holds x[:, j - 1], column 0 x_first (BD, 1). Within a thread's 8
+    steps a renaming of registers; the step before a thread's first comes from the previous lane (one shuffle)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _steps8(x, BD, T)
+    lane = tl.arange(0, T // 8)[None, :] + tl.zeros((BD, T // 8), dtype=tl.int32)
+    p = tl.gather(x7, tl.maximum(lane - 1, 0), axis=1)
+    p = tl.where(lane == 0, x_first, p)
+    return _tile8(p, x0, x1, x2, x3, x4, x5, x6, BD, T)
+
+
+@triton.jit
+def _add4(a1, b1, c1, d1, a2, b2, c2, d2):
+    return a1 + a2, b1 + b2, c1 + c2, d1 + d2
+
+
+@triton.jit
+def _add2(a1, b1, a2, b2):
+    return a1 + a2, b1 + b2
 
 
 @triton.jit
@@ -257,6 +340,13 @@ def _selective_scan_fwd_seq_kernel(
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
+    # y_t is stored from a (BD, QN) tile, y broadcast over QN columns (QN: the threads a channel's states are spread
+    # over, each holding 4), column 0 stored: the tile has the layout the reduction over the states leaves y in. As
+    # a (BD,) store it got a layout of its own (one thread a channel) and y went to it through shared memory, two
+    # barriers per step.
+    QN: tl.constexpr = (BLOCK_N + 3) // 4
+    col = tl.arange(0, QN)[None, :] + (offs_d * 0)[:, None]  # (BD, QN)
+    y_on = mask_d[:, None] & (col == 0)
     for c in range(nchunks):
         tl.store(saved_ptr + saved_off + c * dstate, h, mask=mask_dn)  # the state entering chunk c
         t_end = tl.minimum(c * CHUNK + CHUNK, seqlen)
@@ -278,7 +368,8 @@ def _selective_scan_fwd_seq_kernel(
             if HAS_Z:
                 zt = tl.load(z_ptr + zrow + t, mask=mask_d, other=0.0).to(tl.float32)
                 y *= zt * tl.sigmoid(zt)
-            tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=mask_d)
+            y = y[:, None] + tl.zeros((BLOCK_D, QN), dtype=tl.float32)
+            tl.store(out_ptr + row[:, None] + t + col * 0, y.to(out_ptr.dtype.element_ty), mask=y_on)
     tl.store(last_ptr + state_off, h, mask=mask_dn)
 
 
@@ -305,7 +396,7 @@ def _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc,
 def _put_channel_sum(ptr, vals, mask, ATOMIC_BC: tl.constexpr):
     """A program's dB or dC (summed over its channels) into the atomic accumulator, or its own partial."""
     if ATOMIC_BC:
-        tl.atomic_add(ptr, vals, mask=mask)
+        tl.atomic_add(ptr, vals, mask=mask, sem="relaxed")  # acq_rel (the default) fenced each one
     else:
         tl.store(ptr, vals, mask=mask)
 
@@ -337,11 +428,11 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, B_VAR: tl.constexpr, C_VAR: tl.constexpr,
     HAS_DLAST: tl.constexpr, ATOMIC_BC: tl.constexpr, HAS_OUT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ROW_ATOMICS: tl.constexpr,
 ):
-    pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
+    pid_d, pid_b, offs_d, _, mask_d, _, _ = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)
-    sel = offs_n[None, :]
+    zero_d = (offs_d * 0)[:, None]  # (BD, 1)
     B_base, C_base, dB_base, dC_base = _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b,
                                                   sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D, ATOMIC_BC)
     if HAS_D:
@@ -352,118 +443,157 @@ def _selective_scan_bwd_kernel(
         bias = 0.0
     row = pid_b * dim * seqlen + offs_d[:, None] * seqlen
     zrow = pid_b * sz_b + offs_d[:, None] * sz_d
-    state_off = (pid_b * dim + offs_d[:, None]) * dstate + offs_n[None, :]
-    saved_off = ((pid_b * dim + offs_d[:, None]) * nchunks) * dstate + offs_n[None, :]
-    # carry = gradient reaching the state at the end of the current chunk from later steps
-    if HAS_DLAST:
-        carry = tl.load(dlast_ptr + state_off, mask=mask_dn, other=0.0)
-    else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dB_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # constant B/C only
-    dC_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    state_row = (pid_b * dim + offs_d) * dstate  # (BD,) into (b, d, n)
+    saved_row = state_row * nchunks  # (BD,) into (b, d, nchunks, n): chunk 0
+    # The (channel, state) sums (dA, dB / dC of a constant B / C, and the gradient carried into the previous chunk,
+    # kept in dh0 whether or not it is returned) live in their (b, d, n) buffers: each state index's iteration reads
+    # and writes its element with one load and one store of the same (BD, T // 8) pointer tile, masked to column 0,
+    # so one thread does both and reads back only what it wrote itself (no barrier). Kept as (channel, state)
+    # register tiles, each sum's column was selected out and written back every iteration, a compare and select
+    # per register each.
+    lane = tl.arange(0, CHUNK // 8)[None, :] + zero_d  # (BD, T // 8): the layout of _steps8's tiles
+    lane0 = (lane == 0) & mask_d[:, None]
+    sums_row = state_row[:, None] + lane * 0  # (BD, T // 8)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     first = (offs_c == 0)[None, :]
-    last = (offs_c == CHUNK - 1)[None, :]
-    prev_idx = tl.maximum(offs_c - 1, 0)[None, :] + tl.zeros((BLOCK_D, CHUNK), dtype=tl.int32)  # step t - 1
+    rev_idx = (CHUNK - 1 - offs_c)[None, :] + tl.zeros((BLOCK_D, CHUNK), dtype=tl.int32)  # step T - 1 - j
+    next_idx = (CHUNK - offs_c) % CHUNK + tl.zeros((BLOCK_D, CHUNK), dtype=tl.int32)  # then one step on
+    # each thread's 8 steps as in _steps8, from the mirrored lane (loads in order, then _reverse8)
+    mirror = (CHUNK - 8 - (offs_c // 8) * 8 + offs_c % 8)[None, :] + zero_d
+    # the steps of _halves' first tile, for dB / dC rows
+    off3 = (tl.arange(0, CHUNK // 8)[:, None] * 8 + tl.arange(0, 4)[None, :])[None, :, :] + zero_d[:, :, None]
+    on3 = mask_d[:, None, None] & (off3 >= 0)
+    first3 = on3 & (offs_d == pid_d * BLOCK_D)[:, None, None]  # the block's first channel: its channel sums
+    zero3 = tl.zeros((BLOCK_D, CHUNK // 8, 4), dtype=tl.float32)
 
     for i in range(nchunks):
         c = nchunks - 1 - i
         t = c * CHUNK + offs_c
         mask_t = t < seqlen
-        mask_t1 = (t + 1) < seqlen
         m2 = mask_d[:, None] & mask_t[None, :]
-        m2n = mask_d[:, None] & mask_t1[None, :]
-        h0 = tl.load(saved_ptr + saved_off + c * dstate, mask=mask_dn, other=0.0)  # state before the chunk
         u = tl.load(u_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
         dt_raw = tl.load(delta_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        dt = tl.where(m2, _delta_of(dt_raw, bias, SOFTPLUS), 0.0)
-        dtn = tl.load(delta_ptr + row + t[None, :] + 1, mask=m2n, other=0.0).to(tl.float32)
-        dtn = tl.where(m2n, _delta_of(dtn, bias, SOFTPLUS), 0.0)  # delta_{t+1}; 0 past the end: a = 1
-        dout = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        dtu = dt * u
-        if HAS_SEQ:
-            s_cur = tl.load(seq_ptr + pid_b * seqlen + t, mask=mask_t, other=0)
-            s_prev = tl.load(seq_ptr + pid_b * seqlen + t - 1, mask=mask_t & (t > 0), other=0)
-            s_next = tl.load(seq_ptr + pid_b * seqlen + t + 1, mask=mask_t1, other=0)
-            reset = ((t > 0) & (s_cur != s_prev))[None, :]
-            reset_next = (mask_t1 & (s_next != s_cur))[None, :]
-        else:
-            reset = (offs_c < 0)[None, :]  # never
-            reset_next = reset
-        if HAS_Z or HAS_OUT:
-            # dz and the recomputed output need y = sum_n <C, h>: a first pass of forward scans over the states
-            y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-            for n in range(dstate):
-                A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
-                if B_VAR:
-                    B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
-                else:
-                    B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
-                if C_VAR:
-                    C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
-                else:
-                    C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
-                a = tl.exp2(dt * A_n[:, None])
-                y += _chunk_states(a, dtu * B_n, _column(h0, sel, n)[:, None], first, reset, HAS_SEQ) * C_n
-            if HAS_D:
-                y += Dv * u
+        dt = tl.where(m2, _delta_of(dt_raw, bias, SOFTPLUS), 0.0)  # 0 past the end: a = 1, b = 0
+        dy = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_ptr + zrow + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(z)
-            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
-            tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
-            dy = dout * z * sz
-            if HAS_OUT:
-                y *= z * sz  # the gate, as the forward applies it
+            dy = dy * z * tl.sigmoid(z)  # the gate's; dz needs y, which the state loop sums
+        dtu = dt * u
+        # the adjoint scan's inputs with the chunk's steps reversed (column j: step T - 1 - j): dy, and delta_{t+1}
+        # (for a_{t+1}), delta one step on, the next chunk's first step in column 0
+        dy_r = tl.gather(dy, rev_idx, axis=1)
+        t_next = c * CHUNK + CHUNK + zero_d  # (BD, 1)
+        on_next = mask_d[:, None] & (t_next < seqlen)
+        dt_next = tl.load(delta_ptr + row + t_next, mask=on_next, other=0.0).to(tl.float32)
+        dt_next = tl.where(on_next, _delta_of(dt_next, bias, SOFTPLUS), 0.0)
+        dtn_r = tl.where(first, dt_next, tl.gather(dt, next_idx, axis=1))
+        # a variable B / C row is loaded as a (BD, T) tile in the scan tiles' layout (every channel's row the same
+        # addresses: L1 hits); as a (1, T) tile it got a layout of its own and reached them through shared memory
+        t_bd = t[None, :] + zero_d
+        m_bd = mask_t[None, :] & (zero_d == 0)
+        t_mr = c * CHUNK + mirror
+        m_mr = (t_mr < seqlen) & (zero_d == 0)
+        if HAS_SEQ:  # the sequence-start flags likewise, as (BD, T) tiles
+            seq_row = seq_ptr + pid_b * seqlen
+            s_prev = tl.load(seq_row + t_bd - 1, mask=m_bd & (t_bd > 0), other=0)
+            reset = (t_bd > 0) & (tl.load(seq_row + t_bd, mask=m_bd, other=0) != s_prev)
+            s_next = tl.load(seq_row + t_mr + 1, mask=(t_mr + 1) < seqlen, other=0)
+            starts_next = ((t_mr + 1) < seqlen) & (s_next != tl.load(seq_row + t_mr, mask=m_mr, other=0))
+            reset_next_r = _reverse8(starts_next, BLOCK_D, CHUNK)  # step t + 1 starts one
+            cut = _starts_at(seq_ptr, pid_b * seqlen, c * CHUNK, seqlen)  # nothing flows back out of the chunk
         else:
-            dy = dout
-        if HAS_OUT:
-            tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
-        ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        dBsum = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
-        carry_new = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+            reset = (offs_c < 0)[None, :]  # never
+            reset_next_r = reset
+            cut = False
+        h_at = saved_ptr + saved_row + c * dstate  # (BD,): the state entering this chunk
+        t3 = c * CHUNK + off3
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n <C, h>, for dz and the recomputed output
+        ddt = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh a_t h_{t-1} A
+        dBsum = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh B
         for n in range(dstate):
-            A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)
-            A2_n = (A_n * 1.4426950408889634)[:, None]
+            A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+            A2_n = A_n * 1.4426950408889634
             if B_VAR:
-                B_n = tl.load(B_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                B_n = tl.load(B_base + n * seqlen + t_bd, mask=m_bd, other=0.0).to(tl.float32)  # (BD, T)
             else:
                 B_n = tl.load(B_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
+            a = tl.exp2(dt * A2_n)  # a_t
+            h_in = tl.load(h_at + n, mask=mask_d, other=0.0)[:, None]  # (BD, 1): the state entering the chunk
+            hs = _chunk_states(a, dtu * B_n, h_in, first, reset, HAS_SEQ)  # recomputed h_t
+            # dh_t = C_t dy_t + a_{t+1} dh_{t+1}: a forward scan over the reversed steps, reversed back (Triton's
+            # reverse scan reversed each input and its output across the lanes with 5 shuffles per element)
             if C_VAR:
-                C_n = tl.load(C_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)[None, :]
+                if HAS_Z or HAS_OUT:
+                    C_n = tl.load(C_base + n * seqlen + t_bd, mask=m_bd, other=0.0).to(tl.float32)
+                C_r = _reverse8(tl.load(C_base + n * seqlen + t_mr, mask=m_mr, other=0.0).to(tl.float32),
+                                BLOCK_D, CHUNK)
             else:
                 C_n = tl.load(C_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
-            a = tl.exp2(dt * A2_n)  # a_t
-            an = tl.exp2(dtn * A2_n)  # a_{t+1}
-            h_in = _column(h0, sel, n)[:, None]
-            hs = _chunk_states(a, dtu * B_n, h_in, first, reset, HAS_SEQ)  # recomputed h_t
-            g = C_n * dy  # direct gradient of h_t
-            g = tl.where(last, g + _column(carry, sel, n)[:, None], g)
-            dh = _chunk_scan(an, g, reset_next, True, HAS_SEQ)  # dh_t
-            # gradient of the state before the chunk
-            carry_new = tl.where(sel == n, tl.sum(tl.where(first & ~reset, a * dh, 0.0), axis=1)[:, None],
-                                 carry_new)
+                C_r = C_n
+            if HAS_Z or HAS_OUT:
+                y += hs * C_n
+            # the gradient reaching the chunk's last step from later steps (column 0 reversed): the previous
+            # chunk's a_{t0} dh_{t0} (below), or dlast into the last chunk
+            carry_at = dh0_ptr + sums_row + n
+            carry = tl.load(carry_at, mask=lane0 & (i > 0), other=0.0)
+            if HAS_DLAST:
+                carry += tl.load(dlast_ptr + sums_row + n, mask=lane0 & (i == 0), other=0.0)
+            g0, g1, g2, g3, g4, g5, g6, g7 = _steps8(C_r * dy_r, BLOCK_D, CHUNK)
+            g_r = _tile8(g0 + carry, g1, g2, g3, g4, g5, g6, g7, BLOCK_D, CHUNK)
+            dh_r = _chunk_scan(tl.exp2(dtn_r * A2_n), g_r, reset_next_r, False, HAS_SEQ)
+            dh = tl.gather(dh_r, rev_idx, axis=1)  # dh_t
+            # the gradient of the state before the chunk, a_{t0} dh_{t0}, for the previous chunk: stored where it
+            # was read, by the same thread (the same pointer tile), read back by it in the next iteration
+            ga0 = _steps8(a * dh, BLOCK_D, CHUNK)[0]  # (BD, T // 8): lane 0 holds step 0
+            tl.store(carry_at, tl.where(cut, 0.0, ga0), mask=lane0)
             # a_t h_{t-1} from h_{t-1} itself (hs one step back; h_in at the first step): as h_t - b_t it cancelled
             # where a_t is small (fast-decaying states, large dt), leaving dA with errors ~ eps |b_t|
-            hprev = tl.where(first, h_in, tl.gather(hs, prev_idx, axis=1))
-            hprev_a = tl.where(reset, 0.0, a * hprev)
-            ddt += dh * (B_n * u + hprev_a * A_n[:, None])
+            hprev = _prev_step(hs, h_in, BLOCK_D, CHUNK)
+            dha = dh * tl.where(reset, 0.0, a * hprev)
+            ddt += dha * A_n
             dBsum += dh * B_n
-            dA_acc = tl.where(sel == n, dA_acc + tl.sum(dh * hprev_a * dt, axis=1)[:, None], dA_acc)
-            if B_VAR:
-                dB_t = tl.sum(dh * dtu, axis=0)  # (T,): summed over the block's channels
-                _put_channel_sum(dB_base + n * seqlen + t, dB_t, mask_t, ATOMIC_BC)
-            else:
-                dB_acc = tl.where(sel == n, dB_acc + tl.sum(dh * dtu, axis=1)[:, None], dB_acc)
-            if C_VAR:
-                dC_t = tl.sum(hs * dy, axis=0)
-                _put_channel_sum(dC_base + n * seqlen + t, dC_t, mask_t, ATOMIC_BC)
-            else:
-                dC_acc = tl.where(sel == n, dC_acc + tl.sum(hs * dy, axis=1)[:, None], dC_acc)
-        carry = carry_new
+            _sum_into(dA_ptr + sums_row + n, tl.sum(dha * dt, axis=1), lane0, i > 0)
+            if not B_VAR:
+                _sum_into(dB_ptr + sums_row + n, tl.sum(dh * dtu, axis=1), lane0, i > 0)
+            if not C_VAR:
+                _sum_into(dC_ptr + sums_row + n, tl.sum(hs * dy, axis=1), lane0, i > 0)
+            # dB / dC of a variable B / C: sums over the channels of a group
+            if ATOMIC_BC and ROW_ATOMICS:  # each warp adds its channel's row: no sum across the warps
+                if B_VAR:
+                    lo, hi = _halves(dh * dtu, BLOCK_D, CHUNK)
+                    _put_halves(dB_base + n * seqlen, t3, on3, seqlen, lo, hi, True)
+                if C_VAR:
+                    lo, hi = _halves(hs * dy, BLOCK_D, CHUNK)
+                    _put_halves(dC_base + n * seqlen, t3, on3, seqlen, lo, hi, True)
+            elif B_VAR and C_VAR:  # the block's sums (one reduction across its warps): its partial, or atomics
+                bl, bh = _halves(dh * dtu, BLOCK_D, CHUNK)
+                cl, ch = _halves(hs * dy, BLOCK_D, CHUNK)
+                bl, bh, cl, ch = tl.reduce((bl, bh, cl, ch), 0, _add4, keep_dims=True)
+                _put_halves(dB_base + n * seqlen, t3, first3, seqlen, bl + zero3, bh + zero3, ATOMIC_BC)
+                _put_halves(dC_base + n * seqlen, t3, first3, seqlen, cl + zero3, ch + zero3, ATOMIC_BC)
+            elif B_VAR:
+                lo, hi = _halves(dh * dtu, BLOCK_D, CHUNK)
+                lo, hi = tl.reduce((lo, hi), 0, _add2, keep_dims=True)
+                _put_halves(dB_base + n * seqlen, t3, first3, seqlen, lo + zero3, hi + zero3, ATOMIC_BC)
+            elif C_VAR:
+                lo, hi = _halves(hs * dy, BLOCK_D, CHUNK)
+                lo, hi = tl.reduce((lo, hi), 0, _add2, keep_dims=True)
+                _put_halves(dC_base + n * seqlen, t3, first3, seqlen, lo + zero3, hi + zero3, ATOMIC_BC)
+        if (HAS_Z or HAS_OUT) and HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            z = tl.load(z_ptr + zrow + t[None, :], mask=m2, other=0.0).to(tl.float32)  # again: fewer registers
+            sz = tl.sigmoid(z)
+            dout = tl.load(dout_ptr + row + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            dz = dout * y * sz * (1.0 + z * (1.0 - sz))
+            tl.store(dz_ptr + row + t[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m2)
+            if HAS_OUT:
+                y *= z * sz  # the gate, as the forward applies it
+        if HAS_OUT:
+            tl.store(out_ptr + row + t[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
         du = dBsum * dt
+        ddt += dBsum * u  # sum_n dh (B u + a_t h_{t-1} A)
         if HAS_D:
             du += Dv * dy
             dD_acc += tl.sum(tl.where(m2, dy * u, 0.0), axis=1)
@@ -474,8 +604,10 @@ def _selective_scan_bwd_kernel(
         tl.store(du_ptr + row + t[None, :], du.to(du_ptr.dtype.element_ty), mask=m2)
         tl.store(ddelta_ptr + row + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
 
-    _store_bwd_sums(dA_ptr, dB_ptr, dC_ptr, dD_ptr, ddbias_ptr, dh0_ptr, dA_acc, dB_acc, dC_acc, dD_acc, dbias_acc,
-                    carry, state_off, pid_b * dim + offs_d, mask_d, mask_dn, B_VAR, C_VAR, HAS_D, HAS_DBIAS, HAS_H0)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * dim + offs_d, dD_acc, mask=mask_d)
+    if HAS_DBIAS:
+        tl.store(ddbias_ptr + pid_b * dim + offs_d, dbias_acc, mask=mask_d)
 
 
 @triton.jit
@@ -829,7 +961,8 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     dA_part = torch.empty(b, d, n, device=dev, dtype=f32)
     dD_part = torch.empty(b, d, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(b, d, device=dev, dtype=f32) if delta_bias is not None else None
-    dh0 = torch.empty(b, d, n, device=dev, dtype=f32) if initial_state is not None else None
+    # the chunked backward carries the gradient between chunks in dh0: allocated either way
+    dh0 = torch.empty(b, d, n, device=dev, dtype=f32) if initial_state is not None or not sequential else None
     atomic = not deterministic
 
     def grad_buffer(X):
@@ -870,7 +1003,8 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
         _selective_scan_bwd_seq_kernel[(nblk, b)](*args, ck, *sizes, **flags, TILE=tile,
                                                   **launch_kwargs(SEQ_BWD_WARPS))
     else:
-        _selective_scan_bwd_kernel[(nblk, b)](*args, *sizes, **flags, **launch_kwargs(BWD_WARPS))
+        _selective_scan_bwd_kernel[(nblk, b)](*args, *sizes, **flags, ROW_ATOMICS=BWD_ROW_ATOMICS,
+                                              **launch_kwargs(BWD_WARPS))
 
     def finish(X, buf):
         if X.dim() == 2:
@@ -885,4 +1019,4 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, init
     dC = finish(C, dC_buf)
     dD = dD_part.sum(0) if D is not None else None
     ddelta_bias = dbias_part.sum(0) if delta_bias is not None else None
-    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0, out
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 if initial_state is not None else None, out

@@ -215,8 +215,12 @@ def test_both_backwards_agree_and_unknown_name_is_an_error(monkeypatch):
         _run_scan(x, True, True, "triton")
 
 
-def test_selective_scan_atomic_dbc_matches_reference():
-    """deterministic=False: dB/dC of variable and grouped B/C are added with fp32 atomics."""
+@pytest.mark.parametrize("rows", [True, False], ids=["a-row-per-channel", "the-block-sum"])
+def test_selective_scan_atomic_dbc_matches_reference(rows, monkeypatch):
+    """deterministic=False: dB/dC of variable and grouped B/C are added with fp32 atomics: by the chunked backward
+    one row per channel (BWD_ROW_ATOMICS) or its channel block's sum; over 32-step chunks (150 steps: five)."""
+    monkeypatch.setattr(K.selective_scan, "BWD_ROW_ATOMICS", rows)
+    monkeypatch.setattr(K.selective_scan, "CHUNK", SEQ_CHUNK)
     inputs = _scan_inputs(2, 4, 4, 150, torch.float32, ("var", "g2"), z=1, D=1, bias=1, init=1, seq=1)
     _check_scan(inputs, torch.float32, True, True, deterministic=False)
 
