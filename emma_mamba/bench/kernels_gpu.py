@@ -701,13 +701,15 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
     row = dict(b=b, d=d, n=n, L=l, dtype=_dtype_name(env.dtype), times_ms={})
     primary = f"emma_{env.primary}"
 
-    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None, cuda_bwd=None, triton_bwd=None):
+    def ours(backend, det=None, triton_fwd=None, cuda_fwd=None, cuda_bwd=None, triton_bwd=None,
+             triton_row_atomics=None):
         """(context factory, forward): the backend and the variant's settings - the backward's too, read when the
         backward runs - are entered around the timed windows, not inside the timed calls."""
         @contextlib.contextmanager
         def ctx():
             with ops.use_backend(backend), _triton_forward(triton_fwd), cuda_forward(cuda_fwd), \
-                    cuda_backward(cuda_bwd), _triton_backward(triton_bwd):
+                    cuda_backward(cuda_bwd), _triton_backward(triton_bwd), \
+                    _triton_setting("BWD_ROW_ATOMICS", triton_row_atomics):
                 yield
 
         def fwd():
@@ -729,6 +731,9 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
         other = "sequential" if _triton_forward_impl() == "chunked" else "chunked"
         impls[f"emma_triton_{other}"] = ours("triton", triton_fwd=other)
         impls["emma_triton_seqbwd"] = ours("triton", triton_bwd="sequential")  # the sequential backward
+        # the chunked backward's dB / dC summed over its block's channels before the atomics (10 barriers per
+        # state index) instead of one row per channel (4x the atomics, no barrier): BWD_ROW_ATOMICS
+        impls["emma_triton_blocksum"] = ours("triton", triton_row_atomics=False)
     seq = f"{primary}_seq"  # the CUDA state-sequential forward (same backward), to decide the default
     seqbwd, both = f"{primary}_seqbwd", f"{primary}_seq_seqbwd"  # the state-sequential backward, alone and with it
     if env.primary in ("cuda", "cuda-emu"):
@@ -751,7 +756,8 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
             continue
         try:
             with ctx():
-                if f"{name}.fwd" not in t and not name.endswith("_deterministic"):  # its forward is ours'
+                # a backward variant's forward is the one of the variant it comes from, timed there
+                if f"{name}.fwd" not in t and not name.endswith(("_deterministic", "_seqbwd", "_blocksum")):
                     with torch.no_grad():
                         env.timed(row, f"{name}.fwd", f)
                 if f"{name}.fwd_bwd" not in t:
@@ -784,6 +790,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
         _ratios(row, t, f"emma_triton_{other}", primary, bad=bad)
     _ratios(row, t, "emma_triton_seqbwd", "emma_triton", kinds=("fwd_bwd",), bad=bad)
     _ratios(row, t, "emma_triton_seqbwd", "mamba_ssm", kinds=("fwd_bwd",), bad=bad)
+    _ratios(row, t, "emma_triton_blocksum", "emma_triton", kinds=("fwd_bwd",), bad=bad)
     _ratios(row, t, f"{primary}_deterministic", primary, kinds=("fwd_bwd",), bad=bad)
     nbytes = _scan_bytes(b, d, n, l, env.dtype.itemsize)
     row["fwd_bytes_min"] = nbytes

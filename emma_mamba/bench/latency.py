@@ -723,8 +723,9 @@ def run(args) -> int:
     ratios_eager = ratios_for(OURS)
     extra = {"ratios_against_eager_transformer": ratios_for(ours_key)} if theirs != TRANSFORMER else {}
     if args.cuda_graphs and theirs == TRANSFORMER:
-        print(f"note: the transformer's graphed step did not run ({res.get('runners_failed', {}).get(TRANSFORMER_GRAPHS, 'no measurement')}): "
-              f"the headline ratios compare {ours_key} with the transformer decoding eagerly", flush=True)
+        why = res.get("runners_failed", {}).get(TRANSFORMER_GRAPHS, "no measurement")
+        print(f"note: the transformer's graphed step did not run ({why}): the headline ratios compare {ours_key} "
+              f"with the transformer decoding eagerly", flush=True)
     if ours_key != OURS:
         last = f"decode_speedup_at_{args.contexts[-1]}"
         if last in ratios and last in ratios_eager:
@@ -886,7 +887,8 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     # top: latency; bottom: transformer / ours, measured step-interleaved, so it holds even when the
     # machine's load (and with it every absolute number) shifts between contexts
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
-    fits = lambda rows: [x for x in rows if x.get("median_s") is not None]  # noqa: E731 - out-of-memory (or failed) points are not drawn
+    # out-of-memory (or failed) points are not drawn
+    fits = lambda rows: [x for x in rows if x.get("median_s") is not None]  # noqa: E731
     for k, rows in r["decode"].items():
         rows = fits(rows)
         ax.plot([x["context"] for x in rows], [x["median_s"] * 1e3 for x in rows], marker=_STYLE[k][1],

@@ -220,11 +220,12 @@ def _selective_scan_fwd_kernel(
     # Tiles are (channel, time), time contiguous as in memory, so loads are vectorised and Triton keeps
     # runs of consecutive steps in each thread: the scan is sequential in registers, with warp shuffles
     # only for the per-thread aggregates. The state index is a loop, so <C_t, h_t> accumulates in-thread.
-    # The state entering chunk c is kept where the backward reads it, saved[b, d, c, :], not in a (channel,
-    # state) register tile: each state index's iteration loads its h_in from there and stores its chunk-end
-    # state to chunk c + 1's slot (the last chunk's to last_state) with one masked store of the scan's last
-    # step. Pulling a column out of a register tile and writing one back were layout conversions through
-    # shared memory, four barriers per state index per chunk on sm_90; now one barrier per chunk.
+    # The state entering chunk c is kept where the backward reads it, saved[b, d, c, :]: each state index's
+    # iteration loads its h_in from there ((BD,) loads) and selects its chunk-end state into a (channel, state)
+    # tile built in the scan tiles' layout (no layout conversion), stored to chunk c + 1's slot (the last chunk's
+    # to last_state) once per chunk. Pulling a column out of a carried register tile in another layout and
+    # writing one back, and B/C rows loaded as (1, T), were layout conversions through shared memory: four
+    # barriers per state index per chunk on sm_90; now one barrier per chunk.
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)  # (T,)
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)

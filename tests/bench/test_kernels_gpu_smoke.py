@@ -166,6 +166,9 @@ def test_triton_columns_under_the_interpreter():
     assert scan["max_abs_diff_emma_triton_sequential_vs_emma_cpu"] < 1e-4 * max(1.0, scan["max_abs_out"])
     assert {"emma_triton.selective_state_update.eager", "emma_triton.causal_conv1d_update.eager"} <= set(dec["times_us"])
     # the sequential backward's column: fwd+bwd timed, ratio against the default Triton backward
+    assert scan["ratio_emma_triton_blocksum_over_emma_triton.fwd_bwd"] == pytest.approx(
+        scan["times_ms"]["emma_triton_blocksum.fwd_bwd"] / scan["times_ms"]["emma_triton.fwd_bwd"])
+    assert "emma_triton_blocksum.fwd" not in scan["times_ms"]  # its forward is emma_triton's
     assert scan["ratio_emma_triton_seqbwd_over_emma_triton.fwd_bwd"] == pytest.approx(
         scan["times_ms"]["emma_triton_seqbwd.fwd_bwd"] / scan["times_ms"]["emma_triton.fwd_bwd"])
 
