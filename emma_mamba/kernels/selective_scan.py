@@ -221,11 +221,11 @@ def _selective_scan_fwd_kernel(
     # runs of consecutive steps in each thread: the scan is sequential in registers, with warp shuffles
     # only for the per-thread aggregates. The state index is a loop, so <C_t, h_t> accumulates in-thread.
     # The state entering chunk c is kept where the backward reads it, saved[b, d, c, :]: each state index's
-    # iteration loads its h_in from there ((BD,) loads) and selects its chunk-end state into a (channel, state)
-    # tile built in the scan tiles' layout (no layout conversion), stored to chunk c + 1's slot (the last chunk's
-    # to last_state) once per chunk. Pulling a column out of a carried register tile in another layout and
-    # writing one back, and B/C rows loaded as (1, T), were layout conversions through shared memory: four
-    # barriers per state index per chunk on sm_90; now one barrier per chunk.
+    # iteration loads its h_in from there ((BD,) loads) and the thread holding the chunk's last step stores the
+    # chunk-end state to chunk c + 1's slot (the last chunk's to last_state); one barrier per chunk makes those
+    # visible to the other threads. Pulling a column out of a carried (channel, state) register tile and writing
+    # one back, and B/C rows loaded as (1, T), were layout conversions through shared memory (four barriers per
+    # state index per chunk on sm_90), and a reduction over the lanes for the chunk-end state 5 shuffles.
     pid_d, pid_b, offs_d, offs_n, mask_d, mask_n, mask_dn = channel_state_tile(dim, dstate, BLOCK_D, BLOCK_N)
     offs_c = tl.arange(0, CHUNK)  # (T,)
     # every channel of a program is in one group of B and of C (the host picks BLOCK_D so)
@@ -248,9 +248,11 @@ def _selective_scan_fwd_kernel(
     tl.store(saved_ptr + saved_row[:, None] + offs_n[None, :], h, mask=mask_dn)
     tl.debug_barrier()  # the states are read back by other threads
     first = (offs_c == 0)[None, :]
-    last = (offs_c == CHUNK - 1)[None, :]
     zero_d = (offs_d * 0)[:, None]  # (BD, 1)
-    sel = tl.arange(0, BLOCK_N)[None, :] + zero_d  # (BD, BN): the state index, built in the scan tiles' layout
+    # the chunk-end state of each state index is its thread's last step in the last lane: _steps8's eighth tile
+    # (BD, T // 8), stored from there by that thread (no reduction across the lanes)
+    lane = tl.arange(0, CHUNK // 8)[None, :] + zero_d  # (BD, T // 8)
+    last_lane = (lane == CHUNK // 8 - 1) & mask_d[:, None]
 
     for c in range(nchunks):
         t = c * CHUNK + offs_c  # (T,)
@@ -272,7 +274,7 @@ def _selective_scan_fwd_kernel(
             h_end = saved_ptr + saved_row + (c + 1) * dstate  # (BD,): the state entering the next chunk
         else:
             h_end = last_ptr + state_row
-        h_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h_end = h_end[:, None] + lane * 0  # (BD, T // 8)
         t_bd = t[None, :] + zero_d  # (BD, T): B's and C's steps, the same for every channel
         m_bd = mask_t[None, :] & (zero_d == 0)
         for n in range(dstate):
@@ -293,8 +295,7 @@ def _selective_scan_fwd_kernel(
             hs = _chunk_states(a, dtu * B_n, h_in, first, reset, HAS_SEQ)  # h_t, state n
             y += hs * C_n
             # padding carries h unchanged to the chunk end
-            h_next = tl.where(sel == n, tl.sum(tl.where(last, hs, 0.0), axis=1)[:, None], h_next)
-        tl.store(h_end[:, None] + offs_n[None, :], h_next, mask=mask_dn)
+            tl.store(h_end + n, _steps8(hs, BLOCK_D, CHUNK)[7], mask=last_lane)
         tl.debug_barrier()  # the chunk-end states, read by other threads in the next chunk
         if HAS_D:
             y += Dv * u
