@@ -26,7 +26,9 @@
 #              issue 3 names; the L=8192 row costs seconds), a reduced latency run (no --peer, no --compile) and
 #              DEADLINE=570; each stage's time limit shrinks so that the call ends by DEADLINE. The cuda tests
 #              still run before the benchmark (they fill the wait for mamba-ssm's build, which the benchmark
-#              needs); their seq variants run after it, so that the benchmark starts up to a minute earlier
+#              needs; the benchmark's own limit is 240 s there, its JSON written after each section); their seq
+#              variants run after the latency run (the variants are not the defaults), the Triton kernels' gpu
+#              tests right after the cuda ones (issue 4; they too fill the wait for mamba-ssm)
 #   SCRATCH: the folder for logs, the peers' builds and installed wheels (default /tmp; the CPU dry run of
 #   tests/bench/test_gpu_run_all.py points it at its own temporary folder).
 #   A 10-minute call fits "peers tests bench"; then "alltests latency prefill" in a second call and
@@ -50,7 +52,11 @@ if [[ " $STAGES " == *" budget "* ]]; then
   PEER_SET=${PEER_SET:-mamba_ssm}
   DEADLINE=${DEADLINE:-570}
   BENCH_ARGS=  # not --quick: issue 3 needs L=8192 too
-  SEQ_AFTER_BENCH=1  # the seq variants of the cuda tests after the benchmark (the cuda tests fill the peers' wait)
+  BENCH_CAP=240  # its JSON is written after every section (scan L=2048, decode, scan L=8192 first): the latency
+                 # stage (issue 9) keeps its time
+  TRITON_EARLY=1  # the Triton kernels' gpu tests (issue 4) right after the cuda ones, while mamba-ssm builds
+  SEQ_LATE=1  # the seq variants of the cuda tests after the benchmark and the latency run (the cuda tests fill the
+              # peers' wait; the seq variants are not the defaults)
   TESTS_CAP=150 SEQ_TESTS_CAP=60
   # batch 32: issue 9's tokens/s at 2k context where the KV cache, not the weights, is what a transformer step
   # reads (at batch 1 both 2.8B steps are bound by reading their weights)
@@ -60,7 +66,9 @@ if [[ " $STAGES " == *" budget "* ]]; then
   LATENCY_ARGS="$LATENCY_ARGS --plots-dir $SCRATCH/emma_logs/plots"
 fi
 PEER_SET=${PEER_SET:-"mamba_ssm causal_conv1d"}
-SEQ_AFTER_BENCH=${SEQ_AFTER_BENCH:-}
+SEQ_LATE=${SEQ_LATE:-}
+TRITON_EARLY=${TRITON_EARLY:-}
+BENCH_CAP=${BENCH_CAP:-400}
 TESTS_CAP=${TESTS_CAP:-240} SEQ_TESTS_CAP=${SEQ_TESTS_CAP:-90}
 DEADLINE=${DEADLINE:-0}
 OUT=${OUT:-$SCRATCH/emma_out}
@@ -171,7 +179,14 @@ if has tests && room tests; then
   cp $LOG/tests.log $OUT/tests.log
   grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests.log | head -60
   stamp "tests done"
-  if [ -z "$SEQ_AFTER_BENCH" ] && room "seq tests"; then seq_tests; fi
+  if [ -z "$SEQ_LATE" ] && room "seq tests"; then seq_tests; fi
+  if [ -n "$TRITON_EARLY" ] && room "triton tests"; then
+    timeout $(cap 120) python3 -m pytest tests/ops/test_triton_backend.py -q $(PYT_TIMEOUT 120) -p no:cacheprovider \
+      --tb=short -o addopts="" -m gpu > $LOG/tests_triton.log 2>&1
+    cp $LOG/tests_triton.log $OUT/tests_triton.log
+    grep -E "passed|failed|Error|error|Mismatch|Greatest" $LOG/tests_triton.log | head -30
+    stamp "triton tests done"
+  fi
 fi
 
 if has alltests && [ "$DEADLINE" -eq 0 ] && room alltests; then
@@ -197,13 +212,9 @@ if [ -n "$PEERS_PID" ]; then
 fi
 
 if has bench && room bench; then
-  timeout $(cap 400) python3 -m emma_mamba.bench.kernels_gpu $BENCH_ARGS --out $OUT/kernels_h100.json 2>&1 \
+  timeout $(cap $BENCH_CAP) python3 -m emma_mamba.bench.kernels_gpu $BENCH_ARGS --out $OUT/kernels_h100.json 2>&1 \
     | tee $LOG/bench.log
   stamp "bench done"
-fi
-
-if has tests && [ -n "$SEQ_AFTER_BENCH" ] && room "seq tests"; then
-  seq_tests
 fi
 
 if has latency && room latency; then
@@ -214,11 +225,17 @@ if has latency && room latency; then
   stamp "latency done"
 fi
 
+if has tests && [ -n "$SEQ_LATE" ] && room "seq tests"; then
+  seq_tests
+fi
+
 if has alltests && [ "$DEADLINE" -gt 0 ] && room alltests; then
   # under a deadline the other gpu tests come last, with whatever time is left (cuda kernels first: done above)
   # the Triton kernels' tests first (issue 4), then the other kernel tests, then the rest
-  timeout $(cap 420) python3 -m pytest tests/ops/test_triton_backend.py tests/ops tests -q $(PYT_TIMEOUT 300) \
-    -p no:cacheprovider --tb=short -o addopts="" -m gpu --ignore=tests/ops/test_cuda_backend.py \
+  if [ -n "$TRITON_EARLY" ]; then FIRST=tests/ops; SKIP_TRITON=--ignore=tests/ops/test_triton_backend.py
+  else FIRST=tests/ops/test_triton_backend.py; SKIP_TRITON=; fi
+  timeout $(cap 420) python3 -m pytest $FIRST tests/ops tests -q $(PYT_TIMEOUT 300) \
+    -p no:cacheprovider --tb=short -o addopts="" -m gpu --ignore=tests/ops/test_cuda_backend.py $SKIP_TRITON \
     > $LOG/alltests.log 2>&1
   cp $LOG/alltests.log $OUT/alltests.log
   grep -E "passed|failed|FAILED|Error" $LOG/alltests.log | head -60

@@ -51,7 +51,7 @@ def _dry_run(plan: str, tmp: Path) -> list[list[str]]:
     log = tmp / f"calls_{plan.replace(' ', '_')}.log"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log),
            "SCRATCH": str(scratch), "OUT": str(tmp / "out")}
-    for k in ("DEADLINE", "PEER_SET", "TESTS_CAP", "SEQ_TESTS_CAP", "SEQ_AFTER_BENCH"):
+    for k in ("DEADLINE", "PEER_SET", "TESTS_CAP", "SEQ_TESTS_CAP", "SEQ_LATE", "BENCH_CAP", "TRITON_EARLY"):
         env.pop(k, None)
     r = subprocess.run(["bash", str(SCRIPT), str(peers.relative_to(tmp)), plan], cwd=tmp, env=env,
                        capture_output=True, text=True, timeout=120)
@@ -84,8 +84,9 @@ def _pytest_calls(recorded) -> list[list[str]]:
 
 def test_each_plan_runs_its_stages(recorded):
     """The budget plan starts, in its order: our build, the cuda tests (filling the wait for mamba-ssm's build),
-    the whole kernel benchmark (no --quick: L=2048 and L=8192), the cuda tests' seq variants, the reduced latency
-    run, then the other gpu tests; each other plan what its header says."""
+    the whole kernel benchmark (no --quick: L=2048 and L=8192), the reduced latency run, the cuda tests' seq
+    variants, then the other gpu tests (the Triton kernels' right after the cuda ones); each other plan what its
+    header says."""
     def kinds(argvs):
         out = []
         for a in argvs:
@@ -93,7 +94,9 @@ def test_each_plan_runs_its_stages(recorded):
                 out.append("build")
             elif a[:2] == ["-m", "pytest"]:
                 cuda = "tests/ops/test_cuda_backend.py" in a[2:3]
-                out.append("pytest:" + (("cuda-seq" if "-k" in a else "cuda") if cuda else "others"))
+                triton = a[2:3] == ["tests/ops/test_triton_backend.py"] and "tests" not in a
+                out.append("pytest:" + (("cuda-seq" if "-k" in a else "cuda") if cuda else
+                                        "triton" if triton else "others"))
             elif a[:2] == ["-m", "emma_mamba.bench.kernels_gpu"]:
                 out.append("bench")
             elif a[:4] == ["-m", "emma_mamba.cli", "bench", "latency"]:
@@ -101,8 +104,10 @@ def test_each_plan_runs_its_stages(recorded):
             elif a[:1] and a[0].startswith("benchmarks/"):
                 out.append(Path(a[0]).stem)
         return out
-    assert kinds(recorded["budget"]) == ["build", "pytest:cuda", "bench", "pytest:cuda-seq", "latency",
-                                         "pytest:others"]
+    assert kinds(recorded["budget"]) == ["build", "pytest:cuda", "pytest:triton", "bench", "latency",
+                                         "pytest:cuda-seq", "pytest:others"]
+    others = [a for a in recorded["budget"] if a[:2] == ["-m", "pytest"]][-1]
+    assert "--ignore=tests/ops/test_triton_backend.py" in others  # run early in this plan, not twice
     bench = next(a for a in recorded["budget"] if a[:2] == ["-m", "emma_mamba.bench.kernels_gpu"])
     assert "--quick" not in bench  # issue 3 needs the scan at L=8192 too
     lat = next(a for a in recorded["budget"] if a[:4] == ["-m", "emma_mamba.cli", "bench", "latency"])
