@@ -127,6 +127,12 @@ class _TorchrunErrorFile:
         except OSError as e:  # the summary then says <N/A>, as before; the error itself is on stderr already
             self.stream.write(f"emma-mamba: could not write torchrun's error file {self.path}: {e}\n")
 
+    def record_exit(self, code) -> None:
+        """A non-zero exit: its last error line on stderr (or the exit code) as the message."""
+        if code not in (0, None):
+            line = self.last_error() or f"exit {code}"
+            self.record(line, line)
+
 
 def main(argv: list[str] | None = None) -> int:
     import os
@@ -139,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = _main_reporting(argv)
     except SystemExit as e:  # argparse's usage errors (exit 2, the message on stderr)
-        if e.code not in (0, None):
-            line = errors.last_error() or f"exit {e.code}"
-            errors.record(line, line)
+        errors.record_exit(e.code)
         raise
     except BaseException as e:
         import traceback
@@ -150,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         sys.stderr = errors.stream
-    if rc:
-        line = errors.last_error() or f"exit {rc}"
-        errors.record(line, line)
+    errors.record_exit(rc)
     return rc
 
 
