@@ -323,9 +323,9 @@ class ChatService:
     """
 
     def __init__(self, model, *, tokenizer=None, defaults: GenerationConfig | None = None,
-                 model_name: str | Sequence[str] = "emma-mamba", allow_local_images: bool = False, max_prompt_positions: int = 32768,
-                 max_new_tokens_limit: int | None = None, state_cache: int = 16, max_batch: int = 8,
-                 prefill_chunk: int | None = 512):
+                 model_name: str | Sequence[str] = "emma-mamba", allow_local_images: bool = False,
+                 max_prompt_positions: int = 32768, max_new_tokens_limit: int | None = None, state_cache: int = 16,
+                 max_batch: int = 8, prefill_chunk: int | None = 512):
         from emma_mamba.models.vlm import EmmaMamba
 
         self.vlm = model if isinstance(model, EmmaMamba) else None
@@ -348,15 +348,20 @@ class ChatService:
         self.state_cache_size = state_cache
         self.states: OrderedDict[str, tuple] = OrderedDict()  # history key -> (MambaCache, pending token ids)
 
-    def _check_model(self, body: dict) -> None:
+    @property
+    def served(self) -> str:
+        """The names this server answers to, for messages: 'a' or 'b'."""
+        return " or ".join(repr(m) for m in self.model_names)
+
+    def _check_model(self, body) -> None:
         """A request that names a model must name this one (or an alias): one that names another, meant for another
         server, is refused as OpenAI's API and vLLM refuse it (404, code model_not_found), not answered by this
-        model under that name. No "model" at all is this one."""
-        model = body.get("model")
+        model under that name. No "model" at all is this one (and a body that is no object is refused by name
+        where its fields are read)."""
+        model = body.get("model") if isinstance(body, dict) else None
         if model is None or model in self.model_names:
             return
-        served = " or ".join(repr(m) for m in self.model_names)
-        raise RequestError(f"the model {str(model)[:200]!r} does not exist here: this server serves {served} "
+        raise RequestError(f"the model {str(model)[:200]!r} does not exist here: this server serves {self.served} "
                            f"(`emma-mamba serve --model-name` sets the names)", "model", 404, "model_not_found")
 
     def _config(self, body: dict, min_new: int = 1, choices: bool = False) -> GenerationConfig:
@@ -783,8 +788,7 @@ class ChatService:
                 "tokenizer_class": "emma_mamba"}
 
     def tokenize(self, body: dict) -> dict:
-        if isinstance(body, dict):
-            self._check_model(body)
+        self._check_model(body)
         text = body.get("prompt") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise RequestError("prompt must be a string", "prompt")
@@ -792,8 +796,7 @@ class ChatService:
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_prompt_positions}
 
     def detokenize(self, body: dict) -> dict:
-        if isinstance(body, dict):
-            self._check_model(body)
+        self._check_model(body)
         ids = body.get("tokens") if isinstance(body, dict) else None
         if not _is_id_list(ids):
             raise RequestError("tokens must be a list of token ids", "tokens")
@@ -1001,8 +1004,7 @@ class _Handler(BaseHTTPRequestHandler):
             for card in cards:
                 if name == card["id"]:
                     return self._json(200, card)
-            served = " or ".join(repr(m) for m in self.service.model_names)
-            return self._json(404, _error_body(f"no such model: {name!r} (this server serves {served})",
+            return self._json(404, _error_body(f"no such model: {name!r} (this server serves {self.service.served})",
                                                "model", "not_found_error", "model_not_found"))
         if self.path.rstrip("/") in _POST_ROUTES:
             return self._json(405, _error_body(f"{self.command} {self.path}: this endpoint takes POST", None),
