@@ -392,6 +392,11 @@ class PeerRunner:
 
 # ---------------------------------------------------------------------------------------------- sections
 
+def _error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (300 characters at most) of an optional runner's failure."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup: int, vocab: int,
                    generator: torch.Generator, device) -> dict[str, dict]:
     """Per-token decode latency of each runner at ``context``: {runner name: row}.
@@ -404,22 +409,22 @@ def decode_latency(runners, clock, batch: int, context: int, steps: int, warmup:
     cuda = device.type == "cuda"
     states, toks, rows = {}, {}, {}
 
-    def out_of_memory(r, e):
-        """Record that ``r`` does not fit at this (batch, context) and free what it held; the others go on."""
+    def drop(r, kind, error):
+        """Record that ``r`` cannot run at this (batch, context) (``kind``: "oom", or "failed": an optional runner
+        that cannot run here) and free what it held; the others go on."""
         states.pop(r.name, None)
         toks.pop(r.name, None)
-        rows[r.name] = {"context": context, "batch": batch, "oom": True, "error": str(e).splitlines()[0][:200],
+        rows[r.name] = {"context": context, "batch": batch, kind: True, "error": error,
                         "state_bytes": None, "median_s": None, "tokens_per_s": None}
+
+    def out_of_memory(r, e):
+        drop(r, "oom", str(e).splitlines()[0][:200])
         if cuda:
             torch.cuda.empty_cache()
         print(f"out of memory: {r.name} at batch {batch}, context {context}", flush=True)
 
     def failed(r, e):
-        states.pop(r.name, None)
-        toks.pop(r.name, None)
-        rows[r.name] = {"context": context, "batch": batch, "failed": True,
-                        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
-                        "state_bytes": None, "median_s": None, "tokens_per_s": None}
+        drop(r, "failed", _error_line(e))
         print(f"{r.name} failed at batch {batch}, context {context}: {rows[r.name]['error']}", flush=True)
 
     for r in runners:
@@ -501,7 +506,7 @@ def consistency_checks(runners, vocab: int, device, prompt: int = 24, steps: int
         except Exception as e:  # noqa: BLE001 - an optional runner that cannot run here: reported, dropped
             if not getattr(r, "optional", False) or failed is None:
                 raise
-            failed[r.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            failed[r.name] = _error_line(e)
             continue
         out[f"{r.name}: cached decode vs full forward, max abs logit diff"] = max(diffs)
     if PEER in fulls and OURS in fulls:
