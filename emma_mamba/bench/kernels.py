@@ -195,21 +195,26 @@ def _bld(x: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
 
 
+def _takes_bld(impl) -> bool:
+    """Whether ``impl`` takes and returns (b, l, d) tensors (mambapy's); ours are (b, d, l)."""
+    return getattr(impl, "layout", "bdl") == "bld"
+
+
 def native_inputs(impl, t):
     """``t`` (make_inputs) in the layout ``impl`` takes: ours (b, d, l) as it is; mambapy's (b, l, d) copies."""
-    if getattr(impl, "layout", "bdl") == "bdl":
+    if not _takes_bld(impl):
         return t
     return SimpleNamespace(A=t.A, D=t.D, **{k: _bld(getattr(t, k)) for k in ("u", "delta", "B", "C")})
 
 
 def native_grad_output(impl, dout: torch.Tensor) -> torch.Tensor:
     """The output gradient (b, d, l) in ``impl``'s output layout."""
-    return dout if getattr(impl, "layout", "bdl") == "bdl" else dout.transpose(1, 2).contiguous()
+    return dout.transpose(1, 2).contiguous() if _takes_bld(impl) else dout
 
 
 def output_bdl(impl, y: torch.Tensor) -> torch.Tensor:
     """``impl``'s output as (b, d, l), to compare with ours."""
-    return y if getattr(impl, "layout", "bdl") == "bdl" else y.transpose(1, 2)
+    return y.transpose(1, 2) if _takes_bld(impl) else y
 
 
 def implementations(skip):
