@@ -594,12 +594,12 @@ def _check_outputs(row, impls, primary, outputs, dtype, record_max_out=False) ->
     return checks
 
 
-def _suspects(checks: dict, primary: str, peers) -> set:
+def _suspects(checks: dict, primary: str, peers, errors=()) -> set:
     """The implementations whose numbers a failed check leaves without a valid comparison: each whose check
     against ours failed, and ours as well when a peer's check failed or no peer was checked (then nothing says
-    which side is wrong)."""
+    which side is wrong), or when ours is among ``errors`` (it raised: nothing was compared with it)."""
     bad = {name for name, c in checks.items() if not c["ok"]}
-    if bad and (any(p in bad for p in peers) or not any(p in checks for p in peers)):
+    if bad and (any(p in bad for p in peers) or not any(p in checks for p in peers)) or primary in errors:
         bad.add(primary)
     return bad
 
@@ -775,9 +775,7 @@ def _scan_row(env, res, mssm_scan, backends, b, d, n, l):
             grads = torch.autograd.grad(out, [x[k] for k in names], dout, allow_unused=True)
         return {"out": out.detach(), **{f"d{k}": g for k, g in zip(names, grads)}}
     checks = _check_outputs(row, impls, primary, outputs, env.dtype, record_max_out=True)
-    bad = _suspects(checks, primary, ["mamba_ssm"])
-    if primary in row.get("errors", {}):
-        bad.add(primary)
+    bad = _suspects(checks, primary, ["mamba_ssm"], row.get("errors", {}))
     _finish_checks(row, checks, bad, f"selective_scan b={b} d={d} n={n} L={l}")
     _ratios(row, t, primary, "mamba_ssm", bad=bad)
     _ratios(row, t, seq, "mamba_ssm", bad=bad)
@@ -880,9 +878,7 @@ def _conv_row(env, res, cc_fn, backends, b, d, l):
             dx, dw, db = torch.autograd.grad(out, [x, w, bias], dout, allow_unused=True)
         return {"out": out.detach(), "dx": dx, "dweight": dw, "dbias": db}
     checks = _check_outputs(row, impls, primary, outputs, env.dtype)
-    bad = _suspects(checks, primary, ["causal_conv1d"])
-    if primary in row.get("errors", {}):
-        bad.add(primary)
+    bad = _suspects(checks, primary, ["causal_conv1d"], row.get("errors", {}))
     _finish_checks(row, checks, bad, f"causal_conv1d b={b} d={d} L={l}")
     t = row["times_ms"]
     _ratios(row, t, primary, "causal_conv1d", bad=bad)
@@ -948,9 +944,7 @@ def _decode_section(env, res, mssm_ssu, cc_update, backends):
             op_checks = {name: _compare(results[name], results[mine], env.dtype) for name in results
                          if impls[name][2] == kind and name != mine and mine in results}
             checks.update(op_checks)
-            bad |= _suspects(op_checks, mine, [peer])
-            if mine in errors:
-                bad.add(mine)
+            bad |= _suspects(op_checks, mine, [peer], errors)
         for name, (ctx, step, kind) in impls.items():
             if name in errors:
                 continue
