@@ -147,6 +147,15 @@ def _put_halves(base, t3, on3, seqlen, lo, hi, ATOMIC: tl.constexpr):
 
 
 @triton.jit
+def _put_block_sum(base, x, t3, first3, seqlen, zero3, ATOMIC: tl.constexpr, BD: tl.constexpr, T: tl.constexpr):
+    """The (BD, T) tile ``x`` summed over its channels (one reduction across the program's warps), added or stored
+    by its first channel's threads (_put_halves)."""
+    lo, hi = _halves(x, BD, T)
+    lo, hi = tl.reduce((lo, hi), 0, _add2, keep_dims=True)
+    _put_halves(base, t3, first3, seqlen, lo + zero3, hi + zero3, ATOMIC)
+
+
+@triton.jit
 def _sum_into(ptr, x, lane0, accumulate):
     """ptr += x (BD,), or ptr = x unless accumulate, by the lane-0 threads of a (BD, T // 8) tile (see the chunked
     backward)."""
@@ -575,13 +584,9 @@ def _selective_scan_bwd_kernel(
                 _put_halves(dB_base + n * seqlen, t3, first3, seqlen, bl + zero3, bh + zero3, ATOMIC_BC)
                 _put_halves(dC_base + n * seqlen, t3, first3, seqlen, cl + zero3, ch + zero3, ATOMIC_BC)
             elif B_VAR:
-                lo, hi = _halves(dh * dtu, BLOCK_D, CHUNK)
-                lo, hi = tl.reduce((lo, hi), 0, _add2, keep_dims=True)
-                _put_halves(dB_base + n * seqlen, t3, first3, seqlen, lo + zero3, hi + zero3, ATOMIC_BC)
+                _put_block_sum(dB_base + n * seqlen, dh * dtu, t3, first3, seqlen, zero3, ATOMIC_BC, BLOCK_D, CHUNK)
             elif C_VAR:
-                lo, hi = _halves(hs * dy, BLOCK_D, CHUNK)
-                lo, hi = tl.reduce((lo, hi), 0, _add2, keep_dims=True)
-                _put_halves(dC_base + n * seqlen, t3, first3, seqlen, lo + zero3, hi + zero3, ATOMIC_BC)
+                _put_block_sum(dC_base + n * seqlen, hs * dy, t3, first3, seqlen, zero3, ATOMIC_BC, BLOCK_D, CHUNK)
         if (HAS_Z or HAS_OUT) and HAS_D:
             y += Dv * u
         if HAS_Z:
