@@ -303,7 +303,13 @@ class MambaLMOutput:
     last_hidden_state: torch.Tensor
     """(b, l, d_model) after the final norm."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
-    """n_layer+1 tensors (b, l, d_model): [0] the input embeddings, [i] the residual stream after block i."""
+    """n_layer+1 tensors (b, l, d_model): [0] the input embeddings, [i] the residual stream after block i (not
+    normed: ``last_hidden_state`` is the final norm's output). transformers' Mamba differs: its tuple has n_layer
+    entries, its [i] is our [i+1] and its last entry is the final norm's output."""
+
+
+# a pytree node, so torch.export / torch.compile / FSDP see the tensors inside (as transformers' ModelOutput)
+torch.export.register_dataclass(MambaLMOutput, serialized_type_name="emma_mamba.models.mamba.MambaLMOutput")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -365,9 +371,14 @@ def _prefill_conv_state(cache: MambaCache, layer_idx: int, x: torch.Tensor, seq_
 
 
 class MambaMixer(nn.Module):
-    """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj."""
+    """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
-    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+    Built on its own (``init_ssm=True``, the default) its SSM parameters take mamba-ssm's init, as
+    ``mamba_ssm.Mamba``'s constructor gives them; :class:`MambaLM` builds its blocks with ``init_ssm=False`` and
+    initialises every parameter once in :meth:`MambaLM.reset_parameters`. Same for :class:`Mamba2Mixer` and
+    :class:`MambaBlock`."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None, init_ssm: bool = True):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.layer_idx = layer_idx
@@ -391,6 +402,8 @@ class MambaMixer(nn.Module):
         self._init_cfg = config
         # training: recompute the conv output and delta in the backward instead of keeping them (ops.mamba_inner)
         self.recompute_activations = True
+        if init_ssm and self.A_log.device.type != "meta":
+            self.reset_ssm_parameters()
 
     def projections(self) -> tuple[nn.Linear, ...]:
         """The mixer's linear layers (initialised by :meth:`MambaLM.reset_parameters`)."""
@@ -526,7 +539,7 @@ class Mamba2Mixer(nn.Module):
     ``dt_bias``, ``A_log`` and ``D`` per head, ``norm.weight``, ``out_proj``).
     """
 
-    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None):
+    def __init__(self, config: MambaConfig, layer_idx: int = 0, device=None, dtype=None, init_ssm: bool = True):
         super().__init__()
         fk = {"device": device, "dtype": dtype}
         self.layer_idx = layer_idx
@@ -543,6 +556,8 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(di, di // self.ngroups, eps=config.rms_norm_eps, **fk)
         self.out_proj = nn.Linear(di, config.d_model, bias=config.bias, **fk)
         self._init_cfg = config
+        if init_ssm and self.A_log.device.type != "meta":
+            self.reset_ssm_parameters()
 
     def projections(self) -> tuple[nn.Linear, ...]:
         return self.in_proj, self.out_proj
@@ -608,12 +623,12 @@ class Mamba2Mixer(nn.Module):
 class MambaBlock(nn.Module):
     """Pre-norm residual block: x + Mixer(RMSNorm(x)), the residual kept in fp32 if ``residual_in_fp32``."""
 
-    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None, init_ssm: bool = True):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, eps=config.rms_norm_eps, device=device, dtype=dtype)
         mixer = Mamba2Mixer if config.ssm_layer == "mamba2" else MambaMixer
-        self.mixer = mixer(config, layer_idx=layer_idx, device=device, dtype=dtype)
+        self.mixer = mixer(config, layer_idx=layer_idx, device=device, dtype=dtype, init_ssm=init_ssm)
 
     def forward(self, x: torch.Tensor, seq_idx: torch.Tensor | None = None,
                 cache: MambaCache | None = None) -> torch.Tensor:
@@ -632,7 +647,8 @@ class MambaLM(nn.Module):
         self.config = config
         V = config.padded_vocab_size
         self.embeddings = nn.Embedding(V, config.d_model, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(MambaBlock(config, i, device=device, dtype=dtype)
+        # the blocks' SSM parameters are initialised by reset_parameters() below (or loaded), not twice
+        self.layers = nn.ModuleList(MambaBlock(config, i, device=device, dtype=dtype, init_ssm=False)
                                     for i in range(config.n_layer))
         self.norm_f = RMSNorm(config.d_model, eps=config.rms_norm_eps, device=device, dtype=dtype)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, V, bias=False,

@@ -82,6 +82,9 @@ class EmmaOutput:
     """(rows (n_img,), starts (n_img,)): where each image's N visual tokens sit in the expanded sequence."""
 
 
+torch.export.register_dataclass(EmmaOutput, serialized_type_name="emma_mamba.models.vlm.EmmaOutput")  # as MambaLMOutput
+
+
 class EmmaMamba(nn.Module):
     """The EMMA-Mamba VLM. ``EmmaMamba(cfg)`` builds it (random init, or the local files named in cfg).
 

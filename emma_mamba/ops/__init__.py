@@ -448,7 +448,7 @@ def _step_needs_grad(op: str, *tensors: Tensor | None) -> bool:
     compiled kernels' steps have no backward, so their output silently carried no gradient). Said once per op."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
         return False
-    if op not in _STEP_GRAD_SAID:
+    if op not in _STEP_GRAD_SAID and not torch.compiler.is_compiling():  # dynamo cannot trace a logger call
         _STEP_GRAD_SAID.add(op)
         log.warning("%s: an input requires grad, so the step runs the differentiable torch reference (the compiled "
                     "kernels' decode steps have no backward); decode under torch.no_grad() for the kernels", op)

@@ -6,6 +6,7 @@ is built and implemented. transformers' model runs its own pure-PyTorch path (no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -421,6 +422,40 @@ def test_init_follows_mamba():
     assert m.dt_proj.weight.float().abs().max() <= bound * 1.01
     # out_proj: kaiming-uniform bound 1/sqrt(fan_in), divided by sqrt(n_layer)
     assert m.out_proj.weight.float().abs().max() <= 1 / math.sqrt(96) / math.sqrt(3) * 1.01
+
+
+@pytest.mark.parametrize("cls", ["MambaMixer", "Mamba2Mixer", "MambaBlock"])
+def test_a_mixer_built_on_its_own_is_initialised_as_mamba_ssm_does(cls, monkeypatch):
+    """A mixer or block built alone (as one builds ``mamba_ssm.Mamba``) takes mamba-ssm's SSM init in its
+    constructor: A_log, D and the dt bias were left as torch.empty's memory (NaN outputs after a freed NaN buffer
+    was reused; only MambaLM initialised them). MambaLM still initialises once, drawing the same numbers."""
+    from emma_mamba.models import mamba as mm
+
+    mamba2 = cls == "Mamba2Mixer"
+    cfg = MambaConfig(d_model=32, n_layer=1, vocab_size=64, d_state=4, dt_min=0.01, dt_max=0.05,
+                      **({"ssm_layer": "mamba2", "headdim": 16} if mamba2 else {}))
+    for _ in range(3):
+        junk = [torch.full((256,), float("nan")) for _ in range(64)]  # freed NaN memory for torch.empty to reuse
+        del junk
+        mod = getattr(mm, cls)(cfg, 0) if cls == "MambaBlock" else getattr(mm, cls)(cfg)
+        m = mod.mixer if cls == "MambaBlock" else mod
+        if mamba2:
+            assert ((m.A_log.exp() >= 1) & (m.A_log.exp() <= 16)).all()
+            dt = F.softplus(m.dt_bias)
+        else:
+            torch.testing.assert_close(m.A_log, torch.log(torch.arange(1.0, 5.0)).expand(64, 4))
+            dt = F.softplus(m.dt_proj.bias)
+        assert torch.equal(m.D, torch.ones_like(m.D))
+        assert dt.min() >= 0.01 * 0.98 and dt.max() <= 0.05 * 1.02
+        x = torch.randn(2, 8, 32)
+        assert torch.isfinite(mod(x)).all()
+    # MambaLM initialises each block's SSM parameters once (in reset_parameters), not in the constructors too:
+    # the random numbers a seed gives, and so every seeded result, stay those of before
+    calls = []
+    orig = type(m).reset_ssm_parameters
+    monkeypatch.setattr(type(m), "reset_ssm_parameters", lambda self: (calls.append(self), orig(self)))
+    lm = MambaLM(dataclasses.replace(cfg, n_layer=3))
+    assert calls == [blk.mixer for blk in lm.layers]
 
 
 def test_forward_input_errors():

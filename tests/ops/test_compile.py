@@ -345,19 +345,11 @@ def test_lm_compiled_with_dynamic_lengths_across_a_chunk_edge():
 
 
 def test_lm_exports_with_a_dynamic_length_and_reloads(tmp_path):
-    """torch.export of the LM: the kernels are nodes of the exported program, the length a symbolic dimension
-    over 2..4096, and the program saved and loaded gives the model's logits."""
-
-    class Logits(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, ids):
-            return self.lm(ids).logits
-
+    """torch.export of the LM itself (its MambaLMOutput is a registered pytree node): the kernels are nodes of the
+    exported program, the length a symbolic dimension over 2..4096, and the program saved and loaded gives the
+    model's output, field by field."""
     model = _lm("cpu").eval()
-    ep = torch.export.export(Logits(model), (torch.randint(0, 96, (2, 40)),),
+    ep = torch.export.export(model, (torch.randint(0, 96, (2, 40)),),
                              dynamic_shapes=({1: torch.export.Dim("seqlen", min=2, max=4096)},))
     assert sum("emma_mamba.mamba_inner_fwd" in str(n.target) for n in ep.graph.nodes) == 2
     torch.export.save(ep, tmp_path / "lm.pt2")
@@ -365,7 +357,10 @@ def test_lm_exports_with_a_dynamic_length_and_reloads(tmp_path):
     for l in (17, 300):
         ids = torch.randint(0, 96, (2, l))
         with torch.no_grad():
-            torch.testing.assert_close(loaded(ids), model(ids).logits, rtol=0, atol=0)
+            got, want = loaded(ids), model(ids)
+        assert type(got) is type(want) and got.hidden_states is None
+        torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=0, atol=0)
 
 
 def test_lm_decode_compiled_gives_the_same_tokens_and_states(model_tgt):
@@ -394,6 +389,29 @@ def test_lm_decode_compiled_gives_the_same_tokens_and_states(model_tgt):
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[2].ssm_states + got[2].conv_states, want[2].ssm_states + want[2].conv_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_step_with_grad_compiles_in_a_fresh_process():
+    """A decode step whose inputs require grad (the LM's parameters do) runs the differentiable reference and says
+    so once; under torch.compile(fullgraph=True) the first such step of a process used to fail, the logger call
+    untraceable by dynamo. Compiled, it gives the eager step's logits and states, and the eager call after it
+    still says why it runs the reference."""
+    model = _lm("cpu").eval()
+    ids = torch.randint(0, 96, (1, 8))
+
+    def run(m):
+        cache = m.allocate_cache(1)
+        m(ids[:, :7], cache=cache)
+        return m(ids[:, 7:], cache=cache).logits, cache
+
+    ops._STEP_GRAD_SAID.clear()
+    got, got_cache = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    assert not ops._STEP_GRAD_SAID, "the compiled step does not record a warning it could not print"
+    want, want_cache = run(model)
+    assert ops._STEP_GRAD_SAID == {"selective_state_update", "causal_conv1d_update"}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_cache.ssm_states + got_cache.conv_states, want_cache.ssm_states + want_cache.conv_states):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
