@@ -201,7 +201,18 @@ def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
         if m.dim() != 2 or m.shape[0] != len(rows) or m.shape[1] != rows[0].shape[0]:
             raise ValueError(f"generate: attention_mask must be (batch={len(rows)}, seqlen={rows[0].shape[0]}) "
                              f"like {what}, got {tuple(m.shape)}")
-        return [r[m[i].to(torch.bool).to(r.device)] for i, r in enumerate(rows)]
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("generate: attention_mask must hold 0 (padding) and 1 (prompt) only")
+        out = []
+        for i, r in enumerate(rows):
+            keep = m[i].to(torch.bool)
+            pos = keep.nonzero().flatten()
+            if pos.numel() and int(pos[-1] - pos[0]) + 1 != pos.numel():
+                raise ValueError(f"generate: attention_mask row {i} has a hole (a 0 between 1s at position "
+                                 f"{int((~keep[pos[0]:pos[-1] + 1]).nonzero()[0]) + int(pos[0])}): it marks left "
+                                 f"or right padding, each prompt one run of 1s")
+            out.append(r[keep.to(r.device)])
+        return out
 
     if input_ids is not None:
         if type(input_ids).__module__ == "numpy":  # an array as a tensor (a numpy integer scalar is no prompt)
@@ -235,8 +246,14 @@ def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
                 raise ValueError(f"generate: inputs_embeds must be (seqlen, {d}) or (batch, seqlen, {d}), got "
                                  f"{tuple(inputs_embeds.shape)}")
             rows = [inputs_embeds] if inputs_embeds.dim() == 2 else list(inputs_embeds)
-            rows = masked(rows, "inputs_embeds") if attention_mask is not None and inputs_embeds.dim() == 3 else rows
+            if attention_mask is not None and inputs_embeds.dim() != 3:
+                raise ValueError("generate: attention_mask goes with a (batch, seqlen, d_model) inputs_embeds; a "
+                                 "(seqlen, d_model) prompt or a ragged list needs none")
+            rows = masked(rows, "inputs_embeds") if attention_mask is not None else rows
         elif isinstance(inputs_embeds, (list, tuple)) and inputs_embeds:
+            if attention_mask is not None:
+                raise ValueError("generate: attention_mask goes with a (batch, seqlen, d_model) tensor; a ragged "
+                                 "list of inputs_embeds needs none")
             rows = list(inputs_embeds)
             for i, r in enumerate(rows):
                 if not isinstance(r, torch.Tensor) or r.dim() != 2 or r.shape[-1] != d:

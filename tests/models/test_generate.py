@@ -340,6 +340,19 @@ def test_generate_input_errors():
         generate(lm)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(lm, input_ids=torch.tensor([[1, 2], [3, 4]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
+    # a mask is padding on the left or the right: a hole would silently drop a prompt token
+    with pytest.raises(ValueError, match="row 1 has a hole .* at position 1"):
+        generate(lm, input_ids=torch.tensor([[1, 2, 3], [3, 4, 5]]),
+                 attention_mask=torch.tensor([[0, 1, 1], [1, 0, 1]]))
+    with pytest.raises(ValueError, match="0 .padding. and 1 .prompt. only"):
+        generate(lm, input_ids=torch.tensor([[1, 2]]), attention_mask=torch.tensor([[1, 2]]))
+    # with embeddings as with ids, a mask goes with a batched tensor only (it was ignored: padding prefilled)
+    emb = lm.embeddings(torch.tensor([[7, 7, 1, 2]])).detach()
+    for embeds in (emb[0], [emb[0]]):
+        with pytest.raises(ValueError, match="attention_mask goes with a .batch, seqlen, d_model."):
+            generate(lm, inputs_embeds=embeds, attention_mask=torch.tensor([[0, 0, 1, 1]]))
+    got = generate(lm, inputs_embeds=emb, attention_mask=torch.tensor([[0, 0, 1, 1.0]]), config=_greedy(3))
+    assert got.sequences == generate(lm, input_ids=[1, 2], config=_greedy(3)).sequences
     with pytest.raises(ValueError, match="need a tokenizer"):
         generate(lm, input_ids=[1, 2], config=GenerationConfig(stop_strings=["x"]))
     with pytest.raises(ValueError, match="streaming supports a single prompt"):
