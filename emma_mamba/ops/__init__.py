@@ -582,7 +582,8 @@ def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | N
     delta_bias, out_proj_weight=..., out_proj_bias=...)``, B and C always from x_proj (its variable-B/C case),
     delta_softplus always on.
 
-    x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w), conv_bias (d,); x_proj_weight
+    x, z: (b, d, l) (the two halves of in_proj's output); conv_weight (d, w) or an nn.Conv1d's (d, 1, w) (as
+    mamba_inner_fn takes it), conv_bias (d,); x_proj_weight
     (r + 2n, d); dt_proj_weight (d, r); A (d, n) fp32; D, delta_bias (d,) fp32; seq_idx int32 (b, l), each
     sequence one contiguous run of its row, unchecked (see :func:`selective_scan`). The
     GEMMs run in x's dtype. Differentiable in every tensor input. ``recompute`` (compiled backends): the
@@ -593,6 +594,8 @@ def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | N
     returns (out, last state)) continue from and leave a recurrent state, as the separate ops do (a prefill into
     a decode cache): these calls compose the separate ops.
     """
+    if isinstance(conv_weight, Tensor) and conv_weight.dim() == 3 and conv_weight.shape[1] == 1:
+        conv_weight = conv_weight.squeeze(1)  # an nn.Conv1d's (d, 1, w) weight, as mamba_inner_fn takes it
     _inner._check(x, z, conv_weight, x_proj_weight, dt_proj_weight, A, out_proj_weight, out_proj_bias)
     if torch.is_autocast_enabled(x.device.type):
         # the GEMMs run in x's dtype, not autocast's: under autocast an fp32 x's x_proj and dt_proj gave a bf16 / fp16

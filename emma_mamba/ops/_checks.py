@@ -109,8 +109,10 @@ def check_causal_conv1d(x, weight, bias, initial_states, seq_idx, activation):
     if x.dtype not in FLOAT_DTYPES:
         _fail(op, f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != d:
+        conv1d = isinstance(weight, torch.Tensor) and weight.dim() == 3 and weight.shape[1] == 1
         _fail(op, f"weight must have shape (dim={d}, width), got "
-                  f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+                  f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+                  + (" (an nn.Conv1d's weight: pass weight.squeeze(1), as for causal_conv1d_fn)" if conv1d else ""))
     w = weight.shape[1]
     if not 2 <= w <= 4:
         _fail(op, f"conv width (weight.shape[1], d_conv) must be 2, 3 or 4, got {w}")

@@ -284,3 +284,27 @@ def test_bad_inputs_name_what_is_wrong(bad, message):
     args = {"x": x, "z": z, **inp, **bad}
     with pytest.raises(ops.OpInputError, match=message):
         ops.mamba_inner(**args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_takes_an_nn_conv1d_weight_as_mamba_inner_fn_does(backend):
+    """mamba_inner_fn takes the mixer's conv1d.weight (d, 1, w) as it is; so does mamba_inner (it was refused,
+    under causal_conv1d's name): the same output as with the (d, w) weight, and the gradient reaches the 3-D
+    parameter in its own shape. causal_conv1d, like causal_conv1d_fn, keeps (d, w) and says how to get it."""
+    _skip_unavailable(backend, "cpu")
+    inp = _inputs(2, 16, 40, out_proj=12)
+    dy = _cotangent(inp, 3)
+    x, z = inp["xz"].chunk(2, dim=1)
+    rest = [inp[k] for k in NAMES[3:]]
+    outs = []
+    for w3 in (False, True):
+        wt = (inp["conv_weight"][:, None] if w3 else inp["conv_weight"]).clone().requires_grad_()
+        with ops.use_backend(backend):
+            y = ops.mamba_inner(x, z, wt, *rest, out_proj_weight=inp["out_proj_weight"],
+                                out_proj_bias=inp["out_proj_bias"])
+        (g,) = torch.autograd.grad(y, [wt], dy)
+        assert g.shape == wt.shape
+        outs.append((y, g.reshape(16, -1)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ops.OpInputError, match=r"an nn\.Conv1d's weight: pass weight\.squeeze\(1\)"):
+        ops.causal_conv1d(x, inp["conv_weight"][:, None])
