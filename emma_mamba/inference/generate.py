@@ -33,6 +33,7 @@ reaches the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import time
@@ -607,7 +608,8 @@ class _Sequence:
 
 @torch.inference_mode()
 def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config: GenerationConfig | None = None,
-             tokenizer=None, streamer: Callable[[str], None] | None = None, cache=None) -> GenerationResult:
+             tokenizer=None, streamer: Callable[[str], None] | None = None, cache=None,
+             **options) -> GenerationResult:
     """Generate continuations of one or several prompts with ``lm`` (a :class:`~emma_mamba.models.mamba.MambaLM`).
 
     Prompts: ``input_ids`` as a (seqlen,) or (batch, seqlen) tensor, a list of ids, or a list of lists of ids
@@ -621,10 +623,19 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
     prefilled on top of it (chunked prefill: its cost depends on the prompt only, not on the context), the cache
     is advanced in place and returned as ``result.cache``; the last picked token (``result.final_tokens``) is not
     in it. Without ``cache`` every prompt starts from an empty state.
+
+    ``options``: :class:`GenerationConfig` fields (``generate(lm, ids, max_new_tokens=20)``), over ``config``.
     """
     cfg = config if config is not None else GenerationConfig()
     if not isinstance(cfg, GenerationConfig):
         raise TypeError(f"generate: config must be a GenerationConfig, got {type(cfg).__name__}")
+    if options:
+        names = {f.name for f in dataclasses.fields(GenerationConfig)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"generate: unknown option(s) {unknown}; the GenerationConfig fields are "
+                            f"{', '.join(sorted(names))}")
+        cfg = dataclasses.replace(cfg, **options)
     if (cfg.stop_strings or streamer is not None) and tokenizer is None:
         raise ValueError("generate: stop_strings and streamer need a tokenizer to turn tokens into text")
     prompts = _split_prompts(lm, input_ids, inputs_embeds, attention_mask)

@@ -60,7 +60,7 @@ from emma_mamba.ops._inner import gemm_cf, no_weight_grad
 
 __all__ = [
     "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput",
-    "RMSNorm",
+    "RMSNorm", "resolve_dtype",
     "CheckpointError", "MAMBA_PRESETS", "load_state_dict_from_dir", "config_from_dir",
 ]
 
@@ -304,12 +304,39 @@ class MambaLMOutput:
     """(b, l, d_model) after the final norm."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """n_layer+1 tensors (b, l, d_model): [0] the input embeddings, [i] the residual stream after block i (not
-    normed: ``last_hidden_state`` is the final norm's output). transformers' Mamba differs: its tuple has n_layer
-    entries, its [i] is our [i+1] and its last entry is the final norm's output."""
+    normed: ``last_hidden_state`` is the final norm's output). transformers' Mamba differs: its n_layer+1 entries
+    are the streams after blocks 1..n_layer (its [i] is our [i+1]), then the final norm's output (our
+    ``last_hidden_state``); it has no entry for the embeddings."""
+    loss: torch.Tensor | None = None
+    """With ``labels``: the mean next-token cross-entropy (fp32) over the labels that are not -100, as
+    transformers' causal LMs compute it (position t's logits against labels[t + 1])."""
 
 
 # a pytree node, so torch.export / torch.compile / FSDP see the tensors inside (as transformers' ModelOutput)
 torch.export.register_dataclass(MambaLMOutput, serialized_type_name="emma_mamba.models.mamba.MambaLMOutput")
+
+
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+                "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype, where: str, auto: torch.dtype | None = None) -> torch.dtype | None:
+    """A model dtype given as a torch dtype or a name (``"bf16"``, ``"bfloat16"``, ``"torch.float16"``, as the CLI
+    and transformers take it) -> the torch dtype, or None for None. ``"auto"``: ``auto`` (the checkpoint's own,
+    where the caller knows it). Anything else, float64 included (the kernels take fp32, bf16 and fp16), is a
+    ValueError naming ``where``."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dtype
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto" and auto is not None:
+            return auto
+        if name in _DTYPE_NAMES:
+            return _DTYPE_NAMES[name]
+    names = "a name such as 'bf16' or 'bfloat16'" + (", or 'auto': the checkpoint's own" if auto is not None else "")
+    raise ValueError(f"{where}: dtype must be float32, bfloat16 or float16 (a torch dtype, or {names}), got "
+                     f"{dtype!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -777,14 +804,27 @@ class MambaLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 seq_idx: torch.Tensor | None = None, cache: MambaCache | None = None,
-                output_hidden_states: bool = False, num_last_tokens: int = 0) -> MambaLMOutput:
+                output_hidden_states: bool = False, num_last_tokens: int = 0,
+                labels: torch.Tensor | None = None) -> MambaLMOutput:
         """input_ids (b, l) or inputs_embeds (b, l, d_model) -> :class:`MambaLMOutput`.
 
         seq_idx: int (b, l), nondecreasing per row: packed sequences that must not see each other.
         cache: a :class:`MambaCache` to prefill (l > 1) or advance by one token (l == 1); it is updated in place.
         num_last_tokens: if > 0, logits only for the last that many positions (saves the (l, vocab) matmul).
+        labels: (b, l) token ids, -100 where no loss is wanted (typically ``input_ids``): ``output.loss`` is the
+        next-token cross-entropy, shifted inside as transformers does. There is no ``attention_mask``: right
+        padding needs labels of -100 there, packing needs ``seq_idx``.
         """
         seq_idx = self._check_inputs(input_ids, inputs_embeds, seq_idx, cache)
+        if labels is not None:
+            want = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != want or labels.is_floating_point():
+                raise ValueError(f"MambaLM.forward: labels must be integer token ids of the inputs' shape {want}, "
+                                 f"got {getattr(labels, 'dtype', type(labels).__name__)} "
+                                 f"{tuple(getattr(labels, 'shape', ()))}")
+            if num_last_tokens:
+                raise ValueError("MambaLM.forward: labels need the logits of every position; num_last_tokens "
+                                 "must be 0")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if x.shape[1] == 1:
             seq_idx = None  # one token cannot cross a boundary
@@ -803,8 +843,24 @@ class MambaLM(nn.Module):
         hl = h[:, -num_last_tokens:] if num_last_tokens > 0 else h
         weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hl, weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
+                                   ignore_index=-100)
         return MambaLMOutput(logits=logits, last_hidden_state=h,
-                             hidden_states=tuple(hidden) if hidden is not None else None)
+                             hidden_states=tuple(hidden) if hidden is not None else None, loss=loss)
+
+    def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, tokenizer=None, streamer=None,
+                 cache=None, config=None, **options):
+        """:func:`emma_mamba.inference.generate.generate` on this model: ``options`` are
+        :class:`~emma_mamba.inference.generate.GenerationConfig` fields (``max_new_tokens``, ``temperature``,
+        ``top_p``, ``eos_token_id``, ...), over ``config`` if one is given. Returns its ``GenerationResult``: the new
+        tokens of each prompt (``.sequences``, lists, without the prompt, unlike transformers' tensor), ``.texts``
+        with a tokenizer, the stop reasons."""
+        from emma_mamba.inference.generate import generate
+
+        return generate(self, input_ids, inputs_embeds, attention_mask, config, tokenizer, streamer, cache,
+                        **options)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -812,9 +868,13 @@ class MambaLM(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> "MambaLM":
         """Load a checkpoint directory in either public layout (state-spaces original, or transformers *-hf).
 
-        dtype None keeps float32 (``torch.get_default_dtype()``); A_log and D stay fp32 in any case.
+        dtype: None loads float32 (whatever the checkpoint stores, as mamba-ssm; transformers v5 keeps the
+        checkpoint's), ``"auto"`` the checkpoint's own dtype, else a torch dtype or its name (``"bf16"``); A_log
+        and D stay fp32 in any case.
         """
         config, state_dict, layout, renamed_from = _load_dir(path)
+        stored = max((v for v in state_dict.values() if v.is_floating_point()), key=torch.Tensor.numel).dtype
+        dtype = resolve_dtype(dtype, "MambaLM.from_pretrained", auto=stored) or torch.float32
         model = cls(config, device="meta", dtype=dtype)
         expected = model.state_dict()
         _check_state_dict(state_dict, expected, Path(path), layout, renamed_from)

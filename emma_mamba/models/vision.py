@@ -325,6 +325,9 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (batch, 3, H, W), got {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():  # e.g. torchvision.io's uint8 images: not normalised
+            raise ValueError(f"pixel_values must be a floating-point tensor, normalised by the model's "
+                             f"ImageProcessor (model.image_processor), got {pixel_values.dtype}")
         if tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the encoder takes "
                              f"{self.image_size}; preprocess images with the model's ImageProcessor")

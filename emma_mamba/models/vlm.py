@@ -97,11 +97,12 @@ class EmmaMamba(nn.Module):
     def __init__(self, config: ModelConfig, *, for_training: bool = True, device=None, dtype=None,
                  tokenizer=None, load_pretrained: bool = True, _lm_device=None):
         super().__init__()
-        from emma_mamba.models.mamba import MambaConfig, MambaLM
+        from emma_mamba.models.mamba import MambaConfig, MambaLM, resolve_dtype
         from emma_mamba.models.tokenizer import load_tokenizer
 
         if not isinstance(config, ModelConfig):
             raise TypeError(f"EmmaMamba expects a ModelConfig, got {type(config).__name__}")
+        dtype = resolve_dtype(dtype, "EmmaMamba")
         config.validate()
         self.config = config
         self.for_training = for_training
@@ -657,7 +658,10 @@ def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<ima
 
 def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dtype=None) -> EmmaMamba:
     """Load a directory written by :meth:`EmmaMamba.save`. For inference (default) the alignment head is
-    neither built nor read."""
+    neither built nor read. ``dtype``: a torch dtype or its name (``"bf16"``); None keeps float32."""
+    from emma_mamba.models.mamba import resolve_dtype
+
+    dtype = resolve_dtype(dtype, "emma_mamba.load")
     d = Path(path)
     if d.is_file():  # a file of the checkpoint (model.safetensors, config.yaml): the directory is what loads
         raise FileNotFoundError(f"{d} is a file; load takes the checkpoint directory written by EmmaMamba.save "

@@ -191,6 +191,19 @@ def test_cli_chat_answers_each_line_like_the_session(vlm, tmp_path):
     assert "turn 2:" in proc.stderr
 
 
+def test_load_takes_a_dtype_by_name(vlm, tmp_path):
+    """emma_mamba.load(dtype='bf16'), as the CLI's --dtype spells it: a string reached the vision tower's
+    .to() and failed as "Invalid device string: 'bf16'"."""
+    from emma_mamba.models.vlm import load
+    vlm.save(tmp_path / "ckpt")
+    got, ref = load(tmp_path / "ckpt", dtype="bf16"), load(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert got.lm.dtype == torch.bfloat16 and next(got.vision.parameters()).dtype == torch.bfloat16
+    for (k, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"emma_mamba\.load: dtype must be float32, bfloat16 or float16.*got 'b16'"):
+        load(tmp_path / "ckpt", dtype="b16")
+
+
 def test_cli_chat_skips_a_line_that_is_not_utf8(vlm, tmp_path):
     """A byte that is not UTF-8 (a Latin-1 'é') reached the tokenizer as a lone surrogate: a TypeError traceback
     ended the chat, the conversation lost. The line is named and skipped; the next question is answered as the

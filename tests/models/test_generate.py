@@ -57,6 +57,12 @@ def test_greedy_with_cache_equals_full_forwards(backend):  # noqa: F811
     res = generate(lm, input_ids=prompt, config=_greedy(24))
     assert res.sequences == [ref]
     assert res.finish_reasons == ["length"] and res.decode_steps == 23
+    # the options as keywords (over a config), and the model's own generate (as transformers and mamba-ssm have)
+    assert generate(lm, prompt, max_new_tokens=24, eos_token_id=None).sequences == [ref]
+    assert generate(lm, prompt, config=_greedy(3), max_new_tokens=24).sequences == [ref]
+    assert lm.generate(torch.tensor(prompt), max_new_tokens=24, eos_token_id=None).sequences == [ref]
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_length'\]; the GenerationConfig fields are"):
+        lm.generate(prompt, max_length=24)
 
 
 def test_decode_steps_use_the_single_step_ops(monkeypatch):

@@ -92,6 +92,11 @@ def test_logits_match_transformers(tmp_path, backend, name):
     for i in range(n):
         _assert_close(out.hidden_states[i + 1], ref.hidden_states[i])
     _assert_close(out.last_hidden_state, ref.hidden_states[n])
+    # labels: the shifted next-token loss, as transformers computes it (-100 ignored)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids, labels=labels).loss, hf(ids, labels=labels).loss, rtol=1e-5, atol=1e-5)
 
 
 def _write_original_layout(hf, path, pad_multiple=1):
@@ -289,6 +294,28 @@ def test_bin_is_loaded_weights_only(tmp_path):
         MambaLM.from_pretrained(d)
 
 
+def test_dtype_by_name_and_auto(tmp_path):
+    """from_pretrained takes a dtype by name, as the CLI and transformers do ('bf16', 'bfloat16', 'auto': the
+    checkpoint's own); a string gave torch's "argument 'dtype' must be torch.dtype" and float64 built a model the
+    kernels refuse. A_log and D stay fp32 whatever the dtype."""
+    lm = _random_lm()
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    lm.float().save_pretrained(tmp_path / "fp32")
+    for d, name, want in (("fp32", "bf16", torch.bfloat16), ("fp32", "torch.float16", torch.float16),
+                          ("bf16", "auto", torch.bfloat16), ("fp32", "auto", torch.float32),
+                          ("bf16", None, torch.float32)):
+        d = tmp_path / d
+        got = MambaLM.from_pretrained(d, dtype=name)
+        assert got.dtype == want and got.layers[0].mixer.A_log.dtype == torch.float32, (d.name, name)
+        ref = MambaLM.from_pretrained(d, dtype=want)
+        for (k, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), k
+    for bad in ("int8", torch.float64, "fp64"):
+        with pytest.raises(ValueError, match=r"MambaLM\.from_pretrained: dtype must be float32, bfloat16 or "
+                                             r"float16 .*or 'auto'"):
+            MambaLM.from_pretrained(tmp_path / "fp32", dtype=bad)
+
+
 def _random_lm(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = MambaConfig(**{**dict(d_model=32, n_layer=2, vocab_size=90, d_state=8, d_conv=4), **kw})
@@ -472,6 +499,11 @@ def test_forward_input_errors():
         lm(inputs_embeds=torch.zeros(1, 2, 31))
     with pytest.raises(ValueError, match="MambaConfig.d_conv must be an integer in 2..4"):
         MambaConfig(d_conv=5)
+    with pytest.raises(ValueError, match=r"labels must be integer token ids of the inputs' shape \(1, 2\), got "
+                                         r"torch.int64 \(1, 3\)"):
+        lm(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        lm(torch.tensor([[1, 2]]), labels=torch.tensor([[1, 2]]), num_last_tokens=1)
 
 
 def test_no_grad_ssm_parameter_cache_follows_updates():
@@ -628,3 +660,22 @@ def test_no_grad_outputs_follow_weights_changed_behind_autograds_back(ssm_layer,
             lm.load_state_dict(new.state_dict())
             got = lm(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_docs_python_example_of_the_lm_runs(tmp_path, monkeypatch):
+    """docs/model.md's example of the LM on its own (from_pretrained with dtype 'auto', labels, generate, a cache
+    stepped by hand) runs as written on a small transformers-made folder of its name."""
+    import pathlib
+    import re
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "model.md").read_text()
+    code = re.search(r"```python\n(import torch\nfrom emma_mamba\.models\.mamba import MambaLM\n.*?)```", doc, re.S)
+    assert code, "docs/model.md lost its MambaLM example"
+    hf = _hf_model(vocab_size=50280, hidden_size=16, state_size=4, num_hidden_layers=2)
+    monkeypatch.chdir(tmp_path)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "mamba-130m-hf")
+    ns: dict = {}
+    exec(compile(code.group(1), "docs/model.md", "exec"), ns)
+    assert ns["lm"].dtype == torch.bfloat16 and torch.isfinite(ns["out"].loss)
+    assert len(ns["res"].sequences[0]) == 20 and ns["res"].texts[0]
+    assert ns["logits"].shape == (1, ns["lm"].config.padded_vocab_size)

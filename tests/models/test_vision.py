@@ -139,6 +139,9 @@ def test_bad_taps_and_pixel_shapes(tiny):
         VisionEncoder(clip.visual, tiny_vision_cfg(taps=[2, -1]), pp)
     with pytest.raises(ValueError, match=r"\(31, 32\) but the encoder takes \(32, 32\)"):
         enc(torch.zeros(1, 3, 31, 32))
+    # raw 0..255 images (torchvision.io's uint8) ran, cast to float and never normalised
+    with pytest.raises(ValueError, match=r"floating-point tensor, normalised by the model's ImageProcessor .*uint8"):
+        enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
 
 
 def test_local_pretrained_file_and_no_download(tmp_path):
