@@ -468,6 +468,10 @@ class LlavaDataset:
         if not isinstance(conv, list) or not conv:
             got = (f"the record has no 'conversations'; its keys: {_keys(rec)}" if "conversations" not in rec else
                    "it is an empty list" if isinstance(conv, list) else f"it is {type(conv).__name__}, not a list")
+            other = [k for k in ("messages", "conversation", "turns", "dialog") if k in rec]
+            if "conversations" not in rec and other:
+                got += (f"; LLaVA's format keeps the turns in 'conversations', where other chat formats have "
+                        f"'{other[0]}': rename the key (and each turn's 'role' / 'content' to 'from' / 'value')")
             self.issues("no_conversations", where, f"'conversations' is missing, empty or not a list ({got})")
             return None
         turns = []

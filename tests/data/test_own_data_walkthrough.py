@@ -177,7 +177,8 @@ def test_images_under_another_formats_key_are_an_error_not_a_text_only_record(im
      ["turn 0 has role 'user'", "'human'", "'gpt'", "rename the roles"]),
     ([{"from": "system", "value": "Be brief."}, H("Q"), G("A")], "bad_role",
      ["turn 0 has role 'system'", "no system prompt", "first human turn"]),
-    (None, "no_conversations", ["no 'conversations'", "'id', 'messages'"]),
+    (None, "no_conversations", ["no 'conversations'", "'id', 'messages'", "other chat formats have 'messages': "
+                                "rename the key"]),
 ])
 def test_other_chat_formats_are_named_with_what_to_change(img, tok, tmp_path, conv, reason, phrases):  # noqa: F811
     rec = {"id": 7, "conversations": conv} if conv is not None else {
