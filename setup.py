@@ -139,7 +139,9 @@ def build_plan():
     """Decide what to compile; returns (extension, with_cuda, reason_if_no_cuda)."""
     cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # the sources' digest, recorded in the extension: ops warns when a checkout's csrc/ has changed since
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DEMMA_EXT_NAME=_C", f'-DEMMA_CSRC_DIGEST="{csrc_digest()}"']
+    # and the torch it is built against: torch has no ABI across versions, so ops names a mismatch
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DEMMA_EXT_NAME=_C", f'-DEMMA_CSRC_DIGEST="{csrc_digest()}"',
+           f'-DEMMA_TORCH_VERSION="{torch.__version__}"']
     if _truthy("EMMA_SKIP_CUDA_BUILD"):
         reason = "EMMA_SKIP_CUDA_BUILD is set"
     elif torch.version.cuda is None:

@@ -19,6 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef EMMA_CSRC_DIGEST
   m.attr("csrc_digest") = EMMA_CSRC_DIGEST;  // of the sources built (emma_mamba/_csrc_digest.py)
 #endif
+#ifdef EMMA_TORCH_VERSION
+  m.attr("torch_version") = EMMA_TORCH_VERSION;  // torch.__version__ at the build (no ABI across versions)
+#endif
   EMMA_BIND(cpu, "cpu")
   // what the CPU selective scan runs on now: this CPU's best, or EMMA_CPU_ISA's (read per call, as the kernels
   // do; an unknown or unsupported value raises the kernels' own error)

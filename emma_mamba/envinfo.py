@@ -192,14 +192,20 @@ def cpu_isa_of(ext) -> tuple[str | None, str | None]:
 
 def _extension_info() -> dict:
     out = {"importable": False, "error": None, "path": None, "with_cuda": None, "cuda_archs": None,
-           "built_from_these_sources": None, "sources": None, "cpu_isa": None, "cpu_isa_error": None}
+           "built_from_these_sources": None, "sources": None, "cpu_isa": None, "cpu_isa_error": None,
+           "built_against_torch": None, "torch_mismatch": None, "fix": None}
     try:
         from emma_mamba import _C
     except Exception as e:  # noqa: BLE001 - ImportError, or an OSError of a broken build
-        out["error"] = _short(e)
+        from emma_mamba.ops import import_fix
+
+        out["error"], out["fix"] = _short(e), import_fix(e)
         return out
+    from emma_mamba.ops import torch_mismatch
+
     out.update(importable=True, path=getattr(_C, "__file__", None), with_cuda=bool(getattr(_C, "with_cuda", False)),
-               cuda_archs=getattr(_C, "cuda_archs", None))
+               cuda_archs=getattr(_C, "cuda_archs", None), built_against_torch=getattr(_C, "torch_version", None),
+               torch_mismatch=torch_mismatch(_C))
     out["cpu_isa"], out["cpu_isa_error"] = cpu_isa_of(_C)
     from emma_mamba.ops import build_freshness
 
@@ -336,7 +342,9 @@ def _warnings(r: dict, torch) -> list[str]:
                    f"pip install 'filelock<4'")
     if not ext["importable"]:
         out.append(f"emma_mamba._C is not importable ({ext['error']}): the cuda and cpu backends are unavailable; "
-                   f"build it with `pip install --no-build-isolation -e .` in the source checkout")
+                   f"{ext['fix']}")
+    elif ext["torch_mismatch"]:
+        out.append(ext["torch_mismatch"])
     if ext["built_from_these_sources"] is False:
         out.append(ext["sources"])
     if ext.get("cpu_isa_error"):
@@ -439,6 +447,10 @@ def format_text(r: dict) -> str:
         lines.append(f"  {'CPU kernels':<15}" + (f"{x['cpu_isa']}{why}" if x["cpu_isa"] else
                                                  f"FAIL: {x['cpu_isa_error']}" if x["cpu_isa_error"] else
                                                  "instruction set not recorded: an older build"))
+        built = x["built_against_torch"]
+        lines.append(f"  {'built against':<15}" + (f"torch {built}" + (" (ANOTHER torch: rebuild, see warnings)"
+                                                                       if x["torch_mismatch"] else "")
+                                                   if built else "torch version not recorded: an older build"))
         fresh = x["built_from_these_sources"]
         lines.append(f"  {'sources':<15}" + ("as built (csrc/ unchanged since)" if fresh else
                                              "CHANGED since the build: rebuild (see warnings)" if fresh is False

@@ -270,3 +270,57 @@ def test_lmms_eval_without_our_model_or_with_filelock_4_gets_the_fix(monkeypatch
     assert "lmms-eval 0.7.3" in lock and "pip install 'filelock<4'" in lock
     assert re.search(r"^\s+lmms_eval\s+0\.7\.3 \(lmms-eval\): model emma_mamba NOT registered", envinfo.format_text(r),
                      re.M)
+
+
+def test_the_build_records_the_torch_it_was_built_against(capsys):
+    """The extension records torch.__version__ at its build; env shows it, and says nothing more when it is this
+    torch (as in every test run: CI builds against the torch it tests with)."""
+    from emma_mamba import _C
+
+    assert _C.torch_version == torch.__version__
+    r = envinfo.collect()
+    assert r["extension"]["built_against_torch"] == torch.__version__ and r["extension"]["torch_mismatch"] is None
+    assert not any("another torch" in w or "built against torch" in w for w in r["warnings"])
+    assert re.search(rf"built against +torch {re.escape(torch.__version__)}\n", envinfo.format_text(r))
+
+
+def test_an_extension_built_against_another_torch_is_named_with_the_rebuild(monkeypatch, caplog):
+    """torch keeps no C++ ABI across versions: an extension that imported but was built against another torch
+    (a `pip install -U torch` after the build) is said once by the ops and by env, with the rebuild."""
+    from emma_mamba import _C
+
+    monkeypatch.setattr(_C, "torch_version", "2.0.0+cu118")
+    r = envinfo.collect()
+    want = f"emma_mamba._C was built against torch 2.0.0+cu118 but this is torch {torch.__version__}"
+    assert any(w.startswith(want) and "pip install --no-build-isolation -e ." in w for w in r["warnings"])
+    assert "torch 2.0.0+cu118 (ANOTHER torch: rebuild, see warnings)" in envinfo.format_text(r)
+    monkeypatch.setattr(ops, "_stale_checked", False)
+    with caplog.at_level("WARNING", logger="emma_mamba.ops"):
+        ops.warn_if_stale(_C)
+        ops.warn_if_stale(_C)
+    assert [m for m in caplog.messages if want in m] and len([m for m in caplog.messages if want in m]) == 1
+
+
+def test_an_undefined_symbol_at_import_is_named_as_another_torch(monkeypatch, fresh_dispatch):
+    """The usual way a built extension breaks: torch upgraded since, and the import fails on an undefined C++
+    symbol. The ops' error and env's warning say that means another torch, and how to rebuild (they said only
+    "build it")."""
+    import emma_mamba
+
+    class Broken:  # a finder that fails the import as the dynamic loader does
+        def find_spec(self, name, path=None, target=None):
+            if name == "emma_mamba._C":
+                raise ImportError("/x/emma_mamba/_C.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev")
+            return None
+
+    monkeypatch.delattr(emma_mamba, "_C")
+    monkeypatch.delitem(sys.modules, "emma_mamba._C")
+    monkeypatch.setattr(sys, "meta_path", [Broken()] + sys.meta_path)
+    with pytest.raises(ops.BackendUnavailableError) as e:
+        ops._load_compiled("cpu")
+    msg = str(e.value)
+    assert "undefined symbol: _ZN3c10" in msg and f"built against another torch than this one (torch " \
+        f"{torch.__version__})" in msg and "pip install --no-build-isolation -e ." in msg
+    r = envinfo.collect()
+    assert r["extension"]["importable"] is False
+    assert any("not importable" in w and "built against another torch" in w for w in r["warnings"])

@@ -83,9 +83,7 @@ def _load_compiled(suffix: str):
     try:
         from emma_mamba import _C  # noqa: F401
     except ImportError as e:
-        raise BackendUnavailableError(
-            f"the compiled extension emma_mamba._C is not importable ({e}); build it with "
-            f"`pip install --no-build-isolation -e .`") from e
+        raise BackendUnavailableError(import_error_message(e)) from e
     warn_if_stale(_C)
     if suffix == "cuda" and not getattr(_C, "with_cuda", False):
         raise BackendUnavailableError("emma_mamba._C was built without the CUDA kernels "
@@ -132,15 +130,47 @@ def build_freshness(ext, csrc=None) -> tuple[bool | None, str]:
                    f"{csrc.parent}")
 
 
+_REBUILD = "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in the source checkout"
+
+
+def import_fix(e: BaseException) -> str:
+    """What to do when ``emma_mamba._C`` did not import with ``e``. An undefined symbol is almost always a torch
+    changed since the build (a ``pip install -U torch``): the extension links against one torch's C++ symbols."""
+    if "undefined symbol" in str(e):
+        return (f"an undefined symbol means it was built against another torch than this one (torch "
+                f"{torch.__version__}): rebuild it against this torch with {_REBUILD}")
+    return f"build it with {_REBUILD}"
+
+
+def import_error_message(e: BaseException) -> str:
+    """Why ``emma_mamba._C`` did not import, and what to do (:func:`import_fix`)."""
+    return f"the compiled extension emma_mamba._C is not importable ({e}); {import_fix(e)}"
+
+
+def torch_mismatch(ext) -> str | None:
+    """What is wrong when ``ext`` was built against another torch than the one running (None when it was not, or
+    when an older build records none). Torch keeps no C++ ABI across versions: such an extension may fail on
+    import, crash or misbehave."""
+    built = getattr(ext, "torch_version", None)
+    if built is None or built == torch.__version__:
+        return None
+    return (f"emma_mamba._C was built against torch {built} but this is torch {torch.__version__}: torch keeps no "
+            f"C++ ABI across versions, so its kernels may crash or misbehave; rebuild: {_REBUILD}")
+
+
 _stale_checked = False
 
 
 def warn_if_stale(ext) -> None:
-    """Log :func:`build_freshness`'s reason once per process when the checkout's sources changed since the build."""
+    """Log once per process when the checkout's sources changed since the build (:func:`build_freshness`) and
+    when the extension was built against another torch (:func:`torch_mismatch`)."""
     global _stale_checked
     if _stale_checked:
         return
     _stale_checked = True
+    other_torch = torch_mismatch(ext)
+    if other_torch:
+        log.warning("emma_mamba.ops: %s", other_torch)
     try:
         fresh, why = build_freshness(ext)
     except OSError:  # an unreadable source file: no verdict
