@@ -231,6 +231,7 @@ class ModelConfig:
         def k(key: str) -> str:  # a field as the user wrote it
             return f"{path}.{key}" if path else key
 
+        check_field_types(self, path)
         for key, v in float_fields(self):  # NaN passes every comparison below (nan < 0 is False): refuse it first
             if not math.isfinite(v):
                 raise ConfigError(f"{k(key)} must be a finite number, got {v}")
@@ -512,6 +513,20 @@ def apply_overrides(cfg, overrides: dict, *, path: str = "", source: str = "<dic
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
     return cfg
+
+
+def check_field_types(cfg, path: str = "") -> None:
+    """Checks every field of dataclass ``cfg`` (nested ones too) against its annotation, as :func:`apply_overrides`
+    checks a value from a file, so a config built or edited in code meets the same rules (a Literal field set to
+    another word trained with the default, or was refused only when the saved model was loaded); raises
+    ConfigError naming the field by its dotted path (``path`` its prefix)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, where = getattr(cfg, f.name), f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            check_field_types(value, where)
+        else:
+            setattr(cfg, f.name, _coerce(value, hints[f.name], where))
 
 
 def field_type(cls, dotted: str):

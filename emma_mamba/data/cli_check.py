@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_run_config(args.config, _overrides(args), model=args._model)
+        cfg = load_run_config(args.config, _overrides(args), model=args._model, override_source="command line")
         _check_output(args.report, "--report")
         if args.write_clean and any(Path(args.write_clean).resolve() == Path(s.json).resolve()
                                     for s in data_sources(cfg.data)):

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path}: stage is {other!r}; run it with `emma-mamba {other}`, not {prog}")
         overrides = _overrides(args)
         overrides["stage"] = stage
-        cfg = load_run_config(path, overrides, model=args._model)
+        cfg = load_run_config(path, overrides, model=args._model, override_source="command line")
     except (ConfigError, OSError, yaml.YAMLError) as e:
         _say(f"{said}: {e}")
         return 2

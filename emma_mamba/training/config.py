@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, config_from_dict, config_to_dict,
-                               field_type, float_fields, get_preset, load_config, parse_cli_value, read_yaml_mapping,
-                               resolve_config_path, yaml_float)
+from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, check_field_types, config_from_dict,
+                               config_to_dict, field_type, float_fields, get_preset, load_config, parse_cli_value,
+                               read_yaml_mapping, resolve_config_path, yaml_float)
 from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
@@ -68,7 +68,8 @@ class DataConfig:
     mismatch, nothing left after truncation): raise an error naming file and record index, or skip and count it."""
     prompt_template: str = CHAT_TEMPLATE
     """Chat template of one user turn, ``{prompt}`` is the human text (default: mamba-2.8b-zephyr's, the one
-    inference uses: emma_mamba.models.vlm.CHAT_TEMPLATE)."""
+    inference uses: emma_mamba.models.vlm.CHAT_TEMPLATE). Another template (or turn_end / turn_sep) trains, with a
+    warning: the saved model does not carry it, and generate, chat, serve and eval prompt with the default."""
     turn_end: str = TURN_END
     """Appended to every assistant answer; trained on (the model learns to stop)."""
     turn_sep: str = TURN_SEP
@@ -140,7 +141,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (GPU) or fp32; auto = bf16 on a GPU that supports it, fp32 on the CPU."""
     gradient_checkpointing: bool = False
-    """Recompute each Mamba block's activations in the backward pass (saves memory, costs ~1 forward)."""
+    """Recompute each Mamba block's activations (and an unfrozen ViT's blocks') in the backward pass (saves memory,
+    costs ~1 forward)."""
     mixer_recompute: bool = True
     """Each Mamba mixer's backward recomputes its conv output, delta and scan output instead of keeping them
     (ops.mamba_inner, as mamba-ssm's fast path does): per layer 2 kept (batch, d_inner, seqlen) activations
@@ -281,8 +283,15 @@ class RunConfig:
     """torch.profiler traces of chosen training steps (off by default)."""
 
     def validate(self, source: str = "<config>") -> "RunConfig":
+        """Checks every field's type (a config built in code too) and the cross-field rules; returns self. The
+        model section is checked by its own :meth:`ModelConfig.validate` (``model.*`` paths)."""
         def bad(msg):
             raise ConfigError(f"{source}: {msg}")
+
+        try:
+            check_field_types(self)
+        except ConfigError as e:
+            bad(str(e))
 
         # the numbers of free-form mappings (no field type to coerce them): 1e-1 is text to YAML 1.1, a number here
         self.train.lr_multipliers = {k: yaml_float(v) for k, v in self.train.lr_multipliers.items()}
@@ -495,7 +504,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | None = None,
-                         override_source: str = "command line", base_dir: Path | None = None,
+                         override_source: str = "overrides", base_dir: Path | None = None,
                          model: str | None = None) -> RunConfig:
     """A validated RunConfig from a YAML-shaped dict and optional nested overrides (both strict). ``model`` (a
     preset name or a model YAML path, the command line's ``--model``) replaces the dict's model before the
@@ -566,16 +575,19 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
             raise ConfigError(f"{override_source}: {e}") from None
     # a value that fails validation may come from either: name both when options were given
     given = set(overrides) - {"stage"} or model_over or model
-    return cfg.validate(f"{source} with the {override_source} options" if given else source)
+    opts = override_source if override_source == "overrides" else f"{override_source} options"
+    return cfg.validate(f"{source} with the {opts}" if given else source)
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None, *, model: str | None = None) -> RunConfig:
-    """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides``. ``path`` may name a
-    shipped recipe (:func:`emma_mamba.config.resolve_config_path`); ``model`` replaces its model (a preset name
-    or a model YAML path)."""
+def load_run_config(path: str | Path, overrides: dict | None = None, *, model: str | None = None,
+                    override_source: str = "overrides") -> RunConfig:
+    """Reads a run YAML (``yaml.safe_load``) strictly, then applies nested ``overrides`` (named
+    ``override_source`` in errors). ``path`` may name a shipped recipe
+    (:func:`emma_mamba.config.resolve_config_path`); ``model`` replaces its model (a preset name or a model YAML
+    path)."""
     path = resolve_config_path(path, "run config")
     return run_config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides,
-                                base_dir=path.parent, model=model)
+                                override_source=override_source, base_dir=path.parent, model=model)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

@@ -102,6 +102,13 @@ class Trainer:
     """Builds model, data, optimizer and (on resume) restores them; :meth:`fit` runs the stage."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, device: str | None = None):
+        # a config built or edited in code meets the rules a YAML file does (run_config_from_dict validated only
+        # what came through it: a bad Literal value trained with the default, and the saved model did not load)
+        if not isinstance(cfg, RunConfig):
+            raise TypeError(f"Trainer expects a RunConfig (load_run_config / run_config_from_dict), got "
+                            f"{type(cfg).__name__}")
+        cfg.model.validate("model")
+        cfg.validate("the run config")
         self.cfg = cfg
         self.info: DistInfo = init_distributed(device, cfg.parallel.timeout_minutes)
         try:
@@ -159,6 +166,18 @@ class Trainer:
                 and cfg.model.align.loss_weight > 0 and info.is_main):
             log.warning("train.trainable leaves out align_head: no alignment head is built and its loss "
                         "(model.align.loss_weight %g) is off in this run", cfg.model.align.loss_weight)
+        if for_training and cfg.model.align.enabled and cfg.model.align.loss_weight == 0 and info.is_main:
+            log.warning("model.align.loss_weight is 0: the alignment head is still built, run and trained (weight "
+                        "decay only moves it); to leave it out, set model.align.enabled: false or leave align_head "
+                        "out of train.trainable")
+        from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
+
+        chat = (cfg.data.prompt_template, cfg.data.turn_end, cfg.data.turn_sep)
+        if chat != (CHAT_TEMPLATE, TURN_END, TURN_SEP) and info.is_main:
+            log.warning("data.prompt_template / turn_end / turn_sep are not the default chat format: this run trains "
+                        "on its own, but the model it writes does not carry it, and generate, chat, serve and eval "
+                        "prompt with the default (mamba-2.8b-zephyr's %r, answers ending in %r)", CHAT_TEMPLATE,
+                        TURN_END)
         if cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
             # what the run config may still change (INIT_FROM_MODEL_KEYS): how the loaded model trains
@@ -178,8 +197,8 @@ class Trainer:
                 if self.model.lm.lm_head is not None:
                     self.model.lm.lm_head.requires_grad_(True)
         self.model.train()
-        if tc.gradient_checkpointing:
-            self.model.lm.set_gradient_checkpointing(True)
+        if tc.gradient_checkpointing:  # the LM's blocks, and an unfrozen ViT's (it kept every activation)
+            self.model.set_gradient_checkpointing(True)
         self.model.lm.set_mixer_recompute(tc.mixer_recompute)
         cuda = info.device.type == "cuda"
         self.bf16 = tc.precision == "bf16" or (tc.precision == "auto" and cuda and torch.cuda.is_bf16_supported())

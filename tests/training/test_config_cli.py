@@ -352,6 +352,8 @@ def test_a_trained_vits_position_embedding_is_not_decayed():
     decay, no_decay = (set(g["names"]) for g in param_groups(model, 0.1))
     assert "vision.visual.positional_embedding" in no_decay and "vision.visual.class_embedding" in no_decay
     assert "vision.visual.conv1.weight" in decay and "vision.visual.proj" in decay
+    # the alignment head's own position embedding likewise (it was decayed); its projections are
+    assert "align_head.pos_embed" in no_decay and "align_head.in_proj.weight" in decay
 
 
 def test_lr_schedule_by_hand():
@@ -526,5 +528,57 @@ def test_model_options_can_correct_an_invalid_value_of_the_model_file(tmp_path, 
     # --model replaces the run YAML's invalid model: only the replacement counts
     assert load_run_config(p, model="tiny").model.lm.d_model == get_preset("tiny").lm.d_model
     good = write(tmp_path, {**BASE, "model": "tiny"})
-    with pytest.raises(ConfigError, match=r"^command line: model\.lm\.d_model must be >= 1, got 0"):
-        load_run_config(good, {"model": {"lm": {"d_model": 0}}})
+    with pytest.raises(ConfigError, match=r"^overrides: model\.lm\.d_model must be >= 1, got 0"):
+        load_run_config(good, {"model": {"lm": {"d_model": 0}}})  # from Python: not "command line"
+
+
+def test_a_config_built_in_code_meets_the_files_rules(tmp_path):
+    """A RunConfig / ModelConfig made or edited in Python is checked field by field as a YAML file is: a word that
+    is not one of a Literal field's (LLaVA's 'pad' for vision.image_resize, 'linear' for train.schedule) trained
+    with the default and the saved model then failed to load; now validate() names it, and the Trainer validates
+    before it creates anything."""
+    from emma_mamba.training.config import RunConfig
+    from emma_mamba.training.trainer import Trainer
+
+    cfg = get_preset("tiny")
+    cfg.vision.image_resize = "pad"
+    with pytest.raises(ConfigError, match=r"^vision\.image_resize: expected 'default' \| 'crop' \| 'squash' \| "
+                                          r"'letterbox', got 'pad'"):
+        cfg.validate()
+    cfg.vision.image_resize = "letterbox"
+    cfg.lm.n_layer = 2.0  # a float where an int is wanted
+    with pytest.raises(ConfigError, match=r"^model\.lm\.n_layer: expected int, got 2\.0"):
+        cfg.validate("model")
+    run = RunConfig(output_dir=str(tmp_path / "out"))
+    run.data.json = str(tmp_path / "d.json")
+    run.train.schedule = "linear"
+    with pytest.raises(ConfigError, match=r"train\.schedule: expected 'cosine' \| 'constant', got 'linear'"):
+        run.validate()
+    for edit, message in ((lambda c: setattr(c.train, "schedule", "linear"), r"train\.schedule: expected"),
+                          (lambda c: setattr(c.model.vision, "image_position", "before"),
+                           r"model\.vision\.image_position: expected 'in_turn' \| 'before_turn'")):
+        run = RunConfig(output_dir=str(tmp_path / "out"))
+        run.data.json = str(tmp_path / "d.json")
+        edit(run)
+        with pytest.raises(ConfigError, match=message):
+            Trainer(run, device="cpu")
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_docs_training_from_python_example_runs(shapes, tmp_path, monkeypatch):
+    """docs/training.md's "Training from Python" runs as written (in a folder whose data/shapes is a small
+    ShapesWorld): the recipe by name with overrides, an edit in code, Trainer, fit, load."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    code = re.search(r"## Training from Python\n.*?```python\n(.*?)```", doc, re.S)
+    assert code, "docs/training.md lost its Python example"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "shapes").symlink_to(shapes)
+    src = code.group(1).replace('"max_steps": 20', '"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 1')
+    assert src != code.group(1), "the example's overrides changed: update this test's edit"
+    ns: dict = {}
+    exec(compile(src, "docs/training.md", "exec"), ns)
+    assert len(ns["history"]) == 2 and ns["cfg"].train.lr == 5e-4
+    assert (tmp_path / "runs" / "py_stage1" / "model.safetensors").is_file() and ns["model"].config.name

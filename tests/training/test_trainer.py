@@ -208,6 +208,39 @@ def test_mixer_recompute_off_trains_like_the_default(shapes, tmp_path):
                                    msg=lambda m: f"{key}: {m}")
 
 
+def test_gradient_checkpointing_reaches_an_unfrozen_vit(shapes, tmp_path):
+    """train.gradient_checkpointing checkpoints an unfrozen ViT's blocks as well as the LM's (it reached the LM
+    only, and the ViT kept every block's activations); a frozen ViT is left alone (nothing to recompute). The
+    first step's objective and gradient norm are those of the run without it."""
+    model = {"preset": "tiny", "vision": {"freeze": False}}
+    runs = {}
+    for gc in (False, True):
+        t = Trainer(make_cfg(shapes, tmp_path / f"gc{gc}", model=model,
+                             train={"max_steps": 1, "gradient_checkpointing": gc}))
+        assert t.model.vision.visual.transformer.grad_checkpointing is gc and t.model.lm.gradient_checkpointing is gc
+        runs[gc] = t.fit()[0]
+    for key in ("loss", "grad_norm"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-5), key
+    frozen = Trainer(make_cfg(shapes, tmp_path / "frozen", train={"gradient_checkpointing": True}))
+    assert frozen.model.lm.gradient_checkpointing and not frozen.model.vision.visual.transformer.grad_checkpointing
+
+
+def test_settings_that_do_less_than_they_seem_are_said(shapes, tmp_path, caplog):
+    """Two settings that train but mislead, each said once at the start: model.align.loss_weight 0 (the head is
+    still built, run and trained: weight decay alone moves it) and a chat format other than the default (the
+    saved model does not carry it; inference prompts with the default). Neither is said for the defaults."""
+    with caplog.at_level("WARNING", logger="emma_mamba.training"):
+        Trainer(make_cfg(shapes, tmp_path / "default"))
+    assert "loss_weight is 0" not in caplog.text and "not the default chat format" not in caplog.text
+    with caplog.at_level("WARNING", logger="emma_mamba.training"):
+        Trainer(make_cfg(shapes, tmp_path / "w0", model={"preset": "tiny", "align": {"loss_weight": 0.0}}))
+    assert "model.align.loss_weight is 0: the alignment head is still built" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emma_mamba.training"):
+        Trainer(make_cfg(shapes, tmp_path / "tpl", data={"prompt_template": "### Human: {prompt}\n### Assistant: "}))
+    assert "not the default chat format" in caplog.text and "generate, chat, serve and eval" in caplog.text
+
+
 def test_validation_loss_matches_per_sample_oracle_and_leaves_training_unchanged(shapes, tmp_path):
     """val.json: the logged losses and answer-token accuracy equal each held-out sample run alone through the
     model at that step (packed rows, 3 per forward, a shorter last micro-batch); the training run is the same bit for
