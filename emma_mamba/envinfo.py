@@ -475,8 +475,10 @@ def format_text(r: dict) -> str:
             text = "available"
             if name == "triton" and "cpu" not in b["runs_on"]:
                 now = os.environ.get("TRITON_INTERPRET")
+                state = ("not set" if now is None else "set after triton was imported: too late" if now == "1"
+                         else f"it is {now!r}")
                 text += (": CUDA tensors" + ("" if g["cuda_available"] else " (no GPU here)") + "; CPU tensors "
-                         f"only with TRITON_INTERPRET=1 ({'not set' if now is None else f'it is {now!r}'})")
+                         f"only with TRITON_INTERPRET=1 before triton is imported ({state})")
             elif name == "triton":
                 text += ": CPU and CUDA tensors, in the interpreter (TRITON_INTERPRET=1)"
             elif name == "cuda":

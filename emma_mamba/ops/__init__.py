@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -247,7 +248,50 @@ def _runs_on(name: str, device_type: str) -> bool:
     if name == "cuda":
         return device_type == "cuda"
     # triton: GPUs, and the CPU through the interpreter
-    return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device_type == "cuda" or (device_type == "cpu" and triton_interprets())
+
+
+def _triton_decorated_interpreted() -> bool | None:
+    """Whether triton's (and our) jit functions were decorated for the interpreter, when triton was imported; None
+    before it is (then TRITON_INTERPRET at its import will decide)."""
+    triton = sys.modules.get("triton")
+    if triton is None:
+        return None
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - a triton without the interpreter
+        return False
+    standard = getattr(getattr(triton, "language", None), "standard", None)
+    fns = [getattr(standard, "zeros", None)]  # one of triton's own jit helpers, decorated at its import
+    kernels = sys.modules.get("emma_mamba.kernels.selective_scan")
+    if kernels is not None:
+        fns.append(getattr(kernels, "_selective_scan_fwd_kernel", None))
+    fns = [f for f in fns if f is not None]
+    if not fns:  # a triton laid out otherwise: no verdict from the functions
+        return None
+    return all(isinstance(f, InterpretedFunction) for f in fns)
+
+
+def triton_interprets() -> bool:
+    """Whether Triton kernels run in its interpreter in this process (on CPU tensors). Triton fixes the mode when a
+    function is decorated, at import, from TRITON_INTERPRET, and reads the variable again when it runs: so it must
+    be 1 before triton (or emma_mamba.kernels) is imported and stay 1 (set later, CPU tensors reached kernels
+    compiled for a GPU: "0 active drivers"; cleared later, triton's own assertion failed)."""
+    env = os.environ.get("TRITON_INTERPRET") == "1"
+    decorated = _triton_decorated_interpreted()
+    return env and decorated is not False
+
+
+def _triton_cpu_hint() -> str:
+    """How to run the triton backend on CPU tensors, from where this process stands."""
+    env, decorated = os.environ.get("TRITON_INTERPRET") == "1", _triton_decorated_interpreted()
+    if env and decorated is False:
+        return (" (TRITON_INTERPRET=1 was set after triton was imported in this process, which compiled its kernels "
+                "for a GPU: set it before anything imports triton or emma_mamba, e.g. in the shell)")
+    if not env and decorated:
+        return (" (TRITON_INTERPRET was unset after triton was imported in its interpreter mode: keep it at 1 for "
+                "the whole process)")
+    return " (set TRITON_INTERPRET=1, before triton is imported, to run triton kernels on the CPU)"
 
 
 def available_backends() -> dict[str, str]:
@@ -336,7 +380,7 @@ def cannot_run_message(name: str, by: str, device_type: str) -> str:
     """Why a backend forced by ``by`` (:func:`forced_backend`) cannot serve ``device_type`` tensors."""
     return (f"backend {name!r} was requested{f' ({by})' if by.startswith('EMMA_MAMBA_BACKEND') else ''} but cannot "
             f"run on {device_type} tensors"
-            + (" (set TRITON_INTERPRET=1 to run triton kernels on the CPU)" if name == "triton" else ""))
+            + (_triton_cpu_hint() if name == "triton" else ""))
 
 
 def get_backend(device: torch.device | str = "cpu") -> str:

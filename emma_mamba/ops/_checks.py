@@ -157,8 +157,9 @@ def check_selective_state_update(state, x, dt, A, B, C, D, z, dt_bias):
     for name, X in (("B", B), ("C", C)):
         if isinstance(X, torch.Tensor) and X.dim() == 3:
             g = X.shape[1]
-            if g < 1 or d % g != 0:
-                _fail(op, f"{name} has {g} groups, which must divide dim={d}")
+            if g < 1 or d % g != 0 or X.shape[2] != n:
+                _fail(op, f"{name} must have shape (batch={b}, dstate={n}) or (batch={b}, groups, dstate={n}) with "
+                          f"groups dividing dim={d}, got {tuple(X.shape)} (one step: no time axis)")
             _check_tensor(op, name, X, (b, g, n), (x.dtype, torch.float32), dev)
         else:
             _check_tensor(op, name, X, (b, n), (x.dtype, torch.float32), dev)

@@ -117,8 +117,13 @@ STEP_BAD = [
     ("x not a tensor", dict(x=1.0), r"x must be a float32, float16 or bfloat16 tensor"),
     ("dt dtype", dict(dt=torch.rand(b, d).half()), r"dt must have dtype in \(float32\)"),
     ("A shape", dict(A=-torch.rand(d, n + 1)), r"A must have shape \(4, 3\)"),
-    ("B groups", dict(B=torch.randn(b, 3, n)), r"B has 3 groups, which must divide dim=4"),
-    ("C shape", dict(C=torch.randn(b, 2, n + 1)), r"C must have shape \(2, 2, 3\), got \(2, 2, 4\)"),
+    ("B groups", dict(B=torch.randn(b, 3, n)),
+     r"B must have shape \(batch=2, dstate=3\) or \(batch=2, groups, dstate=3\) with groups dividing dim=4, got "
+     r"\(2, 3, 3\)"),
+    # a scan's (b, n, l) B at one step, l = 1: named with its expected shapes (it read as 3 groups of 1 state)
+    ("B with a time axis", dict(B=torch.randn(b, n, 1)), r"B must have shape \(batch=2, dstate=3\) or .*got "
+                                                          r"\(2, 3, 1\) \(one step: no time axis\)"),
+    ("C shape", dict(C=torch.randn(b, 2, n + 1)), r"C must have shape \(batch=2, dstate=3\) or .*got \(2, 2, 4\)"),
     ("C on meta", dict(C=torch.randn(b, n, device=META)), r"C is on meta"),
     ("D dtype", dict(D=torch.randn(d).double()), r"D must have dtype in \(float32\)"),
     ("dt_bias shape", dict(dt_bias=torch.rand(d, 1)), r"dt_bias must have shape \(4,\)"),

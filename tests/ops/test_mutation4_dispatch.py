@@ -5,6 +5,9 @@ checks hold on any machine (no GPU needed, nothing compiled)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -109,3 +112,44 @@ def test_deterministic_default_is_the_environment_or_torchs_setting(spy_kernels,
     finally:
         torch.use_deterministic_algorithms(False)
     assert spy_kernels == [False, True, True, True, True, False, False, True]
+
+
+_LATE_INTERPRET = """
+import os, sys, torch
+{before}
+import emma_mamba.kernels  # triton's and our kernels decorated now, in the mode the variable has now
+{after}
+from emma_mamba import ops
+args = (torch.randn(1, 4, 8), torch.rand(1, 4, 8), -torch.rand(4, 3), torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+print("interprets", ops.triton_interprets(), "runs_on", ops.runs_on("triton"))
+try:
+    with ops.use_backend("triton"):
+        print("ran", tuple(ops.selective_scan(*args).shape))
+except ops.BackendUnavailableError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("when", ["after_import", "cleared_after_import"])
+def test_triton_on_cpu_follows_how_triton_was_imported_not_the_variable_now(when):
+    """Triton decides interpreted or compiled when its functions are decorated (at import), and reads the variable
+    again when they run. TRITON_INTERPRET=1 set after the import (as the old hint said, in a notebook) made
+    dispatch send CPU tensors to kernels compiled for a GPU ("0 active drivers"); cleared after an interpreted
+    import, triton failed on its own assertion. Now each is refused saying what happened."""
+    if when == "after_import":
+        code = _LATE_INTERPRET.format(before="os.environ.pop('TRITON_INTERPRET', None)",
+                                      after="os.environ['TRITON_INTERPRET'] = '1'")
+    else:
+        code = _LATE_INTERPRET.format(before="os.environ['TRITON_INTERPRET'] = '1'",
+                                      after="os.environ.pop('TRITON_INTERPRET')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    if when == "after_import":
+        assert "interprets False runs_on ['cuda']" in out.stdout
+        assert "refused: backend 'triton' was requested but cannot run on cpu tensors (TRITON_INTERPRET=1 was set " \
+               "after triton was imported" in out.stdout
+    else:
+        assert "interprets False runs_on ['cuda']" in out.stdout
+        assert "(TRITON_INTERPRET was unset after triton was imported in its interpreter mode: keep it at 1" \
+            in out.stdout
