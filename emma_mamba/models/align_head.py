@@ -70,10 +70,6 @@ class PixelAlignHead(nn.Module):
         self.out = nn.Linear(d_model, self.patch_dim, **fk)
         nn.init.normal_(self.pos_embed, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        """A position embedding is not decayed (timm's / open_clip's convention, which the optimiser reads)."""
-        return {"pos_embed"}
-
     def predict(self, hidden: list[torch.Tensor]) -> torch.Tensor:
         """K x (n, N, lm_dim) LM hidden states -> (n, N, patch_dim) predicted (normalised) pixels of the
         *next* patch."""
