@@ -205,6 +205,41 @@ class AlignConfig:
     """MAE-style per-patch mean/variance normalisation of the pixel targets."""
 
 
+CHAT_TEMPLATE = "<|user|>\n{prompt}<|endoftext|>\n<|assistant|>\n"
+"""mamba-2.8b-zephyr's chat format (Zephyr's, with GPT-NeoX's end-of-text token)."""
+
+TURN_END = "<|endoftext|>"
+"""Ends every assistant answer (the model learns to emit it: generation's EOS)."""
+
+TURN_SEP = "\n"
+"""Between an answer's TURN_END and the next user turn."""
+
+
+@dataclass
+class ChatConfig:
+    """The chat format the model was trained with, which inference (generate, chat, serve, eval) prompts it with.
+    Training takes it from ``data.prompt_template`` / ``turn_end`` / ``turn_sep`` and writes it into the model it
+    saves."""
+
+    prompt_template: str = CHAT_TEMPLATE
+    """One user turn; ``{prompt}`` is the user's text (the image placeholders included)."""
+    turn_end: str = TURN_END
+    """Ends every answer; generation stops at it (the EOS token by default, a stop string otherwise)."""
+    turn_sep: str = TURN_SEP
+    """Between an answer's turn_end and the next user turn."""
+
+
+def check_prompt_template(template: str, where: str) -> None:
+    """A chat template holds ``{prompt}`` and no other format field; ConfigError naming ``where`` otherwise."""
+    if "{prompt}" not in template:
+        raise ConfigError(f"{where} must contain '{{prompt}}', got {template!r}")
+    try:
+        template.format(prompt="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{where} may hold only the field {{prompt}} (write other braces as {{{{ and }}}}), got "
+                          f"{template!r}: {type(e).__name__} {e}") from None
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -223,6 +258,8 @@ class ModelConfig:
     """Pixel-wise autoregressive alignment head."""
     image_token: str = "<image>"
     """Placeholder string in the text, replaced by one image's visual tokens."""
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """The chat format it was trained with (written by training from data.prompt_template / turn_end / turn_sep)."""
 
     def validate(self, path: str = "") -> "ModelConfig":
         """Checks every float is finite and the cross-field constraints; returns self. Raises ConfigError naming
@@ -232,6 +269,9 @@ class ModelConfig:
             return f"{path}.{key}" if path else key
 
         check_field_types(self, path)
+        check_prompt_template(self.chat.prompt_template, k("chat.prompt_template"))
+        if not self.chat.turn_end:
+            raise ConfigError(f"{k('chat.turn_end')} must not be empty: generation stops at it")
         for key, v in float_fields(self):  # NaN passes every comparison below (nan < 0 is False): refuse it first
             if not math.isfinite(v):
                 raise ConfigError(f"{k(key)} must be a finite number, got {v}")

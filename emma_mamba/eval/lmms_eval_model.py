@@ -186,10 +186,10 @@ class EmmaMambaLMMS(lmms):
             temperature = 0.0
         top_p = kw.pop("top_p", None)
         max_new = kw.pop("max_new_tokens", None)
-        return GenerationConfig(
+        return self.model.stops(GenerationConfig(
             max_new_tokens=int(max_new) if max_new is not None else self.max_new_tokens, temperature=temperature,
-            top_p=1.0 if top_p is None else float(top_p), eos_token_id=self.tokenizer.eos_token_id,
-            stop_strings=tuple(u for u in until if u), cuda_graphs=self.cuda_graphs)
+            top_p=1.0 if top_p is None else float(top_p), stop_strings=tuple(u for u in until if u),
+            cuda_graphs=self.cuda_graphs))
 
     def generate_until(self, requests: Sequence[Instance]) -> list[GenerationResult]:
         """One reply per request, in the requests' order; requests of the same generation settings decode

@@ -1262,11 +1262,12 @@ def _reply_text(seq, state, stats) -> str:
 
 
 def _greedy_config(model, max_new_tokens: int, cuda_graphs: bool, compile: bool):
-    """The GenerationConfig of eval's replies (either batching): greedy, up to ``max_new_tokens``, the model's EOS."""
+    """The GenerationConfig of eval's replies (either batching): greedy, up to ``max_new_tokens``, ending where the
+    model's answers end (its EOS, and its chat format's turn_end: :meth:`EmmaMamba.stops`)."""
     from emma_mamba.inference.generate import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=model.tokenizer.eos_token_id,
-                            cuda_graphs=cuda_graphs, compile=compile)
+    return model.stops(GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, cuda_graphs=cuda_graphs,
+                                        compile=compile))
 
 
 def _model_answer_fn(model, max_new_tokens: int, cuda_graphs: bool = False, compile: bool = False):

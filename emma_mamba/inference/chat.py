@@ -36,17 +36,19 @@ import torch
 
 from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaLM
-from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP, EmmaMamba
+from emma_mamba.config import TURN_END, ChatConfig
+from emma_mamba.models.vlm import EmmaMamba
 
 __all__ = ["ChatSession", "TurnStats", "model_fingerprint", "pending_tokens"]
 
 STATE_FORMAT = "emma-mamba-chat-state-1"
 
 
-def pending_tokens(final: int, reason: str, tokenizer) -> list[int]:
-    """After an answer, the tokens its state has not consumed: the last pick, and the end-of-turn token when the
-    answer did not end on EOS (cut by max_new_tokens or a stop string)."""
-    return [final] if reason == "eos" else [final] + tokenizer.encode(TURN_END)
+def pending_tokens(final: int, reason: str, tokenizer, turn_end: str = TURN_END, ended: bool = False) -> list[int]:
+    """After an answer, the tokens its state has not consumed: the last pick, and the end-of-turn text when the
+    answer did not end on its own (EOS, or ``ended``: a chat format's own turn_end, which it generated) but was
+    cut by max_new_tokens or a stop string."""
+    return [final] if reason == "eos" or ended else [final] + tokenizer.encode(turn_end)
 
 
 def model_fingerprint(lm: MambaLM, rounded: bool = True) -> str:
@@ -112,7 +114,10 @@ class ChatSession:
             raise TypeError(f"ChatSession: config must be a GenerationConfig, got {type(cfg).__name__}")
         if cfg.max_new_tokens < 1:
             raise ValueError("ChatSession: config.max_new_tokens must be >= 1 (a turn must answer)")
-        self.config = dataclasses.replace(cfg, eos_token_id=self.tokenizer.eos_token_id)
+        # the model's chat format (config.chat; a text-only LM: the default) and where its answers end
+        self.chat = self.vlm.config.chat if self.vlm is not None else ChatConfig()
+        self.config = (self.vlm.stops(cfg) if self.vlm is not None
+                       else dataclasses.replace(cfg, eos_token_id=self.tokenizer.eos_token_id))
         self.image = image
         self.turns: list[tuple[str, str]] = []
         """(question, answer) per finished turn."""
@@ -158,7 +163,8 @@ class ChatSession:
             kwargs = self._first_turn(question)
         else:
             cache = self._cache
-            ids = self._pending + tok.encode(TURN_SEP) + tok.encode(CHAT_TEMPLATE.format(prompt=question))
+            ids = self._pending + tok.encode(self.chat.turn_sep) + tok.encode(self.chat.prompt_template.format(
+                prompt=question))
             kwargs = dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
         n_prompt = (kwargs["input_ids"] if "input_ids" in kwargs else kwargs["inputs_embeds"]).shape[0]
         backup = None if first else cache.select([0])  # generate advances the state in place
@@ -171,7 +177,11 @@ class ChatSession:
         self._cache = res.cache
         final, reason = res.final_tokens[0], res.finish_reasons[0]
         # the last picked token is not in the state yet; an answer cut short still gets its end-of-turn token
-        self._pending = pending_tokens(final, reason, tok)
+        # a chat format whose turn_end is a stop string (not EOS): stopped there, the answer ended on its own (when
+        # the user set no other stop string that could have been the one met)
+        ended = (reason == "stop" and self.chat.turn_end != TURN_END
+                 and list(self.config.stop_strings) == [self.chat.turn_end])
+        self._pending = pending_tokens(final, reason, tok, self.chat.turn_end, ended)
         answer = res.texts[0]
         self.turns.append((question, answer))
         self.stats.append(TurnStats(n_prompt, len(res.sequences[0]), reason, self.context_tokens,
@@ -277,7 +287,7 @@ class ChatSession:
 
     def _first_turn(self, question: str) -> dict:
         if self.vlm is None:
-            ids = self.tokenizer.encode(CHAT_TEMPLATE.format(prompt=question))
+            ids = self.tokenizer.encode(self.chat.prompt_template.format(prompt=question))
             return dict(input_ids=torch.tensor(ids, dtype=torch.long, device=self.lm.device))
         images = [] if self.image is None else [self.image]
         text = self.vlm.build_prompt(question, len(images))

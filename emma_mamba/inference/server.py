@@ -95,7 +95,7 @@ from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, DecoderClosed, vlm_embed_batch
 from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig, output_vocab
-from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
+from emma_mamba.config import ChatConfig
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "cors_origin"]
 
@@ -236,14 +236,16 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
     return turns, dropped
 
 
-def conversation_ids(tokenizer, turns: list[_Turn], image_token: str,
-                     image_position: str = "in_turn") -> tuple[list[int], list, list[str], tuple[int, int]]:
+def conversation_ids(tokenizer, turns: list[_Turn], image_token: str, image_position: str = "in_turn",
+                     chat: ChatConfig | None = None) -> tuple[list[int], list, list[str], tuple[int, int]]:
     """(token ids, images in order, one instruction per image, (ids, images) of the history before the last, open
-    turn): the multi-turn stream training builds (:func:`emma_mamba.data.llava.chat_segments`), each segment
-    tokenised on its own (see the module docstring)."""
+    turn): the multi-turn stream training builds (:func:`emma_mamba.data.llava.chat_segments`) in the model's chat
+    format ``chat`` (default: the default's), each segment tokenised on its own (see the module docstring)."""
+    chat = chat or ChatConfig()
     pairs = [("".join(f"{image_token}\n" for _ in t.images) + t.text, t.answer) for t in turns]
     hoist = image_token if image_position == "before_turn" else None
-    pieces = [tokenizer.encode(text) for text, _ in chat_segments(pairs, CHAT_TEMPLATE, TURN_END, TURN_SEP, hoist)]
+    pieces = [tokenizer.encode(text) for text, _ in chat_segments(pairs, chat.prompt_template, chat.turn_end,
+                                                                    chat.turn_sep, hoist)]
     # the open turn is its separator and its question: the history, where a carried state resumes, ends before
     n_history = sum(len(p) for p in pieces[:-2]) if len(turns) > 1 else 0
     images = [im for t in turns for im in t.images]
@@ -333,6 +335,7 @@ class ChatService:
         self.tokenizer = self.vlm.tokenizer if self.vlm is not None else tokenizer
         if self.tokenizer is None:
             raise ValueError("ChatService: a text-only MambaLM needs its tokenizer")
+        self.chat = self.vlm.config.chat if self.vlm is not None else ChatConfig()  # the model's chat format
         self.defaults = defaults or GenerationConfig(max_new_tokens=256)
         # the id the API reports, then its aliases: a request's "model" must be one of them (or absent)
         self.model_names = (model_name,) if isinstance(model_name, str) else tuple(model_name)
@@ -416,8 +419,9 @@ class ChatService:
         if any(not x for x in stops):
             raise RequestError("stop must be a string or a list of strings, each non-empty, got ''", "stop")
         try:
-            return dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
-                                       eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)
+            cfg = dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
+                                      eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)
+            return self.vlm.stops(cfg) if self.vlm is not None else cfg  # + a chat format's own turn_end
         except ValueError as e:  # what GenerationConfig itself refuses (top_p 0, ...), named by its field
             field = next((k for k in ("top_p", "repetition_penalty", "temperature", "seed") if f".{k} " in str(e)),
                          None)
@@ -430,7 +434,7 @@ class ChatService:
                                         image_token if self.vlm is not None else None)
         position = self.vlm.config.vision.image_position if self.vlm is not None else "in_turn"
         ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token,
-                                                                              position)
+                                                                              position, self.chat)
         # the history before the last user turn may have a carried state
         resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
         if self.vlm is None:
@@ -567,9 +571,9 @@ class ChatService:
         tok, final, reason = self.tokenizer, seq.final, seq.reason
         if final is None or reason == "stop":  # a stop string: the text is cut inside the generated tokens
             return
-        sent = tok.encode(text + TURN_END)  # what the client's next request carries for this answer
+        sent = tok.encode(text + self.chat.turn_end)  # what the client's next request carries for this answer
         # the state holds every generated token but the last; the last (and an end of turn) are pending
-        pending = pending_tokens(final, reason, tok)
+        pending = pending_tokens(final, reason, tok, self.chat.turn_end)
         if sent != (seq.tokens if reason == "eos" else seq.tokens[:-1]) + pending:
             return
         key = _history_key(ids + sent, images)

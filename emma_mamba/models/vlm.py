@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emma_mamba.config import ConfigError, ModelConfig, load_config, save_config
+from emma_mamba.config import CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, ModelConfig, load_config, save_config
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
@@ -57,14 +57,8 @@ finetune when vision.freeze is false; the CLIP text tower of instruction fusion 
 TRAINABLE_MODULES = ("vision", "mff", "instruction", "projector", "lm", "align_head")
 """The names train.trainable may list."""
 
-CHAT_TEMPLATE = "<|user|>\n{prompt}<|endoftext|>\n<|assistant|>\n"
-"""mamba-2.8b-zephyr's chat format (Zephyr's, with GPT-NeoX's end-of-text token)."""
-
-TURN_END = "<|endoftext|>"
-"""Ends every assistant answer (the model learns to emit it: generation's EOS)."""
-
-TURN_SEP = "\n"
-"""Between an answer's TURN_END and the next user turn."""
+# CHAT_TEMPLATE, TURN_END, TURN_SEP (emma_mamba.config, exported here too): the default chat format,
+# mamba-2.8b-zephyr's; a model's own is its config.chat (emma_mamba.config.ChatConfig)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -349,11 +343,23 @@ class EmmaMamba(nn.Module):
 
     # ---------------------------------------------------------------------------------------- generation
 
-    def build_prompt(self, prompt: str, num_images: int = 1, template: str = CHAT_TEMPLATE) -> str:
+    def build_prompt(self, prompt: str, num_images: int = 1, template: str | None = None) -> str:
         """The chat-formatted prompt with ``num_images`` placeholders before the user's text (or before the
-        turn: ``vision.image_position``)."""
-        return build_chat_prompt(prompt, num_images, self.config.image_token, template,
+        turn: ``vision.image_position``), in the model's chat format (``config.chat``) unless ``template``."""
+        return build_chat_prompt(prompt, num_images, self.config.image_token,
+                                 self.config.chat.prompt_template if template is None else template,
                                  self.config.vision.image_position)
+
+    def stops(self, config):
+        """``config`` (a GenerationConfig) ending where this model's answers end: at the tokenizer's EOS, and at
+        ``config.chat.turn_end`` when that is another text (a stop string; a chat format other than the
+        default's)."""
+        import dataclasses
+
+        turn_end, stops = self.config.chat.turn_end, list(config.stop_strings or ())
+        if self.tokenizer.encode(turn_end) != [self.tokenizer.eos_token_id] and turn_end not in stops:
+            stops.append(turn_end)
+        return dataclasses.replace(config, eos_token_id=self.tokenizer.eos_token_id, stop_strings=stops)
 
     @torch.no_grad()
     def prompt_embeds(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None):
@@ -421,7 +427,7 @@ class EmmaMamba(nn.Module):
         from emma_mamba.inference.generate import GenerationConfig, generate
 
         if config is None:
-            config = GenerationConfig(eos_token_id=self.tokenizer.eos_token_id)
+            config = self.stops(GenerationConfig())
         if isinstance(prompts, str):
             prompts, images = [prompts], [list(images)]
             instructions = None if instructions is None else [list(instructions)]
@@ -814,25 +820,21 @@ def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
 
 
 def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = None,
-           max_new_tokens: int = 256, temperature: float = 0.0, template: str = CHAT_TEMPLATE,
+           max_new_tokens: int = 256, temperature: float = 0.0, template: str | None = None,
            config=None, return_result: bool = False):
     """One-image question answering: the function behind ``emma-mamba generate``. ``image`` is a path, a PIL
     image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer (with
     ``return_result`` the whole :class:`~emma_mamba.inference.generate.GenerationResult`: token ids, finish
     reason, timings). ``config`` (a :class:`GenerationConfig`) overrides ``max_new_tokens``/``temperature`` with
-    every sampling option; its EOS is the model tokenizer's."""
-    import dataclasses
-
+    every sampling option; it ends where the model's answers end (:meth:`EmmaMamba.stops`). ``template``: another
+    chat template than the model's (``config.chat``)."""
     from emma_mamba.inference.generate import GenerationConfig
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
-    text = build_chat_prompt(prompt, 1, model.config.image_token, template, model.config.vision.image_position)
-    if config is None:
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                               eos_token_id=model.tokenizer.eos_token_id)
-    else:
-        cfg = dataclasses.replace(config, eos_token_id=model.tokenizer.eos_token_id)
+    text = model.build_prompt(prompt, 1, template)
+    cfg = model.stops(GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+                      if config is None else config)
     instructions = [prompt] if model.instruction is not None else None
     result = model.generate(text, [image], instructions, config=cfg, streamer=streamer)
     return result if return_result else result.texts[0]

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from emma_mamba.config import (ConfigError, ModelConfig, apply_overrides, check_field_types, config_from_dict,
-                               config_to_dict, field_type, float_fields, get_preset, load_config, parse_cli_value,
-                               read_yaml_mapping, resolve_config_path, yaml_float)
-from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
+from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, ModelConfig, apply_overrides,
+                               check_field_types, check_prompt_template, config_from_dict, config_to_dict, field_type,
+                               float_fields, get_preset, load_config, parse_cli_value, read_yaml_mapping,
+                               resolve_config_path, yaml_float)
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
            "ProfileConfig", "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
@@ -68,8 +68,9 @@ class DataConfig:
     mismatch, nothing left after truncation): raise an error naming file and record index, or skip and count it."""
     prompt_template: str = CHAT_TEMPLATE
     """Chat template of one user turn, ``{prompt}`` is the human text (default: mamba-2.8b-zephyr's, the one
-    inference uses: emma_mamba.models.vlm.CHAT_TEMPLATE). Another template (or turn_end / turn_sep) trains, with a
-    warning: the saved model does not carry it, and generate, chat, serve and eval prompt with the default."""
+    inference uses by default: emma_mamba.config.CHAT_TEMPLATE). Another template (or turn_end / turn_sep) is
+    written into the model the run saves (``model.chat``), and generate, chat, serve and eval prompt with it; left
+    at the defaults, the model's own chat format (an init_from model's) is the data's."""
     turn_end: str = TURN_END
     """Appended to every assistant answer; trained on (the model learns to stop)."""
     turn_sep: str = TURN_SEP
@@ -313,13 +314,12 @@ class RunConfig:
                 "them)")
         if d.max_length < 2:
             bad(f"data.max_length must be >= 2, got {d.max_length}")
-        if "{prompt}" not in d.prompt_template:
-            bad(f"data.prompt_template must contain '{{prompt}}', got {d.prompt_template!r}")
         try:
-            d.prompt_template.format(prompt="")
-        except (KeyError, IndexError, ValueError) as e:
-            bad(f"data.prompt_template may hold only the field {{prompt}} (write other braces as {{{{ and }}}}), "
-                f"got {d.prompt_template!r}: {type(e).__name__} {e}")
+            check_prompt_template(d.prompt_template, "data.prompt_template")
+        except ConfigError as e:
+            bad(str(e))
+        if not d.turn_end:
+            bad("data.turn_end must not be empty: it ends every answer, and generation stops at it")
         if d.num_workers < 0:
             bad(f"data.num_workers must be >= 0, got {d.num_workers}")
         if d.image_cache_mb < 0:

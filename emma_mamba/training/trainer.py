@@ -109,6 +109,7 @@ class Trainer:
                             f"{type(cfg).__name__}")
         cfg.model.validate("model")
         cfg.validate("the run config")
+        _resolve_chat_format(cfg)
         self.cfg = cfg
         self.info: DistInfo = init_distributed(device, cfg.parallel.timeout_minutes)
         try:
@@ -170,19 +171,12 @@ class Trainer:
             log.warning("model.align.loss_weight is 0: the alignment head is still built, run and trained (weight "
                         "decay only moves it); to leave it out, set model.align.enabled: false or leave align_head "
                         "out of train.trainable")
-        from emma_mamba.models.vlm import CHAT_TEMPLATE, TURN_END, TURN_SEP
-
-        chat = (cfg.data.prompt_template, cfg.data.turn_end, cfg.data.turn_sep)
-        if chat != (CHAT_TEMPLATE, TURN_END, TURN_SEP) and info.is_main:
-            log.warning("data.prompt_template / turn_end / turn_sep are not the default chat format: this run trains "
-                        "on its own, but the model it writes does not carry it, and generate, chat, serve and eval "
-                        "prompt with the default (mamba-2.8b-zephyr's %r, answers ending in %r)", CHAT_TEMPLATE,
-                        TURN_END)
         if cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
             # what the run config may still change (INIT_FROM_MODEL_KEYS): how the loaded model trains
             self.model.config.align.loss_weight = cfg.model.align.loss_weight
             self.model.config.vision.freeze = cfg.model.vision.freeze
+            self.model.config.chat = dataclasses.replace(cfg.model.chat)  # the chat format this run trains, writes
             self.model.vision.set_frozen(cfg.model.vision.freeze)
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
@@ -1175,6 +1169,24 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _resolve_chat_format(cfg: RunConfig) -> None:
+    """One chat format for the run, which its data is laid out in and its model carries (``model.chat``, what
+    inference prompts with): ``data.prompt_template`` / ``turn_end`` / ``turn_sep`` when set to other than the
+    defaults, else the model's own (an ``init_from`` model's, or a model config's ``chat``)."""
+    from emma_mamba.config import ChatConfig
+
+    d = cfg.data
+    asked = ChatConfig(d.prompt_template, d.turn_end, d.turn_sep)
+    if asked != ChatConfig():
+        if cfg.model.chat not in (ChatConfig(), asked):
+            log.warning("data.prompt_template / turn_end / turn_sep differ from the model's chat format (%s): the run "
+                        "trains on the data's, and the model it writes carries that", cfg.model.chat)
+        cfg.model.chat = asked
+    else:
+        d.prompt_template, d.turn_end, d.turn_sep = (cfg.model.chat.prompt_template, cfg.model.chat.turn_end,
+                                                     cfg.model.chat.turn_sep)
 
 
 def train(cfg: RunConfig, resume: str | None = None, device: str | None = None) -> Trainer:

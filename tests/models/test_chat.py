@@ -191,6 +191,32 @@ def test_cli_chat_answers_each_line_like_the_session(vlm, tmp_path):
     assert "turn 2:" in proc.stderr
 
 
+def test_a_session_speaks_the_models_chat_format(vlm):
+    """A model trained in another chat format (config.chat) is asked in it: a later turn prefills the pending
+    tokens, the format's turn_end (the answer was cut) and turn_sep, then its template (it used the default
+    format's); the session stops at the turn_end; an answer that stopped there has it in the state already."""
+    from emma_mamba.config import ChatConfig
+    from emma_mamba.inference.chat import pending_tokens
+
+    chat = ChatConfig("### Human: {prompt}\n### Assistant:", "\n###", "\n\n")
+    old, vlm.config.chat = vlm.config.chat, chat
+    try:
+        tok = vlm.tokenizer
+        session = ChatSession(vlm, IMAGE, config=GenerationConfig(max_new_tokens=3))
+        assert list(session.config.stop_strings) == ["\n###"]
+        session.ask(QUESTIONS[0])
+        session.ask(QUESTIONS[1])
+        first, second = session.stats
+        cut = first.finish_reason != "stop"
+        want = (1 + (len(tok.encode(chat.turn_end)) if cut else 0) + len(tok.encode(chat.turn_sep))
+                + len(tok.encode(chat.prompt_template.format(prompt=QUESTIONS[1]))))
+        assert second.prompt_tokens == want
+    finally:
+        vlm.config.chat = old
+    assert pending_tokens(7, "stop", tok, "\n###", ended=True) == [7]
+    assert pending_tokens(7, "length", tok, "\n###") == [7] + tok.encode("\n###")
+
+
 def test_load_takes_a_dtype_by_name(vlm, tmp_path):
     """emma_mamba.load(dtype='bf16'), as the CLI's --dtype spells it: a string reached the vision tower's
     .to() and failed as "Invalid device string: 'bf16'"."""

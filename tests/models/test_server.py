@@ -124,6 +124,43 @@ def test_multi_turn_stream_is_the_one_training_builds(model, tmp_path):
     assert history == (len(ids) - len(open_turn), 1)
 
 
+def test_a_models_own_chat_format_lays_out_the_conversation_as_its_training_did(model, tmp_path):
+    """A model trained in another chat format (config.chat, written by training from data.prompt_template /
+    turn_end / turn_sep) is prompted in it: the server's multi-turn stream equals LlavaDataset's tokenisation of
+    the same record under that format (the oracle), and its requests stop at the format's turn_end."""
+    import dataclasses
+
+    from emma_mamba.config import ChatConfig
+    from emma_mamba.data.llava import LlavaDataset
+    from emma_mamba.training.config import DataConfig
+
+    chat = ChatConfig("### Human: {prompt}\n### Assistant:", "\n###", "\n")
+    q1, a1, q2 = "What animal is this?", "A cat.", "What colour is it?"
+    rec = {"id": "x", "image": CAT, "conversations": [
+        {"from": "human", "value": "<image>\n" + q1}, {"from": "gpt", "value": a1},
+        {"from": "human", "value": q2}, {"from": "gpt", "value": "Orange."}]}
+    (tmp_path / "d.json").write_text(json.dumps([rec]))
+    ds = LlavaDataset(DataConfig(json=str(tmp_path / "d.json"), max_length=4096, prompt_template=chat.prompt_template,
+                                 turn_end=chat.turn_end, turn_sep=chat.turn_sep), model.tokenizer,
+                      model.config.image_token, model.image_token_id, model.vision.num_tokens)
+    turns, _ = parse_messages([user(q1), {"role": "assistant", "content": a1}, user(q2, image=False)], True, False)
+    ids, _, _, _ = conversation_ids(model.tokenizer, turns, model.config.image_token, chat=chat)
+    sample = ds.samples[0].input_ids
+    assert ids == sample[: len(sample) - len(model.tokenizer.encode("Orange." + chat.turn_end))]
+    old = model.config.chat
+    model.config.chat = chat
+    try:
+        assert model.build_prompt("Hi?", 1) == "### Human: <image>\nHi?\n### Assistant:"
+        stops = model.stops(GenerationConfig(stop_strings=("x",)))
+        assert list(stops.stop_strings) == ["x", "\n###"]
+        assert stops.eos_token_id == model.tokenizer.eos_token_id
+    finally:
+        model.config.chat = old
+    # the default format's turn_end is the EOS token: no stop string added
+    assert list(model.stops(GenerationConfig()).stop_strings) == []
+    assert dataclasses.replace(model.config.chat) == ChatConfig()
+
+
 def test_consecutive_messages_of_one_role_are_one_turn(server):
     """OpenAI's API takes any order of roles (a context message, then the question): consecutive user messages are
     one turn (texts joined by a newline, images in order), as are consecutive assistant ones; an assistant content

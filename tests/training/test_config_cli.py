@@ -544,6 +544,10 @@ def test_a_config_built_in_code_meets_the_files_rules(tmp_path):
                                           r"'letterbox', got 'pad'"):
         cfg.validate()
     cfg.vision.image_resize = "letterbox"
+    cfg.chat.prompt_template = "USER: {question} ASSISTANT:"  # the model's chat format (written by training)
+    with pytest.raises(ConfigError, match=r"^model\.chat\.prompt_template must contain '\{prompt\}'"):
+        cfg.validate("model")
+    cfg.chat.prompt_template = "USER: {prompt} ASSISTANT:"
     cfg.lm.n_layer = 2.0  # a float where an int is wanted
     with pytest.raises(ConfigError, match=r"^model\.lm\.n_layer: expected int, got 2\.0"):
         cfg.validate("model")

@@ -225,20 +225,42 @@ def test_gradient_checkpointing_reaches_an_unfrozen_vit(shapes, tmp_path):
     assert frozen.model.lm.gradient_checkpointing and not frozen.model.vision.visual.transformer.grad_checkpointing
 
 
-def test_settings_that_do_less_than_they_seem_are_said(shapes, tmp_path, caplog):
-    """Two settings that train but mislead, each said once at the start: model.align.loss_weight 0 (the head is
-    still built, run and trained: weight decay alone moves it) and a chat format other than the default (the
-    saved model does not carry it; inference prompts with the default). Neither is said for the defaults."""
+def test_align_loss_weight_zero_is_said(shapes, tmp_path, caplog):
+    """model.align.loss_weight 0 trains but misleads (the head is still built, run and trained: weight decay alone
+    moves it): said once at the start, and not for the default weight."""
     with caplog.at_level("WARNING", logger="emma_mamba.training"):
         Trainer(make_cfg(shapes, tmp_path / "default"))
-    assert "loss_weight is 0" not in caplog.text and "not the default chat format" not in caplog.text
+    assert "loss_weight is 0" not in caplog.text
     with caplog.at_level("WARNING", logger="emma_mamba.training"):
         Trainer(make_cfg(shapes, tmp_path / "w0", model={"preset": "tiny", "align": {"loss_weight": 0.0}}))
     assert "model.align.loss_weight is 0: the alignment head is still built" in caplog.text
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="emma_mamba.training"):
-        Trainer(make_cfg(shapes, tmp_path / "tpl", data={"prompt_template": "### Human: {prompt}\n### Assistant: "}))
-    assert "not the default chat format" in caplog.text and "generate, chat, serve and eval" in caplog.text
+
+
+def test_a_runs_chat_format_is_carried_by_the_model_it_writes(shapes, tmp_path):
+    """data.prompt_template / turn_end / turn_sep trained the model, but the model did not carry them: generate,
+    chat, serve and eval prompted it in the default format. Now the run writes them into the model (config.chat):
+    the loaded model's prompts are the training data's, its generation stops at the turn_end, and a stage 2 from
+    it (data.* left at the defaults) trains in the same format."""
+    from emma_mamba.config import ChatConfig
+    from emma_mamba.inference.generate import GenerationConfig
+
+    fmt = {"prompt_template": "### Human: {prompt}\n### Assistant:", "turn_end": "\n###", "turn_sep": "\n"}
+    t = Trainer(make_cfg(shapes, tmp_path / "s1", data=fmt, train={"max_steps": 1}))
+    t.fit()
+    s = t.dataset.samples[0]
+    trained = t.model.tokenizer.decode(s.input_ids)
+    assert trained.startswith("### Human: ") and "\n### Assistant:" in trained and trained.endswith("\n###")
+    model = emma_mamba.load(tmp_path / "s1")
+    assert model.config.chat == ChatConfig(**fmt)
+    assert model.build_prompt("Is there a circle?", 1) == "### Human: <image>\nIs there a circle?\n### Assistant:"
+    assert "\n###" in model.stops(GenerationConfig()).stop_strings
+    nxt = Trainer(make_cfg(shapes, tmp_path / "s2", json_path=None, init_from=str(tmp_path / "s1"),
+                           model=None, train={"max_steps": 1}))
+    assert (nxt.cfg.data.prompt_template, nxt.cfg.data.turn_end) == (fmt["prompt_template"], fmt["turn_end"])
+    assert nxt.model.config.chat == ChatConfig(**fmt)
+    # the default run: the default format, in the data and in the model
+    d = Trainer(make_cfg(shapes, tmp_path / "d", train={"max_steps": 1}))
+    assert d.model.config.chat == ChatConfig() and d.cfg.data.turn_end == ChatConfig().turn_end
 
 
 def test_validation_loss_matches_per_sample_oracle_and_leaves_training_unchanged(shapes, tmp_path):
