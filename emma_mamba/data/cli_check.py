@@ -283,11 +283,12 @@ def run(args: argparse.Namespace) -> int:
     from emma_mamba.data.llava import DataError, check_data_paths, data_sources
     from emma_mamba.models.vlm import EmmaMamba
     from emma_mamba.training.cli_train import _overrides
-    from emma_mamba.training.config import load_run_config
+    from emma_mamba.training.config import load_run_config, resolve_chat_format
 
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_run_config(args.config, _overrides(args), model=args._model, override_source="command line")
+        resolve_chat_format(cfg)  # the data laid out as training will: in the model's chat format
         _check_output(args.report, "--report")
         if args.write_clean and any(Path(args.write_clean).resolve() == Path(s.json).resolve()
                                     for s in data_sources(cfg.data)):

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
+from emma_mamba.config import TURN_END, ChatConfig
 from emma_mamba.inference.generate import GenerationConfig, generate
 from emma_mamba.models.mamba import MambaLM
-from emma_mamba.config import TURN_END, ChatConfig
 from emma_mamba.models.vlm import EmmaMamba
 
 __all__ = ["ChatSession", "TurnStats", "model_fingerprint", "pending_tokens"]

@@ -31,19 +31,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, ModelConfig, apply_overrides,
-                               check_field_types, check_prompt_template, config_from_dict, config_to_dict, field_type,
-                               float_fields, get_preset, load_config, parse_cli_value, read_yaml_mapping,
-                               resolve_config_path, yaml_float)
+from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ChatConfig, ConfigError, ModelConfig,
+                               apply_overrides, check_field_types, check_prompt_template, config_from_dict,
+                               config_to_dict, field_type, float_fields, get_preset, load_config, parse_cli_value,
+                               read_yaml_mapping, resolve_config_path, yaml_float)
 
 __all__ = ["DataConfig", "LoraConfig", "TrainConfig", "ValConfig", "ParallelConfig", "CheckpointConfig", "LogConfig",
            "ProfileConfig", "RunConfig", "load_run_config", "run_config_from_dict", "save_run_config", "run_config_to_dict",
-           "parse_cli_value", "dotted_fields"]
+           "parse_cli_value", "dotted_fields", "resolve_chat_format"]
 
 
 @dataclass
@@ -588,6 +589,23 @@ def load_run_config(path: str | Path, overrides: dict | None = None, *, model: s
     path = resolve_config_path(path, "run config")
     return run_config_from_dict(read_yaml_mapping(path), source=str(path), overrides=overrides,
                                 override_source=override_source, base_dir=path.parent, model=model)
+
+
+def resolve_chat_format(cfg: RunConfig) -> None:
+    """One chat format for the run, which its data is laid out in and its model carries (``model.chat``, what
+    inference prompts with): ``data.prompt_template`` / ``turn_end`` / ``turn_sep`` when set to other than the
+    defaults, else the model's own (an ``init_from`` model's, or a model config's ``chat``)."""
+    d = cfg.data
+    asked = ChatConfig(d.prompt_template, d.turn_end, d.turn_sep)
+    if asked != ChatConfig():
+        if cfg.model.chat not in (ChatConfig(), asked):
+            logging.getLogger("emma_mamba.training").warning(
+                "data.prompt_template / turn_end / turn_sep differ from the model's chat format (%s): the run trains "
+                "on the data's, and the model it writes carries that", cfg.model.chat)
+        cfg.model.chat = asked
+    else:
+        d.prompt_template, d.turn_end, d.turn_sep = (cfg.model.chat.prompt_template, cfg.model.chat.turn_end,
+                                                     cfg.model.chat.turn_sep)
 
 
 def run_config_to_dict(cfg: RunConfig) -> dict:

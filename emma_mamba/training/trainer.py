@@ -53,7 +53,7 @@ from emma_mamba.fileio import text_lines
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir, write_failure)
-from emma_mamba.training.config import RunConfig, run_config_to_dict, save_run_config
+from emma_mamba.training.config import RunConfig, resolve_chat_format, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
 from emma_mamba.training.parallel import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
@@ -109,7 +109,7 @@ class Trainer:
                             f"{type(cfg).__name__}")
         cfg.model.validate("model")
         cfg.validate("the run config")
-        _resolve_chat_format(cfg)
+        resolve_chat_format(cfg)
         self.cfg = cfg
         self.info: DistInfo = init_distributed(device, cfg.parallel.timeout_minutes)
         try:
@@ -1169,24 +1169,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _resolve_chat_format(cfg: RunConfig) -> None:
-    """One chat format for the run, which its data is laid out in and its model carries (``model.chat``, what
-    inference prompts with): ``data.prompt_template`` / ``turn_end`` / ``turn_sep`` when set to other than the
-    defaults, else the model's own (an ``init_from`` model's, or a model config's ``chat``)."""
-    from emma_mamba.config import ChatConfig
-
-    d = cfg.data
-    asked = ChatConfig(d.prompt_template, d.turn_end, d.turn_sep)
-    if asked != ChatConfig():
-        if cfg.model.chat not in (ChatConfig(), asked):
-            log.warning("data.prompt_template / turn_end / turn_sep differ from the model's chat format (%s): the run "
-                        "trains on the data's, and the model it writes carries that", cfg.model.chat)
-        cfg.model.chat = asked
-    else:
-        d.prompt_template, d.turn_end, d.turn_sep = (cfg.model.chat.prompt_template, cfg.model.chat.turn_end,
-                                                     cfg.model.chat.turn_sep)
 
 
 def train(cfg: RunConfig, resume: str | None = None, device: str | None = None) -> Trainer:
