@@ -91,11 +91,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Sequence
 
+from emma_mamba.config import ChatConfig
 from emma_mamba.data.llava import chat_segments
 from emma_mamba.inference.chat import pending_tokens
 from emma_mamba.inference.batching import _END, BatchDecoder, DecodeJob, DecoderClosed, vlm_embed_batch
 from emma_mamba.inference.generate import SEED_MAX, SEED_MIN, GenerationConfig, output_vocab
-from emma_mamba.config import ChatConfig
 
 __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "cors_origin"]
 

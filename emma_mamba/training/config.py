@@ -285,8 +285,9 @@ class RunConfig:
     """torch.profiler traces of chosen training steps (off by default)."""
 
     def validate(self, source: str = "<config>") -> "RunConfig":
-        """Checks every field's type (a config built in code too) and the cross-field rules; returns self. The
-        model section is checked by its own :meth:`ModelConfig.validate` (``model.*`` paths)."""
+        """Checks every field's type (a config built in code too; the model section's types included) and the
+        run's cross-field rules; returns self. The model's own cross-field rules are :meth:`ModelConfig.validate`'s
+        (``model.*`` paths)."""
         def bad(msg):
             raise ConfigError(f"{source}: {msg}")
 
