@@ -177,10 +177,10 @@ class ChatSession:
         self._cache = res.cache
         final, reason = res.final_tokens[0], res.finish_reasons[0]
         # the last picked token is not in the state yet; an answer cut short still gets its end-of-turn token
-        # a chat format whose turn_end is a stop string (not EOS): stopped there, the answer ended on its own (when
-        # the user set no other stop string that could have been the one met)
+        # a chat format whose turn_end is a stop string (not EOS): stopped there, the answer ended on its own (a
+        # user's stop string met instead cut it short)
         ended = (reason == "stop" and self.chat.turn_end != TURN_END
-                 and list(self.config.stop_strings) == [self.chat.turn_end])
+                 and res.stop_strings_met[0] == self.chat.turn_end)
         self._pending = pending_tokens(final, reason, tok, self.chat.turn_end, ended)
         answer = res.texts[0]
         self.turns.append((question, answer))

@@ -150,6 +150,9 @@ class GenerationResult:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     """Batched decode forwards run (each produces one token for every unfinished prompt)."""
+    stop_strings_met: list[str | None] = field(default_factory=list)
+    """Per prompt: the stop string that ended it (reason "stop"; of several found in the same new text, the one
+    that starts first, and of those the longest), else None."""
     final_tokens: list[int | None] = field(default_factory=list)
     """Per prompt: the last token picked (the EOS when the reason is "eos"), which the model has not consumed;
     None when no token was picked (max_new_tokens = 0)."""
@@ -526,6 +529,7 @@ class _TextTracker:
         self.read_offset = 0
         self.emitted = 0
         self.stopped = False
+        self.met: str | None = None  # the stop string found
 
     def push(self, token: int) -> None:
         self.ids.append(token)
@@ -538,9 +542,10 @@ class _TextTracker:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             if self.stops:
                 start = max(0, old_len - self.max_stop + 1)
-                hits = [p for p in (self.text.find(s, start) for s in self.stops) if p >= 0]
+                hits = [(p, -len(s), s) for p, s in ((self.text.find(s, start), s) for s in self.stops) if p >= 0]
                 if hits:
-                    self.text = self.text[:min(hits)]
+                    pos, _, self.met = min(hits)
+                    self.text = self.text[:pos]
                     self.stopped = True
 
     def _held_back(self) -> int:
@@ -659,7 +664,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
 
     seqs = [_Sequence(cfg, tokenizer, streamer) for _ in range(B)]
     result = GenerationResult([q.tokens for q in seqs], None, ["length"] * B, prompt_lengths,
-                              final_tokens=[None] * B, cache=cache)
+                              stop_strings_met=[None] * B, final_tokens=[None] * B, cache=cache)
     if cfg.max_new_tokens == 0 and cache is None:
         result.texts = [""] * B if tokenizer is not None else None
         return result
@@ -718,6 +723,7 @@ def generate(lm, input_ids=None, inputs_embeds=None, attention_mask=None, config
         caller_cache.copy_(static.cache)
 
     result.finish_reasons = [q.reason for q in seqs]
+    result.stop_strings_met = [q.tracker.met if q.tracker is not None else None for q in seqs]
     result.final_tokens = [q.final for q in seqs]
     if tokenizer is not None:
         result.texts = [q.text() for q in seqs]

@@ -217,6 +217,49 @@ def test_a_session_speaks_the_models_chat_format(vlm):
     assert pending_tokens(7, "length", tok, "\n###") == [7] + tok.encode("\n###")
 
 
+def test_a_users_stop_string_met_before_the_turn_end_still_gets_it(vlm):
+    """A custom turn_end (a stop string) beside a stop string of the user's: the session appended no turn_end
+    whenever the user had stop strings of their own, or (had it assumed the turn_end) skipped it after the user's
+    string cut the answer. Which string was met (GenerationResult.stop_strings_met) decides: the user's cuts the
+    answer (turn_end appended to the state), the turn_end ends it (nothing appended)."""
+    from emma_mamba.config import ChatConfig
+
+    tok, n = vlm.tokenizer, 12
+    sampled = dict(max_new_tokens=n, temperature=1.0, seed=0)  # seeded: the same answer each time, and varied
+    free = ChatSession(vlm, IMAGE, config=GenerationConfig(**sampled))
+    text = free.ask(QUESTIONS[0])
+    # two pieces of the greedy answer that first occur where they are taken: an earlier and a later one
+    pieces = [(text.find(text[i:i + 2]), text[i:i + 2]) for i in range(len(text) - 1)]
+    pieces = sorted({p for p in pieces if p[1].strip() and text.find(p[1]) == p[0]})
+    if len(pieces) < 2:
+        pytest.skip(f"the random model's answer {text!r} has too few distinct pieces")
+    (_, early), (_, late) = pieces[0], pieces[-1]
+    old = vlm.config.chat
+    try:
+        for turn_end, user, want_ended in [(late, early, False), (early, late, True)]:
+            vlm.config.chat = ChatConfig(old.prompt_template, turn_end, old.turn_sep)
+            session = ChatSession(vlm, IMAGE, config=GenerationConfig(**sampled, stop_strings=[user]))
+            res_text = session.ask(QUESTIONS[0])
+            assert session.stats[0].finish_reason == "stop" and res_text == text[:text.find(early)]
+            pending = session._pending
+            want = [pending[0]] + ([] if want_ended else tok.encode(turn_end))
+            assert pending == want, (turn_end, user)
+    finally:
+        vlm.config.chat = old
+
+
+def test_generate_reports_which_stop_string_was_met(text_lm):
+    lm, tok = text_lm
+    free = generate(lm, input_ids=[[5, 6, 7], [8, 9]], config=GenerationConfig(max_new_tokens=10), tokenizer=tok)
+    stops = [t[2:4] for t in free.texts]
+    res = generate(lm, input_ids=[[5, 6, 7], [8, 9]], tokenizer=tok,
+                   config=GenerationConfig(max_new_tokens=10, stop_strings=stops))
+    for i, t in enumerate(free.texts):
+        first = min((t.find(s), -len(s), s) for s in stops if s in t)
+        assert res.finish_reasons[i] == "stop" and res.stop_strings_met[i] == first[2], (t, stops)
+    assert free.stop_strings_met == [None, None]
+
+
 def test_load_takes_a_dtype_by_name(vlm, tmp_path):
     """emma_mamba.load(dtype='bf16'), as the CLI's --dtype spells it: a string reached the vision tower's
     .to() and failed as "Invalid device string: 'bf16'"."""
