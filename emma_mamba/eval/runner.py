@@ -45,7 +45,10 @@ and writes, under ``out_dir``:
   ``{"question_id", "image", "prompt", "text"}``, which every scorer reads (POPE reads ``text``, VQAv2
   ``question_id``/``text``, GQA ``question_id``/``text``); for vqav2, gqa, textvqa and vizwiz also the official
   results list ``results.json`` (``[{"question_id", "answer"}]``, ``[{"questionId", "prediction"}]``,
-  ``[{"question_id", "answer"}]``, and VizWiz's submission format ``[{"image", "answer"}]``) once all are done;
+  ``[{"question_id", "answer"}]``, and VizWiz's submission format ``[{"image", "answer"}]``) once all are done,
+  its replies as LLaVA-1.5's submission scripts upload them: VQAv2's and VizWiz's after the EvalAI answer processor
+  (:func:`~emma_mamba.eval.vqa.normalize_textvqa`), GQA's lower-cased without a final period (the official GQA
+  script compares strings as they are), TextVQA's as given; the scores in ``metrics.json`` are of the same strings;
 * ``mme/<category>.txt`` (mme): the template lines with the model's reply appended as a 4th column (MME's
   eval_tool format);
 * ``metrics.json``: ``{"task", "checkpoint", "questions", "n_answered", "metrics", ...}`` from
@@ -127,7 +130,9 @@ from emma_mamba.eval.mmbench import (LETTERS, MC_PROMPT, MC_PROMPT_CN, mmbench_l
 from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
-from emma_mamba.eval.vqa import OCR_REFERENCE, textvqa_ocr_tokens, textvqa_records, textvqa_with_ocr, vizwiz_records
+from emma_mamba.eval.gqa import normalize_gqa
+from emma_mamba.eval.vqa import (OCR_REFERENCE, normalize_textvqa, textvqa_ocr_tokens, textvqa_records,
+                                 textvqa_with_ocr, vizwiz_records)
 from emma_mamba.fileio import is_jsonl, text_lines
 
 __all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
@@ -1040,12 +1045,17 @@ def _evaluate(model, prep: PreparedRun, out: Path, annotations, *, batch_size, c
     # ---- official results files and metrics
     if task in ("vqav2", "gqa", "textvqa", "vizwiz"):
         recs = list(_read_done_jsonl(answers_path).values())
-        if task in ("vqav2", "textvqa"):
+        # the replies as LLaVA-1.5's submission scripts upload them (answers.jsonl keeps them as given): VQAv2 and
+        # VizWiz after the EvalAI answer processor, GQA's stripped of a final period and lower-cased (its
+        # official eval.py compares strings as they are); TextVQA's evaluator processes both sides itself
+        if task == "vqav2":
+            res = [{"question_id": r["question_id"], "answer": normalize_textvqa(r["text"])} for r in recs]
+        elif task == "textvqa":
             res = [{"question_id": r["question_id"], "answer": r["text"]} for r in recs]
         elif task == "vizwiz":
-            res = [{"image": r["question_id"], "answer": r["text"]} for r in recs]
+            res = [{"image": r["question_id"], "answer": normalize_textvqa(r["text"])} for r in recs]
         else:
-            res = [{"questionId": r["question_id"], "prediction": r["text"]} for r in recs]
+            res = [{"questionId": r["question_id"], "prediction": normalize_gqa(r["text"])} for r in recs]
         (out / "results.json").write_text(json.dumps(res, ensure_ascii=False) + "\n", encoding="utf-8")
     metrics = None
     if annotations is not None:

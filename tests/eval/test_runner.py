@@ -110,6 +110,26 @@ def test_known_replies_give_hand_computed_metrics(shapes, tmp_path):
     assert all(c["acc"] == 100.0 and c["acc_plus"] == 100.0 for c in rep["metrics"]["categories"].values())
 
 
+def test_results_files_hold_the_replies_as_llava_uploads_them(shapes, tmp_path):
+    """results.json held the raw replies, though metrics.json scored them after LLaVA-1.5's pre-pass (the EvalAI
+    answer processor for VQAv2 / VizWiz, convert_gqa_for_eval's rstrip('.').lower() for GQA): an upload was
+    scored on other strings than ours. Expected strings by hand from the processor's rules (lower-case; commas and
+    '?' deleted; "'s" split off; number words to digits; articles dropped)."""
+    f = _files(shapes)
+    replies = ["Red,White.", "Two dogs", "The men's hat?", "YES"]
+    pick = lambda qs, ps: [replies[i % 4] for i, _ in enumerate(qs)]  # noqa: E731
+    evaluate(None, "vqav2", f["vqav2"], shapes / "images", tmp_path / "vqa", progress=False, answer_fn=pick)
+    got = [r["answer"] for r in json.loads((tmp_path / "vqa" / "results.json").read_text())]
+    want = ["redwhite", "2 dogs", "men 's hat", "yes"]
+    assert got == [want[i % 4] for i in range(len(got))]
+    raw = [json.loads(x)["text"] for x in (tmp_path / "vqa" / "answers.jsonl").read_text().splitlines()]
+    assert raw == [replies[i % 4] for i in range(len(raw))]  # the answers file keeps what the model said
+    evaluate(None, "gqa", f["gqa"], shapes / "images", tmp_path / "gqa", progress=False, answer_fn=pick)
+    got = [r["prediction"] for r in json.loads((tmp_path / "gqa" / "results.json").read_text())]
+    want = ["red,white", "two dogs", "the men's hat?", "yes"]
+    assert got == [want[i % 4] for i in range(len(got))]
+
+
 def test_prompts_follow_the_training_format(shapes, tmp_path):
     seen = {}
 
@@ -276,6 +296,7 @@ def test_textvqa_and_vizwiz_official_files_end_to_end(shapes, tmp_path):
                                          f"respond with 'Unanswerable'.\n{SHORT_ANSWER_PROMPT}")
     res = json.loads((tmp_path / "vz" / "results.json").read_text())
     assert {r["image"] for r in res} == {f"heldout/{imgs[0]}", f"heldout/{imgs[1]}"}  # the submission format
+    assert sorted(r["answer"] for r in res) == ["circle", "unanswerable"]  # as LLaVA-1.5 uploads them
     # the test split has no answers: answers are written, nothing is scored
     test = tmp_path / "test.json"
     test.write_text(json.dumps([{"image": f"heldout/{imgs[2]}", "question": "What colour?"}]))
