@@ -25,7 +25,10 @@ Reading a reply (:func:`parse_choice`): a leading option letter ("B", "B.", "(B)
 forms "（B）", "B。"), else "answer is B" / "Answer: B" (a lower-case letter only at the reply's end: "The answer
 is a dog." picks no option) or, in Chinese, "答案是B" / "答案：B" / "选项B" / "应选B", else a reply equal to exactly
 one option's text (case and surrounding punctuation ignored);
-anything else is unparsed and wrong. (MMBench's own evaluator falls back to a GPT judge for free-form
+anything else is unparsed and wrong. A reply that names another option letter beside the one found ("A or B",
+"B, C", "The answer is C or D", "B" then "C" on the next line) picks none, as MMBench's evaluator reads it
+(VLMEvalKit's ``can_infer_option`` infers a letter only when the reply names exactly one); the options' own texts
+are taken out before counting, and "A" followed by a lower-case word is the article ("B. A red car" picks B). (MMBench's own evaluator falls back to a GPT judge for free-form
 replies; with a short-answer prompt the rules above cover what a tuned model says.)
 
 Submission (:func:`mmbench_submission`, :func:`write_run_submission`): the test splits hold no answers; MMBench's
@@ -215,18 +218,43 @@ _ANSWER_IS = re.compile(r"(?i:(?:answer|option)(?:\s+is)?)\s*[:：]?\s*[\(\[]?(?
 _ANSWER_IS_CN = re.compile(r"(?:答案|选项|选择|应选|选)\s*(?:应该|应)?\s*(?:是|为)?\s*[:：]?\s*[\(\[（]?([A-H])(?![A-Za-z])")
 
 
+# an upper-case letter standing alone ("A or B", "答案是B"), not inside a word, a number or "A's"
+_STANDALONE = re.compile(r"(?<![A-Za-z0-9'’])([A-H])(?![A-Za-z0-9'’])")
+# "A" starting a phrase ("A red car") is the article, unless a conjunction follows it ("A or B", "A and C")
+_ARTICLE_A = re.compile(r"A\s+(?!(?:or|and|nor|vs|versus)\b)[a-z]")
+
+
+def _other_letters(reply: str, options: list[str], letter: str) -> set[str]:
+    """Option letters other than ``letter`` that ``reply`` names on their own, once the options' texts are taken
+    out of it (so that "B. A red car", option B being "A red car", names only B)."""
+    rest = reply
+    for o in sorted((o.strip() for o in options), key=len, reverse=True):
+        if len(o) > 1:
+            rest = re.sub(rf"(?<!\w){re.escape(o)}(?!\w)", " opt ", rest, flags=re.IGNORECASE)  # still a word
+    named = {m.group(1) for m in _STANDALONE.finditer(rest)
+             if not (m.group(1) == "A" and _ARTICLE_A.match(rest, m.start()))}
+    return (named & set(LETTERS[:len(options)])) - {letter}
+
+
 def parse_choice(reply: str, options: list[str]) -> str | None:
     """The letter a reply picks among ``options`` (shown as A, B, ...), or None (see the module docstring)."""
     k = len(options)
+    letter = None
     m = _LEAD.match(reply)
     if m and LETTERS.index(m.group(1)) < k:
-        return m.group(1)
-    m = _ANSWER_IS.search(reply)
-    if m and (m.group(1) or m.group(2)).upper() in LETTERS[:k]:
-        return (m.group(1) or m.group(2)).upper()
-    m = _ANSWER_IS_CN.search(reply)
-    if m and m.group(1) in LETTERS[:k]:
-        return m.group(1)
+        letter = m.group(1)
+    if letter is None:
+        m = _ANSWER_IS.search(reply)
+        if m and (m.group(1) or m.group(2)).upper() in LETTERS[:k]:
+            letter = (m.group(1) or m.group(2)).upper()
+    if letter is None:
+        m = _ANSWER_IS_CN.search(reply)
+        if m and m.group(1) in LETTERS[:k]:
+            letter = m.group(1)
+    if letter is not None:
+        # a reply naming another option letter too ("A or B", "B, C", "The answer is C or D") picks none, as
+        # MMBench's evaluator (VLMEvalKit's can_infer_option: exactly one letter) reads it
+        return None if _other_letters(reply, options, letter) else letter
     norm = lambda t: re.sub(r"[\s\.\,\!\?;:]+$", "", t.strip()).lower()  # noqa: E731
     hits = [LETTERS[i] for i, o in enumerate(options) if norm(o) == norm(reply)]
     return hits[0] if len(hits) == 1 else None

@@ -5,11 +5,12 @@ label "yes"/"no"; the answer file is JSON Lines with the model's reply under ``"
 ``"text"`` (LLaVA's ``model_vqa_loader`` output). Answers are matched to questions by ``question_id``; when no
 answer line carries one, by line order, as POPE's own ``evaluate.py`` does.
 
-A reply is read as yes/no like this: punctuation stripped and lower-cased, a reply whose first word is "yes"
-or "no" is that; any other reply follows POPE's rule on its first sentence: "no" if it contains the word
-"no" or "not", otherwise "yes" (POPE's rule is case-sensitive on "No"/"no"/"not"; here the match is
-case-insensitive and punctuation-proof, so "NO!" and "'No'" are a no). Replies decided by the fallback rule are counted
-in ``n_unparsed``. Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the ratio of
+A reply is read as yes/no by POPE's rule (its ``evaluate.py``, and LLaVA-1.5's ``eval_pope.py``): its first
+sentence (the text before the first period) is "no" if it holds the word "no" or "not", otherwise "yes"; so
+"Yes, there is no dog." is a no, as there. One difference: POPE's rule is case-sensitive on "No"/"no"/"not"
+and splits words on spaces after deleting commas; here words are matched lower-cased and split on any
+punctuation, so "NO!", "'No'" and "No-one" are a no ("NO!" is a yes there). Replies that do not start with the
+word "yes" or "no" are counted in ``n_unparsed`` (the rule decided them from their wording). Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the ratio of
 "yes" predictions (an unbiased model is near 0.5 on POPE's balanced files); precision (recall) is 0 when there
 is no positive prediction (label).
 """
@@ -30,13 +31,11 @@ def _words(text: str) -> list[str]:
 
 
 def yes_no(reply: str) -> tuple[bool, bool]:
-    """(is_yes, parsed): parsed is False when the reply did not start with yes/no and POPE's fallback decided."""
-    first_sentence = reply.split(".")[0]
+    """(is_yes, parsed): POPE's rule on the first sentence; parsed is False when the reply did not start with the
+    word yes or no."""
     words = _words(reply)
-    if words and words[0] in ("yes", "no"):
-        return words[0] == "yes", True
-    fs_words = _words(first_sentence)
-    return not any(w in ("no", "not") for w in fs_words), False
+    is_yes = not any(w in ("no", "not") for w in _words(reply.split(".")[0]))
+    return is_yes, bool(words) and words[0] in ("yes", "no")
 
 
 def pope_metrics(labels: list[bool], preds: list[bool]) -> dict:

@@ -7,7 +7,10 @@ the images folder (the official layout), or ``<pid>/<image>``.
 
 Prompt (LLaVA-1.5's ScienceQA evaluation): ``Context: <hint>`` (only when there is one), the question, the
 lettered choices, then "Answer with the option's letter from the given choices directly."; replies are read
-by :func:`emma_mamba.eval.mmbench.parse_choice` (a letter, or exactly one choice's text).
+by :func:`emma_mamba.eval.mmbench.parse_choice` (a letter, or exactly one choice's text). LLaVA-1.5's own scorer
+(``eval_science_qa.py``) reads "B", "B. ..." and "The answer is B." and picks a random choice for any other
+reply (1/k expected credit); here such a reply is wrong unless ``parse_choice`` reads it ("(B)", the choice's
+text), so scores differ only on replies that are not a bare letter.
 
 Score: accuracy overall, per subject (natural / social / language science) and per grade band (1-6, 7-12),
 as ScienceQA reports; the split scored is the one of the answered questions.

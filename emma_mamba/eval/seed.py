@@ -6,7 +6,9 @@ File: the official ``SEED-Bench.json``: ``{"questions": [{"question_id", "questi
 video dimensions need frames, not one image); images are ``data_id`` under the images folder.
 
 Prompt (LLaVA-1.5's SEED evaluation): the question, the lettered choices, then "Answer with the option's letter
-from the given choices directly."; replies are read by :func:`emma_mamba.eval.mmbench.parse_choice`.
+from the given choices directly."; replies are read by :func:`emma_mamba.eval.mmbench.parse_choice`. LLaVA-1.5's
+own scorer (``convert_seed_for_submission.py``) credits only a reply equal to the letter, so a reply such as "(A)",
+"A. a dog" or the option's text scores here and not there; on bare-letter replies the two agree.
 """
 
 from __future__ import annotations

@@ -69,6 +69,32 @@ def test_parse_choice(reply, want):
     assert parse_choice(reply, ["circle", "square", "star"]) == want
 
 
+@pytest.mark.parametrize("reply, want", [
+    # naming two options picks none (VLMEvalKit's can_infer_option needs exactly one letter); these picked the first
+    ("A or B", None), ("B, C", None), ("A B", None), ("The answer is C or A", None), ("Answer: B or C", None),
+    ("B\nC", None), ("A and C", None), ("答案是B或C", None), ("B - the circle, not A", None),
+    # one letter, with the option's text or the article "A" beside it, still picks it
+    ("B. A red square", "B"), ("A. A circle", "A"), ("C) star", "C"), ("The answer is B, a square.", "B"),
+    ("B. A square, not a circle", "B"),
+])
+def test_parse_choice_refuses_a_reply_naming_two_options(reply, want):
+    assert parse_choice(reply, ["circle", "square", "star"]) == want
+
+
+def test_parse_choice_takes_the_options_texts_out_before_counting_letters():
+    assert parse_choice("B. A red square", ["circle", "A red square", "star"]) == "B"
+    assert parse_choice("C or D", ["circle", "square", "star"]) == "C"  # D is no option here
+
+
+def test_a_model_naming_two_options_every_round_scores_nothing(tmp_path):
+    """Circular evaluation of a model that hedges "<right> or <other>" in every round: accuracy 1.0 before (the
+    first letter was credited), 0 with every reply unparsed."""
+    tsv = write_tsv(tmp_path / "MMBench_DEV_EN.tsv", ROWS[:1])  # options red (A, correct), green
+    ans = _answers(tmp_path, {"5/0": "A or B", "5/1": "B or A"})
+    m = score_mmbench(ans, tsv)
+    assert m["accuracy"] == 0.0 and m["n_unparsed_replies"] == 2
+
+
 def _answers(tmp_path, replies: dict):
     p = tmp_path / "answers.jsonl"
     p.write_text("".join(json.dumps({"question_id": k, "text": v}) + "\n" for k, v in replies.items()))

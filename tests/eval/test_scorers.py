@@ -305,6 +305,23 @@ def test_pope_yes_no_reading():
         [(False, True), (True, True), (False, True), (True, False)]
 
 
+@pytest.mark.parametrize("reply, want", [
+    # POPE's evaluate.py / LLaVA's eval_pope.py: the first sentence holds "no" or "not" -> no, even after "Yes"
+    # (these were read as yes by a first-word rule)
+    ("Yes, there is no dog.", False), ("Yes, but it is not clear.", False), ("yes, no", False),
+    ("Yes it is not", False),
+    ("Yes. There is no dog.", True), ("Yes, there is a dog.", True), ("No", False), ("Yes", True),
+])
+def test_pope_reads_the_first_sentence_as_pope_does(reply, want):
+    def official(text):  # POPE's / LLaVA-1.5's rule, written from their scripts
+        if text.find(".") != -1:
+            text = text.split(".")[0]
+        words = text.replace(",", "").split(" ")
+        return not ("No" in words or "not" in words or "no" in words)
+    assert official(reply) == want
+    assert yes_no(reply)[0] == want
+
+
 def test_pope_file_by_hand(tmp_path):
     q = write_jsonl(tmp_path / "coco_pope_random.jsonl", POPE_QUESTIONS)
     a = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": i + 1, "text": r}
