@@ -49,7 +49,8 @@ __all__ = ["GROUNDING_PROMPT", "FRAMES", "CLUTTER", "refcoco_records", "ocidref_
 FRAMES = ("image", "square")
 CLUTTER = ("minimum", "medium", "maximum")
 """OCID-Ref's clutter levels, by a scene's take_id: 0-9, 10-16, 17-20."""
-_BOX = re.compile(r"\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*\]")
+# a trailing comma is Python's literal syntax too (Prismatic's literal_eval reads "[0.1, 0.2, 0.5, 0.6,]")
+_BOX = re.compile(r"\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,?\s*\]")
 
 
 def refcoco_prompt(sentence: str) -> str:
@@ -185,9 +186,9 @@ def to_frame(bbox_xywh: list[float], width: float, height: float, frame: str) ->
     x, y, w, h = bbox_xywh
     if frame == "image":
         return [x / width, y / height, (x + w) / width, (y + h) / height]
-    if frame == "square":  # centred in a side x side square (LLaVA-1.5's expand2square)
-        side = max(width, height)
-        ox, oy = (side - width) / 2, (side - height) / 2
+    if frame == "square":  # pasted into a side x side square as LLaVA-1.5's expand2square (and our letterbox) does:
+        side = max(width, height)  # at the whole-pixel offset (side - w) // 2
+        ox, oy = (side - width) // 2, (side - height) // 2
         return [(x + ox) / side, (y + oy) / side, (x + w + ox) / side, (y + h + oy) / side]
     raise ValueError(f"box frame must be one of {FRAMES}, got {frame!r}")
 

@@ -32,6 +32,28 @@ def test_boxes_frames_and_iou_by_hand():
     # centred in a 200 x 200 square: y shifted by 50
     assert to_frame([50, 25, 100, 50], 200, 100, "square") == [0.25, 0.375, 0.75, 0.625]
     assert iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+    assert parse_box("[0.1, 0.2, 0.5, 0.6,]", whole=True) == [0.1, 0.2, 0.5, 0.6]  # literal_eval reads it
+
+
+@pytest.mark.parametrize("size", [(139, 182), (182, 139), (100, 101), (64, 48)])
+def test_square_frame_is_where_the_letterbox_pastes_the_box(size):
+    """The square frame's box must be where the letterboxed image (pad_to_square, LLaVA-1.5's expand2square) has
+    it: the paste is at the whole pixel (side - w) // 2; the frame used (side - w) / 2, half a pixel off for an odd
+    padding (2-decimal truths moved by 0.01). Oracle: the box's pixels found in the padded image."""
+    import numpy as np
+    from PIL import Image
+
+    from emma_mamba.models.vision import pad_to_square
+
+    w, h = size
+    x, y, bw, bh = 13, 17, 29, 23
+    a = np.zeros((h, w, 3), np.uint8)
+    a[y:y + bh, x:x + bw] = 255
+    sq = np.asarray(pad_to_square(Image.fromarray(a), (0, 0, 0)))
+    ys, xs = np.nonzero(sq[..., 0])
+    side = sq.shape[0]
+    want = [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side]
+    assert to_frame([x, y, bw, bh], w, h, "square") == pytest.approx(want, abs=1e-12)
     assert iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0 and iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
 
 
