@@ -12,13 +12,23 @@ class ScoreInputError(ValueError):
     """A scorer input file is missing, malformed, or does not match its annotations."""
 
 
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a file that is not UTF-8 is named with the first byte at fault."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ScoreInputError(f"{path}: line {line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at byte "
+                              f"offset {e.start}); expected the {what} file in UTF-8") from None
+
+
 def load_json(path: str | Path, what: str):
     """The parsed JSON document at ``path`` (``what`` names the file's role in error messages)."""
     p = Path(path)
     if not p.is_file():
         raise ScoreInputError(f"{what} file {p} does not exist")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return json.loads(read_text(p, what))
     except json.JSONDecodeError as e:
         raise ScoreInputError(f"{p}: {json_position(e)}: not valid JSON ({e.msg}); expected the {what} "
                               f"file") from None
@@ -38,7 +48,7 @@ def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
     p = Path(path)
     if not p.is_file():
         raise ScoreInputError(f"{what} file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, what)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
@@ -65,13 +75,29 @@ def load_records(path: str | Path, what: str) -> list[tuple[str, dict]]:
     return out
 
 
+_ID_KEYS = frozenset(("question_id", "questionId", "id", "image", "index"))
+
+
 def require(rec: dict, keys: tuple[str, ...], path, loc: str, what: str):
     """The value of the first of ``keys`` present in ``rec``; a clear error naming file and line otherwise."""
     for k in keys:
         if k in rec:
-            return rec[k]
+            v = rec[k]
+            if k in _ID_KEYS and isinstance(v, (list, dict)):  # an id is looked up and compared
+                raise ScoreInputError(f"{path}: {loc}: {what} record's {k!r} must be a string or a number, got "
+                                      f"{type(v).__name__} {json.dumps(v)[:60]}")
+            return v
     names = " or ".join(repr(k) for k in keys)
     raise ScoreInputError(f"{path}: {loc}: {what} record has no {names} field (keys: {sorted(rec)})")
+
+
+def label(value, path, loc: str, what: str):
+    """A record's grouping value (a question type, subject, ...): a string or a number (or None: absent); a list or
+    an object is refused naming the record (it cannot key a per-group mean)."""
+    if isinstance(value, (list, dict)):
+        raise ScoreInputError(f"{path}: {loc}: {what} must be a string or a number, got {type(value).__name__} "
+                              f"{json.dumps(value)[:60]}")
+    return value
 
 
 def match_answers(answers: list[tuple[str, object, str]], gold_ids: list, answers_path, gold_path,

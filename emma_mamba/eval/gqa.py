@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 
 
 def normalize_gqa(answer: str) -> str:
@@ -45,7 +45,10 @@ def score_gqa(answers: str | Path, questions: str | Path, allow_missing: bool = 
         if not isinstance(ans, str):
             raise ScoreInputError(f"{questions}: {loc}: 'answer' must be a string, got {ans!r}")
         types = q.get("types") or {}
-        gold[str(qid)] = (normalize_gqa(ans), types if isinstance(types, dict) else {})
+        types = types if isinstance(types, dict) else {}
+        for k in ("structural", "semantic"):
+            label(types.get(k), questions, loc, f"'types.{k}'")
+        gold[str(qid)] = (normalize_gqa(ans), types)
     rows = [(loc, str(require(rec, ("questionId", "question_id"), answers, loc, "GQA prediction")),
              require(rec, ("prediction", "answer", "text"), answers, loc, "GQA prediction"))
             for loc, rec in load_records(answers, "GQA predictions")]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from emma_mamba.eval._io import ScoreInputError
+from emma_mamba.eval._io import ScoreInputError, read_text
 from emma_mamba.fileio import text_lines
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -57,7 +57,7 @@ def _category_files(path: Path, what: str) -> dict[str, Path]:
 
 def _read_lines(p: Path, ncols: int) -> list[tuple[int, list[str]]]:
     out = []
-    for n, line in enumerate(text_lines(p.read_text(encoding="utf-8")), 1):
+    for n, line in enumerate(text_lines(read_text(p, "MME")), 1):
         if not line.strip():
             continue
         cols = line.split("\t", ncols - 1)  # the model's answer (last column) may itself contain tabs

@@ -80,7 +80,8 @@ def score_pope(answers: str | Path, questions: str | Path, allow_missing: bool =
         for (loc, rec), has in zip(arecs, with_id):
             if not has:
                 raise ScoreInputError(f"{answers}: {loc}: answer has no 'question_id' (other lines do)")
-            rows.append((loc, rec["question_id"], require(rec, ("answer", "text"), answers, loc, "POPE answer")))
+            rows.append((loc, require(rec, ("question_id",), answers, loc, "POPE answer"),
+                         require(rec, ("answer", "text"), answers, loc, "POPE answer")))
     got = match_answers(rows, list(gold), answers, questions, allow_missing)
     if not got:
         raise ScoreInputError(f"{answers}: no answers to score")

@@ -41,7 +41,7 @@ import re
 from pathlib import Path
 
 from emma_mamba.data.shapes import GROUNDING_PROMPT  # LLaVA-1.5's, as ShapesWorld's grounding turns write it
-from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 
 __all__ = ["GROUNDING_PROMPT", "FRAMES", "CLUTTER", "refcoco_records", "ocidref_records", "refcoco_prompt",
            "parse_box", "to_frame", "iou", "score_refcoco", "score_ocidref"]
@@ -107,7 +107,12 @@ def refcoco_records(path: str | Path, split: str | None = "val") -> list[tuple[s
                     and box[2] > 0 and box[3] > 0):
                 raise ScoreInputError(f"{p}: {loc}: bbox must be [x, y, width, height] in pixels with a positive "
                                       f"size, got {box!r}")
-            out.append((loc, {"question_id": rec.get("question_id", i), "image": str(require(rec, ("image",), p, loc,
+            for k in ("width", "height"):
+                if rec.get(k) is not None and not (isinstance(rec[k], (int, float)) and not isinstance(rec[k], bool)
+                                                   and rec[k] > 0):
+                    raise ScoreInputError(f"{p}: {loc}: {k} must be a positive number of pixels, got {rec[k]!r}")
+            out.append((loc, {"question_id": label(rec.get("question_id", i), p, loc, "'question_id'"),
+                              "image": str(require(rec, ("image",), p, loc,
                                                                                                "RefCOCO")),
                               "sentence": str(require(rec, ("sentence", "expression", "sent"), p, loc, "RefCOCO")),
                               "bbox": [float(v) for v in box], "width": rec.get("width"),
@@ -225,7 +230,11 @@ def _score_boxes(answers, annotations, records, threshold: float, allow_missing:
         frame = rec.get("box_frame", "image")
         if frame not in FRAMES:
             raise ScoreInputError(f"{answers}: {loc}: box_frame must be one of {list(FRAMES)}, got {frame!r}")
-        meta[qid] = (frame, rec.get("image_size"))
+        size = rec.get("image_size")
+        if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ScoreInputError(f"{answers}: {loc}: image_size must be [width, height] in pixels, got {size!r}")
+        meta[qid] = (frame, size)
     splits = {every[q]["split"] for _, q, _ in rows if q in every}
     if len(splits) > 1:
         raise ScoreInputError(f"{answers}: answers span the splits {sorted(map(str, splits))}; score one at a time")

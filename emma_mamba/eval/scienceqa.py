@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import LETTERS, parse_choice
 
 __all__ = ["scienceqa_problems", "scienceqa_prompt", "scienceqa_image", "score_scienceqa"]
@@ -38,6 +38,8 @@ def scienceqa_problems(path: str | Path, split: str | None = "test") -> dict[str
         loc = f"problem {pid!r}"
         if not isinstance(rec, dict):
             raise ScoreInputError(f"{path}: {loc}: expected a JSON object")
+        for k in ("split", "subject", "grade"):
+            label(rec.get(k), path, loc, repr(k))
         if not rec.get("image") or (split is not None and rec.get("split") != split):
             continue
         choices = require(rec, ("choices",), path, loc, "ScienceQA problem")

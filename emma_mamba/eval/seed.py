@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import LETTERS, parse_choice
 
 __all__ = ["seed_questions", "seed_prompt", "score_seed"]
@@ -27,9 +27,13 @@ def seed_questions(path: str | Path) -> tuple[list[tuple[str, dict]], dict[int, 
     doc = load_json(path, "SEED-Bench")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
         raise ScoreInputError(f"{path}: expected a JSON object with a 'questions' list (SEED-Bench.json)")
+    qtypes = doc.get("question_type") or {}
+    if not isinstance(qtypes, dict):
+        raise ScoreInputError(f"{path}: 'question_type' must be an object {{name: id}} (SEED-Bench.json), got "
+                              f"{type(qtypes).__name__}")
     types = {}
-    for name, tid in (doc.get("question_type") or {}).items():
-        types[tid] = name
+    for name, tid in qtypes.items():
+        types[label(tid, path, f"question_type[{name!r}]", "the type id")] = name
     out = []
     for i, rec in enumerate(doc["questions"]):
         loc = f"questions[{i}]"
@@ -41,6 +45,7 @@ def seed_questions(path: str | Path) -> tuple[list[tuple[str, dict]], dict[int, 
             require(rec, (k,), path, loc, "SEED-Bench question")
         if "answer" in rec and rec["answer"] not in LETTERS[:4]:
             raise ScoreInputError(f"{path}: {loc}: answer {rec['answer']!r} is not one of A, B, C, D")
+        label(rec.get("question_type_id"), path, loc, "'question_type_id'")
         out.append((loc, rec))
     if not out:
         raise ScoreInputError(f"{path}: no image questions (data_type 'image')")

@@ -23,7 +23,8 @@ scripts (``convert_vqav2_for_submission.py``, ``convert_vizwiz_for_submission.py
 the evaluation server sees it: the EvalAI answer processor of :func:`normalize_textvqa` (lower-cased, commas and
 question marks deleted, "'s" split off its word), so a reply is scored as LLaVA-1.5's published numbers scored
 it ("red,white" -> "redwhite", "men's" -> "men 's": both then miss human answers that the
-plain rules would match; the server's rules, run again after the processor, leave its output unchanged). One deliberate difference is on the human side:
+plain rules would match; the server's rules, run again after the processor, leave its output unchanged, but
+for a reply holding more than 32 periods, whose later periods the count of step 3 spares). One deliberate difference is on the human side:
 the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only when they
 are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
 applies nothing. Here the human answers get every step too, so "Two" or "the dog" written by a human matches
@@ -41,7 +42,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from emma_mamba.eval._io import ScoreInputError, load_json, load_records, match_answers, require
+from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!")
@@ -188,7 +189,8 @@ def score_vqav2(answers: str | Path, annotations: str | Path, allow_missing: boo
             raise ScoreInputError(f"{annotations}: {loc}: expected a JSON object")
         qid = require(ann, ("question_id",), annotations, loc, "VQAv2 annotation")
         humans = _human_answers(require(ann, ("answers",), annotations, loc, "VQAv2 annotation"), annotations, loc)
-        _gold_entry(gold, qid, (humans, ann.get("answer_type", "unknown"), ann.get("question_type", "unknown")),
+        _gold_entry(gold, qid, (humans, label(ann.get("answer_type", "unknown"), annotations, loc, "'answer_type'"),
+                                label(ann.get("question_type", "unknown"), annotations, loc, "'question_type'")),
                     annotations, loc)
     rows = [(loc, require(rec, ("question_id",), answers, loc, "VQAv2 result"),
              require(rec, ("answer", "text"), answers, loc, "VQAv2 result"))
@@ -299,7 +301,8 @@ def score_vizwiz(answers: str | Path, annotations: str | Path, allow_missing: bo
         image = require(rec, ("image",), annotations, loc, "VizWiz annotation")
         humans = _human_answers(require(rec, ("answers",), annotations, loc, "VizWiz annotation"), annotations, loc)
         answerable = {1: "answerable", 0: "unanswerable"}.get(rec.get("answerable"), "unknown")
-        _gold_entry(gold, image, (humans, rec.get("answer_type", "unknown"), answerable), annotations, loc)
+        _gold_entry(gold, image, (humans, label(rec.get("answer_type", "unknown"), annotations, loc, "'answer_type'"),
+                                  answerable), annotations, loc)
     rows = [(loc, require(rec, ("question_id", "image"), answers, loc, "VizWiz result"),
              require(rec, ("answer", "text"), answers, loc, "VizWiz result"))
             for loc, rec in load_records(answers, "VizWiz results")]

@@ -524,3 +524,73 @@ def test_summary_lines_by_hand():
                             "fp": 0, "tn": 2, "fn": 0, "n_unparsed": 0, "n_missing": 838})
     assert pope.splitlines()[-1] == ("  (838 questions of the annotations were not answered (--limit, or a subset of "
                                      "the questions) and are left out of the scores)")
+
+
+# ------------------------------------------------------------------------------------- malformed files, named
+
+_SEEDQ = {"question_id": "1", "question": "q", "choice_a": "a", "choice_b": "b", "choice_c": "c", "choice_d": "d",
+          "data_id": "x.jpg", "answer": "A"}
+_REF = {"question_id": 0, "image": "x.jpg", "sentence": "s", "bbox": [10, 10, 50, 50], "width": 100, "height": 100}
+_MALFORMED = {  # task: (answers, annotations, the message's file, its record and what it says); these were
+    # tracebacks (an unhashable id or type, a string size, a byte that is not UTF-8) before
+    "pope answer id": ("pope", [{"question_id": [1], "text": "yes"}], [{"question_id": 1, "label": "yes"}],
+                       "answers", "line 1", "'question_id' must be a string or a number, got list"),
+    "pope question id": ("pope", [{"question_id": 1, "text": "yes"}], [{"question_id": [1], "label": "yes"}],
+                         "annotations", "line 1", "'question_id' must be a string or a number, got list"),
+    "pope not utf-8": ("pope", b'{"question_id": 1, "text": "oui \xe9"}\n', [{"question_id": 1, "label": "yes"}],
+                       "answers", "line 1", "not UTF-8 text (byte b'\\xe9' at byte offset 32)"),
+    "vqav2 result id": ("vqav2", [{"question_id": {"id": 1}, "answer": "yes"}],
+                        {"annotations": [{"question_id": 1, "answers": [{"answer": "yes"}] * 10}]},
+                        "answers", "line 1", "'question_id' must be a string or a number, got dict"),
+    "vqav2 answer_type": ("vqav2", [{"question_id": 1, "answer": "yes"}],
+                          {"annotations": [{"question_id": 1, "answers": [{"answer": "yes"}] * 10,
+                                            "answer_type": ["yes/no"]}]},
+                          "annotations", "annotations[0]", "'answer_type' must be a string or a number, got list"),
+    "gqa structural": ("gqa", [{"questionId": "1", "prediction": "yes"}],
+                       {"1": {"answer": "yes", "types": {"structural": ["verify"]}}},
+                       "annotations", "question '1'", "'types.structural' must be a string or a number"),
+    "refcoco image_size": ("refcoco", [{"question_id": 0, "text": "[0.1, 0.1, 0.6, 0.6]", "image_size": "100x100"}],
+                           [_REF], "answers", "line 1", "image_size must be [width, height] in pixels, got '100x100'"),
+    "refcoco width": ("refcoco", [{"question_id": 0, "text": "[0.1, 0.1, 0.6, 0.6]"}], [{**_REF, "width": "100"}],
+                      "annotations", "record 1", "width must be a positive number of pixels, got '100'"),
+    "seed type id": ("seed", [{"question_id": "1", "text": "A"}],
+                     {"questions": [{**_SEEDQ, "question_type_id": [1]}], "question_type": {"Scene": 1}},
+                     "annotations", "questions[0]", "'question_type_id' must be a string or a number, got list"),
+    "seed types": ("seed", [{"question_id": "1", "text": "A"}],
+                   {"questions": [{**_SEEDQ, "question_type_id": 1}], "question_type": [["Scene", 1]]},
+                   "annotations", "", "'question_type' must be an object {name: id}"),
+    "scienceqa subject": ("scienceqa", [{"question_id": "5", "text": "A"}],
+                          {"5": {"question": "q", "choices": ["a", "b"], "answer": 0, "image": "i.png",
+                                 "split": "test", "subject": ["natural science"]}},
+                          "annotations", "problem '5'", "'subject' must be a string or a number, got list"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_files_are_named_with_their_record(case, tmp_path):
+    task, answers, annotations, which, loc, says = _MALFORMED[case]
+
+    def put(name, content):
+        p = tmp_path / name
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        elif name.endswith(".jsonl"):
+            write_jsonl(p, content)
+        else:
+            p.write_text(json.dumps(content))
+        return p
+
+    a = put("answers.jsonl", answers)
+    g = put("annotations.jsonl" if isinstance(annotations, list) and task != "refcoco" else "annotations.json",
+            annotations)
+    with pytest.raises(ScoreInputError) as e:
+        score(task, a, g)
+    msg = str(e.value)
+    assert msg.startswith(f"{a if which == 'answers' else g}: {loc}" if loc else str(g)) and says in msg, msg
+
+
+def test_an_mme_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "mme").mkdir()
+    (tmp_path / "mme" / "existence.txt").write_bytes(b"a.jpg\tq1\tYes\tyes\xff\na.jpg\tq2\tNo\tno\n")
+    with pytest.raises(ScoreInputError, match=r"existence\.txt: line 1: not UTF-8 text \(byte b'\\xff'"):
+        score("mme", tmp_path / "mme", None)
