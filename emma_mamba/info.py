@@ -149,6 +149,7 @@ def lm_folder_message(path) -> str:
     import torch
 
     from emma_mamba.models.mamba import CheckpointError, MambaLM, config_from_dir
+    from emma_mamba.models.vlm import lm_match_fields
 
     head = (f"--config {path} is a language-model folder (config.json), not an EMMA-Mamba model config, "
             f"training recipe or checkpoint")
@@ -158,11 +159,18 @@ def lm_folder_message(path) -> str:
         return f"{head}, and it does not read as a Mamba LM: {e}"
     model = MambaLM(lm, device=torch.device("meta"))
     n = sum(p.numel() for p in model.parameters())  # (a tied head counted once, as parameters() yields it)
-    names = ["ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand"]
-    names += ["headdim", "ngroups"] if lm.ssm_layer == "mamba2" else []
-    names += ["vocab_size", "pad_vocab_size_multiple", "tie_embeddings"]
-    values = {k: getattr(lm, k) for k in names}
-    opts = " ".join(f"--model.lm.{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
+    values = {k: getattr(lm, k) for k in lm_match_fields(lm)}
+    if lm.ssm_layer != "mamba2":
+        values["dt_rank"] = lm.resolved_dt_rank
+    def word(v):  # as YAML reads it back: true / false, and a float with a point ("1.0e-05", not "1e-05": a string)
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float):
+            mant, _, exp = repr(v).partition("e")
+            return f"{mant if '.' in mant else mant + '.0'}{'e' + exp if exp else ''}"
+        return v
+
+    opts = " ".join(f"--model.lm.{k} {word(v)}" for k, v in values.items())
     kind = "Mamba-2" if lm.ssm_layer == "mamba2" else "Mamba"
     return (f"{head}: a {kind} LM ({layout} layout), d_model {lm.d_model} x {lm.n_layer} layers, {_fmt(n)} "
             f"parameters. An EMMA-Mamba model takes it as --model.lm.pretrained {path} with its shape: {opts}")

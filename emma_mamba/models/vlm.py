@@ -622,14 +622,33 @@ def _mamba_config(config: ModelConfig, MambaConfig):
         raise ConfigError(f"lm: {e}") from None
 
 
+def lm_match_fields(lm) -> tuple[str, ...]:
+    """The fields of an LM config (``lm``: a MambaConfig) that a model config must state as the checkpoint has them
+    for an EMMA-Mamba model to take it as ``lm.pretrained``: what a saved model is rebuilt from (``config.yaml``'s
+    ``lm``), so every one that changes the network, its shape or its numbers. Mamba-1: dt_rank; Mamba-2: headdim
+    and ngroups (a Mamba-1 checkpoint's headdim / ngroups are only defaults, a Mamba-2 mixer has no dt_rank)."""
+    per_kind = ("headdim", "ngroups") if lm.ssm_layer == "mamba2" else ("dt_rank",)
+    return (("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand") + per_kind
+            + ("vocab_size", "pad_vocab_size_multiple", "tie_embeddings", "conv_bias", "bias", "rms_norm_eps",
+               "residual_in_fp32"))
+
+
 def _check_lm_matches(got, want, path) -> None:
-    """Every shape field in which the checkpoint's LM (``got``) differs from the config's (``want``), named in one
-    error by the config keys that set it (the vocabulary's rows are lm.vocab_size rounded up to a multiple of
-    lm.pad_vocab_size_multiple, which are what a config can say)."""
-    names = ("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand", "padded_vocab_size", "tie_embeddings")
-    mamba2 = got.ssm_layer == "mamba2"  # (a Mamba-1 checkpoint's headdim / ngroups are only defaults)
+    """Every field of :func:`lm_match_fields` in which the checkpoint's LM (``got``) differs from the config's
+    (``want``), named in one error by the config keys that set it (the vocabulary's rows are lm.vocab_size rounded
+    up to a multiple of lm.pad_vocab_size_multiple, which are what a config can say; dt_rank compared resolved,
+    "auto" being ceil(d_model / 16)). A difference the load let through was built from the checkpoint's own
+    config.json but saved with the model config's, so the saved model failed to load or loaded as another
+    network."""
+    names = [n for n in lm_match_fields(got) if n not in ("vocab_size", "pad_vocab_size_multiple")]
+    names.insert(names.index("tie_embeddings"), "padded_vocab_size")
     bad = []
-    for name in names + (("headdim", "ngroups") if mamba2 else ()):
+    for name in names:
+        if name == "dt_rank":
+            if got.resolved_dt_rank != want.resolved_dt_rank:
+                shown = f"{want.dt_rank} ({want.resolved_dt_rank})" if want.dt_rank == "auto" else want.dt_rank
+                bad.append(f"the checkpoint has dt_rank={got.resolved_dt_rank} but the config says lm.dt_rank={shown}")
+            continue
         if getattr(got, name) == getattr(want, name):
             continue
         if name == "padded_vocab_size":

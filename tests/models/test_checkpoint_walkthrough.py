@@ -233,3 +233,43 @@ def test_generate_lm_on_a_hf_folder_continues_as_transformers_greedy(tmp_path, c
     out = capsys.readouterr()
     assert "shipped GPT-NeoX-20B tokenizer" in out.err
     assert out.out == prompt + tok.decode([t for t in want if t != tok.eos_token_id]) + "\n"
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(time_step_rank=7), "dt_rank=7 but the config says lm.dt_rank=auto (2)"),
+    (dict(use_bias=True), "bias=True but the config says lm.bias=False"),
+    (dict(use_conv_bias=False), "conv_bias=False but the config says lm.conv_bias=True"),
+    (dict(layer_norm_epsilon=0.1), "rms_norm_eps=0.1 but the config says lm.rms_norm_eps=1e-05"),
+    (dict(residual_in_fp32=False), "residual_in_fp32=False but the config says lm.residual_in_fp32=True"),
+], ids=["dt_rank", "bias", "conv_bias", "eps", "residual_in_fp32"])
+def test_lm_pretrained_differing_in_a_non_shape_field_is_refused_and_info_says_what_takes_it(tmp_path, capsys, kw,
+                                                                                             says):
+    """Defect: lm.pretrained was compared with the model config on its shape only; an LM differing in dt_rank,
+    bias, conv_bias, rms_norm_eps or residual_in_fp32 was taken (built from its own config.json), and the model
+    saved with the config's values then failed to load (dt_rank, biases) or loaded as another network (eps,
+    residual_in_fp32: logits off by up to 4.7). Now refused naming the field; `info --config DIR` lists the option
+    that takes it, and with its options the model builds, its LM is transformers', and its save reloads the same."""
+    import re
+
+    import yaml
+
+    from emma_mamba.config import ConfigError, get_preset
+    from emma_mamba.models.vlm import EmmaMamba, load
+
+    hf = _hf_mamba(vocab_size=50280, hidden_size=32, state_size=4, num_hidden_layers=2, **kw)
+    hf.save_pretrained(tmp_path / "lm")
+    cfg = get_preset("tiny")
+    cfg.lm.d_model, cfg.lm.d_state, cfg.lm.n_layer, cfg.lm.pretrained = 32, 4, 2, str(tmp_path / "lm")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        EmmaMamba(cfg)
+    assert main(["info", "--config", str(tmp_path / "lm")]) == 2
+    opts = dict(re.findall(r"--model\.lm\.(\w+) (\S+)", capsys.readouterr().err))
+    for k, v in opts.items():
+        if k != "pretrained":
+            setattr(cfg.lm, k, yaml.safe_load(v))
+    torch.manual_seed(0)
+    m = EmmaMamba(cfg, for_training=False)
+    ids = torch.randint(0, 50277, (2, 9), generator=torch.Generator().manual_seed(1))
+    _assert_close(_logits(m.lm, ids), _logits(hf, ids))
+    m.save(tmp_path / "ckpt")
+    _assert_close(_logits(load(tmp_path / "ckpt").lm, ids), _logits(hf, ids))
