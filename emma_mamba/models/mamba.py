@@ -873,7 +873,10 @@ class MambaLM(nn.Module):
         and D stay fp32 in any case.
         """
         config, state_dict, layout, renamed_from = _load_dir(path)
-        stored = max((v for v in state_dict.values() if v.is_floating_point()), key=torch.Tensor.numel).dtype
+        floats = [v for v in state_dict.values() if v.is_floating_point()]
+        if not floats:  # nothing to load: named by the tensors the config needs (an empty or int-only file)
+            _check_state_dict(state_dict, cls(config, device="meta").state_dict(), Path(path), layout, renamed_from)
+        stored = max(floats, key=torch.Tensor.numel).dtype
         dtype = resolve_dtype(dtype, "MambaLM.from_pretrained", auto=stored) or torch.float32
         model = cls(config, device="meta", dtype=dtype)
         expected = model.state_dict()
@@ -1233,7 +1236,12 @@ def _load_dir(path):
         # the original layout stores the tied head as a second copy; it must equal the embedding
         head = sd.pop("lm_head.weight")
         emb = sd.get("embeddings.weight")
-        if emb is not None and head.shape == emb.shape and not torch.equal(head, emb):
+        if emb is not None and head.shape != emb.shape:  # (transformers refuses such a file: a size mismatch)
+            raise CheckpointError(f"{d}: the config ties the LM head to the embedding but tensor "
+                                  f"'{renamed_from['lm_head.weight']}' has shape {tuple(head.shape)} and tensor "
+                                  f"'{renamed_from['embeddings.weight']}' {tuple(emb.shape)}: a head of its own "
+                                  f"needs an untied config (tie_word_embeddings / tie_embeddings false)")
+        if emb is not None and not torch.equal(head, emb):
             raise CheckpointError(f"{d}: the config ties the LM head to the embedding but tensor "
                                   f"'{renamed_from['lm_head.weight']}' differs from tensor "
                                   f"'{renamed_from['embeddings.weight']}'")
@@ -1316,6 +1324,17 @@ def _hf_mamba1_config(cfg: MambaConfig, own: dict) -> dict:
     }
 
 
+def _remove_weight_files(out: Path) -> None:
+    """Remove the weight files of either layout a folder holds (a model saved there before): what save_pretrained
+    writes next must be what loads, and the loader prefers model.safetensors (or its index) to pytorch_model.bin,
+    as transformers does, so a stale one would be read instead of the weights just written."""
+    for pattern in ("model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                    "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"):
+        for f in out.glob(pattern):
+            if f.is_file():
+                f.unlink()
+
+
 def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | None) -> None:
     from emma_mamba.fileio import save_safetensors
 
@@ -1324,8 +1343,7 @@ def _write_safetensors(conf: dict, own: dict, out: Path, max_shard_size: int | N
         name = k if k.startswith("lm_head.") else "backbone." + k
         tensors[name] = v.contiguous().cpu()
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    for stale in ("model.safetensors", "model.safetensors.index.json"):
-        (out / stale).unlink(missing_ok=True)
+    _remove_weight_files(out)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if max_shard_size is None or total <= max_shard_size:
         save_safetensors(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -1379,4 +1397,5 @@ def _save_original(cfg: MambaConfig, own: dict, out: Path) -> None:
     if cfg.tie_embeddings:  # mamba-ssm's state_dict carries the tied head too
         sd["lm_head.weight"] = sd["backbone.embedding.weight"]
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    _remove_weight_files(out)
     torch.save(sd, str(out / "pytorch_model.bin"))

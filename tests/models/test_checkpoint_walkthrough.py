@@ -273,3 +273,53 @@ def test_lm_pretrained_differing_in_a_non_shape_field_is_refused_and_info_says_w
     _assert_close(_logits(m.lm, ids), _logits(hf, ids))
     m.save(tmp_path / "ckpt")
     _assert_close(_logits(load(tmp_path / "ckpt").lm, ids), _logits(hf, ids))
+
+
+@pytest.mark.parametrize("first, then", [("hf", "original"), ("original", "hf"), ("hf-sharded", "original")])
+def test_save_pretrained_over_an_earlier_save_loads_what_it_wrote(tmp_path, first, then):
+    """Defect: layout="original" into a folder holding an earlier "hf" save left its model.safetensors, which the
+    loader (as transformers) prefers: the folder loaded the old weights under the new config (logits off by 0.47),
+    the only trace an INFO line. Oracle: the model just saved, its logits."""
+    from emma_mamba.models.mamba import MambaConfig
+
+    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4)
+    torch.manual_seed(0)
+    old, new = MambaLM(cfg), MambaLM(cfg)
+    d = tmp_path / "lm"
+    old.save_pretrained(d, layout="hf", max_shard_size=2000) if first == "hf-sharded" else \
+        old.save_pretrained(d, layout=first)
+    new.save_pretrained(d, layout=then)
+    ids = torch.randint(0, 64, (1, 7))
+    _assert_close(_logits(MambaLM.from_pretrained(d), ids), _logits(new, ids))
+    weights = sorted(f.name for f in d.iterdir() if f.name != "config.json")
+    assert weights == (["pytorch_model.bin"] if then == "original" else ["model.safetensors"]), weights
+
+
+def test_a_tied_config_with_a_head_of_another_shape_is_refused(tmp_path):
+    """Defect: tie set, a (120, 32) lm_head.weight beside a (97 -> 104, 32) embedding was dropped without a word
+    (transformers refuses the file: a size mismatch)."""
+    hf = _hf_mamba(vocab_size=104, hidden_size=32, state_size=4, num_hidden_layers=1)
+    hf.save_pretrained(tmp_path / "lm")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tmp_path / "lm" / "model.safetensors"))
+    sd["lm_head.weight"] = torch.randn(120, 32)
+    save_file(sd, str(tmp_path / "lm" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"ties the LM head to the embedding but tensor 'lm_head.weight' in "
+                                              r"'.*model.safetensors' has shape \(120, 32\) and tensor "
+                                              r"'backbone.embeddings.weight' in '.*' \(104, 32\)"):
+        MambaLM.from_pretrained(tmp_path / "lm")
+
+
+@pytest.mark.parametrize("content", ["empty", "int-only"])
+def test_a_weight_file_without_a_float_tensor_is_named_not_a_max_error(tmp_path, content):
+    """Defect: an empty safetensors or one holding only an int tensor failed with "max() arg is an empty sequence"
+    (the dtype of "auto" looked for the largest float tensor first); now the missing tensors are named."""
+    from safetensors.torch import save_file
+
+    hf = _hf_mamba(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1)
+    hf.save_pretrained(tmp_path / "lm")
+    sd = {} if content == "empty" else {"step": torch.tensor([3])}
+    save_file(sd, str(tmp_path / "lm" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing tensor"):
+        MambaLM.from_pretrained(tmp_path / "lm")
