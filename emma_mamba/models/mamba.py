@@ -306,7 +306,8 @@ class MambaLMOutput:
     """n_layer+1 tensors (b, l, d_model): [0] the input embeddings, [i] the residual stream after block i (not
     normed: ``last_hidden_state`` is the final norm's output). transformers' Mamba differs: its n_layer+1 entries
     are the streams after blocks 1..n_layer (its [i] is our [i+1]), then the final norm's output (our
-    ``last_hidden_state``); it has no entry for the embeddings."""
+    ``last_hidden_state``); it has no entry for the embeddings. transformers' Mamba-2 has ours but the last: [0] the
+    embeddings, [i] the stream after block i for i < n_layer, then the final norm's output."""
     loss: torch.Tensor | None = None
     """With ``labels``: the mean next-token cross-entropy (fp32) over the labels that are not -100, as
     transformers' causal LMs compute it (position t's logits against labels[t + 1])."""
