@@ -275,11 +275,20 @@ class VisionEncoder(nn.Module):
             self.second_affine = ([a / b for a, b in zip(s1, second_std)],
                                   [(a - c) / b for a, c, b in zip(m1, second_mean, second_std)])
             self._affine_by_device: dict = {}  # device -> (scale, shift) tensors
-        # what the taps never run (the blocks after the deepest tap, the heads): never trainable
-        self.idle_parameters: list[nn.Parameter] = _idle_parameters(layout, self.taps[-1])
+        # what the taps never run (the blocks after the deepest tap, the heads): never trainable. Kept by name:
+        # a load with assign=True (emma_mamba.load, a run's init_from) puts new Parameter objects in their place
+        idle = {id(p) for p in _idle_parameters(layout, self.taps[-1])}
         if second is not None:
-            self.idle_parameters += _idle_parameters(lay2, self.second_taps[-1])
+            idle |= {id(p) for p in _idle_parameters(lay2, self.second_taps[-1])}
+        self._idle_names = [n for n, p in self.named_parameters(remove_duplicate=False) if id(p) in idle]
         self.set_frozen(cfg.freeze)
+
+    @property
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """The parameters the taps never run (the blocks after the deepest tap, the final norm and heads), as the
+        module holds them now."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        return [params[n] for n in self._idle_names]
 
     def set_frozen(self, frozen: bool) -> "VisionEncoder":
         """Freeze the towers (no gradients, eval mode under model.train()) or let them train (vision.freeze)."""

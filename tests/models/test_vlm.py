@@ -628,3 +628,26 @@ def test_a_tokenizer_with_ids_beyond_the_embedding_is_refused(tmp_path):
     fits.save(tmp_path / "fits")
     m = make_model(lm={"tokenizer": str(tmp_path / "fits")})
     assert m.image_token_id == rows and len(m.tokenizer) == rows + 1
+
+
+def test_a_loaded_model_keeps_the_vits_idle_parameters_out_of_training(tmp_path):
+    """Defect: emma_mamba.load (and a run's init_from) loads with assign=True, which puts new Parameter objects in
+    the model; the ViT's list of parameters its taps never run still held the old ones, so an unfrozen stage 2
+    from a saved model made them trainable (15 in the tiny model: in the optimizer, in the trainable count, and a
+    DDP crash with find_unused_parameters false). Oracle: autograd, which reaches exactly what the taps run."""
+    m = make_model(vision={"freeze": False})
+    m.save(tmp_path / "ckpt")
+    loaded = emma_mamba.load(tmp_path / "ckpt", for_training=True)
+    loaded.set_stage("finetune")
+    loaded.train()
+    params = dict(loaded.vision.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    for p in params.values():  # the oracle asks autograd about every one
+        p.requires_grad_(True)
+    grads = torch.autograd.grad(loaded(**make_batch(loaded)).loss["total"], list(params.values()),
+                                allow_unused=True)
+    reached = {n for (n, _), g in zip(params.items(), grads) if g is not None}
+    assert 0 < len(reached) < len(params)
+    assert trainable == reached
+    fresh = make_model(vision={"freeze": False}).set_stage("finetune")
+    assert {n for n, p in fresh.vision.named_parameters() if p.requires_grad} == reached
