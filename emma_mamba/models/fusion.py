@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from emma_mamba.config import ConfigError
+
 __all__ = ["MultiScaleFusion", "InstructionFusion", "Projector"]
 
 log = logging.getLogger(__name__)
@@ -52,13 +54,13 @@ class MultiScaleFusion(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         if mode not in MFF_MODES:
-            raise ValueError(f"mff.mode must be one of {MFF_MODES}, got {mode!r}")
+            raise ConfigError(f"mff.mode must be one of {MFF_MODES}, got {mode!r}")
         if mode == "none" and num_taps != 1:
-            raise ValueError(f"mff.mode 'none' takes one tap, got {num_taps}")
+            raise ConfigError(f"mff.mode 'none' takes one tap, got {num_taps}")
         if mode == "cross_attn" and num_taps < 2:
-            raise ValueError("mff.mode 'cross_attn' needs at least two taps (the last attends to the others)")
+            raise ConfigError("mff.mode 'cross_attn' needs at least two taps (the last attends to the others)")
         if mode == "cross_attn" and width % num_heads:
-            raise ValueError(f"mff.num_heads ({num_heads}) must divide the ViT width ({width})")
+            raise ConfigError(f"mff.num_heads ({num_heads}) must divide the ViT width ({width})")
         fk = dict(device=device, dtype=dtype)
         self.mode, self.width, self.num_taps = mode, width, num_taps
         if mode == "none":
@@ -122,6 +124,10 @@ class InstructionFusion(nn.Module):
         self.text_model.eval()
         self.tokenizer = tokenizer
         self.context_length = int(text_model.context_length)
+        depth = _text_depth(text_model)
+        if depth is not None and not -depth <= text_layer < depth:
+            raise ConfigError(f"instruction.text_layer: block index {text_layer} is out of range for the text tower's "
+                              f"{depth} blocks (valid {-depth}..{depth - 1}; -1 is the last)")
         self.text_layer = text_layer
         text_width = _text_width(text_model)
         self.num_visual_tokens = num_visual_tokens
@@ -222,6 +228,15 @@ def _text_width(text_model: nn.Module) -> int:
     raise ValueError(f"cannot find the text-tower width of {type(text_model).__name__}")
 
 
+def _text_depth(text_model: nn.Module) -> int | None:
+    """Blocks of an open_clip text tower (CLIP's, or a CustomTextCLIP's TextTransformer); None when unknown."""
+    for owner in (text_model, getattr(text_model, "text", None)):
+        blocks = getattr(getattr(owner, "transformer", None), "resblocks", None)
+        if blocks is not None:
+            return len(blocks)
+    return None
+
+
 def _token_count(tokenizer, text: str) -> int | None:
     """Tokens the open_clip tokenizer would produce for ``text`` without truncation (incl. specials)."""
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
@@ -248,11 +263,11 @@ class Projector(nn.Module):
                  device=None, dtype=None, kind: str = "mlp"):
         super().__init__()
         if depth not in (2, 3):
-            raise ValueError(f"projector.depth must be 2 or 3, got {depth}")
+            raise ConfigError(f"projector.depth must be 2 or 3, got {depth}")
         fk = dict(device=device, dtype=dtype)
         if kind == "fused":
             if depth != 3:
-                raise ValueError(f"projector kind fused has 3 layers, got depth {depth}")
+                raise ConfigError(f"projector kind fused has 3 layers, got depth {depth}")
             hidden = hidden_dim or 4 * in_dim
             widths = [in_dim, hidden, out_dim, out_dim]
         elif kind == "mlp":

@@ -651,3 +651,26 @@ def test_a_loaded_model_keeps_the_vits_idle_parameters_out_of_training(tmp_path)
     assert trainable == reached
     fresh = make_model(vision={"freeze": False}).set_stage("finetune")
     assert {n for n, p in fresh.vision.named_parameters() if p.requires_grad} == reached
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"instruction": {"text_layer": 7}}, "instruction.text_layer: block index 7 is out of range for the text "
+                                         "tower's 2 blocks (valid -2..1"),
+    ({"instruction": {"text_layer": -3}}, "instruction.text_layer: block index -3 is out of range"),
+    ({"mff": {"mode": "cross_attn", "num_heads": 5}}, "mff.num_heads (5) must divide the ViT width (32)"),
+    ({"mff": {"mode": "cross_attn"}, "vision": {"taps": [1]}}, "mff.mode 'cross_attn' needs at least two taps"),
+])
+def test_model_values_found_wrong_at_build_are_config_errors_naming_the_key(overrides, says, tmp_path, capsys):
+    """Defect: instruction.text_layer beyond the text tower was accepted and failed in the first forward inside
+    open_clip ("feature index 7 is out of range", no key named); MFF's head count and tap count were ValueErrors,
+    which the commands printed as tracebacks. Both are ConfigErrors now: one line naming the key."""
+    with pytest.raises(ConfigError) as e:
+        make_model(**overrides)
+    assert says in str(e.value)
+    cfg = {"preset": "tiny", **overrides}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    from emma_mamba.cli import main
+
+    assert main(["info", "--config", str(tmp_path / "m.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
