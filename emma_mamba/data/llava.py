@@ -330,6 +330,10 @@ def read_text_utf8(path: Path) -> str:
                         f"re-encode the file as UTF-8", "malformed_json") from None
 
 
+LLAVA_IMAGE_TOKEN = "<image>"
+"""The image placeholder of LLaVA-format data (and the default ``model.image_token``)."""
+
+
 def reserved_strings(tokenizer, image_token: str, *templates: str) -> tuple[str, ...]:
     """Text a record may not hold: the tokenizer's special tokens (it reads them as control tokens, e.g. the
     end-of-text id, not as words) other than the image placeholder, and the chat format's role markers
@@ -532,6 +536,14 @@ class LlavaDataset:
             images = list(image)
         else:
             self.issues("bad_image_field", where, f"'image' must be a path or a list of paths, got {image!r}")
+            return None
+        if tok != LLAVA_IMAGE_TOKEN and any(LLAVA_IMAGE_TOKEN in text for _, text in turns):
+            # a model with another placeholder (model.image_token) would read LLaVA's as words, and a one-image
+            # record would train with the image and the word "<image>" both in its question
+            self.issues("placeholder_mismatch", where, f"holds {LLAVA_IMAGE_TOKEN} (LLaVA's placeholder) but the "
+                                                       f"model's image placeholder (model.image_token) is {tok!r}: "
+                                                       f"write {tok!r} in the data, or keep the model's "
+                                                       f"{LLAVA_IMAGE_TOKEN}")
             return None
         counts = [text.count(tok) for _, text in turns]
         if any(c and role == GPT for c, (role, _) in zip(counts, turns)):

@@ -205,6 +205,23 @@ def test_more_placeholders_than_images_and_placeholder_in_answer(folder, tok):
         assert phrase in str(e.value)
 
 
+def test_llava_placeholder_under_another_model_image_token_is_named(folder):
+    """Defect: with model.image_token "<img>", a one-image record holding LLaVA's "<image>" trained silently with
+    the image and the word "<image>" both in its question (a two-image one was refused). Now refused as a
+    placeholder mismatch naming both tokens; a record in the model's own token reads as the default's does."""
+    t = load_tokenizer()
+    (img_id,) = t.add_tokens(["<img>"])
+    path = folder / "data.json"
+    path.write_text(json.dumps([rec(0)]))
+    with pytest.raises(DataError, match=r"holds <image> \(LLaVA's placeholder\) but the model's image placeholder "
+                                        r"\(model.image_token\) is '<img>'"):
+        LlavaDataset(DataConfig(json=str(path), image_folder=str(folder / "img")), t, "<img>", img_id, N)
+    mine = rec(0, conv=[{"from": "human", "value": "<img>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}])
+    path.write_text(json.dumps([mine]))
+    s = LlavaDataset(DataConfig(json=str(path), image_folder=str(folder / "img")), t, "<img>", img_id, N).samples[0]
+    assert s.input_ids.count(img_id) == 1 and "<image>" not in t.decode(s.input_ids)
+
+
 def test_sample_with_no_answer_within_max_length_is_too_long(folder, tok):
     with pytest.raises(DataError, match="no answer token within data.max_length=10") as e:
         make(folder, tok, [rec(0)], max_length=10)
