@@ -10,9 +10,9 @@ sentence (the text before the first period) is "no" if it holds the word "no" or
 "Yes, there is no dog." is a no, as there. One difference: POPE's rule is case-sensitive on "No"/"no"/"not"
 and splits words on spaces after deleting commas; here words are matched lower-cased and split on any
 punctuation, so "NO!", "'No'" and "No-one" are a no ("NO!" is a yes there). Replies that do not start with the
-word "yes" or "no" are counted in ``n_unparsed`` (the rule decided them from their wording). Metrics treat "yes" as the positive class: accuracy, precision, recall, F1 and the ratio of
-"yes" predictions (an unbiased model is near 0.5 on POPE's balanced files); precision (recall) is 0 when there
-is no positive prediction (label).
+word "yes" or "no" are counted in ``n_unparsed`` (the rule decided them from their wording). Metrics treat "yes"
+as the positive class: accuracy, precision, recall, F1 and the ratio of "yes" predictions (an unbiased model is
+near 0.5 on POPE's balanced files); precision (recall) is 0 when there is no positive prediction (label).
 """
 
 from __future__ import annotations

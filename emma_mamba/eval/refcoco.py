@@ -112,8 +112,7 @@ def refcoco_records(path: str | Path, split: str | None = "val") -> list[tuple[s
                                                    and rec[k] > 0):
                     raise ScoreInputError(f"{p}: {loc}: {k} must be a positive number of pixels, got {rec[k]!r}")
             out.append((loc, {"question_id": label(rec.get("question_id", i), p, loc, "'question_id'"),
-                              "image": str(require(rec, ("image",), p, loc,
-                                                                                               "RefCOCO")),
+                              "image": str(require(rec, ("image",), p, loc, "RefCOCO")),
                               "sentence": str(require(rec, ("sentence", "expression", "sent"), p, loc, "RefCOCO")),
                               "bbox": [float(v) for v in box], "width": rec.get("width"),
                               "height": rec.get("height"), "split": None}))

@@ -125,12 +125,12 @@ from typing import Callable, Sequence
 from emma_mamba.eval._io import ScoreInputError, load_json, load_records, require
 from emma_mamba.eval.closed import (TALLY_OPTIONS, VSR_OPTIONS, ai2d_prompt, ai2d_records, spellings, tallyqa_prompt,
                                     tallyqa_records, vsr_prompt, vsr_records)
+from emma_mamba.eval.gqa import normalize_gqa
 from emma_mamba.eval.mmbench import (LETTERS, MC_PROMPT, MC_PROMPT_CN, mmbench_lang, mmbench_prompt, read_mmbench,
                                      round_id, write_run_submission)
 from emma_mamba.eval.refcoco import FRAMES, ocidref_records, refcoco_prompt, refcoco_records
 from emma_mamba.eval.scienceqa import scienceqa_image, scienceqa_problems, scienceqa_prompt
 from emma_mamba.eval.seed import seed_prompt, seed_questions
-from emma_mamba.eval.gqa import normalize_gqa
 from emma_mamba.eval.vqa import (OCR_REFERENCE, normalize_textvqa, textvqa_ocr_tokens, textvqa_records,
                                  textvqa_with_ocr, vizwiz_records)
 from emma_mamba.fileio import is_jsonl, text_lines
