@@ -27,7 +27,6 @@ the model it belongs to (a fingerprint of the LM's configuration and weights): a
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,15 +53,24 @@ def pending_tokens(final: int, reason: str, tokenizer, turn_end: str = TURN_END,
 def model_fingerprint(lm: MambaLM, rounded: bool = True) -> str:
     """Identifies the LM a chat state belongs to: its configuration and sums of three weight tensors, each weight
     rounded to bf16 first, so that the same checkpoint loaded in fp32 or bf16 (`--dtype`: the CPU's and the GPU's
-    defaults) has one fingerprint. ``rounded=False``: the unrounded sums of earlier versions' files."""
+    defaults) has one fingerprint. ``rounded=False``: the unrounded sums of earlier versions' files. LoRA adapters
+    (which change the network without touching those weights) add the sum of every adapter's ``scaling * B @ A``
+    (as ``(B.sum(0) . A.sum(1))``: no product formed), when it is not zero: a model without adapters, or with fresh
+    ones (B = 0: the same network), keeps its fingerprint."""
     import hashlib
     import json
+
+    from emma_mamba.models.lora import lora_modules
 
     c = lm.config
     shape = [c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.vocab_size]
     with torch.no_grad():
         ws = (lm.embeddings.weight, lm.layers[0].mixer.in_proj.weight, lm.layers[-1].mixer.out_proj.weight)
         sums = [float((t.detach().to(torch.bfloat16) if rounded else t.detach()).double().sum()) for t in ws]
+        delta = sum(m.scaling * float(m.lora_B.detach().double().sum(0) @ m.lora_A.detach().double().sum(1))
+                    for m in lora_modules(lm).values())
+    if delta != 0:
+        sums.append(delta)
     return hashlib.sha256(json.dumps([shape, [f"{x:.6e}" for x in sums]]).encode()).hexdigest()[:16]
 
 
@@ -117,13 +125,14 @@ class ChatSession:
         # the model's chat format (config.chat; a text-only LM: the default) and where its answers end
         self.chat = self.vlm.config.chat if self.vlm is not None else ChatConfig()
         self.config = (self.vlm.stops(cfg) if self.vlm is not None
-                       else dataclasses.replace(cfg, eos_token_id=self.tokenizer.eos_token_id))
+                       else cfg.with_eos(self.tokenizer.eos_token_id))
         self.image = image
         self.turns: list[tuple[str, str]] = []
         """(question, answer) per finished turn."""
         self.stats: list[TurnStats] = []
         self._cache = None
         self._pending: list[int] = []  # picked but not yet consumed: the last answer's final token(s)
+        self._image_unsaved = False  # loaded from a state whose image was held in memory, not given again
 
     # -------------------------------------------------------------------------------------------------
 
@@ -145,6 +154,11 @@ class ChatSession:
             if self.vlm is None:
                 raise ValueError("ChatSession.reset: a text-only MambaLM cannot see an image")
             self.image = image
+        elif self._image_unsaved:
+            raise ValueError("ChatSession.reset: the loaded conversation was about an image held in memory (a PIL "
+                             "image or an array), which a saved state cannot hold: pass it, reset(image=...), or "
+                             "give it to ChatSession.load(..., image=...)")
+        self._image_unsaved = False
         self.turns, self.stats, self._cache, self._pending = [], [], None, []
 
     def ask(self, question: str, streamer: Callable[[str], None] | None = None) -> str:
@@ -213,7 +227,9 @@ class ChatSession:
         tensors.update({f"ssm.{i}": t[0].contiguous().cpu() for i, t in enumerate(c.ssm_states)})
         meta = {"format": STATE_FORMAT, "model": model_fingerprint(self.lm), "seqlen_offset": str(c.seqlen_offset),
                 "pending": json.dumps(self._pending), "turns": json.dumps(self.turns),
-                "image": str(self.image) if isinstance(self.image, (str, os.PathLike)) else ""}
+                "image": str(self.image) if isinstance(self.image, (str, os.PathLike)) else "",
+                "image_in_memory": "1" if self.image is not None and not isinstance(self.image, (str, os.PathLike))
+                else ""}
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a directory: give a file name to save the conversation to (e.g. "
@@ -243,8 +259,11 @@ class ChatSession:
             raise
 
     @classmethod
-    def load(cls, path, model, *, tokenizer=None, config: GenerationConfig | None = None) -> "ChatSession":
-        """A session continuing the conversation saved at ``path`` with ``model`` (the model that wrote it)."""
+    def load(cls, path, model, *, tokenizer=None, config: GenerationConfig | None = None,
+             image=None) -> "ChatSession":
+        """A session continuing the conversation saved at ``path`` with ``model`` (the model that wrote it).
+        ``image``: the conversation's image for a later :meth:`reset` (default: the saved one when it was a file;
+        an image held in memory, a PIL image or an array, cannot be saved, so ``reset()`` then needs one)."""
         import json
 
         from safetensors import SafetensorError, safe_open
@@ -282,7 +301,8 @@ class ChatSession:
             what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e).splitlines()[0]
             raise ValueError(f"{path}: not a complete chat state ({what})") from None
         session._cache, session._pending, session.turns = cache, pending, turns
-        session.image = meta.get("image") or None
+        session.image = image if image is not None else meta.get("image") or None
+        session._image_unsaved = image is None and bool(meta.get("image_in_memory"))
         return session
 
     def _first_turn(self, question: str) -> dict:

@@ -135,6 +135,16 @@ class GenerationConfig:
         eos = self.eos_token_id
         return frozenset() if eos is None else frozenset((eos,) if isinstance(eos, int) else eos)
 
+    def with_eos(self, token_id: int) -> "GenerationConfig":
+        """This config also ending at ``token_id`` (a tokenizer's EOS), its own EOS ids kept."""
+        import dataclasses
+
+        own = self.eos_token_id
+        eos = [] if own is None else [own] if isinstance(own, int) else list(own)
+        if token_id not in eos:
+            eos.append(token_id)
+        return dataclasses.replace(self, eos_token_id=eos[0] if len(eos) == 1 else eos)
+
 
 @dataclass
 class GenerationResult:

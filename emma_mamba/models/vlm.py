@@ -351,15 +351,15 @@ class EmmaMamba(nn.Module):
                                  self.config.vision.image_position)
 
     def stops(self, config):
-        """``config`` (a GenerationConfig) ending where this model's answers end: at the tokenizer's EOS, and at
-        ``config.chat.turn_end`` when that is another text (a stop string; a chat format other than the
-        default's)."""
+        """``config`` (a GenerationConfig) ending where this model's answers end: at the tokenizer's EOS (beside
+        the config's own EOS ids), and at ``config.chat.turn_end`` when that is another text (a stop string; a
+        chat format other than the default's; beside the config's own stop strings)."""
         import dataclasses
 
         turn_end, stops = self.config.chat.turn_end, list(config.stop_strings or ())
         if self.tokenizer.encode(turn_end) != [self.tokenizer.eos_token_id] and turn_end not in stops:
             stops.append(turn_end)
-        return dataclasses.replace(config, eos_token_id=self.tokenizer.eos_token_id, stop_strings=stops)
+        return dataclasses.replace(config.with_eos(self.tokenizer.eos_token_id), stop_strings=stops)
 
     @torch.no_grad()
     def prompt_embeds(self, prompt_text: str, images: Sequence = (), instructions: Sequence[str] | None = None):
@@ -384,8 +384,9 @@ class EmmaMamba(nn.Module):
         its list in ``images`` (``instructions``: one list per prompt, one string per image). The images of all
         prompts go through the vision encoder, MFF, instruction fusion and projector together, ``ENCODE_BATCH``
         at a time, instead of prompt by prompt (the same tokens up to a batched GEMM's rounding)."""
-        if len(images) != len(token_ids):
-            raise ValueError(f"{len(token_ids)} prompts but {len(images)} image lists (one list per prompt)")
+        images = _image_lists(images, len(token_ids))
+        if instructions is not None:  # a prompt's one instruction may come as the string itself
+            instructions = [[ts] if isinstance(ts, str) else ts for ts in instructions]
         flat = [im for ims in images for im in ims]
         visual = None
         if flat:
@@ -429,13 +430,13 @@ class EmmaMamba(nn.Module):
         if config is None:
             config = self.stops(GenerationConfig())
         if isinstance(prompts, str):
-            prompts, images = [prompts], [list(images)]
-            instructions = None if instructions is None else [list(instructions)]
+            prompts, images = [prompts], [[images] if _is_one_image(images) else list(images)]
+            instructions = (None if instructions is None else
+                            [[instructions] if isinstance(instructions, str) else list(instructions)])
         else:
             prompts = list(prompts)
-            images = list(images) if len(images) else [[] for _ in prompts]
-            if len(images) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists (one list per prompt)")
+            images = _image_lists(images if _is_one_image(images) or len(images) else [[] for _ in prompts],
+                                  len(prompts))
         if instructions is not None and len(instructions) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(instructions)} instruction lists")
         embeds = self.batch_embeds([self.tokenizer.encode(p) for p in prompts], images,
@@ -487,18 +488,27 @@ class EmmaMamba(nn.Module):
     # --------------------------------------------------------------------------------------- persistence
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write config.yaml, model.safetensors and tokenizer.json into directory ``path``."""
+        """Write config.yaml, model.safetensors and tokenizer.json into directory ``path``. A model with LoRA
+        adapters (:func:`~emma_mamba.models.lora.apply_lora`) is written as a training run writes it: a plain
+        model with every adapter merged into its weight, the adapters beside it in ``lora.safetensors``."""
         from safetensors.torch import save_model
 
         from emma_mamba import __version__
-        from emma_mamba.fileio import write_whole
+        from emma_mamba.fileio import save_safetensors, write_whole
+        from emma_mamba.models.lora import LORA_FILE, export_state, has_lora, lora_metadata
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, out / CONFIG_NAME)
+        meta = {"format": "pt", "emma_mamba": __version__}
         # whole or not at all (an interrupted save leaves no half model.safetensors), mode 0666 - umask
-        write_whole(out / WEIGHTS_NAME,
-                    lambda tmp: save_model(self, str(tmp), metadata={"format": "pt", "emma_mamba": __version__}))
+        if has_lora(self):
+            sd, adapters = export_state(self, self.state_dict())
+            save_safetensors({k: v.contiguous() for k, v in sd.items()}, out / WEIGHTS_NAME, metadata=meta)
+            save_safetensors(adapters, out / LORA_FILE, metadata={**meta, **lora_metadata(self)})
+        else:
+            write_whole(out / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp), metadata=meta))
+            (out / LORA_FILE).unlink(missing_ok=True)  # an earlier save's adapters are not this model's
         self.tokenizer.save(out)
         return out
 
@@ -631,6 +641,27 @@ def lm_match_fields(lm) -> tuple[str, ...]:
     return (("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand") + per_kind
             + ("vocab_size", "pad_vocab_size_multiple", "tie_embeddings", "conv_bias", "bias", "rms_norm_eps",
                "residual_in_fp32"))
+
+
+def _is_one_image(x) -> bool:
+    """A single image as the image processor takes it (a path, a PIL image, an array), not a list of them."""
+    if isinstance(x, (str, os.PathLike)):
+        return True
+    if type(x).__module__.startswith("PIL.") or type(x).__module__ == "numpy" or isinstance(x, torch.Tensor):
+        return True
+    return False
+
+
+def _image_lists(images, n_prompts: int) -> list[list]:
+    """``images`` as one list per prompt: each entry a list of that prompt's images, or one image (a prompt with
+    one image, as transformers' processors take a batch). A single image for several prompts is refused."""
+    if _is_one_image(images):
+        raise ValueError(f"{n_prompts} prompts but one image ({type(images).__name__}): pass one list of images per "
+                         f"prompt, e.g. [[image_a], [image_b]]")
+    images = list(images)
+    if len(images) != n_prompts:
+        raise ValueError(f"{n_prompts} prompts but {len(images)} image lists (one list per prompt)")
+    return [[ims] if _is_one_image(ims) else list(ims) for ims in images]
 
 
 def _check_lm_matches(got, want, path) -> None:
@@ -851,6 +882,9 @@ def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], No
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
+    if model.config.image_token in prompt:  # as the chat and the CLI say it
+        raise ValueError(f"answer: the prompt holds {model.config.image_token!r}, the model's image placeholder: that "
+                         f"text is reserved; the image enters where the chat format puts it")
     text = model.build_prompt(prompt, 1, template)
     cfg = model.stops(GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
                       if config is None else config)

@@ -509,3 +509,56 @@ def test_cli_chat_ctrl_c_during_a_command_keeps_the_conversation(vlm, tmp_path, 
     from emma_mamba.models.vlm import load
     ref = ChatSession(load(ckpt), IMAGE, config=GenerationConfig(max_new_tokens=4))
     assert out == f"{ref.ask(QUESTIONS[0])}\n{ref.ask(QUESTIONS[1])}\n"
+
+
+def test_a_state_saved_under_lora_adapters_belongs_to_those_adapters(text_lm, tmp_path):
+    """Defect: the fingerprint read only the base weights, so a chat state saved under one set of LoRA adapters
+    loaded into the model with another (another network). Fresh adapters (B = 0: the same network) keep the base
+    model's fingerprint."""
+    import copy
+
+    from emma_mamba.inference.chat import model_fingerprint
+    from emma_mamba.models.lora import apply_lora
+
+    lm, tok = text_lm
+    base = model_fingerprint(lm)
+    a = copy.deepcopy(lm)
+    apply_lora(a, r=2, alpha=4)
+    assert model_fingerprint(a) == base
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for n, p in a.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+        for n, p in b.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    cfg = GenerationConfig(max_new_tokens=3)
+    s = ChatSession(a, tokenizer=tok, config=cfg)
+    s.ask("Hello there")
+    s.save(tmp_path / "chat.safetensors")
+    assert len(ChatSession.load(tmp_path / "chat.safetensors", a, tokenizer=tok, config=cfg).turns) == 1
+    for other in (b, lm):
+        with pytest.raises(ValueError, match="saved with another model"):
+            ChatSession.load(tmp_path / "chat.safetensors", other, tokenizer=tok, config=cfg)
+
+
+def test_a_loaded_conversation_about_an_image_in_memory_needs_it_again_to_reset(vlm, tmp_path):
+    """Defect: a conversation about a PIL image, saved and loaded, forgot the image (a state cannot hold it) and
+    reset() started a text-only conversation without a word. Now reset() asks for it, and load(image=) takes it;
+    oracle: a fresh session about the same image."""
+    from PIL import Image
+
+    cfg = GenerationConfig(max_new_tokens=4)
+    pil = Image.open(IMAGE)
+    s = ChatSession(vlm, pil, config=cfg)
+    s.ask(QUESTIONS[0])
+    s.save(tmp_path / "chat.safetensors")
+    loaded = ChatSession.load(tmp_path / "chat.safetensors", vlm, config=cfg)
+    with pytest.raises(ValueError, match=r"an image held in memory .* reset\(image=\.\.\.\)"):
+        loaded.reset()
+    again = ChatSession.load(tmp_path / "chat.safetensors", vlm, config=cfg, image=pil)
+    again.reset()
+    assert again.ask(QUESTIONS[1]) == ChatSession(vlm, pil, config=cfg).ask(QUESTIONS[1])
+    loaded.reset(image=pil)  # or given to reset
+    assert loaded.ask(QUESTIONS[1]) == again.turns[0][1]

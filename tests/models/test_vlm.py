@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import skimage
 import torch
@@ -674,3 +675,72 @@ def test_model_values_found_wrong_at_build_are_config_errors_naming_the_key(over
     assert main(["info", "--config", str(tmp_path / "m.yaml")]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
+
+
+def test_a_model_with_lora_adapters_saved_from_python_loads_as_a_plain_model(tmp_path):
+    """Defect: EmmaMamba.save of a model given adapters in Python (apply_lora) wrote the raw lora_A / lora_B
+    tensors, and emma_mamba.load refused the folder ("unexpected ['lm.layers.0.mixer.in_proj.lora_A', ...]").
+    Now it is written as a training run writes it: merged, the adapters beside it. Oracle: the adapted model's
+    own logits."""
+    from emma_mamba.models.lora import LORA_FILE, apply_lora
+
+    m = make_model().eval()
+    apply_lora(m.lm, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in m.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B starts at zero: the adapters must change the model for the test to mean it
+    b = make_batch(m)
+    b.pop("labels")
+    with torch.no_grad():
+        want = m(**b).logits
+    emma_mamba.save(m, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / LORA_FILE).is_file()
+    got = emma_mamba.load(tmp_path / "ckpt").eval()
+    assert not any("lora_" in k for k in got.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(got(**b).logits, want, rtol=1e-4, atol=1e-4)
+    make_model().save(tmp_path / "ckpt")  # a plain model saved over it leaves no adapters of another model
+    assert not (tmp_path / "ckpt" / LORA_FILE).exists()
+
+
+def test_answer_keeps_the_callers_eos_ids_beside_the_tokenizers():
+    """Defect: stops() replaced a config's EOS ids by the tokenizer's: answer(config=GenerationConfig(
+    eos_token_id=[0, t])) ran past t to max_new_tokens, where model.generate stopped at it. Oracle: the greedy
+    answer without that id, whose first token is t."""
+    from emma_mamba.inference.generate import GenerationConfig
+
+    m = make_model().eval()
+    image = IMAGES[0]
+    free = answer(m, image, "What is shown?", config=GenerationConfig(max_new_tokens=4), return_result=True)
+    first = free.sequences[0][0] if free.sequences[0] else free.final_tokens[0]
+    res = answer(m, image, "What is shown?", config=GenerationConfig(max_new_tokens=4, eos_token_id=[0, first]),
+                 return_result=True)
+    assert res.finish_reasons == ["eos"] and res.sequences == [[]]
+    assert m.stops(GenerationConfig(eos_token_id=[5, 187])).eos_ids == {5, 187, m.tokenizer.eos_token_id}
+    assert m.stops(GenerationConfig(eos_token_id=None)).eos_ids == {m.tokenizer.eos_token_id}
+
+
+def test_one_image_given_without_its_list_is_taken_as_that_image():
+    """Defect: images=path (or a PIL image, an array) for one prompt was iterated: a path character by character
+    ("70 images but 1 instructions", "image file not found: /"), an array row by row, a PIL image "not iterable";
+    a batch's flat list of one image per prompt likewise. Taken as that image now, as transformers' processors
+    take it; oracle: the same call with the lists written out."""
+    from PIL import Image
+
+    from emma_mamba.inference.generate import GenerationConfig
+
+    m = make_model().eval()
+    cfg = m.stops(GenerationConfig(max_new_tokens=3))
+    q, path = "What is shown?", IMAGES[0]
+    prompt = m.build_prompt(q, 1)
+    want = m.generate(prompt, [path], [q], config=cfg).texts
+    pil = Image.open(path)
+    for one in (path, pil, np.asarray(pil.convert("RGB"))):
+        assert m.generate(prompt, one, q, config=cfg).texts == want
+    batch = m.generate([prompt, prompt], [[path], [path]], [[q], [q]], config=cfg).texts
+    assert m.generate([prompt, prompt], [path, path], [q, q], config=cfg).texts == batch == want * 2
+    with pytest.raises(ValueError, match=r"2 prompts but one image \(str\): pass one list of images per prompt"):
+        m.generate([prompt, prompt], path, [q, q], config=cfg)
+    with pytest.raises(ValueError, match="the prompt holds '<image>', the model's image placeholder"):
+        answer(m, path, "Compare <image> with this", max_new_tokens=2)
