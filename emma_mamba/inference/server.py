@@ -101,6 +101,11 @@ __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "co
 
 log = logging.getLogger(__name__)
 
+MAX_STOPS = 16
+"""Stop strings one request may give (OpenAI's API takes 4)."""
+MAX_STOP_CHARS = 256
+"""Characters of one stop string."""
+
 
 class RequestError(ValueError):
     """A request the API refuses: ``param`` names the field, ``status`` the HTTP status."""
@@ -113,15 +118,52 @@ class RequestError(ValueError):
 @dataclasses.dataclass
 class _Turn:
     text: str
-    images: list  # PIL images of a user turn
+    images: list  # a user turn's images: _ImageRef as parsed, PIL images once decoded (decode_images)
     answer: str | None = None  # the assistant's reply (None for the last, open turn)
 
 
-def _decode_image(url: str, where: str, allow_local: bool):
+@dataclasses.dataclass
+class _ImageRef:
+    """An image_url part as parsed: decoded (:func:`decode_images`) only once the request's length is checked."""
+
+    url: str
+    where: str
+
+
+def request_pixel_budget() -> int | None:
+    """Pixels one request's images may decode to in all: twice PIL's MAX_IMAGE_PIXELS (its decompression-bomb
+    limit for one image, ~179M pixels, ~0.5 GB as RGB), None when that check is off. Each image's size is read
+    from its header before it is decoded, so a request of many large images is refused before any memory goes."""
+    from PIL import Image
+
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
+
+
+def decode_images(turns: list[_Turn], allow_local: bool) -> None:
+    """Decode the turns' image references in place (RequestError naming the part at fault), within the request's
+    pixel budget (:func:`request_pixel_budget`)."""
+    budget = [request_pixel_budget()]
+    for t in turns:
+        t.images = [_decode_image(r.url, r.where, allow_local, budget) if isinstance(r, _ImageRef) else r
+                    for r in t.images]
+
+
+def _spend(budget: list, size: tuple[int, int], where: str) -> None:
+    if budget[0] is None:
+        return
+    w, h = size
+    budget[0] -= w * h
+    if budget[0] < 0:
+        raise RequestError(f"the request's images hold more than {request_pixel_budget():,} pixels in all (this one "
+                           f"is {w}x{h}); send them smaller", where)
+
+
+def _decode_image(url: str, where: str, allow_local: bool, budget: list | None = None):
     from PIL import Image
 
     from emma_mamba.models.vision import load_image
 
+    budget = [None] if budget is None else budget
     if url.startswith("data:"):
         head, sep, data = url.partition(",")
         if not sep or ";base64" not in head:
@@ -132,21 +174,37 @@ def _decode_image(url: str, where: str, allow_local: bool):
             raise RequestError(f"the image data is not valid base64: {e}", where) from None
         try:
             with Image.open(io.BytesIO(raw)) as f:
+                _spend(budget, f.size, where)  # from the header: before the pixels are decoded
                 f.load()
                 return load_image(f.copy())
+        except RequestError:
+            raise
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds on a bad file
             raise RequestError(f"the image cannot be decoded: {type(e).__name__}: {e}", where) from None
+    _check_image_url(url, where, allow_local)
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:
+        with Image.open(path) as f:
+            _spend(budget, f.size, where)
+    except RequestError:
+        raise
+    except Exception:  # noqa: BLE001 - not an image, or no such file: load_image names it below
+        pass
+    try:
+        return load_image(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise RequestError(str(e), where) from None
+
+
+def _check_image_url(url: str, where: str, allow_local: bool) -> None:
+    """Refuse an image URL that is not a data URL and is not served: http(s), or a local path without
+    --allow-local-images."""
     if url.startswith(("http://", "https://")):
         raise RequestError("http(s) image URLs are not fetched; send the image as a data:image/...;base64 URL",
                            where)
     if not allow_local:
         raise RequestError("local image paths are refused (start the server with --allow-local-images); send "
                            "the image as a data:image/...;base64 URL", where)
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
-    try:
-        return load_image(path)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise RequestError(str(e), where) from None
 
 
 def _check_reserved(text: str, image_token: str | None, where: str) -> None:
@@ -209,7 +267,9 @@ def parse_messages(messages, allow_images: bool, allow_local: bool,
                     url = iu.get("url") if isinstance(iu, dict) else iu
                     if not isinstance(url, str) or not url:
                         raise RequestError("image_url.url must be a non-empty string", f"{pw}.image_url.url")
-                    images.append(_decode_image(url, f"{pw}.image_url.url", allow_local))
+                    if not url.startswith("data:"):  # said now, before anything is decoded
+                        _check_image_url(url, f"{pw}.image_url.url", allow_local)
+                    images.append(_ImageRef(url, f"{pw}.image_url.url"))
                 else:
                     raise RequestError("a content part must be {type: text, text} or {type: image_url, image_url}",
                                        pw)
@@ -418,6 +478,11 @@ class ChatService:
             raise RequestError("stop must be a string or a list of strings, each non-empty", "stop")
         if any(not x for x in stops):
             raise RequestError("stop must be a string or a list of strings, each non-empty, got ''", "stop")
+        if stop is not None and (len(stops) > MAX_STOPS or max(map(len, stops)) > MAX_STOP_CHARS):
+            # each token's text is checked against every stop string on the decoder's thread, which serves every
+            # request: a request's stop strings are bounded as OpenAI's API bounds them (it takes 4)
+            raise RequestError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters, got "
+                               f"{len(stops)} of up to {max(map(len, stops))}", "stop")
         try:
             cfg = dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
                                       eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)
@@ -435,15 +500,17 @@ class ChatService:
         position = self.vlm.config.vision.image_position if self.vlm is not None else "in_turn"
         ids, images, instructions, (n_hist, n_hist_images) = conversation_ids(self.tokenizer, turns, image_token,
                                                                               position, self.chat)
-        # the history before the last user turn may have a carried state
-        resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
         if self.vlm is None:
             n_pos = len(ids)
         else:
             n_pos = len(ids) + len(images) * (self.vlm.vision.num_tokens - 1)
-        if n_pos > self.max_prompt_positions:
+        if n_pos > self.max_prompt_positions:  # said before any image is decoded
             raise RequestError(f"the conversation is {n_pos} positions long (visual tokens included), more than "
                                f"this server's max_prompt_positions {self.max_prompt_positions}", "messages")
+        decode_images(turns, self.allow_local_images)
+        images = [im for t in turns for im in t.images]
+        # the history before the last user turn may have a carried state
+        resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
         return ids, images, instructions, n_pos, dropped, resume
 
     def prepare(self, body: dict) -> tuple:

@@ -5,6 +5,7 @@ streaming against the plain answer, and every malformed request answered 400 nam
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import threading
@@ -12,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from PIL import Image
 import skimage
 import torch
 
@@ -254,6 +256,11 @@ def test_an_image_in_a_system_message_is_400_not_dropped(server, role):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 6}, "max_tokens", "must be in"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
+    # bounded: every token's text meets every stop string on the decoder's thread, which serves every request (3000
+    # stops of 3000 characters slowed another request 25x)
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}, "stop",
+     "stop takes at most 16 strings of at most 256 characters, got 17 of up to 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": "y" * 257}, "stop", "got 1 of up to 257"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"messages": [user("x " * 500, image=False)]}, "messages", "more than this server's max_prompt_positions 400"),
     # the placeholder text is reserved in every message's text (the tokenizer would read it as an image slot)
@@ -663,3 +670,47 @@ def test_a_port_out_of_range_is_named(capsys):
 
     assert cli.main(["serve", "--random-init", "tiny", "--port", "70000"]) == 2
     assert "--port must be from 0 to 65535, got 70000" in capsys.readouterr().err
+
+
+def _png_url(w, h, colour=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_a_request_too_long_for_its_images_is_refused_before_any_is_decoded(server, monkeypatch):
+    """Defect: every image of a request was decoded (8 one-colour 8000x8000 PNGs: +2.4 GB) before the length
+    check refused it. The positions are counted from the parts first; nothing is decoded."""
+    from emma_mamba.inference import server as srv
+    from emma_mamba.inference.server import RequestError
+
+    _, svc = server
+
+    def no_decoding(*a, **k):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(srv, "_decode_image", no_decoding)
+    parts = [{"type": "image_url", "image_url": {"url": _png_url(8, 8)}} for _ in range(30)]
+    with pytest.raises(RequestError, match="positions long .* more than this server's max_prompt_positions 400"):
+        svc.complete({"messages": [{"role": "user", "content": parts + [{"type": "text", "text": "Compare."}]}]})
+
+
+def test_a_requests_images_share_one_pixel_budget(model, monkeypatch):
+    """Each image under PIL's bomb limit, but many of them: the request's pixels in all are bounded (twice the
+    limit), read from the headers before decoding. Here the limit is lowered to 1000 pixels: 30x30 images (900),
+    two fit the 2000-pixel budget, the third is refused by name."""
+    from PIL import Image as PILImage
+
+    from emma_mamba.inference.server import RequestError
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)
+    svc = ChatService(model, defaults=GenerationConfig(max_new_tokens=2))
+    try:
+        two = [{"type": "image_url", "image_url": {"url": _png_url(30, 30)}} for _ in range(2)]
+        assert svc.complete({"messages": [{"role": "user", "content": two + [{"type": "text", "text": "Hi"}]}]})
+        three = two + [{"type": "image_url", "image_url": {"url": _png_url(30, 30, (0, 0, 255))}}]
+        with pytest.raises(RequestError, match=r"images hold more than 2,000 pixels in all \(this one is 30x30\)") as e:
+            svc.complete({"messages": [{"role": "user", "content": three + [{"type": "text", "text": "Hi"}]}]})
+        assert e.value.param == "messages[0].content[2].image_url.url"
+    finally:
+        svc.close()
