@@ -120,6 +120,7 @@ class _Turn:
     text: str
     images: list  # a user turn's images: _ImageRef as parsed, PIL images once decoded (decode_images)
     answer: str | None = None  # the assistant's reply (None for the last, open turn)
+    refs: list = dataclasses.field(default_factory=list)  # where each image came from (decode_images)
 
 
 @dataclasses.dataclass
@@ -144,6 +145,7 @@ def decode_images(turns: list[_Turn], allow_local: bool) -> None:
     pixel budget (:func:`request_pixel_budget`)."""
     budget = [request_pixel_budget()]
     for t in turns:
+        t.refs = [r.where if isinstance(r, _ImageRef) else None for r in t.images]
         t.images = [_decode_image(r.url, r.where, allow_local, budget) if isinstance(r, _ImageRef) else r
                     for r in t.images]
 
@@ -508,6 +510,12 @@ class ChatService:
             raise RequestError(f"the conversation is {n_pos} positions long (visual tokens included), more than "
                                f"this server's max_prompt_positions {self.max_prompt_positions}", "messages")
         decode_images(turns, self.allow_local_images)
+        for t in turns:  # what the encoder's resize cannot take is this request's fault: a 400, before any work
+            for im, ref in zip(t.images, t.refs):
+                try:
+                    self.vlm.image_processor.check_size(im.size, "the image")
+                except ValueError as e:
+                    raise RequestError(str(e), ref) from None
         images = [im for t in turns for im in t.images]
         # the history before the last user turn may have a carried state
         resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None

@@ -492,6 +492,18 @@ def pad_to_square(img: "Image.Image", fill: tuple[int, ...]) -> "Image.Image":
     return out
 
 
+def _within(img: "Image.Image", max_side: int) -> "Image.Image":
+    """``img`` shrunk (bicubic, aspect ratio kept, each side at least 1) so that its long side is at most
+    ``max_side``; unchanged when it already is."""
+    from PIL import Image
+
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    k = max_side / max(w, h)
+    return img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BICUBIC)
+
+
 class ImageProcessor:
     """open_clip's eval transform for one encoder: ``processor(images) -> (n, 3, H, W)`` float tensor; with
     ``pad_to_square`` in the config (``vision.image_resize: letterbox``) each image is first padded to a square
@@ -518,10 +530,39 @@ class ImageProcessor:
             images = [images]
         return torch.stack([self.one(im) for im in images])
 
+    MAX_RESIZED_PIXELS = 1 << 24
+    """The most pixels the encoder's resize may make of an image before its centre crop (resize_mode "shortest":
+    the short side to the encoder's, the long side by the same factor): an image of extreme aspect ratio (a 1 x
+    10000 PNG of 118 bytes) would otherwise become gigabytes (336 x 3.36M pixels)."""
+    LETTERBOX_MAX_SIDE = 4096
+    """Letterbox pads to a square of the image's long side, then resizes to the encoder's: an image whose long
+    side is longer is first shrunk to it (keeping its aspect ratio), so the square stays bounded (a 1 x 20000 image
+    made a 20000 x 20000 canvas). LLaVA pads at full size; for images up to this side the two are the same."""
+
     def one(self, image) -> torch.Tensor:
         """(3, H, W) of one image (anything :func:`load_image` takes)."""
         img = load_image(image)
-        return self.transform(img if self.fill is None else pad_to_square(img, self.fill))
+        if self.fill is not None:
+            return self.transform(pad_to_square(_within(img, self.LETTERBOX_MAX_SIDE), self.fill))
+        self.check_size(img.size, str(image) if isinstance(image, (str, os.PathLike)) else "an image")
+        return self.transform(img)
+
+    def check_size(self, size: tuple[int, int], name: str = "an image") -> None:
+        """Refuse (ValueError naming ``name``) an image of ``size`` (w, h) that the encoder's resize would make
+        larger than :attr:`MAX_RESIZED_PIXELS` (resize_mode "shortest"; the other modes and letterbox are bounded
+        by the encoder's size)."""
+        if self.fill is not None or (self.cfg.get("resize_mode") or "shortest") != "shortest":
+            return
+        s = self.cfg["size"]
+        side = max(s) if isinstance(s, (tuple, list)) else int(s)
+        w, h = size
+        scale = side / max(1, min(w, h))
+        rw, rh = round(w * scale), round(h * scale)
+        if rw * rh > self.MAX_RESIZED_PIXELS:
+            raise ValueError(f"{name}: a {w}x{h} image (aspect ratio {max(w, h) / max(1, min(w, h)):.0f}:1) would be "
+                             f"resized to {rw}x{rh} pixels before the encoder's {side}-pixel centre crop (more than "
+                             f"{self.MAX_RESIZED_PIXELS:,}); crop it nearer to square, or use vision.image_resize: "
+                             f"letterbox or squash")
 
     def unnormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         mean = self.mean.to(pixel_values.device, pixel_values.dtype)

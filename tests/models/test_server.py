@@ -714,3 +714,14 @@ def test_a_requests_images_share_one_pixel_budget(model, monkeypatch):
         assert e.value.param == "messages[0].content[2].image_url.url"
     finally:
         svc.close()
+
+
+def test_an_image_the_encoders_resize_cannot_take_is_a_400(server):
+    """A 1 x 20000 PNG (a few hundred bytes) took the tiny model's server from 840 MiB to 2 GB (its 32-pixel
+    'shortest' resize makes 32 x 640000 pixels) and answered 200. A 400 naming the part now, before any work."""
+    url, _ = server
+    status, text = post(url, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": _png_url(1, 20000)}}]}]})
+    err = json.loads(text)["error"]
+    assert status == 400 and err["param"] == "messages[0].content[1].image_url.url", err
+    assert "a 1x20000 image (aspect ratio 20000:1) would be resized to 32x640000 pixels" in err["message"]

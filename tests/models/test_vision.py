@@ -360,3 +360,35 @@ def test_bad_image_resize_is_named():
     with pytest.raises(ConfigError, match="image_resize") as e:
         config_from_dict({"preset": "tiny", "vision": {"image_resize": "pad"}})
     assert "letterbox" in str(e.value)  # the valid values are listed
+
+
+_CLIP336 = {"size": 336, "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+            "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def test_an_image_of_extreme_aspect_ratio_is_refused_not_resized_to_gigabytes():
+    """Defect: a 1 x 10000 PNG (118 bytes) went through the 336-pixel 'shortest' resize as 336 x 3.36M pixels
+    (+4.5 GB, 12 s) before the centre crop; far under PIL's bomb limit, nothing stopped it. Refused by name; an
+    ordinary panorama (8:1) still goes through."""
+    p = ImageProcessor(_CLIP336)
+    with pytest.raises(ValueError, match=r"a 1x10000 image \(aspect ratio 10000:1\) would be resized to 336x3360000 "
+                                         r"pixels before the encoder's 336-pixel centre crop"):
+        p.one(Image.new("RGB", (1, 10000)))
+    assert p.one(Image.new("RGB", (2400, 300))).shape == (3, 336, 336)
+    assert ImageProcessor({**_CLIP336, "resize_mode": "squash"}).one(Image.new("RGB", (1, 10000))).shape == (3, 336,
+                                                                                                          336)
+
+
+def test_letterbox_of_a_huge_image_is_bounded_and_within_one_level_of_llavas():
+    """Defect: letterbox padded a 1 x 20000 image to a 20000 x 20000 canvas (+1.5 GB). An image whose long side is
+    over 4096 is shrunk to it first; oracle: LLaVA's pad-at-full-size then resize, within one 8-bit level."""
+    from emma_mamba.models.vision import pad_to_square
+
+    p = ImageProcessor({**_CLIP336, "pad_to_square": True})
+    assert p.one(Image.new("RGB", (1, 20000), (10, 200, 30))).shape == (3, 336, 336)
+    img = load_image(os.path.join(os.path.dirname(skimage.__file__), "data", "astronaut.png")).resize(
+        (6000, 3000), Image.BICUBIC)
+    got, llava = p.unnormalize(p.one(img)), p.unnormalize(p.transform(pad_to_square(img, p.fill)))
+    assert (got - llava).abs().max().item() <= 1.01 / 255
+    small = img.resize((600, 300), Image.BICUBIC)  # up to 4096 the two are the same
+    assert torch.equal(p.one(small), p.transform(pad_to_square(small, p.fill)))
