@@ -107,7 +107,9 @@ def causal_conv1d_ref(x, weight, bias=None, activation=None, initial_states=None
         tap = xp[..., k:k + l]  # input at position t-(w-1)+k
         if seq_idx is not None:
             same = (sidp[:, k:k + l] == sid)[:, None, :]  # (b, 1, l)
-            tap = tap * same
+            # a select, not a product with 0: a NaN / inf of another sequence stays there (NaN * 0 is NaN), in the
+            # backward too (where's gradient is 0 off the mask)
+            tap = torch.where(same, tap, tap.new_zeros(()))
         out = out + weight.float()[:, k, None] * tap
     if bias is not None:
         out = out + bias.float()[:, None]

@@ -115,3 +115,30 @@ def test_decode_steps_equal_sequence_ops():
     steps = [causal_conv1d_update_ref(x[..., t], conv_state, weight, cb, "silu") for t in range(l)]
     torch.testing.assert_close(torch.stack(steps, -1), causal_conv1d_ref(x, weight, cb, "silu"))
     torch.testing.assert_close(conv_state, x[..., -w:])
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_causal_conv1d_keeps_a_nan_in_its_packed_sequence(backend):
+    """Defect (the torch backend, the reference): taps from another sequence were masked by a product with 0,
+    and NaN * 0 is NaN, so a NaN at sequence 0's end made sequence 1's first outputs NaN, and a NaN gradient in
+    sequence 1 reached sequence 0's dx (the compiled kernels kept both in place). Oracle: each sequence alone."""
+    from emma_mamba import ops
+
+    torch.manual_seed(0)
+    d, w, lens = 3, 4, (6, 5)
+    x = torch.randn(1, d, sum(lens), dtype=torch.float32)
+    x[0, :, lens[0] - 1] = float("nan")
+    weight, bias = torch.randn(d, w), torch.randn(d)
+    seq_idx = torch.tensor([[0] * lens[0] + [1] * lens[1]], dtype=torch.int32)
+    xg = x.clone().requires_grad_(True)
+    with ops.use_backend(backend):
+        out = ops.causal_conv1d(xg, weight, bias, seq_idx=seq_idx, activation="silu")
+    alone = causal_conv1d_ref(x[..., lens[0]:], weight, bias, activation="silu")
+    torch.testing.assert_close(out[..., lens[0]:], alone)
+    xg = x.nan_to_num().requires_grad_(True)  # finite inputs, a NaN gradient at sequence 1's first position
+    with ops.use_backend(backend):
+        out = ops.causal_conv1d(xg, weight, bias, seq_idx=seq_idx, activation="silu")
+    g = torch.zeros_like(out)
+    g[0, :, lens[0]] = float("nan")
+    out.backward(g)
+    assert torch.isfinite(xg.grad[..., :lens[0]]).all()
