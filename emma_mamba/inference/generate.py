@@ -188,8 +188,18 @@ def _is_id(t) -> bool:
     return False
 
 
+def _no_huge_ids(ids, where: str) -> None:
+    """Refuse a Python id beyond int64 (a uint64 from numpy) by name: the tensor conversion's "Overflow when
+    unpacking long long" named neither the prompt nor the id."""
+    for t in ids:
+        if _is_id(t) and not -(1 << 63) <= int(t) < (1 << 63):
+            raise ValueError(f"generate: {where} holds token id {int(t)}, outside any embedding (and int64)")
+
+
 def _id_row(r, i: int) -> torch.Tensor:
     """Prompt ``i`` of a ragged list: a list of ids, or a 1-d integer tensor / array."""
+    if isinstance(r, (list, tuple)):
+        _no_huge_ids(r, f"input_ids[{i}]")
     try:
         t = torch.as_tensor(r)
     except (TypeError, ValueError, RuntimeError):
@@ -239,6 +249,7 @@ def _split_prompts(lm, input_ids, inputs_embeds, attention_mask):
         elif isinstance(input_ids, (list, tuple)) and not input_ids:
             raise ValueError("generate: input_ids is an empty list: no prompt to continue (give at least one id)")
         elif isinstance(input_ids, (list, tuple)) and all(_is_id(t) for t in input_ids):
+            _no_huge_ids(input_ids, "input_ids")
             rows = [torch.tensor([int(t) for t in input_ids])]  # one prompt: ints, numpy ints, 0-d tensors
         elif isinstance(input_ids, (list, tuple)):
             if any(_is_id(t) for t in input_ids):

@@ -471,3 +471,15 @@ def test_one_prompt_given_as_numpy_or_tensor_ids_is_one_prompt():
                      ("5 7", "got str")):
         with pytest.raises(ValueError, match=msg):
             generate(lm, bad, config=cfg)
+
+
+def test_a_token_id_beyond_int64_is_named_with_its_prompt():
+    """An id that does not fit int64 (a numpy uint64) failed with torch's bare "Overflow when unpacking long long",
+    and in a ragged batch as "input_ids[1] must be a list ... got list" (it is one)."""
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    lm = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match=r"generate: input_ids holds token id 9223372036854775808, outside any"):
+        generate(lm, [1, 2 ** 63], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"generate: input_ids\[1\] holds token id 9223372036854775808"):
+        generate(lm, [[1, 2], [1, 2 ** 63]], max_new_tokens=1)
