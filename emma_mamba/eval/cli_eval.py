@@ -181,9 +181,13 @@ def run(args: argparse.Namespace) -> int:
 
         report = run() if shard is None else _sharded(shard, out, run)
     except (ScoreInputError, FileNotFoundError, ValueError, ApiError) as e:
-        print(f"emma-mamba eval: {e}", file=sys.stderr)
+        print(f"{_prog(shard)}: {e}", file=sys.stderr)
         _end(shard, finished=False)
         return 2
+    except Exception as e:  # noqa: BLE001 - under torchrun: a collective that lost the process that failed
+        if _peer_gone(shard, e):
+            return 2
+        raise
     _end(shard)
     if report is None:  # another rank than 0 under torchrun: rank 0 reports
         return 0
@@ -219,18 +223,36 @@ def _distributed(args) -> tuple[int, int] | None:
     return info.rank, info.world_size
 
 
+def _prog(shard) -> str:
+    """How an error line starts: the command, and under torchrun the rank that says it (as training's lines)."""
+    return "emma-mamba eval" if shard is None else f"[rank {shard[0]}] emma-mamba eval"
+
+
+def _peer_gone(shard, e: BaseException) -> bool:
+    """Under torchrun, when ``e`` is a collective's failure because another process is gone (its own error line
+    is above): say so in one line, as training does, end the process group, and return True; else False."""
+    from emma_mamba.training.parallel import lost_peer
+
+    gone = lost_peer(e) if shard is not None else None
+    if gone is None:
+        return False
+    print(f"{_prog(shard)}: another process stopped first (its error is above; here: {gone})", file=sys.stderr)
+    _end(shard, finished=False)
+    return True
+
+
 def _sharded(shard: tuple[int, int], out: Path, run):
     """Each rank answers its share (once rank 0 has checked and written the folder's ``eval_run.json``: the
     barrier ``sync``); then rank 0 merges the shards and scores (returns the report; the others None)."""
-    from emma_mamba.eval.runner import merge_shards
-    from emma_mamba.training.parallel import barrier
+    from emma_mamba.eval.runner import merge_shards, with_shard_counts
+    from emma_mamba.training.parallel import all_gather_object, barrier
 
-    run(shard=shard, sync=barrier)
-    barrier()
+    shards = all_gather_object(run(shard=shard, sync=barrier))  # (a barrier too)
     report = None
     if shard[0] == 0:
         merge_shards(out, shard[1])
-        report = run(merged=True)  # everything is answered: the results files and the metrics
+        # everything is answered: the results files and the metrics, with what each process answered
+        report = with_shard_counts(run(merged=True), shards, out)
     barrier()
     return report
 
@@ -288,9 +310,13 @@ def _run_suite(args) -> int:
             f"\n(--suite {args.suite} is not a file here: the shipped suite {shipped.stem} was read, its root: taken "
             f"relative to ./{SHIPPED_BASE}; `emma-mamba configs --copy {SHIPPED_BASE} {shipped.stem}` copies it here "
             f"to set root: to where your benchmark files are)")
-        print(f"emma-mamba eval: {e}{hint}", file=sys.stderr)
+        print(f"{_prog(shard)}: {e}{hint}", file=sys.stderr)
         _end(shard, finished=False)
         return 2
+    except Exception as e:  # noqa: BLE001 - under torchrun: a collective that lost the process that failed
+        if _peer_gone(shard, e):
+            return 2
+        raise
     _end(shard)
     if summary is None:  # another rank than 0 under torchrun
         return 0

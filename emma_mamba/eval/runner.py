@@ -135,8 +135,8 @@ from emma_mamba.eval.vqa import (OCR_REFERENCE, normalize_textvqa, textvqa_ocr_t
                                  textvqa_with_ocr, vizwiz_records)
 from emma_mamba.fileio import is_jsonl, text_lines
 
-__all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "default_annotations",
-           "model_identity", "run_record", "check_run_record", "check_images", "limit_questions",
+__all__ = ["TASKS", "Question", "read_questions", "evaluate", "merge_shards", "with_shard_counts",
+           "default_annotations", "model_identity", "run_record", "check_run_record", "check_images", "limit_questions",
            "SHORT_ANSWER_PROMPT", "UNANSWERABLE_PROMPT", "TASK_SETTINGS", "LikelihoodUnavailable"]
 
 log = logging.getLogger(__name__)
@@ -1040,7 +1040,8 @@ def _evaluate(model, prep: PreparedRun, out: Path, annotations, *, batch_size, c
     seconds = time.perf_counter() - t0
     if world > 1:  # the merge and the scoring come after every process is done (merge_shards, then unsharded)
         return {"task": task, "shard": [rank, world], "n_questions": len(qs), "n_answered_this_run": len(todo),
-                "seconds_this_run": seconds, "answered_by": record["answered_by"], "metrics": None}
+                "seconds_this_run": seconds, "answered_by": record["answered_by"], "metrics": None,
+                "decode_steps": answerer.decoder.decode_steps if answerer is not None else None}
 
     # ---- official results files and metrics
     if task in ("vqav2", "gqa", "textvqa", "vizwiz"):
@@ -1103,6 +1104,20 @@ def _partial_mme(metrics: dict, n_per_category: dict) -> dict:
     return {**metrics, "perception": None, "cognition": None, "total": None,
             "partial": {"n_answered": answered, "n_questions": sum(n_per_category.values()), "categories_cut": cut,
                         "categories_not_answered": missing}}
+
+
+def with_shard_counts(report: dict, shards: Sequence[dict], out_dir: str | Path) -> dict:
+    """The report of a sharded run's scoring call (rank 0, after :func:`merge_shards`: it answered nothing) with
+    what every process did this run, ``shards`` their reports by rank: the questions answered (summed), the
+    seconds (the slowest process's), the decode steps (summed) and ``processes``; ``metrics.json`` rewritten."""
+    steps = [s.get("decode_steps") for s in shards]
+    report = {**report, "n_answered_this_run": sum(s["n_answered_this_run"] for s in shards),
+              "seconds_this_run": max(s["seconds_this_run"] for s in shards),
+              "decode_steps": None if all(x is None for x in steps) else sum(x or 0 for x in steps),
+              "processes": len(shards)}
+    (Path(out_dir) / "metrics.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+    return report
 
 
 def merge_shards(out_dir: str | Path, world: int) -> int:

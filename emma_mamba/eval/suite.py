@@ -60,7 +60,7 @@ from emma_mamba.eval._io import ScoreInputError
 from emma_mamba.eval.mmbench import LANGS
 from emma_mamba.eval.refcoco import FRAMES
 from emma_mamba.eval.runner import (LIKELIHOOD_TASKS, TASK_SETTINGS, TASKS, _resolve_identity, check_images,
-                                    check_run_record, evaluate, merge_shards, prepare_run)
+                                    check_run_record, evaluate, merge_shards, prepare_run, with_shard_counts)
 
 __all__ = ["SuiteEntry", "read_suite", "run_suite", "headline"]
 
@@ -249,6 +249,8 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
     if problems:
         raise ScoreInputError(f"{len(problems)} of the {len(entries)} benchmarks cannot run:\n  "
                               + "\n  ".join(problems))
+    from emma_mamba.training.parallel import all_gather_object
+
     rows, reports = [], {}
     try:
         for i, e in enumerate(entries, 1):
@@ -259,12 +261,13 @@ def run_suite(model, entries: list[SuiteEntry], out_dir: str | Path, *, checkpoi
             if shard is None:
                 rep = evaluate(model, e.task, e.questions, e.images, out / e.name, **kw)
             else:
-                evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard, sync=sync, **kw)
-                sync()
+                shards = all_gather_object(evaluate(model, e.task, e.questions, e.images, out / e.name, shard=shard,
+                                                    sync=sync, **kw))  # (a barrier too)
                 rep = None
                 if shard[0] == 0:
                     merge_shards(out / e.name, shard[1])
-                    rep = evaluate(model, e.task, e.questions, e.images, out / e.name, merged=True, **kw)
+                    rep = with_shard_counts(evaluate(model, e.task, e.questions, e.images, out / e.name, merged=True,
+                                                     **kw), shards, out / e.name)
                 sync()
                 if rep is None:
                     continue

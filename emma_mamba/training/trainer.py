@@ -56,7 +56,7 @@ from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, 
 from emma_mamba.training.config import RunConfig, resolve_chat_format, run_config_to_dict, save_run_config
 from emma_mamba.training.optim import build_optimizer, build_scheduler
 from emma_mamba.training.profiling import StepProfiler
-from emma_mamba.training.parallel import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+from emma_mamba.training.parallel import (DistInfo, all_gather_object, all_reduce_sum, broadcast_object,
                                           clip_grad_norm, init_distributed, is_fsdp, lost_peer, no_grad_sync,
                                           resolve_strategy, sync_replicated_grads, wrap_model)
 
@@ -661,7 +661,9 @@ class Trainer:
             raise TrainingError(f"writing the final model into {self.output_dir} failed after step "
                                 f"{self.global_step} of {self.total_steps} ({why}). "
                                 f"{self._last_checkpoint_hint()}") from None
-        barrier()
+        # every process's count of truncated instructions (a barrier too): each truncated its own micro-batches'
+        truncated = sum(all_gather_object(self.model.instruction.num_truncated
+                                          if self.model.instruction is not None else 0))
         if info.is_main:
             el = time.perf_counter() - t_start
             rep = self.dataset.report
@@ -669,9 +671,8 @@ class Trainer:
                      if self.global_step > step_start else "no step this session")
             log.info("done: %d steps; %s; %s; final model in %s", self.global_step, rep.summary(), speed,
                      self.output_dir)
-            if self.model.instruction is not None and self.model.instruction.num_truncated:
-                log.warning("instruction fusion truncated %d instructions to the text tower's context",
-                            self.model.instruction.num_truncated)
+            if truncated:
+                log.warning("instruction fusion truncated %d instructions to the text tower's context", truncated)
         return self.history
 
     def _fit_loop(self, writer, bar, profiler, stop_after: int | None) -> None:

@@ -5,6 +5,7 @@ in one process for generation, likelihood and MME; and a real 2-process gloo run
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,39 @@ def test_torchrun_two_processes_give_the_one_process_answers(shapes, checkpoint,
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert r.stdout.count("POPE  n=6") == 1  # rank 0 reports
     assert _answers(tmp_path / "two") == _answers(tmp_path / "one")
-    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
-    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
-    assert m1 == m2
+    r1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert r1["metrics"] == r2["metrics"]
+    # what the run did, over both processes (it said 0 answered, 0 decode steps: the scoring call's own counts)
+    assert r2["n_answered_this_run"] == r1["n_answered_this_run"] == 6 and r2["processes"] == 2
+    assert r2["decode_steps"] > 0
+
+
+def test_torchrun_a_rank_that_fails_says_so_and_the_other_in_one_line(shapes, checkpoint, tmp_path):
+    """Only rank 1 reads a corrupt image (question 3 of 6: i mod 2): its error line carries no rank, and rank 0
+    printed gloo's whole traceback ("Connection closed by peer"). Now each line names its rank, rank 0's says
+    another process stopped first, as training's do; no traceback."""
+    import shutil
+
+    src = shapes / "heldout" / "pope_adversarial.jsonl"
+    qs = [json.loads(x) for x in src.read_text().splitlines()][:6]
+    images = tmp_path / "images"
+    for q in qs:
+        (images / q["image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shapes / "images" / q["image"], images / q["image"])
+    qs[3]["image"] = "broken.png"
+    (images / "broken.png").write_text("not a picture")
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "emma_mamba.cli", "eval", "--task", "pope", "--questions", str(tmp_path / "q.jsonl"), "--images",
+           str(images), "--checkpoint", str(checkpoint), "--batch-size", "2", "--max-new-tokens", "2",
+           "--no-progress", "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, env=tree_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "[rank 1] emma-mamba eval: " in r.stderr and "broken.png" in r.stderr, r.stderr[-4000:]
+    assert "[rank 0] emma-mamba eval: another process stopped first" in r.stderr, r.stderr[-4000:]
+    # no traceback of ours (torchrun's launcher prints its own ChildFailedError one)
+    assert not re.search(r'File "[^"]*emma_mamba/', r.stderr) and "GLHF" not in r.stderr, r.stderr[-4000:]
 
 
 def test_suite_shards_then_rank_0_merges_and_summarises(shapes, tmp_path):
