@@ -101,10 +101,11 @@ __all__ = ["RequestError", "ChatService", "make_server", "conversation_ids", "co
 
 log = logging.getLogger(__name__)
 
-MAX_STOPS = 16
+MAX_STOPS = 64
 """Stop strings one request may give (OpenAI's API takes 4)."""
-MAX_STOP_CHARS = 256
-"""Characters of one stop string."""
+MAX_STOP_CHARS = 4096
+"""Characters of a request's stop strings together (each token's text meets each of them: the cost per token is
+about the number of strings times the longest)."""
 
 
 class RequestError(ValueError):
@@ -480,11 +481,11 @@ class ChatService:
             raise RequestError("stop must be a string or a list of strings, each non-empty", "stop")
         if any(not x for x in stops):
             raise RequestError("stop must be a string or a list of strings, each non-empty, got ''", "stop")
-        if stop is not None and (len(stops) > MAX_STOPS or max(map(len, stops)) > MAX_STOP_CHARS):
+        if stop is not None and (len(stops) > MAX_STOPS or sum(map(len, stops)) > MAX_STOP_CHARS):
             # each token's text is checked against every stop string on the decoder's thread, which serves every
-            # request: a request's stop strings are bounded as OpenAI's API bounds them (it takes 4)
-            raise RequestError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters, got "
-                               f"{len(stops)} of up to {max(map(len, stops))}", "stop")
+            # request: a request's stop strings are bounded, as OpenAI's API bounds them (it takes 4)
+            raise RequestError(f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters in "
+                               f"all, got {len(stops)} of {sum(map(len, stops))}", "stop")
         try:
             cfg = dataclasses.replace(d, max_new_tokens=max_new, top_k=top_k, seed=seed, stop_strings=tuple(stops),
                                       eos_token_id=self.tokenizer.eos_token_id, num_return_sequences=n, **kw)

@@ -258,9 +258,9 @@ def test_an_image_in_a_system_message_is_400_not_dropped(server, role):
     ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop", "stop must be a string"),
     # bounded: every token's text meets every stop string on the decoder's thread, which serves every request (3000
     # stops of 3000 characters slowed another request 25x)
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 17}, "stop",
-     "stop takes at most 16 strings of at most 256 characters, got 17 of up to 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": "y" * 257}, "stop", "got 1 of up to 257"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 65}, "stop",
+     "stop takes at most 64 strings of at most 4096 characters in all, got 65 of 65"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["y" * 2000, "z" * 2097]}, "stop", "got 2 of 4097"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"messages": [user("x " * 500, image=False)]}, "messages", "more than this server's max_prompt_positions 400"),
     # the placeholder text is reserved in every message's text (the tokenizer would read it as an image slot)
