@@ -304,8 +304,13 @@ def _read_questions(task, questions, images, image_template, split, lang, ocr) -
                                 require(rec, ("question",), qpath, loc, "GQA question")))
     elif task == "textvqa":
         tokens = textvqa_ocr_tokens(ocr) if ocr is not None else None
+        seen_ids: dict = {}
         for loc, rec in textvqa_records(qpath):
             qid = require(rec, ("question_id",), qpath, loc, "TextVQA question")
+            if "image_id" not in rec:  # LLaVA's JSONL: its question_id is the image's, shared by the image's
+                # questions; the k-th repeat is "<id>#k" (answers are keyed by id: one would replace the other)
+                k = seen_ids[qid] = seen_ids.get(qid, 0) + 1
+                qid = qid if k == 1 else f"{qid}#{k}"
             name = rec["image"] if "image" in rec else \
                 f"{require(rec, ('image_id',), qpath, loc, 'TextVQA question')}.jpg"
             text = require(rec, ("question", "text"), qpath, loc, "TextVQA question")

@@ -254,7 +254,10 @@ def textvqa_ocr_tokens(path: str | Path) -> dict:
 
 def textvqa_with_ocr(question: str, tokens: list[str]) -> str:
     """A TextVQA question with its image's OCR tokens on the next line, as LLaVA-1.5's question file has them
-    ("<question>\\nReference OCR token: tok1, tok2, ..."; the question alone when there are none)."""
+    ("<Question>\\nReference OCR token: tok1, tok2, ..."; the question alone when there are none), its first letter
+    upper-cased as there (the official file's questions are lower-case: "what is the brand of this camera?" is
+    asked "What is the brand of this camera?")."""
+    question = question[:1].upper() + question[1:]
     return f"{question}\n{OCR_REFERENCE}{', '.join(tokens)}" if tokens else question
 
 
@@ -264,15 +267,41 @@ def score_textvqa(answers: str | Path, annotations: str | Path, allow_missing: b
     The TextVQA metric is VQAv2's soft accuracy over its ten human answers, given as plain strings, with the
     answer normalisation of the TextVQA/M4C evaluator (:func:`normalize_textvqa`) on both sides."""
     gold: dict = {}
+    by_image_question: dict = {}  # (image_id, question lower-cased) -> question_id: LLaVA's matching
     for loc, rec in textvqa_records(annotations):
         qid = require(rec, ("question_id",), annotations, loc, "TextVQA annotation")
         humans = _human_answers(require(rec, ("answers",), annotations, loc, "TextVQA annotation"), annotations,
                                 loc, normalize_textvqa)
         _gold_entry(gold, qid, (humans, "textvqa", "textvqa"), annotations, loc)
-    rows = [(loc, require(rec, ("question_id",), answers, loc, "TextVQA result"),
-             require(rec, ("answer", "text"), answers, loc, "TextVQA result"))
-            for loc, rec in load_records(answers, "TextVQA results")]
+        if isinstance(rec.get("image_id"), str) and isinstance(rec.get("question"), str):
+            by_image_question[(rec["image_id"], rec["question"].lower())] = qid
+    rows = []
+    for loc, rec in load_records(answers, "TextVQA results"):
+        qid = require(rec, ("question_id",), answers, loc, "TextVQA result")
+        if qid not in gold and isinstance(rec.get("prompt"), str):
+            # asked from LLaVA's question JSONL, whose question_id is the image's (a repeat "<id>#k"): matched as
+            # LLaVA's eval_textvqa.py matches it, by the image and the question read off the prompt
+            question = llava_textvqa_question(rec["prompt"])
+            qid = by_image_question.get((str(qid).split("#")[0], question), qid) if question is not None else qid
+        rows.append((loc, qid, require(rec, ("answer", "text"), answers, loc, "TextVQA result")))
     return _score_soft(gold, rows, answers, annotations, allow_missing, normalize_textvqa)
+
+
+def llava_textvqa_question(prompt: str) -> str | None:
+    """The question of a TextVQA prompt, lower-cased, by the rule of LLaVA-1.5's ``eval_textvqa.py``: from
+    "OCR tokens: ... Question: <q> Short answer:", or the first line of "<q>\nReference OCR token: ...\n<instruction>"
+    (the second when the OCR line comes first), or of "<q>\n<instruction>"; None for another shape."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        m = re.search(r"Question: (.*?) Short answer:", prompt)
+        question = m.group(1) if m else None
+    elif OCR_REFERENCE in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith(OCR_REFERENCE.strip()) else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        question = None
+    return None if question is None else question.lower()
 
 
 def vizwiz_records(path: str | Path) -> list[tuple[str, dict]]:

@@ -348,10 +348,12 @@ def test_textvqa_official_json_with_the_rosetta_ocr_file(tmp_path):
 
     rep = evaluate(None, "textvqa", questions, images, tmp_path / "tv", ocr=ocr, progress=False, answer_fn=fn)
     assert seen == {
-        34602: "what is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
+        # LLaVA's file upper-cases the first letter ("What is the brand of this camera?\nReference OCR token: DAKOTA,
+        # DIGITAL, Single-Use, ...": its line for question 34602)
+        34602: "What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
                "Answer the question using a single word or phrase.",
-        34603: "what is on the sign?\nAnswer the question using a single word or phrase.",
-        34604: "what number is this?\nReference OCR token: 3, TIMES\nAnswer the question using a single word or phrase."}
+        34603: "What is on the sign?\nAnswer the question using a single word or phrase.",
+        34604: "What number is this?\nReference OCR token: 3, TIMES\nAnswer the question using a single word or phrase."}
     assert [len(p.split("\n")) for p in seen.values()] == [3, 2, 3]
     assert rep["metrics"]["accuracy"] == pytest.approx(1.0)  # the answers are scored as without OCR
     assert json.loads((tmp_path / "tv" / "eval_run.json").read_text())["ocr"] == str(ocr.resolve())
@@ -439,3 +441,33 @@ def test_llava_question_files_are_read_and_asked_verbatim(shapes, tmp_path):
         assert list(seen) == want_ids, task
         assert list(seen.values()) == [r["text"] for r in recs], task  # no second instruction
         assert rep["metrics"] is None and rep["annotations"] is None, task
+
+
+def test_textvqa_from_llavas_question_file_is_scored_against_the_official_one(tmp_path):
+    """LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl keys a question by its image's id, so an image's two questions
+    share it: one answer replaced the other (on resume, and under torchrun's merge), and the shipped suite's
+    scoring against TextVQA_0.5.1_val.json failed on every id. Repeats are "<id>#k" now, and the scorer matches
+    LLaVA's answers as its eval_textvqa.py does, by the image and the question read off the prompt. Oracle: each
+    question answered with its own human answer scores 1."""
+    from PIL import Image
+
+    images = tmp_path / "train_images"
+    images.mkdir()
+    for name in ("831bcec304a17054", "94ad4aad01e27a32"):
+        Image.new("RGB", (8, 8)).save(images / f"{name}.jpg")
+    s = "\nAnswer the question using a single word or phrase."
+    asked = [("831bcec304a17054", "What brand liquor is on the right?", "MORANGIE", "glenmorangie", 34602),
+             ("831bcec304a17054", "How long has the drink on the right been aged?", "MORANGIE", "10 years", 34603),
+             ("94ad4aad01e27a32", "What number is on the player's jersey?", "22", "22", 34604)]
+    q = tmp_path / "llava_textvqa_val_v051_ocr.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "image": f"{i}.jpg", "text": f"{t}\nReference OCR token: {o}{s}",
+                                     "category": "default"}) + "\n" for i, t, o, _, _ in asked))
+    ann = tmp_path / "TextVQA_0.5.1_val.json"  # the official file: questions lower-cased, their own ids
+    ann.write_text(json.dumps({"data": [{"question_id": n, "image_id": i, "question": t.lower(), "answers": [a] * 10}
+                                        for i, t, _, a, n in asked]}))
+    truth = {t: a for _, t, _, a, _ in asked}
+    rep = evaluate(None, "textvqa", q, images, tmp_path / "out", annotations=ann, progress=False,
+                   answer_fn=lambda qs, ps: [truth[p.split("\n")[0]] for p in ps])
+    assert rep["metrics"]["n"] == 3 and rep["metrics"]["accuracy"] == pytest.approx(1.0)
+    ids = [json.loads(x)["question_id"] for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert ids == ["831bcec304a17054", "831bcec304a17054#2", "94ad4aad01e27a32"]

@@ -266,6 +266,6 @@ benchmarks:
         return ["A"] * len(qs)
 
     run_suite(None, entries, tmp_path / "out", progress=False, answer_fn=fn)
-    assert seen[34602] == ("what is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
+    assert seen[34602] == ("What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use\n"
                            "Answer the question using a single word or phrase.")
     assert seen["5/0"].endswith("\nAnswer with the option's letter from the given choices directly.")
