@@ -199,6 +199,8 @@ class Question:
 # ---------------------------------------------------------------------------------------- reading
 
 def _image(images: Path, name: str, where: str) -> Path:
+    if not isinstance(name, str) or not name:
+        raise ScoreInputError(f"{where}: the image must be a file name, got {name!r}")
     p = images / name
     if not p.is_file():
         raise ScoreInputError(f"{where}: image {name!r} not found under --images {images}")
@@ -394,6 +396,9 @@ def _read_questions(task, questions, images, image_template, split, lang, ocr) -
                 out.append(Question(n, p, cols[1], category=cat, line=line))
     if not out:
         raise ScoreInputError(f"{qpath}: no questions")
+    bad = next((q for q in out if not isinstance(q.text, str) or not q.text.strip()), None)
+    if bad is not None:  # a null or a number: it failed mid-run, in its batch, as a traceback
+        raise ScoreInputError(f"{qpath}: question {bad.qid!r}: the question must be non-empty text, got {bad.text!r}")
     return out
 
 

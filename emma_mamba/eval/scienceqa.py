@@ -18,11 +18,14 @@ as ScienceQA reports; the split scored is the one of the answered questions.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import LETTERS, parse_choice
+
+log = logging.getLogger(__name__)
 
 __all__ = ["scienceqa_problems", "scienceqa_prompt", "scienceqa_image", "score_scienceqa"]
 
@@ -33,15 +36,20 @@ def scienceqa_problems(path: str | Path, split: str | None = "test") -> dict[str
     if not isinstance(doc, dict) or not doc:
         raise ScoreInputError(f"{path}: expected a JSON object mapping problem id -> problem (ScienceQA "
                               f"problems.json)")
-    out = {}
+    out, no_image = {}, 0  # ScienceQA-IMG: the split's problems with an image
     for pid, rec in doc.items():
         loc = f"problem {pid!r}"
         if not isinstance(rec, dict):
             raise ScoreInputError(f"{path}: {loc}: expected a JSON object")
         for k in ("split", "subject", "grade"):
             label(rec.get(k), path, loc, repr(k))
-        if not rec.get("image") or (split is not None and rec.get("split") != split):
+        if split is not None and rec.get("split") != split:
             continue
+        if not rec.get("image"):
+            no_image += 1
+            continue
+        if not isinstance(rec["image"], str):
+            raise ScoreInputError(f"{path}: {loc}: 'image' must be a file name, got {rec['image']!r}")
         choices = require(rec, ("choices",), path, loc, "ScienceQA problem")
         if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
             raise ScoreInputError(f"{path}: {loc}: 'choices' must be a list of 2 to {len(LETTERS)} options")
@@ -49,10 +57,16 @@ def scienceqa_problems(path: str | Path, split: str | None = "test") -> dict[str
         if answer is not None and (not isinstance(answer, int) or not 0 <= answer < len(choices)):
             raise ScoreInputError(f"{path}: {loc}: answer {answer!r} is not the index of one of its "
                                   f"{len(choices)} choices")
-        require(rec, ("question",), path, loc, "ScienceQA problem")
+        question = require(rec, ("question",), path, loc, "ScienceQA problem")
+        if not isinstance(question, str) or any(not isinstance(c, (str, int, float)) for c in choices) \
+                or not isinstance(rec.get("hint") or "", str):
+            raise ScoreInputError(f"{path}: {loc}: the question, its hint and its choices must be text")
         out[str(pid)] = rec
     if not out:
         raise ScoreInputError(f"{path}: no image problems in split {split!r}")
+    if no_image:
+        log.info("%s: %d image problems of split %s read, %d without an image left out (ScienceQA-IMG)", path,
+                 len(out), split, no_image)
     return out
 
 

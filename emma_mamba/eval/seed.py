@@ -13,11 +13,14 @@ own scorer (``convert_seed_for_submission.py``) credits only a reply equal to th
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
 from emma_mamba.eval._io import ScoreInputError, label, load_json, load_records, match_answers, require
 from emma_mamba.eval.mmbench import LETTERS, parse_choice
+
+log = logging.getLogger(__name__)
 
 __all__ = ["seed_questions", "seed_prompt", "score_seed"]
 
@@ -35,20 +38,27 @@ def seed_questions(path: str | Path) -> tuple[list[tuple[str, dict]], dict[int, 
     for name, tid in qtypes.items():
         types[label(tid, path, f"question_type[{name!r}]", "the type id")] = name
     out = []
+    skipped = 0  # the video dimensions' questions (they need frames, not one image)
     for i, rec in enumerate(doc["questions"]):
         loc = f"questions[{i}]"
         if not isinstance(rec, dict):
             raise ScoreInputError(f"{path}: {loc}: expected a JSON object")
         if rec.get("data_type", "image") != "image":
+            skipped += 1
             continue
         for k in ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "data_id"):
-            require(rec, (k,), path, loc, "SEED-Bench question")
+            v = require(rec, (k,), path, loc, "SEED-Bench question")
+            if k != "question_id" and not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ScoreInputError(f"{path}: {loc}: {k!r} must be text, got {v!r}")
         if "answer" in rec and rec["answer"] not in LETTERS[:4]:
             raise ScoreInputError(f"{path}: {loc}: answer {rec['answer']!r} is not one of A, B, C, D")
         label(rec.get("question_type_id"), path, loc, "'question_type_id'")
         out.append((loc, rec))
     if not out:
         raise ScoreInputError(f"{path}: no image questions (data_type 'image')")
+    if skipped:
+        log.info("%s: %d image questions read, %d video questions left out (they need frames)", path, len(out),
+                 skipped)
     return out, types
 
 

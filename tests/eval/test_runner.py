@@ -4,6 +4,7 @@ equal to scoring those files independently, prompts, resumption after a crash, c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -471,3 +472,30 @@ def test_textvqa_from_llavas_question_file_is_scored_against_the_official_one(tm
     assert rep["metrics"]["n"] == 3 and rep["metrics"]["accuracy"] == pytest.approx(1.0)
     ids = [json.loads(x)["question_id"] for x in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
     assert ids == ["831bcec304a17054", "831bcec304a17054#2", "94ad4aad01e27a32"]
+
+
+@pytest.mark.parametrize("task, name, content, says", [
+    ("pope", "q.jsonl", [{"question_id": i, "image": "a.png", "text": None if i == 3 else "Is there a cat?",
+                          "label": "yes"} for i in range(1, 6)], "question 3: the question must be non-empty text"),
+    ("pope", "q.jsonl", [{"question_id": 1, "image": 5, "text": "Is there a cat?", "label": "yes"}],
+     "line 1: the image must be a file name, got 5"),
+    ("seed", "SEED-Bench.json", {"questions": [{"question_id": "1", "question": None, "choice_a": "a", "choice_b": "b",
+                                                "choice_c": "c", "choice_d": "d", "data_id": "a.png",
+                                                "data_type": "image"}]},
+     "questions[0]: 'question' must be text, got None"),
+    ("scienceqa", "problems.json", {"p1": {"question": "q", "choices": ["a", "b"], "answer": 0, "image": 7,
+                                           "split": "test"}}, "problem 'p1': 'image' must be a file name, got 7"),
+])
+def test_malformed_question_records_are_named_before_any_answer(tmp_path, task, name, content, says):
+    """A question record with a null or numeric text or image failed with a Python traceback naming neither file
+    nor record (a null POPE text only when its batch came up, mid-run)."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    q = tmp_path / name
+    q.write_text("".join(json.dumps(r) + "\n" for r in content) if name.endswith(".jsonl") else json.dumps(content))
+    asked = []
+    with pytest.raises(ScoreInputError, match=re.escape(says)):
+        evaluate(None, task, q, tmp_path, tmp_path / "out", progress=False,
+                 answer_fn=lambda qs, ps: asked.extend(ps) or ["yes"] * len(qs))
+    assert asked == []
