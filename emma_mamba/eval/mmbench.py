@@ -28,8 +28,9 @@ one option's text (case and surrounding punctuation ignored);
 anything else is unparsed and wrong. A reply that names another option letter beside the one found ("A or B",
 "B, C", "The answer is C or D", "B" then "C" on the next line) picks none, as MMBench's evaluator reads it
 (VLMEvalKit's ``can_infer_option`` infers a letter only when the reply names exactly one); the options' own texts
-are taken out before counting, and "A" followed by a lower-case word is the article ("B. A red car" picks B). (MMBench's own evaluator falls back to a GPT judge for free-form
-replies; with a short-answer prompt the rules above cover what a tuned model says.)
+are taken out before counting, and "A" followed by a lower-case word is the article ("B. A red car" picks B).
+(MMBench's own evaluator falls back to a GPT judge for free-form replies; with a short-answer prompt the rules
+above cover what a tuned model says.)
 
 Submission (:func:`mmbench_submission`, :func:`write_run_submission`): the test splits hold no answers; MMBench's
 evaluation server (VLMEvalKit's evaluator) scores a file with every row of the TSV (its CircularEval copies too),
