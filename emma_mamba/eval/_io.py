@@ -81,12 +81,8 @@ _ID_KEYS = frozenset(("question_id", "questionId", "id", "image", "index"))
 def require(rec: dict, keys: tuple[str, ...], path, loc: str, what: str):
     """The value of the first of ``keys`` present in ``rec``; a clear error naming file and line otherwise."""
     for k in keys:
-        if k in rec:
-            v = rec[k]
-            if k in _ID_KEYS and isinstance(v, (list, dict)):  # an id is looked up and compared
-                raise ScoreInputError(f"{path}: {loc}: {what} record's {k!r} must be a string or a number, got "
-                                      f"{type(v).__name__} {json.dumps(v)[:60]}")
-            return v
+        if k in rec:  # an id is looked up and compared: a string or a number, as a grouping label
+            return label(rec[k], path, loc, f"{what} record's {k!r}") if k in _ID_KEYS else rec[k]
     names = " or ".join(repr(k) for k in keys)
     raise ScoreInputError(f"{path}: {loc}: {what} record has no {names} field (keys: {sorted(rec)})")
 

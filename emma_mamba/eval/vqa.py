@@ -25,8 +25,8 @@ question marks deleted, "'s" split off its word), so a reply is scored as LLaVA-
 it ("red,white" -> "redwhite", "men's" -> "men 's": both then miss human answers that the plain rules would
 match; the server's rules, run again after the processor, leave its output unchanged, but for a reply holding
 more than 32 periods, whose later periods the count of step 3 spares). One deliberate difference is on the
-human side: the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only when they
-are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
+human side: the official VQAv2 script (GT-Vision-Lab/VQA) applies only steps 2-3 to the human answers, and only
+when they are not all the same; Prismatic's copy (TRI-ML/vlm-evaluation) applies steps 2-3 always; VizWiz's
 applies nothing. Here the human answers get every step too, so "Two" or "the dog" written by a human matches
 the answers "2" and "dog" (0 in the official scripts); on human answers already in that normal form the scores
 are identical.

@@ -121,7 +121,6 @@ class _Turn:
     text: str
     images: list  # a user turn's images: _ImageRef as parsed, PIL images once decoded (decode_images)
     answer: str | None = None  # the assistant's reply (None for the last, open turn)
-    refs: list = dataclasses.field(default_factory=list)  # where each image came from (decode_images)
 
 
 @dataclasses.dataclass
@@ -141,14 +140,24 @@ def request_pixel_budget() -> int | None:
     return None if Image.MAX_IMAGE_PIXELS is None else 2 * int(Image.MAX_IMAGE_PIXELS)
 
 
-def decode_images(turns: list[_Turn], allow_local: bool) -> None:
+def decode_images(turns: list[_Turn], allow_local: bool, check_size=None) -> None:
     """Decode the turns' image references in place (RequestError naming the part at fault), within the request's
-    pixel budget (:func:`request_pixel_budget`)."""
+    pixel budget (:func:`request_pixel_budget`); ``check_size(size, name)`` (the image processor's) refuses an
+    image the encoder's resize cannot take."""
     budget = [request_pixel_budget()]
     for t in turns:
-        t.refs = [r.where if isinstance(r, _ImageRef) else None for r in t.images]
-        t.images = [_decode_image(r.url, r.where, allow_local, budget) if isinstance(r, _ImageRef) else r
-                    for r in t.images]
+        images = []
+        for r in t.images:
+            if isinstance(r, _ImageRef):
+                im = _decode_image(r.url, r.where, allow_local, budget)
+                try:
+                    if check_size is not None:
+                        check_size(im.size, "the image")
+                except ValueError as e:
+                    raise RequestError(str(e), r.where) from None
+                r = im
+            images.append(r)
+        t.images = images
 
 
 def _spend(budget: list, size: tuple[int, int], where: str) -> None:
@@ -510,13 +519,9 @@ class ChatService:
         if n_pos > self.max_prompt_positions:  # said before any image is decoded
             raise RequestError(f"the conversation is {n_pos} positions long (visual tokens included), more than "
                                f"this server's max_prompt_positions {self.max_prompt_positions}", "messages")
-        decode_images(turns, self.allow_local_images)
-        for t in turns:  # what the encoder's resize cannot take is this request's fault: a 400, before any work
-            for im, ref in zip(t.images, t.refs):
-                try:
-                    self.vlm.image_processor.check_size(im.size, "the image")
-                except ValueError as e:
-                    raise RequestError(str(e), ref) from None
+        # what the encoder's resize cannot take is this request's fault: a 400, before any work
+        decode_images(turns, self.allow_local_images,
+                      self.vlm.image_processor.check_size if self.vlm is not None else None)
         images = [im for t in turns for im in t.images]
         # the history before the last user turn may have a carried state
         resume = (n_hist, n_hist_images, _history_key(ids[:n_hist], images[:n_hist_images])) if n_hist else None
