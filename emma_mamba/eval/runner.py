@@ -1132,14 +1132,20 @@ def with_shard_counts(report: dict, shards: Sequence[dict], out_dir: str | Path)
 
 def merge_shards(out_dir: str | Path, world: int) -> int:
     """Append the ``world`` processes' shard answers (``answers.shard<r>.jsonl``) to ``out_dir/answers.jsonl``
-    (a question answered twice keeps its first answer) and delete the shard files; the number of answers added."""
+    (a question answered twice keeps its first answer) and delete the shard files; the number of answers added.
+
+    The shards are interleaved (rank 0's first answer, rank 1's first, ..., rank 0's second, ...): question i went
+    to rank i mod ``world`` and each rank writes in question order, so a run's merged file lists its answers in the
+    questions' order, as one process writes them."""
     out = Path(out_dir)
     merged = out / "answers.jsonl"
     have = _read_done_jsonl(merged)
+    shards = [list(_read_done_jsonl(out / f"answers.shard{r}.jsonl").items()) for r in range(world)]
     added = []
-    for r in range(world):
-        for qid, rec in _read_done_jsonl(out / f"answers.shard{r}.jsonl").items():
-            if qid not in have:
+    for k in range(max(map(len, shards), default=0)):
+        for part in shards:
+            if k < len(part) and part[k][0] not in have:
+                qid, rec = part[k]
                 have[qid] = rec
                 added.append(json.dumps(rec, ensure_ascii=False))
     if added:

@@ -56,6 +56,9 @@ def test_shards_merged_equal_one_process(task, shapes, tmp_path):
             assert (tmp_path / "many" / "mme" / f.name).read_text() == f.read_text()
     else:
         assert _answers(tmp_path / "many") == _answers(tmp_path / "one")
+        # and in the same order: the shards are interleaved back into the questions' order
+        lines = [(d / "answers.jsonl").read_text().splitlines() for d in (tmp_path / "many", tmp_path / "one")]
+        assert lines[0] == lines[1]
 
 
 def test_a_shard_resumes_its_own_answers(shapes, tmp_path):
