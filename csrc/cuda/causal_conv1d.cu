@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(ConvParams p) {
 #pragma unroll
     for (int sh = 0; sh < 4; ++sh) {
       const int j = kHalo + i - sh;
-      acc += (sg[j] == sg[kHalo + i]) ? wr[sh] * xs[j] : 0.f;
+      acc += (sh < W && sg[j] == sg[kHalo + i]) ? wr[sh] * xs[j] : 0.f;  // a select: 0 * inf is NaN
     }
     out[i] = p.silu ? silu_f(acc) : acc;
   }
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(ConvParams p) {
 #pragma unroll
           for (int sh = 0; sh < 4; ++sh) {
             const int j = kHalo + m - sh;
-            acc += (sg[j] == sg[kHalo + m]) ? wr[sh] * xs[j] : 0.f;
+            acc += (sh < W && sg[j] == sg[kHalo + m]) ? wr[sh] * xs[j] : 0.f;
           }
           const float s = sigmoid_f(acc);
           g *= s * (1.f + acc * (1.f - s));
@@ -145,14 +145,14 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(ConvParams p) {
       float acc = 0.f;
 #pragma unroll
       for (int sh = 0; sh < 4; ++sh) {  // output i + sh reads input i, sh steps back
-        acc += (sg[kHalo + i + sh] == sg[kHalo + i]) ? wr[sh] * dpre[i + sh] : 0.f;
+        acc += (sh < W && sg[kHalo + i + sh] == sg[kHalo + i]) ? wr[sh] * dpre[i + sh] : 0.f;
       }
       dx[i] = acc;
       if (i < valid) {
 #pragma unroll
         for (int sh = 0; sh < 4; ++sh) {
           const int j = kHalo + i - sh;
-          dwb[sh] += (sg[j] == sg[kHalo + i]) ? dpre[i] * xs[j] : 0.f;
+          dwb[sh] += (sh < W && sg[j] == sg[kHalo + i]) ? dpre[i] * xs[j] : 0.f;
         }
         dwb[4] += dpre[i];
       }
@@ -229,6 +229,9 @@ void fill(ConvParams& p, const at::Tensor& x, const at::Tensor& weight, const st
   p.seqlen = x.size(2);
   p.width = weight.size(1);
   EMMA_CHECK(p.width >= 2 && p.width <= 4, "causal_conv1d: width must be 2, 3 or 4, got ", p.width);
+  check_shape(bias, {x.size(1)}, op, "bias");
+  check_shape(initial_states, {x.size(0), x.size(1), p.width - 1}, op, "initial_states");
+  check_shape(seq_idx, {x.size(0), x.size(2)}, op, "seq_idx");
   p.silu = silu;
   p.x = x.data_ptr();
   p.x_bs = x.stride(0);
@@ -318,6 +321,7 @@ at::Tensor causal_conv1d_update(const at::Tensor& x, const at::Tensor& conv_stat
                  x.size(1) == conv_state.size(1) && weight.size(0) == x.size(1) &&
                  weight.size(1) == conv_state.size(2),
              "causal_conv1d_update: expected x (b, d), conv_state (b, d, w), weight (d, w)");
+  check_shape(bias, {x.size(1)}, op, "bias");
   const int batch = x.size(0), dim = x.size(1), W = conv_state.size(2);
   EMMA_CHECK(W >= 2 && W <= 4, "causal_conv1d_update: width must be 2, 3 or 4, got ", W);
   auto out = at::empty(x.sizes(), x.options());

@@ -111,6 +111,15 @@ inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 inline void check_cuda(const std::optional<at::Tensor>& t, const char* op, const char* name) {
   if (t.has_value()) check_cuda(*t, op, name);
 }
+// An argument's exact shape, from the other arguments' sizes (the kernels index it by them: a wrong one is read
+// past its end). The ops layer checks shapes first; these guard emma_mamba._C's and torch.ops' entry points.
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* op, const char* name) {
+  EMMA_CHECK(t.sizes().equals(shape), op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+inline void check_shape(const std::optional<at::Tensor>& t, at::IntArrayRef shape, const char* op,
+                        const char* name) {
+  if (t.has_value()) check_shape(*t, shape, op, name);
+}
 // An input read row by row with its own strides (the mixer's x and z, views of in_proj's output): only its last
 // dimension must have unit stride.
 inline void check_cuda_rows(const at::Tensor& t, const char* op, const char* name) {

@@ -856,10 +856,27 @@ void fill_common(ScanParams& p, const at::Tensor& u, const at::Tensor& delta, co
   check_cuda(seq_idx, op, "seq_idx");
   EMMA_CHECK(A.scalar_type() == at::kFloat, "selective_scan: A must be float32");
   EMMA_CHECK(delta.scalar_type() == u.scalar_type(), "selective_scan: delta must have u's dtype");
+  EMMA_CHECK(u.dim() == 3 && A.dim() == 2, "selective_scan: expected u (b, d, l) and A (d, n), got u ", u.sizes(),
+             " and A ", A.sizes());
   p.batch = u.size(0);
   p.dim = u.size(1);
   p.seqlen = u.size(2);
   p.dstate = A.size(1);
+  {
+    const int64_t b = p.batch, d = p.dim, l = p.seqlen, n = p.dstate;
+    check_shape(delta, {b, d, l}, op, "delta");
+    check_shape(A, {d, n}, op, "A");
+    for (const auto& [x, name] : {std::pair<const BC*, const char*>{&B, "B"}, {&C, "C"}}) {
+      if (x->t.dim() == 2) check_shape(x->t, {d, n}, op, name);
+      else if (x->t.dim() == 3) check_shape(x->t, {b, n, l}, op, name);
+      else check_shape(x->t, {b, x->groups, n, l}, op, name);
+    }
+    check_shape(D, {d}, op, "D");
+    check_shape(z, {b, d, l}, op, "z");
+    check_shape(delta_bias, {d}, op, "delta_bias");
+    check_shape(initial_state, {b, d, n}, op, "initial_state");
+    check_shape(seq_idx, {b, l}, op, "seq_idx");
+  }
   p.nsave = (p.seqlen + kSave - 1) / kSave;
   p.groups_B = B.groups;
   p.groups_C = C.groups;
@@ -1046,6 +1063,7 @@ std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor
   check_cuda(saved, "selective_scan_bwd", "saved");
   check_cuda(dout, "selective_scan_bwd", "dout");
   check_cuda(dlast_state, "selective_scan_bwd", "dlast_state");
+  check_shape(dlast_state, {p.batch, p.dim, p.dstate}, "selective_scan_bwd", "dlast_state");
   EMMA_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(),
              "selective_scan_bwd: dout must match u's shape and dtype");
   EMMA_CHECK(saved.numel() == static_cast<int64_t>(p.batch) * p.dim * p.nsave * p.dstate &&

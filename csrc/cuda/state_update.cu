@@ -106,6 +106,17 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
   p.groups = B.dim() == 3 ? B.size(1) : 1;
   EMMA_CHECK(p.groups >= 1 && p.dim % p.groups == 0, op, ": groups must divide dim");
   EMMA_CHECK(B.sizes() == C.sizes(), op, ": B and C must have the same shape");
+  {
+    const int64_t b = p.batch, d = p.dim, n = p.dstate;
+    check_shape(x, {b, d}, op, "x");
+    check_shape(dt, {b, d}, op, "dt");
+    check_shape(A, {d, n}, op, "A");
+    if (B.dim() == 3) check_shape(B, {b, static_cast<int64_t>(p.groups), n}, op, "B");
+    else check_shape(B, {b, n}, op, "B");
+    check_shape(D, {d}, op, "D");
+    check_shape(z, {b, d}, op, "z");
+    check_shape(dt_bias, {d}, op, "dt_bias");
+  }
   EMMA_CHECK(A.scalar_type() == at::kFloat, op, ": A must be float32");
   at::Tensor Bt = B, Ct = C;
   if (Bt.scalar_type() != Ct.scalar_type()) { Bt = Bt.to(at::kFloat); Ct = Ct.to(at::kFloat); }

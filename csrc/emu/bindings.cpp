@@ -27,6 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         else if (order == "random") s.order = emma_emu::Order::Random;
         else throw std::invalid_argument("schedule must be forward, reverse or random, got '" + order + "'");
         s.seed = seed;
+        s.launches = 0;
       },
       "Order in which runnable threads (and blocks) run between synchronisation points.",
       py::arg("order"), py::arg("seed") = 0);

@@ -8,12 +8,15 @@
 // fiber runs. When every live thread of a warp waits at a warp-level point, the warp is released (a shuffle
 // reads the values its lanes deposited); when every live thread of the block waits at __syncthreads, the
 // block is released. Blocks run one after another, so `__shared__` memory is one buffer: dynamic shared
-// memory is filled with NaN bytes at every block start (an uninitialised read shows up in the outputs).
+// memory (allocated at its exact size per launch, so AddressSanitizer sees an overrun) and the static
+// `__shared__` arrays are filled with NaN bytes at every block start (an uninitialised read, or a read of what
+// an earlier block left, shows up in the outputs).
 //
 // What it checks. Between two __syncthreads each warp in turn runs as far as it can (the most skewed
 // interleaving of warps); the order of the warps, of the lanes within a warp and of the blocks is a setting
-// (forward, reverse or seeded random): a kernel whose result depends on it has a race that a GPU may or may
-// not show. Undefined behaviour that would hang or corrupt on a GPU is an error with
+// (forward, reverse or seeded random; a random schedule draws a new order at every launch, so float atomics
+// add in another order each time, as on a GPU): a kernel whose result depends on it has a race that a GPU may or
+// may not show. Undefined behaviour that would hang or corrupt on a GPU is an error with
 // the warp, the lanes and the source lines involved: a full-mask shuffle or __syncwarp while a lane of the
 // warp has exited, lanes of one warp at different kinds of synchronisation point, lanes at different
 // shuffles, a block that can no longer make progress, a mask other than the full warp.
@@ -50,7 +53,11 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // static __shared__ arrays: one per kernel instance (blocks run one at a time)
+// static __shared__ arrays: one per kernel instance (blocks run one at a time), all in one section of the
+// emulator's library that is filled with NaN bytes at every block start, as dynamic shared memory is
+#define __shared__ static __attribute__((section("emma_emu_smem")))
+extern "C" unsigned char __start_emma_emu_smem[] __attribute__((weak));  // the linker's bounds of that section
+extern "C" unsigned char __stop_emma_emu_smem[] __attribute__((weak));
 
 struct dim3 {
   unsigned x, y, z;
@@ -93,6 +100,7 @@ struct Settings {
   Order order = Order::Forward;
   uint64_t seed = 0;
   size_t stack_bytes = 256 * 1024;
+  uint64_t launches = 0;  // since the schedule was set: a random schedule's order differs launch to launch
 };
 inline Settings& settings() { static Settings s; return s; }
 
@@ -223,6 +231,8 @@ inline void run_block(Block& b, std::mt19937_64& rng) {
     makecontext(&f.ctx, fiber_main, 0);
   }
   std::fill(b.smem.begin(), b.smem.end(), static_cast<unsigned char>(0xff));  // NaN floats
+  if (__start_emma_emu_smem != nullptr && __stop_emma_emu_smem != nullptr)
+    std::fill(__start_emma_emu_smem, __stop_emma_emu_smem, static_cast<unsigned char>(0xff));
   const Order order = settings().order;
   auto arrange = [&](std::vector<int>& v) {
     if (order == Order::Reverse) std::reverse(v.begin(), v.end());
@@ -274,14 +284,14 @@ void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem_bytes, 
   b->fibers.resize(n);
   const size_t stack_total = static_cast<size_t>(n) * settings().stack_bytes;
   if (b->stacks.size() < stack_total) b->stacks.resize(stack_total);
-  b->smem.resize(smem_bytes);
+  b->smem = std::vector<unsigned char>(smem_bytes);  // its exact size: an overrun is AddressSanitizer's to see
   b->slots.assign(static_cast<size_t>((n + 31) / 32) * 64, 0);
   b->body = [&] { std::apply(kernel, kargs); };
   std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
-  std::mt19937_64 rng(settings().seed);
+  std::mt19937_64 rng(settings().seed * 0x9E3779B97F4A7C15ull + settings().launches++);
   if (settings().order == Order::Random) std::shuffle(blocks.begin(), blocks.end(), rng);
   else if (settings().order == Order::Reverse) std::reverse(blocks.begin(), blocks.end());
   g_block = b;

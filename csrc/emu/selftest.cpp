@@ -27,6 +27,14 @@ __global__ void neighbour(float* out, bool sync) {
   out[threadIdx.x] = buf[(threadIdx.x + 1) % blockDim.x];
 }
 
+// a static shared array that block 1 reads without writing: fresh shared memory (NaN), not what block 0 left
+__global__ void static_fresh(float* out) {
+  __shared__ float buf[64];
+  if (blockIdx.x == 0) buf[threadIdx.x % 64] = static_cast<float>(threadIdx.x);
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = buf[threadIdx.x % 64];
+}
+
 __global__ void shuffle_after_exit(float* out) {
   if (threadIdx.x == 3) return;
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, 1.f, 1);
@@ -48,6 +56,7 @@ at::Tensor run(const std::string& name, int threads, int arg0, int arg1) {
   const size_t smem = threads * sizeof(float);
   if (name == "shuffles") EMMA_LAUNCH(shuffles, 1, threads, 0, s, o, arg0, arg1);
   else if (name == "neighbour") EMMA_LAUNCH(neighbour, 1, threads, smem, s, o, arg0 != 0);
+  else if (name == "static_fresh") EMMA_LAUNCH(static_fresh, 2, threads, 0, s, o);
   else if (name == "shuffle_after_exit") EMMA_LAUNCH(shuffle_after_exit, 1, threads, 0, s, o);
   else if (name == "split_warp") EMMA_LAUNCH(split_warp, 1, threads, 0, s, o);
   else if (name == "partial_mask") EMMA_LAUNCH(partial_mask, 1, threads, 0, s, o);

@@ -106,12 +106,16 @@ def _check_scan(t, inputs, softplus=True, last_grad=True, deterministic=None):
 SEQLENS = [1, 7, 128, 1000, 2048, 2049, 8192]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("l", SEQLENS)
-def test_selective_scan_all_flags_over_seqlens(tgt, l, dtype):
-    """z, D, delta_bias, softplus, variable B/C, initial state, seq_idx and a gradient into the last state."""
+def test_selective_scan_all_flags_over_seqlens(tgt, l, dtype, packed):
+    """z, D, delta_bias, softplus, variable B/C, initial state, a gradient into the last state, with and without
+    seq_idx (the packed and the unpacked kernel instances: the LM runs the unpacked ones)."""
+    if tgt is EMU and not packed and l > 2049:
+        pytest.skip("the emulator runs l 8192 packed only (slow); a GPU runs both")
     d = 2 if l > 2049 else 4
-    _check_scan(tgt, _scan_inputs(tgt, 2, d, 8, l, dtype))
+    _check_scan(tgt, _scan_inputs(tgt, 2, d, 8, l, dtype, seq=packed))
 
 
 # (b, d, n, l, dtype, B/C layouts, B/C dtype, z, D, bias, softplus, init, seq, dlast)
@@ -410,6 +414,27 @@ def test_causal_conv1d_short_packed_rows_with_initial_states(tgt):
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs[0][1], outs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("w", [2, 3, 4])
+def test_causal_conv1d_inf_stays_in_the_filter_window(tgt, w):
+    """An inf at position 5 reaches outputs 5 .. 5 + w - 1 only, forward and backward, as the reference: the
+    kernel's taps past the width (weight 0 in a 4-tap loop) must not multiply it (0 * inf is NaN)."""
+    x = torch.randn(1, 4, 40, device=tgt.dev)
+    x[..., 5] = float("inf")
+    x.requires_grad_()
+    wt = torch.randn(4, w, device=tgt.dev)
+    dout = torch.zeros(1, 4, 40, device=tgt.dev)
+    dout[..., 20] = float("inf")  # dx: positions 20 - w + 1 .. 20 only
+    bad = {}
+    for backend in (tgt.backend, "torch"):
+        with ops.use_backend(backend):
+            out = ops.causal_conv1d(x, wt)
+            dx, = torch.autograd.grad(out, [x], dout)
+            bad[backend] = ((~out.isfinite()).any(1).nonzero()[:, 1].tolist(),
+                            (~dx.isfinite()).any(1).nonzero()[:, 1].tolist())
+    assert bad["torch"] == (list(range(5, 5 + w)), list(range(21 - w, 21)))
+    assert bad[tgt.backend] == bad["torch"]
 
 
 @pytest.mark.parametrize("w", [2, 3, 4])

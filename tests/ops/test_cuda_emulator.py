@@ -67,6 +67,79 @@ def test_schedule_order_exposes_a_shared_memory_race(emu, forward_after):
     assert not torch.equal(racy["forward"].nan_to_num(-1), racy["reverse"].nan_to_num(-1))
 
 
+def test_static_shared_memory_is_fresh_in_every_block(emu):
+    """A static __shared__ array that block 1 reads without writing reads NaN (fresh shared memory), not the
+    values block 0 left there: a missing staging write shows in the outputs, as it would on a GPU."""
+    n = 64
+    out = emu.selftest("static_fresh", n)
+    torch.testing.assert_close(out[:n], torch.arange(n, dtype=torch.float32), rtol=0, atol=0)
+    assert torch.isnan(out[n:2 * n]).all()
+
+
+def test_random_schedule_reorders_atomics_at_every_launch(emu, forward_after):
+    """Under a random schedule the blocks run in a new order at every launch, so the atomic backward's float sums
+    differ from run to run (as on a GPU) while the deterministic mode stays bitwise equal: the emulated
+    reproducibility tests can tell the two modes apart."""
+    from .test_cuda_backend import _run_scan
+
+    inputs = _scan_inputs(EMU, 2, 16, 16, 600, torch.bfloat16, ("var", "g4"))
+    emu.set_schedule("random", 7)
+    det = [_run_scan(EMU, inputs, True, True, deterministic=True)[2] for _ in range(2)]
+    atomic = [_run_scan(EMU, inputs, True, True, deterministic=False)[2] for _ in range(2)]
+    assert all(torch.equal(det[0][k], det[1][k]) for k in det[0])
+    assert not all(torch.equal(atomic[0][k], atomic[1][k]) for k in atomic[0])
+    for k in det[0]:  # the same gradients to rounding
+        torch.testing.assert_close(atomic[0][k], det[0][k], rtol=2e-2, atol=2e-2)
+
+
+def _bad_shape_calls():
+    """(what is wrong, a call of the emulated CUDA binding with it, the message) for each argument whose size the
+    kernels take from the others."""
+    b, d, n, l, w = 1, 2, 4, 16, 4
+    r = torch.randn
+    u, dl, A, B = r(b, d, l), torch.rand(b, d, l), -torch.rand(d, n), r(b, n, l)
+    scan = lambda **kw: lambda m: m.selective_scan_fwd(  # noqa: E731
+        u, kw.get("delta", dl), A, kw.get("B", B), kw.get("C", B), kw.get("D"), kw.get("z"), kw.get("bias"), True,
+        kw.get("init"), kw.get("seq"))
+    st, x2 = r(b, d, n), r(b, d)
+    step = lambda **kw: lambda m: m.selective_state_update(  # noqa: E731
+        st.clone(), kw.get("x", x2), kw.get("dt", torch.rand(b, d)), A, kw.get("B", r(b, n)), kw.get("C", r(b, n)),
+        kw.get("D"), kw.get("z"), kw.get("bias"), True)
+    cx, cw = r(b, d, l), r(d, w)
+    conv = lambda **kw: lambda m: m.causal_conv1d_fwd(  # noqa: E731
+        cx, cw, kw.get("bias"), kw.get("init"), kw.get("seq"), True)
+    seq = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
+    return [
+        ("scan delta", scan(delta=torch.rand(b, d, l // 2)), r"delta must have shape \[1, 2, 16\], got \[1, 2, 8\]"),
+        ("scan B", scan(B=r(b, n, l // 2)), r"B must have shape \[1, 4, 16\]"),
+        ("scan grouped C", scan(C=r(b, 2, n, l - 1)), r"C must have shape \[1, 2, 4, 16\]"),
+        ("scan constant B", scan(B=r(d, n + 1)), r"B must have shape \[2, 4\]"),
+        ("scan D", scan(D=r(1)), r"D must have shape \[2\]"),
+        ("scan z", scan(z=r(b, d, l - 1)), r"z must have shape"),
+        ("scan delta_bias", scan(bias=r(3)), r"delta_bias must have shape"),
+        ("scan initial_state", scan(init=r(1, 1, 1)), r"initial_state must have shape \[1, 2, 4\]"),
+        ("scan seq_idx", scan(seq=seq(b, 1)), r"seq_idx must have shape \[1, 16\]"),
+        ("step x", step(x=r(b, d + 1)), r"x must have shape \[1, 2\]"),
+        ("step dt", step(dt=r(b, 1)), r"dt must have shape"),
+        ("step B", step(B=r(b, 1), C=r(b, 1)), r"B must have shape \[1, 4\]"),
+        ("step D", step(D=r(5)), r"D must have shape"),
+        ("step z", step(z=r(b, 1)), r"z must have shape"),
+        ("step dt_bias", step(bias=r(1)), r"dt_bias must have shape"),
+        ("conv bias", conv(bias=r(1)), r"bias must have shape \[2\]"),
+        ("conv initial_states", conv(init=r(b, d, 1)), r"initial_states must have shape \[1, 2, 3\]"),
+        ("conv seq_idx", conv(seq=seq(b, 3)), r"seq_idx must have shape \[1, 16\]"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_shape_calls())))
+def test_cuda_entry_points_refuse_a_mis_shaped_argument(emu, case):
+    """The CUDA binding's own checks (emma_mamba._C.<op>_cuda and torch.ops.emma_mamba reach the kernels without
+    the ops layer's): an argument whose size does not follow from the others is named, never read past its end."""
+    what, call, message = _bad_shape_calls()[case]
+    with pytest.raises(RuntimeError, match=message):
+        call(emu)
+
+
 @pytest.mark.parametrize("kernel,message", [
     ("shuffle_after_exit", r"warp 0: lanes 0-2,4-31 wait at a shuffle \(line \d+\) with the full mask, but "
                            r"lanes 3 have exited"),
