@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none, no CORS headers)")
     p.add_argument("--no-web-ui", action="store_true",
                    help="do not answer GET / with the chat page (a browser client of /v1/chat/completions)")
+    p.add_argument("--max-concurrent-requests", type=int, default=128, metavar="N",
+                   help="chat / text completion requests answered at once, queued ones included; one more gets a "
+                        "429 with Retry-After instead of waiting behind them (0 = no limit; default %(default)s)")
     p.add_argument("--state-cache", type=int, default=16,
                    help="conversation states kept so that a follow-up request prefills only its new turn "
                         "(0 = off; each is the model's recurrent state, ~25 MB at 2.8B; default %(default)s)")
@@ -132,6 +135,9 @@ def run(args) -> int:
             api_key = os.environ.get(args.api_key_env)
             if not api_key:
                 raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+        if args.max_concurrent_requests < 0:
+            raise UsageError(f"--max-concurrent-requests must be >= 0 (0: no limit), got "
+                             f"{args.max_concurrent_requests}")
         _check_listen(args.host, args.port)
         device, dtype, gcfg = setup(args)
         if args.checkpoint is not None:
@@ -147,7 +153,7 @@ def run(args) -> int:
                               max_batch=args.max_batch, prefill_chunk=args.prefill_chunk)
         try:
             server = make_server(service, args.host, args.port, api_key=api_key, web_ui=not args.no_web_ui,
-                                 cors_origins=cors)
+                                 cors_origins=cors, max_concurrent_requests=args.max_concurrent_requests or None)
         except OSError as e:
             service.close()
             raise _listen_error(args.host, args.port, e) from None

@@ -925,6 +925,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # a keep-alive response's body is not held back behind its headers' ACK
     keep_alive_timeout: float = 15.0  # seconds a connection may wait for its next request (or its first)
+    io_timeout: float = 60.0  # seconds one read of a request's body or one write of its answer may block
     cors_origins: frozenset[str] = frozenset()  # origins answered with CORS headers ("*": any); empty: no CORS
 
     web_ui: bool = True  # GET / answers the chat page (emma_mamba/assets/webui.html)
@@ -959,7 +960,10 @@ class _Handler(BaseHTTPRequestHandler):
         ok = super().parse_request()
         if ok:
             self.path, _, self.query = self.path.partition("?")
-            self.connection.settimeout(None)  # the request is read: its body and answer take what they take
+            # the body and the answer take what they take, but no single read or write waits on the client more
+            # than io_timeout (one whose upload stalls, or who stops reading its stream, would hold a thread and a
+            # socket for ever)
+            self.connection.settimeout(self.io_timeout)
         return ok
 
     def send_response_only(self, code, message=None) -> None:
@@ -1140,6 +1144,19 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(405, _error_body(f"POST {self.path}: this endpoint takes GET", None),
                                   {"Allow": "GET, HEAD"})
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
+        admitted = self.server.admit() if route in ("/v1/chat/completions", "/v1/completions") else None
+        if admitted is False:  # refused before its body is read: the connection ends after the answer
+            limit = self.server.max_concurrent_requests
+            return self._json(429, _error_body(f"the server is busy: {limit} requests are being answered, its "
+                                               f"limit (serve --max-concurrent-requests); retry shortly", None,
+                                               "rate_limit_error", "too_many_requests"), {"Retry-After": "1"})
+        try:
+            self._post(route, others)
+        finally:
+            if admitted:
+                self.server.release()
+
+    def _post(self, route: str, others: dict) -> None:
         try:
             n = self._content_length()
             if n > self.max_body_bytes:
@@ -1163,6 +1180,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(e.status, _error_body(str(e), e.param, code=e.code))
         except (BrokenPipeError, ConnectionResetError):  # the client went away (mid-stream: generation stops)
             log.info("%s disconnected", self.address_string())
+        except TimeoutError:
+            self.close_connection = True
+            if not self._body_read:  # its upload stalled: said, and the connection ends (the rest is no request)
+                log.info("%s: the request body did not arrive within %g s", self.address_string(), self.io_timeout)
+                self._body_read = True  # nothing more is read of it (finish() would wait for the rest)
+                self._json(408, _error_body(f"the request body stopped arriving (nothing for {self.io_timeout:g} s)",
+                                            None, code="request_timeout"))
+            else:  # it stopped reading its answer: the connection is dropped, as a client gone is
+                log.info("%s stopped reading its answer for %g s: connection closed", self.address_string(),
+                         self.io_timeout)
+        except DecoderClosed:  # the server is stopping (counted in its one line): not a failure to log as one
+            self._json(503, _error_body("the server is stopping: this request was not answered", None,
+                                        "server_error"))
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
@@ -1384,7 +1414,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # socketserver's default of 5 reset connections when more clients came at once
 
+    max_concurrent_requests: int | None = None  # generation requests answered at once (more: a 429); None: any
+
     def __init__(self, *args, **kwargs):
+        self._admitted = 0  # generation requests being answered (bounded by max_concurrent_requests)
         self._busy: dict = {}  # connection -> whether it is handling a request (else idle, waiting for one)
         self._answered: set = set()  # connections whose request's answer is completely written (handler running)
         self._active_lock = threading.Condition()
@@ -1401,6 +1434,19 @@ class _Server(ThreadingHTTPServer):
                 self._busy.pop(request, None)
                 self._answered.discard(request)
                 self._active_lock.notify_all()
+
+    def admit(self) -> bool:
+        """Count a generation request in, or False when ``max_concurrent_requests`` are being answered already
+        (the request is refused with a 429 instead of queueing for minutes behind them)."""
+        with self._active_lock:
+            if self.max_concurrent_requests is not None and self._admitted >= self.max_concurrent_requests:
+                return False
+            self._admitted += 1
+            return True
+
+    def release(self) -> None:
+        with self._active_lock:
+            self._admitted -= 1
 
     def begin_request(self, connection) -> bool:
         """Mark ``connection`` as handling a request; False when the server is stopping (no new requests)."""
@@ -1483,21 +1529,33 @@ class _Tagged:
 
 def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000,
                 api_key: str | None = None, web_ui: bool = True, cors_origins: Sequence[str] = (),
-                keep_alive_timeout: float = 15.0) -> ThreadingHTTPServer:
+                keep_alive_timeout: float = 15.0, io_timeout: float = 60.0,
+                max_concurrent_requests: int | None = 128) -> ThreadingHTTPServer:
     """A threading HTTP server answering with ``service`` (``port`` 0: any free port; ``server.server_port``).
     ``api_key``: require ``Authorization: Bearer <api_key>`` on every endpoint but ``/health`` and the chat page.
     ``web_ui``: answer ``GET /`` with a chat page in the browser (streamed answers, an image per conversation).
     ``cors_origins``: origins (``https://example.com:8080``, ``*``: any) whose pages may call the API: CORS
     preflights answered (without the API key) and CORS headers on their responses (none: no CORS).
-    ``keep_alive_timeout``: seconds an HTTP/1.1 connection may wait idle for its next request."""
+    ``keep_alive_timeout``: seconds an HTTP/1.1 connection may wait idle for its next request. ``io_timeout``:
+    seconds one read of a request body or one write of an answer may wait on the client (a stalled upload is a
+    408, a client that stops reading has its connection closed). ``max_concurrent_requests``: generation requests
+    (chat and text completions) answered at once, queued ones included; one more is refused with a 429 and
+    ``Retry-After`` (None: no limit)."""
     if isinstance(cors_origins, str):
         cors_origins = [cors_origins]
     try:
         origins = frozenset(cors_origin(o) for o in cors_origins)
     except ValueError as e:
         raise ValueError(f"make_server: cors_origins: {e}") from None
-    if not keep_alive_timeout > 0:
-        raise ValueError(f"make_server: keep_alive_timeout must be > 0 seconds, got {keep_alive_timeout}")
+    for name, v in (("keep_alive_timeout", keep_alive_timeout), ("io_timeout", io_timeout)):
+        if not v > 0:
+            raise ValueError(f"make_server: {name} must be > 0 seconds, got {v}")
+    if max_concurrent_requests is not None and max_concurrent_requests < 1:
+        raise ValueError(f"make_server: max_concurrent_requests must be >= 1 (or None: no limit), got "
+                         f"{max_concurrent_requests}")
     handler = type("Handler", (_Handler,), {"service": service, "api_key": api_key, "web_ui": web_ui,
-                                            "cors_origins": origins, "keep_alive_timeout": keep_alive_timeout})
-    return _Server((host, port), handler)
+                                            "cors_origins": origins, "keep_alive_timeout": keep_alive_timeout,
+                                            "io_timeout": io_timeout})
+    server = _Server((host, port), handler)
+    server.max_concurrent_requests = max_concurrent_requests
+    return server

@@ -315,6 +315,80 @@ def test_idle_connections_are_closed_after_the_timeout_and_at_stop(model):
     c.close()
 
 
+def test_a_stalled_upload_is_a_408_and_frees_its_thread(model):
+    """A client that sends its headers and part of the body, then nothing: after ``io_timeout`` seconds it gets a
+    408 saying so and the connection ends (it held a server thread and a socket for ever); a whole request on
+    another connection is answered meanwhile."""
+    with _serving(model, io_timeout=0.5) as (srv, _):
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"messages\":")
+            r, raw = _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})
+            assert r.status == 200 and json.loads(raw)["choices"]
+            t0 = time.time()
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in reply, reply
+            assert b"the request body stopped arriving (nothing for 0.5 s)" in reply
+            assert time.time() - t0 < 30
+        deadline = time.time() + 30
+        while srv.open_connections():
+            assert time.time() < deadline, "the stalled connection's thread did not end"
+            time.sleep(0.01)
+    with pytest.raises(ValueError, match="io_timeout must be > 0 seconds"):
+        make_server(None, io_timeout=0)
+
+
+def test_a_plain_request_cut_off_by_the_stop_is_a_503_not_a_failure(model, caplog):
+    """A plain (not streamed) request the stopping decoder cuts off gets a 503 saying the server is stopping, as a
+    stream gets its error event: not a 500 and a logged traceback per request."""
+    from emma_mamba.inference.batching import DecoderClosed
+
+    with _serving(model) as (srv, _):
+        def closed(*a, **k):
+            raise DecoderClosed("the decoder is closed")
+
+        srv.RequestHandlerClass.service.complete = closed
+        with caplog.at_level("INFO", logger="emma_mamba.inference.server"):
+            r, raw = _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})
+        assert r.status == 503, raw
+        assert json.loads(raw)["error"]["message"] == "the server is stopping: this request was not answered"
+        assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+def test_requests_beyond_the_concurrency_limit_are_a_429(model):
+    """With ``max_concurrent_requests`` answers in progress, one more generation request is refused at once with a
+    429 and ``Retry-After`` (not queued behind them for minutes); GET endpoints are not counted; once an answer is
+    done the next request is taken."""
+    with _serving(model, max_concurrent_requests=1) as (srv, _):
+        svc = srv.RequestHandlerClass.service
+        entered, go, complete = threading.Event(), threading.Event(), svc.complete
+
+        def slow(*a, **k):
+            entered.set()
+            assert go.wait(60)
+            return complete(*a, **k)
+
+        svc.complete = slow
+        first = {}
+        t = threading.Thread(target=lambda: first.setdefault("r", _ask(_conn(srv), "POST", "/v1/chat/completions",
+                                                                         CHAT, {"Content-Type": "application/json"})))
+        t.start()
+        assert entered.wait(60)
+        r, raw = _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})
+        assert r.status == 429 and r.getheader("Retry-After") == "1", raw
+        assert "the server is busy: 1 requests are being answered" in json.loads(raw)["error"]["message"]
+        assert _ask(_conn(srv), "GET", "/health")[0].status == 200
+        go.set()
+        t.join(60)
+        assert first["r"][0].status == 200
+        assert _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})[0] \
+            .status == 200
+    with pytest.raises(ValueError, match="max_concurrent_requests must be >= 1"):
+        make_server(None, max_concurrent_requests=0)
+
+
 def test_serve_stops_promptly_with_an_idle_connection_open_and_serves_cors(model, tmp_path):
     """`emma-mamba serve --cors-origin ...` end to end: a stream to the allowed page's origin carries the CORS
     header; SIGTERM with an idle keep-alive connection open stops at once, counting no request as cut off (the
