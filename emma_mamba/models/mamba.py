@@ -299,7 +299,8 @@ class MambaCache:
 @dataclass
 class MambaLMOutput:
     logits: torch.Tensor | None
-    """(b, l, padded_vocab) (or the last num_last_tokens positions), in the model's dtype."""
+    """(b, l, padded_vocab) (or the last num_last_tokens positions, or (n, padded_vocab) at a logits_mask's n
+    positions), in the model's dtype."""
     last_hidden_state: torch.Tensor
     """(b, l, d_model) after the final norm."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -806,12 +807,15 @@ class MambaLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 seq_idx: torch.Tensor | None = None, cache: MambaCache | None = None,
                 output_hidden_states: bool = False, num_last_tokens: int = 0,
-                labels: torch.Tensor | None = None) -> MambaLMOutput:
+                labels: torch.Tensor | None = None, logits_mask: torch.Tensor | None = None) -> MambaLMOutput:
         """input_ids (b, l) or inputs_embeds (b, l, d_model) -> :class:`MambaLMOutput`.
 
         seq_idx: int (b, l), nondecreasing per row: packed sequences that must not see each other.
         cache: a :class:`MambaCache` to prefill (l > 1) or advance by one token (l == 1); it is updated in place.
         num_last_tokens: if > 0, logits only for the last that many positions (saves the (l, vocab) matmul).
+        logits_mask: a (b, l) bool tensor: logits only at its True positions, as ``(n_true, vocab)`` in row-major
+        order (``logits[mask]`` of the full logits; training takes the labelled positions only: the head's matmul,
+        its backward and the (b, l, vocab) gradient of the others are not computed).
         labels: (b, l) token ids, -100 where no loss is wanted (typically ``input_ids``): ``output.loss`` is the
         next-token cross-entropy, shifted inside as transformers does. There is no ``attention_mask``: right
         padding needs labels of -100 there, packing needs ``seq_idx``.
@@ -823,9 +827,18 @@ class MambaLM(nn.Module):
                 raise ValueError(f"MambaLM.forward: labels must be integer token ids of the inputs' shape {want}, "
                                  f"got {getattr(labels, 'dtype', type(labels).__name__)} "
                                  f"{tuple(getattr(labels, 'shape', ()))}")
-            if num_last_tokens:
+            if num_last_tokens or logits_mask is not None:
                 raise ValueError("MambaLM.forward: labels need the logits of every position; num_last_tokens "
-                                 "must be 0")
+                                 "must be 0 and logits_mask None")
+        if logits_mask is not None:
+            want = tuple((input_ids if inputs_embeds is None else inputs_embeds).shape[:2])
+            if not isinstance(logits_mask, torch.Tensor) or logits_mask.dtype != torch.bool \
+                    or tuple(logits_mask.shape) != want:
+                raise ValueError(f"MambaLM.forward: logits_mask must be a bool tensor of the inputs' shape {want}, "
+                                 f"got {getattr(logits_mask, 'dtype', type(logits_mask).__name__)} "
+                                 f"{tuple(getattr(logits_mask, 'shape', ()))}")
+            if num_last_tokens:
+                raise ValueError("MambaLM.forward: give num_last_tokens or logits_mask, not both")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if x.shape[1] == 1:
             seq_idx = None  # one token cannot cross a boundary
@@ -841,7 +854,7 @@ class MambaLM(nn.Module):
         if cache is not None:
             cache.seqlen_offset += x.shape[1]
         h = self.norm_f(x)
-        hl = h[:, -num_last_tokens:] if num_last_tokens > 0 else h
+        hl = h[logits_mask] if logits_mask is not None else h[:, -num_last_tokens:] if num_last_tokens > 0 else h
         weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hl, weight)
         loss = None

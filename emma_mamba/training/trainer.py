@@ -447,7 +447,7 @@ class Trainer:
         """The (wrapped) model on a batch already on the device."""
         return self.wrapped(input_ids=b["input_ids"], pixel_values=b["pixel_values"], labels=b["labels"],
                             instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
-                            seq_idx=b["seq_idx"], sample_ids=b["sample_ids"])
+                            seq_idx=b["seq_idx"], sample_ids=b["sample_ids"], labelled_logits_only=True)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
@@ -539,8 +539,8 @@ class Trainer:
                 with self._autocast():
                     out = self._forward(b)
                 target = torch.nn.functional.pad(out.labels[:, 1:], (0, 1), value=-100)
-                sel = target != -100
-                right = (out.logits.argmax(-1)[sel] == target[sel]).sum()
+                # out.logits: the labelled positions' only (out.logits_mask: where they are)
+                right = (out.logits.argmax(-1) == target[out.logits_mask]).sum()
                 sums[:5] += torch.tensor([float(out.loss["lm"]) * b["num_label_tokens"],
                                           float(out.loss["align"]) * b["num_images"], b["num_label_tokens"],
                                           b["num_images"], float(right)], dtype=torch.float64, device=info.device)

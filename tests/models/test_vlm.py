@@ -483,6 +483,46 @@ def test_stage_counts_match_requires_grad():
         assert trainable == sum(r[stage] for r in rows.values()), stage
 
 
+def test_labelled_logits_only_gives_the_full_forwards_loss_gradients_and_logits():
+    """Training's forward (``labelled_logits_only``, the LM head at the labelled positions only) against the full
+    forward: the same losses, the logits at the mask's positions equal the full logits there, the same gradient
+    for every parameter; a batch with nothing labelled still reaches every parameter with a zero gradient."""
+    m = make_model().set_stage("finetune")
+    m.train()
+    b = make_batch(m)
+
+    def run(only, batch):
+        m.zero_grad(set_to_none=True)
+        out = m(**batch, labelled_logits_only=only)
+        out.loss["total"].backward()
+        return out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    full, g_full = run(False, b)
+    part, g_part = run(True, b)
+    target = F.pad(full.labels[:, 1:], (0, 1), value=-100)
+    assert torch.equal(part.logits_mask, target != -100) and full.logits_mask is None
+    assert part.logits.shape == (int(part.logits_mask.sum()), full.logits.shape[-1])
+    torch.testing.assert_close(part.logits, full.logits[part.logits_mask], rtol=1e-6, atol=1e-6)
+    for k in ("lm", "align", "total"):
+        torch.testing.assert_close(part.loss[k], full.loss[k], rtol=1e-6, atol=1e-7)
+    assert g_full.keys() == g_part.keys() and g_full
+    for n in g_full:
+        torch.testing.assert_close(g_part[n], g_full[n], rtol=1e-5, atol=1e-7, msg=n)
+    nothing = {**b, "labels": torch.full_like(b["labels"], -100)}
+    out, g = run(True, nothing)
+    assert float(out.loss["lm"]) == 0.0 and out.logits.shape[0] == 0
+    assert set(g) >= {n for n, p in m.lm.named_parameters(prefix="lm") if p.requires_grad}
+    with pytest.raises(ValueError, match="labelled_logits_only needs labels"):
+        m(b["input_ids"], b["pixel_values"], instruction_ids=b["instruction_ids"], labelled_logits_only=True)
+    lm, ids = m.lm, b["input_ids"][:, :9]
+    mask = torch.rand(ids.shape) < 0.5
+    torch.testing.assert_close(lm(ids, logits_mask=mask).logits, lm(ids).logits[mask], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_mask must be a bool tensor of the inputs' shape"):
+        lm(ids, logits_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="give num_last_tokens or logits_mask, not both"):
+        lm(ids, logits_mask=mask, num_last_tokens=1)
+
+
 @torch.no_grad()
 def test_text_only_batch(model):
     ids = torch.tensor([model.tokenizer.encode("Just text, no picture.")])
