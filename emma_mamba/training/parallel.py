@@ -188,8 +188,13 @@ def wrap_model(model: nn.Module, strategy: str, info: DistInfo, *, bf16: bool = 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(info.device.type, (info.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-            MixedPrecisionPolicy()
+        # cast_forward_inputs=False: FSDP's default rounds every float input of a wrapped forward to bf16, which
+        # (root) made the alignment head's pixel targets from bf16-rounded images (a flat patch's rounding noise,
+        # divided by its tiny standard deviation, became the target: align loss 0.95 where one process and DDP
+        # give 0.76) and (blocks) rounded the fp32 residual stream at every block, so residual_in_fp32 did nothing.
+        # The modules cast what they compute with themselves (the ViT its input, RMSNorm to its weight's dtype).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
         # Left unsharded (replicated): the frozen CLIP text tower of instruction fusion (read through
         # forward_intermediates, never its own forward, and never trained) and any 0-d parameter (fully_shard
         # cannot shard scalars, e.g. CLIP's unused logit_scale).

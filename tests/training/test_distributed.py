@@ -194,7 +194,7 @@ def test_torchrun_fsdp_with_lora_matches_and_resumes(shapes, tmp_path, base_dtyp
 
 
 FSDP_BF16_PROBE = r'''
-import json, sys, torch, torch.distributed as dist
+import copy, json, sys, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from emma_mamba.config import get_preset
 from emma_mamba.models import mamba as M
@@ -212,10 +212,35 @@ def spy(self, *a, **k):  # the dtypes the mixer computes with
                 in_proj=str(self.in_proj.weight.dtype))
     return forward(self, *a, **k)
 M.MambaMixer.forward = spy
+blocks_in, pixels_in = [], []
+block_forward, vlm_forward = M.MambaBlock.forward, EmmaMamba.forward
+def block_spy(self, x, *a, **k):  # the residual stream each block receives
+    blocks_in.append(str(x.dtype))
+    return block_forward(self, x, *a, **k)
+def vlm_spy(self, *a, pixel_values=None, **k):  # the images the model (and its alignment targets) receive
+    if pixel_values is not None:
+        pixels_in.append(str(pixel_values.dtype))
+    return vlm_forward(self, *a, pixel_values=pixel_values, **k)
+M.MambaBlock.forward, EmmaMamba.forward = block_spy, vlm_spy
+# a nearly flat image (a flat patch's targets are its pixels' small deviations, divided by their small spread):
+# the one-process bf16 run's alignment loss, autocast, is the oracle for FSDP's
+img = torch.tensor([model.tokenizer.encode("<image>\nWhat is it? A red square.")])
+px = 0.3 + 0.01 * torch.rand(1, 3, *model.vision.image_size, generator=torch.Generator().manual_seed(7))
+inst = model.tokenize_instructions(["What is it?"]) if model.instruction is not None else None
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    ref_align = float(copy.deepcopy(model)(input_ids=img, pixel_values=px, labels=img,
+                                           instruction_ids=inst).loss["align"])
+pixels_in.clear()
+blocks_in.clear()
 wrap_model(model, "fsdp", info, bf16=True)
 torch.manual_seed(1 + info.rank)  # each process its own batch
 ids = torch.randint(0, 100, (1, 12))
 model(input_ids=ids, labels=ids).loss["lm"].backward()
+n_layer = len(model.lm.layers)
+text_blocks_in = blocks_in[:]
+blocks_in.clear()
+out = model(input_ids=img, pixel_values=px, labels=img, instruction_ids=inst)
+(out.loss["lm"] + out.loss["align"]).backward()
 sync_replicated_grads(model)
 params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
 def full(g):
@@ -229,7 +254,10 @@ grads = [torch.zeros_like(A.grad) for _ in range(2)]
 dist.all_gather(grads, A.grad)
 sys.stdout.write("PROBE " + json.dumps({"seen": seen, "norm": got, "by_hand": before, "after": norm_by_hand(),
                                         "A_log_grad_same_on_both": bool(torch.equal(*grads)),
-                                        "A_log_sharded": isinstance(A, DTensor)}) + "\n")
+                                        "A_log_sharded": isinstance(A, DTensor), "n_layer": n_layer,
+                                        "blocks_in": blocks_in, "text_blocks_in": text_blocks_in,
+                                        "pixels_in": pixels_in, "align": float(out.loss["align"]),
+                                        "ref_align": ref_align}) + "\n")
 sys.stdout.flush()  # one write per rank: print's two (text, end) interleave under PYTHONUNBUFFERED
 # the commands' own teardown: dist.destroy_process_group() alone let a gloo worker thread release a Python
 # tensor at interpreter exit, which aborted one run under load ("terminate called without an active exception")
@@ -254,6 +282,13 @@ def test_fsdp_bf16_keeps_the_ssm_parameters_fp32_and_whole(tmp_path):
         assert row["seen"] == {"A_log": "torch.float32", "D": "torch.float32", "dt_bias": "torch.float32",
                                "in_proj": "torch.bfloat16"}
         assert not row["A_log_sharded"] and row["A_log_grad_same_on_both"]
+        # the images reach the model (and the alignment targets) in fp32, and the residual stream every block after
+        # the first in fp32 (residual_in_fp32): FSDP's default input cast rounded both to bf16
+        assert row["pixels_in"] == ["torch.float32"]
+        n = row["n_layer"]
+        assert row["blocks_in"] == ["torch.bfloat16"] + ["torch.float32"] * (n - 1), row["blocks_in"]
+        assert row["text_blocks_in"] == row["blocks_in"]
+        assert row["align"] == pytest.approx(row["ref_align"], rel=1e-2)
         assert row["norm"] == pytest.approx(row["by_hand"], rel=1e-5)
         assert row["after"] == pytest.approx(0.5 * row["by_hand"], rel=1e-4)  # clipped to half
     assert rows[0]["norm"] == rows[1]["norm"]
