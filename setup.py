@@ -204,6 +204,15 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
+    license_files=["LICENSE", "NOTICE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Operating System :: POSIX :: Linux",
+    ],
     python_requires=">=3.10",
     # configs/ sits at the top of the repository (the design's layout) and installs inside the package. The Triton
     # kernels live in emma_mamba/kernels/: a top-level kernels/ folder was importable as `kernels` wherever the
@@ -228,6 +237,10 @@ setup(
         "tokenizers",
         "tqdm",
         "pillow",
+        # the vision tower (open_clip's ViTs, read through forward_intermediates) is the model's, not an option:
+        # without it neither the quickstart nor a checkpoint runs
+        "open_clip_torch>=3.0",
+        "torchvision",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.2", "transformers>=4.40", "mambapy",
@@ -235,7 +248,7 @@ setup(
                  "openai",  # the real client against `serve` (tests/models/test_openai_client.py)
                  "scipy",  # the pixel oracle of tests/data/test_shapes_pixels.py (also scikit-image's dependency)
                  "openpyxl"],  # the .xlsx reader checking tests/eval/test_mmbench_submission.py (pandas' engine)
-        "vision": ["open_clip_torch>=3.0", "timm", "torchvision"],  # timm: the dual encoder's second tower
+        "vision": ["timm"],  # the dual encoder's second tower (DINOv2; open_clip's towers are a base requirement)
         "peers": ["mambapy", "transformers>=4.40"],
         "plot": ["matplotlib"],
         "wandb": ["wandb"],

@@ -158,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
+# optional packages some commands import (module -> what to pip install): the peers of the benchmarks, plots, W&B
+_OPTIONAL_PACKAGES = {"transformers": "transformers", "mambapy": "mambapy", "matplotlib": "matplotlib",
+                      "wandb": "wandb", "lmms_eval": '"lmms-eval>=0.7.3,<0.8" "filelock<4"', "timm": "timm",
+                      "openai": "openai", "mamba_ssm": "mamba-ssm (see docs/install.md: GPU peers)",
+                      "causal_conv1d": "causal-conv1d (see docs/install.md: GPU peers)"}
+
+
 def _main_reporting(argv: list[str] | None) -> int:
     try:
         rc = _main(argv)
@@ -172,6 +179,13 @@ def _main_reporting(argv: list[str] | None) -> int:
         if ops is None or not isinstance(e, ops.BackendUnavailableError):
             raise
         print(f"emma-mamba: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional package a command needs (a base install lacks the peers): one line
+        top = (e.name or "").partition(".")[0]
+        if top not in _OPTIONAL_PACKAGES:
+            raise
+        print(f"emma-mamba: this command needs {top}, which is not installed: pip install {_OPTIONAL_PACKAGES[top]}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where a command has no handling of its own (while torch imports): one line
         print("emma-mamba: interrupted", file=sys.stderr)

@@ -277,3 +277,22 @@ def test_under_torchrun_a_failure_goes_into_the_error_file_torchrun_reads(monkey
     monkeypatch.undo()
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
     assert cli.main(["configs"]) == 0 and not error_file.exists()
+
+
+def test_a_missing_optional_package_is_one_line_naming_what_to_install(monkeypatch, capsys):
+    """`bench latency` without transformers (a base install has no peers): one line naming the pip command, exit 2,
+    not a ModuleNotFoundError traceback; a module that is not an optional package is still raised."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    assert main(["bench", "latency", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "emma-mamba: this command needs transformers, which is not installed: pip install transformers"
+    import emma_mamba.cli as cli
+
+    def broken(argv):
+        raise ModuleNotFoundError("No module named 'emma_mamba.nope'", name="emma_mamba.nope")
+
+    monkeypatch.setattr(cli, "_main", broken)
+    with pytest.raises(ModuleNotFoundError):
+        main(["env"])

@@ -90,7 +90,10 @@ def test_configs_command_lists_and_copies(tmp_path, capsys):
 
 def test_sdist_carries_every_tracked_source_header_and_recipe(tmp_path):
     # docs/: the pages the README (the sdist's long description too) links
-    want = _tracked("csrc", "configs", "emma_mamba", "tests", "docs", "setup.py", "setup.cfg", "README.md")
+    # benchmarks/ (the results the docs cite), .ci/run (the README's test command), the licence and its notice
+    want = _tracked("csrc", "configs", "emma_mamba", "tests", "docs", "benchmarks", "setup.py", "setup.cfg",
+                    "README.md", ".ci/run", "LICENSE", "NOTICE")
+    assert {"LICENSE", "NOTICE", ".ci/run"} <= want
     _setup_py(["egg_info", "--egg-base", str(tmp_path), "sdist", "--dist-dir", str(tmp_path)])
     (sdist,) = tmp_path.glob("emma_mamba-*.tar.gz")
     with tarfile.open(sdist) as tf:

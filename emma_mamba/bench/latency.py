@@ -54,7 +54,7 @@ place; SDPA then attends over that length with a mask, so it is sized tightly) u
 Results go to ``--out`` (default ``bench_results/latency_<device>_<name>.json``) with machine, versions, shapes,
 parameter counts, dtype, backend and load average, after each section (Ctrl-C leaves the finished ones, marked
 ``"interrupted": true``), plus PNG plots (decode latency, memory vs context; TTFT vs image
-tokens; tokens/s vs batch) when matplotlib is installed (``pip install emma-mamba[plot]``).
+tokens; tokens/s vs batch) when matplotlib is installed (``pip install matplotlib``).
 """
 
 from __future__ import annotations
@@ -860,7 +860,7 @@ def plot(res: dict, out_dir: str, stem: str) -> list[str]:
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed (pip install emma-mamba[plot]): no plots written")
+        print("matplotlib is not installed (pip install matplotlib): no plots written")
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

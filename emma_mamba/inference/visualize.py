@@ -100,7 +100,7 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("drawing the maps needs matplotlib (pip install emma-mamba[plot])") from None
+        raise ImportError("drawing the maps needs matplotlib (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from emma_mamba.models.vision import load_image

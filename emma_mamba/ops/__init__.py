@@ -131,7 +131,14 @@ def build_freshness(ext, csrc=None) -> tuple[bool | None, str]:
                    f"{csrc.parent}")
 
 
-_REBUILD = "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in the source checkout"
+def _rebuild_advice() -> str:
+    """How to rebuild ``emma_mamba._C``: in a source checkout (csrc/ and setup.py beside the package) its build
+    commands; for an installed package, reinstalling it from its source against the torch installed now."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return f"`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in {root}"
+    return ("a reinstall from source against the installed torch: `pip install --no-build-isolation "
+            "--force-reinstall --no-deps <the sdist, a git URL or a checkout of emma_mamba>`")
 
 
 def import_fix(e: BaseException) -> str:
@@ -139,8 +146,8 @@ def import_fix(e: BaseException) -> str:
     changed since the build (a ``pip install -U torch``): the extension links against one torch's C++ symbols."""
     if "undefined symbol" in str(e):
         return (f"an undefined symbol means it was built against another torch than this one (torch "
-                f"{torch.__version__}): rebuild it against this torch with {_REBUILD}")
-    return f"build it with {_REBUILD}"
+                f"{torch.__version__}): rebuild it against this torch with {_rebuild_advice()}")
+    return f"build it with {_rebuild_advice()}"
 
 
 def import_error_message(e: BaseException) -> str:
@@ -156,7 +163,7 @@ def torch_mismatch(ext) -> str | None:
     if built is None or built == torch.__version__:
         return None
     return (f"emma_mamba._C was built against torch {built} but this is torch {torch.__version__}: torch keeps no "
-            f"C++ ABI across versions, so its kernels may crash or misbehave; rebuild: {_REBUILD}")
+            f"C++ ABI across versions, so its kernels may crash or misbehave; rebuild: {_rebuild_advice()}")
 
 
 _stale_checked = False
@@ -478,11 +485,16 @@ def _kernels_for(t: torch.Tensor):
     return _load(get_backend(t.device))
 
 
-@torch.compiler.assume_constant_result
 def _traced_backend(device_type: str, selection: str) -> str:
     """get_backend, called once while torch.compile traces a graph; the graph keeps the answer, and guards on
     ``selection`` (passed in so that Dynamo specialises on it: another selection retraces)."""
     return get_backend(device_type)
+
+
+# torch.compiler.assume_constant_result(_traced_backend) without its import of torch._dynamo (and triton), 1.6 s of
+# every process that never compiles (generate, chat, serve, eval): the decorator only sets this attribute, which
+# Dynamo reads when it meets the call (tests/ops/test_compile.py checks that the two still agree)
+_traced_backend._dynamo_marked_constant = True
 
 
 def _pick(t: torch.Tensor):

@@ -219,7 +219,7 @@ def _run(args) -> int:
     try:
         import matplotlib
     except ImportError:
-        raise PlotError("matplotlib is not installed (pip install emma-mamba[plot])") from None
+        raise PlotError("matplotlib is not installed (pip install matplotlib)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -492,3 +492,23 @@ def test_compile_caches_are_keyed_on_the_ops_sources():
     env = dict(os.environ, TORCH_COMPILE_CACHE_KEY_TAG="users-own-tag")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"users-own-tag|{mine}"
+
+
+def test_the_backend_choice_is_a_constant_to_dynamo_without_importing_it():
+    """ops marks ``_traced_backend`` as torch.compiler.assume_constant_result does, without importing torch._dynamo
+    (and triton: 1.6 s of every process that never compiles): the decorator's effect on a function must still be
+    exactly that mark, and a fresh ``import emma_mamba.ops`` must not load Dynamo."""
+    import subprocess
+    import sys
+
+    def probe():
+        pass
+
+    before = dict(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    assert {k: v for k, v in vars(probe).items() if k not in before} == {"_dynamo_marked_constant": True}
+    assert vars(ops._traced_backend).get("_dynamo_marked_constant") is True
+    r = subprocess.run([sys.executable, "-c", "import sys, emma_mamba.ops, emma_mamba.models.vlm; "
+                        "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-2000:]
