@@ -522,16 +522,18 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
         current = _full_model_state(model) if lora else None  # collective
         sd = _read(path / "model.safetensors", lambda f: load_file(str(f))) if info.is_main else {}
         if lora and info.is_main:
-            sd = resume_state(model, current, sd, _read(path / LORA_FILE, lambda f: load_file(str(f))), str(path))
+            sd = _lora_state(resume_state, model, current, sd, _read(path / LORA_FILE, lambda f: load_file(str(f))),
+                             path)
         set_model_state_dict(model, sd, options=opts)
-        set_optimizer_state_dict(model, optimizer, osd if info.is_main else {}, options=opts)
+        _load_optimizer(path, lambda: set_optimizer_state_dict(model, optimizer, osd if info.is_main else {},
+                                                               options=opts))
     else:
         dev = str(info.device)
         sd = _read(path / "model.safetensors", lambda f: load_file(str(f), device=dev))
         own = model.state_dict()
         if lora:
-            sd = resume_state(model, own, sd, _read(path / LORA_FILE, lambda f: load_file(str(f), device=dev)),
-                              str(path))
+            sd = _lora_state(resume_state, model, own, sd,
+                             _read(path / LORA_FILE, lambda f: load_file(str(f), device=dev)), path)
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -543,9 +545,30 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
                                 f"{tuple(sd[bad].shape)} there, {tuple(own[bad].shape)} here")
         model.load_state_dict(sd, strict=True)
         if by_name:
-            set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            _load_optimizer(path, lambda: set_optimizer_state_dict(model, optimizer, osd,
+                                                                   options=StateDictOptions(full_state_dict=True)))
         else:
-            optimizer.load_state_dict(osd)
+            _load_optimizer(path, lambda: optimizer.load_state_dict(osd))
+
+
+def _lora_state(resume_state, model, current, saved, adapters, path: Path) -> dict:
+    """:func:`emma_mamba.models.lora.resume_state`, its refusals (another train.lora.r, other base weights) as the
+    run's one-line TrainingError."""
+    try:
+        return resume_state(model, current, saved, adapters, str(path))
+    except RuntimeError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _load_optimizer(path: Path, load) -> None:
+    """The optimizer's state from the checkpoint: one that holds other parameters than this run trains (another
+    train.trainable, stage or vision.freeze) is a TrainingError saying so, not torch's KeyError."""
+    try:
+        load()
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"{path}: its optimizer state does not fit this run's trainable parameters ({_last_line(e)}"
+                            f"): resume with the run's own train.trainable, stage and model.vision.freeze, or start "
+                            f"a new run from the checkpoint with init_from") from None
 
 
 def _load_sharded(path: Path, model: nn.Module, optimizer, state: dict, info: DistInfo) -> None:

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -486,10 +487,12 @@ class Trainer:
         sync_replicated_grads(self.model)  # FSDP: the SSM parameters it leaves whole (parallel.py)
         max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.params, max_norm)
-        if not torch.isfinite(grad_norm):  # the same on every rank (a global norm): all stop before the update
+        sums = all_reduce_sum(sums).cpu()  # the losses summed over ranks: the same on every rank, as the norm
+        lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
+        # a loss that is not finite stops the run as a gradient that is not does (a finite gradient beside an inf
+        # loss is possible: a detached term), all ranks together, before the update
+        if not (torch.isfinite(grad_norm) and math.isfinite(lm_loss) and math.isfinite(align_loss)):
             self.optimizer.zero_grad(set_to_none=True)
-            sums = all_reduce_sum(sums).cpu()
-            lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
             raise TrainingError(
                 f"step {self.global_step + 1}: the loss ({lm_loss:.4g} lm, {align_loss:.4g} align) or its gradient "
                 f"is not finite (grad norm {float(grad_norm)}); stopped before the update, "
@@ -499,16 +502,16 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sums = all_reduce_sum(sums).cpu()
-        lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
         self._stop_agreed = float(sums[2]) > 0
         return {"lm_loss": lm_loss, "align_loss": align_loss, "loss": lm_loss + w_align * align_loss, "lr": lr,
                 "grad_norm": float(grad_norm), "label_tokens": int(counts[0]), "images": int(counts[1]),
                 "tokens": int(counts[2]), "positions": int(counts[3]), "samples": int(counts[4])}
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Losses over the whole validation set (val.json), the same on every rank; see the module doc."""
+    def validate(self, stoppable: bool = False) -> dict | None:
+        """Losses over the whole validation set (val.json), the same on every rank; see the module doc.
+        ``stoppable`` (fit's): None as soon as a stop was asked for (Ctrl-C / SIGTERM on any rank, agreed batch
+        by batch), so that the step's checkpoint is written at once, not after a long validation."""
         ds, info = self.val_dataset, self.info
         if ds is None:
             raise RuntimeError("no validation data: set val.json")
@@ -527,6 +530,8 @@ class Trainer:
         self.model.eval()
         try:
             for j in range(per_rank):
+                if stoppable and self._stop_during_validation():
+                    return None
                 try:
                     b = self._usable(next(batches, None) if error is None else None, ds)
                 except DataError as e:
@@ -558,12 +563,21 @@ class Trainer:
                 "total_tokens": self.counters["tokens"], "val_label_tokens": int(sums[2]),
                 "val_images": int(sums[3]), "val_samples": len(ds), "val_time": time.perf_counter() - t0}
 
-    def _maybe_validate(self, writer, bar) -> None:
+    def _validation_due(self) -> bool:
+        """Whether the step just finished (``global_step``) is validated: every ``val.every_steps`` and the last."""
         every = self.cfg.val.every_steps
-        if self.val_dataset is None or not ((every and self.global_step % every == 0)
-                                            or self.global_step >= self.total_steps):
+        return self.val_dataset is not None and bool((every and self.global_step % every == 0)
+                                                     or self.global_step >= self.total_steps)
+
+    def _maybe_validate(self, writer, bar) -> None:
+        if not self._validation_due():
             return
-        v = self.validate()
+        v = self.validate(stoppable=True)
+        if v is None:  # a stop was asked for during it: the run stops after this step (its checkpoint first)
+            if self.info.is_main:
+                log.info("step %d: validation cut short by the stop; a resumed run validates this step first",
+                         self.global_step)
+            return
         self.val_history.append(v)
         if writer is not None:
             writer.write(v)
@@ -603,7 +617,12 @@ class Trainer:
     def _fit(self, stop_after: int | None) -> list[dict]:
         """:meth:`fit` inside its lock and signal handlers."""
         cfg, info = self.cfg, self.info
-        writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step) if info.is_main else None
+        # resumed at a step whose validation was due but may not have run (a stop after the step's checkpoint and
+        # before or during its validation): it runs first, replacing any record of it (validation is deterministic)
+        revalidate = (self.global_step > 0 and self._validation_due()
+                      and not any(v["step"] == self.global_step for v in self.val_history))
+        writer = _MetricsWriter(self.output_dir, cfg, info, self.global_step,
+                                drop_val_at=self.global_step if revalidate else None) if info.is_main else None
         bar = None
         if info.is_main and cfg.log.progress_bar:
             from tqdm.auto import tqdm
@@ -617,7 +636,12 @@ class Trainer:
                      self.global_step, self.total_steps)
         profiler = StepProfiler(cfg.profile, self.output_dir, info)
         self._saved_step = self.global_step  # what a resume of this folder would start from (a fresh run: 0)
+        self._history_at_fit = len(self.history)  # stop_after counts this call's steps
         try:
+            if revalidate:
+                self._maybe_validate(writer, bar)
+                if self._stop_requested():  # a signal during it: the state is the checkpoint's, nothing to save
+                    self._stop_after_signal(True)
             self._fit_loop(writer, bar, profiler, stop_after)
             self.wait_for_checkpoint()
         except KeyboardInterrupt:
@@ -645,7 +669,7 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
-        if stop_after is not None and len(self.history) >= stop_after and self.global_step < self.total_steps:
+        if stop_after is not None and len(self.history) - self._history_at_fit >= stop_after and self.global_step < self.total_steps:
             return self.history
         try:
             save_model_dir(self.model, self.output_dir, info, cfg)
@@ -730,7 +754,7 @@ class Trainer:
                     self._stop_after_signal(saved)
                 if self.global_step >= self.total_steps:
                     break
-                if stop_after is not None and len(self.history) >= stop_after:
+                if stop_after is not None and len(self.history) - self._history_at_fit >= stop_after:
                     return
             del it
 
@@ -793,6 +817,16 @@ class Trainer:
                 self._bar.write(msg, file=sys.stderr)
             else:
                 log.warning("%s", msg)
+
+    def _stop_during_validation(self) -> bool:
+        """Whether a stop was asked for (any rank: a one-number all-reduce per validation batch, every rank at the
+        same batch); agreed, it is also the step's stop (:meth:`_stop_requested`)."""
+        if self.info.world_size == 1:
+            return self._stop_signal is not None
+        flag = torch.tensor([float(self._stop_signal is not None)], dtype=torch.float64, device=self.info.device)
+        if float(all_reduce_sum(flag)) > 0:
+            self._stop_agreed = True
+        return self._stop_agreed
 
     def _stop_requested(self) -> bool:
         """Whether to stop after this step: one process, as soon as it saw a signal; several, when any rank had
@@ -868,10 +902,20 @@ class Trainer:
         optimizer and scheduler states fix are taken from it, with a warning, so that this run's
         train_config.yaml says what the run does."""
         from emma_mamba.config import config_to_dict, load_config
+        from emma_mamba.training.checkpoint import _read
         from emma_mamba.training.config import _flatten, load_run_config
 
+        def read_config(file: Path, load):
+            """A checkpoint's config file through the checkpoint reader: an empty, truncated or unparsable one is
+            named as a damaged checkpoint with the run's other checkpoints (not read as a config mistake)."""
+            def reader(f: Path):
+                if not f.read_text(encoding="utf-8").strip():
+                    raise ValueError("the file is empty")
+                return load(f)
+            return _read(file, reader)
+
         if (path / "config.yaml").is_file():
-            theirs = _flatten(config_to_dict(load_config(path / "config.yaml")))
+            theirs = _flatten(config_to_dict(read_config(path / "config.yaml", load_config)))
             ours = _flatten(config_to_dict(self.cfg.model))
             where = ("name", "pretrained", "tokenizer")  # where weights came from, not what the model is
             diff = sorted(k for k in set(theirs) | set(ours)
@@ -883,8 +927,20 @@ class Trainer:
                                   f"new run from it with init_from")
         if not (path / "train_config.yaml").is_file():
             return
-        old_run = load_run_config(path / "train_config.yaml")
+        old_run = read_config(path / "train_config.yaml", load_run_config)
         old, t = old_run.train, self.cfg.train
+        # what trains: the optimizer's state holds those parameters only (another set failed inside torch's
+        # optimizer-state loader with a KeyError)
+        was, now = _trainable_modules(old_run), _trainable_modules(self.cfg)
+        if was != now:
+            raise ConfigError(f"--resume {path}: the checkpoint trained {', '.join(was)} and this run would train "
+                              f"{', '.join(now)} (train.trainable, the stage or model.vision.freeze changed): its "
+                              f"optimizer state holds what it trained; resume with the run's own values, or start a "
+                              f"new run from the checkpoint with init_from")
+        if old.lora.r and t.lora.r and old.lora.r != t.lora.r:  # (with or without adapters: refused further on)
+            raise ConfigError(f"--resume {path}: train.lora.r {old.lora.r!r} there, {t.lora.r!r} here: the "
+                              f"checkpoint's adapters have its own rank; resume with it, or start a new run from the "
+                              f"checkpoint's merged model with init_from")
         # what the data order and the meaning of the saved data position depend on (plan_rows): another value
         # would reshuffle the rest of the epoch (records skipped, others trained twice), so it is refused
         order = [("train.seed", old.seed, t.seed), ("data.packing", old_run.data.packing, self.cfg.data.packing),
@@ -986,11 +1042,24 @@ class Trainer:
                             "them", self.output_dir / CHECKPOINT_DIR, self.global_step, ", ".join(later))
 
 
+def _trainable_modules(run) -> list[str]:
+    """The modules a run trains (:meth:`EmmaMamba.set_stage`'s choice): ``train.trainable``, or the stage's own
+    (the ViT too in finetune when ``model.vision.freeze`` is false)."""
+    from emma_mamba.models.vlm import STAGES
+
+    if run.train.trainable is not None:
+        return sorted(run.train.trainable)
+    vision = {"vision"} if run.stage == "finetune" and not run.model.vision.freeze else set()
+    return sorted(set(STAGES[run.stage]) | vision)
+
+
 class _MetricsWriter:
     """metrics.jsonl (+ TensorBoard when installed), rank 0 only. On resume, lines past the resumed step (from
-    the interrupted run) are dropped so the file reads as one uninterrupted run."""
+    the interrupted run) are dropped so the file reads as one uninterrupted run, and so is the validation record
+    of the resumed step itself when it is validated again (``drop_val_at``)."""
 
-    def __init__(self, output_dir: Path, cfg: RunConfig, info: DistInfo, start_step: int):
+    def __init__(self, output_dir: Path, cfg: RunConfig, info: DistInfo, start_step: int,
+                 drop_val_at: int | None = None):
         output_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(cfg, output_dir / "train_config.yaml")
         self.f = None
@@ -1000,7 +1069,9 @@ class _MetricsWriter:
             if start_step > 0 and path.is_file():
                 for line in text_lines(path.read_text(encoding="utf-8")):
                     try:
-                        if json.loads(line).get("step", 0) <= start_step:
+                        rec = json.loads(line)
+                        if rec.get("step", 0) <= start_step and not (rec.get("step") == drop_val_at
+                                                                      and "val_loss" in rec):
                             keep.append(line)
                     except json.JSONDecodeError:
                         continue

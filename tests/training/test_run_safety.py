@@ -163,31 +163,57 @@ def test_a_repeated_sigterm_under_torchrun_is_one_stop(shapes, tmp_path, monkeyp
                          caplog.text), caplog.text
 
 
-def test_ctrl_c_during_a_validation_stops_after_it(shapes, tmp_path, monkeypatch, terminal_signals):
-    """In one process a Ctrl-C during a (long) validation stops when it ends, with a checkpoint of the step it
-    validated, instead of training one more step first; the resumed run ends as the uninterrupted one."""
+def test_a_stop_during_a_validation_cuts_it_short_and_the_resume_validates_that_step(shapes, tmp_path, monkeypatch,
+                                                                                     terminal_signals):
+    """In one process a Ctrl-C during a (long) validation stops at once, with a checkpoint of the step it was
+    validating, instead of finishing it first (a scheduler's grace period can run out before the checkpoint); the
+    resumed run validates that step first, so its metrics.jsonl holds every validation record of the uninterrupted
+    run (the oracle), with the same values, and the same losses. Also a stop landing between a step's checkpoint
+    and its validation (a kill there) gets its validation back on resume."""
+    import json
+
     data = subset(shapes, tmp_path, 6)
-    val = subset(shapes, tmp_path, 2, name="val.json")
+    val = subset(shapes, tmp_path, 3, name="val.json")
     kw = dict(train={"max_steps": 4}, val={"json": str(val), "image_folder": str(shapes / "images"),
-                                           "every_steps": 2})
+                                           "every_steps": 2, "micro_batch_size": 1})
     whole = Trainer(make_cfg(shapes, tmp_path / "whole", data, **kw)).fit()
-    real = Trainer._maybe_validate
+    batches = []
+    real = Trainer._usable
 
-    def validate(self, writer, bar):
-        if self.global_step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, writer, bar)
+    def usable(self, b, ds, skipped=None):
+        if ds is self.val_dataset and self.global_step == 2:
+            batches.append(b)
+            if len(batches) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(self, b, ds, skipped)
 
-    monkeypatch.setattr(Trainer, "_maybe_validate", validate)
+    monkeypatch.setattr(Trainer, "_usable", usable)
     t = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw))
     with pytest.raises(TrainingInterrupted) as e:
         t.fit()
     monkeypatch.undo()
     assert str(e.value).startswith("stopped by Ctrl-C after step 2 of 4. ") and e.value.exit_code == 130
-    assert [v["step"] for v in t.val_history] == [2]  # the validation finished
+    assert len(batches) == 1 and t.val_history == []  # cut short after its first batch of 3
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step_00000002"]
     rest = Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume="auto").fit()
     assert [m["loss"] for m in rest] == [m["loss"] for m in whole[2:]]
+
+    def records(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    def vals(run):
+        return [(r["step"], r["val_lm_loss"], r["val_align_loss"], r["val_token_acc"]) for r in records(run)
+                if "val_loss" in r]
+
+    assert [v[0] for v in vals("whole")] == [2, 4] and vals("r") == vals("whole")
+    # a stop after step 2's checkpoint, before its validation ran (as a kill there leaves it), and again a
+    # completed validation of that step: the resume validates step 2 once, never twice
+    for drop in (True, False):
+        lines = [r for r in records("whole") if r["step"] <= 2 and not (drop and "val_loss" in r)]
+        (tmp_path / "r" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        Trainer(make_cfg(shapes, tmp_path / "r", data, **kw), resume=str(tmp_path / "r" / "checkpoints" /
+                                                                        "step_00000002")).fit()
+        assert vals("r") == vals("whole")
 
 
 _CTRL_C_CHILD = """

@@ -279,7 +279,7 @@ def test_validation_loss_matches_per_sample_oracle_and_leaves_training_unchanged
     t = Trainer(cfg)
     snapshots = {}
     orig = t.validate
-    t.validate = lambda: snapshots.setdefault(t.global_step, orig())  # called after steps 2 and 3 (the last)
+    t.validate = lambda **kw: snapshots.setdefault(t.global_step, orig(**kw))  # after steps 2 and 3 (the last)
     hist = t.fit()
     assert [m["loss"] for m in hist] == [m["loss"] for m in plain_hist]  # bitwise
     assert all(torch.equal(a, b) for a, b in zip(t.model.state_dict().values(), plain.model.state_dict().values()))
