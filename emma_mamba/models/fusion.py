@@ -32,6 +32,7 @@ text is never modified.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -113,7 +114,8 @@ class InstructionFusion(nn.Module):
     tower only); it stays frozen and in eval mode. ``tokenizer`` is ``open_clip.get_tokenizer(name)``.
     """
 
-    TOKEN_CACHE_SIZE = 1 << 16  # tokenized instructions kept (a row of 77 int64 ids is ~0.6 KB)
+    TOKEN_CACHE_SIZE = 1 << 16  # tokenized instructions kept (a row of 77 int64 ids is ~0.6 KB), keyed by a hash
+    WORD_CACHE_SIZE = 1 << 17  # open_clip's tokenizer caches every distinct word's BPE, unbounded: cleared past it
     LOGGED_TEXTS = 10  # distinct truncated instructions logged one by one; later ones only counted
 
     def __init__(self, text_model: nn.Module, tokenizer, vision_width: int, num_visual_tokens: int,
@@ -170,16 +172,22 @@ class InstructionFusion(nn.Module):
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"instructions must be strings, got {type(t).__name__}")
-            hit = self._token_cache.get(t)
+            # keyed by a digest, not the text: a serve that answers long distinct questions for days keeps
+            # 0.6 KB per entry, not every question in full (2000-word ones: 620 MB before the entry cap)
+            key = hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            hit = self._token_cache.get(key)
             fresh = hit is None
             if fresh:
                 n = _token_count(self.tokenizer, t)
                 hit = (self.tokenizer([t], context_length=self.context_length)[0], n)
                 if len(self._token_cache) >= self.TOKEN_CACHE_SIZE:
                     self._token_cache.pop(next(iter(self._token_cache)))
+                words = getattr(getattr(self.tokenizer, "tokenizer", self.tokenizer), "cache", None)
+                if isinstance(words, dict) and len(words) > self.WORD_CACHE_SIZE:
+                    words.clear()
             else:
-                self._token_cache.pop(t)  # re-inserted below: most recently used last
-            self._token_cache[t] = hit
+                self._token_cache.pop(key)  # re-inserted below: most recently used last
+            self._token_cache[key] = hit
             row, n = hit
             if n is not None and n > self.context_length:
                 n_trunc += 1

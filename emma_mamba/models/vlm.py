@@ -714,7 +714,11 @@ def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<ima
                       template: str = CHAT_TEMPLATE, image_position: str = "in_turn") -> str:
     """``template`` filled with ``num_images`` placeholders (one per line) followed by the user's prompt; with
     ``image_position`` before_turn the placeholders precede the template instead (as training lays them out:
-    :func:`emma_mamba.data.llava.chat_segments`)."""
+    :func:`emma_mamba.data.llava.chat_segments`). With images the prompt is stripped, as training strips the turn
+    that holds the image (LLaVA's preprocess_multimodal) and ``serve`` every message: a question read from a file
+    with its trailing newline was asked otherwise than the model was trained."""
+    if num_images:
+        prompt = prompt.strip()
     if image_position == "before_turn":
         return image_token * num_images + template.format(prompt=prompt)
     if image_position != "in_turn":

@@ -3,6 +3,7 @@ move, agreement with hand-written formulas (the oracle) built from torch primiti
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import open_clip
@@ -170,13 +171,29 @@ def test_instruction_token_cache_is_exact_bounded_and_still_counts_truncation(te
             assert len(fusion._token_cache) <= 3
     assert fusion.num_truncated == 2  # the long instruction, once per use, cached or not
     assert caplog.text.count("truncated from") == 2  # logged when tokenised: first seen, and after its eviction
-    assert list(fusion._token_cache) == [long, "a fish", "a cat"]  # least recently used dropped first
+    key = lambda t: hashlib.blake2b(t.encode(), digest_size=16).digest()  # noqa: E731
+    assert list(fusion._token_cache) == [key(long), key("a fish"), key("a cat")]  # least recently used dropped first
+    # keyed by a 16-byte digest, not the text: a long question costs no more to keep than a short one
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in fusion._token_cache)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="emma_mamba.models.fusion"):
         for _ in range(5):  # cached now: counted every time, logged no more; the summary at 4 only
             fusion.tokenize([long])
     assert fusion.num_truncated == 7 and "truncated from" not in caplog.text
     assert caplog.text.count("instructions truncated in this batch") == 1 and "(4 so far" in caplog.text
+
+
+def test_open_clips_word_cache_is_bounded(text_model):
+    """open_clip's tokenizer caches the BPE of every distinct word it meets, without a bound (a server answering
+    questions full of ids grew by it for days): past WORD_CACHE_SIZE it is cleared; the ids stay exact."""
+    _, tok = text_model
+    fusion = _instruction_fusion(text_model)
+    fusion.WORD_CACHE_SIZE = 50
+    words = getattr(getattr(fusion.tokenizer, "tokenizer", fusion.tokenizer), "cache")
+    for i in range(40):
+        text = " ".join(f"w{i}x{j}" for j in range(5))
+        assert torch.equal(fusion.tokenize([text]), tok([text], context_length=24))
+        assert len(words) <= 50 + 5 + 2  # cleared when a question takes it past the bound
 
 
 def test_instruction_fusion_bad_inputs(text_model):

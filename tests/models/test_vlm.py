@@ -784,3 +784,18 @@ def test_one_image_given_without_its_list_is_taken_as_that_image():
         m.generate([prompt, prompt], path, [q, q], config=cfg)
     with pytest.raises(ValueError, match="the prompt holds '<image>', the model's image placeholder"):
         answer(m, path, "Compare <image> with this", max_new_tokens=2)
+
+
+def test_a_question_with_an_image_is_stripped_as_training_strips_it(model):
+    """The turn that holds the image is stripped in training (LLaVA's preprocess_multimodal) and every message in
+    `serve`: answer() / chat / eval build it stripped too (a trailing newline from a file gave other prompt ids and
+    another greedy answer). A text-only prompt is left as written, as training leaves its turns."""
+    from emma_mamba.data.llava import LLAVA_IMAGE_TOKEN
+
+    raw = "  What is in the picture? \n"
+    tok = model.config.image_token
+    # training's turn for a one-image record (emma_mamba/data/llava.py): the placeholder, then the stripped text
+    trained = f"{tok}\n" + (LLAVA_IMAGE_TOKEN + "\n" + raw).replace(LLAVA_IMAGE_TOKEN, "").strip()
+    assert model.build_prompt(raw, 1) == model.config.chat.prompt_template.format(prompt=trained)
+    assert model.build_prompt(raw, 1) == model.build_prompt(raw.strip(), 1)
+    assert model.build_prompt(raw, 0) == model.config.chat.prompt_template.format(prompt=raw)
