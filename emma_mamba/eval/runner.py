@@ -1135,8 +1135,9 @@ def merge_shards(out_dir: str | Path, world: int) -> int:
     (a question answered twice keeps its first answer) and delete the shard files; the number of answers added.
 
     The shards are interleaved (rank 0's first answer, rank 1's first, ..., rank 0's second, ...): question i went
-    to rank i mod ``world`` and each rank writes in question order, so a run's merged file lists its answers in the
-    questions' order, as one process writes them."""
+    to rank i mod ``world`` and each rank writes in question order, so a fresh run's merged file lists its answers
+    in the questions' order, as one process writes them (after a resume the answers added follow the ranks'
+    interleave: the same records, scored the same)."""
     out = Path(out_dir)
     merged = out / "answers.jsonl"
     have = _read_done_jsonl(merged)

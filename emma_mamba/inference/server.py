@@ -1144,25 +1144,20 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(405, _error_body(f"POST {self.path}: this endpoint takes GET", None),
                                   {"Allow": "GET, HEAD"})
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
-        admitted = self.server.admit() if route in ("/v1/chat/completions", "/v1/completions") else None
-        if admitted is False:  # refused before its body is read: the connection ends after the answer
-            limit = self.server.max_concurrent_requests
-            return self._json(429, _error_body(f"the server is busy: {limit} requests are being answered, its "
-                                               f"limit (serve --max-concurrent-requests); retry shortly", None,
-                                               "rate_limit_error", "too_many_requests"), {"Retry-After": "1"})
-        try:
-            self._post(route, others)
-        finally:
-            if admitted:
-                self.server.release()
-
-    def _post(self, route: str, others: dict) -> None:
+        admitted = False
         try:
             n = self._content_length()
             if n > self.max_body_bytes:
                 raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
             raw = self.rfile.read(n)
             self._body_read = True
+            # counted in once its body is here: a client uploading slowly holds no place of the answered ones
+            if route in ("/v1/chat/completions", "/v1/completions"):
+                admitted = self.server.admit()
+                if not admitted:
+                    limit = self.server.max_concurrent_requests
+                    raise RequestError(f"the server is busy: {limit} requests are being answered, its limit (serve "
+                                       f"--max-concurrent-requests); retry shortly", None, 429, "too_many_requests")
             body = _parse_body(raw)
             # "stream" decides the response's form before the service reads the body: checked here first
             stream = (_flag(body, "stream") if isinstance(body, dict) and route in ("/v1/completions",
@@ -1177,7 +1172,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(200, self.service.complete(body, client_gone=self._client_gone))
             self._stream(body)
         except RequestError as e:
-            self._json(e.status, _error_body(str(e), e.param, code=e.code))
+            self._json(e.status, _error_body(str(e), e.param, "rate_limit_error" if e.status == 429 else
+                                             "invalid_request_error", code=e.code),
+                       {"Retry-After": "1"} if e.status == 429 else None)
         except (BrokenPipeError, ConnectionResetError):  # the client went away (mid-stream: generation stops)
             log.info("%s disconnected", self.address_string())
         except TimeoutError:
@@ -1196,6 +1193,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # noqa: BLE001 - the server must answer, not die
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
+        finally:
+            if admitted:
+                self.server.release()
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (its request was read whole: anything readable now is the
@@ -1262,8 +1262,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         try:
             self.service.stream_text_completion(body, open_stream, self._event)
-        except (BrokenPipeError, ConnectionResetError, RequestError):
-            raise
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, RequestError):  # (a write that timed out:
+            raise  # the client stopped reading; nothing more is written to it)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
             if not opened:
                 raise
@@ -1296,7 +1296,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             out = svc.answer(prepared, on_chunk=lambda i, text, logprobs=None: send({"content": text}, index=i,
                                                                                   logprobs=logprobs))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # gone, or stopped reading: nothing more to it
             raise
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, then end it
             self._stream_failed(e)

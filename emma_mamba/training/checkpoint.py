@@ -566,6 +566,10 @@ def _load_optimizer(path: Path, load) -> None:
     try:
         load()
     except (KeyError, ValueError, RuntimeError) as e:
+        # torch's loaders' words for parameters that are not there (not a failed collective or an OOM: raised)
+        if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("optimizer state", "param_groups",
+                                                                        "parameter group")):
+            raise
         raise TrainingError(f"{path}: its optimizer state does not fit this run's trainable parameters ({_last_line(e)}"
                             f"): resume with the run's own train.trainable, stage and model.vision.freeze, or start "
                             f"a new run from the checkpoint with init_from") from None

@@ -5,7 +5,8 @@ mixer's recompute add is not counted, nor is padding).
 * The language model: every 2-D weight used as a GEMM (in_proj, x_proj, dt_proj, out_proj, the LM head = the tied
   embedding; LoRA adapters with their own shapes) costs ``2 x weight`` FLOPs per LM position forward, as much again
   for the gradient of its input (the projector is always trained, so gradients flow through the whole LM) and
-  as much again for its own gradient when it is trained. The selective scan and the causal conv (about 1 % of a
+  as much again for its own gradient when it is trained. The LM head runs at the labelled positions only in
+  training (``EmmaMamba.forward(labelled_logits_only=True)``): its share is counted per predicted token. The selective scan and the causal conv (about 1 % of a
   2.8B LM's FLOPs) are not matrix multiplications and not counted; A_log is not a GEMM weight.
 * The image path (vision towers, MFF, instruction fusion with its text tower, projector; the alignment head): one
   image's forward and backward on the meta device under ``torch.utils.flop_counter.FlopCounterMode``, with this
@@ -51,15 +52,24 @@ def device_peak_tflops(device: torch.device, bf16: bool, override: float | None 
     return None
 
 
-def lm_flops_per_position(lm: torch.nn.Module) -> float:
-    """Forward + backward GEMM FLOPs of one LM position (see the module docstring)."""
+def lm_flops_per_position(lm: torch.nn.Module, head: bool = True) -> float:
+    """Forward + backward GEMM FLOPs of one LM position (see the module docstring); ``head`` False: without the
+    LM head's (:func:`lm_head_flops_per_position`)."""
     tied = getattr(lm, "lm_head", None) is None
+    head_name = "embeddings.weight" if tied else "lm_head.weight"
     total = 0
     for name, p in lm.named_parameters():
         if p.dim() != 2 or name.endswith("A_log") or (name == "embeddings.weight" and not tied):
             continue
+        if name == head_name and not head:
+            continue
         total += 2 * p.numel() * (2 + int(p.requires_grad))
     return float(total)
+
+
+def lm_head_flops_per_position(lm: torch.nn.Module) -> float:
+    """The LM head's forward + backward GEMM FLOPs at one position it runs at."""
+    return lm_flops_per_position(lm) - lm_flops_per_position(lm, head=False)
 
 
 def image_flops(model) -> float:
@@ -95,10 +105,12 @@ def image_flops(model) -> float:
 
 
 class StepFlops:
-    """FLOPs of a training step from its LM positions and images: ``flops(tokens, images)``."""
+    """FLOPs of a training step from its LM positions, images and predicted (labelled) tokens: ``flops(tokens,
+    images, predicted)`` (``predicted`` None: the head at every position)."""
 
     def __init__(self, model):
         self.per_position = lm_flops_per_position(model.lm)
+        self.per_head = lm_head_flops_per_position(model.lm)
         try:
             self.per_image = image_flops(model)
         except Exception as e:  # noqa: BLE001 - a metric: never the reason a run does not start
@@ -106,5 +118,6 @@ class StepFlops:
                         "LM's alone are counted", type(e).__name__, e)
             self.per_image = 0.0
 
-    def __call__(self, tokens: int, images: int) -> float:
-        return self.per_position * tokens + self.per_image * images
+    def __call__(self, tokens: int, images: int, predicted: int | None = None) -> float:
+        head = self.per_head * (tokens if predicted is None else predicted)
+        return (self.per_position - self.per_head) * tokens + head + self.per_image * images

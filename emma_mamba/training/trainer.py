@@ -47,10 +47,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from emma_mamba.config import ConfigError
 from emma_mamba.data.llava import DataError, LlavaDataset, check_data_paths, collate, plan_rows, steps_per_epoch
 from emma_mamba.fileio import text_lines
+from emma_mamba.models.vlm import TRAINABLE_MODULES
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir, write_failure)
@@ -557,7 +559,10 @@ class Trainer:
         n_lab, n_img = max(1.0, float(sums[2])), max(1.0, float(sums[3]))
         w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
         lm_loss, align_loss = float(sums[0]) / n_lab, float(sums[1]) / n_img
-        return {"step": self.global_step, "epoch": self.history[-1]["epoch"] if self.history else float(self.epoch),
+        # the epoch position of the step validated (as its training record has it; also on a resume, whose
+        # history is empty when the resumed step is validated again)
+        epoch = self.epoch + self.step_in_epoch / max(1, self._steps_in_epoch(self.epoch))
+        return {"step": self.global_step, "epoch": epoch,
                 "val_lm_loss": lm_loss, "val_align_loss": align_loss,
                 "val_loss": lm_loss + w_align * align_loss, "val_token_acc": float(sums[4]) / n_lab,
                 "total_tokens": self.counters["tokens"], "val_label_tokens": int(sums[2]),
@@ -725,7 +730,7 @@ class Trainer:
                          step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
                          skipped_records=sum(self.dataset.report.skipped.values()),
                          total_tokens=self.counters["tokens"])
-                m["tflops"] = self.step_flops(m["tokens"], m["images"]) / dt / self.info.world_size / 1e12
+                m["tflops"] = self.step_flops(m["tokens"], m["images"], m["label_tokens"]) / dt / self.info.world_size / 1e12
                 if self.peak_tflops:
                     m["mfu"] = m["tflops"] / self.peak_tflops
                     if m["mfu"] > 1 and self.info.is_main and not self._warned_mfu:
@@ -907,11 +912,17 @@ class Trainer:
 
         def read_config(file: Path, load):
             """A checkpoint's config file through the checkpoint reader: an empty, truncated or unparsable one is
-            named as a damaged checkpoint with the run's other checkpoints (not read as a config mistake)."""
+            named as a damaged checkpoint with the run's other checkpoints; one that parses but names a key or
+            value this version does not know is the ConfigError naming it (another checkpoint would not help)."""
             def reader(f: Path):
-                if not f.read_text(encoding="utf-8").strip():
+                text = f.read_text(encoding="utf-8")
+                if not text.strip():
                     raise ValueError("the file is empty")
-                return load(f)
+                yaml.safe_load(text)  # a truncated or garbled file: damage (raised as such by _read)
+                try:
+                    return load(f)
+                except ConfigError as e:
+                    raise TrainingError(f"{f}: {e}") from None
             return _read(file, reader)
 
         if (path / "config.yaml").is_file():
@@ -931,7 +942,10 @@ class Trainer:
         old, t = old_run.train, self.cfg.train
         # what trains: the optimizer's state holds those parameters only (another set failed inside torch's
         # optimizer-state loader with a KeyError)
-        was, now = _trainable_modules(old_run), _trainable_modules(self.cfg)
+        mc = self.cfg.model  # (the checkpoint's model config equals it: checked above)
+        built = set(TRAINABLE_MODULES) - ({"instruction"} if not mc.instruction.enabled else set()) \
+            - ({"align_head"} if not mc.align.enabled else set())
+        was, now = ([m for m in _trainable_modules(run) if m in built] for run in (old_run, self.cfg))
         if was != now:
             raise ConfigError(f"--resume {path}: the checkpoint trained {', '.join(was)} and this run would train "
                               f"{', '.join(now)} (train.trainable, the stage or model.vision.freeze changed): its "

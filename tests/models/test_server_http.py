@@ -340,6 +340,40 @@ def test_a_stalled_upload_is_a_408_and_frees_its_thread(model):
         make_server(None, io_timeout=0)
 
 
+def test_a_stream_whose_client_stops_reading_is_dropped_once_quietly(model, caplog):
+    """A streamed answer's client that stops reading: the write that waits io_timeout ends the request, logged once
+    at INFO (no ERROR traceback, no error event written into the same stalled socket for a second wait)."""
+    with _serving(model, io_timeout=1.0) as (srv, _):
+        svc = srv.RequestHandlerClass.service
+
+        def answer(prepared, on_chunk):  # an endless stream of 1 MB chunks
+            for _ in range(1000):
+                on_chunk(0, "x" * (1 << 20))
+            return {}
+
+        svc.answer = answer
+        body = json.loads(CHAT)
+        body["stream"] = True
+        data = json.dumps(body).encode()
+        with caplog.at_level("INFO", logger="emma_mamba.inference.server"):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", srv.server_port))
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(data) + data)
+                deadline = time.time() + 60
+                while not srv.open_connections():
+                    time.sleep(0.01)
+                t0 = time.time()
+                while srv.open_connections():  # never reading
+                    assert time.time() < deadline, "the stalled stream was not dropped"
+                    time.sleep(0.05)
+                took = time.time() - t0
+        assert took < 1.9, took  # one io_timeout, not two
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+        assert "stopped reading its answer for 1 s" in caplog.text
+
+
 def test_a_plain_request_cut_off_by_the_stop_is_a_503_not_a_failure(model, caplog):
     """A plain (not streamed) request the stopping decoder cuts off gets a 503 saying the server is stopping, as a
     stream gets its error event: not a 500 and a logged traceback per request."""
@@ -380,6 +414,15 @@ def test_requests_beyond_the_concurrency_limit_are_a_429(model):
         assert r.status == 429 and r.getheader("Retry-After") == "1", raw
         assert "the server is busy: 1 requests are being answered" in json.loads(raw)["error"]["message"]
         assert _ask(_conn(srv), "GET", "/health")[0].status == 200
+        # a client still uploading its body holds no place: it is counted in once its body is read
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as slow:
+            slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            go.set()
+            t.join(60)
+            assert first["r"][0].status == 200
+            assert _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT,
+                        {"Content-Type": "application/json"})[0].status == 200
         go.set()
         t.join(60)
         assert first["r"][0].status == 200

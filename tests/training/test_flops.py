@@ -20,8 +20,9 @@ from tests.training.conftest import make_cfg
 
 
 def _measured(model, b=2, L=40):
-    """FLOPs FlopCounterMode sees in one forward + backward of a batch of ``b`` rows of ``L`` ids, one image each,
-    and that batch's LM positions."""
+    """FLOPs FlopCounterMode sees in one training forward + backward (the LM head at the labelled positions only, as
+    the trainer runs it) of a batch of ``b`` rows of ``L`` ids, one image each; that batch's LM positions and
+    predicted tokens."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50000, (b, L), generator=g)
     ids[:, 3] = model.image_token_id
@@ -30,8 +31,9 @@ def _measured(model, b=2, L=40):
     pix = torch.randn(b, 3, *model.vision.image_size, generator=g)
     inst = model.tokenize_instructions(["what is it"] * b) if model.instruction is not None else None
     with FlopCounterMode(display=False) as fc:
-        model(ids, pixel_values=pix, labels=labels, instruction_ids=inst).loss["total"].backward()
-    return fc.get_total_flops(), b * (L - 1 + model.vision.num_tokens)
+        model(ids, pixel_values=pix, labels=labels, instruction_ids=inst,
+              labelled_logits_only=True).loss["total"].backward()
+    return fc.get_total_flops(), b * (L - 1 + model.vision.num_tokens), b * (L - 5)
 
 
 @pytest.mark.parametrize("case", ["finetune", "pretrain", "lora", "mamba2-no-instruction"])
@@ -48,8 +50,8 @@ def test_step_flops_match_what_torch_counts(case):
 
         apply_lora(model.lm, 4, 8.0)
     model.train()
-    counted, tokens = _measured(model)
-    got = F.StepFlops(model)(tokens, 2)
+    counted, tokens, predicted = _measured(model)
+    got = F.StepFlops(model)(tokens, 2, predicted)
     assert math.isclose(got, counted, rel_tol=0.01), (got, counted)
 
 
@@ -75,7 +77,7 @@ def test_a_run_logs_tflops_and_mfu(shapes, tmp_path, caplog):
     t.fit()
     rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     for m in rows:
-        want = t.step_flops(m["tokens"], m["images"]) / m["step_time"] / 1e12
+        want = t.step_flops(m["tokens"], m["images"], m["label_tokens"]) / m["step_time"] / 1e12
         assert math.isclose(m["tflops"], want, rel_tol=1e-9) and m["tflops"] > 0
         assert math.isclose(m["mfu"], m["tflops"] / 0.5, rel_tol=1e-9)
     Trainer(make_cfg(shapes, tmp_path / "b")).fit()  # a CPU has no known peak: tflops only

@@ -42,7 +42,8 @@ def test_step_gradient_weights_the_alignment_loss(shapes, tmp_path, monkeypatch)
     assert len(s.images) == 1
     b = collate([[(s, ds.load_images(s))]], t.model.tokenizer.pad_token_id, False, ds.N)
     inst = t.model.tokenize_instructions(b["instructions"])
-    out = t.model(b["input_ids"], b["pixel_values"], b["labels"], inst, b["image_counts"])
+    out = t.model(b["input_ids"], b["pixel_values"], b["labels"], inst, b["image_counts"],
+                  labelled_logits_only=True)  # the forward the trainer runs
 
     def flat_grad(loss):
         gs = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)

@@ -38,6 +38,26 @@ def test_another_trainable_set_is_refused_naming_both(shapes, tmp_path, ckpt_run
     Trainer(same, resume=str(ckpt))
 
 
+def test_the_modules_a_stage_trained_named_explicitly_resume(shapes, tmp_path):
+    """Without instruction fusion the stage's default trains align_head, lm, mff, projector: a resume naming exactly
+    those in train.trainable is the same run (the stage's list names a module this model has not)."""
+    data = subset(shapes, tmp_path, 4)
+    model = {"preset": "tiny", "instruction": {"enabled": False}}
+    Trainer(make_cfg(shapes, tmp_path / "r", data, model=model, checkpoint={"every_steps": 2})).fit()
+    same = make_cfg(shapes, tmp_path / "r", data, model=model,
+                    train={"trainable": ["mff", "projector", "lm", "align_head"], "max_steps": 3})
+    Trainer(same, resume=str(tmp_path / "r" / "checkpoints" / "step_00000002")).fit()
+
+
+def test_an_unknown_key_in_a_checkpoints_config_is_named_not_called_damage(shapes, tmp_path, ckpt_run):
+    data, ckpt = ckpt_run
+    f = ckpt / "train_config.yaml"
+    f.write_text(f.read_text() + "future_option: 1\n")
+    with pytest.raises(TrainingError, match=r"train_config.yaml: .*future_option") as e:
+        Trainer(make_cfg(shapes, tmp_path / "r", data), resume=str(ckpt))
+    assert "corrupt" not in str(e.value)
+
+
 def test_another_lora_rank_is_refused_naming_both(shapes, tmp_path):
     data = subset(shapes, tmp_path, 4)
     lora = {"r": 4, "targets": ["in_proj"]}

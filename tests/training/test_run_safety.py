@@ -202,8 +202,8 @@ def test_a_stop_during_a_validation_cuts_it_short_and_the_resume_validates_that_
         return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     def vals(run):
-        return [(r["step"], r["val_lm_loss"], r["val_align_loss"], r["val_token_acc"]) for r in records(run)
-                if "val_loss" in r]
+        return [(r["step"], r["epoch"], r["val_lm_loss"], r["val_align_loss"], r["val_token_acc"])
+                for r in records(run) if "val_loss" in r]
 
     assert [v[0] for v in vals("whole")] == [2, 4] and vals("r") == vals("whole")
     # a stop after step 2's checkpoint, before its validation ran (as a kill there leaves it), and again a
