@@ -287,7 +287,8 @@ def test_a_missing_optional_package_is_one_line_naming_what_to_install(monkeypat
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     assert main(["bench", "latency", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "emma-mamba: this command needs transformers, which is not installed: pip install transformers"
+    assert err.strip() == ("emma-mamba: this command needs transformers, which is not installed: pip install "
+                           "transformers")
     import emma_mamba.cli as cli
 
     def broken(argv):

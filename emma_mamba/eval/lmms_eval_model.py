@@ -45,7 +45,8 @@ try:
     from lmms_eval.api.model import lmms
 except ImportError as e:  # the class subclasses lmms-eval's: this module exists for lmms-eval only
     raise ImportError(f"emma_mamba.eval.lmms_eval_model is the lmms-eval model and needs lmms-eval ({e}): "
-                      f"pip install \"lmms-eval>=0.7.3,<0.8\" \"filelock<4\" (filelock 4 removed what lmms-eval 0.7 imports)") from e
+                      f"pip install \"lmms-eval>=0.7.3,<0.8\" \"filelock<4\" (filelock 4 removed what lmms-eval "
+                      f"0.7 imports)") from e
 
 MODEL_ID = "emma_mamba"
 

@@ -20,9 +20,10 @@ An answer cut by ``max_new_tokens`` or a stop string still gets its end-of-turn 
     session.ask("What colour is it?")      # prefills ~10 tokens, not the whole history
 
 Since the whole conversation is that state, :meth:`ChatSession.save` writes it to a file of a few MB (the state
-the same whatever the conversation's length, plus the turns' text; the image is in it, so it is not needed again) and :meth:`ChatSession.load`
-continues it later, in another process, with the tokens an uninterrupted session would give. The file names
-the model it belongs to (a fingerprint of the LM's configuration and weights): another model is refused.
+the same whatever the conversation's length, plus the turns' text; the image is in it, so it is not needed
+again) and :meth:`ChatSession.load` continues it later, in another process, with the tokens an uninterrupted
+session would give. The file names the model it belongs to (a fingerprint of the LM's configuration and
+weights): another model is refused.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ mixer's recompute add is not counted, nor is padding).
   embedding; LoRA adapters with their own shapes) costs ``2 x weight`` FLOPs per LM position forward, as much again
   for the gradient of its input (the projector is always trained, so gradients flow through the whole LM) and
   as much again for its own gradient when it is trained. The LM head runs at the labelled positions only in
-  training (``EmmaMamba.forward(labelled_logits_only=True)``): its share is counted per predicted token. The selective scan and the causal conv (about 1 % of a
-  2.8B LM's FLOPs) are not matrix multiplications and not counted; A_log is not a GEMM weight.
+  training (``EmmaMamba.forward(labelled_logits_only=True)``): its share is counted per predicted token. The
+  selective scan and the causal conv (about 1 % of a 2.8B LM's FLOPs) are not matrix multiplications and not
+  counted; A_log is not a GEMM weight.
 * The image path (vision towers, MFF, instruction fusion with its text tower, projector; the alignment head): one
   image's forward and backward on the meta device under ``torch.utils.flop_counter.FlopCounterMode``, with this
   run's trainable parameters (the frozen towers cost a forward only).

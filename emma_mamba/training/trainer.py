@@ -674,7 +674,8 @@ class Trainer:
                 bar.close()
             if writer is not None:
                 writer.close()
-        if stop_after is not None and len(self.history) - self._history_at_fit >= stop_after and self.global_step < self.total_steps:
+        if stop_after is not None and len(self.history) - self._history_at_fit >= stop_after \
+                and self.global_step < self.total_steps:
             return self.history
         try:
             save_model_dir(self.model, self.output_dir, info, cfg)
@@ -730,7 +731,8 @@ class Trainer:
                          step_time=dt, tokens_per_s=m["tokens"] / dt, fill=m["tokens"] / max(1, m["positions"]),
                          skipped_records=sum(self.dataset.report.skipped.values()),
                          total_tokens=self.counters["tokens"])
-                m["tflops"] = self.step_flops(m["tokens"], m["images"], m["label_tokens"]) / dt / self.info.world_size / 1e12
+                flops = self.step_flops(m["tokens"], m["images"], m["label_tokens"])
+                m["tflops"] = flops / dt / self.info.world_size / 1e12
                 if self.peak_tflops:
                     m["mfu"] = m["tflops"] / self.peak_tflops
                     if m["mfu"] > 1 and self.info.is_main and not self._warned_mfu:
