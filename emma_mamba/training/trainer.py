@@ -915,7 +915,8 @@ class Trainer:
         def read_config(file: Path, load):
             """A checkpoint's config file through the checkpoint reader: an empty, truncated or unparsable one is
             named as a damaged checkpoint with the run's other checkpoints; one that parses but names a key or
-            value this version does not know is the ConfigError naming it (another checkpoint would not help)."""
+            value this version does not know is a TrainingError naming the file and the key (another checkpoint
+            would not help)."""
             def reader(f: Path):
                 text = f.read_text(encoding="utf-8")
                 if not text.strip():
