@@ -1152,7 +1152,7 @@ class _Handler(BaseHTTPRequestHandler):
             raw = self.rfile.read(n)
             self._body_read = True
             # counted in once its body is here: a client uploading slowly holds no place of the answered ones
-            if route in ("/v1/chat/completions", "/v1/completions"):
+            if route in _GENERATION_ROUTES:
                 admitted = self.server.admit()
                 if not admitted:
                     limit = self.server.max_concurrent_requests
@@ -1160,9 +1160,7 @@ class _Handler(BaseHTTPRequestHandler):
                                        f"--max-concurrent-requests); retry shortly", None, 429, "too_many_requests")
             body = _parse_body(raw)
             # "stream" decides the response's form before the service reads the body: checked here first
-            stream = (_flag(body, "stream") if isinstance(body, dict) and route in ("/v1/completions",
-                                                                                    "/v1/chat/completions")
-                      else False)
+            stream = _flag(body, "stream") if isinstance(body, dict) and route in _GENERATION_ROUTES else False
             if route == "/v1/completions" and stream:
                 return self._stream_completion(body)
             if route in others:
@@ -1339,7 +1337,8 @@ def _parse_body(raw: bytes):
     return body
 
 
-_POST_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"))
+_GENERATION_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions"))  # counted by max_concurrent_requests
+_POST_ROUTES = _GENERATION_ROUTES | {"/tokenize", "/detokenize"}
 _GET_ROUTES = frozenset(("", "/health", "/tokenizer_info", "/v1/models"))
 """The endpoints (without a trailing slash) by method: the other method is a 405 naming the right one."""
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")

@@ -177,7 +177,7 @@ class EmmaMamba(nn.Module):
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
         if trainable is None:
-            names = set(STAGES[stage]) | ({"vision"} if stage == "finetune" and not self.vision.frozen else set())
+            names = stage_modules(stage, self.vision.frozen)
         else:
             names = set(trainable)
             unknown = names - set(TRAINABLE_MODULES)
@@ -655,6 +655,12 @@ def lm_match_fields(lm) -> tuple[str, ...]:
     return (("ssm_layer", "d_model", "n_layer", "d_state", "d_conv", "expand") + per_kind
             + ("vocab_size", "pad_vocab_size_multiple", "tie_embeddings", "conv_bias", "bias", "rms_norm_eps",
                "residual_in_fp32"))
+
+
+def stage_modules(stage: str, vision_frozen: bool) -> set[str]:
+    """The modules ``stage`` trains by default (:data:`STAGES`; the ViT too in finetune when it is not frozen):
+    what :meth:`EmmaMamba.set_stage` trains without a ``trainable`` list."""
+    return set(STAGES[stage]) | ({"vision"} if stage == "finetune" and not vision_frozen else set())
 
 
 def _is_one_image(x) -> bool:

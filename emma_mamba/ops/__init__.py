@@ -116,9 +116,10 @@ def build_freshness(ext, csrc=None) -> tuple[bool | None, str]:
     from emma_mamba._csrc_digest import csrc_digest
 
     if csrc is None:
-        csrc = Path(__file__).resolve().parents[2] / "csrc"
-        if not (csrc.parent / "setup.py").is_file():
+        root = _source_checkout()
+        if root is None:
             return None, "no csrc/ beside the package (not a source checkout)"
+        csrc = root / "csrc"
     built = getattr(ext, "csrc_digest", None)
     if built is None:
         return None, "the extension records no source digest (built before it did)"
@@ -127,15 +128,20 @@ def build_freshness(ext, csrc=None) -> tuple[bool | None, str]:
         return True, f"built from {csrc} as it is now (digest {now})"
     return False, (f"emma_mamba._C was built from other sources than {csrc} holds now (digest {built} at the "
                    f"build, {now} now: a pull or an edit since), so the kernels that run are not these sources'; "
-                   f"rebuild: `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in "
-                   f"{csrc.parent}")
+                   f"rebuild: {_rebuild_advice(csrc.parent)}")
 
 
-def _rebuild_advice() -> str:
-    """How to rebuild ``emma_mamba._C``: in a source checkout (csrc/ and setup.py beside the package) its build
-    commands; for an installed package, reinstalling it from its source against the torch installed now."""
+def _source_checkout() -> Path | None:
+    """The source checkout the package runs from (setup.py and csrc/ beside it), or None (an installed wheel)."""
     root = Path(__file__).resolve().parents[2]
-    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+    return root if (root / "setup.py").is_file() and (root / "csrc").is_dir() else None
+
+
+def _rebuild_advice(root: Path | None = None) -> str:
+    """How to rebuild ``emma_mamba._C``: in a source checkout (``root``, default: the package's own) its build
+    commands; for an installed package, reinstalling it from its source against the torch installed now."""
+    root = root or _source_checkout()
+    if root is not None:
         return f"`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`) in {root}"
     return ("a reinstall from source against the installed torch: `pip install --no-build-isolation "
             "--force-reinstall --no-deps <the sdist, a git URL or a checkout of emma_mamba>`")

@@ -503,7 +503,7 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    from emma_mamba.models.lora import LORA_FILE, has_lora, resume_state
+    from emma_mamba.models.lora import LORA_FILE, has_lora
 
     osd = state["optimizer"]
     by_name = all(isinstance(i, str) for g in osd.get("param_groups", []) for i in g["params"])
@@ -522,8 +522,7 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
         current = _full_model_state(model) if lora else None  # collective
         sd = _read(path / "model.safetensors", lambda f: load_file(str(f))) if info.is_main else {}
         if lora and info.is_main:
-            sd = _lora_state(resume_state, model, current, sd, _read(path / LORA_FILE, lambda f: load_file(str(f))),
-                             path)
+            sd = _lora_state(model, current, sd, _read(path / LORA_FILE, lambda f: load_file(str(f))), path)
         set_model_state_dict(model, sd, options=opts)
         _load_optimizer(path, lambda: set_optimizer_state_dict(model, optimizer, osd if info.is_main else {},
                                                                options=opts))
@@ -532,8 +531,7 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
         sd = _read(path / "model.safetensors", lambda f: load_file(str(f), device=dev))
         own = model.state_dict()
         if lora:
-            sd = _lora_state(resume_state, model, own, sd,
-                             _read(path / LORA_FILE, lambda f: load_file(str(f), device=dev)), path)
+            sd = _lora_state(model, own, sd, _read(path / LORA_FILE, lambda f: load_file(str(f), device=dev)), path)
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
         if missing or unexpected:
@@ -551,9 +549,11 @@ def _load_full(path: Path, model: nn.Module, optimizer, state: dict, info: DistI
             _load_optimizer(path, lambda: optimizer.load_state_dict(osd))
 
 
-def _lora_state(resume_state, model, current, saved, adapters, path: Path) -> dict:
+def _lora_state(model, current, saved, adapters, path: Path) -> dict:
     """:func:`emma_mamba.models.lora.resume_state`, its refusals (another train.lora.r, other base weights) as the
     run's one-line TrainingError."""
+    from emma_mamba.models.lora import resume_state
+
     try:
         return resume_state(model, current, saved, adapters, str(path))
     except RuntimeError as e:

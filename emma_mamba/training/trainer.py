@@ -52,7 +52,7 @@ import yaml
 from emma_mamba.config import ConfigError
 from emma_mamba.data.llava import DataError, LlavaDataset, check_data_paths, collate, plan_rows, steps_per_epoch
 from emma_mamba.fileio import text_lines
-from emma_mamba.models.vlm import TRAINABLE_MODULES
+from emma_mamba.models.vlm import TRAINABLE_MODULES, stage_modules
 from emma_mamba.training import TrainingError, TrainingInterrupted
 from emma_mamba.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint,
                                             save_model_dir, write_failure)
@@ -1060,14 +1060,10 @@ class Trainer:
 
 
 def _trainable_modules(run) -> list[str]:
-    """The modules a run trains (:meth:`EmmaMamba.set_stage`'s choice): ``train.trainable``, or the stage's own
-    (the ViT too in finetune when ``model.vision.freeze`` is false)."""
-    from emma_mamba.models.vlm import STAGES
-
+    """The modules a run trains (:meth:`EmmaMamba.set_stage`'s choice): ``train.trainable``, or the stage's own."""
     if run.train.trainable is not None:
         return sorted(run.train.trainable)
-    vision = {"vision"} if run.stage == "finetune" and not run.model.vision.freeze else set()
-    return sorted(set(STAGES[run.stage]) | vision)
+    return sorted(stage_modules(run.stage, run.model.vision.freeze))
 
 
 class _MetricsWriter:
