@@ -936,6 +936,7 @@ class _Handler(BaseHTTPRequestHandler):
         keep-alive connection), handling it is not."""
         self.headers, self._status, self._connection_sent, self._body_read = None, 0, False, False
         self._unread_body = False
+        self._holds_place = False  # one of max_concurrent_requests' places (a generation request's, once admitted)
         self.connection.settimeout(self.keep_alive_timeout)  # also bounds the request line and headers
         try:
             if not self.rfile.peek(1):  # the client (or the server's stop) closed the connection
@@ -1048,6 +1049,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict | None = None) -> None:
         """A whole response with its length (to a HEAD request: its headers only)."""
+        self._release_place()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -1057,6 +1059,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
         self._answer_sent()
+
+    def _release_place(self) -> None:
+        """Give back the request's place among ``max_concurrent_requests``, if it holds one: done before its answer's
+        last bytes are written, so a client that sends its next request on reading them is never refused for the
+        place its own last request held."""
+        if self._holds_place:
+            self._holds_place = False
+            self.server.release()
 
     def _answer_sent(self) -> None:
         """The request's answer is completely written: a stop now cuts nothing off, though the handler is still
@@ -1144,17 +1154,21 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(405, _error_body(f"POST {self.path}: this endpoint takes GET", None),
                                   {"Allow": "GET, HEAD"})
             return self._json(404, _error_body(f"no such endpoint: POST {self.path}", None, "not_found_error"))
-        admitted = False
         try:
             n = self._content_length()
             if n > self.max_body_bytes:
                 raise RequestError(f"the request body is {n} bytes, more than {self.max_body_bytes}", None, 413)
             raw = self.rfile.read(n)
             self._body_read = True
+            if len(raw) < n:  # the client closed its connection mid-upload: no request, and no one to answer
+                log.info("%s closed its connection %d bytes into a %d-byte request body", self.address_string(),
+                         len(raw), n)
+                self.close_connection = True
+                return
             # counted in once its body is here: a client uploading slowly holds no place of the answered ones
             if route in _GENERATION_ROUTES:
-                admitted = self.server.admit()
-                if not admitted:
+                self._holds_place = self.server.admit()
+                if not self._holds_place:
                     limit = self.server.max_concurrent_requests
                     raise RequestError(f"the server is busy: {limit} requests are being answered, its limit (serve "
                                        f"--max-concurrent-requests); retry shortly", None, 429, "too_many_requests")
@@ -1192,8 +1206,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("request failed")
             self._json(500, _error_body(f"{type(e).__name__}: {e}", None, "server_error"))
         finally:
-            if admitted:
-                self.server.release()
+            self._release_place()
 
     def _client_gone(self) -> bool:
         """Whether the client closed its connection (its request was read whole: anything readable now is the
@@ -1266,6 +1279,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not opened:
                 raise
             self._stream_failed(e)
+        self._release_place()
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self._answer_sent()
@@ -1304,6 +1318,7 @@ class _Handler(BaseHTTPRequestHandler):
                 send({}, c["finish_reason"], {"usage": out["usage"]} if last else None, c["index"])
             if include_usage:  # OpenAI's stream_options.include_usage: no choices, the whole request's usage
                 self._event(chunk([], usage=out["usage"]))
+        self._release_place()
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self._answer_sent()

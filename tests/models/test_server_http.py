@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import re
 import signal
 import socket
@@ -430,6 +431,34 @@ def test_requests_beyond_the_concurrency_limit_are_a_429(model):
             .status == 200
     with pytest.raises(ValueError, match="max_concurrent_requests must be >= 1"):
         make_server(None, max_concurrent_requests=0)
+
+
+def test_a_client_asking_again_on_reading_its_answer_keeps_its_place(model, caplog):
+    """A request's place among ``max_concurrent_requests`` is given back before its answer's last bytes are written:
+    a client that sends its next request on reading its answer (plain or streamed) is never refused for the place
+    its own last request held, however late the answering thread gets to run again (here: held 0.3 s in
+    ``release``; on the old order, release after the write, the next request was a 429). A client that closes its
+    connection mid-upload is no request: nothing is admitted, parsed or answered."""
+    with _serving(model, max_concurrent_requests=1) as (srv, _):
+        release = srv.release
+        srv.release = lambda: (time.sleep(0.3), release())[-1]
+        stream = json.dumps({"messages": [user("hi", image=False)], "max_tokens": 3, "stream": True}).encode()
+        for body in (CHAT, stream, CHAT, stream):  # each on a connection of its own (another handler thread)
+            r, raw = _ask(_conn(srv), "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            assert r.status == 200, raw
+        assert b"data: [DONE]" in raw
+        srv.release = release
+        with caplog.at_level(logging.INFO, logger="emma_mamba.inference.server"):
+            with socket.create_connection(("127.0.0.1", srv.server_port), timeout=60) as s:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{")
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(100) == b""  # closed without an answer
+            deadline = time.monotonic() + 30
+            while "closed its connection 1 bytes into a 100-byte request body" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                time.sleep(0.05)
+        assert srv._admitted == 0 and not re.search(r'" \d\d\d -', caplog.text), caplog.text
 
 
 def test_serve_stops_promptly_with_an_idle_connection_open_and_serves_cors(model, tmp_path):
