@@ -45,7 +45,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Sequence
 from pathlib import Path
 
@@ -246,6 +246,11 @@ class MambaCache:
     conv_states: list[torch.Tensor]
     ssm_states: list[torch.Tensor]
     seqlen_offset: int = 0
+    # what this cache's last decode step ran with, its inputs checked (MambaLM._decode_step_key): a step with the same
+    # key calls the kernels directly
+    _checked_step: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # the kernels the decode step now running calls directly (None: through the public ops, checked)
+    step_kernels: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -519,12 +524,20 @@ class MambaMixer(nn.Module):
         h = hidden_states[:, 0]
         xz = F.linear(h, weight_of(self.in_proj).to(h.dtype), self.in_proj.bias)  # (b, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
-        x = ops.causal_conv1d_update(x, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
-                                     self.conv1d.bias, activation="silu")  # (b, d_inner)
+        conv_state, ssm_state, kern = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx], \
+            cache.step_kernels
+        if kern is None:
+            x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                         activation="silu")  # (b, d_inner)
+        else:
+            x = ops.causal_conv1d_update_unchecked(kern, x, conv_state, self.conv1d.weight.squeeze(1),
+                                                   self.conv1d.bias, True)
         dt, B, C = torch.split(F.linear(x, weight_of(self.x_proj).to(x.dtype)), [r, n, n], dim=-1)
         dt = F.linear(dt, weight_of(self.dt_proj).to(dt.dtype))  # (b, d_inner); its bias goes in as dt_bias
-        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x, dt, A, B, C, D, z=z, dt_bias=dt_bias,
-                                       dt_softplus=True)
+        if kern is None:
+            y = ops.selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
+        else:
+            y = ops.selective_state_update_unchecked(kern, ssm_state, x, dt, A, B, C, D, z, dt_bias, True)
         return F.linear(y, weight_of(self.out_proj).to(y.dtype), self.out_proj.bias)[:, None]
 
 
@@ -640,12 +653,20 @@ class Mamba2Mixer(nn.Module):
         A, D, dt_bias = self._ssm_params()
         z, xbc, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads],
                                  dim=-1)
-        xbc = ops.causal_conv1d_update(xbc, cache.conv_states[self.layer_idx], self.conv1d.weight.squeeze(1),
-                                       self.conv1d.bias, activation="silu")  # (b, conv_dim)
+        conv_state, ssm_state, kern = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx], \
+            cache.step_kernels
+        if kern is None:
+            xbc = ops.causal_conv1d_update(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                           activation="silu")  # (b, conv_dim)
+        else:
+            xbc = ops.causal_conv1d_update_unchecked(kern, xbc, conv_state, self.conv1d.weight.squeeze(1),
+                                                     self.conv1d.bias, True)
         x, B, C = self._split_xbc(xbc)  # (b, d_inner), (b, g, n) x 2
-        y = ops.selective_state_update(cache.ssm_states[self.layer_idx], x,
-                                       dt.repeat_interleave(self.headdim, dim=-1), A, B, C, D, dt_bias=dt_bias,
-                                       dt_softplus=True)
+        dt = dt.repeat_interleave(self.headdim, dim=-1)
+        if kern is None:
+            y = ops.selective_state_update(ssm_state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
+        else:
+            y = ops.selective_state_update_unchecked(kern, ssm_state, x, dt, A, B, C, D, None, dt_bias, True)
         return self.out_proj(self.norm(y, z))[:, None]
 
 
@@ -804,6 +825,22 @@ class MambaLM(nn.Module):
                                  f"the input has {b} rows and the model {self.config.n_layer} layers")
         return seq_idx
 
+    def _decode_step_key(self, cache: MambaCache, x: torch.Tensor) -> tuple | None:
+        """What a decode step on ``cache`` runs with: the first step on a cache goes through the public ops, whose
+        checks then hold for its later steps with the same key (this model, the kernels, the activations' and the
+        states' dtypes, autocast's dtype; the inputs are built the same way each step): those call the kernels
+        directly (:func:`ops.step_kernels`, ~20 us less per op and layer on a CPU). None: through the public ops
+        (grad mode, torch.compile, the torch reference, an empty batch, or states not of this model's shapes)."""
+        kern = ops.step_kernels(x.device)
+        cfg = self.config
+        ssm, conv = cache.ssm_states[0], cache.conv_states[0]
+        if kern is None or not ssm.shape[0] or ssm.shape[1:] != (cfg.d_inner, cfg.d_state) or conv.shape[1:] != (cfg.conv_dim,
+                                                                                              cfg.d_conv):
+            return None
+        dev = x.device.type
+        return (id(self), kern, x.dtype, ssm.dtype, conv.dtype, ssm.device,
+                torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
+
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 seq_idx: torch.Tensor | None = None, cache: MambaCache | None = None,
                 output_hidden_states: bool = False, num_last_tokens: int = 0,
@@ -842,6 +879,9 @@ class MambaLM(nn.Module):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         if x.shape[1] == 1:
             seq_idx = None  # one token cannot cross a boundary
+        step_key = self._decode_step_key(cache, x) if cache is not None and x.shape[1] == 1 else None
+        if cache is not None:
+            cache.step_kernels = step_key[1] if step_key is not None and cache._checked_step == step_key else None
         hidden = [x] if output_hidden_states else None
         use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
@@ -853,6 +893,7 @@ class MambaLM(nn.Module):
                 hidden.append(x)
         if cache is not None:
             cache.seqlen_offset += x.shape[1]
+            cache._checked_step, cache.step_kernels = step_key, None
         h = self.norm_f(x)
         hl = h[logits_mask] if logits_mask is not None else h[:, -num_last_tokens:] if num_last_tokens > 0 else h
         weight = self.embeddings.weight if self.lm_head is None else self.lm_head.weight

@@ -50,7 +50,7 @@ from .reference import (causal_conv1d_ref, causal_conv1d_update_ref, selective_s
 __all__ = [
     "selective_scan", "causal_conv1d", "selective_state_update", "causal_conv1d_update", "mamba_inner",
     "get_backend", "use_backend", "set_backend", "available_backends", "BackendUnavailableError",
-    "OpInputError", "BACKENDS",
+    "OpInputError", "BACKENDS", "step_kernels", "selective_state_update_unchecked", "causal_conv1d_update_unchecked",
 ]
 
 log = logging.getLogger("emma_mamba.ops")
@@ -654,6 +654,39 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Te
     if kern is None:
         return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
     out = kern.causal_conv1d_update(x, conv_state, weight, bias, activation is not None)
+    _wrote(conv_state)
+    return out
+
+
+def step_kernels(device: torch.device | str):
+    """For a decode loop that checks its steps' inputs once: the kernel module whose decode steps it may call through
+    :func:`selective_state_update_unchecked` and :func:`causal_conv1d_update_unchecked` from then on, skipping the
+    public ops' checks and dispatch (~20-25 us a call on a CPU, a small model's whole kernel time); None when its steps
+    must take the public ops: grad mode on (they may need the differentiable reference), torch.compile tracing (the
+    custom ops), or the torch reference backend. :class:`~emma_mamba.models.mamba.MambaLM` checks a cache's first
+    step through the public ops and trusts the same cache's later steps while this module, the activations' dtype
+    and the autocast state stay the same."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return _load(get_backend(device))
+
+
+def selective_state_update_unchecked(kern, state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                                     D: Tensor | None, z: Tensor | None, dt_bias: Tensor | None,
+                                     dt_softplus: bool) -> Tensor:
+    """:func:`selective_state_update` on ``kern`` (from :func:`step_kernels`) without its checks: inputs of the
+    shapes, dtypes, layouts and device a checked call of the same loop had (D and dt_bias fp32, B and C one
+    layout). A wrong one is read out of bounds, not reported."""
+    out = kern.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _wrote(state)
+    return out
+
+
+def causal_conv1d_update_unchecked(kern, x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None,
+                                   silu: bool) -> Tensor:
+    """:func:`causal_conv1d_update` on ``kern`` (from :func:`step_kernels`) without its checks (see
+    :func:`selective_state_update_unchecked`); ``silu``: the "silu" activation, else none."""
+    out = kern.causal_conv1d_update(x, conv_state, weight, bias, silu)
     _wrote(conv_state)
     return out
 

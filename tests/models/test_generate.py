@@ -66,23 +66,28 @@ def test_greedy_with_cache_equals_full_forwards(backend):  # noqa: F811
 
 
 def test_decode_steps_use_the_single_step_ops(monkeypatch):
+    """One prefill scan per layer, then O(1) steps: the first through the checked public op, the later ones (same
+    cache, kernels and dtypes) straight to the kernels (ops.step_kernels), with the same tokens."""
     lm = _lm()
-    calls = {"scan": 0, "step": 0}
-    real_scan, real_step = ops.selective_scan, ops.selective_state_update
+    calls = {"scan": 0, "step": 0, "unchecked": 0}
+    want = generate(lm, input_ids=list(range(1, 9)), config=_greedy(6)).sequences
 
-    def scan(*a, **k):
-        calls["scan"] += 1
-        return real_scan(*a, **k)
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
 
-    def step(*a, **k):
-        calls["step"] += 1
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(ops, "selective_scan", scan)
-    monkeypatch.setattr(ops, "selective_state_update", step)
-    generate(lm, input_ids=list(range(1, 9)), config=_greedy(6))
+    monkeypatch.setattr(ops, "selective_scan", counted("scan", ops.selective_scan))
+    monkeypatch.setattr(ops, "selective_state_update", counted("step", ops.selective_state_update))
+    monkeypatch.setattr(ops, "selective_state_update_unchecked",
+                        counted("unchecked", ops.selective_state_update_unchecked))
+    assert generate(lm, input_ids=list(range(1, 9)), config=_greedy(6)).sequences == want
     n_layer = lm.config.n_layer
-    assert calls == {"scan": n_layer, "step": 5 * n_layer}  # one prefill scan per layer, then O(1) steps
+    with torch.no_grad():  # as generate runs; None on the torch reference backend (every step checked)
+        trusted = ops.step_kernels("cpu") is not None
+    assert calls == {"scan": n_layer, "step": (1 if trusted else 5) * n_layer,
+                     "unchecked": (4 if trusted else 0) * n_layer}
 
 
 def test_batch_of_different_lengths_equals_one_by_one(backend):  # noqa: F811

@@ -679,3 +679,47 @@ def test_the_docs_python_example_of_the_lm_runs(tmp_path, monkeypatch):
     assert ns["lm"].dtype == torch.bfloat16 and torch.isfinite(ns["out"].loss)
     assert len(ns["res"].sequences[0]) == 20 and ns["res"].texts[0]
     assert ns["logits"].shape == (1, ns["lm"].config.padded_vocab_size)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mamba2-tiny"])
+def test_trusted_decode_steps_equal_checked_ones(backend, preset, monkeypatch):
+    """A cache's later decode steps call the kernels without the public ops' checks (MambaLM._decode_step_key): their
+    logits and states equal the checked steps' bit for bit (Mamba-1 and Mamba-2); the trust ends with a change of
+    backend (that step takes the public op) and never covers another model: a cache of other shapes meets the
+    public ops' checks, not an out-of-bounds read."""
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig.from_preset(preset, vocab_size=64)).eval()
+    prompt, steps = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (5, 2, 1))
+    calls = []
+    monkeypatch.setattr(ops, "selective_state_update_unchecked",
+                        lambda *a, _f=ops.selective_state_update_unchecked: calls.append(1) or _f(*a))
+
+    def decode(trust: bool):
+        cache = lm.allocate_cache(2)
+        out = [lm(prompt, cache=cache).logits]
+        for ids in steps:
+            if not trust:
+                cache._checked_step = None  # as a fresh cache: through the public ops
+            out.append(lm(ids, cache=cache).logits)
+        return out, cache
+
+    with torch.no_grad():
+        checked, c1 = decode(False)
+        assert not calls
+        trusted, c2 = decode(True)
+        kern = ops.step_kernels("cpu")
+    assert len(calls) == (0 if kern is None else 4 * lm.config.n_layer)  # every step but the first
+    assert (kern is None) == (backend == "torch")
+    for a, b in zip(checked, trusted):
+        assert torch.equal(a, b)
+    for a, b in zip(c1.ssm_states + c1.conv_states, c2.ssm_states + c2.conv_states):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        calls.clear()
+        with ops.use_backend("torch"):  # another backend: its step goes through the public op (the reference)
+            ref = lm(steps[0], cache=c2).logits
+        assert not calls
+        torch.testing.assert_close(ref, lm(steps[0], cache=c1).logits, rtol=1e-4, atol=1e-5)
+        other = MambaLM(MambaConfig.from_preset(preset, vocab_size=64, d_model=32)).eval()
+        with pytest.raises(ops.OpInputError, match="must have shape"):
+            other(steps[0], cache=c2)
