@@ -97,6 +97,9 @@ class DataError(ValueError):
         self.reason = reason
 
 
+_TOKENIZE_RECORDS = 2048  # records tokenised per batched call (LlavaDataset._build_chunk)
+
+
 @dataclass
 class Sample:
     """One tokenised, validated record."""
@@ -108,8 +111,11 @@ class Sample:
     """Image files, one per ``<image>`` placeholder in input_ids, in order."""
     instructions: list[str]
     """Instruction-fusion text per image (its human turn without placeholders)."""
-    input_ids: list[int]
-    labels: list[int]
+    input_ids: array
+    """Token ids, an ``array("i")`` (int32: 4 bytes a token, where a list of Python ints takes ~35 and the corpus is
+    held by every rank; ``list(...)`` for a list)."""
+    labels: array
+    """Targets, ``array("i")``: the token where trained on, else -100 (IGNORE_INDEX)."""
     length: int
     """LM input positions: tokens + (N - 1) per image."""
     source: int = 0
@@ -583,28 +589,11 @@ class LlavaDataset:
             got = self._check(index, rec)
             if got is not None:
                 checked.append((index, rec, *got))
-        # one batched tokenizer call over every segment of every record (fast, parallel in Rust)
-        all_segs = [self.segments(turns) for _, _, turns, _ in checked]
-        flat = [text for segs in all_segs for text, _ in segs]
-        ids_flat = self.tokenizer.encode_batch(flat) if flat else []
-        samples, k = [], 0
+        samples = []
         notes_before = Counter(r.notes)
         seen_ids, seen_records = {}, {}  # id -> first record index; content digest -> first record index
-        for (index, rec, turns, paths), segs in zip(checked, all_segs):
-            input_ids, labels = [], []
-            for (_, trained), ids in zip(segs, ids_flat[k:k + len(segs)]):
-                input_ids.extend(ids)
-                labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
-            k += len(segs)
-            labels[0] = IGNORE_INDEX
-            instructions = [_strip_placeholders(text, self.image_token)
-                            for role, text in turns for _ in range(text.count(self.image_token))]
-            rid = rec.get("id")  # (a record without one is named by its index, as before: the resume hashes hold it)
-            s = self._truncate(index, rec, Sample(index, str(rec.get("id", index)), paths, instructions, input_ids,
-                                                  labels, 0, source, named=rid is not None))
-            if s is not None:
-                samples.append(s)
-                self._note(index, rec, turns, seen_ids, seen_records, source)
+        for start in range(0, len(checked), _TOKENIZE_RECORDS):
+            self._build_chunk(checked[start:start + _TOKENIZE_RECORDS], source, samples, seen_ids, seen_records)
         n, tokens, answers, images = (a - b for a, b in zip(
             (r.truncated, r.truncated_tokens, r.truncated_answer_tokens, r.dropped_images), before))
         if n:
@@ -615,6 +604,29 @@ class LlavaDataset:
             log.warning("%s: kept but noted (data check lists them): %s", self.path,
                         ", ".join(f"{k}: {v}" for k, v in sorted(noted.items())))
         return samples
+
+    def _build_chunk(self, checked: list, source: int, samples: list, seen_ids: dict, seen_records: dict) -> None:
+        """Tokenise and append the samples of ``checked`` records, one batched tokenizer call for all their segments
+        (fast, parallel in Rust); a chunk at a time, so the Python lists of ids the tokenizer returns exist for
+        these records only, not for a whole corpus at once (the samples keep int32 arrays)."""
+        all_segs = [self.segments(turns) for _, _, turns, _ in checked]
+        ids_flat = self.tokenizer.encode_batch([text for segs in all_segs for text, _ in segs])
+        ignored, k = array("i", [IGNORE_INDEX]), 0
+        for (index, rec, turns, paths), segs in zip(checked, all_segs):
+            input_ids, labels = array("i"), array("i")  # 4 bytes a token (a list of Python ints takes ~35)
+            for (_, trained), ids in zip(segs, ids_flat[k:k + len(segs)]):
+                input_ids.extend(ids)
+                labels.extend(ids if trained else ignored * len(ids))
+            k += len(segs)
+            labels[0] = IGNORE_INDEX
+            instructions = [_strip_placeholders(text, self.image_token)
+                            for role, text in turns for _ in range(text.count(self.image_token))]
+            rid = rec.get("id")  # (a record without one is named by its index, as before: the resume hashes hold it)
+            s = self._truncate(index, rec, Sample(index, str(rec.get("id", index)), paths, instructions, input_ids,
+                                                  labels, 0, source, named=rid is not None))
+            if s is not None:
+                samples.append(s)
+                self._note(index, rec, turns, seen_ids, seen_records, source)
 
     def _note(self, index: int, rec: dict, turns, seen_ids: dict, seen_records: dict, source: int = 0) -> None:
         """Count the kept record's notes (:data:`NOTES`): an id or a content seen before in this file, an empty
@@ -690,7 +702,7 @@ class LlavaDataset:
             if s.source:  # (a one-file data set hashes as it did before data.sources existed)
                 h.update(f"{s.source}/".encode())
             h.update(f"{s.index}:{s.id}:{s.length}:".encode())
-            h.update(bytes(str(s.input_ids[:64]), "utf-8"))
+            h.update(bytes(str(list(s.input_ids[:64])), "utf-8"))  # as the lists they were printed
         return h.hexdigest()[:16]
 
     def content_hash(self) -> str:
@@ -801,6 +813,12 @@ def plan_rows(lengths: Sequence[int], seed: int, epoch: int, packing: bool, max_
     return rows
 
 
+def _as_tensor(tokens) -> torch.Tensor:
+    """A sample's ``array("i")`` (or a list) as a tensor, the array without a copy."""
+    return torch.frombuffer(tokens, dtype=torch.int32) if isinstance(tokens, array) and len(tokens) else \
+        torch.tensor(list(tokens), dtype=torch.long)
+
+
 def collate(rows: Sequence[Sequence[tuple[Sample, torch.Tensor | None]]], pad_token_id: int, packing: bool,
             num_image_tokens: int) -> dict:
     """Rows of (sample, its images) -> a batch for ``EmmaMamba.forward`` plus bookkeeping.
@@ -825,8 +843,8 @@ def collate(rows: Sequence[Sequence[tuple[Sample, torch.Tensor | None]]], pad_to
         pos, segs, n_img = 0, [], 0
         for k, (s, px) in enumerate(row):
             n = len(s.input_ids)
-            input_ids[r, pos:pos + n] = torch.tensor(s.input_ids)
-            labels[r, pos:pos + n] = torch.tensor(s.labels)
+            input_ids[r, pos:pos + n] = _as_tensor(s.input_ids)
+            labels[r, pos:pos + n] = _as_tensor(s.labels)
             labels[r, pos] = IGNORE_INDEX  # nothing in this row may predict a sample's first token
             if seq_idx is not None:
                 seq_idx[r, pos:pos + n] = k

@@ -65,6 +65,37 @@ def folder(tmp_path):
     return tmp_path
 
 
+def test_the_kept_corpus_takes_about_8_bytes_a_token(tmp_path, tok, monkeypatch):
+    """Every rank keeps the whole tokenised corpus: the samples hold int32 arrays (ids and labels, 8 bytes a token),
+    not lists of Python ints (~45 bytes a token held: 1.2M records of ~300 tokens, the paper's mixture, would hold
+    ~16 GB per rank by arithmetic), and records are tokenised a chunk at a time (the tokenizer's lists exist for one
+    chunk only). Measured with tracemalloc: the memory the data set still holds once built."""
+
+    import gc
+    import tracemalloc
+
+    import emma_mamba.data.llava as llava
+
+    words = "the quick brown fox jumps over the lazy dog while a bus passes".split()
+    text = lambda k, n: " ".join(words[(k + j) % len(words)] for j in range(n))  # noqa: E731
+    records = [rec(i, image=None, conv=[{"from": "human", "value": text(i, 60)},
+                                        {"from": "gpt", "value": text(i + 1, 240)}]) for i in range(120)]
+    monkeypatch.setattr(llava, "_TOKENIZE_RECORDS", 4)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        ds = make(tmp_path, tok, records)
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = sum(len(s.input_ids) for s in ds.samples)
+    assert len(ds) == 120 and tokens > 120 * 290
+    assert held / tokens < 12, f"{held / tokens:.1f} bytes a token held"
+    s = ds.samples[0]
+    assert s.input_ids.itemsize == s.labels.itemsize == 4
+
+
 # ------------------------------------------------------------------------------------------- template
 
 def test_template_tokens_and_labels_match_hand_written_conversation(folder, tok):
@@ -75,7 +106,7 @@ def test_template_tokens_and_labels_match_hand_written_conversation(folder, tok)
     s = ds.samples[0]
     text = ("<|user|>\n<image>\nWhat is it?<|endoftext|>\n<|assistant|>\nA cat.<|endoftext|>\n"
             "<|user|>\nColour?<|endoftext|>\n<|assistant|>\nGrey, mostly.<|endoftext|>")
-    assert s.input_ids == t.encode(text)  # segment-wise tokenisation equals whole-string tokenisation
+    assert list(s.input_ids) == t.encode(text)  # segment-wise tokenisation equals whole-string tokenisation
     trained = [x for x in s.labels if x != IGNORE_INDEX]
     assert t.decode(trained, skip_special_tokens=False) == "A cat.<|endoftext|>Grey, mostly.<|endoftext|>"
     # labels are the input ids exactly where they are set, and the set positions are contiguous answer spans
@@ -83,7 +114,7 @@ def test_template_tokens_and_labels_match_hand_written_conversation(folder, tok)
         assert y == IGNORE_INDEX or y == x
     # the first prompt is what inference builds for the same question
     prompt = build_chat_prompt("What is it?", 1)
-    assert s.input_ids[: len(t.encode(prompt))] == t.encode(prompt)
+    assert list(s.input_ids[: len(t.encode(prompt))]) == t.encode(prompt)
     assert s.images == [folder / "img" / "a.png"] and s.instructions == ["What is it?"]
     assert s.length == len(s.input_ids) + N - 1
     assert s.input_ids.count(image_id) == 1
@@ -102,10 +133,10 @@ def test_images_before_the_turn_match_a_hand_written_conversation_and_inference(
     s = ds.samples[0]
     text = ("<image><|user|>\nWhat is it?\nAnswer briefly.<|endoftext|>\n<|assistant|>\nA cat.<|endoftext|>\n"
             "<|user|>\nColour?<|endoftext|>\n<|assistant|>\nGrey.<|endoftext|>")
-    assert s.input_ids == t.encode(text) and s.input_ids[0] == image_id
+    assert list(s.input_ids) == t.encode(text) and s.input_ids[0] == image_id
     prompt = build_chat_prompt("What is it?\nAnswer briefly.", 1, image_position="before_turn")
     assert prompt == "<image><|user|>\nWhat is it?\nAnswer briefly.<|endoftext|>\n<|assistant|>\n"
-    assert s.input_ids[: len(t.encode(prompt))] == t.encode(prompt)
+    assert list(s.input_ids[: len(t.encode(prompt))]) == t.encode(prompt)
     assert build_chat_prompt("Q", 2, image_position="before_turn").startswith("<image><image><|user|>\nQ")
     with pytest.raises(ValueError, match="image_position must be"):
         build_chat_prompt("Q", 1, image_position="after")
@@ -113,7 +144,7 @@ def test_images_before_the_turn_match_a_hand_written_conversation_and_inference(
     # "<image>\nQ?\nAnswer the question using a single word or phrase." trained on another prompt than eval sends)
     s = LlavaDataset(DataConfig(json=str(path), image_folder=str(folder / "img")), t, "<image>", image_id, N).samples[0]
     prompt = build_chat_prompt("What is it?\nAnswer briefly.", 1)
-    assert s.input_ids[: len(t.encode(prompt))] == t.encode(prompt)
+    assert list(s.input_ids[: len(t.encode(prompt))]) == t.encode(prompt)
 
 
 def test_placeholder_added_when_missing_and_multi_image_kept_in_place(folder, tok):
@@ -357,7 +388,7 @@ def test_collate_packing_sets_seq_idx_and_masks_each_first_token(folder, tok, pr
     assert b["input_ids"].shape == (2, n0 + n2)
     assert b["seq_idx"][0].tolist() == [0] * n0 + [1] * n2
     assert b["seq_idx"][1].tolist() == [0] * n1 + [1] * (n0 + n2 - n1)
-    assert b["input_ids"][0].tolist() == s0.input_ids + s2.input_ids
+    assert b["input_ids"][0].tolist() == list(s0.input_ids + s2.input_ids)
     assert b["labels"][0, n0] == IGNORE_INDEX and b["labels"][0, 0] == IGNORE_INDEX
     assert b["labels"][1, n1:].eq(IGNORE_INDEX).all() and b["input_ids"][1, n1:].eq(tok[0].pad_token_id).all()
     assert b["image_counts"] == [1, 1] and b["pixel_values"].shape == (2, 3, 32, 32)

@@ -20,10 +20,10 @@ def test_a_cut_inside_the_answer_counts_the_answer_tokens_lost(folder, tok):  # 
     trained = t.encode(ANSWER + "<|endoftext|>")
     assert len(trained) > 4
     first = len(full.input_ids) - len(trained)  # text only: one position per token, the answer last
-    assert full.input_ids[first:] == trained and full.labels[first - 1] == IGNORE_INDEX
+    assert list(full.input_ids[first:]) == trained and full.labels[first - 1] == IGNORE_INDEX
     ds = make(folder, tok, [rec(0, image=None, conv=conv)], max_length=first + 2)  # two answer tokens kept
     s, rep = ds.samples[0], ds.report
-    assert s.input_ids == full.input_ids[:first + 2] and s.labels[first:] == trained[:2]
+    assert s.input_ids == full.input_ids[:first + 2] and list(s.labels[first:]) == trained[:2]
     assert (rep.truncated, rep.truncated_tokens, rep.dropped_images) == (1, len(trained) - 2, 0)
     assert rep.truncated_answer_tokens == len(trained) - 2
 

@@ -116,7 +116,7 @@ def test_multi_turn_stream_is_the_one_training_builds(model, tmp_path):
     turns, dropped = parse_messages([{"role": "system", "content": "Be brief."}, user(q1),
                                      {"role": "assistant", "content": a1}, user(q2, image=False)], True, False)
     ids, images, instructions, history = conversation_ids(model.tokenizer, turns, model.config.image_token)
-    sample = ds.samples[0].input_ids
+    sample = list(ds.samples[0].input_ids)
     tok = model.tokenizer
     last_answer = tok.encode("Orange." + "<|endoftext|>")
     assert ids == sample[: len(sample) - len(last_answer)] and dropped == 1
@@ -147,7 +147,7 @@ def test_a_models_own_chat_format_lays_out_the_conversation_as_its_training_did(
                       model.config.image_token, model.image_token_id, model.vision.num_tokens)
     turns, _ = parse_messages([user(q1), {"role": "assistant", "content": a1}, user(q2, image=False)], True, False)
     ids, _, _, _ = conversation_ids(model.tokenizer, turns, model.config.image_token, chat=chat)
-    sample = ds.samples[0].input_ids
+    sample = list(ds.samples[0].input_ids)
     assert ids == sample[: len(sample) - len(model.tokenizer.encode("Orange." + chat.turn_end))]
     old = model.config.chat
     model.config.chat = chat
