@@ -40,7 +40,24 @@ __all__ = ["api_answer_fn", "ApiError"]
 
 
 class ApiError(RuntimeError):
-    """The endpoint refused or failed a request (after the retries)."""
+    """The endpoint refused or failed a request (after the retries). ``status``: its HTTP status, None where no
+    answer came (the network, a timeout, a malformed answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+_BUSY = (408, 429)  # "try again later": waited for (Retry-After, else a backoff), not counted as failures
+_MAX_WAIT = 60.0  # the longest one Retry-After is honoured for (seconds)
+
+
+def _retry_after(e: urllib.error.HTTPError, attempt: int) -> float:
+    """Seconds to wait before retrying after ``e``: its Retry-After (delta-seconds) if given, else a backoff."""
+    try:
+        return min(_MAX_WAIT, max(0.0, float(e.headers.get("Retry-After", ""))))
+    except (TypeError, ValueError):
+        return min(_MAX_WAIT, 2.0 ** attempt)
 
 
 def _data_url(question) -> str:
@@ -102,6 +119,8 @@ class _ApiAnswerer:
         try:
             choices = self._map(lambda q, p: self._ask(q, p, TOP_LOGPROBS), batch, prompts)
         except ApiError as e:
+            if e.status in _BUSY:  # still busy after waiting: says nothing about logprobs (the run stops, resumable)
+                raise
             raise LikelihoodUnavailable(f"a request with logprobs / top_logprobs failed: {e}") from e
         out = []
         for q, c in zip(batch, choices):
@@ -141,7 +160,8 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
         if model:
             body["model"] = model
         data = json.dumps(body).encode()
-        for attempt in range(retries + 1):
+        attempt, busy_waited = 0, 0.0
+        while True:
             try:
                 req = urllib.request.Request(endpoint, data=data, headers=headers)
                 with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -151,14 +171,23 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
                 return choice
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
-                if e.code < 500 or attempt == retries:  # a refused request is not retried
-                    raise ApiError(f"{endpoint}: question {question.qid!r}: HTTP {e.code}: {detail}") from None
+                wait = _retry_after(e, attempt)
+                # busy (429: serve --max-concurrent-requests, a rate limit; 408): waited for, up to `timeout` in all
+                if e.code in _BUSY and busy_waited + wait <= timeout:
+                    busy_waited += wait
+                    time.sleep(wait)
+                    continue
+                if e.code < 500 and e.code not in _BUSY or attempt == retries:  # a refused request: not retried
+                    busy = f" (busy for {busy_waited:g} s of retries)" if e.code in _BUSY else ""
+                    raise ApiError(f"{endpoint}: question {question.qid!r}: HTTP {e.code}{busy}: {detail}",
+                                   e.code) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, TypeError,
                     json.JSONDecodeError) as e:  # IndexError / TypeError: no choice, or not a JSON object
                 if attempt == retries:
                     raise ApiError(f"{endpoint}: question {question.qid!r}: {type(e).__name__}: {e}") from None
-            time.sleep(2.0 ** attempt)
-        raise AssertionError("unreachable")
+                wait = 2.0 ** attempt
+            time.sleep(wait)
+            attempt += 1
 
     from emma_mamba.eval.runner import model_identity
 

@@ -265,6 +265,68 @@ def test_a_malformed_reply_is_an_api_error_naming_the_question(shapes, tmp_path,
             fn(q, ["Is there a cat?"])
 
 
+def test_a_busy_endpoint_is_waited_for_as_its_retry_after_says(shapes, served, tmp_path):
+    """A 429 (serve --max-concurrent-requests, a rate limit) is "retry shortly", not a refusal: the request is sent
+    again after the Retry-After the endpoint gave, and the answers equal an unhindered run's, closed-set
+    probabilities included (they were taken for "this endpoint refuses logprobs" and the benchmark fell back to
+    parsed replies). An endpoint busy for longer than the request timeout is an ApiError saying so, also for a
+    likelihood request (the run stops, resumable), not a fallback."""
+    import time
+
+    from emma_mamba.eval.runner import read_questions
+
+    _, _, url, _ = served
+    ho = shapes / "heldout"
+    q = read_questions("pope", ho / "pope_random.jsonl", shapes / "images")[:2]
+    want = api_answer_fn(url, retries=0)(q, ["Is there a cat?"] * 2)
+    want_p = api_answer_fn(url, retries=0).option_probabilities(q, ["Is there a cat?"] * 2, ["Yes", "No"])
+    busy, waits = {"left": 0}, []
+
+    class Proxy(BaseHTTPRequestHandler):  # busy for its first requests, then passes them to the served model
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if busy["left"] > 0:
+                busy["left"] -= 1
+                waits.append(time.monotonic())
+                raw = b'{"error": {"message": "the server is busy"}}'
+                self.send_response(429)
+                self.send_header("Retry-After", "0.2")
+            else:
+                import urllib.request
+
+                req = urllib.request.Request(url + "/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    raw = r.read()
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    proxy = f"http://127.0.0.1:{srv.server_port}/v1"
+    try:
+        busy["left"] = 3  # more than retries=0 allows for failures: a busy answer is not one
+        assert api_answer_fn(proxy, retries=0, concurrency=1)(q, ["Is there a cat?"] * 2) == want
+        assert len(waits) == 3 and all(b - a >= 0.19 for a, b in zip(waits, waits[1:]))
+        busy["left"] = 2
+        got = api_answer_fn(proxy, retries=0, concurrency=1).option_probabilities(q, ["Is there a cat?"] * 2,
+                                                                                   ["Yes", "No"])
+        assert got == want_p
+        busy["left"] = 100  # busy beyond the timeout (0.5 s: two waits of 0.2 s fit, the third does not)
+        with pytest.raises(ApiError, match=r"HTTP 429 \(busy for 0.4 s of retries\)") as e:
+            api_answer_fn(proxy, retries=0, timeout=0.5).option_probabilities(q[:1], ["Is there a cat?"], ["Yes"])
+        assert e.value.status == 429 and not isinstance(e.value, LikelihoodUnavailable)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 @contextlib.contextmanager
 def canned_endpoint(reply: dict):
     """A local HTTP endpoint answering every POST with ``reply["status"]`` and ``reply["body"]`` (bytes, JSON),
