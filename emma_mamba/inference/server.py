@@ -330,9 +330,10 @@ _UNSUPPORTED_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bia
 """OpenAI / vLLM sampling fields this server does not implement -> the value that means "off" (accepted: clients
 send it by default); any other value is a 400 naming the field, rather than an answer sampled without it."""
 _PLAIN_TEXT_FIELDS = {"tools": [], "functions": [], "tool_choice": "none", "function_call": "none",
-                      "response_format": {"type": "text"}}
-"""Fields asking for tool calls or structured output -> their "off" value; anything else is a 400 naming the
-field (the model answers in plain text; a client must not take an ignored JSON schema or tool list as obeyed)."""
+                      "response_format": {"type": "text"}, "modalities": ["text"], "audio": None}
+"""Fields asking for tool calls, structured output or audio -> their "off" value; anything else is a 400 naming the
+field (the model answers in plain text; a client must not take an ignored JSON schema, tool list or audio request
+as obeyed)."""
 
 
 def _number(body: dict, key: str, kind, lo, hi, default):
@@ -467,8 +468,11 @@ class ChatService:
             value = body.get(field)
             if value is not None and value != off:
                 raise RequestError(f"{field} is not supported by this server (the model answers in plain text: no "
-                                   f"tool calls or structured output); send {off!r} or leave it out, got "
+                                   f"tool calls, structured output or audio); "
+                                   f"{'leave it out' if off is None else f'send {off!r} or leave it out'}, got "
                                    f"{str(value)[:80]!r}", field)
+        if body.get("stream_options") is not None and not _flag(body, "stream"):  # as OpenAI refuses it
+            raise RequestError("stream_options is only allowed with stream: true", "stream_options")
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = _number(body, key, int, min_new, self.max_new_tokens_limit, d.max_new_tokens)
         kw = {k: _number(body, k, float, lo, hi, getattr(d, k)) for k, (lo, hi) in _FLOAT_FIELDS.items()}

@@ -169,7 +169,7 @@ def test_system_and_developer_messages_are_dropped(client):
         assert out.choices[0].message.content == plain.choices[0].message.content
         assert out.emma_mamba["dropped_system_messages"] == 1
     # the "off" values of the refused tool / structured-output fields are accepted (clients send them)
-    off = chat(client, msgs, max_tokens=3, tool_choice="none", response_format={"type": "text"})
+    off = chat(client, msgs, max_tokens=3, tool_choice="none", response_format={"type": "text"}, modalities=["text"])
     assert off.choices[0].message.content == plain.choices[0].message.content
 
 
@@ -268,6 +268,11 @@ HI = [{"role": "user", "content": "hi"}]
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools",
      "tools is not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format", "response_format is not supported"),
+    # audio out: refused too (was answered in text as if heard), and stream_options without a stream (as OpenAI)
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "modalities",
+     "modalities is not supported"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio is not supported"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "stream_options is only allowed with stream"),
 ])
 def test_bad_chat_requests_are_bad_request_errors_naming_the_field(client, kw, param, match):
     kw = {"messages": HI, "max_tokens": 2, **kw}
