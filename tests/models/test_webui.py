@@ -167,6 +167,24 @@ def test_the_page_in_jsdom_holds_a_conversation_as_the_service_does(svc):
     assert second["emma_mamba"]["state_cache"] == "hit"
 
 
+@pytest.mark.skipif(not _jsdom(), reason="needs Node.js with jsdom (npm install jsdom; NODE_PATH)")
+def test_the_model_name_shows_once_the_key_is_entered_and_an_ime_enter_does_not_send(svc):
+    """Against a server with an API key: the label asks for the key, and shows the model once it is entered (it was
+    asked once, at load, and said "needs the API key" for good); Enter confirming an input method's composition
+    (CJK input: isComposing) does not send the half-typed question, a plain Enter then does."""
+    srv, url = serve(svc, api_key="s3cret")
+    try:
+        r = subprocess.run(["node", str(Path(__file__).with_name("webui_key_drive.js")), url, "s3cret"],
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["before"] == "model: (needs the API key)" and out["after"] == "model: tiny-test"
+    assert out["composing"] == 0 and out["sent"] == 1
+
+
 def _chromium() -> str | None:
     """A Chromium that puppeteer-core (requirable from Node) can drive: $CHROMIUM or chromium on PATH."""
     exe = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
