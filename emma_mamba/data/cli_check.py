@@ -144,9 +144,10 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         image_failures = {"files": len(bad), "of_files": len(paths)}
     if usable is not None:
         usable.update(s.index for s in ds.samples if not any(str(p) in bad for p in s.images))
-    lengths = ds.lengths
+    lengths = ds.lengths  # the plan (rows, steps) counts every sample, as training's does until an image fails
     if lengths_out is not None:
         lengths_out.extend(lengths)
+    kept = [s for s in ds.samples if not any(str(p) in bad for p in s.images)]  # what the statistics describe
     return {
         "file": str(ds.path), "records": rep.records, "usable": rep.samples - n_failed,
         "skipped": skipped, "examples": examples, "images_checked": len(paths) if images else 0,
@@ -156,10 +157,10 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "truncated": {"samples": rep.truncated, "positions": rep.truncated_tokens,
                       "answer_tokens": rep.truncated_answer_tokens, "images": rep.dropped_images},
         "max_length": data_cfg.max_length, "longest_before_truncation": rep.longest,
-        "positions_per_sample": _percentiles(lengths),
-        "images_per_sample": _percentiles([len(s.images) for s in ds.samples]),
-        "answer_tokens": sum(sum(1 for x in s.labels if x != -100) for s in ds.samples),
-        "text_only_samples": sum(1 for s in ds.samples if not s.images),
+        "positions_per_sample": _percentiles([s.length for s in kept]),
+        "images_per_sample": _percentiles([len(s.images) for s in kept]),
+        "answer_tokens": sum(sum(1 for x in s.labels if x != -100) for s in kept),
+        "text_only_samples": sum(1 for s in kept if not s.images),
         **_epoch(cfg, data_cfg, lengths),
     }
 

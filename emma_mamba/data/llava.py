@@ -444,7 +444,10 @@ class LlavaDataset:
             records = read_records(self.path, self.issues)
             n_records = len(records) + self.report.skipped["malformed_json"] - malformed
             self.report.records += n_records
+            missing, shown = self.report.skipped["missing_image"], len(self.report.examples.get("missing_image", []))
             built = self._build(records, k)
+            self._check_image_folder(src, self.report.skipped["missing_image"] - missing, built,
+                                     self.report.examples.get("missing_image", [])[shown:])
             self.report.samples += len(built)
             picked = [built[i] for i in repeat_indices(len(built), src.repeat, k)]
             if mixed:
@@ -456,6 +459,24 @@ class LlavaDataset:
             self.samples.extend(picked)
         self.path, self.image_folder = self.sources[0].json, self.sources[0].image_folder
         log.info("%s", self.report.summary())
+
+    def _check_image_folder(self, src: DataSource, missing: int, built: list, examples: list) -> None:
+        """Refuse a file none of whose images were found (``on_error: skip`` skipped them all): its image folder is
+        not the one its paths are relative to (one level too high, as LLaVA's layout invites, or left out), and
+        training would go on with its text-only records alone (a stage 1 trains on no image at all); warn where
+        most were not found."""
+        with_images = sum(1 for b in built if b.images)
+        if not missing:
+            return
+        first = f"; the first: {examples[0]}" if examples else ""
+        if not with_images:
+            raise DataError(f"{src.json}: none of its {missing} records' images is under {src.image_folder} (the "
+                            f"folder its image paths are taken relative to: data.image_folder or the source's "
+                            f"image_folder, else the file's folder){first}", "missing_image")
+        if missing > with_images:
+            log.warning("%s: %d of %d image records' images are not under %s (skipped); is that the folder the "
+                        "paths are relative to?%s", src.json, missing, missing + with_images, src.image_folder,
+                        first)
 
     # ------------------------------------------------------------------------------------- validation
 

@@ -15,8 +15,11 @@ coordinate-free files are lists of ``{"image_id", "question", "answer"}``:
 about that image) whose image paths are relative to the folder that holds ``DIR`` (by
 default ``lrv/lrv-vg/<id>.jpg`` and ``lrv/lrv-chart/<name>``): put ``DIR`` under LLaVA's image folder and one
 ``image_folder`` serves all three files of ``data.sources`` (configs/train_emma-mamba-2.8b-dinosiglip_single.yaml).
-Every record is checked (fields, text, its image file; a malformed record or a missing image is an error naming
-the file and the record, or with ``--skip-missing`` is left out and counted), and the output keeps the input order.
+A file may also hold that list as ``{"annotations": [...]}`` (the layout of MiniGPT-4's ``filter_cap.json``, whose
+names LRV's follow). Every record is checked (fields, text, its image file): a malformed record (not an object,
+a field missing or empty, a question holding ``<image>``) is an error naming the file and the record, or with
+``--skip-bad`` is left out and counted per reason; a missing image likewise with ``--skip-missing``. An answer that
+is a JSON number (a chart's value) is written as its text. The output keeps the input order.
 """
 
 from __future__ import annotations
@@ -43,15 +46,35 @@ def _records(path: Path) -> list:
         raise LrvError(f"{path} not found (LRV-Instruct's release names it so)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LrvError(f"{path}: not a JSON file ({e})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("annotations"), list):  # MiniGPT-4's layout
+        return doc["annotations"]
     if not isinstance(doc, list):
-        raise LrvError(f"{path}: expected a list of {{image_id, question, answer}}, got {type(doc).__name__}")
+        raise LrvError(f"{path}: expected a list of {{image_id, question, answer}} (or {{\"annotations\": "
+                       f"[...]}}), got {type(doc).__name__}"
+                       + (f" with keys {', '.join(map(repr, list(doc)[:5]))}" if isinstance(doc, dict) else ""))
     return doc
 
 
+def _bad_field(rec: dict) -> str | None:
+    """Why record ``rec`` cannot be converted (None: it can): a field missing, empty or of another type, or a
+    question holding the image placeholder (LLaVA's loader would find two placeholders for one image)."""
+    for key in ("image_id", "question", "answer"):
+        v = rec.get(key)
+        number = key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool)  # a chart's value
+        if not (number or isinstance(v, str) or key == "image_id" and isinstance(v, int) and not isinstance(v, bool))\
+                or not str(v).strip():
+            return f"'{key}' must be a non-empty string{' or a number' if key == 'answer' else ''}, got {v!r}"
+    if "<image>" in rec["question"]:
+        return (f"'question' holds the image placeholder <image> (the conversion writes it before the question): "
+                f"{rec['question'][:80]!r}")
+    return None
+
+
 def convert(lrv_dir: str | Path, vg_files=VG_FILES, chart_file: str | None = CHART_FILE, skip_missing: bool = False,
-            prefix: str | None = None) -> tuple[list[dict], dict]:
+            prefix: str | None = None, skip_bad: bool = False) -> tuple[list[dict], dict]:
     """(LLaVA records, counts) from the LRV release in ``lrv_dir`` (see the module docstring). ``prefix``: what
-    image paths start with (default ``lrv_dir``'s own name, so paths are relative to its parent folder)."""
+    image paths start with (default ``lrv_dir``'s own name, so paths are relative to its parent folder).
+    ``skip_bad``: leave malformed records out (counted as ``malformed_records_skipped``) instead of stopping."""
     root = Path(lrv_dir)
     if not root.is_dir():
         raise LrvError(f"--lrv-dir {root} is not a directory")
@@ -66,11 +89,12 @@ def convert(lrv_dir: str | Path, vg_files=VG_FILES, chart_file: str | None = CHA
         kept = 0
         for i, rec in enumerate(_records(path)):
             where = f"{path}: record {i}"
-            if not isinstance(rec, dict):
-                raise LrvError(f"{where}: expected an object, got {type(rec).__name__}")
-            for key in ("image_id", "question", "answer"):
-                if not isinstance(rec.get(key), (str, int)) or not str(rec[key]).strip():
-                    raise LrvError(f"{where}: '{key}' must be a non-empty string, got {rec.get(key)!r}")
+            bad = f"expected an object, got {type(rec).__name__}" if not isinstance(rec, dict) else _bad_field(rec)
+            if bad is not None:
+                if not skip_bad:
+                    raise LrvError(f"{where}: {bad} (--skip-bad leaves such records out and counts them)")
+                counts["malformed_records_skipped"] = counts.get("malformed_records_skipped", 0) + 1
+                continue
             image_id = str(rec["image_id"]).strip()
             name = f"{image_id}.jpg" if vg else image_id
             if not (root / folder / name).is_file():
@@ -108,6 +132,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its parent folder)")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out (and count) the records whose image file is missing instead of stopping")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out (and count) malformed records (a field missing or empty, <image> in a question) "
+                        "instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         records, counts = convert(args.lrv_dir, chart_file=None if args.no_chart else CHART_FILE,
-                                  skip_missing=args.skip_missing, prefix=args.prefix)
+                                  skip_missing=args.skip_missing, prefix=args.prefix, skip_bad=args.skip_bad)
     except LrvError as e:
         print(f"emma-mamba data lrv: {e}", file=sys.stderr)
         return 2

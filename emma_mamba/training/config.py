@@ -444,6 +444,7 @@ SEED_LIMIT = 2 ** 43
 torch's generator takes as a 64-bit integer."""
 
 _SOURCE_KEYS = ("json", "image_folder", "repeat")
+MAX_REPEAT = 1000  # a file's data.sources repeat (beyond it the epoch's index list alone outgrows memory)
 
 
 def _check_sources(sources: list, bad) -> None:
@@ -459,9 +460,9 @@ def _check_sources(sources: list, bad) -> None:
         if e.get("image_folder") is not None and not isinstance(e["image_folder"], str):
             bad(f"{where}.image_folder: expected a path or null, got {e['image_folder']!r}")
         rep = e.get("repeat", 1.0)
-        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not rep > 0:
-            bad(f"{where}.repeat: expected a number > 0 (its records per epoch as a multiple of their number), "
-                f"got {rep!r}")
+        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not 0 < rep <= MAX_REPEAT:
+            bad(f"{where}.repeat: expected a number > 0 and at most {MAX_REPEAT} (its records per epoch as a "
+                f"multiple of their number; train.epochs repeats the whole mixture), got {rep!r}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

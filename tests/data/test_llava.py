@@ -65,6 +65,29 @@ def folder(tmp_path):
     return tmp_path
 
 
+def test_an_image_folder_holding_none_of_a_files_images_is_refused(folder, tok, caplog):
+    """``on_error: skip`` skips a record whose image is missing; a folder holding none of a file's images (one level
+    too high, or left out) skipped them all and trained on the text-only records alone, exit 0. Refused now, naming
+    the file, the folder and the first missing image; a folder missing most of them is warned about; a few missing
+    are skipped as before."""
+    text_only = rec(9, image=None, conv=[{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}])
+    records = [rec(0, "a.png"), rec(1, "b.png"), rec(2, "c.png"), text_only]
+    other = folder / "other"
+    (other / "img").mkdir(parents=True)  # an image folder that is there but holds none of the images
+    with pytest.raises(DataError, match=r"none of its 3 records' images is under .*other/img .*the first: .*a\.png") \
+            as e:
+        make(other, tok, records, on_error="skip")
+    assert e.value.reason == "missing_image" and "data.json" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.data.llava"):
+        ds = make(folder, tok, [rec(0, "a.png"), rec(1, "x.png"), rec(2, "y.png"), text_only], on_error="skip")
+    assert len(ds) == 2 and any("2 of 3 image records' images are not under" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.data.llava"):
+        ds = make(folder, tok, records, on_error="skip")  # one of three missing: skipped, counted, no warning
+    assert len(ds) == 3 and ds.report.skipped["missing_image"] == 1
+    assert not any("image records' images" in r.getMessage() for r in caplog.records)
+
+
 def test_the_kept_corpus_takes_about_8_bytes_a_token(tmp_path, tok, monkeypatch):
     """Every rank keeps the whole tokenised corpus: the samples hold int32 arrays (ids and labels, 8 bytes a token),
     not lists of Python ints (~45 bytes a token held: 1.2M records of ~300 tokens, the paper's mixture, would hold

@@ -139,6 +139,8 @@ def test_a_mistyped_path_is_named_by_its_key_before_the_model_is_built(shapes, t
     ({"json": None, "sources": [{"image_folder": "imgs"}]}, r"data.sources\[0\].json: the file's path is required"),
     ({"json": None, "sources": [{"json": "x.json", "repeat": 0}]}, r"data.sources\[0\].repeat: expected a number > 0"),
     ({"json": None, "sources": [{"json": "x.json", "repeat": "2"}]}, r"data.sources\[0\].repeat"),
+    # a huge repeat: a config error, not a MemoryError building the epoch's index list
+    ({"json": None, "sources": [{"json": "x.json", "repeat": 1e9}]}, r"data.sources\[0\].repeat: .* at most 1000"),
     ({"json": None, "sources": None}, "data.json: the training file is required"),
 ])
 def test_bad_sources(shapes, tmp_path, data, match):

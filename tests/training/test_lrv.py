@@ -82,6 +82,36 @@ def test_lrv_problems_are_named_or_skipped_on_request(tmp_path, capsys):
     assert "filter_cap_more1.json not found" in capsys.readouterr().err
 
 
+def test_annotations_layout_numeric_answers_and_bad_records_skipped_on_request(tmp_path, capsys):
+    """A file holding its list as {"annotations": [...]} (MiniGPT-4's filter_cap.json layout) converts as the bare
+    list does; a numeric answer (a chart's value) is its text; a question holding <image> (LLaVA's loader would
+    find two placeholders for one image) and an empty field are named, or with --skip-bad left out and counted."""
+    lrv = _release(tmp_path)
+    (lrv / "filter_cap1.json").write_text(json.dumps({"annotations": [
+        {"image_id": "2345", "question": "How many dogs?", "answer": 0, "task": "counting"},
+        {"image_id": 77, "question": "What is the value?", "answer": 3.5}]}))
+    out = tmp_path / "o.json"
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(out), "--no-chart"]) == 0
+    got = [r["conversations"][1]["value"] for r in json.loads(out.read_text())]
+    assert got == ["0", "3.5", "Red."]
+    (lrv / "filter_cap_more1.json").write_text(json.dumps([
+        {"image_id": "2345", "question": "<image>\nWhat colour is it?", "answer": "Red."},
+        {"image_id": "2345", "question": "Shape?", "answer": True},
+        {"image_id": "2345", "question": "Size?", "answer": "Small."}]))
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "p.json"), "--no-chart"]) == 2
+    err = capsys.readouterr().err
+    assert "filter_cap_more1.json: record 0: 'question' holds the image placeholder <image>" in err
+    assert "--skip-bad" in err
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "q.json"), "--no-chart",
+                 "--skip-bad"]) == 0
+    assert "malformed_records_skipped 2" in capsys.readouterr().out
+    recs = json.loads((tmp_path / "q.json").read_text())
+    assert [r["conversations"][0]["value"] for r in recs][-1] == "<image>\nSize?" and len(recs) == 3
+    (lrv / "filter_cap1.json").write_text(json.dumps({"images": []}))
+    assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "r.json"), "--no-chart"]) == 2
+    assert "(or {\"annotations\": [...]}), got dict with keys 'images'" in capsys.readouterr().err
+
+
 def test_lrv_dir_given_as_dot_or_dotdot_still_prefixes_its_own_name(tmp_path, monkeypatch):
     # the paths are relative to the folder holding DIR (the module docstring): `--lrv-dir .` from inside the
     # release used to write 'lrv-vg/2345.jpg' (Path('.').name is ''), and `lrv-vg/..` '../lrv-vg/2345.jpg'

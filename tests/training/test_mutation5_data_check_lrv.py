@@ -136,6 +136,35 @@ def test_answer_tokens_are_the_targets_training_averages_over(shapes, tmp_path):
     assert json.loads(report.read_text())["answer_tokens"] == batch["num_label_tokens"]
 
 
+def test_the_statistics_describe_the_usable_records_only(shapes, tmp_path):
+    """A record whose image fails to decode is not usable: the lengths, answer tokens and text-only count describe
+    the usable records (they counted it too: a file's figures then differed from its --write-clean copy's); the
+    epoch's rows still count it, as training plans it until the image fails to load."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes / "images", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    good = "train/" + sorted(p.name for p in (shapes / "images" / "train").iterdir())[0]
+    Q = lambda k: [{"from": "human", "value": "<image>\n" + "What is it? " * k},  # noqa: E731
+                   {"from": "gpt", "value": "A shape. " * k}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "ok", "image": good, "conversations": Q(1)},
+                                {"id": "bad", "image": "broken.png", "conversations": Q(5)},
+                                {"id": "text", "conversations": [{"from": "human", "value": "Hi"},
+                                                                 {"from": "gpt", "value": "Hello."}]}]))
+    run = _write_run(shapes, tmp_path, data)
+    report, clean = tmp_path / "r.json", tmp_path / "clean.json"
+    args = ["data", "check", "--config", str(run), "--data.image_folder", str(images), "--workers", "1"]
+    assert main(args + ["--report", str(report), "--write-clean", str(clean)]) == 1
+    r = json.loads(report.read_text())
+    assert main(["data", "check", "--config", str(run), "--data.image_folder", str(images), "--data.json",
+                 str(clean), "--workers", "1", "--report", str(tmp_path / "rc.json")]) == 0
+    rc = json.loads((tmp_path / "rc.json").read_text())
+    assert r["usable"] == rc["usable"] == 2
+    for key in ("positions_per_sample", "images_per_sample", "answer_tokens", "text_only_samples"):
+        assert r[key] == rc[key], key
+    assert r["rows_per_epoch"] == 3 and rc["rows_per_epoch"] == 2
+
+
 # ---------------------------------------------------------------------------------------------- data lrv
 
 @pytest.mark.parametrize("prefix", ["data/lrv/", "data/lrv", ""])
