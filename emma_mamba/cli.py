@@ -260,6 +260,7 @@ def _main(argv: list[str] | None = None) -> int:
     # torch op on that count (a fresh CLI process need not import torch for it)
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
+    levels = _log_levels()  # likewise the levels commands give the package's loggers (INFO, quiet_logs' ERROR)
     try:
         rc = mod.run(args)
     except ConfigError as e:  # a bad config file or key: the message names it, a traceback would bury it
@@ -268,7 +269,26 @@ def _main(argv: list[str] | None = None) -> int:
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
+        _restore_log_levels(levels)
     return int(rc or 0)
+
+
+def _log_levels() -> dict[str, int]:
+    """The levels of the package's loggers (``emma_mamba`` and below) set so far."""
+    import logging
+
+    names = [n for n in logging.Logger.manager.loggerDict if n == "emma_mamba" or n.startswith("emma_mamba.")]
+    return {n: logging.getLogger(n).level for n in names}
+
+
+def _restore_log_levels(levels: dict[str, int]) -> None:
+    """Put the package's loggers back at ``levels`` (:func:`_log_levels`); one created since goes back to NOTSET (its
+    parent's level), so that a command run through :func:`main` in a longer process (the tests, a notebook) leaves
+    no logger quieter or louder than it found it."""
+    import logging
+
+    for name, level in _log_levels().items():
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
 
 
 if __name__ == "__main__":

@@ -297,3 +297,26 @@ def test_a_missing_optional_package_is_one_line_naming_what_to_install(monkeypat
     monkeypatch.setattr(cli, "_main", broken)
     with pytest.raises(ModuleNotFoundError):
         main(["env"])
+
+
+def test_a_command_run_through_main_leaves_the_log_levels_as_it_found_them(tmp_path, capsys):
+    """Commands set their loggers' levels (eval and training: emma_mamba at INFO; quickstart and ablate: some at
+    ERROR); run through main() in a longer process (the tests, a notebook) they leaked them, so a later caplog
+    test saw another test's INFO lines or missed its own warnings. main() puts every emma_mamba logger back."""
+    import logging
+
+    from emma_mamba.quickstart import quiet_logs
+
+    pkg, trainer = logging.getLogger("emma_mamba"), logging.getLogger("emma_mamba.training.trainer")
+    before = (pkg.level, trainer.level)
+    assert main(["eval", "--task", "pope", "--questions", str(tmp_path / "q.jsonl"), "--images", str(tmp_path),
+                 "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+    assert (pkg.level, trainer.level) == before  # eval had set emma_mamba to INFO
+    import emma_mamba.cli as cli
+
+    levels = cli._log_levels()
+    quiet_logs()  # what quickstart and ablate call
+    assert trainer.level == logging.ERROR
+    cli._restore_log_levels(levels)
+    assert (pkg.level, trainer.level) == before
