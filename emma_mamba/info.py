@@ -97,7 +97,8 @@ def report(cfg, lora_r: int = 0, lora_targets=None, lora_embeddings: bool = Fals
         "taps": model.vision.taps,
         "second_encoder": cfg.vision.second_encoder.timm_model,
         "second_encoder_taps": model.vision.second_taps,
-        "vision_width": model.vision.width,
+        "vision_width": model.vision.width,  # the fused features' (both towers' with a second encoder)
+        "open_clip_width": model.vision.open_clip_width,
         "modules": rows,
         "total": total,
         "mff_share": mff / total["total"],
@@ -231,7 +232,7 @@ def run(args) -> int:
               f"{rep['vision_width']})" if rep["second_encoder"] else "")
     vit = rep["vision"]
     if rep["vision_overridden"]:  # say what was built (the tiny preset's 3 blocks), not only the name it started from
-        vit += f" (resized by open_clip_overrides: {rep['vision_blocks']} blocks of width {rep['vision_width']})"
+        vit += f" (resized by open_clip_overrides: {rep['vision_blocks']} blocks of width {rep['open_clip_width']})"
     print(f"{rep['config']}: {vit} taps {rep['taps']}{second} -> {rep['visual_tokens']} visual tokens, "
           f"{'Mamba-2' if cfg.lm.ssm_layer == 'mamba2' else 'Mamba'} LM d_model {cfg.lm.d_model} x {cfg.lm.n_layer} "
           f"layers")

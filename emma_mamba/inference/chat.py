@@ -51,10 +51,13 @@ def pending_tokens(final: int, reason: str, tokenizer, turn_end: str = TURN_END,
     return [final] if reason == "eos" or ended else [final] + tokenizer.encode(turn_end)
 
 
-def model_fingerprint(lm: MambaLM, rounded: bool = True) -> str:
-    """Identifies the LM a chat state belongs to: its configuration and sums of three weight tensors, each weight
-    rounded to bf16 first, so that the same checkpoint loaded in fp32 or bf16 (`--dtype`: the CPU's and the GPU's
-    defaults) has one fingerprint. ``rounded=False``: the unrounded sums of earlier versions' files. LoRA adapters
+def model_fingerprint(lm: MambaLM, rounded: bool = True, config_vocab: bool = False) -> str:
+    """Identifies the LM a chat state belongs to: its shape and sums of three weight tensors, each weight rounded to
+    bf16 first, so that the same checkpoint loaded in fp32 or bf16 (`--dtype`: the CPU's and the GPU's defaults)
+    has one fingerprint. The vocabulary is the embedding's rows (the padded size), so that one network has one
+    fingerprint in every layout: transformers' writes Mamba-2's 50280 tokens padded to 16 as a vocab_size of
+    50288, ours as 50280 and pad_vocab_size_multiple 16. Earlier versions' files: ``config_vocab`` (the config's
+    vocab_size), and ``rounded=False`` (the unrounded sums; with the config's vocab_size). LoRA adapters
     (which change the network without touching those weights) add the sum of every adapter's ``scaling * B @ A``
     (as ``(B.sum(0) . A.sum(1))``: no product formed), when it is not zero: a model without adapters, or with fresh
     ones (B = 0: the same network), keeps its fingerprint."""
@@ -64,7 +67,8 @@ def model_fingerprint(lm: MambaLM, rounded: bool = True) -> str:
     from emma_mamba.models.lora import lora_modules
 
     c = lm.config
-    shape = [c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, c.vocab_size]
+    vocab = c.vocab_size if config_vocab or not rounded else lm.embeddings.weight.shape[0]
+    shape = [c.d_model, c.n_layer, c.d_state, c.d_conv, c.expand, vocab]
     with torch.no_grad():
         ws = (lm.embeddings.weight, lm.layers[0].mixer.in_proj.weight, lm.layers[-1].mixer.out_proj.weight)
         sums = [float((t.detach().to(torch.bfloat16) if rounded else t.detach()).double().sum()) for t in ws]
@@ -282,7 +286,8 @@ class ChatSession:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read a chat state: {e}") from None
         want = model_fingerprint(session.lm)
-        if meta.get("model") != want and meta.get("model") != model_fingerprint(session.lm, rounded=False):
+        earlier = (model_fingerprint(session.lm, config_vocab=True), model_fingerprint(session.lm, rounded=False))
+        if meta.get("model") != want and meta.get("model") not in earlier:  # (files of earlier versions)
             raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta.get('model')}, "
                              f"this model's is {want})")
         lm = session.lm

@@ -245,7 +245,8 @@ class VisionEncoder(nn.Module):
         n = layout["n_blocks"]
         self.taps: list[int] = _resolve_taps(cfg.taps, n, "vision.taps", cfg.model_name)
         self.n_blocks = n
-        self.width: int = layout["width"]
+        self.width: int = layout["width"]  # the fused features' (the open_clip tower's, + a second encoder's below)
+        self.open_clip_width: int = layout["width"]
         self.patch_size: tuple[int, int] = layout["patch_size"]
         self.grid: tuple[int, int] = layout["grid"]
         self.num_tokens: int = self.grid[0] * self.grid[1]

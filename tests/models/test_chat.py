@@ -487,6 +487,27 @@ def test_a_conversation_saved_in_fp32_loads_into_the_bf16_model(text_lm, tmp_pat
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={**meta, "model": model_fingerprint(lm, False)})
     assert ChatSession.load(tmp_path / "old.safetensors", lm, tokenizer=tok).turns == s1.turns
+    # a file of the versions that took the config's vocab_size (before the embedding's rows)
+    save_file(tensors, str(tmp_path / "v2.safetensors"),
+              metadata={**meta, "model": model_fingerprint(lm, config_vocab=True)})
+    assert ChatSession.load(tmp_path / "v2.safetensors", lm, tokenizer=tok).turns == s1.turns
+
+
+def test_one_network_has_one_fingerprint_in_either_vocab_layout():
+    """Mamba-2's 50280 tokens padded to 16: our layout says vocab_size 50280 and pad_vocab_size_multiple 16,
+    transformers' (an `export --lm-only` read back) 50288 and 1; the same weights had two fingerprints, so a
+    conversation saved with the checkpoint was refused by the exported LM ("saved with another model")."""
+    from emma_mamba.inference.chat import model_fingerprint
+    from emma_mamba.models.mamba import MambaConfig, MambaLM
+
+    torch.manual_seed(0)
+    ours = MambaLM(MambaConfig.from_preset("mamba2-tiny", vocab_size=50280, pad_vocab_size_multiple=16))
+    theirs = MambaLM(MambaConfig.from_preset("mamba2-tiny", vocab_size=50288, pad_vocab_size_multiple=1))
+    theirs.load_state_dict(ours.state_dict())
+    assert ours.embeddings.weight.shape == theirs.embeddings.weight.shape == (50288, 64)
+    assert model_fingerprint(ours) == model_fingerprint(theirs)
+    other = MambaLM(MambaConfig.from_preset("mamba2-tiny", vocab_size=50280, pad_vocab_size_multiple=16))
+    assert model_fingerprint(other) != model_fingerprint(ours)  # other weights: another fingerprint
 
 
 def test_cli_chat_ctrl_c_during_a_command_keeps_the_conversation(vlm, tmp_path, monkeypatch, capsys):

@@ -247,3 +247,17 @@ def test_meta_original_dinov2_checkpoint_layout_loads(tmp_path):
                                                          pretrained=str(tmp_path / "dinov2_reg4_pretrain.pth")))
     for k, v in got.state_dict().items():
         torch.testing.assert_close(v, sd[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_info_names_each_towers_width(tmp_path, capsys):
+    """`emma-mamba info` on a dual config whose open_clip tower is resized: the resized tower's own width (32), and
+    the concatenated features' (32 + 24): it gave the tower the concatenated width."""
+    from emma_mamba.cli import main
+
+    cfg = tmp_path / "dual.yaml"
+    cfg.write_text("preset: tiny\nvision:\n  second_encoder:\n    timm_model: " + DINO + "\n    timm_kwargs: "
+                   + str(TINY_DINO).replace("'", "") + "\n    taps: [2, -2]\n")
+    assert main(["info", "--config", str(cfg)]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "(resized by open_clip_overrides: 3 blocks of width 32)" in head
+    assert f"+ {DINO} taps [1, 2] (concatenated, width 56)" in head  # (sorted: -2 of 3 blocks is 1)
