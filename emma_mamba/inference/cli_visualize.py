@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from emma_mamba.inference.visualize import activation_maps, plot_maps, reconstruction, write_maps
+    from emma_mamba.inference.visualize import (activation_maps, encoder_input, plot_maps, reconstruction,
+                                                write_maps)
     from emma_mamba.models.vision import load_image
     from emma_mamba.models.vlm import has_align_head_weights, load
 
@@ -75,13 +76,16 @@ def run(args: argparse.Namespace) -> int:
         maps = activation_maps(model, image, args.prompt, args.layers)
         extra = {}
         if args.reconstruction:
-            rec, seen = reconstruction(model, image, args.prompt)
-            extra = {"encoder input": seen, "alignment head": rec}
+            rec, _ = reconstruction(model, image, args.prompt)
+            extra = {"alignment head": rec}
+        # the first panel is what the maps' patch grid covers: the image resized and cropped as the encoder takes it
+        # (the whole file beside them put a map cell over another part of a non-square photo)
+        seen = encoder_input(model, image)
     except (FileNotFoundError, ValueError) as e:
         print(f"emma-mamba visualize: {e}", file=sys.stderr)
         return 2
     try:
-        png = plot_maps(image, maps, out, title=args.prompt, extra=extra)
+        png = plot_maps(seen, maps, out, title=args.prompt, extra=extra)
         js = write_maps(maps, png.with_suffix(".json"), checkpoint=str(args.checkpoint),
                         image=str(args.image), prompt=args.prompt, grid=list(model.vision.grid))
     except ImportError as e:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["activation_maps", "default_layers", "plot_maps", "reconstruction", "write_maps"]
+__all__ = ["activation_maps", "default_layers", "encoder_input", "plot_maps", "reconstruction", "write_maps"]
 
 
 def default_layers(n_layer: int) -> list[int]:
@@ -93,10 +93,18 @@ def reconstruction(model, image, prompt: str = "Describe the image in detail.") 
     return image_of(rec), image_of(truth)
 
 
+def encoder_input(model, image) -> torch.Tensor:
+    """``image`` as the vision encoder sees it (resized and cropped or squashed by the model's preprocessing): the
+    picture the heat maps' patch grid covers, (H, W, 3) fp32 in [0, 1]."""
+    seen = model.image_processor.unnormalize(model.image_processor([image])).float().clamp(0, 1)
+    return seen[0].permute(1, 2, 0).cpu()
+
+
 def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str | None = None,
               extra: dict[str, torch.Tensor] | None = None) -> Path:
     """The image, any ``extra`` (H, W, 3) pictures by name, and one heat map per layer (each scaled to its own
-    range), side by side, as a PNG."""
+    range), side by side, as a PNG. ``image``: the picture the maps cover, an (H, W, 3) tensor in [0, 1] (what the
+    encoder sees: :func:`encoder_input`, resized and cropped), or a file or PIL image shown as decoded."""
     try:
         import matplotlib
     except ImportError:
@@ -105,12 +113,12 @@ def plot_maps(image, maps: dict[int, torch.Tensor], out: str | Path, title: str 
     import matplotlib.pyplot as plt
     from emma_mamba.models.vision import load_image
 
-    img = load_image(image)  # the picture the model saw: decoded as training decodes it
+    img = image.numpy() if isinstance(image, torch.Tensor) else load_image(image)
     extra = extra or {}
     k = 1 + len(extra)
     fig, axes = plt.subplots(1, len(maps) + k, figsize=(2.4 * (len(maps) + k), 2.6))
     axes[0].imshow(img)
-    axes[0].set_title("image", fontsize=9)
+    axes[0].set_title("encoder input" if isinstance(image, torch.Tensor) else "image", fontsize=9)
     for ax, (name, pic) in zip(axes[1:k], extra.items()):
         ax.imshow(pic.numpy())
         ax.set_title(name, fontsize=9)

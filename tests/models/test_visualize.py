@@ -71,6 +71,38 @@ def test_cli_writes_the_figure_and_the_values(model, tmp_path, capsys):
     assert "cannot read the image" in capsys.readouterr().err
 
 
+def test_the_figures_image_is_the_part_the_maps_cover(model, tmp_path, monkeypatch):
+    """A wide photo under CLIP's resize and centre crop: the maps cover the central square, and the figure's first
+    panel is that square as the encoder sees it (it was the whole file, a red square at its far left included, so
+    a map cell sat beside another part of the picture)."""
+    import numpy as np
+    from PIL import Image
+
+    import emma_mamba.inference.visualize as vis
+    from emma_mamba.cli import main
+
+    wide = np.full((100, 300, 3), 255, np.uint8)
+    wide[30:70, 5:45] = (255, 0, 0)  # a red square at the far left: outside the centre crop
+    wide[35:65, 135:165] = (0, 0, 255)  # a blue square in the centre
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    shown = {}
+    real = vis.plot_maps
+    monkeypatch.setattr(vis, "plot_maps", lambda image, *a, **k: (shown.setdefault("image", image), real(image, *a,
+                                                                                                       **k))[1])
+    model.save(tmp_path / "ck")
+    assert main(["visualize", "--checkpoint", str(tmp_path / "ck"), "--image", str(path), "--layers", "0",
+                 "--out", str(tmp_path / "maps.png")]) == 0
+    img = shown["image"]
+    H, W = model.vision.image_size
+    assert isinstance(img, torch.Tensor) and tuple(img.shape) == (H, W, 3)
+    want = model.image_processor.unnormalize(model.image_processor([str(path)]))[0].permute(1, 2, 0).clamp(0, 1)
+    torch.testing.assert_close(img, want.float())
+    red = (img[..., 0] > 0.8) & (img[..., 1] < 0.2) & (img[..., 2] < 0.2)
+    blue = (img[..., 2] > 0.8) & (img[..., 0] < 0.2)
+    assert not red.any() and blue.any()
+
+
 def test_cli_decodes_the_image_as_training_does(model, tmp_path):
     """A transparent PNG: the CLI's maps are the maps of the picture the training pipeline makes of that file
     (transparency on white, :func:`emma_mamba.models.vision.load_image`), not of its hidden colours."""
