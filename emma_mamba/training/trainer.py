@@ -886,7 +886,8 @@ class Trainer:
                  "failed_records": self.dataset.failed_records(),  # counted once across a resume
                  "fingerprint": self.dataset.fingerprint(), "data_hash": self.dataset.content_hash(),
                  "samples": len(self.dataset), "world_size": self.info.world_size,
-                 "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps}
+                 "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps,
+                 "cpu_threads": torch.get_num_threads()}  # a CPU run is bitwise at one thread count (resume says)
         try:
             out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
                                   state, self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
@@ -1033,6 +1034,12 @@ class Trainer:
             log.warning("resuming %s, written by %d process(es), with %d: the same data order and objective; the "
                         "gradients are summed in another order, so the run continues to rounding, not bit for bit",
                         path, written_by, self.info.world_size)
+        threads = state.get("cpu_threads")
+        if threads is not None and threads != torch.get_num_threads() and self.info.device.type == "cpu" \
+                and self.info.is_main:
+            log.warning("resuming %s, written at %d CPU threads, with %d: the matrix products sum in another order, "
+                        "so the run continues to rounding, not bit for bit (OMP_NUM_THREADS=%d for that)", path,
+                        threads, torch.get_num_threads(), threads)
         if state["total_steps"] != self.total_steps:
             log.warning("resuming %s: the run now has %d total steps (was %d); the LR schedule changes",
                         path, self.total_steps, state["total_steps"])

@@ -335,6 +335,32 @@ def test_dual_encoder_trains_end_to_end_with_an_unfrozen_second_tower(shapes, tm
         assert any(not torch.equal(after[n], before[n]) for n in before if n.startswith(prefix)), prefix
 
 
+def test_resume_at_another_cpu_thread_count_says_it_is_not_bitwise(shapes, tmp_path, caplog):
+    """A CPU run is bitwise only at one thread count (the matrix products' sums split by thread: measured, a stage-2
+    run at 1 and 2 threads differs from step 3 on by ~1e-7): the checkpoint records the count, and a resume under
+    another one says so (nothing did); the same count resumes without a word."""
+    import logging
+
+    kw = dict(train={"max_steps": 2}, checkpoint={"every_steps": 1})
+    threads = torch.get_num_threads()
+    Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=1)
+    assert torch.load(tmp_path / "b" / "checkpoints" / "step_00000001" / "trainer_state.pt",
+                      weights_only=False)["cpu_threads"] == threads
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+        Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
+    assert not [r for r in caplog.records if "CPU threads" in r.getMessage()]
+    other = 1 if threads > 1 else 2
+    try:
+        torch.set_num_threads(other)
+        with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+            Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
+    finally:
+        torch.set_num_threads(threads)
+    said = [r.getMessage() for r in caplog.records if "CPU threads" in r.getMessage()]
+    assert len(said) == 1 and f"written at {threads} CPU threads, with {other}" in said[0]
+    assert f"OMP_NUM_THREADS={threads}" in said[0]
+
+
 def test_resume_reads_the_position_keyed_optimizer_state_of_earlier_versions(shapes, tmp_path):
     # checkpoints now key the optimizer state by parameter name (any strategy resumes any other); the files of
     # earlier versions keyed it by position (torch's optimizer.state_dict()) and must still resume exactly
