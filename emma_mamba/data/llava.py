@@ -307,6 +307,9 @@ def read_records(path: str | Path, issues: _Issues) -> list[tuple[int, object]]:
             except json.JSONDecodeError as e:
                 issues("malformed_json", f"{path}: line {i + 1}, column {e.colno}", f"malformed JSON: {e.msg}")
         return out
+    if not text.strip():  # (json's "Expecting value" at 1:1 read as a typo, where a download or a write failed)
+        raise DataError(f"{path}: the file is empty ({path.stat().st_size} bytes): an interrupted download or write?",
+                        "malformed_json")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

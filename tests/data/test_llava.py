@@ -295,6 +295,9 @@ def test_malformed_json_names_line_and_column(folder, tok):
     c = DataConfig(json=str(path), on_error="skip")  # a broken .json file is an error even under skip
     with pytest.raises(DataError, match=r"broken\.json:3:13: malformed JSON: Expecting ','"):
         LlavaDataset(c, tok[0], "<image>", tok[1], N)
+    path.write_text("\n")  # an empty file (a failed download): said so, not "Expecting value" at 1:1
+    with pytest.raises(DataError, match=r"broken\.json: the file is empty \(1 bytes\)"):
+        LlavaDataset(c, tok[0], "<image>", tok[1], N)
 
 
 def test_jsonl_malformed_line_raises_or_is_skipped(folder, tok):
