@@ -5,8 +5,9 @@ Questions, one per referring sentence, from either
 * the ``refer`` release (Yu et al. 2016; the files Prismatic's and most MLLM evaluations read): ``refs(unc).p``
   (RefCOCO, RefCOCO+) or ``refs(umd).p`` (RefCOCOg) with ``instances.json`` beside it, ``split`` one of the file's
   (``val``, ``testA``, ``testB``; ``val`` / ``test`` for RefCOCOg); question id ``"<ref_id>/<sent_id>"``; images
-  are COCO train2014 files named by ``instances.json``. The ``.p`` file is a Python pickle, read with
-  :mod:`pickle`: open only a release you trust, as for any pickle;
+  are COCO train2014 files named by ``instances.json``. The ``.p`` file is a Python pickle, read as plain data
+  only (a pickle naming any class or function, which ``pickle.load`` would call, is refused: a downloaded file
+  cannot run code);
 * or a JSON list / JSONL of records ``{question_id?, image, sentence, bbox: [x, y, w, h] (pixels), width?,
   height?}`` (question id: the record's 0-based index when absent).
 
@@ -57,18 +58,29 @@ def refcoco_prompt(sentence: str) -> str:
     return f"{GROUNDING_PROMPT} {sentence.strip()}"
 
 
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Reads pickles of plain data only (lists, dicts, strings, numbers: what refer's refs files hold); any class or
+    function a pickle names is refused, so a downloaded file cannot run code when loaded (pickle.load runs whatever
+    callable a file names)."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}: a refs file holds plain data only (lists, dicts, "
+                                     f"strings, numbers), and a pickle naming code is not loaded")
+
+
 def _refer(path: Path, split: str | None) -> list[tuple[str, dict]]:
     inst = path.parent / "instances.json"
     if not inst.is_file():
         raise ScoreInputError(f"{path}: the refer release keeps instances.json beside the refs file; not found at {inst}")
     try:
         with path.open("rb") as f:
-            refs = pickle.load(f, encoding="latin1")  # written by Python 2
+            refs = _DataOnlyUnpickler(f, encoding="latin1").load()  # written by Python 2
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad input file
         raise ScoreInputError(f"{path}: not a readable refer refs pickle ({type(e).__name__}: {e})") from None
     doc = load_json(inst, "refer instances")
-    if not isinstance(refs, list) or not isinstance(doc, dict):
-        raise ScoreInputError(f"{path}: expected a list of refs and {inst} an object with 'images' and 'annotations'")
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs) or not isinstance(doc, dict):
+        raise ScoreInputError(f"{path}: expected a list of refs (objects) and {inst} an object with 'images' and "
+                              f"'annotations'")
     images = {im["id"]: im for im in doc.get("images", [])}
     anns = {a["id"]: a for a in doc.get("annotations", [])}
     splits = sorted({str(r.get("split")) for r in refs})

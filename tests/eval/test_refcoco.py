@@ -79,6 +79,31 @@ def _refer(tmp_path: Path) -> tuple[Path, Path]:
     return ann / "refs(unc).p", imgs
 
 
+class _Payload:
+    def __reduce__(self):  # what a malicious pickle does: pickle.load calls os.system(...) (here: a harmless touch)
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_refs_pickle_naming_code_is_refused_without_running_it(tmp_path):
+    """pickle.load runs any callable a file names: a downloaded refs(unc).p could run code when scored. Plain
+    data (what refer's files hold) loads; a pickle naming a function is a clear error, and nothing ran."""
+    refs, imgs = _refer(tmp_path)
+    assert len(read_questions("refcoco", refs, imgs)) == 3  # the real layout: plain lists, dicts, str, int
+    p = _Payload()
+    p.marker = tmp_path / "ran"
+    with refs.open("wb") as f:
+        pickle.dump([p], f, protocol=2)
+    with pytest.raises(ScoreInputError, match=r"not a readable refer refs pickle .*it names posix\.system"):
+        read_questions("refcoco", refs, imgs)
+    assert not p.marker.exists()
+    with refs.open("wb") as f:
+        pickle.dump([1, 2], f, protocol=2)  # data, but not refs: said, not an AttributeError traceback
+    with pytest.raises(ScoreInputError, match=r"expected a list of refs \(objects\)"):
+        read_questions("refcoco", refs, imgs)
+
+
 def test_refer_release_known_replies_by_hand(tmp_path):
     refs, imgs = _refer(tmp_path)
     qs = read_questions("refcoco", refs, imgs)  # split val by default
