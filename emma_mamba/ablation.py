@@ -63,6 +63,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 """(task, metric, column label) reported in the table and the plot (all fractions, shown in percent)."""
 
 
+PARTIAL_DATA_MARKER = ".ablation-data-partial"  # under --out while data/ is being written (run_ablation)
+
 def variant_model(base: dict, on: dict) -> dict:
     """The model config mapping of a variant: ``base`` (the recipe's model, e.g. the tiny preset with every
     component on) with the components that ``on`` turns off removed. Off MFF = the penultimate ViT block only
@@ -185,9 +187,18 @@ def run_ablation(config: str | Path, out: str | Path, seeds: list[int], variants
     data_dir, blind_dir = out / "data", out / "blind"
     # meta.json is written before the word tokenizer and the blind baseline: both must be there
     if not ((data_dir / "meta.json").is_file() and (data_dir / "tokenizer" / "tokenizer.json").is_file()):
-        if data_dir.exists():
+        # an incomplete data folder is deleted only when this command began it (its marker beside it): a folder
+        # named `data` that the user keeps under --out (`ablate --out .` in a project) is not ShapesWorld's
+        partial = out / PARTIAL_DATA_MARKER
+        if data_dir.exists() and any(data_dir.iterdir()):
+            if not partial.is_file():
+                raise ValueError(f"{data_dir} holds files that no ablation wrote (no ShapesWorld meta.json, no "
+                                 f"{PARTIAL_DATA_MARKER} beside it); refusing to replace it: choose another --out")
             shutil.rmtree(data_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        partial.write_text("ShapesWorld is being written into data/ by emma-mamba ablate\n")
         make_data(qc, data_dir, data_seed, blind_dir)  # the same data for every variant and seed
+        partial.unlink()
     meta = json.loads((data_dir / "meta.json").read_text())
     from emma_mamba.data.shapes import ShapesConfig
 

@@ -194,6 +194,35 @@ def test_ablate_two_variants_in_two_worker_processes(tmp_path, capsys):
                      plot_path=None)
 
 
+def test_ablate_never_deletes_a_data_folder_it_did_not_write(tmp_path, capsys, monkeypatch):
+    """`ablate --out DIR` with a folder DIR/data of the user's (`--out .` in a project): it was deleted and replaced
+    by ShapesWorld, exit 0. Refused now, nothing touched; a data folder this command began (its marker beside it,
+    an interrupted ablation) is still replaced."""
+    import emma_mamba.quickstart as qs
+    from emma_mamba.ablation import PARTIAL_DATA_MARKER
+    from emma_mamba.cli import main
+
+    proj = tmp_path / "proj"
+    (proj / "data" / "precious").mkdir(parents=True)
+    (proj / "data" / "precious" / "labels.json").write_text("[1, 2, 3]")
+    argv = ["ablate", "--config", "quickstart_fast", "--seeds", "0", "--variants", "cobra-like", "--out", str(proj),
+            "--results", str(tmp_path / "r.json"), "--plot", ""]
+    assert main(argv) == 2
+    assert "holds files that no ablation wrote" in capsys.readouterr().err
+    assert (proj / "data" / "precious" / "labels.json").read_text() == "[1, 2, 3]"
+    # an interrupted ablation's own partial data: replaced (make_data stopped here: the folder was emptied first)
+    (proj / PARTIAL_DATA_MARKER).write_text("")
+    seen = []
+
+    def stop(qc, data_dir, seed, blind_dir):
+        seen.append(data_dir.exists())
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(qs, "make_data", stop)
+    assert main(argv) == 2 and seen == [False]
+    assert "stopped here" in capsys.readouterr().err
+
+
 def test_ablate_refuses_a_seed_or_variant_given_twice(tmp_path, capsys):
     """`--seeds 0 0 1` would train seed 0 twice into the same folder and count it twice: n_seeds 3 and a standard
     deviation over a repeated value (aggregate([a, a, b]) is not the ddof=1 spread of seeds 0 and 1). Refused up
