@@ -52,12 +52,25 @@ _BUSY = (408, 429)  # "try again later": waited for (Retry-After, else a backoff
 _MAX_WAIT = 60.0  # the longest one Retry-After is honoured for (seconds)
 
 
+_MIN_WAIT = 0.25  # the shortest wait before a retry (a Retry-After of 0 would send requests back to back)
+
+
 def _retry_after(e: urllib.error.HTTPError, attempt: int) -> float:
-    """Seconds to wait before retrying after ``e``: its Retry-After (delta-seconds) if given, else a backoff."""
+    """Seconds to wait before retry number ``attempt`` + 1 after ``e``: its Retry-After (delta-seconds or an
+    HTTP date, RFC 9110) if given and valid, else an exponential backoff; within [_MIN_WAIT, _MAX_WAIT]."""
+    value = (e.headers.get("Retry-After") if e.headers is not None else None) or ""
     try:
-        return min(_MAX_WAIT, max(0.0, float(e.headers.get("Retry-After", ""))))
-    except (TypeError, ValueError):
-        return min(_MAX_WAIT, 2.0 ** attempt)
+        wait = float(value)
+    except ValueError:
+        try:
+            from email.utils import parsedate_to_datetime
+
+            wait = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            wait = 2.0 ** attempt
+    if not math.isfinite(wait):
+        wait = 2.0 ** attempt
+    return min(_MAX_WAIT, max(_MIN_WAIT, wait))
 
 
 def _data_url(question) -> str:
@@ -160,7 +173,7 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
         if model:
             body["model"] = model
         data = json.dumps(body).encode()
-        attempt, busy_waited = 0, 0.0
+        attempt, busy, started = 0, 0, time.monotonic()
         while True:
             try:
                 req = urllib.request.Request(endpoint, data=data, headers=headers)
@@ -171,15 +184,17 @@ def api_answer_fn(url: str, *, model: str | None = None, api_key: str | None = N
                 return choice
             except urllib.error.HTTPError as e:
                 detail = e.read().decode(errors="replace")[:500]
-                wait = _retry_after(e, attempt)
+                wait = _retry_after(e, busy if e.code in _BUSY else attempt)
                 # busy (429: serve --max-concurrent-requests, a rate limit; 408): waited for, up to `timeout` in all
-                if e.code in _BUSY and busy_waited + wait <= timeout:
-                    busy_waited += wait
+                # from the first try (wall time: requests and waits), not counted against the retries
+                if e.code in _BUSY and time.monotonic() - started + wait <= timeout:
+                    busy += 1
                     time.sleep(wait)
                     continue
                 if e.code < 500 and e.code not in _BUSY or attempt == retries:  # a refused request: not retried
-                    busy = f" (busy for {busy_waited:g} s of retries)" if e.code in _BUSY else ""
-                    raise ApiError(f"{endpoint}: question {question.qid!r}: HTTP {e.code}{busy}: {detail}",
+                    why = (f" (still busy after {busy} retries in {time.monotonic() - started:.1f} s)"
+                           if e.code in _BUSY else "")
+                    raise ApiError(f"{endpoint}: question {question.qid!r}: HTTP {e.code}{why}: {detail}",
                                    e.code) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, TypeError,
                     json.JSONDecodeError) as e:  # IndexError / TypeError: no choice, or not a JSON object

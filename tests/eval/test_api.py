@@ -319,12 +319,48 @@ def test_a_busy_endpoint_is_waited_for_as_its_retry_after_says(shapes, served, t
                                                                                    ["Yes", "No"])
         assert got == want_p
         busy["left"] = 100  # busy beyond the timeout (0.5 s: two waits of 0.2 s fit, the third does not)
-        with pytest.raises(ApiError, match=r"HTTP 429 \(busy for 0.4 s of retries\)") as e:
+        with pytest.raises(ApiError, match=r"HTTP 429 \(still busy after \d retries in 0\.\d s\)") as e:
             api_answer_fn(proxy, retries=0, timeout=0.5).option_probabilities(q[:1], ["Is there a cat?"], ["Yes"])
         assert e.value.status == 429 and not isinstance(e.value, LikelihoodUnavailable)
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_retry_after_zero_a_date_or_garbage_never_spins():
+    """Retry-After as RFC 9110 allows it (delta-seconds or an HTTP date) sets the wait; 0, a negative, nan or
+    garbage cannot make a busy endpoint be asked back to back (a Retry-After of 0 sent 3000 requests in 8 s, and
+    never gave up: the budget counted only the sleeps), and the budget is wall time from the first try."""
+    import email.utils
+    import time
+    import urllib.error
+
+    from emma_mamba.eval.api import _MIN_WAIT, _retry_after
+
+    def err(value):
+        headers = {} if value is None else {"Retry-After": value}
+        return urllib.error.HTTPError("http://x", 429, "busy", headers, None)
+
+    assert _retry_after(err("3"), 0) == 3.0
+    assert _retry_after(err("0"), 0) == _retry_after(err("-5"), 0) == _MIN_WAIT
+    assert _retry_after(err("nan"), 2) == 4.0 and _retry_after(err("soon"), 3) == 8.0  # else a backoff
+    assert _retry_after(err(None), 1) == 2.0
+    ahead = email.utils.formatdate(time.time() + 5, usegmt=True)
+    assert 3.5 <= _retry_after(err(ahead), 0) <= 5.0
+
+
+def test_an_endpoint_busy_with_retry_after_zero_is_given_up_on_in_time(shapes):
+    from emma_mamba.eval.runner import read_questions
+
+    q = read_questions("pope", shapes / "heldout" / "pope_random.jsonl", shapes / "images")[:1]
+    reply = {"status": 429, "body": b'{"error": {"message": "busy"}}', "headers": {"Retry-After": "0"}}
+    with canned_endpoint(reply) as url:
+        import time
+
+        t0 = time.monotonic()
+        with pytest.raises(ApiError, match=r"HTTP 429 \(still busy after"):
+            api_answer_fn(url, retries=0, timeout=1.0)(q, ["Is there a cat?"])
+        assert time.monotonic() - t0 < 10 and 2 <= reply["hits"] <= 6  # ~1 s at one request per 0.25 s at most
 
 
 @contextlib.contextmanager
@@ -340,6 +376,8 @@ def canned_endpoint(reply: dict):
             reply["hits"] += 1
             self.send_response(reply["status"])
             self.send_header("Content-Type", "application/json")
+            for k, v in reply.get("headers", {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Length", str(len(reply["body"])))
             self.end_headers()
             self.wfile.write(reply["body"])
