@@ -83,6 +83,7 @@ import json
 import logging
 import queue
 import re
+import stat
 import threading
 import time
 import uuid
@@ -133,7 +134,8 @@ class _ImageRef:
 
 def request_pixel_budget() -> int | None:
     """Pixels one request's images may decode to in all: twice PIL's MAX_IMAGE_PIXELS (its decompression-bomb
-    limit for one image, ~179M pixels, ~0.5 GB as RGB), None when that check is off. Each image's size is read
+    limit for one image, ~179M pixels: 0.5 GB as RGB, ~4-6 GB while PIL decodes an RGBA PNG or a float TIFF),
+    None when that check is off. Each image's size is read
     from its header before it is decoded, so a request of many large images is refused before any memory goes."""
     from PIL import Image
 
@@ -195,6 +197,12 @@ def _decode_image(url: str, where: str, allow_local: bool, budget: list | None =
             raise RequestError(f"the image cannot be decoded: {type(e).__name__}: {e}", where) from None
     _check_image_url(url, where, allow_local)
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    try:  # a regular file only (a link followed): opening a FIFO or /proc/self/fd/0 would wait for a writer for ever
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        regular = True  # not there (or unreadable): load_image names it below
+    if not regular:
+        raise RequestError(f"{url} is not a regular file (a folder, a pipe or a device): not read", where)
     try:
         with Image.open(path) as f:
             _spend(budget, f.size, where)
@@ -325,6 +333,7 @@ def conversation_ids(tokenizer, turns: list[_Turn], image_token: str, image_posi
     return [i for p in pieces for i in p], images, instructions, (n_history, len(images) - len(turns[-1].images))
 
 
+MAX_PROMPTS = 2048  # answers (prompts x n) one /v1/completions request may ask for: each is a job queued at once
 _FLOAT_FIELDS = {"temperature": (0.0, 100.0), "top_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0)}
 _UNSUPPORTED_FIELDS = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "min_tokens": 0}
 """OpenAI / vLLM sampling fields this server does not implement -> the value that means "off" (accepted: clients
@@ -771,6 +780,9 @@ class ChatService:
         cfg = self._config(body, min_new=0 if echo else 1, choices=True)
         n = cfg.num_return_sequences
         prompts = self._completion_prompts(body.get("prompt"))
+        if len(prompts) * n > MAX_PROMPTS:
+            raise RequestError(f"{len(prompts)} prompts x n={n} are {len(prompts) * n} answers, more than "
+                               f"{MAX_PROMPTS} in one request; send them in several requests", "prompt")
         jobs = []  # choice order: prompt 0's n choices, then prompt 1's, ... (OpenAI's index = prompt * n + i)
         for ids in prompts:
             spec = {"input_ids": ids, "seen": ids, "logprobs": top, "echo_logprobs": echo and top is not None}
@@ -827,6 +839,9 @@ class ChatService:
         if isinstance(prompt, str) or (prompt and _is_id_list(prompt)):
             return [ids_of(prompt, "prompt")]
         if isinstance(prompt, list) and prompt:
+            if len(prompt) > MAX_PROMPTS:  # (before tokenising them): one request held the decoder for minutes
+                raise RequestError(f"prompt lists {len(prompt)} prompts, more than {MAX_PROMPTS} in one request; "
+                                   f"send them in several requests", "prompt")
             return [ids_of(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
         raise RequestError("prompt must be a string, a list of strings, a list of token ids or a list of such "
                            "lists (non-empty)", "prompt")
@@ -906,7 +921,14 @@ def _await(jobs, client_gone: Callable[[], bool] | None) -> None:
     ConnectionResetError raised. (A streamed answer stops at its next chunk, which meets the closed socket.)"""
     if client_gone is None:
         return
-    while not all(j.done.wait(0.25) for j in jobs):
+    while True:
+        pending = next((j for j in jobs if not j.done.is_set()), None)
+        if pending is None:
+            return
+        # wait on the first unfinished job a quarter second at most, then look at the client: a request of many
+        # short jobs each done within the quarter second was never checked (all() waited them out one by one)
+        if pending.done.wait(0.25) and all(j.done.is_set() for j in jobs):
+            return
         if client_gone():
             for j in jobs:
                 j.cancelled = True
@@ -984,6 +1006,11 @@ class _Handler(BaseHTTPRequestHandler):
         """The headers every response gets: CORS for an allowed origin, and ``Connection: close`` where the
         connection ends after it (a body refused unread: its bytes are no next request)."""
         headers = self.headers
+        if self._status >= 200:
+            # no page may frame this server's (clickjacking), nor read its answers as another type
+            self.send_header("X-Frame-Options", "DENY")
+            self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
+            self.send_header("X-Content-Type-Options", "nosniff")
         if self._status >= 200 and headers is not None:
             if self.cors_origins:
                 origin = self._allowed_origin()
@@ -1033,6 +1060,20 @@ class _Handler(BaseHTTPRequestHandler):
         if origin is None or not self.cors_origins:
             return None
         return origin if "*" in self.cors_origins or origin.lower() in self.cors_origins else None
+
+    def _foreign_origin(self) -> str | None:
+        """A browser's ``Origin`` of a page that is neither this server's own (its chat page) nor allowed by
+        ``cors_origins``, else None. Browsers send a form or ``text/plain`` POST to any server without asking
+        (no preflight): without this check any web page a user opened could make their local server generate
+        (and, through --allow-local-images, read local images), unseen. Clients outside a browser send no
+        Origin."""
+        origin = self.headers.get("Origin") if self.headers is not None else None
+        if origin is None or self._allowed_origin() is not None:
+            return None
+        hosts = {h.strip().lower() for h in (self.headers.get("Host"), self.headers.get("X-Forwarded-Host"))
+                 if h}  # (a reverse proxy passing the page's host on)
+        own = {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
+        return None if origin.lower() in own else origin
 
     def _authorized(self) -> bool:
         if self.api_key is None or self.path.rstrip("/") in ("/health", "") and self.command in ("GET", "HEAD"):
@@ -1148,6 +1189,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer_sent()
 
     def do_POST(self):
+        foreign = self._foreign_origin()
+        if foreign is not None:
+            return self._json(403, _error_body(f"a request from a page of {foreign!r} is not allowed: this server "
+                                               f"answers its own chat page and the origins serve --cors-origin "
+                                               f"names", None, "permission_error"))
         if not self._authorized():
             return
         route = self.path.rstrip("/")
@@ -1341,6 +1387,8 @@ def _parse_body(raw: bytes):
         body = json.loads(text or "null")
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300): was a 500 with a traceback
+        raise RequestError(f"the request body holds a number too long to read: {str(e)[:120]}") from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply to parse") from None
     # strict UTF-8 holds no surrogate: one can only come from a \uD800-\uDFFF escape, so the (whole-body) check

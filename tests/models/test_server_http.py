@@ -147,7 +147,7 @@ def test_cors_preflight_and_headers_for_an_allowed_origin_only(live):
     """A page of an allowed origin: its preflight is answered without the API key (browsers send none with it),
     allowing the methods and headers the API takes (and the ones the page asks for: clients add their own); every
     response to it, errors and streams included, carries Access-Control-Allow-Origin. Another origin gets no CORS
-    header (its preflight is a 403), and its requests are answered as any client's (CORS binds browsers only)."""
+    header: its preflight is a 403, and so is its POST (a browser sends a text/plain POST without a preflight)."""
     srv, _ = live
     page = "https://app.example:8443"
     c = _conn(srv)
@@ -174,9 +174,34 @@ def test_cors_preflight_and_headers_for_an_allowed_origin_only(live):
                      headers={"Origin": other, "Access-Control-Request-Method": "POST"})
     assert pre.status == 403 and other in json.loads(body)["error"]["message"]
     assert not any(k.lower().startswith("access-control-") for k in pre.headers), pre.getheaders()
-    r, _ = _ask(c, "POST", "/v1/chat/completions", CHAT, {**AUTH, "Origin": other})
-    assert r.status == 200 and not any(k.lower().startswith("access-control-") for k in r.headers)
+    r, body = _ask(c, "POST", "/v1/chat/completions", CHAT, {**AUTH, "Origin": other})
+    assert r.status == 403 and not any(k.lower().startswith("access-control-") for k in r.headers)
+    assert other in json.loads(body)["error"]["message"]
     c.close()
+
+
+def test_a_page_of_another_site_cannot_make_the_server_answer(model):
+    """A web page the user opens can POST to their local server without a preflight (a form, or fetch with
+    text/plain): it made the server generate, unseen (and with --allow-local-images read local images). A POST
+    whose Origin is neither the server's own (its chat page, also behind a proxy passing X-Forwarded-Host) nor
+    allowed is a 403 before anything is read or generated; clients outside a browser (no Origin) are answered.
+    No page may frame the server's (X-Frame-Options, CSP frame-ancestors), nor sniff its answers' types."""
+    with _serving(model) as (srv, _):
+        svc = srv.RequestHandlerClass.service
+        calls, complete = [], svc.complete
+        svc.complete = lambda *a, **k: (calls.append(1), complete(*a, **k))[1]
+        own = f"http://127.0.0.1:{srv.server_port}"
+        for headers, status in (({"Origin": "https://evil.example", "Content-Type": "text/plain"}, 403),
+                                ({"Origin": "null"}, 403),
+                                ({"Origin": "https://chat.example.com", "X-Forwarded-Host": "chat.example.com"}, 200),
+                                ({"Origin": own}, 200), ({}, 200)):
+            r, body = _ask(_conn(srv), "POST", "/v1/chat/completions", CHAT, headers)
+            assert r.status == status, (headers, body)
+        assert len(calls) == 3  # the refused ones never reached the model
+        r, page = _ask(_conn(srv), "GET", "/")
+        assert r.status == 200 and r.headers["X-Frame-Options"] == "DENY"
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'none'"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_cors_any_origin(model):
@@ -196,10 +221,10 @@ def test_without_cors_origins_no_cors_headers_and_options_is_405(plain):
         "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
     assert r.status == 405 and r.headers["Allow"] == "GET, HEAD, POST, OPTIONS"
     assert "--cors-origin" in json.loads(body)["error"]["message"]
-    for method, path in (("GET", "/health"), ("POST", "/v1/chat/completions")):
+    for method, path, status in (("GET", "/health", 200), ("POST", "/v1/chat/completions", 403)):
         r, _ = _ask(c, method, path, CHAT if method == "POST" else None,
                     {"Origin": "https://app.example", "Content-Type": "application/json"})
-        assert r.status == 200
+        assert r.status == status  # a POST from another site's page: refused (see the test below)
         assert not any(k.lower().startswith("access-control-") or k == "Vary" for k in r.headers), r.getheaders()
     c.close()
 
@@ -569,3 +594,74 @@ def test_a_request_for_another_model_is_a_404_and_aliases_are_served(model):
         r, raw = _ask(c, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})  # no "model"
         assert r.status == 200 and json.loads(raw)["model"] == "tiny-test"
         c.close()
+
+
+def test_a_local_image_path_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    """--allow-local-images: a FIFO (or /proc/self/fd/0, a pipe) as an image path; opening it waited for a writer
+    for ever, holding a handler and its place among max_concurrent_requests (enough such requests locked every
+    client out). A path that is not a regular file is a 400 at once; a folder too."""
+    import os
+
+    from emma_mamba.inference.server import RequestError, _decode_image
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    got = {}
+
+    def decode():
+        try:
+            _decode_image(str(fifo), "messages[0].content[0]", True)
+        except RequestError as e:
+            got["error"] = str(e)
+
+    t = threading.Thread(target=decode, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # (the old behaviour: let the stuck open go before failing)
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert "is not a regular file" in got.get("error", ""), got
+    with pytest.raises(RequestError, match="is not a regular file"):
+        _decode_image(f"file://{tmp_path}", "messages[0].content[0]", True)
+
+
+def test_a_number_too_long_to_read_and_too_many_prompts_are_400s(model):
+    """A 5000-digit integer (beyond Python's 4300-digit conversion limit) was a 500 with a logged traceback; a
+    /v1/completions request of 20000 prompts (100 KB) queued them all at once, holding the decoder for minutes:
+    prompts x n is bounded (MAX_PROMPTS)."""
+    from emma_mamba.inference.server import MAX_PROMPTS
+
+    with _serving(model) as (srv, _):
+        raw = b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}"
+        r, body = _ask(_conn(srv), "POST", "/v1/chat/completions", raw, {"Content-Type": "application/json"})
+        assert r.status == 400 and "a number too long to read" in json.loads(body)["error"]["message"]
+        for prompts, n, what in ((MAX_PROMPTS + 1, 1, f"more than {MAX_PROMPTS} in one request"),
+                                 (MAX_PROMPTS // 2 + 1, 2, "x n=2")):
+            req = json.dumps({"prompt": ["a"] * prompts, "max_tokens": 1, "n": n}).encode()
+            r, body = _ask(_conn(srv), "POST", "/v1/completions", req, {"Content-Type": "application/json"})
+            assert r.status == 400 and what in json.loads(body)["error"]["message"], body[:300]
+
+
+def test_a_client_gone_is_seen_while_many_short_jobs_finish_one_by_one():
+    """_await checked for a client gone only when one job took over a quarter second: a request of many short
+    jobs, each done within it, was waited out to the last (a 20000-prompt request's client left, and its prompts
+    kept the decoder busy). Now the client is looked at every quarter second of wall time."""
+    import types
+
+    from emma_mamba.inference.server import _await
+
+    jobs = [types.SimpleNamespace(done=threading.Event(), cancelled=False) for _ in range(100)]
+
+    def finish_one_by_one():
+        for j in jobs:
+            time.sleep(0.05)
+            j.done.set()
+
+    threading.Thread(target=finish_one_by_one, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        _await(jobs, lambda: True)
+    assert time.monotonic() - t0 < 2.0 and all(j.cancelled for j in jobs)
+    done = [types.SimpleNamespace(done=threading.Event(), cancelled=False) for _ in range(3)]
+    for j in done:
+        j.done.set()
+    _await(done, lambda: True)  # all done: nothing to cancel, no error
