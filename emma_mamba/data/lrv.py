@@ -17,7 +17,7 @@ default ``lrv/lrv-vg/<id>.jpg`` and ``lrv/lrv-chart/<name>``): put ``DIR`` under
 ``image_folder`` serves all three files of ``data.sources`` (configs/train_emma-mamba-2.8b-dinosiglip_single.yaml).
 A file may also hold that list as ``{"annotations": [...]}`` (the layout of MiniGPT-4's ``filter_cap.json``, whose
 names LRV's follow). Every record is checked (fields, text, its image file): a malformed record (not an object,
-a field missing or empty, a question holding ``<image>``) is an error naming the file and the record, or with
+a field missing or empty, a question or answer holding ``<image>``) is an error naming the file and the record, or with
 ``--skip-bad`` is left out and counted per reason; a missing image likewise with ``--skip-missing``. An answer that
 is a JSON number (a chart's value) is written as its text. The output keeps the input order.
 """
@@ -67,6 +67,8 @@ def _bad_field(rec: dict) -> str | None:
     if "<image>" in rec["question"]:
         return (f"'question' holds the image placeholder <image> (the conversion writes it before the question): "
                 f"{rec['question'][:80]!r}")
+    if "<image>" in str(rec["answer"]):  # training refuses a placeholder in an assistant turn
+        return f"'answer' holds the image placeholder <image>: {str(rec['answer'])[:80]!r}"
     return None
 
 
@@ -133,8 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out (and count) the records whose image file is missing instead of stopping")
     p.add_argument("--skip-bad", action="store_true",
-                   help="leave out (and count) malformed records (a field missing or empty, <image> in a question) "
-                        "instead of stopping")
+                   help="leave out (and count) malformed records (a field missing or empty, <image> in a question or "
+                        "answer) instead of stopping")
 
 
 def run(args: argparse.Namespace) -> int:

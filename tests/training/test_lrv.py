@@ -97,6 +97,7 @@ def test_annotations_layout_numeric_answers_and_bad_records_skipped_on_request(t
     (lrv / "filter_cap_more1.json").write_text(json.dumps([
         {"image_id": "2345", "question": "<image>\nWhat colour is it?", "answer": "Red."},
         {"image_id": "2345", "question": "Shape?", "answer": True},
+        {"image_id": "2345", "question": "Where?", "answer": "In <image> twice."},
         {"image_id": "2345", "question": "Size?", "answer": "Small."}]))
     assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "p.json"), "--no-chart"]) == 2
     err = capsys.readouterr().err
@@ -104,7 +105,7 @@ def test_annotations_layout_numeric_answers_and_bad_records_skipped_on_request(t
     assert "--skip-bad" in err
     assert main(["data", "lrv", "--lrv-dir", str(lrv), "--out", str(tmp_path / "q.json"), "--no-chart",
                  "--skip-bad"]) == 0
-    assert "malformed_records_skipped 2" in capsys.readouterr().out
+    assert "malformed_records_skipped 3" in capsys.readouterr().out
     recs = json.loads((tmp_path / "q.json").read_text())
     assert [r["conversations"][0]["value"] for r in recs][-1] == "<image>\nSize?" and len(recs) == 3
     (lrv / "filter_cap1.json").write_text(json.dumps({"images": []}))
