@@ -273,22 +273,32 @@ def _main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-def _log_levels() -> dict[str, int]:
-    """The levels of the package's loggers (``emma_mamba`` and below) set so far."""
+def _log_levels() -> dict:
+    """The levels of the package's loggers (``emma_mamba`` and below) set so far, and the root logger's level and
+    handlers (commands call logging.basicConfig)."""
     import logging
 
     names = [n for n in logging.Logger.manager.loggerDict if n == "emma_mamba" or n.startswith("emma_mamba.")]
-    return {n: logging.getLogger(n).level for n in names}
+    root = logging.getLogger()
+    return {"loggers": {n: logging.getLogger(n).level for n in names}, "root": (root.level, list(root.handlers))}
 
 
-def _restore_log_levels(levels: dict[str, int]) -> None:
-    """Put the package's loggers back at ``levels`` (:func:`_log_levels`); one created since goes back to NOTSET (its
-    parent's level), so that a command run through :func:`main` in a longer process (the tests, a notebook) leaves
-    no logger quieter or louder than it found it."""
+def _restore_log_levels(levels: dict) -> None:
+    """Put the package's loggers back at ``levels`` (:func:`_log_levels`), one created since at NOTSET (its parent's
+    level), and the root logger's level and handlers: a command run through :func:`main` in a longer process (the
+    tests, a notebook) leaves no logger quieter or louder than it found it."""
     import logging
 
-    for name, level in _log_levels().items():
-        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
+    for name in [n for n in logging.Logger.manager.loggerDict if n == "emma_mamba" or n.startswith("emma_mamba.")]:
+        logging.getLogger(name).setLevel(levels["loggers"].get(name, logging.NOTSET))
+    root = logging.getLogger()
+    level, handlers = levels["root"]
+    root.setLevel(level)
+    for h in [h for h in root.handlers if h not in handlers]:  # basicConfig's, added by the command
+        root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
 
 
 if __name__ == "__main__":

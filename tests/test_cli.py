@@ -315,8 +315,16 @@ def test_a_command_run_through_main_leaves_the_log_levels_as_it_found_them(tmp_p
     assert (pkg.level, trainer.level) == before  # eval had set emma_mamba to INFO
     import emma_mamba.cli as cli
 
-    levels = cli._log_levels()
-    quiet_logs()  # what quickstart and ablate call
-    assert trainer.level == logging.ERROR
-    cli._restore_log_levels(levels)
-    assert (pkg.level, trainer.level) == before
+    root = logging.getLogger()
+    root_before = (root.level, list(root.handlers))
+    saved = root.handlers[:]
+    root.handlers.clear()  # as in a notebook: no handler yet, so basicConfig adds one
+    try:
+        levels = cli._log_levels()
+        quiet_logs()  # what quickstart and ablate call (logging.basicConfig(level=WARNING) among it)
+        assert trainer.level == logging.ERROR and len(root.handlers) == 1
+        cli._restore_log_levels(levels)
+        assert (pkg.level, trainer.level) == before and root.handlers == []
+    finally:
+        root.handlers[:] = saved
+    assert (root.level, list(root.handlers)) == root_before

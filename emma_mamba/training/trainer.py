@@ -1037,9 +1037,11 @@ class Trainer:
         threads = state.get("cpu_threads")
         if threads is not None and threads != torch.get_num_threads() and self.info.device.type == "cpu" \
                 and self.info.is_main:
-            log.warning("resuming %s, written at %d CPU threads, with %d: the matrix products sum in another order, "
-                        "so the run continues to rounding, not bit for bit (OMP_NUM_THREADS=%d for that)", path,
-                        threads, torch.get_num_threads(), threads)
+            # (its own logger: quickstart and ablate quiet the trainer's, and they are where --threads is set)
+            logging.getLogger("emma_mamba.training.resume").warning(
+                "resuming %s, written at %d CPU threads, with %d: the matrix products sum in another order, so the "
+                "run continues to rounding, not bit for bit (for that, the same count: OMP_NUM_THREADS=%d, or "
+                "--threads %d for quickstart and ablate)", path, threads, torch.get_num_threads(), threads, threads)
         if state["total_steps"] != self.total_steps:
             log.warning("resuming %s: the run now has %d total steps (was %d); the LR schedule changes",
                         path, self.total_steps, state["total_steps"])

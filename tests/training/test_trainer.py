@@ -346,19 +346,25 @@ def test_resume_at_another_cpu_thread_count_says_it_is_not_bitwise(shapes, tmp_p
     Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=1)
     assert torch.load(tmp_path / "b" / "checkpoints" / "step_00000001" / "trainer_state.pt",
                       weights_only=False)["cpu_threads"] == threads
-    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+    with caplog.at_level(logging.WARNING, logger="emma_mamba.training.resume"):
         Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
     assert not [r for r in caplog.records if "CPU threads" in r.getMessage()]
     other = 1 if threads > 1 else 2
+    import emma_mamba.cli as cli
+    from emma_mamba.quickstart import quiet_logs
+
+    levels = cli._log_levels()
     try:
         torch.set_num_threads(other)
-        with caplog.at_level(logging.WARNING, logger="emma_mamba.training.trainer"):
+        quiet_logs()  # as quickstart and ablate run (they quiet the trainer's logger): still said
+        with caplog.at_level(logging.WARNING, logger="emma_mamba.training.resume"):
             Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
     finally:
         torch.set_num_threads(threads)
+        cli._restore_log_levels(levels)
     said = [r.getMessage() for r in caplog.records if "CPU threads" in r.getMessage()]
     assert len(said) == 1 and f"written at {threads} CPU threads, with {other}" in said[0]
-    assert f"OMP_NUM_THREADS={threads}" in said[0]
+    assert f"OMP_NUM_THREADS={threads}, or --threads {threads} for quickstart" in said[0]
 
 
 def test_resume_reads_the_position_keyed_optimizer_state_of_earlier_versions(shapes, tmp_path):
