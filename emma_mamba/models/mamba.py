@@ -404,6 +404,23 @@ def _prefill_conv_state(cache: MambaCache, layer_idx: int, x: torch.Tensor, seq_
     return conv_init, ssm_init
 
 
+def _conv_step(mixer: nn.Module, x: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+    """A mixer's conv decode step (SiLU) on its cached window: the checked op, or the kernels the cache's step
+    trusts (``cache.step_kernels``, :meth:`MambaLM._decode_step_key`)."""
+    state, kern, w = cache.conv_states[mixer.layer_idx], cache.step_kernels, mixer.conv1d.weight.squeeze(1)
+    if kern is None:
+        return ops.causal_conv1d_update(x, state, w, mixer.conv1d.bias, activation="silu")
+    return ops.causal_conv1d_update_unchecked(kern, x, state, w, mixer.conv1d.bias, True)
+
+
+def _scan_step(mixer: nn.Module, cache: MambaCache, x, dt, A, B, C, D, z, dt_bias) -> torch.Tensor:
+    """A mixer's selective-scan decode step (softplus on dt) on its cached state, as :func:`_conv_step` runs."""
+    state, kern = cache.ssm_states[mixer.layer_idx], cache.step_kernels
+    if kern is None:
+        return ops.selective_state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    return ops.selective_state_update_unchecked(kern, state, x, dt, A, B, C, D, z, dt_bias, True)
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (gated by SiLU(z)) -> out_proj.
 
@@ -524,20 +541,10 @@ class MambaMixer(nn.Module):
         h = hidden_states[:, 0]
         xz = F.linear(h, weight_of(self.in_proj).to(h.dtype), self.in_proj.bias)  # (b, 2*d_inner)
         x, z = xz.chunk(2, dim=-1)
-        conv_state, ssm_state, kern = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx], \
-            cache.step_kernels
-        if kern is None:
-            x = ops.causal_conv1d_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                         activation="silu")  # (b, d_inner)
-        else:
-            x = ops.causal_conv1d_update_unchecked(kern, x, conv_state, self.conv1d.weight.squeeze(1),
-                                                   self.conv1d.bias, True)
+        x = _conv_step(self, x, cache)  # (b, d_inner)
         dt, B, C = torch.split(F.linear(x, weight_of(self.x_proj).to(x.dtype)), [r, n, n], dim=-1)
         dt = F.linear(dt, weight_of(self.dt_proj).to(dt.dtype))  # (b, d_inner); its bias goes in as dt_bias
-        if kern is None:
-            y = ops.selective_state_update(ssm_state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
-        else:
-            y = ops.selective_state_update_unchecked(kern, ssm_state, x, dt, A, B, C, D, z, dt_bias, True)
+        y = _scan_step(self, cache, x, dt, A, B, C, D, z, dt_bias)
         return F.linear(y, weight_of(self.out_proj).to(y.dtype), self.out_proj.bias)[:, None]
 
 
@@ -653,20 +660,9 @@ class Mamba2Mixer(nn.Module):
         A, D, dt_bias = self._ssm_params()
         z, xbc, dt = torch.split(self.in_proj(hidden_states[:, 0]), [self.d_inner, self.conv_dim, self.nheads],
                                  dim=-1)
-        conv_state, ssm_state, kern = cache.conv_states[self.layer_idx], cache.ssm_states[self.layer_idx], \
-            cache.step_kernels
-        if kern is None:
-            xbc = ops.causal_conv1d_update(xbc, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                           activation="silu")  # (b, conv_dim)
-        else:
-            xbc = ops.causal_conv1d_update_unchecked(kern, xbc, conv_state, self.conv1d.weight.squeeze(1),
-                                                     self.conv1d.bias, True)
+        xbc = _conv_step(self, xbc, cache)  # (b, conv_dim)
         x, B, C = self._split_xbc(xbc)  # (b, d_inner), (b, g, n) x 2
-        dt = dt.repeat_interleave(self.headdim, dim=-1)
-        if kern is None:
-            y = ops.selective_state_update(ssm_state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
-        else:
-            y = ops.selective_state_update_unchecked(kern, ssm_state, x, dt, A, B, C, D, None, dt_bias, True)
+        y = _scan_step(self, cache, x, dt.repeat_interleave(self.headdim, dim=-1), A, B, C, D, None, dt_bias)
         return self.out_proj(self.norm(y, z))[:, None]
 
 
