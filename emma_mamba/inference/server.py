@@ -196,7 +196,7 @@ def _decode_image(url: str, where: str, allow_local: bool, budget: list | None =
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds on a bad file
             raise RequestError(f"the image cannot be decoded: {type(e).__name__}: {e}", where) from None
     _check_image_url(url, where, allow_local)
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    path = _local_path(url, where)
     try:  # a regular file only (a link followed): opening a FIFO or /proc/self/fd/0 would wait for a writer for ever
         regular = stat.S_ISREG(path.stat().st_mode)
     except OSError:
@@ -214,6 +214,21 @@ def _decode_image(url: str, where: str, allow_local: bool, budget: list | None =
         return load_image(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise RequestError(str(e), where) from None
+
+
+def _local_path(url: str, where: str) -> Path:
+    """The file a local image URL names: a path as given, or a ``file://`` URL's (``file:///p`` and, as RFC 8089
+    reads it, ``file://localhost/p``: ``/p``); a ``file://`` URL of another host is refused (it was read as the
+    relative path ``host/p``)."""
+    if not url.startswith("file://"):
+        return Path(url)
+    rest = url[len("file://"):]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    if not rest.startswith("/"):
+        raise RequestError(f"{url}: a file:// URL names a path on this machine (file:///path or "
+                           f"file://localhost/path), not on host {rest.split('/')[0]!r}", where)
+    return Path(rest)
 
 
 def _check_image_url(url: str, where: str, allow_local: bool) -> None:

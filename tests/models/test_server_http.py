@@ -624,6 +624,21 @@ def test_a_local_image_path_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
         _decode_image(f"file://{tmp_path}", "messages[0].content[0]", True)
 
 
+def test_a_file_url_names_a_path_on_this_machine(tmp_path, monkeypatch):
+    """file:///p and file://localhost/p (RFC 8089) name /p; file://localhost/p was read as the relative path
+    localhost/p, and a URL of another host likewise: refused now, naming the host."""
+    from PIL import Image
+
+    from emma_mamba.inference.server import RequestError, _decode_image
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "cat.png")
+    monkeypatch.chdir(tmp_path)  # a relative localhost/... would be looked for here
+    for url in (f"file://{tmp_path}/cat.png", f"file://localhost{tmp_path}/cat.png", str(tmp_path / "cat.png")):
+        assert _decode_image(url, "m", True).size == (8, 8), url
+    with pytest.raises(RequestError, match="not on host 'fileserver'"):
+        _decode_image(f"file://fileserver{tmp_path}/cat.png", "m", True)
+
+
 def test_a_number_too_long_to_read_and_too_many_prompts_are_400s(model):
     """A 5000-digit integer (beyond Python's 4300-digit conversion limit) was a 500 with a logged traceback; a
     /v1/completions request of 20000 prompts (100 KB) queued them all at once, holding the decoder for minutes:
