@@ -273,14 +273,21 @@ def _main(argv: list[str] | None = None) -> int:
     return int(rc or 0)
 
 
-def _log_levels() -> dict:
-    """The levels of the package's loggers (``emma_mamba`` and below) set so far, and the root logger's level and
-    handlers (commands call logging.basicConfig)."""
+def _package_loggers() -> list:
+    """The package's loggers created so far (``emma_mamba`` and below)."""
     import logging
 
-    names = [n for n in logging.Logger.manager.loggerDict if n == "emma_mamba" or n.startswith("emma_mamba.")]
+    return [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+            if n == "emma_mamba" or n.startswith("emma_mamba.")]
+
+
+def _log_levels() -> dict:
+    """The levels of the package's loggers set so far, and the root logger's level and handlers (commands call
+    logging.basicConfig)."""
+    import logging
+
     root = logging.getLogger()
-    return {"loggers": {n: logging.getLogger(n).level for n in names}, "root": (root.level, list(root.handlers))}
+    return {"loggers": {lg.name: lg.level for lg in _package_loggers()}, "root": (root.level, list(root.handlers))}
 
 
 def _restore_log_levels(levels: dict) -> None:
@@ -289,8 +296,8 @@ def _restore_log_levels(levels: dict) -> None:
     tests, a notebook) leaves no logger quieter or louder than it found it."""
     import logging
 
-    for name in [n for n in logging.Logger.manager.loggerDict if n == "emma_mamba" or n.startswith("emma_mamba.")]:
-        logging.getLogger(name).setLevel(levels["loggers"].get(name, logging.NOTSET))
+    for lg in _package_loggers():
+        lg.setLevel(levels["loggers"].get(lg.name, logging.NOTSET))
     root = logging.getLogger()
     level, handlers = levels["root"]
     root.setLevel(level)

@@ -468,9 +468,9 @@ class LlavaDataset:
         not the one its paths are relative to (one level too high, as LLaVA's layout invites, or left out), and
         training would go on with its text-only records alone (a stage 1 trains on no image at all); warn where
         most were not found."""
-        with_images = sum(1 for b in built if b.images)
         if not missing:
             return
+        with_images = sum(1 for b in built if b.images)
         first = f"; the first: {examples[0]}" if examples else ""
         if not with_images:
             raise DataError(f"{src.json}: none of its {missing} records' images is under {src.image_folder} (the "

@@ -55,14 +55,15 @@ def _records(path: Path) -> list:
     return doc
 
 
+_FIELD_TYPES = {"image_id": (str, int), "question": (str,), "answer": (str, int, float)}  # (an answer: a chart's value)
+
+
 def _bad_field(rec: dict) -> str | None:
     """Why record ``rec`` cannot be converted (None: it can): a field missing, empty or of another type, or a
-    question holding the image placeholder (LLaVA's loader would find two placeholders for one image)."""
-    for key in ("image_id", "question", "answer"):
+    question or answer holding the image placeholder (LLaVA's loader would refuse the record)."""
+    for key, types in _FIELD_TYPES.items():
         v = rec.get(key)
-        number = key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool)  # a chart's value
-        if not (number or isinstance(v, str) or key == "image_id" and isinstance(v, int) and not isinstance(v, bool))\
-                or not str(v).strip():
+        if isinstance(v, bool) or not isinstance(v, types) or not str(v).strip():
             return f"'{key}' must be a non-empty string{' or a number' if key == 'answer' else ''}, got {v!r}"
     if "<image>" in rec["question"]:
         return (f"'question' holds the image placeholder <image> (the conversion writes it before the question): "

@@ -50,8 +50,6 @@ class ApiError(RuntimeError):
 
 _BUSY = (408, 429)  # "try again later": waited for (Retry-After, else a backoff), not counted as failures
 _MAX_WAIT = 60.0  # the longest one Retry-After is honoured for (seconds)
-
-
 _MIN_WAIT = 0.25  # the shortest wait before a retry (a Retry-After of 0 would send requests back to back)
 
 

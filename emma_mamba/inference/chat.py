@@ -286,8 +286,9 @@ class ChatSession:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: cannot read a chat state: {e}") from None
         want = model_fingerprint(session.lm)
-        earlier = (model_fingerprint(session.lm, config_vocab=True), model_fingerprint(session.lm, rounded=False))
-        if meta.get("model") != want and meta.get("model") not in earlier:  # (files of earlier versions)
+        got = meta.get("model")
+        if got != want and got not in (model_fingerprint(session.lm, config_vocab=True),  # (earlier versions' files)
+                                       model_fingerprint(session.lm, rounded=False)):
             raise ValueError(f"{path}: the conversation was saved with another model (fingerprint {meta.get('model')}, "
                              f"this model's is {want})")
         lm = session.lm

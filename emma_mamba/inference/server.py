@@ -1026,18 +1026,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
             self.send_header("X-Content-Type-Options", "nosniff")
-        if self._status >= 200 and headers is not None:
-            if self.cors_origins:
-                origin = self._allowed_origin()
-                if origin is not None:
-                    self.send_header("Access-Control-Allow-Origin", origin)
-                self.send_header("Vary", "Origin")
-            has_body = headers.get("Transfer-Encoding") is not None or headers.get("Content-Length", "0").strip() \
-                not in ("", "0")
-            if has_body and not self._body_read:
-                self.close_connection = self._unread_body = True
-        if self._status >= 200 and self.close_connection and not self._connection_sent:
-            self.send_header("Connection", "close")
+            if headers is not None:
+                if self.cors_origins:
+                    origin = self._allowed_origin()
+                    if origin is not None:
+                        self.send_header("Access-Control-Allow-Origin", origin)
+                    self.send_header("Vary", "Origin")
+                has_body = headers.get("Transfer-Encoding") is not None \
+                    or headers.get("Content-Length", "0").strip() not in ("", "0")
+                if has_body and not self._body_read:
+                    self.close_connection = self._unread_body = True
+            if self.close_connection and not self._connection_sent:
+                self.send_header("Connection", "close")
         super().end_headers()
 
     def finish(self) -> None:

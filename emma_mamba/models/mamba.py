@@ -830,8 +830,8 @@ class MambaLM(nn.Module):
         kern = ops.step_kernels(x.device)
         cfg = self.config
         ssm, conv = cache.ssm_states[0], cache.conv_states[0]
-        if kern is None or not ssm.shape[0] or ssm.shape[1:] != (cfg.d_inner, cfg.d_state) or conv.shape[1:] != (cfg.conv_dim,
-                                                                                              cfg.d_conv):
+        if kern is None or not ssm.shape[0] or ssm.shape[1:] != (cfg.d_inner, cfg.d_state) \
+                or conv.shape[1:] != (cfg.conv_dim, cfg.d_conv):
             return None
         dev = x.device.type
         return (id(self), kern, x.dtype, ssm.dtype, conv.dtype, ssm.device,
