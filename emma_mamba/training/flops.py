@@ -74,9 +74,10 @@ def lm_head_flops_per_position(lm: torch.nn.Module) -> float:
 
 
 def image_flops(model) -> float:
-    """Forward + backward FLOPs of one image through the image path and the alignment head, counted on a meta
-    copy of ``model`` (no memory, no compute) with ``model``'s trainable parameters; a model already on the meta
-    device (``emma-mamba info``'s) is counted as it is."""
+    """Forward + backward FLOPs of one image through the image path and the alignment head (where its loss is on:
+    not in stage 1, which never runs it), counted on a meta copy of ``model`` (no memory, no compute) with
+    ``model``'s trainable parameters; a model already on the meta device (``emma-mamba info``'s) is counted as
+    it is."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from emma_mamba.models.vlm import EmmaMamba
@@ -88,6 +89,7 @@ def image_flops(model) -> float:
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         for n, p in meta.named_parameters():
             p.requires_grad_(n in trainable)
+        meta.align_loss_on = model.align_loss_on
     meta.train()
     H, W = meta.vision.image_size
     x = torch.empty(1, 3, H, W, device="meta")
@@ -98,7 +100,7 @@ def image_flops(model) -> float:
         visual = meta.encode_images(x, inst)
         if visual.requires_grad:
             visual.float().sum().backward()
-        if meta.align_head is not None:
+        if meta.align_head is not None and meta.align_loss_on:  # the head runs where its loss trains only
             n, d = meta.vision.num_tokens, model.lm.config.d_model
             hidden = [torch.empty(1, n, d, device="meta", requires_grad=True) for _ in meta.config.align.lm_layers]
             meta.align_head(hidden, x).backward()

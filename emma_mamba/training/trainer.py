@@ -17,7 +17,8 @@ counts are all-reduced before the backward pass; each micro-batch's loss is scal
 world size that DDP/FSDP divide by). So 1 process x 4 micro-batches, 2 processes x 2 and padding vs packing
 all optimise the same objective: ``lm + align.loss_weight * align``.
 
-Metrics (rank 0, every ``log.every_steps`` steps): ``lm_loss``, ``align_loss``, ``loss``, ``lr``,
+Metrics (rank 0, a line every ``log.every_steps`` steps averaging those steps, :func:`interval_record`; ``lr`` the
+schedule's, ``train.lr`` times its factor, not a multiplied group's): ``lm_loss``, ``align_loss``, ``loss``, ``lr``,
 ``grad_norm`` (before clipping), ``tokens_per_s`` (real LM positions, visual tokens included, padding not,
 per second of wall time including data loading), ``fill`` (real / computed positions), ``tflops`` (model FLOPs
 per second per process, :mod:`emma_mamba.training.flops`) and ``mfu`` (that over the device's peak, when known),
@@ -256,6 +257,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
+        self._logged_upto = 0  # history[:_logged_upto] is in metrics.jsonl's lines (a line averages the steps after)
         self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
         self._stop_signal = None  # SIGINT / SIGTERM seen by this process (fit's handler)
         self._stop_agreed = False  # ... by any process, as of the last step's all-reduce
@@ -452,6 +454,17 @@ class Trainer:
                             instruction_ids=b.get("instruction_ids"), image_counts=b["image_counts"],
                             seq_idx=b["seq_idx"], sample_ids=b["sample_ids"], labelled_logits_only=True)
 
+    def _align_weight(self) -> float:
+        return self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
+
+    def _logged_lr(self) -> float:
+        """The lr of the schedule itself (``train.lr`` times the schedule's factor) for this step's update: the
+        first group's, divided by its ``train.lr_multipliers`` factor (every trained module may have one)."""
+        g = self.optimizer.param_groups[0]
+        module = g["names"][0].split(".", 1)[0] if g.get("names") else None
+        mult = float(self.cfg.train.lr_multipliers.get(module, 1.0)) if module is not None else 1.0
+        return self.scheduler.get_last_lr()[0] / (mult or 1.0)
+
     def train_step(self, micro_batches: list[dict]) -> dict:
         info, cfg = self.info, self.cfg
         skipped: list = []  # records this rank skipped in this step (data.on_error: skip)
@@ -472,7 +485,7 @@ class Trainer:
         if counts[6] > 0:
             self._raise_data_error(error, f"in step {self.global_step + 1}")
         n_lab, n_img = max(1.0, float(counts[0])), max(1.0, float(counts[1]))
-        w_align = self.model.config.align.loss_weight if self.model.align_head is not None else 0.0
+        w_align = self._align_weight()
         # (lm, align, SIGTERM seen): the stop request rides on the step's own all-reduce, so every rank agrees
         sums = torch.zeros(3, dtype=torch.float64, device=info.device)
         sums[2] = float(self._stop_signal is not None)
@@ -500,7 +513,7 @@ class Trainer:
                 f"is not finite (grad norm {float(grad_norm)}); stopped before the update, "
                 f"so no weights were changed by it. {self._last_checkpoint_hint()} Lower train.lr, keep "
                 f"train.grad_clip on, or check the data of this step")
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self._logged_lr()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -741,9 +754,10 @@ class Trainer:
                                     "(log.peak_tflops or the GPU table) is below what it achieved", m["mfu"],
                                     self.global_step, self.peak_tflops)
                 self.history.append(m)
-                if writer is not None and (self.global_step % cfg.log.every_steps == 0
-                                           or self.global_step == self.total_steps):
-                    writer.write(m)
+                if self.global_step % cfg.log.every_steps == 0 or self.global_step == self.total_steps:
+                    if writer is not None:  # the steps since the last line, averaged (interval_record)
+                        writer.write(interval_record(self.history[self._logged_upto:], self._align_weight()))
+                    self._logged_upto = len(self.history)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -1073,6 +1087,46 @@ def _trainable_modules(run) -> list[str]:
     if run.train.trainable is not None:
         return sorted(run.train.trainable)
     return sorted(stage_modules(run.stage, run.model.vision.freeze))
+
+
+_SUMMED = ("label_tokens", "images", "tokens", "positions", "samples", "step_time")
+
+
+def interval_record(steps: list[dict], align_weight: float) -> dict:
+    """One metrics.jsonl line for the steps since the previous line (``log.every_steps`` of them, fewer at the end
+    or after a resume), as a plot of the run wants them: the losses the mean over every answer token (lm) and image
+    (align) of those steps, as one step of their combined batch would weigh them; the counts and ``step_time``
+    summed; the rates (``tokens_per_s``, ``fill``, ``tflops``, ``mfu``) over the summed time and positions;
+    ``grad_norm`` the steps' mean and ``grad_norm_max`` their largest; ``steps`` how many; everything else (step,
+    epoch, lr, totals) the last step's. One step is returned as it is, plus ``steps: 1``."""
+    last = dict(steps[-1])
+    if len(steps) == 1:
+        return {**last, "steps": 1}
+
+    def mean(key: str, weight: str) -> float:
+        w = [s[weight] for s in steps]
+        if sum(w) <= 0:
+            return sum(s[key] for s in steps) / len(steps)
+        return sum(s[key] * x for s, x in zip(steps, w)) / sum(w)
+
+    rec = last
+    rec.update({k: sum(s[k] for s in steps) for k in _SUMMED})
+    rec["lm_loss"] = mean("lm_loss", "label_tokens")
+    rec["align_loss"] = mean("align_loss", "images")
+    rec["loss"] = rec["lm_loss"] + align_weight * rec["align_loss"]
+    rec["grad_norm"] = sum(s["grad_norm"] for s in steps) / len(steps)
+    rec["grad_norm_max"] = max(s["grad_norm"] for s in steps)
+    dt = max(rec["step_time"], 1e-12)
+    rec["tokens_per_s"] = rec["tokens"] / dt
+    rec["fill"] = rec["tokens"] / max(1, rec["positions"])
+    if "tflops" in last:  # per step: tflops * step_time is the step's work
+        rec["tflops"] = sum(s["tflops"] * s["step_time"] for s in steps) / dt
+        if "mfu" in last:
+            rec["mfu"] = sum(s["mfu"] * s["step_time"] for s in steps) / dt
+    if any(s.get("profiled") for s in steps):
+        rec["profiled"] = True
+    rec["steps"] = len(steps)
+    return rec
 
 
 class _MetricsWriter:

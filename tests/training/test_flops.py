@@ -70,6 +70,10 @@ def test_lm_share_by_hand():
     fl = report(get_preset("tiny"))["flops"]  # `emma-mamba info` prints these
     assert fl["finetune"]["per_lm_position"] == 2 * weights * 3 and fl["pretrain"]["per_lm_position"] == 2 * weights * 2
     assert fl["finetune"]["per_image"] > fl["pretrain"]["per_image"] > 0  # stage 2 also trains the alignment head
+    # stage 1 never runs the head (the trainer builds its model without one): info counts what that model runs
+    stage1 = EmmaMamba(get_preset("tiny"), for_training=False, device="meta")
+    stage1.set_stage("pretrain")
+    assert stage1.align_head is None and fl["pretrain"]["per_image"] == F.image_flops(stage1)
 
 
 def test_a_run_logs_tflops_and_mfu(shapes, tmp_path, caplog):

@@ -19,6 +19,7 @@ from emma_mamba.data.llava import DataError, collate, plan_rows
 from emma_mamba.models.vlm import EmmaMamba
 from emma_mamba.training import TrainingError
 from emma_mamba.training.config import load_run_config
+from emma_mamba.training.optim import lr_lambda
 from emma_mamba.training.trainer import Trainer
 from tests.training.conftest import make_cfg, subset
 
@@ -166,6 +167,37 @@ def test_metrics_jsonl_has_the_documented_fields(shapes, tmp_path):
         assert 0 < r["fill"] <= 1 and r["tokens_per_s"] > 0
     assert rows[0]["lr"] == pytest.approx(1e-3)  # warmup_steps=1: the first update already at peak
     assert rows[1]["lr"] == pytest.approx(0.5e-3 * (1 + 1))  # cosine at progress 0 of a 1-step decay
+
+
+def test_a_metrics_line_averages_the_steps_since_the_last_one(shapes, tmp_path):
+    """log.every_steps 2 over 5 steps: lines at steps 2, 4 and 5, each the steps since the last line, averaged by
+    hand from the per-step history (losses over answer tokens / images, rates over the summed time); lr is the
+    schedule's even when every trained module has an lr multiplier (stage 1: the first group's lr is 10x it)."""
+    data = subset(shapes, tmp_path, 12, stage=1)
+    mult = {"mff": 10.0, "instruction": 10.0, "projector": 10.0}
+    cfg = make_cfg(shapes, tmp_path / "m", data, stage="pretrain", log={"every_steps": 2},
+                   train={"max_steps": 5, "lr_multipliers": mult})
+    t = Trainer(cfg)
+    hist = t.fit()
+    rows = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5] and [r["steps"] for r in rows] == [2, 2, 1]
+    w = t.model.config.align.loss_weight
+    for r, steps in zip(rows, (hist[0:2], hist[2:4], hist[4:5])):
+        lab = sum(s["label_tokens"] for s in steps)
+        lm = sum(s["lm_loss"] * s["label_tokens"] for s in steps) / lab
+        img = sum(s["images"] for s in steps)
+        al = sum(s["align_loss"] * s["images"] for s in steps) / img
+        assert r["lm_loss"] == pytest.approx(lm, rel=1e-12) and r["align_loss"] == pytest.approx(al, rel=1e-12)
+        assert r["loss"] == pytest.approx(lm + w * al, rel=1e-12) and r["label_tokens"] == lab
+        assert r["grad_norm"] == pytest.approx(sum(s["grad_norm"] for s in steps) / len(steps), rel=1e-12)
+        dt = sum(s["step_time"] for s in steps)
+        assert r["tokens_per_s"] == pytest.approx(sum(s["tokens"] for s in steps) / dt, rel=1e-9)
+        assert r["lr"] == steps[-1]["lr"] and r["total_tokens"] == steps[-1]["total_tokens"]
+    assert rows[0]["lm_loss"] != pytest.approx(hist[1]["lm_loss"], rel=1e-9)  # not the interval's last step
+    # the schedule's lr (warm-up 1 step, then cosine from 1e-3 over 4 steps), not the groups' 10x
+    want = [1e-3 * lr_lambda(k, 5, 1) for k in range(5)]
+    assert [m["lr"] for m in hist] == pytest.approx(want, rel=1e-9)
+    assert t.scheduler.base_lrs[0] == pytest.approx(1e-2)  # the first group is a multiplied one
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
