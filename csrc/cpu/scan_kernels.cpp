@@ -127,7 +127,8 @@ inline V vexp2(const V& y) {
 namespace avx2 {
 
 static inline __m256 exp2_8(__m256 y) {
-  y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-127.f)), _mm256_set1_ps(127.f));
+  // NaN second: max/min return their second operand when either is NaN, so a NaN stays one (and p below too)
+  y = _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), y));
   const __m256i ki = _mm256_cvtps_epi32(y);  // round to nearest
   const __m256 f = _mm256_sub_ps(y, _mm256_cvtepi32_ps(ki));
   __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(kE6), f, _mm256_set1_ps(kE5));

@@ -674,7 +674,10 @@ at::Tensor selective_state_update(const at::Tensor& state, const at::Tensor& x, 
       if (dt_softplus) delta = softplus_f(delta);
       const float xv = load_one(xp, xdt, bi * xs + c);
       float* h = direct_h ? static_cast<float*>(statep) + r * n : hb.data();
-      if (!direct_h) load_f32(statep, sdt, r * n, n, h);
+      if (!direct_h) {  // the padding lanes zero again: a row's inf times their zero B is NaN, C . h each row's
+        load_f32(statep, sdt, r * n, n, h);
+        std::fill(hb.begin() + n, hb.end(), 0.f);
+      }
       for (int64_t k = 0; k < n; ++k) Al[k] = Ap[c * n + k] * kLog2e;
       const int64_t boff = bi * Bs0 + c / (d / gB) * Bs1, coff = bi * Cs0 + c / (d / gC) * Cs1;
       const float* Bk = direct_b ? static_cast<const float*>(Bp) + boff : Bv.data();

@@ -251,6 +251,66 @@ def test_every_instruction_set_path(isa, monkeypatch):
         torch.testing.assert_close(st.float(), st_ref.float(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("where", ["delta", "delta_bias", "A"])
+def test_a_nan_stays_a_nan_on_every_instruction_set(isa, where, monkeypatch):
+    """A NaN in delta, delta_bias or A (a diverged dt_proj or A_log) makes the outputs it reaches NaN, as in the
+    reference, scan and decode step alike: AVX2's exp clamp and every path's softplus turned it into a decay of 0
+    or a step of 0 (finite, wrong outputs and losses)."""
+    if not _isa_available(isa):
+        pytest.skip(f"this CPU/build has no {isa} path")
+    monkeypatch.setenv("EMMA_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(0)
+    b, d, n, L = 2, 3, 16, 9
+    u, delta = torch.randn(b, d, L, generator=g), torch.randn(b, d, L, generator=g)
+    A, B, C = -torch.rand(d, n, generator=g) - 0.5, torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
+    bias = torch.rand(d, generator=g)
+    if where == "delta":
+        delta[0, 1, 4] = float("nan")
+    elif where == "delta_bias":
+        bias[1] = float("nan")
+    else:
+        A[1, 3] = float("nan")
+    args = (u, delta, A, B, C)
+    want = ref.selective_scan_ref(*args, delta_bias=bias, delta_softplus=True)
+    with ops.use_backend("cpu"):
+        got = ops.selective_scan(*args, delta_bias=bias, delta_softplus=True)
+    assert torch.isnan(want).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{isa}: NaN outputs differ from the reference's"
+    st = torch.randn(b, d, n, generator=g)
+    st_ref = st.clone()
+    step = (u[..., 4], delta[..., 4], A, B[..., 4], C[..., 4], None, None, bias, True)
+    y_ref = ref.selective_state_update_ref(st_ref, *step)
+    with ops.use_backend("cpu"):
+        y = ops.selective_state_update(st, *step)
+    assert torch.isnan(y_ref).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.equal(torch.isnan(st), torch.isnan(st_ref))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("n", [5, 8, 17])
+def test_a_decode_steps_inf_stays_in_its_own_row(isa, n, monkeypatch):
+    """An inf in one row's x (one request of a batched decode): the other rows' outputs are the reference's,
+    finite. With d_state not a multiple of 16 the step's padded state lanes were reused from row to row, and the
+    inf row's inf * 0 = NaN there reached every later row's C . h."""
+    if not _isa_available(isa):
+        pytest.skip(f"this CPU/build has no {isa} path")
+    monkeypatch.setenv("EMMA_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(n)
+    b, d = 3, 2
+    x, dt = torch.randn(b, d, generator=g), torch.rand(b, d, generator=g)
+    x[0, 0] = float("inf")
+    A, B, C = -torch.rand(d, n, generator=g) - 0.5, torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    st = torch.randn(b, d, n, generator=g).to(BF16)  # a bf16 state: the step works in its fp32 copy
+    st_ref = st.clone()
+    y_ref = ref.selective_state_update_ref(st_ref, x, dt, A, B, C)
+    with ops.use_backend("cpu"):
+        y = ops.selective_state_update(st, x, dt, A, B, C)
+    assert torch.isfinite(y_ref[1:]).all() and not torch.isfinite(y_ref[0]).all()
+    torch.testing.assert_close(y[1:], y_ref[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st[1:].float(), st_ref[1:].float(), rtol=1e-2, atol=1e-2)
+
+
 def _heads_A(d, n, headdim, gen):
     """Mamba-2's A: one value per head of ``headdim`` channels, repeated over the channel and its n lanes."""
     per_head = -(torch.rand(d // headdim, generator=gen) * 0.5 + 0.25)
