@@ -408,7 +408,7 @@ def _conv_step(mixer: nn.Module, x: torch.Tensor, cache: MambaCache) -> torch.Te
     """A mixer's conv decode step (SiLU) on its cached window: the checked op, or the kernels the cache's step
     trusts (``cache.step_kernels``, :meth:`MambaLM._decode_step_key`)."""
     state, kern, w = cache.conv_states[mixer.layer_idx], cache.step_kernels, mixer.conv1d.weight.squeeze(1)
-    if kern is None:
+    if kern is None or torch.compiler.is_compiling():  # a compiled block (compile_blocks) traces the custom ops
         return ops.causal_conv1d_update(x, state, w, mixer.conv1d.bias, activation="silu")
     return ops.causal_conv1d_update_unchecked(kern, x, state, w, mixer.conv1d.bias, True)
 
@@ -416,7 +416,7 @@ def _conv_step(mixer: nn.Module, x: torch.Tensor, cache: MambaCache) -> torch.Te
 def _scan_step(mixer: nn.Module, cache: MambaCache, x, dt, A, B, C, D, z, dt_bias) -> torch.Tensor:
     """A mixer's selective-scan decode step (softplus on dt) on its cached state, as :func:`_conv_step` runs."""
     state, kern = cache.ssm_states[mixer.layer_idx], cache.step_kernels
-    if kern is None:
+    if kern is None or torch.compiler.is_compiling():
         return ops.selective_state_update(state, x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True)
     return ops.selective_state_update_unchecked(kern, state, x, dt, A, B, C, D, z, dt_bias, True)
 

@@ -325,10 +325,11 @@ class VisionEncoder(nn.Module):
         return [self.visual] if self.second is None else [self.visual, self.second]
 
     def train(self, mode: bool = True):
-        # A frozen tower stays in eval mode (no patch dropout, frozen norm statistics) under model.train().
+        # A frozen tower stays in eval mode (no patch dropout, frozen norm statistics) under model.train(); one a
+        # user unfroze by requires_grad_ (not set_frozen) trains as set_frozen(False) would have it
         super().train(mode)
-        if self.frozen:
-            for tower in self.towers():
+        for tower in self.towers():
+            if self.frozen and not _trains(tower):
                 tower.eval()
         return self
 
@@ -342,7 +343,7 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} but the encoder takes "
                              f"{self.image_size}; preprocess images with the model's ImageProcessor")
         dtype = next(self.visual.parameters()).dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.visual)):
             out = self.visual.forward_intermediates(
                 pixel_values.to(dtype), indices=self.taps, stop_early=True, intermediates_only=True,
                 output_fmt="NLC")
@@ -355,7 +356,7 @@ class VisionEncoder(nn.Module):
         dtype2 = next(self.second.parameters()).dtype
         scale, shift = self._second_affine_on(pixel_values.device)
         x2 = pixel_values.float() * scale + shift  # its own mean/std
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _trains(self.second)):
             feats2 = self.second.forward_intermediates(
                 x2.to(dtype2), indices=self.second_taps, stop_early=True, intermediates_only=True, output_fmt="NLC")
         assert len(feats2) == len(feats) and feats2[0].shape[1] == self.num_tokens, (
@@ -424,11 +425,18 @@ def _bomb_message(path, err: Exception) -> str:
             f"is twice that value; None turns the check off), or downscale the image")
 
 
+def _trains(tower: nn.Module) -> bool:
+    """Whether any parameter of ``tower`` requires a gradient now (set_frozen's, set_stage's, or a user's own
+    requires_grad_): the tower's forward then records its graph; a frozen one runs without (no activations kept)."""
+    return any(p.requires_grad for p in tower.parameters())
+
+
 def _array_to_uint8(a: np.ndarray) -> np.ndarray:
     """An image array as uint8, by the rules of a 16-bit file (``_to_rgb``): uint8 as it is; other integers
     (uint16 from ``skimage.img_as_uint``, imageio, tifffile) 0-255 when their maximum is at most 255, else
-    0-65535; floats 0-1 when their maximum is at most 1, else 0-255 (clipped); bool 0 / 255. Integers outside
-    0-65535 are refused (no bit depth to read them by)."""
+    0-65535; floats 0-1 when their maximum is at most 1.5 (resampling overshoots 1 a little: clipped; a 0-255
+    image that dark is black either way), else 0-255 (clipped); bool 0 / 255. Integers outside 0-65535 are refused
+    (no bit depth to read them by)."""
     if a.dtype == np.uint8:
         return a
     if a.dtype == np.bool_:
@@ -443,7 +451,10 @@ def _array_to_uint8(a: np.ndarray) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"image array must hold integers, floats or bools, got {a.dtype}")
     f = np.nan_to_num(a.astype(np.float64))
-    return np.clip(f * (255.0 if f.size and f.max() <= 1.0 else 1.0), 0, 255).round().astype(np.uint8)
+    return np.clip(f * (255.0 if f.size and f.max() <= _FLOAT_UNIT_MAX else 1.0), 0, 255).round().astype(np.uint8)
+
+
+_FLOAT_UNIT_MAX = 1.5  # a float image array up to this maximum is 0-1 (clipped), above it 0-255
 
 
 def load_image(image) -> "Image.Image":

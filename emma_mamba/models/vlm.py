@@ -559,8 +559,8 @@ class EmmaMamba(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> "EmmaMamba":
         """Recompute the LM's (and an unfrozen ViT's) activations in the backward pass."""
         self.lm.set_gradient_checkpointing(enabled)
-        if not self.vision.frozen:
-            for tower in self.vision.towers():
+        for tower in self.vision.towers():  # an unfrozen tower (vision.freeze false, or a user's requires_grad_)
+            if not self.vision.frozen or any(p.requires_grad for p in tower.parameters()):
                 tower.set_grad_checkpointing(enabled)
         return self
 

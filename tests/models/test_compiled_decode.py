@@ -97,3 +97,13 @@ def test_compiled_step_in_real_cuda_graphs_decodes_like_eager():
             assert got.sequences == want.sequences
     finally:
         cuda_graphs.release(model)
+
+
+def test_compiled_blocks_decode_as_eager():
+    """compile_blocks (train.compile's) then generate: the trusted decode path's raw kernels are not traceable, so
+    a compiled block takes the ops' custom ops; the second decode step raised torch._dynamo's Unsupported."""
+    lm = _lm(seed=3)
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 3)]
+    want = generate(lm, input_ids=prompts, config=_cfg(6)).sequences
+    lm.compile_blocks(backend="aot_eager")
+    assert generate(lm, input_ids=prompts, config=_cfg(6)).sequences == want

@@ -51,3 +51,16 @@ def test_integer_array_with_maximum_255_is_read_as_8_bit():
     # one step beyond 255 makes it 16-bit: 256 -> round(256 * 255 / 65535) = 1, 65535 -> 255
     a16 = np.array([[0, 256, 65535]], dtype=np.uint16)
     assert np.asarray(load_image(a16))[0, :, 0].tolist() == [0, 1, 255]
+
+
+def test_a_float_array_overshooting_1_a_little_is_still_0_to_1():
+    """A float image in 0-1 with one resampled pixel at 1.004 (skimage / torchvision resizes overshoot): read as
+    0-1, that pixel clipped to 255, the rest as round(255 x); it was read as 0-255 (a black image). Above 1.5: 0-255."""
+    rng = np.random.default_rng(5)
+    f = rng.random((4, 6, 3))
+    want = np.clip(np.round(f * 255), 0, 255).astype(np.uint8)
+    f[0, 0, 0] = 1.004
+    want[0, 0, 0] = 255
+    assert np.array_equal(np.asarray(load_image(f)), want)
+    g = np.array([[[0.0, 1.6, 200.4]]])  # a 0-255 float image (max 200.4)
+    assert np.asarray(load_image(g))[0, 0].tolist() == [0, 2, 200]

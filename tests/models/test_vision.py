@@ -122,6 +122,30 @@ def test_unfrozen_encoder_trains_exactly_what_the_taps_run(kind):
     assert not any(p.requires_grad for p in enc.parameters())
 
 
+def test_a_tower_unfrozen_by_plain_requires_grad_trains():
+    """model.requires_grad_(True) (nn.Module's: it sets each parameter, never calling the encoder's own) on a
+    frozen encoder: the ViT parameters the taps run get gradients and the tower trains under .train(); the tower
+    ran under no_grad by the vision.freeze flag alone (an optimizer over them silently never moved them)."""
+    torch.manual_seed(0)
+    cfg = tiny_vision_cfg(taps=[0])
+    clip, pp = build_open_clip(cfg)
+    enc = VisionEncoder(clip.visual, cfg, pp)
+    assert enc.frozen and not any(p.requires_grad for p in enc.parameters())
+    for p in enc.parameters():
+        p.requires_grad_(True)
+    enc.train()
+    assert enc.visual.training
+    sum(f.sum() for f in enc(torch.randn(1, 3, *enc.image_size))).backward()
+    got = {n for n, p in enc.named_parameters() if p.grad is not None}
+    assert {"visual.conv1.weight", "visual.transformer.resblocks.0.attn.in_proj_weight"} <= got
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    enc.train()
+    assert not enc.visual.training  # frozen again: eval under train()
+    with torch.enable_grad():
+        assert not any(f.requires_grad for f in enc(torch.randn(1, 3, *enc.image_size)))
+
+
 def test_frozen_and_stays_eval(tiny):
     enc, _ = tiny
     assert not any(p.requires_grad for p in enc.parameters())
