@@ -104,6 +104,37 @@ def test_export_errors(ckpt, tmp_path, capsys):
     assert not any((tmp_path / "z").iterdir())  # nothing written
 
 
+def test_a_checkpoint_with_part_of_the_alignment_head_or_an_integer_weight_is_refused(ckpt, tmp_path):
+    """A head with one tensor missing loaded 23 tensors from the file and one from its initialisation, saying the
+    folder held no head weights; an int64 weight was cast to float. Both are refused, naming the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from emma_mamba.config import ConfigError
+
+    def edited(name, change):
+        d = tmp_path / name
+        shutil.copytree(ckpt, d)
+        sd = load_file(d / "model.safetensors")
+        change(sd)
+        save_file(sd, d / "model.safetensors")
+        return d
+
+    head = sorted(k for k in load_file(ckpt / "model.safetensors") if k.startswith("align_head."))
+    assert len(head) > 2
+    part = edited("part", lambda sd: sd.pop(head[1]))
+    with pytest.raises(ConfigError, match=rf"missing \[{head[1]!r}\]"):
+        emma_mamba.load(part, for_training=True)
+    emma_mamba.load(part)  # for inference the head is not read: loads
+    none = edited("none", lambda sd: [sd.pop(k) for k in head])  # no head at all: initialised, as before
+    assert emma_mamba.load(none, for_training=True).align_head is not None
+    ints = edited("ints", lambda sd: sd.__setitem__("lm.norm_f.weight", torch.ones_like(sd["lm.norm_f.weight"],
+                                                                                       dtype=torch.int64)))
+    with pytest.raises(ConfigError, match=r"lm\.norm_f\.weight has dtype torch\.int64, the model's is torch\.float32"):
+        emma_mamba.load(ints)
+
+
 def test_written_weight_files_get_the_default_file_mode(tmp_path):
     """safetensors writes 0600 whatever the umask; a model meant to be shared is readable as any new file is."""
     import os

@@ -789,9 +789,10 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
     # tied LM head: safetensors stores one copy of a shared tensor
     missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
     if missing or unexpected:
-        if missing and all(k.startswith("align_head.") for k in missing) and not unexpected:
+        head_absent = not any(k.startswith("align_head.") for k in sd)  # an export without it: none at all
+        if missing and all(k.startswith("align_head.") for k in missing) and not unexpected and head_absent:
             log.warning("%s holds no alignment-head weights; the head starts from its initialisation", d)
-        else:
+        else:  # (a head with some of its tensors would train half from the file, half from its initialisation)
             raise ConfigError(f"{weights} does not match {d / CONFIG_NAME}: missing "
                               f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
                               f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
@@ -799,6 +800,8 @@ def load(path: str | os.PathLike, *, for_training: bool = False, device=None, dt
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ConfigError(f"{weights}: {k} has shape {tuple(v.shape)}, the config builds "
                               f"{tuple(expected[k].shape)}")
+        if v.is_floating_point() != expected[k].is_floating_point():  # an integer weight is not a cast away
+            raise ConfigError(f"{weights}: {k} has dtype {v.dtype}, the model's is {expected[k].dtype}")
     # Read on the CPU, then one fresh allocation per tensor on the target device (no views into a shared
     # buffer; the file is never mapped onto the GPU as a whole).
     sd = {k: v.to(device=target, dtype=expected[k].dtype, copy=True) for k, v in sd.items()}
