@@ -232,7 +232,8 @@ class ChatSession:
         tensors.update({f"ssm.{i}": t[0].contiguous().cpu() for i, t in enumerate(c.ssm_states)})
         meta = {"format": STATE_FORMAT, "model": model_fingerprint(self.lm), "seqlen_offset": str(c.seqlen_offset),
                 "pending": json.dumps(self._pending), "turns": json.dumps(self.turns),
-                "image": str(self.image) if isinstance(self.image, (str, os.PathLike)) else "",
+                # absolute: a saved conversation is loaded from anywhere (reset() reads the image again)
+                "image": os.path.abspath(self.image) if isinstance(self.image, (str, os.PathLike)) else "",
                 "image_in_memory": "1" if self.image is not None and not isinstance(self.image, (str, os.PathLike))
                 else ""}
         path = Path(path)

@@ -92,6 +92,9 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
     # test model, a meta build, or weights that emma_mamba.load copies in right after), so say it once, ours.
     quiet = _DropRecords("No pretrained weights loaded") if pretrained is None else None
     root = logging.getLogger()
+    # open_clip logs through the root logger's module functions (logging.info), which call basicConfig() when
+    # the root has no handler: a handler a user's later basicConfig(level=..., format=...) then defers to
+    root_handlers = list(root.handlers)
     if quiet is not None:
         root.addFilter(quiet)
     try:
@@ -108,6 +111,8 @@ def build_open_clip(cfg: VisionConfig, device: torch.device | str | None = None,
     finally:
         if quiet is not None:
             root.removeFilter(quiet)
+        for h in [h for h in root.handlers if h not in root_handlers]:
+            root.removeHandler(h)
     if pretrained is None:
         log.debug("open_clip %s built without pretrained weights", cfg.model_name)
     preprocess_cfg = dict(open_clip.get_model_preprocess_cfg(model))

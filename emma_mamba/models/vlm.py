@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emma_mamba.config import CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, ModelConfig, load_config, save_config
+from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, ModelConfig, check_prompt_template,
+                               load_config, save_config)
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
@@ -723,7 +724,10 @@ def build_chat_prompt(prompt: str, num_images: int = 1, image_token: str = "<ima
     ``image_position`` before_turn the placeholders precede the template instead (as training lays them out:
     :func:`emma_mamba.data.llava.chat_segments`). With images the prompt is stripped, as training strips the turn
     that holds the image (LLaVA's preprocess_multimodal) and ``serve`` every message: a question read from a file
-    with its trailing newline was asked otherwise than the model was trained."""
+    with its trailing newline was asked otherwise than the model was trained. A template without ``{prompt}``
+    (the question would be dropped) or with another field is a ConfigError."""
+    if template is not CHAT_TEMPLATE:
+        check_prompt_template(template, "template")
     if num_images:
         prompt = prompt.strip()
     if image_position == "before_turn":

@@ -583,3 +583,22 @@ def test_a_loaded_conversation_about_an_image_in_memory_needs_it_again_to_reset(
     assert again.ask(QUESTIONS[1]) == ChatSession(vlm, pil, config=cfg).ask(QUESTIONS[1])
     loaded.reset(image=pil)  # or given to reset
     assert loaded.ask(QUESTIONS[1]) == again.turns[0][1]
+
+
+def test_a_conversation_about_a_relative_image_path_resets_from_another_directory(vlm, tmp_path, monkeypatch):
+    """The image path is saved absolute: a conversation started on "cat.png" in one folder and loaded from
+    another reset() to a FileNotFoundError for "cat.png". Oracle: a fresh session about the same image."""
+    import shutil
+
+    cfg = GenerationConfig(max_new_tokens=4)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(IMAGE, tmp_path / "a" / "cat.png")
+    monkeypatch.chdir(tmp_path / "a")
+    s = ChatSession(vlm, "cat.png", config=cfg)
+    s.ask(QUESTIONS[0])
+    s.save(tmp_path / "chat.safetensors")
+    monkeypatch.chdir(tmp_path / "b")
+    loaded = ChatSession.load(tmp_path / "chat.safetensors", vlm, config=cfg)
+    loaded.reset()
+    assert loaded.ask(QUESTIONS[1]) == ChatSession(vlm, str(tmp_path / "a" / "cat.png"), config=cfg).ask(QUESTIONS[1])

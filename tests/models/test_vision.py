@@ -416,3 +416,19 @@ def test_letterbox_of_a_huge_image_is_bounded_and_within_one_level_of_llavas():
     assert (got - llava).abs().max().item() <= 1.01 / 255
     small = img.resize((600, 300), Image.BICUBIC)  # up to 4096 the two are the same
     assert torch.equal(p.one(small), p.transform(pad_to_square(small, p.fill)))
+
+
+def test_building_an_encoder_leaves_the_root_loggers_handlers_alone():
+    """open_clip's logging.info(...) calls basicConfig() on a root logger without handlers: the handler it left
+    made a notebook's later logging.basicConfig(level=INFO, format=...) do nothing. Run in a fresh process (the
+    test process's root logger is pytest's)."""
+    import subprocess
+    import sys
+
+    code = ("import logging\n"
+            "from emma_mamba.config import get_preset\n"
+            "from emma_mamba.models.vision import build_open_clip\n"
+            "build_open_clip(get_preset('tiny').vision)\n"
+            "print(len(logging.getLogger().handlers))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stdout + out.stderr

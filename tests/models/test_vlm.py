@@ -368,6 +368,21 @@ def test_batch_embeds_encode_every_prompts_images_together_as_one_by_one(model, 
         model.batch_embeds(ids, images[:2], instructions)
 
 
+def test_a_template_argument_without_its_prompt_field_is_refused():
+    """build_prompt / answer(template=...): a template without {prompt} dropped the question without a word (an
+    image prompt then failed on the placeholder count); another field was a bare KeyError."""
+    from emma_mamba.config import ConfigError
+
+    m = make_model()
+    assert m.build_prompt("Q?", 0, template="Say: {prompt}") == "Say: Q?"
+    for bad, msg in (("Answer briefly.", r"template must contain '\{prompt\}'"),
+                     ("{question} {prompt}", r"template may hold only the field \{prompt\}")):
+        with pytest.raises(ConfigError, match=msg):
+            m.build_prompt("What is it?", 1, template=bad)
+        with pytest.raises(ConfigError, match=msg):
+            answer(m, IMAGES[0], "What is it?", max_new_tokens=2, template=bad)
+
+
 def test_images_before_the_turn_reach_every_inference_prompt():
     """vision.image_position before_turn: build_prompt (generate, eval, chat, visualize) and answer() put the
     placeholder ahead of the user marker; the default keeps it in the turn."""
