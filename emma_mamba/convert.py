@@ -228,16 +228,19 @@ def projector_state(proj: dict, arch: str | None, ckpt: Path, cfg_file="config.j
     sd = {}
     for k, v in proj.items():
         parts = k.split(".") if isinstance(k, str) else []
+        if k in ("projector.weight", "projector.bias"):  # Prismatic's LinearProjector: one nn.Linear
+            raise ConversionError(f"{ckpt}: projector tensor {k!r} is a linear projector's (one layer): only the "
+                                  f"gelu-mlp and fused-gelu-mlp projectors are supported")
         if len(parts) != 3 or parts[0] != "projector" or parts[2] not in ("weight", "bias"):
             raise ConversionError(f"{ckpt}: projector tensor {k!r} is not projector.<i>.weight|bias (the "
-                                  f"linear, gelu-mlp and fused-gelu-mlp projectors; LDP is not supported)")
+                                  f"gelu-mlp and fused-gelu-mlp projectors; linear and LDP are not supported)")
         sd[f"mlp.{_index(k, parts[1], 'projector', ckpt)}.{parts[2]}"] = v
     _tensors(proj, "projector", ckpt)
     idx = sorted({int(k.split(".")[1]) for k in sd})
     found = {(0, 2): "gelu-mlp", (0, 2, 4): "fused-gelu-mlp"}.get(tuple(idx))
     if found is None:
         raise ConversionError(f"{ckpt}: projector layers {idx}: only gelu-mlp (0, 2) and fused-gelu-mlp (0, 2, 4) "
-                              f"are supported" + (" (a linear projector has one layer)" if idx == [0] else ""))
+                              f"are supported")
     if arch is not None:
         base = arch.split("+")[-1]
         if base not in PROJECTORS:

@@ -1226,6 +1226,8 @@ def hub_id_hint(path) -> str:
     text = os.fspath(path)
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) or text.endswith((".json", ".bin", ".safetensors")):
         return ""
+    if os.path.isdir(text.split("/")[0]):  # a local folder holds the first part: a local path mistyped, not an id
+        return ""
     return (f" (it reads like a Hugging Face Hub id: checkpoints are read from a local folder only, nothing is "
             f"downloaded; fetch it first, e.g. `huggingface-cli download {text} --local-dir {text.split('/')[1]}`, "
             f"and pass that folder)")

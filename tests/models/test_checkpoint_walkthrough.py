@@ -140,7 +140,7 @@ def test_unreadable_bin_files_say_why_without_torchs_advice_to_drop_weights_only
         assert "set to `False`" not in msg and "Errno" not in msg.split(";")[0], msg
 
 
-def test_a_hub_id_or_a_file_path_gets_a_hint(tmp_path, capsys):
+def test_a_hub_id_or_a_file_path_gets_a_hint(tmp_path, capsys, monkeypatch):
     """Defect: ``from_pretrained("state-spaces/mamba-130m")`` / ``generate --lm state-spaces/mamba-130m`` said only
     that the directory does not exist (nothing is downloaded here), and a file of the folder gave no folder."""
     for hub_id in ("state-spaces/mamba-130m", "state-spaces/mamba2-2.7b"):
@@ -150,6 +150,11 @@ def test_a_hub_id_or_a_file_path_gets_a_hint(tmp_path, capsys):
     with pytest.raises(CheckpointError) as e:
         MambaLM.from_pretrained(tmp_path / "no" / "such")
     assert "Hub id" not in str(e.value)
+    (tmp_path / "models").mkdir()  # a relative path of two parts whose first is a local folder: a typo, not an id
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as e:
+        MambaLM.from_pretrained("models/mamba-130m")
+    assert "does not exist" in str(e.value) and "Hub id" not in str(e.value)
     assert main(["generate", "--lm", "state-spaces/mamba-130m", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "no such directory" in err and "huggingface-cli download state-spaces/mamba-130m" in err

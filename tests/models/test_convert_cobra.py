@@ -252,6 +252,12 @@ def test_errors_name_the_file_and_what_is_wrong(tmp_path):
     with pytest.raises(ConversionError, match="says 'gelu-mlp' but the projector's layers are fused-gelu-mlp's"):
         convert_cobra(run, tmp_path / "o5", base=base(), random_vision=True)
 
+    linear = {"projector.weight": torch.randn(64, 56), "projector.bias": torch.zeros(64)}  # Prismatic's linear
+    run = _write_run(tmp_path / "lin", linear, llm)
+    with pytest.raises(ConversionError, match="'projector.weight' is a linear projector's \\(one layer\\): only the "
+                                              "gelu-mlp and fused-gelu-mlp projectors are supported"):
+        convert_cobra(run, tmp_path / "o5b", base=base(), random_vision=True)
+
     run = _write_run(tmp_path / "f", proj, llm, config={"vision_backbone_id": "in1k-vit-l"})
     with pytest.raises(ConversionError, match="vision_backbone_id 'in1k-vit-l'; supported: dinosiglip-vit-so-384px"):
         convert_cobra(run, tmp_path / "o6", random_vision=True)
