@@ -9,7 +9,9 @@ preprocessing (no weights are read), then checks the training file (and ``val.js
 * every distinct image file opened, decoded and preprocessed, in ``--workers`` processes (a missing file or
   one PIL cannot decode is what would stop, or be skipped by, a run hours in);
 * lengths in LM positions (visual tokens included): percentiles, what ``data.max_length`` truncates;
-* the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``;
+* the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``
+  (rows: packed, the samples a step holds on average), the share of computed positions that are real (packed
+  rows, or padded micro-batches of ``train.micro_batch_size`` as ``data.group_by_length`` forms them);
   with several files (``data.sources``) each is checked and reported on its own, then the epoch of the mixture
   (each file's samples ``repeat`` times, as training takes them).
 
@@ -172,17 +174,37 @@ def _epoch(cfg, data_cfg, lengths: list[int]) -> dict:
 
     t = cfg.train
     rows = plan_rows(lengths, t.seed, 0, data_cfg.packing, data_cfg.max_length) if lengths else []
+    G = t.global_batch_size
     return {"rows_per_epoch": len(rows), "packing": data_cfg.packing,
-            "fill": sum(lengths) / (len(rows) * data_cfg.max_length) if rows and data_cfg.packing else None,
-            "global_batch_size": t.global_batch_size,
-            "steps_per_epoch": math.ceil(len(rows) / t.global_batch_size) if rows else 0}
+            "fill": (sum(lengths) / (len(rows) * data_cfg.max_length) if data_cfg.packing else
+                     _padded_fill(rows, lengths, G, t.micro_batch_size, getattr(data_cfg, "group_by_length", True)))
+            if rows else None,
+            "global_batch_size": G, "samples_per_step": G * len(lengths) / len(rows) if rows else 0.0,
+            "steps_per_epoch": math.ceil(len(rows) / G) if rows else 0}
+
+
+def _padded_fill(rows: list[list[int]], lengths: list[int], G: int, mb: int, grouped: bool) -> float:
+    """Real positions over computed ones when every micro-batch pads to its longest sample, the epoch's steps
+    cut into micro-batches as training cuts them (``data.group_by_length``)."""
+    from emma_mamba.data.llava import group_by_length
+
+    real = computed = 0
+    for k in range(0, len(rows), G):
+        step = rows[k:k + G]  # (training fills the last step with the epoch's first rows: left out here)
+        mbs = group_by_length(step, lengths, mb, 1)[0] if grouped else [step[j:j + mb] for j in range(0, len(step), mb)]
+        for m in mbs:
+            n = [sum(lengths[i] for i in r) for r in m]
+            real, computed = real + sum(n), computed + len(n) * max(n)
+    return real / computed
 
 
 def _epoch_line(r: dict) -> str:
-    fill = f", {100 * r['fill']:.1f} % of positions filled" if r["fill"] is not None else ""
+    fill = f", {100 * r['fill']:.1f} % of {'positions' if r['packing'] else 'padded positions'} filled" \
+        if r["fill"] is not None else ""
+    per = f" of {r['samples_per_step']:.1f} samples on average" if r["packing"] else ""
     return (f"{r['rows_per_epoch']} rows ({'packed' if r['packing'] else 'one sample each'}{fill}), "
             f"{r['steps_per_epoch']} optimizer step{'' if r['steps_per_epoch'] == 1 else 's'} at global batch "
-            f"{r['global_batch_size']}")
+            f"{r['global_batch_size']} rows{per}")
 
 
 def _check_output(path: str | None, option: str, overwrite: bool = True) -> None:

@@ -837,6 +837,16 @@ def plan_rows(lengths: Sequence[int], seed: int, epoch: int, packing: bool, max_
     return rows
 
 
+def group_by_length(rows: list[list[int]], lengths, micro_batch_size: int, world_size: int) -> list[list]:
+    """One step's rows (global batch) as each rank's micro-batches, rows of similar length together (the step's
+    rows sorted longest first, cut into micro-batches, dealt to the ranks in turn): each micro-batch pads to a
+    length close to its rows' own. The step's rows and so its objective (the mean over all of its answer tokens
+    and images) do not change, only which micro-batch holds which row. ``[rank][micro-batch][row]``."""
+    order = sorted(range(len(rows)), key=lambda j: (-sum(lengths[i] for i in rows[j]), j))
+    mbs = [[rows[j] for j in order[k:k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]
+    return [mbs[r::world_size] for r in range(world_size)]
+
+
 def _as_tensor(tokens) -> torch.Tensor:
     """A sample's ``array("i")`` (or a list) as a tensor, the array without a copy."""
     return torch.frombuffer(tokens, dtype=torch.int32) if isinstance(tokens, array) and len(tokens) else \

@@ -63,7 +63,12 @@ class DataConfig:
     (counted and logged; never inside an image's visual tokens)."""
     packing: bool = False
     """Pack several samples into each row of max_length tokens (seq_idx resets the scan at each boundary)
-    instead of padding every sample to the longest of its batch."""
+    instead of padding every sample to the longest of its batch. A step is ``train.global_batch_size`` rows
+    either way: packed, it holds several times as many samples (``emma-mamba data check`` says how many)."""
+    group_by_length: bool = True
+    """Without packing: a step's samples (the same ones either way) go to its micro-batches by length, longest
+    first, so that each pads to little more than its own samples (LLaVA's ``group_by_length``, within one step:
+    the step's objective is unchanged). false: micro-batches in the shuffled order."""
     on_error: Literal["raise", "skip"] = "raise"
     """A bad record (missing/corrupt image, empty conversation, no assistant turn, wrong role, placeholder/image
     mismatch, nothing left after truncation): raise an error naming file and record index, or skip and count it."""

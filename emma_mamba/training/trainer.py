@@ -51,7 +51,8 @@ import torch
 import yaml
 
 from emma_mamba.config import ConfigError
-from emma_mamba.data.llava import DataError, LlavaDataset, check_data_paths, collate, plan_rows, steps_per_epoch
+from emma_mamba.data.llava import (DataError, LlavaDataset, check_data_paths, collate, group_by_length, plan_rows,
+                                   steps_per_epoch)
 from emma_mamba.fileio import text_lines
 from emma_mamba.models.vlm import TRAINABLE_MODULES, stage_modules
 from emma_mamba.training import TrainingError, TrainingInterrupted
@@ -269,10 +270,14 @@ class Trainer:
             self._check_ranks_agree()
         n_train = sum(p.numel() for p in self.params)
         if info.is_main:
+            rows = self.epoch_rows(self.epoch)  # packed: a row holds several samples, and so does a step
+            per_row = len(self.dataset.lengths) / max(1, len(rows))
             log.info("stage %s: %s, %d trainable parameters, %d steps (global batch %d rows = %d x %d accum x %d "
                      "procs), %s, %s, %s", cfg.stage, cfg.model.name, n_train, self.total_steps, tc.global_batch_size,
-                     tc.micro_batch_size, self.accum, info.world_size, self.strategy,
-                     "bf16" if self.bf16 else "fp32", "packing" if cfg.data.packing else "padding")
+                     tc.micro_batch_size, self.accum, info.world_size, self.strategy, "bf16" if self.bf16 else "fp32",
+                     f"packing ({per_row:.2f} samples a row: ~{per_row * tc.global_batch_size:.0f} a step)"
+                     if cfg.data.packing else
+                     f"padding{' (micro-batches grouped by length)' if cfg.data.group_by_length else ''}")
 
     def _prepare_output_dir(self, resume: str | None) -> tuple[Path | None, str]:
         """Rank 0: what the run starts from (:func:`resolve_resume`: None, a fresh run, is refused where output_dir
@@ -383,9 +388,11 @@ class Trainer:
         """This rank's micro-batches (lists of rows) for ``step`` of an epoch whose plan is ``rows``."""
         G, n = self.rows_per_step, len(rows)
         glob = [rows[(step * G + j) % n] for j in range(G)]  # the last step wraps around to fill itself
-        per = self.cfg.train.micro_batch_size * self.accum
+        mb, d = self.cfg.train.micro_batch_size, self.cfg.data
+        if d.group_by_length and not d.packing:
+            return group_by_length(glob, self.dataset.lengths, mb, self.info.world_size)[self.info.rank]
+        per = mb * self.accum
         mine = glob[self.info.rank * per:(self.info.rank + 1) * per]
-        mb = self.cfg.train.micro_batch_size
         return [mine[j * mb:(j + 1) * mb] for j in range(self.accum)]
 
     def _loader(self, epoch: int, start: int, stop: int):

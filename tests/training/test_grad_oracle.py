@@ -305,20 +305,23 @@ def test_two_process_step_gradient_matches_the_full_batch_oracle(shapes, batch_d
         split = f"2 processes x ({mb} rows x {4 // mb} micro-batches), {strategy}"
         _check_step(oracle, r["pre"], r["post"], r["history"][0], split)
         _assert_mistakes_are_visible(oracle, 2, mb)
-        # sharding: rank r's micro-batches are its contiguous slice of the global batch, each sample once
+        # sharding: the processes' micro-batches hold the global batch, each sample once (which micro-batch holds
+        # which sample is data.group_by_length's: test_every_split_covers_the_epoch_once... and test_trainer)
         (rank0,), (rank1,) = r["ids"]  # one step each
-        ranks, mbs = _groups(oracle, 2, mb)
-        assert [ids for micro in rank0 + rank1 for ids in micro] == [oracle.per[i].id for g in mbs for i in g]
+        assert len(rank0) == len(rank1) == 4 // mb
         assert sorted(ids for micro in rank0 + rank1 for ids in micro) == sorted(oracle.ids)
 
 
-def _rank_micro_batches(n_rows: int, gbs: int, mb: int, world: int, step: int) -> list[list[list[int]]]:
-    """Trainer._step_micro_batches of each rank for a plan of n_rows rows (row r is [r])."""
+def _rank_micro_batches(n_rows: int, gbs: int, mb: int, world: int, step: int,
+                        grouped: bool = False) -> list[list[list[int]]]:
+    """Trainer._step_micro_batches of each rank for a plan of n_rows rows (row r is [r], of length (7 r) % 11)."""
     out = []
     for rank in range(world):
         t = Trainer.__new__(Trainer)  # only the fields the slicing reads
         t.rows_per_step, t.accum = gbs, gbs // (mb * world)
-        t.cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=mb))
+        t.cfg = SimpleNamespace(train=SimpleNamespace(micro_batch_size=mb),
+                                data=SimpleNamespace(packing=False, group_by_length=grouped))
+        t.dataset = SimpleNamespace(lengths=[(7 * r) % 11 for r in range(n_rows)])
         t.info = DistInfo(rank=rank, world_size=world)
         out.append(t._step_micro_batches([[r] for r in range(n_rows)], step))
     return out
@@ -348,3 +351,10 @@ def test_every_split_covers_the_epoch_once_and_fills_only_the_last_step(n_rows, 
             flat = [row for s in seen for row in s]
             assert sorted(flat) == sorted(list(range(n_rows)) + [r % n_rows for r in range(fill)])
             assert [row for s in seen[:-1] for row in s] == list(range((steps - 1) * gbs))  # no early repeats
+            # data.group_by_length: the same rows in each step, dealt to the micro-batches longest first
+            for step in range(steps):
+                ranks = _rank_micro_batches(n_rows, gbs, mb, world, step, grouped=True)
+                assert all(len(r) == gbs // (mb * world) and all(len(m) == mb for m in r) for r in ranks)
+                assert sorted(row for r in ranks for m in r for (row,) in m) == sorted(reference[step])
+                lengths = [(7 * row) % 11 for k in range(len(ranks[0])) for r in ranks for (row,) in r[k]]
+                assert lengths == sorted(lengths, reverse=True), (world, mb, step)

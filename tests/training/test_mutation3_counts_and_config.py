@@ -100,10 +100,10 @@ def test_epoch_rows_steps_and_fill_by_hand():
 
     from emma_mamba.data.cli_check import _epoch
 
-    cfg = SimpleNamespace(train=SimpleNamespace(seed=0, global_batch_size=2))
-    # one sample a row: 5 rows, ceil(5 / 2) = 3 optimizer steps; "fill" is a packing figure only
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0, global_batch_size=2, micro_batch_size=1))
+    # one sample a row: 5 rows, ceil(5 / 2) = 3 optimizer steps; micro-batches of one sample pad nothing
     r = _epoch(cfg, SimpleNamespace(packing=False, max_length=8), [3, 8, 5, 1, 2])
-    assert (r["rows_per_epoch"], r["steps_per_epoch"], r["fill"], r["packing"]) == (5, 3, None, False)
+    assert (r["rows_per_epoch"], r["steps_per_epoch"], r["fill"], r["packing"]) == (5, 3, 1.0, False)
     # packed, but every sample fills a whole row: 5 rows, all positions used
     r = _epoch(cfg, SimpleNamespace(packing=True, max_length=8), [8] * 5)
     assert (r["rows_per_epoch"], r["steps_per_epoch"], r["fill"]) == (5, 3, 1.0)

@@ -94,6 +94,24 @@ def test_packed_fill_is_positions_used_over_row_positions():
     assert (r["rows_per_epoch"], r["fill"]) == (1, 0.75)
 
 
+def test_padded_fill_counts_micro_batches_as_training_forms_them():
+    """Padding: real positions over each micro-batch's rows x its longest, the step's samples sorted longest first
+    with data.group_by_length (two 8s, then two 2s: nothing padded), in the shuffled order without."""
+    from emma_mamba.data.cli_check import _epoch
+    from emma_mamba.data.llava import plan_rows
+
+    cfg = SimpleNamespace(train=SimpleNamespace(seed=0, global_batch_size=4, micro_batch_size=2))
+    lengths = [2, 8, 2, 8]
+    r = _epoch(cfg, SimpleNamespace(packing=False, max_length=8, group_by_length=True), lengths)
+    assert (r["rows_per_epoch"], r["fill"], r["steps_per_epoch"], r["samples_per_step"]) == (4, 1.0, 1, 4.0)
+    order = [lengths[row[0]] for row in plan_rows(lengths, 0, 0, False, 8)]
+    want = 20 / sum(2 * max(order[k:k + 2]) for k in (0, 2))
+    r = _epoch(cfg, SimpleNamespace(packing=False, max_length=8, group_by_length=False), lengths)
+    assert r["fill"] == pytest.approx(want)
+    r = _epoch(cfg, SimpleNamespace(packing=True, max_length=10), lengths)  # 2 + 8 per row: 2 samples a row
+    assert r["samples_per_step"] == 8.0
+
+
 def test_an_image_upscaled_exactly_8x_is_not_noted(shapes, tmp_path):
     """Guards against the small-image note's boundary: noted only when upscaled *more* than 8x to the tiny
     encoder's 32 px (a 4 px side is exactly 8x, a 3 px side more)."""

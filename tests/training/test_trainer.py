@@ -137,6 +137,37 @@ def test_step_objective_matches_per_sample_oracle_and_packing_equals_padding(sha
     assert mk["positions"] < mp["positions"] and mk["tokens"] == mp["tokens"]
 
 
+def test_group_by_length_pads_less_and_keeps_the_steps_objective(shapes, tmp_path):
+    """Padding, data.group_by_length (the default) against off: the same step (samples, tokens, loss to rounding),
+    its micro-batches padded to the hand count of the step's lengths sorted longest first, in pairs."""
+    data = subset(shapes, tmp_path, 8)
+    kw = dict(train={"global_batch_size": 8, "micro_batch_size": 2, "max_steps": 1}, data={"max_length": 256})
+    on = Trainer(make_cfg(shapes, tmp_path / "on", data, **kw))
+    lengths = on.dataset.lengths
+    step = sorted((lengths[r[0]] for r in plan_rows(lengths, 0, 0, False, 256)[:8]), reverse=True)
+    m_on = on.fit()[0]
+    off_cfg = make_cfg(shapes, tmp_path / "off", data, **kw)
+    off_cfg.data.group_by_length = False
+    m_off = Trainer(off_cfg).fit()[0]
+    assert len(set(step)) > 2  # lengths differ: grouping has something to do
+    assert m_on["positions"] == sum(2 * step[k] for k in range(0, 8, 2)) < m_off["positions"]
+    for k in ("samples", "tokens", "label_tokens", "images"):
+        assert m_on[k] == m_off[k], k
+    for k in ("lm_loss", "align_loss", "grad_norm"):
+        assert m_on[k] == pytest.approx(m_off[k], rel=1e-5), k
+
+
+def test_group_by_length_deals_sorted_micro_batches_to_the_ranks_in_turn():
+    from emma_mamba.data.llava import group_by_length
+
+    lengths = [5, 1, 4, 2, 3, 6, 8, 7]
+    rows = [[i] for i in range(8)]  # row i is sample i; sorted longest first: 6, 7, 5, 0, 2, 4, 3, 1
+    got = group_by_length(rows, lengths, 2, 2)
+    assert got == [[[[6], [7]], [[2], [4]]], [[[5], [0]], [[3], [1]]]]
+    packed = group_by_length([[0, 1], [2], [3, 4]], lengths, 1, 1)  # a row's length: its samples' sum
+    assert packed == [[[[0, 1]], [[3, 4]], [[2]]]]
+
+
 def test_corrupt_image_during_training_is_skipped_and_counted_or_raises(shapes, tmp_path, caplog):
     images = tmp_path / "images"
     shutil.copytree(shapes / "images", images)
