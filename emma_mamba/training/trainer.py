@@ -183,6 +183,15 @@ class Trainer:
             self.model.config.vision.freeze = cfg.model.vision.freeze
             self.model.config.chat = dataclasses.replace(cfg.model.chat)  # the chat format this run trains, writes
             self.model.vision.set_frozen(cfg.model.vision.freeze)
+        elif self.resume_from is not None and not tc.lora.r:
+            # every weight comes from the checkpoint (loaded whole and strictly below): the pretrained files are
+            # not read again (minutes and ~11 GB at 2.8B), nor needed where they have moved since; the tokenizer
+            # is the checkpoint's copy. (LoRA's resume checks its frozen base weights against those files.)
+            from emma_mamba.models.tokenizer import load_tokenizer
+
+            saved = self.resume_from / "tokenizer.json"
+            self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device, load_pretrained=False,
+                                   tokenizer=load_tokenizer(saved) if saved.is_file() else None)
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
         self.model.set_stage(cfg.stage, tc.trainable)
