@@ -116,6 +116,9 @@ def load_vlm(args, device, dtype):
     from emma_mamba.config import ConfigError
     from emma_mamba.models.vlm import load
 
+    if Path(args.checkpoint).is_file():  # model.safetensors, config.yaml: the folder is what loads
+        raise UsageError(f"--checkpoint {args.checkpoint} is a file; give its directory: "
+                         f"{Path(args.checkpoint).parent}")
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such directory")
     d = Path(args.checkpoint)

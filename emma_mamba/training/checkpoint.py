@@ -690,8 +690,8 @@ def _not_a_checkpoint(resume: str, p: Path, output_dir: Path) -> str:
         close = difflib.get_close_matches(resume, ["auto"], n=1, cutoff=0.6)
         return (f"--resume {resume}: no such file or directory (--resume takes 'auto' or a checkpoint directory"
                 + ("; did you mean 'auto'?)" if close else ")"))
-    if not p.is_dir():
-        return msg
+    if not p.is_dir():  # a file of the checkpoint (model.safetensors, trainer_state.pt): its folder is what resumes
+        return f"--resume {resume} is a file; give its directory: {p.parent}"
     run = p if (p / CHECKPOINT_DIR).is_dir() else p.parent if p.name == CHECKPOINT_DIR else None
     last = latest_checkpoint(run) if run is not None else None
     if last is not None:

@@ -541,6 +541,9 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
             last = latest_checkpoint(init)
             hint = (f"; it holds checkpoints but no final model (the run did not finish): --resume auto finishes "
                     f"it, or start from its newest checkpoint, init_from: {last}" if last is not None else "")
+            left = {p.name for p in init.iterdir()} - {".emma_mamba.lock", "train_config.yaml", "metrics.jsonl"}
+            if last is None and not left:  # what a run that stopped at its start leaves (its lock, its config)
+                hint = "; it holds no model: the run into it stopped before its first checkpoint (its error above?)"
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "
                               f"written by EmmaMamba.save or a previous run's output_dir){hint}")
         cfg.model = load_config(ckpt_cfg)

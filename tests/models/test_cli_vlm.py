@@ -44,6 +44,13 @@ def test_bad_inputs_are_named(ckpt, capsys, argv, needle):
     assert needle in capsys.readouterr().err
 
 
+def test_a_checkpoint_file_is_named_with_its_folder(ckpt, capsys):
+    """--checkpoint DIR/model.safetensors said "no such directory" of a path that exists."""
+    rc = cli.main(["generate", "--checkpoint", str(ckpt / "model.safetensors"), "--image", IMAGE, "--prompt", "hi"])
+    assert rc == 2
+    assert f"model.safetensors is a file; give its directory: {ckpt}" in capsys.readouterr().err
+
+
 def test_image_with_text_only_lm_is_an_error(capsys):
     rc = cli.main(["generate", "--random-init", "tiny", "--image", IMAGE, "--prompt", "hi"])
     assert rc == 2 and "--image needs an EMMA-Mamba --checkpoint" in capsys.readouterr().err

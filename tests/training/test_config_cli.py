@@ -184,6 +184,12 @@ def test_init_from_takes_the_model_config_from_the_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match=r"has no config.yaml .*no final model .*--resume auto finishes it, or start "
                                           r"from its newest checkpoint, init_from: .*step_00000004$"):
         load_run_config(write(tmp_path, {**d, "init_from": str(run)}))
+    # what a stage-1 run that failed at its start (its data missing) leaves: the lock only
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / ".emma_mamba.lock").write_text("")
+    with pytest.raises(ConfigError, match=r"has no config.yaml .*holds no model: the run into it stopped before its "
+                                          r"first checkpoint"):
+        load_run_config(write(tmp_path, {**d, "init_from": str(tmp_path / "failed")}))
 
 
 def test_global_batch_must_divide(tmp_path):

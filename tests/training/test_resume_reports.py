@@ -105,6 +105,10 @@ def test_resume_argument_names_what_it_was_given_instead_of_a_checkpoint(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"step_00000004: not a checkpoint directory .*incomplete .*the "
                                                 r"other checkpoints of this run: .*step_00000002"):
         resolve_resume(str(newest), run)
+    # a file of a checkpoint: its folder (was: "expected .../model.safetensors/trainer_state.pt")
+    (run / "checkpoints" / "step_00000002" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is a file; give its directory: .*step_00000002$"):
+        resolve_resume(str(run / "checkpoints" / "step_00000002" / "model.safetensors"), run)
     # an empty folder keeps the plain message
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"not a checkpoint directory \(expected .*trainer_state\.pt\)$"):
