@@ -8,7 +8,8 @@ preprocessing (no weights are read), then checks the training file (and ``val.js
   every problem is counted, not only the first; per reason, the count and the first records named;
 * every distinct image file opened, decoded and preprocessed, in ``--workers`` processes (a missing file or
   one PIL cannot decode is what would stop, or be skipped by, a run hours in);
-* lengths in LM positions (visual tokens included): percentiles, what ``data.max_length`` truncates;
+* lengths in LM positions (visual tokens included): percentiles, what ``data.max_length`` truncates, and the
+  instructions (with instruction fusion) longer than the text tower's context, which it truncates;
 * the rows an epoch makes (``data.packing``) and the optimizer steps per epoch at ``train.global_batch_size``
   (rows: packed, the samples a step holds on average), the share of computed positions that are real (packed
   rows, or padded micro-batches of ``train.micro_batch_size`` as ``data.group_by_length`` forms them);
@@ -163,8 +164,25 @@ def check_file(cfg, data_cfg, model, workers: int | None, images: bool, progress
         "images_per_sample": _percentiles([len(s.images) for s in kept]),
         "answer_tokens": sum(sum(1 for x in s.labels if x != -100) for s in kept),
         "text_only_samples": sum(1 for s in kept if not s.images),
+        "instructions": _instruction_lengths(model, kept),
         **_epoch(cfg, data_cfg, lengths),
     }
+
+
+def _instruction_lengths(model, samples) -> dict | None:
+    """How many of the samples' instructions (one per image: its turn's text) instruction fusion truncates to the
+    text tower's context, counted by its tokenizer as training's InstructionFusion.tokenize counts them; None
+    without instruction fusion."""
+    inst = model.instruction
+    if inst is None:
+        return None
+    from emma_mamba.models.fusion import _token_count
+    from emma_mamba.models.vlm import _text_tokenizer
+
+    tok = _text_tokenizer(model.config, inst.context_length)
+    counts = [_token_count(tok, t) for s in samples for t in s.instructions]
+    return {"count": len(counts), "context_length": inst.context_length,
+            "truncated": sum(1 for n in counts if n is not None and n > inst.context_length)}
 
 
 def _epoch(cfg, data_cfg, lengths: list[int]) -> dict:
@@ -294,6 +312,10 @@ def _print(r: dict) -> None:
         print(f"  positions per sample: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']} "
               f"(max_length {r['max_length']}); {r['text_only_samples']} text-only samples; "
               f"{r['answer_tokens']} answer tokens")
+    ins = r.get("instructions")
+    if ins and ins["truncated"]:
+        print(f"  instructions longer than the text tower's {ins['context_length']} tokens (instruction fusion "
+              f"truncates them): {ins['truncated']} of {ins['count']}")
     print(f"  one epoch: {_epoch_line(r)}")
 
 

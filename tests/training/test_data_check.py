@@ -153,3 +153,25 @@ def test_records_kept_but_noted(shapes, tmp_path, capsys):
     assert "sliver.png is 3x40 pixels" in ex["small_image"][0]
     assert main(args + ["--strict"]) == 1 and "(--strict: exit 1)" in capsys.readouterr().out
     assert main(args[:-2] + ["--data.json", str(subset(shapes, tmp_path, 4)), "--strict"]) == 0  # nothing noted
+
+
+def test_instructions_the_text_tower_truncates_are_counted(shapes, tmp_path, capsys):
+    """Instruction fusion truncates an instruction longer than the text tower's context (the tiny preset's: 24
+    tokens); training warned of 547 at its end, data check said nothing. By hand: "a" is one CLIP BPE token, so k
+    words are k + 2 tokens with <start_of_text> and <end_of_text>: 22 words fit, 23 are cut."""
+    image = json.loads((shapes / "train" / "stage2_instruct.json").read_text())[0]["image"]
+
+    def record(i, words):
+        question = "<image>\n" + " ".join(["a"] * words)
+        return {"id": f"r{i}", "image": image, "conversations": [{"from": "human", "value": question},
+                                                                  {"from": "gpt", "value": "yes"}]}
+
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps([record(0, 22), record(1, 23), record(2, 40), record(3, 5)]))
+    run = _write_run(shapes, tmp_path, data)
+    report = tmp_path / "report.json"
+    assert main(["data", "check", "--config", str(run), "--report", str(report)]) == 0
+    assert "instructions longer than the text tower's 24 tokens (instruction fusion truncates them): 2 of 4" \
+        in capsys.readouterr().out
+    assert json.loads(report.read_text())["instructions"] == {"count": 4, "context_length": 24,
+                                                              "truncated": 2}
