@@ -777,3 +777,31 @@ def test_extraction_keeps_spans_and_continuations_apart():
     assert rows[-1] == (11, [["x|y"], ["z"]])
     assert list(itertools.chain(*[_commands_in(c) for _, c in blocks])) == [
         ("cli", None, ["chat", "--checkpoint", "c", "--image", "f"])]
+
+
+def test_every_option_of_every_command_is_in_its_cli_md_section():
+    """docs/cli.md is "every command, one section each, with everything it does" (README): each option a
+    command's parser takes (its --help) is named in that command's section, but the --SECTION.KEY config
+    overrides of the training commands, which docs/training.md documents as config keys. The reverse (each
+    option the pages name exists) is test_page_commands_options_paths_and_links_exist's."""
+    from emma_mamba.cli import COMMANDS
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    sections = {}
+    for part in re.split(r"\n## ", text):
+        m = re.match(r"`emma-mamba ([a-z ]+)`", part.split("\n", 1)[0])
+        if m:
+            sections[m.group(1).strip()] = part
+    missing = {}
+    for path, (module, _) in COMMANDS.items():
+        name = " ".join(path)
+        assert name in sections, f"docs/cli.md has no section `emma-mamba {name}`"
+        parser = argparse.ArgumentParser()
+        importlib.import_module(module).add_arguments(parser)
+        for action in parser._actions:
+            flags = [o for o in action.option_strings if o.startswith("--")]
+            if not flags or flags[0] == "--help" or "." in flags[0] or action.help == argparse.SUPPRESS:
+                continue
+            if not any(re.search(re.escape(f) + r"(?![\w-])", sections[name]) for f in flags):
+                missing.setdefault(name, []).append(flags[0])
+    assert not missing, f"options not in their docs/cli.md section: {missing}"
