@@ -111,14 +111,16 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def markdown_table(summary: dict, chance: dict | None = None) -> str:
-    """Mean ± std (percent) per variant and metric; an optional first row with the blind baseline."""
+    """Mean ± std (percent) per variant and metric (a variant of one seed: its value, no spread); an optional first
+    row with the blind baseline."""
     labels = [label for _, _, label in METRICS]
     lines = ["| variant | seeds | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     if chance:
         lines.append("| blind baseline (chance) | - | " + " | ".join(
             f"{100 * chance[task][metric]:.1f}" for task, metric, _ in METRICS) + " |")
     for name, v in summary.items():
-        cells = [f"{100 * v['stats'][l]['mean']:.1f} ± {100 * v['stats'][l]['std']:.1f}" for l in labels]
+        cells = [f"{100 * v['stats'][l]['mean']:.1f}" + (f" ± {100 * v['stats'][l]['std']:.1f}" if v["n_seeds"] > 1
+                                                          else "") for l in labels]  # one seed: no spread
         lines.append(f"| {name} | {v['n_seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -358,7 +358,8 @@ def train_stages(qc: QuickstartConfig, out: Path, data_dir: Path, seed: int, *, 
                     if val else "")
             cont = f" (continued from {last.name})" if last is not None else ""
             echo(f"[{k}/5] {stage}: {trainer.global_step} steps{cont}, LM loss "
-                 f"{histories[stage]['first_loss']:.3f} -> {histories[stage]['last_loss']:.3f}{held} "
+                 f"{histories[stage]['first_loss']:.3f} -> {histories[stage]['last_loss']:.3f} (the last "
+                 f"{len(tail)} steps' mean){held} "
                  f"({timings[stage]:.0f}s)")
         del trainer
         if on_done is not None:
