@@ -95,6 +95,10 @@ class PixelAlignHead(nn.Module):
         patches = patchify(images.float(), self.patch_size, self.grid)
         return normalize_patches(patches) if self.norm_pix else patches
 
+    def no_weight_decay(self) -> set[str]:
+        """The position embedding is not decayed, as timm's / open_clip's ViTs exempt theirs (optim.py reads it)."""
+        return {"pos_embed"}
+
     def forward(self, hidden: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         """Unweighted pixel loss: MSE between the prediction at token i and the target patch i + 1."""
         pred = self.predict(hidden).float()

@@ -358,6 +358,8 @@ def test_a_trained_vits_position_embedding_is_not_decayed():
     decay, no_decay = (set(g["names"]) for g in param_groups(model, 0.1))
     assert "vision.visual.positional_embedding" in no_decay and "vision.visual.class_embedding" in no_decay
     assert "vision.visual.conv1.weight" in decay and "vision.visual.proj" in decay
+    # the alignment head's learned position embedding alike (it was decayed, the ViT's not)
+    assert "align_head.pos_embed" in no_decay and "align_head.in_proj.weight" in decay
 
 
 def test_lr_schedule_by_hand():
