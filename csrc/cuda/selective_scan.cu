@@ -41,6 +41,13 @@ constexpr int kFwdItems = 16;     // time steps per lane in the forward (chunk o
 constexpr int kBwdItems = 8;      // time steps per lane in the backward (chunk of 256)
 constexpr int kFwdWarps = 4;      // channels per forward block
 constexpr float kLog2e = 1.4426950408889634f;
+
+// A log2(e), with A = -inf (a state that forgets at once) the most negative float: a padding step's dt = 0 must
+// give the identity decay 2^(0 A2) = 1, and 0 * -inf is NaN (a NaN A stays NaN)
+__device__ __forceinline__ float decay_rate2(float A) {
+  const float a2 = A * kLog2e;
+  return a2 == -INFINITY ? -3.402823466e38f : a2;
+}
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(32 * kBwdItems == kSave, "the backward chunk must be the saved-state granularity");
 static_assert(kSave % kFwdItems == 0, "saved boundaries must fall on forward lane boundaries");
@@ -182,7 +189,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 4) scan_fwd_kernel(ScanParams 
     const bool sel = kPacked && reset != 0;
 
     for (int n = 0; n < N; ++n) {
-      const float A2 = p.A[static_cast<int64_t>(c) * N + n] * kLog2e;
+      const float A2 = decay_rate2(p.A[static_cast<int64_t>(c) * N + n]);
       float a[K], bb[K], Bv[K];
       load_bc<WT, K>(p.B, Brows, p, c, n, t0, valid, Bv);
       float pa = 1.f, pb = 0.f;  // this lane's composed pair
@@ -265,7 +272,7 @@ __global__ void __launch_bounds__(kSeqThreads) scan_fwd_seq_kernel(ScanParams p)
   float A2[kSeqN], h[kSeqN];
 #pragma unroll
   for (int n = 0; n < kSeqN; ++n) {
-    A2[n] = active && n < N ? p.A[static_cast<int64_t>(c) * N + n] * kLog2e : 0.f;
+    A2[n] = active && n < N ? decay_rate2(p.A[static_cast<int64_t>(c) * N + n]) : 0.f;
     h[n] = active && n < N && p.init ? p.init[bd * N + n] : 0.f;
   }
   const float Dv = p.D && active ? p.D[c] : 0.f;
@@ -409,7 +416,7 @@ __global__ void __launch_bounds__(256, 2) scan_bwd_kernel(ScanParams p) {
     }
 
     for (int n = 0; n < N; ++n) {
-      const float An = p.A[static_cast<int64_t>(c) * N + n], A2 = An * kLog2e;
+      const float An = p.A[static_cast<int64_t>(c) * N + n], A2 = decay_rate2(An);
       float a[K], h[K], Bv[K], Cv[K];
       load_bc<WT, K>(p.B, Brows, p, c, n, t0, valid, Bv);
       load_bc<WT, K>(p.C, Crows, p, c, n, t0, valid, Cv);
@@ -609,7 +616,7 @@ __global__ void __launch_bounds__(kBsThreads) scan_bwd_seq_kernel(ScanParams p) 
     const int n = 4 * q + j;
     const bool ok = active && n < N;
     An[j] = ok ? p.A[static_cast<int64_t>(c) * N + n] : 0.f;
-    A2[j] = An[j] * kLog2e;
+    A2[j] = decay_rate2(An[j]);
     g[j] = ok && p.dlast ? p.dlast[bd * N + n] : 0.f;  // the adjoint after the last step
     a_next[j] = 1.f;
     dA[j] = 0.f;

@@ -86,6 +86,14 @@ SEQ_BWD_WARPS = 4
 
 
 @triton.jit
+def _decay_rate2(A):
+    """A log2(e), A = -inf (a state that forgets at once) as the most negative float: a masked step's dt = 0 must
+    give the identity decay exp2(0 * A2) = 1, and 0 * -inf is NaN (a NaN A stays NaN)."""
+    a2 = A * 1.4426950408889634
+    return tl.where(a2 == float("-inf"), -3.4028234663852886e38, a2)
+
+
+@triton.jit
 def _combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2): h -> a2 * (a1 * h + b1) + b2
     return a1 * a2, a2 * b1 + b2
@@ -287,7 +295,7 @@ def _selective_scan_fwd_kernel(
         t_bd = t[None, :] + zero_d  # (BD, T): B's and C's steps, the same for every channel
         m_bd = mask_t[None, :] & (zero_d == 0)
         for n in range(dstate):
-            A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0) * 1.4426950408889634
+            A_n = _decay_rate2(tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0))
             # a variable B / C row is loaded as a (BD, T) tile (every channel's row the same addresses: L1 hits)
             # in the layout of the scan's tiles; a (1, T) load got a layout of its own and went through shared
             # memory with two barriers to reach them
@@ -332,7 +340,7 @@ def _selective_scan_fwd_seq_kernel(
     B_base = B_ptr + pid_b * sB_b + ((pid_d * BLOCK_D) // cpg_B) * sB_g
     C_base = C_ptr + pid_b * sC_b + ((pid_d * BLOCK_D) // cpg_C) * sC_g
     # log2(e) folded into A: exp(dt * A) = exp2(dt * A * log2 e); padded states get A = 0, B = C = 0
-    A2 = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0) * 1.4426950408889634
+    A2 = _decay_rate2(tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0))
     if not B_VAR:
         B_t = tl.load(B_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
     if not C_VAR:
@@ -524,7 +532,7 @@ def _selective_scan_bwd_kernel(
         dBsum = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh B
         for n in range(dstate):
             A_n = tl.load(A_ptr + offs_d * dstate + n, mask=mask_d, other=0.0)[:, None]
-            A2_n = A_n * 1.4426950408889634
+            A2_n = _decay_rate2(A_n)
             if B_VAR:
                 B_n = tl.load(B_base + n * seqlen + t_bd, mask=m_bd, other=0.0).to(tl.float32)  # (BD, T)
             else:
@@ -667,7 +675,7 @@ def _selective_scan_bwd_seq_kernel(
     B_base, C_base, dB_base, dC_base = _bwd_bases(B_ptr, C_ptr, dB_ptr, dC_ptr, pid_b, pid_d, cpg_B, cpg_C, sB_b,
                                                   sB_g, sC_b, sC_g, sdB_b, sdB_g, sdC_b, sdC_g, BLOCK_D, ATOMIC_BC)
     A = tl.load(A_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
-    A2 = A * 1.4426950408889634
+    A2 = _decay_rate2(A)
     if not B_VAR:
         B_t = tl.load(B_ptr + offs_d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0)
         B_const = B_t

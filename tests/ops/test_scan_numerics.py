@@ -178,3 +178,29 @@ def test_packed_and_unpacked_kernels_agree_without_non_finite_values(backend):
     want = _oracle(*(inputs[k] for k in keep), seq_idx=seq)
     torch.testing.assert_close(packed.to(F64), want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.cat(parts, -1).to(F64), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_state_that_forgets_at_once_is_no_nan(backend):
+    """A = -inf (exp(dt A) = 0: the state keeps nothing of its past) in one (channel, state) entry: outputs, last
+    state and gradients as the reference's (its ddelta is NaN: A exp(dt A) = -inf * 0), no other NaN. The padded
+    steps past the sequence's end are identity steps of dt = 0 in the CUDA and Triton kernels, and 2^(0 * -inf)
+    was NaN there: a NaN last state, du, dA and dB of the whole channel."""
+    g = torch.Generator().manual_seed(0)
+    L = 40  # not a multiple of any kernel's lane or chunk: padded steps at the end
+    u, delta = torch.randn(1, 3, L, generator=g), torch.rand(1, 3, L, generator=g)
+    A = -torch.rand(3, 3, generator=g) - 0.5
+    A[1, 2] = -float("inf")
+    B, C = torch.randn(1, 3, L, generator=g), torch.randn(1, 3, L, generator=g)
+
+    def run(be):
+        leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C)]
+        with ops.use_backend(be):
+            out, last = ops.selective_scan(*leaves, delta_softplus=True, return_last_state=True)
+            (out.sum() + last.sum()).backward()
+        return [out.detach(), last.detach()] + [t.grad for t in leaves]
+
+    names = ["out", "last_state", "du", "ddelta", "dA", "dB", "dC"]
+    for name, got, want in zip(names, run(backend), run("torch")):
+        assert torch.equal(got.isnan(), want.isnan()), f"{backend}: {name}'s NaNs differ from the reference's"
+        ok = ~want.isnan()
+        torch.testing.assert_close(got[ok], want[ok], rtol=1e-4, atol=1e-4, msg=lambda m: f"{backend} {name}: {m}")
