@@ -1,9 +1,17 @@
 """EMMA-Mamba: a Mamba-based multimodal LLM on its own selective-scan kernels."""
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: `import emma_mamba` stays light (no torch)
+    from emma_mamba.models.vlm import EmmaMamba
+
 __version__ = "0.1.0"
 
 
-def load(path, **kwargs):
+def load(path: str | os.PathLike, **kwargs) -> EmmaMamba:
     """Load an EmmaMamba checkpoint directory written by ``save`` (inference by default: no alignment head).
 
     Keyword arguments go to :func:`emma_mamba.models.vlm.load` (``for_training``, ``device``, ``dtype``).
@@ -13,6 +21,6 @@ def load(path, **kwargs):
     return _load(path, **kwargs)
 
 
-def save(model, path):
+def save(model: EmmaMamba, path: str | os.PathLike):
     """Write ``model`` (an EmmaMamba) to directory ``path``: config.yaml, model.safetensors, tokenizer.json."""
     return model.save(path)

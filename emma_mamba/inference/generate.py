@@ -39,8 +39,12 @@ import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from emma_mamba.models.mamba import MambaCache
 
 __all__ = ["GenerationConfig", "GenerationResult", "generate", "option_logprobs", "prefill_groups", "PREFILL_PAD_WASTE"]
 
@@ -166,7 +170,7 @@ class GenerationResult:
     final_tokens: list[int | None] = field(default_factory=list)
     """Per prompt: the last token picked (the EOS when the reason is "eos"), which the model has not consumed;
     None when no token was picked (max_new_tokens = 0)."""
-    cache: object | None = None
+    cache: MambaCache | None = None
     """The :class:`~emma_mamba.models.mamba.MambaCache` passed to :func:`generate` (continuation mode), now holding
     the prompt and every new token except ``final_tokens``."""
     extra: dict = field(default_factory=dict)

@@ -46,7 +46,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ from torch.utils.checkpoint import checkpoint
 from emma_mamba import ops
 from emma_mamba.models.lora import LoRALinear, export_state, has_lora, weight_of
 from emma_mamba.ops._inner import gemm_cf, no_weight_grad
+
+if TYPE_CHECKING:
+    from emma_mamba.inference.generate import GenerationResult
 
 __all__ = [
     "MambaConfig", "MambaMixer", "Mamba2Mixer", "GatedRMSNorm", "MambaBlock", "MambaLM", "MambaCache", "MambaLMOutput",
@@ -303,7 +306,7 @@ class MambaCache:
 
 @dataclass
 class MambaLMOutput:
-    logits: torch.Tensor | None
+    logits: torch.Tensor
     """(b, l, padded_vocab) (or the last num_last_tokens positions, or (n, padded_vocab) at a logits_mask's n
     positions), in the model's dtype."""
     last_hidden_state: torch.Tensor
@@ -902,7 +905,7 @@ class MambaLM(nn.Module):
                              hidden_states=tuple(hidden) if hidden is not None else None, loss=loss)
 
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, tokenizer=None, streamer=None,
-                 cache=None, config=None, **options):
+                 cache=None, config=None, **options) -> GenerationResult:
         """:func:`emma_mamba.inference.generate.generate` on this model: ``options`` are
         :class:`~emma_mamba.inference.generate.GenerationConfig` fields (``max_new_tokens``, ``temperature``,
         ``top_p``, ``eos_token_id``, ...), over ``config`` if one is given. Returns its ``GenerationResult``: the new

@@ -29,7 +29,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, overload
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,9 @@ from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, M
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
 from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
+
+if TYPE_CHECKING:
+    from emma_mamba.inference.generate import GenerationResult
 
 __all__ = ["EmmaMamba", "EmmaOutput", "STAGES", "TRAINABLE_MODULES", "load", "answer", "CHAT_TEMPLATE", "TURN_END",
            "TURN_SEP", "build_chat_prompt"]
@@ -432,7 +435,7 @@ class EmmaMamba(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], images: Sequence = (), instructions: Sequence | None = None,
-                 config=None, streamer: Callable[[str], None] | None = None):
+                 config=None, streamer: Callable[[str], None] | None = None) -> GenerationResult:
         """Continue chat-formatted prompt(s) holding one placeholder per image (see :meth:`build_prompt`).
 
         One prompt: ``images`` its images, ``instructions`` one string per image (instruction fusion).
@@ -900,9 +903,21 @@ def _is_tied_alias(model: nn.Module, key: str, sd: dict) -> bool:
     return False
 
 
+@overload
+def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = ...,
+           max_new_tokens: int = ..., temperature: float = ..., template: str | None = ..., config=...,
+           return_result: Literal[False] = ...) -> str: ...
+
+
+@overload
+def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = ...,
+           max_new_tokens: int = ..., temperature: float = ..., template: str | None = ..., config=...,
+           return_result: Literal[True]) -> GenerationResult: ...
+
+
 def answer(model: EmmaMamba, image, prompt: str, *, streamer: Callable[[str], None] | None = None,
            max_new_tokens: int = 256, temperature: float = 0.0, template: str | None = None,
-           config=None, return_result: bool = False):
+           config=None, return_result: bool = False) -> str | GenerationResult:
     """One-image question answering: the function behind ``emma-mamba generate``. ``image`` is a path, a PIL
     image or an array; ``streamer`` receives the answer text as it is produced. Returns the answer (with
     ``return_result`` the whole :class:`~emma_mamba.inference.generate.GenerationResult`: token ids, finish

@@ -37,6 +37,7 @@ import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -549,6 +550,27 @@ def _step_needs_grad(op: str, *tensors: Tensor | None) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # the ops
+
+@overload
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = ...,
+                   z: Tensor | None = ..., delta_bias: Tensor | None = ..., delta_softplus: bool = ...,
+                   return_last_state: Literal[False] = ..., initial_state: Tensor | None = ...,
+                   seq_idx: Tensor | None = ..., *, deterministic: bool | None = ...) -> Tensor: ...
+
+
+@overload
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+                   return_last_state: Literal[True], initial_state: Tensor | None = ...,
+                   seq_idx: Tensor | None = ..., *, deterministic: bool | None = ...) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = ...,
+                   z: Tensor | None = ..., delta_bias: Tensor | None = ..., delta_softplus: bool = ..., *,
+                   return_last_state: Literal[True], initial_state: Tensor | None = ...,
+                   seq_idx: Tensor | None = ..., deterministic: bool | None = ...) -> tuple[Tensor, Tensor]: ...
+
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
