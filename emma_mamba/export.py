@@ -264,11 +264,27 @@ def _export_lm(model, out: Path, dtype: str) -> None:
     conf.update(eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     tok.save(out)
+    _drop_tokens_past_the_vocabulary(out / "tokenizer.json", conf["vocab_size"])
     name = tok.backend.id_to_token
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": name(tok.eos_token_id),
         "bos_token": name(tok.eos_token_id), "pad_token": name(tok.pad_token_id), "add_bos_token": False,
         "model_max_length": 1 << 30}, indent=2) + "\n")
+
+
+def _drop_tokens_past_the_vocabulary(path: Path, vocab_size: int) -> None:
+    """Leave out of an exported LM's tokenizer.json the added tokens whose ids its embedding has no row for: the
+    VLM's input-only ``<image>`` placeholder, beyond an LM of exactly the tokenizer's size (50277 rows, no padding;
+    with padding rows it maps onto one, untrained, as documented), which transformers' forward would index out of
+    range. Its text then tokenises as the words it spells."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    past = [t for t in data.get("added_tokens", []) if t["id"] >= vocab_size]
+    if not past:
+        return
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    print(f"emma-mamba export: left {', '.join(t['content'] for t in past)} out of the tokenizer: the LM's "
+          f"{vocab_size} embedding rows have none for {'it' if len(past) == 1 else 'them'}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

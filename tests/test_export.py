@@ -260,3 +260,27 @@ def test_lm_only_half_precision_export_refuses_an_overflowing_weight(tmp_path, c
         err = capsys.readouterr().err
         assert "overflow fp16" in err and "layers.0.mixer.out_proj.weight" in err, err
         assert not (out / "model.safetensors").exists()
+
+
+def test_lm_only_leaves_out_a_placeholder_past_the_lms_rows(tmp_path, capsys):
+    """An LM of exactly the tokenizer's 50277 rows (no padding): the VLM's <image> placeholder has id 50277, no
+    embedding row of the exported LM; transformers' forward on any text holding "<image>" indexed out of range.
+    The exported tokenizer leaves it out (its text tokenised as words) and says so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = get_preset("tiny")
+    cfg.lm.vocab_size, cfg.lm.pad_vocab_size_multiple = 50277, 1
+    torch.manual_seed(0)
+    model = EmmaMamba(cfg.validate(), for_training=False)
+    assert model.image_token_id == 50277 and model.lm.embeddings.weight.shape[0] == 50277
+    model.save(tmp_path / "m")
+    assert main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "lm"), "--lm-only"]) == 0
+    assert "left <image> out of the tokenizer: the LM's 50277 embedding rows have none for it" in capsys.readouterr().err
+    hf, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), AutoTokenizer.from_pretrained(tmp_path / "lm")
+    ids = tok("Describe <image> please", return_tensors="pt").input_ids
+    assert int(ids.max()) < 50277 and len(tok) == 50277
+    from emma_mamba.models.tokenizer import load_tokenizer
+
+    assert ids[0].tolist() == load_tokenizer().encode("Describe <image> please")  # GPT-NeoX's own, no placeholder
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.lm(ids).logits, rtol=1e-4, atol=1e-4)
