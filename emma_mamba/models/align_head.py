@@ -8,7 +8,9 @@ each LayerNorm-ed and mixed with learned softmax weights, as the paper's code fu
 transformer decoder predicts, for visual token i, the pixels of image patch i + 1 in raster order
 (next-patch prediction: the LM is causal, so its state at token i holds visual tokens 0..i and none after;
 each visual token still carries some context of the whole image, as the ViT attends across all patches, which
-the paper's design accepts). The patch
+the paper's design accepts; so can instruction fusion's token mixer, a Linear over the token axis trained in stage 2
+under this loss, which could learn to move patch i + 1's token to position i: an audit found no such shift learnt,
+150 steps of head + mixer on noise images ending at the head-only losses). The patch
 grid is the visual-token grid: the ViT's ``grid_h x grid_w`` patches of ``patch_size`` pixels, taken from the
 preprocessed image with the mean/std normalisation undone (RGB in [0, 1]). Pixels the ViT's patch embedding
 never sees (SigLIP-384 with 14-px patches covers 378 of 384 pixels) are cropped off. Targets are normalised

@@ -216,8 +216,9 @@ class Trainer:
         self.step_flops = StepFlops(self.model)
         self.peak_tflops = device_peak_tflops(info.device, self.bf16, cfg.log.peak_tflops)
         if info.is_main:
-            log.info("model FLOPs: %.3g per LM position, %.3g per image (forward + backward); mfu %s",
-                     self.step_flops.per_position, self.step_flops.per_image,
+            sf = self.step_flops
+            log.info("model FLOPs: %.3g per LM position + %.3g per labelled position (the LM head), %.3g per image "
+                     "(forward + backward); mfu %s", sf.per_position - sf.per_head, sf.per_head, sf.per_image,
                      f"against {self.peak_tflops:g} TFLOPS per device" if self.peak_tflops else
                      "not logged (no known peak for this device: set log.peak_tflops)")
         self.strategy = resolve_strategy(cfg.parallel.strategy, info)
@@ -390,7 +391,11 @@ class Trainer:
         total = sum(self._steps_in_epoch(e) for e in range(full))
         frac = tc.epochs - full
         if frac > 0:
-            total += int(frac * self._steps_in_epoch(full))
+            part = frac * self._steps_in_epoch(full)
+            total += int(part)
+            if part != int(part) and self.info.is_main:
+                log.info("train.epochs %g: the last %g epoch is %d of its %d steps (rounded down)", tc.epochs, frac,
+                         int(part), self._steps_in_epoch(full))
         return max(1, total)
 
     def _step_micro_batches(self, rows: list[list[int]], step: int) -> list[list[list[int]]]:

@@ -176,6 +176,15 @@ def test_group_by_length_pads_less_and_keeps_the_steps_objective(shapes, tmp_pat
         assert m_on[k] == pytest.approx(m_off[k], rel=1e-5), k
 
 
+def test_a_fraction_of_an_epoch_rounds_down_and_says_so(shapes, tmp_path, caplog):
+    """epochs 1.5 of 3 steps an epoch: 3 + floor(1.5) = 4 steps, the rounding said (it was silent)."""
+    data = subset(shapes, tmp_path, 6)
+    with caplog.at_level("INFO", logger="emma_mamba.training.trainer"):
+        t = Trainer(make_cfg(shapes, tmp_path / "r", data, train={"max_steps": 0, "epochs": 1.5}))
+    assert t._steps_in_epoch(0) == 3 and t.total_steps == 4
+    assert "train.epochs 1.5: the last 0.5 epoch is 1 of its 3 steps (rounded down)" in caplog.text
+
+
 def test_group_by_length_deals_sorted_micro_batches_to_the_ranks_in_turn():
     from emma_mamba.data.llava import group_by_length
 
