@@ -756,6 +756,29 @@ class PreparedRun:
                           ocr=self.ocr)
 
 
+def _warn_unknown_words(model, questions: list[Question]) -> None:
+    """Warn when questions hold words the model's tokenizer has no token for (a word-level tokenizer, as the
+    quickstart's: they reach the model as its unknown-word token; GPT-NeoX's byte-level BPE has none), naming how
+    many and which words: a score over such questions measures words the model never read."""
+    tok = getattr(model, "tokenizer", None)
+    backend = getattr(tok, "backend", None)
+    unk = getattr(getattr(backend, "model", None), "unk_token", None)
+    unk_id = backend.token_to_id(unk) if unk else None
+    if unk_id is None:
+        return
+    words: collections.Counter = collections.Counter()
+    n = 0
+    for q in questions:
+        enc = backend.encode(q.text)
+        missing = [q.text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == unk_id]
+        if missing:
+            n += 1
+            words.update(missing)
+    if n:
+        log.warning("%d of %d questions hold words this model's tokenizer does not know (they reach the model as %s): "
+                    "%s", n, len(questions), unk, ", ".join(f"{w!r} x{c}" for w, c in words.most_common(8)))
+
+
 def prepare_run(model, task: str, questions: str | Path, images: str | Path | None, *,
                 image_template: str = DEFAULT_IMAGE_TEMPLATE, split: str | None = None, likelihood: bool = False,
                 lang: str = "auto", ocr: str | Path | None = None, limit: int | None = None,
@@ -768,6 +791,7 @@ def prepare_run(model, task: str, questions: str | Path, images: str | Path | No
     qs = read_questions(task, questions, images, image_template, split, likelihood, lang=lang, ocr=ocr)
     n_per_category = collections.Counter(q.category for q in qs) if task == "mme" else None  # before --limit
     asked = limit_questions(task, qs, limit)
+    _warn_unknown_words(model, asked)
     # scored as a subset when --limit cut something (a --limit past the end cuts nothing: scored as without it)
     limited = {"n": _n_questions(task, asked), "of": _n_questions(task, qs)} if len(asked) < len(qs) else None
     return PreparedRun(task, questions, images, asked, limited, n_per_category, max_new_tokens, box_frame,

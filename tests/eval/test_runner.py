@@ -499,3 +499,34 @@ def test_malformed_question_records_are_named_before_any_answer(tmp_path, task, 
         evaluate(None, task, q, tmp_path, tmp_path / "out", progress=False,
                  answer_fn=lambda qs, ps: asked.extend(ps) or ["yes"] * len(qs))
     assert asked == []
+
+
+def test_questions_with_words_a_word_level_tokenizer_lacks_are_warned_about(tmp_path, caplog):
+    """The quickstart's word-level tokenizer knows only its training text's words: MME's count and arithmetic
+    questions ("Is the number of circles plus ...") reached the model as [UNK]s and were scored without a word
+    said. The words are found by the tokenizer itself (its [UNK] id) and named; a byte-level BPE (GPT-NeoX) has no
+    unknown word, so nothing is said."""
+    from types import SimpleNamespace
+
+    from emma_mamba.config import get_preset
+    from emma_mamba.data.shapes import ShapesConfig, generate
+    from emma_mamba.eval.runner import prepare_run
+    from emma_mamba.models.tokenizer import load_tokenizer
+    from emma_mamba.quickstart import build_word_tokenizer
+
+    generate(ShapesConfig(seed=0, n_train=30, n_heldout=12, image_size=96), tmp_path / "sw")
+    words = load_tokenizer(build_word_tokenizer(tmp_path / "sw", tmp_path / "tok"))
+    mme = tmp_path / "sw" / "heldout" / "mme"
+    for tok, said in ((words, True), (load_tokenizer(), False)):
+        caplog.clear()
+        model = SimpleNamespace(tokenizer=tok, config=get_preset("tiny"))
+        with caplog.at_level("WARNING", logger="emma_mamba.eval.runner"):
+            prep = prepare_run(model, "mme", mme, tmp_path / "sw" / "images")
+        by_hand = [q for q in prep.questions if any(w not in tok.backend.get_vocab() for w in
+                                                     re.findall(r"\w+|[^\w\s]+", q.text))]
+        if said:
+            assert by_hand and f"{len(by_hand)} of {len(prep.questions)} questions hold words this model's " \
+                "tokenizer does not know (they reach the model as [UNK])" in caplog.text
+            assert "'number'" in caplog.text
+        else:
+            assert "does not know" not in caplog.text
