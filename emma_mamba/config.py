@@ -233,11 +233,14 @@ def check_prompt_template(template: str, where: str) -> None:
     """A chat template holds ``{prompt}`` and no other format field; ConfigError naming ``where`` otherwise."""
     if "{prompt}" not in template:
         raise ConfigError(f"{where} must contain '{{prompt}}', got {template!r}")
+    sentinel = "\x00prompt\x00"
     try:
-        template.format(prompt="")
+        filled = template.format(prompt=sentinel)
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"{where} may hold only the field {{prompt}} (write other braces as {{{{ and }}}}), got "
                           f"{template!r}: {type(e).__name__} {e}") from None
+    if sentinel not in filled:  # "{{prompt}}": an escaped brace pair, the literal text {prompt}, not the field
+        raise ConfigError(f"{where} must contain the field '{{prompt}}' (its braces not doubled), got {template!r}")
 
 
 @dataclass

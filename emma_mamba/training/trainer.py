@@ -269,6 +269,7 @@ class Trainer:
         self.counters = {"samples": 0, "tokens": 0, "positions": 0}
         self.history: list[dict] = []
         self._logged_upto = 0  # history[:_logged_upto] is in metrics.jsonl's lines (a line averages the steps after)
+        self._unlogged: list[dict] = []  # a resumed run's steps since the last line, from its checkpoint
         self._pending_save = None  # an AsyncCheckpoint being written (checkpoint.async_save)
         self._stop_signal = None  # SIGINT / SIGTERM seen by this process (fit's handler)
         self._stop_agreed = False  # ... by any process, as of the last step's all-reduce
@@ -398,13 +399,15 @@ class Trainer:
                          int(part), self._steps_in_epoch(full))
         return max(1, total)
 
-    def _step_micro_batches(self, rows: list[list[int]], step: int) -> list[list[list[int]]]:
-        """This rank's micro-batches (lists of rows) for ``step`` of an epoch whose plan is ``rows``."""
+    def _step_micro_batches(self, rows: list[list[int]], step: int, lengths=None) -> list[list[list[int]]]:
+        """This rank's micro-batches (lists of rows) for ``step`` of an epoch whose plan is ``rows`` (``lengths``:
+        the samples' lengths, read once per epoch by the caller; ``dataset.lengths`` builds its list anew)."""
         G, n = self.rows_per_step, len(rows)
         glob = [rows[(step * G + j) % n] for j in range(G)]  # the last step wraps around to fill itself
         mb, d = self.cfg.train.micro_batch_size, self.cfg.data
         if d.group_by_length and not d.packing:
-            return group_by_length(glob, self.dataset.lengths, mb, self.info.world_size)[self.info.rank]
+            lengths = self.dataset.lengths if lengths is None else lengths
+            return group_by_length(glob, lengths, mb, self.info.world_size)[self.info.rank]
         per = mb * self.accum
         mine = glob[self.info.rank * per:(self.info.rank + 1) * per]
         return [mine[j * mb:(j + 1) * mb] for j in range(self.accum)]
@@ -418,7 +421,8 @@ class Trainer:
         elif stop * self.rows_per_step > len(rows) and self.info.is_main:
             log.info("epoch %d: the last step repeats %d rows from the start of the epoch to fill the global batch",
                      epoch, stop * self.rows_per_step - len(rows))
-        mbs = [m for s in range(start, stop) for m in self._step_micro_batches(rows, s)]
+        lengths = self.dataset.lengths  # once: a list of every sample's (665K at LLaVA's scale), not per step
+        mbs = [m for s in range(start, stop) for m in self._step_micro_batches(rows, s, lengths)]
         return self._data_loader(self.dataset, mbs)
 
     def _data_loader(self, dataset: LlavaDataset, micro_batches: list[list[list[int]]]):
@@ -736,7 +740,8 @@ class Trainer:
             log.info("done: %d steps; %s; %s; final model in %s", self.global_step, rep.summary(), speed,
                      self.output_dir)
             if truncated:
-                log.warning("instruction fusion truncated %d instructions to the text tower's context", truncated)
+                log.warning("instruction fusion truncated %d instructions to the text tower's context (every use "
+                            "counted, validation's included; `emma-mamba data check` counts the data's)", truncated)
         return self.history
 
     def _fit_loop(self, writer, bar, profiler, stop_after: int | None) -> None:
@@ -777,8 +782,9 @@ class Trainer:
                 self.history.append(m)
                 if self.global_step % cfg.log.every_steps == 0 or self.global_step == self.total_steps:
                     if writer is not None:  # the steps since the last line, averaged (interval_record)
-                        writer.write(interval_record(self.history[self._logged_upto:], self._align_weight()))
-                    self._logged_upto = len(self.history)
+                        writer.write(interval_record(self._unlogged + self.history[self._logged_upto:],
+                                                     self._align_weight()))
+                    self._logged_upto, self._unlogged = len(self.history), []
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}",
@@ -922,7 +928,9 @@ class Trainer:
                  "fingerprint": self.dataset.fingerprint(), "data_hash": self.dataset.content_hash(),
                  "samples": len(self.dataset), "world_size": self.info.world_size,
                  "global_batch_size": self.cfg.train.global_batch_size, "total_steps": self.total_steps,
-                 "cpu_threads": torch.get_num_threads()}  # a CPU run is bitwise at one thread count (resume says)
+                 "cpu_threads": torch.get_num_threads(),  # a CPU run is bitwise at one thread count (resume says)
+                 # the steps the next metrics.jsonl line averages, so that a resumed run writes the same line
+                 "unlogged_steps": self._unlogged + self.history[self._logged_upto:]}
         try:
             out = save_checkpoint(self.output_dir, self.global_step, self.model, self.optimizer, self.scheduler,
                                   state, self.cfg, self.info, keep_last=self.cfg.checkpoint.keep_last,
@@ -1089,6 +1097,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["global_step"])
         self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self._unlogged = list(state.get("unlogged_steps", []))  # (absent from an older checkpoint)
         # the saved counts include the load-time skips this run just counted again: replace, not add
         self.dataset.restore_skips(state["skipped"], state.get("failed_records"))  # None: an older checkpoint
         if self.info.is_main:
@@ -1114,10 +1123,10 @@ _SUMMED = ("label_tokens", "images", "tokens", "positions", "samples", "step_tim
 
 
 def interval_record(steps: list[dict], align_weight: float) -> dict:
-    """One metrics.jsonl line for the steps since the previous line (``log.every_steps`` of them, fewer at the end
-    or after a resume), as a plot of the run wants them: the losses the mean over every answer token (lm) and image
-    (align) of those steps, as one step of their combined batch would weigh them; the counts and ``step_time``
-    summed; the rates (``tokens_per_s``, ``fill``, ``tflops``, ``mfu``) over the summed time and positions;
+    """One metrics.jsonl line for the steps since the previous line (``log.every_steps`` of them, fewer at the end;
+    a checkpoint carries those steps, so a resumed run writes the uninterrupted run's lines), as a plot of the run
+    wants them: the losses the mean over every answer token (lm) and image (align) of those steps, as one step of
+    their combined batch would weigh them; the counts and ``step_time`` summed; the rates (``tokens_per_s``, ``fill``, ``tflops``, ``mfu``) over the summed time and positions;
     ``grad_norm`` the steps' mean and ``grad_norm_max`` their largest; ``steps`` how many; everything else (step,
     epoch, lr, totals) the last step's. One step is returned as it is, plus ``steps: 1``."""
     last = dict(steps[-1])

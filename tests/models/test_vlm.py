@@ -376,7 +376,8 @@ def test_a_template_argument_without_its_prompt_field_is_refused():
     m = make_model()
     assert m.build_prompt("Q?", 0, template="Say: {prompt}") == "Say: Q?"
     for bad, msg in (("Answer briefly.", r"template must contain '\{prompt\}'"),
-                     ("{question} {prompt}", r"template may hold only the field \{prompt\}")):
+                     ("{question} {prompt}", r"template may hold only the field \{prompt\}"),
+                     ("Q: {{prompt}}\nA:", r"template must contain the field '\{prompt\}' \(its braces not doubled\)")):
         with pytest.raises(ConfigError, match=msg):
             m.build_prompt("What is it?", 1, template=bad)
         with pytest.raises(ConfigError, match=msg):

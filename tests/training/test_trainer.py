@@ -176,6 +176,22 @@ def test_group_by_length_pads_less_and_keeps_the_steps_objective(shapes, tmp_pat
         assert m_on[k] == pytest.approx(m_off[k], rel=1e-5), k
 
 
+def test_a_resumed_run_writes_the_uninterrupted_runs_metrics_lines(shapes, tmp_path):
+    """log.every_steps 3, a checkpoint every 2 steps, resumed from step 4 (off the logging grid, as a SIGTERM's
+    checkpoint is): the step-6 line averages steps 5, 6 and the checkpoint's step 4, as the uninterrupted run's
+    does (it averaged 5 and 6 only, and step 4 was in no line)."""
+    kw = dict(train={"max_steps": 6}, checkpoint={"every_steps": 2}, log={"every_steps": 3})
+    Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=5)  # "crashes" after step 5: resumes at 4
+    t = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
+    assert t.global_step == 4
+    t.fit()
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in "ab")
+    assert [m["step"] for m in b] == [3, 6] and [m["steps"] for m in b] == [3, 3]
+    for k in ("lm_loss", "align_loss", "loss", "grad_norm", "label_tokens", "samples", "tokens", "lr"):
+        assert [m[k] for m in b] == [m[k] for m in a], k
+
+
 def test_a_fraction_of_an_epoch_rounds_down_and_says_so(shapes, tmp_path, caplog):
     """epochs 1.5 of 3 steps an epoch: 3 + floor(1.5) = 4 steps, the rounding said (it was silent)."""
     data = subset(shapes, tmp_path, 6)
