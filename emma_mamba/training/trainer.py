@@ -176,22 +176,24 @@ class Trainer:
             log.warning("model.align.loss_weight is 0: the alignment head is still built, run and trained (weight "
                         "decay only moves it); to leave it out, set model.align.enabled: false or leave align_head "
                         "out of train.trainable")
-        if cfg.init_from is not None:
+        if self.resume_from is not None and not tc.lora.r:
+            # every weight comes from the checkpoint (loaded whole and strictly below): neither the pretrained files
+            # nor init_from's model are read again (minutes and ~11 GB at 2.8B), nor are the pretrained files needed
+            # where they have moved since; the tokenizer is the checkpoint's copy, the model config the run's (its
+            # init_from's, with what the run may change). (LoRA's resume checks its frozen base weights against
+            # the files it was built from.)
+            from emma_mamba.models.tokenizer import load_tokenizer
+
+            saved = self.resume_from / "tokenizer.json"
+            self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device, load_pretrained=False,
+                                   tokenizer=load_tokenizer(saved) if saved.is_file() else None)
+        elif cfg.init_from is not None:
             self.model = load(cfg.init_from, for_training=for_training, device=info.device)
             # what the run config may still change (INIT_FROM_MODEL_KEYS): how the loaded model trains
             self.model.config.align.loss_weight = cfg.model.align.loss_weight
             self.model.config.vision.freeze = cfg.model.vision.freeze
             self.model.config.chat = dataclasses.replace(cfg.model.chat)  # the chat format this run trains, writes
             self.model.vision.set_frozen(cfg.model.vision.freeze)
-        elif self.resume_from is not None and not tc.lora.r:
-            # every weight comes from the checkpoint (loaded whole and strictly below): the pretrained files are
-            # not read again (minutes and ~11 GB at 2.8B), nor needed where they have moved since; the tokenizer
-            # is the checkpoint's copy. (LoRA's resume checks its frozen base weights against those files.)
-            from emma_mamba.models.tokenizer import load_tokenizer
-
-            saved = self.resume_from / "tokenizer.json"
-            self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device, load_pretrained=False,
-                                   tokenizer=load_tokenizer(saved) if saved.is_file() else None)
         else:
             self.model = EmmaMamba(cfg.model, for_training=for_training, device=info.device)
         self.model.set_stage(cfg.stage, tc.trainable)

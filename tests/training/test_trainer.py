@@ -72,6 +72,28 @@ def test_a_resume_reads_no_pretrained_file_again(shapes, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_stage2_resume_reads_no_init_from_model_again(shapes, tmp_path, monkeypatch):
+    """A stage-2 run (init_from: the stage-1 model) resumed: the checkpoint holds every weight, so init_from's model
+    is not loaded again (at 2.8B ~11 GB read to be overwritten), and the run equals the uninterrupted one bitwise."""
+    import emma_mamba.models.vlm as vlm
+
+    cap = subset(shapes, tmp_path, 4, stage=1, name="cap.json")
+    Trainer(make_cfg(shapes, tmp_path / "s1", cap, stage="pretrain", train={"max_steps": 1})).fit()
+    kw = dict(init_from=str(tmp_path / "s1"), model=None, train={"max_steps": 3}, checkpoint={"every_steps": 1})
+    a = Trainer(make_cfg(shapes, tmp_path / "a", **kw)).fit()
+    Trainer(make_cfg(shapes, tmp_path / "b", **kw)).fit(stop_after=1)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("init_from's model read again on resume")
+
+    monkeypatch.setattr(vlm, "load", no_load)
+    b = Trainer(make_cfg(shapes, tmp_path / "b", **kw), resume="auto")
+    assert b.global_step == 1 and b.model.align_head is not None
+    assert [m["loss"] for m in b.fit()] == [m["loss"] for m in a[1:]]
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def _named(model, prefix):
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
 
