@@ -4,10 +4,12 @@
         --image-folder data/shapes/images [--samples 48] [--max-length 256] [--stage finetune] [--reps 4]
 
 Takes the first ``--samples`` records of a seeded shuffle, and times one optimizer step over all of them
-(gradient accumulation over the micro-batches, then one AdamW update) twice: padded (``--pad-rows`` samples per
-micro-batch, each padded to the longest of its micro-batch) and packed (rows of ``--max-length`` positions
-filled greedily in the same order, ``--pack-rows`` rows per micro-batch). The two alternate, best of
-``--reps``; the step objective is the same (token-weighted, see the trainer), so only the layout differs.
+(gradient accumulation over the micro-batches, then one AdamW update) in three layouts: padded (``--pad-rows``
+samples per micro-batch, each padded to the longest of its micro-batch) in the shuffled order, padded with the
+samples grouped by length (``data.group_by_length``, the trainer's default: longest first), and packed (rows of
+``--max-length`` positions filled greedily in the shuffled order, ``--pack-rows`` rows per micro-batch). They
+alternate, best of ``--reps``; the step objective is the same (token-weighted, see the trainer), so only the
+layout differs.
 Reports real tokens (text + visual, no padding) per second and the fill (real / computed positions).
 """
 
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
 def _measure(args, work: str) -> int:
     import torch
 
-    from emma_mamba.data.llava import plan_rows
+    from emma_mamba.data.llava import group_by_length, plan_rows
     from emma_mamba.training.config import run_config_from_dict
     from emma_mamba.training.trainer import Trainer, _MicroBatches
 
@@ -64,30 +66,32 @@ def _measure(args, work: str) -> int:
         cur.append(i)
         used += lengths[i]
     rows.append(cur)
-    plans = {False: [[[i] for i in ids[k:k + args.pad_rows]] for k in range(0, len(ids), args.pad_rows)],
-             True: [rows[k:k + args.pack_rows] for k in range(0, len(rows), args.pack_rows)]}
+    plans = {"padding": [[[i] for i in ids[k:k + args.pad_rows]] for k in range(0, len(ids), args.pad_rows)],
+             "padding_grouped": group_by_length([[i] for i in ids], lengths, args.pad_rows, 1)[0],
+             "packing": [rows[k:k + args.pack_rows] for k in range(0, len(rows), args.pack_rows)]}
     mbs = {}
-    for packing, plan in plans.items():
+    for name, plan in plans.items():
+        packing = name == "packing"
         t = trainers[packing]
         ds = _MicroBatches(t.dataset, plan, t.model.tokenizer.pad_token_id, packing)
-        mbs[packing] = [ds[j] for j in range(len(ds))]
-    best, stats = {False: float("inf"), True: float("inf")}, {}
+        mbs[name] = [ds[j] for j in range(len(ds))]
+    best, stats = dict.fromkeys(plans, float("inf")), {}
     for _ in range(args.reps):
-        for packing in (False, True):
+        for name in plans:
             t0 = time.perf_counter()
-            m = trainers[packing].train_step(mbs[packing])
-            best[packing] = min(best[packing], time.perf_counter() - t0)
-            stats[packing] = m
+            m = trainers[name == "packing"].train_step(mbs[name])
+            best[name] = min(best[name], time.perf_counter() - t0)
+            stats[name] = m
     out = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "preset": args.preset, "stage": args.stage, "samples": len(ids), "max_length": args.max_length}
-    for packing in (False, True):
-        m, name = stats[packing], "packing" if packing else "padding"
-        out[name] = {"micro_batches": len(plans[packing]), "real_tokens": m["tokens"], "positions": m["positions"],
-                     "fill": round(m["tokens"] / m["positions"], 3), "best_step_s": round(best[packing], 3),
-                     "tokens_per_s": round(m["tokens"] / best[packing], 1)}
-        print(f"{name}: {len(plans[packing])} micro-batches, {m['tokens']} real tokens in {m['positions']} positions "
-              f"(fill {m['tokens'] / m['positions']:.2f}), best step {best[packing]:.2f} s, "
-              f"{m['tokens'] / best[packing]:.0f} tokens/s")
+    for name in plans:
+        m = stats[name]
+        out[name] = {"micro_batches": len(plans[name]), "real_tokens": m["tokens"], "positions": m["positions"],
+                     "fill": round(m["tokens"] / m["positions"], 3), "best_step_s": round(best[name], 3),
+                     "tokens_per_s": round(m["tokens"] / best[name], 1)}
+        print(f"{name}: {len(plans[name])} micro-batches, {m['tokens']} real tokens in {m['positions']} positions "
+              f"(fill {m['tokens'] / m['positions']:.2f}), best step {best[name]:.2f} s, "
+              f"{m['tokens'] / best[name]:.0f} tokens/s")
     print(json.dumps(out))
     return 0
 

@@ -960,3 +960,22 @@ def test_max_length_below_one_images_tokens_and_a_warmup_past_the_run_are_named(
     with caplog.at_level("WARNING", logger="emma_mamba.training.trainer"):
         Trainer(make_cfg(shapes, tmp_path / "b", data, train={"warmup_steps": 10, "max_steps": 2}))
     assert "train.warmup_steps 10 is more than the run's 2 steps" in caplog.text
+
+
+def test_bench_packing_times_the_three_layouts_of_the_same_samples(shapes, tmp_path, capsys):
+    """emma_mamba.training.bench_packing: padded in the shuffled order, padded grouped by length (the trainer's
+    default), packed; the same real tokens in each; the grouped layout's positions by hand (the samples' lengths
+    sorted, each micro-batch of 4 padded to its longest)."""
+    from emma_mamba.training import bench_packing
+
+    assert bench_packing.main(["--json", str(shapes / "train" / "stage2_instruct.json"), "--image-folder",
+                               str(shapes / "images"), "--samples", "8", "--pad-rows", "4", "--reps", "1",
+                               "--max-length", "96"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    real = {out[k]["real_tokens"] for k in ("padding", "padding_grouped", "packing")}
+    assert len(real) == 1
+    t = Trainer(make_cfg(shapes, tmp_path / "lengths", data={"max_length": 96}))
+    lengths = t.dataset.lengths
+    ids = [r[0] for r in plan_rows(lengths, 0, 0, False, 96)][:8]
+    srt = sorted((lengths[i] for i in ids), reverse=True)
+    assert out["padding_grouped"]["positions"] == 4 * srt[0] + 4 * srt[4] <= out["padding"]["positions"]
