@@ -275,7 +275,8 @@ def test_lm_only_leaves_out_a_placeholder_past_the_lms_rows(tmp_path, capsys):
     assert model.image_token_id == 50277 and model.lm.embeddings.weight.shape[0] == 50277
     model.save(tmp_path / "m")
     assert main(["export", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "lm"), "--lm-only"]) == 0
-    assert "left <image> out of the tokenizer: the LM's 50277 embedding rows have none for it" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "left <image> out of the tokenizer: the LM's 50277 embedding rows have none for it" in err
     hf, tok = AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), AutoTokenizer.from_pretrained(tmp_path / "lm")
     ids = tok("Describe <image> please", return_tensors="pt").input_ids
     assert int(ids.max()) < 50277 and len(tok) == 50277

@@ -1128,9 +1128,10 @@ def interval_record(steps: list[dict], align_weight: float) -> dict:
     """One metrics.jsonl line for the steps since the previous line (``log.every_steps`` of them, fewer at the end;
     a checkpoint carries those steps, so a resumed run writes the uninterrupted run's lines), as a plot of the run
     wants them: the losses the mean over every answer token (lm) and image (align) of those steps, as one step of
-    their combined batch would weigh them; the counts and ``step_time`` summed; the rates (``tokens_per_s``, ``fill``, ``tflops``, ``mfu``) over the summed time and positions;
-    ``grad_norm`` the steps' mean and ``grad_norm_max`` their largest; ``steps`` how many; everything else (step,
-    epoch, lr, totals) the last step's. One step is returned as it is, plus ``steps: 1``."""
+    their combined batch would weigh them; the counts and ``step_time`` summed; the rates (``tokens_per_s``,
+    ``fill``, ``tflops``, ``mfu``) over the summed time and positions; ``grad_norm`` the steps' mean and
+    ``grad_norm_max`` their largest; ``steps`` how many; everything else (step, epoch, lr, totals) the last step's.
+    One step is returned as it is, plus ``steps: 1``."""
     last = dict(steps[-1])
     if len(steps) == 1:
         return {**last, "steps": 1}
