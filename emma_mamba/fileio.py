@@ -74,9 +74,15 @@ def make_shareable(path: str | os.PathLike) -> None:
 def write_whole(path: str | os.PathLike, write) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then renamed over it: ``path`` is either the old file
     or the complete new one, never a part (an interrupted or failed write leaves no half file behind, and removes
-    its temporary one). The file gets the default mode (:func:`make_shareable`)."""
+    its temporary one). The file gets the default mode (:func:`make_shareable`). The temporary file is made by
+    ``tempfile.mkstemp`` (a new file of a name no one can guess, never a link someone else put there, and one per
+    call: two writers of one path, threads of one process included, never share it)."""
+    import tempfile
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         make_shareable(tmp)

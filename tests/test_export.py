@@ -153,6 +153,43 @@ def test_written_weight_files_get_the_default_file_mode(tmp_path):
         os.umask(old)
 
 
+def test_write_whole_leaves_no_temporary_file_and_two_writers_of_one_path_do_not_share_one(tmp_path):
+    """write_whole's temporary file was named by the process id: two threads writing one path wrote into the same
+    temporary file (one's rename then moved the other's half-written bytes, or failed), and the name could be
+    guessed (a link put there in a shared folder was written through). Each call has its own (mkstemp)."""
+    import threading
+    import time
+
+    from emma_mamba.fileio import write_whole
+
+    target = tmp_path / "out.json"
+    errors, seen = [], []
+
+    def writer(text):
+        def write(tmp):
+            seen.append(tmp.name)
+            with open(tmp, "w") as f:
+                for ch in text:  # slowly, so that the two writes overlap
+                    f.write(ch)
+                    f.flush()
+                    time.sleep(0.002)
+        try:
+            write_whole(target, write)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(c * 40,)) for c in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(seen)) == 2
+    assert target.read_text() in ("a" * 40, "b" * 40)
+    with pytest.raises(RuntimeError):
+        write_whole(target, lambda tmp: (tmp.write_text("half"), (_ for _ in ()).throw(RuntimeError("fail"))))
+    assert target.read_text() in ("a" * 40, "b" * 40) and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
 def test_the_model_card_says_what_the_files_and_the_run_record_say(ckpt, tmp_path):
     """README.md: each part's parameter count (counted here from the loaded modules), the storage dtype, and the
     run's stage, data, optimisation and last losses read from a run directory written by hand; a step
