@@ -605,9 +605,22 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if kern is None:
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                                   initial_state, seq_idx)
+    _refuse_functorch("selective_scan", u, delta, A, B, C, D, z, delta_bias, initial_state)
     out, last_state = SelectiveScanFn.apply(kern, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
                                             initial_state, seq_idx, _resolve_deterministic(deterministic))
     return (out, last_state) if return_last_state else out
+
+
+def _refuse_functorch(op: str, *tensors) -> None:
+    """A clear error where a torch.func transform (grad, vjp, jacrev, vmap; functional_call under one) reaches a
+    compiled backend: its autograd wrappers hold the kernels' saved state in a ctx (the forward(ctx, ...) form),
+    which torch.func refuses with a message of its own about setup_context, and the kernels batch nothing under
+    vmap. The torch backend runs under every transform."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    if wrapped is not None and any(isinstance(t, Tensor) and wrapped(t) for t in tensors):
+        raise RuntimeError(f"emma_mamba.ops.{op}: torch.func transforms (grad, vjp, jacrev, vmap) cannot run the "
+                           f"compiled kernels of backend {get_backend(tensors[0].device)!r}; run under "
+                           f"emma_mamba.ops.use_backend('torch'), whose ops every transform takes")
 
 
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = None,
@@ -632,6 +645,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
         return _library.causal_conv1d_fwd(traced, x, weight, bias, initial_states, seq_idx, activation is not None)
     if kern is None:
         return causal_conv1d_ref(x, weight, bias, activation, initial_states, seq_idx)
+    _refuse_functorch("causal_conv1d", x, weight, bias, initial_states)
     return CausalConv1dFn.apply(kern, x, weight, bias, initial_states, seq_idx, activation is not None)
 
 
@@ -774,6 +788,8 @@ def mamba_inner(x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | N
         return _library.mamba_inner_fwd(traced, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                         delta_bias, seq_idx, out_proj_weight, out_proj_bias,
                                         _resolve_deterministic(deterministic))[0]
+    _refuse_functorch("mamba_inner", x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
+                      out_proj_weight, out_proj_bias)
     return _inner.MambaInnerFn.apply(kern, x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D,
                                      delta_bias, seq_idx, out_proj_weight, out_proj_bias,
                                      _resolve_deterministic(deterministic))

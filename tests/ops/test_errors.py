@@ -295,3 +295,38 @@ def test_the_build_embeds_ptx_of_its_newest_arch():
     newest = max((a for a in _C.cuda_archs.split(";") if a.isdigit()), key=int)
     assert f"sm_{newest}" in listed and ".ptx" in listed, listed[:2000]
     assert all(f"sm_{a}" in listed for a in _C.cuda_archs.split(";")), os.path.basename(_C.__file__)
+
+
+def test_torch_func_transforms_over_a_compiled_backend_are_a_clear_error():
+    """torch.func.grad / vmap over the ops on a compiled backend failed with PyTorch's own message (the autograd
+    Functions' ctx form, "must override the setup_context staticmethod"): it names the op and the way out now, and
+    on the torch backend the transform runs and equals plain autograd."""
+    from emma_mamba.ops import reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(1, 2, 5, generator=g), torch.rand(1, 2, 5, generator=g)
+    A, B, C = -torch.rand(2, 3, generator=g), torch.randn(1, 3, 5, generator=g), torch.randn(1, 3, 5, generator=g)
+    x, w = torch.randn(1, 2, 6, generator=g), torch.randn(2, 4, generator=g)
+
+    def scan_loss(a):
+        return ops.selective_scan(u, delta, a, B, C).square().sum()
+
+    def conv_loss(weight):
+        return ops.causal_conv1d(x, weight, activation="silu").sum()
+
+    if ops.available_backends()["cpu"] == "available":
+        with ops.use_backend("cpu"):
+            with pytest.raises(RuntimeError, match=r"emma_mamba\.ops\.selective_scan: torch\.func transforms .* "
+                                                   r"backend 'cpu'; run under emma_mamba\.ops\.use_backend\('torch'\)"):
+                torch.func.grad(scan_loss)(A)
+            with pytest.raises(RuntimeError, match=r"emma_mamba\.ops\.causal_conv1d: torch\.func transforms"):
+                torch.func.vmap(lambda xi: ops.causal_conv1d(xi[None], w).sum())(x.expand(3, 2, 6))
+    with ops.use_backend("torch"):
+        got = torch.func.grad(scan_loss)(A)
+        gw = torch.func.grad(conv_loss)(w)
+    a = A.clone().requires_grad_()
+    ref.selective_scan_ref(u, delta, a, B, C).square().sum().backward()
+    wr = w.clone().requires_grad_()
+    ref.causal_conv1d_ref(x, wr, None, "silu").sum().backward()
+    torch.testing.assert_close(got, a.grad)
+    torch.testing.assert_close(gw, wr.grad)
