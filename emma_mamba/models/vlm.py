@@ -39,7 +39,7 @@ from emma_mamba.config import (CHAT_TEMPLATE, TURN_END, TURN_SEP, ConfigError, M
                                load_config, save_config)
 from emma_mamba.models.align_head import PixelAlignHead
 from emma_mamba.models.fusion import InstructionFusion, MultiScaleFusion, Projector
-from emma_mamba.models.vision import ImageProcessor, VisionEncoder, build_open_clip, build_second_encoder
+from emma_mamba.models.vision import ImageProcessor, VisionEncoder, _trains, build_open_clip, build_second_encoder
 
 if TYPE_CHECKING:
     from emma_mamba.inference.generate import GenerationResult
@@ -564,7 +564,7 @@ class EmmaMamba(nn.Module):
         """Recompute the LM's (and an unfrozen ViT's) activations in the backward pass."""
         self.lm.set_gradient_checkpointing(enabled)
         for tower in self.vision.towers():  # an unfrozen tower (vision.freeze false, or a user's requires_grad_)
-            if not self.vision.frozen or any(p.requires_grad for p in tower.parameters()):
+            if not self.vision.frozen or _trains(tower):
                 tower.set_grad_checkpointing(enabled)
         return self
 

@@ -537,11 +537,12 @@ def run_config_from_dict(d: dict, *, source: str = "<dict>", overrides: dict | N
                               f"output_dir, or a directory written by EmmaMamba.save: has it run yet?)")
         if not ckpt_cfg.is_file():
             from emma_mamba.training.checkpoint import latest_checkpoint
+            from emma_mamba.training.trainer import LOCK_FILE
 
             last = latest_checkpoint(init)
             hint = (f"; it holds checkpoints but no final model (the run did not finish): --resume auto finishes "
                     f"it, or start from its newest checkpoint, init_from: {last}" if last is not None else "")
-            left = {p.name for p in init.iterdir()} - {".emma_mamba.lock", "train_config.yaml", "metrics.jsonl"}
+            left = {p.name for p in init.iterdir()} - {LOCK_FILE, "train_config.yaml", "metrics.jsonl"}
             if last is None and not left:  # what a run that stopped at its start leaves (its lock, its config)
                 hint = "; it holds no model: the run into it stopped before its first checkpoint (its error above?)"
             raise ConfigError(f"{source}: init_from: {cfg.init_from} has no config.yaml (expected a directory "

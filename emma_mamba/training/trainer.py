@@ -284,7 +284,7 @@ class Trainer:
         n_train = sum(p.numel() for p in self.params)
         if info.is_main:
             rows = self.epoch_rows(self.epoch)  # packed: a row holds several samples, and so does a step
-            per_row = len(self.dataset.lengths) / max(1, len(rows))
+            per_row = len(self.dataset) / max(1, len(rows))
             log.info("stage %s: %s, %d trainable parameters, %d steps (global batch %d rows = %d x %d accum x %d "
                      "procs), %s, %s, %s", cfg.stage, cfg.model.name, n_train, self.total_steps, tc.global_batch_size,
                      tc.micro_batch_size, self.accum, info.world_size, self.strategy, "bf16" if self.bf16 else "fp32",
